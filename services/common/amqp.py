@@ -1,0 +1,322 @@
+"""AMQP with pika: topology, a confirming publisher, an inbox consumer and the outbox relay.
+
+- Every process declares the whole topology at start, so no publish is unroutable for want of a queue.
+- Publishers use publisher confirms and `mandatory=True`: a message is either confirmed or an error.
+- Consumers apply a message, record its id in the inbox and commit in one transaction, then ack.
+  A handler error is retried by redelivery up to the quorum queue's `x-delivery-limit`, then
+  dead-lettered; a `PoisonMessage` is dead-lettered at once with its reason.
+- Publishing from a transaction goes through the outbox table; the relay publishes and marks it.
+
+A pika connection belongs to one thread: each consumer, relay and publisher owns its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pika
+import pika.exceptions
+import structlog
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from contracts.envelope import CloudEvent
+from services.common.config import Settings
+from services.common.db import Inbox, Outbox, utcnow
+from services.common.errors import PoisonMessage
+
+log = structlog.get_logger(__name__)
+
+COMMANDS = "case.commands"
+EVENTS = "case.events"
+DEAD_LETTERS = "case.dlx"
+
+# queue -> (exchange, binding key) pairs. One quorum queue per consumer, each with its dead-letter queue.
+QUEUES: dict[str, list[tuple[str, str]]] = {
+    "intake": [(COMMANDS, "report.deliver"), (EVENTS, "case.status_changed")],
+    "records": [(COMMANDS, "records.*")],
+    "insurance": [(COMMANDS, "insurance.*")],
+    "review": [(COMMANDS, "review.*"), (COMMANDS, "report.compose")],
+    "workflows.bridge": [(EVENTS, "records.*"), (EVENTS, "insurance.*"), (EVENTS, "review.*"), (EVENTS, "report.*")],
+}
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm a message (nacked or unroutable); the caller must retry."""
+
+
+def dead_letter_queue(queue: str) -> str:
+    return f"{queue}.dlq"
+
+
+def connect(settings: Settings) -> pika.BlockingConnection:
+    params = pika.URLParameters(settings.amqp_url)
+    params.heartbeat = 30
+    params.blocked_connection_timeout = 60
+    params.client_properties = {"connection_name": "secondopinion"}
+    return pika.BlockingConnection(params)
+
+
+def declare_topology(channel: BlockingChannel, settings: Settings) -> None:
+    for exchange in (COMMANDS, EVENTS, DEAD_LETTERS):
+        channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    for queue, bindings in QUEUES.items():
+        dlq = dead_letter_queue(queue)
+        channel.queue_declare(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_bind(dlq, DEAD_LETTERS, routing_key=queue)
+        channel.queue_declare(
+            queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-dead-letter-exchange": DEAD_LETTERS,
+                "x-dead-letter-routing-key": queue,
+                "x-delivery-limit": settings.amqp_delivery_limit,
+            },
+        )
+        for exchange, key in bindings:
+            channel.queue_bind(queue, exchange, routing_key=key)
+
+
+def ensure_topology(settings: Settings) -> None:
+    conn = connect(settings)
+    try:
+        declare_topology(conn.channel(), settings)
+    finally:
+        conn.close()
+
+
+@dataclass
+class Publisher:
+    """Publishes with confirms and `mandatory`. Not thread-safe: one per thread."""
+
+    settings: Settings
+    _conn: pika.BlockingConnection | None = None
+    _channel: BlockingChannel | None = None
+
+    def _ensure(self) -> BlockingChannel:
+        if self._conn is None or self._conn.is_closed or self._channel is None or self._channel.is_closed:
+            self.close()
+            self._conn = connect(self.settings)
+            self._channel = self._conn.channel()
+            self._channel.confirm_delivery()
+        return self._channel
+
+    def publish_raw(
+        self, exchange: str, routing_key: str, body: bytes, message_id: str, headers: dict | None = None
+    ) -> None:
+        props = BasicProperties(
+            message_id=message_id,
+            content_type="application/cloudevents+json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+            type=routing_key,
+            timestamp=int(time.time()),
+            headers=headers or {},
+        )
+        for attempt in (1, 2):
+            try:
+                self._ensure().basic_publish(exchange, routing_key, body, props, mandatory=True)
+                return
+            except pika.exceptions.UnroutableError as exc:
+                raise PublishFailed(f"{routing_key} on {exchange} reached no queue") from exc
+            except pika.exceptions.NackError as exc:
+                raise PublishFailed(f"the broker refused {routing_key} ({message_id})") from exc
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
+                self.close()
+                if attempt == 2:
+                    raise
+
+    def publish(self, exchange: str, event: CloudEvent) -> None:
+        self.publish_raw(exchange, event.type, event.to_bytes(), event.id)
+
+    def close(self) -> None:
+        try:
+            if self._conn is not None and self._conn.is_open:
+                self._conn.close()
+        except Exception:  # noqa: S110 - closing a broken connection may fail; nothing to do
+            pass
+        self._conn = None
+        self._channel = None
+
+
+def enqueue(session: Session, exchange: str, event: CloudEvent) -> None:
+    """Add `event` to the outbox in the caller's transaction; the relay publishes it after commit."""
+    exists = session.exec(select(Outbox.id).where(Outbox.message_id == event.id)).first()
+    if exists is None:
+        session.add(
+            Outbox(message_id=event.id, exchange=exchange, routing_key=event.type, body=event.to_bytes())
+        )
+
+
+Handler = Callable[[Session, CloudEvent], None]
+
+
+class Consumer:
+    """Consumes one queue; each message is applied and its id recorded in one transaction, then acked."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        queue: str,
+        engine: Engine,
+        handle: Handler,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.engine = engine
+        self.handle = handle
+        self.on_commit = on_commit
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._conn: pika.BlockingConnection | None = None
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._conn = connect(self.settings)
+                channel = self._conn.channel()
+                channel.confirm_delivery()  # dead-lettering a poison message is confirmed before its ack
+                declare_topology(channel, self.settings)
+                channel.basic_qos(prefetch_count=self.settings.amqp_prefetch)
+                channel.basic_consume(self.queue, self._on_message)
+                self.connected.set()
+                log.info("consumer.started", queue=self.queue)
+                while not self._stop.is_set():
+                    self._conn.process_data_events(time_limit=0.5)
+            except pika.exceptions.AMQPError as exc:
+                log.warning("consumer.disconnected", queue=self.queue, error=type(exc).__name__)
+                self.connected.clear()
+                self._stop.wait(2)
+            finally:
+                self.connected.clear()
+                try:
+                    if self._conn is not None and self._conn.is_open:
+                        self._conn.close()
+                except pika.exceptions.AMQPError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        message_id = props.message_id or ""
+        structlog.contextvars.bind_contextvars(message_id=message_id, queue=self.queue)
+        try:
+            try:
+                event = CloudEvent.model_validate_json(body)
+            except ValidationError as exc:
+                fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors()[:5])
+                raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope (bad fields: {fields})") from exc
+            structlog.contextvars.bind_contextvars(case_id=event.subject, event_type=event.type)
+            applied = self._apply(event)
+            channel.basic_ack(method.delivery_tag)
+            log.info("message.applied" if applied else "message.duplicate_dropped")
+            if applied and self.on_commit:
+                self.on_commit()
+        except PoisonMessage as exc:
+            log.warning("message.poison", reason=str(exc))
+            self._dead_letter(channel, method, props, body, str(exc))
+        except Exception as exc:
+            deliveries = int((props.headers or {}).get("x-delivery-count", 0)) + 1
+            log.exception("message.failed", attempt=deliveries, error=type(exc).__name__)
+            # Back off a little so a transient fault (database restart) is not burnt through at once.
+            time.sleep(min(0.2 * deliveries, 2.0))
+            channel.basic_nack(method.delivery_tag, requeue=True)
+        finally:
+            structlog.contextvars.unbind_contextvars("message_id", "queue", "case_id", "event_type")
+
+    def _apply(self, event: CloudEvent) -> bool:
+        with Session(self.engine, expire_on_commit=False) as session:
+            if session.get(Inbox, event.id) is not None:
+                return False
+            self.handle(session, event)
+            session.add(Inbox(message_id=event.id, queue=self.queue, message_type=event.type))
+            try:
+                session.commit()
+            except IntegrityError:
+                # Another replica applied the same message concurrently: its transaction stands.
+                session.rollback()
+                return False
+        return True
+
+    def _dead_letter(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes, reason: str
+    ) -> None:
+        headers = dict(props.headers or {})
+        headers["x-poison-reason"] = reason[:500]
+        headers["x-original-routing-key"] = method.routing_key
+        headers["x-original-exchange"] = method.exchange
+        dlq_props = BasicProperties(
+            message_id=props.message_id,
+            content_type=props.content_type,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            type=props.type,
+            headers=headers,
+        )
+        channel.basic_publish(DEAD_LETTERS, self.queue, body, dlq_props, mandatory=True)
+        channel.basic_ack(method.delivery_tag)
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows in order and marks them; at-least-once, ids make it idempotent."""
+
+    def __init__(self, *, settings: Settings, engine: Engine, interval: float = 0.5) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._publisher = Publisher(settings)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                while self.drain():
+                    pass
+            except Exception as exc:
+                log.warning("outbox.relay_failed", error=type(exc).__name__, detail=str(exc)[:200])
+                self._publisher.close()
+                self._stop.wait(1)
+            self._wake.wait(self.interval)
+            self._wake.clear()
+        self._publisher.close()
+
+    def drain(self, batch: int = 100) -> int:
+        """Publish up to `batch` pending rows; returns how many were published."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            rows = session.exec(
+                select(Outbox)
+                .where(Outbox.published_at.is_(None))  # type: ignore[union-attr]
+                .order_by(Outbox.id)  # type: ignore[arg-type]
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for row in rows:
+                self._publisher.publish_raw(row.exchange, row.routing_key, row.body, row.message_id)
+                row.published_at = datetime.now(UTC)
+                session.add(row)
+            session.commit()
+            return len(rows)
+
+
+def now() -> datetime:
+    return utcnow()

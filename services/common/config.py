@@ -1,0 +1,63 @@
+"""Settings: every one an environment variable with a default that works on a laptop."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# A development key, refused when ENV=prod. Base64 of 32 bytes.
+DEV_CODEC_KEY = "ZGV2LW9ubHkta2V5LW5vdC1mb3ItcGhpLTMyYnl0ZXM="
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    env: str = "dev"
+    data_dir: Path = PROJECT_ROOT / ".data"
+    log_level: str = "INFO"
+
+    # One database URL for all services; each service keeps its tables in its own schema
+    # (PostgreSQL) or its own file (SQLite, the default when DATABASE_URL is unset).
+    database_url: str | None = None
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    amqp_delivery_limit: int = 5
+    amqp_prefetch: int = 16
+
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "cases"
+    temporal_ui_port: int = 8233
+
+    codec_key_id: str = "dev"
+    codec_key: str = DEV_CODEC_KEY
+    codec_old_keys: dict[str, str] = Field(default_factory=dict)
+
+    intake_port: int = 8001
+    records_port: int = 8002
+    insurance_port: int = 8003
+    review_port: int = 8004
+    host: str = "127.0.0.1"
+
+    intake_url: str = "http://127.0.0.1:8001"
+    records_url: str = "http://127.0.0.1:8002"
+    insurance_url: str = "http://127.0.0.1:8003"
+    review_url: str = "http://127.0.0.1:8004"
+
+    # Records: a file larger than this is refused before it is stored.
+    max_upload_bytes: int = 512 * 1024 * 1024
+
+    def service_dir(self, service: str) -> Path:
+        path = self.data_dir / service
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

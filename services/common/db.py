@@ -1,0 +1,81 @@
+"""SQLModel engines and sessions, one schema (PostgreSQL) or one file (SQLite) per service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import lru_cache
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, create_engine
+
+from services.common.config import Settings, get_settings
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def database_url(service: str, settings: Settings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    return f"sqlite:///{settings.service_dir(service).parent / (service + '.db')}"
+
+
+def make_engine(service: str, settings: Settings | None = None) -> Engine:
+    settings = settings or get_settings()
+    url = database_url(service, settings)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        connect_args={"options": f"-csearch_path={service}"},
+    )
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{service}"'))
+    return engine
+
+
+@lru_cache
+def get_engine(service: str) -> Engine:
+    return make_engine(service)
+
+
+def session_scope(engine: Engine) -> Iterator[Session]:
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+class Inbox(SQLModel, table=True):
+    """Message ids a consumer has applied, written in the same transaction as the effect."""
+
+    message_id: str = Field(primary_key=True, max_length=300)
+    queue: str = Field(max_length=100)
+    message_type: str = Field(max_length=100)
+    processed_at: datetime = Field(default_factory=utcnow)
+
+
+class Outbox(SQLModel, table=True):
+    """Messages to publish, written in the same transaction as the change that caused them."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: str = Field(unique=True, max_length=300)
+    exchange: str = Field(max_length=100)
+    routing_key: str = Field(max_length=100)
+    body: bytes
+    created_at: datetime = Field(default_factory=utcnow)
+    published_at: datetime | None = Field(default=None, index=True)

@@ -1,0 +1,107 @@
+"""The FastAPI app every service shares: /healthz, /readyz, /metrics, and error bodies without PHI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.errors import IntakeRejected, RecordsRejected
+
+log = structlog.get_logger(__name__)
+
+REQUESTS = Counter("http_requests_total", "HTTP requests", ["service", "method", "route", "status"])
+LATENCY = Histogram("http_request_seconds", "HTTP request latency", ["service", "route"])
+
+
+
+def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"title": title, "status": status, "detail": detail}
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # The offending value is never echoed back: it may be a patient's name or birth date.
+    return [
+        {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"), "message": err.get("msg", "")}
+        for err in exc.errors()
+    ]
+
+
+def create_app(
+    service: str,
+    *,
+    routers: Iterable[APIRouter],
+    engine: Callable[[], Engine],
+    ready_checks: Iterable[Callable[[], bool]] = (),
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    title: str | None = None,
+) -> FastAPI:
+    app = FastAPI(title=title or f"secondopinion {service}", version="0.1.0", lifespan=lifespan)
+    checks = list(ready_checks)
+
+    @app.middleware("http")
+    async def metrics_and_logs(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        REQUESTS.labels(service, request.method, route, str(response.status_code)).inc()
+        LATENCY.labels(service, route).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem(422, "Invalid request", "The request does not match the schema; fix the fields listed.",
+                       _validation_errors(exc))
+
+    @app.exception_handler(IntakeRejected)
+    async def on_rejected(_: Request, exc: IntakeRejected) -> JSONResponse:
+        return problem(422, "Request rejected", str(exc))
+
+    @app.exception_handler(RecordsRejected)
+    async def on_records_rejected(_: Request, exc: RecordsRejected) -> JSONResponse:
+        return problem(422, "File rejected", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(exc.status_code, "Error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("http.unexpected_error", path=request.url.path, error=type(exc).__name__)
+        return problem(500, "Internal error", "Something failed on our side; nothing was changed. Retry later.")
+
+    @app.get("/healthz", tags=["ops"], include_in_schema=True)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"description": "a dependency is not reachable"}})
+    def readyz() -> Response:
+        try:
+            with engine().connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:
+            return problem(503, "Not ready", "The database is not reachable.")
+        if not all(check() for check in checks):
+            return problem(503, "Not ready", "The message broker is not connected.")
+        return JSONResponse({"status": "ready", "service": service})
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    for router in routers:
+        app.include_router(router)
+    return app

@@ -1,0 +1,85 @@
+"""Runs one service process: migrations, topology, its AMQP consumer and outbox relay, then its API."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+
+from services.common import migrate
+from services.common.amqp import Consumer, Handler, OutboxRelay, ensure_topology
+from services.common.config import Settings, get_settings
+from services.common.logging import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ServiceRuntime:
+    """The background parts of a service process; the app's lifespan starts and stops them."""
+
+    service: str
+    engine: Callable[[], Engine]
+    handle: Handler | None
+    settings: Settings = field(default_factory=get_settings)
+    consumer: Consumer | None = None
+    relay: OutboxRelay | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        configure_logging(self.service, self.settings.log_level)
+        migrate.upgrade(self.service, self.engine())
+        ensure_topology(self.settings)
+        self.relay = OutboxRelay(settings=self.settings, engine=self.engine())
+        self._spawn(self.relay.run_forever, "outbox-relay")
+        if self.handle is not None:
+            self.consumer = Consumer(
+                settings=self.settings,
+                queue=self.service,
+                engine=self.engine(),
+                handle=self.handle,
+                on_commit=self.relay.wake,
+            )
+            self._spawn(self.consumer.run_forever, "consumer")
+        log.info("service.started", service=self.service)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=f"{self.service}-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        if self.consumer:
+            self.consumer.stop()
+        if self.relay:
+            self.relay.stop()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def wake_relay(self) -> None:
+        if self.relay:
+            self.relay.wake()
+
+    def broker_ready(self) -> bool:
+        return self.consumer is None or self.consumer.connected.is_set()
+
+    def lifespan(self) -> Callable[[FastAPI], AsyncIterator[None]]:
+        @asynccontextmanager
+        async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+            self.start()
+            try:
+                yield
+            finally:
+                self.stop()
+
+        return _lifespan  # type: ignore[return-value]
+
+
+def serve(app: FastAPI, port: int, settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+    uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False)

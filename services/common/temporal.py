@@ -1,0 +1,104 @@
+"""Temporal client with the pydantic data converter and the encrypting payload codec.
+
+Workflow and activity payloads carry PHI, so every payload is AES-GCM encrypted; the key id travels in
+the payload metadata so keys can rotate (old keys stay readable through `CODEC_OLD_KEYS`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from temporalio.api.common.v1 import Payload
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter, PayloadCodec
+
+from services.common.config import Settings, get_settings
+
+ENCODING = b"binary/encrypted"
+
+CASE_STATUS = SearchAttributeKey.for_keyword("CaseStatus")
+CASE_URGENCY = SearchAttributeKey.for_keyword("CaseUrgency")
+SUBSPECIALTY = SearchAttributeKey.for_keyword("Subspecialty")
+PARTNER_ID = SearchAttributeKey.for_keyword("PartnerId")
+ASSIGNED_REVIEWER = SearchAttributeKey.for_keyword("AssignedReviewer")
+CASE_DUE_AT = SearchAttributeKey.for_datetime("CaseDueAt")
+
+SEARCH_ATTRIBUTES: Sequence[SearchAttributeKey] = (
+    CASE_STATUS,
+    CASE_URGENCY,
+    SUBSPECIALTY,
+    PARTNER_ID,
+    ASSIGNED_REVIEWER,
+    CASE_DUE_AT,
+)
+
+
+def search_attribute_flags() -> list[str]:
+    """`--search-attribute` flags for `temporal server start-dev`."""
+    kinds = {datetime: "Datetime", str: "Keyword"}
+    flags = []
+    for key in SEARCH_ATTRIBUTES:
+        kind = "Datetime" if key.indexed_value_type.name == "DATETIME" else kinds[str]
+        flags += ["--search-attribute", f"{key.name}={kind}"]
+    return flags
+
+
+class EncryptionCodec(PayloadCodec):
+    def __init__(self, key_id: str, key: bytes, old_keys: dict[str, bytes] | None = None) -> None:
+        self.key_id = key_id
+        self._encryptor = AESGCM(key)
+        self._decryptors = {key_id: self._encryptor, **{k: AESGCM(v) for k, v in (old_keys or {}).items()}}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EncryptionCodec:
+        return cls(
+            settings.codec_key_id,
+            base64.b64decode(settings.codec_key),
+            {k: base64.b64decode(v) for k, v in settings.codec_old_keys.items()},
+        )
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return [self._encrypt(p) for p in payloads]
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return [self._decrypt(p) for p in payloads]
+
+    def _encrypt(self, payload: Payload) -> Payload:
+        nonce = os.urandom(12)
+        sealed = self._encryptor.encrypt(nonce, payload.SerializeToString(), None)
+        return Payload(
+            metadata={"encoding": ENCODING, "encryption-key-id": self.key_id.encode()},
+            data=nonce + sealed,
+        )
+
+    def _decrypt(self, payload: Payload) -> Payload:
+        if payload.metadata.get("encoding") != ENCODING:
+            return payload
+        key_id = payload.metadata.get("encryption-key-id", b"").decode()
+        decryptor = self._decryptors.get(key_id)
+        if decryptor is None:
+            raise ValueError(f"payload encrypted with unknown key id {key_id!r}; add it to CODEC_OLD_KEYS")
+        plain = decryptor.decrypt(payload.data[:12], payload.data[12:], None)
+        return Payload.FromString(plain)
+
+
+def data_converter(settings: Settings | None = None) -> DataConverter:
+    settings = settings or get_settings()
+    return dataclasses.replace(pydantic_data_converter, payload_codec=EncryptionCodec.from_settings(settings))
+
+
+async def connect_temporal(settings: Settings | None = None, *, interceptors: Iterable = ()) -> Client:
+    settings = settings or get_settings()
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=data_converter(settings),
+        interceptors=list(interceptors),
+    )
