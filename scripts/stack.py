@@ -1,0 +1,172 @@
+"""Start and stop the whole system locally: Temporal dev server, four services, the worker.
+
+    python -m scripts.stack up | down | status
+
+Idempotent: `up` starts only what is not already running. Pid files and logs live under DATA_DIR/run and
+DATA_DIR/logs. Every setting comes from the environment (see services/common/config.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from services.common.config import PROJECT_ROOT, Settings, get_settings
+from services.common.temporal import search_attribute_flags
+
+SERVICES = ("intake", "records", "insurance", "review")
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    argv: list[str]
+    ready_url: str | None = None
+    ready_port: int | None = None
+
+
+def temporal_cli() -> str:
+    beside = Path(sys.executable).parent / "temporal"
+    return str(beside) if beside.exists() else "temporal"
+
+
+def processes(settings: Settings) -> list[Process]:
+    host, port = settings.temporal_address.rsplit(":", 1)
+    temporal = Process(
+        "temporal",
+        [
+            temporal_cli(), "server", "start-dev",
+            "--db-filename", str(settings.data_dir / "temporal.db"),
+            "--ip", host, "--port", port, "--ui-port", str(settings.temporal_ui_port),
+            "--log-level", "warn",
+            *search_attribute_flags(),
+        ],
+        ready_port=int(port),
+    )  # fmt: skip
+    services = [
+        Process(
+            name,
+            [sys.executable, "-m", f"services.{name}.main"],
+            ready_url=f"http://{settings.host}:{getattr(settings, f'{name}_port')}/readyz",
+        )
+        for name in SERVICES
+    ]
+    return [temporal, *services, Process("worker", [sys.executable, "-m", "workflows.worker"])]
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    path = settings.data_dir / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path / f"{name}.pid"
+
+
+def running_pid(settings: Settings, name: str) -> int | None:
+    pid_file = _pid_file(settings, name)
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text().strip() or 0)
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        pid_file.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def _ready(process: Process) -> bool:
+    if process.ready_port is not None:
+        return _port_open(process.ready_port)
+    if process.ready_url is not None:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(process.ready_url, timeout=1).status_code == 200
+        return False
+    return True
+
+
+def start(process: Process, settings: Settings) -> int:
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{process.name}.log", "ab") as log:
+        child = subprocess.Popen(
+            process.argv, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    _pid_file(settings, process.name).write_text(str(child.pid))
+    return child.pid
+
+
+def wait_ready(process: Process, settings: Settings, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _ready(process):
+            return
+        if running_pid(settings, process.name) is None:
+            raise SystemExit(
+                f"{process.name} exited during start; see {settings.data_dir / 'logs' / (process.name + '.log')}"
+            )
+        time.sleep(0.3)
+    raise SystemExit(
+        f"{process.name} was not ready within {timeout:.0f}s; see its log under {settings.data_dir}/logs"
+    )
+
+
+def up(settings: Settings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    for process in processes(settings):
+        if running_pid(settings, process.name) is None:
+            pid = start(process, settings)
+            print(f"started {process.name} (pid {pid})")
+        else:
+            print(f"{process.name} already running")
+        wait_ready(process, settings)
+
+
+def down(settings: Settings) -> None:
+    for process in reversed(processes(settings)):
+        pid = running_pid(settings, process.name)
+        if pid is None:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        for _ in range(100):
+            if running_pid(settings, process.name) is None:
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        _pid_file(settings, process.name).unlink(missing_ok=True)
+        print(f"stopped {process.name}")
+
+
+def status(settings: Settings) -> None:
+    for process in processes(settings):
+        pid = running_pid(settings, process.name)
+        state = "down" if pid is None else ("ready" if _ready(process) else "starting")
+        print(f"{process.name:10} {state:8} {pid or ''}")
+
+
+def main(argv: list[str]) -> None:
+    settings = get_settings()
+    commands = {"up": up, "down": down, "status": status}
+    if len(argv) != 1 or argv[0] not in commands:
+        raise SystemExit("usage: python -m scripts.stack up|down|status")
+    commands[argv[0]](settings)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

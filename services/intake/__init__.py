@@ -1,0 +1,1 @@
+"""Intake: the case API for hospital integration teams; starts the case workflow."""

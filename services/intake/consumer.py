@@ -1,0 +1,24 @@
+"""AMQP entry point: turns a message into a command or event and hands it to a handler."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from sqlmodel import Session
+
+from contracts.commands import DeliverReport
+from contracts.envelope import CloudEvent
+from contracts.events import CaseStatusChanged
+from services.common.errors import PoisonMessage
+from services.intake import handlers
+
+
+def handle(session: Session, event: CloudEvent) -> None:
+    try:
+        if event.type == CaseStatusChanged.TYPE:
+            handlers.record_status(event, CaseStatusChanged.model_validate(event.data), session)
+        elif event.type == DeliverReport.TYPE:
+            handlers.deliver_report(event, DeliverReport.model_validate(event.data), session)
+        else:
+            raise PoisonMessage(f"intake does not handle {event.type!r}")
+    except ValidationError as exc:
+        raise PoisonMessage(f"{event.type} data is invalid: {exc.error_count()} error(s)") from exc

@@ -1,0 +1,164 @@
+"""What intake does: create a case, start its workflow, mirror its status, deliver its report."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import structlog
+from sqlmodel import Session, select
+from temporalio.client import Client
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from contracts.commands import DeliverReport
+from contracts.envelope import CloudEvent, new_event
+from contracts.events import CaseStatusChanged, ReportDelivered
+from contracts.models import CaseInput, CaseStatus, Urgency
+from services.common.amqp import EVENTS, enqueue
+from services.common.config import Settings
+from services.common.temporal import CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID, SUBSPECIALTY
+from services.intake.models import Case, CaseCreate, CaseTimelineEntry
+from services.intake.triage import triage
+
+log = structlog.get_logger(__name__)
+
+SOURCE = "/services/intake"
+
+
+def workflow_id(case_id: str) -> str:
+    return f"case-{case_id}"
+
+
+def create_case(request: CaseCreate, session: Session, now: datetime | None = None) -> Case:
+    """Store a new case (not yet started), or return the partner's existing case with the same reference."""
+    if request.partner_case_ref:
+        existing = session.exec(
+            select(Case).where(
+                Case.partner_id == request.partner_id, Case.partner_case_ref == request.partner_case_ref
+            )
+        ).first()
+        if existing is not None:
+            return existing
+    now = now or datetime.now(UTC)
+    decided = triage(
+        exam_type=request.exam.exam_type,
+        reason=request.reason,
+        procedure_scheduled_on=request.procedure_scheduled_on,
+        gestational_age_weeks=request.gestational_age_weeks,
+        now=now,
+    )
+    case = Case(
+        id=str(uuid.uuid4()),
+        partner_id=request.partner_id,
+        partner_case_ref=request.partner_case_ref,
+        urgency=decided.urgency,
+        subspecialty=decided.subspecialty,
+        due_at=decided.due_at,
+        request_json=request.model_dump_json(),
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(case)
+    session.add(
+        CaseTimelineEntry(
+            case_id=case.id,
+            event_id=f"intake:{case.id}",
+            status=CaseStatus.INTAKE,
+            detail="request received",
+            at=now,
+        )
+    )
+    return case
+
+
+def case_input(case: Case) -> CaseInput:
+    request = CaseCreate.model_validate_json(case.request_json)
+    return CaseInput(
+        case_id=case.id,
+        partner_id=case.partner_id,
+        urgency=Urgency(case.urgency),
+        subspecialty_hint=case.subspecialty,
+        due_at=case.due_at,
+        patient=request.patient,
+        referring=request.referring,
+        exam=request.exam,
+        clinical_question=request.clinical_question,
+        reason=request.reason,
+        coverage=request.coverage,
+    )
+
+
+async def start_workflow(client: Client, case: Case, settings: Settings) -> None:
+    """Start `case-{id}`; a workflow that already exists counts as started (the start is idempotent)."""
+    attributes = TypedSearchAttributes(
+        [
+            SearchAttributePair(CASE_STATUS, CaseStatus.INTAKE.value),
+            SearchAttributePair(CASE_URGENCY, case.urgency),
+            SearchAttributePair(SUBSPECIALTY, case.subspecialty),
+            SearchAttributePair(PARTNER_ID, case.partner_id),
+            SearchAttributePair(CASE_DUE_AT, case.due_at),
+        ]
+    )
+    try:
+        await client.start_workflow(
+            "CaseWorkflow",
+            case_input(case),
+            id=workflow_id(case.id),
+            task_queue=settings.temporal_task_queue,
+            search_attributes=attributes,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            static_summary=f"Second opinion · {case_input(case).exam.exam_type} ultrasound · {case.urgency}",
+        )
+    except WorkflowAlreadyStartedError:
+        log.info("workflow.already_started", case_id=case.id)
+
+
+def record_status(event: CloudEvent, change: CaseStatusChanged, session: Session) -> None:
+    case = session.get(Case, change.case_id)
+    if case is None:
+        log.warning("status.unknown_case", case_id=change.case_id)
+        return
+    session.add(
+        CaseTimelineEntry(
+            case_id=case.id, event_id=event.id, status=change.status, detail=change.detail, at=change.at
+        )
+    )
+    if change.at >= _aware(case.updated_at) or case.status == CaseStatus.INTAKE:
+        case.status = change.status
+        case.updated_at = change.at
+    session.add(case)
+
+
+def deliver_report(event: CloudEvent, cmd: DeliverReport, session: Session) -> None:
+    """Make the report available to the referring physician through the case API and record the delivery."""
+    case = session.get(Case, cmd.case_id)
+    if case is None:
+        raise LookupError(f"report.deliver for unknown case {cmd.case_id}")
+    now = datetime.now(UTC)
+    if case.delivered_at is None:
+        case.report_pdf_url = cmd.pdf_url
+        case.report_fhir_url = cmd.fhir_url
+        case.delivered_at = now
+        case.updated_at = now
+        session.add(case)
+    referring = CaseCreate.model_validate_json(case.request_json).referring
+    enqueue(
+        session,
+        EVENTS,
+        new_event(
+            id=f"{event.id}>report.delivered",
+            source=SOURCE,
+            subject=case.id,
+            data=ReportDelivered(
+                case_id=case.id,
+                report_id=cmd.report_id,
+                recipient=f"referring physician NPI {referring.npi}",
+                delivered_at=case.delivered_at or now,
+            ),
+        ),
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

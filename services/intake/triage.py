@@ -1,0 +1,82 @@
+"""Triage at intake: urgency, subspecialty hint and due date from the request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+
+from contracts.models import Urgency
+from contracts.triage import Reason, subspecialties_for
+from services.common.errors import IntakeRejected
+
+FETAL_EXAMS = {"obstetric", "fetal"}
+GESTATIONAL_AGE_WEEKS = (6, 42)
+
+
+@dataclass(frozen=True)
+class Triage:
+    urgency: Urgency
+    subspecialty: str
+    due_at: datetime
+
+
+def add_business_days(start: datetime, days: int) -> datetime:
+    current = start
+    added = 0
+    while added < days:
+        current += timedelta(days=1)
+        if current.weekday() < 5:
+            added += 1
+    return current
+
+
+def urgency_for(reason: Reason, procedure_scheduled_on: date | None) -> Urgency:
+    if reason in (Reason.FETAL_ANOMALY, Reason.INVASIVE_PROCEDURE_PLANNED) or procedure_scheduled_on:
+        return Urgency.URGENT
+    if reason == Reason.POSSIBLE_MALIGNANCY:
+        return Urgency.PRIORITY
+    return Urgency.STANDARD
+
+
+def triage(
+    *,
+    exam_type: str,
+    reason: Reason,
+    procedure_scheduled_on: date | None,
+    gestational_age_weeks: int | None,
+    now: datetime,
+) -> Triage:
+    """Decide urgency, subspecialty and due date, or reject a request that cannot be served."""
+    if procedure_scheduled_on is not None and procedure_scheduled_on <= now.date():
+        raise IntakeRejected(
+            f"procedure_scheduled_on {procedure_scheduled_on.isoformat()} is not in the future; a second opinion "
+            "cannot precede a procedure already done. Send the date of the next planned procedure, or omit it."
+        )
+    if exam_type.lower() in FETAL_EXAMS or reason == Reason.FETAL_ANOMALY:
+        low, high = GESTATIONAL_AGE_WEEKS
+        if gestational_age_weeks is None:
+            raise IntakeRejected(
+                "gestational_age_weeks is required for an obstetric or fetal second opinion; send the gestational "
+                "age in completed weeks."
+            )
+        if not low <= gestational_age_weeks <= high:
+            raise IntakeRejected(
+                f"gestational_age_weeks {gestational_age_weeks} is outside {low}-{high}; check the value "
+                "(completed weeks of gestation)."
+            )
+    urgency = urgency_for(reason, procedure_scheduled_on)
+    if urgency == Urgency.URGENT:
+        due_at = now + timedelta(hours=24)
+        if procedure_scheduled_on is not None:
+            procedure_at = datetime.combine(procedure_scheduled_on, time(0, 0), tzinfo=UTC)
+            due_at = min(due_at, procedure_at - timedelta(hours=48))
+            if due_at <= now:
+                raise IntakeRejected(
+                    f"the procedure on {procedure_scheduled_on.isoformat()} is less than 48 hours away; a second "
+                    "opinion cannot be guaranteed before it. Postpone the procedure or call the programme."
+                )
+    elif urgency == Urgency.PRIORITY:
+        due_at = add_business_days(now, 2)
+    else:
+        due_at = add_business_days(now, 5)
+    return Triage(urgency=urgency, subspecialty=subspecialties_for(exam_type, reason)[0].value, due_at=due_at)

@@ -1,0 +1,1 @@
+"""The case workflow, its activities, the event bridge and the worker."""

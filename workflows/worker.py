@@ -1,0 +1,72 @@
+"""The worker process: the case workflow and its activities on task queue `cases`, plus the event bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from services.common.amqp import ensure_topology
+from services.common.config import Settings, get_settings
+from services.common.logging import configure_logging
+from services.common.temporal import connect_temporal
+from workflows.activities import CaseActivities
+from workflows.bridge import EventBridge
+from workflows.case import CaseWorkflow
+
+log = structlog.get_logger(__name__)
+
+
+def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
+    activities = CaseActivities(settings)
+    return Worker(
+        client,
+        task_queue=settings.temporal_task_queue,
+        workflows=[CaseWorkflow],
+        activities=[activities.publish_command, activities.publish_status],
+        activity_executor=executor,
+        max_concurrent_activities=executor._max_workers,
+    )
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    ensure_topology(settings)
+    client = await connect_temporal(settings)
+    bridge = EventBridge(settings=settings, client=client, loop=asyncio.get_running_loop())
+    bridge_thread = threading.Thread(target=bridge.run_forever, name="event-bridge", daemon=True)
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        worker = build_worker(client, settings, executor)
+        bridge_thread.start()
+        log.info("worker.started", task_queue=settings.temporal_task_queue)
+        async with worker:
+            await stop.wait()
+        bridge.stop()
+        bridge_thread.join(timeout=5)
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging("worker", settings.log_level)
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(_main())
+    sys.stdout.flush()
+    # temporalio can abort the interpreter at exit (sdk-python #300); exit with our own status.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
