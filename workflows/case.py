@@ -42,12 +42,8 @@ with workflow.unsafe.imports_passed_through():
 E = TypeVar("E", bound=BaseModel)
 
 # Publishing is retried until the broker confirms: a case never loses a command to a broker restart.
-PUBLISH = {
-    "start_to_close_timeout": timedelta(seconds=30),
-    "retry_policy": RetryPolicy(
-        initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
-    ),
-}
+PUBLISH_TIMEOUT = timedelta(seconds=30)
+PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 # No specialist can take the case: try matching again after this wait.
 REMATCH_AFTER = timedelta(hours=1)
 
@@ -163,7 +159,8 @@ class CaseWorkflow:
         await workflow.execute_activity_method(
             CaseActivities.publish_command,
             PublishCommand(case_id=command.case_id, type=command.TYPE, data=command.model_dump(mode="json")),
-            **PUBLISH,  # type: ignore[arg-type]
+            start_to_close_timeout=PUBLISH_TIMEOUT,
+            retry_policy=PUBLISH_RETRY,
         )
 
     async def _transition(self, status: CaseStatus, detail: str) -> None:
@@ -180,5 +177,6 @@ class CaseWorkflow:
                 at=now,
                 detail=detail,
             ),
-            **PUBLISH,  # type: ignore[arg-type]
+            start_to_close_timeout=PUBLISH_TIMEOUT,
+            retry_policy=PUBLISH_RETRY,
         )

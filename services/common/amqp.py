@@ -288,9 +288,11 @@ class Consumer(QueueConsumer):
             try:
                 session.commit()
             except IntegrityError:
-                # Another replica applied the same message concurrently: its transaction stands.
                 session.rollback()
-                return False
+                if session.get(Inbox, event.id) is not None:
+                    # Another replica applied the same message concurrently: its transaction stands.
+                    return False
+                raise
         return True
 
     def after_ack(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -68,7 +68,7 @@ class ServiceRuntime:
     def broker_ready(self) -> bool:
         return self.consumer is None or self.consumer.connected.is_set()
 
-    def lifespan(self) -> Callable[[FastAPI], AsyncIterator[None]]:
+    def lifespan(self) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
         @asynccontextmanager
         async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
             self.start()
@@ -77,7 +77,7 @@ class ServiceRuntime:
             finally:
                 self.stop()
 
-        return _lifespan  # type: ignore[return-value]
+        return _lifespan
 
 
 def serve(app: FastAPI, port: int, settings: Settings | None = None) -> None:

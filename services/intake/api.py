@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "No case with this id"},
     422: {"description": "The request is invalid; `errors` names each field"},
 }

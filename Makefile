@@ -1,0 +1,53 @@
+# The commands the README names. Everything installs itself into .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo run down status test lint format unit integration e2e clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## Start Temporal, the four services and the worker (idempotent), then run one sample case end to end.
+demo: install
+	$(PY) -m scripts.demo
+
+run: demo
+
+## Stop what `make demo` started.
+down: install
+	$(PY) -m scripts.stack down
+
+status: install
+	$(PY) -m scripts.stack status
+
+## Lint, type-check and run the whole suite (unit, integration on real PostgreSQL/RabbitMQ/Temporal, e2e).
+test: install lint
+	$(PY) -m scripts.run_pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy contracts services workflows scripts
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+unit: install
+	$(PY) -m scripts.run_pytest -q tests/unit
+
+integration: install
+	$(PY) -m scripts.run_pytest -q tests/integration
+
+e2e: install
+	$(PY) -m scripts.run_pytest -q tests/e2e
+
+clean: down
+	rm -rf .data

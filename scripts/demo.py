@@ -1,0 +1,190 @@
+"""One sample case end to end on the running stack: request, records upload, specialist review, report.
+
+    python -m scripts.demo        (make demo starts the stack first)
+
+Acts as the hospital (POST /v1/cases), the referring facility (uploads a synthetic ultrasound study and the
+first report) and the specialist (reviews through the API). Prints where the report is; the last line is
+`case_id=<id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom.uid
+
+from scripts import stack
+from scripts.synthetic_study import make_us_instance
+from services.common.config import Settings, get_settings
+from services.common.temporal import ASSIGNED_REVIEWER, connect_temporal
+
+SAMPLE_CASE: dict[str, Any] = {
+    "partner_id": "demo-clinic",
+    "patient": {
+        "family_name": "Sample",
+        "given_name": "Dana",
+        "birth_date": "1979-06-14",
+        "sex": "female",
+        "mrn": "DEMO-0001",
+        "state": "CA",
+    },
+    "referring": {"name": "Dr. Alex Kim", "npi": "1234567893", "organization": "Bayview Women's Clinic"},
+    "exam": {"exam_type": "pelvic", "performed_on": "2026-11-20", "facility": "Bayview Imaging"},
+    "clinical_question": "Complex left adnexal mass: benign or suspicious for malignancy?",
+    "reason": "possible_malignancy",
+    "coverage": {"plan_code": "ACME-PPO", "member_id": "W123456789"},
+}
+
+ORIGINAL_REPORT = (
+    "PELVIC ULTRASOUND, transabdominal and transvaginal.\n"
+    "FINDINGS: Left ovary contains a 4.2 cm complex cystic mass with a thin septation and no solid component. "
+    "No internal vascularity on colour Doppler. Right ovary normal. Uterus normal. No free fluid.\n"
+    "IMPRESSION: Complex left adnexal cyst, indeterminate. Consider surgical evaluation."
+)
+
+FINDINGS = {
+    "technical_quality": "diagnostic",
+    "technical_notes": "Cine sweep through the left ovary is adequate; calibrated measurements present.",
+    "agreement": "minor_discrepancy",
+    "findings": "4.2 cm left ovarian cyst with a single thin septation, no solid component, no flow.",
+    "impression": "O-RADS US 3: low risk of malignancy. Most consistent with a haemorrhagic or septated "
+    "functional cyst.",
+    "alternative_diagnoses": ["haemorrhagic cyst", "cystadenoma"],
+    "recommendations": ["repeat ultrasound in 8-12 weeks", "no surgery on the strength of the first scan"],
+    "new_ultrasound_needed": True,
+}
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise SystemExit(
+        f"timed out after {timeout:.0f}s waiting for {what}; `python -m scripts.stack status` and .data/logs"
+    )
+
+
+def synthetic_study(patient: dict[str, str]) -> list[tuple[str, bytes]]:
+    study_uid = pydicom.uid.generate_uid()
+    series_uid = pydicom.uid.generate_uid()
+    dicom_name = f"{patient['family_name'].upper()}^{patient['given_name'].upper()}"
+    common: dict[str, Any] = {
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "patient_name": dicom_name,
+        "patient_id": patient["mrn"],
+        "birth_date": patient["birth_date"].replace("-", ""),
+        "sex": "F",
+    }
+    return [
+        ("IM0001.dcm", make_us_instance(None, frames=1, **common)),
+        ("IM0002.dcm", make_us_instance(None, frames=1, **common)),
+        ("CINE0001.dcm", make_us_instance(None, frames=12, **common)),
+    ]
+
+
+def case_status(http: httpx.Client, settings: Settings, case_id: str) -> dict[str, Any]:
+    response = http.get(f"{settings.intake_url}/v1/cases/{case_id}")
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
+
+
+def upload_records(http: httpx.Client, settings: Settings, case_id: str) -> dict[str, Any]:
+    files = [("files", ("report.txt", ORIGINAL_REPORT.encode(), "text/plain"))]
+    files += [
+        ("files", (name, data, "application/dicom")) for name, data in synthetic_study(SAMPLE_CASE["patient"])
+    ]
+
+    def attempt() -> dict[str, Any] | None:
+        response = http.post(f"{settings.records_url}/v1/records/{case_id}/files", files=files)
+        if response.status_code == 404:  # the records request is still on its way
+            return None
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    return wait_until("the records request to reach the records service", attempt, timeout=60)  # type: ignore[no-any-return]
+
+
+async def assigned_reviewer(settings: Settings, case_id: str) -> str:
+    client = await connect_temporal(settings)
+    description = await client.get_workflow_handle(f"case-{case_id}").describe()
+    reviewer = description.typed_search_attributes.get(ASSIGNED_REVIEWER)
+    if not reviewer:
+        raise SystemExit("the case has no AssignedReviewer search attribute")
+    return reviewer
+
+
+def review_as_specialist(http: httpx.Client, settings: Settings, case_id: str) -> str:
+    reviewer = asyncio.run(assigned_reviewer(settings, case_id))
+    worklist = http.get(f"{settings.review_url}/v1/reviews", params={"reviewer": reviewer}).json()
+    review = next(item for item in worklist if item["case_id"] == case_id)
+    detail = http.get(f"{settings.review_url}/v1/reviews/{review['review_id']}").json()
+    assert detail["original_report"]["text"].startswith("PELVIC ULTRASOUND"), (
+        "the reviewer must see the first report"
+    )
+    http.post(f"{settings.review_url}/v1/reviews/{review['review_id']}", json=FINDINGS).raise_for_status()
+    return reviewer
+
+
+def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:
+    with httpx.Client(timeout=30) as http:
+        response = http.post(f"{settings.intake_url}/v1/cases", json=SAMPLE_CASE)
+        if response.status_code != 201:
+            raise SystemExit(f"intake refused the sample case: {response.status_code} {response.text}")
+        case_id = response.json()["case_id"]
+        echo(
+            f"case created: {case_id} (urgency {response.json()['urgency']}, due {response.json()['due_at']})"
+        )
+
+        records = upload_records(http, settings, case_id)
+        echo(f"records uploaded: {len(records['files'])} files, records status {records['status']}")
+
+        wait_until(
+            "a specialist to be assigned",
+            lambda: case_status(http, settings, case_id)["status"] == "in_review",
+        )
+        reviewer = review_as_specialist(http, settings, case_id)
+        echo(f"second opinion submitted by {reviewer}")
+
+        case = wait_until(
+            "the report to be delivered",
+            lambda: (c := case_status(http, settings, case_id))["status"] == "closed" and c,
+        )
+        pdf = http.get(case["report"]["pdf_url"], headers={"Accept": "application/pdf"})
+        pdf.raise_for_status()
+        out = settings.data_dir / "demo" / f"report-{case_id}.pdf"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(pdf.content)
+        echo(f"timeline: {' -> '.join(t['status'] for t in case['timeline'])}")
+        echo(
+            f"report (PDF):  {case['report']['pdf_url']}  saved to {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}"
+        )
+        echo(f"report (FHIR): {case['report']['fhir_url']}")
+        echo(
+            f"Temporal UI:   http://127.0.0.1:{settings.temporal_ui_port}/namespaces/"
+            f"{settings.temporal_namespace}/workflows/case-{case_id}"
+        )
+        return str(case_id)
+
+
+def main() -> None:
+    settings = get_settings()
+    stack.up(settings)
+    case_id = run_case(settings)
+    print(f"case_id={case_id}")
+    sys.stdout.flush()
+    os._exit(0)  # temporalio can abort the interpreter at exit (sdk-python #300)
+
+
+if __name__ == "__main__":
+    main()

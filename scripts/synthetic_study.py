@@ -1,0 +1,89 @@
+"""Synthetic ultrasound DICOM instances (PS3.10 files) for the demo, tests and benchmarks. No real patient."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom.uid
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.sequence import Sequence
+
+US_IMAGE_STORAGE = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.6.1")
+US_MULTIFRAME_STORAGE = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.3.1")
+
+
+def _ultrasound_region(rows: int, cols: int) -> Dataset:
+    """One calibrated region: 0.1 mm per pixel, so a specialist can measure on the image."""
+    region = Dataset()
+    region.RegionSpatialFormat = 1
+    region.RegionDataType = 1
+    region.RegionFlags = 0
+    region.RegionLocationMinX0 = 0
+    region.RegionLocationMinY0 = 0
+    region.RegionLocationMaxX1 = cols - 1
+    region.RegionLocationMaxY1 = rows - 1
+    region.PhysicalUnitsXDirection = 3  # cm
+    region.PhysicalUnitsYDirection = 3
+    region.PhysicalDeltaX = 0.01
+    region.PhysicalDeltaY = 0.01
+    return region
+
+
+def make_us_instance(
+    path: str | Path | None = None,
+    *,
+    study_uid: str,
+    series_uid: str,
+    frames: int = 1,
+    patient_name: str = "DOE^JANE",
+    patient_id: str = "MRN1",
+    birth_date: str = "19800101",
+    sex: str = "F",
+    modality: str = "US",
+    rows: int = 64,
+    cols: int = 64,
+) -> bytes:
+    """An ultrasound image (or a cine clip when frames > 1) as PS3.10 bytes; written to `path` if given."""
+    sop_class = US_MULTIFRAME_STORAGE if frames > 1 else US_IMAGE_STORAGE
+    sop_uid = pydicom.uid.generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset("synthetic.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = modality
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = birth_date
+    ds.PatientSex = sex
+    ds.StudyDate = "20261120"
+    ds.InstanceNumber = 1
+    ds.BurnedInAnnotation = "NO"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SequenceOfUltrasoundRegions = Sequence([_ultrasound_region(rows, cols)])
+    rng = np.random.default_rng(int(sop_uid.rsplit(".", 1)[-1]) % (2**32))
+    pixels = rng.integers(0, 255, size=(frames, rows, cols) if frames > 1 else (rows, cols), dtype=np.uint8)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        ds.FrameTime = 33.3
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data

@@ -1,0 +1,147 @@
+"""The whole system as separate processes: Temporal dev server (CLI), four services, the worker.
+
+Drives the sample case from POST /v1/cases to a delivered report and checks what an operator and the
+referring physician would check: the workflow Completed with its search attributes, the report PDF and
+FHIR DiagnosticReport, and no PHI in any process's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from pypdf import PdfReader
+from temporalio.client import WorkflowExecutionStatus
+
+from scripts import demo, stack
+from services.common.config import Settings
+from services.common.temporal import (
+    ASSIGNED_REVIEWER,
+    CASE_DUE_AT,
+    CASE_STATUS,
+    CASE_URGENCY,
+    PARTNER_ID,
+    SUBSPECIALTY,
+    connect_temporal,
+)
+from tests.infra import postgres_database, rabbitmq_vhost
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    data_dir: Path = tmp_path_factory.mktemp("e2e")
+    with postgres_database() as database_url, rabbitmq_vhost() as amqp_url:
+        ports = {name: free_port() for name in ("intake", "records", "insurance", "review", "temporal", "ui")}
+        env = {
+            "DATA_DIR": str(data_dir),
+            "DATABASE_URL": database_url,
+            "AMQP_URL": amqp_url,
+            "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}",
+            "TEMPORAL_UI_PORT": str(ports["ui"]),
+        }
+        for name in ("intake", "records", "insurance", "review"):
+            env[f"{name.upper()}_PORT"] = str(ports[name])
+            env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{ports[name]}"
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        settings = Settings()
+        try:
+            stack.up(settings)
+            yield settings
+        finally:
+            stack.down(settings)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
+    settings = system
+    case_id = demo.run_case(settings, echo=lambda _: None)
+
+    async def describe():  # type: ignore[no-untyped-def]
+        client = await connect_temporal(settings)
+        return await client.get_workflow_handle(f"case-{case_id}").describe()
+
+    description = asyncio.run(describe())
+    assert description.status == WorkflowExecutionStatus.COMPLETED
+    attributes = description.typed_search_attributes
+    assert attributes.get(CASE_STATUS) == "closed"
+    assert attributes.get(CASE_URGENCY) == "priority"
+    assert attributes.get(SUBSPECIALTY) == "gynecologic_imaging"
+    assert attributes.get(PARTNER_ID) == "demo-clinic"
+    assert attributes.get(ASSIGNED_REVIEWER)
+    assert attributes.get(CASE_DUE_AT) is not None
+
+    with httpx.Client(timeout=10) as http:
+        case = http.get(f"{settings.intake_url}/v1/cases/{case_id}").json()
+        assert [t["status"] for t in case["timeline"]] == [
+            "intake",
+            "awaiting_records",
+            "matching",
+            "in_review",
+            "composing_report",
+            "delivering",
+            "delivered",
+            "closed",
+        ]
+        pdf = http.get(case["report"]["pdf_url"], headers={"Accept": "application/pdf"})
+        assert pdf.headers["content-type"].startswith("application/pdf")
+        text = " ".join((page.extract_text() or "") for page in PdfReader(io.BytesIO(pdf.content)).pages)
+        assert "complex cystic mass" in text  # the first reader's report ...
+        assert "O-RADS US 3" in text  # ... beside the second opinion
+        fhir = http.get(case["report"]["fhir_url"])
+        report = DiagnosticReport.model_validate(fhir.json())
+        assert report.status == "final"
+        assert report.presentedForm and report.presentedForm[0].contentType == "application/pdf"
+
+        records = http.get(f"{settings.records_url}/v1/records/{case_id}").json()
+        assert records["status"] == "assembled"
+        assert sorted(f["kind"] for f in records["files"]) == ["dicom", "dicom", "dicom", "report"]
+
+        coverage = http.get(f"{settings.insurance_url}/v1/coverage/{case_id}").json()
+        assert coverage["coverage_status"] == "covered"
+
+        for service in ("intake", "records", "insurance", "review"):
+            port = getattr(settings, f"{service}_port")
+            assert http.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+            assert "http_requests_total" in http.get(f"http://127.0.0.1:{port}/metrics").text
+
+    phi = [demo.SAMPLE_CASE["patient"][k] for k in ("family_name", "mrn", "birth_date")]
+    for log in (settings.data_dir / "logs").glob("*.log"):
+        if log.name == "temporal.log":
+            continue
+        content = log.read_text(errors="replace")
+        leaked = [value for value in phi if value in content]
+        assert not leaked, f"{log.name} contains PHI {leaked}"
+
+
+def test_unknown_case_and_bad_upload_are_clear_4xx(system: Settings) -> None:
+    with httpx.Client(timeout=10) as http:
+        missing = http.get(f"{system.intake_url}/v1/cases/00000000-0000-0000-0000-000000000000")
+        assert missing.status_code == 404
+        bad = http.post(
+            f"{system.intake_url}/v1/cases",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        assert bad.status_code == 422
+        assert json.loads(bad.text)["title"] == "Invalid request"
