@@ -70,7 +70,9 @@ def rabbitmq_vhost() -> Iterator[str]:
     vhost = f"so_test_{uuid.uuid4().hex[:10]}"
     user = urlsplit(BASE_AMQP_URL).username or "guest"
     subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run([ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"], check=True, capture_output=True)
+    subprocess.run(
+        [ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"], check=True, capture_output=True
+    )
     parts = urlsplit(BASE_AMQP_URL)
     try:
         yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
