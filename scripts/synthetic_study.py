@@ -10,8 +10,11 @@ import pydicom.uid
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-US_IMAGE_STORAGE = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.6.1")
-US_MULTIFRAME_STORAGE = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.3.1")
+SOP_CLASSES = {
+    ("US", False): pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.6.1"),  # Ultrasound Image Storage
+    ("US", True): pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.3.1"),  # Ultrasound Multi-frame Image Storage
+    ("CT", False): pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.2"),  # CT Image Storage
+}
 
 
 def _ultrasound_region(rows: int, cols: int) -> Dataset:
@@ -42,12 +45,13 @@ def make_us_instance(
     birth_date: str = "19800101",
     sex: str = "F",
     modality: str = "US",
+    sop_uid: str | None = None,
     rows: int = 64,
     cols: int = 64,
 ) -> bytes:
     """An ultrasound image (or a cine clip when frames > 1) as PS3.10 bytes; written to `path` if given."""
-    sop_class = US_MULTIFRAME_STORAGE if frames > 1 else US_IMAGE_STORAGE
-    sop_uid = pydicom.uid.generate_uid()
+    sop_class = SOP_CLASSES.get((modality, frames > 1), SOP_CLASSES[("US", False)])
+    sop_uid = pydicom.uid.UID(sop_uid) if sop_uid else pydicom.uid.generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -64,6 +68,7 @@ def make_us_instance(
     ds.PatientBirthDate = birth_date
     ds.PatientSex = sex
     ds.StudyDate = "20261120"
+    ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.BurnedInAnnotation = "NO"
     ds.SamplesPerPixel = 1
@@ -74,7 +79,8 @@ def make_us_instance(
     ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    ds.SequenceOfUltrasoundRegions = Sequence([_ultrasound_region(rows, cols)])
+    if modality == "US":
+        ds.SequenceOfUltrasoundRegions = Sequence([_ultrasound_region(rows, cols)])
     rng = np.random.default_rng(int(sop_uid.rsplit(".", 1)[-1]) % (2**32))
     pixels = rng.integers(0, 255, size=(frames, rows, cols) if frames > 1 else (rows, cols), dtype=np.uint8)
     if frames > 1:

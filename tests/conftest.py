@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import Settings
+from services.common.config import Settings, get_settings
 from tests.infra import postgres_database, rabbitmq_vhost
 
 
@@ -28,6 +28,7 @@ def settings(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPath
     data_dir: Path = tmp_path_factory.mktemp("data")
     s = Settings(database_url=database_url, amqp_url=amqp_url, data_dir=data_dir, amqp_delivery_limit=3)
     os.environ.update({"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "DATA_DIR": str(data_dir)})
+    get_settings.cache_clear()  # code that reads get_settings() sees this session's settings
     return s
 
 
