@@ -37,17 +37,25 @@ from tests.infra import postgres_database, rabbitmq_vhost
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Distinct free ports: every socket stays bound until all are chosen."""
+    sockets = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return {name: int(s.getsockname()[1]) for name, s in zip(names, sockets, strict=True)}
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     data_dir: Path = tmp_path_factory.mktemp("e2e")
     with postgres_database() as database_url, rabbitmq_vhost() as amqp_url:
-        ports = {name: free_port() for name in ("intake", "records", "insurance", "review", "temporal", "ui")}
+        ports = free_ports(("intake", "records", "insurance", "review", "temporal", "ui"))
         env = {
             "DATA_DIR": str(data_dir),
             "DATABASE_URL": database_url,
@@ -105,7 +113,8 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
         ]
         pdf = http.get(case["report"]["pdf_url"], headers={"Accept": "application/pdf"})
         assert pdf.headers["content-type"].startswith("application/pdf")
-        text = " ".join((page.extract_text() or "") for page in PdfReader(io.BytesIO(pdf.content)).pages)
+        pages = PdfReader(io.BytesIO(pdf.content)).pages
+        text = " ".join(" ".join((page.extract_text() or "") for page in pages).split())
         assert "complex cystic mass" in text  # the first reader's report ...
         assert "O-RADS US 3" in text  # ... beside the second opinion
         fhir = http.get(case["report"]["fhir_url"])

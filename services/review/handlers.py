@@ -1,0 +1,180 @@
+"""What the review service's commands and submissions do. Handlers add to the session; callers commit."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import structlog
+from sqlmodel import Session, func, select
+
+from contracts.commands import ComposeReport, MatchSpecialist
+from contracts.envelope import CloudEvent, new_event
+from contracts.events import Event, ReportReady, ReviewAssigned, ReviewSubmitted, ReviewUnmatched
+from services.common.amqp import EVENTS, enqueue
+from services.common.config import Settings
+from services.common.db import utcnow
+from services.common.errors import PoisonMessage
+from services.review.diagnostic_report import build_diagnostic_report
+from services.review.matching import NoMatch, match_specialist
+from services.review.models import Report, Review, ReviewFindings, Specialist, as_utc
+from services.review.report_pdf import ReportContent, render_report_pdf
+
+SOURCE = "/services/review"
+
+log = structlog.get_logger(__name__)
+
+
+def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_id: str) -> None:
+    """Assign the case to the best specialist, or report why nobody can take it."""
+    if session.exec(select(Review.id).where(Review.match_event_id == event_id)).first() is not None:
+        log.info("review.match_already_applied", case_id=cmd.case_id)
+        return
+    # Locking the directory serializes concurrent matches, so no specialist goes over their limit.
+    specialists = session.exec(select(Specialist).order_by(Specialist.id).with_for_update()).all()
+    open_reviews = dict(
+        session.exec(
+            select(Review.reviewer_id, func.count())
+            .where(Review.status == "assigned")
+            .group_by(Review.reviewer_id)
+        ).all()
+    )
+    result = match_specialist(cmd, specialists, open_reviews)
+    if isinstance(result, NoMatch):
+        unmatched = ReviewUnmatched(
+            case_id=cmd.case_id, subspecialty=result.subspecialty, reason=result.reason
+        )
+        enqueue(session, EVENTS, _event(f"{event_id}>{unmatched.TYPE}", unmatched))
+        log.warning("review.unmatched", case_id=cmd.case_id, subspecialty=result.subspecialty)
+        return
+    review = Review(
+        id=str(uuid.uuid4()),
+        case_id=cmd.case_id,
+        reviewer_id=result.specialist.id,
+        subspecialty=result.subspecialty,
+        match_event_id=event_id,
+        match_explanation=result.explanation,
+        request=cmd.model_dump(mode="json"),
+        exam_type=cmd.exam.exam_type,
+        urgency=cmd.urgency,
+        due_at=as_utc(cmd.due_at),
+    )
+    session.add(review)
+    assigned = ReviewAssigned(
+        case_id=cmd.case_id,
+        review_id=review.id,
+        reviewer_id=review.reviewer_id,
+        subspecialty=review.subspecialty,
+        explanation=review.match_explanation,
+    )
+    enqueue(session, EVENTS, _event(f"{event_id}>{assigned.TYPE}", assigned))
+    log.info("review.assigned", case_id=cmd.case_id, review_id=review.id, reviewer_id=review.reviewer_id)
+
+
+def submit(review: Review, findings: ReviewFindings, session: Session) -> None:
+    """Record the specialist's second opinion; the caller has checked the review is still assigned."""
+    for name, value in findings.model_dump().items():
+        setattr(review, name, value)
+    review.status = "submitted"
+    review.submitted_at = utcnow()
+    session.add(review)
+    submitted = ReviewSubmitted(
+        case_id=review.case_id,
+        review_id=review.id,
+        reviewer_id=review.reviewer_id,
+        agreement=findings.agreement,
+    )
+    enqueue(session, EVENTS, _event(f"{submitted.TYPE}:{review.id}", submitted))
+    log.info("review.submitted", case_id=review.case_id, review_id=review.id, agreement=findings.agreement)
+
+
+def compose(cmd: ComposeReport, session: Session, settings: Settings) -> Report:
+    """Build the integrated report (PDF and FHIR DiagnosticReport) once per case."""
+    report = session.exec(select(Report).where(Report.case_id == cmd.case_id)).first()
+    if report is not None:
+        log.info("report.already_composed", case_id=cmd.case_id, report_id=report.id)
+    else:
+        report = _new_report(cmd, session, settings)
+        session.add(report)
+        log.info("report.composed", case_id=cmd.case_id, report_id=report.id, review_id=report.review_id)
+    ready = ReportReady(
+        case_id=cmd.case_id,
+        report_id=report.id,
+        pdf_url=report_pdf_url(settings, cmd.case_id),
+        fhir_url=f"{settings.review_url}/fhir/DiagnosticReport/{report.id}",
+        sha256=report.pdf_sha256,
+    )
+    enqueue(session, EVENTS, _event(f"{ready.TYPE}:{cmd.case_id}", ready))
+    return report
+
+
+def report_pdf_url(settings: Settings, case_id: str) -> str:
+    return f"{settings.review_url}/v1/reports/{case_id}"
+
+
+def report_pdf_file(settings: Settings, report: Report) -> Path:
+    return settings.service_dir("review") / report.pdf_path
+
+
+def _new_report(cmd: ComposeReport, session: Session, settings: Settings) -> Report:
+    review = session.get(Review, cmd.review_id)
+    if review is None or review.case_id != cmd.case_id:
+        raise PoisonMessage(
+            f"review {cmd.review_id} does not exist for case {cmd.case_id}; nothing to compose"
+        )
+    findings = ReviewFindings.of(review)
+    if findings is None or review.submitted_at is None:
+        raise PoisonMessage(f"review {cmd.review_id} is {review.status}, not submitted; nothing to compose")
+    reviewer = session.get(Specialist, review.reviewer_id)
+    if reviewer is None:
+        raise PoisonMessage(f"reviewer {review.reviewer_id} of review {review.id} is not in the directory")
+    content = ReportContent(
+        case_id=cmd.case_id,
+        request=MatchSpecialist.model_validate(review.request),
+        findings=findings,
+        reviewer=reviewer,
+        subspecialty=review.subspecialty,
+        signed_at=review.submitted_at,
+    )
+    pdf = render_report_pdf(content)
+    sha256, pdf_path = _store_pdf(settings, pdf)
+    report_id = str(uuid.uuid4())
+    issued = utcnow()
+    diagnostic_report = build_diagnostic_report(
+        report_id=report_id,
+        content=content,
+        pdf=pdf,
+        pdf_url=report_pdf_url(settings, cmd.case_id),
+        issued=issued,
+    )
+    return Report(
+        id=report_id,
+        case_id=cmd.case_id,
+        review_id=review.id,
+        pdf_sha256=sha256,
+        pdf_path=pdf_path,
+        diagnostic_report=diagnostic_report,
+        created_at=issued,
+    )
+
+
+def _store_pdf(settings: Settings, pdf: bytes) -> tuple[str, str]:
+    """Write the PDF content-addressed (temp file + rename, so a reader never sees half a file)."""
+    sha256 = hashlib.sha256(pdf).hexdigest()
+    relative = f"reports/{sha256}.pdf"
+    target = settings.service_dir("review") / relative
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as tmp:
+            tmp.write(pdf)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, target)
+    return sha256, relative
+
+
+def _event(event_id: str, data: Event) -> CloudEvent:
+    return new_event(id=event_id, source=SOURCE, data=data, subject=data.case_id)

@@ -1,0 +1,213 @@
+"""The integrated second-opinion report as PDF: the original report and the second opinion side by side."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import datetime
+from xml.sax.saxutils import escape
+
+from reportlab.lib import colors
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
+from reportlab.lib.units import mm
+from reportlab.pdfgen.canvas import Canvas
+from reportlab.platypus import Flowable, ListFlowable, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+from reportlab.platypus.doctemplate import BaseDocTemplate
+
+from contracts.commands import MatchSpecialist
+from services.review.models import ReviewFindings, Specialist
+
+TITLE = "Second-opinion report — diagnostic ultrasound"
+
+AGREEMENT_LABELS = {
+    "concordant": "Concordant with the original report",
+    "minor_discrepancy": "Minor discrepancy with the original report",
+    "major_discrepancy": "Major discrepancy with the original report",
+}
+QUALITY_LABELS = {"diagnostic": "Diagnostic", "limited": "Limited", "non_diagnostic": "Non-diagnostic"}
+# (text colour, background) per agreement: a discrepancy must not be missed by the referring physician.
+AGREEMENT_COLOURS = {
+    "concordant": (colors.HexColor("#1b5e20"), colors.HexColor("#e8f5e9")),
+    "minor_discrepancy": (colors.HexColor("#8a4b00"), colors.HexColor("#fff3e0")),
+    "major_discrepancy": (colors.HexColor("#b71c1c"), colors.HexColor("#ffebee")),
+}
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """What the integrated report says, gathered from the review request, the findings and the reviewer."""
+
+    case_id: str
+    request: MatchSpecialist
+    findings: ReviewFindings
+    reviewer: Specialist
+    subspecialty: str
+    signed_at: datetime
+
+    @property
+    def patient_name(self) -> str:
+        return f"{self.request.patient.given_name} {self.request.patient.family_name}"
+
+    @property
+    def reviewer_signature(self) -> str:
+        return f"{self.reviewer.display_name}, {self.reviewer.credentials}"
+
+
+def render_report_pdf(content: ReportContent) -> bytes:
+    """The PDF bytes; the same content always gives the same bytes, so the file is content-addressed."""
+    buffer = io.BytesIO()
+    doc = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        leftMargin=18 * mm,
+        rightMargin=18 * mm,
+        topMargin=16 * mm,
+        bottomMargin=18 * mm,
+        title=TITLE,
+        author=content.reviewer_signature,
+        invariant=1,
+    )
+    footer = f"Case {content.case_id}"
+
+    def on_page(canvas: Canvas, document: BaseDocTemplate) -> None:
+        canvas.setFont("Helvetica", 8)
+        canvas.drawString(18 * mm, 10 * mm, footer)
+        canvas.drawRightString(A4[0] - 18 * mm, 10 * mm, f"Page {document.page}")
+
+    doc.build(_story(content), onFirstPage=on_page, onLaterPages=on_page)
+    return buffer.getvalue()
+
+
+def _story(c: ReportContent) -> list[Flowable]:
+    styles = _styles()
+    r, f = c.request, c.findings
+    patient = r.patient
+    story: list[Flowable] = [Paragraph(escape(TITLE), styles["Title"])]
+    story.append(
+        _facts(
+            [
+                ("Patient", c.patient_name),
+                ("Birth date", patient.birth_date.isoformat()),
+                ("MRN", patient.mrn),
+                ("Sex", patient.sex.value),
+                (
+                    "Referring physician",
+                    f"{r.referring.name} (NPI {r.referring.npi}), {r.referring.organization}",
+                ),
+                (
+                    "Exam",
+                    f"{r.exam.exam_type} ultrasound, {r.exam.performed_on.isoformat()}, {r.exam.facility}",
+                ),
+                ("Clinical question", r.clinical_question),
+                ("Reason for second opinion", r.reason.replace("_", " ")),
+            ],
+            styles,
+        )
+    )
+    story += [Spacer(1, 4 * mm), _agreement_line(f.agreement, styles), Spacer(1, 4 * mm)]
+    story.append(_side_by_side(r.original_report.text, f, styles))
+    if f.alternative_diagnoses:
+        story += _section("Alternative diagnoses", f.alternative_diagnoses, styles)
+    else:
+        story += _section("Alternative diagnoses", ["None given."], styles, bullets=False)
+    recommendations = [*f.recommendations]
+    if f.new_ultrasound_needed:
+        recommendations.append("A new ultrasound examination is needed.")
+    story += _section("Recommendations", recommendations, styles)
+    quality = QUALITY_LABELS[f.technical_quality]
+    if f.technical_notes:
+        quality += f": {f.technical_notes}"
+    story += _section("Technical quality of the original study", [quality], styles, bullets=False)
+    subspecialty = c.subspecialty.replace("_", " ")
+    story += [
+        Spacer(1, 6 * mm),
+        Paragraph(
+            f"<b>Reviewer:</b> {escape(c.reviewer_signature)} — {escape(subspecialty)}, "
+            f"{escape(c.reviewer.organization)} (NPI {escape(c.reviewer.npi)})",
+            styles["BodyText"],
+        ),
+        Paragraph(
+            f"Electronically signed {c.signed_at.strftime('%Y-%m-%d %H:%M:%S')} UTC", styles["BodyText"]
+        ),
+    ]
+    return story
+
+
+def _styles() -> dict[str, ParagraphStyle]:
+    sheet = getSampleStyleSheet()
+    body = ParagraphStyle("Body", parent=sheet["BodyText"], fontSize=9.5, leading=12.5)
+    return {
+        "Title": ParagraphStyle("ReportTitle", parent=sheet["Title"], fontSize=16, spaceAfter=6 * mm),
+        "Heading": ParagraphStyle("Heading", parent=sheet["Heading4"], spaceBefore=4 * mm, spaceAfter=1 * mm),
+        "BodyText": body,
+        "Label": ParagraphStyle("Label", parent=body, fontName="Helvetica-Bold"),
+    }
+
+
+def _paragraphs(text: str, style: ParagraphStyle) -> list[Flowable]:
+    blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
+    return [Paragraph(escape(b).replace("\n", "<br/>"), style) for b in blocks] or [Paragraph("—", style)]
+
+
+def _facts(rows: list[tuple[str, str]], styles: dict[str, ParagraphStyle]) -> Table:
+    data = [
+        [Paragraph(escape(k), styles["Label"]), Paragraph(escape(v), styles["BodyText"])] for k, v in rows
+    ]
+    table = Table(data, colWidths=[45 * mm, None])
+    table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]))
+    return table
+
+
+def _agreement_line(agreement: str, styles: dict[str, ParagraphStyle]) -> Paragraph:
+    text_colour, background = AGREEMENT_COLOURS[agreement]
+    style = ParagraphStyle(
+        "Agreement",
+        parent=styles["BodyText"],
+        fontName="Helvetica" if agreement == "concordant" else "Helvetica-Bold",
+        fontSize=11,
+        leading=15,
+        textColor=text_colour,
+        backColor=background,
+        borderPadding=(4, 6, 4, 6),
+    )
+    return Paragraph(f"Agreement: {escape(AGREEMENT_LABELS[agreement])}", style)
+
+
+def _side_by_side(original: str, f: ReviewFindings, styles: dict[str, ParagraphStyle]) -> Table:
+    body, label = styles["BodyText"], styles["Label"]
+    second_opinion = [
+        Paragraph("Findings", label),
+        *_paragraphs(f.findings, body),
+        Spacer(1, 2 * mm),
+        Paragraph("Impression", label),
+        *_paragraphs(f.impression, body),
+    ]
+    header = [Paragraph("Original report", label), Paragraph("Second opinion", label)]
+    # splitInRow lets a long report continue on the next page instead of failing the layout.
+    table = Table(
+        [header, [_paragraphs(original, body), second_opinion]],
+        colWidths=["50%", "50%"],
+        repeatRows=1,
+        splitInRow=1,
+    )
+    table.setStyle(
+        TableStyle(
+            [
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("GRID", (0, 0), (-1, -1), 0.5, colors.grey),
+                ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eceff1")),
+            ]
+        )
+    )
+    return table
+
+
+def _section(
+    title: str, items: list[str], styles: dict[str, ParagraphStyle], *, bullets: bool = True
+) -> list[Flowable]:
+    heading = Paragraph(escape(title), styles["Heading"])
+    paragraphs = [Paragraph(escape(item), styles["BodyText"]) for item in items]
+    if not bullets:
+        return [heading, *paragraphs]
+    return [heading, ListFlowable(paragraphs, bulletType="bullet", leftIndent=4 * mm, bulletFontSize=7)]

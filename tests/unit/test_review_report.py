@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from datetime import UTC, datetime
+
+import pytest
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from pypdf import PdfReader
+
+from contracts.envelope import CloudEvent
+from services.common.errors import PoisonMessage
+from services.review.api import negotiate_report_format
+from services.review.consumer import parse
+from services.review.diagnostic_report import attachment_hash, build_diagnostic_report
+from services.review.models import ReviewFindings, Specialist
+from services.review.report_pdf import ReportContent, render_report_pdf
+from tests.unit.test_review_matching import request
+
+ORIGINAL = (
+    "Right adnexal complex cystic mass 6.1 cm with thick septations & solid nodule.\n\nImpression: O-RADS 5."
+)
+
+
+def content(*, agreement: str = "major_discrepancy", original: str = ORIGINAL) -> ReportContent:
+    case = request("pelvic", "CA").model_copy(
+        update={
+            "original_report": request("pelvic", "CA").original_report.model_copy(update={"text": original})
+        }
+    )
+    findings = ReviewFindings(
+        technical_quality="limited",
+        technical_notes="No cine clips of the nodule.",
+        agreement=agreement,  # type: ignore[arg-type]
+        findings="Hemorrhagic cyst with retracting clot <2 cm>; no internal vascularity.",
+        impression="O-RADS 2: almost certainly benign hemorrhagic cyst.",
+        alternative_diagnoses=["Endometrioma"],
+        recommendations=["Follow-up pelvic ultrasound in 8-12 weeks."],
+        new_ultrasound_needed=True,
+    )
+    reviewer = Specialist(
+        id="spec-gyn-1",
+        display_name="Elena Marquez",
+        credentials="MD, FACR",
+        npi="1234567810",
+        subspecialties=["gynecologic_imaging"],
+        licensed_states=["CA"],
+        organization="Pacific University",
+        academic=True,
+        max_open_reviews=5,
+    )
+    return ReportContent(
+        case_id="case-1",
+        request=case,
+        findings=findings,
+        reviewer=reviewer,
+        subspecialty="gynecologic_imaging",
+        signed_at=datetime(2025, 3, 5, 14, 30, tzinfo=UTC),
+    )
+
+
+def pdf_text(pdf: bytes) -> str:
+    text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+    return " ".join(text.split())
+
+
+def test_pdf_puts_original_and_second_opinion_side_by_side_with_signature() -> None:
+    text = pdf_text(render_report_pdf(content()))
+
+    for expected in (
+        "Second-opinion report — diagnostic ultrasound",
+        "Jane Doe",
+        "1980-01-01",
+        "M1",
+        "Dr Ref",
+        "Original report",
+        "Second opinion",
+        "thick septations & solid nodule",
+        "Impression: O-RADS 5.",
+        "retracting clot <2 cm>",
+        "O-RADS 2: almost certainly benign hemorrhagic cyst.",
+        "Major discrepancy with the original report",
+        "Endometrioma",
+        "Follow-up pelvic ultrasound in 8-12 weeks.",
+        "A new ultrasound examination is needed.",
+        "Limited: No cine clips of the nodule.",
+        "Elena Marquez, MD, FACR",
+        "gynecologic imaging",
+        "Electronically signed 2025-03-05 14:30:00 UTC",
+    ):
+        assert expected in text, expected
+
+
+def test_pdf_is_the_same_bytes_for_the_same_content() -> None:
+    assert render_report_pdf(content()) == render_report_pdf(content())
+
+
+@pytest.mark.parametrize(
+    "long_report",
+    [
+        "\n\n".join(f"Paragraph {i}: " + "echogenic focus " * 60 for i in range(40)) + " END-OF-REPORT",
+        "hypoechoic " * 4000 + "END-OF-REPORT",
+    ],
+    ids=["many paragraphs", "one paragraph"],
+)
+def test_a_report_longer_than_a_page_continues_on_the_next(long_report: str) -> None:
+    pdf = render_report_pdf(content(original=long_report))
+
+    assert len(PdfReader(io.BytesIO(pdf)).pages) > 2
+    assert "END-OF-REPORT" in pdf_text(pdf)
+
+
+def test_diagnostic_report_is_valid_r4_and_hashes_the_pdf() -> None:
+    pdf = render_report_pdf(content())
+    resource = build_diagnostic_report(
+        report_id="r-1",
+        content=content(),
+        pdf=pdf,
+        pdf_url="http://review/v1/reports/case-1",
+        issued=datetime(2025, 3, 5, 15, 0, tzinfo=UTC),
+    )
+
+    report = DiagnosticReport.model_validate(resource)
+    form = report.presentedForm[0]
+    assert report.status == "final"
+    assert report.category[0].coding[0].code == "RAD"
+    assert report.code.coding[0].system == "http://loinc.org"
+    assert report.subject.display == "Jane Doe"
+    assert report.conclusion == "O-RADS 2: almost certainly benign hemorrhagic cyst."
+    assert "Elena Marquez, MD, FACR" in report.resultsInterpreter[0].display
+    assert (form.contentType, form.url, form.size) == (
+        "application/pdf",
+        "http://review/v1/reports/case-1",
+        len(pdf),
+    )
+    assert (
+        base64.b64decode(resource["presentedForm"][0]["hash"])
+        == hashlib.sha1(pdf, usedforsecurity=False).digest()
+    )
+    assert attachment_hash(b"abc") == "qZk+NkcGgWq6PiVxeFDCbJzQ2J0="
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, "fhir"),
+        ("application/pdf", "pdf"),
+        ("application/fhir+json", "fhir"),
+        ("application/json", "fhir"),
+        ("*/*", "fhir"),
+        ("application/pdf, */*", "pdf"),
+        ("application/json;q=0.5, application/pdf", "pdf"),
+        ("application/pdf;q=0, */*", "fhir"),
+        ("text/html,application/xhtml+xml,*/*;q=0.8", "fhir"),
+        ("text/html", None),
+    ],
+)
+def test_report_format_is_negotiated(accept: str | None, expected: str | None) -> None:
+    assert negotiate_report_format(accept) == expected
+
+
+def command_event(event_type: str, data: dict, subject: str = "case-1") -> CloudEvent:
+    return CloudEvent(
+        id="e-1", source="/workflows", type=event_type, subject=subject, time=datetime.now(UTC), data=data
+    )
+
+
+def test_consumer_parses_known_commands() -> None:
+    event = command_event("report.compose", {"case_id": "case-1", "review_id": "r-1"})
+
+    assert parse(event).model_dump() == {"case_id": "case-1", "review_id": "r-1"}
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (command_event("review.offer", {"case_id": "case-1"}), "does not handle 'review.offer'"),
+        (
+            command_event("review.match", {"case_id": "case-1", "patient": {"mrn": "SECRET-MRN"}}),
+            "bad fields: exam",
+        ),
+        (command_event("report.compose", {"case_id": "case-2", "review_id": "r"}), "about case case-1"),
+    ],
+)
+def test_consumer_refuses_what_no_retry_can_fix(event: CloudEvent, reason: str) -> None:
+    with pytest.raises(PoisonMessage, match=reason) as refused:
+        parse(event)
+    assert "SECRET-MRN" not in str(refused.value)
