@@ -29,6 +29,23 @@ class CollectRecords(Command):
     exam: Exam
 
 
+class RemindRecords(Command):
+    """The workflow's reminder timer fired: ask the referring facility again for what is missing."""
+
+    TYPE: ClassVar[str] = "records.remind"
+    attempt: int
+
+
+class ReconcileIdentity(Command):
+    """A human decided an identity mismatch: `accept` releases the import under our patient, `reject` discards it."""
+
+    TYPE: ClassVar[str] = "records.reconcile"
+    import_id: str
+    decision: str  # "accept" | "reject"
+    decided_by: str
+    reason: str
+
+
 class VerifyInsurance(Command):
     TYPE: ClassVar[str] = "insurance.verify"
     coverage: Coverage
@@ -51,6 +68,14 @@ class MatchSpecialist(Command):
     exclude_reviewers: list[str] = []
 
 
+class WithdrawOffer(Command):
+    """The offer expired, the reviewer was reassigned or the case was cancelled: the review leaves the worklist."""
+
+    TYPE: ClassVar[str] = "review.withdraw"
+    review_id: str
+    reason: str  # "expired" | "reassigned" | "cancelled"
+
+
 class ComposeReport(Command):
     TYPE: ClassVar[str] = "report.compose"
     review_id: str
@@ -64,5 +89,15 @@ class DeliverReport(Command):
 
 
 COMMAND_TYPES: dict[str, type[Command]] = {
-    c.TYPE: c for c in (CollectRecords, VerifyInsurance, MatchSpecialist, ComposeReport, DeliverReport)
+    c.TYPE: c
+    for c in (
+        CollectRecords,
+        RemindRecords,
+        ReconcileIdentity,
+        VerifyInsurance,
+        MatchSpecialist,
+        WithdrawOffer,
+        ComposeReport,
+        DeliverReport,
+    )
 }

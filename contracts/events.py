@@ -23,6 +23,30 @@ class RecordsAssembled(Event):
     file_count: int
 
 
+class RecordsIncomplete(Event):
+    """Records were checked and something is missing; drives the reminders. `missing` names items, never PHI."""
+
+    TYPE: ClassVar[str] = "records.incomplete"
+    missing: list[str]
+    warnings: list[str] = []
+
+
+class RecordsNeeded(Event):
+    """A reminder was sent to the referring facility (relayed to the partner as the `records.needed` webhook)."""
+
+    TYPE: ClassVar[str] = "records.needed"
+    attempt: int
+    missing: list[str]
+
+
+class IdentityMismatch(Event):
+    """An import does not match the case's patient; nothing of it is released until a human decides."""
+
+    TYPE: ClassVar[str] = "records.identity_mismatch"
+    import_id: str
+    differences: list[str]  # attribute names only, e.g. ["PatientBirthDate", "PatientSex"]
+
+
 class InsuranceVerified(Event):
     TYPE: ClassVar[str] = "insurance.verified"
     coverage_status: CoverageStatus
@@ -32,6 +56,9 @@ class InsuranceVerified(Event):
     patient_cost: Decimal
     currency: str = "USD"
     explanation: str
+    # Da Vinci CRD-style coverage information: "no-auth" | "auth-needed" | "satisfied".
+    authorization: str = "no-auth"
+    network: str = "unknown"  # "in" | "out" | "unknown"
 
 
 class ReviewAssigned(Event):
@@ -45,6 +72,27 @@ class ReviewAssigned(Event):
 class ReviewUnmatched(Event):
     TYPE: ClassVar[str] = "review.unmatched"
     subspecialty: str
+    reason: str
+
+
+class ReviewOffered(Event):
+    TYPE: ClassVar[str] = "review.offered"
+    review_id: str
+    reviewer_id: str
+    subspecialty: str
+    explanation: str
+
+
+class ReviewAccepted(Event):
+    TYPE: ClassVar[str] = "review.accepted"
+    review_id: str
+    reviewer_id: str
+
+
+class ReviewDeclined(Event):
+    TYPE: ClassVar[str] = "review.declined"
+    review_id: str
+    reviewer_id: str
     reason: str
 
 
@@ -70,6 +118,14 @@ class ReportDelivered(Event):
     delivered_at: datetime
 
 
+class CaseCancelled(Event):
+    """Published by the workflow when a case is cancelled: every service withdraws its outstanding work."""
+
+    TYPE: ClassVar[str] = "case.cancelled"
+    reason: str
+    cancelled_by: str
+
+
 class CaseStatusChanged(Event):
     TYPE: ClassVar[str] = "case.status_changed"
     status: CaseStatus
@@ -82,12 +138,19 @@ EVENT_TYPES: dict[str, type[Event]] = {
     e.TYPE: e
     for e in (
         RecordsAssembled,
+        RecordsIncomplete,
+        RecordsNeeded,
+        IdentityMismatch,
         InsuranceVerified,
         ReviewAssigned,
+        ReviewOffered,
+        ReviewAccepted,
+        ReviewDeclined,
         ReviewUnmatched,
         ReviewSubmitted,
         ReportReady,
         ReportDelivered,
         CaseStatusChanged,
+        CaseCancelled,
     )
 }

@@ -41,10 +41,16 @@ DEAD_LETTERS = "case.dlx"
 
 # queue -> (exchange, binding key) pairs. One quorum queue per consumer, each with its dead-letter queue.
 QUEUES: dict[str, list[tuple[str, str]]] = {
-    "intake": [(COMMANDS, "report.deliver"), (EVENTS, "case.status_changed")],
-    "records": [(COMMANDS, "records.*")],
-    "insurance": [(COMMANDS, "insurance.*")],
-    "review": [(COMMANDS, "review.*"), (COMMANDS, "report.compose")],
+    "intake": [
+        (COMMANDS, "report.deliver"),
+        (EVENTS, "case.status_changed"),
+        (EVENTS, "case.cancelled"),
+        (EVENTS, "records.needed"),
+        (EVENTS, "report.ready"),
+    ],
+    "records": [(COMMANDS, "records.*"), (EVENTS, "case.cancelled")],
+    "insurance": [(COMMANDS, "insurance.*"), (EVENTS, "case.cancelled")],
+    "review": [(COMMANDS, "review.*"), (COMMANDS, "report.compose"), (EVENTS, "case.cancelled")],
     "workflows.bridge": [
         (EVENTS, "records.*"),
         (EVENTS, "insurance.*"),

@@ -12,12 +12,18 @@ from services.common.errors import PoisonMessage
 from services.intake import handlers
 
 
+# Events intake receives only to tell the partner; the case status itself comes from case.status_changed.
+NOTIFY_PARTNER = {"case.cancelled", "records.needed", "report.ready"}
+
+
 def handle(session: Session, event: CloudEvent) -> None:
     try:
         if event.type == CaseStatusChanged.TYPE:
             handlers.record_status(event, CaseStatusChanged.model_validate(event.data), session)
         elif event.type == DeliverReport.TYPE:
             handlers.deliver_report(event, DeliverReport.model_validate(event.data), session)
+        elif event.type in NOTIFY_PARTNER:
+            pass  # relayed to the partner's outbound webhooks once partners register endpoints
         else:
             raise PoisonMessage(f"intake does not handle {event.type!r}")
     except ValidationError as exc:
