@@ -27,6 +27,7 @@ class CollectRecords(Command):
     TYPE: ClassVar[str] = "records.collect"
     patient: Patient
     exam: Exam
+    partner_id: str | None = None
 
 
 class RemindRecords(Command):

@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class Decision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    by: str = Field(min_length=1, max_length=100, description="who decided: a staff, partner or specialist id")
+    by: str = Field(
+        min_length=1, max_length=100, description="who decided: a staff, partner or specialist id"
+    )
     reason: str = Field(default="", max_length=500)
 
 

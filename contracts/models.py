@@ -110,6 +110,7 @@ class CaseInput(Strict):
     clinical_question: str
     reason: str
     coverage: Coverage
+    consent_on_file: bool = True
 
 
 Money = Decimal

@@ -60,7 +60,11 @@ class CaseWorkflow:
     async def run(self, case: CaseInput) -> CaseOutcome:
         await self._transition(CaseStatus.AWAITING_RECORDS, "records and insurance verification requested")
         await asyncio.gather(
-            self._send(CollectRecords(case_id=case.case_id, patient=case.patient, exam=case.exam)),
+            self._send(
+                CollectRecords(
+                    case_id=case.case_id, patient=case.patient, exam=case.exam, partner_id=case.partner_id
+                )
+            ),
             self._send(
                 VerifyInsurance(
                     case_id=case.case_id, coverage=case.coverage, patient_state=case.patient.state
