@@ -67,6 +67,9 @@ class MatchSpecialist(Command):
     original_report: OriginalReport
     study: StudySummary
     exclude_reviewers: list[str] = []
+    preferred_reviewer: str | None = None  # operations reassigned the case to this specialist
+    plan_code: str | None = None  # the patient's plan, to prefer specialists in its network
+    adequacy_warnings: list[str] = []  # records' technical adequacy findings, shown to the specialist
 
 
 class WithdrawOffer(Command):
@@ -75,6 +78,16 @@ class WithdrawOffer(Command):
     TYPE: ClassVar[str] = "review.withdraw"
     review_id: str
     reason: str  # "expired" | "reassigned" | "cancelled"
+
+
+class FollowUpQuestionForReviewer(Command):
+    """After delivery, a follow-up question for the specialist who reviewed the case; answered as an addendum."""
+
+    TYPE: ClassVar[str] = "review.question"
+    question_id: str
+    text: str
+    asked_by: str
+    review_id: str | None = None  # the delivered review; the case's submitted review when absent
 
 
 class ComposeReport(Command):
@@ -98,6 +111,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         VerifyInsurance,
         MatchSpecialist,
         WithdrawOffer,
+        FollowUpQuestionForReviewer,
         ComposeReport,
         DeliverReport,
     )

@@ -79,3 +79,7 @@ class FollowUpQuestion(Decision):
 
     question_id: str = Field(min_length=1, max_length=100)
     text: str = Field(min_length=3, max_length=2000)
+
+
+class CloseCase(Decision):
+    """Update `close`: the referring physician has no further questions; close before the follow-up window ends."""

@@ -21,6 +21,7 @@ class RecordsAssembled(Event):
     report: OriginalReport
     study: StudySummary
     file_count: int
+    warnings: list[str] = []  # technical adequacy findings for the specialist (no PHI)
 
 
 class RecordsIncomplete(Event):
@@ -59,6 +60,14 @@ class InsuranceVerified(Event):
     # Da Vinci CRD-style coverage information: "no-auth" | "auth-needed" | "satisfied".
     authorization: str = "no-auth"
     network: str = "unknown"  # "in" | "out" | "unknown"
+    # What the payer said, without PHI: active, inactive, plan_unknown, member_mismatch, payer_rejected,
+    # payer_unavailable, malformed_response, payer_unknown, self_pay.
+    outcome: str = ""
+    # The estimate's parts, for showing to the patient.
+    copay: Decimal | None = None
+    deductible_applied: Decimal | None = None
+    deductible_remaining: Decimal | None = None
+    coinsurance: Decimal | None = None
 
 
 class ReviewAssigned(Event):
@@ -103,6 +112,15 @@ class ReviewSubmitted(Event):
     agreement: str
 
 
+class QuestionAnswered(Event):
+    """The specialist answered a follow-up question; the report has a new version with the addendum."""
+
+    TYPE: ClassVar[str] = "review.answered"
+    question_id: str
+    review_id: str
+    report_id: str
+
+
 class ReportReady(Event):
     TYPE: ClassVar[str] = "report.ready"
     report_id: str
@@ -124,6 +142,17 @@ class CaseCancelled(Event):
     TYPE: ClassVar[str] = "case.cancelled"
     reason: str
     cancelled_by: str
+
+
+class CaseAlert(Event):
+    """Something operations must see: a case at risk of missing its due date, a breach, an escalation,
+    a due date that moved. Never hidden, never PHI."""
+
+    TYPE: ClassVar[str] = "case.alert"
+    kind: str  # "at_risk" | "breached" | "records_escalated" | "due_date_moved"
+    detail: str
+    at: datetime
+    due_at: datetime | None = None
 
 
 class CaseStatusChanged(Event):
@@ -148,9 +177,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ReviewDeclined,
         ReviewUnmatched,
         ReviewSubmitted,
+        QuestionAnswered,
         ReportReady,
         ReportDelivered,
         CaseStatusChanged,
         CaseCancelled,
+        CaseAlert,
     )
 }

@@ -23,14 +23,20 @@ class Urgency(StrEnum):
 
 class CaseStatus(StrEnum):
     INTAKE = "intake"
+    AWAITING_CONSENT = "awaiting_consent"
     AWAITING_RECORDS = "awaiting_records"
+    IDENTITY_MISMATCH = "identity_mismatch"
     AWAITING_INSURANCE = "awaiting_insurance"
+    AWAITING_PATIENT_DECISION = "awaiting_patient_decision"
     MATCHING = "matching"
     UNMATCHED = "unmatched"
+    AWAITING_ACCEPTANCE = "awaiting_acceptance"
     IN_REVIEW = "in_review"
     COMPOSING_REPORT = "composing_report"
     DELIVERING = "delivering"
     DELIVERED = "delivered"
+    FOLLOW_UP = "follow_up"
+    ON_HOLD = "on_hold"
     CLOSED = "closed"
     CANCELLED = "cancelled"
 
@@ -74,6 +80,8 @@ class Exam(Strict):
     facility: str = Field(min_length=1, max_length=200)
     accession_number: str | None = Field(default=None, max_length=64)
     study_instance_uid: str | None = Field(default=None, pattern=r"^[0-9.]{1,64}$")
+    first_reader_npi: str | None = Field(default=None, pattern=r"^\d{10}$", description="who read it first")
+    first_reader_organization: str | None = Field(default=None, max_length=200)
 
 
 class Coverage(Strict):
@@ -96,6 +104,18 @@ class StudySummary(Strict):
     series_count: int
 
 
+class CasePolicy(Strict):
+    """The programme's timers for one case, fixed when the case starts (so a running case never changes rules)."""
+
+    records_reminder_hours: list[float] = Field(default_factory=lambda: [24.0, 72.0])
+    records_escalation_hours: float = 120.0
+    offer_timeout_hours: float = 24.0
+    rematch_after_hours: float = 1.0
+    at_risk_fraction: float = Field(default=0.75, gt=0, lt=1)
+    follow_up_window_days: float = 14.0
+    max_follow_up_questions: int = 3
+
+
 class CaseInput(Strict):
     """The workflow's input. Carries PHI: it travels only through the encrypting payload codec."""
 
@@ -111,6 +131,8 @@ class CaseInput(Strict):
     reason: str
     coverage: Coverage
     consent_on_file: bool = True
+    procedure_scheduled_on: date | None = None
+    policy: CasePolicy = Field(default_factory=CasePolicy)
 
 
 Money = Decimal

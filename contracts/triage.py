@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 
@@ -53,3 +54,18 @@ def subspecialties_for(exam_type: str, reason: str | None = None) -> tuple[Subsp
     if reason == Reason.FETAL_ANOMALY:
         return (Subspecialty.MATERNAL_FETAL,)
     return EXAM_SUBSPECIALTIES.get(exam_type.lower(), (Subspecialty.BODY,))
+
+
+def add_business_days(start: datetime, days: int) -> datetime:
+    """`days` working days (Monday to Friday) after `start`, at the same time of day."""
+    current = start
+    added = 0
+    while added < days:
+        current += timedelta(days=1)
+        if current.weekday() < 5:
+            added += 1
+    return current
+
+
+# Business days from records complete to the due date, by urgency; urgent cases keep their fixed due date.
+BUSINESS_DAYS_AFTER_RECORDS = {"standard": 5, "priority": 2}

@@ -23,7 +23,7 @@ import pydicom.uid
 from scripts import stack
 from scripts.synthetic_study import make_us_instance
 from services.common.config import Settings, get_settings
-from services.common.temporal import ASSIGNED_REVIEWER, connect_temporal
+from services.common.temporal import connect_temporal
 
 SAMPLE_CASE: dict[str, Any] = {
     "partner_id": "demo-clinic",
@@ -115,25 +115,40 @@ def upload_records(http: httpx.Client, settings: Settings, case_id: str) -> dict
     return wait_until("the records request to reach the records service", attempt, timeout=60)  # type: ignore[no-any-return]
 
 
-async def assigned_reviewer(settings: Settings, case_id: str) -> str:
+async def workflow_call(settings: Settings, case_id: str, action: str, argument: Any = None) -> Any:
+    """Operations' and the patient's side of the case, through the Temporal client (as the UI would)."""
     client = await connect_temporal(settings)
-    description = await client.get_workflow_handle(f"case-{case_id}").describe()
-    reviewer = description.typed_search_attributes.get(ASSIGNED_REVIEWER)
-    if not reviewer:
-        raise SystemExit("the case has no AssignedReviewer search attribute")
-    return reviewer
+    handle = client.get_workflow_handle(f"case-{case_id}")
+    if action == "query":
+        return await handle.query(argument)
+    return await handle.execute_update(action, argument)
+
+
+def current_review(settings: Settings, case_id: str) -> dict[str, Any] | None:
+    review = asyncio.run(workflow_call(settings, case_id, "query", "review"))
+    return review.model_dump() if hasattr(review, "model_dump") else review
 
 
 def review_as_specialist(http: httpx.Client, settings: Settings, case_id: str) -> str:
-    reviewer = asyncio.run(assigned_reviewer(settings, case_id))
+    review = wait_until("a specialist to be offered the case", lambda: current_review(settings, case_id))
+    reviewer, review_id = review["reviewer_id"], review["review_id"]
+    if not review["accepted"]:
+        http.post(
+            f"{settings.review_url}/v1/reviews/{review_id}/accept", params={"reviewer": reviewer}
+        ).raise_for_status()
+        wait_until(
+            "the review to start", lambda: case_status(http, settings, case_id)["status"] == "in_review"
+        )
     worklist = http.get(f"{settings.review_url}/v1/reviews", params={"reviewer": reviewer}).json()
-    review = next(item for item in worklist if item["case_id"] == case_id)
-    detail = http.get(f"{settings.review_url}/v1/reviews/{review['review_id']}").json()
+    assert any(item["review_id"] == review_id for item in worklist), (
+        "the case must be on the specialist's worklist"
+    )
+    detail = http.get(f"{settings.review_url}/v1/reviews/{review_id}").json()
     assert detail["original_report"]["text"].startswith("PELVIC ULTRASOUND"), (
         "the reviewer must see the first report"
     )
-    http.post(f"{settings.review_url}/v1/reviews/{review['review_id']}", json=FINDINGS).raise_for_status()
-    return reviewer
+    http.post(f"{settings.review_url}/v1/reviews/{review_id}", json=FINDINGS).raise_for_status()
+    return str(reviewer)
 
 
 def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:

@@ -44,13 +44,16 @@ def temporal_binary() -> str:
 
 @pytest.fixture(scope="session")
 async def temporal_env(settings: Settings):  # type: ignore[no-untyped-def]
-    """A real Temporal dev server with the custom search attributes registered."""
-    from temporalio.testing import WorkflowEnvironment
+    """A real Temporal dev server with the custom search attributes registered and per-workflow time
+    skipping available (off unless a test calls `env.fast_forward(handle, duration)`)."""
+    from temporalio.testing import TimeSkippingConfig, WorkflowEnvironment
 
     from services.common.temporal import SEARCH_ATTRIBUTES, data_converter
 
-    env = await WorkflowEnvironment.start_local(
+    env = await WorkflowEnvironment.start_time_skipping_v2(
+        ts_config=TimeSkippingConfig(enabled=False),
         dev_server_existing_path=temporal_binary(),
+        dev_server_extra_args=["--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true"],
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=data_converter(settings),
         dev_server_log_level="error",

@@ -78,3 +78,16 @@ def rabbitmq_vhost() -> Iterator[str]:
         yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
     finally:
         subprocess.run([ctl, "delete_vhost", vhost], check=False, capture_output=True)
+
+
+def purge_queues(amqp_url: str, *queues: str) -> None:
+    """Empty queues that earlier tests in the same vhost may have left messages in."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = conn.channel()
+        for queue in queues:
+            channel.queue_purge(queue)
+    finally:
+        conn.close()

@@ -1,4 +1,4 @@
-"""Activities of the case workflow: they publish commands and status changes on RabbitMQ."""
+"""Activities of the case workflow: they publish commands and the workflow's own events on RabbitMQ."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import threading
 
 from temporalio import activity
 
-from contracts.envelope import CloudEvent, new_event
-from contracts.events import CaseStatusChanged
+from contracts.envelope import CloudEvent
 from services.common.amqp import COMMANDS, EVENTS, Publisher
 from services.common.config import Settings
-from workflows.models import PublishCommand, PublishStatus
+from workflows.models import PublishCommand, PublishEvent
 
 SOURCE = "/workflows/case"
 
@@ -34,32 +33,22 @@ class CaseActivities:
             publisher = self._local.publisher = Publisher(self.settings)
         return publisher
 
-    @activity.defn
-    def publish_command(self, command: PublishCommand) -> str:
+    def _publish(self, exchange: str, case_id: str, type_: str, data: dict) -> str:
         event = CloudEvent(
             id=message_id(),
             source=SOURCE,
-            type=command.type,
-            subject=command.case_id,
+            type=type_,
+            subject=case_id,
             time=activity.info().started_time,
-            data=command.data,
+            data=data,
         )
-        self._publisher().publish(COMMANDS, event)
+        self._publisher().publish(exchange, event)
         return event.id
 
     @activity.defn
-    def publish_status(self, change: PublishStatus) -> str:
-        event = new_event(
-            id=message_id(),
-            source=SOURCE,
-            subject=change.case_id,
-            data=CaseStatusChanged(
-                case_id=change.case_id,
-                status=change.status,
-                previous=change.previous,
-                at=change.at,
-                detail=change.detail,
-            ),
-        )
-        self._publisher().publish(EVENTS, event)
-        return event.id
+    def publish_command(self, command: PublishCommand) -> str:
+        return self._publish(COMMANDS, command.case_id, command.type, command.data)
+
+    @activity.defn
+    def publish_event(self, event: PublishEvent) -> str:
+        return self._publish(EVENTS, event.case_id, event.type, event.data)

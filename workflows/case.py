@@ -1,14 +1,19 @@
 """The case workflow `case-{case_id}`: one second opinion from request to delivered report.
 
-Signal ``on_event(CloudEvent)``: an event from a service, delivered by the event bridge; an event id seen
-before is dropped. Queries ``status`` and ``timeline``.
+Signals: ``on_event(CloudEvent)`` (a service's event, from the event bridge; a seen event id is dropped),
+``consent_received(ConsentReceived)``.
+Updates (validated: a decision that makes no sense in the current state is rejected before it is written):
+``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``hold``, ``resume``,
+``ask_question``, ``close``.
+Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
-from typing import TypeVar
+import contextlib
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -22,42 +27,140 @@ with workflow.unsafe.imports_passed_through():
         ComposeReport,
         DeliverReport,
         MatchSpecialist,
+        ReconcileIdentity,
+        RemindRecords,
         VerifyInsurance,
+        WithdrawOffer,
+    )
+    from contracts.decisions import (
+        CancelCase,
+        CloseCase,
+        ConsentReceived,
+        CostChoice,
+        CostDecision,
+        Decision,
+        FollowUpQuestion,
+        HoldCase,
+        IdentityDecision,
+        ReassignReviewer,
+        ResumeCase,
     )
     from contracts.envelope import CloudEvent
     from contracts.events import (
+        CaseAlert,
+        CaseCancelled,
+        CaseStatusChanged,
+        IdentityMismatch,
         InsuranceVerified,
         RecordsAssembled,
         ReportDelivered,
         ReportReady,
+        ReviewAccepted,
         ReviewAssigned,
+        ReviewDeclined,
+        ReviewOffered,
         ReviewSubmitted,
         ReviewUnmatched,
     )
     from contracts.models import CaseInput, CaseStatus
-    from services.common.temporal import ASSIGNED_REVIEWER, CASE_STATUS, SUBSPECIALTY
+    from contracts.triage import BUSINESS_DAYS_AFTER_RECORDS, add_business_days
+    from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, SUBSPECIALTY
     from workflows.activities import CaseActivities
-    from workflows.models import CaseOutcome, PublishCommand, PublishStatus, TimelineItem
+    from workflows.models import (
+        AlertRecord,
+        CaseOutcome,
+        DecisionRecord,
+        PublishCommand,
+        PublishEvent,
+        ReviewAssignment,
+        TimelineItem,
+    )
 
 E = TypeVar("E", bound=BaseModel)
 
 # Publishing is retried until the broker confirms: a case never loses a command to a broker restart.
 PUBLISH_TIMEOUT = timedelta(seconds=30)
 PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
-# No specialist can take the case: try matching again after this wait.
-REMATCH_AFTER = timedelta(hours=1)
+
+# Follow-up questions travel as plain types: the review service owns their models.
+QUESTION_COMMAND = "review.question"
+QUESTION_ANSWERED = "review.answered"
+
+WAITING_STATES = {
+    CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
+    CaseStatus.AWAITING_RECORDS: "the original report and ultrasound images from the referring facility",
+    CaseStatus.IDENTITY_MISMATCH: "an operator to reconcile the patient identity of an import",
+    CaseStatus.AWAITING_INSURANCE: "insurance verification (or the referral / prior authorization)",
+    CaseStatus.AWAITING_PATIENT_DECISION: "the patient's decision on the estimated cost",
+    CaseStatus.MATCHING: "a subspecialist match",
+    CaseStatus.UNMATCHED: "a specialist to become available",
+    CaseStatus.AWAITING_ACCEPTANCE: "the specialist to accept the offer",
+    CaseStatus.IN_REVIEW: "the specialist's second opinion",
+    CaseStatus.COMPOSING_REPORT: "the integrated report",
+    CaseStatus.DELIVERING: "delivery to the referring physician",
+    CaseStatus.FOLLOW_UP: "follow-up questions from the referring physician or the patient",
+    CaseStatus.ON_HOLD: "an operator to resume the case",
+}
+
+
+class Rematch(Exception):
+    """The current offer or review ended (declined, lapsed, reassigned): match again."""
 
 
 @workflow.defn(name="CaseWorkflow")
 class CaseWorkflow:
     def __init__(self) -> None:
+        self._case: CaseInput | None = None
         self._seen: set[str] = set()
-        self._events: dict[str, CloudEvent] = {}
+        self._received: list[CloudEvent] = []
         self._status = CaseStatus.INTAKE
+        self._status_since: datetime | None = None
         self._timeline: list[TimelineItem] = []
+        self._decisions: list[DecisionRecord] = []
+        self._alerts: list[AlertRecord] = []
+        self._due_at: datetime | None = None
+        self._due_version = 0
+        self._started_at: datetime | None = None
+        self._consent = False
+        self._cancel: CancelCase | None = None
+        self._hold: HoldCase | None = None
+        self._status_before_hold: CaseStatus | None = None
+        self._cost: CostDecision | None = None
+        self._identity: dict[str, IdentityDecision] = {}
+        self._reassign: ReassignReviewer | None = None
+        self._questions: list[FollowUpQuestion] = []
+        self._close: CloseCase | None = None
+        self._review_submitted = False
+        self._delivered_at: datetime | None = None
+        self._offer: ReviewOffered | None = None
+        self._reviewer: str | None = None
+        self._reminders_sent = 0
+
+    # ---- the business process ------------------------------------------------------------------
 
     @workflow.run
     async def run(self, case: CaseInput) -> CaseOutcome:
+        self._case = case
+        self._due_at = case.due_at
+        self._started_at = workflow.now()
+        self._consent = case.consent_on_file
+        watcher = asyncio.create_task(self._watch_due_date())
+        process = asyncio.create_task(self._process(case))
+        await workflow.wait_condition(lambda: process.done() or self._cancel is not None)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if not process.done():
+            process.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await process
+            return await self._compensate(case)
+        return process.result()
+
+    async def _process(self, case: CaseInput) -> CaseOutcome:
+        if not self._consent:
+            await self._transition(CaseStatus.AWAITING_CONSENT, "no records-release authorization on file")
+            await workflow.wait_condition(lambda: self._consent)
         await self._transition(CaseStatus.AWAITING_RECORDS, "records and insurance verification requested")
         await asyncio.gather(
             self._send(
@@ -71,80 +174,450 @@ class CaseWorkflow:
                 )
             ),
         )
-        records = await self._wait_for(RecordsAssembled)
-        if InsuranceVerified.TYPE not in self._events:
-            await self._transition(CaseStatus.AWAITING_INSURANCE, "records complete; waiting for insurance")
-        insurance = await self._wait_for(InsuranceVerified)
+        records = await self._collect_records(case)
+        insurance = await self._verify_insurance()
+        await self._patient_decision(insurance)
 
-        assigned = await self._match(case, records)
-        review = await self._wait_for(ReviewSubmitted)
-        await self._transition(CaseStatus.COMPOSING_REPORT, f"review submitted ({review.agreement})")
-        await self._send(ComposeReport(case_id=case.case_id, review_id=review.review_id))
-
+        submitted = await self._review(case, records)
+        await self._transition(CaseStatus.COMPOSING_REPORT, f"review submitted ({submitted.agreement})")
+        await self._send(ComposeReport(case_id=case.case_id, review_id=submitted.review_id))
         report = await self._wait_for(ReportReady)
-        await self._transition(CaseStatus.DELIVERING, "report ready; delivering to the referring physician")
+        await self._deliver(case, report.report_id, report.pdf_url, report.fhir_url)
+        await self._follow_up(case, report)
+        closed_by = f"by {self._close.by}: no further questions" if self._close else "follow-up window ended"
+        await self._transition(CaseStatus.CLOSED, f"closed {closed_by}")
+        return CaseOutcome(
+            case_id=case.case_id, status=self._status, reviewer_id=self._reviewer, report_id=report.report_id
+        )
+
+    async def _collect_records(self, case: CaseInput) -> RecordsAssembled:
+        """Wait for complete records, reminding the facility and escalating on the policy's clock."""
+        requested_at = workflow.now()
+        reminders = [timedelta(hours=h) for h in case.policy.records_reminder_hours]
+        escalation = timedelta(hours=case.policy.records_escalation_hours)
+        escalated = False
+        while not self._has(RecordsAssembled):
+            mismatch = self._pending_mismatch()
+            if mismatch is not None:
+                await self._resolve_mismatch(case, mismatch)
+                continue
+            elapsed = workflow.now() - requested_at
+            next_reminder = reminders[self._reminders_sent] if self._reminders_sent < len(reminders) else None
+            deadlines = [d for d in (next_reminder, None if escalated else escalation) if d is not None]
+            timeout = min(deadlines) - elapsed if deadlines else None
+            fired = await self._wait_or_timeout(
+                lambda: self._has(RecordsAssembled) or self._pending_mismatch() is not None, timeout
+            )
+            if fired:
+                continue
+            elapsed = workflow.now() - requested_at
+            if next_reminder is not None and elapsed >= next_reminder:
+                self._reminders_sent += 1
+                await self._send(RemindRecords(case_id=case.case_id, attempt=self._reminders_sent))
+                self._note(f"records reminder {self._reminders_sent} sent to the referring facility")
+            if not escalated and elapsed >= escalation:
+                escalated = True
+                await self._alert(
+                    "records_escalated", f"records still incomplete after {escalation}; operations"
+                )
+        records = self._latest(RecordsAssembled)
+        await self._move_due_date_after_records(case)
+        return records
+
+    def _pending_mismatch(self) -> IdentityMismatch | None:
+        for event in self._received:
+            if event.type == IdentityMismatch.TYPE:
+                mismatch = IdentityMismatch.model_validate(event.data)
+                if mismatch.import_id not in self._identity:
+                    return mismatch
+        return None
+
+    async def _resolve_mismatch(self, case: CaseInput, mismatch: IdentityMismatch) -> None:
+        previous = self._status
+        await self._transition(
+            CaseStatus.IDENTITY_MISMATCH,
+            f"import {mismatch.import_id} differs in {', '.join(mismatch.differences)}; nothing of it is released",
+        )
+        await workflow.wait_condition(lambda: mismatch.import_id in self._identity)
+        decision = self._identity[mismatch.import_id]
         await self._send(
-            DeliverReport(
+            ReconcileIdentity(
                 case_id=case.case_id,
-                report_id=report.report_id,
-                pdf_url=report.pdf_url,
-                fhir_url=report.fhir_url,
+                import_id=mismatch.import_id,
+                decision=decision.choice.value,
+                decided_by=decision.by,
+                reason=decision.reason,
             )
         )
-        delivered = await self._wait_for(ReportDelivered)
-        await self._transition(CaseStatus.DELIVERED, f"delivered to {delivered.recipient}")
         await self._transition(
-            CaseStatus.CLOSED, f"closed; patient estimate {insurance.patient_cost} {insurance.currency}"
-        )
-        return CaseOutcome(
-            case_id=case.case_id,
-            status=self._status,
-            reviewer_id=assigned.reviewer_id,
-            report_id=report.report_id,
+            previous, f"import {mismatch.import_id} {decision.choice.value}ed by {decision.by}"
         )
 
-    async def _match(self, case: CaseInput, records: RecordsAssembled) -> ReviewAssigned:
+    async def _move_due_date_after_records(self, case: CaseInput) -> None:
+        days = BUSINESS_DAYS_AFTER_RECORDS.get(case.urgency.value)
+        if days is None or self._due_at is None:
+            return
+        candidate = add_business_days(workflow.now(), days)
+        if candidate > self._due_at:
+            old = self._due_at
+            self._set_due_at(candidate)
+            await self._alert(
+                "due_date_moved",
+                f"records completed {workflow.now():%Y-%m-%d %H:%M} UTC; due date moved from "
+                f"{old:%Y-%m-%d %H:%M} to {candidate:%Y-%m-%d %H:%M} UTC ({days} business days)",
+            )
+
+    async def _verify_insurance(self) -> InsuranceVerified:
         while True:
-            await self._transition(CaseStatus.MATCHING, f"matching a {case.subspecialty_hint} specialist")
-            self._events.pop(ReviewUnmatched.TYPE, None)
-            await self._send(
-                MatchSpecialist(
-                    case_id=case.case_id,
-                    exam=case.exam,
-                    patient=case.patient,
-                    referring=case.referring,
-                    urgency=case.urgency,
-                    subspecialty_hint=case.subspecialty_hint,
-                    clinical_question=case.clinical_question,
-                    reason=case.reason,
-                    due_at=case.due_at,
-                    original_report=records.report,
-                    study=records.study,
+            if not self._has(InsuranceVerified):
+                await self._transition(
+                    CaseStatus.AWAITING_INSURANCE, "records complete; waiting for insurance"
                 )
+                await workflow.wait_condition(lambda: self._has(InsuranceVerified))
+            insurance = self._latest(InsuranceVerified)
+            if insurance.authorization != "auth-needed":
+                return insurance
+            await self._transition(
+                CaseStatus.AWAITING_INSURANCE,
+                "the plan needs a referral or prior authorization before the review",
             )
             await workflow.wait_condition(
-                lambda: ReviewAssigned.TYPE in self._events or ReviewUnmatched.TYPE in self._events
+                lambda: self._latest(InsuranceVerified).authorization != "auth-needed"
             )
-            if ReviewAssigned.TYPE in self._events:
-                break
-            unmatched = ReviewUnmatched.model_validate(self._events[ReviewUnmatched.TYPE].data)
-            await self._transition(CaseStatus.UNMATCHED, f"no specialist available: {unmatched.reason}")
-            await workflow.sleep(REMATCH_AFTER)
-        assigned = ReviewAssigned.model_validate(self._events[ReviewAssigned.TYPE].data)
-        workflow.upsert_search_attributes(
-            [ASSIGNED_REVIEWER.value_set(assigned.reviewer_id), SUBSPECIALTY.value_set(assigned.subspecialty)]
-        )
+
+    async def _patient_decision(self, insurance: InsuranceVerified) -> None:
+        if insurance.patient_cost <= 0:
+            return
         await self._transition(
-            CaseStatus.IN_REVIEW, f"assigned to {assigned.reviewer_id}: {assigned.explanation}"
+            CaseStatus.AWAITING_PATIENT_DECISION,
+            f"estimated patient cost {insurance.patient_cost} {insurance.currency} ({insurance.coverage_status})",
         )
-        return assigned
+        await workflow.wait_condition(lambda: self._cost is not None)
+        assert self._cost is not None
+        if self._cost.choice == CostChoice.DECLINE:
+            self._cancel = CancelCase(
+                by=self._cost.by, reason=f"patient declined the estimated cost. {self._cost.reason}"
+            )
+            await workflow.wait_condition(lambda: False)  # the run loop cancels this task
+
+    async def _review(self, case: CaseInput, records: RecordsAssembled) -> ReviewSubmitted:
+        excluded: list[str] = []
+        while True:
+            preferred = self._reassign.reviewer_id if self._reassign else None
+            self._reassign = None
+            try:
+                return await self._offer_and_review(case, records, excluded, preferred)
+            except Rematch as ended:
+                if self._offer is not None:
+                    excluded.append(self._offer.reviewer_id)
+                self._note(str(ended))
+                self._offer = None
+                self._reviewer = None
+
+    async def _offer_and_review(
+        self, case: CaseInput, records: RecordsAssembled, excluded: list[str], preferred: str | None
+    ) -> ReviewSubmitted:
+        await self._transition(CaseStatus.MATCHING, f"matching a {case.subspecialty_hint} specialist")
+        mark = len(self._received)
+        await self._send(
+            MatchSpecialist(
+                case_id=case.case_id,
+                exam=case.exam,
+                patient=case.patient,
+                referring=case.referring,
+                urgency=case.urgency,
+                subspecialty_hint=case.subspecialty_hint,
+                clinical_question=case.clinical_question,
+                reason=case.reason,
+                due_at=self._due_at or case.due_at,
+                original_report=records.report,
+                study=records.study,
+                exclude_reviewers=list(excluded),
+                preferred_reviewer=preferred,
+                plan_code=case.coverage.plan_code,
+                adequacy_warnings=records.warnings,
+            )
+        )
+        answer = await self._next(mark, ReviewOffered.TYPE, ReviewAssigned.TYPE, ReviewUnmatched.TYPE)
+        if answer.type == ReviewUnmatched.TYPE:
+            unmatched = ReviewUnmatched.model_validate(answer.data)
+            await self._transition(CaseStatus.UNMATCHED, f"no specialist available: {unmatched.reason}")
+            await self._wait_or_timeout(
+                lambda: self._reassign is not None, timedelta(hours=case.policy.rematch_after_hours)
+            )
+            raise Rematch("matching again after no specialist was available")
+        if answer.type == ReviewAssigned.TYPE:  # a directory that assigns without an offer
+            assigned = ReviewAssigned.model_validate(answer.data)
+            self._offer = ReviewOffered(**assigned.model_dump())
+        else:
+            self._offer = ReviewOffered.model_validate(answer.data)
+            await self._await_acceptance(case, self._offer, mark)
+        offer = self._offer
+        self._reviewer = offer.reviewer_id
+        workflow.upsert_search_attributes(
+            [ASSIGNED_REVIEWER.value_set(offer.reviewer_id), SUBSPECIALTY.value_set(offer.subspecialty)]
+        )
+        await self._transition(CaseStatus.IN_REVIEW, f"{offer.reviewer_id} reviewing: {offer.explanation}")
+        await workflow.wait_condition(
+            lambda: (
+                self._find(mark, ReviewSubmitted.TYPE, offer.review_id) is not None
+                or self._reassign is not None
+            )
+        )
+        submitted = self._find(mark, ReviewSubmitted.TYPE, offer.review_id)
+        if submitted is None:
+            await self._withdraw(case, offer, "reassigned")
+            workflow.upsert_search_attributes([ASSIGNED_REVIEWER.value_unset()])
+            raise Rematch(f"review by {offer.reviewer_id} withdrawn: reassigned")
+        self._review_submitted = True
+        return ReviewSubmitted.model_validate(submitted.data)
+
+    async def _await_acceptance(self, case: CaseInput, offer: ReviewOffered, mark: int) -> None:
+        """Answers are looked up from `mark` (before the match command) on: one may arrive at any moment."""
+        expires = workflow.now() + timedelta(hours=case.policy.offer_timeout_hours)
+        await self._transition(
+            CaseStatus.AWAITING_ACCEPTANCE,
+            f"offered to {offer.reviewer_id} until {expires:%Y-%m-%d %H:%M} UTC",
+        )
+
+        def answered() -> bool:
+            return (
+                self._find(mark, ReviewAccepted.TYPE, offer.review_id) is not None
+                or self._find(mark, ReviewDeclined.TYPE, offer.review_id) is not None
+                or self._reassign is not None
+            )
+
+        if not await self._wait_or_timeout(answered, expires - workflow.now()):
+            await self._withdraw(case, offer, "expired")
+            raise Rematch(f"offer to {offer.reviewer_id} lapsed at {expires:%Y-%m-%d %H:%M} UTC")
+        declined = self._find(mark, ReviewDeclined.TYPE, offer.review_id)
+        if declined is not None:
+            raise Rematch(
+                f"{offer.reviewer_id} declined: {ReviewDeclined.model_validate(declined.data).reason}"
+            )
+        if self._find(mark, ReviewAccepted.TYPE, offer.review_id) is None:
+            await self._withdraw(case, offer, "reassigned")
+            raise Rematch(f"offer to {offer.reviewer_id} withdrawn: reassigned")
+
+    async def _withdraw(self, case: CaseInput, offer: ReviewOffered, reason: str) -> None:
+        await self._send(WithdrawOffer(case_id=case.case_id, review_id=offer.review_id, reason=reason))
+
+    async def _deliver(self, case: CaseInput, report_id: str, pdf_url: str, fhir_url: str) -> None:
+        await self._transition(CaseStatus.DELIVERING, "report ready; delivering to the referring physician")
+        mark = len(self._received)
+        await self._send(
+            DeliverReport(case_id=case.case_id, report_id=report_id, pdf_url=pdf_url, fhir_url=fhir_url)
+        )
+        delivered = await self._next(mark, ReportDelivered.TYPE)
+        self._delivered_at = self._delivered_at or workflow.now()
+        await self._transition(
+            CaseStatus.DELIVERED, f"delivered to {ReportDelivered.model_validate(delivered.data).recipient}"
+        )
+
+    async def _follow_up(self, case: CaseInput, report: ReportReady) -> None:
+        window = timedelta(days=case.policy.follow_up_window_days)
+        assert self._delivered_at is not None
+        closes = self._delivered_at + window
+        await self._transition(
+            CaseStatus.FOLLOW_UP, f"follow-up questions accepted until {closes:%Y-%m-%d} UTC"
+        )
+        answered = 0
+        while True:
+            if answered < len(self._questions):
+                question = self._questions[answered]
+                mark = len(self._received)
+                await self._send_raw(
+                    QUESTION_COMMAND,
+                    {
+                        "case_id": case.case_id,
+                        "question_id": question.question_id,
+                        "text": question.text,
+                        "asked_by": question.by,
+                        "review_id": self._offer.review_id if self._offer else None,
+                    },
+                )
+                reply = await self._next(
+                    mark, QUESTION_ANSWERED, key=question.question_id, key_field="question_id"
+                )
+                answered += 1
+                report_id = str(reply.data.get("report_id") or report.report_id)
+                await self._deliver(case, report_id, report.pdf_url, report.fhir_url)
+                await self._transition(CaseStatus.FOLLOW_UP, f"addendum {answered} delivered")
+                continue
+            if self._close is not None:
+                return
+            waiting = await self._wait_or_timeout(
+                lambda n=answered: n < len(self._questions) or self._close is not None,  # type: ignore[misc]
+                closes - workflow.now(),
+            )
+            if not waiting:
+                return
+
+    async def _compensate(self, case: CaseInput) -> CaseOutcome:
+        """Cancellation: every service withdraws its work for the case; the partner is told via intake."""
+        assert self._cancel is not None
+        cancelled = CaseCancelled(
+            case_id=case.case_id, reason=self._cancel.reason, cancelled_by=self._cancel.by
+        )
+        await self._publish(CaseCancelled.TYPE, cancelled)
+        await self._transition(CaseStatus.CANCELLED, f"cancelled by {self._cancel.by}: {self._cancel.reason}")
+        return CaseOutcome(
+            case_id=case.case_id, status=self._status, reviewer_id=self._reviewer, report_id=None
+        )
+
+    async def _watch_due_date(self) -> None:
+        """An at-risk alert at the policy's fraction of the time to CaseDueAt, a breach at CaseDueAt; both recorded."""
+        assert self._case is not None and self._started_at is not None
+        at_risk = breached = False
+        while not self._review_submitted and not breached:
+            version = self._due_version
+            assert self._due_at is not None
+            span = self._due_at - self._started_at
+            target = self._due_at if at_risk else self._started_at + span * self._case.policy.at_risk_fraction
+            if await self._wait_or_timeout(
+                lambda v=version: self._review_submitted or self._due_version != v,  # type: ignore[misc]
+                target - workflow.now(),
+            ):
+                continue
+            if not at_risk:
+                at_risk = True
+                await self._alert(
+                    "at_risk",
+                    f"{self._case.policy.at_risk_fraction:.0%} of the time to the due date "
+                    f"has passed without a submitted review (status {self._status})",
+                )
+            else:
+                breached = True
+                await self._alert(
+                    "breached", f"due date {self._due_at:%Y-%m-%d %H:%M} UTC passed in status {self._status}"
+                )
+
+    # ---- signals, updates, queries ---------------------------------------------------------------
 
     @workflow.signal
     def on_event(self, event: CloudEvent) -> None:
         if event.id in self._seen:
             return
         self._seen.add(event.id)
-        self._events[event.type] = event
+        self._received.append(event)
+
+    @workflow.signal
+    def consent_received(self, consent: ConsentReceived) -> None:
+        if not self._consent:
+            self._consent = True
+            self._audit("consent_received", consent, f"document {consent.document_id}")
+
+    @workflow.update
+    def cancel(self, request: CancelCase) -> str:
+        self._cancel = request
+        self._audit("cancel", request)
+        return f"case cancelled by {request.by}"
+
+    @cancel.validator
+    def _validate_cancel(self, request: CancelCase) -> None:
+        self._require_open("cancel")
+        if self._status in (CaseStatus.DELIVERING, CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+            raise ValueError(
+                f"the report is already {self._status.value}; a delivered case cannot be cancelled"
+            )
+
+    @workflow.update
+    def decide_cost(self, decision: CostDecision) -> str:
+        self._cost = decision
+        self._audit("decide_cost", decision, decision.choice.value)
+        return f"cost decision recorded: {decision.choice.value}"
+
+    @decide_cost.validator
+    def _validate_decide_cost(self, decision: CostDecision) -> None:
+        self._require_open("decide on the cost")
+        if self._status != CaseStatus.AWAITING_PATIENT_DECISION:
+            raise ValueError(f"no cost decision is pending (status {self._status.value})")
+
+    @workflow.update
+    def reconcile_identity(self, decision: IdentityDecision) -> str:
+        self._identity[decision.import_id] = decision
+        self._audit("reconcile_identity", decision, f"{decision.choice.value} import {decision.import_id}")
+        return f"import {decision.import_id}: {decision.choice.value}"
+
+    @reconcile_identity.validator
+    def _validate_reconcile_identity(self, decision: IdentityDecision) -> None:
+        self._require_open("reconcile an identity")
+        pending = self._pending_mismatch()
+        if pending is None or pending.import_id != decision.import_id:
+            raise ValueError(f"import {decision.import_id} is not waiting for an identity decision")
+
+    @workflow.update
+    def reassign_reviewer(self, request: ReassignReviewer) -> str:
+        self._reassign = request
+        self._audit("reassign_reviewer", request, f"to {request.reviewer_id or 'next best match'}")
+        return "the current reviewer will be withdrawn and the case matched again"
+
+    @reassign_reviewer.validator
+    def _validate_reassign(self, request: ReassignReviewer) -> None:
+        self._require_open("reassign")
+        allowed = (CaseStatus.AWAITING_ACCEPTANCE, CaseStatus.IN_REVIEW, CaseStatus.UNMATCHED)
+        if self._status not in allowed:
+            raise ValueError(
+                f"a reviewer can be reassigned only while {', '.join(allowed)} (now {self._status.value})"
+            )
+        if self._reassign is not None:
+            raise ValueError("a reassignment is already under way")
+
+    @workflow.update
+    async def hold(self, request: HoldCase) -> str:
+        self._hold = request
+        self._status_before_hold = self._status
+        self._audit("hold", request)
+        await self._transition(CaseStatus.ON_HOLD, f"on hold by {request.by}: {request.reason}")
+        return "case on hold; the due date keeps running"
+
+    @hold.validator
+    def _validate_hold(self, request: HoldCase) -> None:
+        self._require_open("put on hold")
+        if self._hold is not None:
+            raise ValueError("the case is already on hold")
+
+    @workflow.update
+    async def resume(self, request: ResumeCase) -> str:
+        previous = self._status_before_hold or CaseStatus.INTAKE
+        self._hold = None
+        self._status_before_hold = None
+        self._audit("resume", request)
+        await self._transition(previous, f"resumed by {request.by}")
+        return f"resumed in {previous.value}"
+
+    @resume.validator
+    def _validate_resume(self, request: ResumeCase) -> None:
+        if self._hold is None:
+            raise ValueError("the case is not on hold")
+
+    @workflow.update
+    def ask_question(self, question: FollowUpQuestion) -> str:
+        self._questions.append(question)
+        self._audit("ask_question", question, f"question {question.question_id}")
+        return f"question {len(self._questions)} of {self._policy_max_questions()} sent to the specialist"
+
+    @ask_question.validator
+    def _validate_question(self, question: FollowUpQuestion) -> None:
+        if self._status not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+            raise ValueError(
+                f"questions are taken after the report is delivered (status {self._status.value})"
+            )
+        if len(self._questions) >= self._policy_max_questions():
+            raise ValueError(f"at most {self._policy_max_questions()} follow-up questions per case")
+        if any(q.question_id == question.question_id for q in self._questions):
+            raise ValueError(f"question {question.question_id} was already asked")
+
+    @workflow.update
+    def close(self, request: CloseCase) -> str:
+        self._close = request
+        self._audit("close", request)
+        return "the case closes once pending follow-up questions are answered"
+
+    @close.validator
+    def _validate_close(self, request: CloseCase) -> None:
+        if self._status not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+            raise ValueError(f"a case closes after its report is delivered (status {self._status.value})")
 
     @workflow.query
     def status(self) -> CaseStatus:
@@ -154,33 +627,163 @@ class CaseWorkflow:
     def timeline(self) -> list[TimelineItem]:
         return self._timeline
 
+    @workflow.query
+    def decisions(self) -> list[DecisionRecord]:
+        return self._decisions
+
+    @workflow.query
+    def alerts(self) -> list[AlertRecord]:
+        return self._alerts
+
+    @workflow.query
+    def due_at(self) -> datetime | None:
+        return self._due_at
+
+    @workflow.query
+    def review(self) -> ReviewAssignment | None:
+        if self._offer is None:
+            return None
+        return ReviewAssignment(
+            review_id=self._offer.review_id,
+            reviewer_id=self._offer.reviewer_id,
+            accepted=self._reviewer is not None,
+        )
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _policy_max_questions(self) -> int:
+        return self._case.policy.max_follow_up_questions if self._case else 3
+
+    def _require_open(self, what: str) -> None:
+        if self._cancel is not None or self._status in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
+            raise ValueError(f"cannot {what}: the case is {self._status.value}")
+
+    def _audit(self, name: str, decision: Decision, detail: str = "") -> None:
+        self._decisions.append(
+            DecisionRecord(
+                name=name, by=decision.by, reason=decision.reason, at=workflow.now(), detail=detail
+            )
+        )
+
+    def _note(self, detail: str, kind: str = "note") -> None:
+        self._timeline.append(TimelineItem(status=self._status, at=workflow.now(), detail=detail, kind=kind))
+
+    def _has(self, event_type: type[BaseModel]) -> bool:
+        key = event_type.TYPE  # type: ignore[attr-defined]
+        return any(e.type == key for e in self._received)
+
+    def _latest(self, event_type: type[E]) -> E:
+        key = event_type.TYPE  # type: ignore[attr-defined]
+        event = next(e for e in reversed(self._received) if e.type == key)
+        return event_type.model_validate(event.data)
+
+    def _find(self, mark: int, type_: str, key: str, key_field: str = "review_id") -> CloudEvent | None:
+        for event in self._received[mark:]:
+            if event.type == type_ and event.data.get(key_field) == key:
+                return event
+        return None
+
+    async def _next(self, mark: int, *types: str, key: str | None = None, key_field: str = "") -> CloudEvent:
+        """The first event of one of `types` received after position `mark` (optionally with data[key_field]==key)."""
+
+        def match() -> CloudEvent | None:
+            for event in self._received[mark:]:
+                if event.type in types and (key is None or event.data.get(key_field) == key):
+                    return event
+            return None
+
+        await workflow.wait_condition(lambda: match() is not None)
+        found = match()
+        assert found is not None
+        return found
+
     async def _wait_for(self, event_type: type[E]) -> E:
-        key: str = event_type.TYPE  # type: ignore[attr-defined]
-        await workflow.wait_condition(lambda: key in self._events)
-        return event_type.model_validate(self._events[key].data)
+        await workflow.wait_condition(lambda: self._has(event_type))
+        return self._latest(event_type)
+
+    async def _wait_or_timeout(self, condition: Any, timeout: timedelta | None) -> bool:
+        """True when `condition` became true, False when `timeout` passed first."""
+        if timeout is not None and timeout <= timedelta(0):
+            return bool(condition())
+        try:
+            await workflow.wait_condition(condition, timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _set_due_at(self, due_at: datetime) -> None:
+        self._due_at = due_at
+        self._due_version += 1
+        workflow.upsert_search_attributes([CASE_DUE_AT.value_set(due_at)])
+
+    async def _alert(self, kind: str, detail: str) -> None:
+        assert self._case is not None
+        now = workflow.now()
+        self._alerts.append(AlertRecord(kind=kind, at=now, detail=detail))
+        self._note(f"{kind}: {detail}", kind="alert")
+        self._show_details()
+        await self._publish(
+            CaseAlert.TYPE,
+            CaseAlert(case_id=self._case.case_id, kind=kind, detail=detail, at=now, due_at=self._due_at),
+        )
 
     async def _send(self, command: Command) -> None:
+        await self._send_raw(command.TYPE, command.model_dump(mode="json"))
+
+    async def _send_raw(self, type_: str, data: dict[str, Any]) -> None:
+        await workflow.wait_condition(lambda: self._hold is None)
         await workflow.execute_activity_method(
             CaseActivities.publish_command,
-            PublishCommand(case_id=command.case_id, type=command.TYPE, data=command.model_dump(mode="json")),
+            PublishCommand(case_id=str(data["case_id"]), type=type_, data=data),
+            start_to_close_timeout=PUBLISH_TIMEOUT,
+            retry_policy=PUBLISH_RETRY,
+        )
+
+    async def _publish(self, type_: str, event: BaseModel) -> None:
+        assert self._case is not None
+        await workflow.execute_activity_method(
+            CaseActivities.publish_event,
+            PublishEvent(case_id=self._case.case_id, type=type_, data=event.model_dump(mode="json")),
             start_to_close_timeout=PUBLISH_TIMEOUT,
             retry_policy=PUBLISH_RETRY,
         )
 
     async def _transition(self, status: CaseStatus, detail: str) -> None:
+        assert self._case is not None
+        if self._hold is not None and status != CaseStatus.ON_HOLD:
+            # While on hold the process only records where it stands; resume restores that state.
+            self._status_before_hold = status
+            self._note(f"(on hold) {detail}")
+            return
         previous, self._status = self._status, status
         now = workflow.now()
+        self._status_since = now
         self._timeline.append(TimelineItem(status=status, at=now, detail=detail))
         workflow.upsert_search_attributes([CASE_STATUS.value_set(status.value)])
-        await workflow.execute_activity_method(
-            CaseActivities.publish_status,
-            PublishStatus(
-                case_id=workflow.info().workflow_id.removeprefix("case-"),
-                status=status,
-                previous=previous,
-                at=now,
-                detail=detail,
+        self._show_details()
+        await self._publish(
+            CaseStatusChanged.TYPE,
+            CaseStatusChanged(
+                case_id=self._case.case_id, status=status, previous=previous, at=now, detail=detail
             ),
-            start_to_close_timeout=PUBLISH_TIMEOUT,
-            retry_policy=PUBLISH_RETRY,
         )
+
+    def _show_details(self) -> None:
+        """Markdown for the Temporal UI: what the case waits for, since when, what is due. No PHI."""
+        lines = [f"**Status:** `{self._status.value}`"]
+        waiting = WAITING_STATES.get(self._status)
+        if waiting:
+            lines.append(f"**Waiting for:** {waiting}")
+        if self._status_since:
+            lines.append(f"**Since:** {self._status_since:%Y-%m-%d %H:%M} UTC")
+        if self._due_at:
+            lines.append(f"**Due:** {self._due_at:%Y-%m-%d %H:%M} UTC")
+        if self._status == CaseStatus.AWAITING_RECORDS:
+            lines.append(f"**Reminders sent:** {self._reminders_sent}")
+        if self._reviewer:
+            lines.append(f"**Reviewer:** {self._reviewer}")
+        if self._hold:
+            lines.append(f"**On hold by** {self._hold.by}: {self._hold.reason}")
+        for alert in self._alerts[-3:]:
+            lines.append(f"**Alert** ({alert.kind}, {alert.at:%Y-%m-%d %H:%M}): {alert.detail}")
+        workflow.set_current_details("\n\n".join(lines))

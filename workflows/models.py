@@ -16,16 +16,35 @@ class PublishCommand(BaseModel):
     data: dict[str, Any]
 
 
-class PublishStatus(BaseModel):
+class PublishEvent(BaseModel):
+    """An event the workflow itself announces on `case.events` (status changes, alerts, cancellation)."""
+
     case_id: str
-    status: CaseStatus
-    previous: CaseStatus | None
-    at: datetime
-    detail: str
+    type: str
+    data: dict[str, Any]
 
 
 class TimelineItem(BaseModel):
+    """One line of the case's history: a status `transition`, or a `note` / `alert` in the current status."""
+
     status: CaseStatus
+    at: datetime
+    detail: str
+    kind: str = "transition"
+
+
+class DecisionRecord(BaseModel):
+    """Audit of a human decision: who, what, why, when, and whether it was applied."""
+
+    name: str
+    by: str
+    reason: str
+    at: datetime
+    detail: str = ""
+
+
+class AlertRecord(BaseModel):
+    kind: str
     at: datetime
     detail: str
 
@@ -35,3 +54,11 @@ class CaseOutcome(BaseModel):
     status: CaseStatus
     reviewer_id: str | None
     report_id: str | None
+
+
+class ReviewAssignment(BaseModel):
+    """Who holds the case's current offer or review (ids only)."""
+
+    review_id: str
+    reviewer_id: str
+    accepted: bool

@@ -30,7 +30,7 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
         client,
         task_queue=settings.temporal_task_queue,
         workflows=[CaseWorkflow],
-        activities=[activities.publish_command, activities.publish_status],
+        activities=[activities.publish_command, activities.publish_event],
         activity_executor=executor,
         max_concurrent_activities=executor._max_workers,
     )

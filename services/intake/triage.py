@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
 from contracts.models import Urgency
-from contracts.triage import Reason, subspecialties_for
+from contracts.triage import BUSINESS_DAYS_AFTER_RECORDS, Reason, add_business_days, subspecialties_for
 from services.common.errors import IntakeRejected
 
 FETAL_EXAMS = {"obstetric", "fetal"}
@@ -18,16 +18,6 @@ class Triage:
     urgency: Urgency
     subspecialty: str
     due_at: datetime
-
-
-def add_business_days(start: datetime, days: int) -> datetime:
-    current = start
-    added = 0
-    while added < days:
-        current += timedelta(days=1)
-        if current.weekday() < 5:
-            added += 1
-    return current
 
 
 def urgency_for(reason: Reason, procedure_scheduled_on: date | None) -> Urgency:
@@ -75,8 +65,7 @@ def triage(
                     f"the procedure on {procedure_scheduled_on.isoformat()} is less than 48 hours away; a second "
                     "opinion cannot be guaranteed before it. Postpone the procedure or call the programme."
                 )
-    elif urgency == Urgency.PRIORITY:
-        due_at = add_business_days(now, 2)
     else:
-        due_at = add_business_days(now, 5)
+        # Provisional: the workflow moves it when records complete later (the clock starts at complete records).
+        due_at = add_business_days(now, BUSINESS_DAYS_AFTER_RECORDS[urgency.value])
     return Triage(urgency=urgency, subspecialty=subspecialties_for(exam_type, reason)[0].value, due_at=due_at)

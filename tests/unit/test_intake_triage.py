@@ -3,9 +3,9 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from contracts.models import Urgency
-from contracts.triage import Reason
+from contracts.triage import Reason, add_business_days
 from services.common.errors import IntakeRejected
-from services.intake.triage import add_business_days, triage
+from services.intake.triage import triage
 
 FRIDAY = datetime(2026, 11, 27, 15, 0, tzinfo=UTC)
 
