@@ -1,216 +1,221 @@
-"""HTTP API: the specialist directory, the reviewer's worklist and findings, the integrated reports."""
+"""HTTP API: the specialist's worklist, offers, drafts, findings and follow-up answers; the routers assembled."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import date
-from typing import Annotated, Literal
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query
-from fastapi.responses import JSONResponse, Response
-from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from fastapi import APIRouter, HTTPException
+from fastapi.exceptions import RequestValidationError
+from sqlmodel import Session, col, select
 
 from contracts.commands import MatchSpecialist
-from services.common.config import Settings, get_settings
-from services.common.db import get_engine
-from services.review import handlers
-from services.review.diagnostic_report import FHIR_JSON, operation_outcome
+from services.common.config import Settings
+from services.review import followup, handlers, offers
+from services.review.api_directory import fhir_practitioners, specialists
+from services.review.api_reports import fhir, negotiate_report_format, reports
+from services.review.deps import CurrentReviewer, SessionDep, SettingsDep, relay, review_engine
 from services.review.models import (
-    Report,
+    WORKLIST_STATUSES,
+    Answer,
+    Decline,
+    FollowUpQuestion,
+    QuestionPublic,
     Review,
     ReviewDetail,
+    ReviewDraft,
     ReviewFindings,
     ReviewStatus,
     Specialist,
-    SpecialistPublic,
     WorkItem,
 )
+from services.review.offers import ReviewStateError
+from services.review.stats import ReviewStats, review_stats
 
-PDF = "application/pdf"
-ReportFormat = Literal["pdf", "fhir"]
-REPORT_MEDIA_TYPES: dict[str, ReportFormat] = {PDF: "pdf", FHIR_JSON: "fhir", "application/json": "fhir"}
+__all__ = ["negotiate_report_format", "review_engine", "router"]
 
-
-def review_engine() -> Engine:
-    return get_engine("review")
-
-
-def get_session(engine: Annotated[Engine, Depends(review_engine)]) -> Iterator[Session]:
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-def _relay_polls_anyway() -> None:
-    pass
-
-
-# After a commit that wrote to the outbox: main.py points this at the runtime's relay so the event goes out
-# at once; without it (tests, scripts) the relay's 0.5 s poll still publishes it.
-wake_relay: Callable[[], None] = _relay_polls_anyway
-
-
-specialists = APIRouter(prefix="/v1/specialists", tags=["specialists"])
 reviews = APIRouter(prefix="/v1/reviews", tags=["reviews"])
-reports = APIRouter(prefix="/v1/reports", tags=["reports"])
-fhir = APIRouter(prefix="/fhir/DiagnosticReport", tags=["fhir"])
-
-
-@specialists.get("", response_model=list[SpecialistPublic])
-def list_specialists(session: SessionDep) -> list[Specialist]:
-    return list(session.exec(select(Specialist).order_by(Specialist.id)).all())
+NOT_YOURS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such review offered to or accepted by the caller"}
+}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"description": "the review's state does not allow it; the detail says why"}
+}
 
 
 @reviews.get("", response_model=list[WorkItem], responses={404: {"description": "unknown reviewer"}})
 def worklist(
-    session: SessionDep,
-    reviewer: Annotated[str, Query(min_length=1, description="the specialist's id, e.g. spec-ob-1")],
-    status: ReviewStatus | None = None,
+    session: SessionDep, reviewer: CurrentReviewer, status: ReviewStatus | None = None
 ) -> list[WorkItem]:
-    """The reviewer's reviews, the soonest due first."""
+    """The reviewer's offers, accepted and submitted reviews (with open follow-up questions), soonest due first."""
+    if reviewer is None:
+        raise RequestValidationError(
+            [{"loc": ("query", "reviewer"), "msg": "Field required", "type": "missing"}]
+        )
     if session.get(Specialist, reviewer) is None:
         raise HTTPException(
             404, f"no specialist {reviewer!r} in the directory; GET /v1/specialists lists them"
         )
-    query = select(Review).where(Review.reviewer_id == reviewer)
-    if status is not None:
-        query = query.where(Review.status == status)
-    rows = session.exec(query.order_by(Review.due_at, Review.assigned_at)).all()  # type: ignore[arg-type]
-    return [_work_item(r) for r in rows]
+    statuses = (status,) if status else WORKLIST_STATUSES
+    query = select(Review).where(Review.reviewer_id == reviewer, col(Review.status).in_(statuses))
+    rows = session.exec(query.order_by(col(Review.due_at), col(Review.assigned_at))).all()
+    return [_work_item(r, _questions(session, r)) for r in rows]
 
 
-@reviews.get("/{review_id}", response_model=ReviewDetail, responses={404: {"description": "unknown review"}})
-def review_detail(review_id: str, session: SessionDep, settings: SettingsDep) -> ReviewDetail:
-    return _detail(_review_or_404(session, review_id), settings)
+@reviews.get("/stats", response_model=ReviewStats)
+def stats(session: SessionDep) -> ReviewStats:
+    """Concordance and turnaround per subspecialty and per reviewer, for the quality meetings."""
+    return review_stats(session.exec(select(Review)).all())
 
 
-@reviews.post(
-    "/{review_id}",
-    response_model=ReviewDetail,
-    responses={404: {"description": "unknown review"}, 409: {"description": "already submitted"}},
-)
+@reviews.get("/{review_id}", response_model=ReviewDetail, responses=NOT_YOURS)
+def review_detail(
+    review_id: str, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer
+) -> ReviewDetail:
+    return _detail(session, _review_or_404(session, review_id, reviewer), settings)
+
+
+@reviews.post("/{review_id}/accept", response_model=ReviewDetail, responses=NOT_YOURS | CONFLICT)
+def accept_offer(
+    review_id: str, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer
+) -> ReviewDetail:
+    review = _review_or_404(session, review_id, reviewer, for_update=True)
+    _apply(lambda: offers.accept(review, session))
+    session.commit()
+    relay.wake()
+    return _detail(session, review, settings)
+
+
+@reviews.post("/{review_id}/decline", response_model=ReviewDetail, responses=NOT_YOURS | CONFLICT)
+def decline_offer(
+    review_id: str, body: Decline, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer
+) -> ReviewDetail:
+    review = _review_or_404(session, review_id, reviewer, for_update=True)
+    _apply(lambda: offers.decline(review, body.reason, session))
+    session.commit()
+    relay.wake()
+    return _detail(session, review, settings)
+
+
+@reviews.put("/{review_id}/draft", response_model=ReviewDetail, responses=NOT_YOURS | CONFLICT)
+def save_draft(
+    review_id: str, draft: ReviewDraft, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer
+) -> ReviewDetail:
+    """Save unfinished findings; any part may be missing until submission."""
+    review = _review_or_404(session, review_id, reviewer, for_update=True)
+    if review.status != "accepted":
+        raise HTTPException(409, offers.closed_reason(review, "drafted"))
+    review.draft = draft.model_dump(mode="json", exclude_none=True)
+    session.add(review)
+    session.commit()
+    return _detail(session, review, settings)
+
+
+@reviews.post("/{review_id}", response_model=ReviewDetail, responses=NOT_YOURS | CONFLICT)
 def submit_review(
-    review_id: str, findings: ReviewFindings, session: SessionDep, settings: SettingsDep
+    review_id: str,
+    findings: ReviewFindings,
+    session: SessionDep,
+    settings: SettingsDep,
+    reviewer: CurrentReviewer,
 ) -> ReviewDetail:
     """The specialist's second opinion; it is final once submitted (corrections are addenda)."""
-    review = _review_or_404(session, review_id, for_update=True)
+    review = _review_or_404(session, review_id, reviewer, for_update=True)
     if review.submitted_at is not None:
         raise HTTPException(
             409,
             f"review {review_id} was already submitted at {review.submitted_at.isoformat()}; "
             "corrections are addenda",
         )
+    if review.status != "accepted":
+        raise HTTPException(409, offers.closed_reason(review, "submitted"))
     handlers.submit(review, findings, session)
     session.commit()
-    wake_relay()
-    return _detail(review, settings)
+    relay.wake()
+    return _detail(session, review, settings)
 
 
-@reports.get(
-    "/{case_id}",
-    responses={
-        200: {"content": {FHIR_JSON: {}, PDF: {}}, "description": "the DiagnosticReport or the PDF"},
-        404: {"description": "no report for the case yet"},
-        406: {"description": "neither PDF nor FHIR JSON is acceptable"},
-    },
+@reviews.post(
+    "/{review_id}/questions/{question_id}/answer",
+    response_model=QuestionPublic,
+    responses=NOT_YOURS | CONFLICT,
 )
-def get_report(
-    case_id: str,
+def answer_question(
+    review_id: str,
+    question_id: str,
+    body: Answer,
     session: SessionDep,
     settings: SettingsDep,
-    accept: Annotated[str | None, Header()] = None,
-) -> Response:
-    """The integrated report: `Accept: application/pdf` for the PDF, otherwise the FHIR DiagnosticReport."""
-    report_format = negotiate_report_format(accept)
-    if report_format is None:
-        raise HTTPException(406, f"the report is available as {', '.join(REPORT_MEDIA_TYPES)}; ask for one")
-    report = session.exec(select(Report).where(Report.case_id == case_id)).first()
-    if report is None:
-        raise HTTPException(
-            404, f"case {case_id} has no report yet; it is composed after the review is submitted"
-        )
-    headers = {"Vary": "Accept"}
-    if report_format == "pdf":
-        pdf = handlers.report_pdf_file(settings, report).read_bytes()
-        headers |= {
-            "ETag": f'"{report.pdf_sha256}"',
-            "Content-Disposition": f'inline; filename="second-opinion-{case_id}.pdf"',
-        }
-        return Response(pdf, media_type=PDF, headers=headers)
-    return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON, headers=headers)
-
-
-@fhir.get("/{report_id}", responses={200: {"content": {FHIR_JSON: {}}}, 404: {"content": {FHIR_JSON: {}}}})
-def read_diagnostic_report(report_id: str, session: SessionDep) -> JSONResponse:
-    report = session.get(Report, report_id)
-    if report is None:
-        outcome = operation_outcome("not-found", f"DiagnosticReport/{report_id} does not exist")
-        return JSONResponse(outcome, status_code=404, media_type=FHIR_JSON)
-    return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON)
+    reviewer: CurrentReviewer,
+) -> QuestionPublic:
+    """Answer a follow-up question: the report gets a new version with the answer as an addendum."""
+    review = _review_or_404(session, review_id, reviewer)
+    question = session.exec(
+        select(FollowUpQuestion)
+        .where(FollowUpQuestion.id == question_id, FollowUpQuestion.review_id == review.id)
+        .with_for_update()
+    ).first()
+    if question is None:
+        raise HTTPException(404, f"review {review_id} has no follow-up question {question_id}")
+    _apply(lambda: followup.answer(review, question, body.answer, session, settings))
+    session.commit()
+    relay.wake()
+    return QuestionPublic.of(question)
 
 
 router = APIRouter()
-for _router in (specialists, reviews, reports, fhir):
+for _router in (specialists, reviews, reports, fhir, fhir_practitioners):
     router.include_router(_router)
 
 
-def negotiate_report_format(accept: str | None) -> ReportFormat | None:
-    """The best acceptable format: highest q first, an exact type before a wildcard; FHIR JSON by default."""
-    if accept is None or not accept.strip():
-        return "fhir"
-    best: tuple[float, int, ReportFormat] | None = None
-    for entry in accept.split(","):
-        media, *params = (p.strip() for p in entry.split(";"))
-        media = media.lower()
-        q = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        report_format = REPORT_MEDIA_TYPES.get(media) or (
-            "fhir" if media in ("*/*", "application/*") else None
-        )
-        if report_format is None or q <= 0:
-            continue
-        rank = (q, int(media in REPORT_MEDIA_TYPES), report_format)
-        if best is None or rank[:2] > best[:2]:
-            best = rank
-    return best[2] if best else None
+def _apply(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except ReviewStateError as exc:
+        raise HTTPException(409, str(exc)) from exc
 
 
-def _review_or_404(session: Session, review_id: str, *, for_update: bool = False) -> Review:
+def _review_or_404(
+    session: Session, review_id: str, reviewer: str | None, *, for_update: bool = False
+) -> Review:
     query = select(Review).where(Review.id == review_id)
     review = session.exec(query.with_for_update() if for_update else query).first()
-    if review is None:
-        raise HTTPException(404, f"review {review_id} does not exist; GET /v1/reviews?reviewer=… lists yours")
+    # Someone else's review is answered exactly like a missing one: its existence is not the caller's business.
+    if review is None or (reviewer is not None and review.reviewer_id != reviewer):
+        raise HTTPException(
+            404,
+            f"review {review_id} is not offered to or accepted by you; GET /v1/reviews?reviewer=… lists yours",
+        )
     return review
 
 
-def _work_item(review: Review) -> WorkItem:
+def _questions(session: Session, review: Review) -> list[FollowUpQuestion]:
+    query = select(FollowUpQuestion).where(FollowUpQuestion.review_id == review.id)
+    return list(session.exec(query.order_by(col(FollowUpQuestion.asked_at))).all())
+
+
+def _work_item(review: Review, questions: list[FollowUpQuestion]) -> WorkItem:
     return WorkItem(
         review_id=review.id,
         case_id=review.case_id,
-        status=review.status,
+        status=review.status,  # type: ignore[arg-type]
         subspecialty=review.subspecialty,
         exam_type=review.exam_type,
         clinical_question=review.request["clinical_question"],
         urgency=review.urgency,
         due_at=review.due_at,
         assigned_at=review.assigned_at,
+        open_questions=sum(q.status == "open" for q in questions),
     )
 
 
-def _detail(review: Review, settings: Settings) -> ReviewDetail:
+def _detail(session: Session, review: Review, settings: Settings) -> ReviewDetail:
     request = MatchSpecialist.model_validate(review.request)
+    questions = _questions(session, review)
+    records_url = f"{settings.records_url}/v1/records/{review.case_id}"
     return ReviewDetail(
-        **_work_item(review).model_dump(),
+        **_work_item(review, questions).model_dump(),
         reviewer_id=review.reviewer_id,
         reason=request.reason,
         exam=request.exam,
@@ -218,9 +223,19 @@ def _detail(review: Review, settings: Settings) -> ReviewDetail:
         patient_age_years=_age(request.patient.birth_date, request.exam.performed_on),
         original_report=request.original_report,
         study=request.study,
-        records_url=f"{settings.records_url}/v1/records/{review.case_id}",
+        records_url=records_url,
+        adequacy_warnings=request.adequacy_warnings,
+        dicomweb_study_url=f"{settings.records_url}/dicomweb/studies/{request.study.study_instance_uid}",
+        match_explanation=review.match_explanation,
         findings=ReviewFindings.of(review),
+        draft=ReviewDraft.model_validate(review.draft) if review.draft else None,
         submitted_at=review.submitted_at,
+        accepted_at=review.accepted_at,
+        declined_at=review.declined_at,
+        decline_reason=review.decline_reason,
+        withdrawn_at=review.withdrawn_at,
+        withdrawn_reason=review.withdrawn_reason,
+        questions=[QuestionPublic.of(q) for q in questions],
     )
 
 

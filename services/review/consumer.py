@@ -1,43 +1,50 @@
-"""AMQP entrypoint: turns a command on queue `review` into a call to its handler."""
+"""AMQP entrypoint: turns a command or event on queue `review` into a call to its handler."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ValidationError
 from sqlmodel import Session
 
-from contracts.commands import ComposeReport, MatchSpecialist
+from contracts.commands import ComposeReport, FollowUpQuestionForReviewer, MatchSpecialist, WithdrawOffer
 from contracts.envelope import CloudEvent
+from contracts.events import CaseCancelled
 from services.common.config import Settings, get_settings
 from services.common.errors import PoisonMessage
-from services.review import handlers
+from services.review import followup, handlers, offers
 
-COMMANDS: dict[str, type[BaseModel]] = {
-    MatchSpecialist.TYPE: MatchSpecialist,
-    ComposeReport.TYPE: ComposeReport,
+MESSAGES: dict[str, type[BaseModel]] = {
+    m.TYPE: m
+    for m in (MatchSpecialist, WithdrawOffer, FollowUpQuestionForReviewer, ComposeReport, CaseCancelled)
 }
 
 
 def handle(session: Session, event: CloudEvent, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    command = parse(event)
-    if isinstance(command, MatchSpecialist):
-        handlers.match(command, session, settings, event_id=event.id)
-    elif isinstance(command, ComposeReport):
-        handlers.compose(command, session, settings)
+    message = parse(event)
+    if isinstance(message, MatchSpecialist):
+        handlers.match(message, session, settings, event_id=event.id)
+    elif isinstance(message, WithdrawOffer):
+        offers.withdraw(message, session)
+    elif isinstance(message, CaseCancelled):
+        offers.cancel_case(message, session)
+    elif isinstance(message, FollowUpQuestionForReviewer):
+        followup.ask(message, session)
+    elif isinstance(message, ComposeReport):
+        handlers.compose(message, session, settings)
 
 
 def parse(event: CloudEvent) -> BaseModel:
-    model = COMMANDS.get(event.type)
+    model = MESSAGES.get(event.type)
     if model is None:
         raise PoisonMessage(
-            f"the review service does not handle {event.type!r}; it handles {sorted(COMMANDS)}"
+            f"the review service does not handle {event.type!r}; it handles {sorted(MESSAGES)}"
         )
     try:
-        command = model.model_validate(event.data)
+        message = model.model_validate(event.data)
     except ValidationError as exc:
         # Field names only: the values may be a patient's name or birth date.
         fields = ", ".join(".".join(map(str, e["loc"])) or "data" for e in exc.errors()[:10])
         raise PoisonMessage(f"{event.type} data does not match its schema (bad fields: {fields})") from exc
-    if getattr(command, "case_id", None) != event.subject:
+    if getattr(message, "case_id", None) != event.subject:
         raise PoisonMessage(f"{event.type} is about case {event.subject} but its data names another case")
-    return command
+    return message

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.documentreference import DocumentReference
 
 from services.review.report_pdf import TITLE, ReportContent
 
@@ -16,6 +17,9 @@ FHIR_JSON = "application/fhir+json"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 LOINC = "http://loinc.org"
 CASE_IDENTIFIER_SYSTEM = "urn:secondopinion:case"
+# R4 has no DiagnosticReport element that points at a DocumentReference; this extension names the contained
+# one that describes the PDF (and satisfies dom-3: a contained resource must be referenced).
+REPORT_DOCUMENT_EXTENSION = "urn:secondopinion:fhir:report-document"
 
 
 def attachment_hash(pdf: bytes) -> str:
@@ -28,12 +32,36 @@ def build_diagnostic_report(
 ) -> dict[str, Any]:
     """The DiagnosticReport resource as JSON, after validating it against the R4 model."""
     reviewer = {"display": f"{content.reviewer_signature}, {content.reviewer.organization}"}
+    pdf_attachment = {
+        "contentType": "application/pdf",
+        "url": pdf_url,
+        "size": len(pdf),
+        "hash": attachment_hash(pdf),
+        "title": TITLE,
+        "creation": content.signed_at.isoformat(),
+    }
+    document = DocumentReference.model_validate(
+        {
+            "resourceType": "DocumentReference",
+            "id": "pdf",
+            "status": "current",
+            "docStatus": "amended" if content.addenda else "final",
+            "type": {"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}]},
+            "subject": {"display": content.patient_name},
+            "date": issued.isoformat(),
+            "author": [reviewer],
+            "content": [{"attachment": pdf_attachment}],
+        }
+    )
     resource = DiagnosticReport.model_validate(
         {
             "resourceType": "DiagnosticReport",
             "id": report_id,
+            "contained": [json.loads(document.model_dump_json())],
+            "extension": [{"url": REPORT_DOCUMENT_EXTENSION, "valueReference": {"reference": "#pdf"}}],
             "identifier": [{"system": CASE_IDENTIFIER_SYSTEM, "value": content.case_id}],
-            "status": "final",
+            # FHIR R4: "appended" = subsequent to being final, the report has been added to (an addendum).
+            "status": "appended" if content.addenda else "final",
             "category": [{"coding": [{"system": V2_0074, "code": "RAD", "display": "Radiology"}]}],
             "code": {
                 "coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}],
@@ -45,16 +73,7 @@ def build_diagnostic_report(
             "performer": [reviewer],
             "resultsInterpreter": [reviewer],
             "conclusion": content.findings.impression,
-            "presentedForm": [
-                {
-                    "contentType": "application/pdf",
-                    "url": pdf_url,
-                    "size": len(pdf),
-                    "hash": attachment_hash(pdf),
-                    "title": TITLE,
-                    "creation": content.signed_at.isoformat(),
-                }
-            ],
+            "presentedForm": [pdf_attachment],
         }
     )
     return json.loads(resource.model_dump_json())

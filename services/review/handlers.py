@@ -13,15 +13,23 @@ from sqlmodel import Session, func, select
 
 from contracts.commands import ComposeReport, MatchSpecialist
 from contracts.envelope import CloudEvent, new_event
-from contracts.events import Event, ReportReady, ReviewAssigned, ReviewSubmitted, ReviewUnmatched
+from contracts.events import Event, ReportReady, ReviewOffered, ReviewSubmitted, ReviewUnmatched
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.db import utcnow
 from services.common.errors import PoisonMessage
 from services.review.diagnostic_report import build_diagnostic_report
 from services.review.matching import NoMatch, match_specialist
-from services.review.models import Report, Review, ReviewFindings, Specialist, as_utc
-from services.review.report_pdf import ReportContent, render_report_pdf
+from services.review.models import (
+    OPEN_STATUSES,
+    FollowUpQuestion,
+    Report,
+    Review,
+    ReviewFindings,
+    Specialist,
+    as_utc,
+)
+from services.review.report_pdf import Addendum, ReportContent, render_report_pdf
 
 SOURCE = "/services/review"
 
@@ -29,7 +37,7 @@ log = structlog.get_logger(__name__)
 
 
 def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_id: str) -> None:
-    """Assign the case to the best specialist, or report why nobody can take it."""
+    """Offer the case to the best specialist, or report why nobody can take it."""
     if session.exec(select(Review.id).where(Review.match_event_id == event_id)).first() is not None:
         log.info("review.match_already_applied", case_id=cmd.case_id)
         return
@@ -38,16 +46,16 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
     open_reviews = dict(
         session.exec(
             select(Review.reviewer_id, func.count())
-            .where(Review.status == "assigned")
+            .where(Review.status.in_(OPEN_STATUSES))  # type: ignore[attr-defined]
             .group_by(Review.reviewer_id)
         ).all()
     )
-    result = match_specialist(cmd, specialists, open_reviews)
+    result = match_specialist(cmd, specialists, open_reviews, now=utcnow())
     if isinstance(result, NoMatch):
         unmatched = ReviewUnmatched(
             case_id=cmd.case_id, subspecialty=result.subspecialty, reason=result.reason
         )
-        enqueue(session, EVENTS, _event(f"{event_id}>{unmatched.TYPE}", unmatched))
+        enqueue(session, EVENTS, event(f"{event_id}>{unmatched.TYPE}", unmatched))
         log.warning("review.unmatched", case_id=cmd.case_id, subspecialty=result.subspecialty)
         return
     review = Review(
@@ -63,22 +71,23 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
         due_at=as_utc(cmd.due_at),
     )
     session.add(review)
-    assigned = ReviewAssigned(
+    offered = ReviewOffered(
         case_id=cmd.case_id,
         review_id=review.id,
         reviewer_id=review.reviewer_id,
         subspecialty=review.subspecialty,
         explanation=review.match_explanation,
     )
-    enqueue(session, EVENTS, _event(f"{event_id}>{assigned.TYPE}", assigned))
-    log.info("review.assigned", case_id=cmd.case_id, review_id=review.id, reviewer_id=review.reviewer_id)
+    enqueue(session, EVENTS, event(f"{event_id}>{offered.TYPE}", offered))
+    log.info("review.offered", case_id=cmd.case_id, review_id=review.id, reviewer_id=review.reviewer_id)
 
 
 def submit(review: Review, findings: ReviewFindings, session: Session) -> None:
-    """Record the specialist's second opinion; the caller has checked the review is still assigned."""
+    """Record the specialist's second opinion; the caller has checked the review is accepted."""
     for name, value in findings.model_dump().items():
         setattr(review, name, value)
     review.status = "submitted"
+    review.draft = None
     review.submitted_at = utcnow()
     session.add(review)
     submitted = ReviewSubmitted(
@@ -87,7 +96,7 @@ def submit(review: Review, findings: ReviewFindings, session: Session) -> None:
         reviewer_id=review.reviewer_id,
         agreement=findings.agreement,
     )
-    enqueue(session, EVENTS, _event(f"{submitted.TYPE}:{review.id}", submitted))
+    enqueue(session, EVENTS, event(f"{submitted.TYPE}:{review.id}", submitted))
     log.info("review.submitted", case_id=review.case_id, review_id=review.id, agreement=findings.agreement)
 
 
@@ -107,7 +116,7 @@ def compose(cmd: ComposeReport, session: Session, settings: Settings) -> Report:
         fhir_url=f"{settings.review_url}/fhir/DiagnosticReport/{report.id}",
         sha256=report.pdf_sha256,
     )
-    enqueue(session, EVENTS, _event(f"{ready.TYPE}:{cmd.case_id}", ready))
+    enqueue(session, EVENTS, event(f"{ready.TYPE}:{cmd.case_id}", ready))
     return report
 
 
@@ -125,40 +134,55 @@ def _new_report(cmd: ComposeReport, session: Session, settings: Settings) -> Rep
         raise PoisonMessage(
             f"review {cmd.review_id} does not exist for case {cmd.case_id}; nothing to compose"
         )
-    findings = ReviewFindings.of(review)
-    if findings is None or review.submitted_at is None:
+    if review.status != "submitted" or review.submitted_at is None:
         raise PoisonMessage(f"review {cmd.review_id} is {review.status}, not submitted; nothing to compose")
-    reviewer = session.get(Specialist, review.reviewer_id)
-    if reviewer is None:
-        raise PoisonMessage(f"reviewer {review.reviewer_id} of review {review.id} is not in the directory")
-    content = ReportContent(
+    report = Report(
+        id=str(uuid.uuid4()),
         case_id=cmd.case_id,
+        review_id=review.id,
+        pdf_sha256="",
+        pdf_path="",
+        diagnostic_report={},
+    )
+    render_report(report, review, session, settings)
+    return report
+
+
+def render_report(report: Report, review: Review, session: Session, settings: Settings) -> None:
+    """(Re)write the report's PDF and DiagnosticReport from the review and its answered questions."""
+    findings = ReviewFindings.of(review)
+    reviewer = session.get(Specialist, review.reviewer_id)
+    if findings is None or review.submitted_at is None or reviewer is None:
+        raise PoisonMessage(f"review {review.id} is not a submitted review by a known reviewer")
+    answered = session.exec(
+        select(FollowUpQuestion)
+        .where(FollowUpQuestion.review_id == review.id, FollowUpQuestion.status == "answered")
+        .order_by(FollowUpQuestion.answered_at)  # type: ignore[arg-type]
+    ).all()
+    content = ReportContent(
+        case_id=report.case_id,
         request=MatchSpecialist.model_validate(review.request),
         findings=findings,
         reviewer=reviewer,
         subspecialty=review.subspecialty,
         signed_at=review.submitted_at,
+        addenda=tuple(Addendum(q.text, q.answer or "", as_utc(q.answered_at or utcnow())) for q in answered),
     )
     pdf = render_report_pdf(content)
-    sha256, pdf_path = _store_pdf(settings, pdf)
-    report_id = str(uuid.uuid4())
+    report.pdf_sha256, report.pdf_path = _store_pdf(settings, pdf)
     issued = utcnow()
-    diagnostic_report = build_diagnostic_report(
-        report_id=report_id,
+    report.diagnostic_report = build_diagnostic_report(
+        report_id=report.id,
         content=content,
         pdf=pdf,
-        pdf_url=report_pdf_url(settings, cmd.case_id),
+        pdf_url=report_pdf_url(settings, report.case_id),
         issued=issued,
     )
-    return Report(
-        id=report_id,
-        case_id=cmd.case_id,
-        review_id=review.id,
-        pdf_sha256=sha256,
-        pdf_path=pdf_path,
-        diagnostic_report=diagnostic_report,
-        created_at=issued,
-    )
+    if answered:
+        report.updated_at = issued
+    else:
+        report.created_at = issued
+    session.add(report)
 
 
 def _store_pdf(settings: Settings, pdf: bytes) -> tuple[str, str]:
@@ -176,5 +200,5 @@ def _store_pdf(settings: Settings, pdf: bytes) -> tuple[str, str]:
     return sha256, relative
 
 
-def _event(event_id: str, data: Event) -> CloudEvent:
+def event(event_id: str, data: Event) -> CloudEvent:
     return new_event(id=event_id, source=SOURCE, data=data, subject=data.case_id)

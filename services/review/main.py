@@ -4,11 +4,11 @@ from services.common.config import get_settings
 from services.common.db import get_engine
 from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
-from services.review import api, consumer
+from services.review import api, consumer, deps
 
 settings = get_settings()
 runtime = ServiceRuntime(service="review", engine=lambda: get_engine("review"), handle=consumer.handle)
-api.wake_relay = runtime.wake_relay
+deps.relay.wake = runtime.wake_relay
 app = create_app(
     "review",
     routers=[api.router],

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
 from sqlalchemy import JSON
 from sqlmodel import Field, SQLModel
 
 from contracts.models import Exam, OriginalReport, StudySummary
 from services.common.db import utcnow
 
-TABLES = ("specialists", "reviews", "reports")
+TABLES = ("specialists", "reviews", "reports", "follow_up_questions")
 
-ReviewStatus = Literal["assigned", "submitted"]
+ReviewStatus = Literal["offered", "accepted", "submitted", "declined", "withdrawn"]
+# Reviews that count against a specialist's capacity and show in their worklist by default.
+OPEN_STATUSES = ("offered", "accepted")
+WORKLIST_STATUSES = ("offered", "accepted", "submitted")
 TechnicalQuality = Literal["diagnostic", "limited", "non_diagnostic"]
 Agreement = Literal["concordant", "minor_discrepancy", "major_discrepancy"]
+# RADPEER (ACR): 1 concur; 2 discrepancy, diagnosis not ordinarily expected; 3 should be made most of the time;
+# 4 should be made almost every time; a/b = unlikely / likely clinically significant. Kept for QA only.
+RadpeerScore = Literal["1", "2a", "2b", "3a", "3b", "4a", "4b"]
 
 ClinicalText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
 ListItem = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1_000)]
@@ -37,6 +43,18 @@ class SpecialistBase(SQLModel):
     academic: bool = False
     max_open_reviews: int = 5
     active: bool = True
+    payer_networks: list[str] = Field(default_factory=list, sa_type=JSON, description="plan codes in network")
+    out_of_office: list[dict[str, str]] = Field(
+        default_factory=list, sa_type=JSON, description="[{'start': ISO date, 'end': ISO date}], inclusive"
+    )
+
+    def away_between(self, start: date, end: date) -> tuple[date, date] | None:
+        """The first out-of-office period that overlaps [start, end], if any."""
+        for period in self.out_of_office:
+            away_from, away_to = date.fromisoformat(period["start"]), date.fromisoformat(period["end"])
+            if away_from <= end and away_to >= start:
+                return away_from, away_to
+        return None
 
 
 class Specialist(SpecialistBase, table=True):
@@ -56,14 +74,20 @@ class Review(SQLModel, table=True):
     case_id: str = Field(index=True, max_length=100)
     reviewer_id: str = Field(foreign_key="specialists.id", index=True, max_length=50)
     subspecialty: str = Field(max_length=50)
-    status: str = Field(default="assigned", index=True, max_length=20)
+    status: str = Field(default="offered", index=True, max_length=20)
     match_event_id: str = Field(unique=True, max_length=300, description="the review.match that created it")
     match_explanation: str
     request: dict[str, Any] = Field(sa_type=JSON, description="the MatchSpecialist command data")
     exam_type: str = Field(max_length=50)
     urgency: str = Field(max_length=20)
     due_at: datetime = Field(index=True)
-    assigned_at: datetime = Field(default_factory=utcnow)
+    assigned_at: datetime = Field(default_factory=utcnow, description="when the offer was made")
+    accepted_at: datetime | None = None
+    declined_at: datetime | None = None
+    decline_reason: str | None = Field(default=None, max_length=500)
+    withdrawn_at: datetime | None = None
+    withdrawn_reason: str | None = Field(default=None, max_length=20)
+    draft: dict[str, Any] | None = Field(default=None, sa_type=JSON, description="unsubmitted findings")
 
     technical_quality: str | None = Field(default=None, max_length=20)
     technical_notes: str | None = None
@@ -73,6 +97,8 @@ class Review(SQLModel, table=True):
     alternative_diagnoses: list[str] | None = Field(default=None, sa_type=JSON)
     recommendations: list[str] | None = Field(default=None, sa_type=JSON)
     new_ultrasound_needed: bool | None = None
+    radpeer_score: str | None = Field(default=None, max_length=2)
+    patient_answers: str | None = None
     submitted_at: datetime | None = Field(default=None)
 
 
@@ -86,6 +112,24 @@ class Report(SQLModel, table=True):
     pdf_path: str = Field(max_length=300, description="relative to the review service's data directory")
     diagnostic_report: dict[str, Any] = Field(sa_type=JSON, description="FHIR R4 DiagnosticReport")
     created_at: datetime = Field(default_factory=utcnow)
+    version: int = Field(default=1, description="1 as composed, +1 per addendum")
+    updated_at: datetime | None = None
+
+
+class FollowUpQuestion(SQLModel, table=True):
+    """A follow-up question after delivery, for the specialist who reviewed the case; its answer is an addendum."""
+
+    __tablename__ = "follow_up_questions"
+
+    id: str = Field(primary_key=True, max_length=100, description="the workflow's question id")
+    case_id: str = Field(primary_key=True, max_length=100)
+    review_id: str = Field(foreign_key="reviews.id", index=True, max_length=36)
+    text: str
+    asked_by: str = Field(max_length=100)
+    asked_at: datetime = Field(default_factory=utcnow)
+    status: str = Field(default="open", max_length=20, description="open | answered | withdrawn")
+    answer: str | None = None
+    answered_at: datetime | None = None
 
 
 class ReviewFindings(BaseModel):
@@ -101,12 +145,70 @@ class ReviewFindings(BaseModel):
     alternative_diagnoses: list[ListItem] = Field(default_factory=list, max_length=20)
     recommendations: list[ListItem] = Field(min_length=1, max_length=20)
     new_ultrasound_needed: bool
+    radpeer_score: RadpeerScore | None = Field(
+        default=None, description="quality assurance only, never shown to the patient"
+    )
+    patient_answers: str | None = Field(
+        default=None, max_length=20_000, description="answers to the patient's own questions"
+    )
+
+    @model_validator(mode="after")
+    def score_fits_agreement(self) -> ReviewFindings:
+        if self.radpeer_score is not None and (self.radpeer_score == "1") != (self.agreement == "concordant"):
+            raise ValueError("radpeer_score 1 means concordant, and a discrepancy needs a score of 2a to 4b")
+        return self
 
     @classmethod
     def of(cls, review: Review) -> ReviewFindings | None:
         if review.status != "submitted":
             return None
         return cls.model_validate(review.model_dump(include=set(cls.model_fields)))
+
+
+class ReviewDraft(BaseModel):
+    """PUT /v1/reviews/{review_id}/draft: any part of the findings, validated only at submission."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    technical_quality: TechnicalQuality | None = None
+    technical_notes: str | None = Field(default=None, max_length=5_000)
+    agreement: Agreement | None = None
+    findings: str | None = Field(default=None, max_length=20_000)
+    impression: str | None = Field(default=None, max_length=20_000)
+    alternative_diagnoses: list[ListItem] | None = Field(default=None, max_length=20)
+    recommendations: list[ListItem] | None = Field(default=None, max_length=20)
+    new_ultrasound_needed: bool | None = None
+    radpeer_score: RadpeerScore | None = None
+    patient_answers: str | None = Field(default=None, max_length=20_000)
+
+
+class Decline(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=500)]
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    answer: ClinicalText
+
+
+class QuestionPublic(BaseModel):
+    question_id: str
+    text: str
+    asked_by: str
+    asked_at: datetime
+    status: str
+    answer: str | None
+    answered_at: datetime | None
+
+    @classmethod
+    def of(cls, q: FollowUpQuestion) -> QuestionPublic:
+        return cls(
+            question_id=q.id,
+            **q.model_dump(include={"text", "asked_by", "asked_at", "status", "answer", "answered_at"}),
+        )
 
 
 class WorkItem(BaseModel):
@@ -119,6 +221,7 @@ class WorkItem(BaseModel):
     urgency: str
     due_at: datetime
     assigned_at: datetime
+    open_questions: int = 0
 
 
 class ReviewDetail(WorkItem):
@@ -132,5 +235,15 @@ class ReviewDetail(WorkItem):
     original_report: OriginalReport
     study: StudySummary
     records_url: str
+    adequacy_warnings: list[str]
+    dicomweb_study_url: str
+    match_explanation: str
     findings: ReviewFindings | None
+    draft: ReviewDraft | None
     submitted_at: datetime | None
+    accepted_at: datetime | None
+    declined_at: datetime | None
+    decline_reason: str | None
+    withdrawn_at: datetime | None
+    withdrawn_reason: str | None
+    questions: list[QuestionPublic]

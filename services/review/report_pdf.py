@@ -35,6 +35,15 @@ AGREEMENT_COLOURS = {
 
 
 @dataclass(frozen=True)
+class Addendum:
+    """A follow-up question and the specialist's answer, issued after the report was delivered."""
+
+    question: str
+    answer: str
+    answered_at: datetime
+
+
+@dataclass(frozen=True)
 class ReportContent:
     """What the integrated report says, gathered from the review request, the findings and the reviewer."""
 
@@ -44,6 +53,7 @@ class ReportContent:
     reviewer: Specialist
     subspecialty: str
     signed_at: datetime
+    addenda: tuple[Addendum, ...] = ()
 
     @property
     def patient_name(self) -> str:
@@ -119,6 +129,8 @@ def _story(c: ReportContent) -> list[Flowable]:
     if f.technical_notes:
         quality += f": {f.technical_notes}"
     story += _section("Technical quality of the original study", [quality], styles, bullets=False)
+    if f.patient_answers:
+        story += _section("Answers to the patient's questions", [f.patient_answers], styles, bullets=False)
     subspecialty = c.subspecialty.replace("_", " ")
     story += [
         Spacer(1, 6 * mm),
@@ -131,6 +143,17 @@ def _story(c: ReportContent) -> list[Flowable]:
             f"Electronically signed {c.signed_at.strftime('%Y-%m-%d %H:%M:%S')} UTC", styles["BodyText"]
         ),
     ]
+    for number, addendum in enumerate(c.addenda, start=1):
+        signed = addendum.answered_at.strftime("%Y-%m-%d %H:%M:%S")
+        story += [
+            Paragraph(f"Addendum {number}", styles["Heading"]),
+            Paragraph(f"<b>Question:</b> {escape(addendum.question)}", styles["BodyText"]),
+            Paragraph("<b>Answer:</b>", styles["BodyText"]),
+            *_paragraphs(addendum.answer, styles["BodyText"]),
+            Paragraph(
+                f"Electronically signed {signed} UTC by {escape(c.reviewer_signature)}", styles["BodyText"]
+            ),
+        ]
     return story
 
 

@@ -82,7 +82,7 @@ def wait_for(
     raise AssertionError(f"no message {message_id} on {queue} within {timeout} s")
 
 
-def test_match_command_comes_back_as_review_assigned(
+def test_match_command_comes_back_as_review_offered(
     settings: Settings, review_service: Consumer, channel: BlockingChannel
 ) -> None:
     events = channel.queue_declare("", exclusive=True).method.queue
@@ -91,10 +91,10 @@ def test_match_command_comes_back_as_review_assigned(
 
     publish(settings, command)
 
-    _, body = wait_for(channel, events, f"{command.id}>review.assigned")
+    _, body = wait_for(channel, events, f"{command.id}>review.offered")
     event = CloudEvent.model_validate_json(body)
     assert (event.type, event.source, event.subject) == (
-        "review.assigned",
+        "review.offered",
         "/services/review",
         command.subject,
     )

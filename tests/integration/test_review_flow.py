@@ -26,8 +26,8 @@ from services.common.config import Settings, get_settings
 from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.http import create_app
-from services.review import api, consumer
-from services.review.models import Report, Review
+from services.review import api, consumer, deps, offers
+from services.review.models import FollowUpQuestion, Report, Review
 from tests.unit.test_review_matching import request
 
 ORIGINAL_REPORT = (
@@ -42,6 +42,8 @@ FINDINGS = {
     "alternative_diagnoses": ["Endometrioma"],
     "recommendations": ["Repeat pelvic ultrasound in 8 to 12 weeks."],
     "new_ultrasound_needed": True,
+    "radpeer_score": "3b",
+    "patient_answers": "You do not need surgery now; a repeat scan will show whether the cyst goes away.",
 }
 
 
@@ -56,14 +58,14 @@ def engine(settings: Settings) -> Iterator[Engine]:
 @pytest.fixture(autouse=True)
 def empty_tables(engine: Engine) -> None:
     with engine.begin() as conn:
-        for table in (Report, Review, Outbox, Inbox):
+        for table in (FollowUpQuestion, Report, Review, Outbox, Inbox):
             conn.execute(delete(table))
 
 
 @pytest.fixture
 def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
     app = create_app("review", routers=[api.router], engine=lambda: engine)
-    app.dependency_overrides[api.review_engine] = lambda: engine
+    app.dependency_overrides[deps.review_engine] = lambda: engine
     app.dependency_overrides[get_settings] = lambda: settings
     with TestClient(app) as client:
         yield client
@@ -100,19 +102,30 @@ def outbox_event(engine: Engine, message_id: str) -> CloudEvent:
     return event
 
 
-def assigned_review(engine: Engine, settings: Settings, **kwargs: Any) -> tuple[CloudEvent, dict[str, Any]]:
+def offered_review(engine: Engine, settings: Settings, **kwargs: Any) -> tuple[CloudEvent, dict[str, Any]]:
     command = match_command(**kwargs)
     apply(engine, settings, command)
-    return command, outbox_event(engine, f"{command.id}>review.assigned").data
+    return command, outbox_event(engine, f"{command.id}>review.offered").data
 
 
-def test_match_assigns_a_specialist_and_announces_it(engine: Engine, settings: Settings) -> None:
+def assigned_review(engine: Engine, settings: Settings, **kwargs: Any) -> tuple[CloudEvent, dict[str, Any]]:
+    """A review offered and accepted by its specialist, as the worklist shows it before the findings."""
+    command, offered = offered_review(engine, settings, **kwargs)
+    with Session(engine) as session:
+        review = session.get(Review, offered["review_id"])
+        assert review is not None
+        offers.accept(review, session)
+        session.commit()
+    return command, offered
+
+
+def test_match_offers_the_case_to_a_specialist_and_announces_it(engine: Engine, settings: Settings) -> None:
     command = match_command("pelvic", "CA")
 
     apply(engine, settings, command)
     apply(engine, settings, command)  # a redelivered command changes nothing
 
-    event = outbox_event(engine, f"{command.id}>review.assigned")
+    event = outbox_event(engine, f"{command.id}>review.offered")
     assert event.subject == command.subject
     assert event.data["reviewer_id"] == "spec-gyn-1"
     assert event.data["subspecialty"] == "gynecologic_imaging"
@@ -121,8 +134,8 @@ def test_match_assigns_a_specialist_and_announces_it(engine: Engine, settings: S
     )
     with Session(engine) as session:
         reviews = session.exec(select(Review).where(Review.case_id == command.subject)).all()
-    assert [(r.id, r.status, r.reviewer_id) for r in reviews] == [
-        (event.data["review_id"], "assigned", "spec-gyn-1")
+    assert [(r.id, r.status, r.reviewer_id, r.match_explanation) for r in reviews] == [
+        (event.data["review_id"], "offered", "spec-gyn-1", event.data["explanation"])
     ]
 
 
@@ -154,7 +167,7 @@ def test_worklist_lists_the_reviewers_cases_soonest_due_first(
     assert [i["case_id"] for i in items] == [sooner.subject, later.subject]
     assert items[0]["clinical_question"] == "Torsion?"
     assert {(i["status"], i["exam_type"], i["urgency"]) for i in items} == {
-        ("assigned", "pelvic", "standard")
+        ("accepted", "pelvic", "standard")
     }
 
 
@@ -171,7 +184,7 @@ def test_worklist_needs_a_known_reviewer(client: TestClient) -> None:
 def test_review_detail_gives_the_specialist_what_they_need(
     engine: Engine, settings: Settings, client: TestClient
 ) -> None:
-    command, assigned = assigned_review(engine, settings)
+    command, assigned = assigned_review(engine, settings, adequacy_warnings=["no cine clip of the lesion"])
 
     body = client.get(f"/v1/reviews/{assigned['review_id']}").json()
 
@@ -180,6 +193,9 @@ def test_review_detail_gives_the_specialist_what_they_need(
     assert body["exam"]["exam_type"] == "pelvic"
     assert (body["clinical_question"], body["reason"]) == ("Is the mass malignant?", "possible_malignancy")
     assert body["records_url"] == f"{settings.records_url}/v1/records/{command.subject}"
+    assert body["dicomweb_study_url"] == f"{settings.records_url}/dicomweb/studies/1.2.3"
+    assert body["adequacy_warnings"] == ["no cine clip of the lesion"]
+    assert body["match_explanation"].startswith("spec-gyn-1: exam 'pelvic'")
     assert body["findings"] is None
     assert client.get("/v1/reviews/no-such-review").status_code == 404
 
@@ -236,7 +252,7 @@ def test_an_incomplete_submission_names_what_is_missing(
     assert response.status_code == 422
     fields = {e["field"] for e in response.json()["errors"]}
     assert fields == {"agreement", "findings", "impression", "recommendations", "surprise"}
-    assert client.get(f"/v1/reviews/{assigned['review_id']}").json()["status"] == "assigned"
+    assert client.get(f"/v1/reviews/{assigned['review_id']}").json()["status"] == "accepted"
 
 
 def submitted_review(engine: Engine, settings: Settings, client: TestClient) -> tuple[str, str]:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.documentreference import DocumentReference
 from pypdf import PdfReader
 
 from contracts.envelope import CloudEvent
@@ -139,6 +140,9 @@ def test_diagnostic_report_is_valid_r4_and_hashes_the_pdf() -> None:
         == hashlib.sha1(pdf, usedforsecurity=False).digest()
     )
     assert attachment_hash(b"abc") == "qZk+NkcGgWq6PiVxeFDCbJzQ2J0="
+    [document] = resource["contained"]
+    assert DocumentReference.model_validate(document).content[0].attachment.url == form.url
+    assert resource["extension"][0]["valueReference"]["reference"] == f"#{document['id']}"
 
 
 @pytest.mark.parametrize(
@@ -154,6 +158,8 @@ def test_diagnostic_report_is_valid_r4_and_hashes_the_pdf() -> None:
         ("application/pdf;q=0, */*", "fhir"),
         ("text/html,application/xhtml+xml,*/*;q=0.8", "fhir"),
         ("text/html", None),
+        ("application/dicom", "dicom"),
+        ("application/dicom;q=0.9, application/pdf;q=0.5", "dicom"),
     ],
 )
 def test_report_format_is_negotiated(accept: str | None, expected: str | None) -> None:

@@ -1,0 +1,86 @@
+"""HTTP API of the specialist directory for operations, and its FHIR Practitioner / PractitionerRole reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import JSONResponse
+from sqlmodel import select
+
+from services.review.deps import SessionDep
+from services.review.diagnostic_report import FHIR_JSON, operation_outcome
+from services.review.directory import SpecialistCreate, SpecialistIn, practitioner, practitioner_role
+from services.review.models import Specialist, SpecialistPublic
+
+specialists = APIRouter(prefix="/v1/specialists", tags=["specialists"])
+fhir_practitioners = APIRouter(prefix="/fhir", tags=["fhir"])
+
+
+@specialists.get("", response_model=list[SpecialistPublic])
+def list_specialists(session: SessionDep) -> list[Specialist]:
+    return list(session.exec(select(Specialist).order_by(Specialist.id)).all())
+
+
+@specialists.post("", status_code=201, response_model=SpecialistPublic, responses={409: {}})
+def create_specialist(body: SpecialistCreate, session: SessionDep) -> Specialist:
+    if session.get(Specialist, body.id) is not None:
+        raise HTTPException(
+            409, f"specialist {body.id} already exists; PUT /v1/specialists/{body.id} updates"
+        )
+    specialist = Specialist(**body.columns())
+    session.add(specialist)
+    session.commit()
+    return specialist
+
+
+@specialists.get("/{specialist_id}", response_model=SpecialistPublic, responses={404: {}})
+def read_specialist(specialist_id: str, session: SessionDep) -> Specialist:
+    return _specialist_or_404(session, specialist_id)
+
+
+@specialists.put("/{specialist_id}", response_model=SpecialistPublic, responses={404: {}})
+def update_specialist(specialist_id: str, body: SpecialistIn, session: SessionDep) -> Specialist:
+    specialist = _specialist_or_404(session, specialist_id)
+    for name, value in body.columns().items():
+        setattr(specialist, name, value)
+    session.add(specialist)
+    session.commit()
+    return specialist
+
+
+@specialists.delete("/{specialist_id}", response_model=SpecialistPublic, responses={404: {}})
+def deactivate_specialist(specialist_id: str, session: SessionDep) -> Specialist:
+    """Take the specialist out of matching; their past reviews keep pointing at them, so nothing is deleted."""
+    specialist = _specialist_or_404(session, specialist_id)
+    specialist.active = False
+    session.add(specialist)
+    session.commit()
+    return specialist
+
+
+@fhir_practitioners.get("/Practitioner/{specialist_id}", responses={200: {"content": {FHIR_JSON: {}}}})
+def read_practitioner(specialist_id: str, session: SessionDep) -> JSONResponse:
+    return _fhir(session, specialist_id, "Practitioner", practitioner)
+
+
+@fhir_practitioners.get("/PractitionerRole/{specialist_id}", responses={200: {"content": {FHIR_JSON: {}}}})
+def read_practitioner_role(specialist_id: str, session: SessionDep) -> JSONResponse:
+    return _fhir(session, specialist_id, "PractitionerRole", practitioner_role)
+
+
+def _fhir(session: SessionDep, specialist_id: str, kind: str, view: Any) -> JSONResponse:
+    specialist = session.get(Specialist, specialist_id)
+    if specialist is None:
+        outcome = operation_outcome("not-found", f"{kind}/{specialist_id} does not exist")
+        return JSONResponse(outcome, status_code=404, media_type=FHIR_JSON)
+    return JSONResponse(view(specialist), media_type=FHIR_JSON)
+
+
+def _specialist_or_404(session: SessionDep, specialist_id: str) -> Specialist:
+    specialist = session.get(Specialist, specialist_id)
+    if specialist is None:
+        raise HTTPException(
+            404, f"no specialist {specialist_id!r} in the directory; GET /v1/specialists lists them"
+        )
+    return specialist

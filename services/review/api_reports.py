@@ -1,0 +1,143 @@
+"""HTTP API of the integrated report: PDF, FHIR DiagnosticReport or DICOM Encapsulated PDF by content
+negotiation, and the patient's plain-language summary."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, HTTPException
+from fastapi.responses import JSONResponse, Response
+from sqlmodel import Session, col, select
+
+from contracts.commands import MatchSpecialist
+from services.review import handlers
+from services.review.deps import SessionDep, SettingsDep
+from services.review.diagnostic_report import FHIR_JSON, operation_outcome
+from services.review.encapsulated_pdf import DICOM, encapsulated_pdf
+from services.review.models import FollowUpQuestion, Report, Review, ReviewFindings, Specialist, as_utc
+from services.review.patient_summary import PatientSummary, patient_summary
+
+PDF = "application/pdf"
+ReportFormat = Literal["pdf", "fhir", "dicom"]
+REPORT_MEDIA_TYPES: dict[str, ReportFormat] = {
+    PDF: "pdf",
+    FHIR_JSON: "fhir",
+    "application/json": "fhir",
+    DICOM: "dicom",
+}
+
+reports = APIRouter(prefix="/v1/reports", tags=["reports"])
+fhir = APIRouter(prefix="/fhir/DiagnosticReport", tags=["fhir"])
+
+
+@reports.get(
+    "/{case_id}",
+    responses={
+        200: {
+            "content": {FHIR_JSON: {}, PDF: {}, DICOM: {}},
+            "description": "the report in the format asked",
+        },
+        404: {"description": "no report for the case yet"},
+        406: {"description": "none of PDF, FHIR JSON or DICOM is acceptable"},
+    },
+)
+def get_report(
+    case_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The integrated report: `Accept: application/pdf` for the PDF, `application/dicom` for the DICOM
+    Encapsulated PDF in the original study, otherwise the FHIR DiagnosticReport."""
+    report_format = negotiate_report_format(accept)
+    if report_format is None:
+        raise HTTPException(406, f"the report is available as {', '.join(REPORT_MEDIA_TYPES)}; ask for one")
+    report = _report_or_404(session, case_id)
+    headers = {"Vary": "Accept"}
+    if report_format == "fhir":
+        return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON, headers=headers)
+    pdf = handlers.report_pdf_file(settings, report).read_bytes()
+    headers["ETag"] = f'"{report.pdf_sha256}-{report_format}"'
+    if report_format == "pdf":
+        headers["Content-Disposition"] = f'inline; filename="second-opinion-{case_id}.pdf"'
+        return Response(pdf, media_type=PDF, headers=headers)
+    review = session.get(Review, report.review_id)
+    assert review is not None  # a report row references its review (foreign key)
+    dicom = encapsulated_pdf(
+        pdf=pdf,
+        request=MatchSpecialist.model_validate(review.request),
+        report_id=report.id,
+        version=report.version,
+        issued=as_utc(report.updated_at or report.created_at),
+    )
+    headers["Content-Disposition"] = f'attachment; filename="second-opinion-{case_id}.dcm"'
+    return Response(dicom, media_type=DICOM, headers=headers)
+
+
+@reports.get("/{case_id}/patient-summary", response_model=PatientSummary, responses={404: {}})
+def get_patient_summary(case_id: str, session: SessionDep, settings: SettingsDep) -> PatientSummary:
+    """The second opinion in plain language for the patient (without the quality-assurance score)."""
+    report = _report_or_404(session, case_id)
+    review = session.get(Review, report.review_id)
+    findings = ReviewFindings.of(review) if review else None
+    reviewer = session.get(Specialist, review.reviewer_id) if review else None
+    if review is None or findings is None or reviewer is None or review.submitted_at is None:
+        raise HTTPException(404, f"case {case_id} has no submitted review")
+    answered = session.exec(
+        select(FollowUpQuestion)
+        .where(FollowUpQuestion.review_id == review.id, FollowUpQuestion.status == "answered")
+        .order_by(col(FollowUpQuestion.answered_at))
+    ).all()
+    return patient_summary(
+        case_id=case_id,
+        exam_type=review.exam_type,
+        reviewer=f"{reviewer.display_name}, {reviewer.credentials}",
+        signed_at=review.submitted_at,
+        findings=findings,
+        follow_ups=[(q.text, q.answer or "") for q in answered],
+    )
+
+
+@fhir.get("/{report_id}", responses={200: {"content": {FHIR_JSON: {}}}, 404: {"content": {FHIR_JSON: {}}}})
+def read_diagnostic_report(report_id: str, session: SessionDep) -> JSONResponse:
+    report = session.get(Report, report_id)
+    if report is None:
+        outcome = operation_outcome("not-found", f"DiagnosticReport/{report_id} does not exist")
+        return JSONResponse(outcome, status_code=404, media_type=FHIR_JSON)
+    return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON)
+
+
+def negotiate_report_format(accept: str | None) -> ReportFormat | None:
+    """The best acceptable format: highest q first, an exact type before a wildcard; FHIR JSON by default."""
+    if accept is None or not accept.strip():
+        return "fhir"
+    best: tuple[float, int, ReportFormat] | None = None
+    for entry in accept.split(","):
+        media, *params = (p.strip() for p in entry.split(";"))
+        media = media.lower()
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        report_format = REPORT_MEDIA_TYPES.get(media) or (
+            "fhir" if media in ("*/*", "application/*") else None
+        )
+        if report_format is None or q <= 0:
+            continue
+        rank = (q, int(media in REPORT_MEDIA_TYPES), report_format)
+        if best is None or rank[:2] > best[:2]:
+            best = rank
+    return best[2] if best else None
+
+
+def _report_or_404(session: Session, case_id: str) -> Report:
+    report = session.exec(select(Report).where(Report.case_id == case_id)).first()
+    if report is None:
+        raise HTTPException(
+            404, f"case {case_id} has no report yet; it is composed after the review is submitted"
+        )
+    return report

@@ -1,0 +1,72 @@
+"""The integrated report as a DICOM Encapsulated PDF instance in the original study (PS3.3 A.45.1)."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+
+from contracts.commands import MatchSpecialist
+from services.review.report_pdf import TITLE
+
+DICOM = "application/dicom"
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+SERIES_NUMBER = 9001  # high, so viewers list the report after the images
+
+
+def encapsulated_pdf(
+    *, pdf: bytes, request: MatchSpecialist, report_id: str, version: int, issued: datetime
+) -> bytes:
+    """A Part 10 file; the same report version always gets the same UIDs, so a re-send replaces it."""
+    patient, study = request.patient, request.study
+    sop_instance_uid = generate_uid(entropy_srcs=[report_id, str(version), "instance"])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(ENCAPSULATED_PDF_STORAGE)
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names and the title may need it
+    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.PatientName = f"{patient.family_name}^{patient.given_name}"
+    ds.PatientID = patient.mrn
+    ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d")
+    ds.PatientSex = {"female": "F", "male": "M", "other": "O"}.get(patient.sex.value, "")
+    ds.StudyInstanceUID = study.study_instance_uid
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[report_id, "series"])
+    ds.StudyDate = request.exam.performed_on.strftime("%Y%m%d")
+    ds.StudyTime = ""
+    ds.AccessionNumber = request.exam.accession_number or ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = ""
+    ds.Modality = "DOC"
+    ds.SeriesNumber = SERIES_NUMBER
+    ds.InstanceNumber = version
+    ds.Manufacturer = "secondopinion"
+    ds.ConversionType = "WSD"
+    ds.ContentDate = issued.strftime("%Y%m%d")
+    ds.ContentTime = issued.strftime("%H%M%S")
+    ds.AcquisitionDateTime = issued.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = TITLE if version == 1 else f"{TITLE} (addendum {version - 1})"
+    ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic imaging study")]
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    # OB must have even length: pad with one NUL, as PS3.3 allows for the Encapsulated Document.
+    ds.EncapsulatedDocument = pdf + b"\0" if len(pdf) % 2 else pdf
+    ds.EncapsulatedDocumentLength = len(pdf)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    code = Dataset()
+    code.CodeValue = value
+    code.CodingSchemeDesignator = scheme
+    code.CodeMeaning = meaning
+    return code

@@ -1,0 +1,103 @@
+"""An offer's life: the specialist accepts or declines; the workflow withdraws it (expiry, reassignment,
+cancellation). Handlers add to the session; callers commit.
+
+ReviewStateError (409 to the specialist): the review is no longer in a state that allows the action.
+"""
+
+from __future__ import annotations
+
+import structlog
+from sqlmodel import Session, select
+
+from contracts.commands import WithdrawOffer
+from contracts.events import CaseCancelled, ReviewAccepted, ReviewDeclined
+from services.common.amqp import EVENTS, enqueue
+from services.common.db import utcnow
+from services.review.handlers import event
+from services.review.models import OPEN_STATUSES, FollowUpQuestion, Review, as_utc
+
+log = structlog.get_logger(__name__)
+
+
+class ReviewStateError(Exception):
+    """The action does not fit the review's state; the message says what happened to it."""
+
+
+def accept(review: Review, session: Session) -> bool:
+    """Accept the offer; False when it was already accepted (nothing changes)."""
+    if review.status == "accepted":
+        return False
+    if review.status != "offered":
+        raise ReviewStateError(closed_reason(review, "accepted"))
+    review.status = "accepted"
+    review.accepted_at = utcnow()
+    session.add(review)
+    accepted = ReviewAccepted(case_id=review.case_id, review_id=review.id, reviewer_id=review.reviewer_id)
+    enqueue(session, EVENTS, event(f"{accepted.TYPE}:{review.id}", accepted))
+    log.info("review.accepted", case_id=review.case_id, review_id=review.id)
+    return True
+
+
+def decline(review: Review, reason: str, session: Session) -> None:
+    if review.status != "offered":
+        raise ReviewStateError(closed_reason(review, "declined"))
+    review.status = "declined"
+    review.declined_at = utcnow()
+    review.decline_reason = reason
+    session.add(review)
+    declined = ReviewDeclined(
+        case_id=review.case_id, review_id=review.id, reviewer_id=review.reviewer_id, reason=reason
+    )
+    enqueue(session, EVENTS, event(f"{declined.TYPE}:{review.id}", declined))
+    log.info("review.declined", case_id=review.case_id, review_id=review.id)
+
+
+def withdraw(cmd: WithdrawOffer, session: Session) -> None:
+    """The workflow takes the offer (or accepted review) back; a submitted review stands."""
+    review = session.exec(select(Review).where(Review.id == cmd.review_id).with_for_update()).first()
+    if review is None or review.case_id != cmd.case_id:
+        log.warning("review.withdraw_unknown", case_id=cmd.case_id, review_id=cmd.review_id)
+        return
+    _withdraw(review, cmd.reason, session)
+
+
+def cancel_case(cancelled: CaseCancelled, session: Session) -> None:
+    """The case was cancelled: withdraw every open offer or review and every open question."""
+    reviews = session.exec(select(Review).where(Review.case_id == cancelled.case_id).with_for_update()).all()
+    for review in reviews:
+        _withdraw(review, "cancelled", session)
+    questions = session.exec(
+        select(FollowUpQuestion).where(
+            FollowUpQuestion.case_id == cancelled.case_id, FollowUpQuestion.status == "open"
+        )
+    ).all()
+    for question in questions:
+        question.status = "withdrawn"
+        session.add(question)
+
+
+def closed_reason(review: Review, action: str) -> str:
+    """Why `action` is no longer possible, for the specialist."""
+    prefix = f"review {review.id} cannot be {action}:"
+    if review.status == "withdrawn" and review.withdrawn_at is not None:
+        at = as_utc(review.withdrawn_at).isoformat()
+        if review.withdrawn_reason == "expired":
+            return f"{prefix} the offer expired at {at}; it has been offered to someone else"
+        return f"{prefix} the case was withdrawn from you at {at} ({review.withdrawn_reason})"
+    if review.status == "declined" and review.declined_at is not None:
+        return f"{prefix} you declined it at {as_utc(review.declined_at).isoformat()}"
+    if review.status == "submitted" and review.submitted_at is not None:
+        return f"{prefix} it was submitted at {as_utc(review.submitted_at).isoformat()}"
+    if review.status == "accepted":
+        return f"{prefix} it was already accepted"
+    return f"{prefix} it is {review.status}; accept the offer first"
+
+
+def _withdraw(review: Review, reason: str, session: Session) -> None:
+    if review.status not in OPEN_STATUSES:
+        return
+    review.status = "withdrawn"
+    review.withdrawn_at = utcnow()
+    review.withdrawn_reason = reason
+    session.add(review)
+    log.info("review.withdrawn", case_id=review.case_id, review_id=review.id, reason=reason)

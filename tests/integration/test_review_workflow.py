@@ -1,0 +1,216 @@
+"""Offers through the real case workflow: Temporal dev server, worker, event bridge, the review service's
+consumer and outbox relay on the real broker and database. The test plays records and insurance, the patient
+accepting the cost, and the specialist using the review API."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+from temporalio.client import Client, WorkflowHandle
+
+from contracts import (
+    CaseInput,
+    CaseStatus,
+    Coverage,
+    CoverageStatus,
+    Exam,
+    InsuranceVerified,
+    OriginalReport,
+    Patient,
+    RecordsAssembled,
+    ReferringPhysician,
+    StudySummary,
+    Urgency,
+    new_event,
+)
+from contracts.decisions import CostChoice, CostDecision
+from services.common.amqp import EVENTS, Consumer, OutboxRelay, Publisher, ensure_topology
+from services.common.config import Settings
+from services.review import consumer
+from services.review.models import Review
+from tests.infra import purge_queues
+from tests.integration import test_review_flow as flow
+from workflows.bridge import EventBridge
+from workflows.case import CaseWorkflow
+from workflows.worker import build_worker
+
+# The review fixtures (engine, a TestClient on the real database, tables emptied before each test).
+engine, client, empty_tables = flow.engine, flow.client, flow.empty_tables
+
+
+@pytest.fixture(scope="module")
+def review_service(settings: Settings, engine: Engine) -> Iterator[None]:
+    ensure_topology(settings)
+    # Other modules' workflows leave commands in this session's vhost: start from an empty queue.
+    purge_queues(settings.amqp_url, "review", "workflows.bridge")
+    relay = OutboxRelay(settings=settings, engine=engine, interval=0.1)
+    review = Consumer(
+        settings=settings,
+        queue="review",
+        engine=engine,
+        handle=partial(consumer.handle, settings=settings),
+        on_commit=relay.wake,
+    )
+    threads = [threading.Thread(target=part.run_forever, daemon=True) for part in (relay, review)]
+    for thread in threads:
+        thread.start()
+    assert review.connected.wait(10)
+    yield
+    review.stop()
+    relay.stop()
+    for thread in threads:
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+async def temporal(temporal_env, settings: Settings, review_service: None) -> AsyncIterator[Client]:  # type: ignore[no-untyped-def]
+    temporal_client: Client = temporal_env.client
+    bridge = EventBridge(settings=settings, client=temporal_client, loop=asyncio.get_running_loop())
+    thread = threading.Thread(target=bridge.run_forever, daemon=True)
+    thread.start()
+    with ThreadPoolExecutor(8) as executor:
+        async with build_worker(temporal_client, settings, executor):
+            yield temporal_client
+    bridge.stop()
+    thread.join(5)
+
+
+def case_input(case_id: str) -> CaseInput:
+    return CaseInput(
+        case_id=case_id,
+        partner_id="partner-a",
+        urgency=Urgency.PRIORITY,
+        subspecialty_hint="gynecologic_imaging",
+        due_at=datetime.now(UTC) + timedelta(days=4),
+        patient=Patient(
+            family_name="Canary",
+            given_name="Zed",
+            birth_date=date(1980, 1, 2),
+            sex="female",
+            mrn="M1",
+            state="CA",
+        ),
+        referring=ReferringPhysician(name="Dr A", npi="1234567893", organization="Clinic"),
+        exam=Exam(exam_type="pelvic", performed_on=date(2026, 11, 1), facility="Imaging"),
+        clinical_question="adnexal mass?",
+        reason="possible_malignancy",
+        coverage=Coverage(plan_code="ACME-PPO", member_id="W1"),
+    )
+
+
+def send(settings: Settings, case_id: str, data: Any) -> None:
+    publisher = Publisher(settings)
+    try:
+        publisher.publish(EVENTS, new_event(id=str(uuid.uuid4()), source="/test", subject=case_id, data=data))
+    finally:
+        publisher.close()
+
+
+async def until(predicate: Any, what: str, timeout: float = 20) -> Any:
+    for _ in range(int(timeout * 10)):
+        value = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def reviews_of(engine: Engine, case_id: str) -> list[Review]:
+    with Session(engine) as session:
+        return list(
+            session.exec(
+                select(Review).where(Review.case_id == case_id).order_by(col(Review.assigned_at))
+            ).all()
+        )
+
+
+async def to_matching(temporal: Client, settings: Settings) -> tuple[WorkflowHandle, str]:
+    case_id = str(uuid.uuid4())
+    handle = await temporal.start_workflow(
+        CaseWorkflow.run, case_input(case_id), id=f"case-{case_id}", task_queue="cases"
+    )
+    send(
+        settings,
+        case_id,
+        InsuranceVerified(
+            case_id=case_id,
+            coverage_status=CoverageStatus.COVERED,
+            plan_code="ACME-PPO",
+            cpt="76140",
+            allowed_amount=Decimal("300.00"),
+            patient_cost=Decimal("0"),
+            explanation="covered in full",
+        ),
+    )
+    send(
+        settings,
+        case_id,
+        RecordsAssembled(
+            case_id=case_id,
+            report=OriginalReport(content_type="text/plain", sha256="ab" * 32, text="Complex cyst."),
+            study=StudySummary(
+                study_instance_uid="1.2.3",
+                modality="US",
+                instance_count=2,
+                multiframe_count=0,
+                series_count=1,
+            ),
+            file_count=3,
+        ),
+    )
+
+    async def status() -> CaseStatus:
+        return await handle.query(CaseWorkflow.status)  # type: ignore[no-any-return]
+
+    async def waiting_or_offered() -> bool:
+        s = await status()
+        if s == CaseStatus.AWAITING_PATIENT_DECISION:
+            await handle.execute_update(
+                CaseWorkflow.decide_cost, CostDecision(choice=CostChoice.ACCEPT, by="patient-portal")
+            )
+        return s == CaseStatus.AWAITING_ACCEPTANCE
+
+    await until(waiting_or_offered, "the first offer")
+    return handle, case_id
+
+
+async def test_decline_and_expiry_rematch_through_the_workflow(
+    temporal: Client, settings: Settings, engine: Engine, client: TestClient, temporal_env
+) -> None:  # type: ignore[no-untyped-def]
+    handle, case_id = await to_matching(temporal, settings)
+    [first] = reviews_of(engine, case_id)
+    assert (first.reviewer_id, first.status) == ("spec-gyn-1", "offered")
+
+    declined = client.post(f"/v1/reviews/{first.id}/decline", json={"reason": "on leave this week"})
+    assert declined.status_code == 200
+    second = await until(
+        lambda: [r for r in reviews_of(engine, case_id) if r.id != first.id],
+        "a second offer after the decline",
+    )
+    assert second[0].reviewer_id != "spec-gyn-1"  # the workflow excluded who declined
+
+    await temporal_env.fast_forward(handle, timedelta(hours=25))
+    withdrawn = await until(
+        lambda: [r for r in reviews_of(engine, case_id) if r.id == second[0].id and r.status == "withdrawn"],
+        "the expired offer withdrawn",
+    )
+    late = client.post(f"/v1/reviews/{second[0].id}/accept")
+    await handle.terminate("test done")
+
+    assert withdrawn[0].withdrawn_reason == "expired"
+    assert late.status_code == 409
+    assert "the offer expired at" in late.json()["detail"]
+    worklist = client.get("/v1/reviews", params={"reviewer": second[0].reviewer_id}).json()
+    assert second[0].id not in [i["review_id"] for i in worklist]
