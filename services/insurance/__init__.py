@@ -1,6 +1,18 @@
-"""Insurance: eligibility and the patient's out-of-pocket estimate for a second-opinion read.
+"""Insurance: eligibility, network status, authorization and the patient's out-of-pocket estimate.
 
-Consumes `insurance.verify`, asks a payer connector about the member's plan, estimates the patient's
-cost and publishes `insurance.verified`. `PlanRules` (plan rules kept in this service's database) is
-the first connector; X12 270/271 and FHIR CoverageEligibilityRequest connectors come later.
+Consumes `insurance.verify` and `case.cancelled`. A verify asks the plan's payer connector (its payer's
+`connector` in `insurance_payers`: `plan_rules`, our own tables, or `x12`, a 270 to the payer's
+endpoint), estimates the patient's cost for CPT 76140 (or the study's CPT with modifier 26) and
+publishes `insurance.verified` with the coverage status, a specific outcome, the network status and
+whether a referral or prior authorization is needed. `POST /v1/coverage/{case_id}/authorization`
+records one and publishes `insurance.verified` again with `satisfied`.
+
+Errors::
+
+    CaseError
+      + PoisonMessage            (a command no retry can fix: dead-lettered)
+      + AuthorizationRefused     (409: the case needs none, or was cancelled)
+    X12Invalid                   (a 270/271 that fails pyx12 or the 005010X279A1 rules: `malformed_response`)
+    PayerBusy                    (timeout, refused connection, AAA 42: retried with backoff, then `payer_unavailable`)
+    FhirInvalid                  (422 OperationOutcome naming the element)
 """

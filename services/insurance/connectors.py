@@ -1,7 +1,8 @@
 """Payer connectors: who answers "is this member covered for this procedure, and on what terms".
 
-`PlanRules` answers from the plan rules kept in this service's database. X12 270/271 and FHIR
-CoverageEligibilityRequest connectors will implement the same `PayerConnector` protocol.
+`PlanRules` answers from the plan rules kept in this service's database; `X12Connector`
+(services/insurance/x12_connector.py) asks the payer with a 270. Which one a plan uses is its payer's
+`connector` in the `insurance_payers` table.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from typing import Protocol
 from sqlmodel import Session, select
 
 from contracts.models import Coverage
-from services.insurance.models import InsuranceFee, InsuranceMemberAccumulator, InsurancePlan
+from services.insurance.models import (
+    InsuranceFee,
+    InsuranceMemberAccumulator,
+    InsuranceNetwork,
+    InsurancePlan,
+)
 
 ZERO = Decimal("0.00")
 
@@ -23,6 +29,8 @@ class PlanStanding(StrEnum):
     ACTIVE = "active"
     INACTIVE = "inactive"
     UNKNOWN = "unknown"
+    # The payer answered but not with benefits: a rejection (AAA), a member mismatch, no usable answer.
+    REJECTED = "rejected"
 
 
 @dataclass(frozen=True)
@@ -41,34 +49,65 @@ class Eligibility:
     deductible_met: Decimal | None = None
     # None: the payer has no fee for this procedure; the self-pay price stands in.
     allowed_amount: Decimal | None = None
+    # "none" | "referral" | "prior_auth": what a second-opinion read needs under this plan.
+    authorization_rule: str = "none"
+    # A specific, PHI-free outcome: active, inactive, plan_unknown, member_mismatch, payer_rejected, ...
+    outcome: str = ""
+    detail: str = ""
 
 
 class PayerConnector(Protocol):
     def check(self, coverage: Coverage, cpt: str) -> Eligibility: ...
 
 
+def network_status(session: Session, plan: InsurancePlan | None, organization: str) -> tuple[str, str]:
+    """(status, source): the network table first, then the plan's default; "unknown" without a plan."""
+    if plan is None:
+        return "unknown", "not on file"
+    row = session.get(InsuranceNetwork, (plan.code, organization))
+    if row is not None:
+        return row.status, "network table"
+    return plan.network, "plan default"
+
+
+def plan_fee(session: Session, plan_code: str, cpt: str) -> Decimal | None:
+    fee = session.exec(
+        select(InsuranceFee).where(InsuranceFee.plan_code == plan_code, InsuranceFee.cpt == cpt)
+    ).first()
+    return None if fee is None else fee.allowed_amount
+
+
+def find_plan(session: Session, plan_code: str | None) -> InsurancePlan | None:
+    return session.get(InsurancePlan, (plan_code or "").strip().upper())
+
+
 class PlanRules:
     """Eligibility from the plans, fees and accumulators in the insurance schema."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, organization: str = "") -> None:
         self.session = session
+        self.organization = organization
 
     def check(self, coverage: Coverage, cpt: str) -> Eligibility:
-        code = (coverage.plan_code or "").strip().upper()
-        plan = self.session.get(InsurancePlan, code)
+        plan = find_plan(self.session, coverage.plan_code)
         if plan is None:
-            return Eligibility(plan_code=coverage.plan_code or "", standing=PlanStanding.UNKNOWN)
+            return Eligibility(
+                plan_code=coverage.plan_code or "", standing=PlanStanding.UNKNOWN, outcome="plan_unknown"
+            )
+        network, _ = network_status(self.session, plan, self.organization)
         return Eligibility(
             plan_code=plan.code,
             standing=PlanStanding.ACTIVE if plan.active else PlanStanding.INACTIVE,
             plan_name=plan.plan_name,
             covers_service=plan.covers_second_opinion,
-            network=plan.network,
+            network=network,
             copay=plan.copay,
             coinsurance_pct=plan.coinsurance_pct,
             deductible=plan.deductible,
             deductible_met=self._deductible_met(plan.code, coverage.member_id),
-            allowed_amount=self._plan_fee(plan.code, cpt),
+            allowed_amount=plan_fee(self.session, plan.code, cpt),
+            authorization_rule=plan.authorization_rule,
+            outcome="active" if plan.active else "inactive",
         )
 
     def _deductible_met(self, plan_code: str, member_id: str | None) -> Decimal | None:
@@ -76,12 +115,6 @@ class PlanRules:
             return None
         accumulator = self.session.get(InsuranceMemberAccumulator, (plan_code, member_id.strip()))
         return None if accumulator is None else accumulator.deductible_met
-
-    def _plan_fee(self, plan_code: str, cpt: str) -> Decimal | None:
-        fee = self.session.exec(
-            select(InsuranceFee).where(InsuranceFee.plan_code == plan_code, InsuranceFee.cpt == cpt)
-        ).first()
-        return None if fee is None else fee.allowed_amount
 
 
 def self_pay_price(session: Session, cpt: str) -> Decimal | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
 
 from contracts.models import Coverage, CoverageStatus
@@ -18,6 +18,14 @@ class CostEstimate:
     allowed_amount: Decimal
     patient_cost: Decimal
     explanation: str
+    # The parts of the patient's share (zero when the patient pays the self-pay price).
+    network: str = "unknown"
+    copay: Decimal = ZERO
+    deductible_applied: Decimal = ZERO
+    deductible_remaining: Decimal | None = None
+    coinsurance_pct: Decimal = ZERO
+    coinsurance: Decimal = ZERO
+    outcome: str = ""
 
 
 def usd(amount: Decimal) -> str:
@@ -46,6 +54,10 @@ def estimate_cost(
             self_pay_price,
             f"plan code {coverage.plan_code} is not known to us",
         )
+    if eligibility.standing is PlanStanding.REJECTED:
+        return _self_pay(
+            CoverageStatus.NOT_COVERED, eligibility.plan_code, self_pay_price, eligibility.detail
+        )
     if eligibility.standing is PlanStanding.INACTIVE:
         return _self_pay(
             CoverageStatus.NOT_COVERED,
@@ -70,6 +82,13 @@ def _self_pay(status: CoverageStatus, plan_code: str | None, price: Decimal, why
     else:
         explanation = f"{why}; the patient can choose self-pay at {usd(price)}"
     return CostEstimate(status, plan_code, price, price, explanation)
+
+
+def with_outcome(estimate: CostEstimate, eligibility: Eligibility | None) -> CostEstimate:
+    """The estimate with the connector's outcome (or `self_pay`) recorded on it."""
+    outcome = eligibility.outcome if eligibility is not None else "self_pay"
+    network = eligibility.network if eligibility is not None else "unknown"
+    return replace(estimate, outcome=estimate.outcome or outcome, network=network)
 
 
 def _covered(eligibility: Eligibility, cpt: str, self_pay_price: Decimal) -> CostEstimate:
@@ -105,4 +124,31 @@ def _covered(eligibility: Eligibility, cpt: str, self_pay_price: Decimal) -> Cos
     )
     if notes:
         explanation += "; note: " + "; ".join(notes)
-    return CostEstimate(CoverageStatus.COVERED, eligibility.plan_code, allowed, patient_cost, explanation)
+    share = _share(eligibility.copay, deductible_part, coinsurance, patient_cost)
+    return CostEstimate(
+        CoverageStatus.COVERED,
+        eligibility.plan_code,
+        allowed,
+        patient_cost,
+        explanation,
+        network=eligibility.network,
+        copay=share[0],
+        deductible_applied=share[1],
+        deductible_remaining=None if eligibility.deductible_met is None else remaining,
+        coinsurance_pct=eligibility.coinsurance_pct,
+        coinsurance=share[2],
+        outcome=eligibility.outcome,
+    )
+
+
+def _share(
+    copay: Decimal, deductible: Decimal, coinsurance: Decimal, total: Decimal
+) -> tuple[Decimal, Decimal, Decimal]:
+    """The parts as charged: copay first, then deductible, then coinsurance, within the capped total."""
+    left = total
+    parts = []
+    for part in (copay, deductible, coinsurance):
+        charged = min(left, part.quantize(CENT, ROUND_HALF_UP))
+        parts.append(charged)
+        left -= charged
+    return parts[0], parts[1], parts[2] + left

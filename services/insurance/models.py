@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 from pydantic import BaseModel
+from pydantic import Field as PydField
 from sqlmodel import Field, SQLModel
 
 from contracts.models import CoverageStatus
@@ -25,6 +26,21 @@ class InsurancePlanBase(SQLModel):
     network: str = Field(default="in", max_length=3, description='"in" or "out" of network')
 
 
+class InsurancePayer(SQLModel, table=True):
+    """A payer and how we ask it: `plan_rules` (our own tables) or `x12` (a 270 to `endpoint_url`)."""
+
+    __tablename__ = "insurance_payers"
+    __table_args__ = (
+        sa.CheckConstraint("connector IN ('plan_rules', 'x12')", name="ck_insurance_payers_connector"),
+    )
+
+    payer_id: str = Field(primary_key=True, max_length=80)
+    name: str = Field(max_length=200)
+    connector: str = Field(default="plan_rules", max_length=20)
+    endpoint_url: str | None = Field(default=None, max_length=500)
+    timeout_seconds: float = 10.0
+
+
 class InsurancePlan(InsurancePlanBase, table=True):
     __tablename__ = "insurance_plans"
     __table_args__ = (
@@ -32,7 +48,33 @@ class InsurancePlan(InsurancePlanBase, table=True):
         sa.CheckConstraint(
             "coinsurance_pct >= 0 AND coinsurance_pct <= 1", name="ck_insurance_plans_coinsurance"
         ),
+        sa.CheckConstraint(
+            "authorization_rule IN ('none', 'referral', 'prior_auth')",
+            name="ck_insurance_plans_authorization",
+        ),
     )
+
+    payer_id: str | None = Field(default=None, foreign_key="insurance_payers.payer_id", max_length=80)
+    # Whether a second-opinion read needs a referral or a prior authorization under this plan.
+    authorization_rule: str = Field(default="none", max_length=20)
+
+
+class InsuranceNetwork(SQLModel, table=True):
+    """Whether an organization is in or out of a plan's network."""
+
+    __tablename__ = "insurance_network"
+    __table_args__ = (sa.CheckConstraint("status IN ('in', 'out')", name="ck_insurance_network_status"),)
+
+    plan_code: str = Field(primary_key=True, foreign_key="insurance_plans.code", max_length=50)
+    organization: str = Field(primary_key=True, max_length=200)
+    status: str = Field(max_length=3)
+
+
+class NetworkStatusPublic(BaseModel):
+    plan_code: str
+    organization: str
+    network: str = PydField(description='"in", "out" or "unknown"')
+    source: str = PydField(description='"network table", "plan default" or "not on file"')
 
 
 class PlanPublic(InsurancePlanBase):
@@ -86,6 +128,24 @@ class CoverageVerification(SQLModel, table=True):
     patient_cost: Decimal = Field(max_digits=10, decimal_places=2)
     explanation: str = Field(sa_type=sa.Text)
     verified_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+    # What was asked (for re-verification and the FHIR Coverage) and the estimate's parts.
+    member_id: str | None = Field(default=None, max_length=50)
+    self_pay: bool = False
+    patient_state: str = Field(default="", max_length=2)
+    outcome: str = Field(default="", max_length=40)
+    network: str = Field(default="unknown", max_length=10)
+    copay: Decimal = Field(default=Decimal("0.00"), max_digits=10, decimal_places=2)
+    deductible_applied: Decimal = Field(default=Decimal("0.00"), max_digits=10, decimal_places=2)
+    deductible_remaining: Decimal | None = Field(default=None, max_digits=10, decimal_places=2)
+    coinsurance_pct: Decimal = Field(default=Decimal("0"), max_digits=5, decimal_places=4)
+    coinsurance_amount: Decimal = Field(default=Decimal("0.00"), max_digits=10, decimal_places=2)
+    # "no-auth" | "auth-needed" | "satisfied", and what satisfied it.
+    authorization: str = Field(default="no-auth", max_length=20)
+    authorization_rule: str = Field(default="none", max_length=20)
+    authorization_number: str | None = Field(default=None, max_length=50)
+    referral_document_id: str | None = Field(default=None, max_length=100)
+    authorized_by: str | None = Field(default=None, max_length=100)
+    cancelled_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
 
 
 class CoverageVerificationPublic(BaseModel):
@@ -98,6 +158,54 @@ class CoverageVerificationPublic(BaseModel):
     currency: str = "USD"
     explanation: str
     verified_at: datetime
+    outcome: str = ""
+    network: str = "unknown"
+    authorization: str = "no-auth"
+    withdrawn: bool = False
 
 
-TABLES = ("insurance_plans", "insurance_fees", "insurance_member_accumulators", "coverage_verifications")
+class EstimatePublic(BaseModel):
+    """The out-of-pocket estimate as shown to the patient before the review starts."""
+
+    case_id: str
+    cpt: str
+    coverage_status: CoverageStatus
+    plan_code: str | None
+    network: str
+    allowed_amount: Decimal
+    deductible_remaining_before: Decimal | None
+    deductible: Decimal
+    copay: Decimal
+    coinsurance_pct: Decimal
+    coinsurance: Decimal
+    patient_share: Decimal
+    plan_pays: Decimal
+    currency: str = "USD"
+    authorization: str
+    explanation: str
+    verified_at: datetime
+    stale: bool = PydField(
+        description="older than the configured maximum age; it is re-checked before review"
+    )
+
+
+class AuthorizationCreate(BaseModel):
+    """A referral document or a prior-authorization number, and who recorded it."""
+
+    model_config = {"extra": "forbid"}
+
+    authorization_number: str | None = PydField(
+        default=None, min_length=3, max_length=50, pattern=r"^[A-Za-z0-9-]+$"
+    )
+    referral_document_id: str | None = PydField(default=None, min_length=1, max_length=100)
+    by: str = PydField(min_length=1, max_length=100, description="a staff id, never a patient's name")
+
+
+TABLES = (
+    "insurance_payers",
+    "insurance_plans",
+    "insurance_fees",
+    "insurance_member_accumulators",
+    "insurance_network",
+    "coverage_verifications",
+)

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from contracts import CloudEvent, Coverage, InsuranceVerified, VerifyInsurance, new_event
+from contracts.events import CaseCancelled
 from services.common import migrate
 from services.common.amqp import COMMANDS, EVENTS, Consumer, OutboxRelay, Publisher, ensure_topology
 from services.common.config import Settings
@@ -161,3 +162,29 @@ def test_invalid_command_is_dead_lettered_with_its_reason(
             session.exec(select(CoverageVerification).where(CoverageVerification.case_id == "c-x")).first()
             is None
         )
+
+
+@pytest.mark.usefixtures("service")
+def test_case_cancelled_on_the_broker_withdraws_the_case(
+    engine: Engine, channel: BlockingChannel, events_queue: str, publisher: Publisher
+) -> None:
+    command = verify_command(Coverage(plan_code="ACME-PPO", member_id="ACM100200301"))
+    publisher.publish(COMMANDS, command)
+    assert receive(channel, events_queue, f"{command.id}>insurance.verified")
+    cancelled = CaseCancelled(case_id=command.subject, reason="patient withdrew", cancelled_by="staff-1")
+    event = new_event(
+        id=f"{command.id}:cancelled", source="/workflows/case", data=cancelled, subject=command.subject
+    )
+    publisher.publish(EVENTS, event)
+
+    deadline = time.monotonic() + 10
+    row = None
+    while time.monotonic() < deadline:
+        with Session(engine) as session:
+            row = session.exec(
+                select(CoverageVerification).where(CoverageVerification.case_id == command.subject)
+            ).one()
+        if row.cancelled_at is not None:
+            break
+        time.sleep(0.05)
+    assert row is not None and row.cancelled_at is not None

@@ -80,18 +80,29 @@ def test_migrations_seed_plans_fees_and_accumulators(engine: Engine) -> None:
     with Session(engine) as session:
         plans = {p.code: p for p in session.exec(select(InsurancePlan)).all()}
         self_pay = session.exec(select(InsuranceFee).where(InsuranceFee.plan_code.is_(None))).all()  # type: ignore[union-attr]
-    assert set(plans) == {"ACME-PPO", "ACME-HMO", "BLUE-HDHP", "MEDIVALUE-BASIC", "OLDPLAN"}
+    assert set(plans) == {
+        "ACME-PPO",
+        "ACME-HMO",
+        "BLUE-HDHP",
+        "MEDIVALUE-BASIC",
+        "OLDPLAN",
+        "SBX-PPO",
+        "SBX-EPO",
+        "ACME-GATED",
+    }
+    assert (plans["ACME-GATED"].authorization_rule, plans["SBX-PPO"].payer_id) == ("referral", "SBX01")
     assert plans["ACME-PPO"].coinsurance_pct == Decimal("0.2000")
     assert not plans["OLDPLAN"].active
     assert not plans["MEDIVALUE-BASIC"].covers_second_opinion
-    assert [(f.cpt, f.allowed_amount) for f in self_pay] == [("76140", Decimal("350.00"))]
+    assert ("76140", Decimal("350.00")) in [(f.cpt, f.allowed_amount) for f in self_pay]
+    assert ("76856-26", Decimal("180.00")) in [(f.cpt, f.allowed_amount) for f in self_pay]
 
 
 def test_migrations_work_on_sqlite(tmp_path: Path) -> None:
     sqlite = make_engine("insurance", Settings(data_dir=tmp_path, database_url=None))
     migrate.upgrade("insurance", sqlite)
     with Session(sqlite) as session:
-        assert session.exec(select(func.count()).select_from(InsurancePlan)).one() == 5
+        assert session.exec(select(func.count()).select_from(InsurancePlan)).one() == 8
 
 
 @pytest.mark.parametrize(
@@ -195,7 +206,7 @@ def test_a_new_command_for_the_case_replaces_the_decision(engine: Engine) -> Non
         ),
         (
             verify_command(Coverage(self_pay=True)).model_copy(update={"type": "insurance.cancel"}),
-            "the insurance service handles only insurance.verify, not insurance.cancel",
+            "the insurance service handles only insurance.verify and case.cancelled, not insurance.cancel",
         ),
         (
             verify_command(Coverage(self_pay=True), case_id="c-2").model_copy(update={"subject": "c-3"}),
@@ -227,7 +238,15 @@ def test_plans_are_public_without_member_data(client: TestClient) -> None:
     response = client.get("/v1/coverage/plans")
     assert response.status_code == 200
     plans = {p["code"]: p for p in response.json()}
-    assert set(plans) == {"ACME-PPO", "ACME-HMO", "BLUE-HDHP", "MEDIVALUE-BASIC"}
+    assert set(plans) == {
+        "ACME-PPO",
+        "ACME-HMO",
+        "BLUE-HDHP",
+        "MEDIVALUE-BASIC",
+        "SBX-PPO",
+        "SBX-EPO",
+        "ACME-GATED",
+    }
     assert plans["ACME-PPO"] == {
         "code": "ACME-PPO",
         "payer_name": "Acme Health",

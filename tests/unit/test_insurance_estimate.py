@@ -198,3 +198,85 @@ def test_usd(amount: Decimal, text: str) -> None:
 @pytest.mark.parametrize(("fraction", "text"), [(D("0.20"), "20%"), (D("0.125"), "12.5%"), (D("0"), "0%")])
 def test_percent(fraction: Decimal, text: str) -> None:
     assert percent(fraction) == text
+
+
+@pytest.mark.parametrize(
+    ("case", "eligibility", "copay", "deductible", "coinsurance", "remaining", "share"),
+    [
+        (
+            "deductible fully met",
+            replace(PPO, deductible_met=D("500.00")),
+            "25.00",
+            "0.00",
+            "42.48",
+            "0.00",
+            "67.48",
+        ),
+        ("$80 left", replace(PPO, deductible_met=D("420.00")), "25.00", "80.00", "26.48", "80.00", "131.48"),
+        # capped at the allowed amount: the copay is charged first, the deductible takes the rest
+        ("deductible not met, capped", PPO, "25.00", "187.40", "0.00", "500.00", "212.40"),
+        (
+            "no accumulator on file",
+            replace(PPO, deductible_met=None),
+            "25.00",
+            "187.40",
+            "0.00",
+            None,
+            "212.40",
+        ),
+        (
+            "coinsurance rounds half-up",
+            replace(
+                PPO,
+                copay=D("0"),
+                coinsurance_pct=D("0.10"),
+                deductible_met=D("500"),
+                allowed_amount=D("238.75"),
+            ),
+            "0.00",
+            "0.00",
+            "23.88",
+            "0.00",
+            "23.88",
+        ),
+        (
+            "copay larger than the allowed amount",
+            replace(PPO, copay=D("300.00"), deductible_met=D("500")),
+            "212.40",
+            "0.00",
+            "0.00",
+            "0.00",
+            "212.40",
+        ),
+    ],
+)
+def test_estimate_breakdown_adds_up_to_the_patient_share(
+    case: str,
+    eligibility: Eligibility,
+    copay: str,
+    deductible: str,
+    coinsurance: str,
+    remaining: str | None,
+    share: str,
+) -> None:
+    estimate = estimate_cost(PLAN, "76140", eligibility, SELF_PAY)
+    assert (estimate.copay, estimate.deductible_applied, estimate.coinsurance) == (
+        D(copay),
+        D(deductible),
+        D(coinsurance),
+    ), case
+    assert estimate.deductible_remaining == (None if remaining is None else D(remaining)), case
+    assert (
+        estimate.patient_cost
+        == D(share)
+        == estimate.copay + estimate.deductible_applied + estimate.coinsurance
+    )
+
+
+def test_a_rejected_answer_offers_self_pay_with_the_payers_reason() -> None:
+    rejected = Eligibility(
+        "SBX-PPO", PlanStanding.REJECTED, outcome="member_mismatch", detail="AAA 75 subscriber not found"
+    )
+    estimate = estimate_cost(Coverage(plan_code="SBX-PPO", member_id="M"), "76140", rejected, SELF_PAY)
+    assert (estimate.coverage_status, estimate.patient_cost) == (CoverageStatus.NOT_COVERED, SELF_PAY)
+    assert estimate.explanation == "AAA 75 subscriber not found; the patient can choose self-pay at $350.00"

@@ -1,0 +1,56 @@
+"""/fhir/CoverageEligibilityRequest: eligibility and benefits asked in FHIR R4, answered as a response."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from contracts.models import Coverage
+from services.insurance import fhir_resources, handlers
+from services.insurance.api import SessionDep
+from services.insurance.fhir_resources import FhirInvalid
+
+router = APIRouter(prefix="/fhir", tags=["fhir"])
+FHIR_JSON = "application/fhir+json"
+
+
+def _outcome(status: int, expression: str, message: str) -> JSONResponse:
+    body = fhir_resources.operation_outcome([(expression, message)])
+    return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
+
+
+@router.post(
+    "/CoverageEligibilityRequest",
+    responses={
+        200: {"description": "a CoverageEligibilityResponse", "content": {FHIR_JSON: {}}},
+        400: {"description": "not JSON: an OperationOutcome"},
+        422: {"description": "an invalid resource: an OperationOutcome naming the element"},
+    },
+)
+async def request_eligibility(request: Request, session: SessionDep) -> JSONResponse:
+    """Eligibility and benefits for the plan and member of the contained Coverage (nothing is stored)."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _outcome(400, "CoverageEligibilityRequest", "the body is not JSON; send a FHIR JSON resource")
+    try:
+        ask = fhir_resources.read_request(body)
+    except FhirInvalid as exc:
+        return _outcome(422, exc.expression, f"{exc}; fix the element named and send it again")
+    if len(ask.plan_code) > 50 or len(ask.member_id) > 50:
+        return _outcome(422, "Coverage.subscriberId", "the plan code and member id are at most 50 characters")
+    coverage = Coverage(plan_code=ask.plan_code, member_id=ask.member_id)
+    cpt = f"{ask.cpt}-{ask.modifier}" if ask.modifier else ask.cpt
+    try:
+        estimate, rule = handlers.estimate_for(session, coverage, cpt, trace=f"fhir-{uuid.uuid4().hex[:12]}")
+    except LookupError:
+        return _outcome(
+            422,
+            "CoverageEligibilityRequest.item[0].productOrService",
+            f"CPT {cpt} is not a service we price; ask for 76140 or the study's CPT with modifier 26",
+        )
+    response = fhir_resources.eligibility_response(ask, estimate, rule, body.get("id"))
+    return JSONResponse(response, media_type=FHIR_JSON)

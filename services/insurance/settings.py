@@ -1,0 +1,25 @@
+"""The insurance service's own settings (environment variables prefixed `INSURANCE_`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class InsuranceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INSURANCE_", env_file=".env", extra="ignore")
+
+    # A verification older than this is re-checked with the payer when insurance.verify comes again.
+    verification_max_age_hours: float = 72.0
+    # Transient payer failures (timeout, connection refused, AAA 42) are retried this often, with backoff.
+    payer_attempts: int = 3
+    payer_backoff_seconds: float = 0.5
+    # The organization whose network status is checked at verification, and how it names itself in a 270.
+    reviewing_organization: str = "SecondOpinion Reading Group"
+    reviewing_npi: str = "1234567893"
+
+
+@lru_cache
+def get_insurance_settings() -> InsuranceSettings:
+    return InsuranceSettings()

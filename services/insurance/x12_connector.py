@@ -1,0 +1,213 @@
+"""The X12 connector: a 270 POSTed to the payer's endpoint (CAQH CORE real-time), its 271 read into terms.
+
+Transient failures (timeout, connection refused, HTTP 5xx, AAA 42 "unable to respond now") are retried
+with exponential backoff up to `payer_attempts`; what is still failing then becomes a specific outcome
+(`payer_unavailable`), never an exception that would dead-letter the case.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+
+import httpx
+import structlog
+
+from contracts.models import Coverage
+from services.insurance.connectors import ZERO, Eligibility, PlanStanding
+from services.insurance.models import InsurancePayer, InsurancePlan
+from services.insurance.x12 import (
+    Benefit,
+    EligibilityResponse,
+    Inquiry,
+    Party,
+    Rejection,
+    X12Invalid,
+    build_270,
+    parse_271,
+)
+
+log = structlog.get_logger(__name__)
+
+REQUEST_TYPE = "X12_270_Request_005010X279A1"
+# AAA03 reject reasons: the member does not match, and the payer's momentary unavailability.
+MEMBER_REASONS = {"58", "64", "65", "67", "71", "72", "73", "75", "76"}
+TRANSIENT_REASONS = {"42", "80"}
+REASON_TEXT = {
+    "04": "authorized quantity exceeded",
+    "41": "authorization/access restrictions",
+    "42": "unable to respond at current time",
+    "43": "invalid or missing provider identification",
+    "51": "provider not on file",
+    "58": "invalid or missing date of birth",
+    "71": "patient birth date does not match",
+    "72": "invalid or missing member id",
+    "73": "invalid or missing subscriber name",
+    "75": "subscriber not found",
+    "76": "duplicate member id",
+    "79": "invalid participant identification (payer id)",
+    "80": "no response received",
+}
+
+
+class PayerBusy(Exception):
+    """A failure worth retrying: the payer did not answer, or answered "try again later"."""
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    last_name: str = ""
+    first_name: str = ""
+
+
+class X12Connector:
+    def __init__(
+        self,
+        payer: InsurancePayer,
+        plan: InsurancePlan,
+        *,
+        provider: Party,
+        network: str,
+        allowed_amount: Decimal | None,
+        trace: str,
+        attempts: int = 3,
+        backoff_seconds: float = 0.5,
+        subscriber: Subscriber | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.payer = payer
+        self.plan = plan
+        self.provider = provider
+        self.network = network
+        self.allowed_amount = allowed_amount
+        self.trace = trace
+        self.attempts = max(1, attempts)
+        self.backoff_seconds = backoff_seconds
+        self.subscriber = subscriber or Subscriber()
+        self.sleep = sleep
+
+    def check(self, coverage: Coverage, cpt: str) -> Eligibility:
+        member_id = (coverage.member_id or "").strip()
+        if not member_id:
+            return self._refused("member_mismatch", "no member id was given, so the payer cannot be asked")
+        if not self.payer.endpoint_url:
+            return self._refused(
+                "payer_unknown", f"payer {self.payer.payer_id} has no endpoint configured for X12 eligibility"
+            )
+        request = build_270(
+            Inquiry(
+                payer=Party(self.payer.name.upper(), self.payer.payer_id),
+                provider=self.provider,
+                member_id=member_id,
+                trace=self.trace[:50],
+                control_number=secrets.randbelow(10**9 - 1) + 1,
+                subscriber_last_name=self.subscriber.last_name.upper(),
+                subscriber_first_name=self.subscriber.first_name.upper(),
+            )
+        )
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._read(self._post(request), member_id)
+            except PayerBusy as exc:
+                log.warning("payer.busy", payer_id=self.payer.payer_id, attempt=attempt, reason=str(exc))
+                if attempt == self.attempts:
+                    return self._refused(
+                        "payer_unavailable",
+                        f"payer {self.payer.payer_id} did not give an answer after {attempt} attempts "
+                        f"({exc}); verification is retried when insurance.verify is sent again",
+                    )
+                self.sleep(self.backoff_seconds * 2 ** (attempt - 1))
+            except X12Invalid as exc:
+                return self._refused(
+                    "malformed_response", f"payer {self.payer.payer_id} sent a 271 that is not valid ({exc})"
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _post(self, request: str) -> str:
+        try:
+            response = httpx.post(
+                self.payer.endpoint_url or "",
+                content=request.encode("ascii"),
+                headers={"Content-Type": "application/EDI-X12", "PayloadType": REQUEST_TYPE},
+                timeout=self.payer.timeout_seconds,
+            )
+        except httpx.TimeoutException as exc:
+            raise PayerBusy(f"no answer within {self.payer.timeout_seconds:g} s") from exc
+        except httpx.TransportError as exc:
+            raise PayerBusy(f"cannot connect ({type(exc).__name__})") from exc
+        if response.status_code >= 500:
+            raise PayerBusy(f"HTTP {response.status_code}")
+        if response.status_code != 200:
+            raise X12Invalid(f"the payer refused the 270 with HTTP {response.status_code}")
+        return response.text
+
+    def _read(self, document: str, member_id: str) -> Eligibility:
+        answer = parse_271(document)
+        if any(r.reason in TRANSIENT_REASONS and r.follow_up != "N" for r in answer.rejections):
+            raise PayerBusy("AAA 42: unable to respond at current time")
+        if answer.rejections:
+            return self._rejected(answer.rejections)
+        if answer.member_id and answer.member_id != member_id:
+            return self._refused("member_mismatch", "the 271 is about another member id than the one asked")
+        return self._eligibility(answer)
+
+    def _rejected(self, rejections: tuple[Rejection, ...]) -> Eligibility:
+        reasons = ", ".join(f"AAA {r.reason} {REASON_TEXT.get(r.reason, 'rejected')}" for r in rejections)
+        if any(r.reason in MEMBER_REASONS for r in rejections):
+            return self._refused(
+                "member_mismatch",
+                f"the payer does not recognise the member as given ({reasons}); "
+                "check the member id and name on the insurance card",
+            )
+        return self._refused(
+            "payer_rejected", f"payer {self.payer.payer_id} rejected the inquiry ({reasons})"
+        )
+
+    def _eligibility(self, answer: EligibilityResponse) -> Eligibility:
+        status = [b for b in answer.benefits if b.code in {"1", "6"}]
+        active = bool(status) and status[0].code == "1"
+        # Out of network (or not known to be in it) the payer's out-of-network terms apply.
+        flag = "Y" if self.network == "in" else "N"
+        terms = [b for b in answer.benefits if b.in_network in {flag, "W", ""} and b.code in {"A", "B", "C"}]
+        deductible = _amount(terms, "C", "23")
+        remaining = _amount(terms, "C", "29")
+        eb11 = any(b.authorization_required for b in answer.benefits)
+        rule = self.plan.authorization_rule
+        if rule == "none" and eb11:
+            rule = "prior_auth"
+        return Eligibility(
+            plan_code=self.plan.code,
+            standing=PlanStanding.ACTIVE if active else PlanStanding.INACTIVE,
+            plan_name=(status[0].plan_name if status else "") or self.plan.plan_name,
+            covers_service=active,
+            network=self.network,
+            copay=_amount(terms, "B", "") or ZERO,
+            coinsurance_pct=next((b.percent for b in terms if b.code == "A" and b.percent is not None), ZERO),
+            deductible=deductible or ZERO,
+            deductible_met=None
+            if deductible is None or remaining is None
+            else max(ZERO, deductible - remaining),
+            allowed_amount=self.allowed_amount,
+            authorization_rule=rule,
+            outcome="active" if active else "inactive",
+        )
+
+    def _refused(self, outcome: str, detail: str) -> Eligibility:
+        return Eligibility(
+            plan_code=self.plan.code,
+            standing=PlanStanding.REJECTED,
+            plan_name=self.plan.plan_name,
+            network=self.network,
+            outcome=outcome,
+            detail=detail,
+        )
+
+
+def _amount(benefits: list[Benefit], code: str, period: str) -> Decimal | None:
+    for b in benefits:
+        if b.code == code and (not period or b.time_period == period) and b.amount is not None:
+            return b.amount
+    return None

@@ -1,0 +1,219 @@
+"""X12 270/271 round trips against the payer sandbox process, through the insurance service's handler."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+
+import httpx
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from contracts import CloudEvent, Coverage, InsuranceVerified, VerifyInsurance
+from services.common import migrate
+from services.common.config import PROJECT_ROOT, Settings
+from services.common.db import Outbox, make_engine
+from services.insurance import handlers
+from services.insurance.models import CoverageVerification, InsurancePayer
+from services.insurance.settings import InsuranceSettings
+
+D = Decimal
+FAST = InsuranceSettings(payer_attempts=3, payer_backoff_seconds=0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.payer_sandbox", str(port)], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}/core/eligibility"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                httpx.post(url, content=b"", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail("the payer sandbox did not start")
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings, sandbox: str) -> Engine:
+    engine = make_engine("insurance", settings)
+    migrate.upgrade("insurance", engine)
+    with Session(engine) as session:
+        payer = session.get(InsurancePayer, "SBX01")
+        assert payer is not None
+        payer.endpoint_url, payer.timeout_seconds = sandbox, 2.0
+        session.add(payer)
+        session.commit()
+    return engine
+
+
+def verify(engine: Engine, plan: str, member: str, settings: Settings) -> InsuranceVerified:
+    case_id = f"c-{uuid.uuid4().hex[:12]}"
+    cmd = VerifyInsurance(
+        case_id=case_id, coverage=Coverage(plan_code=plan, member_id=member), patient_state="CA"
+    )
+    event_id = f"case-{case_id}:verify-insurance-1"
+    with Session(engine) as session:
+        handlers.verify(cmd, session, settings, event_id=event_id, insurance_settings=FAST)
+        session.commit()
+        row = session.exec(select(Outbox).where(Outbox.message_id == f"{event_id}>insurance.verified")).one()
+    return InsuranceVerified.model_validate(CloudEvent.model_validate_json(row.body).data)
+
+
+@pytest.mark.parametrize(
+    ("case", "plan", "member", "status", "outcome", "network", "cost", "authorization"),
+    [
+        # deductible met: $20 copay + 20% of $240 = $68
+        ("active, deductible met", "SBX-PPO", "SBX-MET", "covered", "active", "in", "68.00", "no-auth"),
+        # deductible not met: the whole $240 goes to the deductible (the copay on top is capped)
+        ("deductible not met", "SBX-PPO", "SBX-NOTMET", "covered", "active", "in", "240.00", "no-auth"),
+        # $50 left: 20 + 50 + 20% of 190 = 108
+        ("deductible partly met", "SBX-PPO", "SBX-PARTLY", "covered", "active", "in", "108.00", "no-auth"),
+        # out of network: no copay, 40% of 240 (the deductible is met)
+        ("out of network", "SBX-EPO", "SBX-MET", "covered", "active", "out", "96.00", "no-auth"),
+        ("inactive", "SBX-PPO", "SBX-INACTIVE", "not_covered", "inactive", "in", "350.00", "no-auth"),
+        (
+            "referral required (EB11)",
+            "SBX-PPO",
+            "SBX-REFERRAL",
+            "covered",
+            "active",
+            "in",
+            "35.00",
+            "auth-needed",
+        ),
+        (
+            "rejected: member not found",
+            "SBX-PPO",
+            "NO-SUCH-MEMBER",
+            "not_covered",
+            "member_mismatch",
+            "in",
+            "350.00",
+            "no-auth",
+        ),
+        ("transient AAA 42, retried", "SBX-PPO", "SBX-FLAKY", "covered", "active", "in", "68.00", "no-auth"),
+        (
+            "payer busy every time",
+            "SBX-PPO",
+            "SBX-BUSY",
+            "not_covered",
+            "payer_unavailable",
+            "in",
+            "350.00",
+            "no-auth",
+        ),
+        (
+            "malformed 271",
+            "SBX-PPO",
+            "SBX-GARBLED",
+            "not_covered",
+            "malformed_response",
+            "in",
+            "350.00",
+            "no-auth",
+        ),
+    ],
+)
+def test_x12_round_trip(
+    engine: Engine,
+    settings: Settings,
+    case: str,
+    plan: str,
+    member: str,
+    status: str,
+    outcome: str,
+    network: str,
+    cost: str,
+    authorization: str,
+) -> None:
+    verified = verify(engine, plan, member, settings)
+    assert (verified.coverage_status, verified.outcome, verified.network) == (status, outcome, network), case
+    assert (verified.patient_cost, verified.authorization) == (D(cost), authorization), case
+    assert member not in verified.explanation
+
+
+def test_rejection_explains_what_to_fix(engine: Engine, settings: Settings) -> None:
+    verified = verify(engine, "SBX-PPO", "NO-SUCH-MEMBER", settings)
+    assert "AAA 75 subscriber not found" in verified.explanation
+    assert "check the member id" in verified.explanation
+    assert verified.explanation.endswith("the patient can choose self-pay at $350.00")
+
+
+def test_timeout_is_retried_then_reported(engine: Engine, settings: Settings) -> None:
+    with Session(engine) as session:
+        payer = session.get(InsurancePayer, "SBX01")
+        assert payer is not None
+        payer.timeout_seconds = 0.3
+        session.add(payer)
+        session.commit()
+    try:
+        started = time.monotonic()
+        verified = verify(engine, "SBX-PPO", "SBX-SLOW", settings)
+        elapsed = time.monotonic() - started
+    finally:
+        with Session(engine) as session:
+            payer = session.get(InsurancePayer, "SBX01")
+            assert payer is not None
+            payer.timeout_seconds = 2.0
+            session.add(payer)
+            session.commit()
+    assert (verified.coverage_status, verified.outcome) == ("not_covered", "payer_unavailable")
+    assert "did not give an answer after 3 attempts (no answer within 0.3 s)" in verified.explanation
+    assert elapsed >= 0.9
+
+
+def test_unconfigured_endpoint_is_a_payer_outcome(engine: Engine, settings: Settings) -> None:
+    with Session(engine) as session:
+        payer = session.get(InsurancePayer, "SBX01")
+        assert payer is not None
+        url, payer.endpoint_url = payer.endpoint_url, None
+        session.add(payer)
+        session.commit()
+    try:
+        verified = verify(engine, "SBX-PPO", "SBX-MET", settings)
+    finally:
+        with Session(engine) as session:
+            payer = session.get(InsurancePayer, "SBX01")
+            assert payer is not None
+            payer.endpoint_url = url
+            session.add(payer)
+            session.commit()
+    assert (verified.coverage_status, verified.outcome) == ("not_covered", "payer_unknown")
+
+
+def test_breakdown_is_recorded_for_the_estimate(engine: Engine, settings: Settings) -> None:
+    verified = verify(engine, "SBX-PPO", "SBX-PARTLY", settings)
+    assert (verified.copay, verified.deductible_applied, verified.coinsurance) == (
+        D("20.00"),
+        D("50.00"),
+        D("38.00"),
+    )
+    assert verified.deductible_remaining == D("50.00")
+    with Session(engine) as session:
+        row = session.exec(
+            select(CoverageVerification).where(CoverageVerification.case_id == verified.case_id)
+        ).one()
+    assert (row.outcome, row.member_id, row.network) == ("active", "SBX-PARTLY", "in")

@@ -1,0 +1,188 @@
+"""`python -m tests.payer_sandbox [PORT]`: the payer sandbox on 127.0.0.1 (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from services.insurance.x12 import REPETITION_SEP, X12Invalid, envelope, segment, validate
+
+MEMBERS_FILE = Path(__file__).with_name("members.json")
+REQUEST_TYPE = "X12_270_Request_005010X279A1"
+RESPONSE_TYPE = "X12_271_Response_005010X279A1"
+
+
+class Payer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.id: str = config["payer"]["id"]
+        self.name: str = config["payer"]["name"]
+        self.members: dict[str, dict[str, Any]] = config["members"]
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def answer(self, request: str) -> str:
+        segments = validate(request, "270")
+        values = {s.get_seg_id(): s for s in segments}
+        nm1 = {s.get_value("NM101"): s for s in segments if s.get_seg_id() == "NM1"}
+        trace = values["TRN"].get_value("TRN02") or ""
+        control = int(values["ISA"].get_value("ISA13") or "1")
+        member_id = nm1["IL"].get_value("NM109") or ""
+        last_name = (nm1["IL"].get_value("NM103") or "").upper()
+        provider = [nm1["1P"].get_value(f"NM1{i:02d}") or "" for i in (3, 8, 9)]
+        head = [
+            segment("BHT", "0022", "11", values["BHT"].get_value("BHT03") or "", time.strftime("%Y%m%d")),
+            segment("HL", "1", "", "20", "1"),
+            segment("NM1", "PR", "2", self.name, "", "", "", "", "PI", self.id),
+        ]
+        if nm1["PR"].get_value("NM109") != self.id:
+            return self._wrap([*head, segment("AAA", "N", "", "79", "C")], control)
+        member = self.members.get(member_id)
+        with self.lock:
+            self.calls[member_id] = self.calls.get(member_id, 0) + 1
+            call = self.calls[member_id]
+        if member and (member.get("reject") == "42" or call <= member.get("busy_first", 0)):
+            return self._wrap([*head, segment("AAA", "N", "", "42", "R")], control)
+        if member and member.get("delay_seconds"):
+            time.sleep(float(member["delay_seconds"]))
+        body = [
+            *head,
+            segment("HL", "2", "1", "21", "1"),
+            segment("NM1", "1P", "2", provider[0], "", "", "", "", provider[1], provider[2]),
+            segment("HL", "3", "2", "22", "0"),
+            segment("TRN", "2", trace, "9SECONDOPN"),
+            segment(
+                "NM1",
+                "IL",
+                "1",
+                member.get("last_name", "") if member else last_name,
+                "",
+                "",
+                "",
+                "",
+                "MI",
+                member_id,
+            ),
+        ]
+        if member is None:
+            body.append(segment("AAA", "Y", "", "75", "C"))
+        elif last_name and member.get("last_name") and last_name != member["last_name"]:
+            body.append(segment("AAA", "Y", "", "73", "C"))
+        else:
+            body += self._benefits(member)
+        return self._wrap(body, control)
+
+    def _benefits(self, member: dict[str, Any]) -> list[str]:
+        types = REPETITION_SEP.join(("4", "98"))
+        if member.get("inactive"):
+            return [segment("EB", "6", "IND", types, "PR", member.get("plan", ""))]
+        auth = "Y" if member.get("authorization_required") else "N"
+        rows = [segment("EB", "1", "IND", types, "PR", member.get("plan", ""), "", "", "", "", "", auth)]
+        # In-network terms as configured; out of network the coinsurance doubles and nothing is copay.
+        for network in ("Y", "N"):
+            coinsurance = Decimal(member.get("coinsurance", "0")) * (1 if network == "Y" else 2)
+            copay = member.get("copay", "0.00") if network == "Y" else "0.00"
+            rows += [
+                segment("EB", "B", "IND", "98", "PR", "", "27", copay, "", "", "", "", network),
+                segment(
+                    "EB",
+                    "A",
+                    "IND",
+                    "98",
+                    "PR",
+                    "",
+                    "27",
+                    "",
+                    f"{min(coinsurance, Decimal(1))}",
+                    "",
+                    "",
+                    "",
+                    network,
+                ),
+                segment(
+                    "EB",
+                    "C",
+                    "IND",
+                    "4",
+                    "PR",
+                    "",
+                    "23",
+                    member.get("deductible", "0.00"),
+                    "",
+                    "",
+                    "",
+                    "",
+                    network,
+                ),
+                segment(
+                    "EB",
+                    "C",
+                    "IND",
+                    "4",
+                    "PR",
+                    "",
+                    "29",
+                    member.get("deductible_remaining", "0.00"),
+                    "",
+                    "",
+                    "",
+                    "",
+                    network,
+                ),
+            ]
+        return rows
+
+    def _wrap(self, body: list[str], control: int) -> str:
+        return envelope(body, functional_id="HB", sender=self.id, receiver="SECONDOPINION", control=control)
+
+
+def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path != "/core/eligibility":
+                return self._reply(404, "text/plain", b"POST /core/eligibility only")
+            request = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode("ascii", "replace")
+            member = next((m for m, c in payer.members.items() if c.get("garbled") and m in request), None)
+            if member:
+                return self._reply(200, "application/EDI-X12", b"ISA*this is not an interchange~")
+            try:
+                answer = payer.answer(request)
+            except (X12Invalid, KeyError) as exc:
+                return self._reply(400, "text/plain", f"the 270 is invalid: {exc}".encode())
+            self._reply(200, "application/EDI-X12", answer.encode("ascii"))
+
+        def _reply(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("PayloadType", RESPONSE_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - overrides the stdlib name
+            pass
+
+    return Handler
+
+
+def main() -> None:
+    port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PAYER_SANDBOX_PORT", "8090"))
+    config = json.loads(Path(os.environ.get("PAYER_SANDBOX_MEMBERS", MEMBERS_FILE)).read_text())
+    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(Payer(config)))
+    print(f"payer sandbox listening on 127.0.0.1:{port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
