@@ -1,0 +1,74 @@
+"""Production: KEDA scales each service on CPU and its own queue and the worker on the Temporal
+backlog; TLS on the ingress, RabbitMQ and PostgreSQL; the codec key comes from a Secret."""
+
+from __future__ import annotations
+
+from services.common.amqp import QUEUES
+from services.common.config import Settings
+from tests.deploy.conftest import Manifest, named, of_kind
+
+SERVICES = ("intake", "records", "insurance", "review")
+
+
+def triggers(scaled_object: Manifest) -> dict[str, dict[str, str]]:
+    return {t["type"]: t["metadata"] for t in scaled_object["spec"]["triggers"]}
+
+
+def test_each_service_scales_on_cpu_and_its_queue(manifests: dict[str, list[Manifest]]) -> None:
+    docs = manifests["prod"]
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in of_kind(docs, "ScaledObject")}
+    deployments = {d["metadata"]["name"] for d in of_kind(docs, "Deployment")}
+    assert set(scaled) == deployments, "one autoscaler per Deployment"
+    assert not of_kind(docs, "HorizontalPodAutoscaler"), "a second HPA would fight KEDA's"
+    for service in SERVICES:
+        by_type = triggers(scaled[service])
+        assert by_type["cpu"]["value"] == "70"
+        assert by_type["rabbitmq"]["queueName"] == service
+        assert by_type["rabbitmq"]["mode"] == "QueueLength"
+        assert service in QUEUES
+
+
+def test_worker_scales_on_the_temporal_backlog(manifests: dict[str, list[Manifest]]) -> None:
+    by_type = triggers(named(manifests["prod"], "ScaledObject", "worker"))
+    settings = Settings()
+    assert by_type["temporal"]["taskQueue"] == settings.temporal_task_queue
+    config = of_kind(manifests["prod"], "ConfigMap")[0]["data"]
+    assert by_type["temporal"]["namespace"] == config["TEMPORAL_NAMESPACE"]
+    assert by_type["temporal"]["endpoint"] == config["TEMPORAL_ADDRESS"]
+    assert by_type["rabbitmq"]["queueName"] == "workflows.bridge" and "workflows.bridge" in QUEUES
+
+
+def test_tls_everywhere_we_terminate_it(manifests: dict[str, list[Manifest]]) -> None:
+    docs = manifests["prod"]
+    (ingress,) = of_kind(docs, "Ingress")
+    assert ingress["spec"]["tls"][0]["hosts"] == [ingress["spec"]["rules"][0]["host"]]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
+    mq = named(docs, "RabbitmqCluster", "secondopinion-mq")["spec"]["tls"]
+    assert mq == {"secretName": "secondopinion-mq-tls", "disableNonTLSListeners": True}
+    db = named(docs, "Cluster", "secondopinion-db")["spec"]
+    assert db["certificates"]["serverTLSSecret"] == "secondopinion-db-tls"
+    assert db["postgresql"]["pg_hba"][-1] == "host all all all reject"
+    certificates = {c["spec"]["secretName"] for c in of_kind(docs, "Certificate")}
+    assert {"secondopinion-mq-tls", "secondopinion-db-tls"} <= certificates
+    dev_ingress = of_kind(manifests["dev"], "Ingress")[0]
+    assert "tls" not in dev_ingress["spec"]
+
+
+def test_codec_key_comes_from_a_secret_only_where_temporal_is_used(
+    manifests: dict[str, list[Manifest]],
+) -> None:
+    docs = manifests["prod"]
+    config = of_kind(docs, "ConfigMap")[0]["data"]
+    assert config["ENV"] == "prod"
+    for deployment in of_kind(docs, "Deployment"):
+        name = deployment["metadata"]["name"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        if name in ("intake", "worker"):
+            assert env["CODEC_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "codec", "key": "key"}
+            assert env["CODEC_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "codec", "key": "key_id"}
+        else:
+            assert "CODEC_KEY" not in env
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert "/etc/secondopinion/ca" in mounts
+    assert "CODEC_KEY" not in of_kind(manifests["dev"], "ConfigMap")[0]["data"]
