@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run down status test lint format unit integration e2e clean
+.PHONY: install demo run down status codec-server replay-record test lint format unit integration e2e clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ down: install
 
 status: install
 	$(PY) -m scripts.stack status
+
+## The codec server alone (make demo starts it too): the Temporal UI and CLI decode case payloads through it.
+codec-server: install
+	$(PY) -m services.common.codec_server
+
+## Record fresh workflow histories for the replay test (keep the old ones: running cases still need them).
+replay-record: install
+	RECORD_HISTORIES=1 $(PY) -m scripts.run_pytest -q tests/integration/test_case_workflow.py
 
 ## Lint, type-check and run the whole suite (unit, integration on real PostgreSQL/RabbitMQ/Temporal, e2e).
 test: install lint

@@ -48,6 +48,7 @@ def processes(settings: Settings) -> list[Process]:
             "--db-filename", str(settings.data_dir / "temporal.db"),
             "--ip", host, "--port", port, "--ui-port", str(settings.temporal_ui_port),
             "--log-level", "warn",
+            "--ui-codec-endpoint", f"http://{settings.host}:{settings.codec_server_port}",
             *search_attribute_flags(),
         ],
         ready_port=int(port),
@@ -60,7 +61,19 @@ def processes(settings: Settings) -> list[Process]:
         )
         for name in SERVICES
     ]
-    return [temporal, *services, Process("worker", [sys.executable, "-m", "workflows.worker"])]
+    codec = Process(
+        "codec-server",
+        [sys.executable, "-m", "services.common.codec_server"],
+        ready_url=f"http://{settings.host}:{settings.codec_server_port}/healthz",
+    )
+    # The payer sandbox answers X12 270s for the plans configured with the X12 connector (local stack only).
+    payer = Process(
+        "payer-sandbox",
+        [sys.executable, "-m", "tests.payer_sandbox", str(settings.payer_sandbox_port)],
+        ready_port=settings.payer_sandbox_port,
+    )
+    worker = Process("worker", [sys.executable, "-m", "workflows.worker"])
+    return [temporal, codec, payer, *services, worker]
 
 
 def _pid_file(settings: Settings, name: str) -> Path:

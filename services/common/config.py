@@ -38,6 +38,16 @@ class Settings(BaseSettings):
     codec_key: str = DEV_CODEC_KEY
     codec_old_keys: dict[str, str] = Field(default_factory=dict)
 
+    # Codec server: lets the Temporal UI and CLI decode payloads for authorized staff.
+    codec_server_port: int = 8888
+    codec_server_token: str = ""  # required when set (always in prod): `Authorization: Bearer <token>`
+    codec_server_origins: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8233", "http://localhost:8233"]
+    )
+
+    # The payer sandbox (tests/payer_sandbox) that make demo starts for the X12 path.
+    payer_sandbox_port: int = 8090
+
     intake_port: int = 8001
     records_port: int = 8002
     insurance_port: int = 8003

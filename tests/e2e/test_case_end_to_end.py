@@ -12,6 +12,7 @@ import io
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,13 +56,15 @@ def free_ports(names: tuple[str, ...]) -> dict[str, int]:
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     data_dir: Path = tmp_path_factory.mktemp("e2e")
     with postgres_database() as database_url, rabbitmq_vhost() as amqp_url:
-        ports = free_ports(("intake", "records", "insurance", "review", "temporal", "ui"))
+        ports = free_ports(("intake", "records", "insurance", "review", "temporal", "ui", "codec", "payer"))
         env = {
             "DATA_DIR": str(data_dir),
             "DATABASE_URL": database_url,
             "AMQP_URL": amqp_url,
             "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}",
             "TEMPORAL_UI_PORT": str(ports["ui"]),
+            "CODEC_SERVER_PORT": str(ports["codec"]),
+            "PAYER_SANDBOX_PORT": str(ports["payer"]),
         }
         for name in ("intake", "records", "insurance", "review"):
             env[f"{name.upper()}_PORT"] = str(ports[name])
@@ -104,11 +107,13 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
         assert [t["status"] for t in case["timeline"]] == [
             "intake",
             "awaiting_records",
+            "awaiting_patient_decision",
             "matching",
             "in_review",
             "composing_report",
             "delivering",
             "delivered",
+            "follow_up",
             "closed",
         ]
         pdf = http.get(case["report"]["pdf_url"], headers={"Accept": "application/pdf"})
@@ -135,6 +140,24 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
             assert "http_requests_total" in http.get(f"http://127.0.0.1:{port}/metrics").text
 
     phi = [demo.SAMPLE_CASE["patient"][k] for k in ("family_name", "mrn", "birth_date")]
+    # The Temporal CLI shows the history encrypted; through the codec server authorized staff read it.
+    show = [
+        stack.temporal_cli(),
+        "workflow",
+        "show",
+        "-w",
+        f"case-{case_id}",
+        "--address",
+        settings.temporal_address,
+    ]
+    clear = subprocess.run(show, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert clear and not [value for value in phi if value in clear]
+    codec = f"http://127.0.0.1:{settings.codec_server_port}"
+    decoded = subprocess.run(
+        [*show, "--codec-endpoint", codec], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert demo.SAMPLE_CASE["patient"]["family_name"] in decoded
+
     for log in (settings.data_dir / "logs").glob("*.log"):
         if log.name == "temporal.log":
             continue

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -59,6 +61,15 @@ from workflows.case import CaseWorkflow
 from workflows.worker import build_worker
 
 TASK_QUEUE = "cases"
+HISTORIES = Path(__file__).resolve().parents[1] / "replay" / "histories"
+
+
+async def keep_history(handle: WorkflowHandle, name: str) -> None:
+    """With RECORD_HISTORIES=1 (make replay-record), store this case's history for the replay test."""
+    if os.environ.get("RECORD_HISTORIES") == "1":
+        HISTORIES.mkdir(parents=True, exist_ok=True)
+        history = await handle.fetch_history()
+        (HISTORIES / f"{name}.json").write_text(history.to_json())
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +284,7 @@ async def test_case_runs_from_request_to_closed_and_drops_duplicate_events(
     await handle.execute_update(CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
     outcome = await asyncio.wait_for(handle.result(), timeout=30)
     services.close()
+    await keep_history(handle, "closed_after_review")
 
     assert outcome.status == CaseStatus.CLOSED and outcome.reviewer_id == "spec-gyn-1"
     description = await handle.describe()
@@ -319,6 +331,7 @@ async def test_records_reminders_escalation_and_late_records_move_the_due_date(
     assert due_after > due_before and "5 business days" in moved["data"]["detail"]
     description = await handle.describe()
     assert description.typed_search_attributes.get(CASE_DUE_AT) == due_after
+    await keep_history(handle, "records_reminders_escalation")
     await handle.terminate("test done")
     services.close()
 
@@ -351,6 +364,7 @@ async def test_decline_and_expiry_rematch_excluding_those_reviewers(
     details = [t.detail for t in await handle.query(CaseWorkflow.timeline)]
     assert any("spec-a declined: on leave" in d for d in details)
     assert any("offer to spec-b lapsed" in d for d in details)
+    await keep_history(handle, "offer_declined_and_expired")
     await handle.terminate("test done")
     services.close()
 
@@ -408,6 +422,7 @@ async def test_cancellation_mid_review_withdraws_work_everywhere(client: Client,
     outcome = await asyncio.wait_for(handle.result(), timeout=20)
     assert outcome.status == CaseStatus.CANCELLED
     assert (await handle.describe()).typed_search_attributes.get(CASE_STATUS) == "cancelled"
+    await keep_history(handle, "cancelled_in_review")
     with pytest.raises(Exception):  # noqa: B017 - the workflow is closed: no decision reaches it
         await handle.execute_update(CaseWorkflow.hold, HoldCase(by="ops", reason="late"))
     services.close()
@@ -463,6 +478,7 @@ async def test_consent_identity_mismatch_hold_and_resume(client: Client, setting
     await services.expect("review.match")
     names = [d.name for d in await handle.query(CaseWorkflow.decisions)]
     assert names == ["consent_received", "reconcile_identity", "hold", "resume"]
+    await keep_history(handle, "consent_identity_hold_resume")
     await handle.terminate("test done")
     services.close()
 
@@ -498,6 +514,7 @@ async def test_at_risk_then_breach_alerts_are_recorded(
         "at_risk",
         "breached",
     ]
+    await keep_history(handle, "at_risk_and_breached")
     await handle.terminate("test done")
     services.close()
 
@@ -555,6 +572,7 @@ async def test_follow_up_question_goes_to_the_specialist_and_is_redelivered(
         ).model_copy(update={"data": {"case_id": services.case_id, "question_id": "q1", "review_id": review_id, "report_id": "rp2"}}),
     )  # fmt: skip
     await services.expect("report.deliver", report_id="rp2")
+    await keep_history(handle, "follow_up_question")
     await handle.terminate("test done")
     services.close()
 

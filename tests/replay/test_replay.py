@@ -1,0 +1,33 @@
+"""Replays stored histories of representative cases against today's workflow code.
+
+A change to CaseWorkflow that would make a running case take a different path fails here. Guard such a
+change with `workflow.patched("<change-id>")` (see README, "Changing the workflow"), then record new
+histories with `make replay-record` and keep the old ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from services.common.config import Settings
+from services.common.temporal import data_converter
+from workflows.case import CaseWorkflow
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def test_representative_histories_are_stored() -> None:
+    names = {path.stem for path in HISTORIES}
+    assert {"closed_after_review", "cancelled_in_review", "offer_declined_and_expired"} <= names
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_history_replays_without_nondeterminism(path: Path) -> None:
+    # The stored histories were encrypted with the development key, like every local case.
+    replayer = Replayer(workflows=[CaseWorkflow], data_converter=data_converter(Settings()))
+    history = WorkflowHistory.from_json(f"case-{path.stem}", path.read_text())
+    await replayer.replay_workflow(history)
