@@ -32,6 +32,7 @@ from contracts.envelope import CloudEvent
 from services.common.config import Settings
 from services.common.db import Inbox, Outbox, utcnow
 from services.common.errors import PoisonMessage
+from services.common.tracing import consumer_span, current_trace_headers, trace_headers_of
 
 log = structlog.get_logger(__name__)
 
@@ -146,7 +147,10 @@ class Publisher:
                     raise
 
     def publish(self, exchange: str, event: CloudEvent) -> None:
-        self.publish_raw(exchange, event.type, event.to_bytes(), event.id)
+        event = with_trace(event)
+        self.publish_raw(
+            exchange, event.type, event.to_bytes(), event.id, headers=trace_headers_of(event.to_bytes())
+        )
 
     def close(self) -> None:
         try:
@@ -158,8 +162,17 @@ class Publisher:
         self._channel = None
 
 
+def with_trace(event: CloudEvent) -> CloudEvent:
+    """The event carrying the current trace as the CloudEvents distributed-tracing extension."""
+    if getattr(event, "traceparent", None):
+        return event
+    headers = current_trace_headers()
+    return CloudEvent.model_validate({**event.model_dump(mode="json"), **headers}) if headers else event
+
+
 def enqueue(session: Session, exchange: str, event: CloudEvent) -> None:
     """Add `event` to the outbox in the caller's transaction; the relay publishes it after commit."""
+    event = with_trace(event)
     exists = session.exec(select(Outbox.id).where(Outbox.message_id == event.id)).first()
     if exists is None:
         session.add(
@@ -228,7 +241,12 @@ class QueueConsumer:
                 fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors()[:5])
                 raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope (bad fields: {fields})") from exc
             structlog.contextvars.bind_contextvars(case_id=event.subject, event_type=event.type)
-            applied = self.apply(event)
+            with consumer_span(
+                f"{self.queue} process {event.type}", props.headers, event.model_extra
+            ) as span:
+                span.set_attribute("messaging.message.id", message_id)
+                span.set_attribute("messaging.destination.name", self.queue)
+                applied = self.apply(event)
             channel.basic_ack(method.delivery_tag)
             log.info("message.applied" if applied else "message.duplicate_dropped")
             if applied:
@@ -348,7 +366,13 @@ class OutboxRelay:
                 .with_for_update(skip_locked=True)
             ).all()
             for row in rows:
-                self._publisher.publish_raw(row.exchange, row.routing_key, row.body, row.message_id)
+                self._publisher.publish_raw(
+                    row.exchange,
+                    row.routing_key,
+                    row.body,
+                    row.message_id,
+                    headers=trace_headers_of(row.body),
+                )
                 row.published_at = datetime.now(UTC)
                 session.add(row)
             session.commit()

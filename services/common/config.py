@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     env: str = "dev"
     data_dir: Path = PROJECT_ROOT / ".data"
     log_level: str = "INFO"
+    # OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); spans are exported only when it is set.
+    otel_exporter_otlp_endpoint: str | None = None
 
     # One database URL for all services; each service keeps its tables in its own schema
     # (PostgreSQL) or its own file (SQLite, the default when DATABASE_URL is unset).

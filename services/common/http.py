@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import IntakeRejected, RecordsRejected
+from services.common.tracing import server_span
 
 log = structlog.get_logger(__name__)
 
@@ -54,8 +55,11 @@ def create_app(
     @app.middleware("http")
     async def metrics_and_logs(request: Request, call_next):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
-        response: Response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
+        with server_span(f"{request.method} {request.url.path}", request.headers) as span:
+            response: Response = await call_next(request)
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            span.update_name(f"{request.method} {route}")
+            span.set_attribute("http.response.status_code", response.status_code)
         REQUESTS.labels(service, request.method, route, str(response.status_code)).inc()
         LATENCY.labels(service, route).observe(time.perf_counter() - started)
         return response

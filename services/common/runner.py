@@ -15,6 +15,7 @@ from services.common import migrate
 from services.common.amqp import Consumer, Handler, OutboxRelay, ensure_topology
 from services.common.config import Settings, get_settings
 from services.common.logging import configure_logging, get_logger
+from services.common.tracing import configure_tracing
 
 log = get_logger(__name__)
 
@@ -33,6 +34,7 @@ class ServiceRuntime:
 
     def start(self) -> None:
         configure_logging(self.service, self.settings.log_level)
+        configure_tracing(self.service, self.settings)
         migrate.upgrade(self.service, self.engine())
         ensure_topology(self.settings)
         self.relay = OutboxRelay(settings=self.settings, engine=self.engine())

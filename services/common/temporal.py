@@ -95,10 +95,12 @@ def data_converter(settings: Settings | None = None) -> DataConverter:
 
 
 async def connect_temporal(settings: Settings | None = None, *, interceptors: Iterable = ()) -> Client:
+    from services.common.tracing import temporal_interceptors
+
     settings = settings or get_settings()
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=data_converter(settings),
-        interceptors=list(interceptors),
+        interceptors=[*temporal_interceptors(), *interceptors],
     )
