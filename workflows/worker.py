@@ -16,8 +16,8 @@ from temporalio.worker import Worker
 from services.common.amqp import ensure_topology
 from services.common.config import Settings, get_settings
 from services.common.logging import configure_logging
-from services.common.tracing import configure_tracing
 from services.common.temporal import connect_temporal
+from services.common.tracing import configure_tracing
 from workflows.activities import CaseActivities
 from workflows.bridge import EventBridge
 from workflows.case import CaseWorkflow
@@ -55,6 +55,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging("worker", settings.log_level)
+    settings.require_safe_for_production()
     configure_tracing("worker", settings)
 
     async def _main() -> None:

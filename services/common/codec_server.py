@@ -85,6 +85,7 @@ def create_codec_app(settings: Settings) -> FastAPI:
 def main() -> None:
     settings = get_settings()
     configure_logging("codec-server", settings.log_level)
+    settings.require_safe_for_production()
     if settings.env == "prod" and not settings.codec_server_token:
         raise SystemExit("CODEC_SERVER_TOKEN is required when ENV=prod: decoded payloads carry PHI")
     serve(create_codec_app(settings), settings.codec_server_port, settings)

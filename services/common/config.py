@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     temporal_task_queue: str = "cases"
     temporal_ui_port: int = 8233
+    # TLS (mTLS when a client certificate is given) to the Temporal frontend; required when ENV=prod.
+    temporal_tls: bool = False
+    temporal_tls_ca_path: Path | None = None
+    temporal_tls_cert_path: Path | None = None
+    temporal_tls_key_path: Path | None = None
 
     codec_key_id: str = "dev"
     codec_key: str = DEV_CODEC_KEY
@@ -63,6 +68,34 @@ class Settings(BaseSettings):
 
     # Records: a file larger than this is refused before it is stored.
     max_upload_bytes: int = 512 * 1024 * 1024
+
+    def production_problems(self) -> list[str]:
+        """What keeps these settings from being safe for PHI in production (empty when they are)."""
+        problems = []
+        url = self.database_url or ""
+        if not url.startswith("postgresql") or not any(
+            f"sslmode={mode}" in url for mode in ("require", "verify-ca", "verify-full")
+        ):
+            problems.append("DATABASE_URL must be PostgreSQL with sslmode=require, verify-ca or verify-full")
+        if not self.amqp_url.startswith("amqps://"):
+            problems.append("AMQP_URL must use amqps:// (TLS to RabbitMQ)")
+        if not self.temporal_tls:
+            problems.append(
+                "TEMPORAL_TLS must be true (with TEMPORAL_TLS_CA_PATH, and a client cert for mTLS)"
+            )
+        if self.codec_key == DEV_CODEC_KEY or self.codec_key_id == "dev":
+            problems.append(
+                "CODEC_KEY and CODEC_KEY_ID must be set to a production key (not the development key)"
+            )
+        return problems
+
+    def require_safe_for_production(self) -> None:
+        """Refuse to start with ENV=prod unless every connection is encrypted and the codec key is real."""
+        if self.env != "prod":
+            return
+        problems = self.production_problems()
+        if problems:
+            raise SystemExit("refusing to start with ENV=prod:\n- " + "\n- ".join(problems))
 
     def service_dir(self, service: str) -> Path:
         path = self.data_dir / service

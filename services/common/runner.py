@@ -34,6 +34,7 @@ class ServiceRuntime:
 
     def start(self) -> None:
         configure_logging(self.service, self.settings.log_level)
+        self.settings.require_safe_for_production()
         configure_tracing(self.service, self.settings)
         migrate.upgrade(self.service, self.engine())
         ensure_topology(self.settings)

@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, PayloadCodec
+from temporalio.service import TLSConfig
 
 from services.common.config import Settings, get_settings
 
@@ -103,4 +104,19 @@ async def connect_temporal(settings: Settings | None = None, *, interceptors: It
         namespace=settings.temporal_namespace,
         data_converter=data_converter(settings),
         interceptors=[*temporal_interceptors(), *interceptors],
+        tls=tls_config(settings),
+    )
+
+
+def tls_config(settings: Settings) -> TLSConfig | bool:
+    if not settings.temporal_tls:
+        return False
+
+    def read(path: object) -> bytes | None:
+        return open(path, "rb").read() if path else None  # type: ignore[call-overload]
+
+    return TLSConfig(
+        server_root_ca_cert=read(settings.temporal_tls_ca_path),
+        client_cert=read(settings.temporal_tls_cert_path),
+        client_private_key=read(settings.temporal_tls_key_path),
     )

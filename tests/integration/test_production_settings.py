@@ -1,0 +1,65 @@
+"""With ENV=prod every process refuses to start unless its connections are encrypted and the codec key is real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from services.common.config import Settings
+
+SAFE = {
+    "ENV": "prod",
+    "DATABASE_URL": "postgresql://app@db.internal:5432/so?sslmode=verify-full",
+    "AMQP_URL": "amqps://app:secret@mq.internal:5671/%2F",
+    "TEMPORAL_TLS": "true",
+    "CODEC_KEY_ID": "2026-11",
+    "CODEC_KEY": "c2VjcmV0LXByb2R1Y3Rpb24ta2V5LTMyLWJ5dGVzISE=",
+}
+
+PROCESSES = [
+    ["-m", "services.intake.main"],
+    ["-m", "services.records.main"],
+    ["-m", "services.insurance.main"],
+    ["-m", "services.review.main"],
+    ["-m", "workflows.worker"],
+    ["-m", "services.common.codec_server"],
+]
+
+
+@pytest.mark.parametrize(
+    ("unsafe", "problem"),
+    [
+        ({"DATABASE_URL": "postgresql://app@db.internal:5432/so"}, "sslmode"),
+        ({"DATABASE_URL": ""}, "DATABASE_URL"),
+        ({"AMQP_URL": "amqp://app:secret@mq.internal:5672/%2F"}, "amqps://"),
+        ({"TEMPORAL_TLS": "false"}, "TEMPORAL_TLS"),
+        ({"CODEC_KEY_ID": "dev"}, "CODEC_KEY"),
+    ],
+)
+def test_each_unsafe_setting_is_named(unsafe: dict[str, str], problem: str) -> None:
+    env = {k.lower(): v for k, v in {**SAFE, **unsafe}.items()}
+    problems = Settings(**env).production_problems()  # type: ignore[arg-type]
+    assert len(problems) == 1 and problem in problems[0]
+
+
+def test_safe_settings_have_no_problems() -> None:
+    assert Settings(**{k.lower(): v for k, v in SAFE.items()}).production_problems() == []  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("argv", PROCESSES, ids=[a[1] for a in PROCESSES])
+def test_every_process_refuses_to_start_in_prod_on_plain_connections(argv: list[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {
+        **os.environ,
+        "ENV": "prod",
+        "DATA_DIR": str(tmp_path),
+        "DATABASE_URL": "",
+        "AMQP_URL": "amqp://x@127.0.0.1:1/",
+    }
+    env.pop("CODEC_KEY", None)
+    result = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "refusing to start with ENV=prod" in result.stderr + result.stdout
+    assert "amqps://" in result.stderr + result.stdout
