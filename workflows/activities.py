@@ -9,6 +9,7 @@ from temporalio import activity
 from contracts.envelope import CloudEvent
 from services.common.amqp import COMMANDS, EVENTS, Publisher
 from services.common.config import Settings
+from services.common.crashpoints import crash_point
 from workflows.models import PublishCommand, PublishEvent
 
 SOURCE = "/workflows/case"
@@ -43,6 +44,7 @@ class CaseActivities:
             data=data,
         )
         self._publisher().publish(exchange, event)
+        crash_point("activity.after_publish_before_complete")
         return event.id
 
     @activity.defn

@@ -16,6 +16,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from contracts.envelope import CloudEvent
 from services.common.amqp import QueueConsumer
 from services.common.config import Settings
+from services.common.crashpoints import crash_point
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +32,9 @@ class EventBridge(QueueConsumer):
 
     def apply(self, event: CloudEvent) -> bool:
         future = asyncio.run_coroutine_threadsafe(self.signal(event), self.loop)
-        return future.result(timeout=SIGNAL_TIMEOUT_SECONDS)
+        applied = future.result(timeout=SIGNAL_TIMEOUT_SECONDS)
+        crash_point("bridge.after_signal_before_ack")
+        return applied
 
     async def signal(self, event: CloudEvent) -> bool:
         handle = self.client.get_workflow_handle(f"case-{event.subject}")

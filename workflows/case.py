@@ -5,7 +5,7 @@ Signals: ``on_event(CloudEvent)`` (a service's event, from the event bridge; a s
 Updates (validated: a decision that makes no sense in the current state is rejected before it is written):
 ``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``hold``, ``resume``,
 ``ask_question``, ``close``.
-Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``.
+Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``, ``received``.
 """
 
 from __future__ import annotations
@@ -638,6 +638,11 @@ class CaseWorkflow:
     @workflow.query
     def due_at(self) -> datetime | None:
         return self._due_at
+
+    @workflow.query
+    def received(self) -> list[str]:
+        """The events the case has applied, as `type id`, in order (duplicates never appear)."""
+        return [f"{event.type} {event.id}" for event in self._received]
 
     @workflow.query
     def review(self) -> ReviewAssignment | None:

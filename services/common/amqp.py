@@ -30,6 +30,7 @@ from sqlmodel import Session, select
 
 from contracts.envelope import CloudEvent
 from services.common.config import Settings
+from services.common.crashpoints import crash_point
 from services.common.db import Inbox, Outbox, utcnow
 from services.common.errors import PoisonMessage
 from services.common.tracing import consumer_span, current_trace_headers, trace_headers_of
@@ -136,6 +137,7 @@ class Publisher:
         for attempt in (1, 2):
             try:
                 self._ensure().basic_publish(exchange, routing_key, body, props, mandatory=True)
+                crash_point("publish.after_send_before_confirmed")
                 return
             except pika.exceptions.UnroutableError as exc:
                 raise PublishFailed(f"{routing_key} on {exchange} reached no queue") from exc
@@ -317,6 +319,7 @@ class Consumer(QueueConsumer):
                     # Another replica applied the same message concurrently: its transaction stands.
                     return False
                 raise
+        crash_point("consumer.after_commit_before_ack")
         return True
 
     def after_ack(self) -> None:
@@ -373,6 +376,7 @@ class OutboxRelay:
                     row.message_id,
                     headers=trace_headers_of(row.body),
                 )
+                crash_point("outbox.after_publish_before_mark")
                 row.published_at = datetime.now(UTC)
                 session.add(row)
             session.commit()

@@ -18,6 +18,7 @@ from contracts.events import CaseCancelled
 from contracts.models import Coverage, CoverageStatus
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
+from services.common.crashpoints import crash_point
 from services.common.db import utcnow
 from services.common.errors import CaseError, PoisonMessage
 from services.insurance.connectors import (
@@ -170,6 +171,7 @@ def _check(
     if coverage.plan_code and not coverage.self_pay:
         connector = connector or connector_for(session, coverage, trace=case_id, cpt=cpt, settings=config)
         eligibility = connector.check(coverage, cpt)
+        crash_point("insurance.after_payer_call_before_record")
     estimate = with_outcome(estimate_cost(coverage, cpt, eligibility, price), eligibility)
     rule = eligibility.authorization_rule if eligibility is not None else "none"
     return estimate, rule
