@@ -185,3 +185,12 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CaseAlert,
     )
 }
+
+
+class RecordsAvailable(Event):
+    """A partner says records for the case can now be fetched (e.g. the study reached its PACS)."""
+
+    TYPE: ClassVar[str] = "records.available"
+    study_instance_uid: str | None = None
+    endpoint: str | None = None
+    note: str = ""

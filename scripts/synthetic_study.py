@@ -48,6 +48,9 @@ def make_us_instance(
     sop_uid: str | None = None,
     rows: int = 64,
     cols: int = 64,
+    calibrated: bool = True,
+    burned_in_annotation: str = "NO",
+    accession_number: str | None = None,
 ) -> bytes:
     """An ultrasound image (or a cine clip when frames > 1) as PS3.10 bytes; written to `path` if given."""
     sop_class = SOP_CLASSES.get((modality, frames > 1), SOP_CLASSES[("US", False)])
@@ -70,7 +73,9 @@ def make_us_instance(
     ds.StudyDate = "20261120"
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
-    ds.BurnedInAnnotation = "NO"
+    ds.BurnedInAnnotation = burned_in_annotation
+    if accession_number is not None:
+        ds.AccessionNumber = accession_number
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = rows
@@ -79,7 +84,7 @@ def make_us_instance(
     ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    if modality == "US":
+    if modality == "US" and calibrated:
         ds.SequenceOfUltrasoundRegions = Sequence([_ultrasound_region(rows, cols)])
     rng = np.random.default_rng(int(sop_uid.rsplit(".", 1)[-1]) % (2**32))
     pixels = rng.integers(0, 255, size=(frames, rows, cols) if frames > 1 else (rows, cols), dtype=np.uint8)

@@ -1,5 +1,19 @@
-"""Records: collects the original report and the DICOM images of a case and says when the set is complete.
+"""Records: imports a case's outside study and original report, reconciles it to the case's patient,
+judges its completeness and technical adequacy, and says when the set is complete.
 
-Consumes `records.collect`; accepts uploads at `POST /v1/records/{case_id}/files`; stores every file
-content-addressed under `data_dir/records/objects/`; publishes `records.assembled` once per case.
+Sources of images, all ending in `uploads.accept_entries` (validated, reconciled, stored as a whole):
+uploads of files, folders and CDs as ZIP with or without DICOMDIR (`/v1/records/{case_id}/files`, which
+also takes the report as PDF, text or FHIR DiagnosticReport, and FHIR Observation / DocumentReference),
+DICOMweb STOW-RS (`/dicomweb/...`), and query/retrieve from the partner's PACS (`retrieval`: DIMSE
+C-FIND + C-GET/C-MOVE, or DICOMweb QIDO/WADO). Consumes `records.collect`, `records.remind`,
+`records.reconcile` and `case.cancelled`; publishes `records.assembled`, `records.incomplete`,
+`records.needed` and `records.identity_mismatch`. `GET /v1/records/{case_id}/timeline` orders it all by
+date; `/v1/records/{case_id}/export/deidentified` gives the images de-identified (PS3.15 Annex E).
+
+Errors:
+    RecordsRejected          (422: unusable or hostile input; nothing stored)
+    RecordsNotRequested      (404), RecordsCancelled (409)
+    FileTooLarge             (413)
+    ArchiveUnavailable       (503 on upload; retried for retrievals)
+    PacsUnavailable          (retried with backoff, then reported as records.incomplete)
 """

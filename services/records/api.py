@@ -1,4 +1,5 @@
-"""HTTP API: upload a case's report and DICOM files, see what is on record, download a stored file."""
+"""HTTP API: upload a case's report and DICOM files (or a CD as ZIP / folder), see what is on record and
+how adequate it is, download a stored file (DICOM with our identifiers coerced)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,32 @@ from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, HTTPException, Path, UploadFile
-from fastapi.responses import FileResponse
-from sqlmodel import Session, select
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from sqlmodel import Session, col, select
 
 from services.common.config import Settings, get_settings
-from services.common.db import get_engine
+from services.common.db import get_engine, utcnow
 from services.records import uploads
-from services.records.assembly import case_files, missing_items
-from services.records.models import RecordFile, RecordFilePublic, RecordRequest, RecordsPublic, UploadPublic
+from services.records.adequacy import assess
+from services.records.archive_store import ArchiveUnavailable
+from services.records.assembly import case_files
+from services.records.classify import DICOM_TYPE
+from services.records.limits import ImportLimits, get_limits
+from services.records.models import (
+    ImportPublic,
+    RecordFile,
+    RecordFilePublic,
+    RecordImport,
+    RecordRequest,
+    RecordRetrieval,
+    RecordSource,
+    RecordSourceIn,
+    RecordSourcePublic,
+    RecordsPublic,
+    RetrievalPublic,
+    UploadPublic,
+)
+from services.records.reconcile import coerced_chunks, our_identifiers
 from services.records.store import FileTooLarge, ObjectStore
 
 router = APIRouter(prefix="/v1/records", tags=["records"])
@@ -26,6 +45,11 @@ def on_outbox_written(listener: Callable[[], None]) -> None:
     _outbox_listeners.append(listener)
 
 
+def notify_outbox() -> None:
+    for listener in _outbox_listeners:
+        listener()
+
+
 def get_session() -> Iterator[Session]:
     with Session(get_engine("records"), expire_on_commit=False) as session:
         yield session
@@ -33,9 +57,40 @@ def get_session() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+LimitsDep = Annotated[ImportLimits, Depends(get_limits)]
 CaseId = Annotated[str, Path(min_length=1, max_length=64)]
+PartnerId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")]
 Sha256 = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="lower-case hex SHA-256 of the file")]
 UNKNOWN_CASE = "no records were requested for this case; check the case id"
+
+
+@router.put(
+    "/sources/{partner_id}",
+    responses={422: {"description": "neither a complete DIMSE source nor a DICOMweb URL"}},
+)
+def put_source(partner_id: PartnerId, source: RecordSourceIn, session: SessionDep) -> RecordSourcePublic:
+    """Configure where this partner's images are fetched from when a case names its study."""
+    dimse_complete = source.ae_title and source.host and source.port
+    if not dimse_complete and not source.dicomweb_url:
+        raise HTTPException(
+            422, "give either ae_title, host and port (a DIMSE PACS) or dicomweb_url (a DICOMweb service)"
+        )
+    row = session.get(RecordSource, partner_id) or RecordSource(partner_id=partner_id)
+    for key, value in source.model_dump().items():
+        setattr(row, key, value)
+    row.updated_at = utcnow()
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return RecordSourcePublic.model_validate(row, from_attributes=True)
+
+
+@router.get("/sources/{partner_id}", responses={404: {"description": "no source configured"}})
+def get_source(partner_id: PartnerId, session: SessionDep) -> RecordSourcePublic:
+    row = session.get(RecordSource, partner_id)
+    if row is None:
+        raise HTTPException(404, "no image source is configured for this partner; PUT one first")
+    return RecordSourcePublic.model_validate(row, from_attributes=True)
 
 
 @router.post(
@@ -43,29 +98,45 @@ UNKNOWN_CASE = "no records were requested for this case; check the case id"
     status_code=201,
     responses={
         404: {"description": "no records request for this case yet"},
+        409: {"description": "the case was cancelled"},
         413: {"description": "a file exceeds the upload size limit"},
-        422: {"description": "a file is neither a report (PDF, UTF-8 text) nor DICOM; nothing was stored"},
+        503: {"description": "the image archive (RECORDS_STORAGE=dicomweb) is not reachable"},
+        422: {"description": "a file or archive member is unusable or hostile; nothing was stored"},
     },
 )
 def upload_files(
     case_id: CaseId,
-    files: Annotated[list[UploadFile], File(description="the original report (PDF or text) and DICOM files")],
+    files: Annotated[
+        list[UploadFile],
+        File(
+            description="the original report (PDF or text) and DICOM files; a CD as one ZIP, or a folder "
+            "(file names carrying their relative paths), with or without a DICOMDIR"
+        ),
+    ],
     session: SessionDep,
     settings: SettingsDep,
+    limits: LimitsDep,
 ) -> UploadPublic:
-    incoming = [uploads.IncomingFile(f.file, f.content_type) for f in files]
+    incoming = [uploads.IncomingFile(f.file, f.content_type, f.filename) for f in files]
     try:
-        outcome = uploads.accept_upload(case_id, incoming, session, settings)
+        outcome = uploads.accept_upload(case_id, incoming, session, settings, limits=limits)
     except uploads.RecordsNotRequested as exc:
         raise HTTPException(404, str(exc)) from None
+    except uploads.RecordsCancelled as exc:
+        raise HTTPException(409, str(exc)) from None
     except FileTooLarge as exc:
         raise HTTPException(413, str(exc)) from None
-    if outcome.assembled_now:
-        for listener in _outbox_listeners:
-            listener()
+    except ArchiveUnavailable as exc:
+        raise HTTPException(
+            503, f"{exc}; nothing from this upload was indexed, send it again later"
+        ) from None
+    notify_outbox()
+    held = outcome.record_import
     return UploadPublic(
         case_id=case_id,
         status=outcome.request.status,
+        import_id=held.import_id if held else None,
+        import_status=held.status if held else None,  # type: ignore[arg-type]
         missing=outcome.missing,
         new_files=outcome.new_files,
         duplicates=outcome.duplicates,
@@ -79,11 +150,24 @@ def get_records(case_id: CaseId, session: SessionDep) -> RecordsPublic:
     if request is None:
         raise HTTPException(404, UNKNOWN_CASE)
     files = case_files(session, case_id)
+    adequacy = assess(files, request.exam)
+    retrievals = session.exec(
+        select(RecordRetrieval)
+        .where(RecordRetrieval.case_id == case_id)
+        .order_by(col(RecordRetrieval.created_at))
+    ).all()
+    imports = session.exec(
+        select(RecordImport).where(RecordImport.case_id == case_id).order_by(col(RecordImport.created_at))
+    ).all()
     return RecordsPublic(
         case_id=case_id,
         status=request.status,
-        missing=missing_items(files),
+        missing=adequacy.missing,
+        warnings=adequacy.warnings,
+        adequacy=adequacy.model_dump(),
         assembled_at=request.assembled_at,
+        imports=[ImportPublic.of(i) for i in imports],
+        retrievals=[RetrievalPublic.of(r) for r in retrievals],
         files=[RecordFilePublic.of(f) for f in files],
     )
 
@@ -94,17 +178,25 @@ def get_records(case_id: CaseId, session: SessionDep) -> RecordsPublic:
     responses={
         200: {"content": {"application/dicom": {}, "application/pdf": {}, "text/plain": {}}},
         404: {"description": "no such file in this case"},
+        409: {"description": "the file belongs to an import held for an identity decision"},
     },
 )
-def download_file(
-    case_id: CaseId, sha256: Sha256, session: SessionDep, settings: SettingsDep
-) -> FileResponse:
+def download_file(case_id: CaseId, sha256: Sha256, session: SessionDep, settings: SettingsDep) -> Response:
     query = select(RecordFile).where(RecordFile.case_id == case_id, RecordFile.sha256 == sha256)
     row = session.exec(query).first()
-    if row is None:
+    request = session.get(RecordRequest, case_id)
+    if row is None or request is None:
         raise HTTPException(
             404, "this case has no file with that SHA-256; list its files at /v1/records/{case_id}"
         )
-    return FileResponse(
-        ObjectStore.for_settings(settings).path(row.storage_path), media_type=row.content_type
-    )
+    if not row.released:
+        raise HTTPException(
+            409, "this file belongs to an import held for an identity decision; it is released once accepted"
+        )
+    path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
+    if row.content_type != DICOM_TYPE:
+        return FileResponse(path, media_type=row.content_type)
+    held = session.get(RecordImport, row.import_id) if row.import_id else None
+    modified_at = (held.decided_at or held.created_at) if held else row.created_at
+    values = our_identifiers(case_id, request.exam)
+    return StreamingResponse(coerced_chunks(path, values, modified_at), media_type=DICOM_TYPE)

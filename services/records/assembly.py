@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -11,20 +12,29 @@ import structlog
 from sqlmodel import Session, col, select
 
 from contracts.envelope import new_event
-from contracts.events import RecordsAssembled
+from contracts.events import RecordsAssembled, RecordsIncomplete
 from contracts.models import OriginalReport, StudySummary
 from services.common.amqp import EVENTS, enqueue
 from services.common.db import utcnow
+from services.records.adequacy import MISSING_REPORT, MISSING_ULTRASOUND, ULTRASOUND, Adequacy, assess
 from services.records.classify import PDF_TYPE, pdf_text
+from services.records.fhir_records import FHIR_TYPE, diagnostic_report_text
 from services.records.models import FileKind, RecordFile, RecordRequest
 from services.records.store import ObjectStore
+
+__all__ = [
+    "MISSING_REPORT",
+    "MISSING_ULTRASOUND",
+    "assemble_if_complete",
+    "case_files",
+    "missing_items",
+    "report_text",
+    "summarize_study",
+]
 
 log = structlog.get_logger(__name__)
 
 SOURCE = "/services/records"
-ULTRASOUND = "US"
-MISSING_REPORT = "the original report (PDF or UTF-8 text)"
-MISSING_ULTRASOUND = "an ultrasound image (a DICOM instance with Modality US)"
 
 
 class DicomInstance(Protocol):
@@ -36,19 +46,16 @@ class DicomInstance(Protocol):
     number_of_frames: int | None
 
 
-def case_files(session: Session, case_id: str) -> list[RecordFile]:
-    query = select(RecordFile).where(RecordFile.case_id == case_id).order_by(col(RecordFile.id))
-    return list(session.exec(query).all())
+def case_files(session: Session, case_id: str, *, released_only: bool = True) -> list[RecordFile]:
+    """The case's files; by default only those released (an import held for identity is not)."""
+    query = select(RecordFile).where(RecordFile.case_id == case_id)
+    if released_only:
+        query = query.where(col(RecordFile.released).is_(True))
+    return list(session.exec(query.order_by(col(RecordFile.id))).all())
 
 
-def missing_items(files: Iterable[RecordFile]) -> list[str]:
-    files = list(files)
-    missing = []
-    if not any(f.kind == FileKind.REPORT for f in files):
-        missing.append(MISSING_REPORT)
-    if not any(f.kind == FileKind.DICOM and f.modality == ULTRASOUND for f in files):
-        missing.append(MISSING_ULTRASOUND)
-    return missing
+def missing_items(files: Iterable[RecordFile], exam: dict[str, str] | None = None) -> list[str]:
+    return assess(files, exam).missing
 
 
 def summarize_study(instances: Iterable[DicomInstance]) -> StudySummary | None:
@@ -79,16 +86,24 @@ def summarize_study(instances: Iterable[DicomInstance]) -> StudySummary | None:
 def report_text(path: Path, content_type: str) -> str:
     if content_type == PDF_TYPE:
         return pdf_text(path)
+    if content_type == FHIR_TYPE:
+        return diagnostic_report_text(path)
     return path.read_text(encoding="utf-8-sig")
 
 
 def assemble_if_complete(session: Session, request: RecordRequest, store: ObjectStore) -> bool:
-    """Mark the records assembled and enqueue `records.assembled`, once, when the set is complete."""
-    if request.assembled_at is not None:
+    """Assess the released files; enqueue `records.assembled` once when complete, else `records.incomplete`
+    once per distinct set of missing items."""
+    if request.assembled_at is not None or request.cancelled_at is not None:
         return False
     files = case_files(session, request.case_id)
+    adequacy = assess(files, request.exam)
+    request.adequacy = adequacy.model_dump()
+    session.add(request)
     study = summarize_study(files)
-    if missing_items(files) or study is None:
+    if adequacy.missing or study is None:
+        if files:
+            _enqueue_incomplete(session, request.case_id, adequacy)
         return False
     report = next(f for f in files if f.kind == FileKind.REPORT)
     assembled = RecordsAssembled(
@@ -100,6 +115,7 @@ def assemble_if_complete(session: Session, request: RecordRequest, store: Object
         ),
         study=study,
         file_count=len(files),
+        warnings=adequacy.warnings,
     )
     request.assembled_at = utcnow()
     session.add(request)
@@ -118,3 +134,11 @@ def assemble_if_complete(session: Session, request: RecordRequest, store: Object
         series_count=study.series_count,
     )
     return True
+
+
+def _enqueue_incomplete(session: Session, case_id: str, adequacy: Adequacy) -> None:
+    # One event per distinct missing set: a re-upload that changes nothing publishes nothing.
+    key = "|".join(adequacy.missing)
+    incomplete = RecordsIncomplete(case_id=case_id, missing=adequacy.missing, warnings=adequacy.warnings)
+    event_id = f"records.incomplete:{case_id}:{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    enqueue(session, EVENTS, new_event(id=event_id, source=SOURCE, subject=case_id, data=incomplete))

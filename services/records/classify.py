@@ -6,14 +6,28 @@ Anything else is refused with a message naming the file's position in the upload
 
 from __future__ import annotations
 
+import io
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import pydicom
+import pydicom.uid
 from pydicom.errors import InvalidDicomError
 from pypdf import PdfReader
 
 from services.common.errors import RecordsRejected
+from services.records.fhir_records import (
+    FHIR_TYPE,
+    FhirRecord,
+    InvalidFhir,
+    NotFhir,
+    NotJson,
+    looks_like_json,
+    read_fhir,
+)
 from services.records.models import FileKind
 from services.records.store import ReceivedFile, human_size
 
@@ -26,12 +40,29 @@ REQUIRED_DICOM_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"
 
 
 @dataclass(frozen=True)
+class PatientIdentity:
+    """What an instance says about its patient (PHI: kept out of logs and error bodies)."""
+
+    name: str = ""
+    patient_id: str = ""
+    birth_date: str = ""
+    sex: str = ""
+
+
+@dataclass(frozen=True)
 class DicomHeader:
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
     modality: str
     number_of_frames: int
+    identity: PatientIdentity = PatientIdentity()
+    accession_number: str = ""
+    has_regions: bool = False
+    burned_in_annotation: str = ""
+    pixel_bytes: int = 0
+    sop_class_uid: str = ""
+    study_date: str = ""
 
 
 @dataclass(frozen=True)
@@ -40,33 +71,72 @@ class ClassifiedFile:
     kind: FileKind
     content_type: str
     dicom: DicomHeader | None = None
+    record_type: str | None = None
+    record_date: date | None = None
 
 
-class _Unusable(Exception):
+class Unusable(Exception):
     """Why a file cannot be used, phrased to follow "file 3 of 5"."""
 
 
-def classify(received: ReceivedFile, *, total: int, declared_type: str | None = None) -> ClassifiedFile:
-    """Classify and validate one received file; raises RecordsRejected if it is neither report nor DICOM."""
+_Unusable = Unusable
+HeaderReader = Callable[[Path], "DicomHeader"]
+
+
+class _DicomDir(Exception):
+    """The file is a DICOMDIR (IHE PDI index)."""
+
+
+def classify(
+    received: ReceivedFile,
+    *,
+    total: int,
+    declared_type: str | None = None,
+    max_pixel_bytes: int | None = None,
+    label: str | None = None,
+    read_header: HeaderReader | None = None,
+) -> ClassifiedFile:
+    """Classify and validate one received file; raises RecordsRejected if it is neither report nor DICOM.
+
+    `label` names the file in errors (default "file 3 of 5"); DICOMDIR comes back as kind DICOMDIR.
+    """
     try:
-        return _classify(received, declared_type)
+        classified = _classify(received, declared_type, read_header or read_dicom_header)
+        if (
+            classified.dicom
+            and max_pixel_bytes is not None
+            and classified.dicom.pixel_bytes > max_pixel_bytes
+        ):
+            raise _Unusable(
+                f"declares {human_size(classified.dicom.pixel_bytes)} of pixel data, more than the "
+                f"{human_size(max_pixel_bytes)} budget of one instance; ask the facility for an export with fewer frames"
+            )
+        return classified
+    except _DicomDir:
+        return ClassifiedFile(received, FileKind.DICOMDIR, DICOM_TYPE)
     except _Unusable as exc:
         raise RecordsRejected(
-            f"file {received.position} of {total} {exc}; nothing from this upload was stored"
+            f"{label or f'file {received.position} of {total}'} {exc}; nothing from this upload was stored"
         ) from None
 
 
-def _classify(received: ReceivedFile, declared_type: str | None) -> ClassifiedFile:
+def _classify(received: ReceivedFile, declared_type: str | None, read_header: HeaderReader) -> ClassifiedFile:
     if received.size_bytes == 0:
         raise _Unusable("is empty")
     has_dicm_prefix = received.head[128:132] == b"DICM"
     declared_dicom = (declared_type or "").split(";")[0].strip().lower() == DICOM_TYPE
     # The content decides, not the client's declared type, except that declared DICOM must be DICOM.
     if has_dicm_prefix or declared_dicom:
-        return ClassifiedFile(received, FileKind.DICOM, DICOM_TYPE, read_dicom_header(received.path))
+        return ClassifiedFile(received, FileKind.DICOM, DICOM_TYPE, read_header(received.path))
     if received.head.startswith(b"%PDF"):
         check_pdf(received.path)
         return ClassifiedFile(received, FileKind.REPORT, PDF_TYPE)
+    fhir = _fhir_record(received) if received.utf8_text and looks_like_json(received.head) else None
+    if fhir is not None:
+        kind = FileKind.REPORT if fhir.resource_type == "DiagnosticReport" else FileKind.CLINICAL
+        return ClassifiedFile(
+            received, kind, FHIR_TYPE, record_type=fhir.resource_type, record_date=fhir.record_date
+        )
     if received.utf8_text:
         if received.size_bytes > MAX_TEXT_REPORT_BYTES:
             raise _Unusable(
@@ -74,33 +144,124 @@ def _classify(received: ReceivedFile, declared_type: str | None) -> ClassifiedFi
                 "upload the report as PDF"
             )
         return ClassifiedFile(received, FileKind.REPORT, TEXT_TYPE)
-    return ClassifiedFile(received, FileKind.DICOM, DICOM_TYPE, read_dicom_header(received.path))
+    return ClassifiedFile(received, FileKind.DICOM, DICOM_TYPE, read_header(received.path))
+
+
+def _fhir_record(received: ReceivedFile) -> FhirRecord | None:
+    """A FHIR record, or None for text that only starts like JSON (a text report)."""
+    try:
+        return read_fhir(received.path, received.size_bytes)
+    except NotJson:
+        return None
+    except InvalidFhir as exc:
+        raise _Unusable(str(exc)) from None
+    except NotFhir:
+        raise _Unusable("is JSON but not a FHIR DiagnosticReport, Observation or DocumentReference") from None
+
+
+class _DeclaredTooLong(Exception):
+    pass
+
+
+class _LengthCheckedReader(io.BufferedReader):
+    """Refuses a read longer than what is left of the file: a hostile declared length allocates nothing."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = path.stat().st_size
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        # The preamble and tag headers are read past the end on purpose (that is how pydicom finds EOF).
+        if size is not None and size > 256 and self.tell() + size > self._size:
+            raise _DeclaredTooLong()
+        return super().read(size)
 
 
 def read_dicom_header(path: Path) -> DicomHeader:
     try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        with _LengthCheckedReader(path) as fp:
+            dataset = pydicom.dcmread(fp, stop_before_pixels=True)
+            pixels_complete = _pixel_data_complete(fp, dataset, path.stat().st_size)
     except InvalidDicomError:
         raise _Unusable("is not DICOM (no DICM prefix)") from None
+    except _DeclaredTooLong:
+        raise _Unusable(
+            "is not a readable DICOM file (an element declares a length beyond the end of the file)"
+        ) from None
+    except MemoryError:
+        raise  # an isolated parser turns this into its own rejection
     except Exception:
         raise _Unusable("is not a readable DICOM file (it is truncated or corrupt)") from None
     try:
         if str(dataset.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
-            raise _Unusable("is a DICOMDIR index, not an image; upload the image files it lists")
+            raise _DicomDir()
         uids = [str(dataset.get(keyword) or "").strip() for keyword in REQUIRED_DICOM_UIDS]
         modality = str(dataset.get("Modality") or "").strip().upper()
         frames = int(dataset.get("NumberOfFrames") or 1)
-    except _Unusable:
+        identity = PatientIdentity(
+            name=_text(dataset, "PatientName"),
+            patient_id=_text(dataset, "PatientID"),
+            birth_date=_text(dataset, "PatientBirthDate"),
+            sex=_text(dataset, "PatientSex").upper(),
+        )
+        extra = {
+            "accession_number": _text(dataset, "AccessionNumber"),
+            "has_regions": len(dataset.get("SequenceOfUltrasoundRegions") or []) > 0,
+            "burned_in_annotation": _text(dataset, "BurnedInAnnotation").upper()[:8],
+            "pixel_bytes": _declared_pixel_bytes(dataset, frames),
+            "sop_class_uid": _text(dataset, "SOPClassUID")[:64],
+            "study_date": _text(dataset, "StudyDate")[:8],
+        }
+    except (_Unusable, _DicomDir):
         raise
     except Exception:
         raise _Unusable("is not a readable DICOM file (its header is corrupt)") from None
+    if not pixels_complete:
+        raise _Unusable("is a truncated DICOM file (its pixel data ends early)")
     for keyword, uid in zip(REQUIRED_DICOM_UIDS, uids, strict=True):
         if not uid or len(uid) > 64:
             raise _Unusable(f"is DICOM without a valid {keyword}")
     if not modality or len(modality) > 16:
         raise _Unusable("is DICOM without a valid Modality")
     study, series, sop = uids
-    return DicomHeader(study, series, sop, modality, max(frames, 1))
+    return DicomHeader(study, series, sop, modality, max(frames, 1), identity, **extra)  # type: ignore[arg-type]
+
+
+def header_or_none(path: Path) -> DicomHeader | None:
+    """The header of a usable DICOM instance, or None (the import path refuses it with its own message)."""
+    try:
+        return read_dicom_header(path)
+    except (_Unusable, _DicomDir):
+        return None
+
+
+def _pixel_data_complete(fp: io.BufferedReader, dataset: pydicom.Dataset, file_size: int) -> bool:
+    """Whether the (native) pixel data element the header stopped at holds the bytes it declares."""
+    offset = fp.tell()
+    header = fp.read(12)
+    if len(header) < 8:
+        return True  # no pixel data: an SR or a presentation state, not our business here
+    if dataset.file_meta.get("TransferSyntaxUID") == pydicom.uid.ImplicitVRLittleEndian:
+        (length,) = struct.unpack("<I", header[4:8])
+        start = offset + 8
+    else:
+        if len(header) < 12:
+            return False
+        (length,) = struct.unpack("<I", header[8:12])
+        start = offset + 12
+    if length == 0xFFFFFFFF:
+        return True  # encapsulated (compressed) frames: their fragments carry their own lengths
+    return start + length <= file_size
+
+
+def _text(dataset: pydicom.Dataset, keyword: str) -> str:
+    return str(dataset.get(keyword) or "").strip()
+
+
+def _declared_pixel_bytes(dataset: pydicom.Dataset, frames: int) -> int:
+    rows, cols = int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)
+    samples, bits = int(dataset.get("SamplesPerPixel") or 1), int(dataset.get("BitsAllocated") or 8)
+    return rows * cols * max(frames, 1) * samples * max(bits, 1) // 8
 
 
 def check_pdf(path: Path) -> None:

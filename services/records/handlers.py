@@ -1,17 +1,26 @@
-"""What the records commands do. Handlers write their effects and outbox rows; the caller commits."""
+"""What the records commands and events do. Handlers write their effects and outbox rows; the caller commits."""
 
 from __future__ import annotations
 
 import structlog
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from contracts.commands import CollectRecords
+from contracts.commands import CollectRecords, ReconcileIdentity, RemindRecords
+from contracts.envelope import new_event
+from contracts.events import CaseCancelled, RecordsNeeded
+from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
-from services.records.assembly import assemble_if_complete
-from services.records.models import RecordRequest
+from services.common.db import utcnow
+from services.common.errors import PoisonMessage
+from services.records.adequacy import assess
+from services.records.assembly import SOURCE, assemble_if_complete
+from services.records.models import ImportStatus, RecordFile, RecordImport, RecordRequest
+from services.records.retrieval import cancel_retrievals, plan_retrieval
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
+
+DECISIONS = ("accept", "reject")
 
 
 def lock_request(session: Session, case_id: str) -> RecordRequest | None:
@@ -26,10 +35,92 @@ def collect(cmd: CollectRecords, session: Session, settings: Settings) -> None:
     exam = cmd.exam.model_dump(mode="json")
     request = lock_request(session, cmd.case_id)
     if request is None:
-        request = RecordRequest(case_id=cmd.case_id, patient=patient, exam=exam)
+        request = RecordRequest(case_id=cmd.case_id, patient=patient, exam=exam, partner_id=cmd.partner_id)
         log.info("records.requested", case_id=cmd.case_id)
+    elif request.cancelled_at is not None:
+        log.info("records.collect_after_cancel_ignored", case_id=cmd.case_id)
+        return
     else:
         request.patient, request.exam = patient, exam
+        request.partner_id = cmd.partner_id or request.partner_id
     session.add(request)
     session.flush()
+    plan_retrieval(session, request)
     assemble_if_complete(session, request, ObjectStore.for_settings(settings))
+
+
+def cancel(event: CaseCancelled, session: Session) -> None:
+    """Withdraw: close the request so no upload or retrieval continues; a second cancel changes nothing."""
+    request = lock_request(session, event.case_id)
+    if request is None or request.cancelled_at is not None:
+        return
+    request.cancelled_at = utcnow()
+    session.add(request)
+    cancel_retrievals(session, event.case_id)
+    log.info("records.request_cancelled", case_id=event.case_id)
+
+
+def remind(cmd: RemindRecords, session: Session) -> None:
+    """Record the reminder and publish `records.needed` with what is still missing (once per attempt)."""
+    request = lock_request(session, cmd.case_id)
+    if request is None:
+        raise PoisonMessage("records.remind for a case whose records were never requested")
+    if request.assembled_at is not None or request.cancelled_at is not None:
+        return
+    if cmd.attempt > request.reminders_sent:
+        request.reminders_sent = cmd.attempt
+        request.last_reminded_at = utcnow()
+        session.add(request)
+    files = session.exec(
+        select(RecordFile).where(RecordFile.case_id == cmd.case_id, col(RecordFile.released).is_(True))
+    ).all()
+    needed = RecordsNeeded(
+        case_id=cmd.case_id, attempt=cmd.attempt, missing=assess(files, request.exam).missing
+    )
+    enqueue(
+        session,
+        EVENTS,
+        new_event(
+            id=f"records.needed:{cmd.case_id}:{cmd.attempt}", source=SOURCE, subject=cmd.case_id, data=needed
+        ),
+    )
+    log.info("records.reminder_recorded", case_id=cmd.case_id, attempt=cmd.attempt)
+
+
+def reconcile(cmd: ReconcileIdentity, session: Session, settings: Settings) -> None:
+    """A human's decision on an import held for identity: accept releases it, reject discards it."""
+    if cmd.decision not in DECISIONS:
+        raise PoisonMessage(f"records.reconcile decision must be one of {DECISIONS}")
+    request = lock_request(session, cmd.case_id)
+    held = session.get(RecordImport, cmd.import_id)
+    if request is None or held is None or held.case_id != cmd.case_id:
+        raise PoisonMessage("records.reconcile names an import this case does not have")
+    if held.status != ImportStatus.IDENTITY_MISMATCH:
+        return  # already decided: a redelivered or repeated decision changes nothing
+    held.decided_at, held.decided_by = utcnow(), cmd.decided_by[:200]
+    files = list(session.exec(select(RecordFile).where(RecordFile.import_id == held.import_id)).all())
+    store = ObjectStore.for_settings(settings)
+    if cmd.decision == "accept":
+        held.status = ImportStatus.RELEASED
+        for row in files:
+            row.released = True
+            session.add(row)
+    else:
+        held.status = ImportStatus.REJECTED
+        for row in files:
+            session.delete(row)
+        session.flush()
+        for row in files:
+            _remove_if_unreferenced(session, store, row.storage_path, row.sha256)
+    session.add(held)
+    session.flush()
+    log.info("records.import_decided", case_id=cmd.case_id, import_id=held.import_id, decision=cmd.decision)
+    if request.cancelled_at is None:
+        assemble_if_complete(session, request, store)
+
+
+def _remove_if_unreferenced(session: Session, store: ObjectStore, storage_path: str, sha256: str) -> None:
+    # Content is stored once for every case that has it; only the last reference removes the object.
+    still_used = session.exec(select(RecordFile.id).where(RecordFile.storage_path == storage_path)).first()
+    if still_used is None:
+        store.remove(storage_path, sha256)

@@ -1,20 +1,41 @@
-"""The records process: its API, its `records` queue consumer and its outbox relay."""
+"""The records process: its API and DICOMweb, its `records` queue consumer, its outbox relay, and the
+retrieval loop with our C-STORE SCP (AE SECONDOPINION)."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
 
 from services.common.config import get_settings
 from services.common.db import get_engine
 from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
-from services.records import api, consumer
+from services.records import api, consumer, dicomweb, export, header_probe, timeline
+from services.records.retrieval import RetrievalLoop
 
 settings = get_settings()
 runtime = ServiceRuntime(service="records", engine=lambda: get_engine("records"), handle=consumer.handle)
 api.on_outbox_written(runtime.wake_relay)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with runtime.lifespan()(app):  # migrations run here, before the retrieval loop reads its tables
+        retrieval = RetrievalLoop(get_engine("records"), settings)
+        retrieval.start()
+        try:
+            yield
+        finally:
+            retrieval.stop()
+            header_probe.shutdown()
+
+
 app = create_app(
     "records",
-    routers=[api.router],
+    routers=[api.router, export.router, timeline.router, dicomweb.router],
     engine=lambda: get_engine("records"),
     ready_checks=[runtime.broker_ready],
-    lifespan=runtime.lifespan(),
+    lifespan=lifespan,
 )
 
 

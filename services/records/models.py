@@ -1,8 +1,8 @@
-"""Records tables and API schemas: RecordRequest and RecordFile stored, *Public out."""
+"""Records tables and API schemas: RecordRequest, RecordImport and RecordFile stored, *Public out."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -12,17 +12,26 @@ from sqlmodel import Field, SQLModel
 
 from services.common.db import utcnow
 
-TABLES = ("record_requests", "record_files")
+TABLES = ("record_requests", "record_imports", "record_files", "record_sources", "record_retrievals")
 
 
 class FileKind(StrEnum):
     REPORT = "report"
     DICOM = "dicom"
+    CLINICAL = "clinical"  # notes, lab and pathology results (FHIR Observation, DocumentReference)
+    DICOMDIR = "dicomdir"  # an IHE PDI index: checked, never stored
 
 
 class RecordsStatus(StrEnum):
     REQUESTED = "requested"
     ASSEMBLED = "assembled"
+    CANCELLED = "cancelled"
+
+
+class ImportStatus(StrEnum):
+    RELEASED = "released"
+    IDENTITY_MISMATCH = "identity_mismatch"
+    REJECTED = "rejected"
 
 
 class RecordRequest(SQLModel, table=True):
@@ -33,12 +42,34 @@ class RecordRequest(SQLModel, table=True):
     case_id: str = Field(primary_key=True, max_length=64)
     patient: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     exam: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    partner_id: str | None = Field(default=None, max_length=100)
     requested_at: datetime = Field(default_factory=utcnow)
     assembled_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    reminders_sent: int = 0
+    last_reminded_at: datetime | None = None
+    adequacy: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
     @property
     def status(self) -> RecordsStatus:
+        if self.cancelled_at is not None:
+            return RecordsStatus.CANCELLED
         return RecordsStatus.REQUESTED if self.assembled_at is None else RecordsStatus.ASSEMBLED
+
+
+class RecordImport(SQLModel, table=True):
+    """One upload of images (IHE IRWF): released under our patient, or held for a human decision."""
+
+    __tablename__ = "record_imports"
+
+    import_id: str = Field(primary_key=True, max_length=64)
+    case_id: str = Field(index=True, max_length=64, foreign_key="record_requests.case_id")
+    source: str = Field(max_length=32)
+    status: str = Field(max_length=32)
+    differences: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    decided_at: datetime | None = None
+    decided_by: str | None = Field(default=None, max_length=200)
 
 
 class RecordFile(SQLModel, table=True):
@@ -49,6 +80,8 @@ class RecordFile(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     case_id: str = Field(index=True, max_length=64, foreign_key="record_requests.case_id")
+    import_id: str | None = Field(default=None, max_length=64, foreign_key="record_imports.import_id")
+    released: bool = True
     kind: str = Field(max_length=16)
     sha256: str = Field(max_length=64)
     content_type: str = Field(max_length=100)
@@ -59,7 +92,83 @@ class RecordFile(SQLModel, table=True):
     sop_instance_uid: str | None = Field(default=None, max_length=64)
     modality: str | None = Field(default=None, max_length=16)
     number_of_frames: int | None = None
+    sop_class_uid: str | None = Field(default=None, max_length=64)
+    study_date: str | None = Field(default=None, max_length=8)
+    has_regions: bool | None = None
+    burned_in_annotation: str | None = Field(default=None, max_length=8)
+    record_type: str | None = Field(default=None, max_length=40)
+    record_date: date | None = None
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class RetrievalStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RecordSourceBase(SQLModel):
+    """Where a partner's images can be fetched: a DIMSE PACS (AE title, host, port) or a DICOMweb base URL."""
+
+    ae_title: str | None = Field(default=None, min_length=1, max_length=16, regex=r"^[ -~]*[!-~][ -~]*$")
+    host: str | None = Field(default=None, min_length=1, max_length=253)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    retrieve_method: str = Field(default="c-get", regex=r"^(c-get|c-move)$", max_length=8)
+    dicomweb_url: str | None = Field(default=None, max_length=500, regex=r"^https?://[^\s]+$")
+    dicomweb_auth_env: str | None = Field(
+        default=None,
+        max_length=100,
+        regex=r"^[A-Z][A-Z0-9_]*$",
+        description="name of an environment variable holding user:password for basic auth (never the secret)",
+    )
+
+
+class RecordSource(RecordSourceBase, table=True):
+    __tablename__ = "record_sources"
+
+    partner_id: str = Field(primary_key=True, max_length=100)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class RecordSourceIn(RecordSourceBase):
+    model_config = {"extra": "forbid"}  # type: ignore[assignment]
+
+
+class RecordSourcePublic(RecordSourceBase):
+    partner_id: str
+    updated_at: datetime
+
+
+class RecordRetrieval(SQLModel, table=True):
+    """A query/retrieve of the case's study from the partner's PACS, retried with backoff, then reported."""
+
+    __tablename__ = "record_retrievals"
+
+    retrieval_id: str = Field(primary_key=True, max_length=64)
+    case_id: str = Field(index=True, max_length=64, foreign_key="record_requests.case_id")
+    partner_id: str = Field(max_length=100)
+    status: str = Field(max_length=16, index=True)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    last_error: str | None = Field(default=None, max_length=300)
+    study_instance_uid: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class RetrievalPublic(BaseModel):
+    retrieval_id: str
+    status: RetrievalStatus
+    attempts: int
+    last_error: str | None
+    study_instance_uid: str | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: RecordRetrieval) -> RetrievalPublic:
+        return cls.model_validate(row, from_attributes=True)
 
 
 class RecordFilePublic(BaseModel):
@@ -72,9 +181,24 @@ class RecordFilePublic(BaseModel):
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
     number_of_frames: int | None = None
+    record_type: str | None = None
+    record_date: date | None = None
 
     @classmethod
     def of(cls, row: RecordFile) -> RecordFilePublic:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class ImportPublic(BaseModel):
+    import_id: str
+    source: str
+    status: ImportStatus
+    differences: list[str]
+    created_at: datetime
+    decided_at: datetime | None = None
+
+    @classmethod
+    def of(cls, row: RecordImport) -> ImportPublic:
         return cls.model_validate(row, from_attributes=True)
 
 
@@ -82,13 +206,19 @@ class RecordsPublic(BaseModel):
     case_id: str
     status: RecordsStatus
     missing: list[str]
+    warnings: list[str] = []
+    adequacy: dict[str, Any] | None = None
     assembled_at: datetime | None
+    imports: list[ImportPublic] = []
+    retrievals: list[RetrievalPublic] = []
     files: list[RecordFilePublic]
 
 
 class UploadPublic(BaseModel):
     case_id: str
     status: RecordsStatus
+    import_id: str | None = None
+    import_status: ImportStatus | None = None
     missing: list[str]
     new_files: int
     duplicates: int

@@ -8,9 +8,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from services.common.config import Settings
+from services.records.archive_store import (
+    ARCHIVE_PREFIX,
+    ArchiveUnavailable,
+    DicomwebArchive,
+    archive_for,
+    get_storage_settings,
+)
 
 CHUNK_BYTES = 1024 * 1024
 HEAD_BYTES = 132  # a DICOM file's 128-byte preamble and its "DICM" prefix
@@ -36,13 +43,86 @@ class ReceivedFile:
     utf8_text: bool
 
 
+class IncomingFile:
+    """A file being received: hashed, size-checked and sniffed (DICM prefix, UTF-8 text) as it streams."""
+
+    def __init__(self, out: IO[bytes], path: Path, position: int, total: int, limit: int) -> None:
+        self._out, self.path = out, path
+        self._position, self._total, self._limit = position, total, limit
+        self._digest = hashlib.sha256()
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._size, self._head, self._text = 0, b"", True
+
+    def write(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self.abort()
+            raise FileTooLarge(self._position, self._total, self._limit)
+        self._digest.update(chunk)
+        self._out.write(chunk)
+        if len(self._head) < HEAD_BYTES:
+            self._head += chunk[: HEAD_BYTES - len(self._head)]
+        self._text = self._text and _still_text(self._decoder, chunk)
+
+    def finish(self) -> ReceivedFile:
+        try:
+            self._text = self._text and _still_text(self._decoder, b"", final=True)
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+        except BaseException:
+            self.abort()
+            raise
+        return ReceivedFile(
+            self._position, self.path, self._digest.hexdigest(), self._size, self._head, self._text
+        )
+
+    def abort(self) -> None:
+        self._out.close()
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class ObjectStore:
+    """Files on disk by default; with an archive configured, DICOM instances live in the archive and are
+    read back through a local cache. Either way a file is stored completely before it is indexed."""
+
     root: Path
+    archive: DicomwebArchive | None = None
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ObjectStore:
-        return cls(settings.data_dir / "records")
+        return cls(settings.data_dir / "records", archive_for(get_storage_settings()))
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def local_path(self, reference: str, sha256: str) -> Path:
+        """A readable file for a stored reference (fetched from the archive on first use)."""
+        if not reference.startswith(ARCHIVE_PREFIX):
+            return self.path(reference)
+        cached = self.cache_dir / sha256[:2] / sha256
+        if not cached.exists():
+            if self.archive is None:
+                raise ArchiveUnavailable("this file is in the image archive, and no archive is configured")
+            self.archive.fetch(reference, cached, sha256, self.root)
+        return cached
+
+    def keep_dicom(self, received: ReceivedFile, study: str, series: str, sop: str) -> str:
+        """Keep a DICOM instance: in the archive when one is configured, else like any file."""
+        if self.archive is None:
+            return self.keep(received)
+        reference = self.archive.store(received.path, study, series, sop)
+        self.discard(received)
+        return reference
+
+    def remove(self, reference: str, sha256: str) -> None:
+        if reference.startswith(ARCHIVE_PREFIX):
+            # The archive keeps what it was sent (DICOMweb has no standard delete); only our cache goes.
+            (self.cache_dir / sha256[:2] / sha256).unlink(missing_ok=True)
+            return
+        self.path(reference).unlink(missing_ok=True)
 
     @property
     def tmp_dir(self) -> Path:
@@ -55,32 +135,22 @@ class ObjectStore:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    def receive(self, source: BinaryIO, *, position: int, total: int, limit: int) -> ReceivedFile:
+    def receive(self, source: IO[bytes], *, position: int, total: int, limit: int) -> ReceivedFile:
         """Copy `source` into a temp file in chunks, hashing it and refusing it past `limit` bytes."""
+        incoming = self.incoming(position=position, total=total, limit=limit)
+        try:
+            while chunk := source.read(CHUNK_BYTES):
+                incoming.write(chunk)
+        except BaseException:
+            incoming.abort()
+            raise
+        return incoming.finish()
+
+    def incoming(self, *, position: int, total: int, limit: int) -> IncomingFile:
+        """A temp file to push chunks into (for bodies that arrive as events, e.g. a STOW-RS part)."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
-        path = Path(name)
-        digest = hashlib.sha256()
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        size, head, text = 0, b"", True
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := source.read(CHUNK_BYTES):
-                    size += len(chunk)
-                    if size > limit:
-                        raise FileTooLarge(position, total, limit)
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if len(head) < HEAD_BYTES:
-                        head += chunk[: HEAD_BYTES - len(head)]
-                    text = text and _still_text(decoder, chunk)
-                text = text and _still_text(decoder, b"", final=True)
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return ReceivedFile(position, path, digest.hexdigest(), size, head, text)
+        return IncomingFile(os.fdopen(fd, "wb"), Path(name), position, total, limit)
 
     def keep(self, received: ReceivedFile) -> str:
         """Move a received file into the store; returns its path relative to the store root."""

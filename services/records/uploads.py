@@ -1,7 +1,9 @@
-"""An upload of report and DICOM files for a case: validated as a whole, then stored as a whole."""
+"""An upload of report and DICOM files for a case (single files, a folder, a CD as ZIP, with or without a
+DICOMDIR): validated as a whole, reconciled to the case's patient, then stored as a whole."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -9,12 +11,21 @@ from typing import BinaryIO
 import structlog
 from sqlmodel import Session
 
+from contracts.envelope import new_event
+from contracts.events import IdentityMismatch
+from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
-from services.records.assembly import assemble_if_complete, case_files, missing_items
-from services.records.classify import ClassifiedFile, classify
+from services.common.errors import RecordsRejected
+from services.records.archive import Entry, expand_zip, is_archive, safe_relative_path
+from services.records.assembly import SOURCE, assemble_if_complete, case_files, missing_items
+from services.records.classify import PDF_TYPE, ClassifiedFile, classify
 from services.records.handlers import lock_request
-from services.records.models import RecordFile, RecordRequest
-from services.records.store import ObjectStore, ReceivedFile
+from services.records.header_probe import isolated_reader
+from services.records.limits import ImportLimits, get_limits
+from services.records.models import FileKind, ImportStatus, RecordFile, RecordImport, RecordRequest
+from services.records.pdi import select_listed
+from services.records.reconcile import differences
+from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
 
@@ -27,10 +38,16 @@ class RecordsNotRequested(Exception):
         )
 
 
+class RecordsCancelled(Exception):
+    def __init__(self) -> None:
+        super().__init__("this case was cancelled; its records request is closed and no upload is accepted")
+
+
 @dataclass(frozen=True)
 class IncomingFile:
     stream: BinaryIO
     declared_type: str | None = None
+    name: str | None = None  # the uploader's relative path (a folder upload); matched against a DICOMDIR
 
 
 @dataclass(frozen=True)
@@ -41,69 +58,216 @@ class UploadOutcome:
     duplicates: int
     missing: list[str]
     assembled_now: bool
+    record_import: RecordImport | None
 
 
 def accept_upload(
-    case_id: str, incoming: Sequence[IncomingFile], session: Session, settings: Settings
+    case_id: str,
+    incoming: Sequence[IncomingFile],
+    session: Session,
+    settings: Settings,
+    *,
+    source: str = "upload",
+    limits: ImportLimits | None = None,
 ) -> UploadOutcome:
     """Receive and validate every file, then store them all and commit; nothing is kept if one fails."""
-    if session.get(RecordRequest, case_id) is None:
-        raise RecordsNotRequested()
+    _open_request(session, case_id)
     session.rollback()  # hold no transaction open while the files stream in
+    limits = limits or get_limits()
     store = ObjectStore.for_settings(settings)
+    entries = _receive(incoming, store, settings, limits)
+    return accept_entries(case_id, entries, session, settings, source=source, limits=limits)
+
+
+def accept_entries(
+    case_id: str,
+    entries: list[Entry],
+    session: Session,
+    settings: Settings,
+    *,
+    source: str,
+    limits: ImportLimits | None = None,
+) -> UploadOutcome:
+    """Validate, reconcile and store files already received into the temp area; they are consumed."""
+    store = ObjectStore.for_settings(settings)
+    try:
+        _open_request(session, case_id)
+        session.rollback()
+        classified = _classify(entries, limits or get_limits())
+        return _store(case_id, classified, session, store, source)
+    finally:
+        for entry in entries:
+            store.discard(entry.received)
+
+
+def _open_request(session: Session, case_id: str) -> RecordRequest:
+    request = session.get(RecordRequest, case_id)
+    if request is None:
+        raise RecordsNotRequested()
+    if request.cancelled_at is not None:
+        raise RecordsCancelled()
+    return request
+
+
+def _receive(
+    incoming: Sequence[IncomingFile], store: ObjectStore, settings: Settings, limits: ImportLimits
+) -> list[Entry]:
     total = len(incoming)
-    received: list[ReceivedFile] = []
+    entries: list[Entry] = []
     try:
         for position, item in enumerate(incoming, start=1):
-            received.append(
-                store.receive(item.stream, position=position, total=total, limit=settings.max_upload_bytes)
+            label = f"file {position} of {total}"
+            relative = safe_relative_path(item.name) if item.name else None
+            if item.name and relative is None and item.name not in ("", "."):
+                raise RecordsRejected(
+                    f"{label} has a path that leaves the upload root; nothing from this upload was stored"
+                )
+            received = store.receive(
+                item.stream, position=position, total=total, limit=settings.max_upload_bytes
             )
-        classified = [
-            classify(r, total=total, declared_type=item.declared_type)
-            for r, item in zip(received, incoming, strict=True)
-        ]
-        return _store(case_id, classified, session, store)
-    finally:
-        for r in received:
-            store.discard(r)
+            if not is_archive(received):
+                entries.append(Entry(received, relative, label, declared_type=item.declared_type))
+                continue
+            try:
+                entries += expand_zip(
+                    received, total=total, store=store, limits=limits, upload_limit=settings.max_upload_bytes
+                )
+            finally:
+                store.discard(received)
+    except BaseException:
+        for entry in entries:
+            store.discard(entry.received)
+        raise
+    return entries
+
+
+def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile]:
+    listed, unlisted = select_listed(entries, limits.max_dicomdir_bytes)
+    read_header = (
+        isolated_reader(memory_bytes=limits.parse_memory_bytes, timeout=limits.parse_timeout_seconds)
+        if limits.parse_in_subprocess
+        else None
+    )
+
+    def check(entry: Entry) -> ClassifiedFile:
+        return classify(
+            entry.received,
+            total=len(entries),
+            declared_type=entry.declared_type,
+            max_pixel_bytes=limits.max_pixel_bytes,
+            label=entry.label,
+            read_header=read_header,
+        )
+
+    classified = [check(e) for e in listed]
+    # Beside a DICOMDIR a CD carries viewers and readme files: of those only a PDF (a report) is kept.
+    # Files the uploader added next to the CD folder are checked like any upload.
+    for entry in unlisted:
+        if not entry.from_archive:
+            classified.append(check(entry))
+            continue
+        try:
+            candidate = check(entry)
+        except RecordsRejected:
+            continue
+        if candidate.content_type == PDF_TYPE:
+            classified.append(candidate)
+    return [c for c in classified if c.kind != FileKind.DICOMDIR]
 
 
 def _store(
-    case_id: str, classified: list[ClassifiedFile], session: Session, store: ObjectStore
+    case_id: str, classified: list[ClassifiedFile], session: Session, store: ObjectStore, source: str
 ) -> UploadOutcome:
     request = lock_request(session, case_id)
     if request is None:
         raise RecordsNotRequested()
-    on_record = {f.sha256: f for f in case_files(session, case_id)}
+    if request.cancelled_at is not None:
+        raise RecordsCancelled()
+    record_import = _reconcile(request, classified, source)
+    if record_import is not None:
+        session.add(record_import)
+    on_record = {f.sha256: f for f in case_files(session, case_id, released_only=False)}
     files: dict[str, RecordFile] = {}
     new_files = 0
     for item in classified:
         sha256 = item.received.sha256
         if sha256 not in on_record:
-            on_record[sha256] = _record_file(case_id, item, store.keep(item.received))
+            on_record[sha256] = _record_file(case_id, item, _keep(store, item), record_import)
             session.add(on_record[sha256])
             new_files += 1
         files.setdefault(sha256, on_record[sha256])
     session.flush()
+    if record_import is not None and record_import.status == ImportStatus.IDENTITY_MISMATCH:
+        mismatch = IdentityMismatch(
+            case_id=case_id, import_id=record_import.import_id, differences=record_import.differences
+        )
+        enqueue(
+            session,
+            EVENTS,
+            new_event(
+                id=f"records.identity_mismatch:{record_import.import_id}",
+                source=SOURCE,
+                subject=case_id,
+                data=mismatch,
+            ),
+        )
     assembled_now = assemble_if_complete(session, request, store)
-    missing = missing_items(on_record.values())
+    missing = missing_items([f for f in on_record.values() if f.released], request.exam)
     session.commit()
     log.info(
         "records.upload_stored",
         case_id=case_id,
+        import_id=record_import.import_id if record_import else None,
+        import_status=record_import.status if record_import else None,
+        differences=record_import.differences if record_import else None,
         new_files=new_files,
         duplicates=len(classified) - new_files,
         assembled=assembled_now,
     )
     return UploadOutcome(
-        request, list(files.values()), new_files, len(classified) - new_files, missing, assembled_now
+        request,
+        list(files.values()),
+        new_files,
+        len(classified) - new_files,
+        missing,
+        assembled_now,
+        record_import,
     )
 
 
-def _record_file(case_id: str, item: ClassifiedFile, storage_path: str) -> RecordFile:
+def _keep(store: ObjectStore, item: ClassifiedFile) -> str:
+    if item.dicom is None:
+        return store.keep(item.received)
+    header = item.dicom
+    return store.keep_dicom(
+        item.received, header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+    )
+
+
+def _reconcile(request: RecordRequest, classified: list[ClassifiedFile], source: str) -> RecordImport | None:
+    """An import record for the DICOM part of the upload: released, or held when the identity differs."""
+    identities = [c.dicom.identity for c in classified if c.dicom is not None]
+    if not identities:
+        return None
+    found = differences(identities, request.patient)
+    return RecordImport(
+        import_id=str(uuid.uuid4()),
+        case_id=request.case_id,
+        source=source,
+        status=ImportStatus.IDENTITY_MISMATCH if found else ImportStatus.RELEASED,
+        differences=found,
+    )
+
+
+def _record_file(
+    case_id: str, item: ClassifiedFile, storage_path: str, record_import: RecordImport | None
+) -> RecordFile:
     dicom = item.dicom
+    held = dicom is not None and record_import is not None and record_import.status != ImportStatus.RELEASED
     return RecordFile(
         case_id=case_id,
+        import_id=record_import.import_id if (dicom and record_import) else None,
+        released=not held,
         kind=item.kind,
         sha256=item.received.sha256,
         content_type=item.content_type,
@@ -114,4 +278,10 @@ def _record_file(case_id: str, item: ClassifiedFile, storage_path: str) -> Recor
         sop_instance_uid=dicom.sop_instance_uid if dicom else None,
         modality=dicom.modality if dicom else None,
         number_of_frames=dicom.number_of_frames if dicom else None,
+        sop_class_uid=dicom.sop_class_uid or None if dicom else None,
+        study_date=dicom.study_date or None if dicom else None,
+        has_regions=dicom.has_regions if dicom else None,
+        record_type=item.record_type,
+        record_date=item.record_date,
+        burned_in_annotation=dicom.burned_in_annotation or None if dicom else None,
     )

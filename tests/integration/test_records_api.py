@@ -1,10 +1,12 @@
 """Records against the real PostgreSQL: uploads through the API, commands through consumer.handle."""
 
+import io
 import uuid
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
@@ -140,7 +142,12 @@ def test_report_and_ultrasound_images_assemble_the_records(
     download = client.get(f"/v1/records/{case_id}/files/{clip_sha}")
     assert download.status_code == 200
     assert download.headers["content-type"] == "application/dicom"
-    assert download.content == clip
+    served, original = pydicom.dcmread(io.BytesIO(download.content)), pydicom.dcmread(io.BytesIO(clip))
+    assert (served.PatientID, served.IssuerOfPatientID) == (f"SO-{case_id}", "SECONDOPINION")
+    [coercion] = served.OriginalAttributesSequence
+    assert coercion.ReasonForTheAttributeModification == "COERCE"
+    assert coercion.ModifiedAttributesSequence[0].PatientID == "MRN1"
+    assert served.PixelData == original.PixelData and served.SOPInstanceUID == original.SOPInstanceUID
 
 
 def test_records_assembled_is_enqueued_once_per_case(

@@ -92,3 +92,8 @@ def test_dicom_without_a_study_uid_is_refused(tmp_path: Path) -> None:
     ds.save_as(broken, enforce_file_format=True)
     with pytest.raises(RecordsRejected, match="file 1 of 1 is DICOM without a valid StudyInstanceUID"):
         classify_bytes(tmp_path, broken.read_bytes())
+
+
+def test_text_that_only_starts_like_json_is_a_text_report(tmp_path: Path) -> None:
+    classified = classify_bytes(tmp_path, b"{Addendum} IMPRESSION: simple cyst.")
+    assert (classified.kind, classified.content_type) == (FileKind.REPORT, TEXT_TYPE)

@@ -1,0 +1,121 @@
+"""Reading a STOW-RS body (multipart/related; type="application/dicom") part by part into the temp area.
+
+Nothing is held in memory: each part streams into its own temp file as the request body arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from services.common.errors import RecordsRejected
+from services.records.archive import Entry
+from services.records.store import IncomingFile, ObjectStore
+
+DICOM_PART = "application/dicom"
+
+
+class UnsupportedMediaType(Exception):
+    pass
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    media_type, options = parse_options_header(content_type or "")
+    if media_type != b"multipart/related" or b"boundary" not in options:
+        raise UnsupportedMediaType(
+            'STOW-RS takes multipart/related; type="application/dicom" with a boundary parameter'
+        )
+    part_type = options.get(b"type", DICOM_PART.encode()).strip(b'"').lower()
+    if part_type != DICOM_PART.encode():
+        raise UnsupportedMediaType('only type="application/dicom" parts are accepted (no DICOM JSON or XML)')
+    return options[b"boundary"].strip(b'"')
+
+
+class RelatedPartsReader:
+    """Feed it the body's chunks; each application/dicom part becomes a received file in the temp area."""
+
+    def __init__(
+        self, content_type: str | None, store: ObjectStore, *, max_parts: int, limit: int, label: str
+    ) -> None:
+        self.entries: list[Entry] = []
+        self._store, self._max_parts, self._limit, self._label = store, max_parts, limit, label
+        self._current: list[IncomingFile] = []
+        self._field, self._value = bytearray(), bytearray()
+        self._part_type: list[str] = []
+        self._parser = MultipartParser(
+            boundary_of(content_type),
+            {
+                "on_part_begin": self._part_type.clear,
+                "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+                "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": lambda d, s, e: self._current[-1].write(d[s:e]),
+                "on_part_end": self._on_part_end,
+            },
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except BaseException:
+            self.abort()
+            raise
+
+    def close(self) -> list[Entry]:
+        try:
+            self._parser.finalize()
+            if self._current:
+                raise RecordsRejected(f"the {self._label} ends inside a part (truncated); nothing was stored")
+            if not self.entries:
+                raise RecordsRejected(f"the {self._label} has no application/dicom parts; nothing was stored")
+        except BaseException:
+            self.abort()
+            raise
+        return self.entries
+
+    def abort(self) -> None:
+        for incoming in self._current:
+            incoming.abort()
+        self._current.clear()
+        for entry in self.entries:
+            self._store.discard(entry.received)
+
+    def _on_header_end(self) -> None:
+        if self._field.decode("latin-1").strip().lower() == "content-type":
+            self._part_type.append(self._value.decode("latin-1").split(";")[0].strip().lower())
+        self._field.clear()
+        self._value.clear()
+
+    def _on_headers_finished(self) -> None:
+        position = len(self.entries) + 1
+        if position > self._max_parts:
+            raise RecordsRejected(
+                f"the {self._label} has more than {self._max_parts} parts; send fewer at once"
+            )
+        if self._part_type and self._part_type[0] != DICOM_PART:
+            raise RecordsRejected(
+                f"part {position} of the {self._label} is not application/dicom; nothing was stored"
+            )
+        self._current.append(self._store.incoming(position=position, total=position, limit=self._limit))
+
+    def _on_part_end(self) -> None:
+        received = self._current.pop().finish()
+        self.entries.append(
+            Entry(received, None, f"part {received.position} of the {self._label}", declared_type=DICOM_PART)
+        )
+
+
+async def receive_parts(
+    content_type: str | None, body: AsyncIterator[bytes], store: ObjectStore, *, max_parts: int, limit: int
+) -> list[Entry]:
+    """Every part of a STOW-RS request body as a received file; on any failure nothing is left behind."""
+    reader = RelatedPartsReader(content_type, store, max_parts=max_parts, limit=limit, label="request")
+    try:
+        async for chunk in body:
+            reader.feed(chunk)
+    except BaseException:
+        reader.abort()
+        raise
+    return reader.close()

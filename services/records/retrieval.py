@@ -1,0 +1,314 @@
+"""Query/retrieve of a case's study from its partner's PACS (DIMSE or DICOMweb), run by a background loop
+of the records process: claimed one at a time, retried with backoff, then reported as incomplete records.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+from functools import lru_cache
+
+import structlog
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from contracts.envelope import new_event
+from contracts.events import RecordsIncomplete
+from services.common.amqp import EVENTS, enqueue
+from services.common.config import Settings
+from services.common.db import utcnow
+from services.common.errors import RecordsRejected
+from services.records import dicomweb_source, dimse
+from services.records.adequacy import assess
+from services.records.archive import Entry
+from services.records.archive_store import ArchiveUnavailable
+from services.records.assembly import SOURCE, case_files
+from services.records.limits import ImportLimits, get_limits
+from services.records.models import RecordRequest, RecordRetrieval, RecordSource, RetrievalStatus
+from services.records.store import ObjectStore
+
+log = structlog.get_logger(__name__)
+
+
+class RetrievalSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECORDS_", extra="ignore")
+
+    scp_port: int = 11112
+    scp_host: str = "127.0.0.1"
+    retrieval_attempts: int = 3
+    retrieval_timeout_seconds: float = 30.0
+    retrieval_backoff_seconds: float = 30.0
+    retrieval_poll_seconds: float = 2.0
+
+
+@lru_cache
+def get_retrieval_settings() -> RetrievalSettings:
+    return RetrievalSettings()
+
+
+def plan_retrieval(session: Session, request: RecordRequest) -> RecordRetrieval | None:
+    """A pending retrieval when the partner has a source and the request names the study; one per case."""
+    exam = request.exam
+    if not request.partner_id or not (exam.get("study_instance_uid") or exam.get("accession_number")):
+        return None
+    if session.get(RecordSource, request.partner_id) is None:
+        return None
+    existing = session.exec(select(RecordRetrieval).where(RecordRetrieval.case_id == request.case_id)).first()
+    if existing is not None:
+        return None
+    retrieval = RecordRetrieval(
+        retrieval_id=str(uuid.uuid4()),
+        case_id=request.case_id,
+        partner_id=request.partner_id,
+        status=RetrievalStatus.PENDING,
+    )
+    session.add(retrieval)
+    log.info("records.retrieval_planned", case_id=request.case_id, retrieval_id=retrieval.retrieval_id)
+    return retrieval
+
+
+def cancel_retrievals(session: Session, case_id: str) -> None:
+    open_ones = session.exec(
+        select(RecordRetrieval).where(
+            RecordRetrieval.case_id == case_id,
+            col(RecordRetrieval.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
+        )
+    ).all()
+    for retrieval in open_ones:
+        retrieval.status, retrieval.finished_at = RetrievalStatus.CANCELLED, utcnow()
+        session.add(retrieval)
+
+
+def run_due(
+    engine: Engine,
+    settings: Settings,
+    *,
+    scp: dimse.StoreSCP | None = None,
+    retrieval_settings: RetrievalSettings | None = None,
+    limits: ImportLimits | None = None,
+) -> int:
+    """Run every retrieval that is due now; returns how many were attempted."""
+    options = retrieval_settings or get_retrieval_settings()
+    attempted = 0
+    # A running retrieval whose worker died is taken over once its lease (a few timeouts) has passed.
+    lease = timedelta(seconds=options.retrieval_timeout_seconds * 4 + 60)
+    while (claimed := _claim(engine, lease)) is not None:
+        retrieval, source, request = claimed
+        attempted += 1
+        _attempt(engine, settings, options, limits or get_limits(), scp, retrieval, source, request)
+    return attempted
+
+
+def _claim(engine: Engine, lease: timedelta) -> tuple[RecordRetrieval, RecordSource, RecordRequest] | None:
+    with Session(engine, expire_on_commit=False) as session:
+        query = (
+            select(RecordRetrieval)
+            .where(
+                col(RecordRetrieval.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
+                RecordRetrieval.next_attempt_at <= utcnow(),
+            )
+            .order_by(col(RecordRetrieval.next_attempt_at))
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        retrieval = session.exec(query).first()
+        if retrieval is None:
+            return None
+        source = session.get(RecordSource, retrieval.partner_id)
+        request = session.get(RecordRequest, retrieval.case_id)
+        if source is None or request is None or request.cancelled_at is not None:
+            retrieval.status, retrieval.finished_at = RetrievalStatus.CANCELLED, utcnow()
+            session.add(retrieval)
+            session.commit()
+            return _claim(engine, lease)
+        retrieval.status = RetrievalStatus.RUNNING
+        retrieval.attempts += 1
+        retrieval.next_attempt_at = utcnow() + lease
+        session.add(retrieval)
+        session.commit()
+        return retrieval, source, request
+
+
+def _attempt(
+    engine: Engine,
+    settings: Settings,
+    options: RetrievalSettings,
+    limits: ImportLimits,
+    scp: dimse.StoreSCP | None,
+    retrieval: RecordRetrieval,
+    source: RecordSource,
+    request: RecordRequest,
+) -> None:
+    from services.records.uploads import RecordsCancelled, accept_entries
+
+    store = ObjectStore.for_settings(settings)
+    try:
+        study_uid, entries = _fetch(source, request, store, settings, options, limits, scp)
+    except dimse.PacsUnavailable as exc:
+        _failed_attempt(engine, options, retrieval, str(exc))
+        return
+    if study_uid is None:
+        _finish(
+            engine,
+            retrieval,
+            RetrievalStatus.FAILED,
+            "the PACS has no study with the requested UID or accession",
+        )
+        return
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            method = "dicomweb" if source.dicomweb_url else source.retrieve_method
+            accept_entries(request.case_id, entries, session, settings, source=method, limits=limits)
+    except RecordsCancelled:
+        _finish(engine, retrieval, RetrievalStatus.CANCELLED, None)
+        return
+    except ArchiveUnavailable as exc:
+        _failed_attempt(engine, options, retrieval, str(exc))
+        return
+    except RecordsRejected as exc:
+        _finish(engine, retrieval, RetrievalStatus.FAILED, str(exc)[:300], study_uid)
+        return
+    _finish(engine, retrieval, RetrievalStatus.DONE, None, study_uid)
+    log.info(
+        "records.retrieved",
+        case_id=request.case_id,
+        retrieval_id=retrieval.retrieval_id,
+        instances=len(entries),
+    )
+
+
+def _fetch(
+    source: RecordSource,
+    request: RecordRequest,
+    store: ObjectStore,
+    settings: Settings,
+    options: RetrievalSettings,
+    limits: ImportLimits,
+    scp: dimse.StoreSCP | None,
+) -> tuple[str | None, list[Entry]]:
+    wanted_uid, accession = request.exam.get("study_instance_uid"), request.exam.get("accession_number")
+    timeout = options.retrieval_timeout_seconds
+    if source.dicomweb_url:
+        web = dicomweb_source.DicomwebSource(source.dicomweb_url, source.dicomweb_auth_env, timeout)
+        found = dicomweb_source.find_studies(web, study_uid=wanted_uid, accession=accession)
+        if not found:
+            return None, []
+        entries = dicomweb_source.get_study(
+            web, found[0], store, limit=settings.max_upload_bytes, max_parts=limits.max_archive_members
+        )
+        return found[0], entries
+    pacs = dimse.DimseSource(str(source.ae_title), str(source.host), int(source.port or 104), timeout)
+    found = dimse.find_studies(pacs, study_uid=wanted_uid, accession=accession)
+    if not found:
+        return None, []
+    if source.retrieve_method == "c-move":
+        if scp is None:
+            raise dimse.PacsUnavailable("C-MOVE needs our C-STORE SCP, which is not running")
+        return found[0], dimse.move_study(pacs, found[0], scp)
+    return found[0], dimse.get_study(pacs, found[0], store, limit=settings.max_upload_bytes)
+
+
+def _failed_attempt(
+    engine: Engine, options: RetrievalSettings, retrieval: RecordRetrieval, error: str
+) -> None:
+    with Session(engine) as session:
+        row = session.get(RecordRetrieval, retrieval.retrieval_id, with_for_update=True)
+        if row is None or row.status != RetrievalStatus.RUNNING:
+            return
+        row.last_error = error[:300]
+        if row.attempts < options.retrieval_attempts:
+            row.status = RetrievalStatus.PENDING
+            # Exponential backoff: a PACS that is down for maintenance gets time to come back.
+            row.next_attempt_at = utcnow() + timedelta(
+                seconds=options.retrieval_backoff_seconds * 2 ** (row.attempts - 1)
+            )
+        else:
+            row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
+            _report_unreachable(session, row)
+        session.add(row)
+        session.commit()
+    log.warning(
+        "records.retrieval_attempt_failed",
+        case_id=retrieval.case_id,
+        retrieval_id=retrieval.retrieval_id,
+        error=error,
+    )
+
+
+def _report_unreachable(session: Session, row: RecordRetrieval) -> None:
+    request = session.get(RecordRequest, row.case_id)
+    if request is None or request.assembled_at is not None:
+        return
+    adequacy = assess(case_files(session, row.case_id), request.exam)
+    warning = f"the facility's PACS could not be queried after {row.attempts} attempts ({row.last_error}); upload the study instead"
+    incomplete = RecordsIncomplete(
+        case_id=row.case_id, missing=adequacy.missing, warnings=[*adequacy.warnings, warning]
+    )
+    enqueue(
+        session,
+        EVENTS,
+        new_event(
+            id=f"records.incomplete:{row.case_id}:retrieval:{row.retrieval_id}",
+            source=SOURCE,
+            subject=row.case_id,
+            data=incomplete,
+        ),
+    )
+
+
+def _finish(
+    engine: Engine,
+    retrieval: RecordRetrieval,
+    status: RetrievalStatus,
+    error: str | None,
+    study_uid: str | None = None,
+) -> None:
+    with Session(engine) as session:
+        row = session.get(RecordRetrieval, retrieval.retrieval_id, with_for_update=True)
+        if row is None:
+            return
+        row.status, row.finished_at, row.last_error = status, utcnow(), error
+        row.study_instance_uid = study_uid or row.study_instance_uid
+        session.add(row)
+        session.commit()
+
+
+class RetrievalLoop:
+    """The records process's background retriever (and its C-STORE SCP for C-MOVE)."""
+
+    def __init__(self, engine: Engine, settings: Settings, options: RetrievalSettings | None = None) -> None:
+        self._engine, self._settings = engine, settings
+        self._options = options or get_retrieval_settings()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="records-retrieval", daemon=True)
+        self.scp: dimse.StoreSCP | None = None
+
+    def start(self) -> None:
+        scp = dimse.StoreSCP(
+            ObjectStore.for_settings(self._settings),
+            self._options.scp_port,
+            self._settings.max_upload_bytes,
+            host=self._options.scp_host,
+        )
+        try:
+            scp.start()
+            self.scp = scp
+        except OSError as exc:
+            # Without the SCP, C-GET and DICOMweb still work; C-MOVE retrievals are retried then reported.
+            log.error("records.scp_not_started", port=self._options.scp_port, error=type(exc).__name__)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._options.retrieval_timeout_seconds + 5)
+        if self.scp is not None:
+            self.scp.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._options.retrieval_poll_seconds):
+            try:
+                run_due(self._engine, self._settings, scp=self.scp, retrieval_settings=self._options)
+            except Exception:
+                log.exception("records.retrieval_loop_error")

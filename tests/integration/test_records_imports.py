@@ -1,0 +1,290 @@
+"""Importing outside studies: CDs as ZIP or folder (IHE PDI), a hostile-input corpus, identity reconciliation
+(IHE IRWF), adequacy, reminders and cancellation, on the real PostgreSQL through the API and consumer.handle."""
+
+import io
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from contracts import CloudEvent, CollectRecords, Exam, Patient, new_event
+from contracts.commands import ReconcileIdentity, RemindRecords
+from contracts.events import (
+    CaseCancelled,
+    IdentityMismatch,
+    RecordsAssembled,
+    RecordsIncomplete,
+    RecordsNeeded,
+)
+from services.common import migrate
+from services.common.config import Settings, get_settings
+from services.common.db import Outbox, make_engine
+from services.common.errors import PoisonMessage
+from services.common.http import create_app
+from services.records import api, consumer
+from services.records.limits import ImportLimits, get_limits
+from services.records.models import RecordFile
+from services.records.store import ObjectStore
+from tests.dicom_factory import make_us_instance
+from tests.hostile_corpus import ZIP, HostileCase, cd_folder, corpus, zip_folder
+
+REPORT = ("report.txt", b"IMPRESSION: complex adnexal cyst.", "text/plain")
+LIMITS = ImportLimits(max_archive_members=50, max_pixel_bytes=20_000)
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Engine:
+    engine = make_engine("records", settings)
+    migrate.upgrade("records", engine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
+    def session() -> Iterator[Session]:
+        with Session(engine, expire_on_commit=False) as s:
+            yield s
+
+    app = create_app("records", routers=[api.router], engine=lambda: engine)
+    app.dependency_overrides[api.get_session] = session
+    app.dependency_overrides[get_settings] = lambda: settings
+    app.dependency_overrides[get_limits] = lambda: LIMITS
+    with TestClient(app) as c:
+        yield c
+
+
+def send(
+    engine: Engine, settings: Settings, data: BaseModel, case_id: str, message_id: str | None = None
+) -> None:
+    event = new_event(
+        id=message_id or str(uuid.uuid4()), source="/workflows/case", data=data, subject=case_id
+    )
+    with Session(engine) as session:
+        consumer.handle(session, event, settings)
+        session.commit()
+
+
+def open_case(engine: Engine, settings: Settings, exam_type: str = "pelvic") -> str:
+    case_id = str(uuid.uuid4())
+    patient = Patient(
+        family_name="Doe",
+        given_name="Jane",
+        birth_date=date(1980, 1, 1),
+        sex="female",
+        mrn="MRN1",
+        state="CA",
+    )
+    exam = Exam(exam_type=exam_type, performed_on=date(2026, 11, 20), facility="Bayview Imaging")
+    send(
+        engine,
+        settings,
+        CollectRecords(case_id=case_id, patient=patient, exam=exam, partner_id="p1"),
+        case_id,
+    )
+    return case_id
+
+
+@pytest.fixture
+def case_id(engine: Engine, settings: Settings) -> str:
+    return open_case(engine, settings)
+
+
+def events(engine: Engine, case_id: str, model: type[Any]) -> list[Any]:
+    with Session(engine) as session:
+        rows = session.exec(select(Outbox).where(Outbox.routing_key == model.TYPE)).all()
+    found = [CloudEvent.model_validate_json(row.body) for row in rows]
+    return [model.model_validate(e.data) for e in found if e.subject == case_id]
+
+
+def rows(engine: Engine, case_id: str) -> list[RecordFile]:
+    with Session(engine) as session:
+        return list(session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).all())
+
+
+def study_uid() -> str:
+    return f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+
+
+def us(study: str, **kwargs: Any) -> bytes:
+    return make_us_instance(None, study_uid=study, series_uid=study + ".1", **kwargs)
+
+
+def upload(client: TestClient, case_id: str, *files: tuple[str, bytes, str]):  # type: ignore[no-untyped-def]
+    return client.post(f"/v1/records/{case_id}/files", files=[("files", f) for f in files])
+
+
+def test_a_cd_as_zip_with_dicomdir_imports_the_listed_images_and_ignores_the_viewer(
+    client: TestClient, engine: Engine, case_id: str, tmp_path: Path
+) -> None:
+    study = study_uid()
+    cd = tmp_path / "cd"
+    cd_folder(
+        cd,
+        [us(study), us(study), us(study, frames=4)],
+        extras={
+            "VIEWER/viewer.exe": b"MZ\x90\x00" + bytes(300),
+            "AUTORUN.INF": b"[autorun]\r\nopen=viewer.exe",
+        },
+    )
+    response = upload(client, case_id, REPORT, ("cd.zip", zip_folder(cd), ZIP))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["status"], body["import_status"], body["new_files"]) == ("assembled", "released", 4)
+    assert sorted(f["kind"] for f in body["files"]) == ["dicom", "dicom", "dicom", "report"]
+    [assembled] = events(engine, case_id, RecordsAssembled)
+    assert (assembled.study.instance_count, assembled.study.multiframe_count) == (3, 1)
+    assert assembled.warnings == []
+
+
+def test_a_folder_upload_with_relative_paths_and_a_dicomdir(
+    client: TestClient, engine: Engine, case_id: str, tmp_path: Path
+) -> None:
+    study = study_uid()
+    cd = tmp_path / "cd"
+    paths = cd_folder(cd, [us(study), us(study, frames=2)])
+    files = [(p.relative_to(tmp_path).as_posix(), p.read_bytes(), "application/octet-stream") for p in paths]
+    response = upload(client, case_id, REPORT, *files)
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "assembled"
+    assert len(rows(engine, case_id)) == 3  # the DICOMDIR itself is an index, not a record
+
+
+@pytest.mark.parametrize("case", corpus(), ids=lambda c: c.name)
+def test_hostile_input_is_refused_with_nothing_written(
+    client: TestClient, engine: Engine, settings: Settings, case_id: str, case: HostileCase
+) -> None:
+    store = ObjectStore.for_settings(settings)
+    before = {p for p in settings.data_dir.rglob("*") if p.is_file()}
+    response = upload(client, case_id, REPORT, *case.files)
+    assert response.status_code == case.status, response.text
+    detail = response.json()["detail"]
+    assert case.problem in detail and "nothing from this upload was stored" in detail
+    assert rows(engine, case_id) == []
+    assert {p for p in settings.data_dir.rglob("*") if p.is_file()} == before
+    assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_different_birth_date_holds_the_import_until_a_human_accepts_it(
+    client: TestClient, engine: Engine, settings: Settings, case_id: str
+) -> None:
+    study = study_uid()
+    response = upload(
+        client, case_id, REPORT, ("a.dcm", us(study, birth_date="19800110"), "application/dicom")
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["status"], body["import_status"]) == ("requested", "identity_mismatch")
+    [mismatch] = events(engine, case_id, IdentityMismatch)
+    assert (mismatch.import_id, mismatch.differences) == (body["import_id"], ["PatientBirthDate"])
+    assert "1980" not in mismatch.model_dump_json()
+    records = client.get(f"/v1/records/{case_id}").json()
+    assert [f["kind"] for f in records["files"]] == ["report"]  # nothing of the import is released
+    assert records["imports"][0]["status"] == "identity_mismatch"
+    held_sha = next(f["sha256"] for f in body["files"] if f["kind"] == "dicom")
+    assert client.get(f"/v1/records/{case_id}/files/{held_sha}").status_code == 409
+    assert events(engine, case_id, RecordsAssembled) == []
+
+    decision = ReconcileIdentity(
+        case_id=case_id, import_id=body["import_id"], decision="accept", decided_by="ops-1", reason="typo"
+    )
+    send(engine, settings, decision, case_id)
+    send(engine, settings, decision, case_id)  # a repeated decision changes nothing
+    assert client.get(f"/v1/records/{case_id}").json()["status"] == "assembled"
+    assert len(events(engine, case_id, RecordsAssembled)) == 1
+    served = pydicom.dcmread(io.BytesIO(client.get(f"/v1/records/{case_id}/files/{held_sha}").content))
+    assert served.PatientID == f"SO-{case_id}"
+    assert served.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].PatientID == "MRN1"
+
+
+def test_two_patients_in_one_upload_are_held_and_a_rejection_discards_them(
+    client: TestClient, engine: Engine, settings: Settings, case_id: str
+) -> None:
+    study = study_uid()
+    response = upload(
+        client,
+        case_id,
+        ("a.dcm", us(study), "application/dicom"),
+        ("b.dcm", us(study, patient_name="ROE^RICHARD", patient_id="X9", sex="M"), "application/dicom"),
+    )
+    body = response.json()
+    assert body["import_status"] == "identity_mismatch"
+    [mismatch] = events(engine, case_id, IdentityMismatch)
+    assert mismatch.differences == ["PatientID", "PatientName", "PatientSex"]
+    stored = [ObjectStore.for_settings(settings).path(r.storage_path) for r in rows(engine, case_id)]
+    decision = ReconcileIdentity(
+        case_id=case_id, import_id=body["import_id"], decision="reject", decided_by="ops-1", reason="wrong CD"
+    )
+    send(engine, settings, decision, case_id)
+    assert rows(engine, case_id) == []
+    assert not any(p.exists() for p in stored)
+    assert client.get(f"/v1/records/{case_id}").json()["imports"][0]["status"] == "rejected"
+    with pytest.raises(PoisonMessage, match="names an import this case does not have"):
+        send(engine, settings, decision.model_copy(update={"import_id": "nope"}), case_id)
+
+
+def test_adequacy_requires_cine_for_obstetrics_and_warns_otherwise(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    obstetric = open_case(engine, settings, "obstetric")
+    study = study_uid()
+    response = upload(client, obstetric, REPORT, ("a.dcm", us(study), "application/dicom"))
+    assert response.json()["status"] == "requested"
+    [incomplete] = events(engine, obstetric, RecordsIncomplete)
+    assert incomplete.missing == [
+        "a cine clip (a multi-frame ultrasound instance), which this exam type needs"
+    ]
+    upload(client, obstetric, ("a.dcm", us(study), "application/dicom"))  # same missing set: no new event
+    assert len(events(engine, obstetric, RecordsIncomplete)) == 1
+
+    pelvic = open_case(engine, settings, "pelvic")
+    response = upload(
+        client,
+        pelvic,
+        REPORT,
+        ("a.dcm", us(study, calibrated=False, burned_in_annotation="YES"), "application/dicom"),
+    )
+    assert response.json()["status"] == "assembled"
+    [assembled] = events(engine, pelvic, RecordsAssembled)
+    assert assembled.warnings == [
+        "no cine clip: the second reader sees still images only",
+        "1 of 1 ultrasound instance(s) have no calibrated region (Sequence of Ultrasound Regions): "
+        "distances cannot be measured on them",
+        "1 ultrasound instance(s) carry burned-in annotation (patient data in the pixels)",
+    ]
+    adequacy = client.get(f"/v1/records/{pelvic}").json()["adequacy"]
+    assert (adequacy["calibrated_instances"], adequacy["burned_in_annotation_instances"]) == (0, 1)
+
+
+def test_a_reminder_is_recorded_and_says_what_is_missing(
+    engine: Engine, settings: Settings, case_id: str
+) -> None:
+    send(engine, settings, RemindRecords(case_id=case_id, attempt=1), case_id)
+    send(engine, settings, RemindRecords(case_id=case_id, attempt=1), case_id, "redelivered")
+    [needed] = events(engine, case_id, RecordsNeeded)
+    assert needed.attempt == 1
+    assert needed.missing == [
+        "the original report (PDF or UTF-8 text)",
+        "an ultrasound image (a DICOM instance with Modality US)",
+    ]
+
+
+def test_a_cancelled_case_refuses_uploads(
+    client: TestClient, engine: Engine, settings: Settings, case_id: str
+) -> None:
+    cancelled = CaseCancelled(case_id=case_id, reason="patient withdrew", cancelled_by="ops-1")
+    send(engine, settings, cancelled, case_id)
+    send(engine, settings, cancelled, case_id)
+    response = upload(client, case_id, REPORT)
+    assert response.status_code == 409
+    assert "cancelled" in response.json()["detail"]
+    assert client.get(f"/v1/records/{case_id}").json()["status"] == "cancelled"
+    send(engine, settings, RemindRecords(case_id=case_id, attempt=1), case_id)
+    assert events(engine, case_id, RecordsNeeded) == []

@@ -1,0 +1,248 @@
+"""Query/retrieve from the originating PACS: a real Orthanc (its own config, studies loaded with dcmtk
+storescu) answers our C-FIND, C-GET, C-MOVE (to our C-STORE SCP) and DICOMweb QIDO/WADO."""
+
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from contracts import CloudEvent, CollectRecords, Exam, Patient, new_event
+from contracts.events import CaseCancelled, RecordsIncomplete
+from services.common import migrate
+from services.common.config import Settings, get_settings
+from services.common.db import Outbox, make_engine
+from services.common.http import create_app
+from services.records import api, consumer
+from services.records.dimse import StoreSCP
+from services.records.models import RecordRetrieval, RetrievalStatus
+from services.records.retrieval import RetrievalSettings, run_due
+from services.records.store import ObjectStore
+from tests.dicom_factory import make_us_instance
+from tests.orthanc import PASSWORD, USER, Orthanc, free_port, running_orthanc
+
+STUDY = "1.2.826.0.1.3680043.10.7001"
+ACCESSION = "ACC7001"
+OPTIONS = RetrievalSettings(retrieval_attempts=2, retrieval_backoff_seconds=0, retrieval_timeout_seconds=5)
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Engine:
+    engine = make_engine("records", settings)
+    migrate.upgrade("records", engine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
+    def session() -> Iterator[Session]:
+        with Session(engine, expire_on_commit=False) as s:
+            yield s
+
+    app = create_app("records", routers=[api.router], engine=lambda: engine)
+    app.dependency_overrides[api.get_session] = session
+    app.dependency_overrides[get_settings] = lambda: settings
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def scp(settings: Settings) -> Iterator[StoreSCP]:
+    scp = StoreSCP(ObjectStore.for_settings(settings), free_port(), settings.max_upload_bytes)
+    scp.start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory, scp: StoreSCP) -> Iterator[Orthanc]:
+    workdir = tmp_path_factory.mktemp("orthanc")
+    files = []
+    for index, frames in enumerate((1, 1, 6)):
+        path = workdir / f"IM{index}.dcm"
+        make_us_instance(
+            path, study_uid=STUDY, series_uid=STUDY + ".1", frames=frames, accession_number=ACCESSION
+        )
+        files.append(path)
+    with running_orthanc(workdir, scp_port=scp.port) as orthanc:
+        orthanc.store(*files)
+        yield orthanc
+
+
+def open_case(engine: Engine, settings: Settings, partner_id: str, **exam: str) -> str:
+    case_id = str(uuid.uuid4())
+    command = CollectRecords(
+        case_id=case_id,
+        partner_id=partner_id,
+        patient=Patient(
+            family_name="Doe",
+            given_name="Jane",
+            birth_date=date(1980, 1, 1),
+            sex="female",
+            mrn="MRN1",
+            state="CA",
+        ),
+        exam=Exam(exam_type="pelvic", performed_on=date(2026, 11, 20), facility="Bayview", **exam),  # type: ignore[arg-type]
+    )
+    with Session(engine) as session:
+        consumer.handle(
+            session, new_event(id=str(uuid.uuid4()), source="/t", data=command, subject=case_id), settings
+        )
+        session.commit()
+    return case_id
+
+
+def configure(client: TestClient, partner_id: str, **source: object) -> None:
+    response = client.put(f"/v1/records/sources/{partner_id}", json=source)
+    assert response.status_code == 200, response.text
+
+
+def retrieve(engine: Engine, settings: Settings, scp: StoreSCP | None = None) -> int:
+    return run_due(engine, settings, scp=scp, retrieval_settings=OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("method", "exam"),
+    [("c-get", {"accession_number": ACCESSION}), ("c-move", {"study_instance_uid": STUDY})],
+)
+def test_dimse_find_then_retrieve_imports_the_named_study(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    pacs: Orthanc,
+    scp: StoreSCP,
+    method: str,
+    exam: dict[str, str],
+) -> None:
+    partner = f"clinic-{method}"
+    configure(
+        client,
+        partner,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        retrieve_method=method,
+    )
+    case_id = open_case(engine, settings, partner, **exam)
+    assert client.get(f"/v1/records/{case_id}").json()["retrievals"][0]["status"] == "pending"
+
+    assert retrieve(engine, settings, scp) >= 1
+    records = client.get(f"/v1/records/{case_id}").json()
+    [retrieval] = records["retrievals"]
+    assert (retrieval["status"], retrieval["study_instance_uid"], retrieval["attempts"]) == ("done", STUDY, 1)
+    assert sorted(f["number_of_frames"] for f in records["files"]) == [1, 1, 6]
+    assert records["imports"][0]["status"] == "released"
+    assert records["missing"] == ["the original report (PDF or UTF-8 text)"]
+    assert retrieve(engine, settings, scp) == 0  # nothing left to do
+
+
+def test_dicomweb_qido_then_wado_with_basic_auth(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FACILITY_DICOMWEB_AUTH", f"{USER}:{PASSWORD}")
+    configure(
+        client, "clinic-web", dicomweb_url=pacs.dicomweb_url, dicomweb_auth_env="FACILITY_DICOMWEB_AUTH"
+    )
+    case_id = open_case(engine, settings, "clinic-web", accession_number=ACCESSION)
+    retrieve(engine, settings)
+    records = client.get(f"/v1/records/{case_id}").json()
+    assert records["retrievals"][0]["status"] == "done"
+    assert len(records["files"]) == 3
+    clip = next(f for f in records["files"] if f["number_of_frames"] == 6)
+    stored = ObjectStore.for_settings(settings).objects_dir / clip["sha256"][:2] / clip["sha256"]
+    assert pydicom.dcmread(stored).NumberOfFrames == 6
+
+
+def test_a_pacs_without_the_study_fails_the_retrieval_at_once(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    configure(client, "clinic-empty", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port)
+    case_id = open_case(engine, settings, "clinic-empty", accession_number="NO-SUCH-ACC")
+    retrieve(engine, settings)
+    [retrieval] = client.get(f"/v1/records/{case_id}").json()["retrievals"]
+    assert retrieval["status"] == "failed" and "no study" in retrieval["last_error"]
+
+
+def silent_listener() -> socket.socket:
+    """A port that accepts TCP connections and never answers: a hung PACS."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    return listener
+
+
+def test_a_refusing_or_silent_pacs_is_retried_then_reported(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    hung = silent_listener()
+    try:
+        closed = free_port()
+        configure(client, "clinic-down", ae_title="DOWN", host="127.0.0.1", port=closed)
+        configure(client, "clinic-hung", ae_title="HUNG", host="127.0.0.1", port=hung.getsockname()[1])
+        down = open_case(engine, settings, "clinic-down", accession_number=ACCESSION)
+        silent = open_case(engine, settings, "clinic-hung", accession_number=ACCESSION)
+        options = OPTIONS.model_copy(update={"retrieval_timeout_seconds": 1})
+        run_due(
+            engine, settings, retrieval_settings=options
+        )  # first attempts, rescheduled at once (no backoff)
+    finally:
+        hung.close()
+    for case_id in (down, silent):
+        [retrieval] = client.get(f"/v1/records/{case_id}").json()["retrievals"]
+        assert (retrieval["status"], retrieval["attempts"]) == ("failed", 2)
+        assert "refused or did not answer" in retrieval["last_error"]
+        with Session(engine) as session:
+            rows = session.exec(select(Outbox).where(Outbox.routing_key == RecordsIncomplete.TYPE)).all()
+        reported = [
+            RecordsIncomplete.model_validate(CloudEvent.model_validate_json(r.body).data)
+            for r in rows
+            if case_id.encode() in r.body
+        ]
+        assert any("could not be queried after 2 attempts" in w for e in reported for w in e.warnings)
+
+
+def test_a_cancelled_case_stops_its_retrieval(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    configure(client, "clinic-cancel", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port)
+    case_id = open_case(engine, settings, "clinic-cancel", accession_number=ACCESSION)
+    cancelled = CaseCancelled(case_id=case_id, reason="withdrawn", cancelled_by="ops")
+    with Session(engine) as session:
+        consumer.handle(
+            session, new_event(id=str(uuid.uuid4()), source="/t", data=cancelled, subject=case_id), settings
+        )
+        session.commit()
+    retrieve(engine, settings)
+    records = client.get(f"/v1/records/{case_id}").json()
+    assert records["retrievals"][0]["status"] == "cancelled" and records["files"] == []
+
+
+def test_a_source_needs_a_pacs_or_a_dicomweb_url(client: TestClient) -> None:
+    response = client.put("/v1/records/sources/clinic-x", json={"ae_title": "ONLY"})
+    assert response.status_code == 422 and "dicomweb_url" in response.json()["detail"]
+    bad = client.put("/v1/records/sources/clinic-x", json={"ae_title": "A", "host": "h", "port": 99999})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "port"
+    assert client.get("/v1/records/sources/never-configured").status_code == 404
+
+
+def test_a_retrieval_left_running_by_a_dead_worker_is_taken_over(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    configure(client, "clinic-crash", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port)
+    case_id = open_case(engine, settings, "clinic-crash", accession_number=ACCESSION)
+    with Session(engine) as session:
+        row = session.exec(select(RecordRetrieval).where(RecordRetrieval.case_id == case_id)).one()
+        row.status, row.attempts = RetrievalStatus.RUNNING, 1
+        row.next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)  # its lease ran out
+        session.add(row)
+        session.commit()
+    retrieve(engine, settings)
+    [retrieval] = client.get(f"/v1/records/{case_id}").json()["retrievals"]
+    assert (retrieval["status"], retrieval["attempts"]) == ("done", 2)

@@ -1,0 +1,69 @@
+import io
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from services.records.classify import PatientIdentity
+from services.records.reconcile import coerced_chunks, differences, our_identifiers
+from tests.dicom_factory import make_us_instance
+
+PATIENT = {
+    "family_name": "Núñez",
+    "given_name": "Ana María",
+    "birth_date": "1980-01-01",
+    "sex": "female",
+    "mrn": "M7",
+}
+
+
+@pytest.mark.parametrize(
+    ("identity", "expected"),
+    [
+        (PatientIdentity("NUNEZ^ANA^M", "M7", "19800101", "F"), []),
+        (PatientIdentity("nunez^ana", "", "", ""), []),  # absent attributes are not evidence
+        (PatientIdentity("NUNEZ", "M7", "19800101", "F"), []),
+        (PatientIdentity("NUNEZ^ANA", "M7", "19800110", "F"), ["PatientBirthDate"]),
+        (PatientIdentity("NUNEZ^ANA", "M7", "19800101", "M"), ["PatientSex"]),
+        (PatientIdentity("SMITH^ANA", "OTHER", "19800101", "F"), ["PatientID", "PatientName"]),
+    ],
+)
+def test_differences_name_attributes_only(identity: PatientIdentity, expected: list[str]) -> None:
+    assert differences([identity], PATIENT) == expected
+
+
+def test_two_patients_in_one_import_differ() -> None:
+    ours = PatientIdentity("NUNEZ^ANA", "M7", "19800101", "F")
+    theirs = PatientIdentity("ROE^RICHARD", "X1", "19700101", "M")
+    assert differences([ours, theirs], PATIENT) == [
+        "PatientBirthDate",
+        "PatientID",
+        "PatientName",
+        "PatientSex",
+    ]
+
+
+def test_our_identifiers_use_the_requested_accession_when_named() -> None:
+    case_id = "0f8e2a4c-1111-2222-3333-444455556666"
+    assert our_identifiers(case_id, {}) == {
+        "PatientID": f"SO-{case_id}",
+        "IssuerOfPatientID": "SECONDOPINION",
+        "AccessionNumber": "0F8E2A4C11112222",
+    }
+    assert our_identifiers(case_id, {"accession_number": "ACC9"})["AccessionNumber"] == "ACC9"
+
+
+def test_coercion_keeps_originals_and_copies_pixels_untouched(tmp_path: Path) -> None:
+    source = tmp_path / "a.dcm"
+    make_us_instance(source, study_uid="1.2.3", series_uid="1.2.3.1", frames=5, accession_number="OLD1")
+    at = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
+    values = {"PatientID": "SO-x", "IssuerOfPatientID": "SECONDOPINION", "AccessionNumber": "NEW1"}
+    coerced = pydicom.dcmread(io.BytesIO(b"".join(coerced_chunks(source, values, at))))
+    original = pydicom.dcmread(source)
+    assert (coerced.PatientID, coerced.AccessionNumber, coerced.NumberOfFrames) == ("SO-x", "NEW1", 5)
+    assert coerced.PixelData == original.PixelData
+    [item] = coerced.OriginalAttributesSequence
+    assert (item.ModifyingSystem, item.AttributeModificationDateTime) == ("SECONDOPINION", "20261128040000")
+    kept = item.ModifiedAttributesSequence[0]
+    assert (kept.PatientID, kept.AccessionNumber, kept.IssuerOfPatientID) == ("MRN1", "OLD1", "")
