@@ -53,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
         IdentityMismatch,
         InsuranceVerified,
         RecordsAssembled,
+        RecordsIncomplete,
         ReportDelivered,
         ReportReady,
         ReviewAccepted,
@@ -500,6 +501,8 @@ class CaseWorkflow:
             return
         self._seen.add(event.id)
         self._received.append(event)
+        if event.type == RecordsIncomplete.TYPE and self._case is not None:
+            self._show_details()
 
     @workflow.signal
     def consent_received(self, consent: ConsentReceived) -> None:
@@ -785,6 +788,8 @@ class CaseWorkflow:
             lines.append(f"**Due:** {self._due_at:%Y-%m-%d %H:%M} UTC")
         if self._status == CaseStatus.AWAITING_RECORDS:
             lines.append(f"**Reminders sent:** {self._reminders_sent}")
+            if self._has(RecordsIncomplete):
+                lines.append(f"**Missing:** {', '.join(self._latest(RecordsIncomplete).missing)}")
         if self._reviewer:
             lines.append(f"**Reviewer:** {self._reviewer}")
         if self._hold:

@@ -56,7 +56,9 @@ def free_ports(names: tuple[str, ...]) -> dict[str, int]:
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     data_dir: Path = tmp_path_factory.mktemp("e2e")
     with postgres_database() as database_url, rabbitmq_vhost() as amqp_url:
-        ports = free_ports(("intake", "records", "insurance", "review", "temporal", "ui", "codec", "payer"))
+        ports = free_ports(
+            ("intake", "records", "insurance", "review", "temporal", "ui", "codec", "payer", "scp")
+        )
         env = {
             "DATA_DIR": str(data_dir),
             "DATABASE_URL": database_url,
@@ -65,6 +67,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
             "TEMPORAL_UI_PORT": str(ports["ui"]),
             "CODEC_SERVER_PORT": str(ports["codec"]),
             "PAYER_SANDBOX_PORT": str(ports["payer"]),
+            "RECORDS_SCP_PORT": str(ports["scp"]),
         }
         for name in ("intake", "records", "insurance", "review"):
             env[f"{name.upper()}_PORT"] = str(ports[name])

@@ -52,7 +52,13 @@ from contracts.decisions import (
     ReassignReviewer,
     ResumeCase,
 )
-from contracts.events import IdentityMismatch, ReviewAccepted, ReviewDeclined, ReviewOffered
+from contracts.events import (
+    IdentityMismatch,
+    RecordsIncomplete,
+    ReviewAccepted,
+    ReviewDeclined,
+    ReviewOffered,
+)
 from services.common.amqp import COMMANDS, EVENTS, Publisher, ensure_topology
 from services.common.config import Settings
 from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID
@@ -221,6 +227,12 @@ async def start(client: Client, settings: Settings, **overrides: Any) -> tuple[W
     return handle, services
 
 
+async def current_details(handle: WorkflowHandle) -> str:
+    """What the Temporal UI shows as the case's current details."""
+    metadata = await handle.query("__temporal_workflow_metadata")
+    return str(metadata.current_details)
+
+
 async def wait_status(handle: WorkflowHandle, status: CaseStatus, timeout: float = 20) -> None:
     for _ in range(int(timeout * 20)):
         if await handle.query(CaseWorkflow.status) == status:
@@ -315,6 +327,14 @@ async def test_records_reminders_escalation_and_late_records_move_the_due_date(
 ) -> None:  # type: ignore[no-untyped-def]
     handle, services = await start(client, settings, urgency=Urgency.STANDARD)
     await services.expect("records.collect")
+    services.send(RecordsIncomplete(case_id=services.case_id, missing=["original report", "cine clip"]))
+    for _ in range(100):
+        details = await current_details(handle)
+        if "cine clip" in details:
+            break
+        await asyncio.sleep(0.1)
+    assert "**Waiting for:** the original report and ultrasound images" in details
+    assert "**Missing:** original report, cine clip" in details
     await temporal_env.fast_forward(handle, timedelta(hours=25))
     assert (await services.expect("records.remind"))["data"]["attempt"] == 1
     await temporal_env.fast_forward(handle, timedelta(hours=48))
