@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from sqlmodel import Session
 
 from services.auth.models import Role
-from services.auth.partners import create_partner, issue_key, revoke_key, rotate_key
+from services.auth.partners import create_partner, issue_key, revoke_key, rotate_key, rotate_webhook_secret
 from services.common import migrate
 from services.common.db import get_engine
 
@@ -58,6 +58,15 @@ def partner_revoke_key(args: argparse.Namespace) -> dict[str, str]:
     return {"key_id": args.key_id, "revoked": "true"}
 
 
+def partner_rotate_webhook_secret(args: argparse.Namespace) -> dict[str, str]:
+    with _session() as session:
+        secret = rotate_webhook_secret(session, args.partner_id)
+        if secret is None:
+            raise SystemExit(f"no partner {args.partner_id}")
+        session.commit()
+    return {"partner_id": args.partner_id, "webhook_secret": secret}
+
+
 def key_create(args: argparse.Namespace) -> dict[str, str]:
     with _session() as session:
         issued = issue_key(session, Role(args.role), None, label=args.label)
@@ -84,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
     revoke = partner.add_parser("revoke-key", help="revoke a key")
     revoke.add_argument("key_id")
     revoke.set_defaults(run=partner_revoke_key)
+    secret = partner.add_parser("rotate-webhook-secret", help="a new webhook secret; the old one works 24 h")
+    secret.add_argument("partner_id")
+    secret.set_defaults(run=partner_rotate_webhook_secret)
 
     key = groups.add_parser("key", help="staff keys").add_subparsers(dest="command", required=True)
     staff = key.add_parser("create", help="a key for a specialist or operations user")

@@ -1,33 +1,86 @@
-"""The case API (`/v1/cases`)."""
+"""The case API (`/v1/cases`): every route needs an API key and sees only the caller's own cases."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import tuple_
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 from temporalio.client import Client
 
-from contracts.models import CaseStatus
+from contracts.decisions import CancelCase, ConsentReceived, FollowUpQuestion
+from contracts.models import CaseStatus, Urgency
+from services.auth import AuthEngine, Principal, Role, require_role
+from services.auth import audit as audit_log
+from services.auth.problems import AUTH_ERRORS, Problem, problem_response
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine
 from services.common.temporal import connect_temporal
-from services.intake import handlers
-from services.intake.models import Case, CaseCreate, CasePublic, CaseTimelineEntry, ReportLinks, TimelineEntry
+from services.intake import decisions, handlers, idempotency
+from services.intake.models import (
+    CancelRequest,
+    Case,
+    CaseCreate,
+    CaseDocument,
+    CasePage,
+    CasePublic,
+    CaseQuestion,
+    CaseTimelineEntry,
+    DocumentCreate,
+    DocumentKind,
+    DocumentPublic,
+    QuestionCreate,
+    QuestionPublic,
+    ReportLinks,
+    TimelineEntry,
+)
 
 log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 
+
+_problem = problem_response
+
 ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "No case with this id"},
-    422: {"description": "The request is invalid; `errors` names each field"},
+    **AUTH_ERRORS,
+    404: _problem(404, "No case with this id visible to the caller", "no case 3f…; check the case_id"),
+    422: {
+        "description": "The request is invalid; `errors` names each field (values are never echoed)",
+        "model": Problem,
+        "content": {
+            "application/json": {
+                "example": {
+                    "title": "Invalid request",
+                    "status": 422,
+                    "detail": "The request does not match the schema; fix the fields listed.",
+                    "errors": [{"field": "patient.birth_date", "message": "Field required"}],
+                }
+            }
+        },
+    },
 }
+POST_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    409: _problem(409, "The case's state does not allow this", "the case is closed; nothing was changed"),
+    413: _problem(413, "A document is larger than 10 MB", "a document is at most 10 MB; nothing was stored"),
+    503: _problem(503, "The workflow service is unreachable; retry", "retry in a minute"),
+}
+CLOSED = {CaseStatus.CLOSED.value, CaseStatus.CANCELLED.value}
+MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
 
 
 def intake_engine() -> Engine:
@@ -56,6 +109,44 @@ EngineDep = Annotated[Engine, Depends(intake_engine)]
 SessionDep = Annotated[Session, Depends(get_session)]
 TemporalDep = Annotated[Client | None, Depends(temporal_client)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+CaseCaller = Annotated[Principal, Depends(require_role(Role.PARTNER, Role.OPERATIONS))]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="repeat a POST safely: the same key and body return the first answer",
+    ),
+]
+
+
+class Audit:
+    """Writes one audit entry per PHI read or write of the current request."""
+
+    def __init__(self, request: Request, caller: CaseCaller, engine: AuthEngine) -> None:
+        self.caller = caller
+        self.engine = engine
+        self.method = request.method.lower()
+
+    def __call__(
+        self, action: str, resource: str, case_id: str | None, outcome: str, detail: str = ""
+    ) -> None:
+        audit_log.record(
+            self.engine,
+            actor=self.caller.actor,
+            partner_id=self.caller.partner_id,
+            role=self.caller.role.value,
+            service="intake",
+            action=action,
+            resource=resource,
+            case_id=case_id,
+            outcome=outcome,
+            detail=detail,
+        )
+
+
+AuditDep = Annotated[Audit, Depends(Audit)]
 
 
 def to_public(case: Case, timeline: list[CaseTimelineEntry]) -> CasePublic:
@@ -68,82 +159,436 @@ def to_public(case: Case, timeline: list[CaseTimelineEntry]) -> CasePublic:
         case_id=case.id,
         partner_id=case.partner_id,
         partner_case_ref=case.partner_case_ref,
-        status=CaseStatus(case.status),
-        urgency=case.urgency,  # type: ignore[arg-type]
+        status=case.status,
+        urgency=Urgency(case.urgency),
         subspecialty=case.subspecialty,
         due_at=case.due_at,
         created_at=case.created_at,
         updated_at=case.updated_at,
         workflow_id=handlers.workflow_id(case.id),
+        consent_on_file=case.consent_on_file,
         report=report,
         timeline=[TimelineEntry(status=t.status, detail=t.detail, at=t.at) for t in timeline],
     )
 
 
-def _load(session: Session, case_id: str) -> CasePublic:
+def visible_case(session: Session, case_id: str, caller: Principal, audit: Audit, action: str) -> Case:
+    """The case if the caller may see it; otherwise 404 (another partner's case is not even confirmed)."""
     case = session.get(Case, case_id)
-    if case is None:
+    if case is None or not caller.sees(case.partner_id):
+        if case is not None:
+            audit(action, "case", case_id, "denied", "another partner's case")
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"no case {case_id}; check the case_id returned at creation"
         )
+    return case
+
+
+def load_public(session: Session, case: Case) -> CasePublic:
     timeline = session.exec(
         select(CaseTimelineEntry)
-        .where(CaseTimelineEntry.case_id == case_id)
+        .where(CaseTimelineEntry.case_id == case.id)
         .order_by(col(CaseTimelineEntry.at))
     ).all()
     return to_public(case, list(timeline))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=CasePublic, responses=ERRORS)
+async def idempotent(
+    request: Request,
+    caller: Principal,
+    engine: Engine,
+    key: str | None,
+    status_code: int,
+    run: Callable[[], Awaitable[BaseModel | dict[str, Any]]],
+    media_type: str = "application/json",
+) -> JSONResponse:
+    """Run `run` once per (caller, Idempotency-Key); replays get the first answer."""
+    if key is None:
+        return JSONResponse(_jsonable(await run()), status_code=status_code, media_type=media_type)
+    owner = caller.partner_id or caller.actor
+    print_ = idempotency.fingerprint(request.method, request.url.path, await request.body())
+    try:
+        stored = await run_in_threadpool(idempotency.claim, engine, owner, key, print_)
+    except idempotency.KeyReusedWithOtherBody as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "this Idempotency-Key was already used with a different request; use a new key for a new request",
+        ) from exc
+    except idempotency.StillRunning as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, "the first request with this Idempotency-Key is still running; retry"
+        ) from exc
+    if stored is not None:
+        return JSONResponse(
+            stored.body,
+            status_code=stored.status_code,
+            headers={"Idempotent-Replayed": "true"},
+            media_type=media_type,
+        )
+    try:
+        body = _jsonable(await run())
+    except BaseException:
+        await run_in_threadpool(idempotency.release, engine, owner, key)
+        raise
+    await run_in_threadpool(idempotency.complete, engine, owner, key, status_code, body)
+    return JSONResponse(body, status_code=status_code, media_type=media_type)
+
+
+def _jsonable(answer: BaseModel | dict[str, Any]) -> Any:
+    return answer.model_dump(mode="json") if isinstance(answer, BaseModel) else answer
+
+
+def partner_for(body: CaseCreate, caller: Principal) -> str:
+    if caller.role == Role.PARTNER:
+        if body.partner_id is not None and body.partner_id != caller.partner_id:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                "partner_id names another partner; omit it (your key decides the partner) or send your own",
+            )
+        return str(caller.partner_id)
+    if body.partner_id is None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "an operations key creates cases on behalf of a partner: send partner_id",
+        )
+    return body.partner_id
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=CasePublic, responses=POST_ERRORS)
 async def create_case(
-    body: CaseCreate, engine: EngineDep, temporal: TemporalDep, settings: SettingsDep
-) -> CasePublic:
+    body: CaseCreate,
+    request: Request,
+    caller: CaseCaller,
+    audit: AuditDep,
+    engine: EngineDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
     """Create a case and start its workflow. The case is stored first: if Temporal is unreachable the
-    workflow is started by the reconciler within seconds, so an accepted case is never lost."""
+    workflow is started by the reconciler within seconds, so an accepted case is never lost. A repeated
+    `partner_case_ref` returns the existing case."""
+
+    async def create() -> CasePublic:
+        case = await open_case(body, [], caller, audit, engine, temporal, settings)
+        with Session(engine) as session:
+            return load_public(session, case)
+
+    return await idempotent(request, caller, engine, idempotency_key, 201, create)
+
+
+async def open_case(
+    body: CaseCreate,
+    documents: list[DocumentCreate],
+    caller: Principal,
+    audit: Audit,
+    engine: Engine,
+    temporal: Client | None,
+    settings: Settings,
+) -> Case:
+    """Store the case with its documents in one transaction, then start its workflow."""
+    partner_id = partner_for(body, caller)
+    contents = [decode_content(d) for d in documents]
 
     def store() -> Case:
         with Session(engine, expire_on_commit=False) as session:
-            case = handlers.create_case(body, session)
+            case = handlers.create_case(body, partner_id, session)
+            if case in session.new:
+                for document, content in zip(documents, contents, strict=True):
+                    session.add(document_row(case.id, document, content, caller))
             try:
                 session.commit()
             except IntegrityError:
                 # The same partner reference was stored by a concurrent request: return that case.
                 session.rollback()
-                case = handlers.create_case(body, session)
+                case = handlers.create_case(body, partner_id, session)
             return case
 
     case = await run_in_threadpool(store)
+    await run_in_threadpool(audit, "create", "case", case.id, "success")
     if not case.workflow_started and temporal is not None:
         try:
             await handlers.start_workflow(temporal, case, settings)
             await run_in_threadpool(mark_started, engine, case.id)
+            case.workflow_started = True
         except Exception as exc:
             log.warning("workflow.start_deferred", case_id=case.id, error=type(exc).__name__)
-
-    def reload() -> CasePublic:
-        with Session(engine) as session:
-            return _load(session, case.id)
-
-    return await run_in_threadpool(reload)
+    return case
 
 
 @router.get("/{case_id}", response_model=CasePublic, responses=ERRORS)
-def get_case(case_id: str, session: SessionDep) -> CasePublic:
+def get_case(case_id: str, session: SessionDep, caller: CaseCaller, audit: AuditDep) -> CasePublic:
     """The case's status and its timeline of status changes."""
-    return _load(session, case_id)
+    case = visible_case(session, case_id, caller, audit, "read")
+    audit("read", "case", case_id, "success")
+    return load_public(session, case)
 
 
-@router.get("", response_model=list[CasePublic])
+def encode_cursor(case: Case) -> str:
+    raw = json.dumps({"c": case.created_at.isoformat(), "i": case.id}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        created = datetime.fromisoformat(raw["c"])
+        return (created if created.tzinfo else created.replace(tzinfo=UTC)), str(raw["i"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "cursor is not one this API returned; pass next_cursor from the previous page unchanged",
+        ) from exc
+
+
+@router.get("", response_model=CasePage, responses=ERRORS)
 def list_cases(
     session: SessionDep,
-    status_filter: Annotated[CaseStatus | None, Query(alias="status")] = None,
+    caller: CaseCaller,
+    audit: AuditDep,
+    status_filter: Annotated[str | None, Query(alias="status", pattern=r"^[a-z_]{1,40}$")] = None,
+    urgency: Urgency | None = None,
+    partner_id: Annotated[str | None, Query(max_length=64)] = None,
+    created_from: Annotated[datetime | None, Query(description="inclusive, ISO 8601")] = None,
+    created_to: Annotated[datetime | None, Query(description="exclusive, ISO 8601")] = None,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-) -> list[CasePublic]:
-    """The newest cases first, optionally only those in one status."""
-    query = select(Case).order_by(col(Case.created_at).desc()).limit(limit)
+) -> CasePage:
+    """The caller's cases, newest first, filtered; a partner key never sees another partner's cases."""
+    query = select(Case).order_by(col(Case.created_at).desc(), col(Case.id).desc()).limit(limit + 1)
+    if caller.role == Role.PARTNER:
+        query = query.where(Case.partner_id == caller.partner_id)
+    if partner_id is not None:
+        query = query.where(Case.partner_id == partner_id)
     if status_filter is not None:
-        query = query.where(Case.status == status_filter.value)
-    return [to_public(case, []) for case in session.exec(query).all()]
+        query = query.where(Case.status == status_filter)
+    if urgency is not None:
+        query = query.where(Case.urgency == urgency.value)
+    if created_from is not None:
+        query = query.where(col(Case.created_at) >= created_from)
+    if created_to is not None:
+        query = query.where(col(Case.created_at) < created_to)
+    if cursor is not None:
+        query = query.where(tuple_(col(Case.created_at), col(Case.id)) < tuple_(*decode_cursor(cursor)))
+    rows = list(session.exec(query).all())
+    page, more = rows[:limit], len(rows) > limit
+    audit("list", "case", None, "success", f"{len(page)} cases")
+    return CasePage(
+        items=[to_public(case, []) for case in page], next_cursor=encode_cursor(page[-1]) if more else None
+    )
+
+
+@router.post("/{case_id}/cancel", response_model=CasePublic, responses=POST_ERRORS)
+async def cancel_case(
+    case_id: str,
+    body: CancelRequest,
+    request: Request,
+    caller: CaseCaller,
+    audit: AuditDep,
+    engine: EngineDep,
+    temporal: TemporalDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Cancel the case: the workflow stops and every service withdraws its work. 409 with the workflow's
+    reason when it refuses (e.g. the report was already delivered)."""
+
+    async def cancel() -> CasePublic:
+        with Session(engine) as session:
+            case = visible_case(session, case_id, caller, audit, "update")
+        if case.status in CLOSED:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"the case is already {case.status}; nothing to cancel"
+            )
+        try:
+            await decisions.cancel(temporal, case_id, CancelCase(by=caller.actor, reason=body.reason))
+        except decisions.WorkflowRejected as exc:
+            await run_in_threadpool(audit, "update", "case.cancel", case_id, "failed", "rejected by workflow")
+            raise HTTPException(status.HTTP_409_CONFLICT, f"the case cannot be cancelled: {exc}") from exc
+        except decisions.WorkflowUnreachable as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+        await run_in_threadpool(audit, "update", "case.cancel", case_id, "success")
+        with Session(engine) as session:
+            return load_public(session, session.get(Case, case_id))  # type: ignore[arg-type]
+
+    return await idempotent(request, caller, engine, idempotency_key, 200, cancel)
+
+
+@router.post("/{case_id}/documents", status_code=201, response_model=DocumentPublic, responses=POST_ERRORS)
+async def add_document(
+    case_id: str,
+    body: DocumentCreate,
+    request: Request,
+    caller: CaseCaller,
+    audit: AuditDep,
+    engine: EngineDep,
+    temporal: TemporalDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Add a document to an open case. A `records_release_authorization` puts consent on file: a case
+    waiting in `awaiting_consent` goes on to records retrieval."""
+    content = decode_content(body)
+
+    async def add() -> DocumentPublic:
+        document = await run_in_threadpool(store_document, engine, case_id, body, content, caller, audit)
+        if document.kind == DocumentKind.RECORDS_RELEASE_AUTHORIZATION:
+            await signal_consent(engine, temporal, document)
+        return document
+
+    return await idempotent(request, caller, engine, idempotency_key, 201, add)
+
+
+def decode_content(document: DocumentCreate) -> bytes:
+    try:
+        content = base64.b64decode(document.content_base64, validate=True)
+    except ValueError as exc:  # binascii.Error, or a non-ASCII string
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, "content_base64 is not valid base64; nothing was stored"
+        ) from exc
+    if len(content) > MAX_DOCUMENT_BYTES:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE, "a document is at most 10 MB; nothing was stored"
+        )
+    return content
+
+
+def document_row(case_id: str, body: DocumentCreate, content: bytes, caller: Principal) -> CaseDocument:
+    return CaseDocument(
+        id=str(uuid.uuid4()),
+        case_id=case_id,
+        kind=body.kind.value,
+        title=body.title,
+        content_type=body.content_type,
+        sha256=hashlib.sha256(content).hexdigest(),
+        size=len(content),
+        content=content,
+        added_by=caller.actor,
+    )
+
+
+def store_document(
+    engine: Engine, case_id: str, body: DocumentCreate, content: bytes, caller: Principal, audit: Audit
+) -> DocumentPublic:
+    with Session(engine, expire_on_commit=False) as session:
+        case = visible_case(session, case_id, caller, audit, "create")
+        if case.status in CLOSED:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"the case is {case.status}; documents are closed")
+        document = document_row(case_id, body, content, caller)
+        session.add(document)
+        if body.kind == DocumentKind.RECORDS_RELEASE_AUTHORIZATION:
+            # A workflow not started yet starts with consent on file.
+            case.consent_on_file = True
+            session.add(case)
+        session.commit()
+    audit("create", "case.document", case_id, "success", body.kind.value)
+    return DocumentPublic(
+        document_id=document.id,
+        case_id=case_id,
+        kind=DocumentKind(document.kind),
+        title=document.title,
+        content_type=document.content_type,
+        sha256=document.sha256,
+        size=document.size,
+        created_at=document.created_at,
+    )
+
+
+async def signal_consent(engine: Engine, temporal: Client | None, document: DocumentPublic) -> None:
+    """Tell the workflow; when it cannot be told now, the reconciler signals it later."""
+    with Session(engine) as session:
+        case = session.get(Case, document.case_id)
+        if case is None or not case.workflow_started:
+            return
+    try:
+        await decisions.consent_received(
+            temporal, document.case_id, ConsentReceived(by="intake", document_id=document.document_id)
+        )
+    except decisions.WorkflowUnreachable as exc:
+        log.warning("consent.signal_deferred", case_id=document.case_id, error=str(exc))
+        return
+    await run_in_threadpool(mark_consent_signalled, engine, document.document_id)
+
+
+def mark_consent_signalled(engine: Engine, document_id: str) -> None:
+    with Session(engine) as session:
+        document = session.get(CaseDocument, document_id)
+        if document is not None and document.consent_signalled_at is None:
+            document.consent_signalled_at = datetime.now(UTC)
+            session.add(document)
+            session.commit()
+
+
+def unsignalled_consents(engine: Engine, limit: int = 100) -> list[DocumentPublic]:
+    with Session(engine) as session:
+        rows = session.exec(
+            select(CaseDocument)
+            .join(Case, col(Case.id) == col(CaseDocument.case_id))
+            .where(
+                CaseDocument.kind == DocumentKind.RECORDS_RELEASE_AUTHORIZATION.value,
+                col(CaseDocument.consent_signalled_at).is_(None),
+                col(Case.workflow_started).is_(True),
+            )
+            .limit(limit)
+        ).all()
+        return [
+            DocumentPublic(
+                document_id=d.id,
+                case_id=d.case_id,
+                kind=DocumentKind(d.kind),
+                title=d.title,
+                content_type=d.content_type,
+                sha256=d.sha256,
+                size=d.size,
+                created_at=d.created_at,
+            )
+            for d in rows
+        ]
+
+
+@router.post("/{case_id}/questions", status_code=201, response_model=QuestionPublic, responses=POST_ERRORS)
+async def ask_question(
+    case_id: str,
+    body: QuestionCreate,
+    request: Request,
+    caller: CaseCaller,
+    audit: AuditDep,
+    engine: EngineDep,
+    temporal: TemporalDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """A follow-up question for the reviewing specialist, after the report was delivered (at most three)."""
+
+    async def ask() -> QuestionPublic:
+        with Session(engine) as session:
+            case = visible_case(session, case_id, caller, audit, "create")
+        if case.delivered_at is None or case.status == CaseStatus.CANCELLED:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"questions are taken after the report is delivered; the case is {case.status}",
+            )
+        question_id = str(uuid.uuid4())
+        try:
+            await decisions.ask_question(
+                temporal, case_id, FollowUpQuestion(by=caller.actor, question_id=question_id, text=body.text)
+            )
+        except decisions.WorkflowRejected as exc:
+            await run_in_threadpool(
+                audit, "create", "case.question", case_id, "failed", "rejected by workflow"
+            )
+            raise HTTPException(status.HTTP_409_CONFLICT, f"the question was not accepted: {exc}") from exc
+        except decisions.WorkflowUnreachable as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+        now = datetime.now(UTC)
+        with Session(engine) as session:
+            session.add(
+                CaseQuestion(
+                    id=question_id, case_id=case_id, text=body.text, asked_by=caller.actor, created_at=now
+                )
+            )
+            session.commit()
+        await run_in_threadpool(audit, "create", "case.question", case_id, "success")
+        return QuestionPublic(question_id=question_id, case_id=case_id, created_at=now)
+
+    return await idempotent(request, caller, engine, idempotency_key, 201, ask)
 
 
 def mark_started(engine: Engine, case_id: str) -> None:

@@ -7,23 +7,26 @@ from sqlmodel import Session
 
 from contracts.commands import DeliverReport
 from contracts.envelope import CloudEvent
-from contracts.events import CaseStatusChanged
+from contracts.events import CaseCancelled, CaseStatusChanged
 from services.common.errors import PoisonMessage
-from services.intake import handlers
-
+from services.intake import handlers, webhooks_out
 
 # Events intake receives only to tell the partner; the case status itself comes from case.status_changed.
-NOTIFY_PARTNER = {"case.cancelled", "records.needed", "report.ready"}
+NOTIFY_PARTNER = {"records.needed", "report.ready"}
 
 
 def handle(session: Session, event: CloudEvent) -> None:
     try:
         if event.type == CaseStatusChanged.TYPE:
             handlers.record_status(event, CaseStatusChanged.model_validate(event.data), session)
+            webhooks_out.fan_out(session, event)
+        elif event.type == CaseCancelled.TYPE:
+            handlers.record_cancellation(event, CaseCancelled.model_validate(event.data), session)
+            webhooks_out.withdraw(session, event.subject)
         elif event.type == DeliverReport.TYPE:
             handlers.deliver_report(event, DeliverReport.model_validate(event.data), session)
         elif event.type in NOTIFY_PARTNER:
-            pass  # relayed to the partner's outbound webhooks once partners register endpoints
+            webhooks_out.fan_out(session, event)
         else:
             raise PoisonMessage(f"intake does not handle {event.type!r}")
     except ValidationError as exc:

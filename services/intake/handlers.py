@@ -13,7 +13,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from contracts.commands import DeliverReport
 from contracts.envelope import CloudEvent, new_event
-from contracts.events import CaseStatusChanged, ReportDelivered
+from contracts.events import CaseCancelled, CaseStatusChanged, ReportDelivered
 from contracts.models import CaseInput, CaseStatus, Urgency
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
@@ -30,12 +30,13 @@ def workflow_id(case_id: str) -> str:
     return f"case-{case_id}"
 
 
-def create_case(request: CaseCreate, session: Session, now: datetime | None = None) -> Case:
-    """Store a new case (not yet started), or return the partner's existing case with the same reference."""
+def create_case(request: CaseCreate, partner_id: str, session: Session, now: datetime | None = None) -> Case:
+    """Store a new case of `partner_id` (not yet started), or return its existing case with the same
+    reference."""
     if request.partner_case_ref:
         existing = session.exec(
             select(Case).where(
-                Case.partner_id == request.partner_id, Case.partner_case_ref == request.partner_case_ref
+                Case.partner_id == partner_id, Case.partner_case_ref == request.partner_case_ref
             )
         ).first()
         if existing is not None:
@@ -50,12 +51,13 @@ def create_case(request: CaseCreate, session: Session, now: datetime | None = No
     )
     case = Case(
         id=str(uuid.uuid4()),
-        partner_id=request.partner_id,
+        partner_id=partner_id,
         partner_case_ref=request.partner_case_ref,
         urgency=decided.urgency,
         subspecialty=decided.subspecialty,
         due_at=decided.due_at,
         request_json=request.model_dump_json(),
+        consent_on_file=request.consent_on_file,
         created_at=now,
         updated_at=now,
     )
@@ -86,6 +88,7 @@ def case_input(case: Case) -> CaseInput:
         clinical_question=request.clinical_question,
         reason=request.reason,
         coverage=request.coverage,
+        consent_on_file=case.consent_on_file,
     )
 
 
@@ -128,6 +131,22 @@ def record_status(event: CloudEvent, change: CaseStatusChanged, session: Session
         case.status = change.status
         case.updated_at = change.at
     session.add(case)
+
+
+def record_cancellation(event: CloudEvent, cancelled: CaseCancelled, session: Session) -> None:
+    """Mark the case cancelled (idempotent: a second delivery changes nothing)."""
+    case = session.get(Case, cancelled.case_id)
+    if case is None or case.status == CaseStatus.CANCELLED:
+        return
+    now = datetime.now(UTC)
+    case.status = CaseStatus.CANCELLED
+    case.updated_at = now
+    session.add(case)
+    session.add(
+        CaseTimelineEntry(
+            case_id=case.id, event_id=event.id, status=CaseStatus.CANCELLED, detail="case cancelled", at=now
+        )
+    )
 
 
 def deliver_report(event: CloudEvent, cmd: DeliverReport, session: Session) -> None:

@@ -1,21 +1,35 @@
-"""The intake process: case API, its consumer, the outbox relay and the workflow-start reconciler."""
+"""The intake process: case, FHIR, partner and webhook APIs, its consumer, the outbox relay, the
+workflow-start reconciler and the outbound webhook sender."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
 
+from services.auth import api as partners_api
+from services.common import migrate
 from services.common.config import get_settings
 from services.common.db import get_engine
 from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
 from services.common.temporal import connect_temporal
-from services.intake import api, consumer, handlers
+from services.intake import (
+    api,
+    consumer,
+    fhir_api,
+    handlers,
+    idempotency,
+    webhooks_in,
+    webhooks_out,
+    webhooks_out_api,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -23,15 +37,22 @@ settings = get_settings()
 runtime = ServiceRuntime(service="intake", engine=lambda: get_engine("intake"), handle=consumer.handle)
 
 RECONCILE_EVERY_SECONDS = 5.0
+PURGE_EVERY_SECONDS = 3600.0
 
 
 async def reconcile_workflow_starts(app: FastAPI) -> None:
-    """Start the workflow of every stored case that has none yet (Temporal was down at creation)."""
+    """Start the workflow of every stored case that has none yet (Temporal was down at creation), signal
+    consent documents the workflow has not been told about, and hourly forget week-old idempotency keys."""
+    purged_at = float("-inf")
     while True:
         await asyncio.sleep(RECONCILE_EVERY_SECONDS)
         try:
+            if time.monotonic() - purged_at > PURGE_EVERY_SECONDS:
+                await asyncio.to_thread(idempotency.purge, get_engine("intake"))
+                purged_at = time.monotonic()
             cases = await asyncio.to_thread(api.unstarted_cases, get_engine("intake"))
-            if not cases:
+            consents = await asyncio.to_thread(api.unsignalled_consents, get_engine("intake"))
+            if not cases and not consents:
                 continue
             client = getattr(app.state, "temporal", None) or await connect_temporal(settings)
             app.state.temporal = client
@@ -39,17 +60,27 @@ async def reconcile_workflow_starts(app: FastAPI) -> None:
                 await handlers.start_workflow(client, case, settings)
                 await asyncio.to_thread(api.mark_started, get_engine("intake"), case.id)
                 log.info("workflow.started_by_reconciler", case_id=case.id)
+            for document in consents:
+                await api.signal_consent(get_engine("intake"), client, document)
         except Exception as exc:
             log.warning("reconciler.failed", error=type(exc).__name__)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await asyncio.to_thread(migrate.upgrade, "auth", get_engine("auth"))
     async with runtime.lifespan()(app):
         task = asyncio.create_task(reconcile_workflow_starts(app))
+        dispatcher = webhooks_out.WebhookDispatcher(
+            engine=get_engine("intake"), auth_engine=get_engine("auth"), env=settings.env
+        )
+        sender = threading.Thread(target=dispatcher.run_forever, name="intake-webhooks", daemon=True)
+        sender.start()
         try:
             yield
         finally:
+            dispatcher.stop()
+            sender.join(timeout=15)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -57,7 +88,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = create_app(
     "intake",
-    routers=[api.router],
+    routers=[api.router, fhir_api.router, webhooks_in.router, partners_api.router, webhooks_out_api.router],
     engine=lambda: get_engine("intake"),
     ready_checks=[runtime.broker_ready],
     lifespan=lifespan,

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from datetime import date, datetime
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PField
-from sqlalchemy import Column, Text, UniqueConstraint
+from sqlalchemy import Column, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from contracts.models import CaseStatus, Coverage, Exam, Patient, ReferringPhysician, Urgency
 from contracts.triage import Reason
 from services.common.db import utcnow
 
-TABLES = ("cases", "case_timeline")
+TABLES = (
+    "cases",
+    "case_timeline",
+    "idempotency_keys",
+    "case_documents",
+    "case_questions",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
+)
 
 
 class CaseCreate(BaseModel):
@@ -24,7 +34,6 @@ class CaseCreate(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "partner_id": "demo-clinic",
                     "partner_case_ref": "REF-1001",
                     "patient": {
                         "family_name": "Doe",
@@ -52,7 +61,11 @@ class CaseCreate(BaseModel):
         },
     )
 
-    partner_id: str = PField(default="direct", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    partner_id: str | None = PField(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="omit it: a partner key creates cases for its own partner; operations keys must name one",
+    )
     partner_case_ref: str | None = PField(default=None, max_length=100)
     patient: Patient
     referring: ReferringPhysician
@@ -64,6 +77,11 @@ class CaseCreate(BaseModel):
         default=None, description="date of an invasive procedure planned on the strength of the first scan"
     )
     gestational_age_weeks: int | None = PField(default=None, ge=0, le=45)
+    consent_on_file: bool = PField(
+        default=True,
+        description="the partner holds the patient's signed records-release authorization; when false the "
+        "case waits in `awaiting_consent` until a `records_release_authorization` document is added",
+    )
 
 
 class Case(SQLModel, table=True):
@@ -80,6 +98,7 @@ class Case(SQLModel, table=True):
     due_at: datetime
     request_json: str = Field(sa_column=Column(Text, nullable=False))
     workflow_started: bool = Field(default=False, index=True)
+    consent_on_file: bool = Field(default=True)
     report_pdf_url: str | None = None
     report_fhir_url: str | None = None
     delivered_at: datetime | None = None
@@ -116,12 +135,207 @@ class CasePublic(BaseModel):
     case_id: str
     partner_id: str
     partner_case_ref: str | None
-    status: CaseStatus
+    status: str = PField(description="a CaseStatus value, or `awaiting_consent`")
     urgency: Urgency
     subspecialty: str
     due_at: datetime
     created_at: datetime
     updated_at: datetime
     workflow_id: str
+    consent_on_file: bool = True
     report: ReportLinks | None
     timeline: list[TimelineEntry]
+
+
+class CasePage(BaseModel):
+    """One page of cases, newest first; pass `next_cursor` as `cursor` for the next page."""
+
+    items: list[CasePublic]
+    next_cursor: str | None
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """The first answer to a POST with an `Idempotency-Key`, per caller; `status_code` is None while running."""
+
+    __tablename__ = "idempotency_keys"
+
+    owner: str = Field(primary_key=True, max_length=100)
+    key: str = Field(primary_key=True, max_length=255)
+    fingerprint: str = Field(max_length=64)
+    status_code: int | None = None
+    response_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class DocumentKind(StrEnum):
+    RECORDS_RELEASE_AUTHORIZATION = "records_release_authorization"
+    ORIGINAL_REPORT = "original_report"
+    CLINICAL_NOTE = "clinical_note"
+    LAB_RESULT = "lab_result"
+    OTHER = "other"
+
+
+class DocumentCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "records_release_authorization",
+                    "title": "Signed records release",
+                    "content_type": "application/pdf",
+                    "content_base64": "JVBERi0xLjQK",
+                }
+            ]
+        },
+    )
+
+    kind: DocumentKind
+    title: str = PField(min_length=1, max_length=200)
+    content_type: str = PField(pattern=r"^[a-z]+/[a-z0-9.+-]+$", max_length=100)
+    content_base64: str = PField(min_length=4, max_length=14_000_000, description="at most 10 MB decoded")
+
+
+class CaseDocument(SQLModel, table=True):
+    __tablename__ = "case_documents"
+
+    id: str = Field(primary_key=True, max_length=36)
+    case_id: str = Field(index=True, foreign_key="cases.id", max_length=36)
+    kind: str = Field(max_length=40)
+    title: str = Field(max_length=200)
+    content_type: str = Field(max_length=100)
+    sha256: str = Field(max_length=64)
+    size: int
+    content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    consent_signalled_at: datetime | None = None
+    added_by: str = Field(max_length=100)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DocumentPublic(BaseModel):
+    document_id: str
+    case_id: str
+    kind: DocumentKind
+    title: str
+    content_type: str
+    sha256: str
+    size: int
+    created_at: datetime
+
+
+class QuestionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "Is MRI needed?"}]})
+
+    text: str = PField(min_length=3, max_length=2000)
+
+
+class CaseQuestion(SQLModel, table=True):
+    __tablename__ = "case_questions"
+
+    id: str = Field(primary_key=True, max_length=36)
+    case_id: str = Field(index=True, foreign_key="cases.id", max_length=36)
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    asked_by: str = Field(max_length=100)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class QuestionPublic(BaseModel):
+    question_id: str
+    case_id: str
+    created_at: datetime
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"reason": "patient withdrew"}]}
+    )
+
+    reason: str = PField(min_length=3, max_length=500)
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """Where a partner receives signed events; disabled by the partner, or automatically on HTTP 410."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: str = Field(primary_key=True, max_length=36)
+    partner_id: str = Field(index=True, max_length=64)
+    url: str = Field(max_length=2000)
+    description: str = Field(default="", max_length=200)
+    disabled_at: datetime | None = None
+    disabled_reason: str = Field(default="", max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one endpoint. `id` is the `webhook-id`, the same on every attempt and replay."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("endpoint_id", "source_event_id", name="uq_delivery_per_event"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    endpoint_id: str = Field(index=True, foreign_key="webhook_endpoints.id", max_length=36)
+    source_event_id: str = Field(max_length=300)
+    event_type: str = Field(max_length=60)
+    case_id: str = Field(index=True, max_length=36)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(default="pending", index=True, max_length=20)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, index=True)
+    last_status_code: int | None = None
+    last_error: str = Field(default="", max_length=300)
+    delivered_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookAttempt(SQLModel, table=True):
+    __tablename__ = "webhook_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(index=True, foreign_key="webhook_deliveries.id", max_length=40)
+    at: datetime = Field(default_factory=utcnow)
+    status_code: int | None = None
+    error: str = Field(default="", max_length=300)
+    duration_ms: int = 0
+
+
+class EndpointCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"url": "https://hooks.bayview.example/secondopinion", "description": "prod"}]
+        },
+    )
+
+    url: str = PField(min_length=8, max_length=2000)
+    description: str = PField(default="", max_length=200)
+
+
+class EndpointPublic(BaseModel):
+    endpoint_id: str
+    partner_id: str
+    url: str
+    description: str
+    enabled: bool
+    disabled_reason: str
+    created_at: datetime
+
+
+class AttemptPublic(BaseModel):
+    at: datetime
+    status_code: int | None
+    error: str
+    duration_ms: int
+
+
+class DeliveryPublic(BaseModel):
+    webhook_id: str
+    event_type: str
+    case_id: str
+    status: str = PField(description="pending, delivered, failed or cancelled")
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    delivered_at: datetime | None
+    created_at: datetime
+    history: list[AttemptPublic]

@@ -1,7 +1,11 @@
-"""Intake's case API and consumer on the real PostgreSQL (no Temporal: the reconciler starts workflows)."""
+"""Intake's case API and consumer on the real PostgreSQL (no Temporal: the reconciler starts workflows).
+
+Every request carries a partner's API key; `client` sends partner A's.
+"""
 
 from __future__ import annotations
 
+import base64
 import copy
 import uuid
 from collections.abc import Iterator
@@ -13,17 +17,20 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from contracts import CaseStatusChanged, DeliverReport, new_event
+from contracts.events import CaseCancelled
 from contracts.models import CaseStatus
+from services.auth import auth_engine
+from services.auth.models import AuditEvent
+from services.auth.partners import create_partner
 from services.common import migrate
 from services.common.config import Settings
 from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.http import create_app
-from services.intake import api, consumer
-from services.intake.models import Case
+from services.intake import api, consumer, handlers
+from services.intake.models import Case, CaseDocument
 
 SAMPLE = {
-    "partner_id": "clinic-a",
     "patient": {
         "family_name": "Doe",
         "given_name": "Jane",
@@ -48,20 +55,41 @@ def engine(settings: Settings) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def client(engine: Engine) -> Iterator[TestClient]:
+def auth(settings: Settings) -> Engine:
+    engine = make_engine("auth", settings)
+    migrate.upgrade("auth", engine)
+    return engine
+
+
+def new_partner(auth: Engine, name: str) -> dict[str, str]:
+    with Session(auth) as session:
+        credentials = create_partner(session, name)
+        session.commit()
+    return {"partner_id": credentials.partner_id, "Authorization": f"Bearer {credentials.api_key}"}
+
+
+@pytest.fixture(scope="module")
+def partner(auth: Engine) -> dict[str, str]:
+    return new_partner(auth, "Clinic A")
+
+
+@pytest.fixture(scope="module")
+def client(engine: Engine, auth: Engine, partner: dict[str, str]) -> Iterator[TestClient]:
     app = create_app("intake", routers=[api.router], engine=lambda: engine)
     app.dependency_overrides[api.intake_engine] = lambda: engine
+    app.dependency_overrides[auth_engine] = lambda: auth
     app.dependency_overrides[api.temporal_client] = lambda: None  # Temporal down: the case must still be kept
-    with TestClient(app) as c:
+    with TestClient(app, headers={"Authorization": partner["Authorization"]}) as c:
         yield c
 
 
 def test_create_case_stores_it_with_triage_and_no_phi_in_the_answer(
-    client: TestClient, engine: Engine
+    client: TestClient, engine: Engine, partner: dict[str, str]
 ) -> None:
     response = client.post("/v1/cases", json=SAMPLE)
     assert response.status_code == 201, response.text
     body = response.json()
+    assert body["partner_id"] == partner["partner_id"]  # the key decides the partner
     assert body["status"] == "intake"
     assert body["urgency"] == "priority"
     assert body["subspecialty"] == "gynecologic_imaging"
@@ -159,3 +187,155 @@ def test_unknown_message_type_is_poison(engine: Engine) -> None:
     )  # fmt: skip
     with Session(engine) as session, pytest.raises(PoisonMessage, match="does not handle"):
         consumer.handle(session, event)
+
+
+def test_operations_may_create_for_a_named_partner_but_a_partner_only_for_itself(
+    client: TestClient, auth: Engine, partner: dict[str, str]
+) -> None:
+    other = client.post("/v1/cases", json=dict(SAMPLE, partner_id="someone-else"))
+    assert other.status_code == 422 and "another partner" in other.json()["detail"]
+    own = client.post("/v1/cases", json=dict(SAMPLE, partner_id=partner["partner_id"]))
+    assert own.status_code == 201
+
+
+def object_routes(case_id: str) -> list[tuple[str, str, dict | None]]:
+    document = {
+        "kind": "clinical_note",
+        "title": "note",
+        "content_type": "text/plain",
+        "content_base64": "aGk=",
+    }
+    return [
+        ("GET", f"/v1/cases/{case_id}", None),
+        ("POST", f"/v1/cases/{case_id}/cancel", {"reason": "patient withdrew"}),
+        ("POST", f"/v1/cases/{case_id}/documents", document),
+        ("POST", f"/v1/cases/{case_id}/questions", {"text": "Is MRI needed?"}),
+    ]
+
+
+def test_cross_tenant_every_route_with_a_case_id_is_404_and_audited(
+    client: TestClient, engine: Engine, auth: Engine
+) -> None:
+    case_id = client.post("/v1/cases", json=SAMPLE).json()["case_id"]
+    intruder = new_partner(auth, "Clinic B")
+    with Session(engine) as session:
+        documents_before = len(session.exec(select(CaseDocument)).all())
+    for method, path, body in object_routes(case_id):
+        response = client.request(
+            method, path, json=body, headers={"Authorization": intruder["Authorization"]}
+        )
+        assert response.status_code == 404, (path, response.text)
+        assert response.json()["detail"].startswith("no case")
+    with Session(auth) as session:
+        denied = session.exec(
+            select(AuditEvent).where(AuditEvent.case_id == case_id, AuditEvent.outcome == "denied")
+        ).all()
+    assert len(denied) == len(object_routes(case_id))
+    assert {d.partner_id for d in denied} == {intruder["partner_id"]}
+    with Session(engine) as session:
+        assert len(session.exec(select(CaseDocument)).all()) == documents_before
+    listed = client.get("/v1/cases", headers={"Authorization": intruder["Authorization"]}).json()
+    assert listed["items"] == []
+    spying = client.get(
+        "/v1/cases", params={"partner_id": client.get(f"/v1/cases/{case_id}").json()["partner_id"]},
+        headers={"Authorization": intruder["Authorization"]},
+    )  # fmt: skip
+    assert spying.json()["items"] == []
+
+
+def test_every_phi_read_and_write_is_audited_with_who_what_and_outcome(
+    client: TestClient, auth: Engine, partner: dict[str, str]
+) -> None:
+    case_id = client.post("/v1/cases", json=SAMPLE).json()["case_id"]
+    client.get(f"/v1/cases/{case_id}")
+    with Session(auth) as session:
+        entries = session.exec(select(AuditEvent).where(AuditEvent.case_id == case_id)).all()
+    assert [(e.action, e.outcome, e.partner_id) for e in entries] == [
+        ("create", "success", partner["partner_id"]),
+        ("read", "success", partner["partner_id"]),
+    ]
+    assert all(e.actor.startswith("key:") and e.purpose == "TREAT" and e.service == "intake" for e in entries)
+
+
+def test_list_filters_and_walks_pages_with_a_cursor(client: TestClient, auth: Engine) -> None:
+    own = new_partner(auth, "Lister")
+    headers = {"Authorization": own["Authorization"]}
+    created = [client.post("/v1/cases", json=SAMPLE, headers=headers).json()["case_id"] for _ in range(5)]
+    urgent = dict(SAMPLE, reason="invasive_procedure_planned", procedure_scheduled_on="2099-01-10")
+    created.append(client.post("/v1/cases", json=urgent, headers=headers).json()["case_id"])
+
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/cases", params=params, headers=headers).json()
+        seen += [c["case_id"] for c in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(created))  # newest first, each once
+
+    only_urgent = client.get("/v1/cases", params={"urgency": "urgent"}, headers=headers).json()["items"]
+    assert [c["case_id"] for c in only_urgent] == [created[-1]]
+    assert client.get("/v1/cases", params={"status": "closed"}, headers=headers).json()["items"] == []
+    future = client.get("/v1/cases", params={"created_from": "2099-01-01T00:00:00Z"}, headers=headers)
+    assert future.json()["items"] == []
+    past = client.get("/v1/cases", params={"created_to": "2000-01-01T00:00:00Z"}, headers=headers)
+    assert past.json()["items"] == []
+    bad = client.get("/v1/cases", params={"cursor": "not-a-cursor"}, headers=headers)
+    assert bad.status_code == 422 and "next_cursor" in bad.json()["detail"]
+
+
+def test_a_consent_document_puts_consent_on_file(client: TestClient, engine: Engine) -> None:
+    case = client.post("/v1/cases", json=dict(SAMPLE, consent_on_file=False)).json()
+    assert case["consent_on_file"] is False
+    form = {
+        "kind": "records_release_authorization",
+        "title": "Signed release",
+        "content_type": "application/pdf",
+        "content_base64": base64.b64encode(b"%PDF-1.4 signed").decode(),
+    }
+    added = client.post(f"/v1/cases/{case['case_id']}/documents", json=form)
+    assert added.status_code == 201, added.text
+    assert added.json()["size"] == len(b"%PDF-1.4 signed")
+    assert client.get(f"/v1/cases/{case['case_id']}").json()["consent_on_file"] is True
+    with Session(engine) as session:
+        stored = session.get(Case, case["case_id"])
+        assert stored is not None and handlers.case_input(stored).consent_on_file is True
+
+
+def test_document_with_bad_content_is_422_and_nothing_is_stored(client: TestClient, engine: Engine) -> None:
+    case_id = client.post("/v1/cases", json=SAMPLE).json()["case_id"]
+    bad = {
+        "kind": "clinical_note",
+        "title": "x",
+        "content_type": "text/plain",
+        "content_base64": "!!not base64!!",
+    }
+    response = client.post(f"/v1/cases/{case_id}/documents", json=bad)
+    assert response.status_code == 422 and "base64" in response.json()["detail"]
+    with Session(engine) as session:
+        assert session.exec(select(CaseDocument).where(CaseDocument.case_id == case_id)).all() == []
+
+
+def test_questions_wait_for_delivery(client: TestClient) -> None:
+    case_id = client.post("/v1/cases", json=SAMPLE).json()["case_id"]
+    response = client.post(f"/v1/cases/{case_id}/questions", json={"text": "Is MRI needed?"})
+    assert response.status_code == 409 and "after the report is delivered" in response.json()["detail"]
+
+
+def test_cancellation_event_marks_the_case_cancelled_once(client: TestClient, engine: Engine) -> None:
+    case_id = client.post("/v1/cases", json=SAMPLE).json()["case_id"]
+    event = new_event(
+        id=f"wf:{case_id}:cancel", source="/workflows/case", subject=case_id,
+        data=CaseCancelled(case_id=case_id, reason="patient withdrew", cancelled_by="key:x"),
+    )  # fmt: skip
+    for _ in range(2):
+        with Session(engine) as session:
+            consumer.handle(session, event)
+            session.commit()
+    case = client.get(f"/v1/cases/{case_id}").json()
+    assert case["status"] == "cancelled"
+    assert [t["status"] for t in case["timeline"]] == ["intake", "cancelled"]
+    refused = client.post(f"/v1/cases/{case_id}/cancel", json={"reason": "again please"})
+    assert refused.status_code == 409 and "already cancelled" in refused.json()["detail"]

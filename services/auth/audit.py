@@ -1,0 +1,65 @@
+"""The audit log: who read or wrote which case's PHI, when, why, and whether it was allowed.
+
+Each entry is committed in its own transaction, so a denied or failed attempt is kept even when the
+request's own work is rolled back. PostgreSQL refuses UPDATE and DELETE on the table (migration 0001).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from services.auth.models import AuditEvent
+
+
+def record(
+    engine: Engine,
+    *,
+    actor: str,
+    partner_id: str | None,
+    role: str | None,
+    service: str,
+    action: str,
+    resource: str,
+    outcome: str,
+    case_id: str | None = None,
+    purpose: str = "TREAT",
+    detail: str = "",
+) -> None:
+    with Session(engine) as session:
+        session.add(
+            AuditEvent(
+                actor=actor,
+                partner_id=partner_id,
+                role=role,
+                service=service,
+                action=action,
+                resource=resource,
+                case_id=case_id,
+                outcome=outcome,
+                purpose=purpose,
+                detail=detail[:500],
+            )
+        )
+        session.commit()
+
+
+def entries(
+    engine: Engine,
+    *,
+    case_id: str | None = None,
+    partner_id: str | None = None,
+    since: datetime | None = None,
+    limit: int = 500,
+) -> list[AuditEvent]:
+    query = select(AuditEvent).order_by(col(AuditEvent.id)).limit(limit)
+    if case_id is not None:
+        query = query.where(AuditEvent.case_id == case_id)
+    if partner_id is not None:
+        query = query.where(AuditEvent.partner_id == partner_id)
+    if since is not None:
+        query = query.where(col(AuditEvent.at) >= since)
+    with Session(engine) as session:
+        return list(session.exec(query).all())

@@ -1,0 +1,121 @@
+"""FastAPI dependencies every service uses: `Caller` (Bearer API key) and `require_role(...)`.
+
+@router.get("/v1/things/{id}")
+def get_thing(id: str, caller: Caller) -> ...: ...
+
+@router.post("/v1/admin", dependencies=[Depends(require_role(Role.OPERATIONS))])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from services.auth import audit
+from services.auth.keys import key_id_of, matches
+from services.auth.models import ApiKey, Role
+from services.common.db import get_engine
+
+
+def auth_engine() -> Engine:
+    return get_engine("auth")
+
+
+AuthEngine = Annotated[Engine, Depends(auth_engine)]
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="`Authorization: Bearer so_<key id>_<secret>`, from `secondopinion partner create`.",
+)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key, its role, and for a partner key the one partner it may see."""
+
+    key_id: str
+    role: Role
+    partner_id: str | None
+
+    def sees(self, partner_id: str) -> bool:
+        return self.role != Role.PARTNER or partner_id == self.partner_id
+
+    @property
+    def actor(self) -> str:
+        return f"key:{self.key_id}"
+
+
+def service_of(request: Request) -> str:
+    return str(request.app.title).removeprefix("secondopinion ")
+
+
+def _deny(request: Request, engine: Engine, actor: str, detail: str) -> HTTPException:
+    audit.record(
+        engine,
+        actor=actor,
+        partner_id=None,
+        role=None,
+        service=service_of(request),
+        action=request.method.lower(),
+        resource=request.url.path[:100],
+        outcome="denied",
+        detail=detail,
+    )
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def authenticate(
+    request: Request,
+    engine: AuthEngine,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    if credentials is None:
+        raise _deny(
+            request,
+            engine,
+            "anonymous",
+            "an API key is required: send `Authorization: Bearer <key>` (see docs/partners.md)",
+        )
+    key_id = key_id_of(credentials.credentials)
+    with Session(engine) as session:
+        key = session.get(ApiKey, key_id) if key_id else None
+    if key is None or not matches(credentials.credentials, key.key_hash):
+        raise _deny(request, engine, "anonymous", "the API key is not valid; check it or ask for a new one")
+    if key.revoked_at is not None:
+        raise _deny(request, engine, f"key:{key.id}", "the API key was revoked; use its replacement")
+    return Principal(key_id=key.id, role=Role(key.role), partner_id=key.partner_id)
+
+
+Caller = Annotated[Principal, Depends(authenticate)]
+
+
+def require_role(*roles: Role) -> Callable[..., Principal]:
+    """A dependency that lets only `roles` through (403 otherwise, audited)."""
+
+    def check(request: Request, caller: Caller, engine: AuthEngine) -> Principal:
+        if caller.role not in roles:
+            audit.record(
+                engine,
+                actor=caller.actor,
+                partner_id=caller.partner_id,
+                role=caller.role.value,
+                service=service_of(request),
+                action=request.method.lower(),
+                resource=request.url.path[:100],
+                outcome="denied",
+                detail=f"role {caller.role.value} may not do this",
+            )
+            allowed = ", ".join(r.value for r in roles)
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, f"this needs the role {allowed}; your key has {caller.role.value}"
+            )
+        return caller
+
+    return check

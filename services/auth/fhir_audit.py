@@ -1,0 +1,68 @@
+"""The audit log as FHIR R4 AuditEvent resources in a `searchset` Bundle (fhir.resources R4B models)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
+from fhir.resources.R4B.bundle import Bundle
+
+from services.auth.models import AuditEvent
+
+ACTIONS = {"create": "C", "read": "R", "list": "R", "get": "R", "update": "U", "post": "C", "delete": "D"}
+INTERACTIONS = {"create": "create", "read": "read", "get": "read", "list": "search-type", "update": "update"}
+OUTCOMES = {"success": "0", "denied": "4", "failed": "8"}
+CASE_SYSTEM = "urn:secondopinion:case"
+ACTOR_SYSTEM = "urn:secondopinion:api-key"
+
+
+def to_fhir(entry: AuditEvent) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": str(entry.id),
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [
+            {
+                "system": "http://hl7.org/fhir/restful-interaction",
+                "code": INTERACTIONS.get(entry.action, "read"),
+            }
+        ],
+        "action": ACTIONS.get(entry.action, "E"),
+        "recorded": entry.at.isoformat(),
+        "outcome": OUTCOMES.get(entry.outcome, "8"),
+        "outcomeDesc": entry.detail or entry.outcome,
+        "purposeOfEvent": [
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": entry.purpose}
+                ]
+            }
+        ],
+        "agent": [
+            {
+                "who": {"identifier": {"system": ACTOR_SYSTEM, "value": entry.actor}},
+                "requestor": True,
+                **({"altId": entry.partner_id} if entry.partner_id else {}),
+                **({"role": [{"text": entry.role}]} if entry.role else {}),
+            }
+        ],
+        "source": {"observer": {"display": f"secondopinion {entry.service}"}},
+        "entity": [{"name": entry.resource}],
+    }
+    if entry.case_id:
+        resource["entity"][0]["what"] = {"identifier": {"system": CASE_SYSTEM, "value": entry.case_id}}
+    return FhirAuditEvent.model_validate(resource).model_dump(mode="json", exclude_none=True)
+
+
+def bundle(entries: list[AuditEvent]) -> dict[str, Any]:
+    document = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(entries),
+        "entry": [{"resource": to_fhir(e), "search": {"mode": "match"}} for e in entries],
+    }
+    return Bundle.model_validate(document).model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,4 @@
+from services.auth import models
+from services.common.migrate import run_env
+
+run_env("auth", models.TABLES)

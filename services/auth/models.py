@@ -1,0 +1,74 @@
+"""Auth tables: partners, their API keys (hashed) and the append-only audit log."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import Column, Text
+from sqlmodel import Field, SQLModel
+
+from services.common.db import utcnow
+
+TABLES = ("partners", "api_keys", "audit_events")
+
+# After a webhook secret rotation the previous secret stays valid this long, in and out.
+SECRET_OVERLAP = timedelta(hours=24)
+
+
+class Role(StrEnum):
+    PARTNER = "partner"
+    SPECIALIST = "specialist"
+    OPERATIONS = "operations"
+
+
+class Partner(SQLModel, table=True):
+    __tablename__ = "partners"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    webhook_secret: str = Field(max_length=100, description="whsec_… shared with the partner for signatures")
+    previous_webhook_secret: str | None = Field(default=None, max_length=100)
+    secret_rotated_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+    def webhook_secrets(self, now: datetime) -> list[str]:
+        """The secrets valid now: the current one, and the previous one for a day after a rotation."""
+        rotated = self.secret_rotated_at
+        if rotated is not None and rotated.tzinfo is None:
+            rotated = rotated.replace(tzinfo=UTC)
+        overlap = self.previous_webhook_secret and rotated and now - rotated < SECRET_OVERLAP
+        return [self.webhook_secret, *([self.previous_webhook_secret] if overlap else [])]  # type: ignore[list-item]
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=16, description="the public part of the key, shown in lists")
+    partner_id: str | None = Field(default=None, foreign_key="partners.id", index=True, max_length=64)
+    role: str = Field(max_length=20)
+    key_hash: str = Field(
+        max_length=64, description="SHA-256 of the whole key; the key itself is never stored"
+    )
+    label: str = Field(default="", max_length=100)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class AuditEvent(SQLModel, table=True):
+    """One read or write of PHI, or one denied attempt. Rows are only ever inserted."""
+
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    actor: str = Field(max_length=100, description="api key id, or 'anonymous'")
+    partner_id: str | None = Field(default=None, index=True, max_length=64)
+    role: str | None = Field(default=None, max_length=20)
+    service: str = Field(max_length=40)
+    action: str = Field(max_length=20, description="create, read, update, delete, list, export")
+    resource: str = Field(max_length=100, description="what was touched, e.g. case, case.document")
+    case_id: str | None = Field(default=None, index=True, max_length=36)
+    outcome: str = Field(max_length=20, description="success, denied, failed")
+    purpose: str = Field(default="TREAT", max_length=20, description="HL7 PurposeOfUse code")
+    detail: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))

@@ -1,0 +1,110 @@
+"""Partners and their keys: create, issue, revoke, rotate. Keys are returned once and never again."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlmodel import Session, col, select
+
+from services.auth.keys import hash_key, new_api_key, new_webhook_secret
+from services.auth.models import ApiKey, Partner, Role
+
+
+@dataclass(frozen=True)
+class PartnerCredentials:
+    partner_id: str
+    api_key: str
+    webhook_secret: str
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    key_id: str
+    api_key: str
+    role: Role
+    partner_id: str | None
+
+
+def partner_slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "partner"
+    return f"{slug}-{secrets.token_hex(3)}"
+
+
+PARTNER_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class PartnerExists(ValueError):
+    pass
+
+
+def create_partner(session: Session, name: str, partner_id: str | None = None) -> PartnerCredentials:
+    """A new partner with one `partner` key and a webhook secret (caller commits)."""
+    if partner_id is not None:
+        if not PARTNER_ID.match(partner_id):
+            raise ValueError("a partner id is 1-63 lowercase letters, digits and dashes")
+        if session.get(Partner, partner_id) is not None:
+            raise PartnerExists(f"partner {partner_id} exists already; choose another id or rotate its key")
+    partner = Partner(id=partner_id or partner_slug(name), name=name, webhook_secret=new_webhook_secret())
+    session.add(partner)
+    session.flush()
+    key = issue_key(session, Role.PARTNER, partner.id)
+    return PartnerCredentials(
+        partner_id=partner.id, api_key=key.api_key, webhook_secret=partner.webhook_secret
+    )
+
+
+def issue_key(session: Session, role: Role, partner_id: str | None, label: str = "") -> IssuedKey:
+    """A new key; a `partner` key belongs to exactly one partner, staff keys to none."""
+    if (role == Role.PARTNER) != (partner_id is not None):
+        raise ValueError("a partner key needs a partner_id; specialist and operations keys have none")
+    key_id, api_key = new_api_key()
+    session.add(
+        ApiKey(id=key_id, partner_id=partner_id, role=role.value, key_hash=hash_key(api_key), label=label)
+    )
+    return IssuedKey(key_id=key_id, api_key=api_key, role=role, partner_id=partner_id)
+
+
+def revoke_key(session: Session, key_id: str, partner_id: str | None = None) -> bool:
+    """Revoke a key (idempotent); with `partner_id`, only that partner's key. False when there is none."""
+    key = session.get(ApiKey, key_id)
+    if key is None or (partner_id is not None and key.partner_id != partner_id):
+        return False
+    if key.revoked_at is None:
+        key.revoked_at = datetime.now(UTC)
+        session.add(key)
+    return True
+
+
+def rotate_key(session: Session, key_id: str, partner_id: str | None = None) -> IssuedKey | None:
+    """Issue a replacement with the same role and partner, and revoke the old key."""
+    old = session.get(ApiKey, key_id)
+    if old is None or old.revoked_at is not None or (partner_id is not None and old.partner_id != partner_id):
+        return None
+    new = issue_key(session, Role(old.role), old.partner_id, label=old.label)
+    revoke_key(session, key_id)
+    return new
+
+
+def active_keys(session: Session, partner_id: str) -> list[ApiKey]:
+    return list(
+        session.exec(
+            select(ApiKey)
+            .where(ApiKey.partner_id == partner_id, col(ApiKey.revoked_at).is_(None))
+            .order_by(col(ApiKey.created_at))
+        ).all()
+    )
+
+
+def rotate_webhook_secret(session: Session, partner_id: str) -> str | None:
+    """A new webhook secret; the previous one stays valid for a day (caller commits)."""
+    partner = session.get(Partner, partner_id)
+    if partner is None:
+        return None
+    partner.previous_webhook_secret = partner.webhook_secret
+    partner.webhook_secret = new_webhook_secret()
+    partner.secret_rotated_at = datetime.now(UTC)
+    session.add(partner)
+    return partner.webhook_secret

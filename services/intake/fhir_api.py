@@ -1,0 +1,219 @@
+"""FHIR R4 intake: `POST /fhir` (transaction Bundle), `POST /fhir/ServiceRequest`, `GET /fhir/Task/{id}`.
+
+Errors here are OperationOutcome resources that name the element (FHIRPath), never the value sent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.auth.problems import AUTH_ERRORS
+from services.common.errors import IntakeRejected
+from services.intake import fhir_intake
+from services.intake.api import (
+    AuditDep,
+    CaseCaller,
+    EngineDep,
+    IdempotencyKey,
+    SessionDep,
+    SettingsDep,
+    TemporalDep,
+    idempotent,
+    open_case,
+    visible_case,
+)
+from services.intake.fhir_task import to_task
+
+router = APIRouter(prefix="/fhir", tags=["fhir"])
+
+FHIR_JSON = "application/fhir+json"
+MAX_FHIR_BYTES = 30 * 1024 * 1024
+
+
+def outcome(code: str, issues: list[tuple[str | None, str]]) -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": code,
+                "diagnostics": text,
+                **({"expression": [where]} if where else {}),
+            }
+            for where, text in issues
+        ],
+    }
+
+
+def outcome_response(status: int, code: str, issues: list[tuple[str | None, str]]) -> JSONResponse:
+    return JSONResponse(outcome(code, issues), status_code=status, media_type=FHIR_JSON)
+
+
+class OutcomeIssue(BaseModel):
+    severity: str = Field(examples=["error"])
+    code: str = Field(examples=["invalid"])
+    diagnostics: str
+    expression: list[str] | None = Field(default=None, examples=[["Bundle.entry[0].resource.birthDate"]])
+
+
+class OperationOutcome(BaseModel):
+    """A FHIR R4 OperationOutcome (the subset intake sends)."""
+
+    resourceType: str = Field(default="OperationOutcome", examples=["OperationOutcome"])  # noqa: N815 - FHIR name
+    issue: list[OutcomeIssue]
+
+
+def outcome_doc(description: str, example: dict[str, Any]) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/OperationOutcome"}
+    return {
+        "description": description,
+        "model": OperationOutcome,
+        "content": {
+            FHIR_JSON: {"schema": schema, "example": example},
+            "application/json": {"example": example},
+        },
+    }
+
+
+TASK_EXAMPLE = {
+    "resourceType": "Task",
+    "id": "3f6c…",
+    "status": "received",
+    "intent": "order",
+    "businessStatus": {"coding": [{"system": "urn:secondopinion:case-status", "code": "intake"}]},
+}
+OUTCOME_EXAMPLE = outcome("invalid", [("Bundle.entry[0].resource.birthDate", "Date value does not match")])
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **AUTH_ERRORS,
+    404: outcome_doc(
+        "No such case visible to the caller", outcome("not-found", [("Task.id", "no Task 3f…")])
+    ),
+    409: outcome_doc(
+        "The first request with this Idempotency-Key is still running",
+        outcome("processing", [(None, "retry")]),
+    ),
+    422: outcome_doc("A resource is invalid: the OperationOutcome names each element", OUTCOME_EXAMPLE),
+}
+CREATED: dict[int | str, dict[str, Any]] = {
+    201: {
+        "description": "the case as a FHIR Task; `Location: Task/{id}`",
+        "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
+    },
+    **RESPONSES,
+}
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > MAX_FHIR_BYTES:
+        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the request is larger than 30 MB")])
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the body is not JSON")]) from exc
+
+
+async def create_from_fhir(
+    request: Request,
+    parse: Any,
+    caller: CaseCaller,
+    audit: AuditDep,
+    engine: EngineDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    try:
+        parsed: fhir_intake.FhirRequest = parse(await read_json(request))
+    except fhir_intake.FhirInvalid as exc:
+        return outcome_response(422, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
+
+    async def create() -> dict[str, Any]:
+        case = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
+        return to_task(case)
+
+    try:
+        response = await idempotent(
+            request, caller, engine, idempotency_key, 201, create, media_type=FHIR_JSON
+        )
+    except IntakeRejected as exc:
+        return outcome_response(422, "business-rule", [(None, str(exc))])
+    except StarletteHTTPException as exc:
+        return outcome_response(exc.status_code, "processing", [(None, str(exc.detail))])
+    task_id = json.loads(bytes(response.body)).get("id")
+    if task_id:
+        response.headers["Location"] = f"Task/{task_id}"
+    return response
+
+
+FHIR_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            FHIR_JSON: {
+                "schema": {
+                    "type": "object",
+                    "description": "a FHIR R4 resource (validated with fhir.resources R4B)",
+                },
+                "example": {"resourceType": "Bundle", "type": "transaction", "entry": []},
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=201, responses=CREATED, openapi_extra=FHIR_BODY)
+async def transaction(
+    request: Request,
+    caller: CaseCaller,
+    audit: AuditDep,
+    engine: EngineDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """A transaction Bundle carrying Patient, ServiceRequest, ImagingStudy (with its Endpoint) and optionally
+    Coverage, Consent and DocumentReference. Answers the case as a Task (`Location: Task/{id}`). Without an
+    active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in `awaiting_consent`."""
+    return await create_from_fhir(
+        request, fhir_intake.from_bundle, caller, audit, engine, temporal, settings, idempotency_key
+    )
+
+
+@router.post("/ServiceRequest", status_code=201, responses=CREATED, openapi_extra=FHIR_BODY)
+async def service_request(
+    request: Request,
+    caller: CaseCaller,
+    audit: AuditDep,
+    engine: EngineDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """A ServiceRequest whose Patient, ImagingStudy and optional Coverage/Consent are `contained`."""
+    return await create_from_fhir(
+        request, fhir_intake.from_service_request, caller, audit, engine, temporal, settings, idempotency_key
+    )
+
+
+@router.get(
+    "/Task/{task_id}",
+    responses={
+        200: {"content": {FHIR_JSON: {"example": TASK_EXAMPLE}}, "description": "the case as a FHIR Task"},
+        **RESPONSES,
+    },
+)
+def get_task(task_id: str, session: SessionDep, caller: CaseCaller, audit: AuditDep) -> JSONResponse:
+    """The case as a Task: `status` follows the case, `businessStatus` carries the case status."""
+    try:
+        case = visible_case(session, task_id, caller, audit, "read")
+    except StarletteHTTPException:
+        return outcome_response(404, "not-found", [("Task.id", f"no Task {task_id} visible to this key")])
+    audit("read", "case", task_id, "success")
+    return JSONResponse(to_task(case), media_type=FHIR_JSON)

@@ -1,0 +1,59 @@
+"""A case as a FHIR R4 Task whose status follows the case (no PHI: ids, status and report links only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir.resources.R4B.task import Task
+
+from services.intake.models import Case
+
+CASE_SYSTEM = "urn:secondopinion:case"
+
+TASK_STATUS = {
+    "intake": "received",
+    "awaiting_consent": "on-hold",
+    "awaiting_records": "accepted",
+    "awaiting_insurance": "accepted",
+    "matching": "accepted",
+    "unmatched": "on-hold",
+    "in_review": "in-progress",
+    "composing_report": "in-progress",
+    "delivering": "in-progress",
+    "delivered": "completed",
+    "closed": "completed",
+    "cancelled": "cancelled",
+}
+
+
+def task_status(case_status: str) -> str:
+    return TASK_STATUS.get(case_status, "in-progress")
+
+
+def to_task(case: Case) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "Task",
+        "id": case.id,
+        "identifier": [{"system": CASE_SYSTEM, "value": case.id}],
+        "status": task_status(case.status),
+        "businessStatus": {"coding": [{"system": "urn:secondopinion:case-status", "code": case.status}]},
+        "intent": "order",
+        "priority": {"standard": "routine", "priority": "urgent", "urgent": "asap"}.get(
+            case.urgency, "routine"
+        ),
+        "code": {"text": "second opinion on a diagnostic ultrasound"},
+        "authoredOn": case.created_at.isoformat(),
+        "lastModified": case.updated_at.isoformat(),
+        "restriction": {"period": {"end": case.due_at.isoformat()}},
+    }
+    if case.partner_case_ref:
+        resource["groupIdentifier"] = {
+            "system": f"urn:secondopinion:partner:{case.partner_id}",
+            "value": case.partner_case_ref,
+        }
+    if case.delivered_at and case.report_pdf_url and case.report_fhir_url:
+        resource["output"] = [
+            {"type": {"text": "report (PDF)"}, "valueUrl": case.report_pdf_url},
+            {"type": {"text": "report (FHIR DiagnosticReport)"}, "valueUrl": case.report_fhir_url},
+        ]
+    return Task.model_validate(resource).model_dump(mode="json", exclude_none=True)

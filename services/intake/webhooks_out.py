@@ -1,0 +1,286 @@
+"""Outbound webhooks: partner endpoints, fan-out of case events, and the signed, retried delivery.
+
+- An endpoint URL must be HTTPS and resolve to a public address; in development (ENV=dev) plain HTTP
+  and loopback are allowed. The address is checked again at every send (DNS may change).
+- A delivery's `webhook-id` is derived from the endpoint and the source event, so it is the same on
+  every attempt and on a manual replay; receivers dedupe on it.
+- Retries back off exponentially with full jitter; a `Retry-After` answer sets the next attempt; HTTP
+  410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import ipaddress
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from contracts.envelope import CloudEvent
+from services.auth.models import Partner
+from services.intake.models import Case, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from services.intake.webhook_signing import headers_for
+
+log = structlog.get_logger(__name__)
+
+PARTNER_EVENTS = ("case.status_changed", "records.needed", "report.ready")
+MAX_ATTEMPTS = 8
+LEASE = timedelta(seconds=60)
+MAX_RETRY_AFTER = timedelta(hours=6)
+
+
+class EndpointRefused(ValueError):
+    """The URL may not receive webhooks; the message says why."""
+
+
+def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = None) -> None:
+    parts = urlsplit(url)
+    dev = env == "dev"
+    if parts.scheme not in ({"https", "http"} if dev else {"https"}):
+        raise EndpointRefused("the endpoint URL must use https")
+    if not parts.hostname or parts.username or parts.password:
+        raise EndpointRefused("the endpoint URL needs a host and no user:password part")
+    for address in (resolve or resolve_host)(parts.hostname):
+        ip = ipaddress.ip_address(address)
+        if ip.is_loopback and dev:
+            continue
+        if not ip.is_global or ip.is_multicast:
+            raise EndpointRefused(
+                "the endpoint resolves to a private, loopback or link-local address; use a public address"
+            )
+
+
+def resolve_host(host: str) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+    except socket.gaierror as exc:
+        raise EndpointRefused("the endpoint's host name does not resolve") from exc
+
+
+def webhook_id(endpoint_id: str, source_event_id: str) -> str:
+    return "msg_" + hashlib.sha256(f"{endpoint_id}|{source_event_id}".encode()).hexdigest()[:32]
+
+
+def fan_out(session: Session, event: CloudEvent) -> int:
+    """Queue `event` for every enabled endpoint of the case's partner (in the consumer's transaction)."""
+    case = session.get(Case, event.subject)
+    if case is None:
+        return 0
+    endpoints = session.exec(
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.partner_id == case.partner_id, col(WebhookEndpoint.disabled_at).is_(None)
+        )
+    ).all()
+    payload = json.dumps({"type": event.type, "timestamp": event.time.isoformat(), "data": event.data})
+    for endpoint in endpoints:
+        delivery_id = webhook_id(endpoint.id, event.id)
+        if session.get(WebhookDelivery, delivery_id) is None:
+            session.add(
+                WebhookDelivery(
+                    id=delivery_id,
+                    endpoint_id=endpoint.id,
+                    source_event_id=event.id,
+                    event_type=event.type,
+                    case_id=case.id,
+                    payload=payload,
+                )
+            )
+    return len(endpoints)
+
+
+def withdraw(session: Session, case_id: str) -> None:
+    """A cancelled case: records reminders not yet delivered are moot; status changes still go out."""
+    pending = session.exec(
+        select(WebhookDelivery).where(
+            WebhookDelivery.case_id == case_id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.event_type == "records.needed",
+        )
+    ).all()
+    for delivery in pending:
+        delivery.status = "cancelled"
+        session.add(delivery)
+
+
+def backoff(attempts: int, base: float, cap: float, rng: random.Random) -> float:
+    return rng.uniform(0, min(cap, base * 2 ** (attempts - 1)))
+
+
+def retry_after(value: str | None, now: datetime) -> timedelta | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return min(timedelta(seconds=int(value.strip())), MAX_RETRY_AFTER)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return min(max(moment - now, timedelta(0)), MAX_RETRY_AFTER)
+
+
+class WebhookDispatcher:
+    """Sends due deliveries. `run_once` is one pass (tests call it); `run_forever` is the thread body."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        auth_engine: Engine,
+        env: str,
+        base_delay: float = 5.0,
+        max_delay: float = 3600.0,
+        timeout: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine = engine
+        self.auth_engine = auth_engine
+        self.env = env
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.rng = rng or random.Random()
+        self.http = httpx.Client(timeout=timeout, follow_redirects=False)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_forever(self, interval: float = 1.0) -> None:
+        while not self._stop.is_set():
+            try:
+                while self.run_once() and not self._stop.is_set():
+                    pass
+            except Exception as exc:
+                log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
+            self._stop.wait(interval)
+        self.http.close()
+
+    def run_once(self, batch: int = 20) -> int:
+        due = self._claim(batch)
+        for delivery, endpoint in due:
+            self._send(delivery, endpoint)
+        return len(due)
+
+    def _claim(self, batch: int) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
+        """Lease due deliveries so another replica does not send them at the same time."""
+        now = datetime.now(UTC)
+        with Session(self.engine, expire_on_commit=False) as session:
+            rows = session.exec(
+                select(WebhookDelivery, WebhookEndpoint)
+                .join(WebhookEndpoint, col(WebhookEndpoint.id) == col(WebhookDelivery.endpoint_id))
+                .where(
+                    WebhookDelivery.status == "pending",
+                    col(WebhookDelivery.next_attempt_at) <= now,
+                    col(WebhookEndpoint.disabled_at).is_(None),
+                )
+                .order_by(col(WebhookDelivery.next_attempt_at))
+                .limit(batch)
+                .with_for_update(skip_locked=True, of=WebhookDelivery)  # type: ignore[arg-type]
+            ).all()
+            for delivery, _ in rows:
+                delivery.next_attempt_at = now + LEASE
+                session.add(delivery)
+            session.commit()
+            return [(d, e) for d, e in rows]
+
+    def _secrets(self, partner_id: str) -> list[str]:
+        with Session(self.auth_engine) as session:
+            partner = session.get(Partner, partner_id)
+        return partner.webhook_secrets(datetime.now(UTC)) if partner else []
+
+    def _send(self, delivery: WebhookDelivery, endpoint: WebhookEndpoint) -> None:
+        body = delivery.payload.encode()
+        started = time.monotonic()
+        status_code: int | None = None
+        error = ""
+        retry_hint: str | None = None
+        try:
+            check_url(endpoint.url, self.env)
+            secrets = self._secrets(endpoint.partner_id)
+            if not secrets:
+                raise EndpointRefused("the partner no longer exists")
+            headers = headers_for(secrets, delivery.id, int(time.time()), body)
+            response = self.http.post(
+                endpoint.url, content=body, headers={**headers, "content-type": "application/json"}
+            )
+            status_code = response.status_code
+            retry_hint = response.headers.get("retry-after")
+        except EndpointRefused as exc:
+            error = str(exc)
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: the endpoint did not answer"
+        self._record(
+            delivery, endpoint, status_code, error, retry_hint, int((time.monotonic() - started) * 1000)
+        )
+
+    def _record(
+        self,
+        delivery: WebhookDelivery,
+        endpoint: WebhookEndpoint,
+        status_code: int | None,
+        error: str,
+        retry_hint: str | None,
+        duration_ms: int,
+    ) -> None:
+        now = datetime.now(UTC)
+        with Session(self.engine) as session:
+            row = session.get(WebhookDelivery, delivery.id)
+            if row is None:
+                return
+            row.attempts += 1
+            row.last_status_code = status_code
+            row.last_error = error[:300]
+            session.add(
+                WebhookAttempt(
+                    delivery_id=row.id,
+                    at=now,
+                    status_code=status_code,
+                    error=error[:300],
+                    duration_ms=duration_ms,
+                )
+            )
+            if status_code is not None and 200 <= status_code < 300:
+                row.status = "delivered"
+                row.delivered_at = now
+            elif status_code == 410:
+                row.status = "failed"
+                gone = session.get(WebhookEndpoint, endpoint.id)
+                if gone is not None and gone.disabled_at is None:
+                    gone.disabled_at = now
+                    gone.disabled_reason = "the endpoint answered 410 Gone"
+                    session.add(gone)
+                log.info(
+                    "webhooks.endpoint_disabled", endpoint_id=endpoint.id, partner_id=endpoint.partner_id
+                )
+            elif row.attempts >= MAX_ATTEMPTS:
+                row.status = "failed"
+            else:
+                wait = retry_after(retry_hint, now) or timedelta(
+                    seconds=backoff(row.attempts, self.base_delay, self.max_delay, self.rng)
+                )
+                row.next_attempt_at = now + wait
+            outcome = row.status
+            session.add(row)
+            session.commit()
+        log.info(
+            "webhooks.attempt",
+            delivery_id=delivery.id,
+            case_id=delivery.case_id,
+            status_code=status_code,
+            outcome=outcome,
+        )

@@ -1,0 +1,199 @@
+"""A partner's webhook endpoints, their delivery log, and manual replay."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from sqlmodel import Session, col, select
+
+from services.auth import AuthEngine, Caller, Principal, Role, audit
+from services.auth.problems import problem_response
+from services.common.config import get_settings
+from services.intake.api import ERRORS, EngineDep, IdempotencyKey, idempotent
+from services.intake.models import (
+    AttemptPublic,
+    DeliveryPublic,
+    EndpointCreate,
+    EndpointPublic,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
+from services.intake.webhooks_out import EndpointRefused, check_url
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: problem_response(
+        404, "No such partner, endpoint or delivery visible to this key", "no webhook endpoint …"
+    ),
+}
+
+
+def public(endpoint: WebhookEndpoint) -> EndpointPublic:
+    return EndpointPublic(
+        endpoint_id=endpoint.id,
+        partner_id=endpoint.partner_id,
+        url=endpoint.url,
+        description=endpoint.description,
+        enabled=endpoint.disabled_at is None,
+        disabled_reason=endpoint.disabled_reason,
+        created_at=endpoint.created_at,
+    )
+
+
+def partner_scope(partner_id: str, request: Request, caller: Caller, auth: AuthEngine) -> None:
+    """Every route here is about one partner: another partner's (or a specialist) gets 404, audited."""
+    if caller.sees(partner_id) and caller.role != Role.SPECIALIST:
+        return
+    audit.record(
+        auth,
+        actor=caller.actor,
+        partner_id=caller.partner_id,
+        role=caller.role.value,
+        service="intake",
+        action=request.method.lower(),
+        resource="webhook-endpoint",
+        outcome="denied",
+        detail="another partner's webhook endpoints",
+    )
+    raise HTTPException(status.HTTP_404_NOT_FOUND, f"no partner {partner_id} visible to this key")
+
+
+router = APIRouter(
+    prefix="/v1/partners/{partner_id}/webhook-endpoints",
+    tags=["webhook endpoints"],
+    dependencies=[Depends(partner_scope)],
+)
+
+
+def endpoint_of(session: Session, caller: Principal, partner_id: str, endpoint_id: str) -> WebhookEndpoint:
+    endpoint = session.get(WebhookEndpoint, endpoint_id)
+    if endpoint is None or endpoint.partner_id != partner_id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook endpoint {endpoint_id}")
+    return endpoint
+
+
+@router.post("", status_code=201, response_model=EndpointPublic, responses=RESPONSES)
+async def register(
+    partner_id: str,
+    body: EndpointCreate,
+    request: Request,
+    caller: Caller,
+    engine: EngineDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Register an endpoint for `case.status_changed`, `records.needed` and `report.ready`. HTTPS to a public
+    address is required (plain HTTP to loopback only in development). Events are signed with the partner's
+    webhook secret per Standard Webhooks."""
+    try:
+        check_url(body.url, get_settings().env)
+    except EndpointRefused as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    async def create() -> EndpointPublic:
+        endpoint = WebhookEndpoint(
+            id=str(uuid.uuid4()), partner_id=partner_id, url=body.url, description=body.description
+        )
+        with Session(engine, expire_on_commit=False) as session:
+            session.add(endpoint)
+            session.commit()
+        return public(endpoint)
+
+    return await idempotent(request, caller, engine, idempotency_key, 201, create)
+
+
+@router.get("", response_model=list[EndpointPublic], responses=RESPONSES)
+def list_endpoints(partner_id: str, caller: Caller, engine: EngineDep) -> list[EndpointPublic]:
+    with Session(engine) as session:
+        rows = session.exec(
+            select(WebhookEndpoint)
+            .where(WebhookEndpoint.partner_id == partner_id)
+            .order_by(col(WebhookEndpoint.created_at))
+        ).all()
+    return [public(e) for e in rows]
+
+
+@router.delete("/{endpoint_id}", status_code=204, responses=RESPONSES)
+def disable(partner_id: str, endpoint_id: str, caller: Caller, engine: EngineDep) -> Response:
+    """Stop sending to this endpoint (its delivery log is kept)."""
+    with Session(engine) as session:
+        endpoint = endpoint_of(session, caller, partner_id, endpoint_id)
+        if endpoint.disabled_at is None:
+            endpoint.disabled_at = datetime.now(UTC)
+            endpoint.disabled_reason = "disabled by the partner"
+            session.add(endpoint)
+            session.commit()
+    return Response(status_code=204)
+
+
+@router.post("/{endpoint_id}/enable", response_model=EndpointPublic, responses=RESPONSES)
+def enable(partner_id: str, endpoint_id: str, caller: Caller, engine: EngineDep) -> EndpointPublic:
+    """Send to this endpoint again (e.g. after it was disabled on a 410); pending deliveries resume."""
+    with Session(engine, expire_on_commit=False) as session:
+        endpoint = endpoint_of(session, caller, partner_id, endpoint_id)
+        endpoint.disabled_at = None
+        endpoint.disabled_reason = ""
+        session.add(endpoint)
+        session.commit()
+    return public(endpoint)
+
+
+@router.get("/{endpoint_id}/deliveries", response_model=list[DeliveryPublic], responses=RESPONSES)
+def deliveries(
+    partner_id: str, endpoint_id: str, caller: Caller, engine: EngineDep, limit: int = 100
+) -> list[DeliveryPublic]:
+    """The delivery log of this endpoint, newest first, each with its attempts."""
+    with Session(engine) as session:
+        endpoint_of(session, caller, partner_id, endpoint_id)
+        rows = session.exec(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.endpoint_id == endpoint_id)
+            .order_by(col(WebhookDelivery.created_at).desc())
+            .limit(max(1, min(limit, 500)))
+        ).all()
+        return [delivery_public(session, d) for d in rows]
+
+
+def delivery_public(session: Session, delivery: WebhookDelivery) -> DeliveryPublic:
+    attempts = session.exec(
+        select(WebhookAttempt)
+        .where(WebhookAttempt.delivery_id == delivery.id)
+        .order_by(col(WebhookAttempt.id))
+    ).all()
+    return DeliveryPublic(
+        webhook_id=delivery.id,
+        event_type=delivery.event_type,
+        case_id=delivery.case_id,
+        status=delivery.status,
+        attempts=delivery.attempts,
+        next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
+        last_status_code=delivery.last_status_code,
+        delivered_at=delivery.delivered_at,
+        created_at=delivery.created_at,
+        history=[
+            AttemptPublic(at=a.at, status_code=a.status_code, error=a.error, duration_ms=a.duration_ms)
+            for a in attempts
+        ],
+    )
+
+
+@router.post(
+    "/{endpoint_id}/deliveries/{webhook_id}/replay", response_model=DeliveryPublic, responses=RESPONSES
+)
+def replay(
+    partner_id: str, endpoint_id: str, webhook_id: str, caller: Caller, engine: EngineDep
+) -> DeliveryPublic:
+    """Send this delivery again now, with the same `webhook-id`."""
+    with Session(engine, expire_on_commit=False) as session:
+        endpoint_of(session, caller, partner_id, endpoint_id)
+        delivery = session.get(WebhookDelivery, webhook_id)
+        if delivery is None or delivery.endpoint_id != endpoint_id:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no delivery {webhook_id} for this endpoint")
+        delivery.status = "pending"
+        delivery.next_attempt_at = datetime.now(UTC)
+        session.add(delivery)
+        session.commit()
+        return delivery_public(session, delivery)

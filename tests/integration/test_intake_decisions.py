@@ -1,0 +1,175 @@
+"""Cancel, consent and follow-up questions reach the case workflow on a real Temporal dev server.
+
+The workflow here is a stand-in registered as `CaseWorkflow` that accepts the same update and signal names
+as the real one, ends when cancelled and refuses a fourth question, so the
+test checks intake's side of the contract: what it sends, and how a refusal reaches the partner.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+with workflow.unsafe.imports_passed_through():
+    from contracts.decisions import CancelCase, ConsentReceived, FollowUpQuestion
+    from contracts.models import CaseInput
+
+from contracts import DeliverReport, new_event
+from services.auth import auth_engine
+from services.common import migrate
+from services.common.config import Settings, get_settings
+from services.common.db import Inbox, make_engine
+from services.common.http import create_app
+from services.intake import api, consumer, handlers
+from services.intake.models import CaseCreate
+from tests.integration.test_intake_api import SAMPLE, new_partner
+
+
+# Unsandboxed: this test module imports the web stack, which the sandbox would re-import per run.
+@workflow.defn(name="CaseWorkflow", sandboxed=False)
+class StandInCaseWorkflow:
+    def __init__(self) -> None:
+        self.consent_documents: list[str] = []
+        self.questions: list[str] = []
+        self.cancelled_by: str | None = None
+        self.consent_on_file = True
+
+    @workflow.run
+    async def run(self, case: CaseInput) -> None:
+        self.consent_on_file = case.consent_on_file
+        await workflow.wait_condition(lambda: self.cancelled_by is not None)
+
+    @workflow.update
+    def cancel(self, decision: CancelCase) -> None:
+        self.cancelled_by = decision.by
+
+    @workflow.update
+    def ask_question(self, question: FollowUpQuestion) -> None:
+        self.questions.append(question.question_id)
+
+    @ask_question.validator
+    def _question_allowed(self, question: FollowUpQuestion) -> None:
+        if len(self.questions) >= 3:
+            raise ValueError("at most three follow-up questions per case")
+
+    @workflow.signal
+    def consent_received(self, consent: ConsentReceived) -> None:
+        self.consent_documents.append(consent.document_id)
+
+    @workflow.query
+    def received(self) -> dict[str, object]:
+        return {
+            "consent_on_file": self.consent_on_file,
+            "consent_documents": self.consent_documents,
+            "questions": self.questions,
+            "cancelled_by": self.cancelled_by,
+        }
+
+
+@pytest.fixture(scope="module")
+def engines(settings: Settings) -> tuple[Engine, Engine]:
+    intake, auth = make_engine("intake", settings), make_engine("auth", settings)
+    migrate.upgrade("intake", intake)
+    migrate.upgrade("auth", auth)
+    return intake, auth
+
+
+@pytest.fixture
+async def http(
+    temporal_env,
+    engines: tuple[Engine, Engine],
+    settings: Settings,  # type: ignore[no-untyped-def]
+) -> AsyncIterator[tuple[httpx.AsyncClient, Client]]:
+    intake, auth = engines
+    queue = f"intake-test-{uuid.uuid4().hex[:8]}"
+    app = create_app("intake", routers=[api.router], engine=lambda: intake)
+    app.dependency_overrides[api.intake_engine] = lambda: intake
+    app.dependency_overrides[auth_engine] = lambda: auth
+    app.dependency_overrides[api.temporal_client] = lambda: temporal_env.client
+    app.dependency_overrides[get_settings] = lambda: settings.model_copy(
+        update={"temporal_task_queue": queue}
+    )
+    partner = new_partner(auth, "Decider")
+    async with (
+        Worker(temporal_env.client, task_queue=queue, workflows=[StandInCaseWorkflow]),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://intake",
+            headers={"Authorization": partner["Authorization"]},
+            timeout=30,
+        ) as client,
+    ):
+        yield client, temporal_env.client
+
+
+async def received(client: Client, case_id: str) -> dict:
+    return await client.get_workflow_handle(f"case-{case_id}").query("received", result_type=dict)  # type: ignore[no-any-return]
+
+
+async def test_consent_cancel_and_questions_reach_the_workflow_and_refusals_are_409(
+    http: tuple[httpx.AsyncClient, Client], engines: tuple[Engine, Engine]
+) -> None:
+    client, temporal = http
+    created = await client.post("/v1/cases", json=dict(SAMPLE, consent_on_file=False))
+    assert created.status_code == 201, created.text
+    case_id = created.json()["case_id"]
+    assert (await received(temporal, case_id))["consent_on_file"] is False
+
+    form = {
+        "kind": "records_release_authorization",
+        "title": "Signed release",
+        "content_type": "application/pdf",
+        "content_base64": base64.b64encode(b"%PDF-1.4").decode(),
+    }
+    document = (await client.post(f"/v1/cases/{case_id}/documents", json=form)).json()
+    assert (await received(temporal, case_id))["consent_documents"] == [document["document_id"]]
+
+    deliver = new_event(
+        id=f"wf:{case_id}:deliver", source="/workflows/case", subject=case_id,
+        data=DeliverReport(case_id=case_id, report_id="rp1", pdf_url="http://r/pdf", fhir_url="http://r/fhir"),
+    )  # fmt: skip
+    with Session(engines[0]) as session:
+        consumer.handle(session, deliver)
+        session.add(Inbox(message_id=deliver.id, queue="intake", message_type=deliver.type))
+        session.commit()
+    asked = [
+        await client.post(f"/v1/cases/{case_id}/questions", json={"text": f"Question {n}?"}) for n in range(3)
+    ]
+    assert [a.status_code for a in asked] == [201, 201, 201]
+    assert (await received(temporal, case_id))["questions"] == [a.json()["question_id"] for a in asked]
+    fourth = await client.post(f"/v1/cases/{case_id}/questions", json={"text": "One more?"})
+    assert fourth.status_code == 409
+    assert "at most three" in fourth.json()["detail"]
+
+    cancelled = await client.post(f"/v1/cases/{case_id}/cancel", json={"reason": "patient withdrew"})
+    assert cancelled.status_code == 200, cancelled.text
+    assert str((await received(temporal, case_id))["cancelled_by"]).startswith("key:")
+    again = await client.post(f"/v1/cases/{case_id}/cancel", json={"reason": "patient withdrew"})
+    assert again.status_code == 409
+    assert "ended (completed)" in again.json()["detail"]
+
+
+async def test_cancel_before_the_workflow_started_is_503_and_an_unknown_case_404(
+    http: tuple[httpx.AsyncClient, Client], engines: tuple[Engine, Engine]
+) -> None:
+    client, _ = http
+    mine = (await client.post("/v1/cases", json=SAMPLE)).json()
+    with Session(engines[0], expire_on_commit=False) as session:
+        stored = handlers.create_case(
+            CaseCreate.model_validate(SAMPLE), mine["partner_id"], session
+        )  # as if Temporal had been down at creation
+        session.commit()
+    waiting = await client.post(f"/v1/cases/{stored.id}/cancel", json={"reason": "patient withdrew"})
+    assert waiting.status_code == 503
+    assert "retry" in waiting.json()["detail"]
+    missing = await client.post(f"/v1/cases/{uuid.uuid4()}/cancel", json={"reason": "whatever"})
+    assert missing.status_code == 404

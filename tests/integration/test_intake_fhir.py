@@ -1,0 +1,322 @@
+"""FHIR R4 intake on the real PostgreSQL: the transaction Bundle round trip, validation, Task status."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.task import Task
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from contracts import CaseStatusChanged, new_event
+from contracts.models import CaseStatus
+from services.auth import auth_engine
+from services.common import migrate
+from services.common.config import Settings
+from services.common.db import make_engine
+from services.common.http import create_app
+from services.intake import api, consumer, fhir_api, handlers
+from services.intake.models import Case, CaseDocument
+from tests.integration.test_intake_api import new_partner
+
+REPORT = base64.b64encode(b"PELVIC ULTRASOUND: 4 cm complex adnexal mass.").decode()
+FORM = base64.b64encode(b"%PDF-1.4 signed release").decode()
+
+PATIENT: dict[str, Any] = {
+    "resourceType": "Patient",
+    "id": "pat",
+    "identifier": [{"system": "urn:bayview:mrn", "value": "MRN-0042"}],
+    "name": [{"family": "Doe", "given": ["Jane"]}],
+    "gender": "female",
+    "birthDate": "1984-03-02",
+    "address": [{"state": "CA"}],
+    "managingOrganization": {"display": "Bayview Women's Clinic"},
+}
+SERVICE_REQUEST: dict[str, Any] = {
+    "resourceType": "ServiceRequest",
+    "identifier": [{"system": "urn:bayview:order", "value": "ORD-1"}],
+    "status": "active",
+    "intent": "order",
+    "code": {"text": "second opinion on a diagnostic ultrasound"},
+    "subject": {"reference": "Patient/pat"},
+    "requester": {
+        "display": "Dr. Alex Kim",
+        "identifier": {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"},
+    },
+    "reasonCode": [{"coding": [{"system": "urn:secondopinion:reason", "code": "possible_malignancy"}]}],
+    "note": [{"text": "Complex adnexal mass: benign or suspicious?"}],
+}
+COVERAGE = {
+    "resourceType": "Coverage",
+    "status": "active",
+    "subscriberId": "W123456789",
+    "beneficiary": {"reference": "Patient/pat"},
+    "payor": [{"display": "Acme Health"}],
+    "class": [{"type": {"coding": [{"code": "plan"}]}, "value": "ACME-PPO"}],
+}
+CONSENT = {
+    "resourceType": "Consent",
+    "status": "active",
+    "scope": {
+        "coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+        ]
+    },
+    "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+    "patient": {"reference": "Patient/pat"},
+}
+REPORT_DOC = {
+    "resourceType": "DocumentReference",
+    "status": "current",
+    "type": {"coding": [{"system": "http://loinc.org", "code": "18748-4"}]},
+    "subject": {"reference": "Patient/pat"},
+    "content": [{"attachment": {"contentType": "text/plain", "data": REPORT, "title": "Original report"}}],
+}
+FORM_DOC = {
+    "resourceType": "DocumentReference",
+    "status": "current",
+    "type": {"coding": [{"system": "http://loinc.org", "code": "59284-0"}]},
+    "content": [{"attachment": {"contentType": "application/pdf", "data": FORM, "title": "Signed release"}}],
+}
+STUDY = {
+    "resourceType": "ImagingStudy",
+    "status": "available",
+    "subject": {"reference": "Patient/pat"},
+    "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.8.498.1"}],
+    "started": "2026-11-20T10:00:00Z",
+    "procedureCode": [{"coding": [{"code": "pelvic"}], "text": "pelvic"}],
+    "location": {"display": "Bayview Imaging"},
+    "endpoint": [{"reference": "Endpoint/pacs"}],
+}
+ENDPOINT = {
+    "resourceType": "Endpoint",
+    "id": "pacs",
+    "status": "active",
+    "connectionType": {
+        "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+        "code": "dicom-wado-rs",
+    },
+    "payloadType": [{"text": "DICOM"}],
+    "address": "https://pacs.bayview.example/dicomweb",
+}
+
+
+def bundle(*resources: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": r, "request": {"method": "POST", "url": r["resourceType"]}} for r in resources
+        ],
+    }
+
+
+FULL = bundle(PATIENT, SERVICE_REQUEST, COVERAGE, CONSENT, REPORT_DOC, STUDY, ENDPOINT)
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Engine:
+    intake, auth = make_engine("intake", settings), make_engine("auth", settings)
+    migrate.upgrade("intake", intake)
+    migrate.upgrade("auth", auth)
+    return intake
+
+
+@pytest.fixture(scope="module")
+def auth(settings: Settings, engine: Engine) -> Engine:
+    return make_engine("auth", settings)
+
+
+@pytest.fixture(scope="module")
+def client(engine: Engine, auth: Engine) -> Iterator[TestClient]:
+    app = create_app("intake", routers=[api.router, fhir_api.router], engine=lambda: engine)
+    app.dependency_overrides[api.intake_engine] = lambda: engine
+    app.dependency_overrides[auth_engine] = lambda: auth
+    app.dependency_overrides[api.temporal_client] = lambda: None
+    partner = new_partner(auth, "FHIR Hospital")
+    with TestClient(app, headers={"Authorization": partner["Authorization"]}) as c:
+        yield c
+
+
+def post_fhir(client: TestClient, path: str, body: Any) -> Any:
+    return client.post(path, json=body, headers={"Content-Type": "application/fhir+json"})
+
+
+def test_transaction_bundle_round_trip_to_a_task_that_follows_the_case(
+    client: TestClient, engine: Engine
+) -> None:
+    created = post_fhir(client, "/fhir", FULL)
+    assert created.status_code == 201, created.text
+    assert created.headers["content-type"].startswith("application/fhir+json")
+    task = Task.model_validate(created.json())
+    assert created.headers["Location"] == f"Task/{task.id}"
+    assert task.status == "received"
+    assert "Jane" not in created.text and "MRN-0042" not in created.text
+
+    with Session(engine) as session:
+        case = session.get(Case, task.id)
+        assert case is not None
+        sent = handlers.case_input(case)
+        documents = session.exec(select(CaseDocument).where(CaseDocument.case_id == case.id)).all()
+    assert (sent.patient.family_name, sent.patient.birth_date.isoformat(), sent.patient.state) == (
+        "Doe",
+        "1984-03-02",
+        "CA",
+    )
+    assert (sent.referring.npi, sent.referring.organization) == ("1234567893", "Bayview Women's Clinic")
+    assert (sent.exam.exam_type, sent.exam.performed_on.isoformat()) == ("pelvic", "2026-11-20")
+    assert sent.exam.study_instance_uid == "1.2.826.0.1.3680043.8.498.1"
+    assert (sent.coverage.plan_code, sent.coverage.member_id) == ("ACME-PPO", "W123456789")
+    assert sent.reason == "possible_malignancy" and sent.consent_on_file is True
+    assert case.urgency == "priority" and case.partner_case_ref == "ORD-1"
+    assert [(d.kind, d.size) for d in documents] == [("original_report", len(base64.b64decode(REPORT)))]
+
+    for step, (status, expected) in enumerate(
+        [(CaseStatus.IN_REVIEW, "in-progress"), (CaseStatus.CLOSED, "completed")], start=1
+    ):
+        event = new_event(
+            id=f"wf:{task.id}:{step}", source="/workflows/case", subject=task.id,
+            data=CaseStatusChanged(case_id=str(task.id), status=status, previous=None,
+                                   at=datetime.now(UTC) + timedelta(seconds=step)),
+        )  # fmt: skip
+        with Session(engine) as session:
+            consumer.handle(session, event)
+            session.commit()
+        shown = client.get(f"/fhir/Task/{task.id}")
+        assert Task.model_validate(shown.json()).status == expected
+
+    again = post_fhir(client, "/fhir", FULL)  # the same order reference never makes a second case
+    assert again.json()["id"] == task.id
+
+
+def test_without_consent_the_case_waits_and_a_signed_form_document_counts_as_consent(
+    client: TestClient, engine: Engine
+) -> None:
+    no_consent = bundle(PATIENT, dict(SERVICE_REQUEST, identifier=[{"value": "ORD-2"}]), REPORT_DOC, STUDY)
+    task = post_fhir(client, "/fhir", no_consent).json()
+    assert client.get(f"/v1/cases/{task['id']}").json()["consent_on_file"] is False
+    with_form = bundle(PATIENT, dict(SERVICE_REQUEST, identifier=[{"value": "ORD-3"}]), FORM_DOC, STUDY)
+    task = post_fhir(client, "/fhir", with_form).json()
+    assert client.get(f"/v1/cases/{task['id']}").json()["consent_on_file"] is True
+
+
+def test_service_request_with_contained_resources(client: TestClient) -> None:
+    request = dict(
+        SERVICE_REQUEST,
+        identifier=[{"value": "ORD-4"}],
+        subject={"reference": "#pat"},
+        contained=[
+            PATIENT,
+            dict(STUDY, subject={"reference": "#pat"}, endpoint=None),
+            dict(CONSENT, patient={"reference": "#pat"}),
+        ],
+    )
+    request["contained"][1].pop("endpoint")
+    created = post_fhir(client, "/fhir/ServiceRequest", request)
+    assert created.status_code == 201, created.text
+    assert Task.model_validate(created.json()).status == "received"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "element"),
+    [
+        (lambda b: b["entry"][0]["resource"].update(birthDate="02/03/1984"), "Bundle.entry[0].resource.birthDate"),
+        (lambda b: b["entry"][0]["resource"].update(gender="woman"), "Patient.gender"),
+        (lambda b: b["entry"][1]["resource"].pop("intent"), "Bundle.entry[1].resource.intent"),
+        (lambda b: b["entry"][0]["resource"].pop("address"), "Patient.address[0].state"),
+        (lambda b: b["entry"][1]["resource"].update(reasonCode=[{"text": "curiosity"}]), "ServiceRequest.reasonCode[0].coding[0].code"),
+        (lambda b: b["entry"][1]["resource"]["requester"]["identifier"].update(value="12"), "ServiceRequest.requester.identifier.value"),
+        (lambda b: b["entry"].pop(5), "ImagingStudy"),
+        (lambda b: b.update(type="batch"), "Bundle.type"),
+        (lambda b: b["entry"].append({"resource": {"resourceType": "MedicationRequest"}}), "Bundle.entry[7].resource.resourceType"),
+    ],
+)  # fmt: skip
+def test_invalid_resource_is_an_operation_outcome_naming_the_element(
+    client: TestClient, engine: Engine, mutate: Any, element: str
+) -> None:
+    body = copy.deepcopy(FULL)
+    mutate(body)
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    response = post_fhir(client, "/fhir", body)
+    assert response.status_code == 422, response.text
+    outcome = OperationOutcome.model_validate(response.json())
+    assert element in [e for issue in outcome.issue for e in issue.expression or []]
+    assert "Jane" not in response.text and "1984" not in response.text
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+
+
+def test_a_body_that_is_not_json_is_an_operation_outcome(client: TestClient) -> None:
+    garbage = client.post(
+        "/fhir", content=b"\xff\xfe not json", headers={"Content-Type": "application/fhir+json"}
+    )
+    assert garbage.status_code == 422
+    assert garbage.json()["resourceType"] == "OperationOutcome"
+
+
+def test_another_partners_task_is_404(client: TestClient, auth: Engine) -> None:
+    task = post_fhir(
+        client, "/fhir", bundle(PATIENT, dict(SERVICE_REQUEST, identifier=[{"value": "ORD-9"}]), STUDY)
+    ).json()
+    other = new_partner(auth, "Other Hospital")
+    response = client.get(f"/fhir/Task/{task['id']}", headers={"Authorization": other["Authorization"]})
+    assert response.status_code == 404
+    assert OperationOutcome.model_validate(response.json()).issue[0].code == "not-found"
+
+
+def obstetric(weeks: float, planned: str | None = None) -> dict[str, Any]:
+    study = dict(STUDY, procedureCode=[{"coding": [{"code": "obstetric"}]}])
+    request = dict(
+        SERVICE_REQUEST,
+        identifier=[{"value": f"OB-{weeks}-{planned}"}],
+        reasonCode=[{"coding": [{"code": "fetal_anomaly"}]}],
+    )
+    gestational_age = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "49051-6"}]},
+        "valueQuantity": {"value": weeks, "unit": "wk", "system": "http://unitsofmeasure.org", "code": "wk"},
+    }
+    resources = [PATIENT, request, CONSENT, study, gestational_age]
+    if planned:
+        resources.append(
+            {
+                "resourceType": "Procedure",
+                "status": "preparation",
+                "subject": {"reference": "Patient/pat"},
+                "performedDateTime": planned,
+            }
+        )
+    return bundle(*resources)
+
+
+def test_obstetric_triage_reads_gestational_age_and_the_planned_procedure(
+    client: TestClient, engine: Engine
+) -> None:
+    created = post_fhir(client, "/fhir", obstetric(22))
+    assert created.status_code == 201, created.text
+    with Session(engine) as session:
+        case = session.get(Case, created.json()["id"])
+        assert case is not None and case.urgency == "urgent"
+        assert case.subspecialty == "maternal_fetal_medicine"
+
+    too_far = post_fhir(client, "/fhir", obstetric(50))
+    assert too_far.status_code == 422
+    issue = OperationOutcome.model_validate(too_far.json()).issue[0]
+    assert issue.expression == ["Observation.valueQuantity.value"]
+
+    out_of_range = post_fhir(client, "/fhir", obstetric(3))
+    assert out_of_range.status_code == 422 and "outside 6-42" in out_of_range.text
+
+    past = post_fhir(client, "/fhir", obstetric(22, planned="2020-01-01"))
+    assert past.status_code == 422
+    assert OperationOutcome.model_validate(past.json()).issue[0].code == "business-rule"
+    assert "not in the future" in past.text

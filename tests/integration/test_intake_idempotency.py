@@ -1,0 +1,146 @@
+"""`Idempotency-Key` on the real PostgreSQL: replays, conflicting reuse, and a race of ten identical POSTs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from services.auth import auth_engine
+from services.common import migrate
+from services.common.config import Settings
+from services.common.db import make_engine
+from services.common.http import create_app
+from services.intake import api, idempotency
+from services.intake.models import Case, CaseDocument, IdempotencyRecord
+from tests.integration.test_intake_api import SAMPLE, new_partner
+
+
+@pytest.fixture(scope="module")
+def engines(settings: Settings) -> tuple[Engine, Engine]:
+    intake, auth = make_engine("intake", settings), make_engine("auth", settings)
+    migrate.upgrade("intake", intake)
+    migrate.upgrade("auth", auth)
+    return intake, auth
+
+
+@pytest.fixture(scope="module")
+def client(engines: tuple[Engine, Engine]) -> Iterator[TestClient]:
+    intake, auth = engines
+    app = create_app("intake", routers=[api.router], engine=lambda: intake)
+    app.dependency_overrides[api.intake_engine] = lambda: intake
+    app.dependency_overrides[auth_engine] = lambda: auth
+    app.dependency_overrides[api.temporal_client] = lambda: None
+    with TestClient(app) as c:
+        yield c
+
+
+def cases_of(engine: Engine, partner_id: str) -> list[Case]:
+    with Session(engine) as session:
+        return list(session.exec(select(Case).where(Case.partner_id == partner_id)).all())
+
+
+def test_ten_concurrent_identical_posts_make_one_case(
+    client: TestClient, engines: tuple[Engine, Engine]
+) -> None:
+    partner = new_partner(engines[1], "Racer")
+    headers = {"Authorization": partner["Authorization"], "Idempotency-Key": str(uuid.uuid4())}
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/cases", json=SAMPLE, headers=headers), range(10)))
+    assert [a.status_code for a in answers] == [201] * 10
+    assert len({a.json()["case_id"] for a in answers}) == 1
+    assert len(cases_of(engines[0], partner["partner_id"])) == 1
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 9
+
+
+def test_same_key_same_body_returns_the_first_answer_and_another_body_is_422(
+    client: TestClient, engines: tuple[Engine, Engine]
+) -> None:
+    partner = new_partner(engines[1], "Retrier")
+    headers = {"Authorization": partner["Authorization"], "Idempotency-Key": "order-1"}
+    first = client.post("/v1/cases", json=SAMPLE, headers=headers)
+    again = client.post("/v1/cases", json=SAMPLE, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    changed = client.post(
+        "/v1/cases", json=dict(SAMPLE, clinical_question="Another question?"), headers=headers
+    )
+    assert changed.status_code == 422
+    assert "different request" in changed.json()["detail"]
+    assert len(cases_of(engines[0], partner["partner_id"])) == 1
+
+
+def test_keys_belong_to_one_partner(client: TestClient, engines: tuple[Engine, Engine]) -> None:
+    a, b = new_partner(engines[1], "Key A"), new_partner(engines[1], "Key B")
+    shared = "same-key-different-partners"
+    first = client.post(
+        "/v1/cases", json=SAMPLE, headers={"Authorization": a["Authorization"], "Idempotency-Key": shared}
+    )
+    second = client.post(
+        "/v1/cases", json=SAMPLE, headers={"Authorization": b["Authorization"], "Idempotency-Key": shared}
+    )
+    assert first.json()["case_id"] != second.json()["case_id"]
+    assert second.json()["partner_id"] == b["partner_id"]
+
+
+def test_a_failed_request_releases_its_key_and_document_posts_are_idempotent(
+    client: TestClient, engines: tuple[Engine, Engine]
+) -> None:
+    partner = new_partner(engines[1], "Doc Sender")
+    auth = {"Authorization": partner["Authorization"]}
+    refused = client.post(
+        "/v1/cases",
+        json=dict(SAMPLE, procedure_scheduled_on="2020-01-01"),
+        headers={**auth, "Idempotency-Key": "k1"},
+    )
+    assert refused.status_code == 422
+    assert client.post("/v1/cases", json=SAMPLE, headers={**auth, "Idempotency-Key": "k2"}).status_code == 201
+
+    case_id = cases_of(engines[0], partner["partner_id"])[0].id
+    note = {
+        "kind": "clinical_note",
+        "title": "note",
+        "content_type": "text/plain",
+        "content_base64": "aGVsbG8=",
+    }
+    headers = {**auth, "Idempotency-Key": "doc-1"}
+    answers = [client.post(f"/v1/cases/{case_id}/documents", json=note, headers=headers) for _ in range(3)]
+    assert {a.json()["document_id"] for a in answers} == {answers[0].json()["document_id"]}
+    with Session(engines[0]) as session:
+        assert len(session.exec(select(CaseDocument).where(CaseDocument.case_id == case_id)).all()) == 1
+
+
+def test_an_empty_idempotency_key_is_422(client: TestClient, engines: tuple[Engine, Engine]) -> None:
+    partner = new_partner(engines[1], "Empty Key")
+    response = client.post(
+        "/v1/cases", json=SAMPLE, headers={"Authorization": partner["Authorization"], "Idempotency-Key": ""}
+    )
+    assert response.status_code == 422
+    assert "Idempotency-Key" in str(response.json()["errors"])
+
+
+def test_answers_are_kept_at_least_three_days_then_purged(engines: tuple[Engine, Engine]) -> None:
+    now = datetime.now(UTC)
+    with Session(engines[0]) as session:
+        for key, age in (("old", timedelta(days=8)), ("recent", timedelta(days=3, hours=1))):
+            session.add(
+                IdempotencyRecord(
+                    owner="purge-test",
+                    key=key,
+                    fingerprint="f",
+                    status_code=200,
+                    response_json="{}",
+                    created_at=now - age,
+                )
+            )
+        session.commit()
+    idempotency.purge(engines[0], now)
+    with Session(engines[0]) as session:
+        assert session.get(IdempotencyRecord, ("purge-test", "old")) is None
+        assert session.get(IdempotencyRecord, ("purge-test", "recent")) is not None

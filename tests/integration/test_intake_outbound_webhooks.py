@@ -1,0 +1,261 @@
+"""Outbound webhooks against a local HTTP receiver that fails, then succeeds; on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from contracts import CaseStatusChanged, new_event
+from contracts.events import CaseCancelled, RecordsNeeded
+from contracts.models import CaseStatus
+from services.auth import auth_engine
+from services.auth.models import Partner
+from services.common import migrate
+from services.common.config import Settings
+from services.common.db import make_engine
+from services.common.http import create_app
+from services.intake import api, consumer, webhooks_out, webhooks_out_api
+from services.intake.models import WebhookDelivery
+from services.intake.webhook_signing import read_headers, verify
+from services.intake.webhooks_out import WebhookDispatcher
+from tests.integration.test_intake_api import SAMPLE, new_partner
+
+
+class Receiver:
+    """A partner's endpoint on loopback: answers from a script, records what it got."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[int, dict[str, str]]] = []
+        self.received: list[tuple[float, dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.received.append(
+                    (time.monotonic(), {k.lower(): v for k, v in self.headers.items()}, body)
+                )
+                code, headers = receiver.script.pop(0) if receiver.script else (200, {})
+                self.send_response(code)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def engines(settings: Settings) -> tuple[Engine, Engine]:
+    intake, auth = make_engine("intake", settings), make_engine("auth", settings)
+    migrate.upgrade("intake", intake)
+    migrate.upgrade("auth", auth)
+    return intake, auth
+
+
+@pytest.fixture(scope="module")
+def client(engines: tuple[Engine, Engine]) -> Iterator[TestClient]:
+    intake, auth = engines
+    app = create_app("intake", routers=[api.router, webhooks_out_api.router], engine=lambda: intake)
+    app.dependency_overrides[api.intake_engine] = lambda: intake
+    app.dependency_overrides[auth_engine] = lambda: auth
+    app.dependency_overrides[api.temporal_client] = lambda: None
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def dispatcher(engines: tuple[Engine, Engine]) -> Iterator[WebhookDispatcher]:
+    d = WebhookDispatcher(
+        engine=engines[0], auth_engine=engines[1], env="dev", base_delay=0.05, rng=random.Random(7)
+    )
+    yield d
+    d.http.close()
+
+
+def setup_partner(client: TestClient, auth: Engine, receiver: Receiver) -> tuple[dict[str, str], str, str]:
+    partner = new_partner(auth, "Notified Clinic")
+    headers = {"Authorization": partner["Authorization"]}
+    endpoint = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints", json={"url": receiver.url}, headers=headers
+    )
+    assert endpoint.status_code == 201, endpoint.text
+    case_id = client.post("/v1/cases", json=SAMPLE, headers=headers).json()["case_id"]
+    return partner, endpoint.json()["endpoint_id"], case_id
+
+
+def publish(engine: Engine, case_id: str, data: Any, event_id: str) -> None:
+    event = new_event(id=event_id, source="/workflows/case", subject=case_id, data=data)
+    with Session(engine) as session:
+        consumer.handle(session, event)
+        session.commit()
+
+
+def dispatch_until(dispatcher: WebhookDispatcher, done: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the delivery did not finish in time"
+        dispatcher.run_once()
+        time.sleep(0.02)
+
+
+def status_changed(case_id: str, status: CaseStatus) -> CaseStatusChanged:
+    return CaseStatusChanged(case_id=case_id, status=status, previous=CaseStatus.INTAKE, at=datetime.now(UTC))
+
+
+def test_retries_with_backoff_honour_retry_after_keep_the_webhook_id_and_are_logged(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    headers = {"Authorization": partner["Authorization"]}
+    receiver.script = [(503, {"Retry-After": "1"}), (500, {}), (200, {})]
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:s1")
+
+    dispatch_until(dispatcher, lambda: len(receiver.received) == 3)
+    (t1, h1, body), (t2, h2, _), (_, h3, _) = receiver.received
+    assert t2 - t1 >= 0.95  # Retry-After: 1 was honoured
+    assert h1["webhook-id"] == h2["webhook-id"] == h3["webhook-id"]
+    with Session(engines[1]) as session:
+        row = session.get(Partner, partner["partner_id"])
+        assert row is not None
+        verify([row.webhook_secret], read_headers(h3, time.time()), body)  # signed per Standard Webhooks
+    payload = json.loads(body)
+    assert payload["type"] == "case.status_changed"
+    assert payload["data"]["status"] == "awaiting_records" and payload["data"]["case_id"] == case_id
+    assert "Jane" not in body.decode() and "MRN-0042" not in body.decode()
+
+    log = client.get(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}/deliveries", headers=headers
+    )
+    [delivery] = log.json()
+    assert delivery["status"] == "delivered" and delivery["webhook_id"] == h1["webhook-id"]
+    assert [a["status_code"] for a in delivery["history"]] == [503, 500, 200]
+
+    replayed = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}/deliveries/{delivery['webhook_id']}/replay",
+        headers=headers,
+    )
+    assert replayed.status_code == 200 and replayed.json()["status"] == "pending"
+    dispatch_until(dispatcher, lambda: len(receiver.received) == 4)
+    assert receiver.received[3][1]["webhook-id"] == h1["webhook-id"]
+
+    again = new_event(
+        id=f"wf:{case_id}:s1", source="/workflows/case", subject=case_id,
+        data=status_changed(case_id, CaseStatus.AWAITING_RECORDS),
+    )  # fmt: skip
+    with Session(engines[0]) as session:  # a redelivered event queues nothing new
+        webhooks_out.fan_out(session, again)
+        session.commit()
+    dispatcher.run_once()
+    assert len(receiver.received) == 4
+
+
+def test_410_disables_the_endpoint_and_nothing_more_is_sent(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    headers = {"Authorization": partner["Authorization"]}
+    receiver.script = [(410, {})]
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:g1")
+    dispatch_until(dispatcher, lambda: len(receiver.received) == 1)
+    [endpoint] = client.get(f"/v1/partners/{partner['partner_id']}/webhook-endpoints", headers=headers).json()
+    assert endpoint["enabled"] is False and "410" in endpoint["disabled_reason"]
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"wf:{case_id}:g2")
+    dispatcher.run_once()
+    assert len(receiver.received) == 1
+    enabled = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}/enable", headers=headers
+    )
+    assert enabled.json()["enabled"] is True
+
+
+def test_cancellation_withdraws_pending_records_reminders(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver
+) -> None:
+    _, _, case_id = setup_partner(client, engines[1], receiver)
+    publish(
+        engines[0], case_id, RecordsNeeded(case_id=case_id, attempt=1, missing=["report"]), f"wf:{case_id}:n1"
+    )
+    publish(
+        engines[0],
+        case_id,
+        CaseCancelled(case_id=case_id, reason="withdrawn", cancelled_by="key:x"),
+        f"wf:{case_id}:c",
+    )
+    with Session(engines[0]) as session:
+        rows = session.exec(select(WebhookDelivery).where(WebhookDelivery.case_id == case_id)).all()
+    assert [(r.event_type, r.status) for r in rows] == [("records.needed", "cancelled")]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.8/hook",
+        "http://169.254.169.254/latest",
+        "http://192.168.1.4/x",
+        "ftp://127.0.0.1/x",
+        "http://[fe80::1]/x",
+    ],
+)
+def test_private_and_link_local_endpoints_are_refused(
+    client: TestClient, engines: tuple[Engine, Engine], url: str
+) -> None:
+    partner = new_partner(engines[1], "Sneaky")
+    response = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+        json={"url": url},
+        headers={"Authorization": partner["Authorization"]},
+    )
+    assert response.status_code == 422, response.text
+
+
+def test_another_partners_endpoints_are_404(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver
+) -> None:
+    owner, endpoint_id, _ = setup_partner(client, engines[1], receiver)
+    intruder = new_partner(engines[1], "Intruder")
+    headers = {"Authorization": intruder["Authorization"]}
+    base = f"/v1/partners/{owner['partner_id']}/webhook-endpoints"
+    for method, path in [
+        ("GET", base),
+        ("POST", base),
+        ("DELETE", f"{base}/{endpoint_id}"),
+        ("POST", f"{base}/{endpoint_id}/enable"),
+        ("GET", f"{base}/{endpoint_id}/deliveries"),
+        ("POST", f"{base}/{endpoint_id}/deliveries/msg_x/replay"),
+    ]:
+        response = client.request(
+            method, path, headers=headers, json={"url": receiver.url} if method == "POST" else None
+        )
+        assert response.status_code == 404, (method, path, response.text)

@@ -1,0 +1,61 @@
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.intake.webhooks_out import EndpointRefused, backoff, check_url, retry_after, webhook_id
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def public(_: str) -> list[str]:
+    return ["93.184.216.34"]
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "resolved", "why"),
+    [
+        ("http://hooks.example.org/x", "prod", public, "https"),
+        ("https://127.0.0.1/x", "prod", None, "private, loopback"),
+        ("https://10.1.2.3/x", "dev", None, "private"),
+        ("https://169.254.169.254/x", "dev", None, "link-local"),
+        ("https://[::1]/x", "prod", None, "loopback"),
+        ("https://internal.example.org/x", "prod", lambda _: ["93.184.216.34", "192.168.0.7"], "private"),
+        ("https://user:pw@hooks.example.org/x", "prod", public, "user:password"),
+    ],
+)
+def test_refused_endpoints_say_why(url, env, resolved, why) -> None:
+    with pytest.raises(EndpointRefused, match=why):
+        check_url(url, env, resolved)
+
+
+@pytest.mark.parametrize(
+    ("url", "env"),
+    [
+        ("https://hooks.example.org/x", "prod"),
+        ("http://127.0.0.1:9000/x", "dev"),
+        ("http://localhost/x", "dev"),
+    ],
+)
+def test_accepted_endpoints(url, env) -> None:
+    check_url(url, env, (lambda _: ["127.0.0.1"]) if "127" in url or "localhost" in url else public)
+
+
+def test_retry_after_in_seconds_or_as_a_date_and_capped() -> None:
+    assert retry_after("120", NOW) == timedelta(seconds=120)
+    assert retry_after("Sat, 28 Nov 2026 12:05:00 GMT", NOW) == timedelta(minutes=5)
+    assert retry_after("999999", NOW) == timedelta(hours=6)
+    assert retry_after("soon", NOW) is None and retry_after(None, NOW) is None
+
+
+def test_backoff_grows_exponentially_with_full_jitter_and_a_cap() -> None:
+    rng = random.Random(3)
+    for attempt in range(1, 12):
+        ceiling = min(60.0, 2.0 * 2 ** (attempt - 1))
+        waits = [backoff(attempt, 2.0, 60.0, rng) for _ in range(50)]
+        assert all(0 <= w <= ceiling for w in waits)
+        assert max(waits) > ceiling / 2  # jitter spreads over the whole window
+
+
+def test_webhook_id_is_stable_per_endpoint_and_event() -> None:
+    assert webhook_id("e1", "ev1") == webhook_id("e1", "ev1") != webhook_id("e2", "ev1")
