@@ -2,24 +2,28 @@
 
     python -m scripts.demo        (make demo starts the stack first)
 
-Acts as the hospital (POST /v1/cases), the referring facility (uploads a synthetic ultrasound study and the
-first report) and the specialist (reviews through the API). Prints where the report is; the last line is
-`case_id=<id>`.
+Acts as the hospital (POST /v1/cases with the demo clinic's API key), the referring facility (uploads a
+synthetic ultrasound study and the first report), the patient (accepts the cost estimate), the specialist
+(accepts the offer and reviews through the API) and the referring physician (no further questions). Prints
+where the report is; the last line is `case_id=<id>`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pydicom.uid
 
+from contracts.decisions import CloseCase, CostChoice, CostDecision
 from scripts import stack
 from scripts.synthetic_study import make_us_instance
 from services.common.config import Settings, get_settings
@@ -60,6 +64,33 @@ FINDINGS = {
     "recommendations": ["repeat ultrasound in 8-12 weeks", "no surgery on the strength of the first scan"],
     "new_ultrasound_needed": True,
 }
+
+
+def demo_partner(settings: Settings) -> dict[str, str]:
+    """The demo clinic's credentials: made once with `secondopinion partner create`, kept in .data."""
+    path = settings.data_dir / "demo-partner.json"
+    if path.exists():
+        credentials: dict[str, str] = json.loads(path.read_text())
+        probe = httpx.get(
+            f"{settings.intake_url}/v1/cases",
+            params={"limit": 1},
+            headers={"Authorization": f"Bearer {credentials['api_key']}"},
+        )
+        if probe.status_code != 401:
+            return credentials
+    partner_id = "demo-clinic"
+    for _ in range(5):
+        command = [sys.executable, "-m", "services.common.cli", "partner", "create", "--name", "Demo clinic"]
+        created = subprocess.run([*command, "--partner-id", partner_id], capture_output=True, text=True)
+        if created.returncode == 0:
+            break
+        partner_id = f"demo-clinic-{secrets.token_hex(3)}"  # a clinic whose stored key was lost
+    else:
+        raise SystemExit(f"could not create the demo partner: {created.stderr or created.stdout}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(created.stdout)
+    path.chmod(0o600)
+    return json.loads(created.stdout)  # type: ignore[no-any-return]
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
@@ -152,8 +183,11 @@ def review_as_specialist(http: httpx.Client, settings: Settings, case_id: str) -
 
 
 def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:
-    with httpx.Client(timeout=30) as http:
-        response = http.post(f"{settings.intake_url}/v1/cases", json=SAMPLE_CASE)
+    """The sample case from request to closed, acting as hospital, facility, patient, specialist, referrer."""
+    partner = demo_partner(settings)
+    request = dict(SAMPLE_CASE, partner_id=partner["partner_id"])
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {partner['api_key']}"}) as http:
+        response = http.post(f"{settings.intake_url}/v1/cases", json=request)
         if response.status_code != 201:
             raise SystemExit(f"intake refused the sample case: {response.status_code} {response.text}")
         case_id = response.json()["case_id"]
@@ -165,14 +199,24 @@ def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:
         echo(f"records uploaded: {len(records['files'])} files, records status {records['status']}")
 
         wait_until(
-            "a specialist to be assigned",
-            lambda: case_status(http, settings, case_id)["status"] == "in_review",
+            "the cost estimate",
+            lambda: case_status(http, settings, case_id)["status"] == "awaiting_patient_decision",
         )
-        reviewer = review_as_specialist(http, settings, case_id)
-        echo(f"second opinion submitted by {reviewer}")
+        decision = CostDecision(choice=CostChoice.ACCEPT, by="demo-patient", reason="accepted in the demo")
+        asyncio.run(workflow_call(settings, case_id, "decide_cost", decision))
+        echo("patient accepted the estimated cost")
 
-        case = wait_until(
+        reviewer = review_as_specialist(http, settings, case_id)
+        echo(f"offer accepted and second opinion submitted by {reviewer}")
+
+        wait_until(
             "the report to be delivered",
+            lambda: case_status(http, settings, case_id)["status"] == "follow_up",
+        )
+        closing = CloseCase(by="demo-referrer", reason="no further questions")
+        asyncio.run(workflow_call(settings, case_id, "close", closing))
+        case = wait_until(
+            "the case to close",
             lambda: (c := case_status(http, settings, case_id))["status"] == "closed" and c,
         )
         pdf = http.get(case["report"]["pdf_url"], headers={"Accept": "application/pdf"})
@@ -180,10 +224,9 @@ def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:
         out = settings.data_dir / "demo" / f"report-{case_id}.pdf"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(pdf.content)
-        echo(f"timeline: {' -> '.join(t['status'] for t in case['timeline'])}")
-        echo(
-            f"report (PDF):  {case['report']['pdf_url']}  saved to {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}"
-        )
+        transitions = [t["status"] for t in case["timeline"] if t.get("kind", "transition") == "transition"]
+        echo(f"timeline: {' -> '.join(transitions)}")
+        echo(f"report (PDF):  {case['report']['pdf_url']}  saved to {out}")
         echo(f"report (FHIR): {case['report']['fhir_url']}")
         echo(
             f"Temporal UI:   http://127.0.0.1:{settings.temporal_ui_port}/namespaces/"
@@ -192,9 +235,25 @@ def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:
         return str(case_id)
 
 
+def start_waiting_case(settings: Settings) -> str:
+    """A second case whose records have not arrived: what operations see waiting for records."""
+    partner = demo_partner(settings)
+    request = dict(
+        SAMPLE_CASE, partner_id=partner["partner_id"], partner_case_ref=f"DEMO-{secrets.token_hex(4)}"
+    )
+    headers = {"Authorization": f"Bearer {partner['api_key']}"}
+    response = httpx.post(f"{settings.intake_url}/v1/cases", json=request, headers=headers, timeout=30)
+    response.raise_for_status()
+    return str(response.json()["case_id"])
+
+
 def main() -> None:
     settings = get_settings()
     stack.up(settings)
+    waiting = start_waiting_case(settings)
+    print(
+        f"a second case waits for records: case-{waiting} (temporal workflow list --query 'CaseStatus=\"awaiting_records\"')"
+    )
     case_id = run_case(settings)
     print(f"case_id={case_id}")
     sys.stdout.flush()

@@ -47,6 +47,7 @@ QUEUES: dict[str, list[tuple[str, str]]] = {
         (COMMANDS, "report.deliver"),
         (EVENTS, "case.status_changed"),
         (EVENTS, "case.cancelled"),
+        (EVENTS, "case.alert"),
         (EVENTS, "records.needed"),
         (EVENTS, "report.ready"),
     ],

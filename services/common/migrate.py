@@ -44,6 +44,9 @@ def run_env(service: str, tables: tuple[str, ...]) -> None:
     engine = context.config.attributes.get("engine") or get_engine(service)
     metadata: MetaData = SQLModel.metadata
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch migrations recreate tables; with foreign keys on, dropping a referenced table fails.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         context.configure(
             connection=connection,
             target_metadata=metadata,

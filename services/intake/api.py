@@ -168,7 +168,7 @@ def to_public(case: Case, timeline: list[CaseTimelineEntry]) -> CasePublic:
         workflow_id=handlers.workflow_id(case.id),
         consent_on_file=case.consent_on_file,
         report=report,
-        timeline=[TimelineEntry(status=t.status, detail=t.detail, at=t.at) for t in timeline],
+        timeline=[TimelineEntry(status=t.status, detail=t.detail, at=t.at, kind=t.kind) for t in timeline],
     )
 
 

@@ -7,7 +7,7 @@ from sqlmodel import Session
 
 from contracts.commands import DeliverReport
 from contracts.envelope import CloudEvent
-from contracts.events import CaseCancelled, CaseStatusChanged
+from contracts.events import CaseAlert, CaseCancelled, CaseStatusChanged
 from services.common.errors import PoisonMessage
 from services.intake import handlers, webhooks_out
 
@@ -23,6 +23,8 @@ def handle(session: Session, event: CloudEvent) -> None:
         elif event.type == CaseCancelled.TYPE:
             handlers.record_cancellation(event, CaseCancelled.model_validate(event.data), session)
             webhooks_out.withdraw(session, event.subject)
+        elif event.type == CaseAlert.TYPE:
+            handlers.record_alert(event, CaseAlert.model_validate(event.data), session)
         elif event.type == DeliverReport.TYPE:
             handlers.deliver_report(event, DeliverReport.model_validate(event.data), session)
         elif event.type in NOTIFY_PARTNER:

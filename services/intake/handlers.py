@@ -13,7 +13,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from contracts.commands import DeliverReport
 from contracts.envelope import CloudEvent, new_event
-from contracts.events import CaseCancelled, CaseStatusChanged, ReportDelivered
+from contracts.events import CaseAlert, CaseCancelled, CaseStatusChanged, ReportDelivered
 from contracts.models import CaseInput, CaseStatus, Urgency
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
@@ -145,6 +145,27 @@ def record_cancellation(event: CloudEvent, cancelled: CaseCancelled, session: Se
     session.add(
         CaseTimelineEntry(
             case_id=case.id, event_id=event.id, status=CaseStatus.CANCELLED, detail="case cancelled", at=now
+        )
+    )
+
+
+def record_alert(event: CloudEvent, alert: CaseAlert, session: Session) -> None:
+    """Show an alert on the case's timeline; a moved due date is mirrored on the case, never silently."""
+    case = session.get(Case, alert.case_id)
+    if case is None:
+        log.warning("alert.unknown_case", case_id=alert.case_id, kind=alert.kind)
+        return
+    if alert.kind == "due_date_moved" and alert.due_at is not None:
+        case.due_at = alert.due_at
+        session.add(case)
+    session.add(
+        CaseTimelineEntry(
+            case_id=case.id,
+            event_id=event.id,
+            status=case.status,
+            detail=f"{alert.kind}: {alert.detail}",
+            at=alert.at,
+            kind="alert",
         )
     )
 

@@ -115,12 +115,14 @@ class CaseTimelineEntry(SQLModel, table=True):
     status: str = Field(max_length=40)
     detail: str = ""
     at: datetime
+    kind: str = Field(default="transition", max_length=20)  # "transition" or "alert"
 
 
 class TimelineEntry(BaseModel):
     status: str
     detail: str
     at: datetime
+    kind: str = Field(default="transition", description="`transition` of status, or an `alert` (e.g. due date moved)")
 
 
 class ReportLinks(BaseModel):
