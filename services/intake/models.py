@@ -122,7 +122,9 @@ class TimelineEntry(BaseModel):
     status: str
     detail: str
     at: datetime
-    kind: str = Field(default="transition", description="`transition` of status, or an `alert` (e.g. due date moved)")
+    kind: str = Field(
+        default="transition", description="`transition` of status, or an `alert` (e.g. due date moved)"
+    )
 
 
 class ReportLinks(BaseModel):

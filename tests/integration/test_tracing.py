@@ -22,7 +22,7 @@ from temporalio.client import Client
 from contracts import CloudEvent, new_event
 from contracts.events import RecordsIncomplete
 from services.common import migrate
-from services.common.amqp import COMMANDS, EVENTS, Consumer, OutboxRelay, enqueue, ensure_topology
+from services.common.amqp import EVENTS, Consumer, OutboxRelay, enqueue, ensure_topology
 from services.common.config import Settings
 from services.common.db import make_engine
 from services.common.http import create_app
