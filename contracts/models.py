@@ -109,6 +109,7 @@ class CasePolicy(Strict):
 
     records_reminder_hours: list[float] = Field(default_factory=lambda: [24.0, 72.0])
     records_escalation_hours: float = 120.0
+    authorization_reminder_hours: float = 48.0
     offer_timeout_hours: float = 24.0
     rematch_after_hours: float = 1.0
     at_risk_fraction: float = Field(default=0.75, gt=0, lt=1)

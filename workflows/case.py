@@ -282,8 +282,21 @@ class CaseWorkflow:
                 CaseStatus.AWAITING_INSURANCE,
                 "the plan needs a referral or prior authorization before the review",
             )
-            await workflow.wait_condition(
-                lambda: self._latest(InsuranceVerified).authorization != "auth-needed"
+            await self._await_authorization()
+
+    async def _await_authorization(self) -> None:
+        """Wait for the referral or authorization number, reminding the partner on the policy's clock."""
+        assert self._case is not None
+        every = timedelta(hours=self._case.policy.authorization_reminder_hours)
+        reminders = 0
+        while not await self._wait_or_timeout(
+            lambda: self._latest(InsuranceVerified).authorization != "auth-needed", every
+        ):
+            reminders += 1
+            await self._alert(
+                "authorization_reminder",
+                f"reminder {reminders}: the plan needs a referral or prior authorization number "
+                f"(POST /v1/coverage/{self._case.case_id}/authorization)",
             )
 
     async def _patient_decision(self, insurance: InsuranceVerified) -> None:

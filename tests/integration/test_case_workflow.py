@@ -503,13 +503,17 @@ async def test_consent_identity_mismatch_hold_and_resume(client: Client, setting
     services.close()
 
 
-async def test_prior_authorization_holds_the_case_until_satisfied(client: Client, settings: Settings) -> None:
+async def test_prior_authorization_holds_the_case_with_reminders_until_satisfied(
+    client: Client, settings: Settings, temporal_env
+) -> None:  # type: ignore[no-untyped-def]
     handle, services = await start(client, settings)
     await services.expect("records.collect")
     services.records_assembled()
     services.insurance_verified(patient_cost="0", authorization="auth-needed")
     await wait_status(handle, CaseStatus.AWAITING_INSURANCE)
-    await asyncio.sleep(0.5)
+    await temporal_env.fast_forward(handle, timedelta(hours=49))
+    reminder = await services.expect("case.alert", kind="authorization_reminder")
+    assert "reminder 1" in reminder["data"]["detail"]
     assert "review.match" not in services.types()
     services.insurance_verified(patient_cost="0", authorization="satisfied")
     await services.expect("review.match")
