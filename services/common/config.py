@@ -69,8 +69,10 @@ class Settings(BaseSettings):
     # Records: a file larger than this is refused before it is stored.
     max_upload_bytes: int = 512 * 1024 * 1024
 
-    def production_problems(self) -> list[str]:
-        """What keeps these settings from being safe for PHI in production (empty when they are)."""
+    def production_problems(self, uses_temporal: bool = True) -> list[str]:
+        """What keeps these settings from being safe for PHI in production (empty when they are).
+
+        Temporal TLS and the payload-codec key are asked only of processes that talk to Temporal."""
         problems = []
         url = self.database_url or ""
         if not url.startswith("postgresql") or not any(
@@ -79,21 +81,21 @@ class Settings(BaseSettings):
             problems.append("DATABASE_URL must be PostgreSQL with sslmode=require, verify-ca or verify-full")
         if not self.amqp_url.startswith("amqps://"):
             problems.append("AMQP_URL must use amqps:// (TLS to RabbitMQ)")
-        if not self.temporal_tls:
+        if uses_temporal and not self.temporal_tls:
             problems.append(
                 "TEMPORAL_TLS must be true (with TEMPORAL_TLS_CA_PATH, and a client cert for mTLS)"
             )
-        if self.codec_key == DEV_CODEC_KEY or self.codec_key_id == "dev":
+        if uses_temporal and (self.codec_key == DEV_CODEC_KEY or self.codec_key_id == "dev"):
             problems.append(
                 "CODEC_KEY and CODEC_KEY_ID must be set to a production key (not the development key)"
             )
         return problems
 
-    def require_safe_for_production(self) -> None:
+    def require_safe_for_production(self, uses_temporal: bool = True) -> None:
         """Refuse to start with ENV=prod unless every connection is encrypted and the codec key is real."""
         if self.env != "prod":
             return
-        problems = self.production_problems()
+        problems = self.production_problems(uses_temporal)
         if problems:
             raise SystemExit("refusing to start with ENV=prod:\n- " + "\n- ".join(problems))
 

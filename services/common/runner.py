@@ -28,13 +28,14 @@ class ServiceRuntime:
     engine: Callable[[], Engine]
     handle: Handler | None
     settings: Settings = field(default_factory=get_settings)
+    uses_temporal: bool = False  # intake starts workflows; the other services never talk to Temporal
     consumer: Consumer | None = None
     relay: OutboxRelay | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
         configure_logging(self.service, self.settings.log_level)
-        self.settings.require_safe_for_production()
+        self.settings.require_safe_for_production(self.uses_temporal)
         configure_tracing(self.service, self.settings)
         migrate.upgrade(self.service, self.engine())
         ensure_topology(self.settings)

@@ -34,7 +34,9 @@ from services.intake import (
 log = structlog.get_logger(__name__)
 
 settings = get_settings()
-runtime = ServiceRuntime(service="intake", engine=lambda: get_engine("intake"), handle=consumer.handle)
+runtime = ServiceRuntime(
+    service="intake", engine=lambda: get_engine("intake"), handle=consumer.handle, uses_temporal=True
+)
 
 RECONCILE_EVERY_SECONDS = 5.0
 PURGE_EVERY_SECONDS = 3600.0

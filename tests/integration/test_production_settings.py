@@ -45,6 +45,12 @@ def test_each_unsafe_setting_is_named(unsafe: dict[str, str], problem: str) -> N
     assert len(problems) == 1 and problem in problems[0]
 
 
+def test_services_without_temporal_need_neither_temporal_tls_nor_the_codec_key() -> None:
+    env = {k.lower(): v for k, v in {**SAFE, "TEMPORAL_TLS": "false", "CODEC_KEY_ID": "dev"}.items()}
+    assert Settings(**env).production_problems(uses_temporal=False) == []  # type: ignore[arg-type]
+    assert len(Settings(**env).production_problems(uses_temporal=True)) == 2  # type: ignore[arg-type]
+
+
 def test_safe_settings_have_no_problems() -> None:
     assert Settings(**{k.lower(): v for k, v in SAFE.items()}).production_problems() == []  # type: ignore[arg-type]
 
