@@ -46,6 +46,7 @@ def make_us_instance(
     sex: str = "F",
     modality: str = "US",
     sop_uid: str | None = None,
+    view_label: str | None = None,
     rows: int = 64,
     cols: int = 64,
     calibrated: bool = True,
@@ -98,3 +99,51 @@ def make_us_instance(
     if path is not None:
         Path(path).write_bytes(data)
     return data
+
+
+BASIC_TEXT_SR = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.88.11")
+
+
+def _code(value: str, meaning: str, scheme: str = "DCM") -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    return code
+
+
+def make_sr_report(
+    sections: dict[str, str],
+    *,
+    study_uid: str,
+    patient_name: str = "DOE^JANE",
+    patient_id: str = "MRN1",
+    birth_date: str = "19800101",
+    sex: str = "F",
+) -> bytes:
+    """The first reader's report as a DICOM Basic Text SR: one CONTAINER, a TEXT item per section."""
+    sop_uid = pydicom.uid.generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset("report.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, pydicom.uid.generate_uid()
+    ds.Modality = "SR"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, birth_date, sex
+    ds.StudyDate = "20261120"
+    ds.SeriesNumber = ds.InstanceNumber = 1
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.ConceptNameCodeSequence = Sequence([_code("18748-4", "Diagnostic imaging report", "LN")])
+    items = []
+    for heading, text in sections.items():
+        item = Dataset()
+        item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
+        item.ConceptNameCodeSequence = Sequence([_code("121071", heading)])
+        item.TextValue = text
+        items.append(item)
+    ds.ContentSequence = Sequence(items)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

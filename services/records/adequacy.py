@@ -13,12 +13,79 @@ from pydantic import BaseModel
 from services.records.models import FileKind, RecordFile
 
 ULTRASOUND = "US"
-MISSING_REPORT = "the original report (PDF or UTF-8 text)"
+STRUCTURED_REPORT = "SR"
+MISSING_REPORT = "the original report (PDF, UTF-8 text, DICOM SR or FHIR DiagnosticReport)"
 MISSING_ULTRASOUND = "an ultrasound image (a DICOM instance with Modality US)"
 MISSING_CINE = "a cine clip (a multi-frame ultrasound instance), which this exam type needs"
 # Cine is what a second reader needs to judge a heart or a fetus; for other exams it is recommended.
 CINE_REQUIRED = frozenset({"obstetric", "fetal_echo", "echocardiography"})
 CINE_RECOMMENDED = frozenset({"pelvic", "breast", "thyroid", "abdominal", "vascular", "renal", "scrotal"})
+
+
+# The standard views of an exam type (after the ACR-AIUM practice parameters), each matched when an
+# instance's view label (ViewCodeSequence, ImageComments, SeriesDescription) holds one of its word sets.
+VIEW_CHECKLISTS: dict[str, list[tuple[str, tuple[tuple[str, ...], ...]]]] = {
+    "pelvic": [
+        ("uterus, sagittal", (("uterus", "sag"), ("uterus", "long"))),
+        ("uterus, transverse", (("uterus", "trans"),)),
+        ("endometrium", (("endometri",),)),
+        ("right ovary", (("right", "ovary"), ("rt", "ov"))),
+        ("left ovary", (("left", "ovary"), ("lt", "ov"))),
+    ],
+    "thyroid": [
+        ("right lobe, transverse", (("right", "trans"), ("rt", "trans"))),
+        ("right lobe, sagittal", (("right", "sag"), ("rt", "sag"), ("right", "long"), ("rt", "long"))),
+        ("left lobe, transverse", (("left", "trans"), ("lt", "trans"))),
+        ("left lobe, sagittal", (("left", "sag"), ("lt", "sag"), ("left", "long"), ("lt", "long"))),
+        ("isthmus", (("isthmus",),)),
+    ],
+    "renal": [
+        (
+            "right kidney, longitudinal",
+            (("right", "kidney", "long"), ("rt", "kid", "long"), ("right", "kidney", "sag")),
+        ),
+        ("right kidney, transverse", (("right", "kidney", "trans"), ("rt", "kid", "trans"))),
+        (
+            "left kidney, longitudinal",
+            (("left", "kidney", "long"), ("lt", "kid", "long"), ("left", "kidney", "sag")),
+        ),
+        ("left kidney, transverse", (("left", "kidney", "trans"), ("lt", "kid", "trans"))),
+        ("urinary bladder", (("bladder",),)),
+    ],
+    "obstetric": [
+        ("fetal head (biparietal diameter)", (("bpd",), ("head",), ("biparietal",))),
+        ("fetal abdomen (abdominal circumference)", (("ac",), ("abdom",))),
+        ("femur length", (("fl",), ("femur",))),
+        ("four-chamber heart", (("4ch",), ("four", "chamber"), ("4", "chamber"))),
+        ("placenta", (("placenta",),)),
+    ],
+    "carotid": [
+        ("right common carotid", (("right", "cca"), ("rt", "cca"), ("right", "common", "carotid"))),
+        ("right internal carotid", (("right", "ica"), ("rt", "ica"), ("right", "internal", "carotid"))),
+        ("left common carotid", (("left", "cca"), ("lt", "cca"), ("left", "common", "carotid"))),
+        ("left internal carotid", (("left", "ica"), ("lt", "ica"), ("left", "internal", "carotid"))),
+    ],
+}
+
+
+def _words(label: str) -> set[str]:
+    return {w for w in "".join(c if c.isalnum() else " " for c in label.lower()).split() if w}
+
+
+def _shows(words: set[str], word_set: tuple[str, ...]) -> bool:
+    # A word set matches when each of its words starts a word of the label ("sag" matches "sagittal").
+    return all(any(w.startswith(part) for w in words) for part in word_set)
+
+
+def missing_views(exam_type: str | None, labels: Iterable[str]) -> list[str] | None:
+    """The checklist's views no instance shows; None when there is no checklist or no instance is labelled."""
+    checklist = VIEW_CHECKLISTS.get((exam_type or "").strip().lower())
+    labelled = [_words(label) for label in labels if label]
+    if checklist is None or not labelled:
+        return None
+    return [
+        view for view, word_sets in checklist if not any(_shows(w, ws) for w in labelled for ws in word_sets)
+    ]
 
 
 class Adequacy(BaseModel):
@@ -43,12 +110,15 @@ def cine_expectation(exam_type: str | None) -> str:
 def assess(files: Iterable[RecordFile], exam: dict[str, Any] | None = None) -> Adequacy:
     files = list(files)
     us = [f for f in files if f.kind == FileKind.DICOM and f.modality == ULTRASOUND]
-    others = [f for f in files if f.kind == FileKind.DICOM and f.modality != ULTRASOUND]
+    structured = [f for f in files if f.kind == FileKind.DICOM and f.modality == STRUCTURED_REPORT]
+    others = [
+        f for f in files if f.kind == FileKind.DICOM and f.modality not in (ULTRASOUND, STRUCTURED_REPORT)
+    ]
     cine = [f for f in us if (f.number_of_frames or 1) > 1]
     calibrated = [f for f in us if f.has_regions]
     burned_in = [f for f in us if f.burned_in_annotation == "YES"]
     expected = cine_expectation((exam or {}).get("exam_type"))
-    report_present = any(f.kind == FileKind.REPORT for f in files)
+    report_present = any(f.kind == FileKind.REPORT for f in files) or bool(structured)
     missing = []
     if not report_present:
         missing.append(MISSING_REPORT)
@@ -69,6 +139,16 @@ def assess(files: Iterable[RecordFile], exam: dict[str, Any] | None = None) -> A
         warnings.append(
             f"{len(burned_in)} ultrasound instance(s) carry burned-in annotation (patient data in the pixels)"
         )
+    exam_type = (exam or {}).get("exam_type")
+    if us and exam_type in VIEW_CHECKLISTS:
+        absent = missing_views(exam_type, [f.view_label or "" for f in us])
+        if absent is None:
+            warnings.append(
+                f"the standard {exam_type} views cannot be checked: no instance names its view "
+                "(ViewCodeSequence, ImageComments or SeriesDescription)"
+            )
+        elif absent:
+            warnings.append(f"standard {exam_type} views not found: {', '.join(absent)}")
     if others:
         warnings.append(
             f"{len(others)} instance(s) are not ultrasound and are not part of the reviewed study"

@@ -16,11 +16,19 @@ from contracts.events import RecordsAssembled, RecordsIncomplete
 from contracts.models import OriginalReport, StudySummary
 from services.common.amqp import EVENTS, enqueue
 from services.common.db import utcnow
-from services.records.adequacy import MISSING_REPORT, MISSING_ULTRASOUND, ULTRASOUND, Adequacy, assess
-from services.records.classify import PDF_TYPE, pdf_text
+from services.records.adequacy import (
+    MISSING_REPORT,
+    MISSING_ULTRASOUND,
+    STRUCTURED_REPORT,
+    ULTRASOUND,
+    Adequacy,
+    assess,
+)
+from services.records.classify import DICOM_TYPE, PDF_TYPE, pdf_text
 from services.records.fhir_records import FHIR_TYPE, diagnostic_report_text
 from services.records.models import FileKind, RecordFile, RecordRequest
 from services.records.store import ObjectStore
+from services.records.structured_report import sr_text
 
 __all__ = [
     "MISSING_REPORT",
@@ -83,7 +91,16 @@ def summarize_study(instances: Iterable[DicomInstance]) -> StudySummary | None:
     )
 
 
+def first_report(files: Sequence[RecordFile]) -> RecordFile:
+    """The original report: a PDF, text or FHIR report first, else a DICOM Structured Report."""
+    reports = [f for f in files if f.kind == FileKind.REPORT]
+    reports += [f for f in files if f.kind == FileKind.DICOM and f.modality == STRUCTURED_REPORT]
+    return reports[0]
+
+
 def report_text(path: Path, content_type: str) -> str:
+    if content_type == DICOM_TYPE:
+        return sr_text(path)
     if content_type == PDF_TYPE:
         return pdf_text(path)
     if content_type == FHIR_TYPE:
@@ -105,7 +122,7 @@ def assemble_if_complete(session: Session, request: RecordRequest, store: Object
         if files:
             _enqueue_incomplete(session, request.case_id, adequacy)
         return False
-    report = next(f for f in files if f.kind == FileKind.REPORT)
+    report = first_report(files)
     assembled = RecordsAssembled(
         case_id=request.case_id,
         report=OriginalReport(

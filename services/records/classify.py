@@ -63,6 +63,9 @@ class DicomHeader:
     pixel_bytes: int = 0
     sop_class_uid: str = ""
     study_date: str = ""
+    view_label: str = (
+        ""  # what the instance says it shows (ViewCodeSequence, ImageComments, SeriesDescription)
+    )
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ def read_dicom_header(path: Path) -> DicomHeader:
             "pixel_bytes": _declared_pixel_bytes(dataset, frames),
             "sop_class_uid": _text(dataset, "SOPClassUID")[:64],
             "study_date": _text(dataset, "StudyDate")[:8],
+            "view_label": _view_label(dataset),
         }
     except (_Unusable, _DicomDir):
         raise
@@ -252,6 +256,13 @@ def _pixel_data_complete(fp: io.BufferedReader, dataset: pydicom.Dataset, file_s
     if length == 0xFFFFFFFF:
         return True  # encapsulated (compressed) frames: their fragments carry their own lengths
     return start + length <= file_size
+
+
+def _view_label(dataset: pydicom.Dataset) -> str:
+    views = dataset.get("ViewCodeSequence") or []
+    parts = [str(views[0].get("CodeMeaning") or "") if views else ""]
+    parts += [_text(dataset, "ImageComments"), _text(dataset, "SeriesDescription")]
+    return " | ".join(p for p in parts if p)[:200]
 
 
 def _text(dataset: pydicom.Dataset, keyword: str) -> str:

@@ -96,6 +96,7 @@ class RecordFile(SQLModel, table=True):
     study_date: str | None = Field(default=None, max_length=8)
     has_regions: bool | None = None
     burned_in_annotation: str | None = Field(default=None, max_length=8)
+    view_label: str | None = Field(default=None, max_length=200)
     record_type: str | None = Field(default=None, max_length=40)
     record_date: date | None = None
     created_at: datetime = Field(default_factory=utcnow)

@@ -284,4 +284,5 @@ def _record_file(
         record_type=item.record_type,
         record_date=item.record_date,
         burned_in_annotation=dicom.burned_in_annotation or None if dicom else None,
+        view_label=dicom.view_label or None if dicom else None,
     )

@@ -57,7 +57,9 @@ def test_cine_is_required_for_obstetrics_and_recommended_for_pelvic_exams() -> N
     assert assess([REPORT, image(frames=8)], {"exam_type": "obstetric"}).missing == []
     pelvic = assess([REPORT, image()], {"exam_type": "pelvic"})
     assert pelvic.missing == [] and pelvic.warnings == [
-        "no cine clip: the second reader sees still images only"
+        "no cine clip: the second reader sees still images only",
+        "the standard pelvic views cannot be checked: no instance names its view "
+        "(ViewCodeSequence, ImageComments or SeriesDescription)",
     ]
 
 
