@@ -75,6 +75,8 @@ def make_us_instance(
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.BurnedInAnnotation = burned_in_annotation
+    if view_label:
+        ds.ImageComments = view_label
     if accession_number is not None:
         ds.AccessionNumber = accession_number
     ds.SamplesPerPixel = 1
@@ -130,7 +132,12 @@ def make_sr_report(
     ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR, sop_uid
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, pydicom.uid.generate_uid()
     ds.Modality = "SR"
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, birth_date, sex
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        patient_name,
+        patient_id,
+        birth_date,
+        sex,
+    )
     ds.StudyDate = "20261120"
     ds.SeriesNumber = ds.InstanceNumber = 1
     ds.ValueType = "CONTAINER"

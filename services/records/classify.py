@@ -1,4 +1,4 @@
-"""What an uploaded file is: the original report (PDF or UTF-8 text) or a DICOM instance.
+"""What an uploaded file is: the original report (PDF, UTF-8 text or FHIR; a DICOM SR arrives as DICOM) or a DICOM instance.
 
 Anything else is refused with a message naming the file's position in the upload, never its name
 (file names often carry the patient's name).
@@ -63,9 +63,8 @@ class DicomHeader:
     pixel_bytes: int = 0
     sop_class_uid: str = ""
     study_date: str = ""
-    view_label: str = (
-        ""  # what the instance says it shows (ViewCodeSequence, ImageComments, SeriesDescription)
-    )
+    # What the instance says it shows (ViewCodeSequence, ImageComments, SeriesDescription).
+    view_label: str = ""
 
 
 @dataclass(frozen=True)

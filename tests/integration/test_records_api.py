@@ -224,7 +224,9 @@ def test_the_same_file_uploaded_again_is_kept_once(client: TestClient, engine: E
     assert (again.json()["new_files"], again.json()["duplicates"]) == (0, 1)
     assert again.json()["files"] == first.json()["files"]
     assert len(file_rows(engine, case_id)) == 1
-    assert again.json()["missing"] == ["the original report (PDF or UTF-8 text)"]
+    assert again.json()["missing"] == [
+        "the original report (PDF, UTF-8 text, DICOM SR or FHIR DiagnosticReport)"
+    ]
 
 
 def test_unknown_case_is_404(client: TestClient, settings: Settings) -> None:

@@ -271,7 +271,7 @@ def test_a_reminder_is_recorded_and_says_what_is_missing(
     [needed] = events(engine, case_id, RecordsNeeded)
     assert needed.attempt == 1
     assert needed.missing == [
-        "the original report (PDF or UTF-8 text)",
+        "the original report (PDF, UTF-8 text, DICOM SR or FHIR DiagnosticReport)",
         "an ultrasound image (a DICOM instance with Modality US)",
     ]
 

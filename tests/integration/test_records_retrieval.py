@@ -139,7 +139,7 @@ def test_dimse_find_then_retrieve_imports_the_named_study(
     assert (retrieval["status"], retrieval["study_instance_uid"], retrieval["attempts"]) == ("done", STUDY, 1)
     assert sorted(f["number_of_frames"] for f in records["files"]) == [1, 1, 6]
     assert records["imports"][0]["status"] == "released"
-    assert records["missing"] == ["the original report (PDF or UTF-8 text)"]
+    assert records["missing"] == ["the original report (PDF, UTF-8 text, DICOM SR or FHIR DiagnosticReport)"]
     assert retrieve(engine, settings, scp) == 0  # nothing left to do
 
 
