@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx
 
 from services.records.archive import Entry
-from services.records.dimse import PacsUnavailable
+from services.records.dimse import PacsUnavailable, StudyQuery
 from services.records.multipart_related import RelatedPartsReader
 from services.records.store import ObjectStore
 
@@ -29,8 +29,8 @@ class DicomwebSource:
         return httpx.Client(base_url=self.base_url.rstrip("/"), auth=auth, timeout=self.timeout)
 
 
-def find_studies(source: DicomwebSource, *, study_uid: str | None, accession: str | None) -> list[str]:
-    params = {"StudyInstanceUID": study_uid} if study_uid else {"AccessionNumber": accession or ""}
+def find_studies(source: DicomwebSource, query: StudyQuery) -> list[str]:
+    params = query.keys()
     try:
         with source.client() as client:
             response = client.get("/studies", params=params, headers={"Accept": "application/dicom+json"})

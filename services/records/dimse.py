@@ -79,12 +79,35 @@ def _write_instance(store: ObjectStore, event: Any, position: int, limit: int) -
     return Entry(incoming.finish(), None, f"retrieved instance {position}", declared_type="application/dicom")
 
 
-def find_studies(source: DimseSource, *, study_uid: str | None, accession: str | None) -> list[str]:
-    """C-FIND at STUDY level by Study Instance UID or Accession Number; the Study Instance UIDs found."""
+@dataclass(frozen=True)
+class StudyQuery:
+    """Which study to find: by UID, by accession, or by the facility's patient id and study date."""
+
+    study_uid: str | None = None
+    accession: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None  # YYYYMMDD
+
+    def keys(self) -> dict[str, str]:
+        """Matching keys (DICOM keywords) for C-FIND and QIDO-RS."""
+        if self.study_uid:
+            return {"StudyInstanceUID": self.study_uid}
+        if self.accession:
+            return {"AccessionNumber": self.accession}
+        return {
+            "PatientID": self.patient_id or "",
+            "StudyDate": self.study_date or "",
+            "ModalitiesInStudy": "US",
+        }
+
+
+def find_studies(source: DimseSource, wanted: StudyQuery) -> list[str]:
+    """C-FIND at STUDY level with the query's matching keys; the Study Instance UIDs found."""
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = study_uid or ""
-    query.AccessionNumber = accession or "" if not study_uid else ""
+    query.StudyInstanceUID = ""
+    for keyword, value in wanted.keys().items():
+        setattr(query, keyword, value)
     ae = _ae(source.timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)

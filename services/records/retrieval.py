@@ -48,10 +48,24 @@ def get_retrieval_settings() -> RetrievalSettings:
     return RetrievalSettings()
 
 
+def study_query(request: RecordRequest) -> dimse.StudyQuery | None:
+    """What the request names, most precise first: the study UID, the accession number, or else the
+    facility's patient id and the exam date (an ultrasound study that day). None when it names nothing."""
+    exam, patient = request.exam, request.patient
+    if exam.get("study_instance_uid") or exam.get("accession_number"):
+        return dimse.StudyQuery(
+            study_uid=exam.get("study_instance_uid"), accession=exam.get("accession_number")
+        )
+    if patient.get("mrn") and exam.get("performed_on"):
+        return dimse.StudyQuery(
+            patient_id=patient["mrn"], study_date=str(exam["performed_on"]).replace("-", "")
+        )
+    return None
+
+
 def plan_retrieval(session: Session, request: RecordRequest) -> RecordRetrieval | None:
     """A pending retrieval when the partner has a source and the request names the study; one per case."""
-    exam = request.exam
-    if not request.partner_id or not (exam.get("study_instance_uid") or exam.get("accession_number")):
+    if not request.partner_id or study_query(request) is None:
         return None
     if session.get(RecordSource, request.partner_id) is None:
         return None
@@ -188,11 +202,13 @@ def _fetch(
     limits: ImportLimits,
     scp: dimse.StoreSCP | None,
 ) -> tuple[str | None, list[Entry]]:
-    wanted_uid, accession = request.exam.get("study_instance_uid"), request.exam.get("accession_number")
+    query = study_query(request)
+    if query is None:
+        return None, []
     timeout = options.retrieval_timeout_seconds
     if source.dicomweb_url:
         web = dicomweb_source.DicomwebSource(source.dicomweb_url, source.dicomweb_auth_env, timeout)
-        found = dicomweb_source.find_studies(web, study_uid=wanted_uid, accession=accession)
+        found = dicomweb_source.find_studies(web, query)
         if not found:
             return None, []
         entries = dicomweb_source.get_study(
@@ -200,7 +216,7 @@ def _fetch(
         )
         return found[0], entries
     pacs = dimse.DimseSource(str(source.ae_title), str(source.host), int(source.port or 104), timeout)
-    found = dimse.find_studies(pacs, study_uid=wanted_uid, accession=accession)
+    found = dimse.find_studies(pacs, query)
     if not found:
         return None, []
     if source.retrieve_method == "c-move":

@@ -110,7 +110,13 @@ def retrieve(engine: Engine, settings: Settings, scp: StoreSCP | None = None) ->
 
 @pytest.mark.parametrize(
     ("method", "exam"),
-    [("c-get", {"accession_number": ACCESSION}), ("c-move", {"study_instance_uid": STUDY})],
+    [
+        ("c-get", {"accession_number": ACCESSION}),
+        ("c-move", {"study_instance_uid": STUDY}),
+        # Neither named: the facility's patient id (MRN1) and the exam date find its ultrasound study.
+        ("c-get", {}),
+    ],
+    ids=["c-get by accession", "c-move by study uid", "c-get by patient id and date"],
 )
 def test_dimse_find_then_retrieve_imports_the_named_study(
     client: TestClient,
@@ -121,7 +127,7 @@ def test_dimse_find_then_retrieve_imports_the_named_study(
     method: str,
     exam: dict[str, str],
 ) -> None:
-    partner = f"clinic-{method}"
+    partner = f"clinic-{method}-{len(exam)}-{next(iter(exam), 'date').split('_')[0]}"
     configure(
         client,
         partner,
