@@ -160,25 +160,37 @@ def current_review(settings: Settings, case_id: str) -> dict[str, Any] | None:
     return review.model_dump() if hasattr(review, "model_dump") else review
 
 
-def review_as_specialist(http: httpx.Client, settings: Settings, case_id: str) -> str:
+def specialist_key(reviewer: str) -> str:
+    """A key acting as `reviewer`, as an operator issues one: `secondopinion key create --role specialist`."""
+    command = [sys.executable, "-m", "services.common.cli", "key", "create", "--role", "specialist"]
+    created = subprocess.run([*command, "--specialist-id", reviewer], capture_output=True, text=True)
+    if created.returncode != 0:
+        raise SystemExit(f"could not create the specialist's key: {created.stderr or created.stdout}")
+    return str(json.loads(created.stdout)["api_key"])
+
+
+def review_as_specialist(partner: httpx.Client, settings: Settings, case_id: str) -> str:
     review = wait_until("a specialist to be offered the case", lambda: current_review(settings, case_id))
     reviewer, review_id = review["reviewer_id"], review["review_id"]
-    if not review["accepted"]:
-        http.post(
-            f"{settings.review_url}/v1/reviews/{review_id}/accept", params={"reviewer": reviewer}
-        ).raise_for_status()
-        wait_until(
-            "the review to start", lambda: case_status(http, settings, case_id)["status"] == "in_review"
+    key = specialist_key(reviewer)
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
+        if not review["accepted"]:
+            http.post(
+                f"{settings.review_url}/v1/reviews/{review_id}/accept", params={"reviewer": reviewer}
+            ).raise_for_status()
+            wait_until(
+                "the review to start",
+                lambda: case_status(partner, settings, case_id)["status"] == "in_review",
+            )
+        worklist = http.get(f"{settings.review_url}/v1/reviews", params={"reviewer": reviewer}).json()
+        assert any(item["review_id"] == review_id for item in worklist), (
+            "the case must be on the specialist's worklist"
         )
-    worklist = http.get(f"{settings.review_url}/v1/reviews", params={"reviewer": reviewer}).json()
-    assert any(item["review_id"] == review_id for item in worklist), (
-        "the case must be on the specialist's worklist"
-    )
-    detail = http.get(f"{settings.review_url}/v1/reviews/{review_id}").json()
-    assert detail["original_report"]["text"].startswith("PELVIC ULTRASOUND"), (
-        "the reviewer must see the first report"
-    )
-    http.post(f"{settings.review_url}/v1/reviews/{review_id}", json=FINDINGS).raise_for_status()
+        detail = http.get(f"{settings.review_url}/v1/reviews/{review_id}").json()
+        assert detail["original_report"]["text"].startswith("PELVIC ULTRASOUND"), (
+            "the reviewer must see the first report"
+        )
+        http.post(f"{settings.review_url}/v1/reviews/{review_id}", json=FINDINGS).raise_for_status()
     return str(reviewer)
 
 

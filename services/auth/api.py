@@ -22,8 +22,9 @@ from services.auth.partners import (
     rotate_webhook_secret,
 )
 from services.auth.problems import AUTH_ERRORS, problem_response
+from services.auth.routing import AuthRoute
 
-router = APIRouter(prefix="/v1/partners", tags=["partners"])
+router = APIRouter(prefix="/v1/partners", tags=["partners"], route_class=AuthRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     **AUTH_ERRORS,
@@ -86,7 +87,9 @@ def _own_partner(request: Request, caller: Principal, engine: AuthEngine, partne
                 outcome="denied",
                 detail="another partner's keys",
             )
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no partner {partner_id} visible to this key")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, "no such partner visible to this key; check the partner id"
+        )
     return partner
 
 
@@ -133,7 +136,10 @@ def rotate(partner_id: str, key_id: str, request: Request, caller: Caller, engin
     with Session(engine) as session:
         issued = rotate_key(session, key_id, partner.id)
         if issued is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no active key {key_id} for partner {partner_id}")
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                "no such active key of this partner; GET /v1/partners/{partner_id} lists them",
+            )
         session.commit()
     return NewKey(key_id=issued.key_id, api_key=issued.api_key)
 
@@ -163,7 +169,10 @@ def revoke(partner_id: str, key_id: str, request: Request, caller: Caller, engin
     partner = _own_partner(request, caller, engine, partner_id)
     with Session(engine) as session:
         if not revoke_key(session, key_id, partner.id):
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no key {key_id} for partner {partner_id}")
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                "no such key of this partner; GET /v1/partners/{partner_id} lists them",
+            )
         session.commit()
     return Response(status_code=204)
 

@@ -20,6 +20,7 @@ from sqlmodel import Session
 from services.auth import audit
 from services.auth.keys import key_id_of, matches
 from services.auth.models import ApiKey, Role
+from services.auth.rate_limit import RateLimiter, get_rate_limiter, retry_after
 from services.common.db import get_engine
 
 
@@ -38,14 +39,18 @@ bearer = HTTPBearer(
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the key, its role, and for a partner key the one partner it may see."""
+    """Who is calling: the key, its role, for a partner key the one partner it may see, and for a
+    specialist key the one specialist it acts as."""
 
     key_id: str
     role: Role
     partner_id: str | None
+    specialist_id: str | None = None
 
     def sees(self, partner_id: str) -> bool:
-        return self.role != Role.PARTNER or partner_id == self.partner_id
+        """Whether this key may see the partner's own data: operations all, a partner itself, a specialist
+        none (specialists reach a case through its review, see services.auth.tenancy)."""
+        return self.role == Role.OPERATIONS or (self.role == Role.PARTNER and partner_id == self.partner_id)
 
     @property
     def actor(self) -> str:
@@ -75,6 +80,7 @@ def authenticate(
     request: Request,
     engine: AuthEngine,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    limiter: Annotated[RateLimiter, Depends(get_rate_limiter)],
 ) -> Principal:
     if credentials is None:
         raise _deny(
@@ -90,7 +96,16 @@ def authenticate(
         raise _deny(request, engine, "anonymous", "the API key is not valid; check it or ask for a new one")
     if key.revoked_at is not None:
         raise _deny(request, engine, f"key:{key.id}", "the API key was revoked; use its replacement")
-    return Principal(key_id=key.id, role=Role(key.role), partner_id=key.partner_id)
+    wait = limiter.acquire(key.id)
+    if wait > 0:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many requests with this key; retry after {retry_after(wait)} s",
+            headers={"Retry-After": retry_after(wait)},
+        )
+    return Principal(
+        key_id=key.id, role=Role(key.role), partner_id=key.partner_id, specialist_id=key.specialist_id
+    )
 
 
 Caller = Annotated[Principal, Depends(authenticate)]

@@ -1,4 +1,4 @@
-"""Auth tables: partners, their API keys (hashed) and the append-only audit log."""
+"""Auth tables: partners, their API keys (hashed), who may see which case, and the append-only audit log."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlmodel import Field, SQLModel
 
 from services.common.db import utcnow
 
-TABLES = ("partners", "api_keys", "audit_events")
+TABLES = ("partners", "api_keys", "audit_events", "case_owners", "case_reviewers")
 
 # After a webhook secret rotation the previous secret stays valid this long, in and out.
 SECRET_OVERLAP = timedelta(hours=24)
@@ -47,6 +47,11 @@ class ApiKey(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=16, description="the public part of the key, shown in lists")
     partner_id: str | None = Field(default=None, foreign_key="partners.id", index=True, max_length=64)
     role: str = Field(max_length=20)
+    specialist_id: str | None = Field(
+        default=None,
+        max_length=50,
+        description="a specialist key acts as this one specialist of the directory",
+    )
     key_hash: str = Field(
         max_length=64, description="SHA-256 of the whole key; the key itself is never stored"
     )
@@ -72,3 +77,27 @@ class AuditEvent(SQLModel, table=True):
     outcome: str = Field(max_length=20, description="success, denied, failed")
     purpose: str = Field(default="TREAT", max_length=20, description="HL7 PurposeOfUse code")
     detail: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    prev_hash: str | None = Field(default=None, max_length=64, description="row_hash of the entry before")
+    row_hash: str | None = Field(
+        default=None, max_length=64, description="SHA-256 over this entry and prev_hash"
+    )
+
+
+class CaseOwner(SQLModel, table=True):
+    """The partner a case belongs to, as the case workflow told a service; tenancy checks read it."""
+
+    __tablename__ = "case_owners"
+
+    case_id: str = Field(primary_key=True, max_length=64)
+    partner_id: str = Field(max_length=64, index=True)
+    registered_at: datetime = Field(default_factory=utcnow)
+
+
+class CaseReviewer(SQLModel, table=True):
+    """A specialist offered the case: their key may read its records and its report."""
+
+    __tablename__ = "case_reviewers"
+
+    case_id: str = Field(primary_key=True, max_length=64)
+    specialist_id: str = Field(primary_key=True, max_length=50)
+    registered_at: datetime = Field(default_factory=utcnow)

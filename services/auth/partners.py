@@ -26,6 +26,7 @@ class IssuedKey:
     api_key: str
     role: Role
     partner_id: str | None
+    specialist_id: str | None = None
 
 
 def partner_slug(name: str) -> str:
@@ -34,6 +35,7 @@ def partner_slug(name: str) -> str:
 
 
 PARTNER_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SPECIALIST_ID = re.compile(r"^[A-Za-z0-9._-]{1,50}$")
 
 
 class PartnerExists(ValueError):
@@ -56,15 +58,31 @@ def create_partner(session: Session, name: str, partner_id: str | None = None) -
     )
 
 
-def issue_key(session: Session, role: Role, partner_id: str | None, label: str = "") -> IssuedKey:
-    """A new key; a `partner` key belongs to exactly one partner, staff keys to none."""
+def issue_key(
+    session: Session, role: Role, partner_id: str | None, label: str = "", specialist_id: str | None = None
+) -> IssuedKey:
+    """A new key: a `partner` key belongs to exactly one partner, a `specialist` key acts as exactly one
+    specialist of the directory, an `operations` key to neither."""
     if (role == Role.PARTNER) != (partner_id is not None):
         raise ValueError("a partner key needs a partner_id; specialist and operations keys have none")
+    if (role == Role.SPECIALIST) != (specialist_id is not None):
+        raise ValueError("a specialist key needs a specialist_id (e.g. spec-gyn-1); other keys have none")
+    if specialist_id is not None and not SPECIALIST_ID.match(specialist_id):
+        raise ValueError("a specialist id is 1-50 letters, digits, dots, dashes or underscores")
     key_id, api_key = new_api_key()
     session.add(
-        ApiKey(id=key_id, partner_id=partner_id, role=role.value, key_hash=hash_key(api_key), label=label)
+        ApiKey(
+            id=key_id,
+            partner_id=partner_id,
+            specialist_id=specialist_id,
+            role=role.value,
+            key_hash=hash_key(api_key),
+            label=label,
+        )
     )
-    return IssuedKey(key_id=key_id, api_key=api_key, role=role, partner_id=partner_id)
+    return IssuedKey(
+        key_id=key_id, api_key=api_key, role=role, partner_id=partner_id, specialist_id=specialist_id
+    )
 
 
 def revoke_key(session: Session, key_id: str, partner_id: str | None = None) -> bool:
@@ -83,7 +101,7 @@ def rotate_key(session: Session, key_id: str, partner_id: str | None = None) -> 
     old = session.get(ApiKey, key_id)
     if old is None or old.revoked_at is not None or (partner_id is not None and old.partner_id != partner_id):
         return None
-    new = issue_key(session, Role(old.role), old.partner_id, label=old.label)
+    new = issue_key(session, Role(old.role), old.partner_id, label=old.label, specialist_id=old.specialist_id)
     revoke_key(session, key_id)
     return new
 

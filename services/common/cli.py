@@ -4,6 +4,12 @@ secondopinion partner create --name NAME      prints {"partner_id", "api_key", "
 secondopinion partner rotate-key KEY_ID       prints {"key_id", "api_key"}; the old key stops working
 secondopinion partner revoke-key KEY_ID
 secondopinion key create --role operations    a staff key (specialist or operations)
+secondopinion key create --role specialist --specialist-id spec-gyn-1   a key acting as that specialist
+secondopinion audit verify                    check the audit log's hash chain (exit 1 when broken)
+secondopinion dlq list QUEUE                  dead letters: id, type, reason, count, first seen
+secondopinion dlq show QUEUE ID               headers and the envelope without `data`
+secondopinion dlq replay QUEUE --id ID|--all  re-publish (confirmed) and then remove from the DLQ
+secondopinion dlq purge QUEUE --id ID         drop one dead letter
 """
 
 from __future__ import annotations
@@ -11,13 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlmodel import Session
 
+from services.auth.cli_audit import add_audit_group
 from services.auth.models import Role
 from services.auth.partners import create_partner, issue_key, revoke_key, rotate_key, rotate_webhook_secret
-from services.common import migrate
+from services.common import dlq, migrate
+from services.common.config import get_settings
 from services.common.db import get_engine
 
 
@@ -69,9 +78,65 @@ def partner_rotate_webhook_secret(args: argparse.Namespace) -> dict[str, str]:
 
 def key_create(args: argparse.Namespace) -> dict[str, str]:
     with _session() as session:
-        issued = issue_key(session, Role(args.role), None, label=args.label)
+        try:
+            issued = issue_key(
+                session, Role(args.role), None, label=args.label, specialist_id=args.specialist_id
+            )
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
         session.commit()
-    return {"key_id": issued.key_id, "api_key": issued.api_key, "role": issued.role.value}
+    shown = {"key_id": issued.key_id, "api_key": issued.api_key, "role": issued.role.value}
+    return shown | ({"specialist_id": issued.specialist_id} if issued.specialist_id else {})
+
+
+def _dead_letters(run: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+    def guarded(args: argparse.Namespace) -> Any:
+        try:
+            return run(args)
+        except dlq.DeadLetterError as exc:
+            raise SystemExit(str(exc)) from exc
+
+    return guarded
+
+
+def dlq_list(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [letter.summary() for letter in dlq.dead_letters(get_settings(), args.queue)]
+
+
+def dlq_show(args: argparse.Namespace) -> dict[str, Any]:
+    return dlq.show(get_settings(), args.queue, args.message_id)
+
+
+def dlq_replay(args: argparse.Namespace) -> dict[str, Any]:
+    replayed = dlq.replay(get_settings(), args.queue, None if args.all else [args.id])
+    return {"queue": args.queue, "replayed": replayed}
+
+
+def dlq_purge(args: argparse.Namespace) -> dict[str, str]:
+    return {"queue": args.queue, "purged": dlq.purge(get_settings(), args.queue, args.id)}
+
+
+def add_dlq_group(groups: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    commands = groups.add_parser("dlq", help="dead-letter queues").add_subparsers(
+        dest="command", required=True
+    )
+    listing = commands.add_parser("list", help="dead letters of a queue (never their data)")
+    listing.add_argument("queue", help="a consumer queue (insurance) or its DLQ (insurance.dlq)")
+    listing.set_defaults(run=_dead_letters(dlq_list))
+    show = commands.add_parser("show", help="one dead letter's headers and envelope, without data")
+    show.add_argument("queue")
+    show.add_argument("message_id")
+    show.set_defaults(run=_dead_letters(dlq_show))
+    replay = commands.add_parser("replay", help="re-publish to the original exchange, then remove")
+    replay.add_argument("queue")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", help="the message id (from dlq list)")
+    which.add_argument("--all", action="store_true", help="every dead letter of the queue")
+    replay.set_defaults(run=_dead_letters(dlq_replay))
+    purge = commands.add_parser("purge", help="drop one dead letter for good")
+    purge.add_argument("queue")
+    purge.add_argument("--id", required=True, help="the message id (from dlq list)")
+    purge.set_defaults(run=_dead_letters(dlq_purge))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,7 +166,13 @@ def parser() -> argparse.ArgumentParser:
     staff = key.add_parser("create", help="a key for a specialist or operations user")
     staff.add_argument("--role", required=True, choices=[Role.SPECIALIST.value, Role.OPERATIONS.value])
     staff.add_argument("--label", default="", help="whose key this is (a staff id, not a name)")
+    staff.add_argument(
+        "--specialist-id", default=None, help="for --role specialist: the directory id the key acts as"
+    )
     staff.set_defaults(run=key_create)
+    add_audit_group(groups)
+
+    add_dlq_group(groups)
     return root
 
 

@@ -83,7 +83,9 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, "Error", str(exc.detail))
+        response = problem(exc.status_code, "Error", str(exc.detail))
+        response.headers.update(exc.headers or {})  # Retry-After, WWW-Authenticate
+        return response
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

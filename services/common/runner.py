@@ -38,6 +38,7 @@ class ServiceRuntime:
         self.settings.require_safe_for_production(self.uses_temporal)
         configure_tracing(self.service, self.settings)
         migrate.upgrade(self.service, self.engine())
+        migrate.upgrade("auth")  # API keys, tenancy and the audit log, shared by every service
         ensure_topology(self.settings)
         self.relay = OutboxRelay(settings=self.settings, engine=self.engine())
         self._spawn(self.relay.run_forever, "outbox-relay")

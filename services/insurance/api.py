@@ -10,6 +10,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 from sqlmodel import Session, select
 
+from services.auth.access import case_scope
+from services.auth.problems import AUTH_ERRORS
+from services.auth.routing import AuthRoute
 from services.common.db import get_engine, utcnow
 from services.insurance import fhir_resources, handlers
 from services.insurance.connectors import find_plan, network_status
@@ -24,7 +27,14 @@ from services.insurance.models import (
 )
 from services.insurance.settings import get_insurance_settings
 
-router = APIRouter(prefix="/v1/coverage", tags=["coverage"])
+# Every route needs a key; a case's coverage is its partner's and operations'.
+router = APIRouter(
+    prefix="/v1/coverage",
+    tags=["coverage"],
+    dependencies=[Depends(case_scope("coverage"))],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
 
 
 def get_session() -> Iterator[Session]:
@@ -126,7 +136,7 @@ def _verification(session: Session, case_id: str) -> CoverageVerification:
     if row is None or not row.cpt:
         raise HTTPException(
             404,
-            f"no coverage verification for case {case_id}; it is made when the case workflow sends "
+            "no coverage verification for this case; it is made when the case workflow sends "
             "insurance.verify, so retry later or check the case id",
         )
     return row

@@ -5,15 +5,25 @@ from __future__ import annotations
 import json
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from contracts.models import Coverage
+from services.auth import Role, require_role
+from services.auth.problems import AUTH_ERRORS
+from services.auth.routing import AuthRoute
 from services.insurance import fhir_resources, handlers
 from services.insurance.api import SessionDep
 from services.insurance.fhir_resources import FhirInvalid
 
-router = APIRouter(prefix="/fhir", tags=["fhir"])
+# Eligibility asks carry a member id: partners and operations only (nothing is stored).
+router = APIRouter(
+    prefix="/fhir",
+    tags=["fhir"],
+    dependencies=[Depends(require_role(Role.PARTNER, Role.OPERATIONS))],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
 FHIR_JSON = "application/fhir+json"
 
 

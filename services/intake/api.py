@@ -179,7 +179,8 @@ def visible_case(session: Session, case_id: str, caller: Principal, audit: Audit
         if case is not None:
             audit(action, "case", case_id, "denied", "another partner's case")
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"no case {case_id}; check the case_id returned at creation"
+            status.HTTP_404_NOT_FOUND,
+            "no case with this id for your key; check the case_id returned at creation",
         )
     return case
 

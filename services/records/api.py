@@ -6,10 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, HTTPException, Path, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Path, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlmodel import Session, col, select
 
+from services.auth import AuthEngine, Caller, Principal, Role
+from services.auth.access import case_scope, record
+from services.auth.problems import AUTH_ERRORS
+from services.auth.routing import AuthRoute
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine, utcnow
 from services.records import uploads
@@ -35,7 +39,15 @@ from services.records.models import (
 from services.records.reconcile import coerced_chunks, our_identifiers
 from services.records.store import FileTooLarge, ObjectStore
 
-router = APIRouter(prefix="/v1/records", tags=["records"])
+# Every route needs a key; a case's records are its partner's and operations' (uploads too), and readable
+# by the specialists it was offered to.
+router = APIRouter(
+    prefix="/v1/records",
+    tags=["records"],
+    dependencies=[Depends(case_scope("records", specialists=True))],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
 
 _outbox_listeners: list[Callable[[], None]] = []
 
@@ -64,12 +76,28 @@ Sha256 = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="lower-case 
 UNKNOWN_CASE = "no records were requested for this case; check the case id"
 
 
+def own_source(request: Request, caller: Principal, engine: AuthEngine, partner_id: str) -> None:
+    """A partner configures only its own source (404 for another's, audited); operations any."""
+    if caller.role == Role.OPERATIONS or (caller.role == Role.PARTNER and caller.partner_id == partner_id):
+        return
+    record(request, engine, caller, "records.source", None, "denied", f"source of partner {partner_id}")
+    raise HTTPException(404, "no image source of this partner is visible to your key; check the partner id")
+
+
 @router.put(
     "/sources/{partner_id}",
     responses={422: {"description": "neither a complete DIMSE source nor a DICOMweb URL"}},
 )
-def put_source(partner_id: PartnerId, source: RecordSourceIn, session: SessionDep) -> RecordSourcePublic:
+def put_source(
+    partner_id: PartnerId,
+    source: RecordSourceIn,
+    session: SessionDep,
+    request: Request,
+    caller: Caller,
+    engine: AuthEngine,
+) -> RecordSourcePublic:
     """Configure where this partner's images are fetched from when a case names its study."""
+    own_source(request, caller, engine, partner_id)
     dimse_complete = source.ae_title and source.host and source.port
     if not dimse_complete and not source.dicomweb_url:
         raise HTTPException(
@@ -86,7 +114,10 @@ def put_source(partner_id: PartnerId, source: RecordSourceIn, session: SessionDe
 
 
 @router.get("/sources/{partner_id}", responses={404: {"description": "no source configured"}})
-def get_source(partner_id: PartnerId, session: SessionDep) -> RecordSourcePublic:
+def get_source(
+    partner_id: PartnerId, session: SessionDep, request: Request, caller: Caller, engine: AuthEngine
+) -> RecordSourcePublic:
+    own_source(request, caller, engine, partner_id)
     row = session.get(RecordSource, partner_id)
     if row is None:
         raise HTTPException(404, "no image source is configured for this partner; PUT one first")

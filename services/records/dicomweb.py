@@ -9,7 +9,7 @@ or Accession Number.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -18,6 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
+from services.auth import AuthEngine, Caller, tenancy
+from services.auth.access import case_scope, check_case
+from services.auth.problems import AUTH_ERRORS
+from services.auth.routing import AuthRoute
 from services.common.config import Settings
 from services.common.errors import RecordsRejected
 from services.records import uploads
@@ -31,7 +35,14 @@ from services.records.multipart_related import UnsupportedMediaType, receive_par
 from services.records.reconcile import coerced_chunks, coerced_header, our_identifiers
 from services.records.store import FileTooLarge, ObjectStore
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+# Every route needs a key and is scoped to the case like /v1/records (STOW: the partner and operations).
+router = APIRouter(
+    prefix="/dicomweb",
+    tags=["dicomweb"],
+    dependencies=[Depends(case_scope("records.dicomweb", specialists=True))],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
 
 DICOM_JSON = "application/dicom+json"
 Uid = Annotated[str, Path(pattern=r"^[0-9.]{1,64}$")]
@@ -71,9 +82,20 @@ async def store_study_instances(
 
 @router.post("/studies", response_class=JSONResponse)
 async def store_instances_for_requested_study(
-    request: Request, session: SessionDep, settings: SettingsDep, limits: LimitsDep
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    limits: LimitsDep,
+    caller: Caller,
+    engine: AuthEngine,
 ) -> JSONResponse:
-    return await _stow(request, session, settings, limits, case_id=None, study=None)
+    def visible(case_id: str) -> bool:
+        return tenancy.may_see_case(engine, caller.role, caller.partner_id, caller.specialist_id, case_id)
+
+    def admit(case_id: str) -> None:
+        check_case(request, engine, caller, case_id, "records.dicomweb", specialists=False)
+
+    return await _stow(request, session, settings, limits, case_id=None, study=None, scope=(visible, admit))
 
 
 async def _stow(
@@ -84,6 +106,7 @@ async def _stow(
     *,
     case_id: str | None,
     study: str | None,
+    scope: tuple[Callable[[str], bool], Callable[[str], None]] | None = None,
 ) -> JSONResponse:
     store = ObjectStore.for_settings(settings)
     try:
@@ -99,7 +122,9 @@ async def _stow(
     except FileTooLarge as exc:
         raise HTTPException(413, str(exc).replace("file", "part", 1)) from None
     try:
-        return await run_in_threadpool(_stow_entries, entries, session, settings, limits, case_id, study)
+        return await run_in_threadpool(
+            _stow_entries, entries, session, settings, limits, case_id, study, scope
+        )
     finally:
         for entry in entries:
             store.discard(entry.received)
@@ -112,8 +137,12 @@ def _stow_entries(
     limits: ImportLimits,
     case_id: str | None,
     study: str | None,
+    scope: tuple[Callable[[str], bool], Callable[[str], None]] | None = None,
 ) -> JSONResponse:
-    case_id = case_id or _case_for(entries, session)
+    if case_id is None:
+        visible, admit = scope or (lambda _: True, lambda _: None)
+        case_id = _case_for(entries, session, visible)
+        admit(case_id)
     if study is not None:
         _check_study(entries, study)
     try:
@@ -148,7 +177,7 @@ def _stow_entries(
     return _dicom_json(body, 202 if held else 200)
 
 
-def _case_for(entries: list[Entry], session: Session) -> str:
+def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], bool]) -> str:
     headers = [h for e in entries if (h := header_or_none(e.received.path)) is not None]
     open_requests = session.exec(select(RecordRequest).where(col(RecordRequest.cancelled_at).is_(None))).all()
     matches = {
@@ -158,6 +187,7 @@ def _case_for(entries: list[Entry], session: Session) -> str:
         if (r.exam.get("study_instance_uid") and r.exam["study_instance_uid"] == h.study_instance_uid)
         or (r.exam.get("accession_number") and r.exam["accession_number"] == h.accession_number)
     }
+    matches = {case_id for case_id in matches if visible(case_id)}  # other partners' cases stay unseen
     if len(matches) != 1:
         raise HTTPException(
             404 if not matches else 409,

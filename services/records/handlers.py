@@ -8,9 +8,10 @@ from sqlmodel import Session, col, select
 from contracts.commands import CollectRecords, ReconcileIdentity, RemindRecords
 from contracts.envelope import new_event
 from contracts.events import CaseCancelled, RecordsNeeded
+from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
-from services.common.db import utcnow
+from services.common.db import get_engine, utcnow
 from services.common.errors import PoisonMessage
 from services.records.adequacy import assess
 from services.records.assembly import SOURCE, assemble_if_complete
@@ -31,6 +32,7 @@ def lock_request(session: Session, case_id: str) -> RecordRequest | None:
 
 def collect(cmd: CollectRecords, session: Session, settings: Settings) -> None:
     """Open (or refresh) the case's records request; uploads are accepted from now on."""
+    tenancy.register_owner(get_engine("auth"), cmd.case_id, cmd.partner_id)
     patient = cmd.patient.model_dump(mode="json")
     exam = cmd.exam.model_dump(mode="json")
     request = lock_request(session, cmd.case_id)

@@ -6,16 +6,27 @@ from collections.abc import Callable
 from datetime import date
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.exceptions import RequestValidationError
 from sqlmodel import Session, col, select
 
 from contracts.commands import MatchSpecialist
+from services.auth import Role, authenticate, require_role
+from services.auth.problems import AUTH_ERRORS
+from services.auth.routing import AuthRoute
 from services.common.config import Settings
 from services.review import followup, handlers, offers
 from services.review.api_directory import fhir_practitioners, specialists
 from services.review.api_reports import fhir, negotiate_report_format, reports
-from services.review.deps import CurrentReviewer, SessionDep, SettingsDep, relay, review_engine
+from services.review.deps import (
+    Access,
+    AccessDep,
+    CurrentReviewer,
+    SessionDep,
+    SettingsDep,
+    relay,
+    review_engine,
+)
 from services.review.models import (
     WORKLIST_STATUSES,
     Answer,
@@ -35,7 +46,14 @@ from services.review.stats import ReviewStats, review_stats
 
 __all__ = ["negotiate_report_format", "review_engine", "router"]
 
-reviews = APIRouter(prefix="/v1/reviews", tags=["reviews"])
+# Specialists (as themselves) and operations; partners read reports, not reviews (404 on any review).
+reviews = APIRouter(
+    prefix="/v1/reviews",
+    tags=["reviews"],
+    dependencies=[Depends(authenticate)],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
 NOT_YOURS: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such review offered to or accepted by the caller"}
 }
@@ -44,7 +62,12 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
 }
 
 
-@reviews.get("", response_model=list[WorkItem], responses={404: {"description": "unknown reviewer"}})
+@reviews.get(
+    "",
+    response_model=list[WorkItem],
+    responses={404: {"description": "unknown reviewer"}},
+    dependencies=[Depends(require_role(Role.SPECIALIST, Role.OPERATIONS))],
+)
 def worklist(
     session: SessionDep, reviewer: CurrentReviewer, status: ReviewStatus | None = None
 ) -> list[WorkItem]:
@@ -63,7 +86,7 @@ def worklist(
     return [_work_item(r, _questions(session, r)) for r in rows]
 
 
-@reviews.get("/stats", response_model=ReviewStats)
+@reviews.get("/stats", response_model=ReviewStats, dependencies=[Depends(require_role(Role.OPERATIONS))])
 def stats(session: SessionDep) -> ReviewStats:
     """Concordance and turnaround per subspecialty and per reviewer, for the quality meetings."""
     return review_stats(session.exec(select(Review)).all())
@@ -71,16 +94,16 @@ def stats(session: SessionDep) -> ReviewStats:
 
 @reviews.get("/{review_id}", response_model=ReviewDetail, responses=NOT_YOURS)
 def review_detail(
-    review_id: str, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer
+    review_id: str, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer, access: AccessDep
 ) -> ReviewDetail:
-    return _detail(session, _review_or_404(session, review_id, reviewer), settings)
+    return _detail(session, _review_or_404(session, review_id, reviewer, access), settings)
 
 
 @reviews.post("/{review_id}/accept", response_model=ReviewDetail, responses=NOT_YOURS | CONFLICT)
 def accept_offer(
-    review_id: str, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer
+    review_id: str, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer, access: AccessDep
 ) -> ReviewDetail:
-    review = _review_or_404(session, review_id, reviewer, for_update=True)
+    review = _review_or_404(session, review_id, reviewer, access, for_update=True)
     _apply(lambda: offers.accept(review, session))
     session.commit()
     relay.wake()
@@ -89,9 +112,14 @@ def accept_offer(
 
 @reviews.post("/{review_id}/decline", response_model=ReviewDetail, responses=NOT_YOURS | CONFLICT)
 def decline_offer(
-    review_id: str, body: Decline, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer
+    review_id: str,
+    body: Decline,
+    session: SessionDep,
+    settings: SettingsDep,
+    reviewer: CurrentReviewer,
+    access: AccessDep,
 ) -> ReviewDetail:
-    review = _review_or_404(session, review_id, reviewer, for_update=True)
+    review = _review_or_404(session, review_id, reviewer, access, for_update=True)
     _apply(lambda: offers.decline(review, body.reason, session))
     session.commit()
     relay.wake()
@@ -100,10 +128,15 @@ def decline_offer(
 
 @reviews.put("/{review_id}/draft", response_model=ReviewDetail, responses=NOT_YOURS | CONFLICT)
 def save_draft(
-    review_id: str, draft: ReviewDraft, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer
+    review_id: str,
+    draft: ReviewDraft,
+    session: SessionDep,
+    settings: SettingsDep,
+    reviewer: CurrentReviewer,
+    access: AccessDep,
 ) -> ReviewDetail:
     """Save unfinished findings; any part may be missing until submission."""
-    review = _review_or_404(session, review_id, reviewer, for_update=True)
+    review = _review_or_404(session, review_id, reviewer, access, for_update=True)
     if review.status != "accepted":
         raise HTTPException(409, offers.closed_reason(review, "drafted"))
     review.draft = draft.model_dump(mode="json", exclude_none=True)
@@ -119,9 +152,10 @@ def submit_review(
     session: SessionDep,
     settings: SettingsDep,
     reviewer: CurrentReviewer,
+    access: AccessDep,
 ) -> ReviewDetail:
     """The specialist's second opinion; it is final once submitted (corrections are addenda)."""
-    review = _review_or_404(session, review_id, reviewer, for_update=True)
+    review = _review_or_404(session, review_id, reviewer, access, for_update=True)
     if review.submitted_at is not None:
         raise HTTPException(
             409,
@@ -148,16 +182,17 @@ def answer_question(
     session: SessionDep,
     settings: SettingsDep,
     reviewer: CurrentReviewer,
+    access: AccessDep,
 ) -> QuestionPublic:
     """Answer a follow-up question: the report gets a new version with the answer as an addendum."""
-    review = _review_or_404(session, review_id, reviewer)
+    review = _review_or_404(session, review_id, reviewer, access)
     question = session.exec(
         select(FollowUpQuestion)
         .where(FollowUpQuestion.id == question_id, FollowUpQuestion.review_id == review.id)
         .with_for_update()
     ).first()
     if question is None:
-        raise HTTPException(404, f"review {review_id} has no follow-up question {question_id}")
+        raise HTTPException(404, "this review has no such follow-up question; its detail lists them")
     _apply(lambda: followup.answer(review, question, body.answer, session, settings))
     session.commit()
     relay.wake()
@@ -177,16 +212,19 @@ def _apply(action: Callable[[], object]) -> None:
 
 
 def _review_or_404(
-    session: Session, review_id: str, reviewer: str | None, *, for_update: bool = False
+    session: Session, review_id: str, reviewer: str | None, access: Access, *, for_update: bool = False
 ) -> Review:
     query = select(Review).where(Review.id == review_id)
     review = session.exec(query.with_for_update() if for_update else query).first()
     # Someone else's review is answered exactly like a missing one: its existence is not the caller's business.
-    if review is None or (reviewer is not None and review.reviewer_id != reviewer):
-        raise HTTPException(
-            404,
-            f"review {review_id} is not offered to or accepted by you; GET /v1/reviews?reviewer=… lists yours",
+    partner = access.caller.role == Role.PARTNER
+    if review is None or partner or (reviewer is not None and review.reviewer_id != reviewer):
+        raise access.deny(
+            "review",
+            review.case_id if review else None,
+            "no such review offered to or accepted by you; GET /v1/reviews lists yours",
         )
+    access.allow("review", review.case_id)
     return review
 
 

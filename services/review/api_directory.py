@@ -4,17 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse
 from sqlmodel import select
 
+from services.auth import Role, authenticate, require_role
+from services.auth.problems import AUTH_ERRORS
+from services.auth.routing import AuthRoute
 from services.review.deps import SessionDep
 from services.review.diagnostic_report import FHIR_JSON, operation_outcome
 from services.review.directory import SpecialistCreate, SpecialistIn, practitioner, practitioner_role
 from services.review.models import Specialist, SpecialistPublic
 
-specialists = APIRouter(prefix="/v1/specialists", tags=["specialists"])
-fhir_practitioners = APIRouter(prefix="/fhir", tags=["fhir"])
+# The directory is read by specialists and operations and changed by operations only; the FHIR
+# Practitioner views (names and credentials, no PHI) by any key.
+specialists = APIRouter(
+    prefix="/v1/specialists",
+    tags=["specialists"],
+    dependencies=[Depends(require_role(Role.SPECIALIST, Role.OPERATIONS))],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
+fhir_practitioners = APIRouter(
+    prefix="/fhir",
+    tags=["fhir"],
+    dependencies=[Depends(authenticate)],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
+OPERATIONS_ONLY = [Depends(require_role(Role.OPERATIONS))]
 
 
 @specialists.get("", response_model=list[SpecialistPublic])
@@ -22,7 +40,9 @@ def list_specialists(session: SessionDep) -> list[Specialist]:
     return list(session.exec(select(Specialist).order_by(Specialist.id)).all())
 
 
-@specialists.post("", status_code=201, response_model=SpecialistPublic, responses={409: {}})
+@specialists.post(
+    "", status_code=201, response_model=SpecialistPublic, responses={409: {}}, dependencies=OPERATIONS_ONLY
+)
 def create_specialist(body: SpecialistCreate, session: SessionDep) -> Specialist:
     if session.get(Specialist, body.id) is not None:
         raise HTTPException(
@@ -39,7 +59,9 @@ def read_specialist(specialist_id: str, session: SessionDep) -> Specialist:
     return _specialist_or_404(session, specialist_id)
 
 
-@specialists.put("/{specialist_id}", response_model=SpecialistPublic, responses={404: {}})
+@specialists.put(
+    "/{specialist_id}", response_model=SpecialistPublic, responses={404: {}}, dependencies=OPERATIONS_ONLY
+)
 def update_specialist(specialist_id: str, body: SpecialistIn, session: SessionDep) -> Specialist:
     specialist = _specialist_or_404(session, specialist_id)
     for name, value in body.columns().items():
@@ -49,7 +71,9 @@ def update_specialist(specialist_id: str, body: SpecialistIn, session: SessionDe
     return specialist
 
 
-@specialists.delete("/{specialist_id}", response_model=SpecialistPublic, responses={404: {}})
+@specialists.delete(
+    "/{specialist_id}", response_model=SpecialistPublic, responses={404: {}}, dependencies=OPERATIONS_ONLY
+)
 def deactivate_specialist(specialist_id: str, session: SessionDep) -> Specialist:
     """Take the specialist out of matching; their past reviews keep pointing at them, so nothing is deleted."""
     specialist = _specialist_or_404(session, specialist_id)
@@ -72,7 +96,7 @@ def read_practitioner_role(specialist_id: str, session: SessionDep) -> JSONRespo
 def _fhir(session: SessionDep, specialist_id: str, kind: str, view: Any) -> JSONResponse:
     specialist = session.get(Specialist, specialist_id)
     if specialist is None:
-        outcome = operation_outcome("not-found", f"{kind}/{specialist_id} does not exist")
+        outcome = operation_outcome("not-found", f"no {kind} with this id; GET /v1/specialists lists them")
         return JSONResponse(outcome, status_code=404, media_type=FHIR_JSON)
     return JSONResponse(view(specialist), media_type=FHIR_JSON)
 
@@ -81,6 +105,6 @@ def _specialist_or_404(session: SessionDep, specialist_id: str) -> Specialist:
     specialist = session.get(Specialist, specialist_id)
     if specialist is None:
         raise HTTPException(
-            404, f"no specialist {specialist_id!r} in the directory; GET /v1/specialists lists them"
+            404, "no specialist with this id in the directory; GET /v1/specialists lists them"
         )
     return specialist

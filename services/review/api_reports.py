@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, HTTPException
+from fastapi import APIRouter, Depends, Header, HTTPException
 from fastapi.responses import JSONResponse, Response
 from sqlmodel import Session, col, select
 
 from contracts.commands import MatchSpecialist
+from services.auth import authenticate
+from services.auth.problems import AUTH_ERRORS
+from services.auth.routing import AuthRoute
 from services.review import handlers
-from services.review.deps import SessionDep, SettingsDep
+from services.review.deps import Access, AccessDep, SessionDep, SettingsDep
 from services.review.diagnostic_report import FHIR_JSON, operation_outcome
 from services.review.encapsulated_pdf import DICOM, encapsulated_pdf
 from services.review.models import FollowUpQuestion, Report, Review, ReviewFindings, Specialist, as_utc
@@ -26,8 +29,10 @@ REPORT_MEDIA_TYPES: dict[str, ReportFormat] = {
     DICOM: "dicom",
 }
 
-reports = APIRouter(prefix="/v1/reports", tags=["reports"])
-fhir = APIRouter(prefix="/fhir/DiagnosticReport", tags=["fhir"])
+# A report is read by the case's partner, the specialist who wrote it, and operations (404 for others).
+_AUTH = {"dependencies": [Depends(authenticate)], "responses": AUTH_ERRORS, "route_class": AuthRoute}
+reports = APIRouter(prefix="/v1/reports", tags=["reports"], **_AUTH)  # type: ignore[arg-type]
+fhir = APIRouter(prefix="/fhir/DiagnosticReport", tags=["fhir"], **_AUTH)  # type: ignore[arg-type]
 
 
 @reports.get(
@@ -45,6 +50,7 @@ def get_report(
     case_id: str,
     session: SessionDep,
     settings: SettingsDep,
+    access: AccessDep,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The integrated report: `Accept: application/pdf` for the PDF, `application/dicom` for the DICOM
@@ -52,7 +58,7 @@ def get_report(
     report_format = negotiate_report_format(accept)
     if report_format is None:
         raise HTTPException(406, f"the report is available as {', '.join(REPORT_MEDIA_TYPES)}; ask for one")
-    report = _report_or_404(session, case_id)
+    report = _report_or_404(session, case_id, access)
     headers = {"Vary": "Accept"}
     if report_format == "fhir":
         return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON, headers=headers)
@@ -75,14 +81,16 @@ def get_report(
 
 
 @reports.get("/{case_id}/patient-summary", response_model=PatientSummary, responses={404: {}})
-def get_patient_summary(case_id: str, session: SessionDep, settings: SettingsDep) -> PatientSummary:
+def get_patient_summary(
+    case_id: str, session: SessionDep, settings: SettingsDep, access: AccessDep
+) -> PatientSummary:
     """The second opinion in plain language for the patient (without the quality-assurance score)."""
-    report = _report_or_404(session, case_id)
+    report = _report_or_404(session, case_id, access)
     review = session.get(Review, report.review_id)
     findings = ReviewFindings.of(review) if review else None
     reviewer = session.get(Specialist, review.reviewer_id) if review else None
     if review is None or findings is None or reviewer is None or review.submitted_at is None:
-        raise HTTPException(404, f"case {case_id} has no submitted review")
+        raise HTTPException(404, "the case has no submitted review")
     answered = session.exec(
         select(FollowUpQuestion)
         .where(FollowUpQuestion.review_id == review.id, FollowUpQuestion.status == "answered")
@@ -99,11 +107,15 @@ def get_patient_summary(case_id: str, session: SessionDep, settings: SettingsDep
 
 
 @fhir.get("/{report_id}", responses={200: {"content": {FHIR_JSON: {}}}, 404: {"content": {FHIR_JSON: {}}}})
-def read_diagnostic_report(report_id: str, session: SessionDep) -> JSONResponse:
+def read_diagnostic_report(report_id: str, session: SessionDep, access: AccessDep) -> JSONResponse:
     report = session.get(Report, report_id)
+    if report is not None and not access.sees_report(report.case_id, _reviewer_of(session, report)):
+        access.deny("report", report.case_id, "not visible")
+        report = None
     if report is None:
-        outcome = operation_outcome("not-found", f"DiagnosticReport/{report_id} does not exist")
+        outcome = operation_outcome("not-found", "no DiagnosticReport with this id visible to your key")
         return JSONResponse(outcome, status_code=404, media_type=FHIR_JSON)
+    access.allow("report", report.case_id)
     return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON)
 
 
@@ -134,10 +146,17 @@ def negotiate_report_format(accept: str | None) -> ReportFormat | None:
     return best[2] if best else None
 
 
-def _report_or_404(session: Session, case_id: str) -> Report:
+def _reviewer_of(session: Session, report: Report) -> str | None:
+    review = session.get(Review, report.review_id)
+    return review.reviewer_id if review else None
+
+
+def _report_or_404(session: Session, case_id: str, access: Access) -> Report:
+    missing = "the case has no report visible to your key yet; it is composed after the review is submitted"
     report = session.exec(select(Report).where(Report.case_id == case_id)).first()
+    if report is not None and not access.sees_report(case_id, _reviewer_of(session, report)):
+        raise access.deny("report", case_id, missing)
     if report is None:
-        raise HTTPException(
-            404, f"case {case_id} has no report yet; it is composed after the review is submitted"
-        )
+        raise HTTPException(404, missing)
+    access.allow("report", case_id)
     return report

@@ -14,9 +14,10 @@ from sqlmodel import Session, func, select
 from contracts.commands import ComposeReport, MatchSpecialist
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import Event, ReportReady, ReviewOffered, ReviewSubmitted, ReviewUnmatched
+from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
-from services.common.db import utcnow
+from services.common.db import get_engine, utcnow
 from services.common.errors import PoisonMessage
 from services.review.diagnostic_report import build_diagnostic_report
 from services.review.matching import NoMatch, match_specialist
@@ -71,6 +72,9 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
         due_at=as_utc(cmd.due_at),
     )
     session.add(review)
+    auth = get_engine("auth")
+    tenancy.register_owner(auth, cmd.case_id, cmd.partner_id)
+    tenancy.register_reviewer(auth, cmd.case_id, review.reviewer_id)
     offered = ReviewOffered(
         case_id=cmd.case_id,
         review_id=review.id,

@@ -64,7 +64,9 @@ def bearer(key: str) -> dict[str, str]:
 
 def staff_key(auth: Engine, role: Role) -> str:
     with Session(auth) as session:
-        issued = issue_key(session, role, None)
+        issued = issue_key(
+            session, role, None, specialist_id="spec-gyn-1" if role == Role.SPECIALIST else None
+        )
         session.commit()
     return issued.api_key
 

@@ -24,6 +24,7 @@ from services.common.http import create_app
 from services.insurance import api, consumer, fhir, handlers
 from services.insurance.models import InsuranceMemberAccumulator
 from services.insurance.settings import InsuranceSettings
+from tests.keys import operations_headers
 
 D = Decimal
 
@@ -36,14 +37,14 @@ def engine(settings: Settings) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def client(engine: Engine) -> Iterator[TestClient]:
+def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
     def session() -> Iterator[Session]:
         with Session(engine, expire_on_commit=False) as s:
             yield s
 
     app = create_app("insurance", routers=[api.router, fhir.router], engine=lambda: engine)
     app.dependency_overrides[api.get_session] = session
-    with TestClient(app) as client:
+    with TestClient(app, headers=operations_headers(settings)) as client:
         yield client
 
 

@@ -20,6 +20,7 @@ from services.common.errors import PoisonMessage
 from services.common.http import create_app
 from services.insurance import api, consumer
 from services.insurance.models import CoverageVerification, InsuranceFee, InsurancePlan
+from tests.keys import operations_headers
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +31,14 @@ def engine(settings: Settings) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def client(engine: Engine) -> Iterator[TestClient]:
+def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
     def session() -> Iterator[Session]:
         with Session(engine, expire_on_commit=False) as s:
             yield s
 
     app = create_app("insurance", routers=[api.router], engine=lambda: engine)
     app.dependency_overrides[api.get_session] = session
-    with TestClient(app) as client:
+    with TestClient(app, headers=operations_headers(settings)) as client:
         yield client
 
 
@@ -265,4 +266,4 @@ def test_plans_are_public_without_member_data(client: TestClient) -> None:
 def test_unverified_case_is_a_404_that_says_why(client: TestClient) -> None:
     response = client.get("/v1/coverage/no-such-case")
     assert response.status_code == 404
-    assert "no coverage verification for case no-such-case" in response.json()["detail"]
+    assert "no coverage verification for this case" in response.json()["detail"]

@@ -22,6 +22,7 @@ from services.records import api, consumer
 from services.records.models import RecordFile, RecordRequest
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_pdf_report, make_us_instance
+from tests.keys import operations_headers
 
 REPORT = "FINDINGS: 4.1 cm complex left adnexal cyst with a thick septation.\nIMPRESSION: O-RADS US 4."
 
@@ -42,7 +43,7 @@ def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
     app = create_app("records", routers=[api.router], engine=lambda: engine)
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: settings
-    with TestClient(app) as c:
+    with TestClient(app, headers=operations_headers(settings)) as c:
         yield c
 
 

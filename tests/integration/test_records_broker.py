@@ -22,6 +22,7 @@ from services.common.http import create_app
 from services.records import api, consumer
 from services.records.models import RecordRequest
 from tests.dicom_factory import make_us_instance
+from tests.keys import operations_headers
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_collect_command_then_upload_publishes_records_assembled(
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: settings
     study = "1.2.826.0.1.3680043.10.4242"
-    with TestClient(app) as client:
+    with TestClient(app, headers=operations_headers(settings)) as client:
         response = client.post(
             f"/v1/records/{case_id}/files",
             files=[

@@ -21,6 +21,7 @@ from services.common.http import create_app
 from services.records import api, consumer, export
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
+from tests.keys import operations_headers
 
 PHI = (b"DOE", b"JANE", b"MRN1", b"19800101", b"ACC-EXPORT-1")
 
@@ -37,7 +38,7 @@ def client(settings: Settings) -> Iterator[tuple[TestClient, Engine]]:
     app = create_app("records", routers=[api.router, export.router], engine=lambda: engine)
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: settings
-    with TestClient(app) as c:
+    with TestClient(app, headers=operations_headers(settings)) as c:
         yield c, engine
 
 

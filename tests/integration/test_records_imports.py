@@ -35,6 +35,7 @@ from services.records.models import RecordFile
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
 from tests.hostile_corpus import ZIP, HostileCase, cd_folder, corpus, zip_folder
+from tests.keys import operations_headers
 
 REPORT = ("report.txt", b"IMPRESSION: complex adnexal cyst.", "text/plain")
 LIMITS = ImportLimits(max_archive_members=50, max_pixel_bytes=20_000)
@@ -57,7 +58,7 @@ def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: settings
     app.dependency_overrides[get_limits] = lambda: LIMITS
-    with TestClient(app) as c:
+    with TestClient(app, headers=operations_headers(settings)) as c:
         yield c
 
 

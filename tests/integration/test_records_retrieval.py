@@ -24,6 +24,7 @@ from services.records.models import RecordRetrieval, RetrievalStatus
 from services.records.retrieval import RetrievalSettings, run_due
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
+from tests.keys import operations_headers
 from tests.orthanc import PASSWORD, USER, Orthanc, free_port, running_orthanc
 
 STUDY = "1.2.826.0.1.3680043.10.7001"
@@ -47,7 +48,7 @@ def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
     app = create_app("records", routers=[api.router], engine=lambda: engine)
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: settings
-    with TestClient(app) as c:
+    with TestClient(app, headers=operations_headers(settings)) as c:
         yield c
 
 

@@ -18,6 +18,7 @@ from services.common.db import Outbox, make_engine
 from services.common.http import create_app
 from services.records import api, consumer, timeline
 from tests.dicom_factory import make_us_instance
+from tests.keys import operations_headers
 
 FHIR = "application/fhir+json"
 DIAGNOSTIC_REPORT = {
@@ -55,7 +56,7 @@ def setup(settings: Settings) -> Iterator[tuple[TestClient, Engine]]:
     app = create_app("records", routers=[api.router, timeline.router], engine=lambda: engine)
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: settings
-    with TestClient(app) as c:
+    with TestClient(app, headers=operations_headers(settings)) as c:
         yield c, engine
 
 

@@ -28,6 +28,7 @@ from services.common.errors import PoisonMessage
 from services.common.http import create_app
 from services.review import api, consumer, deps, offers
 from services.review.models import FollowUpQuestion, Report, Review
+from tests.keys import operations_headers
 from tests.unit.test_review_matching import request
 
 ORIGINAL_REPORT = (
@@ -67,7 +68,7 @@ def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
     app = create_app("review", routers=[api.router], engine=lambda: engine)
     app.dependency_overrides[deps.review_engine] = lambda: engine
     app.dependency_overrides[get_settings] = lambda: settings
-    with TestClient(app) as client:
+    with TestClient(app, headers=operations_headers(settings)) as client:
         yield client
 
 

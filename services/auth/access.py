@@ -1,0 +1,76 @@
+"""Case-scoped access for every service's routes: 404 for a case the key may not see, audited.
+
+A router takes `dependencies=[Depends(case_scope("coverage"))]`: on every route with a `{case_id}` path
+parameter the caller must be operations, the case's partner, or (where `specialists` allows, for reads
+only) a specialist the case was offered to. Another partner's case answers exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import HTTPException, Request, status
+from starlette.concurrency import run_in_threadpool
+
+from services.auth import audit, tenancy
+from services.auth.deps import AuthEngine, Caller, Principal, service_of
+from services.auth.models import Role
+
+READ_METHODS = {"GET", "HEAD"}
+
+
+def record(
+    request: Request,
+    engine: AuthEngine,
+    caller: Principal,
+    resource: str,
+    case_id: str | None,
+    outcome: str,
+    detail: str = "",
+) -> None:
+    audit.record(
+        engine,
+        actor=caller.actor,
+        partner_id=caller.partner_id,
+        role=caller.role.value,
+        service=service_of(request),
+        action="read" if request.method in READ_METHODS else "write",
+        resource=resource,
+        case_id=case_id,
+        outcome=outcome,
+        detail=detail,
+    )
+
+
+def not_found(resource: str, case_id: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_404_NOT_FOUND, f"no {resource} of a case visible to your key; check the case id"
+    )
+
+
+def check_case(
+    request: Request, engine: AuthEngine, caller: Principal, case_id: str, resource: str, *, specialists: bool
+) -> None:
+    """Raise 404 (and audit the attempt) unless the caller may see the case; audit the access otherwise."""
+    role_ok = caller.role != Role.SPECIALIST or (specialists and request.method in READ_METHODS)
+    visible = role_ok and tenancy.may_see_case(
+        engine, caller.role, caller.partner_id, caller.specialist_id, case_id
+    )
+    if not visible:
+        record(request, engine, caller, resource, case_id, "denied", "the case is not visible to this key")
+        raise not_found(resource, case_id)
+    record(request, engine, caller, resource, case_id, "success")
+
+
+def case_scope(resource: str, *, specialists: bool = False) -> Callable[..., object]:
+    """A router dependency: authenticate every route, and scope those with `{case_id}` to the caller."""
+
+    async def scope(request: Request, caller: Caller, engine: AuthEngine) -> Principal:
+        case_id = request.path_params.get("case_id")
+        if case_id is not None:
+            await run_in_threadpool(
+                check_case, request, engine, caller, str(case_id), resource, specialists=specialists
+            )
+        return caller
+
+    return scope

@@ -1,0 +1,61 @@
+"""Per-key rate limits: a token bucket for each API key, kept in the process.
+
+Each service process holds its own buckets, so a key may use the rate on each service, and a restart
+refills them; a shared store (Redis, PostgreSQL) would be needed for one limit across replicas.
+Settings: `AUTH_RATE_PER_SECOND` (refill rate) and `AUTH_RATE_BURST` (bucket size); 0 turns it off.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RateLimitSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AUTH_RATE_")
+
+    per_second: float = 50.0
+    burst: int = 200
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    def __init__(self, per_second: float, burst: int) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> float:
+        """Take one token for `key`: 0 when allowed, else the seconds until a token is available."""
+        if self.per_second <= 0 or self.burst <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.setdefault(key, _Bucket(float(self.burst), now))
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.per_second)
+            bucket.updated = now
+            if bucket.tokens >= 1:
+                bucket.tokens -= 1
+                return 0.0
+            return (1 - bucket.tokens) / self.per_second
+
+
+def retry_after(wait: float) -> str:
+    return str(max(1, math.ceil(wait)))
+
+
+@lru_cache
+def get_rate_limiter() -> RateLimiter:
+    settings = RateLimitSettings()
+    return RateLimiter(settings.per_second, settings.burst)
