@@ -52,6 +52,9 @@ class VerifyInsurance(Command):
     coverage: Coverage
     patient_state: str
     cpt: str = "76140"
+    partner_id: str | None = None  # the case's partner: its key may read the coverage
+    # The patient as the subscriber: the payer matches name and birth date (X12 270 loop 2100C).
+    patient: Patient | None = None
 
 
 class MatchSpecialist(Command):
@@ -70,6 +73,7 @@ class MatchSpecialist(Command):
     preferred_reviewer: str | None = None  # operations reassigned the case to this specialist
     plan_code: str | None = None  # the patient's plan, to prefer specialists in its network
     adequacy_warnings: list[str] = []  # records' technical adequacy findings, shown to the specialist
+    partner_id: str | None = None  # the case's partner: its key may read the report
 
 
 class WithdrawOffer(Command):

@@ -171,7 +171,11 @@ class CaseWorkflow:
             ),
             self._send(
                 VerifyInsurance(
-                    case_id=case.case_id, coverage=case.coverage, patient_state=case.patient.state
+                    case_id=case.case_id,
+                    coverage=case.coverage,
+                    patient_state=case.patient.state,
+                    partner_id=case.partner_id,
+                    patient=case.patient,
                 )
             ),
         )
@@ -350,6 +354,7 @@ class CaseWorkflow:
                 preferred_reviewer=preferred,
                 plan_code=case.coverage.plan_code,
                 adequacy_warnings=records.warnings,
+                partner_id=case.partner_id,
             )
         )
         answer = await self._next(mark, ReviewOffered.TYPE, ReviewAssigned.TYPE, ReviewUnmatched.TYPE)

@@ -16,10 +16,11 @@ from sqlmodel import Session, select
 from contracts import InsuranceVerified, VerifyInsurance, new_event
 from contracts.events import CaseCancelled
 from contracts.models import Coverage, CoverageStatus
+from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
-from services.common.db import utcnow
+from services.common.db import get_engine, utcnow
 from services.common.errors import CaseError, PoisonMessage
 from services.insurance.connectors import (
     Eligibility,
@@ -34,7 +35,7 @@ from services.insurance.estimate import CostEstimate, estimate_cost, with_outcom
 from services.insurance.models import AuthorizationCreate, CoverageVerification, InsurancePayer
 from services.insurance.settings import InsuranceSettings, get_insurance_settings
 from services.insurance.x12 import Party
-from services.insurance.x12_connector import X12Connector
+from services.insurance.x12_connector import Subscriber, X12Connector
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +47,13 @@ class AuthorizationRefused(CaseError):
 
 
 def connector_for(
-    session: Session, coverage: Coverage, *, trace: str, cpt: str, settings: InsuranceSettings
+    session: Session,
+    coverage: Coverage,
+    *,
+    trace: str,
+    cpt: str,
+    settings: InsuranceSettings,
+    subscriber: Subscriber | None = None,
 ) -> PayerConnector:
     """The plan's payer decides: `x12` asks the payer with a 270, anything else uses our plan rules."""
     plan = find_plan(session, coverage.plan_code)
@@ -63,6 +70,7 @@ def connector_for(
         trace=trace,
         attempts=settings.payer_attempts,
         backoff_seconds=settings.payer_backoff_seconds,
+        subscriber=subscriber,
     )
 
 
@@ -76,6 +84,7 @@ def verify(
     insurance_settings: InsuranceSettings | None = None,
 ) -> None:
     """Decide coverage for the case and queue `insurance.verified`; the caller commits."""
+    tenancy.register_owner(get_engine("auth"), cmd.case_id, cmd.partner_id)
     config = insurance_settings or get_insurance_settings()
     row = _row(session, cmd.case_id)
     if row is not None and row.cancelled_at is not None:
@@ -92,7 +101,9 @@ def verify(
         authorization, rule = row.authorization, row.authorization_rule
         log.info("insurance.reverify_skipped", case_id=cmd.case_id, why="same coverage, not stale")
     else:
-        estimate, rule = _check(session, cmd.coverage, cmd.cpt, price, cmd.case_id, config, connector)
+        estimate, rule = _check(
+            session, cmd.coverage, cmd.cpt, price, cmd.case_id, config, connector, Subscriber.of(cmd.patient)
+        )
         authorization = _authorization(rule, estimate, row)
     fields = {**_fields(cmd, estimate, authorization), "authorization_rule": rule}
     _upsert(session, cmd.case_id, event_id, fields)
@@ -166,10 +177,13 @@ def _check(
     case_id: str,
     config: InsuranceSettings,
     connector: PayerConnector | None,
+    subscriber: Subscriber | None = None,
 ) -> tuple[CostEstimate, str]:
     eligibility: Eligibility | None = None
     if coverage.plan_code and not coverage.self_pay:
-        connector = connector or connector_for(session, coverage, trace=case_id, cpt=cpt, settings=config)
+        connector = connector or connector_for(
+            session, coverage, trace=case_id, cpt=cpt, settings=config, subscriber=subscriber
+        )
         eligibility = connector.check(coverage, cpt)
         crash_point("insurance.after_payer_call_before_record")
     estimate = with_outcome(estimate_cost(coverage, cpt, eligibility, price), eligibility)

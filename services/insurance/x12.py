@@ -48,6 +48,8 @@ class Inquiry:
     control_number: int
     subscriber_last_name: str = ""
     subscriber_first_name: str = ""
+    subscriber_birth_date: str = ""  # YYYYMMDD
+    subscriber_gender: str = ""  # F, M or U
     service_types: tuple[str, ...] = SERVICE_TYPES
     sender_id: str = "SECONDOPINION"
     receiver_id: str = ""
@@ -161,6 +163,11 @@ def build_270(inquiry: Inquiry) -> str:
             "",
             "MI",
             inquiry.member_id,
+        ),
+        *(
+            [segment("DMG", "D8", inquiry.subscriber_birth_date, inquiry.subscriber_gender or "U")]
+            if inquiry.subscriber_birth_date
+            else []
         ),
         segment("DTP", "291", "D8", today),
         segment("EQ", REPETITION_SEP.join(inquiry.service_types)),

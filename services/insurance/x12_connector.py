@@ -16,7 +16,7 @@ from decimal import Decimal
 import httpx
 import structlog
 
-from contracts.models import Coverage
+from contracts.models import Coverage, Patient
 from services.insurance.connectors import ZERO, Eligibility, PlanStanding
 from services.insurance.models import InsurancePayer, InsurancePlan
 from services.insurance.x12 import (
@@ -61,6 +61,15 @@ class PayerBusy(Exception):
 class Subscriber:
     last_name: str = ""
     first_name: str = ""
+    birth_date: str = ""  # YYYYMMDD
+    gender: str = ""  # F, M or U
+
+    @classmethod
+    def of(cls, patient: Patient | None) -> Subscriber:
+        if patient is None:
+            return cls()
+        gender = {"female": "F", "male": "M"}.get(patient.sex.value, "U")
+        return cls(patient.family_name, patient.given_name, patient.birth_date.strftime("%Y%m%d"), gender)
 
 
 class X12Connector:
@@ -106,6 +115,8 @@ class X12Connector:
                 control_number=secrets.randbelow(10**9 - 1) + 1,
                 subscriber_last_name=self.subscriber.last_name.upper(),
                 subscriber_first_name=self.subscriber.first_name.upper(),
+                subscriber_birth_date=self.subscriber.birth_date,
+                subscriber_gender=self.subscriber.gender,
             )
         )
         for attempt in range(1, self.attempts + 1):

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 
 import pika
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -168,8 +167,13 @@ def test_outbox_rows_are_published_only_after_commit(settings: Settings, engine:
     conn.close()
 
 
-def test_unroutable_publish_is_an_error_not_a_silent_loss(settings: Settings, engine: Engine) -> None:
-    with Session(engine) as session:
-        session.execute(text("SELECT 1"))
-    with pytest.raises(PublishFailed, match="reached no queue"):
-        Publisher(settings).publish_raw(COMMANDS, "nobody.listens", b"{}", "msg-unroutable")
+def test_unroutable_publish_is_an_error_not_a_silent_loss(settings: Settings) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    exchange = f"test.unbound.{uuid.uuid4().hex[:6]}"
+    conn.channel().exchange_declare(exchange, exchange_type="topic", auto_delete=False)
+    try:
+        with pytest.raises(PublishFailed, match="reached no queue"):
+            Publisher(settings).publish_raw(exchange, "nobody.listens", b"{}", "msg-unroutable")
+    finally:
+        conn.channel().exchange_delete(exchange)
+        conn.close()

@@ -20,6 +20,7 @@ import pika
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.service import RPCError
 
 from contracts import (
     CaseInput,
@@ -227,6 +228,18 @@ async def start(client: Client, settings: Settings, **overrides: Any) -> tuple[W
     return handle, services
 
 
+async def decide(handle: WorkflowHandle, update: Any, argument: Any) -> Any:
+    """Send a decision; retried only while the server reports the workflow task not ready (a transient
+    state under load). A validator's rejection is a WorkflowUpdateFailedError and is never retried."""
+    for attempt in range(10):
+        try:
+            return await handle.execute_update(update, argument)
+        except RPCError as exc:
+            if "workflow task failure" not in str(exc) or attempt == 9:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def current_details(handle: WorkflowHandle) -> str:
     """What the Temporal UI shows as the case's current details."""
     metadata = await handle.query("__temporal_workflow_metadata")
@@ -249,8 +262,8 @@ async def to_review(handle: WorkflowHandle, services: Services, reviewer: str = 
     services.insurance_verified()
     services.records_assembled()
     await wait_status(handle, CaseStatus.AWAITING_PATIENT_DECISION)
-    await handle.execute_update(
-        CaseWorkflow.decide_cost, CostDecision(choice=CostChoice.ACCEPT, by="patient-portal")
+    await decide(
+        handle, CaseWorkflow.decide_cost, CostDecision(choice=CostChoice.ACCEPT, by="patient-portal")
     )
     await services.expect("review.match")
     review_id = f"rev-{uuid.uuid4().hex[:6]}"
@@ -293,7 +306,7 @@ async def test_case_runs_from_request_to_closed_and_drops_duplicate_events(
         )
     )
     await wait_status(handle, CaseStatus.FOLLOW_UP)
-    await handle.execute_update(CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
     outcome = await asyncio.wait_for(handle.result(), timeout=30)
     services.close()
     await keep_history(handle, "closed_after_review")
@@ -433,9 +446,7 @@ async def test_every_decision_in_the_wrong_state_is_rejected_before_it_is_writte
 async def test_cancellation_mid_review_withdraws_work_everywhere(client: Client, settings: Settings) -> None:
     handle, services = await start(client, settings)
     await to_review(handle, services)
-    result = await handle.execute_update(
-        CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew")
-    )
+    result = await decide(handle, CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew"))
     assert "cancelled" in result
     cancelled = await services.expect("case.cancelled")
     assert cancelled["data"]["reason"] == "patient withdrew" and cancelled["data"]["cancelled_by"] == "ops-1"
@@ -444,7 +455,7 @@ async def test_cancellation_mid_review_withdraws_work_everywhere(client: Client,
     assert (await handle.describe()).typed_search_attributes.get(CASE_STATUS) == "cancelled"
     await keep_history(handle, "cancelled_in_review")
     with pytest.raises(Exception):  # noqa: B017 - the workflow is closed: no decision reaches it
-        await handle.execute_update(CaseWorkflow.hold, HoldCase(by="ops", reason="late"))
+        await decide(handle, CaseWorkflow.hold, HoldCase(by="ops", reason="late"))
     services.close()
 
 
@@ -454,7 +465,8 @@ async def test_declining_the_cost_cancels_the_case(client: Client, settings: Set
     services.insurance_verified()
     services.records_assembled()
     await wait_status(handle, CaseStatus.AWAITING_PATIENT_DECISION)
-    await handle.execute_update(
+    await decide(
+        handle,
         CaseWorkflow.decide_cost,
         CostDecision(choice=CostChoice.DECLINE, by="patient", reason="too expensive"),
     )
@@ -478,7 +490,8 @@ async def test_consent_identity_mismatch_hold_and_resume(client: Client, setting
         )
     )
     await wait_status(handle, CaseStatus.IDENTITY_MISMATCH)
-    await handle.execute_update(
+    await decide(
+        handle,
         CaseWorkflow.reconcile_identity,
         IdentityDecision(
             by="ops-2", import_id="imp-1", choice=IdentityChoice.REJECT, reason="another patient"
@@ -488,13 +501,13 @@ async def test_consent_identity_mismatch_hold_and_resume(client: Client, setting
     assert reconcile["data"]["decision"] == "reject" and reconcile["data"]["decided_by"] == "ops-2"
     await wait_status(handle, CaseStatus.AWAITING_RECORDS)
 
-    await handle.execute_update(CaseWorkflow.hold, HoldCase(by="ops-2", reason="waiting for a call back"))
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="waiting for a call back"))
     await wait_status(handle, CaseStatus.ON_HOLD)
     services.insurance_verified(patient_cost="0")
     services.records_assembled()
     await asyncio.sleep(1)
     assert "review.match" not in services.types()  # nothing goes out while on hold
-    await handle.execute_update(CaseWorkflow.resume, ResumeCase(by="ops-2"))
+    await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
     await services.expect("review.match")
     names = [d.name for d in await handle.query(CaseWorkflow.decisions)]
     assert names == ["consent_received", "reconcile_identity", "hold", "resume"]
@@ -548,7 +561,8 @@ async def test_reassignment_withdraws_the_reviewer_and_matches_the_named_one(
 ) -> None:
     handle, services = await start(client, settings)
     review_id = await to_review(handle, services, reviewer="spec-x")
-    await handle.execute_update(
+    await decide(
+        handle,
         CaseWorkflow.reassign_reviewer,
         ReassignReviewer(by="ops-3", reason="conflict of interest", reviewer_id="spec-y"),
     )
@@ -583,8 +597,8 @@ async def test_follow_up_question_goes_to_the_specialist_and_is_redelivered(
         )
     )
     await wait_status(handle, CaseStatus.FOLLOW_UP)
-    await handle.execute_update(
-        CaseWorkflow.ask_question, FollowUpQuestion(by="dr-a", question_id="q1", text="MRI?")
+    await decide(
+        handle, CaseWorkflow.ask_question, FollowUpQuestion(by="dr-a", question_id="q1", text="MRI?")
     )
     question = await services.expect("review.question")
     assert question["data"]["review_id"] == review_id and question["data"]["text"] == "MRI?"

@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import date
 from decimal import Decimal
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from contracts import CloudEvent, Coverage, InsuranceVerified, VerifyInsurance
+from contracts import CloudEvent, Coverage, InsuranceVerified, Patient, VerifyInsurance
 from services.common import migrate
 from services.common.config import PROJECT_ROOT, Settings
 from services.common.db import Outbox, make_engine
@@ -69,10 +70,15 @@ def engine(settings: Settings, sandbox: str) -> Engine:
     return engine
 
 
-def verify(engine: Engine, plan: str, member: str, settings: Settings) -> InsuranceVerified:
+def verify(
+    engine: Engine, plan: str, member: str, settings: Settings, patient: Patient | None = None
+) -> InsuranceVerified:
     case_id = f"c-{uuid.uuid4().hex[:12]}"
     cmd = VerifyInsurance(
-        case_id=case_id, coverage=Coverage(plan_code=plan, member_id=member), patient_state="CA"
+        case_id=case_id,
+        coverage=Coverage(plan_code=plan, member_id=member),
+        patient_state="CA",
+        patient=patient,
     )
     event_id = f"case-{case_id}:verify-insurance-1"
     with Session(engine) as session:
@@ -153,6 +159,28 @@ def test_x12_round_trip(
     assert (verified.coverage_status, verified.outcome, verified.network) == (status, outcome, network), case
     assert (verified.patient_cost, verified.authorization) == (D(cost), authorization), case
     assert member not in verified.explanation
+
+
+def subscriber(family_name: str) -> Patient:
+    return Patient(
+        family_name=family_name,
+        given_name="Pat",
+        birth_date=date(1980, 1, 2),
+        sex="female",
+        mrn="M",
+        state="CA",
+    )
+
+
+def test_the_270_names_the_subscriber_and_a_wrong_name_is_rejected(
+    engine: Engine, settings: Settings
+) -> None:
+    # The payer holds SBX-MET as TESTER: the patient's name travels in the 270 (NM1*IL, DMG) and is matched.
+    assert verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester")).coverage_status == "covered"
+    wrong = verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Someone"))
+    assert wrong.coverage_status == "not_covered" and wrong.outcome == "member_mismatch"
+    assert "AAA 73 invalid or missing subscriber name" in wrong.explanation
+    assert "Someone" not in wrong.explanation  # the explanation names the problem, never the PHI
 
 
 def test_rejection_explains_what_to_fix(engine: Engine, settings: Settings) -> None:
