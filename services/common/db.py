@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -23,8 +24,27 @@ def database_url(service: str, settings: Settings) -> str:
     return f"sqlite:///{settings.service_dir(service).parent / (service + '.db')}"
 
 
+_engines: dict[tuple[str, str, int, int], Engine] = {}
+_engines_lock = threading.Lock()
+
+
 def make_engine(service: str, settings: Settings | None = None) -> Engine:
+    """The engine for `service`'s schema; one per (service, database) in a process, so pools are shared."""
     settings = settings or get_settings()
+    key = (
+        service,
+        database_url(service, settings),
+        settings.database_pool_size,
+        settings.database_max_overflow,
+    )
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = _new_engine(service, settings)
+        return engine
+
+
+def _new_engine(service: str, settings: Settings) -> Engine:
     url = database_url(service, settings)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -41,8 +61,8 @@ def make_engine(service: str, settings: Settings | None = None) -> Engine:
     engine = create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=10,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
         connect_args={"options": f"-csearch_path={service}"},
     )
     with engine.begin() as conn:
