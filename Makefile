@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run down status codec-server replay-record test lint format unit integration e2e clean
+.PHONY: install demo run down status codec-server replay-record chaos dlq test lint format unit integration e2e clean
 
 install: $(STAMP)
 
@@ -34,6 +34,14 @@ codec-server: install
 ## Record fresh workflow histories for the replay test (keep the old ones: running cases still need them).
 replay-record: install
 	RECORD_HISTORIES=1 $(PY) -m scripts.run_pytest -q tests/integration/test_case_workflow.py
+
+## Crash tests: 50 cases while the worker, each service, RabbitMQ and Temporal are killed with kill -9 (~7 min).
+chaos: install
+	$(PY) -m tests.chaos --cases 50 --faults 30 --minutes 12
+
+## Dead letters of every queue (QUEUE=insurance for one); replay/purge with `secondopinion dlq replay|purge ...`.
+dlq: install
+	@for q in $(or $(QUEUE),intake records insurance review workflows.bridge); do echo "$$q.dlq"; $(PY) -m services.common.cli dlq list $$q; done
 
 ## Lint, type-check and run the whole suite (unit, integration on real PostgreSQL/RabbitMQ/Temporal, e2e).
 test: install lint

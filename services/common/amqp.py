@@ -284,6 +284,7 @@ class QueueConsumer:
             delivery_mode=pika.DeliveryMode.Persistent,
             type=props.type,
             headers=headers,
+            timestamp=int(time.time()),  # when it was dead-lettered: `secondopinion dlq list` shows it
         )
         channel.basic_publish(DEAD_LETTERS, self.queue, body, dlq_props, mandatory=True)
         channel.basic_ack(method.delivery_tag)
