@@ -144,6 +144,16 @@ class CaseCancelled(Event):
     cancelled_by: str
 
 
+class EncapsulatedReport(Event):
+    """The integrated report as a DICOM Encapsulated PDF, to be stored with the case's study by records."""
+
+    TYPE: ClassVar[str] = "document.encapsulated_report"
+    report_id: str
+    version: int
+    sop_instance_uid: str
+    dicom_base64: str  # a Part 10 file (tens of kB): small enough to travel in the message
+
+
 class CaseAlert(Event):
     """Something operations must see: a case at risk of missing its due date, a breach, an escalation,
     a due date that moved. Never hidden, never PHI."""
@@ -183,6 +193,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CaseStatusChanged,
         CaseCancelled,
         CaseAlert,
+        EncapsulatedReport,
     )
 }
 

@@ -51,7 +51,11 @@ QUEUES: dict[str, list[tuple[str, str]]] = {
         (EVENTS, "records.needed"),
         (EVENTS, "report.ready"),
     ],
-    "records": [(COMMANDS, "records.*"), (EVENTS, "case.cancelled")],
+    "records": [
+        (COMMANDS, "records.*"),
+        (EVENTS, "case.cancelled"),
+        (EVENTS, "document.encapsulated_report"),
+    ],
     "insurance": [(COMMANDS, "insurance.*"), (EVENTS, "case.cancelled")],
     "review": [(COMMANDS, "review.*"), (COMMANDS, "report.compose"), (EVENTS, "case.cancelled")],
     "workflows.bridge": [

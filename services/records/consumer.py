@@ -7,12 +7,18 @@ from sqlmodel import Session
 
 from contracts.commands import CollectRecords, ReconcileIdentity, RemindRecords
 from contracts.envelope import CloudEvent
-from contracts.events import CaseCancelled
+from contracts.events import CaseCancelled, EncapsulatedReport
 from services.common.config import Settings, get_settings
 from services.common.errors import PoisonMessage
-from services.records import handlers
+from services.records import handlers, second_opinion
 
-HANDLED: tuple[type[BaseModel], ...] = (CollectRecords, RemindRecords, ReconcileIdentity, CaseCancelled)
+HANDLED: tuple[type[BaseModel], ...] = (
+    CollectRecords,
+    RemindRecords,
+    ReconcileIdentity,
+    CaseCancelled,
+    EncapsulatedReport,
+)
 BY_TYPE = {m.TYPE: m for m in HANDLED}  # type: ignore[attr-defined]
 
 
@@ -38,3 +44,5 @@ def handle(session: Session, event: CloudEvent, settings: Settings | None = None
         handlers.reconcile(message, session, settings)
     elif isinstance(message, CaseCancelled):
         handlers.cancel(message, session)
+    elif isinstance(message, EncapsulatedReport):
+        second_opinion.store_report(message, session, settings)

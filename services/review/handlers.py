@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import os
 import tempfile
 import uuid
 from pathlib import Path
 
+import pydicom
 import structlog
 from sqlmodel import Session, func, select
 
 from contracts.commands import ComposeReport, MatchSpecialist
 from contracts.envelope import CloudEvent, new_event
-from contracts.events import Event, ReportReady, ReviewOffered, ReviewSubmitted, ReviewUnmatched
+from contracts.events import (
+    EncapsulatedReport,
+    Event,
+    ReportReady,
+    ReviewOffered,
+    ReviewSubmitted,
+    ReviewUnmatched,
+)
 from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.db import get_engine, utcnow
 from services.common.errors import PoisonMessage
 from services.review.diagnostic_report import build_diagnostic_report
+from services.review.encapsulated_pdf import encapsulated_pdf
 from services.review.matching import NoMatch, match_specialist
 from services.review.models import (
     OPEN_STATUSES,
@@ -121,7 +132,34 @@ def compose(cmd: ComposeReport, session: Session, settings: Settings) -> Report:
         sha256=report.pdf_sha256,
     )
     enqueue(session, EVENTS, event(f"{ready.TYPE}:{cmd.case_id}", ready))
+    archived = encapsulated_report_event(session, settings, report)
+    if archived is not None:
+        enqueue(session, EVENTS, event(f"{archived.TYPE}:{cmd.case_id}:{report.version}", archived))
     return report
+
+
+def encapsulated_report_event(
+    session: Session, settings: Settings, report: Report
+) -> EncapsulatedReport | None:
+    """The report as a DICOM Encapsulated PDF in the original study, for records to store with the images."""
+    review = session.get(Review, report.review_id)
+    if review is None:
+        return None
+    dicom = encapsulated_pdf(
+        pdf=report_pdf_file(settings, report).read_bytes(),
+        request=MatchSpecialist.model_validate(review.request),
+        report_id=report.id,
+        version=report.version,
+        issued=as_utc(report.updated_at or report.created_at),
+    )
+    sop_instance_uid = str(pydicom.dcmread(io.BytesIO(dicom), stop_before_pixels=True).SOPInstanceUID)
+    return EncapsulatedReport(
+        case_id=report.case_id,
+        report_id=report.id,
+        version=report.version,
+        sop_instance_uid=sop_instance_uid,
+        dicom_base64=base64.b64encode(dicom).decode(),
+    )
 
 
 def report_pdf_url(settings: Settings, case_id: str) -> str:

@@ -146,9 +146,19 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
         assert report.status == "final"
         assert report.presentedForm and report.presentedForm[0].contentType == "application/pdf"
 
+        # The second opinion is stored with the study it reads, as a DICOM Encapsulated PDF.
+        def stored_report() -> list[dict]:  # type: ignore[type-arg]
+            files = http.get(f"{settings.records_url}/v1/records/{case_id}").json()["files"]
+            return [f for f in files if f.get("modality") == "DOC"]
+
+        demo.wait_until("the encapsulated report to reach records", stored_report, timeout=30)
         records = http.get(f"{settings.records_url}/v1/records/{case_id}").json()
         assert records["status"] == "assembled"
-        assert sorted(f["kind"] for f in records["files"]) == ["dicom", "dicom", "dicom", "report"]
+        assert sorted(f["kind"] for f in records["files"]) == ["dicom", "dicom", "dicom", "dicom", "report"]
+        [encapsulated] = [f for f in records["files"] if f.get("modality") == "DOC"]
+        assert {f["study_instance_uid"] for f in records["files"] if f["kind"] == "dicom"} == {
+            encapsulated["study_instance_uid"]
+        }
 
         coverage = http.get(f"{settings.insurance_url}/v1/coverage/{case_id}").json()
         assert coverage["coverage_status"] == "covered"

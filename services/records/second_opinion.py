@@ -1,0 +1,38 @@
+"""The second opinion stored with the study it reads: the review service's DICOM Encapsulated PDF is imported
+like any instance (validated, reconciled with the case's patient, content-addressed), so the report sits in
+the study for DICOMweb clients and viewers beside the original images."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import structlog
+from sqlmodel import Session
+
+from contracts.events import EncapsulatedReport
+from services.common.config import Settings
+from services.common.errors import PoisonMessage
+from services.records import uploads
+from services.records.archive import Entry
+from services.records.store import ObjectStore
+
+log = structlog.get_logger(__name__)
+
+
+def store_report(event: EncapsulatedReport, session: Session, settings: Settings) -> None:
+    """Import the report into the case's records; a redelivered event stores nothing new (same bytes)."""
+    try:
+        dicom = base64.b64decode(event.dicom_base64, validate=True)
+    except binascii.Error as exc:
+        raise PoisonMessage("document.encapsulated_report carries no valid base64 DICOM") from exc
+    store = ObjectStore.for_settings(settings)
+    received = store.receive(io.BytesIO(dicom), position=1, total=1, limit=settings.max_upload_bytes)
+    entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
+    try:
+        uploads.accept_entries(event.case_id, [entry], session, settings, source="second-opinion")
+    except (uploads.RecordsNotRequested, uploads.RecordsCancelled):
+        log.info("records.report_not_stored", case_id=event.case_id, reason="no open records request")
+        return
+    log.info("records.report_stored", case_id=event.case_id, report_id=event.report_id, version=event.version)
