@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run down status codec-server replay-record chaos dlq test lint format unit integration e2e clean
+.PHONY: install demo run down status codec-server replay-record chaos dlq bench test lint format unit integration e2e clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ chaos: install
 ## Dead letters of every queue (QUEUE=insurance for one); replay/purge with `secondopinion dlq replay|purge ...`.
 dlq: install
 	@for q in $(or $(QUEUE),intake records insurance review workflows.bridge); do echo "$$q.dlq"; $(PY) -m services.common.cli dlq list $$q; done
+
+## Benchmarks against the real stack (about 20 min): a table, bench/results/latest.json, one verdict line each.
+bench: install
+	$(PY) -m bench
 
 ## Lint, type-check and run the whole suite (unit, integration on real PostgreSQL/RabbitMQ/Temporal, e2e).
 test: install lint

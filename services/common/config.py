@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     # (PostgreSQL) or its own file (SQLite, the default when DATABASE_URL is unset).
     database_url: str | None = None
     # Connections per engine (each process holds one engine per schema it uses).
-    database_pool_size: int = 5
-    database_max_overflow: int = 5
+    database_pool_size: int = 10
+    database_max_overflow: int = 10
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     amqp_delivery_limit: int = 5

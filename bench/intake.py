@@ -1,0 +1,86 @@
+"""`intake`: POST /v1/cases at 32 concurrent for 30 s vs raw client.start_workflow at the same concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import httpx
+from temporalio.client import Client
+
+from bench import bare
+from bench.cases import case_request
+from bench.result import Result
+from bench.stats import ms, percentile
+from bench.system import System
+
+TARGET, P99_LIMIT_MS = 0.7, 250.0
+
+
+async def closed_loop(call: Callable[[], Awaitable[None]], concurrency: int, seconds: float) -> list[float]:
+    """`concurrency` callers, each calling again as soon as its call returns, for `seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    latencies: list[float] = []
+
+    async def caller() -> None:
+        while loop.time() < deadline:
+            started = loop.time()
+            await call()
+            latencies.append(loop.time() - started)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies
+
+
+async def measure(system: System, concurrency: int, seconds: float) -> Result:
+    url = f"{system.settings.intake_url}/v1/cases"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, headers=system.headers, limits=limits) as http:
+
+        async def post_case() -> None:
+            response = await http.post(url, json=case_request(system))
+            if response.status_code != 201:
+                raise RuntimeError(f"intake answered {response.status_code}: {response.text[:300]}")
+
+        await closed_loop(post_case, concurrency, min(seconds, 2))  # warm-up
+        started = time.monotonic()
+        api = await closed_loop(post_case, concurrency, seconds)
+        api_rate = len(api) / (time.monotonic() - started)
+
+    client = await Client.connect(
+        system.settings.temporal_address, namespace=system.settings.temporal_namespace
+    )
+    shape = bare.Shape(activities=0, signals=0, updates=0)
+
+    async def start_workflow() -> None:
+        # No worker polls this task queue: the ceiling is the server accepting the start, as intake needs.
+        await client.start_workflow("BareCase", shape, id=f"raw-{uuid.uuid4()}", task_queue="bench-raw")
+
+    started = time.monotonic()
+    raw = await closed_loop(start_workflow, concurrency, seconds)
+    raw_rate = len(raw) / (time.monotonic() - started)
+    ratio = api_rate / raw_rate
+    p99 = ms(percentile(api, 0.99))
+    return Result(
+        name="intake",
+        what=f"POST /v1/cases, {concurrency} concurrent for {seconds:.0f} s",
+        ceiling="client.start_workflow at the same concurrency",
+        ratio=ratio,
+        target=f">={TARGET}, p99<{P99_LIMIT_MS:.0f}ms",
+        ok=ratio >= TARGET and p99 < P99_LIMIT_MS,
+        figures={
+            "req/s": round(api_rate, 1),
+            "p50 ms": ms(percentile(api, 0.5)),
+            "p99 ms": p99,
+            "ceiling starts/s": round(raw_rate, 1),
+            "ceiling p50 ms": ms(percentile(raw, 0.5)),
+            "ceiling p99 ms": ms(percentile(raw, 0.99)),
+        },
+    )
+
+
+def run(system: System, *, smoke: bool) -> Result:
+    return asyncio.run(measure(system, concurrency=4 if smoke else 32, seconds=2 if smoke else 30))

@@ -1,0 +1,80 @@
+"""`pipeline`: N cases end to end (small synthetic study, automated specialist through the review API, cost
+decision and close via Temporal updates) vs a bare workflow of the same shape on the same server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from temporalio.client import Client
+
+from bench import bare
+from bench.cases import demo_files, run_case, widen_directory
+from bench.result import Result
+from bench.stats import ms, percentile
+from bench.system import System
+from services.common.temporal import connect_temporal
+
+TARGET = 0.5
+
+
+async def measure(system: System, cases: int, concurrency: int) -> Result:
+    settings = system.settings
+    temporal = await connect_temporal(settings)
+    files = demo_files()
+    gate = asyncio.Semaphore(concurrency)
+    seconds: list[float] = []
+    failures: list[str] = []
+    async with httpx.AsyncClient(timeout=120, headers=system.headers) as http:
+        await widen_directory(http, system, max_open_reviews=100)
+
+        async def one() -> None:
+            async with gate:
+                try:
+                    seconds.append(await run_case(http, temporal, system, files))
+                except Exception as exc:  # counted and reported; the other cases go on
+                    failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+        await run_case(http, temporal, system, files)  # warm-up; also the case whose shape the ceiling copies
+        first = (await http.get(f"{settings.intake_url}/v1/cases", params={"status": "closed"})).json()
+        started = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(cases)))
+        elapsed = time.monotonic() - started
+
+    shape = await bare.shape_of(temporal, f"case-{first['items'][0]['case_id']}")
+    plain = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    async with bare.bare_worker(plain):
+        await bare.run_bare_concurrently(plain, shape, 1, 1)  # warm-up
+        started = time.monotonic()
+        bare_seconds = await bare.run_bare_concurrently(plain, shape, cases, concurrency)
+        bare_elapsed = time.monotonic() - started
+
+    rate, ceiling = len(seconds) / elapsed, cases / bare_elapsed
+    ratio = rate / ceiling
+    return Result(
+        name="pipeline",
+        what=f"{cases} cases end to end, {concurrency} at a time",
+        ceiling=f"bare workflow: {shape.activities} activities, {shape.signals} signals, {shape.updates} updates",
+        ratio=ratio,
+        target=f">={TARGET}",
+        ok=ratio >= TARGET and not failures,
+        figures={
+            "cases closed": len(seconds),
+            "cases/s": round(rate, 2),
+            "p50 ms": ms(percentile(seconds, 0.5)),
+            "p95 ms": ms(percentile(seconds, 0.95)),
+            "ceiling cases/s": round(ceiling, 2),
+            "ceiling p50 ms": ms(percentile(bare_seconds, 0.5)),
+            "ceiling p95 ms": ms(percentile(bare_seconds, 0.95)),
+        },
+        notes=[
+            "case times exclude the patient's, specialist's and referrer's turns",
+            "every specialist may hold 100 open reviews (seeded: 5)",
+            *failures[:5],
+        ],
+    )
+
+
+def run(system: System, *, smoke: bool) -> Result:
+    return asyncio.run(measure(system, cases=2 if smoke else 200, concurrency=2 if smoke else 16))

@@ -1,0 +1,200 @@
+"""The real stack for one benchmark run: scripts.stack on free ports, its own PostgreSQL database and
+RabbitMQ vhost, DATA_DIR in a tmp dir; plus the partner key and the processes' memory as /proc shows it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from scripts import demo, stack
+from services.common.config import PROJECT_ROOT, Settings, get_settings
+from tests.infra import postgres_database, rabbitmq_vhost
+
+PORTS = ("intake", "records", "insurance", "review", "temporal", "ui", "codec", "payer", "scp")
+
+
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Distinct free ports: every socket stays bound until all are chosen."""
+    sockets = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return {name: int(s.getsockname()[1]) for name, s in zip(names, sockets, strict=True)}
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass(frozen=True)
+class System:
+    settings: Settings
+    partner_id: str
+    api_key: str
+    operations_key: str  # acts as the specialist (`?reviewer=`), as the operations desk may
+    scratch: Path  # a tmp dir for studies and ceilings, removed with the system
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    @property
+    def operations_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.operations_key}"}
+
+    def pid(self, process: str) -> int:
+        pid = stack.running_pid(self.settings, process)
+        if pid is None:
+            raise RuntimeError(f"{process} is not running; see {self.settings.data_dir}/logs/{process}.log")
+        return pid
+
+
+# Settings the benchmarks need that differ from the defaults, each for a stated reason.
+BENCH_ENV = {
+    "LOG_LEVEL": "WARNING",
+    # The per-key rate limit (50/s) is a policy for partners; the benchmarks measure capacity.
+    "AUTH_RATE_PER_SECOND": "0",  # a log line per request would measure the disk, not the service
+    # The 1 GB CD arrives as one ZIP; the default 512 MiB per-file limit would refuse it with a 413.
+    "MAX_UPLOAD_BYTES": str(2 * 1024**3),
+    # Retrieval is polled every 2 s by default; the benchmark times the transfer, not the poll.
+    "RECORDS_RETRIEVAL_POLL_SECONDS": "0.2",
+    "RECORDS_RETRIEVAL_TIMEOUT_SECONDS": "120",
+}
+
+
+@contextlib.contextmanager
+def running_system() -> Iterator[System]:
+    """Start the whole system as processes; stop it and drop its database and vhost afterwards."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as tmp,
+        postgres_database() as database_url,
+        rabbitmq_vhost() as amqp_url,
+    ):
+        ports = free_ports(PORTS)
+        env = {
+            **BENCH_ENV,
+            "DATA_DIR": str(Path(tmp) / "data"),
+            "DATABASE_URL": database_url,
+            "AMQP_URL": amqp_url,
+            "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}",
+            "TEMPORAL_UI_PORT": str(ports["ui"]),
+            "CODEC_SERVER_PORT": str(ports["codec"]),
+            "PAYER_SANDBOX_PORT": str(ports["payer"]),
+            "RECORDS_SCP_PORT": str(ports["scp"]),
+        }
+        for name in stack.SERVICES:
+            env[f"{name.upper()}_PORT"] = str(ports[name])
+            env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{ports[name]}"
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        get_settings.cache_clear()
+        settings = Settings()
+        scratch = Path(tmp) / "scratch"
+        scratch.mkdir()
+        try:
+            with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+                stack.up(settings)
+            partner = demo.demo_partner(settings)
+            yield System(settings, partner["partner_id"], partner["api_key"], operations_key(), scratch)
+        finally:
+            with contextlib.redirect_stdout(open(os.devnull, "w")), reaping(settings):  # noqa: SIM115
+                stack.down(settings)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            get_settings.cache_clear()
+
+
+@contextlib.contextmanager
+def reaping(settings: Settings) -> Iterator[None]:
+    """Reap the stack's processes as they exit: they are this process's children, and a zombie still
+    answers `kill(pid, 0)`, so stack.down would wait its full grace period for each one."""
+    pids = [p for p in (stack.running_pid(settings, x.name) for x in stack.processes(settings)) if p]
+    stop = threading.Event()
+
+    def reap() -> None:
+        left = set(pids)
+        while left and not stop.wait(0.05):
+            for pid in list(left):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        left.discard(pid)
+                except ChildProcessError:
+                    left.discard(pid)
+
+    reaper = threading.Thread(target=reap, daemon=True)
+    reaper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        reaper.join()
+
+
+def operations_key() -> str:
+    """A staff key with the operations role, made with the operators' console command."""
+    command = [sys.executable, "-m", "services.common.cli", "key", "create", "--role", "operations"]
+    created = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT, check=False)
+    if created.returncode != 0:
+        raise RuntimeError(f"could not create an operations key: {created.stderr[-500:] or created.stdout}")
+    return str(json.loads(created.stdout)["api_key"])
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process now (VmRSS), 0 once it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of `pid` (the records service parses headers in child processes)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                kids = (task / "children").read_text().split()
+                found += [int(k) for k in kids]
+                frontier += [int(k) for k in kids]
+    return found
+
+
+class PeakRss:
+    """Samples a process's RSS (and its process tree's) every 20 ms while the `with` block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self.tree_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            own = rss_bytes(self.pid)
+            self.peak = max(self.peak, own)
+            self.tree_peak = max(self.tree_peak, own + sum(rss_bytes(c) for c in children(self.pid)))
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self.tree_peak = rss_bytes(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,66 @@
+"""`python -m bench --smoke`: every benchmark runs against the real stack with tiny sizes, prints its table
+and one verdict line each, and writes its JSON results. Whether the tiny sizes meet the targets is not
+asserted (they measure start-up costs, not throughput); that the figures are real is."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.common.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.e2e
+
+NAMES = ["pipeline", "intake", "import", "retrieve", "scale"]
+VERDICT = re.compile(r"^(?P<name>\w+) ratio=(?P<ratio>[0-9.]+|-) target=\S.* (?P<verdict>ok|SHORT)$")
+
+
+def bench(*args: str, timeout: float = 85) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_the_smoke_run_measures_every_benchmark_and_its_ceiling(tmp_path: Path) -> None:
+    output = tmp_path / "latest.json"
+    run = bench("--smoke", "--output", str(output))
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    verdicts = [m for line in run.stdout.splitlines() if (m := VERDICT.match(line))]
+    assert [m["name"] for m in verdicts] == NAMES, run.stdout
+    assert "| benchmark | figures | ratio | target | verdict |" in run.stdout
+
+    document = json.loads(output.read_text())
+    assert document["smoke"] is True and "cores" in document["machine"]
+    results = {r["name"]: r for r in document["results"]}
+    assert list(results) == NAMES
+    for name, result in results.items():
+        assert result["what"] != "failed", f"{name}: {result['notes']}"
+    for name in ("pipeline", "intake", "import", "retrieve"):
+        assert results[name]["ratio"] > 0, f"{name} measured no ratio against its ceiling"
+
+    pipeline = results["pipeline"]["figures"]
+    assert pipeline["cases/s"] > 0 and pipeline["ceiling cases/s"] > 0
+    assert "activities" in results["pipeline"]["ceiling"]
+    assert results["intake"]["figures"]["req/s"] > 0 and results["intake"]["figures"]["ceiling starts/s"] > 0
+    assert results["import"]["figures"]["peak RSS MB"] > 0
+    assert results["retrieve"]["figures"]["MB/s"] > 0
+    scale = results["scale"]["figures"]
+    assert scale["cases waiting"] >= 20, "the smoke run opens 20 cases that must all wait for records"
+    assert 0 < scale["worker RSS MB"] < 1000
+
+
+def test_an_unknown_benchmark_is_refused_with_the_names_to_choose_from() -> None:
+    run = bench("--smoke", "pipelines", timeout=30)
+    assert run.returncode == 2
+    assert "no benchmark named pipelines; choose from pipeline, intake, import, retrieve, scale" in run.stderr
