@@ -59,7 +59,8 @@ class CaseFindings:
     workflow: str = "missing"
     reports: int = 0
     studies: int = 0
-    dicom_files: int = 0
+    dicom_files: int = 0  # the uploaded images
+    stored_reports: int = 0  # the second opinion stored with the study (DICOM Encapsulated PDF, modality DOC)
     coverage: int = 0
     intake_rows: int = 0
     webhook_duplicates: int = 0  # events the partner received under more than one webhook id
@@ -71,6 +72,7 @@ class CaseFindings:
             or self.reports > 1
             or self.studies > 1
             or self.dicom_files > DICOM_FILES
+            or self.stored_reports > 1
             or self.coverage > 1
             or self.intake_rows > 1
         )
@@ -144,7 +146,13 @@ async def verdict(
                 )
                 found.dicom_files = _count(
                     conn,
-                    "select count(*) from records.record_files where case_id = %s and kind = 'dicom'",
+                    "select count(*) from records.record_files where case_id = %s and kind = 'dicom'"
+                    " and coalesce(modality, '') <> 'DOC'",
+                    cid,
+                )
+                found.stored_reports = _count(
+                    conn,
+                    "select count(*) from records.record_files where case_id = %s and modality = 'DOC'",
                     cid,
                 )
                 found.coverage = _count(

@@ -25,6 +25,7 @@ from services.common.http import create_app
 from services.records import api, consumer, dicomweb
 from services.records.models import RecordFile
 from tests.dicom_factory import make_us_instance
+from tests.keys import operations_headers
 
 
 def free_port() -> int:
@@ -118,7 +119,7 @@ def test_stow_then_qido_and_wado_with_a_third_party_client(
     case_id = open_case(engine, settings)
     study = new_study()
     sent = instances(study)
-    client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}")
+    client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}", headers=operations_headers(settings))
 
     stored = client.store_instances(sent)
     assert len(stored.ReferencedSOPSequence) == 3
@@ -151,11 +152,13 @@ def test_a_stow_of_another_patient_is_held_and_not_searchable(
 ) -> None:
     case_id = open_case(engine, settings)
     study = new_study()
-    client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}")
+    client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}", headers=operations_headers(settings))
     stored = client.store_instances(instances(study, birth_date="19790101"))
     assert stored.WarningReason == 0xB000
     assert client.search_for_studies() == []
-    response = requests.get(f"{base_url}/v1/records/{case_id}", timeout=10).json()
+    response = requests.get(
+        f"{base_url}/v1/records/{case_id}", headers=operations_headers(settings), timeout=10
+    ).json()
     assert response["imports"][0]["differences"] == ["PatientBirthDate"]
 
 
@@ -164,11 +167,15 @@ def test_the_root_stow_finds_the_case_by_its_requested_study_uid(
 ) -> None:
     study = new_study()
     case_id = open_case(engine, settings, study_uid=study)
-    DICOMwebClient(url=f"{base_url}/dicomweb").store_instances(instances(study))
-    records = requests.get(f"{base_url}/v1/records/{case_id}", timeout=10).json()
+    DICOMwebClient(url=f"{base_url}/dicomweb", headers=operations_headers(settings)).store_instances(
+        instances(study)
+    )
+    records = requests.get(
+        f"{base_url}/v1/records/{case_id}", headers=operations_headers(settings), timeout=10
+    ).json()
     assert len(records["files"]) == 3
 
-    unknown = DICOMwebClient(url=f"{base_url}/dicomweb")
+    unknown = DICOMwebClient(url=f"{base_url}/dicomweb", headers=operations_headers(settings))
     with pytest.raises(requests.HTTPError) as caught:
         unknown.store_instances(instances(new_study()))
     assert caught.value.response is not None and caught.value.response.status_code == 404
@@ -186,10 +193,24 @@ def test_bad_stow_bodies_are_refused_with_nothing_stored(
         + f"\r\n--{boundary}--\r\n".encode()
     )
     related = f'multipart/related; type="application/dicom"; boundary={boundary}'
-    refused = requests.post(url, data=body, headers={"Content-Type": related}, timeout=10)
+    refused = requests.post(
+        url, data=body, headers={"Content-Type": related, **operations_headers(settings)}, timeout=10
+    )
     assert refused.status_code == 422 and "part 1 of the request is not DICOM" in refused.json()["detail"]
-    wrong_type = requests.post(url, data=b"{}", headers={"Content-Type": "application/json"}, timeout=10)
+    wrong_type = requests.post(
+        url,
+        data=b"{}",
+        headers={"Content-Type": "application/json", **operations_headers(settings)},
+        timeout=10,
+    )
     assert wrong_type.status_code == 415
-    truncated = requests.post(url, data=body[:60], headers={"Content-Type": related}, timeout=10)
+    truncated = requests.post(
+        url, data=body[:60], headers={"Content-Type": related, **operations_headers(settings)}, timeout=10
+    )
     assert truncated.status_code == 422 and "truncated" in truncated.json()["detail"]
-    assert requests.get(f"{base_url}/v1/records/{case_id}", timeout=10).json()["files"] == []
+    assert (
+        requests.get(
+            f"{base_url}/v1/records/{case_id}", headers=operations_headers(settings), timeout=10
+        ).json()["files"]
+        == []
+    )
