@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from decimal import Decimal
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -134,6 +133,3 @@ class CaseInput(Strict):
     consent_on_file: bool = True
     procedure_scheduled_on: date | None = None
     policy: CasePolicy = Field(default_factory=CasePolicy)
-
-
-Money = Decimal

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         Command,
         ComposeReport,
         DeliverReport,
+        FollowUpQuestionForReviewer,
         MatchSpecialist,
         ReconcileIdentity,
         RemindRecords,
@@ -52,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
         CaseStatusChanged,
         IdentityMismatch,
         InsuranceVerified,
+        QuestionAnswered,
         RecordsAssembled,
         RecordsIncomplete,
         ReportDelivered,
@@ -82,10 +84,6 @@ E = TypeVar("E", bound=BaseModel)
 # Publishing is retried until the broker confirms: a case never loses a command to a broker restart.
 PUBLISH_TIMEOUT = timedelta(seconds=30)
 PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
-
-# Follow-up questions travel as plain types: the review service owns their models.
-QUESTION_COMMAND = "review.question"
-QUESTION_ANSWERED = "review.answered"
 
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
@@ -445,22 +443,24 @@ class CaseWorkflow:
             if answered < len(self._questions):
                 question = self._questions[answered]
                 mark = len(self._received)
-                await self._send_raw(
-                    QUESTION_COMMAND,
-                    {
-                        "case_id": case.case_id,
-                        "question_id": question.question_id,
-                        "text": question.text,
-                        "asked_by": question.by,
-                        "review_id": self._offer.review_id if self._offer else None,
-                    },
+                await self._send(
+                    FollowUpQuestionForReviewer(
+                        case_id=case.case_id,
+                        question_id=question.question_id,
+                        text=question.text,
+                        asked_by=question.by,
+                        review_id=self._offer.review_id if self._offer else None,
+                    )
                 )
-                reply = await self._next(
-                    mark, QUESTION_ANSWERED, key=question.question_id, key_field="question_id"
+                reply = QuestionAnswered.model_validate(
+                    (
+                        await self._next(
+                            mark, QuestionAnswered.TYPE, key=question.question_id, key_field="question_id"
+                        )
+                    ).data
                 )
                 answered += 1
-                report_id = str(reply.data.get("report_id") or report.report_id)
-                await self._deliver(case, report_id, report.pdf_url, report.fhir_url)
+                await self._deliver(case, reply.report_id, report.pdf_url, report.fhir_url)
                 await self._transition(CaseStatus.FOLLOW_UP, f"addendum {answered} delivered")
                 continue
             if self._close is not None:
@@ -754,13 +754,10 @@ class CaseWorkflow:
         )
 
     async def _send(self, command: Command) -> None:
-        await self._send_raw(command.TYPE, command.model_dump(mode="json"))
-
-    async def _send_raw(self, type_: str, data: dict[str, Any]) -> None:
         await workflow.wait_condition(lambda: self._hold is None)
         await workflow.execute_activity_method(
             CaseActivities.publish_command,
-            PublishCommand(case_id=str(data["case_id"]), type=type_, data=data),
+            PublishCommand(case_id=command.case_id, type=command.TYPE, data=command.model_dump(mode="json")),
             start_to_close_timeout=PUBLISH_TIMEOUT,
             retry_policy=PUBLISH_RETRY,
         )

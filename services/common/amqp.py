@@ -31,7 +31,7 @@ from sqlmodel import Session, select
 from contracts.envelope import CloudEvent
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
-from services.common.db import Inbox, Outbox, utcnow
+from services.common.db import Inbox, Outbox
 from services.common.errors import PoisonMessage
 from services.common.tracing import consumer_span, current_trace_headers, trace_headers_of
 
@@ -387,7 +387,3 @@ class OutboxRelay:
                 session.add(row)
             session.commit()
             return len(rows)
-
-
-def now() -> datetime:
-    return utcnow()

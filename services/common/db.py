@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
-from sqlmodel import Field, Session, SQLModel, create_engine
+from sqlmodel import Field, SQLModel, create_engine
 
 from services.common.config import Settings, get_settings
 
@@ -73,11 +72,6 @@ def _new_engine(service: str, settings: Settings) -> Engine:
 @lru_cache
 def get_engine(service: str) -> Engine:
     return make_engine(service)
-
-
-def session_scope(engine: Engine) -> Iterator[Session]:
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
 
 
 class Inbox(SQLModel, table=True):

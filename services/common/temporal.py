@@ -10,7 +10,6 @@ import base64
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
@@ -43,10 +42,9 @@ SEARCH_ATTRIBUTES: Sequence[SearchAttributeKey] = (
 
 def search_attribute_flags() -> list[str]:
     """`--search-attribute` flags for `temporal server start-dev`."""
-    kinds = {datetime: "Datetime", str: "Keyword"}
     flags = []
     for key in SEARCH_ATTRIBUTES:
-        kind = "Datetime" if key.indexed_value_type.name == "DATETIME" else kinds[str]
+        kind = "Datetime" if key.indexed_value_type.name == "DATETIME" else "Keyword"
         flags += ["--search-attribute", f"{key.name}={kind}"]
     return flags
 

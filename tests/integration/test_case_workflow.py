@@ -55,6 +55,7 @@ from contracts.decisions import (
 )
 from contracts.events import (
     IdentityMismatch,
+    QuestionAnswered,
     RecordsIncomplete,
     ReviewAccepted,
     ReviewDeclined,
@@ -602,13 +603,9 @@ async def test_follow_up_question_goes_to_the_specialist_and_is_redelivered(
     )
     question = await services.expect("review.question")
     assert question["data"]["review_id"] == review_id and question["data"]["text"] == "MRI?"
-    services.publisher.publish(
-        EVENTS,
-        new_event(
-            id="ans-1", source="/test", subject=services.case_id, type="review.answered",
-            data=ReviewAccepted(case_id=services.case_id, review_id=review_id, reviewer_id="x"),
-        ).model_copy(update={"data": {"case_id": services.case_id, "question_id": "q1", "review_id": review_id, "report_id": "rp2"}}),
-    )  # fmt: skip
+    services.send(
+        QuestionAnswered(case_id=services.case_id, question_id="q1", review_id=review_id, report_id="rp2")
+    )
     await services.expect("report.deliver", report_id="rp2")
     await keep_history(handle, "follow_up_question")
     await handle.terminate("test done")
