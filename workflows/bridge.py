@@ -1,40 +1,117 @@
 """The event bridge: consumes `case.events` and signals `case-{subject}` with each event.
 
-The pika consumer runs in its own thread; each signal is handed to the worker's asyncio loop and the
-message is acked only once Temporal accepted the signal. The workflow drops event ids it has seen, so
-a redelivered message is harmless. An event for a case that is closed or unknown is acked and dropped.
+The pika consumer runs in its own thread and hands each event to the worker's asyncio loop, so up to the
+prefetch count of signals are in flight at once (one at a time held the whole system to the speed of one
+signal round trip). Events of one case are signalled in the order they arrived; different cases run side
+by side. A message is acked, from the pika thread, only once Temporal accepted its signal. The workflow
+drops event ids it has seen, so a redelivered message is harmless. An event for a case that is closed or
+unknown is acked and dropped; a message that is not a CloudEvent is dead-lettered at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
+from typing import Any
 
 import structlog
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from contracts.envelope import CloudEvent
-from services.common.amqp import QueueConsumer
+from services.common.amqp import QueueConsumer, decode_envelope, delivery_attempt, retry_backoff
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
+from services.common.errors import PoisonMessage
+from services.common.tracing import consumer_span
 
 log = structlog.get_logger(__name__)
 
 QUEUE = "workflows.bridge"
 SIGNAL_TIMEOUT_SECONDS = 30
+BRIDGE_PREFETCH = 64
 
 
 class EventBridge(QueueConsumer):
     def __init__(self, *, settings: Settings, client: Client, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(settings=settings, queue=QUEUE)
+        # Signals are cheap and independent across cases: keep more of them in flight than a handler would.
+        self.prefetch = max(settings.amqp_prefetch, BRIDGE_PREFETCH)
         self.client = client
         self.loop = loop
+        # case id -> the lock its signals take turns on (only touched on the asyncio loop).
+        self._case_locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    def apply(self, event: CloudEvent) -> bool:
-        future = asyncio.run_coroutine_threadsafe(self.signal(event), self.loop)
-        applied = future.result(timeout=SIGNAL_TIMEOUT_SECONDS)
-        crash_point("bridge.after_signal_before_ack")
-        return applied
+    def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        try:
+            event = decode_envelope(body)
+        except PoisonMessage as exc:
+            log.warning("message.poison", queue=self.queue, message_id=props.message_id, reason=str(exc))
+            self._dead_letter(channel, method, props, body, str(exc))
+            return
+        future = asyncio.run_coroutine_threadsafe(self.deliver(event, props.headers), self.loop)
+        connection = self._conn
+        assert connection is not None  # noqa: S101 - a message arrives only on an open connection
+
+        def settle_later(done: concurrent.futures.Future[bool]) -> None:
+            # A closed connection refuses the callback: the broker then redelivers the message anyway.
+            with contextlib.suppress(Exception):
+                connection.add_callback_threadsafe(
+                    functools.partial(self._settle, channel, method, props, event, done)
+                )
+
+        future.add_done_callback(settle_later)
+
+    def _settle(
+        self,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        props: BasicProperties,
+        event: CloudEvent,
+        done: concurrent.futures.Future[bool],
+    ) -> None:
+        """On the pika thread: ack a signalled (or moot) event, or put a failed one back after a pause."""
+        if not channel.is_open:
+            return  # the connection dropped: the broker redelivers the message to the next connection
+        fields = {"queue": self.queue, "message_id": props.message_id, "case_id": event.subject}
+        error = done.exception()
+        if error is None:
+            crash_point("bridge.after_signal_before_ack")
+            channel.basic_ack(method.delivery_tag)
+            applied = done.result()
+            log.info("message.applied" if applied else "message.duplicate_dropped", **fields)
+            return
+        log.warning("message.failed", attempt=delivery_attempt(props), error=type(error).__name__, **fields)
+        connection = self._conn
+        if connection is None or connection.is_closed:
+            return
+        connection.call_later(
+            retry_backoff(props),
+            lambda: channel.basic_nack(method.delivery_tag, requeue=True) if channel.is_open else None,
+        )
+
+    async def deliver(self, event: CloudEvent, headers: dict[str, Any] | None) -> bool:
+        """Signal `event` after every earlier event of the same case; False if the case is not running."""
+        lock, users = self._case_locks.get(event.subject) or (asyncio.Lock(), 0)
+        self._case_locks[event.subject] = (lock, users + 1)
+        try:
+            async with lock:
+                with consumer_span(f"{self.queue} process {event.type}", headers, event.model_extra) as span:
+                    span.set_attribute("messaging.message.id", event.id)
+                    span.set_attribute("messaging.destination.name", self.queue)
+                    return await asyncio.wait_for(self.signal(event), SIGNAL_TIMEOUT_SECONDS)
+        finally:
+            lock, users = self._case_locks[event.subject]
+            if users == 1:
+                del self._case_locks[event.subject]
+            else:
+                self._case_locks[event.subject] = (lock, users - 1)
 
     async def signal(self, event: CloudEvent) -> bool:
         handle = self.client.get_workflow_handle(f"case-{event.subject}")

@@ -190,6 +190,24 @@ def enqueue(session: Session, exchange: str, event: CloudEvent) -> None:
 Handler = Callable[[Session, CloudEvent], None]
 
 
+def decode_envelope(body: bytes) -> CloudEvent:
+    """The message's CloudEvent, or `PoisonMessage` naming the bad fields (redelivery cannot mend it)."""
+    try:
+        return CloudEvent.model_validate_json(body)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors()[:5])
+        raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope (bad fields: {fields})") from exc
+
+
+def delivery_attempt(props: BasicProperties) -> int:
+    return int((props.headers or {}).get("x-delivery-count", 0)) + 1
+
+
+def retry_backoff(props: BasicProperties) -> float:
+    """Seconds to wait before a failed message goes back: a transient fault is not burnt through at once."""
+    return min(0.2 * delivery_attempt(props), 2.0)
+
+
 class QueueConsumer:
     """Consumes one queue: poison goes to the dead-letter queue at once, failures are redelivered up to the
     delivery limit, and a message is acked only after `apply` returned."""
@@ -197,6 +215,7 @@ class QueueConsumer:
     def __init__(self, *, settings: Settings, queue: str) -> None:
         self.settings = settings
         self.queue = queue
+        self.prefetch = settings.amqp_prefetch
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._conn: pika.BlockingConnection | None = None
@@ -215,7 +234,7 @@ class QueueConsumer:
                 channel = self._conn.channel()
                 channel.confirm_delivery()  # dead-lettering a poison message is confirmed before its ack
                 declare_topology(channel, self.settings)
-                channel.basic_qos(prefetch_count=self.settings.amqp_prefetch)
+                channel.basic_qos(prefetch_count=self.prefetch)
                 channel.basic_consume(self.queue, self._on_message)
                 self.connected.set()
                 log.info("consumer.started", queue=self.queue)
@@ -242,11 +261,7 @@ class QueueConsumer:
         message_id = props.message_id or ""
         structlog.contextvars.bind_contextvars(message_id=message_id, queue=self.queue)
         try:
-            try:
-                event = CloudEvent.model_validate_json(body)
-            except ValidationError as exc:
-                fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors()[:5])
-                raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope (bad fields: {fields})") from exc
+            event = decode_envelope(body)
             structlog.contextvars.bind_contextvars(case_id=event.subject, event_type=event.type)
             with consumer_span(
                 f"{self.queue} process {event.type}", props.headers, event.model_extra
@@ -262,10 +277,9 @@ class QueueConsumer:
             log.warning("message.poison", reason=str(exc))
             self._dead_letter(channel, method, props, body, str(exc))
         except Exception as exc:
-            deliveries = int((props.headers or {}).get("x-delivery-count", 0)) + 1
-            log.exception("message.failed", attempt=deliveries, error=type(exc).__name__)
+            log.exception("message.failed", attempt=delivery_attempt(props), error=type(exc).__name__)
             # Back off a little so a transient fault (database restart) is not burnt through at once.
-            time.sleep(min(0.2 * deliveries, 2.0))
+            time.sleep(retry_backoff(props))
             channel.basic_nack(method.delivery_tag, requeue=True)
         finally:
             structlog.contextvars.unbind_contextvars("message_id", "queue", "case_id", "event_type")
