@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import compileall
+import contextlib
 import os
 import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
 from services.common.amqp import ensure_topology
 from services.common.config import Settings, get_settings
@@ -25,7 +28,19 @@ from workflows.case import CaseWorkflow
 log = structlog.get_logger(__name__)
 
 
+def precompile_workflows() -> None:
+    """Write the bytecode of the workflow modules even under PYTHONDONTWRITEBYTECODE.
+
+    The sandbox imports the workflow's module afresh for every workflow it builds; without a .pyc that is
+    a compile of the module's source each time, which profiled as a third of the worker's CPU. The image
+    compiles everything at build time; a read-only tree without it only costs speed.
+    """
+    with contextlib.suppress(OSError):
+        compileall.compile_dir(Path(__file__).parent, quiet=2)
+
+
 def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
+    precompile_workflows()
     activities = CaseActivities(settings)
     return Worker(
         client,
@@ -34,6 +49,12 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
         activities=[activities.publish_command, activities.publish_event],
         activity_executor=executor,
         max_concurrent_activities=executor._max_workers,
+        # With thousands of cases open the backlog of workflow tasks is long; five pollers, four of them on
+        # this worker's sticky queue, fetched ~3 tasks/s from the shared queue (make bench scale). Let
+        # the server's hints scale the pollers, and give the shared queue as many as the sticky one.
+        workflow_task_poller_behavior=PollerBehaviorAutoscaling(minimum=2, maximum=40, initial=10),
+        nonsticky_to_sticky_poll_ratio=1.0,
+        activity_task_poller_behavior=PollerBehaviorAutoscaling(minimum=1, maximum=20, initial=5),
     )
 
 
