@@ -16,9 +16,11 @@ SOURCE = "/workflows/case"
 
 
 def message_id() -> str:
-    """Deterministic for retried work: the same activity attempt publishes the same id."""
+    """Deterministic for retried work: every attempt of one activity publishes the same id. Local
+    activities count from 1 on their own, so theirs are marked apart from the (older) regular ones."""
     info = activity.info()
-    return f"{info.workflow_id}:{info.workflow_run_id}:{info.activity_id}"
+    activity_id = f"local-{info.activity_id}" if info.is_local else info.activity_id
+    return f"{info.workflow_id}:{info.workflow_run_id}:{activity_id}"
 
 
 class CaseActivities:

@@ -23,6 +23,8 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 def test_representative_histories_are_stored() -> None:
     names = {path.stem for path in HISTORIES}
     assert {"closed_after_review", "cancelled_in_review", "offer_declined_and_expired"} <= names
+    # Recorded after publishing became a local activity (patch "publish-as-local-activity").
+    assert {"local-publish-closed_after_review", "local-publish-cancelled_in_review"} <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
