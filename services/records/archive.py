@@ -10,7 +10,8 @@ from __future__ import annotations
 import zipfile
 import zlib
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import IO
 
 from services.common.errors import RecordsRejected
 from services.records.limits import ImportLimits
@@ -34,7 +35,11 @@ class Entry:
 
 
 def is_archive(received: ReceivedFile) -> bool:
-    return received.head.startswith(ZIP_MAGIC) or received.head.startswith(b"PK\x05\x06")
+    return is_zip_head(received.head)
+
+
+def is_zip_head(head: bytes) -> bool:
+    return head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06")
 
 
 def is_nested_archive(received: ReceivedFile) -> bool:
@@ -54,10 +59,17 @@ def safe_relative_path(name: str) -> str | None:
 
 
 def expand_zip(
-    archive: ReceivedFile, *, total: int, store: ObjectStore, limits: ImportLimits, upload_limit: int
+    archive: Path | IO[bytes],
+    *,
+    position: int,
+    total: int,
+    store: ObjectStore,
+    limits: ImportLimits,
+    upload_limit: int,
 ) -> list[Entry]:
-    """Stream every member of `archive` into the temp area; on any refusal the caller discards all."""
-    where = f"file {archive.position} of {total}"
+    """Stream every member of `archive` (a file, or a seekable stream such as the upload's own spool file,
+    which saves copying the archive once) into the temp area; on any refusal the caller discards all."""
+    where = f"file {position} of {total}"
 
     def refuse(problem: str) -> RecordsRejected:
         return RecordsRejected(
@@ -65,7 +77,7 @@ def expand_zip(
         )
 
     try:
-        zf = zipfile.ZipFile(archive.path)
+        zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError, ValueError):
         raise refuse("cannot be read (it is truncated or corrupt); create the ZIP again") from None
     entries: list[Entry] = []
@@ -103,7 +115,7 @@ def expand_zip(
                 remaining = limits.max_archive_total_bytes - expanded
                 with zf.open(member) as stream:
                     received = store.receive(
-                        stream, position=archive.position, total=total, limit=min(upload_limit, remaining)
+                        stream, position=position, total=total, limit=min(upload_limit, remaining)
                     )
                 entries.append(Entry(received, relative, label, from_archive=True))
                 expanded += received.size_bytes

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -21,6 +23,10 @@ from services.records.archive_store import (
 
 CHUNK_BYTES = 1024 * 1024
 HEAD_BYTES = 132  # a DICOM file's 128-byte preamble and its "DICM" prefix
+# SHA-256 releases the GIL on large buffers: a chunk this size or larger is hashed on another core while
+# the next is read and this one written, so a large import costs about one pass of the hash, not two.
+HASH_ASIDE_FROM_BYTES = 64 * 1024
+_hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256")
 
 
 class FileTooLarge(Exception):
@@ -50,6 +56,7 @@ class IncomingFile:
         self._out, self.path = out, path
         self._position, self._total, self._limit = position, total, limit
         self._digest = hashlib.sha256()
+        self._hashing: Future[None] | None = None  # the previous chunk's hash, at most one at a time
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._size, self._head, self._text = 0, b"", True
 
@@ -58,14 +65,29 @@ class IncomingFile:
         if self._size > self._limit:
             self.abort()
             raise FileTooLarge(self._position, self._total, self._limit)
-        self._digest.update(chunk)
+        self._hash(chunk)
         self._out.write(chunk)
         if len(self._head) < HEAD_BYTES:
             self._head += chunk[: HEAD_BYTES - len(self._head)]
         self._text = self._text and _still_text(self._decoder, chunk)
 
+    def _hash(self, chunk: bytes) -> None:
+        self._hashed()
+        if len(chunk) >= HASH_ASIDE_FROM_BYTES:
+            # Hashed after this call returns: a caller's reusable buffer is copied first.
+            data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+            self._hashing = _hashers.submit(self._digest.update, data)
+        else:
+            self._digest.update(chunk)
+
+    def _hashed(self) -> None:
+        if self._hashing is not None:
+            hashing, self._hashing = self._hashing, None
+            hashing.result()
+
     def finish(self) -> ReceivedFile:
         try:
+            self._hashed()
             self._text = self._text and _still_text(self._decoder, b"", final=True)
             self._out.flush()
             os.fsync(self._out.fileno())
@@ -78,6 +100,8 @@ class IncomingFile:
         )
 
     def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._hashed()
         self._out.close()
         self.path.unlink(missing_ok=True)
 

@@ -3,6 +3,7 @@ DICOMDIR): validated as a whole, reconciled to the case's patient, then stored a
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from contracts.events import IdentityMismatch
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.errors import RecordsRejected
-from services.records.archive import Entry, expand_zip, is_archive, safe_relative_path
+from services.records.archive import Entry, expand_zip, is_archive, is_zip_head, safe_relative_path
 from services.records.assembly import SOURCE, assemble_if_complete, case_files, missing_items
 from services.records.classify import PDF_TYPE, ClassifiedFile, classify
 from services.records.handlers import lock_request
@@ -25,7 +26,7 @@ from services.records.limits import ImportLimits, get_limits
 from services.records.models import FileKind, ImportStatus, RecordFile, RecordImport, RecordRequest
 from services.records.pdi import select_listed
 from services.records.reconcile import differences
-from services.records.store import ObjectStore
+from services.records.store import HEAD_BYTES, FileTooLarge, ObjectStore
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +123,20 @@ def _receive(
                 raise RecordsRejected(
                     f"{label} has a path that leaves the upload root; nothing from this upload was stored"
                 )
+            spooled = _seekable_zip(item.stream)
+            if spooled is not None:
+                # A CD as one ZIP that the web server already spooled: expand it from there, uncopied.
+                if spooled > settings.max_upload_bytes:
+                    raise FileTooLarge(position, total, settings.max_upload_bytes)
+                entries += expand_zip(
+                    item.stream,
+                    position=position,
+                    total=total,
+                    store=store,
+                    limits=limits,
+                    upload_limit=settings.max_upload_bytes,
+                )
+                continue
             received = store.receive(
                 item.stream, position=position, total=total, limit=settings.max_upload_bytes
             )
@@ -130,7 +145,12 @@ def _receive(
                 continue
             try:
                 entries += expand_zip(
-                    received, total=total, store=store, limits=limits, upload_limit=settings.max_upload_bytes
+                    received.path,
+                    position=position,
+                    total=total,
+                    store=store,
+                    limits=limits,
+                    upload_limit=settings.max_upload_bytes,
                 )
             finally:
                 store.discard(received)
@@ -139,6 +159,23 @@ def _receive(
             store.discard(entry.received)
         raise
     return entries
+
+
+def _seekable_zip(stream: BinaryIO) -> int | None:
+    """The size of `stream` if it is a seekable ZIP (left at its start), else None (left where it was)."""
+    try:
+        if not stream.seekable():
+            return None
+        start = stream.tell()
+        head = stream.read(HEAD_BYTES)
+        stream.seek(start)
+        if not is_zip_head(head):
+            return None
+        size = stream.seek(0, io.SEEK_END) - start
+        stream.seek(start)
+        return size
+    except (OSError, ValueError):
+        return None
 
 
 def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile]:

@@ -1,6 +1,7 @@
 """Importing outside studies: CDs as ZIP or folder (IHE PDI), a hostile-input corpus, identity reconciliation
 (IHE IRWF), adequacy, reminders and cancellation, on the real PostgreSQL through the API and consumer.handle."""
 
+import hashlib
 import io
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from services.common.config import Settings, get_settings
 from services.common.db import Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.http import create_app
-from services.records import api, consumer
+from services.records import api, consumer, uploads
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordFile
 from services.records.store import ObjectStore
@@ -157,6 +158,58 @@ def test_a_folder_upload_with_relative_paths_and_a_dicomdir(
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "assembled"
     assert len(rows(engine, case_id)) == 3  # the DICOMDIR itself is an index, not a record
+
+
+class Unseekable(io.RawIOBase):
+    """A stream that can only be read forward (a pipe, a socket): a ZIP from it is copied before expanding."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._data.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize("seekable", [True, False], ids=["spooled", "forward-only"])
+def test_a_zip_imports_the_same_from_a_spooled_or_a_forward_only_stream(
+    engine: Engine, settings: Settings, tmp_path: Path, seekable: bool
+) -> None:
+    case_id = open_case(engine, settings)
+    study = study_uid()
+    cd = tmp_path / "cd"
+    cd_folder(cd, [us(study), us(study, frames=3)])
+    data = zip_folder(cd)
+    stream = io.BytesIO(data) if seekable else io.BufferedReader(Unseekable(data))
+    assert stream.seekable() is seekable
+    with Session(engine, expire_on_commit=False) as session:
+        outcome = uploads.accept_upload(
+            case_id, [uploads.IncomingFile(stream, ZIP, "cd.zip")], session, settings, limits=LIMITS
+        )
+    assert outcome.new_files == 2
+    stored = ObjectStore.for_settings(settings)
+    for row in rows(engine, case_id):
+        assert hashlib.sha256(stored.path(row.storage_path).read_bytes()).hexdigest() == row.sha256
+    assert list(stored.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in corpus() if any(f[2] == ZIP for f in c.files)], ids=lambda c: c.name
+)
+def test_a_hostile_zip_from_a_forward_only_stream_is_refused_too(
+    engine: Engine, settings: Settings, case_id: str, case: HostileCase
+) -> None:
+    store = ObjectStore.for_settings(settings)
+    streams = [uploads.IncomingFile(io.BufferedReader(Unseekable(f[1])), f[2], None) for f in case.files]
+    with Session(engine, expire_on_commit=False) as session, pytest.raises(Exception) as refused:
+        uploads.accept_upload(case_id, streams, session, settings, limits=LIMITS)
+    assert case.problem in str(refused.value)
+    assert rows(engine, case_id) == []
+    assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", corpus(), ids=lambda c: c.name)
