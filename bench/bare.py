@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 TASK_QUEUE = "bench-bare"
+LOCAL_ACTIVITY_MARKER = "core_local_activity"  # the marker the SDK records for each local activity
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Shape:
     activities: int
     signals: int
     updates: int
+    local_activities: int = 0
 
 
 @activity.defn
@@ -31,8 +33,8 @@ async def noop() -> None:
 
 @workflow.defn
 class BareCase:
-    """Runs `activities` no-op activities in sequence and waits for `signals` signals and `updates`
-    updates (signal `poke`, update `decide`)."""
+    """Runs `activities` no-op activities and `local_activities` no-op local activities in sequence and
+    waits for `signals` signals and `updates` updates (signal `poke`, update `decide`)."""
 
     def __init__(self) -> None:
         self.signals = 0
@@ -42,6 +44,8 @@ class BareCase:
     async def run(self, shape: Shape) -> None:
         for _ in range(shape.activities):
             await workflow.execute_activity(noop, start_to_close_timeout=timedelta(seconds=30))
+        for _ in range(shape.local_activities):
+            await workflow.execute_local_activity(noop, start_to_close_timeout=timedelta(seconds=30))
         await workflow.wait_condition(lambda: self.signals >= shape.signals and self.updates >= shape.updates)
 
     @workflow.signal
@@ -54,13 +58,22 @@ class BareCase:
 
 
 async def shape_of(client: Client, workflow_id: str) -> Shape:
-    """Count what one real case did: activities scheduled, signals received, updates accepted."""
-    counts = {EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED: 0, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED: 0,
-              EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED: 0}  # fmt: skip
+    """Count what one real case did: activities scheduled (regular and local), signals received, updates
+    accepted."""
+    shape = Shape(activities=0, signals=0, updates=0, local_activities=0)
     async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
-        if event.event_type in counts:
-            counts[event.event_type] += 1
-    return Shape(*counts.values())
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            shape.activities += 1
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            shape.signals += 1
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            shape.updates += 1
+        elif (
+            event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+            and event.marker_recorded_event_attributes.marker_name == LOCAL_ACTIVITY_MARKER
+        ):
+            shape.local_activities += 1
+    return shape
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,7 @@ import structlog
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import tuple_
+from sqlalchemy import text, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -271,14 +271,16 @@ async def create_case(
     `partner_case_ref` returns the existing case."""
 
     async def create() -> CasePublic:
-        case = await open_case(body, [], caller, audit, engine, temporal, settings)
+        case, created = await open_new_case(body, [], caller, audit, engine, temporal, settings)
+        if created is not None:  # a new case: the answer is what was just stored, no need to read it back
+            return to_public(case, created)
         with Session(engine) as session:
             return load_public(session, case)
 
     return await idempotent(request, caller, engine, idempotency_key, 201, create)
 
 
-async def open_case(
+async def open_new_case(
     body: CaseCreate,
     documents: list[DocumentCreate],
     caller: Principal,
@@ -286,22 +288,28 @@ async def open_case(
     engine: Engine,
     temporal: Client | None,
     settings: Settings,
-) -> Case:
-    """Store the case with its documents in one transaction, then start its workflow."""
+) -> tuple[Case, list[CaseTimelineEntry] | None]:
+    """Store the case with its documents in one transaction, then start its workflow. Also returns the
+    timeline stored with a new case (None when the partner reference named an existing one)."""
     partner_id = partner_for(body, caller)
     contents = [decode_content(d) for d in documents]
 
+    created: list[CaseTimelineEntry] | None = None
+
     def store() -> Case:
+        nonlocal created
         with Session(engine, expire_on_commit=False) as session:
             case = handlers.create_case(body, partner_id, session)
             if case in session.new:
                 for document, content in zip(documents, contents, strict=True):
                     session.add(document_row(case.id, document, content, caller))
+                created = [row for row in session.new if isinstance(row, CaseTimelineEntry)]
             try:
                 session.commit()
             except IntegrityError:
                 # The same partner reference was stored by a concurrent request: return that case.
                 session.rollback()
+                created = None
                 case = handlers.create_case(body, partner_id, session)
             return case
 
@@ -314,6 +322,20 @@ async def open_case(
             case.workflow_started = True
         except Exception as exc:
             log.warning("workflow.start_deferred", case_id=case.id, error=type(exc).__name__)
+    return case, sorted(created, key=lambda row: row.at) if created is not None else None
+
+
+async def open_case(
+    body: CaseCreate,
+    documents: list[DocumentCreate],
+    caller: Principal,
+    audit: Audit,
+    engine: Engine,
+    temporal: Client | None,
+    settings: Settings,
+) -> Case:
+    """Store the case with its documents in one transaction, then start its workflow."""
+    case, _ = await open_new_case(body, documents, caller, audit, engine, temporal, settings)
     return case
 
 
@@ -594,11 +616,16 @@ async def ask_question(
 
 def mark_started(engine: Engine, case_id: str) -> None:
     with Session(engine) as session:
-        case = session.get(Case, case_id)
-        if case is not None and not case.workflow_started:
-            case.workflow_started = True
-            session.add(case)
-            session.commit()
+        if engine.dialect.name == "postgresql":
+            # Not worth a WAL flush of its own: if a crash loses the flag, the reconciler starts the
+            # workflow again, Temporal answers that it already runs, and the flag is set then.
+            session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+        session.execute(
+            update(Case)
+            .where(col(Case.id) == case_id, col(Case.workflow_started).is_(False))
+            .values(workflow_started=True)
+        )
+        session.commit()
 
 
 def unstarted_cases(engine: Engine, limit: int = 100) -> list[Case]:
