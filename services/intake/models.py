@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PField
-from sqlalchemy import Column, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from contracts.models import CaseStatus, Coverage, Exam, Patient, ReferringPhysician, Urgency
@@ -87,7 +87,11 @@ class CaseCreate(BaseModel):
 class Case(SQLModel, table=True):
     __tablename__ = "cases"
     # A partner's own reference names one case at most, even when two requests race.
-    __table_args__ = (UniqueConstraint("partner_id", "partner_case_ref", name="uq_cases_partner_ref"),)
+    __table_args__ = (
+        UniqueConstraint("partner_id", "partner_case_ref", name="uq_cases_partner_ref"),
+        # The case list: one partner's cases in one status, newest first (migration 0005).
+        Index("ix_cases_partner_status_created", "partner_id", "status", "created_at", "id"),
+    )
 
     id: str = Field(primary_key=True, max_length=36)
     partner_id: str = Field(index=True, max_length=64)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -339,3 +340,9 @@ def test_cancellation_event_marks_the_case_cancelled_once(client: TestClient, en
     assert [t["status"] for t in case["timeline"]] == ["intake", "cancelled"]
     refused = client.post(f"/v1/cases/{case_id}/cancel", json={"reason": "again please"})
     assert refused.status_code == 409 and "already cancelled" in refused.json()["detail"]
+
+
+def test_the_case_list_reads_one_index_of_partner_status_and_age(engine: Engine) -> None:
+    # With 10,000 open cases GET /v1/cases?status=… must read a page, not filter the table (make bench scale).
+    indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("cases")}
+    assert indexes["ix_cases_partner_status_created"] == ["partner_id", "status", "created_at", "id"]
