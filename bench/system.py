@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,23 +16,9 @@ from pathlib import Path
 
 from scripts import demo, stack
 from services.common.config import PROJECT_ROOT, Settings, get_settings
-from tests.infra import postgres_database, rabbitmq_vhost
+from tests.infra import free_ports, postgres_database, rabbitmq_vhost
 
 PORTS = ("intake", "records", "insurance", "review", "temporal", "ui", "codec", "payer", "scp")
-
-
-def free_ports(names: tuple[str, ...]) -> dict[str, int]:
-    """Distinct free ports: every socket stays bound until all are chosen."""
-    sockets = []
-    try:
-        for _ in names:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return {name: int(s.getsockname()[1]) for name, s in zip(names, sockets, strict=True)}
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass(frozen=True)

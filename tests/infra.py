@@ -22,6 +22,20 @@ BASE_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@1
 BASE_AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
 
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Distinct free loopback ports by name: every socket stays bound until all are chosen."""
+    sockets = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return {name: int(s.getsockname()[1]) for name, s in zip(names, sockets, strict=True)}
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def docker_available() -> bool:
     sock = "/var/run/docker.sock"
     if not os.path.exists(sock):

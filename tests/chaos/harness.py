@@ -31,9 +31,9 @@ from services.common.config import Settings
 from services.common.temporal import connect_temporal
 from tests.chaos.checks import Verdict, inject_poison, verdict
 from tests.chaos.driver import ChaosCase, Driver, new_run_id
-from tests.chaos.processes import Managed, application, free_ports, rabbitmq_node, temporal_server
+from tests.chaos.processes import Managed, application, rabbitmq_node, temporal_server
 from tests.chaos.webhooks import Receiver
-from tests.infra import postgres_database
+from tests.infra import free_ports, postgres_database
 
 TARGETS = ("worker", "intake", "records", "insurance", "review", "rabbitmq", "temporal")
 

@@ -26,20 +26,6 @@ from services.common.temporal import search_attribute_flags, sqlite_flags
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
 
-def free_ports(names: tuple[str, ...]) -> dict[str, int]:
-    """Distinct free loopback ports (each socket stays bound until all are chosen)."""
-    sockets = []
-    try:
-        for _ in names:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return {name: int(s.getsockname()[1]) for name, s in zip(names, sockets, strict=True)}
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def port_open(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
         return True

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,23 +33,9 @@ from services.common.temporal import (
     SUBSPECIALTY,
     connect_temporal,
 )
-from tests.infra import postgres_database, rabbitmq_vhost
+from tests.infra import free_ports, postgres_database, rabbitmq_vhost
 
 pytestmark = pytest.mark.e2e
-
-
-def free_ports(names: tuple[str, ...]) -> dict[str, int]:
-    """Distinct free ports: every socket stays bound until all are chosen."""
-    sockets = []
-    try:
-        for _ in names:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return {name: int(s.getsockname()[1]) for name, s in zip(names, sockets, strict=True)}
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture(scope="module")
