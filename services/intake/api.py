@@ -271,7 +271,7 @@ async def create_case(
     `partner_case_ref` returns the existing case."""
 
     async def create() -> CasePublic:
-        case, created = await open_new_case(body, [], caller, audit, engine, temporal, settings)
+        case, created = await open_case(body, [], caller, audit, engine, temporal, settings)
         if created is not None:  # a new case: the answer is what was just stored, no need to read it back
             return to_public(case, created)
         with Session(engine) as session:
@@ -280,7 +280,7 @@ async def create_case(
     return await idempotent(request, caller, engine, idempotency_key, 201, create)
 
 
-async def open_new_case(
+async def open_case(
     body: CaseCreate,
     documents: list[DocumentCreate],
     caller: Principal,
@@ -323,20 +323,6 @@ async def open_new_case(
         except Exception as exc:
             log.warning("workflow.start_deferred", case_id=case.id, error=type(exc).__name__)
     return case, sorted(created, key=lambda row: row.at) if created is not None else None
-
-
-async def open_case(
-    body: CaseCreate,
-    documents: list[DocumentCreate],
-    caller: Principal,
-    audit: Audit,
-    engine: Engine,
-    temporal: Client | None,
-    settings: Settings,
-) -> Case:
-    """Store the case with its documents in one transaction, then start its workflow."""
-    case, _ = await open_new_case(body, documents, caller, audit, engine, temporal, settings)
-    return case
 
 
 @router.get("/{case_id}", response_model=CasePublic, responses=ERRORS)

@@ -135,7 +135,7 @@ async def create_from_fhir(
         return outcome_response(422, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
 
     async def create() -> dict[str, Any]:
-        case = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
+        case, _ = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
         return to_task(case)
 
     try:

@@ -253,7 +253,7 @@ async def process(
 ) -> WebhookAccepted:
     if envelope.type == "case.requested":
         parsed = fhir_intake.from_bundle(envelope.data)
-        case = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
+        case, _ = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
         return WebhookAccepted(status="accepted", case_id=case.id)
     if envelope.type == "records.available":
         available = data_as(RecordsAvailableData, envelope.data)
