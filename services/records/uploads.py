@@ -124,28 +124,21 @@ def _receive(
                     f"{label} has a path that leaves the upload root; nothing from this upload was stored"
                 )
             spooled = _seekable_zip(item.stream)
-            if spooled is not None:
-                # A CD as one ZIP that the web server already spooled: expand it from there, uncopied.
-                if spooled > settings.max_upload_bytes:
-                    raise FileTooLarge(position, total, settings.max_upload_bytes)
-                entries += expand_zip(
-                    item.stream,
-                    position=position,
-                    total=total,
-                    store=store,
-                    limits=limits,
-                    upload_limit=settings.max_upload_bytes,
+            if spooled is not None and spooled > settings.max_upload_bytes:
+                raise FileTooLarge(position, total, settings.max_upload_bytes)
+            # A ZIP the web server already spooled is expanded from there, uncopied; anything else is
+            # received into the temp area first (and a ZIP among those expanded from its copy).
+            received = None
+            if spooled is None:
+                received = store.receive(
+                    item.stream, position=position, total=total, limit=settings.max_upload_bytes
                 )
-                continue
-            received = store.receive(
-                item.stream, position=position, total=total, limit=settings.max_upload_bytes
-            )
-            if not is_archive(received):
-                entries.append(Entry(received, relative, label, declared_type=item.declared_type))
-                continue
+                if not is_archive(received):
+                    entries.append(Entry(received, relative, label, declared_type=item.declared_type))
+                    continue
             try:
                 entries += expand_zip(
-                    received.path,
+                    item.stream if received is None else received.path,
                     position=position,
                     total=total,
                     store=store,
@@ -153,7 +146,8 @@ def _receive(
                     upload_limit=settings.max_upload_bytes,
                 )
             finally:
-                store.discard(received)
+                if received is not None:
+                    store.discard(received)
     except BaseException:
         for entry in entries:
             store.discard(entry.received)
