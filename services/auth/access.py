@@ -12,8 +12,8 @@ from collections.abc import Callable
 from fastapi import HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from services.auth import audit, tenancy
-from services.auth.deps import AuthEngine, Caller, Principal, service_of
+from services.auth import tenancy
+from services.auth.deps import AuthEngine, Caller, Principal, audit_caller
 from services.auth.models import Role
 
 READ_METHODS = {"GET", "HEAD"}
@@ -28,12 +28,10 @@ def record(
     outcome: str,
     detail: str = "",
 ) -> None:
-    audit.record(
+    audit_caller(
+        request,
         engine,
-        actor=caller.actor,
-        partner_id=caller.partner_id,
-        role=caller.role.value,
-        service=service_of(request),
+        caller,
         action="read" if request.method in READ_METHODS else "write",
         resource=resource,
         case_id=case_id,

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
 from services.auth import audit, fhir_audit
-from services.auth.deps import AuthEngine, Caller, Principal, require_role, service_of
+from services.auth.deps import AuthEngine, Caller, Principal, audit_caller, require_role
 from services.auth.models import Partner, Role
 from services.auth.partners import (
     active_keys,
@@ -76,16 +76,8 @@ def _own_partner(request: Request, caller: Principal, engine: AuthEngine, partne
         partner = session.get(Partner, partner_id)
     if partner is None or not caller.sees(partner_id):
         if partner is not None:
-            audit.record(
-                engine,
-                actor=caller.actor,
-                partner_id=caller.partner_id,
-                role=caller.role.value,
-                service=service_of(request),
-                action=request.method.lower(),
-                resource="partner",
-                outcome="denied",
-                detail="another partner's keys",
+            audit_caller(
+                request, engine, caller, resource="partner", outcome="denied", detail="another partner's keys"
             )
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, "no such partner visible to this key; check the partner id"
@@ -201,12 +193,10 @@ def export_audit(
     """Who read or wrote this partner's cases, as FHIR AuditEvent (the oldest first)."""
     _own_partner(request, caller, engine, partner_id)
     entries = audit.entries(engine, partner_id=partner_id, case_id=case_id, since=since, limit=limit)
-    audit.record(
+    audit_caller(
+        request,
         engine,
-        actor=caller.actor,
-        partner_id=caller.partner_id,
-        role=caller.role.value,
-        service=service_of(request),
+        caller,
         action="export",
         resource="audit",
         case_id=case_id,

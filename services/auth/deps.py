@@ -61,6 +61,35 @@ def service_of(request: Request) -> str:
     return str(request.app.title).removeprefix("secondopinion ")
 
 
+def audit_caller(
+    request: Request,
+    engine: Engine,
+    caller: Principal,
+    *,
+    resource: str,
+    outcome: str,
+    action: str | None = None,
+    case_id: str | None = None,
+    detail: str = "",
+    purpose: str = "TREAT",
+) -> None:
+    """An audit entry for what `caller` did or tried in this request: who, their partner and role, and the
+    service come from the key and the request; `action` defaults to the HTTP method."""
+    audit.record(
+        engine,
+        actor=caller.actor,
+        partner_id=caller.partner_id,
+        role=caller.role.value,
+        service=service_of(request),
+        action=action or request.method.lower(),
+        resource=resource,
+        case_id=case_id,
+        outcome=outcome,
+        purpose=purpose,
+        detail=detail,
+    )
+
+
 def _deny(request: Request, engine: Engine, actor: str, detail: str) -> HTTPException:
     audit.record(
         engine,
@@ -116,13 +145,10 @@ def require_role(*roles: Role) -> Callable[..., Principal]:
 
     def check(request: Request, caller: Caller, engine: AuthEngine) -> Principal:
         if caller.role not in roles:
-            audit.record(
+            audit_caller(
+                request,
                 engine,
-                actor=caller.actor,
-                partner_id=caller.partner_id,
-                role=caller.role.value,
-                service=service_of(request),
-                action=request.method.lower(),
+                caller,
                 resource=request.url.path[:100],
                 outcome="denied",
                 detail=f"role {caller.role.value} may not do this",

@@ -24,7 +24,7 @@ from temporalio.client import Client
 from contracts.decisions import CancelCase, ConsentReceived, FollowUpQuestion
 from contracts.models import CaseStatus, Urgency
 from services.auth import AuthEngine, Principal, Role, require_role
-from services.auth import audit as audit_log
+from services.auth.deps import audit_caller
 from services.auth.problems import AUTH_ERRORS, Problem, problem_response
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine
@@ -125,19 +125,17 @@ class Audit:
     """Writes one audit entry per PHI read or write of the current request."""
 
     def __init__(self, request: Request, caller: CaseCaller, engine: AuthEngine) -> None:
+        self.request = request
         self.caller = caller
         self.engine = engine
-        self.method = request.method.lower()
 
     def __call__(
         self, action: str, resource: str, case_id: str | None, outcome: str, detail: str = ""
     ) -> None:
-        audit_log.record(
+        audit_caller(
+            self.request,
             self.engine,
-            actor=self.caller.actor,
-            partner_id=self.caller.partner_id,
-            role=self.caller.role.value,
-            service="intake",
+            self.caller,
             action=action,
             resource=resource,
             case_id=case_id,

@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from sqlmodel import Session, col, select
 
-from services.auth import AuthEngine, Caller, Principal, Role, audit
+from services.auth import AuthEngine, Caller, Principal, Role
+from services.auth.deps import audit_caller
 from services.auth.problems import problem_response
 from services.common.config import get_settings
 from services.intake.api import ERRORS, EngineDep, IdempotencyKey, idempotent
@@ -48,13 +49,10 @@ def partner_scope(partner_id: str, request: Request, caller: Caller, auth: AuthE
     """Every route here is about one partner: another partner's (or a specialist) gets 404, audited."""
     if caller.sees(partner_id) and caller.role != Role.SPECIALIST:
         return
-    audit.record(
+    audit_caller(
+        request,
         auth,
-        actor=caller.actor,
-        partner_id=caller.partner_id,
-        role=caller.role.value,
-        service="intake",
-        action=request.method.lower(),
+        caller,
         resource="webhook-endpoint",
         outcome="denied",
         detail="another partner's webhook endpoints",
