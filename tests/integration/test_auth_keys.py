@@ -16,32 +16,21 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, select
 
 from services.auth import api as partners_api
-from services.auth import auth_engine
 from services.auth.models import ApiKey, AuditEvent, Role
 from services.auth.partners import issue_key
-from services.common import migrate
 from services.common.config import PROJECT_ROOT, Settings
-from services.common.db import make_engine
-from services.common.http import create_app
 from services.intake import api
+from tests.integration.intake_app import intake_app, intake_engines
 
 
 @pytest.fixture(scope="module")
 def engines(settings: Settings) -> tuple[Engine, Engine]:
-    intake, auth = make_engine("intake", settings), make_engine("auth", settings)
-    migrate.upgrade("intake", intake)
-    migrate.upgrade("auth", auth)
-    return intake, auth
+    return intake_engines(settings)
 
 
 @pytest.fixture(scope="module")
 def client(engines: tuple[Engine, Engine]) -> Iterator[TestClient]:
-    intake, auth = engines
-    app = create_app("intake", routers=[api.router, partners_api.router], engine=lambda: intake)
-    app.dependency_overrides[api.intake_engine] = lambda: intake
-    app.dependency_overrides[auth_engine] = lambda: auth
-    app.dependency_overrides[api.temporal_client] = lambda: None
-    with TestClient(app) as c:
+    with TestClient(intake_app(engines, api.router, partners_api.router)) as c:
         yield c
 
 

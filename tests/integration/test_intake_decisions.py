@@ -24,13 +24,11 @@ with workflow.unsafe.imports_passed_through():
     from contracts.models import CaseInput
 
 from contracts import DeliverReport, new_event
-from services.auth import auth_engine
-from services.common import migrate
 from services.common.config import Settings, get_settings
-from services.common.db import Inbox, make_engine
-from services.common.http import create_app
+from services.common.db import Inbox
 from services.intake import api, consumer, handlers
 from services.intake.models import CaseCreate
+from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 
 
@@ -77,10 +75,7 @@ class StandInCaseWorkflow:
 
 @pytest.fixture(scope="module")
 def engines(settings: Settings) -> tuple[Engine, Engine]:
-    intake, auth = make_engine("intake", settings), make_engine("auth", settings)
-    migrate.upgrade("intake", intake)
-    migrate.upgrade("auth", auth)
-    return intake, auth
+    return intake_engines(settings)
 
 
 @pytest.fixture
@@ -89,12 +84,9 @@ async def http(
     engines: tuple[Engine, Engine],
     settings: Settings,  # type: ignore[no-untyped-def]
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Client]]:
-    intake, auth = engines
+    _, auth = engines
     queue = f"intake-test-{uuid.uuid4().hex[:8]}"
-    app = create_app("intake", routers=[api.router], engine=lambda: intake)
-    app.dependency_overrides[api.intake_engine] = lambda: intake
-    app.dependency_overrides[auth_engine] = lambda: auth
-    app.dependency_overrides[api.temporal_client] = lambda: temporal_env.client
+    app = intake_app(engines, api.router, temporal=temporal_env.client)
     app.dependency_overrides[get_settings] = lambda: settings.model_copy(
         update={"temporal_task_queue": queue}
     )

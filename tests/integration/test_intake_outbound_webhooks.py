@@ -19,16 +19,13 @@ from sqlmodel import Session, select
 from contracts import CaseStatusChanged, new_event
 from contracts.events import CaseCancelled, RecordsNeeded
 from contracts.models import CaseStatus
-from services.auth import auth_engine
 from services.auth.models import Partner
-from services.common import migrate
 from services.common.config import Settings
-from services.common.db import make_engine
-from services.common.http import create_app
 from services.intake import api, consumer, webhooks_out, webhooks_out_api
 from services.intake.models import WebhookDelivery
 from services.intake.webhook_signing import read_headers, verify
 from services.intake.webhooks_out import WebhookDispatcher
+from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 
 
@@ -78,20 +75,12 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def engines(settings: Settings) -> tuple[Engine, Engine]:
-    intake, auth = make_engine("intake", settings), make_engine("auth", settings)
-    migrate.upgrade("intake", intake)
-    migrate.upgrade("auth", auth)
-    return intake, auth
+    return intake_engines(settings)
 
 
 @pytest.fixture(scope="module")
 def client(engines: tuple[Engine, Engine]) -> Iterator[TestClient]:
-    intake, auth = engines
-    app = create_app("intake", routers=[api.router, webhooks_out_api.router], engine=lambda: intake)
-    app.dependency_overrides[api.intake_engine] = lambda: intake
-    app.dependency_overrides[auth_engine] = lambda: auth
-    app.dependency_overrides[api.temporal_client] = lambda: None
-    with TestClient(app) as c:
+    with TestClient(intake_app(engines, api.router, webhooks_out_api.router)) as c:
         yield c
 
 

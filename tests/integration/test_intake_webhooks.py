@@ -15,37 +15,27 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, func, select
 
-from services.auth import auth_engine
 from services.auth.keys import new_webhook_secret
 from services.auth.models import AuditEvent, Partner
 from services.auth.partners import rotate_webhook_secret
-from services.common import migrate
 from services.common.config import Settings
-from services.common.db import Outbox, make_engine
-from services.common.http import create_app
+from services.common.db import Outbox
 from services.intake import api, webhooks_in
 from services.intake.models import Case, CaseDocument
 from services.intake.webhook_signing import headers_for, sign
+from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 from tests.integration.test_intake_fhir import FULL
 
 
 @pytest.fixture(scope="module")
 def engines(settings: Settings) -> tuple[Engine, Engine]:
-    intake, auth = make_engine("intake", settings), make_engine("auth", settings)
-    migrate.upgrade("intake", intake)
-    migrate.upgrade("auth", auth)
-    return intake, auth
+    return intake_engines(settings)
 
 
 @pytest.fixture(scope="module")
 def client(engines: tuple[Engine, Engine]) -> Iterator[TestClient]:
-    intake, auth = engines
-    app = create_app("intake", routers=[api.router, webhooks_in.router], engine=lambda: intake)
-    app.dependency_overrides[api.intake_engine] = lambda: intake
-    app.dependency_overrides[auth_engine] = lambda: auth
-    app.dependency_overrides[api.temporal_client] = lambda: None
-    with TestClient(app) as c:
+    with TestClient(intake_app(engines, api.router, webhooks_in.router)) as c:
         yield c
 
 
