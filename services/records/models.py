@@ -156,6 +156,7 @@ class RecordRetrieval(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=300)
     study_instance_uid: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None  # when the current (or last) attempt began
     finished_at: datetime | None = None
 
 
@@ -165,6 +166,7 @@ class RetrievalPublic(BaseModel):
     attempts: int
     last_error: str | None
     study_instance_uid: str | None
+    started_at: datetime | None
     finished_at: datetime | None
 
     @classmethod

@@ -138,6 +138,7 @@ def _claim(engine: Engine, lease: timedelta) -> tuple[RecordRetrieval, RecordSou
             session.commit()
             return _claim(engine, lease)
         retrieval.status = RetrievalStatus.RUNNING
+        retrieval.started_at = utcnow()
         retrieval.attempts += 1
         retrieval.next_attempt_at = utcnow() + lease
         session.add(retrieval)

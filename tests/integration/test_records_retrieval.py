@@ -138,12 +138,16 @@ def test_dimse_find_then_retrieve_imports_the_named_study(
         retrieve_method=method,
     )
     case_id = open_case(engine, settings, partner, **exam)
-    assert client.get(f"/v1/records/{case_id}").json()["retrievals"][0]["status"] == "pending"
+    pending = client.get(f"/v1/records/{case_id}").json()["retrievals"][0]
+    assert (pending["status"], pending["started_at"]) == ("pending", None)
 
     assert retrieve(engine, settings, scp) >= 1
     records = client.get(f"/v1/records/{case_id}").json()
     [retrieval] = records["retrievals"]
     assert (retrieval["status"], retrieval["study_instance_uid"], retrieval["attempts"]) == ("done", STUDY, 1)
+    # The retrieval's own duration, as the retrieve benchmark reads it.
+    started, finished = (datetime.fromisoformat(retrieval[k]) for k in ("started_at", "finished_at"))
+    assert started <= finished
     assert sorted(f["number_of_frames"] for f in records["files"]) == [1, 1, 6]
     assert records["imports"][0]["status"] == "released"
     assert records["missing"] == ["the original report (PDF, UTF-8 text, DICOM SR or FHIR DiagnosticReport)"]
