@@ -3,21 +3,27 @@ how adequate it is, download a stored file (DICOM with our identifiers coerced).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, HTTPException, Path, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from services.auth import AuthEngine, Caller, Principal, Role
 from services.auth.access import case_scope, record
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
+from services.common.body_feed import feed_to_thread
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine, utcnow
-from services.records import uploads
+from services.records import uploads, zip_stream
 from services.records.adequacy import assess
+from services.records.archive import Entry
 from services.records.archive_store import ArchiveUnavailable
 from services.records.assembly import case_files
 from services.records.classify import DICOM_TYPE
@@ -37,7 +43,7 @@ from services.records.models import (
     UploadPublic,
 )
 from services.records.reconcile import coerced_chunks, our_identifiers
-from services.records.store import FileTooLarge, ObjectStore
+from services.records.store import FileTooLarge, ObjectStore, human_size
 
 # Every route needs a key; a case's records are its partner's and operations' (uploads too), and readable
 # by the specialists it was offered to.
@@ -149,8 +155,94 @@ def upload_files(
     limits: LimitsDep,
 ) -> UploadPublic:
     incoming = [uploads.IncomingFile(f.file, f.content_type, f.filename) for f in files]
-    try:
+    with _upload_refusals():
         outcome = uploads.accept_upload(case_id, incoming, session, settings, limits=limits)
+    return _uploaded(case_id, outcome)
+
+
+ZIP_MEDIA_TYPES = ("application/zip", "application/x-zip-compressed")
+
+
+@router.post(
+    "/{case_id}/archive",
+    status_code=201,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}} for media in ZIP_MEDIA_TYPES
+            },
+        }
+    },
+    responses={
+        400: {"description": "the body ended before it was complete (the client went away)"},
+        404: {"description": "no records request for this case yet"},
+        409: {"description": "the case was cancelled"},
+        413: {"description": "the body exceeds the upload size limit"},
+        415: {"description": "the body is not sent as application/zip"},
+        503: {"description": "the image archive (RECORDS_STORAGE=dicomweb) is not reachable"},
+        422: {"description": "the archive or one of its members is unusable or hostile; nothing was stored"},
+    },
+)
+async def upload_archive(
+    case_id: CaseId, request: Request, session: SessionDep, settings: SettingsDep, limits: LimitsDep
+) -> UploadPublic:
+    """A CD as one ZIP sent as the request body (`Content-Type: application/zip`, e.g. `curl --data-binary
+    @cd.zip`), expanded while it arrives: no form encoding and no spooled copy of the archive, so a large
+    study imports at about the disk's speed. Validated, reconciled and stored as a whole, like `/files`."""
+    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if media not in ZIP_MEDIA_TYPES:
+        raise HTTPException(
+            415,
+            "send the ZIP file's bytes as the request body with Content-Type: application/zip; "
+            f"single files and folders go to /v1/records/{case_id}/files as multipart form data",
+        )
+    limit = settings.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, _too_large(limit))
+    # Refuse before a byte is read when the case takes no records.
+    await run_in_threadpool(_check_open, session, case_id)
+    store = ObjectStore.for_settings(settings)
+    try:
+        entries = await feed_to_thread(
+            request.stream(),
+            partial(zip_stream.expand_zip_stream, store=store, limits=limits, upload_limit=limit),
+            drain_limit=limit,
+        )
+    except zip_stream.BodyTooLarge:
+        raise HTTPException(413, _too_large(limit)) from None
+    except ClientDisconnect:
+        raise HTTPException(
+            400, "the upload ended before the whole archive arrived; nothing was stored, send it again"
+        ) from None
+    return await run_in_threadpool(_accept_entries, case_id, entries, session, settings, limits)
+
+
+def _check_open(session: Session, case_id: str) -> None:
+    with _upload_refusals():
+        uploads.check_open(session, case_id)
+
+
+def _accept_entries(
+    case_id: str, entries: list[Entry], session: Session, settings: Settings, limits: ImportLimits
+) -> UploadPublic:
+    with _upload_refusals():
+        outcome = uploads.accept_entries(case_id, entries, session, settings, source="upload", limits=limits)
+    return _uploaded(case_id, outcome)
+
+
+def _too_large(limit: int) -> str:
+    return (
+        f"the ZIP archive is larger than the {human_size(limit)} limit; nothing from this upload was stored"
+    )
+
+
+@contextlib.contextmanager
+def _upload_refusals() -> Iterator[None]:
+    """An upload's refusals answered with the status each one means."""
+    try:
+        yield
     except uploads.RecordsNotRequested as exc:
         raise HTTPException(404, str(exc)) from None
     except uploads.RecordsCancelled as exc:
@@ -161,6 +253,9 @@ def upload_files(
         raise HTTPException(
             503, f"{exc}; nothing from this upload was indexed, send it again later"
         ) from None
+
+
+def _uploaded(case_id: str, outcome: uploads.UploadOutcome) -> UploadPublic:
     notify_outbox()
     held = outcome.record_import
     return UploadPublic(

@@ -43,7 +43,12 @@ def is_zip_head(head: bytes) -> bool:
 
 
 def is_nested_archive(received: ReceivedFile) -> bool:
-    return any(received.head.startswith(magic) for magic in ARCHIVE_MAGICS)
+    return is_archive_head(received.head)
+
+
+def is_archive_head(head: bytes) -> bool:
+    """ZIP, gzip, 7-Zip, RAR or bzip2 by their first bytes."""
+    return any(head.startswith(magic) for magic in ARCHIVE_MAGICS)
 
 
 def safe_relative_path(name: str) -> str | None:

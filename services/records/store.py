@@ -64,6 +64,16 @@ class IncomingFile:
         self._size, self._head, self._text = 0, b"", True
         self._written_back = 0  # bytes handed to the kernel's writeback so far
 
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._size
+
+    @property
+    def head(self) -> bytes:
+        """The first bytes written (up to HEAD_BYTES)."""
+        return self._head
+
     def write(self, chunk: bytes) -> None:
         self._size += len(chunk)
         if self._size > self._limit:

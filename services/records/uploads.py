@@ -101,6 +101,12 @@ def accept_entries(
             store.discard(entry.received)
 
 
+def check_open(session: Session, case_id: str) -> None:
+    """Refuse (RecordsNotRequested, RecordsCancelled) before an upload is received; no transaction is kept."""
+    _open_request(session, case_id)
+    session.rollback()
+
+
 def _open_request(session: Session, case_id: str) -> RecordRequest:
     request = session.get(RecordRequest, case_id)
     if request is None:

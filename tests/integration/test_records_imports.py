@@ -4,6 +4,7 @@
 import hashlib
 import io
 import uuid
+import zipfile
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -35,7 +36,7 @@ from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordFile
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
-from tests.hostile_corpus import ZIP, HostileCase, cd_folder, corpus, zip_folder
+from tests.hostile_corpus import ZIP, HostileCase, cd_folder, corpus, zip_folder, zip_of
 from tests.keys import operations_headers
 
 REPORT = ("report.txt", b"IMPRESSION: complex adnexal cyst.", "text/plain")
@@ -225,6 +226,64 @@ def test_hostile_input_is_refused_with_nothing_written(
     assert rows(engine, case_id) == []
     assert {p for p in settings.data_dir.rglob("*") if p.is_file()} == before
     assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
+
+
+def post_zip(client: TestClient, case_id: str, data: bytes, content_type: str = ZIP):  # type: ignore[no-untyped-def]
+    return client.post(f"/v1/records/{case_id}/archive", content=data, headers={"Content-Type": content_type})
+
+
+@pytest.mark.parametrize(
+    "compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"]
+)
+def test_a_cd_sent_as_a_zip_body_imports_like_a_multipart_upload(
+    client: TestClient, engine: Engine, settings: Settings, case_id: str, tmp_path: Path, compression: int
+) -> None:
+    study = study_uid()
+    cd = tmp_path / "cd"
+    paths = cd_folder(cd, [us(study), us(study), us(study, frames=4)], extras={"AUTORUN.INF": b"[autorun]"})
+    data = zip_of([(p.relative_to(cd).as_posix(), p.read_bytes()) for p in paths], compression=compression)
+    assert upload(client, case_id, REPORT).status_code == 201
+    response = post_zip(client, case_id, data)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["status"], body["import_status"], body["new_files"]) == ("assembled", "released", 3)
+    assert [f["kind"] for f in body["files"]] == ["dicom"] * 3
+    [assembled] = events(engine, case_id, RecordsAssembled)
+    assert (assembled.study.instance_count, assembled.study.multiframe_count) == (3, 1)
+    stored = ObjectStore.for_settings(settings)
+    for row in rows(engine, case_id):
+        assert hashlib.sha256(stored.path(row.storage_path).read_bytes()).hexdigest() == row.sha256
+    assert list(stored.tmp_dir.iterdir()) == []
+    again = post_zip(client, case_id, data).json()
+    assert (again["new_files"], again["duplicates"]) == (0, 3)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in corpus() if len(c.files) == 1 and c.files[0][2] == ZIP], ids=lambda c: c.name
+)
+def test_a_hostile_zip_body_is_refused_with_nothing_written(
+    client: TestClient, engine: Engine, settings: Settings, case_id: str, case: HostileCase
+) -> None:
+    store = ObjectStore.for_settings(settings)
+    before = {p for p in settings.data_dir.rglob("*") if p.is_file()}
+    response = post_zip(client, case_id, case.files[0][1])
+    assert response.status_code == case.status, response.text
+    detail = response.json()["detail"]
+    assert case.problem in detail and "nothing from this upload was stored" in detail
+    assert rows(engine, case_id) == []
+    assert {p for p in settings.data_dir.rglob("*") if p.is_file()} == before
+    assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
+
+
+def test_the_zip_body_route_says_what_it_takes(client: TestClient, engine: Engine, case_id: str) -> None:
+    cd = zip_of([("IM1", us(study_uid()))])
+    wrong_type = post_zip(client, case_id, cd, "multipart/form-data; boundary=x")
+    assert wrong_type.status_code == 415 and "Content-Type: application/zip" in wrong_type.json()["detail"]
+    unknown = post_zip(client, str(uuid.uuid4()), cd)
+    assert unknown.status_code == 404 and "no records were requested" in unknown.json()["detail"]
+    not_zip = post_zip(client, case_id, b"%PDF-1.7" * 20)
+    assert not_zip.status_code == 422 and "is not a ZIP file" in not_zip.json()["detail"]
+    assert rows(engine, case_id) == []
 
 
 def test_a_different_birth_date_holds_the_import_until_a_human_accepts_it(
