@@ -7,6 +7,7 @@ on the same association. Either way each instance is written straight to the sto
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,18 +72,67 @@ def _ae(timeout: float) -> AE:
     return ae
 
 
-def _write_instance(store: ObjectStore, event: Any, position: int, limit: int) -> Entry:
+def _write_instance(store: ObjectStore, preamble: bytes, dataset: bytes, position: int, limit: int) -> Entry:
     """A received C-STORE as a PS3.10 file in the temp area (the dataset bytes are written as received)."""
-    meta = DicomBytesIO()
-    write_file_meta_info(meta, event.file_meta, enforce_standard=True)
     incoming = store.incoming(position=position, total=position, limit=limit)
     try:
-        incoming.write(b"\0" * 128 + b"DICM" + meta.getvalue())
-        incoming.write(event.request.DataSet.getvalue())
+        incoming.write(preamble)
+        incoming.write(dataset)
     except BaseException:
         incoming.abort()
         raise
     return Entry(incoming.finish(), None, f"retrieved instance {position}", declared_type="application/dicom")
+
+
+def _received(event: Any) -> tuple[bytes, bytes]:
+    """A C-STORE's PS3.10 preamble with its file meta, and its dataset bytes as they came."""
+    meta = DicomBytesIO()
+    write_file_meta_info(meta, event.file_meta, enforce_standard=True)
+    return b"\0" * 128 + b"DICM" + meta.getvalue(), event.request.DataSet.getvalue()
+
+
+class InstanceWriter:
+    """Writes received instances to disk on a thread of its own: the C-STORE is answered as soon as the
+    instance is in memory, so the PACS sends the next one while the disk takes this one (instead of
+    idling through every fsync). At most `depth` instances wait in memory; none is indexed before
+    `entries()` has seen every write finish, and a failed write fails the retrieval, which is retried."""
+
+    def __init__(self, store: ObjectStore, limit: int, depth: int = 2) -> None:
+        self._store, self._limit = store, limit
+        self._slots = threading.BoundedSemaphore(depth)
+        self._lock = threading.Lock()
+        self._writes: list[Future[Entry]] = []
+
+    def write(self, event: Any) -> None:
+        preamble, dataset = _received(event)
+        self._slots.acquire()
+        with self._lock:
+            position = len(self._writes) + 1
+            write = _writers.submit(_write_instance, self._store, preamble, dataset, position, self._limit)
+            self._writes.append(write)
+        write.add_done_callback(lambda _: self._slots.release())
+
+    def entries(self) -> list[Entry]:
+        """Every instance written (waiting for the last writes); on a failed write none is kept."""
+        with self._lock:
+            writes = list(self._writes)
+        wait(writes)
+        failed = next((w.exception() for w in writes if w.exception() is not None), None)
+        if failed is not None:
+            self.discard()
+            raise PacsUnavailable(
+                f"a retrieved instance could not be stored ({type(failed).__name__}); the retrieval is retried"
+            )
+        return [w.result() for w in writes]
+
+    def discard(self) -> None:
+        with self._lock:
+            writes = list(self._writes)
+        wait(writes)
+        _discard(self._store, [w.result() for w in writes if w.exception() is None])
+
+
+_writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dimse-write")
 
 
 @dataclass(frozen=True)
@@ -136,10 +186,10 @@ def find_studies(source: DimseSource, wanted: StudyQuery) -> list[str]:
 
 def get_study(source: DimseSource, study_uid: str, store: ObjectStore, *, limit: int) -> list[Entry]:
     """C-GET the study; its instances arrive as C-STORE sub-operations on our association."""
-    entries: list[Entry] = []
+    writer = InstanceWriter(store, limit)
 
     def on_store(event: Any) -> int:
-        entries.append(_write_instance(store, event, len(entries) + 1, limit))
+        writer.write(event)
         return SUCCESS
 
     ae = _ae(source.timeout)
@@ -161,18 +211,18 @@ def get_study(source: DimseSource, study_uid: str, store: ObjectStore, *, limit:
             assoc.send_c_get(_study_query(study_uid), StudyRootQueryRetrieveInformationModelGet), "C-GET"
         )
     except BaseException:
-        _discard(store, entries)
+        writer.discard()
         raise
     finally:
         assoc.release()
-    return entries
+    return writer.entries()
 
 
 def move_study(source: DimseSource, study_uid: str, scp: StoreSCP) -> list[Entry]:
     """C-MOVE the study to our SCP (AE SECONDOPINION); the instances it received for that study."""
     ae = _ae(source.timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    with scp.expecting(study_uid) as received:
+    with scp.expecting(study_uid) as writer:
         assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
         if not assoc.is_established:
             raise PacsUnavailable("the PACS refused or did not answer the association for C-MOVE")
@@ -185,7 +235,7 @@ def move_study(source: DimseSource, study_uid: str, scp: StoreSCP) -> list[Entry
             )
         finally:
             assoc.release()
-    return received
+        return writer.entries()
 
 
 def _study_query(study_uid: str) -> Dataset:
@@ -223,7 +273,7 @@ class StoreSCP:
     limit: int
     host: str = "127.0.0.1"
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _waiting: dict[str, list[Entry]] = field(default_factory=dict)
+    _waiting: dict[str, InstanceWriter] = field(default_factory=dict)
     _server: Any = None
 
     def start(self) -> None:
@@ -246,16 +296,13 @@ class StoreSCP:
     def _on_store(self, event: Any) -> int:
         study_uid = str(event.dataset.get("StudyInstanceUID") or "")
         with self._lock:
-            bucket = self._waiting.get(study_uid)
-            if bucket is None:
-                return NOT_AUTHORIZED  # nobody asked for this study: we accept no unsolicited images
-            position = len(bucket) + 1
+            writer = self._waiting.get(study_uid)
+        if writer is None:
+            return NOT_AUTHORIZED  # nobody asked for this study: we accept no unsolicited images
         try:
-            entry = _write_instance(self.store, event, position, self.limit)
+            writer.write(event)
         except Exception:
             return OUT_OF_RESOURCES
-        with self._lock:
-            bucket.append(entry)
         return SUCCESS
 
 
@@ -263,13 +310,14 @@ class _Expectation:
     def __init__(self, scp: StoreSCP, study_uid: str) -> None:
         self._scp, self._study_uid = scp, study_uid
 
-    def __enter__(self) -> list[Entry]:
+    def __enter__(self) -> InstanceWriter:
+        writer = InstanceWriter(self._scp.store, self._scp.limit)
         with self._scp._lock:
-            self._scp._waiting[self._study_uid] = []
-            return self._scp._waiting[self._study_uid]
+            self._scp._waiting[self._study_uid] = writer
+        return writer
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         with self._scp._lock:
-            entries = self._scp._waiting.pop(self._study_uid, [])
-        if exc_type is not None:
-            _discard(self._scp.store, entries)
+            writer = self._scp._waiting.pop(self._study_uid, None)
+        if exc_type is not None and writer is not None:
+            writer.discard()

@@ -22,6 +22,21 @@ def _limit_worker(memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
 
+WORKERS = 2
+
+
+def _ready() -> None:
+    """Nothing: running it makes a worker import the parser."""
+
+
+def warm(memory_bytes: int) -> None:
+    """Start the workers now, not at the first upload or retrieval: spawning one and importing pydicom
+    takes about a second, which the first study after a restart would otherwise wait for."""
+    pool = _pool(memory_bytes)
+    for _ in range(WORKERS):
+        pool.submit(_ready)
+
+
 def _pool(memory_bytes: int) -> ProcessPoolExecutor:
     with _lock:
         pool = _pools.get(memory_bytes)
@@ -30,7 +45,7 @@ def _pool(memory_bytes: int) -> ProcessPoolExecutor:
             # they end with it (no server process outlives the service).
             context = multiprocessing.get_context("spawn")
             pool = ProcessPoolExecutor(
-                max_workers=2, mp_context=context, initializer=_limit_worker, initargs=(memory_bytes,)
+                max_workers=WORKERS, mp_context=context, initializer=_limit_worker, initargs=(memory_bytes,)
             )
             _pools[memory_bytes] = pool
         return pool

@@ -11,6 +11,7 @@ from services.common.db import get_engine
 from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
 from services.records import api, consumer, dicomweb, export, header_probe, timeline
+from services.records.limits import get_limits
 from services.records.retrieval import RetrievalLoop
 
 settings = get_settings()
@@ -23,6 +24,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with runtime.lifespan()(app):  # migrations run here, before the retrieval loop reads its tables
         retrieval = RetrievalLoop(get_engine("records"), settings)
         retrieval.start()
+        limits = get_limits()
+        if limits.parse_in_subprocess:
+            header_probe.warm(limits.parse_memory_bytes)
         try:
             yield
         finally:

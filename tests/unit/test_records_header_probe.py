@@ -4,6 +4,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from services.records import header_probe
 from services.records.classify import Unusable, read_dicom_header
 from services.records.header_probe import isolated_reader
 from tests.dicom_factory import make_us_instance
@@ -30,3 +31,14 @@ def test_a_header_that_needs_more_memory_than_the_worker_has_is_a_rejection(tmp_
     # The worker may grow by far less than 64 MiB: the parse fails there, the caller gets a typed rejection.
     with pytest.raises(Unusable, match="exhausted the parser's memory"):
         isolated_reader(memory_bytes=256 * 1024**2, timeout=30)(path)
+
+
+def test_warming_starts_the_workers_before_the_first_file() -> None:
+    memory = 1024**3 + 4096  # a pool of its own
+    header_probe.warm(memory)
+    try:
+        pool = header_probe._pools[memory]
+        processes = list((pool._processes or {}).values())  # type: ignore[attr-defined]
+        assert len(processes) == header_probe.WORKERS and all(p.is_alive() for p in processes)
+    finally:
+        header_probe._discard_pool(memory, header_probe._pools[memory])
