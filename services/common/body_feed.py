@@ -2,8 +2,8 @@
 
 The event loop keeps reading the socket (up to `BUFFERED_CHUNKS` ahead) while the thread writes, hashes
 and fsyncs: receiving and storing overlap instead of taking turns. If the consumer stops early (it
-refused the body), the rest of the body is still read and dropped, up to `drain_limit` bytes, so the
-client, which sends its whole body before it reads, gets the answer instead of a broken connection.
+refused the body), the rest of the body is still read and dropped, up to `drain_limit` bytes in all, so
+the client, which sends its whole body before it reads, gets the answer instead of a broken connection.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ async def feed_to_thread(
                 continue
 
     async def pump() -> None:
-        dropped = 0
+        read = 0
         try:
             async for chunk in body:
                 if not chunk:
                     continue
+                read += len(chunk)
                 if consumed.is_set():  # the consumer is done: read on, keep nothing
-                    dropped += len(chunk)
-                    if dropped > drain_limit:
+                    if read > drain_limit:
                         return
                     continue
                 try:

@@ -12,7 +12,9 @@ import base64
 import io
 import json
 import os
+import socket
 import subprocess
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,3 +190,58 @@ def test_unknown_case_and_bad_upload_are_clear_4xx(system: Settings) -> None:
         )
         assert bad.status_code == 422
         assert json.loads(bad.text)["title"] == "Invalid request"
+
+
+def send_then_read(base_url: str, path: str, key: str, body: io.BytesIO) -> tuple[str, str]:
+    """A plain HTTP/1.1 client that writes the whole request, then reads the answer (as many do)."""
+    address = httpx.URL(base_url)
+    data = body.getvalue()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {address.host}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/zip\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection((address.host, address.port or 80), timeout=60) as connection:
+        connection.sendall(head.encode() + data)
+        answer = connection.makefile("rb").read().decode(errors="replace")
+    return answer.split("\r\n", 1)[0], answer.split("\r\n\r\n", 1)[-1]
+
+
+def test_a_cd_as_a_zip_body_streams_in_and_a_hostile_one_gets_its_answer(system: Settings) -> None:
+    """Through the real records process (uvicorn): a CD sent as one ZIP body in 64 KiB chunked pieces; and a
+    ZIP refused at its first member while 40 MB more are still coming, from a client that sends its whole
+    body before it reads: it reads the 422, not a reset connection, and nothing of it is kept."""
+    case_id = demo.start_waiting_case(system)
+    key = demo.demo_partner(system)["api_key"]
+    study = demo.synthetic_study(demo.SAMPLE_CASE["patient"])
+    cd = io.BytesIO()
+    with zipfile.ZipFile(cd, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in study:
+            zf.writestr(f"DICOM/{name}", data)
+    hostile = io.BytesIO()
+    with zipfile.ZipFile(hostile, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("../../outside.dcm", study[0][1])
+        zf.writestr("DICOM/PADDING", os.urandom(40 * 1024 * 1024))
+
+    def pieces(data: bytes) -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        for start in range(0, len(data), 65536):
+            yield data[start : start + 65536]
+
+    url = f"{system.records_url}/v1/records/{case_id}/archive"
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/zip"}
+    with httpx.Client(timeout=60, headers=headers) as http:
+        demo.wait_until(
+            "the records request",
+            lambda: http.get(f"{system.records_url}/v1/records/{case_id}").status_code == 200,
+        )
+        status_line, detail = send_then_read(
+            system.records_url, f"/v1/records/{case_id}/archive", key, hostile
+        )
+        assert status_line.startswith("HTTP/1.1 422") and "leaves the archive root" in detail
+        assert http.get(f"{system.records_url}/v1/records/{case_id}").json()["files"] == []
+
+        stored = http.post(url, content=pieces(cd.getvalue()))
+        assert stored.status_code == 201, stored.text
+        body = stored.json()
+        assert (body["new_files"], body["import_status"]) == (3, "released")
+        listed = http.get(f"{system.records_url}/v1/records/{case_id}").json()["files"]
+        assert sorted(f["sha256"] for f in listed) == sorted(f["sha256"] for f in body["files"])
