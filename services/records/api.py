@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, HTTPException, Path, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
@@ -130,17 +130,16 @@ def get_source(
     return RecordSourcePublic.model_validate(row, from_attributes=True)
 
 
-@router.post(
-    "/{case_id}/files",
-    status_code=201,
-    responses={
-        404: {"description": "no records request for this case yet"},
-        409: {"description": "the case was cancelled"},
-        413: {"description": "a file exceeds the upload size limit"},
-        503: {"description": "the image archive (RECORDS_STORAGE=dicomweb) is not reachable"},
-        422: {"description": "a file or archive member is unusable or hostile; nothing was stored"},
-    },
-)
+UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no records request for this case yet"},
+    409: {"description": "the case was cancelled"},
+    413: {"description": "a file exceeds the upload size limit"},
+    503: {"description": "the image archive (RECORDS_STORAGE=dicomweb) is not reachable"},
+    422: {"description": "a file or archive member is unusable or hostile; nothing was stored"},
+}
+
+
+@router.post("/{case_id}/files", status_code=201, responses=UPLOAD_RESPONSES)
 def upload_files(
     case_id: CaseId,
     files: Annotated[
@@ -175,13 +174,9 @@ ZIP_MEDIA_TYPES = ("application/zip", "application/x-zip-compressed")
         }
     },
     responses={
+        **UPLOAD_RESPONSES,
         400: {"description": "the body ended before it was complete (the client went away)"},
-        404: {"description": "no records request for this case yet"},
-        409: {"description": "the case was cancelled"},
-        413: {"description": "the body exceeds the upload size limit"},
         415: {"description": "the body is not sent as application/zip"},
-        503: {"description": "the image archive (RECORDS_STORAGE=dicomweb) is not reachable"},
-        422: {"description": "the archive or one of its members is unusable or hostile; nothing was stored"},
     },
 )
 async def upload_archive(
