@@ -97,7 +97,7 @@ class InstanceWriter:
     idling through every fsync). At most `depth` instances wait in memory; none is indexed before
     `entries()` has seen every write finish, and a failed write fails the retrieval, which is retried."""
 
-    def __init__(self, store: ObjectStore, limit: int, depth: int = 2) -> None:
+    def __init__(self, store: ObjectStore, limit: int, depth: int = 1) -> None:
         self._store, self._limit = store, limit
         self._slots = threading.BoundedSemaphore(depth)
         self._lock = threading.Lock()
