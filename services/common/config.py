@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     insurance_port: int = 8003
     review_port: int = 8004
     host: str = "127.0.0.1"
+    # How long an idle client connection is kept open. Longer than clients keep theirs (httpx and Node: 5 s),
+    # so a client never reuses a connection the server is just closing (a POST lost to a ReadError).
+    http_keep_alive_seconds: int = 75
 
     intake_url: str = "http://127.0.0.1:8001"
     records_url: str = "http://127.0.0.1:8002"

@@ -87,4 +87,11 @@ class ServiceRuntime:
 
 def serve(app: FastAPI, port: int, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=settings.http_keep_alive_seconds,
+    )

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,3 +246,16 @@ def test_a_cd_as_a_zip_body_streams_in_and_a_hostile_one_gets_its_answer(system:
         assert (body["new_files"], body["import_status"]) == (3, "released")
         listed = http.get(f"{system.records_url}/v1/records/{case_id}").json()["files"]
         assert sorted(f["sha256"] for f in listed) == sorted(f["sha256"] for f in body["files"])
+
+
+def test_an_idle_client_connection_outlives_the_clients_own_keep_alive(system: Settings) -> None:
+    """httpx and Node keep an idle connection 5 s; a server closing at the same 5 s races them, and the
+    client's next POST fails with a read error. The services keep it longer, so it is reused."""
+    address = httpx.URL(system.intake_url)
+    request = f"GET /healthz HTTP/1.1\r\nHost: {address.host}\r\n\r\n".encode()
+    with socket.create_connection((address.host, address.port or 80), timeout=10) as connection:
+        for _ in range(2):
+            connection.sendall(request)
+            answer = connection.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+            time.sleep(6)  # idle beyond the clients' 5 s
