@@ -32,6 +32,7 @@ class ServiceRuntime:
     consumer: Consumer | None = None
     relay: OutboxRelay | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
+    _commit_listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def start(self) -> None:
         configure_logging(self.service, self.settings.log_level)
@@ -48,7 +49,7 @@ class ServiceRuntime:
                 queue=self.service,
                 engine=self.engine(),
                 handle=self.handle,
-                on_commit=self.relay.wake,
+                on_commit=self._committed,
             )
             self._spawn(self.consumer.run_forever, "consumer")
         log.info("service.started", service=self.service)
@@ -69,6 +70,15 @@ class ServiceRuntime:
     def wake_relay(self) -> None:
         if self.relay:
             self.relay.wake()
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Also call `listener` after the consumer commits a message's changes (e.g. to wake a sender)."""
+        self._commit_listeners.append(listener)
+
+    def _committed(self) -> None:
+        self.wake_relay()
+        for listener in self._commit_listeners:
+            listener()
 
     def broker_ready(self) -> bool:
         return self.consumer is None or self.consumer.connected.is_set()

@@ -76,6 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dispatcher = webhooks_out.WebhookDispatcher(
             engine=get_engine("intake"), auth_engine=get_engine("auth"), env=settings.env
         )
+        runtime.on_commit(dispatcher.wake)  # a status change reaches the partner now, not within a second
         sender = threading.Thread(target=dispatcher.run_forever, name="intake-webhooks", daemon=True)
         sender.start()
         try:

@@ -156,18 +156,26 @@ class WebhookDispatcher:
         self.rng = rng or random.Random()
         self.http = httpx.Client(timeout=timeout, follow_redirects=False)
         self._stop = threading.Event()
+        self._wake = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """New deliveries were committed: send them now, not at the next pass."""
+        self._wake.set()
 
     def run_forever(self, interval: float = 1.0) -> None:
+        # Woken when the consumer commits deliveries; the pass every `interval` sends retries when due.
         while not self._stop.is_set():
+            self._wake.clear()  # before the pass: a wake during it makes the next pass start at once
             try:
                 while self.run_once() and not self._stop.is_set():
                     pass
             except Exception as exc:
                 log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
-            self._stop.wait(interval)
+            self._wake.wait(interval)
         self.http.close()
 
     def run_once(self, batch: int = 20) -> int:

@@ -248,3 +248,25 @@ def test_another_partners_endpoints_are_404(
             method, path, headers=headers, json={"url": receiver.url} if method == "POST" else None
         )
         assert response.status_code == 404, (method, path, response.text)
+
+
+def test_a_woken_sender_delivers_at_once_not_at_its_next_pass(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+) -> None:
+    _, _, case_id = setup_partner(client, engines[1], receiver)
+    sender = threading.Thread(target=dispatcher.run_forever, kwargs={"interval": 60.0}, daemon=True)
+    sender.start()
+    try:
+        time.sleep(0.3)  # its first pass is done: the next would come in a minute
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), "evt-woken")
+        dispatcher.wake()  # what the intake consumer does after each commit
+        deadline = time.monotonic() + 10
+        while not any(b'"awaiting_records"' in body for _, _, body in receiver.received):
+            assert time.monotonic() < deadline, "the woken sender did not deliver; it waited for its pass"
+            time.sleep(0.02)
+    finally:
+        dispatcher.stop()
+        sender.join(timeout=15)
