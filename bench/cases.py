@@ -11,12 +11,13 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from bench.status_feed import StatusFeed
 from bench.system import System
 from contracts.decisions import CloseCase, CostChoice, CostDecision
 from scripts import demo
 from services.review.directory import SpecialistIn
 
-POLL_SECONDS = 0.2  # 16 cases polling at 50 ms would load intake more than the cases do
+POLL_SECONDS = 0.2  # how often a request that is not there yet (a 404) is tried again
 
 
 def case_request(system: System, **exam: str) -> dict[str, Any]:
@@ -34,26 +35,13 @@ async def create_case(http: httpx.AsyncClient, system: System, **exam: str) -> s
     return str(response.json()["case_id"])
 
 
-async def status(http: httpx.AsyncClient, system: System, case_id: str) -> dict[str, Any]:
-    response = await http.get(f"{system.settings.intake_url}/v1/cases/{case_id}")
-    response.raise_for_status()
-    return response.json()  # type: ignore[no-any-return]
-
-
-async def wait_for_status(
-    http: httpx.AsyncClient, system: System, case_id: str, wanted: str, timeout: float = 300
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        case = await status(http, system, case_id)
-        if case["status"] == wanted:
-            return case
-        await asyncio.sleep(POLL_SECONDS)
-    raise RuntimeError(f"case {case_id} did not reach {wanted} within {timeout:.0f}s (last {case['status']})")
-
-
 async def upload_study(
-    http: httpx.AsyncClient, system: System, case_id: str, files: list[Any], timeout: float = 120
+    http: httpx.AsyncClient,
+    system: System,
+    case_id: str,
+    files: list[Any],
+    timeout: float = 120,
+    retry_seconds: float = POLL_SECONDS,
 ) -> dict[str, Any]:
     """POST the files once the records request has arrived (404 until then)."""
     deadline = time.monotonic() + timeout
@@ -62,7 +50,7 @@ async def upload_study(
         if response.status_code != 404:
             response.raise_for_status()
             return response.json()  # type: ignore[no-any-return]
-        await asyncio.sleep(POLL_SECONDS)
+        await asyncio.sleep(retry_seconds)
     raise RuntimeError(f"the records request for case {case_id} did not arrive within {timeout:.0f}s")
 
 
@@ -103,26 +91,29 @@ class Timer:
         self.busy += time.monotonic() - self._since
 
 
-async def run_case(http: httpx.AsyncClient, temporal: Client, system: System, files: list[Any]) -> float:
-    """One case from request to closed; returns the seconds the system worked (human turns excluded)."""
+async def run_case(
+    http: httpx.AsyncClient, temporal: Client, system: System, files: list[Any], feed: StatusFeed
+) -> float:
+    """One case from request to closed; returns the seconds the system worked (human turns excluded).
+    The bots act when the partner's webhook says the case is ready for them."""
     review_url = system.settings.review_url
     timer = Timer()
     timer.start()
     case_id = await create_case(http, system)
-    await upload_study(http, system, case_id, files)
-    await wait_for_status(http, system, case_id, "awaiting_patient_decision")
+    await feed.wait_for(case_id, "awaiting_records")
+    await upload_study(http, system, case_id, files, retry_seconds=0.05)
+    await feed.wait_for(case_id, "awaiting_patient_decision")
     timer.stop()
     handle = temporal.get_workflow_handle(f"case-{case_id}")
     await handle.execute_update(
         "decide_cost", CostDecision(choice=CostChoice.ACCEPT, by="bench-patient", reason="benchmark")
     )
     timer.start()
-    deadline = time.monotonic() + 180
-    while not (review := await handle.query("review")):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"case {case_id} was offered to no specialist within 180 s")
-        await asyncio.sleep(POLL_SECONDS)
+    await feed.wait_for(case_id, "awaiting_acceptance", timeout=180)
     timer.stop()
+    review = await handle.query("review")
+    if not review:
+        raise RuntimeError(f"case {case_id} awaits acceptance but its review query names no specialist")
     review = review.model_dump() if hasattr(review, "model_dump") else review
     reviewer, review_id = review["reviewer_id"], review["review_id"]
     acting = {"reviewer": reviewer}
@@ -132,7 +123,7 @@ async def run_case(http: httpx.AsyncClient, temporal: Client, system: System, fi
         )
         accepted.raise_for_status()
         timer.start()
-        await wait_for_status(http, system, case_id, "in_review")
+        await feed.wait_for(case_id, "in_review")
         timer.stop()
     submitted = await http.post(
         f"{review_url}/v1/reviews/{review_id}",
@@ -142,10 +133,10 @@ async def run_case(http: httpx.AsyncClient, temporal: Client, system: System, fi
     )
     submitted.raise_for_status()
     timer.start()
-    await wait_for_status(http, system, case_id, "follow_up")
+    await feed.wait_for(case_id, "follow_up")
     timer.stop()
     await handle.execute_update("close", CloseCase(by="bench-referrer", reason="no further questions"))
     timer.start()
-    await wait_for_status(http, system, case_id, "closed")
+    await feed.wait_for(case_id, "closed")
     timer.stop()
     return timer.busy

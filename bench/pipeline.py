@@ -13,6 +13,7 @@ from bench import bare
 from bench.cases import demo_files, run_case, widen_directory
 from bench.result import Result
 from bench.stats import ms, percentile
+from bench.status_feed import subscribed
 from bench.system import System
 from services.common.temporal import connect_temporal
 
@@ -26,17 +27,22 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
     gate = asyncio.Semaphore(concurrency)
     seconds: list[float] = []
     failures: list[str] = []
-    async with httpx.AsyncClient(timeout=120, headers=system.headers) as http:
+    async with (
+        httpx.AsyncClient(timeout=120, headers=system.headers) as http,
+        subscribed(http, system) as feed,
+    ):
         await widen_directory(http, system, max_open_reviews=100)
 
         async def one() -> None:
             async with gate:
                 try:
-                    seconds.append(await run_case(http, temporal, system, files))
+                    seconds.append(await run_case(http, temporal, system, files, feed))
                 except Exception as exc:  # counted and reported; the other cases go on
                     failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
-        await run_case(http, temporal, system, files)  # warm-up; also the case whose shape the ceiling copies
+        await run_case(
+            http, temporal, system, files, feed
+        )  # warm-up; also the case whose shape the ceiling copies
         first = (await http.get(f"{settings.intake_url}/v1/cases", params={"status": "closed"})).json()
         started = time.monotonic()
         await asyncio.gather(*(one() for _ in range(cases)))
