@@ -68,13 +68,8 @@ async def feed_to_thread(
 
     pumping = asyncio.ensure_future(pump())
     try:
-        result = await anyio.to_thread.run_sync(run)
-    except BaseException:
-        await pumping
+        return await anyio.to_thread.run_sync(run)
+    finally:
+        await pumping  # the rest of the body is read (or dropped) before the answer goes out
         if body_failed:
-            raise body_failed[0] from None
-        raise
-    await pumping
-    if body_failed:
-        raise body_failed[0]
-    return result
+            raise body_failed[0]  # in place of the consumer's view of a body cut short

@@ -34,16 +34,8 @@ class Entry:
     declared_type: str | None = None  # what the client said it is (declared DICOM must be DICOM)
 
 
-def is_archive(received: ReceivedFile) -> bool:
-    return is_zip_head(received.head)
-
-
 def is_zip_head(head: bytes) -> bool:
     return head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06")
-
-
-def is_nested_archive(received: ReceivedFile) -> bool:
-    return is_archive_head(received.head)
 
 
 def is_archive_head(head: bytes) -> bool:
@@ -124,7 +116,7 @@ def expand_zip(
                     )
                 entries.append(Entry(received, relative, label, from_archive=True))
                 expanded += received.size_bytes
-                if is_nested_archive(received):
+                if is_archive_head(received.head):
                     raise refuse(
                         f"holds another archive (member {index} of {len(members)}); upload the files themselves"
                     )

@@ -17,7 +17,7 @@ from contracts.events import IdentityMismatch
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.errors import RecordsRejected
-from services.records.archive import Entry, expand_zip, is_archive, is_zip_head, safe_relative_path
+from services.records.archive import Entry, expand_zip, is_zip_head, safe_relative_path
 from services.records.assembly import SOURCE, assemble_if_complete, case_files, missing_items
 from services.records.classify import PDF_TYPE, ClassifiedFile, classify
 from services.records.handlers import lock_request
@@ -72,8 +72,7 @@ def accept_upload(
     limits: ImportLimits | None = None,
 ) -> UploadOutcome:
     """Receive and validate every file, then store them all and commit; nothing is kept if one fails."""
-    _open_request(session, case_id)
-    session.rollback()  # hold no transaction open while the files stream in
+    check_open(session, case_id)  # and hold no transaction open while the files stream in
     limits = limits or get_limits()
     store = ObjectStore.for_settings(settings)
     entries = _receive(incoming, store, settings, limits)
@@ -92,8 +91,7 @@ def accept_entries(
     """Validate, reconcile and store files already received into the temp area; they are consumed."""
     store = ObjectStore.for_settings(settings)
     try:
-        _open_request(session, case_id)
-        session.rollback()
+        check_open(session, case_id)
         classified = _classify(entries, limits or get_limits())
         return _store(case_id, classified, session, store, source)
     finally:
@@ -139,7 +137,7 @@ def _receive(
                 received = store.receive(
                     item.stream, position=position, total=total, limit=settings.max_upload_bytes
                 )
-                if not is_archive(received):
+                if not is_zip_head(received.head):
                     entries.append(Entry(received, relative, label, declared_type=item.declared_type))
                     continue
             try:
