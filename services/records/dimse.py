@@ -1,20 +1,29 @@
 """DIMSE query/retrieve from a facility's PACS as AE `SECONDOPINION`: C-FIND, then C-GET or C-MOVE.
 
 C-MOVE sends the study to our C-STORE SCP (`StoreSCP`, started by the records process); C-GET receives it
-on the same association. Either way each instance is written straight to the store's temp area.
+on the same association. Either way each instance is spooled to the store's temp area as its fragments
+arrive (`SpooledInstance`), never held whole in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import socket
+import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from tempfile import NamedTemporaryFile
+from typing import Any, cast
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, _config, build_role, dimse_messages, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     BasicTextSRStorage,
     ComprehensiveSRStorage,
@@ -28,9 +37,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
 )
+from pynetdicom.transport import AssociationSocket
 
 from services.records.archive import Entry
-from services.records.store import ObjectStore
+from services.records.store import HEAD_BYTES, FileTooLarge, ObjectStore, ReceivedFile
 
 OUR_AE = "SECONDOPINION"
 RETRIEVED_CLASSES = (
@@ -65,6 +75,7 @@ MAX_PDU_BYTES = 131072
 
 
 def _ae(timeout: float) -> AE:
+    _spool_received_datasets()
     ae = AE(ae_title=OUR_AE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -72,58 +83,287 @@ def _ae(timeout: float) -> AE:
     return ae
 
 
-def _write_instance(store: ObjectStore, preamble: bytes, dataset: bytes, position: int, limit: int) -> Entry:
-    """A received C-STORE as a PS3.10 file in the temp area (the dataset bytes are written as received)."""
-    incoming = store.incoming(position=position, total=position, limit=limit)
+# The thread that receives the P-DATA only collects fragments; every this many bytes it hands them to a
+# spooling thread, which writes them (one writev) and hashes them on the other core. One hand-off per
+# batch, not per fragment: per 128 KiB fragment, a hand-off or a write costs the receiving thread more
+# than the copy it saves.
+SPOOL_BATCH_BYTES = 8 * 1024 * 1024
+_IOV_MAX = 1024
+_spoolers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dimse-spool")
+
+
+class SpooledInstance:
+    """A received C-STORE's dataset, written to the store's temp area fragment by fragment as it arrives.
+
+    pynetdicom (with `STORE_RECV_CHUNKED_DATASET`) writes a dataset it receives into a NamedTemporaryFile
+    as its P-DATA fragments come in; on our associations it gets one of these instead (it uses `write`,
+    `file.flush`, `name` and `close`). Nothing of an instance is held in memory: each fragment goes to
+    the file at once, the kernel is asked to write the file out every few MiB, and the fragments are
+    hashed in batches on another core. When the last fragment is in, what is left is the last batch's
+    hash and one fsync (`finish`, on the writer's thread). A write that fails (the size limit, a full
+    disk) stops the spooling; the C-STORE is refused when it completes (`take` raises)."""
+
+    def __init__(self, directory: Path, position: int, limit: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._fd, self.name = tempfile.mkstemp(dir=directory, prefix="dimse-", suffix=".part")
+        self._path = Path(self.name)
+        self.file = self  # pynetdicom calls `file.flush()` after each fragment
+        self._position, self._limit = position, limit
+        self._digest = hashlib.sha256()
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._spooling: Future[None] | None = None
+        self._size, self._head = 0, b""
+        self._error: Exception | None = None
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def write(self, data: bytes) -> int:
+        if self._error is not None:
+            return len(data)
+        self._size += len(data)
+        if self._size > self._limit:
+            self._fail(FileTooLarge(self._position, self._position, self._limit))
+            return len(data)
+        if len(self._head) < HEAD_BYTES:
+            self._head += data[: HEAD_BYTES - len(self._head)]
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= SPOOL_BATCH_BYTES:
+            self._hand_off()
+        return len(data)
+
+    def _hand_off(self) -> None:
+        """Give the fragments so far to the spooling thread, to write (one writev) and hash; one batch at a
+        time, in order. A failed batch fails the instance."""
+        try:
+            self._settled()
+        except Exception as exc:
+            self._fail(exc)
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._spooling = _spoolers.submit(_write_batch, self._fd, self._digest, batch)
+
+    def _settled(self) -> None:
+        if self._spooling is not None:
+            spooling, self._spooling = self._spooling, None
+            spooling.result()
+
+    def make_readable(self) -> None:
+        """Everything received so far in the file (to read its header before taking it)."""
+        self._hand_off()
+        with contextlib.suppress(Exception):
+            self._settled()
+
+    def _fail(self, exc: Exception) -> None:
+        """Stop spooling and remove the file (once a batch being written has finished with it)."""
+        self._error = exc
+        self._batch = []
+        with contextlib.suppress(Exception):
+            self._settled()
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Nothing per fragment: every fragment is written at once, and made durable by `finish`."""
+
+    def close(self) -> None:
+        """Nothing: a taken file is finished by the writer; one never taken is removed by `discard`."""
+
+    def take(self) -> None:
+        """Take the complete file over from pynetdicom. It is renamed first: after a C-STORE SCP's handler
+        returns, pynetdicom unlinks the file by the name it gave it."""
+        with self._lock:
+            if self._taken:
+                raise RuntimeError("this instance was already taken or discarded")
+            self._taken = True
+        if self._error is not None:
+            raise self._error
+        self._path = Path(self.name + ".taken")  # `name` stays what pynetdicom knows, and now names nothing
+        os.rename(self.name, self._path)
+
+    def finish(self) -> ReceivedFile:
+        """The file made durable: the last batch written and hashed, then fsynced and closed."""
+        try:
+            self._hand_off()
+            self._settled()
+            if self._error is not None:
+                raise self._error
+            os.fsync(self._fd)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        except BaseException:
+            self._fail(RuntimeError("finishing failed"))
+            raise
+        return ReceivedFile(
+            self._position, self._path, self._digest.hexdigest(), self._size, self._head, utf8_text=False
+        )
+
+    def discard(self) -> None:
+        """Remove a file that was never taken (refused, or its association ended mid-instance)."""
+        with self._lock:
+            if self._taken:
+                return
+            self._taken = True
+        self._fail(RuntimeError("discarded"))
+
+
+def _write_batch(fd: int, digest: Any, batch: list[bytes]) -> None:
+    """Write a batch of fragments at the file's end, hash them, and start writing them out to disk."""
+    views = [memoryview(data) for data in batch]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+    for data in batch:
+        digest.update(data)
+    with contextlib.suppress(OSError):  # start the writeback now: the fsync at the end finds little left
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _finished(spooled: SpooledInstance, position: int) -> Entry:
+    return Entry(spooled.finish(), None, f"retrieved instance {position}", declared_type="application/dicom")
+
+
+@dataclass
+class _Spool:
+    """Where an association's received datasets go."""
+
+    store: ObjectStore
+    limit: int
+    opened: list[SpooledInstance] = field(default_factory=list)
+
+    def open(self) -> SpooledInstance:
+        spooled = SpooledInstance(self.store.tmp_dir, len(self.opened) + 1, self.limit)
+        self.opened.append(spooled)
+        return spooled
+
+    def discard_untaken(self) -> None:
+        for spooled in self.opened:
+            spooled.discard()
+
+
+# The DUL thread of each of our associations (it decodes the incoming P-DATA) -> its spool.
+_spools: dict[threading.Thread, _Spool] = {}
+_spools_lock = threading.Lock()
+
+
+def _spooled_or_temporary(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for pynetdicom's NamedTemporaryFile: a spooled instance on our associations, pynetdicom's
+    own temporary file on any other (nothing else in this process is expected to receive C-STOREs)."""
+    with _spools_lock:
+        spool = _spools.get(threading.current_thread())
+    if spool is None:
+        return NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes and removes it
+    return spool.open()
+
+
+def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """`AssociationSocket.recv` reading straight into one buffer (pynetdicom reads 4 KiB at a time, each
+    read a new bytes object appended to the last: for a 128 KiB PDU, 32 reads and copies instead of 1).
+    Same contract: `nr_bytes` bytes, or fewer if the peer closed the connection."""
+    sock = cast(socket.socket, self.socket)
+    buffer = bytearray(nr_bytes)
+    with memoryview(buffer) as view:
+        read = 0
+        while read < nr_bytes:
+            got = sock.recv_into(view[read:], nr_bytes - read)
+            if not got:
+                break
+            read += got
+    if read < nr_bytes:
+        del buffer[read:]
+    return buffer
+
+
+def _spool_received_datasets() -> None:
+    """Received C-STORE datasets go to disk as they arrive, not into memory; PDUs are read whole."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _spooled_or_temporary
+    AssociationSocket.recv = _recv_whole  # type: ignore[method-assign]
+
+
+def _open_spool(dul: threading.Thread, store: ObjectStore, limit: int) -> None:
+    """Spool what arrives on the association whose DUL thread (it decodes the incoming P-DATA) is `dul`."""
+    with _spools_lock:
+        _spools[dul] = _Spool(store, limit)
+
+
+def _close_spool(dul: threading.Thread) -> None:
+    """The association has ended: remove what it left unfinished."""
+    with _spools_lock:
+        spool = _spools.pop(dul, None)
+    if spool is not None:
+        spool.discard_untaken()
+
+
+@contextmanager
+def _spooling(dul: threading.Thread, store: ObjectStore, limit: int) -> Iterator[None]:
+    _open_spool(dul, store, limit)
     try:
-        incoming.write(preamble)
-        incoming.write(dataset)
-    except BaseException:
-        incoming.abort()
-        raise
-    return Entry(incoming.finish(), None, f"retrieved instance {position}", declared_type="application/dicom")
-
-
-def _received(event: Any) -> tuple[bytes, bytes]:
-    """A C-STORE's PS3.10 preamble with its file meta, and its dataset bytes as they came."""
-    meta = DicomBytesIO()
-    write_file_meta_info(meta, event.file_meta, enforce_standard=True)
-    return b"\0" * 128 + b"DICM" + meta.getvalue(), event.request.DataSet.getvalue()
+        yield
+    finally:
+        _close_spool(dul)
 
 
 class InstanceWriter:
-    """Writes received instances to disk on a thread of its own: the C-STORE is answered as soon as the
-    instance is in memory, so the PACS sends the next one while the disk takes this one (instead of
-    idling through every fsync). At most `depth` instances wait in memory; none is indexed before
-    `entries()` has seen every write finish, and a failed write fails the retrieval, which is retried."""
+    """Finishes received instances on a thread of its own: the C-STORE is answered as soon as the
+    instance is all in (spooled to disk as it arrived), so the PACS sends the next one while this one's
+    last hash and fsync run; up to `depth` may be finishing at once. None is indexed before `entries()`
+    has seen every instance finish, and a failed one fails the retrieval, which is retried."""
 
-    def __init__(self, store: ObjectStore, limit: int, depth: int = 1) -> None:
-        self._store, self._limit = store, limit
+    def __init__(self, store: ObjectStore, depth: int = 2) -> None:
+        self._store = store
         self._slots = threading.BoundedSemaphore(depth)
         self._lock = threading.Lock()
         self._writes: list[Future[Entry]] = []
 
-    def write(self, event: Any) -> None:
-        preamble, dataset = _received(event)
+    def write(self, event: Any) -> int:
+        """Take a received instance: SUCCESS, or OUT_OF_RESOURCES for one that could not be taken (that
+        failure is kept, and fails the retrieval)."""
+        spooled = getattr(event.request, "_dataset_file", None)
+        try:
+            if not isinstance(spooled, SpooledInstance):
+                raise RuntimeError("an instance arrived on an association without a spool")
+            spooled.take()
+        except Exception as exc:
+            failed: Future[Entry] = Future()
+            failed.set_exception(exc)
+            with self._lock:
+                self._writes.append(failed)
+            return OUT_OF_RESOURCES
         self._slots.acquire()
         with self._lock:
-            position = len(self._writes) + 1
-            write = _writers.submit(_write_instance, self._store, preamble, dataset, position, self._limit)
-            self._writes.append(write)
-        write.add_done_callback(lambda _: self._slots.release())
+            future = _writers.submit(_finished, spooled, len(self._writes) + 1)
+            self._writes.append(future)
+        future.add_done_callback(lambda _: self._slots.release())
+        return SUCCESS
 
-    def entries(self) -> list[Entry]:
-        """Every instance written (waiting for the last writes); on a failed write none is kept."""
+    def failure(self) -> PacsUnavailable | None:
+        """Why the retrieval cannot be kept, once every instance has finished: the first that failed."""
         with self._lock:
             writes = list(self._writes)
         wait(writes)
         failed = next((w.exception() for w in writes if w.exception() is not None), None)
-        if failed is not None:
+        if failed is None:
+            return None
+        return PacsUnavailable(
+            f"a retrieved instance could not be stored ({type(failed).__name__}); the retrieval is retried"
+        )
+
+    def entries(self) -> list[Entry]:
+        """Every instance written (waiting for the last ones); on a failed one none is kept."""
+        failure = self.failure()
+        if failure is not None:
             self.discard()
-            raise PacsUnavailable(
-                f"a retrieved instance could not be stored ({type(failed).__name__}); the retrieval is retried"
-            )
-        return [w.result() for w in writes]
+            raise failure
+        return [w.result() for w in self._writes]
 
     def discard(self) -> None:
         with self._lock:
@@ -185,13 +425,9 @@ def find_studies(source: DimseSource, wanted: StudyQuery) -> list[str]:
 
 
 def get_study(source: DimseSource, study_uid: str, store: ObjectStore, *, limit: int) -> list[Entry]:
-    """C-GET the study; its instances arrive as C-STORE sub-operations on our association."""
-    writer = InstanceWriter(store, limit)
-
-    def on_store(event: Any) -> int:
-        writer.write(event)
-        return SUCCESS
-
+    """C-GET the study; its instances arrive as C-STORE sub-operations on our association, each spooled
+    to the store's temp area as it arrives."""
+    writer = InstanceWriter(store)
     ae = _ae(source.timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for sop_class in RETRIEVED_CLASSES:
@@ -202,19 +438,19 @@ def get_study(source: DimseSource, study_uid: str, store: ObjectStore, *, limit:
         source.port,
         ae_title=source.ae_title,
         ext_neg=roles,
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        evt_handlers=[(evt.EVT_C_STORE, writer.write)],
     )
     if not assoc.is_established:
         raise PacsUnavailable("the PACS refused or did not answer the association for C-GET")
-    try:
-        _run_retrieve(
-            assoc.send_c_get(_study_query(study_uid), StudyRootQueryRetrieveInformationModelGet), "C-GET"
-        )
-    except BaseException:
-        writer.discard()
-        raise
-    finally:
-        assoc.release()
+    with _spooling(assoc.dul, store, limit):
+        try:
+            _run_retrieve(
+                assoc.send_c_get(_study_query(study_uid), StudyRootQueryRetrieveInformationModelGet),
+                "C-GET",
+                writer,
+            )
+        finally:
+            assoc.release()
     return writer.entries()
 
 
@@ -232,6 +468,7 @@ def move_study(source: DimseSource, study_uid: str, scp: StoreSCP) -> list[Entry
                     _study_query(study_uid), OUR_AE, StudyRootQueryRetrieveInformationModelMove
                 ),
                 "C-MOVE",
+                writer,
             )
         finally:
             assoc.release()
@@ -245,18 +482,26 @@ def _study_query(study_uid: str) -> Dataset:
     return query
 
 
-def _run_retrieve(responses: Any, operation: str) -> None:
-    for status, _ in responses:
-        code = int(status.get("Status", -1)) if status else -1
-        if code in PENDING:
-            continue
-        if code != SUCCESS:
-            failed = int(status.get("NumberOfFailedSuboperations", 0)) if status else 0
-            raise PacsUnavailable(
-                f"{operation} timed out"
-                if code < 0
-                else f"{operation} ended with status 0x{code:04X} ({failed} failed)"
-            )
+def _run_retrieve(responses: Any, operation: str, writer: InstanceWriter) -> None:
+    """Follow the C-GET/C-MOVE to its final status; on a failure nothing received is kept."""
+    try:
+        for status, _ in responses:
+            code = int(status.get("Status", -1)) if status else -1
+            if code in PENDING:
+                continue
+            if code != SUCCESS:
+                failed = int(status.get("NumberOfFailedSuboperations", 0)) if status else 0
+                raise PacsUnavailable(
+                    f"{operation} timed out"
+                    if code < 0
+                    else f"{operation} ended with status 0x{code:04X} ({failed} failed)"
+                )
+    except BaseException as exc:
+        failure = writer.failure()  # an instance we could not store says better why sub-operations failed
+        writer.discard()
+        if failure is not None and isinstance(exc, PacsUnavailable):
+            raise failure from exc
+        raise
 
 
 def _discard(store: ObjectStore, entries: list[Entry]) -> None:
@@ -277,12 +522,19 @@ class StoreSCP:
     _server: Any = None
 
     def start(self) -> None:
+        _spool_received_datasets()
         ae = AE(ae_title=OUR_AE)
         ae.maximum_pdu_size = MAX_PDU_BYTES
         for sop_class in RETRIEVED_CLASSES:
             ae.add_supported_context(sop_class)
         self._server = ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            (self.host, self.port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, self._on_open),  # before the association's DUL thread starts
+                (evt.EVT_CONN_CLOSE, self._on_close),
+                (evt.EVT_C_STORE, self._on_store),
+            ],
         )
 
     def stop(self) -> None:
@@ -293,17 +545,36 @@ class StoreSCP:
     def expecting(self, study_uid: str) -> _Expectation:
         return _Expectation(self, study_uid)
 
+    def _on_open(self, event: Any) -> None:
+        _open_spool(event.assoc.dul, self.store, self.limit)
+
+    def _on_close(self, event: Any) -> None:
+        _close_spool(event.assoc.dul)
+
     def _on_store(self, event: Any) -> int:
-        study_uid = str(event.dataset.get("StudyInstanceUID") or "")
+        spooled = getattr(event.request, "_dataset_file", None)
         with self._lock:
-            writer = self._waiting.get(study_uid)
+            writer = self._waiting.get(_study_uid(spooled))
         if writer is None:
+            if isinstance(spooled, SpooledInstance):
+                spooled.discard()
             return NOT_AUTHORIZED  # nobody asked for this study: we accept no unsolicited images
-        try:
-            writer.write(event)
-        except Exception:
-            return OUT_OF_RESOURCES
-        return SUCCESS
+        return writer.write(event)
+
+
+def _study_uid(spooled: object) -> str:
+    """The Study Instance UID of a received instance, read from its header (not its pixel data); "" when
+    there is none to read."""
+    if not isinstance(spooled, SpooledInstance):
+        return ""
+    spooled.make_readable()
+    try:
+        header = dcmread(
+            spooled.name, stop_before_pixels=True, specific_tags=["StudyInstanceUID"], defer_size=1024
+        )
+    except Exception:
+        return ""
+    return str(header.get("StudyInstanceUID") or "")
 
 
 class _Expectation:
@@ -311,7 +582,7 @@ class _Expectation:
         self._scp, self._study_uid = scp, study_uid
 
     def __enter__(self) -> InstanceWriter:
-        writer = InstanceWriter(self._scp.store, self._scp.limit)
+        writer = InstanceWriter(self._scp.store)
         with self._scp._lock:
             self._scp._waiting[self._study_uid] = writer
         return writer

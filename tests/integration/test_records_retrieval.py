@@ -1,10 +1,12 @@
 """Query/retrieve from the originating PACS: a real Orthanc (its own config, studies loaded with dcmtk
 storescu) answers our C-FIND, C-GET, C-MOVE (to our C-STORE SCP) and DICOMweb QIDO/WADO."""
 
+import hashlib
 import socket
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -152,6 +154,40 @@ def test_dimse_find_then_retrieve_imports_the_named_study(
     assert records["imports"][0]["status"] == "released"
     assert records["missing"] == ["the original report (PDF, UTF-8 text, DICOM SR or FHIR DiagnosticReport)"]
     assert retrieve(engine, settings, scp) == 0  # nothing left to do
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+def test_a_large_clip_arrives_byte_for_byte_with_nothing_left_in_the_temp_area(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    pacs: Orthanc,
+    scp: StoreSCP,
+    tmp_path: Path,
+    method: str,
+) -> None:
+    """A clip of some 10 MB arrives in hundreds of P-DATA fragments and more than one hashing batch: what
+    records keeps is the dataset Orthanc sent, under its true SHA-256, and no spool file is left over."""
+    study = f"{STUDY}.{len(method)}"
+    clip = tmp_path / "CLIP.dcm"
+    make_us_instance(clip, study_uid=study, series_uid=study + ".1", frames=160, rows=256, cols=256)
+    pacs.store(clip)
+    partner = f"clinic-large-{method}"
+    source = {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}
+    configure(client, partner, **source, retrieve_method=method)
+    case_id = open_case(engine, settings, partner, study_instance_uid=study)
+
+    retrieve(engine, settings, scp)
+    records = client.get(f"/v1/records/{case_id}").json()
+    assert records["retrievals"][0]["status"] == "done", records["retrievals"]
+    [stored] = records["files"]
+    store = ObjectStore.for_settings(settings)
+    path = store.objects_dir / stored["sha256"][:2] / stored["sha256"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == stored["sha256"]
+    sent, kept = pydicom.dcmread(clip), pydicom.dcmread(path)
+    assert (kept.SOPInstanceUID, kept.NumberOfFrames) == (sent.SOPInstanceUID, 160)
+    assert kept.PixelData == sent.PixelData
+    assert not [p for p in store.tmp_dir.iterdir() if p.name.startswith("dimse-")]
 
 
 def test_dicomweb_qido_then_wado_with_basic_auth(
