@@ -7,6 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -80,6 +83,79 @@ def test_each_entry_carries_the_hash_of_the_one_before(auth: Engine) -> None:
     assert report.intact and report.head == rows[-1].row_hash
     code, shown = verify_cli()
     assert code == 0 and shown["intact"] is True
+
+
+def entry(case_id: str, action: str = "read") -> dict[str, Any]:
+    return {
+        "actor": "key:0123456789ab",
+        "partner_id": "clinic-a",
+        "role": "partner",
+        "service": "intake",
+        "action": action,
+        "resource": "case",
+        "case_id": case_id,
+        "outcome": "success",
+    }
+
+
+def test_concurrent_entries_are_committed_together_and_chained_in_order(
+    auth: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries arriving while a batch is written go into the next batch together (one lock, one commit):
+    here the first caller's commit is held until 29 more are waiting, so 30 entries take 2 commits."""
+    extend, batches, waiting = audit._extend, [], threading.Event()
+
+    def held_first(engine: Engine, events: list[AuditEvent]) -> None:
+        if not batches:
+            assert waiting.wait(30), "the other callers never queued"
+        batches.append(len(events))
+        extend(engine, events)
+
+    monkeypatch.setattr(audit, "_extend", held_first)
+    chain = audit._chain_of(auth)
+
+    def watch() -> None:
+        while len(chain._queue) < 29:  # the first is being written, the rest wait
+            time.sleep(0.005)
+        waiting.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    with ThreadPoolExecutor(30) as pool:
+        list(pool.map(lambda i: audit.record(auth, **entry(f"group-{i}")), range(30)))
+    assert batches == [1, 29]
+    with Session(auth) as session:
+        written = session.exec(select(AuditEvent).where(col(AuditEvent.case_id).like("group-%"))).all()
+    assert sorted(e.case_id or "" for e in written) == sorted(f"group-{i}" for i in range(30))
+    assert verify(auth).intact
+
+
+def test_a_bad_entry_fails_only_its_own_caller(auth: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One entry the database refuses (an action longer than its column) fails its batch; the others are
+    written one by one, and only its caller gets the error."""
+    extend, held = audit._extend, threading.Event()
+
+    def hold_until_queued(engine: Engine, events: list[AuditEvent]) -> None:
+        held.wait(5)
+        extend(engine, events)
+
+    monkeypatch.setattr(audit, "_extend", hold_until_queued)
+    chain = audit._chain_of(auth)
+    calls = [entry("lone-0"), entry("lone-1"), entry("lone-bad", action="x" * 40), entry("lone-3")]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(audit.record, auth, **call) for call in calls[:1]]
+        while not chain._writing:
+            time.sleep(0.001)
+        futures += [pool.submit(audit.record, auth, **call) for call in calls[1:]]
+        while len(chain._queue) < 3:
+            time.sleep(0.001)
+        held.set()
+        outcomes = [f.exception() for f in futures]
+    assert [o is None for o in outcomes] == [True, True, False, True]
+    assert isinstance(outcomes[2], DBAPIError)
+    with Session(auth) as session:
+        written = session.exec(select(AuditEvent.case_id).where(col(AuditEvent.case_id).like("lone-%"))).all()
+    assert sorted(c or "" for c in written) == ["lone-0", "lone-1", "lone-3"]
+    assert verify(auth).intact
 
 
 @pytest.mark.parametrize(
