@@ -97,10 +97,10 @@ class SpooledInstance:
 
     pynetdicom (with `STORE_RECV_CHUNKED_DATASET`) writes a dataset it receives into a NamedTemporaryFile
     as its P-DATA fragments come in; on our associations it gets one of these instead (it uses `write`,
-    `file.flush`, `name` and `close`). Nothing of an instance is held in memory: each fragment goes to
-    the file at once, the kernel is asked to write the file out every few MiB, and the fragments are
-    hashed in batches on another core. When the last fragment is in, what is left is the last batch's
-    hash and one fsync (`finish`, on the writer's thread). A write that fails (the size limit, a full
+    `file.flush`, `name` and `close`). At most one batch of an instance is held in memory: the DUL thread
+    only collects fragments, and every `SPOOL_BATCH_BYTES` a spooling thread writes the batch, hashes it
+    and starts its writeback. When the last fragment is in, what is left is the last batch and one fsync
+    (`finish`, on the writer's thread). A write that fails (the size limit, a full
     disk) stops the spooling; the C-STORE is refused when it completes (`take` raises)."""
 
     def __init__(self, directory: Path, position: int, limit: int) -> None:
@@ -168,7 +168,7 @@ class SpooledInstance:
         self._path.unlink(missing_ok=True)
 
     def flush(self) -> None:
-        """Nothing per fragment: every fragment is written at once, and made durable by `finish`."""
+        """Nothing per fragment: fragments are written a batch at a time, and made durable by `finish`."""
 
     def close(self) -> None:
         """Nothing: a taken file is finished by the writer; one never taken is removed by `discard`."""
