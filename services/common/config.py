@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # Connections per engine (each process holds one engine per schema it uses).
     database_pool_size: int = 10
     database_max_overflow: int = 10
+    # A pooled connection idle longer than this is checked with a round trip before it is handed out
+    # (a restarted or failed-over server closed it); one in steady use is not.
+    database_ping_idle_seconds: float = 1.0
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     amqp_delivery_limit: int = 5

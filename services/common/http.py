@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -118,6 +119,21 @@ def create_app(
         return problem(
             500, "Internal error", "Something failed on our side; nothing was changed. Retry later."
         )
+
+    @app.exception_handler(DBAPIError)
+    async def on_database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+            return await on_unexpected(request, exc)
+        # The connection was lost (a restart or failover): the pool is renewed; the client retries.
+        log.warning("http.database_unavailable", path=request.url.path, error=type(exc.orig).__name__)
+        response = problem(
+            503,
+            "Database unavailable",
+            "The database connection was lost while answering. Retry in a moment; repeat a POST with "
+            "the same Idempotency-Key so it is applied once.",
+        )
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.get("/healthz", tags=["ops"], include_in_schema=True)
     def healthz() -> dict[str, str]:
