@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -38,6 +39,8 @@ PARTNER_EVENTS = ("case.status_changed", "records.needed", "report.ready")
 MAX_ATTEMPTS = 8
 LEASE = timedelta(seconds=60)
 MAX_RETRY_AFTER = timedelta(hours=6)
+RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
+SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
 
 
 class EndpointRefused(ValueError):
@@ -134,6 +137,19 @@ def retry_after(value: str | None, now: datetime) -> timedelta | None:
     return min(max(moment - now, timedelta(0)), MAX_RETRY_AFTER)
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One send and what came of it, until it is recorded."""
+
+    delivery: WebhookDelivery
+    endpoint: WebhookEndpoint
+    status_code: int | None
+    error: str
+    retry_hint: str | None
+    duration_ms: int
+    at: datetime
+
+
 class WebhookDispatcher:
     """Sends due deliveries. `run_once` is one pass (tests call it); `run_forever` is the thread body."""
 
@@ -157,6 +173,7 @@ class WebhookDispatcher:
         self.http = httpx.Client(timeout=timeout, follow_redirects=False)
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._secrets_cache: dict[str, tuple[float, list[str]]] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,9 +196,19 @@ class WebhookDispatcher:
         self.http.close()
 
     def run_once(self, batch: int = 20) -> int:
+        """Claim up to `batch` due deliveries and send them in order. Their outcomes are recorded together
+        (one transaction), and at least every RECORD_EVERY seconds while a slow endpoint holds the batch up,
+        well inside the lease. A crash before the record re-sends those deliveries after the lease, with the
+        same `webhook-id`, which receivers dedupe on."""
         due = self._claim(batch)
+        attempts: list[Attempt] = []
+        recorded = time.monotonic()
         for delivery, endpoint in due:
-            self._send(delivery, endpoint)
+            attempts.append(self._send(delivery, endpoint))
+            if time.monotonic() - recorded >= RECORD_EVERY:
+                self._record(attempts)
+                attempts, recorded = [], time.monotonic()
+        self._record(attempts)
         return len(due)
 
     def _claim(self, batch: int) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
@@ -207,11 +234,19 @@ class WebhookDispatcher:
             return [(d, e) for d, e in rows]
 
     def _secrets(self, partner_id: str) -> list[str]:
+        """The partner's signing secrets, read again after SECRETS_TTL (a rotation reaches the sender
+        within it; the previous secret stays valid for a day after one anyway)."""
+        now = time.monotonic()
+        cached = self._secrets_cache.get(partner_id)
+        if cached is not None and now - cached[0] < SECRETS_TTL:
+            return cached[1]
         with Session(self.auth_engine) as session:
             partner = session.get(Partner, partner_id)
-        return partner.webhook_secrets(datetime.now(UTC)) if partner else []
+        secrets = partner.webhook_secrets(datetime.now(UTC)) if partner else []
+        self._secrets_cache[partner_id] = (now, secrets)
+        return secrets
 
-    def _send(self, delivery: WebhookDelivery, endpoint: WebhookEndpoint) -> None:
+    def _send(self, delivery: WebhookDelivery, endpoint: WebhookEndpoint) -> Attempt:
         body = delivery.payload.encode()
         started = time.monotonic()
         status_code: int | None = None
@@ -232,63 +267,65 @@ class WebhookDispatcher:
             error = str(exc)
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: the endpoint did not answer"
-        self._record(
-            delivery, endpoint, status_code, error, retry_hint, int((time.monotonic() - started) * 1000)
-        )
+        duration_ms = int((time.monotonic() - started) * 1000)
+        return Attempt(delivery, endpoint, status_code, error, retry_hint, duration_ms, datetime.now(UTC))
 
-    def _record(
-        self,
-        delivery: WebhookDelivery,
-        endpoint: WebhookEndpoint,
-        status_code: int | None,
-        error: str,
-        retry_hint: str | None,
-        duration_ms: int,
-    ) -> None:
-        now = datetime.now(UTC)
+    def _record(self, attempts: list[Attempt]) -> None:
+        """Write the attempts and each delivery's next state in one transaction."""
+        if not attempts:
+            return
+        outcomes: list[tuple[Attempt, str]] = []
         with Session(self.engine) as session:
-            row = session.get(WebhookDelivery, delivery.id)
-            if row is None:
-                return
-            row.attempts += 1
-            row.last_status_code = status_code
-            row.last_error = error[:300]
-            session.add(
-                WebhookAttempt(
-                    delivery_id=row.id,
-                    at=now,
-                    status_code=status_code,
-                    error=error[:300],
-                    duration_ms=duration_ms,
-                )
-            )
-            if status_code is not None and 200 <= status_code < 300:
-                row.status = "delivered"
-                row.delivered_at = now
-            elif status_code == 410:
-                row.status = "failed"
-                gone = session.get(WebhookEndpoint, endpoint.id)
-                if gone is not None and gone.disabled_at is None:
-                    gone.disabled_at = now
-                    gone.disabled_reason = "the endpoint answered 410 Gone"
-                    session.add(gone)
-                log.info(
-                    "webhooks.endpoint_disabled", endpoint_id=endpoint.id, partner_id=endpoint.partner_id
-                )
-            elif row.attempts >= MAX_ATTEMPTS:
-                row.status = "failed"
-            else:
-                wait = retry_after(retry_hint, now) or timedelta(
-                    seconds=backoff(row.attempts, self.base_delay, self.max_delay, self.rng)
-                )
-                row.next_attempt_at = now + wait
-            outcome = row.status
-            session.add(row)
+            ids = [a.delivery.id for a in attempts]
+            rows = {
+                row.id: row
+                for row in session.exec(select(WebhookDelivery).where(col(WebhookDelivery.id).in_(ids)))
+            }
+            for attempt in attempts:
+                row = rows.get(attempt.delivery.id)
+                if row is not None:
+                    outcomes.append((attempt, self._apply(session, row, attempt)))
             session.commit()
-        log.info(
-            "webhooks.attempt",
-            delivery_id=delivery.id,
-            case_id=delivery.case_id,
-            status_code=status_code,
-            outcome=outcome,
+        for attempt, outcome in outcomes:
+            log.info(
+                "webhooks.attempt",
+                delivery_id=attempt.delivery.id,
+                case_id=attempt.delivery.case_id,
+                status_code=attempt.status_code,
+                outcome=outcome,
+            )
+
+    def _apply(self, session: Session, row: WebhookDelivery, attempt: Attempt) -> str:
+        now, status_code, error, endpoint = attempt.at, attempt.status_code, attempt.error, attempt.endpoint
+        row.attempts += 1
+        row.last_status_code = status_code
+        row.last_error = error[:300]
+        session.add(
+            WebhookAttempt(
+                delivery_id=row.id,
+                at=now,
+                status_code=status_code,
+                error=error[:300],
+                duration_ms=attempt.duration_ms,
+            )
         )
+        if status_code is not None and 200 <= status_code < 300:
+            row.status = "delivered"
+            row.delivered_at = now
+        elif status_code == 410:
+            row.status = "failed"
+            gone = session.get(WebhookEndpoint, endpoint.id)
+            if gone is not None and gone.disabled_at is None:
+                gone.disabled_at = now
+                gone.disabled_reason = "the endpoint answered 410 Gone"
+                session.add(gone)
+            log.info("webhooks.endpoint_disabled", endpoint_id=endpoint.id, partner_id=endpoint.partner_id)
+        elif row.attempts >= MAX_ATTEMPTS:
+            row.status = "failed"
+        else:
+            wait = retry_after(attempt.retry_hint, now) or timedelta(
+                seconds=backoff(row.attempts, self.base_delay, self.max_delay, self.rng)
+            )
+            row.next_attempt_at = now + wait
+        session.add(row)
+        return row.status

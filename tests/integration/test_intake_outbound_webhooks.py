@@ -20,6 +20,7 @@ from contracts import CaseStatusChanged, new_event
 from contracts.events import CaseCancelled, RecordsNeeded
 from contracts.models import CaseStatus
 from services.auth.models import Partner
+from services.auth.partners import rotate_webhook_secret
 from services.common.config import Settings
 from services.intake import api, consumer, webhooks_out, webhooks_out_api
 from services.intake.models import WebhookDelivery
@@ -270,3 +271,78 @@ def test_a_woken_sender_delivers_at_once_not_at_its_next_pass(
     finally:
         dispatcher.stop()
         sender.join(timeout=15)
+
+
+def test_a_batch_is_sent_in_order_and_every_outcome_recorded(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    statuses = [CaseStatus.AWAITING_RECORDS, CaseStatus.MATCHING, CaseStatus.AWAITING_ACCEPTANCE]
+    receiver.script = [(200, {}), (500, {}), (200, {})]
+    for n, status_ in enumerate(statuses):
+        publish(engines[0], case_id, status_changed(case_id, status_), f"wf:{case_id}:b{n}")
+
+    assert dispatcher.run_once() == 3  # one pass: claimed, sent, recorded together
+    sent = [json.loads(body)["data"]["status"] for _, _, body in receiver.received]
+    assert sent == [s.value for s in statuses]
+    log = client.get(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}/deliveries",
+        headers={"Authorization": partner["Authorization"]},
+    ).json()
+    outcome = {d["webhook_id"]: (d["status"], [a["status_code"] for a in d["history"]]) for d in log}
+    ids = [headers["webhook-id"] for _, headers, _ in receiver.received]
+    assert [outcome[i] for i in ids] == [("delivered", [200]), ("pending", [500]), ("delivered", [200])]
+
+
+def test_a_slow_endpoint_does_not_hold_back_the_record_of_what_was_already_sent(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, _, case_id = setup_partner(client, engines[1], receiver)
+    original_send = dispatcher._send
+    delivered_before_second_send: list[int] = []
+
+    def send(delivery: WebhookDelivery, endpoint: Any) -> Any:
+        if delivery.case_id == case_id and delivery.source_event_id.endswith(("s1", "s3")):
+            with Session(engines[0]) as session:
+                rows = session.exec(select(WebhookDelivery).where(WebhookDelivery.case_id == case_id)).all()
+                delivered_before_second_send.append(sum(r.status == "delivered" for r in rows))
+        return original_send(delivery, endpoint)
+
+    monkeypatch.setattr(dispatcher, "_send", send)
+    monkeypatch.setattr(webhooks_out, "RECORD_EVERY", 60.0)  # a quick batch: recorded at its end
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:s0")
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"wf:{case_id}:s1")
+    dispatcher.run_once()
+    monkeypatch.setattr(webhooks_out, "RECORD_EVERY", 0.0)  # the first send took longer than this
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_ACCEPTANCE), f"wf:{case_id}:s2")
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.IN_REVIEW), f"wf:{case_id}:s3")
+    dispatcher.run_once()
+
+    assert delivered_before_second_send == [0, 3]
+
+
+def test_a_rotated_webhook_secret_signs_deliveries_within_seconds(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    monkeypatch.setattr(webhooks_out, "SECRETS_TTL", 0.2)
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:r1")
+    dispatch_until(dispatcher, lambda: len(receiver.received) == 1)
+    with Session(engines[1]) as session:  # what POST /v1/partners/{id}/webhook-secret/rotate does
+        new_secret = rotate_webhook_secret(session, partner["partner_id"])
+        session.commit()
+    assert new_secret is not None
+
+    time.sleep(0.3)
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"wf:{case_id}:r2")
+    dispatch_until(dispatcher, lambda: len(receiver.received) == 2)
+    _, headers, body = receiver.received[1]
+    verify([new_secret], read_headers(headers, time.time()), body)  # the receiver's new secret checks it
