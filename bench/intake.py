@@ -14,7 +14,7 @@ from bench import bare
 from bench.cases import case_request
 from bench.result import Result
 from bench.stats import ms, percentile
-from bench.system import System
+from bench.system import CpuUse, System
 
 TARGET, P99_LIMIT_MS = 0.7, 250.0
 
@@ -47,7 +47,8 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
 
         await closed_loop(post_case, concurrency, min(seconds, 2))  # warm-up
         started = time.monotonic()
-        api = await closed_loop(post_case, concurrency, seconds)
+        with CpuUse(system) as cpu:
+            api = await closed_loop(post_case, concurrency, seconds)
         api_rate = len(api) / (time.monotonic() - started)
 
     client = await Client.connect(
@@ -60,10 +61,12 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
         await client.start_workflow("BareCase", shape, id=f"raw-{uuid.uuid4()}", task_queue="bench-raw")
 
     started = time.monotonic()
-    raw = await closed_loop(start_workflow, concurrency, seconds)
+    with CpuUse(system) as raw_cpu:
+        raw = await closed_loop(start_workflow, concurrency, seconds)
     raw_rate = len(raw) / (time.monotonic() - started)
     ratio = api_rate / raw_rate
     p99 = ms(percentile(api, 0.99))
+    cpu_ms, raw_cpu_ms = cpu.per_unit(len(api)), raw_cpu.per_unit(len(raw))
     return Result(
         name="intake",
         what=f"POST /v1/cases, {concurrency} concurrent for {seconds:.0f} s",
@@ -78,7 +81,15 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
             "ceiling starts/s": round(raw_rate, 1),
             "ceiling p50 ms": ms(percentile(raw, 0.5)),
             "ceiling p99 ms": ms(percentile(raw, 0.99)),
+            "CPU ms/req": round(sum(cpu_ms.values()), 1),
+            "ceiling CPU ms/start": round(sum(raw_cpu_ms.values()), 1),
         },
+        notes=[
+            "each case created starts its workflow, records request and insurance check while the next POSTs "
+            "arrive; the ceiling's workflows have no worker",
+            f"CPU ms per request by process: {CpuUse.describe(cpu_ms)}",
+            f"ceiling CPU ms per start: {CpuUse.describe(raw_cpu_ms)}",
+        ],
     )
 
 

@@ -14,7 +14,7 @@ from bench.cases import demo_files, run_case, widen_directory
 from bench.result import Result
 from bench.stats import ms, percentile
 from bench.status_feed import subscribed
-from bench.system import System
+from bench.system import CpuUse, System
 from services.common.temporal import connect_temporal
 
 TARGET = 0.5
@@ -45,7 +45,8 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
         )  # warm-up; also the case whose shape the ceiling copies
         first = (await http.get(f"{settings.intake_url}/v1/cases", params={"status": "closed"})).json()
         started = time.monotonic()
-        await asyncio.gather(*(one() for _ in range(cases)))
+        with CpuUse(system) as cpu:
+            await asyncio.gather(*(one() for _ in range(cases)))
         elapsed = time.monotonic() - started
 
     shape = await bare.shape_of(temporal, f"case-{first['items'][0]['case_id']}")
@@ -53,10 +54,12 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
     async with bare.bare_worker(plain):
         await bare.run_bare_concurrently(plain, shape, 1, 1)  # warm-up
         started = time.monotonic()
-        bare_seconds = await bare.run_bare_concurrently(plain, shape, cases, concurrency)
+        with CpuUse(system) as bare_cpu:
+            bare_seconds = await bare.run_bare_concurrently(plain, shape, cases, concurrency)
         bare_elapsed = time.monotonic() - started
 
     rate, ceiling = len(seconds) / elapsed, cases / bare_elapsed
+    cpu_ms, bare_cpu_ms = cpu.per_unit(cases), bare_cpu.per_unit(cases)
     ratio = rate / ceiling
     return Result(
         name="pipeline",
@@ -76,10 +79,14 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
             "ceiling cases/s": round(ceiling, 2),
             "ceiling p50 ms": ms(percentile(bare_seconds, 0.5)),
             "ceiling p95 ms": ms(percentile(bare_seconds, 0.95)),
+            "CPU ms/case": round(sum(cpu_ms.values())),
+            "ceiling CPU ms/case": round(sum(bare_cpu_ms.values())),
         },
         notes=[
             "case times exclude the patient's, specialist's and referrer's turns",
             "every specialist may hold 100 open reviews (seeded: 5)",
+            f"CPU ms per case by process: {CpuUse.describe(cpu_ms)}",
+            f"ceiling CPU ms per case (its worker runs in bench): {CpuUse.describe(bare_cpu_ms)}",
             *failures[:5],
         ],
     )

@@ -183,3 +183,68 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The machine's shared servers the stack uses, by their process name (/proc/<pid>/comm).
+SERVERS = {"postgres": "postgres", "rabbitmq": "beam.smp"}
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """User plus system CPU seconds one process has used so far; 0 once it is gone."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return 0.0
+
+
+def _pids_named(comm: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == comm:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def cpu_snapshot(system: System) -> dict[str, float]:
+    """CPU seconds used so far by each of the stack's processes (with their children), by PostgreSQL and
+    RabbitMQ (all their processes: on a shared machine that includes other clients' work), and by this
+    benchmark process (the load generator, and the ceiling's bare worker)."""
+    snapshot: dict[str, float] = {}
+    for process in stack.processes(system.settings):
+        pid = stack.running_pid(system.settings, process.name)
+        if pid:
+            snapshot[process.name] = cpu_seconds_of(pid) + sum(cpu_seconds_of(c) for c in children(pid))
+    for name, comm in SERVERS.items():
+        snapshot[name] = sum(cpu_seconds_of(pid) for pid in _pids_named(comm))
+    snapshot["bench"] = cpu_seconds_of(os.getpid())
+    return snapshot
+
+
+class CpuUse:
+    """CPU milliseconds per unit of work (a case, a request) that each process used while the `with` block
+    ran: where the machine's cores went, beside the rate. Processes using under 0.05 ms per unit are left
+    out."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.used: dict[str, float] = {}
+
+    def __enter__(self) -> CpuUse:
+        self._before = cpu_snapshot(self.system)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = cpu_snapshot(self.system)
+        self.used = {name: after[name] - self._before.get(name, after[name]) for name in after}
+
+    def per_unit(self, units: int) -> dict[str, float]:
+        """Milliseconds per unit by process, largest first."""
+        ms_each = {name: 1000 * seconds / max(units, 1) for name, seconds in self.used.items()}
+        return dict(sorted(((n, round(v, 1)) for n, v in ms_each.items() if v >= 0.05), key=lambda x: -x[1]))
+
+    @staticmethod
+    def describe(per_unit: dict[str, float]) -> str:
+        return ", ".join(f"{name} {value:g}" for name, value in per_unit.items())

@@ -53,6 +53,11 @@ def test_the_smoke_run_measures_every_benchmark_and_its_ceiling(tmp_path: Path) 
     assert pipeline["cases/s"] > 0 and pipeline["ceiling cases/s"] > 0
     assert "activities" in results["pipeline"]["ceiling"]
     assert results["intake"]["figures"]["req/s"] > 0 and results["intake"]["figures"]["ceiling starts/s"] > 0
+    # Where the cores went: CPU per case / request, by process, beside the ceiling's.
+    assert pipeline["CPU ms/case"] > pipeline["ceiling CPU ms/case"] > 0
+    assert results["intake"]["figures"]["CPU ms/req"] > 0
+    [by_process] = [n for n in results["pipeline"]["notes"] if n.startswith("CPU ms per case by process")]
+    assert all(name in by_process for name in ("temporal", "worker", "intake", "records", "postgres"))
     assert results["import"]["figures"]["peak RSS MB"] > 0
     assert results["retrieve"]["figures"]["MB/s"] > 0
     scale = results["scale"]["figures"]
