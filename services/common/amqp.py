@@ -24,8 +24,10 @@ import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 from pydantic import ValidationError
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
 
 from contracts.envelope import CloudEvent
@@ -308,6 +310,15 @@ class QueueConsumer:
         channel.basic_ack(method.delivery_tag)
 
 
+ADDED = "added_models"  # session.info key: the models of the rows added in the session
+
+
+@event.listens_for(OrmSession, "transient_to_pending")
+def _note_added(session: OrmSession, row: object) -> None:
+    # session.new would miss rows an autoflush already wrote; this sees every add.
+    session.info.setdefault(ADDED, set()).add(type(row))
+
+
 class Consumer(QueueConsumer):
     """A service's consumer: each message is applied and its id recorded in the inbox in one transaction."""
 
@@ -324,12 +335,15 @@ class Consumer(QueueConsumer):
         self.engine = engine
         self.handle = handle
         self.on_commit = on_commit
+        # The kinds of rows the last applied message added (Outbox, a service's own): who to wake for it.
+        self.last_written: frozenset[type] = frozenset()
 
     def apply(self, event: CloudEvent) -> bool:
         with Session(self.engine, expire_on_commit=False) as session:
             if session.get(Inbox, event.id) is not None:
                 return False
             self.handle(session, event)
+            self.last_written = frozenset(session.info.get(ADDED, ()))
             session.add(Inbox(message_id=event.id, queue=self.queue, message_type=event.type))
             try:
                 session.commit()

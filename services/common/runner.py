@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from services.common import migrate
 from services.common.amqp import Consumer, Handler, OutboxRelay, ensure_topology
 from services.common.config import Settings, get_settings
+from services.common.db import Outbox
 from services.common.logging import configure_logging, get_logger
 from services.common.tracing import configure_tracing
 
@@ -32,7 +33,7 @@ class ServiceRuntime:
     consumer: Consumer | None = None
     relay: OutboxRelay | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
-    _commit_listeners: list[Callable[[], None]] = field(default_factory=list)
+    _commit_listeners: list[tuple[Callable[[], None], type | None]] = field(default_factory=list)
 
     def start(self) -> None:
         configure_logging(self.service, self.settings.log_level)
@@ -71,14 +72,19 @@ class ServiceRuntime:
         if self.relay:
             self.relay.wake()
 
-    def on_commit(self, listener: Callable[[], None]) -> None:
-        """Also call `listener` after the consumer commits a message's changes (e.g. to wake a sender)."""
-        self._commit_listeners.append(listener)
+    def on_commit(self, listener: Callable[[], None], wrote: type | None = None) -> None:
+        """Also call `listener` after the consumer commits a message's changes (e.g. to wake a sender);
+        with `wrote`, only after a message that added a row of that model."""
+        self._commit_listeners.append((listener, wrote))
 
     def _committed(self) -> None:
-        self.wake_relay()
-        for listener in self._commit_listeners:
-            listener()
+        # Wake only who has new work: a drain or a claim that finds nothing still costs a transaction.
+        written = self.consumer.last_written if self.consumer else frozenset()
+        if Outbox in written:
+            self.wake_relay()
+        for listener, wrote in self._commit_listeners:
+            if wrote is None or wrote in written:
+                listener()
 
     def broker_ready(self) -> bool:
         return self.consumer is None or self.consumer.connected.is_set()

@@ -30,6 +30,7 @@ from services.intake import (
     webhooks_out,
     webhooks_out_api,
 )
+from services.intake.models import WebhookDelivery
 
 log = structlog.get_logger(__name__)
 
@@ -76,7 +77,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dispatcher = webhooks_out.WebhookDispatcher(
             engine=get_engine("intake"), auth_engine=get_engine("auth"), env=settings.env
         )
-        runtime.on_commit(dispatcher.wake)  # a status change reaches the partner now, not within a second
+        # A status change reaches the partner now, not within a second.
+        runtime.on_commit(dispatcher.wake, wrote=WebhookDelivery)
         sender = threading.Thread(target=dispatcher.run_forever, name="intake-webhooks", daemon=True)
         sender.start()
         try:

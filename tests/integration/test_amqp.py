@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pika
 import pytest
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from contracts import CloudEvent, CollectRecords
 from contracts.envelope import new_event
@@ -26,8 +26,9 @@ from services.common.amqp import (
     ensure_topology,
 )
 from services.common.config import Settings
-from services.common.db import make_engine
+from services.common.db import Outbox, make_engine
 from services.common.migrate import upgrade
+from services.common.runner import ServiceRuntime
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,10 @@ def collect_command(case_id: str, message_id: str | None = None) -> CloudEvent:
 
 
 def run_consumer(settings: Settings, engine: Engine, queue: str, handle: Callable) -> Iterator[Consumer]:
-    consumer = Consumer(settings=settings, queue=queue, engine=engine, handle=handle)
+    yield from run_consumer_with(Consumer(settings=settings, queue=queue, engine=engine, handle=handle))
+
+
+def run_consumer_with(consumer: Consumer) -> Iterator[Consumer]:
     thread = threading.Thread(target=consumer.run_forever, daemon=True)
     thread.start()
     assert consumer.connected.wait(10)
@@ -177,3 +181,43 @@ def test_unroutable_publish_is_an_error_not_a_silent_loss(settings: Settings) ->
     finally:
         conn.channel().exchange_delete(exchange)
         conn.close()
+
+
+def test_only_a_message_that_queued_a_message_wakes_the_outbox_relay(
+    settings: Settings, engine: Engine
+) -> None:
+    """A drain that finds nothing still costs a transaction: the relay is woken for a message whose
+    transaction added outbox rows (also when an autoflush wrote them early), not for every message."""
+    purge(settings, "records")
+    relay = OutboxRelay(settings=settings, engine=engine)
+    runtime = ServiceRuntime(service="records", engine=lambda: engine, handle=None, settings=settings)
+    runtime.relay = relay
+    woken: list[str] = []
+    runtime.on_commit(lambda: woken.append("any"))
+    runtime.on_commit(lambda: woken.append("outbox"), wrote=Outbox)
+    seen: list[tuple[str, bool]] = []
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        if event.subject == "case-publishes":
+            enqueue(session, EVENTS, collect_command("case-next", f"next-{uuid.uuid4()}"))
+            session.exec(select(Outbox.id)).first()  # autoflush: the row is written before the commit
+
+    consumer = Consumer(settings=settings, queue="records", engine=engine, handle=handle)
+    runtime.consumer = consumer
+
+    def committed() -> None:
+        runtime._committed()
+        seen.append(("wrote" if consumer.last_written else "nothing", relay._wake.is_set()))
+        relay._wake.clear()
+
+    consumer.on_commit = committed
+    for _ in run_consumer_with(consumer):
+        publisher = Publisher(settings)
+        publisher.publish(COMMANDS, collect_command("case-quiet", f"quiet-{uuid.uuid4()}"))
+        publisher.publish(COMMANDS, collect_command("case-publishes", f"pub-{uuid.uuid4()}"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(seen) < 2:
+            time.sleep(0.05)
+    assert seen == [("nothing", False), ("wrote", True)]
+    assert woken == ["any", "any", "outbox"]
+    assert relay.drain() == 1  # the woken relay has the queued message to publish
