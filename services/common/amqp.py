@@ -176,7 +176,9 @@ def with_trace(event: CloudEvent) -> CloudEvent:
     if getattr(event, "traceparent", None):
         return event
     headers = current_trace_headers()
-    return CloudEvent.model_validate({**event.model_dump(mode="json"), **headers}) if headers else event
+    # A copy with the two extension attributes added: dumping and validating the whole envelope again
+    # cost a tenth of the review service's CPU for its large report events.
+    return event.model_copy(update=headers) if headers else event
 
 
 def enqueue(session: Session, exchange: str, event: CloudEvent) -> None:
