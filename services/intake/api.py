@@ -297,19 +297,23 @@ async def open_case(
     def store() -> Case:
         nonlocal created
         with Session(engine, expire_on_commit=False) as session:
-            case = handlers.create_case(body, partner_id, session)
-            if case in session.new:
-                for document, content in zip(documents, contents, strict=True):
-                    session.add(document_row(case.id, document, content, caller))
-                created = [row for row in session.new if isinstance(row, CaseTimelineEntry)]
+            # A new reference is the common case: insert at once (no lookup first), and let the unique
+            # constraint on (partner, reference) find a repeat, sent before or concurrently.
+            case = handlers.new_case(body, partner_id, session)
+            for document, content in zip(documents, contents, strict=True):
+                session.add(document_row(case.id, document, content, caller))
+            created = [row for row in session.new if isinstance(row, CaseTimelineEntry)]
             try:
                 session.commit()
+                return case
             except IntegrityError:
-                # The same partner reference was stored by a concurrent request: return that case.
                 session.rollback()
                 created = None
-                case = handlers.create_case(body, partner_id, session)
-            return case
+                existing = handlers.existing_case(body, partner_id, session)
+                if existing is None:
+                    raise  # not the reference's constraint
+                log.info("case.repeated_reference", case_id=existing.id)
+                return existing
 
     case = await run_in_threadpool(store)
     await run_in_threadpool(audit, "create", "case", case.id, "success")
@@ -599,17 +603,17 @@ async def ask_question(
 
 
 def mark_started(engine: Engine, case_id: str) -> None:
-    with Session(engine) as session:
+    # Two statements on a plain connection: no ORM session is needed for one flag.
+    with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             # Not worth a WAL flush of its own: if a crash loses the flag, the reconciler starts the
             # workflow again, Temporal answers that it already runs, and the flag is set then.
-            session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-        session.execute(
+            conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
+        conn.execute(
             update(Case)
             .where(col(Case.id) == case_id, col(Case.workflow_started).is_(False))
             .values(workflow_started=True)
         )
-        session.commit()
 
 
 def unstarted_cases(engine: Engine, limit: int = 100) -> list[Case]:

@@ -33,14 +33,21 @@ def workflow_id(case_id: str) -> str:
 def create_case(request: CaseCreate, partner_id: str, session: Session, now: datetime | None = None) -> Case:
     """Store a new case of `partner_id` (not yet started), or return its existing case with the same
     reference."""
-    if request.partner_case_ref:
-        existing = session.exec(
-            select(Case).where(
-                Case.partner_id == partner_id, Case.partner_case_ref == request.partner_case_ref
-            )
-        ).first()
-        if existing is not None:
-            return existing
+    return existing_case(request, partner_id, session) or new_case(request, partner_id, session, now)
+
+
+def existing_case(request: CaseCreate, partner_id: str, session: Session) -> Case | None:
+    """The partner's case with the request's `partner_case_ref`, if it has one."""
+    if not request.partner_case_ref:
+        return None
+    return session.exec(
+        select(Case).where(Case.partner_id == partner_id, Case.partner_case_ref == request.partner_case_ref)
+    ).first()
+
+
+def new_case(request: CaseCreate, partner_id: str, session: Session, now: datetime | None = None) -> Case:
+    """Add a new case of `partner_id` and its first timeline entry to the session (the caller commits; a
+    repeated `partner_case_ref` then fails the commit on the unique constraint)."""
     now = now or datetime.now(UTC)
     decided = triage(
         exam_type=request.exam.exam_type,

@@ -9,6 +9,7 @@ import base64
 import copy
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -29,7 +30,7 @@ from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.http import create_app
 from services.intake import api, consumer, handlers
-from services.intake.models import Case, CaseDocument
+from services.intake.models import Case, CaseDocument, CaseTimelineEntry
 
 SAMPLE = {
     "patient": {
@@ -108,6 +109,23 @@ def test_same_partner_reference_never_creates_a_second_case(client: TestClient) 
     first = client.post("/v1/cases", json=body).json()
     second = client.post("/v1/cases", json=body).json()
     assert first["case_id"] == second["case_id"]
+
+
+def test_the_same_reference_sent_concurrently_is_one_case_with_one_timeline(
+    client: TestClient, engine: Engine
+) -> None:
+    """The case is inserted at once and the unique (partner, reference) constraint finds a repeat: eight
+    simultaneous requests all get the one case, and nothing of the others is left behind."""
+    ref = f"REF-{uuid.uuid4().hex[:6]}"
+    body = dict(SAMPLE, partner_case_ref=ref)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/cases", json=body), range(8)))
+    assert {a.status_code for a in answers} <= {200, 201}, [a.text for a in answers]
+    [case_id] = {a.json()["case_id"] for a in answers}
+    with Session(engine) as session:
+        assert len(session.exec(select(Case).where(Case.partner_case_ref == ref)).all()) == 1
+        timeline = session.exec(select(CaseTimelineEntry).where(CaseTimelineEntry.case_id == case_id)).all()
+        assert [t.status for t in timeline] == [CaseStatus.INTAKE]
 
 
 @pytest.mark.parametrize(
