@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
 
 from services.common.config import Settings, get_settings
+from services.common.http import NO_NATIVE_TELEMETRY
 from services.common.logging import configure_logging
 from services.common.runner import serve
 from services.common.temporal import EncryptionCodec
@@ -28,7 +29,9 @@ log = structlog.get_logger(__name__)
 
 def create_codec_app(settings: Settings) -> FastAPI:
     codec = EncryptionCodec.from_settings(settings)
-    app = FastAPI(title="secondopinion codec server", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="secondopinion codec server", docs_url=None, redoc_url=None, telemetry=NO_NATIVE_TELEMETRY
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.codec_server_origins,

@@ -11,6 +11,7 @@ import structlog
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -22,6 +23,13 @@ from services.common.errors import IntakeRejected, RecordsRejected
 from services.common.tracing import server_span
 
 log = structlog.get_logger(__name__)
+
+NO_NATIVE_TELEMETRY: TelemetryConfig = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+}
 
 REQUESTS = Counter("http_requests_total", "HTTP requests", ["service", "method", "route", "status"])
 LATENCY = Histogram("http_request_seconds", "HTTP request latency", ["service", "route"])
@@ -72,6 +80,8 @@ class RequestMetrics:
             finally:
                 route = getattr(scope.get("route"), "path", "unmatched")
                 span.update_name(f"{method} {route}")
+                span.set_attribute("http.request.method", method)
+                span.set_attribute("http.route", route)
                 span.set_attribute("http.response.status_code", status)
                 REQUESTS.labels(self.service, method, route, str(status)).inc()
                 LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
@@ -86,7 +96,15 @@ def create_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     title: str | None = None,
 ) -> FastAPI:
-    app = FastAPI(title=title or f"secondopinion {service}", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title=title or f"secondopinion {service}",
+        version="0.1.0",
+        lifespan=lifespan,
+        # FastAPI's own OpenTelemetry middleware switches itself on once a tracer provider is installed: a
+        # second SERVER span beside RequestMetrics' own, three more spans per request (dependencies,
+        # endpoint, serialization), and exception messages in span events, which could carry PHI.
+        telemetry=NO_NATIVE_TELEMETRY,
+    )
     app.add_middleware(RequestMetrics, service=service)
     checks = list(ready_checks)
 

@@ -12,10 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pika
 from fastapi import APIRouter
+from fastapi.testclient import TestClient
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from sqlmodel import Session
 from temporalio.client import Client
 
@@ -138,3 +140,26 @@ async def test_a_case_is_one_trace_from_http_to_the_services_handler(
     assert any(name.startswith("StartWorkflow:CaseWorkflow") for name in names)
     assert any(name.startswith("RunActivity:publish_command") for name in names)
     assert "records process records.collect" in names
+
+
+def test_a_request_is_one_server_span_named_by_its_route_with_no_request_content() -> None:
+    """Our middleware's span only: FastAPI's own telemetry (a second SERVER span, spans for dependencies
+    and serialization, exception messages as span events) stays off."""
+    exporter = span_exporter()
+    router = APIRouter()
+
+    @router.post("/v1/things/{thing_id}")
+    def thing(thing_id: str, body: dict[str, str]) -> dict[str, str]:
+        return {"id": thing_id}
+
+    client = TestClient(create_app("tracetest", routers=[router], engine=lambda: None))  # type: ignore[arg-type,return-value]
+    exporter.clear()
+    assert client.post("/v1/things/42", json={"family_name": "Doe"}).status_code == 200
+    assert client.post("/v1/things/42", json=["not", "an", "object"]).status_code == 422
+
+    spans = exporter.get_finished_spans()
+    assert [(s.kind, s.name) for s in spans] == [(SpanKind.SERVER, "POST /v1/things/{thing_id}")] * 2
+    assert [s.attributes["http.response.status_code"] for s in spans] == [200, 422]  # type: ignore[index]
+    assert all(s.attributes["http.route"] == "/v1/things/{thing_id}" for s in spans)  # type: ignore[index]
+    assert not any(s.events for s in spans)
+    assert "Doe" not in repr([dict(s.attributes or {}) for s in spans])
