@@ -60,7 +60,7 @@ def getscu_seconds(orthanc: Orthanc, accession: str, into: Path) -> float:
 async def retrieval_seconds(system: System, orthanc: Orthanc, accession: str) -> tuple[float, float]:
     """Seconds of the retrieval itself, by records' own clock (from claiming it to done: C-FIND, C-GET,
     storing and indexing the instances), and seconds from the case's creation until it was seen done
-    (adding the workflow, records.collect and the retrieval loop's poll)."""
+    (adding the workflow and records.collect, after which the retrieval loop is woken)."""
     records = system.settings.records_url
     async with httpx.AsyncClient(timeout=60, headers=system.headers) as http:
         source = {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
@@ -123,7 +123,7 @@ def measure(system: System, size: int, rounds: int) -> Result:
         },
         notes=[
             "records' time runs from claiming the retrieval (then C-FIND, C-GET, storing, indexing) to done; "
-            "from the case's creation it adds the workflow, records.collect and the retrieval loop's poll",
+            "from the case's creation it adds the workflow and records.collect (the loop is woken at once)",
             "each round runs getscu, then records on a new case; the ratio is of the medians",
         ],
     )

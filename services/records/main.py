@@ -12,6 +12,7 @@ from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
 from services.records import api, consumer, dicomweb, export, header_probe, timeline
 from services.records.limits import get_limits
+from services.records.models import RecordRetrieval
 from services.records.retrieval import RetrievalLoop
 
 settings = get_settings()
@@ -24,6 +25,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with runtime.lifespan()(app):  # migrations run here, before the retrieval loop reads its tables
         retrieval = RetrievalLoop(get_engine("records"), settings)
         retrieval.start()
+        runtime.on_commit(retrieval.wake, wrote=RecordRetrieval)
         limits = get_limits()
         if limits.parse_in_subprocess:
             header_probe.warm(limits.parse_memory_bytes)

@@ -299,6 +299,7 @@ class RetrievalLoop:
         self._engine, self._settings = engine, settings
         self._options = options or get_retrieval_settings()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="records-retrieval", daemon=True)
         self.scp: dimse.StoreSCP | None = None
 
@@ -317,14 +318,24 @@ class RetrievalLoop:
             log.error("records.scp_not_started", port=self._options.scp_port, error=type(exc).__name__)
         self._thread.start()
 
+    def wake(self) -> None:
+        """A retrieval was planned: start it now, not at the next poll."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=self._options.retrieval_timeout_seconds + 5)
         if self.scp is not None:
             self.scp.stop()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._options.retrieval_poll_seconds):
+        # Woken when the consumer commits a planned retrieval; the poll finds retries when they fall due.
+        while not self._stop.is_set():
+            self._wake.wait(self._options.retrieval_poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
                 run_due(self._engine, self._settings, scp=self.scp, retrieval_settings=self._options)
             except Exception:

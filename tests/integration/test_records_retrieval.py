@@ -3,6 +3,7 @@ storescu) answers our C-FIND, C-GET, C-MOVE (to our C-STORE SCP) and DICOMweb QI
 
 import hashlib
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -23,7 +24,7 @@ from services.common.http import create_app
 from services.records import api, consumer
 from services.records.dimse import StoreSCP
 from services.records.models import RecordRetrieval, RetrievalStatus
-from services.records.retrieval import RetrievalSettings, run_due
+from services.records.retrieval import RetrievalLoop, RetrievalSettings, run_due
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
 from tests.keys import operations_headers
@@ -293,3 +294,24 @@ def test_a_retrieval_left_running_by_a_dead_worker_is_taken_over(
     retrieve(engine, settings)
     [retrieval] = client.get(f"/v1/records/{case_id}").json()["retrievals"]
     assert (retrieval["status"], retrieval["attempts"]) == ("done", 2)
+
+
+def test_a_planned_retrieval_starts_when_the_loop_is_woken_not_at_its_next_poll(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    """The records process wakes its retrieval loop when the consumer commits a planned retrieval (main
+    wires it); the poll, here a minute, is only for retries that fall due."""
+    options = RetrievalSettings(retrieval_poll_seconds=60, retrieval_timeout_seconds=10, scp_port=free_port())
+    loop = RetrievalLoop(engine, settings, options)
+    loop.start()
+    try:
+        partner = "clinic-woken"
+        configure(client, partner, ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port)
+        case_id = open_case(engine, settings, partner, accession_number=ACCESSION)
+        loop.wake()
+        deadline = time.monotonic() + 20
+        while (status := client.get(f"/v1/records/{case_id}").json()["retrievals"][0]["status"]) != "done":
+            assert time.monotonic() < deadline, f"the woken loop did not retrieve the study ({status})"
+            time.sleep(0.1)
+    finally:
+        loop.stop()
