@@ -142,13 +142,14 @@ def create_app(
     async def on_database_error(request: Request, exc: DBAPIError) -> JSONResponse:
         if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
             return await on_unexpected(request, exc)
-        # The connection was lost (a restart or failover): the pool is renewed; the client retries.
+        # A lost connection (a restart or failover: the pool is renewed) or a database that could not
+        # serve the statement now; either way the client retries.
         log.warning("http.database_unavailable", path=request.url.path, error=type(exc.orig).__name__)
         response = problem(
             503,
             "Database unavailable",
-            "The database connection was lost while answering. Retry in a moment; repeat a POST with "
-            "the same Idempotency-Key so it is applied once.",
+            "The database was unavailable while answering. Retry in a moment; repeat a POST with the "
+            "same Idempotency-Key so it is applied once.",
         )
         response.headers["Retry-After"] = "1"
         return response

@@ -30,12 +30,6 @@ def workflow_id(case_id: str) -> str:
     return f"case-{case_id}"
 
 
-def create_case(request: CaseCreate, partner_id: str, session: Session, now: datetime | None = None) -> Case:
-    """Store a new case of `partner_id` (not yet started), or return its existing case with the same
-    reference."""
-    return existing_case(request, partner_id, session) or new_case(request, partner_id, session, now)
-
-
 def existing_case(request: CaseCreate, partner_id: str, session: Session) -> Case | None:
     """The partner's case with the request's `partner_case_ref`, if it has one."""
     if not request.partner_case_ref:

@@ -156,7 +156,7 @@ async def test_cancel_before_the_workflow_started_is_503_and_an_unknown_case_404
     client, _ = http
     mine = (await client.post("/v1/cases", json=SAMPLE)).json()
     with Session(engines[0], expire_on_commit=False) as session:
-        stored = handlers.create_case(
+        stored = handlers.new_case(
             CaseCreate.model_validate(SAMPLE), mine["partner_id"], session
         )  # as if Temporal had been down at creation
         session.commit()
