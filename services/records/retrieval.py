@@ -5,6 +5,7 @@ of the records process: claimed one at a time, retried with backoff, then report
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from datetime import timedelta
 from functools import lru_cache
@@ -159,6 +160,7 @@ def _attempt(
     from services.records.uploads import RecordsCancelled, accept_entries
 
     store = ObjectStore.for_settings(settings)
+    started = time.monotonic()
     try:
         study_uid, entries = _fetch(source, request, store, settings, options, limits, scp)
     except dimse.PacsUnavailable as exc:
@@ -172,6 +174,7 @@ def _attempt(
             "the PACS has no study with the requested UID or accession",
         )
         return
+    fetched = time.monotonic()
     try:
         with Session(engine, expire_on_commit=False) as session:
             method = "dicomweb" if source.dicomweb_url else source.retrieve_method
@@ -191,6 +194,8 @@ def _attempt(
         case_id=request.case_id,
         retrieval_id=retrieval.retrieval_id,
         instances=len(entries),
+        fetch_seconds=round(fetched - started, 3),
+        store_seconds=round(time.monotonic() - fetched, 3),
     )
 
 
