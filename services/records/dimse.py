@@ -24,6 +24,7 @@ from typing import Any, cast
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, build_role, dimse_messages, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     BasicTextSRStorage,
     ComprehensiveSRStorage,
@@ -72,8 +73,8 @@ class DimseSource:
 # The largest PDU we accept (pynetdicom's default is 16 KiB): each PDU costs Python work of its own, so a
 # PACS allowed larger ones costs us less per study. Bounded, because a PDU is read whole into memory.
 # `ae.maximum_pdu_size` only covers associations we accept (the C-MOVE SCP); on those we request, the
-# PACS learns it from `associate(max_pdu=...)`. Without it Orthanc sent a 500 MB C-GET in 16 KiB PDUs,
-# 8 KiB writes, and the retrieval took twice as long as dcmtk's getscu (make bench retrieve).
+# PACS learns it from `associate(max_pdu=...)`, which `_associate` passes. Without it Orthanc sent a
+# 500 MB C-GET in 16 KiB PDUs, 8 KiB writes, and the retrieval took twice as long as dcmtk's getscu.
 MAX_PDU_BYTES = 131072
 
 
@@ -86,8 +87,14 @@ def _ae(timeout: float) -> AE:
     return ae
 
 
+def _associate(ae: AE, source: DimseSource, **kwargs: Any) -> Association:
+    """Request an association with the PACS, asking it for PDUs of up to MAX_PDU_BYTES (every association
+    we request goes through here, so none falls back to pynetdicom's 16 KiB)."""
+    return ae.associate(source.host, source.port, ae_title=source.ae_title, max_pdu=MAX_PDU_BYTES, **kwargs)
+
+
 # The thread that receives the P-DATA only collects fragments; every this many bytes it hands them to a
-# spooling thread, which writes them (one writev) and hashes them on the other core. One hand-off per
+# spooling thread, which writes them (one write) and hashes them on the other core. One hand-off per
 # batch, not per fragment: per 128 KiB fragment, a hand-off or a write costs the receiving thread more
 # than the copy it saves.
 SPOOL_BATCH_BYTES = 8 * 1024 * 1024
@@ -417,7 +424,7 @@ def find_studies(source: DimseSource, wanted: StudyQuery) -> list[str]:
         setattr(query, keyword, value)
     ae = _ae(source.timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, max_pdu=MAX_PDU_BYTES)
+    assoc = _associate(ae, source)
     if not assoc.is_established:
         raise PacsUnavailable("the PACS refused or did not answer the association for C-FIND")
     found: list[str] = []
@@ -444,14 +451,7 @@ def get_study(source: DimseSource, study_uid: str, store: ObjectStore, *, limit:
     for sop_class in RETRIEVED_CLASSES:
         ae.add_requested_context(sop_class)
     roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in RETRIEVED_CLASSES]
-    assoc = ae.associate(
-        source.host,
-        source.port,
-        ae_title=source.ae_title,
-        max_pdu=MAX_PDU_BYTES,
-        ext_neg=roles,
-        evt_handlers=[(evt.EVT_C_STORE, writer.write)],
-    )
+    assoc = _associate(ae, source, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, writer.write)])
     if not assoc.is_established:
         raise PacsUnavailable("the PACS refused or did not answer the association for C-GET")
     with _spooling(assoc.dul, store, limit):
@@ -471,7 +471,7 @@ def move_study(source: DimseSource, study_uid: str, scp: StoreSCP) -> list[Entry
     ae = _ae(source.timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     with scp.expecting(study_uid) as writer:
-        assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, max_pdu=MAX_PDU_BYTES)
+        assoc = _associate(ae, source)
         if not assoc.is_established:
             raise PacsUnavailable("the PACS refused or did not answer the association for C-MOVE")
         try:
