@@ -62,3 +62,12 @@ async def temporal_env(settings: Settings):  # type: ignore[no-untyped-def]
         yield env
     finally:
         await env.shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the records header-parsing workers the tests started. `scripts.run_pytest` ends with
+    `os._exit` (sdk-python #300), which skips the atexit handler that would join them, and a spawned
+    pool worker holds both ends of its call queue, so it would outlive the run."""
+    from services.records import header_probe
+
+    header_probe.shutdown()
