@@ -28,7 +28,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
-from sqlmodel import Session, select
+from sqlalchemy.orm import SessionTransaction
+from sqlmodel import Session, col, select
 
 from contracts.envelope import CloudEvent
 from services.common.config import Settings
@@ -67,6 +68,10 @@ QUEUES: dict[str, list[tuple[str, str]]] = {
         (EVENTS, "report.*"),
     ],
 }
+
+
+class BatchBroken(Exception):
+    """A batch of messages could not be applied as one transaction; its messages are applied one by one."""
 
 
 class PublishFailed(Exception):
@@ -244,6 +249,7 @@ class QueueConsumer:
                 log.info("consumer.started", queue=self.queue)
                 while not self._stop.is_set():
                     self._conn.process_data_events(time_limit=0.5)
+                    self.after_dispatch(channel)
             except pika.exceptions.AMQPError as exc:
                 log.warning("consumer.disconnected", queue=self.queue, error=type(exc).__name__)
                 self.connected.clear()
@@ -259,7 +265,15 @@ class QueueConsumer:
     def stop(self) -> None:
         self._stop.set()
 
+    def after_dispatch(self, channel: BlockingChannel) -> None:
+        """Called on the consumer's thread after each round of deliveries was dispatched."""
+
     def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        self._process_one(channel, method, props, body)
+
+    def _process_one(
         self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
         message_id = props.message_id or ""
@@ -321,8 +335,18 @@ def _note_added(session: OrmSession, row: object) -> None:
     session.info.setdefault(ADDED, set()).add(type(row))
 
 
+Delivery = tuple[Basic.Deliver, BasicProperties, bytes]
+
+
 class Consumer(QueueConsumer):
-    """A service's consumer: each message is applied and its id recorded in the inbox in one transaction."""
+    """A service's consumer: each message is applied and its id recorded in the inbox in one transaction.
+
+    Messages that arrive together (up to the prefetch count, when the service is behind) are applied in
+    order in one transaction and acked together: one inbox lookup, one commit and one ack for the lot
+    instead of one each. If anything in such a batch fails, none of it is kept and its messages are applied
+    one by one as single messages are, so a poison message or a failing handler is dead-lettered or
+    redelivered by itself and the others still apply, in their order.
+    """
 
     def __init__(
         self,
@@ -339,6 +363,7 @@ class Consumer(QueueConsumer):
         self.on_commit = on_commit
         # The kinds of rows the last applied message added (Outbox, a service's own): who to wake for it.
         self.last_written: frozenset[type] = frozenset()
+        self._pending: list[tuple[BlockingChannel, Basic.Deliver, BasicProperties, bytes]] = []
 
     def apply(self, event: CloudEvent) -> bool:
         with Session(self.engine, expire_on_commit=False) as session:
@@ -357,6 +382,93 @@ class Consumer(QueueConsumer):
                 raise
         crash_point("consumer.after_commit_before_ack")
         return True
+
+    def apply_batch(self, events: list[CloudEvent], headers: list[dict | None] | None = None) -> list[bool]:
+        """Apply `events` in order in one transaction; for each, whether it changed something (False: a
+        duplicate). Raises if any of them fails, and then nothing of the batch was kept."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            # A handler that rolls the session back (one shared with an API path may) drops the work of
+            # the messages before it: then the batch fails and its messages are applied one at a time.
+            # (A savepoint a handler rolls back, as the insurance upsert does, keeps the rest: not counted.)
+            rollbacks: list[object] = []
+
+            @event.listens_for(session, "after_soft_rollback")
+            def _rolled_back(_: Session, previous: SessionTransaction) -> None:
+                if previous.parent is None:
+                    rollbacks.append(previous)
+
+            ids = [message.id for message in events]
+            done = set(session.exec(select(Inbox.message_id).where(col(Inbox.message_id).in_(ids))).all())
+            applied: list[bool] = []
+            try:
+                for index, message in enumerate(events):
+                    if message.id in done:
+                        applied.append(False)
+                        continue
+                    done.add(message.id)
+                    structlog.contextvars.bind_contextvars(
+                        message_id=message.id,
+                        queue=self.queue,
+                        case_id=message.subject,
+                        event_type=message.type,
+                    )
+                    with consumer_span(
+                        f"{self.queue} process {message.type}",
+                        headers[index] if headers else None,
+                        message.model_extra,
+                    ) as span:
+                        span.set_attribute("messaging.message.id", message.id)
+                        span.set_attribute("messaging.destination.name", self.queue)
+                        span.set_attribute("messaging.batch.message_count", len(events))
+                        self.handle(session, message)
+                    if rollbacks:
+                        raise BatchBroken(f"the handler of {message.type} rolled the transaction back")
+                    session.add(Inbox(message_id=message.id, queue=self.queue, message_type=message.type))
+                    applied.append(True)
+            finally:
+                structlog.contextvars.unbind_contextvars("message_id", "queue", "case_id", "event_type")
+            self.last_written = frozenset(session.info.get(ADDED, ()))
+            session.commit()
+        crash_point("consumer.after_commit_before_ack")
+        return applied
+
+    def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        # Collected here, applied by `after_dispatch` once this round of deliveries is in.
+        self._pending.append((channel, method, props, body))
+
+    def after_dispatch(self, channel: BlockingChannel) -> None:
+        # Deliveries of a channel that has since closed are left to the broker, which redelivers them.
+        batch = [(m, p, b) for ch, m, p, b in self._pending if ch is channel and channel.is_open]
+        self._pending = []
+        if len(batch) == 1:
+            self._process_one(channel, *batch[0])
+        elif batch:
+            self._process_batch(channel, batch)
+
+    def _process_batch(self, channel: BlockingChannel, batch: list[Delivery]) -> None:
+        try:
+            events = [decode_envelope(body) for _, _, body in batch]
+            applied = self.apply_batch(events, [props.headers for _, props, _ in batch])
+        except Exception as exc:
+            # Nothing of the batch was kept: apply its messages one at a time, as if they came alone.
+            log.info("batch.applied_one_by_one", queue=self.queue, size=len(batch), error=type(exc).__name__)
+            for delivery in batch:
+                self._process_one(channel, *delivery)
+            return
+        channel.basic_ack(batch[-1][0].delivery_tag, multiple=True)
+        for applied_event, changed in zip(events, applied, strict=True):
+            log.info(
+                "message.applied" if changed else "message.duplicate_dropped",
+                message_id=applied_event.id,
+                queue=self.queue,
+                case_id=applied_event.subject,
+                event_type=applied_event.type,
+                batch=len(batch),
+            )
+        if any(applied):
+            self.after_ack()
 
     def after_ack(self) -> None:
         if self.on_commit:

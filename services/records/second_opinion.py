@@ -31,7 +31,9 @@ def store_report(event: EncapsulatedReport, session: Session, settings: Settings
     received = store.receive(io.BytesIO(dicom), position=1, total=1, limit=settings.max_upload_bytes)
     entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
     try:
-        uploads.accept_entries(event.case_id, [entry], session, settings, source="second-opinion")
+        uploads.accept_entries(
+            event.case_id, [entry], session, settings, source="second-opinion", in_transaction=True
+        )
     except (uploads.RecordsNotRequested, uploads.RecordsCancelled):
         log.info("records.report_not_stored", case_id=event.case_id, reason="no open records request")
         return

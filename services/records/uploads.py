@@ -87,11 +87,17 @@ def accept_entries(
     *,
     source: str,
     limits: ImportLimits | None = None,
+    in_transaction: bool = False,
 ) -> UploadOutcome:
-    """Validate, reconcile and store files already received into the temp area; they are consumed."""
+    """Validate, reconcile and store files already received into the temp area; they are consumed.
+    `in_transaction`: the caller's transaction holds other work (a consumer's batch of messages), so the
+    check that the request is open does not roll it back; the store still commits it."""
     store = ObjectStore.for_settings(settings)
     try:
-        check_open(session, case_id)
+        if in_transaction:
+            _open_request(session, case_id)
+        else:
+            check_open(session, case_id)
         classified = _classify(entries, limits or get_limits())
         return _store(case_id, classified, session, store, source)
     finally:

@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterator
 
 import pika
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from contracts import CloudEvent, CollectRecords
 from contracts.envelope import new_event
@@ -27,6 +28,7 @@ from services.common.amqp import (
 )
 from services.common.config import Settings
 from services.common.db import Outbox, make_engine
+from services.common.errors import PoisonMessage
 from services.common.migrate import upgrade
 from services.common.runner import ServiceRuntime
 
@@ -213,11 +215,124 @@ def test_only_a_message_that_queued_a_message_wakes_the_outbox_relay(
     consumer.on_commit = committed
     for _ in run_consumer_with(consumer):
         publisher = Publisher(settings)
-        publisher.publish(COMMANDS, collect_command("case-quiet", f"quiet-{uuid.uuid4()}"))
-        publisher.publish(COMMANDS, collect_command("case-publishes", f"pub-{uuid.uuid4()}"))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(seen) < 2:
-            time.sleep(0.05)
+        # One after the other: messages that arrive together are applied (and wake) as one batch.
+        for count, case in enumerate(("case-quiet", "case-publishes"), start=1):
+            publisher.publish(COMMANDS, collect_command(case, f"{case}-{uuid.uuid4()}"))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(seen) < count:
+                time.sleep(0.05)
     assert seen == [("nothing", False), ("wrote", True)]
     assert woken == ["any", "any", "outbox"]
     assert relay.drain() == 1  # the woken relay has the queued message to publish
+
+
+def queued(settings: Settings, queue: str) -> int:
+    """Messages in `queue` not yet delivered or not yet acked."""
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        conn.close()
+
+
+def effects(engine: Engine, ids: list[str]) -> list[str]:
+    """The effect rows (outbox messages `{id}>effect`) the handler below committed, in commit order."""
+    wanted = [f"{i}>effect" for i in ids]
+    with Session(engine) as session:
+        rows = session.exec(
+            select(Outbox.message_id).where(col(Outbox.message_id).in_(wanted)).order_by(col(Outbox.id))
+        ).all()
+    return [row.removesuffix(">effect") for row in rows]
+
+
+def write_effect(session: Session, event: CloudEvent) -> None:
+    enqueue(session, EVENTS, collect_command(event.subject, f"{event.id}>effect"))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.1)
+
+
+def test_messages_that_arrive_together_are_applied_in_order_in_fewer_transactions(
+    settings: Settings, engine: Engine
+) -> None:
+    """A consumer that is behind applies what arrived together in one transaction and one ack, in order,
+    each exactly once, a redelivered duplicate in the same batch included."""
+    purge(settings, "records")
+    ids = [f"batch-{n}-{uuid.uuid4()}" for n in range(12)]
+    publisher = Publisher(settings)
+    for message_id in ids:
+        publisher.publish(COMMANDS, collect_command("case-batch", message_id))
+    publisher.publish(COMMANDS, collect_command("case-batch", ids[3]))  # a redelivered duplicate
+    transactions: list[tuple[str, int]] = []
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        write_effect(session, event)
+        transactions.append((event.id, session.exec(text("select txid_current()")).one()[0]))
+
+    for _ in run_consumer(settings, engine, "records", handle):
+        wait_until(lambda: len(effects(engine, ids)) == len(ids) and queued(settings, "records") == 0)
+    assert effects(engine, ids) == ids  # all of them, once each, in the order they were published
+    assert queued(settings, "records") == 0  # and every message, the duplicate too, was acked
+    assert [message_id for message_id, _ in transactions] == ids
+    assert len({txid for _, txid in transactions}) < len(ids)  # several messages shared a transaction
+
+
+def test_a_bad_message_among_others_is_dead_lettered_alone_and_the_rest_apply_once(
+    settings: Settings, engine: Engine
+) -> None:
+    purge(settings, "records", dead_letter_queue("records"))
+    ids = [f"mixed-{n}-{uuid.uuid4()}" for n in range(8)]
+    poison, flaky = ids[2], ids[5]
+    failed: list[str] = []
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        write_effect(session, event)
+        session.flush()  # the effect is written before the failure: it must be rolled back with it
+        if event.id == poison:
+            raise PoisonMessage("records.collect data is invalid (test)")
+        if event.id == flaky and flaky not in failed:
+            failed.append(flaky)
+            raise RuntimeError("the database went away once")
+
+    publisher = Publisher(settings)
+    for message_id in ids:
+        publisher.publish(COMMANDS, collect_command("case-mixed", message_id))
+    publisher.publish_raw(COMMANDS, "records.collect", b"not json", f"garbled-{uuid.uuid4()}")
+    for _ in run_consumer(settings, engine, "records", handle):
+        wait_until(lambda: len(effects(engine, ids)) == len(ids) - 1 and queued(settings, "records") == 0)
+        dead = dlq_messages(settings, "records")
+        dead += dlq_messages(settings, "records", timeout=3)
+    applied = effects(engine, ids)
+    assert sorted(applied) == sorted(i for i in ids if i != poison)  # each once, the poison's never
+    assert [i for i in applied if i != flaky] == [i for i in ids if i not in (poison, flaky)]  # in order
+    assert failed == [flaky]
+    reasons = {props.message_id: props.headers["x-poison-reason"] for props, _ in dead}
+    assert reasons[poison] == "records.collect data is invalid (test)"
+    assert any("not a CloudEvents 1.0 JSON envelope" in r for r in reasons.values())
+    assert len(reasons) == 2
+
+
+def test_a_handler_that_rolls_its_session_back_loses_none_of_the_messages_before_it(
+    settings: Settings, engine: Engine
+) -> None:
+    """A handler shared with an API path may roll the session back (records' upload check did): in a
+    batch that would drop the work of the messages applied before it in the same transaction."""
+    purge(settings, "records")
+    ids = [f"rollback-{n}-{uuid.uuid4()}" for n in range(10)]
+    rolls_back = set(ids[3::4])
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        if event.id in rolls_back:
+            session.rollback()
+        write_effect(session, event)
+
+    publisher = Publisher(settings)
+    for message_id in ids:
+        publisher.publish(COMMANDS, collect_command("case-rollback", message_id))
+    for _ in run_consumer(settings, engine, "records", handle):
+        wait_until(lambda: len(effects(engine, ids)) == len(ids) and queued(settings, "records") == 0)
+    assert effects(engine, ids) == ids
+    assert queued(settings, "records") == 0
