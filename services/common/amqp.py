@@ -347,7 +347,13 @@ class Consumer(QueueConsumer):
     instead of one each. If anything in such a batch fails, none of it is kept and its messages are applied
     one by one as single messages are, so a poison message or a failing handler is dead-lettered or
     redelivered by itself and the others still apply, in their order.
+
+    A batch takes no further message once it has run `batch_seconds` (handlers that call a payer or render a
+    PDF are slow): it commits and acks what it applied, and the rest begins the next one. So no transaction
+    holds its row locks, and no connection goes without heartbeats, for much longer than one message takes.
     """
+
+    batch_seconds = 2.0
 
     def __init__(
         self,
@@ -384,9 +390,16 @@ class Consumer(QueueConsumer):
         crash_point("consumer.after_commit_before_ack")
         return True
 
-    def apply_batch(self, events: list[CloudEvent], headers: list[dict | None] | None = None) -> list[bool]:
-        """Apply `events` in order in one transaction; for each, whether it changed something (False: a
-        duplicate). Raises if any of them fails, and then nothing of the batch was kept."""
+    def apply_batch(
+        self,
+        events: list[CloudEvent],
+        headers: list[dict | None] | None = None,
+        budget: float | None = None,
+    ) -> list[bool]:
+        """Apply `events` in order in one transaction, the first ones that fit in `budget` seconds (at least
+        one); for each applied, whether it changed something (False: a duplicate). Raises if any of them
+        fails, and then nothing of the batch was kept."""
+        started = time.monotonic()
         with Session(self.engine, expire_on_commit=False) as session:
             # A handler that rolls the session back (one shared with an API path may) drops the work of
             # the messages before it: then the batch fails and its messages are applied one at a time.
@@ -403,6 +416,8 @@ class Consumer(QueueConsumer):
             applied: list[bool] = []
             try:
                 for index, message in enumerate(events):
+                    if applied and budget is not None and time.monotonic() - started > budget:
+                        break
                     if message.id in done:
                         applied.append(False)
                         continue
@@ -441,35 +456,37 @@ class Consumer(QueueConsumer):
 
     def after_dispatch(self, channel: BlockingChannel) -> None:
         # Deliveries of a channel that has since closed are left to the broker, which redelivers them.
-        batch = [(m, p, b) for ch, m, p, b in self._pending if ch is channel and channel.is_open]
+        waiting = [(m, p, b) for ch, m, p, b in self._pending if ch is channel and channel.is_open]
         self._pending = []
-        if len(batch) == 1:
-            self._process_one(channel, *batch[0])
-        elif batch:
-            self._process_batch(channel, batch)
+        while len(waiting) > 1:
+            waiting = self._process_batch(channel, waiting)
+        if waiting:
+            self._process_one(channel, *waiting[0])
 
-    def _process_batch(self, channel: BlockingChannel, batch: list[Delivery]) -> None:
+    def _process_batch(self, channel: BlockingChannel, batch: list[Delivery]) -> list[Delivery]:
+        """Apply the first messages of `batch` that fit in `batch_seconds`; returns the ones left over."""
         try:
             events = [decode_envelope(body) for _, _, body in batch]
-            applied = self.apply_batch(events, [props.headers for _, props, _ in batch])
+            applied = self.apply_batch(events, [props.headers for _, props, _ in batch], self.batch_seconds)
         except Exception as exc:
             # Nothing of the batch was kept: apply its messages one at a time, as if they came alone.
             log.info("batch.applied_one_by_one", queue=self.queue, size=len(batch), error=type(exc).__name__)
             for delivery in batch:
                 self._process_one(channel, *delivery)
-            return
-        channel.basic_ack(batch[-1][0].delivery_tag, multiple=True)
-        for applied_event, changed in zip(events, applied, strict=True):
+            return []
+        channel.basic_ack(batch[len(applied) - 1][0].delivery_tag, multiple=True)
+        for applied_event, changed in zip(events, applied, strict=False):
             log.info(
                 "message.applied" if changed else "message.duplicate_dropped",
                 message_id=applied_event.id,
                 queue=self.queue,
                 case_id=applied_event.subject,
                 event_type=applied_event.type,
-                batch=len(batch),
+                batch=len(applied),
             )
         if any(applied):
             self.after_ack()
+        return batch[len(applied) :]
 
     def after_ack(self) -> None:
         if self.on_commit:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pika
@@ -336,3 +337,30 @@ def test_a_handler_that_rolls_its_session_back_loses_none_of_the_messages_before
         wait_until(lambda: len(effects(engine, ids)) == len(ids) and queued(settings, "records") == 0)
     assert effects(engine, ids) == ids
     assert queued(settings, "records") == 0
+
+
+def test_a_batch_of_slow_messages_commits_and_acks_in_parts(settings: Settings, engine: Engine) -> None:
+    """Slow handlers (a payer's answer, a PDF) must not hold one transaction and its locks, nor the
+    connection's heartbeats, for a whole prefetch of messages: a batch stops taking messages after its
+    time budget, commits and acks, and the rest start the next batch."""
+    purge(settings, "records")
+    ids = [f"slow-{n}-{uuid.uuid4()}" for n in range(8)]
+    transactions: list[tuple[str, int]] = []
+
+    def slow(session: Session, event: CloudEvent) -> None:
+        time.sleep(0.25)
+        write_effect(session, event)
+        transactions.append((event.id, session.exec(text("select txid_current()")).one()[0]))
+
+    publisher = Publisher(settings)
+    for message_id in ids:
+        publisher.publish(COMMANDS, collect_command("case-slow", message_id))
+    consumer = Consumer(settings=settings, queue="records", engine=engine, handle=slow)
+    consumer.batch_seconds = 0.3
+    for _ in run_consumer_with(consumer):
+        wait_until(lambda: len(effects(engine, ids)) == len(ids) and queued(settings, "records") == 0)
+    assert effects(engine, ids) == ids
+    assert queued(settings, "records") == 0
+    per_transaction = Counter(txid for _, txid in transactions)
+    assert max(per_transaction.values()) <= 2  # 0.25 s each against a 0.3 s budget
+    assert len(per_transaction) < len(ids)  # and still batched
