@@ -4,8 +4,9 @@
 - Publishers use publisher confirms and `mandatory=True`: a message is either confirmed or an error.
 - Consumers apply a message, record its id in the inbox and commit in one transaction, then ack.
   Messages that arrive together are applied in order in one such transaction and acked together; if
-  any of them fails, none of the batch is kept and they are applied one by one. A handler error is retried by redelivery up to the quorum queue's `x-delivery-limit`, then
-  dead-lettered; a `PoisonMessage` is dead-lettered at once with its reason.
+  any of them fails, none of the batch is kept and they are applied one by one. A handler error is
+  retried by redelivery up to the quorum queue's `x-delivery-limit`, then dead-lettered; a
+  `PoisonMessage` is dead-lettered at once with its reason.
 - Publishing from a transaction goes through the outbox table; the relay publishes and marks it.
 
 A pika connection belongs to one thread: each consumer, relay and publisher owns its own.
