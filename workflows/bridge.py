@@ -27,7 +27,6 @@ from services.common.amqp import QueueConsumer, decode_envelope, delivery_attemp
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
 from services.common.errors import PoisonMessage
-from services.common.tracing import consumer_span
 
 log = structlog.get_logger(__name__)
 
@@ -102,9 +101,7 @@ class EventBridge(QueueConsumer):
         self._case_locks[event.subject] = (lock, users + 1)
         try:
             async with lock:
-                with consumer_span(f"{self.queue} process {event.type}", headers, event.model_extra) as span:
-                    span.set_attribute("messaging.message.id", event.id)
-                    span.set_attribute("messaging.destination.name", self.queue)
+                with self.message_span(event, headers):
                     return await asyncio.wait_for(self.signal(event), SIGNAL_TIMEOUT_SECONDS)
         finally:
             lock, users = self._case_locks[event.subject]

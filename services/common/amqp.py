@@ -14,15 +14,18 @@ A pika connection belongs to one thread: each consumer, relay and publisher owns
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import pika
 import pika.exceptions
 import structlog
+from opentelemetry.trace import Span
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 from pydantic import ValidationError
@@ -270,6 +273,16 @@ class QueueConsumer:
     def after_dispatch(self, channel: BlockingChannel) -> None:
         """Called on the consumer's thread after each round of deliveries was dispatched."""
 
+    @contextlib.contextmanager
+    def message_span(
+        self, event: CloudEvent, headers: Mapping[str, Any] | None, message_id: str | None = None
+    ) -> Iterator[Span]:
+        """The CONSUMER span of one message, continuing the trace its AMQP headers or envelope carry."""
+        with consumer_span(f"{self.queue} process {event.type}", headers, event.model_extra) as span:
+            span.set_attribute("messaging.message.id", message_id or event.id)
+            span.set_attribute("messaging.destination.name", self.queue)
+            yield span
+
     def _on_message(
         self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
@@ -283,11 +296,7 @@ class QueueConsumer:
         try:
             event = decode_envelope(body)
             structlog.contextvars.bind_contextvars(case_id=event.subject, event_type=event.type)
-            with consumer_span(
-                f"{self.queue} process {event.type}", props.headers, event.model_extra
-            ) as span:
-                span.set_attribute("messaging.message.id", message_id)
-                span.set_attribute("messaging.destination.name", self.queue)
+            with self.message_span(event, props.headers, message_id):
                 applied = self.apply(event)
             channel.basic_ack(method.delivery_tag)
             log.info("message.applied" if applied else "message.duplicate_dropped")
@@ -429,13 +438,7 @@ class Consumer(QueueConsumer):
                         case_id=message.subject,
                         event_type=message.type,
                     )
-                    with consumer_span(
-                        f"{self.queue} process {message.type}",
-                        headers[index] if headers else None,
-                        message.model_extra,
-                    ) as span:
-                        span.set_attribute("messaging.message.id", message.id)
-                        span.set_attribute("messaging.destination.name", self.queue)
+                    with self.message_span(message, headers[index] if headers else None) as span:
                         span.set_attribute("messaging.batch.message_count", len(events))
                         self.handle(session, message)
                     if rollbacks:
