@@ -94,6 +94,18 @@ def rabbitmq_vhost() -> Iterator[str]:
         subprocess.run([ctl, "delete_vhost", vhost], check=False, capture_output=True)
 
 
+def queue_depth(amqp_url: str, queue: str) -> int:
+    """Messages ready in `queue`. One delivered and not yet acked is not counted; it is again once the
+    channel it was delivered on closes."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        conn.close()
+
+
 def purge_queues(amqp_url: str, *queues: str) -> None:
     """Empty queues that earlier tests in the same vhost may have left messages in."""
     import pika

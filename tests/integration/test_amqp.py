@@ -32,6 +32,7 @@ from services.common.db import Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.migrate import upgrade
 from services.common.runner import ServiceRuntime
+from tests.infra import queue_depth
 
 
 @pytest.fixture(scope="module")
@@ -227,15 +228,6 @@ def test_only_a_message_that_queued_a_message_wakes_the_outbox_relay(
     assert relay.drain() == 1  # the woken relay has the queued message to publish
 
 
-def queued(settings: Settings, queue: str) -> int:
-    """Messages in `queue` not yet delivered or not yet acked."""
-    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    try:
-        return conn.channel().queue_declare(queue, passive=True).method.message_count
-    finally:
-        conn.close()
-
-
 def effects(engine: Engine, ids: list[str]) -> list[str]:
     """The effect rows (outbox messages `{id}>effect`) the handler below committed, in commit order."""
     wanted = [f"{i}>effect" for i in ids]
@@ -274,9 +266,11 @@ def test_messages_that_arrive_together_are_applied_in_order_in_fewer_transaction
         transactions.append((event.id, session.exec(text("select txid_current()")).one()[0]))
 
     for _ in run_consumer(settings, engine, "records", handle):
-        wait_until(lambda: len(effects(engine, ids)) == len(ids) and queued(settings, "records") == 0)
+        wait_until(
+            lambda: len(effects(engine, ids)) == len(ids) and queue_depth(settings.amqp_url, "records") == 0
+        )
     assert effects(engine, ids) == ids  # all of them, once each, in the order they were published
-    assert queued(settings, "records") == 0  # and every message, the duplicate too, was acked
+    assert queue_depth(settings.amqp_url, "records") == 0  # and every message, the duplicate too, was acked
     assert [message_id for message_id, _ in transactions] == ids
     assert len({txid for _, txid in transactions}) < len(ids)  # several messages shared a transaction
 
@@ -303,7 +297,11 @@ def test_a_bad_message_among_others_is_dead_lettered_alone_and_the_rest_apply_on
         publisher.publish(COMMANDS, collect_command("case-mixed", message_id))
     publisher.publish_raw(COMMANDS, "records.collect", b"not json", f"garbled-{uuid.uuid4()}")
     for _ in run_consumer(settings, engine, "records", handle):
-        wait_until(lambda: len(effects(engine, ids)) == len(ids) - 1 and queued(settings, "records") == 0)
+        wait_until(
+            lambda: (
+                len(effects(engine, ids)) == len(ids) - 1 and queue_depth(settings.amqp_url, "records") == 0
+            )
+        )
         dead = dlq_messages(settings, "records")
         dead += dlq_messages(settings, "records", timeout=3)
     applied = effects(engine, ids)
@@ -334,9 +332,11 @@ def test_a_handler_that_rolls_its_session_back_loses_none_of_the_messages_before
     for message_id in ids:
         publisher.publish(COMMANDS, collect_command("case-rollback", message_id))
     for _ in run_consumer(settings, engine, "records", handle):
-        wait_until(lambda: len(effects(engine, ids)) == len(ids) and queued(settings, "records") == 0)
+        wait_until(
+            lambda: len(effects(engine, ids)) == len(ids) and queue_depth(settings.amqp_url, "records") == 0
+        )
     assert effects(engine, ids) == ids
-    assert queued(settings, "records") == 0
+    assert queue_depth(settings.amqp_url, "records") == 0
 
 
 def test_a_batch_of_slow_messages_commits_and_acks_in_parts(settings: Settings, engine: Engine) -> None:
@@ -358,9 +358,11 @@ def test_a_batch_of_slow_messages_commits_and_acks_in_parts(settings: Settings, 
     consumer = Consumer(settings=settings, queue="records", engine=engine, handle=slow)
     consumer.batch_seconds = 0.3
     for _ in run_consumer_with(consumer):
-        wait_until(lambda: len(effects(engine, ids)) == len(ids) and queued(settings, "records") == 0)
+        wait_until(
+            lambda: len(effects(engine, ids)) == len(ids) and queue_depth(settings.amqp_url, "records") == 0
+        )
     assert effects(engine, ids) == ids
-    assert queued(settings, "records") == 0
+    assert queue_depth(settings.amqp_url, "records") == 0
     per_transaction = Counter(txid for _, txid in transactions)
     assert max(per_transaction.values()) <= 2  # 0.25 s each against a 0.3 s budget
     assert len(per_transaction) < len(ids)  # and still batched

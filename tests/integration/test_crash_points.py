@@ -32,7 +32,7 @@ from services.common.config import Settings
 from services.common.crashpoints import KILLED
 from services.common.db import make_engine
 from tests.e2e.test_case_end_to_end import free_ports
-from tests.infra import purge_queues
+from tests.infra import purge_queues, queue_depth
 from tests.integration.test_case_workflow import case_input
 from workflows.case import CaseWorkflow
 
@@ -144,14 +144,6 @@ def count(engine: Engine, sql: str, **params: Any) -> int:
         return int(conn.execute(text(sql), params).scalar_one())
 
 
-def queue_depth(settings: Settings, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        conn.close()
-
-
 def test_killed_after_commit_before_ack_applies_once_and_loses_nothing(
     settings: Settings, insurance_engine: Engine, tmp_path: Path
 ) -> None:
@@ -176,8 +168,8 @@ def test_killed_after_commit_before_ack_applies_once_and_loses_nothing(
         count(insurance_engine, "select count(*) from coverage_verifications where case_id=:c", c=case_id)
         == 1
     )
-    assert queue_depth(settings, "insurance") == 0
-    assert queue_depth(settings, "insurance.dlq") == 0
+    assert queue_depth(settings.amqp_url, "insurance") == 0
+    assert queue_depth(settings.amqp_url, "insurance.dlq") == 0
 
 
 @pytest.mark.parametrize("point", ["outbox.after_publish_before_mark", "publish.after_send_before_confirmed"])
@@ -278,7 +270,7 @@ async def test_bridge_killed_after_signalling_is_harmless(
         assert len(signals) == 2  # delivered twice ...
         await asyncio.sleep(0.5)
         # ... applied once: the second carries the same event id and is dropped by the workflow.
-        assert queue_depth(settings, "workflows.bridge") == 0
+        assert queue_depth(settings.amqp_url, "workflows.bridge") == 0
         assert await handle.query(CaseWorkflow.received) == [f"insurance.verified {event.id}"]
     finally:
         worker.stop()

@@ -20,7 +20,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from contracts.envelope import CloudEvent
 from services.common.amqp import EVENTS, Publisher, dead_letter_queue, ensure_topology
 from services.common.config import Settings
-from tests.infra import purge_queues
+from tests.infra import purge_queues, queue_depth
 from workflows.bridge import QUEUE, EventBridge
 
 TASK_QUEUE = "bridge-test"
@@ -123,14 +123,6 @@ async def received(client: Client, case_id: str, count: int, timeout: float = 30
     return ids
 
 
-def queue_depth(settings: Settings, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    try:
-        return conn.channel().queue_declare(queue, passive=True).method.message_count
-    finally:
-        conn.close()
-
-
 async def test_cases_are_signalled_side_by_side_and_each_case_in_order(
     bridge: tuple[ObservedBridge, Client], settings: Settings
 ) -> None:
@@ -190,6 +182,6 @@ async def test_poison_is_dead_lettered_and_an_unknown_case_does_not_block(
     finally:
         conn.close()
     deadline = time.monotonic() + 10
-    while queue_depth(settings, QUEUE) and time.monotonic() < deadline:
+    while queue_depth(settings.amqp_url, QUEUE) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    assert queue_depth(settings, QUEUE) == 0  # the unknown case's event was acked, not left to block
+    assert queue_depth(settings.amqp_url, QUEUE) == 0  # the unknown case's event was acked, not left to block
