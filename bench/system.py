@@ -47,6 +47,8 @@ class System:
 # Settings the benchmarks need that differ from the defaults, each for a stated reason.
 BENCH_ENV = {
     "LOG_LEVEL": "WARNING",
+    # The worker as deployed; the test suite's environment turns the sandbox on, the smoke run keeps this.
+    "WORKFLOW_SANDBOX": "false",
     # The per-key rate limit (50/s) is a policy for partners; the benchmarks measure capacity.
     "AUTH_RATE_PER_SECOND": "0",  # a log line per request would measure the disk, not the service
     # The 1 GB CD arrives as one ZIP; the default 512 MiB per-file limit would refuse it with a 413.

@@ -9,6 +9,10 @@ import pytest
 from services.common.config import Settings, get_settings
 from tests.infra import postgres_database, rabbitmq_vhost
 
+# Every worker the suite starts, in process or as a subprocess, runs the case workflow in the SDK's sandbox,
+# so a non-deterministic call in workflow code fails a test (production runs without it: see Settings).
+os.environ.setdefault("WORKFLOW_SANDBOX", "true")
+
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:

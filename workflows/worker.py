@@ -14,7 +14,8 @@ from pathlib import Path
 
 import structlog
 from temporalio.client import Client
-from temporalio.worker import PollerBehaviorAutoscaling, Worker
+from temporalio.worker import PollerBehaviorAutoscaling, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from services.common.amqp import ensure_topology
 from services.common.config import Settings, get_settings
@@ -31,12 +32,17 @@ log = structlog.get_logger(__name__)
 def precompile_workflows() -> None:
     """Write the bytecode of the workflow modules even under PYTHONDONTWRITEBYTECODE.
 
-    The sandbox imports the workflow's module afresh for every workflow it builds; without a .pyc that is
+    With WORKFLOW_SANDBOX on, the sandbox imports the workflow's module afresh for every workflow it builds; without a .pyc that is
     a compile of the module's source each time, which profiled as a third of the worker's CPU. The image
     compiles everything at build time; a read-only tree without it only costs speed.
     """
     with contextlib.suppress(OSError):
         compileall.compile_dir(Path(__file__).parent, quiet=2)
+
+
+def workflow_runner(settings: Settings) -> WorkflowRunner:
+    """The SDK's sandbox when WORKFLOW_SANDBOX is on (the test suite), else the plain runner."""
+    return SandboxedWorkflowRunner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner()
 
 
 def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
@@ -46,6 +52,7 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
         client,
         task_queue=settings.temporal_task_queue,
         workflows=[CaseWorkflow],
+        workflow_runner=workflow_runner(settings),
         activities=[activities.publish_command, activities.publish_event],
         activity_executor=executor,
         max_concurrent_activities=executor._max_workers,
@@ -66,7 +73,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     with ThreadPoolExecutor(max_workers=16) as executor:
         worker = build_worker(client, settings, executor)
         bridge_thread.start()
-        log.info("worker.started", task_queue=settings.temporal_task_queue)
+        log.info("worker.started", task_queue=settings.temporal_task_queue, sandbox=settings.workflow_sandbox)
         async with worker:
             await stop.wait()
         bridge.stop()

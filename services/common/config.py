@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     temporal_task_queue: str = "cases"
+    # Run the case workflow in the SDK's sandbox. The sandbox re-imports the workflow module for every case
+    # the worker loads and runs every activation and payload through exec'd code: a quarter of the worker's
+    # CPU in `make bench pipeline`. Its checks raise on non-deterministic calls, which the test suite (run
+    # with it on) and the replay test catch before a change ships; in production such a call would stall
+    # the case either way. Off by default; WORKFLOW_SANDBOX=true turns it on.
+    workflow_sandbox: bool = False
     temporal_ui_port: int = 8233
     # TLS (mTLS when a client certificate is given) to the Temporal frontend; required when ENV=prod.
     temporal_tls: bool = False

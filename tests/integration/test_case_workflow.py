@@ -21,6 +21,7 @@ import pytest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from contracts import (
     CaseInput,
@@ -66,7 +67,7 @@ from services.common.config import Settings
 from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID
 from workflows.bridge import EventBridge
 from workflows.case import CaseWorkflow
-from workflows.worker import build_worker
+from workflows.worker import build_worker, workflow_runner
 
 TASK_QUEUE = "cases"
 HISTORIES = Path(__file__).resolve().parents[1] / "replay" / "histories"
@@ -92,6 +93,11 @@ async def client(temporal_env, settings: Settings) -> AsyncIterator[Client]:  # 
             yield client
     bridge.stop()
     thread.join(5)
+
+
+def test_the_suites_worker_runs_the_workflow_in_the_sandbox(settings: Settings) -> None:
+    """So that a non-deterministic call in workflow code fails these tests (production runs without it)."""
+    assert isinstance(workflow_runner(settings), SandboxedWorkflowRunner)
 
 
 class Services:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from services.common.config import Settings
 from services.common.temporal import data_converter
@@ -27,9 +28,17 @@ def test_representative_histories_are_stored() -> None:
     assert {"local-publish-closed_after_review", "local-publish-cancelled_in_review"} <= names
 
 
+RUNNERS = {"sandboxed": SandboxedWorkflowRunner, "unsandboxed": UnsandboxedWorkflowRunner}
+
+
+@pytest.mark.parametrize("runner", RUNNERS, ids=list(RUNNERS))
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
-async def test_history_replays_without_nondeterminism(path: Path) -> None:
+async def test_history_replays_without_nondeterminism(path: Path, runner: str) -> None:
+    """Under the sandbox (the test suite's worker) and without it (production's worker)."""
     # The stored histories were encrypted with the development key, like every local case.
-    replayer = Replayer(workflows=[CaseWorkflow], data_converter=data_converter(Settings()))
+    chosen: WorkflowRunner = RUNNERS[runner]()
+    replayer = Replayer(
+        workflows=[CaseWorkflow], data_converter=data_converter(Settings()), workflow_runner=chosen
+    )
     history = WorkflowHistory.from_json(f"case-{path.stem}", path.read_text())
     await replayer.replay_workflow(history)
