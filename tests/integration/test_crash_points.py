@@ -113,7 +113,9 @@ class Watch:
         for exchange, key in bindings:
             self.channel.queue_bind(self.queue, exchange, routing_key=key)
 
-    def drain(self, seconds: float) -> list[tuple[str, dict[str, Any]]]:
+    def drain(self, seconds: float, subject: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """What was published within `seconds`; with `subject`, only that case's messages (the service
+        also publishes rows other tests left in its outbox, in the database they share)."""
         seen = []
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -121,7 +123,9 @@ class Watch:
             if method is None:
                 time.sleep(0.1)
                 continue
-            seen.append((props.message_id, json.loads(body)))
+            message = json.loads(body)
+            if subject is None or message.get("subject") == subject:
+                seen.append((props.message_id, message))
         return seen
 
     def close(self) -> None:
@@ -161,7 +165,7 @@ def test_killed_after_commit_before_ack_applies_once_and_loses_nothing(
         )
         assert count(insurance_engine, "select count(*) from inbox where message_id=:m", m=command.id) == 1
         service.start()  # restarted: the broker redelivers the message, the inbox drops it
-        published = watch.drain(6)
+        published = watch.drain(6, subject=case_id)
     watch.close()
     assert [m for m, _ in published] == [f"{command.id}>insurance.verified"]
     assert (
@@ -184,7 +188,7 @@ def test_killed_after_publishing_republishes_the_same_id_and_nothing_else(
         Publisher(settings).publish(COMMANDS, command)
         assert service.wait_killed() == KILLED
         service.start()
-        published = watch.drain(6)
+        published = watch.drain(6, subject=case_id)
     watch.close()
     # At least once, never lost: the same message id again, which every consumer's inbox (and the
     # workflow's seen-id set) drops. The outbox row ends marked.
