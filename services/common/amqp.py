@@ -32,14 +32,13 @@ from pydantic import ValidationError
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
 from contracts.envelope import CloudEvent
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
-from services.common.db import Inbox, Outbox
+from services.common.db import ADDED, Inbox, Outbox, insert_new
 from services.common.errors import PoisonMessage
 from services.common.tracing import consumer_span, current_trace_headers, trace_headers_of
 
@@ -194,11 +193,11 @@ def with_trace(event: CloudEvent) -> CloudEvent:
 def enqueue(session: Session, exchange: str, event: CloudEvent) -> None:
     """Add `event` to the outbox in the caller's transaction; the relay publishes it after commit."""
     event = with_trace(event)
-    exists = session.exec(select(Outbox.id).where(Outbox.message_id == event.id)).first()
-    if exists is None:
-        session.add(
-            Outbox(message_id=event.id, exchange=exchange, routing_key=event.type, body=event.to_bytes())
-        )
+    # An id already queued (a re-applied message) is skipped by the insert itself.
+    insert_new(
+        session,
+        [Outbox(message_id=event.id, exchange=exchange, routing_key=event.type, body=event.to_bytes())],
+    )
 
 
 Handler = Callable[[Session, CloudEvent], None]
@@ -335,15 +334,6 @@ class QueueConsumer:
         )
         channel.basic_publish(DEAD_LETTERS, self.queue, body, dlq_props, mandatory=True)
         channel.basic_ack(method.delivery_tag)
-
-
-ADDED = "added_models"  # session.info key: the models of the rows added in the session
-
-
-@event.listens_for(OrmSession, "transient_to_pending")
-def _note_added(session: OrmSession, row: object) -> None:
-    # session.new would miss rows an autoflush already wrote; this sees every add.
-    session.info.setdefault(ADDED, set()).add(type(row))
 
 
 Delivery = tuple[Basic.Deliver, BasicProperties, bytes]

@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 from functools import lru_cache
 
 from sqlalchemy import event, exc, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlmodel import Field, SQLModel, create_engine
+from sqlalchemy.orm import Session as OrmSession
+from sqlmodel import Field, Session, SQLModel, create_engine
 
 from services.common.config import Settings, get_settings
 
@@ -96,6 +98,36 @@ def ping_when_idle(engine: Engine, idle_seconds: float) -> None:
 @lru_cache
 def get_engine(service: str) -> Engine:
     return make_engine(service)
+
+
+ADDED = "added_models"  # session.info key: the models of the rows added in the session
+
+
+@event.listens_for(OrmSession, "transient_to_pending")
+def _note_added(session: OrmSession, row: object) -> None:
+    # session.new would miss rows an autoflush already wrote; this sees every add.
+    session.info.setdefault(ADDED, set()).add(type(row))
+
+
+def insert_new(session: Session, rows: list[SQLModel]) -> None:
+    """Insert `rows` (all of one model) in one statement, skipping any whose primary or unique key is
+    already taken (ON CONFLICT DO NOTHING): a look-up per row is not needed first. Written at once, in the
+    session's transaction, and noted as added as `session.add` would be."""
+    if not rows:
+        return
+    model = type(rows[0])
+    table = model.__table__  # type: ignore[attr-defined]
+    values = [
+        {
+            c.name: getattr(row, c.name)
+            for c in table.columns
+            if not (c.primary_key and getattr(row, c.name) is None)
+        }
+        for row in rows
+    ]
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    session.execute(insert(table).values(values).on_conflict_do_nothing())
+    session.info.setdefault(ADDED, set()).add(model)
 
 
 class Inbox(SQLModel, table=True):

@@ -30,6 +30,7 @@ from sqlmodel import Session, col, select
 
 from contracts.envelope import CloudEvent
 from services.auth.models import Partner
+from services.common.db import insert_new
 from services.intake.models import Case, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhook_signing import headers_for
 
@@ -90,19 +91,21 @@ def fan_out(session: Session, event: CloudEvent) -> int:
         )
     ).all()
     payload = json.dumps({"type": event.type, "timestamp": event.time.isoformat(), "data": event.data})
-    for endpoint in endpoints:
-        delivery_id = webhook_id(endpoint.id, event.id)
-        if session.get(WebhookDelivery, delivery_id) is None:
-            session.add(
-                WebhookDelivery(
-                    id=delivery_id,
-                    endpoint_id=endpoint.id,
-                    source_event_id=event.id,
-                    event_type=event.type,
-                    case_id=case.id,
-                    payload=payload,
-                )
+    # A delivery already queued for an endpoint (a re-applied event) is skipped by the insert itself.
+    insert_new(
+        session,
+        [
+            WebhookDelivery(
+                id=webhook_id(endpoint.id, event.id),
+                endpoint_id=endpoint.id,
+                source_event_id=event.id,
+                event_type=event.type,
+                case_id=case.id,
+                payload=payload,
             )
+            for endpoint in endpoints
+        ],
+    )
     return len(endpoints)
 
 
