@@ -32,9 +32,10 @@ log = structlog.get_logger(__name__)
 def precompile_workflows() -> None:
     """Write the bytecode of the workflow modules even under PYTHONDONTWRITEBYTECODE.
 
-    With WORKFLOW_SANDBOX on, the sandbox imports the workflow's module afresh for every workflow it builds; without a .pyc that is
-    a compile of the module's source each time, which profiled as a third of the worker's CPU. The image
-    compiles everything at build time; a read-only tree without it only costs speed.
+    With WORKFLOW_SANDBOX on, the sandbox imports the workflow's module afresh for every workflow it
+    builds; without a .pyc that is a compile of the module's source each time, which profiled as a third of
+    the worker's CPU. The image compiles everything at build time; a read-only tree without it only costs
+    speed.
     """
     with contextlib.suppress(OSError):
         compileall.compile_dir(Path(__file__).parent, quiet=2)
