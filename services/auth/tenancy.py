@@ -8,19 +8,18 @@ service already reads; the checks of every service's API read them back.
 from __future__ import annotations
 
 import structlog
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlmodel import Session
 
 from services.auth.models import CaseOwner, CaseReviewer, Role
+from services.common.db import insert_skipping_taken
 
 log = structlog.get_logger(__name__)
 
 
 def _insert_once(engine: Engine, table: type[CaseOwner] | type[CaseReviewer], **values: str) -> None:
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-    statement = insert(table).values(**values).on_conflict_do_nothing()  # type: ignore[attr-defined]
+    statement = insert_skipping_taken(engine.dialect.name, table, values)
     try:
         with engine.begin() as conn:
             conn.execute(statement)

@@ -6,6 +6,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import event, exc, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -109,6 +110,12 @@ def _note_added(session: OrmSession, row: object) -> None:
     session.info.setdefault(ADDED, set()).add(type(row))
 
 
+def insert_skipping_taken(dialect: str, table: Any, values: Any) -> Any:
+    """`INSERT ... ON CONFLICT DO NOTHING` of `values` into `table`, for PostgreSQL or SQLite."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table).values(values).on_conflict_do_nothing()
+
+
 def insert_new(session: Session, rows: list[SQLModel]) -> None:
     """Insert `rows` (all of one model) in one statement, skipping any whose primary or unique key is
     already taken (ON CONFLICT DO NOTHING): a look-up per row is not needed first. Written at once, in the
@@ -125,8 +132,7 @@ def insert_new(session: Session, rows: list[SQLModel]) -> None:
         }
         for row in rows
     ]
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    session.execute(insert(table).values(values).on_conflict_do_nothing())
+    session.execute(insert_skipping_taken(session.get_bind().dialect.name, table, values))
     session.info.setdefault(ADDED, set()).add(model)
 
 
