@@ -47,7 +47,8 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
 
 
 def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
-    precompile_workflows()
+    if settings.workflow_sandbox:
+        precompile_workflows()
     activities = CaseActivities(settings)
     return Worker(
         client,
