@@ -41,6 +41,7 @@ MAX_ATTEMPTS = 8
 LEASE = timedelta(seconds=60)
 MAX_RETRY_AFTER = timedelta(hours=6)
 RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
+ENDPOINTS_READ = "webhooks.endpoints_read"  # session.info: (transaction, partner id -> endpoints)
 SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
 
 
@@ -80,16 +81,31 @@ def webhook_id(endpoint_id: str, source_event_id: str) -> str:
     return "msg_" + hashlib.sha256(f"{endpoint_id}|{source_event_id}".encode()).hexdigest()[:32]
 
 
+def enabled_endpoints(session: Session, partner_id: str) -> list[WebhookEndpoint]:
+    """The partner's enabled endpoints, read once per transaction (a consumer batch fans out many events
+    of the same partners)."""
+    transaction = session.get_transaction()
+    read = session.info.get(ENDPOINTS_READ)
+    if read is None or read[0] is not transaction:
+        read = session.info[ENDPOINTS_READ] = (transaction, {})
+    known: dict[str, list[WebhookEndpoint]] = read[1]
+    if partner_id not in known:
+        known[partner_id] = list(
+            session.exec(
+                select(WebhookEndpoint).where(
+                    WebhookEndpoint.partner_id == partner_id, col(WebhookEndpoint.disabled_at).is_(None)
+                )
+            ).all()
+        )
+    return known[partner_id]
+
+
 def fan_out(session: Session, event: CloudEvent) -> int:
     """Queue `event` for every enabled endpoint of the case's partner (in the consumer's transaction)."""
     case = session.get(Case, event.subject)
     if case is None:
         return 0
-    endpoints = session.exec(
-        select(WebhookEndpoint).where(
-            WebhookEndpoint.partner_id == case.partner_id, col(WebhookEndpoint.disabled_at).is_(None)
-        )
-    ).all()
+    endpoints = enabled_endpoints(session, case.partner_id)
     payload = json.dumps({"type": event.type, "timestamp": event.time.isoformat(), "data": event.data})
     # A delivery already queued for an endpoint (a re-applied event) is skipped by the insert itself.
     insert_new(

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import sqlalchemy
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -23,7 +24,7 @@ from services.auth.models import Partner
 from services.auth.partners import rotate_webhook_secret
 from services.common.config import Settings
 from services.intake import api, consumer, webhooks_out, webhooks_out_api
-from services.intake.models import WebhookDelivery
+from services.intake.models import Case, CaseTimelineEntry, WebhookDelivery
 from services.intake.webhook_signing import read_headers, verify
 from services.intake.webhooks_out import WebhookDispatcher
 from tests.integration.intake_app import intake_app, intake_engines
@@ -346,3 +347,53 @@ def test_a_rotated_webhook_secret_signs_deliveries_within_seconds(
     dispatch_until(dispatcher, lambda: len(receiver.received) == 2)
     _, headers, body = receiver.received[1]
     verify([new_secret], read_headers(headers, time.time()), body)  # the receiver's new secret checks it
+
+
+def test_a_batch_of_status_events_in_one_transaction_reaches_every_endpoint_and_the_timeline(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver
+) -> None:
+    """As the consumer applies a batch: several events in one transaction, flushed at its commit. The
+    partner's endpoints are read once per transaction; one registered later gets the next batch's events."""
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    statuses = [CaseStatus.AWAITING_RECORDS, CaseStatus.MATCHING, CaseStatus.AWAITING_ACCEPTANCE]
+    endpoint_reads: list[str] = []
+
+    def count_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM webhook_endpoints" in statement:
+            endpoint_reads.append(statement)
+
+    sqlalchemy.event.listen(engines[0], "before_cursor_execute", count_reads)
+    try:
+        with Session(engines[0]) as session:
+            for n, status_ in enumerate(statuses):
+                event = new_event(
+                    id=f"wf:{case_id}:batch{n}", source="/workflows/case", subject=case_id,
+                    data=status_changed(case_id, status_),
+                )  # fmt: skip
+                consumer.handle(session, event)
+            session.commit()
+    finally:
+        sqlalchemy.event.remove(engines[0], "before_cursor_execute", count_reads)
+    assert len(endpoint_reads) == 1
+
+    second = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+        json={"url": receiver.url + "/second"},
+        headers={"Authorization": partner["Authorization"]},
+    )
+    assert second.status_code == 201, second.text
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.IN_REVIEW), f"wf:{case_id}:batch3")
+
+    with Session(engines[0]) as session:
+        deliveries = session.exec(select(WebhookDelivery).where(WebhookDelivery.case_id == case_id)).all()
+        timeline = session.exec(select(CaseTimelineEntry).where(CaseTimelineEntry.case_id == case_id)).all()
+        case = session.get(Case, case_id)
+    by_endpoint = sorted((d.endpoint_id, json.loads(d.payload)["data"]["status"]) for d in deliveries)
+    in_order = [*statuses, CaseStatus.IN_REVIEW]
+    assert by_endpoint == sorted(
+        [(endpoint_id, s.value) for s in in_order] + [(second.json()["endpoint_id"], "in_review")]
+    )
+    assert sorted(e.status for e in timeline if e.event_id.startswith(f"wf:{case_id}:batch")) == sorted(
+        s.value for s in in_order
+    )
+    assert case is not None and case.status == CaseStatus.IN_REVIEW
