@@ -19,10 +19,10 @@ log = structlog.get_logger(__name__)
 
 
 def _insert_once(engine: Engine, table: type[CaseOwner] | type[CaseReviewer], **values: str) -> None:
-    statement = insert_skipping_taken(engine.dialect.name, table, values)
+    statement = insert_skipping_taken(engine.dialect.name, table)
     try:
         with engine.begin() as conn:
-            conn.execute(statement)
+            conn.execute(statement, values)
     except (OperationalError, ProgrammingError) as exc:
         # Without the auth schema (a service tested alone) the case stays visible to operations only.
         log.warning("tenancy.not_registered", case_id=values.get("case_id"), error=type(exc).__name__)
