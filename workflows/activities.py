@@ -10,7 +10,7 @@ from contracts.envelope import CloudEvent
 from services.common.amqp import COMMANDS, EVENTS, Publisher
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
-from workflows.models import PublishCommand, PublishEvent
+from workflows.models import PublishBatch, PublishCommand, PublishEvent
 
 SOURCE = "/workflows/case"
 
@@ -36,9 +36,9 @@ class CaseActivities:
             publisher = self._local.publisher = Publisher(self.settings)
         return publisher
 
-    def _publish(self, exchange: str, case_id: str, type_: str, data: dict) -> str:
+    def _publish(self, exchange: str, case_id: str, type_: str, data: dict, id_: str | None = None) -> str:
         event = CloudEvent(
-            id=message_id(),
+            id=id_ or message_id(),
             source=SOURCE,
             type=type_,
             subject=case_id,
@@ -56,3 +56,19 @@ class CaseActivities:
     @activity.defn
     def publish_event(self, event: PublishEvent) -> str:
         return self._publish(EVENTS, event.case_id, event.type, event.data)
+
+    @activity.defn
+    def publish_batch(self, batch: PublishBatch) -> list[str]:
+        """Publish one step's messages in order, each confirmed before the next. A retry publishes them all
+        again with the same ids (`<activity's id>.<n>`), which the consumers' inboxes drop."""
+        base = message_id()
+        return [
+            self._publish(
+                EVENTS if message.kind == "event" else COMMANDS,
+                batch.case_id,
+                message.type,
+                message.data,
+                id_=f"{base}.{n}",
+            )
+            for n, message in enumerate(batch.messages)
+        ]

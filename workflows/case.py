@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -73,6 +74,8 @@ with workflow.unsafe.imports_passed_through():
         AlertRecord,
         CaseOutcome,
         DecisionRecord,
+        Outgoing,
+        PublishBatch,
         PublishCommand,
         PublishEvent,
         ReviewAssignment,
@@ -85,6 +88,7 @@ E = TypeVar("E", bound=BaseModel)
 PUBLISH_TIMEOUT = timedelta(seconds=30)
 PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 LOCAL_PUBLISH = "publish-as-local-activity"  # workflow.patched id: cases from before publish with activities
+BATCH_PUBLISH = "publish-step-at-once"  # workflow.patched id: cases from before publish one message at a time
 
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
@@ -161,30 +165,32 @@ class CaseWorkflow:
         if not self._consent:
             await self._transition(CaseStatus.AWAITING_CONSENT, "no records-release authorization on file")
             await workflow.wait_condition(lambda: self._consent)
-        await self._transition(CaseStatus.AWAITING_RECORDS, "records and insurance verification requested")
-        await asyncio.gather(
-            self._send(
+        await self._transition(
+            CaseStatus.AWAITING_RECORDS,
+            "records and insurance verification requested",
+            then=[
                 CollectRecords(
                     case_id=case.case_id, patient=case.patient, exam=case.exam, partner_id=case.partner_id
-                )
-            ),
-            self._send(
+                ),
                 VerifyInsurance(
                     case_id=case.case_id,
                     coverage=case.coverage,
                     patient_state=case.patient.state,
                     partner_id=case.partner_id,
                     patient=case.patient,
-                )
-            ),
+                ),
+            ],
         )
         records = await self._collect_records(case)
         insurance = await self._verify_insurance()
         await self._patient_decision(insurance)
 
         submitted = await self._review(case, records)
-        await self._transition(CaseStatus.COMPOSING_REPORT, f"review submitted ({submitted.agreement})")
-        await self._send(ComposeReport(case_id=case.case_id, review_id=submitted.review_id))
+        await self._transition(
+            CaseStatus.COMPOSING_REPORT,
+            f"review submitted ({submitted.agreement})",
+            then=[ComposeReport(case_id=case.case_id, review_id=submitted.review_id)],
+        )
         report = await self._wait_for(ReportReady)
         await self._deliver(case, report.report_id, report.pdf_url, report.fhir_url)
         await self._follow_up(case, report)
@@ -334,27 +340,29 @@ class CaseWorkflow:
     async def _offer_and_review(
         self, case: CaseInput, records: RecordsAssembled, excluded: list[str], preferred: str | None
     ) -> ReviewSubmitted:
-        await self._transition(CaseStatus.MATCHING, f"matching a {case.subspecialty_hint} specialist")
-        mark = len(self._received)
-        await self._send(
-            MatchSpecialist(
-                case_id=case.case_id,
-                exam=case.exam,
-                patient=case.patient,
-                referring=case.referring,
-                urgency=case.urgency,
-                subspecialty_hint=case.subspecialty_hint,
-                clinical_question=case.clinical_question,
-                reason=case.reason,
-                due_at=self._due_at or case.due_at,
-                original_report=records.report,
-                study=records.study,
-                exclude_reviewers=list(excluded),
-                preferred_reviewer=preferred,
-                plan_code=case.coverage.plan_code,
-                adequacy_warnings=records.warnings,
-                partner_id=case.partner_id,
-            )
+        mark = await self._transition(
+            CaseStatus.MATCHING,
+            f"matching a {case.subspecialty_hint} specialist",
+            then=[
+                MatchSpecialist(
+                    case_id=case.case_id,
+                    exam=case.exam,
+                    patient=case.patient,
+                    referring=case.referring,
+                    urgency=case.urgency,
+                    subspecialty_hint=case.subspecialty_hint,
+                    clinical_question=case.clinical_question,
+                    reason=case.reason,
+                    due_at=self._due_at or case.due_at,
+                    original_report=records.report,
+                    study=records.study,
+                    exclude_reviewers=list(excluded),
+                    preferred_reviewer=preferred,
+                    plan_code=case.coverage.plan_code,
+                    adequacy_warnings=records.warnings,
+                    partner_id=case.partner_id,
+                )
+            ],
         )
         answer = await self._next(mark, ReviewOffered.TYPE, ReviewAssigned.TYPE, ReviewUnmatched.TYPE)
         if answer.type == ReviewUnmatched.TYPE:
@@ -421,10 +429,12 @@ class CaseWorkflow:
         await self._send(WithdrawOffer(case_id=case.case_id, review_id=offer.review_id, reason=reason))
 
     async def _deliver(self, case: CaseInput, report_id: str, pdf_url: str, fhir_url: str) -> None:
-        await self._transition(CaseStatus.DELIVERING, "report ready; delivering to the referring physician")
-        mark = len(self._received)
-        await self._send(
-            DeliverReport(case_id=case.case_id, report_id=report_id, pdf_url=pdf_url, fhir_url=fhir_url)
+        mark = await self._transition(
+            CaseStatus.DELIVERING,
+            "report ready; delivering to the referring physician",
+            then=[
+                DeliverReport(case_id=case.case_id, report_id=report_id, pdf_url=pdf_url, fhir_url=fhir_url)
+            ],
         )
         delivered = await self._next(mark, ReportDelivered.TYPE)
         self._delivered_at = self._delivered_at or workflow.now()
@@ -781,25 +791,44 @@ class CaseWorkflow:
             method, argument, start_to_close_timeout=PUBLISH_TIMEOUT, retry_policy=PUBLISH_RETRY
         )
 
-    async def _transition(self, status: CaseStatus, detail: str) -> None:
+    async def _transition(self, status: CaseStatus, detail: str, then: Sequence[Command] = ()) -> int:
+        """Enter `status` and announce it, then send the commands `then` asks for. Returns the mark from
+        which their answers are looked up (`len(self._received)` before any of them was sent)."""
         assert self._case is not None
         if self._hold is not None and status != CaseStatus.ON_HOLD:
             # While on hold the process only records where it stands; resume restores that state.
             self._status_before_hold = status
             self._note(f"(on hold) {detail}")
-            return
+            return await self._send_all(then)
         previous, self._status = self._status, status
         now = workflow.now()
         self._status_since = now
         self._timeline.append(TimelineItem(status=status, at=now, detail=detail))
         workflow.upsert_search_attributes([CASE_STATUS.value_set(status.value)])
         self._show_details()
-        await self._publish(
-            CaseStatusChanged.TYPE,
-            CaseStatusChanged(
-                case_id=self._case.case_id, status=status, previous=previous, at=now, detail=detail
-            ),
+        changed = CaseStatusChanged(
+            case_id=self._case.case_id, status=status, previous=previous, at=now, detail=detail
         )
+        if then and workflow.patched(BATCH_PUBLISH):
+            # One local activity for the step: the status change and its commands, in this order.
+            mark = len(self._received)
+            messages = [Outgoing(kind="event", type=changed.TYPE, data=changed.model_dump(mode="json"))]
+            messages += [Outgoing(kind="command", type=c.TYPE, data=c.model_dump(mode="json")) for c in then]
+            await self._run_publish(
+                CaseActivities.publish_batch, PublishBatch(case_id=self._case.case_id, messages=messages)
+            )
+            return mark
+        await self._publish(CaseStatusChanged.TYPE, changed)
+        return await self._send_all(then)
+
+    async def _send_all(self, commands: Sequence[Command]) -> int:
+        """Send `commands` side by side, each a local activity of its own (and each waiting out a hold)."""
+        mark = len(self._received)
+        if len(commands) == 1:
+            await self._send(commands[0])
+        elif commands:
+            await asyncio.gather(*(self._send(command) for command in commands))
+        return mark
 
     def _show_details(self) -> None:
         """Markdown for the Temporal UI: what the case waits for, since when, what is due. No PHI."""

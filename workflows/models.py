@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -22,6 +22,21 @@ class PublishEvent(BaseModel):
     case_id: str
     type: str
     data: dict[str, Any]
+
+
+class Outgoing(BaseModel):
+    """One message of a `PublishBatch`: an event for `case.events` or a command for `case.commands`."""
+
+    kind: Literal["event", "command"]
+    type: str
+    data: dict[str, Any]
+
+
+class PublishBatch(BaseModel):
+    """What one step of a case announces and asks for, published in this order by one local activity."""
+
+    case_id: str
+    messages: list[Outgoing]
 
 
 class TimelineItem(BaseModel):

@@ -55,7 +55,7 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
         task_queue=settings.temporal_task_queue,
         workflows=[CaseWorkflow],
         workflow_runner=workflow_runner(settings),
-        activities=[activities.publish_command, activities.publish_event],
+        activities=[activities.publish_command, activities.publish_event, activities.publish_batch],
         activity_executor=executor,
         max_concurrent_activities=executor._max_workers,
         # With thousands of cases open the backlog of workflow tasks is long; five pollers, four of them on

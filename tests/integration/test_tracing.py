@@ -138,7 +138,8 @@ async def test_a_case_is_one_trace_from_http_to_the_services_handler(
     }
     assert "POST /start" in names
     assert any(name.startswith("StartWorkflow:CaseWorkflow") for name in names)
-    assert any(name.startswith("RunActivity:publish_command") for name in names)
+    # The first step's status change and its commands (records, insurance) go out in one local activity.
+    assert any(name.startswith("RunActivity:publish_batch") for name in names)
     assert "records process records.collect" in names
 
 

@@ -26,6 +26,9 @@ def test_representative_histories_are_stored() -> None:
     assert {"closed_after_review", "cancelled_in_review", "offer_declined_and_expired"} <= names
     # Recorded after publishing became a local activity (patch "publish-as-local-activity").
     assert {"local-publish-closed_after_review", "local-publish-cancelled_in_review"} <= names
+    # Recorded after a step's status change and commands went out in one local activity
+    # (patch "publish-step-at-once").
+    assert {"step-at-once-closed_after_review", "step-at-once-follow_up_question"} <= names
 
 
 RUNNERS = {"sandboxed": SandboxedWorkflowRunner, "unsandboxed": UnsandboxedWorkflowRunner}
