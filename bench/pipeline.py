@@ -16,6 +16,7 @@ from bench.stats import ms, percentile
 from bench.status_feed import subscribed
 from bench.system import CpuUse, System
 from services.common.temporal import connect_temporal
+from workflows.worker import workflow_runner
 
 TARGET = 0.5
 
@@ -51,15 +52,24 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
 
     shape = await bare.shape_of(temporal, f"case-{first['items'][0]['case_id']}")
     plain = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
-    async with bare.bare_worker(plain):
+    async with bare.bare_worker(plain, workflow_runner(settings)):
         await bare.run_bare_concurrently(plain, shape, 1, 1)  # warm-up
         started = time.monotonic()
         with CpuUse(system) as bare_cpu:
             bare_seconds = await bare.run_bare_concurrently(plain, shape, cases, concurrency)
         bare_elapsed = time.monotonic() - started
+        await bare.run_bare_concurrently(plain, shape, 1, 1, paced=True)  # warm-up
+        started = time.monotonic()
+        with CpuUse(system) as paced_cpu:
+            await bare.run_bare_concurrently(plain, shape, cases, concurrency, paced=True)
+        paced_elapsed = time.monotonic() - started
 
-    rate, ceiling = len(seconds) / elapsed, cases / bare_elapsed
-    cpu_ms, bare_cpu_ms = cpu.per_unit(cases), bare_cpu.per_unit(cases)
+    rate, ceiling, paced = len(seconds) / elapsed, cases / bare_elapsed, cases / paced_elapsed
+    cpu_ms, bare_cpu_ms, paced_cpu_ms = (
+        cpu.per_unit(cases),
+        bare_cpu.per_unit(cases),
+        paced_cpu.per_unit(cases),
+    )
     ratio = rate / ceiling
     return Result(
         name="pipeline",
@@ -81,12 +91,17 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
             "ceiling p95 ms": ms(percentile(bare_seconds, 0.95)),
             "CPU ms/case": round(sum(cpu_ms.values())),
             "ceiling CPU ms/case": round(sum(bare_cpu_ms.values())),
+            "paced ceiling cases/s": round(paced, 2),
+            "paced ceiling CPU ms/case": round(sum(paced_cpu_ms.values())),
         },
         notes=[
             "case times exclude the patient's, specialist's and referrer's turns",
             "every specialist may hold 100 open reviews (seeded: 5)",
             f"CPU ms per case by process: {CpuUse.describe(cpu_ms)}",
             f"ceiling CPU ms per case (its worker runs in bench): {CpuUse.describe(bare_cpu_ms)}",
+            f"paced ceiling (each signal or update sent once the activities after the previous one ran, as "
+            f"in the case; steps {shape.describe_steps()}): ratio {rate / paced:.2f}, CPU ms per case "
+            f"{CpuUse.describe(paced_cpu_ms)}",
             *failures[:5],
         ],
     )

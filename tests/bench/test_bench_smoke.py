@@ -52,7 +52,12 @@ def test_the_smoke_run_measures_every_benchmark_and_its_ceiling(tmp_path: Path) 
         assert results[name]["ratio"] > 0, f"{name} measured no ratio against its ceiling"
 
     pipeline = results["pipeline"]["figures"]
-    assert pipeline["cases/s"] > 0 and pipeline["ceiling cases/s"] > 0
+    assert (
+        pipeline["cases/s"] > 0 and pipeline["ceiling cases/s"] > 0 and pipeline["paced ceiling cases/s"] > 0
+    )
+    # The paced ceiling copies the case's steps: it starts, and waits for each signal and update in turn.
+    [paced] = [n for n in results["pipeline"]["notes"] if n.startswith("paced ceiling")]
+    assert "steps st" in paced and " si" in paced and " up" in paced, paced
     assert "activities" in results["pipeline"]["ceiling"]
     assert results["intake"]["figures"]["req/s"] > 0 and results["intake"]["figures"]["ceiling starts/s"] > 0
     # Where the cores went: CPU per case / request, by process, beside the ceiling's.
