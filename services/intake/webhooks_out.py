@@ -40,6 +40,7 @@ PARTNER_EVENTS = ("case.status_changed", "records.needed", "report.ready")
 MAX_ATTEMPTS = 8
 LEASE = timedelta(seconds=60)
 MAX_RETRY_AFTER = timedelta(hours=6)
+BATCH = 20  # deliveries claimed per pass
 RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
 ENDPOINTS_READ = "webhooks.endpoints_read"  # session.info: (transaction, partner id -> endpoints)
 SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
@@ -207,14 +208,16 @@ class WebhookDispatcher:
         while not self._stop.is_set():
             self._wake.clear()  # before the pass: a wake during it makes the next pass start at once
             try:
-                while self.run_once() and not self._stop.is_set():
+                # A full batch may have left more due: claim again. A shorter one took all that was due
+                # when it looked, and a commit since has set the wake-up (no empty claim after each pass).
+                while self.run_once(BATCH) >= BATCH and not self._stop.is_set():
                     pass
             except Exception as exc:
                 log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
             self._wake.wait(interval)
         self.http.close()
 
-    def run_once(self, batch: int = 20) -> int:
+    def run_once(self, batch: int = BATCH) -> int:
         """Claim up to `batch` due deliveries and send them in order. Their outcomes are recorded together
         (one transaction), and at least every RECORD_EVERY seconds while a slow endpoint holds the batch up,
         well inside the lease. A crash before the record re-sends those deliveries after the lease, with the

@@ -397,3 +397,51 @@ def test_a_batch_of_status_events_in_one_transaction_reaches_every_endpoint_and_
         s.value for s in in_order
     )
     assert case is not None and case.status == CaseStatus.IN_REVIEW
+
+
+def test_a_woken_sender_claims_once_for_a_few_deliveries_and_again_only_after_a_full_batch(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+) -> None:
+    """A pass that claimed less than a batch took everything due: no empty claim follows it. A full batch
+    is followed by another pass at once, not at the next interval."""
+    _, _, case_id = setup_partner(client, engines[1], receiver)
+    claims: list[str] = []
+
+    def count_claims(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FOR UPDATE" in statement and "webhook_deliveries" in statement:
+            claims.append(statement)
+
+    sender = threading.Thread(target=dispatcher.run_forever, kwargs={"interval": 60.0}, daemon=True)
+    sender.start()
+    sqlalchemy.event.listen(engines[0], "before_cursor_execute", count_claims)
+    try:
+        time.sleep(0.3)  # its first pass is done: the next would come in a minute
+        claims.clear()
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), "evt-few")
+        dispatcher.wake()
+        wait_until(lambda: len(receiver.received) == 1)
+        time.sleep(0.3)
+        assert len(claims) == 1
+
+        more = webhooks_out.BATCH + 5
+        for n in range(more):
+            publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"evt-many-{n}")
+        claims.clear()
+        dispatcher.wake()
+        wait_until(lambda: len(receiver.received) == 1 + more)  # the interval is a minute: no waiting for it
+        time.sleep(0.3)
+        assert len(claims) == 2  # a full batch, then the rest
+    finally:
+        sqlalchemy.event.remove(engines[0], "before_cursor_execute", count_claims)
+        dispatcher.stop()
+        sender.join(timeout=15)
+
+
+def wait_until(done: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the woken sender did not deliver in time"
+        time.sleep(0.02)
