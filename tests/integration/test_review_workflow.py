@@ -201,6 +201,18 @@ async def test_decline_and_expiry_rematch_through_the_workflow(
     )
     assert second[0].reviewer_id != "spec-gyn-1"  # the workflow excluded who declined
 
+    # A fast-forward is one-shot: the offer's 24 h clock must be running before it, and the row above is
+    # written before the workflow has even heard of the offer (under load, long before).
+    async def awaiting_second_acceptance() -> bool:
+        review = await handle.query(CaseWorkflow.review)
+        status = await handle.query(CaseWorkflow.status)
+        return (
+            status == CaseStatus.AWAITING_ACCEPTANCE
+            and review is not None
+            and review.review_id == second[0].id
+        )
+
+    await until(awaiting_second_acceptance, "the workflow awaiting the second offer's acceptance")
     await temporal_env.fast_forward(handle, timedelta(hours=25))
     withdrawn = await until(
         lambda: [r for r in reviews_of(engine, case_id) if r.id == second[0].id and r.status == "withdrawn"],
