@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
@@ -22,18 +24,47 @@ BASE_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@1
 BASE_AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
 
-def free_ports(names: tuple[str, ...]) -> dict[str, int]:
-    """Distinct free loopback ports by name: every socket stays bound until all are chosen."""
-    sockets = []
+LOWEST_PORT = 20000  # test servers listen from here up to the kernel's ephemeral range
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for automatically assigned ports (outgoing connections, binds to port 0)."""
     try:
-        for _ in names:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = (int(n) for n in text.split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Distinct free loopback ports by name, each free when chosen (every socket stays bound until all are).
+
+    They are picked at random below the ephemeral range: a port from a bind to port 0 lies in that range,
+    and any outgoing connection on the machine may be given it before the server that was to listen there
+    binds it (seen in CI: a service of the e2e stack failed with "address already in use")."""
+    rng = random.SystemRandom()
+    highest = ephemeral_ports()[0] - 1
+    sockets: list[socket.socket] = []
+    try:
+        while len(sockets) < len(names):
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            port = rng.randrange(LOWEST_PORT, highest) if highest > LOWEST_PORT + 1000 else 0
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken: listening, or in use by a connection
+                s.close()
+                continue
             sockets.append(s)
         return {name: int(s.getsockname()[1]) for name, s in zip(names, sockets, strict=True)}
     finally:
         for s in sockets:
             s.close()
+
+
+def free_port() -> int:
+    """One free loopback port (see `free_ports`)."""
+    return free_ports(("port",))["port"]
 
 
 def docker_available() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ from services.common.db import Outbox, make_engine
 from services.insurance import handlers
 from services.insurance.models import CoverageVerification, InsurancePayer
 from services.insurance.settings import InsuranceSettings
+from tests.infra import free_port
 
 D = Decimal
 FAST = InsuranceSettings(payer_attempts=3, payer_backoff_seconds=0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

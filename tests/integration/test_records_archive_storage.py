@@ -24,8 +24,9 @@ from services.records.archive_store import get_storage_settings
 from services.records.models import RecordFile
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
+from tests.infra import free_port
 from tests.keys import operations_headers
-from tests.orthanc import PASSWORD, USER, Orthanc, free_port, running_orthanc
+from tests.orthanc import PASSWORD, USER, Orthanc, running_orthanc
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 STOW-RS into the validated, reconciled import path, then QIDO-RS and WADO-RS over what was released."""
 
 import io
-import socket
 import threading
 import time
 import uuid
@@ -25,13 +24,8 @@ from services.common.http import create_app
 from services.records import api, consumer, dicomweb
 from services.records.models import RecordFile
 from tests.dicom_factory import make_us_instance
+from tests.infra import free_port
 from tests.keys import operations_headers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

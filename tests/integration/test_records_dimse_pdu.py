@@ -27,7 +27,7 @@ from services.common.config import Settings
 from services.records import dimse
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
-from tests.orthanc import free_port
+from tests.infra import free_port
 
 STUDY = "1.2.826.0.1.3680043.10.7101"
 

@@ -27,8 +27,9 @@ from services.records.models import RecordRetrieval, RetrievalStatus
 from services.records.retrieval import RetrievalLoop, RetrievalSettings, run_due
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
+from tests.infra import free_port
 from tests.keys import operations_headers
-from tests.orthanc import PASSWORD, USER, Orthanc, free_port, running_orthanc
+from tests.orthanc import PASSWORD, USER, Orthanc, running_orthanc
 
 STUDY = "1.2.826.0.1.3680043.10.7001"
 ACCESSION = "ACC7001"
