@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import Settings, get_settings
-from tests.infra import postgres_database, rabbitmq_vhost
+from tests.infra import free_port, postgres_database, rabbitmq_vhost
 
 # Every worker the suite starts, in process or as a subprocess, runs the case workflow in the SDK's sandbox,
 # so a non-deterministic call in workflow code fails a test (production runs without it: see Settings).
@@ -57,6 +57,7 @@ async def temporal_env(settings: Settings):  # type: ignore[no-untyped-def]
     env = await WorkflowEnvironment.start_time_skipping_v2(
         ts_config=TimeSkippingConfig(enabled=False),
         dev_server_existing_path=temporal_binary(),
+        port=free_port(),  # below the ephemeral range, as every test server's (see tests/infra.py)
         dev_server_extra_args=["--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true"],
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=data_converter(settings),
