@@ -36,11 +36,25 @@ class Step:
 
 @dataclass
 class Shape:
-    activities: int
-    signals: int
-    updates: int
-    local_activities: int = 0
+    """One real case's history as steps: its start, then each signal or update, with what followed it."""
+
     steps: list[Step] = field(default_factory=list)
+
+    @property
+    def activities(self) -> int:
+        return sum(step.activities for step in self.steps)
+
+    @property
+    def local_activities(self) -> int:
+        return sum(step.local_activities for step in self.steps)
+
+    @property
+    def signals(self) -> int:
+        return sum(step.trigger == "signal" for step in self.steps)
+
+    @property
+    def updates(self) -> int:
+        return sum(step.trigger == "update" for step in self.steps)
 
     def describe_steps(self) -> str:
         return " ".join(f"{s.trigger[:2]}{s.local_activities + s.activities}" for s in self.steps)
@@ -75,11 +89,12 @@ class BareCase:
 
     @workflow.run
     async def run(self, shape: Shape) -> None:
+        signals, updates = shape.signals, shape.updates
         for _ in range(shape.activities):
             await workflow.execute_activity(noop, start_to_close_timeout=timedelta(seconds=30))
         for _ in range(shape.local_activities):
             await workflow.execute_local_activity(noop, start_to_close_timeout=timedelta(seconds=30))
-        await workflow.wait_condition(lambda: self.signals >= shape.signals and self.updates >= shape.updates)
+        await workflow.wait_condition(lambda: self.signals >= signals and self.updates >= updates)
 
     @workflow.signal
     def poke(self) -> None:
@@ -100,14 +115,13 @@ class BarePacedCase:
 
     @workflow.run
     async def run(self, steps: list[Step]) -> None:
-        workflow_id = workflow.info().workflow_id
+        workflow_id, timeout = workflow.info().workflow_id, timedelta(seconds=30)
         for index, step in enumerate(steps):
             await workflow.wait_condition(lambda i=index: self.triggers > i)  # type: ignore[misc]
             total = step.local_activities + step.activities
             for n in range(total):
-                timeout = timedelta(seconds=30)
-                args = [workflow_id, index] if n == total - 1 else []
-                chosen = noop_step if args else noop
+                last = n == total - 1
+                chosen, args = (noop_step, [workflow_id, index]) if last else (noop, [])
                 if n < step.local_activities:
                     await workflow.execute_local_activity(chosen, args=args, start_to_close_timeout=timeout)
                 else:
@@ -125,24 +139,20 @@ class BarePacedCase:
 async def shape_of(client: Client, workflow_id: str) -> Shape:
     """Count what one real case did: activities scheduled (regular and local), signals received, updates
     accepted."""
-    shape = Shape(activities=0, signals=0, updates=0, local_activities=0, steps=[Step("start")])
+    steps = [Step("start")]
     async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            shape.activities += 1
-            shape.steps[-1].activities += 1
+            steps[-1].activities += 1
         elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
-            shape.signals += 1
-            shape.steps.append(Step("signal"))
+            steps.append(Step("signal"))
         elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
-            shape.updates += 1
-            shape.steps.append(Step("update"))
+            steps.append(Step("update"))
         elif (
             event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
             and event.marker_recorded_event_attributes.marker_name == LOCAL_ACTIVITY_MARKER
         ):
-            shape.local_activities += 1
-            shape.steps[-1].local_activities += 1
-    return shape
+            steps[-1].local_activities += 1
+    return Shape(steps)
 
 
 @contextlib.asynccontextmanager

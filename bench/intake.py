@@ -54,7 +54,7 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
     client = await Client.connect(
         system.settings.temporal_address, namespace=system.settings.temporal_namespace
     )
-    shape = bare.Shape(activities=0, signals=0, updates=0)
+    shape = bare.Shape()  # no activities, signals or updates
 
     async def start_workflow() -> None:
         # No worker polls this task queue: the ceiling is the server accepting the start, as intake needs.
