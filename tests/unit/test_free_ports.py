@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from tests import infra
-from tests.infra import ephemeral_ports, free_ports
+from tests.infra import ephemeral_ports, free_port, free_ports
 
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
@@ -26,7 +26,7 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
 
 def test_a_port_already_listening_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as listener:
-        listener.bind(("127.0.0.1", free_ports(("one",))["one"]))
+        listener.bind(("127.0.0.1", free_port()))
         listener.listen()
         taken = listener.getsockname()[1]
 
