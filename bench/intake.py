@@ -13,6 +13,7 @@ from temporalio.client import Client
 from bench import bare
 from bench.cases import case_request
 from bench.result import Result
+from bench.server_work import ServerWork
 from bench.stats import ms, percentile
 from bench.system import CpuUse, System
 
@@ -47,7 +48,7 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
 
         await closed_loop(post_case, concurrency, min(seconds, 2))  # warm-up
         started = time.monotonic()
-        with CpuUse(system) as cpu:
+        with CpuUse(system) as cpu, ServerWork(system) as work:
             api = await closed_loop(post_case, concurrency, seconds)
         api_rate = len(api) / (time.monotonic() - started)
 
@@ -61,7 +62,7 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
         await client.start_workflow("BareCase", shape, id=f"raw-{uuid.uuid4()}", task_queue="bench-raw")
 
     started = time.monotonic()
-    with CpuUse(system) as raw_cpu:
+    with CpuUse(system) as raw_cpu, ServerWork(system) as raw_work:
         raw = await closed_loop(start_workflow, concurrency, seconds)
     raw_rate = len(raw) / (time.monotonic() - started)
     ratio = api_rate / raw_rate
@@ -89,6 +90,8 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
             "arrive; the ceiling's workflows have no worker",
             f"CPU ms per request by process: {CpuUse.describe(cpu_ms)}",
             f"ceiling CPU ms per start: {CpuUse.describe(raw_cpu_ms)}",
+            "Temporal's own counters per request (a case | a bare start): "
+            + ServerWork.side_by_side(work.per_unit(len(api)), raw_work.per_unit(len(raw))),
         ],
     )
 

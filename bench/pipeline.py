@@ -12,6 +12,7 @@ from temporalio.client import Client
 from bench import bare
 from bench.cases import demo_files, run_case, widen_directory
 from bench.result import Result
+from bench.server_work import ServerWork
 from bench.stats import ms, percentile
 from bench.status_feed import subscribed
 from bench.system import CpuUse, System
@@ -46,7 +47,7 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
         )  # warm-up; also the case whose shape the ceiling copies
         first = (await http.get(f"{settings.intake_url}/v1/cases", params={"status": "closed"})).json()
         started = time.monotonic()
-        with CpuUse(system) as cpu:
+        with CpuUse(system) as cpu, ServerWork(system) as work:
             await asyncio.gather(*(one() for _ in range(cases)))
         elapsed = time.monotonic() - started
 
@@ -55,12 +56,12 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
     async with bare.bare_worker(plain, workflow_runner(settings)):
         await bare.run_bare_concurrently(plain, shape, 1, 1)  # warm-up
         started = time.monotonic()
-        with CpuUse(system) as bare_cpu:
+        with CpuUse(system) as bare_cpu, ServerWork(system) as bare_work:
             bare_seconds = await bare.run_bare_concurrently(plain, shape, cases, concurrency)
         bare_elapsed = time.monotonic() - started
         await bare.run_bare_concurrently(plain, shape, 1, 1, paced=True)  # warm-up
         started = time.monotonic()
-        with CpuUse(system) as paced_cpu:
+        with CpuUse(system) as paced_cpu, ServerWork(system) as paced_work:
             await bare.run_bare_concurrently(plain, shape, cases, concurrency, paced=True)
         paced_elapsed = time.monotonic() - started
 
@@ -102,6 +103,10 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
             f"paced ceiling (each signal or update sent once the activities after the previous one ran, as "
             f"in the case; steps {shape.describe_steps()}): ratio {rate / paced:.2f}, CPU ms per case "
             f"{CpuUse.describe(paced_cpu_ms)}",
+            "Temporal's own counters per case (the case | ceiling | paced ceiling): "
+            + ServerWork.side_by_side(
+                work.per_unit(cases), bare_work.per_unit(cases), paced_work.per_unit(cases)
+            ),
             *failures[:5],
         ],
     )

@@ -18,7 +18,7 @@ from scripts import demo, stack
 from services.common.config import PROJECT_ROOT, Settings, get_settings
 from tests.infra import free_ports, postgres_database, rabbitmq_vhost
 
-PORTS = ("intake", "records", "insurance", "review", "temporal", "ui", "codec", "payer", "scp")
+PORTS = ("intake", "records", "insurance", "review", "temporal", "ui", "metrics", "codec", "payer", "scp")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ def running_system() -> Iterator[System]:
             "AMQP_URL": amqp_url,
             "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}",
             "TEMPORAL_UI_PORT": str(ports["ui"]),
+            "TEMPORAL_METRICS_PORT": str(ports["metrics"]),  # the server's own counters (bench.server_work)
             "CODEC_SERVER_PORT": str(ports["codec"]),
             "PAYER_SANDBOX_PORT": str(ports["payer"]),
             "RECORDS_SCP_PORT": str(ports["scp"]),

@@ -48,6 +48,7 @@ def processes(settings: Settings) -> list[Process]:
             "--db-filename", str(settings.data_dir / "temporal.db"), *sqlite_flags(),
             "--ip", host, "--port", port, "--ui-port", str(settings.temporal_ui_port),
             "--log-level", "warn",
+            *(["--metrics-port", str(settings.temporal_metrics_port)] if settings.temporal_metrics_port else []),
             "--ui-codec-endpoint", f"http://{settings.host}:{settings.codec_server_port}",
             *search_attribute_flags(),
         ],

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # the case either way. Off by default; WORKFLOW_SANDBOX=true turns it on.
     workflow_sandbox: bool = False
     temporal_ui_port: int = 8233
+    # Prometheus metrics of the local dev server (`start-dev --metrics-port`); 0 lets the server pick a port.
+    temporal_metrics_port: int = 0
     # TLS (mTLS when a client certificate is given) to the Temporal frontend; required when ENV=prod.
     temporal_tls: bool = False
     temporal_tls_ca_path: Path | None = None

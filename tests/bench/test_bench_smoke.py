@@ -65,6 +65,16 @@ def test_the_smoke_run_measures_every_benchmark_and_its_ceiling(tmp_path: Path) 
     assert results["intake"]["figures"]["CPU ms/req"] > 0
     [by_process] = [n for n in results["pipeline"]["notes"] if n.startswith("CPU ms per case by process")]
     assert all(name in by_process for name in ("temporal", "worker", "intake", "records", "postgres"))
+    # What Temporal itself did, from the server's own counters: a case announces each status with a
+    # search-attribute upsert, so it writes the visibility store more often than a bare workflow does.
+    [counters] = [n for n in results["pipeline"]["notes"] if n.startswith("Temporal's own counters")]
+    tasks = re.search(r"workflow tasks ([\d.]+) \| ([\d.]+) \| ([\d.]+)", counters)
+    assert tasks and all(float(count) > 0 for count in tasks.groups()), counters
+    visibility = re.search(r"visibility writes ([\d.]+) \| ([\d.]+) \| ([\d.]+)", counters)
+    assert visibility and float(visibility[1]) > float(visibility[3]) > 0, counters
+    [started] = [n for n in results["intake"]["notes"] if n.startswith("Temporal's own counters")]
+    writes = re.search(r"history writes ([\d.]+) \| ([\d.]+)", started)
+    assert writes and float(writes[1]) > 0 and float(writes[2]) > 0, started
     assert results["import"]["figures"]["peak RSS MB"] > 0
     assert results["retrieve"]["figures"]["MB/s"] > 0
     scale = results["scale"]["figures"]
