@@ -46,24 +46,30 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
             http, temporal, system, files, feed
         )  # warm-up; also the case whose shape the ceiling copies
         first = (await http.get(f"{settings.intake_url}/v1/cases", params={"status": "closed"})).json()
+        work = await ServerWork(system).begin()
         started = time.monotonic()
-        with CpuUse(system) as cpu, ServerWork(system) as work:
+        with CpuUse(system) as cpu:
             await asyncio.gather(*(one() for _ in range(cases)))
         elapsed = time.monotonic() - started
+        await work.end()
 
     shape = await bare.shape_of(temporal, f"case-{first['items'][0]['case_id']}")
     plain = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     async with bare.bare_worker(plain, workflow_runner(settings)):
         await bare.run_bare_concurrently(plain, shape, 1, 1)  # warm-up
+        bare_work = await ServerWork(system).begin()
         started = time.monotonic()
-        with CpuUse(system) as bare_cpu, ServerWork(system) as bare_work:
+        with CpuUse(system) as bare_cpu:
             bare_seconds = await bare.run_bare_concurrently(plain, shape, cases, concurrency)
         bare_elapsed = time.monotonic() - started
+        await bare_work.end()
         await bare.run_bare_concurrently(plain, shape, 1, 1, paced=True)  # warm-up
+        paced_work = await ServerWork(system).begin()
         started = time.monotonic()
-        with CpuUse(system) as paced_cpu, ServerWork(system) as paced_work:
+        with CpuUse(system) as paced_cpu:
             await bare.run_bare_concurrently(plain, shape, cases, concurrency, paced=True)
         paced_elapsed = time.monotonic() - started
+        await paced_work.end()
 
     rate, ceiling, paced = len(seconds) / elapsed, cases / bare_elapsed, cases / paced_elapsed
     cpu_ms, bare_cpu_ms, paced_cpu_ms = (

@@ -7,7 +7,7 @@ The CPU a process used says where the cores went; these counts say what for, sid
 
 from __future__ import annotations
 
-import time
+import asyncio
 from dataclasses import dataclass, field
 
 import httpx
@@ -23,6 +23,10 @@ COUNTERS: dict[str, tuple[str, dict[str, str]]] = {
     "signals": ("service_requests", {"service_name": "frontend", "operation": "SignalWorkflowExecution"}),
     "updates": ("service_requests", {"service_name": "frontend", "operation": "UpdateWorkflowExecution"}),
     "queries": ("service_requests", {"service_name": "frontend", "operation": "QueryWorkflow"}),
+    "polls": (
+        "service_requests",
+        {"service_name": "frontend", "operation": "PollWorkflowTaskQueue|PollActivityTaskQueue"},
+    ),
     "history writes": (
         "persistence_requests",
         {"service_name": "history", "operation": "CreateWorkflowExecution|UpdateWorkflowExecution"},
@@ -51,34 +55,37 @@ def read_counters(text: str, namespace: str) -> dict[str, float]:
 
 @dataclass
 class ServerWork:
-    """The counters' increase while the `with` block ran, per unit of work."""
+    """The counters' increase between `begin` and `end`, per unit of work. Both wait for the counters to
+    settle, so neither belongs inside a timed block."""
 
     system: System
     used: dict[str, float] = field(default_factory=dict)
 
-    def _scrape(self) -> dict[str, float]:
-        port = self.system.settings.temporal_metrics_port
-        response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    async def _scrape(self, http: httpx.AsyncClient) -> dict[str, float]:
+        response = await http.get(f"http://127.0.0.1:{self.system.settings.temporal_metrics_port}/metrics")
         response.raise_for_status()
         return read_counters(response.text, self.system.settings.temporal_namespace)
 
-    def _settled(self) -> dict[str, float]:
-        """The counters once two scrapes SETTLE seconds apart agree: the server reports its counters to
-        the metrics endpoint every second, so work just done may not show yet (at most ten tries)."""
-        current = self._scrape()
-        for _ in range(10):
-            time.sleep(SETTLE)
-            previous, current = current, self._scrape()
-            if current == previous:
-                break
+    async def _settled(self) -> dict[str, float]:
+        """The counters once two scrapes SETTLE seconds apart agree (for at most a minute). The server
+        reports its counters every second, so work just done may not show yet; and the work a measurement
+        set off (the first steps of the cases an intake run created) is counted with it and done before
+        the next measurement, the ceiling, begins on a server that is otherwise idle."""
+        async with httpx.AsyncClient(timeout=10) as http:
+            current = await self._scrape(http)
+            for _ in range(int(60 / SETTLE)):
+                await asyncio.sleep(SETTLE)
+                previous, current = current, await self._scrape(http)
+                if current == previous:
+                    break
         return current
 
-    def __enter__(self) -> ServerWork:
-        self._before = self._settled()
+    async def begin(self) -> ServerWork:
+        self._before = await self._settled()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        after = self._settled()
+    async def end(self) -> None:
+        after = await self._settled()
         self.used = {name: after[name] - self._before[name] for name in after}
 
     def per_unit(self, units: int) -> dict[str, float]:

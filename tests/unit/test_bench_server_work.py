@@ -34,6 +34,7 @@ def test_counts_the_frontend_requests_and_the_writes_of_one_namespace() -> None:
         "signals": 652,  # the other namespace's 40 are not ours
         "updates": 183,
         "queries": 0,
+        "polls": 5000,
         "history writes": 104 + 2212,  # creates and updates of workflows; reads and temporal_system left out
         "visibility writes": 743 + 104,  # the visibility store has no namespace label: all of it
     }
