@@ -29,16 +29,15 @@ from opentelemetry.trace import Span
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 from pydantic import ValidationError
-from sqlalchemy import event
+from sqlalchemy import delete, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
 from contracts.envelope import CloudEvent
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
-from services.common.db import ADDED, Inbox, Outbox, insert_new
+from services.common.db import ADDED, Inbox, Outbox, insert_new, insert_skipping_taken
 from services.common.errors import PoisonMessage
 from services.common.tracing import consumer_span, current_trace_headers, trace_headers_of
 
@@ -72,6 +71,25 @@ QUEUES: dict[str, list[tuple[str, str]]] = {
         (EVENTS, "report.*"),
     ],
 }
+
+
+def _watch_rollbacks(session: Session) -> list[object]:
+    """A list that gets an entry each time the session's whole transaction is rolled back (a savepoint's
+    rollback keeps the rest and is not counted)."""
+    rollbacks: list[object] = []
+
+    @event.listens_for(session, "after_soft_rollback")
+    def _rolled_back(_: Session, previous: SessionTransaction) -> None:
+        if previous.parent is None:
+            rollbacks.append(previous)
+
+    return rollbacks
+
+
+def _claim_statement(session: Session) -> Any:
+    """INSERT INTO inbox ... ON CONFLICT DO NOTHING RETURNING message_id, for the session's database."""
+    table = Inbox.__table__  # type: ignore[attr-defined]
+    return insert_skipping_taken(session.get_bind().dialect.name, table).returning(table.c.message_id)
 
 
 class BatchBroken(Exception):
@@ -343,7 +361,7 @@ class Consumer(QueueConsumer):
     """A service's consumer: each message is applied and its id recorded in the inbox in one transaction.
 
     Messages that arrive together (up to the prefetch count, when the service is behind) are applied in
-    order in one transaction and acked together: one inbox lookup, one commit and one ack for the lot
+    order in one transaction and acked together: one inbox statement, one commit and one ack for the lot
     instead of one each. If anything in such a batch fails, none of it is kept and its messages are applied
     one by one as single messages are, so a poison message or a failing handler is dead-lettered or
     redelivered by itself and the others still apply, in their order.
@@ -374,21 +392,31 @@ class Consumer(QueueConsumer):
 
     def apply(self, event: CloudEvent) -> bool:
         with Session(self.engine, expire_on_commit=False) as session:
-            if session.get(Inbox, event.id) is not None:
+            rollbacks = _watch_rollbacks(session)
+            if not self._claim(session, [event]):
                 return False
             self.handle(session, event)
-            self.last_written = frozenset(session.info.get(ADDED, ()))
-            session.add(Inbox(message_id=event.id, queue=self.queue, message_type=event.type))
-            try:
-                session.commit()
-            except IntegrityError:
+            if rollbacks and not self._claim(session, [event]):
+                # The handler rolled the transaction back, the claim with it, and another replica has
+                # claimed the message since: its transaction stands.
                 session.rollback()
-                if session.get(Inbox, event.id) is not None:
-                    # Another replica applied the same message concurrently: its transaction stands.
-                    return False
-                raise
+                return False
+            self.last_written = frozenset(session.info.get(ADDED, ()))
+            session.commit()
         crash_point("consumer.after_commit_before_ack")
         return True
+
+    def _claim(self, session: Session, events: list[CloudEvent]) -> set[str]:
+        """Write the inbox rows of `events` in the session's transaction, skipping ids already there, and
+        return the ids written: the messages not applied before. One statement, where a look-up and an
+        insert at commit were two. A replica applying the same message concurrently holds its row until
+        it commits (then this skips it) or rolls back (then this writes it)."""
+        now = datetime.now(UTC)
+        rows = {
+            e.id: {"message_id": e.id, "queue": self.queue, "message_type": e.type, "processed_at": now}
+            for e in events
+        }
+        return set(session.execute(_claim_statement(session), list(rows.values())).scalars().all())
 
     def apply_batch(
         self,
@@ -404,24 +432,17 @@ class Consumer(QueueConsumer):
             # A handler that rolls the session back (one shared with an API path may) drops the work of
             # the messages before it: then the batch fails and its messages are applied one at a time.
             # (A savepoint a handler rolls back, as the insurance upsert does, keeps the rest: not counted.)
-            rollbacks: list[object] = []
-
-            @event.listens_for(session, "after_soft_rollback")
-            def _rolled_back(_: Session, previous: SessionTransaction) -> None:
-                if previous.parent is None:
-                    rollbacks.append(previous)
-
-            ids = [message.id for message in events]
-            done = set(session.exec(select(Inbox.message_id).where(col(Inbox.message_id).in_(ids))).all())
+            rollbacks = _watch_rollbacks(session)
+            claimed = self._claim(session, events)
             applied: list[bool] = []
             try:
                 for index, message in enumerate(events):
                     if applied and budget is not None and time.monotonic() - started > budget:
                         break
-                    if message.id in done:
+                    if message.id not in claimed:  # applied before, or earlier in this batch
                         applied.append(False)
                         continue
-                    done.add(message.id)
+                    claimed.discard(message.id)
                     structlog.contextvars.bind_contextvars(
                         message_id=message.id,
                         queue=self.queue,
@@ -433,10 +454,12 @@ class Consumer(QueueConsumer):
                         self.handle(session, message)
                     if rollbacks:
                         raise BatchBroken(f"the handler of {message.type} rolled the transaction back")
-                    session.add(Inbox(message_id=message.id, queue=self.queue, message_type=message.type))
                     applied.append(True)
             finally:
                 structlog.contextvars.unbind_contextvars("message_id", "queue", "case_id", "event_type")
+            left = [message.id for message in events[len(applied) :] if message.id in claimed]
+            if left:  # past the budget: the next batch claims and applies them
+                session.execute(delete(Inbox).where(col(Inbox.message_id).in_(left)))
             self.last_written = frozenset(session.info.get(ADDED, ()))
             session.commit()
         crash_point("consumer.after_commit_before_ack")

@@ -28,7 +28,7 @@ from services.common.amqp import (
     ensure_topology,
 )
 from services.common.config import Settings
-from services.common.db import Outbox, make_engine
+from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.migrate import upgrade
 from services.common.runner import ServiceRuntime
@@ -366,3 +366,62 @@ def test_a_batch_of_slow_messages_commits_and_acks_in_parts(settings: Settings, 
     per_transaction = Counter(txid for _, txid in transactions)
     assert max(per_transaction.values()) <= 2  # 0.25 s each against a 0.3 s budget
     assert len(per_transaction) < len(ids)  # and still batched
+
+
+def test_a_message_another_replica_is_applying_is_applied_there_only(
+    settings: Settings, engine: Engine
+) -> None:
+    """Two replicas of a service may get the same message (a redelivery after a lost ack). The one that
+    claims it second waits for the first's transaction and then drops it; if the first rolls back, the
+    second applies it."""
+    applied: list[str] = []
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        applied.append(event.id)
+        write_effect(session, event)
+
+    second = Consumer(settings=settings, queue="records", engine=engine, handle=handle)
+    for outcome in ("commits", "rolls back"):
+        message = collect_command("case-replicas", f"replica-{uuid.uuid4()}")
+        applied.clear()
+        result: list[bool] = []
+        with Session(engine) as holding:
+            # The first replica is applying it: its inbox row is written, not yet committed.
+            holding.add(Inbox(message_id=message.id, queue="records", message_type=message.type))
+            holding.flush()
+            other = threading.Thread(target=lambda: result.append(second.apply(message)))  # noqa: B023
+            other.start()
+            other.join(1.5)
+            assert other.is_alive(), "the second replica did not wait for the first one's transaction"
+            if outcome == "commits":
+                write_effect(holding, message)
+                holding.commit()
+            else:
+                holding.rollback()
+        other.join(10)
+        if outcome == "commits":
+            assert result == [False] and applied == [], "the second replica applied it again"
+        else:
+            assert result == [True] and applied == [message.id], "the second replica dropped it"
+        assert effects(engine, [message.id]) == [message.id]
+
+
+def test_a_handler_that_rolls_back_still_leaves_its_message_in_the_inbox(
+    settings: Settings, engine: Engine
+) -> None:
+    """A message applied alone whose handler rolled the session back (and then did its work) is still
+    recorded as applied: a redelivery is dropped, not applied twice."""
+    applied: list[str] = []
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        session.rollback()
+        applied.append(event.id)
+        write_effect(session, event)
+
+    consumer = Consumer(settings=settings, queue="records", engine=engine, handle=handle)
+    message = collect_command("case-rolled-back", f"rolled-back-{uuid.uuid4()}")
+    assert consumer.apply(message) is True
+    assert consumer.apply(message) is False
+    assert consumer.apply_batch([message, message]) == [False, False]
+    assert applied == [message.id]
+    assert effects(engine, [message.id]) == [message.id]
