@@ -38,17 +38,13 @@ COUNTERS: dict[str, tuple[str, dict[str, str]]] = {
 def read_counters(text: str, namespace: str) -> dict[str, float]:
     """The COUNTERS' totals in one scrape of the server's metrics (samples of other namespaces left out)."""
     totals = dict.fromkeys(COUNTERS, 0.0)
-    wanted = {metric for metric, _ in COUNTERS.values()}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.removesuffix("_total") not in wanted:
-                continue
             if sample.labels.get("namespace", namespace) != namespace:
                 continue
+            name = sample.name.removesuffix("_total")
             for shown, (metric, labels) in COUNTERS.items():
-                if sample.name.removesuffix("_total") == metric and all(
-                    sample.labels.get(k) in v.split("|") for k, v in labels.items()
-                ):
+                if name == metric and all(sample.labels.get(k) in v.split("|") for k, v in labels.items()):
                     totals[shown] += sample.value
     return totals
 
