@@ -13,8 +13,9 @@ import random
 import shutil
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -65,6 +66,14 @@ def free_ports(names: tuple[str, ...]) -> dict[str, int]:
 def free_port() -> int:
     """One free loopback port (see `free_ports`)."""
     return free_ports(("port",))["port"]
+
+
+def wait_until(condition: Callable[[], object], what: str = "the condition", timeout: float = 15) -> None:
+    """Poll `condition` until it holds; fail the test, naming `what`, once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(0.05)
 
 
 def docker_available() -> bool:

@@ -32,7 +32,7 @@ from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.migrate import upgrade
 from services.common.runner import ServiceRuntime
-from tests.infra import queue_depth
+from tests.infra import queue_depth, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -240,12 +240,6 @@ def effects(engine: Engine, ids: list[str]) -> list[str]:
 
 def write_effect(session: Session, event: CloudEvent) -> None:
     enqueue(session, EVENTS, collect_command(event.subject, f"{event.id}>effect"))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not condition():
-        time.sleep(0.1)
 
 
 def test_messages_that_arrive_together_are_applied_in_order_in_fewer_transactions(

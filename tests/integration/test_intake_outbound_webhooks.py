@@ -27,6 +27,7 @@ from services.intake import api, consumer, webhooks_out, webhooks_out_api
 from services.intake.models import Case, CaseTimelineEntry, WebhookDelivery
 from services.intake.webhook_signing import read_headers, verify
 from services.intake.webhooks_out import WebhookDispatcher
+from tests.infra import wait_until
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 
@@ -422,7 +423,7 @@ def test_a_woken_sender_claims_once_for_a_few_deliveries_and_again_only_after_a_
         claims.clear()
         publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), "evt-few")
         dispatcher.wake()
-        wait_until(lambda: len(receiver.received) == 1)
+        wait_until(lambda: len(receiver.received) == 1, "the woken sender's delivery", timeout=10)
         time.sleep(0.3)
         assert len(claims) == 1
 
@@ -431,17 +432,11 @@ def test_a_woken_sender_claims_once_for_a_few_deliveries_and_again_only_after_a_
             publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"evt-many-{n}")
         claims.clear()
         dispatcher.wake()
-        wait_until(lambda: len(receiver.received) == 1 + more)  # the interval is a minute: no waiting for it
+        # The interval is a minute: no waiting for it.
+        wait_until(lambda: len(receiver.received) == 1 + more, "the woken sender's deliveries", timeout=10)
         time.sleep(0.3)
         assert len(claims) == 2  # a full batch, then the rest
     finally:
         sqlalchemy.event.remove(engines[0], "before_cursor_execute", count_claims)
         dispatcher.stop()
         sender.join(timeout=15)
-
-
-def wait_until(done: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "the woken sender did not deliver in time"
-        time.sleep(0.02)
