@@ -20,8 +20,11 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=50)
     parser.add_argument("--faults", type=int, default=30)
     parser.add_argument("--minutes", type=float, default=12, help="time allowed for driving the cases")
+    parser.add_argument("--seed", type=int, help="replay the fault plan of a run that printed this seed")
     args = parser.parse_args()
-    run = chaos(args.cases, args.faults, args.minutes, echo=lambda line: print(line, flush=True))
+    run = chaos(
+        args.cases, args.faults, args.minutes, echo=lambda line: print(line, flush=True), seed=args.seed
+    )
     if run.verdict is not None:
         print("\n".join(table(run)))
     print(summary(run), flush=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import psycopg
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from services.common.amqp import COMMANDS, QUEUES, Publisher
@@ -64,6 +65,7 @@ class CaseFindings:
     coverage: int = 0
     intake_rows: int = 0
     webhook_duplicates: int = 0  # events the partner received under more than one webhook id
+    trail: list[str] = field(default_factory=list)  # where an unfinished case stopped, for the report
 
     @property
     def duplicated(self) -> bool:
@@ -108,6 +110,33 @@ class Verdict:
     def dlq_ok(self) -> bool:
         names = set(self.dlq_expected) | set(self.dlq_found)
         return all(self.dlq_expected.get(q, set()) == self.dlq_found.get(q, set()) for q in names)
+
+
+SERVICES = ("intake", "records", "insurance", "review")
+
+
+async def trail(client: Client, conn: psycopg.Connection, case_id: str) -> list[str]:
+    """Where a case that did not finish stopped: the end of its workflow history, what each service applied
+    of the workflow's messages (inbox) and what it has yet to publish (outbox)."""
+    events = [e async for e in client.get_workflow_handle(f"case-{case_id}").fetch_history_events()]
+    kinds = [EventType.Name(e.event_type).removeprefix("EVENT_TYPE_").lower() for e in events[-8:]]
+    lines = [f"history ({len(events)} events) ends: {', '.join(kinds)}"]
+    ids = f"case-{case_id}:%"  # the workflow's messages, and the events answering them, carry its id
+    for schema in SERVICES:
+        applied = conn.execute(
+            f"select message_type from {schema}.inbox where message_id like %s order by processed_at",  # noqa: S608
+            (ids,),
+        ).fetchall()
+        pending = conn.execute(
+            f"select routing_key from {schema}.outbox where published_at is null and message_id like %s",  # noqa: S608
+            (ids,),
+        ).fetchall()
+        lines.append(
+            f"{schema}: applied {[r[0] for r in applied]}, not yet published {[r[0] for r in pending]}"
+        )
+    reviews = conn.execute("select status from review.reviews where case_id = %s", (case_id,)).fetchall()
+    lines.append(f"review rows: {[r[0] for r in reviews]}")
+    return lines
 
 
 def _count(conn: psycopg.Connection, sql: str, value: str) -> int:
@@ -158,6 +187,8 @@ async def verdict(
                 found.coverage = _count(
                     conn, "select count(*) from insurance.coverage_verifications where case_id = %s", cid
                 )
+                if not found.complete:
+                    found.trail = await trail(client, conn, cid)
             findings[case.number] = found
     running = 0
     async for _ in client.list_workflows('ExecutionStatus = "Running"'):

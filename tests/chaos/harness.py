@@ -55,6 +55,7 @@ class Run:
     injected: list[Fault] = field(default_factory=list)
     supervisor_restarts: int = 0
     elapsed: float = 0.0
+    started: float = 0.0  # monotonic time the driving began
     closed_after: float | None = None
     verdict: Verdict | None = None
     case_list: list[ChaosCase] = field(default_factory=list)
@@ -80,7 +81,7 @@ def system(work: Path, echo: Callable[[str], None]) -> Iterator[tuple[Settings, 
             "PAYER_SANDBOX_PORT": str(ports["payer"]),
             "RECORDS_SCP_PORT": str(ports["scp"]),
             "CODEC_SERVER_PORT": str(ports["codec"]),
-            "LOG_LEVEL": "WARNING",
+            "LOG_LEVEL": os.environ.get("CHAOS_LOG_LEVEL", "WARNING"),
         }
         for name in ("intake", "records", "insurance", "review"):
             env[f"{name.upper()}_PORT"] = str(ports[name])
@@ -212,7 +213,7 @@ async def execute(
     expected_dlq = inject_poison(settings, run_id)
     run.case_list = [ChaosCase(number=i, run_id=run_id) for i in range(run.cases)]
     driver = Driver(settings, partner, operations_key)
-    started = time.monotonic()
+    started = run.started = time.monotonic()
     deadline = started + run.minutes * 60
     # Faults are spread over the time the batch is expected to take (about 8 s of stack time per case)
     # and the faults need (a kill, a few seconds down, a restart until ready: about 7 s each).
@@ -240,8 +241,12 @@ async def execute(
     receiver.close()
 
 
-def chaos(cases: int, faults: int, minutes: float, echo: Callable[[str], None] = print) -> Run:
+def chaos(
+    cases: int, faults: int, minutes: float, echo: Callable[[str], None] = print, seed: int | None = None
+) -> Run:
     run = Run(cases=cases, faults=faults, minutes=minutes)
+    if seed is not None:
+        run.seed = seed  # the same faults on the same targets after the same gaps as the run that printed it
     work = Path(tempfile.mkdtemp(prefix="chaos-"))
     try:
         with system(work, echo) as (settings, processes):

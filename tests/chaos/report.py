@@ -18,8 +18,15 @@ def table(run: Run) -> list[str]:
             f"{case.number:>4}  {case.status:<26} {f.workflow:<11} {f.reports:>7} {f.studies:>7} "
             f"{f.dicom_files:>5} {f.coverage:>8} {f.intake_rows:>6} {case.errors:>7}  {mark}"
         )
+        lines += [f"      {line}" for line in f.trail]
     hits = Counter(fault.target for fault in run.injected)
     lines.append("faults (kill -9): " + ", ".join(f"{t}={n}" for t, n in sorted(hits.items())))
+    lines.append(
+        "when: "
+        + ", ".join(f"{f.target} at {f.at:.0f}s down {f.down_for:.1f}s" for f in run.injected)
+        + "; cases sent at "
+        + ", ".join(f"{case.release_at - run.started:.0f}s" for case in run.case_list)
+    )
     if run.injected:
         slowest = max(run.injected, key=lambda f: f.ready_after)
         lines.append(f"slowest recovery: {slowest.target} ready {slowest.ready_after:.1f}s after restart")
