@@ -46,7 +46,7 @@ class CaseActivities:
             data=data,
         )
         self._publisher().publish(exchange, event)
-        crash_point("activity.after_publish_before_complete")
+        crash_point("activity.after_publish_before_complete", type_)
         return event.id
 
     @activity.defn

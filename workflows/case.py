@@ -89,6 +89,7 @@ PUBLISH_TIMEOUT = timedelta(seconds=30)
 PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 LOCAL_PUBLISH = "publish-as-local-activity"  # workflow.patched id: cases from before publish with activities
 BATCH_PUBLISH = "publish-step-at-once"  # workflow.patched id: cases from before publish one message at a time
+ANSWERS_IN_TURN = "answers-in-turn"  # workflow.patched id: older cases look an answer up from its request
 
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
@@ -117,6 +118,8 @@ class CaseWorkflow:
         self._case: CaseInput | None = None
         self._seen: set[str] = set()
         self._received: list[CloudEvent] = []
+        # turn ("match", "delivery", "question") -> position after the last answer taken on it
+        self._answered: dict[str, int] = {}
         self._status = CaseStatus.INTAKE
         self._status_since: datetime | None = None
         self._timeline: list[TimelineItem] = []
@@ -364,7 +367,9 @@ class CaseWorkflow:
                 )
             ],
         )
-        answer = await self._next(mark, ReviewOffered.TYPE, ReviewAssigned.TYPE, ReviewUnmatched.TYPE)
+        answer, mark = await self._answer(
+            "match", mark, ReviewOffered.TYPE, ReviewAssigned.TYPE, ReviewUnmatched.TYPE
+        )
         if answer.type == ReviewUnmatched.TYPE:
             unmatched = ReviewUnmatched.model_validate(answer.data)
             await self._transition(CaseStatus.UNMATCHED, f"no specialist available: {unmatched.reason}")
@@ -399,7 +404,7 @@ class CaseWorkflow:
         return ReviewSubmitted.model_validate(submitted.data)
 
     async def _await_acceptance(self, case: CaseInput, offer: ReviewOffered, mark: int) -> None:
-        """Answers are looked up from `mark` (before the match command) on: one may arrive at any moment."""
+        """Answers are looked up from `mark` (where the match's answer was) on: one may arrive at any moment."""
         expires = workflow.now() + timedelta(hours=case.policy.offer_timeout_hours)
         await self._transition(
             CaseStatus.AWAITING_ACCEPTANCE,
@@ -436,7 +441,7 @@ class CaseWorkflow:
                 DeliverReport(case_id=case.case_id, report_id=report_id, pdf_url=pdf_url, fhir_url=fhir_url)
             ],
         )
-        delivered = await self._next(mark, ReportDelivered.TYPE)
+        delivered, _ = await self._answer("delivery", mark, ReportDelivered.TYPE)
         self._delivered_at = self._delivered_at or workflow.now()
         await self._transition(
             CaseStatus.DELIVERED, f"delivered to {ReportDelivered.model_validate(delivered.data).recipient}"
@@ -463,13 +468,10 @@ class CaseWorkflow:
                         review_id=self._offer.review_id if self._offer else None,
                     )
                 )
-                reply = QuestionAnswered.model_validate(
-                    (
-                        await self._next(
-                            mark, QuestionAnswered.TYPE, key=question.question_id, key_field="question_id"
-                        )
-                    ).data
+                answer, _ = await self._answer(
+                    "question", mark, QuestionAnswered.TYPE, key=question.question_id, key_field="question_id"
                 )
+                reply = QuestionAnswered.model_validate(answer.data)
                 answered += 1
                 await self._deliver(case, reply.report_id, report.pdf_url, report.fhir_url)
                 await self._transition(CaseStatus.FOLLOW_UP, f"addendum {answered} delivered")
@@ -720,19 +722,32 @@ class CaseWorkflow:
                 return event
         return None
 
-    async def _next(self, mark: int, *types: str, key: str | None = None, key_field: str = "") -> CloudEvent:
-        """The first event of one of `types` received after position `mark` (optionally with data[key_field]==key)."""
+    async def _answer(
+        self, turn: str, sent_at: int, *types: str, key: str | None = None, key_field: str = ""
+    ) -> tuple[CloudEvent, int]:
+        """The answer to the request just sent on `turn`, which has one answer per request (a match, a
+        delivery, a question): the first event of one of `types` (with data[key_field] == key, if given)
+        after the previous answer on that turn. Returns it and the position it was looked up from; later
+        events about the same request are there or after.
 
-        def match() -> CloudEvent | None:
-            for event in self._received[mark:]:
+        Not "after the request was sent" (`sent_at`, as cases from before this change still look): a worker
+        that dies after publishing a request, before Temporal recorded the step, has that step replayed
+        later, and by then the answer may already stand in the history ahead of the replayed request. Looked
+        up from the send, it was never found and the case waited at `matching` for ever."""
+        start = self._answered.get(turn, 0) if workflow.patched(ANSWERS_IN_TURN) else sent_at
+
+        def position() -> int | None:
+            for index in range(start, len(self._received)):
+                event = self._received[index]
                 if event.type in types and (key is None or event.data.get(key_field) == key):
-                    return event
+                    return index
             return None
 
-        await workflow.wait_condition(lambda: match() is not None)
-        found = match()
+        await workflow.wait_condition(lambda: position() is not None)
+        found = position()
         assert found is not None
-        return found
+        self._answered[turn] = found + 1
+        return self._received[found], start
 
     async def _wait_for(self, event_type: type[E]) -> E:
         await workflow.wait_condition(lambda: self._has(event_type))

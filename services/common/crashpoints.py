@@ -2,6 +2,7 @@
 
 Armed by CRASH_POINTS (comma-separated names); each armed point fires once per CRASH_POINTS_DIR (a marker
 file records it), so the restarted process runs through. Unset in production: then a call is one dict lookup.
+`name@what` arms a point only where it passes `what` (the activity's: the message type it just published).
 
     consumer.after_commit_before_ack        the effect and inbox row are committed, the message is not acked
     outbox.after_publish_before_mark        the broker has the event, the outbox row is not marked published
@@ -20,14 +21,21 @@ from pathlib import Path
 KILLED = 137  # what a shell reports for a process killed by SIGKILL
 
 
-def crash_point(name: str) -> None:
+def crash_point(name: str, what: str | None = None) -> None:
     armed = os.environ.get("CRASH_POINTS")
-    if not armed or name not in armed.split(","):
+    if not armed:
         return
-    marker = Path(os.environ.get("CRASH_POINTS_DIR", ".")) / f"{name}.fired"
+    points = armed.split(",")
+    if name in points:
+        entry = name
+    elif what is not None and f"{name}@{what}" in points:
+        entry = f"{name}@{what}"
+    else:
+        return
+    marker = Path(os.environ.get("CRASH_POINTS_DIR", ".")) / f"{entry}.fired"
     if marker.exists():
         return
     marker.write_text(str(os.getpid()))
-    sys.stdout.write(f'{{"event": "crash_point.fired", "point": "{name}"}}\n')
+    sys.stdout.write(f'{{"event": "crash_point.fired", "point": "{entry}"}}\n')
     sys.stdout.flush()
     os._exit(KILLED)

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client
 
 from contracts import Coverage, VerifyInsurance, new_event
-from contracts.events import InsuranceVerified
+from contracts.events import InsuranceVerified, ReviewOffered
 from contracts.models import CaseStatus, CoverageStatus
 from services.common import migrate
 from services.common.amqp import COMMANDS, EVENTS, Publisher, ensure_topology
@@ -33,7 +33,7 @@ from services.common.crashpoints import KILLED
 from services.common.db import make_engine
 from tests.e2e.test_case_end_to_end import free_ports
 from tests.infra import purge_queues, queue_depth
-from tests.integration.test_case_workflow import case_input
+from tests.integration.test_case_workflow import Services, case_input, wait_status
 from workflows.case import CaseWorkflow
 
 
@@ -278,4 +278,49 @@ async def test_bridge_killed_after_signalling_is_harmless(
         assert await handle.query(CaseWorkflow.received) == [f"insurance.verified {event.id}"]
     finally:
         worker.stop()
+        await handle.terminate("test done")
+
+
+async def test_an_answer_recorded_before_the_step_that_asked_is_replayed_is_still_taken(
+    settings: Settings, temporal_env, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The worker dies after publishing `review.match` and before Temporal recorded that step; the review
+    service answers at once, so the offer is in the history before the restarted worker replays the step
+    that asked for it. The case must take that offer (it used to wait at `matching` for ever)."""
+    ensure_topology(settings)
+    purge_queues(settings.amqp_url, "workflows.bridge")
+    queue = f"crash-{uuid.uuid4().hex[:6]}"
+    crash = "activity.after_publish_before_complete@review.match"
+    worker = worker_process(settings, temporal_env, tmp_path, crash, queue)
+    worker.start()
+    client: Client = temporal_env.client
+    case_id = str(uuid.uuid4())
+    services = Services(settings, case_id)
+    handle = await client.start_workflow(
+        CaseWorkflow.run, case_input(case_id), id=f"case-{case_id}", task_queue=queue
+    )
+    try:
+        await services.expect("records.collect")
+        services.insurance_verified(patient_cost="0")
+        services.records_assembled()
+        match = await services.expect("review.match", timeout=30)
+        assert await asyncio.to_thread(worker.wait_killed) == KILLED
+        offered = ReviewOffered(
+            case_id=case_id,
+            review_id="r-early",
+            reviewer_id="spec-early",
+            subspecialty="gynecologic_imaging",
+            explanation="licensed in CA",
+        )
+        # As the review service's answer would be, under the id derived from the command's.
+        await handle.signal(
+            CaseWorkflow.on_event,
+            new_event(id=f"{match['id']}>{offered.TYPE}", source="/test", subject=case_id, data=offered),
+        )
+        worker.start()  # Temporal hands the unrecorded step to it once the task's timeout (10 s) passed
+        await wait_status(handle, CaseStatus.AWAITING_ACCEPTANCE, timeout=60)
+        assert (await handle.query(CaseWorkflow.review)).review_id == "r-early"
+    finally:
+        worker.stop()
+        services.close()
         await handle.terminate("test done")

@@ -29,6 +29,9 @@ def test_representative_histories_are_stored() -> None:
     # Recorded after a step's status change and commands went out in one local activity
     # (patch "publish-step-at-once").
     assert {"step-at-once-closed_after_review", "step-at-once-follow_up_question"} <= names
+    # Recorded after an answer was looked up after the previous answer, not after its request (patch
+    # "answers-in-turn").
+    assert {"answers-in-turn-closed_after_review", "answers-in-turn-follow_up_question"} <= names
 
 
 RUNNERS = {"sandboxed": SandboxedWorkflowRunner, "unsandboxed": UnsandboxedWorkflowRunner}
