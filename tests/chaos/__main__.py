@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 
-from tests.chaos.harness import chaos
+from tests.chaos.harness import TARGETS, chaos
 from tests.chaos.report import passed, summary, table
 
 
@@ -21,9 +21,22 @@ def main() -> None:
     parser.add_argument("--faults", type=int, default=30)
     parser.add_argument("--minutes", type=float, default=12, help="time allowed for driving the cases")
     parser.add_argument("--seed", type=int, help="replay the fault plan of a run that printed this seed")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated processes the faults may hit (default: all of {','.join(TARGETS)})",
+    )
     args = parser.parse_args()
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if not targets or not set(targets) <= set(TARGETS):
+        parser.error(f"--targets {args.targets!r}: choose one or more of {', '.join(TARGETS)}")
     run = chaos(
-        args.cases, args.faults, args.minutes, echo=lambda line: print(line, flush=True), seed=args.seed
+        args.cases,
+        args.faults,
+        args.minutes,
+        echo=lambda line: print(line, flush=True),
+        seed=args.seed,
+        targets=targets,
     )
     if run.verdict is not None:
         print("\n".join(table(run)))

@@ -56,6 +56,7 @@ class Run:
     supervisor_restarts: int = 0
     elapsed: float = 0.0
     started: float = 0.0  # monotonic time the driving began
+    targets: tuple[str, ...] = TARGETS  # the processes faults may hit
     closed_after: float | None = None
     verdict: Verdict | None = None
     case_list: list[ChaosCase] = field(default_factory=list)
@@ -146,9 +147,11 @@ class Injector(threading.Thread):
 
     def plan(self) -> list[str]:
         """Every target at least once (when the faults allow), the rest at random."""
-        targets = list(TARGETS)
+        targets = list(self.run_.targets)
         self.random.shuffle(targets)
-        extra = [self.random.choice(TARGETS) for _ in range(max(0, self.run_.faults - len(targets)))]
+        extra = [
+            self.random.choice(self.run_.targets) for _ in range(max(0, self.run_.faults - len(targets)))
+        ]
         return (targets + extra)[: self.run_.faults]
 
     def run(self) -> None:
@@ -242,9 +245,17 @@ async def execute(
 
 
 def chaos(
-    cases: int, faults: int, minutes: float, echo: Callable[[str], None] = print, seed: int | None = None
+    cases: int,
+    faults: int,
+    minutes: float,
+    echo: Callable[[str], None] = print,
+    seed: int | None = None,
+    targets: tuple[str, ...] = TARGETS,
 ) -> Run:
-    run = Run(cases=cases, faults=faults, minutes=minutes)
+    unknown = set(targets) - set(TARGETS)
+    if unknown or not targets:
+        raise ValueError(f"unknown fault targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    run = Run(cases=cases, faults=faults, minutes=minutes, targets=targets)
     if seed is not None:
         run.seed = seed  # the same faults on the same targets after the same gaps as the run that printed it
     work = Path(tempfile.mkdtemp(prefix="chaos-"))
