@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 
-from tests.chaos.harness import TARGETS, chaos
+from tests.chaos.harness import TARGETS, chaos, check_targets
 from tests.chaos.report import passed, summary, table
 
 
@@ -28,8 +28,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    if not targets or not set(targets) <= set(TARGETS):
-        parser.error(f"--targets {args.targets!r}: choose one or more of {', '.join(TARGETS)}")
+    try:
+        check_targets(targets)
+    except ValueError as exc:
+        parser.error(f"--targets: {exc}")
     run = chaos(
         args.cases,
         args.faults,

@@ -13,6 +13,7 @@ import psycopg
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from scripts.stack import SERVICES
 from services.common.amqp import COMMANDS, QUEUES, Publisher
 from services.common.config import Settings
 from services.common.dlq import dead_letters
@@ -110,9 +111,6 @@ class Verdict:
     def dlq_ok(self) -> bool:
         names = set(self.dlq_expected) | set(self.dlq_found)
         return all(self.dlq_expected.get(q, set()) == self.dlq_found.get(q, set()) for q in names)
-
-
-SERVICES = ("intake", "records", "insurance", "review")
 
 
 async def trail(client: Client, conn: psycopg.Connection, case_id: str) -> list[str]:

@@ -244,6 +244,12 @@ async def execute(
     receiver.close()
 
 
+def check_targets(targets: tuple[str, ...]) -> None:
+    """ValueError unless `targets` names one or more of the processes a fault can hit."""
+    if not targets or not set(targets) <= set(TARGETS):
+        raise ValueError(f"fault targets {list(targets)}: choose one or more of {', '.join(TARGETS)}")
+
+
 def chaos(
     cases: int,
     faults: int,
@@ -252,9 +258,7 @@ def chaos(
     seed: int | None = None,
     targets: tuple[str, ...] = TARGETS,
 ) -> Run:
-    unknown = set(targets) - set(TARGETS)
-    if unknown or not targets:
-        raise ValueError(f"unknown fault targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    check_targets(targets)
     run = Run(cases=cases, faults=faults, minutes=minutes, targets=targets)
     if seed is not None:
         run.seed = seed  # the same faults on the same targets after the same gaps as the run that printed it
