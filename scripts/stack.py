@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from services.common.config import PROJECT_ROOT, Settings, get_settings
-from services.common.temporal import search_attribute_flags, sqlite_flags
+from services.common.temporal import cache_flags, search_attribute_flags, sqlite_flags
 
 SERVICES = ("intake", "records", "insurance", "review")
 
@@ -45,7 +45,7 @@ def processes(settings: Settings) -> list[Process]:
         "temporal",
         [
             temporal_cli(), "server", "start-dev",
-            "--db-filename", str(settings.data_dir / "temporal.db"), *sqlite_flags(),
+            "--db-filename", str(settings.data_dir / "temporal.db"), *sqlite_flags(), *cache_flags(),
             "--ip", host, "--port", port, "--ui-port", str(settings.temporal_ui_port),
             "--log-level", "warn",
             *(["--metrics-port", str(settings.temporal_metrics_port)] if settings.temporal_metrics_port else []),

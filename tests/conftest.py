@@ -52,13 +52,17 @@ async def temporal_env(settings: Settings):  # type: ignore[no-untyped-def]
     skipping available (off unless a test calls `env.fast_forward(handle, duration)`)."""
     from temporalio.testing import TimeSkippingConfig, WorkflowEnvironment
 
-    from services.common.temporal import SEARCH_ATTRIBUTES, data_converter
+    from services.common.temporal import SEARCH_ATTRIBUTES, cache_flags, data_converter
 
     env = await WorkflowEnvironment.start_time_skipping_v2(
         ts_config=TimeSkippingConfig(enabled=False),
         dev_server_existing_path=temporal_binary(),
         port=free_port(),  # below the ephemeral range, as every test server's (see tests/infra.py)
-        dev_server_extra_args=["--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true"],
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "frontend.WorkflowTimeSkippingEnabled=true",
+            *cache_flags(),  # the search attributes are registered at start, as the stack's are
+        ],
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=data_converter(settings),
         dev_server_log_level="error",

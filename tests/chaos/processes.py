@@ -21,7 +21,7 @@ import httpx
 
 from scripts.stack import SERVICES, temporal_cli
 from services.common.config import PROJECT_ROOT
-from services.common.temporal import search_attribute_flags, sqlite_flags
+from services.common.temporal import cache_flags, search_attribute_flags, sqlite_flags
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
@@ -133,7 +133,7 @@ def rabbitmq_node(work: Path, ports: dict[str, int], base_env: dict[str, str]) -
 def temporal_server(work: Path, ports: dict[str, int], base_env: dict[str, str]) -> Managed:
     argv = [
         temporal_cli(), "server", "start-dev", "--headless",
-        "--db-filename", str(work / "temporal.db"), *sqlite_flags(),
+        "--db-filename", str(work / "temporal.db"), *sqlite_flags(), *cache_flags(),
         "--ip", "127.0.0.1", "--port", str(ports["temporal"]),
         "--http-port", str(ports["temporal_http"]), "--metrics-port", str(ports["temporal_metrics"]),
         "--log-level", "error",
