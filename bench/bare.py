@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from temporalio import activity, workflow
 from temporalio.api.enums.v1 import EventType
@@ -114,7 +115,9 @@ class BarePacedCase:
         self.triggers = 1  # the start
 
     @workflow.run
-    async def run(self, steps: list[Step]) -> None:
+    async def run(self, steps: list[Step], hold: bool = False) -> None:
+        """`hold`: after the last step, wait (for a trigger that never comes) instead of completing, as a
+        case does that waits for its records."""
         workflow_id, timeout = workflow.info().workflow_id, timedelta(seconds=30)
         for index, step in enumerate(steps):
             await workflow.wait_condition(lambda i=index: self.triggers > i)  # type: ignore[misc]
@@ -126,6 +129,8 @@ class BarePacedCase:
                     await workflow.execute_local_activity(chosen, args=args, start_to_close_timeout=timeout)
                 else:
                     await workflow.execute_activity(chosen, args=args, start_to_close_timeout=timeout)
+        if hold:
+            await workflow.wait_condition(lambda: self.triggers > len(steps))
 
     @workflow.signal
     def poke(self) -> None:
@@ -177,23 +182,41 @@ async def run_bare(client: Client, workflow_id: str, shape: Shape) -> None:
     await handle.result()
 
 
-async def run_paced(client: Client, workflow_id: str, shape: Shape) -> None:
+async def start_paced(
+    client: Client, workflow_id: str, steps: list[Step], *, hold: bool = False
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Start a paced bare workflow; returns what drives the rest of its steps (and, unless `hold`, waits
+    for its result)."""
     loop = asyncio.get_running_loop()
-    done = STEP_DONE[workflow_id] = [loop.create_future() for _ in shape.steps]
+    done = STEP_DONE[workflow_id] = [loop.create_future() for _ in steps]
     try:
         handle = await client.start_workflow(
-            BarePacedCase.run, shape.steps, id=workflow_id, task_queue=TASK_QUEUE
+            BarePacedCase.run, args=[steps, hold], id=workflow_id, task_queue=TASK_QUEUE
         )
-        for index, step in enumerate(shape.steps):
-            if step.trigger == "signal":
-                await handle.signal(BarePacedCase.poke)
-            elif step.trigger == "update":
-                await handle.execute_update(BarePacedCase.decide)
-            if step.local_activities + step.activities:
-                await done[index]
-        await handle.result()
-    finally:
+    except BaseException:
         del STEP_DONE[workflow_id]
+        raise
+
+    async def drive() -> None:
+        try:
+            for index, step in enumerate(steps):
+                if step.trigger == "signal":
+                    await handle.signal(BarePacedCase.poke)
+                elif step.trigger == "update":
+                    await handle.execute_update(BarePacedCase.decide)
+                if step.local_activities + step.activities:
+                    await done[index]
+            if not hold:
+                await handle.result()
+        finally:
+            del STEP_DONE[workflow_id]
+
+    return drive
+
+
+async def run_paced(client: Client, workflow_id: str, shape: Shape) -> None:
+    drive = await start_paced(client, workflow_id, shape.steps)
+    await drive()
 
 
 async def run_bare_concurrently(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,8 @@ from bench.result import Result
 from bench.server_work import ServerWork
 from bench.stats import ms, percentile
 from bench.system import CpuUse, System
+from services.intake.handlers import workflow_id
+from workflows.worker import workflow_runner
 
 TARGET, P99_LIMIT_MS = 0.7, 250.0
 
@@ -40,19 +43,21 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
     url = f"{system.settings.intake_url}/v1/cases"
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, headers=system.headers, limits=limits) as http:
+        created: list[str] = []
 
         async def post_case() -> None:
             response = await http.post(url, json=case_request(system))
             if response.status_code != 201:
                 raise RuntimeError(f"intake answered {response.status_code}: {response.text[:300]}")
+            created.append(response.json()["case_id"])
 
         await closed_loop(post_case, concurrency, min(seconds, 2))  # warm-up
         work = await ServerWork(system).begin()
         started = time.monotonic()
         with CpuUse(system) as cpu:
             api = await closed_loop(post_case, concurrency, seconds)
-        api_rate = len(api) / (time.monotonic() - started)
-        await work.end()
+            api_rate = len(api) / (time.monotonic() - started)
+            await work.end()  # the cases' first steps, done once the server's counters settle, count too
 
     client = await Client.connect(
         system.settings.temporal_address, namespace=system.settings.temporal_namespace
@@ -67,11 +72,37 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
     started = time.monotonic()
     with CpuUse(system) as raw_cpu:
         raw = await closed_loop(start_workflow, concurrency, seconds)
-    raw_rate = len(raw) / (time.monotonic() - started)
-    await raw_work.end()
+        raw_rate = len(raw) / (time.monotonic() - started)
+        await raw_work.end()
+
+    # The paced ceiling: the bare workflow doing what a case did in the run (the steps its history shows, a
+    # signal sent once the step before it ran, as the insurance answer comes once the check was asked for),
+    # started at the same concurrency; the callers wait for the start only, as intake's callers do.
+    first_steps = (await bare.shape_of(client, workflow_id(created[-1]))).steps
+    drivers: set[asyncio.Task[None]] = set()
+
+    async def start_paced() -> None:
+        drive = await bare.start_paced(client, f"raw-paced-{uuid.uuid4()}", first_steps, hold=True)
+        task = asyncio.create_task(drive())
+        drivers.add(task)
+        task.add_done_callback(drivers.discard)
+
+    async with bare.bare_worker(client, workflow_runner(system.settings)):
+        await closed_loop(start_paced, concurrency, min(seconds, 2))  # warm-up
+        await asyncio.gather(*drivers)
+        paced_work = await ServerWork(system).begin()
+        started = time.monotonic()
+        with CpuUse(system) as paced_cpu:
+            paced = await closed_loop(start_paced, concurrency, seconds)
+            paced_rate = len(paced) / (time.monotonic() - started)
+            await asyncio.gather(*drivers)  # the first steps may lag behind the starts: they count too
+            await paced_work.end()
+
     ratio = api_rate / raw_rate
     p99 = ms(percentile(api, 0.99))
     cpu_ms, raw_cpu_ms = cpu.per_unit(len(api)), raw_cpu.per_unit(len(raw))
+    paced_cpu_ms = paced_cpu.per_unit(len(paced))
+    steps = bare.Shape(first_steps).describe_steps()
     return Result(
         name="intake",
         what=f"POST /v1/cases, {concurrency} concurrent for {seconds:.0f} s",
@@ -88,14 +119,26 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
             "ceiling p99 ms": ms(percentile(raw, 0.99)),
             "CPU ms/req": round(sum(cpu_ms.values()), 1),
             "ceiling CPU ms/start": round(sum(raw_cpu_ms.values()), 1),
+            "paced ceiling starts/s": round(paced_rate, 1),
+            "paced ceiling p99 ms": ms(percentile(paced, 0.99)),
+            "paced ceiling CPU ms/start": round(sum(paced_cpu_ms.values()), 1),
         },
         notes=[
             "each case created starts its workflow, records request and insurance check while the next POSTs "
             "arrive; the ceiling's workflows have no worker",
             f"CPU ms per request by process: {CpuUse.describe(cpu_ms)}",
             f"ceiling CPU ms per start: {CpuUse.describe(raw_cpu_ms)}",
-            "Temporal's own counters per request (a case | a bare start): "
-            + ServerWork.side_by_side(work.per_unit(len(api)), raw_work.per_unit(len(raw))),
+            f"paced ceiling (the bare workflow doing a case's first steps as the run did, {steps}, each signal "
+            f"sent once the step before it ran, while the next starts arrive): ratio {api_rate / paced_rate:.2f}, "
+            f"p50 ms {ms(percentile(paced, 0.5))}, CPU ms per start {CpuUse.describe(paced_cpu_ms)}",
+            "Temporal's own counters per request (a case | a bare start | a paced bare start): "
+            + ServerWork.side_by_side(
+                work.per_unit(len(api)), raw_work.per_unit(len(raw)), paced_work.per_unit(len(paced))
+            ),
+            "at the CPU each used per unit, its first steps included, "
+            f"{os.cpu_count()} cores sustain at most {sustained(cpu_ms)} cases/s, the paced ceiling "
+            f"{sustained(paced_cpu_ms)}, bare starts {sustained(raw_cpu_ms)}; the starts outrun their first "
+            "steps while the steps wait in Temporal's task queue",
             # Little's law: with `concurrency` callers always waiting, the mean latency is concurrency/rate,
             # and p99 is at least the mean.
             f"p99 < {P99_LIMIT_MS:.0f} ms with {concurrency} callers always waiting needs more than "
@@ -103,6 +146,11 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
             f"{raw_rate:.0f} starts/s",
         ],
     )
+
+
+def sustained(cpu_ms: dict[str, float]) -> str:
+    """Units per second this machine's cores could keep up, at `cpu_ms` of CPU per unit."""
+    return f"{(os.cpu_count() or 1) * 1000 / max(sum(cpu_ms.values()), 0.1):.0f}"
 
 
 def run(system: System, *, smoke: bool) -> Result:

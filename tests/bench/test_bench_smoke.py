@@ -73,8 +73,14 @@ def test_the_smoke_run_measures_every_benchmark_and_its_ceiling(tmp_path: Path) 
     visibility = re.search(r"visibility writes ([\d.]+) \| ([\d.]+) \| ([\d.]+)", counters)
     assert visibility and float(visibility[1]) > float(visibility[3]) > 0, counters
     [started] = [n for n in results["intake"]["notes"] if n.startswith("Temporal's own counters")]
-    writes = re.search(r"history writes ([\d.]+) \| ([\d.]+)", started)
-    assert writes and float(writes[1]) > 0 and float(writes[2]) > 0, started
+    writes = re.search(r"history writes ([\d.]+) \| ([\d.]+) \| ([\d.]+)", started)
+    assert writes and all(float(count) > 0 for count in writes.groups()), started
+    # intake's paced ceiling does what a case created did: its workflow tasks and the insurance signal.
+    assert results["intake"]["figures"]["paced ceiling starts/s"] > 0
+    tasks = re.search(r"workflow tasks ([\d.]+) \| ([\d.]+) \| ([\d.]+)", started)
+    assert tasks and float(tasks[1]) > 0 and float(tasks[3]) > 0 and float(tasks[2]) == 0, started
+    [paced] = [n for n in results["intake"]["notes"] if n.startswith("paced ceiling")]
+    assert re.search(r"st\d+ si\d+", paced), paced
     assert results["import"]["figures"]["peak RSS MB"] > 0
     assert results["retrieve"]["figures"]["MB/s"] > 0
     scale = results["scale"]["figures"]
