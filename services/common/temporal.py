@@ -57,10 +57,10 @@ def cache_flags() -> list[str]:
     The CLI turns `system.forceSearchAttributesCacheRefreshOnRead` on, so that a search attribute added while
     the server runs shows at once. Then every start, upsert and visibility write reads the cluster metadata,
     and the namespace, from SQLite again, on the server's one database connection that every write also
-    waits for: per case created, 16 reads of the cluster metadata and 7 of the namespace, against 6 history
-    writes. The stack registers its search attributes when the server starts (`search_attribute_flags`),
-    before anything reads them, so the server's own caches (60 s for search attributes, 10 s for namespaces)
-    serve them as they do in production.
+    waits for: per case created, 14 reads of the cluster metadata and 7 of the namespace in its history
+    service, against 6 history writes. The stack, the chaos harness and the test suite register their search
+    attributes when the server starts (`search_attribute_flags`), before anything reads them, so the
+    server's own caches (60 s for search attributes, 10 s for namespaces) serve them as in production.
     """
     return ["--dynamic-config-value", "system.forceSearchAttributesCacheRefreshOnRead=false"]
 
