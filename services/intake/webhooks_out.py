@@ -21,11 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from sqlalchemy.engine import Engine
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
 
 from contracts.envelope import CloudEvent
@@ -158,16 +161,106 @@ def retry_after(value: str | None, now: datetime) -> timedelta | None:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """A leased delivery: what sending it needs."""
+
+    id: str
+    case_id: str
+    source_event_id: str
+    payload: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """The endpoint a claimed delivery goes to."""
+
+    id: str
+    partner_id: str
+    url: str
+
+
+@dataclass(frozen=True)
 class Attempt:
     """One send and what came of it, until it is recorded."""
 
-    delivery: WebhookDelivery
-    endpoint: WebhookEndpoint
+    delivery: Claimed
+    endpoint: Target
     status_code: int | None
     error: str
     retry_hint: str | None
     duration_ms: int
     at: datetime
+
+
+# The sender's statements, built once: plain SQL statements (no ORM objects, no unit of work), so a pass
+# costs its round trips and little else. Every delivery of a case costs a claim, a send and a record.
+_DELIVERY = WebhookDelivery.__table__  # type: ignore[attr-defined]
+_ENDPOINT = WebhookEndpoint.__table__  # type: ignore[attr-defined]
+# What is due, oldest first, leased with FOR UPDATE SKIP LOCKED so that another replica skips it.
+_DUE = (
+    core_select(
+        _DELIVERY.c.id,
+        _DELIVERY.c.case_id,
+        _DELIVERY.c.source_event_id,
+        _DELIVERY.c.payload,
+        _DELIVERY.c.next_attempt_at.label("due"),
+        _ENDPOINT.c.id.label("endpoint_id"),
+        _ENDPOINT.c.partner_id,
+        _ENDPOINT.c.url,
+    )  # fmt: skip
+    .join(_ENDPOINT, _ENDPOINT.c.id == _DELIVERY.c.endpoint_id)
+    .where(
+        _DELIVERY.c.status == "pending",
+        _DELIVERY.c.next_attempt_at <= bindparam("now"),
+        _ENDPOINT.c.disabled_at.is_(None),
+    )
+    .order_by(_DELIVERY.c.next_attempt_at)
+    .limit(bindparam("batch"))
+    .with_for_update(skip_locked=True, of=_DELIVERY)
+)
+# PostgreSQL leases in the statement that finds them (UPDATE ... FROM ... RETURNING the found rows);
+# SQLite, whose RETURNING sees only the updated table, finds them first, then leases them.
+_due = _DUE.subquery("due")
+_CLAIM = (
+    update(_DELIVERY)
+    .where(_DELIVERY.c.id == _due.c.id)
+    .values(next_attempt_at=bindparam("until"))
+    .returning(*_due.c)
+)
+_LEASE = (
+    update(_DELIVERY)
+    .where(_DELIVERY.c.id.in_(bindparam("ids", expanding=True)))
+    .values(next_attempt_at=bindparam("until"))
+)
+_CURRENT = (
+    core_select(
+        _DELIVERY.c.id,
+        _DELIVERY.c.attempts,
+        _DELIVERY.c.status,
+        _DELIVERY.c.next_attempt_at,
+        _DELIVERY.c.delivered_at,
+    )  # fmt: skip
+    .where(_DELIVERY.c.id.in_(bindparam("ids", expanding=True)))
+    .with_for_update()
+)
+_OUTCOME = (
+    update(_DELIVERY)
+    .where(_DELIVERY.c.id == bindparam("d_id"))
+    .values(
+        attempts=bindparam("d_attempts"),
+        status=bindparam("d_status"),
+        last_status_code=bindparam("d_status_code"),
+        last_error=bindparam("d_error"),
+        next_attempt_at=bindparam("d_next"),
+        delivered_at=bindparam("d_delivered_at"),
+    )
+)
+_ATTEMPT = insert(WebhookAttempt.__table__)  # type: ignore[attr-defined]
+_GONE = (
+    update(_ENDPOINT)
+    .where(_ENDPOINT.c.id == bindparam("endpoint_id"), _ENDPOINT.c.disabled_at.is_(None))
+    .values(disabled_at=bindparam("at"), disabled_reason="the endpoint answered 410 Gone")
+)
 
 
 class WebhookDispatcher:
@@ -233,27 +326,25 @@ class WebhookDispatcher:
         self._record(attempts)
         return len(due)
 
-    def _claim(self, batch: int) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
+    def _claim(self, batch: int) -> list[tuple[Claimed, Target]]:
         """Lease due deliveries so another replica does not send them at the same time."""
         now = datetime.now(UTC)
-        with Session(self.engine, expire_on_commit=False) as session:
-            rows = session.exec(
-                select(WebhookDelivery, WebhookEndpoint)
-                .join(WebhookEndpoint, col(WebhookEndpoint.id) == col(WebhookDelivery.endpoint_id))
-                .where(
-                    WebhookDelivery.status == "pending",
-                    col(WebhookDelivery.next_attempt_at) <= now,
-                    col(WebhookEndpoint.disabled_at).is_(None),
-                )
-                .order_by(col(WebhookDelivery.next_attempt_at))
-                .limit(batch)
-                .with_for_update(skip_locked=True, of=WebhookDelivery)  # type: ignore[arg-type]
-            ).all()
-            for delivery, _ in rows:
-                delivery.next_attempt_at = now + LEASE
-                session.add(delivery)
-            session.commit()
-            return [(d, e) for d, e in rows]
+        params = {"now": now, "batch": batch, "until": now + LEASE}
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                rows = list(conn.execute(_CLAIM, params))
+                rows.sort(key=lambda row: (row.due, row.id))  # RETURNING keeps no order
+            else:
+                rows = list(conn.execute(_DUE, params))
+                if rows:
+                    conn.execute(_LEASE, {"ids": [row.id for row in rows], "until": params["until"]})
+        return [
+            (
+                Claimed(row.id, row.case_id, row.source_event_id, row.payload),
+                Target(row.endpoint_id, row.partner_id, row.url),
+            )
+            for row in rows
+        ]
 
     def _secrets(self, partner_id: str) -> list[str]:
         """The partner's signing secrets, read again after SECRETS_TTL (a rotation reaches the sender
@@ -268,7 +359,7 @@ class WebhookDispatcher:
         self._secrets_cache[partner_id] = (now, secrets)
         return secrets
 
-    def _send(self, delivery: WebhookDelivery, endpoint: WebhookEndpoint) -> Attempt:
+    def _send(self, delivery: Claimed, endpoint: Target) -> Attempt:
         body = delivery.payload.encode()
         started = time.monotonic()
         status_code: int | None = None
@@ -297,17 +388,34 @@ class WebhookDispatcher:
         if not attempts:
             return
         outcomes: list[tuple[Attempt, str]] = []
-        with Session(self.engine) as session:
-            ids = [a.delivery.id for a in attempts]
-            rows = {
-                row.id: row
-                for row in session.exec(select(WebhookDelivery).where(col(WebhookDelivery.id).in_(ids)))
+        with self.engine.begin() as conn:
+            current = {
+                row.id: row for row in conn.execute(_CURRENT, {"ids": [a.delivery.id for a in attempts]})
             }
+            changes: list[dict[str, object]] = []
             for attempt in attempts:
-                row = rows.get(attempt.delivery.id)
+                row = current.get(attempt.delivery.id)
                 if row is not None:
-                    outcomes.append((attempt, self._apply(session, row, attempt)))
-            session.commit()
+                    change = self._outcome(row, attempt)
+                    changes.append(change)
+                    outcomes.append((attempt, str(change["d_status"])))
+                    if attempt.status_code == 410:
+                        self._disable(conn, attempt)
+            if changes:
+                conn.execute(_OUTCOME, changes)
+                conn.execute(
+                    _ATTEMPT,
+                    [
+                        {
+                            "delivery_id": a.delivery.id,
+                            "at": a.at,
+                            "status_code": a.status_code,
+                            "error": a.error[:300],
+                            "duration_ms": a.duration_ms,
+                        }
+                        for a, _ in outcomes
+                    ],
+                )
         for attempt, outcome in outcomes:
             log.info(
                 "webhooks.attempt",
@@ -317,37 +425,36 @@ class WebhookDispatcher:
                 outcome=outcome,
             )
 
-    def _apply(self, session: Session, row: WebhookDelivery, attempt: Attempt) -> str:
-        now, status_code, error, endpoint = attempt.at, attempt.status_code, attempt.error, attempt.endpoint
-        row.attempts += 1
-        row.last_status_code = status_code
-        row.last_error = error[:300]
-        session.add(
-            WebhookAttempt(
-                delivery_id=row.id,
-                at=now,
-                status_code=status_code,
-                error=error[:300],
-                duration_ms=attempt.duration_ms,
-            )
-        )
+    def _outcome(self, row: Any, attempt: Attempt) -> dict[str, object]:
+        """The delivery's next state after `attempt` (as the parameters of `_OUTCOME`)."""
+        now, status_code = attempt.at, attempt.status_code
+        attempts = row.attempts + 1
+        status, next_at, delivered_at = row.status, row.next_attempt_at, row.delivered_at
         if status_code is not None and 200 <= status_code < 300:
-            row.status = "delivered"
-            row.delivered_at = now
-        elif status_code == 410:
-            row.status = "failed"
-            gone = session.get(WebhookEndpoint, endpoint.id)
-            if gone is not None and gone.disabled_at is None:
-                gone.disabled_at = now
-                gone.disabled_reason = "the endpoint answered 410 Gone"
-                session.add(gone)
-            log.info("webhooks.endpoint_disabled", endpoint_id=endpoint.id, partner_id=endpoint.partner_id)
-        elif row.attempts >= MAX_ATTEMPTS:
-            row.status = "failed"
+            status, delivered_at = "delivered", now
+        elif status_code == 410 or attempts >= MAX_ATTEMPTS:
+            status = "failed"
         else:
             wait = retry_after(attempt.retry_hint, now) or timedelta(
-                seconds=backoff(row.attempts, self.base_delay, self.max_delay, self.rng)
+                seconds=backoff(attempts, self.base_delay, self.max_delay, self.rng)
             )
-            row.next_attempt_at = now + wait
-        session.add(row)
-        return row.status
+            next_at = now + wait
+        return {
+            "d_id": row.id,
+            "d_attempts": attempts,
+            "d_status": status,
+            "d_status_code": status_code,
+            "d_error": attempt.error[:300],
+            "d_next": next_at,
+            "d_delivered_at": delivered_at,
+        }
+
+    @staticmethod
+    def _disable(conn: Connection, attempt: Attempt) -> None:
+        """HTTP 410 Gone: the endpoint is disabled (once) and gets nothing more."""
+        conn.execute(_GONE, {"endpoint_id": attempt.endpoint.id, "at": attempt.at})
+        log.info(
+            "webhooks.endpoint_disabled",
+            endpoint_id=attempt.endpoint.id,
+            partner_id=attempt.endpoint.partner_id,
+        )

@@ -24,7 +24,7 @@ from services.auth.models import Partner
 from services.auth.partners import rotate_webhook_secret
 from services.common.config import Settings
 from services.intake import api, consumer, webhooks_out, webhooks_out_api
-from services.intake.models import Case, CaseTimelineEntry, WebhookDelivery
+from services.intake.models import Case, CaseTimelineEntry, WebhookDelivery, WebhookEndpoint
 from services.intake.webhook_signing import read_headers, verify
 from services.intake.webhooks_out import WebhookDispatcher
 from tests.infra import wait_until
@@ -412,7 +412,7 @@ def test_a_woken_sender_claims_once_for_a_few_deliveries_and_again_only_after_a_
     claims: list[str] = []
 
     def count_claims(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "FOR UPDATE" in statement and "webhook_deliveries" in statement:
+        if "SKIP LOCKED" in statement and "webhook_deliveries" in statement:  # the claim, not the record
             claims.append(statement)
 
     sender = threading.Thread(target=dispatcher.run_forever, kwargs={"interval": 60.0}, daemon=True)
@@ -440,3 +440,44 @@ def test_a_woken_sender_claims_once_for_a_few_deliveries_and_again_only_after_a_
         sqlalchemy.event.remove(engines[0], "before_cursor_execute", count_claims)
         dispatcher.stop()
         sender.join(timeout=15)
+
+
+def test_the_sender_on_sqlite_sends_in_order_leases_retries_and_stops_at_410(
+    receiver: Receiver, tmp_path: Any
+) -> None:
+    """`make demo` keeps intake in a SQLite file: the sender claims there without UPDATE ... RETURNING."""
+    sqlite = intake_engines(Settings(database_url=None, data_dir=tmp_path))
+    assert sqlite[0].dialect.name == "sqlite"
+    with TestClient(intake_app(sqlite, api.router, webhooks_out_api.router)) as local:
+        partner, endpoint_id, case_id = setup_partner(local, sqlite[1], receiver)
+    dispatcher = WebhookDispatcher(
+        engine=sqlite[0], auth_engine=sqlite[1], env="dev", base_delay=0.05, rng=random.Random(7)
+    )
+    statuses = [CaseStatus.AWAITING_RECORDS, CaseStatus.MATCHING, CaseStatus.AWAITING_ACCEPTANCE]
+    receiver.script = [(200, {}), (503, {}), (200, {})]
+    for n, status_ in enumerate(statuses):
+        publish(sqlite[0], case_id, status_changed(case_id, status_), f"wf:{case_id}:q{n}")
+
+    claimed = dispatcher._claim(webhooks_out.BATCH)
+    assert [json.loads(d.payload)["data"]["status"] for d, _ in claimed] == [s.value for s in statuses]
+    assert dispatcher._claim(webhooks_out.BATCH) == []  # leased: not claimed twice
+    dispatcher._record([dispatcher._send(d, e) for d, e in claimed])
+    sent = [json.loads(body)["data"]["status"] for _, _, body in receiver.received]
+    assert sent == [s.value for s in statuses]
+
+    receiver.script = [(410, {})]
+    dispatch_until(dispatcher, lambda: len(receiver.received) == 4)  # the 503 retried: the endpoint is gone
+    publish(sqlite[0], case_id, status_changed(case_id, CaseStatus.IN_REVIEW), f"wf:{case_id}:q3")
+    assert dispatcher.run_once() == 0  # a disabled endpoint is sent nothing more (nor queued anything)
+    with Session(sqlite[0]) as session:
+        rows = session.exec(select(WebhookDelivery).where(WebhookDelivery.case_id == case_id)).all()
+        endpoint = session.get(WebhookEndpoint, endpoint_id)
+    by_status = {json.loads(r.payload)["data"]["status"]: (r.status, r.attempts) for r in rows}
+    assert by_status == {
+        "awaiting_records": ("delivered", 1),
+        "matching": ("failed", 2),
+        "awaiting_acceptance": ("delivered", 1),
+    }
+    assert endpoint is not None and endpoint.disabled_at is not None and "410" in endpoint.disabled_reason
+    assert partner["partner_id"] == endpoint.partner_id
+    dispatcher.http.close()
