@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from temporalio.client import Client
@@ -21,6 +23,25 @@ from services.intake.handlers import workflow_id
 from workflows.worker import workflow_runner
 
 TARGET, P99_LIMIT_MS = 0.7, 250.0
+HELD_FOR = 300.0  # seconds the held cases may take to catch up on their first steps once the worker runs
+
+
+@contextlib.asynccontextmanager
+async def first_steps_held(system: System, client: Client) -> AsyncIterator[None]:
+    """The worker stopped (SIGSTOP) for the block: the cases created in it take no first step until it
+    ends. Then the worker runs again, and this returns once every case has taken its first step (none is
+    left at `intake`), so the next measurement does not compete with them."""
+    worker = system.pid("worker")
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    deadline = time.monotonic() + HELD_FOR
+    while (await client.count_workflows('CaseStatus="intake"')).count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the held cases did not take their first steps within {HELD_FOR:.0f} s")
+        await asyncio.sleep(1)
 
 
 async def closed_loop(call: Callable[[], Awaitable[None]], concurrency: int, seconds: float) -> list[float]:
@@ -41,6 +62,9 @@ async def closed_loop(call: Callable[[], Awaitable[None]], concurrency: int, sec
 
 async def measure(system: System, concurrency: int, seconds: float) -> Result:
     url = f"{system.settings.intake_url}/v1/cases"
+    client = await Client.connect(
+        system.settings.temporal_address, namespace=system.settings.temporal_namespace
+    )
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, headers=system.headers, limits=limits) as http:
         created: list[str] = []
@@ -58,10 +82,16 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
             api = await closed_loop(post_case, concurrency, seconds)
             api_rate = len(api) / (time.monotonic() - started)
             await work.end()  # the cases' first steps, done once the server's counters settle, count too
+        shaped_by = created[-1]  # a case of the run: the paced ceiling does what it did
 
-    client = await Client.connect(
-        system.settings.temporal_address, namespace=system.settings.temporal_namespace
-    )
+        # What the API adds to a start: the same POSTs while no case takes its first steps (taken after
+        # the window, not counted). Half as long: the held cases' first steps are caught up after it.
+        async with first_steps_held(system, client):
+            started = time.monotonic()
+            with CpuUse(system) as held_cpu:
+                held = await closed_loop(post_case, concurrency, seconds / 2)
+                held_rate = len(held) / (time.monotonic() - started)
+
     shape = bare.Shape()  # no activities, signals or updates
 
     async def start_workflow() -> None:
@@ -78,7 +108,7 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
     # The paced ceiling: the bare workflow doing what a case did in the run (the steps its history shows, a
     # signal sent once the step before it ran, as the insurance answer comes once the check was asked for),
     # started at the same concurrency; the callers wait for the start only, as intake's callers do.
-    first_steps = (await bare.shape_of(client, workflow_id(created[-1]))).steps
+    first_steps = (await bare.shape_of(client, workflow_id(shaped_by))).steps
     drivers: set[asyncio.Task[None]] = set()
 
     async def start_paced() -> None:
@@ -102,6 +132,7 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
     p99 = ms(percentile(api, 0.99))
     cpu_ms, raw_cpu_ms = cpu.per_unit(len(api)), raw_cpu.per_unit(len(raw))
     paced_cpu_ms = paced_cpu.per_unit(len(paced))
+    held_cpu_ms = held_cpu.per_unit(len(held))
     steps = bare.Shape(first_steps).describe_steps()
     return Result(
         name="intake",
@@ -122,6 +153,9 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
             "paced ceiling starts/s": round(paced_rate, 1),
             "paced ceiling p99 ms": ms(percentile(paced, 0.99)),
             "paced ceiling CPU ms/start": round(sum(paced_cpu_ms.values()), 1),
+            "held req/s": round(held_rate, 1),
+            "held p99 ms": ms(percentile(held, 0.99)),
+            "held CPU ms/req": round(sum(held_cpu_ms.values()), 1),
         },
         notes=[
             "each case created starts its workflow, records request and insurance check while the next POSTs "
@@ -131,6 +165,10 @@ async def measure(system: System, concurrency: int, seconds: float) -> Result:
             f"paced ceiling (the bare workflow doing a case's first steps as the run did, {steps}, each signal "
             f"sent once the step before it ran, while the next starts arrive): ratio {api_rate / paced_rate:.2f}, "
             f"p50 ms {ms(percentile(paced, 0.5))}, CPU ms per start {CpuUse.describe(paced_cpu_ms)}",
+            f"first steps held (the worker stopped for {seconds / 2:.0f} s, the same POSTs: what the API adds to "
+            f"a start): ratio {held_rate / raw_rate:.2f}, p50 ms {ms(percentile(held, 0.5))}, p99 ms "
+            f"{ms(percentile(held, 0.99))}, CPU ms per request {CpuUse.describe(held_cpu_ms)}; "
+            f"{os.cpu_count()} cores sustain at most {sustained(held_cpu_ms)} such requests/s",
             "Temporal's own counters per request (a case | a bare start | a paced bare start): "
             + ServerWork.side_by_side(
                 work.per_unit(len(api)), raw_work.per_unit(len(raw)), paced_work.per_unit(len(paced))

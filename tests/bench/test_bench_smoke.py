@@ -81,6 +81,10 @@ def test_the_smoke_run_measures_every_benchmark_and_its_ceiling(tmp_path: Path) 
     assert tasks and float(tasks[1]) > 0 and float(tasks[3]) > 0 and float(tasks[2]) == 0, started
     [paced] = [n for n in results["intake"]["notes"] if n.startswith("paced ceiling")]
     assert re.search(r"st\d+ si\d+", paced), paced
+    # The same POSTs with the first steps held: the worker, stopped, used no CPU, and intake served them.
+    assert results["intake"]["figures"]["held req/s"] > 0
+    [held] = [n for n in results["intake"]["notes"] if n.startswith("first steps held")]
+    assert "intake " in held and "worker " not in held, held
     assert results["import"]["figures"]["peak RSS MB"] > 0
     assert results["retrieve"]["figures"]["MB/s"] > 0
     scale = results["scale"]["figures"]
