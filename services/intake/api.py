@@ -7,7 +7,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import structlog
@@ -49,6 +49,8 @@ from services.intake.models import (
 )
 
 log = structlog.get_logger(__name__)
+# How long a stored case is left to its own POST to start its workflow before the reconciler does.
+START_GRACE = timedelta(seconds=10)
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 
@@ -616,12 +618,18 @@ def mark_started(engine: Engine, case_id: str) -> None:
         )
 
 
-def unstarted_cases(engine: Engine, limit: int = 100) -> list[Case]:
+def unstarted_cases(engine: Engine, limit: int = 100, settled_for: timedelta = START_GRACE) -> list[Case]:
+    """Stored cases whose workflow was not started, created at least `settled_for` ago: a younger one may
+    still be starting in its own POST (under load a start can take a second or more), and starting it from
+    here too would cost Temporal a second start that it only refuses."""
     with Session(engine, expire_on_commit=False) as session:
         return list(
             session.exec(
                 select(Case)
-                .where(col(Case.workflow_started).is_(False))
+                .where(
+                    col(Case.workflow_started).is_(False),
+                    col(Case.created_at) <= datetime.now(UTC) - settled_for,
+                )
                 .order_by(col(Case.created_at))
                 .limit(limit)
             ).all()
