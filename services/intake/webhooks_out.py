@@ -241,6 +241,7 @@ _CURRENT = (
         _DELIVERY.c.delivered_at,
     )  # fmt: skip
     .where(_DELIVERY.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_DELIVERY.c.id)  # locked in one order, as any other writer of several rows does
     .with_for_update()
 )
 _OUTCOME = (
@@ -452,9 +453,10 @@ class WebhookDispatcher:
     @staticmethod
     def _disable(conn: Connection, attempt: Attempt) -> None:
         """HTTP 410 Gone: the endpoint is disabled (once) and gets nothing more."""
-        conn.execute(_GONE, {"endpoint_id": attempt.endpoint.id, "at": attempt.at})
-        log.info(
-            "webhooks.endpoint_disabled",
-            endpoint_id=attempt.endpoint.id,
-            partner_id=attempt.endpoint.partner_id,
-        )
+        disabled = conn.execute(_GONE, {"endpoint_id": attempt.endpoint.id, "at": attempt.at}).rowcount
+        if disabled:
+            log.info(
+                "webhooks.endpoint_disabled",
+                endpoint_id=attempt.endpoint.id,
+                partner_id=attempt.endpoint.partner_id,
+            )
