@@ -207,7 +207,7 @@ _DUE = (
         _ENDPOINT.c.id.label("endpoint_id"),
         _ENDPOINT.c.partner_id,
         _ENDPOINT.c.url,
-    )  # fmt: skip
+    )
     .join(_ENDPOINT, _ENDPOINT.c.id == _DELIVERY.c.endpoint_id)
     .where(
         _DELIVERY.c.status == "pending",
@@ -239,7 +239,7 @@ _CURRENT = (
         _DELIVERY.c.status,
         _DELIVERY.c.next_attempt_at,
         _DELIVERY.c.delivered_at,
-    )  # fmt: skip
+    )
     .where(_DELIVERY.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(_DELIVERY.c.id)  # locked in one order, as any other writer of several rows does
     .with_for_update()
