@@ -93,7 +93,7 @@ def running_system() -> Iterator[System]:
             partner = demo.demo_partner(settings)
             yield System(settings, partner["partner_id"], partner["api_key"], operations_key(), scratch)
         finally:
-            with contextlib.redirect_stdout(open(os.devnull, "w")), reaping(settings):  # noqa: SIM115
+            with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
                 stack.down(settings)
             for key, value in saved.items():
                 if value is None:
@@ -101,32 +101,6 @@ def running_system() -> Iterator[System]:
                 else:
                     os.environ[key] = value
             get_settings.cache_clear()
-
-
-@contextlib.contextmanager
-def reaping(settings: Settings) -> Iterator[None]:
-    """Reap the stack's processes as they exit: they are this process's children, and a zombie still
-    answers `kill(pid, 0)`, so stack.down would wait its full grace period for each one."""
-    pids = [p for p in (stack.running_pid(settings, x.name) for x in stack.processes(settings)) if p]
-    stop = threading.Event()
-
-    def reap() -> None:
-        left = set(pids)
-        while left and not stop.wait(0.05):
-            for pid in list(left):
-                try:
-                    if os.waitpid(pid, os.WNOHANG)[0]:
-                        left.discard(pid)
-                except ChildProcessError:
-                    left.discard(pid)
-
-    reaper = threading.Thread(target=reap, daemon=True)
-    reaper.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        reaper.join()
 
 
 def operations_key() -> str:

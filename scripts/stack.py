@@ -88,12 +88,21 @@ def running_pid(settings: Settings, name: str) -> int | None:
     if not pid_file.exists():
         return None
     pid = int(pid_file.read_text().strip() or 0)
+    _reap(pid)
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         pid_file.unlink(missing_ok=True)
         return None
     return pid
+
+
+def _reap(pid: int) -> None:
+    """Collect `pid` if it is this process's own child and has exited: a zombie still answers kill(pid, 0),
+    so `down` called by the process that ran `up` (a test, a benchmark) would wait out its whole grace
+    period for each process that had already stopped."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def _port_open(port: int) -> bool:
