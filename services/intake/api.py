@@ -85,8 +85,13 @@ CLOSED = {CaseStatus.CLOSED.value, CaseStatus.CANCELLED.value}
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
 
 
-def intake_engine() -> Engine:
+# No I/O in these two: `async def` keeps them out of the thread pool (see services/auth/deps.py).
+async def intake_engine() -> Engine:
     return get_engine("intake")
+
+
+async def settings_dep() -> Settings:
+    return get_settings()
 
 
 def get_session(engine: Annotated[Engine, Depends(intake_engine)]) -> Iterator[Session]:
@@ -110,7 +115,7 @@ async def temporal_client(request: Request) -> Client | None:
 EngineDep = Annotated[Engine, Depends(intake_engine)]
 SessionDep = Annotated[Session, Depends(get_session)]
 TemporalDep = Annotated[Client | None, Depends(temporal_client)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(settings_dep)]
 CaseCaller = Annotated[Principal, Depends(require_role(Role.PARTNER, Role.OPERATIONS))]
 IdempotencyKey = Annotated[
     str | None,
@@ -146,7 +151,11 @@ class Audit:
         )
 
 
-AuditDep = Annotated[Audit, Depends(Audit)]
+async def audit_dep(request: Request, caller: CaseCaller, engine: AuthEngine) -> Audit:
+    return Audit(request, caller, engine)
+
+
+AuditDep = Annotated[Audit, Depends(audit_dep)]
 
 
 def to_public(case: Case, timeline: list[CaseTimelineEntry]) -> CasePublic:

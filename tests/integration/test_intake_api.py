@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from contracts import CaseStatusChanged, DeliverReport, new_event
 from contracts.events import CaseCancelled
@@ -270,7 +270,9 @@ def test_every_phi_read_and_write_is_audited_with_who_what_and_outcome(
     case_id = client.post("/v1/cases", json=SAMPLE).json()["case_id"]
     client.get(f"/v1/cases/{case_id}")
     with Session(auth) as session:
-        entries = session.exec(select(AuditEvent).where(AuditEvent.case_id == case_id)).all()
+        entries = session.exec(
+            select(AuditEvent).where(AuditEvent.case_id == case_id).order_by(col(AuditEvent.id))
+        ).all()
     assert [(e.action, e.outcome, e.partner_id) for e in entries] == [
         ("create", "success", partner["partner_id"]),
         ("read", "success", partner["partner_id"]),

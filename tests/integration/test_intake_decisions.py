@@ -24,7 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from contracts.models import CaseInput
 
 from contracts import DeliverReport, new_event
-from services.common.config import Settings, get_settings
+from services.common.config import Settings
 from services.common.db import Inbox
 from services.intake import api, consumer, handlers
 from services.intake.models import CaseCreate
@@ -87,7 +87,7 @@ async def http(
     _, auth = engines
     queue = f"intake-test-{uuid.uuid4().hex[:8]}"
     app = intake_app(engines, api.router, temporal=temporal_env.client)
-    app.dependency_overrides[get_settings] = lambda: settings.model_copy(
+    app.dependency_overrides[api.settings_dep] = lambda: settings.model_copy(
         update={"temporal_task_queue": queue}
     )
     partner = new_partner(auth, "Decider")

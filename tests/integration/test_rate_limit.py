@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from services.auth import auth_engine
+from services.auth.deps import auth_engine, rate_limiter
 from services.auth.partners import create_partner
-from services.auth.rate_limit import RateLimiter, RateLimitSettings, get_rate_limiter
+from services.auth.rate_limit import RateLimiter, RateLimitSettings
 from services.common import migrate
 from services.common.config import Settings
 from services.common.db import make_engine
@@ -34,7 +34,7 @@ def client(auth: Engine, settings: Settings) -> Iterator[TestClient]:
     app = create_app("insurance", routers=[insurance_api.router], engine=lambda: insurance)
     app.dependency_overrides[auth_engine] = lambda: auth
     limiter = RateLimiter(per_second=2, burst=3)
-    app.dependency_overrides[get_rate_limiter] = lambda: limiter
+    app.dependency_overrides[rate_limiter] = lambda: limiter
     with TestClient(app) as c:
         yield c
 
