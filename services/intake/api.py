@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -327,14 +329,25 @@ async def open_case(
                 return existing
 
     case = await run_in_threadpool(store)
-    await run_in_threadpool(audit, "create", "case", case.id, "success")
-    if not case.workflow_started and temporal is not None:
+
+    async def start() -> None:
+        if case.workflow_started or temporal is None:
+            return
         try:
             await handlers.start_workflow(temporal, case, settings)
-            await run_in_threadpool(mark_started, engine, case.id)
-            case.workflow_started = True
         except Exception as exc:
             log.warning("workflow.start_deferred", case_id=case.id, error=type(exc).__name__)
+            return
+        case.workflow_started = True
+        started_flags(engine).add(case.id)
+
+    # The case is stored: its audit entry and its workflow's start no longer depend on each other, and each
+    # waits on its own server (the audit chain's group commit, Temporal's persistence), so side by side.
+    audited, _ = await asyncio.gather(
+        run_in_threadpool(audit, "create", "case", case.id, "success"), start(), return_exceptions=True
+    )
+    if isinstance(audited, BaseException):
+        raise audited
     return case, sorted(created, key=lambda row: row.at) if created is not None else None
 
 
@@ -515,11 +528,11 @@ def store_document(
 
 
 async def signal_consent(engine: Engine, temporal: Client | None, document: DocumentPublic) -> None:
-    """Tell the workflow; when it cannot be told now, the reconciler signals it later."""
-    with Session(engine) as session:
-        case = session.get(Case, document.case_id)
-        if case is None or not case.workflow_started:
-            return
+    """Tell the workflow; when it cannot be told now, the reconciler signals it later.
+
+    Tried even when the case is not flagged started: the flag is set just after the POST that started the
+    workflow has answered, so a document sent at once may find it unset. A workflow not started yet
+    answers NOT_FOUND (then the reconciler starts it with consent on file, and signals it too)."""
     try:
         await decisions.consent_received(
             temporal, document.case_id, ConsentReceived(by="intake", document_id=document.document_id)
@@ -613,8 +626,8 @@ async def ask_question(
     return await idempotent(request, caller, engine, idempotency_key, 201, ask)
 
 
-def mark_started(engine: Engine, case_id: str) -> None:
-    # Two statements on a plain connection: no ORM session is needed for one flag.
+def mark_started(engine: Engine, case_ids: Collection[str]) -> None:
+    # Two statements on a plain connection: no ORM session is needed for a flag.
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             # Not worth a WAL flush of its own: if a crash loses the flag, the reconciler starts the
@@ -622,9 +635,57 @@ def mark_started(engine: Engine, case_id: str) -> None:
             conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
         conn.execute(
             update(Case)
-            .where(col(Case.id) == case_id, col(Case.workflow_started).is_(False))
+            .where(col(Case.id).in_(list(case_ids)), col(Case.workflow_started).is_(False))
             .values(workflow_started=True)
         )
+
+
+class StartedFlags:
+    """Sets `workflow_started` on the cases whose workflow this process started, off the request's path:
+    the POST answers once Temporal has the workflow, and the flags of the cases started meanwhile are set
+    together, in one UPDATE, by one thread at a time.
+
+    The flag only tells the reconciler what it need not start. One that is never set (the process stopped
+    first, the database refused) costs the reconciler a start that Temporal answers with "already
+    started", after which the reconciler sets it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._writing = False
+
+    def add(self, case_id: str) -> None:
+        with self._lock:
+            self._pending.append(case_id)
+            if self._writing:
+                return  # the thread writing now takes it in its next UPDATE
+            self._writing = True
+        threading.Thread(target=self._write, name="started-flags", daemon=True).start()
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                case_ids, self._pending = self._pending, []
+                if not case_ids:
+                    self._writing = False
+                    return
+            try:
+                mark_started(self._engine, case_ids)
+            except Exception as exc:
+                log.warning("workflow.started_flags_unset", cases=len(case_ids), error=type(exc).__name__)
+
+
+_started_flags: dict[Engine, StartedFlags] = {}  # one per database; an engine lives as long as its process
+_started_flags_lock = threading.Lock()
+
+
+def started_flags(engine: Engine) -> StartedFlags:
+    with _started_flags_lock:
+        flags = _started_flags.get(engine)
+        if flags is None:
+            flags = _started_flags[engine] = StartedFlags(engine)
+        return flags
 
 
 def unstarted_cases(engine: Engine, limit: int = 100, settled_for: timedelta = START_GRACE) -> list[Case]:

@@ -104,15 +104,16 @@ async def start_workflow(client: Client, case: Case, settings: Settings) -> None
             SearchAttributePair(CASE_DUE_AT, case.due_at),
         ]
     )
+    arguments = case_input(case)
     try:
         await client.start_workflow(
             "CaseWorkflow",
-            case_input(case),
+            arguments,
             id=workflow_id(case.id),
             task_queue=settings.temporal_task_queue,
             search_attributes=attributes,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            static_summary=f"Second opinion · {case_input(case).exam.exam_type} ultrasound · {case.urgency}",
+            static_summary=f"Second opinion · {arguments.exam.exam_type} ultrasound · {case.urgency}",
         )
     except WorkflowAlreadyStartedError:
         log.info("workflow.already_started", case_id=case.id)

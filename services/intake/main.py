@@ -61,7 +61,7 @@ async def reconcile_workflow_starts(app: FastAPI) -> None:
             app.state.temporal = client
             for case in cases:
                 await handlers.start_workflow(client, case, settings)
-                await asyncio.to_thread(api.mark_started, get_engine("intake"), case.id)
+                await asyncio.to_thread(api.mark_started, get_engine("intake"), [case.id])
                 log.info("workflow.started_by_reconciler", case_id=case.id)
             for document in consents:
                 await api.signal_consent(get_engine("intake"), client, document)

@@ -7,14 +7,17 @@ test checks intake's side of the contract: what it sends, and how a refusal reac
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -24,10 +27,11 @@ with workflow.unsafe.imports_passed_through():
     from contracts.models import CaseInput
 
 from contracts import DeliverReport, new_event
+from services.auth.models import AuditEvent
 from services.common.config import Settings
 from services.common.db import Inbox
 from services.intake import api, consumer, handlers
-from services.intake.models import CaseCreate
+from services.intake.models import Case, CaseCreate
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 
@@ -165,3 +169,36 @@ async def test_cancel_before_the_workflow_started_is_503_and_an_unknown_case_404
     assert "retry" in waiting.json()["detail"]
     missing = await client.post(f"/v1/cases/{uuid.uuid4()}/cancel", json={"reason": "whatever"})
     assert missing.status_code == 404
+
+
+async def test_started_cases_are_flagged_in_the_background_and_each_creation_is_audited(
+    http: tuple[httpx.AsyncClient, Client], engines: tuple[Engine, Engine]
+) -> None:
+    """The POST answers once Temporal has the workflow; the flag that spares the reconciler a second start
+    is set after the answer, for a burst's cases together, and the audit entry is written beside the start."""
+    client, temporal = http
+    intake, auth = engines
+    answers = await asyncio.gather(*(client.post("/v1/cases", json=SAMPLE) for _ in range(12)))
+    assert [a.status_code for a in answers] == [201] * 12, [a.text for a in answers if a.status_code != 201]
+    case_ids = {a.json()["case_id"] for a in answers}
+    for case_id in case_ids:  # started before the answer
+        assert (await temporal.get_workflow_handle(f"case-{case_id}").describe()).status is not None
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with Session(intake) as session:
+            flagged = set(
+                session.exec(select(Case.id).where(col(Case.id).in_(case_ids), Case.workflow_started))
+            )
+        if flagged == case_ids:
+            break
+        await asyncio.sleep(0.05)
+    assert flagged == case_ids, f"{len(case_ids - flagged)} of 12 started cases never flagged"
+    assert not case_ids & {c.id for c in api.unstarted_cases(intake, limit=10_000, settled_for=timedelta(0))}
+    with Session(auth) as session:
+        audited = session.exec(
+            select(AuditEvent.case_id).where(
+                col(AuditEvent.case_id).in_(case_ids), AuditEvent.action == "create"
+            )
+        ).all()
+    assert sorted(audited) == sorted(case_ids)
