@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -650,7 +651,7 @@ class StartedFlags:
     started", after which the reconciler sets it."""
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+        self._engine = weakref.ref(engine)  # not kept alive by this: a test's engine goes with its test
         self._lock = threading.Lock()
         self._pending: list[str] = []
         self._writing = False
@@ -670,13 +671,16 @@ class StartedFlags:
                 if not case_ids:
                     self._writing = False
                     return
+            engine = self._engine()
+            if engine is None:
+                continue  # the engine was disposed of: nothing left to write to
             try:
-                mark_started(self._engine, case_ids)
+                mark_started(engine, case_ids)
             except Exception as exc:
                 log.warning("workflow.started_flags_unset", cases=len(case_ids), error=type(exc).__name__)
 
 
-_started_flags: dict[Engine, StartedFlags] = {}  # one per database; an engine lives as long as its process
+_started_flags: weakref.WeakKeyDictionary[Engine, StartedFlags] = weakref.WeakKeyDictionary()
 _started_flags_lock = threading.Lock()
 
 
