@@ -16,10 +16,11 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from temporalio import workflow
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
 with workflow.unsafe.imports_passed_through():
@@ -31,7 +32,7 @@ from services.auth.models import AuditEvent
 from services.common.config import Settings
 from services.common.db import Inbox
 from services.intake import api, consumer, handlers
-from services.intake.models import Case, CaseCreate
+from services.intake.models import Case, CaseCreate, CaseDocument
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 
@@ -171,6 +172,19 @@ async def test_cancel_before_the_workflow_started_is_503_and_an_unknown_case_404
     assert missing.status_code == 404
 
 
+async def flagged_started(intake: Engine, case_ids: set[str], within: float = 10) -> set[str]:
+    """Which of `case_ids` carry the started flag, once all do or `within` seconds have passed."""
+    deadline = time.monotonic() + within
+    while True:
+        with Session(intake) as session:
+            flagged = set(
+                session.exec(select(Case.id).where(col(Case.id).in_(case_ids), Case.workflow_started))
+            )
+        if flagged == case_ids or time.monotonic() > deadline:
+            return flagged
+        await asyncio.sleep(0.05)
+
+
 async def test_started_cases_are_flagged_in_the_background_and_each_creation_is_audited(
     http: tuple[httpx.AsyncClient, Client], engines: tuple[Engine, Engine]
 ) -> None:
@@ -182,17 +196,10 @@ async def test_started_cases_are_flagged_in_the_background_and_each_creation_is_
     assert [a.status_code for a in answers] == [201] * 12, [a.text for a in answers if a.status_code != 201]
     case_ids = {a.json()["case_id"] for a in answers}
     for case_id in case_ids:  # started before the answer
-        assert (await temporal.get_workflow_handle(f"case-{case_id}").describe()).status is not None
+        description = await temporal.get_workflow_handle(f"case-{case_id}").describe()
+        assert description.status == WorkflowExecutionStatus.RUNNING
 
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with Session(intake) as session:
-            flagged = set(
-                session.exec(select(Case.id).where(col(Case.id).in_(case_ids), Case.workflow_started))
-            )
-        if flagged == case_ids:
-            break
-        await asyncio.sleep(0.05)
+    flagged = await flagged_started(intake, case_ids)
     assert flagged == case_ids, f"{len(case_ids - flagged)} of 12 started cases never flagged"
     assert not case_ids & {c.id for c in api.unstarted_cases(intake, limit=10_000, settled_for=timedelta(0))}
     with Session(auth) as session:
@@ -201,4 +208,30 @@ async def test_started_cases_are_flagged_in_the_background_and_each_creation_is_
                 col(AuditEvent.case_id).in_(case_ids), AuditEvent.action == "create"
             )
         ).all()
-    assert sorted(audited) == sorted(case_ids)
+    assert sorted(audited, key=str) == sorted(case_ids)
+
+
+async def test_consent_sent_before_the_started_flag_is_set_still_reaches_the_workflow(
+    http: tuple[httpx.AsyncClient, Client], engines: tuple[Engine, Engine]
+) -> None:
+    """The flag is set just after the POST answers, so a partner that sends the signed release at once can
+    find it unset: the workflow, which exists, is told anyway, and the document is not left to the
+    reconciler."""
+    client, temporal = http
+    intake, _ = engines
+    case_id = (await client.post("/v1/cases", json=dict(SAMPLE, consent_on_file=False))).json()["case_id"]
+    assert await flagged_started(intake, {case_id}) == {case_id}
+    with intake.begin() as conn:  # as if the release arrived before the background writer got to it
+        conn.execute(update(Case).where(col(Case.id) == case_id).values(workflow_started=False))
+
+    form = {
+        "kind": "records_release_authorization",
+        "title": "Signed release",
+        "content_type": "application/pdf",
+        "content_base64": base64.b64encode(b"%PDF-1.4").decode(),
+    }
+    document = (await client.post(f"/v1/cases/{case_id}/documents", json=form)).json()
+    assert (await received(temporal, case_id))["consent_documents"] == [document["document_id"]]
+    with Session(intake) as session:
+        stored = session.get(CaseDocument, document["document_id"])
+        assert stored is not None and stored.consent_signalled_at is not None  # nothing left to signal later

@@ -10,9 +10,10 @@ from scripts import stack
 from services.common.config import Settings
 
 
-def test_down_does_not_wait_out_the_grace_period_for_a_child_that_already_stopped(tmp_path: Path) -> None:
+def test_a_stopped_child_no_longer_counts_as_running(tmp_path: Path) -> None:
     # The process that ran `up` (a test's fixture, a benchmark) is the parent of what it started: an
-    # exited child stays a zombie until reaped, and a zombie still answers kill(pid, 0).
+    # exited child stays a zombie until reaped, and a zombie still answers kill(pid, 0), so `down`, which
+    # waits for running_pid to say None, waited out its whole grace period for each one.
     settings = Settings(data_dir=tmp_path)
     process = stack.Process("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
     pid = stack.start(process, settings)
