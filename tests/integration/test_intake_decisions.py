@@ -78,6 +78,14 @@ class StandInCaseWorkflow:
         }
 
 
+RELEASE = {  # a signed records release: puts consent on file
+    "kind": "records_release_authorization",
+    "title": "Signed release",
+    "content_type": "application/pdf",
+    "content_base64": base64.b64encode(b"%PDF-1.4").decode(),
+}
+
+
 @pytest.fixture(scope="module")
 def engines(settings: Settings) -> tuple[Engine, Engine]:
     return intake_engines(settings)
@@ -121,13 +129,7 @@ async def test_consent_cancel_and_questions_reach_the_workflow_and_refusals_are_
     case_id = created.json()["case_id"]
     assert (await received(temporal, case_id))["consent_on_file"] is False
 
-    form = {
-        "kind": "records_release_authorization",
-        "title": "Signed release",
-        "content_type": "application/pdf",
-        "content_base64": base64.b64encode(b"%PDF-1.4").decode(),
-    }
-    document = (await client.post(f"/v1/cases/{case_id}/documents", json=form)).json()
+    document = (await client.post(f"/v1/cases/{case_id}/documents", json=RELEASE)).json()
     assert (await received(temporal, case_id))["consent_documents"] == [document["document_id"]]
 
     deliver = new_event(
@@ -224,13 +226,7 @@ async def test_consent_sent_before_the_started_flag_is_set_still_reaches_the_wor
     with intake.begin() as conn:  # as if the release arrived before the background writer got to it
         conn.execute(update(Case).where(col(Case.id) == case_id).values(workflow_started=False))
 
-    form = {
-        "kind": "records_release_authorization",
-        "title": "Signed release",
-        "content_type": "application/pdf",
-        "content_base64": base64.b64encode(b"%PDF-1.4").decode(),
-    }
-    document = (await client.post(f"/v1/cases/{case_id}/documents", json=form)).json()
+    document = (await client.post(f"/v1/cases/{case_id}/documents", json=RELEASE)).json()
     assert (await received(temporal, case_id))["consent_documents"] == [document["document_id"]]
     with Session(intake) as session:
         stored = session.get(CaseDocument, document["document_id"])
