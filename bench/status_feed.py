@@ -31,6 +31,10 @@ class StatusFeed:
         feed = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as a partner's web server would: HTTP/1.0 (the default here) closes every
+            # connection and made our sender connect afresh for each delivery.
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 self.send_response(200)
