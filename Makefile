@@ -4,15 +4,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run down status codec-server replay-record chaos dlq bench test lint format unit integration e2e clean
+.PHONY: install lock demo run down status codec-server replay-record chaos dlq bench test lint format unit integration e2e clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+
+## Take the newest releases pyproject.toml allows: install them into a scratch venv and write constraints.txt.
+## Run the tests on the result (make test) before committing it.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^secondopinion'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 ## Start Temporal, the four services and the worker (idempotent), then run one sample case end to end.
 demo: install
