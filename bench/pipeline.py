@@ -11,6 +11,7 @@ from temporalio.client import Client
 
 from bench import bare
 from bench.cases import demo_files, run_case, widen_directory
+from bench.db_work import DbWork, describe
 from bench.result import Result
 from bench.server_work import ServerWork
 from bench.stats import ms, percentile
@@ -46,12 +47,13 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
             http, temporal, system, files, feed
         )  # warm-up; also the case whose shape the ceiling copies
         first = (await http.get(f"{settings.intake_url}/v1/cases", params={"status": "closed"})).json()
-        work = await ServerWork(system).begin()
+        work, rows = ServerWork(system), DbWork(system)
+        await asyncio.gather(work.begin(), rows.begin())
         started = time.monotonic()
         with CpuUse(system) as cpu:
             await asyncio.gather(*(one() for _ in range(cases)))
         elapsed = time.monotonic() - started
-        await work.end()
+        await asyncio.gather(work.end(), rows.end())
 
     shape = await bare.shape_of(temporal, f"case-{first['items'][0]['case_id']}")
     plain = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
@@ -113,6 +115,8 @@ async def measure(system: System, cases: int, concurrency: int) -> Result:
             + ServerWork.side_by_side(
                 work.per_unit(cases), bare_work.per_unit(cases), paced_work.per_unit(cases)
             ),
+            "PostgreSQL rows per case (inserted/updated/deleted), by service schema and busiest table: "
+            + describe(rows.per_unit(cases)),
             *failures[:5],
         ],
     )
