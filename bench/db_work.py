@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import psycopg
@@ -38,7 +39,7 @@ def libpq_url(url: str) -> str:
     return f"{scheme.split('+')[0]}{sep}{rest}"
 
 
-def difference(before: dict[str, Counts], after: dict[str, Counts]) -> dict[str, Counts]:
+def difference(before: Mapping[str, Counts], after: Mapping[str, Counts]) -> dict[str, Counts]:
     """Per table (`schema.table`), what changed between two reads; tables that changed nothing left out."""
     changed: dict[str, Counts] = {}
     for table, now in after.items():
@@ -49,7 +50,7 @@ def difference(before: dict[str, Counts], after: dict[str, Counts]) -> dict[str,
     return changed
 
 
-def by_schema(tables: dict[str, Counts]) -> dict[str, Counts]:
+def by_schema(tables: Mapping[str, Counts]) -> dict[str, Counts]:
     """The tables' counts summed per schema (a service's own tables)."""
     schemas: dict[str, Counts] = {}
     for table, (ins, upd, dele) in tables.items():
@@ -63,7 +64,7 @@ def _written(counts: Counts) -> float:
     return sum(counts)
 
 
-def describe(tables: dict[str, Counts], top: int = 4) -> str:
+def describe(tables: Mapping[str, Counts], top: int = 4) -> str:
     """`intake 38/35/0, review 9/7/0; most: intake.webhook_deliveries 11/22/0, …` (inserted/updated/deleted),
     busiest schema and table first."""
     if not tables:
