@@ -67,4 +67,4 @@ def test_dockerignore_keeps_local_state_out() -> None:
     ]
     assert rules[0] == "**", "ignore everything, then allow what the image needs"
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "contracts", "services", "workflows"}
+    assert allowed == {"pyproject.toml", "constraints.txt", "README.md", "contracts", "services", "workflows"}
