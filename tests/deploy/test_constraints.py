@@ -12,7 +12,7 @@ from tests.deploy.conftest import ROOT
 
 
 def pins() -> dict[str, str]:
-    result = {}
+    result: dict[str, str] = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if not line or line.startswith("#"):
             continue
