@@ -1,0 +1,33 @@
+"""Standard Webhooks' replay window: a delivery's `webhook-timestamp` may be at most five minutes from our
+clock either way; at the edge it is still accepted, one second past it is refused, saying which way."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.intake.webhook_signing import TOLERANCE_SECONDS, WebhookRejected, read_headers
+
+NOW = 1_790_000_000.4  # our clock, with the fraction a real clock has
+
+
+def headers(timestamp: int) -> dict[str, str]:
+    return {"webhook-id": "msg_1", "webhook-timestamp": str(timestamp), "webhook-signature": "v1,AAAA"}
+
+
+@pytest.mark.parametrize("offset", [-TOLERANCE_SECONDS + 1, 0, TOLERANCE_SECONDS])
+def test_a_timestamp_inside_the_window_is_read(offset: int) -> None:
+    timestamp = int(NOW) + offset
+    assert read_headers(headers(timestamp), NOW).timestamp == timestamp
+
+
+@pytest.mark.parametrize(
+    ("offset", "says"),
+    [
+        (-TOLERANCE_SECONDS - 1, "more than 5 minutes old"),
+        (TOLERANCE_SECONDS + 1, "more than 5 minutes ahead"),
+    ],
+)
+def test_a_timestamp_past_the_window_is_refused_with_which_way(offset: int, says: str) -> None:
+    with pytest.raises(WebhookRejected) as refused:
+        read_headers(headers(int(NOW) + offset), NOW)
+    assert refused.value.status == 400 and says in refused.value.detail
