@@ -93,7 +93,8 @@ class DbWork:
     def _read(self) -> dict[str, Counts]:
         url = libpq_url(self.system.settings.database_url or "")
         with psycopg.connect(url, autocommit=True) as conn:
-            # A new connection sees the statistics as of now (a session caches what it read once).
+            # Each read in a transaction of its own: PostgreSQL keeps the statistics a transaction read
+            # until it ends (stats_fetch_consistency = cache).
             return {f"{s}.{t}": (ins, upd, dele) for s, t, ins, upd, dele in conn.execute(ROWS)}
 
     def _settled(self) -> dict[str, Counts]:
