@@ -33,12 +33,6 @@ ROWS = (
 Counts = tuple[float, float, float]  # inserted, updated, deleted
 
 
-def libpq_url(url: str) -> str:
-    """The SQLAlchemy URL of the settings (`postgresql+psycopg://…`) as libpq takes it."""
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme.split('+')[0]}{sep}{rest}"
-
-
 def difference(before: Mapping[str, Counts], after: Mapping[str, Counts]) -> dict[str, Counts]:
     """Per table (`schema.table`), what changed between two reads; tables that changed nothing left out."""
     changed: dict[str, Counts] = {}
@@ -91,8 +85,7 @@ class DbWork:
     used: dict[str, Counts] = field(default_factory=dict)
 
     def _read(self) -> dict[str, Counts]:
-        url = libpq_url(self.system.settings.database_url or "")
-        with psycopg.connect(url, autocommit=True) as conn:
+        with psycopg.connect(self.system.settings.database_url or "", autocommit=True) as conn:
             # Each read in a transaction of its own: PostgreSQL keeps the statistics a transaction read
             # until it ends (stats_fetch_consistency = cache).
             return {f"{s}.{t}": (ins, upd, dele) for s, t, ins, upd, dele in conn.execute(ROWS)}

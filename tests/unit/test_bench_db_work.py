@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.db_work import by_schema, describe, difference, libpq_url
+from bench.db_work import by_schema, describe, difference
 
 BEFORE = {
     "intake.cases": (10, 40, 0),
@@ -43,11 +43,3 @@ def test_the_description_puts_the_busiest_schema_and_table_first() -> None:
         == "intake 28/23/0, review 10/10/2, records 10/0/0; most: intake.inbox 26/0/0, intake.cases 2/23/0"
     )
     assert describe({}) == "no rows written"
-
-
-def test_the_settings_url_is_given_to_libpq_without_the_driver_name() -> None:
-    assert (
-        libpq_url("postgresql+psycopg://u@127.0.0.1:5432/so_bench")
-        == "postgresql://u@127.0.0.1:5432/so_bench"
-    )
-    assert libpq_url("postgresql://u@127.0.0.1/db") == "postgresql://u@127.0.0.1/db"
