@@ -45,3 +45,10 @@ def test_every_install_takes_the_constraints() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip install -c constraints.txt ." in dockerfile
     assert "constraints.txt" in dockerfile.split("RUN pip install")[0], "copied before the install"
+
+
+def test_the_test_client_runs_on_the_transport_starlette_supports() -> None:
+    """starlette's TestClient warns on httpx that its support is going away; with httpx2 installed it uses that."""
+    import starlette.testclient
+
+    assert starlette.testclient.httpx.__name__ == "httpx2", "pip install -c constraints.txt -e '.[dev]'"
