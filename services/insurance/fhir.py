@@ -15,6 +15,7 @@ from services.auth.routing import AuthRoute
 from services.insurance import fhir_resources, handlers
 from services.insurance.api import SessionDep
 from services.insurance.fhir_resources import FhirInvalid
+from services.insurance.x12_connector import Subscriber
 
 # Eligibility asks carry a member id: partners and operations only (nothing is stored).
 router = APIRouter(
@@ -55,7 +56,10 @@ async def request_eligibility(request: Request, session: SessionDep) -> JSONResp
     coverage = Coverage(plan_code=ask.plan_code, member_id=ask.member_id)
     cpt = f"{ask.cpt}-{ask.modifier}" if ask.modifier else ask.cpt
     try:
-        estimate, rule = handlers.estimate_for(session, coverage, cpt, trace=f"fhir-{uuid.uuid4().hex[:12]}")
+        subscriber = Subscriber(ask.last_name, ask.first_name, ask.birth_date, ask.gender)
+        estimate, rule = handlers.estimate_for(
+            session, coverage, cpt, trace=f"fhir-{uuid.uuid4().hex[:12]}", subscriber=subscriber
+        )
     except LookupError:
         return _outcome(
             422,

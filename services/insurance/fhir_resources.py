@@ -21,6 +21,13 @@ CPT = "http://www.ama-assn.org/go/cpt"
 COVERAGE_CLASS = "http://terminology.hl7.org/CodeSystem/coverage-class"
 BENEFIT_TYPE = "http://terminology.hl7.org/CodeSystem/benefit-type"
 NETWORK = "http://terminology.hl7.org/CodeSystem/benefit-network"
+ERROR_OUTCOMES = {
+    "payer_rejected",
+    "payer_unavailable",
+    "malformed_response",
+    "member_mismatch",
+    "payer_unknown",
+}
 
 
 class FhirInvalid(ValueError):
@@ -39,9 +46,14 @@ class EligibilityAsk:
     member_id: str
     cpt: str
     modifier: str
-    patient_reference: str
-    insurer_reference: str
+    patient: dict[str, Any]  # the request's Reference as given (literal, logical or display)
+    insurer: dict[str, Any]
     coverage_reference: str
+    # From a contained Patient (#id): what the 270's NM1*IL / DMG need (005010X279A1 1.4.8.1).
+    last_name: str = ""
+    first_name: str = ""
+    birth_date: str = ""  # YYYYMMDD
+    gender: str = ""
 
 
 def _json(resource: Any) -> dict[str, Any]:
@@ -126,13 +138,22 @@ def read_request(body: Any) -> EligibilityAsk:
             cpt = codes[0] or cpt
             modifier = next((c.code or "" for m in item.modifier or [] for c in m.coding or []), "")
             break
+    patient = contained.get(request.patient.reference or "")
+    name = (getattr(patient, "name", None) or [None])[0]
+    birth = getattr(patient, "birthDate", None)
     return EligibilityAsk(
+        last_name=(name.family or "") if name else "",
+        first_name=((name.given or [""])[0] or "") if name else "",
+        birth_date=birth.strftime("%Y%m%d") if birth else "",
+        gender={"female": "F", "male": "M"}.get(
+            getattr(patient, "gender", None) or "", "U" if patient else ""
+        ),
         plan_code=plan,
         member_id=coverage.subscriberId,
         cpt=cpt,
         modifier=modifier,
-        patient_reference=request.patient.reference or "",
-        insurer_reference=request.insurer.reference or "",
+        patient=_json(request.patient),
+        insurer=_json(request.insurer),
         coverage_reference=reference,
     )
 
@@ -160,17 +181,16 @@ def eligibility_response(
         },
     ]
     product = {"coding": [{"system": CPT, "code": ask.cpt}]}
+    failed = estimate.outcome in ERROR_OUTCOMES
     item: dict[str, Any] = {
         "productOrService": product,
-        "excluded": not covered,
-        "network": {
-            "coding": [
-                {"system": NETWORK, "code": estimate.network if estimate.network in {"in", "out"} else "in"}
-            ]
-        },
         "authorizationRequired": authorization_rule != "none",
         "description": estimate.explanation,
     }
+    if not failed:  # the payer did not say; neither do we
+        item["excluded"] = not covered
+    if estimate.network in {"in", "out"}:
+        item["network"] = {"coding": [{"system": NETWORK, "code": estimate.network}]}
     if ask.modifier:
         item["modifier"] = [{"coding": [{"system": CPT, "code": ask.modifier}]}]
     if covered:
@@ -179,27 +199,20 @@ def eligibility_response(
         "resourceType": "CoverageEligibilityResponse",
         "status": "active",
         "purpose": ["benefits"],
-        "patient": {"reference": ask.patient_reference},
+        "patient": ask.patient,
         "created": datetime.now(UTC).isoformat(),
         "request": {
             "reference": f"CoverageEligibilityRequest/{request_id}"
             if request_id
             else "CoverageEligibilityRequest"
         },
-        "outcome": "complete"
-        if estimate.outcome
-        not in {
-            "payer_rejected",
-            "payer_unavailable",
-            "malformed_response",
-            "member_mismatch",
-            "payer_unknown",
-        }
-        else "error",
+        "outcome": "error" if failed else "complete",
         "disposition": estimate.explanation,
-        "insurer": {"reference": ask.insurer_reference},
-        "insurance": [{"coverage": {"display": f"plan {ask.plan_code}"}, "inforce": covered, "item": [item]}],
+        "insurer": ask.insurer,
+        "insurance": [{"coverage": {"display": f"plan {ask.plan_code}"}, "item": [item]}],
     }
+    if not failed:
+        resource["insurance"][0]["inforce"] = covered
     if resource["outcome"] == "error":
         resource["error"] = [{"code": {"text": estimate.outcome}}]
     return _json(CoverageEligibilityResponse.model_validate(resource))

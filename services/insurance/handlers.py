@@ -71,6 +71,7 @@ def connector_for(
         attempts=settings.payer_attempts,
         backoff_seconds=settings.payer_backoff_seconds,
         subscriber=subscriber,
+        usage=settings.x12_usage_indicator,
     )
 
 
@@ -126,8 +127,16 @@ def authorize(case_id: str, body: AuthorizationCreate, session: Session) -> Cove
     price = self_pay_price(session, row.cpt)
     coverage = Coverage(self_pay=row.self_pay, plan_code=row.plan_code, member_id=row.member_id)
     config = get_insurance_settings()
-    estimate, rule = _check(session, coverage, row.cpt, price or row.allowed_amount, case_id, config, None)
-    # Re-verified: if the plan no longer covers the read, the authorization no longer matters.
+    if _young(row, config):
+        # insurance.verify's 270 carried the patient's name and birth date; asked again without them (the row
+        # keeps no PHI) a payer may refuse (AAA 73 / 58) and turn a covered case into "no-auth". A
+        # verification still fresh is what the plan said; an old or failed one is asked again.
+        estimate, rule = _stored_estimate(row), row.authorization_rule
+    else:
+        estimate, rule = _check(
+            session, coverage, row.cpt, price or row.allowed_amount, case_id, config, None
+        )
+    # If the plan no longer covers the read, the authorization no longer matters.
     authorization = "satisfied" if estimate.coverage_status is CoverageStatus.COVERED else "no-auth"
     reference = body.authorization_number or f"referral:{body.referral_document_id}"
     event_id = f"{case_id}>insurance.authorized>{reference}"
@@ -206,8 +215,13 @@ def _still_fresh(row: CoverageVerification, cmd: VerifyInsurance, config: Insura
         cmd.coverage.self_pay,
         cmd.cpt,
     )
+    return same and _young(row, config)
+
+
+def _young(row: CoverageVerification, config: InsuranceSettings) -> bool:
+    """Verified within the configured age, with an answer from the plan (not a failure to ask it)."""
     young = utcnow() - row.verified_at < timedelta(hours=config.verification_max_age_hours)
-    return same and young and row.outcome not in {"payer_unavailable", ""}
+    return young and row.outcome not in {"payer_unavailable", ""}
 
 
 def _stored_estimate(row: CoverageVerification) -> CostEstimate:
@@ -308,7 +322,9 @@ def _fields(cmd: VerifyInsurance, estimate: CostEstimate, authorization: str) ->
     }
 
 
-def estimate_for(session: Session, coverage: Coverage, cpt: str, trace: str) -> tuple[CostEstimate, str]:
+def estimate_for(
+    session: Session, coverage: Coverage, cpt: str, trace: str, subscriber: Subscriber | None = None
+) -> tuple[CostEstimate, str]:
     """Ask the plan's connector and estimate, without recording anything (the FHIR eligibility request).
 
     Returns the estimate and the plan's authorization rule; raises LookupError if `cpt` has no self-pay price.
@@ -316,4 +332,4 @@ def estimate_for(session: Session, coverage: Coverage, cpt: str, trace: str) -> 
     price = self_pay_price(session, cpt)
     if price is None:
         raise LookupError(cpt)
-    return _check(session, coverage, cpt, price, trace, get_insurance_settings(), None)
+    return _check(session, coverage, cpt, price, trace, get_insurance_settings(), None, subscriber)

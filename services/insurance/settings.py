@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -18,6 +19,8 @@ class InsuranceSettings(BaseSettings):
     # The organization whose network status is checked at verification, and how it names itself in a 270.
     reviewing_organization: str = "SecondOpinion Reading Group"
     reviewing_npi: str = "1234567893"
+    # ISA15 of every 270: "T" (test) until the trading partner agreement moves this sender to production.
+    x12_usage_indicator: Literal["P", "T"] = "T"
 
 
 @lru_cache

@@ -9,6 +9,7 @@ values) are checked here, after pyx12.
 from __future__ import annotations
 
 import io
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -27,8 +28,21 @@ REPETITION_SEP = "^"
 COMPONENT_SEP = ":"
 
 
+DELIMITERS = frozenset(SEGMENT_END + ELEMENT_SEP + REPETITION_SEP + COMPONENT_SEP)
+
+
+def x12_name(value: str) -> str:
+    """A person's or organization's name as an X12 AN value: ASCII, upper case, no delimiters."""
+    plain = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode("ascii")
+    return " ".join("".join(" " if c in DELIMITERS else c for c in plain).upper().split())
+
+
 class X12Invalid(ValueError):
     """An X12 document that fails envelope, syntax or implementation-guide checks."""
+
+
+class X12Acknowledged(X12Invalid):
+    """Instead of a 271 the payer sent a TA1 or a 999: it refused our 270 (the code says why)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class Inquiry:
     service_types: tuple[str, ...] = SERVICE_TYPES
     sender_id: str = "SECONDOPINION"
     receiver_id: str = ""
+    usage: str = "T"  # ISA15: P production, T test (the trading partner agreement decides)
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class Benefit:
 
     code: str  # EB01: 1 active, 6 inactive, A coinsurance, B copay, C deductible, ...
     service_types: tuple[str, ...]
+    coverage_level: str  # EB02: IND individual, FAM family, ...
     time_period: str  # EB06: 23 calendar year, 29 remaining, 27 visit
     amount: Decimal | None
     percent: Decimal | None
@@ -85,13 +101,15 @@ class EligibilityResponse:
     payer_id: str
     benefits: tuple[Benefit, ...] = ()
     rejections: tuple[Rejection, ...] = field(default_factory=tuple)
+    traces: tuple[str, ...] = ()  # every TRN02 with TRN01 = 2 (ours echoed, maybe a clearinghouse's)
+    prior_member_id: str = ""  # 2100C REF*Q4: the id asked, when the payer answers with its current one
 
 
 def segment(*elements: str) -> str:
     return ELEMENT_SEP.join(elements).rstrip(ELEMENT_SEP) + SEGMENT_END
 
 
-def _isa(sender: str, receiver: str, control: int, at: datetime) -> str:
+def _isa(sender: str, receiver: str, control: int, at: datetime, usage: str = "T") -> str:
     return segment(
         "ISA",
         "00",
@@ -108,12 +126,14 @@ def _isa(sender: str, receiver: str, control: int, at: datetime) -> str:
         "00501",
         f"{control:09d}",
         "0",
-        "T",
+        usage,
         COMPONENT_SEP,
     )
 
 
-def envelope(transaction: list[str], *, functional_id: str, sender: str, receiver: str, control: int) -> str:
+def envelope(
+    transaction: list[str], *, functional_id: str, sender: str, receiver: str, control: int, usage: str = "T"
+) -> str:
     """Wrap ST..SE-less segments in ISA/GS/ST ... SE/GE/IEA with counts and control numbers."""
     at = datetime.now()
     st = segment("ST", "270" if functional_id == "HS" else "271", "0001", VERSION)
@@ -121,7 +141,7 @@ def envelope(transaction: list[str], *, functional_id: str, sender: str, receive
     se = segment("SE", str(len(body) + 1), "0001")
     return "".join(
         [
-            _isa(sender, receiver, control, at),
+            _isa(sender, receiver, control, at, usage),
             segment(
                 "GS",
                 functional_id,
@@ -143,21 +163,24 @@ def envelope(transaction: list[str], *, functional_id: str, sender: str, receive
 
 def build_270(inquiry: Inquiry) -> str:
     """A 270 for one subscriber; validated before it is returned."""
+    for label, value in (("member id", inquiry.member_id), ("trace", inquiry.trace)):
+        if not value.isascii() or DELIMITERS & set(value) or not value.isprintable():
+            raise X12Invalid(f"the {label} has characters an X12 element cannot carry")
     today = datetime.now().strftime("%Y%m%d")
     segments = [
         segment("BHT", "0022", "13", inquiry.trace, today, datetime.now().strftime("%H%M")),
         segment("HL", "1", "", "20", "1"),
-        segment("NM1", "PR", "2", inquiry.payer.name, "", "", "", "", "PI", inquiry.payer.id),
+        segment("NM1", "PR", "2", x12_name(inquiry.payer.name), "", "", "", "", "PI", inquiry.payer.id),
         segment("HL", "2", "1", "21", "1"),
-        segment("NM1", "1P", "2", inquiry.provider.name, "", "", "", "", "XX", inquiry.provider.id),
+        segment("NM1", "1P", "2", x12_name(inquiry.provider.name), "", "", "", "", "XX", inquiry.provider.id),
         segment("HL", "3", "2", "22", "0"),
         segment("TRN", "1", inquiry.trace, "9SECONDOPN"),
         segment(
             "NM1",
             "IL",
             "1",
-            inquiry.subscriber_last_name,
-            inquiry.subscriber_first_name,
+            x12_name(inquiry.subscriber_last_name),
+            x12_name(inquiry.subscriber_first_name),
             "",
             "",
             "",
@@ -178,6 +201,7 @@ def build_270(inquiry: Inquiry) -> str:
         sender=inquiry.sender_id,
         receiver=inquiry.receiver_id or inquiry.payer.id,
         control=inquiry.control_number,
+        usage=inquiry.usage,
     )
     validate(document, "270")
     return document
@@ -188,6 +212,7 @@ def read_segments(document: str) -> list[pyx12.segment.Segment]:
     try:
         with pyx12.x12file.X12Reader(io.StringIO(document.strip())) as reader:
             segments = list(reader)
+            reader.cleanup()  # reports a missing SE, GE or IEA; pyx12 does not call it itself
             problems = [f"{kind} {code}: {text}" for kind, code, text, *_ in reader.pop_errors()]
             problems += [f"{kind} {code}: {text}" for kind, code, text, *_ in reader.err_list]
     except pyx12.errors.X12Error as exc:
@@ -205,6 +230,13 @@ def validate(document: str, transaction: str) -> list[pyx12.segment.Segment]:
     ids = [s.get_seg_id() for s in segments]
     by_id = {s.get_seg_id(): s for s in reversed(segments)}
     gs, st = by_id.get("GS"), by_id.get("ST")
+    if "TA1" in by_id:
+        raise X12Acknowledged(f"TA1 interchange note code {by_id['TA1'].get_value('TA105')}")
+    if gs is not None and gs.get_value("GS01") == "FA" and transaction == "271":
+        ik5 = by_id.get("IK5")
+        raise X12Acknowledged(
+            f"999 {ik5.get_value('IK501') if ik5 else ''} {ik5.get_value('IK502') if ik5 else ''}".strip()
+        )
     expected_gs = "HS" if transaction == "270" else "HB"
     if gs is None or gs.get_value("GS01") != expected_gs or gs.get_value("GS08") != VERSION:
         raise X12Invalid(f"GS must be functional group {expected_gs} of version {VERSION}")
@@ -246,7 +278,9 @@ def parse_271(document: str) -> EligibilityResponse:
     """Read a validated 271 into benefits and rejections; raises X12Invalid."""
     segments = validate(document, "271")
     loop = "payer"
-    trace = member_id = payer_id = ""
+    trace = member_id = payer_id = prior_member_id = ""
+    traces: list[str] = []
+    repetition = segments[0].get_value("ISA11") or REPETITION_SEP  # the interchange's own separator
     benefits: list[Benefit] = []
     rejections: list[Rejection] = []
     for seg in segments:
@@ -254,10 +288,13 @@ def parse_271(document: str) -> EligibilityResponse:
         if seg_id == "HL":
             loop = _LOOPS.get(seg.get_value("HL03") or "", "other")
         elif seg_id == "TRN" and seg.get_value("TRN01") == "2":
-            trace = seg.get_value("TRN02") or ""
+            trace = trace or seg.get_value("TRN02") or ""
+            traces.append(seg.get_value("TRN02") or "")
+        elif seg_id == "REF" and loop == "subscriber" and seg.get_value("REF01") == "Q4":
+            prior_member_id = seg.get_value("REF02") or ""
         elif seg_id == "NM1" and seg.get_value("NM101") == "IL":
             member_id = seg.get_value("NM109") or ""
-        elif seg_id == "NM1" and seg.get_value("NM101") == "PR":
+        elif seg_id == "NM1" and seg.get_value("NM101") == "PR" and not payer_id:
             payer_id = seg.get_value("NM109") or ""
         elif seg_id == "AAA":
             rejections.append(Rejection(loop, seg.get_value("AAA03") or "", seg.get_value("AAA04") or ""))
@@ -265,7 +302,8 @@ def parse_271(document: str) -> EligibilityResponse:
             benefits.append(
                 Benefit(
                     code=seg.get_value("EB01") or "",
-                    service_types=tuple(filter(None, (seg.get_value("EB03") or "").split(REPETITION_SEP))),
+                    service_types=tuple(filter(None, (seg.get_value("EB03") or "").split(repetition))),
+                    coverage_level=seg.get_value("EB02") or "",
                     time_period=seg.get_value("EB06") or "",
                     amount=_decimal(seg.get_value("EB07")),
                     percent=_decimal(seg.get_value("EB08")),
@@ -274,4 +312,6 @@ def parse_271(document: str) -> EligibilityResponse:
                     plan_name=seg.get_value("EB05") or "",
                 )
             )
-    return EligibilityResponse(trace, member_id, payer_id, tuple(benefits), tuple(rejections))
+    return EligibilityResponse(
+        trace, member_id, payer_id, tuple(benefits), tuple(rejections), tuple(traces), prior_member_id
+    )

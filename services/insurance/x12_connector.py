@@ -1,4 +1,8 @@
-"""The X12 connector: a 270 POSTed to the payer's endpoint (CAQH CORE real-time), its 271 read into terms.
+"""The X12 connector: a 270 POSTed to the payer's endpoint, its 271 read into terms.
+
+The 270 travels as the HTTP body with a CORE `PayloadType` header, which is what the payer sandbox speaks;
+CAQH CORE's connectivity envelope (MIME multipart with PayloadID, ProcessingMode, SenderID/ReceiverID and
+the submitter's credentials) is not spoken yet: a clearinghouse that requires it needs that first.
 
 Transient failures (timeout, connection refused, HTTP 5xx, AAA 42 "unable to respond now") are retried
 with exponential backoff up to `payer_attempts`; what is still failing then becomes a specific outcome
@@ -25,6 +29,7 @@ from services.insurance.x12 import (
     Inquiry,
     Party,
     Rejection,
+    X12Acknowledged,
     X12Invalid,
     build_270,
     parse_271,
@@ -36,6 +41,12 @@ REQUEST_TYPE = "X12_270_Request_005010X279A1"
 # AAA03 reject reasons: the member does not match, and the payer's momentary unavailability.
 MEMBER_REASONS = {"58", "64", "65", "67", "71", "72", "73", "75", "76"}
 TRANSIENT_REASONS = {"42", "80"}
+# EB01 coverage status codes (005010X279A1 2110C): 1-5 active (in various forms), 6-8 inactive.
+ACTIVE_CODES = {"1", "2", "3", "4", "5"}
+INACTIVE_CODES = {"6", "7", "8"}
+# EB03 values that apply to a second-opinion read: what we asked (EQ01), the plan as a whole (30), or unsaid.
+RELEVANT_TYPES = {"4", "98", "30"}
+NO_RESUBMIT = {"N", "S", "Y"}  # AAA04 follow-up actions that forbid sending the inquiry again
 REASON_TEXT = {
     "04": "authorized quantity exceeded",
     "41": "authorization/access restrictions",
@@ -86,7 +97,9 @@ class X12Connector:
         backoff_seconds: float = 0.5,
         subscriber: Subscriber | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        usage: str = "T",
     ) -> None:
+        self.usage = usage
         self.payer = payer
         self.plan = plan
         self.provider = provider
@@ -106,20 +119,13 @@ class X12Connector:
             return self._refused(
                 "payer_unknown", f"payer {self.payer.payer_id} has no endpoint configured for X12 eligibility"
             )
-        request = build_270(
-            Inquiry(
-                payer=Party(self.payer.name.upper(), self.payer.payer_id),
-                provider=self.provider,
-                member_id=member_id,
-                trace=self.trace[:50],
-                control_number=secrets.randbelow(10**9 - 1) + 1,
-                subscriber_last_name=self.subscriber.last_name.upper(),
-                subscriber_first_name=self.subscriber.first_name.upper(),
-                subscriber_birth_date=self.subscriber.birth_date,
-                subscriber_gender=self.subscriber.gender,
-            )
-        )
         for attempt in range(1, self.attempts + 1):
+            try:  # a new ISA13/GS06 each attempt: a resent control number is a duplicate (TA1 025)
+                request = self._inquiry(member_id)
+            except X12Invalid:
+                return self._refused(
+                    "member_mismatch", "the member id has characters an X12 270 cannot carry; check the card"
+                )
             try:
                 return self._read(self._post(request), member_id)
             except PayerBusy as exc:
@@ -131,11 +137,31 @@ class X12Connector:
                         f"({exc}); verification is retried when insurance.verify is sent again",
                     )
                 self.sleep(self.backoff_seconds * 2 ** (attempt - 1))
+            except X12Acknowledged as exc:
+                return self._refused(
+                    "payer_rejected", f"payer {self.payer.payer_id} refused our 270 at the envelope ({exc})"
+                )
             except X12Invalid as exc:
                 return self._refused(
                     "malformed_response", f"payer {self.payer.payer_id} sent a 271 that is not valid ({exc})"
                 )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _inquiry(self, member_id: str) -> str:
+        return build_270(
+            Inquiry(
+                payer=Party(self.payer.name.upper(), self.payer.payer_id),
+                provider=self.provider,
+                member_id=member_id,
+                trace=self.trace[:50],
+                control_number=secrets.randbelow(10**9 - 1) + 1,
+                subscriber_last_name=self.subscriber.last_name,
+                subscriber_first_name=self.subscriber.first_name,
+                subscriber_birth_date=self.subscriber.birth_date,
+                subscriber_gender=self.subscriber.gender,
+                usage=self.usage,
+            )
+        )
 
     def _post(self, request: str) -> str:
         try:
@@ -157,11 +183,13 @@ class X12Connector:
 
     def _read(self, document: str, member_id: str) -> Eligibility:
         answer = parse_271(document)
-        if any(r.reason in TRANSIENT_REASONS and r.follow_up != "N" for r in answer.rejections):
+        if any(r.reason in TRANSIENT_REASONS and r.follow_up not in NO_RESUBMIT for r in answer.rejections):
             raise PayerBusy("AAA 42: unable to respond at current time")
         if answer.rejections:
             return self._rejected(answer.rejections)
-        if answer.member_id and answer.member_id != member_id:
+        if self.trace[:50] not in answer.traces:
+            raise X12Invalid("the 271 does not echo this inquiry's trace number (TRN01 = 2)")
+        if answer.member_id and member_id not in {answer.member_id, answer.prior_member_id}:
             return self._refused("member_mismatch", "the 271 is about another member id than the one asked")
         return self._eligibility(answer)
 
@@ -178,22 +206,33 @@ class X12Connector:
         )
 
     def _eligibility(self, answer: EligibilityResponse) -> Eligibility:
-        status = [b for b in answer.benefits if b.code in {"1", "6"}]
-        active = bool(status) and status[0].code == "1"
+        relevant = [b for b in answer.benefits if _applies(b)]
+        # EB02 on a status row is the member's coverage tier (IND, FAM, EMP, ...): any tier counts.
+        status = [
+            b for b in answer.benefits if b.code in ACTIVE_CODES | INACTIVE_CODES and _applies(b, tier=False)
+        ]
+        if not status:
+            raise X12Invalid("the 271 gives no coverage status (EB01 1-8) for the plan or the service asked")
+        active = any(b.code in ACTIVE_CODES for b in status)
+        excluded = any(b.code == "I" and set(b.service_types) & {"4", "98"} for b in answer.benefits)
         # Out of network (or not known to be in it) the payer's out-of-network terms apply.
         flag = "Y" if self.network == "in" else "N"
-        terms = [b for b in answer.benefits if b.in_network in {flag, "W", ""} and b.code in {"A", "B", "C"}]
+        # The most specific service type first: a 4 or 98 row wins over the plan-wide 30.
+        terms = sorted(
+            (b for b in relevant if b.in_network in {flag, "W", ""} and b.code in {"A", "B", "C"}),
+            key=lambda b: "30" in b.service_types or not b.service_types,
+        )
         deductible = _amount(terms, "C", "23")
         remaining = _amount(terms, "C", "29")
-        eb11 = any(b.authorization_required for b in answer.benefits)
+        eb11 = any(b.authorization_required for b in relevant)
         rule = self.plan.authorization_rule
         if rule == "none" and eb11:
             rule = "prior_auth"
         return Eligibility(
             plan_code=self.plan.code,
             standing=PlanStanding.ACTIVE if active else PlanStanding.INACTIVE,
-            plan_name=(status[0].plan_name if status else "") or self.plan.plan_name,
-            covers_service=active,
+            plan_name=next((b.plan_name for b in status if b.plan_name), "") or self.plan.plan_name,
+            covers_service=active and not excluded,
             network=self.network,
             copay=_amount(terms, "B", "") or ZERO,
             coinsurance_pct=next((b.percent for b in terms if b.code == "A" and b.percent is not None), ZERO),
@@ -215,6 +254,12 @@ class X12Connector:
             outcome=outcome,
             detail=detail,
         )
+
+
+def _applies(b: Benefit, tier: bool = True) -> bool:
+    """An EB row about the individual (not the family) and about this service or the plan as a whole."""
+    individual = not tier or b.coverage_level in {"IND", ""}
+    return individual and (not b.service_types or bool(set(b.service_types) & RELEVANT_TYPES))
 
 
 def _amount(benefits: list[Benefit], code: str, period: str) -> Decimal | None:

@@ -20,7 +20,7 @@ from services.common import migrate
 from services.common.config import PROJECT_ROOT, Settings
 from services.common.db import Outbox, make_engine
 from services.insurance import handlers
-from services.insurance.models import CoverageVerification, InsurancePayer
+from services.insurance.models import AuthorizationCreate, CoverageVerification, InsurancePayer
 from services.insurance.settings import InsuranceSettings
 from tests.infra import free_port
 
@@ -175,6 +175,24 @@ def test_the_270_names_the_subscriber_and_a_wrong_name_is_rejected(
     assert wrong.coverage_status == "not_covered" and wrong.outcome == "member_mismatch"
     assert "AAA 73 invalid or missing subscriber name" in wrong.explanation
     assert "Someone" not in wrong.explanation  # the explanation names the problem, never the PHI
+
+
+def test_recording_an_authorization_keeps_what_the_named_inquiry_found(
+    engine: Engine, settings: Settings
+) -> None:
+    # SBX-NAMED's payer answers only a 270 that names the member (the guide's required search option). The
+    # case's verification named her; recording the authorization must not turn it into a nameless re-ask
+    # that the payer refuses (AAA 73), which would record a covered patient as not covered.
+    verified = verify(engine, "SBX-PPO", "SBX-NAMED", settings, subscriber("Tester"))
+    assert (verified.coverage_status, verified.authorization) == ("covered", "auth-needed")
+    with Session(engine) as session:
+        row = handlers.authorize(
+            verified.case_id, AuthorizationCreate(authorization_number="PA-77", by="staff-1"), session
+        )
+        session.commit()
+        assert (row.coverage_status, row.outcome, row.authorization) == ("covered", "active", "satisfied")
+    nameless = verify(engine, "SBX-PPO", "SBX-NAMED", settings)
+    assert (nameless.outcome, nameless.coverage_status) == ("member_mismatch", "not_covered")
 
 
 def test_rejection_explains_what_to_fix(engine: Engine, settings: Settings) -> None:

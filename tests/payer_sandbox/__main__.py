@@ -37,7 +37,13 @@ class Payer:
         last_name = (nm1["IL"].get_value("NM103") or "").upper()
         provider = [nm1["1P"].get_value(f"NM1{i:02d}") or "" for i in (3, 8, 9)]
         head = [
-            segment("BHT", "0022", "11", values["BHT"].get_value("BHT03") or "", time.strftime("%Y%m%d")),
+            segment(
+                "BHT",
+                "0022",
+                "11",
+                values["BHT"].get_value("BHT03") or "",
+                *time.strftime("%Y%m%d %H%M").split(),
+            ),
             segment("HL", "1", "", "20", "1"),
             segment("NM1", "PR", "2", self.name, "", "", "", "", "PI", self.id),
         ]
@@ -72,6 +78,9 @@ class Payer:
         ]
         if member is None:
             body.append(segment("AAA", "Y", "", "75", "C"))
+        elif not last_name and member.get("require_name"):
+            # The guide's required search: member id, name and birth date; this payer refuses a 270 without them.
+            body.append(segment("AAA", "Y", "", "73", "C"))
         elif last_name and member.get("last_name") and last_name != member["last_name"]:
             body.append(segment("AAA", "Y", "", "73", "C"))
         else:
