@@ -35,11 +35,34 @@ REQUESTS = Counter("http_requests_total", "HTTP requests", ["service", "method",
 LATENCY = Histogram("http_request_seconds", "HTTP request latency", ["service", "route"])
 
 
+PROBLEM_JSON = "application/problem+json"  # RFC 9457 section 3
+FHIR_ISSUE_CODES = {401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported", 409: "conflict",
+                    413: "too-costly", 422: "invalid", 429: "throttled", 503: "transient"}  # fmt: skip
+
+
 def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"title": title, "status": status, "detail": detail}
     if errors:
         body["errors"] = errors
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def error_for(request: Request, status: int, title: str, detail: str,
+              errors: list[dict[str, Any]] | None = None) -> JSONResponse:  # fmt: skip
+    """A problem, or on the FHIR paths an OperationOutcome (FHIR clients parse every error body as one)."""
+    path = request.url.path
+    if path != "/fhir" and not path.startswith("/fhir/"):
+        return problem(status, title, detail, errors)
+    issues = [(e["field"], e["message"]) for e in errors or []] or [(None, detail)]
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": "error", "code": FHIR_ISSUE_CODES.get(status, "exception"), "diagnostics": text,
+             **({"expression": [where]} if where else {})}
+            for where, text in issues
+        ],
+    }  # fmt: skip
+    return JSONResponse(outcome, status_code=status, media_type="application/fhir+json")
 
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -109,8 +132,9 @@ def create_app(
     checks = list(ready_checks)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem(
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_for(
+            request,
             422,
             "Invalid request",
             "The request does not match the schema; fix the fields listed.",
@@ -126,16 +150,16 @@ def create_app(
         return problem(422, "File rejected", str(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = problem(exc.status_code, "Error", str(exc.detail))
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = error_for(request, exc.status_code, "Error", str(exc.detail))
         response.headers.update(exc.headers or {})  # Retry-After, WWW-Authenticate
         return response
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("http.unexpected_error", path=request.url.path, error=type(exc).__name__)
-        return problem(
-            500, "Internal error", "Something failed on our side; nothing was changed. Retry later."
+        return error_for(
+            request, 500, "Internal error", "Something failed on our side; nothing was changed. Retry later."
         )
 
     @app.exception_handler(DBAPIError)
@@ -145,7 +169,8 @@ def create_app(
         # A lost connection (a restart or failover: the pool is renewed) or a database that could not
         # serve the statement now; either way the client retries.
         log.warning("http.database_unavailable", path=request.url.path, error=type(exc.orig).__name__)
-        response = problem(
+        response = error_for(
+            request,
             503,
             "Database unavailable",
             "The database was unavailable while answering. Retry in a moment; repeat a POST with the "

@@ -326,6 +326,12 @@ async def open_case(
                 existing = handlers.existing_case(body, partner_id, session)
                 if existing is None:
                     raise  # not the reference's constraint
+                if CaseCreate.model_validate_json(existing.request_json).patient != body.patient:
+                    raise HTTPException(
+                        status.HTTP_409_CONFLICT,
+                        "partner_case_ref already names a case for another patient; nothing was stored. "
+                        "Send a new reference for a new request.",
+                    ) from None
                 log.info("case.repeated_reference", case_id=existing.id)
                 return existing
 

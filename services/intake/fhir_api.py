@@ -115,7 +115,7 @@ async def read_json(request: Request) -> Any:
         raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the request is larger than 30 MB")])
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the body is not JSON")]) from exc
 
 
@@ -148,8 +148,24 @@ async def create_from_fhir(
         return outcome_response(exc.status_code, "processing", [(None, str(exc.detail))])
     task_id = json.loads(bytes(response.body)).get("id")
     if task_id:
-        response.headers["Location"] = f"Task/{task_id}"
+        # Absolute ([base]/Task/[id]): "Task/{id}" resolves against POST /fhir to /Task/{id}, which is no route.
+        response.headers["Location"] = f"{str(request.base_url).rstrip('/')}/fhir/Task/{task_id}"
     return response
+
+
+def transaction_response(
+    request_bundle: dict[str, Any], task: dict[str, Any], location: str
+) -> dict[str, Any]:
+    """A `transaction-response` Bundle: one entry per request entry, in order; the ServiceRequest's entry
+    carries the case's Task (FHIR R4 http.html#transaction-response)."""
+    entries = []
+    for entry in request_bundle.get("entry") or []:
+        kind = ((entry or {}).get("resource") or {}).get("resourceType")
+        if kind == "ServiceRequest":
+            entries.append({"resource": task, "response": {"status": "201 Created", "location": location}})
+        else:
+            entries.append({"response": {"status": "200 OK"}})
+    return {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
 
 
 FHIR_BODY = {
@@ -181,9 +197,17 @@ async def transaction(
     """A transaction Bundle carrying Patient, ServiceRequest, ImagingStudy (with its Endpoint) and optionally
     Coverage, Consent and DocumentReference. Answers the case as a Task (`Location: Task/{id}`). Without an
     active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in `awaiting_consent`."""
-    return await create_from_fhir(
+    response = await create_from_fhir(
         request, fhir_intake.from_bundle, caller, audit, engine, temporal, settings, idempotency_key
     )
+    if response.status_code != 201:
+        return response
+    location = response.headers["Location"]
+    bundle = transaction_response(
+        json.loads(await request.body()), json.loads(bytes(response.body)), location
+    )
+    headers = {k: v for k, v in response.headers.items() if k.lower() in ("idempotent-replayed",)}
+    return JSONResponse(bundle, status_code=200, media_type=FHIR_JSON, headers=headers)
 
 
 @router.post("/ServiceRequest", status_code=201, responses=CREATED, openapi_extra=FHIR_BODY)
@@ -200,6 +224,45 @@ async def service_request(
     return await create_from_fhir(
         request, fhir_intake.from_service_request, caller, audit, engine, temporal, settings, idempotency_key
     )
+
+
+CAPABILITY_STATEMENT: dict[str, Any] = {
+    "resourceType": "CapabilityStatement",
+    "status": "active",
+    "date": "2026-12-01",
+    "kind": "instance",
+    "software": {"name": "secondopinion intake"},
+    "implementation": {"description": "Second opinions on diagnostic ultrasound"},
+    "fhirVersion": "4.0.1",
+    "format": ["json"],
+    "rest": [
+        {
+            "mode": "server",
+            "security": {"description": "Authorization: Bearer <API key>"},
+            "resource": [
+                {"type": "ServiceRequest", "interaction": [{"code": "create"}], "conditionalCreate": False},
+                {"type": "Task", "interaction": [{"code": "read"}]},
+                {"type": "DiagnosticReport", "interaction": [{"code": "read"}]},
+            ],
+            "interaction": [{"code": "transaction"}],
+        }
+    ],
+}
+
+
+@router.get(
+    "/metadata",
+    responses={
+        200: {
+            "content": {FHIR_JSON: {"example": {"resourceType": "CapabilityStatement"}}},
+            "description": "it",
+        },
+        406: outcome_doc("Only JSON is served", outcome("not-supported", [(None, "send _format=json")])),
+    },
+)
+def metadata() -> JSONResponse:
+    """The server's CapabilityStatement (FHIR R4 `capabilities` interaction); no API key needed."""
+    return JSONResponse(CAPABILITY_STATEMENT, media_type=FHIR_JSON)
 
 
 @router.get(

@@ -98,6 +98,12 @@ def validated(resource: Any, path: str) -> dict[str, Any]:
         raise FhirInvalid(
             [Issue(".".join([path, *_loc(e["loc"])]).replace(".[", "["), e["msg"]) for e in exc.errors()[:20]]
         ) from exc
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        # fhir.resources raises these, not a ValidationError, for an unknown or non-string resourceType in
+        # `contained` and for deeply nested elements.
+        raise FhirInvalid(
+            [Issue(path, "not a valid FHIR R4 resource (unknown type or nested too deep)")]
+        ) from exc
     return resource
 
 

@@ -13,7 +13,12 @@ CASE_SYSTEM = "urn:secondopinion:case"
 TASK_STATUS = {
     "intake": "received",
     "awaiting_consent": "on-hold",
+    "identity_mismatch": "on-hold",
+    "awaiting_patient_decision": "on-hold",
+    "on_hold": "on-hold",
     "awaiting_records": "accepted",
+    "awaiting_acceptance": "accepted",
+    "follow_up": "completed",
     "awaiting_insurance": "accepted",
     "matching": "accepted",
     "unmatched": "on-hold",

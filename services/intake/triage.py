@@ -39,7 +39,7 @@ def triage(
     """Decide urgency, subspecialty and due date, or reject a request that cannot be served."""
     if procedure_scheduled_on is not None and procedure_scheduled_on <= now.date():
         raise IntakeRejected(
-            f"procedure_scheduled_on {procedure_scheduled_on.isoformat()} is not in the future; a second opinion "
+            "procedure_scheduled_on is not in the future; a second opinion "
             "cannot precede a procedure already done. Send the date of the next planned procedure, or omit it."
         )
     if exam_type.lower() in FETAL_EXAMS or reason == Reason.FETAL_ANOMALY:
@@ -51,7 +51,7 @@ def triage(
             )
         if not low <= gestational_age_weeks <= high:
             raise IntakeRejected(
-                f"gestational_age_weeks {gestational_age_weeks} is outside {low}-{high}; check the value "
+                f"gestational_age_weeks is outside {low}-{high}; check the value "
                 "(completed weeks of gestation)."
             )
     urgency = urgency_for(reason, procedure_scheduled_on)
@@ -62,7 +62,7 @@ def triage(
             due_at = min(due_at, procedure_at - timedelta(hours=48))
             if due_at <= now:
                 raise IntakeRejected(
-                    f"the procedure on {procedure_scheduled_on.isoformat()} is less than 48 hours away; a second "
+                    "the procedure_scheduled_on date is less than 48 hours away; a second "
                     "opinion cannot be guaranteed before it. Postpone the procedure or call the programme."
                 )
     else:

@@ -4,7 +4,8 @@
   and loopback are allowed. The address is checked again at every send (DNS may change).
 - A delivery's `webhook-id` is derived from the endpoint and the source event, so it is the same on
   every attempt and on a manual replay; receivers dedupe on it.
-- Retries back off exponentially with full jitter; a `Retry-After` answer sets the next attempt; HTTP
+- Retries follow Standard Webhooks' example schedule (RETRY_SCHEDULE: 5 s to 24 h, about three days in
+  all, each wait shortened by up to a fifth at random); a `Retry-After` answer sets the next attempt; HTTP
   410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
 """
 
@@ -40,7 +41,9 @@ from services.intake.webhook_signing import headers_for
 log = structlog.get_logger(__name__)
 
 PARTNER_EVENTS = ("case.status_changed", "records.needed", "report.ready")
-MAX_ATTEMPTS = 8
+# Standard Webhooks' example schedule: about three days from the first attempt to the last.
+RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)  # seconds after attempt n (1-based)
+MAX_ATTEMPTS = len(RETRY_SCHEDULE) + 1
 LEASE = timedelta(seconds=60)
 MAX_RETRY_AFTER = timedelta(hours=6)
 BATCH = 20  # deliveries claimed per pass
@@ -144,7 +147,9 @@ def withdraw(session: Session, case_id: str) -> None:
 
 
 def backoff(attempts: int, base: float, cap: float, rng: random.Random) -> float:
-    return rng.uniform(0, min(cap, base * 2 ** (attempts - 1)))
+    """The scheduled wait after `attempts` failures, with up to 20% jitter (`base`/`cap` scale it in tests)."""
+    step = RETRY_SCHEDULE[min(attempts, len(RETRY_SCHEDULE)) - 1] * base / 5.0
+    return min(cap, step) * rng.uniform(0.8, 1.0)
 
 
 def retry_after(value: str | None, now: datetime) -> timedelta | None:
@@ -274,8 +279,8 @@ class WebhookDispatcher:
         auth_engine: Engine,
         env: str,
         base_delay: float = 5.0,
-        max_delay: float = 3600.0,
-        timeout: float = 10.0,
+        max_delay: float = 86400.0,
+        timeout: float = 20.0,  # Standard Webhooks: 15-30 s
         rng: random.Random | None = None,
     ) -> None:
         self.engine = engine

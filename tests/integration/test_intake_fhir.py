@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.task import Task
 from sqlalchemy.engine import Engine
@@ -149,14 +151,34 @@ def post_fhir(client: TestClient, path: str, body: Any) -> Any:
     return client.post(path, json=body, headers={"Content-Type": "application/fhir+json"})
 
 
+def case_task(response: Any) -> dict[str, Any]:
+    """The case's Task from a create (201, the Task) or a transaction (200, a transaction-response Bundle)."""
+    body = response.json()
+    if body.get("resourceType") != "Bundle":
+        return body  # type: ignore[no-any-return]
+    (task,) = [
+        e["resource"] for e in body["entry"] if (e.get("resource") or {}).get("resourceType") == "Task"
+    ]
+    return task  # type: ignore[no-any-return]
+
+
 def test_transaction_bundle_round_trip_to_a_task_that_follows_the_case(
     client: TestClient, engine: Engine
 ) -> None:
     created = post_fhir(client, "/fhir", FULL)
-    assert created.status_code == 201, created.text
+    # A transaction is answered with a transaction-response Bundle: an entry per request entry, in order;
+    # the ServiceRequest's carries the case's Task and where to read it (FHIR R4 http.html#transaction).
+    assert created.status_code == 200, created.text
     assert created.headers["content-type"].startswith("application/fhir+json")
-    task = Task.model_validate(created.json())
-    assert created.headers["Location"] == f"Task/{task.id}"
+    answer = Bundle.model_validate(created.json())
+    assert answer.type == "transaction-response"
+    assert len(answer.entry) == len(FULL["entry"])
+    (done,) = [e for e in answer.entry if e.resource is not None]
+    assert FULL["entry"][answer.entry.index(done)]["resource"]["resourceType"] == "ServiceRequest"
+    task = Task.model_validate(done.resource.model_dump(mode="json"))
+    assert done.response.status.startswith("201")
+    assert done.response.location == f"http://testserver/fhir/Task/{task.id}"
+    assert client.get(done.response.location).json()["id"] == task.id
     assert task.status == "received"
     assert "Jane" not in created.text and "MRN-0042" not in created.text
 
@@ -193,17 +215,17 @@ def test_transaction_bundle_round_trip_to_a_task_that_follows_the_case(
         assert Task.model_validate(shown.json()).status == expected
 
     again = post_fhir(client, "/fhir", FULL)  # the same order reference never makes a second case
-    assert again.json()["id"] == task.id
+    assert case_task(again)["id"] == task.id
 
 
 def test_without_consent_the_case_waits_and_a_signed_form_document_counts_as_consent(
     client: TestClient, engine: Engine
 ) -> None:
     no_consent = bundle(PATIENT, dict(SERVICE_REQUEST, identifier=[{"value": "ORD-2"}]), REPORT_DOC, STUDY)
-    task = post_fhir(client, "/fhir", no_consent).json()
+    task = case_task(post_fhir(client, "/fhir", no_consent))
     assert client.get(f"/v1/cases/{task['id']}").json()["consent_on_file"] is False
     with_form = bundle(PATIENT, dict(SERVICE_REQUEST, identifier=[{"value": "ORD-3"}]), FORM_DOC, STUDY)
-    task = post_fhir(client, "/fhir", with_form).json()
+    task = case_task(post_fhir(client, "/fhir", with_form))
     assert client.get(f"/v1/cases/{task['id']}").json()["consent_on_file"] is True
 
 
@@ -263,9 +285,11 @@ def test_a_body_that_is_not_json_is_an_operation_outcome(client: TestClient) -> 
 
 
 def test_another_partners_task_is_404(client: TestClient, auth: Engine) -> None:
-    task = post_fhir(
-        client, "/fhir", bundle(PATIENT, dict(SERVICE_REQUEST, identifier=[{"value": "ORD-9"}]), STUDY)
-    ).json()
+    task = case_task(
+        post_fhir(
+            client, "/fhir", bundle(PATIENT, dict(SERVICE_REQUEST, identifier=[{"value": "ORD-9"}]), STUDY)
+        )
+    )
     other = new_partner(auth, "Other Hospital")
     response = client.get(f"/fhir/Task/{task['id']}", headers={"Authorization": other["Authorization"]})
     assert response.status_code == 404
@@ -302,9 +326,9 @@ def test_obstetric_triage_reads_gestational_age_and_the_planned_procedure(
     client: TestClient, engine: Engine
 ) -> None:
     created = post_fhir(client, "/fhir", obstetric(22))
-    assert created.status_code == 201, created.text
+    assert created.status_code == 200, created.text
     with Session(engine) as session:
-        case = session.get(Case, created.json()["id"])
+        case = session.get(Case, case_task(created)["id"])
         assert case is not None and case.urgency == "urgent"
         assert case.subspecialty == "maternal_fetal_medicine"
 
@@ -320,3 +344,118 @@ def test_obstetric_triage_reads_gestational_age_and_the_planned_procedure(
     assert past.status_code == 422
     assert OperationOutcome.model_validate(past.json()).issue[0].code == "business-rule"
     assert "not in the future" in past.text
+    assert "2020-01-01" not in past.text  # a date of the patient's care is PHI: named, never echoed
+
+
+def order(reference: dict[str, str], **patient: Any) -> dict[str, Any]:
+    body = copy.deepcopy(FULL)
+    body["entry"][1]["resource"]["identifier"] = [reference]
+    body["entry"][0]["resource"].update(patient)
+    return body
+
+
+def test_a_reference_already_used_for_another_patient_is_refused_not_merged(
+    client: TestClient, engine: Engine
+) -> None:
+    first = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order", "value": "777"}))
+    assert first.status_code == 200, first.text
+    other = order(
+        {"system": "urn:hospital-b:order", "value": "777"},
+        name=[{"family": "Roe", "given": ["Mary"]}],
+        birthDate="1990-01-01",
+    )
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    refused = post_fhir(client, "/fhir", other)
+    assert refused.status_code == 409, refused.text
+    assert "another patient" in OperationOutcome.model_validate(refused.json()).issue[0].diagnostics
+    assert "Roe" not in refused.text and "Doe" not in refused.text
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+    same = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order", "value": "777"}))
+    assert case_task(same)["id"] == case_task(first)["id"]  # the same order again is the same case
+
+
+def test_a_create_answers_where_the_task_is_read(client: TestClient) -> None:
+    request = dict(
+        SERVICE_REQUEST,
+        identifier=[{"value": "LOC-1"}],
+        subject={"reference": "#pat"},
+        contained=[
+            PATIENT,
+            {k: v for k, v in STUDY.items() if k != "endpoint"} | {"subject": {"reference": "#pat"}},
+        ],
+    )
+    created = post_fhir(client, "/fhir/ServiceRequest", request)
+    assert created.status_code == 201, created.text
+    location = created.headers["Location"]
+    assert location == f"http://testserver/fhir/Task/{created.json()['id']}"  # [base]/Task/[id]
+    assert client.get(location).status_code == 200
+
+
+def test_the_capability_statement_is_public_r4(client: TestClient) -> None:
+    response = client.get("/fhir/metadata", headers={"Authorization": ""})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    statement = CapabilityStatement.model_validate(response.json())
+    assert statement.fhirVersion == "4.0.1"
+    served = {r.type: [i.code for i in r.interaction] for r in statement.rest[0].resource}
+    assert served["ServiceRequest"] == ["create"] and served["Task"] == ["read"]
+    assert [i.code for i in statement.rest[0].interaction] == ["transaction"]
+
+
+def deeply_nested_extension() -> dict[str, Any]:
+    extension: dict[str, Any] = {"url": "http://example.org/x", "valueString": "x"}
+    for _ in range(300):
+        extension = {"url": "http://example.org/x", "extension": [extension]}
+    return extension
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b["entry"][0]["resource"].update(contained=[{"resourceType": "Foo"}]),
+        lambda b: b["entry"][0]["resource"].update(contained=[{"resourceType": 5}]),
+        lambda b: b["entry"][0]["resource"].update(extension=[deeply_nested_extension()]),
+    ],
+    ids=["unknown contained type", "resourceType not a string", "extensions nested 300 deep"],
+)
+def test_a_resource_the_models_cannot_read_is_a_422_not_a_500(client: TestClient, damage: Any) -> None:
+    body = order({"value": "X500"})
+    damage(body)
+    response = post_fhir(client, "/fhir", body)
+    assert response.status_code == 422, response.text
+    assert OperationOutcome.model_validate(response.json()).issue[0].severity == "error"
+
+
+def test_json_nested_too_deep_is_a_422(client: TestClient) -> None:
+    response = client.post(
+        "/fhir", content="[" * 5000 + "]" * 5000, headers={"Content-Type": "application/fhir+json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(
+    ("send", "status"),
+    [
+        (lambda c: c.post("/fhir", json=FULL, headers={"Authorization": "Bearer not-a-key"}), 401),
+        (lambda c: c.get("/fhir/Task/x", headers={"Authorization": ""}), 401),
+        (lambda c: c.post("/fhir", json=FULL, headers={"Idempotency-Key": "k" * 300}), 422),
+        (lambda c: c.put("/fhir/Task/x", json={}), 405),
+        (lambda c: c.get("/fhir/NoSuchType/1"), 404),
+    ],
+    ids=["bad key", "no key", "idempotency key too long", "method not allowed", "unknown path"],
+)
+def test_every_error_under_fhir_is_an_operation_outcome(client: TestClient, send: Any, status: int) -> None:
+    response = send(client)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    assert OperationOutcome.model_validate(response.json()).issue[0].severity == "error"
+
+
+def test_errors_outside_fhir_are_problem_details(client: TestClient) -> None:
+    response = client.get("/v1/cases/no-such-case")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"  # RFC 9457
+    assert response.json()["status"] == 404

@@ -31,3 +31,12 @@ def test_a_timestamp_past_the_window_is_refused_with_which_way(offset: int, says
     with pytest.raises(WebhookRejected) as refused:
         read_headers(headers(int(NOW) + offset), NOW)
     assert refused.value.status == 400 and says in refused.value.detail
+
+
+@pytest.mark.parametrize("raw", ["\u00b2", "1e9", "-5", " 1790000000", "", "1" * 13])
+def test_a_timestamp_that_is_not_plain_digits_is_a_400(raw: str) -> None:
+    # "²" passes str.isdigit() but not int(): it was a ValueError, a 500, from an unauthenticated header.
+    sent = {"webhook-id": "msg_1", "webhook-timestamp": raw, "webhook-signature": "v1,AAAA"}
+    with pytest.raises(WebhookRejected) as refused:
+        read_headers(sent, NOW)
+    assert refused.value.status == 400
