@@ -36,6 +36,9 @@ ZEROED = (
     "ContentDate",
     "ContentTime",
 )
+# Z allows "a non-zero length value that may be a dummy value" (PS3.15 E.1): these are Type 1 in the
+# PATIENT and STUDY records of the export's DICOMDIR (PS3.3 F.5), so they get one.
+DUMMIES = {"PatientID": "DEIDENTIFIED", "StudyID": "1", "StudyDate": "19000101", "StudyTime": "000000"}
 REMOVED = (
     "IssuerOfPatientID",
     "OtherPatientIDs",
@@ -117,12 +120,18 @@ def may_export(burned_in_annotation: str | None) -> bool:
     return (burned_in_annotation or "").upper() == "NO"
 
 
-def deidentified_chunks(source: Path, uids: UidMap) -> Iterator[bytes]:
-    """The de-identified instance as chunks: header rewritten, pixel data copied as bytes."""
+def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
+    """The de-identified header of `source` (no pixel data) and where its pixel data starts."""
     with source.open("rb") as fp:
         dataset = pydicom.dcmread(fp, stop_before_pixels=True)
         pixel_offset = fp.tell()
     deidentify(dataset, uids)
+    return dataset, pixel_offset
+
+
+def deidentified_chunks(source: Path, uids: UidMap) -> Iterator[bytes]:
+    """The de-identified instance as chunks: header rewritten, pixel data copied as bytes."""
+    dataset, pixel_offset = deidentified_header(source, uids)
     header = io.BytesIO()
     dataset.save_as(header, enforce_file_format=True)
     yield header.getvalue()
@@ -138,6 +147,10 @@ def deidentify(dataset: Dataset, uids: UidMap) -> None:
     for tag in [element.tag for element in dataset if 0x6000 <= element.tag.group <= 0x60FF]:
         del dataset[tag]  # overlays can carry text drawn over the image
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    if dataset.get("SOPInstanceUID") and dataset.get("StudyInstanceUID"):  # an instance, not a sequence item
+        for keyword, dummy in DUMMIES.items():
+            if not dataset.get(keyword):
+                setattr(dataset, keyword, dummy)
     dataset.PatientIdentityRemoved = "YES"
     dataset.DeidentificationMethod = METHOD
     code = Dataset()
@@ -151,7 +164,7 @@ def _clean(dataset: Dataset, uids: UidMap) -> None:
             delattr(dataset, keyword)
     for keyword in ZEROED:
         if keyword in dataset:
-            dataset.data_element(keyword).value = ""  # type: ignore[union-attr]
+            dataset.data_element(keyword).value = DUMMIES.get(keyword, "")  # type: ignore[union-attr]
     for keyword in REPLACED_UIDS:
         if keyword in dataset and dataset.data_element(keyword).value:  # type: ignore[union-attr]
             setattr(dataset, keyword, uids(str(getattr(dataset, keyword))))

@@ -11,10 +11,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
+import pydicom
+import pydicom.datadict
+import pydicom.encaps
+import pydicom.tag
+import pydicom.uid
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from python_multipart.multipart import parse_options_header
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -23,7 +30,6 @@ from services.auth.access import case_scope, check_case
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.config import Settings
-from services.common.errors import RecordsRejected
 from services.records import uploads
 from services.records.api import SessionDep, SettingsDep, notify_outbox
 from services.records.archive import Entry
@@ -56,6 +62,25 @@ def _attr(vr: str, *values: Any) -> dict[str, Any]:
 
 def _dicom_json(body: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+def _negotiate(request: Request, *offered: str) -> tuple[str, dict[str, str]]:
+    """The offer and the parameters of the first Accept media range that one of `offered` satisfies (a
+    multipart offer is "multipart/related;type=X"); 406 when none does (PS3.18 8.7.5, 8.7.8). No Accept
+    header accepts all."""
+    header = request.headers.get("accept") or "*/*"
+    for media_range in header.split(","):
+        media_type, raw = parse_options_header(media_range.strip())
+        kind = media_type.decode("latin-1").lower()
+        params = {k.decode("latin-1").lower(): v.decode("latin-1").strip('"') for k, v in raw.items()}
+        for offer in offered:
+            main, _, part = offer.partition(";type=")
+            asked = params.get("type", part).lower()
+            if kind in ("*/*", "multipart/*") or (
+                kind == main and (not part or asked in (part, "*/*", part.split("/")[0] + "/*"))
+            ):
+                return offer, params
+    raise HTTPException(406, f"this resource is available as {' or '.join(offered)}; see the Accept header")
 
 
 # --- STOW-RS -------------------------------------------------------------------------------------
@@ -143,8 +168,10 @@ def _stow_entries(
         visible, admit = scope or (lambda _: True, lambda _: None)
         case_id = _case_for(entries, session, visible)
         admit(case_id)
-    if study is not None:
-        _check_study(entries, study)
+    base = f"{settings.records_url}/dicomweb/cases/{case_id}"
+    if study is not None and (failed := _failed_for_study(entries, study)):
+        # PS3.18 10.5.3: nothing stored because of a Study Instance UID mismatch is a 409 with the reasons.
+        return _dicom_json({"00081190": _attr("UR"), "00081198": _attr("SQ", *failed)}, 409)
     try:
         outcome = uploads.accept_entries(case_id, entries, session, settings, source="stow-rs", limits=limits)
     except uploads.RecordsNotRequested as exc:
@@ -157,23 +184,27 @@ def _stow_entries(
         ) from None
     notify_outbox()
     held = outcome.record_import is not None and outcome.record_import.status != ImportStatus.RELEASED
-    base = f"{settings.records_url}/dicomweb/cases/{case_id}"
-    referenced = [
-        {
-            "00081150": _attr("UI", f.sop_class_uid or ""),
+    referenced = []
+    for f in outcome.files:
+        if not f.sop_instance_uid:
+            continue
+        item = {
+            "00081150": _attr("UI", *([f.sop_class_uid] if f.sop_class_uid else [])),
             "00081155": _attr("UI", f.sop_instance_uid),
             "00081190": _attr(
                 "UR",
                 f"{base}/studies/{f.study_instance_uid}/series/{f.series_instance_uid}/instances/{f.sop_instance_uid}",
             ),
         }
-        for f in outcome.files
-        if f.sop_instance_uid
-    ]
-    body: dict[str, Any] = {"00081199": {"vr": "SQ", "Value": referenced}}
-    if held:
-        # Stored, but held for an identity decision: nothing is retrievable until a human accepts it.
-        body["00081196"] = _attr("US", 0xB000)
+        if held:
+            # Stored, but held for an identity decision: nothing is retrievable until a human accepts it.
+            item["00081196"] = _attr("US", 0xB000)  # Warning Reason belongs to each item (PS3.18 Table I.1-1)
+        referenced.append(item)
+    studies = {f.study_instance_uid for f in outcome.files if f.sop_instance_uid}
+    body: dict[str, Any] = {
+        "00081190": _attr("UR", *([f"{base}/studies/{studies.pop()}"] if len(studies) == 1 else [])),
+        "00081199": _attr("SQ", *referenced),
+    }
     return _dicom_json(body, 202 if held else 200)
 
 
@@ -197,13 +228,22 @@ def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], b
     return matches.pop()
 
 
-def _check_study(entries: list[Entry], study: str) -> None:
-    for entry in entries:
-        header = header_or_none(entry.received.path)
-        if header is not None and header.study_instance_uid != study:
-            raise RecordsRejected(
-                f"{entry.label} belongs to another study than the one in the URL; nothing was stored"
-            )
+MISMATCHED_STUDY, NOT_STORED = 0xA901, 0x0110
+
+
+def _failed_for_study(entries: list[Entry], study: str) -> list[dict[str, Any]]:
+    """With any instance of another study than the URL's, every instance as failed (nothing is stored)."""
+    headers = [h for e in entries if (h := header_or_none(e.received.path)) is not None]
+    if all(h.study_instance_uid == study for h in headers):
+        return []
+    return [
+        {
+            "00081150": _attr("UI", *([h.sop_class_uid] if h.sop_class_uid else [])),
+            "00081155": _attr("UI", h.sop_instance_uid),
+            "00081197": _attr("US", MISMATCHED_STUDY if h.study_instance_uid != study else NOT_STORED),
+        }
+        for h in headers
+    ]
 
 
 # --- QIDO-RS -------------------------------------------------------------------------------------
@@ -218,7 +258,10 @@ def _released(session: Session, case_id: str, **where: str | None) -> list[Recor
     for column, value in where.items():
         if value:
             query = query.where(col(getattr(RecordFile, column)).in_(value.split(",")))
-    return list(session.exec(query.order_by(col(RecordFile.id))).all())
+    rows = session.exec(query.order_by(col(RecordFile.id))).all()
+    # One instance per SOP Instance UID (the last stored): the same instance may arrive twice with other
+    # bytes (a CD upload and a C-GET the PACS transcoded, a re-send with a corrected header).
+    return list({row.sop_instance_uid: row for row in rows}.values())
 
 
 def _identifiers(session: Session, case_id: str) -> dict[str, str]:
@@ -232,6 +275,46 @@ def _page(items: list[dict[str, Any]], limit: int | None, offset: int) -> list[d
     return items[offset : offset + limit if limit else None]
 
 
+# Returned attributes PS3.18 Table 10.6.3-3 requires that the index does not keep, read from one header.
+STUDY_KEYS = (
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+)
+SERIES_KEYS = ("SeriesNumber", "SeriesDescription")
+INSTANCE_KEYS = ("InstanceNumber", "Rows", "Columns", "BitsAllocated")
+ONLINE = {"00080056": _attr("CS", "ONLINE")}
+
+
+def _header_attrs(settings: Settings, row: RecordFile, keywords: tuple[str, ...]) -> dict[str, Any]:
+    """`keywords` of the row's header as DICOM JSON, each present (empty when the header lacks it)."""
+    path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(keywords))
+    subset = pydicom.Dataset()
+    for keyword in keywords:
+        if keyword in header:
+            subset[keyword] = header[keyword]
+    body = subset.to_json_dict()
+    for keyword in keywords:
+        tag = pydicom.tag.Tag(keyword)
+        body.setdefault(f"{tag:08X}", {"vr": pydicom.datadict.dictionary_VR(tag)})
+    return body
+
+
+def _date_matches(value: str | None, wanted: str | None) -> bool:
+    """DA single value or range matching (PS3.4 C.2.2.2.5), on YYYYMMDD."""
+    if not wanted:
+        return True
+    low, dash, high = wanted.partition("-")
+    if not dash:
+        return value == low
+    return bool(value) and (not low or low <= str(value)) and (not high or str(value) <= high)
+
+
 Limit = Annotated[int | None, Query(ge=1, le=10000)]
 Offset = Annotated[int, Query(ge=0)]
 
@@ -239,14 +322,23 @@ Offset = Annotated[int, Query(ge=0)]
 @router.get("/cases/{case_id}/studies")
 def search_studies(
     case_id: CaseId,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     StudyInstanceUID: str | None = None,  # noqa: N803 - DICOMweb names query keys by keyword
     ModalitiesInStudy: str | None = None,  # noqa: N803
+    PatientID: str | None = None,  # noqa: N803
+    AccessionNumber: str | None = None,  # noqa: N803
+    StudyDate: str | None = None,  # noqa: N803
     limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
+    _negotiate(request, DICOM_JSON)
     ids = _identifiers(session, case_id)
+    if (PatientID and PatientID != ids["PatientID"]) or (
+        AccessionNumber and AccessionNumber != ids["AccessionNumber"]
+    ):
+        return _dicom_json([])  # every study of a case carries our identifiers
     files = _released(session, case_id, study_instance_uid=StudyInstanceUID)
     studies: dict[str, list[RecordFile]] = {}
     for f in files:
@@ -255,12 +347,15 @@ def search_studies(
     results = []
     for uid, members in studies.items():
         modalities = sorted({str(m.modality) for m in members})
-        if wanted and not wanted & set(modalities):
+        date = next((m.study_date for m in members if m.study_date), None)
+        if (wanted and not wanted & set(modalities)) or not _date_matches(date, StudyDate):
             continue
         results.append(
             {
+                **_header_attrs(settings, members[0], STUDY_KEYS),
+                **ONLINE,
                 "0020000D": _attr("UI", uid),
-                "00080020": _attr("DA", *[d for d in {m.study_date for m in members} if d][:1]),
+                "00080020": _attr("DA", *([date] if date else [])),
                 "00080050": _attr("SH", ids["AccessionNumber"]),
                 "00080061": _attr("CS", *modalities),
                 "00100020": _attr("LO", ids["PatientID"]),
@@ -276,21 +371,31 @@ def search_studies(
 def search_series(
     case_id: CaseId,
     study: Uid,
+    request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     Modality: str | None = None,  # noqa: N803
+    SeriesInstanceUID: str | None = None,  # noqa: N803
     limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
+    _negotiate(request, DICOM_JSON)
     _identifiers(session, case_id)
     series: dict[str, list[RecordFile]] = {}
-    for f in _released(session, case_id, study_instance_uid=study, modality=Modality):
+    found = _released(
+        session, case_id, study_instance_uid=study, modality=Modality, series_instance_uid=SeriesInstanceUID
+    )
+    for f in found:
         series.setdefault(str(f.series_instance_uid), []).append(f)
+    base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
     results = [
         {
+            **_header_attrs(settings, members[0], SERIES_KEYS),
             "0020000D": _attr("UI", study),
             "0020000E": _attr("UI", uid),
             "00080060": _attr("CS", members[0].modality),
             "00201209": _attr("IS", len(members)),
+            "00081190": _attr("UR", f"{base}/{uid}"),
         }
         for uid, members in series.items()
     ]
@@ -302,12 +407,16 @@ def search_series(
 def search_instances(
     case_id: CaseId,
     study: Uid,
+    request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     series: str | None = None,
     SOPInstanceUID: str | None = None,  # noqa: N803
+    SOPClassUID: str | None = None,  # noqa: N803
     limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
+    _negotiate(request, DICOM_JSON)
     _identifiers(session, case_id)
     files = _released(
         session,
@@ -315,9 +424,14 @@ def search_instances(
         study_instance_uid=study,
         series_instance_uid=series,
         sop_instance_uid=SOPInstanceUID,
+        sop_class_uid=SOPClassUID,
     )
+    base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
     results = [
         {
+            **_header_attrs(settings, f, INSTANCE_KEYS),
+            **ONLINE,
+            "00081190": _attr("UR", f"{base}/{f.series_instance_uid}/instances/{f.sop_instance_uid}"),
             "0020000D": _attr("UI", f.study_instance_uid),
             "0020000E": _attr("UI", f.series_instance_uid),
             "00080018": _attr("UI", f.sop_instance_uid),
@@ -360,14 +474,24 @@ def _modified_at(session: Session, row: RecordFile) -> datetime:
 def retrieve(
     case_id: CaseId,
     study: Uid,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     series: str | None = None,
     sop: str | None = None,
 ) -> StreamingResponse:
+    # A single instance may also be asked for as one application/dicom body (PS3.18 10.4.4).
+    offered = ["multipart/related;type=application/dicom", *(["application/dicom"] if sop else [])]
+    offer, params = _negotiate(request, *offered)
+    wanted = params.get("transfer-syntax", "*")
     files, ids = _retrievable(session, case_id, study, series, sop)
     store = ObjectStore.for_settings(settings)
     parts = [(store.local_path(f.storage_path, f.sha256), _modified_at(session, f)) for f in files]
+    if wanted != "*" and any(_served_syntax(path) != wanted for path, _ in parts):
+        raise HTTPException(406, "no transcoding here: ask for transfer-syntax=* (stored as received)")
+    if offer == "application/dicom":
+        path, modified_at = parts[-1]
+        return StreamingResponse(coerced_chunks(path, ids, modified_at), media_type="application/dicom")
     boundary = uuid.uuid4().hex
 
     def body() -> Iterator[bytes]:
@@ -388,17 +512,105 @@ def retrieve(
 def retrieve_metadata(
     case_id: CaseId,
     study: Uid,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     series: str | None = None,
     sop: str | None = None,
 ) -> JSONResponse:
+    _negotiate(request, DICOM_JSON)
     files, ids = _retrievable(session, case_id, study, series, sop)
     store = ObjectStore.for_settings(settings)
-    metadata = [
-        coerced_header(
-            store.local_path(f.storage_path, f.sha256), ids, _modified_at(session, f)
-        ).to_json_dict()
-        for f in files
-    ]
+    base = f"{settings.records_url}/dicomweb/cases/{case_id}"
+    metadata = []
+    for f in files:
+        item = coerced_header(store.local_path(f.storage_path, f.sha256), ids, _modified_at(session, f))
+        body = item.to_json_dict()
+        if "Rows" in item:  # the pixel data, left out of the header, is there as Bulkdata (PS3.18 10.4.3.3.2)
+            url = f"{base}/studies/{f.study_instance_uid}/series/{f.series_instance_uid}/instances/{f.sop_instance_uid}"
+            frames = ",".join(str(n) for n in range(1, (f.number_of_frames or 1) + 1))
+            body["7FE00010"] = {"vr": "OB", "BulkDataURI": f"{url}/frames/{frames}"}
+        metadata.append(body)
     return _dicom_json(metadata)
+
+
+FRAME_TYPES = {
+    pydicom.uid.JPEGBaseline8Bit: "image/jpeg",
+    pydicom.uid.JPEGExtended12Bit: "image/jpeg",
+    pydicom.uid.JPEGLossless: "image/jpeg",
+    pydicom.uid.JPEGLosslessSV1: "image/jpeg",
+    pydicom.uid.JPEG2000Lossless: "image/jp2",
+    pydicom.uid.JPEG2000: "image/jp2",
+    pydicom.uid.RLELossless: "image/dicom-rle",
+}
+
+
+def _served_syntax(path: FilePath) -> str:
+    """The transfer syntax WADO-RS hands `path` out in (Implicit VR Little Endian becomes Explicit)."""
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    return str(pydicom.uid.ExplicitVRLittleEndian if syntax == pydicom.uid.ImplicitVRLittleEndian else syntax)
+
+
+@router.get("/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+def retrieve_frames(
+    case_id: CaseId,
+    study: Uid,
+    series: Uid,
+    sop: Uid,
+    frames: Annotated[str, Path(pattern=r"^[1-9][0-9]{0,5}(,[1-9][0-9]{0,5})*$")],
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> StreamingResponse:
+    """Frames as stored (PS3.18 10.4.1.1.4): native frames as application/octet-stream, compressed ones in
+    their own media type; what a viewer (OHIF, Cornerstone's wadors loader) fetches to show an image."""
+    _, params = _negotiate(
+        request,
+        "multipart/related;type=application/octet-stream",
+        *(f"multipart/related;type={t}" for t in sorted(set(FRAME_TYPES.values()))),
+    )
+    wanted = params.get("transfer-syntax")
+    files, _ = _retrievable(session, case_id, study, series, sop)
+    row = files[-1]
+    path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
+    with path.open("rb") as fp:
+        header = pydicom.dcmread(fp, stop_before_pixels=True)
+        pixel_offset = fp.tell()
+    syntax = header.file_meta.TransferSyntaxUID
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:  # no offsets into a deflated body
+        raise HTTPException(406, "this instance is stored deflated; retrieve the whole instance instead")
+    count = int(header.get("NumberOfFrames") or 1)
+    numbers = [int(n) for n in frames.split(",")]
+    if "Rows" not in header or any(n > count for n in numbers):
+        raise HTTPException(404, f"this instance has {count} frame(s) of pixel data; ask for 1 to {count}")
+    native = not syntax.is_compressed
+    if wanted not in (None, "*", str(syntax)):
+        raise HTTPException(406, f"the frames are stored as {syntax}; ask for transfer-syntax=* or {syntax}")
+    part_type = "application/octet-stream" if native else FRAME_TYPES.get(syntax, "application/octet-stream")
+    frame_bytes = (
+        int(header.Rows)
+        * int(header.Columns)
+        * int(header.get("SamplesPerPixel") or 1)
+        * int(header.get("BitsAllocated") or 8)
+        // 8
+    )
+    element_header = 8 if syntax == pydicom.uid.ImplicitVRLittleEndian else 12
+    boundary = uuid.uuid4().hex
+
+    def body() -> Iterator[bytes]:
+        with path.open("rb") as fp:
+            for n in numbers:
+                if native:
+                    fp.seek(pixel_offset + element_header + (n - 1) * frame_bytes)
+                    data = fp.read(frame_bytes)
+                else:
+                    fp.seek(pixel_offset + element_header)
+                    data = pydicom.encaps.get_frame(fp, n - 1, number_of_frames=count)
+                yield (
+                    f"--{boundary}\r\nContent-Type: {part_type}; transfer-syntax={syntax}\r\n\r\n".encode()
+                )
+                yield data
+                yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    return StreamingResponse(body(), media_type=f'multipart/related; type="{part_type}"; boundary={boundary}')

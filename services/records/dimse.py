@@ -23,6 +23,19 @@ from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    MPEG2MPML,
+    MPEG4HP41,
+    MPEG4HP41BD,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    RLELossless,
+)
 from pynetdicom import AE, _config, build_role, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -31,12 +44,18 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EncapsulatedPDFStorage,
     EnhancedSRStorage,
+    EnhancedUSVolumeStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
     SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
+    Verification,
+    VideoPhotographicImageStorage,
 )
 from pynetdicom.transport import AssociationSocket
 
@@ -44,16 +63,37 @@ from services.records.archive import Entry
 from services.records.store import HEAD_BYTES, FileTooLarge, ObjectStore, ReceivedFile
 
 OUR_AE = "SECONDOPINION"
-RETRIEVED_CLASSES = (
+# Images as ultrasound carts and PACS keep them: mostly JPEG (cine too), some RLE, JPEG 2000 or MPEG video.
+IMAGE_CLASSES = (
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
+    EnhancedUSVolumeStorage,
     SecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    VideoPhotographicImageStorage,
+)
+RETRIEVED_CLASSES = (
+    *IMAGE_CLASSES,
+    KeyObjectSelectionDocumentStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
     EncapsulatedPDFStorage,
     BasicTextSRStorage,
     EnhancedSRStorage,
     ComprehensiveSRStorage,
     CTImageStorage,
 )
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+COMPRESSED = [
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    RLELossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    MPEG2MPML,
+    MPEG4HP41,
+    MPEG4HP41BD,
+]
 SUCCESS, PENDING = 0x0000, (0xFF00, 0xFF01)
 NOT_AUTHORIZED, OUT_OF_RESOURCES = 0x0124, 0xA700
 
@@ -449,7 +489,10 @@ def get_study(source: DimseSource, study_uid: str, store: ObjectStore, *, limit:
     ae = _ae(source.timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for sop_class in RETRIEVED_CLASSES:
-        ae.add_requested_context(sop_class)
+        ae.add_requested_context(sop_class, UNCOMPRESSED)
+    for sop_class in IMAGE_CLASSES:  # one context per compressed syntax: the PACS accepts one per context
+        for syntax in COMPRESSED:
+            ae.add_requested_context(sop_class, syntax)
     roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in RETRIEVED_CLASSES]
     assoc = _associate(ae, source, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, writer.write)])
     if not assoc.is_established:
@@ -537,8 +580,9 @@ class StoreSCP:
         _spool_received_datasets()
         ae = AE(ae_title=OUR_AE)
         ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.add_supported_context(Verification)  # C-ECHO: how a PACS administrator tests a new destination
         for sop_class in RETRIEVED_CLASSES:
-            ae.add_supported_context(sop_class)
+            ae.add_supported_context(sop_class, UNCOMPRESSED + COMPRESSED)
         self._server = ae.start_server(
             (self.host, self.port),
             block=False,

@@ -10,18 +10,35 @@ import zipfile
 from pathlib import Path
 
 import structlog
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse
+from pydicom.fileset import FileSet
 from sqlmodel import col, select
 from starlette.background import BackgroundTask
 
+from services.auth.access import case_scope
+from services.auth.problems import AUTH_ERRORS
+from services.auth.routing import AuthRoute
 from services.records.api import CaseId, SessionDep, SettingsDep
-from services.records.deidentify import BASIC_PROFILE_CODE, METHOD, UidMap, deidentified_chunks, may_export
+from services.records.deidentify import (
+    BASIC_PROFILE_CODE,
+    METHOD,
+    UidMap,
+    deidentified_chunks,
+    deidentified_header,
+    may_export,
+)
 from services.records.models import FileKind, RecordFile, RecordRequest
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
-router = APIRouter(prefix="/v1/records", tags=["records"])
+router = APIRouter(
+    prefix="/v1/records",
+    tags=["records"],
+    dependencies=[Depends(case_scope("records", specialists=True))],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
 
 
 @router.get(
@@ -65,17 +82,35 @@ def export_deidentified(case_id: CaseId, session: SessionDep, settings: Settings
 
 
 def _write_zip(path: Path, rows: list[RecordFile], store: ObjectStore) -> tuple[int, int]:
+    """An IHE PDI-style file-set: a DICOMDIR at the root, instances under PS3.10 file IDs (up to 8 upper-case
+    letters, digits or underscores per component, no extension), so media importers and PACS read it."""
     uids = UidMap()
     exported = withheld = 0
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+    fileset = FileSet()
+    sources: dict[str, Path] = {}
+    with (
+        tempfile.TemporaryDirectory(dir=store.tmp_dir) as staging,
+        zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive,
+    ):
         for row in rows:
             if not may_export(row.burned_in_annotation):
                 withheld += 1
                 continue
             exported += 1
-            with archive.open(f"DICOM/IM{exported:05d}.dcm", "w", force_zip64=True) as out:
-                for chunk in deidentified_chunks(store.local_path(row.storage_path, row.sha256), uids):
+            source = store.local_path(row.storage_path, row.sha256)
+            header, _ = deidentified_header(source, uids)  # the DICOMDIR's records come from headers only
+            # Type 1 in the SERIES and IMAGE records, Type 2 in the instance: invented for the record only.
+            header.SeriesNumber = header.get("SeriesNumber") or 1
+            header.InstanceNumber = header.get("InstanceNumber") or exported
+            fileset.add(header)
+            sources[str(header.SOPInstanceUID)] = source
+        fileset.write(staging)
+        for instance in fileset:
+            name = "/".join(Path(instance.FileID).parts)
+            with archive.open(name, "w", force_zip64=True) as out:
+                for chunk in deidentified_chunks(sources[str(instance.SOPInstanceUID)], uids):
                     out.write(chunk)
+        archive.write(Path(staging) / "DICOMDIR", "DICOMDIR")
         manifest = {
             "profile": METHOD,
             "method_codes": [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 
@@ -11,10 +12,36 @@ from services.common.errors import RecordsRejected
 from services.records.archive import Entry, safe_relative_path
 
 DICOMDIR_NAME = "DICOMDIR"
+# What some CD readers and copy tools leave on an ISO 9660 name: the version (";1") and the dot of an
+# empty extension ("IM00001." / "IM00001.;1"); a DICOMDIR's file IDs carry neither.
+_ISO9660_TAIL = re.compile(r"\.?(;\d*)?$")
+
+
+def media_key(relative_path: str) -> str:
+    """A path as a DICOMDIR's file IDs name it: upper case, without ISO 9660 version or empty extension."""
+    return "/".join(_ISO9660_TAIL.sub("", part) for part in relative_path.upper().split("/"))
 
 
 def is_dicomdir_name(relative_path: str | None) -> bool:
-    return relative_path is not None and PurePosixPath(relative_path).name.upper() == DICOMDIR_NAME
+    return relative_path is not None and PurePosixPath(media_key(relative_path)).name == DICOMDIR_NAME
+
+
+def media_roots(entries: Sequence[Entry]) -> list[PurePosixPath]:
+    """The folders of a folder upload that hold a DICOMDIR: what else is in them came on the CD (viewer,
+    autorun, readme), as it does in a ZIP of the CD. Loose files sent beside a loose DICOMDIR are not."""
+    roots = [
+        PurePosixPath(media_key(e.relative_path)).parent
+        for e in entries
+        if not e.from_archive and e.relative_path is not None and is_dicomdir_name(e.relative_path)
+    ]
+    return [root for root in roots if root.parts]
+
+
+def on_media(entry: Entry, roots: Sequence[PurePosixPath]) -> bool:
+    if entry.relative_path is None:
+        return False
+    path = PurePosixPath(media_key(entry.relative_path))
+    return any(root in path.parents for root in roots)
 
 
 def referenced_paths(entry: Entry, max_bytes: int) -> list[str]:
@@ -52,13 +79,13 @@ def select_listed(entries: Sequence[Entry], max_dicomdir_bytes: int) -> tuple[li
     wanted: set[str] = set()
     for dicomdir in dicomdirs:
         wanted.update(referenced_paths(dicomdir, max_dicomdir_bytes))
-    by_path = {e.relative_path.upper(): e for e in entries if e.relative_path is not None}
+    by_path = {media_key(e.relative_path): e for e in entries if e.relative_path is not None}
     absent = sorted(wanted - by_path.keys())
     if absent:
         raise RecordsRejected(
             f"the DICOMDIR lists {len(absent)} file(s) that are not in the upload; "
             "upload the whole CD (every folder); nothing from this upload was stored"
         )
-    listed = [e for e in entries if e.relative_path is not None and e.relative_path.upper() in wanted]
+    listed = [e for e in entries if e.relative_path is not None and media_key(e.relative_path) in wanted]
     rest = [e for e in entries if e not in listed and e not in dicomdirs]
     return listed, rest

@@ -70,19 +70,42 @@ def coerced_chunks(source: Path, values: dict[str, str], modified_at: datetime) 
     with source.open("rb") as fp:
         dataset = pydicom.dcmread(fp, stop_before_pixels=True)
         pixel_offset = fp.tell()
-    if dataset.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        size = fp.seek(0, io.SEEK_END)
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    pixel_header = b""
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
         dataset = pydicom.dcmread(source)  # a deflated body cannot be spliced; such files are rare and small
         pixel_offset = -1
+    elif syntax == pydicom.uid.ImplicitVRLittleEndian:
+        # Not to be used with web services (PS3.18 8.7.3): handed out as Explicit VR Little Endian.
+        pixel_header, pixel_offset = _explicit_little_pixel_header(source, pixel_offset, size)
+        if pixel_offset < 0:
+            dataset = pydicom.dcmread(source)
+        dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     _coerce(dataset, values, modified_at)
     header = io.BytesIO()
     dataset.save_as(header, enforce_file_format=True)
-    yield header.getvalue()
+    yield header.getvalue() + pixel_header
     if pixel_offset < 0:
         return
     with source.open("rb") as fp:
         fp.seek(pixel_offset)
         while chunk := fp.read(CHUNK_BYTES):
             yield chunk
+
+
+def _explicit_little_pixel_header(source: Path, offset: int, size: int) -> tuple[bytes, int]:
+    """For an Implicit VR Little Endian file whose native Pixel Data is its last element: that element's
+    header in Explicit VR Little Endian and where its value starts; else (b"", -1) (read it whole)."""
+    with source.open("rb") as fp:
+        fp.seek(offset)
+        head = fp.read(8)
+    if len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
+        return b"", -1 if len(head) else offset  # no pixel data: the header says it all
+    length = int.from_bytes(head[4:8], "little")
+    if length == 0xFFFFFFFF or offset + 8 + length != size:
+        return b"", -1
+    return head[:4] + b"OW\x00\x00" + head[4:8], offset + 8
 
 
 def coerced_header(source: Path, values: dict[str, str], modified_at: datetime) -> Dataset:

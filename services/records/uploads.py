@@ -24,7 +24,7 @@ from services.records.handlers import lock_request
 from services.records.header_probe import isolated_reader
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import FileKind, ImportStatus, RecordFile, RecordImport, RecordRequest
-from services.records.pdi import select_listed
+from services.records.pdi import media_roots, on_media, select_listed
 from services.records.reconcile import differences
 from services.records.store import HEAD_BYTES, FileTooLarge, ObjectStore
 
@@ -201,10 +201,12 @@ def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile
         )
 
     classified = [check(e) for e in listed]
-    # Beside a DICOMDIR a CD carries viewers and readme files: of those only a PDF (a report) is kept.
-    # Files the uploader added next to the CD folder are checked like any upload.
+    # Beside a DICOMDIR a CD carries viewers and readme files: of those only a PDF (a report) is kept,
+    # whether the CD came as a ZIP or as a folder. Files the uploader added next to the CD folder are
+    # checked like any upload.
+    roots = media_roots(entries)
     for entry in unlisted:
-        if not entry.from_archive:
+        if not (entry.from_archive or on_media(entry, roots)):
             classified.append(check(entry))
             continue
         try:

@@ -98,6 +98,14 @@ def test_settings_in_the_config_map_are_read_by_the_code() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_dicom_scp_listens_where_its_service_sends(
+    manifests: dict[str, list[Manifest]], overlay: str
+) -> None:
+    [container] = named(manifests[overlay], "Deployment", "records")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "RECORDS_SCP_HOST", "value": "0.0.0.0"} in container["env"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_service_gets_its_own_database_and_the_migration_job_covers_all(
     manifests: dict[str, list[Manifest]], overlay: str
 ) -> None:

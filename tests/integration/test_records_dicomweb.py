@@ -148,7 +148,8 @@ def test_a_stow_of_another_patient_is_held_and_not_searchable(
     study = new_study()
     client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}", headers=operations_headers(settings))
     stored = client.store_instances(instances(study, birth_date="19790101"))
-    assert stored.WarningReason == 0xB000
+    assert [item.WarningReason for item in stored.ReferencedSOPSequence] == [0xB000] * 3  # per item
+    assert "RetrieveURL" in stored  # Type 2 at the top level (PS3.18 Table I.1-1)
     assert client.search_for_studies() == []
     response = requests.get(
         f"{base_url}/v1/records/{case_id}", headers=operations_headers(settings), timeout=10
@@ -208,3 +209,49 @@ def test_bad_stow_bodies_are_refused_with_nothing_stored(
         ).json()["files"]
         == []
     )
+
+
+def test_what_a_viewer_and_a_dicomweb_client_need(base_url: str, engine: Engine, settings: Settings) -> None:
+    """OHIF / dicomweb-client: frames, PixelData as Bulkdata in the metadata, Accept honoured with 406,
+    one instance per SOP Instance UID, a 409 with reasons for another study, the required QIDO attributes."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    headers = operations_headers(settings)
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    client = DICOMwebClient(url=root, headers=headers)
+    sent = instances(study)
+    client.store_instances(sent)
+    clip = sent[2]
+    series, sop = clip.SeriesInstanceUID, clip.SOPInstanceUID
+
+    metadata = client.retrieve_instance_metadata(study, series, sop)
+    assert metadata["7FE00010"]["BulkDataURI"].endswith(f"/instances/{sop}/frames/1,2,3,4")
+    frames = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1, 4])
+    size = len(clip.PixelData) // 4
+    assert frames == [clip.PixelData[:size], clip.PixelData[3 * size :]]
+
+    xml = requests.get(f"{root}/studies", headers={**headers, "Accept": "application/dicom+xml"}, timeout=10)
+    assert xml.status_code == 406
+    jpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    url = f"{root}/studies/{study}/series/{series}/instances/{sop}"
+    assert requests.get(url, headers={**headers, "Accept": jpeg}, timeout=10).status_code == 406
+
+    corrected = sent[0].copy()
+    corrected.StudyDescription = "corrected"
+    client.store_instances([corrected])  # the same instance again, other bytes
+    assert len(client.search_for_instances(study)) == 3
+    assert client.retrieve_instance(study, series, sent[0].SOPInstanceUID).StudyDescription == "corrected"
+
+    with pytest.raises(requests.HTTPError) as caught:
+        DICOMwebClient(url=root, headers=headers).store_instances(sent[:1], study_instance_uid="1.2.3.4")
+    refused = caught.value.response
+    assert refused is not None and refused.status_code == 409
+    assert pydicom.Dataset.from_json(refused.json()).FailedSOPSequence[0].FailureReason == 0xA901
+
+    [found] = client.search_for_studies()
+    assert found["00100010"]["Value"] == [{"Alphabetic": "DOE^JANE"}] and "00080056" in found
+    assert client.search_for_studies(search_filters={"PatientID": "someone-else"}) == []
+    assert client.search_for_series(study, search_filters={"SeriesInstanceUID": "1.2.3"}) == []
+    [listed] = client.search_for_series(study)
+    assert listed["00200011"]["Value"] == [1] and "00081190" in listed
+    assert all("00200013" in i for i in client.search_for_instances(study))

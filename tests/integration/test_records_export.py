@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -78,12 +79,20 @@ def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images
     )
     assert response.status_code == 201, response.text
 
+    anonymous = http.get(f"/v1/records/{case_id}/export/deidentified", headers={"Authorization": ""})
+    assert anonymous.status_code == 401  # no key, no images
     exported = http.get(f"/v1/records/{case_id}/export/deidentified")
     assert exported.status_code == 200 and exported.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
         names = archive.namelist()
         manifest = json.loads(archive.read("DEIDENTIFICATION.json"))
-        [instance_name] = [n for n in names if n.startswith("DICOM/")]
+        [instance_name] = [n for n in names if n not in ("DICOMDIR", "DEIDENTIFICATION.json")]
+        dicomdir = pydicom.dcmread(io.BytesIO(archive.read("DICOMDIR")))
+    # IHE PDI / PS3.10: a DICOMDIR at the root whose file IDs name the instances (8 chars, no extension)
+    [referenced] = [r.ReferencedFileID for r in dicomdir.DirectoryRecordSequence if "ReferencedFileID" in r]
+    assert "/".join(referenced) == instance_name
+    assert all(re.fullmatch(r"[A-Z0-9_]{1,8}", part) for part in referenced)
+    with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
         data = archive.read(instance_name)
     assert (manifest["exported"], manifest["withheld"]) == (1, 1)
     assert manifest["method_codes"][0]["code_value"] == "113100"

@@ -161,6 +161,26 @@ def test_a_folder_upload_with_relative_paths_and_a_dicomdir(
     assert len(rows(engine, case_id)) == 3  # the DICOMDIR itself is an index, not a record
 
 
+def test_a_whole_cd_as_a_folder_keeps_its_viewer_out_and_its_iso_9660_names_match(
+    client: TestClient, engine: Engine, case_id: str, tmp_path: Path
+) -> None:
+    """The CD folder as a browser sends it (viewer and autorun beside the DICOMDIR) imports like its ZIP,
+    and names as some CD readers copy them ("IM000000.;1", "IM000000.") match the DICOMDIR's file IDs."""
+    study = study_uid()
+    cd = tmp_path / "cd"
+    extras = {"VIEWER/VIEWER.EXE": b"MZ\x90\x00" + bytes(300), "AUTORUN.INF": b"[autorun]\r\nopen=x"}
+    paths = cd_folder(cd, [us(study), us(study, frames=2)], extras=extras)
+
+    def sent_as(path: Path) -> str:
+        name = path.relative_to(tmp_path).as_posix()
+        return name + ".;1" if path.parent.name.startswith("SE") else name
+
+    files = [(sent_as(p), p.read_bytes(), "application/octet-stream") for p in paths]
+    response = upload(client, case_id, REPORT, *files)
+    assert response.status_code == 201, response.text
+    assert len(rows(engine, case_id)) == 3
+
+
 class Unseekable(io.RawIOBase):
     """A stream that can only be read forward (a pipe, a socket): a ZIP from it is copied before expanding."""
 

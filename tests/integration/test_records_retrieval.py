@@ -316,3 +316,35 @@ def test_a_planned_retrieval_starts_when_the_loop_is_woken_not_at_its_next_poll(
             time.sleep(0.1)
     finally:
         loop.stop()
+
+
+def test_a_pacs_administrator_can_echo_our_scp_and_a_study_with_a_key_object_is_retrieved(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc, scp: StoreSCP, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    echo = subprocess.run(
+        ["echoscu", "-aec", "SECONDOPINION", "127.0.0.1", str(scp.port)], capture_output=True, timeout=30
+    )
+    assert echo.returncode == 0, echo.stderr  # C-ECHO (Verification SOP Class) is how a destination is tested
+
+    study = f"{STUDY}.99"
+    image = tmp_path / "IMAGE.dcm"
+    make_us_instance(image, study_uid=study, series_uid=study + ".1")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection: "key images"
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    kos = FileDataset("kos", {}, file_meta=meta, preamble=b"\0" * 128)
+    kos.SOPClassUID, kos.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    kos.StudyInstanceUID, kos.SeriesInstanceUID, kos.Modality = study, study + ".2", "KO"
+    kos.PatientName, kos.PatientID, kos.PatientBirthDate, kos.PatientSex = "DOE^JANE", "MRN1", "19800101", "F"
+    kos.save_as(tmp_path / "KOS.dcm", enforce_file_format=True)
+    pacs.store(image, tmp_path / "KOS.dcm")
+    configure(client, "clinic-kos", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port)
+    case_id = open_case(engine, settings, "clinic-kos", study_instance_uid=study)
+    retrieve(engine, settings, scp)
+    records = client.get(f"/v1/records/{case_id}").json()
+    assert records["retrievals"][0]["status"] == "done", records["retrievals"]

@@ -67,3 +67,21 @@ def test_coercion_keeps_originals_and_copies_pixels_untouched(tmp_path: Path) ->
     assert (item.ModifyingSystem, item.AttributeModificationDateTime) == ("SECONDOPINION", "20261128040000")
     kept = item.ModifiedAttributesSequence[0]
     assert (kept.PatientID, kept.AccessionNumber, kept.IssuerOfPatientID) == ("MRN1", "OLD1", "")
+
+
+def test_an_implicit_vr_instance_is_handed_out_as_explicit_vr_little_endian(tmp_path: Path) -> None:
+    # PS3.18 8.7.3: Implicit VR Little Endian is not used with web services; what the SCP received as
+    # such (storescu -xi) is served as Explicit VR Little Endian, the pixels copied byte for byte.
+    explicit = tmp_path / "explicit.dcm"
+    make_us_instance(explicit, study_uid="1.2.3", series_uid="1.2.3.1", frames=3)
+    dataset = pydicom.dcmread(explicit)
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    implicit = tmp_path / "implicit.dcm"
+    dataset.save_as(implicit, enforce_file_format=True)
+    assert pydicom.dcmread(implicit).file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    at = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
+    served = b"".join(coerced_chunks(implicit, {"PatientID": "SO-x"}, at))
+    coerced = pydicom.dcmread(io.BytesIO(served))
+    assert coerced.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert coerced.PixelData == dataset.PixelData and coerced.PatientID == "SO-x"
+    assert coerced.NumberOfFrames == 3
