@@ -3,6 +3,8 @@ negotiation, and the patient's plain-language summary."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from email.utils import format_datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException
@@ -80,6 +82,17 @@ def get_report(
     return Response(dicom, media_type=DICOM, headers=headers)
 
 
+@reports.get("/{case_id}/pdf", responses={200: {"content": {PDF: {}}}, 404: {}})
+def get_report_pdf(case_id: str, session: SessionDep, settings: SettingsDep, access: AccessDep) -> Response:
+    """The PDF whatever the Accept header: DiagnosticReport.presentedForm.url points here."""
+    report = _report_or_404(session, case_id, access)
+    headers = {
+        "ETag": f'"{report.pdf_sha256}-pdf"',
+        "Content-Disposition": f'inline; filename="second-opinion-{case_id}.pdf"',
+    }
+    return Response(handlers.report_pdf_file(settings, report).read_bytes(), media_type=PDF, headers=headers)
+
+
 @reports.get("/{case_id}/patient-summary", response_model=PatientSummary, responses={404: {}})
 def get_patient_summary(
     case_id: str, session: SessionDep, settings: SettingsDep, access: AccessDep
@@ -116,7 +129,11 @@ def read_diagnostic_report(report_id: str, session: SessionDep, access: AccessDe
         outcome = operation_outcome("not-found", "no DiagnosticReport with this id visible to your key")
         return JSONResponse(outcome, status_code=404, media_type=FHIR_JSON)
     access.allow("report", report.case_id)
-    return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON)
+    meta = report.diagnostic_report.get("meta", {})
+    headers = {"ETag": f'W/"{meta.get("versionId", report.version)}"'}
+    if "lastUpdated" in meta:
+        headers["Last-Modified"] = format_datetime(datetime.fromisoformat(meta["lastUpdated"]), usegmt=True)
+    return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON, headers=headers)
 
 
 def negotiate_report_format(accept: str | None) -> ReportFormat | None:

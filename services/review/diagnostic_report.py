@@ -9,17 +9,15 @@ from datetime import datetime
 from typing import Any
 
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
-from fhir.resources.R4B.documentreference import DocumentReference
 
+from services.review.directory import NPI_SYSTEM
 from services.review.report_pdf import TITLE, ReportContent
 
 FHIR_JSON = "application/fhir+json"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 LOINC = "http://loinc.org"
 CASE_IDENTIFIER_SYSTEM = "urn:secondopinion:case"
-# R4 has no DiagnosticReport element that points at a DocumentReference; this extension names the contained
-# one that describes the PDF (and satisfies dom-3: a contained resource must be referenced).
-REPORT_DOCUMENT_EXTENSION = "urn:secondopinion:fhir:report-document"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 
 def attachment_hash(pdf: bytes) -> str:
@@ -31,7 +29,12 @@ def build_diagnostic_report(
     *, report_id: str, content: ReportContent, pdf: bytes, pdf_url: str, issued: datetime
 ) -> dict[str, Any]:
     """The DiagnosticReport resource as JSON, after validating it against the R4 model."""
-    reviewer = {"display": f"{content.reviewer_signature}, {content.reviewer.organization}"}
+    interpreter = {
+        "type": "Practitioner",
+        "identifier": {"system": NPI_SYSTEM, "value": content.reviewer.npi},
+        "display": content.reviewer_signature,
+    }
+    service = {"type": "Organization", "display": content.reviewer.organization}
     pdf_attachment = {
         "contentType": "application/pdf",
         "url": pdf_url,
@@ -40,25 +43,12 @@ def build_diagnostic_report(
         "title": TITLE,
         "creation": content.signed_at.isoformat(),
     }
-    document = DocumentReference.model_validate(
-        {
-            "resourceType": "DocumentReference",
-            "id": "pdf",
-            "status": "current",
-            "docStatus": "amended" if content.addenda else "final",
-            "type": {"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}]},
-            "subject": {"display": content.patient_name},
-            "date": issued.isoformat(),
-            "author": [reviewer],
-            "content": [{"attachment": pdf_attachment}],
-        }
-    )
     resource = DiagnosticReport.model_validate(
         {
             "resourceType": "DiagnosticReport",
             "id": report_id,
-            "contained": [json.loads(document.model_dump_json())],
-            "extension": [{"url": REPORT_DOCUMENT_EXTENSION, "valueReference": {"reference": "#pdf"}}],
+            # One version per issue of the report: as composed, then +1 per addendum (Report.version).
+            "meta": {"versionId": str(1 + len(content.addenda)), "lastUpdated": issued.isoformat()},
             "identifier": [{"system": CASE_IDENTIFIER_SYSTEM, "value": content.case_id}],
             # FHIR R4: "appended" = subsequent to being final, the report has been added to (an addendum).
             "status": "appended" if content.addenda else "final",
@@ -67,16 +57,41 @@ def build_diagnostic_report(
                 "coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}],
                 "text": f"Second opinion: {content.request.exam.exam_type} ultrasound",
             },
-            "subject": {"display": content.patient_name},
+            "subject": patient_reference(content),
             "effectiveDateTime": content.request.exam.performed_on.isoformat(),
+            # The study read, by its DICOM Study Instance UID (R4 ImagingStudy.identifier convention).
+            "imagingStudy": [
+                {
+                    "type": "ImagingStudy",
+                    "identifier": {
+                        "system": "urn:dicom:uid",
+                        "value": f"urn:oid:{content.request.study.study_instance_uid}",
+                    },
+                }
+            ],
             "issued": issued.isoformat(),
-            "performer": [reviewer],
-            "resultsInterpreter": [reviewer],
+            "performer": [service],
+            "resultsInterpreter": [interpreter],
             "conclusion": content.findings.impression,
             "presentedForm": [pdf_attachment],
         }
     )
     return json.loads(resource.model_dump_json())
+
+
+def patient_reference(content: ReportContent) -> dict[str, Any]:
+    """A logical reference by the referring facility's MRN, so the receiver can file the report."""
+    patient = content.request.patient
+    return {
+        "type": "Patient",
+        "identifier": {
+            "use": "usual",
+            "type": {"coding": [{"system": V2_0203, "code": "MR"}]},
+            "value": patient.mrn,
+            "assigner": {"display": content.request.referring.organization},
+        },
+        "display": content.patient_name,
+    }
 
 
 def operation_outcome(code: str, diagnostics: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from datetime import datetime
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -33,7 +34,7 @@ def encapsulated_pdf(
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names and the title may need it
     ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
     ds.SOPInstanceUID = sop_instance_uid
-    ds.PatientName = f"{patient.family_name}^{patient.given_name}"
+    ds.PatientName = _person_name(patient.family_name, patient.given_name)
     ds.PatientID = patient.mrn
     ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d")
     ds.PatientSex = {"female": "F", "male": "M", "other": "O"}.get(patient.sex.value, "")
@@ -41,7 +42,7 @@ def encapsulated_pdf(
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[report_id, "series"])
     ds.StudyDate = request.exam.performed_on.strftime("%Y%m%d")
     ds.StudyTime = ""
-    ds.AccessionNumber = request.exam.accession_number or ""
+    ds.AccessionNumber = _short_string(request.exam.accession_number)
     ds.ReferringPhysicianName = ""
     ds.StudyID = ""
     ds.Modality = "DOC"
@@ -49,9 +50,10 @@ def encapsulated_pdf(
     ds.InstanceNumber = version
     ds.Manufacturer = "secondopinion"
     ds.ConversionType = "WSD"
+    ds.TimezoneOffsetFromUTC = issued.strftime("%z")  # DA/TM below are in this offset (PS3.3 Table C.12-1)
     ds.ContentDate = issued.strftime("%Y%m%d")
     ds.ContentTime = issued.strftime("%H%M%S")
-    ds.AcquisitionDateTime = issued.strftime("%Y%m%d%H%M%S")
+    ds.AcquisitionDateTime = issued.strftime("%Y%m%d%H%M%S%z")
     ds.BurnedInAnnotation = "YES"
     ds.DocumentTitle = TITLE if version == 1 else f"{TITLE} (addendum {version - 1})"
     ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic imaging study")]
@@ -62,6 +64,18 @@ def encapsulated_pdf(
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _person_name(family: str, given: str) -> str:
+    """PN (PS3.5 6.2): `^` `=` `\\` are delimiters, not text, and a component group is at most 64 chars."""
+    family, given = (" ".join(re.sub(r"[\\^=]", " ", part).split()) for part in (family, given))
+    return f"{family[:64]}^{given}"[:64]
+
+
+def _short_string(value: str | None) -> str:
+    """SH (PS3.5 6.2): at most 16 chars, no backslash. A value that does not fit is not the study's
+    DICOM Accession Number, so the Type 2 attribute is left empty rather than written invalid."""
+    return value if value and len(value) <= 16 and "\\" not in value else ""
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:

@@ -163,7 +163,7 @@ def encapsulated_report_event(
 
 
 def report_pdf_url(settings: Settings, case_id: str) -> str:
-    return f"{settings.review_url}/v1/reports/{case_id}"
+    return f"{settings.review_url}/v1/reports/{case_id}/pdf"
 
 
 def report_pdf_file(settings: Settings, report: Report) -> Path:

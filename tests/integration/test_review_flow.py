@@ -291,7 +291,7 @@ def test_compose_stores_the_pdf_and_announces_the_report(
     assert ready.data == {
         "case_id": case_id,
         "report_id": report.id,
-        "pdf_url": f"{settings.review_url}/v1/reports/{case_id}",
+        "pdf_url": f"{settings.review_url}/v1/reports/{case_id}/pdf",
         "fhir_url": f"{settings.review_url}/fhir/DiagnosticReport/{report.id}",
         "sha256": report.pdf_sha256,
     }
@@ -334,7 +334,13 @@ def test_report_is_served_as_fhir_or_pdf_by_accept_header(
     assert resource.conclusion == FINDINGS["impression"]
     assert resource.subject.display == "Jane Doe"
     form = as_fhir.json()["presentedForm"][0]
-    assert form["url"] == f"{settings.review_url}/v1/reports/{case_id}"
+    assert form["url"] == f"{settings.review_url}/v1/reports/{case_id}/pdf"
+    fetched = client.get(form["url"].removeprefix(settings.review_url), headers={"Accept": "*/*"})
+    assert fetched.headers["content-type"] == "application/pdf"
+    assert (
+        base64.b64encode(hashlib.sha1(fetched.content, usedforsecurity=False).digest()).decode()
+        == form["hash"]
+    )
     assert form["size"] == len(as_pdf.content)
     assert base64.b64decode(form["hash"]) == hashlib.sha1(as_pdf.content, usedforsecurity=False).digest()
     assert ORIGINAL_REPORT in pdf_text(as_pdf.content)
