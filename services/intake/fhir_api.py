@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,10 +30,33 @@ from services.intake.api import (
 )
 from services.intake.fhir_task import to_task
 
-router = APIRouter(prefix="/fhir", tags=["fhir"])
-
 FHIR_JSON = "application/fhir+json"
 MAX_FHIR_BYTES = 30 * 1024 * 1024
+JSON_FORMATS = {"json", FHIR_JSON, "application/json"}
+ACCEPTED = {FHIR_JSON, "application/json", "application/*", "*/*"}
+
+
+def _media_types(header: str) -> list[str]:
+    """The media types of an Accept or Content-Type header, without parameters, lower case."""
+    return [part.split(";")[0].strip().lower() for part in header.split(",") if part.strip()]
+
+
+def json_only(request: Request) -> None:
+    """FHIR R4 http.html#mime-type: this server speaks JSON only. `_format` or an Accept that rules JSON out
+    is a 406, a body in another format a 415; either names what to send instead (RFC 9110 15.5.7, 15.5.16)."""
+    wanted = request.query_params.get("_format")
+    if wanted is not None and wanted.split(";")[0].strip().lower() not in JSON_FORMATS:
+        raise HTTPException(406, f"only JSON is served: send _format=json or Accept: {FHIR_JSON}")
+    accept = request.headers.get("accept")
+    if accept and not ACCEPTED & set(_media_types(accept)):
+        raise HTTPException(406, f"only JSON is served: send Accept: {FHIR_JSON}")
+    if request.method == "POST":
+        sent = _media_types(request.headers.get("content-type") or "")
+        if sent and sent[0] not in (FHIR_JSON, "application/json"):
+            raise HTTPException(415, f"send the resource as JSON, with Content-Type: {FHIR_JSON}")
+
+
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(json_only)])
 
 
 def outcome(code: str, issues: list[tuple[str | None, str]]) -> dict[str, Any]:
@@ -98,14 +121,40 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "The first request with this Idempotency-Key is still running",
         outcome("processing", [(None, "retry")]),
     ),
+    406: outcome_doc("Only JSON is served", outcome("not-supported", [(None, "send _format=json")])),
     422: outcome_doc("A resource is invalid: the OperationOutcome names each element", OUTCOME_EXAMPLE),
+}
+POSTED: dict[int | str, dict[str, Any]] = {
+    **RESPONSES,
+    415: outcome_doc(
+        "The body is not JSON", outcome("not-supported", [(None, f"Content-Type: {FHIR_JSON}")])
+    ),
 }
 CREATED: dict[int | str, dict[str, Any]] = {
     201: {
-        "description": "the case as a FHIR Task; `Location: Task/{id}`",
+        "description": "the case as a FHIR Task; `Location: [base]/fhir/Task/{id}`",
         "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
     },
-    **RESPONSES,
+    **POSTED,
+}
+TRANSACTION_EXAMPLE = {
+    "resourceType": "Bundle",
+    "type": "transaction-response",
+    "entry": [
+        {"response": {"status": "200 OK"}},
+        {
+            "resource": TASK_EXAMPLE,
+            "response": {"status": "201 Created", "location": "https://…/fhir/Task/3f6c…"},
+        },
+    ],
+}
+TRANSACTED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "a transaction-response Bundle: an entry per request entry, in order; the "
+        "ServiceRequest's carries the case as a Task and its location",
+        "content": {FHIR_JSON: {"example": TRANSACTION_EXAMPLE}},
+    },
+    **POSTED,
 }
 
 
@@ -184,7 +233,7 @@ FHIR_BODY = {
 }
 
 
-@router.post("", status_code=201, responses=CREATED, openapi_extra=FHIR_BODY)
+@router.post("", status_code=200, responses=TRANSACTED, openapi_extra=FHIR_BODY)
 async def transaction(
     request: Request,
     caller: CaseCaller,
@@ -195,8 +244,8 @@ async def transaction(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """A transaction Bundle carrying Patient, ServiceRequest, ImagingStudy (with its Endpoint) and optionally
-    Coverage, Consent and DocumentReference. Answers the case as a Task (`Location: Task/{id}`). Without an
-    active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in `awaiting_consent`."""
+    Coverage, Consent and DocumentReference. Answers a transaction-response Bundle whose ServiceRequest entry
+    carries the case as a Task and where to read it. Without an active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in `awaiting_consent`."""
     response = await create_from_fhir(
         request, fhir_intake.from_bundle, caller, audit, engine, temporal, settings, idempotency_key
     )
@@ -254,8 +303,10 @@ CAPABILITY_STATEMENT: dict[str, Any] = {
     "/metadata",
     responses={
         200: {
-            "content": {FHIR_JSON: {"example": {"resourceType": "CapabilityStatement"}}},
-            "description": "it",
+            "content": {
+                FHIR_JSON: {"example": {"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1"}}
+            },
+            "description": "what this server supports: ServiceRequest create, Task read, transaction; JSON",
         },
         406: outcome_doc("Only JSON is served", outcome("not-supported", [(None, "send _format=json")])),
     },

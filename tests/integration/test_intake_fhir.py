@@ -459,3 +459,30 @@ def test_errors_outside_fhir_are_problem_details(client: TestClient) -> None:
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"  # RFC 9457
     assert response.json()["status"] == 404
+
+
+@pytest.mark.parametrize(
+    ("send", "status"),
+    [
+        (lambda c: c.get("/fhir/metadata", params={"_format": "xml"}), 406),
+        (lambda c: c.get("/fhir/metadata", headers={"Accept": "application/fhir+xml"}), 406),
+        (lambda c: c.get("/fhir/Task/x", headers={"Accept": "application/fhir+xml"}), 406),
+        (
+            lambda c: c.post("/fhir", content=b"<Bundle/>", headers={"Content-Type": "application/fhir+xml"}),
+            415,
+        ),
+        (lambda c: c.post("/fhir/ServiceRequest", data={"a": "b"}), 415),
+    ],
+    ids=["_format=xml", "Accept xml", "Accept xml on a read", "an XML body", "a form body"],
+)
+def test_only_json_is_spoken_and_the_answer_says_so(client: TestClient, send: Any, status: int) -> None:
+    response = send(client)
+    assert response.status_code == status, response.text
+    issue = OperationOutcome.model_validate(response.json()).issue[0]
+    assert "JSON" in issue.diagnostics
+
+
+def test_json_in_any_of_its_names_is_served(client: TestClient) -> None:
+    for accept in ("application/fhir+json", "application/json", "*/*", "application/fhir+xml, */*;q=0.1"):
+        assert client.get("/fhir/metadata", headers={"Accept": accept}).status_code == 200, accept
+    assert client.get("/fhir/metadata", params={"_format": "application/fhir+json"}).status_code == 200
