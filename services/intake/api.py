@@ -31,6 +31,7 @@ from services.auth.deps import audit_caller
 from services.auth.problems import AUTH_ERRORS, Problem, problem_response
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine
+from services.common.errors import IntakeRejected
 from services.common.temporal import connect_temporal
 from services.intake import decisions, handlers, idempotency
 from services.intake.models import (
@@ -304,6 +305,13 @@ async def open_case(
     """Store the case with its documents in one transaction, then start its workflow. Also returns the
     timeline stored with a new case (None when the partner reference named an existing one)."""
     partner_id = partner_for(body, caller)
+    if any(c == "\\" or ord(c) < 0x20 for c in body.patient.mrn):
+        # The MRN becomes the DICOM Patient ID (LO) of the report filed with the study: a backslash there
+        # splits it into two values. Refused before anything is stored; the value is not echoed.
+        raise IntakeRejected(
+            "patient.mrn (FHIR: Patient.identifier[0].value) contains a backslash or a control character, "
+            "which a DICOM Patient ID cannot carry; send the MRN as your PACS stores it."
+        )
     contents = [decode_content(d) for d in documents]
 
     created: list[CaseTimelineEntry] | None = None

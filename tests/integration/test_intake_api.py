@@ -162,6 +162,21 @@ def test_unservable_request_is_422_with_the_reason(client: TestClient) -> None:
     assert "not in the future" in response.json()["detail"]
 
 
+def test_an_mrn_a_dicom_patient_id_cannot_carry_is_refused_without_echo(
+    client: TestClient, engine: Engine
+) -> None:
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    body = copy.deepcopy(SAMPLE)
+    body["patient"]["mrn"] = "MRN\\0042"
+    body["partner_case_ref"] = "MRN-BACKSLASH"
+    response = client.post("/v1/cases", json=body)
+    assert response.status_code == 422
+    assert "patient.mrn" in response.json()["detail"] and "0042" not in response.text
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+
+
 def test_unknown_case_is_404(client: TestClient) -> None:
     response = client.get(f"/v1/cases/{uuid.uuid4()}")
     assert response.status_code == 404
