@@ -74,6 +74,7 @@ class MatchSpecialist(Command):
     plan_code: str | None = None  # the patient's plan, to prefer specialists in its network
     adequacy_warnings: list[str] = []  # records' technical adequacy findings, shown to the specialist
     partner_id: str | None = None  # the case's partner: its key may read the report
+    partner_case_ref: str | None = None  # the partner's order: the report's basedOn names it
 
 
 class WithdrawOffer(Command):

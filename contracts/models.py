@@ -133,3 +133,4 @@ class CaseInput(Strict):
     consent_on_file: bool = True
     procedure_scheduled_on: date | None = None
     policy: CasePolicy = Field(default_factory=CasePolicy)
+    partner_case_ref: str | None = None  # the partner's order (ServiceRequest.identifier), for the report

@@ -364,6 +364,7 @@ class CaseWorkflow:
                     plan_code=case.coverage.plan_code,
                     adequacy_warnings=records.warnings,
                     partner_id=case.partner_id,
+                    partner_case_ref=case.partner_case_ref,
                 )
             ],
         )

@@ -90,6 +90,7 @@ def case_input(case: Case) -> CaseInput:
         reason=request.reason,
         coverage=request.coverage,
         consent_on_file=case.consent_on_file,
+        partner_case_ref=case.partner_case_ref,
     )
 
 

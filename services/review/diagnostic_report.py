@@ -58,6 +58,7 @@ def build_diagnostic_report(
                 "text": f"Second opinion: {content.request.exam.exam_type} ultrasound",
             },
             "subject": patient_reference(content),
+            **based_on(content),
             "effectiveDateTime": content.request.exam.performed_on.isoformat(),
             # The study read, by its DICOM Study Instance UID (R4 ImagingStudy.identifier convention).
             "imagingStudy": [
@@ -77,6 +78,18 @@ def build_diagnostic_report(
         }
     )
     return json.loads(resource.model_dump_json())
+
+
+def based_on(content: ReportContent) -> dict[str, Any]:
+    """The partner's order this report answers, named as intake's Task names it (groupIdentifier)."""
+    request = content.request
+    if not (request.partner_case_ref and request.partner_id):
+        return {}
+    identifier = {
+        "system": f"urn:secondopinion:partner:{request.partner_id}",
+        "value": request.partner_case_ref,
+    }
+    return {"basedOn": [{"type": "ServiceRequest", "identifier": identifier}]}
 
 
 def patient_reference(content: ReportContent) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import http.client
 import io
 import json
@@ -134,6 +135,16 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
         report = DiagnosticReport.model_validate(fhir.json())
         assert report.status == "final"
         assert report.presentedForm and report.presentedForm[0].contentType == "application/pdf"
+        # An EHR fetching the attachment, with no Accept header, gets the PDF the hash names.
+        attached = http.get(report.presentedForm[0].url)
+        assert attached.headers["content-type"].startswith("application/pdf")
+        assert base64.b64encode(hashlib.sha1(attached.content, usedforsecurity=False).digest()).decode() == (
+            report.presentedForm[0].hash
+        )
+        # The report names the partner's order it answers, and the patient by the referring MRN.
+        [order] = report.basedOn
+        assert (order.type, order.identifier.value) == ("ServiceRequest", case["partner_case_ref"])
+        assert (report.subject.type, report.subject.identifier.type.coding[0].code) == ("Patient", "MR")
 
         # The second opinion is stored with the study it reads, as a DICOM Encapsulated PDF.
         def stored_report() -> list[dict]:  # type: ignore[type-arg]

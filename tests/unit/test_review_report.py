@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 from datetime import UTC, datetime
@@ -198,6 +199,29 @@ def test_consumer_refuses_what_no_retry_can_fix(event: CloudEvent, reason: str) 
     with pytest.raises(PoisonMessage, match=reason) as refused:
         parse(event)
     assert "SECRET-MRN" not in str(refused.value)
+
+
+def test_the_report_names_the_partners_order_it_answers() -> None:
+    ordered = content()
+    ordered = dataclasses.replace(
+        ordered,
+        request=ordered.request.model_copy(update={"partner_id": "bayview", "partner_case_ref": "ORD-1"}),
+    )
+    pdf = render_report_pdf(ordered)
+    issued = datetime(2025, 3, 5, tzinfo=UTC)
+    report = DiagnosticReport.model_validate(
+        build_diagnostic_report(report_id="r-1", content=ordered, pdf=pdf, pdf_url="http://x", issued=issued)
+    )
+    [order] = report.basedOn
+    assert (order.type, order.identifier.system, order.identifier.value) == (
+        "ServiceRequest",
+        "urn:secondopinion:partner:bayview",  # as intake's Task names it in groupIdentifier
+        "ORD-1",
+    )
+    unordered = build_diagnostic_report(
+        report_id="r-2", content=content(), pdf=pdf, pdf_url="http://x", issued=issued
+    )
+    assert "basedOn" not in unordered  # a case sent without a reference
 
 
 def test_encapsulated_pdf_says_its_times_are_utc() -> None:
