@@ -36,8 +36,34 @@ LATENCY = Histogram("http_request_seconds", "HTTP request latency", ["service", 
 
 
 PROBLEM_JSON = "application/problem+json"  # RFC 9457 section 3
-FHIR_ISSUE_CODES = {401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported", 409: "conflict",
-                    413: "too-costly", 422: "invalid", 429: "throttled", 503: "transient"}  # fmt: skip
+FHIR_ISSUE_CODES = {401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported", 406: "not-supported",
+                    409: "conflict", 413: "too-costly", 415: "not-supported", 422: "invalid", 429: "throttled",
+                    503: "transient"}  # fmt: skip
+
+
+FHIR_JSON = "application/fhir+json"
+JSON_FORMATS = {"json", FHIR_JSON, "application/json"}
+ACCEPTED = {FHIR_JSON, "application/json", "application/*", "*/*"}
+
+
+def _media_types(header: str) -> list[str]:
+    """The media types of an Accept or Content-Type header, without parameters, lower case."""
+    return [part.split(";")[0].strip().lower() for part in header.split(",") if part.strip()]
+
+
+def fhir_json_only(request: Request) -> None:
+    """FHIR R4 http.html#mime-type: this server speaks JSON only. `_format` or an Accept that rules JSON out
+    is a 406, a body in another format a 415; either names what to send instead (RFC 9110 15.5.7, 15.5.16)."""
+    wanted = request.query_params.get("_format")
+    if wanted is not None and wanted.split(";")[0].strip().lower() not in JSON_FORMATS:
+        raise StarletteHTTPException(406, f"only JSON is served: send _format=json or Accept: {FHIR_JSON}")
+    accept = request.headers.get("accept")
+    if accept and not ACCEPTED & set(_media_types(accept)):
+        raise StarletteHTTPException(406, f"only JSON is served: send Accept: {FHIR_JSON}")
+    if request.method == "POST":
+        sent = _media_types(request.headers.get("content-type") or "")
+        if sent and sent[0] not in (FHIR_JSON, "application/json"):
+            raise StarletteHTTPException(415, f"send the resource as JSON, with Content-Type: {FHIR_JSON}")
 
 
 def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:

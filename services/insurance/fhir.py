@@ -12,6 +12,7 @@ from contracts.models import Coverage
 from services.auth import Role, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
+from services.common.http import fhir_json_only
 from services.insurance import fhir_resources, handlers
 from services.insurance.api import SessionDep
 from services.insurance.fhir_resources import FhirInvalid
@@ -21,7 +22,7 @@ from services.insurance.x12_connector import Subscriber
 router = APIRouter(
     prefix="/fhir",
     tags=["fhir"],
-    dependencies=[Depends(require_role(Role.PARTNER, Role.OPERATIONS))],
+    dependencies=[Depends(require_role(Role.PARTNER, Role.OPERATIONS)), Depends(fhir_json_only)],
     responses=AUTH_ERRORS,
     route_class=AuthRoute,
 )

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.auth.problems import AUTH_ERRORS
 from services.common.errors import IntakeRejected
+from services.common.http import fhir_json_only
 from services.intake import fhir_intake
 from services.intake.api import (
     AuditDep,
@@ -32,31 +33,7 @@ from services.intake.fhir_task import to_task
 
 FHIR_JSON = "application/fhir+json"
 MAX_FHIR_BYTES = 30 * 1024 * 1024
-JSON_FORMATS = {"json", FHIR_JSON, "application/json"}
-ACCEPTED = {FHIR_JSON, "application/json", "application/*", "*/*"}
-
-
-def _media_types(header: str) -> list[str]:
-    """The media types of an Accept or Content-Type header, without parameters, lower case."""
-    return [part.split(";")[0].strip().lower() for part in header.split(",") if part.strip()]
-
-
-def json_only(request: Request) -> None:
-    """FHIR R4 http.html#mime-type: this server speaks JSON only. `_format` or an Accept that rules JSON out
-    is a 406, a body in another format a 415; either names what to send instead (RFC 9110 15.5.7, 15.5.16)."""
-    wanted = request.query_params.get("_format")
-    if wanted is not None and wanted.split(";")[0].strip().lower() not in JSON_FORMATS:
-        raise HTTPException(406, f"only JSON is served: send _format=json or Accept: {FHIR_JSON}")
-    accept = request.headers.get("accept")
-    if accept and not ACCEPTED & set(_media_types(accept)):
-        raise HTTPException(406, f"only JSON is served: send Accept: {FHIR_JSON}")
-    if request.method == "POST":
-        sent = _media_types(request.headers.get("content-type") or "")
-        if sent and sent[0] not in (FHIR_JSON, "application/json"):
-            raise HTTPException(415, f"send the resource as JSON, with Content-Type: {FHIR_JSON}")
-
-
-router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(json_only)])
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(fhir_json_only)])
 
 
 def outcome(code: str, issues: list[tuple[str | None, str]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from sqlmodel import select
 from services.auth import Role, authenticate, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
+from services.common.http import fhir_json_only
 from services.review.deps import SessionDep
 from services.review.diagnostic_report import FHIR_JSON, operation_outcome
 from services.review.directory import SpecialistCreate, SpecialistIn, practitioner, practitioner_role
@@ -28,7 +29,7 @@ specialists = APIRouter(
 fhir_practitioners = APIRouter(
     prefix="/fhir",
     tags=["fhir"],
-    dependencies=[Depends(authenticate)],
+    dependencies=[Depends(authenticate), Depends(fhir_json_only)],
     responses=AUTH_ERRORS,
     route_class=AuthRoute,
 )

@@ -15,6 +15,7 @@ from contracts.commands import MatchSpecialist
 from services.auth import authenticate
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
+from services.common.http import fhir_json_only
 from services.review import handlers
 from services.review.deps import Access, AccessDep, SessionDep, SettingsDep
 from services.review.diagnostic_report import FHIR_JSON, operation_outcome
@@ -34,7 +35,13 @@ REPORT_MEDIA_TYPES: dict[str, ReportFormat] = {
 # A report is read by the case's partner, the specialist who wrote it, and operations (404 for others).
 _AUTH = {"dependencies": [Depends(authenticate)], "responses": AUTH_ERRORS, "route_class": AuthRoute}
 reports = APIRouter(prefix="/v1/reports", tags=["reports"], **_AUTH)  # type: ignore[arg-type]
-fhir = APIRouter(prefix="/fhir/DiagnosticReport", tags=["fhir"], **_AUTH)  # type: ignore[arg-type]
+fhir = APIRouter(
+    prefix="/fhir/DiagnosticReport",
+    tags=["fhir"],
+    dependencies=[Depends(authenticate), Depends(fhir_json_only)],
+    responses=AUTH_ERRORS,
+    route_class=AuthRoute,
+)
 
 
 @reports.get(

@@ -306,6 +306,16 @@ def test_fhir_request_that_is_not_json(client: TestClient) -> None:
     assert OperationOutcome.model_validate(response.json()).issue[0].code == "invalid"
 
 
+def test_an_xml_request_is_told_this_server_speaks_json(client: TestClient) -> None:
+    response = client.post(
+        "/fhir/CoverageEligibilityRequest",
+        content=b"<xml/>",
+        headers={"Content-Type": "application/fhir+xml"},
+    )
+    assert response.status_code == 415
+    assert OperationOutcome.model_validate(response.json()).issue[0].code == "not-supported"
+
+
 def test_case_coverage_as_fhir(engine: Engine, client: TestClient) -> None:
     case_id = verified_case(engine, Coverage(plan_code="ACME-PPO", member_id="W123456789"))
     response = client.get(f"/v1/coverage/{case_id}/Coverage")

@@ -358,6 +358,12 @@ def test_missing_reports_are_404_and_unsupported_formats_406(client: TestClient)
     assert missing.headers["content-type"].startswith("application/fhir+json")
     assert missing.json()["resourceType"] == "OperationOutcome"
     assert missing.json()["issue"][0]["code"] == "not-found"
+    for ask in ({"Accept": "application/fhir+xml"}, {"_format": "xml"}):
+        xml = client.get("/fhir/DiagnosticReport/no-such-report", **(
+            {"headers": ask} if "Accept" in ask else {"params": ask}
+        ))  # fmt: skip
+        assert xml.status_code == 406, ask
+        assert xml.json()["issue"][0]["code"] == "not-supported"
 
 
 def test_directory_is_seeded_across_subspecialties_and_states(client: TestClient) -> None:
