@@ -17,7 +17,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 TOLERANCE_SECONDS = 5 * 60
-WEBHOOK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
+# Standard Webhooks leaves the id's alphabet open; senders use prefixed ULIDs/UUIDs and base64 ("/+="). What
+# can never be part of an id (white space, a comma, a line break) is refused.
+WEBHOOK_ID = re.compile(r"[A-Za-z0-9_.:/+=-]{1,255}")
 
 
 class WebhookRejected(Exception):
@@ -57,8 +59,8 @@ def read_headers(headers: Mapping[str, str], now: float) -> SignedHeaders:
         if not value:
             raise WebhookRejected(400, f"the {name} header is missing; sign per Standard Webhooks")
     webhook_id, raw_timestamp, signature = (str(v) for v in values.values())
-    if not WEBHOOK_ID.match(webhook_id):
-        raise WebhookRejected(400, "webhook-id must be 1-255 letters, digits or _.:-")
+    if not WEBHOOK_ID.fullmatch(webhook_id):
+        raise WebhookRejected(400, "webhook-id must be 1-255 letters, digits or _.:/+=-")
     if not re.fullmatch(r"[0-9]{1,12}", raw_timestamp):  # str.isdigit() also passes "²", which int() refuses
         raise WebhookRejected(400, "webhook-timestamp must be integer seconds since the Unix epoch")
     timestamp = int(raw_timestamp)

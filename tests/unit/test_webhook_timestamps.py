@@ -40,3 +40,19 @@ def test_a_timestamp_that_is_not_plain_digits_is_a_400(raw: str) -> None:
     with pytest.raises(WebhookRejected) as refused:
         read_headers(sent, NOW)
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "webhook_id", ["msg_2KWPBgLlAfxdpx2AI54pPJ85f4W", "f3c1a6e0-8a4b-4c55-9e1b-2d0c", "bWVzc2FnZS8x+Zz=="]
+)
+def test_ids_senders_use_are_read(webhook_id: str) -> None:
+    sent = {"webhook-id": webhook_id, "webhook-timestamp": str(int(NOW)), "webhook-signature": "v1,AAAA"}
+    assert read_headers(sent, NOW).webhook_id == webhook_id
+
+
+@pytest.mark.parametrize("webhook_id", ["msg 1", "msg_1\n", "a,b", "", "x" * 256])
+def test_an_id_no_sender_could_mean_is_a_400(webhook_id: str) -> None:
+    sent = {"webhook-id": webhook_id, "webhook-timestamp": str(int(NOW)), "webhook-signature": "v1,AAAA"}
+    with pytest.raises(WebhookRejected) as refused:
+        read_headers(sent, NOW)
+    assert refused.value.status == 400
