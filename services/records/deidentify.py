@@ -9,7 +9,6 @@ not "NO") is withheld, because no pixel-cleaning rule exists for it (the Clean P
 
 from __future__ import annotations
 
-import io
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,10 @@ import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from services.records.rewrite import rewritten_chunks
+
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 METHOD = "DICOM PS3.15 E.1 Basic Application Confidentiality Profile"
-CHUNK_BYTES = 1024 * 1024
 
 ZEROED = (
     "PatientName",
@@ -130,15 +130,9 @@ def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
 
 
 def deidentified_chunks(source: Path, uids: UidMap) -> Iterator[bytes]:
-    """The de-identified instance as chunks: header rewritten, pixel data copied as bytes."""
-    dataset, pixel_offset = deidentified_header(source, uids)
-    header = io.BytesIO()
-    dataset.save_as(header, enforce_file_format=True)
-    yield header.getvalue()
-    with source.open("rb") as fp:
-        fp.seek(pixel_offset)
-        while chunk := fp.read(CHUNK_BYTES):
-            yield chunk
+    """The de-identified instance as chunks: header rewritten, pixel data copied as bytes (Explicit VR
+    Little Endian, as PS3.11's general purpose media profiles want, where the file was implicit)."""
+    return rewritten_chunks(source, lambda dataset: deidentify(dataset, uids))
 
 
 def deidentify(dataset: Dataset, uids: UidMap) -> None:

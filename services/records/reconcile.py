@@ -10,7 +10,6 @@ and Accession Number to our values and keeps the originals in Original Attribute
 
 from __future__ import annotations
 
-import io
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -23,10 +22,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from services.records.classify import PatientIdentity
+from services.records.rewrite import rewritten_chunks
 
 OUR_ISSUER = "SECONDOPINION"
 SEX_CODES = {"female": "F", "male": "M", "other": "O"}
-CHUNK_BYTES = 1024 * 1024
 
 
 def _letters(text: str) -> str:
@@ -67,45 +66,7 @@ def our_identifiers(case_id: str, exam: dict[str, Any]) -> dict[str, str]:
 def coerced_chunks(source: Path, values: dict[str, str], modified_at: datetime) -> Iterator[bytes]:
     """`source` with `values` set and the originals kept, as chunks: the header is rewritten and the
     pixel data copied as bytes, so memory stays bounded by the header whatever the file's size."""
-    with source.open("rb") as fp:
-        dataset = pydicom.dcmread(fp, stop_before_pixels=True)
-        pixel_offset = fp.tell()
-        size = fp.seek(0, io.SEEK_END)
-    syntax = dataset.file_meta.get("TransferSyntaxUID")
-    pixel_header = b""
-    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
-        dataset = pydicom.dcmread(source)  # a deflated body cannot be spliced; such files are rare and small
-        pixel_offset = -1
-    elif syntax == pydicom.uid.ImplicitVRLittleEndian:
-        # Not to be used with web services (PS3.18 8.7.3): handed out as Explicit VR Little Endian.
-        pixel_header, pixel_offset = _explicit_little_pixel_header(source, pixel_offset, size)
-        if pixel_offset < 0:
-            dataset = pydicom.dcmread(source)
-        dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    _coerce(dataset, values, modified_at)
-    header = io.BytesIO()
-    dataset.save_as(header, enforce_file_format=True)
-    yield header.getvalue() + pixel_header
-    if pixel_offset < 0:
-        return
-    with source.open("rb") as fp:
-        fp.seek(pixel_offset)
-        while chunk := fp.read(CHUNK_BYTES):
-            yield chunk
-
-
-def _explicit_little_pixel_header(source: Path, offset: int, size: int) -> tuple[bytes, int]:
-    """For an Implicit VR Little Endian file whose native Pixel Data is its last element: that element's
-    header in Explicit VR Little Endian and where its value starts; else (b"", -1) (read it whole)."""
-    with source.open("rb") as fp:
-        fp.seek(offset)
-        head = fp.read(8)
-    if len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
-        return b"", -1 if len(head) else offset  # no pixel data: the header says it all
-    length = int.from_bytes(head[4:8], "little")
-    if length == 0xFFFFFFFF or offset + 8 + length != size:
-        return b"", -1
-    return head[:4] + b"OW\x00\x00" + head[4:8], offset + 8
+    return rewritten_chunks(source, lambda dataset: _coerce(dataset, values, modified_at))
 
 
 def coerced_header(source: Path, values: dict[str, str], modified_at: datetime) -> Dataset:

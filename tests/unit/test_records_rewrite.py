@@ -1,0 +1,62 @@
+"""An instance handed out (WADO-RS, the de-identified export) has its header rewritten and its pixels copied
+byte for byte, as Explicit VR Little Endian where it was stored implicit, whatever it was stored as."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pydicom.uid
+import pytest
+
+from services.records.deidentify import UidMap, deidentified_chunks
+from services.records.rewrite import rewritten_chunks
+from tests.dicom_factory import make_us_instance
+
+
+def stored_as(
+    tmp_path: Path, syntax: pydicom.uid.UID, *, pixels: bool = True
+) -> tuple[Path, pydicom.Dataset]:
+    original = tmp_path / "original.dcm"
+    make_us_instance(original, study_uid="1.2.3", series_uid="1.2.3.1", frames=2)
+    dataset = pydicom.dcmread(original)
+    if not pixels:
+        del dataset.PixelData
+    dataset.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / "stored.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return path, dataset
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        pydicom.uid.ExplicitVRLittleEndian,
+        pydicom.uid.ImplicitVRLittleEndian,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+    ],
+    ids=["explicit", "implicit", "deflated"],
+)
+def test_the_export_is_explicit_vr_with_the_pixels_untouched(tmp_path: Path, syntax: pydicom.uid.UID) -> None:
+    path, stored = stored_as(tmp_path, syntax)
+    exported = pydicom.dcmread(io.BytesIO(b"".join(deidentified_chunks(path, UidMap()))))
+    expected = (
+        pydicom.uid.DeflatedExplicitVRLittleEndian
+        if syntax.is_deflated
+        else pydicom.uid.ExplicitVRLittleEndian
+    )
+    assert exported.file_meta.TransferSyntaxUID == expected
+    assert exported.PixelData == stored.PixelData
+    assert exported.PatientIdentityRemoved == "YES" and exported.PatientName != stored.PatientName
+
+
+def test_an_implicit_instance_without_pixels_is_rewritten_whole(tmp_path: Path) -> None:
+    path, _ = stored_as(tmp_path, pydicom.uid.ImplicitVRLittleEndian, pixels=False)
+
+    def mark(dataset: pydicom.Dataset) -> None:
+        dataset.StudyDescription = "handed out"
+
+    handed = pydicom.dcmread(io.BytesIO(b"".join(rewritten_chunks(path, mark))))
+    assert handed.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert handed.StudyDescription == "handed out" and "PixelData" not in handed
