@@ -31,6 +31,7 @@ from services.insurance.connectors import (
     plan_fee,
     self_pay_price,
 )
+from services.insurance.core import CoreLogin
 from services.insurance.estimate import CostEstimate, estimate_cost, with_outcome
 from services.insurance.models import AuthorizationCreate, CoverageVerification, InsurancePayer
 from services.insurance.settings import InsuranceSettings, get_insurance_settings
@@ -72,6 +73,7 @@ def connector_for(
         backoff_seconds=settings.payer_backoff_seconds,
         subscriber=subscriber,
         usage=settings.x12_usage_indicator,
+        login=CoreLogin.of(settings),
     )
 
 
@@ -219,9 +221,10 @@ def _still_fresh(row: CoverageVerification, cmd: VerifyInsurance, config: Insura
 
 
 def _young(row: CoverageVerification, config: InsuranceSettings) -> bool:
-    """Verified within the configured age, with an answer from the plan (not a failure to ask it)."""
+    """Verified within the configured age, with an answer from the plan: not a failure to ask it (the payer
+    did not answer, or refused our inquiry or our CORE login, which a fixed setting may cure)."""
     young = utcnow() - row.verified_at < timedelta(hours=config.verification_max_age_hours)
-    return young and row.outcome not in {"payer_unavailable", ""}
+    return young and row.outcome not in {"payer_unavailable", "payer_rejected", ""}
 
 
 def _stored_estimate(row: CoverageVerification) -> CostEstimate:

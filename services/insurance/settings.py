@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +22,12 @@ class InsuranceSettings(BaseSettings):
     reviewing_npi: str = "1234567893"
     # ISA15 of every 270: "T" (test) until the trading partner agreement moves this sender to production.
     x12_usage_indicator: Literal["P", "T"] = "T"
+    # The CAQH CORE connectivity login every 270 carries (UserName, Password, SenderID). The defaults are
+    # the payer sandbox's (tests/payer_sandbox/members.json); a clearinghouse issues the real ones, and the
+    # password belongs in a secret, never in a config map.
+    core_username: str = "secondopinion"
+    core_password: SecretStr = SecretStr("sandbox-only")
+    core_sender_id: str = "SECONDOPINION"
 
 
 @lru_cache

@@ -1,20 +1,39 @@
-"""The X12 connector: a 270 POSTed to the payer's endpoint, its 271 read into terms.
+"""The X12 connector: a 270 sent to the payer in a CAQH CORE envelope, its 271 read into terms.
 
-The 270 travels as the HTTP body with a CORE `PayloadType` header, which is what the payer sandbox speaks;
-CAQH CORE's connectivity envelope (MIME multipart with PayloadID, ProcessingMode, SenderID/ReceiverID and
-the submitter's credentials) is not spoken yet: a clearinghouse that requires it needs that first.
+The transport is the CAQH CORE Connectivity Rule vC2.2.0 in its HTTP MIME multipart form (SOAP+WSDL, the
+rule's other form, is not spoken): a `multipart/form-data` POST with PayloadType
+`X12_270_Request_005010X279A1`, ProcessingMode `RealTime`, PayloadID (a UUID), TimeStamp, UserName,
+Password and SenderID (the `INSURANCE_CORE_*` settings), ReceiverID (the payer's `payer_id`),
+CORERuleVersion `2.2.0` and the 270 as Payload. The answer comes back in the same envelope: it must echo
+our PayloadID and carry ErrorCode `Success` with a 271 (or the 999 / TA1 with which the payer refuses
+the 270 itself). The HTTP status counts only when an answer has no envelope. An X.509 client
+certificate, the rule's other way to log in, is not supported yet.
 
-Transient failures (timeout, connection refused, HTTP 5xx, AAA 42 "unable to respond now") are retried
-with exponential backoff up to `payer_attempts`; what is still failing then becomes a specific outcome
-(`payer_unavailable`), never an exception that would dead-letter the case.
+`check()` never raises; each failure becomes a specific outcome::
+
+    PayerBusy              timeout, refused connection, HTTP 5xx, CORE `Busy`, AAA 42: retried with
+                           exponential backoff up to `payer_attempts`, then `payer_unavailable`
+    CoreRefused            the envelope's ErrorCode is an error (VersionMismatch, PayloadIDRequired, ...):
+                           `payer_rejected`
+      + CoreLoginRefused   UnAuthorized, Sender/ReceiverNotAuthorized, or HTTP 401/403 without an envelope:
+                           `payer_rejected`, naming the settings to check
+    CoreEnvelopeInvalid    not a CORE envelope answering our request (no multipart body, no ErrorCode,
+                           another PayloadID or PayloadType): `malformed_response`
+    X12Invalid             a Payload that is not a valid 271: `malformed_response`
+      + X12Acknowledged    a TA1 or 999 instead of the 271: `payer_rejected`
+
+The password, the payer's free-text ErrorMessage and member data never reach a log or a detail: logs
+carry the payer id, the PayloadID and the ErrorCode.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import httpx
@@ -22,7 +41,17 @@ import structlog
 
 from contracts.models import Coverage, Patient
 from services.insurance.connectors import ZERO, Eligibility, PlanStanding
+from services.insurance.core import (
+    CoreEnvelopeInvalid,
+    CoreLogin,
+    CoreLoginRefused,
+    CoreRefused,
+    PayerBusy,
+    answer_payload,
+    core_request,
+)
 from services.insurance.models import InsurancePayer, InsurancePlan
+from services.insurance.settings import get_insurance_settings
 from services.insurance.x12 import (
     Benefit,
     EligibilityResponse,
@@ -64,10 +93,6 @@ REASON_TEXT = {
 }
 
 
-class PayerBusy(Exception):
-    """A failure worth retrying: the payer did not answer, or answered "try again later"."""
-
-
 @dataclass(frozen=True)
 class Subscriber:
     last_name: str = ""
@@ -98,8 +123,12 @@ class X12Connector:
         subscriber: Subscriber | None = None,
         sleep: Callable[[float], None] = time.sleep,
         usage: str = "T",
+        login: CoreLogin | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.usage = usage
+        self.login = login or CoreLogin.of(get_insurance_settings())
+        self.transport = transport  # tests hand in an httpx.MockTransport
         self.payer = payer
         self.plan = plan
         self.provider = provider
@@ -119,6 +148,11 @@ class X12Connector:
             return self._refused(
                 "payer_unknown", f"payer {self.payer.payer_id} has no endpoint configured for X12 eligibility"
             )
+        if not _http_url(self.payer.endpoint_url):
+            return self._refused(
+                "payer_unknown",
+                f"payer {self.payer.payer_id}'s endpoint_url is not an http(s) URL; fix it in insurance_payers",
+            )
         for attempt in range(1, self.attempts + 1):
             try:  # a new ISA13/GS06 each attempt: a resent control number is a duplicate (TA1 025)
                 request = self._inquiry(member_id)
@@ -137,6 +171,23 @@ class X12Connector:
                         f"({exc}); verification is retried when insurance.verify is sent again",
                     )
                 self.sleep(self.backoff_seconds * 2 ** (attempt - 1))
+            except CoreLoginRefused as exc:
+                return self._refused(
+                    "payer_rejected",
+                    f"payer {self.payer.payer_id} refused our CAQH CORE login ({exc}); check "
+                    "INSURANCE_CORE_USERNAME, INSURANCE_CORE_PASSWORD and INSURANCE_CORE_SENDER_ID against "
+                    "what the payer or clearinghouse issued, and that it knows us as a sender to this payer",
+                )
+            except CoreRefused as exc:
+                return self._refused(
+                    "payer_rejected",
+                    f"payer {self.payer.payer_id} refused our CAQH CORE envelope ({exc}); the 270 was not read",
+                )
+            except CoreEnvelopeInvalid as exc:
+                return self._refused(
+                    "malformed_response",
+                    f"payer {self.payer.payer_id} did not answer with a valid CAQH CORE envelope ({exc})",
+                )
             except X12Acknowledged as exc:
                 return self._refused(
                     "payer_rejected", f"payer {self.payer.payer_id} refused our 270 at the envelope ({exc})"
@@ -164,22 +215,40 @@ class X12Connector:
         )
 
     def _post(self, request: str) -> str:
+        """Send the 270 in a CORE envelope; the 271 (or 999 / TA1) the answer's envelope carries."""
+        payload_id = str(uuid.uuid1())  # the rule: an RFC 4122 UUID from time and hardware address
+        fields = core_request(
+            request,
+            payload_id=payload_id,
+            login=self.login,
+            receiver_id=self.payer.payer_id,
+            at=datetime.now(UTC),
+        )
+        payload = fields.pop("Payload").encode("ascii")
         try:
-            response = httpx.post(
-                self.payer.endpoint_url or "",
-                content=request.encode("ascii"),
-                headers={"Content-Type": "application/EDI-X12", "PayloadType": REQUEST_TYPE},
-                timeout=self.payer.timeout_seconds,
-            )
+            with httpx.Client(transport=self.transport, timeout=self.payer.timeout_seconds) as client:
+                response = client.post(
+                    self.payer.endpoint_url or "", data=fields, files={"Payload": (None, payload)}
+                )
         except httpx.TimeoutException as exc:
             raise PayerBusy(f"no answer within {self.payer.timeout_seconds:g} s") from exc
         except httpx.TransportError as exc:
             raise PayerBusy(f"cannot connect ({type(exc).__name__})") from exc
-        if response.status_code >= 500:
-            raise PayerBusy(f"HTTP {response.status_code}")
-        if response.status_code != 200:
-            raise X12Invalid(f"the payer refused the 270 with HTTP {response.status_code}")
-        return response.text
+        except httpx.HTTPError as exc:
+            raise CoreEnvelopeInvalid(f"the answer cannot be read ({type(exc).__name__})") from exc
+        content_type = response.headers.get("content-type", "")
+        try:
+            return answer_payload(response.status_code, content_type, response.content, payload_id)
+        except (CoreRefused, CoreEnvelopeInvalid) as exc:
+            event = "payer.core_refused" if isinstance(exc, CoreRefused) else "payer.core_envelope_invalid"
+            log.warning(
+                event,
+                payer_id=self.payer.payer_id,
+                payload_id=payload_id,
+                http_status=response.status_code,
+                reason=str(exc),
+            )
+            raise
 
     def _read(self, document: str, member_id: str) -> Eligibility:
         answer = parse_271(document)
@@ -254,6 +323,14 @@ class X12Connector:
             outcome=outcome,
             detail=detail,
         )
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return parsed.scheme in {"http", "https"} and bool(parsed.host)
 
 
 def _applies(b: Benefit, tier: bool = True) -> bool:

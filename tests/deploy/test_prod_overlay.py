@@ -72,3 +72,20 @@ def test_codec_key_comes_from_a_secret_only_where_temporal_is_used(
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/etc/secondopinion/ca" in mounts
     assert "CODEC_KEY" not in of_kind(manifests["dev"], "ConfigMap")[0]["data"]
+
+
+def test_the_payer_login_comes_from_a_secret_only_for_insurance(manifests: dict[str, list[Manifest]]) -> None:
+    for overlay in ("prod", "dev"):
+        for deployment in of_kind(manifests[overlay], "Deployment"):
+            (container,) = deployment["spec"]["template"]["spec"]["containers"]
+            env = {e["name"]: e for e in container["env"]}
+            if overlay == "prod" and deployment["metadata"]["name"] == "insurance":
+                for name, key in (
+                    ("USERNAME", "username"),
+                    ("PASSWORD", "password"),
+                    ("SENDER_ID", "sender_id"),
+                ):
+                    ref = env[f"INSURANCE_CORE_{name}"]["valueFrom"]["secretKeyRef"]
+                    assert ref == {"name": "payer-core", "key": key}
+            else:
+                assert not any(n.startswith("INSURANCE_CORE_") for n in env)

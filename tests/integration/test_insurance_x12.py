@@ -1,4 +1,5 @@
-"""X12 270/271 round trips against the payer sandbox process, through the insurance service's handler."""
+"""X12 270/271 round trips against the payer sandbox process, through the insurance service's handler, in
+the CAQH CORE MIME multipart envelope the sandbox speaks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import httpx
@@ -20,9 +21,12 @@ from services.common import migrate
 from services.common.config import PROJECT_ROOT, Settings
 from services.common.db import Outbox, make_engine
 from services.insurance import handlers
+from services.insurance.core import CoreLogin, core_request, read_envelope
 from services.insurance.models import AuthorizationCreate, CoverageVerification, InsurancePayer
 from services.insurance.settings import InsuranceSettings
+from services.insurance.x12 import build_270, parse_271
 from tests.infra import free_port
+from tests.unit.test_insurance_x12 import INQUIRY
 
 D = Decimal
 FAST = InsuranceSettings(payer_attempts=3, payer_backoff_seconds=0.05)
@@ -65,7 +69,12 @@ def engine(settings: Settings, sandbox: str) -> Engine:
 
 
 def verify(
-    engine: Engine, plan: str, member: str, settings: Settings, patient: Patient | None = None
+    engine: Engine,
+    plan: str,
+    member: str,
+    settings: Settings,
+    patient: Patient | None = None,
+    config: InsuranceSettings = FAST,
 ) -> InsuranceVerified:
     case_id = f"c-{uuid.uuid4().hex[:12]}"
     cmd = VerifyInsurance(
@@ -76,7 +85,7 @@ def verify(
     )
     event_id = f"case-{case_id}:verify-insurance-1"
     with Session(engine) as session:
-        handlers.verify(cmd, session, settings, event_id=event_id, insurance_settings=FAST)
+        handlers.verify(cmd, session, settings, event_id=event_id, insurance_settings=config)
         session.commit()
         row = session.exec(select(Outbox).where(Outbox.message_id == f"{event_id}>insurance.verified")).one()
     return InsuranceVerified.model_validate(CloudEvent.model_validate_json(row.body).data)
@@ -257,3 +266,84 @@ def test_breakdown_is_recorded_for_the_estimate(engine: Engine, settings: Settin
             select(CoverageVerification).where(CoverageVerification.case_id == verified.case_id)
         ).one()
     assert (row.outcome, row.member_id, row.network) == ("active", "SBX-PARTLY", "in")
+
+
+def test_a_wrong_core_password_is_payer_rejected_and_names_the_settings(
+    engine: Engine, settings: Settings
+) -> None:
+    # The operator's view: INSURANCE_CORE_PASSWORD set wrong. The payer refuses the login (CORE UnAuthorized);
+    # the case gets a specific outcome that says what to fix, not a dead letter.
+    wrong = InsuranceSettings(
+        payer_attempts=3, payer_backoff_seconds=0.05, core_password="not-the-Sandbox-pw"
+    )
+    verified = verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester"), config=wrong)
+    assert (verified.coverage_status, verified.outcome) == ("not_covered", "payer_rejected")
+    assert "refused our CAQH CORE login (UnAuthorized)" in verified.explanation
+    assert "INSURANCE_CORE_PASSWORD" in verified.explanation
+    assert "not-the-Sandbox-pw" not in verified.explanation and "sandbox-only" not in verified.explanation
+    assert "SBX-MET" not in verified.explanation and "Tester" not in verified.explanation
+    # With the password as configured again, the same member is covered.
+    assert verify(engine, "SBX-PPO", "SBX-MET", settings).coverage_status == "covered"
+
+
+def test_an_answer_carrying_another_requests_payload_id_is_refused(
+    engine: Engine, settings: Settings
+) -> None:
+    # SBX-MIXUP's 271 is a good one, but its envelope answers another PayloadID: it is not our answer.
+    verified = verify(engine, "SBX-PPO", "SBX-MIXUP", settings)
+    assert (verified.coverage_status, verified.outcome) == ("not_covered", "malformed_response")
+    assert "its PayloadID is not the one we sent" in verified.explanation
+
+
+def post_envelope(url: str, **changes: str | None) -> tuple[int, dict[str, str]]:
+    """POST a CORE real-time envelope for SBX-MET to the sandbox, with fields changed (None: left out)."""
+    login = CoreLogin.of(InsuranceSettings())
+    fields: dict[str, str | None] = {
+        **core_request(
+            build_270(INQUIRY),
+            payload_id=str(uuid.uuid1()),
+            login=login,
+            receiver_id="SBX01",
+            at=datetime.now(UTC),
+        ),
+        **changes,
+    }
+    sent = {name: value for name, value in fields.items() if value is not None}
+    payload = sent.pop("Payload", "")
+    response = httpx.post(url, data=sent, files={"Payload": (None, payload.encode())}, timeout=5)
+    return response.status_code, read_envelope(response.headers["content-type"], response.content)
+
+
+def test_the_sandbox_answers_in_the_core_envelope_and_echoes_the_payload_id(sandbox: str) -> None:
+    payload_id = str(uuid.uuid1())
+    status, answer = post_envelope(sandbox, PayloadID=payload_id)
+    assert (status, answer["ErrorCode"], answer["PayloadID"]) == (200, "Success", payload_id)
+    assert (answer["PayloadType"], answer["ProcessingMode"], answer["CORERuleVersion"]) == (
+        "X12_271_Response_005010X279A1",
+        "RealTime",
+        "2.2.0",
+    )
+    assert (answer["SenderID"], answer["ReceiverID"]) == ("SBX01", "SECONDOPINION")
+    assert datetime.fromisoformat(answer["TimeStamp"]).utcoffset() is not None
+    assert parse_271(answer["Payload"]).traces == ("c-42",)
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "code"),
+    [
+        ({"Password": "wrong"}, 401, "UnAuthorized"),
+        ({"UserName": None, "Password": None}, 401, "UnAuthorized"),
+        ({"PayloadID": None}, 400, "PayloadIDRequired"),
+        ({"PayloadID": "not-a-uuid"}, 400, "PayloadIDIllegal"),
+        ({"CORERuleVersion": "4.0.0"}, 400, "VersionMismatch"),
+        ({"TimeStamp": "2026-12-06T12:00:00"}, 400, "TimeStampIllegal"),  # no offset
+        ({"ReceiverID": "ACME"}, 403, "Sender/ReceiverNotAuthorized"),
+        ({"SenderID": "SOMEONE-ELSE"}, 403, "Sender/ReceiverNotAuthorized"),
+    ],
+)
+def test_the_sandbox_refuses_an_envelope_it_cannot_take(
+    sandbox: str, changes: dict[str, str | None], status: int, code: str
+) -> None:
+    got_status, answer = post_envelope(sandbox, **changes)
+    assert (got_status, answer["ErrorCode"], answer["PayloadType"]) == (status, code, "CoreEnvelopeError")
+    assert "Payload" not in answer

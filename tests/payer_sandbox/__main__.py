@@ -2,30 +2,92 @@
 
 from __future__ import annotations
 
+import hmac
+import io
 import json
 import os
+import re
 import sys
 import threading
 import time
+import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import python_multipart
+from python_multipart.exceptions import FormParserError
+
 from services.insurance.x12 import REPETITION_SEP, X12Invalid, envelope, segment, validate
 
 MEMBERS_FILE = Path(__file__).with_name("members.json")
+CORE_RULE_VERSION = "2.2.0"
 REQUEST_TYPE = "X12_270_Request_005010X279A1"
 RESPONSE_TYPE = "X12_271_Response_005010X279A1"
+ERROR_TYPE = "CoreEnvelopeError"
+# What the real-time request envelope must carry besides the login (CORE Connectivity Rule vC2.2.0).
+REQUIRED = (
+    "PayloadType",
+    "ProcessingMode",
+    "PayloadID",
+    "TimeStamp",
+    "SenderID",
+    "ReceiverID",
+    "CORERuleVersion",
+)
+# HTTP status of an envelope error: authentication 401, authorization 403, every other envelope error 400.
+HTTP_STATUS = {"Success": 200, "UnAuthorized": 401, "Sender/ReceiverNotAuthorized": 403}
+SUBSCRIBER = re.compile(r"NM1\*IL\*(?:[^*~]*\*){7}([^*~]*)")  # NM109 of the 270's 2100C
+
+
+def member_of(request: str) -> str:
+    """The member id a 270 asks about, read before the 270 is validated (for the misbehaving members)."""
+    found = SUBSCRIBER.search(request)
+    return found.group(1) if found else ""
 
 
 class Payer:
     def __init__(self, config: dict[str, Any]) -> None:
         self.id: str = config["payer"]["id"]
         self.name: str = config["payer"]["name"]
+        core = config["payer"]["core"]
+        self.username: str = core["username"]
+        self.password: str = core["password"]
+        self.senders: set[str] = set(core["sender_ids"])
         self.members: dict[str, dict[str, Any]] = config["members"]
         self.calls: dict[str, int] = {}
         self.lock = threading.Lock()
+
+    def refusal(self, fields: dict[str, str]) -> tuple[str, str] | None:
+        """The CORE ErrorCode and ErrorMessage for an envelope this payer does not take, or None."""
+        login_ok = hmac.compare_digest(fields.get("UserName", "").encode(), self.username.encode())
+        password_ok = hmac.compare_digest(fields.get("Password", "").encode(), self.password.encode())
+        if not (login_ok and password_ok):
+            return "UnAuthorized", "the UserName and Password are not a valid login for this payer"
+        for name in (*REQUIRED, "Payload"):
+            if not fields.get(name):
+                return f"{name}Required", f"{name} is required"
+        if fields["CORERuleVersion"] != CORE_RULE_VERSION:
+            return "VersionMismatch", f"this payer speaks CORERuleVersion {CORE_RULE_VERSION}"
+        if fields["ProcessingMode"] != "RealTime":
+            return "ProcessingModeIllegal", "this endpoint answers ProcessingMode RealTime only"
+        if fields["PayloadType"] != REQUEST_TYPE:
+            return "PayloadTypeIllegal", f"this endpoint answers {REQUEST_TYPE} only"
+        try:
+            uuid.UUID(fields["PayloadID"])
+        except ValueError:
+            return "PayloadIDIllegal", "PayloadID must be a UUID"
+        try:
+            offset = datetime.fromisoformat(fields["TimeStamp"]).utcoffset()
+        except ValueError:
+            offset = None
+        if offset is None:
+            return "TimeStampIllegal", "TimeStamp must be an ISO 8601 date and time with its UTC offset"
+        if fields["SenderID"] not in self.senders or fields["ReceiverID"] != self.id:
+            return "Sender/ReceiverNotAuthorized", f"this login may not send to ReceiverID {self.id}"
+        return None
 
     def answer(self, request: str) -> str:
         segments = validate(request, "270")
@@ -156,20 +218,83 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
             if self.path != "/core/eligibility":
                 return self._reply(404, "text/plain", b"POST /core/eligibility only")
-            request = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode("ascii", "replace")
-            member = next((m for m, c in payer.members.items() if c.get("garbled") and m in request), None)
-            if member:
-                return self._reply(200, "application/EDI-X12", b"ISA*this is not an interchange~")
+            fields = self._envelope()
+            if fields is None:
+                return self._reply(
+                    400, "text/plain", b"POST a CORE MIME multipart envelope (multipart/form-data)"
+                )
+            refusal = payer.refusal(fields)
+            if refusal is not None:
+                return self._core(fields, ERROR_TYPE, *refusal)
+            request = fields["Payload"]
+            member = payer.members.get(member_of(request), {})
+            if member.get("garbled"):
+                return self._core(fields, RESPONSE_TYPE, "Success", payload="ISA*this is not an interchange~")
             try:
                 answer = payer.answer(request)
             except (X12Invalid, KeyError) as exc:
-                return self._reply(400, "text/plain", f"the 270 is invalid: {exc}".encode())
-            self._reply(200, "application/EDI-X12", answer.encode("ascii"))
+                return self._core(fields, ERROR_TYPE, "PayloadIllegal", f"the 270 is invalid: {exc}")
+            self._core(
+                fields, RESPONSE_TYPE, "Success", payload=answer, payload_id=member.get("answer_payload_id")
+            )
+
+        def _envelope(self) -> dict[str, str] | None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            content_type = self.headers.get("Content-Type", "")
+            if not content_type.startswith("multipart/form-data"):
+                return None
+            fields: dict[str, str] = {}
+
+            def on_field(part: Any) -> None:
+                fields[part.field_name.decode()] = (part.value or b"").decode("utf-8", "replace")
+
+            def on_file(part: Any) -> None:
+                part.file_object.seek(0)
+                fields[part.field_name.decode()] = part.file_object.read().decode("utf-8", "replace")
+
+            headers = {"Content-Type": content_type.encode(), "Content-Length": str(len(body)).encode()}
+            try:
+                python_multipart.parse_form(headers, io.BytesIO(body), on_field, on_file)
+            except FormParserError:
+                return None
+            return fields
+
+        def _core(
+            self,
+            request: dict[str, str],
+            payload_type: str,
+            code: str,
+            message: str = "None",
+            *,
+            payload: str = "",
+            payload_id: str | None = None,
+        ) -> None:
+            """Answer in the CORE envelope: the request's PayloadID echoed, sender and receiver swapped."""
+            fields = {
+                "PayloadType": payload_type,
+                "ProcessingMode": "RealTime",
+                "PayloadID": payload_id or request.get("PayloadID", ""),
+                "TimeStamp": datetime.now(UTC).isoformat(timespec="seconds"),
+                "SenderID": payer.id,
+                "ReceiverID": request.get("SenderID", ""),
+                "CORERuleVersion": CORE_RULE_VERSION,
+                "Payload": payload,
+                "ErrorCode": code,
+                "ErrorMessage": message,
+            }
+            boundary = uuid.uuid4().hex
+            parts = [
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+                for name, value in fields.items()
+                if value  # an error envelope leaves out what the request did not give (PayloadID, SenderID)
+            ]
+            body = ("".join(parts) + f"--{boundary}--\r\n").encode()
+            status = HTTP_STATUS.get(code, 400)
+            self._reply(status, f"multipart/form-data; boundary={boundary}", body)
 
         def _reply(self, status: int, content_type: str, body: bytes) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
-            self.send_header("PayloadType", RESPONSE_TYPE)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -1,0 +1,316 @@
+"""The CAQH CORE envelope (Connectivity Rule vC2.2.0, HTTP MIME multipart) around the X12 connector's 270:
+what goes out, how the answer's envelope is read, and what each envelope error becomes. The payer is an
+httpx.MockTransport that reads the request with python-multipart, not with the connector's own reader."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import python_multipart
+from structlog.testing import capture_logs
+
+from services.insurance.core import (
+    CoreEnvelopeInvalid,
+    CoreLogin,
+    answer_payload,
+    core_request,
+    read_envelope,
+)
+from services.insurance.settings import InsuranceSettings
+from services.insurance.x12 import Party, validate
+from services.insurance.x12_connector import Eligibility, X12Connector
+from tests.unit.test_insurance_x12_answers import ACTIVE, COVERAGE, PAYER, PLAN, answer
+
+LOGIN = CoreLogin("reading-group", "s3cret-Pa55word", "SECONDOPINION")
+ANSWER_271 = "X12_271_Response_005010X279A1"
+Reply = Callable[[dict[str, str]], httpx.Response]
+
+
+def form(request: httpx.Request) -> dict[str, str]:
+    """The request's multipart/form-data fields, read as a payer's web framework would."""
+    fields: dict[str, str] = {}
+
+    def on_field(part: Any) -> None:
+        fields[part.field_name.decode()] = (part.value or b"").decode()
+
+    def on_file(part: Any) -> None:
+        part.file_object.seek(0)
+        fields[part.field_name.decode()] = part.file_object.read().decode()
+
+    body = request.read()
+    headers = {
+        "Content-Type": request.headers["content-type"].encode(),
+        "Content-Length": str(len(body)).encode(),
+    }
+    python_multipart.parse_form(headers, io.BytesIO(body), on_field, on_file)
+    return fields
+
+
+def envelope(status: int = 200, **fields: str) -> httpx.Response:
+    """A payer's answer in the CORE envelope (httpx renders it as multipart/form-data)."""
+    request = httpx.Request("POST", "http://payer/", data=fields, files={"_": (None, b"")})
+    return httpx.Response(
+        status, headers={"Content-Type": request.headers["content-type"]}, content=request.read()
+    )
+
+
+def success(request: dict[str, str], payload: str | None = None, **override: str) -> httpx.Response:
+    fields = {
+        "PayloadType": ANSWER_271,
+        "ProcessingMode": "RealTime",
+        "PayloadID": request["PayloadID"],
+        "TimeStamp": "2026-12-06T12:00:00+00:00",
+        "SenderID": "SBX01",
+        "ReceiverID": request["SenderID"],
+        "CORERuleVersion": "2.2.0",
+        "Payload": answer(ACTIVE) if payload is None else payload,
+        "ErrorCode": "Success",
+        "ErrorMessage": "None",
+    }
+    return envelope(**{**fields, **override})
+
+
+def refusal(code: str, status: int, message: str = "refused") -> Reply:
+    return lambda request: envelope(
+        status,
+        PayloadType="CoreEnvelopeError",
+        PayloadID=request["PayloadID"],
+        ErrorCode=code,
+        ErrorMessage=message,
+    )
+
+
+class Payer:
+    """A CORE server answering with the replies given (the last one repeats); it keeps what it was sent."""
+
+    def __init__(self, *replies: Reply) -> None:
+        self.replies = list(replies)
+        self.sent: list[dict[str, str]] = []
+        self.raw: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.raw.append(request)
+        self.sent.append(form(request))
+        reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        return reply(self.sent[-1])
+
+
+def check(
+    payer: Callable[[httpx.Request], httpx.Response], *, endpoint: str = "http://127.0.0.1:9/core/eligibility"
+) -> Eligibility:
+    connector = X12Connector(
+        PAYER.model_copy(update={"endpoint_url": endpoint}),
+        PLAN,
+        provider=Party("READING GROUP", "1234567893"),
+        network="in",
+        allowed_amount=Decimal("240.00"),
+        trace="c-42",
+        sleep=lambda _: None,
+        login=LOGIN,
+        transport=httpx.MockTransport(payer),
+    )
+    return connector.check(COVERAGE, "76140")
+
+
+def test_the_270_goes_out_as_a_core_multipart_envelope() -> None:
+    payer = Payer(success)
+    assert check(payer).outcome == "active"
+    [request], [fields] = payer.raw, payer.sent
+    assert request.headers["content-type"].startswith("multipart/form-data; boundary=")
+    assert list(fields) == [
+        "PayloadType",
+        "ProcessingMode",
+        "PayloadID",
+        "TimeStamp",
+        "UserName",
+        "Password",
+        "SenderID",
+        "ReceiverID",
+        "CORERuleVersion",
+        "Payload",
+    ]
+    assert fields["PayloadType"] == "X12_270_Request_005010X279A1"
+    assert (fields["ProcessingMode"], fields["CORERuleVersion"]) == ("RealTime", "2.2.0")
+    assert (fields["UserName"], fields["Password"]) == ("reading-group", "s3cret-Pa55word")
+    assert (fields["SenderID"], fields["ReceiverID"]) == (
+        "SECONDOPINION",
+        "SBX01",
+    )  # ReceiverID: the payer id
+    assert uuid.UUID(fields["PayloadID"]).version == 1  # the rule: time and hardware address
+    assert datetime.fromisoformat(fields["TimeStamp"]).utcoffset() is not None
+    validate(fields["Payload"], "270")
+    # The login travels only in the envelope, never in the URL or a header.
+    assert "s3cret" not in str(request.url) and "s3cret" not in str(request.headers)
+
+
+def test_each_attempt_has_its_own_payload_id() -> None:
+    payer = Payer(lambda _: httpx.Response(503), success)
+    assert check(payer).outcome == "active"
+    assert len({fields["PayloadID"] for fields in payer.sent}) == len(payer.sent) == 2
+
+
+def test_core_request_fields() -> None:
+    at = datetime.fromisoformat("2026-12-06T09:30:00-05:00")
+    fields = core_request("ISA~", payload_id="p-1", login=LOGIN, receiver_id="SBX01", at=at)
+    assert fields["TimeStamp"] == "2026-12-06T09:30:00-05:00"
+    assert (fields["PayloadID"], fields["Payload"]) == ("p-1", "ISA~")
+
+
+def test_a_wrong_login_is_payer_rejected_and_names_the_settings_not_the_password() -> None:
+    payer = Payer(refusal("UnAuthorized", 401, message="bad password s3cret-Pa55word for SBX-MET"))
+    with capture_logs() as logs:
+        eligibility = check(payer)
+    assert (eligibility.outcome, eligibility.standing) == ("payer_rejected", "rejected")
+    assert "refused our CAQH CORE login (UnAuthorized)" in eligibility.detail
+    assert "INSURANCE_CORE_PASSWORD" in eligibility.detail and "INSURANCE_CORE_USERNAME" in eligibility.detail
+    assert "s3cret" not in eligibility.detail and "SBX-MET" not in eligibility.detail
+    assert "s3cret" not in repr(logs) and "SBX-MET" not in repr(logs)
+    assert len(payer.sent) == 1  # a refused login is not retried
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        refusal("Sender/ReceiverNotAuthorized", 403),
+        lambda _: httpx.Response(401, text="Unauthorized"),  # no envelope: the HTTP status says it
+        lambda _: httpx.Response(403),
+    ],
+)
+def test_every_login_refusal_is_a_credentials_problem(reply: Reply) -> None:
+    eligibility = check(Payer(reply))
+    assert eligibility.outcome == "payer_rejected"
+    assert "check INSURANCE_CORE_USERNAME" in eligibility.detail
+
+
+def test_other_envelope_errors_are_payer_rejected_with_their_code_only() -> None:
+    payer = Payer(refusal("VersionMismatch", 400, message="we speak 4.0.0, patient SBX-MET"))
+    eligibility = check(payer)
+    assert eligibility.outcome == "payer_rejected"
+    assert "refused our CAQH CORE envelope (VersionMismatch)" in eligibility.detail
+    assert "SBX-MET" not in eligibility.detail and "4.0.0" not in eligibility.detail
+    assert len(payer.sent) == 1
+    odd = check(Payer(refusal("Member SBX-MET unknown", 400)))
+    assert odd.outcome == "payer_rejected" and "SBX-MET" not in odd.detail
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        lambda _: httpx.Response(503),
+        lambda _: httpx.Response(500, text="<html>oops</html>"),
+        refusal("Busy", 200),
+    ],
+)
+def test_transient_failures_are_retried_then_payer_unavailable(reply: Reply) -> None:
+    payer = Payer(reply)
+    eligibility = check(payer)
+    assert eligibility.outcome == "payer_unavailable"
+    assert "after 3 attempts" in eligibility.detail
+    assert len(payer.sent) == 3
+
+
+def test_a_payer_that_cannot_be_reached_is_payer_unavailable() -> None:
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    eligibility = check(refused)
+    assert eligibility.outcome == "payer_unavailable"
+    assert "cannot connect (ConnectError)" in eligibility.detail
+
+
+@pytest.mark.parametrize(
+    ("reply", "why"),
+    [
+        (lambda r: success(r, PayloadID=str(uuid.uuid4())), "PayloadID is not the one we sent"),
+        (lambda r: success(r, PayloadType="X12_277_Response_005010X212"), "PayloadType is X12_277"),
+        (lambda r: success(r, payload=""), "no Payload"),
+        (lambda r: success(r, ErrorCode=""), "no ErrorCode"),
+        (lambda r: httpx.Response(200, text=answer(ACTIVE)), "not MIME multipart"),  # a bare 271
+        (lambda r: httpx.Response(404, text="not here"), "HTTP 404 without a CORE envelope"),
+        (lambda r: envelope(400, ErrorCode="Success"), "HTTP 400 with ErrorCode Success"),
+    ],
+)
+def test_an_answer_that_is_no_envelope_for_our_request_is_malformed(reply: Reply, why: str) -> None:
+    eligibility = check(Payer(reply))
+    assert eligibility.outcome == "malformed_response"
+    assert "did not answer with a valid CAQH CORE envelope" in eligibility.detail
+    assert why in eligibility.detail
+
+
+def test_a_garbled_payload_in_a_good_envelope_is_a_malformed_271() -> None:
+    eligibility = check(Payer(lambda r: success(r, payload="ISA*this is not an interchange~")))
+    assert eligibility.outcome == "malformed_response"
+    assert "sent a 271 that is not valid" in eligibility.detail
+
+
+def test_a_999_in_the_envelope_is_the_payer_refusing_our_270() -> None:
+    ta1 = (
+        "ISA*00*          *00*          *ZZ*SBX01          *ZZ*SECONDOPINION  *261206*1200*^*00501*000000017*0*P*:~"
+        "TA1*000000017*261206*1200*R*025~IEA*0*000000017~"
+    )
+    eligibility = check(Payer(lambda r: success(r, payload=ta1, PayloadType="X12_TA1_Response_00501X231A1")))
+    assert eligibility.outcome == "payer_rejected"
+
+
+def test_field_names_are_read_without_regard_to_case() -> None:
+    # Some clearinghouses write PayloadId / SenderId; the values are what count.
+    def reply(request: dict[str, str]) -> httpx.Response:
+        return envelope(
+            PayloadType=ANSWER_271,
+            PayloadId=request["PayloadID"],
+            Payload=answer(ACTIVE),
+            errorcode="Success",
+        )
+
+    assert check(Payer(reply)).outcome == "active"
+
+
+def test_an_endpoint_that_is_not_http_is_payer_unknown() -> None:
+    eligibility = check(Payer(success), endpoint="ftp://payer.example/eligibility")
+    assert eligibility.outcome == "payer_unknown"
+    assert "not an http(s) URL" in eligibility.detail
+
+
+def test_reading_an_envelope() -> None:
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="PayloadID"\r\n\r\nabc\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="Payload"; filename="271.x12"\r\n'
+        b"Content-Type: application/EDI-X12\r\n\r\nISA*00~\r\nGS*HB~\r\n--b--\r\n"
+    )
+    assert read_envelope('multipart/form-data; boundary="b"', body) == {
+        "PayloadID": "abc",
+        "Payload": "ISA*00~\r\nGS*HB~",
+    }
+    with pytest.raises(CoreEnvelopeInvalid, match="cut short"):
+        read_envelope("multipart/form-data; boundary=b", body[:-8])
+    with pytest.raises(CoreEnvelopeInvalid, match="comes twice"):
+        read_envelope("multipart/form-data; boundary=b", body.replace(b'name="Payload"', b'name="payloadid"'))
+    with pytest.raises(CoreEnvelopeInvalid, match="not MIME multipart"):
+        answer_payload(200, "application/EDI-X12", b"ISA*00~", "abc")
+
+
+def test_the_password_never_shows_in_a_repr() -> None:
+    assert "s3cret" not in repr(LOGIN)
+    settings = InsuranceSettings(core_password="s3cret-Pa55word")  # type: ignore[arg-type]
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
+    assert CoreLogin.of(settings).password == "s3cret-Pa55word"
+
+
+def test_the_default_login_is_the_payer_sandboxs() -> None:
+    # `make demo` starts the sandbox and the services without any INSURANCE_CORE_* setting: they must agree.
+    core = json.loads((Path(__file__).parents[1] / "payer_sandbox" / "members.json").read_text())["payer"][
+        "core"
+    ]
+    defaults = {name: spec.default for name, spec in InsuranceSettings.model_fields.items()}
+    assert defaults["core_username"] == core["username"]
+    assert defaults["core_password"].get_secret_value() == core["password"]
+    assert defaults["core_sender_id"] in core["sender_ids"]
