@@ -197,7 +197,9 @@ def review_as_specialist(partner: httpx.Client, settings: Settings, case_id: str
 def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:
     """The sample case from request to closed, acting as hospital, facility, patient, specialist, referrer."""
     partner = demo_partner(settings)
-    request = dict(SAMPLE_CASE, partner_id=partner["partner_id"])
+    request = dict(
+        SAMPLE_CASE, partner_id=partner["partner_id"], partner_case_ref=f"ORDER-{secrets.token_hex(4)}"
+    )
     with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {partner['api_key']}"}) as http:
         response = http.post(f"{settings.intake_url}/v1/cases", json=request)
         if response.status_code != 201:

@@ -138,9 +138,8 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
         # An EHR fetching the attachment, with no Accept header, gets the PDF the hash names.
         attached = http.get(report.presentedForm[0].url)
         assert attached.headers["content-type"].startswith("application/pdf")
-        assert base64.b64encode(hashlib.sha1(attached.content, usedforsecurity=False).digest()).decode() == (
-            report.presentedForm[0].hash
-        )
+        # (fhir.resources reads the base64Binary hash into its bytes: the SHA-1 digest itself)
+        assert hashlib.sha1(attached.content, usedforsecurity=False).digest() == report.presentedForm[0].hash
         # The report names the partner's order it answers, and the patient by the referring MRN.
         [order] = report.basedOn
         assert (order.type, order.identifier.value) == ("ServiceRequest", case["partner_case_ref"])
