@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import ClassVar
 
 from pydantic import BaseModel
@@ -75,6 +75,10 @@ class MatchSpecialist(Command):
     adequacy_warnings: list[str] = []  # records' technical adequacy findings, shown to the specialist
     partner_id: str | None = None  # the case's partner: its key may read the report
     partner_case_ref: str | None = None  # the partner's order: the report's basedOn names it
+    procedure_scheduled_on: date | None = (
+        None  # an invasive procedure planned on the strength of the first scan
+    )
+    gestational_age_weeks: int | None = None  # obstetric and fetal cases (required at intake)
 
 
 class WithdrawOffer(Command):

@@ -110,6 +110,7 @@ class ReviewSubmitted(Event):
     review_id: str
     reviewer_id: str
     agreement: str
+    critical: bool = False
 
 
 class QuestionAnswered(Event):

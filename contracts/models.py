@@ -132,5 +132,6 @@ class CaseInput(Strict):
     coverage: Coverage
     consent_on_file: bool = True
     procedure_scheduled_on: date | None = None
+    gestational_age_weeks: int | None = None
     policy: CasePolicy = Field(default_factory=CasePolicy)
     partner_case_ref: str | None = None  # the partner's order (ServiceRequest.identifier), for the report

@@ -90,6 +90,8 @@ PUBLISH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_inter
 LOCAL_PUBLISH = "publish-as-local-activity"  # workflow.patched id: cases from before publish with activities
 BATCH_PUBLISH = "publish-step-at-once"  # workflow.patched id: cases from before publish one message at a time
 ANSWERS_IN_TURN = "answers-in-turn"  # workflow.patched id: older cases look an answer up from its request
+OFFER_WITHIN_DUE = "offer-within-due-date"  # workflow.patched id: an offer lapses within the time left
+CRITICAL_ALERT = "critical-result-alert"  # workflow.patched id: a critical result alerts operations at once
 
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
@@ -189,6 +191,14 @@ class CaseWorkflow:
         await self._patient_decision(insurance)
 
         submitted = await self._review(case, records)
+        if (submitted.critical or submitted.agreement == "major_discrepancy") and workflow.patched(
+            CRITICAL_ALERT
+        ):
+            await self._alert(
+                "critical_result",
+                f"{submitted.reviewer_id}: {'critical result' if submitted.critical else 'major discrepancy'}; "
+                "confirm the referring physician was reached before the report is delivered",
+            )
         await self._transition(
             CaseStatus.COMPOSING_REPORT,
             f"review submitted ({submitted.agreement})",
@@ -365,6 +375,8 @@ class CaseWorkflow:
                     adequacy_warnings=records.warnings,
                     partner_id=case.partner_id,
                     partner_case_ref=case.partner_case_ref,
+                    procedure_scheduled_on=case.procedure_scheduled_on,
+                    gestational_age_weeks=case.gestational_age_weeks,
                 )
             ],
         )
@@ -407,6 +419,10 @@ class CaseWorkflow:
     async def _await_acceptance(self, case: CaseInput, offer: ReviewOffered, mark: int) -> None:
         """Answers are looked up from `mark` (where the match's answer was) on: one may arrive at any moment."""
         expires = workflow.now() + timedelta(hours=case.policy.offer_timeout_hours)
+        if workflow.patched(OFFER_WITHIN_DUE):
+            # One unanswered offer may take at most a quarter of the time left (an urgent case has 24 h).
+            left = (self._due_at or case.due_at) - workflow.now()
+            expires = min(expires, workflow.now() + max(left / 4, timedelta(minutes=30)))
         await self._transition(
             CaseStatus.AWAITING_ACCEPTANCE,
             f"offered to {offer.reviewer_id} until {expires:%Y-%m-%d %H:%M} UTC",

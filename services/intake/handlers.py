@@ -91,6 +91,8 @@ def case_input(case: Case) -> CaseInput:
         coverage=request.coverage,
         consent_on_file=case.consent_on_file,
         partner_case_ref=case.partner_case_ref,
+        procedure_scheduled_on=request.procedure_scheduled_on,
+        gestational_age_weeks=request.gestational_age_weeks,
     )
 
 

@@ -83,7 +83,9 @@ def worklist(
     statuses = (status,) if status else WORKLIST_STATUSES
     query = select(Review).where(Review.reviewer_id == reviewer, col(Review.status).in_(statuses))
     rows = session.exec(query.order_by(col(Review.due_at), col(Review.assigned_at))).all()
-    return [_work_item(r, _questions(session, r)) for r in rows]
+    items = [_work_item(r, _questions(session, r)) for r in rows]
+    # Work still to do (offers, accepted reviews, unanswered questions) first, soonest due first; then done.
+    return sorted(items, key=lambda w: w.status == "submitted" and w.open_questions == 0)
 
 
 @reviews.get("/stats", response_model=ReviewStats, dependencies=[Depends(require_role(Role.OPERATIONS))])
@@ -164,6 +166,10 @@ def submit_review(
         )
     if review.status != "accepted":
         raise HTTPException(409, offers.closed_reason(review, "submitted"))
+    if problems := findings.submission_problems(review.exam_type):
+        raise RequestValidationError(
+            [{"loc": ("body", field), "msg": message, "type": "value_error"} for field, message in problems]
+        )
     handlers.submit(review, findings, session)
     session.commit()
     relay.wake()
@@ -256,6 +262,8 @@ def _detail(session: Session, review: Review, settings: Settings) -> ReviewDetai
         **_work_item(review, questions).model_dump(),
         reviewer_id=review.reviewer_id,
         reason=request.reason,
+        procedure_scheduled_on=request.procedure_scheduled_on,
+        gestational_age_weeks=request.gestational_age_weeks,
         exam=request.exam,
         patient_sex=request.patient.sex,
         patient_age_years=_age(request.patient.birth_date, request.exam.performed_on),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import structlog
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 
 from contracts.commands import ComposeReport, MatchSpecialist
 from contracts.envelope import CloudEvent, new_event
@@ -20,6 +20,7 @@ from contracts.events import (
     EncapsulatedReport,
     Event,
     ReportReady,
+    ReviewAssigned,
     ReviewOffered,
     ReviewSubmitted,
     ReviewUnmatched,
@@ -52,6 +53,22 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
     """Offer the case to the best specialist, or report why nobody can take it."""
     if session.exec(select(Review.id).where(Review.match_event_id == event_id)).first() is not None:
         log.info("review.match_already_applied", case_id=cmd.case_id)
+        return
+    standing = session.exec(
+        select(Review).where(Review.case_id == cmd.case_id, col(Review.status).in_(("accepted", "submitted")))
+    ).first()
+    if standing is not None:
+        # Submitted (or accepted) before the workflow's withdrawal reached us: a signed opinion is never
+        # dropped, nor the case given to a second reader; it answers this match instead.
+        assigned = ReviewAssigned(
+            case_id=cmd.case_id,
+            review_id=standing.id,
+            reviewer_id=standing.reviewer_id,
+            subspecialty=standing.subspecialty,
+            explanation=f"{standing.reviewer_id}: {standing.status} before the withdrawal arrived; it stands",
+        )
+        enqueue(session, EVENTS, event(f"{event_id}>{assigned.TYPE}", assigned))
+        log.warning("review.match_found_standing_review", case_id=cmd.case_id, review_id=standing.id)
         return
     # Locking the directory serializes concurrent matches, so no specialist goes over their limit.
     specialists = session.exec(select(Specialist).order_by(Specialist.id).with_for_update()).all()
@@ -99,7 +116,7 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
 
 def submit(review: Review, findings: ReviewFindings, session: Session) -> None:
     """Record the specialist's second opinion; the caller has checked the review is accepted."""
-    for name, value in findings.model_dump().items():
+    for name, value in findings.model_dump(mode="json").items():
         setattr(review, name, value)
     review.status = "submitted"
     review.draft = None
@@ -110,6 +127,7 @@ def submit(review: Review, findings: ReviewFindings, session: Session) -> None:
         review_id=review.id,
         reviewer_id=review.reviewer_id,
         agreement=findings.agreement,
+        critical=findings.critical_result,
     )
     enqueue(session, EVENTS, event(f"{submitted.TYPE}:{review.id}", submitted))
     log.info("review.submitted", case_id=review.case_id, review_id=review.id, agreement=findings.agreement)

@@ -47,6 +47,8 @@ def conflict_of_interest(request: MatchSpecialist, s: Specialist) -> str | None:
         return "is the first reader"
     if exam.first_reader_organization and _same(s.organization, exam.first_reader_organization):
         return "is in the first reader's group"
+    if _same(s.organization, exam.facility):
+        return "works where the first scan was performed"
     return None
 
 

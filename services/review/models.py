@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, model_validator
 from sqlalchemy import JSON
 from sqlmodel import Field, SQLModel
 
@@ -20,9 +20,33 @@ OPEN_STATUSES = ("offered", "accepted")
 WORKLIST_STATUSES = ("offered", "accepted", "submitted")
 TechnicalQuality = Literal["diagnostic", "limited", "non_diagnostic"]
 Agreement = Literal["concordant", "minor_discrepancy", "major_discrepancy"]
-# RADPEER (ACR): 1 concur; 2 discrepancy, diagnosis not ordinarily expected; 3 should be made most of the time;
-# 4 should be made almost every time; a/b = unlikely / likely clinically significant. Kept for QA only.
-RadpeerScore = Literal["1", "2a", "2b", "3a", "3b", "4a", "4b"]
+# RADPEER (ACR, 2016 revision, J Am Coll Radiol 2017;14:1080-1086): 1 concur; 2 discrepancy, not ordinarily
+# expected to be made (understandable miss); 3 discrepancy, should be made most of the time; a/b = unlikely /
+# likely to be clinically significant. Score 4 was retired in 2016 (stored 4a/4b: migrate to 3a/3b).
+RadpeerScore = Literal["1", "2a", "2b", "3a", "3b"]
+
+# Ultrasound risk-stratification lexicons: the categories each defines and the exams it applies to.
+LexiconSystem = Literal["o_rads_us_2022", "acr_ti_rads", "bi_rads_us", "li_rads_us_2017"]
+LEXICON_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "o_rads_us_2022": ("0", "1", "2", "3", "4", "5"),
+    "acr_ti_rads": ("TR1", "TR2", "TR3", "TR4", "TR5"),
+    "bi_rads_us": ("0", "1", "2", "3", "4A", "4B", "4C", "5", "6"),
+    "li_rads_us_2017": ("US-1", "US-2", "US-3"),
+}
+LEXICON_EXAMS: dict[str, tuple[str, ...]] = {
+    "o_rads_us_2022": ("pelvic", "transvaginal"),
+    "acr_ti_rads": ("thyroid", "neck"),
+    "bi_rads_us": ("breast",),
+    "li_rads_us_2017": ("liver", "abdominal"),
+}
+# ACR TI-RADS (Tessler et al., JACR 2017): points summed over five feature categories.
+TI_RADS_POINTS: dict[str, tuple[int, int]] = {
+    "TR1": (0, 1),
+    "TR2": (2, 2),
+    "TR3": (3, 3),
+    "TR4": (4, 6),
+    "TR5": (7, 14),
+}
 
 ClinicalText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
 ListItem = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1_000)]
@@ -99,6 +123,9 @@ class Review(SQLModel, table=True):
     new_ultrasound_needed: bool | None = None
     radpeer_score: str | None = Field(default=None, max_length=2)
     patient_answers: str | None = None
+    assessments: list[dict[str, Any]] | None = Field(default=None, sa_type=JSON)
+    critical_result: bool = False
+    communication: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     submitted_at: datetime | None = Field(default=None)
 
 
@@ -132,6 +159,45 @@ class FollowUpQuestion(SQLModel, table=True):
     answered_at: datetime | None = None
 
 
+class RiskAssessment(BaseModel):
+    """One lesion's category in a lexicon, as the second reader assigns it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system: LexiconSystem
+    category: str = Field(max_length=4)
+    lesion: str | None = Field(default=None, max_length=200, description="e.g. 'right ovary', 'nodule 1'")
+    points: int | None = Field(default=None, ge=0, le=14, description="ACR TI-RADS total points")
+    visualization: Literal["A", "B", "C"] | None = Field(default=None, description="LI-RADS US score")
+
+    @model_validator(mode="after")
+    def fits_lexicon(self) -> RiskAssessment:
+        allowed = LEXICON_CATEGORIES[self.system]
+        if self.category not in allowed:
+            raise ValueError(f"{self.system} categories are {', '.join(allowed)}")
+        if (self.system == "acr_ti_rads") != (self.points is not None):
+            raise ValueError("points are given for ACR TI-RADS, and only for it")
+        if self.points is not None:
+            low, high = TI_RADS_POINTS[self.category]
+            if not low <= self.points <= high:
+                raise ValueError(f"{self.category} is {low}-{high} points, not {self.points}")
+        if (self.system == "li_rads_us_2017") != (self.visualization is not None):
+            raise ValueError("a visualization score (A, B, C) is given for LI-RADS US, and only for it")
+        return self
+
+
+class CriticalCommunication(BaseModel):
+    """Who was told of a critical result or significant discrepancy, how and when (ACR Practice Parameter for
+    Communication of Diagnostic Imaging Findings: nonroutine communication, documented in the report)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipient: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=200)]
+    method: Literal["telephone", "in_person"]
+    at: AwareDatetime
+    read_back: bool = False
+
+
 class ReviewFindings(BaseModel):
     """The specialist's second opinion: the body of POST /v1/reviews/{review_id}."""
 
@@ -151,12 +217,39 @@ class ReviewFindings(BaseModel):
     patient_answers: str | None = Field(
         default=None, max_length=20_000, description="answers to the patient's own questions"
     )
+    assessments: list[RiskAssessment] = Field(default_factory=list, max_length=10)
+    critical_result: bool = Field(
+        default=False,
+        description="needs action now (e.g. torsion, ectopic, a discrepancy before a procedure)",
+    )
+    communication: CriticalCommunication | None = None
 
     @model_validator(mode="after")
     def score_fits_agreement(self) -> ReviewFindings:
         if self.radpeer_score is not None and (self.radpeer_score == "1") != (self.agreement == "concordant"):
-            raise ValueError("radpeer_score 1 means concordant, and a discrepancy needs a score of 2a to 4b")
+            raise ValueError("radpeer_score 1 means concordant, and a discrepancy needs a score of 2a to 3b")
         return self
+
+    def submission_problems(self, exam_type: str) -> list[tuple[str, str]]:
+        """(field, message) for combinations a radiologist must not sign; checked at submission only, so
+        findings stored before a rule was added stay readable."""
+        problems: list[tuple[str, str]] = []
+        for i, a in enumerate(self.assessments):
+            if exam_type.lower() not in LEXICON_EXAMS[a.system]:
+                exams = ", ".join(LEXICON_EXAMS[a.system])
+                problems.append((f"assessments.{i}.system", f"{a.system} applies to {exams} exams"))
+        score = self.radpeer_score
+        if score and self.agreement == "major_discrepancy" and not score.endswith("b"):
+            problems.append(
+                ("radpeer_score", "a major discrepancy is likely clinically significant: 2b or 3b")
+            )
+        if self.critical_result and self.communication is None:
+            problems.append(("communication", "a critical result needs who was told, how and when"))
+        if score and self.agreement == "minor_discrepancy" and score.endswith("b"):
+            problems.append(
+                ("agreement", "a discrepancy likely to be clinically significant (2b, 3b) is major")
+            )
+        return problems
 
     @classmethod
     def of(cls, review: Review) -> ReviewFindings | None:
@@ -180,6 +273,9 @@ class ReviewDraft(BaseModel):
     new_ultrasound_needed: bool | None = None
     radpeer_score: RadpeerScore | None = None
     patient_answers: str | None = Field(default=None, max_length=20_000)
+    assessments: list[RiskAssessment] | None = Field(default=None, max_length=10)
+    critical_result: bool | None = None
+    communication: CriticalCommunication | None = None
 
 
 class Decline(BaseModel):
@@ -229,6 +325,8 @@ class ReviewDetail(WorkItem):
 
     reviewer_id: str
     reason: str
+    procedure_scheduled_on: date | None
+    gestational_age_weeks: int | None
     exam: Exam
     patient_sex: str
     patient_age_years: int

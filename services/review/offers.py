@@ -58,6 +58,10 @@ def withdraw(cmd: WithdrawOffer, session: Session) -> None:
     if review is None or review.case_id != cmd.case_id:
         log.warning("review.withdraw_unknown", case_id=cmd.case_id, review_id=cmd.review_id)
         return
+    if cmd.reason == "expired" and review.status == "accepted":
+        # Accepted before the lapse reached us (the specialist was told so): it stands; the next match names it.
+        log.info("review.withdraw_after_accept", case_id=cmd.case_id, review_id=review.id)
+        return
     _withdraw(review, cmd.reason, session)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from xml.sax.saxutils import escape
 
 from reportlab.lib import colors
@@ -16,7 +16,7 @@ from reportlab.platypus import Flowable, ListFlowable, Paragraph, SimpleDocTempl
 from reportlab.platypus.doctemplate import BaseDocTemplate
 
 from contracts.commands import MatchSpecialist
-from services.review.models import ReviewFindings, Specialist
+from services.review.models import ReviewFindings, RiskAssessment, Specialist
 
 TITLE = "Second-opinion report — diagnostic ultrasound"
 
@@ -78,7 +78,9 @@ def render_report_pdf(content: ReportContent) -> bytes:
         author=content.reviewer_signature,
         invariant=1,
     )
-    footer = f"Case {content.case_id}"
+    footer = f"Case {content.case_id} · version {1 + len(content.addenda)}"
+    if content.addenda:
+        footer += f" · {len(content.addenda)} addendum(s) at the end"
 
     def on_page(canvas: Canvas, document: BaseDocTemplate) -> None:
         canvas.setFont("Helvetica", 8)
@@ -94,6 +96,14 @@ def _story(c: ReportContent) -> list[Flowable]:
     r, f = c.request, c.findings
     patient = r.patient
     story: list[Flowable] = [Paragraph(escape(TITLE), styles["Title"])]
+    if c.addenda:
+        last = c.addenda[-1].answered_at.astimezone(UTC)
+        story.append(
+            Paragraph(
+                f"<b>Addended</b>: {len(c.addenda)} addendum(s), the latest {last:%Y-%m-%d %H:%M} UTC; see the end.",
+                _critical_style(styles),
+            )
+        )
     story.append(
         _facts(
             [
@@ -107,16 +117,46 @@ def _story(c: ReportContent) -> list[Flowable]:
                 ),
                 (
                     "Exam",
-                    f"{r.exam.exam_type} ultrasound, {r.exam.performed_on.isoformat()}, {r.exam.facility}",
+                    f"{r.exam.exam_type} ultrasound, {r.exam.performed_on.isoformat()}, {r.exam.facility}"
+                    + (f", accession {r.exam.accession_number}" if r.exam.accession_number else ""),
                 ),
+                (
+                    "Images reviewed",
+                    f"{r.study.instance_count} images ({r.study.multiframe_count} cine clips) in "
+                    f"{r.study.series_count} series, study {r.study.study_instance_uid}",
+                ),
+                *([("Adequacy warnings", "; ".join(r.adequacy_warnings))] if r.adequacy_warnings else []),
                 ("Clinical question", r.clinical_question),
                 ("Reason for second opinion", r.reason.replace("_", " ")),
+                *(
+                    [("Gestational age", f"{r.gestational_age_weeks} weeks")]
+                    if r.gestational_age_weeks
+                    else []
+                ),
+                *(
+                    [("Planned procedure", r.procedure_scheduled_on.isoformat())]
+                    if r.procedure_scheduled_on
+                    else []
+                ),
             ],
             styles,
         )
     )
     story += [Spacer(1, 4 * mm), _agreement_line(f.agreement, styles), Spacer(1, 4 * mm)]
+    if f.critical_result and f.communication is not None:
+        told = f.communication
+        story += [
+            Paragraph(
+                f"<b>Critical result</b> communicated by {escape(told.method.replace('_', ' '))} to "
+                f"{escape(told.recipient)} at {told.at.astimezone(UTC):%Y-%m-%d %H:%M} UTC by "
+                f"{escape(c.reviewer_signature)}{' (read back)' if told.read_back else ''}.",
+                _critical_style(styles),
+            ),
+            Spacer(1, 4 * mm),
+        ]
     story.append(_side_by_side(r.original_report.text, f, styles))
+    if f.assessments:
+        story += _section("Assessment", [_assessment(a) for a in f.assessments], styles)
     if f.alternative_diagnoses:
         story += _section("Alternative diagnoses", f.alternative_diagnoses, styles)
     else:
@@ -157,6 +197,23 @@ def _story(c: ReportContent) -> list[Flowable]:
     return story
 
 
+LEXICON_LABELS = {
+    "o_rads_us_2022": "O-RADS US {} (v2022)",
+    "acr_ti_rads": "ACR TI-RADS {}",
+    "bi_rads_us": "BI-RADS {} (ultrasound)",
+    "li_rads_us_2017": "US LI-RADS {} (v2017)",
+}
+
+
+def _assessment(a: RiskAssessment) -> str:
+    text = LEXICON_LABELS[a.system].format(a.category)
+    if a.points is not None:
+        text += f" ({a.points} points)"
+    if a.visualization is not None:
+        text += f", visualization score {a.visualization}"
+    return f"{a.lesion}: {text}" if a.lesion else text
+
+
 def _styles() -> dict[str, ParagraphStyle]:
     sheet = getSampleStyleSheet()
     body = ParagraphStyle("Body", parent=sheet["BodyText"], fontSize=9.5, leading=12.5)
@@ -180,6 +237,13 @@ def _facts(rows: list[tuple[str, str]], styles: dict[str, ParagraphStyle]) -> Ta
     table = Table(data, colWidths=[45 * mm, None])
     table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]))
     return table
+
+
+def _critical_style(styles: dict[str, ParagraphStyle]) -> ParagraphStyle:
+    text, background = AGREEMENT_COLOURS["major_discrepancy"]
+    return ParagraphStyle(
+        "Critical", parent=styles["Label"], textColor=text, backColor=background, borderPadding=(4, 6, 4, 6)
+    )
 
 
 def _agreement_line(agreement: str, styles: dict[str, ParagraphStyle]) -> Paragraph:

@@ -211,7 +211,11 @@ def test_submission_records_the_second_opinion_and_announces_it(
 
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "submitted"
-    assert response.json()["findings"] == FINDINGS
+    assert response.json()["findings"] == FINDINGS | {
+        "assessments": [],
+        "critical_result": False,
+        "communication": None,
+    }
     event = outbox_event(engine, f"review.submitted:{review_id}")
     assert event.subject == command.subject
     assert event.data == {
@@ -219,6 +223,7 @@ def test_submission_records_the_second_opinion_and_announces_it(
         "review_id": review_id,
         "reviewer_id": "spec-gyn-1",
         "agreement": "major_discrepancy",
+        "critical": False,
     }
     worklist = client.get("/v1/reviews", params={"reviewer": "spec-gyn-1", "status": "submitted"}).json()
     assert [i["review_id"] for i in worklist] == [review_id]

@@ -187,3 +187,56 @@ def test_drafts_are_kept_until_submission_and_refused_after(
     detail = client.get(f"/v1/reviews/{review_id}").json()
     assert detail["draft"] is None
     assert detail["findings"]["agreement"] == FINDINGS["agreement"]
+
+
+def rematch(command: CloudEvent, attempt: int, exclude: list[str]) -> CloudEvent:
+    again = command.data | {"exclude_reviewers": exclude}
+    return command.model_copy(update={"id": f"case-{command.subject}:match-{attempt}", "data": again})
+
+
+def test_a_review_submitted_as_the_workflow_withdraws_it_stands_and_no_second_reader_is_offered_it(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    # Operations reassigned the case while the specialist was submitting: the workflow decided "not
+    # submitted" and sent a withdrawal, then a new match. The signed opinion must not be lost.
+    command, offered = offered_review(engine, settings)
+    review_id = offered["review_id"]
+    client.post(f"/v1/reviews/{review_id}/accept")
+    assert client.post(f"/v1/reviews/{review_id}", json=FINDINGS).status_code == 200
+    apply(engine, settings, withdraw_command(command.subject, review_id, reason="reassigned"))
+    again = rematch(command, 2, exclude=["spec-gyn-1"])
+    apply(engine, settings, again)
+
+    assigned = outbox_event(engine, f"{again.id}>review.assigned").data
+    assert (assigned["review_id"], assigned["reviewer_id"]) == (review_id, "spec-gyn-1")
+    with Session(engine) as session:
+        rows = session.exec(select(Outbox).where(Outbox.message_id == f"{again.id}>review.offered")).all()
+    assert rows == []  # nobody else was offered the case
+    assert status(client, review_id) == "submitted"
+
+
+def test_an_offer_accepted_just_before_it_lapsed_stays_with_its_specialist(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    command, offered = offered_review(engine, settings)
+    review_id = offered["review_id"]
+    assert client.post(f"/v1/reviews/{review_id}/accept").status_code == 200  # the specialist saw 200
+    apply(engine, settings, withdraw_command(command.subject, review_id, reason="expired"))
+    assert status(client, review_id) == "accepted"
+    again = rematch(command, 2, exclude=["spec-gyn-1"])
+    apply(engine, settings, again)
+    assert outbox_event(engine, f"{again.id}>review.assigned").data["review_id"] == review_id
+
+
+def test_the_worklist_puts_work_to_do_before_work_done(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    done_command, done = offered_review(engine, settings, due_in_days=1)  # due soonest, but finished
+    client.post(f"/v1/reviews/{done['review_id']}/accept")
+    assert client.post(f"/v1/reviews/{done['review_id']}", json=FINDINGS).status_code == 200
+    _, waiting = offered_review(engine, settings, due_in_days=5)
+    worklist = client.get("/v1/reviews", params={"reviewer": "spec-gyn-1"}).json()
+    assert [(i["review_id"], i["status"]) for i in worklist] == [
+        (waiting["review_id"], "offered"),
+        (done["review_id"], "submitted"),
+    ]
