@@ -583,6 +583,28 @@ async def test_reassignment_withdraws_the_reviewer_and_matches_the_named_one(
     services.close()
 
 
+async def test_a_critical_result_alerts_operations_before_the_report_is_composed(
+    client: Client, settings: Settings
+) -> None:
+    handle, services = await start(client, settings)
+    review_id = await to_review(handle, services)
+    services.send(
+        ReviewSubmitted(
+            case_id=services.case_id,
+            review_id=review_id,
+            reviewer_id="spec-gyn-1",
+            agreement="major_discrepancy",
+            critical=True,
+        )
+    )
+    alert = await services.expect("case.alert", kind="critical_result")
+    assert "critical result" in alert["data"]["detail"] and "referring physician" in alert["data"]["detail"]
+    await services.expect("report.compose")
+    assert "critical_result" in [a.kind for a in await handle.query(CaseWorkflow.alerts)]
+    await handle.terminate("test done")
+    services.close()
+
+
 async def test_follow_up_question_goes_to_the_specialist_and_is_redelivered(
     client: Client, settings: Settings
 ) -> None:
