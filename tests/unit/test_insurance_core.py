@@ -9,7 +9,6 @@ import json
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,9 @@ from services.insurance.core import (
     read_envelope,
 )
 from services.insurance.settings import InsuranceSettings
-from services.insurance.x12 import Party, validate
+from services.insurance.x12 import validate
 from services.insurance.x12_connector import Eligibility, X12Connector
-from tests.unit.test_insurance_x12_answers import ACTIVE, COVERAGE, PAYER, PLAN, answer
+from tests.unit.test_insurance_x12_answers import ACTIVE, CONNECTOR, COVERAGE, PAYER, PLAN, answer
 
 LOGIN = CoreLogin("reading-group", "s3cret-Pa55word", "SECONDOPINION")
 ANSWER_271 = "X12_271_Response_005010X279A1"
@@ -110,11 +109,7 @@ def check(
     connector = X12Connector(
         PAYER.model_copy(update={"endpoint_url": endpoint}),
         PLAN,
-        provider=Party("READING GROUP", "1234567893"),
-        network="in",
-        allowed_amount=Decimal("240.00"),
-        trace="c-42",
-        sleep=lambda _: None,
+        **CONNECTOR,
         login=LOGIN,
         transport=httpx.MockTransport(payer),
     )

@@ -41,6 +41,15 @@ PLAN = InsurancePlan(
     authorization_rule="none",
 )
 ACTIVE = S("EB", "1", "IND", "30", "PR", "Gold")
+# The connector as a reading group's inquiry for a $240 read: what every test here and in
+# test_insurance_core builds, with the payer's answers (or transport) its own.
+CONNECTOR: dict[str, Any] = {
+    "provider": Party("READING GROUP", "1234567893"),
+    "network": "in",
+    "allowed_amount": Decimal("240.00"),
+    "trace": "c-42",
+    "sleep": lambda _: None,
+}
 
 
 def answer(*subscriber: str, trace: str = "c-42", member: str = "SBX-MET") -> str:
@@ -62,16 +71,7 @@ class CannedPayer(X12Connector):
     """The connector with its HTTP post replaced by the answers given (the last one repeats)."""
 
     def __init__(self, *answers: str, **options: Any) -> None:
-        super().__init__(
-            PAYER,
-            PLAN,
-            provider=Party("READING GROUP", "1234567893"),
-            network="in",
-            allowed_amount=Decimal("240.00"),
-            trace="c-42",
-            sleep=lambda _: None,
-            **options,
-        )
+        super().__init__(PAYER, PLAN, **CONNECTOR, **options)
         self.answers = list(answers)
         self.sent: list[str] = []
 
