@@ -20,6 +20,14 @@ from services.review.directory import SpecialistIn
 POLL_SECONDS = 0.2  # how often a request that is not there yet (a 404) is tried again
 
 
+async def signing_headers(system: System, reviewer: str) -> dict[str, str]:
+    """The specialist's own key: only it may submit the findings the report says they signed."""
+    key = system.signing_keys.get(reviewer)
+    if key is None:
+        key = system.signing_keys[reviewer] = await asyncio.to_thread(demo.specialist_key, reviewer)
+    return {"Authorization": f"Bearer {key}"}
+
+
 def case_request(system: System, **exam: str) -> dict[str, Any]:
     request = dict(demo.SAMPLE_CASE, partner_id=system.partner_id)
     request["partner_case_ref"] = f"BENCH-{secrets.token_hex(8)}"
@@ -128,8 +136,7 @@ async def run_case(
     submitted = await http.post(
         f"{review_url}/v1/reviews/{review_id}",
         json=demo.FINDINGS,
-        params=acting,
-        headers=system.operations_headers,
+        headers=await signing_headers(system, reviewer),
     )
     submitted.raise_for_status()
     timer.start()

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts import demo, stack
@@ -26,8 +26,9 @@ class System:
     settings: Settings
     partner_id: str
     api_key: str
-    operations_key: str  # acts as the specialist (`?reviewer=`), as the operations desk may
+    operations_key: str  # accepts offers for the specialist (`?reviewer=`), as the operations desk may
     scratch: Path  # a tmp dir for studies and ceilings, removed with the system
+    signing_keys: dict[str, str] = field(default_factory=dict)  # reviewer -> the key findings are signed with
 
     @property
     def headers(self) -> dict[str, str]:

@@ -158,6 +158,7 @@ def submit_review(
 ) -> ReviewDetail:
     """The specialist's second opinion; it is final once submitted (corrections are addenda)."""
     review = _review_or_404(session, review_id, reviewer, access, for_update=True)
+    _only_the_reviewer_signs(access, "submit findings")
     if review.submitted_at is not None:
         raise HTTPException(
             409,
@@ -192,6 +193,7 @@ def answer_question(
 ) -> QuestionPublic:
     """Answer a follow-up question: the report gets a new version with the answer as an addendum."""
     review = _review_or_404(session, review_id, reviewer, access)
+    _only_the_reviewer_signs(access, "answer a follow-up question")
     question = session.exec(
         select(FollowUpQuestion)
         .where(FollowUpQuestion.id == question_id, FollowUpQuestion.review_id == review.id)
@@ -215,6 +217,13 @@ def _apply(action: Callable[[], object]) -> None:
         action()
     except ReviewStateError as exc:
         raise HTTPException(409, str(exc)) from exc
+
+
+def _only_the_reviewer_signs(access: Access, what: str) -> None:
+    """The report says "electronically signed by" the reviewer: only their own key signs. The operations desk
+    may accept or decline an offer on a specialist's behalf, never sign for them."""
+    if access.caller.role != Role.SPECIALIST:
+        raise HTTPException(403, f"only the reviewing specialist, with their own key, may {what}")
 
 
 def _review_or_404(

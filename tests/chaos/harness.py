@@ -124,6 +124,17 @@ def create_partner(settings: Settings) -> tuple[dict[str, str], str]:
     return json.loads(partner.stdout), json.loads(staff.stdout)["api_key"]
 
 
+def specialist_key(settings: Settings, reviewer: str) -> str:
+    """The key `reviewer` signs findings with, issued through the operators' CLI on this run's database."""
+    env = {**os.environ, "DATABASE_URL": settings.database_url or "", "DATA_DIR": str(settings.data_dir)}
+    created = subprocess.run(
+        [sys.executable, "-m", "services.common.cli", "key", "create", "--role", "specialist",
+         "--specialist-id", reviewer, "--label", "chaos-specialist"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return str(json.loads(created.stdout)["api_key"])
+
+
 def register_webhook(settings: Settings, partner: dict[str, str], url: str) -> None:
     """The partner's outbound webhook endpoint, so delivered webhook ids can be counted."""
     response = httpx.post(
@@ -215,7 +226,7 @@ async def execute(
     run_id = new_run_id()
     expected_dlq = inject_poison(settings, run_id)
     run.case_list = [ChaosCase(number=i, run_id=run_id) for i in range(run.cases)]
-    driver = Driver(settings, partner, operations_key)
+    driver = Driver(settings, partner, operations_key, lambda reviewer: specialist_key(settings, reviewer))
     started = run.started = time.monotonic()
     deadline = started + run.minutes * 60
     # Faults are spread over the time the batch is expected to take (about 8 s of stack time per case)

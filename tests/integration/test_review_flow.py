@@ -28,7 +28,7 @@ from services.common.errors import PoisonMessage
 from services.common.http import create_app
 from services.review import api, consumer, deps, offers
 from services.review.models import FollowUpQuestion, Report, Review
-from tests.keys import operations_headers
+from tests.keys import operations_headers, specialist_headers
 from tests.unit.test_review_matching import request
 
 ORIGINAL_REPORT = (
@@ -207,8 +207,11 @@ def test_submission_records_the_second_opinion_and_announces_it(
     command, assigned = assigned_review(engine, settings)
     review_id = assigned["review_id"]
 
-    response = client.post(f"/v1/reviews/{review_id}", json=FINDINGS)
+    by_the_desk = client.post(f"/v1/reviews/{review_id}", json=FINDINGS)
+    response = client.post(f"/v1/reviews/{review_id}", json=FINDINGS, headers=specialist_headers(settings))
 
+    # The report says "electronically signed by" the specialist: the operations desk cannot sign for them.
+    assert by_the_desk.status_code == 403 and "only the reviewing specialist" in by_the_desk.json()["detail"]
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "submitted"
     assert response.json()["findings"] == FINDINGS | {
@@ -232,9 +235,12 @@ def test_submission_records_the_second_opinion_and_announces_it(
 def test_a_second_submission_is_refused(engine: Engine, settings: Settings, client: TestClient) -> None:
     _, assigned = assigned_review(engine, settings)
     review_id = assigned["review_id"]
-    client.post(f"/v1/reviews/{review_id}", json=FINDINGS)
+    signed = specialist_headers(settings)
+    client.post(f"/v1/reviews/{review_id}", json=FINDINGS, headers=signed)
 
-    again = client.post(f"/v1/reviews/{review_id}", json={**FINDINGS, "impression": "Changed my mind."})
+    again = client.post(
+        f"/v1/reviews/{review_id}", json={**FINDINGS, "impression": "Changed my mind."}, headers=signed
+    )
 
     assert again.status_code == 409
     assert f"review {review_id} was already submitted at" in again.json()["detail"]
@@ -263,7 +269,10 @@ def test_an_incomplete_submission_names_what_is_missing(
 
 def submitted_review(engine: Engine, settings: Settings, client: TestClient) -> tuple[str, str]:
     command, assigned = assigned_review(engine, settings)
-    assert client.post(f"/v1/reviews/{assigned['review_id']}", json=FINDINGS).status_code == 200
+    signed = specialist_headers(settings)
+    assert (
+        client.post(f"/v1/reviews/{assigned['review_id']}", json=FINDINGS, headers=signed).status_code == 200
+    )
     return command.subject, assigned["review_id"]
 
 

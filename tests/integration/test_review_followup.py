@@ -24,6 +24,7 @@ from tests.integration.test_review_flow import (
     pdf_text,
     submitted_review,
 )
+from tests.keys import specialist_headers
 
 # The review fixtures (engine, a TestClient on the real database, tables emptied before each test).
 engine, client, empty_tables = flow.engine, flow.client, flow.empty_tables
@@ -95,12 +96,19 @@ def test_a_follow_up_answer_is_an_addendum_to_a_new_report_version(
 
     worklist = client.get("/v1/reviews", params={"reviewer": "spec-gyn-1"}).json()
     answer_path = f"/v1/reviews/{review_id}/questions/q1/answer"
-    empty = client.post(answer_path, json={"answer": " "})
-    answered = client.post(answer_path, json={"answer": "Yes, with a transvaginal probe and cine sweeps."})
-    twice = client.post(answer_path, json={"answer": "Changed."})
-    unknown = client.post(f"/v1/reviews/{review_id}/questions/q9/answer", json={"answer": "Yes."})
+    signed = specialist_headers(settings)
+    by_the_desk = client.post(answer_path, json={"answer": "Yes."})
+    empty = client.post(answer_path, json={"answer": " "}, headers=signed)
+    answered = client.post(
+        answer_path, json={"answer": "Yes, with a transvaginal probe and cine sweeps."}, headers=signed
+    )
+    twice = client.post(answer_path, json={"answer": "Changed."}, headers=signed)
+    unknown = client.post(
+        f"/v1/reviews/{review_id}/questions/q9/answer", json={"answer": "Yes."}, headers=signed
+    )
 
     assert [(i["review_id"], i["open_questions"]) for i in worklist] == [(review_id, 1)]
+    assert by_the_desk.status_code == 403  # the addendum is signed by the specialist, not the desk
     assert empty.status_code == 422
     assert answered.status_code == 200, answered.text
     assert answered.json()["status"] == "answered"

@@ -22,6 +22,7 @@ from tests.integration.test_review_flow import (
     offered_review,
     outbox_event,
 )
+from tests.keys import specialist_headers
 
 # The review fixtures (engine, a TestClient on the real database, tables emptied before each test).
 engine, client, empty_tables = flow.engine, flow.client, flow.empty_tables
@@ -132,7 +133,9 @@ def test_cancelling_the_case_withdraws_the_open_review_once(
 
     apply(engine, settings, cancelled_event(command.subject))
     apply(engine, settings, cancelled_event(command.subject))
-    submit = client.post(f"/v1/reviews/{offered['review_id']}", json=FINDINGS)
+    submit = client.post(
+        f"/v1/reviews/{offered['review_id']}", json=FINDINGS, headers=specialist_headers(settings)
+    )
 
     detail = client.get(f"/v1/reviews/{offered['review_id']}").json()
     assert (detail["status"], detail["withdrawn_reason"]) == ("withdrawn", "cancelled")
@@ -159,7 +162,9 @@ def test_submitting_before_accepting_is_refused(
 ) -> None:
     _, offered = offered_review(engine, settings)
 
-    response = client.post(f"/v1/reviews/{offered['review_id']}", json=FINDINGS)
+    response = client.post(
+        f"/v1/reviews/{offered['review_id']}", json=FINDINGS, headers=specialist_headers(settings)
+    )
 
     assert response.status_code == 409
     assert "accept the offer first" in response.json()["detail"]
@@ -176,7 +181,7 @@ def test_drafts_are_kept_until_submission_and_refused_after(
     client.post(f"/v1/reviews/{review_id}/accept")
     saved = client.put(f"/v1/reviews/{review_id}/draft", json=draft)
     bad = client.put(f"/v1/reviews/{review_id}/draft", json={"agreement": "maybe"})
-    client.post(f"/v1/reviews/{review_id}", json=FINDINGS)
+    client.post(f"/v1/reviews/{review_id}", json=FINDINGS, headers=specialist_headers(settings))
     after = client.put(f"/v1/reviews/{review_id}/draft", json=draft)
 
     assert too_early.status_code == 409
@@ -202,7 +207,12 @@ def test_a_review_submitted_as_the_workflow_withdraws_it_stands_and_no_second_re
     command, offered = offered_review(engine, settings)
     review_id = offered["review_id"]
     client.post(f"/v1/reviews/{review_id}/accept")
-    assert client.post(f"/v1/reviews/{review_id}", json=FINDINGS).status_code == 200
+    assert (
+        client.post(
+            f"/v1/reviews/{review_id}", json=FINDINGS, headers=specialist_headers(settings)
+        ).status_code
+        == 200
+    )
     apply(engine, settings, withdraw_command(command.subject, review_id, reason="reassigned"))
     again = rematch(command, 2, exclude=["spec-gyn-1"])
     apply(engine, settings, again)
@@ -233,7 +243,12 @@ def test_the_worklist_puts_work_to_do_before_work_done(
 ) -> None:
     done_command, done = offered_review(engine, settings, due_in_days=1)  # due soonest, but finished
     client.post(f"/v1/reviews/{done['review_id']}/accept")
-    assert client.post(f"/v1/reviews/{done['review_id']}", json=FINDINGS).status_code == 200
+    assert (
+        client.post(
+            f"/v1/reviews/{done['review_id']}", json=FINDINGS, headers=specialist_headers(settings)
+        ).status_code
+        == 200
+    )
     _, waiting = offered_review(engine, settings, due_in_days=5)
     worklist = client.get("/v1/reviews", params={"reviewer": "spec-gyn-1"}).json()
     assert [(i["review_id"], i["status"]) for i in worklist] == [
