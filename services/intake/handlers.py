@@ -198,7 +198,9 @@ def deliver_report(event: CloudEvent, cmd: DeliverReport, session: Session) -> N
             data=ReportDelivered(
                 case_id=case.id,
                 report_id=cmd.report_id,
-                recipient=f"referring physician NPI {referring.npi}",
+                # Said as it happened: the report is posted to the partner's system (case API, report.ready
+                # webhook) for the referring physician, not handed to the physician.
+                recipient=f"partner {case.partner_id}, for the referring physician (NPI {referring.npi})",
                 delivered_at=case.delivered_at or now,
             ),
         ),

@@ -18,7 +18,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from contracts import CaseStatusChanged, DeliverReport, new_event
+from contracts import CaseStatusChanged, CloudEvent, DeliverReport, new_event
 from contracts.events import CaseCancelled
 from contracts.models import CaseStatus
 from services.auth import auth_engine
@@ -214,6 +214,10 @@ def test_status_events_are_mirrored_and_delivery_is_recorded_once(client: TestCl
         assert [o.message_id for o in outbox if case_id.encode() in o.body] == [
             f"{deliver.id}>report.delivered"
         ]
+        [delivered] = [CloudEvent.model_validate_json(o.body) for o in outbox if case_id.encode() in o.body]
+    # What happened, said plainly: posted to the partner's system for the physician, not "to the physician".
+    assert delivered.data["recipient"].startswith("partner ")
+    assert "for the referring physician (NPI " in delivered.data["recipient"]
 
 
 def test_unknown_message_type_is_poison(engine: Engine) -> None:
