@@ -6,11 +6,13 @@ Errors here are OperationOutcome resources that name the element (FHIRPath), nev
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlmodel import Session, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.auth.problems import AUTH_ERRORS
@@ -27,9 +29,11 @@ from services.intake.api import (
     TemporalDep,
     idempotent,
     open_case,
+    partner_for,
     visible_case,
 )
 from services.intake.fhir_task import to_task
+from services.intake.models import Case, CaseCreate
 
 FHIR_JSON = "application/fhir+json"
 MAX_FHIR_BYTES = 30 * 1024 * 1024
@@ -145,6 +149,48 @@ async def read_json(request: Request) -> Any:
         raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the body is not JSON")]) from exc
 
 
+IfNoneExist = Annotated[
+    str | None,
+    Header(
+        alias="If-None-Exist",
+        max_length=300,
+        description="conditional create: `identifier=[system|]value`; a case of yours with that order "
+        "reference is answered (200) instead of creating one",
+    ),
+]
+
+
+def conditional_reference(query: str) -> str:
+    """The order reference an If-None-Exist (or Bundle.entry.request.ifNoneExist) asks about; only
+    `identifier` is searched (the partner_case_ref, kept without its system)."""
+    try:
+        params = parse_qs(query, strict_parsing=True)
+    except ValueError:
+        params = {}
+    values = params.get("identifier") or []
+    if set(params) != {"identifier"} or len(values) != 1 or not values[0].rpartition("|")[2]:
+        raise fhir_intake.FhirInvalid(
+            [fhir_intake.Issue("If-None-Exist", "conditional create searches identifier=[system|]value only")]
+        )
+    return values[0].rpartition("|")[2]
+
+
+def existing_for(engine: Any, caller: CaseCaller, case: CaseCreate, reference: str) -> Case | None:
+    """The caller's case with this order reference (FHIR conditional create); 409 if it is another patient's."""
+    partner_id = partner_for(case, caller)
+    with Session(engine) as session:
+        found = session.exec(
+            select(Case).where(Case.partner_id == partner_id, Case.partner_case_ref == reference)
+        ).first()
+    if found is not None and CaseCreate.model_validate_json(found.request_json).patient != case.patient:
+        raise StarletteHTTPException(
+            409,
+            "the If-None-Exist identifier already names a case for another patient; nothing was stored. "
+            "Send a new reference for a new request.",
+        )
+    return found
+
+
 async def create_from_fhir(
     request: Request,
     parse: Any,
@@ -154,11 +200,29 @@ async def create_from_fhir(
     temporal: TemporalDep,
     settings: SettingsDep,
     idempotency_key: str | None,
+    if_none_exist: str | None = None,
 ) -> JSONResponse:
     try:
         parsed: fhir_intake.FhirRequest = parse(await read_json(request))
+        reference = conditional_reference(if_none_exist) if if_none_exist is not None else None
     except fhir_intake.FhirInvalid as exc:
-        return outcome_response(422, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
+        status = 400 if exc.issues and exc.issues[0].expression == "If-None-Exist" else 422
+        return outcome_response(status, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
+    if reference is not None:
+        try:
+            found = existing_for(engine, caller, parsed.case, reference)
+        except StarletteHTTPException as exc:
+            return outcome_response(
+                exc.status_code,
+                "conflict" if exc.status_code == 409 else "processing",
+                [(None, str(exc.detail))],
+            )
+        if found is not None:
+            location = f"{str(request.base_url).rstrip('/')}/fhir/Task/{found.id}"
+            audit("read", "case", found.id, "success")
+            return JSONResponse(
+                to_task(found), status_code=200, media_type=FHIR_JSON, headers={"Location": location}
+            )
 
     async def create() -> dict[str, Any]:
         case, _ = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
@@ -180,15 +244,17 @@ async def create_from_fhir(
 
 
 def transaction_response(
-    request_bundle: dict[str, Any], task: dict[str, Any], location: str
+    request_bundle: dict[str, Any], task: dict[str, Any], location: str, created: bool = True
 ) -> dict[str, Any]:
     """A `transaction-response` Bundle: one entry per request entry, in order; the ServiceRequest's entry
-    carries the case's Task (FHIR R4 http.html#transaction-response)."""
+    carries the case's Task, 201 when created, 200 when a conditional create found it (FHIR R4
+    http.html#transaction-response)."""
     entries = []
+    status = "201 Created" if created else "200 OK"
     for entry in request_bundle.get("entry") or []:
         kind = ((entry or {}).get("resource") or {}).get("resourceType")
         if kind == "ServiceRequest":
-            entries.append({"resource": task, "response": {"status": "201 Created", "location": location}})
+            entries.append({"resource": task, "response": {"status": status, "location": location}})
         else:
             entries.append({"response": {"status": "200 OK"}})
     return {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
@@ -224,19 +290,57 @@ async def transaction(
     Coverage, Consent and DocumentReference. Answers a transaction-response Bundle whose ServiceRequest entry
     carries the case as a Task and where to read it. Without an active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in `awaiting_consent`."""
     response = await create_from_fhir(
-        request, fhir_intake.from_bundle, caller, audit, engine, temporal, settings, idempotency_key
+        request,
+        fhir_intake.from_bundle,
+        caller,
+        audit,
+        engine,
+        temporal,
+        settings,
+        idempotency_key,
+        _entry_if_none_exist(await request.body()),
     )
-    if response.status_code != 201:
+    if response.status_code not in (200, 201):
         return response
     location = response.headers["Location"]
     bundle = transaction_response(
-        json.loads(await request.body()), json.loads(bytes(response.body)), location
+        json.loads(await request.body()),
+        json.loads(bytes(response.body)),
+        location,
+        created=response.status_code == 201,
     )
     headers = {k: v for k, v in response.headers.items() if k.lower() in ("idempotent-replayed",)}
     return JSONResponse(bundle, status_code=200, media_type=FHIR_JSON, headers=headers)
 
 
-@router.post("/ServiceRequest", status_code=201, responses=CREATED, openapi_extra=FHIR_BODY)
+def _entry_if_none_exist(body: bytes) -> str | None:
+    """The ServiceRequest entry's request.ifNoneExist, if the body is a Bundle that has one."""
+    try:
+        bundle = json.loads(body)
+        entries = bundle.get("entry") or []
+        for entry in entries:
+            if ((entry or {}).get("resource") or {}).get("resourceType") == "ServiceRequest":
+                value = (entry.get("request") or {}).get("ifNoneExist")
+                return value if isinstance(value, str) else None
+    except (ValueError, AttributeError, RecursionError):
+        return None  # read_json / from_bundle say what is wrong with the body
+    return None
+
+
+CONDITIONAL: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "conditional create (If-None-Exist): your case with that order reference, as a Task",
+        "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
+    },
+    **CREATED,
+    400: outcome_doc(
+        "If-None-Exist searches something else than identifier",
+        outcome("invalid", [("If-None-Exist", "conditional create searches identifier=[system|]value only")]),
+    ),
+}
+
+
+@router.post("/ServiceRequest", status_code=201, responses=CONDITIONAL, openapi_extra=FHIR_BODY)
 async def service_request(
     request: Request,
     caller: CaseCaller,
@@ -245,10 +349,21 @@ async def service_request(
     temporal: TemporalDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
+    if_none_exist: IfNoneExist = None,
 ) -> JSONResponse:
-    """A ServiceRequest whose Patient, ImagingStudy and optional Coverage/Consent are `contained`."""
+    """A ServiceRequest whose Patient, ImagingStudy and optional Coverage/Consent are `contained`. With
+    `If-None-Exist: identifier=[system|]value`, a case of yours with that order reference is answered (200)
+    instead of created (FHIR conditional create)."""
     return await create_from_fhir(
-        request, fhir_intake.from_service_request, caller, audit, engine, temporal, settings, idempotency_key
+        request,
+        fhir_intake.from_service_request,
+        caller,
+        audit,
+        engine,
+        temporal,
+        settings,
+        idempotency_key,
+        if_none_exist,
     )
 
 
@@ -266,7 +381,7 @@ CAPABILITY_STATEMENT: dict[str, Any] = {
             "mode": "server",
             "security": {"description": "Authorization: Bearer <API key>"},
             "resource": [
-                {"type": "ServiceRequest", "interaction": [{"code": "create"}], "conditionalCreate": False},
+                {"type": "ServiceRequest", "interaction": [{"code": "create"}], "conditionalCreate": True},
                 {"type": "Task", "interaction": [{"code": "read"}]},
                 {"type": "DiagnosticReport", "interaction": [{"code": "read"}]},
             ],

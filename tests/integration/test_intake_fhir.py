@@ -486,3 +486,56 @@ def test_json_in_any_of_its_names_is_served(client: TestClient) -> None:
     for accept in ("application/fhir+json", "application/json", "*/*", "application/fhir+xml, */*;q=0.1"):
         assert client.get("/fhir/metadata", headers={"Accept": accept}).status_code == 200, accept
     assert client.get("/fhir/metadata", params={"_format": "application/fhir+json"}).status_code == 200
+
+
+def contained_request(reference: str) -> dict[str, Any]:
+    return dict(
+        SERVICE_REQUEST,
+        identifier=[{"system": "urn:hospital-a:order", "value": reference}],
+        subject={"reference": "#pat"},
+        contained=[
+            PATIENT,
+            {k: v for k, v in STUDY.items() if k != "endpoint"} | {"subject": {"reference": "#pat"}},
+        ],
+    )
+
+
+def test_a_conditional_create_answers_the_case_that_exists_instead_of_making_one(
+    client: TestClient, engine: Engine
+) -> None:
+    condition = {
+        "If-None-Exist": "identifier=urn:hospital-a:order|COND-1",
+        "Content-Type": "application/fhir+json",
+    }
+    first = client.post("/fhir/ServiceRequest", json=contained_request("COND-1"), headers=condition)
+    assert first.status_code == 201, first.text  # none existed: created
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    again = client.post("/fhir/ServiceRequest", json=contained_request("COND-1"), headers=condition)
+    assert again.status_code == 200, again.text  # FHIR conditional create: one match is answered, not made
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Location"].endswith(f"/fhir/Task/{first.json()['id']}")
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+
+    in_a_bundle = order({"system": "urn:hospital-a:order", "value": "COND-1"})
+    in_a_bundle["entry"][1]["request"] = {
+        "method": "POST",
+        "url": "ServiceRequest",
+        "ifNoneExist": "identifier=urn:hospital-a:order|COND-1",
+    }
+    answered = post_fhir(client, "/fhir", in_a_bundle)
+    assert answered.status_code == 200, answered.text
+    [entry] = [e for e in answered.json()["entry"] if "resource" in e]
+    assert entry["response"]["status"] == "200 OK" and entry["resource"]["id"] == first.json()["id"]
+
+
+def test_a_conditional_create_on_something_else_than_identifier_is_a_400(client: TestClient) -> None:
+    response = client.post(
+        "/fhir/ServiceRequest",
+        json=contained_request("COND-2"),
+        headers={"If-None-Exist": "patient.name=Doe", "Content-Type": "application/fhir+json"},
+    )
+    assert response.status_code == 400
+    issue = OperationOutcome.model_validate(response.json()).issue[0]
+    assert issue.expression == ["If-None-Exist"] and "Doe" not in response.text
