@@ -288,7 +288,9 @@ async def transaction(
 ) -> JSONResponse:
     """A transaction Bundle carrying Patient, ServiceRequest, ImagingStudy (with its Endpoint) and optionally
     Coverage, Consent and DocumentReference. Answers a transaction-response Bundle whose ServiceRequest entry
-    carries the case as a Task and where to read it. Without an active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in `awaiting_consent`."""
+    carries the case as a Task and where to read it (`request.ifNoneExist` on that entry: conditional
+    create). Without an active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in
+    `awaiting_consent`."""
     response = await create_from_fhir(
         request,
         fhir_intake.from_bundle,
