@@ -409,6 +409,28 @@ async def test_decline_and_expiry_rematch_excluding_those_reviewers(
     services.close()
 
 
+async def test_an_urgent_cases_unanswered_offer_lapses_within_a_quarter_of_the_time_left(
+    client: Client, settings: Settings, temporal_env
+) -> None:  # type: ignore[no-untyped-def]
+    # Due in 20 h: the default 24 h offer would use up the whole turnaround; it lapses after about 5 h.
+    handle, services = await start(
+        client, settings, urgency=Urgency.URGENT, due_at=datetime.now(UTC) + timedelta(hours=20)
+    )
+    await services.expect("records.collect")
+    services.insurance_verified(patient_cost="0")
+    services.records_assembled()
+    await services.expect("review.match")
+    services.offered("r1", "spec-a")
+    await wait_status(handle, CaseStatus.AWAITING_ACCEPTANCE)
+    await temporal_env.fast_forward(handle, timedelta(hours=6))
+    withdraw = await services.expect("review.withdraw")
+    assert withdraw["data"] == {"case_id": services.case_id, "review_id": "r1", "reason": "expired"}
+    rematch = await services.expect("review.match")
+    assert rematch["data"]["exclude_reviewers"] == ["spec-a"]
+    await handle.terminate("test done")
+    services.close()
+
+
 async def test_every_decision_in_the_wrong_state_is_rejected_before_it_is_written(
     client: Client, settings: Settings
 ) -> None:
