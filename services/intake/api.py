@@ -252,6 +252,17 @@ def _jsonable(answer: BaseModel | dict[str, Any]) -> Any:
     return answer.model_dump(mode="json") if isinstance(answer, BaseModel) else answer
 
 
+def same_patient(existing: Case, body: CaseCreate) -> None:
+    """A reference names one patient's request: the same reference for another patient is refused (409),
+    never answered with the first patient's case."""
+    if CaseCreate.model_validate_json(existing.request_json).patient != body.patient:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            "partner_case_ref already names a case for another patient; nothing was stored. "
+            "Send a new reference for a new request.",
+        )
+
+
 def partner_for(body: CaseCreate, caller: Principal) -> str:
     if caller.role == Role.PARTNER:
         if body.partner_id is not None and body.partner_id != caller.partner_id:
@@ -331,15 +342,10 @@ async def open_case(
             except IntegrityError:
                 session.rollback()
                 created = None
-                existing = handlers.existing_case(body, partner_id, session)
+                existing = handlers.existing_case(body.partner_case_ref, partner_id, session)
                 if existing is None:
                     raise  # not the reference's constraint
-                if CaseCreate.model_validate_json(existing.request_json).patient != body.patient:
-                    raise HTTPException(
-                        status.HTTP_409_CONFLICT,
-                        "partner_case_ref already names a case for another patient; nothing was stored. "
-                        "Send a new reference for a new request.",
-                    ) from None
+                same_patient(existing, body)
                 log.info("case.repeated_reference", case_id=existing.id)
                 return existing
 

@@ -12,13 +12,14 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlmodel import Session, select
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.auth.problems import AUTH_ERRORS
 from services.common.errors import IntakeRejected
 from services.common.http import fhir_json_only
-from services.intake import fhir_intake
+from services.intake import fhir_intake, handlers
 from services.intake.api import (
     AuditDep,
     CaseCaller,
@@ -30,6 +31,7 @@ from services.intake.api import (
     idempotent,
     open_case,
     partner_for,
+    same_patient,
     visible_case,
 )
 from services.intake.fhir_task import to_task
@@ -140,13 +142,17 @@ TRANSACTED: dict[int | str, dict[str, Any]] = {
 
 
 async def read_json(request: Request) -> Any:
+    """The request's JSON, parsed once per request (a transaction reads it for its entries too)."""
+    if hasattr(request.state, "fhir_json"):
+        return request.state.fhir_json
     body = await request.body()
     if len(body) > MAX_FHIR_BYTES:
         raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the request is larger than 30 MB")])
     try:
-        return json.loads(body)
+        request.state.fhir_json = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the body is not JSON")]) from exc
+    return request.state.fhir_json
 
 
 IfNoneExist = Annotated[
@@ -179,15 +185,9 @@ def existing_for(engine: Any, caller: CaseCaller, case: CaseCreate, reference: s
     """The caller's case with this order reference (FHIR conditional create); 409 if it is another patient's."""
     partner_id = partner_for(case, caller)
     with Session(engine) as session:
-        found = session.exec(
-            select(Case).where(Case.partner_id == partner_id, Case.partner_case_ref == reference)
-        ).first()
-    if found is not None and CaseCreate.model_validate_json(found.request_json).patient != case.patient:
-        raise StarletteHTTPException(
-            409,
-            "the If-None-Exist identifier already names a case for another patient; nothing was stored. "
-            "Send a new reference for a new request.",
-        )
+        found = handlers.existing_case(reference, partner_id, session)
+    if found is not None:
+        same_patient(found, case)
     return found
 
 
@@ -210,7 +210,7 @@ async def create_from_fhir(
         return outcome_response(status, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
     if reference is not None:
         try:
-            found = existing_for(engine, caller, parsed.case, reference)
+            found = await run_in_threadpool(existing_for, engine, caller, parsed.case, reference)
         except StarletteHTTPException as exc:
             return outcome_response(
                 exc.status_code,
@@ -291,6 +291,12 @@ async def transaction(
     carries the case as a Task and where to read it (`request.ifNoneExist` on that entry: conditional
     create). Without an active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in
     `awaiting_consent`."""
+    try:
+        sent = await read_json(
+            request
+        )  # parsed once: create_from_fhir and the answer read it again from here
+    except fhir_intake.FhirInvalid:
+        sent = None  # create_from_fhir answers what is wrong with the body
     response = await create_from_fhir(
         request,
         fhir_intake.from_bundle,
@@ -300,32 +306,25 @@ async def transaction(
         temporal,
         settings,
         idempotency_key,
-        _entry_if_none_exist(await request.body()),
+        _entry_if_none_exist(sent),
     )
     if response.status_code not in (200, 201):
         return response
     location = response.headers["Location"]
     bundle = transaction_response(
-        json.loads(await request.body()),
-        json.loads(bytes(response.body)),
-        location,
-        created=response.status_code == 201,
+        sent, json.loads(bytes(response.body)), location, created=response.status_code == 201
     )
     headers = {k: v for k, v in response.headers.items() if k.lower() in ("idempotent-replayed",)}
     return JSONResponse(bundle, status_code=200, media_type=FHIR_JSON, headers=headers)
 
 
-def _entry_if_none_exist(body: bytes) -> str | None:
+def _entry_if_none_exist(bundle: Any) -> str | None:
     """The ServiceRequest entry's request.ifNoneExist, if the body is a Bundle that has one."""
-    try:
-        bundle = json.loads(body)
-        entries = bundle.get("entry") or []
-        for entry in entries:
-            if ((entry or {}).get("resource") or {}).get("resourceType") == "ServiceRequest":
-                value = (entry.get("request") or {}).get("ifNoneExist")
-                return value if isinstance(value, str) else None
-    except (ValueError, AttributeError, RecursionError):
-        return None  # read_json / from_bundle say what is wrong with the body
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and (entry.get("resource") or {}).get("resourceType") == "ServiceRequest":
+            value = (entry.get("request") or {}).get("ifNoneExist")
+            return value if isinstance(value, str) else None
     return None
 
 

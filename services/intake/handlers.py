@@ -30,12 +30,12 @@ def workflow_id(case_id: str) -> str:
     return f"case-{case_id}"
 
 
-def existing_case(request: CaseCreate, partner_id: str, session: Session) -> Case | None:
-    """The partner's case with the request's `partner_case_ref`, if it has one."""
-    if not request.partner_case_ref:
+def existing_case(reference: str | None, partner_id: str, session: Session) -> Case | None:
+    """The partner's case with this `partner_case_ref` (a request's, or an If-None-Exist's), if any."""
+    if not reference:
         return None
     return session.exec(
-        select(Case).where(Case.partner_id == partner_id, Case.partner_case_ref == request.partner_case_ref)
+        select(Case).where(Case.partner_id == partner_id, Case.partner_case_ref == reference)
     ).first()
 
 
