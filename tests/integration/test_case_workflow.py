@@ -261,6 +261,14 @@ async def wait_status(handle: WorkflowHandle, status: CaseStatus, timeout: float
     raise AssertionError(f"case never reached {status}; it is {await handle.query(CaseWorkflow.status)}")
 
 
+async def to_match(services: Services) -> dict[str, Any]:
+    """Records and insurance (no cost to the patient) done: the case's review.match command."""
+    await services.expect("records.collect")
+    services.insurance_verified(patient_cost="0")
+    services.records_assembled()
+    return await services.expect("review.match")
+
+
 async def to_review(handle: WorkflowHandle, services: Services, reviewer: str = "spec-gyn-1") -> str:
     """Drive a case through records, insurance and the cost decision to an accepted offer."""
     collect = await services.expect("records.collect")
@@ -380,10 +388,7 @@ async def test_decline_and_expiry_rematch_excluding_those_reviewers(
     client: Client, settings: Settings, temporal_env
 ) -> None:  # type: ignore[no-untyped-def]
     handle, services = await start(client, settings)
-    await services.expect("records.collect")
-    services.insurance_verified(patient_cost="0")
-    services.records_assembled()
-    first = await services.expect("review.match")
+    first = await to_match(services)
     assert first["data"]["exclude_reviewers"] == []
 
     services.offered("r1", "spec-a")
@@ -416,10 +421,7 @@ async def test_an_urgent_cases_unanswered_offer_lapses_within_a_quarter_of_the_t
     handle, services = await start(
         client, settings, urgency=Urgency.URGENT, due_at=datetime.now(UTC) + timedelta(hours=20)
     )
-    await services.expect("records.collect")
-    services.insurance_verified(patient_cost="0")
-    services.records_assembled()
-    await services.expect("review.match")
+    await to_match(services)
     services.offered("r1", "spec-a")
     await wait_status(handle, CaseStatus.AWAITING_ACCEPTANCE)
     await temporal_env.fast_forward(handle, timedelta(hours=6))
@@ -677,10 +679,7 @@ async def test_a_restarted_worker_resumes_the_case_where_it_was(
             handle = await env_client.start_workflow(
                 CaseWorkflow.run, case_input(case_id), id=f"case-{case_id}", task_queue=queue
             )
-            await services.expect("records.collect")
-            services.insurance_verified(patient_cost="0")
-            services.records_assembled()
-            await services.expect("review.match")
+            await to_match(services)
     # The worker is gone; the case waits durably. A new worker picks it up from history.
     services.offered("r1", "spec-z")
     with ThreadPoolExecutor(4) as executor:
