@@ -2,8 +2,10 @@
 
 A `multipart/form-data` POST with PayloadType, ProcessingMode `RealTime`, PayloadID (a UUID), TimeStamp,
 UserName, Password, SenderID, ReceiverID, CORERuleVersion and the X12 as Payload; the answer comes back in
-the same envelope, echoing the PayloadID, with ErrorCode `Success` (or why not). The SOAP+WSDL form and the
-X.509 client-certificate login are not spoken. Nothing here logs; the password shows in no repr, and of
+the same envelope, echoing the PayloadID, with ErrorCode `Success` (or why not). We log in with either of the
+rule's two submitter authentication standards (§4.1), as a client must support both: UserName + Password in
+the envelope, or an X.509 client certificate in the TLS handshake (then the envelope carries no UserName or
+Password). Each payer may have a login of its own (`INSURANCE_CORE_LOGINS`). The SOAP+WSDL form is not spoken. Nothing here logs; the password shows in no repr, and of
 what a payer sends only plain tokens (ErrorCode, PayloadType) may reach a message.
 """
 
@@ -17,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from services.insurance.settings import InsuranceSettings
+from services.insurance.settings import CoreLoginSetting, InsuranceSettings
 
 CORE_RULE_VERSION = "2.2.0"
 REQUEST_TYPE = "X12_270_Request_005010X279A1"
@@ -61,21 +63,70 @@ class CoreLoginRefused(CoreRefused):
     """The payer's CORE server refused our UserName / Password or our SenderID / ReceiverID pair."""
 
 
+class CoreLoginUnusable(Exception):
+    """Our side of the TLS login cannot be used (files, trust): nothing was sent, a setting must be fixed."""
+
+
 class CoreEnvelopeInvalid(Exception):
     """An answer that is not a CORE envelope answering our request."""
 
 
 @dataclass(frozen=True)
 class CoreLogin:
-    """Who we are to a payer's CORE server. The password never shows in a repr."""
+    """Who we are to a payer's CORE server. The password never shows in a repr.
+
+    With `client_cert` (and `client_key`), the X.509 login: the certificate is presented in the TLS
+    handshake and the envelope carries no UserName or Password. Without, UserName + Password."""
 
     username: str
     password: str = field(repr=False)
     sender_id: str
+    client_cert: str = ""
+    client_key: str = ""
+    ca_bundle: str = ""  # the payers' server certificates are checked against it ("": the system's)
+
+    @property
+    def x509(self) -> bool:
+        return bool(self.client_cert)
+
+    @property
+    def settings_named(self) -> str:
+        """The settings an operator checks when this login is refused (never their values)."""
+        if self.x509:
+            return (
+                "the client certificate and key (INSURANCE_CORE_CLIENT_CERT / _KEY or INSURANCE_CORE_LOGINS)"
+            )
+        return "INSURANCE_CORE_USERNAME, INSURANCE_CORE_PASSWORD and INSURANCE_CORE_SENDER_ID (or INSURANCE_CORE_LOGINS)"
 
     @classmethod
-    def of(cls, settings: InsuranceSettings) -> CoreLogin:
-        return cls(settings.core_username, settings.core_password.get_secret_value(), settings.core_sender_id)
+    def of(cls, settings: InsuranceSettings, payer_id: str | None = None) -> CoreLogin:
+        """The login for a payer: its own entry in `core_logins`, the rest from the default login."""
+        default = cls(
+            settings.core_username,
+            settings.core_password.get_secret_value(),
+            settings.core_sender_id,
+            settings.core_client_cert,
+            settings.core_client_key,
+            settings.core_ca_bundle,
+        )
+        own = settings.core_logins.get(payer_id or "")
+        return default if own is None else default._with(own)
+
+    def _with(self, own: CoreLoginSetting) -> CoreLogin:
+        if own.client_cert or own.client_key:  # this payer takes a certificate
+            cert, key = own.client_cert or "", own.client_key or ""
+        elif own.username is not None or own.password is not None:  # this payer takes a password
+            cert, key = "", ""
+        else:
+            cert, key = self.client_cert, self.client_key
+        return CoreLogin(
+            own.username if own.username is not None else self.username,
+            own.password.get_secret_value() if own.password is not None else self.password,
+            own.sender_id or self.sender_id,
+            cert,
+            key,
+            own.ca_bundle if own.ca_bundle is not None else self.ca_bundle,
+        )
 
 
 def core_request(
@@ -87,8 +138,7 @@ def core_request(
         "ProcessingMode": "RealTime",
         "PayloadID": payload_id,
         "TimeStamp": at.isoformat(timespec="seconds"),
-        "UserName": login.username,
-        "Password": login.password,
+        **({} if login.x509 else {"UserName": login.username, "Password": login.password}),
         "SenderID": login.sender_id,
         "ReceiverID": receiver_id,
         "CORERuleVersion": CORE_RULE_VERSION,

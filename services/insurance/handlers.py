@@ -73,7 +73,7 @@ def connector_for(
         backoff_seconds=settings.payer_backoff_seconds,
         subscriber=subscriber,
         usage=settings.x12_usage_indicator,
-        login=CoreLogin.of(settings),
+        login=CoreLogin.of(settings, payer.payer_id),
     )
 
 

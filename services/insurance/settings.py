@@ -5,8 +5,23 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CoreLoginSetting(BaseModel):
+    """One payer's CAQH CORE login, where it differs from the default `INSURANCE_CORE_*` one.
+
+    The Connectivity Rule (vC2.2.0, §4.1) has two: UserName + Password, or an X.509 client certificate
+    presented in the TLS handshake (PEM files: the certificate chain and its private key). A field left out
+    is taken from the default login."""
+
+    username: str | None = None
+    password: SecretStr | None = None
+    sender_id: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    ca_bundle: str | None = None
 
 
 class InsuranceSettings(BaseSettings):
@@ -28,6 +43,29 @@ class InsuranceSettings(BaseSettings):
     core_username: str = "secondopinion"
     core_password: SecretStr = SecretStr("sandbox-only")
     core_sender_id: str = "SECONDOPINION"
+    # The X.509 login instead of UserName + Password: PEM certificate (chain) and private key files. With a
+    # certificate, the envelope carries no UserName / Password; the TLS handshake says who we are.
+    core_client_cert: str = ""
+    core_client_key: str = ""
+    # The payers' server certificates are checked against this PEM bundle ("" = the system's trust store).
+    core_ca_bundle: str = ""
+    # Per payer (its payer_id), a login of its own, as JSON: {"SBX01": {"username": "…", "password": "…"}}
+    # or {"BCBS": {"client_cert": "/secrets/bcbs.crt", "client_key": "/secrets/bcbs.key"}}. Payers not
+    # named here get the default login above.
+    core_logins: dict[str, CoreLoginSetting] = {}
+
+    @model_validator(mode="after")
+    def _certificate_with_its_key(self) -> InsuranceSettings:
+        logins = {"INSURANCE_CORE_CLIENT_CERT/KEY": (self.core_client_cert, self.core_client_key)}
+        for payer_id, login in self.core_logins.items():
+            logins[f"INSURANCE_CORE_LOGINS[{payer_id!r}]"] = (login.client_cert or "", login.client_key or "")
+        for name, (cert, key) in logins.items():
+            if bool(cert) != bool(key):
+                raise ValueError(
+                    f"{name}: an X.509 login needs both the client certificate and its private key "
+                    "(PEM files); give both, or neither to log in with UserName and Password"
+                )
+        return self
 
 
 @lru_cache

@@ -3,11 +3,12 @@
 The transport is the CAQH CORE Connectivity Rule vC2.2.0 in its HTTP MIME multipart form (SOAP+WSDL, the
 rule's other form, is not spoken): a `multipart/form-data` POST with PayloadType
 `X12_270_Request_005010X279A1`, ProcessingMode `RealTime`, PayloadID (a UUID), TimeStamp, UserName,
-Password and SenderID (the `INSURANCE_CORE_*` settings), ReceiverID (the payer's `payer_id`),
-CORERuleVersion `2.2.0` and the 270 as Payload. The answer comes back in the same envelope: it must echo
-our PayloadID and carry ErrorCode `Success` with a 271 (or the 999 / TA1 with which the payer refuses
-the 270 itself). The HTTP status counts only when an answer has no envelope. An X.509 client
-certificate, the rule's other way to log in, is not supported yet.
+Password and SenderID (the `INSURANCE_CORE_*` settings, or the payer's own in `INSURANCE_CORE_LOGINS`),
+ReceiverID (the payer's `payer_id`), CORERuleVersion `2.2.0` and the 270 as Payload. With an X.509 login
+the client certificate is presented in the TLS handshake instead, and the envelope carries no UserName
+or Password. The answer comes back in the same envelope: it must echo our PayloadID and carry ErrorCode
+`Success` with a 271 (or the 999 / TA1 with which the payer refuses the 270 itself). The HTTP status
+counts only when an answer has no envelope.
 
 `check()` never raises; each failure becomes a specific outcome::
 
@@ -15,8 +16,11 @@ certificate, the rule's other way to log in, is not supported yet.
                            exponential backoff up to `payer_attempts`, then `payer_unavailable`
     CoreRefused            the envelope's ErrorCode is an error (VersionMismatch, PayloadIDRequired, ...):
                            `payer_rejected`
-      + CoreLoginRefused   UnAuthorized, Sender/ReceiverNotAuthorized, or HTTP 401/403 without an envelope:
-                           `payer_rejected`, naming the settings to check
+      + CoreLoginRefused   UnAuthorized, Sender/ReceiverNotAuthorized, HTTP 401/403 without an envelope, or
+                           a TLS alert refusing our client certificate: `payer_rejected`, naming the
+                           settings to check
+    CoreLoginUnusable      our certificate or key cannot be loaded, or the payer's server certificate is
+                           not trusted: `payer_rejected`, naming the settings; nothing was sent
     CoreEnvelopeInvalid    not a CORE envelope answering our request (no multipart body, no ErrorCode,
                            another PayloadID or PayloadType): `malformed_response`
     X12Invalid             a Payload that is not a valid 271: `malformed_response`
@@ -29,6 +33,7 @@ carry the payer id, the PayloadID and the ErrorCode.
 from __future__ import annotations
 
 import secrets
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -45,6 +50,7 @@ from services.insurance.core import (
     CoreEnvelopeInvalid,
     CoreLogin,
     CoreLoginRefused,
+    CoreLoginUnusable,
     CoreRefused,
     PayerBusy,
     answer_payload,
@@ -127,7 +133,7 @@ class X12Connector:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.usage = usage
-        self.login = login or CoreLogin.of(get_insurance_settings())
+        self.login = login or CoreLogin.of(get_insurance_settings(), payer.payer_id)
         self.transport = transport  # tests hand in an httpx.MockTransport
         self.payer = payer
         self.plan = plan
@@ -175,8 +181,12 @@ class X12Connector:
                 return self._refused(
                     "payer_rejected",
                     f"payer {self.payer.payer_id} refused our CAQH CORE login ({exc}); check "
-                    "INSURANCE_CORE_USERNAME, INSURANCE_CORE_PASSWORD and INSURANCE_CORE_SENDER_ID against "
-                    "what the payer or clearinghouse issued, and that it knows us as a sender to this payer",
+                    f"{self.login.settings_named} against what the payer or clearinghouse issued, and that "
+                    "it knows us as a sender to this payer",
+                )
+            except CoreLoginUnusable as exc:
+                return self._refused(
+                    "payer_rejected", f"the 270 to payer {self.payer.payer_id} was not sent: {exc}"
                 )
             except CoreRefused as exc:
                 return self._refused(
@@ -225,14 +235,21 @@ class X12Connector:
             at=datetime.now(UTC),
         )
         payload = fields.pop("Payload").encode("ascii")
+        verify = self._tls()
         try:
-            with httpx.Client(transport=self.transport, timeout=self.payer.timeout_seconds) as client:
+            with httpx.Client(
+                transport=self.transport, timeout=self.payer.timeout_seconds, verify=verify
+            ) as client:
                 response = client.post(
                     self.payer.endpoint_url or "", data=fields, files={"Payload": (None, payload)}
                 )
         except httpx.TimeoutException as exc:
             raise PayerBusy(f"no answer within {self.payer.timeout_seconds:g} s") from exc
         except httpx.TransportError as exc:
+            refusal = _tls_refusal(exc, self.login)
+            if refusal is not None:
+                log.warning("payer.tls_refused", payer_id=self.payer.payer_id, reason=str(refusal))
+                raise refusal from exc
             raise PayerBusy(f"cannot connect ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
             raise CoreEnvelopeInvalid(f"the answer cannot be read ({type(exc).__name__})") from exc
@@ -249,6 +266,27 @@ class X12Connector:
                 reason=str(exc),
             )
             raise
+
+    def _tls(self) -> ssl.SSLContext | bool:
+        """The TLS settings of the POST: our client certificate for an X.509 login, the CA bundle if set."""
+        if not (self.login.x509 or self.login.ca_bundle):
+            return True
+        try:
+            context = ssl.create_default_context(cafile=self.login.ca_bundle or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise CoreLoginUnusable(
+                f"the CA bundle for payers' certificates cannot be loaded ({type(exc).__name__}); check "
+                "INSURANCE_CORE_CA_BUNDLE (a PEM file)"
+            ) from None
+        if self.login.x509:
+            try:
+                context.load_cert_chain(self.login.client_cert, self.login.client_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise CoreLoginUnusable(
+                    f"our X.509 login cannot be used: the client certificate or its key cannot be read, or "
+                    f"they do not belong together ({type(exc).__name__}); check {self.login.settings_named}"
+                ) from None
+        return context
 
     def _read(self, document: str, member_id: str) -> Eligibility:
         answer = parse_271(document)
@@ -344,3 +382,24 @@ def _amount(benefits: list[Benefit], code: str, period: str) -> Decimal | None:
         if b.code == code and (not period or b.time_period == period) and b.amount is not None:
             return b.amount
     return None
+
+
+def _tls_refusal(exc: BaseException, login: CoreLogin) -> Exception | None:
+    """What a TLS failure of the POST means: the payer refused our certificate, or we refused its."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return CoreLoginUnusable(
+                "the payer's server certificate is not trusted (" + _token(seen.verify_message) + "); check "
+                "INSURANCE_CORE_CA_BUNDLE (or the payer's endpoint_url)"
+            )
+        if isinstance(seen, ssl.SSLError) and "ALERT" in str(seen.reason or ""):
+            if login.x509:
+                return CoreLoginRefused(f"TLS {_token(str(seen.reason))}")
+            return CoreLoginRefused(f"TLS {_token(str(seen.reason))}; the payer may require an X.509 login")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _token(text: str) -> str:
+    return "".join(c for c in text if c.isalnum() or c in " _-.")[:80]

@@ -87,5 +87,11 @@ def test_the_payer_login_comes_from_a_secret_only_for_insurance(manifests: dict[
                 ):
                     ref = env[f"INSURANCE_CORE_{name}"]["valueFrom"]["secretKeyRef"]
                     assert ref == {"name": "payer-core", "key": key}
+                logins = env["INSURANCE_CORE_LOGINS"]["valueFrom"]["secretKeyRef"]
+                assert logins == {"name": "payer-core", "key": "logins", "optional": True}
+                volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+                assert volumes["payer-core-certs"]["secret"]["secretName"] == "payer-core-certs"
+                mounts = {m["name"]: m for m in container["volumeMounts"]}
+                assert mounts["payer-core-certs"]["readOnly"] is True
             else:
                 assert not any(n.startswith("INSURANCE_CORE_") for n in env)

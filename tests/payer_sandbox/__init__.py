@@ -15,5 +15,8 @@ Payload that is not X12), `answer_payload_id` (an answer carrying another reques
 `require_name` (AAA 73 for a 270 without the subscriber's name).
 
 Run it with `python -m tests.payer_sandbox [PORT]` (or `PAYER_SANDBOX_PORT`); `PAYER_SANDBOX_MEMBERS` names
-another members file.
+another members file. HTTPS with `PAYER_SANDBOX_TLS_CERT` and `PAYER_SANDBOX_TLS_KEY` (PEM files); with
+`PAYER_SANDBOX_CLIENT_CA` too, mutual TLS: a client certificate from that CA is required, and one whose subject
+common name is in `payer.core.certificate_subjects` is the login (CORE's X.509 standard: no UserName or
+Password in the envelope).
 """

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import ssl
 import sys
 import threading
 import time
@@ -56,16 +57,25 @@ class Payer:
         self.username: str = core["username"]
         self.password: str = core["password"]
         self.senders: set[str] = set(core["sender_ids"])
+        # The X.509 login: client certificates (verified against PAYER_SANDBOX_CLIENT_CA) with these subject
+        # common names log in without UserName and Password.
+        self.certificate_subjects: set[str] = set(core.get("certificate_subjects", []))
         self.members: dict[str, dict[str, Any]] = config["members"]
         self.calls: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def refusal(self, fields: dict[str, str]) -> tuple[str, str] | None:
-        """The CORE ErrorCode and ErrorMessage for an envelope this payer does not take, or None."""
-        login_ok = hmac.compare_digest(fields.get("UserName", "").encode(), self.username.encode())
-        password_ok = hmac.compare_digest(fields.get("Password", "").encode(), self.password.encode())
-        if not (login_ok and password_ok):
-            return "UnAuthorized", "the UserName and Password are not a valid login for this payer"
+    def refusal(self, fields: dict[str, str], subject: str | None = None) -> tuple[str, str] | None:
+        """The CORE ErrorCode and ErrorMessage for an envelope this payer does not take, or None.
+
+        `subject`: the common name of the client certificate the TLS handshake verified, if any."""
+        if subject is not None:
+            if subject not in self.certificate_subjects:
+                return "UnAuthorized", "the client certificate is not a login for this payer"
+        else:
+            login_ok = hmac.compare_digest(fields.get("UserName", "").encode(), self.username.encode())
+            password_ok = hmac.compare_digest(fields.get("Password", "").encode(), self.password.encode())
+            if not (login_ok and password_ok):
+                return "UnAuthorized", "the UserName and Password are not a valid login for this payer"
         for name in (*REQUIRED, "Payload"):
             if not fields.get(name):
                 return f"{name}Required", f"{name} is required"
@@ -223,7 +233,7 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
                 return self._reply(
                     400, "text/plain", b"POST a CORE MIME multipart envelope (multipart/form-data)"
                 )
-            refusal = payer.refusal(fields)
+            refusal = payer.refusal(fields, self._certificate_subject())
             if refusal is not None:
                 return self._core(fields, ERROR_TYPE, *refusal)
             request = fields["Payload"]
@@ -237,6 +247,17 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
             self._core(
                 fields, RESPONSE_TYPE, "Success", payload=answer, payload_id=member.get("answer_payload_id")
             )
+
+        def _certificate_subject(self) -> str | None:
+            """The common name of the client certificate the handshake verified (None: no certificate)."""
+            getpeercert = getattr(self.connection, "getpeercert", None)
+            certificate = getpeercert() if getpeercert else None
+            if not certificate:
+                return None
+            names = [
+                value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"
+            ]
+            return names[0] if names else ""
 
         def _envelope(self) -> dict[str, str] | None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -309,7 +330,17 @@ def main() -> None:
     port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PAYER_SANDBOX_PORT", "8090"))
     config = json.loads(Path(os.environ.get("PAYER_SANDBOX_MEMBERS", MEMBERS_FILE)).read_text())
     server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(Payer(config)))
-    print(f"payer sandbox listening on 127.0.0.1:{port}", flush=True)
+    scheme = "http"
+    if os.environ.get("PAYER_SANDBOX_TLS_CERT"):
+        # HTTPS; with PAYER_SANDBOX_CLIENT_CA, a client certificate from that CA is required (mutual TLS).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(os.environ["PAYER_SANDBOX_TLS_CERT"], os.environ["PAYER_SANDBOX_TLS_KEY"])
+        if os.environ.get("PAYER_SANDBOX_CLIENT_CA"):
+            context.load_verify_locations(os.environ["PAYER_SANDBOX_CLIENT_CA"])
+            context.verify_mode = ssl.CERT_REQUIRED
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    print(f"payer sandbox listening on {scheme}://127.0.0.1:{port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

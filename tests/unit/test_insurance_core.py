@@ -27,6 +27,7 @@ from services.insurance.core import (
 from services.insurance.settings import InsuranceSettings
 from services.insurance.x12 import validate
 from services.insurance.x12_connector import Eligibility, X12Connector
+from tests.pki import Authority
 from tests.unit.test_insurance_x12_answers import ACTIVE, CONNECTOR, COVERAGE, PAYER, PLAN, answer
 
 LOGIN = CoreLogin("reading-group", "s3cret-Pa55word", "SECONDOPINION")
@@ -309,3 +310,63 @@ def test_the_default_login_is_the_payer_sandboxs() -> None:
     assert defaults["core_username"] == core["username"]
     assert defaults["core_password"].get_secret_value() == core["password"]
     assert defaults["core_sender_id"] in core["sender_ids"]
+
+
+def test_an_x509_login_sends_no_username_or_password(tmp_path: Path) -> None:
+    # CORE §4.1: with a client certificate the TLS handshake says who we are; the envelope carries no login.
+    issued = Authority(tmp_path, "clearinghouse").issue("reading-group")
+    login = CoreLogin("reading-group", "s3cret-Pa55word", "SECONDOPINION", str(issued.cert), str(issued.key))
+    payer = Payer(success)
+    connector = X12Connector(PAYER, PLAN, **CONNECTOR, login=login, transport=httpx.MockTransport(payer))
+    assert connector.check(COVERAGE, "76140").outcome == "active"
+    [fields] = payer.sent
+    assert "UserName" not in fields and "Password" not in fields
+    assert (fields["SenderID"], fields["ReceiverID"]) == ("SECONDOPINION", "SBX01")
+
+
+def test_each_payer_may_have_a_login_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "INSURANCE_CORE_LOGINS",
+        json.dumps(
+            {
+                "BCBS": {"client_cert": "/s/bcbs.crt", "client_key": "/s/bcbs.key"},
+                "AETNA": {"username": "rg-aetna", "password": "aetna-Pa55", "sender_id": "RG77"},
+            }
+        ),
+    )
+    monkeypatch.setenv("INSURANCE_CORE_PASSWORD", "default-Pa55")
+    settings = InsuranceSettings()
+    bcbs, aetna, other = (CoreLogin.of(settings, payer) for payer in ("BCBS", "AETNA", "SBX01"))
+    assert (bcbs.x509, bcbs.client_cert, bcbs.client_key, bcbs.sender_id) == (
+        True,
+        "/s/bcbs.crt",
+        "/s/bcbs.key",
+        "SECONDOPINION",  # not given for BCBS: the default's
+    )
+    assert (aetna.x509, aetna.username, aetna.password, aetna.sender_id) == (
+        False,
+        "rg-aetna",
+        "aetna-Pa55",
+        "RG77",
+    )
+    assert (other.x509, other.username, other.password) == (False, "secondopinion", "default-Pa55")
+    assert "aetna-Pa55" not in repr(settings) and "aetna-Pa55" not in repr(aetna)
+    # A payer with a password of its own does not inherit a default certificate, and the other way round.
+    with_cert = InsuranceSettings(
+        core_client_cert="/s/rg.crt", core_client_key="/s/rg.key", core_logins=settings.core_logins
+    )
+    assert CoreLogin.of(with_cert, "AETNA").x509 is False
+    assert CoreLogin.of(with_cert, "SBX01").client_cert == "/s/rg.crt"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"core_client_cert": "/s/rg.crt"},
+        {"core_logins": {"BCBS": {"client_key": "/s/bcbs.key"}}},
+    ],
+    ids=["default", "per-payer"],
+)
+def test_a_certificate_without_its_key_is_refused_at_start(values: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="needs both the client certificate and its private key"):
+        InsuranceSettings.model_validate(values)

@@ -1,0 +1,181 @@
+"""CAQH CORE's X.509 login (Connectivity Rule vC2.2.0 §4.1: a client must support both standards), and a login
+of its own per payer: the payer sandbox over HTTPS with mutual TLS, the insurance service's handler as client.
+
+What an operator checks: with the certificate the clearinghouse issued, the member is covered; with anything
+else (no certificate, a certificate of another CA, an untrusted payer certificate, a key file that cannot be
+read) the case gets `payer_rejected` with a detail naming the settings to fix, never a dead letter."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from services.common import migrate
+from services.common.config import PROJECT_ROOT, Settings
+from services.common.db import make_engine
+from services.insurance.models import InsurancePayer
+from services.insurance.settings import CoreLoginSetting, InsuranceSettings
+from tests.infra import free_port
+from tests.integration.test_insurance_x12 import subscriber, verify
+from tests.pki import Authority, Issued
+
+CLIENT = "secondopinion-reading-group"  # the subject the sandbox takes as a login (members.json)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | Issued]:
+    folder = tmp_path_factory.mktemp("pki")
+    payer_ca, ours, rogue = (
+        Authority(folder, "payer"),
+        Authority(folder, "clearinghouse"),
+        Authority(folder, "rogue"),
+    )
+    return {
+        "payer_ca": payer_ca.cert,
+        "server": payer_ca.issue("payer.example", server=True),
+        "client_ca": ours.cert,
+        "client": ours.issue(CLIENT),
+        "stranger": ours.issue("someone-else"),
+        "rogue": rogue.issue(CLIENT),
+    }
+
+
+@pytest.fixture(scope="module")
+def sandbox(pki: dict[str, Path | Issued]) -> Iterator[str]:
+    port = free_port()
+    server = pki["server"]
+    assert isinstance(server, Issued)
+    env = {
+        **os.environ,
+        "PAYER_SANDBOX_TLS_CERT": str(server.cert),
+        "PAYER_SANDBOX_TLS_KEY": str(server.key),
+        "PAYER_SANDBOX_CLIENT_CA": str(pki["client_ca"]),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.payer_sandbox", str(port)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail("the payer sandbox did not start")
+                time.sleep(0.1)
+        yield f"https://127.0.0.1:{port}/core/eligibility"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings, sandbox: str) -> Iterator[Engine]:
+    engine = make_engine("insurance", settings)
+    migrate.upgrade("insurance", engine)
+    with Session(engine) as session:
+        payer = session.get(InsurancePayer, "SBX01")
+        assert payer is not None
+        previous = payer.endpoint_url
+        payer.endpoint_url, payer.timeout_seconds = sandbox, 2.0
+        session.add(payer)
+        session.commit()
+    yield engine
+    with Session(engine) as session:  # the plain-HTTP tests of other modules find their sandbox again
+        payer = session.get(InsurancePayer, "SBX01")
+        assert payer is not None
+        payer.endpoint_url = previous
+        session.add(payer)
+        session.commit()
+
+
+def x509(pki: dict[str, Path | Issued], client: str = "client", **overrides: object) -> InsuranceSettings:
+    issued = pki[client]
+    assert isinstance(issued, Issued)
+    values: dict[str, object] = {
+        "payer_attempts": 2,
+        "payer_backoff_seconds": 0.05,
+        "core_client_cert": str(issued.cert),
+        "core_client_key": str(issued.key),
+        "core_ca_bundle": str(pki["payer_ca"]),
+        **overrides,
+    }
+    return InsuranceSettings.model_validate(values)
+
+
+def test_the_x509_login_is_accepted_and_sends_no_password(
+    engine: Engine, settings: Settings, pki: dict[str, Path | Issued]
+) -> None:
+    # The default password is deliberately wrong: with a certificate, the envelope carries none at all.
+    config = x509(pki, core_password="not-the-Sandbox-pw", core_username="nobody")
+    verified = verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester"), config=config)
+    assert (verified.coverage_status, verified.outcome, verified.network) == ("covered", "active", "in")
+
+
+def test_a_payer_of_its_own_login_gets_it_and_the_others_keep_the_default(
+    engine: Engine, settings: Settings, pki: dict[str, Path | Issued]
+) -> None:
+    client = pki["client"]
+    assert isinstance(client, Issued)
+    # The default login is a password (refused over this mutual-TLS endpoint); SBX01 has a certificate of its own.
+    own = CoreLoginSetting(client_cert=str(client.cert), client_key=str(client.key))
+    config = InsuranceSettings(
+        payer_attempts=2,
+        payer_backoff_seconds=0.05,
+        core_ca_bundle=str(pki["payer_ca"]),
+        core_logins={"SBX01": own},
+    )
+    assert verify(engine, "SBX-PPO", "SBX-MET", settings, config=config).coverage_status == "covered"
+    other = InsuranceSettings(
+        payer_attempts=2,
+        payer_backoff_seconds=0.05,
+        core_ca_bundle=str(pki["payer_ca"]),
+        core_logins={"OTHER": own},
+    )
+    refused = verify(engine, "SBX-PPO", "SBX-MET", settings, config=other)
+    assert (refused.coverage_status, refused.outcome) == ("not_covered", "payer_rejected")
+    assert "may require an X.509 login" in refused.explanation
+
+
+@pytest.mark.parametrize(
+    ("client", "overrides", "said"),
+    [
+        # A certificate from a CA the payer does not trust: the handshake's alert says so.
+        ("rogue", {}, "refused our CAQH CORE login (TLS"),
+        # A certificate of the right CA whose subject is not a login for this payer: CORE UnAuthorized.
+        ("stranger", {}, "refused our CAQH CORE login (UnAuthorized)"),
+        # The payer's server certificate checked against the system's trust store, which does not know it.
+        ("client", {"core_ca_bundle": ""}, "the payer's server certificate is not trusted"),
+        # A key file that is not there: nothing is sent.
+        ("client", {"core_client_key": "/nonexistent/clearinghouse.key"}, "was not sent"),
+    ],
+    ids=["certificate-of-another-ca", "unknown-subject", "untrusted-payer", "missing-key"],
+)
+def test_a_refused_or_unusable_x509_login_is_payer_rejected_and_names_the_settings(
+    engine: Engine,
+    settings: Settings,
+    pki: dict[str, Path | Issued],
+    client: str,
+    overrides: dict[str, object],
+    said: str,
+) -> None:
+    verified = verify(
+        engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester"), config=x509(pki, client, **overrides)
+    )
+    assert (verified.coverage_status, verified.outcome) == ("not_covered", "payer_rejected")
+    assert said in verified.explanation
+    assert "INSURANCE_CORE_" in verified.explanation
+    assert "SBX-MET" not in verified.explanation and "Tester" not in verified.explanation
