@@ -67,9 +67,13 @@ class Orthanc:
 
 
 @contextmanager
-def running_orthanc(workdir: Path, *, scp_port: int, maximum_pdu_length: int = 16384) -> Iterator[Orthanc]:
+def running_orthanc(
+    workdir: Path, *, scp_port: int, maximum_pdu_length: int = 16384, transcode: bool = True
+) -> Iterator[Orthanc]:
     """Start Orthanc with a config written into `workdir`; our AE SECONDOPINION is at 127.0.0.1:`scp_port`.
-    `maximum_pdu_length` is the largest PDU it sends and accepts (Orthanc allows 4096 to 131072)."""
+    `maximum_pdu_length` is the largest PDU it sends and accepts (Orthanc allows 4096 to 131072).
+    `transcode=False`: Orthanc sends each instance in the transfer syntax it was stored in, as many PACS do,
+    instead of transcoding it to one the peer proposed (its `TranscodeDicomProtocol`)."""
     if not Path(ORTHANC).exists() or shutil.which("storescu") is None:
         raise RuntimeError("Orthanc (/usr/sbin/Orthanc) and dcmtk (storescu) are needed for these tests")
     orthanc = Orthanc(http_port=free_port(), dicom_port=free_port())
@@ -95,6 +99,7 @@ def running_orthanc(workdir: Path, *, scp_port: int, maximum_pdu_length: int = 1
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         "MaximumPduLength": maximum_pdu_length,
+        "TranscodeDicomProtocol": transcode,
         "StableAge": 1,
         "HttpTimeout": 10,
     }
