@@ -39,6 +39,8 @@ from services.records.models import (
     RecordSourceIn,
     RecordSourcePublic,
     RecordsPublic,
+    ReportReturn,
+    ReportReturnPublic,
     RetrievalPublic,
     UploadPublic,
 )
@@ -102,7 +104,8 @@ def put_source(
     caller: Caller,
     engine: AuthEngine,
 ) -> RecordSourcePublic:
-    """Configure where this partner's images are fetched from when a case names its study."""
+    """Configure where this partner's images are fetched from when a case names its study, and whether the
+    second-opinion report goes back into that PACS (`return_reports`)."""
     own_source(request, caller, engine, partner_id)
     dimse_complete = source.ae_title and source.host and source.port
     if not dimse_complete and not source.dicomweb_url:
@@ -280,6 +283,9 @@ def get_records(case_id: CaseId, session: SessionDep) -> RecordsPublic:
     imports = session.exec(
         select(RecordImport).where(RecordImport.case_id == case_id).order_by(col(RecordImport.created_at))
     ).all()
+    returns = session.exec(
+        select(ReportReturn).where(ReportReturn.case_id == case_id).order_by(col(ReportReturn.created_at))
+    ).all()
     return RecordsPublic(
         case_id=case_id,
         status=request.status,
@@ -290,6 +296,7 @@ def get_records(case_id: CaseId, session: SessionDep) -> RecordsPublic:
         imports=[ImportPublic.of(i) for i in imports],
         retrievals=[RetrievalPublic.of(r) for r in retrievals],
         files=[RecordFilePublic.of(f) for f in files],
+        report_returns=[ReportReturnPublic.of(r) for r in returns],
     )
 
 

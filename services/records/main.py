@@ -12,7 +12,8 @@ from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
 from services.records import api, consumer, dicomweb, export, header_probe, timeline
 from services.records.limits import get_limits
-from services.records.models import RecordRetrieval
+from services.records.models import RecordRetrieval, ReportReturn
+from services.records.report_return import ReturnLoop
 from services.records.retrieval import RetrievalLoop
 
 settings = get_settings()
@@ -26,6 +27,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         retrieval = RetrievalLoop(get_engine("records"), settings)
         retrieval.start()
         runtime.on_commit(retrieval.wake, wrote=RecordRetrieval)
+        returns = ReturnLoop(get_engine("records"), settings)
+        returns.start()
+        runtime.on_commit(returns.wake, wrote=ReportReturn)
         limits = get_limits()
         if limits.parse_in_subprocess:
             header_probe.warm(limits.parse_memory_bytes)
@@ -33,6 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             yield
         finally:
             retrieval.stop()
+            returns.stop()
             header_probe.shutdown()
 
 

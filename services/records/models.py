@@ -12,7 +12,14 @@ from sqlmodel import Field, SQLModel
 
 from services.common.db import utcnow
 
-TABLES = ("record_requests", "record_imports", "record_files", "record_sources", "record_retrievals")
+TABLES = (
+    "record_requests",
+    "record_imports",
+    "record_files",
+    "record_sources",
+    "record_retrievals",
+    "record_report_returns",
+)
 
 
 class FileKind(StrEnum):
@@ -124,6 +131,11 @@ class RecordSourceBase(SQLModel):
         regex=r"^[A-Z][A-Z0-9_]*$",
         description="name of an environment variable holding user:password for basic auth (never the secret)",
     )
+    return_reports: bool = Field(
+        default=False,
+        description="send each version of the second-opinion report (DICOM Encapsulated PDF) back into this "
+        "PACS, into the study it reads: C-STORE to the AE above, or STOW-RS to the DICOMweb URL",
+    )
 
 
 class RecordSource(RecordSourceBase, table=True):
@@ -158,6 +170,44 @@ class RecordRetrieval(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None  # when the current (or last) attempt began
     finished_at: datetime | None = None
+
+
+class ReportReturn(SQLModel, table=True):
+    """A version of the second-opinion report to be sent back into the facility's PACS, retried with backoff."""
+
+    __tablename__ = "record_report_returns"
+
+    return_id: str = Field(primary_key=True, max_length=64)  # the report instance's SOP Instance UID
+    case_id: str = Field(index=True, max_length=64)
+    partner_id: str = Field(max_length=100)
+    sha256: str = Field(max_length=64)  # the instance in the object store
+    version: int = 1
+    status: str = Field(max_length=16, index=True)  # a RetrievalStatus
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    last_error: str | None = Field(default=None, max_length=300)
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class ReportReturnPublic(BaseModel):
+    sop_instance_uid: str
+    version: int
+    status: RetrievalStatus
+    attempts: int
+    last_error: str | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: ReportReturn) -> ReportReturnPublic:
+        return cls(
+            sop_instance_uid=row.return_id,
+            version=row.version,
+            status=RetrievalStatus(row.status),
+            attempts=row.attempts,
+            last_error=row.last_error,
+            finished_at=row.finished_at,
+        )
 
 
 class RetrievalPublic(BaseModel):
@@ -215,6 +265,8 @@ class RecordsPublic(BaseModel):
     imports: list[ImportPublic] = []
     retrievals: list[RetrievalPublic] = []
     files: list[RecordFilePublic]
+    # The second-opinion report's versions sent back into the facility's PACS (when its source asks).
+    report_returns: list[ReportReturnPublic] = []
 
 
 class UploadPublic(BaseModel):

@@ -1,6 +1,7 @@
 """The second opinion stored with the study it reads: the review service's DICOM Encapsulated PDF is imported
 like any instance (validated, reconciled with the case's patient, content-addressed), so the report sits in
-the study for DICOMweb clients and viewers beside the original images."""
+the study for DICOMweb clients and viewers beside the original images; and, where the partner's source asks
+for it, it is queued to go back into the facility's PACS (`report_return`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sqlmodel import Session
 from contracts.events import EncapsulatedReport
 from services.common.config import Settings
 from services.common.errors import PoisonMessage
-from services.records import uploads
+from services.records import report_return, uploads
 from services.records.archive import Entry
 from services.records.store import ObjectStore
 
@@ -31,10 +32,22 @@ def store_report(event: EncapsulatedReport, session: Session, settings: Settings
     received = store.receive(io.BytesIO(dicom), position=1, total=1, limit=settings.max_upload_bytes)
     entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
     try:
-        uploads.accept_entries(
+        outcome = uploads.accept_entries(
             event.case_id, [entry], session, settings, source="second-opinion", in_transaction=True
         )
     except (uploads.RecordsNotRequested, uploads.RecordsCancelled):
         log.info("records.report_not_stored", case_id=event.case_id, reason="no open records request")
         return
+    # Back into the facility's PACS, if its source asks; only a report released to the case (one held for an
+    # identity mismatch waits for the reconciliation). A redelivered event queues nothing new.
+    partner_id = outcome.request.partner_id
+    if partner_id and all(f.released for f in outcome.files):
+        report_return.plan_return(
+            session,
+            case_id=event.case_id,
+            partner_id=partner_id,
+            sop_instance_uid=event.sop_instance_uid,
+            sha256=received.sha256,
+            version=event.version,
+        )
     log.info("records.report_stored", case_id=event.case_id, report_id=event.report_id, version=event.version)

@@ -1,0 +1,263 @@
+"""The second opinion sent back into the facility's PACS: each version of the report (the review service's DICOM
+Encapsulated PDF, in the study it reads) is C-STOREd to the partner's PACS, or STOW-RS'd to its DICOMweb
+service, when the partner's source says `return_reports`. So the radiologists who asked see it beside the
+images in their own viewer, as they see their own reports.
+
+The send is queued in the transaction that stores the report (`record_report_returns`), and a background loop
+of the records process sends it: claimed one at a time, retried with backoff while the PACS is down or busy,
+then marked failed with why (shown in `GET /v1/records/{case}`). A PACS that refuses the instance itself (a
+C-STORE failure status, STOW-RS 409 or another 4xx) is not retried: sending the same bytes again would be
+refused again. Nothing here logs PHI: the case id, the SOP Instance UID and the DIMSE status or HTTP code.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+
+import httpx
+import structlog
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydicom import dcmread
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from services.common.config import Settings
+from services.common.db import insert_new, utcnow
+from services.records import dimse
+from services.records.dicomweb_source import DicomwebSource
+from services.records.models import RecordSource, ReportReturn, RetrievalStatus
+from services.records.store import ObjectStore
+
+log = structlog.get_logger(__name__)
+# C-STORE statuses that mean "stored" (PS3.4 B.2.3): success, and the warnings (coerced, elements discarded,
+# does not match the SOP class). Anything else is the PACS refusing this instance.
+STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+# Statuses that mean "not now": out of resources (0xA7xx), and "cannot understand" is a refusal.
+BUSY_PREFIX = 0xA700
+
+
+class ReturnSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECORDS_REPORT_RETURN_", extra="ignore")
+
+    attempts: int = 8  # with the backoff below: about 2 hours of a PACS down before the send is given up
+    backoff_seconds: float = 30.0
+    timeout_seconds: float = 30.0
+    poll_seconds: float = 5.0
+
+
+@lru_cache
+def get_return_settings() -> ReturnSettings:
+    return ReturnSettings()
+
+
+class Refused(Exception):
+    """The PACS refused this instance: sending it again would not help."""
+
+
+def plan_return(
+    session: Session, *, case_id: str, partner_id: str, sop_instance_uid: str, sha256: str, version: int
+) -> bool:
+    """Queue the report instance for the partner's PACS if its source asks for reports; the caller commits.
+    The same instance (a redelivered event) is queued once."""
+    source = session.get(RecordSource, partner_id)
+    if source is None or not source.return_reports:
+        return False
+    row = ReportReturn(
+        return_id=sop_instance_uid,
+        case_id=case_id,
+        partner_id=partner_id,
+        sha256=sha256,
+        version=version,
+        status=RetrievalStatus.PENDING.value,
+    )
+    insert_new(session, [row])  # noted as added: the consumer's commit wakes the loop
+    return True
+
+
+def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None = None) -> int:
+    """Send every report return that is due now; returns how many were attempted."""
+    options = options or get_return_settings()
+    lease = timedelta(seconds=options.timeout_seconds * 4 + 60)
+    attempted = 0
+    due_by = utcnow()  # what falls due during this pass (a retry) waits for the next one
+    while (claimed := _claim(engine, lease, due_by)) is not None:
+        row, source = claimed
+        attempted += 1
+        path = ObjectStore.for_settings(settings).objects_dir / row.sha256[:2] / row.sha256
+        try:
+            _send(source, path, options.timeout_seconds)
+        except Refused as exc:
+            _finish(engine, row, RetrievalStatus.FAILED, str(exc))
+            log.warning(
+                "records.report_return_refused",
+                case_id=row.case_id,
+                sop_instance_uid=row.return_id,
+                reason=str(exc),
+            )
+        except dimse.PacsUnavailable as exc:
+            _failed_attempt(engine, options, row, str(exc))
+        else:
+            _finish(engine, row, RetrievalStatus.DONE, None)
+            log.info(
+                "records.report_returned",
+                case_id=row.case_id,
+                sop_instance_uid=row.return_id,
+                version=row.version,
+            )
+    return attempted
+
+
+def _claim(engine: Engine, lease: timedelta, due_by: datetime) -> tuple[ReportReturn, RecordSource] | None:
+    with Session(engine, expire_on_commit=False) as session:
+        query = (
+            select(ReportReturn)
+            .where(
+                col(ReportReturn.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
+                ReportReturn.next_attempt_at <= due_by,
+            )
+            .order_by(col(ReportReturn.next_attempt_at))
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        row = session.exec(query).first()
+        if row is None:
+            return None
+        source = session.get(RecordSource, row.partner_id)
+        if source is None or not source.return_reports:
+            # The partner stopped asking for reports (or its source is gone) while this one waited.
+            row.status, row.finished_at = RetrievalStatus.CANCELLED, utcnow()
+            row.last_error = "the partner's source no longer asks for reports back"
+            session.add(row)
+            session.commit()
+            return _claim(engine, lease, due_by)
+        row.status = RetrievalStatus.RUNNING
+        row.attempts += 1
+        row.next_attempt_at = utcnow() + lease  # taken over after this if the process dies mid-send
+        session.add(row)
+        session.commit()
+        return row, source
+
+
+def _send(source: RecordSource, path: Path, timeout: float) -> None:
+    if source.dicomweb_url:
+        _stow(DicomwebSource(source.dicomweb_url, source.dicomweb_auth_env, timeout), path)
+    elif source.ae_title and source.host:
+        _c_store(dimse.DimseSource(source.ae_title, source.host, int(source.port or 104), timeout), path)
+    else:
+        raise Refused("the partner's source names neither a PACS (AE title, host) nor a DICOMweb URL")
+
+
+def _c_store(source: dimse.DimseSource, path: Path) -> None:
+    dataset = dcmread(path)
+    ae = dimse._ae(source.timeout)
+    ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID])
+    assoc = dimse._associate(ae, source)
+    if not assoc.is_established:
+        raise dimse.PacsUnavailable(f"the PACS {source.ae_title} refused or did not answer the association")
+    try:
+        if not assoc.accepted_contexts:
+            raise Refused("the PACS does not accept Encapsulated PDF Storage in this transfer syntax")
+        status = assoc.send_c_store(dataset)
+    finally:
+        assoc.release()
+    if not status or "Status" not in status:
+        raise dimse.PacsUnavailable("the PACS did not answer the C-STORE")
+    code = int(status.Status)
+    if code in STORED:
+        return
+    if code & 0xFF00 == BUSY_PREFIX:
+        raise dimse.PacsUnavailable(f"the PACS is out of resources (C-STORE status 0x{code:04X})")
+    raise Refused(f"the PACS refused the report instance (C-STORE status 0x{code:04X})")
+
+
+def _stow(source: DicomwebSource, path: Path) -> None:
+    boundary = os.urandom(12).hex()
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+    }
+    try:
+        with source.client() as client:
+            response = client.post("/studies", content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        raise dimse.PacsUnavailable(f"STOW-RS failed ({type(exc).__name__})") from None
+    if response.status_code in (200, 202):  # 202: stored with warnings (PS3.18 10.5.3)
+        return
+    if response.status_code in (408, 429) or response.status_code >= 500:
+        raise dimse.PacsUnavailable(f"STOW-RS answered HTTP {response.status_code}")
+    raise Refused(f"the DICOMweb service refused the report instance (STOW-RS HTTP {response.status_code})")
+
+
+def _failed_attempt(engine: Engine, options: ReturnSettings, claimed: ReportReturn, error: str) -> None:
+    with Session(engine) as session:
+        row = session.get(ReportReturn, claimed.return_id, with_for_update=True)
+        if row is None or row.status != RetrievalStatus.RUNNING:
+            return
+        row.last_error = error[:300]
+        if row.attempts < options.attempts:
+            row.status = RetrievalStatus.PENDING
+            row.next_attempt_at = utcnow() + timedelta(
+                seconds=options.backoff_seconds * 2 ** (row.attempts - 1)
+            )
+        else:
+            row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
+        session.add(row)
+        session.commit()
+    log.warning(
+        "records.report_return_attempt_failed",
+        case_id=claimed.case_id,
+        sop_instance_uid=claimed.return_id,
+        error=error,
+    )
+
+
+def _finish(engine: Engine, claimed: ReportReturn, status: RetrievalStatus, error: str | None) -> None:
+    with Session(engine) as session:
+        row = session.get(ReportReturn, claimed.return_id, with_for_update=True)
+        if row is None:
+            return
+        row.status, row.finished_at, row.last_error = status, utcnow(), error
+        session.add(row)
+        session.commit()
+
+
+class ReturnLoop:
+    """The records process's background sender of reports back to the facilities' PACS."""
+
+    def __init__(self, engine: Engine, settings: Settings, options: ReturnSettings | None = None) -> None:
+        self._engine, self._settings = engine, settings
+        self._options = options or get_return_settings()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="records-report-return", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=self._options.timeout_seconds + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._options.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                run_due(self._engine, self._settings, self._options)
+            except Exception:
+                log.exception("records.report_return_loop_error")

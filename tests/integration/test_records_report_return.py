@@ -1,0 +1,201 @@
+"""The second opinion goes back into the facility's PACS: a real Orthanc (the partner's PACS) receives each
+version of the report, the review service's DICOM Encapsulated PDF, by C-STORE or by STOW-RS, in the study it
+reads, when the partner's source asks for it. What its radiologists would check: the report is in their PACS,
+in the right study, the same PDF; a PACS that is down gets it later; a refusal is shown, not lost."""
+
+from __future__ import annotations
+
+import base64
+import io
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import httpx
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from contracts import new_event
+from contracts.events import EncapsulatedReport
+from services.common.config import Settings
+from services.records import consumer
+from services.records.models import ReportReturn
+from services.records.report_return import ReturnSettings, run_due
+from services.review.encapsulated_pdf import encapsulated_pdf
+from tests.dicom_factory import make_pdf_report
+from tests.infra import free_port
+from tests.integration import test_records_retrieval as retrieval
+from tests.orthanc import PASSWORD, USER, Orthanc, running_orthanc
+from tests.unit.test_review_matching import request as match_request
+
+engine, client = retrieval.engine, retrieval.client  # the records service and its API, as fixtures
+OPTIONS = ReturnSettings(attempts=2, backoff_seconds=0, timeout_seconds=5)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), scp_port=free_port()) as orthanc:
+        yield orthanc
+
+
+def report_for(case_id: str, study_uid: str, version: int = 1) -> tuple[EncapsulatedReport, bytes]:
+    """The review service's report instance for the case's patient (Doe^Jane, MRN1) and study."""
+    case = match_request("pelvic", "CA")
+    case = case.model_copy(
+        update={
+            "case_id": case_id,
+            "patient": case.patient.model_copy(update={"mrn": "MRN1"}),
+            "study": case.study.model_copy(update={"study_instance_uid": study_uid}) if case.study else None,
+        }
+    )
+    pdf = make_pdf_report(f"Second opinion, version {version}")
+    dicom = encapsulated_pdf(
+        pdf=pdf, request=case, report_id=f"rep-{case_id}", version=version, issued=datetime.now(UTC)
+    )
+    ds = pydicom.dcmread(io.BytesIO(dicom))
+    if ds.StudyInstanceUID != study_uid:  # a case without study details: the report opens its own study
+        ds.StudyInstanceUID = study_uid
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        dicom = buffer.getvalue()
+    event = EncapsulatedReport(
+        case_id=case_id,
+        report_id=f"rep-{case_id}",
+        version=version,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        dicom_base64=base64.b64encode(dicom).decode(),
+    )
+    return event, pdf
+
+
+def deliver(engine: Engine, settings: Settings, event: EncapsulatedReport) -> None:
+    with Session(engine) as session:
+        consumer.handle(
+            session,
+            new_event(id=str(uuid.uuid4()), source="/review", data=event, subject=event.case_id),
+            settings,
+        )
+        session.commit()
+
+
+def in_pacs(pacs: Orthanc, study_uid: str) -> list[dict[str, object]]:
+    response = httpx.get(
+        f"{pacs.dicomweb_url}/studies/{study_uid}/instances",
+        auth=pacs.auth,
+        headers={"Accept": "application/dicom+json"},
+        timeout=10,
+    )
+    return [] if response.status_code == 204 else list(response.json())
+
+
+def pdf_in_pacs(pacs: Orthanc, study_uid: str, sop_uid: str) -> bytes:
+    [found] = httpx.post(
+        f"{pacs.url}/tools/find",
+        json={"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid, "StudyInstanceUID": study_uid}},
+        auth=pacs.auth,
+        timeout=10,
+    ).json()
+    response = httpx.get(f"{pacs.url}/instances/{found}/pdf", auth=pacs.auth, timeout=10)
+    response.raise_for_status()
+    return response.content
+
+
+@pytest.mark.parametrize("how", ["c-store", "stow-rs"])
+def test_each_report_version_lands_in_the_facilitys_pacs_in_the_study_it_reads(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    pacs: Orthanc,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    partner = f"clinic-return-{how}"
+    if how == "c-store":
+        source: dict[str, object] = {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}
+    else:
+        monkeypatch.setenv("FACILITY_PACS_AUTH", f"{USER}:{PASSWORD}")
+        source = {"dicomweb_url": pacs.dicomweb_url, "dicomweb_auth_env": "FACILITY_PACS_AUTH"}
+    retrieval.configure(client, partner, **source, return_reports=True)
+    assert client.get(f"/v1/records/sources/{partner}").json()["return_reports"] is True
+    study = f"1.2.826.0.1.3680043.10.7100.{len(how)}"
+    case_id = retrieval.open_case(engine, settings, partner, study_instance_uid=study)
+
+    first, first_pdf = report_for(case_id, study)
+    deliver(engine, settings, first)
+    deliver(engine, settings, first)  # redelivered: sent once
+    assert run_due(engine, settings, OPTIONS) == 1
+    assert pdf_in_pacs(pacs, study, first.sop_instance_uid) == first_pdf
+    # An addendum's version is a new instance in the same study; the first stays.
+    addended, addended_pdf = report_for(case_id, study, version=2)
+    deliver(engine, settings, addended)
+    assert run_due(engine, settings, OPTIONS) == 1
+    assert pdf_in_pacs(pacs, study, addended.sop_instance_uid) == addended_pdf
+    classes = {str(i["00080016"]["Value"][0]) for i in in_pacs(pacs, study)}  # type: ignore[index]
+    assert classes == {"1.2.840.10008.5.1.4.1.1.104.1"}  # Encapsulated PDF Storage, and nothing else
+    returns = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert [(r["version"], r["status"], r["attempts"]) for r in returns] == [(1, "done", 1), (2, "done", 1)]
+    assert run_due(engine, settings, OPTIONS) == 0
+
+
+def test_a_partner_that_did_not_ask_gets_nothing_back(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    retrieval.configure(
+        client, "clinic-no-return", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port
+    )
+    study = "1.2.826.0.1.3680043.10.7100.9"
+    case_id = retrieval.open_case(engine, settings, "clinic-no-return", study_instance_uid=study)
+    deliver(engine, settings, report_for(case_id, study)[0])
+    assert client.get(f"/v1/records/{case_id}").json()["report_returns"] == []
+    assert run_due(engine, settings, OPTIONS) == 0
+    assert in_pacs(pacs, study) == []
+
+
+def test_a_pacs_that_is_down_is_retried_then_the_failure_is_shown(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    down = free_port()  # nothing listens there
+    retrieval.configure(
+        client, "clinic-down", ae_title="DOWNPACS", host="127.0.0.1", port=down, return_reports=True
+    )
+    study = "1.2.826.0.1.3680043.10.7100.10"
+    case_id = retrieval.open_case(engine, settings, "clinic-down", study_instance_uid=study)
+    deliver(engine, settings, report_for(case_id, study)[0])
+    assert run_due(engine, settings, OPTIONS) == 1
+    [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (waiting["status"], waiting["attempts"]) == ("pending", 1)
+    assert "DOWNPACS" in waiting["last_error"]
+    # The PACS comes back under the same AE at the partner's next configuration: the retry gets it there.
+    retrieval.configure(
+        client,
+        "clinic-down",
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        return_reports=True,
+    )
+    assert run_due(engine, settings, OPTIONS) == 1
+    [sent] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (sent["status"], sent["attempts"]) == ("done", 2)
+    assert len(in_pacs(pacs, study)) == 1
+
+
+def test_a_pacs_down_for_every_attempt_fails_the_return_with_why(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    retrieval.configure(
+        client, "clinic-gone", ae_title="GONEPACS", host="127.0.0.1", port=free_port(), return_reports=True
+    )
+    study = "1.2.826.0.1.3680043.10.7100.11"
+    case_id = retrieval.open_case(engine, settings, "clinic-gone", study_instance_uid=study)
+    deliver(engine, settings, report_for(case_id, study)[0])
+    assert run_due(engine, settings, OPTIONS) == 1
+    assert run_due(engine, settings, OPTIONS) == 1
+    [failed] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (failed["status"], failed["attempts"]) == ("failed", 2)
+    assert "GONEPACS" in failed["last_error"] and "Doe" not in failed["last_error"]
+    with Session(engine) as session:
+        assert session.exec(select(ReportReturn).where(ReportReturn.case_id == case_id)).one().finished_at
