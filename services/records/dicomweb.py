@@ -19,6 +19,7 @@ import pydicom.datadict
 import pydicom.encaps
 import pydicom.tag
 import pydicom.uid
+import structlog
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from python_multipart.multipart import parse_options_header
@@ -30,16 +31,24 @@ from services.auth.access import case_scope, check_case
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.config import Settings
-from services.records import uploads
+from services.records import stow, uploads
 from services.records.api import SessionDep, SettingsDep, notify_outbox
 from services.records.archive import Entry
 from services.records.archive_store import ArchiveUnavailable
 from services.records.classify import header_or_none
 from services.records.limits import ImportLimits, get_limits
-from services.records.models import ImportStatus, RecordFile, RecordImport, RecordRequest
-from services.records.multipart_related import UnsupportedMediaType, receive_parts
+from services.records.models import RecordFile, RecordImport, RecordRequest
+from services.records.multipart_related import (
+    MalformedBody,
+    PartNotDicom,
+    TooManyParts,
+    UnsupportedMediaType,
+    receive_parts,
+)
 from services.records.reconcile import coerced_chunks, coerced_header, our_identifiers
 from services.records.store import FileTooLarge, ObjectStore
+
+log = structlog.get_logger(__name__)
 
 # Every route needs a key and is scoped to the case like /v1/records (STOW: the partner and operations).
 router = APIRouter(
@@ -142,8 +151,12 @@ async def _stow(
             max_parts=limits.max_archive_members,
             limit=settings.max_upload_bytes,
         )
-    except UnsupportedMediaType as exc:
+    except (UnsupportedMediaType, PartNotDicom) as exc:
         raise HTTPException(415, str(exc)) from None
+    except MalformedBody as exc:
+        raise HTTPException(400, str(exc)) from None
+    except TooManyParts as exc:
+        raise HTTPException(413, str(exc)) from None
     except FileTooLarge as exc:
         raise HTTPException(413, str(exc).replace("file", "part", 1)) from None
     try:
@@ -164,48 +177,54 @@ def _stow_entries(
     study: str | None,
     scope: tuple[Callable[[str], bool], Callable[[str], None]] | None = None,
 ) -> JSONResponse:
+    """Each part stored or refused on its own (PS3.18 10.5.3); a refused part is never stored in part."""
     if case_id is None:
         visible, admit = scope or (lambda _: True, lambda _: None)
         case_id = _case_for(entries, session, visible)
         admit(case_id)
-    base = f"{settings.records_url}/dicomweb/cases/{case_id}"
-    if study is not None and (failed := _failed_for_study(entries, study)):
-        # PS3.18 10.5.3: nothing stored because of a Study Instance UID mismatch is a 409 with the reasons.
-        return _dicom_json({"00081190": _attr("UR"), "00081198": _attr("SQ", *failed)}, 409)
     try:
-        outcome = uploads.accept_entries(case_id, entries, session, settings, source="stow-rs", limits=limits)
+        uploads.check_open(session, case_id)
     except uploads.RecordsNotRequested as exc:
         raise HTTPException(404, str(exc)) from None
-    except uploads.RecordsCancelled as exc:
-        raise HTTPException(409, str(exc)) from None
-    except ArchiveUnavailable as exc:
-        raise HTTPException(
-            503, f"{exc}; nothing from this request was indexed, send it again later"
-        ) from None
-    notify_outbox()
-    held = outcome.record_import is not None and outcome.record_import.status != ImportStatus.RELEASED
-    referenced = []
-    for f in outcome.files:
-        if not f.sop_instance_uid:
-            continue
-        item = {
-            "00081150": _attr("UI", *([f.sop_class_uid] if f.sop_class_uid else [])),
-            "00081155": _attr("UI", f.sop_instance_uid),
-            "00081190": _attr(
-                "UR",
-                f"{base}/studies/{f.study_instance_uid}/series/{f.series_instance_uid}/instances/{f.sop_instance_uid}",
-            ),
-        }
-        if held:
-            # Stored, but held for an identity decision: nothing is retrievable until a human accepts it.
-            item["00081196"] = _attr("US", 0xB000)  # Warning Reason belongs to each item (PS3.18 Table I.1-1)
-        referenced.append(item)
-    studies = {f.study_instance_uid for f in outcome.files if f.sop_instance_uid}
-    body: dict[str, Any] = {
-        "00081190": _attr("UR", *([f"{base}/studies/{studies.pop()}"] if len(studies) == 1 else [])),
-        "00081199": _attr("SQ", *referenced),
-    }
-    return _dicom_json(body, 202 if held else 200)
+    usable, refused = stow.sort_parts(entries, limits, uploads.header_reader(limits), study)
+    outcome = None
+    if usable:
+        try:
+            outcome = uploads.store_classified(case_id, usable, session, settings, source="stow-rs")
+        except uploads.RecordsNotRequested as exc:
+            raise HTTPException(404, str(exc)) from None
+        except uploads.RecordsCancelled as exc:
+            refused += stow.refuse_all(usable, stow.FailureReason.PROCESSING_FAILURE, str(exc))
+        except ArchiveUnavailable as exc:
+            raise HTTPException(
+                503, f"{exc}; nothing from this request was indexed, send it again later"
+            ) from None
+        else:
+            notify_outbox()
+    exam = outcome.request.exam if outcome else _requested_exam(session, case_id)
+    status, body = stow.response_module(
+        f"{settings.records_url}/dicomweb/cases/{case_id}",
+        usable,
+        refused,
+        outcome,
+        our_identifiers(case_id, exam),
+    )
+    if refused:
+        log.info(
+            "records.stow_refused",
+            case_id=case_id,
+            stored=len(usable) if outcome else 0,
+            refused=len(refused),
+            reasons=sorted({f"{r.reason:#06x}" for r in refused}),
+        )
+    headers = {"Warning": stow.warning_fields(refused)} if refused else None
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+def _requested_exam(session: Session, case_id: str) -> dict[str, Any]:
+    request = session.get(RecordRequest, case_id)
+    session.rollback()
+    return request.exam if request is not None else {}
 
 
 def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], bool]) -> str:
@@ -226,24 +245,6 @@ def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], b
             "store it at /dicomweb/cases/{case_id}/studies instead",
         )
     return matches.pop()
-
-
-MISMATCHED_STUDY, NOT_STORED = 0xA901, 0x0110
-
-
-def _failed_for_study(entries: list[Entry], study: str) -> list[dict[str, Any]]:
-    """With any instance of another study than the URL's, every instance as failed (nothing is stored)."""
-    headers = [h for e in entries if (h := header_or_none(e.received.path)) is not None]
-    if all(h.study_instance_uid == study for h in headers):
-        return []
-    return [
-        {
-            "00081150": _attr("UI", *([h.sop_class_uid] if h.sop_class_uid else [])),
-            "00081155": _attr("UI", h.sop_instance_uid),
-            "00081197": _attr("US", MISMATCHED_STUDY if h.study_instance_uid != study else NOT_STORED),
-        }
-        for h in headers
-    ]
 
 
 # --- QIDO-RS -------------------------------------------------------------------------------------

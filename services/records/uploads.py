@@ -19,7 +19,7 @@ from services.common.config import Settings
 from services.common.errors import RecordsRejected
 from services.records.archive import Entry, expand_zip, is_zip_head, safe_relative_path
 from services.records.assembly import SOURCE, assemble_if_complete, case_files, missing_items
-from services.records.classify import PDF_TYPE, ClassifiedFile, classify
+from services.records.classify import PDF_TYPE, ClassifiedFile, HeaderReader, classify
 from services.records.handlers import lock_request
 from services.records.header_probe import isolated_reader
 from services.records.limits import ImportLimits, get_limits
@@ -105,6 +105,26 @@ def accept_entries(
             store.discard(entry.received)
 
 
+def store_classified(
+    case_id: str, classified: list[ClassifiedFile], session: Session, settings: Settings, *, source: str
+) -> UploadOutcome:
+    """Store files each already classified as usable (STOW-RS sorts a request's parts one by one) and
+    commit; they are consumed."""
+    store = ObjectStore.for_settings(settings)
+    try:
+        return _store(case_id, classified, session, store, source)
+    finally:
+        for item in classified:
+            store.discard(item.received)
+
+
+def header_reader(limits: ImportLimits) -> HeaderReader | None:
+    """How untrusted headers are parsed under `limits`: in an isolated worker, or None (in process)."""
+    if not limits.parse_in_subprocess:
+        return None
+    return isolated_reader(memory_bytes=limits.parse_memory_bytes, timeout=limits.parse_timeout_seconds)
+
+
 def check_open(session: Session, case_id: str) -> None:
     """Refuse (RecordsNotRequested, RecordsCancelled) before an upload is received; no transaction is kept."""
     _open_request(session, case_id)
@@ -184,11 +204,7 @@ def _seekable_zip(stream: BinaryIO) -> int | None:
 
 def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile]:
     listed, unlisted = select_listed(entries, limits.max_dicomdir_bytes)
-    read_header = (
-        isolated_reader(memory_bytes=limits.parse_memory_bytes, timeout=limits.parse_timeout_seconds)
-        if limits.parse_in_subprocess
-        else None
-    )
+    read_header = header_reader(limits)
 
     def check(entry: Entry) -> ClassifiedFile:
         return classify(
