@@ -8,6 +8,7 @@ or Accession Number.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -287,7 +288,8 @@ STUDY_KEYS = (
     "ReferringPhysicianName",
 )
 SERIES_KEYS = ("SeriesNumber", "SeriesDescription")
-INSTANCE_KEYS = ("InstanceNumber", "Rows", "Columns", "BitsAllocated")
+# An instance query of a whole study returns its series' number too (PS3.18 Table 10.6.3-4).
+INSTANCE_KEYS = ("InstanceNumber", "SeriesNumber", "Rows", "Columns", "BitsAllocated")
 ONLINE = {"00080056": _attr("CS", "ONLINE")}
 
 
@@ -314,6 +316,34 @@ def _date_matches(value: str | None, wanted: str | None) -> bool:
     if not dash:
         return value == low
     return bool(value) and (not low or low <= str(value)) and (not high or str(value) <= high)
+
+
+INTEGER = re.compile(r"^[+-]?[0-9]{1,11}$")
+
+
+def _integers(keyword: str, value: str | None) -> set[int] | None:
+    """An IS matching key (one integer, or several separated by commas), None for universal matching (absent
+    or empty), a 400 for anything else (PS3.18 8.3.4)."""
+    if not value:
+        return None
+    numbers = [v.strip() for v in value.split(",")]
+    if not all(INTEGER.match(n) and -(2**31) <= int(n) < 2**31 for n in numbers):
+        raise HTTPException(
+            400,
+            f"{keyword} is an Integer String (IS): give a whole number such as {keyword}=2, or several "
+            f"separated by commas; the value given is not one",
+        )
+    return {int(n) for n in numbers}
+
+
+def _number_matches(attrs: dict[str, Any], keyword: str, wanted: set[int] | None) -> bool:
+    if wanted is None:
+        return True
+    values = attrs.get(f"{pydicom.tag.Tag(keyword):08X}", {}).get("Value") or []
+    try:
+        return bool(values) and int(values[0]) in wanted
+    except (TypeError, ValueError):
+        return False  # a stored value that is no integer matches no number
 
 
 Limit = Annotated[int | None, Query(ge=1, le=10000)]
@@ -377,10 +407,12 @@ def search_series(
     settings: SettingsDep,
     Modality: str | None = None,  # noqa: N803
     SeriesInstanceUID: str | None = None,  # noqa: N803
+    SeriesNumber: str | None = None,  # noqa: N803
     limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    numbers = _integers("SeriesNumber", SeriesNumber)
     _identifiers(session, case_id)
     series: dict[str, list[RecordFile]] = {}
     found = _released(
@@ -389,17 +421,21 @@ def search_series(
     for f in found:
         series.setdefault(str(f.series_instance_uid), []).append(f)
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
-    results = [
-        {
-            **_header_attrs(settings, members[0], SERIES_KEYS),
-            "0020000D": _attr("UI", study),
-            "0020000E": _attr("UI", uid),
-            "00080060": _attr("CS", members[0].modality),
-            "00201209": _attr("IS", len(members)),
-            "00081190": _attr("UR", f"{base}/{uid}"),
-        }
-        for uid, members in series.items()
-    ]
+    results = []
+    for uid, members in series.items():
+        attrs = _header_attrs(settings, members[0], SERIES_KEYS)
+        if not _number_matches(attrs, "SeriesNumber", numbers):
+            continue
+        results.append(
+            {
+                **attrs,
+                "0020000D": _attr("UI", study),
+                "0020000E": _attr("UI", uid),
+                "00080060": _attr("CS", members[0].modality),
+                "00201209": _attr("IS", len(members)),
+                "00081190": _attr("UR", f"{base}/{uid}"),
+            }
+        )
     return _dicom_json(_page(results, limit, offset))
 
 
@@ -412,36 +448,52 @@ def search_instances(
     session: SessionDep,
     settings: SettingsDep,
     series: str | None = None,
+    Modality: str | None = None,  # noqa: N803 - series keys match in a query of a study's instances
+    SeriesInstanceUID: str | None = None,  # noqa: N803
+    SeriesNumber: str | None = None,  # noqa: N803
     SOPInstanceUID: str | None = None,  # noqa: N803
     SOPClassUID: str | None = None,  # noqa: N803
+    InstanceNumber: str | None = None,  # noqa: N803
     limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    series_numbers = _integers("SeriesNumber", SeriesNumber)
+    instance_numbers = _integers("InstanceNumber", InstanceNumber)
     _identifiers(session, case_id)
+    if series and SeriesInstanceUID and series not in SeriesInstanceUID.split(","):
+        return _dicom_json([])  # the query key and the path name different series
     files = _released(
         session,
         case_id,
         study_instance_uid=study,
-        series_instance_uid=series,
+        series_instance_uid=series or SeriesInstanceUID,
+        modality=Modality,
         sop_instance_uid=SOPInstanceUID,
         sop_class_uid=SOPClassUID,
     )
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
-    results = [
-        {
-            **_header_attrs(settings, f, INSTANCE_KEYS),
-            **ONLINE,
-            "00081190": _attr("UR", f"{base}/{f.series_instance_uid}/instances/{f.sop_instance_uid}"),
-            "0020000D": _attr("UI", f.study_instance_uid),
-            "0020000E": _attr("UI", f.series_instance_uid),
-            "00080018": _attr("UI", f.sop_instance_uid),
-            "00080016": _attr("UI", *([f.sop_class_uid] if f.sop_class_uid else [])),
-            "00080060": _attr("CS", f.modality),
-            "00280008": _attr("IS", f.number_of_frames or 1),
-        }
-        for f in files
-    ]
+    results = []
+    for f in files:
+        attrs = _header_attrs(settings, f, INSTANCE_KEYS)
+        if not (
+            _number_matches(attrs, "SeriesNumber", series_numbers)
+            and _number_matches(attrs, "InstanceNumber", instance_numbers)
+        ):
+            continue
+        results.append(
+            {
+                **attrs,
+                **ONLINE,
+                "00081190": _attr("UR", f"{base}/{f.series_instance_uid}/instances/{f.sop_instance_uid}"),
+                "0020000D": _attr("UI", f.study_instance_uid),
+                "0020000E": _attr("UI", f.series_instance_uid),
+                "00080018": _attr("UI", f.sop_instance_uid),
+                "00080016": _attr("UI", *([f.sop_class_uid] if f.sop_class_uid else [])),
+                "00080060": _attr("CS", f.modality),
+                "00280008": _attr("IS", f.number_of_frames or 1),
+            }
+        )
     return _dicom_json(_page(results, limit, offset))
 
 

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import date
+from typing import Any
 
 import pydicom
 import pytest
@@ -330,3 +331,44 @@ def test_what_a_viewer_and_a_dicomweb_client_need(base_url: str, engine: Engine,
     [listed] = client.search_for_series(study)
     assert listed["00200011"]["Value"] == [1] and "00081190" in listed
     assert all("00200013" in i for i in client.search_for_instances(study))
+
+
+def test_qido_matches_series_and_instance_numbers_and_modality(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """PS3.18 Table 10.6.1-5/-6: SeriesNumber and Modality match at series level (and in a query of a study's
+    instances), InstanceNumber at instance level; a value of the wrong type is a 400 that says so."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    first, second, other = instances(study)
+    second.InstanceNumber = 2
+    other.SeriesInstanceUID, other.SeriesNumber, other.Modality = study + ".2", 2, "OT"
+    client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}", headers=operations_headers(settings))
+    client.store_instances([first, second, other])
+
+    def sops(found: list[dict[str, Any]]) -> list[str]:
+        return sorted(i["00080018"]["Value"][0] for i in found)
+
+    [series] = client.search_for_series(study, search_filters={"SeriesNumber": 2})
+    assert series["0020000E"]["Value"] == [study + ".2"]
+    [series] = client.search_for_series(study, search_filters={"Modality": "US"})
+    assert series["0020000E"]["Value"] == [study + ".1"]
+    assert client.search_for_series(study, search_filters={"SeriesNumber": 3}) == []
+    assert len(client.search_for_series(study, search_filters={"SeriesNumber": "1,2"})) == 2
+    assert sops(client.search_for_instances(study, search_filters={"InstanceNumber": 2})) == [
+        second.SOPInstanceUID
+    ]
+    assert sops(client.search_for_instances(study, search_filters={"SeriesNumber": 2})) == [
+        other.SOPInstanceUID
+    ]
+    assert sops(client.search_for_instances(study, search_filters={"Modality": "OT"})) == [
+        other.SOPInstanceUID
+    ]
+    in_series = client.search_for_instances(study, study + ".1", search_filters={"InstanceNumber": 1})
+    assert sops(in_series) == [first.SOPInstanceUID] and in_series[0]["00200011"]["Value"] == [1]
+
+    root = f"{base_url}/dicomweb/cases/{case_id}/studies/{study}"
+    for query in ("series?SeriesNumber=abc", "instances?InstanceNumber=1.5", "instances?SeriesNumber=1,x"):
+        refused = requests.get(f"{root}/{query}", headers=operations_headers(settings), timeout=10)
+        assert refused.status_code == 400, query
+        assert "Integer String (IS)" in refused.json()["detail"]
