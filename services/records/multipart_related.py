@@ -42,9 +42,13 @@ class TooManyParts(RecordsRejected):
 
 def boundary_of(content_type: str | None) -> bytes:
     media_type, options = parse_options_header(content_type or "")
-    if media_type != b"multipart/related" or b"boundary" not in options:
+    if media_type != b"multipart/related":
         raise UnsupportedMediaType(
             'STOW-RS takes multipart/related; type="application/dicom" with a boundary parameter'
+        )
+    if not options.get(b"boundary", b"").strip(b'"'):
+        raise MalformedBody(
+            "the multipart/related Content-Type has no boundary parameter; nothing was stored"
         )
     part_type = options.get(b"type", DICOM_PART.encode()).strip(b'"').lower()
     if part_type != DICOM_PART.encode():

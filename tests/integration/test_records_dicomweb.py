@@ -231,7 +231,13 @@ def test_bad_stow_requests_are_400_or_415_and_unusable_instances_409(
     empty = requests.post(
         url, data=b"--b0undary--\r\n", headers={"Content-Type": related, **headers}, timeout=10
     )
-    assert (garbled.status_code, empty.status_code) == (400, 400), (garbled.text, empty.text)
+    no_boundary = requests.post(
+        url,
+        data=body,
+        headers={"Content-Type": 'multipart/related; type="application/dicom"', **headers},
+        timeout=10,
+    )
+    assert (garbled.status_code, empty.status_code, no_boundary.status_code) == (400, 400, 400)
     assert requests.get(f"{base_url}/v1/records/{case_id}", headers=headers, timeout=10).json()["files"] == []
 
 
