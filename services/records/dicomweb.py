@@ -183,25 +183,30 @@ def _stow_entries(
         visible, admit = scope or (lambda _: True, lambda _: None)
         case_id = _case_for(entries, session, visible)
         admit(case_id)
+    closed = None
     try:
         uploads.check_open(session, case_id)
     except uploads.RecordsNotRequested as exc:
         raise HTTPException(404, str(exc)) from None
+    except uploads.RecordsCancelled as exc:
+        closed = str(exc)
     usable, refused = stow.sort_parts(entries, limits, uploads.header_reader(limits), study)
     outcome = None
-    if usable:
+    if usable and closed is None:
         try:
             outcome = uploads.store_classified(case_id, usable, session, settings, source="stow-rs")
         except uploads.RecordsNotRequested as exc:
             raise HTTPException(404, str(exc)) from None
         except uploads.RecordsCancelled as exc:
-            refused += stow.refuse_all(usable, stow.FailureReason.PROCESSING_FAILURE, str(exc))
+            closed = str(exc)
         except ArchiveUnavailable as exc:
             raise HTTPException(
                 503, f"{exc}; nothing from this request was indexed, send it again later"
             ) from None
         else:
             notify_outbox()
+    if closed is not None:
+        refused += stow.refuse_all(usable, stow.FailureReason.PROCESSING_FAILURE, closed)
     exam = outcome.request.exam if outcome else _requested_exam(session, case_id)
     status, body = stow.response_module(
         f"{settings.records_url}/dicomweb/cases/{case_id}",

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from contracts import CollectRecords, Exam, Patient, new_event
+from contracts.events import CaseCancelled
 from services.common import migrate
 from services.common.config import Settings, get_settings
 from services.common.db import make_engine
@@ -378,3 +379,27 @@ def test_qido_matches_series_and_instance_numbers_and_modality(
         refused = requests.get(f"{root}/{query}", headers=operations_headers(settings), timeout=10)
         assert refused.status_code == 400, query
         assert "Integer String (IS)" in refused.json()["detail"]
+
+
+def test_a_stow_into_a_cancelled_case_is_409_with_every_instance_failed(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    case_id = open_case(engine, settings)
+    cancelled = CaseCancelled(case_id=case_id, reason="withdrawn", cancelled_by="ops")
+    with Session(engine) as session:
+        consumer.handle(
+            session, new_event(id=str(uuid.uuid4()), source="/t", data=cancelled, subject=case_id), settings
+        )
+        session.commit()
+    sent = instances(new_study())[:2]
+    answer = stow(
+        f"{base_url}/dicomweb/cases/{case_id}/studies",
+        settings,
+        *(("application/dicom", encoded(d)) for d in sent),
+    )
+    assert answer.status_code == 409
+    failed = pydicom.Dataset.from_json(answer.json()).FailedSOPSequence
+    assert [(f.ReferencedSOPInstanceUID, f.FailureReason) for f in failed] == [
+        (d.SOPInstanceUID, 0x0110) for d in sent
+    ]
+    assert "this case was cancelled" in answer.headers["warning"]
