@@ -95,15 +95,25 @@ def _negotiate(request: Request, *offered: str) -> tuple[str, dict[str, str]]:
 
 # --- STOW-RS -------------------------------------------------------------------------------------
 
+_MODULE = "Store Instances Response Module (PS3.18 Annex I) as application/dicom+json"
+STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": f"every instance stored; {_MODULE}"},
+    202: {"description": f"some stored, others failed or stored with a warning; {_MODULE}"},
+    400: {"description": "a malformed multipart/related body; nothing stored"},
+    409: {"description": f"no instance stored; {_MODULE} with each Failure Reason"},
+    413: {"description": "a part or the number of parts over the limit; nothing stored"},
+    415: {"description": 'not multipart/related; type="application/dicom"; nothing stored'},
+}
 
-@router.post("/cases/{case_id}/studies", response_class=JSONResponse)
+
+@router.post("/cases/{case_id}/studies", response_class=JSONResponse, responses=STOW_RESPONSES)
 async def store_instances(
     case_id: CaseId, request: Request, session: SessionDep, settings: SettingsDep, limits: LimitsDep
 ) -> JSONResponse:
     return await _stow(request, session, settings, limits, case_id=case_id, study=None)
 
 
-@router.post("/cases/{case_id}/studies/{study}", response_class=JSONResponse)
+@router.post("/cases/{case_id}/studies/{study}", response_class=JSONResponse, responses=STOW_RESPONSES)
 async def store_study_instances(
     case_id: CaseId,
     study: Uid,
@@ -115,7 +125,7 @@ async def store_study_instances(
     return await _stow(request, session, settings, limits, case_id=case_id, study=study)
 
 
-@router.post("/studies", response_class=JSONResponse)
+@router.post("/studies", response_class=JSONResponse, responses=STOW_RESPONSES)
 async def store_instances_for_requested_study(
     request: Request,
     session: SessionDep,
