@@ -239,8 +239,9 @@ def _stow_entries(
 
 def _requested_exam(session: Session, case_id: str) -> dict[str, Any]:
     request = session.get(RecordRequest, case_id)
-    session.rollback()
-    return request.exam if request is not None else {}
+    exam = dict(request.exam) if request is not None else {}
+    session.rollback()  # hold no transaction open
+    return exam
 
 
 def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], bool]) -> str:
