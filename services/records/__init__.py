@@ -4,13 +4,13 @@ judges its completeness and technical adequacy, and says when the set is complet
 Sources of images, all ending in `uploads.accept_entries` (validated, reconciled, stored as a whole):
 uploads of files, folders and CDs as ZIP with or without DICOMDIR (`/v1/records/{case_id}/files`, which
 also takes the report as PDF, text or FHIR DiagnosticReport, and FHIR Observation / DocumentReference),
-DICOMweb STOW-RS (`/dicomweb/...`), and query/retrieve from the partner's PACS (`retrieval`: DIMSE
+DICOMweb STOW-RS (`/dicomweb/...`, instance by instance: `stow`), and query/retrieve from the partner's PACS (`retrieval`: DIMSE
 C-FIND + C-GET/C-MOVE, or DICOMweb QIDO/WADO). Consumes `records.collect`, `records.remind`,
 `records.reconcile` and `case.cancelled`; publishes `records.assembled`, `records.incomplete`,
 `records.needed` and `records.identity_mismatch`. `GET /v1/records/{case_id}/timeline` orders it all by
 date; `/v1/records/{case_id}/export/deidentified` gives the images de-identified (PS3.15 Annex E).
 
-Errors:
+Errors (STOW-RS answers per instance instead, see `stow`; a malformed body 400, a media type 415):
     RecordsRejected          (422: unusable or hostile input; nothing stored)
     RecordsNotRequested      (404), RecordsCancelled (409)
     FileTooLarge             (413)

@@ -11,9 +11,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from enum import StrEnum
 from pathlib import Path
 
 import pydicom
+import pydicom.filereader
 import pydicom.uid
 from pydicom.errors import InvalidDicomError
 from pypdf import PdfReader
@@ -65,6 +67,7 @@ class DicomHeader:
     study_date: str = ""
     # What the instance says it shows (ViewCodeSequence, ImageComments, SeriesDescription).
     view_label: str = ""
+    issuer_of_patient_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,32 @@ class ClassifiedFile:
     record_date: date | None = None
 
 
+class Unusability(StrEnum):
+    """What kind of problem makes a file unusable (a STOW-RS Failure Reason is chosen by it)."""
+
+    UNREADABLE = "unreadable"  # not DICOM, corrupt, truncated, a parser that gave up
+    INCOMPLETE = "incomplete"  # DICOM without the UIDs or Modality every stored instance needs
+    TOO_LARGE = "too_large"  # more pixel data than the budget of one instance
+
+
 class Unusable(Exception):
     """Why a file cannot be used, phrased to follow "file 3 of 5"."""
+
+    def __init__(self, problem: str, kind: Unusability = Unusability.UNREADABLE) -> None:
+        super().__init__(problem)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[type[Unusable], tuple[str, Unusability]]:
+        return type(self), (str(self), self.kind)  # the kind survives a header parsed in a worker process
+
+
+class FileRefused(RecordsRejected):
+    """One file refused: `label` names it ("file 3 of 5", "part 2 of the request"), `problem` says what is
+    wrong with it (never its name or content), `kind` what sort of problem that is."""
+
+    def __init__(self, label: str, problem: str, kind: Unusability) -> None:
+        super().__init__(f"{label} {problem}; nothing from this upload was stored")
+        self.label, self.problem, self.kind = label, problem, kind
 
 
 _Unusable = Unusable
@@ -111,15 +138,14 @@ def classify(
         ):
             raise _Unusable(
                 f"declares {human_size(classified.dicom.pixel_bytes)} of pixel data, more than the "
-                f"{human_size(max_pixel_bytes)} budget of one instance; ask the facility for an export with fewer frames"
+                f"{human_size(max_pixel_bytes)} budget of one instance; ask the facility for an export with fewer frames",
+                Unusability.TOO_LARGE,
             )
         return classified
     except _DicomDir:
         return ClassifiedFile(received, FileKind.DICOMDIR, DICOM_TYPE)
     except _Unusable as exc:
-        raise RecordsRejected(
-            f"{label or f'file {received.position} of {total}'} {exc}; nothing from this upload was stored"
-        ) from None
+        raise FileRefused(label or f"file {received.position} of {total}", str(exc), exc.kind) from None
 
 
 def _classify(received: ReceivedFile, declared_type: str | None, read_header: HeaderReader) -> ClassifiedFile:
@@ -214,6 +240,7 @@ def read_dicom_header(path: Path) -> DicomHeader:
             "sop_class_uid": _text(dataset, "SOPClassUID")[:64],
             "study_date": _text(dataset, "StudyDate")[:8],
             "view_label": _view_label(dataset),
+            "issuer_of_patient_id": _text(dataset, "IssuerOfPatientID")[:64],
         }
     except (_Unusable, _DicomDir):
         raise
@@ -223,9 +250,9 @@ def read_dicom_header(path: Path) -> DicomHeader:
         raise _Unusable("is a truncated DICOM file (its pixel data ends early)")
     for keyword, uid in zip(REQUIRED_DICOM_UIDS, uids, strict=True):
         if not uid or len(uid) > 64:
-            raise _Unusable(f"is DICOM without a valid {keyword}")
+            raise _Unusable(f"is DICOM without a valid {keyword}", Unusability.INCOMPLETE)
     if not modality or len(modality) > 16:
-        raise _Unusable("is DICOM without a valid Modality")
+        raise _Unusable("is DICOM without a valid Modality", Unusability.INCOMPLETE)
     study, series, sop = uids
     return DicomHeader(study, series, sop, modality, max(frames, 1), identity, **extra)  # type: ignore[arg-type]
 
@@ -236,6 +263,26 @@ def header_or_none(path: Path) -> DicomHeader | None:
         return read_dicom_header(path)
     except (_Unusable, _DicomDir):
         return None
+
+
+def meta_uids(path: Path) -> tuple[str, str]:
+    """The SOP Class and SOP Instance UIDs a file's meta header (group 0002) names, each "" where it cannot
+    be read: what a refusal can still say about a file that could not be used. Only the meta header is
+    read, through the length-checked reader, so a hostile file costs nothing here either."""
+    try:
+        with _LengthCheckedReader(path) as fp:
+            if pydicom.filereader.read_preamble(fp, force=False) is None:
+                return "", ""
+            meta = pydicom.filereader._read_file_meta_info(fp)
+        uids = (meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID"))
+    except Exception:
+        return "", ""
+    return tuple(  # type: ignore[return-value]
+        text
+        if (text := str(uid or "").strip()) and len(text) <= 64 and set(text) <= set("0123456789.")
+        else ""
+        for uid in uids
+    )
 
 
 def _pixel_data_complete(fp: io.BufferedReader, dataset: pydicom.Dataset, file_size: int) -> bool:

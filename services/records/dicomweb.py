@@ -8,6 +8,7 @@ or Accession Number.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -19,6 +20,7 @@ import pydicom.datadict
 import pydicom.encaps
 import pydicom.tag
 import pydicom.uid
+import structlog
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from python_multipart.multipart import parse_options_header
@@ -30,16 +32,24 @@ from services.auth.access import case_scope, check_case
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.config import Settings
-from services.records import uploads
+from services.records import stow, uploads
 from services.records.api import SessionDep, SettingsDep, notify_outbox
 from services.records.archive import Entry
 from services.records.archive_store import ArchiveUnavailable
 from services.records.classify import header_or_none
 from services.records.limits import ImportLimits, get_limits
-from services.records.models import ImportStatus, RecordFile, RecordImport, RecordRequest
-from services.records.multipart_related import UnsupportedMediaType, receive_parts
+from services.records.models import RecordFile, RecordImport, RecordRequest
+from services.records.multipart_related import (
+    MalformedBody,
+    PartNotDicom,
+    TooManyParts,
+    UnsupportedMediaType,
+    receive_parts,
+)
 from services.records.reconcile import coerced_chunks, coerced_header, our_identifiers
 from services.records.store import FileTooLarge, ObjectStore
+
+log = structlog.get_logger(__name__)
 
 # Every route needs a key and is scoped to the case like /v1/records (STOW: the partner and operations).
 router = APIRouter(
@@ -85,15 +95,25 @@ def _negotiate(request: Request, *offered: str) -> tuple[str, dict[str, str]]:
 
 # --- STOW-RS -------------------------------------------------------------------------------------
 
+_MODULE = "Store Instances Response Module (PS3.18 Annex I) as application/dicom+json"
+STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": f"every instance stored; {_MODULE}"},
+    202: {"description": f"some stored, others failed or stored with a warning; {_MODULE}"},
+    400: {"description": "a malformed multipart/related body; nothing stored"},
+    409: {"description": f"no instance stored; {_MODULE} with each Failure Reason"},
+    413: {"description": "a part or the number of parts over the limit; nothing stored"},
+    415: {"description": 'not multipart/related; type="application/dicom"; nothing stored'},
+}
 
-@router.post("/cases/{case_id}/studies", response_class=JSONResponse)
+
+@router.post("/cases/{case_id}/studies", response_class=JSONResponse, responses=STOW_RESPONSES)
 async def store_instances(
     case_id: CaseId, request: Request, session: SessionDep, settings: SettingsDep, limits: LimitsDep
 ) -> JSONResponse:
     return await _stow(request, session, settings, limits, case_id=case_id, study=None)
 
 
-@router.post("/cases/{case_id}/studies/{study}", response_class=JSONResponse)
+@router.post("/cases/{case_id}/studies/{study}", response_class=JSONResponse, responses=STOW_RESPONSES)
 async def store_study_instances(
     case_id: CaseId,
     study: Uid,
@@ -105,7 +125,7 @@ async def store_study_instances(
     return await _stow(request, session, settings, limits, case_id=case_id, study=study)
 
 
-@router.post("/studies", response_class=JSONResponse)
+@router.post("/studies", response_class=JSONResponse, responses=STOW_RESPONSES)
 async def store_instances_for_requested_study(
     request: Request,
     session: SessionDep,
@@ -142,8 +162,12 @@ async def _stow(
             max_parts=limits.max_archive_members,
             limit=settings.max_upload_bytes,
         )
-    except UnsupportedMediaType as exc:
+    except (UnsupportedMediaType, PartNotDicom) as exc:
         raise HTTPException(415, str(exc)) from None
+    except MalformedBody as exc:
+        raise HTTPException(400, str(exc)) from None
+    except TooManyParts as exc:
+        raise HTTPException(413, str(exc)) from None
     except FileTooLarge as exc:
         raise HTTPException(413, str(exc).replace("file", "part", 1)) from None
     try:
@@ -164,48 +188,60 @@ def _stow_entries(
     study: str | None,
     scope: tuple[Callable[[str], bool], Callable[[str], None]] | None = None,
 ) -> JSONResponse:
+    """Each part stored or refused on its own (PS3.18 10.5.3); a refused part is never stored in part."""
     if case_id is None:
         visible, admit = scope or (lambda _: True, lambda _: None)
         case_id = _case_for(entries, session, visible)
         admit(case_id)
-    base = f"{settings.records_url}/dicomweb/cases/{case_id}"
-    if study is not None and (failed := _failed_for_study(entries, study)):
-        # PS3.18 10.5.3: nothing stored because of a Study Instance UID mismatch is a 409 with the reasons.
-        return _dicom_json({"00081190": _attr("UR"), "00081198": _attr("SQ", *failed)}, 409)
+    closed = None
     try:
-        outcome = uploads.accept_entries(case_id, entries, session, settings, source="stow-rs", limits=limits)
+        uploads.check_open(session, case_id)
     except uploads.RecordsNotRequested as exc:
         raise HTTPException(404, str(exc)) from None
     except uploads.RecordsCancelled as exc:
-        raise HTTPException(409, str(exc)) from None
-    except ArchiveUnavailable as exc:
-        raise HTTPException(
-            503, f"{exc}; nothing from this request was indexed, send it again later"
-        ) from None
-    notify_outbox()
-    held = outcome.record_import is not None and outcome.record_import.status != ImportStatus.RELEASED
-    referenced = []
-    for f in outcome.files:
-        if not f.sop_instance_uid:
-            continue
-        item = {
-            "00081150": _attr("UI", *([f.sop_class_uid] if f.sop_class_uid else [])),
-            "00081155": _attr("UI", f.sop_instance_uid),
-            "00081190": _attr(
-                "UR",
-                f"{base}/studies/{f.study_instance_uid}/series/{f.series_instance_uid}/instances/{f.sop_instance_uid}",
-            ),
-        }
-        if held:
-            # Stored, but held for an identity decision: nothing is retrievable until a human accepts it.
-            item["00081196"] = _attr("US", 0xB000)  # Warning Reason belongs to each item (PS3.18 Table I.1-1)
-        referenced.append(item)
-    studies = {f.study_instance_uid for f in outcome.files if f.sop_instance_uid}
-    body: dict[str, Any] = {
-        "00081190": _attr("UR", *([f"{base}/studies/{studies.pop()}"] if len(studies) == 1 else [])),
-        "00081199": _attr("SQ", *referenced),
-    }
-    return _dicom_json(body, 202 if held else 200)
+        closed = str(exc)
+    usable, refused = stow.sort_parts(entries, limits, uploads.header_reader(limits), study)
+    outcome = None
+    if usable and closed is None:
+        try:
+            outcome = uploads.store_classified(case_id, usable, session, settings, source="stow-rs")
+        except uploads.RecordsNotRequested as exc:
+            raise HTTPException(404, str(exc)) from None
+        except uploads.RecordsCancelled as exc:
+            closed = str(exc)
+        except ArchiveUnavailable as exc:
+            raise HTTPException(
+                503, f"{exc}; nothing from this request was indexed, send it again later"
+            ) from None
+        else:
+            notify_outbox()
+    if closed is not None:
+        refused += stow.refuse_all(usable, stow.FailureReason.PROCESSING_FAILURE, closed)
+    exam = outcome.request.exam if outcome else _requested_exam(session, case_id)
+    status, body = stow.response_module(
+        f"{settings.records_url}/dicomweb/cases/{case_id}",
+        usable,
+        refused,
+        outcome,
+        our_identifiers(case_id, exam),
+    )
+    if refused:
+        log.info(
+            "records.stow_refused",
+            case_id=case_id,
+            stored=len(usable) if outcome else 0,
+            refused=len(refused),
+            reasons=sorted({f"{r.reason:#06x}" for r in refused}),
+        )
+    headers = {"Warning": stow.warning_fields(refused)} if refused else None
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+def _requested_exam(session: Session, case_id: str) -> dict[str, Any]:
+    request = session.get(RecordRequest, case_id)
+    exam = dict(request.exam) if request is not None else {}
+    session.rollback()  # hold no transaction open
+    return exam
 
 
 def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], bool]) -> str:
@@ -226,24 +262,6 @@ def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], b
             "store it at /dicomweb/cases/{case_id}/studies instead",
         )
     return matches.pop()
-
-
-MISMATCHED_STUDY, NOT_STORED = 0xA901, 0x0110
-
-
-def _failed_for_study(entries: list[Entry], study: str) -> list[dict[str, Any]]:
-    """With any instance of another study than the URL's, every instance as failed (nothing is stored)."""
-    headers = [h for e in entries if (h := header_or_none(e.received.path)) is not None]
-    if all(h.study_instance_uid == study for h in headers):
-        return []
-    return [
-        {
-            "00081150": _attr("UI", *([h.sop_class_uid] if h.sop_class_uid else [])),
-            "00081155": _attr("UI", h.sop_instance_uid),
-            "00081197": _attr("US", MISMATCHED_STUDY if h.study_instance_uid != study else NOT_STORED),
-        }
-        for h in headers
-    ]
 
 
 # --- QIDO-RS -------------------------------------------------------------------------------------
@@ -286,7 +304,8 @@ STUDY_KEYS = (
     "ReferringPhysicianName",
 )
 SERIES_KEYS = ("SeriesNumber", "SeriesDescription")
-INSTANCE_KEYS = ("InstanceNumber", "Rows", "Columns", "BitsAllocated")
+# An instance query of a whole study returns its series' number too (PS3.18 Table 10.6.3-4).
+INSTANCE_KEYS = ("InstanceNumber", "SeriesNumber", "Rows", "Columns", "BitsAllocated")
 ONLINE = {"00080056": _attr("CS", "ONLINE")}
 
 
@@ -313,6 +332,34 @@ def _date_matches(value: str | None, wanted: str | None) -> bool:
     if not dash:
         return value == low
     return bool(value) and (not low or low <= str(value)) and (not high or str(value) <= high)
+
+
+INTEGER = re.compile(r"^[+-]?[0-9]{1,11}$")
+
+
+def _integers(keyword: str, value: str | None) -> set[int] | None:
+    """An IS matching key (one integer, or several separated by commas), None for universal matching (absent
+    or empty), a 400 for anything else (PS3.18 8.3.4)."""
+    if not value:
+        return None
+    numbers = [v.strip() for v in value.split(",")]
+    if not all(INTEGER.match(n) and -(2**31) <= int(n) < 2**31 for n in numbers):
+        raise HTTPException(
+            400,
+            f"{keyword} is an Integer String (IS): give a whole number such as {keyword}=2, or several "
+            f"separated by commas; the value given is not one",
+        )
+    return {int(n) for n in numbers}
+
+
+def _number_matches(attrs: dict[str, Any], keyword: str, wanted: set[int] | None) -> bool:
+    if wanted is None:
+        return True
+    values = attrs.get(f"{pydicom.tag.Tag(keyword):08X}", {}).get("Value") or []
+    try:
+        return bool(values) and int(values[0]) in wanted
+    except (TypeError, ValueError):
+        return False  # a stored value that is no integer matches no number
 
 
 Limit = Annotated[int | None, Query(ge=1, le=10000)]
@@ -376,10 +423,12 @@ def search_series(
     settings: SettingsDep,
     Modality: str | None = None,  # noqa: N803
     SeriesInstanceUID: str | None = None,  # noqa: N803
+    SeriesNumber: str | None = None,  # noqa: N803
     limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    numbers = _integers("SeriesNumber", SeriesNumber)
     _identifiers(session, case_id)
     series: dict[str, list[RecordFile]] = {}
     found = _released(
@@ -388,17 +437,21 @@ def search_series(
     for f in found:
         series.setdefault(str(f.series_instance_uid), []).append(f)
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
-    results = [
-        {
-            **_header_attrs(settings, members[0], SERIES_KEYS),
-            "0020000D": _attr("UI", study),
-            "0020000E": _attr("UI", uid),
-            "00080060": _attr("CS", members[0].modality),
-            "00201209": _attr("IS", len(members)),
-            "00081190": _attr("UR", f"{base}/{uid}"),
-        }
-        for uid, members in series.items()
-    ]
+    results = []
+    for uid, members in series.items():
+        attrs = _header_attrs(settings, members[0], SERIES_KEYS)
+        if not _number_matches(attrs, "SeriesNumber", numbers):
+            continue
+        results.append(
+            {
+                **attrs,
+                "0020000D": _attr("UI", study),
+                "0020000E": _attr("UI", uid),
+                "00080060": _attr("CS", members[0].modality),
+                "00201209": _attr("IS", len(members)),
+                "00081190": _attr("UR", f"{base}/{uid}"),
+            }
+        )
     return _dicom_json(_page(results, limit, offset))
 
 
@@ -411,36 +464,52 @@ def search_instances(
     session: SessionDep,
     settings: SettingsDep,
     series: str | None = None,
+    Modality: str | None = None,  # noqa: N803 - series keys match in a query of a study's instances
+    SeriesInstanceUID: str | None = None,  # noqa: N803
+    SeriesNumber: str | None = None,  # noqa: N803
     SOPInstanceUID: str | None = None,  # noqa: N803
     SOPClassUID: str | None = None,  # noqa: N803
+    InstanceNumber: str | None = None,  # noqa: N803
     limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    series_numbers = _integers("SeriesNumber", SeriesNumber)
+    instance_numbers = _integers("InstanceNumber", InstanceNumber)
     _identifiers(session, case_id)
+    if series and SeriesInstanceUID and series not in SeriesInstanceUID.split(","):
+        return _dicom_json([])  # the query key and the path name different series
     files = _released(
         session,
         case_id,
         study_instance_uid=study,
-        series_instance_uid=series,
+        series_instance_uid=series or SeriesInstanceUID,
+        modality=Modality,
         sop_instance_uid=SOPInstanceUID,
         sop_class_uid=SOPClassUID,
     )
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
-    results = [
-        {
-            **_header_attrs(settings, f, INSTANCE_KEYS),
-            **ONLINE,
-            "00081190": _attr("UR", f"{base}/{f.series_instance_uid}/instances/{f.sop_instance_uid}"),
-            "0020000D": _attr("UI", f.study_instance_uid),
-            "0020000E": _attr("UI", f.series_instance_uid),
-            "00080018": _attr("UI", f.sop_instance_uid),
-            "00080016": _attr("UI", *([f.sop_class_uid] if f.sop_class_uid else [])),
-            "00080060": _attr("CS", f.modality),
-            "00280008": _attr("IS", f.number_of_frames or 1),
-        }
-        for f in files
-    ]
+    results = []
+    for f in files:
+        attrs = _header_attrs(settings, f, INSTANCE_KEYS)
+        if not (
+            _number_matches(attrs, "SeriesNumber", series_numbers)
+            and _number_matches(attrs, "InstanceNumber", instance_numbers)
+        ):
+            continue
+        results.append(
+            {
+                **attrs,
+                **ONLINE,
+                "00081190": _attr("UR", f"{base}/{f.series_instance_uid}/instances/{f.sop_instance_uid}"),
+                "0020000D": _attr("UI", f.study_instance_uid),
+                "0020000E": _attr("UI", f.series_instance_uid),
+                "00080018": _attr("UI", f.sop_instance_uid),
+                "00080016": _attr("UI", *([f.sop_class_uid] if f.sop_class_uid else [])),
+                "00080060": _attr("CS", f.modality),
+                "00280008": _attr("IS", f.number_of_frames or 1),
+            }
+        )
     return _dicom_json(_page(results, limit, offset))
 
 

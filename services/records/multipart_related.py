@@ -1,12 +1,20 @@
 """Reading a STOW-RS body (multipart/related; type="application/dicom") part by part into the temp area.
 
-Nothing is held in memory: each part streams into its own temp file as the request body arrives.
+Nothing is held in memory: each part streams into its own temp file as the request body arrives. What is
+wrong with a body as a whole (nothing of it is kept):
+
+    UnsupportedMediaType       (not multipart/related; type="application/dicom": STOW-RS answers 415)
+    RecordsRejected
+      + MalformedBody          (multipart syntax, truncated, no parts: 400)
+      + PartNotDicom           (a part of another media type: 415)
+      + TooManyParts           (413)
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from services.common.errors import RecordsRejected
@@ -20,11 +28,27 @@ class UnsupportedMediaType(Exception):
     pass
 
 
+class MalformedBody(RecordsRejected):
+    pass
+
+
+class PartNotDicom(RecordsRejected):
+    pass
+
+
+class TooManyParts(RecordsRejected):
+    pass
+
+
 def boundary_of(content_type: str | None) -> bytes:
     media_type, options = parse_options_header(content_type or "")
-    if media_type != b"multipart/related" or b"boundary" not in options:
+    if media_type != b"multipart/related":
         raise UnsupportedMediaType(
             'STOW-RS takes multipart/related; type="application/dicom" with a boundary parameter'
+        )
+    if not options.get(b"boundary", b"").strip(b'"'):
+        raise MalformedBody(
+            "the multipart/related Content-Type has no boundary parameter; nothing was stored"
         )
     part_type = options.get(b"type", DICOM_PART.encode()).strip(b'"').lower()
     if part_type != DICOM_PART.encode():
@@ -59,17 +83,29 @@ class RelatedPartsReader:
     def feed(self, chunk: bytes) -> None:
         try:
             self._parser.write(chunk)
+        except MultipartParseError:
+            self.abort()
+            raise self._malformed() from None
         except BaseException:
             self.abort()
             raise
 
+    def _malformed(self) -> MalformedBody:
+        return MalformedBody(
+            f"the {self._label} is not a well-formed multipart/related body (check the boundary and the "
+            "part headers); nothing was stored"
+        )
+
     def close(self) -> list[Entry]:
         try:
-            self._parser.finalize()
+            try:
+                self._parser.finalize()
+            except MultipartParseError:
+                raise self._malformed() from None
             if self._current:
-                raise RecordsRejected(f"the {self._label} ends inside a part (truncated); nothing was stored")
+                raise MalformedBody(f"the {self._label} ends inside a part (truncated); nothing was stored")
             if not self.entries:
-                raise RecordsRejected(f"the {self._label} has no application/dicom parts; nothing was stored")
+                raise MalformedBody(f"the {self._label} has no application/dicom parts; nothing was stored")
         except BaseException:
             self.abort()
             raise
@@ -91,11 +127,9 @@ class RelatedPartsReader:
     def _on_headers_finished(self) -> None:
         position = len(self.entries) + 1
         if position > self._max_parts:
-            raise RecordsRejected(
-                f"the {self._label} has more than {self._max_parts} parts; send fewer at once"
-            )
+            raise TooManyParts(f"the {self._label} has more than {self._max_parts} parts; send fewer at once")
         if self._part_type and self._part_type[0] != DICOM_PART:
-            raise RecordsRejected(
+            raise PartNotDicom(
                 f"part {position} of the {self._label} is not application/dicom; nothing was stored"
             )
         self._current.append(self._store.incoming(position=position, total=position, limit=self._limit))

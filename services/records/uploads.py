@@ -19,7 +19,7 @@ from services.common.config import Settings
 from services.common.errors import RecordsRejected
 from services.records.archive import Entry, expand_zip, is_zip_head, safe_relative_path
 from services.records.assembly import SOURCE, assemble_if_complete, case_files, missing_items
-from services.records.classify import PDF_TYPE, ClassifiedFile, classify
+from services.records.classify import PDF_TYPE, ClassifiedFile, HeaderReader, classify
 from services.records.handlers import lock_request
 from services.records.header_probe import isolated_reader
 from services.records.limits import ImportLimits, get_limits
@@ -88,10 +88,13 @@ def accept_entries(
     source: str,
     limits: ImportLimits | None = None,
     in_transaction: bool = False,
+    identity_reconciled: bool = False,
 ) -> UploadOutcome:
     """Validate, reconcile and store files already received into the temp area; they are consumed.
     `in_transaction`: the caller's transaction holds other work (a consumer's batch of messages), so the
-    check that the request is open does not roll it back; the store still commits it."""
+    check that the request is open does not roll it back; the store still commits it.
+    `identity_reconciled`: the files carry an identity taken from the case's released images (our own
+    report placed into the study), so they are released without a second decision."""
     store = ObjectStore.for_settings(settings)
     try:
         if in_transaction:
@@ -99,10 +102,30 @@ def accept_entries(
         else:
             check_open(session, case_id)
         classified = _classify(entries, limits or get_limits())
-        return _store(case_id, classified, session, store, source)
+        return _store(case_id, classified, session, store, source, identity_reconciled)
     finally:
         for entry in entries:
             store.discard(entry.received)
+
+
+def store_classified(
+    case_id: str, classified: list[ClassifiedFile], session: Session, settings: Settings, *, source: str
+) -> UploadOutcome:
+    """Store files each already classified as usable (STOW-RS sorts a request's parts one by one) and
+    commit; they are consumed."""
+    store = ObjectStore.for_settings(settings)
+    try:
+        return _store(case_id, classified, session, store, source)
+    finally:
+        for item in classified:
+            store.discard(item.received)
+
+
+def header_reader(limits: ImportLimits) -> HeaderReader | None:
+    """How untrusted headers are parsed under `limits`: in an isolated worker, or None (in process)."""
+    if not limits.parse_in_subprocess:
+        return None
+    return isolated_reader(memory_bytes=limits.parse_memory_bytes, timeout=limits.parse_timeout_seconds)
 
 
 def check_open(session: Session, case_id: str) -> None:
@@ -184,11 +207,7 @@ def _seekable_zip(stream: BinaryIO) -> int | None:
 
 def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile]:
     listed, unlisted = select_listed(entries, limits.max_dicomdir_bytes)
-    read_header = (
-        isolated_reader(memory_bytes=limits.parse_memory_bytes, timeout=limits.parse_timeout_seconds)
-        if limits.parse_in_subprocess
-        else None
-    )
+    read_header = header_reader(limits)
 
     def check(entry: Entry) -> ClassifiedFile:
         return classify(
@@ -219,14 +238,19 @@ def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile
 
 
 def _store(
-    case_id: str, classified: list[ClassifiedFile], session: Session, store: ObjectStore, source: str
+    case_id: str,
+    classified: list[ClassifiedFile],
+    session: Session,
+    store: ObjectStore,
+    source: str,
+    identity_reconciled: bool = False,
 ) -> UploadOutcome:
     request = lock_request(session, case_id)
     if request is None:
         raise RecordsNotRequested()
     if request.cancelled_at is not None:
         raise RecordsCancelled()
-    record_import = _reconcile(request, classified, source)
+    record_import = _reconcile(request, classified, source, identity_reconciled)
     if record_import is not None:
         session.add(record_import)
     on_record = {f.sha256: f for f in case_files(session, case_id, released_only=False)}
@@ -287,12 +311,14 @@ def _keep(store: ObjectStore, item: ClassifiedFile) -> str:
     )
 
 
-def _reconcile(request: RecordRequest, classified: list[ClassifiedFile], source: str) -> RecordImport | None:
+def _reconcile(
+    request: RecordRequest, classified: list[ClassifiedFile], source: str, identity_reconciled: bool = False
+) -> RecordImport | None:
     """An import record for the DICOM part of the upload: released, or held when the identity differs."""
     identities = [c.dicom.identity for c in classified if c.dicom is not None]
     if not identities:
         return None
-    found = differences(identities, request.patient)
+    found = [] if identity_reconciled else differences(identities, request.patient)
     return RecordImport(
         import_id=str(uuid.uuid4()),
         case_id=request.case_id,

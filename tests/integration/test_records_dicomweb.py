@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import date
+from typing import Any
 
 import pydicom
 import pytest
@@ -17,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from contracts import CollectRecords, Exam, Patient, new_event
+from contracts.events import CaseCancelled
 from services.common import migrate
 from services.common.config import Settings, get_settings
 from services.common.db import make_engine
@@ -117,7 +119,7 @@ def test_stow_then_qido_and_wado_with_a_third_party_client(
 
     stored = client.store_instances(sent)
     assert len(stored.ReferencedSOPSequence) == 3
-    assert "WarningReason" not in stored
+    assert "WarningReason" not in stored  # a Warning Reason belongs to each item (PS3.18 Table I.1-1)
 
     [found] = client.search_for_studies()
     assert found["0020000D"]["Value"] == [study]
@@ -176,39 +178,120 @@ def test_the_root_stow_finds_the_case_by_its_requested_study_uid(
     assert caught.value.response is not None and caught.value.response.status_code == 404
 
 
-def test_bad_stow_bodies_are_refused_with_nothing_stored(
-    base_url: str, engine: Engine, settings: Settings
-) -> None:
-    case_id = open_case(engine, settings)
-    url = f"{base_url}/dicomweb/cases/{case_id}/studies"
-    boundary = "b0undary"
-    body = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + b"not dicom at all" * 20
-        + f"\r\n--{boundary}--\r\n".encode()
+def stow(
+    url: str, settings: Settings, *parts: tuple[str, bytes], boundary: str = "b0undary"
+) -> requests.Response:
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: {kind}\r\n\r\n".encode() + data + b"\r\n" for kind, data in parts
     )
     related = f'multipart/related; type="application/dicom"; boundary={boundary}'
-    refused = requests.post(
-        url, data=body, headers={"Content-Type": related, **operations_headers(settings)}, timeout=10
-    )
-    assert refused.status_code == 422 and "part 1 of the request is not DICOM" in refused.json()["detail"]
-    wrong_type = requests.post(
+    return requests.post(
         url,
-        data=b"{}",
-        headers={"Content-Type": "application/json", **operations_headers(settings)},
+        data=body + f"--{boundary}--\r\n".encode(),
+        headers={"Content-Type": related, **operations_headers(settings)},
         timeout=10,
     )
+
+
+def encoded(dataset: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_bad_stow_requests_are_400_or_415_and_unusable_instances_409(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """PS3.18 10.5.3: a malformed request 400, a media type not accepted 415, nothing usable 409 with each
+    instance's Failure Reason; never a 500, nothing stored."""
+    case_id = open_case(engine, settings)
+    url = f"{base_url}/dicomweb/cases/{case_id}/studies"
+    headers = operations_headers(settings)
+    refused = stow(url, settings, ("application/dicom", b"not dicom at all" * 20))
+    assert refused.status_code == 409 and refused.headers["content-type"] == "application/dicom+json"
+    [failed] = pydicom.Dataset.from_json(refused.json()).FailedSOPSequence
+    assert failed.FailureReason == 0xC000 and "ReferencedSOPSequence" not in refused.json()
+    assert "part 1 of the request is not DICOM" in refused.headers["warning"]
+
+    wrong_type = requests.post(
+        url, data=b"{}", headers={"Content-Type": "application/json", **headers}, timeout=10
+    )
     assert wrong_type.status_code == 415
-    truncated = requests.post(
-        url, data=body[:60], headers={"Content-Type": related, **operations_headers(settings)}, timeout=10
+    json_part = stow(url, settings, ("application/dicom+json", b"{}"))
+    assert json_part.status_code == 415 and "not application/dicom" in json_part.json()["detail"]
+    body = f"--b0undary\r\nContent-Type: application/dicom\r\n\r\n{'x' * 40}".encode()
+    related = 'multipart/related; type="application/dicom"; boundary=b0undary'
+    truncated = requests.post(url, data=body, headers={"Content-Type": related, **headers}, timeout=10)
+    assert truncated.status_code == 400 and "truncated" in truncated.json()["detail"]
+    garbled = requests.post(
+        url,
+        data=b"--b0undary\r\n\x00\x01 no headers",
+        headers={"Content-Type": related, **headers},
+        timeout=10,
     )
-    assert truncated.status_code == 422 and "truncated" in truncated.json()["detail"]
+    empty = requests.post(
+        url, data=b"--b0undary--\r\n", headers={"Content-Type": related, **headers}, timeout=10
+    )
+    no_boundary = requests.post(
+        url,
+        data=body,
+        headers={"Content-Type": 'multipart/related; type="application/dicom"', **headers},
+        timeout=10,
+    )
+    assert (garbled.status_code, empty.status_code, no_boundary.status_code) == (400, 400, 400)
+    assert requests.get(f"{base_url}/v1/records/{case_id}", headers=headers, timeout=10).json()["files"] == []
+
+
+def test_a_stow_stores_what_it_can_and_says_why_not_for_the_rest(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """202: the usable instances stored (ReferencedSOPSequence, RetrieveURL, the coercion warning), each
+    other one in FailedSOPSequence with its reason; nothing of a failed instance is kept."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    good, no_modality, other_study = instances(study)
+    del no_modality.Modality
+    other_study.StudyInstanceUID = new_study()
+    url = f"{base_url}/dicomweb/cases/{case_id}/studies/{study}"
+    answer = stow(
+        url,
+        settings,
+        ("application/dicom", encoded(good)),
+        ("application/dicom", encoded(no_modality)),
+        ("application/dicom", b"\0" * 128 + b"DICM" + b"\xff" * 64),
+        ("application/dicom", encoded(other_study)),
+    )
+    assert answer.status_code == 202 and answer.headers["content-type"] == "application/dicom+json"
+    result = pydicom.Dataset.from_json(answer.json())
+    [stored] = result.ReferencedSOPSequence
+    assert stored.ReferencedSOPInstanceUID == good.SOPInstanceUID
+    assert stored.RetrieveURL.endswith(
+        f"/studies/{study}/series/{good.SeriesInstanceUID}/instances/{good.SOPInstanceUID}"
+    )
+    assert stored.WarningReason == 0xB000  # handed out with our Patient ID and Accession Number
+    assert result.RetrieveURL.endswith(f"/studies/{study}")
+    failures = [(f.get("ReferencedSOPInstanceUID"), f.FailureReason) for f in result.FailedSOPSequence]
+    assert failures == [
+        (no_modality.SOPInstanceUID, 0xA900),
+        ("", 0xC000),  # nothing readable names it: present, empty
+        (other_study.SOPInstanceUID, 0xA901),
+    ]
     assert (
-        requests.get(
-            f"{base_url}/v1/records/{case_id}", headers=operations_headers(settings), timeout=10
-        ).json()["files"]
-        == []
+        "part 2 of the request is DICOM without a valid Modality; it was not stored"
+        in answer.headers["warning"]
     )
+    assert "DOE" not in answer.text and "DOE" not in answer.headers["warning"]  # no PHI in what is refused
+    with Session(engine) as session:
+        kept = session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).all()
+    assert [f.sop_instance_uid for f in kept] == [good.SOPInstanceUID]
+
+    # The third-party client takes a 202 as stored (with warnings) and a 409 as an error.
+    client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}", headers=operations_headers(settings))
+    again = client.store_instances([good, other_study], study_instance_uid=study)
+    assert [f.FailureReason for f in again.FailedSOPSequence] == [0xA901]
+    with pytest.raises(requests.HTTPError) as caught:
+        client.store_instances([no_modality])
+    assert caught.value.response is not None and caught.value.response.status_code == 409
 
 
 def test_what_a_viewer_and_a_dicomweb_client_need(base_url: str, engine: Engine, settings: Settings) -> None:
@@ -255,3 +338,68 @@ def test_what_a_viewer_and_a_dicomweb_client_need(base_url: str, engine: Engine,
     [listed] = client.search_for_series(study)
     assert listed["00200011"]["Value"] == [1] and "00081190" in listed
     assert all("00200013" in i for i in client.search_for_instances(study))
+
+
+def test_qido_matches_series_and_instance_numbers_and_modality(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """PS3.18 Table 10.6.1-5/-6: SeriesNumber and Modality match at series level (and in a query of a study's
+    instances), InstanceNumber at instance level; a value of the wrong type is a 400 that says so."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    first, second, other = instances(study)
+    second.InstanceNumber = 2
+    other.SeriesInstanceUID, other.SeriesNumber, other.Modality = study + ".2", 2, "OT"
+    client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}", headers=operations_headers(settings))
+    client.store_instances([first, second, other])
+
+    def sops(found: list[dict[str, Any]]) -> list[str]:
+        return sorted(i["00080018"]["Value"][0] for i in found)
+
+    [series] = client.search_for_series(study, search_filters={"SeriesNumber": 2})
+    assert series["0020000E"]["Value"] == [study + ".2"]
+    [series] = client.search_for_series(study, search_filters={"Modality": "US"})
+    assert series["0020000E"]["Value"] == [study + ".1"]
+    assert client.search_for_series(study, search_filters={"SeriesNumber": 3}) == []
+    assert len(client.search_for_series(study, search_filters={"SeriesNumber": "1,2"})) == 2
+    assert sops(client.search_for_instances(study, search_filters={"InstanceNumber": 2})) == [
+        second.SOPInstanceUID
+    ]
+    assert sops(client.search_for_instances(study, search_filters={"SeriesNumber": 2})) == [
+        other.SOPInstanceUID
+    ]
+    assert sops(client.search_for_instances(study, search_filters={"Modality": "OT"})) == [
+        other.SOPInstanceUID
+    ]
+    in_series = client.search_for_instances(study, study + ".1", search_filters={"InstanceNumber": 1})
+    assert sops(in_series) == [first.SOPInstanceUID] and in_series[0]["00200011"]["Value"] == [1]
+
+    root = f"{base_url}/dicomweb/cases/{case_id}/studies/{study}"
+    for query in ("series?SeriesNumber=abc", "instances?InstanceNumber=1.5", "instances?SeriesNumber=1,x"):
+        refused = requests.get(f"{root}/{query}", headers=operations_headers(settings), timeout=10)
+        assert refused.status_code == 400, query
+        assert "Integer String (IS)" in refused.json()["detail"]
+
+
+def test_a_stow_into_a_cancelled_case_is_409_with_every_instance_failed(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    case_id = open_case(engine, settings)
+    cancelled = CaseCancelled(case_id=case_id, reason="withdrawn", cancelled_by="ops")
+    with Session(engine) as session:
+        consumer.handle(
+            session, new_event(id=str(uuid.uuid4()), source="/t", data=cancelled, subject=case_id), settings
+        )
+        session.commit()
+    sent = instances(new_study())[:2]
+    answer = stow(
+        f"{base_url}/dicomweb/cases/{case_id}/studies",
+        settings,
+        *(("application/dicom", encoded(d)) for d in sent),
+    )
+    assert answer.status_code == 409
+    failed = pydicom.Dataset.from_json(answer.json()).FailedSOPSequence
+    assert [(f.ReferencedSOPInstanceUID, f.FailureReason) for f in failed] == [
+        (d.SOPInstanceUID, 0x0110) for d in sent
+    ]
+    assert "this case was cancelled" in answer.headers["warning"]

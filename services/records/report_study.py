@@ -1,0 +1,108 @@
+"""The second-opinion report placed into the study it reads, with that study's identity as its images carry it.
+
+The review service writes the report instance from the case as intake took it (exam date, accession, the
+patient as requested). A viewer groups a study by what its instances say, so a report that says otherwise
+than the images lands beside the study, not in it. Records holds the images: before the report is imported,
+its Patient and General Study attributes are replaced by the values of the study's released images.
+Released means their identity was reconciled (IHE IRWF: matched the case's patient, or a human accepted
+the difference), and Patient ID, Issuer and Accession Number are coerced to ours on the way out for the
+report exactly as for the images (reconcile.py), so the two agree there as well.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlmodel import Session, col, select
+
+from services.records.models import FileKind, RecordFile, RecordImport
+from services.records.store import ObjectStore
+
+REPORT_SOURCE = "second-opinion"
+# PS3.3 C.7.1.1 Patient and C.7.2.1 General Study: what a viewer groups and labels a study by.
+IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+    "StudyDescription",
+)
+OPTIONAL = {"IssuerOfPatientID", "StudyDescription"}  # Type 3: left out when the images have none
+SAMPLE = 8  # the study's first instances read for its identity (each value: the first one that has it)
+
+
+def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectStore) -> bytes | None:
+    """The report with the identity of the study it reads as the case's released images have it; None when
+    records holds no released image (then the report keeps what it says)."""
+    report = pydicom.dcmread(io.BytesIO(dicom))
+    images = _study_images(session, case_id, str(report.get("StudyInstanceUID") or ""))
+    if not images:
+        return None
+    identity = _identity(images, store)
+    for keyword in IDENTITY:
+        value = identity.get(keyword)
+        if value not in (None, ""):
+            setattr(report, keyword, value)
+        elif keyword in OPTIONAL:
+            if keyword in report:
+                delattr(report, keyword)
+        else:
+            setattr(report, keyword, "")  # Type 2: present and empty, as on the images
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _study_images(session: Session, case_id: str, study_uid: str) -> list[RecordFile]:
+    """The first released instances (not our own reports) of the report's study; of the study with most
+    instances when the report names none that records holds (the study records summarised for review)."""
+    rows = session.exec(
+        select(RecordFile)
+        .join(RecordImport, col(RecordFile.import_id) == col(RecordImport.import_id))
+        .where(
+            RecordFile.case_id == case_id,
+            RecordFile.kind == FileKind.DICOM,
+            col(RecordFile.released).is_(True),
+            col(RecordFile.study_instance_uid).is_not(None),
+            RecordImport.source != REPORT_SOURCE,
+        )
+        .order_by(col(RecordFile.id))
+    ).all()
+    by_study: dict[str, list[RecordFile]] = {}
+    for row in rows:
+        by_study.setdefault(str(row.study_instance_uid), []).append(row)
+    if not by_study:
+        return []
+    if study_uid not in by_study:
+        counts = Counter({uid: len(members) for uid, members in by_study.items()})
+        study_uid = counts.most_common(1)[0][0]  # on a tie, the study stored first
+    return by_study[study_uid][:SAMPLE]
+
+
+def _identity(images: list[RecordFile], store: ObjectStore) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for row in images:
+        header = _header(store, row)
+        for keyword in IDENTITY:
+            if keyword in found or keyword not in header:
+                continue
+            value = header[keyword].value
+            if value not in (None, ""):
+                # Person names as text: the report is UTF-8 whatever character set the image used.
+                found[keyword] = str(value) if header[keyword].VR == "PN" else value
+    return found
+
+
+def _header(store: ObjectStore, row: RecordFile) -> Dataset:
+    path = store.local_path(row.storage_path, row.sha256)
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SpecificCharacterSet", *IDENTITY])

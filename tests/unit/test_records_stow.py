@@ -1,0 +1,71 @@
+"""STOW-RS: each part of a request sorted into a usable instance or a refusal with its PS3.18 Failure Reason."""
+
+import io
+from pathlib import Path
+
+import pydicom
+
+from services.records.archive import Entry
+from services.records.header_probe import isolated_reader
+from services.records.limits import ImportLimits
+from services.records.store import ObjectStore
+from services.records.stow import FailureReason, sort_parts
+from tests.dicom_factory import make_us_instance
+from tests.hostile_corpus import dicomdir_pointing_to
+
+STUDY = "1.2.826.0.1.3680043.10.7"
+
+
+def parts(tmp_path: Path, *bodies: bytes) -> list[Entry]:
+    store = ObjectStore(tmp_path)
+    return [
+        Entry(
+            store.receive(io.BytesIO(body), position=n, total=n, limit=10_000_000),
+            None,
+            f"part {n} of the request",
+            declared_type="application/dicom",
+        )
+        for n, body in enumerate(bodies, start=1)
+    ]
+
+
+def without(data: bytes, keyword: str) -> bytes:
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    delattr(dataset, keyword)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_each_part_is_stored_or_refused_with_the_reason_ps3_18_lists(tmp_path: Path) -> None:
+    image = make_us_instance(None, study_uid=STUDY, series_uid=STUDY + ".1", sop_uid="1.2.3.1")
+    clip = make_us_instance(None, study_uid=STUDY, series_uid=STUDY + ".1", sop_uid="1.2.3.2", frames=8)
+    no_sop = without(
+        make_us_instance(None, study_uid=STUDY, series_uid=STUDY + ".1", sop_uid="1.2.3.3"), "SOPInstanceUID"
+    )
+    entries = parts(
+        tmp_path, image, clip, no_sop, dicomdir_pointing_to("IM1"), b"\0" * 128 + b"DICM" + b"\xff" * 64
+    )
+    limits = ImportLimits(max_pixel_bytes=64 * 64 * 4, parse_in_subprocess=False)
+
+    usable, refused = sort_parts(entries, limits, None, None)
+
+    assert [u.dicom.sop_instance_uid for u in usable if u.dicom] == ["1.2.3.1"]
+    assert [(r.label, r.reason) for r in refused] == [
+        ("part 2 of the request", FailureReason.OUT_OF_RESOURCES),  # over the pixel budget
+        ("part 3 of the request", FailureReason.DOES_NOT_MATCH_SOP_CLASS),
+        ("part 4 of the request", FailureReason.SOP_CLASS_NOT_SUPPORTED),  # a DICOMDIR is no instance
+        ("part 5 of the request", FailureReason.CANNOT_UNDERSTAND),
+    ]
+    assert [r.sop_instance_uid for r in refused[:2]] == ["1.2.3.2", "1.2.3.3"]  # the second from its meta
+    assert (refused[2].sop_class_uid, refused[3].sop_instance_uid) == ("1.2.840.10008.1.3.10", "")
+    assert refused[0].message.endswith(
+        "of one instance; ask the facility for an export with fewer frames; it was not stored"
+    )
+
+
+def test_the_reason_survives_a_header_parsed_in_a_worker_process(tmp_path: Path) -> None:
+    no_modality = without(make_us_instance(None, study_uid=STUDY, series_uid=STUDY + ".1"), "Modality")
+    read = isolated_reader(memory_bytes=1024**3, timeout=20)
+    _, [refused] = sort_parts(parts(tmp_path, no_modality), ImportLimits(), read, None)
+    assert refused.reason == FailureReason.DOES_NOT_MATCH_SOP_CLASS
