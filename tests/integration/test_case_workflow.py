@@ -429,6 +429,7 @@ async def test_an_urgent_cases_unanswered_offer_lapses_within_a_quarter_of_the_t
     assert withdraw["data"] == {"case_id": services.case_id, "review_id": "r1", "reason": "expired"}
     rematch = await services.expect("review.match")
     assert rematch["data"]["exclude_reviewers"] == ["spec-a"]
+    await keep_history(handle, "urgent_offer_lapses")
     await handle.terminate("test done")
     services.close()
 
@@ -625,6 +626,7 @@ async def test_a_critical_result_alerts_operations_before_the_report_is_composed
     assert "critical result" in alert["data"]["detail"] and "referring physician" in alert["data"]["detail"]
     await services.expect("report.compose")
     assert "critical_result" in [a.kind for a in await handle.query(CaseWorkflow.alerts)]
+    await keep_history(handle, "critical_result_alert")
     await handle.terminate("test done")
     services.close()
 
