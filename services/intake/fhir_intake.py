@@ -3,8 +3,8 @@
 Each resource is validated with the `fhir.resources` R4B models first; then the case is read from them:
 
 - Patient: name, birthDate, gender, identifier (MRN), address[0].state, managingOrganization (referrer's org)
-- ServiceRequest: identifier (the partner's case reference), requester (display and NPI identifier),
-  reasonCode (a `contracts.triage.Reason` code), note[0] (the clinical question)
+- ServiceRequest: identifier[0] (the partner's case reference: value and system), requester (display and
+  NPI identifier), reasonCode (a `contracts.triage.Reason` code), note[0] (the clinical question)
 - Coverage: subscriberId (member id), class of type `plan` (plan code); absent means self-pay
 - Consent (active) or a DocumentReference typed LOINC 59284-0: the records-release authorization
 - DocumentReference: the original report, kept as a case document
@@ -59,6 +59,7 @@ SOURCES = {
     "clinical_question": "ServiceRequest.note[0].text",
     "reason": "ServiceRequest.reasonCode[0].coding[0].code",
     "partner_case_ref": "ServiceRequest.identifier[0].value",
+    "partner_case_ref_system": "ServiceRequest.identifier[0].system",
     "coverage.member_id": "Coverage.subscriberId",
     "coverage.plan_code": "Coverage.class",
     "gestational_age_weeks": "Observation.valueQuantity.value",
@@ -182,8 +183,10 @@ def read_case(resources: dict[str, list[dict[str, Any]]]) -> FhirRequest:
         None,
     )
     procedure = _first(study.get("procedureCode"))
+    order = _first(request.get("identifier"))
     raw: dict[str, Any] = {
-        "partner_case_ref": _first(request.get("identifier")).get("value"),
+        "partner_case_ref": order.get("value"),
+        "partner_case_ref_system": order.get("system"),
         "patient": {
             "family_name": name.get("family"),
             "given_name": _first_str(name.get("given")),
