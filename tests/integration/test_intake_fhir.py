@@ -610,6 +610,53 @@ def test_a_conditional_create_reads_the_identifier_as_fhir_token_search(client: 
 
 
 @pytest.mark.parametrize(
+    ("damage", "where"),
+    [
+        (
+            lambda b: b["entry"][1]["resource"].update(
+                identifier=[{"system": "Jane Doe orders", "value": "S-1"}]
+            ),
+            "Bundle.entry[1].resource.identifier[0].system",
+        ),
+        (
+            lambda b: b["entry"][0]["resource"].update(identifier=[{"system": "MRN", "value": "S-2"}]),
+            "Bundle.entry[0].resource.identifier[0].system",
+        ),
+        (
+            lambda b: b["entry"][1]["resource"]["requester"]["identifier"].update(system="npi\u0000"),
+            "Bundle.entry[1].resource.requester.identifier.system",
+        ),
+        (
+            lambda b: b["entry"][1]["resource"].update(requisition={"system": "", "value": "S-3"}),
+            "Bundle.entry[1].resource.requisition.system",
+        ),
+        (
+            lambda b: b["entry"][0]["resource"].update(
+                contained=[{"resourceType": "Patient", "identifier": [{"system": "urn:a b", "value": "S-4"}]}]
+            ),
+            "Bundle.entry[0].resource.contained[0].identifier[0].system",
+        ),
+    ],
+    ids=["order", "patient MRN", "requester (NUL)", "requisition (empty)", "contained resource"],
+)
+def test_an_identifier_system_that_is_not_a_uri_is_a_422_naming_the_element_without_echo(
+    client: TestClient, engine: Engine, damage: Any, where: str
+) -> None:
+    body = order({"system": "urn:hospital-a:order", "value": "SYS-1"})
+    damage(body)
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    response = post_fhir(client, "/fhir", body)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert issue.expression == [where] and "absolute URI" in issue.diagnostics
+    assert not any(echo in response.text for echo in ("Jane Doe", "MRN", "npi", "urn:a b", "S-"))
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+
+
+@pytest.mark.parametrize(
     "condition",
     [
         "identifier=Jane%20Doe%7CCOND-9",
