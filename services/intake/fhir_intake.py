@@ -215,7 +215,8 @@ def read_case(resources: dict[str, list[dict[str, Any]]]) -> FhirRequest:
     order = _first(request.get("identifier"))
     raw: dict[str, Any] = {
         "partner_case_ref": order.get("value"),
-        "partner_case_ref_system": order.get("system"),
+        # An identifier with a system and no value names no order (it was ignored, and still is).
+        "partner_case_ref_system": order.get("system") if order.get("value") is not None else None,
         "patient": {
             "family_name": name.get("family"),
             "given_name": _first_str(name.get("given")),

@@ -689,3 +689,9 @@ def test_an_order_number_with_a_nul_is_a_422_not_a_500(client: TestClient) -> No
     response = client.post("/v1/cases", json=body)
     assert (response.status_code, response.headers["content-type"]) == (422, "application/problem+json")
     assert [e["field"] for e in response.json()["errors"]] == ["partner_case_ref"]
+
+
+def test_an_order_identifier_without_a_value_is_still_no_reference(client: TestClient) -> None:
+    created = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order"}))
+    assert created.status_code == 200, created.text
+    assert "groupIdentifier" not in case_task(created)
