@@ -75,6 +75,7 @@ class MatchSpecialist(Command):
     adequacy_warnings: list[str] = []  # records' technical adequacy findings, shown to the specialist
     partner_id: str | None = None  # the case's partner: its key may read the report
     partner_case_ref: str | None = None  # the partner's order: the report's basedOn names it
+    partner_case_ref_system: str | None = None  # its identifier system; None: sent without one
     procedure_scheduled_on: date | None = (
         None  # an invasive procedure planned on the strength of the first scan
     )

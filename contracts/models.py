@@ -135,3 +135,4 @@ class CaseInput(Strict):
     gestational_age_weeks: int | None = None
     policy: CasePolicy = Field(default_factory=CasePolicy)
     partner_case_ref: str | None = None  # the partner's order (ServiceRequest.identifier), for the report
+    partner_case_ref_system: str | None = None  # its identifier system; None: sent without one

@@ -375,6 +375,7 @@ class CaseWorkflow:
                     adequacy_warnings=records.warnings,
                     partner_id=case.partner_id,
                     partner_case_ref=case.partner_case_ref,
+                    partner_case_ref_system=case.partner_case_ref_system,
                     procedure_scheduled_on=case.procedure_scheduled_on,
                     gestational_age_weeks=case.gestational_age_weeks,
                 )

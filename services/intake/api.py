@@ -172,6 +172,7 @@ def to_public(case: Case, timeline: list[CaseTimelineEntry]) -> CasePublic:
         case_id=case.id,
         partner_id=case.partner_id,
         partner_case_ref=case.partner_case_ref,
+        partner_case_ref_system=handlers.reference_system(case),
         status=case.status,
         urgency=Urgency(case.urgency),
         subspecialty=case.subspecialty,
@@ -292,7 +293,8 @@ async def create_case(
 ) -> JSONResponse:
     """Create a case and start its workflow. The case is stored first: if Temporal is unreachable the
     workflow is started by the reconciler within seconds, so an accepted case is never lost. A repeated
-    `partner_case_ref` returns the existing case."""
+    `partner_case_ref` (with the same `partner_case_ref_system`, or again without one) returns the existing
+    case."""
 
     async def create() -> CasePublic:
         case, created = await open_case(body, [], caller, audit, engine, temporal, settings)
@@ -331,7 +333,7 @@ async def open_case(
         nonlocal created
         with Session(engine, expire_on_commit=False) as session:
             # A new reference is the common case: insert at once (no lookup first), and let the unique
-            # constraint on (partner, reference) find a repeat, sent before or concurrently.
+            # constraint on (partner, reference, system) find a repeat, sent before or concurrently.
             case = handlers.new_case(body, partner_id, session)
             for document, content in zip(documents, contents, strict=True):
                 session.add(document_row(case.id, document, content, caller))
@@ -342,7 +344,9 @@ async def open_case(
             except IntegrityError:
                 session.rollback()
                 created = None
-                existing = handlers.existing_case(body.partner_case_ref, partner_id, session)
+                existing = handlers.existing_case(
+                    body.partner_case_ref, body.partner_case_ref_system, partner_id, session
+                )
                 if existing is None:
                     raise  # not the reference's constraint
                 same_patient(existing, body)

@@ -36,6 +36,7 @@ from services.intake.api import (
 )
 from services.intake.fhir_task import to_task
 from services.intake.models import Case, CaseCreate
+from services.intake.order_reference import ReferenceSearch, SearchInvalid, parse_token
 
 FHIR_JSON = "application/fhir+json"
 MAX_FHIR_BYTES = 30 * 1024 * 1024
@@ -131,6 +132,16 @@ TRANSACTION_EXAMPLE = {
         },
     ],
 }
+CONDITION_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: outcome_doc(
+        "If-None-Exist (ifNoneExist) searches something else than identifier, or is malformed",
+        outcome("invalid", [("If-None-Exist", "conditional create searches identifier=[system|]value only")]),
+    ),
+    412: outcome_doc(
+        "If-None-Exist (ifNoneExist) names more than one case (a value used under several systems)",
+        outcome("multiple-matches", [(None, "send identifier=system|value")]),
+    ),
+}
 TRANSACTED: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "a transaction-response Bundle: an entry per request entry, in order; the "
@@ -138,6 +149,7 @@ TRANSACTED: dict[int | str, dict[str, Any]] = {
         "content": {FHIR_JSON: {"example": TRANSACTION_EXAMPLE}},
     },
     **POSTED,
+    **CONDITION_ERRORS,
 }
 
 
@@ -160,35 +172,47 @@ IfNoneExist = Annotated[
     Header(
         alias="If-None-Exist",
         max_length=300,
-        description="conditional create: `identifier=[system|]value`; a case of yours with that order "
-        "reference is answered (200) instead of creating one",
+        description="conditional create: `identifier=[system|]value` (FHIR token search: `value` under any "
+        "system, `|value` without one); a case of yours with that order reference is answered (200) "
+        "instead of creating one, two are a 412",
     ),
 ]
 
 
-def conditional_reference(query: str) -> str:
+def conditional_reference(query: str) -> ReferenceSearch:
     """The order reference an If-None-Exist (or Bundle.entry.request.ifNoneExist) asks about; only
-    `identifier` is searched (the partner_case_ref, kept without its system)."""
+    `identifier` is searched, as FHIR token search reads it: `value` under any system, `|value` under
+    none, `system|value` exactly."""
     try:
         params = parse_qs(query, strict_parsing=True)
     except ValueError:
         params = {}
     values = params.get("identifier") or []
-    if set(params) != {"identifier"} or len(values) != 1 or not values[0].rpartition("|")[2]:
+    if set(params) != {"identifier"} or len(values) != 1:
         raise fhir_intake.FhirInvalid(
             [fhir_intake.Issue("If-None-Exist", "conditional create searches identifier=[system|]value only")]
         )
-    return values[0].rpartition("|")[2]
+    try:
+        return parse_token(values[0])
+    except SearchInvalid as exc:
+        raise fhir_intake.FhirInvalid([fhir_intake.Issue("If-None-Exist", str(exc))]) from exc
 
 
-def existing_for(engine: Any, caller: CaseCaller, case: CaseCreate, reference: str) -> Case | None:
-    """The caller's case with this order reference (FHIR conditional create); 409 if it is another patient's."""
+def existing_for(engine: Any, caller: CaseCaller, case: CaseCreate, search: ReferenceSearch) -> Case | None:
+    """The caller's case with this order reference (FHIR conditional create); 409 if it is another patient's,
+    412 if the search names more than one case (a value under any system, used by two systems)."""
     partner_id = partner_for(case, caller)
     with Session(engine) as session:
-        found = handlers.existing_case(reference, partner_id, session)
-    if found is not None:
-        same_patient(found, case)
-    return found
+        found = handlers.cases_found(search, partner_id, session)
+    if len(found) > 1:
+        raise StarletteHTTPException(
+            412,
+            "If-None-Exist names more than one of your cases (the value is used under several systems); "
+            "send identifier=system|value, or identifier=|value for the reference sent without a system",
+        )
+    if found:
+        same_patient(found[0], case)
+    return found[0] if found else None
 
 
 async def create_from_fhir(
@@ -212,11 +236,8 @@ async def create_from_fhir(
         try:
             found = await run_in_threadpool(existing_for, engine, caller, parsed.case, reference)
         except StarletteHTTPException as exc:
-            return outcome_response(
-                exc.status_code,
-                "conflict" if exc.status_code == 409 else "processing",
-                [(None, str(exc.detail))],
-            )
+            code = {409: "conflict", 412: "multiple-matches"}.get(exc.status_code, "processing")
+            return outcome_response(exc.status_code, code, [(None, str(exc.detail))])
         if found is not None:
             location = f"{str(request.base_url).rstrip('/')}/fhir/Task/{found.id}"
             audit("read", "case", found.id, "success")
@@ -334,10 +355,7 @@ CONDITIONAL: dict[int | str, dict[str, Any]] = {
         "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
     },
     **CREATED,
-    400: outcome_doc(
-        "If-None-Exist searches something else than identifier",
-        outcome("invalid", [("If-None-Exist", "conditional create searches identifier=[system|]value only")]),
-    ),
+    **CONDITION_ERRORS,
 }
 
 

@@ -3,8 +3,8 @@
 Each resource is validated with the `fhir.resources` R4B models first; then the case is read from them:
 
 - Patient: name, birthDate, gender, identifier (MRN), address[0].state, managingOrganization (referrer's org)
-- ServiceRequest: identifier (the partner's case reference), requester (display and NPI identifier),
-  reasonCode (a `contracts.triage.Reason` code), note[0] (the clinical question)
+- ServiceRequest: identifier[0] (the partner's case reference: value and system), requester (display and
+  NPI identifier), reasonCode (a `contracts.triage.Reason` code), note[0] (the clinical question)
 - Coverage: subscriberId (member id), class of type `plan` (plan code); absent means self-pay
 - Consent (active) or a DocumentReference typed LOINC 59284-0: the records-release authorization
 - DocumentReference: the original report, kept as a case document
@@ -12,19 +12,23 @@ Each resource is validated with the `fhir.resources` R4B models first; then the 
 - Observation LOINC 49051-6 (gestational age, valueQuantity in weeks) for obstetric and fetal cases
 - Procedure with status `preparation`: performedDateTime is the planned invasive procedure's date
 
+Every Identifier.system, in any resource, must be an absolute URI (the R4B models take any string).
 A problem is a `FhirInvalid` naming the element as a FHIRPath, e.g. `Bundle.entry[0].resource.birthDate`.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
+from fhir.resources.R4B.identifier import Identifier
+from pydantic import BaseModel, ValidationError
 
 from services.intake.models import CaseCreate, DocumentCreate, DocumentKind
+from services.intake.order_reference import SYSTEM_RULE, is_identifier_system
 
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
 CONSENT_LOINC = "59284-0"
@@ -59,6 +63,7 @@ SOURCES = {
     "clinical_question": "ServiceRequest.note[0].text",
     "reason": "ServiceRequest.reasonCode[0].coding[0].code",
     "partner_case_ref": "ServiceRequest.identifier[0].value",
+    "partner_case_ref_system": "ServiceRequest.identifier[0].system",
     "coverage.member_id": "Coverage.subscriberId",
     "coverage.plan_code": "Coverage.class",
     "gestational_age_weeks": "Observation.valueQuantity.value",
@@ -93,7 +98,7 @@ def validated(resource: Any, path: str) -> dict[str, Any]:
     if kind not in SUPPORTED:
         raise FhirInvalid([Issue(f"{path}.resourceType", f"{kind} is not accepted here")])
     try:
-        get_fhir_model_class(kind).model_validate(resource)
+        model = get_fhir_model_class(kind).model_validate(resource)
     except ValidationError as exc:
         raise FhirInvalid(
             [Issue(".".join([path, *_loc(e["loc"])]).replace(".[", "["), e["msg"]) for e in exc.errors()[:20]]
@@ -104,7 +109,32 @@ def validated(resource: Any, path: str) -> dict[str, Any]:
         raise FhirInvalid(
             [Issue(path, "not a valid FHIR R4 resource (unknown type or nested too deep)")]
         ) from exc
+    try:
+        unsystematic = [
+            Issue(f"{where}.system", SYSTEM_RULE)
+            for where, identifier in identifiers(model, path)
+            if identifier.system is not None and not is_identifier_system(identifier.system)
+        ]
+    except RecursionError as exc:
+        raise FhirInvalid([Issue(path, "not a valid FHIR R4 resource (nested too deep)")]) from exc
+    if unsystematic:
+        raise FhirInvalid(unsystematic[:20])
     return resource
+
+
+def identifiers(element: Any, path: str) -> Iterator[tuple[str, Identifier]]:
+    """Every Identifier in a validated resource, wherever it sits (identifier, requisition, a Reference's,
+    an extension's valueIdentifier, a contained resource's), with its FHIRPath."""
+    if isinstance(element, Identifier):
+        yield path, element
+    if isinstance(element, BaseModel):
+        for name, info in type(element).model_fields.items():
+            value = getattr(element, name, None)
+            if value is not None:
+                yield from identifiers(value, f"{path}.{info.alias or name}")
+    elif isinstance(element, list):
+        for i, item in enumerate(element):
+            yield from identifiers(item, f"{path}[{i}]")
 
 
 def _loc(loc: tuple[Any, ...]) -> list[str]:
@@ -182,8 +212,11 @@ def read_case(resources: dict[str, list[dict[str, Any]]]) -> FhirRequest:
         None,
     )
     procedure = _first(study.get("procedureCode"))
+    order = _first(request.get("identifier"))
     raw: dict[str, Any] = {
-        "partner_case_ref": _first(request.get("identifier")).get("value"),
+        "partner_case_ref": order.get("value"),
+        # An identifier with a system and no value names no order (it was ignored, and still is).
+        "partner_case_ref_system": order.get("system") if order.get("value") is not None else None,
         "patient": {
             "family_name": name.get("family"),
             "given_name": _first_str(name.get("given")),

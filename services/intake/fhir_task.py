@@ -35,6 +35,15 @@ def task_status(case_status: str) -> str:
     return TASK_STATUS.get(case_status, "in-progress")
 
 
+def order_identifier(case: Case) -> dict[str, str]:
+    """The partner's order as it was sent (ServiceRequest.identifier); one sent without a system is named
+    in the partner's own namespace, as it always was."""
+    return {
+        "system": case.partner_case_ref_system or f"urn:secondopinion:partner:{case.partner_id}",
+        "value": str(case.partner_case_ref),
+    }
+
+
 def to_task(case: Case) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "resourceType": "Task",
@@ -52,10 +61,7 @@ def to_task(case: Case) -> dict[str, Any]:
         "restriction": {"period": {"end": case.due_at.isoformat()}},
     }
     if case.partner_case_ref:
-        resource["groupIdentifier"] = {
-            "system": f"urn:secondopinion:partner:{case.partner_id}",
-            "value": case.partner_case_ref,
-        }
+        resource["groupIdentifier"] = order_identifier(case)
     if case.delivered_at and case.report_pdf_url and case.report_fhir_url:
         resource["output"] = [
             {"type": {"text": "report (PDF)"}, "valueUrl": case.report_pdf_url},

@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 
 import structlog
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -19,6 +19,7 @@ from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.temporal import CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID, SUBSPECIALTY
 from services.intake.models import Case, CaseCreate, CaseTimelineEntry
+from services.intake.order_reference import ReferenceSearch
 from services.intake.triage import triage
 
 log = structlog.get_logger(__name__)
@@ -30,13 +31,32 @@ def workflow_id(case_id: str) -> str:
     return f"case-{case_id}"
 
 
-def existing_case(reference: str | None, partner_id: str, session: Session) -> Case | None:
-    """The partner's case with this `partner_case_ref` (a request's, or an If-None-Exist's), if any."""
+def existing_case(
+    reference: str | None, system: str | None, partner_id: str, session: Session
+) -> Case | None:
+    """The partner's case with this `partner_case_ref` under this system (None: sent without one), if any."""
     if not reference:
         return None
     return session.exec(
-        select(Case).where(Case.partner_id == partner_id, Case.partner_case_ref == reference)
+        select(Case).where(
+            Case.partner_id == partner_id,
+            Case.partner_case_ref == reference,
+            Case.partner_case_ref_system == (system or ""),
+        )
     ).first()
+
+
+def cases_found(search: ReferenceSearch, partner_id: str, session: Session, limit: int = 2) -> list[Case]:
+    """The partner's cases an `identifier` search names (FHIR token search), at most `limit` of them."""
+    query = select(Case).where(Case.partner_id == partner_id, Case.partner_case_ref == search.value)
+    if not search.any_system:
+        query = query.where(Case.partner_case_ref_system == (search.system or ""))
+    return list(session.exec(query.order_by(col(Case.created_at)).limit(limit)).all())
+
+
+def reference_system(case: Case) -> str | None:
+    """The system of the case's partner reference; None when it was sent without one."""
+    return case.partner_case_ref_system or None
 
 
 def new_case(request: CaseCreate, partner_id: str, session: Session, now: datetime | None = None) -> Case:
@@ -54,6 +74,7 @@ def new_case(request: CaseCreate, partner_id: str, session: Session, now: dateti
         id=str(uuid.uuid4()),
         partner_id=partner_id,
         partner_case_ref=request.partner_case_ref,
+        partner_case_ref_system=request.partner_case_ref_system or "",
         urgency=decided.urgency,
         subspecialty=decided.subspecialty,
         due_at=decided.due_at,
@@ -91,6 +112,7 @@ def case_input(case: Case) -> CaseInput:
         coverage=request.coverage,
         consent_on_file=case.consent_on_file,
         partner_case_ref=case.partner_case_ref,
+        partner_case_ref_system=reference_system(case),
         procedure_scheduled_on=request.procedure_scheduled_on,
         gestational_age_weeks=request.gestational_age_weeks,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from pydantic import Field as PField
 from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -13,6 +13,7 @@ from sqlmodel import Field, SQLModel
 from contracts.models import CaseStatus, Coverage, Exam, Patient, ReferringPhysician, Urgency
 from contracts.triage import Reason
 from services.common.db import utcnow
+from services.intake.order_reference import SYSTEM_MAX_LENGTH, SYSTEM_RULE, is_identifier_system
 
 TABLES = (
     "cases",
@@ -35,6 +36,7 @@ class CaseCreate(BaseModel):
             "examples": [
                 {
                     "partner_case_ref": "REF-1001",
+                    "partner_case_ref_system": "urn:oid:2.16.840.1.113883.19.5.1",
                     "patient": {
                         "family_name": "Doe",
                         "given_name": "Jane",
@@ -66,7 +68,17 @@ class CaseCreate(BaseModel):
         pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
         description="omit it: a partner key creates cases for its own partner; operations keys must name one",
     )
-    partner_case_ref: str | None = PField(default=None, max_length=100)
+    partner_case_ref: str | None = PField(
+        default=None,
+        max_length=100,
+        description="your order's identifier (FHIR: ServiceRequest.identifier.value); one case per reference",
+    )
+    partner_case_ref_system: str | None = PField(
+        default=None,
+        max_length=SYSTEM_MAX_LENGTH,
+        description="the namespace of partner_case_ref (FHIR: ServiceRequest.identifier.system), an absolute "
+        "URI; the same reference under another system, or under none, names another order",
+    )
     patient: Patient
     referring: ReferringPhysician
     exam: Exam
@@ -83,12 +95,35 @@ class CaseCreate(BaseModel):
         "case waits in `awaiting_consent` until a `records_release_authorization` document is added",
     )
 
+    @field_validator("partner_case_ref")
+    @classmethod
+    def _reference_is_text(cls, reference: str | None) -> str | None:
+        # Only NUL: the database cannot store it (it was a 500), while stored references may hold anything else.
+        if reference is not None and "\x00" in reference:
+            raise ValueError("a reference cannot contain a NUL character")
+        return reference
+
+    @field_validator("partner_case_ref_system")
+    @classmethod
+    def _system_of_a_reference(cls, system: str | None, info: ValidationInfo) -> str | None:
+        # Messages name the rule, never the value sent.
+        if system is None:
+            return None
+        if not is_identifier_system(system):
+            raise ValueError(SYSTEM_RULE)
+        if "partner_case_ref" in info.data and info.data["partner_case_ref"] is None:
+            raise ValueError("a system names the namespace of partner_case_ref; send partner_case_ref too")
+        return system
+
 
 class Case(SQLModel, table=True):
     __tablename__ = "cases"
-    # A partner's own reference names one case at most, even when two requests race.
+    # A partner's own reference names one case at most, even when two requests race; the reference is its
+    # value and system (migration 0006), so it also serves the search of a value under any system.
     __table_args__ = (
-        UniqueConstraint("partner_id", "partner_case_ref", name="uq_cases_partner_ref"),
+        UniqueConstraint(
+            "partner_id", "partner_case_ref", "partner_case_ref_system", name="uq_cases_partner_ref_system"
+        ),
         # The case list: one partner's cases in one status, newest first (migration 0005).
         Index("ix_cases_partner_status_created", "partner_id", "status", "created_at", "id"),
     )
@@ -96,6 +131,10 @@ class Case(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=36)
     partner_id: str = Field(index=True, max_length=64)
     partner_case_ref: str | None = Field(default=None, max_length=100)
+    # "" when the reference came without a system: NULLs would never collide in the unique constraint.
+    partner_case_ref_system: str = Field(
+        default="", max_length=SYSTEM_MAX_LENGTH, sa_column_kwargs={"server_default": ""}
+    )
     status: str = Field(default=CaseStatus.INTAKE, index=True, max_length=40)
     urgency: str = Field(max_length=20)
     subspecialty: str = Field(max_length=60)
@@ -143,6 +182,7 @@ class CasePublic(BaseModel):
     case_id: str
     partner_id: str
     partner_case_ref: str | None
+    partner_case_ref_system: str | None = None
     status: str = PField(description="a CaseStatus value, or `awaiting_consent`")
     urgency: Urgency
     subspecialty: str

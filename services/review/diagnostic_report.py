@@ -81,12 +81,13 @@ def build_diagnostic_report(
 
 
 def based_on(content: ReportContent) -> dict[str, Any]:
-    """The partner's order this report answers, named as intake's Task names it (groupIdentifier)."""
+    """The partner's order this report answers, named as intake's Task names it (groupIdentifier): under
+    its own identifier system, or the partner's namespace when it was sent without one."""
     request = content.request
     if not (request.partner_case_ref and request.partner_id):
         return {}
     identifier = {
-        "system": f"urn:secondopinion:partner:{request.partner_id}",
+        "system": request.partner_case_ref_system or f"urn:secondopinion:partner:{request.partner_id}",
         "value": request.partner_case_ref,
     }
     return {"basedOn": [{"type": "ServiceRequest", "identifier": identifier}]}

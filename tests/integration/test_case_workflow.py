@@ -384,6 +384,22 @@ async def test_records_reminders_escalation_and_late_records_move_the_due_date(
     services.close()
 
 
+async def test_the_match_command_names_the_partners_order_with_its_system(
+    client: Client, settings: Settings
+) -> None:
+    """The review's DiagnosticReport.basedOn names the order as the partner sent it: value and system."""
+    handle, services = await start(
+        client, settings, partner_case_ref="777", partner_case_ref_system="urn:oid:2.16.840.1.113883.19.5.1"
+    )
+    match = await to_match(services)
+    assert (match["data"]["partner_case_ref"], match["data"]["partner_case_ref_system"]) == (
+        "777",
+        "urn:oid:2.16.840.1.113883.19.5.1",
+    )
+    await handle.terminate("test done")
+    services.close()
+
+
 async def test_decline_and_expiry_rematch_excluding_those_reviewers(
     client: Client, settings: Settings, temporal_env
 ) -> None:  # type: ignore[no-untyped-def]

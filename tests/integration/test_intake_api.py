@@ -113,6 +113,59 @@ def test_same_partner_reference_never_creates_a_second_case(client: TestClient) 
     assert first["case_id"] == second["case_id"]
 
 
+def test_one_reference_under_two_systems_is_two_cases_and_each_is_kept_apart(
+    client: TestClient, engine: Engine
+) -> None:
+    """Two hospitals behind one partner number their orders alike: the system tells the orders apart."""
+    ref = f"REF-{uuid.uuid4().hex[:6]}"
+    answers = {
+        system: client.post(
+            "/v1/cases", json=dict(SAMPLE, partner_case_ref=ref, partner_case_ref_system=system)
+        )
+        for system in ("urn:oid:2.16.840.1.113883.19.5.1", "https://hospital-b.example/orders", None)
+    }
+    assert {a.status_code for a in answers.values()} == {201}, [a.text for a in answers.values()]
+    assert len({a.json()["case_id"] for a in answers.values()}) == 3
+    for system, answer in answers.items():
+        assert (answer.json()["partner_case_ref"], answer.json()["partner_case_ref_system"]) == (ref, system)
+        again = client.post(
+            "/v1/cases", json=dict(SAMPLE, partner_case_ref=ref, partner_case_ref_system=system)
+        )
+        assert again.json()["case_id"] == answer.json()["case_id"]  # the same order again: the same case
+    with Session(engine) as session:
+        case = session.get(Case, answers["https://hospital-b.example/orders"].json()["case_id"])
+        assert case is not None
+        assert handlers.case_input(case).partner_case_ref_system == "https://hospital-b.example/orders"
+    # A system is a namespace: the same value under one system is still one patient's order.
+    other_patient = copy.deepcopy(SAMPLE) | {
+        "partner_case_ref": ref,
+        "partner_case_ref_system": "urn:oid:2.16.840.1.113883.19.5.1",
+    }
+    other_patient["patient"]["given_name"] = "Mary"
+    refused = client.post("/v1/cases", json=other_patient)
+    assert refused.status_code == 409 and "Mary" not in refused.text
+
+
+@pytest.mark.parametrize(
+    ("sent", "rule"),
+    [
+        ({"partner_case_ref": "R-1", "partner_case_ref_system": "Jane Doe placer"}, "absolute URI"),
+        ({"partner_case_ref": "R-1", "partner_case_ref_system": "urn:x:" + "y" * 300}, "at most 255"),
+        ({"partner_case_ref_system": "urn:oid:1.2.3"}, "send partner_case_ref too"),
+    ],
+    ids=["not a URI", "too long", "a system without a reference"],
+)
+def test_a_reference_system_that_is_not_a_uri_is_a_problem_naming_the_field_without_echo(
+    client: TestClient, sent: dict[str, str], rule: str
+) -> None:
+    response = client.post("/v1/cases", json=dict(SAMPLE, **sent))
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    [error] = response.json()["errors"]
+    assert error["field"] == "partner_case_ref_system" and rule in error["message"]
+    assert "Jane Doe placer" not in response.text and "yyyy" not in response.text
+
+
 def test_the_same_reference_sent_concurrently_is_one_case_with_one_timeline(
     client: TestClient, engine: Engine
 ) -> None:

@@ -26,7 +26,7 @@ from services.common.db import make_engine
 from services.common.http import create_app
 from services.intake import api, consumer, fhir_api, handlers
 from services.intake.models import Case, CaseDocument
-from tests.integration.test_intake_api import new_partner
+from tests.integration.test_intake_api import SAMPLE, new_partner
 
 REPORT = base64.b64encode(b"PELVIC ULTRASOUND: 4 cm complex adnexal mass.").decode()
 FORM = base64.b64encode(b"%PDF-1.4 signed release").decode()
@@ -360,7 +360,7 @@ def test_a_reference_already_used_for_another_patient_is_refused_not_merged(
     first = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order", "value": "777"}))
     assert first.status_code == 200, first.text
     other = order(
-        {"system": "urn:hospital-b:order", "value": "777"},
+        {"system": "urn:hospital-a:order", "value": "777"},
         name=[{"family": "Roe", "given": ["Mary"]}],
         birthDate="1990-01-01",
     )
@@ -374,6 +374,38 @@ def test_a_reference_already_used_for_another_patient_is_refused_not_merged(
         assert len(session.exec(select(Case)).all()) == before
     same = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order", "value": "777"}))
     assert case_task(same)["id"] == case_task(first)["id"]  # the same order again is the same case
+
+
+def test_the_same_order_number_from_two_hospitals_is_two_cases_each_answered_with_its_system(
+    client: TestClient, engine: Engine
+) -> None:
+    """One partner, two hospitals numbering their placer orders alike, the same patient: two orders."""
+    systems = ("urn:hospital-a:order", "urn:hospital-b:order", None)
+    tasks = {}
+    for system in systems:
+        reference = {"value": "888"} | ({"system": system} if system else {})
+        created = post_fhir(client, "/fhir", order(reference))
+        assert created.status_code == 200, created.text
+        tasks[system] = case_task(created)
+    assert len({t["id"] for t in tasks.values()}) == 3
+    # The Task answers the order as it was sent; one sent without a system, in the partner's namespace.
+    assert tasks["urn:hospital-b:order"]["groupIdentifier"] == {
+        "system": "urn:hospital-b:order",
+        "value": "888",
+    }
+    assert tasks[None]["groupIdentifier"]["system"].startswith("urn:secondopinion:partner:")
+    for system in systems:
+        shown = client.get(f"/fhir/Task/{tasks[system]['id']}").json()
+        assert shown["groupIdentifier"] == tasks[system]["groupIdentifier"]
+        assert client.get(f"/v1/cases/{tasks[system]['id']}").json()["partner_case_ref_system"] == system
+        reference = {"value": "888"} | ({"system": system} if system else {})
+        assert case_task(post_fhir(client, "/fhir", order(reference)))["id"] == tasks[system]["id"]
+    with Session(engine) as session:
+        stored = session.get(Case, tasks["urn:hospital-a:order"]["id"])
+        assert (
+            stored is not None
+            and handlers.case_input(stored).partner_case_ref_system == "urn:hospital-a:order"
+        )
 
 
 def test_a_create_answers_where_the_task_is_read(client: TestClient) -> None:
@@ -539,3 +571,127 @@ def test_a_conditional_create_on_something_else_than_identifier_is_a_400(client:
     assert response.status_code == 400
     issue = OperationOutcome.model_validate(response.json()).issue[0]
     assert issue.expression == ["If-None-Exist"] and "Doe" not in response.text
+
+
+def test_a_conditional_create_reads_the_identifier_as_fhir_token_search(client: TestClient) -> None:
+    """`system|value` exactly, `|value` only the reference sent without a system, `value` under any system:
+    one match is answered, two are a 412 (FHIR conditional create), none creates."""
+
+    def post(identifier: dict[str, str], condition: str) -> Any:
+        request = contained_request(identifier["value"]) | {"identifier": [identifier]}
+        return client.post(
+            "/fhir/ServiceRequest",
+            json=request,
+            headers={"If-None-Exist": condition, "Content-Type": "application/fhir+json"},
+        )
+
+    a = post({"system": "urn:hospital-a:order", "value": "TOK-1"}, "identifier=urn:hospital-a:order|TOK-1")
+    b = post({"system": "urn:hospital-b:order", "value": "TOK-1"}, "identifier=urn:hospital-b:order|TOK-1")
+    bare = post({"value": "TOK-1"}, "identifier=%7CTOK-1")  # "|TOK-1": none without a system yet
+    assert (a.status_code, b.status_code, bare.status_code) == (201, 201, 201), (a.text, b.text, bare.text)
+    assert len({a.json()["id"], b.json()["id"], bare.json()["id"]}) == 3
+
+    found = post(
+        {"system": "urn:hospital-b:order", "value": "TOK-1"}, "identifier=urn:hospital-b:order|TOK-1"
+    )
+    assert (found.status_code, found.json()["id"]) == (200, b.json()["id"])
+    found = post({"value": "TOK-1"}, "identifier=|TOK-1")
+    assert (found.status_code, found.json()["id"]) == (200, bare.json()["id"])
+
+    several = post({"value": "TOK-1"}, "identifier=TOK-1")  # under any system: three cases
+    assert several.status_code == 412, several.text
+    issue = OperationOutcome.model_validate(several.json()).issue[0]
+    assert issue.code == "multiple-matches" and "identifier=system|value" in issue.diagnostics
+
+    only = post({"system": "urn:hospital-c:order", "value": "TOK-2"}, "identifier=urn:hospital-c:order|TOK-2")
+    again = post({"system": "urn:hospital-c:order", "value": "TOK-2"}, "identifier=TOK-2")  # one, any system
+    assert (again.status_code, again.json()["id"]) == (200, only.json()["id"])
+    assert post({"value": "TOK-2"}, "identifier=|TOK-2").status_code == 201  # none without a system
+
+
+@pytest.mark.parametrize(
+    ("damage", "where"),
+    [
+        (
+            lambda b: b["entry"][1]["resource"].update(
+                identifier=[{"system": "Jane Doe orders", "value": "S-1"}]
+            ),
+            "Bundle.entry[1].resource.identifier[0].system",
+        ),
+        (
+            lambda b: b["entry"][0]["resource"].update(identifier=[{"system": "MRN", "value": "S-2"}]),
+            "Bundle.entry[0].resource.identifier[0].system",
+        ),
+        (
+            lambda b: b["entry"][1]["resource"]["requester"]["identifier"].update(system="npi\u0000"),
+            "Bundle.entry[1].resource.requester.identifier.system",
+        ),
+        (
+            lambda b: b["entry"][1]["resource"].update(requisition={"system": "", "value": "S-3"}),
+            "Bundle.entry[1].resource.requisition.system",
+        ),
+        (
+            lambda b: b["entry"][0]["resource"].update(
+                contained=[{"resourceType": "Patient", "identifier": [{"system": "urn:a b", "value": "S-4"}]}]
+            ),
+            "Bundle.entry[0].resource.contained[0].identifier[0].system",
+        ),
+    ],
+    ids=["order", "patient MRN", "requester (NUL)", "requisition (empty)", "contained resource"],
+)
+def test_an_identifier_system_that_is_not_a_uri_is_a_422_naming_the_element_without_echo(
+    client: TestClient, engine: Engine, damage: Any, where: str
+) -> None:
+    body = order({"system": "urn:hospital-a:order", "value": "SYS-1"})
+    damage(body)
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    response = post_fhir(client, "/fhir", body)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert issue.expression == [where] and "absolute URI" in issue.diagnostics
+    assert not any(echo in response.text for echo in ("Jane Doe", "MRN", "npi", "urn:a b", "S-"))
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "identifier=Jane%20Doe%7CCOND-9",
+        "identifier=urn:a%7C",
+        "identifier=urn:a%7CCOND-9%5C",
+        "identifier=urn:a%7CCOND%009",
+    ],
+    ids=["system not a URI", "no value", "lone backslash", "NUL in the value"],
+)
+def test_a_conditional_create_with_a_bad_identifier_is_a_400_without_echo(
+    client: TestClient, condition: str
+) -> None:
+    response = client.post(
+        "/fhir/ServiceRequest",
+        json=contained_request("COND-9"),
+        headers={"If-None-Exist": condition, "Content-Type": "application/fhir+json"},
+    )
+    assert response.status_code == 400, response.text
+    issue = OperationOutcome.model_validate(response.json()).issue[0]
+    assert issue.expression == ["If-None-Exist"] and "Jane" not in response.text
+
+
+def test_an_order_number_with_a_nul_is_a_422_not_a_500(client: TestClient) -> None:
+    """PostgreSQL stores no NUL: refused as invalid, under /fhir and on the JSON API."""
+    response = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order", "value": "NUL\x00-1"}))
+    assert response.status_code == 422, response.text
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert issue.expression == ["ServiceRequest.identifier[0].value"] and "NUL-" not in response.text
+    body = dict(SAMPLE, partner_case_ref="NUL\x00-2", partner_case_ref_system="urn:hospital-a:order")
+    response = client.post("/v1/cases", json=body)
+    assert (response.status_code, response.headers["content-type"]) == (422, "application/problem+json")
+    assert [e["field"] for e in response.json()["errors"]] == ["partner_case_ref"]
+
+
+def test_an_order_identifier_without_a_value_is_still_no_reference(client: TestClient) -> None:
+    created = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order"}))
+    assert created.status_code == 200, created.text
+    assert "groupIdentifier" not in case_task(created)

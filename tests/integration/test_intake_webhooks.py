@@ -133,6 +133,7 @@ def test_rotation_any_of_several_signatures_and_the_previous_secret_for_a_day(
         ("not an envelope", 400, "envelope"),
         ("unknown event type", 422, "not accepted"),
         ("bundle without patient", 422, "FHIR Bundle"),
+        ("identifier system not a URI", 422, "FHIR Bundle"),
         ("oversized body", 413, "10 MB"),
     ],
 )
@@ -177,6 +178,11 @@ def test_a_rejected_delivery_is_4xx_and_changes_nothing(
         body = event("case.deleted", {})
     elif case == "bundle without patient":
         body = event("case.requested", {**FULL, "entry": FULL["entry"][1:]})
+    elif case == "identifier system not a URI":
+        order = {**FULL["entry"][1]["resource"], "identifier": [{"system": "Jane's orders", "value": "W-1"}]}
+        body = event(
+            "case.requested", {**FULL, "entry": [FULL["entry"][0], {"resource": order}, *FULL["entry"][2:]]}
+        )
     elif case == "oversized body":
         body = b" " * (webhooks_in.MAX_BODY_BYTES + 1)
     before = counts(engines[0])
@@ -184,6 +190,9 @@ def test_a_rejected_delivery_is_4xx_and_changes_nothing(
     assert response.status_code == status, response.text
     assert says in response.json()["detail"]
     assert "Jane" not in response.text
+    if case == "identifier system not a URI":
+        [error] = response.json()["errors"]
+        assert error["field"] == "data.Bundle.entry[1].resource.identifier[0].system"
     assert counts(engines[0]) == before
     if status in (400, 401, 413):
         with Session(engines[1]) as session:

@@ -215,9 +215,21 @@ def test_the_report_names_the_partners_order_it_answers() -> None:
     [order] = report.basedOn
     assert (order.type, order.identifier.system, order.identifier.value) == (
         "ServiceRequest",
-        "urn:secondopinion:partner:bayview",  # as intake's Task names it in groupIdentifier
+        "urn:secondopinion:partner:bayview",  # sent without a system: as intake's Task names it
         "ORD-1",
     )
+    # An order sent with its identifier system (two hospitals behind one partner) is named under it.
+    hospital = dataclasses.replace(
+        ordered,
+        request=ordered.request.model_copy(
+            update={"partner_case_ref_system": "urn:oid:2.16.840.1.113883.19.5"}
+        ),
+    )
+    report = DiagnosticReport.model_validate(
+        build_diagnostic_report(report_id="r-3", content=hospital, pdf=pdf, pdf_url="http://x", issued=issued)
+    )
+    [order] = report.basedOn
+    assert (order.identifier.system, order.identifier.value) == ("urn:oid:2.16.840.1.113883.19.5", "ORD-1")
     unordered = build_diagnostic_report(
         report_id="r-2", content=content(), pdf=pdf, pdf_url="http://x", issued=issued
     )
