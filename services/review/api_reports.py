@@ -119,7 +119,7 @@ def get_patient_summary(
     return patient_summary(
         case_id=case_id,
         exam_type=review.exam_type,
-        reviewer=f"{reviewer.display_name}, {reviewer.credentials}",
+        reviewer=str(handlers.signature_of(review) or f"{reviewer.display_name}, {reviewer.credentials}"),
         signed_at=review.submitted_at,
         findings=findings,
         follow_ups=[(q.text, q.answer or "") for q in answered],

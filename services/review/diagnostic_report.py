@@ -29,11 +29,9 @@ def build_diagnostic_report(
     *, report_id: str, content: ReportContent, pdf: bytes, pdf_url: str, issued: datetime
 ) -> dict[str, Any]:
     """The DiagnosticReport resource as JSON, after validating it against the R4 model."""
-    interpreter = {
-        "type": "Practitioner",
-        "identifier": {"system": NPI_SYSTEM, "value": content.reviewer.npi},
-        "display": content.reviewer_signature,
-    }
+    interpreter: dict[str, Any] = {"type": "Practitioner", "display": content.reviewer_signature}
+    if content.signer.npi:
+        interpreter["identifier"] = {"system": NPI_SYSTEM, "value": content.signer.npi}
     service = {"type": "Organization", "display": content.reviewer.organization}
     pdf_attachment = {
         "contentType": "application/pdf",

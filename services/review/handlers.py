@@ -42,7 +42,7 @@ from services.review.models import (
     Specialist,
     as_utc,
 )
-from services.review.report_pdf import Addendum, ReportContent, render_report_pdf
+from services.review.report_pdf import Addendum, ReportContent, Signature, render_report_pdf
 
 SOURCE = "/services/review"
 
@@ -115,9 +115,15 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
 
 
 def submit(review: Review, findings: ReviewFindings, session: Session) -> None:
-    """Record the specialist's second opinion; the caller has checked the review is accepted."""
+    """Record the specialist's second opinion, and the signature block it is signed with (the directory's
+    entry may change later; the signed report must not); the caller has checked the review is accepted."""
     for name, value in findings.model_dump(mode="json").items():
         setattr(review, name, value)
+    reviewer = session.get(Specialist, review.reviewer_id)
+    if reviewer is not None:
+        review.signed_name = reviewer.display_name
+        review.signed_credentials = reviewer.credentials
+        review.signed_npi = reviewer.npi or None
     review.status = "submitted"
     review.draft = None
     review.submitted_at = utcnow()
@@ -226,6 +232,7 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
         reviewer=reviewer,
         subspecialty=review.subspecialty,
         signed_at=review.submitted_at,
+        signature=signature_of(review),
         addenda=tuple(Addendum(q.text, q.answer or "", as_utc(q.answered_at or utcnow())) for q in answered),
     )
     pdf = render_report_pdf(content)
@@ -243,6 +250,13 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
     else:
         report.created_at = issued
     session.add(report)
+
+
+def signature_of(review: Review) -> Signature | None:
+    """The signature block copied at submission (None before copies were kept: the directory's entry)."""
+    if review.signed_name is None or review.signed_credentials is None:
+        return None
+    return Signature(review.signed_name, review.signed_credentials, review.signed_npi)
 
 
 def _store_pdf(settings: Settings, pdf: bytes) -> tuple[str, str]:

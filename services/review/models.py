@@ -127,6 +127,11 @@ class Review(SQLModel, table=True):
     critical_result: bool = False
     communication: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     submitted_at: datetime | None = Field(default=None)
+    # The signature block as the directory had it at submission: the signed report prints this, not the
+    # directory's current entry. None on reviews submitted before the copy was kept.
+    signed_name: str | None = Field(default=None, max_length=200)
+    signed_credentials: str | None = Field(default=None, max_length=100)
+    signed_npi: str | None = Field(default=None, max_length=10)
 
 
 class Report(SQLModel, table=True):

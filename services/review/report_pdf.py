@@ -44,6 +44,18 @@ class Addendum:
 
 
 @dataclass(frozen=True)
+class Signature:
+    """The signature block: name, credentials and NPI as they were when the reviewer signed."""
+
+    name: str
+    credentials: str
+    npi: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}, {self.credentials}"
+
+
+@dataclass(frozen=True)
 class ReportContent:
     """What the integrated report says, gathered from the review request, the findings and the reviewer."""
 
@@ -54,14 +66,22 @@ class ReportContent:
     subspecialty: str
     signed_at: datetime
     addenda: tuple[Addendum, ...] = ()
+    # Copied onto the review at submission; None for reviews signed before that: the directory's entry.
+    signature: Signature | None = None
 
     @property
     def patient_name(self) -> str:
         return f"{self.request.patient.given_name} {self.request.patient.family_name}"
 
     @property
+    def signer(self) -> Signature:
+        if self.signature is not None:
+            return self.signature
+        return Signature(self.reviewer.display_name, self.reviewer.credentials, self.reviewer.npi or None)
+
+    @property
     def reviewer_signature(self) -> str:
-        return f"{self.reviewer.display_name}, {self.reviewer.credentials}"
+        return str(self.signer)
 
 
 def render_report_pdf(content: ReportContent) -> bytes:
@@ -172,11 +192,12 @@ def _story(c: ReportContent) -> list[Flowable]:
     if f.patient_answers:
         story += _section("Answers to the patient's questions", [f.patient_answers], styles, bullets=False)
     subspecialty = c.subspecialty.replace("_", " ")
+    npi = f" (NPI {escape(c.signer.npi)})" if c.signer.npi else ""
     story += [
         Spacer(1, 6 * mm),
         Paragraph(
             f"<b>Reviewer:</b> {escape(c.reviewer_signature)} — {escape(subspecialty)}, "
-            f"{escape(c.reviewer.organization)} (NPI {escape(c.reviewer.npi)})",
+            f"{escape(c.reviewer.organization)}{npi}",
             styles["BodyText"],
         ),
         Paragraph(
