@@ -71,11 +71,18 @@ def build_diagnostic_report(
             "issued": issued.isoformat(),
             "performer": [service],
             "resultsInterpreter": [interpreter],
-            "conclusion": content.findings.impression,
+            "conclusion": conclusion(content),
             "presentedForm": [pdf_attachment],
         }
     )
     return json.loads(resource.model_dump_json())
+
+
+def conclusion(content: ReportContent) -> str:
+    """The impression, then the recommendations (a receiver that shows only the conclusion shows both).
+    Structured follow-ups are written out in words: R4 has no element for them, and no extension is made up."""
+    lines = "\n".join(f"- {line}" for line in content.recommendations)
+    return f"{content.findings.impression}\n\nRecommendations:\n{lines}"
 
 
 def based_on(content: ReportContent) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from sqlmodel import Field, SQLModel
 
 from contracts.models import Exam, OriginalReport, StudySummary
 from services.common.db import utcnow
+from services.review.recommendations import RecommendationItem
 
 TABLES = ("specialists", "reviews", "reports", "follow_up_questions")
 
@@ -119,7 +120,9 @@ class Review(SQLModel, table=True):
     findings: str | None = None
     impression: str | None = None
     alternative_diagnoses: list[str] | None = Field(default=None, sa_type=JSON)
-    recommendations: list[str] | None = Field(default=None, sa_type=JSON)
+    recommendations: list[str | dict[str, Any]] | None = Field(
+        default=None, sa_type=JSON, description="strings, or services.review.recommendations.Recommendation"
+    )
     new_ultrasound_needed: bool | None = None
     radpeer_score: str | None = Field(default=None, max_length=2)
     patient_answers: str | None = None
@@ -214,7 +217,11 @@ class ReviewFindings(BaseModel):
     findings: ClinicalText
     impression: ClinicalText
     alternative_diagnoses: list[ListItem] = Field(default_factory=list, max_length=20)
-    recommendations: list[ListItem] = Field(min_length=1, max_length=20)
+    recommendations: list[RecommendationItem] = Field(
+        min_length=1,
+        max_length=20,
+        description='a string, or {"text", "follow_up": {"action", "when": {"unit", "value", "up_to"}}}',
+    )
     new_ultrasound_needed: bool
     radpeer_score: RadpeerScore | None = Field(
         default=None, description="quality assurance only, never shown to the patient"
@@ -274,7 +281,7 @@ class ReviewDraft(BaseModel):
     findings: str | None = Field(default=None, max_length=20_000)
     impression: str | None = Field(default=None, max_length=20_000)
     alternative_diagnoses: list[ListItem] | None = Field(default=None, max_length=20)
-    recommendations: list[ListItem] | None = Field(default=None, max_length=20)
+    recommendations: list[RecommendationItem] | None = Field(default=None, max_length=20)
     new_ultrasound_needed: bool | None = None
     radpeer_score: RadpeerScore | None = None
     patient_answers: str | None = Field(default=None, max_length=20_000)

@@ -8,6 +8,7 @@ from datetime import datetime
 from pydantic import BaseModel
 
 from services.review.models import ReviewFindings
+from services.review.recommendations import describe
 
 AGREEMENT_PLAIN = {
     "concordant": "The specialist agrees with the original report.",
@@ -53,7 +54,7 @@ def patient_summary(
     findings: ReviewFindings,
     follow_ups: list[tuple[str, str]],
 ) -> PatientSummary:
-    next_steps = list(findings.recommendations)
+    next_steps = [describe(item) for item in findings.recommendations]
     if findings.new_ultrasound_needed:
         next_steps.append("You will need a new ultrasound examination.")
     return PatientSummary(

@@ -17,6 +17,7 @@ from reportlab.platypus.doctemplate import BaseDocTemplate
 
 from contracts.commands import MatchSpecialist
 from services.review.models import ReviewFindings, RiskAssessment, Specialist
+from services.review.recommendations import describe
 
 TITLE = "Second-opinion report — diagnostic ultrasound"
 
@@ -78,6 +79,14 @@ class ReportContent:
         if self.signature is not None:
             return self.signature
         return Signature(self.reviewer.display_name, self.reviewer.credentials, self.reviewer.npi or None)
+
+    @property
+    def recommendations(self) -> list[str]:
+        """One line each, structured follow-ups in a fixed form (the PDF and the DiagnosticReport say the same)."""
+        lines = [describe(item) for item in self.findings.recommendations]
+        if self.findings.new_ultrasound_needed:
+            lines.append("A new ultrasound examination is needed.")
+        return lines
 
     @property
     def reviewer_signature(self) -> str:
@@ -181,10 +190,7 @@ def _story(c: ReportContent) -> list[Flowable]:
         story += _section("Alternative diagnoses", f.alternative_diagnoses, styles)
     else:
         story += _section("Alternative diagnoses", ["None given."], styles, bullets=False)
-    recommendations = [*f.recommendations]
-    if f.new_ultrasound_needed:
-        recommendations.append("A new ultrasound examination is needed.")
-    story += _section("Recommendations", recommendations, styles)
+    story += _section("Recommendations", c.recommendations, styles)
     quality = QUALITY_LABELS[f.technical_quality]
     if f.technical_notes:
         quality += f": {f.technical_notes}"

@@ -345,7 +345,8 @@ def test_report_is_served_as_fhir_or_pdf_by_accept_header(
     assert as_pdf.headers["content-type"] == "application/pdf"
     resource = DiagnosticReport.model_validate(as_fhir.json())
     assert resource.status == "final"
-    assert resource.conclusion == FINDINGS["impression"]
+    assert resource.conclusion is not None
+    assert resource.conclusion.startswith(f"{FINDINGS['impression']}\n\nRecommendations:\n- Repeat pelvic")
     assert resource.subject.display == "Jane Doe"
     form = as_fhir.json()["presentedForm"][0]
     assert form["url"] == f"{settings.review_url}/v1/reports/{case_id}/pdf"

@@ -89,3 +89,54 @@ def test_a_review_signed_before_the_copy_was_kept_prints_the_directory_entry(
 
     text = pdf_text(client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content)
     assert "Renamed Later, MD, PhD" in text and "NPI 1999999999" in text
+
+
+STRUCTURED = {
+    "text": "Follow-up pelvic ultrasound",
+    "follow_up": {"action": "ultrasound", "when": {"value": 6, "up_to": 12, "unit": "weeks"}},
+}
+
+
+def test_recommendations_with_a_follow_up_interval_are_signed_and_reported(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    _, assigned = flow.assigned_review(engine, settings)
+    review_id, signed = assigned["review_id"], specialist_headers(settings)
+    recommendations = [STRUCTURED, "No surgery on the strength of the first scan."]
+    bad_interval = {"follow_up": {"action": "mri", "when": {"value": 0, "unit": "weeks"}}}
+
+    draft = client.put(
+        f"/v1/reviews/{review_id}/draft", json={"recommendations": [STRUCTURED]}, headers=signed
+    )
+    refused = client.post(
+        f"/v1/reviews/{review_id}",
+        json=flow.FINDINGS | {"recommendations": ["Fine.", bad_interval]},
+        headers=signed,
+    )
+    submitted = client.post(
+        f"/v1/reviews/{review_id}", json=flow.FINDINGS | {"recommendations": recommendations}, headers=signed
+    )
+
+    assert draft.status_code == 200 and draft.json()["draft"]["recommendations"][0]["follow_up"]["when"] == {
+        "unit": "weeks",
+        "value": 6,
+        "up_to": 12,
+    }
+    assert refused.status_code == 422
+    [error] = refused.json()["errors"]
+    assert error["field"].startswith("recommendations.1.structured.follow_up.when")
+    assert "positive value" in error["message"]
+    assert submitted.status_code == 200, submitted.text
+    assert submitted.json()["findings"]["recommendations"] == [
+        STRUCTURED
+        | {"follow_up": STRUCTURED["follow_up"] | {"when": {"unit": "weeks", "value": 6, "up_to": 12}}},
+        "No surgery on the strength of the first scan.",
+    ]
+    case_id = submitted.json()["case_id"]
+    apply(engine, settings, compose_command(case_id, review_id))
+    text = pdf_text(client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content)
+    assert "Follow-up pelvic ultrasound (ultrasound in 6–12 weeks)." in text
+    conclusion = client.get(f"/v1/reports/{case_id}").json()["conclusion"]
+    assert "- Follow-up pelvic ultrasound (ultrasound in 6–12 weeks).\n- No surgery" in conclusion
+    summary = client.get(f"/v1/reports/{case_id}/patient-summary").json()
+    assert summary["next_steps"][0] == "Follow-up pelvic ultrasound (ultrasound in 6–12 weeks)."
