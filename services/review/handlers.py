@@ -38,6 +38,7 @@ from services.review.models import (
     FollowUpQuestion,
     Report,
     Review,
+    ReviewAddendum,
     ReviewFindings,
     Specialist,
     as_utc,
@@ -215,16 +216,12 @@ def _new_report(cmd: ComposeReport, session: Session, settings: Settings) -> Rep
 
 
 def render_report(report: Report, review: Review, session: Session, settings: Settings) -> None:
-    """(Re)write the report's PDF and DiagnosticReport from the review and its answered questions."""
+    """(Re)write the report's PDF and DiagnosticReport from the review and its addenda (answered follow-up
+    questions and the specialist's own), in the order they were signed."""
     findings = ReviewFindings.of(review)
     reviewer = session.get(Specialist, review.reviewer_id)
     if findings is None or review.submitted_at is None or reviewer is None:
         raise PoisonMessage(f"review {review.id} is not a submitted review by a known reviewer")
-    answered = session.exec(
-        select(FollowUpQuestion)
-        .where(FollowUpQuestion.review_id == review.id, FollowUpQuestion.status == "answered")
-        .order_by(FollowUpQuestion.answered_at)  # type: ignore[arg-type]
-    ).all()
     content = ReportContent(
         case_id=report.case_id,
         request=MatchSpecialist.model_validate(review.request),
@@ -233,7 +230,7 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
         subspecialty=review.subspecialty,
         signed_at=review.submitted_at,
         signature=signature_of(review),
-        addenda=tuple(Addendum(q.text, q.answer or "", as_utc(q.answered_at or utcnow())) for q in answered),
+        addenda=_addenda(review, session),
     )
     pdf = render_report_pdf(content)
     report.pdf_sha256, report.pdf_path = _store_pdf(settings, pdf)
@@ -245,11 +242,35 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
         pdf_url=report_pdf_url(settings, report.case_id),
         issued=issued,
     )
-    if answered:
+    if content.addenda:
         report.updated_at = issued
     else:
         report.created_at = issued
     session.add(report)
+
+
+def reissue(report: Report, review: Review, session: Session, settings: Settings) -> None:
+    """A new version of the report with the addendum just recorded (flushed): PDF, DiagnosticReport, and the
+    DICOM Encapsulated PDF for records to store beside the first. The caller holds the report row locked."""
+    session.flush()
+    report.version += 1
+    render_report(report, review, session, settings)
+    archived = encapsulated_report_event(session, settings, report)
+    if archived is not None:
+        enqueue(session, EVENTS, event(f"{archived.TYPE}:{report.case_id}:{report.version}", archived))
+
+
+def _addenda(review: Review, session: Session) -> tuple[Addendum, ...]:
+    answered = session.exec(
+        select(FollowUpQuestion).where(
+            FollowUpQuestion.review_id == review.id, FollowUpQuestion.status == "answered"
+        )
+    ).all()
+    own = session.exec(select(ReviewAddendum).where(ReviewAddendum.review_id == review.id)).all()
+    addenda = [
+        Addendum(q.answer or "", as_utc(q.answered_at or utcnow()), question=q.text) for q in answered
+    ] + [Addendum(a.text, as_utc(a.signed_at), kind=a.kind) for a in own]
+    return tuple(sorted(addenda, key=lambda a: a.signed_at))
 
 
 def signature_of(review: Review) -> Signature | None:

@@ -13,7 +13,7 @@ from contracts.models import Exam, OriginalReport, StudySummary
 from services.common.db import utcnow
 from services.review.recommendations import RecommendationItem
 
-TABLES = ("specialists", "reviews", "reports", "follow_up_questions")
+TABLES = ("specialists", "reviews", "reports", "follow_up_questions", "addenda")
 
 ReviewStatus = Literal["offered", "accepted", "submitted", "declined", "withdrawn"]
 # Reviews that count against a specialist's capacity and show in their worklist by default.
@@ -25,6 +25,8 @@ Agreement = Literal["concordant", "minor_discrepancy", "major_discrepancy"]
 # expected to be made (understandable miss); 3 discrepancy, should be made most of the time; a/b = unlikely /
 # likely to be clinically significant. Score 4 was retired in 2016 (stored 4a/4b: migrate to 3a/3b).
 RadpeerScore = Literal["1", "2a", "2b", "3a", "3b"]
+# Why a specialist adds to a report they signed, without being asked.
+AddendumKind = Literal["correction", "additional_finding", "late_comparison", "other"]
 
 # Ultrasound risk-stratification lexicons: the categories each defines and the exams it applies to.
 LexiconSystem = Literal["o_rads_us_2022", "acr_ti_rads", "bi_rads_us", "li_rads_us_2017"]
@@ -135,6 +137,9 @@ class Review(SQLModel, table=True):
     signed_name: str | None = Field(default=None, max_length=200)
     signed_credentials: str | None = Field(default=None, max_length=100)
     signed_npi: str | None = Field(default=None, max_length=10)
+    case_cancelled_at: datetime | None = Field(
+        default=None, description="the case was cancelled (a submitted review stands, but takes no addendum)"
+    )
 
 
 class Report(SQLModel, table=True):
@@ -165,6 +170,20 @@ class FollowUpQuestion(SQLModel, table=True):
     status: str = Field(default="open", max_length=20, description="open | answered | withdrawn")
     answer: str | None = None
     answered_at: datetime | None = None
+
+
+class ReviewAddendum(SQLModel, table=True):
+    """An addendum the specialist signed on their own after the report was issued; it makes a new version."""
+
+    __tablename__ = "addenda"
+
+    id: str = Field(primary_key=True, max_length=36)
+    case_id: str = Field(index=True, max_length=100)
+    review_id: str = Field(foreign_key="reviews.id", index=True, max_length=36)
+    kind: str = Field(max_length=30, description="AddendumKind")
+    text: str
+    signed_at: datetime = Field(default_factory=utcnow)
+    report_version: int = Field(description="the report version this addendum made")
 
 
 class RiskAssessment(BaseModel):
@@ -302,6 +321,31 @@ class Answer(BaseModel):
     answer: ClinicalText
 
 
+class AddendumCreate(BaseModel):
+    """POST /v1/reviews/{review_id}/addenda: what the specialist adds to the report they signed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: AddendumKind = "other"
+    text: ClinicalText
+
+
+class AddendumPublic(BaseModel):
+    addendum_id: str
+    kind: AddendumKind
+    text: str
+    signed_at: datetime
+    report_version: int
+
+    @classmethod
+    def of(cls, a: ReviewAddendum) -> AddendumPublic:
+        return cls(
+            addendum_id=a.id,
+            kind=a.kind,  # type: ignore[arg-type]
+            **a.model_dump(include={"text", "signed_at", "report_version"}),
+        )
+
+
 class QuestionPublic(BaseModel):
     question_id: str
     text: str
@@ -357,3 +401,4 @@ class ReviewDetail(WorkItem):
     withdrawn_at: datetime | None
     withdrawn_reason: str | None
     questions: list[QuestionPublic]
+    addenda: list[AddendumPublic] = []

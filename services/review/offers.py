@@ -66,10 +66,14 @@ def withdraw(cmd: WithdrawOffer, session: Session) -> None:
 
 
 def cancel_case(cancelled: CaseCancelled, session: Session) -> None:
-    """The case was cancelled: withdraw every open offer or review and every open question."""
+    """The case was cancelled: withdraw every open offer or review and every open question; a submitted review
+    stands but is marked, so that its report takes no addendum (nothing more is delivered for the case)."""
     reviews = session.exec(select(Review).where(Review.case_id == cancelled.case_id).with_for_update()).all()
     for review in reviews:
         _withdraw(review, "cancelled", session)
+        if review.case_cancelled_at is None:
+            review.case_cancelled_at = utcnow()
+            session.add(review)
     questions = session.exec(
         select(FollowUpQuestion).where(
             FollowUpQuestion.case_id == cancelled.case_id, FollowUpQuestion.status == "open"

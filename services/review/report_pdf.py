@@ -35,13 +35,23 @@ AGREEMENT_COLOURS = {
 }
 
 
+ADDENDUM_KIND_LABELS = {
+    "correction": "Correction",
+    "additional_finding": "Additional finding",
+    "late_comparison": "Comparison with prior imaging received after signing",
+    "other": "Addendum",
+}
+
+
 @dataclass(frozen=True)
 class Addendum:
-    """A follow-up question and the specialist's answer, issued after the report was delivered."""
+    """What the specialist signed after the report was issued: the answer to a follow-up question, or an
+    addendum of their own (`question` None, `kind` one of ADDENDUM_KIND_LABELS)."""
 
-    question: str
-    answer: str
-    answered_at: datetime
+    text: str
+    signed_at: datetime
+    question: str | None = None
+    kind: str = "other"
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,7 @@ def _story(c: ReportContent) -> list[Flowable]:
     patient = r.patient
     story: list[Flowable] = [Paragraph(escape(TITLE), styles["Title"])]
     if c.addenda:
-        last = c.addenda[-1].answered_at.astimezone(UTC)
+        last = c.addenda[-1].signed_at.astimezone(UTC)
         story.append(
             Paragraph(
                 f"<b>Addended</b>: {len(c.addenda)} addendum(s), the latest {last:%Y-%m-%d %H:%M} UTC; see the end.",
@@ -211,17 +221,34 @@ def _story(c: ReportContent) -> list[Flowable]:
         ),
     ]
     for number, addendum in enumerate(c.addenda, start=1):
-        signed = addendum.answered_at.strftime("%Y-%m-%d %H:%M:%S")
-        story += [
-            Paragraph(f"Addendum {number}", styles["Heading"]),
-            Paragraph(f"<b>Question:</b> {escape(addendum.question)}", styles["BodyText"]),
-            Paragraph("<b>Answer:</b>", styles["BodyText"]),
-            *_paragraphs(addendum.answer, styles["BodyText"]),
+        story += _addendum(number, addendum, c.reviewer_signature, styles)
+    return story
+
+
+def _addendum(
+    number: int, addendum: Addendum, signature: str, styles: dict[str, ParagraphStyle]
+) -> list[Flowable]:
+    body = styles["BodyText"]
+    if addendum.question is None:
+        label = ADDENDUM_KIND_LABELS.get(addendum.kind, "Addendum")
+        parts = [
+            Paragraph(f"Addendum {number} — by the reviewing specialist", styles["Heading"]),
             Paragraph(
-                f"Electronically signed {signed} UTC by {escape(c.reviewer_signature)}", styles["BodyText"]
+                f"<b>{escape(label)}</b> (added by the specialist, not in answer to a question):", body
             ),
         ]
-    return story
+    else:
+        parts = [
+            Paragraph(f"Addendum {number} — answer to a follow-up question", styles["Heading"]),
+            Paragraph(f"<b>Question:</b> {escape(addendum.question)}", body),
+            Paragraph("<b>Answer:</b>", body),
+        ]
+    signed = addendum.signed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return [
+        *parts,
+        *_paragraphs(addendum.text, body),
+        Paragraph(f"Electronically signed {signed} UTC by {escape(signature)}", body),
+    ]
 
 
 LEXICON_LABELS = {

@@ -27,7 +27,7 @@ from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.http import create_app
 from services.review import api, consumer, deps, offers
-from services.review.models import FollowUpQuestion, Report, Review
+from services.review.models import FollowUpQuestion, Report, Review, ReviewAddendum
 from tests.keys import operations_headers, specialist_headers
 from tests.unit.test_review_matching import request
 
@@ -59,7 +59,7 @@ def engine(settings: Settings) -> Iterator[Engine]:
 @pytest.fixture(autouse=True)
 def empty_tables(engine: Engine) -> None:
     with engine.begin() as conn:
-        for table in (FollowUpQuestion, Report, Review, Outbox, Inbox):
+        for table in (FollowUpQuestion, ReviewAddendum, Report, Review, Outbox, Inbox):
             conn.execute(delete(table))
 
 

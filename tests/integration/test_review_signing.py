@@ -3,15 +3,24 @@ recommendations with a follow-up interval. On the real PostgreSQL through the re
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
+import pydicom
 import pytest
+from alembic import command
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from contracts.envelope import new_event
+from contracts.events import CaseCancelled
+from services.common import migrate
 from services.common.config import Settings
+from services.review.diagnostic_report import attachment_hash
+from services.review.encapsulated_pdf import DICOM
 from services.review.models import Review, Specialist
 from tests.integration import test_review_flow as flow
 from tests.integration.test_review_flow import apply, compose_command, pdf_text, submitted_review
@@ -140,3 +149,121 @@ def test_recommendations_with_a_follow_up_interval_are_signed_and_reported(
     assert "- Follow-up pelvic ultrasound (ultrasound in 6–12 weeks).\n- No surgery" in conclusion
     summary = client.get(f"/v1/reports/{case_id}/patient-summary").json()
     assert summary["next_steps"][0] == "Follow-up pelvic ultrasound (ultrasound in 6–12 weeks)."
+
+
+def test_the_specialist_adds_an_addendum_of_their_own_as_a_new_report_version(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    case_id, review_id = submitted_review(engine, settings, client)
+    path, signed = f"/v1/reviews/{review_id}/addenda", specialist_headers(settings)
+    correction = {"kind": "correction", "text": "The lesion is in the LEFT ovary, not the right."}
+
+    too_early = client.post(path, json=correction, headers=signed)
+    apply(engine, settings, compose_command(case_id, review_id))
+    first_pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    by_the_desk = client.post(path, json=correction)
+    by_another_specialist = client.post(
+        path, json=correction, headers=specialist_headers(settings, "spec-ob-1")
+    )
+    empty = client.post(path, json={"kind": "correction", "text": "  "}, headers=signed)
+    unknown_kind = client.post(path, json={"kind": "retraction", "text": "x"}, headers=signed)
+    added = client.post(path, json=correction, headers=signed)
+
+    assert too_early.status_code == 409 and too_early.headers["content-type"] == "application/problem+json"
+    assert "has no report yet" in too_early.json()["detail"]
+    assert by_the_desk.status_code == 403 and "only the reviewing specialist" in by_the_desk.json()["detail"]
+    assert by_another_specialist.status_code == 404
+    assert empty.status_code == 422 and unknown_kind.status_code == 422
+    assert correction["text"] not in str(empty.json())  # no clinical text echoed in errors
+    assert added.status_code == 201, added.text
+    body = added.json()
+    assert (body["kind"], body["text"], body["report_version"]) == ("correction", correction["text"], 2)
+    fhir = client.get(f"/v1/reports/{case_id}").json()
+    report = DiagnosticReport.model_validate(fhir)
+    assert (report.status, report.meta.versionId) == ("appended", "2")
+    assert "extension" not in fhir
+    pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    assert pdf != first_pdf and fhir["presentedForm"][0]["hash"] == attachment_hash(pdf)
+    text = pdf_text(pdf)
+    assert (
+        "Addendum 1 — by the reviewing specialist" in text and "Correction (added by the specialist" in text
+    )
+    assert "LEFT ovary" in text and "Question:" not in text
+    assert flow.FINDINGS["impression"] in text  # the signed review stands
+    dicom = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/reports/{case_id}", headers={"Accept": DICOM}).content)
+    )
+    assert (dicom.InstanceNumber, dicom.DocumentTitle.endswith("(addendum 1)")) == (2, True)
+    addended = flow.outbox_event(engine, f"report.addended:{case_id}:{body['addendum_id']}")
+    assert addended.data == {
+        "case_id": case_id,
+        "review_id": review_id,
+        "report_id": report.id,
+        "addendum_id": body["addendum_id"],
+        "version": 2,
+    }
+    archived = flow.outbox_event(engine, f"document.encapsulated_report:{case_id}:2")
+    assert archived.data["version"] == 2
+    detail = client.get(f"/v1/reviews/{review_id}").json()
+    assert [a["addendum_id"] for a in detail["addenda"]] == [body["addendum_id"]]
+
+
+def test_addenda_and_answers_are_numbered_in_the_order_they_were_signed(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    case_id, review_id = submitted_review(engine, settings, client)
+    apply(engine, settings, compose_command(case_id, review_id))
+    signed = specialist_headers(settings)
+    apply(engine, settings, question_command(case_id, "q1", "Is an MRI needed?"))
+    client.post(f"/v1/reviews/{review_id}/questions/q1/answer", json={"answer": "No MRI."}, headers=signed)
+    late = {"kind": "late_comparison", "text": "Prior scan of 2024 received: the cyst is new."}
+
+    added = client.post(f"/v1/reviews/{review_id}/addenda", json=late, headers=signed)
+
+    assert added.status_code == 201 and added.json()["report_version"] == 3
+    assert client.get(f"/v1/reports/{case_id}").json()["meta"]["versionId"] == "3"
+    text = pdf_text(client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content)
+    assert text.index("Addendum 1 — answer to a follow-up question") < text.index("No MRI.")
+    assert text.index("Addendum 2 — by the reviewing specialist") < text.index("the cyst is new")
+    assert "Comparison with prior imaging received after signing" in text
+
+
+def test_a_cancelled_case_takes_no_addendum(engine: Engine, settings: Settings, client: TestClient) -> None:
+    case_id, review_id = submitted_review(engine, settings, client)
+    apply(engine, settings, compose_command(case_id, review_id))  # composed while the cancel was on its way
+    cancelled = CaseCancelled(case_id=case_id, reason="patient withdrew", cancelled_by="ops")
+    apply(
+        engine,
+        settings,
+        new_event(id=f"{case_id}:cancel", source="/workflows", data=cancelled, subject=case_id),
+    )
+
+    refused = client.post(
+        f"/v1/reviews/{review_id}/addenda",
+        json={"kind": "additional_finding", "text": "Small amount of free fluid."},
+        headers=specialist_headers(settings),
+    )
+
+    assert refused.status_code == 409
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert f"case {case_id} was cancelled at" in refused.json()["detail"]
+    assert "free fluid" not in refused.text
+    assert client.get(f"/v1/reports/{case_id}").json()["meta"]["versionId"] == "1"
+
+
+def test_the_migrations_for_signature_and_addenda_go_down_and_up_again(engine: Engine) -> None:
+    config = migrate.alembic_config("review", engine)
+
+    command.downgrade(config, "0004")
+    down = inspect(engine)
+    columns_down = {c["name"] for c in down.get_columns("reviews")}
+    tables_down = set(down.get_table_names())
+    command.upgrade(config, "head")
+    up = inspect(engine)
+
+    assert not {"signed_name", "signed_credentials", "signed_npi", "case_cancelled_at"} & columns_down
+    assert "addenda" not in tables_down
+    assert {"signed_name", "signed_npi", "case_cancelled_at"} <= {
+        c["name"] for c in up.get_columns("reviews")
+    }
+    assert "addenda" in up.get_table_names()
