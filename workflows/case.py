@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from contracts.commands import (
+        CloseReview,
         CollectRecords,
         Command,
         ComposeReport,
@@ -146,6 +147,7 @@ class CaseWorkflow:
         self._offer: ReviewOffered | None = None
         self._reviewer: str | None = None
         self._reminders_sent = 0
+        self._own_addenda = False  # the specialist's own addenda are delivered (patch OWN_ADDENDA)
 
     # ---- the business process ------------------------------------------------------------------
 
@@ -210,7 +212,9 @@ class CaseWorkflow:
         await self._deliver(case, report.report_id, report.pdf_url, report.fhir_url)
         await self._follow_up(case, report)
         closed_by = f"by {self._close.by}: no further questions" if self._close else "follow-up window ended"
-        await self._transition(CaseStatus.CLOSED, f"closed {closed_by}")
+        # The review takes no addendum once nothing more would be delivered (cases from before: no command).
+        closing = [CloseReview(case_id=case.case_id, reason=closed_by)] if self._own_addenda else []
+        await self._transition(CaseStatus.CLOSED, f"closed {closed_by}", then=closing)
         return CaseOutcome(
             case_id=case.case_id, status=self._status, reviewer_id=self._reviewer, report_id=report.report_id
         )
@@ -475,7 +479,7 @@ class CaseWorkflow:
         )
         # Cases from before never woke for report.addended: a wait they left on a question or the close must
         # not end early on replay (its timer would be cancelled where the history has none cancelled).
-        own_addenda = workflow.patched(OWN_ADDENDA)
+        own_addenda = self._own_addenda = workflow.patched(OWN_ADDENDA)
         answered = 0
         own_delivered = 0
         while True:

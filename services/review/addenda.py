@@ -33,6 +33,12 @@ def add(review: Review, body: AddendumCreate, session: Session, settings: Settin
             "nothing more is delivered for it, so its report takes no addendum. Call operations if the "
             "referring physician must still be told."
         )
+    if review.case_closed_at is not None:
+        raise ReviewStateError(
+            f"case {review.case_id} closed at {as_utc(review.case_closed_at).isoformat()}; nothing more is "
+            "delivered for it, so its report takes no addendum. Tell the referring physician directly and ask "
+            "operations to record it."
+        )
     if review.status != "submitted":
         raise ReviewStateError(
             f"{closed_reason(review, 'given an addendum')}; an addendum adds to a submitted review's report"

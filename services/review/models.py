@@ -140,6 +140,9 @@ class Review(SQLModel, table=True):
     case_cancelled_at: datetime | None = Field(
         default=None, description="the case was cancelled (a submitted review stands, but takes no addendum)"
     )
+    case_closed_at: datetime | None = Field(
+        default=None, description="the case closed after follow-up: nothing more is delivered, no addendum"
+    )
 
 
 class Report(SQLModel, table=True):

@@ -701,9 +701,11 @@ async def test_the_specialists_own_addendum_is_redelivered_before_the_case_close
     await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
     outcome = await asyncio.wait_for(handle.result(), timeout=30)
     await keep_history(handle, "own_addendum")
+    closing = await services.expect("review.close")
     services.close()
 
     assert redelivery["data"]["report_id"] == "rp1" and outcome.status == CaseStatus.CLOSED
+    assert closing["data"]["reason"] == "by dr-a: no further questions"  # no more addenda: none delivered
     assert "report.deliver" not in services.types()
     timeline = await handle.query(CaseWorkflow.timeline)
     assert "the specialist's own addendum delivered (report version 2)" in [t.detail for t in timeline]

@@ -15,6 +15,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from contracts.commands import CloseReview
 from contracts.envelope import new_event
 from contracts.events import CaseCancelled
 from services.common import migrate
@@ -249,6 +250,25 @@ def test_a_cancelled_case_takes_no_addendum(engine: Engine, settings: Settings, 
     assert f"case {case_id} was cancelled at" in refused.json()["detail"]
     assert "free fluid" not in refused.text
     assert client.get(f"/v1/reports/{case_id}").json()["meta"]["versionId"] == "1"
+
+
+def test_a_closed_case_takes_no_addendum(engine: Engine, settings: Settings, client: TestClient) -> None:
+    case_id, review_id = submitted_review(engine, settings, client)
+    apply(engine, settings, compose_command(case_id, review_id))
+    closed = CloseReview(case_id=case_id, reason="follow-up window ended")
+    apply(
+        engine, settings, new_event(id=f"{case_id}:close", source="/workflows", data=closed, subject=case_id)
+    )
+
+    refused = client.post(
+        f"/v1/reviews/{review_id}/addenda",
+        json={"kind": "correction", "text": "Left, not right."},
+        headers=specialist_headers(settings),
+    )
+
+    assert refused.status_code == 409
+    assert f"case {case_id} closed at" in refused.json()["detail"]
+    assert "Tell the referring physician directly" in refused.json()["detail"]
 
 
 def test_the_migrations_for_signature_and_addenda_go_down_and_up_again(engine: Engine) -> None:

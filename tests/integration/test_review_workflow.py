@@ -36,7 +36,7 @@ from contracts import (
     Urgency,
     new_event,
 )
-from contracts.decisions import CostChoice, CostDecision
+from contracts.decisions import CloseCase, CostChoice, CostDecision
 from services.common.amqp import EVENTS, Consumer, OutboxRelay, Publisher, ensure_topology
 from services.common.config import Settings
 from services.review import consumer
@@ -265,11 +265,17 @@ async def test_the_specialists_own_addendum_reaches_the_referring_physician_thro
     added = client.post(f"/v1/reviews/{review.id}/addenda", json=correction, headers=signed)
     assert added.status_code == 201, added.text
     await delivered(2)
-    await handle.terminate("test done")
+    await handle.execute_update(CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    await handle.result()
+    await until(
+        lambda: reviews_of(engine, case_id)[0].case_closed_at is not None, "the review told of the close"
+    )
+    too_late = client.post(f"/v1/reviews/{review.id}/addenda", json=correction, headers=signed)
 
     timeline = [t.detail for t in await handle.query(CaseWorkflow.timeline)]
     assert "the specialist's own addendum delivered (report version 2)" in timeline
     assert client.get(f"/v1/reports/{case_id}").json()["status"] == "appended"
+    assert too_late.status_code == 409 and "closed at" in too_late.json()["detail"]
 
 
 async def deliveries(handle: WorkflowHandle, n: int) -> bool:

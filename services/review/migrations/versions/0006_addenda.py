@@ -1,4 +1,4 @@
-"""addenda the specialist signs on their own; a cancelled case's reviews say so
+"""addenda the specialist signs on their own; a cancelled or closed case's reviews say so
 
 Revision ID: 0006
 Revises: 0005
@@ -34,11 +34,13 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_addenda_review_id"), ["review_id"], unique=False)
     with op.batch_alter_table("reviews", schema=None) as batch_op:
         batch_op.add_column(sa.Column("case_cancelled_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True))
-    # Cases cancelled before this column existed are not marked: for a review submitted before its case was
-    # cancelled the service recorded nothing. From now on the case.cancelled event marks every review.
+        batch_op.add_column(sa.Column("case_closed_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True))
+    # Cases cancelled or closed before these columns existed are not marked (the service recorded nothing for
+    # a submitted review); from now on case.cancelled and the workflow's review.close mark every review.
 
 
 def downgrade() -> None:
     with op.batch_alter_table("reviews", schema=None) as batch_op:
+        batch_op.drop_column("case_closed_at")
         batch_op.drop_column("case_cancelled_at")
     op.drop_table("addenda")
