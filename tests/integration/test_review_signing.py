@@ -207,6 +207,8 @@ def test_the_specialist_adds_an_addendum_of_their_own_as_a_new_report_version(
     assert archived.data["version"] == 2
     detail = client.get(f"/v1/reviews/{review_id}").json()
     assert [a["addendum_id"] for a in detail["addenda"]] == [body["addendum_id"]]
+    summary = client.get(f"/v1/reports/{case_id}/patient-summary").json()
+    assert summary["specialist_addenda"] == [{"kind": "Correction", "text": correction["text"]}]
 
 
 def test_addenda_and_answers_are_numbered_in_the_order_they_were_signed(
