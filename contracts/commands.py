@@ -100,6 +100,13 @@ class FollowUpQuestionForReviewer(Command):
     review_id: str | None = None  # the delivered review; the case's submitted review when absent
 
 
+class CloseReview(Command):
+    """The case closed: nothing more is delivered for it, so the review's report takes no more addenda."""
+
+    TYPE: ClassVar[str] = "review.close"
+    reason: str
+
+
 class ComposeReport(Command):
     TYPE: ClassVar[str] = "report.compose"
     review_id: str
@@ -122,6 +129,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         MatchSpecialist,
         WithdrawOffer,
         FollowUpQuestionForReviewer,
+        CloseReview,
         ComposeReport,
         DeliverReport,
     )

@@ -122,6 +122,17 @@ class QuestionAnswered(Event):
     report_id: str
 
 
+class ReportAddended(Event):
+    """The specialist signed an addendum of their own (a correction, an additional finding, a late comparison):
+    the report has a new version `version`, to be delivered like an answer's addendum."""
+
+    TYPE: ClassVar[str] = "report.addended"
+    review_id: str
+    report_id: str
+    addendum_id: str
+    version: int
+
+
 class ReportReady(Event):
     TYPE: ClassVar[str] = "report.ready"
     report_id: str
@@ -189,6 +200,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ReviewUnmatched,
         ReviewSubmitted,
         QuestionAnswered,
+        ReportAddended,
         ReportReady,
         ReportDelivered,
         CaseStatusChanged,

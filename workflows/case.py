@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from contracts.commands import (
+        CloseReview,
         CollectRecords,
         Command,
         ComposeReport,
@@ -57,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
         QuestionAnswered,
         RecordsAssembled,
         RecordsIncomplete,
+        ReportAddended,
         ReportDelivered,
         ReportReady,
         ReviewAccepted,
@@ -92,6 +94,7 @@ BATCH_PUBLISH = "publish-step-at-once"  # workflow.patched id: cases from before
 ANSWERS_IN_TURN = "answers-in-turn"  # workflow.patched id: older cases look an answer up from its request
 OFFER_WITHIN_DUE = "offer-within-due-date"  # workflow.patched id: an offer lapses within the time left
 CRITICAL_ALERT = "critical-result-alert"  # workflow.patched id: a critical result alerts operations at once
+OWN_ADDENDA = "deliver-own-addenda"  # workflow.patched id: a specialist's own addendum is delivered too
 
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
@@ -144,6 +147,7 @@ class CaseWorkflow:
         self._offer: ReviewOffered | None = None
         self._reviewer: str | None = None
         self._reminders_sent = 0
+        self._own_addenda = False  # the specialist's own addenda are delivered (patch OWN_ADDENDA)
 
     # ---- the business process ------------------------------------------------------------------
 
@@ -208,7 +212,9 @@ class CaseWorkflow:
         await self._deliver(case, report.report_id, report.pdf_url, report.fhir_url)
         await self._follow_up(case, report)
         closed_by = f"by {self._close.by}: no further questions" if self._close else "follow-up window ended"
-        await self._transition(CaseStatus.CLOSED, f"closed {closed_by}")
+        # The review takes no addendum once nothing more would be delivered (cases from before: no command).
+        closing = [CloseReview(case_id=case.case_id, reason=closed_by)] if self._own_addenda else []
+        await self._transition(CaseStatus.CLOSED, f"closed {closed_by}", then=closing)
         return CaseOutcome(
             case_id=case.case_id, status=self._status, reviewer_id=self._reviewer, report_id=report.report_id
         )
@@ -472,7 +478,11 @@ class CaseWorkflow:
         await self._transition(
             CaseStatus.FOLLOW_UP, f"follow-up questions accepted until {closes:%Y-%m-%d} UTC"
         )
+        # Cases from before never woke for report.addended: a wait they left on a question or the close must
+        # not end early on replay (its timer would be cancelled where the history has none cancelled).
+        own_addenda = self._own_addenda = workflow.patched(OWN_ADDENDA)
         answered = 0
+        own_delivered = 0
         while True:
             if answered < len(self._questions):
                 question = self._questions[answered]
@@ -494,14 +504,32 @@ class CaseWorkflow:
                 await self._deliver(case, reply.report_id, report.pdf_url, report.fhir_url)
                 await self._transition(CaseStatus.FOLLOW_UP, f"addendum {answered} delivered")
                 continue
+            own = self._own_addendum(own_delivered) if own_addenda else None
+            if own is not None:
+                own_delivered += 1
+                await self._deliver(case, own.report_id, report.pdf_url, report.fhir_url)
+                await self._transition(
+                    CaseStatus.FOLLOW_UP,
+                    f"the specialist's own addendum delivered (report version {own.version})",
+                )
+                continue
             if self._close is not None:
                 return
             waiting = await self._wait_or_timeout(
-                lambda n=answered: n < len(self._questions) or self._close is not None,  # type: ignore[misc]
+                lambda n=answered, m=own_delivered: (  # type: ignore[misc]
+                    n < len(self._questions)
+                    or self._close is not None
+                    or (own_addenda and self._own_addendum(m) is not None)
+                ),
                 closes - workflow.now(),
             )
             if not waiting:
                 return
+
+    def _own_addendum(self, delivered: int) -> ReportAddended | None:
+        """The specialist's own addendum after the first `delivered` ones, if it arrived (in the order signed)."""
+        pending = [e for e in self._received if e.type == ReportAddended.TYPE]
+        return ReportAddended.model_validate(pending[delivered].data) if len(pending) > delivered else None
 
     async def _compensate(self, case: CaseInput) -> CaseOutcome:
         """Cancellation: every service withdraws its work for the case; the partner is told via intake."""

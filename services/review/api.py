@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import date
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +15,7 @@ from services.auth import Role, authenticate, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.config import Settings
-from services.review import followup, handlers, offers
+from services.review import addenda, followup, handlers, offers
 from services.review.api_directory import fhir_practitioners, specialists
 from services.review.api_reports import fhir, negotiate_report_format, reports
 from services.review.deps import (
@@ -29,11 +29,14 @@ from services.review.deps import (
 )
 from services.review.models import (
     WORKLIST_STATUSES,
+    AddendumCreate,
+    AddendumPublic,
     Answer,
     Decline,
     FollowUpQuestion,
     QuestionPublic,
     Review,
+    ReviewAddendum,
     ReviewDetail,
     ReviewDraft,
     ReviewFindings,
@@ -45,6 +48,8 @@ from services.review.offers import ReviewStateError
 from services.review.stats import ReviewStats, review_stats
 
 __all__ = ["negotiate_report_format", "review_engine", "router"]
+
+T = TypeVar("T")
 
 # Specialists (as themselves) and operations; partners read reports, not reviews (404 on any review).
 reviews = APIRouter(
@@ -207,14 +212,38 @@ def answer_question(
     return QuestionPublic.of(question)
 
 
+@reviews.post(
+    "/{review_id}/addenda",
+    status_code=201,
+    response_model=AddendumPublic,
+    responses=NOT_YOURS | CONFLICT | {403: {"description": "only the reviewing specialist's own key signs"}},
+)
+def add_addendum(
+    review_id: str,
+    body: AddendumCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    reviewer: CurrentReviewer,
+    access: AccessDep,
+) -> AddendumPublic:
+    """Add to the report you signed, unasked (a correction, an additional finding, a late comparison): the
+    report gets a new version with it as an addendum, delivered to the referring physician like an answer."""
+    review = _review_or_404(session, review_id, reviewer, access, for_update=True)
+    _only_the_reviewer_signs(access, "add an addendum to the report")
+    addendum = _apply(lambda: addenda.add(review, body, session, settings))
+    session.commit()
+    relay.wake()
+    return AddendumPublic.of(addendum)
+
+
 router = APIRouter()
 for _router in (specialists, reviews, reports, fhir, fhir_practitioners):
     router.include_router(_router)
 
 
-def _apply(action: Callable[[], object]) -> None:
+def _apply(action: Callable[[], T]) -> T:
     try:
-        action()
+        return action()
     except ReviewStateError as exc:
         raise HTTPException(409, str(exc)) from exc
 
@@ -246,6 +275,11 @@ def _review_or_404(
 def _questions(session: Session, review: Review) -> list[FollowUpQuestion]:
     query = select(FollowUpQuestion).where(FollowUpQuestion.review_id == review.id)
     return list(session.exec(query.order_by(col(FollowUpQuestion.asked_at))).all())
+
+
+def _own_addenda(session: Session, review: Review) -> list[ReviewAddendum]:
+    query = select(ReviewAddendum).where(ReviewAddendum.review_id == review.id)
+    return list(session.exec(query.order_by(col(ReviewAddendum.signed_at))).all())
 
 
 def _work_item(review: Review, questions: list[FollowUpQuestion]) -> WorkItem:
@@ -291,6 +325,7 @@ def _detail(session: Session, review: Review, settings: Settings) -> ReviewDetai
         withdrawn_at=review.withdrawn_at,
         withdrawn_reason=review.withdrawn_reason,
         questions=[QuestionPublic.of(q) for q in questions],
+        addenda=[AddendumPublic.of(a) for a in _own_addenda(session, review)],
     )
 
 

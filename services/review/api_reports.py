@@ -20,7 +20,15 @@ from services.review import handlers
 from services.review.deps import Access, AccessDep, SessionDep, SettingsDep
 from services.review.diagnostic_report import FHIR_JSON, operation_outcome
 from services.review.encapsulated_pdf import DICOM, encapsulated_pdf
-from services.review.models import FollowUpQuestion, Report, Review, ReviewFindings, Specialist, as_utc
+from services.review.models import (
+    FollowUpQuestion,
+    Report,
+    Review,
+    ReviewAddendum,
+    ReviewFindings,
+    Specialist,
+    as_utc,
+)
 from services.review.patient_summary import PatientSummary, patient_summary
 
 PDF = "application/pdf"
@@ -116,13 +124,19 @@ def get_patient_summary(
         .where(FollowUpQuestion.review_id == review.id, FollowUpQuestion.status == "answered")
         .order_by(col(FollowUpQuestion.answered_at))
     ).all()
+    own = session.exec(
+        select(ReviewAddendum)
+        .where(ReviewAddendum.review_id == review.id)
+        .order_by(col(ReviewAddendum.signed_at))
+    ).all()
     return patient_summary(
         case_id=case_id,
         exam_type=review.exam_type,
-        reviewer=f"{reviewer.display_name}, {reviewer.credentials}",
+        reviewer=str(handlers.signature_of(review) or f"{reviewer.display_name}, {reviewer.credentials}"),
         signed_at=review.submitted_at,
         findings=findings,
         follow_ups=[(q.text, q.answer or "") for q in answered],
+        addenda=[(a.kind, a.text) for a in own],
     )
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pydantic import BaseModel, ValidationError
 from sqlmodel import Session
 
-from contracts.commands import ComposeReport, FollowUpQuestionForReviewer, MatchSpecialist, WithdrawOffer
+from contracts.commands import (
+    CloseReview,
+    ComposeReport,
+    FollowUpQuestionForReviewer,
+    MatchSpecialist,
+    WithdrawOffer,
+)
 from contracts.envelope import CloudEvent
 from contracts.events import CaseCancelled
 from services.common.config import Settings, get_settings
@@ -14,7 +20,14 @@ from services.review import followup, handlers, offers
 
 MESSAGES: dict[str, type[BaseModel]] = {
     m.TYPE: m
-    for m in (MatchSpecialist, WithdrawOffer, FollowUpQuestionForReviewer, ComposeReport, CaseCancelled)
+    for m in (
+        MatchSpecialist,
+        WithdrawOffer,
+        FollowUpQuestionForReviewer,
+        ComposeReport,
+        CloseReview,
+        CaseCancelled,
+    )
 }
 
 
@@ -29,6 +42,8 @@ def handle(session: Session, event: CloudEvent, settings: Settings | None = None
         offers.cancel_case(message, session)
     elif isinstance(message, FollowUpQuestionForReviewer):
         followup.ask(message, session)
+    elif isinstance(message, CloseReview):
+        offers.close_case(message, session)
     elif isinstance(message, ComposeReport):
         handlers.compose(message, session, settings)
 

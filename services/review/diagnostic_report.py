@@ -29,11 +29,9 @@ def build_diagnostic_report(
     *, report_id: str, content: ReportContent, pdf: bytes, pdf_url: str, issued: datetime
 ) -> dict[str, Any]:
     """The DiagnosticReport resource as JSON, after validating it against the R4 model."""
-    interpreter = {
-        "type": "Practitioner",
-        "identifier": {"system": NPI_SYSTEM, "value": content.reviewer.npi},
-        "display": content.reviewer_signature,
-    }
+    interpreter: dict[str, Any] = {"type": "Practitioner", "display": content.reviewer_signature}
+    if content.signer.npi:
+        interpreter["identifier"] = {"system": NPI_SYSTEM, "value": content.signer.npi}
     service = {"type": "Organization", "display": content.reviewer.organization}
     pdf_attachment = {
         "contentType": "application/pdf",
@@ -73,11 +71,18 @@ def build_diagnostic_report(
             "issued": issued.isoformat(),
             "performer": [service],
             "resultsInterpreter": [interpreter],
-            "conclusion": content.findings.impression,
+            "conclusion": conclusion(content),
             "presentedForm": [pdf_attachment],
         }
     )
     return json.loads(resource.model_dump_json())
+
+
+def conclusion(content: ReportContent) -> str:
+    """The impression, then the recommendations (a receiver that shows only the conclusion shows both).
+    Structured follow-ups are written out in words: R4 has no element for them, and no extension is made up."""
+    lines = "\n".join(f"- {line}" for line in content.recommendations)
+    return f"{content.findings.impression}\n\nRecommendations:\n{lines}"
 
 
 def based_on(content: ReportContent) -> dict[str, Any]:

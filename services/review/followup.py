@@ -12,7 +12,7 @@ from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.db import utcnow
 from services.common.errors import PoisonMessage
-from services.review.handlers import event, render_report
+from services.review.handlers import event, reissue
 from services.review.models import FollowUpQuestion, Report, Review
 from services.review.offers import ReviewStateError
 
@@ -58,9 +58,7 @@ def answer(
     question.answer = text
     question.answered_at = utcnow()
     session.add(question)
-    session.flush()
-    report.version += 1
-    render_report(report, review, session, settings)
+    reissue(report, review, session, settings)
     answered = QuestionAnswered(
         case_id=review.case_id, question_id=question.id, review_id=review.id, report_id=report.id
     )

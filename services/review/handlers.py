@@ -38,11 +38,12 @@ from services.review.models import (
     FollowUpQuestion,
     Report,
     Review,
+    ReviewAddendum,
     ReviewFindings,
     Specialist,
     as_utc,
 )
-from services.review.report_pdf import Addendum, ReportContent, render_report_pdf
+from services.review.report_pdf import Addendum, ReportContent, Signature, render_report_pdf
 
 SOURCE = "/services/review"
 
@@ -115,9 +116,15 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
 
 
 def submit(review: Review, findings: ReviewFindings, session: Session) -> None:
-    """Record the specialist's second opinion; the caller has checked the review is accepted."""
+    """Record the specialist's second opinion, and the signature block it is signed with (the directory's
+    entry may change later; the signed report must not); the caller has checked the review is accepted."""
     for name, value in findings.model_dump(mode="json").items():
         setattr(review, name, value)
+    reviewer = session.get(Specialist, review.reviewer_id)
+    if reviewer is not None:
+        review.signed_name = reviewer.display_name
+        review.signed_credentials = reviewer.credentials
+        review.signed_npi = reviewer.npi or None
     review.status = "submitted"
     review.draft = None
     review.submitted_at = utcnow()
@@ -209,16 +216,12 @@ def _new_report(cmd: ComposeReport, session: Session, settings: Settings) -> Rep
 
 
 def render_report(report: Report, review: Review, session: Session, settings: Settings) -> None:
-    """(Re)write the report's PDF and DiagnosticReport from the review and its answered questions."""
+    """(Re)write the report's PDF and DiagnosticReport from the review and its addenda (answered follow-up
+    questions and the specialist's own), in the order they were signed."""
     findings = ReviewFindings.of(review)
     reviewer = session.get(Specialist, review.reviewer_id)
     if findings is None or review.submitted_at is None or reviewer is None:
         raise PoisonMessage(f"review {review.id} is not a submitted review by a known reviewer")
-    answered = session.exec(
-        select(FollowUpQuestion)
-        .where(FollowUpQuestion.review_id == review.id, FollowUpQuestion.status == "answered")
-        .order_by(FollowUpQuestion.answered_at)  # type: ignore[arg-type]
-    ).all()
     content = ReportContent(
         case_id=report.case_id,
         request=MatchSpecialist.model_validate(review.request),
@@ -226,7 +229,8 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
         reviewer=reviewer,
         subspecialty=review.subspecialty,
         signed_at=review.submitted_at,
-        addenda=tuple(Addendum(q.text, q.answer or "", as_utc(q.answered_at or utcnow())) for q in answered),
+        signature=signature_of(review),
+        addenda=_addenda(review, session),
     )
     pdf = render_report_pdf(content)
     report.pdf_sha256, report.pdf_path = _store_pdf(settings, pdf)
@@ -238,11 +242,42 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
         pdf_url=report_pdf_url(settings, report.case_id),
         issued=issued,
     )
-    if answered:
+    if content.addenda:
         report.updated_at = issued
     else:
         report.created_at = issued
     session.add(report)
+
+
+def reissue(report: Report, review: Review, session: Session, settings: Settings) -> None:
+    """A new version of the report with the addendum just recorded (flushed): PDF, DiagnosticReport, and the
+    DICOM Encapsulated PDF for records to store beside the first. The caller holds the report row locked."""
+    session.flush()
+    report.version += 1
+    render_report(report, review, session, settings)
+    archived = encapsulated_report_event(session, settings, report)
+    if archived is not None:
+        enqueue(session, EVENTS, event(f"{archived.TYPE}:{report.case_id}:{report.version}", archived))
+
+
+def _addenda(review: Review, session: Session) -> tuple[Addendum, ...]:
+    answered = session.exec(
+        select(FollowUpQuestion).where(
+            FollowUpQuestion.review_id == review.id, FollowUpQuestion.status == "answered"
+        )
+    ).all()
+    own = session.exec(select(ReviewAddendum).where(ReviewAddendum.review_id == review.id)).all()
+    addenda = [
+        Addendum(q.answer or "", as_utc(q.answered_at or utcnow()), question=q.text) for q in answered
+    ] + [Addendum(a.text, as_utc(a.signed_at), kind=a.kind) for a in own]
+    return tuple(sorted(addenda, key=lambda a: a.signed_at))
+
+
+def signature_of(review: Review) -> Signature | None:
+    """The signature block copied at submission (None before copies were kept: the directory's entry)."""
+    if review.signed_name is None or review.signed_credentials is None:
+        return None
+    return Signature(review.signed_name, review.signed_credentials, review.signed_npi)
 
 
 def _store_pdf(settings: Settings, pdf: bytes) -> tuple[str, str]:

@@ -11,8 +11,9 @@ from sqlmodel import Field, SQLModel
 
 from contracts.models import Exam, OriginalReport, StudySummary
 from services.common.db import utcnow
+from services.review.recommendations import RecommendationItem
 
-TABLES = ("specialists", "reviews", "reports", "follow_up_questions")
+TABLES = ("specialists", "reviews", "reports", "follow_up_questions", "addenda")
 
 ReviewStatus = Literal["offered", "accepted", "submitted", "declined", "withdrawn"]
 # Reviews that count against a specialist's capacity and show in their worklist by default.
@@ -24,6 +25,8 @@ Agreement = Literal["concordant", "minor_discrepancy", "major_discrepancy"]
 # expected to be made (understandable miss); 3 discrepancy, should be made most of the time; a/b = unlikely /
 # likely to be clinically significant. Score 4 was retired in 2016 (stored 4a/4b: migrate to 3a/3b).
 RadpeerScore = Literal["1", "2a", "2b", "3a", "3b"]
+# Why a specialist adds to a report they signed, without being asked.
+AddendumKind = Literal["correction", "additional_finding", "late_comparison", "other"]
 
 # Ultrasound risk-stratification lexicons: the categories each defines and the exams it applies to.
 LexiconSystem = Literal["o_rads_us_2022", "acr_ti_rads", "bi_rads_us", "li_rads_us_2017"]
@@ -119,7 +122,9 @@ class Review(SQLModel, table=True):
     findings: str | None = None
     impression: str | None = None
     alternative_diagnoses: list[str] | None = Field(default=None, sa_type=JSON)
-    recommendations: list[str] | None = Field(default=None, sa_type=JSON)
+    recommendations: list[str | dict[str, Any]] | None = Field(
+        default=None, sa_type=JSON, description="strings, or services.review.recommendations.Recommendation"
+    )
     new_ultrasound_needed: bool | None = None
     radpeer_score: str | None = Field(default=None, max_length=2)
     patient_answers: str | None = None
@@ -127,6 +132,17 @@ class Review(SQLModel, table=True):
     critical_result: bool = False
     communication: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     submitted_at: datetime | None = Field(default=None)
+    # The signature block as the directory had it at submission: the signed report prints this, not the
+    # directory's current entry. None on reviews submitted before the copy was kept.
+    signed_name: str | None = Field(default=None, max_length=200)
+    signed_credentials: str | None = Field(default=None, max_length=100)
+    signed_npi: str | None = Field(default=None, max_length=10)
+    case_cancelled_at: datetime | None = Field(
+        default=None, description="the case was cancelled (a submitted review stands, but takes no addendum)"
+    )
+    case_closed_at: datetime | None = Field(
+        default=None, description="the case closed after follow-up: nothing more is delivered, no addendum"
+    )
 
 
 class Report(SQLModel, table=True):
@@ -157,6 +173,20 @@ class FollowUpQuestion(SQLModel, table=True):
     status: str = Field(default="open", max_length=20, description="open | answered | withdrawn")
     answer: str | None = None
     answered_at: datetime | None = None
+
+
+class ReviewAddendum(SQLModel, table=True):
+    """An addendum the specialist signed on their own after the report was issued; it makes a new version."""
+
+    __tablename__ = "addenda"
+
+    id: str = Field(primary_key=True, max_length=36)
+    case_id: str = Field(index=True, max_length=100)
+    review_id: str = Field(foreign_key="reviews.id", index=True, max_length=36)
+    kind: str = Field(max_length=30, description="AddendumKind")
+    text: str
+    signed_at: datetime = Field(default_factory=utcnow)
+    report_version: int = Field(description="the report version this addendum made")
 
 
 class RiskAssessment(BaseModel):
@@ -209,7 +239,11 @@ class ReviewFindings(BaseModel):
     findings: ClinicalText
     impression: ClinicalText
     alternative_diagnoses: list[ListItem] = Field(default_factory=list, max_length=20)
-    recommendations: list[ListItem] = Field(min_length=1, max_length=20)
+    recommendations: list[RecommendationItem] = Field(
+        min_length=1,
+        max_length=20,
+        description='a string, or {"text", "follow_up": {"action", "when": {"unit", "value", "up_to"}}}',
+    )
     new_ultrasound_needed: bool
     radpeer_score: RadpeerScore | None = Field(
         default=None, description="quality assurance only, never shown to the patient"
@@ -269,7 +303,7 @@ class ReviewDraft(BaseModel):
     findings: str | None = Field(default=None, max_length=20_000)
     impression: str | None = Field(default=None, max_length=20_000)
     alternative_diagnoses: list[ListItem] | None = Field(default=None, max_length=20)
-    recommendations: list[ListItem] | None = Field(default=None, max_length=20)
+    recommendations: list[RecommendationItem] | None = Field(default=None, max_length=20)
     new_ultrasound_needed: bool | None = None
     radpeer_score: RadpeerScore | None = None
     patient_answers: str | None = Field(default=None, max_length=20_000)
@@ -288,6 +322,31 @@ class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     answer: ClinicalText
+
+
+class AddendumCreate(BaseModel):
+    """POST /v1/reviews/{review_id}/addenda: what the specialist adds to the report they signed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: AddendumKind = "other"
+    text: ClinicalText
+
+
+class AddendumPublic(BaseModel):
+    addendum_id: str
+    kind: AddendumKind
+    text: str
+    signed_at: datetime
+    report_version: int
+
+    @classmethod
+    def of(cls, a: ReviewAddendum) -> AddendumPublic:
+        return cls(
+            addendum_id=a.id,
+            kind=a.kind,  # type: ignore[arg-type]
+            **a.model_dump(include={"text", "signed_at", "report_version"}),
+        )
 
 
 class QuestionPublic(BaseModel):
@@ -345,3 +404,4 @@ class ReviewDetail(WorkItem):
     withdrawn_at: datetime | None
     withdrawn_reason: str | None
     questions: list[QuestionPublic]
+    addenda: list[AddendumPublic] = []

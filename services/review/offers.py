@@ -9,7 +9,7 @@ from __future__ import annotations
 import structlog
 from sqlmodel import Session, select
 
-from contracts.commands import WithdrawOffer
+from contracts.commands import CloseReview, WithdrawOffer
 from contracts.events import CaseCancelled, ReviewAccepted, ReviewDeclined
 from services.common.amqp import EVENTS, enqueue
 from services.common.db import utcnow
@@ -66,10 +66,14 @@ def withdraw(cmd: WithdrawOffer, session: Session) -> None:
 
 
 def cancel_case(cancelled: CaseCancelled, session: Session) -> None:
-    """The case was cancelled: withdraw every open offer or review and every open question."""
+    """The case was cancelled: withdraw every open offer or review and every open question; a submitted review
+    stands but is marked, so that its report takes no addendum (nothing more is delivered for the case)."""
     reviews = session.exec(select(Review).where(Review.case_id == cancelled.case_id).with_for_update()).all()
     for review in reviews:
         _withdraw(review, "cancelled", session)
+        if review.case_cancelled_at is None:
+            review.case_cancelled_at = utcnow()
+            session.add(review)
     questions = session.exec(
         select(FollowUpQuestion).where(
             FollowUpQuestion.case_id == cancelled.case_id, FollowUpQuestion.status == "open"
@@ -78,6 +82,16 @@ def cancel_case(cancelled: CaseCancelled, session: Session) -> None:
     for question in questions:
         question.status = "withdrawn"
         session.add(question)
+
+
+def close_case(cmd: CloseReview, session: Session) -> None:
+    """The case closed after follow-up: its reviews take no more addenda (nothing more would be delivered)."""
+    reviews = session.exec(select(Review).where(Review.case_id == cmd.case_id).with_for_update()).all()
+    for review in reviews:
+        if review.case_closed_at is None:
+            review.case_closed_at = utcnow()
+            session.add(review)
+    log.info("review.case_closed", case_id=cmd.case_id, reviews=len(reviews))
 
 
 def closed_reason(review: Review, action: str) -> str:

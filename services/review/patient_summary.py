@@ -3,11 +3,14 @@ the programme's quality assurance, not for the patient."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from pydantic import BaseModel
 
 from services.review.models import ReviewFindings
+from services.review.recommendations import describe
+from services.review.report_pdf import ADDENDUM_KIND_LABELS
 
 AGREEMENT_PLAIN = {
     "concordant": "The specialist agrees with the original report.",
@@ -38,6 +41,7 @@ class PatientSummary(BaseModel):
     new_ultrasound_needed: bool
     answers_to_your_questions: str | None
     follow_up_answers: list[dict[str, str]]
+    specialist_addenda: list[dict[str, str]] = []
     note: str = (
         "This summary explains the specialist's report in everyday words. "
         "Your doctor has the full report and will go through it with you."
@@ -52,8 +56,9 @@ def patient_summary(
     signed_at: datetime,
     findings: ReviewFindings,
     follow_ups: list[tuple[str, str]],
+    addenda: Sequence[tuple[str, str]] = (),
 ) -> PatientSummary:
-    next_steps = list(findings.recommendations)
+    next_steps = [describe(item) for item in findings.recommendations]
     if findings.new_ultrasound_needed:
         next_steps.append("You will need a new ultrasound examination.")
     return PatientSummary(
@@ -68,4 +73,6 @@ def patient_summary(
         new_ultrasound_needed=findings.new_ultrasound_needed,
         answers_to_your_questions=findings.patient_answers,
         follow_up_answers=[{"question": q, "answer": a} for q, a in follow_ups],
+        # What the specialist added later on their own (e.g. a correction), as the report prints it.
+        specialist_addenda=[{"kind": ADDENDUM_KIND_LABELS.get(k, "Addendum"), "text": t} for k, t in addenda],
     )

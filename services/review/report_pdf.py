@@ -17,6 +17,7 @@ from reportlab.platypus.doctemplate import BaseDocTemplate
 
 from contracts.commands import MatchSpecialist
 from services.review.models import ReviewFindings, RiskAssessment, Specialist
+from services.review.recommendations import describe
 
 TITLE = "Second-opinion report — diagnostic ultrasound"
 
@@ -34,13 +35,35 @@ AGREEMENT_COLOURS = {
 }
 
 
+ADDENDUM_KIND_LABELS = {
+    "correction": "Correction",
+    "additional_finding": "Additional finding",
+    "late_comparison": "Comparison with prior imaging received after signing",
+    "other": "Addendum",
+}
+
+
 @dataclass(frozen=True)
 class Addendum:
-    """A follow-up question and the specialist's answer, issued after the report was delivered."""
+    """What the specialist signed after the report was issued: the answer to a follow-up question, or an
+    addendum of their own (`question` None, `kind` one of ADDENDUM_KIND_LABELS)."""
 
-    question: str
-    answer: str
-    answered_at: datetime
+    text: str
+    signed_at: datetime
+    question: str | None = None
+    kind: str = "other"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The signature block: name, credentials and NPI as they were when the reviewer signed."""
+
+    name: str
+    credentials: str
+    npi: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}, {self.credentials}"
 
 
 @dataclass(frozen=True)
@@ -54,14 +77,30 @@ class ReportContent:
     subspecialty: str
     signed_at: datetime
     addenda: tuple[Addendum, ...] = ()
+    # Copied onto the review at submission; None for reviews signed before that: the directory's entry.
+    signature: Signature | None = None
 
     @property
     def patient_name(self) -> str:
         return f"{self.request.patient.given_name} {self.request.patient.family_name}"
 
     @property
+    def signer(self) -> Signature:
+        if self.signature is not None:
+            return self.signature
+        return Signature(self.reviewer.display_name, self.reviewer.credentials, self.reviewer.npi or None)
+
+    @property
+    def recommendations(self) -> list[str]:
+        """One line each, structured follow-ups in a fixed form (the PDF and the DiagnosticReport say the same)."""
+        lines = [describe(item) for item in self.findings.recommendations]
+        if self.findings.new_ultrasound_needed:
+            lines.append("A new ultrasound examination is needed.")
+        return lines
+
+    @property
     def reviewer_signature(self) -> str:
-        return f"{self.reviewer.display_name}, {self.reviewer.credentials}"
+        return str(self.signer)
 
 
 def render_report_pdf(content: ReportContent) -> bytes:
@@ -97,7 +136,7 @@ def _story(c: ReportContent) -> list[Flowable]:
     patient = r.patient
     story: list[Flowable] = [Paragraph(escape(TITLE), styles["Title"])]
     if c.addenda:
-        last = c.addenda[-1].answered_at.astimezone(UTC)
+        last = c.addenda[-1].signed_at.astimezone(UTC)
         story.append(
             Paragraph(
                 f"<b>Addended</b>: {len(c.addenda)} addendum(s), the latest {last:%Y-%m-%d %H:%M} UTC; see the end.",
@@ -161,10 +200,7 @@ def _story(c: ReportContent) -> list[Flowable]:
         story += _section("Alternative diagnoses", f.alternative_diagnoses, styles)
     else:
         story += _section("Alternative diagnoses", ["None given."], styles, bullets=False)
-    recommendations = [*f.recommendations]
-    if f.new_ultrasound_needed:
-        recommendations.append("A new ultrasound examination is needed.")
-    story += _section("Recommendations", recommendations, styles)
+    story += _section("Recommendations", c.recommendations, styles)
     quality = QUALITY_LABELS[f.technical_quality]
     if f.technical_notes:
         quality += f": {f.technical_notes}"
@@ -172,11 +208,12 @@ def _story(c: ReportContent) -> list[Flowable]:
     if f.patient_answers:
         story += _section("Answers to the patient's questions", [f.patient_answers], styles, bullets=False)
     subspecialty = c.subspecialty.replace("_", " ")
+    npi = f" (NPI {escape(c.signer.npi)})" if c.signer.npi else ""
     story += [
         Spacer(1, 6 * mm),
         Paragraph(
             f"<b>Reviewer:</b> {escape(c.reviewer_signature)} — {escape(subspecialty)}, "
-            f"{escape(c.reviewer.organization)} (NPI {escape(c.reviewer.npi)})",
+            f"{escape(c.reviewer.organization)}{npi}",
             styles["BodyText"],
         ),
         Paragraph(
@@ -184,17 +221,34 @@ def _story(c: ReportContent) -> list[Flowable]:
         ),
     ]
     for number, addendum in enumerate(c.addenda, start=1):
-        signed = addendum.answered_at.strftime("%Y-%m-%d %H:%M:%S")
-        story += [
-            Paragraph(f"Addendum {number}", styles["Heading"]),
-            Paragraph(f"<b>Question:</b> {escape(addendum.question)}", styles["BodyText"]),
-            Paragraph("<b>Answer:</b>", styles["BodyText"]),
-            *_paragraphs(addendum.answer, styles["BodyText"]),
+        story += _addendum(number, addendum, c.reviewer_signature, styles)
+    return story
+
+
+def _addendum(
+    number: int, addendum: Addendum, signature: str, styles: dict[str, ParagraphStyle]
+) -> list[Flowable]:
+    body = styles["BodyText"]
+    if addendum.question is None:
+        label = ADDENDUM_KIND_LABELS.get(addendum.kind, "Addendum")
+        parts = [
+            Paragraph(f"Addendum {number} — by the reviewing specialist", styles["Heading"]),
             Paragraph(
-                f"Electronically signed {signed} UTC by {escape(c.reviewer_signature)}", styles["BodyText"]
+                f"<b>{escape(label)}</b> (added by the specialist, not in answer to a question):", body
             ),
         ]
-    return story
+    else:
+        parts = [
+            Paragraph(f"Addendum {number} — answer to a follow-up question", styles["Heading"]),
+            Paragraph(f"<b>Question:</b> {escape(addendum.question)}", body),
+            Paragraph("<b>Answer:</b>", body),
+        ]
+    signed = addendum.signed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return [
+        *parts,
+        *_paragraphs(addendum.text, body),
+        Paragraph(f"Electronically signed {signed} UTC by {escape(signature)}", body),
+    ]
 
 
 LEXICON_LABELS = {

@@ -58,6 +58,7 @@ from contracts.events import (
     IdentityMismatch,
     QuestionAnswered,
     RecordsIncomplete,
+    ReportAddended,
     ReviewAccepted,
     ReviewDeclined,
     ReviewOffered,
@@ -680,6 +681,62 @@ async def test_follow_up_question_goes_to_the_specialist_and_is_redelivered(
     await keep_history(handle, "follow_up_question")
     await handle.terminate("test done")
     services.close()
+
+
+async def test_the_specialists_own_addendum_is_redelivered_before_the_case_closes(
+    client: Client, settings: Settings
+) -> None:
+    handle, services = await start(client, settings)
+    review_id = await to_review(handle, services)
+    services.send(
+        ReviewSubmitted(
+            case_id=services.case_id, review_id=review_id, reviewer_id="spec-gyn-1", agreement="concordant"
+        )
+    )
+    await services.expect("report.compose")
+    services.send(
+        ReportReady(case_id=services.case_id, report_id="rp1", pdf_url="p", fhir_url="f", sha256="0" * 64)
+    )
+    await services.expect("report.deliver")
+    services.send(
+        ReportDelivered(
+            case_id=services.case_id, report_id="rp1", recipient="NPI", delivered_at=datetime.now(UTC)
+        )
+    )
+    await wait_status(handle, CaseStatus.FOLLOW_UP)
+    addended = ReportAddended(
+        case_id=services.case_id, review_id=review_id, report_id="rp1", addendum_id="a1", version=2
+    )
+    services.send(addended, event_id="addended-a1")
+    redelivery = await services.expect("report.deliver")
+    services.send(addended, event_id="addended-a1")  # redelivered by the broker: delivered once
+    services.send(
+        ReportDelivered(
+            case_id=services.case_id, report_id="rp1", recipient="NPI", delivered_at=datetime.now(UTC)
+        )
+    )
+    await wait_status(handle, CaseStatus.FOLLOW_UP)
+    await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    outcome = await asyncio.wait_for(handle.result(), timeout=30)
+    await keep_history(handle, "own_addendum")
+    closing = await services.expect("review.close")
+    services.close()
+
+    assert redelivery["data"]["report_id"] == "rp1" and outcome.status == CaseStatus.CLOSED
+    assert closing["data"]["reason"] == "by dr-a: no further questions"  # no more addenda: none delivered
+    assert "report.deliver" not in services.types()
+    timeline = await handle.query(CaseWorkflow.timeline)
+    assert "the specialist's own addendum delivered (report version 2)" in [t.detail for t in timeline]
+    statuses = [t.status for t in timeline if t.kind == "transition"]
+    assert statuses[-7:] == [
+        CaseStatus.DELIVERING,
+        CaseStatus.DELIVERED,
+        CaseStatus.FOLLOW_UP,
+        CaseStatus.DELIVERING,  # the new version, through the same delivery as an answer's addendum
+        CaseStatus.DELIVERED,
+        CaseStatus.FOLLOW_UP,
+        CaseStatus.CLOSED,
+    ]
 
 
 async def test_a_restarted_worker_resumes_the_case_where_it_was(

@@ -27,7 +27,7 @@ from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.http import create_app
 from services.review import api, consumer, deps, offers
-from services.review.models import FollowUpQuestion, Report, Review
+from services.review.models import FollowUpQuestion, Report, Review, ReviewAddendum
 from tests.keys import operations_headers, specialist_headers
 from tests.unit.test_review_matching import request
 
@@ -59,7 +59,7 @@ def engine(settings: Settings) -> Iterator[Engine]:
 @pytest.fixture(autouse=True)
 def empty_tables(engine: Engine) -> None:
     with engine.begin() as conn:
-        for table in (FollowUpQuestion, Report, Review, Outbox, Inbox):
+        for table in (FollowUpQuestion, ReviewAddendum, Report, Review, Outbox, Inbox):
             conn.execute(delete(table))
 
 
@@ -345,7 +345,8 @@ def test_report_is_served_as_fhir_or_pdf_by_accept_header(
     assert as_pdf.headers["content-type"] == "application/pdf"
     resource = DiagnosticReport.model_validate(as_fhir.json())
     assert resource.status == "final"
-    assert resource.conclusion == FINDINGS["impression"]
+    assert resource.conclusion is not None
+    assert resource.conclusion.startswith(f"{FINDINGS['impression']}\n\nRecommendations:\n- Repeat pelvic")
     assert resource.subject.display == "Jane Doe"
     form = as_fhir.json()["presentedForm"][0]
     assert form["url"] == f"{settings.review_url}/v1/reports/{case_id}/pdf"

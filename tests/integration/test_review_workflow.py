@@ -31,17 +31,19 @@ from contracts import (
     Patient,
     RecordsAssembled,
     ReferringPhysician,
+    ReportDelivered,
     StudySummary,
     Urgency,
     new_event,
 )
-from contracts.decisions import CostChoice, CostDecision
+from contracts.decisions import CloseCase, CostChoice, CostDecision
 from services.common.amqp import EVENTS, Consumer, OutboxRelay, Publisher, ensure_topology
 from services.common.config import Settings
 from services.review import consumer
 from services.review.models import Review
 from tests.infra import purge_queues
 from tests.integration import test_review_flow as flow
+from tests.keys import specialist_headers
 from workflows.bridge import EventBridge
 from workflows.case import CaseWorkflow
 from workflows.worker import build_worker
@@ -226,3 +228,62 @@ async def test_decline_and_expiry_rematch_through_the_workflow(
     assert "the offer expired at" in late.json()["detail"]
     worklist = client.get("/v1/reviews", params={"reviewer": second[0].reviewer_id}).json()
     assert second[0].id not in [i["review_id"] for i in worklist]
+
+
+async def test_the_specialists_own_addendum_reaches_the_referring_physician_through_the_workflow(
+    temporal: Client, settings: Settings, engine: Engine, client: TestClient
+) -> None:
+    handle, case_id = await to_matching(temporal, settings)
+    [review] = reviews_of(engine, case_id)
+    signed = specialist_headers(settings, review.reviewer_id)
+    assert client.post(f"/v1/reviews/{review.id}/accept").status_code == 200
+
+    async def status_is(status: CaseStatus) -> bool:
+        return await handle.query(CaseWorkflow.status) == status  # type: ignore[no-any-return]
+
+    async def delivered(n: int) -> None:
+        """Play intake: once the workflow has sent the n-th report.deliver, the physician has the report."""
+        await until(partial(deliveries, handle, n), f"delivery {n} requested")
+        report = client.get(f"/v1/reports/{case_id}").json()
+        send(
+            settings,
+            case_id,
+            ReportDelivered(
+                case_id=case_id,
+                report_id=report["id"],
+                recipient="NPI 1234567893",
+                delivered_at=datetime.now(UTC),
+            ),
+        )
+        await until(partial(deliveries_done, handle, n), f"delivery {n} done")
+
+    await until(partial(status_is, CaseStatus.IN_REVIEW), "the review accepted")
+    submitted = client.post(f"/v1/reviews/{review.id}", json=flow.FINDINGS, headers=signed)
+    assert submitted.status_code == 200, submitted.text
+    await delivered(1)
+    correction = {"kind": "additional_finding", "text": "Small amount of free fluid in the pouch of Douglas."}
+    added = client.post(f"/v1/reviews/{review.id}/addenda", json=correction, headers=signed)
+    assert added.status_code == 201, added.text
+    await delivered(2)
+    await handle.execute_update(CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    await handle.result()
+    await until(
+        lambda: reviews_of(engine, case_id)[0].case_closed_at is not None, "the review told of the close"
+    )
+    too_late = client.post(f"/v1/reviews/{review.id}/addenda", json=correction, headers=signed)
+
+    timeline = [t.detail for t in await handle.query(CaseWorkflow.timeline)]
+    assert "the specialist's own addendum delivered (report version 2)" in timeline
+    assert client.get(f"/v1/reports/{case_id}").json()["status"] == "appended"
+    assert too_late.status_code == 409 and "closed at" in too_late.json()["detail"]
+
+
+async def deliveries(handle: WorkflowHandle, n: int) -> bool:
+    timeline = await handle.query(CaseWorkflow.timeline)
+    return sum(t.status == CaseStatus.DELIVERING and t.kind == "transition" for t in timeline) >= n
+
+
+async def deliveries_done(handle: WorkflowHandle, n: int) -> bool:
+    timeline = await handle.query(CaseWorkflow.timeline)
+    done = sum(t.status == CaseStatus.DELIVERED and t.kind == "transition" for t in timeline) >= n
+    return done and await handle.query(CaseWorkflow.status) == CaseStatus.FOLLOW_UP

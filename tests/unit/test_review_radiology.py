@@ -96,7 +96,7 @@ def test_the_report_shows_the_pregnancy_the_planned_procedure_and_its_addenda() 
     pregnant = base.request.model_copy(
         update={"gestational_age_weeks": 22, "procedure_scheduled_on": date(2025, 3, 9)}
     )
-    addendum = Addendum("Is MRI needed?", "No.", datetime(2025, 3, 6, 9, tzinfo=UTC))
+    addendum = Addendum("No.", datetime(2025, 3, 6, 9, tzinfo=UTC), question="Is MRI needed?")
     text = pdf_text(render_report_pdf(dataclasses.replace(base, request=pregnant, addenda=(addendum,))))
     for expected in (
         "Gestational age 22 weeks",

@@ -133,7 +133,10 @@ def test_diagnostic_report_is_valid_r4_and_hashes_the_pdf() -> None:
     assert (report.subject.type, report.subject.identifier.value) == ("Patient", "M1")
     assert report.subject.identifier.type.coding[0].code == "MR"
     assert report.imagingStudy[0].identifier.value == "urn:oid:1.2.3"
-    assert report.conclusion == "O-RADS 2: almost certainly benign hemorrhagic cyst."
+    assert report.conclusion == (
+        "O-RADS 2: almost certainly benign hemorrhagic cyst.\n\nRecommendations:\n"
+        "- Follow-up pelvic ultrasound in 8-12 weeks.\n- A new ultrasound examination is needed."
+    )
     assert "Elena Marquez, MD, FACR" in report.resultsInterpreter[0].display
     interpreter = report.resultsInterpreter[0].identifier
     assert (interpreter.system, interpreter.value) == ("http://hl7.org/fhir/sid/us-npi", "1234567810")
