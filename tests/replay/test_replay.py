@@ -32,6 +32,12 @@ def test_representative_histories_are_stored() -> None:
     # Recorded after an answer was looked up after the previous answer, not after its request (patch
     # "answers-in-turn").
     assert {"answers-in-turn-closed_after_review", "answers-in-turn-follow_up_question"} <= names
+    # Recorded with "offer-within-due-date", "critical-result-alert" and "deliver-own-addenda" in place.
+    assert {
+        "own-addenda-closed_after_review",
+        "own-addenda-critical_result_alert",
+        "own-addenda-urgent_offer_lapses",
+    } <= names
     # Recorded after the specialist's own addendum was delivered (patch "deliver-own-addenda"), and before
     # it: a case that received report.addended and ignored it, then answered a question and closed.
     assert {"deliver-own-addenda-own_addendum", "addendum_before_deliver_own_addenda"} <= names
