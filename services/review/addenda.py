@@ -4,6 +4,11 @@ referring physician by the case workflow like an answer's addendum. Handlers add
 commit.
 
 ReviewStateError (409 to the specialist): the case or report is not in a state that takes an addendum.
+IdempotencyMismatch (422): an Idempotency-Key already used for another addendum.
+
+A POST sent twice (a double click, a retry after a lost answer) signs one addendum: with the same
+Idempotency-Key it answers the addendum that key signed; without a key, an addendum identical to the
+review's latest one (same kind, same text) is that one again.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import uuid
 
 import structlog
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 
 from contracts.events import ReportAddended
 from services.common.amqp import EVENTS, enqueue
@@ -25,8 +30,26 @@ MAX_ADDENDA = 10
 log = structlog.get_logger(__name__)
 
 
-def add(review: Review, body: AddendumCreate, session: Session, settings: Settings) -> ReviewAddendum:
-    """Record the addendum and issue the report again with it; the caller holds the review row locked."""
+class IdempotencyMismatch(Exception):
+    """The Idempotency-Key signed another addendum of this review."""
+
+
+def add(
+    review: Review,
+    body: AddendumCreate,
+    session: Session,
+    settings: Settings,
+    *,
+    idempotency_key: str | None = None,
+) -> tuple[ReviewAddendum, bool]:
+    """Record the addendum and issue the report again with it; the caller holds the review row locked.
+    Returns the addendum and whether it was signed before (a repeated request: nothing new is signed)."""
+    earlier = _repeated(review, body, session, idempotency_key)
+    if earlier is not None:
+        log.info(
+            "review.addendum_repeated", case_id=review.case_id, review_id=review.id, addendum_id=earlier.id
+        )
+        return earlier, True
     if review.case_cancelled_at is not None:
         raise ReviewStateError(
             f"case {review.case_id} was cancelled at {as_utc(review.case_cancelled_at).isoformat()}; "
@@ -64,6 +87,7 @@ def add(review: Review, body: AddendumCreate, session: Session, settings: Settin
         kind=body.kind,
         text=body.text,
         report_version=report.version + 1,
+        idempotency_key=idempotency_key,
     )
     session.add(addendum)
     reissue(report, review, session, settings)
@@ -83,4 +107,28 @@ def add(review: Review, body: AddendumCreate, session: Session, settings: Settin
         kind=body.kind,
         version=report.version,
     )
-    return addendum
+    return addendum, False
+
+
+def _repeated(
+    review: Review, body: AddendumCreate, session: Session, idempotency_key: str | None
+) -> ReviewAddendum | None:
+    """The addendum this request already signed, if it is a repeat."""
+    if idempotency_key is not None:
+        earlier = session.exec(
+            select(ReviewAddendum).where(
+                ReviewAddendum.review_id == review.id, ReviewAddendum.idempotency_key == idempotency_key
+            )
+        ).first()
+        if earlier is not None and (earlier.kind, earlier.text) != (body.kind, body.text):
+            raise IdempotencyMismatch()
+        return earlier
+    latest = session.exec(
+        select(ReviewAddendum)
+        .where(ReviewAddendum.review_id == review.id)
+        .order_by(col(ReviewAddendum.report_version).desc())
+        .limit(1)
+    ).first()
+    if latest is not None and (latest.kind, latest.text) == (body.kind, body.text):
+        return latest
+    return None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import date
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, Header, HTTPException, Response
 from fastapi.exceptions import RequestValidationError
 from sqlmodel import Session, col, select
 
@@ -216,21 +216,52 @@ def answer_question(
     "/{review_id}/addenda",
     status_code=201,
     response_model=AddendumPublic,
-    responses=NOT_YOURS | CONFLICT | {403: {"description": "only the reviewing specialist's own key signs"}},
+    responses=NOT_YOURS
+    | CONFLICT
+    | {
+        200: {"description": "a repeated request: the addendum it signed before (Idempotent-Replayed: true)"},
+        403: {"description": "only the reviewing specialist's own key signs"},
+    },
 )
 def add_addendum(
     review_id: str,
     body: AddendumCreate,
+    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     reviewer: CurrentReviewer,
     access: AccessDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="repeat the POST safely: the same key and body answer the addendum signed the first time",
+        ),
+    ] = None,
 ) -> AddendumPublic:
     """Add to the report you signed, unasked (a correction, an additional finding, a late comparison): the
-    report gets a new version with it as an addendum, delivered to the referring physician like an answer."""
+    report gets a new version with it as an addendum, delivered to the referring physician like an answer.
+    Sent twice (the same Idempotency-Key, or without one the same kind and text as your latest addendum), it
+    signs one addendum: the repeat is answered 200 with it."""
     review = _review_or_404(session, review_id, reviewer, access, for_update=True)
     _only_the_reviewer_signs(access, "add an addendum to the report")
-    addendum = _apply(lambda: addenda.add(review, body, session, settings))
+    try:
+        addendum, repeated = _apply(
+            lambda: addenda.add(review, body, session, settings, idempotency_key=idempotency_key)
+        )
+    except addenda.IdempotencyMismatch:
+        raise HTTPException(
+            422,
+            "this Idempotency-Key already signed another addendum of this review; use a new key for a new addendum",
+        ) from None
+    if repeated:
+        answer = AddendumPublic.of(addendum)
+        session.rollback()  # nothing was written; the review's lock goes
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        return answer
     session.commit()
     relay.wake()
     return AddendumPublic.of(addendum)

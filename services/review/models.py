@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, model_validator
-from sqlalchemy import JSON
+from sqlalchemy import JSON, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from contracts.models import Exam, OriginalReport, StudySummary
@@ -179,6 +179,7 @@ class ReviewAddendum(SQLModel, table=True):
     """An addendum the specialist signed on their own after the report was issued; it makes a new version."""
 
     __tablename__ = "addenda"
+    __table_args__ = (UniqueConstraint("review_id", "idempotency_key", name="uq_addenda_review_key"),)
 
     id: str = Field(primary_key=True, max_length=36)
     case_id: str = Field(index=True, max_length=100)
@@ -187,6 +188,8 @@ class ReviewAddendum(SQLModel, table=True):
     text: str
     signed_at: datetime = Field(default_factory=utcnow)
     report_version: int = Field(description="the report version this addendum made")
+    # The client's Idempotency-Key, if it sent one: a repeated POST answers this addendum, signs none.
+    idempotency_key: str | None = Field(default=None, max_length=255)
 
 
 class RiskAssessment(BaseModel):

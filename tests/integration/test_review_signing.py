@@ -13,13 +13,14 @@ from fastapi.testclient import TestClient
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from contracts.commands import CloseReview
 from contracts.envelope import new_event
 from contracts.events import CaseCancelled
 from services.common import migrate
 from services.common.config import Settings
+from services.common.db import Outbox
 from services.review.diagnostic_report import attachment_hash
 from services.review.encapsulated_pdf import DICOM
 from services.review.models import Review, Specialist
@@ -229,6 +230,41 @@ def test_addenda_and_answers_are_numbered_in_the_order_they_were_signed(
     assert text.index("Addendum 1 — answer to a follow-up question") < text.index("No MRI.")
     assert text.index("Addendum 2 — by the reviewing specialist") < text.index("the cyst is new")
     assert "Comparison with prior imaging received after signing" in text
+
+
+def test_an_addendum_sent_twice_is_signed_once(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    # A double click, or a retry after an answer lost on the way: the report must not carry the addendum twice
+    # nor go out to the referring physician twice.
+    case_id, review_id = submitted_review(engine, settings, client)
+    apply(engine, settings, compose_command(case_id, review_id))
+    path, signed = f"/v1/reviews/{review_id}/addenda", specialist_headers(settings)
+    finding = {"kind": "additional_finding", "text": "Small amount of free fluid in the pouch of Douglas."}
+
+    first = client.post(path, json=finding, headers=signed)
+    again = client.post(path, json=finding, headers=signed)  # no key: identical to the latest addendum
+    keyed = {**signed, "Idempotency-Key": "add-7f3a"}
+    other = {"kind": "correction", "text": "The cyst measures 4.6 cm, not 4.2 cm."}
+    second = client.post(path, json=other, headers=keyed)
+    retried = client.post(path, json=other, headers=keyed)
+    reused_key = client.post(path, json={"kind": "other", "text": "Something else."}, headers=keyed)
+
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.json() == first.json()
+    assert (second.status_code, retried.status_code) == (201, 200)
+    assert retried.json() == second.json() and retried.headers["Idempotent-Replayed"] == "true"
+    assert reused_key.status_code == 422 and "use a new key" in reused_key.json()["detail"]
+    assert "Something else" not in reused_key.text
+    assert [a["report_version"] for a in client.get(f"/v1/reviews/{review_id}").json()["addenda"]] == [2, 3]
+    assert client.get(f"/v1/reports/{case_id}").json()["meta"]["versionId"] == "3"
+    for addendum in (first.json(), second.json()):  # one report.addended each, so one delivery each
+        flow.outbox_event(engine, f"report.addended:{case_id}:{addendum['addendum_id']}")
+    with Session(engine) as session:
+        sent = session.exec(
+            select(Outbox).where(col(Outbox.message_id).startswith(f"report.addended:{case_id}:"))
+        )
+        assert len(sent.all()) == 2
 
 
 def test_a_cancelled_case_takes_no_addendum(engine: Engine, settings: Settings, client: TestClient) -> None:

@@ -270,7 +270,8 @@ async def test_the_specialists_own_addendum_reaches_the_referring_physician_thro
     await until(
         lambda: reviews_of(engine, case_id)[0].case_closed_at is not None, "the review told of the close"
     )
-    too_late = client.post(f"/v1/reviews/{review.id}/addenda", json=correction, headers=signed)
+    late = {"kind": "correction", "text": "The free fluid is a small amount, not moderate."}
+    too_late = client.post(f"/v1/reviews/{review.id}/addenda", json=late, headers=signed)
 
     timeline = [t.detail for t in await handle.query(CaseWorkflow.timeline)]
     assert "the specialist's own addendum delivered (report version 2)" in timeline
