@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydicom
 import structlog
 from sqlmodel import Session, col, select
 
@@ -13,9 +14,11 @@ from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.db import get_engine, utcnow
 from services.common.errors import PoisonMessage
+from services.records import report_return
 from services.records.adequacy import assess
 from services.records.assembly import SOURCE, assemble_if_complete
 from services.records.models import ImportStatus, RecordFile, RecordImport, RecordRequest
+from services.records.report_study import REPORT_SOURCE
 from services.records.retrieval import cancel_retrievals, plan_retrieval
 from services.records.store import ObjectStore
 
@@ -107,6 +110,8 @@ def reconcile(cmd: ReconcileIdentity, session: Session, settings: Settings) -> N
         for row in files:
             row.released = True
             session.add(row)
+        if held.source == REPORT_SOURCE and request.partner_id:
+            _return_released_reports(session, store, request.partner_id, files)
     else:
         held.status = ImportStatus.REJECTED
         for row in files:
@@ -119,6 +124,29 @@ def reconcile(cmd: ReconcileIdentity, session: Session, settings: Settings) -> N
     log.info("records.import_decided", case_id=cmd.case_id, import_id=held.import_id, decision=cmd.decision)
     if request.cancelled_at is None:
         assemble_if_complete(session, request, store)
+
+
+def _return_released_reports(
+    session: Session, store: ObjectStore, partner_id: str, files: list[RecordFile]
+) -> None:
+    """A second-opinion report held for its identity, now accepted, goes back to the PACS like any other
+    (if the partner's source asks); its version is its Instance Number, as the review service writes it."""
+    for row in files:
+        if not row.sop_instance_uid:
+            continue
+        header = pydicom.dcmread(
+            store.local_path(row.storage_path, row.sha256),
+            stop_before_pixels=True,
+            specific_tags=["InstanceNumber"],
+        )
+        report_return.plan_return(
+            session,
+            case_id=row.case_id,
+            partner_id=partner_id,
+            sop_instance_uid=row.sop_instance_uid,
+            sha256=row.sha256,
+            version=int(header.get("InstanceNumber") or 1),
+        )
 
 
 def _remove_if_unreferenced(session: Session, store: ObjectStore, storage_path: str, sha256: str) -> None:

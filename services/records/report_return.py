@@ -28,8 +28,9 @@ from sqlmodel import Session, col, select
 from services.common.config import Settings
 from services.common.db import insert_new, utcnow
 from services.records import dimse
+from services.records.archive_store import ArchiveUnavailable
 from services.records.dicomweb_source import DicomwebSource
-from services.records.models import RecordSource, ReportReturn, RetrievalStatus
+from services.records.models import RecordFile, RecordSource, ReportReturn, RetrievalStatus
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -85,10 +86,11 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
     attempted = 0
     due_by = utcnow()  # what falls due during this pass (a retry) waits for the next one
     while (claimed := _claim(engine, lease, due_by)) is not None:
-        row, source = claimed
+        row, source, storage_path = claimed
         attempted += 1
-        path = ObjectStore.for_settings(settings).objects_dir / row.sha256[:2] / row.sha256
         try:
+            # Kept in the object store or the image archive (fetched into the cache on first use).
+            path = ObjectStore.for_settings(settings).local_path(storage_path, row.sha256)
             _send(source, path, options.timeout_seconds)
         except Refused as exc:
             _finish(engine, row, RetrievalStatus.FAILED, str(exc))
@@ -98,7 +100,7 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
                 sop_instance_uid=row.return_id,
                 reason=str(exc),
             )
-        except dimse.PacsUnavailable as exc:
+        except (dimse.PacsUnavailable, ArchiveUnavailable) as exc:
             _failed_attempt(engine, options, row, str(exc))
         else:
             _finish(engine, row, RetrievalStatus.DONE, None)
@@ -111,7 +113,9 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
     return attempted
 
 
-def _claim(engine: Engine, lease: timedelta, due_by: datetime) -> tuple[ReportReturn, RecordSource] | None:
+def _claim(
+    engine: Engine, lease: timedelta, due_by: datetime
+) -> tuple[ReportReturn, RecordSource, str] | None:
     with Session(engine, expire_on_commit=False) as session:
         query = (
             select(ReportReturn)
@@ -127,10 +131,18 @@ def _claim(engine: Engine, lease: timedelta, due_by: datetime) -> tuple[ReportRe
         if row is None:
             return None
         source = session.get(RecordSource, row.partner_id)
+        stored = session.exec(
+            select(RecordFile.storage_path).where(
+                RecordFile.case_id == row.case_id, RecordFile.sha256 == row.sha256
+            )
+        ).first()
+        why = None
         if source is None or not source.return_reports:
-            # The partner stopped asking for reports (or its source is gone) while this one waited.
-            row.status, row.finished_at = RetrievalStatus.CANCELLED, utcnow()
-            row.last_error = "the partner's source no longer asks for reports back"
+            why = "the partner's source no longer asks for reports back"
+        elif stored is None:
+            why = "the report instance is no longer in the case's records"
+        if source is None or stored is None or why is not None:  # while this one waited
+            row.status, row.finished_at, row.last_error = RetrievalStatus.CANCELLED, utcnow(), why
             session.add(row)
             session.commit()
             return _claim(engine, lease, due_by)
@@ -139,7 +151,7 @@ def _claim(engine: Engine, lease: timedelta, due_by: datetime) -> tuple[ReportRe
         row.next_attempt_at = utcnow() + lease  # taken over after this if the process dies mid-send
         session.add(row)
         session.commit()
-        return row, source
+        return row, source, stored
 
 
 def _send(source: RecordSource, path: Path, timeout: float) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from contracts import new_event
+from contracts.commands import ReconcileIdentity
 from contracts.events import EncapsulatedReport
 from services.common.config import Settings
 from services.records import consumer
@@ -41,13 +42,15 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield orthanc
 
 
-def report_for(case_id: str, study_uid: str, version: int = 1) -> tuple[EncapsulatedReport, bytes]:
+def report_for(
+    case_id: str, study_uid: str, version: int = 1, mrn: str = "MRN1"
+) -> tuple[EncapsulatedReport, bytes]:
     """The review service's report instance for the case's patient (Doe^Jane, MRN1) and study."""
     case = match_request("pelvic", "CA")
     case = case.model_copy(
         update={
             "case_id": case_id,
-            "patient": case.patient.model_copy(update={"mrn": "MRN1"}),
+            "patient": case.patient.model_copy(update={"mrn": mrn}),
             "study": case.study.model_copy(update={"study_instance_uid": study_uid}) if case.study else None,
         }
     )
@@ -199,3 +202,43 @@ def test_a_pacs_down_for_every_attempt_fails_the_return_with_why(
     assert "GONEPACS" in failed["last_error"] and "Doe" not in failed["last_error"]
     with Session(engine) as session:
         assert session.exec(select(ReportReturn).where(ReportReturn.case_id == case_id)).one().finished_at
+
+
+def test_a_report_held_for_its_identity_goes_back_once_a_person_accepts_it(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    retrieval.configure(
+        client,
+        "clinic-held",
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        return_reports=True,
+    )
+    study = "1.2.826.0.1.3680043.10.7100.12"
+    case_id = retrieval.open_case(engine, settings, "clinic-held", study_instance_uid=study)
+    deliver(engine, settings, report_for(case_id, study, version=1, mrn="MRN-OTHER")[0])  # not the case's MRN
+    [held] = [
+        i
+        for i in client.get(f"/v1/records/{case_id}").json()["imports"]
+        if i["status"] == "identity_mismatch"
+    ]
+    assert client.get(f"/v1/records/{case_id}").json()["report_returns"] == []  # not sent while held
+    assert run_due(engine, settings, OPTIONS) == 0
+
+    decision = ReconcileIdentity(
+        case_id=case_id,
+        import_id=held["import_id"],
+        decision="accept",
+        decided_by="nurse-12",
+        reason="same patient",
+    )
+    with Session(engine) as session:
+        consumer.handle(
+            session, new_event(id=str(uuid.uuid4()), source="/t", data=decision, subject=case_id), settings
+        )
+        session.commit()
+    assert run_due(engine, settings, OPTIONS) == 1
+    [sent] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (sent["status"], sent["version"]) == ("done", 1)
+    assert len(in_pacs(pacs, study)) == 1
