@@ -41,7 +41,8 @@ class SearchInvalid(ValueError):
 
 
 def parse_token(token: str) -> ReferenceSearch:
-    """Read `[system|]value` with FHIR's escapes (`\\|`, `\\,`, `\\$`, `\\\\`); split at the first unescaped `|`."""
+    """Read `[system|]value` with FHIR's escapes (`\\|`, `\\,`, `\\$`, `\\\\`); split at the first unescaped `|`.
+    An unescaped `,` (FHIR's OR) is refused: a conditional create is for one order."""
     parts: list[str] = [""]
     escaped = False
     for char in token:
@@ -52,6 +53,11 @@ def parse_token(token: str) -> ReferenceSearch:
             escaped = True
         elif char == "|" and len(parts) == 1:
             parts.append("")
+        elif char == ",":  # FHIR's OR between values: a conditional create names one order
+            raise SearchInvalid(
+                "identifier=a,b (any of several) cannot name the one order a conditional create is for; send "
+                "its one identifier, and escape a comma that belongs to it as \\,"
+            )
         else:
             parts[-1] += char
     if escaped:

@@ -72,6 +72,14 @@ def test_a_token_without_a_value_or_with_a_bad_system_is_refused_without_echo(to
     assert "ORD-1" not in str(refused.value) and "not a uri" not in str(refused.value)
 
 
+@pytest.mark.parametrize("token", ["ORD-1,ORD-2", "urn:a|ORD-1,urn:a|ORD-2", "urn:a|ORD-1,"])
+def test_an_or_of_several_identifiers_is_refused_as_no_one_order(token: str) -> None:
+    # FHIR reads an unescaped comma as OR; a conditional create is for one order, so it says so.
+    with pytest.raises(SearchInvalid, match="cannot name the one order") as refused:
+        parse_token(token)
+    assert "ORD-1" not in str(refused.value)
+
+
 def test_the_json_api_takes_a_system_only_as_a_uri_and_with_its_reference() -> None:
     taken = CaseCreate.model_validate(
         SAMPLE | {"partner_case_ref": "777", "partner_case_ref_system": "urn:oid:1.2.3"}
