@@ -105,6 +105,9 @@ class CloseReview(Command):
 
     TYPE: ClassVar[str] = "review.close"
     reason: str
+    # How many of the specialist's own addenda the case delivered; any signed beyond them came too late to be
+    # delivered, and operations are told (None: a sender that did not count).
+    own_addenda_delivered: int | None = None
 
 
 class ComposeReport(Command):

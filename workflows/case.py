@@ -148,6 +148,7 @@ class CaseWorkflow:
         self._reviewer: str | None = None
         self._reminders_sent = 0
         self._own_addenda = False  # the specialist's own addenda are delivered (patch OWN_ADDENDA)
+        self._own_delivered = 0  # how many of them were
 
     # ---- the business process ------------------------------------------------------------------
 
@@ -213,7 +214,11 @@ class CaseWorkflow:
         await self._follow_up(case, report)
         closed_by = f"by {self._close.by}: no further questions" if self._close else "follow-up window ended"
         # The review takes no addendum once nothing more would be delivered (cases from before: no command).
-        closing = [CloseReview(case_id=case.case_id, reason=closed_by)] if self._own_addenda else []
+        closing = (
+            [CloseReview(case_id=case.case_id, reason=closed_by, own_addenda_delivered=self._own_delivered)]
+            if self._own_addenda
+            else []
+        )
         await self._transition(CaseStatus.CLOSED, f"closed {closed_by}", then=closing)
         return CaseOutcome(
             case_id=case.case_id, status=self._status, reviewer_id=self._reviewer, report_id=report.report_id
@@ -507,6 +512,7 @@ class CaseWorkflow:
             own = self._own_addendum(own_delivered) if own_addenda else None
             if own is not None:
                 own_delivered += 1
+                self._own_delivered = own_delivered
                 await self._deliver(case, own.report_id, report.pdf_url, report.fhir_url)
                 await self._transition(
                     CaseStatus.FOLLOW_UP,

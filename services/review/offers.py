@@ -7,14 +7,14 @@ ReviewStateError (409 to the specialist): the review is no longer in a state tha
 from __future__ import annotations
 
 import structlog
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from contracts.commands import CloseReview, WithdrawOffer
-from contracts.events import CaseCancelled, ReviewAccepted, ReviewDeclined
+from contracts.events import CaseAlert, CaseCancelled, ReviewAccepted, ReviewDeclined
 from services.common.amqp import EVENTS, enqueue
 from services.common.db import utcnow
 from services.review.handlers import event
-from services.review.models import OPEN_STATUSES, FollowUpQuestion, Review, as_utc
+from services.review.models import OPEN_STATUSES, FollowUpQuestion, Review, ReviewAddendum, as_utc
 
 log = structlog.get_logger(__name__)
 
@@ -85,13 +85,43 @@ def cancel_case(cancelled: CaseCancelled, session: Session) -> None:
 
 
 def close_case(cmd: CloseReview, session: Session) -> None:
-    """The case closed after follow-up: its reviews take no more addenda (nothing more would be delivered)."""
+    """The case closed after follow-up: its reviews take no more addenda (nothing more would be delivered).
+    An addendum signed after the case delivered its last one, as it closed, was never delivered: operations
+    get a `case.alert` for each, so the referring physician is told by hand."""
     reviews = session.exec(select(Review).where(Review.case_id == cmd.case_id).with_for_update()).all()
     for review in reviews:
         if review.case_closed_at is None:
             review.case_closed_at = utcnow()
             session.add(review)
+    if cmd.own_addenda_delivered is not None:
+        _alert_undelivered(cmd.case_id, cmd.own_addenda_delivered, session)
     log.info("review.case_closed", case_id=cmd.case_id, reviews=len(reviews))
+
+
+def _alert_undelivered(case_id: str, delivered: int, session: Session) -> None:
+    signed = session.exec(
+        select(ReviewAddendum)
+        .where(ReviewAddendum.case_id == case_id)
+        .order_by(col(ReviewAddendum.report_version))
+    ).all()
+    for addendum in signed[delivered:]:
+        alert = CaseAlert(
+            case_id=case_id,
+            kind="addendum_not_delivered",
+            detail=(
+                f"the specialist's own addendum (report version {addendum.report_version}) was signed as the "
+                "case closed and was not delivered to the referring physician: send them the current report "
+                f"(GET /v1/reports/{case_id}) and record that it was sent"
+            ),
+            at=utcnow(),
+        )
+        enqueue(session, EVENTS, event(f"{alert.TYPE}:{case_id}:undelivered:{addendum.id}", alert))
+        log.warning(
+            "review.addendum_not_delivered",
+            case_id=case_id,
+            addendum_id=addendum.id,
+            version=addendum.report_version,
+        )
 
 
 def closed_reason(review: Review, action: str) -> str:

@@ -309,6 +309,39 @@ def test_a_closed_case_takes_no_addendum(engine: Engine, settings: Settings, cli
     assert "Tell the referring physician directly" in refused.json()["detail"]
 
 
+@pytest.mark.parametrize("delivered", [0, 1])
+def test_an_addendum_signed_as_the_case_closed_is_not_lost_silently(
+    engine: Engine, settings: Settings, client: TestClient, delivered: int
+) -> None:
+    # The workflow delivered `delivered` own addenda, then closed; the specialist signed one just before the
+    # close reached the review service. Undelivered, it must reach operations (intake shows case.alert).
+    case_id, review_id = submitted_review(engine, settings, client)
+    apply(engine, settings, compose_command(case_id, review_id))
+    signed = specialist_headers(settings)
+    added = client.post(
+        f"/v1/reviews/{review_id}/addenda",
+        json={"kind": "correction", "text": "The right ovary, not the left."},
+        headers=signed,
+    ).json()
+    closed = CloseReview(case_id=case_id, reason="follow-up window ended", own_addenda_delivered=delivered)
+    apply(
+        engine, settings, new_event(id=f"{case_id}:close", source="/workflows", data=closed, subject=case_id)
+    )
+
+    with Session(engine) as session:
+        alerts = session.exec(
+            select(Outbox).where(col(Outbox.message_id).startswith(f"case.alert:{case_id}:undelivered:"))
+        ).all()
+    if delivered:
+        assert alerts == []
+    else:
+        [alert] = alerts
+        assert alert.message_id.endswith(added["addendum_id"])
+        data = flow.outbox_event(engine, alert.message_id).data
+        assert data["kind"] == "addendum_not_delivered" and "report version 2" in data["detail"]
+        assert "ovary" not in data["detail"]  # no clinical text in an alert
+
+
 def test_the_migrations_for_signature_and_addenda_go_down_and_up_again(engine: Engine) -> None:
     config = migrate.alembic_config("review", engine)
 

@@ -39,6 +39,7 @@ from contracts import (
 from contracts.decisions import CloseCase, CostChoice, CostDecision
 from services.common.amqp import EVENTS, Consumer, OutboxRelay, Publisher, ensure_topology
 from services.common.config import Settings
+from services.common.db import Outbox
 from services.review import consumer
 from services.review.models import Review
 from tests.infra import purge_queues
@@ -270,6 +271,9 @@ async def test_the_specialists_own_addendum_reaches_the_referring_physician_thro
     await until(
         lambda: reviews_of(engine, case_id)[0].case_closed_at is not None, "the review told of the close"
     )
+    with Session(engine) as session:  # the one addendum was delivered: no alert that one was not
+        undelivered = col(Outbox.message_id).startswith(f"case.alert:{case_id}:undelivered:")
+        assert session.exec(select(Outbox).where(undelivered)).all() == []
     late = {"kind": "correction", "text": "The free fluid is a small amount, not moderate."}
     too_late = client.post(f"/v1/reviews/{review.id}/addenda", json=late, headers=signed)
 
