@@ -18,7 +18,8 @@ from contracts.models import CaseInput, CaseStatus, Urgency
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.temporal import CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID, SUBSPECIALTY
-from services.intake.models import Case, CaseCreate, CaseTimelineEntry
+from services.intake import webhooks_out
+from services.intake.models import Case, CaseCreate, CaseTimelineEntry, ReportAmended
 from services.intake.order_reference import ReferenceSearch
 from services.intake.triage import triage
 
@@ -209,6 +210,15 @@ def deliver_report(event: CloudEvent, cmd: DeliverReport, session: Session) -> N
         case.delivered_at = now
         case.updated_at = now
         session.add(case)
+    else:
+        # A later delivery is a new version of the delivered report (an answer to a question, or the
+        # specialist's own addendum): the partner's system is told to fetch it again.
+        amended = ReportAmended(
+            case_id=case.id, report_id=cmd.report_id, pdf_url=cmd.pdf_url, fhir_url=cmd.fhir_url
+        )
+        webhooks_out.fan_out(
+            session, new_event(id=f"{event.id}>report.amended", source=SOURCE, subject=case.id, data=amended)
+        )
     referring = CaseCreate.model_validate_json(case.request_json).referring
     enqueue(
         session,

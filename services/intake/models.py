@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from enum import StrEnum
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from pydantic import Field as PField
@@ -299,6 +300,17 @@ class CancelRequest(BaseModel):
     )
 
     reason: str = PField(min_length=3, max_length=500)
+
+
+class ReportAmended(BaseModel):
+    """The partner webhook `report.amended`: the delivered report has a new version (an addendum: an answer
+    to a follow-up question or the specialist's own); fetch it again from the same URLs."""
+
+    TYPE: ClassVar[str] = "report.amended"
+    case_id: str
+    report_id: str
+    pdf_url: str
+    fhir_url: str
 
 
 class WebhookEndpoint(SQLModel, table=True):

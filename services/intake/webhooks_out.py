@@ -40,7 +40,7 @@ from services.intake.webhook_signing import headers_for
 
 log = structlog.get_logger(__name__)
 
-PARTNER_EVENTS = ("case.status_changed", "records.needed", "report.ready")
+PARTNER_EVENTS = ("case.status_changed", "records.needed", "report.ready", "report.amended")
 # Standard Webhooks' example schedule: about three days from the first attempt to the last.
 RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)  # seconds after attempt n (1-based)
 MAX_ATTEMPTS = len(RETRY_SCHEDULE) + 1

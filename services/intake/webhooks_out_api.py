@@ -83,9 +83,9 @@ async def register(
     engine: EngineDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Register an endpoint for `case.status_changed`, `records.needed` and `report.ready`. HTTPS to a public
-    address is required (plain HTTP to loopback only in development). Events are signed with the partner's
-    webhook secret per Standard Webhooks."""
+    """Register an endpoint for `case.status_changed`, `records.needed`, `report.ready` and `report.amended`.
+    HTTPS to a public address is required (plain HTTP to loopback only in development). Events are signed
+    with the partner's webhook secret per Standard Webhooks."""
     try:
         check_url(body.url, get_settings().env)
     except EndpointRefused as exc:

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from contracts import CaseStatusChanged, new_event
+from contracts import CaseStatusChanged, DeliverReport, new_event
 from contracts.events import CaseCancelled, RecordsNeeded
 from contracts.models import CaseStatus
 from services.auth.models import Partner
@@ -480,3 +480,22 @@ def test_the_sender_on_sqlite_sends_in_order_leases_retries_and_stops_at_410(
     }
     assert endpoint is not None and endpoint.disabled_at is not None and "410" in endpoint.disabled_reason
     dispatcher.http.close()
+
+
+def test_each_later_delivery_of_the_report_tells_the_partner_it_was_amended(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    # An EHR that filed version 1 must learn that an addendum made version 2 (and 3), or it keeps showing the
+    # report without the correction. The first delivery is report.ready's; each later one is report.amended.
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    links = {"report_id": "rp1", "pdf_url": "http://r/pdf", "fhir_url": "http://r/fhir"}
+    for n in (1, 2, 3):
+        publish(engines[0], case_id, DeliverReport(case_id=case_id, **links), f"wf:{case_id}:deliver-{n}")
+    publish(engines[0], case_id, DeliverReport(case_id=case_id, **links), f"wf:{case_id}:deliver-3")  # again
+
+    dispatch_until(dispatcher, lambda: len(receiver.received) >= 2)
+    dispatcher.run_once()
+    bodies = [json.loads(body) for _, _, body in receiver.received]
+    assert [b["type"] for b in bodies] == ["report.amended", "report.amended"]  # versions 2 and 3, once each
+    assert bodies[0]["data"] == {"case_id": case_id, **links}
+    assert len({headers["webhook-id"] for _, headers, _ in receiver.received}) == 2
