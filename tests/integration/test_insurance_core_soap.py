@@ -76,18 +76,32 @@ def engine(settings: Settings, soap_url: str) -> Iterator[Engine]:
 
 
 @pytest.mark.parametrize(
-    ("case", "member", "status", "outcome", "cost"),
+    ("case", "member", "status", "outcome", "cost", "said"),
     [
-        ("active, deductible met", "SBX-MET", "covered", "active", "68.00"),
-        ("deductible partly met", "SBX-PARTLY", "covered", "active", "108.00"),
-        ("member not found", "NO-SUCH-MEMBER", "not_covered", "member_mismatch", "350.00"),
-        ("AAA 42 once, retried", "SBX-FLAKY", "covered", "active", "68.00"),
-        ("AAA 42 every time", "SBX-BUSY", "not_covered", "payer_unavailable", "350.00"),
-        ("another PayloadID", "SBX-MIXUP", "not_covered", "malformed_response", "350.00"),
+        ("active, deductible met", "SBX-MET", "covered", "active", "68.00", ""),
+        ("deductible partly met", "SBX-PARTLY", "covered", "active", "108.00", ""),
+        ("member not found", "NO-SUCH-MEMBER", "not_covered", "member_mismatch", "350.00", "AAA 75"),
+        ("AAA 42 once, retried", "SBX-FLAKY", "covered", "active", "68.00", ""),
+        ("AAA 42 every time", "SBX-BUSY", "not_covered", "payer_unavailable", "350.00", "AAA 42"),
+        (
+            "another PayloadID",
+            "SBX-MIXUP",
+            "not_covered",
+            "malformed_response",
+            "350.00",
+            "its PayloadID is not",
+        ),
     ],
 )
 def test_soap_round_trip(
-    engine: Engine, settings: Settings, case: str, member: str, status: str, outcome: str, cost: str
+    engine: Engine,
+    settings: Settings,
+    case: str,
+    member: str,
+    status: str,
+    outcome: str,
+    cost: str,
+    said: str,
 ) -> None:
     verified = verify(engine, "SBX-PPO", member, settings)
     assert (verified.coverage_status, verified.outcome, verified.patient_cost) == (
@@ -95,6 +109,7 @@ def test_soap_round_trip(
         outcome,
         Decimal(cost),
     ), case
+    assert said in verified.explanation, case
     assert member not in verified.explanation
 
 
