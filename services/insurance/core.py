@@ -5,8 +5,10 @@ UserName, Password, SenderID, ReceiverID, CORERuleVersion and the X12 as Payload
 the same envelope, echoing the PayloadID, with ErrorCode `Success` (or why not). We log in with either of the
 rule's two submitter authentication standards (§4.1), as a client must support both: UserName + Password in
 the envelope, or an X.509 client certificate in the TLS handshake (then the envelope carries no UserName or
-Password). Each payer may have a login of its own (`INSURANCE_CORE_LOGINS`). The SOAP+WSDL form is not spoken. Nothing here logs; the password shows in no repr, and of
-what a payer sends only plain tokens (ErrorCode, PayloadType) may reach a message.
+Password). Each payer may have a login of its own (`INSURANCE_CORE_LOGINS`). The rule's other envelope
+standard, SOAP 1.2 + WSDL, is `core_soap`: the same fields and the same checks of the answer
+(`core_answer`), chosen per payer (`insurance_payers.core_envelope`). Nothing here logs; the password shows
+in no repr, and of what a payer sends only plain tokens (ErrorCode, PayloadType) may reach a message.
 """
 
 from __future__ import annotations

@@ -27,11 +27,15 @@ class InsurancePlanBase(SQLModel):
 
 
 class InsurancePayer(SQLModel, table=True):
-    """A payer and how we ask it: `plan_rules` (our own tables) or `x12` (a 270 to `endpoint_url`)."""
+    """A payer and how we ask it: `plan_rules` (our own tables) or `x12` (a 270 to `endpoint_url`).
+
+    `core_envelope`: the CAQH CORE envelope standard the payer's server speaks, `mime` (HTTP MIME multipart)
+    or `soap` (SOAP 1.2 + WSDL); the rule asks a server for one of the two, and a client like us for both."""
 
     __tablename__ = "insurance_payers"
     __table_args__ = (
         sa.CheckConstraint("connector IN ('plan_rules', 'x12')", name="ck_insurance_payers_connector"),
+        sa.CheckConstraint("core_envelope IN ('mime', 'soap')", name="ck_insurance_payers_core_envelope"),
     )
 
     payer_id: str = Field(primary_key=True, max_length=80)
@@ -39,6 +43,7 @@ class InsurancePayer(SQLModel, table=True):
     connector: str = Field(default="plan_rules", max_length=20)
     endpoint_url: str | None = Field(default=None, max_length=500)
     timeout_seconds: float = 10.0
+    core_envelope: str = Field(default="mime", max_length=10)
 
 
 class InsurancePlan(InsurancePlanBase, table=True):

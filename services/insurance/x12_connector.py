@@ -1,28 +1,33 @@
 """The X12 connector: a 270 sent to the payer in a CAQH CORE envelope, its 271 read into terms.
 
-The transport is the CAQH CORE Connectivity Rule vC2.2.0 in its HTTP MIME multipart form (SOAP+WSDL, the
-rule's other form, is not spoken): a `multipart/form-data` POST with PayloadType
+The transport is the CAQH CORE Connectivity Rule vC2.2.0 in the envelope standard the payer's server speaks
+(`insurance_payers.core_envelope`). `mime` (the default): a `multipart/form-data` POST with PayloadType
 `X12_270_Request_005010X279A1`, ProcessingMode `RealTime`, PayloadID (a UUID), TimeStamp, UserName,
 Password and SenderID (the `INSURANCE_CORE_*` settings, or the payer's own in `INSURANCE_CORE_LOGINS`),
-ReceiverID (the payer's `payer_id`), CORERuleVersion `2.2.0` and the 270 as Payload. With an X.509 login
-the client certificate is presented in the TLS handshake instead, and the envelope carries no UserName
-or Password. The answer comes back in the same envelope: it must echo our PayloadID and carry ErrorCode
-`Success` with a 271 (or the 999 / TA1 with which the payer refuses the 270 itself). The HTTP status
-counts only when an answer has no envelope.
+ReceiverID (the payer's `payer_id`), CORERuleVersion `2.2.0` and the 270 as Payload. `soap`: the same
+fields as a SOAP 1.2 `COREEnvelopeRealTimeRequest` (the WSDL's `RealTimeTransaction`), with UserName and
+Password moved to a WS-Security UsernameToken in the SOAP Header (`core_soap`). With an X.509 login the
+client certificate is presented in the TLS handshake instead, and the envelope carries no UserName or
+Password (no UsernameToken). The answer comes back in the same envelope standard: it must echo our
+PayloadID and carry ErrorCode `Success` with a 271 (or the 999 / TA1 with which the payer refuses the 270
+itself); a SOAP Fault counts like the ErrorCode it stands for. The HTTP status counts only when an answer
+has no envelope.
 
 `check()` never raises; each failure becomes a specific outcome::
 
-    PayerBusy              timeout, refused connection, HTTP 5xx, CORE `Busy`, AAA 42: retried with
-                           exponential backoff up to `payer_attempts`, then `payer_unavailable`
+    PayerBusy              timeout, refused connection, HTTP 5xx, CORE `Busy`, a SOAP env:Receiver fault,
+                           AAA 42: retried with exponential backoff up to `payer_attempts`, then
+                           `payer_unavailable`
     CoreRefused            the envelope's ErrorCode is an error (VersionMismatch, PayloadIDRequired, ...):
                            `payer_rejected`
-      + CoreLoginRefused   UnAuthorized, Sender/ReceiverNotAuthorized, HTTP 401/403 without an envelope, or
-                           a TLS alert refusing our client certificate: `payer_rejected`, naming the
-                           settings to check
+      + CoreLoginRefused   UnAuthorized, Sender/ReceiverNotAuthorized, a SOAP fault wsse:FailedAuthentication
+                           (or another WS-Security token fault), HTTP 401/403 without an envelope, or a TLS
+                           alert refusing our client certificate: `payer_rejected`, naming the settings
     CoreLoginUnusable      our certificate or key cannot be loaded, or the payer's server certificate is
                            not trusted: `payer_rejected`, naming the settings; nothing was sent
-    CoreEnvelopeInvalid    not a CORE envelope answering our request (no multipart body, no ErrorCode,
-                           another PayloadID or PayloadType): `malformed_response`
+    CoreEnvelopeInvalid    not a CORE envelope answering our request (no multipart body or SOAP 1.2
+                           envelope, XML with a DTD, no ErrorCode, another PayloadID or PayloadType):
+                           `malformed_response`
     X12Invalid             a Payload that is not a valid 271: `malformed_response`
       + X12Acknowledged    a TA1 or 999 instead of the 271: `payer_rejected`
 
@@ -40,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import structlog
@@ -56,6 +62,8 @@ from services.insurance.core import (
     answer_payload,
     core_request,
 )
+from services.insurance.core_soap import CONTENT_TYPE as SOAP_CONTENT_TYPE
+from services.insurance.core_soap import soap_answer_payload, soap_request
 from services.insurance.models import InsurancePayer, InsurancePlan
 from services.insurance.settings import get_insurance_settings
 from services.insurance.x12 import (
@@ -227,22 +235,14 @@ class X12Connector:
     def _post(self, request: str) -> str:
         """Send the 270 in a CORE envelope; the 271 (or 999 / TA1) the answer's envelope carries."""
         payload_id = str(uuid.uuid1())  # the rule: an RFC 4122 UUID from time and hardware address
-        fields = core_request(
-            request,
-            payload_id=payload_id,
-            login=self.login,
-            receiver_id=self.payer.payer_id,
-            at=datetime.now(UTC),
-        )
-        payload = fields.pop("Payload").encode("ascii")
+        soap = self.payer.core_envelope == "soap"
+        body = self._envelope(request, payload_id)
         verify = self._tls()
         try:
             with httpx.Client(
                 transport=self.transport, timeout=self.payer.timeout_seconds, verify=verify
             ) as client:
-                response = client.post(
-                    self.payer.endpoint_url or "", data=fields, files={"Payload": (None, payload)}
-                )
+                response = client.post(self.payer.endpoint_url or "", **body)
         except httpx.TimeoutException as exc:
             raise PayerBusy(f"no answer within {self.payer.timeout_seconds:g} s") from exc
         except httpx.TransportError as exc:
@@ -254,18 +254,32 @@ class X12Connector:
         except httpx.HTTPError as exc:
             raise CoreEnvelopeInvalid(f"the answer cannot be read ({type(exc).__name__})") from exc
         content_type = response.headers.get("content-type", "")
+        read = soap_answer_payload if soap else answer_payload
         try:
-            return answer_payload(response.status_code, content_type, response.content, payload_id)
+            return read(response.status_code, content_type, response.content, payload_id)
         except (CoreRefused, CoreEnvelopeInvalid) as exc:
             event = "payer.core_refused" if isinstance(exc, CoreRefused) else "payer.core_envelope_invalid"
             log.warning(
                 event,
                 payer_id=self.payer.payer_id,
                 payload_id=payload_id,
+                envelope=self.payer.core_envelope,
                 http_status=response.status_code,
                 reason=str(exc),
             )
             raise
+
+    def _envelope(self, request: str, payload_id: str) -> dict[str, Any]:
+        """The POST of the 270 in the CORE envelope standard the payer speaks (`core_envelope`)."""
+        login, receiver_id, at = self.login, self.payer.payer_id, datetime.now(UTC)
+        if self.payer.core_envelope == "soap":
+            envelope = soap_request(
+                request, payload_id=payload_id, login=login, receiver_id=receiver_id, at=at
+            )
+            return {"content": envelope, "headers": {"Content-Type": SOAP_CONTENT_TYPE}}
+        fields = core_request(request, payload_id=payload_id, login=login, receiver_id=receiver_id, at=at)
+        payload = fields.pop("Payload").encode("ascii")
+        return {"data": fields, "files": {"Payload": (None, payload)}}
 
     def _tls(self) -> ssl.SSLContext | bool:
         """The TLS settings of the POST: our client certificate for an X.509 login, the CA bundle if set."""

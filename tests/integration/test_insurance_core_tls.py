@@ -179,3 +179,32 @@ def test_a_refused_or_unusable_x509_login_is_payer_rejected_and_names_the_settin
     assert said in verified.explanation
     assert "INSURANCE_CORE_" in verified.explanation
     assert "SBX-MET" not in verified.explanation and "Tester" not in verified.explanation
+
+
+def test_the_x509_login_over_soap_sends_no_username_token(
+    engine: Engine, settings: Settings, pki: dict[str, Path | Issued]
+) -> None:
+    # The same mutual-TLS payer asked in the SOAP form: the certificate logs in, the Header carries no token
+    # (the password is deliberately wrong, so a UsernameToken would be refused), and a stranger is refused.
+    with Session(engine) as session:
+        payer = session.get(InsurancePayer, "SBX01")
+        assert payer is not None and payer.endpoint_url
+        mime_url = payer.endpoint_url
+        payer.endpoint_url, payer.core_envelope = mime_url.replace("/core/eligibility", "/core/soap"), "soap"
+        session.add(payer)
+        session.commit()
+    try:
+        config = x509(pki, core_password="not-the-Sandbox-pw")
+        verified = verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester"), config=config)
+        assert (verified.coverage_status, verified.outcome) == ("covered", "active")
+        stranger = verify(engine, "SBX-PPO", "SBX-MET", settings, config=x509(pki, "stranger"))
+        assert (stranger.coverage_status, stranger.outcome) == ("not_covered", "payer_rejected")
+        assert "refused our CAQH CORE login (SOAP Fault Sender FailedAuthentication)" in stranger.explanation
+        assert "client certificate" in stranger.explanation
+    finally:
+        with Session(engine) as session:
+            payer = session.get(InsurancePayer, "SBX01")
+            assert payer is not None
+            payer.endpoint_url, payer.core_envelope = mime_url, "mime"
+            session.add(payer)
+            session.commit()

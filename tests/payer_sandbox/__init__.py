@@ -1,16 +1,27 @@
 """A payer sandbox: answers X12 270 eligibility inquiries with 271s from the members in `members.json`.
 
-Transport: the CAQH CORE Connectivity Rule vC2.2.0, HTTP MIME multipart, real time. `POST /core/eligibility`
-a `multipart/form-data` envelope (PayloadType `X12_270_Request_005010X279A1`, ProcessingMode `RealTime`,
-PayloadID, TimeStamp, UserName, Password, SenderID, ReceiverID, CORERuleVersion `2.2.0`, Payload); the
-answer is the same envelope with PayloadType `X12_271_Response_005010X279A1`, the PayloadID echoed and
-ErrorCode `Success`. The login and the senders it accepts are `payer.core` in `members.json` (the insurance
-service's default `INSURANCE_CORE_*` settings match them). An envelope it does not take is answered with
-PayloadType `CoreEnvelopeError` and its ErrorCode: `UnAuthorized` (HTTP 401) for a wrong or missing login,
-`Sender/ReceiverNotAuthorized` (403) for a SenderID it does not know or a ReceiverID that is not this payer,
-`<Field>Required`, `<Field>Illegal` or `VersionMismatch` (400) for the rest.
+Transport: the CAQH CORE Connectivity Rule vC2.2.0, real time, in both envelope standards. HTTP MIME
+multipart: `POST /core/eligibility` a `multipart/form-data` envelope (PayloadType
+`X12_270_Request_005010X279A1`, ProcessingMode `RealTime`, PayloadID, TimeStamp, UserName, Password, SenderID,
+ReceiverID, CORERuleVersion `2.2.0`, Payload); the answer is the same envelope with PayloadType
+`X12_271_Response_005010X279A1`, the PayloadID echoed and ErrorCode `Success`. The login and the senders it
+accepts are `payer.core` in `members.json` (the insurance service's default `INSURANCE_CORE_*` settings match
+them). An envelope it does not take is answered with PayloadType `CoreEnvelopeError` and its ErrorCode:
+`UnAuthorized` (HTTP 401) for a wrong or missing login, `Sender/ReceiverNotAuthorized` (403) for a SenderID it
+does not know or a ReceiverID that is not this payer, `<Field>Required`, `<Field>Illegal` or `VersionMismatch`
+(400) for the rest.
 
-Members misbehave on request: `reject: "42"` or `busy_first: N` (AAA 42), `delay_seconds`, `garbled` (a
+The rule's other envelope standard, SOAP 1.2 + WSDL, on its own endpoint: `POST /core/soap` a SOAP 1.2 envelope
+(`application/soap+xml`) whose Body is `COREEnvelopeRealTimeRequest` (namespace
+`http://www.caqh.org/SOAP/WSDL/CORERule2.2.0.xsd`, its children unqualified) and whose Header carries the login
+as a WS-Security `wsse:UsernameToken` (Username, Password of type PasswordText), or no token with the X.509
+login below. The answer is a `COREEnvelopeRealTimeResponse` with the same fields and ErrorCodes as the MIME
+answer (HTTP 200); a login it does not take is a SOAP Fault env:Sender with subcode `wsse:FailedAuthentication`
+(`wsse:InvalidSecurity` without a token; HTTP 400), and CORE `Busy` is a Fault env:Receiver (HTTP 500). The
+request is read with defusedxml, independently of the insurance service's reader.
+
+Members misbehave on request: `reject: "42"` or `busy_first: N` (AAA 42), `core_busy_first: N` (the envelope's
+ErrorCode `Busy`, or the SOAP Receiver fault, for the member's first N inquiries), `delay_seconds`, `garbled` (a
 Payload that is not X12), `answer_payload_id` (an answer carrying another request's PayloadID),
 `require_name` (AAA 73 for a 270 without the subscriber's name).
 

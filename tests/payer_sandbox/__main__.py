@@ -17,8 +17,11 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
+import defusedxml.ElementTree as safe_xml
 import python_multipart
+from defusedxml import DefusedXmlException
 from python_multipart.exceptions import FormParserError
 
 from services.insurance.x12 import REPETITION_SEP, X12Invalid, envelope, segment, validate
@@ -41,6 +44,14 @@ REQUIRED = (
 # HTTP status of an envelope error: authentication 401, authorization 403, every other envelope error 400.
 HTTP_STATUS = {"Success": 200, "UnAuthorized": 401, "Sender/ReceiverNotAuthorized": 403}
 SUBSCRIBER = re.compile(r"NM1\*IL\*(?:[^*~]*\*){7}([^*~]*)")  # NM109 of the 270's 2100C
+# The SOAP+WSDL form: SOAP 1.2, the CORE XSD's namespace (its elements' children unqualified), WS-Security 1.0.
+SOAP_NS = "http://www.w3.org/2003/05/soap-envelope"
+CORE_NS = "http://www.caqh.org/SOAP/WSDL/CORERule2.2.0.xsd"
+WSSE_NS = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
+PASSWORD_TEXT = (
+    "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0#PasswordText"
+)
+REQUEST_ELEMENTS = (*REQUIRED[:7], "Payload")  # COREEnvelopeRealTimeRequest's sequence
 
 
 def member_of(request: str) -> str:
@@ -98,6 +109,14 @@ class Payer:
         if fields["SenderID"] not in self.senders or fields["ReceiverID"] != self.id:
             return "Sender/ReceiverNotAuthorized", f"this login may not send to ReceiverID {self.id}"
         return None
+
+    def core_busy(self, member: dict[str, Any], member_id: str) -> bool:
+        """Whether this call of the member is one its `core_busy_first` answers with CORE `Busy`."""
+        if not member.get("core_busy_first"):
+            return False
+        with self.lock:
+            self.calls[f"core:{member_id}"] = call = self.calls.get(f"core:{member_id}", 0) + 1
+        return bool(call <= member["core_busy_first"])
 
     def answer(self, request: str) -> str:
         segments = validate(request, "270")
@@ -226,8 +245,10 @@ class Payer:
 def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/core/soap":
+                return self._soap()
             if self.path != "/core/eligibility":
-                return self._reply(404, "text/plain", b"POST /core/eligibility only")
+                return self._reply(404, "text/plain", b"POST /core/eligibility (MIME) or /core/soap (SOAP)")
             fields = self._envelope()
             if fields is None:
                 return self._reply(
@@ -236,17 +257,91 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
             refusal = payer.refusal(fields, self._certificate_subject())
             if refusal is not None:
                 return self._core(fields, ERROR_TYPE, *refusal)
-            request = fields["Payload"]
-            member = payer.members.get(member_of(request), {})
+            payload_type, code, message, payload, payload_id = self._answer(fields["Payload"])
+            self._core(fields, payload_type, code, message, payload=payload, payload_id=payload_id)
+
+        def _answer(self, request: str) -> tuple[str, str, str, str, str | None]:
+            """PayloadType, ErrorCode, ErrorMessage, Payload and PayloadID of the answer to an accepted 270."""
+            member_id = member_of(request)
+            member = payer.members.get(member_id, {})
+            if payer.core_busy(member, member_id):
+                return ERROR_TYPE, "Busy", "try again later", "", None
             if member.get("garbled"):
-                return self._core(fields, RESPONSE_TYPE, "Success", payload="ISA*this is not an interchange~")
+                return RESPONSE_TYPE, "Success", "None", "ISA*this is not an interchange~", None
             try:
                 answer = payer.answer(request)
             except (X12Invalid, KeyError) as exc:
-                return self._core(fields, ERROR_TYPE, "PayloadIllegal", f"the 270 is invalid: {exc}")
-            self._core(
-                fields, RESPONSE_TYPE, "Success", payload=answer, payload_id=member.get("answer_payload_id")
+                return ERROR_TYPE, "PayloadIllegal", f"the 270 is invalid: {exc}", "", None
+            return RESPONSE_TYPE, "Success", "None", answer, member.get("answer_payload_id")
+
+        def _soap(self) -> None:
+            """The SOAP+WSDL form: a COREEnvelopeRealTimeRequest in, a COREEnvelopeRealTimeResponse (or a Fault) out."""
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if not self.headers.get("Content-Type", "").startswith("application/soap+xml"):
+                return self._fault("Sender", "", "POST a SOAP 1.2 envelope (application/soap+xml)")
+            try:
+                root = safe_xml.fromstring(body, forbid_dtd=True)
+            except (DefusedXmlException, safe_xml.ParseError):
+                return self._fault("Sender", "", "the request is not well-formed XML without a DTD")
+            request = root.find(f"{{{SOAP_NS}}}Body/{{{CORE_NS}}}COREEnvelopeRealTimeRequest")
+            if root.tag != f"{{{SOAP_NS}}}Envelope" or request is None:
+                return self._fault("Sender", "", "the Body holds no COREEnvelopeRealTimeRequest")
+            fields: dict[str, str] = {}
+            for element in request:
+                if element.tag not in REQUEST_ELEMENTS or element.tag in fields:  # unqualified, once each
+                    return self._fault("Sender", "", f"unexpected element {element.tag}")
+                fields[element.tag] = (element.text or "").strip()
+            subject = self._certificate_subject()
+            if subject is None:
+                token = root.find(f"{{{SOAP_NS}}}Header/{{{WSSE_NS}}}Security/{{{WSSE_NS}}}UsernameToken")
+                if token is None:
+                    return self._fault("Sender", "wsse:InvalidSecurity", "no wsse:Security UsernameToken")
+                password = token.find(f"{{{WSSE_NS}}}Password")
+                if password is not None and password.get("Type", PASSWORD_TEXT) != PASSWORD_TEXT:
+                    return self._fault("Sender", "wsse:UnsupportedSecurityToken", "PasswordText only")
+                fields["UserName"] = (token.findtext(f"{{{WSSE_NS}}}Username") or "").strip()
+                fields["Password"] = "" if password is None else password.text or ""
+            refusal = payer.refusal(fields, subject)
+            if refusal is not None and refusal[0] == "UnAuthorized":
+                return self._fault("Sender", "wsse:FailedAuthentication", refusal[1])
+            if refusal is not None:
+                return self._soap_answer(fields, ERROR_TYPE, *refusal)
+            payload_type, code, message, payload, payload_id = self._answer(fields["Payload"])
+            if code == "Busy":
+                return self._fault("Receiver", "cor:Busy", message)
+            self._soap_answer(fields, payload_type, code, message, payload=payload, payload_id=payload_id)
+
+        def _soap_answer(
+            self,
+            request: dict[str, str],
+            payload_type: str,
+            code: str,
+            message: str,
+            *,
+            payload: str = "",
+            payload_id: str | None = None,
+        ) -> None:
+            fields = self._answer_fields(request, payload_type, code, message, payload, payload_id)
+            elements = "".join(f"<{name}>{escape(value)}</{name}>" for name, value in fields.items() if value)
+            envelope = (
+                f'<?xml version="1.0" encoding="UTF-8"?><env:Envelope xmlns:env="{SOAP_NS}"><env:Body>'
+                f'<ns1:COREEnvelopeRealTimeResponse xmlns:ns1="{CORE_NS}">{elements}'
+                "</ns1:COREEnvelopeRealTimeResponse></env:Body></env:Envelope>"
             )
+            self._reply(200, "application/soap+xml; charset=utf-8", envelope.encode())
+
+        def _fault(self, code: str, subcode: str, reason: str) -> None:
+            """A SOAP 1.2 Fault: HTTP 400 for env:Sender, 500 for env:Receiver (the SOAP 1.2 HTTP binding)."""
+            sub = f"<env:Subcode><env:Value>{subcode}</env:Value></env:Subcode>" if subcode else ""
+            envelope = (
+                f'<?xml version="1.0" encoding="UTF-8"?><env:Envelope xmlns:env="{SOAP_NS}" '
+                f'xmlns:wsse="{WSSE_NS}" xmlns:cor="{CORE_NS}"><env:Body><env:Fault>'
+                f"<env:Code><env:Value>env:{code}</env:Value>{sub}</env:Code>"
+                f'<env:Reason><env:Text xml:lang="en">{escape(reason)}</env:Text></env:Reason>'
+                "</env:Fault></env:Body></env:Envelope>"
+            )
+            status = 500 if code == "Receiver" else 400
+            self._reply(status, "application/soap+xml; charset=utf-8", envelope.encode())
 
         def _certificate_subject(self) -> str | None:
             """The common name of the client certificate the handshake verified (None: no certificate)."""
@@ -291,7 +386,28 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
             payload_id: str | None = None,
         ) -> None:
             """Answer in the CORE envelope: the request's PayloadID echoed, sender and receiver swapped."""
-            fields = {
+            fields = self._answer_fields(request, payload_type, code, message, payload, payload_id)
+            boundary = uuid.uuid4().hex
+            parts = [
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+                for name, value in fields.items()
+                if value  # an error envelope leaves out what the request did not give (PayloadID, SenderID)
+            ]
+            body = ("".join(parts) + f"--{boundary}--\r\n").encode()
+            status = HTTP_STATUS.get(code, 400)
+            self._reply(status, f"multipart/form-data; boundary={boundary}", body)
+
+        def _answer_fields(
+            self,
+            request: dict[str, str],
+            payload_type: str,
+            code: str,
+            message: str,
+            payload: str,
+            payload_id: str | None,
+        ) -> dict[str, str]:
+            """The answer envelope's fields, in the rule's order: PayloadID echoed, sender and receiver swapped."""
+            return {
                 "PayloadType": payload_type,
                 "ProcessingMode": "RealTime",
                 "PayloadID": payload_id or request.get("PayloadID", ""),
@@ -303,15 +419,6 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
                 "ErrorCode": code,
                 "ErrorMessage": message,
             }
-            boundary = uuid.uuid4().hex
-            parts = [
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-                for name, value in fields.items()
-                if value  # an error envelope leaves out what the request did not give (PayloadID, SenderID)
-            ]
-            body = ("".join(parts) + f"--{boundary}--\r\n").encode()
-            status = HTTP_STATUS.get(code, 400)
-            self._reply(status, f"multipart/form-data; boundary={boundary}", body)
 
         def _reply(self, status: int, content_type: str, body: bytes) -> None:
             self.send_response(status)
