@@ -86,6 +86,33 @@ def _watch_rollbacks(session: Session) -> list[object]:
     return rollbacks
 
 
+HANDLING = "consumer.handling"  # session.info key: a message handler is running in this session
+
+
+class HandlerCommitted(RuntimeError):
+    """A message handler tried to commit the consumer's transaction (only the consumer commits it)."""
+
+
+def _refuse_handler_commits(session: Session) -> None:
+    """The consumer's transaction holds the inbox rows of its messages: a handler that committed it would make
+    messages not yet applied look applied (and lose them if a later one failed), or keep half an effect."""
+
+    @event.listens_for(session, "before_commit")
+    def _before_commit(committing: Session) -> None:
+        # A savepoint's release (begin_nested) keeps the outer transaction open: that one is allowed.
+        if committing.info.get(HANDLING) and not committing.in_nested_transaction():
+            raise HandlerCommitted("a message handler must not commit; the consumer commits its transaction")
+
+
+@contextlib.contextmanager
+def _handling(session: Session) -> Iterator[None]:
+    session.info[HANDLING] = True
+    try:
+        yield
+    finally:
+        session.info[HANDLING] = False
+
+
 def _claim_statement(session: Session) -> Any:
     """INSERT INTO inbox ... ON CONFLICT DO NOTHING RETURNING message_id, for the session's database."""
     table = Inbox.__table__  # type: ignore[attr-defined]
@@ -393,9 +420,11 @@ class Consumer(QueueConsumer):
     def apply(self, event: CloudEvent) -> bool:
         with Session(self.engine, expire_on_commit=False) as session:
             rollbacks = _watch_rollbacks(session)
+            _refuse_handler_commits(session)
             if not self._claim(session, [event]):
                 return False
-            self.handle(session, event)
+            with _handling(session):
+                self.handle(session, event)
             if rollbacks and not self._claim(session, [event]):
                 # The handler rolled the transaction back, the claim with it, and another replica has
                 # claimed the message since: its transaction stands.
@@ -433,6 +462,7 @@ class Consumer(QueueConsumer):
             # the messages before it: then the batch fails and its messages are applied one at a time.
             # (A savepoint a handler rolls back, as the insurance upsert does, keeps the rest: not counted.)
             rollbacks = _watch_rollbacks(session)
+            _refuse_handler_commits(session)
             claimed = self._claim(session, events)
             applied: list[bool] = []
             try:
@@ -451,7 +481,8 @@ class Consumer(QueueConsumer):
                     )
                     with self.message_span(message, headers[index] if headers else None) as span:
                         span.set_attribute("messaging.batch.message_count", len(events))
-                        self.handle(session, message)
+                        with _handling(session):
+                            self.handle(session, message)
                     if rollbacks:
                         raise BatchBroken(f"the handler of {message.type} rolled the transaction back")
                     applied.append(True)

@@ -85,7 +85,7 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
     lease = timedelta(seconds=options.timeout_seconds * 4 + 60)
     attempted = 0
     due_by = utcnow()  # what falls due during this pass (a retry) waits for the next one
-    while (claimed := _claim(engine, lease, due_by)) is not None:
+    while (claimed := _claim(engine, lease, due_by, options.attempts)) is not None:
         row, source, storage_path = claimed
         attempted += 1
         try:
@@ -102,6 +102,9 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
             )
         except (dimse.PacsUnavailable, ArchiveUnavailable) as exc:
             _failed_attempt(engine, options, row, str(exc))
+        except Exception as exc:  # a file that cannot be read, a library's error: counted, then given up
+            log.exception("records.report_return_error", case_id=row.case_id, sop_instance_uid=row.return_id)
+            _failed_attempt(engine, options, row, f"the send failed unexpectedly ({type(exc).__name__})")
         else:
             _finish(engine, row, RetrievalStatus.DONE, None)
             log.info(
@@ -114,44 +117,52 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
 
 
 def _claim(
-    engine: Engine, lease: timedelta, due_by: datetime
+    engine: Engine, lease: timedelta, due_by: datetime, attempts: int
 ) -> tuple[ReportReturn, RecordSource, str] | None:
-    with Session(engine, expire_on_commit=False) as session:
-        query = (
-            select(ReportReturn)
-            .where(
-                col(ReportReturn.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
-                ReportReturn.next_attempt_at <= due_by,
+    """The next return due, leased to this process; returns whose partner stopped asking, or whose file left
+    the case's records while they waited, are cancelled with why on the way."""
+    while True:
+        with Session(engine, expire_on_commit=False) as session:
+            query = (
+                select(ReportReturn)
+                .where(
+                    col(ReportReturn.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
+                    ReportReturn.next_attempt_at <= due_by,
+                )
+                .order_by(col(ReportReturn.next_attempt_at))
+                .limit(1)
+                .with_for_update(skip_locked=True)
             )
-            .order_by(col(ReportReturn.next_attempt_at))
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        row = session.exec(query).first()
-        if row is None:
-            return None
-        source = session.get(RecordSource, row.partner_id)
-        stored = session.exec(
-            select(RecordFile.storage_path).where(
-                RecordFile.case_id == row.case_id, RecordFile.sha256 == row.sha256
+            row = session.exec(query).first()
+            if row is None:
+                return None
+            source = session.get(RecordSource, row.partner_id)
+            stored = session.exec(
+                select(RecordFile.storage_path).where(
+                    RecordFile.case_id == row.case_id, RecordFile.sha256 == row.sha256
+                )
+            ).first()
+            if row.attempts >= attempts:  # its last attempt's lease ran out: the process died mid-send
+                row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
+                row.last_error = f"no send finished in {row.attempts} attempts (the process stopped mid-send)"
+                session.add(row)
+                session.commit()
+                continue
+            if source is not None and source.return_reports and stored is not None:
+                row.status = RetrievalStatus.RUNNING
+                row.attempts += 1
+                row.next_attempt_at = utcnow() + lease  # taken over after this if the process dies mid-send
+                session.add(row)
+                session.commit()
+                return row, source, stored
+            row.status, row.finished_at = RetrievalStatus.CANCELLED, utcnow()
+            row.last_error = (
+                "the report instance is no longer in the case's records"
+                if stored is None
+                else "the partner's source no longer asks for reports back"
             )
-        ).first()
-        why = None
-        if source is None or not source.return_reports:
-            why = "the partner's source no longer asks for reports back"
-        elif stored is None:
-            why = "the report instance is no longer in the case's records"
-        if source is None or stored is None or why is not None:  # while this one waited
-            row.status, row.finished_at, row.last_error = RetrievalStatus.CANCELLED, utcnow(), why
             session.add(row)
             session.commit()
-            return _claim(engine, lease, due_by)
-        row.status = RetrievalStatus.RUNNING
-        row.attempts += 1
-        row.next_attempt_at = utcnow() + lease  # taken over after this if the process dies mid-send
-        session.add(row)
-        session.commit()
-        return row, source, stored
 
 
 def _send(source: RecordSource, path: Path, timeout: float) -> None:

@@ -91,8 +91,10 @@ def accept_entries(
     identity_reconciled: bool = False,
 ) -> UploadOutcome:
     """Validate, reconcile and store files already received into the temp area; they are consumed.
-    `in_transaction`: the caller's transaction holds other work (a consumer's batch of messages), so the
-    check that the request is open does not roll it back; the store still commits it.
+    `in_transaction`: the caller's transaction holds other work (a consumer's batch of messages, with their
+    inbox rows), so neither the check that the request is open nor the store ends it: the caller commits
+    (a commit here made the batch's later messages look applied before they ran, and lost them when one
+    of them failed).
     `identity_reconciled`: the files carry an identity taken from the case's released images (our own
     report placed into the study), so they are released without a second decision."""
     store = ObjectStore.for_settings(settings)
@@ -102,7 +104,9 @@ def accept_entries(
         else:
             check_open(session, case_id)
         classified = _classify(entries, limits or get_limits())
-        return _store(case_id, classified, session, store, source, identity_reconciled)
+        return _store(
+            case_id, classified, session, store, source, identity_reconciled, commit=not in_transaction
+        )
     finally:
         for entry in entries:
             store.discard(entry.received)
@@ -244,6 +248,8 @@ def _store(
     store: ObjectStore,
     source: str,
     identity_reconciled: bool = False,
+    *,
+    commit: bool = True,
 ) -> UploadOutcome:
     request = lock_request(session, case_id)
     if request is None:
@@ -280,7 +286,10 @@ def _store(
         )
     assembled_now = assemble_if_complete(session, request, store)
     missing = missing_items([f for f in on_record.values() if f.released], request.exam)
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()  # the caller's transaction: it commits with the rest of its work
     log.info(
         "records.upload_stored",
         case_id=case_id,

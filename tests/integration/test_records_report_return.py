@@ -21,10 +21,14 @@ from sqlmodel import Session, select
 from contracts import new_event
 from contracts.commands import ReconcileIdentity
 from contracts.events import EncapsulatedReport
+from services.common.amqp import Consumer, HandlerCommitted
 from services.common.config import Settings
+from services.common.db import Inbox
+from services.common.errors import PoisonMessage
 from services.records import consumer
-from services.records.models import ReportReturn
+from services.records.models import RecordFile, ReportReturn
 from services.records.report_return import ReturnSettings, run_due
+from services.records.store import ObjectStore
 from services.review.encapsulated_pdf import encapsulated_pdf
 from tests.dicom_factory import make_pdf_report
 from tests.infra import free_port
@@ -242,3 +246,80 @@ def test_a_report_held_for_its_identity_goes_back_once_a_person_accepts_it(
     [sent] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert (sent["status"], sent["version"]) == ("done", 1)
     assert len(in_pacs(pacs, study)) == 1
+
+
+def test_a_report_in_a_batch_with_a_failing_message_is_applied_once_the_batch_is_taken_apart(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    # The consumer applies a round of deliveries in one transaction, with their inbox rows; if one fails it
+    # applies them one by one. The report's import committed that transaction half-way, so the messages
+    # looked applied already: the report's return to the PACS and the failing message itself were lost.
+    retrieval.configure(
+        client,
+        "clinic-batch",
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        return_reports=True,
+    )
+    study = "1.2.826.0.1.3680043.10.7100.13"
+    case_id = retrieval.open_case(engine, settings, "clinic-batch", study_instance_uid=study)
+    report = new_event(
+        id=str(uuid.uuid4()), source="/review", data=report_for(case_id, study)[0], subject=case_id
+    )
+    wrong = ReconcileIdentity(
+        case_id=case_id, import_id="no-such-import", decision="accept", decided_by="x", reason="y"
+    )
+    failing = new_event(id=str(uuid.uuid4()), source="/t", data=wrong, subject=case_id)
+    records = Consumer(settings=settings, queue="records", engine=engine, handle=consumer.handle)
+
+    with pytest.raises(PoisonMessage):
+        records.apply_batch([report, failing])
+    assert client.get(f"/v1/records/{case_id}").json()["report_returns"] == []  # nothing of the batch kept
+    assert records.apply(report) is True  # applied now, not taken for a duplicate
+    with pytest.raises(PoisonMessage):
+        records.apply(failing)  # still fails on its own (and is dead-lettered, not acked as applied)
+    assert len(client.get(f"/v1/records/{case_id}").json()["report_returns"]) == 1
+    with Session(engine) as session:
+        assert session.get(Inbox, failing.id) is None
+    assert run_due(engine, settings, OPTIONS) == 1 and len(in_pacs(pacs, study)) == 1
+
+
+def test_a_handler_may_not_commit_the_consumers_transaction(engine: Engine, settings: Settings) -> None:
+    def committing(session: Session, event: object) -> None:
+        session.commit()
+
+    guarded = Consumer(settings=settings, queue="records", engine=engine, handle=committing)
+    message = new_event(
+        id=str(uuid.uuid4()),
+        source="/t",
+        data=ReconcileIdentity(case_id="c", import_id="i", decision="accept", decided_by="x", reason="y"),
+        subject="c",
+    )
+    with pytest.raises(HandlerCommitted):
+        guarded.apply(message)
+    with Session(engine) as session:
+        assert session.get(Inbox, message.id) is None  # nothing kept: the message is retried
+
+
+def test_an_unexpected_error_in_a_send_is_counted_and_ends_in_failed_not_a_loop(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    # The stored instance no longer reads as DICOM (a disk fault): neither a PACS outage nor a refusal.
+    retrieval.configure(
+        client, "clinic-odd", ae_title="ODDPACS", host="127.0.0.1", port=free_port(), return_reports=True
+    )
+    study = "1.2.826.0.1.3680043.10.7100.14"
+    case_id = retrieval.open_case(engine, settings, "clinic-odd", study_instance_uid=study)
+    deliver(engine, settings, report_for(case_id, study)[0])
+    with Session(engine) as session:
+        stored = session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).one()
+    path = ObjectStore.for_settings(settings).local_path(stored.storage_path, stored.sha256)
+    path.chmod(0o644)
+    path.write_bytes(b"not DICOM any more")
+    assert run_due(engine, settings, OPTIONS) == 1
+    assert run_due(engine, settings, OPTIONS) == 1
+    [failed] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (failed["status"], failed["attempts"]) == ("failed", 2)
+    assert "failed unexpectedly" in failed["last_error"]
+    assert run_due(engine, settings, OPTIONS) == 0
