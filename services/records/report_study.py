@@ -3,7 +3,9 @@
 The review service writes the report instance from the case as intake took it (exam date, accession, the
 patient as requested). A viewer groups a study by what its instances say, so a report that says otherwise
 than the images lands beside the study, not in it. Records holds the images: before the report is imported,
-its Patient and General Study attributes are replaced by the values of the study's released images.
+its Patient and General Study attributes are replaced by the values of the study's released images (and,
+when that is another study than the one the report named, it gets a Series and SOP Instance UID of its own
+there: the same UID in two studies would break a PACS).
 Released means their identity was reconciled (IHE IRWF: matched the case's patient, or a human accepted
 the difference), and Patient ID, Issuer and Accession Number are coerced to ours on the way out for the
 report exactly as for the images (reconcile.py), so the two agree there as well.
@@ -16,6 +18,7 @@ from collections import Counter
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlmodel import Session, col, select
 
 from services.records.models import FileKind, RecordFile, RecordImport
@@ -45,10 +48,18 @@ def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectSt
     """The report with the identity of the study it reads as the case's released images have it; None when
     records holds no released image (then the report keeps what it says)."""
     report = pydicom.dcmread(io.BytesIO(dicom))
-    images = _study_images(session, case_id, str(report.get("StudyInstanceUID") or ""))
+    named_study = str(report.get("StudyInstanceUID") or "")
+    images = _study_images(session, case_id, named_study)
     if not images:
         return None
     identity = _identity(images, store)
+    moved_to = str(identity.get("StudyInstanceUID") or named_study)
+    if moved_to != named_study:
+        # Into another study than the review named: a series and an instance belong to one study only, so
+        # the copy placed there is a new instance in a new series (UIDs derived, the same on every redelivery).
+        for keyword in ("SeriesInstanceUID", "SOPInstanceUID"):
+            setattr(report, keyword, generate_uid(entropy_srcs=[str(report.get(keyword) or ""), moved_to]))
+        report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
     for keyword in IDENTITY:
         value = identity.get(keyword)
         if value not in (None, ""):

@@ -58,11 +58,12 @@ def store_report(event: EncapsulatedReport, session: Session, settings: Settings
     # identity mismatch waits for the reconciliation). A redelivered event queues nothing new.
     partner_id = outcome.request.partner_id
     if partner_id and all(f.released for f in outcome.files):
+        [stored] = outcome.files  # as stored (placed in another study, it is another instance)
         report_return.plan_return(
             session,
             case_id=event.case_id,
             partner_id=partner_id,
-            sop_instance_uid=event.sop_instance_uid,
+            sop_instance_uid=stored.sop_instance_uid or event.sop_instance_uid,
             sha256=received.sha256,
             version=event.version,
         )

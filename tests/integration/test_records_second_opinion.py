@@ -157,3 +157,24 @@ def test_images_accepted_despite_a_difference_give_the_report_their_identity(
     row, report = stored(engine, settings, case_id, sent.SOPInstanceUID)
     assert sent.PatientBirthDate == "19800101" and report.PatientBirthDate == "19790101"
     assert row.released
+
+
+def test_a_report_placed_into_another_study_than_it_named_is_another_instance(
+    engine: Engine, settings: Settings
+) -> None:
+    # The review named a study records does not hold (e.g. intake's UID); records holds the images of another.
+    # Filed there, the copy must not share its SOP Instance UID with the review's, filed in the first study.
+    case_id = open_case(engine, settings)
+    held = new_study()
+    store_images(engine, settings, case_id, held, birth_date="19800101")
+    sent = send_report(engine, settings, case_id, new_study())
+
+    with Session(engine) as session:
+        [row] = session.exec(
+            select(RecordFile).where(RecordFile.case_id == case_id, RecordFile.modality == "DOC")
+        ).all()
+    _, report = stored(engine, settings, case_id, str(row.sop_instance_uid))
+    assert report.StudyInstanceUID == held
+    assert report.SOPInstanceUID != sent.SOPInstanceUID
+    assert report.SeriesInstanceUID != sent.SeriesInstanceUID
+    assert report.file_meta.MediaStorageSOPInstanceUID == report.SOPInstanceUID
