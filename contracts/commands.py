@@ -113,6 +113,9 @@ class CloseReview(Command):
 class ComposeReport(Command):
     TYPE: ClassVar[str] = "report.compose"
     review_id: str
+    # The case that sends it delivers the specialist's own addenda (report.addended); False from cases that
+    # began before it did (their report takes no own addendum: it would never reach the physician).
+    own_addenda_delivered: bool = False
 
 
 class DeliverReport(Command):

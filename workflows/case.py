@@ -207,7 +207,11 @@ class CaseWorkflow:
         await self._transition(
             CaseStatus.COMPOSING_REPORT,
             f"review submitted ({submitted.agreement})",
-            then=[ComposeReport(case_id=case.case_id, review_id=submitted.review_id)],
+            # This code delivers own addenda (patch OWN_ADDENDA, decided later in follow-up, is always taken by a
+            # case that composes with it); a case composed by older code says nothing, and the review refuses them.
+            then=[
+                ComposeReport(case_id=case.case_id, review_id=submitted.review_id, own_addenda_delivered=True)
+            ],
         )
         report = await self._wait_for(ReportReady)
         await self._deliver(case, report.report_id, report.pdf_url, report.fhir_url)

@@ -72,6 +72,11 @@ def add(
             f"case {review.case_id} has no report yet (it is composed shortly after submission); add the "
             f"addendum once GET /v1/reports/{review.case_id} returns it"
         )
+    if not report.own_addenda_delivered:
+        raise ReviewStateError(
+            f"case {review.case_id} began before the case delivered the specialist's own addenda, so this one "
+            "would not reach the referring physician. Tell them directly and ask operations to record it."
+        )
     count = session.exec(
         select(func.count()).select_from(ReviewAddendum).where(ReviewAddendum.review_id == review.id)
     ).one()

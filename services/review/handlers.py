@@ -210,6 +210,7 @@ def _new_report(cmd: ComposeReport, session: Session, settings: Settings) -> Rep
         pdf_sha256="",
         pdf_path="",
         diagnostic_report={},
+        own_addenda_delivered=cmd.own_addenda_delivered,
     )
     render_report(report, review, session, settings)
     return report

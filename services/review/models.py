@@ -157,6 +157,8 @@ class Report(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     version: int = Field(default=1, description="1 as composed, +1 per addendum")
     updated_at: datetime | None = None
+    # The case delivers the specialist's own addenda (its report.compose said so); else they are refused.
+    own_addenda_delivered: bool = False
 
 
 class FollowUpQuestion(SQLModel, table=True):

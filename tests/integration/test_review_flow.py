@@ -276,8 +276,11 @@ def submitted_review(engine: Engine, settings: Settings, client: TestClient) -> 
     return command.subject, assigned["review_id"]
 
 
-def compose_command(case_id: str, review_id: str, attempt: int = 1) -> CloudEvent:
-    command = ComposeReport(case_id=case_id, review_id=review_id)
+def compose_command(
+    case_id: str, review_id: str, attempt: int = 1, *, own_addenda: bool = True
+) -> CloudEvent:
+    """The workflow's report.compose (`own_addenda=False`: as a case from before own addenda sends it)."""
+    command = ComposeReport(case_id=case_id, review_id=review_id, own_addenda_delivered=own_addenda)
     return new_event(
         id=f"case-{case_id}:compose-{attempt}", source="/workflows", data=command, subject=case_id
     )

@@ -267,6 +267,25 @@ def test_an_addendum_sent_twice_is_signed_once(
         assert len(sent.all()) == 2
 
 
+def test_a_case_from_before_own_addenda_refuses_one_rather_than_lose_it(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    # Its workflow (older code) ignores report.addended: accepted, the addendum would never be delivered.
+    case_id, review_id = submitted_review(engine, settings, client)
+    apply(engine, settings, compose_command(case_id, review_id, own_addenda=False))
+
+    refused = client.post(
+        f"/v1/reviews/{review_id}/addenda",
+        json={"kind": "correction", "text": "Left, not right."},
+        headers=specialist_headers(settings),
+    )
+
+    assert refused.status_code == 409, refused.text
+    assert "would not reach the referring physician" in refused.json()["detail"]
+    assert "Left, not right" not in refused.text
+    assert client.get(f"/v1/reports/{case_id}").json()["meta"]["versionId"] == "1"
+
+
 def test_a_cancelled_case_takes_no_addendum(engine: Engine, settings: Settings, client: TestClient) -> None:
     case_id, review_id = submitted_review(engine, settings, client)
     apply(engine, settings, compose_command(case_id, review_id))  # composed while the cancel was on its way
