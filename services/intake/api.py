@@ -332,6 +332,13 @@ async def open_case(
     def store() -> Case:
         nonlocal created
         with Session(engine, expire_on_commit=False) as session:
+            # An order stored before its system was kept is found by its value alone (the constraint below
+            # cannot see it); only partners that have such orders pay for the look-up.
+            legacy = handlers.legacy_case(body.partner_case_ref, partner_id, session)
+            if legacy is not None:
+                same_patient(legacy, body)
+                log.info("case.repeated_reference", case_id=legacy.id)
+                return legacy
             # A new reference is the common case: insert at once (no lookup first), and let the unique
             # constraint on (partner, reference, system) find a repeat, sent before or concurrently.
             case = handlers.new_case(body, partner_id, session)

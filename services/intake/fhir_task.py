@@ -6,6 +6,7 @@ from typing import Any
 
 from fhir.resources.R4B.task import Task
 
+from services.intake.handlers import reference_system
 from services.intake.models import Case
 
 CASE_SYSTEM = "urn:secondopinion:case"
@@ -36,10 +37,10 @@ def task_status(case_status: str) -> str:
 
 
 def order_identifier(case: Case) -> dict[str, str]:
-    """The partner's order as it was sent (ServiceRequest.identifier); one sent without a system is named
-    in the partner's own namespace, as it always was."""
+    """The partner's order as it was sent (ServiceRequest.identifier); one sent without a system (or stored
+    before systems were kept) is named in the partner's own namespace, as it always was."""
     return {
-        "system": case.partner_case_ref_system or f"urn:secondopinion:partner:{case.partner_id}",
+        "system": reference_system(case) or f"urn:secondopinion:partner:{case.partner_id}",
         "value": str(case.partner_case_ref),
     }
 

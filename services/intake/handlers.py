@@ -28,6 +28,10 @@ log = structlog.get_logger(__name__)
 SOURCE = "/services/intake"
 
 
+# partner_case_ref_system of a reference stored before systems were kept (intake migration 0006): unknown.
+UNKNOWN_SYSTEM = "*"
+
+
 def workflow_id(case_id: str) -> str:
     return f"case-{case_id}"
 
@@ -35,29 +39,62 @@ def workflow_id(case_id: str) -> str:
 def existing_case(
     reference: str | None, system: str | None, partner_id: str, session: Session
 ) -> Case | None:
-    """The partner's case with this `partner_case_ref` under this system (None: sent without one), if any."""
+    """The partner's case with this `partner_case_ref` under this system (None: sent without one), if any;
+    a reference stored before systems were kept (UNKNOWN_SYSTEM) answers its value under any system."""
     if not reference:
+        return None
+    return session.exec(
+        select(Case)
+        .where(
+            Case.partner_id == partner_id,
+            Case.partner_case_ref == reference,
+            col(Case.partner_case_ref_system).in_([system or "", UNKNOWN_SYSTEM]),
+        )
+        .order_by(col(Case.partner_case_ref_system) == UNKNOWN_SYSTEM)  # the exact one first
+    ).first()
+
+
+_legacy_partners: frozenset[str] | None = None  # partners with references of unknown system (read once)
+
+
+def legacy_case(reference: str | None, partner_id: str, session: Session) -> Case | None:
+    """The partner's case whose reference `reference` was stored before systems were kept, if any. Only
+    migration 0006 writes such references, so which partners have any is read once per process."""
+    global _legacy_partners
+    if not reference:
+        return None
+    if _legacy_partners is None:
+        query = select(Case.partner_id).where(Case.partner_case_ref_system == UNKNOWN_SYSTEM).distinct()
+        _legacy_partners = frozenset(session.exec(query).all())
+    if partner_id not in _legacy_partners:
         return None
     return session.exec(
         select(Case).where(
             Case.partner_id == partner_id,
             Case.partner_case_ref == reference,
-            Case.partner_case_ref_system == (system or ""),
+            Case.partner_case_ref_system == UNKNOWN_SYSTEM,
         )
     ).first()
+
+
+def forget_legacy_partners() -> None:
+    """Read again which partners have references of unknown system (tests that write them)."""
+    global _legacy_partners
+    _legacy_partners = None
 
 
 def cases_found(search: ReferenceSearch, partner_id: str, session: Session, limit: int = 2) -> list[Case]:
     """The partner's cases an `identifier` search names (FHIR token search), at most `limit` of them."""
     query = select(Case).where(Case.partner_id == partner_id, Case.partner_case_ref == search.value)
     if not search.any_system:
-        query = query.where(Case.partner_case_ref_system == (search.system or ""))
+        query = query.where(col(Case.partner_case_ref_system).in_([search.system or "", UNKNOWN_SYSTEM]))
     return list(session.exec(query.order_by(col(Case.created_at)).limit(limit)).all())
 
 
 def reference_system(case: Case) -> str | None:
-    """The system of the case's partner reference; None when it was sent without one."""
-    return case.partner_case_ref_system or None
+    """The system of the case's partner reference; None when it was sent without one (or not kept)."""
+    system = case.partner_case_ref_system
+    return None if system in ("", UNKNOWN_SYSTEM) else system
 
 
 def new_case(request: CaseCreate, partner_id: str, session: Session, now: datetime | None = None) -> Case:

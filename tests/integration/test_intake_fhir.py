@@ -408,6 +408,32 @@ def test_the_same_order_number_from_two_hospitals_is_two_cases_each_answered_wit
         )
 
 
+def test_an_order_stored_before_systems_were_kept_is_found_when_it_is_sent_again(
+    client: TestClient, engine: Engine
+) -> None:
+    # Before intake migration 0006 the order's system was dropped; the migration marks such references "*".
+    # The partner's interface engine resends the same order (with its system) after the upgrade: the same case.
+    first = post_fhir(client, "/fhir", order({"system": "urn:hospital-c:order", "value": "999"}))
+    case_id = case_task(first)["id"]
+    with Session(engine) as session:
+        stored = session.get(Case, case_id)
+        assert stored is not None
+        stored.partner_case_ref_system = handlers.UNKNOWN_SYSTEM  # as the migration leaves it
+        session.add(stored)
+        session.commit()
+    handlers.forget_legacy_partners()  # what a process started after the migration reads
+
+    again = post_fhir(client, "/fhir", order({"system": "urn:hospital-c:order", "value": "999"}))
+    conditional = post_fhir(client, "/fhir", order({"value": "1000"}))  # an unrelated order: a new case
+
+    assert case_task(again)["id"] == case_task(first)["id"]
+    assert case_task(conditional)["id"] != case_id
+    # Its system is unknown: the Task names it in the partner's namespace, never as "*".
+    shown = client.get(f"/fhir/Task/{case_id}").json()["groupIdentifier"]
+    assert shown["system"].startswith("urn:secondopinion:partner:") and shown["value"] == "999"
+    assert client.get(f"/v1/cases/{case_id}").json()["partner_case_ref_system"] is None
+
+
 def test_a_create_answers_where_the_task_is_read(client: TestClient) -> None:
     request = dict(
         SERVICE_REQUEST,

@@ -16,8 +16,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Existing references were stored without their system: "" is "no system" (a NULL would never collide
-    # in the unique constraint). Value before system, so a search of a value under any system uses it too.
+    # "" is "no system" (a NULL would never collide in the unique constraint). Value before system, so a
+    # search of a value under any system uses it too.
     with op.batch_alter_table("cases") as batch_op:
         batch_op.add_column(
             sa.Column("partner_case_ref_system", sa.String(length=255), nullable=False, server_default="")
@@ -26,6 +26,10 @@ def upgrade() -> None:
         batch_op.create_unique_constraint(
             "uq_cases_partner_ref_system", ["partner_id", "partner_case_ref", "partner_case_ref_system"]
         )
+    # References stored before were kept without the system they came with, if any: "*" (not a URI, so no
+    # order's) says so, and such a reference answers its value under any system (an order sent again after
+    # the upgrade finds its case instead of opening a second one).
+    op.execute("UPDATE cases SET partner_case_ref_system = '*' WHERE partner_case_ref IS NOT NULL")
 
 
 def downgrade() -> None:
