@@ -283,6 +283,13 @@ class X12Connector:
 
     def _tls(self) -> ssl.SSLContext | bool:
         """The TLS settings of the POST: our client certificate for an X.509 login, the CA bundle if set."""
+        if self.login.x509 and not (self.payer.endpoint_url or "").lower().startswith("https://"):
+            # Over plain HTTP no certificate is presented and the envelope carries no password: the 270
+            # (with the member's data) would go out unauthenticated and in clear.
+            raise CoreLoginUnusable(
+                f"an X.509 login needs an https endpoint; set payer {self.payer.payer_id}'s endpoint_url to the "
+                "payer's https URL"
+            )
         if not (self.login.x509 or self.login.ca_bundle):
             return True
         try:
@@ -398,6 +405,21 @@ def _amount(benefits: list[Benefit], code: str, period: str) -> Decimal | None:
     return None
 
 
+# TLS alerts with which a server refuses the client's certificate (or its absence); any other alert (an
+# internal error, a protocol version) is a transport failure, retried like one.
+LOGIN_ALERTS = (
+    "ALERT_CERTIFICATE_REQUIRED",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_CERTIFICATE_REVOKED",
+    "ALERT_CERTIFICATE_EXPIRED",
+    "ALERT_UNSUPPORTED_CERTIFICATE",
+    "ALERT_ACCESS_DENIED",
+    "ALERT_HANDSHAKE_FAILURE",
+)
+
+
 def _tls_refusal(exc: BaseException, login: CoreLogin) -> Exception | None:
     """What a TLS failure of the POST means: the payer refused our certificate, or we refused its."""
     seen: BaseException | None = exc
@@ -407,7 +429,7 @@ def _tls_refusal(exc: BaseException, login: CoreLogin) -> Exception | None:
                 "the payer's server certificate is not trusted (" + _token(seen.verify_message) + "); check "
                 "INSURANCE_CORE_CA_BUNDLE (or the payer's endpoint_url)"
             )
-        if isinstance(seen, ssl.SSLError) and "ALERT" in str(seen.reason or ""):
+        if isinstance(seen, ssl.SSLError) and any(a in str(seen.reason or "") for a in LOGIN_ALERTS):
             if login.x509:
                 return CoreLoginRefused(f"TLS {_token(str(seen.reason))}")
             return CoreLoginRefused(f"TLS {_token(str(seen.reason))}; the payer may require an X.509 login")

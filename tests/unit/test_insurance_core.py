@@ -317,7 +317,8 @@ def test_an_x509_login_sends_no_username_or_password(tmp_path: Path) -> None:
     issued = Authority(tmp_path, "clearinghouse").issue("reading-group")
     login = CoreLogin("reading-group", "s3cret-Pa55word", "SECONDOPINION", str(issued.cert), str(issued.key))
     payer = Payer(success)
-    connector = X12Connector(PAYER, PLAN, **CONNECTOR, login=login, transport=httpx.MockTransport(payer))
+    https = PAYER.model_copy(update={"endpoint_url": "https://payer.example/core"})
+    connector = X12Connector(https, PLAN, **CONNECTOR, login=login, transport=httpx.MockTransport(payer))
     assert connector.check(COVERAGE, "76140").outcome == "active"
     [fields] = payer.sent
     assert "UserName" not in fields and "Password" not in fields
@@ -370,3 +371,44 @@ def test_each_payer_may_have_a_login_of_its_own(monkeypatch: pytest.MonkeyPatch)
 def test_a_certificate_without_its_key_is_refused_at_start(values: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="needs both the client certificate and its private key"):
         InsuranceSettings.model_validate(values)
+
+
+def test_an_x509_login_is_never_used_over_plain_http(tmp_path: Path) -> None:
+    # No certificate goes over http, and the envelope carries no password: the 270 would go out unauthenticated.
+    issued = Authority(tmp_path, "clearinghouse").issue("reading-group")
+    login = CoreLogin("reading-group", "", "SECONDOPINION", str(issued.cert), str(issued.key))
+    payer = Payer(success)
+    connector = X12Connector(
+        PAYER.model_copy(update={"endpoint_url": "http://payer.example/core"}),
+        PLAN,
+        **CONNECTOR,
+        login=login,
+        transport=httpx.MockTransport(payer),
+    )
+    checked = connector.check(COVERAGE, "76140")
+    assert checked.outcome == "payer_rejected" and "needs an https endpoint" in checked.detail
+    assert payer.sent == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "login_refused"),
+    [
+        ("TLSV13_ALERT_CERTIFICATE_REQUIRED", True),
+        ("TLSV1_ALERT_UNKNOWN_CA", True),
+        ("SSLV3_ALERT_BAD_CERTIFICATE", True),
+        ("TLSV1_ALERT_INTERNAL_ERROR", False),  # the payer's own trouble: retried like a transport error
+        ("TLSV1_ALERT_PROTOCOL_VERSION", False),
+    ],
+)
+def test_only_certificate_alerts_are_a_refused_login(reason: str, login_refused: bool) -> None:
+    import ssl
+
+    from services.insurance.core import CoreLoginRefused
+    from services.insurance.x12_connector import _tls_refusal
+
+    alert = ssl.SSLError(1, f"[SSL: {reason}] alert")
+    alert.reason = reason
+    wrapped = httpx.ConnectError("handshake failed")
+    wrapped.__cause__ = alert
+    refusal = _tls_refusal(wrapped, LOGIN)
+    assert isinstance(refusal, CoreLoginRefused) is login_refused

@@ -30,7 +30,7 @@ PASSWORD_TEXT = (
 )
 LOGIN = CoreLogin("reading-group", "s3cret-Pa55word", "SECONDOPINION")
 SOAP_PAYER = PAYER.model_copy(
-    update={"core_envelope": "soap", "endpoint_url": "http://127.0.0.1:9/core/soap"}
+    update={"core_envelope": "soap", "endpoint_url": "https://127.0.0.1:9/core/soap"}
 )
 ANSWER_271 = "X12_271_Response_005010X279A1"
 Reply = Callable[[dict[str, str]], httpx.Response]
