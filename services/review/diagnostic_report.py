@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
 from services.review.directory import NPI_SYSTEM
-from services.review.report_pdf import TITLE, ReportContent
+from services.review.report_pdf import TITLE, Addendum, ReportContent
 
 FHIR_JSON = "application/fhir+json"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
@@ -48,8 +49,9 @@ def build_diagnostic_report(
             # One version per issue of the report: as composed, then +1 per addendum (Report.version).
             "meta": {"versionId": str(1 + len(content.addenda)), "lastUpdated": issued.isoformat()},
             "identifier": [{"system": CASE_IDENTIFIER_SYSTEM, "value": content.case_id}],
-            # FHIR R4: "appended" = subsequent to being final, the report has been added to (an addendum).
-            "status": "appended" if content.addenda else "final",
+            # FHIR R4: "corrected" once the specialist corrected what the report said (an addendum of kind
+            # correction), else "appended" once anything was added to it (an answer, a finding), else "final".
+            "status": report_status(content.addenda),
             "category": [{"coding": [{"system": V2_0074, "code": "RAD", "display": "Radiology"}]}],
             "code": {
                 "coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}],
@@ -118,3 +120,10 @@ def operation_outcome(code: str, diagnostics: str) -> dict[str, Any]:
         "resourceType": "OperationOutcome",
         "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
     }
+
+
+def report_status(addenda: Sequence[Addendum]) -> str:
+    """The DiagnosticReport status (R4 diagnostic-report-status) of a report with these addenda."""
+    if any(a.question is None and a.kind == "correction" for a in addenda):
+        return "corrected"
+    return "appended" if addenda else "final"

@@ -182,7 +182,7 @@ def test_the_specialist_adds_an_addendum_of_their_own_as_a_new_report_version(
     assert (body["kind"], body["text"], body["report_version"]) == ("correction", correction["text"], 2)
     fhir = client.get(f"/v1/reports/{case_id}").json()
     report = DiagnosticReport.model_validate(fhir)
-    assert (report.status, report.meta.versionId) == ("appended", "2")
+    assert (report.status, report.meta.versionId) == ("corrected", "2")  # R4: a correction of what it said
     assert "extension" not in fhir
     pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
     assert pdf != first_pdf and fhir["presentedForm"][0]["hash"] == attachment_hash(pdf)
@@ -225,7 +225,8 @@ def test_addenda_and_answers_are_numbered_in_the_order_they_were_signed(
     added = client.post(f"/v1/reviews/{review_id}/addenda", json=late, headers=signed)
 
     assert added.status_code == 201 and added.json()["report_version"] == 3
-    assert client.get(f"/v1/reports/{case_id}").json()["meta"]["versionId"] == "3"
+    shown = client.get(f"/v1/reports/{case_id}").json()
+    assert (shown["meta"]["versionId"], shown["status"]) == ("3", "appended")  # added to, nothing corrected
     text = pdf_text(client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content)
     assert text.index("Addendum 1 — answer to a follow-up question") < text.index("No MRI.")
     assert text.index("Addendum 2 — by the reviewing specialist") < text.index("the cyst is new")
