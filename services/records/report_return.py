@@ -16,7 +16,7 @@ import os
 import threading
 from datetime import datetime, timedelta
 from functools import lru_cache
-from pathlib import Path
+from io import BytesIO
 
 import httpx
 import structlog
@@ -30,7 +30,15 @@ from services.common.db import insert_new, utcnow
 from services.records import dimse
 from services.records.archive_store import ArchiveUnavailable
 from services.records.dicomweb_source import DicomwebSource
-from services.records.models import RecordFile, RecordSource, ReportReturn, RetrievalStatus
+from services.records.models import (
+    ImportStatus,
+    RecordFile,
+    RecordImport,
+    RecordSource,
+    ReportReturn,
+    RetrievalStatus,
+)
+from services.records.report_study import REPORT_SOURCE, place_in_study
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -48,6 +56,7 @@ class ReturnSettings(BaseSettings):
     backoff_seconds: float = 30.0
     timeout_seconds: float = 30.0
     poll_seconds: float = 5.0
+    held_recheck_seconds: float = 60.0  # a return whose case has images held for identity: looked at again
 
 
 @lru_cache
@@ -85,13 +94,11 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
     lease = timedelta(seconds=options.timeout_seconds * 4 + 60)
     attempted = 0
     due_by = utcnow()  # what falls due during this pass (a retry) waits for the next one
-    while (claimed := _claim(engine, lease, due_by, options.attempts)) is not None:
+    while (claimed := _claim(engine, lease, due_by, options)) is not None:
         row, source, storage_path = claimed
         attempted += 1
         try:
-            # Kept in the object store or the image archive (fetched into the cache on first use).
-            path = ObjectStore.for_settings(settings).local_path(storage_path, row.sha256)
-            _send(source, path, options.timeout_seconds)
+            _send(source, _as_filed(engine, settings, row, storage_path), options.timeout_seconds)
         except Refused as exc:
             _finish(engine, row, RetrievalStatus.FAILED, str(exc))
             log.warning(
@@ -117,7 +124,7 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
 
 
 def _claim(
-    engine: Engine, lease: timedelta, due_by: datetime, attempts: int
+    engine: Engine, lease: timedelta, due_by: datetime, options: ReturnSettings
 ) -> tuple[ReportReturn, RecordSource, str] | None:
     """The next return due, leased to this process; returns whose partner stopped asking, or whose file left
     the case's records while they waited, are cancelled with why on the way."""
@@ -142,9 +149,18 @@ def _claim(
                     RecordFile.case_id == row.case_id, RecordFile.sha256 == row.sha256
                 )
             ).first()
-            if row.attempts >= attempts:  # its last attempt's lease ran out: the process died mid-send
+            if (
+                row.attempts >= options.attempts
+            ):  # its last attempt's lease ran out: the process died mid-send
                 row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
                 row.last_error = f"no send finished in {row.attempts} attempts (the process stopped mid-send)"
+                session.add(row)
+                session.commit()
+                continue
+            if _images_held(session, row.case_id):
+                # Its images wait for a person's identity decision: the report would be filed under the
+                # wrong identity (or beside the study). Looked at again later, no attempt counted.
+                row.next_attempt_at = utcnow() + timedelta(seconds=options.held_recheck_seconds)
                 session.add(row)
                 session.commit()
                 continue
@@ -165,17 +181,40 @@ def _claim(
             session.commit()
 
 
-def _send(source: RecordSource, path: Path, timeout: float) -> None:
+def _as_filed(engine: Engine, settings: Settings, row: ReportReturn, storage_path: str) -> bytes:
+    """The report as the facility's PACS should file it: with the study's identity as the case's released
+    images have it now (images accepted after the report was stored included), else as stored."""
+    store = ObjectStore.for_settings(settings)
+    # Kept in the object store or the image archive (fetched into the cache on first use).
+    dicom = store.local_path(storage_path, row.sha256).read_bytes()
+    with Session(engine) as session:
+        return place_in_study(dicom, row.case_id, session, store) or dicom
+
+
+def _images_held(session: Session, case_id: str) -> bool:
+    return (
+        session.exec(
+            select(RecordImport.import_id).where(
+                RecordImport.case_id == case_id,
+                RecordImport.status == ImportStatus.IDENTITY_MISMATCH,
+                RecordImport.source != REPORT_SOURCE,
+            )
+        ).first()
+        is not None
+    )
+
+
+def _send(source: RecordSource, dicom: bytes, timeout: float) -> None:
     if source.dicomweb_url:
-        _stow(DicomwebSource(source.dicomweb_url, source.dicomweb_auth_env, timeout), path)
+        _stow(DicomwebSource(source.dicomweb_url, source.dicomweb_auth_env, timeout), dicom)
     elif source.ae_title and source.host:
-        _c_store(dimse.DimseSource(source.ae_title, source.host, int(source.port or 104), timeout), path)
+        _c_store(dimse.DimseSource(source.ae_title, source.host, int(source.port or 104), timeout), dicom)
     else:
         raise Refused("the partner's source names neither a PACS (AE title, host) nor a DICOMweb URL")
 
 
-def _c_store(source: dimse.DimseSource, path: Path) -> None:
-    dataset = dcmread(path)
+def _c_store(source: dimse.DimseSource, dicom: bytes) -> None:
+    dataset = dcmread(BytesIO(dicom))
     ae = dimse._ae(source.timeout)
     ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID])
     assoc = dimse._associate(ae, source)
@@ -197,11 +236,11 @@ def _c_store(source: dimse.DimseSource, path: Path) -> None:
     raise Refused(f"the PACS refused the report instance (C-STORE status 0x{code:04X})")
 
 
-def _stow(source: DicomwebSource, path: Path) -> None:
+def _stow(source: DicomwebSource, dicom: bytes) -> None:
     boundary = os.urandom(12).hex()
     body = (
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + path.read_bytes()
+        + dicom
         + f"\r\n--{boundary}--\r\n".encode()
     )
     headers = {

@@ -33,11 +33,12 @@ from services.review.encapsulated_pdf import encapsulated_pdf
 from tests.dicom_factory import make_pdf_report
 from tests.infra import free_port
 from tests.integration import test_records_retrieval as retrieval
+from tests.integration.test_records_second_opinion import store_images
 from tests.orthanc import PASSWORD, USER, Orthanc, running_orthanc
 from tests.unit.test_review_matching import request as match_request
 
 engine, client = retrieval.engine, retrieval.client  # the records service and its API, as fixtures
-OPTIONS = ReturnSettings(attempts=2, backoff_seconds=0, timeout_seconds=5)
+OPTIONS = ReturnSettings(attempts=2, backoff_seconds=0, timeout_seconds=5, held_recheck_seconds=0)
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +324,57 @@ def test_an_unexpected_error_in_a_send_is_counted_and_ends_in_failed_not_a_loop(
     assert (failed["status"], failed["attempts"]) == ("failed", 2)
     assert "failed unexpectedly" in failed["last_error"]
     assert run_due(engine, settings, OPTIONS) == 0
+
+
+def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identity(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    # The images came with another birth date and wait for a person's decision; the report (intake's identity)
+    # must not be filed in the facility's PACS under an identity the study does not have.
+    retrieval.configure(
+        client,
+        "clinic-held-images",
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        return_reports=True,
+    )
+    study = "1.2.826.0.1.3680043.10.7100.15"
+    case_id = retrieval.open_case(engine, settings, "clinic-held-images", study_instance_uid=study)
+    store_images(engine, settings, case_id, study, birth_date="19790101")
+    deliver(engine, settings, report_for(case_id, study)[0])
+
+    assert run_due(engine, settings, OPTIONS) == 0  # postponed, no attempt counted
+    [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (waiting["status"], waiting["attempts"]) == ("pending", 0)
+    [held] = [
+        i
+        for i in client.get(f"/v1/records/{case_id}").json()["imports"]
+        if i["status"] == "identity_mismatch"
+    ]
+    decision = ReconcileIdentity(
+        case_id=case_id,
+        import_id=held["import_id"],
+        decision="accept",
+        decided_by="nurse-12",
+        reason="same patient",
+    )
+    with Session(engine) as session:
+        consumer.handle(
+            session, new_event(id=str(uuid.uuid4()), source="/t", data=decision, subject=case_id), settings
+        )
+        session.commit()
+
+    assert run_due(engine, settings, OPTIONS) == 1
+    [found] = httpx.post(
+        f"{pacs.url}/tools/find",
+        json={"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "DOC"}},
+        auth=pacs.auth,
+        timeout=10,
+    ).json()
+    tags = httpx.get(f"{pacs.url}/instances/{found}/simplified-tags", auth=pacs.auth, timeout=10).json()
+    assert (tags["StudyDate"], tags["AccessionNumber"], tags["PatientBirthDate"]) == (
+        "20261118",
+        "RIS0042",
+        "19790101",
+    )
