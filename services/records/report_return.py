@@ -13,7 +13,6 @@ refused again. Nothing here logs PHI: the case id, the SOP Instance UID and the 
 from __future__ import annotations
 
 import os
-import threading
 from datetime import datetime, timedelta
 from functools import lru_cache
 from io import BytesIO
@@ -38,6 +37,7 @@ from services.records.models import (
     ReportReturn,
     RetrievalStatus,
 )
+from services.records.polled import PolledLoop
 from services.records.report_study import REPORT_SOURCE, place_in_study
 from services.records.store import ObjectStore
 
@@ -292,34 +292,14 @@ def _finish(engine: Engine, claimed: ReportReturn, status: RetrievalStatus, erro
         session.commit()
 
 
-class ReturnLoop:
+class ReturnLoop(PolledLoop):
     """The records process's background sender of reports back to the facilities' PACS."""
 
     def __init__(self, engine: Engine, settings: Settings, options: ReturnSettings | None = None) -> None:
-        self._engine, self._settings = engine, settings
-        self._options = options or get_return_settings()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="records-report-return", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=self._options.timeout_seconds + 5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self._options.poll_seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                run_due(self._engine, self._settings, self._options)
-            except Exception:
-                log.exception("records.report_return_loop_error")
+        options = options or get_return_settings()
+        super().__init__(
+            "records-report-return",
+            lambda: run_due(engine, settings, options),
+            options.poll_seconds,
+            options.timeout_seconds + 5,
+        )

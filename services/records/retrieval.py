@@ -4,7 +4,6 @@ of the records process: claimed one at a time, retried with backoff, then report
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from datetime import timedelta
@@ -28,6 +27,7 @@ from services.records.archive_store import ArchiveUnavailable
 from services.records.assembly import SOURCE, case_files
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordRequest, RecordRetrieval, RecordSource, RetrievalStatus
+from services.records.polled import PolledLoop
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -297,16 +297,20 @@ def _finish(
         session.commit()
 
 
-class RetrievalLoop:
+class RetrievalLoop(PolledLoop):
     """The records process's background retriever (and its C-STORE SCP for C-MOVE)."""
 
     def __init__(self, engine: Engine, settings: Settings, options: RetrievalSettings | None = None) -> None:
-        self._engine, self._settings = engine, settings
-        self._options = options or get_retrieval_settings()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="records-retrieval", daemon=True)
+        self._settings = settings
+        self._options = options = options or get_retrieval_settings()
         self.scp: dimse.StoreSCP | None = None
+        # Woken when the consumer commits a planned retrieval; the poll finds retries when they fall due.
+        super().__init__(
+            "records-retrieval",
+            lambda: run_due(engine, settings, scp=self.scp, retrieval_settings=options),
+            options.retrieval_poll_seconds,
+            options.retrieval_timeout_seconds + 5,
+        )
 
     def start(self) -> None:
         scp = dimse.StoreSCP(
@@ -321,27 +325,9 @@ class RetrievalLoop:
         except OSError as exc:
             # Without the SCP, C-GET and DICOMweb still work; C-MOVE retrievals are retried then reported.
             log.error("records.scp_not_started", port=self._options.scp_port, error=type(exc).__name__)
-        self._thread.start()
-
-    def wake(self) -> None:
-        """A retrieval was planned: start it now, not at the next poll."""
-        self._wake.set()
+        super().start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=self._options.retrieval_timeout_seconds + 5)
+        super().stop()
         if self.scp is not None:
             self.scp.stop()
-
-    def _run(self) -> None:
-        # Woken when the consumer commits a planned retrieval; the poll finds retries when they fall due.
-        while not self._stop.is_set():
-            self._wake.wait(self._options.retrieval_poll_seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                run_due(self._engine, self._settings, scp=self.scp, retrieval_settings=self._options)
-            except Exception:
-                log.exception("records.retrieval_loop_error")
