@@ -4,10 +4,6 @@ and its endpoint the sandbox's `POST /core/soap`, which reads the envelope with 
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,39 +16,23 @@ from sqlmodel import Session
 from structlog.testing import capture_logs
 
 from services.common import migrate
-from services.common.config import PROJECT_ROOT, Settings
+from services.common.config import Settings
 from services.common.db import make_engine
 from services.insurance.core import CoreLogin
 from services.insurance.core_soap import CONTENT_TYPE, read_soap_envelope, soap_request
 from services.insurance.models import InsurancePayer
 from services.insurance.settings import InsuranceSettings
 from services.insurance.x12 import build_270, parse_271
-from tests.infra import free_port
 from tests.integration.test_insurance_x12 import subscriber, verify
+from tests.payer_sandbox.process import running_sandbox, sandbox_payer
 from tests.unit.test_insurance_x12 import INQUIRY
 
 
 @pytest.fixture(scope="module")
 def soap_url() -> Iterator[str]:
     """The payer sandbox process, asked on its SOAP endpoint."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.payer_sandbox", str(port)], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("the payer sandbox did not start")
-                time.sleep(0.1)
+    with running_sandbox() as port:
         yield f"http://127.0.0.1:{port}/core/soap"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +42,8 @@ def engine(settings: Settings, soap_url: str) -> Iterator[Engine]:
     with Session(engine) as session:
         payer = session.get(InsurancePayer, "SBX01")
         assert payer is not None and payer.core_envelope == "mime"  # the migration's default
-        previous = payer.endpoint_url
-        payer.endpoint_url, payer.timeout_seconds, payer.core_envelope = soap_url, 2.0, "soap"
-        session.add(payer)
-        session.commit()
-    yield engine
-    with Session(engine) as session:  # the MIME tests of other modules find their payer as it was
-        payer = session.get(InsurancePayer, "SBX01")
-        assert payer is not None
-        payer.endpoint_url, payer.core_envelope = previous, "mime"
-        session.add(payer)
-        session.commit()
+    with sandbox_payer(engine, soap_url, "soap"):
+        yield engine
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,6 @@ read) the case gets `payer_rejected` with a detail naming the settings to fix, n
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,12 +15,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from services.common import migrate
-from services.common.config import PROJECT_ROOT, Settings
+from services.common.config import Settings
 from services.common.db import make_engine
 from services.insurance.models import InsurancePayer
 from services.insurance.settings import CoreLoginSetting, InsuranceSettings
-from tests.infra import free_port
 from tests.integration.test_insurance_x12 import subscriber, verify
+from tests.payer_sandbox.process import running_sandbox, sandbox_payer
 from tests.pki import Authority, Issued
 
 CLIENT = "secondopinion-reading-group"  # the subject the sandbox takes as a login (members.json)
@@ -51,55 +46,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | Issued]:
 
 @pytest.fixture(scope="module")
 def sandbox(pki: dict[str, Path | Issued]) -> Iterator[str]:
-    port = free_port()
     server = pki["server"]
     assert isinstance(server, Issued)
     env = {
-        **os.environ,
         "PAYER_SANDBOX_TLS_CERT": str(server.cert),
         "PAYER_SANDBOX_TLS_KEY": str(server.key),
         "PAYER_SANDBOX_CLIENT_CA": str(pki["client_ca"]),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.payer_sandbox", str(port)],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("the payer sandbox did not start")
-                time.sleep(0.1)
+    with running_sandbox(env) as port:
         yield f"https://127.0.0.1:{port}/core/eligibility"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def engine(settings: Settings, sandbox: str) -> Iterator[Engine]:
     engine = make_engine("insurance", settings)
     migrate.upgrade("insurance", engine)
-    with Session(engine) as session:
-        payer = session.get(InsurancePayer, "SBX01")
-        assert payer is not None
-        previous = payer.endpoint_url
-        payer.endpoint_url, payer.timeout_seconds = sandbox, 2.0
-        session.add(payer)
-        session.commit()
-    yield engine
-    with Session(engine) as session:  # the plain-HTTP tests of other modules find their sandbox again
-        payer = session.get(InsurancePayer, "SBX01")
-        assert payer is not None
-        payer.endpoint_url = previous
-        session.add(payer)
-        session.commit()
+    with sandbox_payer(engine, sandbox):
+        yield engine
 
 
 def x509(pki: dict[str, Path | Issued], client: str = "client", **overrides: object) -> InsuranceSettings:

@@ -3,8 +3,6 @@ the CAQH CORE MIME multipart envelope the sandbox speaks."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,14 +16,14 @@ from sqlmodel import Session, select
 
 from contracts import CloudEvent, Coverage, InsuranceVerified, Patient, VerifyInsurance
 from services.common import migrate
-from services.common.config import PROJECT_ROOT, Settings
+from services.common.config import Settings
 from services.common.db import Outbox, make_engine
 from services.insurance import handlers
 from services.insurance.core import CoreLogin, core_request, read_envelope
 from services.insurance.models import AuthorizationCreate, CoverageVerification, InsurancePayer
 from services.insurance.settings import InsuranceSettings
 from services.insurance.x12 import build_270, parse_271
-from tests.infra import free_port
+from tests.payer_sandbox.process import running_sandbox, sandbox_payer
 from tests.unit.test_insurance_x12 import INQUIRY
 
 D = Decimal
@@ -34,38 +32,16 @@ FAST = InsuranceSettings(payer_attempts=3, payer_backoff_seconds=0.05)
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.payer_sandbox", str(port)], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}/core/eligibility"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                httpx.post(url, content=b"", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("the payer sandbox did not start")
-                time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with running_sandbox() as port:
+        yield f"http://127.0.0.1:{port}/core/eligibility"
 
 
 @pytest.fixture(scope="module")
-def engine(settings: Settings, sandbox: str) -> Engine:
+def engine(settings: Settings, sandbox: str) -> Iterator[Engine]:
     engine = make_engine("insurance", settings)
     migrate.upgrade("insurance", engine)
-    with Session(engine) as session:
-        payer = session.get(InsurancePayer, "SBX01")
-        assert payer is not None
-        payer.endpoint_url, payer.timeout_seconds = sandbox, 2.0
-        session.add(payer)
-        session.commit()
-    return engine
+    with sandbox_payer(engine, sandbox):
+        yield engine
 
 
 def verify(

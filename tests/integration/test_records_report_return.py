@@ -47,6 +47,24 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield orthanc
 
 
+def held_import(client: TestClient, case_id: str) -> str:
+    """The id of the case's one import held for its identity."""
+    imports = client.get(f"/v1/records/{case_id}").json()["imports"]
+    [held] = [i["import_id"] for i in imports if i["status"] == "identity_mismatch"]
+    return str(held)
+
+
+def accept_held(engine: Engine, settings: Settings, case_id: str, import_id: str) -> None:
+    """A person accepts the import held for its identity (IHE IRWF), through the records consumer."""
+    decision = ReconcileIdentity(
+        case_id=case_id, import_id=import_id, decision="accept", decided_by="nurse-12", reason="same patient"
+    )
+    with Session(engine) as session:
+        event = new_event(id=str(uuid.uuid4()), source="/t", data=decision, subject=case_id)
+        consumer.handle(session, event, settings)
+        session.commit()
+
+
 def report_for(
     case_id: str, study_uid: str, version: int = 1, mrn: str = "MRN1"
 ) -> tuple[EncapsulatedReport, bytes]:
@@ -223,26 +241,11 @@ def test_a_report_held_for_its_identity_goes_back_once_a_person_accepts_it(
     study = "1.2.826.0.1.3680043.10.7100.12"
     case_id = retrieval.open_case(engine, settings, "clinic-held", study_instance_uid=study)
     deliver(engine, settings, report_for(case_id, study, version=1, mrn="MRN-OTHER")[0])  # not the case's MRN
-    [held] = [
-        i
-        for i in client.get(f"/v1/records/{case_id}").json()["imports"]
-        if i["status"] == "identity_mismatch"
-    ]
+    held = held_import(client, case_id)
     assert client.get(f"/v1/records/{case_id}").json()["report_returns"] == []  # not sent while held
     assert run_due(engine, settings, OPTIONS) == 0
 
-    decision = ReconcileIdentity(
-        case_id=case_id,
-        import_id=held["import_id"],
-        decision="accept",
-        decided_by="nurse-12",
-        reason="same patient",
-    )
-    with Session(engine) as session:
-        consumer.handle(
-            session, new_event(id=str(uuid.uuid4()), source="/t", data=decision, subject=case_id), settings
-        )
-        session.commit()
+    accept_held(engine, settings, case_id, held)
     assert run_due(engine, settings, OPTIONS) == 1
     [sent] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert (sent["status"], sent["version"]) == ("done", 1)
@@ -347,23 +350,8 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
     assert run_due(engine, settings, OPTIONS) == 0  # postponed, no attempt counted
     [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert (waiting["status"], waiting["attempts"]) == ("pending", 0)
-    [held] = [
-        i
-        for i in client.get(f"/v1/records/{case_id}").json()["imports"]
-        if i["status"] == "identity_mismatch"
-    ]
-    decision = ReconcileIdentity(
-        case_id=case_id,
-        import_id=held["import_id"],
-        decision="accept",
-        decided_by="nurse-12",
-        reason="same patient",
-    )
-    with Session(engine) as session:
-        consumer.handle(
-            session, new_event(id=str(uuid.uuid4()), source="/t", data=decision, subject=case_id), settings
-        )
-        session.commit()
+    held = held_import(client, case_id)
+    accept_held(engine, settings, case_id, held)
 
     assert run_due(engine, settings, OPTIONS) == 1
     [found] = httpx.post(
