@@ -98,7 +98,7 @@ def read_soap_envelope(content_type: str, body: bytes) -> dict[str, str]:
         root = safe_xml.fromstring(body, forbid_dtd=True)
     except DefusedXmlException as exc:
         raise CoreEnvelopeInvalid(f"its XML declares a DTD or entities ({type(exc).__name__})") from None
-    except (safe_xml.ParseError, ValueError) as exc:
+    except (safe_xml.ParseError, ValueError, LookupError) as exc:  # LookupError: an unknown encoding
         raise CoreEnvelopeInvalid(f"its XML cannot be read ({type(exc).__name__})") from None
     if root.tag == f"{{{SOAP11_NS}}}Envelope":
         raise CoreEnvelopeInvalid("it is a SOAP 1.1 envelope; CORE's SOAP form is SOAP 1.2")

@@ -51,6 +51,7 @@ import httpx
 import structlog
 
 from contracts.models import Coverage, Patient
+from services.common.config import get_settings
 from services.insurance.connectors import ZERO, Eligibility, PlanStanding
 from services.insurance.core import (
     CoreEnvelopeInvalid,
@@ -63,7 +64,7 @@ from services.insurance.core import (
     core_request,
 )
 from services.insurance.core_soap import CONTENT_TYPE as SOAP_CONTENT_TYPE
-from services.insurance.core_soap import soap_answer_payload, soap_request
+from services.insurance.core_soap import MAX_ANSWER_BYTES, soap_answer_payload, soap_request
 from services.insurance.models import InsurancePayer, InsurancePlan
 from services.insurance.settings import get_insurance_settings
 from services.insurance.x12 import (
@@ -239,10 +240,13 @@ class X12Connector:
         body = self._envelope(request, payload_id)
         verify = self._tls()
         try:
-            with httpx.Client(
-                transport=self.transport, timeout=self.payer.timeout_seconds, verify=verify
-            ) as client:
-                response = client.post(self.payer.endpoint_url or "", **body)
+            with (
+                httpx.Client(
+                    transport=self.transport, timeout=self.payer.timeout_seconds, verify=verify
+                ) as client,
+                client.stream("POST", self.payer.endpoint_url or "", **body) as response,
+            ):
+                content = _bounded(response)
         except httpx.TimeoutException as exc:
             raise PayerBusy(f"no answer within {self.payer.timeout_seconds:g} s") from exc
         except httpx.TransportError as exc:
@@ -256,7 +260,7 @@ class X12Connector:
         content_type = response.headers.get("content-type", "")
         read = soap_answer_payload if soap else answer_payload
         try:
-            return read(response.status_code, content_type, response.content, payload_id)
+            return read(response.status_code, content_type, content, payload_id)
         except (CoreRefused, CoreEnvelopeInvalid) as exc:
             event = "payer.core_refused" if isinstance(exc, CoreRefused) else "payer.core_envelope_invalid"
             log.warning(
@@ -283,12 +287,13 @@ class X12Connector:
 
     def _tls(self) -> ssl.SSLContext | bool:
         """The TLS settings of the POST: our client certificate for an X.509 login, the CA bundle if set."""
-        if self.login.x509 and not (self.payer.endpoint_url or "").lower().startswith("https://"):
-            # Over plain HTTP no certificate is presented and the envelope carries no password: the 270
-            # (with the member's data) would go out unauthenticated and in clear.
+        plain = not (self.payer.endpoint_url or "").lower().startswith("https://")
+        # Over plain HTTP the login (a password, or no certificate at all) and the 270 with the member's data
+        # would go out in clear: only a development machine's sandbox is spoken to that way.
+        if plain and (self.login.x509 or get_settings().env != "dev"):
             raise CoreLoginUnusable(
-                f"an X.509 login needs an https endpoint; set payer {self.payer.payer_id}'s endpoint_url to the "
-                "payer's https URL"
+                f"payer {self.payer.payer_id}'s endpoint_url is not https: CAQH CORE is spoken over TLS only "
+                "(plain http is for a development sandbox); set it to the payer's https URL"
             )
         if not (self.login.x509 or self.login.ca_bundle):
             return True
@@ -435,6 +440,18 @@ def _tls_refusal(exc: BaseException, login: CoreLogin) -> Exception | None:
             return CoreLoginRefused(f"TLS {_token(str(seen.reason))}; the payer may require an X.509 login")
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _bounded(response: httpx.Response) -> bytes:
+    """The answer's body, read no further than MAX_ANSWER_BYTES (a payer cannot fill our memory)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise CoreEnvelopeInvalid(f"the answer is larger than {MAX_ANSWER_BYTES} bytes; it was not read")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _token(text: str) -> str:

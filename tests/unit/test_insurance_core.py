@@ -386,7 +386,7 @@ def test_an_x509_login_is_never_used_over_plain_http(tmp_path: Path) -> None:
         transport=httpx.MockTransport(payer),
     )
     checked = connector.check(COVERAGE, "76140")
-    assert checked.outcome == "payer_rejected" and "needs an https endpoint" in checked.detail
+    assert checked.outcome == "payer_rejected" and "is not https" in checked.detail
     assert payer.sent == []
 
 
@@ -412,3 +412,29 @@ def test_only_certificate_alerts_are_a_refused_login(reason: str, login_refused:
     wrapped.__cause__ = alert
     refusal = _tls_refusal(wrapped, LOGIN)
     assert isinstance(refusal, CoreLoginRefused) is login_refused
+
+
+def test_outside_development_a_password_login_is_never_sent_over_plain_http(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.common.config import Settings
+    from services.insurance import x12_connector
+
+    monkeypatch.setattr(x12_connector, "get_settings", lambda: Settings(env="prod"))
+    payer = Payer(success)
+    checked = check(payer)  # the default test payer's endpoint is http
+    assert checked.outcome == "payer_rejected" and "is not https" in checked.detail
+    assert payer.sent == []  # neither the password nor the member's data left
+
+
+def test_an_answer_larger_than_the_bound_is_not_read_whole() -> None:
+    from services.insurance.core_soap import MAX_ANSWER_BYTES
+
+    def flood(request: httpx.Request) -> httpx.Response:
+        chunks = (b"x" * 1_048_576 for _ in range(MAX_ANSWER_BYTES // 1_048_576 + 2))
+        return httpx.Response(
+            200, headers={"content-type": "multipart/form-data; boundary=b"}, content=chunks
+        )
+
+    checked = check(flood)
+    assert checked.outcome == "malformed_response" and "larger than" in checked.detail

@@ -269,6 +269,7 @@ def xml(text: str, status: int = 200) -> Reply:
         (xml(BOMB), "declares a DTD or entities"),
         (xml(EXTERNAL), "declares a DTD or entities"),
         (xml("<env:Envelope"), "its XML cannot be read"),
+        (xml('<?xml version="1.0" encoding="x-foo"?><a/>'), "its XML cannot be read"),  # no such encoding
         (xml(SOAP_11), "SOAP 1.1 envelope"),
         (
             xml(f'<env:Envelope xmlns:env="{SOAP}"><env:Body/></env:Envelope>'),
