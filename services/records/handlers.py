@@ -62,6 +62,7 @@ def cancel(event: CaseCancelled, session: Session) -> None:
     request.cancelled_at = utcnow()
     session.add(request)
     cancel_retrievals(session, event.case_id)
+    report_return.cancel_returns(session, event.case_id)
     log.info("records.request_cancelled", case_id=event.case_id)
 
 

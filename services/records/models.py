@@ -188,6 +188,7 @@ class ReportReturn(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=300)
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    sent_sop_instance_uid: str | None = Field(default=None, max_length=64)  # the instance the PACS got
 
 
 class ReportReturnPublic(BaseModel):
@@ -201,7 +202,7 @@ class ReportReturnPublic(BaseModel):
     @classmethod
     def of(cls, row: ReportReturn) -> ReportReturnPublic:
         return cls(
-            sop_instance_uid=row.return_id,
+            sop_instance_uid=row.sent_sop_instance_uid or row.return_id,  # what the PACS holds, once sent
             version=row.version,
             status=RetrievalStatus(row.status),
             attempts=row.attempts,

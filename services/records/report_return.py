@@ -88,6 +88,23 @@ def plan_return(
     return True
 
 
+def cancel_returns(session: Session, case_id: str) -> None:
+    """The case was cancelled: its report returns not yet sent are not sent (the caller commits)."""
+    waiting = session.exec(
+        select(ReportReturn).where(
+            ReportReturn.case_id == case_id,
+            col(ReportReturn.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
+        )
+    ).all()
+    for row in waiting:
+        row.status, row.finished_at, row.last_error = (
+            RetrievalStatus.CANCELLED,
+            utcnow(),
+            "the case was cancelled",
+        )
+        session.add(row)
+
+
 def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None = None) -> int:
     """Send every report return that is due now; returns how many were attempted."""
     options = options or get_return_settings()
@@ -98,7 +115,8 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
         row, source, storage_path = claimed
         attempted += 1
         try:
-            _send(source, _as_filed(engine, settings, row, storage_path), options.timeout_seconds)
+            filed = _as_filed(engine, settings, row, storage_path)
+            _send(source, filed, options.timeout_seconds)
         except Refused as exc:
             _finish(engine, row, RetrievalStatus.FAILED, str(exc))
             log.warning(
@@ -113,7 +131,12 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
             log.exception("records.report_return_error", case_id=row.case_id, sop_instance_uid=row.return_id)
             _failed_attempt(engine, options, row, f"the send failed unexpectedly ({type(exc).__name__})")
         else:
-            _finish(engine, row, RetrievalStatus.DONE, None)
+            sent_uid = str(
+                dcmread(
+                    BytesIO(filed), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+                ).SOPInstanceUID
+            )
+            _finish(engine, row, RetrievalStatus.DONE, None, sent_uid)
             log.info(
                 "records.report_returned",
                 case_id=row.case_id,
@@ -161,6 +184,7 @@ def _claim(
                 # Its images wait for a person's identity decision: the report would be filed under the
                 # wrong identity (or beside the study). Looked at again later, no attempt counted.
                 row.next_attempt_at = utcnow() + timedelta(seconds=options.held_recheck_seconds)
+                row.last_error = "waiting for a person's identity decision on the case's images (see imports)"
                 session.add(row)
                 session.commit()
                 continue
@@ -282,12 +306,20 @@ def _failed_attempt(engine: Engine, options: ReturnSettings, claimed: ReportRetu
     )
 
 
-def _finish(engine: Engine, claimed: ReportReturn, status: RetrievalStatus, error: str | None) -> None:
+def _finish(
+    engine: Engine,
+    claimed: ReportReturn,
+    status: RetrievalStatus,
+    error: str | None,
+    sent_uid: str | None = None,
+) -> None:
     with Session(engine) as session:
         row = session.get(ReportReturn, claimed.return_id, with_for_update=True)
         if row is None:
             return
         row.status, row.finished_at, row.last_error = status, utcnow(), error
+        # Placed into another study at send time (images accepted since), the instance sent has its own UID.
+        row.sent_sop_instance_uid = sent_uid
         session.add(row)
         session.commit()
 

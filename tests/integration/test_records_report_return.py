@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 
 from contracts import new_event
 from contracts.commands import ReconcileIdentity
-from contracts.events import EncapsulatedReport
+from contracts.events import CaseCancelled, EncapsulatedReport
 from services.common.amqp import Consumer, HandlerCommitted
 from services.common.config import Settings
 from services.common.db import Inbox
@@ -350,6 +350,7 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
     assert run_due(engine, settings, OPTIONS) == 0  # postponed, no attempt counted
     [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert (waiting["status"], waiting["attempts"]) == ("pending", 0)
+    assert "identity decision" in waiting["last_error"]  # why it waits, for operations
     held = held_import(client, case_id)
     accept_held(engine, settings, case_id, held)
 
@@ -361,8 +362,33 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
         timeout=10,
     ).json()
     tags = httpx.get(f"{pacs.url}/instances/{found}/simplified-tags", auth=pacs.auth, timeout=10).json()
+    [sent] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert sent["sop_instance_uid"] == tags["SOPInstanceUID"]  # the instance the PACS holds
     assert (tags["StudyDate"], tags["AccessionNumber"], tags["PatientBirthDate"]) == (
         "20261118",
         "RIS0042",
         "19790101",
     )
+
+
+def test_a_cancelled_case_sends_no_report_still_waiting(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    retrieval.configure(
+        client, "clinic-cancel", ae_title="DOWNPACS", host="127.0.0.1", port=free_port(), return_reports=True
+    )
+    study = "1.2.826.0.1.3680043.10.7100.16"
+    case_id = retrieval.open_case(engine, settings, "clinic-cancel", study_instance_uid=study)
+    deliver(engine, settings, report_for(case_id, study)[0])
+    assert run_due(engine, settings, OPTIONS) == 1  # the PACS is down: it waits for a retry
+
+    cancelled = CaseCancelled(case_id=case_id, reason="patient withdrew", cancelled_by="ops")
+    with Session(engine) as session:
+        consumer.handle(
+            session, new_event(id=str(uuid.uuid4()), source="/wf", data=cancelled, subject=case_id), settings
+        )
+        session.commit()
+
+    [gone] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (gone["status"], gone["last_error"]) == ("cancelled", "the case was cancelled")
+    assert run_due(engine, settings, OPTIONS) == 0

@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.String(length=300), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("sent_sop_instance_uid", sa.String(length=64), nullable=True),
     )
     op.create_index("ix_record_report_returns_case_id", "record_report_returns", ["case_id"])
     op.create_index("ix_record_report_returns_status", "record_report_returns", ["status"])
