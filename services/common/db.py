@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -108,6 +109,12 @@ ADDED = "added_models"  # session.info key: the models of the rows added in the 
 def _note_added(session: OrmSession, row: object) -> None:
     # session.new would miss rows an autoflush already wrote; this sees every add.
     session.info.setdefault(ADDED, set()).add(type(row))
+
+
+def after_commit(session: Session, action: Callable[[], object]) -> None:
+    """Run `action` once the session's transaction has committed (never if it rolls back): for a write to
+    another database that must not outlive a transaction that did not happen."""
+    event.listen(session, "after_commit", lambda _: action(), once=True)
 
 
 def insert_skipping_taken(dialect: str, table: Any) -> Any:

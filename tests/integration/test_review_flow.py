@@ -402,3 +402,28 @@ def test_migrations_also_run_on_sqlite(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM specialists")).scalar_one() >= 8
     engine.dispose()
+
+
+def test_a_match_that_does_not_commit_lets_no_specialist_see_the_case(
+    engine: Engine, settings: Settings
+) -> None:
+    # Applied again after a rollback the match may offer someone else: the first pick must not keep access
+    # to the case's records (the auth registry is written only once the offer's transaction committed).
+    from services.auth.models import CaseReviewer
+
+    auth = make_engine("auth", settings)
+    migrate.upgrade("auth", auth)
+    command = match_command()
+
+    def reviewers() -> list[str]:
+        with Session(auth) as session:
+            rows = session.exec(select(CaseReviewer).where(CaseReviewer.case_id == command.subject)).all()
+            return [r.specialist_id for r in rows]
+
+    with Session(engine) as session:
+        consumer.handle(session, command, settings)
+        session.rollback()  # a later message of its batch failed, or the process died before the commit
+    assert reviewers() == []
+    apply(engine, settings, command)
+    offered = outbox_event(engine, f"{command.id}>review.offered").data
+    assert reviewers() == [offered["reviewer_id"]]
