@@ -11,8 +11,9 @@ from sqlmodel import Session, col, select
 
 from contracts.commands import CloseReview, WithdrawOffer
 from contracts.events import CaseAlert, CaseCancelled, ReviewAccepted, ReviewDeclined
+from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
-from services.common.db import utcnow
+from services.common.db import after_commit, get_engine, utcnow
 from services.review.handlers import event
 from services.review.models import OPEN_STATUSES, FollowUpQuestion, Review, ReviewAddendum, as_utc
 
@@ -32,6 +33,9 @@ def accept(review: Review, session: Session) -> bool:
     review.status = "accepted"
     review.accepted_at = utcnow()
     session.add(review)
+    # Registered at the offer's commit already; again here (idempotent) in case the process died in between.
+    case_id, reviewer_id = review.case_id, review.reviewer_id
+    after_commit(session, lambda: tenancy.register_reviewer(get_engine("auth"), case_id, reviewer_id))
     accepted = ReviewAccepted(case_id=review.case_id, review_id=review.id, reviewer_id=review.reviewer_id)
     enqueue(session, EVENTS, event(f"{accepted.TYPE}:{review.id}", accepted))
     log.info("review.accepted", case_id=review.case_id, review_id=review.id)

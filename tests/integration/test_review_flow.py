@@ -427,3 +427,21 @@ def test_a_match_that_does_not_commit_lets_no_specialist_see_the_case(
     apply(engine, settings, command)
     offered = outbox_event(engine, f"{command.id}>review.offered").data
     assert reviewers() == [offered["reviewer_id"]]
+
+
+def test_accepting_the_offer_registers_the_specialist_again(engine: Engine, settings: Settings) -> None:
+    # The process died between the offer's commit and its registration: the acceptance repairs it.
+    from services.auth.models import CaseReviewer
+
+    auth = make_engine("auth", settings)
+    migrate.upgrade("auth", auth)
+    command, offered = offered_review(engine, settings)
+    with auth.begin() as conn:
+        conn.execute(delete(CaseReviewer).where(CaseReviewer.case_id == command.subject))
+    with Session(engine) as session:
+        review = session.get(Review, offered["review_id"])
+        assert review is not None
+        offers.accept(review, session)
+        session.commit()
+    with Session(auth) as session:
+        assert session.get(CaseReviewer, (command.subject, offered["reviewer_id"])) is not None
