@@ -10,6 +10,8 @@ secondopinion dlq list QUEUE                  dead letters: id, type, reason, co
 secondopinion dlq show QUEUE ID               headers and the envelope without `data`
 secondopinion dlq replay QUEUE --id ID|--all  re-publish (confirmed) and then remove from the DLQ
 secondopinion dlq purge QUEUE --id ID         drop one dead letter
+secondopinion payer list                      how each payer is asked (connector, endpoint, CORE envelope)
+secondopinion payer set PAYER_ID --core-envelope soap --endpoint-url https://…   change it
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from services.auth.partners import create_partner, issue_key, revoke_key, rotate
 from services.common import dlq, migrate
 from services.common.config import get_settings
 from services.common.db import get_engine
+from services.insurance.cli_payers import add_payer_group
 
 
 def _session() -> Session:
@@ -173,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     add_audit_group(groups)
 
     add_dlq_group(groups)
+    add_payer_group(groups)
     return root
 
 
