@@ -47,6 +47,14 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield orthanc
 
 
+def returning_case(
+    client: TestClient, engine: Engine, settings: Settings, partner: str, study: str, **source: object
+) -> str:
+    """A case of `partner` reading `study`, whose image source (`source`) asks for reports back."""
+    retrieval.configure(client, partner, **source, return_reports=True)
+    return retrieval.open_case(engine, settings, partner, study_instance_uid=study)
+
+
 def held_import(client: TestClient, case_id: str) -> str:
     """The id of the case's one import held for its identity."""
     imports = client.get(f"/v1/records/{case_id}").json()["imports"]
@@ -117,13 +125,16 @@ def in_pacs(pacs: Orthanc, study_uid: str) -> list[dict[str, object]]:
     return [] if response.status_code == 204 else list(response.json())
 
 
-def pdf_in_pacs(pacs: Orthanc, study_uid: str, sop_uid: str) -> bytes:
+def one_instance(pacs: Orthanc, **query: str) -> str:
+    """The Orthanc id of the one instance matching `query` (DICOM keywords)."""
     [found] = httpx.post(
-        f"{pacs.url}/tools/find",
-        json={"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid, "StudyInstanceUID": study_uid}},
-        auth=pacs.auth,
-        timeout=10,
+        f"{pacs.url}/tools/find", json={"Level": "Instance", "Query": query}, auth=pacs.auth, timeout=10
     ).json()
+    return str(found)
+
+
+def pdf_in_pacs(pacs: Orthanc, study_uid: str, sop_uid: str) -> bytes:
+    found = one_instance(pacs, SOPInstanceUID=sop_uid, StudyInstanceUID=study_uid)
     response = httpx.get(f"{pacs.url}/instances/{found}/pdf", auth=pacs.auth, timeout=10)
     response.raise_for_status()
     return response.content
@@ -184,11 +195,10 @@ def test_a_pacs_that_is_down_is_retried_then_the_failure_is_shown(
     client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
 ) -> None:
     down = free_port()  # nothing listens there
-    retrieval.configure(
-        client, "clinic-down", ae_title="DOWNPACS", host="127.0.0.1", port=down, return_reports=True
-    )
     study = "1.2.826.0.1.3680043.10.7100.10"
-    case_id = retrieval.open_case(engine, settings, "clinic-down", study_instance_uid=study)
+    case_id = returning_case(
+        client, engine, settings, "clinic-down", study, ae_title="DOWNPACS", host="127.0.0.1", port=down
+    )
     deliver(engine, settings, report_for(case_id, study)[0])
     assert run_due(engine, settings, OPTIONS) == 1
     [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
@@ -212,11 +222,17 @@ def test_a_pacs_that_is_down_is_retried_then_the_failure_is_shown(
 def test_a_pacs_down_for_every_attempt_fails_the_return_with_why(
     client: TestClient, engine: Engine, settings: Settings
 ) -> None:
-    retrieval.configure(
-        client, "clinic-gone", ae_title="GONEPACS", host="127.0.0.1", port=free_port(), return_reports=True
-    )
     study = "1.2.826.0.1.3680043.10.7100.11"
-    case_id = retrieval.open_case(engine, settings, "clinic-gone", study_instance_uid=study)
+    case_id = returning_case(
+        client,
+        engine,
+        settings,
+        "clinic-gone",
+        study,
+        ae_title="GONEPACS",
+        host="127.0.0.1",
+        port=free_port(),
+    )
     deliver(engine, settings, report_for(case_id, study)[0])
     assert run_due(engine, settings, OPTIONS) == 1
     assert run_due(engine, settings, OPTIONS) == 1
@@ -230,16 +246,17 @@ def test_a_pacs_down_for_every_attempt_fails_the_return_with_why(
 def test_a_report_held_for_its_identity_goes_back_once_a_person_accepts_it(
     client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
 ) -> None:
-    retrieval.configure(
+    study = "1.2.826.0.1.3680043.10.7100.12"
+    case_id = returning_case(
         client,
+        engine,
+        settings,
         "clinic-held",
+        study,
         ae_title=pacs.ae_title,
         host="127.0.0.1",
         port=pacs.dicom_port,
-        return_reports=True,
     )
-    study = "1.2.826.0.1.3680043.10.7100.12"
-    case_id = retrieval.open_case(engine, settings, "clinic-held", study_instance_uid=study)
     deliver(engine, settings, report_for(case_id, study, version=1, mrn="MRN-OTHER")[0])  # not the case's MRN
     held = held_import(client, case_id)
     assert client.get(f"/v1/records/{case_id}").json()["report_returns"] == []  # not sent while held
@@ -258,16 +275,17 @@ def test_a_report_in_a_batch_with_a_failing_message_is_applied_once_the_batch_is
     # The consumer applies a round of deliveries in one transaction, with their inbox rows; if one fails it
     # applies them one by one. The report's import committed that transaction half-way, so the messages
     # looked applied already: the report's return to the PACS and the failing message itself were lost.
-    retrieval.configure(
+    study = "1.2.826.0.1.3680043.10.7100.13"
+    case_id = returning_case(
         client,
+        engine,
+        settings,
         "clinic-batch",
+        study,
         ae_title=pacs.ae_title,
         host="127.0.0.1",
         port=pacs.dicom_port,
-        return_reports=True,
     )
-    study = "1.2.826.0.1.3680043.10.7100.13"
-    case_id = retrieval.open_case(engine, settings, "clinic-batch", study_instance_uid=study)
     report = new_event(
         id=str(uuid.uuid4()), source="/review", data=report_for(case_id, study)[0], subject=case_id
     )
@@ -310,11 +328,10 @@ def test_an_unexpected_error_in_a_send_is_counted_and_ends_in_failed_not_a_loop(
     client: TestClient, engine: Engine, settings: Settings
 ) -> None:
     # The stored instance no longer reads as DICOM (a disk fault): neither a PACS outage nor a refusal.
-    retrieval.configure(
-        client, "clinic-odd", ae_title="ODDPACS", host="127.0.0.1", port=free_port(), return_reports=True
-    )
     study = "1.2.826.0.1.3680043.10.7100.14"
-    case_id = retrieval.open_case(engine, settings, "clinic-odd", study_instance_uid=study)
+    case_id = returning_case(
+        client, engine, settings, "clinic-odd", study, ae_title="ODDPACS", host="127.0.0.1", port=free_port()
+    )
     deliver(engine, settings, report_for(case_id, study)[0])
     with Session(engine) as session:
         stored = session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).one()
@@ -334,16 +351,17 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
 ) -> None:
     # The images came with another birth date and wait for a person's decision; the report (intake's identity)
     # must not be filed in the facility's PACS under an identity the study does not have.
-    retrieval.configure(
+    study = "1.2.826.0.1.3680043.10.7100.15"
+    case_id = returning_case(
         client,
+        engine,
+        settings,
         "clinic-held-images",
+        study,
         ae_title=pacs.ae_title,
         host="127.0.0.1",
         port=pacs.dicom_port,
-        return_reports=True,
     )
-    study = "1.2.826.0.1.3680043.10.7100.15"
-    case_id = retrieval.open_case(engine, settings, "clinic-held-images", study_instance_uid=study)
     store_images(engine, settings, case_id, study, birth_date="19790101")
     deliver(engine, settings, report_for(case_id, study)[0])
 
@@ -355,12 +373,7 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
     accept_held(engine, settings, case_id, held)
 
     assert run_due(engine, settings, OPTIONS) == 1
-    [found] = httpx.post(
-        f"{pacs.url}/tools/find",
-        json={"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "DOC"}},
-        auth=pacs.auth,
-        timeout=10,
-    ).json()
+    found = one_instance(pacs, StudyInstanceUID=study, Modality="DOC")
     tags = httpx.get(f"{pacs.url}/instances/{found}/simplified-tags", auth=pacs.auth, timeout=10).json()
     [sent] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert sent["sop_instance_uid"] == tags["SOPInstanceUID"]  # the instance the PACS holds
@@ -374,11 +387,17 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
 def test_a_cancelled_case_sends_no_report_still_waiting(
     client: TestClient, engine: Engine, settings: Settings
 ) -> None:
-    retrieval.configure(
-        client, "clinic-cancel", ae_title="DOWNPACS", host="127.0.0.1", port=free_port(), return_reports=True
-    )
     study = "1.2.826.0.1.3680043.10.7100.16"
-    case_id = retrieval.open_case(engine, settings, "clinic-cancel", study_instance_uid=study)
+    case_id = returning_case(
+        client,
+        engine,
+        settings,
+        "clinic-cancel",
+        study,
+        ae_title="DOWNPACS",
+        host="127.0.0.1",
+        port=free_port(),
+    )
     deliver(engine, settings, report_for(case_id, study)[0])
     assert run_due(engine, settings, OPTIONS) == 1  # the PACS is down: it waits for a retry
 
