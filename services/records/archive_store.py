@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -52,22 +52,16 @@ class DicomwebArchive:
 
     def store(self, path: Path, study: str, series: str, sop: str) -> str:
         """STOW-RS one instance, streamed from disk; returns its storage reference."""
-        boundary = uuid.uuid4().hex
 
-        def body() -> Iterator[bytes]:
-            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        def chunks() -> Iterator[bytes]:
             with path.open("rb") as fp:
                 while chunk := fp.read(1024 * 1024):
                     yield chunk
-            yield f"\r\n--{boundary}--\r\n".encode()
 
-        headers = {
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-        }
+        body, headers = stow_request(chunks())
         try:
             with self._client() as client:
-                response = client.post("/studies", content=body(), headers=headers)
+                response = client.post("/studies", content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise ArchiveUnavailable(f"the image archive did not answer ({type(exc).__name__})") from None
         if response.status_code != 200:
@@ -111,6 +105,22 @@ class DicomwebArchive:
             raise ArchiveUnavailable("the image archive returned other bytes than were stored")
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(entry.received.path, target)
+
+
+def stow_request(instance: Iterable[bytes]) -> tuple[Iterator[bytes], dict[str, str]]:
+    """One DICOM instance (its bytes, in chunks) as a STOW-RS request (PS3.18 10.5): body and headers."""
+    boundary = uuid.uuid4().hex
+
+    def body() -> Iterator[bytes]:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        yield from instance
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+    }
+    return body(), headers
 
 
 def archive_for(settings: StorageSettings) -> DicomwebArchive | None:

@@ -12,7 +12,6 @@ refused again. Nothing here logs PHI: the case id, the SOP Instance UID and the 
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 from functools import lru_cache
 from io import BytesIO
@@ -27,7 +26,7 @@ from sqlmodel import Session, col, select
 from services.common.config import Settings
 from services.common.db import insert_new, utcnow
 from services.records import dimse
-from services.records.archive_store import ArchiveUnavailable
+from services.records.archive_store import ArchiveUnavailable, stow_request
 from services.records.dicomweb_source import DicomwebSource
 from services.records.models import (
     ImportStatus,
@@ -261,16 +260,7 @@ def _c_store(source: dimse.DimseSource, dicom: bytes) -> None:
 
 
 def _stow(source: DicomwebSource, dicom: bytes) -> None:
-    boundary = os.urandom(12).hex()
-    body = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + dicom
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    headers = {
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json",
-    }
+    body, headers = stow_request([dicom])
     try:
         with source.client() as client:
             response = client.post("/studies", content=body, headers=headers)
