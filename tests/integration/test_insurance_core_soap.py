@@ -23,7 +23,7 @@ from services.insurance.core_soap import CONTENT_TYPE, read_soap_envelope, soap_
 from services.insurance.models import InsurancePayer
 from services.insurance.settings import InsuranceSettings
 from services.insurance.x12 import build_270, parse_271
-from tests.integration.test_insurance_x12 import subscriber, verify
+from tests.integration.test_insurance_x12 import a_wrong_password_is_refused, verify
 from tests.payer_sandbox.process import running_sandbox, sandbox_payer
 from tests.unit.test_insurance_x12 import INQUIRY
 
@@ -96,16 +96,9 @@ def test_a_busy_payer_is_retried(engine: Engine, settings: Settings) -> None:
 def test_a_wrong_password_is_a_soap_fault_and_payer_rejected_naming_the_settings(
     engine: Engine, settings: Settings
 ) -> None:
-    wrong = InsuranceSettings(
-        payer_attempts=3, payer_backoff_seconds=0.05, core_password="not-the-Sandbox-pw"
+    a_wrong_password_is_refused(
+        engine, settings, "refused our CAQH CORE login (SOAP Fault Sender FailedAuthentication)"
     )
-    verified = verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester"), config=wrong)
-    assert (verified.coverage_status, verified.outcome) == ("not_covered", "payer_rejected")
-    assert "refused our CAQH CORE login (SOAP Fault Sender FailedAuthentication)" in verified.explanation
-    assert "INSURANCE_CORE_PASSWORD" in verified.explanation
-    assert "not-the-Sandbox-pw" not in verified.explanation and "sandbox-only" not in verified.explanation
-    assert "SBX-MET" not in verified.explanation and "Tester" not in verified.explanation
-    assert verify(engine, "SBX-PPO", "SBX-MET", settings).coverage_status == "covered"
 
 
 def post_soap(url: str, login: CoreLogin | None = None, body: bytes | None = None) -> tuple[int, bytes]:

@@ -249,16 +249,21 @@ def test_a_wrong_core_password_is_payer_rejected_and_names_the_settings(
 ) -> None:
     # The operator's view: INSURANCE_CORE_PASSWORD set wrong. The payer refuses the login (CORE UnAuthorized);
     # the case gets a specific outcome that says what to fix, not a dead letter.
+    a_wrong_password_is_refused(engine, settings, "refused our CAQH CORE login (UnAuthorized)")
+
+
+def a_wrong_password_is_refused(engine: Engine, settings: Settings, says: str) -> None:
+    """INSURANCE_CORE_PASSWORD set wrong: payer_rejected saying `says` and naming the setting, never the
+    password or the member; with the password as configured again, the same member is covered."""
     wrong = InsuranceSettings(
         payer_attempts=3, payer_backoff_seconds=0.05, core_password="not-the-Sandbox-pw"
     )
     verified = verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester"), config=wrong)
     assert (verified.coverage_status, verified.outcome) == ("not_covered", "payer_rejected")
-    assert "refused our CAQH CORE login (UnAuthorized)" in verified.explanation
+    assert says in verified.explanation
     assert "INSURANCE_CORE_PASSWORD" in verified.explanation
     assert "not-the-Sandbox-pw" not in verified.explanation and "sandbox-only" not in verified.explanation
     assert "SBX-MET" not in verified.explanation and "Tester" not in verified.explanation
-    # With the password as configured again, the same member is covered.
     assert verify(engine, "SBX-PPO", "SBX-MET", settings).coverage_status == "covered"
 
 

@@ -90,7 +90,10 @@ def refusal(code: str, status: int, message: str = "refused") -> Reply:
 
 
 class Payer:
-    """A CORE server answering with the replies given (the last one repeats); it keeps what it was sent."""
+    """A CORE server answering with the replies given (the last one repeats); it keeps what it was sent,
+    read by `read` (here the MIME multipart form, as a payer's web framework reads it)."""
+
+    read = staticmethod(form)
 
     def __init__(self, *replies: Reply) -> None:
         self.replies = list(replies)
@@ -99,7 +102,7 @@ class Payer:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.raw.append(request)
-        self.sent.append(form(request))
+        self.sent.append(self.read(request))
         reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         return reply(self.sent[-1])
 

@@ -20,6 +20,7 @@ from services.insurance.core import CoreLogin
 from services.insurance.x12 import validate
 from services.insurance.x12_connector import Eligibility, X12Connector
 from tests.pki import Authority
+from tests.unit.test_insurance_core import Payer as MimePayer
 from tests.unit.test_insurance_x12_answers import ACTIVE, CONNECTOR, COVERAGE, PAYER, PLAN, answer
 
 SOAP = "http://www.w3.org/2003/05/soap-envelope"
@@ -93,19 +94,10 @@ def fault(code: str, subcode: str = "", status: int = 500, reason: str = "refuse
     return lambda _: httpx.Response(status, headers={"Content-Type": "application/soap+xml"}, text=xml)
 
 
-class Payer:
-    """A CORE SOAP server answering with the replies given (the last one repeats); it keeps what it was sent."""
+class Payer(MimePayer):
+    """A CORE SOAP server: the same scripted payer, reading the request's SOAP Body on its own."""
 
-    def __init__(self, *replies: Reply) -> None:
-        self.replies = list(replies)
-        self.sent: list[dict[str, str]] = []
-        self.raw: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.raw.append(request)
-        self.sent.append(body_fields(request))
-        reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
-        return reply(self.sent[-1])
+    read = staticmethod(body_fields)
 
 
 def check(payer: Callable[[httpx.Request], httpx.Response], login: CoreLogin = LOGIN) -> Eligibility:
