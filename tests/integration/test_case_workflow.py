@@ -290,6 +290,28 @@ async def to_review(handle: WorkflowHandle, services: Services, reviewer: str = 
     return review_id
 
 
+async def to_follow_up(handle: WorkflowHandle, services: Services) -> str:
+    """Drive a case to an accepted offer, its review submitted, report rp1 composed and delivered: follow-up."""
+    review_id = await to_review(handle, services)
+    services.send(
+        ReviewSubmitted(
+            case_id=services.case_id, review_id=review_id, reviewer_id="spec-gyn-1", agreement="concordant"
+        )
+    )
+    await services.expect("report.compose")
+    services.send(
+        ReportReady(case_id=services.case_id, report_id="rp1", pdf_url="p", fhir_url="f", sha256="0" * 64)
+    )
+    await services.expect("report.deliver")
+    services.send(
+        ReportDelivered(
+            case_id=services.case_id, report_id="rp1", recipient="NPI", delivered_at=datetime.now(UTC)
+        )
+    )
+    await wait_status(handle, CaseStatus.FOLLOW_UP)
+    return review_id
+
+
 async def test_case_runs_from_request_to_closed_and_drops_duplicate_events(
     client: Client, settings: Settings
 ) -> None:
@@ -652,23 +674,7 @@ async def test_follow_up_question_goes_to_the_specialist_and_is_redelivered(
     client: Client, settings: Settings
 ) -> None:
     handle, services = await start(client, settings)
-    review_id = await to_review(handle, services)
-    services.send(
-        ReviewSubmitted(
-            case_id=services.case_id, review_id=review_id, reviewer_id="spec-gyn-1", agreement="concordant"
-        )
-    )
-    await services.expect("report.compose")
-    services.send(
-        ReportReady(case_id=services.case_id, report_id="rp1", pdf_url="p", fhir_url="f", sha256="0" * 64)
-    )
-    await services.expect("report.deliver")
-    services.send(
-        ReportDelivered(
-            case_id=services.case_id, report_id="rp1", recipient="NPI", delivered_at=datetime.now(UTC)
-        )
-    )
-    await wait_status(handle, CaseStatus.FOLLOW_UP)
+    review_id = await to_follow_up(handle, services)
     await decide(
         handle, CaseWorkflow.ask_question, FollowUpQuestion(by="dr-a", question_id="q1", text="MRI?")
     )
@@ -687,23 +693,7 @@ async def test_the_specialists_own_addendum_is_redelivered_before_the_case_close
     client: Client, settings: Settings
 ) -> None:
     handle, services = await start(client, settings)
-    review_id = await to_review(handle, services)
-    services.send(
-        ReviewSubmitted(
-            case_id=services.case_id, review_id=review_id, reviewer_id="spec-gyn-1", agreement="concordant"
-        )
-    )
-    await services.expect("report.compose")
-    services.send(
-        ReportReady(case_id=services.case_id, report_id="rp1", pdf_url="p", fhir_url="f", sha256="0" * 64)
-    )
-    await services.expect("report.deliver")
-    services.send(
-        ReportDelivered(
-            case_id=services.case_id, report_id="rp1", recipient="NPI", delivered_at=datetime.now(UTC)
-        )
-    )
-    await wait_status(handle, CaseStatus.FOLLOW_UP)
+    review_id = await to_follow_up(handle, services)
     addended = ReportAddended(
         case_id=services.case_id, review_id=review_id, report_id="rp1", addendum_id="a1", version=2
     )
@@ -723,7 +713,8 @@ async def test_the_specialists_own_addendum_is_redelivered_before_the_case_close
     services.close()
 
     assert redelivery["data"]["report_id"] == "rp1" and outcome.status == CaseStatus.CLOSED
-    assert closing["data"]["reason"] == "by dr-a: no further questions"  # no more addenda: none delivered
+    assert closing["data"]["reason"] == "by dr-a: no further questions"  # the report takes no more addenda
+    assert closing["data"]["own_addenda_delivered"] == 1
     assert "report.deliver" not in services.types()
     timeline = await handle.query(CaseWorkflow.timeline)
     assert "the specialist's own addendum delivered (report version 2)" in [t.detail for t in timeline]
