@@ -18,28 +18,17 @@ from services.common.config import Settings
 from services.records.dimse import StoreSCP
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
-from tests.infra import free_port
 from tests.integration import test_records_retrieval as retrieval
 from tests.orthanc import Orthanc, running_orthanc
 
 STUDY = "1.2.826.0.1.3680043.10.7002"
-engine, client = retrieval.engine, retrieval.client  # the records service and its API, as fixtures
+engine, client, scp = retrieval.engine, retrieval.client, retrieval.scp  # records, its API, its SCP
 # dcmtk's compressors, as a facility's modality or archive would have written these files.
 COMPRESSORS = {
     JPEGBaseline8Bit: ["dcmcjpeg", "+eb"],  # JPEG baseline (lossy 8 bit): the usual US and cine syntax
     JPEGLosslessSV1: ["dcmcjpeg", "+e1"],
     RLELossless: ["dcmcrle"],
 }
-
-
-@pytest.fixture(scope="module")
-def scp(settings: Settings) -> Iterator[StoreSCP]:
-    scp = StoreSCP(ObjectStore.for_settings(settings), free_port(), settings.max_upload_bytes)
-    scp.start()
-    try:
-        yield scp
-    finally:
-        scp.stop()
 
 
 @pytest.fixture(scope="module")

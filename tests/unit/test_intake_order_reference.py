@@ -7,21 +7,7 @@ from pydantic import ValidationError
 
 from services.intake.models import CaseCreate
 from services.intake.order_reference import ReferenceSearch, SearchInvalid, is_identifier_system, parse_token
-
-SAMPLE = {
-    "patient": {
-        "family_name": "Doe",
-        "given_name": "Jane",
-        "birth_date": "1984-03-02",
-        "sex": "female",
-        "mrn": "MRN-0042",
-        "state": "CA",
-    },
-    "referring": {"name": "Dr. Alex Kim", "npi": "1234567893", "organization": "Bayview Women's Clinic"},
-    "exam": {"exam_type": "pelvic", "performed_on": "2026-11-20", "facility": "Bayview Imaging"},
-    "clinical_question": "Complex adnexal mass: benign or suspicious?",
-    "reason": "possible_malignancy",
-}
+from tests.integration.test_intake_api import SAMPLE  # the partner's sample request
 
 
 @pytest.mark.parametrize(
