@@ -69,12 +69,12 @@ class Refused(Exception):
 
 def plan_return(
     session: Session, *, case_id: str, partner_id: str, sop_instance_uid: str, sha256: str, version: int
-) -> bool:
+) -> None:
     """Queue the report instance for the partner's PACS if its source asks for reports; the caller commits.
     The same instance (a redelivered event) is queued once."""
     source = session.get(RecordSource, partner_id)
     if source is None or not source.return_reports:
-        return False
+        return
     row = ReportReturn(
         return_id=sop_instance_uid,
         case_id=case_id,
@@ -84,7 +84,6 @@ def plan_return(
         status=RetrievalStatus.PENDING.value,
     )
     insert_new(session, [row])  # noted as added: the consumer's commit wakes the loop
-    return True
 
 
 def cancel_returns(session: Session, case_id: str) -> None:
