@@ -4,11 +4,13 @@ import io
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from services.records.archive import Entry
 from services.records.header_probe import isolated_reader
 from services.records.limits import ImportLimits
-from services.records.store import ObjectStore
+from services.records.multipart_related import RelatedPartsReader
+from services.records.store import FileTooLarge, ObjectStore
 from services.records.stow import FailureReason, sort_parts
 from tests.dicom_factory import make_us_instance
 from tests.hostile_corpus import dicomdir_pointing_to
@@ -69,3 +71,19 @@ def test_the_reason_survives_a_header_parsed_in_a_worker_process(tmp_path: Path)
     read = isolated_reader(memory_bytes=1024**3, timeout=20)
     _, [refused] = sort_parts(parts(tmp_path, no_modality), ImportLimits(), read, None)
     assert refused.reason == FailureReason.DOES_NOT_MATCH_SOP_CLASS
+
+
+def test_a_retrieved_body_with_a_part_over_the_limit_is_refused_whole(tmp_path: Path) -> None:
+    """A WADO-RS response (retrieval, archive reads) is no STOW-RS request: there the whole body is refused."""
+    store = ObjectStore(tmp_path)
+    reader = RelatedPartsReader(
+        'multipart/related; type="application/dicom"; boundary=b0undary',
+        store,
+        max_parts=10,
+        limit=1024,
+        label="WADO-RS response",
+    )
+    reader.feed(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * 100 + b"\r\n")
+    with pytest.raises(FileTooLarge):
+        reader.feed(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * 2000)
+    assert list(store.tmp_dir.iterdir()) == []
