@@ -198,13 +198,17 @@ class RelatedPartsReader:
 
 async def receive_parts(
     content_type: str | None, body: AsyncIterator[bytes], store: ObjectStore, *, max_parts: int, limit: int
-) -> list[Entry]:
-    """Every part of a STOW-RS request body as a received file; on any failure nothing is left behind."""
-    reader = RelatedPartsReader(content_type, store, max_parts=max_parts, limit=limit, label="request")
+) -> list[Entry | OversizedPart]:
+    """Every part of a STOW-RS request body, in order: a received file, or an OversizedPart for one larger
+    than `limit` (refused on its own). On any failure of the body as a whole nothing is left behind."""
+    reader = RelatedPartsReader(
+        content_type, store, max_parts=max_parts, limit=limit, label="request", skip_oversized=True
+    )
     try:
         async for chunk in body:
             reader.feed(chunk)
     except BaseException:
         reader.abort()
         raise
-    return reader.close()
+    reader.close()
+    return reader.parts
