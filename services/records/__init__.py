@@ -10,7 +10,8 @@ C-FIND + C-GET/C-MOVE, or DICOMweb QIDO/WADO). Consumes `records.collect`, `reco
 `records.needed` and `records.identity_mismatch`. `GET /v1/records/{case_id}/timeline` orders it all by
 date; `/v1/records/{case_id}/export/deidentified` gives the images de-identified (PS3.15 Annex E).
 
-Errors (STOW-RS answers per instance instead, see `stow`; a malformed body 400, a media type 415):
+Errors (STOW-RS answers per instance instead, an instance over the size limit too, see `stow`; a malformed
+body 400, a media type 415, too many parts 413):
     RecordsRejected          (422: unusable or hostile input; nothing stored)
     RecordsNotRequested      (404), RecordsCancelled (409)
     FileTooLarge             (413)

@@ -265,12 +265,24 @@ def header_or_none(path: Path) -> DicomHeader | None:
         return None
 
 
-def meta_uids(path: Path) -> tuple[str, str]:
+class _Beginning(io.BytesIO):
+    """The first bytes of a file, the rest of it not kept: a read that runs past them is refused, so a value
+    they cut is never taken for a whole one."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if size is not None and size >= 0 and len(data) < size:
+            raise _DeclaredTooLong()
+        return data
+
+
+def meta_uids(source: Path | bytes) -> tuple[str, str]:
     """The SOP Class and SOP Instance UIDs a file's meta header (group 0002) names, each "" where it cannot
-    be read: what a refusal can still say about a file that could not be used. Only the meta header is
-    read, through the length-checked reader, so a hostile file costs nothing here either."""
+    be read: what a refusal can still say about a file that could not be used. `source` is the file, or
+    its first bytes when it was not kept. Only the meta header is read, through the length-checked reader,
+    so a hostile file costs nothing here either."""
     try:
-        with _LengthCheckedReader(path) as fp:
+        with _LengthCheckedReader(source) if isinstance(source, Path) else _Beginning(source) as fp:
             if pydicom.filereader.read_preamble(fp, force=False) is None:
                 return "", ""
             meta = pydicom.filereader._read_file_meta_info(fp)

@@ -41,13 +41,14 @@ from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordFile, RecordImport, RecordRequest
 from services.records.multipart_related import (
     MalformedBody,
+    OversizedPart,
     PartNotDicom,
     TooManyParts,
     UnsupportedMediaType,
     receive_parts,
 )
 from services.records.reconcile import coerced_chunks, coerced_header, our_identifiers
-from services.records.store import FileTooLarge, ObjectStore
+from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
 
@@ -100,8 +101,11 @@ STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": f"every instance stored; {_MODULE}"},
     202: {"description": f"some stored, others failed or stored with a warning; {_MODULE}"},
     400: {"description": "a malformed multipart/related body; nothing stored"},
-    409: {"description": f"no instance stored; {_MODULE} with each Failure Reason"},
-    413: {"description": "a part or the number of parts over the limit; nothing stored"},
+    409: {
+        "description": f"no instance stored; {_MODULE} with each Failure Reason (an instance over the size "
+        "limit: A700, Out of Resources)"
+    },
+    413: {"description": "more parts than one request may hold; nothing stored"},
     415: {"description": 'not multipart/related; type="application/dicom"; nothing stored'},
 }
 
@@ -155,7 +159,7 @@ async def _stow(
 ) -> JSONResponse:
     store = ObjectStore.for_settings(settings)
     try:
-        entries = await receive_parts(
+        parts = await receive_parts(
             request.headers.get("content-type"),
             request.stream(),
             store,
@@ -168,19 +172,16 @@ async def _stow(
         raise HTTPException(400, str(exc)) from None
     except TooManyParts as exc:
         raise HTTPException(413, str(exc)) from None
-    except FileTooLarge as exc:
-        raise HTTPException(413, str(exc).replace("file", "part", 1)) from None
     try:
-        return await run_in_threadpool(
-            _stow_entries, entries, session, settings, limits, case_id, study, scope
-        )
+        return await run_in_threadpool(_stow_entries, parts, session, settings, limits, case_id, study, scope)
     finally:
-        for entry in entries:
-            store.discard(entry.received)
+        for part in parts:
+            if isinstance(part, Entry):
+                store.discard(part.received)
 
 
 def _stow_entries(
-    entries: list[Entry],
+    parts: list[Entry | OversizedPart],
     session: Session,
     settings: Settings,
     limits: ImportLimits,
@@ -191,7 +192,7 @@ def _stow_entries(
     """Each part stored or refused on its own (PS3.18 10.5.3); a refused part is never stored in part."""
     if case_id is None:
         visible, admit = scope or (lambda _: True, lambda _: None)
-        case_id = _case_for(entries, session, visible)
+        case_id = _case_for([p for p in parts if isinstance(p, Entry)], session, visible)
         admit(case_id)
     closed = None
     try:
@@ -200,7 +201,7 @@ def _stow_entries(
         raise HTTPException(404, str(exc)) from None
     except uploads.RecordsCancelled as exc:
         closed = str(exc)
-    usable, refused = stow.sort_parts(entries, limits, uploads.header_reader(limits), study)
+    usable, refused = stow.sort_parts(parts, limits, uploads.header_reader(limits), study)
     outcome = None
     if usable and closed is None:
         try:

@@ -6,14 +6,16 @@ Response Module (PS3.18 Annex I) says which, in application/dicom+json.
          or held for an identity decision)
     409  none stored: Failed SOP Sequence gives each instance's Failure Reason (PS3.18 Table I.2-2)
 
-Whatever is wrong with the request as a whole (multipart syntax 400, media type 415, size 413) is answered
-before this module sees a part. Failure items and the `Warning` header fields name a part by its position
-and the problem, never a patient attribute.
+An instance larger than one may be (MAX_UPLOAD_BYTES) is one of the refused: Out of Resources, named by the
+File Meta Information at its start when that can be read. Whatever is wrong with the request as a whole
+(multipart syntax 400, media type 415, too many parts 413) is answered before this module sees a part.
+Failure items and the `Warning` header fields name a part by its position and the problem, never a patient
+attribute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -30,7 +32,9 @@ from services.records.classify import (
 )
 from services.records.limits import ImportLimits
 from services.records.models import FileKind, ImportStatus
+from services.records.multipart_related import OversizedPart
 from services.records.reconcile import OUR_ISSUER
+from services.records.store import human_size
 from services.records.uploads import UploadOutcome
 
 
@@ -70,16 +74,22 @@ class Refusal:
 
 
 def sort_parts(
-    entries: list[Entry], limits: ImportLimits, read_header: HeaderReader | None, study: str | None
+    parts: Sequence[Entry | OversizedPart],
+    limits: ImportLimits,
+    read_header: HeaderReader | None,
+    study: str | None,
 ) -> tuple[list[ClassifiedFile], list[Refusal]]:
     """Each part as a usable instance or as a refusal; every part is one or the other."""
     usable: list[ClassifiedFile] = []
     refused: list[Refusal] = []
-    for entry in entries:
+    for entry in parts:
+        if isinstance(entry, OversizedPart):
+            refused.append(_too_large(entry))
+            continue
         try:
             item = classify(
                 entry.received,
-                total=len(entries),
+                total=len(parts),
                 declared_type=entry.declared_type,
                 max_pixel_bytes=limits.max_pixel_bytes,
                 label=entry.label,
@@ -114,6 +124,18 @@ def sort_parts(
         else:
             usable.append(item)
     return usable, refused
+
+
+def _too_large(part: OversizedPart) -> Refusal:
+    sop_class, sop = meta_uids(part.head)
+    return Refusal(
+        part.label,
+        sop_class,
+        sop,
+        FailureReason.OUT_OF_RESOURCES,
+        f"is {human_size(part.size_bytes)}, more than the {human_size(part.limit)} one instance may be; "
+        "ask the facility for a compressed export or one with fewer frames",
+    )
 
 
 def refuse_all(usable: Iterable[ClassifiedFile], reason: FailureReason, problem: str) -> list[Refusal]:

@@ -1,6 +1,8 @@
 """DICOMweb on the records service, exercised with the third-party `dicomweb-client` over real HTTP:
 STOW-RS into the validated, reconciled import path, then QIDO-RS and WADO-RS over what was released."""
 
+import contextlib
+import hashlib
 import io
 import threading
 import time
@@ -25,6 +27,7 @@ from services.common.db import make_engine
 from services.common.http import create_app
 from services.records import api, consumer, dicomweb
 from services.records.models import RecordFile
+from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
 from tests.infra import free_port
 from tests.keys import operations_headers
@@ -37,8 +40,8 @@ def engine(settings: Settings) -> Engine:
     return engine
 
 
-@pytest.fixture(scope="module")
-def base_url(engine: Engine, settings: Settings) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(engine: Engine, settings: Settings) -> Iterator[str]:
     """The records API and DICOMweb routes served by uvicorn on a free loopback port."""
     port = free_port()
     served = settings.model_copy(update={"records_url": f"http://127.0.0.1:{port}"})
@@ -62,6 +65,19 @@ def base_url(engine: Engine, settings: Settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base_url(engine: Engine, settings: Settings) -> Iterator[str]:
+    with serving(engine, settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def small_parts_url(engine: Engine, settings: Settings) -> Iterator[str]:
+    """The same routes where one instance may be at most 32 KiB (MAX_UPLOAD_BYTES)."""
+    with serving(engine, settings.model_copy(update={"max_upload_bytes": 32 * 1024})) as url:
+        yield url
 
 
 def open_case(engine: Engine, settings: Settings, study_uid: str | None = None) -> str:
@@ -292,6 +308,69 @@ def test_a_stow_stores_what_it_can_and_says_why_not_for_the_rest(
     with pytest.raises(requests.HTTPError) as caught:
         client.store_instances([no_modality])
     assert caught.value.response is not None and caught.value.response.status_code == 409
+
+
+def test_an_instance_over_the_size_limit_is_refused_on_its_own(
+    small_parts_url: str, engine: Engine, settings: Settings
+) -> None:
+    """PS3.18 10.5.3: an instance larger than one may be is refused alone with A700 (Out of Resources), named
+    by its File Meta Information, while the others of the request are stored (202); a request of only such
+    instances is 409. Its bytes are read past as they arrive: nothing of it is on disk afterwards."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    first, second = instances(study)[:2]
+    big = pydicom.dcmread(
+        io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1", frames=32))
+    )  # 128 KiB: arrives in several chunks
+    store = ObjectStore.for_settings(settings)
+    objects_before = set(store.objects_dir.rglob("*"))
+    url = f"{small_parts_url}/dicomweb/cases/{case_id}/studies"
+
+    answer = stow(
+        url,
+        settings,
+        ("application/dicom", encoded(first)),
+        ("application/dicom", encoded(big)),
+        ("application/dicom", encoded(second)),
+    )
+
+    assert answer.status_code == 202 and answer.headers["content-type"] == "application/dicom+json"
+    result = pydicom.Dataset.from_json(answer.json())
+    stored = [item.ReferencedSOPInstanceUID for item in result.ReferencedSOPSequence]
+    assert stored == [first.SOPInstanceUID, second.SOPInstanceUID]  # the part after it is stored too
+    [failed] = result.FailedSOPSequence
+    assert (failed.ReferencedSOPClassUID, failed.ReferencedSOPInstanceUID, failed.FailureReason) == (
+        big.SOPClassUID,
+        big.SOPInstanceUID,
+        0xA700,
+    )
+    assert "part 2 of the request is" in answer.headers["warning"]
+    assert "more than the 32 KiB one instance may be" in answer.headers["warning"]
+    client = DICOMwebClient(
+        url=f"{small_parts_url}/dicomweb/cases/{case_id}", headers=operations_headers(settings)
+    )
+    fetched = client.retrieve_instance(study, first.SeriesInstanceUID, first.SOPInstanceUID)
+    assert fetched.PixelData == first.PixelData
+    with Session(engine) as session:
+        kept = session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).all()
+    assert [f.sop_instance_uid for f in kept] == [first.SOPInstanceUID, second.SOPInstanceUID]
+    added = {p.name for p in set(store.objects_dir.rglob("*")) - objects_before if p.is_file()}
+    assert added == {hashlib.sha256(encoded(d)).hexdigest() for d in (first, second)}
+    assert list(store.tmp_dir.iterdir()) == []
+
+    only_too_large = stow(
+        url, settings, ("application/dicom", encoded(big)), ("application/dicom", b"\xff" * 100_000)
+    )
+    assert only_too_large.status_code == 409
+    failures = pydicom.Dataset.from_json(only_too_large.json()).FailedSOPSequence
+    assert [(f.get("ReferencedSOPInstanceUID"), f.FailureReason) for f in failures] == [
+        (big.SOPInstanceUID, 0xA700),
+        ("", 0xA700),  # nothing in its first bytes names it: present, empty
+    ]
+    assert "ReferencedSOPSequence" not in only_too_large.json()
+    assert list(store.tmp_dir.iterdir()) == []
+    with Session(engine) as session:
+        assert len(session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).all()) == 2
 
 
 def test_what_a_viewer_and_a_dicomweb_client_need(base_url: str, engine: Engine, settings: Settings) -> None:

@@ -1,14 +1,17 @@
 """STOW-RS: each part of a request sorted into a usable instance or a refusal with its PS3.18 Failure Reason."""
 
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from services.records.archive import Entry
 from services.records.header_probe import isolated_reader
 from services.records.limits import ImportLimits
-from services.records.store import ObjectStore
+from services.records.multipart_related import RelatedPartsReader, receive_parts
+from services.records.store import FileTooLarge, ObjectStore, human_size
 from services.records.stow import FailureReason, sort_parts
 from tests.dicom_factory import make_us_instance
 from tests.hostile_corpus import dicomdir_pointing_to
@@ -69,3 +72,60 @@ def test_the_reason_survives_a_header_parsed_in_a_worker_process(tmp_path: Path)
     read = isolated_reader(memory_bytes=1024**3, timeout=20)
     _, [refused] = sort_parts(parts(tmp_path, no_modality), ImportLimits(), read, None)
     assert refused.reason == FailureReason.DOES_NOT_MATCH_SOP_CLASS
+
+
+async def chunks_of(body: bytes, size: int) -> AsyncIterator[bytes]:
+    for offset in range(0, len(body), size):
+        yield body[offset : offset + size]
+
+
+async def test_an_instance_over_the_size_limit_is_read_past_and_refused_on_its_own(tmp_path: Path) -> None:
+    """A part larger than one instance may be is dropped as it streams (nothing of it stays on disk), the parts
+    after it are received, and its refusal names it by its File Meta Information where that can be read."""
+    first = make_us_instance(None, study_uid=STUDY, series_uid=STUDY + ".1", sop_uid="1.2.3.1")
+    clip = make_us_instance(None, study_uid=STUDY, series_uid=STUDY + ".1", sop_uid="1.2.3.2", frames=16)
+    last = make_us_instance(None, study_uid=STUDY, series_uid=STUDY + ".1", sop_uid="1.2.3.3")
+    body = b"".join(
+        b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
+        for data in (first, clip, last, b"\xff" * 40_000)
+    )
+    store = ObjectStore(tmp_path)
+    limit = 16 * 1024
+
+    parts = await receive_parts(
+        'multipart/related; type="application/dicom"; boundary=b0undary',
+        chunks_of(body + b"--b0undary--\r\n", 4096),
+        store,
+        max_parts=10,
+        limit=limit,
+    )
+    usable, refused = sort_parts(parts, ImportLimits(parse_in_subprocess=False), None, None)
+
+    assert [u.dicom.sop_instance_uid for u in usable if u.dicom] == ["1.2.3.1", "1.2.3.3"]
+    clip_class = pydicom.dcmread(io.BytesIO(clip)).SOPClassUID
+    assert [(r.label, r.sop_class_uid, r.sop_instance_uid, r.reason) for r in refused] == [
+        ("part 2 of the request", clip_class, "1.2.3.2", FailureReason.OUT_OF_RESOURCES),
+        ("part 4 of the request", "", "", FailureReason.OUT_OF_RESOURCES),  # nothing in it names it
+    ]
+    assert refused[0].message == (
+        f"part 2 of the request is {human_size(len(clip))}, more than the 16 KiB one instance may be; ask "
+        "the facility for a compressed export or one with fewer frames; it was not stored"
+    )
+    # Only the two instances received are in the temp area, whole.
+    assert sorted(p.stat().st_size for p in store.tmp_dir.iterdir()) == sorted([len(first), len(last)])
+
+
+def test_a_retrieved_body_with_a_part_over_the_limit_is_refused_whole(tmp_path: Path) -> None:
+    """A WADO-RS response (retrieval, archive reads) is no STOW-RS request: there the whole body is refused."""
+    store = ObjectStore(tmp_path)
+    reader = RelatedPartsReader(
+        'multipart/related; type="application/dicom"; boundary=b0undary',
+        store,
+        max_parts=10,
+        limit=1024,
+        label="WADO-RS response",
+    )
+    reader.feed(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * 100 + b"\r\n")
+    with pytest.raises(FileTooLarge):
+        reader.feed(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * 2000)
+    assert list(store.tmp_dir.iterdir()) == []
