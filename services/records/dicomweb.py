@@ -40,6 +40,7 @@ from services.records.classify import header_or_none
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordFile, RecordImport, RecordRequest
 from services.records.multipart_related import (
+    BodyTooLarge,
     MalformedBody,
     OversizedPart,
     PartNotDicom,
@@ -105,7 +106,7 @@ STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": f"no instance stored; {_MODULE} with each Failure Reason (an instance over the size "
         "limit: A700, Out of Resources)"
     },
-    413: {"description": "more parts than one request may hold; nothing stored"},
+    413: {"description": "more parts or more bytes than one request may hold; nothing stored"},
     415: {"description": 'not multipart/related; type="application/dicom"; nothing stored'},
 }
 
@@ -165,12 +166,13 @@ async def _stow(
             store,
             max_parts=limits.max_archive_members,
             limit=settings.max_upload_bytes,
+            max_total=limits.max_archive_total_bytes,
         )
     except (UnsupportedMediaType, PartNotDicom) as exc:
         raise HTTPException(415, str(exc)) from None
     except MalformedBody as exc:
         raise HTTPException(400, str(exc)) from None
-    except TooManyParts as exc:
+    except (TooManyParts, BodyTooLarge) as exc:
         raise HTTPException(413, str(exc)) from None
     try:
         return await run_in_threadpool(_stow_entries, parts, session, settings, limits, case_id, study, scope)

@@ -10,6 +10,7 @@ its first bytes kept, which name the instance. What is wrong with a body as a wh
       + MalformedBody          (multipart syntax, truncated, no parts: 400)
       + PartNotDicom           (a part of another media type: 415)
       + TooManyParts           (413)
+      + BodyTooLarge           (more bytes than one body may hold: 413)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from services.common.errors import RecordsRejected
+from services.common.errors import RecordsRejected, human_size
 from services.records.archive import Entry
 from services.records.store import FileTooLarge, IncomingFile, ObjectStore
 
@@ -43,6 +44,10 @@ class PartNotDicom(RecordsRejected):
 
 
 class TooManyParts(RecordsRejected):
+    pass
+
+
+class BodyTooLarge(RecordsRejected):
     pass
 
 
@@ -87,10 +92,13 @@ class RelatedPartsReader:
         limit: int,
         label: str,
         skip_oversized: bool = False,
+        max_total: int | None = None,
     ) -> None:
         self.parts: list[Entry | OversizedPart] = []
         self._store, self._max_parts, self._limit, self._label = store, max_parts, limit, label
         self._skip_oversized = skip_oversized
+        # Parts read past are not stored, but their bytes still arrive: the body as a whole is bounded too.
+        self._max_total, self._total = max_total, 0
         self._in_part = False
         self._incoming: IncomingFile | None = None  # None inside a part: it is over the limit, read past
         self._dropped = 0  # bytes of the current part read past
@@ -116,6 +124,13 @@ class RelatedPartsReader:
         return [part for part in self.parts if isinstance(part, Entry)]
 
     def feed(self, chunk: bytes) -> None:
+        self._total += len(chunk)
+        if self._max_total is not None and self._total > self._max_total:
+            self.abort()
+            raise BodyTooLarge(
+                f"the {self._label} is larger than the {human_size(self._max_total)} one {self._label} may hold; "
+                "send fewer instances at once; nothing was stored"
+            )
         try:
             self._parser.write(chunk)
         except MultipartParseError:
@@ -197,12 +212,25 @@ class RelatedPartsReader:
 
 
 async def receive_parts(
-    content_type: str | None, body: AsyncIterator[bytes], store: ObjectStore, *, max_parts: int, limit: int
+    content_type: str | None,
+    body: AsyncIterator[bytes],
+    store: ObjectStore,
+    *,
+    max_parts: int,
+    limit: int,
+    max_total: int,
 ) -> list[Entry | OversizedPart]:
     """Every part of a STOW-RS request body, in order: a received file, or an OversizedPart for one larger
-    than `limit` (refused on its own). On any failure of the body as a whole nothing is left behind."""
+    than `limit` (refused on its own). A body over `max_total` bytes is refused whole. On any failure of the
+    body as a whole nothing is left behind."""
     reader = RelatedPartsReader(
-        content_type, store, max_parts=max_parts, limit=limit, label="request", skip_oversized=True
+        content_type,
+        store,
+        max_parts=max_parts,
+        limit=limit,
+        label="request",
+        skip_oversized=True,
+        max_total=max_total,
     )
     try:
         async for chunk in body:

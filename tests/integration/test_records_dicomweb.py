@@ -26,6 +26,7 @@ from services.common.config import Settings, get_settings
 from services.common.db import make_engine
 from services.common.http import create_app
 from services.records import api, consumer, dicomweb
+from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordFile
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
@@ -41,7 +42,7 @@ def engine(settings: Settings) -> Engine:
 
 
 @contextlib.contextmanager
-def serving(engine: Engine, settings: Settings) -> Iterator[str]:
+def serving(engine: Engine, settings: Settings, limits: ImportLimits | None = None) -> Iterator[str]:
     """The records API and DICOMweb routes served by uvicorn on a free loopback port."""
     port = free_port()
     served = settings.model_copy(update={"records_url": f"http://127.0.0.1:{port}"})
@@ -50,9 +51,13 @@ def serving(engine: Engine, settings: Settings) -> Iterator[str]:
         with Session(engine, expire_on_commit=False) as s:
             yield s
 
-    app = create_app("records", routers=[api.router, dicomweb.router], engine=lambda: engine)
+    app = create_app(
+        "records", routers=[api.router, dicomweb.router], engine=lambda: engine, max_body_bytes=None
+    )
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: served
+    if limits is not None:
+        app.dependency_overrides[get_limits] = lambda: limits
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -75,8 +80,10 @@ def base_url(engine: Engine, settings: Settings) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def small_parts_url(engine: Engine, settings: Settings) -> Iterator[str]:
-    """The same routes where one instance may be at most 32 KiB (MAX_UPLOAD_BYTES)."""
-    with serving(engine, settings.model_copy(update={"max_upload_bytes": 32 * 1024})) as url:
+    """The same routes where one instance may be at most 32 KiB (MAX_UPLOAD_BYTES) and one request 1 MiB
+    (RECORDS_MAX_ARCHIVE_TOTAL_BYTES)."""
+    small = settings.model_copy(update={"max_upload_bytes": 32 * 1024})
+    with serving(engine, small, ImportLimits(max_archive_total_bytes=1024**2)) as url:
         yield url
 
 
@@ -368,6 +375,16 @@ def test_an_instance_over_the_size_limit_is_refused_on_its_own(
         ("", 0xA700),  # nothing in its first bytes names it: present, empty
     ]
     assert "ReferencedSOPSequence" not in only_too_large.json()
+    assert list(store.tmp_dir.iterdir()) == []
+
+    # Parts read past still arrive: over the bound on a whole request, it is refused whole.
+    endless = stow(
+        url, settings, ("application/dicom", encoded(first)), ("application/dicom", b"\0" * 1100 * 1024)
+    )
+    assert endless.status_code == 413
+    assert (
+        "larger than the 1 MiB one request may hold; send fewer instances at once" in endless.json()["detail"]
+    )
     assert list(store.tmp_dir.iterdir()) == []
     with Session(engine) as session:
         assert len(session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).all()) == 2

@@ -7,11 +7,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from services.common.errors import human_size
 from services.records.archive import Entry
 from services.records.header_probe import isolated_reader
 from services.records.limits import ImportLimits
-from services.records.multipart_related import RelatedPartsReader, receive_parts
-from services.records.store import FileTooLarge, ObjectStore, human_size
+from services.records.multipart_related import BodyTooLarge, RelatedPartsReader, receive_parts
+from services.records.store import FileTooLarge, ObjectStore
 from services.records.stow import FailureReason, sort_parts
 from tests.dicom_factory import make_us_instance
 from tests.hostile_corpus import dicomdir_pointing_to
@@ -98,6 +99,7 @@ async def test_an_instance_over_the_size_limit_is_read_past_and_refused_on_its_o
         store,
         max_parts=10,
         limit=limit,
+        max_total=len(body) * 2,
     )
     usable, refused = sort_parts(parts, ImportLimits(parse_in_subprocess=False), None, None)
 
@@ -128,4 +130,28 @@ def test_a_retrieved_body_with_a_part_over_the_limit_is_refused_whole(tmp_path: 
     reader.feed(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * 100 + b"\r\n")
     with pytest.raises(FileTooLarge):
         reader.feed(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * 2000)
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+async def test_a_request_over_the_total_bound_is_refused_whole(tmp_path: Path) -> None:
+    """Parts read past are not stored but still arrive: without a bound on the body, one endless oversized
+    part would hold the request open for good. Over the bound, the whole request is refused (413), and the
+    instances received before it are gone from the temp area."""
+    first = make_us_instance(None, study_uid=STUDY, series_uid=STUDY + ".1", sop_uid="1.2.3.1")
+    body = b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + first + b"\r\n"
+    body += (
+        b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + b"\0" * 200_000 + b"\r\n--b0undary--\r\n"
+    )
+    store = ObjectStore(tmp_path)
+    with pytest.raises(
+        BodyTooLarge, match=r"larger than the 64 KiB one request may hold; send fewer instances"
+    ):
+        await receive_parts(
+            'multipart/related; type="application/dicom"; boundary=b0undary',
+            chunks_of(body, 4096),
+            store,
+            max_parts=10,
+            limit=16 * 1024,
+            max_total=64 * 1024,
+        )
     assert list(store.tmp_dir.iterdir()) == []
