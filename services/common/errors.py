@@ -15,3 +15,11 @@ class PoisonMessage(CaseError):
 
 class RecordsRejected(CaseError):
     """An upload that cannot be stored as sent: a 4xx to the uploader, nothing stored."""
+
+
+def human_size(n: int) -> str:
+    """A size as a person reads it in an error: "512 MiB", "1.5 GiB", "700 bytes"."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} bytes"

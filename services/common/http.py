@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import IntakeRejected, RecordsRejected
+from services.common.errors import IntakeRejected, RecordsRejected, human_size
 from services.common.tracing import server_span
 
 log = structlog.get_logger(__name__)
@@ -99,6 +99,45 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+class BodyLimit:
+    """A request body over `limit` bytes is refused with a 413 problem (an OperationOutcome on the FHIR paths):
+    at once when its Content-Length says so, else as soon as the bytes received pass it (chunked bodies);
+    never read into memory whole. (Starlette's own limit answers in plain text, which clients cannot parse.)"""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    def _refusal(self) -> StarletteHTTPException:
+        return StarletteHTTPException(
+            413,
+            f"the request body is larger than the {human_size(self.limit)} this service takes; send documents "
+            "and images to records (uploads, STOW-RS) and refer to them; nothing was stored",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            refusal = self._refusal()
+            request = Request(scope, receive)
+            await error_for(request, 413, "Request too large", str(refusal.detail))(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._refusal()  # answered by the app's handler of HTTP errors, as a problem
+            return message
+
+        await self.app(scope, counted, send)
+
+
 class RequestMetrics:
     """Each request's server span, count and latency by route template (never the path: it holds ids).
 
@@ -136,6 +175,12 @@ class RequestMetrics:
                 LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
 
 
+# What one JSON request may be: a FHIR transaction Bundle with a few documents of up to 10 MiB each (base64) fits.
+# The ingress lets bodies up to records' limits through; each service bounds its own, so a body too large for
+# a JSON service is refused there as it arrives, not read into memory.
+MAX_JSON_BODY_BYTES = 64 * 1024 * 1024
+
+
 def create_app(
     service: str,
     *,
@@ -144,7 +189,10 @@ def create_app(
     ready_checks: Iterable[Callable[[], bool]] = (),
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     title: str | None = None,
+    max_body_bytes: int | None = MAX_JSON_BODY_BYTES,
 ) -> FastAPI:
+    """`max_body_bytes` bounds every request body as it streams in (413 past it); None leaves each route to
+    bound its own (records: uploads, STOW-RS and archives stream to disk under their own limits)."""
     app = FastAPI(
         title=title or f"secondopinion {service}",
         version="0.1.0",
@@ -154,6 +202,8 @@ def create_app(
         # endpoint, serialization), and exception messages in span events, which could carry PHI.
         telemetry=NO_NATIVE_TELEMETRY,
     )
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(RequestMetrics, service=service)
     checks = list(ready_checks)
 

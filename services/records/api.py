@@ -21,6 +21,7 @@ from services.auth.routing import AuthRoute
 from services.common.body_feed import feed_to_thread
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine, utcnow
+from services.common.errors import human_size
 from services.records import uploads, zip_stream
 from services.records.adequacy import assess
 from services.records.archive import Entry
@@ -45,7 +46,7 @@ from services.records.models import (
     UploadPublic,
 )
 from services.records.reconcile import coerced_chunks, our_identifiers
-from services.records.store import FileTooLarge, ObjectStore, human_size
+from services.records.store import FileTooLarge, ObjectStore
 
 # Every route needs a key; a case's records are its partner's and operations' (uploads too), and readable
 # by the specialists it was offered to.

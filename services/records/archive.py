@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from services.common.errors import RecordsRejected
+from services.common.errors import RecordsRejected, human_size
 from services.records.limits import ImportLimits
-from services.records.store import FileTooLarge, ObjectStore, ReceivedFile, human_size
+from services.records.store import FileTooLarge, ObjectStore, ReceivedFile
 
 ZIP_MAGIC = b"PK\x03\x04"
 ARCHIVE_MAGICS = (ZIP_MAGIC, b"PK\x05\x06", b"\x1f\x8b", b"7z\xbc\xaf\x27\x1c", b"Rar!", b"BZh")

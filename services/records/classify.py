@@ -20,7 +20,7 @@ import pydicom.uid
 from pydicom.errors import InvalidDicomError
 from pypdf import PdfReader
 
-from services.common.errors import RecordsRejected
+from services.common.errors import RecordsRejected, human_size
 from services.records.fhir_records import (
     FHIR_TYPE,
     FhirRecord,
@@ -31,7 +31,7 @@ from services.records.fhir_records import (
     read_fhir,
 )
 from services.records.models import FileKind
-from services.records.store import ReceivedFile, human_size
+from services.records.store import ReceivedFile
 
 DICOM_TYPE = "application/dicom"
 PDF_TYPE = "application/pdf"

@@ -47,6 +47,7 @@ app = create_app(
     engine=lambda: get_engine("records"),
     ready_checks=[runtime.broker_ready],
     lifespan=lifespan,
+    max_body_bytes=None,  # uploads, STOW-RS and archives stream to disk and are bounded where they are read
 )
 
 

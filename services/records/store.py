@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO
 
 from services.common.config import Settings
+from services.common.errors import human_size
 from services.records.archive_store import (
     ARCHIVE_PREFIX,
     ArchiveUnavailable,
@@ -234,10 +235,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def human_size(n: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.4g} {unit}"
-    return f"{n} bytes"

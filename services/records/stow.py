@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from services.common.errors import human_size
 from services.records.archive import Entry
 from services.records.classify import (
     DICOMDIR_SOP_CLASS,
@@ -34,7 +35,6 @@ from services.records.limits import ImportLimits
 from services.records.models import FileKind, ImportStatus
 from services.records.multipart_related import OversizedPart
 from services.records.reconcile import OUR_ISSUER
-from services.records.store import human_size
 from services.records.uploads import UploadOutcome
 
 

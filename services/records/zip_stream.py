@@ -18,10 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import stream_unzip
 
-from services.common.errors import RecordsRejected
+from services.common.errors import RecordsRejected, human_size
 from services.records.archive import RATIO_CHECK_FROM_BYTES, Entry, is_archive_head, safe_relative_path
 from services.records.limits import ImportLimits
-from services.records.store import FileTooLarge, ObjectStore, ReceivedFile, human_size
+from services.records.store import FileTooLarge, ObjectStore, ReceivedFile
 
 WHERE = "the ZIP archive"
 EOCD_SIGNATURE = b"PK\x05\x06"

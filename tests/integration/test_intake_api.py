@@ -28,7 +28,7 @@ from services.common import migrate
 from services.common.config import Settings
 from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
-from services.common.http import create_app
+from services.common.http import MAX_JSON_BODY_BYTES, create_app
 from services.intake import api, consumer, handlers
 from services.intake.models import Case, CaseDocument, CaseTimelineEntry
 
@@ -204,6 +204,21 @@ def test_malformed_request_is_422_naming_the_field_without_echoing_values(
     assert response.status_code == 422
     assert field in [e["field"] for e in response.json()["errors"]]
     assert "Jane" not in response.text and "1984-03-02" not in response.text
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+
+
+def test_a_body_larger_than_a_json_request_may_be_is_413_and_nothing_is_stored(
+    client: TestClient, engine: Engine
+) -> None:
+    """The ingress lets bodies up to records' upload limits through; intake bounds its own as they arrive."""
+    body = dict(SAMPLE, clinical_question="x" * MAX_JSON_BODY_BYTES)
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    response = client.post("/v1/cases", json=body)
+    assert response.status_code == 413
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "Jane" not in response.text
     with Session(engine) as session:
         assert len(session.exec(select(Case)).all()) == before
 

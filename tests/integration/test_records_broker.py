@@ -103,7 +103,7 @@ def test_collect_command_then_upload_publishes_records_assembled(
         with Session(engine, expire_on_commit=False) as s:
             yield s
 
-    app = create_app("records", routers=[api.router], engine=lambda: engine)
+    app = create_app("records", routers=[api.router], engine=lambda: engine, max_body_bytes=None)
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: settings
     study = "1.2.826.0.1.3680043.10.4242"

@@ -36,7 +36,9 @@ def client(settings: Settings) -> Iterator[tuple[TestClient, Engine]]:
         with Session(engine, expire_on_commit=False) as s:
             yield s
 
-    app = create_app("records", routers=[api.router, export.router], engine=lambda: engine)
+    app = create_app(
+        "records", routers=[api.router, export.router], engine=lambda: engine, max_body_bytes=None
+    )
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: settings
     with TestClient(app, headers=operations_headers(settings)) as c:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from services.records.store import CHUNK_BYTES, FileTooLarge, ObjectStore, human_size
+from services.common.errors import human_size
+from services.records.store import CHUNK_BYTES, FileTooLarge, ObjectStore
 
 
 def test_receive_hashes_while_streaming_and_keep_moves_into_the_content_address(tmp_path: Path) -> None:
