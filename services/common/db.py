@@ -51,7 +51,9 @@ def make_engine(service: str, settings: Settings | None = None) -> Engine:
 def _new_engine(service: str, settings: Settings) -> Engine:
     url = database_url(service, settings)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -67,6 +69,9 @@ def _new_engine(service: str, settings: Settings) -> Engine:
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
         connect_args={"options": f"-csearch_path={service}"},
+        # A statement's error would quote its parameters (a patient's name, the report text) in every log
+        # line and span that carries the exception.
+        hide_parameters=True,
     )
     ping_when_idle(engine, settings.database_ping_idle_seconds)
     with engine.begin() as conn:

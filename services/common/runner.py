@@ -109,5 +109,8 @@ def serve(app: FastAPI, port: int, settings: Settings | None = None) -> None:
         port=port,
         log_level="warning",
         access_log=False,
+        # Uvicorn's own handlers would print a failed request's traceback with its messages; its loggers
+        # propagate to the root handler instead, which logs exceptions by outline (services.common.logging).
+        log_config=None,
         timeout_keep_alive=settings.http_keep_alive_seconds,
     )

@@ -117,6 +117,11 @@ class DimseSource:
 # 500 MB C-GET in 16 KiB PDUs, 8 KiB writes, and the retrieval took twice as long as dcmtk's getscu.
 MAX_PDU_BYTES = 131072
 
+# pynetdicom dumps each C-FIND request and response identifier (PatientID, PatientName, dates: PHI) at INFO;
+# the logging setup quiets its logger too, this keeps them out at any level.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
 
 def _ae(timeout: float) -> AE:
     _spool_received_datasets()
