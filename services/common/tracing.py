@@ -8,6 +8,8 @@ RabbitMQ messages to each service's handler.
   extension, in the envelope itself (so it survives the outbox); each consumer continues it in a CONSUMER span.
 
 Spans are exported over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise they only propagate.
+An exception recorded on a span (by our spans, Temporal's interceptor or a library) is exported by its type
+only: its message and stack trace may quote values (a pydantic `input_value`, SQL parameters), which are PHI.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import Span, SpanKind, Status
 
 from services.common.config import Settings
 
@@ -39,8 +43,65 @@ def configure_tracing(service: str, settings: Settings) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        provider.add_span_processor(exporting(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
+
+
+# What an exception event keeps (OpenTelemetry semantic conventions): its type, never its message or stack.
+KEPT_EXCEPTION_ATTRIBUTES = ("exception.type", "exception.escaped")
+
+
+def exporting(exporter: SpanExporter) -> SpanProcessor:
+    """The processor that sends finished spans to `exporter`, in batches, without exception texts."""
+    return WithoutExceptionText(BatchSpanProcessor(exporter))
+
+
+def without_exception_text(span: ReadableSpan) -> ReadableSpan:
+    """`span` with each exception event reduced to its type and the status without its description (Temporal's
+    interceptor writes "Type: message" there)."""
+    if not any(event.name == "exception" for event in span.events) and not span.status.description:
+        return span
+    events = [
+        Event(
+            event.name,
+            {k: v for k, v in (event.attributes or {}).items() if k in KEPT_EXCEPTION_ATTRIBUTES},
+            event.timestamp,
+        )
+        if event.name == "exception"
+        else event
+        for event in span.events
+    ]
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=span.attributes,
+        events=events,
+        links=span.links,
+        kind=span.kind,
+        status=Status(span.status.status_code),
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class WithoutExceptionText(SpanProcessor):
+    def __init__(self, inner: SpanProcessor) -> None:
+        self.inner = inner
+
+    def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
+        self.inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.inner.on_end(without_exception_text(span))
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
 
 
 def current_trace_headers() -> dict[str, str]:

@@ -28,7 +28,7 @@ from services.common.amqp import EVENTS, Consumer, OutboxRelay, enqueue, ensure_
 from services.common.config import Settings
 from services.common.db import make_engine
 from services.common.http import create_app
-from services.common.tracing import temporal_interceptors
+from services.common.tracing import WithoutExceptionText, temporal_interceptors
 from tests.infra import purge_queues
 from tests.integration.test_case_workflow import case_input
 from workflows.case import CaseWorkflow
@@ -43,7 +43,8 @@ def span_exporter() -> InMemorySpanExporter:
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
     exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # As deployed (`exporting`), but each span at once: without exception texts.
+    provider.add_span_processor(WithoutExceptionText(SimpleSpanProcessor(exporter)))
     return exporter
 
 
