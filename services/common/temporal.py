@@ -16,7 +16,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter, PayloadCodec
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
 from temporalio.service import TLSConfig
 
 from services.common.config import Settings, get_settings
@@ -114,8 +114,15 @@ class EncryptionCodec(PayloadCodec):
 
 
 def data_converter(settings: Settings | None = None) -> DataConverter:
+    """Pydantic payloads, encrypted. Failures too: their message and stack trace go into the failure's encoded
+    attributes, encrypted like any payload (Temporal shows "Encoded failure" without the codec server), since
+    an exception's message may quote the values that caused it (a pydantic `input_value` is PHI)."""
     settings = settings or get_settings()
-    return dataclasses.replace(pydantic_data_converter, payload_codec=EncryptionCodec.from_settings(settings))
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=EncryptionCodec.from_settings(settings),
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
 
 
 async def connect_temporal(settings: Settings | None = None, *, interceptors: Iterable = ()) -> Client:
