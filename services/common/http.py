@@ -15,7 +15,7 @@ from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -99,15 +99,34 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
-class BodyLimit:
-    """A request body over `limit` bytes is refused with a 413 problem (an OperationOutcome on the FHIR paths):
-    at once when its Content-Length says so, else as soon as the bytes received pass it (chunked bodies);
-    never read into memory whole. (Starlette's own limit answers in plain text, which clients cannot parse.)"""
+NUL_ESCAPE = b"\\u0000"  # JSON's escape of the NUL character, which no text column can store
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+def _nul_escapes(data: bytes) -> bool:
+    """Whether `data` holds a JSON `\\u0000` escape (not an escaped backslash followed by "u0000")."""
+    at = data.find(NUL_ESCAPE)
+    while at != -1:
+        backslashes = len(data[:at]) - len(data[:at].rstrip(b"\\"))
+        if backslashes % 2 == 0:
+            return True
+        at = data.find(NUL_ESCAPE, at + 1)
+    return False
+
+
+class BodyGuard:
+    """What no service can take, refused before the endpoint runs, as a problem (an OperationOutcome on the
+    FHIR paths), never read into memory whole:
+
+    - a body over `limit` bytes (None: no bound here): 413, at once when its Content-Length says so, else as
+      soon as the bytes received pass it (chunked bodies). Starlette's own limit answers in plain text.
+    - a JSON body with a NUL character (`\\u0000`) in a string: 422. PostgreSQL cannot store it in a text, so
+      it would fail the request with a 500, or pass into a case and fail each service it reaches."""
+
+    def __init__(self, app: ASGIApp, limit: int | None) -> None:
         self.app, self.limit = app, limit
 
-    def _refusal(self) -> StarletteHTTPException:
+    def _too_large(self) -> StarletteHTTPException:
+        assert self.limit is not None
         return StarletteHTTPException(
             413,
             f"the request body is larger than the {human_size(self.limit)} this service takes; send documents "
@@ -118,24 +137,36 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            refusal = self._refusal()
-            request = Request(scope, receive)
-            await error_for(request, 413, "Request too large", str(refusal.detail))(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if self.limit is not None and declared.isdigit() and int(declared) > self.limit:
+            detail = str(self._too_large().detail)
+            await error_for(Request(scope, receive), 413, "Request too large", detail)(scope, receive, send)
             return
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        json_body = media_type.endswith((b"/json", b"+json"))
         received = 0
+        tail = b""  # the end of the chunk before: an escape may be split across two
 
-        async def counted() -> Message:
-            nonlocal received
+        async def guarded() -> Message:
+            nonlocal received, tail
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise self._refusal()  # answered by the app's handler of HTTP errors, as a problem
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if self.limit is not None and received > self.limit:
+                    raise self._too_large()  # answered by the app's handler of HTTP errors, as a problem
+                if json_body and chunk:
+                    if _nul_escapes(tail + chunk):
+                        raise StarletteHTTPException(
+                            422,
+                            "a text in the request holds a NUL character (\\u0000), which cannot be stored; "
+                            "remove it and send the request again; nothing was stored",
+                        )
+                    tail = (tail + chunk)[-64:]
             return message
 
-        await self.app(scope, counted, send)
+        await self.app(scope, guarded, send)
 
 
 class RequestMetrics:
@@ -202,8 +233,7 @@ def create_app(
         # endpoint, serialization), and exception messages in span events, which could carry PHI.
         telemetry=NO_NATIVE_TELEMETRY,
     )
-    if max_body_bytes is not None:
-        app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyGuard, limit=max_body_bytes)
     app.add_middleware(RequestMetrics, service=service)
     checks = list(ready_checks)
 
@@ -240,6 +270,15 @@ def create_app(
 
     @app.exception_handler(DBAPIError)
     async def on_database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if isinstance(exc, DataError):  # a value the column cannot hold; the transaction was rolled back
+            log.warning("http.value_not_storable", path=request.url.path, error=type(exc.orig).__name__)
+            return error_for(
+                request,
+                422,
+                "Value cannot be stored",
+                "A value of the request cannot be stored as sent (a number or a date out of range, or a "
+                "character a text cannot hold); fix it and send the request again; nothing was stored.",
+            )
         if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
             return await on_unexpected(request, exc)
         # A lost connection (a restart or failover: the pool is renewed) or a database that could not

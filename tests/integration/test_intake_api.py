@@ -223,6 +223,20 @@ def test_a_body_larger_than_a_json_request_may_be_is_413_and_nothing_is_stored(
         assert len(session.exec(select(Case)).all()) == before
 
 
+def test_a_nul_character_in_a_text_is_422_and_no_case_carries_it_to_the_services(
+    client: TestClient, engine: Engine
+) -> None:
+    """PostgreSQL cannot store a NUL in a text: taken, it would fail every service the case reaches."""
+    body = dict(SAMPLE, clinical_question="Complex mass\u0000, left ovary")
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    response = client.post("/v1/cases", json=body)
+    assert response.status_code == 422
+    assert "NUL character" in response.json()["detail"] and "ovary" not in response.text
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+
+
 def test_unservable_request_is_422_with_the_reason(client: TestClient) -> None:
     body = dict(SAMPLE, procedure_scheduled_on="2020-01-01")
     response = client.post("/v1/cases", json=body)

@@ -1,5 +1,6 @@
-"""Every service bounds its own request bodies (the ingress lets records' uploads through): a body over the
-bound is a 413 problem, declared or counted as it streams, and the handler never sees it."""
+"""What no service can take is refused before the endpoint runs: a body over the service's bound (the ingress
+lets records' uploads through) is a 413 problem, declared or counted as it streams; a JSON text with a NUL
+character, which PostgreSQL cannot store, is a 422. The handler never sees either."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import DataError
 
 from services.common.http import create_app
 
@@ -63,3 +65,54 @@ def test_on_the_fhir_paths_the_refusal_is_an_operation_outcome() -> None:
         outcome = response.json()
         assert outcome["resourceType"] == "OperationOutcome"
         assert outcome["issue"][0]["code"] == "too-costly"
+
+
+def test_a_nul_character_in_a_json_text_is_a_422_problem_before_the_endpoint_runs() -> None:
+    seen.clear()
+    response = client().post("/v1/echo", json={"clinical_question": "mass\u0000 left ovary"})
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["detail"].startswith("a text in the request holds a NUL character")
+    assert "ovary" not in response.text
+    assert seen == []
+
+
+def test_a_nul_escape_split_across_chunks_is_found_and_an_escaped_backslash_is_not_one() -> None:
+    seen.clear()
+    split = iter([b'{"a": "x\\u00', b'00"}'])
+    assert (
+        client().post("/v1/echo", content=split, headers={"Content-Type": "application/json"}).status_code
+        == 422
+    )
+    literal = {"note": "the text \\u0000 as typed"}  # a backslash, then "u0000": no NUL
+    assert client().post("/v1/echo", json=literal).status_code == 200
+    assert (
+        client()
+        .post("/fhir/Echo", content=b'{"a": "\\u0000"}', headers={"Content-Type": "application/fhir+json"})
+        .json()["issue"][0]["code"]
+        == "invalid"
+    )
+
+
+def test_bodies_that_are_not_json_are_not_read_for_nul() -> None:
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n\\u0000\r\n--b--\r\n"
+    response = client().post(
+        "/v1/echo", content=body, headers={"Content-Type": "multipart/related; boundary=b"}
+    )
+    assert response.json() == {"size": len(body)}
+
+
+def test_a_value_the_database_cannot_store_is_a_422_not_a_500() -> None:
+    """The net behind the guard: a DataError (the transaction rolled back) says to fix the value."""
+    failing = APIRouter()
+
+    @failing.post("/v1/store")
+    def store() -> None:
+        raise DataError(
+            "INSERT …", {"family_name": "Doe"}, Exception("integer out of range"), hide_parameters=True
+        )
+
+    response = TestClient(create_app("bodytest", routers=[failing], engine=lambda: None)).post("/v1/store")  # type: ignore[arg-type,return-value]
+    assert response.status_code == 422
+    assert response.json()["detail"].endswith("fix it and send the request again; nothing was stored.")
+    assert "Doe" not in response.text and "integer out of range" not in response.text
