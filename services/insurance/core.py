@@ -20,6 +20,7 @@ import email.utils
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.message import EmailMessage
 
 from services.insurance.settings import CoreLoginSetting, InsuranceSettings
 
@@ -153,11 +154,8 @@ def read_envelope(content_type: str, body: bytes) -> dict[str, str]:
     media_type = content_type.split(";", 1)[0].strip().lower()
     if not media_type.startswith("multipart/"):
         raise CoreEnvelopeInvalid(f"the answer is {_shown(media_type) or 'untyped'}, not MIME multipart")
+    message = mime_message(content_type, body)
     try:
-        head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-        message = email.message_from_bytes(head + body, policy=email.policy.HTTP)
-        if not message.is_multipart() or message.defects:
-            raise CoreEnvelopeInvalid("its multipart body is cut short or has no parts")
         fields: dict[str, str] = {}
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
@@ -173,6 +171,19 @@ def read_envelope(content_type: str, body: bytes) -> dict[str, str]:
     except (ValueError, LookupError, email.errors.MessageError) as exc:
         raise CoreEnvelopeInvalid(f"its multipart body cannot be read ({type(exc).__name__})") from exc
     return fields
+
+
+def mime_message(content_type: str, body: bytes) -> EmailMessage:
+    """A MIME multipart body (sent with `content_type`) parsed whole, its parts one level down; the CORE MIME
+    envelope and an MTOM package (`core_xop`) are both read with it."""
+    try:
+        head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+        message = email.message_from_bytes(head + body, _class=EmailMessage, policy=email.policy.HTTP)
+    except (ValueError, LookupError, email.errors.MessageError) as exc:
+        raise CoreEnvelopeInvalid(f"its multipart body cannot be read ({type(exc).__name__})") from exc
+    if not message.is_multipart() or message.defects:
+        raise CoreEnvelopeInvalid("its multipart body is cut short or has no parts")
+    return message
 
 
 def core_answer(fields: dict[str, str], payload_id: str) -> str:

@@ -8,10 +8,11 @@ ReceiverID (the payer's `payer_id`), CORERuleVersion `2.2.0` and the 270 as Payl
 fields as a SOAP 1.2 `COREEnvelopeRealTimeRequest` (the WSDL's `RealTimeTransaction`), with UserName and
 Password moved to a WS-Security UsernameToken in the SOAP Header (`core_soap`). With an X.509 login the
 client certificate is presented in the TLS handshake instead, and the envelope carries no UserName or
-Password (no UsernameToken). The answer comes back in the same envelope standard: it must echo our
-PayloadID and carry ErrorCode `Success` with a 271 (or the 999 / TA1 with which the payer refuses the 270
-itself); a SOAP Fault counts like the ErrorCode it stands for. The HTTP status counts only when an answer
-has no envelope.
+Password (no UsernameToken). The answer comes back in the same envelope standard (a SOAP answer perhaps with
+MTOM: the envelope in a XOP package, the 271 in a part of its own, `core_xop`): it must echo our PayloadID
+and carry ErrorCode `Success` with a 271 (or the 999 / TA1 with which the payer refuses the 270 itself); a
+SOAP Fault counts like the ErrorCode it stands for. The HTTP status counts only when an answer has no
+envelope.
 
 `check()` never raises; each failure becomes a specific outcome::
 
@@ -26,8 +27,8 @@ has no envelope.
     CoreLoginUnusable      our certificate or key cannot be loaded, or the payer's server certificate is
                            not trusted: `payer_rejected`, naming the settings; nothing was sent
     CoreEnvelopeInvalid    not a CORE envelope answering our request (no multipart body or SOAP 1.2
-                           envelope, XML with a DTD, no ErrorCode, another PayloadID or PayloadType):
-                           `malformed_response`
+                           envelope, XML with a DTD, an MTOM package whose xop:Include names no part it
+                           carries, no ErrorCode, another PayloadID or PayloadType): `malformed_response`
     X12Invalid             a Payload that is not a valid 271: `malformed_response`
       + X12Acknowledged    a TA1 or 999 instead of the 271: `payer_rejected`
 
