@@ -18,7 +18,10 @@ as a WS-Security `wsse:UsernameToken` (Username, Password of type PasswordText),
 login below. The answer is a `COREEnvelopeRealTimeResponse` with the same fields and ErrorCodes as the MIME
 answer (HTTP 200); a login it does not take is a SOAP Fault env:Sender with subcode `wsse:FailedAuthentication`
 (`wsse:InvalidSecurity` without a token; HTTP 400), and CORE `Busy` is a Fault env:Receiver (HTTP 500). The
-request is read with defusedxml, independently of the insurance service's reader.
+request is read with defusedxml, independently of the insurance service's reader. With `PAYER_SANDBOX_MTOM` set
+(to anything but `0`), the SOAP endpoint answers as a SOAP stack with MTOM on does: every answer (Faults too) is a
+`multipart/related; type="application/xop+xml"` XOP package whose root part is the envelope, and a 271's Payload
+is `<xop:Include href="cid:..."/>` naming a part of its own (its Content-ID %-encoded in the href).
 
 Members misbehave on request: `reject: "42"` or `busy_first: N` (AAA 42), `core_busy_first: N` (the envelope's
 ErrorCode `Busy`, or the SOAP Receiver fault, for the member's first N inquiries), `delay_seconds`, `garbled` (a
