@@ -32,5 +32,7 @@ Run it with `python -m tests.payer_sandbox [PORT]` (or `PAYER_SANDBOX_PORT`); `P
 another members file. HTTPS with `PAYER_SANDBOX_TLS_CERT` and `PAYER_SANDBOX_TLS_KEY` (PEM files); with
 `PAYER_SANDBOX_CLIENT_CA` too, mutual TLS: a client certificate from that CA is required, and one whose subject
 common name is in `payer.core.certificate_subjects` is the login (CORE's X.509 standard: no UserName or
-Password in the envelope).
+Password in the envelope). A server of other TLS habits than ours: `PAYER_SANDBOX_TLS_MIN_VERSION` and
+`PAYER_SANDBOX_TLS_MAX_VERSION` (`ssl.TLSVersion` names: `TLSv1_2` makes a client certificate's absence a
+`handshake_failure` alert, as under TLS 1.2 it is) and `PAYER_SANDBOX_TLS_CIPHERS` (an OpenSSL cipher list).
 """

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from datetime import UTC, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -467,6 +468,19 @@ def make_handler(payer: Payer, *, mtom: bool = False) -> type[BaseHTTPRequestHan
     return Handler
 
 
+def restrict_tls(context: ssl.SSLContext) -> None:
+    """A payer's server of other TLS habits: PAYER_SANDBOX_TLS_MIN_VERSION / _MAX_VERSION (ssl.TLSVersion
+    names, e.g. TLSv1_2) and PAYER_SANDBOX_TLS_CIPHERS (an OpenSSL cipher list for TLS 1.2 and older)."""
+    with warnings.catch_warnings():  # TLSv1 and TLSv1_1 are deprecated: an outdated payer is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if os.environ.get("PAYER_SANDBOX_TLS_MIN_VERSION"):
+            context.minimum_version = ssl.TLSVersion[os.environ["PAYER_SANDBOX_TLS_MIN_VERSION"]]
+        if os.environ.get("PAYER_SANDBOX_TLS_MAX_VERSION"):
+            context.maximum_version = ssl.TLSVersion[os.environ["PAYER_SANDBOX_TLS_MAX_VERSION"]]
+    if os.environ.get("PAYER_SANDBOX_TLS_CIPHERS"):
+        context.set_ciphers(os.environ["PAYER_SANDBOX_TLS_CIPHERS"])
+
+
 def main() -> None:
     port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PAYER_SANDBOX_PORT", "8090"))
     config = json.loads(Path(os.environ.get("PAYER_SANDBOX_MEMBERS", MEMBERS_FILE)).read_text())
@@ -477,6 +491,7 @@ def main() -> None:
         # HTTPS; with PAYER_SANDBOX_CLIENT_CA, a client certificate from that CA is required (mutual TLS).
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(os.environ["PAYER_SANDBOX_TLS_CERT"], os.environ["PAYER_SANDBOX_TLS_KEY"])
+        restrict_tls(context)
         if os.environ.get("PAYER_SANDBOX_CLIENT_CA"):
             context.load_verify_locations(os.environ["PAYER_SANDBOX_CLIENT_CA"])
             context.verify_mode = ssl.CERT_REQUIRED
