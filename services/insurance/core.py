@@ -70,6 +70,11 @@ class CoreLoginUnusable(Exception):
     """Our side of the TLS login cannot be used (files, trust): nothing was sent, a setting must be fixed."""
 
 
+class CoreTlsRefused(Exception):
+    """The payer's TLS server refused our handshake for want of a TLS version or cipher suite in common (or for
+    a reason this Python cannot see): the 270 was not sent, and sending it again would not mend it."""
+
+
 class CoreEnvelopeInvalid(Exception):
     """An answer that is not a CORE envelope answering our request."""
 
