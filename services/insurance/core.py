@@ -20,6 +20,7 @@ import email.utils
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.message import EmailMessage
 
 from services.insurance.settings import CoreLoginSetting, InsuranceSettings
 
@@ -67,6 +68,11 @@ class CoreLoginRefused(CoreRefused):
 
 class CoreLoginUnusable(Exception):
     """Our side of the TLS login cannot be used (files, trust): nothing was sent, a setting must be fixed."""
+
+
+class CoreTlsRefused(Exception):
+    """The payer's TLS server refused our handshake for want of a TLS version or cipher suite in common (or for
+    a reason this Python cannot see): the 270 was not sent, and sending it again would not mend it."""
 
 
 class CoreEnvelopeInvalid(Exception):
@@ -153,11 +159,8 @@ def read_envelope(content_type: str, body: bytes) -> dict[str, str]:
     media_type = content_type.split(";", 1)[0].strip().lower()
     if not media_type.startswith("multipart/"):
         raise CoreEnvelopeInvalid(f"the answer is {_shown(media_type) or 'untyped'}, not MIME multipart")
+    message = mime_message(content_type, body)
     try:
-        head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-        message = email.message_from_bytes(head + body, policy=email.policy.HTTP)
-        if not message.is_multipart() or message.defects:
-            raise CoreEnvelopeInvalid("its multipart body is cut short or has no parts")
         fields: dict[str, str] = {}
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
@@ -173,6 +176,19 @@ def read_envelope(content_type: str, body: bytes) -> dict[str, str]:
     except (ValueError, LookupError, email.errors.MessageError) as exc:
         raise CoreEnvelopeInvalid(f"its multipart body cannot be read ({type(exc).__name__})") from exc
     return fields
+
+
+def mime_message(content_type: str, body: bytes) -> EmailMessage:
+    """A MIME multipart body (sent with `content_type`) parsed whole, its parts one level down; the CORE MIME
+    envelope and an MTOM package (`core_xop`) are both read with it."""
+    try:
+        head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+        message = email.message_from_bytes(head + body, _class=EmailMessage, policy=email.policy.HTTP)
+    except (ValueError, LookupError, email.errors.MessageError) as exc:
+        raise CoreEnvelopeInvalid(f"its multipart body cannot be read ({type(exc).__name__})") from exc
+    if not message.is_multipart() or message.defects:
+        raise CoreEnvelopeInvalid("its multipart body is cut short or has no parts")
+    return message
 
 
 def core_answer(fields: dict[str, str], payload_id: str) -> str:

@@ -8,7 +8,9 @@ travels in the Header as a WS-Security UsernameToken (Username, Password of type
 Profile 1.0), never in the Body; the X.509 login is the TLS handshake's, and the Header carries no token.
 
 The answer is `COREEnvelopeRealTimeResponse` (the request's fields plus ErrorCode and ErrorMessage), read with
-`core.core_answer`'s checks, or a SOAP Fault::
+`core.core_answer`'s checks, or a SOAP Fault. It comes as `application/soap+xml`, or, from a payer whose SOAP
+stack speaks MTOM, as a `multipart/related` XOP package whose Payload may be an xop:Include naming the part that
+holds the 271 (`core_xop`); what the envelope says counts the same either way::
 
     env:Sender + wsse:FailedAuthentication, InvalidSecurityToken, ... (or CORE UnAuthorized)
                                     CoreLoginRefused: our login, fix the settings
@@ -16,12 +18,13 @@ The answer is `COREEnvelopeRealTimeResponse` (the request's fields plus ErrorCod
     any other fault                 CoreRefused, naming its code only
 
 Parsing is defusedxml's: no DTD, no entities, no external references, and an answer over `MAX_ANSWER_BYTES`
-is not parsed at all. Of what a payer sends, only plain tokens (fault codes, ErrorCode) reach a message;
+(an MTOM package counted whole) is not parsed at all. Of what a payer sends, only plain tokens (fault codes, ErrorCode) reach a message;
 the fault's Reason text never does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from xml.etree.ElementTree import Element  # noqa: S405 - typing only; parsing is defusedxml's
 from xml.sax.saxutils import escape, quoteattr  # noqa: S406 - escaping what we write, not parsing
@@ -42,6 +45,7 @@ from services.insurance.core import (
     core_answer,
     core_request,
 )
+from services.insurance.core_xop import SOAP_TYPES, field_text, read_xop_package
 
 SOAP_NS = "http://www.w3.org/2003/05/soap-envelope"
 SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -53,7 +57,7 @@ PASSWORD_TEXT = (
 )
 SOAP_ACTION = "RealTimeTransaction"
 CONTENT_TYPE = f'application/soap+xml; charset=utf-8; action="{SOAP_ACTION}"'
-XML_TYPES = {"application/soap+xml", "text/xml", "application/xml"}
+MTOM_TYPE = "multipart/related"  # an MTOM answer: the envelope in a XOP package (`core_xop`)
 MAX_ANSWER_BYTES = 8 * 1024 * 1024  # a real-time 271 is kilobytes; this is a bound, not an expectation
 # WS-Security 1.0 fault subcodes (SOAP Message Security §12) that say our token is not a login here.
 LOGIN_FAULTS = {
@@ -90,10 +94,14 @@ def soap_request(payload: str, *, payload_id: str, login: CoreLogin, receiver_id
 def read_soap_envelope(content_type: str, body: bytes) -> dict[str, str]:
     """The fields of a `COREEnvelopeRealTimeResponse` in a SOAP 1.2 envelope; a SOAP Fault raises its outcome."""
     media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type not in XML_TYPES:
+    if media_type not in SOAP_TYPES | {MTOM_TYPE}:
         raise CoreEnvelopeInvalid(f"the answer is {_shown(media_type) or 'untyped'}, not a SOAP 1.2 envelope")
     if len(body) > MAX_ANSWER_BYTES:
         raise CoreEnvelopeInvalid(f"the answer is larger than {MAX_ANSWER_BYTES} bytes; it was not read")
+    parts: Mapping[str, bytes] = {}
+    if media_type == MTOM_TYPE:
+        package = read_xop_package(content_type, body)
+        body, parts = package.root, package.parts
     try:
         root = safe_xml.fromstring(body, forbid_dtd=True)
     except DefusedXmlException as exc:
@@ -120,7 +128,7 @@ def read_soap_envelope(content_type: str, body: bytes) -> dict[str, str]:
         name = _CANONICAL.get(_local(child.tag).lower(), _local(child.tag))
         if name in fields:
             raise CoreEnvelopeInvalid(f"the field {_shown(name)} comes twice")
-        fields[name] = "".join(child.itertext()).strip()  # pretty-printed XML pads the values
+        fields[name] = field_text(child, parts)
     return fields
 
 

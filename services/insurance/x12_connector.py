@@ -8,10 +8,11 @@ ReceiverID (the payer's `payer_id`), CORERuleVersion `2.2.0` and the 270 as Payl
 fields as a SOAP 1.2 `COREEnvelopeRealTimeRequest` (the WSDL's `RealTimeTransaction`), with UserName and
 Password moved to a WS-Security UsernameToken in the SOAP Header (`core_soap`). With an X.509 login the
 client certificate is presented in the TLS handshake instead, and the envelope carries no UserName or
-Password (no UsernameToken). The answer comes back in the same envelope standard: it must echo our
-PayloadID and carry ErrorCode `Success` with a 271 (or the 999 / TA1 with which the payer refuses the 270
-itself); a SOAP Fault counts like the ErrorCode it stands for. The HTTP status counts only when an answer
-has no envelope.
+Password (no UsernameToken). The answer comes back in the same envelope standard (a SOAP answer perhaps with
+MTOM: the envelope in a XOP package, the 271 in a part of its own, `core_xop`): it must echo our PayloadID
+and carry ErrorCode `Success` with a 271 (or the 999 / TA1 with which the payer refuses the 270 itself); a
+SOAP Fault counts like the ErrorCode it stands for. The HTTP status counts only when an answer has no
+envelope.
 
 `check()` never raises; each failure becomes a specific outcome::
 
@@ -21,13 +22,17 @@ has no envelope.
     CoreRefused            the envelope's ErrorCode is an error (VersionMismatch, PayloadIDRequired, ...):
                            `payer_rejected`
       + CoreLoginRefused   UnAuthorized, Sender/ReceiverNotAuthorized, a SOAP fault wsse:FailedAuthentication
-                           (or another WS-Security token fault), HTTP 401/403 without an envelope, or a TLS
-                           alert refusing our client certificate: `payer_rejected`, naming the settings
+                           (or another WS-Security token fault), HTTP 401/403 without an envelope, a TLS
+                           alert refusing our client certificate, or handshake_failure after the server
+                           asked for one (`core_tls`): `payer_rejected`, naming the settings
     CoreLoginUnusable      our certificate or key cannot be loaded, or the payer's server certificate is
                            not trusted: `payer_rejected`, naming the settings; nothing was sent
+    CoreTlsRefused         no TLS version or cipher suite in common with the payer's server (protocol_version,
+                           or handshake_failure before it asked for any certificate; where this Python cannot
+                           see which, the detail names both): `payer_rejected`, not retried
     CoreEnvelopeInvalid    not a CORE envelope answering our request (no multipart body or SOAP 1.2
-                           envelope, XML with a DTD, no ErrorCode, another PayloadID or PayloadType):
-                           `malformed_response`
+                           envelope, XML with a DTD, an MTOM package whose xop:Include names no part it
+                           carries, no ErrorCode, another PayloadID or PayloadType): `malformed_response`
     X12Invalid             a Payload that is not a valid 271: `malformed_response`
       + X12Acknowledged    a TA1 or 999 instead of the 271: `payer_rejected`
 
@@ -59,12 +64,14 @@ from services.insurance.core import (
     CoreLoginRefused,
     CoreLoginUnusable,
     CoreRefused,
+    CoreTlsRefused,
     PayerBusy,
     answer_payload,
     core_request,
 )
 from services.insurance.core_soap import CONTENT_TYPE as SOAP_CONTENT_TYPE
 from services.insurance.core_soap import MAX_ANSWER_BYTES, soap_answer_payload, soap_request
+from services.insurance.core_tls import Handshake, client_context, tls_refusal
 from services.insurance.models import InsurancePayer, InsurancePlan
 from services.insurance.settings import get_insurance_settings
 from services.insurance.x12 import (
@@ -197,6 +204,12 @@ class X12Connector:
                 return self._refused(
                     "payer_rejected", f"the 270 to payer {self.payer.payer_id} was not sent: {exc}"
                 )
+            except CoreTlsRefused as exc:
+                return self._refused(
+                    "payer_rejected",
+                    f"the 270 to payer {self.payer.payer_id} was not sent, and not retried: the payer's TLS "
+                    f"server refused our handshake ({exc})",
+                )
             except CoreRefused as exc:
                 return self._refused(
                     "payer_rejected",
@@ -238,7 +251,8 @@ class X12Connector:
         payload_id = str(uuid.uuid1())  # the rule: an RFC 4122 UUID from time and hardware address
         soap = self.payer.core_envelope == "soap"
         body = self._envelope(request, payload_id)
-        verify = self._tls()
+        handshake = Handshake()
+        verify = self._tls(handshake)
         try:
             with (
                 httpx.Client(
@@ -250,7 +264,7 @@ class X12Connector:
         except httpx.TimeoutException as exc:
             raise PayerBusy(f"no answer within {self.payer.timeout_seconds:g} s") from exc
         except httpx.TransportError as exc:
-            refusal = _tls_refusal(exc, self.login)
+            refusal = tls_refusal(exc, self.login, handshake)
             if refusal is not None:
                 log.warning("payer.tls_refused", payer_id=self.payer.payer_id, reason=str(refusal))
                 raise refusal from exc
@@ -285,8 +299,8 @@ class X12Connector:
         payload = fields.pop("Payload").encode("ascii")
         return {"data": fields, "files": {"Payload": (None, payload)}}
 
-    def _tls(self) -> ssl.SSLContext | bool:
-        """The TLS settings of the POST: our client certificate for an X.509 login, the CA bundle if set."""
+    def _tls(self, handshake: Handshake) -> ssl.SSLContext | bool:
+        """The TLS settings of the POST (`core_tls`); `handshake` watches what the payer's server sends."""
         plain = not (self.payer.endpoint_url or "").lower().startswith("https://")
         # Over plain HTTP the login (a password, or no certificate at all) and the 270 with the member's data
         # would go out in clear: only a development machine's sandbox is spoken to that way.
@@ -295,24 +309,7 @@ class X12Connector:
                 f"payer {self.payer.payer_id}'s endpoint_url is not https: CAQH CORE is spoken over TLS only "
                 "(plain http is for a development sandbox); set it to the payer's https URL"
             )
-        if not (self.login.x509 or self.login.ca_bundle):
-            return True
-        try:
-            context = ssl.create_default_context(cafile=self.login.ca_bundle or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise CoreLoginUnusable(
-                f"the CA bundle for payers' certificates cannot be loaded ({type(exc).__name__}); check "
-                "INSURANCE_CORE_CA_BUNDLE (a PEM file)"
-            ) from None
-        if self.login.x509:
-            try:
-                context.load_cert_chain(self.login.client_cert, self.login.client_key)
-            except (OSError, ssl.SSLError) as exc:
-                raise CoreLoginUnusable(
-                    f"our X.509 login cannot be used: the client certificate or its key cannot be read, or "
-                    f"they do not belong together ({type(exc).__name__}); check {self.login.settings_named}"
-                ) from None
-        return context
+        return True if plain else client_context(self.login, handshake)
 
     def _read(self, document: str, member_id: str) -> Eligibility:
         answer = parse_271(document)
@@ -410,38 +407,6 @@ def _amount(benefits: list[Benefit], code: str, period: str) -> Decimal | None:
     return None
 
 
-# TLS alerts with which a server refuses the client's certificate (or its absence); any other alert (an
-# internal error, a protocol version) is a transport failure, retried like one.
-LOGIN_ALERTS = (
-    "ALERT_CERTIFICATE_REQUIRED",
-    "ALERT_UNKNOWN_CA",
-    "ALERT_BAD_CERTIFICATE",
-    "ALERT_CERTIFICATE_UNKNOWN",
-    "ALERT_CERTIFICATE_REVOKED",
-    "ALERT_CERTIFICATE_EXPIRED",
-    "ALERT_UNSUPPORTED_CERTIFICATE",
-    "ALERT_ACCESS_DENIED",
-    "ALERT_HANDSHAKE_FAILURE",
-)
-
-
-def _tls_refusal(exc: BaseException, login: CoreLogin) -> Exception | None:
-    """What a TLS failure of the POST means: the payer refused our certificate, or we refused its."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return CoreLoginUnusable(
-                "the payer's server certificate is not trusted (" + _token(seen.verify_message) + "); check "
-                "INSURANCE_CORE_CA_BUNDLE (or the payer's endpoint_url)"
-            )
-        if isinstance(seen, ssl.SSLError) and any(a in str(seen.reason or "") for a in LOGIN_ALERTS):
-            if login.x509:
-                return CoreLoginRefused(f"TLS {_token(str(seen.reason))}")
-            return CoreLoginRefused(f"TLS {_token(str(seen.reason))}; the payer may require an X.509 login")
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def _bounded(response: httpx.Response) -> bytes:
     """The answer's body, read no further than MAX_ANSWER_BYTES (a payer cannot fill our memory)."""
     chunks: list[bytes] = []
@@ -452,7 +417,3 @@ def _bounded(response: httpx.Response) -> bytes:
             raise CoreEnvelopeInvalid(f"the answer is larger than {MAX_ANSWER_BYTES} bytes; it was not read")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _token(text: str) -> str:
-    return "".join(c for c in text if c.isalnum() or c in " _-.")[:80]

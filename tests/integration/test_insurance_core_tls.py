@@ -3,16 +3,21 @@ of its own per payer: the payer sandbox over HTTPS with mutual TLS, the insuranc
 
 What an operator checks: with the certificate the clearinghouse issued, the member is covered; with anything
 else (no certificate, a certificate of another CA, an untrusted payer certificate, a key file that cannot be
-read) the case gets `payer_rejected` with a detail naming the settings to fix, never a dead letter."""
+read) the case gets `payer_rejected` with a detail naming the settings to fix, never a dead letter. A payer
+whose TLS server shares no version or cipher suite with ours is `payer_rejected` too, but neither retried nor
+called a login problem, even though under TLS 1.2 its alert (handshake_failure) is the one a missing client
+certificate gets."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
+from structlog.testing import capture_logs
 
 from services.common import migrate
 from services.common.config import Settings
@@ -171,3 +176,77 @@ def test_the_x509_login_over_soap_sends_no_username_token(
             payer.endpoint_url, payer.core_envelope = mime_url, "mime"
             session.add(payer)
             session.commit()
+
+
+@contextmanager
+def payer_of_other_tls_habits(engine: Engine, pki: dict[str, Path | Issued], **env: str) -> Iterator[None]:
+    """SBX01 pointed for a while at a sandbox process of its own (PAYER_SANDBOX_TLS_* as given)."""
+    server = pki["server"]
+    assert isinstance(server, Issued)
+    tls = {"PAYER_SANDBOX_TLS_CERT": str(server.cert), "PAYER_SANDBOX_TLS_KEY": str(server.key), **env}
+    with running_sandbox(tls) as port, sandbox_payer(engine, f"https://127.0.0.1:{port}/core/eligibility"):
+        yield
+
+
+def test_a_tls_12_payer_wanting_a_certificate_we_do_not_send_is_a_refused_login(
+    engine: Engine, settings: Settings, pki: dict[str, Path | Issued]
+) -> None:
+    # Under TLS 1.2 a server that requires a client certificate and gets none says handshake_failure; it
+    # asked for one first, so this is our login: the password login meets a payer that wants X.509.
+    password_login = InsuranceSettings(
+        payer_attempts=2, payer_backoff_seconds=0.05, core_ca_bundle=str(pki["payer_ca"])
+    )
+    client_ca = str(pki["client_ca"])
+    with (
+        payer_of_other_tls_habits(
+            engine, pki, PAYER_SANDBOX_CLIENT_CA=client_ca, PAYER_SANDBOX_TLS_MAX_VERSION="TLSv1_2"
+        ),
+        capture_logs() as logs,
+    ):
+        refused = verify(engine, "SBX-PPO", "SBX-MET", settings, config=password_login)
+        covered = verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester"), config=x509(pki))
+    assert (refused.coverage_status, refused.outcome) == ("not_covered", "payer_rejected")
+    assert (
+        "refused our CAQH CORE login (TLS SSLV3_ALERT_HANDSHAKE_FAILURE after it asked for a client "
+        "certificate, and we have none; the payer may require an X.509 login: INSURANCE_CORE_CLIENT_CERT"
+    ) in refused.explanation
+    assert "INSURANCE_CORE_" in refused.explanation
+    assert not [entry for entry in logs if entry["event"] == "payer.busy"]  # a refused login is not retried
+    assert (covered.coverage_status, covered.outcome) == ("covered", "active")  # with the certificate
+
+
+@pytest.mark.parametrize(
+    "habits",
+    [
+        # No cipher suite in common (SHA-1 MACs, which our client does not offer): the server's first and
+        # only word is handshake_failure, before it asks for any certificate. It wants one, too.
+        {"PAYER_SANDBOX_TLS_MAX_VERSION": "TLSv1_2", "PAYER_SANDBOX_TLS_CIPHERS": "ECDHE-ECDSA-AES128-SHA"},
+        # TLS 1.0 and 1.1 only, which our client does not speak: protocol_version.
+        {
+            "PAYER_SANDBOX_TLS_MIN_VERSION": "TLSv1",
+            "PAYER_SANDBOX_TLS_MAX_VERSION": "TLSv1_1",
+            "PAYER_SANDBOX_TLS_CIPHERS": "DEFAULT:@SECLEVEL=0",
+        },
+    ],
+    ids=["no-common-cipher-suite", "no-common-tls-version"],
+)
+def test_a_payer_sharing_no_tls_version_or_cipher_suite_is_not_a_refused_login_nor_retried(
+    engine: Engine, settings: Settings, pki: dict[str, Path | Issued], habits: dict[str, str]
+) -> None:
+    with (
+        payer_of_other_tls_habits(engine, pki, PAYER_SANDBOX_CLIENT_CA=str(pki["client_ca"]), **habits),
+        capture_logs() as logs,
+    ):
+        verified = verify(engine, "SBX-PPO", "SBX-MET", settings, subscriber("Tester"), config=x509(pki))
+    assert (verified.coverage_status, verified.outcome) == ("not_covered", "payer_rejected")
+    assert "was not sent, and not retried" in verified.explanation
+    assert (
+        "we share no TLS version or cipher suite, which is not a CAQH CORE login problem"
+        in verified.explanation
+    )
+    assert (
+        "ask the payer which TLS versions and cipher suites its CORE endpoint takes" in verified.explanation
+    )
+    assert "refused our CAQH CORE login" not in verified.explanation
+    assert not [entry for entry in logs if entry["event"] == "payer.busy"]
+    assert [entry["event"] for entry in logs if entry["event"].startswith("payer.")] == ["payer.tls_refused"]

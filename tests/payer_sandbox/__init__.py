@@ -18,7 +18,10 @@ as a WS-Security `wsse:UsernameToken` (Username, Password of type PasswordText),
 login below. The answer is a `COREEnvelopeRealTimeResponse` with the same fields and ErrorCodes as the MIME
 answer (HTTP 200); a login it does not take is a SOAP Fault env:Sender with subcode `wsse:FailedAuthentication`
 (`wsse:InvalidSecurity` without a token; HTTP 400), and CORE `Busy` is a Fault env:Receiver (HTTP 500). The
-request is read with defusedxml, independently of the insurance service's reader.
+request is read with defusedxml, independently of the insurance service's reader. With `PAYER_SANDBOX_MTOM` set
+(to anything but `0`), the SOAP endpoint answers as a SOAP stack with MTOM on does: every answer (Faults too) is a
+`multipart/related; type="application/xop+xml"` XOP package whose root part is the envelope, and a 271's Payload
+is `<xop:Include href="cid:..."/>` naming a part of its own (its Content-ID %-encoded in the href).
 
 Members misbehave on request: `reject: "42"` or `busy_first: N` (AAA 42), `core_busy_first: N` (the envelope's
 ErrorCode `Busy`, or the SOAP Receiver fault, for the member's first N inquiries), `delay_seconds`, `garbled` (a
@@ -29,5 +32,7 @@ Run it with `python -m tests.payer_sandbox [PORT]` (or `PAYER_SANDBOX_PORT`); `P
 another members file. HTTPS with `PAYER_SANDBOX_TLS_CERT` and `PAYER_SANDBOX_TLS_KEY` (PEM files); with
 `PAYER_SANDBOX_CLIENT_CA` too, mutual TLS: a client certificate from that CA is required, and one whose subject
 common name is in `payer.core.certificate_subjects` is the login (CORE's X.509 standard: no UserName or
-Password in the envelope).
+Password in the envelope). A server of other TLS habits than ours: `PAYER_SANDBOX_TLS_MIN_VERSION` and
+`PAYER_SANDBOX_TLS_MAX_VERSION` (`ssl.TLSVersion` names: `TLSv1_2` makes a client certificate's absence a
+`handshake_failure` alert, as under TLS 1.2 it is) and `PAYER_SANDBOX_TLS_CIPHERS` (an OpenSSL cipher list).
 """

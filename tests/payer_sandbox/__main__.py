@@ -12,11 +12,13 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from datetime import UTC, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 import defusedxml.ElementTree as safe_xml
@@ -52,6 +54,7 @@ PASSWORD_TEXT = (
     "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0#PasswordText"
 )
 REQUEST_ELEMENTS = (*REQUIRED[:7], "Payload")  # COREEnvelopeRealTimeRequest's sequence
+XOP_NS = "http://www.w3.org/2004/08/xop/include"
 
 
 def member_of(request: str) -> str:
@@ -242,7 +245,9 @@ class Payer:
         return envelope(body, functional_id="HB", sender=self.id, receiver="SECONDOPINION", control=control)
 
 
-def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
+def make_handler(payer: Payer, *, mtom: bool = False) -> type[BaseHTTPRequestHandler]:
+    """The HTTP handler of `payer`; with `mtom`, its SOAP endpoint answers in MTOM (XOP) packages."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
             if self.path == "/core/soap":
@@ -322,13 +327,21 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
             payload_id: str | None = None,
         ) -> None:
             fields = self._answer_fields(request, payload_type, code, message, payload, payload_id)
-            elements = "".join(f"<{name}>{escape(value)}</{name}>" for name, value in fields.items() if value)
+            elements = {name: escape(value) for name, value in fields.items() if value}
+            attachments: dict[str, bytes] = {}
+            if mtom and payload:  # the 271 moved to a part of its own, the Payload naming it (XOP)
+                content_id = f"payload/{uuid.uuid4()}@sandbox.payer"
+                attachments[content_id] = payload.encode()
+                elements["Payload"] = (
+                    f'<xop:Include xmlns:xop="{XOP_NS}" href="cid:{quote(content_id, safe="")}"/>'
+                )
+            body = "".join(f"<{name}>{value}</{name}>" for name, value in elements.items())
             envelope = (
                 f'<?xml version="1.0" encoding="UTF-8"?><env:Envelope xmlns:env="{SOAP_NS}"><env:Body>'
-                f'<ns1:COREEnvelopeRealTimeResponse xmlns:ns1="{CORE_NS}">{elements}'
+                f'<ns1:COREEnvelopeRealTimeResponse xmlns:ns1="{CORE_NS}">{body}'
                 "</ns1:COREEnvelopeRealTimeResponse></env:Body></env:Envelope>"
             )
-            self._reply(200, "application/soap+xml; charset=utf-8", envelope.encode())
+            self._soap_reply(200, envelope, attachments)
 
         def _fault(self, code: str, subcode: str, reason: str) -> None:
             """A SOAP 1.2 Fault: HTTP 400 for env:Sender, 500 for env:Receiver (the SOAP 1.2 HTTP binding)."""
@@ -341,7 +354,29 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
                 "</env:Fault></env:Body></env:Envelope>"
             )
             status = 500 if code == "Receiver" else 400
-            self._reply(status, "application/soap+xml; charset=utf-8", envelope.encode())
+            self._soap_reply(status, envelope)
+
+        def _soap_reply(
+            self, status: int, envelope: str, attachments: dict[str, bytes] | None = None
+        ) -> None:
+            """A SOAP 1.2 answer as it is, or with MTOM: the envelope the root of a XOP package, its parts after."""
+            if not mtom:
+                return self._reply(status, "application/soap+xml; charset=utf-8", envelope.encode())
+            boundary, root = f"uuid:{uuid.uuid4()}", "root.message@sandbox.payer"
+            xop = 'application/xop+xml; charset=UTF-8; type="application/soap+xml"'
+            parts = [
+                f"Content-ID: <{root}>\r\nContent-Type: {xop}\r\nContent-Transfer-Encoding: 8bit\r\n\r\n".encode()
+                + envelope.encode()
+            ]
+            for content_id, octets in (attachments or {}).items():
+                head = f"Content-ID: <{content_id}>\r\nContent-Type: application/octet-stream\r\n"
+                parts.append(f"{head}Content-Transfer-Encoding: binary\r\n\r\n".encode() + octets)
+            body = b"".join(f"--{boundary}\r\n".encode() + part + b"\r\n" for part in parts)
+            content_type = (
+                f'multipart/related; type="application/xop+xml"; start="<{root}>"; '
+                f'start-info="application/soap+xml"; boundary="{boundary}"'
+            )
+            self._reply(status, content_type, body + f"--{boundary}--\r\n".encode())
 
         def _certificate_subject(self) -> str | None:
             """The common name of the client certificate the handshake verified (None: no certificate)."""
@@ -433,15 +468,30 @@ def make_handler(payer: Payer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def restrict_tls(context: ssl.SSLContext) -> None:
+    """A payer's server of other TLS habits: PAYER_SANDBOX_TLS_MIN_VERSION / _MAX_VERSION (ssl.TLSVersion
+    names, e.g. TLSv1_2) and PAYER_SANDBOX_TLS_CIPHERS (an OpenSSL cipher list for TLS 1.2 and older)."""
+    with warnings.catch_warnings():  # TLSv1 and TLSv1_1 are deprecated: an outdated payer is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if os.environ.get("PAYER_SANDBOX_TLS_MIN_VERSION"):
+            context.minimum_version = ssl.TLSVersion[os.environ["PAYER_SANDBOX_TLS_MIN_VERSION"]]
+        if os.environ.get("PAYER_SANDBOX_TLS_MAX_VERSION"):
+            context.maximum_version = ssl.TLSVersion[os.environ["PAYER_SANDBOX_TLS_MAX_VERSION"]]
+    if os.environ.get("PAYER_SANDBOX_TLS_CIPHERS"):
+        context.set_ciphers(os.environ["PAYER_SANDBOX_TLS_CIPHERS"])
+
+
 def main() -> None:
     port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PAYER_SANDBOX_PORT", "8090"))
     config = json.loads(Path(os.environ.get("PAYER_SANDBOX_MEMBERS", MEMBERS_FILE)).read_text())
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(Payer(config)))
+    mtom = os.environ.get("PAYER_SANDBOX_MTOM", "") not in {"", "0"}
+    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(Payer(config), mtom=mtom))
     scheme = "http"
     if os.environ.get("PAYER_SANDBOX_TLS_CERT"):
         # HTTPS; with PAYER_SANDBOX_CLIENT_CA, a client certificate from that CA is required (mutual TLS).
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(os.environ["PAYER_SANDBOX_TLS_CERT"], os.environ["PAYER_SANDBOX_TLS_KEY"])
+        restrict_tls(context)
         if os.environ.get("PAYER_SANDBOX_CLIENT_CA"):
             context.load_verify_locations(os.environ["PAYER_SANDBOX_CLIENT_CA"])
             context.verify_mode = ssl.CERT_REQUIRED

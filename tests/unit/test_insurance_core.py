@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import ssl
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -393,28 +394,53 @@ def test_an_x509_login_is_never_used_over_plain_http(tmp_path: Path) -> None:
     assert payer.sent == []
 
 
-@pytest.mark.parametrize(
-    ("reason", "login_refused"),
-    [
-        ("TLSV13_ALERT_CERTIFICATE_REQUIRED", True),
-        ("TLSV1_ALERT_UNKNOWN_CA", True),
-        ("SSLV3_ALERT_BAD_CERTIFICATE", True),
-        ("TLSV1_ALERT_INTERNAL_ERROR", False),  # the payer's own trouble: retried like a transport error
-        ("TLSV1_ALERT_PROTOCOL_VERSION", False),
-    ],
-)
-def test_only_certificate_alerts_are_a_refused_login(reason: str, login_refused: bool) -> None:
-    import ssl
+class HandshakeRefused:
+    """A payer whose TLS server ends every handshake with `reason` (an OpenSSL reason, as ssl raises it)."""
 
-    from services.insurance.core import CoreLoginRefused
-    from services.insurance.x12_connector import _tls_refusal
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.attempts = 0
 
-    alert = ssl.SSLError(1, f"[SSL: {reason}] alert")
-    alert.reason = reason
-    wrapped = httpx.ConnectError("handshake failed")
-    wrapped.__cause__ = alert
-    refusal = _tls_refusal(wrapped, LOGIN)
-    assert isinstance(refusal, CoreLoginRefused) is login_refused
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.attempts += 1
+        alert = ssl.SSLError(1, f"[SSL: {self.reason}] {self.reason.lower()}")
+        alert.reason = self.reason
+        raise httpx.ConnectError("handshake failed", request=request) from alert
+
+
+@pytest.mark.parametrize("reason", ["TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"])
+def test_a_tls_version_mismatch_is_payer_rejected_not_retried_and_not_called_a_login(reason: str) -> None:
+    payer = HandshakeRefused(reason)
+    eligibility = check(payer)
+    assert (eligibility.outcome, eligibility.standing) == ("payer_rejected", "rejected")
+    assert "was not sent, and not retried" in eligibility.detail
+    assert (
+        f"refused our handshake (TLS {reason}: we share no TLS version or cipher suite" in eligibility.detail
+    )
+    assert "ask the payer which TLS versions and cipher suites" in eligibility.detail
+    assert "login (" not in eligibility.detail
+    assert payer.attempts == 1
+
+
+def test_a_handshake_failure_this_python_cannot_place_names_both_causes_and_is_not_retried() -> None:
+    # Over a transport whose handshake cannot be watched, handshake_failure may be a refused (or missing)
+    # client certificate or a cipher / version mismatch: the detail names both and the settings of each.
+    payer = HandshakeRefused("SSLV3_ALERT_HANDSHAKE_FAILURE")
+    eligibility = check(payer)
+    assert eligibility.outcome == "payer_rejected"
+    assert "cannot see at which step" in eligibility.detail
+    assert (
+        "INSURANCE_CORE_USERNAME" in eligibility.detail and "may require an X.509 login" in eligibility.detail
+    )
+    assert "share no TLS version or cipher suite" in eligibility.detail
+    assert payer.attempts == 1
+
+
+def test_an_internal_error_alert_is_the_payers_trouble_and_retried() -> None:
+    payer = HandshakeRefused("TLSV1_ALERT_INTERNAL_ERROR")
+    eligibility = check(payer)
+    assert eligibility.outcome == "payer_unavailable" and "after 3 attempts" in eligibility.detail
+    assert payer.attempts == 3
 
 
 def test_outside_development_a_password_login_is_never_sent_over_plain_http(
