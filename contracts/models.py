@@ -32,6 +32,7 @@ class CaseStatus(StrEnum):
     UNMATCHED = "unmatched"
     AWAITING_ACCEPTANCE = "awaiting_acceptance"
     IN_REVIEW = "in_review"
+    AWAITING_COMMUNICATION = "awaiting_communication"
     COMPOSING_REPORT = "composing_report"
     DELIVERING = "delivering"
     DELIVERED = "delivered"
