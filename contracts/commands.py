@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from contracts.models import (
     Coverage,
+    DocumentedCommunication,
     Exam,
     OriginalReport,
     Patient,
@@ -116,6 +117,9 @@ class ComposeReport(Command):
     # The case that sends it delivers the specialist's own addenda (report.addended); False from cases that
     # began before it did (their report takes no own addendum: it would never reach the physician).
     own_addenda_delivered: bool = False
+    # Who was told of a critical result or major discrepancy the specialist submitted without saying so, as
+    # operations documented it on the case; the report states it. None: the review documents it, or none was due.
+    communication: DocumentedCommunication | None = None
 
 
 class DeliverReport(Command):

@@ -10,6 +10,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contracts.models import DirectCommunication
+
 
 class Decision(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -62,6 +64,14 @@ class ReassignReviewer(Decision):
 
     reviewer_id: str | None = None
     reason: str = Field(min_length=3, max_length=500)
+
+
+class DocumentCommunication(Decision):
+    """Update `document_communication`: the referring physician (or who acts for them) was told directly of a
+    critical result or major discrepancy the specialist submitted without a documented communication. The case
+    waits for it (`awaiting_communication`) before the report is composed, and the report states it."""
+
+    communication: DirectCommunication
 
 
 class HoldCase(Decision):

@@ -111,6 +111,9 @@ class ReviewSubmitted(Event):
     reviewer_id: str
     agreement: str
     critical: bool = False
+    # The review documents who was told, how and when (None: a review service from before it said; a critical
+    # result could not be submitted without one even then).
+    communicated: bool | None = None
 
 
 class QuestionAnswered(Event):

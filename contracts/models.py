@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from enum import StrEnum
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 
 class Strict(BaseModel):
@@ -31,6 +32,7 @@ class CaseStatus(StrEnum):
     UNMATCHED = "unmatched"
     AWAITING_ACCEPTANCE = "awaiting_acceptance"
     IN_REVIEW = "in_review"
+    AWAITING_COMMUNICATION = "awaiting_communication"
     COMPOSING_REPORT = "composing_report"
     DELIVERING = "delivering"
     DELIVERED = "delivered"
@@ -101,6 +103,26 @@ class StudySummary(Strict):
     instance_count: int
     multiframe_count: int
     series_count: int
+
+
+class DirectCommunication(Strict):
+    """Who was told directly of a critical result or major discrepancy (`recipient`, e.g. "Dr. Alex Kim", and
+    their `recipient_role`, e.g. "referring physician", "covering physician"), how (telephone or in person) and
+    when (ACR Practice Parameter for Communication of Diagnostic Imaging Findings: a nonroutine communication,
+    documented in the report). The shape of the review's CriticalCommunication, with the role of the person told."""
+
+    recipient: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=200)]
+    recipient_role: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=100)]
+    method: Literal["telephone", "in_person"]
+    at: AwareDatetime = Field(description="when they were told, with its UTC offset")
+    read_back: bool = False
+
+
+class DocumentedCommunication(DirectCommunication):
+    """A DirectCommunication as operations documented it on the case (update `document_communication`)."""
+
+    documented_by: str
+    documented_at: datetime
 
 
 class CasePolicy(Strict):

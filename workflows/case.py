@@ -3,8 +3,8 @@
 Signals: ``on_event(CloudEvent)`` (a service's event, from the event bridge; a seen event id is dropped),
 ``consent_received(ConsentReceived)``.
 Updates (validated: a decision that makes no sense in the current state is rejected before it is written):
-``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``hold``, ``resume``,
-``ask_question``, ``close``.
+``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``document_communication``,
+``hold``, ``resume``, ``ask_question``, ``close``.
 Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``, ``received``.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         CostChoice,
         CostDecision,
         Decision,
+        DocumentCommunication,
         FollowUpQuestion,
         HoldCase,
         IdentityDecision,
@@ -68,7 +69,7 @@ with workflow.unsafe.imports_passed_through():
         ReviewSubmitted,
         ReviewUnmatched,
     )
-    from contracts.models import CaseInput, CaseStatus
+    from contracts.models import CaseInput, CaseStatus, DocumentedCommunication
     from contracts.triage import BUSINESS_DAYS_AFTER_RECORDS, add_business_days
     from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, SUBSPECIALTY
     from workflows.activities import CaseActivities
@@ -95,6 +96,11 @@ ANSWERS_IN_TURN = "answers-in-turn"  # workflow.patched id: older cases look an 
 OFFER_WITHIN_DUE = "offer-within-due-date"  # workflow.patched id: an offer lapses within the time left
 CRITICAL_ALERT = "critical-result-alert"  # workflow.patched id: a critical result alerts operations at once
 OWN_ADDENDA = "deliver-own-addenda"  # workflow.patched id: a specialist's own addendum is delivered too
+# workflow.patched id: a critical result or major discrepancy submitted without a documented communication waits
+# for operations to document one before the report is composed (cases from before compose it at once).
+COMMUNICATION_FIRST = "communication-before-report"
+# The documenter's clock may run a few minutes ahead of the workflow's: a communication that far ahead is accepted.
+CLOCK_SKEW = timedelta(minutes=5)
 
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
@@ -106,6 +112,11 @@ WAITING_STATES = {
     CaseStatus.UNMATCHED: "a specialist to become available",
     CaseStatus.AWAITING_ACCEPTANCE: "the specialist to accept the offer",
     CaseStatus.IN_REVIEW: "the specialist's second opinion",
+    CaseStatus.AWAITING_COMMUNICATION: (
+        "operations to document that the referring physician was told directly of the critical result or major "
+        "discrepancy: who, their role, how (telephone, in person) and when (update `document_communication`); "
+        "the report is composed after it and states it"
+    ),
     CaseStatus.COMPOSING_REPORT: "the integrated report",
     CaseStatus.DELIVERING: "delivery to the referring physician",
     CaseStatus.FOLLOW_UP: "follow-up questions from the referring physician or the patient",
@@ -115,6 +126,16 @@ WAITING_STATES = {
 
 class Rematch(Exception):
     """The current offer or review ended (declined, lapsed, reassigned): match again."""
+
+
+def _utc(at: datetime) -> str:
+    return f"{at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def _review_documents_communication(submitted: ReviewSubmitted) -> bool:
+    """Whether the specialist documented who was told. A review service from before it said so: a critical result
+    could not be submitted without one, a major discrepancy could."""
+    return submitted.communicated if submitted.communicated is not None else submitted.critical
 
 
 @workflow.defn(name="CaseWorkflow")
@@ -149,6 +170,8 @@ class CaseWorkflow:
         self._reminders_sent = 0
         self._own_addenda = False  # the specialist's own addenda are delivered (patch OWN_ADDENDA)
         self._own_delivered = 0  # how many of them were
+        self._communication_awaited = False  # document_communication asked for (patch COMMUNICATION_FIRST)
+        self._communication: DocumentedCommunication | None = None
 
     # ---- the business process ------------------------------------------------------------------
 
@@ -196,21 +219,20 @@ class CaseWorkflow:
         await self._patient_decision(insurance)
 
         submitted = await self._review(case, records)
-        if (submitted.critical or submitted.agreement == "major_discrepancy") and workflow.patched(
-            CRITICAL_ALERT
-        ):
-            await self._alert(
-                "critical_result",
-                f"{submitted.reviewer_id}: {'critical result' if submitted.critical else 'major discrepancy'}; "
-                "confirm the referring physician was reached before the report is delivered",
-            )
+        communication = await self._communicated(submitted)
         await self._transition(
             CaseStatus.COMPOSING_REPORT,
-            f"review submitted ({submitted.agreement})",
+            f"review submitted ({submitted.agreement})"
+            + (f"; communication documented by {communication.documented_by}" if communication else ""),
             # This code delivers own addenda (patch OWN_ADDENDA, decided later in follow-up, is always taken by a
             # case that composes with it); a case composed by older code says nothing, and the review refuses them.
             then=[
-                ComposeReport(case_id=case.case_id, review_id=submitted.review_id, own_addenda_delivered=True)
+                ComposeReport(
+                    case_id=case.case_id,
+                    review_id=submitted.review_id,
+                    own_addenda_delivered=True,
+                    communication=communication,
+                )
             ],
         )
         report = await self._wait_for(ReportReady)
@@ -432,6 +454,40 @@ class CaseWorkflow:
         self._review_submitted = True
         return ReviewSubmitted.model_validate(submitted.data)
 
+    async def _communicated(self, submitted: ReviewSubmitted) -> DocumentedCommunication | None:
+        """Alert operations of a critical result or major discrepancy. One submitted without a documented
+        communication waits here until operations documents who was told, how and when; that goes on the report.
+        Returns it, or None when the review documents its own or none is due."""
+        significant = submitted.critical or submitted.agreement == "major_discrepancy"
+        told = _review_documents_communication(submitted)
+        # Asked for from here on: operations may document it as soon as the alert reaches them.
+        self._communication_awaited = significant and not told and workflow.patched(COMMUNICATION_FIRST)
+        if significant and workflow.patched(CRITICAL_ALERT):
+            kind = "critical result" if submitted.critical else "major discrepancy"
+            if self._communication_awaited:
+                detail = (
+                    f"{kind} submitted without a documented communication; the report waits until operations "
+                    "documents that the referring physician was told directly (update document_communication: "
+                    "who, role, how, when)"
+                )
+            elif told:
+                detail = (
+                    f"{kind}; the specialist documented that the referring physician was told (on the report)"
+                )
+            else:  # cases from before COMMUNICATION_FIRST
+                detail = f"{kind}; confirm the referring physician was reached before the report is delivered"
+            await self._alert("critical_result", f"{submitted.reviewer_id}: {detail}")
+        if not self._communication_awaited:
+            return None
+        if self._communication is None:
+            await self._transition(
+                CaseStatus.AWAITING_COMMUNICATION,
+                f"review submitted ({submitted.agreement}) without a documented communication; the report waits "
+                "until operations documents that the referring physician was told",
+            )
+            await workflow.wait_condition(lambda: self._communication is not None)
+        return self._communication
+
     async def _await_acceptance(self, case: CaseInput, offer: ReviewOffered, mark: int) -> None:
         """Answers are looked up from `mark` (where the match's answer was) on: one may arrive at any moment."""
         expires = workflow.now() + timedelta(hours=case.policy.offer_timeout_hours)
@@ -652,6 +708,44 @@ class CaseWorkflow:
             )
         if self._reassign is not None:
             raise ValueError("a reassignment is already under way")
+
+    @workflow.update
+    def document_communication(self, documented: DocumentCommunication) -> str:
+        told = documented.communication
+        self._communication = DocumentedCommunication(
+            **told.model_dump(), documented_by=documented.by, documented_at=workflow.now()
+        )
+        self._audit(
+            "document_communication",
+            documented,
+            f"{told.method.replace('_', ' ')} to the {told.recipient_role} at {_utc(told.at)}",
+        )
+        return "communication documented; the report is composed with it"
+
+    @document_communication.validator
+    def _validate_document_communication(self, documented: DocumentCommunication) -> None:
+        self._require_open("document a communication")
+        if self._communication is not None:
+            raise ValueError(
+                f"the communication was already documented by {self._communication.documented_by} "
+                f"at {_utc(self._communication.documented_at)}"
+            )
+        if not self._communication_awaited:
+            raise ValueError(
+                "no communication is awaited: only a critical result or major discrepancy the specialist "
+                f"submitted without one waits for it (status {self._status.value})"
+            )
+        told_at, now = documented.communication.at, workflow.now()
+        if told_at > now + CLOCK_SKEW:
+            raise ValueError(
+                f"the communication is dated {_utc(told_at)}, later than now ({_utc(now)}); "
+                "document it once the referring physician has been told, with the time they were"
+            )
+        if self._started_at is not None and told_at < self._started_at:
+            raise ValueError(
+                f"the communication is dated {_utc(told_at)}, before the case began ({_utc(self._started_at)}); "
+                "give the time the referring physician was told of this second opinion's finding"
+            )
 
     @workflow.update
     async def hold(self, request: HoldCase) -> str:

@@ -24,6 +24,7 @@ TASK_STATUS = {
     "matching": "accepted",
     "unmatched": "on-hold",
     "in_review": "in-progress",
+    "awaiting_communication": "on-hold",  # the report waits for operations to document who was told
     "composing_report": "in-progress",
     "delivering": "in-progress",
     "delivered": "completed",

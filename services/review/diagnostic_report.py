@@ -81,10 +81,13 @@ def build_diagnostic_report(
 
 
 def conclusion(content: ReportContent) -> str:
-    """The impression, then the recommendations (a receiver that shows only the conclusion shows both).
-    Structured follow-ups are written out in words: R4 has no element for them, and no extension is made up."""
+    """The impression, the recommendations, and who was told of a critical result or major discrepancy (a receiver
+    that shows only the conclusion shows them all). Structured follow-ups are written out in words: R4 has no
+    element for them, and no extension is made up."""
     lines = "\n".join(f"- {line}" for line in content.recommendations)
-    return f"{content.findings.impression}\n\nRecommendations:\n{lines}"
+    text = f"{content.findings.impression}\n\nRecommendations:\n{lines}"
+    statement = content.communication_statement
+    return f"{text}\n\n{' '.join(statement)}" if statement else text
 
 
 def based_on(content: ReportContent) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from contracts.events import (
     ReviewSubmitted,
     ReviewUnmatched,
 )
+from contracts.models import DocumentedCommunication
 from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
@@ -138,6 +139,7 @@ def submit(review: Review, findings: ReviewFindings, session: Session) -> None:
         reviewer_id=review.reviewer_id,
         agreement=findings.agreement,
         critical=findings.critical_result,
+        communicated=findings.communication is not None,
     )
     enqueue(session, EVENTS, event(f"{submitted.TYPE}:{review.id}", submitted))
     log.info("review.submitted", case_id=review.case_id, review_id=review.id, agreement=findings.agreement)
@@ -214,6 +216,7 @@ def _new_report(cmd: ComposeReport, session: Session, settings: Settings) -> Rep
         pdf_path="",
         diagnostic_report={},
         own_addenda_delivered=cmd.own_addenda_delivered,
+        communication=cmd.communication.model_dump(mode="json") if cmd.communication else None,
     )
     render_report(report, review, session, settings)
     return report
@@ -235,6 +238,9 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
         signed_at=review.submitted_at,
         signature=signature_of(review),
         addenda=_addenda(review, session),
+        communication=DocumentedCommunication.model_validate(report.communication)
+        if report.communication
+        else None,
     )
     pdf = render_report_pdf(content)
     report.pdf_sha256, report.pdf_path = _store_pdf(settings, pdf)

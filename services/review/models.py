@@ -159,6 +159,12 @@ class Report(SQLModel, table=True):
     updated_at: datetime | None = None
     # The case delivers the specialist's own addenda (its report.compose said so); else they are refused.
     own_addenda_delivered: bool = False
+    communication: dict[str, Any] | None = Field(
+        default=None,
+        sa_type=JSON,
+        description="contracts.models.DocumentedCommunication: who was told of a critical result or major "
+        "discrepancy the review did not document, as operations documented it on the case (its report.compose)",
+    )
 
 
 class FollowUpQuestion(SQLModel, table=True):

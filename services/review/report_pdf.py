@@ -16,6 +16,7 @@ from reportlab.platypus import Flowable, ListFlowable, Paragraph, SimpleDocTempl
 from reportlab.platypus.doctemplate import BaseDocTemplate
 
 from contracts.commands import MatchSpecialist
+from contracts.models import DocumentedCommunication
 from services.review.models import ReviewFindings, RiskAssessment, Specialist
 from services.review.recommendations import describe
 
@@ -33,6 +34,15 @@ AGREEMENT_COLOURS = {
     "minor_discrepancy": (colors.HexColor("#8a4b00"), colors.HexColor("#fff3e0")),
     "major_discrepancy": (colors.HexColor("#b71c1c"), colors.HexColor("#ffebee")),
 }
+
+
+# What a communicated result is called on the report when it is not marked critical, and how it was told.
+AGREEMENT_FINDINGS = {"major_discrepancy": "Major discrepancy", "minor_discrepancy": "Minor discrepancy"}
+COMMUNICATION_METHODS = {"telephone": "by telephone", "in_person": "in person"}
+
+
+def _utc(at: datetime) -> str:
+    return f"{at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
 
 
 ADDENDUM_KIND_LABELS = {
@@ -79,6 +89,8 @@ class ReportContent:
     addenda: tuple[Addendum, ...] = ()
     # Copied onto the review at submission; None for reviews signed before that: the directory's entry.
     signature: Signature | None = None
+    # Who was told of a critical result or major discrepancy the review did not document, as operations did.
+    communication: DocumentedCommunication | None = None
 
     @property
     def patient_name(self) -> str:
@@ -89,6 +101,28 @@ class ReportContent:
         if self.signature is not None:
             return self.signature
         return Signature(self.reviewer.display_name, self.reviewer.credentials, self.reviewer.npi or None)
+
+    @property
+    def communication_statement(self) -> tuple[str, str] | None:
+        """Who was told of the result, how and when, as (what, the rest of the sentence): the specialist's own
+        documentation, else what operations documented on the case. The PDF and the DiagnosticReport say it."""
+        f = self.findings
+        what = "Critical result" if f.critical_result else AGREEMENT_FINDINGS.get(f.agreement, "Finding")
+        if f.communication is not None:
+            told = f.communication
+            return what, (
+                f"communicated {COMMUNICATION_METHODS[told.method]} to {told.recipient} at {_utc(told.at)} by "
+                f"{self.reviewer_signature}{' (read back)' if told.read_back else ''}."
+            )
+        if self.communication is not None:
+            documented = self.communication
+            return what, (
+                f"communicated {COMMUNICATION_METHODS[documented.method]} to {documented.recipient} "
+                f"({documented.recipient_role}) at {_utc(documented.at)}"
+                f"{' (read back)' if documented.read_back else ''}; documented by {documented.documented_by} "
+                f"at {_utc(documented.documented_at)}."
+            )
+        return None
 
     @property
     def recommendations(self) -> list[str]:
@@ -182,15 +216,11 @@ def _story(c: ReportContent) -> list[Flowable]:
         )
     )
     story += [Spacer(1, 4 * mm), _agreement_line(f.agreement, styles), Spacer(1, 4 * mm)]
-    if f.critical_result and f.communication is not None:
-        told = f.communication
+    statement = c.communication_statement
+    if statement is not None:
+        what, rest = statement
         story += [
-            Paragraph(
-                f"<b>Critical result</b> communicated by {escape(told.method.replace('_', ' '))} to "
-                f"{escape(told.recipient)} at {told.at.astimezone(UTC):%Y-%m-%d %H:%M} UTC by "
-                f"{escape(c.reviewer_signature)}{' (read back)' if told.read_back else ''}.",
-                _critical_style(styles),
-            ),
+            Paragraph(f"<b>{escape(what)}</b> {escape(rest)}", _critical_style(styles)),
             Spacer(1, 4 * mm),
         ]
     story.append(_side_by_side(r.original_report.text, f, styles))

@@ -47,6 +47,7 @@ from contracts.decisions import (
     ConsentReceived,
     CostChoice,
     CostDecision,
+    DocumentCommunication,
     FollowUpQuestion,
     HoldCase,
     IdentityChoice,
@@ -63,6 +64,7 @@ from contracts.events import (
     ReviewDeclined,
     ReviewOffered,
 )
+from contracts.models import DirectCommunication
 from services.common.amqp import COMMANDS, EVENTS, Publisher, ensure_topology
 from services.common.config import Settings
 from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID
@@ -503,6 +505,7 @@ async def test_every_decision_in_the_wrong_state_is_rejected_before_it_is_writte
             IdentityDecision(by="ops", import_id="imp-9", choice=IdentityChoice.ACCEPT, reason="same person"),
             "not waiting for an identity decision",
         ),
+        (CaseWorkflow.document_communication, told_by_phone(), "no communication is awaited"),
     ]
     for update, argument, message in wrong:
         with pytest.raises(WorkflowUpdateFailedError) as failed:
@@ -666,6 +669,184 @@ async def test_a_critical_result_alerts_operations_before_the_report_is_composed
     await services.expect("report.compose")
     assert "critical_result" in [a.kind for a in await handle.query(CaseWorkflow.alerts)]
     await keep_history(handle, "critical_result_alert")
+    await handle.terminate("test done")
+    services.close()
+
+
+def told_by_phone(at: datetime | None = None, by: str = "nurse-12") -> DocumentCommunication:
+    """What operations document: the referring physician was told by telephone (just now)."""
+    return DocumentCommunication(
+        by=by,
+        communication=DirectCommunication(
+            recipient="Dr. Alex Kim",
+            recipient_role="referring physician",
+            method="telephone",
+            at=at or datetime.now(UTC),
+            read_back=True,
+        ),
+    )
+
+
+async def to_untold_discrepancy(handle: WorkflowHandle, services: Services) -> str:
+    """Drive a case to a major discrepancy submitted without a documented communication: it waits."""
+    review_id = await to_review(handle, services)
+    services.send(
+        ReviewSubmitted(
+            case_id=services.case_id,
+            review_id=review_id,
+            reviewer_id="spec-gyn-1",
+            agreement="major_discrepancy",
+            communicated=False,
+        )
+    )
+    await wait_status(handle, CaseStatus.AWAITING_COMMUNICATION)
+    return review_id
+
+
+async def test_an_untold_major_discrepancy_waits_for_operations_to_document_the_communication(
+    client: Client, settings: Settings
+) -> None:
+    handle, services = await start(client, settings)
+    await to_untold_discrepancy(handle, services)
+    alert = await services.expect("case.alert", kind="critical_result")
+    assert "without a documented communication" in alert["data"]["detail"]
+    assert "document_communication" in alert["data"]["detail"]
+    with pytest.raises(AssertionError, match="no report.compose"):
+        await services.expect("report.compose", timeout=2)  # nothing is composed, let alone delivered
+    assert "**Waiting for:** operations to document that the referring physician was told directly" in (
+        await current_details(handle)
+    )
+    for _ in range(100):  # the Temporal UI's list view (visibility) catches up shortly after
+        attributes = (await handle.describe()).typed_search_attributes
+        if attributes.get(CASE_STATUS) == "awaiting_communication":
+            break
+        await asyncio.sleep(0.1)
+    assert attributes.get(CASE_STATUS) == "awaiting_communication"
+
+    history_before = len((await handle.fetch_history()).events)
+    late = datetime.now(UTC) + timedelta(hours=2)
+    with pytest.raises(WorkflowUpdateFailedError) as future:
+        await handle.execute_update(CaseWorkflow.document_communication, told_by_phone(at=late))
+    assert "later than now" in str(future.value.cause)
+    before_the_case = datetime.now(UTC) - timedelta(days=30)
+    with pytest.raises(WorkflowUpdateFailedError) as early:
+        await handle.execute_update(CaseWorkflow.document_communication, told_by_phone(at=before_the_case))
+    assert "before the case began" in str(early.value.cause)
+    # From the Temporal UI or CLI, as JSON: an e-mail is not a direct communication.
+    emailed = told_by_phone().model_dump(mode="json")
+    emailed["communication"]["method"] = "email"
+    with pytest.raises(WorkflowUpdateFailedError) as indirect:
+        await handle.execute_update("document_communication", emailed)
+    # Refused as it is decoded, before the validator: the reason names the field and what it takes.
+    assert "communication.method" in str(indirect.value.cause.cause)
+    assert "'telephone' or 'in_person'" in str(indirect.value.cause.cause)
+    assert len((await handle.fetch_history()).events) == history_before  # nothing was written
+    assert await handle.query(CaseWorkflow.status) == CaseStatus.AWAITING_COMMUNICATION
+
+    told = told_by_phone()
+    await decide(handle, CaseWorkflow.document_communication, told)
+    compose = await services.expect("report.compose")
+    communication = compose["data"]["communication"]
+    assert {k: communication[k] for k in ("recipient", "recipient_role", "method", "read_back")} == {
+        "recipient": "Dr. Alex Kim",
+        "recipient_role": "referring physician",
+        "method": "telephone",
+        "read_back": True,
+    }
+    assert datetime.fromisoformat(communication["at"]) == told.communication.at
+    assert communication["documented_by"] == "nurse-12"
+    with pytest.raises(WorkflowUpdateFailedError) as twice:
+        await handle.execute_update(CaseWorkflow.document_communication, told_by_phone(by="nurse-13"))
+    assert "already documented by nurse-12" in str(twice.value.cause)
+
+    services.send(
+        ReportReady(case_id=services.case_id, report_id="rp1", pdf_url="p", fhir_url="f", sha256="0" * 64)
+    )
+    await services.expect("report.deliver", report_id="rp1")
+    services.send(
+        ReportDelivered(
+            case_id=services.case_id, report_id="rp1", recipient="NPI", delivered_at=datetime.now(UTC)
+        )
+    )
+    await wait_status(handle, CaseStatus.FOLLOW_UP)
+    await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    assert (await asyncio.wait_for(handle.result(), timeout=30)).status == CaseStatus.CLOSED
+    await keep_history(handle, "untold_major_discrepancy")
+    services.close()
+
+    statuses = [t.status for t in await handle.query(CaseWorkflow.timeline) if t.kind == "transition"]
+    assert statuses[statuses.index(CaseStatus.IN_REVIEW) :][:4] == [
+        CaseStatus.IN_REVIEW,
+        CaseStatus.AWAITING_COMMUNICATION,
+        CaseStatus.COMPOSING_REPORT,
+        CaseStatus.DELIVERING,
+    ]
+    [documented] = [
+        d for d in await handle.query(CaseWorkflow.decisions) if d.name == "document_communication"
+    ]
+    assert documented.by == "nurse-12" and documented.detail.startswith(
+        "telephone to the referring physician at"
+    )
+
+
+async def test_a_major_discrepancy_the_specialist_documented_goes_straight_to_the_report(
+    client: Client, settings: Settings
+) -> None:
+    handle, services = await start(client, settings)
+    review_id = await to_review(handle, services)
+    services.send(
+        ReviewSubmitted(
+            case_id=services.case_id,
+            review_id=review_id,
+            reviewer_id="spec-gyn-1",
+            agreement="major_discrepancy",
+            communicated=True,
+        )
+    )
+    alert = await services.expect("case.alert", kind="critical_result")
+    assert "the specialist documented that the referring physician was told" in alert["data"]["detail"]
+    compose = await services.expect("report.compose")
+    assert compose["data"]["communication"] is None  # the review's own documentation is on the report
+    with pytest.raises(WorkflowUpdateFailedError) as not_awaited:
+        await handle.execute_update(CaseWorkflow.document_communication, told_by_phone())
+    assert "no communication is awaited" in str(not_awaited.value.cause)
+    await keep_history(handle, "told_major_discrepancy")
+    await handle.terminate("test done")
+    services.close()
+    statuses = [t.status for t in await handle.query(CaseWorkflow.timeline) if t.kind == "transition"]
+    assert CaseStatus.AWAITING_COMMUNICATION not in statuses
+
+
+async def test_a_case_waiting_for_the_communication_can_be_held_resumed_and_cancelled(
+    client: Client, settings: Settings
+) -> None:
+    handle, services = await start(client, settings)
+    await to_untold_discrepancy(handle, services)
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="the physician calls back tomorrow"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
+    await wait_status(handle, CaseStatus.AWAITING_COMMUNICATION)
+    await decide(handle, CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew"))
+    assert (await services.expect("case.cancelled"))["data"]["cancelled_by"] == "ops-1"
+    assert (await asyncio.wait_for(handle.result(), timeout=20)).status == CaseStatus.CANCELLED
+    await keep_history(handle, "hold_and_cancel_awaiting_communication")
+    assert "report.compose" not in services.types()
+    services.close()
+
+
+async def test_a_communication_documented_while_on_hold_composes_the_report_once_resumed(
+    client: Client, settings: Settings
+) -> None:
+    handle, services = await start(client, settings)
+    await to_untold_discrepancy(handle, services)
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="billing question"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await decide(handle, CaseWorkflow.document_communication, told_by_phone())
+    with pytest.raises(AssertionError, match="no report.compose"):
+        await services.expect("report.compose", timeout=1.5)  # nothing goes out while on hold
+    await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
+    compose = await services.expect("report.compose")
+    assert compose["data"]["communication"]["documented_by"] == "nurse-12"
     await handle.terminate("test done")
     services.close()
 

@@ -227,6 +227,7 @@ def test_submission_records_the_second_opinion_and_announces_it(
         "reviewer_id": "spec-gyn-1",
         "agreement": "major_discrepancy",
         "critical": False,
+        "communicated": False,  # the case waits for operations to document who was told
     }
     worklist = client.get("/v1/reviews", params={"reviewer": "spec-gyn-1", "status": "submitted"}).json()
     assert [i["review_id"] for i in worklist] == [review_id]

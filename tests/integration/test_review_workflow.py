@@ -36,7 +36,8 @@ from contracts import (
     Urgency,
     new_event,
 )
-from contracts.decisions import CloseCase, CostChoice, CostDecision
+from contracts.decisions import CloseCase, CostChoice, CostDecision, DocumentCommunication
+from contracts.models import DirectCommunication
 from services.common.amqp import EVENTS, Consumer, OutboxRelay, Publisher, ensure_topology
 from services.common.config import Settings
 from services.common.db import Outbox
@@ -51,6 +52,15 @@ from workflows.worker import build_worker
 
 # The review fixtures (engine, a TestClient on the real database, tables emptied before each test).
 engine, client, empty_tables = flow.engine, flow.client, flow.empty_tables
+# The flow's findings are a major discrepancy; these also say who was told, so the case does not wait for it.
+FINDINGS_TOLD = flow.FINDINGS | {
+    "communication": {
+        "recipient": "Dr A",
+        "method": "telephone",
+        "at": "2026-11-02T10:00:00Z",
+        "read_back": True,
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +269,7 @@ async def test_the_specialists_own_addendum_reaches_the_referring_physician_thro
         await until(partial(deliveries_done, handle, n), f"delivery {n} done")
 
     await until(partial(status_is, CaseStatus.IN_REVIEW), "the review accepted")
-    submitted = client.post(f"/v1/reviews/{review.id}", json=flow.FINDINGS, headers=signed)
+    submitted = client.post(f"/v1/reviews/{review.id}", json=FINDINGS_TOLD, headers=signed)
     assert submitted.status_code == 200, submitted.text
     await delivered(1)
     correction = {"kind": "additional_finding", "text": "Small amount of free fluid in the pouch of Douglas."}
@@ -281,6 +291,58 @@ async def test_the_specialists_own_addendum_reaches_the_referring_physician_thro
     assert "the specialist's own addendum delivered (report version 2)" in timeline
     assert client.get(f"/v1/reports/{case_id}").json()["status"] == "appended"
     assert too_late.status_code == 409 and "closed at" in too_late.json()["detail"]
+
+
+async def test_an_untold_major_discrepancy_is_reported_with_the_communication_operations_documented(
+    temporal: Client, settings: Settings, engine: Engine, client: TestClient
+) -> None:
+    handle, case_id = await to_matching(temporal, settings)
+    [review] = reviews_of(engine, case_id)
+    assert client.post(f"/v1/reviews/{review.id}/accept").status_code == 200
+
+    async def status_is(status: CaseStatus) -> bool:
+        return await handle.query(CaseWorkflow.status) == status  # type: ignore[no-any-return]
+
+    await until(partial(status_is, CaseStatus.IN_REVIEW), "the review accepted")
+    signed = specialist_headers(settings, review.reviewer_id)
+    submitted = client.post(f"/v1/reviews/{review.id}", json=flow.FINDINGS, headers=signed)
+    assert submitted.status_code == 200, submitted.text
+    await until(
+        partial(status_is, CaseStatus.AWAITING_COMMUNICATION), "the case waiting for the communication"
+    )
+    await asyncio.sleep(1)
+    assert client.get(f"/v1/reports/{case_id}").status_code == 404  # no report composed meanwhile
+
+    told_at = datetime.now(UTC)
+    documented = DocumentCommunication(
+        by="nurse-12",
+        communication=DirectCommunication(
+            recipient="Dr. Alex Kim", recipient_role="referring physician", method="telephone", at=told_at
+        ),
+    )
+    await handle.execute_update(CaseWorkflow.document_communication, documented)
+    await until(partial(deliveries, handle, 1), "delivery requested")
+    report = client.get(f"/v1/reports/{case_id}").json()
+    send(
+        settings,
+        case_id,
+        ReportDelivered(
+            case_id=case_id,
+            report_id=report["id"],
+            recipient="NPI 1234567893",
+            delivered_at=datetime.now(UTC),
+        ),
+    )
+    await until(partial(deliveries_done, handle, 1), "the report delivered")
+    await handle.terminate("test done")
+
+    said = (
+        f"Major discrepancy communicated by telephone to Dr. Alex Kim (referring physician) at "
+        f"{told_at:%Y-%m-%d %H:%M} UTC; documented by nurse-12 at "
+    )
+    assert said in report["conclusion"]
+    pdf = client.get(f"/v1/reports/{case_id}/pdf")
+    assert said in flow.pdf_text(pdf.content)
 
 
 async def deliveries(handle: WorkflowHandle, n: int) -> bool:

@@ -41,6 +41,14 @@ def test_representative_histories_are_stored() -> None:
     # Recorded after the specialist's own addendum was delivered (patch "deliver-own-addenda"), and before
     # it: a case that received report.addended and ignored it, then answered a question and closed.
     assert {"deliver-own-addenda-own_addendum", "addendum_before_deliver_own_addenda"} <= names
+    # Recorded with "communication-before-report": an untold major discrepancy waiting for operations, one the
+    # specialist documented, a hold and a cancel while waiting; and before it: the old code composing at once.
+    assert {
+        "communication-first-untold_major_discrepancy",
+        "communication-first-told_major_discrepancy",
+        "communication-first-hold_and_cancel_awaiting_communication",
+        "untold_major_discrepancy_before_communication_first",
+    } <= names
 
 
 RUNNERS = {"sandboxed": SandboxedWorkflowRunner, "unsandboxed": UnsandboxedWorkflowRunner}

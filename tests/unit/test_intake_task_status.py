@@ -21,6 +21,7 @@ R4_TASK_STATUSES = {
         ("identity_mismatch", "on-hold"),
         ("awaiting_patient_decision", "on-hold"),
         ("awaiting_consent", "on-hold"),
+        ("awaiting_communication", "on-hold"),
         ("awaiting_acceptance", "accepted"),
         ("delivered", "completed"),
         ("follow_up", "completed"),

@@ -4,12 +4,14 @@ result documented as communicated, the facts of the case on the report, no reade
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from contracts.models import DocumentedCommunication
+from services.review.diagnostic_report import conclusion
 from services.review.matching import match_specialist
 from services.review.models import ReviewFindings, RiskAssessment
 from services.review.report_pdf import Addendum, render_report_pdf
@@ -89,6 +91,33 @@ def test_a_critical_result_must_say_who_was_told_and_the_report_shows_it() -> No
     findings = ReviewFindings(**BASE, agreement="major_discrepancy", critical_result=True, communication=told)
     text = pdf_text(render_report_pdf(dataclasses.replace(content(), findings=findings)))
     assert "Critical result communicated by telephone to Dr Ref (referring) at 2026-12-06 14:05 UTC" in text
+
+
+def test_a_major_discrepancy_the_specialist_documented_as_communicated_is_on_the_report() -> None:
+    told = {"recipient": "Dr Ref", "method": "in_person", "at": "2026-12-06T14:05:00Z"}
+    findings = ReviewFindings(**BASE, agreement="major_discrepancy", communication=told)
+    text = pdf_text(render_report_pdf(dataclasses.replace(content(), findings=findings)))
+    assert "Major discrepancy communicated in person to Dr Ref at 2026-12-06 14:05 UTC by Elena" in text
+
+
+def test_a_communication_operations_documented_is_on_the_pdf_and_the_diagnostic_report() -> None:
+    documented = DocumentedCommunication(
+        recipient="Dr. Alex Kim",
+        recipient_role="referring physician",
+        method="telephone",
+        at=datetime(2026, 12, 6, 9, 5, tzinfo=timezone(timedelta(hours=-5))),
+        read_back=True,
+        documented_by="nurse-12",
+        documented_at=datetime(2026, 12, 6, 14, 30, tzinfo=UTC),
+    )
+    report = dataclasses.replace(content(), communication=documented)
+    said = (
+        "Major discrepancy communicated by telephone to Dr. Alex Kim (referring physician) at 2026-12-06 14:05 "
+        "UTC (read back); documented by nurse-12 at 2026-12-06 14:30 UTC."
+    )
+    assert said in pdf_text(render_report_pdf(report))
+    assert conclusion(report).endswith(f"\n\n{said}")
+    assert "communicated" not in conclusion(content())  # nothing is said when nobody needed telling
 
 
 def test_the_report_shows_the_pregnancy_the_planned_procedure_and_its_addenda() -> None:

@@ -184,11 +184,12 @@ def command_event(event_type: str, data: dict, subject: str = "case-1") -> Cloud
 def test_consumer_parses_known_commands() -> None:
     event = command_event("report.compose", {"case_id": "case-1", "review_id": "r-1"})
 
-    # A case from before own addenda sends no flag: it does not deliver them.
+    # A case from before own addenda sends no flag: it does not deliver them; nor a communication to report.
     assert parse(event).model_dump() == {
         "case_id": "case-1",
         "review_id": "r-1",
         "own_addenda_delivered": False,
+        "communication": None,
     }
 
 
