@@ -14,6 +14,7 @@ import logging
 import sys
 import traceback
 import warnings
+from collections.abc import MutableMapping
 from types import TracebackType
 from typing import Any
 
@@ -60,7 +61,7 @@ def _exception(exc_info: Any) -> BaseException | None:
     return sys.exc_info()[1] if exc_info else None
 
 
-def outline_exc_info(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def outline_exc_info(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor in place of `format_exc_info`: `exception` is the outline, not the traceback."""
     exc = _exception(event_dict.pop("exc_info", None))
     if exc is not None:

@@ -65,7 +65,7 @@ def test_an_exception_is_logged_by_its_outline_and_libraries_do_not_log_values()
     # What an engineer needs to find the fault: each exception's type and where it was raised.
     assert "pydantic_core._pydantic_core.ValidationError (message not logged" in outline
     assert "which led to:\nbuiltins.ValueError (message not logged" in outline
-    assert ', in handler' in outline
+    assert ", in handler" in outline
     # The stdlib logger's traceback (uvicorn's "Exception in ASGI application") is the same outline.
     assert "Exception in ASGI application\nbuiltins.ValueError" not in run.stdout  # chain order: cause first
     assert "Exception in ASGI application\npydantic_core._pydantic_core.ValidationError" in run.stdout

@@ -39,4 +39,6 @@ def test_an_exception_event_keeps_its_type_and_drops_its_message_and_stack() -> 
     assert dict(exception.attributes or {}) == {"exception.type": "ValueError", "exception.escaped": "False"}
     assert raised.status.status_code == StatusCode.ERROR and not raised.status.description
     assert failed.status.status_code == StatusCode.ERROR and not failed.status.description
-    assert "1984-02-31" not in repr([(s.events, s.status.description, s.attributes) for s in (raised, failed)])
+    assert "1984-02-31" not in repr(
+        [(s.events, s.status.description, s.attributes) for s in (raised, failed)]
+    )
