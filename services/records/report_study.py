@@ -12,7 +12,7 @@ report exactly as for the images (reconcile.py), so the two agree there as well.
 
 A report is placed once, when it is stored (or, come while the case's images wait for an identity decision,
 after that decision: second_opinion.py), and every copy records hands out or sends back is that stored one:
-one SOP Instance UID, one identity.
+one SOP Instance UID, one identity. `stored_report` finds it by the UID the review service issued it under.
 """
 
 from __future__ import annotations
@@ -81,6 +81,27 @@ def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectSt
 def moved_uid(uid: str, study_uid: str) -> str:
     """The UID a series or instance the review named gets when placed into `study_uid` instead."""
     return str(generate_uid(entropy_srcs=[uid, study_uid]))
+
+
+def stored_report(session: Session, case_id: str, issued_uid: str) -> tuple[RecordFile, RecordImport] | None:
+    """The case's stored copy of the report instance the review service issued as `issued_uid` (released or
+    not), with its import: under that UID, or under the UID it got when placed into another study. The
+    last stored when there are several (a redelivery placed with other bytes), as WADO-RS serves it."""
+    rows = session.exec(
+        select(RecordFile, RecordImport)
+        .join(RecordImport, col(RecordFile.import_id) == col(RecordImport.import_id))
+        .where(
+            RecordFile.case_id == case_id,
+            RecordImport.source == REPORT_SOURCE,
+            col(RecordFile.sop_instance_uid).is_not(None),
+        )
+        .order_by(col(RecordFile.id).desc())
+    ).all()
+    for row, record_import in rows:
+        study = str(row.study_instance_uid or "")
+        if row.sop_instance_uid in (issued_uid, moved_uid(issued_uid, study)):
+            return row, record_import
+    return None
 
 
 def images_held(session: Session, case_id: str) -> bool:

@@ -370,6 +370,10 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
     [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert (waiting["status"], waiting["attempts"]) == ("pending", 0)
     assert "identity decision" in waiting["last_error"]  # why it waits, for operations
+    # Not handed out either: it has no identity to show until the images have theirs.
+    unplaced = client.get(f"/v1/records/{case_id}/second-opinion/{event.sop_instance_uid}")
+    assert (unplaced.status_code, "identity decision" in unplaced.json()["detail"]) == (409, True)
+    assert int(unplaced.headers["Retry-After"]) > 0
     held = held_import(client, case_id)
     accept_held(engine, settings, case_id, held)
 

@@ -17,7 +17,7 @@ from services.common.config import Settings
 from services.records import consumer, uploads
 from services.records.models import ImportStatus, RecordFile, RecordImport
 from services.records.reconcile import coerced_header, our_identifiers
-from services.records.report_study import REPORT_SOURCE
+from services.records.report_study import REPORT_SOURCE, stored_report
 from services.records.store import ObjectStore
 from services.review.encapsulated_pdf import encapsulated_pdf
 from tests.dicom_factory import make_us_instance
@@ -247,3 +247,19 @@ def test_images_rejected_after_the_report_came_leave_it_with_the_cases_identity(
     assert (row.released, record_import.status) == (True, ImportStatus.RELEASED)
     _, report = stored(engine, settings, case_id, sent.SOPInstanceUID)
     assert (report.PatientBirthDate, report.StudyDate) == ("19800101", "20261120")  # as the review sent it
+
+
+def test_the_copy_placed_into_another_study_is_found_by_the_uid_the_review_issued(
+    engine: Engine, settings: Settings
+) -> None:
+    case_id = open_case(engine, settings)
+    held = new_study()
+    store_images(engine, settings, case_id, held, birth_date="19800101")
+    sent = send_report(engine, settings, case_id, new_study())
+
+    with Session(engine) as session:
+        found = stored_report(session, case_id, sent.SOPInstanceUID)
+        assert stored_report(session, case_id, "1.2.3.4") is None
+    assert found is not None
+    row, _ = found
+    assert (row.study_instance_uid, row.sop_instance_uid != sent.SOPInstanceUID) == (held, True)
