@@ -9,6 +9,9 @@ C-FIND + C-GET/C-MOVE, or DICOMweb QIDO/WADO). Consumes `records.collect`, `reco
 `records.reconcile` and `case.cancelled`; publishes `records.assembled`, `records.incomplete`,
 `records.needed` and `records.identity_mismatch`. `GET /v1/records/{case_id}/timeline` orders it all by
 date; `/v1/records/{case_id}/export/deidentified` gives the images de-identified (PS3.15 Annex E).
+Stores the second-opinion report (`document.encapsulated_report`) placed into the study it reads
+(`second_opinion`, `report_study`), hands it out by the UID the review service issued it under
+(`/v1/records/{case_id}/second-opinion/{uid}`) and sends it back to the facility's PACS (`report_return`).
 
 Errors (STOW-RS answers per instance instead, an instance over the size limit too, see `stow`; a malformed
 body 400, a media type 415, too many parts 413):

@@ -22,7 +22,7 @@ from services.common.body_feed import feed_to_thread
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine, utcnow
 from services.common.errors import human_size
-from services.records import uploads, zip_stream
+from services.records import report_study, uploads, zip_stream
 from services.records.adequacy import assess
 from services.records.archive import Entry
 from services.records.archive_store import ArchiveUnavailable
@@ -31,6 +31,7 @@ from services.records.classify import DICOM_TYPE
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import (
     ImportPublic,
+    ImportStatus,
     RecordFile,
     RecordFilePublic,
     RecordImport,
@@ -81,6 +82,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 LimitsDep = Annotated[ImportLimits, Depends(get_limits)]
 CaseId = Annotated[str, Path(min_length=1, max_length=64)]
 PartnerId = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")]
+Uid = Annotated[str, Path(pattern=r"^[0-9.]{1,64}$")]
 Sha256 = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="lower-case hex SHA-256 of the file")]
 UNKNOWN_CASE = "no records were requested for this case; check the case id"
 
@@ -307,7 +309,7 @@ def get_records(case_id: CaseId, session: SessionDep) -> RecordsPublic:
     responses={
         200: {"content": {"application/dicom": {}, "application/pdf": {}, "text/plain": {}}},
         404: {"description": "no such file in this case"},
-        409: {"description": "the file belongs to an import held for an identity decision"},
+        409: {"description": "the file waits for an identity decision (on it, or on the case's images)"},
     },
 )
 def download_file(case_id: CaseId, sha256: Sha256, session: SessionDep, settings: SettingsDep) -> Response:
@@ -320,12 +322,77 @@ def download_file(case_id: CaseId, sha256: Sha256, session: SessionDep, settings
         )
     if not row.released:
         raise HTTPException(
-            409, "this file belongs to an import held for an identity decision; it is released once accepted"
+            409,
+            "this file waits for a person's identity decision (on it, or on the case's images); it is "
+            "released once decided",
         )
     path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
     if row.content_type != DICOM_TYPE:
         return FileResponse(path, media_type=row.content_type)
+    return StreamingResponse(_handed_out(session, settings, request, row), media_type=DICOM_TYPE)
+
+
+# A person's identity decision can take hours: a client that polls asks again in minutes, not seconds.
+DECISION_RETRY_AFTER = "300"
+STORE_RETRY_AFTER = "10"  # the report event reaches records seconds after the review service issues it
+
+
+@router.get(
+    "/{case_id}/second-opinion/{sop_instance_uid}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/dicom": {}}, "description": "the report instance as records holds it"},
+        404: {"description": "records holds no report instance issued under this UID (yet)"},
+        409: {"description": "records holds it, but has not placed it into the study yet (Retry-After)"},
+    },
+)
+def download_second_opinion(
+    case_id: CaseId, sop_instance_uid: Uid, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """The second-opinion report instance the review service issued under `sop_instance_uid`, as records
+    stores it, placed into the study it reads, and hands it out (WADO-RS the same bytes): the review
+    service's DICOM download serves this, so one SOP Instance UID never reaches a PACS with two identities.
+    Placed into another study than it named, it is another instance: `Content-Location` says which."""
+    request = session.get(RecordRequest, case_id)
+    found = report_study.stored_report(session, case_id, sop_instance_uid) if request else None
+    if request is None or found is None:
+        raise HTTPException(
+            404,
+            f"records holds no second-opinion report issued as {sop_instance_uid} for this case: it is "
+            "stored seconds after the review service issues it (not once the case is cancelled); retry",
+            headers={"Retry-After": STORE_RETRY_AFTER},
+        )
+    row, record_import = found
+    if not row.released:
+        why = (
+            "images of this case wait for a person's identity decision, and the report takes the identity "
+            "of the study it is placed into after it"
+            if record_import.status == ImportStatus.AWAITING_PLACEMENT
+            else "the report instance itself waits for a person's identity decision"
+        )
+        raise HTTPException(
+            409,
+            f"records has not placed this report into the study yet: {why}. Retry once operations have "
+            f"decided the import held for its identity (under imports at /v1/records/{case_id})",
+            headers={"Retry-After": DECISION_RETRY_AFTER},
+        )
+    wado = (
+        f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{row.study_instance_uid}"
+        f"/series/{row.series_instance_uid}/instances/{row.sop_instance_uid}"
+    )
+    return StreamingResponse(
+        _handed_out(session, settings, request, row),
+        media_type=DICOM_TYPE,
+        headers={"Content-Location": wado},
+    )
+
+
+def _handed_out(
+    session: Session, settings: Settings, request: RecordRequest, row: RecordFile
+) -> Iterator[bytes]:
+    """A stored DICOM file as records hands it out (download, WADO-RS): our identifiers coerced, the
+    originals kept, stamped with when its import was released."""
+    path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
     held = session.get(RecordImport, row.import_id) if row.import_id else None
     modified_at = (held.decided_at or held.created_at) if held else row.created_at
-    values = our_identifiers(case_id, request.exam)
-    return StreamingResponse(coerced_chunks(path, values, modified_at), media_type=DICOM_TYPE)
+    return coerced_chunks(path, our_identifiers(row.case_id, request.exam), modified_at)

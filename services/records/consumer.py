@@ -42,6 +42,7 @@ def handle(session: Session, event: CloudEvent, settings: Settings | None = None
         handlers.remind(message, session)
     elif isinstance(message, ReconcileIdentity):
         handlers.reconcile(message, session, settings)
+        second_opinion.place_waiting_reports(message.case_id, session, settings)
     elif isinstance(message, CaseCancelled):
         handlers.cancel(message, session)
     elif isinstance(message, EncapsulatedReport):

@@ -119,7 +119,7 @@ def reconcile(cmd: ReconcileIdentity, session: Session, settings: Settings) -> N
             session.delete(row)
         session.flush()
         for row in files:
-            _remove_if_unreferenced(session, store, row.storage_path, row.sha256)
+            remove_if_unreferenced(session, store, row.storage_path, row.sha256)
     session.add(held)
     session.flush()
     log.info("records.import_decided", case_id=cmd.case_id, import_id=held.import_id, decision=cmd.decision)
@@ -150,7 +150,7 @@ def _return_released_reports(
         )
 
 
-def _remove_if_unreferenced(session: Session, store: ObjectStore, storage_path: str, sha256: str) -> None:
+def remove_if_unreferenced(session: Session, store: ObjectStore, storage_path: str, sha256: str) -> None:
     # Content is stored once for every case that has it; only the last reference removes the object.
     still_used = session.exec(select(RecordFile.id).where(RecordFile.storage_path == storage_path)).first()
     if still_used is None:

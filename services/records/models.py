@@ -39,6 +39,9 @@ class ImportStatus(StrEnum):
     RELEASED = "released"
     IDENTITY_MISMATCH = "identity_mismatch"
     REJECTED = "rejected"
+    # Our own report, come while the case's images wait for an identity decision: not handed out until it is
+    # placed into their study after the decision (report_study.py), so its UID never has two identities.
+    AWAITING_PLACEMENT = "awaiting_placement"
 
 
 class RecordRequest(SQLModel, table=True):

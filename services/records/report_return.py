@@ -1,7 +1,9 @@
 """The second opinion sent back into the facility's PACS: each version of the report (the review service's DICOM
 Encapsulated PDF, in the study it reads) is C-STOREd to the partner's PACS, or STOW-RS'd to its DICOMweb
 service, when the partner's source says `return_reports`. So the radiologists who asked see it beside the
-images in their own viewer, as they see their own reports.
+images in their own viewer, as they see their own reports. What is sent is the copy records stores, placed
+into the study when it was stored (report_study.py): the same identity under the same SOP Instance UID as
+the copy records hands out, so a PACS that gets both (the send, and a radiologist's download) files one.
 
 The send is queued in the transaction that stores the report (`record_report_returns`), and a background loop
 of the records process sends it: claimed one at a time, retried with backoff while the PACS is down or busy,
@@ -29,15 +31,13 @@ from services.records import dimse
 from services.records.archive_store import ArchiveUnavailable, stow_request
 from services.records.dicomweb_source import DicomwebSource
 from services.records.models import (
-    ImportStatus,
     RecordFile,
-    RecordImport,
     RecordSource,
     ReportReturn,
     RetrievalStatus,
 )
 from services.records.polled import PolledLoop
-from services.records.report_study import REPORT_SOURCE, place_in_study
+from services.records.report_study import images_held
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -113,7 +113,7 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
         row, source, storage_path = claimed
         attempted += 1
         try:
-            filed = _as_filed(engine, settings, row, storage_path)
+            filed = _as_stored(settings, row, storage_path)
             _send(source, filed, options.timeout_seconds)
         except Refused as exc:
             _finish(engine, row, RetrievalStatus.FAILED, str(exc))
@@ -178,7 +178,7 @@ def _claim(
                 session.add(row)
                 session.commit()
                 continue
-            if _images_held(session, row.case_id):
+            if images_held(session, row.case_id):
                 # Its images wait for a person's identity decision: the report would be filed under the
                 # wrong identity (or beside the study). Looked at again later, no attempt counted.
                 row.next_attempt_at = utcnow() + timedelta(seconds=options.held_recheck_seconds)
@@ -203,27 +203,12 @@ def _claim(
             session.commit()
 
 
-def _as_filed(engine: Engine, settings: Settings, row: ReportReturn, storage_path: str) -> bytes:
-    """The report as the facility's PACS should file it: with the study's identity as the case's released
-    images have it now (images accepted after the report was stored included), else as stored."""
-    store = ObjectStore.for_settings(settings)
+def _as_stored(settings: Settings, row: ReportReturn, storage_path: str) -> bytes:
+    """The report as records stores it, placed into its study: not placed again here, which could give the
+    SOP Instance UID another identity than the copy already handed out (images released since the report
+    was stored leave it as it is; one stored while images waited for a decision was placed after it)."""
     # Kept in the object store or the image archive (fetched into the cache on first use).
-    dicom = store.local_path(storage_path, row.sha256).read_bytes()
-    with Session(engine) as session:
-        return place_in_study(dicom, row.case_id, session, store) or dicom
-
-
-def _images_held(session: Session, case_id: str) -> bool:
-    return (
-        session.exec(
-            select(RecordImport.import_id).where(
-                RecordImport.case_id == case_id,
-                RecordImport.status == ImportStatus.IDENTITY_MISMATCH,
-                RecordImport.source != REPORT_SOURCE,
-            )
-        ).first()
-        is not None
-    )
+    return ObjectStore.for_settings(settings).local_path(storage_path, row.sha256).read_bytes()
 
 
 def _send(source: RecordSource, dicom: bytes, timeout: float) -> None:

@@ -9,6 +9,10 @@ there: the same UID in two studies would break a PACS).
 Released means their identity was reconciled (IHE IRWF: matched the case's patient, or a human accepted
 the difference), and Patient ID, Issuer and Accession Number are coerced to ours on the way out for the
 report exactly as for the images (reconcile.py), so the two agree there as well.
+
+A report is placed once, when it is stored (or, come while the case's images wait for an identity decision,
+after that decision: second_opinion.py), and every copy records hands out or sends back is that stored one:
+one SOP Instance UID, one identity. `stored_report` finds it by the UID the review service issued it under.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlmodel import Session, col, select
 
-from services.records.models import FileKind, RecordFile, RecordImport
+from services.records.models import FileKind, ImportStatus, RecordFile, RecordImport
 from services.records.store import ObjectStore
 
 REPORT_SOURCE = "second-opinion"
@@ -58,7 +62,7 @@ def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectSt
         # Into another study than the review named: a series and an instance belong to one study only, so
         # the copy placed there is a new instance in a new series (UIDs derived, the same on every redelivery).
         for keyword in ("SeriesInstanceUID", "SOPInstanceUID"):
-            setattr(report, keyword, generate_uid(entropy_srcs=[str(report.get(keyword) or ""), moved_to]))
+            setattr(report, keyword, moved_uid(str(report.get(keyword) or ""), moved_to))
         report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
     for keyword in IDENTITY:
         value = identity.get(keyword)
@@ -72,6 +76,46 @@ def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectSt
     buffer = io.BytesIO()
     report.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def moved_uid(uid: str, study_uid: str) -> str:
+    """The UID a series or instance the review named gets when placed into `study_uid` instead."""
+    return str(generate_uid(entropy_srcs=[uid, study_uid]))
+
+
+def stored_report(session: Session, case_id: str, issued_uid: str) -> tuple[RecordFile, RecordImport] | None:
+    """The case's stored copy of the report instance the review service issued as `issued_uid` (released or
+    not), with its import: under that UID, or under the UID it got when placed into another study. The
+    last stored when there are several (a redelivery placed with other bytes), as WADO-RS serves it."""
+    rows = session.exec(
+        select(RecordFile, RecordImport)
+        .join(RecordImport, col(RecordFile.import_id) == col(RecordImport.import_id))
+        .where(
+            RecordFile.case_id == case_id,
+            RecordImport.source == REPORT_SOURCE,
+            col(RecordFile.sop_instance_uid).is_not(None),
+        )
+        .order_by(col(RecordFile.id).desc())
+    ).all()
+    for row, record_import in rows:
+        study = str(row.study_instance_uid or "")
+        if row.sop_instance_uid in (issued_uid, moved_uid(issued_uid, study)):
+            return row, record_import
+    return None
+
+
+def images_held(session: Session, case_id: str) -> bool:
+    """Whether images of the case wait for a person's identity decision (its report may not be placed yet)."""
+    return (
+        session.exec(
+            select(RecordImport.import_id).where(
+                RecordImport.case_id == case_id,
+                RecordImport.status == ImportStatus.IDENTITY_MISMATCH,
+                RecordImport.source != REPORT_SOURCE,
+            )
+        ).first()
+        is not None
+    )
 
 
 def _study_images(session: Session, case_id: str, study_uid: str) -> list[RecordFile]:

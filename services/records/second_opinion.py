@@ -3,7 +3,12 @@ like any instance (validated, content-addressed), so the report sits in the stud
 viewers beside the original images. It takes the study's identity from those images first (report_study.py);
 without any released image it is reconciled with the case's patient like an upload. Where the partner's
 source asks for it, the report is then queued to go back into the facility's PACS (`report_return`), as
-stored: with the study's identity as the facility's images have it."""
+stored: with the study's identity as the facility's images have it.
+
+A report that comes while the case's images wait for a person's identity decision, and that no released image
+can place, is kept aside (`awaiting_placement`: not handed out, not sent) and placed once the decision is
+made (`place_waiting_reports`). So the one copy records stores is the one it hands out (WADO-RS, downloads,
+the review service's DICOM download) and sends back, under one SOP Instance UID with one identity."""
 
 from __future__ import annotations
 
@@ -11,16 +16,26 @@ import base64
 import binascii
 import io
 
+import pydicom
 import structlog
 from pydicom.errors import InvalidDicomError
-from sqlmodel import Session
+from sqlalchemy import delete
+from sqlmodel import Session, col, select
 
 from contracts.events import EncapsulatedReport
 from services.common.config import Settings
 from services.common.errors import PoisonMessage
-from services.records import report_return, uploads
+from services.records import handlers, report_return, uploads
 from services.records.archive import Entry
-from services.records.report_study import REPORT_SOURCE, place_in_study
+from services.records.models import (
+    ImportStatus,
+    RecordFile,
+    RecordImport,
+    RecordRequest,
+    ReportReturn,
+    RetrievalStatus,
+)
+from services.records.report_study import REPORT_SOURCE, images_held, place_in_study
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -32,45 +47,107 @@ def store_report(event: EncapsulatedReport, session: Session, settings: Settings
         dicom = base64.b64decode(event.dicom_base64, validate=True)
     except binascii.Error as exc:
         raise PoisonMessage("document.encapsulated_report carries no valid base64 DICOM") from exc
-    store = ObjectStore.for_settings(settings)
     try:
-        placed = place_in_study(dicom, event.case_id, session, store)
-    except InvalidDicomError:
-        placed = None  # the import below refuses it, saying why
-    received = store.receive(
-        io.BytesIO(placed or dicom), position=1, total=1, limit=settings.max_upload_bytes
-    )
-    entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
-    try:
-        outcome = uploads.accept_entries(
-            event.case_id,
-            [entry],
-            session,
-            settings,
-            source=REPORT_SOURCE,
-            in_transaction=True,
-            identity_reconciled=placed is not None,
-        )
+        stored, placed = _file_report(dicom, event.case_id, event.version, session, settings)
     except (uploads.RecordsNotRequested, uploads.RecordsCancelled):
         log.info("records.report_not_stored", case_id=event.case_id, reason="no open records request")
         return
-    # Back into the facility's PACS, if its source asks; only a report released to the case (one held for an
-    # identity mismatch waits for the reconciliation). A redelivered event queues nothing new.
-    partner_id = outcome.request.partner_id
-    if partner_id and all(f.released for f in outcome.files):
-        [stored] = outcome.files  # as stored (placed in another study, it is another instance)
-        report_return.plan_return(
-            session,
-            case_id=event.case_id,
-            partner_id=partner_id,
-            sop_instance_uid=stored.sop_instance_uid or event.sop_instance_uid,
-            sha256=received.sha256,
-            version=event.version,
-        )
     log.info(
         "records.report_stored",
         case_id=event.case_id,
         report_id=event.report_id,
         version=event.version,
-        identity_from_images=placed is not None,
+        identity_from_images=placed,
+        released=stored.released,
     )
+
+
+def place_waiting_reports(case_id: str, session: Session, settings: Settings) -> None:
+    """After an identity decision: the reports kept aside meanwhile are placed into the study of the images
+    now released (or, every image rejected, reconciled with the case's patient like an upload) and stored as
+    placed, in the caller's transaction; their copy kept aside, never handed out, is dropped. Nothing happens
+    while images of the case still wait for a decision, or once the case is cancelled."""
+    request = session.get(RecordRequest, case_id)
+    if request is None or request.cancelled_at is not None or images_held(session, case_id):
+        return
+    waiting = session.exec(
+        select(RecordImport).where(
+            RecordImport.case_id == case_id,
+            RecordImport.source == REPORT_SOURCE,
+            RecordImport.status == ImportStatus.AWAITING_PLACEMENT,
+        )
+    ).all()
+    store = ObjectStore.for_settings(settings)
+    for record_import in waiting:
+        kept = session.exec(select(RecordFile).where(RecordFile.import_id == record_import.import_id)).all()
+        for row in kept:
+            dicom = store.local_path(row.storage_path, row.sha256).read_bytes()
+            header = pydicom.dcmread(
+                io.BytesIO(dicom), stop_before_pixels=True, specific_tags=["InstanceNumber"]
+            )
+            # Not sent yet (the send waited for the decision): queued again below with the copy placed.
+            session.execute(
+                delete(ReportReturn).where(
+                    col(ReportReturn.case_id) == case_id,
+                    col(ReportReturn.sha256) == row.sha256,
+                    col(ReportReturn.status) == RetrievalStatus.PENDING,
+                )
+            )
+            session.delete(row)
+            session.flush()
+            stored, placed = _file_report(
+                dicom, case_id, int(header.get("InstanceNumber") or 1), session, settings
+            )
+            handlers.remove_if_unreferenced(session, store, row.storage_path, row.sha256)
+            log.info(
+                "records.report_placed",
+                case_id=case_id,
+                sop_instance_uid=stored.sop_instance_uid,
+                identity_from_images=placed,
+                released=stored.released,
+            )
+        session.delete(record_import)
+    session.flush()
+
+
+def _file_report(
+    dicom: bytes, case_id: str, version: int, session: Session, settings: Settings
+) -> tuple[RecordFile, bool]:
+    """Store the report placed into its study (or kept aside while it cannot be yet) and queue it for the
+    facility's PACS; returns the stored row and whether it took the identity of the images."""
+    store = ObjectStore.for_settings(settings)
+    try:
+        placed = place_in_study(dicom, case_id, session, store)
+    except InvalidDicomError:
+        placed = None  # the import below refuses it, saying why
+    # The images that would give it its identity wait for a person: until then it has no identity to show.
+    awaiting = placed is None and images_held(session, case_id)
+    received = store.receive(
+        io.BytesIO(placed or dicom), position=1, total=1, limit=settings.max_upload_bytes
+    )
+    entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
+    outcome = uploads.accept_entries(
+        case_id,
+        [entry],
+        session,
+        settings,
+        source=REPORT_SOURCE,
+        in_transaction=True,
+        identity_reconciled=placed is not None,
+        awaiting_placement=awaiting,
+    )
+    [stored] = outcome.files  # as stored (placed in another study, it is another instance)
+    # Back into the facility's PACS, if its source asks: a report released to the case, or one kept aside
+    # (queued, so the queue shows it waits for the decision). One held for an identity mismatch of its own
+    # waits for that reconciliation. A redelivered event queues nothing new.
+    partner_id = outcome.request.partner_id
+    if partner_id and stored.sop_instance_uid and (stored.released or awaiting):
+        report_return.plan_return(
+            session,
+            case_id=case_id,
+            partner_id=partner_id,
+            sop_instance_uid=stored.sop_instance_uid,
+            sha256=stored.sha256,
+            version=version,
+        )
+    return stored, placed is not None

@@ -89,6 +89,7 @@ def accept_entries(
     limits: ImportLimits | None = None,
     in_transaction: bool = False,
     identity_reconciled: bool = False,
+    awaiting_placement: bool = False,
 ) -> UploadOutcome:
     """Validate, reconcile and store files already received into the temp area; they are consumed.
     `in_transaction`: the caller's transaction holds other work (a consumer's batch of messages, with their
@@ -96,7 +97,9 @@ def accept_entries(
     (a commit here made the batch's later messages look applied before they ran, and lost them when one
     of them failed).
     `identity_reconciled`: the files carry an identity taken from the case's released images (our own
-    report placed into the study), so they are released without a second decision."""
+    report placed into the study), so they are released without a second decision.
+    `awaiting_placement`: our own report that cannot be placed yet (the case's images wait for an identity
+    decision): kept out of the archive and not released until it is placed (second_opinion.py)."""
     store = ObjectStore.for_settings(settings)
     try:
         if in_transaction:
@@ -105,7 +108,14 @@ def accept_entries(
             check_open(session, case_id)
         classified = _classify(entries, limits or get_limits())
         return _store(
-            case_id, classified, session, store, source, identity_reconciled, commit=not in_transaction
+            case_id,
+            classified,
+            session,
+            store,
+            source,
+            identity_reconciled,
+            awaiting_placement=awaiting_placement,
+            commit=not in_transaction,
         )
     finally:
         for entry in entries:
@@ -249,6 +259,7 @@ def _store(
     source: str,
     identity_reconciled: bool = False,
     *,
+    awaiting_placement: bool = False,
     commit: bool = True,
 ) -> UploadOutcome:
     request = lock_request(session, case_id)
@@ -256,7 +267,7 @@ def _store(
         raise RecordsNotRequested()
     if request.cancelled_at is not None:
         raise RecordsCancelled()
-    record_import = _reconcile(request, classified, source, identity_reconciled)
+    record_import = _reconcile(request, classified, source, identity_reconciled, awaiting_placement)
     if record_import is not None:
         session.add(record_import)
     on_record = {f.sha256: f for f in case_files(session, case_id, released_only=False)}
@@ -265,7 +276,8 @@ def _store(
     for item in classified:
         sha256 = item.received.sha256
         if sha256 not in on_record:
-            on_record[sha256] = _record_file(case_id, item, _keep(store, item), record_import)
+            kept = store.keep(item.received) if awaiting_placement else _keep(store, item)
+            on_record[sha256] = _record_file(case_id, item, kept, record_import)
             session.add(on_record[sha256])
             new_files += 1
         files.setdefault(sha256, on_record[sha256])
@@ -321,18 +333,24 @@ def _keep(store: ObjectStore, item: ClassifiedFile) -> str:
 
 
 def _reconcile(
-    request: RecordRequest, classified: list[ClassifiedFile], source: str, identity_reconciled: bool = False
+    request: RecordRequest,
+    classified: list[ClassifiedFile],
+    source: str,
+    identity_reconciled: bool = False,
+    awaiting_placement: bool = False,
 ) -> RecordImport | None:
-    """An import record for the DICOM part of the upload: released, or held when the identity differs."""
+    """An import record for the DICOM part of the upload: released, or held when the identity differs (or,
+    our report, until it can be placed)."""
     identities = [c.dicom.identity for c in classified if c.dicom is not None]
     if not identities:
         return None
-    found = [] if identity_reconciled else differences(identities, request.patient)
+    found = [] if identity_reconciled or awaiting_placement else differences(identities, request.patient)
+    status = ImportStatus.IDENTITY_MISMATCH if found else ImportStatus.RELEASED
     return RecordImport(
         import_id=str(uuid.uuid4()),
         case_id=request.case_id,
         source=source,
-        status=ImportStatus.IDENTITY_MISMATCH if found else ImportStatus.RELEASED,
+        status=ImportStatus.AWAITING_PLACEMENT if awaiting_placement else status,
         differences=found,
     )
 

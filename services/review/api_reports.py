@@ -1,5 +1,6 @@
 """HTTP API of the integrated report: PDF, FHIR DiagnosticReport or DICOM Encapsulated PDF by content
-negotiation, and the patient's plain-language summary."""
+negotiation, and the patient's plain-language summary. The DICOM is the records service's copy, placed into
+the study it reads (records_copy.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from datetime import datetime
 from email.utils import format_datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from sqlmodel import Session, col, select
 
-from contracts.commands import MatchSpecialist
 from services.auth import authenticate
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
@@ -19,7 +19,7 @@ from services.common.http import fhir_json_only
 from services.review import handlers
 from services.review.deps import Access, AccessDep, SessionDep, SettingsDep
 from services.review.diagnostic_report import FHIR_JSON, operation_outcome
-from services.review.encapsulated_pdf import DICOM, encapsulated_pdf
+from services.review.encapsulated_pdf import DICOM, report_instance_uid
 from services.review.models import (
     FollowUpQuestion,
     Report,
@@ -27,9 +27,9 @@ from services.review.models import (
     ReviewAddendum,
     ReviewFindings,
     Specialist,
-    as_utc,
 )
 from services.review.patient_summary import PatientSummary, patient_summary
+from services.review.records_copy import RecordsClient, RecordsCopyUnavailable, fetch_records_copy
 
 PDF = "application/pdf"
 ReportFormat = Literal["pdf", "fhir", "dicom"]
@@ -61,17 +61,26 @@ fhir = APIRouter(
         },
         404: {"description": "no report for the case yet"},
         406: {"description": "none of PDF, FHIR JSON or DICOM is acceptable"},
+        409: {"description": "DICOM: records has not placed this report version into the study yet"},
+        503: {"description": "DICOM: the records service, which holds the instance, did not answer"},
     },
 )
 def get_report(
     case_id: str,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     access: AccessDep,
+    records: RecordsClient,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The integrated report: `Accept: application/pdf` for the PDF, `application/dicom` for the DICOM
-    Encapsulated PDF in the original study, otherwise the FHIR DiagnosticReport."""
+    Encapsulated PDF in the study it reads, otherwise the FHIR DiagnosticReport.
+
+    The DICOM is the records service's copy of this version, with the identity of the study records placed
+    it into (the one it sends the facility's PACS and hands out over DICOMweb), never another copy under the
+    same SOP Instance UID: 409 with Retry-After until records has placed it (its images may wait for an
+    identity decision), 503 with Retry-After while records does not answer."""
     report_format = negotiate_report_format(accept)
     if report_format is None:
         raise HTTPException(406, f"the report is available as {', '.join(REPORT_MEDIA_TYPES)}; ask for one")
@@ -79,22 +88,25 @@ def get_report(
     headers = {"Vary": "Accept"}
     if report_format == "fhir":
         return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON, headers=headers)
-    pdf = handlers.report_pdf_file(settings, report).read_bytes()
-    headers["ETag"] = f'"{report.pdf_sha256}-{report_format}"'
     if report_format == "pdf":
+        headers["ETag"] = f'"{report.pdf_sha256}-pdf"'
         headers["Content-Disposition"] = f'inline; filename="second-opinion-{case_id}.pdf"'
-        return Response(pdf, media_type=PDF, headers=headers)
-    review = session.get(Review, report.review_id)
-    assert review is not None  # a report row references its review (foreign key)
-    dicom = encapsulated_pdf(
-        pdf=pdf,
-        request=MatchSpecialist.model_validate(review.request),
-        report_id=report.id,
-        version=report.version,
-        issued=as_utc(report.updated_at or report.created_at),
-    )
+        return Response(
+            handlers.report_pdf_file(settings, report).read_bytes(), media_type=PDF, headers=headers
+        )
+    try:
+        placed = fetch_records_copy(
+            records,
+            case_id=case_id,
+            issued_uid=report_instance_uid(report.id, report.version),
+            authorization=request.headers["Authorization"],  # authenticate has checked it is there
+        )
+    except RecordsCopyUnavailable as exc:
+        raise HTTPException(exc.status_code, str(exc), headers={"Retry-After": exc.retry_after}) from None
     headers["Content-Disposition"] = f'attachment; filename="second-opinion-{case_id}.dcm"'
-    return Response(dicom, media_type=DICOM, headers=headers)
+    if placed.location:
+        headers["Content-Location"] = placed.location
+    return Response(placed.dicom, media_type=DICOM, headers=headers)
 
 
 @reports.get("/{case_id}/pdf", responses={200: {"content": {PDF: {}}}, 404: {}})

@@ -1,4 +1,7 @@
-"""The integrated report as a DICOM Encapsulated PDF instance in the original study (PS3.3 A.45.1)."""
+"""The integrated report as a DICOM Encapsulated PDF instance in the original study (PS3.3 A.45.1).
+
+Issued to records (`document.encapsulated_report`) with the identity intake gave; records places it into the
+study it reads. That placed copy is the one handed out, by this service's download too (records_copy.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ def encapsulated_pdf(
 ) -> bytes:
     """A Part 10 file; the same report version always gets the same UIDs, so a re-send replaces it."""
     patient, study = request.patient, request.study
-    sop_instance_uid = generate_uid(entropy_srcs=[report_id, str(version), "instance"])
+    sop_instance_uid = UID(report_instance_uid(report_id, version))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(ENCAPSULATED_PDF_STORAGE)
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
@@ -64,6 +67,11 @@ def encapsulated_pdf(
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def report_instance_uid(report_id: str, version: int) -> str:
+    """The SOP Instance UID this service issues a report version under (records finds its copy by it)."""
+    return str(generate_uid(entropy_srcs=[report_id, str(version), "instance"]))
 
 
 def _person_name(family: str, given: str) -> str:

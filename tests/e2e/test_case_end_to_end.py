@@ -158,6 +158,13 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
         assert {f["study_instance_uid"] for f in records["files"] if f["kind"] == "dicom"} == {
             encapsulated["study_instance_uid"]
         }
+        # Downloaded from review it is that very instance, as records hands it out: one UID, one identity.
+        from_review = http.get(
+            f"{settings.review_url}/v1/reports/{case_id}", headers={"Accept": "application/dicom"}
+        )
+        from_records = http.get(f"{settings.records_url}/v1/records/{case_id}/files/{encapsulated['sha256']}")
+        assert from_review.status_code == 200, from_review.text
+        assert from_review.content == from_records.content
 
         coverage = http.get(f"{settings.insurance_url}/v1/coverage/{case_id}").json()
         assert coverage["coverage_status"] == "covered"

@@ -363,12 +363,17 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
         port=pacs.dicom_port,
     )
     store_images(engine, settings, case_id, study, birth_date="19790101")
-    deliver(engine, settings, report_for(case_id, study)[0])
+    event = report_for(case_id, study)[0]
+    deliver(engine, settings, event)
 
     assert run_due(engine, settings, OPTIONS) == 0  # postponed, no attempt counted
     [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert (waiting["status"], waiting["attempts"]) == ("pending", 0)
     assert "identity decision" in waiting["last_error"]  # why it waits, for operations
+    # Not handed out either: it has no identity to show until the images have theirs.
+    unplaced = client.get(f"/v1/records/{case_id}/second-opinion/{event.sop_instance_uid}")
+    assert (unplaced.status_code, "identity decision" in unplaced.json()["detail"]) == (409, True)
+    assert int(unplaced.headers["Retry-After"]) > 0
     held = held_import(client, case_id)
     accept_held(engine, settings, case_id, held)
 
@@ -382,6 +387,16 @@ def test_a_report_waits_for_images_held_for_identity_then_goes_with_their_identi
         "RIS0042",
         "19790101",
     )
+    # The copy records hands out is that instance with that identity (our identifiers coerced on the way
+    # out, the facility's kept as the originals), not a second one: one UID, one identity, in any PACS.
+    [stored] = [f for f in client.get(f"/v1/records/{case_id}").json()["files"] if f["modality"] == "DOC"]
+    handed_out = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/files/{stored['sha256']}").content)
+    )
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "PatientName", "PatientBirthDate", "StudyDate"):
+        assert str(handed_out[keyword].value) == tags[keyword], keyword
+    [originals] = handed_out.OriginalAttributesSequence[-1].ModifiedAttributesSequence
+    assert (originals.PatientID, originals.AccessionNumber) == (tags["PatientID"], tags["AccessionNumber"])
 
 
 def test_a_cancelled_case_sends_no_report_still_waiting(

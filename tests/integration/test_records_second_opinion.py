@@ -8,15 +8,16 @@ from datetime import UTC, date, datetime
 
 import pydicom
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from contracts import new_event
 from contracts.commands import ReconcileIdentity
 from contracts.events import EncapsulatedReport
 from services.common.config import Settings
 from services.records import consumer, uploads
-from services.records.models import RecordFile, RecordImport
+from services.records.models import ImportStatus, RecordFile, RecordImport
 from services.records.reconcile import coerced_header, our_identifiers
+from services.records.report_study import REPORT_SOURCE, stored_report
 from services.records.store import ObjectStore
 from services.review.encapsulated_pdf import encapsulated_pdf
 from tests.dicom_factory import make_us_instance
@@ -178,3 +179,87 @@ def test_a_report_placed_into_another_study_than_it_named_is_another_instance(
     assert report.SOPInstanceUID != sent.SOPInstanceUID
     assert report.SeriesInstanceUID != sent.SeriesInstanceUID
     assert report.file_meta.MediaStorageSOPInstanceUID == report.SOPInstanceUID
+
+
+def decide(engine: Engine, settings: Settings, case_id: str, decision: str) -> None:
+    """A person's decision on the case's one import held for its identity, through the records consumer."""
+    with Session(engine) as session:
+        [held] = session.exec(
+            select(RecordImport).where(
+                RecordImport.case_id == case_id, RecordImport.status == ImportStatus.IDENTITY_MISMATCH
+            )
+        ).all()
+        command = ReconcileIdentity(
+            case_id=case_id, import_id=held.import_id, decision=decision, decided_by="ops", reason="checked"
+        )
+        consumer.handle(
+            session, new_event(id=str(uuid.uuid4()), source="/t", data=command, subject=case_id), settings
+        )
+        session.commit()
+
+
+def report_rows(engine: Engine, case_id: str) -> list[tuple[RecordFile, RecordImport]]:
+    with Session(engine) as session:
+        return list(
+            session.exec(
+                select(RecordFile, RecordImport)
+                .join(RecordImport, col(RecordFile.import_id) == col(RecordImport.import_id))
+                .where(RecordFile.case_id == case_id, RecordImport.source == REPORT_SOURCE)
+            ).all()
+        )
+
+
+def test_a_report_come_while_the_images_wait_is_kept_aside_then_placed_after_the_decision(
+    engine: Engine, settings: Settings
+) -> None:
+    # Stored with intake's identity now, it would be handed out with one identity and, placed later, with
+    # another under the same SOP Instance UID. It waits unreleased instead, and only the placed copy remains.
+    case_id = open_case(engine, settings)
+    study = new_study()
+    store_images(engine, settings, case_id, study, birth_date="19790101")
+    sent = send_report(engine, settings, case_id, study)
+
+    [(kept, kept_import)] = report_rows(engine, case_id)
+    assert (kept.released, kept_import.status) == (False, ImportStatus.AWAITING_PLACEMENT)
+    assert not kept.storage_path.startswith("dicomweb:")  # never in the image archive under that UID
+
+    decide(engine, settings, case_id, "accept")
+
+    [(placed, placed_import)] = report_rows(engine, case_id)
+    assert (placed.released, placed_import.status) == (True, ImportStatus.RELEASED)
+    assert placed.sop_instance_uid == sent.SOPInstanceUID  # the study it named: the same instance
+    _, report = stored(engine, settings, case_id, sent.SOPInstanceUID)
+    assert (report.PatientBirthDate, str(report.PatientName)) == ("19790101", "DOE^JANE^MARIE")
+    assert not ObjectStore.for_settings(settings).local_path(kept.storage_path, kept.sha256).exists()
+
+
+def test_images_rejected_after_the_report_came_leave_it_with_the_cases_identity(
+    engine: Engine, settings: Settings
+) -> None:
+    case_id = open_case(engine, settings)
+    study = new_study()
+    store_images(engine, settings, case_id, study, birth_date="19790101")
+    sent = send_report(engine, settings, case_id, study)
+
+    decide(engine, settings, case_id, "reject")
+
+    [(row, record_import)] = report_rows(engine, case_id)
+    assert (row.released, record_import.status) == (True, ImportStatus.RELEASED)
+    _, report = stored(engine, settings, case_id, sent.SOPInstanceUID)
+    assert (report.PatientBirthDate, report.StudyDate) == ("19800101", "20261120")  # as the review sent it
+
+
+def test_the_copy_placed_into_another_study_is_found_by_the_uid_the_review_issued(
+    engine: Engine, settings: Settings
+) -> None:
+    case_id = open_case(engine, settings)
+    held = new_study()
+    store_images(engine, settings, case_id, held, birth_date="19800101")
+    sent = send_report(engine, settings, case_id, new_study())
+
+    with Session(engine) as session:
+        found = stored_report(session, case_id, sent.SOPInstanceUID)
+        assert stored_report(session, case_id, "1.2.3.4") is None
+    assert found is not None
+    row, _ = found
+    assert (row.study_instance_uid, row.sop_instance_uid != sent.SOPInstanceUID) == (held, True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import pydicom
@@ -47,14 +48,16 @@ def delivered(engine: Engine, settings: Settings, client: TestClient) -> tuple[s
 
 
 def test_report_as_dicom_encapsulated_pdf_in_the_original_study(
-    delivered: tuple[str, str], client: TestClient
+    engine: Engine, delivered: tuple[str, str], client: TestClient
 ) -> None:
+    # What the review service issues to records; its download serves records' copy placed in the study
+    # (test_report_dicom_download).
     case_id, _ = delivered
 
-    response = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/dicom"})
+    issued = outbox_event(engine, f"document.encapsulated_report:{case_id}:1")
 
-    assert response.headers["content-type"] == "application/dicom"
-    ds = pydicom.dcmread(io.BytesIO(response.content))
+    ds = pydicom.dcmread(io.BytesIO(base64.b64decode(issued.data["dicom_base64"])))
+    assert ds.SOPInstanceUID == issued.data["sop_instance_uid"]
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1"
     assert (ds.StudyInstanceUID, ds.Modality, ds.MIMETypeOfEncapsulatedDocument) == (
         "1.2.3",

@@ -3,6 +3,7 @@ recommendations with a follow-up interval. On the real PostgreSQL through the re
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 
@@ -22,7 +23,6 @@ from services.common import migrate
 from services.common.config import Settings
 from services.common.db import Outbox
 from services.review.diagnostic_report import attachment_hash
-from services.review.encapsulated_pdf import DICOM
 from services.review.models import Review, Specialist
 from tests.integration import test_review_flow as flow
 from tests.integration.test_review_flow import apply, compose_command, pdf_text, submitted_review
@@ -192,10 +192,6 @@ def test_the_specialist_adds_an_addendum_of_their_own_as_a_new_report_version(
     )
     assert "LEFT ovary" in text and "Question:" not in text
     assert flow.FINDINGS["impression"] in text  # the signed review stands
-    dicom = pydicom.dcmread(
-        io.BytesIO(client.get(f"/v1/reports/{case_id}", headers={"Accept": DICOM}).content)
-    )
-    assert (dicom.InstanceNumber, dicom.DocumentTitle.endswith("(addendum 1)")) == (2, True)
     addended = flow.outbox_event(engine, f"report.addended:{case_id}:{body['addendum_id']}")
     assert addended.data == {
         "case_id": case_id,
@@ -206,6 +202,8 @@ def test_the_specialist_adds_an_addendum_of_their_own_as_a_new_report_version(
     }
     archived = flow.outbox_event(engine, f"document.encapsulated_report:{case_id}:2")
     assert archived.data["version"] == 2
+    dicom = pydicom.dcmread(io.BytesIO(base64.b64decode(archived.data["dicom_base64"])))
+    assert (dicom.InstanceNumber, dicom.DocumentTitle.endswith("(addendum 1)")) == (2, True)
     detail = client.get(f"/v1/reviews/{review_id}").json()
     assert [a["addendum_id"] for a in detail["addenda"]] == [body["addendum_id"]]
     summary = client.get(f"/v1/reports/{case_id}/patient-summary").json()
