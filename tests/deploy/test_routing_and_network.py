@@ -20,12 +20,12 @@ PATH_PREFIXES: dict[str, list[str]] = {
 }
 DESIGN_CANDIDATES = (ROOT / "DESIGN.md", ROOT / "docs" / "DESIGN.md", ROOT.parent / "shared" / "DESIGN.md")
 
-DNS, POSTGRES, AMQP, AMQPS, TEMPORAL = 53, 5432, 5672, 5671, 7233
+DNS, POSTGRES, AMQP, AMQPS, TEMPORAL, HTTPS = 53, 5432, 5672, 5671, 7233, 443
 EXPECTED_EGRESS: dict[str, set[int]] = {
     "intake": {DNS, POSTGRES, AMQP, AMQPS, TEMPORAL},
     "records": {DNS, POSTGRES, AMQP, AMQPS},
     "insurance": {DNS, POSTGRES, AMQP, AMQPS},
-    "review": {DNS, POSTGRES, AMQP, AMQPS},
+    "review": {DNS, POSTGRES, AMQP, AMQPS, HTTPS},  # records' copy of the report, through the ingress
     "worker": {DNS, AMQP, AMQPS, TEMPORAL},
     "migrate": {DNS, POSTGRES},
 }
