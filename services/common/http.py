@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
@@ -73,11 +75,14 @@ def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] |
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
+def _on_fhir_path(path: str) -> bool:
+    return path == "/fhir" or path.startswith("/fhir/")
+
+
 def error_for(request: Request, status: int, title: str, detail: str,
               errors: list[dict[str, Any]] | None = None) -> JSONResponse:  # fmt: skip
     """A problem, or on the FHIR paths an OperationOutcome (FHIR clients parse every error body as one)."""
-    path = request.url.path
-    if path != "/fhir" and not path.startswith("/fhir/"):
+    if not _on_fhir_path(request.url.path):
         return problem(status, title, detail, errors)
     issues = [(e["field"], e["message"]) for e in errors or []] or [(None, detail)]
     outcome = {
@@ -113,24 +118,52 @@ def _nul_escapes(data: bytes) -> bool:
     return False
 
 
+def nul_field(document: Any, fhir: bool) -> str | None:
+    """Where the first text holding a NUL character is: a FHIR element path ("Bundle.entry[1].resource.
+    identifier[0].value") or, for the JSON API, the field as validation errors name it ("patient.given_name")."""
+
+    def walk(node: Any, path: list[str | int]) -> list[str | int] | None:
+        if isinstance(node, str):
+            return path if "\x00" in node else None
+        items: Iterable[tuple[str | int, Any]] = (
+            node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        )
+        for key, value in items:
+            if isinstance(key, str) and "\x00" in key:
+                return path
+            found = walk(value, [*path, key])
+            if found is not None:
+                return found
+        return None
+
+    path = walk(document, [])
+    if path is None:
+        return None
+    if not fhir:
+        return ".".join(str(p) for p in path)
+    root = document.get("resourceType", "") if isinstance(document, dict) else ""
+    return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+
 class BodyGuard:
     """What no service can take, refused before the endpoint runs, as a problem (an OperationOutcome on the
-    FHIR paths), never read into memory whole:
+    FHIR paths):
 
     - a body over `limit` bytes (None: no bound here): 413, at once when its Content-Length says so, else as
-      soon as the bytes received pass it (chunked bodies). Starlette's own limit answers in plain text.
-    - a JSON body with a NUL character (`\\u0000`) in a string: 422. PostgreSQL cannot store it in a text, so
-      it would fail the request with a 500, or pass into a case and fail each service it reaches."""
+      soon as the bytes received pass it (chunked bodies), never read into memory whole. Starlette's own
+      limit answers in plain text.
+    - a JSON body with a NUL character (`\\u0000`) in a text: 422 naming the field. PostgreSQL cannot store
+      it, so it would fail the request with a 500, or pass into a case and fail each service it reaches. A
+      JSON body is read whole (the endpoint reads it whole anyway) and handed on once it is looked at."""
 
     def __init__(self, app: ASGIApp, limit: int | None) -> None:
         self.app, self.limit = app, limit
 
-    def _too_large(self) -> StarletteHTTPException:
+    def _too_large(self) -> str:
         assert self.limit is not None
-        return StarletteHTTPException(
-            413,
+        return (
             f"the request body is larger than the {human_size(self.limit)} this service takes; send documents "
-            "and images to records (uploads, STOW-RS) and refer to them; nothing was stored",
+            "and images to records (uploads, STOW-RS) and refer to them; nothing was stored"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,33 +173,68 @@ class BodyGuard:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if self.limit is not None and declared.isdigit() and int(declared) > self.limit:
-            detail = str(self._too_large().detail)
-            await error_for(Request(scope, receive), 413, "Request too large", detail)(scope, receive, send)
+            await self._refuse(scope, receive, send, 413, "Request too large", self._too_large())
             return
         media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        json_body = media_type.endswith((b"/json", b"+json"))
+        if media_type.endswith((b"/json", b"+json")):
+            await self._json(scope, receive, send)
+            return
         received = 0
-        tail = b""  # the end of the chunk before: an escape may be split across two
 
-        async def guarded() -> Message:
-            nonlocal received, tail
+        async def counted() -> Message:
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                received += len(chunk)
+                received += len(message.get("body", b""))
                 if self.limit is not None and received > self.limit:
-                    raise self._too_large()  # answered by the app's handler of HTTP errors, as a problem
-                if json_body and chunk:
-                    if _nul_escapes(tail + chunk):
-                        raise StarletteHTTPException(
-                            422,
-                            "a text in the request holds a NUL character (\\u0000), which cannot be stored; "
-                            "remove it and send the request again; nothing was stored",
-                        )
-                    tail = (tail + chunk)[-64:]
+                    raise StarletteHTTPException(413, self._too_large())  # the app's handler answers it
             return message
 
-        await self.app(scope, guarded, send)
+        await self.app(scope, counted, send)
+
+    async def _json(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body was in
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if self.limit is not None and size > self.limit:
+                await self._refuse(scope, receive, send, 413, "Request too large", self._too_large())
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if _nul_escapes(body):
+            field = None
+            with contextlib.suppress(ValueError):
+                field = nul_field(json.loads(body), fhir=_on_fhir_path(scope["path"]))
+            if field is not None:
+                message_ = "holds a NUL character (\\u0000), which cannot be stored; remove it"
+                await self._refuse(
+                    scope, receive, send, 422, "Invalid request",
+                    "a text of the request holds a NUL character; fix the fields listed; nothing was stored",
+                    [{"field": field, "message": message_}],
+                )  # fmt: skip
+                return
+        handed = False
+
+        async def replayed() -> Message:
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # a disconnect, for whoever waits for one
+
+        await self.app(scope, replayed, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, title: str, detail: str,
+                      errors: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+        await error_for(Request(scope, receive), status, title, detail, errors)(scope, receive, send)
 
 
 class RequestMetrics:

@@ -4,6 +4,7 @@ character, which PostgreSQL cannot store, is a 422. The handler never sees eithe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
@@ -67,31 +68,46 @@ def test_on_the_fhir_paths_the_refusal_is_an_operation_outcome() -> None:
         assert outcome["issue"][0]["code"] == "too-costly"
 
 
-def test_a_nul_character_in_a_json_text_is_a_422_problem_before_the_endpoint_runs() -> None:
+def test_a_nul_character_in_a_json_text_is_a_422_naming_the_field_before_the_endpoint_runs() -> None:
     seen.clear()
-    response = client().post("/v1/echo", json={"clinical_question": "mass\u0000 left ovary"})
+    body = {"patient": {"family_name": "Doe"}, "history": ["prior scan", "mass\u0000 left ovary"]}
+    response = client().post("/v1/echo", json=body)
     assert response.status_code == 422
     assert response.headers["content-type"].startswith("application/problem+json")
-    assert response.json()["detail"].startswith("a text in the request holds a NUL character")
-    assert "ovary" not in response.text
+    assert response.json()["detail"].startswith("a text of the request holds a NUL character")
+    assert response.json()["errors"] == [
+        {
+            "field": "history.1",
+            "message": "holds a NUL character (\\u0000), which cannot be stored; remove it",
+        }
+    ]
+    assert "ovary" not in response.text and "Doe" not in response.text
     assert seen == []
 
 
 def test_a_nul_escape_split_across_chunks_is_found_and_an_escaped_backslash_is_not_one() -> None:
     seen.clear()
     split = iter([b'{"a": "x\\u00', b'00"}'])
-    assert (
-        client().post("/v1/echo", content=split, headers={"Content-Type": "application/json"}).status_code
-        == 422
-    )
+    response = client().post("/v1/echo", content=split, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["errors"][0]["field"] == "a"
     literal = {"note": "the text \\u0000 as typed"}  # a backslash, then "u0000": no NUL
     assert client().post("/v1/echo", json=literal).status_code == 200
-    assert (
-        client()
-        .post("/fhir/Echo", content=b'{"a": "\\u0000"}', headers={"Content-Type": "application/fhir+json"})
-        .json()["issue"][0]["code"]
-        == "invalid"
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": {"identifier": [{"value": "S-\u0000"}]}}]}
+    outcome = (
+        client().post("/fhir/Echo", json=bundle, headers={"Content-Type": "application/fhir+json"}).json()
     )
+    assert outcome["issue"][0]["code"] == "invalid"
+    assert outcome["issue"][0]["expression"] == ["Bundle.entry[0].resource.identifier[0].value"]
+
+
+def test_a_json_body_is_handed_on_whole_and_a_chunked_one_is_bounded() -> None:
+    body = json.dumps({"text": "x" * 40_000}).encode()
+    pieces = iter([body[:10_000], body[10_000:]])
+    response = client().post("/v1/echo", content=pieces, headers={"Content-Type": "application/json"})
+    assert response.json() == {"size": len(body)}
+    endless = (b'{"a": "' + b"x" * 4096 for _ in range(100))
+    response = client().post("/v1/echo", content=endless, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
 
 
 def test_bodies_that_are_not_json_are_not_read_for_nul() -> None:
