@@ -101,6 +101,9 @@ OWN_ADDENDA = "deliver-own-addenda"  # workflow.patched id: a specialist's own a
 COMMUNICATION_FIRST = "communication-before-report"
 # The documenter's clock may run a few minutes ahead of the workflow's: a communication that far ahead is accepted.
 CLOCK_SKEW = timedelta(minutes=5)
+# While a report waits for the communication to be documented, operations is reminded this often (not on hold).
+# A constant, not a CasePolicy field: a worker from before would refuse a case input carrying a new field.
+COMMUNICATION_REMINDER = timedelta(hours=1)
 
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
@@ -485,7 +488,19 @@ class CaseWorkflow:
                 f"review submitted ({submitted.agreement}) without a documented communication; the report waits "
                 "until operations documents that the referring physician was told",
             )
-            await workflow.wait_condition(lambda: self._communication is not None)
+            waiting_since, reminders = workflow.now(), 0
+            while not await self._wait_or_timeout(
+                lambda: self._communication is not None, COMMUNICATION_REMINDER
+            ):
+                if self._hold is not None:
+                    continue  # on hold by operations' choice: no reminder until it is resumed
+                reminders += 1
+                await self._alert(
+                    "communication_reminder",
+                    f"reminder {reminders}: the report has waited since {_utc(waiting_since)} for operations to "
+                    "document that the referring physician was told directly (update document_communication: "
+                    "who, role, how, when)",
+                )
         return self._communication
 
     async def _await_acceptance(self, case: CaseInput, offer: ReviewOffered, mark: int) -> None:

@@ -704,13 +704,17 @@ async def to_untold_discrepancy(handle: WorkflowHandle, services: Services) -> s
 
 
 async def test_an_untold_major_discrepancy_waits_for_operations_to_document_the_communication(
-    client: Client, settings: Settings
-) -> None:
+    client: Client, settings: Settings, temporal_env
+) -> None:  # type: ignore[no-untyped-def]
     handle, services = await start(client, settings)
     await to_untold_discrepancy(handle, services)
     alert = await services.expect("case.alert", kind="critical_result")
     assert "without a documented communication" in alert["data"]["detail"]
     assert "document_communication" in alert["data"]["detail"]
+    await temporal_env.fast_forward(handle, timedelta(minutes=61))  # operations is reminded every hour
+    reminder = await services.expect("case.alert", kind="communication_reminder")
+    assert reminder["data"]["detail"].startswith("reminder 1: the report has waited since ")
+    assert "document_communication" in reminder["data"]["detail"]
     with pytest.raises(AssertionError, match="no report.compose"):
         await services.expect("report.compose", timeout=2)  # nothing is composed, let alone delivered
     assert "**Waiting for:** operations to document that the referring physician was told directly" in (
@@ -818,12 +822,15 @@ async def test_a_major_discrepancy_the_specialist_documented_goes_straight_to_th
 
 
 async def test_a_case_waiting_for_the_communication_can_be_held_resumed_and_cancelled(
-    client: Client, settings: Settings
-) -> None:
+    client: Client, settings: Settings, temporal_env
+) -> None:  # type: ignore[no-untyped-def]
     handle, services = await start(client, settings)
     await to_untold_discrepancy(handle, services)
     await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="the physician calls back tomorrow"))
     await wait_status(handle, CaseStatus.ON_HOLD)
+    await temporal_env.fast_forward(handle, timedelta(hours=3))
+    with pytest.raises(AssertionError):  # held by operations' choice: not reminded of what they chose
+        await services.expect("case.alert", kind="communication_reminder", timeout=2)
     await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
     await wait_status(handle, CaseStatus.AWAITING_COMMUNICATION)
     await decide(handle, CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew"))
