@@ -145,6 +145,7 @@ def test_a_specialist_who_declines_loses_access_to_the_case(
 
     assert declined.status_code == 200, declined.text
     assert case.read_as(reviewer) == STRANGER
+    assert review_read_as(client, settings, reviewer, offered["review_id"]) == (404, [])
 
 
 def test_a_specialist_whose_offer_lapsed_loses_access_to_the_case(
@@ -176,6 +177,7 @@ def test_a_specialist_reassigned_away_loses_access_and_the_new_one_reads_the_cas
     assert second != first
     assert case.read_as(first) == STRANGER
     assert case.read_as(second) == READS
+    assert review_read_as(client, settings, first, offered["review_id"]) == (404, [])
 
 
 def test_cancelling_the_case_ends_the_offered_specialists_access(
@@ -236,6 +238,7 @@ def test_the_author_of_the_report_keeps_reading_the_case_through_follow_up_and_a
     )
 
     assert case.read_as(reviewer) == READS
+    assert review_read_as(client, settings, reviewer, review_id) == (200, [review_id])
 
 
 def test_each_grant_and_revocation_is_in_the_audit_log_once_for_the_case_and_its_partner(
@@ -335,6 +338,22 @@ def test_the_migration_revokes_access_left_behind_by_past_declines(tmp_path: Pat
 
     assert sorted(noted(sqlite, "case-old")) == ["spec-gyn-1", "spec-gyn-2"]
     sqlite.dispose()
+
+
+def review_read_as(
+    client: TestClient, settings: Settings, specialist_id: str, review_id: str
+) -> tuple[int, list[str]]:
+    """What the specialist's key gets from the review's detail, and which of its reviews (of any status) it lists:
+    the review API's own answer, beside records'."""
+    headers = specialist_headers(settings, specialist_id)
+    detail = client.get(f"/v1/reviews/{review_id}", headers=headers).status_code
+    listed = [
+        item["review_id"]
+        for status in ("offered", "accepted", "submitted", "declined", "withdrawn")
+        for item in client.get("/v1/reviews", params={"status": status}, headers=headers).json()
+        if item["review_id"] == review_id
+    ]
+    return detail, listed
 
 
 def access_log(case_id: str) -> list[tuple[str, str | None, str]]:
