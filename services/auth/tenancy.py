@@ -56,6 +56,7 @@ class ReviewerStanding:
 # key space (the two-key form, apart from the audit chain's one-key lock), or this process's lock on SQLite.
 REVIEWER_LOCKS = 0x5EC0_A0D2
 _local_lock = threading.Lock()
+REVIEWER_ACCESS = "case.reviewer_access"  # the audit log's resource for a grant or revocation
 
 
 def settle_reviewer(
@@ -100,9 +101,6 @@ def settle_reviewer(
     return now.may_read
 
 
-REVIEWER_ACCESS = "case.reviewer_access"  # the audit log's resource for a grant or revocation
-
-
 @contextmanager
 def _pair_locked(session: Session, case_id: str, specialist_id: str) -> Iterator[None]:
     if session.get_bind().dialect.name != "postgresql":
@@ -111,7 +109,10 @@ def _pair_locked(session: Session, case_id: str, specialist_id: str) -> Iterator
         return
     digest = hashlib.blake2b(f"{case_id}\x1f{specialist_id}".encode(), digest_size=4).digest()
     key = int.from_bytes(digest, "big", signed=True)
-    session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": REVIEWER_LOCKS, "key": key})
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(CAST(:space AS integer), CAST(:key AS integer))"),
+        {"space": REVIEWER_LOCKS, "key": key},
+    )
     yield  # released when the session's transaction ends
 
 

@@ -6,6 +6,7 @@ the records service's API and DICOMweb, and the auth registry between them.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -275,6 +276,41 @@ def test_a_settlement_that_runs_late_applies_the_reviews_as_committed_now(
     assert access.settle(engine, get_engine("auth"), case_id, specialist_id) is None  # nothing to grant
 
     assert case.read_as(reviewer) == STRANGER
+
+
+def test_settlements_of_one_pair_take_turns(records: Records) -> None:
+    # Settlement A read "may read" and has not committed; B, started meanwhile, reads only once A is done.
+    auth, case_id = get_engine("auth"), f"case-{uuid.uuid4().hex[:8]}"
+    order: list[str] = []
+    a_reading, a_may_go = threading.Event(), threading.Event()
+
+    def a_reads() -> tenancy.ReviewerStanding:
+        order.append("A reads")
+        a_reading.set()
+        a_may_go.wait(10)
+        order.append("A goes on")
+        return tenancy.ReviewerStanding(True, "offered")
+
+    def b_reads() -> tenancy.ReviewerStanding:
+        order.append("B reads")
+        return tenancy.ReviewerStanding(False, "declined")
+
+    a = threading.Thread(
+        target=tenancy.settle_reviewer, args=(auth, case_id, "spec-x", a_reads), kwargs={"service": "t"}
+    )
+    b = threading.Thread(
+        target=tenancy.settle_reviewer, args=(auth, case_id, "spec-x", b_reads), kwargs={"service": "t"}
+    )
+    a.start()
+    assert a_reading.wait(10)
+    b.start()
+    time.sleep(0.3)
+    a_may_go.set()
+    a.join(10)
+    b.join(10)
+
+    assert order == ["A reads", "A goes on", "B reads"]
+    assert [action for action, _, _ in access_log(case_id)] == ["create", "delete"]
 
 
 def test_a_revocation_the_auth_schema_missed_is_settled_by_the_loop(
