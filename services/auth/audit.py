@@ -2,7 +2,8 @@
 
 Entries are committed in the audit log's own transactions, never the request's, so a denied or failed
 attempt is kept even when the request's own work is rolled back; `record` returns once its entry is
-committed. PostgreSQL refuses UPDATE, DELETE and TRUNCATE on the table (migrations 0001 and 0003), and
+committed. A change of who may see a case (`tenancy.settle_reviewer`) is the exception: `record_in` writes
+its entry in the change's own transaction, so neither is kept without the other. PostgreSQL refuses UPDATE, DELETE and TRUNCATE on the table (migrations 0001 and 0003), and
 every entry carries the hash of the one before it (`audit_chain`), so a change made around the triggers
 is still found by `secondopinion audit verify`.
 
@@ -124,18 +125,54 @@ class _Chain:
                 waiting.woken.set()
 
 
+def record_in(
+    session: Session,
+    *,
+    actor: str,
+    partner_id: str | None,
+    role: str | None,
+    service: str,
+    action: str,
+    resource: str,
+    outcome: str,
+    case_id: str | None = None,
+    purpose: str = "TREAT",
+    detail: str = "",
+) -> None:
+    """Append one entry in the caller's transaction, for a change (of who may see a case) that must not happen
+    without its entry, nor its entry without it: they commit, or roll back, together. The chain's lock is held
+    until the caller commits: keep that transaction short."""
+    event = AuditEvent(
+        actor=actor,
+        partner_id=partner_id,
+        role=role,
+        service=service,
+        action=action,
+        resource=resource,
+        case_id=case_id,
+        outcome=outcome,
+        purpose=purpose,
+        detail=detail[:500],
+    )
+    _append(session, [event])
+
+
 def _extend(engine: Engine, events: list[AuditEvent]) -> None:
     """Append `events` to the chain, in order, in one transaction."""
     with Session(engine) as session:
-        if engine.dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK})
-        head = session.exec(select(AuditEvent.row_hash).order_by(col(AuditEvent.id).desc()).limit(1)).first()
-        for event in events:
-            event.prev_hash = head or GENESIS
-            event.row_hash = head = entry_hash(event)
-            session.add(event)
-            session.flush()  # one INSERT at a time: ids follow the chain's order
+        _append(session, events)
         session.commit()
+
+
+def _append(session: Session, events: list[AuditEvent]) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK})
+    head = session.exec(select(AuditEvent.row_hash).order_by(col(AuditEvent.id).desc()).limit(1)).first()
+    for event in events:
+        event.prev_hash = head or GENESIS
+        event.row_hash = head = entry_hash(event)
+        session.add(event)
+        session.flush()  # one INSERT at a time: ids follow the chain's order
 
 
 def _unwritten(event: AuditEvent) -> AuditEvent:

@@ -10,7 +10,14 @@ from fhir.resources.R4B.bundle import Bundle
 from services.auth.models import AuditEvent
 
 ACTIONS = {"create": "C", "read": "R", "list": "R", "get": "R", "update": "U", "post": "C", "delete": "D"}
-INTERACTIONS = {"create": "create", "read": "read", "get": "read", "list": "search-type", "update": "update"}
+INTERACTIONS = {
+    "create": "create",
+    "read": "read",
+    "get": "read",
+    "list": "search-type",
+    "update": "update",
+    "delete": "delete",
+}
 OUTCOMES = {"success": "0", "denied": "4", "failed": "8"}
 CASE_SYSTEM = "urn:secondopinion:case"
 ACTOR_SYSTEM = "urn:secondopinion:api-key"

@@ -94,7 +94,9 @@ class CaseOwner(SQLModel, table=True):
 
 
 class CaseReviewer(SQLModel, table=True):
-    """A specialist offered the case: their key may read its records and its report."""
+    """A specialist the case is offered or assigned to now, or the author of its signed report: their key may
+    read its records and its report. Revoked (the row deleted, the audit log says when and why) once they
+    decline, the offer lapses, or the case is withdrawn from them (reassigned, cancelled) before they signed."""
 
     __tablename__ = "case_reviewers"
 

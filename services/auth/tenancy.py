@@ -1,24 +1,34 @@
-"""Who may see which case: its owning partner, the specialists it was offered to, and operations.
+"""Who may see which case: its owning partner, its reviewers, and operations.
 
 Services learn a case's partner from the case workflow's commands (`records.collect`, `insurance.verify`,
-`review.match`) and its reviewers from their offers, and register them here, in the auth schema every
-service already reads; the checks of every service's API read them back.
+`review.match`) and register it here, in the auth schema every service already reads; the checks of every
+service's API read it back. A case's reviewers are the specialists it is offered or assigned to now, and the
+author of its signed report: the review service settles each (case, specialist) pair against its reviews
+whenever they change (`settle_reviewer`), granting or revoking, and the audit log records each change.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import structlog
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlmodel import Session
 
+from services.auth import audit
 from services.auth.models import CaseOwner, CaseReviewer, Role
 from services.common.db import insert_skipping_taken
 
 log = structlog.get_logger(__name__)
 
 
-def _insert_once(engine: Engine, table: type[CaseOwner] | type[CaseReviewer], **values: str) -> None:
+def _insert_once(engine: Engine, table: type[CaseOwner], **values: str) -> None:
     statement = insert_skipping_taken(engine.dialect.name, table)
     try:
         with engine.begin() as conn:
@@ -34,8 +44,76 @@ def register_owner(engine: Engine, case_id: str, partner_id: str | None) -> None
         _insert_once(engine, CaseOwner, case_id=case_id, partner_id=partner_id)
 
 
-def register_reviewer(engine: Engine, case_id: str, specialist_id: str) -> None:
-    _insert_once(engine, CaseReviewer, case_id=case_id, specialist_id=specialist_id)
+@dataclass(frozen=True)
+class ReviewerStanding:
+    """Whether a specialist may read a case now, and why (for the audit log: no PHI)."""
+
+    may_read: bool
+    why: str
+
+
+# Settlements of one (case, specialist) pair take turns: a transaction-scoped PostgreSQL advisory lock in this
+# key space (the two-key form, apart from the audit chain's one-key lock), or this process's lock on SQLite.
+REVIEWER_LOCKS = 0x5EC0_A0D2
+_local_lock = threading.Lock()
+REVIEWER_ACCESS = "case.reviewer_access"  # the audit log's resource for a grant or revocation
+
+
+def settle_reviewer(
+    engine: Engine,
+    case_id: str,
+    specialist_id: str,
+    standing: Callable[[], ReviewerStanding],
+    *,
+    service: str,
+) -> bool | None:
+    """Make the registry say what `standing` says now: grant the specialist read access to the case, or revoke
+    it, with an audit entry in the same transaction. `standing` is read under a lock on the pair, so whichever
+    settlement runs last applies the state as committed last, whatever order they started in (a grant that
+    runs late reads the decline that followed the offer). Returns True for a grant, False for a revocation,
+    None when the registry already said so (a settlement again, or a redelivered message: nothing written)."""
+    with Session(engine) as session, _pair_locked(session, case_id, specialist_id):
+        now = standing()
+        row = session.get(CaseReviewer, (case_id, specialist_id))
+        if now.may_read == (row is not None):
+            return None
+        if row is None:
+            session.add(CaseReviewer(case_id=case_id, specialist_id=specialist_id))
+            detail = f"{specialist_id} may read the case's records and report: {now.why}"
+        else:
+            session.delete(row)
+            detail = f"{specialist_id} may no longer read the case's records and report: {now.why}"
+        owner = session.get(CaseOwner, case_id)
+        audit.record_in(
+            session,
+            actor=service,
+            partner_id=owner.partner_id if owner else None,
+            role=None,
+            service=service,
+            action="create" if now.may_read else "delete",
+            resource=REVIEWER_ACCESS,
+            case_id=case_id,
+            outcome="success",
+            detail=detail,
+        )
+        session.commit()
+    log.info("tenancy.reviewer_settled", case_id=case_id, specialist_id=specialist_id, may_read=now.may_read)
+    return now.may_read
+
+
+@contextmanager
+def _pair_locked(session: Session, case_id: str, specialist_id: str) -> Iterator[None]:
+    if session.get_bind().dialect.name != "postgresql":
+        with _local_lock:
+            yield
+        return
+    digest = hashlib.blake2b(f"{case_id}\x1f{specialist_id}".encode(), digest_size=4).digest()
+    key = int.from_bytes(digest, "big", signed=True)
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(CAST(:space AS integer), CAST(:key AS integer))"),
+        {"space": REVIEWER_LOCKS, "key": key},
+    )
+    yield  # released when the session's transaction ends
 
 
 def owner_of(engine: Engine, case_id: str) -> str | None:

@@ -13,6 +13,7 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Field, Session, SQLModel, create_engine
 
 from services.common.config import Settings, get_settings
@@ -118,8 +119,28 @@ def _note_added(session: OrmSession, row: object) -> None:
 
 def after_commit(session: Session, action: Callable[[], object]) -> None:
     """Run `action` once the session's transaction has committed (never if it rolls back): for a write to
-    another database that must not outlive a transaction that did not happen."""
-    event.listen(session, "after_commit", lambda _: action(), once=True)
+    another database that must not outlive a transaction that did not happen.
+
+    It runs when the transaction has ended and the session has given its connection back to the pool, so the
+    action may use the same engine without holding two connections at once (under load, every thread holding
+    one and waiting for a second would empty the pool). A savepoint released is not the commit; a transaction
+    rolled back drops the action, also when the session is committed later."""
+    committed = done = False
+
+    def on_commit(committing: OrmSession) -> None:
+        nonlocal committed
+        committed = committed or not committing.in_nested_transaction()
+
+    def on_end(_: OrmSession, transaction: SessionTransaction) -> None:
+        nonlocal done
+        if done or transaction.parent is not None:
+            return
+        done = True
+        if committed:
+            action()
+
+    event.listen(session, "after_commit", on_commit)
+    event.listen(session, "after_transaction_end", on_end)
 
 
 def insert_skipping_taken(dialect: str, table: Any) -> Any:

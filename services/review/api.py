@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlmodel import Session, col, select
 
 from contracts.commands import MatchSpecialist
-from services.auth import Role, authenticate, require_role
+from services.auth import Caller, Role, authenticate, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.config import Settings
@@ -74,9 +74,11 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
     dependencies=[Depends(require_role(Role.SPECIALIST, Role.OPERATIONS))],
 )
 def worklist(
-    session: SessionDep, reviewer: CurrentReviewer, status: ReviewStatus | None = None
+    session: SessionDep, reviewer: CurrentReviewer, caller: Caller, status: ReviewStatus | None = None
 ) -> list[WorkItem]:
-    """The reviewer's offers, accepted and submitted reviews (with open follow-up questions), soonest due first."""
+    """The reviewer's offers, accepted and submitted reviews (with open follow-up questions), soonest due first.
+    A specialist's own key lists only those: reviews they declined, or that were withdrawn from them, are
+    operations' to list (`status=declined`, `status=withdrawn`), no longer theirs."""
     if reviewer is None:
         raise RequestValidationError(
             [{"loc": ("query", "reviewer"), "msg": "Field required", "type": "missing"}]
@@ -85,7 +87,9 @@ def worklist(
         raise HTTPException(
             404, f"no specialist {reviewer!r} in the directory; GET /v1/specialists lists them"
         )
-    statuses = (status,) if status else WORKLIST_STATUSES
+    statuses: tuple[str, ...] = (status,) if status else WORKLIST_STATUSES
+    if caller.role == Role.SPECIALIST:
+        statuses = tuple(s for s in statuses if s in WORKLIST_STATUSES)
     query = select(Review).where(Review.reviewer_id == reviewer, col(Review.status).in_(statuses))
     rows = session.exec(query.order_by(col(Review.due_at), col(Review.assigned_at))).all()
     items = [_work_item(r, _questions(session, r)) for r in rows]
@@ -103,7 +107,7 @@ def stats(session: SessionDep) -> ReviewStats:
 def review_detail(
     review_id: str, session: SessionDep, settings: SettingsDep, reviewer: CurrentReviewer, access: AccessDep
 ) -> ReviewDetail:
-    return _detail(session, _review_or_404(session, review_id, reviewer, access), settings)
+    return _detail(session, _review_or_404(session, review_id, reviewer, access, held=True), settings)
 
 
 @reviews.post("/{review_id}/accept", response_model=ReviewDetail, responses=NOT_YOURS | CONFLICT)
@@ -287,13 +291,28 @@ def _only_the_reviewer_signs(access: Access, what: str) -> None:
 
 
 def _review_or_404(
-    session: Session, review_id: str, reviewer: str | None, access: Access, *, for_update: bool = False
+    session: Session,
+    review_id: str,
+    reviewer: str | None,
+    access: Access,
+    *,
+    for_update: bool = False,
+    held: bool = False,
 ) -> Review:
+    """The review, if the caller may act on it. With `held`, a specialist's key must still hold it (offered,
+    accepted or signed): the case of a review they declined, or that was withdrawn from them, is not theirs to
+    read (services.review.access); acting on it is a 409 saying what happened to it."""
     query = select(Review).where(Review.id == review_id)
     review = session.exec(query.with_for_update() if for_update else query).first()
     # Someone else's review is answered exactly like a missing one: its existence is not the caller's business.
     partner = access.caller.role == Role.PARTNER
-    if review is None or partner or (reviewer is not None and review.reviewer_id != reviewer):
+    let_go = (
+        held
+        and review is not None
+        and access.caller.role == Role.SPECIALIST
+        and review.status not in WORKLIST_STATUSES
+    )
+    if review is None or partner or let_go or (reviewer is not None and review.reviewer_id != reviewer):
         raise access.deny(
             "review",
             review.case_id if review else None,

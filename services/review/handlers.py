@@ -29,8 +29,9 @@ from contracts.models import DocumentedCommunication
 from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
-from services.common.db import after_commit, get_engine, utcnow
+from services.common.db import get_engine, utcnow
 from services.common.errors import PoisonMessage
+from services.review import access
 from services.review.diagnostic_report import build_diagnostic_report
 from services.review.encapsulated_pdf import encapsulated_pdf
 from services.review.matching import NoMatch, match_specialist
@@ -102,12 +103,10 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
         due_at=as_utc(cmd.due_at),
     )
     session.add(review)
-    auth = get_engine("auth")
-    tenancy.register_owner(auth, cmd.case_id, cmd.partner_id)
+    tenancy.register_owner(get_engine("auth"), cmd.case_id, cmd.partner_id)
     # The offered specialist may see the case once the offer stands: a match whose transaction rolls back
     # (and may offer someone else when applied again) must not leave them able to read its records.
-    reviewer_id = review.reviewer_id
-    after_commit(session, lambda: tenancy.register_reviewer(auth, cmd.case_id, reviewer_id))
+    access.note_change(session, cmd.case_id, review.reviewer_id)
     offered = ReviewOffered(
         case_id=cmd.case_id,
         review_id=review.id,

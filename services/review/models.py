@@ -13,7 +13,7 @@ from contracts.models import Exam, OriginalReport, StudySummary
 from services.common.db import utcnow
 from services.review.recommendations import RecommendationItem
 
-TABLES = ("specialists", "reviews", "reports", "follow_up_questions", "addenda")
+TABLES = ("specialists", "reviews", "reports", "follow_up_questions", "addenda", "reviewer_access_changes")
 
 ReviewStatus = Literal["offered", "accepted", "submitted", "declined", "withdrawn"]
 # Reviews that count against a specialist's capacity and show in their worklist by default.
@@ -198,6 +198,18 @@ class ReviewAddendum(SQLModel, table=True):
     report_version: int = Field(description="the report version this addendum made")
     # The client's Idempotency-Key, if it sent one: a repeated POST answers this addendum, signs none.
     idempotency_key: str | None = Field(default=None, max_length=255)
+
+
+class ReviewerAccessChange(SQLModel, table=True):
+    """A specialist's reviews of a case changed in a way that may change their access to its PHI, noted in the
+    change's transaction; deleted once the auth registry has been settled to match (services.review.access)."""
+
+    __tablename__ = "reviewer_access_changes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: str = Field(max_length=100)
+    specialist_id: str = Field(max_length=50)
+    noted_at: datetime = Field(default_factory=utcnow)
 
 
 class RiskAssessment(BaseModel):

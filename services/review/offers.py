@@ -1,5 +1,6 @@
 """An offer's life: the specialist accepts or declines; the workflow withdraws it (expiry, reassignment,
-cancellation). Handlers add to the session; callers commit.
+cancellation). Handlers add to the session; callers commit. A decline or withdrawal ends the specialist's access
+to the case's records (services.review.access), once it commits.
 
 ReviewStateError (409 to the specialist): the review is no longer in a state that allows the action.
 """
@@ -11,9 +12,9 @@ from sqlmodel import Session, col, select
 
 from contracts.commands import CloseReview, WithdrawOffer
 from contracts.events import CaseAlert, CaseCancelled, ReviewAccepted, ReviewDeclined
-from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
-from services.common.db import after_commit, get_engine, utcnow
+from services.common.db import utcnow
+from services.review import access
 from services.review.handlers import event
 from services.review.models import OPEN_STATUSES, FollowUpQuestion, Review, ReviewAddendum, as_utc
 
@@ -33,9 +34,8 @@ def accept(review: Review, session: Session) -> bool:
     review.status = "accepted"
     review.accepted_at = utcnow()
     session.add(review)
-    # Registered at the offer's commit already; again here (idempotent) in case the process died in between.
-    case_id, reviewer_id = review.case_id, review.reviewer_id
-    after_commit(session, lambda: tenancy.register_reviewer(get_engine("auth"), case_id, reviewer_id))
+    # Granted when the offer was settled already; settled again (idempotent), should the grant have gone amiss.
+    access.note_change(session, review.case_id, review.reviewer_id)
     accepted = ReviewAccepted(case_id=review.case_id, review_id=review.id, reviewer_id=review.reviewer_id)
     enqueue(session, EVENTS, event(f"{accepted.TYPE}:{review.id}", accepted))
     log.info("review.accepted", case_id=review.case_id, review_id=review.id)
@@ -49,6 +49,7 @@ def decline(review: Review, reason: str, session: Session) -> None:
     review.declined_at = utcnow()
     review.decline_reason = reason
     session.add(review)
+    access.note_change(session, review.case_id, review.reviewer_id)
     declined = ReviewDeclined(
         case_id=review.case_id, review_id=review.id, reviewer_id=review.reviewer_id, reason=reason
     )
@@ -152,4 +153,5 @@ def _withdraw(review: Review, reason: str, session: Session) -> None:
     review.withdrawn_at = utcnow()
     review.withdrawn_reason = reason
     session.add(review)
+    access.note_change(session, review.case_id, review.reviewer_id)
     log.info("review.withdrawn", case_id=review.case_id, review_id=review.id, reason=reason)
