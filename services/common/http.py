@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
 from fastapi import APIRouter, FastAPI, Request
@@ -104,45 +106,87 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
-NUL_ESCAPE = b"\\u0000"  # JSON's escape of the NUL character, which no text column can store
+# JSON escapes of what no text column can store: the NUL character, and a UTF-16 surrogate. A surrogate pair
+# decodes to one character and is stored; a lone surrogate decodes to no character at all (PostgreSQL, and
+# UTF-8 itself, refuse it), so the walk below tells the two apart.
+UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
+NUL_MESSAGE = "holds a NUL character (\\u0000), which cannot be stored; remove it"
+SURROGATE_MESSAGE = (
+    "holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff), which encodes no character; send the text as "
+    "UTF-8, or a character beyond U+FFFF as a surrogate pair"
+)
 
 
-def _nul_escapes(data: bytes) -> bool:
-    """Whether `data` holds a JSON `\\u0000` escape (not an escaped backslash followed by "u0000")."""
-    at = data.find(NUL_ESCAPE)
-    while at != -1:
-        backslashes = len(data[:at]) - len(data[:at].rstrip(b"\\"))
-        if backslashes % 2 == 0:
+def _unstorable_escapes(data: bytes) -> bool:
+    """Whether `data` holds a JSON `\\u0000` or surrogate escape (not an escaped backslash before "u…")."""
+    if b"\\u" not in data:
+        return False
+    for match in UNSTORABLE_ESCAPE.finditer(data):
+        before = match.start() - 1
+        while before >= 0 and data[before] == 0x5C:  # the backslashes before this one
+            before -= 1
+        if (match.start() - 1 - before) % 2 == 0:
             return True
-        at = data.find(NUL_ESCAPE, at + 1)
     return False
 
 
-def nul_field(document: Any, fhir: bool) -> str | None:
-    """Where the first text holding a NUL character is: a FHIR element path ("Bundle.entry[1].resource.
-    identifier[0].value") or, for the JSON API, the field as validation errors name it ("patient.given_name")."""
+def _unstorable(text: str) -> str | None:
+    """Why a text cannot be stored (NUL, lone surrogate), or None."""
+    if "\x00" in text:
+        return NUL_MESSAGE
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return SURROGATE_MESSAGE
+    return None
 
-    def walk(node: Any, path: list[str | int]) -> list[str | int] | None:
+
+def unstorable_field(document: Any, fhir: bool) -> tuple[str, str] | None:
+    """Where the first text that no column can store is (a NUL character, a lone surrogate), and why: a FHIR
+    element path ("Bundle.entry[1].resource.identifier[0].value") or, for the JSON API, the field as
+    validation errors name it ("patient.given_name"). Walked without recursion: any depth json.loads reads."""
+    found: tuple[list[str | int], str] | None = None
+    pending: list[tuple[Any, list[str | int]]] = [(document, [])]
+    while pending and found is None:
+        node, path = pending.pop()
         if isinstance(node, str):
-            return path if "\x00" in node else None
-        items: Iterable[tuple[str | int, Any]] = (
-            node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        )
-        for key, value in items:
-            if isinstance(key, str) and "\x00" in key:
-                return path
-            found = walk(value, [*path, key])
-            if found is not None:
-                return found
+            reason = _unstorable(node)
+            found = (path, reason) if reason else None
+            continue
+        if isinstance(node, dict):
+            items: list[tuple[str | int, Any]] = list(node.items())
+        elif isinstance(node, list):
+            items = list(enumerate(node))
+        else:
+            continue
+        for key, _ in items:
+            reason = _unstorable(key) if isinstance(key, str) else None
+            if reason:
+                found = (path, reason)
+                break
+        pending.extend((value, [*path, key]) for key, value in reversed(items))  # the first item first
+    if found is None:
         return None
-
-    path = walk(document, [])
-    if path is None:
-        return None
+    path, reason = found
     if not fhir:
-        return ".".join(str(p) for p in path)
+        return ".".join(str(p) for p in path), reason
     root = document.get("resourceType", "") if isinstance(document, dict) else ""
-    return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    root = root if isinstance(root, str) and not _unstorable(root) else ""
+    return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path), reason
+
+
+def nul_in_url(scope: Scope) -> str | None:
+    """Where a NUL character (%00) is in the request's URL: "path" or "query.<name>"; None if nowhere. No id
+    or search value holds one, and PostgreSQL cannot compare a text with one."""
+    if "\x00" in scope["path"]:
+        return "path"
+    query: bytes = scope.get("query_string", b"")
+    if b"%00" not in query and b"\x00" not in query:
+        return None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return f"query.{name.replace(chr(0), '')}"
+    return None
 
 
 class BodyGuard:
@@ -152,9 +196,12 @@ class BodyGuard:
     - a body over `limit` bytes (None: no bound here): 413, at once when its Content-Length says so, else as
       soon as the bytes received pass it (chunked bodies), never read into memory whole. Starlette's own
       limit answers in plain text.
-    - a JSON body with a NUL character (`\\u0000`) in a text: 422 naming the field. PostgreSQL cannot store
-      it, so it would fail the request with a 500, or pass into a case and fail each service it reaches. A
-      JSON body is read whole (the endpoint reads it whole anyway) and handed on once it is looked at."""
+    - a JSON body with a NUL character (`\\u0000`) or a lone surrogate (`\\ud800`) in a text: 422 naming the
+      field. PostgreSQL cannot store either, so it would fail the request with a 500, or pass into a case
+      and fail each service it reaches. A JSON body is read whole (the endpoint reads it whole anyway) and
+      handed on once it is looked at.
+    - a NUL character (`%00`) in the URL's path or query: 422 naming where. No id or search value holds one,
+      and a look-up with it would fail in the database."""
 
     def __init__(self, app: ASGIApp, limit: int | None) -> None:
         self.app, self.limit = app, limit
@@ -169,6 +216,14 @@ class BodyGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        where = nul_in_url(scope)
+        if where is not None:
+            await self._refuse(
+                scope, receive, send, 422, "Invalid request",
+                "the URL holds a NUL character (%00); fix the part listed; nothing was read or changed",
+                [{"field": where, "message": "holds a NUL character (%00), which no id or search value holds; remove it"}],
+            )  # fmt: skip
             return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
@@ -208,16 +263,19 @@ class BodyGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if _nul_escapes(body):
-            field = None
-            with contextlib.suppress(ValueError):
-                field = nul_field(json.loads(body), fhir=_on_fhir_path(scope["path"]))
-            if field is not None:
-                message_ = "holds a NUL character (\\u0000), which cannot be stored; remove it"
+        if _unstorable_escapes(body):
+            found = None
+            # A body json.loads cannot read (malformed, nested too deep) is handed on: the endpoint's own
+            # parsing answers what is wrong with it.
+            with contextlib.suppress(ValueError, RecursionError):
+                found = unstorable_field(json.loads(body), fhir=_on_fhir_path(scope["path"]))
+            if found is not None:
+                field, reason = found
+                what = "a NUL character" if reason == NUL_MESSAGE else "a lone surrogate escape"
                 await self._refuse(
                     scope, receive, send, 422, "Invalid request",
-                    "a text of the request holds a NUL character; fix the fields listed; nothing was stored",
-                    [{"field": field, "message": message_}],
+                    f"a text of the request holds {what}; fix the fields listed; nothing was stored",
+                    [{"field": field, "message": reason}],
                 )  # fmt: skip
                 return
         handed = False
@@ -274,6 +332,18 @@ class RequestMetrics:
                 LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
 
 
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """What was wrong with a JSON body FastAPI could not decode for a reason other than its syntax (a syntax
+    error is a 422 naming the position): FastAPI itself only says "There was an error parsing the body"."""
+    if exc.status_code != 400:
+        return None
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return "the body is not UTF-8 text; send the JSON encoded as UTF-8; nothing was stored"
+    if isinstance(exc.__cause__, RecursionError):
+        return "the body nests arrays or objects too deeply to be read; send it flatter; nothing was stored"
+    return None
+
+
 # What one JSON request may be: a FHIR transaction Bundle with a few documents of up to 10 MiB each (base64) fits.
 # The ingress lets bodies up to records' limits through; each service bounds its own, so a body too large for
 # a JSON service is refused there as it arrives, not read into memory.
@@ -325,7 +395,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = error_for(request, exc.status_code, "Error", str(exc.detail))
+        response = error_for(request, exc.status_code, "Error", _unreadable_body(exc) or str(exc.detail))
         response.headers.update(exc.headers or {})  # Retry-After, WWW-Authenticate
         return response
 

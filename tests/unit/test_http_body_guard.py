@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import pytest
 from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 from sqlalchemy.exc import DataError
 
 from services.common.http import create_app
@@ -132,3 +134,84 @@ def test_a_value_the_database_cannot_store_is_a_422_not_a_500() -> None:
     assert response.status_code == 422
     assert response.json()["detail"].endswith("fix it and send the request again; nothing was stored.")
     assert "Doe" not in response.text and "integer out of range" not in response.text
+
+
+def test_a_lone_surrogate_escape_in_a_json_text_is_a_422_naming_the_field_and_a_pair_is_stored() -> None:
+    """A lone `\\ud800` decodes to a text PostgreSQL (and UTF-8) cannot take: it was a 500 wherever a handler
+    read the JSON itself (a Bundle entry's ifNoneExist) rather than through a pydantic string."""
+    seen.clear()
+    body = b'{"entry": [{"request": {"ifNoneExist": "identifier=\\ud800"}}]}'
+    response = client().post("/v1/echo", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("a text of the request holds a lone surrogate escape")
+    assert response.json()["errors"][0]["field"] == "entry.0.request.ifNoneExist"
+    assert "UTF-8" in response.json()["errors"][0]["message"] and "identifier=" not in response.text
+    outcome = client().post(
+        "/fhir/Echo", content=b'{"resourceType": "Bundle", "id": "\\uDC00"}',
+        headers={"Content-Type": "application/fhir+json"},
+    ).json()  # fmt: skip
+    assert outcome["issue"][0]["expression"] == ["Bundle.id"]
+    assert seen == []
+    pair = b'{"note": "\\ud83d\\ude00 and \\\\ud800 as typed"}'  # an emoji, then a backslash and "ud800"
+    response = client().post("/v1/echo", content=pair, headers={"Content-Type": "application/json"})
+    assert response.json() == {"size": len(pair)}
+
+
+def test_a_nul_escape_in_json_nested_too_deep_to_read_is_handed_on_not_a_500() -> None:
+    deep = b'{"a": "\\u0000", "b": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    response = client().post("/v1/echo", content=deep, headers={"Content-Type": "application/json"})
+    assert response.json() == {"size": len(deep)}  # the endpoint's own parsing answers for it
+
+
+class Note(BaseModel):
+    text: str
+
+
+@router.post("/v1/notes")
+def add_note(note: Note) -> dict[str, str]:
+    return {"text": note.text}
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"text": "\xff"}', "the body is not UTF-8 text"),
+        (b"[" * 5_000 + b"]" * 5_000, "the body nests arrays or objects too deeply"),
+    ],
+    ids=["not UTF-8", "nested too deep"],
+)
+def test_a_json_body_that_cannot_be_decoded_says_why(body: bytes, detail: str) -> None:
+    response = client().post("/v1/notes", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith(detail)
+    assert response.json()["detail"].endswith("nothing was stored")
+
+
+@router.get("/v1/things/{thing_id}")
+@router.get("/fhir/Thing/{thing_id}")
+def read_thing(thing_id: str, name: str | None = None) -> dict[str, str]:
+    raise DataError("SELECT …", {"id": thing_id}, Exception("NUL"), hide_parameters=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "where"),
+    [
+        ("/v1/things/a%00b", "path"),
+        ("/v1/things/a?name=x%00y", "query.name"),
+        ("/v1/things/a?x%00=1", "query.x"),
+    ],
+)
+def test_a_nul_character_in_the_url_is_a_422_naming_where_before_the_endpoint_runs(
+    url: str, where: str
+) -> None:
+    """Before: the look-up failed in the database, answered "cannot be stored ... nothing was stored" on a read."""
+    response = client().get(url)
+    assert response.status_code == 422
+    assert response.json()["errors"] == [
+        {
+            "field": where,
+            "message": "holds a NUL character (%00), which no id or search value holds; remove it",
+        }
+    ]
+    outcome = client().get("/fhir/Thing/%00").json()
+    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["expression"] == ["path"]
