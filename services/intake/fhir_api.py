@@ -343,8 +343,12 @@ def _entry_if_none_exist(bundle: Any) -> str | None:
     """The ServiceRequest entry's request.ifNoneExist, if the body is a Bundle that has one."""
     entries = bundle.get("entry") if isinstance(bundle, dict) else None
     for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and (entry.get("resource") or {}).get("resourceType") == "ServiceRequest":
-            value = (entry.get("request") or {}).get("ifNoneExist")
+        # Read before the Bundle is validated: any element may be of any JSON type (a string `resource` was
+        # a 500); from_bundle then names what is wrong with it.
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "ServiceRequest":
+            request = entry.get("request")
+            value = request.get("ifNoneExist") if isinstance(request, dict) else None
             return value if isinstance(value, str) else None
     return None
 

@@ -487,6 +487,50 @@ def test_a_resource_the_models_cannot_read_is_a_422_not_a_500(client: TestClient
     assert OperationOutcome.model_validate(response.json()).issue[0].severity == "error"
 
 
+@pytest.mark.parametrize(
+    ("damage", "element"),
+    [
+        (lambda b: b["entry"].insert(0, {"resource": "Patient/pat"}), "Bundle.entry[0].resource"),
+        (lambda b: b["entry"].insert(0, {"resource": [PATIENT]}), "Bundle.entry[0].resource"),
+        (lambda b: b["entry"][1].update(request="POST ServiceRequest"), "Bundle.entry[1].request"),
+        (
+            lambda b: b["entry"][1].update(request=[{"ifNoneExist": "identifier=X"}]),
+            "Bundle.entry[1].request",
+        ),
+        (lambda b: b["entry"][1]["request"].update(ifNoneExist=5), "Bundle.entry[1].request.ifNoneExist"),
+    ],
+    ids=[
+        "resource a string",
+        "resource a list",
+        "request a string",
+        "request a list",
+        "ifNoneExist a number",
+    ],
+)
+def test_an_entry_whose_resource_or_request_is_not_an_object_is_a_422_naming_it(
+    client: TestClient, damage: Any, element: str
+) -> None:
+    """The transaction looks for the ServiceRequest entry's ifNoneExist before the Bundle is validated: an
+    entry whose resource or request was not an object was a 500 there."""
+    body = order({"value": "ENTRY-1"})
+    damage(body)
+    response = post_fhir(client, "/fhir", body)
+    assert response.status_code == 422, response.text
+    [issue, *_] = OperationOutcome.model_validate(response.json()).issue
+    assert (issue.expression or [""])[0].startswith(element)
+
+
+def test_an_if_none_exist_with_a_lone_surrogate_is_a_422_naming_the_element(client: TestClient) -> None:
+    """`\\ud800` decodes to a text PostgreSQL cannot take: the conditional create's search was a 500."""
+    body = order({"system": "urn:hospital-a:order", "value": "SUR-1"})
+    body["entry"][1]["request"]["ifNoneExist"] = "identifier=urn:hospital-a:order|SUR-\ud800"
+    raw = json.dumps(body).encode()  # the lone surrogate escaped as \\ud800 (ensure_ascii)
+    response = client.post("/fhir", content=raw, headers={"Content-Type": "application/fhir+json"})
+    assert response.status_code == 422, response.text
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert issue.expression == ["Bundle.entry[1].request.ifNoneExist"] and "SUR-" not in response.text
+
+
 def test_json_nested_too_deep_is_a_422(client: TestClient) -> None:
     response = client.post(
         "/fhir", content="[" * 5000 + "]" * 5000, headers={"Content-Type": "application/fhir+json"}
