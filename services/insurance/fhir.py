@@ -48,6 +48,10 @@ async def request_eligibility(request: Request, session: SessionDep) -> JSONResp
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _outcome(400, "CoverageEligibilityRequest", "the body is not JSON; send a FHIR JSON resource")
+    except RecursionError:
+        return _outcome(
+            400, "CoverageEligibilityRequest", "the body nests arrays or objects too deeply to be read"
+        )
     try:
         ask = fhir_resources.read_request(body)
     except FhirInvalid as exc:

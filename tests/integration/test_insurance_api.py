@@ -306,6 +306,44 @@ def test_fhir_request_that_is_not_json(client: TestClient) -> None:
     assert OperationOutcome.model_validate(response.json()).issue[0].code == "invalid"
 
 
+def nested_extension(depth: int) -> dict[str, Any]:
+    extension: dict[str, Any] = {"url": "http://example.org/x", "valueString": "x"}
+    for _ in range(depth):
+        extension = {"url": "http://example.org/x", "extension": [extension]}
+    return extension
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: r["contained"].append({"resourceType": "Foo", "id": "foo"}),
+        lambda r: r["contained"].append({"resourceType": 5}),
+        lambda r: r["contained"].append({"resourceType": ["Coverage"]}),
+        lambda r: r.update(extension=[nested_extension(300)]),
+    ],
+    ids=["unknown contained type", "resourceType a number", "resourceType a list", "extensions 300 deep"],
+)
+def test_a_request_the_fhir_models_cannot_read_is_a_422_not_a_500(client: TestClient, mutate: Any) -> None:
+    request = eligibility_request()
+    mutate(request)
+    response = client.post("/fhir/CoverageEligibilityRequest", json=request)
+    assert response.status_code == 422, response.text
+    outcome = OperationOutcome.model_validate(response.json())
+    assert outcome.issue[0].expression == ["CoverageEligibilityRequest"]
+    assert "ACM100200300" not in response.text
+
+
+def test_json_nested_deeper_than_can_be_read_is_a_400_not_a_500(client: TestClient) -> None:
+    body = b"[" * 5000 + b"]" * 5000
+    response = client.post(
+        "/fhir/CoverageEligibilityRequest", content=body, headers={"Content-Type": "application/fhir+json"}
+    )
+    assert response.status_code == 400
+    assert "nests arrays or objects too deeply" in (
+        OperationOutcome.model_validate(response.json()).issue[0].diagnostics or ""
+    )
+
+
 def test_an_xml_request_is_told_this_server_speaks_json(client: TestClient) -> None:
     response = client.post(
         "/fhir/CoverageEligibilityRequest",
