@@ -69,7 +69,8 @@ async def request_eligibility(request: Request, session: SessionDep) -> JSONResp
         return _outcome(
             422,
             "CoverageEligibilityRequest.item[0].productOrService",
-            f"CPT {cpt} is not a service we price; ask for 76140 or the study's CPT with modifier 26",
+            "the CPT code (with its modifier) is not a service we price; ask for 76140 or the study's CPT "
+            "with modifier 26",
         )
     response = fhir_resources.eligibility_response(ask, estimate, rule, body.get("id"))
     return JSONResponse(response, media_type=FHIR_JSON)

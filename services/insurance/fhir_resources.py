@@ -120,7 +120,7 @@ def read_request(body: Any) -> EligibilityAsk:
     coverage = contained.get(reference)
     if not isinstance(coverage, FhirCoverage):
         raise FhirInvalid(
-            f"the Coverage {reference} is not contained in the request; contain it and reference it as #id",
+            "the Coverage referenced is not contained in the request; contain it and reference it as #id",
             "CoverageEligibilityRequest.insurance[0].coverage.reference",
         )
     plan = next(

@@ -443,6 +443,8 @@ def get_task(task_id: str, session: SessionDep, caller: CaseCaller, audit: Audit
     try:
         case = visible_case(session, task_id, caller, audit, "read")
     except StarletteHTTPException:
-        return outcome_response(404, "not-found", [("Task.id", f"no Task {task_id} visible to this key")])
+        return outcome_response(
+            404, "not-found", [("Task.id", "no Task with this id is visible to this key")]
+        )
     audit("read", "case", task_id, "success")
     return JSONResponse(to_task(case), media_type=FHIR_JSON)

@@ -96,7 +96,10 @@ def validated(resource: Any, path: str) -> dict[str, Any]:
         raise FhirInvalid([Issue(path, "not a FHIR resource (no resourceType)")])
     kind = resource["resourceType"]
     if kind not in SUPPORTED:
-        raise FhirInvalid([Issue(f"{path}.resourceType", f"{kind} is not accepted here")])
+        accepted = ", ".join(sorted(SUPPORTED))  # the type sent is not echoed: it may be any text
+        raise FhirInvalid(
+            [Issue(f"{path}.resourceType", f"this resourceType is not accepted here; send {accepted}")]
+        )
     try:
         model = get_fhir_model_class(kind).model_validate(resource)
     except ValidationError as exc:

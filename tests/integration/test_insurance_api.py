@@ -277,6 +277,18 @@ def test_fhir_eligibility_for_modifier_26(client: TestClient) -> None:
     assert resource["insurance"][0]["item"][0]["benefit"][0]["allowedMoney"]["value"] == 98.5
 
 
+def test_eligibility_errors_never_echo_what_was_sent(client: TestClient) -> None:
+    """The Coverage reference and the CPT modifier are free text a client may fill with a patient's name."""
+    unreferenced = eligibility_request()
+    unreferenced["insurance"][0]["coverage"]["reference"] = "#Jane-Doe-1984-03-02"
+    modified = eligibility_request(modifier=[{"coding": [{"code": "JANE DOE"}]}])
+    for request in (unreferenced, modified):
+        response = client.post("/fhir/CoverageEligibilityRequest", json=request)
+        assert response.status_code == 422
+        assert OperationOutcome.model_validate(response.json()).issue[0].expression
+        assert "Jane" not in response.text and "JANE" not in response.text
+
+
 @pytest.mark.parametrize(
     ("mutate", "status", "expression"),
     [

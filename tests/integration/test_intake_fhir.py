@@ -297,6 +297,19 @@ def test_another_partners_task_is_404(client: TestClient, auth: Engine) -> None:
     assert OperationOutcome.model_validate(response.json()).issue[0].code == "not-found"
 
 
+def test_errors_name_the_element_never_echo_what_was_sent_in_it(client: TestClient) -> None:
+    """A resourceType, or a Task id in the URL, is whatever the client typed, possibly a patient's name."""
+    body = order({"value": "ECHO-1"})
+    body["entry"].append({"resource": {"resourceType": "Jane Doe 1984-03-02"}})
+    refused = post_fhir(client, "/fhir", body)
+    assert refused.status_code == 422
+    [issue] = OperationOutcome.model_validate(refused.json()).issue
+    assert issue.expression == [f"Bundle.entry[{len(body['entry']) - 1}].resource.resourceType"]
+    assert "Jane" not in refused.text and "ServiceRequest" in (issue.diagnostics or "")
+    missing = client.get("/fhir/Task/Jane%20Doe%201984-03-02")
+    assert missing.status_code == 404 and "Jane" not in missing.text
+
+
 def obstetric(weeks: float, planned: str | None = None) -> dict[str, Any]:
     study = dict(STUDY, procedureCode=[{"coding": [{"code": "obstetric"}]}])
     request = dict(
