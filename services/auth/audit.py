@@ -29,6 +29,18 @@ from services.auth.models import AuditEvent
 
 # One writer at a time extends the chain (a transaction-scoped PostgreSQL advisory lock).
 CHAIN_LOCK = 0x5EC0_A0D1
+CASE_ID_LENGTH = 36  # audit_events.case_id: a case id is a UUID
+
+
+def _fitted(event: AuditEvent) -> AuditEvent:
+    """The entry with every value fitting its column. A case id longer than a case id is (any text a client
+    put in a URL) names no case: kept out of the entry, which says so, rather than failing the INSERT, which
+    lost the entry and answered the request it recorded with a 422 "cannot be stored"."""
+    if event.case_id is not None and len(event.case_id) > CASE_ID_LENGTH:
+        sent = f"the case id sent is not one ({len(event.case_id)} characters)"
+        event.detail, event.case_id = "; ".join(filter(None, [event.detail, sent])), None
+    event.detail = event.detail[:500]
+    return event
 
 
 def record(
@@ -46,17 +58,19 @@ def record(
     detail: str = "",
 ) -> None:
     """Append one entry to the chain; returns once it is committed."""
-    event = AuditEvent(
-        actor=actor,
-        partner_id=partner_id,
-        role=role,
-        service=service,
-        action=action,
-        resource=resource,
-        case_id=case_id,
-        outcome=outcome,
-        purpose=purpose,
-        detail=detail[:500],
+    event = _fitted(
+        AuditEvent(
+            actor=actor,
+            partner_id=partner_id,
+            role=role,
+            service=service,
+            action=action,
+            resource=resource,
+            case_id=case_id,
+            outcome=outcome,
+            purpose=purpose,
+            detail=detail,
+        )
     )
     _chain_of(engine).append(engine, event)
 
@@ -142,17 +156,19 @@ def record_in(
     """Append one entry in the caller's transaction, for a change (of who may see a case) that must not happen
     without its entry, nor its entry without it: they commit, or roll back, together. The chain's lock is held
     until the caller commits: keep that transaction short."""
-    event = AuditEvent(
-        actor=actor,
-        partner_id=partner_id,
-        role=role,
-        service=service,
-        action=action,
-        resource=resource,
-        case_id=case_id,
-        outcome=outcome,
-        purpose=purpose,
-        detail=detail[:500],
+    event = _fitted(
+        AuditEvent(
+            actor=actor,
+            partner_id=partner_id,
+            role=role,
+            service=service,
+            action=action,
+            resource=resource,
+            case_id=case_id,
+            outcome=outcome,
+            purpose=purpose,
+            detail=detail,
+        )
     )
     _append(session, [event])
 
