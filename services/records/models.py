@@ -120,18 +120,28 @@ class RetrievalStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+def _pattern(regex: str) -> dict[str, str]:
+    # SQLModel's `regex=` is pydantic v1's name: pydantic v2 ignores it, so nothing was checked ("ftp://x" was
+    # taken as a DICOMweb URL and every retrieval from it failed). `pattern` is what v2 validates.
+    return {"pattern": regex}
+
+
 class RecordSourceBase(SQLModel):
     """Where a partner's images can be fetched: a DIMSE PACS (AE title, host, port) or a DICOMweb base URL."""
 
-    ae_title: str | None = Field(default=None, min_length=1, max_length=16, regex=r"^[ -~]*[!-~][ -~]*$")
+    ae_title: str | None = Field(
+        default=None, min_length=1, max_length=16, schema_extra=_pattern(r"^[ -~]*[!-~][ -~]*$")
+    )
     host: str | None = Field(default=None, min_length=1, max_length=253)
     port: int | None = Field(default=None, ge=1, le=65535)
-    retrieve_method: str = Field(default="c-get", regex=r"^(c-get|c-move)$", max_length=8)
-    dicomweb_url: str | None = Field(default=None, max_length=500, regex=r"^https?://[^\s]+$")
+    retrieve_method: str = Field(default="c-get", max_length=8, schema_extra=_pattern(r"^(c-get|c-move)$"))
+    dicomweb_url: str | None = Field(
+        default=None, max_length=500, schema_extra=_pattern(r"^https?://[^\s/]+[^\s]*$")
+    )
     dicomweb_auth_env: str | None = Field(
         default=None,
         max_length=100,
-        regex=r"^[A-Z][A-Z0-9_]*$",
+        schema_extra=_pattern(r"^[A-Z][A-Z0-9_]*$"),
         description="name of an environment variable holding user:password for basic auth (never the secret)",
     )
     return_reports: bool = Field(

@@ -281,6 +281,31 @@ def test_a_source_needs_a_pacs_or_a_dicomweb_url(client: TestClient) -> None:
     assert client.get("/v1/records/sources/never-configured").status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("source", "field"),
+    [
+        ({"dicomweb_url": "ftp://pacs.example/dicomweb"}, "dicomweb_url"),
+        ({"dicomweb_url": "http://"}, "dicomweb_url"),
+        ({"ae_title": "   ", "host": "h", "port": 104}, "ae_title"),
+        ({"ae_title": "A", "host": "h", "port": 104, "retrieve_method": "c-find"}, "retrieve_method"),
+        (
+            {"dicomweb_url": "https://pacs.example/dicomweb", "dicomweb_auth_env": "pacs password"},
+            "dicomweb_auth_env",
+        ),
+    ],
+    ids=["not http", "no host", "blank AE title", "unknown method", "not an env var name"],
+)
+def test_a_source_the_retrieval_cannot_use_is_refused_naming_the_field(
+    client: TestClient, source: dict[str, object], field: str
+) -> None:
+    """These patterns were declared with SQLModel's `regex=`, which pydantic v2 ignores: "ftp://…" was taken
+    and every retrieval from it failed (UnsupportedProtocol), over and over, until it gave up."""
+    response = client.put("/v1/records/sources/clinic-bad", json=source)
+    assert response.status_code == 422, response.text
+    assert [e["field"] for e in response.json()["errors"]] == [field]
+    assert client.get("/v1/records/sources/clinic-bad").status_code == 404
+
+
 def test_a_retrieval_left_running_by_a_dead_worker_is_taken_over(
     client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
 ) -> None:
