@@ -332,16 +332,37 @@ class RequestMetrics:
                 LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
 
 
+class UnreadableJson(ValueError):
+    """A body that is not JSON json.loads can read; the message says why, never quoting the body."""
+
+
+def json_problem(exc: BaseException) -> str | None:
+    """Why json.loads could not read a body, from what it raised; None for anything else."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "the body is not UTF-8 text; send the JSON encoded as UTF-8"
+    if isinstance(exc, json.JSONDecodeError):  # its msg names what was expected, not what was found
+        return f"the body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "the body nests arrays or objects too deeply to be read; send it flatter"
+    if isinstance(exc, ValueError) and "digits" in str(exc):  # int(): sys.get_int_max_str_digits()
+        return "the body holds a number with more digits than can be read (4300 at most); send it shorter"
+    return None
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON document of a body a service reads itself (FHIR resources): UnreadableJson says what is wrong
+    with one that is not readable JSON. Each of these was a 500 where only some were caught."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise UnreadableJson(json_problem(exc) or "the body is not JSON") from exc
+
+
 def _unreadable_body(exc: StarletteHTTPException) -> str | None:
     """What was wrong with a JSON body FastAPI could not decode for a reason other than its syntax (a syntax
     error is a 422 naming the position): FastAPI itself only says "There was an error parsing the body"."""
-    if exc.status_code != 400:
-        return None
-    if isinstance(exc.__cause__, UnicodeDecodeError):
-        return "the body is not UTF-8 text; send the JSON encoded as UTF-8; nothing was stored"
-    if isinstance(exc.__cause__, RecursionError):
-        return "the body nests arrays or objects too deeply to be read; send it flatter; nothing was stored"
-    return None
+    problem = json_problem(exc.__cause__) if exc.status_code == 400 and exc.__cause__ else None
+    return f"{problem}; nothing was stored" if problem else None
 
 
 # What one JSON request may be: a FHIR transaction Bundle with a few documents of up to 10 MiB each (base64) fits.

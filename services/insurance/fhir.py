@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 
 from fastapi import APIRouter, Depends, Request
@@ -12,7 +11,7 @@ from contracts.models import Coverage
 from services.auth import Role, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
-from services.common.http import fhir_json_only
+from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.insurance import fhir_resources, handlers
 from services.insurance.api import SessionDep
 from services.insurance.fhir_resources import FhirInvalid
@@ -45,13 +44,9 @@ def _outcome(status: int, expression: str, message: str) -> JSONResponse:
 async def request_eligibility(request: Request, session: SessionDep) -> JSONResponse:
     """Eligibility and benefits for the plan and member of the contained Coverage (nothing is stored)."""
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _outcome(400, "CoverageEligibilityRequest", "the body is not JSON; send a FHIR JSON resource")
-    except RecursionError:
-        return _outcome(
-            400, "CoverageEligibilityRequest", "the body nests arrays or objects too deeply to be read"
-        )
+        body = parse_json(await request.body())
+    except UnreadableJson as exc:
+        return _outcome(400, "CoverageEligibilityRequest", f"{exc}; send a FHIR JSON resource")
     try:
         ask = fhir_resources.read_request(body)
     except FhirInvalid as exc:

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.auth.problems import AUTH_ERRORS
 from services.common.errors import IntakeRejected
-from services.common.http import fhir_json_only
+from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.intake import fhir_intake, handlers
 from services.intake.api import (
     AuditDep,
@@ -161,9 +161,9 @@ async def read_json(request: Request) -> Any:
     if len(body) > MAX_FHIR_BYTES:
         raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the request is larger than 30 MB")])
     try:
-        request.state.fhir_json = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the body is not JSON")]) from exc
+        request.state.fhir_json = parse_json(body)
+    except UnreadableJson as exc:
+        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", str(exc))]) from exc
     return request.state.fhir_json
 
 

@@ -345,15 +345,25 @@ def test_a_request_the_fhir_models_cannot_read_is_a_422_not_a_500(client: TestCl
     assert "ACM100200300" not in response.text
 
 
-def test_json_nested_deeper_than_can_be_read_is_a_400_not_a_500(client: TestClient) -> None:
-    body = b"[" * 5000 + b"]" * 5000
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nests arrays or objects too deeply"),
+        (
+            b'{"resourceType": "CoverageEligibilityRequest", "n": ' + b"9" * 5000 + b"}",
+            "more digits than can be read",
+        ),
+    ],
+    ids=["nested too deep", "a number of 5000 digits"],
+)
+def test_json_that_cannot_be_read_is_a_400_saying_why_not_a_500(
+    client: TestClient, body: bytes, why: str
+) -> None:
     response = client.post(
         "/fhir/CoverageEligibilityRequest", content=body, headers={"Content-Type": "application/fhir+json"}
     )
     assert response.status_code == 400
-    assert "nests arrays or objects too deeply" in (
-        OperationOutcome.model_validate(response.json()).issue[0].diagnostics or ""
-    )
+    assert why in (OperationOutcome.model_validate(response.json()).issue[0].diagnostics or "")
 
 
 def test_an_xml_request_is_told_this_server_speaks_json(client: TestClient) -> None:

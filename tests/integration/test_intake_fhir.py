@@ -552,6 +552,16 @@ def test_json_nested_too_deep_is_a_422(client: TestClient) -> None:
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
+@pytest.mark.parametrize("path", ["/fhir", "/fhir/ServiceRequest"])
+def test_a_number_of_thousands_of_digits_is_a_422_saying_so(client: TestClient, path: str) -> None:
+    """json.loads refuses an integer of more than 4300 digits with a ValueError that was not caught: a 500."""
+    body = b'{"resourceType": "Bundle", "n": ' + b"9" * 5000 + b"}"
+    response = client.post(path, content=body, headers={"Content-Type": "application/fhir+json"})
+    assert response.status_code == 422, response.text
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert "a number with more digits than can be read" in (issue.diagnostics or "")
+
+
 @pytest.mark.parametrize(
     ("send", "status"),
     [

@@ -177,8 +177,12 @@ def add_note(note: Note) -> dict[str, str]:
     [
         (b'{"text": "\xff"}', "the body is not UTF-8 text"),
         (b"[" * 5_000 + b"]" * 5_000, "the body nests arrays or objects too deeply"),
+        (
+            b'{"text": "x", "n": ' + b"9" * 5_000 + b"}",
+            "the body holds a number with more digits than can be read",
+        ),
     ],
-    ids=["not UTF-8", "nested too deep"],
+    ids=["not UTF-8", "nested too deep", "a number of 5000 digits"],
 )
 def test_a_json_body_that_cannot_be_decoded_says_why(body: bytes, detail: str) -> None:
     response = client().post("/v1/notes", content=body, headers={"Content-Type": "application/json"})
