@@ -130,7 +130,7 @@ def _unstorable_escapes(data: bytes) -> bool:
     return False
 
 
-def _unstorable(text: str) -> str | None:
+def unstorable(text: str) -> str | None:
     """Why a text cannot be stored (NUL, lone surrogate), or None."""
     if "\x00" in text:
         return NUL_MESSAGE
@@ -150,7 +150,7 @@ def unstorable_field(document: Any, fhir: bool) -> tuple[str, str] | None:
     while pending and found is None:
         node, path = pending.pop()
         if isinstance(node, str):
-            reason = _unstorable(node)
+            reason = unstorable(node)
             found = (path, reason) if reason else None
             continue
         if isinstance(node, dict):
@@ -160,7 +160,7 @@ def unstorable_field(document: Any, fhir: bool) -> tuple[str, str] | None:
         else:
             continue
         for key, _ in items:
-            reason = _unstorable(key) if isinstance(key, str) else None
+            reason = unstorable(key) if isinstance(key, str) else None
             if reason:
                 found = (path, reason)
                 break
@@ -171,7 +171,7 @@ def unstorable_field(document: Any, fhir: bool) -> tuple[str, str] | None:
     if not fhir:
         return ".".join(str(p) for p in path), reason
     root = document.get("resourceType", "") if isinstance(document, dict) else ""
-    root = root if isinstance(root, str) and not _unstorable(root) else ""
+    root = root if isinstance(root, str) and not unstorable(root) else ""
     return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path), reason
 
 

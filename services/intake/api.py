@@ -32,6 +32,7 @@ from services.auth.problems import AUTH_ERRORS, Problem, problem_response
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine
 from services.common.errors import IntakeRejected
+from services.common.http import unstorable
 from services.common.temporal import connect_temporal
 from services.intake import decisions, handlers, idempotency
 from services.intake.models import (
@@ -399,7 +400,10 @@ def encode_cursor(case: Case) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return as_utc(datetime.fromisoformat(raw["c"])), str(raw["i"])
+        created, case_id = as_utc(datetime.fromisoformat(raw["c"])), raw["i"]
+        if not isinstance(case_id, str) or unstorable(case_id):  # a NUL or a lone surrogate fails the query
+            raise ValueError("not a case id")
+        return created, case_id
     except (ValueError, KeyError, TypeError) as exc:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,

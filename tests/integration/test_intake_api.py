@@ -432,10 +432,14 @@ def test_a_time_filter_without_an_offset_is_utc_and_one_utc_cannot_hold_is_a_422
 
 
 def test_a_tampered_cursor_is_a_422_whatever_it_holds(client: TestClient) -> None:
-    """A cursor is base64 JSON: one edited to a time UTC cannot hold was a 500."""
+    """A cursor is base64 JSON: one edited to a time UTC cannot hold, or to an id with a lone surrogate, was a
+    500; one with a NUL in its id was answered "cannot be stored"."""
     for raw in (
         b'{"c": "0001-01-01T00:00:00+23:59", "i": "x"}',
         b'{"c": "9999-12-31T23:59:59-23:59", "i": "x"}',
+        b'{"c": "2026-12-01T00:00:00+00:00", "i": "\\ud800"}',
+        b'{"c": "2026-12-01T00:00:00+00:00", "i": "\\u0000"}',
+        b'{"c": "2026-12-01T00:00:00+00:00", "i": {"id": 1}}',
         b'["c", "i"]',
     ):
         cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
