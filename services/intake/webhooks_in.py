@@ -238,7 +238,7 @@ def find_partner(auth: Engine, partner_id: str) -> Partner:
     with Session(auth) as session:
         partner = session.get(Partner, partner_id)
     if partner is None:
-        raise WebhookRejected(404, f"no partner {partner_id}; check the URL you were given")
+        raise WebhookRejected(404, "no partner with this id; check the URL you were given")
     return partner
 
 
