@@ -6,7 +6,8 @@ from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel
+import httpx
+from pydantic import BaseModel, field_validator
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -160,6 +161,24 @@ class RecordSource(RecordSourceBase, table=True):
 
 class RecordSourceIn(RecordSourceBase):
     model_config = {"extra": "forbid"}  # type: ignore[assignment]
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _callable_url(cls, url: str | None) -> str | None:
+        """A URL the retrieval can call: "http://[::1" or a port past 65535 pass the pattern, and every
+        retrieval from them failed before it began (httpx.InvalidURL)."""
+        if url is not None:
+            try:
+                parsed = httpx.URL(url)
+            except httpx.InvalidURL:
+                parsed = None
+            if (
+                parsed is None
+                or not parsed.host
+                or not 0 < (parsed.port if parsed.port is not None else 80) < 65536
+            ):
+                raise ValueError("is not a URL that can be called; check the host and the port")
+        return url
 
 
 class RecordSourcePublic(RecordSourceBase):
