@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
@@ -159,8 +161,26 @@ class RecordSource(RecordSourceBase, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+# Labels of 1-63 letters, digits, hyphens (and underscores, which container and Windows names carry).
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+
+
 class RecordSourceIn(RecordSourceBase):
     model_config = {"extra": "forbid"}  # type: ignore[assignment]
+
+    @field_validator("host")
+    @classmethod
+    def _host_name_or_address(cls, host: str | None) -> str | None:
+        """A DNS name (labels of at most 63 letters, digits and hyphens) or an IP address: anything else never
+        resolves, and a label past 63 characters cannot even be looked up (idna)."""
+        if host is not None:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                if not HOST_NAME.fullmatch(host):
+                    raise ValueError("is neither a host name nor an IP address") from None
+        return host
 
     @field_validator("dicomweb_url")
     @classmethod

@@ -274,6 +274,21 @@ def test_a_stored_dicomweb_url_that_cannot_be_called_fails_the_attempt_with_a_re
     assert "DICOMweb URL cannot be called" in retrieval["last_error"]
 
 
+def test_a_pacs_host_that_does_not_resolve_fails_the_attempt_with_a_reason(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    """A typo in the PACS's host name: the association raised socket.gaierror instead of being refused, which
+    escaped the attempt and failed the retrieval loop every time the case came due."""
+    configure(client, "clinic-typo", ae_title="PACS", host="pacs.clinic-typo.invalid", port=104)
+    case_id = open_case(engine, settings, "clinic-typo", accession_number=ACCESSION)
+
+    assert retrieve(engine, settings) == 2
+
+    [retrieval] = client.get(f"/v1/records/{case_id}").json()["retrievals"]
+    assert (retrieval["status"], retrieval["attempts"]) == ("failed", 2)
+    assert "the PACS host could not be found" in retrieval["last_error"]
+
+
 def test_a_cancelled_case_stops_its_retrieval(
     client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
 ) -> None:
@@ -305,6 +320,8 @@ def test_a_source_needs_a_pacs_or_a_dicomweb_url(client: TestClient) -> None:
         ({"dicomweb_url": "http://"}, "dicomweb_url"),
         ({"dicomweb_url": "http://[::1/dicomweb"}, "dicomweb_url"),
         ({"dicomweb_url": "http://pacs.example:99999/dicomweb"}, "dicomweb_url"),
+        ({"ae_title": "A", "host": "pacs.example:104", "port": 104}, "host"),
+        ({"ae_title": "A", "host": "x" * 64 + ".example", "port": 104}, "host"),
         ({"ae_title": "   ", "host": "h", "port": 104}, "ae_title"),
         ({"ae_title": "A", "host": "h", "port": 104, "retrieve_method": "c-find"}, "retrieve_method"),
         (
@@ -317,6 +334,8 @@ def test_a_source_needs_a_pacs_or_a_dicomweb_url(client: TestClient) -> None:
         "no host",
         "unclosed IPv6 host",
         "port too large",
+        "host with a port",
+        "host label past 63",
         "blank AE title",
         "unknown method",
         "not an env var name",
@@ -325,12 +344,14 @@ def test_a_source_needs_a_pacs_or_a_dicomweb_url(client: TestClient) -> None:
 def test_a_source_the_retrieval_cannot_use_is_refused_naming_the_field(
     client: TestClient, source: dict[str, object], field: str
 ) -> None:
-    """These patterns were declared with SQLModel's `regex=`, which pydantic v2 ignores: "ftp://…" was taken
-    and every retrieval from it failed (UnsupportedProtocol), over and over, until it gave up."""
-    response = client.put("/v1/records/sources/clinic-bad", json=source)
+    """The patterns were declared with SQLModel's `regex=`, which pydantic v2 ignores: "ftp://…" was taken and
+    every retrieval from it failed (UnsupportedProtocol), over and over, until it gave up. A URL or a host
+    that passes a pattern but cannot be called or looked up failed the retrieval loop itself."""
+    partner = f"clinic-bad-{uuid.uuid4().hex[:8]}"
+    response = client.put(f"/v1/records/sources/{partner}", json=source)
     assert response.status_code == 422, response.text
     assert [e["field"] for e in response.json()["errors"]] == [field]
-    assert client.get("/v1/records/sources/clinic-bad").status_code == 404
+    assert client.get(f"/v1/records/sources/{partner}").status_code == 404
 
 
 def test_a_retrieval_left_running_by_a_dead_worker_is_taken_over(
