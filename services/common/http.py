@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
@@ -11,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio.to_thread
 import structlog
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -175,6 +175,16 @@ def unstorable_field(document: Any, fhir: bool) -> tuple[str, str] | None:
     return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path), reason
 
 
+def _unstorable_in(body: bytes, fhir: bool) -> tuple[str, str] | None:
+    """unstorable_field of a JSON body; None for one json.loads cannot read (malformed, nested too deep): it
+    is handed on, and the endpoint's own parsing answers what is wrong with it."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return unstorable_field(document, fhir=fhir)
+
+
 def nul_in_url(scope: Scope) -> str | None:
     """Where a NUL character (%00) is in the request's URL: "path" or "query.<name>"; None if nowhere. No id
     or search value holds one, and PostgreSQL cannot compare a text with one."""
@@ -264,11 +274,8 @@ class BodyGuard:
                 break
         body = b"".join(chunks)
         if _unstorable_escapes(body):
-            found = None
-            # A body json.loads cannot read (malformed, nested too deep) is handed on: the endpoint's own
-            # parsing answers what is wrong with it.
-            with contextlib.suppress(ValueError, RecursionError):
-                found = unstorable_field(json.loads(body), fhir=_on_fhir_path(scope["path"]))
+            # Read in a worker thread: reading and walking tens of MB would hold every other request.
+            found = await anyio.to_thread.run_sync(_unstorable_in, body, _on_fhir_path(scope["path"]))
             if found is not None:
                 field, reason = found
                 what = "a NUL character" if reason == NUL_MESSAGE else "a lone surrogate escape"

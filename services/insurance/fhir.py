@@ -6,6 +6,8 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from contracts.models import Coverage
 from services.auth import Role, require_role
@@ -43,8 +45,15 @@ def _outcome(status: int, expression: str, message: str) -> JSONResponse:
 )
 async def request_eligibility(request: Request, session: SessionDep) -> JSONResponse:
     """Eligibility and benefits for the plan and member of the contained Coverage (nothing is stored)."""
+    raw = await request.body()
+    # Validating a large resource takes seconds, and the payer's connector waits on the payer: on the event
+    # loop either held every other request to this service.
+    return await run_in_threadpool(_eligibility, raw, session)
+
+
+def _eligibility(raw: bytes, session: Session) -> JSONResponse:
     try:
-        body = parse_json(await request.body())
+        body = parse_json(raw)
     except UnreadableJson as exc:
         return _outcome(400, "CoverageEligibilityRequest", f"{exc}; send a FHIR JSON resource")
     try:

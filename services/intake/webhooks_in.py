@@ -252,7 +252,7 @@ async def process(
     webhook_id: str,
 ) -> WebhookAccepted:
     if envelope.type == "case.requested":
-        parsed = fhir_intake.from_bundle(envelope.data)
+        parsed = await run_in_threadpool(fhir_intake.from_bundle, envelope.data)  # seconds for a large one
         case, _ = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
         return WebhookAccepted(status="accepted", case_id=case.id)
     if envelope.type == "records.available":

@@ -21,10 +21,11 @@ from services.common import migrate
 from services.common.config import Settings
 from services.common.db import Outbox, make_engine
 from services.common.http import create_app
-from services.insurance import api, consumer, fhir, handlers
+from services.insurance import api, consumer, fhir, fhir_resources, handlers
 from services.insurance.models import InsuranceMemberAccumulator
 from services.insurance.settings import InsuranceSettings
 from tests.keys import operations_headers
+from tests.unit.test_http_body_guard import on_event_loop
 
 D = Decimal
 
@@ -266,6 +267,24 @@ def test_fhir_eligibility_request_gets_a_valid_response(client: TestClient) -> N
     money = {b.type.coding[0].code: b.allowedMoney.value for b in item.benefit}
     assert money == {"benefit": D("212.40"), "copay": D("25.00"), "deductible": D("0.00")}
     assert "ACM100200300" not in response.text
+
+
+def test_eligibility_is_validated_and_asked_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large resource's validation, and a payer's answer to the connector, held every other request to
+    insurance while they took."""
+    where: list[tuple[str, bool]] = []
+    for module, name in ((fhir_resources, "read_request"), (handlers, "estimate_for")):
+        real = getattr(module, name)
+
+        def spy(*args: Any, real: Any = real, name: str = name, **kwargs: Any) -> Any:
+            where.append((name, on_event_loop()))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    assert client.post("/fhir/CoverageEligibilityRequest", json=eligibility_request()).status_code == 200
+    assert where == [("read_request", False), ("estimate_for", False)]
 
 
 def test_fhir_eligibility_for_modifier_26(client: TestClient) -> None:

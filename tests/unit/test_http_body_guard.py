@@ -4,8 +4,10 @@ character, which PostgreSQL cannot store, is a 422. The handler never sees eithe
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi import APIRouter, Request
@@ -13,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError
 
+from services.common import http
 from services.common.http import create_app
 
 LIMIT = 64 * 1024
@@ -219,3 +222,27 @@ def test_a_nul_character_in_the_url_is_a_422_naming_where_before_the_endpoint_ru
     ]
     outcome = client().get("/fhir/Thing/%00").json()
     assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["expression"] == ["path"]
+
+
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_a_body_with_escapes_is_read_and_walked_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading and walking a body of tens of MB on the event loop held every other request that long."""
+    where: list[bool] = []
+    walk = http.unstorable_field
+
+    def spy(document: Any, fhir: bool) -> Any:
+        where.append(on_event_loop())
+        return walk(document, fhir)
+
+    monkeypatch.setattr(http, "unstorable_field", spy)
+    response = client().post(
+        "/v1/echo", content=b'{"a": "\\u0000"}', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422 and where == [False]
