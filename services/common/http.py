@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -104,39 +106,37 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
-NUL_ESCAPE = b"\\u0000"  # JSON's escape of the NUL character, which no text column can store
+# What one JSON request may be: a FHIR transaction Bundle with a few documents of up to 10 MiB each (base64) fits.
+# The ingress lets bodies up to records' limits through; each service bounds its own, so a body too large for
+# a JSON service is refused there as it arrives, not read into memory.
+MAX_JSON_BODY_BYTES = 64 * 1024 * 1024
+
+# JSON's escape of the NUL character, which no text column can store: a \u0000 whose backslash is not itself
+# escaped (an even run of backslashes before it, none at all included). One pass, linear in the body.
+NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _nul_escapes(data: bytes) -> bool:
     """Whether `data` holds a JSON `\\u0000` escape (not an escaped backslash followed by "u0000")."""
-    at = data.find(NUL_ESCAPE)
-    while at != -1:
-        backslashes = len(data[:at]) - len(data[:at].rstrip(b"\\"))
-        if backslashes % 2 == 0:
-            return True
-        at = data.find(NUL_ESCAPE, at + 1)
-    return False
+    return NUL_ESCAPE.search(data) is not None
 
 
 def nul_field(document: Any, fhir: bool) -> str | None:
     """Where the first text holding a NUL character is: a FHIR element path ("Bundle.entry[1].resource.
-    identifier[0].value") or, for the JSON API, the field as validation errors name it ("patient.given_name")."""
-
-    def walk(node: Any, path: list[str | int]) -> list[str | int] | None:
+    identifier[0].value") or, for the JSON API, the field as validation errors name it ("patient.given_name").
+    Walked without recursion: a body may nest as deep as the JSON parser allows."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
+    path: tuple[str | int, ...] | None = None
+    while stack and path is None:
+        node, where = stack.pop()
         if isinstance(node, str):
-            return path if "\x00" in node else None
-        items: Iterable[tuple[str | int, Any]] = (
-            node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        )
-        for key, value in items:
-            if isinstance(key, str) and "\x00" in key:
-                return path
-            found = walk(value, [*path, key])
-            if found is not None:
-                return found
-        return None
-
-    path = walk(document, [])
+            path = where if "\x00" in node else None
+        elif isinstance(node, dict):
+            if any("\x00" in key for key in node):
+                path = where
+            stack.extend((value, (*where, key)) for key, value in reversed(list(node.items())))
+        elif isinstance(node, list):
+            stack.extend((value, (*where, index)) for index, value in reversed(list(enumerate(node))))
     if path is None:
         return None
     if not fhir:
@@ -159,10 +159,11 @@ class BodyGuard:
     def __init__(self, app: ASGIApp, limit: int | None) -> None:
         self.app, self.limit = app, limit
 
-    def _too_large(self) -> str:
-        assert self.limit is not None
+    def _too_large(self, limit: int | None = None) -> str:
+        bound = limit or self.limit
+        assert bound is not None
         return (
-            f"the request body is larger than the {human_size(self.limit)} this service takes; send documents "
+            f"the request body is larger than the {human_size(bound)} this service takes; send documents "
             "and images to records (uploads, STOW-RS) and refer to them; nothing was stored"
         )
 
@@ -193,6 +194,9 @@ class BodyGuard:
         await self.app(scope, counted, send)
 
     async def _json(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A service that bounds its bodies per route (records) still reads no JSON body larger than a JSON
+        # service would take: it is read whole here, before any route or key is looked at.
+        limit = min(self.limit or MAX_JSON_BODY_BYTES, MAX_JSON_BODY_BYTES)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -201,16 +205,18 @@ class BodyGuard:
                 return  # the client left before its body was in
             chunk = message.get("body", b"")
             size += len(chunk)
-            if self.limit is not None and size > self.limit:
-                await self._refuse(scope, receive, send, 413, "Request too large", self._too_large())
+            if size > limit:
+                await self._refuse(scope, receive, send, 413, "Request too large", self._too_large(limit))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if _nul_escapes(body):
+        # A large body is scanned off the event loop: the other requests go on meanwhile.
+        nul = await run_in_threadpool(_nul_escapes, body) if size > 1024**2 else _nul_escapes(body)
+        if nul:
             field = None
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):  # not JSON: the endpoint says so
                 field = nul_field(json.loads(body), fhir=_on_fhir_path(scope["path"]))
             if field is not None:
                 message_ = "holds a NUL character (\\u0000), which cannot be stored; remove it"
@@ -272,12 +278,6 @@ class RequestMetrics:
                 span.set_attribute("http.response.status_code", status)
                 REQUESTS.labels(self.service, method, route, str(status)).inc()
                 LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
-
-
-# What one JSON request may be: a FHIR transaction Bundle with a few documents of up to 10 MiB each (base64) fits.
-# The ingress lets bodies up to records' limits through; each service bounds its own, so a body too large for
-# a JSON service is refused there as it arrives, not read into memory.
-MAX_JSON_BODY_BYTES = 64 * 1024 * 1024
 
 
 def create_app(
