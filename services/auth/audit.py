@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -31,34 +32,31 @@ from services.auth.models import AuditEvent
 CHAIN_LOCK = 0x5EC0_A0D1
 
 
-def record(
-    engine: Engine,
-    *,
-    actor: str,
-    partner_id: str | None,
-    role: str | None,
-    service: str,
-    action: str,
-    resource: str,
-    outcome: str,
-    case_id: str | None = None,
-    purpose: str = "TREAT",
-    detail: str = "",
-) -> None:
+class EntryFields(TypedDict):
+    """What an entry says: who (actor, partner, role) did what (action on resource, for a case), with what
+    outcome, why (purpose of use) and any detail (cut at 500 characters)."""
+
+    actor: str
+    partner_id: str | None
+    role: str | None
+    service: str
+    action: str
+    resource: str
+    outcome: str
+    case_id: NotRequired[str | None]
+    purpose: NotRequired[str]
+    detail: NotRequired[str]
+
+
+def _entry(fields: EntryFields) -> AuditEvent:
+    values: dict[str, Any] = {"case_id": None, "purpose": "TREAT", "detail": "", **fields}
+    values["detail"] = values["detail"][:500]
+    return AuditEvent(**values)
+
+
+def record(engine: Engine, **fields: Unpack[EntryFields]) -> None:
     """Append one entry to the chain; returns once it is committed."""
-    event = AuditEvent(
-        actor=actor,
-        partner_id=partner_id,
-        role=role,
-        service=service,
-        action=action,
-        resource=resource,
-        case_id=case_id,
-        outcome=outcome,
-        purpose=purpose,
-        detail=detail[:500],
-    )
-    _chain_of(engine).append(engine, event)
+    _chain_of(engine).append(engine, _entry(fields))
 
 
 # Entries written together at most (one INSERT each, one commit for all).
@@ -125,36 +123,11 @@ class _Chain:
                 waiting.woken.set()
 
 
-def record_in(
-    session: Session,
-    *,
-    actor: str,
-    partner_id: str | None,
-    role: str | None,
-    service: str,
-    action: str,
-    resource: str,
-    outcome: str,
-    case_id: str | None = None,
-    purpose: str = "TREAT",
-    detail: str = "",
-) -> None:
+def record_in(session: Session, **fields: Unpack[EntryFields]) -> None:
     """Append one entry in the caller's transaction, for a change (of who may see a case) that must not happen
     without its entry, nor its entry without it: they commit, or roll back, together. The chain's lock is held
     until the caller commits: keep that transaction short."""
-    event = AuditEvent(
-        actor=actor,
-        partner_id=partner_id,
-        role=role,
-        service=service,
-        action=action,
-        resource=resource,
-        case_id=case_id,
-        outcome=outcome,
-        purpose=purpose,
-        detail=detail[:500],
-    )
-    _append(session, [event])
+    _append(session, [_entry(fields)])
 
 
 def _extend(engine: Engine, events: list[AuditEvent]) -> None:
