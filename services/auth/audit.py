@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -32,47 +33,38 @@ CHAIN_LOCK = 0x5EC0_A0D1
 CASE_ID_LENGTH = 36  # audit_events.case_id: a case id is a UUID
 
 
-def _fitted(event: AuditEvent) -> AuditEvent:
-    """The entry with every value fitting its column. A case id longer than a case id is (any text a client
-    put in a URL) names no case: kept out of the entry, which says so, rather than failing the INSERT, which
-    lost the entry and answered the request it recorded with a 422 "cannot be stored"."""
-    if event.case_id is not None and len(event.case_id) > CASE_ID_LENGTH:
-        sent = f"the case id sent is not one ({len(event.case_id)} characters)"
-        event.detail, event.case_id = "; ".join(filter(None, [event.detail, sent])), None
-    event.detail = event.detail[:500]
-    return event
+class EntryFields(TypedDict):
+    """What an entry says: who (actor, partner, role) did what (action on resource, for a case), with what
+    outcome, why (purpose of use) and any detail (cut at 500 characters)."""
+
+    actor: str
+    partner_id: str | None
+    role: str | None
+    service: str
+    action: str
+    resource: str
+    outcome: str
+    case_id: NotRequired[str | None]
+    purpose: NotRequired[str]
+    detail: NotRequired[str]
 
 
-def record(
-    engine: Engine,
-    *,
-    actor: str,
-    partner_id: str | None,
-    role: str | None,
-    service: str,
-    action: str,
-    resource: str,
-    outcome: str,
-    case_id: str | None = None,
-    purpose: str = "TREAT",
-    detail: str = "",
-) -> None:
+def _entry(fields: EntryFields) -> AuditEvent:
+    """The entry, every value fitting its column. A case id longer than a case id is (any text a client put in
+    a URL) names no case: kept out of the entry, which says so, rather than failing the INSERT, which lost the
+    entry and answered the request it recorded with a 422 "cannot be stored"."""
+    values: dict[str, Any] = {"case_id": None, "purpose": "TREAT", "detail": "", **fields}
+    case_id = values["case_id"]
+    if case_id is not None and len(case_id) > CASE_ID_LENGTH:
+        sent = f"the case id sent is not one ({len(case_id)} characters)"
+        values["detail"], values["case_id"] = "; ".join(filter(None, [values["detail"], sent])), None
+    values["detail"] = values["detail"][:500]
+    return AuditEvent(**values)
+
+
+def record(engine: Engine, **fields: Unpack[EntryFields]) -> None:
     """Append one entry to the chain; returns once it is committed."""
-    event = _fitted(
-        AuditEvent(
-            actor=actor,
-            partner_id=partner_id,
-            role=role,
-            service=service,
-            action=action,
-            resource=resource,
-            case_id=case_id,
-            outcome=outcome,
-            purpose=purpose,
-            detail=detail,
-        )
-    )
-    _chain_of(engine).append(engine, event)
+    _chain_of(engine).append(engine, _entry(fields))
 
 
 # Entries written together at most (one INSERT each, one commit for all).
@@ -139,38 +131,11 @@ class _Chain:
                 waiting.woken.set()
 
 
-def record_in(
-    session: Session,
-    *,
-    actor: str,
-    partner_id: str | None,
-    role: str | None,
-    service: str,
-    action: str,
-    resource: str,
-    outcome: str,
-    case_id: str | None = None,
-    purpose: str = "TREAT",
-    detail: str = "",
-) -> None:
+def record_in(session: Session, **fields: Unpack[EntryFields]) -> None:
     """Append one entry in the caller's transaction, for a change (of who may see a case) that must not happen
     without its entry, nor its entry without it: they commit, or roll back, together. The chain's lock is held
     until the caller commits: keep that transaction short."""
-    event = _fitted(
-        AuditEvent(
-            actor=actor,
-            partner_id=partner_id,
-            role=role,
-            service=service,
-            action=action,
-            resource=resource,
-            case_id=case_id,
-            outcome=outcome,
-            purpose=purpose,
-            detail=detail,
-        )
-    )
-    _append(session, [event])
+    _append(session, [_entry(fields)])
 
 
 def _extend(engine: Engine, events: list[AuditEvent]) -> None:

@@ -10,7 +10,6 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import parse_qsl
 
-import anyio.to_thread
 import structlog
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -106,10 +106,16 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+# What one JSON request may be: a FHIR transaction Bundle with a few documents of up to 10 MiB each (base64) fits.
+# The ingress lets bodies up to records' limits through; each service bounds its own, so a body too large for
+# a JSON service is refused there as it arrives, not read into memory.
+MAX_JSON_BODY_BYTES = 64 * 1024 * 1024
+
 # JSON escapes of what no text column can store: the NUL character, and a UTF-16 surrogate. A surrogate pair
 # decodes to one character and is stored; a lone surrogate decodes to no character at all (PostgreSQL, and
-# UTF-8 itself, refuse it), so the walk below tells the two apart.
-UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
+# UTF-8 itself, refuse it), so the walk below tells the two apart. An escape counts when its backslash is not
+# itself escaped (an even run of backslashes before it, none at all included). One pass, linear in the body.
+UNSTORABLE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
 NUL_MESSAGE = "holds a NUL character (\\u0000), which cannot be stored; remove it"
 SURROGATE_MESSAGE = (
     "holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff), which encodes no character; send the text as "
@@ -119,15 +125,7 @@ SURROGATE_MESSAGE = (
 
 def _unstorable_escapes(data: bytes) -> bool:
     """Whether `data` holds a JSON `\\u0000` or surrogate escape (not an escaped backslash before "u…")."""
-    if b"\\u" not in data:
-        return False
-    for match in UNSTORABLE_ESCAPE.finditer(data):
-        before = match.start() - 1
-        while before >= 0 and data[before] == 0x5C:  # the backslashes before this one
-            before -= 1
-        if (match.start() - 1 - before) % 2 == 0:
-            return True
-    return False
+    return UNSTORABLE_ESCAPE.search(data) is not None
 
 
 def unstorable(text: str) -> str | None:
@@ -216,10 +214,11 @@ class BodyGuard:
     def __init__(self, app: ASGIApp, limit: int | None) -> None:
         self.app, self.limit = app, limit
 
-    def _too_large(self) -> str:
-        assert self.limit is not None
+    def _too_large(self, limit: int | None = None) -> str:
+        bound = limit or self.limit
+        assert bound is not None
         return (
-            f"the request body is larger than the {human_size(self.limit)} this service takes; send documents "
+            f"the request body is larger than the {human_size(bound)} this service takes; send documents "
             "and images to records (uploads, STOW-RS) and refer to them; nothing was stored"
         )
 
@@ -258,6 +257,9 @@ class BodyGuard:
         await self.app(scope, counted, send)
 
     async def _json(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A service that bounds its bodies per route (records) still reads no JSON body larger than a JSON
+        # service would take: it is read whole here, before any route or key is looked at.
+        limit = min(self.limit or MAX_JSON_BODY_BYTES, MAX_JSON_BODY_BYTES)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -266,16 +268,22 @@ class BodyGuard:
                 return  # the client left before its body was in
             chunk = message.get("body", b"")
             size += len(chunk)
-            if self.limit is not None and size > self.limit:
-                await self._refuse(scope, receive, send, 413, "Request too large", self._too_large())
+            if size > limit:
+                await self._refuse(scope, receive, send, 413, "Request too large", self._too_large(limit))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if _unstorable_escapes(body):
-            # Read in a worker thread: reading and walking tens of MB would hold every other request.
-            found = await anyio.to_thread.run_sync(_unstorable_in, body, _on_fhir_path(scope["path"]))
+        # A large body is scanned off the event loop, and one with an escape is read and walked there: tens of
+        # MB on the loop would hold every other request meanwhile.
+        escaped = (
+            await run_in_threadpool(_unstorable_escapes, body)
+            if size > 1024**2
+            else _unstorable_escapes(body)
+        )
+        if escaped:
+            found = await run_in_threadpool(_unstorable_in, body, _on_fhir_path(scope["path"]))
             if found is not None:
                 field, reason = found
                 what = "a NUL character" if reason == NUL_MESSAGE else "a lone surrogate escape"
@@ -370,12 +378,6 @@ def _unreadable_body(exc: StarletteHTTPException) -> str | None:
     error is a 422 naming the position): FastAPI itself only says "There was an error parsing the body"."""
     problem = json_problem(exc.__cause__) if exc.status_code == 400 and exc.__cause__ else None
     return f"{problem}; nothing was stored" if problem else None
-
-
-# What one JSON request may be: a FHIR transaction Bundle with a few documents of up to 10 MiB each (base64) fits.
-# The ingress lets bodies up to records' limits through; each service bounds its own, so a body too large for
-# a JSON service is refused there as it arrives, not read into memory.
-MAX_JSON_BODY_BYTES = 64 * 1024 * 1024
 
 
 def create_app(

@@ -69,6 +69,17 @@ def outline_exc_info(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> M
     return event_dict
 
 
+class NoExceptionMessages(logging.Filter):
+    """A library that logs an exception as the message itself (pynetdicom's `LOGGER.exception(exc)`) would
+    print its text: the record keeps only the exception's type (the traceback is the outline)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, BaseException):
+            kind = type(record.msg)
+            record.msg, record.args = f"{kind.__module__}.{kind.__qualname__} (message not logged)", ()
+        return True
+
+
 class OutlineFormatter(logging.Formatter):
     """A stdlib formatter that writes the outline where the traceback would be."""
 
@@ -85,6 +96,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     _configured = True
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(OutlineFormatter("%(message)s"))
+    handler.addFilter(NoExceptionMessages())
     logging.basicConfig(level=level, handlers=[handler])
     for name, quiet in QUIET.items():
         logging.getLogger(name).setLevel(quiet)

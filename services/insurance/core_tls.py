@@ -25,8 +25,6 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from services.insurance.core import CoreLogin, CoreLoginRefused, CoreLoginUnusable, CoreTlsRefused
 
 # TLS alerts with which a server refuses the client's certificate (or its absence).
@@ -78,13 +76,11 @@ class Handshake:
 
 
 def client_context(login: CoreLogin, handshake: Handshake) -> ssl.SSLContext:
-    """Our TLS client context: the CA bundle (if set) and our certificate for an X.509 login, else the one
-    httpx's `verify=True` stands for; `handshake` watches what the server sends."""
+    """Our TLS client context: payers' certificates checked against the CA bundle, or the system's trust store
+    when none is set (for a password login as for an X.509 one: the operator's store, not one bundled with a
+    library), and our certificate for an X.509 login; `handshake` watches what the server sends."""
     try:
-        if login.ca_bundle or login.x509:
-            context = ssl.create_default_context(cafile=login.ca_bundle or None)
-        else:
-            context = httpx.create_ssl_context()
+        context = ssl.create_default_context(cafile=login.ca_bundle or None)
     except (OSError, ssl.SSLError) as exc:
         raise CoreLoginUnusable(
             f"the CA bundle for payers' certificates cannot be loaded ({type(exc).__name__}); check "

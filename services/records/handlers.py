@@ -12,7 +12,7 @@ from contracts.events import CaseCancelled, RecordsNeeded
 from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
-from services.common.db import get_engine, utcnow
+from services.common.db import after_commit, get_engine, utcnow
 from services.common.errors import PoisonMessage
 from services.records import report_return
 from services.records.adequacy import assess
@@ -151,7 +151,16 @@ def _return_released_reports(
 
 
 def remove_if_unreferenced(session: Session, store: ObjectStore, storage_path: str, sha256: str) -> None:
-    # Content is stored once for every case that has it; only the last reference removes the object.
-    still_used = session.exec(select(RecordFile.id).where(RecordFile.storage_path == storage_path)).first()
-    if still_used is None:
-        store.remove(storage_path, sha256)
+    """Remove the stored object once the session's transaction has committed, if no file refers to it then.
+    Content is stored once for every case that has it; only the last reference removes the object. Never
+    before the commit: a transaction rolled back (a consumer's batch that broke, a crash) keeps its rows, and
+    their object must still be there when the message is applied again."""
+    engine = session.get_bind()
+
+    def remove() -> None:
+        with Session(engine) as fresh:
+            still_used = fresh.exec(select(RecordFile.id).where(RecordFile.storage_path == storage_path)).first()
+        if still_used is None:
+            store.remove(storage_path, sha256)
+
+    after_commit(session, remove)

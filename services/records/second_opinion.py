@@ -115,6 +115,9 @@ def _file_report(
 ) -> tuple[RecordFile, bool]:
     """Store the report placed into its study (or kept aside while it cannot be yet) and queue it for the
     facility's PACS; returns the stored row and whether it took the identity of the images."""
+    # The case locked before its images are read: an identity decision applied meanwhile by another process
+    # would release them after we read them held, and this report would wait aside for a decision already made.
+    handlers.lock_request(session, case_id)
     store = ObjectStore.for_settings(settings)
     try:
         placed = place_in_study(dicom, case_id, session, store)

@@ -25,11 +25,12 @@ from __future__ import annotations
 import threading
 
 import structlog
-from sqlalchemy import delete
+from sqlalchemy import delete, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, func, select
 
 from services.auth import tenancy
+from services.auth.models import CaseReviewer
 from services.auth.tenancy import ReviewerStanding
 from services.common.db import after_commit, get_engine
 from services.review.models import WORKLIST_STATUSES, Review, ReviewerAccessChange
@@ -117,9 +118,31 @@ def settle_noted(engine: Engine, auth: Engine, limit: int = BATCH) -> int:
     return settled
 
 
+def sweep_registry(engine: Engine, auth: Engine, page: int = 500) -> int:
+    """Settle every pair the registry grants, whether noted or not; returns how many were revoked. Declines and
+    withdrawals written by a review service from before the notes (during a rolling upgrade, after the
+    migration that noted the earlier ones) or grants of a match rolled back before grants waited for the
+    commit left access no note names; this finds them."""
+    revoked, after = 0, ("", "")
+    while True:
+        with Session(auth) as session:
+            pairs = session.exec(
+                select(CaseReviewer.case_id, CaseReviewer.specialist_id)
+                .where(tuple_(col(CaseReviewer.case_id), col(CaseReviewer.specialist_id)) > tuple_(*after))
+                .order_by(col(CaseReviewer.case_id), col(CaseReviewer.specialist_id))
+                .limit(page)
+            ).all()
+        for case_id, specialist_id in pairs:
+            revoked += settle(engine, auth, case_id, specialist_id) is False
+        if len(pairs) < page:
+            return revoked
+        after = tuple(pairs[-1])  # type: ignore[assignment]
+
+
 class SettlingLoop:
     """Settles the pairs whose settlement after their commit did not happen: at start (a process that died
-    between a commit and its settlement), then every `interval` seconds."""
+    between a commit and its settlement) with a sweep of every pair the registry grants, then every
+    `interval` seconds."""
 
     def __init__(self, engine: Engine, auth: Engine, interval: float = RETRY_SECONDS) -> None:
         self.engine, self.auth, self.interval = engine, auth, interval
@@ -134,6 +157,12 @@ class SettlingLoop:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        try:
+            revoked = sweep_registry(self.engine, self.auth)
+            if revoked:
+                log.info("review.access_swept", revoked=revoked)
+        except Exception as exc:  # the next start sweeps again; the notes below are settled meanwhile
+            log.warning("review.access_sweep_failed", error=type(exc).__name__)
         while not self._stop.is_set():
             try:
                 while settle_noted(self.engine, self.auth, BATCH) == BATCH and not self._stop.is_set():

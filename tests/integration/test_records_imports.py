@@ -350,6 +350,13 @@ def test_two_patients_in_one_upload_are_held_and_a_rejection_discards_them(
     decision = ReconcileIdentity(
         case_id=case_id, import_id=body["import_id"], decision="reject", decided_by="ops-1", reason="wrong CD"
     )
+    # Applied, then rolled back (a consumer batch that broke, a crash before the commit): the files stay,
+    # and the decision applied again finds them.
+    event = new_event(id=str(uuid.uuid4()), source="/workflows/case", data=decision, subject=case_id)
+    with Session(engine) as session:
+        consumer.handle(session, event, settings)
+        session.rollback()
+    assert len(rows(engine, case_id)) == 2 and all(p.exists() for p in stored)
     send(engine, settings, decision, case_id)
     assert rows(engine, case_id) == []
     assert not any(p.exists() for p in stored)

@@ -3,10 +3,13 @@ records holds have it (reconciled), not intake's: a viewer groups by these attri
 
 import base64
 import io
+import threading
+import time
 import uuid
 from datetime import UTC, date, datetime
 
 import pydicom
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -14,7 +17,7 @@ from contracts import new_event
 from contracts.commands import ReconcileIdentity
 from contracts.events import EncapsulatedReport
 from services.common.config import Settings
-from services.records import consumer, uploads
+from services.records import consumer, handlers, uploads
 from services.records.models import ImportStatus, RecordFile, RecordImport
 from services.records.reconcile import coerced_header, our_identifiers
 from services.records.report_study import REPORT_SOURCE, stored_report
@@ -231,6 +234,47 @@ def test_a_report_come_while_the_images_wait_is_kept_aside_then_placed_after_the
     _, report = stored(engine, settings, case_id, sent.SOPInstanceUID)
     assert (report.PatientBirthDate, str(report.PatientName)) == ("19790101", "DOE^JANE^MARIE")
     assert not ObjectStore.for_settings(settings).local_path(kept.storage_path, kept.sha256).exists()
+
+
+def test_a_report_that_comes_while_the_decision_is_applied_waits_for_it_and_is_placed(
+    engine: Engine, settings: Settings
+) -> None:
+    """Two records processes: one applies the identity decision, the other stores the report meanwhile. The
+    report must not read the images as still held and wait aside for a decision already made."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    store_images(engine, settings, case_id, study, birth_date="19790101")
+    with Session(engine) as deciding:
+        handlers.lock_request(deciding, case_id)  # the decision's transaction has the case
+        storing = threading.Thread(target=send_report, args=(engine, settings, case_id, study))
+        storing.start()
+        with engine.connect() as watch:  # until the report's transaction waits for the case's lock
+            for _ in range(200):
+                waiting = watch.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                         "AND wait_event_type = 'Lock'")
+                ).scalar()  # fmt: skip
+                if waiting or not storing.is_alive():
+                    break
+                time.sleep(0.05)
+        [held] = deciding.exec(
+            select(RecordImport).where(
+                RecordImport.case_id == case_id, RecordImport.status == ImportStatus.IDENTITY_MISMATCH
+            )
+        ).all()
+        command = ReconcileIdentity(
+            case_id=case_id, import_id=held.import_id, decision="accept", decided_by="ops", reason="checked"
+        )
+        consumer.handle(
+            deciding, new_event(id=str(uuid.uuid4()), source="/t", data=command, subject=case_id), settings
+        )
+        deciding.commit()
+    storing.join(30)
+
+    [(placed, placed_import)] = report_rows(engine, case_id)
+    assert (placed.released, placed_import.status) == (True, ImportStatus.RELEASED)
+    _, report = stored(engine, settings, case_id, placed.sop_instance_uid)
+    assert str(report.PatientName) == "DOE^JANE^MARIE"
 
 
 def test_images_rejected_after_the_report_came_leave_it_with_the_cases_identity(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from alembic import command as alembic
 from fastapi.testclient import TestClient
+from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -341,6 +342,38 @@ def test_a_revocation_the_auth_schema_missed_is_settled_by_the_loop(
 
     assert noted(engine, command.subject) == []
     assert case.read_as(reviewer) == STRANGER
+
+
+def test_a_decline_a_review_service_from_before_left_without_a_note_is_found_by_the_sweep(
+    engine: Engine, settings: Settings, client: TestClient, records: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a rolling upgrade, a review process of the earlier version declines after the migration noted the
+    earlier declines: no note, no revocation. The sweep at each start settles every pair the registry grants."""
+    command, offered = offered_review(engine, settings)
+    case = records.open_case(command)
+    reviewer = offered["reviewer_id"]
+    kept, kept_offer = offered_review(engine, settings)
+    kept_case = records.open_case(kept)
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(tenancy, "settle_reviewer", unreachable)
+    assert (
+        client.post(f"/v1/reviews/{offered['review_id']}/decline", json={"reason": "away"}).status_code == 200
+    )
+    monkeypatch.undo()
+    with Session(engine) as session:  # the earlier version wrote no note
+        session.execute(
+            delete(ReviewerAccessChange).where(col(ReviewerAccessChange.case_id) == command.subject)
+        )
+        session.commit()
+    assert case.read_as(reviewer) == READS
+
+    assert access.sweep_registry(engine, get_engine("auth"), page=2) >= 1  # pages of two: the walk goes on
+
+    assert case.read_as(reviewer) == STRANGER
+    assert kept_case.read_as(kept_offer["reviewer_id"]) == READS  # an offer that stands keeps its access
 
 
 def test_the_migration_revokes_access_left_behind_by_past_declines(tmp_path: Path) -> None:

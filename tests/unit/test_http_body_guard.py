@@ -23,6 +23,11 @@ seen: list[int] = []
 router = APIRouter()
 
 
+@router.post("/v1/parse")
+def parse(body: dict[str, str] | list[str]) -> dict[str, bool]:
+    return {"parsed": True}
+
+
 @router.post("/v1/echo")
 @router.post("/fhir/Echo")
 async def echo(request: Request) -> dict[str, int]:
@@ -246,3 +251,30 @@ def test_a_body_with_escapes_is_read_and_walked_off_the_event_loop(monkeypatch: 
         "/v1/echo", content=b'{"a": "\\u0000"}', headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 422 and where == [False]
+
+
+def test_escaped_backslashes_are_no_nul_however_many() -> None:
+    """Each `\\\\u0000` (an escaped backslash, then "u0000") is text, not NUL; read in one pass."""
+    body = b'{"note": "' + b"\\\\u0000" * 9000 + b'"}'
+    response = client().post("/v1/echo", content=body, headers={"Content-Type": "application/json"})
+    assert response.json() == {"size": len(body)}
+
+
+def test_a_service_without_an_app_wide_bound_still_reads_no_json_body_over_the_json_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records bounds its uploads per route; a JSON body is read whole before any route, so it is bounded."""
+    monkeypatch.setattr(http, "MAX_JSON_BODY_BYTES", LIMIT)
+    unbounded = TestClient(create_app("bodytest", routers=[router], engine=lambda: None, max_body_bytes=None))  # type: ignore[arg-type,return-value]
+    endless = (b'{"a": "' + b"x" * 4096 for _ in range(100))
+    response = unbounded.post("/v1/echo", content=endless, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert unbounded.post("/v1/echo", content=b"x" * (4 * LIMIT)).json() == {"size": 4 * LIMIT}  # not JSON
+
+
+def test_a_deeply_nested_body_with_a_nul_is_refused_not_a_500() -> None:
+    """Too deep for Python's JSON parser to read: the guard cannot name the field, the endpoint refuses it."""
+    body = b"[" * 5000 + b'"\\u0000"' + b"]" * 5000
+    response = client().post("/v1/parse", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422)
+    assert response.headers["content-type"].startswith("application/problem+json")

@@ -5,13 +5,16 @@ tests/integration/test_insurance_core_tls.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
+from pathlib import Path
 
 import httpx
 import pytest
 
 from services.insurance.core import CoreLogin, CoreLoginRefused, CoreTlsRefused
-from services.insurance.core_tls import Handshake, tls_refusal
+from services.insurance.core_tls import Handshake, client_context, tls_refusal
+from tests.pki import Authority
 
 PASSWORD = CoreLogin("reading-group", "s3cret-Pa55word", "SECONDOPINION")
 X509 = CoreLogin("", "", "SECONDOPINION", "/secrets/ours.crt", "/secrets/ours.key")
@@ -117,3 +120,16 @@ def test_a_context_of_ours_is_watched_and_sees_a_certificate_request() -> None:
     assert not handshake.certificate_requested
     callback(None, "read", ssl.TLSVersion.TLSv1_2, 22, 13, b"")  # CertificateRequest
     assert handshake.certificate_requested
+
+
+def test_without_a_ca_bundle_both_logins_trust_the_systems_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's trust store (OpenSSL's, which SSL_CERT_FILE names: the prod overlay points it at the
+    hospital's CA bundle), not one bundled with a library, for a password login as for an X.509 one."""
+    authority = Authority(tmp_path, "hospital-trust")
+    monkeypatch.setenv("SSL_CERT_FILE", str(authority.cert))
+    ours = authority.issue("SECONDOPINION")
+    for login in (PASSWORD, dataclasses.replace(X509, client_cert=str(ours.cert), client_key=str(ours.key))):
+        trusted = client_context(login, Handshake()).get_ca_certs()
+        assert [dict(item[0] for item in c["subject"]) for c in trusted] == [{"commonName": "hospital-trust"}]

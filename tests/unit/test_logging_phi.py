@@ -46,6 +46,10 @@ SCRIPT = textwrap.dedent(
     dataset = pydicom.Dataset()
     dataset.PatientBirthDate = "1984.03.02"  # legacy ACR-NEMA form: pydicom warns, quoting it
     logging.getLogger("pynetdicom.dsutils").info("(0010,0020) LO [MRN-0042]  # 1 PatientID")
+    try:
+        raise ValueError("Unable to decode the dataset of MRN-0042")
+    except ValueError as exc:
+        logging.getLogger("pynetdicom.events").exception(exc)  # as pynetdicom logs a handler's error
     """
 )
 
@@ -69,3 +73,4 @@ def test_an_exception_is_logged_by_its_outline_and_libraries_do_not_log_values()
     # The stdlib logger's traceback (uvicorn's "Exception in ASGI application") is the same outline.
     assert "Exception in ASGI application\nbuiltins.ValueError" not in run.stdout  # chain order: cause first
     assert "Exception in ASGI application\npydantic_core._pydantic_core.ValidationError" in run.stdout
+    assert "builtins.ValueError (message not logged)\nbuiltins.ValueError (message not logged" in run.stdout
