@@ -151,6 +151,9 @@ def test_rotation_any_of_several_signatures_and_the_previous_secret_for_a_day(
         ("unknown event type", 422, "not accepted"),
         ("bundle without patient", 422, "FHIR Bundle"),
         ("identifier system not a URI", 422, "FHIR Bundle"),
+        # Sent without a JSON Content-Type (none here), the guard on JSON bodies never read it: a NUL in the
+        # patient's name was taken into a case (200), which each service it reached would fail to store.
+        ("NUL in a text", 422, "data.entry.0.resource.name.0.family holds a NUL character"),
         ("oversized body", 413, "10 MB"),
     ],
 )
@@ -202,6 +205,9 @@ def test_a_rejected_delivery_is_4xx_and_changes_nothing(
         )
     elif case == "oversized body":
         body = b" " * (webhooks_in.MAX_BODY_BYTES + 1)
+    elif case == "NUL in a text":
+        patient = {**FULL["entry"][0]["resource"], "name": [{"family": "Doe\u0000", "given": ["Jane"]}]}
+        body = event("case.requested", {**FULL, "entry": [{"resource": patient}, *FULL["entry"][1:]]})
     before = counts(engines[0])
     response = deliver(client, partner, body, **sent)
     assert response.status_code == status, response.text
