@@ -98,6 +98,16 @@ def error_for(request: Request, status: int, title: str, detail: str,
     return JSONResponse(outcome, status_code=status, media_type="application/fhir+json")
 
 
+def _validation_detail(request: Request, exc: RequestValidationError) -> str:
+    """What to fix. A JSON body sent without a JSON Content-Type is not read as JSON at all, and the error on
+    the whole body ("Input should be a valid dictionary", no field) did not say why."""
+    sent = _media_types(request.headers.get("content-type") or "")
+    as_json = bool(sent) and sent[0].endswith(("/json", "+json"))
+    if not as_json and any(tuple(error.get("loc", ())) == ("body",) for error in exc.errors()):
+        return "The body was not read as JSON: send it with Content-Type: application/json."
+    return "The request does not match the schema; fix the fields listed."
+
+
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     # The offending value is never echoed back: it may be a patient's name or birth date.
     return [
@@ -197,6 +207,9 @@ def nul_in_url(scope: Scope) -> str | None:
     return None
 
 
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 class BodyGuard:
     """What no service can take, refused before the endpoint runs, as a problem (an OperationOutcome on the
     FHIR paths):
@@ -240,7 +253,10 @@ class BodyGuard:
             await self._refuse(scope, receive, send, 413, "Request too large", self._too_large())
             return
         media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if media_type.endswith((b"/json", b"+json")):
+        # The FHIR endpoints read a body sent without a Content-Type as JSON: looked at as JSON here too (a NUL
+        # in one was taken into a case). The inbound webhook, which reads any body, checks its own.
+        unlabelled_fhir = not media_type and scope["method"] in BODY_METHODS and _on_fhir_path(scope["path"])
+        if media_type.endswith((b"/json", b"+json")) or unlabelled_fhir:
             await self._json(scope, receive, send)
             return
         received = 0
@@ -408,11 +424,7 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_for(
-            request,
-            422,
-            "Invalid request",
-            "The request does not match the schema; fix the fields listed.",
-            _validation_errors(exc),
+            request, 422, "Invalid request", _validation_detail(request, exc), _validation_errors(exc)
         )
 
     @app.exception_handler(IntakeRejected)

@@ -127,7 +127,7 @@ def parse(body: bytes) -> WebhookEnvelope:
             422, f"event type {envelope.type} is not accepted; send one of {', '.join(EVENT_TYPES)}"
         )
     # The body is read here whatever its Content-Type, so the guard on JSON bodies may not have seen it: a NUL
-    # in a text was taken into a case, which each service it reached then failed to store.
+    # in a text was taken into a case and sent on to every service, past the guard meant to keep it out.
     found = unstorable_field({"timestamp": envelope.timestamp, "data": envelope.data}, fhir=False)
     if found is not None:
         where, reason = found

@@ -809,6 +809,17 @@ def test_an_order_number_with_a_nul_is_a_422_not_a_500(client: TestClient) -> No
     assert [e["field"] for e in response.json()["errors"]] == ["partner_case_ref"]
 
 
+def test_a_nul_in_a_bundle_sent_without_a_content_type_is_a_422_not_a_case(client: TestClient) -> None:
+    """The Bundle is read as JSON without a Content-Type, but the guard only read bodies declared JSON: the
+    patient's name with a NUL made a case, sent on to every service past the guard meant to keep it out."""
+    body = order({"system": "urn:hospital-a:order", "value": "NUL-CT-1"})
+    body["entry"][0]["resource"]["name"] = [{"family": "Doe\u0000", "given": ["Jane"]}]
+    response = client.post("/fhir", content=json.dumps(body).encode())
+    assert response.status_code == 422, response.text
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert issue.expression == ["Bundle.entry[0].resource.name[0].family"] and "Jane" not in response.text
+
+
 def test_an_order_identifier_without_a_value_is_still_no_reference(client: TestClient) -> None:
     created = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order"}))
     assert created.status_code == 200, created.text

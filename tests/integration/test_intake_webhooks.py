@@ -152,7 +152,7 @@ def test_rotation_any_of_several_signatures_and_the_previous_secret_for_a_day(
         ("bundle without patient", 422, "FHIR Bundle"),
         ("identifier system not a URI", 422, "FHIR Bundle"),
         # Sent without a JSON Content-Type (none here), the guard on JSON bodies never read it: a NUL in the
-        # patient's name was taken into a case (200), which each service it reached would fail to store.
+        # patient's name was taken into a case (200) and sent on to every service.
         ("NUL in a text", 422, "data.entry.0.resource.name.0.family holds a NUL character"),
         ("oversized body", 413, "10 MB"),
     ],

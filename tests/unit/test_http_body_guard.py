@@ -278,3 +278,26 @@ def test_a_deeply_nested_body_with_a_nul_is_refused_not_a_500() -> None:
     response = client().post("/v1/parse", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code in (400, 422)
     assert response.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain"])
+def test_a_json_body_sent_without_a_json_content_type_is_told_to_send_one(content_type: str | None) -> None:
+    """It is not read as JSON; the error on the whole body only said "Input should be a valid dictionary"."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client().post("/v1/notes", content=b'{"text": "a note"}', headers=headers)
+    assert response.status_code == 422
+    assert (
+        response.json()["detail"]
+        == "The body was not read as JSON: send it with Content-Type: application/json."
+    )
+    as_json = client().post("/v1/notes", content=b"[1, 2]", headers={"Content-Type": "application/json"})
+    assert as_json.json()["detail"] == "The request does not match the schema; fix the fields listed."
+
+
+def test_a_fhir_body_without_a_content_type_is_looked_at_as_json() -> None:
+    """The FHIR endpoints read such a body as JSON: a NUL in it passed the guard into a case."""
+    body = b'{"resourceType": "Bundle", "entry": [{"resource": {"id": "x\\u0000"}}]}'
+    outcome = client().post("/fhir/Echo", content=body).json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["expression"] == ["Bundle.entry[0].resource.id"]
+    assert client().post("/v1/echo", content=body).json() == {"size": len(body)}  # not JSON, not read
