@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 
 class Strict(BaseModel):
     """Unknown fields are refused, so nothing is accepted by accident."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def as_utc(value: datetime) -> datetime:
+    """`value` in UTC, a time without an offset read as UTC; a ValueError (a 422 naming the field) for one that
+    UTC cannot hold: 0001-01-01T00:00+01:00 is in year 0, 9999-12-31T23:30-01:00 in year 10000, which no
+    datetime holds (comparing or storing it raised OverflowError, a 500)."""
+    try:
+        return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        raise ValueError(
+            "is outside the years 1 to 9999 once converted to UTC; send a time within them"
+        ) from None
+
+
+def _held_by_utc(value: datetime) -> datetime:
+    as_utc(value)
+    return value  # as sent, with its offset
+
+
+# A time a client sends to filter by (created_from, since): read as UTC without an offset ("2026-12-01" is its
+# midnight UTC), refused when UTC cannot hold it.
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+# A time with its UTC offset, kept as sent, that UTC can hold (every report prints it in UTC).
+Instant = Annotated[AwareDatetime, AfterValidator(_held_by_utc)]
 
 
 class Urgency(StrEnum):
@@ -114,7 +138,7 @@ class DirectCommunication(Strict):
     recipient: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=200)]
     recipient_role: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=100)]
     method: Literal["telephone", "in_person"]
-    at: AwareDatetime = Field(description="when they were told, with its UTC offset")
+    at: Instant = Field(description="when they were told, with its UTC offset")
     read_back: bool = False
 
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
+from contracts.models import UtcDatetime
 from services.auth import audit, fhir_audit
 from services.auth.deps import AuthEngine, Caller, Principal, audit_caller, require_role
 from services.auth.models import Partner, Role
@@ -187,7 +188,9 @@ def export_audit(
     caller: Caller,
     engine: AuthEngine,
     case_id: Annotated[str | None, Query(max_length=36)] = None,
-    since: Annotated[datetime | None, Query(description="ISO 8601; entries at or after")] = None,
+    since: Annotated[
+        UtcDatetime | None, Query(description="ISO 8601 (UTC if no offset); entries at or after")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> JSONResponse:
     """Who read or wrote this partner's cases, as FHIR AuditEvent (the oldest first)."""

@@ -30,6 +30,7 @@ from services.auth.models import AuditEvent
 
 # One writer at a time extends the chain (a transaction-scoped PostgreSQL advisory lock).
 CHAIN_LOCK = 0x5EC0_A0D1
+CASE_ID_LENGTH = 36  # audit_events.case_id: a case id is a UUID
 
 
 class EntryFields(TypedDict):
@@ -49,7 +50,14 @@ class EntryFields(TypedDict):
 
 
 def _entry(fields: EntryFields) -> AuditEvent:
+    """The entry, every value fitting its column. A case id longer than a case id is (any text a client put in
+    a URL) names no case: kept out of the entry, which says so, rather than failing the INSERT, which lost the
+    entry and answered the request it recorded with a 422 "cannot be stored"."""
     values: dict[str, Any] = {"case_id": None, "purpose": "TREAT", "detail": "", **fields}
+    case_id = values["case_id"]
+    if case_id is not None and len(case_id) > CASE_ID_LENGTH:
+        sent = f"the case id sent is not one ({len(case_id)} characters)"
+        values["detail"], values["case_id"] = "; ".join(filter(None, [values["detail"], sent])), None
     values["detail"] = values["detail"][:500]
     return AuditEvent(**values)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
 from fastapi import APIRouter, FastAPI, Request
@@ -98,6 +98,16 @@ def error_for(request: Request, status: int, title: str, detail: str,
     return JSONResponse(outcome, status_code=status, media_type="application/fhir+json")
 
 
+def _validation_detail(request: Request, exc: RequestValidationError) -> str:
+    """What to fix. A JSON body sent without a JSON Content-Type is not read as JSON at all, and the error on
+    the whole body ("Input should be a valid dictionary", no field) did not say why."""
+    sent = _media_types(request.headers.get("content-type") or "")
+    as_json = bool(sent) and sent[0].endswith(("/json", "+json"))
+    if not as_json and any(tuple(error.get("loc", ())) == ("body",) for error in exc.errors()):
+        return "The body was not read as JSON: send it with Content-Type: application/json."
+    return "The request does not match the schema; fix the fields listed."
+
+
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     # The offending value is never echoed back: it may be a patient's name or birth date.
     return [
@@ -111,38 +121,93 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 # a JSON service is refused there as it arrives, not read into memory.
 MAX_JSON_BODY_BYTES = 64 * 1024 * 1024
 
-# JSON's escape of the NUL character, which no text column can store: a \u0000 whose backslash is not itself
-# escaped (an even run of backslashes before it, none at all included). One pass, linear in the body.
-NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# JSON escapes of what no text column can store: the NUL character, and a UTF-16 surrogate. A surrogate pair
+# decodes to one character and is stored; a lone surrogate decodes to no character at all (PostgreSQL, and
+# UTF-8 itself, refuse it), so the walk below tells the two apart. An escape counts when its backslash is not
+# itself escaped (an even run of backslashes before it, none at all included). One pass, linear in the body.
+UNSTORABLE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
+NUL_MESSAGE = "holds a NUL character (\\u0000), which cannot be stored; remove it"
+SURROGATE_MESSAGE = (
+    "holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff), which encodes no character; send the text as "
+    "UTF-8, or a character beyond U+FFFF as a surrogate pair"
+)
 
 
-def _nul_escapes(data: bytes) -> bool:
-    """Whether `data` holds a JSON `\\u0000` escape (not an escaped backslash followed by "u0000")."""
-    return NUL_ESCAPE.search(data) is not None
+def _unstorable_escapes(data: bytes) -> bool:
+    """Whether `data` holds a JSON `\\u0000` or surrogate escape (not an escaped backslash before "u…")."""
+    return UNSTORABLE_ESCAPE.search(data) is not None
 
 
-def nul_field(document: Any, fhir: bool) -> str | None:
-    """Where the first text holding a NUL character is: a FHIR element path ("Bundle.entry[1].resource.
-    identifier[0].value") or, for the JSON API, the field as validation errors name it ("patient.given_name").
-    Walked without recursion: a body may nest as deep as the JSON parser allows."""
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
-    path: tuple[str | int, ...] | None = None
-    while stack and path is None:
-        node, where = stack.pop()
+def unstorable(text: str) -> str | None:
+    """Why a text cannot be stored (NUL, lone surrogate), or None."""
+    if "\x00" in text:
+        return NUL_MESSAGE
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return SURROGATE_MESSAGE
+    return None
+
+
+def unstorable_field(document: Any, fhir: bool) -> tuple[str, str] | None:
+    """Where the first text that no column can store is (a NUL character, a lone surrogate), and why: a FHIR
+    element path ("Bundle.entry[1].resource.identifier[0].value") or, for the JSON API, the field as
+    validation errors name it ("patient.given_name"). Walked without recursion: any depth json.loads reads."""
+    found: tuple[list[str | int], str] | None = None
+    pending: list[tuple[Any, list[str | int]]] = [(document, [])]
+    while pending and found is None:
+        node, path = pending.pop()
         if isinstance(node, str):
-            path = where if "\x00" in node else None
-        elif isinstance(node, dict):
-            if any("\x00" in key for key in node):
-                path = where
-            stack.extend((value, (*where, key)) for key, value in reversed(list(node.items())))
+            reason = unstorable(node)
+            found = (path, reason) if reason else None
+            continue
+        if isinstance(node, dict):
+            items: list[tuple[str | int, Any]] = list(node.items())
         elif isinstance(node, list):
-            stack.extend((value, (*where, index)) for index, value in reversed(list(enumerate(node))))
-    if path is None:
+            items = list(enumerate(node))
+        else:
+            continue
+        for key, _ in items:
+            reason = unstorable(key) if isinstance(key, str) else None
+            if reason:
+                found = (path, reason)
+                break
+        pending.extend((value, [*path, key]) for key, value in reversed(items))  # the first item first
+    if found is None:
         return None
+    path, reason = found
     if not fhir:
-        return ".".join(str(p) for p in path)
+        return ".".join(str(p) for p in path), reason
     root = document.get("resourceType", "") if isinstance(document, dict) else ""
-    return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    root = root if isinstance(root, str) and not unstorable(root) else ""
+    return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path), reason
+
+
+def _unstorable_in(body: bytes, fhir: bool) -> tuple[str, str] | None:
+    """unstorable_field of a JSON body; None for one json.loads cannot read (malformed, nested too deep): it
+    is handed on, and the endpoint's own parsing answers what is wrong with it."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return unstorable_field(document, fhir=fhir)
+
+
+def nul_in_url(scope: Scope) -> str | None:
+    """Where a NUL character (%00) is in the request's URL: "path" or "query.<name>"; None if nowhere. No id
+    or search value holds one, and PostgreSQL cannot compare a text with one."""
+    if "\x00" in scope["path"]:
+        return "path"
+    query: bytes = scope.get("query_string", b"")
+    if b"%00" not in query and b"\x00" not in query:
+        return None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return f"query.{name.replace(chr(0), '')}"
+    return None
+
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class BodyGuard:
@@ -152,9 +217,12 @@ class BodyGuard:
     - a body over `limit` bytes (None: no bound here): 413, at once when its Content-Length says so, else as
       soon as the bytes received pass it (chunked bodies), never read into memory whole. Starlette's own
       limit answers in plain text.
-    - a JSON body with a NUL character (`\\u0000`) in a text: 422 naming the field. PostgreSQL cannot store
-      it, so it would fail the request with a 500, or pass into a case and fail each service it reaches. A
-      JSON body is read whole (the endpoint reads it whole anyway) and handed on once it is looked at."""
+    - a JSON body with a NUL character (`\\u0000`) or a lone surrogate (`\\ud800`) in a text: 422 naming the
+      field. PostgreSQL cannot store either, so it would fail the request with a 500, or pass into a case
+      and fail each service it reaches. A JSON body is read whole (the endpoint reads it whole anyway) and
+      handed on once it is looked at.
+    - a NUL character (`%00`) in the URL's path or query: 422 naming where. No id or search value holds one,
+      and a look-up with it would fail in the database."""
 
     def __init__(self, app: ASGIApp, limit: int | None) -> None:
         self.app, self.limit = app, limit
@@ -171,13 +239,24 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        where = nul_in_url(scope)
+        if where is not None:
+            await self._refuse(
+                scope, receive, send, 422, "Invalid request",
+                "the URL holds a NUL character (%00); fix the part listed; nothing was read or changed",
+                [{"field": where, "message": "holds a NUL character (%00), which no id or search value holds; remove it"}],
+            )  # fmt: skip
+            return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if self.limit is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send, 413, "Request too large", self._too_large())
             return
         media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if media_type.endswith((b"/json", b"+json")):
+        # The FHIR endpoints read a body sent without a Content-Type as JSON: looked at as JSON here too (a NUL
+        # in one was taken into a case). The inbound webhook, which reads any body, checks its own.
+        unlabelled_fhir = not media_type and scope["method"] in BODY_METHODS and _on_fhir_path(scope["path"])
+        if media_type.endswith((b"/json", b"+json")) or unlabelled_fhir:
             await self._json(scope, receive, send)
             return
         received = 0
@@ -212,18 +291,22 @@ class BodyGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        # A large body is scanned off the event loop: the other requests go on meanwhile.
-        nul = await run_in_threadpool(_nul_escapes, body) if size > 1024**2 else _nul_escapes(body)
-        if nul:
-            field = None
-            with contextlib.suppress(ValueError, RecursionError):  # not JSON: the endpoint says so
-                field = nul_field(json.loads(body), fhir=_on_fhir_path(scope["path"]))
-            if field is not None:
-                message_ = "holds a NUL character (\\u0000), which cannot be stored; remove it"
+        # A large body is scanned off the event loop, and one with an escape is read and walked there: tens of
+        # MB on the loop would hold every other request meanwhile.
+        escaped = (
+            await run_in_threadpool(_unstorable_escapes, body)
+            if size > 1024**2
+            else _unstorable_escapes(body)
+        )
+        if escaped:
+            found = await run_in_threadpool(_unstorable_in, body, _on_fhir_path(scope["path"]))
+            if found is not None:
+                field, reason = found
+                what = "a NUL character" if reason == NUL_MESSAGE else "a lone surrogate escape"
                 await self._refuse(
                     scope, receive, send, 422, "Invalid request",
-                    "a text of the request holds a NUL character; fix the fields listed; nothing was stored",
-                    [{"field": field, "message": message_}],
+                    f"a text of the request holds {what}; fix the fields listed; nothing was stored",
+                    [{"field": field, "message": reason}],
                 )  # fmt: skip
                 return
         handed = False
@@ -280,6 +363,39 @@ class RequestMetrics:
                 LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
 
 
+class UnreadableJson(ValueError):
+    """A body that is not JSON json.loads can read; the message says why, never quoting the body."""
+
+
+def json_problem(exc: BaseException) -> str | None:
+    """Why json.loads could not read a body, from what it raised; None for anything else."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "the body is not UTF-8 text; send the JSON encoded as UTF-8"
+    if isinstance(exc, json.JSONDecodeError):  # its msg names what was expected, not what was found
+        return f"the body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "the body nests arrays or objects too deeply to be read; send it flatter"
+    if isinstance(exc, ValueError) and "digits" in str(exc):  # int(): sys.get_int_max_str_digits()
+        return "the body holds a number with more digits than can be read (4300 at most); send it shorter"
+    return None
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON document of a body a service reads itself (FHIR resources): UnreadableJson says what is wrong
+    with one that is not readable JSON. Each of these was a 500 where only some were caught."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise UnreadableJson(json_problem(exc) or "the body is not JSON") from exc
+
+
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """What was wrong with a JSON body FastAPI could not decode for a reason other than its syntax (a syntax
+    error is a 422 naming the position): FastAPI itself only says "There was an error parsing the body"."""
+    problem = json_problem(exc.__cause__) if exc.status_code == 400 and exc.__cause__ else None
+    return f"{problem}; nothing was stored" if problem else None
+
+
 def create_app(
     service: str,
     *,
@@ -308,11 +424,7 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_for(
-            request,
-            422,
-            "Invalid request",
-            "The request does not match the schema; fix the fields listed.",
-            _validation_errors(exc),
+            request, 422, "Invalid request", _validation_detail(request, exc), _validation_errors(exc)
         )
 
     @app.exception_handler(IntakeRejected)
@@ -325,7 +437,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = error_for(request, exc.status_code, "Error", str(exc.detail))
+        response = error_for(request, exc.status_code, "Error", _unreadable_body(exc) or str(exc.detail))
         response.headers.update(exc.headers or {})  # Retry-After, WWW-Authenticate
         return response
 

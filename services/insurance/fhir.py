@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from contracts.models import Coverage
 from services.auth import Role, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
-from services.common.http import fhir_json_only
+from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.insurance import fhir_resources, handlers
 from services.insurance.api import SessionDep
 from services.insurance.fhir_resources import FhirInvalid
@@ -44,10 +45,17 @@ def _outcome(status: int, expression: str, message: str) -> JSONResponse:
 )
 async def request_eligibility(request: Request, session: SessionDep) -> JSONResponse:
     """Eligibility and benefits for the plan and member of the contained Coverage (nothing is stored)."""
+    raw = await request.body()
+    # Validating a large resource takes seconds, and the payer's connector waits on the payer: on the event
+    # loop either held every other request to this service.
+    return await run_in_threadpool(_eligibility, raw, session)
+
+
+def _eligibility(raw: bytes, session: Session) -> JSONResponse:
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _outcome(400, "CoverageEligibilityRequest", "the body is not JSON; send a FHIR JSON resource")
+        body = parse_json(raw)
+    except UnreadableJson as exc:
+        return _outcome(400, "CoverageEligibilityRequest", f"{exc}; send a FHIR JSON resource")
     try:
         ask = fhir_resources.read_request(body)
     except FhirInvalid as exc:
@@ -65,7 +73,8 @@ async def request_eligibility(request: Request, session: SessionDep) -> JSONResp
         return _outcome(
             422,
             "CoverageEligibilityRequest.item[0].productOrService",
-            f"CPT {cpt} is not a service we price; ask for 76140 or the study's CPT with modifier 26",
+            "the CPT code (with its modifier) is not a service we price; ask for 76140 or the study's CPT "
+            "with modifier 26",
         )
     response = fhir_resources.eligibility_response(ask, estimate, rule, body.get("id"))
     return JSONResponse(response, media_type=FHIR_JSON)

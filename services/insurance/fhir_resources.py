@@ -91,6 +91,14 @@ def read_request(body: Any) -> EligibilityAsk:
     except ValidationError as exc:
         expression, message = validation_problems("CoverageEligibilityRequest", exc)[0]
         raise FhirInvalid(message, expression) from exc
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        # fhir.resources raises these, not a ValidationError, for a contained resource of an unknown or
+        # non-string resourceType and for elements nested deeper than it reads (each was a 500).
+        raise FhirInvalid(
+            "not a valid FHIR R4 resource: a contained resource of an unknown type, or elements nested too "
+            "deep",
+            "CoverageEligibilityRequest",
+        ) from exc
     # fhir.resources checks types and cardinality, not required value-set bindings: these two are ours.
     if request.status not in {"active", "cancelled", "draft", "entered-in-error"}:
         raise FhirInvalid(
@@ -112,7 +120,7 @@ def read_request(body: Any) -> EligibilityAsk:
     coverage = contained.get(reference)
     if not isinstance(coverage, FhirCoverage):
         raise FhirInvalid(
-            f"the Coverage {reference} is not contained in the request; contain it and reference it as #id",
+            "the Coverage referenced is not contained in the request; contain it and reference it as #id",
             "CoverageEligibilityRequest.insurance[0].coverage.reference",
         )
     plan = next(

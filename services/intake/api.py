@@ -25,13 +25,14 @@ from starlette.concurrency import run_in_threadpool
 from temporalio.client import Client
 
 from contracts.decisions import CancelCase, ConsentReceived, FollowUpQuestion
-from contracts.models import CaseStatus, Urgency
+from contracts.models import CaseStatus, Urgency, UtcDatetime, as_utc
 from services.auth import AuthEngine, Principal, Role, require_role
 from services.auth.deps import audit_caller
 from services.auth.problems import AUTH_ERRORS, Problem, problem_response
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine
 from services.common.errors import IntakeRejected
+from services.common.http import unstorable
 from services.common.temporal import connect_temporal
 from services.intake import decisions, handlers, idempotency
 from services.intake.models import (
@@ -399,8 +400,10 @@ def encode_cursor(case: Case) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        created = datetime.fromisoformat(raw["c"])
-        return (created if created.tzinfo else created.replace(tzinfo=UTC)), str(raw["i"])
+        created, case_id = as_utc(datetime.fromisoformat(raw["c"])), raw["i"]
+        if not isinstance(case_id, str) or unstorable(case_id):  # a NUL or a lone surrogate fails the query
+            raise ValueError("not a case id")
+        return created, case_id
     except (ValueError, KeyError, TypeError) as exc:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -416,8 +419,12 @@ def list_cases(
     status_filter: Annotated[str | None, Query(alias="status", pattern=r"^[a-z_]{1,40}$")] = None,
     urgency: Urgency | None = None,
     partner_id: Annotated[str | None, Query(max_length=64)] = None,
-    created_from: Annotated[datetime | None, Query(description="inclusive, ISO 8601")] = None,
-    created_to: Annotated[datetime | None, Query(description="exclusive, ISO 8601")] = None,
+    created_from: Annotated[
+        UtcDatetime | None, Query(description="inclusive, ISO 8601 (UTC if no offset)")
+    ] = None,
+    created_to: Annotated[
+        UtcDatetime | None, Query(description="exclusive, ISO 8601 (UTC if no offset)")
+    ] = None,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> CasePage:

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.auth.problems import AUTH_ERRORS
 from services.common.errors import IntakeRejected
-from services.common.http import fhir_json_only
+from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.intake import fhir_intake, handlers
 from services.intake.api import (
     AuditDep,
@@ -161,9 +161,11 @@ async def read_json(request: Request) -> Any:
     if len(body) > MAX_FHIR_BYTES:
         raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the request is larger than 30 MB")])
     try:
-        request.state.fhir_json = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the body is not JSON")]) from exc
+        # Off the event loop, like the validation below: a 30 MB body takes a while, every other request
+        # to intake would wait behind it.
+        request.state.fhir_json = await run_in_threadpool(parse_json, body)
+    except UnreadableJson as exc:
+        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", str(exc))]) from exc
     return request.state.fhir_json
 
 
@@ -227,7 +229,10 @@ async def create_from_fhir(
     if_none_exist: str | None = None,
 ) -> JSONResponse:
     try:
-        parsed: fhir_intake.FhirRequest = parse(await read_json(request))
+        document = await read_json(request)
+        # Validating every resource of a large Bundle takes seconds: on the event loop it held every other
+        # request to intake that long (a /healthz waited 5 s behind a 28 MB Bundle).
+        parsed: fhir_intake.FhirRequest = await run_in_threadpool(parse, document)
         reference = conditional_reference(if_none_exist) if if_none_exist is not None else None
     except fhir_intake.FhirInvalid as exc:
         status = 400 if exc.issues and exc.issues[0].expression == "If-None-Exist" else 422
@@ -343,8 +348,12 @@ def _entry_if_none_exist(bundle: Any) -> str | None:
     """The ServiceRequest entry's request.ifNoneExist, if the body is a Bundle that has one."""
     entries = bundle.get("entry") if isinstance(bundle, dict) else None
     for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and (entry.get("resource") or {}).get("resourceType") == "ServiceRequest":
-            value = (entry.get("request") or {}).get("ifNoneExist")
+        # Read before the Bundle is validated: any element may be of any JSON type (a string `resource` was
+        # a 500); from_bundle then names what is wrong with it.
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "ServiceRequest":
+            request = entry.get("request")
+            value = request.get("ifNoneExist") if isinstance(request, dict) else None
             return value if isinstance(value, str) else None
     return None
 
@@ -439,6 +448,8 @@ def get_task(task_id: str, session: SessionDep, caller: CaseCaller, audit: Audit
     try:
         case = visible_case(session, task_id, caller, audit, "read")
     except StarletteHTTPException:
-        return outcome_response(404, "not-found", [("Task.id", f"no Task {task_id} visible to this key")])
+        return outcome_response(
+            404, "not-found", [("Task.id", "no Task with this id is visible to this key")]
+        )
     audit("read", "case", task_id, "success")
     return JSONResponse(to_task(case), media_type=FHIR_JSON)

@@ -96,7 +96,10 @@ def validated(resource: Any, path: str) -> dict[str, Any]:
         raise FhirInvalid([Issue(path, "not a FHIR resource (no resourceType)")])
     kind = resource["resourceType"]
     if kind not in SUPPORTED:
-        raise FhirInvalid([Issue(f"{path}.resourceType", f"{kind} is not accepted here")])
+        accepted = ", ".join(sorted(SUPPORTED))  # the type sent is not echoed: it may be any text
+        raise FhirInvalid(
+            [Issue(f"{path}.resourceType", f"this resourceType is not accepted here; send {accepted}")]
+        )
     try:
         model = get_fhir_model_class(kind).model_validate(resource)
     except ValidationError as exc:
@@ -154,7 +157,21 @@ def from_bundle(bundle: Any) -> FhirRequest:
         path = f"Bundle.entry[{i}].resource"
         resource = validated(entry.get("resource") if isinstance(entry, dict) else None, path)
         resources.setdefault(resource["resourceType"], []).append(resource)
+        _entry_request(entry, f"Bundle.entry[{i}].request")
     return read_case(resources)
+
+
+def _entry_request(entry: dict[str, Any], path: str) -> None:
+    """Only `ifNoneExist` of an entry's request is read (conditional create); what is there has its shape."""
+    request = entry.get("request")
+    if request is None:
+        return
+    if not isinstance(request, dict):
+        raise FhirInvalid(
+            [Issue(path, "must be an object (method, url, and ifNoneExist for a conditional create)")]
+        )
+    if not isinstance(request.get("ifNoneExist", ""), str):
+        raise FhirInvalid([Issue(f"{path}.ifNoneExist", "must be a string: identifier=[system|]value")])
 
 
 def from_service_request(request: Any) -> FhirRequest:

@@ -32,7 +32,7 @@ from services.auth.problems import problem_response
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.errors import IntakeRejected
-from services.common.http import problem
+from services.common.http import problem, unstorable_field
 from services.intake import decisions, fhir_intake, idempotency
 from services.intake.api import (
     Audit,
@@ -126,6 +126,12 @@ def parse(body: bytes) -> WebhookEnvelope:
         raise WebhookRejected(
             422, f"event type {envelope.type} is not accepted; send one of {', '.join(EVENT_TYPES)}"
         )
+    # The body is read here whatever its Content-Type, so the guard on JSON bodies may not have seen it: a NUL
+    # in a text was taken into a case and sent on to every service, past the guard meant to keep it out.
+    found = unstorable_field({"timestamp": envelope.timestamp, "data": envelope.data}, fhir=False)
+    if found is not None:
+        where, reason = found
+        raise WebhookRejected(422, f"the event's {where} {reason}; nothing was stored")
     return envelope
 
 
@@ -186,7 +192,7 @@ async def receive(
         partner = await run_in_threadpool(find_partner, auth, partner_id)
         signed = read_headers(request.headers, time.time())
         verify(partner.webhook_secrets(datetime.now(UTC)), signed, body)
-        envelope = parse(body)
+        envelope = await run_in_threadpool(parse, body)
         print_ = hashlib.sha256(body).hexdigest()
         try:
             stored = await run_in_threadpool(idempotency.claim, engine, owner, signed.webhook_id, print_)
@@ -238,7 +244,7 @@ def find_partner(auth: Engine, partner_id: str) -> Partner:
     with Session(auth) as session:
         partner = session.get(Partner, partner_id)
     if partner is None:
-        raise WebhookRejected(404, f"no partner {partner_id}; check the URL you were given")
+        raise WebhookRejected(404, "no partner with this id; check the URL you were given")
     return partner
 
 
@@ -252,7 +258,7 @@ async def process(
     webhook_id: str,
 ) -> WebhookAccepted:
     if envelope.type == "case.requested":
-        parsed = fhir_intake.from_bundle(envelope.data)
+        parsed = await run_in_threadpool(fhir_intake.from_bundle, envelope.data)  # seconds for a large one
         case, _ = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
         return WebhookAccepted(status="accepted", case_id=case.id)
     if envelope.type == "records.available":

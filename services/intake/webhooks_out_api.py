@@ -57,7 +57,7 @@ def partner_scope(partner_id: str, request: Request, caller: Caller, auth: AuthE
         outcome="denied",
         detail="another partner's webhook endpoints",
     )
-    raise HTTPException(status.HTTP_404_NOT_FOUND, f"no partner {partner_id} visible to this key")
+    raise HTTPException(status.HTTP_404_NOT_FOUND, "no partner with this id is visible to this key")
 
 
 router = APIRouter(
@@ -70,7 +70,9 @@ router = APIRouter(
 def endpoint_of(session: Session, caller: Principal, partner_id: str, endpoint_id: str) -> WebhookEndpoint:
     endpoint = session.get(WebhookEndpoint, endpoint_id)
     if endpoint is None or endpoint.partner_id != partner_id:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook endpoint {endpoint_id}")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, "no webhook endpoint with this id; GET the partner's webhook-endpoints"
+        )
     return endpoint
 
 
@@ -189,7 +191,7 @@ def replay(
         endpoint_of(session, caller, partner_id, endpoint_id)
         delivery = session.get(WebhookDelivery, webhook_id)
         if delivery is None or delivery.endpoint_id != endpoint_id:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no delivery {webhook_id} for this endpoint")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no delivery with this id for this endpoint")
         delivery.status = "pending"
         delivery.next_attempt_at = datetime.now(UTC)
         session.add(delivery)

@@ -196,7 +196,7 @@ async def upload_archive(
         raise HTTPException(
             415,
             "send the ZIP file's bytes as the request body with Content-Type: application/zip; "
-            f"single files and folders go to /v1/records/{case_id}/files as multipart form data",
+            "single files and folders go to /v1/records/{case_id}/files as multipart form data",
         )
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length", "")

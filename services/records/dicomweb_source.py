@@ -26,7 +26,13 @@ class DicomwebSource:
         if self.auth_env:
             user, _, password = os.environ.get(self.auth_env, "").partition(":")
             auth = httpx.BasicAuth(user, password)
-        return httpx.Client(base_url=self.base_url.rstrip("/"), auth=auth, timeout=self.timeout)
+        try:
+            return httpx.Client(base_url=self.base_url.rstrip("/"), auth=auth, timeout=self.timeout)
+        except httpx.InvalidURL:  # not an HTTPError: it escaped the callers' handling and failed their loop
+            raise PacsUnavailable(
+                "the partner's DICOMweb URL cannot be called (not a valid URL); PUT /v1/records/sources "
+                "with a corrected one"
+            ) from None
 
 
 def find_studies(source: DicomwebSource, query: StudyQuery) -> list[str]:

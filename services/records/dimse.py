@@ -135,7 +135,14 @@ def _ae(timeout: float) -> AE:
 def _associate(ae: AE, source: DimseSource, **kwargs: Any) -> Association:
     """Request an association with the PACS, asking it for PDUs of up to MAX_PDU_BYTES (every association
     we request goes through here, so none falls back to pynetdicom's 16 KiB)."""
-    return ae.associate(source.host, source.port, ae_title=source.ae_title, max_pdu=MAX_PDU_BYTES, **kwargs)
+    try:
+        return ae.associate(
+            source.host, source.port, ae_title=source.ae_title, max_pdu=MAX_PDU_BYTES, **kwargs
+        )
+    except (OSError, UnicodeError) as exc:
+        # A host name that does not resolve (socket.gaierror) or cannot be encoded (idna): raised, not an
+        # association refused, so it escaped every caller's handling and failed the retrieval loop instead.
+        raise PacsUnavailable(f"the PACS host could not be found ({type(exc).__name__})") from None
 
 
 # The thread that receives the P-DATA only collects fragments; every this many bytes it hands them to a

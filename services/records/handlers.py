@@ -159,7 +159,9 @@ def remove_if_unreferenced(session: Session, store: ObjectStore, storage_path: s
 
     def remove() -> None:
         with Session(engine) as fresh:
-            still_used = fresh.exec(select(RecordFile.id).where(RecordFile.storage_path == storage_path)).first()
+            still_used = fresh.exec(
+                select(RecordFile.id).where(RecordFile.storage_path == storage_path)
+            ).first()
         if still_used is None:
             store.remove(storage_path, sha256)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel
+import httpx
+from pydantic import BaseModel, field_validator
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -120,18 +123,28 @@ class RetrievalStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+def _pattern(regex: str) -> dict[str, str]:
+    # SQLModel's `regex=` is pydantic v1's name: pydantic v2 ignores it, so nothing was checked ("ftp://x" was
+    # taken as a DICOMweb URL and every retrieval from it failed). `pattern` is what v2 validates.
+    return {"pattern": regex}
+
+
 class RecordSourceBase(SQLModel):
     """Where a partner's images can be fetched: a DIMSE PACS (AE title, host, port) or a DICOMweb base URL."""
 
-    ae_title: str | None = Field(default=None, min_length=1, max_length=16, regex=r"^[ -~]*[!-~][ -~]*$")
+    ae_title: str | None = Field(
+        default=None, min_length=1, max_length=16, schema_extra=_pattern(r"^[ -~]*[!-~][ -~]*$")
+    )
     host: str | None = Field(default=None, min_length=1, max_length=253)
     port: int | None = Field(default=None, ge=1, le=65535)
-    retrieve_method: str = Field(default="c-get", regex=r"^(c-get|c-move)$", max_length=8)
-    dicomweb_url: str | None = Field(default=None, max_length=500, regex=r"^https?://[^\s]+$")
+    retrieve_method: str = Field(default="c-get", max_length=8, schema_extra=_pattern(r"^(c-get|c-move)$"))
+    dicomweb_url: str | None = Field(
+        default=None, max_length=500, schema_extra=_pattern(r"^https?://[^\s/]+[^\s]*$")
+    )
     dicomweb_auth_env: str | None = Field(
         default=None,
         max_length=100,
-        regex=r"^[A-Z][A-Z0-9_]*$",
+        schema_extra=_pattern(r"^[A-Z][A-Z0-9_]*$"),
         description="name of an environment variable holding user:password for basic auth (never the secret)",
     )
     return_reports: bool = Field(
@@ -148,8 +161,44 @@ class RecordSource(RecordSourceBase, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+# Labels of 1-63 letters, digits, hyphens (and underscores, which container and Windows names carry).
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+
+
 class RecordSourceIn(RecordSourceBase):
     model_config = {"extra": "forbid"}  # type: ignore[assignment]
+
+    @field_validator("host")
+    @classmethod
+    def _host_name_or_address(cls, host: str | None) -> str | None:
+        """A DNS name (labels of at most 63 letters, digits and hyphens) or an IP address: anything else never
+        resolves, and a label past 63 characters cannot even be looked up (idna)."""
+        if host is not None:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                if not HOST_NAME.fullmatch(host):
+                    raise ValueError("is neither a host name nor an IP address") from None
+        return host
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _callable_url(cls, url: str | None) -> str | None:
+        """A URL the retrieval can call: "http://[::1" or a port past 65535 pass the pattern, and every
+        retrieval from them failed before it began (httpx.InvalidURL)."""
+        if url is not None:
+            try:
+                parsed = httpx.URL(url)
+            except httpx.InvalidURL:
+                parsed = None
+            if (
+                parsed is None
+                or not parsed.host
+                or not 0 < (parsed.port if parsed.port is not None else 80) < 65536
+            ):
+                raise ValueError("is not a URL that can be called; check the host and the port")
+        return url
 
 
 class RecordSourcePublic(RecordSourceBase):

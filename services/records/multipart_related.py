@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 
 from services.common.errors import RecordsRejected, human_size
 from services.records.archive import Entry
@@ -57,14 +57,20 @@ def boundary_of(content_type: str | None) -> bytes:
         raise UnsupportedMediaType(
             'STOW-RS takes multipart/related; type="application/dicom" with a boundary parameter'
         )
-    if not options.get(b"boundary", b"").strip(b'"'):
+    boundary = options.get(b"boundary", b"").strip(b'"')
+    if not boundary:
         raise MalformedBody(
             "the multipart/related Content-Type has no boundary parameter; nothing was stored"
+        )
+    if len(boundary) > MAX_BOUNDARY_LENGTH:  # the parser refuses it with a FormParserError of its own
+        raise MalformedBody(
+            f"the multipart/related boundary is longer than {MAX_BOUNDARY_LENGTH} characters (RFC 2046 "
+            "allows 70); send a shorter one; nothing was stored"
         )
     part_type = options.get(b"type", DICOM_PART.encode()).strip(b'"').lower()
     if part_type != DICOM_PART.encode():
         raise UnsupportedMediaType('only type="application/dicom" parts are accepted (no DICOM JSON or XML)')
-    return options[b"boundary"].strip(b'"')
+    return boundary
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
 from sqlalchemy import JSON, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from contracts.models import Exam, OriginalReport, StudySummary
+from contracts.models import Exam, Instant, OriginalReport, StudySummary
 from services.common.db import utcnow
 from services.review.recommendations import RecommendationItem
 
@@ -247,7 +247,7 @@ class CriticalCommunication(BaseModel):
 
     recipient: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=200)]
     method: Literal["telephone", "in_person"]
-    at: AwareDatetime
+    at: Instant
     read_back: bool = False
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -192,6 +193,26 @@ def test_audit_exports_as_fhir_auditevents_scoped_to_the_partner(
     assert (
         client.get(f"/v1/partners/{mine['partner_id']}/audit-events", headers=bearer(ops)).status_code == 200
     )
+
+
+def test_the_audit_export_reads_since_as_utc_without_an_offset_and_refuses_one_utc_cannot_hold(
+    client: TestClient,
+) -> None:
+    """`since=2026-12-01` (no offset) and a `since` whose UTC is in year 0 were 500s."""
+    from tests.integration.test_intake_api import SAMPLE
+
+    mine = cli("partner", "create", "--name", "Since")
+    client.post("/v1/cases", json=SAMPLE, headers=bearer(mine["api_key"]))
+    url = f"/v1/partners/{mine['partner_id']}/audit-events"
+    today = datetime.now(UTC).date()
+    exported = client.get(url, params={"since": today.isoformat()}, headers=bearer(mine["api_key"]))
+    assert exported.status_code == 200 and len(exported.json()["entry"]) == 1
+    later = client.get(
+        url, params={"since": f"{today + timedelta(days=1)}T00:00"}, headers=bearer(mine["api_key"])
+    )
+    assert later.status_code == 200 and not later.json().get("entry")
+    refused = client.get(url, params={"since": "0001-01-01T00:00:00+01:00"}, headers=bearer(mine["api_key"]))
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "query.since"
 
 
 def test_webhook_secret_rotation_shows_the_new_secret_once(client: TestClient) -> None:

@@ -21,10 +21,11 @@ from services.common import migrate
 from services.common.config import Settings
 from services.common.db import Outbox, make_engine
 from services.common.http import create_app
-from services.insurance import api, consumer, fhir, handlers
+from services.insurance import api, consumer, fhir, fhir_resources, handlers
 from services.insurance.models import InsuranceMemberAccumulator
 from services.insurance.settings import InsuranceSettings
 from tests.keys import operations_headers
+from tests.unit.test_http_body_guard import on_event_loop
 
 D = Decimal
 
@@ -268,6 +269,24 @@ def test_fhir_eligibility_request_gets_a_valid_response(client: TestClient) -> N
     assert "ACM100200300" not in response.text
 
 
+def test_eligibility_is_validated_and_asked_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large resource's validation, and a payer's answer to the connector, held every other request to
+    insurance while they took."""
+    where: list[tuple[str, bool]] = []
+    for module, name in ((fhir_resources, "read_request"), (handlers, "estimate_for")):
+        real = getattr(module, name)
+
+        def spy(*args: Any, real: Any = real, name: str = name, **kwargs: Any) -> Any:
+            where.append((name, on_event_loop()))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    assert client.post("/fhir/CoverageEligibilityRequest", json=eligibility_request()).status_code == 200
+    assert where == [("read_request", False), ("estimate_for", False)]
+
+
 def test_fhir_eligibility_for_modifier_26(client: TestClient) -> None:
     request = eligibility_request(
         modifier=[{"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "26"}]}]
@@ -275,6 +294,18 @@ def test_fhir_eligibility_for_modifier_26(client: TestClient) -> None:
     request["item"][0]["productOrService"]["coding"][0]["code"] = "76856"
     resource = client.post("/fhir/CoverageEligibilityRequest", json=request).json()
     assert resource["insurance"][0]["item"][0]["benefit"][0]["allowedMoney"]["value"] == 98.5
+
+
+def test_eligibility_errors_never_echo_what_was_sent(client: TestClient) -> None:
+    """The Coverage reference and the CPT modifier are free text a client may fill with a patient's name."""
+    unreferenced = eligibility_request()
+    unreferenced["insurance"][0]["coverage"]["reference"] = "#Jane-Doe-1984-03-02"
+    modified = eligibility_request(modifier=[{"coding": [{"code": "JANE DOE"}]}])
+    for request in (unreferenced, modified):
+        response = client.post("/fhir/CoverageEligibilityRequest", json=request)
+        assert response.status_code == 422
+        assert OperationOutcome.model_validate(response.json()).issue[0].expression
+        assert "Jane" not in response.text and "JANE" not in response.text
 
 
 @pytest.mark.parametrize(
@@ -304,6 +335,54 @@ def test_fhir_request_that_is_not_json(client: TestClient) -> None:
     response = client.post("/fhir/CoverageEligibilityRequest", content=b"<xml/>")
     assert response.status_code == 400
     assert OperationOutcome.model_validate(response.json()).issue[0].code == "invalid"
+
+
+def nested_extension(depth: int) -> dict[str, Any]:
+    extension: dict[str, Any] = {"url": "http://example.org/x", "valueString": "x"}
+    for _ in range(depth):
+        extension = {"url": "http://example.org/x", "extension": [extension]}
+    return extension
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: r["contained"].append({"resourceType": "Foo", "id": "foo"}),
+        lambda r: r["contained"].append({"resourceType": 5}),
+        lambda r: r["contained"].append({"resourceType": ["Coverage"]}),
+        lambda r: r.update(extension=[nested_extension(300)]),
+    ],
+    ids=["unknown contained type", "resourceType a number", "resourceType a list", "extensions 300 deep"],
+)
+def test_a_request_the_fhir_models_cannot_read_is_a_422_not_a_500(client: TestClient, mutate: Any) -> None:
+    request = eligibility_request()
+    mutate(request)
+    response = client.post("/fhir/CoverageEligibilityRequest", json=request)
+    assert response.status_code == 422, response.text
+    outcome = OperationOutcome.model_validate(response.json())
+    assert outcome.issue[0].expression == ["CoverageEligibilityRequest"]
+    assert "ACM100200300" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nests arrays or objects too deeply"),
+        (
+            b'{"resourceType": "CoverageEligibilityRequest", "n": ' + b"9" * 5000 + b"}",
+            "more digits than can be read",
+        ),
+    ],
+    ids=["nested too deep", "a number of 5000 digits"],
+)
+def test_json_that_cannot_be_read_is_a_400_saying_why_not_a_500(
+    client: TestClient, body: bytes, why: str
+) -> None:
+    response = client.post(
+        "/fhir/CoverageEligibilityRequest", content=body, headers={"Content-Type": "application/fhir+json"}
+    )
+    assert response.status_code == 400
+    assert why in (OperationOutcome.model_validate(response.json()).issue[0].diagnostics or "")
 
 
 def test_an_xml_request_is_told_this_server_speaks_json(client: TestClient) -> None:

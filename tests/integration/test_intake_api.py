@@ -410,6 +410,43 @@ def test_list_filters_and_walks_pages_with_a_cursor(client: TestClient, auth: En
     assert bad.status_code == 422 and "next_cursor" in bad.json()["detail"]
 
 
+@pytest.mark.parametrize("field", ["created_from", "created_to"])
+def test_a_time_filter_without_an_offset_is_utc_and_one_utc_cannot_hold_is_a_422(
+    client: TestClient, auth: Engine, field: str
+) -> None:
+    """A date ("2026-12-01") or a time without an offset was a 500 (the column takes only aware times), and so
+    was one whose UTC falls in year 0 or 10000."""
+    headers = {"Authorization": new_partner(auth, "Filtered")["Authorization"]}
+    case_id = client.post("/v1/cases", json=SAMPLE, headers=headers).json()["case_id"]
+    today = datetime.now(UTC).date()
+    for sent in (today.isoformat(), f"{today}T00:00:00"):
+        listed = client.get("/v1/cases", params={field: sent}, headers=headers)
+        assert listed.status_code == 200, listed.text
+        expected = [case_id] if field == "created_from" else []
+        assert [c["case_id"] for c in listed.json()["items"]] == expected
+    for sent in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:30:00-01:00"):
+        refused = client.get("/v1/cases", params={field: sent}, headers=headers)
+        assert refused.status_code == 422
+        assert refused.json()["errors"][0]["field"] == f"query.{field}"
+        assert "years 1 to 9999" in refused.json()["errors"][0]["message"]
+
+
+def test_a_tampered_cursor_is_a_422_whatever_it_holds(client: TestClient) -> None:
+    """A cursor is base64 JSON: one edited to a time UTC cannot hold, or to an id with a lone surrogate, was a
+    500; one with a NUL in its id was answered "cannot be stored"."""
+    for raw in (
+        b'{"c": "0001-01-01T00:00:00+23:59", "i": "x"}',
+        b'{"c": "9999-12-31T23:59:59-23:59", "i": "x"}',
+        b'{"c": "2026-12-01T00:00:00+00:00", "i": "\\ud800"}',
+        b'{"c": "2026-12-01T00:00:00+00:00", "i": "\\u0000"}',
+        b'{"c": "2026-12-01T00:00:00+00:00", "i": {"id": 1}}',
+        b'["c", "i"]',
+    ):
+        cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        bad = client.get("/v1/cases", params={"cursor": cursor})
+        assert bad.status_code == 422 and "next_cursor" in bad.json()["detail"], raw[:40]
+
+
 def test_a_consent_document_puts_consent_on_file(client: TestClient, engine: Engine) -> None:
     case = client.post("/v1/cases", json=dict(SAMPLE, consent_on_file=False)).json()
     assert case["consent_on_file"] is False

@@ -25,9 +25,10 @@ from services.common import migrate
 from services.common.config import Settings
 from services.common.db import make_engine
 from services.common.http import create_app
-from services.intake import api, consumer, fhir_api, handlers
+from services.intake import api, consumer, fhir_api, fhir_intake, handlers
 from services.intake.models import Case, CaseDocument
 from tests.integration.test_intake_api import SAMPLE, new_partner
+from tests.unit.test_http_body_guard import on_event_loop
 
 REPORT = base64.b64encode(b"PELVIC ULTRASOUND: 4 cm complex adnexal mass.").decode()
 FORM = base64.b64encode(b"%PDF-1.4 signed release").decode()
@@ -297,6 +298,19 @@ def test_another_partners_task_is_404(client: TestClient, auth: Engine) -> None:
     assert OperationOutcome.model_validate(response.json()).issue[0].code == "not-found"
 
 
+def test_errors_name_the_element_never_echo_what_was_sent_in_it(client: TestClient) -> None:
+    """A resourceType, or a Task id in the URL, is whatever the client typed, possibly a patient's name."""
+    body = order({"value": "ECHO-1"})
+    body["entry"].append({"resource": {"resourceType": "Jane Doe 1984-03-02"}})
+    refused = post_fhir(client, "/fhir", body)
+    assert refused.status_code == 422
+    [issue] = OperationOutcome.model_validate(refused.json()).issue
+    assert issue.expression == [f"Bundle.entry[{len(body['entry']) - 1}].resource.resourceType"]
+    assert "Jane" not in refused.text and "ServiceRequest" in (issue.diagnostics or "")
+    missing = client.get("/fhir/Task/Jane%20Doe%201984-03-02")
+    assert missing.status_code == 404 and "Jane" not in missing.text
+
+
 def obstetric(weeks: float, planned: str | None = None) -> dict[str, Any]:
     study = dict(STUDY, procedureCode=[{"coding": [{"code": "obstetric"}]}])
     request = dict(
@@ -487,12 +501,84 @@ def test_a_resource_the_models_cannot_read_is_a_422_not_a_500(client: TestClient
     assert OperationOutcome.model_validate(response.json()).issue[0].severity == "error"
 
 
+@pytest.mark.parametrize(
+    ("damage", "element"),
+    [
+        (lambda b: b["entry"].insert(0, {"resource": "Patient/pat"}), "Bundle.entry[0].resource"),
+        (lambda b: b["entry"].insert(0, {"resource": [PATIENT]}), "Bundle.entry[0].resource"),
+        (lambda b: b["entry"][1].update(request="POST ServiceRequest"), "Bundle.entry[1].request"),
+        (
+            lambda b: b["entry"][1].update(request=[{"ifNoneExist": "identifier=X"}]),
+            "Bundle.entry[1].request",
+        ),
+        (lambda b: b["entry"][1]["request"].update(ifNoneExist=5), "Bundle.entry[1].request.ifNoneExist"),
+    ],
+    ids=[
+        "resource a string",
+        "resource a list",
+        "request a string",
+        "request a list",
+        "ifNoneExist a number",
+    ],
+)
+def test_an_entry_whose_resource_or_request_is_not_an_object_is_a_422_naming_it(
+    client: TestClient, damage: Any, element: str
+) -> None:
+    """The transaction looks for the ServiceRequest entry's ifNoneExist before the Bundle is validated: an
+    entry whose resource or request was not an object was a 500 there."""
+    body = order({"value": "ENTRY-1"})
+    damage(body)
+    response = post_fhir(client, "/fhir", body)
+    assert response.status_code == 422, response.text
+    [issue, *_] = OperationOutcome.model_validate(response.json()).issue
+    assert (issue.expression or [""])[0].startswith(element)
+
+
+def test_an_if_none_exist_with_a_lone_surrogate_is_a_422_naming_the_element(client: TestClient) -> None:
+    """`\\ud800` decodes to a text PostgreSQL cannot take: the conditional create's search was a 500."""
+    body = order({"system": "urn:hospital-a:order", "value": "SUR-1"})
+    body["entry"][1]["request"]["ifNoneExist"] = "identifier=urn:hospital-a:order|SUR-\ud800"
+    raw = json.dumps(body).encode()  # the lone surrogate escaped as \\ud800 (ensure_ascii)
+    response = client.post("/fhir", content=raw, headers={"Content-Type": "application/fhir+json"})
+    assert response.status_code == 422, response.text
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert issue.expression == ["Bundle.entry[1].request.ifNoneExist"] and "SUR-" not in response.text
+
+
 def test_json_nested_too_deep_is_a_422(client: TestClient) -> None:
     response = client.post(
         "/fhir", content="[" * 5000 + "]" * 5000, headers={"Content-Type": "application/fhir+json"}
     )
     assert response.status_code == 422
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_resources_are_validated_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validating a 28 MB Bundle took 5 s on the event loop: every other request to intake waited that long."""
+    where: list[bool] = []
+    for name in ("from_bundle", "from_service_request"):
+        real = getattr(fhir_intake, name)
+
+        def spy(document: Any, real: Any = real) -> Any:
+            where.append(on_event_loop())
+            return real(document)
+
+        monkeypatch.setattr(fhir_intake, name, spy)
+    assert post_fhir(client, "/fhir", order({"value": "LOOP-1"})).status_code == 200
+    assert post_fhir(client, "/fhir/ServiceRequest", contained_request("LOOP-2")).status_code == 201
+    assert where == [False, False]
+
+
+@pytest.mark.parametrize("path", ["/fhir", "/fhir/ServiceRequest"])
+def test_a_number_of_thousands_of_digits_is_a_422_saying_so(client: TestClient, path: str) -> None:
+    """json.loads refuses an integer of more than 4300 digits with a ValueError that was not caught: a 500."""
+    body = b'{"resourceType": "Bundle", "n": ' + b"9" * 5000 + b"}"
+    response = client.post(path, content=body, headers={"Content-Type": "application/fhir+json"})
+    assert response.status_code == 422, response.text
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert "a number with more digits than can be read" in (issue.diagnostics or "")
 
 
 @pytest.mark.parametrize(
@@ -721,6 +807,17 @@ def test_an_order_number_with_a_nul_is_a_422_not_a_500(client: TestClient) -> No
     response = client.post("/v1/cases", json=body)
     assert (response.status_code, response.headers["content-type"]) == (422, "application/problem+json")
     assert [e["field"] for e in response.json()["errors"]] == ["partner_case_ref"]
+
+
+def test_a_nul_in_a_bundle_sent_without_a_content_type_is_a_422_not_a_case(client: TestClient) -> None:
+    """The Bundle is read as JSON without a Content-Type, but the guard only read bodies declared JSON: the
+    patient's name with a NUL made a case, sent on to every service past the guard meant to keep it out."""
+    body = order({"system": "urn:hospital-a:order", "value": "NUL-CT-1"})
+    body["entry"][0]["resource"]["name"] = [{"family": "Doe\u0000", "given": ["Jane"]}]
+    response = client.post("/fhir", content=json.dumps(body).encode())
+    assert response.status_code == 422, response.text
+    [issue] = OperationOutcome.model_validate(response.json()).issue
+    assert issue.expression == ["Bundle.entry[0].resource.name[0].family"] and "Jane" not in response.text
 
 
 def test_an_order_identifier_without_a_value_is_still_no_reference(client: TestClient) -> None:

@@ -20,12 +20,13 @@ from services.auth.models import AuditEvent, Partner
 from services.auth.partners import rotate_webhook_secret
 from services.common.config import Settings
 from services.common.db import Outbox
-from services.intake import api, webhooks_in
+from services.intake import api, fhir_intake, webhooks_in
 from services.intake.models import Case, CaseDocument
 from services.intake.webhook_signing import TOLERANCE_SECONDS, headers_for, sign
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 from tests.integration.test_intake_fhir import FULL
+from tests.unit.test_http_body_guard import on_event_loop
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,22 @@ def test_case_requested_creates_the_case_once_however_often_it_is_replayed(
     assert other_body.status_code == 422
 
 
+def test_the_bundle_of_case_requested_is_validated_off_the_event_loop(
+    client: TestClient, partner: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 10 MB Bundle takes seconds to validate: on the event loop every other request to intake waited."""
+    where: list[bool] = []
+    real = fhir_intake.from_bundle
+
+    def spy(bundle: Any) -> Any:
+        where.append(on_event_loop())
+        return real(bundle)
+
+    monkeypatch.setattr(fhir_intake, "from_bundle", spy)
+    assert deliver(client, partner, event("case.requested", FULL)).status_code == 200
+    assert where == [False]
+
+
 def test_rotation_any_of_several_signatures_and_the_previous_secret_for_a_day(
     client: TestClient, engines: tuple[Engine, Engine], partner: dict[str, str]
 ) -> None:
@@ -134,6 +151,9 @@ def test_rotation_any_of_several_signatures_and_the_previous_secret_for_a_day(
         ("unknown event type", 422, "not accepted"),
         ("bundle without patient", 422, "FHIR Bundle"),
         ("identifier system not a URI", 422, "FHIR Bundle"),
+        # Sent without a JSON Content-Type (none here), the guard on JSON bodies never read it: a NUL in the
+        # patient's name was taken into a case (200) and sent on to every service.
+        ("NUL in a text", 422, "data.entry.0.resource.name.0.family holds a NUL character"),
         ("oversized body", 413, "10 MB"),
     ],
 )
@@ -185,6 +205,9 @@ def test_a_rejected_delivery_is_4xx_and_changes_nothing(
         )
     elif case == "oversized body":
         body = b" " * (webhooks_in.MAX_BODY_BYTES + 1)
+    elif case == "NUL in a text":
+        patient = {**FULL["entry"][0]["resource"], "name": [{"family": "Doe\u0000", "given": ["Jane"]}]}
+        body = event("case.requested", {**FULL, "entry": [{"resource": patient}, *FULL["entry"][1:]]})
     before = counts(engines[0])
     response = deliver(client, partner, body, **sent)
     assert response.status_code == status, response.text

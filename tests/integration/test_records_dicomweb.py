@@ -262,6 +262,9 @@ def test_bad_stow_requests_are_400_or_415_and_unusable_instances_409(
         timeout=10,
     )
     assert (garbled.status_code, empty.status_code, no_boundary.status_code) == (400, 400, 400)
+    # A boundary longer than the multipart parser takes was a 500 (its FormParserError escaped).
+    long_boundary = stow(url, settings, ("application/dicom", b"x" * 40), boundary="b" * 300)
+    assert long_boundary.status_code == 400 and "boundary is longer than" in long_boundary.json()["detail"]
     assert requests.get(f"{base_url}/v1/records/{case_id}", headers=headers, timeout=10).json()["files"] == []
 
 

@@ -23,7 +23,7 @@ from services.common.db import Outbox, make_engine
 from services.common.http import create_app
 from services.records import api, consumer
 from services.records.dimse import StoreSCP
-from services.records.models import RecordRetrieval, RetrievalStatus
+from services.records.models import RecordRetrieval, RecordSource, RetrievalStatus
 from services.records.retrieval import RetrievalLoop, RetrievalSettings, run_due
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
@@ -257,6 +257,38 @@ def test_a_refusing_or_silent_pacs_is_retried_then_reported(
         assert any("could not be queried after 2 attempts" in w for e in reported for w in e.warnings)
 
 
+def test_a_stored_dicomweb_url_that_cannot_be_called_fails_the_attempt_with_a_reason(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    """A source stored before its URL was checked: httpx.InvalidURL is no HTTPError, so it escaped the attempt,
+    failed the retrieval loop every time it came due and left the partner no reason on the retrieval."""
+    with Session(engine) as session:
+        session.add(RecordSource(partner_id="clinic-badurl", dicomweb_url="http://[::1/dicomweb"))
+        session.commit()
+    case_id = open_case(engine, settings, "clinic-badurl", accession_number=ACCESSION)
+
+    assert retrieve(engine, settings) == 2  # both attempts (no backoff here), neither raised
+
+    [retrieval] = client.get(f"/v1/records/{case_id}").json()["retrievals"]
+    assert (retrieval["status"], retrieval["attempts"]) == ("failed", 2)
+    assert "DICOMweb URL cannot be called" in retrieval["last_error"]
+
+
+def test_a_pacs_host_that_does_not_resolve_fails_the_attempt_with_a_reason(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    """A typo in the PACS's host name: the association raised socket.gaierror instead of being refused, which
+    escaped the attempt and failed the retrieval loop every time the case came due."""
+    configure(client, "clinic-typo", ae_title="PACS", host="pacs.clinic-typo.invalid", port=104)
+    case_id = open_case(engine, settings, "clinic-typo", accession_number=ACCESSION)
+
+    assert retrieve(engine, settings) == 2
+
+    [retrieval] = client.get(f"/v1/records/{case_id}").json()["retrievals"]
+    assert (retrieval["status"], retrieval["attempts"]) == ("failed", 2)
+    assert "the PACS host could not be found" in retrieval["last_error"]
+
+
 def test_a_cancelled_case_stops_its_retrieval(
     client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
 ) -> None:
@@ -279,6 +311,47 @@ def test_a_source_needs_a_pacs_or_a_dicomweb_url(client: TestClient) -> None:
     bad = client.put("/v1/records/sources/clinic-x", json={"ae_title": "A", "host": "h", "port": 99999})
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "port"
     assert client.get("/v1/records/sources/never-configured").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("source", "field"),
+    [
+        ({"dicomweb_url": "ftp://pacs.example/dicomweb"}, "dicomweb_url"),
+        ({"dicomweb_url": "http://"}, "dicomweb_url"),
+        ({"dicomweb_url": "http://[::1/dicomweb"}, "dicomweb_url"),
+        ({"dicomweb_url": "http://pacs.example:99999/dicomweb"}, "dicomweb_url"),
+        ({"ae_title": "A", "host": "pacs.example:104", "port": 104}, "host"),
+        ({"ae_title": "A", "host": "x" * 64 + ".example", "port": 104}, "host"),
+        ({"ae_title": "   ", "host": "h", "port": 104}, "ae_title"),
+        ({"ae_title": "A", "host": "h", "port": 104, "retrieve_method": "c-find"}, "retrieve_method"),
+        (
+            {"dicomweb_url": "https://pacs.example/dicomweb", "dicomweb_auth_env": "pacs password"},
+            "dicomweb_auth_env",
+        ),
+    ],
+    ids=[
+        "not http",
+        "no host",
+        "unclosed IPv6 host",
+        "port too large",
+        "host with a port",
+        "host label past 63",
+        "blank AE title",
+        "unknown method",
+        "not an env var name",
+    ],
+)
+def test_a_source_the_retrieval_cannot_use_is_refused_naming_the_field(
+    client: TestClient, source: dict[str, object], field: str
+) -> None:
+    """The patterns were declared with SQLModel's `regex=`, which pydantic v2 ignores: "ftp://…" was taken and
+    every retrieval from it failed (UnsupportedProtocol), over and over, until it gave up. A URL or a host
+    that passes a pattern but cannot be called or looked up failed the retrieval loop itself."""
+    partner = f"clinic-bad-{uuid.uuid4().hex[:8]}"
+    response = client.put(f"/v1/records/sources/{partner}", json=source)
+    assert response.status_code == 422, response.text
+    assert [e["field"] for e in response.json()["errors"]] == [field]
+    assert client.get(f"/v1/records/sources/{partner}").status_code == 404
 
 
 def test_a_retrieval_left_running_by_a_dead_worker_is_taken_over(

@@ -291,6 +291,36 @@ def pdf_text(pdf: bytes) -> str:
     return " ".join(" ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages).split())
 
 
+@pytest.mark.parametrize("at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:30:00-01:00"])
+def test_a_communication_time_utc_cannot_hold_is_refused_at_submission_not_when_the_report_is_composed(
+    engine: Engine, settings: Settings, client: TestClient, at: str
+) -> None:
+    """The report prints who was told in UTC: a time whose UTC is in year 0 or 10000 was taken, and every
+    composition of the report failed on it (OverflowError), leaving the case without its report."""
+    _, assigned = assigned_review(engine, settings)
+    told = {"recipient": "Dr Ref (referring)", "method": "telephone", "at": at}
+    body = FINDINGS | {"critical_result": True, "communication": told}
+
+    response = client.post(
+        f"/v1/reviews/{assigned['review_id']}", json=body, headers=specialist_headers(settings)
+    )
+
+    assert response.status_code == 422
+    assert response.json()["errors"] == [
+        {
+            "field": "communication.at",
+            "message": "Value error, is outside the years 1 to 9999 once converted to UTC; send a time within them",
+        }
+    ]
+    draft = client.put(
+        f"/v1/reviews/{assigned['review_id']}/draft",
+        json={"communication": told},
+        headers=specialist_headers(settings),
+    )
+    assert draft.status_code == 422
+    assert client.get(f"/v1/reviews/{assigned['review_id']}").json()["status"] == "accepted"
+
+
 def test_compose_stores_the_pdf_and_announces_the_report(
     engine: Engine, settings: Settings, client: TestClient
 ) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 
 from contracts.commands import CollectRecords, ComposeReport
 from contracts.envelope import new_event
@@ -246,6 +246,28 @@ def test_partner_a_gets_404_and_an_audit_entry_on_every_object_of_partner_b(worl
         response = client.request(method, path, headers=world.as_("a"), **kwargs)
         assert response.status_code == 404, f"{method} {path}: {response.status_code} {response.text}"
         assert denied(world.auth, world.case_b) == before + 1, f"{method} {path} was not audited"
+
+
+@pytest.mark.parametrize("length", [37, 64, 300])
+def test_a_case_id_longer_than_a_case_id_is_a_404_and_the_attempt_is_audited(
+    world: World, length: int
+) -> None:
+    """The audit entry of the attempt could not store the id (its column holds a UUID): the INSERT failed, the
+    entry was lost and the request answered 422 "cannot be stored" instead of 404."""
+    long_id = "0" * length
+    for client, path in (
+        (world.records, f"/v1/records/{long_id}"),
+        (world.records, f"/dicomweb/cases/{long_id}/studies"),
+        (world.insurance, f"/v1/coverage/{long_id}"),
+    ):
+        before = denied(world.auth, None)
+        response = client.get(path, headers=world.as_("a"))
+        assert response.status_code == 404, f"{path}: {response.status_code} {response.text}"
+        assert denied(world.auth, None) == before + 1, f"{path} was not audited"
+        assert client.get(path, headers=world.as_("ops")).status_code in (404, 422)  # 422: the path's bound
+    with Session(world.auth) as session:
+        entry = session.exec(select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(1)).one()
+    assert entry.case_id is None and f"the case id sent is not one ({length} characters)" in entry.detail
 
 
 def test_another_specialist_sees_none_of_the_case(world: World) -> None:

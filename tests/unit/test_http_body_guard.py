@@ -4,12 +4,15 @@ character, which PostgreSQL cannot store, is a 422. The handler never sees eithe
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 from sqlalchemy.exc import DataError
 
 from services.common import http
@@ -141,6 +144,115 @@ def test_a_value_the_database_cannot_store_is_a_422_not_a_500() -> None:
     assert "Doe" not in response.text and "integer out of range" not in response.text
 
 
+def test_a_lone_surrogate_escape_in_a_json_text_is_a_422_naming_the_field_and_a_pair_is_stored() -> None:
+    """A lone `\\ud800` decodes to a text PostgreSQL (and UTF-8) cannot take: it was a 500 wherever a handler
+    read the JSON itself (a Bundle entry's ifNoneExist) rather than through a pydantic string."""
+    seen.clear()
+    body = b'{"entry": [{"request": {"ifNoneExist": "identifier=\\ud800"}}]}'
+    response = client().post("/v1/echo", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("a text of the request holds a lone surrogate escape")
+    assert response.json()["errors"][0]["field"] == "entry.0.request.ifNoneExist"
+    assert "UTF-8" in response.json()["errors"][0]["message"] and "identifier=" not in response.text
+    outcome = client().post(
+        "/fhir/Echo", content=b'{"resourceType": "Bundle", "id": "\\uDC00"}',
+        headers={"Content-Type": "application/fhir+json"},
+    ).json()  # fmt: skip
+    assert outcome["issue"][0]["expression"] == ["Bundle.id"]
+    assert seen == []
+    pair = b'{"note": "\\ud83d\\ude00 and \\\\ud800 as typed"}'  # an emoji, then a backslash and "ud800"
+    response = client().post("/v1/echo", content=pair, headers={"Content-Type": "application/json"})
+    assert response.json() == {"size": len(pair)}
+
+
+def test_a_nul_escape_in_json_nested_too_deep_to_read_is_handed_on_not_a_500() -> None:
+    deep = b'{"a": "\\u0000", "b": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    response = client().post("/v1/echo", content=deep, headers={"Content-Type": "application/json"})
+    assert response.json() == {"size": len(deep)}  # the endpoint's own parsing answers for it
+
+
+class Note(BaseModel):
+    text: str
+
+
+@router.post("/v1/notes")
+def add_note(note: Note) -> dict[str, str]:
+    return {"text": note.text}
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"text": "\xff"}', "the body is not UTF-8 text"),
+        (b"[" * 5_000 + b"]" * 5_000, "the body nests arrays or objects too deeply"),
+        (
+            b'{"text": "x", "n": ' + b"9" * 5_000 + b"}",
+            "the body holds a number with more digits than can be read",
+        ),
+    ],
+    ids=["not UTF-8", "nested too deep", "a number of 5000 digits"],
+)
+def test_a_json_body_that_cannot_be_decoded_says_why(body: bytes, detail: str) -> None:
+    response = client().post("/v1/notes", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith(detail)
+    assert response.json()["detail"].endswith("nothing was stored")
+
+
+@router.get("/v1/things/{thing_id}")
+@router.get("/fhir/Thing/{thing_id}")
+def read_thing(thing_id: str, name: str | None = None) -> dict[str, str]:
+    raise DataError("SELECT …", {"id": thing_id}, Exception("NUL"), hide_parameters=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "where"),
+    [
+        ("/v1/things/a%00b", "path"),
+        ("/v1/things/a?name=x%00y", "query.name"),
+        ("/v1/things/a?x%00=1", "query.x"),
+    ],
+)
+def test_a_nul_character_in_the_url_is_a_422_naming_where_before_the_endpoint_runs(
+    url: str, where: str
+) -> None:
+    """Before: the look-up failed in the database, answered "cannot be stored ... nothing was stored" on a read."""
+    response = client().get(url)
+    assert response.status_code == 422
+    assert response.json()["errors"] == [
+        {
+            "field": where,
+            "message": "holds a NUL character (%00), which no id or search value holds; remove it",
+        }
+    ]
+    outcome = client().get("/fhir/Thing/%00").json()
+    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["expression"] == ["path"]
+
+
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_a_body_with_escapes_is_read_and_walked_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading and walking a body of tens of MB on the event loop held every other request that long."""
+    where: list[bool] = []
+    walk = http.unstorable_field
+
+    def spy(document: Any, fhir: bool) -> Any:
+        where.append(on_event_loop())
+        return walk(document, fhir)
+
+    monkeypatch.setattr(http, "unstorable_field", spy)
+    response = client().post(
+        "/v1/echo", content=b'{"a": "\\u0000"}', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422 and where == [False]
+
+
 def test_escaped_backslashes_are_no_nul_however_many() -> None:
     """Each `\\\\u0000` (an escaped backslash, then "u0000") is text, not NUL; read in one pass."""
     body = b'{"note": "' + b"\\\\u0000" * 9000 + b'"}'
@@ -166,3 +278,26 @@ def test_a_deeply_nested_body_with_a_nul_is_refused_not_a_500() -> None:
     response = client().post("/v1/parse", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code in (400, 422)
     assert response.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain"])
+def test_a_json_body_sent_without_a_json_content_type_is_told_to_send_one(content_type: str | None) -> None:
+    """It is not read as JSON; the error on the whole body only said "Input should be a valid dictionary"."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client().post("/v1/notes", content=b'{"text": "a note"}', headers=headers)
+    assert response.status_code == 422
+    assert (
+        response.json()["detail"]
+        == "The body was not read as JSON: send it with Content-Type: application/json."
+    )
+    as_json = client().post("/v1/notes", content=b"[1, 2]", headers={"Content-Type": "application/json"})
+    assert as_json.json()["detail"] == "The request does not match the schema; fix the fields listed."
+
+
+def test_a_fhir_body_without_a_content_type_is_looked_at_as_json() -> None:
+    """The FHIR endpoints read such a body as JSON: a NUL in it passed the guard into a case."""
+    body = b'{"resourceType": "Bundle", "entry": [{"resource": {"id": "x\\u0000"}}]}'
+    outcome = client().post("/fhir/Echo", content=body).json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["expression"] == ["Bundle.entry[0].resource.id"]
+    assert client().post("/v1/echo", content=body).json() == {"size": len(body)}  # not JSON, not read
