@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.auth.problems import AUTH_ERRORS
+from services.common.config import Settings
 from services.common.errors import IntakeRejected
 from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.intake import fhir_intake, handlers
@@ -244,7 +245,7 @@ async def create_from_fhir(
             code = {409: "conflict", 412: "multiple-matches"}.get(exc.status_code, "processing")
             return outcome_response(exc.status_code, code, [(None, str(exc.detail))])
         if found is not None:
-            location = f"{str(request.base_url).rstrip('/')}/fhir/Task/{found.id}"
+            location = task_location(settings, found.id)
             audit("read", "case", found.id, "success")
             return JSONResponse(
                 to_task(found), status_code=200, media_type=FHIR_JSON, headers={"Location": location}
@@ -265,8 +266,14 @@ async def create_from_fhir(
     task_id = json.loads(bytes(response.body)).get("id")
     if task_id:
         # Absolute ([base]/Task/[id]): "Task/{id}" resolves against POST /fhir to /Task/{id}, which is no route.
-        response.headers["Location"] = f"{str(request.base_url).rstrip('/')}/fhir/Task/{task_id}"
+        response.headers["Location"] = task_location(settings, task_id)
     return response
+
+
+def task_location(settings: Settings, task_id: str) -> str:
+    """The Task's absolute URL at our public base (INTAKE_URL), never one built from the request's Host header,
+    which a client sets as it likes (a Location pointing elsewhere)."""
+    return f"{settings.intake_url.rstrip('/')}/fhir/Task/{task_id}"
 
 
 def transaction_response(

@@ -22,7 +22,7 @@ from contracts import CaseStatusChanged, new_event
 from contracts.models import CaseStatus
 from services.auth import auth_engine
 from services.common import migrate
-from services.common.config import Settings
+from services.common.config import Settings, get_settings
 from services.common.db import make_engine
 from services.common.http import create_app
 from services.intake import api, consumer, fhir_api, fhir_intake, handlers
@@ -149,8 +149,8 @@ def client(engine: Engine, auth: Engine) -> Iterator[TestClient]:
         yield c
 
 
-def post_fhir(client: TestClient, path: str, body: Any) -> Any:
-    return client.post(path, json=body, headers={"Content-Type": "application/fhir+json"})
+def post_fhir(client: TestClient, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    return client.post(path, json=body, headers={"Content-Type": "application/fhir+json", **(headers or {})})
 
 
 def case_task(response: Any) -> dict[str, Any]:
@@ -179,7 +179,7 @@ def test_transaction_bundle_round_trip_to_a_task_that_follows_the_case(
     assert FULL["entry"][answer.entry.index(done)]["resource"]["resourceType"] == "ServiceRequest"
     task = Task.model_validate(done.resource.model_dump(mode="json"))
     assert done.response.status.startswith("201")
-    assert done.response.location == f"http://testserver/fhir/Task/{task.id}"
+    assert done.response.location == f"{get_settings().intake_url}/fhir/Task/{task.id}"
     assert client.get(done.response.location).json()["id"] == task.id
     assert task.status == "received"
     assert "Jane" not in created.text and "MRN-0042" not in created.text
@@ -459,10 +459,11 @@ def test_a_create_answers_where_the_task_is_read(client: TestClient) -> None:
             {k: v for k, v in STUDY.items() if k != "endpoint"} | {"subject": {"reference": "#pat"}},
         ],
     )
-    created = post_fhir(client, "/fhir/ServiceRequest", request)
+    created = post_fhir(client, "/fhir/ServiceRequest", request, headers={"Host": "attacker.example"})
     assert created.status_code == 201, created.text
     location = created.headers["Location"]
-    assert location == f"http://testserver/fhir/Task/{created.json()['id']}"  # [base]/Task/[id]
+    # [base]/Task/[id] at our public base (INTAKE_URL), whatever Host the request said
+    assert location == f"{get_settings().intake_url}/fhir/Task/{created.json()['id']}"
     assert client.get(location).status_code == 200
 
 
