@@ -307,6 +307,20 @@ async def create_case(
     return await idempotent(request, caller, engine, idempotency_key, 201, create)
 
 
+def implausible_dates(body: CaseCreate) -> list[str]:
+    """Dates no real request carries, each named (never its value): a birth or an exam after today (a day's
+    grace: the partner's day may be ahead of UTC's), or an exam before the patient was born."""
+    latest = datetime.now(UTC).date() + timedelta(days=1)
+    problems = []
+    if body.patient.birth_date > latest:
+        problems.append("patient.birth_date (FHIR: Patient.birthDate) is in the future")
+    if body.exam.performed_on > latest:
+        problems.append("exam.performed_on (FHIR: ImagingStudy.started) is in the future")
+    if body.patient.birth_date > body.exam.performed_on:
+        problems.append("exam.performed_on is before patient.birth_date (the patient's date of birth)")
+    return problems
+
+
 async def open_case(
     body: CaseCreate,
     documents: list[DocumentCreate],
@@ -326,6 +340,8 @@ async def open_case(
             "patient.mrn (FHIR: Patient.identifier[0].value) contains a backslash or a control character, "
             "which a DICOM Patient ID cannot carry; send the MRN as your PACS stores it."
         )
+    if problems := implausible_dates(body):
+        raise IntakeRejected("; ".join(problems) + "; fix the dates and send the request again.")
     contents = [decode_content(d) for d in documents]
 
     created: list[CaseTimelineEntry] | None = None

@@ -237,6 +237,35 @@ def test_a_nul_character_in_a_text_is_422_and_no_case_carries_it_to_the_services
         assert len(session.exec(select(Case)).all()) == before
 
 
+@pytest.mark.parametrize(
+    ("patient", "exam", "named"),
+    [
+        ({"birth_date": "2099-03-02"}, {}, "patient.birth_date (FHIR: Patient.birthDate) is in the future"),
+        (
+            {},
+            {"performed_on": "2099-11-20"},
+            "exam.performed_on (FHIR: ImagingStudy.started) is in the future",
+        ),
+        ({"birth_date": "2001-05-05"}, {"performed_on": "2000-01-01"}, "exam.performed_on is before"),
+    ],
+    ids=["born in the future", "examined in the future", "examined before birth"],
+)
+def test_dates_no_real_request_carries_are_422_naming_them_and_nothing_is_stored(
+    client: TestClient, engine: Engine, patient: dict[str, str], exam: dict[str, str], named: str
+) -> None:
+    body = copy.deepcopy(SAMPLE)
+    body["patient"].update(patient)
+    body["exam"].update(exam)
+    with Session(engine) as session:
+        before = len(session.exec(select(Case)).all())
+    response = client.post("/v1/cases", json=body)
+    assert response.status_code == 422
+    assert named in response.json()["detail"]
+    assert not any(value in response.text for value in (*patient.values(), *exam.values()))
+    with Session(engine) as session:
+        assert len(session.exec(select(Case)).all()) == before
+
+
 def test_unservable_request_is_422_with_the_reason(client: TestClient) -> None:
     body = dict(SAMPLE, procedure_scheduled_on="2020-01-01")
     response = client.post("/v1/cases", json=body)
