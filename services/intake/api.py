@@ -482,9 +482,17 @@ async def cancel_case(
     """Cancel the case: the workflow stops and every service withdraws its work. 409 with the workflow's
     reason when it refuses (e.g. the report was already delivered)."""
 
-    async def cancel() -> CasePublic:
+    def read_case() -> Case:
         with Session(engine) as session:
-            case = visible_case(session, case_id, caller, audit, "update")
+            return visible_case(session, case_id, caller, audit, "update")
+
+    def read_public() -> CasePublic:
+        with Session(engine) as session:
+            return load_public(session, session.get(Case, case_id))  # type: ignore[arg-type]
+
+    async def cancel() -> CasePublic:
+        # The database is read off the event loop: the other requests go on meanwhile.
+        case = await run_in_threadpool(read_case)
         if case.status in CLOSED:
             raise HTTPException(
                 status.HTTP_409_CONFLICT, f"the case is already {case.status}; nothing to cancel"
@@ -497,8 +505,7 @@ async def cancel_case(
         except decisions.WorkflowUnreachable as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
         await run_in_threadpool(audit, "update", "case.cancel", case_id, "success")
-        with Session(engine) as session:
-            return load_public(session, session.get(Case, case_id))  # type: ignore[arg-type]
+        return await run_in_threadpool(read_public)
 
     return await idempotent(request, caller, engine, idempotency_key, 200, cancel)
 
@@ -647,9 +654,18 @@ async def ask_question(
 ) -> JSONResponse:
     """A follow-up question for the reviewing specialist, after the report was delivered (at most three)."""
 
-    async def ask() -> QuestionPublic:
+    def read_case() -> Case:
         with Session(engine) as session:
-            case = visible_case(session, case_id, caller, audit, "create")
+            return visible_case(session, case_id, caller, audit, "create")
+
+    def store_question(question: CaseQuestion) -> None:
+        with Session(engine) as session:
+            session.add(question)
+            session.commit()
+
+    async def ask() -> QuestionPublic:
+        # The database is read and written off the event loop: the other requests go on meanwhile.
+        case = await run_in_threadpool(read_case)
         if case.delivered_at is None or case.status == CaseStatus.CANCELLED:
             raise HTTPException(
                 status.HTTP_409_CONFLICT,
@@ -668,13 +684,10 @@ async def ask_question(
         except decisions.WorkflowUnreachable as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
         now = datetime.now(UTC)
-        with Session(engine) as session:
-            session.add(
-                CaseQuestion(
-                    id=question_id, case_id=case_id, text=body.text, asked_by=caller.actor, created_at=now
-                )
-            )
-            session.commit()
+        question = CaseQuestion(
+            id=question_id, case_id=case_id, text=body.text, asked_by=caller.actor, created_at=now
+        )
+        await run_in_threadpool(store_question, question)
         await run_in_threadpool(audit, "create", "case.question", case_id, "success")
         return QuestionPublic(question_id=question_id, case_id=case_id, created_at=now)
 
