@@ -184,20 +184,25 @@ def test_a_report_placed_into_another_study_than_it_named_is_another_instance(
     assert report.file_meta.MediaStorageSOPInstanceUID == report.SOPInstanceUID
 
 
+def apply_decision(session: Session, settings: Settings, case_id: str, decision: str) -> None:
+    """A person's decision on the case's one import held for its identity, through the records consumer, in
+    `session`'s transaction (the caller commits)."""
+    [held] = session.exec(
+        select(RecordImport).where(
+            RecordImport.case_id == case_id, RecordImport.status == ImportStatus.IDENTITY_MISMATCH
+        )
+    ).all()
+    command = ReconcileIdentity(
+        case_id=case_id, import_id=held.import_id, decision=decision, decided_by="ops", reason="checked"
+    )
+    consumer.handle(
+        session, new_event(id=str(uuid.uuid4()), source="/t", data=command, subject=case_id), settings
+    )
+
+
 def decide(engine: Engine, settings: Settings, case_id: str, decision: str) -> None:
-    """A person's decision on the case's one import held for its identity, through the records consumer."""
     with Session(engine) as session:
-        [held] = session.exec(
-            select(RecordImport).where(
-                RecordImport.case_id == case_id, RecordImport.status == ImportStatus.IDENTITY_MISMATCH
-            )
-        ).all()
-        command = ReconcileIdentity(
-            case_id=case_id, import_id=held.import_id, decision=decision, decided_by="ops", reason="checked"
-        )
-        consumer.handle(
-            session, new_event(id=str(uuid.uuid4()), source="/t", data=command, subject=case_id), settings
-        )
+        apply_decision(session, settings, case_id, decision)
         session.commit()
 
 
@@ -257,17 +262,7 @@ def test_a_report_that_comes_while_the_decision_is_applied_waits_for_it_and_is_p
                 if waiting or not storing.is_alive():
                     break
                 time.sleep(0.05)
-        [held] = deciding.exec(
-            select(RecordImport).where(
-                RecordImport.case_id == case_id, RecordImport.status == ImportStatus.IDENTITY_MISMATCH
-            )
-        ).all()
-        command = ReconcileIdentity(
-            case_id=case_id, import_id=held.import_id, decision="accept", decided_by="ops", reason="checked"
-        )
-        consumer.handle(
-            deciding, new_event(id=str(uuid.uuid4()), source="/t", data=command, subject=case_id), settings
-        )
+        apply_decision(deciding, settings, case_id, "accept")
         deciding.commit()
     storing.join(30)
 
