@@ -103,6 +103,11 @@ class CaseRecords:
         return [self.records.client.get(path, headers=headers).status_code for path in paths]
 
 
+def auth_unreachable(*args: object, **kwargs: object) -> None:
+    """In place of tenancy.settle_reviewer: the auth schema does not answer."""
+    raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+
 READS = [200, 200, 200, 200]
 STRANGER = [404, 404, 404, 404]
 
@@ -321,10 +326,7 @@ def test_a_revocation_the_auth_schema_missed_is_settled_by_the_loop(
     case = records.open_case(command)
     reviewer = offered["reviewer_id"]
 
-    def unreachable(*args: object, **kwargs: object) -> None:
-        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
-
-    monkeypatch.setattr(tenancy, "settle_reviewer", unreachable)
+    monkeypatch.setattr(tenancy, "settle_reviewer", auth_unreachable)
     declined = client.post(f"/v1/reviews/{offered['review_id']}/decline", json={"reason": "away"})
     monkeypatch.undo()
 
@@ -355,10 +357,7 @@ def test_a_decline_a_review_service_from_before_left_without_a_note_is_found_by_
     kept, kept_offer = offered_review(engine, settings)
     kept_case = records.open_case(kept)
 
-    def unreachable(*args: object, **kwargs: object) -> None:
-        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
-
-    monkeypatch.setattr(tenancy, "settle_reviewer", unreachable)
+    monkeypatch.setattr(tenancy, "settle_reviewer", auth_unreachable)
     assert (
         client.post(f"/v1/reviews/{offered['review_id']}/decline", json={"reason": "away"}).status_code == 200
     )
