@@ -17,9 +17,17 @@ from services.common.errors import PoisonMessage
 from services.records import report_return
 from services.records.adequacy import assess
 from services.records.assembly import SOURCE, assemble_if_complete
-from services.records.models import ImportStatus, RecordFile, RecordImport, RecordRequest
+from services.records.models import (
+    ImportStatus,
+    RecordFile,
+    RecordImport,
+    RecordRequest,
+    RecordRetrieval,
+    ReportReturn,
+)
+from services.records.polled import cancel_open
 from services.records.report_study import REPORT_SOURCE
-from services.records.retrieval import cancel_retrievals, plan_retrieval
+from services.records.retrieval import plan_retrieval
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -61,8 +69,8 @@ def cancel(event: CaseCancelled, session: Session) -> None:
         return
     request.cancelled_at = utcnow()
     session.add(request)
-    cancel_retrievals(session, event.case_id)
-    report_return.cancel_returns(session, event.case_id)
+    cancel_open(session, RecordRetrieval, event.case_id)
+    cancel_open(session, ReportReturn, event.case_id)
     log.info("records.request_cancelled", case_id=event.case_id)
 
 

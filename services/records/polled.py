@@ -7,6 +7,10 @@ import threading
 from collections.abc import Callable
 
 import structlog
+from sqlmodel import Session, col, select
+
+from services.common.db import utcnow
+from services.records.models import RecordRetrieval, ReportReturn, RetrievalStatus
 
 log = structlog.get_logger(__name__)
 
@@ -41,3 +45,20 @@ class PolledLoop:
                 self._run_once()
             except Exception:
                 log.exception("records.loop_error", loop=self._name)
+
+
+def cancel_open(session: Session, work: type[RecordRetrieval] | type[ReportReturn], case_id: str) -> None:
+    """The case was cancelled: its work of this kind not yet done is not done (the caller commits)."""
+    waiting = session.exec(
+        select(work).where(
+            col(work.case_id) == case_id,
+            col(work.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
+        )
+    ).all()
+    for row in waiting:
+        row.status, row.finished_at, row.last_error = (
+            RetrievalStatus.CANCELLED,
+            utcnow(),
+            "the case was cancelled",
+        )
+        session.add(row)

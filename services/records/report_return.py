@@ -86,23 +86,6 @@ def plan_return(
     insert_new(session, [row])  # noted as added: the consumer's commit wakes the loop
 
 
-def cancel_returns(session: Session, case_id: str) -> None:
-    """The case was cancelled: its report returns not yet sent are not sent (the caller commits)."""
-    waiting = session.exec(
-        select(ReportReturn).where(
-            ReportReturn.case_id == case_id,
-            col(ReportReturn.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
-        )
-    ).all()
-    for row in waiting:
-        row.status, row.finished_at, row.last_error = (
-            RetrievalStatus.CANCELLED,
-            utcnow(),
-            "the case was cancelled",
-        )
-        session.add(row)
-
-
 def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None = None) -> int:
     """Send every report return that is due now; returns how many were attempted."""
     options = options or get_return_settings()

@@ -84,18 +84,6 @@ def plan_retrieval(session: Session, request: RecordRequest) -> RecordRetrieval 
     return retrieval
 
 
-def cancel_retrievals(session: Session, case_id: str) -> None:
-    open_ones = session.exec(
-        select(RecordRetrieval).where(
-            RecordRetrieval.case_id == case_id,
-            col(RecordRetrieval.status).in_([RetrievalStatus.PENDING, RetrievalStatus.RUNNING]),
-        )
-    ).all()
-    for retrieval in open_ones:
-        retrieval.status, retrieval.finished_at = RetrievalStatus.CANCELLED, utcnow()
-        session.add(retrieval)
-
-
 def run_due(
     engine: Engine,
     settings: Settings,
