@@ -96,14 +96,6 @@ class CaseCreate(BaseModel):
         "case waits in `awaiting_consent` until a `records_release_authorization` document is added",
     )
 
-    @field_validator("partner_case_ref")
-    @classmethod
-    def _reference_is_text(cls, reference: str | None) -> str | None:
-        # Only NUL: the database cannot store it (it was a 500), while stored references may hold anything else.
-        if reference is not None and "\x00" in reference:
-            raise ValueError("a reference cannot contain a NUL character")
-        return reference
-
     @field_validator("partner_case_ref_system")
     @classmethod
     def _system_of_a_reference(cls, system: str | None, info: ValidationInfo) -> str | None:
