@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import event, exc, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Field, Session, SQLModel, create_engine
@@ -115,6 +115,13 @@ ADDED = "added_models"  # session.info key: the models of the rows added in the 
 def _note_added(session: OrmSession, row: object) -> None:
     # session.new would miss rows an autoflush already wrote; this sees every add.
     session.info.setdefault(ADDED, set()).add(type(row))
+
+
+def engine_of(session: Session) -> Engine:
+    """The engine behind `session`, also when it is bound to one of its connections: what an action run after
+    the commit (after_commit) opens its own session on, the connection being back in the pool by then."""
+    bind = session.get_bind()
+    return bind.engine if isinstance(bind, Connection) else bind
 
 
 def after_commit(session: Session, action: Callable[[], object]) -> None:

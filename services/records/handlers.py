@@ -12,7 +12,7 @@ from contracts.events import CaseCancelled, RecordsNeeded
 from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
-from services.common.db import after_commit, get_engine, utcnow
+from services.common.db import after_commit, engine_of, get_engine, utcnow
 from services.common.errors import PoisonMessage
 from services.records import report_return
 from services.records.adequacy import assess
@@ -163,7 +163,7 @@ def remove_if_unreferenced(session: Session, store: ObjectStore, storage_path: s
     Content is stored once for every case that has it; only the last reference removes the object. Never
     before the commit: a transaction rolled back (a consumer's batch that broke, a crash) keeps its rows, and
     their object must still be there when the message is applied again."""
-    engine = session.get_bind()
+    engine = engine_of(session)
 
     def remove() -> None:
         with Session(engine) as fresh:

@@ -26,13 +26,13 @@ import threading
 
 import structlog
 from sqlalchemy import delete, tuple_
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from services.auth import tenancy
 from services.auth.models import CaseReviewer
 from services.auth.tenancy import ReviewerStanding
-from services.common.db import after_commit, get_engine
+from services.common.db import after_commit, engine_of, get_engine
 from services.review.models import WORKLIST_STATUSES, Review, ReviewerAccessChange
 
 log = structlog.get_logger(__name__)
@@ -57,7 +57,7 @@ WITHDRAWN_WHY = {
 def note_change(session: Session, case_id: str, specialist_id: str) -> None:
     """Note that the specialist's reviews of the case changed; settle their access once the session commits."""
     session.add(ReviewerAccessChange(case_id=case_id, specialist_id=specialist_id))
-    engine = _engine_of(session)
+    engine = engine_of(session)
     after_commit(session, lambda: _settle_now(engine, case_id, specialist_id))
 
 
@@ -179,8 +179,3 @@ def _settle_now(engine: Engine, case_id: str, specialist_id: str) -> None:
         # The change is committed and its note with it: SettlingLoop settles it. Failing here would fail the
         # message or request whose work is already done.
         log.warning("review.access_settle_deferred", case_id=case_id, error=type(exc).__name__)
-
-
-def _engine_of(session: Session) -> Engine:
-    bind = session.get_bind()
-    return bind.engine if isinstance(bind, Connection) else bind
