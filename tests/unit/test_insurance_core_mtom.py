@@ -12,7 +12,7 @@ from xml.sax.saxutils import quoteattr
 import httpx
 import pytest
 
-from tests.unit.test_insurance_core_soap import ANSWER_271, CORE, SOAP, WSSE, Payer, Reply, check
+from tests.unit.test_insurance_core_soap import CORE, SOAP, WSSE, Payer, Reply, check, success_fields
 from tests.unit.test_insurance_x12_answers import ACTIVE, answer
 
 XOP = "http://www.w3.org/2004/08/xop/include"
@@ -31,18 +31,7 @@ def include(target: str | None = None) -> str:
 
 def envelope(request: dict[str, str], payload: str | None = None) -> str:
     """The COREEnvelopeRealTimeResponse answering `request`, its Payload element's content as given (XML)."""
-    fields = {
-        "PayloadType": ANSWER_271,
-        "ProcessingMode": "RealTime",
-        "PayloadID": request["PayloadID"],
-        "TimeStamp": "2026-12-06T12:00:00Z",
-        "SenderID": "SBX01",
-        "ReceiverID": request["SenderID"],
-        "CORERuleVersion": "2.2.0",
-        "Payload": include() if payload is None else payload,
-        "ErrorCode": "Success",
-        "ErrorMessage": "None",
-    }
+    fields = success_fields(request, include() if payload is None else payload)  # the Payload left unescaped
     elements = "".join(f"<{name}>{value}</{name}>" for name, value in fields.items())
     return (
         f'<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{SOAP}"><s:Body>'

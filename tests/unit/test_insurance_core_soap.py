@@ -65,10 +65,9 @@ def response(status: int = 200, qualified: bool = False, **fields: str) -> httpx
     return httpx.Response(status, headers={"Content-Type": "application/soap+xml; charset=utf-8"}, text=xml)
 
 
-def success(
-    request: dict[str, str], payload: str | None = None, qualified: bool = False, **override: str
-) -> httpx.Response:
-    fields = {
+def success_fields(request: dict[str, str], payload: str) -> dict[str, str]:
+    """The fields of a COREEnvelopeRealTimeResponse answering `request` with `payload`, in the rule's order."""
+    return {
         "PayloadType": ANSWER_271,
         "ProcessingMode": "RealTime",
         "PayloadID": request["PayloadID"],
@@ -76,10 +75,16 @@ def success(
         "SenderID": "SBX01",
         "ReceiverID": request["SenderID"],
         "CORERuleVersion": "2.2.0",
-        "Payload": answer(ACTIVE) if payload is None else payload,
+        "Payload": payload,
         "ErrorCode": "Success",
         "ErrorMessage": "None",
     }
+
+
+def success(
+    request: dict[str, str], payload: str | None = None, qualified: bool = False, **override: str
+) -> httpx.Response:
+    fields = success_fields(request, answer(ACTIVE) if payload is None else payload)
     return response(qualified=qualified, **{**fields, **override})
 
 
