@@ -125,11 +125,19 @@ def test_a_context_of_ours_is_watched_and_sees_a_certificate_request() -> None:
 def test_without_a_ca_bundle_both_logins_trust_the_systems_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The operator's trust store (OpenSSL's, which SSL_CERT_FILE names: the prod overlay points it at the
-    hospital's CA bundle), not one bundled with a library, for a password login as for an X.509 one."""
+    """The operator's trust store (OpenSSL's: the CAs installed on the host, or the file SSL_CERT_FILE names, as
+    the prod overlay does), not the certifi bundle shipped with httpx, for a password login as for an X.509 one."""
     authority = Authority(tmp_path, "hospital-trust")
-    monkeypatch.setenv("SSL_CERT_FILE", str(authority.cert))
     ours = authority.issue("SECONDOPINION")
-    for login in (PASSWORD, dataclasses.replace(X509, client_cert=str(ours.cert), client_key=str(ours.key))):
+    logins = (PASSWORD, dataclasses.replace(X509, client_cert=str(ours.cert), client_key=str(ours.key)))
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    system = sorted(c["serialNumber"] for c in ssl.create_default_context().get_ca_certs())
+    for login in logins:  # the host's store (here, Debian's ca-certificates: not the same set as certifi's)
+        assert sorted(c["serialNumber"] for c in client_context(login, Handshake()).get_ca_certs()) == system
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(authority.cert))
+    for login in logins:
         trusted = client_context(login, Handshake()).get_ca_certs()
         assert [dict(item[0] for item in c["subject"]) for c in trusted] == [{"commonName": "hospital-trust"}]
