@@ -12,6 +12,7 @@ from services.auth import Role, authenticate, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.http import fhir_json_only
+from services.review import directory
 from services.review.deps import SessionDep
 from services.review.diagnostic_report import FHIR_JSON, operation_outcome
 from services.review.directory import SpecialistCreate, SpecialistIn, practitioner, practitioner_role
@@ -45,31 +46,28 @@ def list_specialists(session: SessionDep) -> list[Specialist]:
     "", status_code=201, response_model=SpecialistPublic, responses={409: {}}, dependencies=OPERATIONS_ONLY
 )
 def create_specialist(body: SpecialistCreate, session: SessionDep) -> Specialist:
-    if session.get(Specialist, body.id) is not None:
-        raise HTTPException(
-            409, f"specialist {body.id} already exists; PUT /v1/specialists/{body.id} updates"
-        )
-    specialist = Specialist(**body.columns())
-    session.add(specialist)
-    session.commit()
-    return specialist
+    try:
+        return directory.add(session, body)
+    except directory.AlreadyInDirectory as exc:
+        raise HTTPException(409, f"{exc}; PUT /v1/specialists/{body.id} updates") from exc
 
 
 @specialists.get("/{specialist_id}", response_model=SpecialistPublic, responses={404: {}})
 def read_specialist(specialist_id: str, session: SessionDep) -> Specialist:
-    return _specialist_or_404(session, specialist_id)
+    try:
+        return directory.found(session, specialist_id)
+    except directory.NotInDirectory as exc:
+        raise _not_found() from exc
 
 
 @specialists.put(
     "/{specialist_id}", response_model=SpecialistPublic, responses={404: {}}, dependencies=OPERATIONS_ONLY
 )
 def update_specialist(specialist_id: str, body: SpecialistIn, session: SessionDep) -> Specialist:
-    specialist = _specialist_or_404(session, specialist_id)
-    for name, value in body.columns().items():
-        setattr(specialist, name, value)
-    session.add(specialist)
-    session.commit()
-    return specialist
+    try:
+        return directory.replace(session, specialist_id, body)
+    except directory.NotInDirectory as exc:
+        raise _not_found() from exc
 
 
 @specialists.delete(
@@ -77,11 +75,10 @@ def update_specialist(specialist_id: str, body: SpecialistIn, session: SessionDe
 )
 def deactivate_specialist(specialist_id: str, session: SessionDep) -> Specialist:
     """Take the specialist out of matching; their past reviews keep pointing at them, so nothing is deleted."""
-    specialist = _specialist_or_404(session, specialist_id)
-    specialist.active = False
-    session.add(specialist)
-    session.commit()
-    return specialist
+    try:
+        return directory.deactivate(session, specialist_id)
+    except directory.NotInDirectory as exc:
+        raise _not_found() from exc
 
 
 @fhir_practitioners.get("/Practitioner/{specialist_id}", responses={200: {"content": {FHIR_JSON: {}}}})
@@ -102,10 +99,5 @@ def _fhir(session: SessionDep, specialist_id: str, kind: str, view: Any) -> JSON
     return JSONResponse(view(specialist), media_type=FHIR_JSON)
 
 
-def _specialist_or_404(session: SessionDep, specialist_id: str) -> Specialist:
-    specialist = session.get(Specialist, specialist_id)
-    if specialist is None:
-        raise HTTPException(
-            404, "no specialist with this id in the directory; GET /v1/specialists lists them"
-        )
-    return specialist
+def _not_found() -> HTTPException:
+    return HTTPException(404, "no specialist with this id in the directory; GET /v1/specialists lists them")

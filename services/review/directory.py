@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fhir.resources.R4B.practitioner import Practitioner
 from fhir.resources.R4B.practitionerrole import PractitionerRole
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from sqlmodel import Session
 
 from contracts.triage import Subspecialty
 from services.review.models import Specialist
@@ -57,6 +58,51 @@ class SpecialistIn(BaseModel):
 
 class SpecialistCreate(SpecialistIn):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,49}$", description="e.g. spec-gyn-3")
+
+
+class NotInDirectory(LookupError):
+    """No specialist with this id."""
+
+
+class AlreadyInDirectory(ValueError):
+    """A specialist with this id exists already."""
+
+
+# The directory's changes, for its HTTP API (operations' keys) and the operators' console command alike. Each
+# commits; a specialist is never deleted (their past reviews keep pointing at them), only taken out of matching.
+
+
+def add(session: Session, body: SpecialistCreate) -> Specialist:
+    if session.get(Specialist, body.id) is not None:
+        raise AlreadyInDirectory(f"specialist {body.id} already exists")
+    specialist = Specialist(**body.columns())
+    session.add(specialist)
+    session.commit()
+    return specialist
+
+
+def replace(session: Session, specialist_id: str, body: SpecialistIn) -> Specialist:
+    specialist = found(session, specialist_id)
+    for name, value in body.columns().items():
+        setattr(specialist, name, value)
+    session.add(specialist)
+    session.commit()
+    return specialist
+
+
+def deactivate(session: Session, specialist_id: str) -> Specialist:
+    specialist = found(session, specialist_id)
+    specialist.active = False
+    session.add(specialist)
+    session.commit()
+    return specialist
+
+
+def found(session: Session, specialist_id: str) -> Specialist:
+    specialist = session.get(Specialist, specialist_id)
+    if specialist is None:
+        raise NotInDirectory(f"no specialist {specialist_id} in the directory")
+    return specialist
 
 
 def practitioner(s: Specialist) -> dict[str, Any]:
