@@ -12,13 +12,18 @@ secondopinion dlq replay QUEUE --id ID|--all  re-publish (confirmed) and then re
 secondopinion dlq purge QUEUE --id ID         drop one dead letter
 secondopinion payer list                      how each payer is asked (connector, endpoint, CORE envelope)
 secondopinion payer set PAYER_ID --core-envelope soap --endpoint-url https://…   change it
+secondopinion case list|show|hold|resume|cancel|decide-cost|reconcile-identity|reassign|document-communication|close
+                                              find and steer cases (workflows/cli_cases.py)
+secondopinion specialist list|show|add|update|deactivate   the specialist directory (services/review/cli_specialists.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +36,8 @@ from services.common import dlq, migrate
 from services.common.config import get_settings
 from services.common.db import get_engine
 from services.insurance.cli_payers import add_payer_group
+from services.review.cli_specialists import add_specialist_group
+from workflows.cli_cases import add_case_group
 
 
 def _session() -> Session:
@@ -177,6 +184,8 @@ def parser() -> argparse.ArgumentParser:
 
     add_dlq_group(groups)
     add_payer_group(groups)
+    add_case_group(groups)
+    add_specialist_group(groups)
     return root
 
 
@@ -186,5 +195,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.stdout.write("\n")
 
 
+def console() -> None:
+    """The `secondopinion` command: `main`, then exit with its own status. temporalio (used by `case`) can
+    abort the interpreter at exit (sdk-python #300, "PyGILState_Release", 134) after a command that succeeded,
+    so once the output is flushed the process leaves without the interpreter's shutdown."""
+    try:
+        main()
+        status = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 -- shown as Python shows it, then the same exit
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    main()
+    console()
