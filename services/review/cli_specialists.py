@@ -5,7 +5,7 @@ secondopinion specialist list [--active]
 secondopinion specialist show SPECIALIST_ID
 secondopinion specialist add --file spec.json        the POST /v1/specialists body (with "id"); - reads stdin
 secondopinion specialist update SPECIALIST_ID --file spec.json   the whole entry, as PUT /v1/specialists/{id}
-secondopinion specialist deactivate SPECIALIST_ID     out of matching; their reviews keep pointing at them
+secondopinion specialist deactivate SPECIALIST_ID     out of matching; lists the offers and reviews they still hold
 
 A specialist's own key comes from `secondopinion key create --role specialist --specialist-id ID`.
 """
@@ -25,9 +25,10 @@ from services.common import migrate
 from services.common.db import get_engine
 from services.review import directory
 from services.review.directory import SpecialistCreate, SpecialistIn
-from services.review.models import Specialist, SpecialistPublic
+from services.review.models import Review, Specialist, SpecialistPublic
 
 M = TypeVar("M", bound=BaseModel)
+HELD = ("offered", "accepted")  # reviews still to do: an offer to answer, a case to read
 
 
 def _session() -> Session:
@@ -91,11 +92,19 @@ def specialist_update(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def specialist_deactivate(args: argparse.Namespace) -> dict[str, Any]:
+    """Out of matching from now on. The offers and reviews they hold stay theirs: listed with the output, for
+    operations to reassign (`secondopinion case reassign`) or leave with them."""
     with _session() as session:
         try:
-            return _shown(directory.deactivate(session, args.specialist_id))
+            shown = _shown(directory.deactivate(session, args.specialist_id))
         except directory.NotInDirectory as exc:
             raise SystemExit(f"{exc}; `secondopinion specialist list` shows them") from exc
+        held = session.exec(
+            select(Review.case_id, Review.status)
+            .where(Review.reviewer_id == args.specialist_id, col(Review.status).in_(HELD))
+            .order_by(col(Review.due_at))
+        ).all()
+    return shown | {"still_holds": [{"case_id": case_id, "review": status} for case_id, status in held]}
 
 
 def add_specialist_group(groups: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

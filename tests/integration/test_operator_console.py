@@ -9,7 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from contracts import CaseStatus
 from services.common import cli, migrate
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine
-from services.review.models import Specialist
+from services.review.models import Review, Specialist
 from tests.integration.test_case_workflow import client, start, to_match, to_review, wait_status  # noqa: F401
 from workflows.case import CaseWorkflow
 
@@ -190,6 +192,22 @@ ENTRY = {
 }
 
 
+def held_review(specialist_id: str, status: str) -> Review:
+    return Review(
+        id=str(uuid.uuid4()),
+        case_id=str(uuid.uuid4()),
+        reviewer_id=specialist_id,
+        subspecialty="breast_imaging",
+        status=status,
+        match_event_id=str(uuid.uuid4()),
+        match_explanation="licensed in CA",
+        request={},
+        exam_type="breast",
+        urgency="standard",
+        due_at=datetime.now(UTC) + timedelta(days=3),
+    )
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
     cli.main(list(argv))
     return json.loads(capsys.readouterr().out)
@@ -215,12 +233,20 @@ def test_operations_keep_the_specialist_directory_from_the_console(
     entry.write_text(json.dumps(changed))
     updated = run(capsys, "specialist", "update", "spec-console-1", "--file", str(entry))
     assert updated["max_open_reviews"] == 2 and updated["out_of_office"] == changed["out_of_office"]
-    assert run(capsys, "specialist", "deactivate", "spec-console-1")["active"] is False
+    engine = get_engine("review")
+    migrate.upgrade("review", engine)
+    with Session(engine) as session:  # one case they are reading, one they declined
+        for status in ("accepted", "declined"):
+            session.add(held_review("spec-console-1", status))
+        session.commit()
+    deactivated = run(capsys, "specialist", "deactivate", "spec-console-1")
+    assert deactivated["active"] is False
+    assert [held["review"] for held in deactivated["still_holds"]] == [
+        "accepted"
+    ]  # for operations to reassign
     assert "spec-console-1" not in [s["id"] for s in run(capsys, "specialist", "list", "--active")]
     assert run(capsys, "specialist", "show", "spec-console-1")["active"] is False
 
-    engine = get_engine("review")
-    migrate.upgrade("review", engine)
     with Session(engine) as session:  # what matching and the API read
         stored = session.get(Specialist, "spec-console-1")
         assert stored is not None and stored.active is False and stored.max_open_reviews == 2
