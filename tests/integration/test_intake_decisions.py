@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -231,3 +232,42 @@ async def test_consent_sent_before_the_started_flag_is_set_still_reaches_the_wor
     with Session(intake) as session:
         stored = session.get(CaseDocument, document["document_id"])
         assert stored is not None and stored.consent_signalled_at is not None  # nothing left to signal later
+
+
+@pytest.mark.parametrize("decision", ["cancel", "questions"])
+async def test_a_decision_waiting_on_the_database_leaves_the_event_loop_free(
+    http: tuple[httpx.AsyncClient, Client], engines: tuple[Engine, Engine], decision: str
+) -> None:
+    """Cancel and questions read and write the database off the event loop: while the cases table is locked,
+    the decision waits for it and the loop goes on serving (on the loop, it would stall for the whole wait)."""
+    client, _ = http
+    case_id = (await client.post("/v1/cases", json=SAMPLE)).json()["case_id"]
+    body = {"reason": "patient withdrew"} if decision == "cancel" else {"text": "Is an MRI needed?"}
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.05)
+            gaps.append(time.monotonic() - last - 0.05)
+            last = time.monotonic()
+
+    locker = engines[0].connect()
+    locker.begin()
+    locker.exec_driver_sql("LOCK TABLE cases IN ACCESS EXCLUSIVE MODE")
+    release = threading.Timer(3, locker.rollback)  # from a thread: a stalled loop could not release it
+    beating = asyncio.create_task(heartbeat())
+    try:
+        release.start()
+        started = time.monotonic()
+        done = await client.post(f"/v1/cases/{case_id}/{decision}", json=body)
+        waited = time.monotonic() - started
+    finally:
+        beating.cancel()
+        release.join()
+        locker.close()
+    assert waited > 2, f"the {decision} did not wait for the locked table ({waited:.1f} s): nothing was shown"
+    assert max(gaps) < 1, f"the event loop stalled {max(gaps):.1f} s while the {decision} waited"
+    assert (await client.get("/healthz")).status_code == 200
+    # cancel goes through; a question before delivery is refused: an answer either way once the lock went
+    assert done.status_code == (200 if decision == "cancel" else 409), done.text
