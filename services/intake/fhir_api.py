@@ -35,6 +35,7 @@ from services.intake.api import (
     same_patient,
     visible_case,
 )
+from services.intake.fhir_examples import BUNDLE_EXAMPLE, SERVICE_REQUEST_EXAMPLE
 from services.intake.fhir_task import to_task
 from services.intake.models import Case, CaseCreate
 from services.intake.order_reference import ReferenceSearch, SearchInvalid, parse_token
@@ -293,23 +294,24 @@ def transaction_response(
     return {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
 
 
-FHIR_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            FHIR_JSON: {
-                "schema": {
-                    "type": "object",
-                    "description": "a FHIR R4 resource (validated with fhir.resources R4B)",
-                },
-                "example": {"resourceType": "Bundle", "type": "transaction", "entry": []},
-            }
-        },
+def fhir_body(example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                FHIR_JSON: {
+                    "schema": {
+                        "type": "object",
+                        "description": "a FHIR R4 resource (validated with fhir.resources R4B)",
+                    },
+                    "example": example,
+                }
+            },
+        }
     }
-}
 
 
-@router.post("", status_code=200, responses=TRANSACTED, openapi_extra=FHIR_BODY)
+@router.post("", status_code=200, responses=TRANSACTED, openapi_extra=fhir_body(BUNDLE_EXAMPLE))
 async def transaction(
     request: Request,
     caller: CaseCaller,
@@ -375,7 +377,12 @@ CONDITIONAL: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/ServiceRequest", status_code=201, responses=CONDITIONAL, openapi_extra=FHIR_BODY)
+@router.post(
+    "/ServiceRequest",
+    status_code=201,
+    responses=CONDITIONAL,
+    openapi_extra=fhir_body(SERVICE_REQUEST_EXAMPLE),
+)
 async def service_request(
     request: Request,
     caller: CaseCaller,

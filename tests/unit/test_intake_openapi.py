@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from services.intake import fhir_intake
 from services.intake.main import app
 
 OPS = {"/healthz", "/readyz", "/metrics"}
@@ -61,3 +62,13 @@ def test_operation_documents_success_and_errors_with_examples(
         assert "example" in body or "examples" in resolved or "examples" in schema, (
             "request body has no example"
         )
+
+
+@pytest.mark.parametrize(
+    ("path", "read"),
+    [("/fhir", fhir_intake.from_bundle), ("/fhir/ServiceRequest", fhir_intake.from_service_request)],
+)
+def test_each_fhir_request_example_is_a_request_the_route_takes(path: str, read: Any) -> None:
+    body = DOCUMENT["paths"][path]["post"]["requestBody"]["content"]["application/fhir+json"]
+    case = read(body["example"]).case  # raises FhirInvalid, naming the element, for an example it refuses
+    assert case.partner_case_ref and case.patient.family_name
