@@ -23,6 +23,7 @@ from contracts import CaseStatus
 from services.common import cli, migrate
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine
+from services.common.temporal import ENCODING
 from services.review.models import Review, Specialist
 from tests.integration.test_case_workflow import client, start, to_match, to_review, wait_status  # noqa: F401
 from workflows.case import CaseWorkflow
@@ -82,6 +83,11 @@ async def test_operations_find_a_case_by_status_and_hold_and_resume_it_from_the_
         "result": "case on hold; the due date keeps running",
     }
     assert await handle.query(CaseWorkflow.status) == CaseStatus.ON_HOLD
+    history = await handle.fetch_history()  # the decision's input is kept encrypted, as the services' are
+    accepted = [e.workflow_execution_update_accepted_event_attributes for e in history.events]
+    inputs = [a.accepted_request.input.args.payloads for a in accepted if a.accepted_request.meta.update_id]
+    assert inputs and all(p.metadata["encoding"] == ENCODING for args in inputs for p in args)
+    assert b"patient travelling" not in history.to_json().encode()
     again = await refused("case", "hold", case_id, "--by", "nurse-12", "--reason", "still travelling")
     assert again == f"case {case_id}: hold refused: the case is already on hold"
 
