@@ -49,7 +49,7 @@ class EventBridge(QueueConsumer):
         self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
         try:
-            event = decode_envelope(body)
+            event = decode_envelope(body, props.content_type)
         except PoisonMessage as exc:
             log.warning("message.poison", queue=self.queue, message_id=props.message_id, reason=str(exc))
             self._dead_letter(channel, method, props, body, str(exc))

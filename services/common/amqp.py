@@ -248,13 +248,38 @@ def enqueue(session: Session, exchange: str, event: CloudEvent) -> None:
 Handler = Callable[[Session, CloudEvent], None]
 
 
-def decode_envelope(body: bytes) -> CloudEvent:
-    """The message's CloudEvent, or `PoisonMessage` naming the bad fields (redelivery cannot mend it)."""
+ENVELOPE_CONTENT_TYPE = "application/cloudevents+json"
+JSON_KINDS = {"[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}  # by first character
+
+
+def decode_envelope(body: bytes, content_type: str | None = None) -> CloudEvent:
+    """The message's CloudEvent, or `PoisonMessage` saying what is wrong with it (redelivery cannot mend it):
+    the bad fields, or what the body is when it is no JSON object. Never a value: it may be PHI."""
     try:
-        return CloudEvent.model_validate_json(body)
+        event = CloudEvent.model_validate_json(body)
     except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors()[:5])
-        raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope (bad fields: {fields})") from exc
+        problem = _envelope_problem(body, exc)
+        if content_type and content_type != ENVELOPE_CONTENT_TYPE:
+            problem += f"; sent as content type {content_type[:100]!r}, not {ENVELOPE_CONTENT_TYPE}"
+        raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope ({problem})") from exc
+    # CloudEvents requires `specversion`; the model defaults it only for the events this platform builds.
+    if "specversion" not in event.model_fields_set:
+        raise PoisonMessage("not a CloudEvents 1.0 JSON envelope (bad fields: specversion)")
+    return event
+
+
+def _envelope_problem(body: bytes, exc: ValidationError) -> str:
+    errors = exc.errors()
+    if errors[0]["type"] == "json_invalid":
+        try:
+            body.decode()
+        except UnicodeDecodeError as bad:
+            return f"the body is not UTF-8: byte {bad.start} of {len(body)} is not valid"
+        return f"the body is not JSON: {errors[0]['msg'].removeprefix('Invalid JSON: ')}"
+    if errors[0]["type"] == "model_type":
+        kind = JSON_KINDS.get(body.lstrip()[:1].decode(errors="replace"), "number")
+        return f"the body is a JSON {kind}, not an object"
+    return "bad fields: " + ", ".join(".".join(map(str, e["loc"])) for e in errors[:5])
 
 
 def delivery_attempt(props: BasicProperties) -> int:
@@ -338,7 +363,7 @@ class QueueConsumer:
         message_id = props.message_id or ""
         structlog.contextvars.bind_contextvars(message_id=message_id, queue=self.queue)
         try:
-            event = decode_envelope(body)
+            event = decode_envelope(body, props.content_type)
             structlog.contextvars.bind_contextvars(case_id=event.subject, event_type=event.type)
             with self.message_span(event, props.headers, message_id):
                 applied = self.apply(event)

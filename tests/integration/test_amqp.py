@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -419,3 +420,49 @@ def test_a_handler_that_rolls_back_still_leaves_its_message_in_the_inbox(
     assert consumer.apply_batch([message, message]) == [False, False]
     assert applied == [message.id]
     assert effects(engine, [message.id]) == [message.id]
+
+
+def test_a_message_that_is_no_cloudevent_is_dead_lettered_at_once_saying_what_is_wrong(
+    settings: Settings, engine: Engine
+) -> None:
+    """Bodies that no redelivery can mend: each reaches the dead-letter queue on its first delivery with a
+    reason naming what is wrong, also where pydantic's error names no field (the body as a whole)."""
+    purge(settings, "records", dead_letter_queue("records"))
+    envelope = collect_command("case-no-envelope").model_dump(mode="json")
+    no_specversion = {k: v for k, v in envelope.items() if k != "specversion"}
+    long_type = {**envelope, "type": "records." + "a" * 120}  # longer than the inbox's message_type
+    bodies = {
+        "not-json": (b"not json", "application/cloudevents+json"),
+        "not-utf8": (b'{"id": "\xff\xfe"}', "application/cloudevents+json"),
+        "array": (b"[1, 2]", "application/cloudevents+json"),
+        "xml": (b"<event/>", "application/xml"),
+        "no-specversion": (json.dumps(no_specversion).encode(), "application/cloudevents+json"),
+        "long-type": (json.dumps(long_type).encode(), "application/cloudevents+json"),
+    }
+    calls: list[str] = []
+    reasons: dict[str, str] = {}
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = conn.channel()
+
+    def all_dead() -> bool:
+        method, props, _ = channel.basic_get(dead_letter_queue("records"), auto_ack=True)
+        if method is not None:
+            assert "x-death" not in props.headers, (
+                f"{props.message_id} was retried before it was dead-lettered"
+            )
+            reasons[props.message_id] = props.headers["x-poison-reason"]
+        return len(reasons) == len(bodies)
+
+    for _ in run_consumer(settings, engine, "records", lambda s, e: calls.append(e.id)):
+        for message_id, (body, content_type) in bodies.items():
+            props = pika.BasicProperties(message_id=message_id, content_type=content_type, delivery_mode=2)
+            channel.basic_publish(COMMANDS, "records.collect", body, props)
+        wait_until(all_dead, "every message dead-lettered")
+    conn.close()
+    assert calls == []
+    assert reasons["not-json"].endswith("(the body is not JSON: expected ident at line 1 column 2)")
+    assert "(the body is not UTF-8: byte 8 of 12 is not valid)" in reasons["not-utf8"]
+    assert reasons["array"].endswith("(the body is a JSON array, not an object)")
+    assert "sent as content type 'application/xml'" in reasons["xml"]
+    assert reasons["no-specversion"].endswith("(bad fields: specversion)")
+    assert reasons["long-type"].endswith("(bad fields: type)")
