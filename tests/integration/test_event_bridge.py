@@ -185,3 +185,46 @@ async def test_poison_is_dead_lettered_and_an_unknown_case_does_not_block(
     while queue_depth(settings.amqp_url, QUEUE) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert queue_depth(settings.amqp_url, QUEUE) == 0  # the unknown case's event was acked, not left to block
+
+
+async def test_an_event_whose_data_the_case_cannot_read_is_dead_lettered_not_signalled(
+    bridge: tuple[ObservedBridge, Client], settings: Settings
+) -> None:
+    """The case workflow reads a known event's data with its contract model: data that does not match it
+    would fail the workflow's task on every attempt and hold the case, so the bridge dead-letters it."""
+    _, client = bridge
+    (case_id,) = await start_cases(client, 1)
+    unreadable = event(case_id, 0).model_copy(
+        update={"type": "review.submitted", "data": {"case_id": case_id}}
+    )
+    other_case = event(case_id, 1).model_copy(
+        update={
+            "type": "review.accepted",
+            "data": {"case_id": "another", "review_id": "r", "reviewer_id": "s"},
+        }
+    )
+    publisher = Publisher(settings)
+    publisher.publish(EVENTS, unreadable)
+    publisher.publish(EVENTS, other_case)
+    publisher.publish(EVENTS, event(case_id, 2))
+    publisher.close()
+
+    assert await received(client, case_id, 1) == [f"{case_id}-002"]
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    reasons: dict[str, str] = {}
+    try:
+        channel = conn.channel()
+        deadline = time.monotonic() + 10
+        while len(reasons) < 2 and time.monotonic() < deadline:
+            method, props, _ = channel.basic_get(dead_letter_queue(QUEUE), auto_ack=True)
+            if method is None:
+                await asyncio.sleep(0.2)
+            else:
+                reasons[props.message_id] = props.headers["x-poison-reason"]
+    finally:
+        conn.close()
+    assert reasons == {
+        f"{case_id}-000": "review.submitted data does not match its schema (bad fields: review_id, reviewer_id,"
+        " agreement)",
+        f"{case_id}-001": f"review.accepted is about case {case_id} but its data names another case",
+    }
