@@ -6,7 +6,7 @@
   Messages that arrive together are applied in order in one such transaction and acked together; if
   any of them fails, none of the batch is kept and they are applied one by one. A handler error is
   retried by redelivery up to the quorum queue's `x-delivery-limit`, then dead-lettered; a
-  `PoisonMessage` is dead-lettered at once with its reason.
+  `PoisonMessage`, or a value the database refuses (`DataError`), is dead-lettered at once with its reason.
 - Publishing from a transaction goes through the outbox table; the relay publishes and marks it.
 
 A pika connection belongs to one thread: each consumer, relay and publisher owns its own.
@@ -31,6 +31,7 @@ from pika.spec import Basic, BasicProperties
 from pydantic import ValidationError
 from sqlalchemy import delete, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
@@ -282,6 +283,17 @@ def _envelope_problem(body: bytes, exc: ValidationError) -> str:
     return "bad fields: " + ", ".join(".".join(map(str, e["loc"])) for e in errors[:5])
 
 
+def refused_by_database(event: CloudEvent, exc: DataError) -> str:
+    """The reason a message whose values the database refused is dead-lettered: the error's kind and SQLSTATE,
+    never its text, which may quote the value."""
+    kind = type(exc.orig).__name__
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return (
+        f"the database refused a value of {event.type} ({kind}{f', SQLSTATE {sqlstate}' if sqlstate else ''});"
+        " no redelivery can store it"
+    )
+
+
 def delivery_attempt(props: BasicProperties) -> int:
     return int((props.headers or {}).get("x-delivery-count", 0)) + 1
 
@@ -443,6 +455,13 @@ class Consumer(QueueConsumer):
         self._pending: list[tuple[BlockingChannel, Basic.Deliver, BasicProperties, bytes]] = []
 
     def apply(self, event: CloudEvent) -> bool:
+        try:
+            return self._apply(event)
+        except DataError as exc:
+            # A value the database cannot hold (too long, out of range) is refused on every delivery.
+            raise PoisonMessage(refused_by_database(event, exc)) from exc
+
+    def _apply(self, event: CloudEvent) -> bool:
         with Session(self.engine, expire_on_commit=False) as session:
             rollbacks = _watch_rollbacks(session)
             _refuse_handler_commits(session)
