@@ -5,8 +5,9 @@
 - Consumers apply a message, record its id in the inbox and commit in one transaction, then ack.
   Messages that arrive together are applied in order in one such transaction and acked together; if
   any of them fails, none of the batch is kept and they are applied one by one. A handler error is
-  retried by redelivery up to the quorum queue's `x-delivery-limit`, then dead-lettered; a
-  `PoisonMessage`, or a value the database refuses (`DataError`), is dead-lettered at once with its reason.
+  retried by redelivery up to the quorum queue's `x-delivery-limit`, then dead-lettered; an unreachable
+  database is waited for with backoff, without a redelivery. A `PoisonMessage`, or a value the database
+  refuses (`DataError`), is dead-lettered at once with its reason.
 - Publishing from a transaction goes through the outbox table; the relay publishes and marks it.
 
 A pika connection belongs to one thread: each consumer, relay and publisher owns its own.
@@ -31,7 +32,7 @@ from pika.spec import Basic, BasicProperties
 from pydantic import ValidationError
 from sqlalchemy import delete, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
@@ -47,6 +48,12 @@ log = structlog.get_logger(__name__)
 COMMANDS = "case.commands"
 EVENTS = "case.events"
 DEAD_LETTERS = "case.dlx"
+
+# A message whose database is unreachable is retried in place, pausing 0.5 s, 1 s, 2 s ... up to 10 s, for up to
+# five minutes; after that it is redelivered as any failed message is.
+DATABASE_FIRST_PAUSE_SECONDS = 0.5
+DATABASE_LONGEST_PAUSE_SECONDS = 10.0
+DATABASE_PATIENCE_SECONDS = 300.0
 
 # queue -> (exchange, binding key) pairs. One quorum queue per consumer, each with its dead-letter queue.
 QUEUES: dict[str, list[tuple[str, str]]] = {
@@ -294,6 +301,15 @@ def refused_by_database(event: CloudEvent, exc: DataError) -> str:
     )
 
 
+def database_unreachable(exc: DBAPIError) -> bool:
+    """Whether `exc` says the database could not be reached or dropped the connection (a restart, a failover),
+    rather than that the work failed: no connection made (no SQLSTATE), class 08 or an operator's 57P."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return exc.connection_invalidated or (
+        isinstance(exc, OperationalError) and (sqlstate is None or sqlstate.startswith(("08", "57P")))
+    )
+
+
 def delivery_attempt(props: BasicProperties) -> int:
     return int((props.headers or {}).get("x-delivery-count", 0)) + 1
 
@@ -455,11 +471,35 @@ class Consumer(QueueConsumer):
         self._pending: list[tuple[BlockingChannel, Basic.Deliver, BasicProperties, bytes]] = []
 
     def apply(self, event: CloudEvent) -> bool:
-        try:
-            return self._apply(event)
-        except DataError as exc:
-            # A value the database cannot hold (too long, out of range) is refused on every delivery.
-            raise PoisonMessage(refused_by_database(event, exc)) from exc
+        waited, pause = 0.0, DATABASE_FIRST_PAUSE_SECONDS
+        while True:
+            try:
+                return self._apply(event)
+            except DataError as exc:
+                # A value the database cannot hold (too long, out of range) is refused on every delivery.
+                raise PoisonMessage(refused_by_database(event, exc)) from exc
+            except DBAPIError as exc:
+                # A database restart or failover is not the message's fault: it waits here, unacked, instead
+                # of being redelivered, which counts against the delivery limit and dead-letters it in seconds.
+                if (
+                    not database_unreachable(exc)
+                    or waited >= DATABASE_PATIENCE_SECONDS
+                    or self._stop.is_set()
+                ):
+                    raise
+                log.warning("database.unavailable", retry_in=pause, error=type(exc.orig).__name__)
+                self._pause(pause)
+                waited += pause
+                pause = min(pause * 2, DATABASE_LONGEST_PAUSE_SECONDS)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait on the consumer's thread, answering the broker's heartbeats meanwhile; `stop` cuts it short."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self._conn is not None and self._conn.is_open:
+                self._conn.sleep(min(left, 0.5))
+            else:
+                self._stop.wait(left)
 
     def _apply(self, event: CloudEvent) -> bool:
         with Session(self.engine, expire_on_commit=False) as session:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pika
+import psycopg
 import pytest
+import structlog.testing
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -33,7 +37,7 @@ from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.migrate import upgrade
 from services.common.runner import ServiceRuntime
-from tests.infra import queue_depth, wait_until
+from tests.infra import BASE_DATABASE_URL, queue_depth, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -466,3 +470,38 @@ def test_a_message_that_is_no_cloudevent_is_dead_lettered_at_once_saying_what_is
     assert "sent as content type 'application/xml'" in reasons["xml"]
     assert reasons["no-specversion"].endswith("(bad fields: specversion)")
     assert reasons["long-type"].endswith("(bad fields: type)")
+
+
+@contextlib.contextmanager
+def database_down(settings: Settings) -> Iterator[None]:
+    """The session's database refuses connections and its open ones are cut, until the block ends."""
+    name = urlsplit(settings.database_url or "").path.lstrip("/")
+    with psycopg.connect(BASE_DATABASE_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        try:
+            yield
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+def test_a_message_waits_out_a_database_outage_and_is_applied_once(
+    settings: Settings, engine: Engine
+) -> None:
+    """A database restart is not the message's fault: the message is held and retried with backoff while
+    the database is away, not redelivered until the delivery limit dead-letters it."""
+    purge(settings, "records", dead_letter_queue("records"))
+    ids = [f"outage-{n}-{uuid.uuid4()}" for n in range(2)]
+    # Logs captured, not rendered: rendering a traceback takes seconds here, which would pace the retries.
+    with structlog.testing.capture_logs() as logs:
+        for _ in run_consumer(settings, engine, "records", write_effect):
+            with database_down(settings):
+                publisher = Publisher(settings)
+                for message_id in ids:
+                    publisher.publish(COMMANDS, collect_command("case-outage", message_id))
+                time.sleep(4)  # longer than the redeliveries up to the delivery limit take
+            wait_until(lambda: len(effects(engine, ids)) == len(ids), "both messages applied", timeout=20)
+            assert queue_depth(settings.amqp_url, "records") == 0
+    assert any(line["event"] == "database.unavailable" for line in logs)
+    assert effects(engine, ids) == ids
+    assert queue_depth(settings.amqp_url, dead_letter_queue("records")) == 0
