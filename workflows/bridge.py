@@ -5,8 +5,9 @@ prefetch count of signals are in flight at once (one at a time held the whole sy
 signal round trip). Events of one case are signalled in the order they arrived; different cases run side
 by side. A message is acked, from the pika thread, only once Temporal accepted its signal. The workflow
 drops event ids it has seen, so a redelivered message is harmless. An event for a case that is closed or
-unknown is acked and dropped; a message that is not a CloudEvent, or an event of a contract type whose data
-the case could not read, is dead-lettered at once.
+unknown is acked and dropped; a message that is not a CloudEvent, an event of a contract type whose data
+the case could not read, or one Temporal refuses as invalid (over its blob size limit) is dead-lettered at
+once.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from contracts.events import EVENT_TYPES
 from services.common.amqp import QueueConsumer, decode_envelope, delivery_attempt, retry_backoff
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
-from services.common.errors import PoisonMessage
+from services.common.errors import PoisonMessage, human_size
 
 log = structlog.get_logger(__name__)
 
 QUEUE = "workflows.bridge"
 SIGNAL_TIMEOUT_SECONDS = 30
 BRIDGE_PREFETCH = 64
+# Temporal's default blob size limit: a larger signal is refused on every attempt (INVALID_ARGUMENT).
+SIGNAL_LIMIT_BYTES = 2 * 1024 * 1024
 
 
 class EventBridge(QueueConsumer):
@@ -54,6 +57,11 @@ class EventBridge(QueueConsumer):
         try:
             event = decode_envelope(body, props.content_type)
             check_data(event)
+            if len(body) > SIGNAL_LIMIT_BYTES:
+                raise PoisonMessage(
+                    f"the event is {human_size(len(body))}; a Temporal signal holds at most"
+                    f" {human_size(SIGNAL_LIMIT_BYTES)} (its blob size limit)"
+                )
         except PoisonMessage as exc:
             log.warning("message.poison", queue=self.queue, message_id=props.message_id, reason=str(exc))
             self._dead_letter(channel, method, props, body, str(exc))
@@ -66,7 +74,7 @@ class EventBridge(QueueConsumer):
             # A closed connection refuses the callback: the broker then redelivers the message anyway.
             with contextlib.suppress(Exception):
                 connection.add_callback_threadsafe(
-                    functools.partial(self._settle, channel, method, props, event, done)
+                    functools.partial(self._settle, channel, method, props, body, event, done)
                 )
 
         future.add_done_callback(settle_later)
@@ -76,10 +84,12 @@ class EventBridge(QueueConsumer):
         channel: BlockingChannel,
         method: Basic.Deliver,
         props: BasicProperties,
+        body: bytes,
         event: CloudEvent,
         done: concurrent.futures.Future[bool],
     ) -> None:
-        """On the pika thread: ack a signalled (or moot) event, or put a failed one back after a pause."""
+        """On the pika thread: ack a signalled (or moot) event, dead-letter one Temporal refused as invalid, or
+        put a failed one back after a pause."""
         if not channel.is_open:
             return  # the connection dropped: the broker redelivers the message to the next connection
         fields = {"queue": self.queue, "message_id": props.message_id, "case_id": event.subject}
@@ -89,6 +99,10 @@ class EventBridge(QueueConsumer):
             channel.basic_ack(method.delivery_tag)
             applied = done.result()
             log.info("message.applied" if applied else "message.duplicate_dropped", **fields)
+            return
+        if isinstance(error, PoisonMessage):
+            log.warning("message.poison", reason=str(error), **fields)
+            self._dead_letter(channel, method, props, body, str(error))
             return
         log.warning("message.failed", attempt=delivery_attempt(props), error=type(error).__name__, **fields)
         connection = self._conn
@@ -122,6 +136,10 @@ class EventBridge(QueueConsumer):
             if exc.status == RPCStatusCode.NOT_FOUND:
                 log.warning("bridge.case_not_running", case_id=event.subject, event_type=event.type)
                 return False
+            if exc.status == RPCStatusCode.INVALID_ARGUMENT:
+                # Refused for what the signal is (its size, its name), so on every attempt. Temporal's
+                # message names the limit, not the payload.
+                raise PoisonMessage(f"Temporal refused the signal as invalid: {exc.message[:200]}") from exc
             raise
         return True
 

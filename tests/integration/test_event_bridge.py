@@ -21,6 +21,7 @@ from contracts.envelope import CloudEvent
 from services.common.amqp import EVENTS, Publisher, dead_letter_queue, ensure_topology
 from services.common.config import Settings
 from tests.infra import purge_queues, queue_depth
+from workflows import bridge as bridge_module
 from workflows.bridge import QUEUE, EventBridge
 
 TASK_QUEUE = "bridge-test"
@@ -228,3 +229,50 @@ async def test_an_event_whose_data_the_case_cannot_read_is_dead_lettered_not_sig
         " agreement)",
         f"{case_id}-001": f"review.accepted is about case {case_id} but its data names another case",
     }
+
+
+BRIDGE_CHECK = "the event is 2.861 MiB; a Temporal signal holds at most 2 MiB (its blob size limit)"
+TEMPORAL_CHECK = "Temporal refused the signal as invalid: Blob data size exceeds limit."
+
+
+@pytest.mark.parametrize(
+    ("checked_up_to", "reason"),
+    [
+        pytest.param(bridge_module.SIGNAL_LIMIT_BYTES, BRIDGE_CHECK, id="bridge-check"),
+        pytest.param(10**7, TEMPORAL_CHECK, id="temporal-check"),  # one the bridge's size check let through
+    ],
+)
+async def test_an_event_too_large_for_a_signal_is_dead_lettered_at_once_saying_so(
+    bridge: tuple[ObservedBridge, Client],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    checked_up_to: int,
+    reason: str,
+) -> None:
+    """Temporal refuses a signal over its blob size limit on every attempt: the event is dead-lettered on its
+    first delivery saying so, not redelivered up to the delivery limit as if Temporal were away."""
+    monkeypatch.setattr(bridge_module, "SIGNAL_LIMIT_BYTES", checked_up_to)
+    _, client = bridge
+    (case_id,) = await start_cases(client, 1)
+    too_large = event(case_id, 0).model_copy(update={"data": {"note": "A" * 3_000_000}})
+    publisher = Publisher(settings)
+    publisher.publish(EVENTS, too_large)
+    publisher.publish(EVENTS, event(case_id, 1))
+    publisher.close()
+
+    assert await received(client, case_id, 1) == [f"{case_id}-001"]
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = conn.channel()
+        deadline = time.monotonic() + 10
+        method = None
+        while method is None and time.monotonic() < deadline:
+            method, props, _ = channel.basic_get(dead_letter_queue(QUEUE), auto_ack=True)
+            if method is None:
+                await asyncio.sleep(0.2)
+    finally:
+        conn.close()
+    assert method is not None, "the event did not reach workflows.bridge.dlq"
+    assert props.message_id == f"{case_id}-000"
+    assert "x-death" not in props.headers  # not redelivered up to the delivery limit first
+    assert props.headers["x-poison-reason"] == reason
