@@ -311,7 +311,10 @@ def database_unreachable(exc: DBAPIError) -> bool:
 
 
 def delivery_attempt(props: BasicProperties) -> int:
-    return int((props.headers or {}).get("x-delivery-count", 0)) + 1
+    """Which delivery of the message this is. The broker sets `x-delivery-count` on redeliveries only; on a
+    first delivery it is whatever the publisher wrote, so anything but a count reads as none."""
+    count = (props.headers or {}).get("x-delivery-count", 0)
+    return (count if isinstance(count, int) and count >= 0 else 0) + 1
 
 
 def retry_backoff(props: BasicProperties) -> float:
@@ -354,6 +357,13 @@ class QueueConsumer:
                     self.after_dispatch(channel)
             except pika.exceptions.AMQPError as exc:
                 log.warning("consumer.disconnected", queue=self.queue, error=type(exc).__name__)
+                self.connected.clear()
+                self._stop.wait(2)
+            except Exception:
+                # A fault of the consumer itself, not of one message (those are settled in `_process_one`):
+                # reconnect, so the broker redelivers what was unacked, rather than end the thread and leave
+                # the queue unconsumed while the service looks alive.
+                log.exception("consumer.crashed", queue=self.queue)
                 self.connected.clear()
                 self._stop.wait(2)
             finally:

@@ -505,3 +505,36 @@ def test_a_message_waits_out_a_database_outage_and_is_applied_once(
     assert any(line["event"] == "database.unavailable" for line in logs)
     assert effects(engine, ids) == ids
     assert queue_depth(settings.amqp_url, dead_letter_queue("records")) == 0
+
+
+def test_a_failing_message_with_a_forged_delivery_count_does_not_stop_the_consumer(
+    settings: Settings, engine: Engine
+) -> None:
+    """The broker sets `x-delivery-count` on redeliveries only: on a first delivery it is whatever the
+    publisher wrote. Reading it to pace the retry of a failed message must not end the consumer's thread."""
+    purge(settings, "records", dead_letter_queue("records"))
+    forged, after = collect_command("case-forged", f"forged-{uuid.uuid4()}"), f"after-{uuid.uuid4()}"
+    failed: list[str] = []
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        if event.id == forged.id and not failed:
+            failed.append(event.id)
+            raise RuntimeError("the database went away once")
+        write_effect(session, event)
+
+    consumer = Consumer(settings=settings, queue="records", engine=engine, handle=handle)
+    thread = threading.Thread(target=consumer.run_forever, daemon=True)
+    thread.start()
+    assert consumer.connected.wait(10)
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        props = pika.BasicProperties(message_id=forged.id, headers={"x-delivery-count": "many"})
+        conn.channel().basic_publish(COMMANDS, "records.collect", forged.to_bytes(), props)
+        Publisher(settings).publish(COMMANDS, collect_command("case-forged", after))
+        wait_until(lambda: len(effects(engine, [forged.id, after])) == 2, "both messages applied")
+        assert thread.is_alive()
+    finally:
+        conn.close()
+        consumer.stop()
+        thread.join(5)
+    assert failed == [forged.id]
