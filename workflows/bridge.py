@@ -3,11 +3,11 @@
 The pika consumer runs in its own thread and hands each event to the worker's asyncio loop, so up to the
 prefetch count of signals are in flight at once (one at a time held the whole system to the speed of one
 signal round trip). Events of one case are signalled in the order they arrived; different cases run side
-by side. A message is acked, from the pika thread, only once Temporal accepted its signal. The workflow
-drops event ids it has seen, so a redelivered message is harmless. An event for a case that is closed or
-unknown is acked and dropped; a message that is not a CloudEvent, an event of a contract type whose data
-the case could not read, or one Temporal refuses as invalid (over its blob size limit) is dead-lettered at
-once.
+by side. A message is acked, from the pika thread, only once Temporal accepted its signal; while Temporal is
+unavailable the signal is retried in place with backoff, not redelivered. The workflow drops event ids it
+has seen, so a redelivered message is harmless. An event for a case that is closed or unknown is acked and
+dropped; a message that is not a CloudEvent, an event of a contract type whose data the case could not
+read, or one Temporal refuses as invalid (over its blob size limit) is dead-lettered at once.
 """
 
 from __future__ import annotations
@@ -42,6 +42,13 @@ SIGNAL_LIMIT_BYTES = 2 * 1024 * 1024
 
 
 class EventBridge(QueueConsumer):
+    # A Temporal frontend that is away (a restart, an upgrade) is waited for in place, pausing 0.5 s, 1 s ...
+    # up to 10 s, for up to five minutes: a redelivery counts against the delivery limit and dead-letters the
+    # event within seconds. The case's later events wait their turn meanwhile.
+    unavailable_first_pause = 0.5
+    unavailable_longest_pause = 10.0
+    unavailable_patience = 300.0
+
     def __init__(self, *, settings: Settings, client: Client, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(settings=settings, queue=QUEUE)
         # Signals are cheap and independent across cases: keep more of them in flight than a handler would.
@@ -120,13 +127,30 @@ class EventBridge(QueueConsumer):
         try:
             async with lock:
                 with self.message_span(event, headers):
-                    return await asyncio.wait_for(self.signal(event), SIGNAL_TIMEOUT_SECONDS)
+                    return await self._signal_once_temporal_answers(event)
         finally:
             lock, users = self._case_locks[event.subject]
             if users == 1:
                 del self._case_locks[event.subject]
             else:
                 self._case_locks[event.subject] = (lock, users - 1)
+
+    async def _signal_once_temporal_answers(self, event: CloudEvent) -> bool:
+        waited, pause = 0.0, self.unavailable_first_pause
+        while True:
+            try:
+                return await asyncio.wait_for(self.signal(event), SIGNAL_TIMEOUT_SECONDS)
+            except RPCError as exc:
+                if (
+                    exc.status != RPCStatusCode.UNAVAILABLE
+                    or waited >= self.unavailable_patience
+                    or self._stop.is_set()
+                ):
+                    raise
+                log.warning("temporal.unavailable", case_id=event.subject, retry_in=pause)
+                await asyncio.sleep(pause)
+                waited += pause
+                pause = min(pause * 2, self.unavailable_longest_pause)
 
     async def signal(self, event: CloudEvent) -> bool:
         handle = self.client.get_workflow_handle(f"case-{event.subject}")

@@ -15,6 +15,7 @@ import pika
 import pytest
 from temporalio import workflow
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from contracts.envelope import CloudEvent
@@ -58,6 +59,7 @@ class ObservedBridge(EventBridge):
         self.most_in_flight_for_one_case = 0
         self.fail_once: set[str] = set()
         self.failures: list[str] = []
+        self.unavailable_for: dict[str, int] = {}  # event id -> signal attempts Temporal is away for
 
     async def signal(self, event: CloudEvent) -> bool:
         self.in_flight += 1
@@ -71,6 +73,10 @@ class ObservedBridge(EventBridge):
                 self.fail_once.discard(event.id)
                 self.failures.append(event.id)
                 raise ConnectionError("Temporal frontend unavailable")
+            if self.unavailable_for.get(event.id):
+                self.unavailable_for[event.id] -= 1
+                self.failures.append(event.id)
+                raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
             return await super().signal(event)
         finally:
             self.in_flight -= 1
@@ -276,3 +282,23 @@ async def test_an_event_too_large_for_a_signal_is_dead_lettered_at_once_saying_s
     assert props.message_id == f"{case_id}-000"
     assert "x-death" not in props.headers  # not redelivered up to the delivery limit first
     assert props.headers["x-poison-reason"] == reason
+
+
+async def test_an_event_waits_out_temporal_being_away_instead_of_being_dead_lettered(
+    bridge: tuple[ObservedBridge, Client], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Temporal frontend that is away (a restart, an upgrade) is not the event's fault: the signal is retried
+    with backoff in place, not redelivered until the delivery limit dead-letters the event."""
+    monkeypatch.setattr(EventBridge, "unavailable_first_pause", 0.05)  # 0.05 s doubling: the test takes 2 s
+    observed, client = bridge
+    (case_id,) = await start_cases(client, 1)
+    away = settings.amqp_delivery_limit + 2  # more attempts than the deliveries the broker allows
+    observed.unavailable_for[f"{case_id}-000"] = away
+    publisher = Publisher(settings)
+    publisher.publish(EVENTS, event(case_id, 0))
+    publisher.publish(EVENTS, event(case_id, 1))
+    publisher.close()
+
+    assert await received(client, case_id, 2) == [f"{case_id}-000", f"{case_id}-001"]
+    assert observed.failures.count(f"{case_id}-000") == away
+    assert queue_depth(settings.amqp_url, dead_letter_queue(QUEUE)) == 0
