@@ -14,7 +14,8 @@ class CloudEvent(BaseModel):
     specversion: str = Field(default="1.0", pattern=r"^1\.0$")
     id: str = Field(min_length=1, max_length=300)
     source: str = Field(min_length=1)
-    type: str = Field(min_length=1, pattern=r"^[a-z_]+(\.[a-z_]+)+$")
+    # At most the inbox's message_type and the outbox's routing_key hold.
+    type: str = Field(min_length=1, max_length=100, pattern=r"^[a-z_]+(\.[a-z_]+)+$")
     subject: str = Field(min_length=1, description="the case id")
     time: datetime
     datacontenttype: str = "application/json"

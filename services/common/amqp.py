@@ -5,8 +5,9 @@
 - Consumers apply a message, record its id in the inbox and commit in one transaction, then ack.
   Messages that arrive together are applied in order in one such transaction and acked together; if
   any of them fails, none of the batch is kept and they are applied one by one. A handler error is
-  retried by redelivery up to the quorum queue's `x-delivery-limit`, then dead-lettered; a
-  `PoisonMessage` is dead-lettered at once with its reason.
+  retried by redelivery up to the quorum queue's `x-delivery-limit`, then dead-lettered; an unreachable
+  database is waited for with backoff, without a redelivery. A `PoisonMessage`, or a value the database
+  refuses (`DataError`), is dead-lettered at once with its reason.
 - Publishing from a transaction goes through the outbox table; the relay publishes and marks it.
 
 A pika connection belongs to one thread: each consumer, relay and publisher owns its own.
@@ -31,6 +32,7 @@ from pika.spec import Basic, BasicProperties
 from pydantic import ValidationError
 from sqlalchemy import delete, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
@@ -46,6 +48,12 @@ log = structlog.get_logger(__name__)
 COMMANDS = "case.commands"
 EVENTS = "case.events"
 DEAD_LETTERS = "case.dlx"
+
+# A message whose database is unreachable is retried in place, pausing 0.5 s, 1 s, 2 s ... up to 10 s, for up to
+# five minutes; after that it is redelivered as any failed message is.
+DATABASE_FIRST_PAUSE_SECONDS = 0.5
+DATABASE_LONGEST_PAUSE_SECONDS = 10.0
+DATABASE_PATIENCE_SECONDS = 300.0
 
 # queue -> (exchange, binding key) pairs. One quorum queue per consumer, each with its dead-letter queue.
 QUEUES: dict[str, list[tuple[str, str]]] = {
@@ -248,17 +256,65 @@ def enqueue(session: Session, exchange: str, event: CloudEvent) -> None:
 Handler = Callable[[Session, CloudEvent], None]
 
 
-def decode_envelope(body: bytes) -> CloudEvent:
-    """The message's CloudEvent, or `PoisonMessage` naming the bad fields (redelivery cannot mend it)."""
+ENVELOPE_CONTENT_TYPE = "application/cloudevents+json"
+JSON_KINDS = {"[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}  # by first character
+
+
+def decode_envelope(body: bytes, content_type: str | None = None) -> CloudEvent:
+    """The message's CloudEvent, or `PoisonMessage` saying what is wrong with it (redelivery cannot mend it):
+    the bad fields, or what the body is when it is no JSON object. Never a value: it may be PHI."""
     try:
-        return CloudEvent.model_validate_json(body)
+        event = CloudEvent.model_validate_json(body)
     except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors()[:5])
-        raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope (bad fields: {fields})") from exc
+        problem = _envelope_problem(body, exc)
+        if content_type and content_type != ENVELOPE_CONTENT_TYPE:
+            problem += f"; sent as content type {content_type[:100]!r}, not {ENVELOPE_CONTENT_TYPE}"
+        raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope ({problem})") from exc
+    # CloudEvents requires `specversion`; the model defaults it only for the events this platform builds.
+    if "specversion" not in event.model_fields_set:
+        raise PoisonMessage("not a CloudEvents 1.0 JSON envelope (bad fields: specversion)")
+    return event
+
+
+def _envelope_problem(body: bytes, exc: ValidationError) -> str:
+    errors = exc.errors()
+    if errors[0]["type"] == "json_invalid":
+        try:
+            body.decode()
+        except UnicodeDecodeError as bad:
+            return f"the body is not UTF-8: byte {bad.start} of {len(body)} is not valid"
+        return f"the body is not JSON: {errors[0]['msg'].removeprefix('Invalid JSON: ')}"
+    if errors[0]["type"] == "model_type":
+        kind = JSON_KINDS.get(body.lstrip()[:1].decode(errors="replace"), "number")
+        return f"the body is a JSON {kind}, not an object"
+    return "bad fields: " + ", ".join(".".join(map(str, e["loc"])) for e in errors[:5])
+
+
+def refused_by_database(event: CloudEvent, exc: DataError) -> str:
+    """The reason a message whose values the database refused is dead-lettered: the error's kind and SQLSTATE,
+    never its text, which may quote the value."""
+    kind = type(exc.orig).__name__
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return (
+        f"the database refused a value of {event.type} ({kind}{f', SQLSTATE {sqlstate}' if sqlstate else ''});"
+        " no redelivery can store it"
+    )
+
+
+def database_unreachable(exc: DBAPIError) -> bool:
+    """Whether `exc` says the database could not be reached or dropped the connection (a restart, a failover),
+    rather than that the work failed: no connection made (no SQLSTATE), class 08 or an operator's 57P."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return exc.connection_invalidated or (
+        isinstance(exc, OperationalError) and (sqlstate is None or sqlstate.startswith(("08", "57P")))
+    )
 
 
 def delivery_attempt(props: BasicProperties) -> int:
-    return int((props.headers or {}).get("x-delivery-count", 0)) + 1
+    """Which delivery of the message this is. The broker sets `x-delivery-count` on redeliveries only; on a
+    first delivery it is whatever the publisher wrote, so anything but a count reads as none."""
+    count = (props.headers or {}).get("x-delivery-count", 0)
+    return (count if isinstance(count, int) and count >= 0 else 0) + 1
 
 
 def retry_backoff(props: BasicProperties) -> float:
@@ -303,6 +359,13 @@ class QueueConsumer:
                 log.warning("consumer.disconnected", queue=self.queue, error=type(exc).__name__)
                 self.connected.clear()
                 self._stop.wait(2)
+            except Exception:
+                # A fault of the consumer itself, not of one message (those are settled in `_process_one`):
+                # reconnect, so the broker redelivers what was unacked, rather than end the thread and leave
+                # the queue unconsumed while the service looks alive.
+                log.exception("consumer.crashed", queue=self.queue)
+                self.connected.clear()
+                self._stop.wait(2)
             finally:
                 self.connected.clear()
                 try:
@@ -338,7 +401,7 @@ class QueueConsumer:
         message_id = props.message_id or ""
         structlog.contextvars.bind_contextvars(message_id=message_id, queue=self.queue)
         try:
-            event = decode_envelope(body)
+            event = decode_envelope(body, props.content_type)
             structlog.contextvars.bind_contextvars(case_id=event.subject, event_type=event.type)
             with self.message_span(event, props.headers, message_id):
                 applied = self.apply(event)
@@ -418,6 +481,37 @@ class Consumer(QueueConsumer):
         self._pending: list[tuple[BlockingChannel, Basic.Deliver, BasicProperties, bytes]] = []
 
     def apply(self, event: CloudEvent) -> bool:
+        waited, pause = 0.0, DATABASE_FIRST_PAUSE_SECONDS
+        while True:
+            try:
+                return self._apply(event)
+            except DataError as exc:
+                # A value the database cannot hold (too long, out of range) is refused on every delivery.
+                raise PoisonMessage(refused_by_database(event, exc)) from exc
+            except DBAPIError as exc:
+                # A database restart or failover is not the message's fault: it waits here, unacked, instead
+                # of being redelivered, which counts against the delivery limit and dead-letters it in seconds.
+                if (
+                    not database_unreachable(exc)
+                    or waited >= DATABASE_PATIENCE_SECONDS
+                    or self._stop.is_set()
+                ):
+                    raise
+                log.warning("database.unavailable", retry_in=pause, error=type(exc.orig).__name__)
+                self._pause(pause)
+                waited += pause
+                pause = min(pause * 2, DATABASE_LONGEST_PAUSE_SECONDS)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait on the consumer's thread, answering the broker's heartbeats meanwhile; `stop` cuts it short."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self._conn is not None and self._conn.is_open:
+                self._conn.sleep(min(left, 0.5))
+            else:
+                self._stop.wait(left)
+
+    def _apply(self, event: CloudEvent) -> bool:
         with Session(self.engine, expire_on_commit=False) as session:
             rollbacks = _watch_rollbacks(session)
             _refuse_handler_commits(session)

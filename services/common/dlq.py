@@ -9,7 +9,8 @@ A message reaches `<queue>.dlq` in two ways (services/common/amqp.py):
 Reading never changes the queue: messages are fetched unacknowledged and returned when the channel
 closes. Replay re-publishes to the original exchange and routing key with publisher confirms and
 `mandatory`, and removes the dead letter only after the broker confirmed the copy; consumers' inboxes drop
-it where it was already applied. Nothing here prints a message's `data` (it may carry PHI).
+it where it was already applied. Nothing here prints a message's `data` (it may carry PHI): of an envelope
+only its context attributes, and the names of its other keys.
 """
 
 from __future__ import annotations
@@ -52,6 +53,21 @@ DEAD_LETTER_HEADERS = (
     "x-poison-reason",
     "x-original-exchange",
     "x-original-routing-key",
+)
+
+
+# What `show` prints of an envelope: the CloudEvents context attributes, never `data` or anything else.
+CONTEXT_ATTRIBUTES = (
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+    "dataschema",
+    "traceparent",
+    "tracestate",
 )
 
 
@@ -123,9 +139,21 @@ def _time(value: Any) -> str | None:
     return None
 
 
+def _deaths(headers: dict[str, Any]) -> list[dict[str, Any]]:
+    """The broker's `x-death` tables. A poison message keeps the headers it was published with, so this one
+    may be anything a publisher wrote: what is not a list of tables is not a death."""
+    deaths = headers.get("x-death")
+    return [d for d in deaths if isinstance(d, dict)] if isinstance(deaths, list) else []
+
+
+def _count(death: dict[str, Any]) -> int:
+    count = death.get("count", 1)
+    return count if isinstance(count, int) else 1
+
+
 def describe(props: BasicProperties, body: bytes, queue: str) -> DeadLetter:
     headers = props.headers or {}
-    deaths = headers.get("x-death") or []
+    deaths = _deaths(headers)
     death = deaths[-1] if deaths else {}  # the oldest death is last
     envelope = _envelope(body) or {}
     if "x-poison-reason" in headers:
@@ -136,7 +164,7 @@ def describe(props: BasicProperties, body: bytes, queue: str) -> DeadLetter:
         reason = _text(death.get("reason", "dead-lettered"))
         exchange = _text(death.get("exchange", ""))
         keys = death.get("routing-keys") or [""]
-        routing_key = _text(keys[0])
+        routing_key = _text(keys[0] if isinstance(keys, list) else keys)
     else:
         reason, exchange, routing_key = "unknown (no x-death or x-poison-reason header)", "", ""
     if reason == "delivery_limit":
@@ -146,7 +174,7 @@ def describe(props: BasicProperties, body: bytes, queue: str) -> DeadLetter:
         id=_message_id(props, body),
         type=_text(props.type or envelope.get("type") or "unknown"),
         reason=reason,
-        count=sum(int(d.get("count", 1)) for d in deaths) or 1,
+        count=sum(_count(d) for d in deaths) or 1,
         first_seen=str(first_seen) if first_seen else None,
         exchange=exchange,
         routing_key=routing_key,
@@ -201,11 +229,25 @@ def show(settings: Settings, queue: str, message_id: str) -> dict[str, Any]:
         },
         "headers": headers,
         "envelope": (
-            {k: v for k, v in envelope.items() if k != "data"}
-            if envelope is not None
-            else f"not a JSON object ({len(found.body)} bytes)"
+            _context(envelope) if envelope is not None else f"not a JSON object ({len(found.body)} bytes)"
         ),
     }
+
+
+def _context(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The envelope's CloudEvents context attributes (scalars only) and the names of its other keys: a body
+    that is a command's data without an envelope (or a binary-mode CloudEvent) must not print its PHI."""
+    shown: dict[str, Any] = {
+        k: envelope[k]
+        if isinstance(envelope[k], str | int | float | bool)
+        else f"<{type(envelope[k]).__name__}>"
+        for k in CONTEXT_ATTRIBUTES
+        if k in envelope
+    }
+    others = sorted(k for k in envelope if k not in CONTEXT_ATTRIBUTES and k != "data")
+    if others:
+        shown["other keys"] = others
+    return shown
 
 
 def replay(settings: Settings, queue: str, ids: list[str] | None) -> list[str]:

@@ -2,42 +2,63 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlmodel import Session
 
 from contracts.commands import DeliverReport
 from contracts.envelope import CloudEvent
-from contracts.events import CaseAlert, CaseCancelled, CaseStatusChanged
+from contracts.events import CaseAlert, CaseCancelled, CaseStatusChanged, RecordsNeeded, ReportReady
 from services.common.errors import PoisonMessage
 from services.intake import handlers, webhooks_out
 
 # Events intake receives only to tell the partner; the case status itself comes from case.status_changed.
-NOTIFY_PARTNER = {"records.needed", "report.ready"}
+NOTIFY_PARTNER = {RecordsNeeded.TYPE, ReportReady.TYPE}
+MESSAGES: dict[str, type[BaseModel]] = {
+    m.TYPE: m  # type: ignore[attr-defined]
+    for m in (CaseStatusChanged, CaseCancelled, CaseAlert, DeliverReport, RecordsNeeded, ReportReady)
+}
 
 
 def handle(session: Session, event: CloudEvent) -> None:
+    message = parse(event)
     # What a message adds is flushed with the batch's commit, one statement per table, not before each
     # look-up of the next message: the handlers read cases by key (the session's own copy once loaded) and
     # endpoints, never rows a handler of the batch adds.
     try:
         with session.no_autoflush:
-            _dispatch(session, event)
+            _dispatch(session, event, message)
     except ValidationError as exc:
-        raise PoisonMessage(f"{event.type} data is invalid: {exc.error_count()} error(s)") from exc
+        raise PoisonMessage(f"{event.type} could not be applied: {exc.error_count()} error(s)") from exc
 
 
-def _dispatch(session: Session, event: CloudEvent) -> None:
-    if event.type == CaseStatusChanged.TYPE:
-        handlers.record_status(event, CaseStatusChanged.model_validate(event.data), session)
+def parse(event: CloudEvent) -> BaseModel:
+    """The message's data as its contract model, or `PoisonMessage` naming the bad fields (never values)."""
+    model = MESSAGES.get(event.type)
+    if model is None:
+        raise PoisonMessage(
+            f"intake does not handle {event.type!r}; it handles {', '.join(sorted(MESSAGES))}"
+        )
+    try:
+        message = model.model_validate(event.data)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) or "data" for e in exc.errors()[:5])
+        raise PoisonMessage(f"{event.type} data is invalid ({exc.error_count()} error(s): {fields})") from exc
+    # The handlers find the case by the data's id, the partner's webhooks by the subject: they must agree.
+    if getattr(message, "case_id", None) != event.subject:
+        raise PoisonMessage(f"{event.type} is about case {event.subject} but its data names another case")
+    return message
+
+
+def _dispatch(session: Session, event: CloudEvent, message: BaseModel) -> None:
+    if isinstance(message, CaseStatusChanged):
+        handlers.record_status(event, message, session)
         webhooks_out.fan_out(session, event)
-    elif event.type == CaseCancelled.TYPE:
-        handlers.record_cancellation(event, CaseCancelled.model_validate(event.data), session)
+    elif isinstance(message, CaseCancelled):
+        handlers.record_cancellation(event, message, session)
         webhooks_out.withdraw(session, event.subject)
-    elif event.type == CaseAlert.TYPE:
-        handlers.record_alert(event, CaseAlert.model_validate(event.data), session)
-    elif event.type == DeliverReport.TYPE:
-        handlers.deliver_report(event, DeliverReport.model_validate(event.data), session)
+    elif isinstance(message, CaseAlert):
+        handlers.record_alert(event, message, session)
+    elif isinstance(message, DeliverReport):
+        handlers.deliver_report(event, message, session)
     elif event.type in NOTIFY_PARTNER:
         webhooks_out.fan_out(session, event)
-    else:
-        raise PoisonMessage(f"intake does not handle {event.type!r}")

@@ -17,6 +17,7 @@ from contracts.events import CaseAlert, CaseCancelled, CaseStatusChanged, Report
 from contracts.models import CaseInput, CaseStatus, Urgency
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
+from services.common.errors import PoisonMessage
 from services.common.temporal import CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID, SUBSPECIALTY
 from services.intake import webhooks_out
 from services.intake.models import Case, CaseCreate, CaseTimelineEntry, ReportAmended
@@ -239,7 +240,8 @@ def deliver_report(event: CloudEvent, cmd: DeliverReport, session: Session) -> N
     """Make the report available to the referring physician through the case API and record the delivery."""
     case = session.get(Case, cmd.case_id)
     if case is None:
-        raise LookupError(f"report.deliver for unknown case {cmd.case_id}")
+        # Intake stores a case before its workflow starts: a report for a case it lacks never will be.
+        raise PoisonMessage(f"report.deliver names case {cmd.case_id}, which intake does not have")
     now = datetime.now(UTC)
     if case.delivered_at is None:
         case.report_pdf_url = cmd.pdf_url

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pika
+import psycopg
 import pytest
+import structlog.testing
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -32,7 +37,7 @@ from services.common.db import Inbox, Outbox, make_engine
 from services.common.errors import PoisonMessage
 from services.common.migrate import upgrade
 from services.common.runner import ServiceRuntime
-from tests.infra import queue_depth, wait_until
+from tests.infra import BASE_DATABASE_URL, queue_depth, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -419,3 +424,117 @@ def test_a_handler_that_rolls_back_still_leaves_its_message_in_the_inbox(
     assert consumer.apply_batch([message, message]) == [False, False]
     assert applied == [message.id]
     assert effects(engine, [message.id]) == [message.id]
+
+
+def test_a_message_that_is_no_cloudevent_is_dead_lettered_at_once_saying_what_is_wrong(
+    settings: Settings, engine: Engine
+) -> None:
+    """Bodies that no redelivery can mend: each reaches the dead-letter queue on its first delivery with a
+    reason naming what is wrong, also where pydantic's error names no field (the body as a whole)."""
+    purge(settings, "records", dead_letter_queue("records"))
+    envelope = collect_command("case-no-envelope").model_dump(mode="json")
+    no_specversion = {k: v for k, v in envelope.items() if k != "specversion"}
+    long_type = {**envelope, "type": "records." + "a" * 120}  # longer than the inbox's message_type
+    bodies = {
+        "not-json": (b"not json", "application/cloudevents+json"),
+        "not-utf8": (b'{"id": "\xff\xfe"}', "application/cloudevents+json"),
+        "array": (b"[1, 2]", "application/cloudevents+json"),
+        "xml": (b"<event/>", "application/xml"),
+        "no-specversion": (json.dumps(no_specversion).encode(), "application/cloudevents+json"),
+        "long-type": (json.dumps(long_type).encode(), "application/cloudevents+json"),
+    }
+    calls: list[str] = []
+    reasons: dict[str, str] = {}
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = conn.channel()
+
+    def all_dead() -> bool:
+        method, props, _ = channel.basic_get(dead_letter_queue("records"), auto_ack=True)
+        if method is not None:
+            assert "x-death" not in props.headers, (
+                f"{props.message_id} was retried before it was dead-lettered"
+            )
+            reasons[props.message_id] = props.headers["x-poison-reason"]
+        return len(reasons) == len(bodies)
+
+    for _ in run_consumer(settings, engine, "records", lambda s, e: calls.append(e.id)):
+        for message_id, (body, content_type) in bodies.items():
+            props = pika.BasicProperties(message_id=message_id, content_type=content_type, delivery_mode=2)
+            channel.basic_publish(COMMANDS, "records.collect", body, props)
+        wait_until(all_dead, "every message dead-lettered")
+    conn.close()
+    assert calls == []
+    assert reasons["not-json"].endswith("(the body is not JSON: expected ident at line 1 column 2)")
+    assert "(the body is not UTF-8: byte 8 of 12 is not valid)" in reasons["not-utf8"]
+    assert reasons["array"].endswith("(the body is a JSON array, not an object)")
+    assert "sent as content type 'application/xml'" in reasons["xml"]
+    assert reasons["no-specversion"].endswith("(bad fields: specversion)")
+    assert reasons["long-type"].endswith("(bad fields: type)")
+
+
+@contextlib.contextmanager
+def database_down(settings: Settings) -> Iterator[None]:
+    """The session's database refuses connections and its open ones are cut, until the block ends."""
+    name = urlsplit(settings.database_url or "").path.lstrip("/")
+    with psycopg.connect(BASE_DATABASE_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        try:
+            yield
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+def test_a_message_waits_out_a_database_outage_and_is_applied_once(
+    settings: Settings, engine: Engine
+) -> None:
+    """A database restart is not the message's fault: the message is held and retried with backoff while
+    the database is away, not redelivered until the delivery limit dead-letters it."""
+    purge(settings, "records", dead_letter_queue("records"))
+    ids = [f"outage-{n}-{uuid.uuid4()}" for n in range(2)]
+    # Logs captured, not rendered: rendering a traceback takes seconds here, which would pace the retries.
+    with structlog.testing.capture_logs() as logs:
+        for _ in run_consumer(settings, engine, "records", write_effect):
+            with database_down(settings):
+                publisher = Publisher(settings)
+                for message_id in ids:
+                    publisher.publish(COMMANDS, collect_command("case-outage", message_id))
+                time.sleep(4)  # longer than the redeliveries up to the delivery limit take
+            wait_until(lambda: len(effects(engine, ids)) == len(ids), "both messages applied", timeout=20)
+            assert queue_depth(settings.amqp_url, "records") == 0
+    assert any(line["event"] == "database.unavailable" for line in logs)
+    assert effects(engine, ids) == ids
+    assert queue_depth(settings.amqp_url, dead_letter_queue("records")) == 0
+
+
+def test_a_failing_message_with_a_forged_delivery_count_does_not_stop_the_consumer(
+    settings: Settings, engine: Engine
+) -> None:
+    """The broker sets `x-delivery-count` on redeliveries only: on a first delivery it is whatever the
+    publisher wrote. Reading it to pace the retry of a failed message must not end the consumer's thread."""
+    purge(settings, "records", dead_letter_queue("records"))
+    forged, after = collect_command("case-forged", f"forged-{uuid.uuid4()}"), f"after-{uuid.uuid4()}"
+    failed: list[str] = []
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        if event.id == forged.id and not failed:
+            failed.append(event.id)
+            raise RuntimeError("the database went away once")
+        write_effect(session, event)
+
+    consumer = Consumer(settings=settings, queue="records", engine=engine, handle=handle)
+    thread = threading.Thread(target=consumer.run_forever, daemon=True)
+    thread.start()
+    assert consumer.connected.wait(10)
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        props = pika.BasicProperties(message_id=forged.id, headers={"x-delivery-count": "many"})
+        conn.channel().basic_publish(COMMANDS, "records.collect", forged.to_bytes(), props)
+        Publisher(settings).publish(COMMANDS, collect_command("case-forged", after))
+        wait_until(lambda: len(effects(engine, [forged.id, after])) == 2, "both messages applied")
+        assert thread.is_alive()
+    finally:
+        conn.close()
+        consumer.stop()
+        thread.join(5)
+    assert failed == [forged.id]

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import pika
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -193,3 +194,44 @@ def test_unknown_queue_or_id_is_a_clear_error(settings: Settings, engine: Engine
     assert missing.returncode != 0
     assert "no dead letter 'no-such-id'" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_dead_letter_with_forged_headers_is_listed_and_purged_like_any_other(
+    settings: Settings, engine: Engine, consumer: Consumer
+) -> None:
+    """A poison message keeps the headers it was published with, `x-death` included, whatever their shape:
+    one forged header must not stop operators from listing, showing or purging the whole queue."""
+    forged_id = f"forged-{uuid.uuid4()}"
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        props = pika.BasicProperties(
+            message_id=forged_id, headers={"x-death": "forged", "x-poison-reason": 7}
+        )
+        conn.channel().basic_publish(COMMANDS, "insurance.verify", b"{not json", props)
+    finally:
+        conn.close()
+
+    [letter] = wait_for("the dead letter", lambda: cli_json(settings, "list", QUEUE))
+    assert letter["id"] == forged_id
+    assert letter["reason"].startswith("poison: not a CloudEvents 1.0 JSON envelope (the body is not JSON")
+    assert cli_json(settings, "show", QUEUE, forged_id)["id"] == forged_id
+    assert cli_json(settings, "purge", QUEUE, "--id", forged_id)["purged"] == forged_id
+
+
+def test_show_never_prints_a_body_that_is_data_without_its_envelope(
+    settings: Settings, engine: Engine, consumer: Consumer
+) -> None:
+    """A command's data sent as the whole body (no envelope, or a binary-mode CloudEvent) is poison; `show`
+    prints the envelope attributes a CloudEvent has, and only the names of the other keys."""
+    bare_id = f"bare-{uuid.uuid4()}"
+    body = json.dumps({"case_id": "c-1", "patient": {"family_name": CANARY}, "type": "insurance.verify"})
+    publisher = Publisher(settings)
+    publisher.publish_raw(COMMANDS, "insurance.verify", body.encode(), bare_id)
+    publisher.close()
+
+    wait_for("the dead letter", lambda: cli_json(settings, "list", QUEUE))
+    done = cli(settings, "show", QUEUE, bare_id)
+    assert done.returncode == 0, done.stderr
+    assert CANARY not in done.stdout
+    shown = json.loads(done.stdout)
+    assert shown["envelope"] == {"type": "insurance.verify", "other keys": ["case_id", "patient"]}

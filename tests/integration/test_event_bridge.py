@@ -15,12 +15,14 @@ import pika
 import pytest
 from temporalio import workflow
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from contracts.envelope import CloudEvent
 from services.common.amqp import EVENTS, Publisher, dead_letter_queue, ensure_topology
 from services.common.config import Settings
 from tests.infra import purge_queues, queue_depth
+from workflows import bridge as bridge_module
 from workflows.bridge import QUEUE, EventBridge
 
 TASK_QUEUE = "bridge-test"
@@ -57,6 +59,7 @@ class ObservedBridge(EventBridge):
         self.most_in_flight_for_one_case = 0
         self.fail_once: set[str] = set()
         self.failures: list[str] = []
+        self.unavailable_for: dict[str, int] = {}  # event id -> signal attempts Temporal is away for
 
     async def signal(self, event: CloudEvent) -> bool:
         self.in_flight += 1
@@ -70,6 +73,10 @@ class ObservedBridge(EventBridge):
                 self.fail_once.discard(event.id)
                 self.failures.append(event.id)
                 raise ConnectionError("Temporal frontend unavailable")
+            if self.unavailable_for.get(event.id):
+                self.unavailable_for[event.id] -= 1
+                self.failures.append(event.id)
+                raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
             return await super().signal(event)
         finally:
             self.in_flight -= 1
@@ -185,3 +192,113 @@ async def test_poison_is_dead_lettered_and_an_unknown_case_does_not_block(
     while queue_depth(settings.amqp_url, QUEUE) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert queue_depth(settings.amqp_url, QUEUE) == 0  # the unknown case's event was acked, not left to block
+
+
+async def test_an_event_whose_data_the_case_cannot_read_is_dead_lettered_not_signalled(
+    bridge: tuple[ObservedBridge, Client], settings: Settings
+) -> None:
+    """The case workflow reads a known event's data with its contract model: data that does not match it
+    would fail the workflow's task on every attempt and hold the case, so the bridge dead-letters it."""
+    _, client = bridge
+    (case_id,) = await start_cases(client, 1)
+    unreadable = event(case_id, 0).model_copy(
+        update={"type": "review.submitted", "data": {"case_id": case_id}}
+    )
+    other_case = event(case_id, 1).model_copy(
+        update={
+            "type": "review.accepted",
+            "data": {"case_id": "another", "review_id": "r", "reviewer_id": "s"},
+        }
+    )
+    publisher = Publisher(settings)
+    publisher.publish(EVENTS, unreadable)
+    publisher.publish(EVENTS, other_case)
+    publisher.publish(EVENTS, event(case_id, 2))
+    publisher.close()
+
+    assert await received(client, case_id, 1) == [f"{case_id}-002"]
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    reasons: dict[str, str] = {}
+    try:
+        channel = conn.channel()
+        deadline = time.monotonic() + 10
+        while len(reasons) < 2 and time.monotonic() < deadline:
+            method, props, _ = channel.basic_get(dead_letter_queue(QUEUE), auto_ack=True)
+            if method is None:
+                await asyncio.sleep(0.2)
+            else:
+                reasons[props.message_id] = props.headers["x-poison-reason"]
+    finally:
+        conn.close()
+    assert reasons == {
+        f"{case_id}-000": "review.submitted data does not match its schema (bad fields: review_id, reviewer_id,"
+        " agreement)",
+        f"{case_id}-001": f"review.accepted is about case {case_id} but its data names another case",
+    }
+
+
+BRIDGE_CHECK = "the event is 2.861 MiB; a Temporal signal holds at most 2 MiB (its blob size limit)"
+TEMPORAL_CHECK = "Temporal refused the signal as invalid: Blob data size exceeds limit."
+
+
+@pytest.mark.parametrize(
+    ("checked_up_to", "reason"),
+    [
+        pytest.param(bridge_module.SIGNAL_LIMIT_BYTES, BRIDGE_CHECK, id="bridge-check"),
+        pytest.param(10**7, TEMPORAL_CHECK, id="temporal-check"),  # one the bridge's size check let through
+    ],
+)
+async def test_an_event_too_large_for_a_signal_is_dead_lettered_at_once_saying_so(
+    bridge: tuple[ObservedBridge, Client],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    checked_up_to: int,
+    reason: str,
+) -> None:
+    """Temporal refuses a signal over its blob size limit on every attempt: the event is dead-lettered on its
+    first delivery saying so, not redelivered up to the delivery limit as if Temporal were away."""
+    monkeypatch.setattr(bridge_module, "SIGNAL_LIMIT_BYTES", checked_up_to)
+    _, client = bridge
+    (case_id,) = await start_cases(client, 1)
+    too_large = event(case_id, 0).model_copy(update={"data": {"note": "A" * 3_000_000}})
+    publisher = Publisher(settings)
+    publisher.publish(EVENTS, too_large)
+    publisher.publish(EVENTS, event(case_id, 1))
+    publisher.close()
+
+    assert await received(client, case_id, 1) == [f"{case_id}-001"]
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = conn.channel()
+        deadline = time.monotonic() + 10
+        method = None
+        while method is None and time.monotonic() < deadline:
+            method, props, _ = channel.basic_get(dead_letter_queue(QUEUE), auto_ack=True)
+            if method is None:
+                await asyncio.sleep(0.2)
+    finally:
+        conn.close()
+    assert method is not None, "the event did not reach workflows.bridge.dlq"
+    assert props.message_id == f"{case_id}-000"
+    assert "x-death" not in props.headers  # not redelivered up to the delivery limit first
+    assert props.headers["x-poison-reason"] == reason
+
+
+async def test_an_event_waits_out_temporal_being_away_instead_of_being_dead_lettered(
+    bridge: tuple[ObservedBridge, Client], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Temporal frontend that is away (a restart, an upgrade) is not the event's fault: the signal is retried
+    with backoff in place, not redelivered until the delivery limit dead-letters the event."""
+    monkeypatch.setattr(EventBridge, "unavailable_first_pause", 0.05)  # 0.05 s doubling: the test takes 2 s
+    observed, client = bridge
+    (case_id,) = await start_cases(client, 1)
+    away = settings.amqp_delivery_limit + 2  # more attempts than the deliveries the broker allows
+    observed.unavailable_for[f"{case_id}-000"] = away
+    publisher = Publisher(settings)
+    publisher.publish(EVENTS, event(case_id, 0))
+    publisher.publish(EVENTS, event(case_id, 1))
+    publisher.close()
+
+    assert await received(client, case_id, 2) == [f"{case_id}-000", f"{case_id}-001"]
+    assert observed.failures.count(f"{case_id}-000") == away
+    assert queue_depth(settings.amqp_url, dead_letter_queue(QUEUE)) == 0

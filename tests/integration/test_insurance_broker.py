@@ -188,3 +188,27 @@ def test_case_cancelled_on_the_broker_withdraws_the_case(
             break
         time.sleep(0.05)
     assert row is not None and row.cancelled_at is not None
+
+
+@pytest.mark.usefixtures("service")
+def test_a_value_the_database_cannot_hold_is_dead_lettered_at_once_with_its_reason(
+    engine: Engine, channel: BlockingChannel, publisher: Publisher
+) -> None:
+    """A case id longer than the column: the database refuses it on every delivery, so it is not retried up
+    to the delivery limit but dead-lettered on the first, saying so (and never quoting the value)."""
+    case_id = "c" * 120
+    cmd = VerifyInsurance(case_id=case_id, coverage=Coverage(self_pay=True), patient_state="NY")
+    command = new_event(
+        id=f"too-long-{uuid.uuid4().hex[:8]}", source="/workflows/case", data=cmd, subject=case_id
+    )
+    publisher.publish(COMMANDS, command)
+
+    [(props, _)] = receive(channel, "insurance.dlq", command.id)
+    assert "x-death" not in props.headers  # not retried up to the delivery limit
+    reason = props.headers["x-poison-reason"]
+    assert reason == (
+        "the database refused a value of insurance.verify (StringDataRightTruncation, SQLSTATE 22001);"
+        " no redelivery can store it"
+    )
+    with Session(engine) as session:
+        assert session.get(Inbox, command.id) is None
