@@ -141,6 +141,21 @@ def _review_documents_communication(submitted: ReviewSubmitted) -> bool:
     return submitted.communicated if submitted.communicated is not None else submitted.critical
 
 
+def _require_decision(update: str, decision: object, model: type[Decision]) -> None:
+    """Refuse an update whose input is null, before it is accepted. A null payload reaches the validator as None,
+    not as `model` (the SDK decodes it without the model); accepted, its handler would fail the workflow task on
+    every retry. And refuse a decision nobody signs: the audit names who decided."""
+    if not isinstance(decision, model):
+        fields = ", ".join(model.model_fields)
+        raise ValueError(
+            f"update {update} needs its input as one JSON object ({fields}), not null; nothing was changed"
+        )
+    if not decision.by.strip():
+        raise ValueError(
+            f"update {update}: `by` is blank; give the id of the staff member, partner or specialist who decided"
+        )
+
+
 @workflow.defn(name="CaseWorkflow")
 class CaseWorkflow:
     def __init__(self) -> None:
@@ -676,6 +691,7 @@ class CaseWorkflow:
 
     @cancel.validator
     def _validate_cancel(self, request: CancelCase) -> None:
+        _require_decision("cancel", request, CancelCase)
         self._require_open("cancel")
         if self._status in (CaseStatus.DELIVERING, CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
             raise ValueError(
@@ -690,6 +706,7 @@ class CaseWorkflow:
 
     @decide_cost.validator
     def _validate_decide_cost(self, decision: CostDecision) -> None:
+        _require_decision("decide_cost", decision, CostDecision)
         self._require_open("decide on the cost")
         if self._status != CaseStatus.AWAITING_PATIENT_DECISION:
             raise ValueError(f"no cost decision is pending (status {self._status.value})")
@@ -702,6 +719,7 @@ class CaseWorkflow:
 
     @reconcile_identity.validator
     def _validate_reconcile_identity(self, decision: IdentityDecision) -> None:
+        _require_decision("reconcile_identity", decision, IdentityDecision)
         self._require_open("reconcile an identity")
         pending = self._pending_mismatch()
         if pending is None or pending.import_id != decision.import_id:
@@ -715,6 +733,7 @@ class CaseWorkflow:
 
     @reassign_reviewer.validator
     def _validate_reassign(self, request: ReassignReviewer) -> None:
+        _require_decision("reassign_reviewer", request, ReassignReviewer)
         self._require_open("reassign")
         allowed = (CaseStatus.AWAITING_ACCEPTANCE, CaseStatus.IN_REVIEW, CaseStatus.UNMATCHED)
         if self._status not in allowed:
@@ -739,6 +758,7 @@ class CaseWorkflow:
 
     @document_communication.validator
     def _validate_document_communication(self, documented: DocumentCommunication) -> None:
+        _require_decision("document_communication", documented, DocumentCommunication)
         self._require_open("document a communication")
         if self._communication is not None:
             raise ValueError(
@@ -772,6 +792,7 @@ class CaseWorkflow:
 
     @hold.validator
     def _validate_hold(self, request: HoldCase) -> None:
+        _require_decision("hold", request, HoldCase)
         self._require_open("put on hold")
         if self._hold is not None:
             raise ValueError("the case is already on hold")
@@ -787,6 +808,7 @@ class CaseWorkflow:
 
     @resume.validator
     def _validate_resume(self, request: ResumeCase) -> None:
+        _require_decision("resume", request, ResumeCase)
         if self._hold is None:
             raise ValueError("the case is not on hold")
 
@@ -798,6 +820,7 @@ class CaseWorkflow:
 
     @ask_question.validator
     def _validate_question(self, question: FollowUpQuestion) -> None:
+        _require_decision("ask_question", question, FollowUpQuestion)
         if self._status not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
             raise ValueError(
                 f"questions are taken after the report is delivered (status {self._status.value})"
@@ -815,6 +838,7 @@ class CaseWorkflow:
 
     @close.validator
     def _validate_close(self, request: CloseCase) -> None:
+        _require_decision("close", request, CloseCase)
         if self._status not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
             raise ValueError(f"a case closes after its report is delivered (status {self._status.value})")
 

@@ -517,6 +517,56 @@ async def test_every_decision_in_the_wrong_state_is_rejected_before_it_is_writte
     services.close()
 
 
+async def workflow_task_failures(handle: WorkflowHandle) -> int:
+    """How often a workflow task of the case failed: each is retried with the same history, so a case with one
+    that keeps failing is stuck."""
+    history = await handle.fetch_history()
+    return sum(event.HasField("workflow_task_failed_event_attributes") for event in history.events)
+
+
+async def test_an_update_sent_with_null_is_refused_and_the_case_goes_on(
+    client: Client, settings: Settings
+) -> None:
+    """A null input (a script's None, the CLI's `--input-meta encoding=binary/null`) reaches a validator as None,
+    not as a model: a validator that did not look at it accepted the update, and its handler failed the workflow
+    task on every retry."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    await wait_status(handle, CaseStatus.AWAITING_RECORDS)
+    updates = [
+        "cancel",
+        "decide_cost",
+        "reconcile_identity",
+        "reassign_reviewer",
+        "document_communication",
+        "hold",
+        "resume",
+        "ask_question",
+        "close",
+    ]
+    for update in updates:
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await asyncio.wait_for(handle.execute_update(update, None), timeout=10)
+        assert f"update {update} needs its input" in str(refused.value.cause), refused.value.cause
+        assert "not null" in str(refused.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as nobody:
+        await handle.execute_update(CaseWorkflow.hold, HoldCase(by="  ", reason="call back"))
+    assert "`by` is blank" in str(nobody.value.cause)
+    assert await workflow_task_failures(handle) == 0
+    assert await handle.query(CaseWorkflow.decisions) == []
+
+    await decide(
+        handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="call back")
+    )  # still steered as before
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
+    services.insurance_verified(patient_cost="0")
+    services.records_assembled()
+    await services.expect("review.match")
+    await handle.terminate("test done")
+    services.close()
+
+
 async def test_cancellation_mid_review_withdraws_work_everywhere(client: Client, settings: Settings) -> None:
     handle, services = await start(client, settings)
     await to_review(handle, services)
