@@ -1,7 +1,7 @@
 """The case workflow `case-{case_id}`: one second opinion from request to delivered report.
 
 Signals: ``on_event(CloudEvent)`` (a service's event, from the event bridge; a seen event id is dropped),
-``consent_received(ConsentReceived)``.
+``consent_received(ConsentReceived)``; one whose input does not fit, or of another name, is noted on the timeline.
 Updates (validated: a decision that makes no sense in the current state is rejected before it is written):
 ``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``document_communication``,
 ``hold``, ``resume``, ``ask_question``, ``close``.
@@ -17,10 +17,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RawValue, RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ValidationError
 
     from contracts.commands import (
         CloseReview,
@@ -139,6 +139,14 @@ def _review_documents_communication(submitted: ReviewSubmitted) -> bool:
     """Whether the specialist documented who was told. A review service from before it said so: a critical result
     could not be submitted without one, a major discrepancy could."""
     return submitted.communicated if submitted.communicated is not None else submitted.critical
+
+
+def _problems(invalid: ValidationError) -> str:
+    """What an input got wrong, field by field, without the values it carried."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'input'}: {error['msg']}"
+        for error in invalid.errors(include_url=False, include_context=False, include_input=False)
+    )
 
 
 def _require_decision(update: str, decision: object, model: type[Decision]) -> None:
@@ -668,8 +676,14 @@ class CaseWorkflow:
 
     # ---- signals, updates, queries ---------------------------------------------------------------
 
+    # Signals are written to the history before the workflow sees them, and nothing validates them first: each
+    # takes its input undecoded and checks it here. A typed parameter would have the SDK drop an input that does
+    # not fit without a trace, and a signal without input (or with two) would fail the workflow task for ever.
     @workflow.signal
-    def on_event(self, event: CloudEvent) -> None:
+    def on_event(self, *received: Any) -> None:
+        event = self._signal_input("on_event", CloudEvent, received)
+        if event is None:
+            return
         if event.id in self._seen:
             return
         self._seen.add(event.id)
@@ -678,10 +692,16 @@ class CaseWorkflow:
             self._show_details()
 
     @workflow.signal
-    def consent_received(self, consent: ConsentReceived) -> None:
-        if not self._consent:
+    def consent_received(self, *received: Any) -> None:
+        consent = self._signal_input("consent_received", ConsentReceived, received)
+        if consent is not None and not self._consent:
             self._consent = True
             self._audit("consent_received", consent, f"document {consent.document_id}")
+
+    @workflow.signal(dynamic=True)
+    def unknown_signal(self, name: str, received: Sequence[RawValue]) -> None:
+        """A mistyped signal name would otherwise wait unseen in the SDK's buffer, with the CLI reporting success."""
+        self._note(f"signal {name} ignored: this case takes the signals on_event, consent_received")
 
     @workflow.update
     def cancel(self, request: CancelCase) -> str:
@@ -878,6 +898,22 @@ class CaseWorkflow:
         )
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _signal_input(self, signal: str, model: type[E], received: tuple[Any, ...]) -> E | None:
+        """The one input of `signal` as `model`, or None once the timeline says why nothing was applied (by field
+        and rule, never the values typed: they may be PHI)."""
+        if len(received) == 1 and received[0] is not None:
+            try:
+                return model.model_validate(received[0])
+            except ValidationError as invalid:
+                problem = _problems(invalid)
+        elif received:
+            problem = "its input was null" if len(received) == 1 else f"it carried {len(received)} inputs"
+        else:
+            problem = "it carried no input"
+        fields = ", ".join(model.model_fields)
+        self._note(f"signal {signal} ignored: {problem}; send it again with one JSON object ({fields})")
+        return None
 
     def _policy_max_questions(self) -> int:
         return self._case.policy.max_follow_up_questions if self._case else 3

@@ -68,6 +68,7 @@ from contracts.models import DirectCommunication
 from services.common.amqp import COMMANDS, EVENTS, Publisher, ensure_topology
 from services.common.config import Settings
 from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID
+from tests.conftest import temporal_binary
 from workflows.bridge import EventBridge
 from workflows.case import CaseWorkflow
 from workflows.worker import build_worker, workflow_runner
@@ -636,6 +637,87 @@ async def test_consent_identity_mismatch_hold_and_resume(client: Client, setting
     names = [d.name for d in await handle.query(CaseWorkflow.decisions)]
     assert names == ["consent_received", "reconcile_identity", "hold", "resume"]
     await keep_history(handle, "consent_identity_hold_resume")
+    await handle.terminate("test done")
+    services.close()
+
+
+async def temporal_cli(client: Client, *args: str) -> str:
+    """Run the `temporal` CLI against the test server as operations staff would, typing JSON by hand."""
+    process = await asyncio.create_subprocess_exec(
+        temporal_binary(),
+        "--address",
+        client.service_client.config.target_host,
+        "--namespace",
+        client.namespace,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, output
+    return output.decode()
+
+
+async def test_a_signal_that_does_not_fit_is_noted_and_the_case_goes_on(
+    client: Client, settings: Settings
+) -> None:
+    """Signals are written before the workflow sees them. One without input failed the workflow task on every
+    retry (the case stuck); one with a wrong shape or a mistyped name vanished without a trace."""
+    handle, services = await start(client, settings, consent_on_file=False)
+    await wait_status(handle, CaseStatus.AWAITING_CONSENT)
+    await temporal_cli(client, "workflow", "signal", "-w", handle.id, "--name", "consent_received")
+    await temporal_cli(
+        client,
+        "workflow",
+        "signal",
+        "-w",
+        handle.id,
+        "--name",
+        "consent_received",
+        "--input",
+        '{"by": "ops-1", "documentId": "doc-1"}',
+    )
+    await handle.signal("consent_received", None)
+    await handle.signal("consent_received", args=[{"by": "ops-1"}, {"document_id": "doc-1"}])
+    await handle.signal("on_event")
+    await handle.signal("on_event", {"id": "e1", "type": "records.assembled"})
+    await handle.signal("consent-received", {"by": "ops-1", "document_id": "doc-1"})
+    for _ in range(100):
+        notes = [t.detail for t in await handle.query(CaseWorkflow.timeline) if t.kind == "note"]
+        if len(notes) == 7:
+            break
+        await asyncio.sleep(0.1)
+    assert notes == [
+        "signal consent_received ignored: it carried no input; send it again with one JSON object "
+        "(by, reason, document_id)",
+        "signal consent_received ignored: document_id: Field required; documentId: Extra inputs are not "
+        "permitted; send it again with one JSON object (by, reason, document_id)",
+        "signal consent_received ignored: its input was null; send it again with one JSON object "
+        "(by, reason, document_id)",
+        "signal consent_received ignored: it carried 2 inputs; send it again with one JSON object "
+        "(by, reason, document_id)",
+        "signal on_event ignored: it carried no input; send it again with one JSON object "
+        "(specversion, id, source, type, subject, time, datacontenttype, data)",
+        "signal on_event ignored: source: Field required; subject: Field required; time: Field required; send it "
+        "again with one JSON object (specversion, id, source, type, subject, time, datacontenttype, data)",
+        "signal consent-received ignored: this case takes the signals on_event, consent_received",
+    ]
+    assert await workflow_task_failures(handle) == 0
+    assert await handle.query(CaseWorkflow.status) == CaseStatus.AWAITING_CONSENT
+
+    await temporal_cli(
+        client,
+        "workflow",
+        "signal",
+        "-w",
+        handle.id,
+        "--name",
+        "consent_received",
+        "--input",
+        '{"by": "ops-1", "document_id": "doc-1"}',
+    )
+    await services.expect("records.collect")
+    assert [d.name for d in await handle.query(CaseWorkflow.decisions)] == ["consent_received"]
     await handle.terminate("test done")
     services.close()
 
