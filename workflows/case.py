@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from contracts.envelope import CloudEvent
     from contracts.events import (
+        EVENT_TYPES,
         CaseAlert,
         CaseCancelled,
         CaseStatusChanged,
@@ -686,6 +687,17 @@ class CaseWorkflow:
             return
         if event.id in self._seen:
             return
+        model = EVENT_TYPES.get(event.type)
+        if model is not None:
+            # Read later in the process: data that does not fit its type would fail the workflow task for ever.
+            try:
+                model.model_validate(event.data)
+            except ValidationError as invalid:
+                self._note(
+                    f"event {event.type} {event.id} ignored: {_problems(invalid)}; nothing was applied, "
+                    "the same id may be sent again"
+                )
+                return
         self._seen.add(event.id)
         self._received.append(event)
         if event.type == RecordsIncomplete.TYPE and self._case is not None:

@@ -55,6 +55,7 @@ from contracts.decisions import (
     ReassignReviewer,
     ResumeCase,
 )
+from contracts.envelope import CloudEvent
 from contracts.events import (
     IdentityMismatch,
     QuestionAnswered,
@@ -718,6 +719,65 @@ async def test_a_signal_that_does_not_fit_is_noted_and_the_case_goes_on(
     )
     await services.expect("records.collect")
     assert [d.name for d in await handle.query(CaseWorkflow.decisions)] == ["consent_received"]
+    await handle.terminate("test done")
+    services.close()
+
+
+async def test_an_event_whose_data_does_not_fit_its_type_is_noted_and_the_case_goes_on(
+    client: Client, settings: Settings
+) -> None:
+    """The envelope fits, its data does not (typed by hand, or a service's bug through the bridge): the case took
+    the event in, and reading it failed the workflow task on every retry."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    await wait_status(handle, CaseStatus.AWAITING_RECORDS)
+
+    def event(event_id: str, type_: str, data: dict[str, Any]) -> CloudEvent:
+        return CloudEvent(
+            id=event_id,
+            source="/ops",
+            type=type_,
+            subject=services.case_id,
+            time=datetime.now(UTC),
+            data=data,
+        )
+
+    await handle.signal(
+        CaseWorkflow.on_event,
+        event("ops-1", "records.assembled", {"case_id": services.case_id, "file_count": "3"}),
+    )
+    services.publisher.publish(EVENTS, event("svc-1", "records.incomplete", {"case_id": services.case_id}))
+    for _ in range(100):
+        notes = [t.detail for t in await handle.query(CaseWorkflow.timeline) if t.kind == "note"]
+        if len(notes) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert notes == [
+        "event records.assembled ops-1 ignored: report: Field required; study: Field required; nothing was "
+        "applied, the same id may be sent again",
+        "event records.incomplete svc-1 ignored: missing: Field required; nothing was applied, the same id may be "
+        "sent again",
+    ]
+    assert await workflow_task_failures(handle) == 0
+    assert await handle.query(CaseWorkflow.received) == []
+
+    services.insurance_verified(patient_cost="0")
+    services.send(
+        RecordsAssembled(
+            case_id=services.case_id,
+            report=OriginalReport(content_type="text/plain", sha256="ab" * 32, text="complex cyst"),
+            study=StudySummary(
+                study_instance_uid="1.2.3",
+                modality="US",
+                instance_count=2,
+                multiframe_count=1,
+                series_count=1,
+            ),
+            file_count=3,
+        ),
+        event_id="ops-1",  # corrected, under the same id
+    )
+    await services.expect("review.match")
     await handle.terminate("test done")
     services.close()
 
