@@ -100,6 +100,9 @@ OWN_ADDENDA = "deliver-own-addenda"  # workflow.patched id: a specialist's own a
 # workflow.patched id: a critical result or major discrepancy submitted without a documented communication waits
 # for operations to document one before the report is composed (cases from before compose it at once).
 COMMUNICATION_FIRST = "communication-before-report"
+CANCEL_ENDS_HOLD = (
+    "cancel-ends-hold"  # workflow.patched id: a case cancelled on hold ends cancelled, not on_hold
+)
 # The documenter's clock may run a few minutes ahead of the workflow's: a communication that far ahead is accepted.
 CLOCK_SKEW = timedelta(minutes=5)
 # While a report waits for the communication to be documented, operations is reminded this often (not on hold).
@@ -643,6 +646,10 @@ class CaseWorkflow:
             case_id=case.case_id, reason=self._cancel.reason, cancelled_by=self._cancel.by
         )
         await self._publish(CaseCancelled.TYPE, cancelled)
+        if self._hold is not None and workflow.patched(CANCEL_ENDS_HOLD):
+            # Cancelling overrides operations' own hold; cases from before ended with status on_hold.
+            self._hold = None
+            self._status_before_hold = None
         await self._transition(CaseStatus.CANCELLED, f"cancelled by {self._cancel.by}: {self._cancel.reason}")
         return CaseOutcome(
             case_id=case.case_id, status=self._status, reviewer_id=self._reviewer, report_id=None
@@ -841,6 +848,7 @@ class CaseWorkflow:
     @resume.validator
     def _validate_resume(self, request: ResumeCase) -> None:
         _require_decision("resume", request, ResumeCase)
+        self._require_open("resume")
         if self._hold is None:
             raise ValueError("the case is not on hold")
 
@@ -931,7 +939,11 @@ class CaseWorkflow:
         return self._case.policy.max_follow_up_questions if self._case else 3
 
     def _require_open(self, what: str) -> None:
-        if self._cancel is not None or self._status in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
+        if self._cancel is not None:
+            raise ValueError(
+                f"cannot {what}: the case is being cancelled (by {self._cancel.by}); nothing was changed"
+            )
+        if self._status in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
             raise ValueError(f"cannot {what}: the case is {self._status.value}")
 
     def _audit(self, name: str, decision: Decision, detail: str = "") -> None:

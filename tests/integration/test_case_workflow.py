@@ -585,6 +585,24 @@ async def test_cancellation_mid_review_withdraws_work_everywhere(client: Client,
     services.close()
 
 
+async def test_a_case_cancelled_while_on_hold_ends_cancelled(client: Client, settings: Settings) -> None:
+    """Cancelling is operations' decision over their own hold: the case ended with status `on_hold`, in the
+    outcome and in the CaseStatus the Temporal UI lists it by."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="waiting for a call back"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await decide(handle, CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew"))
+    assert (await services.expect("case.cancelled"))["data"]["cancelled_by"] == "ops-1"
+    outcome = await asyncio.wait_for(handle.result(), timeout=20)
+    await keep_history(handle, "cancelled_on_hold")
+    services.close()
+    assert outcome.status == CaseStatus.CANCELLED
+    assert (await handle.describe()).typed_search_attributes.get(CASE_STATUS) == "cancelled"
+    statuses = [t.status for t in await handle.query(CaseWorkflow.timeline) if t.kind == "transition"]
+    assert statuses[-2:] == [CaseStatus.ON_HOLD, CaseStatus.CANCELLED]
+
+
 async def test_declining_the_cost_cancels_the_case(client: Client, settings: Settings) -> None:
     handle, services = await start(client, settings)
     await services.expect("records.collect")
