@@ -732,10 +732,8 @@ class CaseWorkflow:
     def _validate_cancel(self, request: CancelCase) -> None:
         _require_decision("cancel", request, CancelCase)
         self._require_open("cancel")
-        if self._status in (CaseStatus.DELIVERING, CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
-            raise ValueError(
-                f"the report is already {self._status.value}; a delivered case cannot be cancelled"
-            )
+        if self._standing() in (CaseStatus.DELIVERING, CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+            raise ValueError(f"the report is already {self._where()}; a delivered case cannot be cancelled")
 
     @workflow.update
     def decide_cost(self, decision: CostDecision) -> str:
@@ -747,8 +745,8 @@ class CaseWorkflow:
     def _validate_decide_cost(self, decision: CostDecision) -> None:
         _require_decision("decide_cost", decision, CostDecision)
         self._require_open("decide on the cost")
-        if self._status != CaseStatus.AWAITING_PATIENT_DECISION:
-            raise ValueError(f"no cost decision is pending (status {self._status.value})")
+        if self._standing() != CaseStatus.AWAITING_PATIENT_DECISION or self._cost is not None:
+            raise ValueError(f"no cost decision is pending (status {self._where()})")
 
     @workflow.update
     def reconcile_identity(self, decision: IdentityDecision) -> str:
@@ -775,9 +773,9 @@ class CaseWorkflow:
         _require_decision("reassign_reviewer", request, ReassignReviewer)
         self._require_open("reassign")
         allowed = (CaseStatus.AWAITING_ACCEPTANCE, CaseStatus.IN_REVIEW, CaseStatus.UNMATCHED)
-        if self._status not in allowed:
+        if self._standing() not in allowed:
             raise ValueError(
-                f"a reviewer can be reassigned only while {', '.join(allowed)} (now {self._status.value})"
+                f"a reviewer can be reassigned only while {', '.join(allowed)} (now {self._where()})"
             )
         if self._reassign is not None:
             raise ValueError("a reassignment is already under way")
@@ -861,10 +859,8 @@ class CaseWorkflow:
     @ask_question.validator
     def _validate_question(self, question: FollowUpQuestion) -> None:
         _require_decision("ask_question", question, FollowUpQuestion)
-        if self._status not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
-            raise ValueError(
-                f"questions are taken after the report is delivered (status {self._status.value})"
-            )
+        if self._standing() not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+            raise ValueError(f"questions are taken after the report is delivered (status {self._where()})")
         if len(self._questions) >= self._policy_max_questions():
             raise ValueError(f"at most {self._policy_max_questions()} follow-up questions per case")
         if any(q.question_id == question.question_id for q in self._questions):
@@ -879,8 +875,8 @@ class CaseWorkflow:
     @close.validator
     def _validate_close(self, request: CloseCase) -> None:
         _require_decision("close", request, CloseCase)
-        if self._status not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
-            raise ValueError(f"a case closes after its report is delivered (status {self._status.value})")
+        if self._standing() not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+            raise ValueError(f"a case closes after its report is delivered (status {self._where()})")
 
     @workflow.query
     def status(self) -> CaseStatus:
@@ -937,6 +933,14 @@ class CaseWorkflow:
 
     def _policy_max_questions(self) -> int:
         return self._case.policy.max_follow_up_questions if self._case else 3
+
+    def _standing(self) -> CaseStatus:
+        """Where the process stands: under a hold, the status it resumes in. A decision due there is taken while
+        on hold (what it sends waits for the resume); one that is not is refused as it would be unheld."""
+        return self._status_before_hold if self._hold and self._status_before_hold else self._status
+
+    def _where(self) -> str:
+        return f"{self._standing().value} (on hold)" if self._hold else self._status.value
 
     def _require_open(self, what: str) -> None:
         if self._cancel is not None:

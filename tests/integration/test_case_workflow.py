@@ -603,6 +603,45 @@ async def test_a_case_cancelled_while_on_hold_ends_cancelled(client: Client, set
     assert statuses[-2:] == [CaseStatus.ON_HOLD, CaseStatus.CANCELLED]
 
 
+async def test_a_held_case_is_steered_by_where_it_stands(client: Client, settings: Settings) -> None:
+    """Validators judged a held case by `on_hold`: a delivered case could be cancelled by holding it first, and a
+    decision due where it stands was refused with a false reason ("no cost decision is pending"). Decided
+    while on hold, nothing goes out until it is resumed."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    services.insurance_verified()
+    services.records_assembled()
+    await wait_status(handle, CaseStatus.AWAITING_PATIENT_DECISION)
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="billing question"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await decide(
+        handle, CaseWorkflow.decide_cost, CostDecision(choice=CostChoice.ACCEPT, by="patient-portal")
+    )
+    with pytest.raises(AssertionError, match="no review.match"):
+        await services.expect("review.match", timeout=1.5)  # nothing goes out while on hold
+    await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
+    await services.expect("review.match")
+    await handle.terminate("test done")
+    services.close()
+
+    handle, services = await start(client, settings)
+    await to_follow_up(handle, services)
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="checking the recipient"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    with pytest.raises(WorkflowUpdateFailedError) as delivered:
+        await handle.execute_update(CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew"))
+    assert "the report is already follow_up (on hold); a delivered case cannot be cancelled" in str(
+        delivered.value.cause
+    )
+    await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    assert await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2")) == "resumed in closed"
+    assert (await asyncio.wait_for(handle.result(), timeout=20)).status == CaseStatus.CLOSED
+    await services.expect("review.close")
+    await services.expect("case.status_changed", status="closed")  # announced by the resume
+    assert "case.cancelled" not in services.types()
+    services.close()
+
+
 async def test_declining_the_cost_cancels_the_case(client: Client, settings: Settings) -> None:
     handle, services = await start(client, settings)
     await services.expect("records.collect")
