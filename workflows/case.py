@@ -779,6 +779,17 @@ class CaseWorkflow:
             )
         if self._reassign is not None:
             raise ValueError("a reassignment is already under way")
+        if self._offer is not None and self._find(0, ReviewSubmitted.TYPE, self._offer.review_id) is not None:
+            # In review until the process takes the submission in: a reassignment then would never be done.
+            raise ValueError(
+                f"the review by {self._offer.reviewer_id} was already submitted; a submitted review is not "
+                "reassigned (ask the specialist a follow-up question once the report is delivered)"
+            )
+        if self._offer is not None and request.reviewer_id == self._offer.reviewer_id:
+            raise ValueError(
+                f"{request.reviewer_id} already holds this case; name another reviewer, or leave reviewer_id out "
+                "for the next best match"
+            )
 
     @workflow.update
     def document_communication(self, documented: DocumentCommunication) -> str:

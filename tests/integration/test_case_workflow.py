@@ -899,6 +899,56 @@ async def test_reassignment_withdraws_the_reviewer_and_matches_the_named_one(
     services.close()
 
 
+async def test_a_reassignment_that_arrives_with_the_submitted_review_is_refused(
+    temporal_env, settings: Settings, client: Client
+) -> None:  # type: ignore[no-untyped-def]
+    """The review was submitted, the case not yet past in_review: the reassignment was accepted ("the current
+    reviewer will be withdrawn"), audited, and never done. The case's worker is stopped so that both reach it
+    in one workflow task, as they can under load."""
+    env_client: Client = temporal_env.client
+    case_id = str(uuid.uuid4())
+    services = Services(settings, case_id)
+    on_queue = settings.model_copy(update={"temporal_task_queue": f"reassign-{uuid.uuid4().hex[:6]}"})
+    with ThreadPoolExecutor(4) as executor:
+        async with build_worker(env_client, on_queue, executor):
+            handle = await env_client.start_workflow(
+                CaseWorkflow.run,
+                case_input(case_id),
+                id=f"case-{case_id}",
+                task_queue=on_queue.temporal_task_queue,
+            )
+            review_id = await to_review(handle, services, reviewer="spec-x")
+            with pytest.raises(WorkflowUpdateFailedError) as holder:
+                await handle.execute_update(
+                    CaseWorkflow.reassign_reviewer,
+                    ReassignReviewer(by="ops-3", reason="conflict of interest", reviewer_id="spec-x"),
+                )
+            assert "spec-x already holds this case" in str(holder.value.cause)
+    submitted = ReviewSubmitted(
+        case_id=case_id, review_id=review_id, reviewer_id="spec-x", agreement="concordant"
+    )
+    await handle.signal(
+        CaseWorkflow.on_event, new_event(id="sub-x", source="/test", subject=case_id, data=submitted)
+    )
+    reassigning = asyncio.create_task(
+        handle.execute_update(
+            CaseWorkflow.reassign_reviewer, ReassignReviewer(by="ops-3", reason="conflict of interest")
+        )
+    )
+    await asyncio.sleep(0.5)
+    with ThreadPoolExecutor(4) as executor:
+        async with build_worker(env_client, on_queue, executor):
+            with pytest.raises(WorkflowUpdateFailedError) as refused:
+                await asyncio.wait_for(reassigning, timeout=20)
+            assert "the review by spec-x was already submitted" in str(refused.value.cause)
+            compose = await services.expect("report.compose")
+            assert compose["data"]["review_id"] == review_id
+            assert "review.withdraw" not in services.types()
+            assert "reassign_reviewer" not in [d.name for d in await handle.query(CaseWorkflow.decisions)]
+            await handle.terminate("test done")
+    services.close()
+
+
 async def test_a_critical_result_alerts_operations_before_the_report_is_composed(
     client: Client, settings: Settings
 ) -> None:
