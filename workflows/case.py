@@ -109,6 +109,13 @@ CLOCK_SKEW = timedelta(minutes=5)
 # A constant, not a CasePolicy field: a worker from before would refuse a case input carrying a new field.
 COMMUNICATION_REMINDER = timedelta(hours=1)
 
+# A decision's texts that may not be left blank where its model requires them, and what to put there.
+REQUIRED_TEXTS = {
+    "by": "give the id of the staff member, partner or specialist who decided",
+    "reason": "say why, in a few words; it goes on the case's audit",
+    "text": "write out the question for the specialist",
+}
+
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
     CaseStatus.AWAITING_RECORDS: "the original report and ultrasound images from the referring facility",
@@ -156,16 +163,17 @@ def _problems(invalid: ValidationError) -> str:
 def _require_decision(update: str, decision: object, model: type[Decision]) -> None:
     """Refuse an update whose input is null, before it is accepted. A null payload reaches the validator as None,
     not as `model` (the SDK decodes it without the model); accepted, its handler would fail the workflow task on
-    every retry. And refuse a decision nobody signs: the audit names who decided."""
+    every retry. And refuse a required text of only spaces (the length rules count them): the audit names who
+    decided and why, the partner is told why a case was cancelled, the specialist gets the question."""
     if not isinstance(decision, model):
         fields = ", ".join(model.model_fields)
         raise ValueError(
             f"update {update} needs its input as one JSON object ({fields}), not null; nothing was changed"
         )
-    if not decision.by.strip():
-        raise ValueError(
-            f"update {update}: `by` is blank; give the id of the staff member, partner or specialist who decided"
-        )
+    for name, what in REQUIRED_TEXTS.items():
+        field = model.model_fields.get(name)
+        if field is not None and field.is_required() and not getattr(decision, name).strip():
+            raise ValueError(f"update {update}: `{name}` is blank; {what}")
 
 
 @workflow.defn(name="CaseWorkflow")

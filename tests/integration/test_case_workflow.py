@@ -554,6 +554,13 @@ async def test_an_update_sent_with_null_is_refused_and_the_case_goes_on(
     with pytest.raises(WorkflowUpdateFailedError) as nobody:
         await handle.execute_update(CaseWorkflow.hold, HoldCase(by="  ", reason="call back"))
     assert "`by` is blank" in str(nobody.value.cause)
+    # A reason is required where the model asks for one (at least 3 characters): spaces are not one.
+    with pytest.raises(WorkflowUpdateFailedError) as no_reason:
+        await handle.execute_update(CaseWorkflow.cancel, CancelCase(by="ops-1", reason="    "))
+    assert "update cancel: `reason` is blank" in str(no_reason.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as no_reason:
+        await handle.execute_update(CaseWorkflow.hold, HoldCase(by="ops-1", reason=" \t "))
+    assert "update hold: `reason` is blank" in str(no_reason.value.cause)
     assert await workflow_task_failures(handle) == 0
     assert await handle.query(CaseWorkflow.decisions) == []
 
