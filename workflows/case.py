@@ -702,17 +702,10 @@ class CaseWorkflow:
             return
         if event.id in self._seen:
             return
-        model = EVENT_TYPES.get(event.type)
-        if model is not None:
-            # Read later in the process: data that does not fit its type would fail the workflow task for ever.
-            try:
-                model.model_validate(event.data)
-            except ValidationError as invalid:
-                self._note(
-                    f"event {event.type} {event.id} ignored: {_problems(invalid)}; nothing was applied, "
-                    "the same id may be sent again"
-                )
-                return
+        problem = self._event_problem(event)
+        if problem is not None:
+            self._note(f"event {event.type} {event.id} ignored: {problem}; nothing was applied")
+            return
         self._seen.add(event.id)
         self._received.append(event)
         if event.type == RecordsIncomplete.TYPE and self._case is not None:
@@ -933,6 +926,23 @@ class CaseWorkflow:
         )
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _event_problem(self, event: CloudEvent) -> str | None:
+        """Why `event` cannot be applied to this case, or None. The bridge routes an event by its subject, one
+        sent by hand need not be this case's; data that does not fit its type would fail the workflow task where
+        the process reads it, on every retry. Left unseen, a corrected event may come under the same id."""
+        if self._case is not None and event.subject != self._case.case_id:
+            return f"it is about case {event.subject}, not this one"
+        model = EVENT_TYPES.get(event.type)
+        if model is None:
+            return None
+        try:
+            data = model.model_validate(event.data)
+        except ValidationError as invalid:
+            return f"{_problems(invalid)} (the same id may be sent again, corrected)"
+        if data.case_id != event.subject:
+            return f"its data is about case {data.case_id}, not this one"
+        return None
 
     def _signal_input(self, signal: str, model: type[E], received: tuple[Any, ...]) -> E | None:
         """The one input of `signal` as `model`, or None once the timeline says why nothing was applied (by field

@@ -817,10 +817,10 @@ async def test_an_event_whose_data_does_not_fit_its_type_is_noted_and_the_case_g
             break
         await asyncio.sleep(0.1)
     assert notes == [
-        "event records.assembled ops-1 ignored: report: Field required; study: Field required; nothing was "
-        "applied, the same id may be sent again",
-        "event records.incomplete svc-1 ignored: missing: Field required; nothing was applied, the same id may be "
-        "sent again",
+        "event records.assembled ops-1 ignored: report: Field required; study: Field required (the same id may "
+        "be sent again, corrected); nothing was applied",
+        "event records.incomplete svc-1 ignored: missing: Field required (the same id may be sent again, "
+        "corrected); nothing was applied",
     ]
     assert await workflow_task_failures(handle) == 0
     assert await handle.query(CaseWorkflow.received) == []
@@ -841,6 +841,45 @@ async def test_an_event_whose_data_does_not_fit_its_type_is_noted_and_the_case_g
         ),
         event_id="ops-1",  # corrected, under the same id
     )
+    await services.expect("review.match")
+    await handle.terminate("test done")
+    services.close()
+
+
+async def test_an_event_of_another_case_is_noted_and_not_applied(client: Client, settings: Settings) -> None:
+    """An event pasted into the wrong case (by hand: the bridge routes by subject) was applied to it: another
+    patient's records assembled for this one."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    other = str(uuid.uuid4())
+    assembled = RecordsAssembled(
+        case_id=other,
+        report=OriginalReport(content_type="text/plain", sha256="ab" * 32, text="complex cyst"),
+        study=StudySummary(
+            study_instance_uid="1.2.3", modality="US", instance_count=2, multiframe_count=1, series_count=1
+        ),
+        file_count=3,
+    )
+    await handle.signal(
+        CaseWorkflow.on_event, new_event(id="other-1", source="/ops", subject=other, data=assembled)
+    )
+    await handle.signal(
+        CaseWorkflow.on_event,
+        new_event(id="other-2", source="/ops", subject=services.case_id, data=assembled),
+    )
+    for _ in range(100):
+        notes = [t.detail for t in await handle.query(CaseWorkflow.timeline) if t.kind == "note"]
+        if len(notes) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert notes == [
+        f"event records.assembled other-1 ignored: it is about case {other}, not this one; nothing was applied",
+        f"event records.assembled other-2 ignored: its data is about case {other}, not this one; nothing was "
+        "applied",
+    ]
+    assert await handle.query(CaseWorkflow.received) == []
+    services.insurance_verified(patient_cost="0")
+    services.records_assembled()
     await services.expect("review.match")
     await handle.terminate("test done")
     services.close()
