@@ -871,7 +871,7 @@ class CaseWorkflow:
     @ask_question.validator
     def _validate_question(self, question: FollowUpQuestion) -> None:
         _require_decision("ask_question", question, FollowUpQuestion)
-        if self._standing() not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+        if self._delivered_at is None:  # from then on, also while an addendum is being delivered
             raise ValueError(f"questions are taken after the report is delivered (status {self._where()})")
         if len(self._questions) >= self._policy_max_questions():
             raise ValueError(f"at most {self._policy_max_questions()} follow-up questions per case")
@@ -887,8 +887,10 @@ class CaseWorkflow:
     @close.validator
     def _validate_close(self, request: CloseCase) -> None:
         _require_decision("close", request, CloseCase)
-        if self._standing() not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+        if self._delivered_at is None:
             raise ValueError(f"a case closes after its report is delivered (status {self._where()})")
+        if self._close is not None:
+            raise ValueError(f"the case is already closing (asked by {self._close.by})")
 
     @workflow.query
     def status(self) -> CaseStatus:

@@ -1222,6 +1222,34 @@ async def test_follow_up_question_goes_to_the_specialist_and_is_redelivered(
     services.close()
 
 
+async def test_a_case_closes_once_while_an_addendum_is_delivered(client: Client, settings: Settings) -> None:
+    """While an answer's addendum was being delivered, close was refused as "a case closes after its report is
+    delivered (status delivering)", though it was; and a second close was accepted and audited again."""
+    handle, services = await start(client, settings)
+    review_id = await to_follow_up(handle, services)
+    await decide(
+        handle, CaseWorkflow.ask_question, FollowUpQuestion(by="dr-a", question_id="q1", text="MRI?")
+    )
+    await services.expect("review.question")
+    services.send(
+        QuestionAnswered(case_id=services.case_id, question_id="q1", review_id=review_id, report_id="rp2")
+    )
+    await services.expect("report.deliver", report_id="rp2")
+    await wait_status(handle, CaseStatus.DELIVERING)
+    await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    with pytest.raises(WorkflowUpdateFailedError) as twice:
+        await handle.execute_update(CaseWorkflow.close, CloseCase(by="dr-b"))
+    assert "the case is already closing (asked by dr-a)" in str(twice.value.cause)
+    services.send(
+        ReportDelivered(
+            case_id=services.case_id, report_id="rp2", recipient="NPI", delivered_at=datetime.now(UTC)
+        )
+    )
+    assert (await asyncio.wait_for(handle.result(), timeout=20)).status == CaseStatus.CLOSED
+    assert [d.name for d in await handle.query(CaseWorkflow.decisions)].count("close") == 1
+    services.close()
+
+
 async def test_the_specialists_own_addendum_is_redelivered_before_the_case_closes(
     client: Client, settings: Settings
 ) -> None:
