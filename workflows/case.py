@@ -1,7 +1,7 @@
 """The case workflow `case-{case_id}`: one second opinion from request to delivered report.
 
 Signals: ``on_event(CloudEvent)`` (a service's event, from the event bridge; a seen event id is dropped),
-``consent_received(ConsentReceived)``.
+``consent_received(ConsentReceived)``; one whose input does not fit, or of another name, is noted on the timeline.
 Updates (validated: a decision that makes no sense in the current state is rejected before it is written):
 ``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``document_communication``,
 ``hold``, ``resume``, ``ask_question``, ``close``.
@@ -17,10 +17,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RawValue, RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ValidationError
 
     from contracts.commands import (
         CloseReview,
@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from contracts.envelope import CloudEvent
     from contracts.events import (
+        EVENT_TYPES,
         CaseAlert,
         CaseCancelled,
         CaseStatusChanged,
@@ -99,11 +100,21 @@ OWN_ADDENDA = "deliver-own-addenda"  # workflow.patched id: a specialist's own a
 # workflow.patched id: a critical result or major discrepancy submitted without a documented communication waits
 # for operations to document one before the report is composed (cases from before compose it at once).
 COMMUNICATION_FIRST = "communication-before-report"
+CANCEL_ENDS_HOLD = (
+    "cancel-ends-hold"  # workflow.patched id: a case cancelled on hold ends cancelled, not on_hold
+)
 # The documenter's clock may run a few minutes ahead of the workflow's: a communication that far ahead is accepted.
 CLOCK_SKEW = timedelta(minutes=5)
 # While a report waits for the communication to be documented, operations is reminded this often (not on hold).
 # A constant, not a CasePolicy field: a worker from before would refuse a case input carrying a new field.
 COMMUNICATION_REMINDER = timedelta(hours=1)
+
+# A decision's texts that may not be left blank where its model requires them, and what to put there.
+REQUIRED_TEXTS = {
+    "by": "give the id of the staff member, partner or specialist who decided",
+    "reason": "say why, in a few words; it goes on the case's audit",
+    "text": "write out the question for the specialist",
+}
 
 WAITING_STATES = {
     CaseStatus.AWAITING_CONSENT: "a records-release authorization (Consent or signed form) from the partner",
@@ -139,6 +150,30 @@ def _review_documents_communication(submitted: ReviewSubmitted) -> bool:
     """Whether the specialist documented who was told. A review service from before it said so: a critical result
     could not be submitted without one, a major discrepancy could."""
     return submitted.communicated if submitted.communicated is not None else submitted.critical
+
+
+def _problems(invalid: ValidationError) -> str:
+    """What an input got wrong, field by field, without the values it carried."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'input'}: {error['msg']}"
+        for error in invalid.errors(include_url=False, include_context=False, include_input=False)
+    )
+
+
+def _require_decision(update: str, decision: object, model: type[Decision]) -> None:
+    """Refuse an update whose input is null, before it is accepted. A null payload reaches the validator as None,
+    not as `model` (the SDK decodes it without the model); accepted, its handler would fail the workflow task on
+    every retry. And refuse a required text of only spaces (the length rules count them): the audit names who
+    decided and why, the partner is told why a case was cancelled, the specialist gets the question."""
+    if not isinstance(decision, model):
+        fields = ", ".join(model.model_fields)
+        raise ValueError(
+            f"update {update} needs its input as one JSON object ({fields}), not null; nothing was changed"
+        )
+    for name, what in REQUIRED_TEXTS.items():
+        field = model.model_fields.get(name)
+        if field is not None and field.is_required() and not getattr(decision, name).strip():
+            raise ValueError(f"update {update}: `{name}` is blank; {what}")
 
 
 @workflow.defn(name="CaseWorkflow")
@@ -619,6 +654,10 @@ class CaseWorkflow:
             case_id=case.case_id, reason=self._cancel.reason, cancelled_by=self._cancel.by
         )
         await self._publish(CaseCancelled.TYPE, cancelled)
+        if self._hold is not None and workflow.patched(CANCEL_ENDS_HOLD):
+            # Cancelling overrides operations' own hold; cases from before ended with status on_hold.
+            self._hold = None
+            self._status_before_hold = None
         await self._transition(CaseStatus.CANCELLED, f"cancelled by {self._cancel.by}: {self._cancel.reason}")
         return CaseOutcome(
             case_id=case.case_id, status=self._status, reviewer_id=self._reviewer, report_id=None
@@ -653,9 +692,19 @@ class CaseWorkflow:
 
     # ---- signals, updates, queries ---------------------------------------------------------------
 
+    # Signals are written to the history before the workflow sees them, and nothing validates them first: each
+    # takes its input undecoded and checks it here. A typed parameter would have the SDK drop an input that does
+    # not fit without a trace, and a signal without input (or with two) would fail the workflow task for ever.
     @workflow.signal
-    def on_event(self, event: CloudEvent) -> None:
+    def on_event(self, *received: Any) -> None:
+        event = self._signal_input("on_event", CloudEvent, received)
+        if event is None:
+            return
         if event.id in self._seen:
+            return
+        problem = self._event_problem(event)
+        if problem is not None:
+            self._note(f"event {event.type} {event.id} ignored: {problem}; nothing was applied")
             return
         self._seen.add(event.id)
         self._received.append(event)
@@ -663,10 +712,16 @@ class CaseWorkflow:
             self._show_details()
 
     @workflow.signal
-    def consent_received(self, consent: ConsentReceived) -> None:
-        if not self._consent:
+    def consent_received(self, *received: Any) -> None:
+        consent = self._signal_input("consent_received", ConsentReceived, received)
+        if consent is not None and not self._consent:
             self._consent = True
             self._audit("consent_received", consent, f"document {consent.document_id}")
+
+    @workflow.signal(dynamic=True)
+    def unknown_signal(self, name: str, received: Sequence[RawValue]) -> None:
+        """A mistyped signal name would otherwise wait unseen in the SDK's buffer, with the CLI reporting success."""
+        self._note(f"signal {name} ignored: this case takes the signals on_event, consent_received")
 
     @workflow.update
     def cancel(self, request: CancelCase) -> str:
@@ -676,11 +731,10 @@ class CaseWorkflow:
 
     @cancel.validator
     def _validate_cancel(self, request: CancelCase) -> None:
+        _require_decision("cancel", request, CancelCase)
         self._require_open("cancel")
-        if self._status in (CaseStatus.DELIVERING, CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
-            raise ValueError(
-                f"the report is already {self._status.value}; a delivered case cannot be cancelled"
-            )
+        if self._standing() in (CaseStatus.DELIVERING, CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
+            raise ValueError(f"the report is already {self._where()}; a delivered case cannot be cancelled")
 
     @workflow.update
     def decide_cost(self, decision: CostDecision) -> str:
@@ -690,9 +744,10 @@ class CaseWorkflow:
 
     @decide_cost.validator
     def _validate_decide_cost(self, decision: CostDecision) -> None:
+        _require_decision("decide_cost", decision, CostDecision)
         self._require_open("decide on the cost")
-        if self._status != CaseStatus.AWAITING_PATIENT_DECISION:
-            raise ValueError(f"no cost decision is pending (status {self._status.value})")
+        if self._standing() != CaseStatus.AWAITING_PATIENT_DECISION or self._cost is not None:
+            raise ValueError(f"no cost decision is pending (status {self._where()})")
 
     @workflow.update
     def reconcile_identity(self, decision: IdentityDecision) -> str:
@@ -702,6 +757,7 @@ class CaseWorkflow:
 
     @reconcile_identity.validator
     def _validate_reconcile_identity(self, decision: IdentityDecision) -> None:
+        _require_decision("reconcile_identity", decision, IdentityDecision)
         self._require_open("reconcile an identity")
         pending = self._pending_mismatch()
         if pending is None or pending.import_id != decision.import_id:
@@ -715,14 +771,26 @@ class CaseWorkflow:
 
     @reassign_reviewer.validator
     def _validate_reassign(self, request: ReassignReviewer) -> None:
+        _require_decision("reassign_reviewer", request, ReassignReviewer)
         self._require_open("reassign")
         allowed = (CaseStatus.AWAITING_ACCEPTANCE, CaseStatus.IN_REVIEW, CaseStatus.UNMATCHED)
-        if self._status not in allowed:
+        if self._standing() not in allowed:
             raise ValueError(
-                f"a reviewer can be reassigned only while {', '.join(allowed)} (now {self._status.value})"
+                f"a reviewer can be reassigned only while {', '.join(allowed)} (now {self._where()})"
             )
         if self._reassign is not None:
             raise ValueError("a reassignment is already under way")
+        if self._offer is not None and self._find(0, ReviewSubmitted.TYPE, self._offer.review_id) is not None:
+            # In review until the process takes the submission in: a reassignment then would never be done.
+            raise ValueError(
+                f"the review by {self._offer.reviewer_id} was already submitted; a submitted review is not "
+                "reassigned (ask the specialist a follow-up question once the report is delivered)"
+            )
+        if self._offer is not None and request.reviewer_id == self._offer.reviewer_id:
+            raise ValueError(
+                f"{request.reviewer_id} already holds this case; name another reviewer, or leave reviewer_id out "
+                "for the next best match"
+            )
 
     @workflow.update
     def document_communication(self, documented: DocumentCommunication) -> str:
@@ -739,6 +807,7 @@ class CaseWorkflow:
 
     @document_communication.validator
     def _validate_document_communication(self, documented: DocumentCommunication) -> None:
+        _require_decision("document_communication", documented, DocumentCommunication)
         self._require_open("document a communication")
         if self._communication is not None:
             raise ValueError(
@@ -772,6 +841,7 @@ class CaseWorkflow:
 
     @hold.validator
     def _validate_hold(self, request: HoldCase) -> None:
+        _require_decision("hold", request, HoldCase)
         self._require_open("put on hold")
         if self._hold is not None:
             raise ValueError("the case is already on hold")
@@ -787,6 +857,8 @@ class CaseWorkflow:
 
     @resume.validator
     def _validate_resume(self, request: ResumeCase) -> None:
+        _require_decision("resume", request, ResumeCase)
+        self._require_open("resume")
         if self._hold is None:
             raise ValueError("the case is not on hold")
 
@@ -798,10 +870,9 @@ class CaseWorkflow:
 
     @ask_question.validator
     def _validate_question(self, question: FollowUpQuestion) -> None:
-        if self._status not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
-            raise ValueError(
-                f"questions are taken after the report is delivered (status {self._status.value})"
-            )
+        _require_decision("ask_question", question, FollowUpQuestion)
+        if self._delivered_at is None:  # from then on, also while an addendum is being delivered
+            raise ValueError(f"questions are taken after the report is delivered (status {self._where()})")
         if len(self._questions) >= self._policy_max_questions():
             raise ValueError(f"at most {self._policy_max_questions()} follow-up questions per case")
         if any(q.question_id == question.question_id for q in self._questions):
@@ -815,8 +886,11 @@ class CaseWorkflow:
 
     @close.validator
     def _validate_close(self, request: CloseCase) -> None:
-        if self._status not in (CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
-            raise ValueError(f"a case closes after its report is delivered (status {self._status.value})")
+        _require_decision("close", request, CloseCase)
+        if self._delivered_at is None:
+            raise ValueError(f"a case closes after its report is delivered (status {self._where()})")
+        if self._close is not None:
+            raise ValueError(f"the case is already closing (asked by {self._close.by})")
 
     @workflow.query
     def status(self) -> CaseStatus:
@@ -855,11 +929,56 @@ class CaseWorkflow:
 
     # ---- helpers -------------------------------------------------------------------------------
 
+    def _event_problem(self, event: CloudEvent) -> str | None:
+        """Why `event` cannot be applied to this case, or None. The bridge routes an event by its subject, one
+        sent by hand need not be this case's; data that does not fit its type would fail the workflow task where
+        the process reads it, on every retry. Left unseen, a corrected event may come under the same id."""
+        if self._case is not None and event.subject != self._case.case_id:
+            return f"it is about case {event.subject}, not this one"
+        model = EVENT_TYPES.get(event.type)
+        if model is None:
+            return None
+        try:
+            data = model.model_validate(event.data)
+        except ValidationError as invalid:
+            return f"{_problems(invalid)} (the same id may be sent again, corrected)"
+        if data.case_id != event.subject:
+            return f"its data is about case {data.case_id}, not this one"
+        return None
+
+    def _signal_input(self, signal: str, model: type[E], received: tuple[Any, ...]) -> E | None:
+        """The one input of `signal` as `model`, or None once the timeline says why nothing was applied (by field
+        and rule, never the values typed: they may be PHI)."""
+        if len(received) == 1 and received[0] is not None:
+            try:
+                return model.model_validate(received[0])
+            except ValidationError as invalid:
+                problem = _problems(invalid)
+        elif received:
+            problem = "its input was null" if len(received) == 1 else f"it carried {len(received)} inputs"
+        else:
+            problem = "it carried no input"
+        fields = ", ".join(model.model_fields)
+        self._note(f"signal {signal} ignored: {problem}; send it again with one JSON object ({fields})")
+        return None
+
     def _policy_max_questions(self) -> int:
         return self._case.policy.max_follow_up_questions if self._case else 3
 
+    def _standing(self) -> CaseStatus:
+        """Where the process stands: under a hold, the status it resumes in. A decision due there is taken while
+        on hold (what it sends waits for the resume); one that is not is refused as it would be unheld."""
+        return self._status_before_hold if self._hold and self._status_before_hold else self._status
+
+    def _where(self) -> str:
+        return f"{self._standing().value} (on hold)" if self._hold else self._status.value
+
     def _require_open(self, what: str) -> None:
-        if self._cancel is not None or self._status in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
+        if self._cancel is not None:
+            raise ValueError(
+                f"cannot {what}: the case is being cancelled (by {self._cancel.by}); nothing was changed"
+            )
+        if self._status in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
             raise ValueError(f"cannot {what}: the case is {self._status.value}")
 
     def _audit(self, name: str, decision: Decision, detail: str = "") -> None:

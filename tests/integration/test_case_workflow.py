@@ -55,6 +55,7 @@ from contracts.decisions import (
     ReassignReviewer,
     ResumeCase,
 )
+from contracts.envelope import CloudEvent
 from contracts.events import (
     IdentityMismatch,
     QuestionAnswered,
@@ -68,6 +69,7 @@ from contracts.models import DirectCommunication
 from services.common.amqp import COMMANDS, EVENTS, Publisher, ensure_topology
 from services.common.config import Settings
 from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID
+from tests.conftest import temporal_binary
 from workflows.bridge import EventBridge
 from workflows.case import CaseWorkflow
 from workflows.worker import build_worker, workflow_runner
@@ -517,6 +519,63 @@ async def test_every_decision_in_the_wrong_state_is_rejected_before_it_is_writte
     services.close()
 
 
+async def workflow_task_failures(handle: WorkflowHandle) -> int:
+    """How often a workflow task of the case failed: each is retried with the same history, so a case with one
+    that keeps failing is stuck."""
+    history = await handle.fetch_history()
+    return sum(event.HasField("workflow_task_failed_event_attributes") for event in history.events)
+
+
+async def test_an_update_sent_with_null_is_refused_and_the_case_goes_on(
+    client: Client, settings: Settings
+) -> None:
+    """A null input (a script's None, the CLI's `--input-meta encoding=binary/null`) reaches a validator as None,
+    not as a model: a validator that did not look at it accepted the update, and its handler failed the workflow
+    task on every retry."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    await wait_status(handle, CaseStatus.AWAITING_RECORDS)
+    updates = [
+        "cancel",
+        "decide_cost",
+        "reconcile_identity",
+        "reassign_reviewer",
+        "document_communication",
+        "hold",
+        "resume",
+        "ask_question",
+        "close",
+    ]
+    for update in updates:
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await asyncio.wait_for(handle.execute_update(update, None), timeout=10)
+        assert f"update {update} needs its input" in str(refused.value.cause), refused.value.cause
+        assert "not null" in str(refused.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as nobody:
+        await handle.execute_update(CaseWorkflow.hold, HoldCase(by="  ", reason="call back"))
+    assert "`by` is blank" in str(nobody.value.cause)
+    # A reason is required where the model asks for one (at least 3 characters): spaces are not one.
+    with pytest.raises(WorkflowUpdateFailedError) as no_reason:
+        await handle.execute_update(CaseWorkflow.cancel, CancelCase(by="ops-1", reason="    "))
+    assert "update cancel: `reason` is blank" in str(no_reason.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as no_reason:
+        await handle.execute_update(CaseWorkflow.hold, HoldCase(by="ops-1", reason=" \t "))
+    assert "update hold: `reason` is blank" in str(no_reason.value.cause)
+    assert await workflow_task_failures(handle) == 0
+    assert await handle.query(CaseWorkflow.decisions) == []
+
+    await decide(
+        handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="call back")
+    )  # still steered as before
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
+    services.insurance_verified(patient_cost="0")
+    services.records_assembled()
+    await services.expect("review.match")
+    await handle.terminate("test done")
+    services.close()
+
+
 async def test_cancellation_mid_review_withdraws_work_everywhere(client: Client, settings: Settings) -> None:
     handle, services = await start(client, settings)
     await to_review(handle, services)
@@ -530,6 +589,63 @@ async def test_cancellation_mid_review_withdraws_work_everywhere(client: Client,
     await keep_history(handle, "cancelled_in_review")
     with pytest.raises(Exception):  # noqa: B017 - the workflow is closed: no decision reaches it
         await decide(handle, CaseWorkflow.hold, HoldCase(by="ops", reason="late"))
+    services.close()
+
+
+async def test_a_case_cancelled_while_on_hold_ends_cancelled(client: Client, settings: Settings) -> None:
+    """Cancelling is operations' decision over their own hold: the case ended with status `on_hold`, in the
+    outcome and in the CaseStatus the Temporal UI lists it by."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="waiting for a call back"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await decide(handle, CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew"))
+    assert (await services.expect("case.cancelled"))["data"]["cancelled_by"] == "ops-1"
+    outcome = await asyncio.wait_for(handle.result(), timeout=20)
+    await keep_history(handle, "cancelled_on_hold")
+    services.close()
+    assert outcome.status == CaseStatus.CANCELLED
+    assert (await handle.describe()).typed_search_attributes.get(CASE_STATUS) == "cancelled"
+    statuses = [t.status for t in await handle.query(CaseWorkflow.timeline) if t.kind == "transition"]
+    assert statuses[-2:] == [CaseStatus.ON_HOLD, CaseStatus.CANCELLED]
+
+
+async def test_a_held_case_is_steered_by_where_it_stands(client: Client, settings: Settings) -> None:
+    """Validators judged a held case by `on_hold`: a delivered case could be cancelled by holding it first, and a
+    decision due where it stands was refused with a false reason ("no cost decision is pending"). Decided
+    while on hold, nothing goes out until it is resumed."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    services.insurance_verified()
+    services.records_assembled()
+    await wait_status(handle, CaseStatus.AWAITING_PATIENT_DECISION)
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="billing question"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await decide(
+        handle, CaseWorkflow.decide_cost, CostDecision(choice=CostChoice.ACCEPT, by="patient-portal")
+    )
+    with pytest.raises(AssertionError, match="no review.match"):
+        await services.expect("review.match", timeout=1.5)  # nothing goes out while on hold
+    await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
+    await services.expect("review.match")
+    await handle.terminate("test done")
+    services.close()
+
+    handle, services = await start(client, settings)
+    await to_follow_up(handle, services)
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="checking the recipient"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    with pytest.raises(WorkflowUpdateFailedError) as delivered:
+        await handle.execute_update(CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew"))
+    assert "the report is already follow_up (on hold); a delivered case cannot be cancelled" in str(
+        delivered.value.cause
+    )
+    await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    assert await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2")) == "resumed in closed"
+    assert (await asyncio.wait_for(handle.result(), timeout=20)).status == CaseStatus.CLOSED
+    await services.expect("review.close")
+    await services.expect("case.status_changed", status="closed")  # announced by the resume
+    assert "case.cancelled" not in services.types()
     services.close()
 
 
@@ -586,6 +702,185 @@ async def test_consent_identity_mismatch_hold_and_resume(client: Client, setting
     names = [d.name for d in await handle.query(CaseWorkflow.decisions)]
     assert names == ["consent_received", "reconcile_identity", "hold", "resume"]
     await keep_history(handle, "consent_identity_hold_resume")
+    await handle.terminate("test done")
+    services.close()
+
+
+async def temporal_cli(client: Client, *args: str) -> str:
+    """Run the `temporal` CLI against the test server as operations staff would, typing JSON by hand."""
+    process = await asyncio.create_subprocess_exec(
+        temporal_binary(),
+        "--address",
+        client.service_client.config.target_host,
+        "--namespace",
+        client.namespace,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, output
+    return output.decode()
+
+
+async def test_a_signal_that_does_not_fit_is_noted_and_the_case_goes_on(
+    client: Client, settings: Settings
+) -> None:
+    """Signals are written before the workflow sees them. One without input failed the workflow task on every
+    retry (the case stuck); one with a wrong shape or a mistyped name vanished without a trace."""
+    handle, services = await start(client, settings, consent_on_file=False)
+    await wait_status(handle, CaseStatus.AWAITING_CONSENT)
+    await temporal_cli(client, "workflow", "signal", "-w", handle.id, "--name", "consent_received")
+    await temporal_cli(
+        client,
+        "workflow",
+        "signal",
+        "-w",
+        handle.id,
+        "--name",
+        "consent_received",
+        "--input",
+        '{"by": "ops-1", "documentId": "doc-1"}',
+    )
+    await handle.signal("consent_received", None)
+    await handle.signal("consent_received", args=[{"by": "ops-1"}, {"document_id": "doc-1"}])
+    await handle.signal("on_event")
+    await handle.signal("on_event", {"id": "e1", "type": "records.assembled"})
+    await handle.signal("consent-received", {"by": "ops-1", "document_id": "doc-1"})
+    for _ in range(100):
+        notes = [t.detail for t in await handle.query(CaseWorkflow.timeline) if t.kind == "note"]
+        if len(notes) == 7:
+            break
+        await asyncio.sleep(0.1)
+    assert notes == [
+        "signal consent_received ignored: it carried no input; send it again with one JSON object "
+        "(by, reason, document_id)",
+        "signal consent_received ignored: document_id: Field required; documentId: Extra inputs are not "
+        "permitted; send it again with one JSON object (by, reason, document_id)",
+        "signal consent_received ignored: its input was null; send it again with one JSON object "
+        "(by, reason, document_id)",
+        "signal consent_received ignored: it carried 2 inputs; send it again with one JSON object "
+        "(by, reason, document_id)",
+        "signal on_event ignored: it carried no input; send it again with one JSON object "
+        "(specversion, id, source, type, subject, time, datacontenttype, data)",
+        "signal on_event ignored: source: Field required; subject: Field required; time: Field required; send it "
+        "again with one JSON object (specversion, id, source, type, subject, time, datacontenttype, data)",
+        "signal consent-received ignored: this case takes the signals on_event, consent_received",
+    ]
+    assert await workflow_task_failures(handle) == 0
+    assert await handle.query(CaseWorkflow.status) == CaseStatus.AWAITING_CONSENT
+
+    await temporal_cli(
+        client,
+        "workflow",
+        "signal",
+        "-w",
+        handle.id,
+        "--name",
+        "consent_received",
+        "--input",
+        '{"by": "ops-1", "document_id": "doc-1"}',
+    )
+    await services.expect("records.collect")
+    assert [d.name for d in await handle.query(CaseWorkflow.decisions)] == ["consent_received"]
+    await handle.terminate("test done")
+    services.close()
+
+
+async def test_an_event_whose_data_does_not_fit_its_type_is_noted_and_the_case_goes_on(
+    client: Client, settings: Settings
+) -> None:
+    """The envelope fits, its data does not (typed by hand, or a service's bug through the bridge): the case took
+    the event in, and reading it failed the workflow task on every retry."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    await wait_status(handle, CaseStatus.AWAITING_RECORDS)
+
+    def event(event_id: str, type_: str, data: dict[str, Any]) -> CloudEvent:
+        return CloudEvent(
+            id=event_id,
+            source="/ops",
+            type=type_,
+            subject=services.case_id,
+            time=datetime.now(UTC),
+            data=data,
+        )
+
+    await handle.signal(
+        CaseWorkflow.on_event,
+        event("ops-1", "records.assembled", {"case_id": services.case_id, "file_count": "3"}),
+    )
+    services.publisher.publish(EVENTS, event("svc-1", "records.incomplete", {"case_id": services.case_id}))
+    for _ in range(100):
+        notes = [t.detail for t in await handle.query(CaseWorkflow.timeline) if t.kind == "note"]
+        if len(notes) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert notes == [
+        "event records.assembled ops-1 ignored: report: Field required; study: Field required (the same id may "
+        "be sent again, corrected); nothing was applied",
+        "event records.incomplete svc-1 ignored: missing: Field required (the same id may be sent again, "
+        "corrected); nothing was applied",
+    ]
+    assert await workflow_task_failures(handle) == 0
+    assert await handle.query(CaseWorkflow.received) == []
+
+    services.insurance_verified(patient_cost="0")
+    services.send(
+        RecordsAssembled(
+            case_id=services.case_id,
+            report=OriginalReport(content_type="text/plain", sha256="ab" * 32, text="complex cyst"),
+            study=StudySummary(
+                study_instance_uid="1.2.3",
+                modality="US",
+                instance_count=2,
+                multiframe_count=1,
+                series_count=1,
+            ),
+            file_count=3,
+        ),
+        event_id="ops-1",  # corrected, under the same id
+    )
+    await services.expect("review.match")
+    await handle.terminate("test done")
+    services.close()
+
+
+async def test_an_event_of_another_case_is_noted_and_not_applied(client: Client, settings: Settings) -> None:
+    """An event pasted into the wrong case (by hand: the bridge routes by subject) was applied to it: another
+    patient's records assembled for this one."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    other = str(uuid.uuid4())
+    assembled = RecordsAssembled(
+        case_id=other,
+        report=OriginalReport(content_type="text/plain", sha256="ab" * 32, text="complex cyst"),
+        study=StudySummary(
+            study_instance_uid="1.2.3", modality="US", instance_count=2, multiframe_count=1, series_count=1
+        ),
+        file_count=3,
+    )
+    await handle.signal(
+        CaseWorkflow.on_event, new_event(id="other-1", source="/ops", subject=other, data=assembled)
+    )
+    await handle.signal(
+        CaseWorkflow.on_event,
+        new_event(id="other-2", source="/ops", subject=services.case_id, data=assembled),
+    )
+    for _ in range(100):
+        notes = [t.detail for t in await handle.query(CaseWorkflow.timeline) if t.kind == "note"]
+        if len(notes) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert notes == [
+        f"event records.assembled other-1 ignored: it is about case {other}, not this one; nothing was applied",
+        f"event records.assembled other-2 ignored: its data is about case {other}, not this one; nothing was "
+        "applied",
+    ]
+    assert await handle.query(CaseWorkflow.received) == []
+    services.insurance_verified(patient_cost="0")
+    services.records_assembled()
+    await services.expect("review.match")
     await handle.terminate("test done")
     services.close()
 
@@ -647,6 +942,56 @@ async def test_reassignment_withdraws_the_reviewer_and_matches_the_named_one(
         "spec-x"
     ]
     await handle.terminate("test done")
+    services.close()
+
+
+async def test_a_reassignment_that_arrives_with_the_submitted_review_is_refused(
+    temporal_env, settings: Settings, client: Client
+) -> None:  # type: ignore[no-untyped-def]
+    """The review was submitted, the case not yet past in_review: the reassignment was accepted ("the current
+    reviewer will be withdrawn"), audited, and never done. The case's worker is stopped so that both reach it
+    in one workflow task, as they can under load."""
+    env_client: Client = temporal_env.client
+    case_id = str(uuid.uuid4())
+    services = Services(settings, case_id)
+    on_queue = settings.model_copy(update={"temporal_task_queue": f"reassign-{uuid.uuid4().hex[:6]}"})
+    with ThreadPoolExecutor(4) as executor:
+        async with build_worker(env_client, on_queue, executor):
+            handle = await env_client.start_workflow(
+                CaseWorkflow.run,
+                case_input(case_id),
+                id=f"case-{case_id}",
+                task_queue=on_queue.temporal_task_queue,
+            )
+            review_id = await to_review(handle, services, reviewer="spec-x")
+            with pytest.raises(WorkflowUpdateFailedError) as holder:
+                await handle.execute_update(
+                    CaseWorkflow.reassign_reviewer,
+                    ReassignReviewer(by="ops-3", reason="conflict of interest", reviewer_id="spec-x"),
+                )
+            assert "spec-x already holds this case" in str(holder.value.cause)
+    submitted = ReviewSubmitted(
+        case_id=case_id, review_id=review_id, reviewer_id="spec-x", agreement="concordant"
+    )
+    await handle.signal(
+        CaseWorkflow.on_event, new_event(id="sub-x", source="/test", subject=case_id, data=submitted)
+    )
+    reassigning = asyncio.create_task(
+        handle.execute_update(
+            CaseWorkflow.reassign_reviewer, ReassignReviewer(by="ops-3", reason="conflict of interest")
+        )
+    )
+    await asyncio.sleep(0.5)
+    with ThreadPoolExecutor(4) as executor:
+        async with build_worker(env_client, on_queue, executor):
+            with pytest.raises(WorkflowUpdateFailedError) as refused:
+                await asyncio.wait_for(reassigning, timeout=20)
+            assert "the review by spec-x was already submitted" in str(refused.value.cause)
+            compose = await services.expect("report.compose")
+            assert compose["data"]["review_id"] == review_id
+            assert "review.withdraw" not in services.types()
+            assert "reassign_reviewer" not in [d.name for d in await handle.query(CaseWorkflow.decisions)]
+            await handle.terminate("test done")
     services.close()
 
 
@@ -874,6 +1219,34 @@ async def test_follow_up_question_goes_to_the_specialist_and_is_redelivered(
     await services.expect("report.deliver", report_id="rp2")
     await keep_history(handle, "follow_up_question")
     await handle.terminate("test done")
+    services.close()
+
+
+async def test_a_case_closes_once_while_an_addendum_is_delivered(client: Client, settings: Settings) -> None:
+    """While an answer's addendum was being delivered, close was refused as "a case closes after its report is
+    delivered (status delivering)", though it was; and a second close was accepted and audited again."""
+    handle, services = await start(client, settings)
+    review_id = await to_follow_up(handle, services)
+    await decide(
+        handle, CaseWorkflow.ask_question, FollowUpQuestion(by="dr-a", question_id="q1", text="MRI?")
+    )
+    await services.expect("review.question")
+    services.send(
+        QuestionAnswered(case_id=services.case_id, question_id="q1", review_id=review_id, report_id="rp2")
+    )
+    await services.expect("report.deliver", report_id="rp2")
+    await wait_status(handle, CaseStatus.DELIVERING)
+    await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+    with pytest.raises(WorkflowUpdateFailedError) as twice:
+        await handle.execute_update(CaseWorkflow.close, CloseCase(by="dr-b"))
+    assert "the case is already closing (asked by dr-a)" in str(twice.value.cause)
+    services.send(
+        ReportDelivered(
+            case_id=services.case_id, report_id="rp2", recipient="NPI", delivered_at=datetime.now(UTC)
+        )
+    )
+    assert (await asyncio.wait_for(handle.result(), timeout=20)).status == CaseStatus.CLOSED
+    assert [d.name for d in await handle.query(CaseWorkflow.decisions)].count("close") == 1
     services.close()
 
 

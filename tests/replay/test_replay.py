@@ -49,6 +49,8 @@ def test_representative_histories_are_stored() -> None:
         "communication-first-hold_and_cancel_awaiting_communication",
         "untold_major_discrepancy_before_communication_first",
     } <= names
+    # A case cancelled while on hold, before "cancel-ends-hold" (it ended on_hold) and with it (cancelled).
+    assert {"cancelled_on_hold_before_cancel_ends_hold", "cancel-ends-hold-cancelled_on_hold"} <= names
 
 
 RUNNERS = {"sandboxed": SandboxedWorkflowRunner, "unsandboxed": UnsandboxedWorkflowRunner}
