@@ -303,8 +303,13 @@ class CaseWorkflow:
             next_reminder = reminders[self._reminders_sent] if self._reminders_sent < len(reminders) else None
             deadlines = [d for d in (next_reminder, None if escalated else escalation) if d is not None]
             timeout = min(deadlines) - elapsed if deadlines else None
+            reminding = next_reminder is not None and (escalated or next_reminder <= escalation)
             fired = await self._wait_or_timeout(
-                lambda: self._has(RecordsAssembled) or self._pending_mismatch() is not None, timeout
+                lambda: self._has(RecordsAssembled) or self._pending_mismatch() is not None,
+                timeout,
+                f"records reminder {self._reminders_sent + 1} to the facility"
+                if reminding
+                else "records escalation to operations",
             )
             if fired:
                 continue
@@ -387,7 +392,9 @@ class CaseWorkflow:
         every = timedelta(hours=self._case.policy.authorization_reminder_hours)
         reminders = 0
         while not await self._wait_or_timeout(
-            lambda: self._latest(InsuranceVerified).authorization != "auth-needed", every
+            lambda: self._latest(InsuranceVerified).authorization != "auth-needed",
+            every,
+            f"authorization reminder {reminders + 1}",
         ):
             reminders += 1
             await self._alert(
@@ -463,7 +470,9 @@ class CaseWorkflow:
             unmatched = ReviewUnmatched.model_validate(answer.data)
             await self._transition(CaseStatus.UNMATCHED, f"no specialist available: {unmatched.reason}")
             await self._wait_or_timeout(
-                lambda: self._reassign is not None, timedelta(hours=case.policy.rematch_after_hours)
+                lambda: self._reassign is not None,
+                timedelta(hours=case.policy.rematch_after_hours),
+                "match again (no specialist was available)",
             )
             raise Rematch("matching again after no specialist was available")
         if answer.type == ReviewAssigned.TYPE:  # a directory that assigns without an offer
@@ -525,7 +534,9 @@ class CaseWorkflow:
             )
             waiting_since, reminders = workflow.now(), 0
             while not await self._wait_or_timeout(
-                lambda: self._communication is not None, COMMUNICATION_REMINDER
+                lambda: self._communication is not None,
+                COMMUNICATION_REMINDER,
+                f"communication reminder {reminders + 1}",
             ):
                 if self._hold is not None:
                     continue  # on hold by operations' choice: no reminder until it is resumed
@@ -557,7 +568,9 @@ class CaseWorkflow:
                 or self._reassign is not None
             )
 
-        if not await self._wait_or_timeout(answered, expires - workflow.now()):
+        if not await self._wait_or_timeout(
+            answered, expires - workflow.now(), f"offer to {offer.reviewer_id} lapses"
+        ):
             await self._withdraw(case, offer, "expired")
             raise Rematch(f"offer to {offer.reviewer_id} lapsed at {expires:%Y-%m-%d %H:%M} UTC")
         declined = self._find(mark, ReviewDeclined.TYPE, offer.review_id)
@@ -638,6 +651,7 @@ class CaseWorkflow:
                     or (own_addenda and self._own_addendum(m) is not None)
                 ),
                 closes - workflow.now(),
+                "the follow-up window closes",
             )
             if not waiting:
                 return
@@ -675,6 +689,7 @@ class CaseWorkflow:
             if await self._wait_or_timeout(
                 lambda v=version: self._review_submitted or self._due_version != v,  # type: ignore[misc]
                 target - workflow.now(),
+                "breached alert (the due date)" if at_risk else "at_risk alert",
             ):
                 continue
             if not at_risk:
@@ -1037,12 +1052,13 @@ class CaseWorkflow:
         await workflow.wait_condition(lambda: self._has(event_type))
         return self._latest(event_type)
 
-    async def _wait_or_timeout(self, condition: Any, timeout: timedelta | None) -> bool:
-        """True when `condition` became true, False when `timeout` passed first."""
+    async def _wait_or_timeout(self, condition: Any, timeout: timedelta | None, summary: str) -> bool:
+        """True when `condition` became true, False when `timeout` passed first. `summary` names the timer in
+        the Temporal UI's history and timeline (what happens when it fires; no PHI)."""
         if timeout is not None and timeout <= timedelta(0):
             return bool(condition())
         try:
-            await workflow.wait_condition(condition, timeout=timeout)
+            await workflow.wait_condition(condition, timeout=timeout, timeout_summary=summary)
         except TimeoutError:
             return False
         return True
@@ -1061,6 +1077,7 @@ class CaseWorkflow:
         await self._publish(
             CaseAlert.TYPE,
             CaseAlert(case_id=self._case.case_id, kind=kind, detail=detail, at=now, due_at=self._due_at),
+            f"{CaseAlert.TYPE}: {kind}",
         )
 
     async def _send(self, command: Command) -> None:
@@ -1068,26 +1085,37 @@ class CaseWorkflow:
         await self._run_publish(
             CaseActivities.publish_command,
             PublishCommand(case_id=command.case_id, type=command.TYPE, data=command.model_dump(mode="json")),
+            command.TYPE,
         )
 
-    async def _publish(self, type_: str, event: BaseModel) -> None:
+    async def _publish(self, type_: str, event: BaseModel, summary: str | None = None) -> None:
         assert self._case is not None
         await self._run_publish(
             CaseActivities.publish_event,
             PublishEvent(case_id=self._case.case_id, type=type_, data=event.model_dump(mode="json")),
+            summary or type_,
         )
 
-    async def _run_publish(self, method: Any, argument: BaseModel) -> None:
+    async def _run_publish(self, method: Any, argument: BaseModel, summary: str) -> None:
         """Publishing is a local activity: one broker round trip recorded as a marker, instead of a task the
         server schedules, dispatches and records three times (with thousands of open cases the activity
-        backlog moved at ~5 tasks/s). Cases started before that change replay their regular activities."""
+        backlog moved at ~5 tasks/s). Cases started before that change replay their regular activities.
+        `summary` says what goes out, for the Temporal UI's history (message types and statuses; no PHI)."""
         if workflow.patched(LOCAL_PUBLISH):
             await workflow.execute_local_activity_method(
-                method, argument, start_to_close_timeout=PUBLISH_TIMEOUT, retry_policy=PUBLISH_RETRY
+                method,
+                argument,
+                start_to_close_timeout=PUBLISH_TIMEOUT,
+                retry_policy=PUBLISH_RETRY,
+                summary=summary,
             )
             return
         await workflow.execute_activity_method(
-            method, argument, start_to_close_timeout=PUBLISH_TIMEOUT, retry_policy=PUBLISH_RETRY
+            method,
+            argument,
+            start_to_close_timeout=PUBLISH_TIMEOUT,
+            retry_policy=PUBLISH_RETRY,
+            summary=summary,
         )
 
     async def _transition(self, status: CaseStatus, detail: str, then: Sequence[Command] = ()) -> int:
@@ -1114,10 +1142,12 @@ class CaseWorkflow:
             messages = [Outgoing(kind="event", type=changed.TYPE, data=changed.model_dump(mode="json"))]
             messages += [Outgoing(kind="command", type=c.TYPE, data=c.model_dump(mode="json")) for c in then]
             await self._run_publish(
-                CaseActivities.publish_batch, PublishBatch(case_id=self._case.case_id, messages=messages)
+                CaseActivities.publish_batch,
+                PublishBatch(case_id=self._case.case_id, messages=messages),
+                f"{changed.TYPE}: {status.value}, then {', '.join(c.TYPE for c in then)}",
             )
             return mark
-        await self._publish(CaseStatusChanged.TYPE, changed)
+        await self._publish(CaseStatusChanged.TYPE, changed, f"{CaseStatusChanged.TYPE}: {status.value}")
         return await self._send_all(then)
 
     async def _send_all(self, commands: Sequence[Command]) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pika
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
@@ -790,8 +791,9 @@ async def test_a_signal_that_does_not_fit_is_noted_and_the_case_goes_on(
 async def test_an_event_whose_data_does_not_fit_its_type_is_noted_and_the_case_goes_on(
     client: Client, settings: Settings
 ) -> None:
-    """The envelope fits, its data does not (typed by hand, or a service's bug through the bridge): the case took
-    the event in, and reading it failed the workflow task on every retry."""
+    """The envelope fits, its data does not (typed by hand into a signal; through the broker the bridge
+    dead-letters such an event before it reaches the case, test_event_bridge): the case took the event in, and
+    reading it failed the workflow task on every retry."""
     handle, services = await start(client, settings)
     await services.expect("records.collect")
     await wait_status(handle, CaseStatus.AWAITING_RECORDS)
@@ -810,7 +812,9 @@ async def test_an_event_whose_data_does_not_fit_its_type_is_noted_and_the_case_g
         CaseWorkflow.on_event,
         event("ops-1", "records.assembled", {"case_id": services.case_id, "file_count": "3"}),
     )
-    services.publisher.publish(EVENTS, event("svc-1", "records.incomplete", {"case_id": services.case_id}))
+    await handle.signal(
+        CaseWorkflow.on_event, event("svc-1", "records.incomplete", {"case_id": services.case_id})
+    )
     for _ in range(100):
         notes = [t.detail for t in await handle.query(CaseWorkflow.timeline) if t.kind == "note"]
         if len(notes) == 2:
@@ -1335,3 +1339,44 @@ async def test_history_holds_no_phi_in_clear_text(client: Client, settings: Sett
     assert "YmluYXJ5L2VuY3J5cHRlZA" in dump or "binary/encrypted" in dump
     await handle.terminate("test done")
     services.close()
+
+
+async def summaries(client: Client, handle: WorkflowHandle) -> list[tuple[str, str]]:
+    """The history's timers and local activities as the Temporal UI names them: (event kind, its summary)."""
+    kinds = {EventType.EVENT_TYPE_TIMER_STARTED: "timer", EventType.EVENT_TYPE_MARKER_RECORDED: "sent"}
+    named = []
+    for event in (await handle.fetch_history()).events:
+        if event.event_type in kinds and event.user_metadata.HasField("summary"):
+            [summary] = await client.data_converter.decode([event.user_metadata.summary])
+            named.append((kinds[event.event_type], summary))
+    return named
+
+
+async def test_the_history_names_each_timer_and_what_went_out_for_the_temporal_ui(
+    client: Client, settings: Settings
+) -> None:
+    """Operations read a case's history in the Temporal UI: each timer says what happens when it fires, each
+    publish what it sent — in words, without PHI, encrypted like every payload."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    await wait_status(handle, CaseStatus.AWAITING_RECORDS)
+    named = await summaries(client, handle)
+    assert ("sent", "case.status_changed: awaiting_records, then records.collect, insurance.verify") in named
+    assert ("timer", "records reminder 1 to the facility") in named
+    assert ("timer", "at_risk alert") in named
+    raw = (await handle.fetch_history()).to_json()
+    assert "records reminder" not in raw and "Canary" not in raw  # kept encrypted in the history
+
+    review_id = f"rev-{uuid.uuid4().hex[:6]}"
+    services.insurance_verified(patient_cost="0")
+    services.records_assembled()
+    await services.expect("review.match")
+    services.offered(review_id, "spec-gyn-1")
+    await wait_status(handle, CaseStatus.AWAITING_ACCEPTANCE)
+    for _ in range(50):
+        named = await summaries(client, handle)
+        if ("timer", "offer to spec-gyn-1 lapses") in named:
+            break
+        await asyncio.sleep(0.1)
+    assert ("timer", "offer to spec-gyn-1 lapses") in named
+    assert ("sent", "case.status_changed: awaiting_acceptance") in named
