@@ -7,6 +7,7 @@ Anything else is refused with a message naming the file's position in the upload
 from __future__ import annotations
 
 import io
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pydicom
 import pydicom.filereader
 import pydicom.uid
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pypdf import PdfReader
 
 from services.common.errors import RecordsRejected, human_size
@@ -39,6 +41,7 @@ TEXT_TYPE = "text/plain; charset=utf-8"
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 MAX_TEXT_REPORT_BYTES = 1024 * 1024
 REQUIRED_DICOM_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def read_dicom_header(path: Path) -> DicomHeader:
     try:
         if str(dataset.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
             raise _DicomDir()
-        uids = [str(dataset.get(keyword) or "").strip() for keyword in REQUIRED_DICOM_UIDS]
+        uids = [_single_value(dataset, keyword) for keyword in REQUIRED_DICOM_UIDS]
         modality = str(dataset.get("Modality") or "").strip().upper()
         frames = int(dataset.get("NumberOfFrames") or 1)
         identity = PatientIdentity(
@@ -249,12 +252,31 @@ def read_dicom_header(path: Path) -> DicomHeader:
     if not pixels_complete:
         raise _Unusable("is a truncated DICOM file (its pixel data ends early)")
     for keyword, uid in zip(REQUIRED_DICOM_UIDS, uids, strict=True):
-        if not uid or len(uid) > 64:
-            raise _Unusable(f"is DICOM without a valid {keyword}", Unusability.INCOMPLETE)
+        if not is_uid(uid):
+            raise _Unusable(
+                f"is DICOM without a valid {keyword} (a UID is digits and dots, at most 64 characters); "
+                "ask the facility for an export with valid UIDs",
+                Unusability.INCOMPLETE,
+            )
     if not modality or len(modality) > 16:
         raise _Unusable("is DICOM without a valid Modality", Unusability.INCOMPLETE)
     study, series, sop = uids
     return DicomHeader(study, series, sop, modality, max(frames, 1), identity, **extra)  # type: ignore[arg-type]
+
+
+def is_uid(text: str) -> bool:
+    """A UID as PS3.5 9.1 writes it: numeric components separated by dots, at most 64 characters. What the
+    WADO-RS paths take (digits and dots) and what our store names an instance by; components with leading
+    zeros, which older devices wrote, are let through."""
+    return len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
+def _single_value(dataset: pydicom.Dataset, keyword: str) -> str:
+    """An element's one value as text; "" for none or several (a backslash in a UID makes two values)."""
+    value = dataset.get(keyword)
+    if isinstance(value, MultiValue):
+        return ""
+    return str(value or "").strip()
 
 
 def header_or_none(path: Path) -> DicomHeader | None:
@@ -290,10 +312,7 @@ def meta_uids(source: Path | bytes) -> tuple[str, str]:
     except Exception:
         return "", ""
     return tuple(  # type: ignore[return-value]
-        text
-        if (text := str(uid or "").strip()) and len(text) <= 64 and set(text) <= set("0123456789.")
-        else ""
-        for uid in uids
+        text if is_uid(text := str(uid or "").strip()) else "" for uid in uids
     )
 
 
