@@ -322,13 +322,17 @@ def _pixel_data_complete(fp: io.BufferedReader, dataset: pydicom.Dataset, file_s
     header = fp.read(12)
     if len(header) < 8:
         return True  # no pixel data: an SR or a presentation state, not our business here
-    if dataset.file_meta.get("TransferSyntaxUID") == pydicom.uid.ImplicitVRLittleEndian:
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax == pydicom.uid.ImplicitVRLittleEndian:
         (length,) = struct.unpack("<I", header[4:8])
         start = offset + 8
     else:
         if len(header) < 12:
             return False
-        (length,) = struct.unpack("<I", header[8:12])
+        # The retired Explicit VR Big Endian writes lengths most significant byte first; read as little
+        # endian, a 4 KiB image's length said 1 MiB and the whole file was refused as truncated.
+        order = ">" if syntax == pydicom.uid.ExplicitVRBigEndian else "<"
+        (length,) = struct.unpack(f"{order}I", header[8:12])
         start = offset + 12
     if length == 0xFFFFFFFF:
         return True  # encapsulated (compressed) frames: their fragments carry their own lengths

@@ -289,6 +289,25 @@ def test_hostile_input_is_refused_with_nothing_written(
     assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
 
 
+def test_an_explicit_vr_big_endian_instance_is_imported_and_handed_out_whole(
+    client: TestClient, engine: Engine, case_id: str
+) -> None:
+    """The retired Explicit VR Big Endian (older carts and archives still hold it): its Pixel Data length,
+    read as little endian, made a complete file look truncated, and the upload was refused."""
+    dataset = pydicom.dcmread(io.BytesIO(us(study_uid())))
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    response = upload(client, case_id, ("a.dcm", buffer.getvalue(), "application/dicom"))
+    assert response.status_code == 201, response.text
+    [stored] = response.json()["files"]
+    served = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/files/{stored['sha256']}").content)
+    )
+    assert served.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRBigEndian
+    assert (served.PatientID, served.PixelData) == (f"SO-{case_id}", dataset.PixelData)
+
+
 def test_the_zip_body_route_says_what_it_takes(client: TestClient, engine: Engine, case_id: str) -> None:
     cd = zip_of([("IM1", us(study_uid()))])
     wrong_type = post_zip(client, case_id, cd, "multipart/form-data; boundary=x")
