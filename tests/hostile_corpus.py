@@ -121,6 +121,15 @@ def with_uid(keyword: str, value: bytes) -> bytes:
     return before + b"UI" + struct.pack("<H", len(padded)) + padded + after
 
 
+def pixel_data_short_of(rows: int, cols: int) -> bytes:
+    """An instance whose Rows and Columns declare more pixels than its (native) Pixel Data holds."""
+    ds = pydicom.dcmread(io.BytesIO(us()))
+    ds.Rows, ds.Columns = rows, cols
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def corpus() -> list[HostileCase]:
     image = us()
     bomb = zip_of([("IMAGES/IM1", b"\0" * (64 * 1024 * 1024))])
@@ -194,6 +203,11 @@ def corpus() -> list[HostileCase]:
             "a UID ending in a dot",
             [("a.dcm", with_uid("SOPInstanceUID", b"1.2.3."), "application/dicom")],
             "without a valid SOPInstanceUID (a UID is digits and dots",
+        ),
+        HostileCase(
+            "rows and columns beyond the pixel data",
+            [("a.dcm", pixel_data_short_of(128, 64), "application/dicom")],
+            "holds less pixel data than its Rows, Columns",
         ),
         HostileCase(
             "folder path escapes",

@@ -42,6 +42,7 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 MAX_TEXT_REPORT_BYTES = 1024 * 1024
 REQUIRED_DICOM_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+PIXEL_DATA_TAG, PIXEL_DATA_TAG_BIG_ENDIAN = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def read_dicom_header(path: Path) -> DicomHeader:
     try:
         with _LengthCheckedReader(path) as fp:
             dataset = pydicom.dcmread(fp, stop_before_pixels=True)
-            pixels_complete = _pixel_data_complete(fp, dataset, path.stat().st_size)
+            pixel_end, pixel_length = _pixel_data(fp, dataset)
     except InvalidDicomError:
         raise _Unusable("is not DICOM (no DICM prefix)") from None
     except _DeclaredTooLong:
@@ -249,8 +250,13 @@ def read_dicom_header(path: Path) -> DicomHeader:
         raise
     except Exception:
         raise _Unusable("is not a readable DICOM file (its header is corrupt)") from None
-    if not pixels_complete:
+    if pixel_end < 0 or pixel_end > path.stat().st_size:
         raise _Unusable("is a truncated DICOM file (its pixel data ends early)")
+    if pixel_length is not None and pixel_length < _native_pixel_bytes(dataset, max(frames, 1)):
+        raise _Unusable(
+            "holds less pixel data than its Rows, Columns, Number of Frames, Samples per Pixel and Bits "
+            "Allocated declare (its header does not describe its image); ask the facility for a new export"
+        )
     for keyword, uid in zip(REQUIRED_DICOM_UIDS, uids, strict=True):
         if not is_uid(uid):
             raise _Unusable(
@@ -316,27 +322,39 @@ def meta_uids(source: Path | bytes) -> tuple[str, str]:
     )
 
 
-def _pixel_data_complete(fp: io.BufferedReader, dataset: pydicom.Dataset, file_size: int) -> bool:
-    """Whether the (native) pixel data element the header stopped at holds the bytes it declares."""
+def _pixel_data(fp: io.BufferedReader, dataset: pydicom.Dataset) -> tuple[int, int | None]:
+    """Where the pixel data element the header stopped at ends, and the length of its value when it is
+    native Pixel Data; (0, None) for no pixel data (an SR, a presentation state) or encapsulated frames
+    (their fragments carry their own lengths), -1 for an element header cut short."""
     offset = fp.tell()
     header = fp.read(12)
     if len(header) < 8:
-        return True  # no pixel data: an SR or a presentation state, not our business here
+        return 0, None
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     if syntax == pydicom.uid.ImplicitVRLittleEndian:
         (length,) = struct.unpack("<I", header[4:8])
         start = offset + 8
     else:
         if len(header) < 12:
-            return False
+            return -1, None
         # The retired Explicit VR Big Endian writes lengths most significant byte first; read as little
         # endian, a 4 KiB image's length said 1 MiB and the whole file was refused as truncated.
         order = ">" if syntax == pydicom.uid.ExplicitVRBigEndian else "<"
         (length,) = struct.unpack(f"{order}I", header[8:12])
         start = offset + 12
     if length == 0xFFFFFFFF:
-        return True  # encapsulated (compressed) frames: their fragments carry their own lengths
-    return start + length <= file_size
+        return 0, None
+    pixel_data = header[:4] in (PIXEL_DATA_TAG, PIXEL_DATA_TAG_BIG_ENDIAN)
+    return start + length, length if pixel_data else None
+
+
+def _native_pixel_bytes(dataset: pydicom.Dataset, frames: int) -> int:
+    """The bytes native Pixel Data must hold for what the header declares; YBR_FULL_422 keeps two samples
+    per pixel, not three (PS3.3 C.7.6.3.1.2)."""
+    declared = _declared_pixel_bytes(dataset, frames)
+    if _text(dataset, "PhotometricInterpretation").upper() == "YBR_FULL_422":
+        return declared * 2 // 3
+    return declared
 
 
 def _view_label(dataset: pydicom.Dataset) -> str:
