@@ -2,6 +2,7 @@
 storescu) answers our C-FIND, C-GET, C-MOVE (to our C-STORE SCP) and DICOMweb QIDO/WADO."""
 
 import hashlib
+import io
 import socket
 import time
 import uuid
@@ -421,3 +422,99 @@ def test_a_pacs_administrator_can_echo_our_scp_and_a_study_with_a_key_object_is_
     retrieve(engine, settings, scp)
     records = client.get(f"/v1/records/{case_id}").json()
     assert records["retrievals"][0]["status"] == "done", records["retrievals"]
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+def test_an_unusable_instance_the_pacs_sends_is_refused_on_its_own_and_the_rest_kept(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    pacs: Orthanc,
+    scp: StoreSCP,
+    tmp_path: Path,
+    method: str,
+) -> None:
+    """PS3.4 B.2.3: each C-STORE sub-operation is answered for its own instance. One the import would refuse
+    (here Rows and Columns declaring more pixels than it holds) was answered Success and then failed the
+    whole retrieval, every usable instance with it; now it is refused as it arrives (C000 and an Error
+    Comment saying why), and where the PACS goes on (C-GET: it ends with B000, one failed) the rest of the
+    study is kept. Orthanc ends a C-MOVE at its first failed sub-operation: that retrieval fails, naming
+    the instance refused and why."""
+    study = f"{STUDY}.7{len(method)}"
+    good, short = tmp_path / "GOOD.dcm", tmp_path / "SHORT.dcm"
+    make_us_instance(good, study_uid=study, series_uid=study + ".1")
+    dataset = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+    dataset.Rows = 128
+    dataset.save_as(short, enforce_file_format=True)
+    pacs.store(good, short)
+    partner = f"clinic-unusable-{method}"
+    configure(
+        client,
+        partner,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        retrieve_method=method,
+    )
+    case_id = open_case(engine, settings, partner, study_instance_uid=study)
+
+    retrieve(engine, settings, scp)
+    records = client.get(f"/v1/records/{case_id}").json()
+    [retrieval] = records["retrievals"]
+    store = ObjectStore.for_settings(settings)
+    assert not [p for p in store.tmp_dir.iterdir() if p.name.startswith("dimse-")]
+    if method == "c-move":
+        assert (retrieval["status"], records["files"]) == ("failed", []), retrieval
+        assert "after we refused an instance: retrieved instance" in retrieval["last_error"]
+        assert "holds less pixel data than its Rows, Columns" in retrieval["last_error"]
+        return
+    assert (retrieval["status"], retrieval["attempts"]) == ("done", 1), retrieval
+    assert retrieval["last_error"].startswith(
+        "1 instance(s) the PACS sent were refused and not kept, 1 kept: "
+    )
+    assert "holds less pixel data than its Rows, Columns" in retrieval["last_error"]
+    [kept] = records["files"]
+    assert kept["sop_instance_uid"] == pydicom.dcmread(good).SOPInstanceUID
+
+
+def test_dcmtk_storescu_learns_why_our_scp_refused_an_instance(
+    settings: Settings, scp: StoreSCP, tmp_path: Path
+) -> None:
+    """What a PACS administrator sees (storescu -d): each refusal with a status and an Error Comment naming
+    the problem, not a bare 0x0124; an instance refused leaves nothing behind, one usable is kept."""
+    import subprocess
+
+    study = f"{STUDY}.88"
+    good, no_series, unsolicited = tmp_path / "GOOD.dcm", tmp_path / "NOSERIES.dcm", tmp_path / "OTHER.dcm"
+    make_us_instance(good, study_uid=study, series_uid=study + ".1")
+    dataset = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+    del dataset.SeriesInstanceUID
+    dataset.save_as(no_series, enforce_file_format=True)
+    make_us_instance(unsolicited, study_uid=study + ".9", series_uid=study + ".9.1")
+
+    def storescu(path: Path) -> str:
+        sent = subprocess.run(
+            ["storescu", "-d", "-aec", "SECONDOPINION", "127.0.0.1", str(scp.port), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return sent.stdout + sent.stderr
+
+    answered = storescu(unsolicited)
+    assert "0x0124" in answered and "[No retrieval by SECONDOPINION is waiting for this study]" in answered
+    with scp.expecting(study) as writer:
+        refused = storescu(no_series)
+        assert "0xa900" in refused and "[Instance is DICOM without a valid SeriesInstanceUID]" in refused
+        assert "DOE" not in refused  # no value from the instance in what is answered
+        assert "0x0000: Success" in storescu(good)
+        [kept] = writer.entries()
+    sent, received = pydicom.dcmread(good), pydicom.dcmread(kept.received.path)
+    assert (received.SOPInstanceUID, received.PixelData) == (sent.SOPInstanceUID, sent.PixelData)
+    assert writer.refused == [
+        "retrieved instance 1 is DICOM without a valid SeriesInstanceUID (a UID is digits and dots, at "
+        "most 64 characters); ask the facility for an export with valid UIDs"
+    ]
+    store = ObjectStore.for_settings(settings)
+    store.discard(kept.received)
+    assert not [p for p in store.tmp_dir.iterdir() if p.name.startswith("dimse-")]
