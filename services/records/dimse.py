@@ -30,6 +30,7 @@ from pydicom.uid import (
     MPEG2MPML,
     MPEG4HP41,
     MPEG4HP41BD,
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -38,7 +39,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, _config, build_role, dimse_messages, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, build_role, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     BasicTextSRStorage,
@@ -50,6 +51,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     GrayscaleSoftcopyPresentationStateStorage,
     KeyObjectSelectionDocumentStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
+    RawDataStorage,
     SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -72,6 +74,8 @@ from services.records.classify import (
 from services.records.store import HEAD_BYTES, FileTooLarge, ObjectStore, ReceivedFile
 
 OUR_AE = "SECONDOPINION"
+# The retired Ultrasound (Multi-frame) Image Storage classes, which older carts wrote and archives still hold.
+RETIRED_ULTRASOUND_CLASSES = (UID("1.2.840.10008.5.1.4.1.1.6"), UID("1.2.840.10008.5.1.4.1.1.3"))
 # Images as ultrasound carts and PACS keep them: mostly JPEG (cine too), some RLE, JPEG 2000 or MPEG video.
 IMAGE_CLASSES = (
     UltrasoundImageStorage,
@@ -80,9 +84,15 @@ IMAGE_CLASSES = (
     SecondaryCaptureImageStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
     VideoPhotographicImageStorage,
+    *RETIRED_ULTRASOUND_CLASSES,
 )
+# What C-GET proposes (it must name each class it receives, in at most 128 presentation contexts): the
+# images, and what else an ultrasound study holds, such as the cart vendor's Raw Data. A PACS fails the
+# sub-operation of an instance of a class not named, and the whole C-GET with it; our C-STORE SCP (C-MOVE)
+# takes every storage class.
 RETRIEVED_CLASSES = (
     *IMAGE_CLASSES,
+    RawDataStorage,
     KeyObjectSelectionDocumentStorage,
     GrayscaleSoftcopyPresentationStateStorage,
     EncapsulatedPDFStorage,
@@ -694,7 +704,10 @@ class StoreSCP:
         ae = AE(ae_title=OUR_AE)
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.add_supported_context(Verification)  # C-ECHO: how a PACS administrator tests a new destination
-        for sop_class in RETRIEVED_CLASSES:
+        # Every storage class: an instance of one we did not list (a modality's private or raw data) failed
+        # its sub-operation at the PACS, and Orthanc ends a C-MOVE at the first failed one.
+        storage = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        for sop_class in dict.fromkeys([*RETRIEVED_CLASSES, *storage]):
             ae.add_supported_context(sop_class, UNCOMPRESSED + COMPRESSED)
         self._server = ae.start_server(
             (self.host, self.port),

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
@@ -24,7 +25,7 @@ from services.common.db import Outbox, make_engine
 from services.common.http import create_app
 from services.records import api, consumer
 from services.records.dimse import StoreSCP
-from services.records.models import RecordRetrieval, RecordSource, RetrievalStatus
+from services.records.models import RecordFile, RecordRetrieval, RecordSource, RetrievalStatus
 from services.records.retrieval import RetrievalLoop, RetrievalSettings, run_due
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
@@ -518,3 +519,67 @@ def test_dcmtk_storescu_learns_why_our_scp_refused_an_instance(
     store = ObjectStore.for_settings(settings)
     store.discard(kept.received)
     assert not [p for p in store.tmp_dir.iterdir() if p.name.startswith("dimse-")]
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+def test_a_study_with_the_carts_raw_data_and_a_retired_class_image_is_retrieved_whole(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    pacs: Orthanc,
+    scp: StoreSCP,
+    tmp_path: Path,
+    method: str,
+) -> None:
+    """Ultrasound carts store vendor Raw Data (1.2.840.10008.5.1.4.1.1.66) beside the images, and older ones
+    the retired Ultrasound Image Storage class. Neither had a presentation context of ours, so the PACS
+    failed that sub-operation, and the retrieval with it (Orthanc: "C-GET ended with status 0xC000"), every
+    attempt, then reported the PACS as one that "could not be queried". Now both arrive and are imported."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    study = f"{STUDY}.6{len(method)}"
+    image, retired, raw = tmp_path / "IMAGE.dcm", tmp_path / "RETIRED.dcm", tmp_path / "RAW.dcm"
+    make_us_instance(image, study_uid=study, series_uid=study + ".1")
+    old = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".2")))
+    old.SOPClassUID = old.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6"
+    old.save_as(retired, enforce_file_format=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"  # Raw Data Storage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    data = FileDataset("raw", {}, file_meta=meta, preamble=b"\0" * 128)
+    data.SOPClassUID, data.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    data.StudyInstanceUID, data.SeriesInstanceUID, data.Modality = study, study + ".5", "US"
+    data.PatientName, data.PatientID, data.PatientBirthDate, data.PatientSex = (
+        "DOE^JANE",
+        "MRN1",
+        "19800101",
+        "F",
+    )
+    data.save_as(raw, enforce_file_format=True)
+    pacs.store(image, raw)
+    if method == "c-get":  # Orthanc's own C-MOVE proposes no retired class to the destination
+        # storescu proposes none either: loaded as an archive migration would load it.
+        loaded = httpx.post(f"{pacs.url}/instances", content=retired.read_bytes(), auth=pacs.auth, timeout=10)
+        loaded.raise_for_status()
+    partner = f"clinic-raw-{method}"
+    configure(
+        client,
+        partner,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        retrieve_method=method,
+    )
+    case_id = open_case(engine, settings, partner, study_instance_uid=study)
+
+    retrieve(engine, settings, scp)
+    records = client.get(f"/v1/records/{case_id}").json()
+    [retrieval] = records["retrievals"]
+    assert (retrieval["status"], retrieval["attempts"], retrieval["last_error"]) == ("done", 1, None)
+    with Session(engine) as session:
+        kept = session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).all()
+    expected = ["1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.66"]
+    if method == "c-get":
+        expected.insert(0, "1.2.840.10008.5.1.4.1.1.6")
+    assert sorted(str(f.sop_class_uid) for f in kept) == expected
