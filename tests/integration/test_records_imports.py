@@ -419,6 +419,37 @@ def test_adequacy_requires_cine_for_obstetrics_and_warns_otherwise(
     assert (adequacy["calibrated_instances"], adequacy["burned_in_annotation_instances"]) == (0, 1)
 
 
+def test_the_carts_raw_data_is_not_taken_for_an_ultrasound_image(
+    client: TestClient, engine: Engine, case_id: str
+) -> None:
+    """Raw Data Storage carries Modality US and no image: it was counted as the ultrasound image a case
+    needs (the records assembled with nothing to look at) and as an uncalibrated ultrasound instance."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    raw = FileDataset("raw", {}, file_meta=meta, preamble=b"\0" * 128)
+    raw.SOPClassUID, raw.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    study = study_uid()
+    raw.StudyInstanceUID, raw.SeriesInstanceUID, raw.Modality = study, study + ".9", "US"
+    raw.PatientName, raw.PatientID, raw.PatientBirthDate, raw.PatientSex = "DOE^JANE", "MRN1", "19800101", "F"
+    buffer = io.BytesIO()
+    raw.save_as(buffer, enforce_file_format=True)
+    response = upload(client, case_id, REPORT, ("raw.dcm", buffer.getvalue(), "application/dicom"))
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "requested"
+    assert client.get(f"/v1/records/{case_id}").json()["missing"] == [
+        "an ultrasound image (a DICOM instance with Modality US)"
+    ]
+    response = upload(client, case_id, ("a.dcm", us(study), "application/dicom"))
+    assert response.json()["status"] == "assembled"
+    [assembled] = events(engine, case_id, RecordsAssembled)
+    assert assembled.study.instance_count == 1
+    assert not [w for w in assembled.warnings if "calibrated region" in w]
+
+
 def test_a_reminder_is_recorded_and_says_what_is_missing(
     engine: Engine, settings: Settings, case_id: str
 ) -> None:
