@@ -130,6 +130,16 @@ def pixel_data_short_of(rows: int, cols: int) -> bytes:
     return buffer.getvalue()
 
 
+def huge_private_element(size: int) -> bytes:
+    """A valid instance with a private element of `size` bytes before its pixel data."""
+    ds = pydicom.dcmread(io.BytesIO(us()))
+    ds.add_new((0x0011, 0x0010), "LO", "HOSTILE")
+    ds.add_new((0x0011, 0x1001), "OB", b"\0" * size)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def corpus() -> list[HostileCase]:
     image = us()
     bomb = zip_of([("IMAGES/IM1", b"\0" * (64 * 1024 * 1024))])
@@ -208,6 +218,11 @@ def corpus() -> list[HostileCase]:
             "rows and columns beyond the pixel data",
             [("a.dcm", pixel_data_short_of(128, 64), "application/dicom")],
             "holds less pixel data than its Rows, Columns",
+        ),
+        HostileCase(
+            "a huge private element",
+            [("a.dcm", huge_private_element(2 * 1024 * 1024), "application/dicom")],
+            "before its pixel data (private elements or an encapsulated document), more than the 1 MiB one",
         ),
         HostileCase(
             "folder path escapes",

@@ -72,6 +72,7 @@ class DicomHeader:
     # What the instance says it shows (ViewCodeSequence, ImageComments, SeriesDescription).
     view_label: str = ""
     issuer_of_patient_id: str = ""
+    header_bytes: int = 0  # the file up to its pixel data (all of it without any)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def classify(
     max_pixel_bytes: int | None = None,
     label: str | None = None,
     read_header: HeaderReader | None = None,
+    max_header_bytes: int | None = None,
 ) -> ClassifiedFile:
     """Classify and validate one received file; raises RecordsRejected if it is neither report nor DICOM.
 
@@ -135,21 +137,32 @@ def classify(
     """
     try:
         classified = _classify(received, declared_type, read_header or read_dicom_header)
-        if (
-            classified.dicom
-            and max_pixel_bytes is not None
-            and classified.dicom.pixel_bytes > max_pixel_bytes
-        ):
-            raise _Unusable(
-                f"declares {human_size(classified.dicom.pixel_bytes)} of pixel data, more than the "
-                f"{human_size(max_pixel_bytes)} budget of one instance; ask the facility for an export with fewer frames",
-                Unusability.TOO_LARGE,
-            )
+        if classified.dicom:
+            check_budget(classified.dicom, max_pixel_bytes, max_header_bytes)
         return classified
     except _DicomDir:
         return ClassifiedFile(received, FileKind.DICOMDIR, DICOM_TYPE)
     except _Unusable as exc:
         raise FileRefused(label or f"file {received.position} of {total}", str(exc), exc.kind) from None
+
+
+def check_budget(header: DicomHeader, max_pixel_bytes: int | None, max_header_bytes: int | None) -> None:
+    """Refuse (Unusable, TOO_LARGE) an instance beyond what one may declare: its pixel data, or its header.
+    The header (every element before the pixel data) is read whole wherever the instance is handed out,
+    so a huge private element there would cost the records process that much memory at every download."""
+    if max_pixel_bytes is not None and header.pixel_bytes > max_pixel_bytes:
+        raise _Unusable(
+            f"declares {human_size(header.pixel_bytes)} of pixel data, more than the "
+            f"{human_size(max_pixel_bytes)} budget of one instance; ask the facility for an export with fewer frames",
+            Unusability.TOO_LARGE,
+        )
+    if max_header_bytes is not None and header.header_bytes > max_header_bytes:
+        raise _Unusable(
+            f"carries {human_size(header.header_bytes)} before its pixel data (private elements or an "
+            f"encapsulated document), more than the {human_size(max_header_bytes)} one instance may; ask the "
+            "facility for an export without the private data",
+            Unusability.TOO_LARGE,
+        )
 
 
 def _classify(received: ReceivedFile, declared_type: str | None, read_header: HeaderReader) -> ClassifiedFile:
@@ -213,6 +226,7 @@ def read_dicom_header(path: Path) -> DicomHeader:
     try:
         with _LengthCheckedReader(path) as fp:
             dataset = pydicom.dcmread(fp, stop_before_pixels=True)
+            header_bytes = fp.tell()
             pixel_end, pixel_length = _pixel_data(fp, dataset)
     except InvalidDicomError:
         raise _Unusable("is not DICOM (no DICM prefix)") from None
@@ -245,6 +259,7 @@ def read_dicom_header(path: Path) -> DicomHeader:
             "study_date": _text(dataset, "StudyDate")[:8],
             "view_label": _view_label(dataset),
             "issuer_of_patient_id": _text(dataset, "IssuerOfPatientID")[:64],
+            "header_bytes": header_bytes,
         }
     except (_Unusable, _DicomDir):
         raise

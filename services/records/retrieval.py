@@ -8,6 +8,7 @@ import time
 import uuid
 from datetime import timedelta
 from functools import lru_cache
+from pathlib import Path
 
 import structlog
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +26,7 @@ from services.records.adequacy import assess
 from services.records.archive import Entry
 from services.records.archive_store import ArchiveUnavailable
 from services.records.assembly import SOURCE, case_files
-from services.records.classify import HeaderReader, read_dicom_header
+from services.records.classify import DicomHeader, HeaderReader, check_budget, read_dicom_header
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordRequest, RecordRetrieval, RecordSource, RetrievalStatus
 from services.records.polled import PolledLoop
@@ -250,10 +251,18 @@ def _fetch(
 
 
 def _header_reader(limits: ImportLimits) -> HeaderReader:
-    """How a retrieved instance's header is read as it arrives: as an upload's is (isolated, by default)."""
+    """How a retrieved instance's header is read and checked as it arrives: as an upload's is (isolated, by
+    default, and within the same budgets)."""
     from services.records.uploads import header_reader
 
-    return header_reader(limits) or read_dicom_header
+    read = header_reader(limits) or read_dicom_header
+
+    def read_within_limits(path: Path) -> DicomHeader:
+        header = read(path)
+        check_budget(header, limits.max_pixel_bytes, limits.max_header_bytes)
+        return header
+
+    return read_within_limits
 
 
 def _failed_attempt(

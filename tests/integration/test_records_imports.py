@@ -40,7 +40,7 @@ from tests.hostile_corpus import ZIP, HostileCase, cd_folder, corpus, zip_folder
 from tests.keys import operations_headers
 
 REPORT = ("report.txt", b"IMPRESSION: complex adnexal cyst.", "text/plain")
-LIMITS = ImportLimits(max_archive_members=50, max_pixel_bytes=20_000)
+LIMITS = ImportLimits(max_archive_members=50, max_pixel_bytes=20_000, max_header_bytes=1024 * 1024)
 
 
 @pytest.fixture(scope="module")

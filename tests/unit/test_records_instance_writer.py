@@ -128,6 +128,23 @@ def test_an_unusable_instance_is_refused_on_its_own_with_why_and_the_rest_kept(t
     assert [p.name for p in store.tmp_dir.iterdir()] == [kept.received.path.name]
 
 
+def test_a_retrieved_instance_beyond_the_import_budgets_is_refused_as_it_arrives(tmp_path: Path) -> None:
+    """Retrievals read headers within the upload's budgets: an instance with a huge private element before
+    its pixel data is refused with A700 (Out of Resources), the rest kept."""
+    from services.records.limits import ImportLimits
+    from services.records.retrieval import _header_reader
+    from tests.hostile_corpus import huge_private_element
+
+    store = ObjectStore(tmp_path)
+    limits = ImportLimits(parse_in_subprocess=False, max_header_bytes=1024 * 1024)
+    writer = InstanceWriter(store, read_header=_header_reader(limits))
+    answer = writer.write(c_store(spool(store.tmp_dir, huge_private_element(2 * 1024 * 1024))))
+    assert isinstance(answer, pydicom.Dataset) and answer.Status == OUT_OF_RESOURCES
+    assert answer.ErrorComment == "Instance carries 2.001 MiB before its pixel data"
+    assert writer.write(c_store(spool(store.tmp_dir, ps310(frames=1), position=2))) == SUCCESS
+    assert len(writer.entries()) == 1 and len(writer.refused) == 1
+
+
 def test_an_instance_its_c_store_request_misnames_is_refused(tmp_path: Path) -> None:
     """The data set's SOP Class and Instance UIDs must be the ones the request names (pynetdicom writes the
     file meta from the request): otherwise 0xA900, Data Set does not match SOP Class."""
