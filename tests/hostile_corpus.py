@@ -105,6 +105,41 @@ def huge_declared_length() -> bytes:
     return valid[:body_start] + element + b"x" * 64
 
 
+def with_uid(keyword: str, value: bytes) -> bytes:
+    """A valid instance whose `keyword` (a UID) holds `value` as sent, however malformed."""
+    ds = pydicom.dcmread(io.BytesIO(us()))
+    placeholder = "1.2.826.0.1.3680043.10.999999999"
+    setattr(ds, keyword, placeholder)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    length = len(placeholder) + len(placeholder) % 2
+    padded = value + b"\0" * (len(value) % 2)
+    # The dataset's element only (the last one): the file meta keeps its valid copy of a SOP Instance UID.
+    before, element, after = buffer.getvalue().rpartition(
+        b"UI" + struct.pack("<H", length) + placeholder.encode() + b"\0" * (length - len(placeholder))
+    )
+    return before + b"UI" + struct.pack("<H", len(padded)) + padded + after
+
+
+def pixel_data_short_of(rows: int, cols: int) -> bytes:
+    """An instance whose Rows and Columns declare more pixels than its (native) Pixel Data holds."""
+    ds = pydicom.dcmread(io.BytesIO(us()))
+    ds.Rows, ds.Columns = rows, cols
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def huge_private_element(size: int) -> bytes:
+    """A valid instance with a private element of `size` bytes before its pixel data."""
+    ds = pydicom.dcmread(io.BytesIO(us()))
+    ds.add_new((0x0011, 0x0010), "LO", "HOSTILE")
+    ds.add_new((0x0011, 0x1001), "OB", b"\0" * size)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def corpus() -> list[HostileCase]:
     image = us()
     bomb = zip_of([("IMAGES/IM1", b"\0" * (64 * 1024 * 1024))])
@@ -158,6 +193,36 @@ def corpus() -> list[HostileCase]:
             "dicomdir lists absent files",
             [("cd.zip", zip_of([("DICOMDIR", dicomdir_pointing_to("IMAGES", "IM9")), ("IM1", image)]), ZIP)],
             "not in the upload",
+        ),
+        HostileCase(
+            "two values in a UID",
+            [("a.dcm", with_uid("SOPInstanceUID", b"1.2.3\\4.5"), "application/dicom")],
+            "without a valid SOPInstanceUID (a UID is digits and dots",
+        ),
+        HostileCase(
+            "letters in a UID",
+            [("a.dcm", with_uid("StudyInstanceUID", b"1.2.840.ABC"), "application/dicom")],
+            "without a valid StudyInstanceUID (a UID is digits and dots",
+        ),
+        HostileCase(
+            "a slash in a UID",
+            [("cd.zip", zip_of([("IM1", with_uid("SeriesInstanceUID", b"1.2/../3"))]), ZIP)],
+            "without a valid SeriesInstanceUID (a UID is digits and dots",
+        ),
+        HostileCase(
+            "a UID ending in a dot",
+            [("a.dcm", with_uid("SOPInstanceUID", b"1.2.3."), "application/dicom")],
+            "without a valid SOPInstanceUID (a UID is digits and dots",
+        ),
+        HostileCase(
+            "rows and columns beyond the pixel data",
+            [("a.dcm", pixel_data_short_of(128, 64), "application/dicom")],
+            "holds less pixel data than its Rows, Columns",
+        ),
+        HostileCase(
+            "a huge private element",
+            [("a.dcm", huge_private_element(2 * 1024 * 1024), "application/dicom")],
+            "before its pixel data (private elements or an encapsulated document), more than the 1 MiB one",
         ),
         HostileCase(
             "folder path escapes",

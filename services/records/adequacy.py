@@ -14,6 +14,19 @@ from services.records.models import FileKind, RecordFile
 
 ULTRASOUND = "US"
 STRUCTURED_REPORT = "SR"
+RAW_DATA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66"
+
+
+def is_ultrasound_image(instance: Any) -> bool:
+    """An ultrasound instance a reader can look at: Modality US, but not the cart vendor's Raw Data, which
+    carries Modality US and no image."""
+    return (
+        instance.kind == FileKind.DICOM
+        and instance.modality == ULTRASOUND
+        and getattr(instance, "sop_class_uid", None) != RAW_DATA_SOP_CLASS
+    )
+
+
 MISSING_REPORT = "the original report (PDF, UTF-8 text, DICOM SR or FHIR DiagnosticReport)"
 MISSING_ULTRASOUND = "an ultrasound image (a DICOM instance with Modality US)"
 MISSING_CINE = "a cine clip (a multi-frame ultrasound instance), which this exam type needs"
@@ -109,7 +122,7 @@ def cine_expectation(exam_type: str | None) -> str:
 
 def assess(files: Iterable[RecordFile], exam: dict[str, Any] | None = None) -> Adequacy:
     files = list(files)
-    us = [f for f in files if f.kind == FileKind.DICOM and f.modality == ULTRASOUND]
+    us = [f for f in files if is_ultrasound_image(f)]
     structured = [f for f in files if f.kind == FileKind.DICOM and f.modality == STRUCTURED_REPORT]
     others = [
         f for f in files if f.kind == FileKind.DICOM and f.modality not in (ULTRASOUND, STRUCTURED_REPORT)

@@ -23,6 +23,7 @@ from services.records.adequacy import (
     ULTRASOUND,
     Adequacy,
     assess,
+    is_ultrasound_image,
 )
 from services.records.classify import DICOM_TYPE, PDF_TYPE, pdf_text
 from services.records.fhir_records import FHIR_TYPE, diagnostic_report_text
@@ -70,7 +71,7 @@ def summarize_study(instances: Iterable[DicomInstance]) -> StudySummary | None:
     """The ultrasound study with most instances (the first uploaded on a tie); None without any."""
     by_study: dict[str, dict[str, DicomInstance]] = {}
     for instance in instances:
-        if instance.kind != FileKind.DICOM or instance.modality != ULTRASOUND:
+        if not is_ultrasound_image(instance):
             continue
         if instance.study_instance_uid and instance.sop_instance_uid:
             # The same SOP instance uploaded twice (e.g. re-exported with other bytes) counts once.

@@ -7,6 +7,7 @@ Anything else is refused with a message naming the file's position in the upload
 from __future__ import annotations
 
 import io
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pydicom
 import pydicom.filereader
 import pydicom.uid
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pypdf import PdfReader
 
 from services.common.errors import RecordsRejected, human_size
@@ -39,6 +41,8 @@ TEXT_TYPE = "text/plain; charset=utf-8"
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 MAX_TEXT_REPORT_BYTES = 1024 * 1024
 REQUIRED_DICOM_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+PIXEL_DATA_TAG, PIXEL_DATA_TAG_BIG_ENDIAN = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class DicomHeader:
     # What the instance says it shows (ViewCodeSequence, ImageComments, SeriesDescription).
     view_label: str = ""
     issuer_of_patient_id: str = ""
+    header_bytes: int = 0  # the file up to its pixel data (all of it without any)
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ def classify(
     max_pixel_bytes: int | None = None,
     label: str | None = None,
     read_header: HeaderReader | None = None,
+    max_header_bytes: int | None = None,
 ) -> ClassifiedFile:
     """Classify and validate one received file; raises RecordsRejected if it is neither report nor DICOM.
 
@@ -131,21 +137,32 @@ def classify(
     """
     try:
         classified = _classify(received, declared_type, read_header or read_dicom_header)
-        if (
-            classified.dicom
-            and max_pixel_bytes is not None
-            and classified.dicom.pixel_bytes > max_pixel_bytes
-        ):
-            raise _Unusable(
-                f"declares {human_size(classified.dicom.pixel_bytes)} of pixel data, more than the "
-                f"{human_size(max_pixel_bytes)} budget of one instance; ask the facility for an export with fewer frames",
-                Unusability.TOO_LARGE,
-            )
+        if classified.dicom:
+            check_budget(classified.dicom, max_pixel_bytes, max_header_bytes)
         return classified
     except _DicomDir:
         return ClassifiedFile(received, FileKind.DICOMDIR, DICOM_TYPE)
     except _Unusable as exc:
         raise FileRefused(label or f"file {received.position} of {total}", str(exc), exc.kind) from None
+
+
+def check_budget(header: DicomHeader, max_pixel_bytes: int | None, max_header_bytes: int | None) -> None:
+    """Refuse (Unusable, TOO_LARGE) an instance beyond what one may declare: its pixel data, or its header.
+    The header (every element before the pixel data) is read whole wherever the instance is handed out,
+    so a huge private element there would cost the records process that much memory at every download."""
+    if max_pixel_bytes is not None and header.pixel_bytes > max_pixel_bytes:
+        raise _Unusable(
+            f"declares {human_size(header.pixel_bytes)} of pixel data, more than the "
+            f"{human_size(max_pixel_bytes)} budget of one instance; ask the facility for an export with fewer frames",
+            Unusability.TOO_LARGE,
+        )
+    if max_header_bytes is not None and header.header_bytes > max_header_bytes:
+        raise _Unusable(
+            f"carries {human_size(header.header_bytes)} before its pixel data (private elements or an "
+            f"encapsulated document), more than the {human_size(max_header_bytes)} one instance may; ask the "
+            "facility for an export without the private data",
+            Unusability.TOO_LARGE,
+        )
 
 
 def _classify(received: ReceivedFile, declared_type: str | None, read_header: HeaderReader) -> ClassifiedFile:
@@ -209,7 +226,8 @@ def read_dicom_header(path: Path) -> DicomHeader:
     try:
         with _LengthCheckedReader(path) as fp:
             dataset = pydicom.dcmread(fp, stop_before_pixels=True)
-            pixels_complete = _pixel_data_complete(fp, dataset, path.stat().st_size)
+            header_bytes = fp.tell()
+            pixel_end, pixel_length = _pixel_data(fp, dataset)
     except InvalidDicomError:
         raise _Unusable("is not DICOM (no DICM prefix)") from None
     except _DeclaredTooLong:
@@ -223,7 +241,7 @@ def read_dicom_header(path: Path) -> DicomHeader:
     try:
         if str(dataset.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
             raise _DicomDir()
-        uids = [str(dataset.get(keyword) or "").strip() for keyword in REQUIRED_DICOM_UIDS]
+        uids = [_single_value(dataset, keyword) for keyword in REQUIRED_DICOM_UIDS]
         modality = str(dataset.get("Modality") or "").strip().upper()
         frames = int(dataset.get("NumberOfFrames") or 1)
         identity = PatientIdentity(
@@ -241,20 +259,45 @@ def read_dicom_header(path: Path) -> DicomHeader:
             "study_date": _text(dataset, "StudyDate")[:8],
             "view_label": _view_label(dataset),
             "issuer_of_patient_id": _text(dataset, "IssuerOfPatientID")[:64],
+            "header_bytes": header_bytes,
         }
     except (_Unusable, _DicomDir):
         raise
     except Exception:
         raise _Unusable("is not a readable DICOM file (its header is corrupt)") from None
-    if not pixels_complete:
+    if pixel_end < 0 or pixel_end > path.stat().st_size:
         raise _Unusable("is a truncated DICOM file (its pixel data ends early)")
+    if pixel_length is not None and pixel_length < _native_pixel_bytes(dataset, max(frames, 1)):
+        raise _Unusable(
+            "holds less pixel data than its Rows, Columns, Number of Frames, Samples per Pixel and Bits "
+            "Allocated declare (its header does not describe its image); ask the facility for a new export"
+        )
     for keyword, uid in zip(REQUIRED_DICOM_UIDS, uids, strict=True):
-        if not uid or len(uid) > 64:
-            raise _Unusable(f"is DICOM without a valid {keyword}", Unusability.INCOMPLETE)
+        if not is_uid(uid):
+            raise _Unusable(
+                f"is DICOM without a valid {keyword} (a UID is digits and dots, at most 64 characters); "
+                "ask the facility for an export with valid UIDs",
+                Unusability.INCOMPLETE,
+            )
     if not modality or len(modality) > 16:
         raise _Unusable("is DICOM without a valid Modality", Unusability.INCOMPLETE)
     study, series, sop = uids
     return DicomHeader(study, series, sop, modality, max(frames, 1), identity, **extra)  # type: ignore[arg-type]
+
+
+def is_uid(text: str) -> bool:
+    """A UID as PS3.5 9.1 writes it: numeric components separated by dots, at most 64 characters. What the
+    WADO-RS paths take (digits and dots) and what our store names an instance by; components with leading
+    zeros, which older devices wrote, are let through."""
+    return len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
+def _single_value(dataset: pydicom.Dataset, keyword: str) -> str:
+    """An element's one value as text; "" for none or several (a backslash in a UID makes two values)."""
+    value = dataset.get(keyword)
+    if isinstance(value, MultiValue):
+        return ""
+    return str(value or "").strip()
 
 
 def header_or_none(path: Path) -> DicomHeader | None:
@@ -290,30 +333,43 @@ def meta_uids(source: Path | bytes) -> tuple[str, str]:
     except Exception:
         return "", ""
     return tuple(  # type: ignore[return-value]
-        text
-        if (text := str(uid or "").strip()) and len(text) <= 64 and set(text) <= set("0123456789.")
-        else ""
-        for uid in uids
+        text if is_uid(text := str(uid or "").strip()) else "" for uid in uids
     )
 
 
-def _pixel_data_complete(fp: io.BufferedReader, dataset: pydicom.Dataset, file_size: int) -> bool:
-    """Whether the (native) pixel data element the header stopped at holds the bytes it declares."""
+def _pixel_data(fp: io.BufferedReader, dataset: pydicom.Dataset) -> tuple[int, int | None]:
+    """Where the pixel data element the header stopped at ends, and the length of its value when it is
+    native Pixel Data; (0, None) for no pixel data (an SR, a presentation state) or encapsulated frames
+    (their fragments carry their own lengths), -1 for an element header cut short."""
     offset = fp.tell()
     header = fp.read(12)
     if len(header) < 8:
-        return True  # no pixel data: an SR or a presentation state, not our business here
-    if dataset.file_meta.get("TransferSyntaxUID") == pydicom.uid.ImplicitVRLittleEndian:
+        return 0, None
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax == pydicom.uid.ImplicitVRLittleEndian:
         (length,) = struct.unpack("<I", header[4:8])
         start = offset + 8
     else:
         if len(header) < 12:
-            return False
-        (length,) = struct.unpack("<I", header[8:12])
+            return -1, None
+        # The retired Explicit VR Big Endian writes lengths most significant byte first; read as little
+        # endian, a 4 KiB image's length said 1 MiB and the whole file was refused as truncated.
+        order = ">" if syntax == pydicom.uid.ExplicitVRBigEndian else "<"
+        (length,) = struct.unpack(f"{order}I", header[8:12])
         start = offset + 12
     if length == 0xFFFFFFFF:
-        return True  # encapsulated (compressed) frames: their fragments carry their own lengths
-    return start + length <= file_size
+        return 0, None
+    pixel_data = header[:4] in (PIXEL_DATA_TAG, PIXEL_DATA_TAG_BIG_ENDIAN)
+    return start + length, length if pixel_data else None
+
+
+def _native_pixel_bytes(dataset: pydicom.Dataset, frames: int) -> int:
+    """The bytes native Pixel Data must hold for what the header declares; YBR_FULL_422 keeps two samples
+    per pixel, not three (PS3.3 C.7.6.3.1.2)."""
+    declared = _declared_pixel_bytes(dataset, frames)
+    if _text(dataset, "PhotometricInterpretation").upper() == "YBR_FULL_422":
+        return declared * 2 // 3
+    return declared
 
 
 def _view_label(dataset: pydicom.Dataset) -> str:

@@ -2,7 +2,9 @@
 
 C-MOVE sends the study to our C-STORE SCP (`StoreSCP`, started by the records process); C-GET receives it
 on the same association. Either way each instance is spooled to the store's temp area as its fragments
-arrive (`SpooledInstance`), never held whole in memory.
+arrive (`SpooledInstance`), never held whole in memory. Each instance's header is read as soon as it is
+all in: one the import would refuse is answered with a C-STORE failure (A900, C000) and an Error Comment
+saying what is wrong, and removed, while the rest of the study is kept (`InstanceWriter.refused` says why).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pydicom.uid import (
     MPEG2MPML,
     MPEG4HP41,
     MPEG4HP41BD,
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -36,7 +39,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, _config, build_role, dimse_messages, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, build_role, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     BasicTextSRStorage,
@@ -48,6 +51,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     GrayscaleSoftcopyPresentationStateStorage,
     KeyObjectSelectionDocumentStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
+    RawDataStorage,
     SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -60,9 +64,18 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 
 from services.records.archive import Entry
+from services.records.classify import (
+    DicomHeader,
+    HeaderReader,
+    Unusability,
+    Unusable,
+    read_dicom_header,
+)
 from services.records.store import HEAD_BYTES, FileTooLarge, ObjectStore, ReceivedFile
 
 OUR_AE = "SECONDOPINION"
+# The retired Ultrasound (Multi-frame) Image Storage classes, which older carts wrote and archives still hold.
+RETIRED_ULTRASOUND_CLASSES = (UID("1.2.840.10008.5.1.4.1.1.6"), UID("1.2.840.10008.5.1.4.1.1.3"))
 # Images as ultrasound carts and PACS keep them: mostly JPEG (cine too), some RLE, JPEG 2000 or MPEG video.
 IMAGE_CLASSES = (
     UltrasoundImageStorage,
@@ -71,9 +84,15 @@ IMAGE_CLASSES = (
     SecondaryCaptureImageStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
     VideoPhotographicImageStorage,
+    *RETIRED_ULTRASOUND_CLASSES,
 )
+# What C-GET proposes (it must name each class it receives, in at most 128 presentation contexts): the
+# images, and what else an ultrasound study holds, such as the cart vendor's Raw Data. A PACS fails the
+# sub-operation of an instance of a class not named, and the whole C-GET with it; our C-STORE SCP (C-MOVE)
+# takes every storage class.
 RETRIEVED_CLASSES = (
     *IMAGE_CLASSES,
+    RawDataStorage,
     KeyObjectSelectionDocumentStorage,
     GrayscaleSoftcopyPresentationStateStorage,
     EncapsulatedPDFStorage,
@@ -96,6 +115,15 @@ COMPRESSED = [
 ]
 SUCCESS, PENDING = 0x0000, (0xFF00, 0xFF01)
 NOT_AUTHORIZED, OUT_OF_RESOURCES = 0x0124, 0xA700
+# C-STORE failures (PS3.4 Table B.2-1) for an instance that is not usable, by what is wrong with it.
+DOES_NOT_MATCH_SOP_CLASS, CANNOT_UNDERSTAND = 0xA900, 0xC000
+REFUSED_AS = {
+    Unusability.UNREADABLE: CANNOT_UNDERSTAND,
+    Unusability.INCOMPLETE: DOES_NOT_MATCH_SOP_CLASS,
+    Unusability.TOO_LARGE: OUT_OF_RESOURCES,
+}
+# A C-MOVE or C-GET whose failed sub-operations were all instances we refused is kept (what was usable).
+SOME_FAILED, ALL_FAILED = 0xB000, 0xA702
 
 
 class PacsUnavailable(Exception):
@@ -228,6 +256,11 @@ class SpooledInstance:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._path.unlink(missing_ok=True)
+
+    @property
+    def failed(self) -> bool:
+        """Spooling stopped (the size limit, a full disk): `take` raises why."""
+        return self._error is not None
 
     def flush(self) -> None:
         """Nothing per fragment: fragments are written a batch at a time, and made durable by `finish`."""
@@ -382,25 +415,61 @@ def _spooling(dul: threading.Thread, store: ObjectStore, limit: int) -> Iterator
         _close_spool(dul)
 
 
+def _differs_from_request(header: DicomHeader, request: Any) -> str | None:
+    """What in the data set disagrees with the C-STORE request carrying it (PS3.4 B.2.3: the SOP Class
+    UID and SOP Instance UID must be the Affected ones), or None."""
+    affected_class = str(getattr(request, "AffectedSOPClassUID", None) or "")
+    affected_instance = str(getattr(request, "AffectedSOPInstanceUID", None) or "")
+    if affected_class and header.sop_class_uid != affected_class:
+        return "has another SOP Class UID than its C-STORE request"
+    if affected_instance and header.sop_instance_uid != affected_instance:
+        return "has another SOP Instance UID than its C-STORE request"
+    return None
+
+
+def store_failure(status: int, comment: str) -> Dataset:
+    """A C-STORE response's status with an Error Comment (LO: at most 64 characters; never a value from
+    the instance, only what is wrong with it)."""
+    comment = comment.split(" (")[0].split(";")[0]
+    if len(comment) > 64:
+        comment = comment[:61].rsplit(" ", 1)[0] + "..."
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = comment
+    return answer
+
+
 class InstanceWriter:
     """Finishes received instances on a thread of its own: the C-STORE is answered as soon as the
     instance is all in (spooled to disk as it arrived), so the PACS sends the next one while this one's
     last hash and fsync run; up to `depth` may be finishing at once. None is indexed before `entries()`
     has seen every instance finish, and a failed one fails the retrieval, which is retried."""
 
-    def __init__(self, store: ObjectStore, depth: int = 2) -> None:
+    def __init__(
+        self, store: ObjectStore, depth: int = 2, read_header: HeaderReader = read_dicom_header
+    ) -> None:
         self._store = store
+        self._read_header = read_header
         self._slots = threading.BoundedSemaphore(depth)
         self._lock = threading.Lock()
         self._writes: list[Future[Entry]] = []
+        self._arrived = 0
+        self.refused: list[str] = []  # why each unusable instance was refused ("retrieved instance 3 ...")
 
-    def write(self, event: Any) -> int:
-        """Take a received instance: SUCCESS, or OUT_OF_RESOURCES for one that could not be taken (that
-        failure is kept, and fails the retrieval)."""
+    def write(self, event: Any) -> int | Dataset:
+        """Take a received instance: SUCCESS; a failure status with an Error Comment for one whose header
+        is not usable (it is removed, the others are kept); or OUT_OF_RESOURCES for one that could not be
+        taken (that failure is kept, and fails the retrieval)."""
         spooled = getattr(event.request, "_dataset_file", None)
+        with self._lock:
+            self._arrived += 1
+            position = self._arrived
         try:
             if not isinstance(spooled, SpooledInstance):
                 raise RuntimeError("an instance arrived on an association without a spool")
+            refusal = self._refusal(spooled, position, event.request)
+            if refusal is not None:
+                return refusal
             spooled.take()
         except Exception as exc:
             failed: Future[Entry] = Future()
@@ -410,10 +479,31 @@ class InstanceWriter:
             return OUT_OF_RESOURCES
         self._slots.acquire()
         with self._lock:
-            future = _writers.submit(_finished, spooled, len(self._writes) + 1)
+            future = _writers.submit(_finished, spooled, position)
             self._writes.append(future)
         future.add_done_callback(lambda _: self._slots.release())
         return SUCCESS
+
+    def _refusal(self, spooled: SpooledInstance, position: int, request: Any) -> Dataset | None:
+        """The C-STORE failure for an instance whose header the import would refuse, or whose SOP Class or
+        Instance UID is not the one the C-STORE request names (read now, so the PACS learns which instance
+        and why, and the rest of the study is kept); None for a usable one."""
+        if spooled.failed:
+            return None  # `take` says why
+        spooled.make_readable()
+        try:
+            header = self._read_header(Path(spooled.name))
+            problem, status = _differs_from_request(header, request), DOES_NOT_MATCH_SOP_CLASS
+        except Unusable as exc:
+            problem, status = str(exc), REFUSED_AS[exc.kind]
+        except Exception:
+            problem, status = "is not a readable DICOM instance", CANNOT_UNDERSTAND
+        if problem is None:
+            return None
+        spooled.discard()
+        with self._lock:
+            self.refused.append(f"retrieved instance {position} {problem}")
+        return store_failure(status, f"Instance {problem}")
 
     def failure(self) -> PacsUnavailable | None:
         """Why the retrieval cannot be kept, once every instance has finished: the first that failed."""
@@ -494,10 +584,25 @@ def find_studies(source: DimseSource, wanted: StudyQuery) -> list[str]:
     return [uid for uid in found if uid]
 
 
-def get_study(source: DimseSource, study_uid: str, store: ObjectStore, *, limit: int) -> list[Entry]:
+@dataclass(frozen=True)
+class Retrieved:
+    """What a C-GET or C-MOVE brought: the instances kept, and why each one refused was refused."""
+
+    entries: list[Entry]
+    refused: list[str]
+
+
+def get_study(
+    source: DimseSource,
+    study_uid: str,
+    store: ObjectStore,
+    *,
+    limit: int,
+    read_header: HeaderReader = read_dicom_header,
+) -> Retrieved:
     """C-GET the study; its instances arrive as C-STORE sub-operations on our association, each spooled
-    to the store's temp area as it arrives."""
-    writer = InstanceWriter(store)
+    to the store's temp area as it arrives; one whose header is not usable is refused on its own."""
+    writer = InstanceWriter(store, read_header=read_header)
     ae = _ae(source.timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for sop_class in RETRIEVED_CLASSES:
@@ -518,10 +623,10 @@ def get_study(source: DimseSource, study_uid: str, store: ObjectStore, *, limit:
             )
         finally:
             assoc.release()
-    return writer.entries()
+    return Retrieved(writer.entries(), writer.refused)
 
 
-def move_study(source: DimseSource, study_uid: str, scp: StoreSCP) -> list[Entry]:
+def move_study(source: DimseSource, study_uid: str, scp: StoreSCP) -> Retrieved:
     """C-MOVE the study to our SCP (AE SECONDOPINION); the instances it received for that study."""
     ae = _ae(source.timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
@@ -539,7 +644,7 @@ def move_study(source: DimseSource, study_uid: str, scp: StoreSCP) -> list[Entry
             )
         finally:
             assoc.release()
-        return writer.entries()
+        return Retrieved(writer.entries(), writer.refused)
 
 
 def _study_query(study_uid: str) -> Dataset:
@@ -556,8 +661,10 @@ def _run_retrieve(responses: Any, operation: str, writer: InstanceWriter) -> Non
             code = int(status.get("Status", -1)) if status else -1
             if code in PENDING:
                 continue
+            failed = int(status.get("NumberOfFailedSuboperations", 0)) if status else 0
+            if code in (SOME_FAILED, ALL_FAILED) and 0 < failed <= len(writer.refused):
+                continue  # the sub-operations that failed are the instances we refused
             if code != SUCCESS:
-                failed = int(status.get("NumberOfFailedSuboperations", 0)) if status else 0
                 raise PacsUnavailable(
                     f"{operation} timed out"
                     if code < 0
@@ -568,6 +675,9 @@ def _run_retrieve(responses: Any, operation: str, writer: InstanceWriter) -> Non
         writer.discard()
         if failure is not None and isinstance(exc, PacsUnavailable):
             raise failure from exc
+        if writer.refused and isinstance(exc, PacsUnavailable):
+            # Some PACS (Orthanc) end a C-MOVE at its first failed sub-operation: say which instance.
+            raise PacsUnavailable(f"{exc} after we refused an instance: {writer.refused[0]}") from exc
         raise
 
 
@@ -584,6 +694,7 @@ class StoreSCP:
     port: int
     limit: int
     host: str = "127.0.0.1"
+    read_header: HeaderReader = read_dicom_header
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _waiting: dict[str, InstanceWriter] = field(default_factory=dict)
     _server: Any = None
@@ -593,7 +704,10 @@ class StoreSCP:
         ae = AE(ae_title=OUR_AE)
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.add_supported_context(Verification)  # C-ECHO: how a PACS administrator tests a new destination
-        for sop_class in RETRIEVED_CLASSES:
+        # Every storage class: an instance of one we did not list (a modality's private or raw data) failed
+        # its sub-operation at the PACS, and Orthanc ends a C-MOVE at the first failed one.
+        storage = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        for sop_class in dict.fromkeys([*RETRIEVED_CLASSES, *storage]):
             ae.add_supported_context(sop_class, UNCOMPRESSED + COMPRESSED)
         self._server = ae.start_server(
             (self.host, self.port),
@@ -619,15 +733,19 @@ class StoreSCP:
     def _on_close(self, event: Any) -> None:
         _close_spool(event.assoc.dul)
 
-    def _on_store(self, event: Any) -> int:
+    def _on_store(self, event: Any) -> int | Dataset:
         spooled = getattr(event.request, "_dataset_file", None)
+        study_uid = _study_uid(spooled)
         with self._lock:
-            writer = self._waiting.get(_study_uid(spooled))
-        if writer is None:
-            if isinstance(spooled, SpooledInstance):
-                spooled.discard()
-            return NOT_AUTHORIZED  # nobody asked for this study: we accept no unsolicited images
-        return writer.write(event)
+            writer = self._waiting.get(study_uid)
+        if writer is not None:
+            return writer.write(event)
+        if isinstance(spooled, SpooledInstance):
+            spooled.discard()
+        if not study_uid:
+            return store_failure(CANNOT_UNDERSTAND, "Instance has no readable Study Instance UID")
+        # Nobody asked for this study: we accept no unsolicited images.
+        return store_failure(NOT_AUTHORIZED, "No retrieval by SECONDOPINION is waiting for this study")
 
 
 def _study_uid(spooled: object) -> str:
@@ -650,7 +768,7 @@ class _Expectation:
         self._scp, self._study_uid = scp, study_uid
 
     def __enter__(self) -> InstanceWriter:
-        writer = InstanceWriter(self._scp.store)
+        writer = InstanceWriter(self._scp.store, read_header=self._scp.read_header)
         with self._scp._lock:
             self._scp._waiting[self._study_uid] = writer
         return writer

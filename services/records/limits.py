@@ -19,6 +19,9 @@ class ImportLimits(BaseSettings):
     max_dicomdir_bytes: int = 16 * 1024**2
     # Rows x Columns x Frames x Samples x BitsAllocated/8 of one instance, as its header declares it.
     max_pixel_bytes: int = 2 * 1024**3
+    # Everything before the pixel data (an ultrasound header is kilobytes; an encapsulated PDF report a few
+    # megabytes): read whole each time an instance is handed out, so bounded.
+    max_header_bytes: int = 64 * 1024**2
     # Headers of uploaded files are parsed in worker processes with these limits.
     parse_in_subprocess: bool = True
     parse_timeout_seconds: float = 20.0

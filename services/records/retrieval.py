@@ -8,6 +8,7 @@ import time
 import uuid
 from datetime import timedelta
 from functools import lru_cache
+from pathlib import Path
 
 import structlog
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,7 @@ from services.records.adequacy import assess
 from services.records.archive import Entry
 from services.records.archive_store import ArchiveUnavailable
 from services.records.assembly import SOURCE, case_files
+from services.records.classify import DicomHeader, HeaderReader, check_budget, read_dicom_header
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordRequest, RecordRetrieval, RecordSource, RetrievalStatus
 from services.records.polled import PolledLoop
@@ -150,7 +152,7 @@ def _attempt(
     store = ObjectStore.for_settings(settings)
     started = time.monotonic()
     try:
-        study_uid, entries = _fetch(source, request, store, settings, options, limits, scp)
+        study_uid, entries, refused = _fetch(source, request, store, settings, options, limits, scp)
     except dimse.PacsUnavailable as exc:
         _failed_attempt(engine, options, retrieval, str(exc))
         return
@@ -163,6 +165,18 @@ def _attempt(
         )
         return
     fetched = time.monotonic()
+    refusals = _refusals(refused, kept=len(entries))
+    if refusals is not None:
+        log.warning(
+            "records.retrieved_instances_refused",
+            case_id=request.case_id,
+            retrieval_id=retrieval.retrieval_id,
+            refused=len(refused),
+            kept=len(entries),
+        )
+    if refused and not entries:
+        _finish(engine, retrieval, RetrievalStatus.FAILED, refusals, study_uid)
+        return
     try:
         with Session(engine, expire_on_commit=False) as session:
             method = "dicomweb" if source.dicomweb_url else source.retrieve_method
@@ -176,7 +190,7 @@ def _attempt(
     except RecordsRejected as exc:
         _finish(engine, retrieval, RetrievalStatus.FAILED, str(exc)[:300], study_uid)
         return
-    _finish(engine, retrieval, RetrievalStatus.DONE, None, study_uid)
+    _finish(engine, retrieval, RetrievalStatus.DONE, refusals, study_uid)
     log.info(
         "records.retrieved",
         case_id=request.case_id,
@@ -187,6 +201,18 @@ def _attempt(
     )
 
 
+def _refusals(refused: list[str], *, kept: int) -> str | None:
+    """What the retrieval says about the instances it refused (each was answered with a C-STORE failure
+    naming the problem): how many, and the first few problems."""
+    if not refused:
+        return None
+    summary = (
+        f"{len(refused)} instance(s) the PACS sent were refused and not kept, {kept} kept: "
+        + "; ".join(refused[:3])
+    )
+    return summary if len(summary) <= 300 else summary[:297] + "..."
+
+
 def _fetch(
     source: RecordSource,
     request: RecordRequest,
@@ -195,29 +221,48 @@ def _fetch(
     options: RetrievalSettings,
     limits: ImportLimits,
     scp: dimse.StoreSCP | None,
-) -> tuple[str | None, list[Entry]]:
+) -> tuple[str | None, list[Entry], list[str]]:
     query = study_query(request)
     if query is None:
-        return None, []
+        return None, [], []
     timeout = options.retrieval_timeout_seconds
     if source.dicomweb_url:
         web = dicomweb_source.DicomwebSource(source.dicomweb_url, source.dicomweb_auth_env, timeout)
         found = dicomweb_source.find_studies(web, query)
         if not found:
-            return None, []
+            return None, [], []
         entries = dicomweb_source.get_study(
             web, found[0], store, limit=settings.max_upload_bytes, max_parts=limits.max_archive_members
         )
-        return found[0], entries
+        return found[0], entries, []
     pacs = dimse.DimseSource(str(source.ae_title), str(source.host), int(source.port or 104), timeout)
     found = dimse.find_studies(pacs, query)
     if not found:
-        return None, []
+        return None, [], []
     if source.retrieve_method == "c-move":
         if scp is None:
             raise dimse.PacsUnavailable("C-MOVE needs our C-STORE SCP, which is not running")
-        return found[0], dimse.move_study(pacs, found[0], scp)
-    return found[0], dimse.get_study(pacs, found[0], store, limit=settings.max_upload_bytes)
+        retrieved = dimse.move_study(pacs, found[0], scp)
+    else:
+        retrieved = dimse.get_study(
+            pacs, found[0], store, limit=settings.max_upload_bytes, read_header=_header_reader(limits)
+        )
+    return found[0], retrieved.entries, retrieved.refused
+
+
+def _header_reader(limits: ImportLimits) -> HeaderReader:
+    """How a retrieved instance's header is read and checked as it arrives: as an upload's is (isolated, by
+    default, and within the same budgets)."""
+    from services.records.uploads import header_reader
+
+    read = header_reader(limits) or read_dicom_header
+
+    def read_within_limits(path: Path) -> DicomHeader:
+        header = read(path)
+        check_budget(header, limits.max_pixel_bytes, limits.max_header_bytes)
+        return header
+
+    return read_within_limits
 
 
 def _failed_attempt(
@@ -306,6 +351,7 @@ class RetrievalLoop(PolledLoop):
             self._options.scp_port,
             self._settings.max_upload_bytes,
             host=self._options.scp_host,
+            read_header=_header_reader(get_limits()),
         )
         try:
             scp.start()

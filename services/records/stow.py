@@ -92,6 +92,7 @@ def sort_parts(
                 total=len(parts),
                 declared_type=entry.declared_type,
                 max_pixel_bytes=limits.max_pixel_bytes,
+                max_header_bytes=limits.max_header_bytes,
                 label=entry.label,
                 read_header=read_header,
             )

@@ -229,6 +229,7 @@ def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile
             total=len(entries),
             declared_type=entry.declared_type,
             max_pixel_bytes=limits.max_pixel_bytes,
+            max_header_bytes=limits.max_header_bytes,
             label=entry.label,
             read_header=read_header,
         )

@@ -30,6 +30,7 @@ from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordFile
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
+from tests.hostile_corpus import with_uid
 from tests.infra import free_port
 from tests.keys import operations_headers
 
@@ -318,6 +319,41 @@ def test_a_stow_stores_what_it_can_and_says_why_not_for_the_rest(
     with pytest.raises(requests.HTTPError) as caught:
         client.store_instances([no_modality])
     assert caught.value.response is not None and caught.value.response.status_code == 409
+
+
+def test_an_instance_whose_uids_a_wado_url_cannot_name_is_refused_on_its_own(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """A UID is digits and dots (PS3.5 9.1). One with letters, a slash or two values (a backslash) was
+    stored, listed by QIDO-RS with a RetrieveURL that WADO-RS refuses (422), and, with an archive behind the
+    store, named a reference that could not be split back; now it is refused with A900, the rest stored."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    good = instances(study)[0]
+    url = f"{base_url}/dicomweb/cases/{case_id}/studies"
+    answer = stow(
+        url,
+        settings,
+        ("application/dicom", encoded(good)),
+        ("application/dicom", with_uid("SOPInstanceUID", b"1.2.3\\4.5")),
+        ("application/dicom", with_uid("SeriesInstanceUID", b"1.2.840.ABC/1")),
+    )
+    assert answer.status_code == 202, answer.text
+    result = pydicom.Dataset.from_json(answer.json())
+    assert [r.ReferencedSOPInstanceUID for r in result.ReferencedSOPSequence] == [good.SOPInstanceUID]
+    assert [f.FailureReason for f in result.FailedSOPSequence] == [0xA900, 0xA900]
+    assert "part 2 of the request is DICOM without a valid SOPInstanceUID" in answer.headers["warning"]
+    assert "part 3 of the request is DICOM without a valid SeriesInstanceUID" in answer.headers["warning"]
+    with Session(engine) as session:
+        kept = session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).all()
+    assert [f.sop_instance_uid for f in kept] == [good.SOPInstanceUID]
+    [stored] = result.ReferencedSOPSequence
+    served = requests.get(
+        stored.RetrieveURL,
+        headers={"Accept": "application/dicom", **operations_headers(settings)},
+        timeout=10,
+    )
+    assert served.status_code == 200
 
 
 def test_an_instance_over_the_size_limit_is_refused_on_its_own(

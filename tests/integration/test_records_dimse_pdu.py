@@ -94,7 +94,7 @@ def test_c_find_and_c_get_ask_the_pacs_for_128_kib_pdus(pacs: Pacs, settings: Se
     store = ObjectStore.for_settings(settings)
 
     assert dimse.find_studies(source, dimse.StudyQuery(study_uid=STUDY)) == [STUDY]
-    [entry] = dimse.get_study(source, STUDY, store, limit=settings.max_upload_bytes)
+    [entry] = dimse.get_study(source, STUDY, store, limit=settings.max_upload_bytes).entries
 
     assert pacs.asked_for == [dimse.MAX_PDU_BYTES, dimse.MAX_PDU_BYTES]
     # The 2.6 MB clip came in PDUs of 128 KiB (and their 6-byte header), not 16 KiB ones.

@@ -40,7 +40,7 @@ from tests.hostile_corpus import ZIP, HostileCase, cd_folder, corpus, zip_folder
 from tests.keys import operations_headers
 
 REPORT = ("report.txt", b"IMPRESSION: complex adnexal cyst.", "text/plain")
-LIMITS = ImportLimits(max_archive_members=50, max_pixel_bytes=20_000)
+LIMITS = ImportLimits(max_archive_members=50, max_pixel_bytes=20_000, max_header_bytes=1024 * 1024)
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +289,25 @@ def test_hostile_input_is_refused_with_nothing_written(
     assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
 
 
+def test_an_explicit_vr_big_endian_instance_is_imported_and_handed_out_whole(
+    client: TestClient, engine: Engine, case_id: str
+) -> None:
+    """The retired Explicit VR Big Endian (older carts and archives still hold it): its Pixel Data length,
+    read as little endian, made a complete file look truncated, and the upload was refused."""
+    dataset = pydicom.dcmread(io.BytesIO(us(study_uid())))
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    response = upload(client, case_id, ("a.dcm", buffer.getvalue(), "application/dicom"))
+    assert response.status_code == 201, response.text
+    [stored] = response.json()["files"]
+    served = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/files/{stored['sha256']}").content)
+    )
+    assert served.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRBigEndian
+    assert (served.PatientID, served.PixelData) == (f"SO-{case_id}", dataset.PixelData)
+
+
 def test_the_zip_body_route_says_what_it_takes(client: TestClient, engine: Engine, case_id: str) -> None:
     cd = zip_of([("IM1", us(study_uid()))])
     wrong_type = post_zip(client, case_id, cd, "multipart/form-data; boundary=x")
@@ -398,6 +417,37 @@ def test_adequacy_requires_cine_for_obstetrics_and_warns_otherwise(
     ]
     adequacy = client.get(f"/v1/records/{pelvic}").json()["adequacy"]
     assert (adequacy["calibrated_instances"], adequacy["burned_in_annotation_instances"]) == (0, 1)
+
+
+def test_the_carts_raw_data_is_not_taken_for_an_ultrasound_image(
+    client: TestClient, engine: Engine, case_id: str
+) -> None:
+    """Raw Data Storage carries Modality US and no image: it was counted as the ultrasound image a case
+    needs (the records assembled with nothing to look at) and as an uncalibrated ultrasound instance."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    raw = FileDataset("raw", {}, file_meta=meta, preamble=b"\0" * 128)
+    raw.SOPClassUID, raw.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    study = study_uid()
+    raw.StudyInstanceUID, raw.SeriesInstanceUID, raw.Modality = study, study + ".9", "US"
+    raw.PatientName, raw.PatientID, raw.PatientBirthDate, raw.PatientSex = "DOE^JANE", "MRN1", "19800101", "F"
+    buffer = io.BytesIO()
+    raw.save_as(buffer, enforce_file_format=True)
+    response = upload(client, case_id, REPORT, ("raw.dcm", buffer.getvalue(), "application/dicom"))
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "requested"
+    assert client.get(f"/v1/records/{case_id}").json()["missing"] == [
+        "an ultrasound image (a DICOM instance with Modality US)"
+    ]
+    response = upload(client, case_id, ("a.dcm", us(study), "application/dicom"))
+    assert response.json()["status"] == "assembled"
+    [assembled] = events(engine, case_id, RecordsAssembled)
+    assert assembled.study.instance_count == 1
+    assert not [w for w in assembled.warnings if "calibrated region" in w]
 
 
 def test_a_reminder_is_recorded_and_says_what_is_missing(

@@ -2,6 +2,7 @@
 storescu) answers our C-FIND, C-GET, C-MOVE (to our C-STORE SCP) and DICOMweb QIDO/WADO."""
 
 import hashlib
+import io
 import socket
 import time
 import uuid
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
@@ -23,7 +25,7 @@ from services.common.db import Outbox, make_engine
 from services.common.http import create_app
 from services.records import api, consumer
 from services.records.dimse import StoreSCP
-from services.records.models import RecordRetrieval, RecordSource, RetrievalStatus
+from services.records.models import RecordFile, RecordRetrieval, RecordSource, RetrievalStatus
 from services.records.retrieval import RetrievalLoop, RetrievalSettings, run_due
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
@@ -421,3 +423,163 @@ def test_a_pacs_administrator_can_echo_our_scp_and_a_study_with_a_key_object_is_
     retrieve(engine, settings, scp)
     records = client.get(f"/v1/records/{case_id}").json()
     assert records["retrievals"][0]["status"] == "done", records["retrievals"]
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+def test_an_unusable_instance_the_pacs_sends_is_refused_on_its_own_and_the_rest_kept(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    pacs: Orthanc,
+    scp: StoreSCP,
+    tmp_path: Path,
+    method: str,
+) -> None:
+    """PS3.4 B.2.3: each C-STORE sub-operation is answered for its own instance. One the import would refuse
+    (here Rows and Columns declaring more pixels than it holds) was answered Success and then failed the
+    whole retrieval, every usable instance with it; now it is refused as it arrives (C000 and an Error
+    Comment saying why), and where the PACS goes on (C-GET: it ends with B000, one failed) the rest of the
+    study is kept. Orthanc ends a C-MOVE at its first failed sub-operation: that retrieval fails, naming
+    the instance refused and why."""
+    study = f"{STUDY}.7{len(method)}"
+    good, short = tmp_path / "GOOD.dcm", tmp_path / "SHORT.dcm"
+    make_us_instance(good, study_uid=study, series_uid=study + ".1")
+    dataset = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+    dataset.Rows = 128
+    dataset.save_as(short, enforce_file_format=True)
+    pacs.store(good, short)
+    partner = f"clinic-unusable-{method}"
+    configure(
+        client,
+        partner,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        retrieve_method=method,
+    )
+    case_id = open_case(engine, settings, partner, study_instance_uid=study)
+
+    retrieve(engine, settings, scp)
+    records = client.get(f"/v1/records/{case_id}").json()
+    [retrieval] = records["retrievals"]
+    store = ObjectStore.for_settings(settings)
+    assert not [p for p in store.tmp_dir.iterdir() if p.name.startswith("dimse-")]
+    if method == "c-move":
+        assert (retrieval["status"], records["files"]) == ("failed", []), retrieval
+        assert "after we refused an instance: retrieved instance" in retrieval["last_error"]
+        assert "holds less pixel data than its Rows, Columns" in retrieval["last_error"]
+        return
+    assert (retrieval["status"], retrieval["attempts"]) == ("done", 1), retrieval
+    assert retrieval["last_error"].startswith(
+        "1 instance(s) the PACS sent were refused and not kept, 1 kept: "
+    )
+    assert "holds less pixel data than its Rows, Columns" in retrieval["last_error"]
+    [kept] = records["files"]
+    assert kept["sop_instance_uid"] == pydicom.dcmread(good).SOPInstanceUID
+
+
+def test_dcmtk_storescu_learns_why_our_scp_refused_an_instance(
+    settings: Settings, scp: StoreSCP, tmp_path: Path
+) -> None:
+    """What a PACS administrator sees (storescu -d): each refusal with a status and an Error Comment naming
+    the problem, not a bare 0x0124; an instance refused leaves nothing behind, one usable is kept."""
+    import subprocess
+
+    study = f"{STUDY}.88"
+    good, no_series, unsolicited = tmp_path / "GOOD.dcm", tmp_path / "NOSERIES.dcm", tmp_path / "OTHER.dcm"
+    make_us_instance(good, study_uid=study, series_uid=study + ".1")
+    dataset = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+    del dataset.SeriesInstanceUID
+    dataset.save_as(no_series, enforce_file_format=True)
+    make_us_instance(unsolicited, study_uid=study + ".9", series_uid=study + ".9.1")
+
+    def storescu(path: Path) -> str:
+        sent = subprocess.run(
+            ["storescu", "-d", "-aec", "SECONDOPINION", "127.0.0.1", str(scp.port), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return sent.stdout + sent.stderr
+
+    answered = storescu(unsolicited)
+    assert "0x0124" in answered and "[No retrieval by SECONDOPINION is waiting for this study]" in answered
+    with scp.expecting(study) as writer:
+        refused = storescu(no_series)
+        assert "0xa900" in refused and "[Instance is DICOM without a valid SeriesInstanceUID]" in refused
+        assert "DOE" not in refused  # no value from the instance in what is answered
+        assert "0x0000: Success" in storescu(good)
+        [kept] = writer.entries()
+    sent, received = pydicom.dcmread(good), pydicom.dcmread(kept.received.path)
+    assert (received.SOPInstanceUID, received.PixelData) == (sent.SOPInstanceUID, sent.PixelData)
+    assert writer.refused == [
+        "retrieved instance 1 is DICOM without a valid SeriesInstanceUID (a UID is digits and dots, at "
+        "most 64 characters); ask the facility for an export with valid UIDs"
+    ]
+    store = ObjectStore.for_settings(settings)
+    store.discard(kept.received)
+    assert not [p for p in store.tmp_dir.iterdir() if p.name.startswith("dimse-")]
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+def test_a_study_with_the_carts_raw_data_and_a_retired_class_image_is_retrieved_whole(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    pacs: Orthanc,
+    scp: StoreSCP,
+    tmp_path: Path,
+    method: str,
+) -> None:
+    """Ultrasound carts store vendor Raw Data (1.2.840.10008.5.1.4.1.1.66) beside the images, and older ones
+    the retired Ultrasound Image Storage class. Neither had a presentation context of ours, so the PACS
+    failed that sub-operation, and the retrieval with it (Orthanc: "C-GET ended with status 0xC000"), every
+    attempt, then reported the PACS as one that "could not be queried". Now both arrive and are imported."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    study = f"{STUDY}.6{len(method)}"
+    image, retired, raw = tmp_path / "IMAGE.dcm", tmp_path / "RETIRED.dcm", tmp_path / "RAW.dcm"
+    make_us_instance(image, study_uid=study, series_uid=study + ".1")
+    old = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".2")))
+    old.SOPClassUID = old.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6"
+    old.save_as(retired, enforce_file_format=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"  # Raw Data Storage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    data = FileDataset("raw", {}, file_meta=meta, preamble=b"\0" * 128)
+    data.SOPClassUID, data.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    data.StudyInstanceUID, data.SeriesInstanceUID, data.Modality = study, study + ".5", "US"
+    data.PatientName, data.PatientID, data.PatientBirthDate, data.PatientSex = (
+        "DOE^JANE",
+        "MRN1",
+        "19800101",
+        "F",
+    )
+    data.save_as(raw, enforce_file_format=True)
+    pacs.store(image, raw)
+    if method == "c-get":  # Orthanc's own C-MOVE proposes no retired class to the destination
+        # storescu proposes none either: loaded as an archive migration would load it.
+        loaded = httpx.post(f"{pacs.url}/instances", content=retired.read_bytes(), auth=pacs.auth, timeout=10)
+        loaded.raise_for_status()
+    partner = f"clinic-raw-{method}"
+    configure(
+        client,
+        partner,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        retrieve_method=method,
+    )
+    case_id = open_case(engine, settings, partner, study_instance_uid=study)
+
+    retrieve(engine, settings, scp)
+    records = client.get(f"/v1/records/{case_id}").json()
+    [retrieval] = records["retrievals"]
+    assert (retrieval["status"], retrieval["attempts"], retrieval["last_error"]) == ("done", 1, None)
+    with Session(engine) as session:
+        kept = session.exec(select(RecordFile).where(RecordFile.case_id == case_id)).all()
+    expected = ["1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.66"]
+    if method == "c-get":
+        expected.insert(0, "1.2.840.10008.5.1.4.1.1.6")
+    assert sorted(str(f.sop_class_uid) for f in kept) == expected

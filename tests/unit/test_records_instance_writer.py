@@ -91,6 +91,84 @@ def test_an_instance_over_the_limit_is_refused_and_fails_the_retrieval_with_noth
     assert list(store.tmp_dir.iterdir()) == []
 
 
+def test_an_unusable_instance_is_refused_on_its_own_with_why_and_the_rest_kept(tmp_path: Path) -> None:
+    """PS3.4 B.2.3: each C-STORE is answered for its own instance. One the import would refuse is refused
+    as it arrives, with a failure status and an Error Comment saying what is wrong (never a value from it),
+    and removed; the usable ones are kept, and the retrieval says which were refused and why."""
+    store = ObjectStore(tmp_path)
+    writer = InstanceWriter(store)
+    good = ps310(frames=1)
+    dataset = pydicom.dcmread(io.BytesIO(ps310(frames=1)))
+    del dataset.SeriesInstanceUID
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    assert writer.write(c_store(spool(store.tmp_dir, good))) == SUCCESS
+    refused = writer.write(c_store(spool(store.tmp_dir, buffer.getvalue(), position=2)))
+    assert isinstance(refused, pydicom.Dataset)
+    assert (refused.Status, refused.ErrorComment) == (
+        dimse.DOES_NOT_MATCH_SOP_CLASS,
+        "Instance is DICOM without a valid SeriesInstanceUID",
+    )
+    cut = pydicom.dcmread(io.BytesIO(ps310(frames=1)))
+    cut.Rows = 128  # declares twice the pixels it holds
+    buffer = io.BytesIO()
+    cut.save_as(buffer, enforce_file_format=True)
+    short = writer.write(c_store(spool(store.tmp_dir, buffer.getvalue(), position=3)))
+    assert isinstance(short, pydicom.Dataset) and short.Status == dimse.CANNOT_UNDERSTAND
+    assert len(short.ErrorComment) <= 64 and "DOE" not in short.ErrorComment
+    [kept] = writer.entries()
+    assert kept.received.path.read_bytes() == good
+    assert writer.refused == [
+        "retrieved instance 2 is DICOM without a valid SeriesInstanceUID (a UID is digits and dots, at "
+        "most 64 characters); ask the facility for an export with valid UIDs",
+        "retrieved instance 3 holds less pixel data than its Rows, Columns, Number of Frames, Samples per "
+        "Pixel and Bits Allocated declare (its header does not describe its image); ask the facility for "
+        "a new export",
+    ]
+    assert [p.name for p in store.tmp_dir.iterdir()] == [kept.received.path.name]
+
+
+def test_a_retrieved_instance_beyond_the_import_budgets_is_refused_as_it_arrives(tmp_path: Path) -> None:
+    """Retrievals read headers within the upload's budgets: an instance with a huge private element before
+    its pixel data is refused with A700 (Out of Resources), the rest kept."""
+    from services.records.limits import ImportLimits
+    from services.records.retrieval import _header_reader
+    from tests.hostile_corpus import huge_private_element
+
+    store = ObjectStore(tmp_path)
+    limits = ImportLimits(parse_in_subprocess=False, max_header_bytes=1024 * 1024)
+    writer = InstanceWriter(store, read_header=_header_reader(limits))
+    answer = writer.write(c_store(spool(store.tmp_dir, huge_private_element(2 * 1024 * 1024))))
+    assert isinstance(answer, pydicom.Dataset) and answer.Status == OUT_OF_RESOURCES
+    assert answer.ErrorComment == "Instance carries 2.001 MiB before its pixel data"
+    assert writer.write(c_store(spool(store.tmp_dir, ps310(frames=1), position=2))) == SUCCESS
+    assert len(writer.entries()) == 1 and len(writer.refused) == 1
+
+
+def test_an_instance_its_c_store_request_misnames_is_refused(tmp_path: Path) -> None:
+    """The data set's SOP Class and Instance UIDs must be the ones the request names (pynetdicom writes the
+    file meta from the request): otherwise 0xA900, Data Set does not match SOP Class."""
+    store = ObjectStore(tmp_path)
+    writer = InstanceWriter(store)
+    data = ps310(frames=1)
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    as_sent = {"AffectedSOPClassUID": dataset.SOPClassUID, "AffectedSOPInstanceUID": dataset.SOPInstanceUID}
+    misnamed = [
+        {**as_sent, "AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.1.2"},
+        {**as_sent, "AffectedSOPInstanceUID": dataset.SOPInstanceUID + ".1"},
+    ]
+    for position, request in enumerate(misnamed, start=1):
+        event = SimpleNamespace(
+            request=SimpleNamespace(_dataset_file=spool(store.tmp_dir, data, position=position), **request)
+        )
+        answer = writer.write(event)
+        assert isinstance(answer, pydicom.Dataset) and answer.Status == dimse.DOES_NOT_MATCH_SOP_CLASS
+        assert answer.ErrorComment.endswith("UID than its C-STORE request")
+    event = SimpleNamespace(request=SimpleNamespace(_dataset_file=spool(store.tmp_dir, data), **as_sent))
+    assert writer.write(event) == SUCCESS
+    assert len(writer.entries()) == 1 and len(writer.refused) == 2
+
+
 def test_an_instance_without_a_spool_is_refused(tmp_path: Path) -> None:
     writer = InstanceWriter(ObjectStore(tmp_path))
     event = SimpleNamespace(request=SimpleNamespace(_dataset_file=None, DataSet=io.BytesIO(b"")))
