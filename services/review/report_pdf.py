@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from xml.sax.saxutils import escape
 
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
@@ -19,6 +18,7 @@ from contracts.commands import MatchSpecialist
 from contracts.models import DocumentedCommunication
 from services.review.models import ReviewFindings, RiskAssessment, Specialist
 from services.review.recommendations import describe
+from services.review.report_fonts import BODY, BOLD, markup, register
 
 TITLE = "Second-opinion report — diagnostic ultrasound"
 
@@ -156,7 +156,7 @@ def render_report_pdf(content: ReportContent) -> bytes:
         footer += f" · {len(content.addenda)} addendum(s) at the end"
 
     def on_page(canvas: Canvas, document: BaseDocTemplate) -> None:
-        canvas.setFont("Helvetica", 8)
+        canvas.setFont(BODY, 8)
         canvas.drawString(18 * mm, 10 * mm, footer)
         canvas.drawRightString(A4[0] - 18 * mm, 10 * mm, f"Page {document.page}")
 
@@ -168,7 +168,7 @@ def _story(c: ReportContent) -> list[Flowable]:
     styles = _styles()
     r, f = c.request, c.findings
     patient = r.patient
-    story: list[Flowable] = [Paragraph(escape(TITLE), styles["Title"])]
+    story: list[Flowable] = [Paragraph(markup(TITLE), styles["Title"])]
     if c.addenda:
         last = c.addenda[-1].signed_at.astimezone(UTC)
         story.append(
@@ -220,7 +220,7 @@ def _story(c: ReportContent) -> list[Flowable]:
     if statement is not None:
         what, rest = statement
         story += [
-            Paragraph(f"<b>{escape(what)}</b> {escape(rest)}", _critical_style(styles)),
+            Paragraph(f"<b>{markup(what)}</b> {markup(rest)}", _critical_style(styles)),
             Spacer(1, 4 * mm),
         ]
     story.append(_side_by_side(r.original_report.text, f, styles))
@@ -238,12 +238,12 @@ def _story(c: ReportContent) -> list[Flowable]:
     if f.patient_answers:
         story += _section("Answers to the patient's questions", [f.patient_answers], styles, bullets=False)
     subspecialty = c.subspecialty.replace("_", " ")
-    npi = f" (NPI {escape(c.signer.npi)})" if c.signer.npi else ""
+    npi = f" (NPI {markup(c.signer.npi)})" if c.signer.npi else ""
     story += [
         Spacer(1, 6 * mm),
         Paragraph(
-            f"<b>Reviewer:</b> {escape(c.reviewer_signature)} — {escape(subspecialty)}, "
-            f"{escape(c.reviewer.organization)}{npi}",
+            f"<b>Reviewer:</b> {markup(c.reviewer_signature)} — {markup(subspecialty)}, "
+            f"{markup(c.reviewer.organization)}{npi}",
             styles["BodyText"],
         ),
         Paragraph(
@@ -264,20 +264,20 @@ def _addendum(
         parts = [
             Paragraph(f"Addendum {number} — by the reviewing specialist", styles["Heading"]),
             Paragraph(
-                f"<b>{escape(label)}</b> (added by the specialist, not in answer to a question):", body
+                f"<b>{markup(label)}</b> (added by the specialist, not in answer to a question):", body
             ),
         ]
     else:
         parts = [
             Paragraph(f"Addendum {number} — answer to a follow-up question", styles["Heading"]),
-            Paragraph(f"<b>Question:</b> {escape(addendum.question)}", body),
+            Paragraph(f"<b>Question:</b> {markup(addendum.question)}", body),
             Paragraph("<b>Answer:</b>", body),
         ]
     signed = addendum.signed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     return [
         *parts,
         *_paragraphs(addendum.text, body),
-        Paragraph(f"Electronically signed {signed} UTC by {escape(signature)}", body),
+        Paragraph(f"Electronically signed {signed} UTC by {markup(signature)}", body),
     ]
 
 
@@ -299,24 +299,29 @@ def _assessment(a: RiskAssessment) -> str:
 
 
 def _styles() -> dict[str, ParagraphStyle]:
+    register()
     sheet = getSampleStyleSheet()
-    body = ParagraphStyle("Body", parent=sheet["BodyText"], fontSize=9.5, leading=12.5)
+    body = ParagraphStyle("Body", parent=sheet["BodyText"], fontName=BODY, fontSize=9.5, leading=12.5)
     return {
-        "Title": ParagraphStyle("ReportTitle", parent=sheet["Title"], fontSize=16, spaceAfter=6 * mm),
-        "Heading": ParagraphStyle("Heading", parent=sheet["Heading4"], spaceBefore=4 * mm, spaceAfter=1 * mm),
+        "Title": ParagraphStyle(
+            "ReportTitle", parent=sheet["Title"], fontName=BOLD, fontSize=16, spaceAfter=6 * mm
+        ),
+        "Heading": ParagraphStyle(
+            "Heading", parent=sheet["Heading4"], fontName=BOLD, spaceBefore=4 * mm, spaceAfter=1 * mm
+        ),
         "BodyText": body,
-        "Label": ParagraphStyle("Label", parent=body, fontName="Helvetica-Bold"),
+        "Label": ParagraphStyle("Label", parent=body, fontName=BOLD),
     }
 
 
 def _paragraphs(text: str, style: ParagraphStyle) -> list[Flowable]:
     blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
-    return [Paragraph(escape(b).replace("\n", "<br/>"), style) for b in blocks] or [Paragraph("—", style)]
+    return [Paragraph(markup(b).replace("\n", "<br/>"), style) for b in blocks] or [Paragraph("—", style)]
 
 
 def _facts(rows: list[tuple[str, str]], styles: dict[str, ParagraphStyle]) -> Table:
     data = [
-        [Paragraph(escape(k), styles["Label"]), Paragraph(escape(v), styles["BodyText"])] for k, v in rows
+        [Paragraph(markup(k), styles["Label"]), Paragraph(markup(v), styles["BodyText"])] for k, v in rows
     ]
     table = Table(data, colWidths=[45 * mm, None])
     table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]))
@@ -335,14 +340,14 @@ def _agreement_line(agreement: str, styles: dict[str, ParagraphStyle]) -> Paragr
     style = ParagraphStyle(
         "Agreement",
         parent=styles["BodyText"],
-        fontName="Helvetica" if agreement == "concordant" else "Helvetica-Bold",
+        fontName=BODY if agreement == "concordant" else BOLD,
         fontSize=11,
         leading=15,
         textColor=text_colour,
         backColor=background,
         borderPadding=(4, 6, 4, 6),
     )
-    return Paragraph(f"Agreement: {escape(AGREEMENT_LABELS[agreement])}", style)
+    return Paragraph(f"Agreement: {markup(AGREEMENT_LABELS[agreement])}", style)
 
 
 def _side_by_side(original: str, f: ReviewFindings, styles: dict[str, ParagraphStyle]) -> Table:
@@ -377,8 +382,8 @@ def _side_by_side(original: str, f: ReviewFindings, styles: dict[str, ParagraphS
 def _section(
     title: str, items: list[str], styles: dict[str, ParagraphStyle], *, bullets: bool = True
 ) -> list[Flowable]:
-    heading = Paragraph(escape(title), styles["Heading"])
-    paragraphs = [Paragraph(escape(item), styles["BodyText"]) for item in items]
+    heading = Paragraph(markup(title), styles["Heading"])
+    paragraphs = [Paragraph(markup(item), styles["BodyText"]) for item in items]
     if not bullets:
         return [heading, *paragraphs]
     return [heading, ListFlowable(paragraphs, bulletType="bullet", leftIndent=4 * mm, bulletFontSize=7)]

@@ -1,0 +1,82 @@
+"""What the specialist and the referring side write reaches every form of the report as written (PDF, FHIR
+DiagnosticReport, DICOM Encapsulated PDF)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pydicom
+from fastapi.testclient import TestClient
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from sqlalchemy.engine import Engine
+
+from services.common.config import Settings
+from tests.integration import test_review_flow as flow
+from tests.integration.test_review_flow import FINDINGS, apply, assigned_review, compose_command, outbox_event
+from tests.integration.test_review_followup import question_command
+from tests.keys import specialist_headers
+from tests.unit.test_review_matching import request
+
+engine, client, empty_tables = flow.engine, flow.client, flow.empty_tables
+
+ORIGINAL = "右卵巣に6cmの複雑性嚢胞性腫瘤。充実部に血流あり。印象: O-RADS 5。"
+QUESTION = "Łódź clinic asks: can the repeat scan be done at 8 weeks? 재검사 가능합니까?"
+WRITTEN = FINDINGS | {
+    "findings": "β-hCG ≥ 5 mIU/mL; 4×3 cm cyst, <b>no</b> flow & no <para>solid</para> part. Čeština, Ελληνικά.",
+    "impression": "Haemorrhagic cyst (出血性嚢胞), O-RADS 2 — not O\u2011RADS 5.",
+    "alternative_diagnoses": ["Endometrioma (子宮内膜症性嚢胞)", "Кистома"],
+}
+
+
+def test_text_beyond_latin_1_reaches_the_pdf_fhir_and_dicom_as_written(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """Helvetica draws Latin-1 only: a Polish patient name, an original report in Japanese, "β-hCG ≥ 5" were
+    printed as black boxes, the report unreadable where it mattered, though FHIR and DICOM had the text."""
+    base = request("pelvic", "CA")
+    patient = base.patient.model_copy(update={"family_name": "Wróbel-O'Łukasz", "given_name": "Zoë 山田"})
+    command, assigned = assigned_review(
+        engine,
+        settings,
+        patient=patient,
+        clinical_question="Ist die Läsion maligne? 悪性ですか?",
+        original_report=base.original_report.model_copy(update={"text": ORIGINAL}),
+    )
+    case_id, review_id = command.subject, assigned["review_id"]
+    signed = specialist_headers(settings)
+    submitted = client.post(f"/v1/reviews/{review_id}", json=WRITTEN, headers=signed)
+    assert submitted.status_code == 200, submitted.text
+    apply(engine, settings, compose_command(case_id, review_id))
+    apply(engine, settings, question_command(case_id, "q1", QUESTION))
+    answer = "Yes: 8 weeks (8주) is fine."
+    answered = client.post(
+        f"/v1/reviews/{review_id}/questions/q1/answer", json={"answer": answer}, headers=signed
+    )
+    assert answered.status_code == 200, answered.text
+
+    pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    text = flow.pdf_text(pdf)
+    assert "■" not in text
+    unspaced = "".join(text.split())  # a line may break inside CJK text, where extraction adds a space
+    for written in (
+        "Wróbel-O'Łukasz",
+        "Zoë 山田",
+        "悪性ですか?",
+        ORIGINAL,
+        WRITTEN["findings"],
+        WRITTEN["impression"],
+        *WRITTEN["alternative_diagnoses"],
+        QUESTION,
+        answer,
+    ):
+        assert "".join(written.split()) in unspaced, written
+    fhir = client.get(f"/v1/reports/{case_id}").json()
+    DiagnosticReport.model_validate(fhir)
+    assert WRITTEN["impression"] in fhir["conclusion"]
+    assert fhir["subject"]["display"] == "Zoë 山田 Wróbel-O'Łukasz"
+    issued = outbox_event(engine, f"document.encapsulated_report:{case_id}:2")
+    ds = pydicom.dcmread(io.BytesIO(base64.b64decode(issued.data["dicom_base64"])))
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert (ds.PatientName.family_name, ds.PatientName.given_name) == ("Wróbel-O'Łukasz", "Zoë 山田")
+    assert bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength] == pdf
