@@ -1,5 +1,5 @@
 """What the specialist and the referring side write reaches every form of the report as written (PDF, FHIR
-DiagnosticReport, DICOM Encapsulated PDF)."""
+DiagnosticReport, DICOM Encapsulated PDF), or the specialist is told up front what the report cannot print."""
 
 from __future__ import annotations
 
@@ -80,3 +80,52 @@ def test_text_beyond_latin_1_reaches_the_pdf_fhir_and_dicom_as_written(
     assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert (ds.PatientName.family_name, ds.PatientName.given_name) == ("Wróbel-O'Łukasz", "Zoë 山田")
     assert bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength] == pdf
+
+
+def test_characters_the_report_cannot_print_are_refused_at_submission_naming_the_field(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """An emoji or a control character was taken and printed as a black box: the signed report no longer said
+    what the specialist wrote, and nobody was told."""
+    _, assigned = assigned_review(engine, settings)
+    body = WRITTEN | {
+        "impression": "Benign 🙂",
+        "alternative_diagnoses": ["Endometrioma", "Dermoid\x07"],
+        "recommendations": [
+            {"text": "Repeat ✅", "follow_up": {"action": "ultrasound", "when": {"unit": "now"}}}
+        ],
+    }
+
+    response = client.post(
+        f"/v1/reviews/{assigned['review_id']}", json=body, headers=specialist_headers(settings)
+    )
+
+    assert response.status_code == 422
+    errors = {e["field"]: e["message"] for e in response.json()["errors"]}
+    assert set(errors) == {"impression", "alternative_diagnoses.1", "recommendations.0"}
+    assert errors["impression"] == (
+        "has U+1F642 SLIGHTLY SMILING FACE, which the report cannot print; "
+        "write it in words (or leave it out) and send again"
+    )
+    assert "U+0007 unnamed" in errors["alternative_diagnoses.1"]
+    assert client.get(f"/v1/reviews/{assigned['review_id']}").json()["status"] == "accepted"
+
+
+def test_an_answer_or_addendum_the_report_cannot_print_is_refused(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    command, assigned = assigned_review(engine, settings)
+    case_id, review_id = command.subject, assigned["review_id"]
+    signed = specialist_headers(settings)
+    assert client.post(f"/v1/reviews/{review_id}", json=FINDINGS, headers=signed).status_code == 200
+    apply(engine, settings, compose_command(case_id, review_id))
+    apply(engine, settings, question_command(case_id, "q1", "Surgery?"))
+
+    answer = client.post(
+        f"/v1/reviews/{review_id}/questions/q1/answer", json={"answer": "No 👍"}, headers=signed
+    )
+    addendum = client.post(f"/v1/reviews/{review_id}/addenda", json={"text": "See 📎"}, headers=signed)
+
+    assert answer.status_code == 422 and "U+1F44D THUMBS UP SIGN" in answer.json()["errors"][0]["message"]
+    assert addendum.status_code == 422 and addendum.json()["errors"][0]["field"] == "text"
+    assert client.get(f"/v1/reports/{case_id}").json()["meta"]["versionId"] == "1"
