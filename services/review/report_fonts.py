@@ -92,20 +92,24 @@ def describe_characters(chars: list[str]) -> str:
     return ", ".join(named) + (f" and {len(chars) - 5} more" if len(chars) > 5 else "")
 
 
+def shown(text: str) -> str:
+    """The text as the report shows it: NFC, without invisible format characters, `[U+XXXX]` for a character
+    no font draws."""
+    return "".join(c if _font_for(c) is not None else f"[U+{ord(c):04X}]" for c in _printed(text))
+
+
 def markup(text: str) -> str:
-    """Paragraph markup that draws `text` as written: escaped (`<b>` is text, not bold), each run in a font
-    that has its characters, and `[U+XXXX]` for a character none has. Newlines stay newlines."""
+    """Paragraph markup that draws `text` as shown (`shown`): escaped (`<b>` is text, not bold), each run in
+    a font that has its characters. Newlines stay newlines."""
     register()
     parts: list[str] = []
     run, run_font = "", BODY
-    for char in _printed(text):
-        font = _font_for(char)
-        shown = char if font is not None else f"[U+{ord(char):04X}]"
-        font = font or BODY
+    for char in shown(text):
+        font = _font_for(char) or BODY
         if font != run_font and run:
             parts.append(_run(run, run_font))
             run = ""
-        run, run_font = run + shown, font
+        run, run_font = run + char, font
     if run:
         parts.append(_run(run, run_font))
     return "".join(parts)

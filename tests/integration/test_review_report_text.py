@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import time
 
 import pydicom
 from fastapi.testclient import TestClient
@@ -129,3 +131,34 @@ def test_an_answer_or_addendum_the_report_cannot_print_is_refused(
     assert answer.status_code == 422 and "U+1F44D THUMBS UP SIGN" in answer.json()["errors"][0]["message"]
     assert addendum.status_code == 422 and addendum.json()["errors"][0]["field"] == "text"
     assert client.get(f"/v1/reports/{case_id}").json()["meta"]["versionId"] == "1"
+
+
+def test_a_report_of_the_longest_texts_in_many_short_lines_is_composed_in_seconds(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """Findings and impression at their 20,000 characters, one measurement a line, took minutes to lay out
+    (reportlab lays a paragraph, and a table cell, out again at every page it is split over): the consumer
+    sat on report.compose, and each answer to a follow-up question held its HTTP request as long."""
+    lines = "\n".join(f"{i % 10}" for i in range(10_000))
+    assert len(lines) == 19_999
+    command, assigned = assigned_review(engine, settings)
+    case_id, review_id = command.subject, assigned["review_id"]
+    body = FINDINGS | {"findings": lines, "impression": lines + "\n\nEnd of impression."}
+    body |= {"alternative_diagnoses": ["d " * 500] * 20, "recommendations": ["r " * 500] * 20}
+    submitted = client.post(f"/v1/reviews/{review_id}", json=body, headers=specialist_headers(settings))
+    assert submitted.status_code == 422  # the impression is one character too long
+    assert [e["field"] for e in submitted.json()["errors"]] == ["impression"]
+    body["impression"] = lines
+    submitted = client.post(f"/v1/reviews/{review_id}", json=body, headers=specialist_headers(settings))
+    assert submitted.status_code == 200, submitted.text
+
+    started = time.monotonic()
+    apply(engine, settings, compose_command(case_id, review_id))
+    composed_in = time.monotonic() - started
+
+    assert composed_in < 15, f"composed in {composed_in:.0f} s"
+    pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    text = re.sub(r"Case \S+ · version 1 Page \d+ (Original report Second opinion )?", "", flow.pdf_text(pdf))
+    unspaced = "".join(text.split())  # without the page's footer and the table's header repeated on each page
+    assert unspaced.count(lines.replace("\n", "")) == 2  # findings and impression, every line
+    assert unspaced.count("d" * 500) == 20 and unspaced.count("r" * 500) == 20
