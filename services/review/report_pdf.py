@@ -441,7 +441,7 @@ def _section(
     title: str, items: list[str], styles: dict[str, ParagraphStyle], *, bullets: bool = True
 ) -> list[Flowable]:
     heading = Paragraph(markup(title), styles["Heading"])
-    paragraphs = [Paragraph(markup(item), styles["BodyText"]) for item in items]
-    if not bullets:
-        return [heading, *paragraphs]
+    if not bullets:  # prose (technical notes, answers to the patient): its paragraphs and line breaks kept
+        return [heading, *(p for item in items for p in _paragraphs(item, styles["BodyText"]))]
+    paragraphs = [Paragraph(markup(item).replace("\n", "<br/>"), styles["BodyText"]) for item in items]
     return [heading, ListFlowable(paragraphs, bulletType="bullet", leftIndent=4 * mm, bulletFontSize=7)]

@@ -11,6 +11,7 @@ import time
 import pydicom
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from pypdf import PdfReader
 from sqlalchemy.engine import Engine
 
 from services.common.config import Settings
@@ -162,3 +163,26 @@ def test_a_report_of_the_longest_texts_in_many_short_lines_is_composed_in_second
     unspaced = "".join(text.split())  # without the page's footer and the table's header repeated on each page
     assert unspaced.count(lines.replace("\n", "")) == 2  # findings and impression, every line
     assert unspaced.count("d" * 500) == 20 and unspaced.count("r" * 500) == 20
+
+
+def test_the_answers_to_the_patient_keep_their_lines_and_paragraphs(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """Technical notes and the answers to the patient were printed as one run-on paragraph: a numbered list of
+    answers lost its line breaks and its blank lines."""
+    command, assigned = assigned_review(engine, settings)
+    case_id, review_id = command.subject, assigned["review_id"]
+    answers = "1. Is it cancer? Very unlikely.\n2. Do I need surgery? No.\n\nCall us with any question."
+    notes = "No cine sweep.\nGain too high on the left ovary."
+    body = FINDINGS | {"patient_answers": answers, "technical_notes": notes}
+    submitted = client.post(f"/v1/reviews/{review_id}", json=body, headers=specialist_headers(settings))
+    assert submitted.status_code == 200, submitted.text
+    apply(engine, settings, compose_command(case_id, review_id))
+
+    pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    lines = [
+        line.strip() for page in PdfReader(io.BytesIO(pdf)).pages for line in page.extract_text().split("\n")
+    ]
+
+    for line in [*answers.split("\n"), "Limited: No cine sweep.", "Gain too high on the left ovary."]:
+        assert line in lines or not line, line
