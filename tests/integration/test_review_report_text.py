@@ -7,10 +7,12 @@ import base64
 import io
 import re
 import time
+from datetime import date
 
 import pydicom
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from pydicom.valuerep import validate_value
 from pypdf import PdfReader
 from sqlalchemy.engine import Engine
 
@@ -186,3 +188,26 @@ def test_the_answers_to_the_patient_keep_their_lines_and_paragraphs(
 
     for line in [*answers.split("\n"), "Limited: No cine sweep.", "Gain too high on the left ovary."]:
         assert line in lines or not line, line
+
+
+def test_a_date_before_the_year_1000_is_written_as_a_valid_dicom_date(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """strftime("%Y") does not pad years before 1000: a birth date typed 0984-03-02 (which intake takes) was
+    written as PatientBirthDate "9840302", not a DICOM date (DA is 8 digits), in the report's DICOM instance."""
+    base = request("pelvic", "CA")
+    patient = base.patient.model_copy(update={"birth_date": date(984, 3, 2)})
+    command, assigned = assigned_review(engine, settings, patient=patient)
+    case_id, review_id = command.subject, assigned["review_id"]
+    submitted = client.post(f"/v1/reviews/{review_id}", json=FINDINGS, headers=specialist_headers(settings))
+    assert submitted.status_code == 200, submitted.text
+    apply(engine, settings, compose_command(case_id, review_id))
+
+    issued = outbox_event(engine, f"document.encapsulated_report:{case_id}:1")
+    ds = pydicom.dcmread(io.BytesIO(base64.b64decode(issued.data["dicom_base64"])))
+
+    assert ds.PatientBirthDate == "09840302"
+    validate_value("DA", ds.PatientBirthDate, pydicom.config.RAISE)
+    assert "0984-03-02" in flow.pdf_text(
+        client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    )
