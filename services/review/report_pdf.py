@@ -284,7 +284,8 @@ def _addendum(
     else:
         parts = [
             Paragraph(f"Addendum {number} — answer to a follow-up question", styles["Heading"]),
-            Paragraph(f"<b>Question:</b> {markup(addendum.question)}", body),
+            Paragraph("<b>Question:</b>", body),
+            *_paragraphs(addendum.question, body),
             Paragraph("<b>Answer:</b>", body),
         ]
     signed = addendum.signed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")

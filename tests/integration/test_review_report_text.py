@@ -170,8 +170,8 @@ def test_a_report_of_the_longest_texts_in_many_short_lines_is_composed_in_second
 def test_the_answers_to_the_patient_keep_their_lines_and_paragraphs(
     engine: Engine, settings: Settings, client: TestClient
 ) -> None:
-    """Technical notes and the answers to the patient were printed as one run-on paragraph: a numbered list of
-    answers lost its line breaks and its blank lines."""
+    """Technical notes, the answers to the patient and a follow-up question were printed as one run-on
+    paragraph: a numbered list lost its line breaks and its blank lines."""
     command, assigned = assigned_review(engine, settings)
     case_id, review_id = command.subject, assigned["review_id"]
     answers = "1. Is it cancer? Very unlikely.\n2. Do I need surgery? No.\n\nCall us with any question."
@@ -180,13 +180,22 @@ def test_the_answers_to_the_patient_keep_their_lines_and_paragraphs(
     submitted = client.post(f"/v1/reviews/{review_id}", json=body, headers=specialist_headers(settings))
     assert submitted.status_code == 200, submitted.text
     apply(engine, settings, compose_command(case_id, review_id))
+    question = "Two questions:\n1. Can we repeat it here?\n2. When?"
+    apply(engine, settings, question_command(case_id, "q1", question))
+    answered = client.post(
+        f"/v1/reviews/{review_id}/questions/q1/answer",
+        json={"answer": "1. Yes.\n2. In 8 weeks."},
+        headers=specialist_headers(settings),
+    )
+    assert answered.status_code == 200, answered.text
 
     pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
     lines = [
         line.strip() for page in PdfReader(io.BytesIO(pdf)).pages for line in page.extract_text().split("\n")
     ]
 
-    for line in [*answers.split("\n"), "Limited: No cine sweep.", "Gain too high on the left ovary."]:
+    written = [*answers.split("\n"), *question.split("\n"), "1. Yes.", "2. In 8 weeks."]
+    for line in [*written, "Limited: No cine sweep.", "Gain too high on the left ovary."]:
         assert line in lines or not line, line
 
 
