@@ -88,7 +88,7 @@ def unprintable(text: str) -> list[str]:
 
 def describe_characters(chars: list[str]) -> str:
     """`🙂 (U+1F642 SLIGHTLY SMILING FACE)`, for an error message."""
-    named = (f"U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}" for c in chars[:5])
+    named = (f"U+{ord(c):04X} {_name(c)}" for c in chars[:5])
     return ", ".join(named) + (f" and {len(chars) - 5} more" if len(chars) > 5 else "")
 
 
@@ -96,6 +96,12 @@ def shown(text: str) -> str:
     """The text as the report shows it: NFC, without invisible format characters, `[U+XXXX]` for a character
     no font draws."""
     return "".join(c if _font_for(c) is not None else f"[U+{ord(c):04X}]" for c in _printed(text))
+
+
+def _name(char: str) -> str:
+    if unicodedata.category(char) == "Cc":
+        return "a control character"
+    return unicodedata.name(char, "a private-use or unassigned character")
 
 
 def markup(text: str) -> str:
