@@ -220,3 +220,23 @@ def test_a_date_before_the_year_1000_is_written_as_a_valid_dicom_date(
     assert "0984-03-02" in flow.pdf_text(
         client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
     )
+
+
+def test_what_the_referring_side_wrote_that_no_font_draws_is_shown_by_its_code_point(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """The referring side is not asked again: an emoji in the original report is printed as [U+1F642], a
+    combining accent on its letter, zero-width and bidi controls (invisible anyway) left out; not black boxes."""
+    base = request("pelvic", "CA")
+    original = "Cyste\u0301 5 cm 🙂, no\u200b flow \u2066(RI 0.6)\u2069."
+    command, assigned = assigned_review(
+        engine, settings, original_report=base.original_report.model_copy(update={"text": original})
+    )
+    case_id, review_id = command.subject, assigned["review_id"]
+    submitted = client.post(f"/v1/reviews/{review_id}", json=FINDINGS, headers=specialist_headers(settings))
+    assert submitted.status_code == 200, submitted.text
+    apply(engine, settings, compose_command(case_id, review_id))
+
+    pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+
+    assert "Cysté 5 cm [U+1F642], no flow (RI 0.6)." in flow.pdf_text(pdf)
