@@ -70,7 +70,10 @@ def _cjk_font(char: str) -> str | None:
 
 def _font_for(char: str) -> str | None:
     """BODY, a CJK font, or None: no font of the report draws it."""
-    if char in "\n\t" or (ord(char) in _body_glyphs() and unicodedata.category(char) != "Cc"):
+    # Beyond the BMP (DejaVu's few emoji) reportlab writes a ToUnicode entry PDF readers cannot parse, and the
+    # whole line is lost to text extraction and search: those are not drawn.
+    code = ord(char)
+    if char in "\n\t" or (code <= 0xFFFF and code in _body_glyphs() and unicodedata.category(char) != "Cc"):
         return BODY
     return _cjk_font(char)
 

@@ -364,7 +364,8 @@ def _facts(rows: list[tuple[str, str]], styles: dict[str, ParagraphStyle]) -> Ta
     data = [
         [Paragraph(markup(k), styles["Label"]), Paragraph(markup(v), styles["BodyText"])] for k, v in rows
     ]
-    table = Table(data, colWidths=[45 * mm, None])
+    # splitInRow: a long value (a clinical question of emoji, each printed [U+1F642]) goes on on the next page.
+    table = Table(data, colWidths=[45 * mm, None], splitInRow=1)
     table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]))
     return table
 

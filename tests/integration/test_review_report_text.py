@@ -94,6 +94,7 @@ def test_characters_the_report_cannot_print_are_refused_at_submission_naming_the
     what the specialist wrote, and nobody was told."""
     _, assigned = assigned_review(engine, settings)
     body = WRITTEN | {
+        "findings": "Smiles 😀",  # DejaVu draws it, but PDF readers could not extract the line it was on
         "impression": "Benign 🙂",
         "alternative_diagnoses": ["Endometrioma", "Dermoid\x07"],
         "recommendations": [
@@ -107,7 +108,7 @@ def test_characters_the_report_cannot_print_are_refused_at_submission_naming_the
 
     assert response.status_code == 422
     errors = {e["field"]: e["message"] for e in response.json()["errors"]}
-    assert set(errors) == {"impression", "alternative_diagnoses.1", "recommendations.0"}
+    assert set(errors) == {"findings", "impression", "alternative_diagnoses.1", "recommendations.0"}
     assert errors["impression"] == (
         "has U+1F642 SLIGHTLY SMILING FACE, which the report cannot print; "
         "write it in words (or leave it out) and send again"
@@ -240,3 +241,21 @@ def test_what_the_referring_side_wrote_that_no_font_draws_is_shown_by_its_code_p
     pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
 
     assert "Cysté 5 cm [U+1F642], no flow (RI 0.6)." in flow.pdf_text(pdf)
+
+
+def test_a_clinical_question_that_prints_longer_than_a_page_goes_on_on_the_next(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """Intake takes a clinical question of 2,000 emoji; printed [U+1F600] each, its row of the patient table
+    was taller than a page and every composition failed (LayoutError): the case never got its report. An emoji
+    beyond the BMP was also drawn with a ToUnicode entry PDF readers reject, losing the line to extraction."""
+    command, assigned = assigned_review(engine, settings, clinical_question="😀" * 2000)
+    case_id, review_id = command.subject, assigned["review_id"]
+    submitted = client.post(f"/v1/reviews/{review_id}", json=FINDINGS, headers=specialist_headers(settings))
+    assert submitted.status_code == 200, submitted.text
+
+    apply(engine, settings, compose_command(case_id, review_id))
+
+    pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    text = re.sub(r"Case \S+ · version 1 Page \d+ ", "", flow.pdf_text(pdf))  # without the page footers
+    assert "".join(text.split()).count("[U+1F600]") == 2000
