@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import re
-from datetime import datetime
+from datetime import date, datetime
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
@@ -39,11 +39,11 @@ def encapsulated_pdf(
     ds.SOPInstanceUID = sop_instance_uid
     ds.PatientName = _person_name(patient.family_name, patient.given_name)
     ds.PatientID = patient.mrn
-    ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d")
+    ds.PatientBirthDate = _date(patient.birth_date)
     ds.PatientSex = {"female": "F", "male": "M", "other": "O"}.get(patient.sex.value, "")
     ds.StudyInstanceUID = study.study_instance_uid
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[report_id, "series"])
-    ds.StudyDate = request.exam.performed_on.strftime("%Y%m%d")
+    ds.StudyDate = _date(request.exam.performed_on)
     ds.StudyTime = ""
     ds.AccessionNumber = _short_string(request.exam.accession_number)
     ds.ReferringPhysicianName = ""
@@ -54,7 +54,7 @@ def encapsulated_pdf(
     ds.Manufacturer = "secondopinion"
     ds.ConversionType = "WSD"
     ds.TimezoneOffsetFromUTC = issued.strftime("%z")  # DA/TM below are in this offset (PS3.3 Table C.12-1)
-    ds.ContentDate = issued.strftime("%Y%m%d")
+    ds.ContentDate = _date(issued.date())
     ds.ContentTime = issued.strftime("%H%M%S")
     ds.AcquisitionDateTime = issued.strftime("%Y%m%d%H%M%S%z")
     ds.BurnedInAnnotation = "YES"
@@ -72,6 +72,11 @@ def encapsulated_pdf(
 def report_instance_uid(report_id: str, version: int) -> str:
     """The SOP Instance UID this service issues a report version under (records finds its copy by it)."""
     return str(generate_uid(entropy_srcs=[report_id, str(version), "instance"]))
+
+
+def _date(value: date) -> str:
+    """DA (PS3.5 6.2): YYYYMMDD, the year in four digits (strftime("%Y") writes 984 for the year 984)."""
+    return value.isoformat().replace("-", "")
 
 
 def _person_name(family: str, given: str) -> str:

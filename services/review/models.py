@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, model_validator
 from sqlalchemy import JSON, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from contracts.models import Exam, Instant, OriginalReport, StudySummary
 from services.common.db import utcnow
-from services.review.recommendations import RecommendationItem
+from services.review.recommendations import RecommendationItem, describe
+from services.review.report_fonts import describe_characters, unprintable
 
 TABLES = ("specialists", "reviews", "reports", "follow_up_questions", "addenda", "reviewer_access_changes")
 
@@ -53,6 +54,26 @@ TI_RADS_POINTS: dict[str, tuple[int, int]] = {
 
 ClinicalText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
 ListItem = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1_000)]
+
+
+def unprintable_problem(text: str) -> str | None:
+    """Why the report cannot carry `text` as written (a character none of its fonts draws), or None."""
+    if chars := unprintable(text):
+        return (
+            f"has {describe_characters(chars)}, which the report cannot print; "
+            "write it in words (or leave it out) and send again"
+        )
+    return None
+
+
+def _printable(text: str) -> str:
+    if problem := unprintable_problem(text):
+        raise ValueError(problem)
+    return text
+
+
+# What a specialist signs after the report was issued (an answer, an addendum): refused unless it can be printed.
+SignedText = Annotated[ClinicalText, AfterValidator(_printable)]
 
 
 def as_utc(value: datetime) -> datetime:
@@ -306,7 +327,21 @@ class ReviewFindings(BaseModel):
             problems.append(
                 ("agreement", "a discrepancy likely to be clinically significant (2b, 3b) is major")
             )
+        for field, text in self._texts():
+            if problem := unprintable_problem(text):
+                problems.append((field, problem))
         return problems
+
+    def _texts(self) -> list[tuple[str, str]]:
+        """(field, text) for everything written here that the report prints."""
+        texts = [(field, getattr(self, field)) for field in ("technical_notes", "findings", "impression")]
+        texts += [(f"alternative_diagnoses.{i}", d) for i, d in enumerate(self.alternative_diagnoses)]
+        texts += [(f"recommendations.{i}", describe(r)) for i, r in enumerate(self.recommendations)]
+        texts.append(("patient_answers", self.patient_answers))
+        texts += [(f"assessments.{i}.lesion", a.lesion) for i, a in enumerate(self.assessments)]
+        if self.communication is not None:
+            texts.append(("communication.recipient", self.communication.recipient))
+        return [(field, text) for field, text in texts if text]
 
     @classmethod
     def of(cls, review: Review) -> ReviewFindings | None:
@@ -344,7 +379,7 @@ class Decline(BaseModel):
 class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    answer: ClinicalText
+    answer: SignedText
 
 
 class AddendumCreate(BaseModel):
@@ -353,7 +388,7 @@ class AddendumCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: AddendumKind = "other"
-    text: ClinicalText
+    text: SignedText
 
 
 class AddendumPublic(BaseModel):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from xml.sax.saxutils import escape
+from itertools import zip_longest
 
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
@@ -19,6 +20,7 @@ from contracts.commands import MatchSpecialist
 from contracts.models import DocumentedCommunication
 from services.review.models import ReviewFindings, RiskAssessment, Specialist
 from services.review.recommendations import describe
+from services.review.report_fonts import BODY, BOLD, markup, register, shown
 
 TITLE = "Second-opinion report — diagnostic ultrasound"
 
@@ -39,6 +41,18 @@ AGREEMENT_COLOURS = {
 # What a communicated result is called on the report when it is not marked critical, and how it was told.
 AGREEMENT_FINDINGS = {"major_discrepancy": "Major discrepancy", "minor_discrepancy": "Minor discrepancy"}
 COMMUNICATION_METHODS = {"telephone": "by telephone", "in_person": "in person"}
+
+
+# A Paragraph is laid out again at every page it is split over: text is drawn in pieces of at most this many
+# lines and about this many characters, so a report of 10,000 short lines, or an original report of 100,000
+# characters, is composed in seconds, not minutes.
+LINES_PER_PIECE = 8
+PIECE_CHARS = 600
+MARGIN = 18 * mm
+# The side-by-side table: the width its cells wrap text to (half the frame, less the cells' padding), and the
+# height of text put in one row.
+COLUMN_WIDTH = (A4[0] - 2 * MARGIN) / 2 - 12
+ROW_HEIGHT = 120
 
 
 def _utc(at: datetime) -> str:
@@ -143,8 +157,8 @@ def render_report_pdf(content: ReportContent) -> bytes:
     doc = SimpleDocTemplate(
         buffer,
         pagesize=A4,
-        leftMargin=18 * mm,
-        rightMargin=18 * mm,
+        leftMargin=MARGIN,
+        rightMargin=MARGIN,
         topMargin=16 * mm,
         bottomMargin=18 * mm,
         title=TITLE,
@@ -156,7 +170,7 @@ def render_report_pdf(content: ReportContent) -> bytes:
         footer += f" · {len(content.addenda)} addendum(s) at the end"
 
     def on_page(canvas: Canvas, document: BaseDocTemplate) -> None:
-        canvas.setFont("Helvetica", 8)
+        canvas.setFont(BODY, 8)
         canvas.drawString(18 * mm, 10 * mm, footer)
         canvas.drawRightString(A4[0] - 18 * mm, 10 * mm, f"Page {document.page}")
 
@@ -168,7 +182,7 @@ def _story(c: ReportContent) -> list[Flowable]:
     styles = _styles()
     r, f = c.request, c.findings
     patient = r.patient
-    story: list[Flowable] = [Paragraph(escape(TITLE), styles["Title"])]
+    story: list[Flowable] = [Paragraph(markup(TITLE), styles["Title"])]
     if c.addenda:
         last = c.addenda[-1].signed_at.astimezone(UTC)
         story.append(
@@ -220,7 +234,7 @@ def _story(c: ReportContent) -> list[Flowable]:
     if statement is not None:
         what, rest = statement
         story += [
-            Paragraph(f"<b>{escape(what)}</b> {escape(rest)}", _critical_style(styles)),
+            Paragraph(f"<b>{markup(what)}</b> {markup(rest)}", _critical_style(styles)),
             Spacer(1, 4 * mm),
         ]
     story.append(_side_by_side(r.original_report.text, f, styles))
@@ -238,12 +252,12 @@ def _story(c: ReportContent) -> list[Flowable]:
     if f.patient_answers:
         story += _section("Answers to the patient's questions", [f.patient_answers], styles, bullets=False)
     subspecialty = c.subspecialty.replace("_", " ")
-    npi = f" (NPI {escape(c.signer.npi)})" if c.signer.npi else ""
+    npi = f" (NPI {markup(c.signer.npi)})" if c.signer.npi else ""
     story += [
         Spacer(1, 6 * mm),
         Paragraph(
-            f"<b>Reviewer:</b> {escape(c.reviewer_signature)} — {escape(subspecialty)}, "
-            f"{escape(c.reviewer.organization)}{npi}",
+            f"<b>Reviewer:</b> {markup(c.reviewer_signature)} — {markup(subspecialty)}, "
+            f"{markup(c.reviewer.organization)}{npi}",
             styles["BodyText"],
         ),
         Paragraph(
@@ -264,20 +278,21 @@ def _addendum(
         parts = [
             Paragraph(f"Addendum {number} — by the reviewing specialist", styles["Heading"]),
             Paragraph(
-                f"<b>{escape(label)}</b> (added by the specialist, not in answer to a question):", body
+                f"<b>{markup(label)}</b> (added by the specialist, not in answer to a question):", body
             ),
         ]
     else:
         parts = [
             Paragraph(f"Addendum {number} — answer to a follow-up question", styles["Heading"]),
-            Paragraph(f"<b>Question:</b> {escape(addendum.question)}", body),
+            Paragraph("<b>Question:</b>", body),
+            *_paragraphs(addendum.question, body),
             Paragraph("<b>Answer:</b>", body),
         ]
     signed = addendum.signed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     return [
         *parts,
         *_paragraphs(addendum.text, body),
-        Paragraph(f"Electronically signed {signed} UTC by {escape(signature)}", body),
+        Paragraph(f"Electronically signed {signed} UTC by {markup(signature)}", body),
     ]
 
 
@@ -299,26 +314,58 @@ def _assessment(a: RiskAssessment) -> str:
 
 
 def _styles() -> dict[str, ParagraphStyle]:
+    register()
     sheet = getSampleStyleSheet()
-    body = ParagraphStyle("Body", parent=sheet["BodyText"], fontSize=9.5, leading=12.5)
+    body = ParagraphStyle("Body", parent=sheet["BodyText"], fontName=BODY, fontSize=9.5, leading=12.5)
     return {
-        "Title": ParagraphStyle("ReportTitle", parent=sheet["Title"], fontSize=16, spaceAfter=6 * mm),
-        "Heading": ParagraphStyle("Heading", parent=sheet["Heading4"], spaceBefore=4 * mm, spaceAfter=1 * mm),
+        "Title": ParagraphStyle(
+            "ReportTitle", parent=sheet["Title"], fontName=BOLD, fontSize=16, spaceAfter=6 * mm
+        ),
+        "Heading": ParagraphStyle(
+            "Heading", parent=sheet["Heading4"], fontName=BOLD, spaceBefore=4 * mm, spaceAfter=1 * mm
+        ),
         "BodyText": body,
-        "Label": ParagraphStyle("Label", parent=body, fontName="Helvetica-Bold"),
+        "Label": ParagraphStyle("Label", parent=body, fontName=BOLD),
     }
 
 
 def _paragraphs(text: str, style: ParagraphStyle) -> list[Flowable]:
-    blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
-    return [Paragraph(escape(b).replace("\n", "<br/>"), style) for b in blocks] or [Paragraph("—", style)]
+    """The blocks (blank-line separated) of `text`, each in pieces (`_pieces`) that keep its line breaks."""
+    blocks = [b.strip() for b in shown(text).split("\n\n") if b.strip()]
+    continued = ParagraphStyle(f"{style.name}Continued", parent=style, spaceBefore=0)
+    paragraphs: list[Flowable] = []
+    for block in blocks:
+        for i, piece in enumerate(_pieces(block)):
+            paragraphs.append(Paragraph("<br/>".join(map(markup, piece)), style if i == 0 else continued))
+    return paragraphs or [Paragraph("—", style)]
+
+
+def _pieces(block: str) -> Iterator[list[str]]:
+    """The block's lines, at most LINES_PER_PIECE and about PIECE_CHARS characters at a time; a longer line is
+    cut at a space, and its rest goes on on the next line."""
+    piece: list[str] = []
+    size = 0
+    for line in block.split("\n"):
+        while line:
+            cut = len(line) if len(line) <= PIECE_CHARS else line.rfind(" ", 0, PIECE_CHARS)
+            if cut <= 0:
+                cut = PIECE_CHARS
+            segment, line = line[:cut], line[cut:].lstrip()
+            if piece and (len(piece) == LINES_PER_PIECE or size + len(segment) > PIECE_CHARS):
+                yield piece
+                piece, size = [], 0
+            piece.append(segment)
+            size += len(segment)
+    if piece:
+        yield piece
 
 
 def _facts(rows: list[tuple[str, str]], styles: dict[str, ParagraphStyle]) -> Table:
     data = [
-        [Paragraph(escape(k), styles["Label"]), Paragraph(escape(v), styles["BodyText"])] for k, v in rows
+        [Paragraph(markup(k), styles["Label"]), Paragraph(markup(v), styles["BodyText"])] for k, v in rows
     ]
-    table = Table(data, colWidths=[45 * mm, None])
+    # splitInRow: a long value (a clinical question of emoji, each printed [U+1F642]) goes on on the next page.
+    table = Table(data, colWidths=[45 * mm, None], splitInRow=1)
     table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]))
     return table
 
@@ -335,14 +382,14 @@ def _agreement_line(agreement: str, styles: dict[str, ParagraphStyle]) -> Paragr
     style = ParagraphStyle(
         "Agreement",
         parent=styles["BodyText"],
-        fontName="Helvetica" if agreement == "concordant" else "Helvetica-Bold",
+        fontName=BODY if agreement == "concordant" else BOLD,
         fontSize=11,
         leading=15,
         textColor=text_colour,
         backColor=background,
         borderPadding=(4, 6, 4, 6),
     )
-    return Paragraph(f"Agreement: {escape(AGREEMENT_LABELS[agreement])}", style)
+    return Paragraph(f"Agreement: {markup(AGREEMENT_LABELS[agreement])}", style)
 
 
 def _side_by_side(original: str, f: ReviewFindings, styles: dict[str, ParagraphStyle]) -> Table:
@@ -355,30 +402,48 @@ def _side_by_side(original: str, f: ReviewFindings, styles: dict[str, ParagraphS
         *_paragraphs(f.impression, body),
     ]
     header = [Paragraph("Original report", label), Paragraph("Second opinion", label)]
-    # splitInRow lets a long report continue on the next page instead of failing the layout.
-    table = Table(
-        [header, [_paragraphs(original, body), second_opinion]],
-        colWidths=["50%", "50%"],
-        repeatRows=1,
-        splitInRow=1,
-    )
+    # Rows of about ROW_HEIGHT each side, not one cell each: reportlab lays a split cell out again at every
+    # page, and a long report took minutes. A row goes to the next page whole (a piece is at most about
+    # 30 lines, less than a page); splitting rows would repeat the header in the middle of the page.
+    pairs = zip_longest(_rows(_paragraphs(original, body)), _rows(second_opinion), fillvalue="")
+    rows = [list(pair) for pair in pairs]
+    table = Table([header, *rows], colWidths=["50%", "50%"], repeatRows=1, splitInRow=0)
     table.setStyle(
         TableStyle(
             [
                 ("VALIGN", (0, 0), (-1, -1), "TOP"),
-                ("GRID", (0, 0), (-1, -1), 0.5, colors.grey),
+                ("BOX", (0, 0), (-1, -1), 0.5, colors.grey),
+                ("LINEBELOW", (0, 0), (-1, 0), 0.5, colors.grey),
+                ("LINEAFTER", (0, 0), (0, -1), 0.5, colors.grey),
                 ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eceff1")),
+                # The rows of one side read as one cell: no padding between them.
+                ("TOPPADDING", (0, 2), (-1, -1), 0),
+                ("BOTTOMPADDING", (0, 1), (-1, -2), 0),
             ]
         )
     )
     return table
 
 
+def _rows(flowables: list[Flowable]) -> list[list[Flowable]]:
+    """The flowables of one side in groups of at most about ROW_HEIGHT, one group per row of the table."""
+    groups: list[list[Flowable]] = []
+    height = ROW_HEIGHT
+    for flowable in flowables:
+        _, needed = flowable.wrap(COLUMN_WIDTH, A4[1])
+        if height + needed > ROW_HEIGHT:
+            groups.append([])
+            height = 0
+        groups[-1].append(flowable)
+        height += needed
+    return groups
+
+
 def _section(
     title: str, items: list[str], styles: dict[str, ParagraphStyle], *, bullets: bool = True
 ) -> list[Flowable]:
-    heading = Paragraph(escape(title), styles["Heading"])
-    paragraphs = [Paragraph(escape(item), styles["BodyText"]) for item in items]
-    if not bullets:
-        return [heading, *paragraphs]
+    heading = Paragraph(markup(title), styles["Heading"])
+    if not bullets:  # prose (technical notes, answers to the patient): its paragraphs and line breaks kept
+        return [heading, *(p for item in items for p in _paragraphs(item, styles["BodyText"]))]
+    paragraphs = [Paragraph(markup(item).replace("\n", "<br/>"), styles["BodyText"]) for item in items]
     return [heading, ListFlowable(paragraphs, bulletType="bullet", leftIndent=4 * mm, bulletFontSize=7)]
