@@ -1,8 +1,9 @@
 """The fonts the report is drawn in, and text turned into Paragraph markup they can draw.
 
 reportlab's standard fonts (Helvetica) draw only Latin-1: a patient named Łukasiewicz, an original report in
-Chinese, "β-hCG ≥ 5" came out as black boxes. The report is drawn in DejaVu Sans (Debian `fonts-dejavu-core`:
-Latin, Greek, Cyrillic, Hebrew, Arabic, combining marks, symbols), with reportlab's built-in CID fonts for
+Chinese, "β-hCG ≥ 5" came out as black boxes. The report is drawn in DejaVu Sans (2.37, shipped in `fonts/` with
+its licence, so every deployment draws and refuses the same characters: Latin, Greek, Cyrillic, Hebrew, Arabic,
+combining marks, symbols), with reportlab's built-in CID fonts for
 Chinese, Japanese and Korean. Text is NFC-normalized (`e` + U+0301 is `é`), invisible format characters
 (zero-width, bidi controls) are left out, and a character no font draws is written as `[U+1F642]` so the
 reader sees that something was there. Specialists are refused such characters up front (`unprintable`)."""
@@ -19,7 +20,7 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
 from reportlab.pdfbase.ttfonts import TTFont
 
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+FONT_DIR = Path(__file__).parent / "fonts"
 BODY, BOLD = "DejaVuSans", "DejaVuSans-Bold"
 # Not embedded (PDF viewers bring their own CJK fonts); each covers its script's characters.
 KOREAN, JAPANESE, CHINESE = "HYSMyeongJo-Medium", "HeiseiMin-W3", "STSong-Light"
@@ -29,10 +30,7 @@ KOREAN, JAPANESE, CHINESE = "HYSMyeongJo-Medium", "HeiseiMin-W3", "STSong-Light"
 def register() -> None:
     """Register the report's fonts with reportlab (once per process)."""
     for name, file in ((BODY, "DejaVuSans.ttf"), (BOLD, "DejaVuSans-Bold.ttf")):
-        path = FONT_DIR / file
-        if not path.exists():
-            raise RuntimeError(f"the report font {path} is missing; install Debian's fonts-dejavu-core")
-        pdfmetrics.registerFont(TTFont(name, str(path)))
+        pdfmetrics.registerFont(TTFont(name, str(FONT_DIR / file)))
     for bold in (0, 1):
         for italic in (0, 1):
             addMapping(BODY, bold, italic, BOLD if bold else BODY)
