@@ -4,6 +4,7 @@ that matters, so each race runs the same way every time."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -13,8 +14,10 @@ from sqlmodel import Session
 
 from services.common.config import Settings
 from services.review import followup
+from services.review.directory import SpecialistCreate
 from services.review.models import FollowUpQuestion
 from tests.integration import test_review_flow as flow
+from tests.integration.test_review_directory import new_specialist
 from tests.integration.test_review_flow import apply, compose_command, submitted_review
 from tests.integration.test_review_followup import question_command
 from tests.integration.test_review_offers import cancelled_event
@@ -92,3 +95,26 @@ def question_state(engine: Engine, case_id: str) -> tuple[str, str | None]:
         question = session.get(FollowUpQuestion, ("q1", case_id))
     assert question is not None
     return question.status, question.answer
+
+
+def test_the_same_specialist_added_twice_at_once_is_one_entry_and_a_409(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = new_specialist()
+    both_looked = threading.Barrier(2, timeout=10)
+    columns = SpecialistCreate.columns
+
+    def after_both_looked(self: SpecialistCreate) -> dict[str, Any]:
+        both_looked.wait()  # each request has found no such specialist before either adds it
+        return columns(self)
+
+    monkeypatch.setattr(SpecialistCreate, "columns", after_both_looked)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/specialists", json=entry), range(2)))
+
+    assert client.delete(f"/v1/specialists/{entry['id']}").status_code == 200  # out of other tests' matching
+    assert sorted(a.status_code for a in answers) == [201, 409]
+    refused = next(a for a in answers if a.status_code == 409)
+    assert refused.json()["detail"] == (
+        f"specialist {entry['id']} already exists; PUT /v1/specialists/{entry['id']} updates"
+    )
