@@ -4,7 +4,10 @@ each race is run the same way every time."""
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -13,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from contracts.commands import ReconcileIdentity
 from services.common.config import Settings
-from services.records import uploads
+from services.records import api, uploads
 from services.records.store import ObjectStore
 from tests.integration.test_records_imports import (  # noqa: F401 (fixtures)
     client,
@@ -75,3 +78,32 @@ def test_a_rejected_import_leaves_the_object_an_upload_of_the_same_content_is_ke
     [row] = rows(engine, second)
     assert ObjectStore.for_settings(settings).path(row.storage_path).exists()
     assert client.get(f"/v1/records/{second}").json()["imports"][0]["status"] == "identity_mismatch"
+
+
+def test_a_partners_source_put_twice_at_once_is_one_row_holding_one_body(
+    client: TestClient,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both PUTs find no source yet: one creates it, the other then replaces it (never a 500), and the row
+    holds one of the two bodies whole."""
+    partner = f"clinic-{uuid.uuid4().hex[:8]}"
+    both_looked = threading.Barrier(2, timeout=10)
+    looks = iter(range(2))
+    utcnow = api.utcnow
+
+    def after_both_looked() -> datetime:
+        if next(looks, None) is not None:
+            both_looked.wait()  # each PUT has looked for the partner's source before either stores it
+        return utcnow()
+
+    monkeypatch.setattr(api, "utcnow", after_both_looked)
+    bodies = [
+        {"ae_title": "PACS_A", "host": "pacs-a.example", "port": 104, "return_reports": True},
+        {"dicomweb_url": "https://pacs-b.example/dicom-web", "return_reports": False},
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(pool.map(lambda body: client.put(f"/v1/records/sources/{partner}", json=body), bodies))
+
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    stored = client.get(f"/v1/records/sources/{partner}").json()
+    assert any(all(stored[k] == v for k, v in body.items()) for body in bodies), stored
