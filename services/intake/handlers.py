@@ -196,7 +196,8 @@ def locked_case(session: Session, case_id: str) -> Case | None:
         held = session.info[LOCKED_CASES] = (transaction, set())
     if case_id in held[1]:
         return session.get(Case, case_id)
-    case = session.get(Case, case_id, with_for_update=True)
+    # Read again as committed now: a copy loaded unlocked earlier in the transaction may be out of date.
+    case = session.get(Case, case_id, with_for_update=True, populate_existing=True)
     if case is not None:
         held[1].add(case_id)
     return case
