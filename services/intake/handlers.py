@@ -197,7 +197,8 @@ def locked_case(session: Session, case_id: str) -> Case | None:
     if case_id in held[1]:
         return session.get(Case, case_id)
     # Read again as committed now: a copy loaded unlocked earlier in the transaction may be out of date.
-    case = session.get(Case, case_id, with_for_update=True, populate_existing=True)
+    # FOR NO KEY UPDATE, as an UPDATE locks: rows added under the case (timeline, documents) do not wait.
+    case = session.get(Case, case_id, with_for_update={"key_share": True}, populate_existing=True)
     if case is not None:
         held[1].add(case_id)
     return case
