@@ -97,8 +97,9 @@ def revoke_key(session: Session, key_id: str, partner_id: str | None = None) -> 
 
 
 def rotate_key(session: Session, key_id: str, partner_id: str | None = None) -> IssuedKey | None:
-    """Issue a replacement with the same role and partner, and revoke the old key."""
-    old = session.get(ApiKey, key_id)
+    """Issue a replacement with the same role and partner, and revoke the old key. The old key is locked: of
+    two rotations at once, the second finds it revoked (None), never a second replacement."""
+    old = session.get(ApiKey, key_id, with_for_update=True)
     if old is None or old.revoked_at is not None or (partner_id is not None and old.partner_id != partner_id):
         return None
     new = issue_key(session, Role(old.role), old.partner_id, label=old.label, specialist_id=old.specialist_id)
@@ -117,8 +118,9 @@ def active_keys(session: Session, partner_id: str) -> list[ApiKey]:
 
 
 def rotate_webhook_secret(session: Session, partner_id: str) -> str | None:
-    """A new webhook secret; the previous one stays valid for a day (caller commits)."""
-    partner = session.get(Partner, partner_id)
+    """A new webhook secret; the previous one stays valid for a day (caller commits). The partner is locked:
+    of two rotations at once, the second keeps the first's secret as the previous one, never loses it."""
+    partner = session.get(Partner, partner_id, with_for_update=True)
     if partner is None:
         return None
     partner.previous_webhook_secret = partner.webhook_secret

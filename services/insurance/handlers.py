@@ -150,6 +150,12 @@ def authorize(case_id: str, body: AuthorizationCreate, session: Session) -> Cove
         "referral_document_id": body.referral_document_id,
         "authorized_by": body.by,
     }
+    # Locked (and read again) only now, not across the payer's answer: a cancellation that committed while
+    # the payer was asked wins, and one that comes later waits for this commit.
+    if _locked_row(session, case_id).cancelled_at is not None:
+        raise AuthorizationRefused(
+            f"case {case_id} was cancelled while the authorization was being recorded; nothing was recorded"
+        )
     row = _upsert(session, case_id, event_id, fields)
     _announce(session, event_id, case_id, row.cpt, estimate, authorization)
     log.info(
@@ -276,6 +282,11 @@ def _announce(
 
 def _row(session: Session, case_id: str) -> CoverageVerification | None:
     return session.exec(select(CoverageVerification).where(CoverageVerification.case_id == case_id)).first()
+
+
+def _locked_row(session: Session, case_id: str) -> CoverageVerification:
+    query = select(CoverageVerification).where(CoverageVerification.case_id == case_id).with_for_update()
+    return session.exec(query.execution_options(populate_existing=True)).one()
 
 
 def _upsert(session: Session, case_id: str, event_id: str, fields: dict[str, Any]) -> CoverageVerification:

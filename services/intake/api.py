@@ -565,13 +565,17 @@ def document_row(case_id: str, body: DocumentCreate, content: bytes, caller: Pri
 def store_document(
     engine: Engine, case_id: str, body: DocumentCreate, content: bytes, caller: Principal, audit: Audit
 ) -> DocumentPublic:
+    consent = body.kind == DocumentKind.RECORDS_RELEASE_AUTHORIZATION
     with Session(engine, expire_on_commit=False) as session:
         case = visible_case(session, case_id, caller, audit, "create")
+        # Read again, locked: a cancellation being applied is waited for, never missed. Shared, as documents
+        # do not conflict; a consent writes the case, so it locks as its UPDATE would (no deadlock of two).
+        session.refresh(case, with_for_update={"key_share": True} if consent else {"read": True})
         if case.status in CLOSED:
             raise HTTPException(status.HTTP_409_CONFLICT, f"the case is {case.status}; documents are closed")
         document = document_row(case_id, body, content, caller)
         session.add(document)
-        if body.kind == DocumentKind.RECORDS_RELEASE_AUTHORIZATION:
+        if consent:
             # A workflow not started yet starts with consent on file.
             case.consent_on_file = True
             session.add(case)

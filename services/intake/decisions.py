@@ -52,7 +52,10 @@ async def _update(client: Client | None, case_id: str, name: str, arg: object) -
             raise WorkflowUnreachable("the workflow service did not answer; retry in a minute") from exc
         ended = await _ended(handle)
         if ended:
-            raise WorkflowRejected(f"the case's workflow has ended ({ended})") from exc
+            raise WorkflowRejected(
+                f"the case's workflow has ended ({ended}), e.g. cancelled by a request at the same time; "
+                f"GET /v1/cases/{case_id} shows how the case ended"
+            ) from exc
         raise WorkflowUnreachable("the case's workflow is not started yet; retry in a minute") from exc
 
 

@@ -33,6 +33,9 @@ SOURCE = "/services/intake"
 UNKNOWN_SYSTEM = "*"
 
 
+LOCKED_CASES = "intake.locked_cases"  # session.info: (the transaction, the case ids it holds locked)
+
+
 def workflow_id(case_id: str) -> str:
     return f"case-{case_id}"
 
@@ -183,8 +186,26 @@ async def start_workflow(client: Client, case: Case, settings: Settings) -> None
         log.info("workflow.already_started", case_id=case.id)
 
 
+def locked_case(session: Session, case_id: str) -> Case | None:
+    """The case, locked until the transaction ends: intake's replicas apply one case's events one at a time, so
+    a change read before another committed never overwrites it. Locked once per transaction: a batch's later
+    messages for the case read the session's own copy."""
+    transaction = session.get_transaction()
+    held: tuple[object, set[str]] | None = session.info.get(LOCKED_CASES)
+    if held is None or held[0] is not transaction:
+        held = session.info[LOCKED_CASES] = (transaction, set())
+    if case_id in held[1]:
+        return session.get(Case, case_id)
+    # Read again as committed now: a copy loaded unlocked earlier in the transaction may be out of date.
+    # FOR NO KEY UPDATE, as an UPDATE locks: rows added under the case (timeline, documents) do not wait.
+    case = session.get(Case, case_id, with_for_update={"key_share": True}, populate_existing=True)
+    if case is not None:
+        held[1].add(case_id)
+    return case
+
+
 def record_status(event: CloudEvent, change: CaseStatusChanged, session: Session) -> None:
-    case = session.get(Case, change.case_id)
+    case = locked_case(session, change.case_id)
     if case is None:
         log.warning("status.unknown_case", case_id=change.case_id)
         return
@@ -201,7 +222,7 @@ def record_status(event: CloudEvent, change: CaseStatusChanged, session: Session
 
 def record_cancellation(event: CloudEvent, cancelled: CaseCancelled, session: Session) -> None:
     """Mark the case cancelled (idempotent: a second delivery changes nothing)."""
-    case = session.get(Case, cancelled.case_id)
+    case = locked_case(session, cancelled.case_id)
     if case is None or case.status == CaseStatus.CANCELLED:
         return
     now = datetime.now(UTC)
@@ -217,7 +238,7 @@ def record_cancellation(event: CloudEvent, cancelled: CaseCancelled, session: Se
 
 def record_alert(event: CloudEvent, alert: CaseAlert, session: Session) -> None:
     """Show an alert on the case's timeline; a moved due date is mirrored on the case, never silently."""
-    case = session.get(Case, alert.case_id)
+    case = locked_case(session, alert.case_id)
     if case is None:
         log.warning("alert.unknown_case", case_id=alert.case_id, kind=alert.kind)
         return
@@ -238,7 +259,7 @@ def record_alert(event: CloudEvent, alert: CaseAlert, session: Session) -> None:
 
 def deliver_report(event: CloudEvent, cmd: DeliverReport, session: Session) -> None:
     """Make the report available to the referring physician through the case API and record the delivery."""
-    case = session.get(Case, cmd.case_id)
+    case = locked_case(session, cmd.case_id)
     if case is None:
         # Intake stores a case before its workflow starts: a report for a case it lacks never will be.
         raise PoisonMessage(f"report.deliver names case {cmd.case_id}, which intake does not have")

@@ -2,7 +2,8 @@
 
 A request claims its key by inserting the row before it runs; a concurrent duplicate waits for the first
 to finish and gets its answer, so ten identical POSTs racing make one case. The same key with another
-body is refused. A request that fails releases its key, so the partner can retry with it.
+body is refused. A request that fails releases its key, so the partner can retry with it; the claim of a
+request that died is taken over by one retry.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -64,12 +65,29 @@ def claim(engine: Engine, owner: str, key: str, print_: str) -> StoredAnswer | N
                 return StoredAnswer(row.status_code, json.loads(row.response_json or "null"))
             created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
             if datetime.now(UTC) - created > STALE_AFTER:
-                session.delete(row)
-                session.commit()
-                continue
+                if _take_over(session, owner, key, row.created_at):
+                    return None
+                continue  # another request took it over first: wait for its answer
         if time.monotonic() > deadline:
             raise StillRunning
         time.sleep(0.05)
+
+
+def _take_over(session: Session, owner: str, key: str, claimed_at: datetime) -> bool:
+    """Claim the key again, if it still holds the stale claim read (claimed at `claimed_at`): of requests that
+    read it together, exactly one takes it over (deleting it instead let a late one delete the new claim)."""
+    taken = session.execute(
+        update(IdempotencyRecord)
+        .where(
+            col(IdempotencyRecord.owner) == owner,
+            col(IdempotencyRecord.key) == key,
+            col(IdempotencyRecord.status_code).is_(None),
+            col(IdempotencyRecord.created_at) == claimed_at,
+        )
+        .values(created_at=datetime.now(UTC))
+    )
+    session.commit()
+    return int(getattr(taken, "rowcount", 0) or 0) == 1
 
 
 def complete(engine: Engine, owner: str, key: str, status_code: int, body: Any) -> None:

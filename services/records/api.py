@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, HTTPException, Path, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -115,14 +116,29 @@ def put_source(
         raise HTTPException(
             422, "give either ae_title, host and port (a DIMSE PACS) or dicomweb_url (a DICOMweb service)"
         )
-    row = session.get(RecordSource, partner_id) or RecordSource(partner_id=partner_id)
+    row = _store_source(session, partner_id, source)
+    return RecordSourcePublic.model_validate(row, from_attributes=True)
+
+
+def _store_source(session: Session, partner_id: str, source: RecordSourceIn) -> RecordSource:
+    """Replace the partner's source with `source` whole. Locked, so PUTs at once apply one after the other
+    (never a row mixing two bodies); a source another PUT created meanwhile is replaced in turn."""
+    try:
+        return _replace_source(session, partner_id, source)
+    except IntegrityError:
+        session.rollback()  # created by a PUT that looked at the same time, and committed first
+        return _replace_source(session, partner_id, source)
+
+
+def _replace_source(session: Session, partner_id: str, source: RecordSourceIn) -> RecordSource:
+    row = session.get(RecordSource, partner_id, with_for_update=True) or RecordSource(partner_id=partner_id)
     for key, value in source.model_dump().items():
         setattr(row, key, value)
     row.updated_at = utcnow()
     session.add(row)
     session.commit()
     session.refresh(row)
-    return RecordSourcePublic.model_validate(row, from_attributes=True)
+    return row
 
 
 @router.get("/sources/{partner_id}", responses={404: {"description": "no source configured"}})

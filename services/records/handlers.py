@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pydicom
 import structlog
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from contracts.commands import CollectRecords, ReconcileIdentity, RemindRecords
@@ -33,6 +34,11 @@ from services.records.store import ObjectStore
 log = structlog.get_logger(__name__)
 
 DECISIONS = ("accept", "reject")
+# An object in the store and the rows that refer to it change together under a transaction-scoped PostgreSQL
+# advisory lock on its content, in this key space (two-key form): shared while an upload keeps it and commits its
+# row, exclusive while a removal checks that no row refers to it and removes it. One lock per first hex digit of
+# the content's hash, so an import of thousands of instances holds at most 16 locks (the lock table is small).
+CONTENT_LOCKS = 0x5EC0_0B1E
 
 
 def lock_request(session: Session, case_id: str) -> RecordRequest | None:
@@ -167,10 +173,27 @@ def remove_if_unreferenced(session: Session, store: ObjectStore, storage_path: s
 
     def remove() -> None:
         with Session(engine) as fresh:
+            _lock_content(fresh, sha256, shared=False)
             still_used = fresh.exec(
                 select(RecordFile.id).where(RecordFile.storage_path == storage_path)
             ).first()
-        if still_used is None:
-            store.remove(storage_path, sha256)
+            if still_used is None:
+                store.remove(storage_path, sha256)
 
     after_commit(session, remove)
+
+
+def hold_content(session: Session, sha256: str) -> None:
+    """Keep the object with this content from being removed until the session's transaction ends: an upload
+    holds it from keeping the object until its row referring to it is committed (or rolled back)."""
+    _lock_content(session, sha256, shared=True)
+
+
+def _lock_content(session: Session, sha256: str, *, shared: bool) -> None:
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite runs one process on a laptop: not guarded
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    session.execute(
+        text(f"SELECT {function}(CAST(:space AS integer), CAST(:key AS integer))"),
+        {"space": CONTENT_LOCKS, "key": int(sha256[0], 16)},
+    )

@@ -20,7 +20,7 @@ from services.common.errors import RecordsRejected
 from services.records.archive import Entry, expand_zip, is_zip_head, safe_relative_path
 from services.records.assembly import SOURCE, assemble_if_complete, case_files, missing_items
 from services.records.classify import PDF_TYPE, ClassifiedFile, HeaderReader, classify
-from services.records.handlers import lock_request
+from services.records.handlers import hold_content, lock_request
 from services.records.header_probe import isolated_reader
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import FileKind, ImportStatus, RecordFile, RecordImport, RecordRequest
@@ -277,6 +277,7 @@ def _store(
     for item in classified:
         sha256 = item.received.sha256
         if sha256 not in on_record:
+            hold_content(session, sha256)  # a removal of the same content waits for this commit
             kept = store.keep(item.received) if awaiting_placement else _keep(store, item)
             on_record[sha256] = _record_file(case_id, item, kept, record_import)
             session.add(on_record[sha256])

@@ -201,7 +201,8 @@ def answer_question(
     access: AccessDep,
 ) -> QuestionPublic:
     """Answer a follow-up question: the report gets a new version with the answer as an addendum."""
-    review = _review_or_404(session, review_id, reviewer, access)
+    # The review first, as the case's cancellation and an addendum lock it: one at a time, never a deadlock.
+    review = _review_or_404(session, review_id, reviewer, access, for_update=True)
     _only_the_reviewer_signs(access, "answer a follow-up question")
     question = session.exec(
         select(FollowUpQuestion)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fhir.resources.R4B.practitioner import Practitioner
 from fhir.resources.R4B.practitionerrole import PractitionerRole
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from contracts.triage import Subspecialty
@@ -77,7 +78,11 @@ def add(session: Session, body: SpecialistCreate) -> Specialist:
         raise AlreadyInDirectory(f"specialist {body.id} already exists")
     specialist = Specialist(**body.columns())
     session.add(specialist)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError as exc:  # added by a request that looked at the same time, and committed first
+        session.rollback()
+        raise AlreadyInDirectory(f"specialist {body.id} already exists") from exc
     return specialist
 
 

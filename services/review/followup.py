@@ -13,7 +13,7 @@ from services.common.config import Settings
 from services.common.db import utcnow
 from services.common.errors import PoisonMessage
 from services.review.handlers import event, reissue
-from services.review.models import FollowUpQuestion, Report, Review
+from services.review.models import FollowUpQuestion, Report, Review, as_utc
 from services.review.offers import ReviewStateError
 
 MAX_QUESTIONS = 3
@@ -48,7 +48,14 @@ def ask(cmd: FollowUpQuestionForReviewer, session: Session) -> None:
 def answer(
     review: Review, question: FollowUpQuestion, text: str, session: Session, settings: Settings
 ) -> Report:
-    """Record the answer and issue the report again with it as an addendum."""
+    """Record the answer and issue the report again with it as an addendum; the caller holds the review row
+    locked (the case's cancellation withdraws its questions under that lock)."""
+    if question.status == "withdrawn" and review.case_cancelled_at is not None:
+        raise ReviewStateError(
+            f"question {question.id} was withdrawn: case {review.case_id} was cancelled at "
+            f"{as_utc(review.case_cancelled_at).isoformat()}, so nothing more is delivered for it. Call "
+            "operations if the referring physician must still be told."
+        )
     if question.status != "open":
         raise ReviewStateError(f"question {question.id} is {question.status}; an answer cannot be changed")
     report = session.exec(select(Report).where(Report.case_id == review.case_id).with_for_update()).first()

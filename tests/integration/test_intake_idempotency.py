@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -133,3 +136,38 @@ def test_answers_are_kept_at_least_three_days_then_purged(engines: tuple[Engine,
     with Session(engines[0]) as session:
         assert session.get(IdempotencyRecord, ("purge-test", "old")) is None
         assert session.get(IdempotencyRecord, ("purge-test", "recent")) is not None
+
+
+def test_a_stale_claim_is_taken_over_by_one_of_two_retries_that_find_it_together(
+    engines: tuple[Engine, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request died holding its key; two retries read its claim at the same moment. One takes it over and
+    runs, the other waits for its answer: never both run (two cases), never a 500."""
+    owner, key = "stale-test", str(uuid.uuid4())
+    with Session(engines[0]) as session:
+        created_at = datetime.now(UTC) - idempotency.STALE_AFTER - timedelta(seconds=5)
+        session.add(IdempotencyRecord(owner=owner, key=key, fingerprint="f", created_at=created_at))
+        session.commit()
+    both_read, first_claimed = threading.Barrier(2, timeout=10), threading.Event()
+    readers = iter(range(2))
+
+    class ReadTogether(Session):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            row = super().get(*args, **kwargs)
+            reader = next(readers, None)
+            if reader is not None:
+                both_read.wait()  # each retry has read the stale claim before either acts on it
+            if reader == 1:
+                assert first_claimed.wait(10)  # the second acts on what it read once the first runs
+            return row
+
+    monkeypatch.setattr(idempotency, "Session", ReadTogether)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        claims = [pool.submit(idempotency.claim, engines[0], owner, key, "f") for _ in range(2)]
+        done, _ = wait(claims, timeout=10, return_when=FIRST_COMPLETED)
+        assert done.pop().result() is None  # it owns the key and runs
+        first_claimed.set()
+        time.sleep(0.2)
+        idempotency.complete(engines[0], owner, key, 201, {"case_id": "c1"})
+        results = [c.result(timeout=10) for c in claims]
+    assert sorted(results, key=str) == [None, idempotency.StoredAnswer(201, {"case_id": "c1"})]
