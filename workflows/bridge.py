@@ -21,13 +21,18 @@ from typing import Any
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
-from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from contracts.envelope import CloudEvent
 from contracts.events import EVENT_TYPES
-from services.common.amqp import QueueConsumer, decode_envelope, delivery_attempt, retry_backoff
+from services.common.amqp import (
+    QueueConsumer,
+    contract_message,
+    decode_envelope,
+    delivery_attempt,
+    retry_backoff,
+)
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
 from services.common.errors import PoisonMessage, human_size
@@ -172,13 +177,5 @@ def check_data(event: CloudEvent) -> None:
     """`PoisonMessage` for an event of a contract type whose data is not that type's: the case workflow reads
     it with the contract model, and a ValidationError in workflow code fails its task on every retry, which
     holds the case for good. Field names only: the values may be PHI. Other types pass as they are."""
-    model = EVENT_TYPES.get(event.type)
-    if model is None:
-        return
-    try:
-        data = model.model_validate(event.data)
-    except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) or "data" for e in exc.errors()[:10])
-        raise PoisonMessage(f"{event.type} data does not match its schema (bad fields: {fields})") from exc
-    if data.case_id != event.subject:
-        raise PoisonMessage(f"{event.type} is about case {event.subject} but its data names another case")
+    if event.type in EVENT_TYPES:
+        contract_message(event, EVENT_TYPES, "the case workflow")

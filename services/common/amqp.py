@@ -29,7 +29,7 @@ import structlog
 from opentelemetry.trace import Span
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import delete, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
@@ -274,6 +274,26 @@ def decode_envelope(body: bytes, content_type: str | None = None) -> CloudEvent:
     if "specversion" not in event.model_fields_set:
         raise PoisonMessage("not a CloudEvents 1.0 JSON envelope (bad fields: specversion)")
     return event
+
+
+def contract_message(event: CloudEvent, models: Mapping[str, type[BaseModel]], handler: str) -> BaseModel:
+    """The event's data as its contract model, or `PoisonMessage` saying what no redelivery can mend: a type
+    `handler` does not take, data that is not its model (the bad fields, never their values: they may be PHI),
+    or data about another case than the event's subject (handlers find the case by the one, partners by the
+    other, so they must agree)."""
+    model = models.get(event.type)
+    if model is None:
+        raise PoisonMessage(
+            f"{handler} does not handle {event.type!r}; it handles {', '.join(sorted(models))}"
+        )
+    try:
+        message = model.model_validate(event.data)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) or "data" for e in exc.errors()[:10])
+        raise PoisonMessage(f"{event.type} data is invalid ({exc.error_count()} error(s): {fields})") from exc
+    if getattr(message, "case_id", None) != event.subject:
+        raise PoisonMessage(f"{event.type} is about case {event.subject} but its data names another case")
+    return message
 
 
 def _envelope_problem(body: bytes, exc: ValidationError) -> str:

@@ -8,6 +8,7 @@ from sqlmodel import Session
 from contracts.commands import DeliverReport
 from contracts.envelope import CloudEvent
 from contracts.events import CaseAlert, CaseCancelled, CaseStatusChanged, RecordsNeeded, ReportReady
+from services.common.amqp import contract_message
 from services.common.errors import PoisonMessage
 from services.intake import handlers, webhooks_out
 
@@ -32,21 +33,7 @@ def handle(session: Session, event: CloudEvent) -> None:
 
 
 def parse(event: CloudEvent) -> BaseModel:
-    """The message's data as its contract model, or `PoisonMessage` naming the bad fields (never values)."""
-    model = MESSAGES.get(event.type)
-    if model is None:
-        raise PoisonMessage(
-            f"intake does not handle {event.type!r}; it handles {', '.join(sorted(MESSAGES))}"
-        )
-    try:
-        message = model.model_validate(event.data)
-    except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) or "data" for e in exc.errors()[:5])
-        raise PoisonMessage(f"{event.type} data is invalid ({exc.error_count()} error(s): {fields})") from exc
-    # The handlers find the case by the data's id, the partner's webhooks by the subject: they must agree.
-    if getattr(message, "case_id", None) != event.subject:
-        raise PoisonMessage(f"{event.type} is about case {event.subject} but its data names another case")
-    return message
+    return contract_message(event, MESSAGES, "intake")
 
 
 def _dispatch(session: Session, event: CloudEvent, message: BaseModel) -> None:

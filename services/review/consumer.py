@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from sqlmodel import Session
 
 from contracts.commands import (
@@ -14,8 +14,8 @@ from contracts.commands import (
 )
 from contracts.envelope import CloudEvent
 from contracts.events import CaseCancelled
+from services.common.amqp import contract_message
 from services.common.config import Settings, get_settings
-from services.common.errors import PoisonMessage
 from services.review import followup, handlers, offers
 
 MESSAGES: dict[str, type[BaseModel]] = {
@@ -49,17 +49,4 @@ def handle(session: Session, event: CloudEvent, settings: Settings | None = None
 
 
 def parse(event: CloudEvent) -> BaseModel:
-    model = MESSAGES.get(event.type)
-    if model is None:
-        raise PoisonMessage(
-            f"the review service does not handle {event.type!r}; it handles {sorted(MESSAGES)}"
-        )
-    try:
-        message = model.model_validate(event.data)
-    except ValidationError as exc:
-        # Field names only: the values may be a patient's name or birth date.
-        fields = ", ".join(".".join(map(str, e["loc"])) or "data" for e in exc.errors()[:10])
-        raise PoisonMessage(f"{event.type} data does not match its schema (bad fields: {fields})") from exc
-    if getattr(message, "case_id", None) != event.subject:
-        raise PoisonMessage(f"{event.type} is about case {event.subject} but its data names another case")
-    return message
+    return contract_message(event, MESSAGES, "the review service")

@@ -294,5 +294,5 @@ def test_unknown_or_malformed_commands_are_poison(engine: Engine, settings: Sett
             consumer.handle(
                 session, good.model_copy(update={"data": {**good.data, "patient": None}}), settings
             )
-        with pytest.raises(PoisonMessage, match="is not its data's case_id"):
+        with pytest.raises(PoisonMessage, match="is about case another-case but its data names another case"):
             consumer.handle(session, good.model_copy(update={"subject": "another-case"}), settings)

@@ -199,7 +199,7 @@ def test_consumer_parses_known_commands() -> None:
         (command_event("review.offer", {"case_id": "case-1"}), "does not handle 'review.offer'"),
         (
             command_event("review.match", {"case_id": "case-1", "patient": {"mrn": "SECRET-MRN"}}),
-            "bad fields: exam",
+            r"review.match data is invalid \(\d+ error\(s\): .*exam",
         ),
         (command_event("report.compose", {"case_id": "case-2", "review_id": "r"}), "about case case-1"),
     ],
