@@ -153,7 +153,7 @@ class Services:
 
     # What each service answers -----------------------------------------------------------------
 
-    def records_assembled(self) -> None:
+    def records_assembled(self, event_id: str | None = None) -> None:
         self.send(
             RecordsAssembled(
                 case_id=self.case_id,
@@ -166,7 +166,8 @@ class Services:
                     series_count=1,
                 ),
                 file_count=3,
-            )
+            ),
+            event_id,
         )
 
     def insurance_verified(self, patient_cost: str = "85.00", authorization: str = "no-auth") -> None:
@@ -830,21 +831,7 @@ async def test_an_event_whose_data_does_not_fit_its_type_is_noted_and_the_case_g
     assert await handle.query(CaseWorkflow.received) == []
 
     services.insurance_verified(patient_cost="0")
-    services.send(
-        RecordsAssembled(
-            case_id=services.case_id,
-            report=OriginalReport(content_type="text/plain", sha256="ab" * 32, text="complex cyst"),
-            study=StudySummary(
-                study_instance_uid="1.2.3",
-                modality="US",
-                instance_count=2,
-                multiframe_count=1,
-                series_count=1,
-            ),
-            file_count=3,
-        ),
-        event_id="ops-1",  # corrected, under the same id
-    )
+    services.records_assembled(event_id="ops-1")  # corrected, under the same id
     await services.expect("review.match")
     await handle.terminate("test done")
     services.close()
