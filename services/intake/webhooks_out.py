@@ -16,6 +16,7 @@ import hashlib
 import ipaddress
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -153,10 +154,16 @@ def backoff(attempts: int, base: float, cap: float, rng: random.Random) -> float
 
 
 def retry_after(value: str | None, now: datetime) -> timedelta | None:
+    """The wait a partner's `Retry-After` asks for, at most MAX_RETRY_AFTER; None when it says nothing usable.
+    Only ASCII digits are seconds (str.isdigit() also passes "²", which int() refuses), and a number longer
+    than any wait we keep is the cap: neither may fail the record of the batch the answer came in."""
     if not value:
         return None
-    if value.strip().isdigit():
-        return min(timedelta(seconds=int(value.strip())), MAX_RETRY_AFTER)
+    seconds = value.strip()
+    if re.fullmatch(r"[0-9]+", seconds):
+        if len(seconds) > 9:
+            return MAX_RETRY_AFTER
+        return min(timedelta(seconds=int(seconds)), MAX_RETRY_AFTER)
     try:
         moment = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

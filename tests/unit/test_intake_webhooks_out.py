@@ -46,6 +46,8 @@ def test_retry_after_in_seconds_or_as_a_date_and_capped() -> None:
     assert retry_after("Sat, 28 Nov 2026 12:05:00 GMT", NOW) == timedelta(minutes=5)
     assert retry_after("999999", NOW) == timedelta(hours=6)
     assert retry_after("soon", NOW) is None and retry_after(None, NOW) is None
+    assert retry_after("9" * 5000, NOW) == timedelta(hours=6)  # too long for int(): still the cap
+    assert retry_after("\u00b2", NOW) is None  # a digit to str.isdigit(), not a number of seconds
 
 
 def test_backoff_follows_the_standard_webhooks_schedule_over_days() -> None:

@@ -1,0 +1,157 @@
+"""Outbound webhooks against partner endpoints that misbehave: real sockets on loopback, the real sender."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from contracts.models import CaseStatus
+from services.common.config import Settings
+from services.intake import api, webhooks_out_api
+from services.intake.models import WebhookAttempt, WebhookDelivery
+from services.intake.webhooks_out import WebhookDispatcher
+from tests.integration.intake_app import intake_app, intake_engines
+from tests.integration.test_intake_outbound_webhooks import Receiver, publish, setup_partner, status_changed
+
+Behaviour = Callable[[socket.socket], None]
+
+
+class RawEndpoint:
+    """A partner's endpoint that reads the request, then does whatever `behaviour` does with the socket."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.requests = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.requests += 1
+            with contextlib.suppress(OSError):  # the sender hung up
+                self.behaviour(conn)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def engines(settings: Settings) -> tuple[Engine, Engine]:
+    return intake_engines(settings)
+
+
+@pytest.fixture(scope="module")
+def client(engines: tuple[Engine, Engine]) -> Iterator[TestClient]:
+    with TestClient(intake_app(engines, api.router, webhooks_out_api.router)) as c:
+        yield c
+
+
+@pytest.fixture
+def dispatcher(engines: tuple[Engine, Engine]) -> Iterator[WebhookDispatcher]:
+    d = WebhookDispatcher(
+        engine=engines[0],
+        auth_engine=engines[1],
+        env="dev",
+        base_delay=0.05,
+        timeout=1.0,
+        rng=random.Random(7),
+    )
+    yield d
+    d.http.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def endpoints() -> Iterator[Callable[[Behaviour], RawEndpoint]]:
+    started: list[RawEndpoint] = []
+
+    def start(behaviour: Behaviour) -> RawEndpoint:
+        started.append(RawEndpoint(behaviour))
+        return started[-1]
+
+    yield start
+    for endpoint in started:
+        endpoint.close()
+
+
+def deliveries_of(engine: Engine, case_id: str) -> list[WebhookDelivery]:
+    with Session(engine) as session:
+        return list(session.exec(select(WebhookDelivery).where(WebhookDelivery.case_id == case_id)).all())
+
+
+def attempts_of(engine: Engine, delivery_id: str) -> list[WebhookAttempt]:
+    with Session(engine) as session:
+        return list(
+            session.exec(select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id)).all()
+        )
+
+
+@pytest.mark.parametrize("retry_after", ["99999999999999999999", "\u00b2", "9" * 5000])
+def test_a_retry_after_no_clock_can_hold_is_capped_and_the_batch_is_still_recorded(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    retry_after: str,
+) -> None:
+    # One partner's absurd Retry-After once broke the record of the whole batch: every delivery in it,
+    # other partners' too, was sent again after the lease, and again, without an attempt ever logged.
+    _, _, case_id = setup_partner(client, engines[1], receiver)
+    other = Receiver()
+    try:
+        _, _, other_case = setup_partner(client, engines[1], other)
+        receiver.script = [(503, {"Retry-After": retry_after})]
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:ra")
+        publish(
+            engines[0], other_case, status_changed(other_case, CaseStatus.MATCHING), f"wf:{other_case}:ra"
+        )
+        dispatcher.run_once()
+    finally:
+        other.close()
+    [refused] = deliveries_of(engines[0], case_id)
+    [delivered] = deliveries_of(engines[0], other_case)
+    assert (refused.status, refused.attempts, refused.last_status_code) == ("pending", 1, 503)
+    assert refused.next_attempt_at is not None
+    assert (delivered.status, delivered.attempts) == ("delivered", 1)
