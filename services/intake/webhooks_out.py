@@ -7,10 +7,13 @@
 - Retries follow Standard Webhooks' example schedule (RETRY_SCHEDULE: 5 s to 24 h, about three days in
   all, each wait shortened by up to a fifth at random); a `Retry-After` answer sets the next attempt; HTTP
   410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
+- An attempt gets the status line and headers within `timeout` (20 s) in all, however slowly they arrive;
+  the answer's body is never read (nothing of it reaches our logs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import ipaddress
@@ -55,6 +58,10 @@ SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between read
 
 class EndpointRefused(ValueError):
     """The URL may not receive webhooks; the message says why."""
+
+
+class AnswerTooSlow(Exception):
+    """The endpoint's status line and headers did not arrive within the attempt's timeout."""
 
 
 def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = None) -> None:
@@ -296,7 +303,11 @@ class WebhookDispatcher:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.rng = rng or random.Random()
-        self.http = httpx.Client(timeout=timeout, follow_redirects=False)
+        self.timeout = timeout
+        # No kept-alive connections: each attempt opens its own, so the deadline below can always close it.
+        self.http = httpx.Client(
+            timeout=timeout, follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0)
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._secrets_cache: dict[str, tuple[float, list[str]]] = {}
@@ -384,17 +395,49 @@ class WebhookDispatcher:
             if not secrets:
                 raise EndpointRefused("the partner no longer exists")
             headers = headers_for(secrets, delivery.id, int(time.time()), body)
-            response = self.http.post(
-                endpoint.url, content=body, headers={**headers, "content-type": "application/json"}
-            )
+            response = self._post(endpoint.url, body, {**headers, "content-type": "application/json"})
             status_code = response.status_code
             retry_hint = response.headers.get("retry-after")
         except EndpointRefused as exc:
+            error = str(exc)
+        except AnswerTooSlow as exc:
             error = str(exc)
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: the endpoint did not answer"
         duration_ms = int((time.monotonic() - started) * 1000)
         return Attempt(delivery, endpoint, status_code, error, retry_hint, duration_ms, datetime.now(UTC))
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST and read the status line and headers within `timeout` in all, never the body (it would
+        only be dropped, and may be endless). httpx's timeout bounds each read, so an endpoint answering a
+        byte at a time could hold the sender as long as it liked: at the deadline its socket is shut."""
+        sockets: list[socket.socket] = []
+
+        def trace(event: str, info: dict[str, Any]) -> None:
+            if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+                sockets.append(info["return_value"].get_extra_info("socket"))
+
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            for sock in sockets:
+                with contextlib.suppress(OSError):  # already closed, or the plain socket under TLS
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(self.timeout, expire)
+        watchdog.start()
+        try:
+            with self.http.stream(
+                "POST", url, content=body, headers=headers, extensions={"trace": trace}
+            ) as r:
+                return r
+        except httpx.HTTPError as exc:
+            if expired.is_set():
+                raise AnswerTooSlow(f"the endpoint did not answer within {self.timeout:g} s") from exc
+            raise
+        finally:
+            watchdog.cancel()
 
     def _record(self, attempts: list[Attempt]) -> None:
         """Write the attempts and each delivery's next state in one transaction."""

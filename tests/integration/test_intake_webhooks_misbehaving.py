@@ -6,6 +6,7 @@ import contextlib
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -16,7 +17,7 @@ from sqlmodel import Session, select
 from contracts.models import CaseStatus
 from services.common.config import Settings
 from services.intake import api, webhooks_out_api
-from services.intake.models import WebhookAttempt, WebhookDelivery
+from services.intake.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhooks_out import WebhookDispatcher
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_outbound_webhooks import Receiver, publish, setup_partner, status_changed
@@ -155,3 +156,76 @@ def test_a_retry_after_no_clock_can_hold_is_capped_and_the_batch_is_still_record
     assert (refused.status, refused.attempts, refused.last_status_code) == ("pending", 1, 503)
     assert refused.next_attempt_at is not None
     assert (delivered.status, delivered.attempts) == ("delivered", 1)
+
+
+def drip_headers(conn: socket.socket) -> None:
+    """A status line, then a header line a third of a second apart, for ever: each read gets a byte."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    while True:
+        time.sleep(0.3)
+        conn.sendall(b"x-wait: 1\r\n")
+
+
+def endless_body(conn: socket.socket) -> None:
+    """200 at once, then a chunked body that never ends (a huge body, as far as the sender can tell)."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    while True:
+        conn.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+        time.sleep(0.05)
+
+
+def silence(conn: socket.socket) -> None:
+    """Accepts the request and never answers."""
+    time.sleep(30)
+
+
+def run_once_within(dispatcher: WebhookDispatcher, seconds: float) -> float:
+    """One pass of the sender in a thread; fail if it takes longer than `seconds` (the thread is left)."""
+    started = time.monotonic()
+    sender = threading.Thread(target=dispatcher.run_once, daemon=True)
+    sender.start()
+    sender.join(seconds)
+    assert not sender.is_alive(), f"one pass of the sender took more than {seconds:g} s"
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "code", "error"),
+    [
+        (drip_headers, "pending", None, "did not answer within 1 s"),
+        (silence, "pending", None, "did not answer"),
+        (endless_body, "delivered", 200, ""),
+    ],
+)
+def test_an_endpoint_that_answers_slowly_or_endlessly_costs_one_timeout_and_is_logged(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    endpoints: Callable[[Behaviour], RawEndpoint],
+    behaviour: Behaviour,
+    status: str,
+    code: int | None,
+    error: str,
+) -> None:
+    # The timeout (1 s here, 20 s in production) bounds each read; an endpoint that sends a byte now and then,
+    # or a body without end, once held the sender (and every other partner's delivery) for as long as it liked.
+    endpoint = endpoints(behaviour)
+    receiver.close()
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    with Session(engines[0]) as session:
+        row = session.exec(
+            select(WebhookEndpoint).where(WebhookEndpoint.partner_id == partner["partner_id"])
+        ).one()
+        row.url = endpoint.url
+        session.add(row)
+        session.commit()
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:slow")
+
+    took = run_once_within(dispatcher, 5.0)
+
+    assert took < 3.0
+    [delivery] = deliveries_of(engines[0], case_id)
+    [attempt] = attempts_of(engines[0], delivery.id)
+    assert (delivery.status, delivery.attempts, attempt.status_code) == (status, 1, code)
+    assert error in attempt.error and "xxxx" not in attempt.error
