@@ -1,7 +1,8 @@
 """Outbound webhooks: partner endpoints, fan-out of case events, and the signed, retried delivery.
 
 - An endpoint URL must be HTTPS and resolve to a public address; in development (ENV=dev) plain HTTP
-  and loopback are allowed. The address is checked again at every send (DNS may change).
+  and loopback are allowed. The address is checked again at every send (DNS may change), and the send
+  connects to the address checked, not to what the name resolves to a moment later.
 - A delivery's `webhook-id` is derived from the endpoint and the source event, so it is the same on
   every attempt and on a manual replay; receivers dedupe on it.
 - Retries follow Standard Webhooks' example schedule (RETRY_SCHEDULE: 5 s to 24 h, about three days in
@@ -64,14 +65,16 @@ class AnswerTooSlow(Exception):
     """The endpoint's status line and headers did not arrive within the attempt's timeout."""
 
 
-def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = None) -> None:
+def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = None) -> list[str]:
+    """The addresses `url`'s host resolves to, all of them allowed; EndpointRefused says what is not."""
     parts = urlsplit(url)
     dev = env == "dev"
     if parts.scheme not in ({"https", "http"} if dev else {"https"}):
         raise EndpointRefused("the endpoint URL must use https")
     if not parts.hostname or parts.username or parts.password:
         raise EndpointRefused("the endpoint URL needs a host and no user:password part")
-    for address in (resolve or resolve_host)(parts.hostname):
+    addresses = (resolve or resolve_host)(parts.hostname)
+    for address in addresses:
         ip = ipaddress.ip_address(address)
         if ip.is_loopback and dev:
             continue
@@ -79,6 +82,7 @@ def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = N
             raise EndpointRefused(
                 "the endpoint resolves to a private, loopback or link-local address; use a public address"
             )
+    return addresses
 
 
 def resolve_host(host: str) -> list[str]:
@@ -390,12 +394,14 @@ class WebhookDispatcher:
         error = ""
         retry_hint: str | None = None
         try:
-            check_url(endpoint.url, self.env)
+            address = check_url(endpoint.url, self.env)[0]
             secrets = self._secrets(endpoint.partner_id)
             if not secrets:
                 raise EndpointRefused("the partner no longer exists")
             headers = headers_for(secrets, delivery.id, int(time.time()), body)
-            response = self._post(endpoint.url, body, {**headers, "content-type": "application/json"})
+            response = self._post(
+                endpoint.url, address, body, {**headers, "content-type": "application/json"}
+            )
             status_code = response.status_code
             retry_hint = response.headers.get("retry-after")
         except EndpointRefused as exc:
@@ -407,10 +413,17 @@ class WebhookDispatcher:
         duration_ms = int((time.monotonic() - started) * 1000)
         return Attempt(delivery, endpoint, status_code, error, retry_hint, duration_ms, datetime.now(UTC))
 
-    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        """POST and read the status line and headers within `timeout` in all, never the body (it would
-        only be dropped, and may be endless). httpx's timeout bounds each read, so an endpoint answering a
-        byte at a time could hold the sender as long as it liked: at the deadline its socket is shut."""
+    def _post(self, url: str, address: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST to `address`, the one `check_url` allowed (resolving the name again to connect would let a
+        name server answer a public address to the check and a private one to the connection), with the
+        URL's host as Host and as the TLS server name the certificate is checked against.
+
+        Only the status line and headers are read, within `timeout` in all, never the body (it would only
+        be dropped, and may be endless). httpx's timeout bounds each read, so an endpoint answering a byte
+        at a time could hold the sender as long as it liked: at the deadline its socket is shut."""
+        target = httpx.URL(url)
+        pinned = target.copy_with(host=address)
+        headers = {**headers, "host": target.netloc.decode("ascii")}
         sockets: list[socket.socket] = []
 
         def trace(event: str, info: dict[str, Any]) -> None:
@@ -428,9 +441,8 @@ class WebhookDispatcher:
         watchdog = threading.Timer(self.timeout, expire)
         watchdog.start()
         try:
-            with self.http.stream(
-                "POST", url, content=body, headers=headers, extensions={"trace": trace}
-            ) as r:
+            extensions = {"trace": trace, "sni_hostname": target.raw_host.decode("ascii")}
+            with self.http.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as r:
                 return r
         except httpx.HTTPError as exc:
             if expired.is_set():

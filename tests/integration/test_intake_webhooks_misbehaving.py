@@ -31,6 +31,7 @@ class RawEndpoint:
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
         self.requests = 0
+        self.accepted = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.closed = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
@@ -45,6 +46,7 @@ class RawEndpoint:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
@@ -229,3 +231,57 @@ def test_an_endpoint_that_answers_slowly_or_endlessly_costs_one_timeout_and_is_l
     [attempt] = attempts_of(engines[0], delivery.id)
     assert (delivery.status, delivery.attempts, attempt.status_code) == (status, 1, code)
     assert error in attempt.error and "xxxx" not in attempt.error
+
+
+def point_endpoint_at(engine: Engine, partner_id: str, url: str) -> None:
+    with Session(engine) as session:
+        row = session.exec(select(WebhookEndpoint).where(WebhookEndpoint.partner_id == partner_id)).one()
+        row.url = url
+        session.add(row)
+        session.commit()
+
+
+def test_a_host_name_that_turns_private_after_the_check_is_not_connected_to(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    endpoints: Callable[[Behaviour], RawEndpoint],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # DNS rebinding: the partner's name server answers a public address to the check and loopback (or the
+    # cloud's metadata address) to the connection that follows. The sender connects to what it checked.
+    internal = endpoints(silence)
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    point_endpoint_at(
+        engines[0], partner["partner_id"], f"https://rebind.example:{internal.url.split(':')[2]}"
+    )
+    answers = iter(["93.184.216.34"])
+    real_getaddrinfo = socket.getaddrinfo
+
+    def rebinding(host: object, port: object, *args: object, **kwargs: object) -> object:
+        if host != "rebind.example":
+            return real_getaddrinfo(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        address = next(answers, "127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port or 0))]
+
+    real_connect = socket.create_connection
+    connected_to: list[str] = []
+
+    def loopback_only(address: tuple[str, int], *args: object, **kwargs: object) -> socket.socket:
+        connected_to.append(address[0])
+        if address[0] != "127.0.0.1":
+            raise ConnectionRefusedError("no traffic leaves this machine in tests")
+        return real_connect(address, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket, "create_connection", loopback_only)
+    sender = WebhookDispatcher(engine=engines[0], auth_engine=engines[1], env="production", timeout=1.0)
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:dns")
+    try:
+        run_once_within(sender, 5.0)
+    finally:
+        sender.http.close()
+
+    assert internal.accepted == 0 and connected_to == ["93.184.216.34"]  # the address that was checked
+    [delivery] = deliveries_of(engines[0], case_id)
+    assert (delivery.status, delivery.attempts) == ("pending", 1)
