@@ -22,6 +22,7 @@ import json
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +62,12 @@ class EndpointRefused(ValueError):
     """The URL may not receive webhooks; the message says why."""
 
 
+REDIRECTED = (
+    "the endpoint answered with a redirect, which is not followed (it could lead anywhere); "
+    "register the URL it redirects to"
+)
+
+
 class AnswerTooSlow(Exception):
     """The endpoint's status line and headers did not arrive within the attempt's timeout."""
 
@@ -94,6 +101,29 @@ def resolve_host(host: str) -> list[str]:
         return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
     except socket.gaierror as exc:
         raise EndpointRefused("the endpoint's host name does not resolve") from exc
+
+
+def what_failed(exc: httpx.HTTPError, timeout: float) -> str:
+    """What the delivery log says of an attempt that got no HTTP answer: what the partner can check."""
+    cause: BaseException | None = exc
+    while cause is not None:  # httpx's error, raised from httpcore's, raised from the ssl module's
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"the endpoint's TLS certificate was refused ({cause.verify_message}); "
+                "serve a certificate for the URL's host from a public CA, with its intermediates"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return "the TLS handshake with the endpoint failed; serve HTTPS (TLS 1.2 or later) on this port"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"could not connect to the endpoint within {timeout:g} s"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"the endpoint did not answer within {timeout:g} s"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect to the endpoint (connection refused or host unreachable)"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return "the endpoint closed the connection before a complete HTTP answer"
+    return f"{type(exc).__name__}: the endpoint did not answer"
 
 
 def webhook_id(endpoint_id: str, source_event_id: str) -> str:
@@ -404,12 +434,14 @@ class WebhookDispatcher:
             )
             status_code = response.status_code
             retry_hint = response.headers.get("retry-after")
+            if response.is_redirect:
+                error = REDIRECTED
         except EndpointRefused as exc:
             error = str(exc)
         except AnswerTooSlow as exc:
             error = str(exc)
         except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: the endpoint did not answer"
+            error = what_failed(exc, self.timeout)
         duration_ms = int((time.monotonic() - started) * 1000)
         return Attempt(delivery, endpoint, status_code, error, retry_hint, duration_ms, datetime.now(UTC))
 

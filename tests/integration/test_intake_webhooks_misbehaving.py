@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
@@ -21,6 +24,7 @@ from services.intake.models import WebhookAttempt, WebhookDelivery, WebhookEndpo
 from services.intake.webhooks_out import WebhookDispatcher
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_outbound_webhooks import Receiver, publish, setup_partner, status_changed
+from tests.pki import Authority
 
 Behaviour = Callable[[socket.socket], None]
 
@@ -28,8 +32,9 @@ Behaviour = Callable[[socket.socket], None]
 class RawEndpoint:
     """A partner's endpoint that reads the request, then does whatever `behaviour` does with the socket."""
 
-    def __init__(self, behaviour: Behaviour) -> None:
+    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> None:
         self.behaviour = behaviour
+        self.tls = tls
         self.requests = 0
         self.accepted = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -38,7 +43,8 @@ class RawEndpoint:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}/hook"
 
     def _serve(self) -> None:
         while not self.closed.is_set():
@@ -50,6 +56,12 @@ class RawEndpoint:
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
+        if self.tls:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                conn.close()  # the sender refused the certificate
+                return
         with conn:
             request = b""
             while b"\r\n\r\n" not in request:
@@ -107,11 +119,11 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def endpoints() -> Iterator[Callable[[Behaviour], RawEndpoint]]:
+def endpoints() -> Iterator[Callable[..., RawEndpoint]]:
     started: list[RawEndpoint] = []
 
-    def start(behaviour: Behaviour) -> RawEndpoint:
-        started.append(RawEndpoint(behaviour))
+    def start(behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> RawEndpoint:
+        started.append(RawEndpoint(behaviour, tls))
         return started[-1]
 
     yield start
@@ -204,7 +216,7 @@ def test_an_endpoint_that_answers_slowly_or_endlessly_costs_one_timeout_and_is_l
     engines: tuple[Engine, Engine],
     receiver: Receiver,
     dispatcher: WebhookDispatcher,
-    endpoints: Callable[[Behaviour], RawEndpoint],
+    endpoints: Callable[..., RawEndpoint],
     behaviour: Behaviour,
     status: str,
     code: int | None,
@@ -245,7 +257,7 @@ def test_a_host_name_that_turns_private_after_the_check_is_not_connected_to(
     client: TestClient,
     engines: tuple[Engine, Engine],
     receiver: Receiver,
-    endpoints: Callable[[Behaviour], RawEndpoint],
+    endpoints: Callable[..., RawEndpoint],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # DNS rebinding: the partner's name server answers a public address to the check and loopback (or the
@@ -285,3 +297,92 @@ def test_a_host_name_that_turns_private_after_the_check_is_not_connected_to(
     assert internal.accepted == 0 and connected_to == ["93.184.216.34"]  # the address that was checked
     [delivery] = deliveries_of(engines[0], case_id)
     assert (delivery.status, delivery.attempts) == ("pending", 1)
+
+
+def answer(status: bytes, headers: bytes = b"") -> Behaviour:
+    def behaviour(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 " + status + b"\r\n" + headers + b"content-length: 0\r\n\r\n")
+
+    return behaviour
+
+
+def hang_up_mid_answer(conn: socket.socket) -> None:
+    """Starts an answer, then closes the connection."""
+    conn.sendall(b"HTTP/1.1 200 O")
+
+
+def tls_server(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a certificate from a CA that no sender trusts (self-made)."""
+    issued = Authority(tmp_path, "partner-own").issue("hooks", server=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(issued.cert, issued.key)
+    return context
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "says"),
+    [
+        (answer(b"301 Moved Permanently", b"location: http://127.0.0.1:1/elsewhere\r\n"), "redirect"),
+        (answer(b"302 Found", b"location: /other-path\r\n"), "redirect"),
+        (answer(b"307 Temporary Redirect", b"location: /hook\r\n"), "redirect"),  # a loop
+        (answer(b"308 Permanent Redirect", b"location: https://169.254.169.254/\r\n"), "redirect"),
+        (hang_up_mid_answer, "closed the connection"),
+        (None, "certificate"),
+    ],
+)
+def test_each_failed_attempt_says_what_the_endpoint_did(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    endpoints: Callable[..., RawEndpoint],
+    tmp_path: Path,
+    behaviour: Behaviour | None,
+    says: str,
+) -> None:
+    # The partner reads the delivery log to fix their side: a certificate we refuse is not "did not
+    # answer", and a redirect (never followed: it could lead anywhere) needs the URL registered anew.
+    endpoint = (
+        endpoints(answer(b"200 OK"), tls_server(tmp_path)) if behaviour is None else endpoints(behaviour)
+    )
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    point_endpoint_at(engines[0], partner["partner_id"], endpoint.url)
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:say")
+
+    run_once_within(dispatcher, 5.0)
+
+    [delivery] = deliveries_of(engines[0], case_id)
+    [attempt] = attempts_of(engines[0], delivery.id)
+    assert (delivery.status, delivery.attempts) == ("pending", 1)
+    assert says in attempt.error, attempt.error
+    assert endpoint.accepted == 1 and len(receiver.received) == 0  # no redirect followed
+
+
+def test_an_endpoint_with_a_certificate_the_sender_trusts_is_delivered_to_over_the_checked_address(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    endpoints: Callable[..., RawEndpoint],
+    tmp_path: Path,
+) -> None:
+    # Connecting to the checked address keeps the certificate checked against the URL's host.
+    authority = Authority(tmp_path, "public")
+    issued = authority.issue("hooks", server=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(issued.cert, issued.key)
+    endpoint = endpoints(answer(b"204 No Content"), server)
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    point_endpoint_at(engines[0], partner["partner_id"], endpoint.url)
+    dispatcher.http.close()
+    dispatcher.http = httpx.Client(
+        timeout=1.0,
+        verify=ssl.create_default_context(cafile=str(authority.cert)),
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:tls")
+
+    run_once_within(dispatcher, 5.0)
+
+    [delivery] = deliveries_of(engines[0], case_id)
+    assert (delivery.status, delivery.last_status_code, endpoint.requests) == ("delivered", 204, 1)
