@@ -10,6 +10,8 @@
   410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
 - An attempt gets the status line and headers within `timeout` (20 s) in all, however slowly they arrive;
   the answer's body is never read (nothing of it reaches our logs).
+- A pass sends to its endpoints at the same time, each endpoint's deliveries in order; an endpoint that
+  gives no answer gets nothing more that pass (its later deliveries wait for its retry, uncounted).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,6 +56,7 @@ MAX_ATTEMPTS = len(RETRY_SCHEDULE) + 1
 LEASE = timedelta(seconds=60)
 MAX_RETRY_AFTER = timedelta(hours=6)
 BATCH = 20  # deliveries claimed per pass
+LANES = 8  # endpoints a pass sends to at the same time
 RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
 ENDPOINTS_READ = "webhooks.endpoints_read"  # session.info: (transaction, partner id -> endpoints)
 SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
@@ -243,6 +247,7 @@ class Attempt:
     retry_hint: str | None
     duration_ms: int
     at: datetime
+    held_back: tuple[str, ...] = ()  # the endpoint's later deliveries of the pass, not sent after no answer
 
 
 # The sender's statements, built once: plain SQL statements (no ORM objects, no unit of work), so a pass
@@ -309,6 +314,12 @@ _OUTCOME = (
         delivered_at=bindparam("d_delivered_at"),
     )
 )
+# Held back behind an attempt that got no answer: they wait for its retry, no attempt counted.
+_HOLD = (
+    update(_DELIVERY)
+    .where(_DELIVERY.c.id == bindparam("h_id"), _DELIVERY.c.status == "pending")
+    .values(next_attempt_at=bindparam("h_until"))
+)
 _ATTEMPT = insert(WebhookAttempt.__table__)  # type: ignore[attr-defined]
 _GONE = (
     update(_ENDPOINT)
@@ -369,20 +380,41 @@ class WebhookDispatcher:
         self.http.close()
 
     def run_once(self, batch: int = BATCH) -> int:
-        """Claim up to `batch` due deliveries and send them in order. Their outcomes are recorded together
-        (one transaction), and at least every RECORD_EVERY seconds while a slow endpoint holds the batch up,
-        well inside the lease. A crash before the record re-sends those deliveries after the lease, with the
-        same `webhook-id`, which receivers dedupe on."""
+        """Claim up to `batch` due deliveries and send them, a lane per endpoint: the lanes at the same time
+        (up to LANES), each endpoint's deliveries in order. An endpoint that gives no answer costs one
+        timeout a pass, so no other endpoint waits behind it and a pass ends well inside the lease.
+        Outcomes are recorded together (one transaction); a lane still sending after RECORD_EVERY seconds
+        records its own as it goes. A crash before the record re-sends those deliveries after the lease,
+        with the same `webhook-id`, which receivers dedupe on."""
         due = self._claim(batch)
-        attempts: list[Attempt] = []
-        recorded = time.monotonic()
+        lanes: dict[str, list[tuple[Claimed, Target]]] = {}
         for delivery, endpoint in due:
-            attempts.append(self._send(delivery, endpoint))
+            lanes.setdefault(endpoint.id, []).append((delivery, endpoint))
+        started = time.monotonic()
+        if len(lanes) <= 1:
+            sent = [self._send_lane(lane, started) for lane in lanes.values()]
+        else:
+            with ThreadPoolExecutor(min(len(lanes), LANES), thread_name_prefix="webhooks-lane") as pool:
+                sent = list(pool.map(lambda lane: self._send_lane(lane, started), lanes.values()))
+        self._record([attempt for attempts in sent for attempt in attempts])
+        return len(due)
+
+    def _send_lane(self, lane: list[tuple[Claimed, Target]], started: float) -> list[Attempt]:
+        """Send one endpoint's deliveries in order; the attempts not recorded yet. After an attempt with no
+        HTTP answer (a timeout, a refused connection or certificate) the endpoint's later deliveries are held
+        back to that attempt's retry, unsent and uncounted: one dead endpoint costs one timeout a pass."""
+        attempts: list[Attempt] = []
+        recorded = started
+        for n, (delivery, endpoint) in enumerate(lane):
+            attempt = self._send(delivery, endpoint)
+            if attempt.status_code is None and n + 1 < len(lane):
+                attempts.append(replace(attempt, held_back=tuple(d.id for d, _ in lane[n + 1 :])))
+                break
+            attempts.append(attempt)
             if time.monotonic() - recorded >= RECORD_EVERY:
                 self._record(attempts)
                 attempts, recorded = [], time.monotonic()
-        self._record(attempts)
-        return len(due)
+        return attempts
 
     def _claim(self, batch: int) -> list[tuple[Claimed, Target]]:
         """Lease due deliveries so another replica does not send them at the same time."""
@@ -489,18 +521,21 @@ class WebhookDispatcher:
             return
         outcomes: list[tuple[Attempt, str]] = []
         with self.engine.begin() as conn:
-            current = {
-                row.id: row for row in conn.execute(_CURRENT, {"ids": [a.delivery.id for a in attempts]})
-            }
+            ids = [a.delivery.id for a in attempts] + [held for a in attempts for held in a.held_back]
+            current = {row.id: row for row in conn.execute(_CURRENT, {"ids": ids})}
             changes: list[dict[str, object]] = []
+            holds: list[dict[str, object]] = []
             for attempt in attempts:
                 row = current.get(attempt.delivery.id)
                 if row is not None:
                     change = self._outcome(row, attempt)
                     changes.append(change)
                     outcomes.append((attempt, str(change["d_status"])))
+                    holds += [{"h_id": held, "h_until": change["d_next"]} for held in attempt.held_back]
                     if attempt.status_code == 410:
                         self._disable(conn, attempt)
+            if holds:
+                conn.execute(_HOLD, holds)
             if changes:
                 conn.execute(_OUTCOME, changes)
                 conn.execute(

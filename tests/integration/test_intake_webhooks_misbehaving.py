@@ -9,6 +9,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,7 @@ from sqlmodel import Session, select
 
 from contracts.models import CaseStatus
 from services.common.config import Settings
-from services.intake import api, webhooks_out_api
+from services.intake import api, webhooks_out, webhooks_out_api
 from services.intake.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhooks_out import WebhookDispatcher
 from tests.integration.intake_app import intake_app, intake_engines
@@ -386,3 +387,53 @@ def test_an_endpoint_with_a_certificate_the_sender_trusts_is_delivered_to_over_t
 
     [delivery] = deliveries_of(engines[0], case_id)
     assert (delivery.status, delivery.last_status_code, endpoint.requests) == ("delivered", 204, 1)
+
+
+def test_an_endpoint_that_does_not_answer_costs_one_timeout_a_pass_and_holds_up_no_other_partner(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    endpoints: Callable[..., RawEndpoint],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sent one after another, four deliveries to a dead endpoint cost four timeouts (80 s in production):
+    # longer than the lease (60 s), so another replica sent them again in parallel, and every other
+    # partner's delivery in the batch waited behind them.
+    monkeypatch.setattr(webhooks_out, "LEASE", timedelta(seconds=3))
+    dead = endpoints(silence)
+    stalled = Receiver()  # registered first: its deliveries are older, first in the batch
+    try:
+        stalled_partner, _, stalled_case = setup_partner(client, engines[1], stalled)
+    finally:
+        stalled.close()
+    point_endpoint_at(engines[0], stalled_partner["partner_id"], dead.url)
+    _, _, case_id = setup_partner(client, engines[1], receiver)
+    statuses = [
+        CaseStatus.AWAITING_RECORDS,
+        CaseStatus.MATCHING,
+        CaseStatus.AWAITING_ACCEPTANCE,
+        CaseStatus.IN_REVIEW,
+    ]
+    for n, status_ in enumerate(statuses):
+        publish(engines[0], stalled_case, status_changed(stalled_case, status_), f"wf:{stalled_case}:d{n}")
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:live")
+    sender = WebhookDispatcher(engine=engines[0], auth_engine=engines[1], env="dev", timeout=1.0)
+
+    started = time.monotonic()
+    try:
+        took = run_once_within(sender, 10.0)
+    finally:
+        sender.http.close()
+
+    assert receiver.received and receiver.received[0][0] - started < 0.9  # not behind the dead endpoint
+    assert took < 3.0  # inside the lease: nothing of the batch can be claimed again meanwhile
+    assert dead.requests == 1
+    stalled_rows = sorted(deliveries_of(engines[0], stalled_case), key=lambda d: d.created_at)
+    assert [(d.status, d.attempts) for d in stalled_rows] == [
+        ("pending", 1),
+        ("pending", 0),
+        ("pending", 0),
+        ("pending", 0),
+    ]
+    retry_at = stalled_rows[0].next_attempt_at
+    assert retry_at is not None and all(d.next_attempt_at == retry_at for d in stalled_rows[1:])
