@@ -78,7 +78,19 @@ class AnswerTooSlow(Exception):
 
 def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = None) -> list[str]:
     """The addresses `url`'s host resolves to, all of them allowed; EndpointRefused says what is not."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        httpx.URL(url)  # what the sender will parse: refused here, not at every send
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise EndpointRefused(
+            f"the endpoint URL is not a valid URL ({exc}); send https://host[:port]/path"
+        ) from exc
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise EndpointRefused("the endpoint URL's port must be a number from 1 to 65535, or left out")
     dev = env == "dev"
     if parts.scheme not in ({"https", "http"} if dev else {"https"}):
         raise EndpointRefused("the endpoint URL must use https")

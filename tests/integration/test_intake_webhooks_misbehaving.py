@@ -437,3 +437,47 @@ def test_an_endpoint_that_does_not_answer_costs_one_timeout_a_pass_and_holds_up_
     ]
     retry_at = stalled_rows[0].next_attempt_at
     assert retry_at is not None and all(d.next_attempt_at == retry_at for d in stalled_rows[1:])
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("https://[::1/hook", "not a valid URL"),
+        ("http://127.0.0.1:abc/hook", "port"),
+        ("http://127.0.0.1:99999/hook", "port"),
+        ("http://127.0.0.1:0/hook", "port"),
+        ("http://127.0.0.1/\x01hook", "not a valid URL"),
+    ],
+)
+def test_a_url_no_request_can_be_sent_to_is_refused_at_registration_and_spoils_no_batch(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    url: str,
+    says: str,
+) -> None:
+    # Such a URL passed the check (or failed it with a 500), then made httpx or the socket raise an error
+    # the sender did not expect: the pass broke before its record, and every delivery in the batch, other
+    # partners' too, was sent again after each lease, with no attempt ever logged.
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    refused = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+        json={"url": url},
+        headers={"Authorization": partner["Authorization"]},
+    )
+    assert refused.status_code == 422 and says in refused.json()["detail"], refused.text
+
+    other = Receiver()
+    try:
+        other_partner, _, other_case = setup_partner(client, engines[1], other)
+        point_endpoint_at(engines[0], other_partner["partner_id"], url)  # registered before the check
+        publish(engines[0], other_case, status_changed(other_case, CaseStatus.MATCHING), f"wf:{other_case}:u")
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"wf:{case_id}:u")
+        run_once_within(dispatcher, 5.0)
+    finally:
+        other.close()
+    [bad] = deliveries_of(engines[0], other_case)
+    [good] = deliveries_of(engines[0], case_id)
+    assert (bad.status, bad.attempts) == ("pending", 1) and says in bad.last_error
+    assert (good.status, good.attempts) == ("delivered", 1)
