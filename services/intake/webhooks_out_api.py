@@ -23,12 +23,15 @@ from services.intake.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from services.intake.webhooks_out import EndpointRefused, check_url
+from services.intake.webhooks_out import LEASE, EndpointRefused, check_url
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     404: problem_response(
         404, "No such partner, endpoint or delivery visible to this key", "no webhook endpoint …"
+    ),
+    409: problem_response(
+        409, "The endpoint is disabled; enable it first", "the endpoint is disabled (…); POST …/enable first"
     ),
 }
 
@@ -186,14 +189,26 @@ def delivery_public(session: Session, delivery: WebhookDelivery) -> DeliveryPubl
 def replay(
     partner_id: str, endpoint_id: str, webhook_id: str, caller: Caller, engine: EngineDep
 ) -> DeliveryPublic:
-    """Send this delivery again now, with the same `webhook-id`."""
+    """Send this delivery again now, with the same `webhook-id`. A delivery being sent (or due within the
+    sender's lease) is left as it is: that attempt is the replay, and no second one runs beside it."""
     with Session(engine, expire_on_commit=False) as session:
-        endpoint_of(session, caller, partner_id, endpoint_id)
-        delivery = session.get(WebhookDelivery, webhook_id)
+        endpoint = endpoint_of(session, caller, partner_id, endpoint_id)
+        delivery = session.exec(
+            select(WebhookDelivery).where(WebhookDelivery.id == webhook_id).with_for_update()
+        ).first()
         if delivery is None or delivery.endpoint_id != endpoint_id:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no delivery with this id for this endpoint")
+        if endpoint.disabled_at is not None:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"the endpoint is disabled ({endpoint.disabled_reason}); nothing is sent to it: "
+                f"POST .../webhook-endpoints/{endpoint_id}/enable first, then replay",
+            )
+        now, due = datetime.now(UTC), delivery.next_attempt_at
+        due = due if due.tzinfo else due.replace(tzinfo=UTC)  # SQLite keeps no offset
+        if not (delivery.status == "pending" and now < due <= now + LEASE):
+            delivery.next_attempt_at = now
         delivery.status = "pending"
-        delivery.next_attempt_at = datetime.now(UTC)
         session.add(delivery)
         session.commit()
         return delivery_public(session, delivery)

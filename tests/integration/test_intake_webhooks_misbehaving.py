@@ -481,3 +481,45 @@ def test_a_url_no_request_can_be_sent_to_is_refused_at_registration_and_spoils_n
     [good] = deliveries_of(engines[0], case_id)
     assert (bad.status, bad.attempts) == ("pending", 1) and says in bad.last_error
     assert (good.status, good.attempts) == ("delivered", 1)
+
+
+def test_a_replay_while_the_delivery_is_being_sent_does_not_send_it_twice_at_once(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    # The replay put the delivery due at once, lease or not: another replica claimed it while the first was
+    # still sending it. A replay of a delivery whose attempt is running (or due within the lease) is that one.
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:rp")
+    # This replica is sending it now (earlier tests may have left deliveries due: not this test's).
+    [in_flight] = [d for d, _ in dispatcher._claim(webhooks_out.BATCH) if d.case_id == case_id]
+    replica = WebhookDispatcher(engine=engines[0], auth_engine=engines[1], env="dev")
+    try:
+        replayed = client.post(
+            f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}/deliveries/{in_flight.id}/replay",
+            headers={"Authorization": partner["Authorization"]},
+        )
+        assert replayed.status_code == 200 and replayed.json()["status"] == "pending"
+        assert case_id not in [d.case_id for d, _ in replica._claim(webhooks_out.BATCH)]
+    finally:
+        replica.http.close()
+
+
+def test_a_replay_to_a_disabled_endpoint_says_to_enable_it_first(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    headers = {"Authorization": partner["Authorization"]}
+    base = f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}"
+    receiver.script = [(410, {})]
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:off")
+    dispatcher.run_once()
+    [delivery] = deliveries_of(engines[0], case_id)
+
+    refused = client.post(f"{base}/deliveries/{delivery.id}/replay", headers=headers)
+
+    assert refused.status_code == 409 and "enable" in refused.json()["detail"], refused.text
+    assert deliveries_of(engines[0], case_id)[0].status == "failed"
+    assert client.post(f"{base}/enable", headers=headers).status_code == 200
+    assert client.post(f"{base}/deliveries/{delivery.id}/replay", headers=headers).status_code == 200
+    dispatcher.run_once()
+    assert len(receiver.received) == 2
