@@ -11,7 +11,8 @@
 - An attempt gets the status line and headers within `timeout` (20 s) in all, however slowly they arrive;
   the answer's body is never read (nothing of it reaches our logs).
 - A pass sends to its endpoints at the same time, each endpoint's deliveries in order; an endpoint that
-  gives no answer gets nothing more that pass (its later deliveries wait for its retry, uncounted).
+  gives no answer gets nothing more that pass (its later deliveries wait for its retry, uncounted), and a
+  slow one no more than ends within the lease (the rest is left for the next pass).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ PARTNER_EVENTS = ("case.status_changed", "records.needed", "report.ready", "repo
 RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)  # seconds after attempt n (1-based)
 MAX_ATTEMPTS = len(RETRY_SCHEDULE) + 1
 LEASE = timedelta(seconds=60)
+LEASE_USED = 0.75  # a lane starts a send only if it ends, at worst, within this part of the lease
 MAX_RETRY_AFTER = timedelta(hours=6)
 BATCH = 20  # deliveries claimed per pass
 LANES = 8  # endpoints a pass sends to at the same time
@@ -260,6 +262,7 @@ class Attempt:
     duration_ms: int
     at: datetime
     held_back: tuple[str, ...] = ()  # the endpoint's later deliveries of the pass, not sent after no answer
+    released: tuple[str, ...] = ()  # the endpoint's later deliveries of the pass, left for the next pass
 
 
 # The sender's statements, built once: plain SQL statements (no ORM objects, no unit of work), so a pass
@@ -418,6 +421,15 @@ class WebhookDispatcher:
         attempts: list[Attempt] = []
         recorded = started
         for n, (delivery, endpoint) in enumerate(lane):
+            if n and time.monotonic() - started + self.timeout > LEASE.total_seconds() * LEASE_USED:
+                # A slow endpoint's sends could outlive the lease: another replica would claim the rest
+                # and send it beside this one. The rest is due again at once, for the next pass.
+                rest = tuple(d.id for d, _ in lane[n:])
+                if attempts:
+                    attempts[-1] = replace(attempts[-1], released=rest)
+                else:
+                    self._release(rest)
+                break
             attempt = self._send(delivery, endpoint)
             if attempt.status_code is None and n + 1 < len(lane):
                 attempts.append(replace(attempt, held_back=tuple(d.id for d, _ in lane[n + 1 :])))
@@ -533,7 +545,8 @@ class WebhookDispatcher:
             return
         outcomes: list[tuple[Attempt, str]] = []
         with self.engine.begin() as conn:
-            ids = [a.delivery.id for a in attempts] + [held for a in attempts for held in a.held_back]
+            ids = [a.delivery.id for a in attempts]
+            ids += [other for a in attempts for other in (*a.held_back, *a.released)]
             current = {row.id: row for row in conn.execute(_CURRENT, {"ids": ids})}
             changes: list[dict[str, object]] = []
             holds: list[dict[str, object]] = []
@@ -544,6 +557,7 @@ class WebhookDispatcher:
                     changes.append(change)
                     outcomes.append((attempt, str(change["d_status"])))
                     holds += [{"h_id": held, "h_until": change["d_next"]} for held in attempt.held_back]
+                    holds += [{"h_id": rest, "h_until": attempt.at} for rest in attempt.released]
                     if attempt.status_code == 410:
                         self._disable(conn, attempt)
             if holds:
@@ -571,6 +585,12 @@ class WebhookDispatcher:
                 status_code=attempt.status_code,
                 outcome=outcome,
             )
+
+    def _release(self, ids: tuple[str, ...]) -> None:
+        """Leased deliveries not sent in this pass: due again at once."""
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            conn.execute(_HOLD, [{"h_id": id_, "h_until": now} for id_ in ids])
 
     def _outcome(self, row: Any, attempt: Attempt) -> dict[str, object]:
         """The delivery's next state after `attempt` (as the parameters of `_OUTCOME`)."""
