@@ -103,11 +103,28 @@ def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = N
         ip = ipaddress.ip_address(address)
         if ip.is_loopback and dev:
             continue
-        if not ip.is_global or ip.is_multicast:
+        if any(not a.is_global or a.is_multicast for a in (ip, *embedded_ipv4(ip))):
             raise EndpointRefused(
                 "the endpoint resolves to a private, loopback or link-local address; use a public address"
             )
     return addresses
+
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address a gateway may forward to: NAT64's well-known
+# prefix (RFC 6052) and the deprecated IPv4-compatible addresses.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 address an IPv6 one carries (mapped, NAT64, 6to4, Teredo's client), which is what a
+    translating network connects to: 64:ff9b::a9fe:a9fe is 169.254.169.254 though Python calls it global."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    carried = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+    return [a for a in carried if a is not None]
 
 
 def resolve_host(host: str) -> list[str]:
