@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import random
 import socket
 import ssl
@@ -33,19 +34,25 @@ Behaviour = Callable[[socket.socket], None]
 class RawEndpoint:
     """A partner's endpoint that reads the request, then does whatever `behaviour` does with the socket."""
 
-    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, behaviour: Behaviour, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.behaviour = behaviour
         self.tls = tls
+        self.host = host
         self.requests = 0
         self.accepted = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(
+            (host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+        )
         self.closed = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
 
     @property
     def url(self) -> str:
         scheme = "https" if self.tls else "http"
-        return f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.listener.getsockname()[1]}/hook"
 
     def _serve(self) -> None:
         while not self.closed.is_set():
@@ -123,8 +130,10 @@ def receiver() -> Iterator[Receiver]:
 def endpoints() -> Iterator[Callable[..., RawEndpoint]]:
     started: list[RawEndpoint] = []
 
-    def start(behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> RawEndpoint:
-        started.append(RawEndpoint(behaviour, tls))
+    def start(
+        behaviour: Behaviour, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> RawEndpoint:
+        started.append(RawEndpoint(behaviour, tls, host))
         return started[-1]
 
     yield start
@@ -562,3 +571,68 @@ def test_a_slow_but_answering_endpoint_is_sent_no_more_in_a_pass_than_fits_in_th
         assert slow.requests == 8
     finally:
         sender.http.close()
+
+
+def test_an_ipv6_literal_endpoint_is_registered_and_delivered_to(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    endpoints: Callable[..., RawEndpoint],
+) -> None:
+    endpoint = endpoints(answer(b"204 No Content"), host="::1")
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    registered = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+        json={"url": endpoint.url},
+        headers={"Authorization": partner["Authorization"]},
+    )
+    assert registered.status_code == 201, registered.text
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:v6")
+    run_once_within(dispatcher, 5.0)
+    assert endpoint.requests == 1 and len(receiver.received) == 1
+    assert {d.status for d in deliveries_of(engines[0], case_id)} == {"delivered"}
+
+
+def test_a_429_with_an_http_date_retry_after_is_retried_then(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    _, _, case_id = setup_partner(client, engines[1], receiver)
+    later = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
+    receiver.script = [(429, {"Retry-After": later})]
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:429")
+    dispatcher.run_once()
+    [delivery] = deliveries_of(engines[0], case_id)
+    [attempt] = attempts_of(engines[0], delivery.id)
+    wait = delivery.next_attempt_at.replace(tzinfo=UTC) - attempt.at.replace(tzinfo=UTC)
+    assert (delivery.status, attempt.status_code) == ("pending", 429)
+    assert timedelta(seconds=1.5) < wait <= timedelta(seconds=3)  # the date, not the 0.05 s backoff
+
+
+def test_an_endpoint_deleted_while_its_delivery_is_in_flight_gets_nothing_more(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    endpoints: Callable[..., RawEndpoint],
+) -> None:
+    def slow_503(conn: socket.socket) -> None:
+        time.sleep(0.5)
+        answer(b"503 Service Unavailable")(conn)
+
+    endpoint = endpoints(slow_503)
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    point_endpoint_at(engines[0], partner["partner_id"], endpoint.url)
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:del")
+    sender = threading.Thread(target=dispatcher.run_once, daemon=True)
+    sender.start()
+    time.sleep(0.2)
+    headers = {"Authorization": partner["Authorization"]}
+    base = f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}"
+    assert client.delete(base, headers=headers).status_code == 204
+    sender.join(5)
+    time.sleep(0.2)
+    dispatcher.run_once()
+    [delivery] = client.get(f"{base}/deliveries", headers=headers).json()
+    assert endpoint.requests == 1
+    assert (delivery["status"], [a["status_code"] for a in delivery["history"]]) == ("pending", [503])
