@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from sqlmodel import Session, col, select
 
@@ -31,7 +32,9 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         404, "No such partner, endpoint or delivery visible to this key", "no webhook endpoint …"
     ),
     409: problem_response(
-        409, "The endpoint is disabled; enable it first", "the endpoint is disabled (…); POST …/enable first"
+        409,
+        "The URL is already registered, or (replay) the endpoint is disabled",
+        "this URL is already registered as endpoint …; use it",
     ),
 }
 
@@ -101,11 +104,39 @@ async def register(
             id=str(uuid.uuid4()), partner_id=partner_id, url=body.url, description=body.description
         )
         with Session(engine, expire_on_commit=False) as session:
+            refuse_registered(session, partner_id, body.url)
             session.add(endpoint)
             session.commit()
         return public(endpoint)
 
     return await idempotent(request, caller, engine, idempotency_key, 201, create)
+
+
+def refuse_registered(session: Session, partner_id: str, url: str) -> None:
+    """Each endpoint gets its own `webhook-id` for an event: a URL registered twice would receive every
+    event twice under two ids, which no receiver can dedupe."""
+    for endpoint in session.exec(select(WebhookEndpoint).where(WebhookEndpoint.partner_id == partner_id)):
+        if same_url(endpoint.url, url):
+            then = (
+                "use it" if endpoint.disabled_at is None else f"POST .../{endpoint.id}/enable to turn it on"
+            )
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"this URL is already registered as endpoint {endpoint.id}; {then}"
+            )
+
+
+def same_url(registered: str, url: str) -> bool:
+    """The same target: scheme and host in any case, a default port written out or not."""
+    try:
+        return target(registered) == target(url)
+    except httpx.InvalidURL:
+        return registered == url
+
+
+def target(url: str) -> tuple[str, bytes, int | None, bytes]:
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    return parsed.scheme, parsed.raw_host, port, parsed.raw_path
 
 
 @router.get("", response_model=list[EndpointPublic], responses=RESPONSES)

@@ -636,3 +636,25 @@ def test_an_endpoint_deleted_while_its_delivery_is_in_flight_gets_nothing_more(
     [delivery] = client.get(f"{base}/deliveries", headers=headers).json()
     assert endpoint.requests == 1
     assert (delivery["status"], [a["status_code"] for a in delivery["history"]]) == ("pending", [503])
+
+
+def test_the_same_url_registered_twice_is_refused_not_sent_every_event_twice(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    # Each endpoint gets its own webhook-id for an event, so a URL registered twice (a registration retried
+    # without an Idempotency-Key) received every event twice under two ids: no receiver could dedupe it.
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    headers = {"Authorization": partner["Authorization"]}
+    base = f"/v1/partners/{partner['partner_id']}/webhook-endpoints"
+    for url in (receiver.url, receiver.url.replace("http://", "HTTP://")):  # the same target
+        again = client.post(base, json={"url": url}, headers=headers)
+        assert again.status_code == 409, again.text
+        assert endpoint_id in again.json()["detail"] and "already" in again.json()["detail"]
+    assert client.delete(f"{base}/{endpoint_id}", headers=headers).status_code == 204
+    disabled = client.post(base, json={"url": receiver.url}, headers=headers)
+    assert disabled.status_code == 409 and "enable" in disabled.json()["detail"], disabled.text
+
+    keyed = {**headers, "Idempotency-Key": f"reg-{case_id}"}
+    first = client.post(base, json={"url": receiver.url + "/other"}, headers=keyed)
+    replay = client.post(base, json={"url": receiver.url + "/other"}, headers=keyed)
+    assert (first.status_code, replay.status_code) == (201, 201) and replay.json() == first.json()
