@@ -6,7 +6,7 @@
 - A delivery's `webhook-id` is derived from the endpoint and the source event, so it is the same on
   every attempt and on a manual replay; receivers dedupe on it.
 - Retries follow Standard Webhooks' example schedule (RETRY_SCHEDULE: 5 s to 24 h, about three days in
-  all, each wait shortened by up to a fifth at random); a `Retry-After` answer sets the next attempt; HTTP
+  all, each wait shortened by up to a fifth at random); a longer `Retry-After` sets the next attempt; HTTP
   410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
 - An attempt gets the status line and headers within `timeout` (20 s) in all, however slowly they arrive;
   the answer's body is never read (nothing of it reaches our logs).
@@ -619,10 +619,10 @@ class WebhookDispatcher:
         elif status_code == 410 or attempts >= MAX_ATTEMPTS:
             status = "failed"
         else:
-            wait = retry_after(attempt.retry_hint, now) or timedelta(
-                seconds=backoff(attempts, self.base_delay, self.max_delay, self.rng)
-            )
-            next_at = now + wait
+            # Retry-After is the least wait: a shorter one than the schedule's would spend the attempts meant
+            # for three days within minutes (a maintenance page sends "Retry-After: 1").
+            scheduled = timedelta(seconds=backoff(attempts, self.base_delay, self.max_delay, self.rng))
+            next_at = now + max(retry_after(attempt.retry_hint, now) or scheduled, scheduled)
         return {
             "d_id": row.id,
             "d_attempts": attempts,

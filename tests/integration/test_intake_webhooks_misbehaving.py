@@ -658,3 +658,26 @@ def test_the_same_url_registered_twice_is_refused_not_sent_every_event_twice(
     first = client.post(base, json={"url": receiver.url + "/other"}, headers=keyed)
     replay = client.post(base, json={"url": receiver.url + "/other"}, headers=keyed)
     assert (first.status_code, replay.status_code) == (201, 201) and replay.json() == first.json()
+
+
+def test_a_short_retry_after_does_not_use_up_three_days_of_retries_in_seconds(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    # A maintenance page answering 503 with Retry-After: 1 had all ten attempts made within ten seconds and
+    # the delivery failed: the "down for maintenance misses nothing" promise broken. Retry-After is the
+    # least wait; the schedule still spreads the attempts over three days.
+    _, _, case_id = setup_partner(client, engines[1], receiver)
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:ra1")
+    with Session(engines[0]) as session:
+        [row] = session.exec(select(WebhookDelivery).where(WebhookDelivery.case_id == case_id)).all()
+        row.attempts = 5  # five failures so far: the sixth wait is 10 h (scaled by the fixture's 0.01)
+        session.add(row)
+        session.commit()
+    receiver.script = [(503, {"Retry-After": "1"})]
+    dispatcher.run_once()
+    [delivery] = deliveries_of(engines[0], case_id)
+    [attempt] = attempts_of(engines[0], delivery.id)
+    wait = delivery.next_attempt_at.replace(tzinfo=UTC) - attempt.at.replace(tzinfo=UTC)
+    scheduled = webhooks_out.RETRY_SCHEDULE[5] * 0.05 / 5.0
+    assert (delivery.status, delivery.attempts) == ("pending", 6)
+    assert wait >= timedelta(seconds=0.8 * scheduled)
