@@ -136,6 +136,10 @@ def resolve_host(host: str) -> list[str]:
         return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
     except socket.gaierror as exc:
         raise EndpointRefused("the endpoint's host name does not resolve") from exc
+    except UnicodeError as exc:  # the IDNA codec's: an empty label, or one longer than 63 characters
+        raise EndpointRefused(
+            "the endpoint's host name is not a DNS name (labels of 1 to 63 characters between dots)"
+        ) from exc
 
 
 def what_failed(exc: httpx.HTTPError, timeout: float) -> str:

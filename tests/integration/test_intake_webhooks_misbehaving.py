@@ -456,6 +456,8 @@ def test_an_endpoint_that_does_not_answer_costs_one_timeout_a_pass_and_holds_up_
         ("http://127.0.0.1:99999/hook", "port"),
         ("http://127.0.0.1:0/hook", "port"),
         ("http://127.0.0.1/\x01hook", "not a valid URL"),
+        ("http://" + "a" * 64 + ".example/hook", "host name"),  # a DNS label is 63 characters at most
+        ("http://.example/hook", "host name"),
     ],
 )
 def test_a_url_no_request_can_be_sent_to_is_refused_at_registration_and_spoils_no_batch(
