@@ -519,6 +519,9 @@ class WebhookDispatcher:
             error = str(exc)
         except httpx.HTTPError as exc:
             error = what_failed(exc, self.timeout)
+        except Exception as exc:  # a defect of ours costs this delivery an attempt, not the batch its record
+            log.warning("webhooks.send_failed", delivery_id=delivery.id, error=type(exc).__name__)
+            error = f"{type(exc).__name__}: the sender failed on this delivery; it is retried"
         duration_ms = int((time.monotonic() - started) * 1000)
         return Attempt(delivery, endpoint, status_code, error, retry_hint, duration_ms, datetime.now(UTC))
 
