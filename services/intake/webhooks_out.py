@@ -442,9 +442,12 @@ class WebhookDispatcher:
         attempts: list[Attempt] = []
         recorded = started
         for n, (delivery, endpoint) in enumerate(lane):
-            if n and time.monotonic() - started + self.timeout > LEASE.total_seconds() * LEASE_USED:
-                # A slow endpoint's sends could outlive the lease: another replica would claim the rest
-                # and send it beside this one. The rest is due again at once, for the next pass.
+            elapsed = time.monotonic() - started
+            # A send starts only if it ends, at worst, within the lease: else another replica could claim
+            # and send the rest beside this one (a slow endpoint's later deliveries, or a lane that waited
+            # for a free one behind dead endpoints). The rest is due again at once, for the next pass. A
+            # lane's first send before any could have timed out always starts (whatever the settings).
+            if elapsed + self.timeout > LEASE.total_seconds() * LEASE_USED and (n or elapsed >= self.timeout):
                 rest = tuple(d.id for d, _ in lane[n:])
                 if attempts:
                     attempts[-1] = replace(attempts[-1], released=rest)

@@ -716,3 +716,38 @@ def test_a_fault_of_ours_in_one_send_costs_the_batch_nothing(
     [delivered] = deliveries_of(engines[0], case_id)
     assert (faulted.status, faulted.attempts) == ("pending", 1) and "RuntimeError" in faulted.last_error
     assert (delivered.status, delivered.attempts) == ("delivered", 1)
+
+
+def test_many_dead_endpoints_of_one_partner_do_not_keep_a_pass_past_the_lease(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    endpoints: Callable[..., RawEndpoint],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # More dead endpoints than lanes: the lanes that waited for a free one started their first send late,
+    # and the pass ran past the lease (three rounds of 20 s in production) while its deliveries could be
+    # claimed again. A lane that would end past the lease leaves its deliveries to the next pass.
+    monkeypatch.setattr(webhooks_out, "LEASE", timedelta(seconds=2))
+    monkeypatch.setattr(webhooks_out, "LANES", 2)
+    dead = endpoints(silence)
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    for n in range(6):
+        registered = client.post(
+            f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+            json={"url": f"{dead.url}/{n}"},
+            headers={"Authorization": partner["Authorization"]},
+        )
+        assert registered.status_code == 201, registered.text
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:many")
+    sender = WebhookDispatcher(engine=engines[0], auth_engine=engines[1], env="dev", timeout=1.0)
+    try:
+        took = run_once_within(sender, 10.0)
+    finally:
+        sender.http.close()
+    rows = deliveries_of(engines[0], case_id)
+    assert took < 2.0  # inside the lease
+    assert len(rows) == 7 and dead.requests <= 2
+    unsent = [d for d in rows if d.attempts == 0]
+    assert unsent and all(d.status == "pending" for d in unsent)
+    assert all(d.next_attempt_at.replace(tzinfo=UTC) <= datetime.now(UTC) for d in unsent)
