@@ -112,16 +112,20 @@ async def register(
     return await idempotent(request, caller, engine, idempotency_key, 201, create)
 
 
-def refuse_registered(session: Session, partner_id: str, url: str) -> None:
-    """Each endpoint gets its own `webhook-id` for an event: a URL registered twice would receive every
-    event twice under two ids, which no receiver can dedupe."""
-    for endpoint in session.exec(select(WebhookEndpoint).where(WebhookEndpoint.partner_id == partner_id)):
-        if same_url(endpoint.url, url):
-            then = (
-                "use it" if endpoint.disabled_at is None else f"POST .../{endpoint.id}/enable to turn it on"
-            )
+def refuse_registered(session: Session, partner_id: str, url: str, but: str | None = None) -> None:
+    """Each endpoint gets its own `webhook-id` for an event: a URL enabled twice would receive every event
+    twice under two ids, which no receiver can dedupe. (A disabled endpoint's URL may be registered anew.)"""
+    enabled = session.exec(
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.partner_id == partner_id, col(WebhookEndpoint.disabled_at).is_(None)
+        )
+    )
+    for endpoint in enabled:
+        if endpoint.id != but and same_url(endpoint.url, url):
             raise HTTPException(
-                status.HTTP_409_CONFLICT, f"this URL is already registered as endpoint {endpoint.id}; {then}"
+                status.HTTP_409_CONFLICT,
+                f"this URL is already registered as endpoint {endpoint.id}, which is enabled; "
+                "use it, or DELETE it first",
             )
 
 
@@ -168,6 +172,7 @@ def enable(partner_id: str, endpoint_id: str, caller: Caller, engine: EngineDep)
     """Send to this endpoint again (e.g. after it was disabled on a 410); pending deliveries resume."""
     with Session(engine, expire_on_commit=False) as session:
         endpoint = endpoint_of(session, caller, partner_id, endpoint_id)
+        refuse_registered(session, partner_id, endpoint.url, but=endpoint.id)
         endpoint.disabled_at = None
         endpoint.disabled_reason = ""
         session.add(endpoint)

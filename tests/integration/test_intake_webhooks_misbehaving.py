@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from contracts.models import CaseStatus
 from services.common.config import Settings
@@ -117,6 +118,20 @@ def dispatcher(engines: tuple[Engine, Engine]) -> Iterator[WebhookDispatcher]:
     )
     yield d
     d.http.close()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_due(engines: tuple[Engine, Engine]) -> Iterator[None]:
+    """Each test's endpoints are disabled after it: its endpoints are gone, and another module's sender
+    (one database per session) must not spend its passes, or its counts, on them."""
+    yield
+    with Session(engines[0]) as session:
+        session.execute(
+            update(WebhookEndpoint)
+            .where(col(WebhookEndpoint.disabled_at).is_(None))
+            .values(disabled_at=datetime.now(UTC), disabled_reason="the test is over")
+        )
+        session.commit()
 
 
 @pytest.fixture
@@ -653,8 +668,10 @@ def test_the_same_url_registered_twice_is_refused_not_sent_every_event_twice(
         assert again.status_code == 409, again.text
         assert endpoint_id in again.json()["detail"] and "already" in again.json()["detail"]
     assert client.delete(f"{base}/{endpoint_id}", headers=headers).status_code == 204
-    disabled = client.post(base, json={"url": receiver.url}, headers=headers)
-    assert disabled.status_code == 409 and "enable" in disabled.json()["detail"], disabled.text
+    anew = client.post(base, json={"url": receiver.url}, headers=headers)  # a disabled one's URL: fine
+    assert anew.status_code == 201, anew.text
+    refused = client.post(f"{base}/{endpoint_id}/enable", headers=headers)  # but not both enabled
+    assert refused.status_code == 409 and anew.json()["endpoint_id"] in refused.json()["detail"], refused.text
 
     keyed = {**headers, "Idempotency-Key": f"reg-{case_id}"}
     first = client.post(base, json={"url": receiver.url + "/other"}, headers=keyed)
