@@ -122,10 +122,15 @@ def dispatcher(engines: tuple[Engine, Engine]) -> Iterator[WebhookDispatcher]:
 
 @pytest.fixture(autouse=True)
 def nothing_left_due(engines: tuple[Engine, Engine]) -> Iterator[None]:
-    """Each test's endpoints are disabled after it: its endpoints are gone, and another module's sender
-    (one database per session) must not spend its passes, or its counts, on them."""
+    """Endpoints are disabled before and after each test: the deliveries a test leaves due (released, held
+    back, to dead endpoints) must not take a place in another test's batch (one database per session)."""
+    disable_every_endpoint(engines[0])
     yield
-    with Session(engines[0]) as session:
+    disable_every_endpoint(engines[0])
+
+
+def disable_every_endpoint(engine: Engine) -> None:
+    with Session(engine) as session:
         session.execute(
             update(WebhookEndpoint)
             .where(col(WebhookEndpoint.disabled_at).is_(None))
