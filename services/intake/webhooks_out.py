@@ -1,26 +1,36 @@
 """Outbound webhooks: partner endpoints, fan-out of case events, and the signed, retried delivery.
 
 - An endpoint URL must be HTTPS and resolve to a public address; in development (ENV=dev) plain HTTP
-  and loopback are allowed. The address is checked again at every send (DNS may change).
+  and loopback are allowed. The address is checked again at every send (DNS may change), and the send
+  connects to the address checked, not to what the name resolves to a moment later.
 - A delivery's `webhook-id` is derived from the endpoint and the source event, so it is the same on
   every attempt and on a manual replay; receivers dedupe on it.
 - Retries follow Standard Webhooks' example schedule (RETRY_SCHEDULE: 5 s to 24 h, about three days in
-  all, each wait shortened by up to a fifth at random); a `Retry-After` answer sets the next attempt; HTTP
+  all, each wait shortened by up to a fifth at random); a longer `Retry-After` sets the next attempt; HTTP
   410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
+- An attempt gets the status line and headers within `timeout` (20 s) in all, however slowly they arrive;
+  the answer's body is never read (nothing of it reaches our logs).
+- A pass sends to its endpoints at the same time, each endpoint's deliveries in order; an endpoint that
+  gives no answer gets nothing more that pass (its later deliveries wait for its retry, uncounted), and a
+  slow one no more than ends within the lease (the rest is left for the next pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import ipaddress
 import json
 import random
+import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,8 +55,10 @@ PARTNER_EVENTS = ("case.status_changed", "records.needed", "report.ready", "repo
 RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)  # seconds after attempt n (1-based)
 MAX_ATTEMPTS = len(RETRY_SCHEDULE) + 1
 LEASE = timedelta(seconds=60)
+LEASE_USED = 0.75  # a lane starts a send only if it ends, at worst, within this part of the lease
 MAX_RETRY_AFTER = timedelta(hours=6)
 BATCH = 20  # deliveries claimed per pass
+LANES = 8  # endpoints a pass sends to at the same time
 RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
 ENDPOINTS_READ = "webhooks.endpoints_read"  # session.info: (transaction, partner id -> endpoints)
 SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
@@ -56,21 +68,63 @@ class EndpointRefused(ValueError):
     """The URL may not receive webhooks; the message says why."""
 
 
-def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = None) -> None:
-    parts = urlsplit(url)
+REDIRECTED = (
+    "the endpoint answered with a redirect, which is not followed (it could lead anywhere); "
+    "register the URL it redirects to"
+)
+
+
+class AnswerTooSlow(Exception):
+    """The endpoint's status line and headers did not arrive within the attempt's timeout."""
+
+
+def check_url(url: str, env: str, resolve: Callable[[str], list[str]] | None = None) -> list[str]:
+    """The addresses `url`'s host resolves to, all of them allowed; EndpointRefused says what is not."""
+    try:
+        parts = urlsplit(url)
+        httpx.URL(url)  # what the sender will parse: refused here, not at every send
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise EndpointRefused(
+            f"the endpoint URL is not a valid URL ({exc}); send https://host[:port]/path"
+        ) from exc
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise EndpointRefused("the endpoint URL's port must be a number from 1 to 65535, or left out")
     dev = env == "dev"
     if parts.scheme not in ({"https", "http"} if dev else {"https"}):
         raise EndpointRefused("the endpoint URL must use https")
     if not parts.hostname or parts.username or parts.password:
         raise EndpointRefused("the endpoint URL needs a host and no user:password part")
-    for address in (resolve or resolve_host)(parts.hostname):
+    addresses = (resolve or resolve_host)(parts.hostname)
+    for address in addresses:
         ip = ipaddress.ip_address(address)
         if ip.is_loopback and dev:
             continue
-        if not ip.is_global or ip.is_multicast:
+        if any(not a.is_global or a.is_multicast for a in (ip, *embedded_ipv4(ip))):
             raise EndpointRefused(
                 "the endpoint resolves to a private, loopback or link-local address; use a public address"
             )
+    return addresses
+
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address a gateway may forward to: NAT64's well-known
+# prefix (RFC 6052) and the deprecated IPv4-compatible addresses.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 address an IPv6 one carries (mapped, NAT64, 6to4, Teredo's client), which is what a
+    translating network connects to: 64:ff9b::a9fe:a9fe is 169.254.169.254 though Python calls it global."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    carried = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+    return [a for a in carried if a is not None]
 
 
 def resolve_host(host: str) -> list[str]:
@@ -82,6 +136,33 @@ def resolve_host(host: str) -> list[str]:
         return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
     except socket.gaierror as exc:
         raise EndpointRefused("the endpoint's host name does not resolve") from exc
+    except UnicodeError as exc:  # the IDNA codec's: an empty label, or one longer than 63 characters
+        raise EndpointRefused(
+            "the endpoint's host name is not a DNS name (labels of 1 to 63 characters between dots)"
+        ) from exc
+
+
+def what_failed(exc: httpx.HTTPError, timeout: float) -> str:
+    """What the delivery log says of an attempt that got no HTTP answer: what the partner can check."""
+    cause: BaseException | None = exc
+    while cause is not None:  # httpx's error, raised from httpcore's, raised from the ssl module's
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"the endpoint's TLS certificate was refused ({cause.verify_message}); "
+                "serve a certificate for the URL's host from a public CA, with its intermediates"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return "the TLS handshake with the endpoint failed; serve HTTPS (TLS 1.2 or later) on this port"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"could not connect to the endpoint within {timeout:g} s"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"the endpoint did not answer within {timeout:g} s"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect to the endpoint (connection refused or host unreachable)"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return "the endpoint closed the connection before a complete HTTP answer"
+    return f"{type(exc).__name__}: the endpoint did not answer"
 
 
 def webhook_id(endpoint_id: str, source_event_id: str) -> str:
@@ -153,10 +234,16 @@ def backoff(attempts: int, base: float, cap: float, rng: random.Random) -> float
 
 
 def retry_after(value: str | None, now: datetime) -> timedelta | None:
+    """The wait a partner's `Retry-After` asks for, at most MAX_RETRY_AFTER; None when it says nothing usable.
+    Only ASCII digits are seconds (str.isdigit() also passes "²", which int() refuses), and a number longer
+    than any wait we keep is the cap: neither may fail the record of the batch the answer came in."""
     if not value:
         return None
-    if value.strip().isdigit():
-        return min(timedelta(seconds=int(value.strip())), MAX_RETRY_AFTER)
+    seconds = value.strip()
+    if re.fullmatch(r"[0-9]+", seconds):
+        if len(seconds) > 9:
+            return MAX_RETRY_AFTER
+        return min(timedelta(seconds=int(seconds)), MAX_RETRY_AFTER)
     try:
         moment = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -195,6 +282,8 @@ class Attempt:
     retry_hint: str | None
     duration_ms: int
     at: datetime
+    held_back: tuple[str, ...] = ()  # the endpoint's later deliveries of the pass, not sent after no answer
+    released: tuple[str, ...] = ()  # the endpoint's later deliveries of the pass, left for the next pass
 
 
 # The sender's statements, built once: plain SQL statements (no ORM objects, no unit of work), so a pass
@@ -261,6 +350,12 @@ _OUTCOME = (
         delivered_at=bindparam("d_delivered_at"),
     )
 )
+# Held back behind an attempt that got no answer: they wait for its retry, no attempt counted.
+_HOLD = (
+    update(_DELIVERY)
+    .where(_DELIVERY.c.id == bindparam("h_id"), _DELIVERY.c.status == "pending")
+    .values(next_attempt_at=bindparam("h_until"))
+)
 _ATTEMPT = insert(WebhookAttempt.__table__)  # type: ignore[attr-defined]
 _GONE = (
     update(_ENDPOINT)
@@ -289,7 +384,11 @@ class WebhookDispatcher:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.rng = rng or random.Random()
-        self.http = httpx.Client(timeout=timeout, follow_redirects=False)
+        self.timeout = timeout
+        # No kept-alive connections: each attempt opens its own, so the deadline below can always close it.
+        self.http = httpx.Client(
+            timeout=timeout, follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0)
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._secrets_cache: dict[str, tuple[float, list[str]]] = {}
@@ -317,20 +416,53 @@ class WebhookDispatcher:
         self.http.close()
 
     def run_once(self, batch: int = BATCH) -> int:
-        """Claim up to `batch` due deliveries and send them in order. Their outcomes are recorded together
-        (one transaction), and at least every RECORD_EVERY seconds while a slow endpoint holds the batch up,
-        well inside the lease. A crash before the record re-sends those deliveries after the lease, with the
-        same `webhook-id`, which receivers dedupe on."""
+        """Claim up to `batch` due deliveries and send them, a lane per endpoint: the lanes at the same time
+        (up to LANES), each endpoint's deliveries in order. An endpoint that gives no answer costs one
+        timeout a pass, so no other endpoint waits behind it and a pass ends well inside the lease.
+        Outcomes are recorded together (one transaction); a lane still sending after RECORD_EVERY seconds
+        records its own as it goes. A crash before the record re-sends those deliveries after the lease,
+        with the same `webhook-id`, which receivers dedupe on."""
         due = self._claim(batch)
-        attempts: list[Attempt] = []
-        recorded = time.monotonic()
+        lanes: dict[str, list[tuple[Claimed, Target]]] = {}
         for delivery, endpoint in due:
-            attempts.append(self._send(delivery, endpoint))
+            lanes.setdefault(endpoint.id, []).append((delivery, endpoint))
+        started = time.monotonic()
+        if len(lanes) <= 1:
+            sent = [self._send_lane(lane, started) for lane in lanes.values()]
+        else:
+            with ThreadPoolExecutor(min(len(lanes), LANES), thread_name_prefix="webhooks-lane") as pool:
+                sent = list(pool.map(lambda lane: self._send_lane(lane, started), lanes.values()))
+        self._record([attempt for attempts in sent for attempt in attempts])
+        return len(due)
+
+    def _send_lane(self, lane: list[tuple[Claimed, Target]], started: float) -> list[Attempt]:
+        """Send one endpoint's deliveries in order; the attempts not recorded yet. After an attempt with no
+        HTTP answer (a timeout, a refused connection or certificate) the endpoint's later deliveries are held
+        back to that attempt's retry, unsent and uncounted: one dead endpoint costs one timeout a pass."""
+        attempts: list[Attempt] = []
+        recorded = started
+        for n, (delivery, endpoint) in enumerate(lane):
+            elapsed = time.monotonic() - started
+            # A send starts only if it ends, at worst, within the lease: else another replica could claim
+            # and send the rest beside this one (a slow endpoint's later deliveries, or a lane that waited
+            # for a free one behind dead endpoints). The rest is due again at once, for the next pass. A
+            # lane's first send before any could have timed out always starts (whatever the settings).
+            if elapsed + self.timeout > LEASE.total_seconds() * LEASE_USED and (n or elapsed >= self.timeout):
+                rest = tuple(d.id for d, _ in lane[n:])
+                if attempts:
+                    attempts[-1] = replace(attempts[-1], released=rest)
+                else:
+                    self._release(rest)
+                break
+            attempt = self._send(delivery, endpoint)
+            if attempt.status_code is None and n + 1 < len(lane):
+                attempts.append(replace(attempt, held_back=tuple(d.id for d, _ in lane[n + 1 :])))
+                break
+            attempts.append(attempt)
             if time.monotonic() - recorded >= RECORD_EVERY:
                 self._record(attempts)
                 attempts, recorded = [], time.monotonic()
-        self._record(attempts)
-        return len(due)
+        return attempts
 
     def _claim(self, batch: int) -> list[tuple[Claimed, Target]]:
         """Lease due deliveries so another replica does not send them at the same time."""
@@ -372,22 +504,67 @@ class WebhookDispatcher:
         error = ""
         retry_hint: str | None = None
         try:
-            check_url(endpoint.url, self.env)
+            address = check_url(endpoint.url, self.env)[0]
             secrets = self._secrets(endpoint.partner_id)
             if not secrets:
                 raise EndpointRefused("the partner no longer exists")
             headers = headers_for(secrets, delivery.id, int(time.time()), body)
-            response = self.http.post(
-                endpoint.url, content=body, headers={**headers, "content-type": "application/json"}
+            response = self._post(
+                endpoint.url, address, body, {**headers, "content-type": "application/json"}
             )
             status_code = response.status_code
             retry_hint = response.headers.get("retry-after")
+            if response.is_redirect:
+                error = REDIRECTED
         except EndpointRefused as exc:
             error = str(exc)
+        except AnswerTooSlow as exc:
+            error = str(exc)
         except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: the endpoint did not answer"
+            error = what_failed(exc, self.timeout)
+        except Exception as exc:  # a defect of ours costs this delivery an attempt, not the batch its record
+            log.warning("webhooks.send_failed", delivery_id=delivery.id, error=type(exc).__name__)
+            error = f"{type(exc).__name__}: the sender failed on this delivery; it is retried"
         duration_ms = int((time.monotonic() - started) * 1000)
         return Attempt(delivery, endpoint, status_code, error, retry_hint, duration_ms, datetime.now(UTC))
+
+    def _post(self, url: str, address: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST to `address`, the one `check_url` allowed (resolving the name again to connect would let a
+        name server answer a public address to the check and a private one to the connection), with the
+        URL's host as Host and as the TLS server name the certificate is checked against.
+
+        Only the status line and headers are read, within `timeout` in all, never the body (it would only
+        be dropped, and may be endless). httpx's timeout bounds each read, so an endpoint answering a byte
+        at a time could hold the sender as long as it liked: at the deadline its socket is shut."""
+        target = httpx.URL(url)
+        pinned = target.copy_with(host=address)
+        headers = {**headers, "host": target.netloc.decode("ascii")}
+        sockets: list[socket.socket] = []
+
+        def trace(event: str, info: dict[str, Any]) -> None:
+            if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+                sockets.append(info["return_value"].get_extra_info("socket"))
+
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            for sock in sockets:
+                with contextlib.suppress(OSError):  # already closed, or the plain socket under TLS
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(self.timeout, expire)
+        watchdog.start()
+        try:
+            extensions = {"trace": trace, "sni_hostname": target.raw_host.decode("ascii")}
+            with self.http.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as r:
+                return r
+        except httpx.HTTPError as exc:
+            if expired.is_set():
+                raise AnswerTooSlow(f"the endpoint did not answer within {self.timeout:g} s") from exc
+            raise
+        finally:
+            watchdog.cancel()
 
     def _record(self, attempts: list[Attempt]) -> None:
         """Write the attempts and each delivery's next state in one transaction."""
@@ -395,18 +572,23 @@ class WebhookDispatcher:
             return
         outcomes: list[tuple[Attempt, str]] = []
         with self.engine.begin() as conn:
-            current = {
-                row.id: row for row in conn.execute(_CURRENT, {"ids": [a.delivery.id for a in attempts]})
-            }
+            ids = [a.delivery.id for a in attempts]
+            ids += [other for a in attempts for other in (*a.held_back, *a.released)]
+            current = {row.id: row for row in conn.execute(_CURRENT, {"ids": ids})}
             changes: list[dict[str, object]] = []
+            holds: list[dict[str, object]] = []
             for attempt in attempts:
                 row = current.get(attempt.delivery.id)
                 if row is not None:
                     change = self._outcome(row, attempt)
                     changes.append(change)
                     outcomes.append((attempt, str(change["d_status"])))
+                    holds += [{"h_id": held, "h_until": change["d_next"]} for held in attempt.held_back]
+                    holds += [{"h_id": rest, "h_until": attempt.at} for rest in attempt.released]
                     if attempt.status_code == 410:
                         self._disable(conn, attempt)
+            if holds:
+                conn.execute(_HOLD, holds)
             if changes:
                 conn.execute(_OUTCOME, changes)
                 conn.execute(
@@ -431,6 +613,12 @@ class WebhookDispatcher:
                 outcome=outcome,
             )
 
+    def _release(self, ids: tuple[str, ...]) -> None:
+        """Leased deliveries not sent in this pass: due again at once."""
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            conn.execute(_HOLD, [{"h_id": id_, "h_until": now} for id_ in ids])
+
     def _outcome(self, row: Any, attempt: Attempt) -> dict[str, object]:
         """The delivery's next state after `attempt` (as the parameters of `_OUTCOME`)."""
         now, status_code = attempt.at, attempt.status_code
@@ -441,10 +629,10 @@ class WebhookDispatcher:
         elif status_code == 410 or attempts >= MAX_ATTEMPTS:
             status = "failed"
         else:
-            wait = retry_after(attempt.retry_hint, now) or timedelta(
-                seconds=backoff(attempts, self.base_delay, self.max_delay, self.rng)
-            )
-            next_at = now + wait
+            # Retry-After is the least wait: a shorter one than the schedule's would spend the attempts meant
+            # for three days within minutes (a maintenance page sends "Retry-After: 1").
+            scheduled = timedelta(seconds=backoff(attempts, self.base_delay, self.max_delay, self.rng))
+            next_at = now + max(retry_after(attempt.retry_hint, now) or scheduled, scheduled)
         return {
             "d_id": row.id,
             "d_attempts": attempts,

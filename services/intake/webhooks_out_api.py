@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from sqlmodel import Session, col, select
 
@@ -23,12 +24,17 @@ from services.intake.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from services.intake.webhooks_out import EndpointRefused, check_url
+from services.intake.webhooks_out import LEASE, EndpointRefused, check_url
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     404: problem_response(
         404, "No such partner, endpoint or delivery visible to this key", "no webhook endpoint …"
+    ),
+    409: problem_response(
+        409,
+        "The URL is already registered, or (replay) the endpoint is disabled",
+        "this URL is already registered as endpoint …; use it",
     ),
 }
 
@@ -98,11 +104,43 @@ async def register(
             id=str(uuid.uuid4()), partner_id=partner_id, url=body.url, description=body.description
         )
         with Session(engine, expire_on_commit=False) as session:
+            refuse_registered(session, partner_id, body.url)
             session.add(endpoint)
             session.commit()
         return public(endpoint)
 
     return await idempotent(request, caller, engine, idempotency_key, 201, create)
+
+
+def refuse_registered(session: Session, partner_id: str, url: str, but: str | None = None) -> None:
+    """Each endpoint gets its own `webhook-id` for an event: a URL enabled twice would receive every event
+    twice under two ids, which no receiver can dedupe. (A disabled endpoint's URL may be registered anew.)"""
+    enabled = session.exec(
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.partner_id == partner_id, col(WebhookEndpoint.disabled_at).is_(None)
+        )
+    )
+    for endpoint in enabled:
+        if endpoint.id != but and same_url(endpoint.url, url):
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"this URL is already registered as endpoint {endpoint.id}, which is enabled; "
+                "use it, or DELETE it first",
+            )
+
+
+def same_url(registered: str, url: str) -> bool:
+    """The same target: scheme and host in any case, a default port written out or not."""
+    try:
+        return target(registered) == target(url)
+    except httpx.InvalidURL:
+        return registered == url
+
+
+def target(url: str) -> tuple[str, bytes, int | None, bytes]:
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    return parsed.scheme, parsed.raw_host, port, parsed.raw_path
 
 
 @router.get("", response_model=list[EndpointPublic], responses=RESPONSES)
@@ -134,6 +172,7 @@ def enable(partner_id: str, endpoint_id: str, caller: Caller, engine: EngineDep)
     """Send to this endpoint again (e.g. after it was disabled on a 410); pending deliveries resume."""
     with Session(engine, expire_on_commit=False) as session:
         endpoint = endpoint_of(session, caller, partner_id, endpoint_id)
+        refuse_registered(session, partner_id, endpoint.url, but=endpoint.id)
         endpoint.disabled_at = None
         endpoint.disabled_reason = ""
         session.add(endpoint)
@@ -186,14 +225,26 @@ def delivery_public(session: Session, delivery: WebhookDelivery) -> DeliveryPubl
 def replay(
     partner_id: str, endpoint_id: str, webhook_id: str, caller: Caller, engine: EngineDep
 ) -> DeliveryPublic:
-    """Send this delivery again now, with the same `webhook-id`."""
+    """Send this delivery again now, with the same `webhook-id`. A delivery being sent (or due within the
+    sender's lease) is left as it is: that attempt is the replay, and no second one runs beside it."""
     with Session(engine, expire_on_commit=False) as session:
-        endpoint_of(session, caller, partner_id, endpoint_id)
-        delivery = session.get(WebhookDelivery, webhook_id)
+        endpoint = endpoint_of(session, caller, partner_id, endpoint_id)
+        delivery = session.exec(
+            select(WebhookDelivery).where(WebhookDelivery.id == webhook_id).with_for_update()
+        ).first()
         if delivery is None or delivery.endpoint_id != endpoint_id:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no delivery with this id for this endpoint")
+        if endpoint.disabled_at is not None:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"the endpoint is disabled ({endpoint.disabled_reason}); nothing is sent to it: "
+                f"POST .../webhook-endpoints/{endpoint_id}/enable first, then replay",
+            )
+        now, due = datetime.now(UTC), delivery.next_attempt_at
+        due = due if due.tzinfo else due.replace(tzinfo=UTC)  # SQLite keeps no offset
+        if not (delivery.status == "pending" and now < due <= now + LEASE):
+            delivery.next_attempt_at = now
         delivery.status = "pending"
-        delivery.next_attempt_at = datetime.now(UTC)
         session.add(delivery)
         session.commit()
         return delivery_public(session, delivery)

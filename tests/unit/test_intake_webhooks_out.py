@@ -22,6 +22,13 @@ def public(_: str) -> list[str]:
         ("https://[::1]/x", "prod", None, "loopback"),
         ("https://internal.example.org/x", "prod", lambda _: ["93.184.216.34", "192.168.0.7"], "private"),
         ("https://user:pw@hooks.example.org/x", "prod", public, "user:password"),
+        # IPv6 addresses that carry a private IPv4 one: NAT64, 6to4, Teredo, IPv4-compatible.
+        ("https://[64:ff9b::a9fe:a9fe]/x", "prod", None, "link-local"),
+        ("https://[64:ff9b::7f00:1]/x", "dev", None, "loopback"),
+        ("https://[2002:a00:1::]/x", "prod", None, "private"),
+        ("https://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/x", "prod", None, "private"),
+        ("https://[::169.254.169.254]/x", "prod", None, "link-local"),
+        ("https://nat64.example.org/x", "prod", lambda _: ["64:ff9b::a00:1"], "private"),
     ],
 )
 def test_refused_endpoints_say_why(url, env, resolved, why) -> None:
@@ -35,6 +42,8 @@ def test_refused_endpoints_say_why(url, env, resolved, why) -> None:
         ("https://hooks.example.org/x", "prod"),
         ("http://127.0.0.1:9000/x", "dev"),
         ("http://localhost/x", "dev"),
+        ("https://[2606:2800:220:1:248:1893:25c8:1946]/x", "prod"),
+        ("https://[64:ff9b::5db8:d822]/x", "prod"),  # NAT64 of a public IPv4 address
     ],
 )
 def test_accepted_endpoints(url, env) -> None:
@@ -46,6 +55,8 @@ def test_retry_after_in_seconds_or_as_a_date_and_capped() -> None:
     assert retry_after("Sat, 28 Nov 2026 12:05:00 GMT", NOW) == timedelta(minutes=5)
     assert retry_after("999999", NOW) == timedelta(hours=6)
     assert retry_after("soon", NOW) is None and retry_after(None, NOW) is None
+    assert retry_after("9" * 5000, NOW) == timedelta(hours=6)  # too long for int(): still the cap
+    assert retry_after("\u00b2", NOW) is None  # a digit to str.isdigit(), not a number of seconds
 
 
 def test_backoff_follows_the_standard_webhooks_schedule_over_days() -> None:
