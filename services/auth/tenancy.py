@@ -9,21 +9,19 @@ whenever they change (`settle_reviewer`), granting or revoking, and the audit lo
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlmodel import Session
 
 from services.auth import audit
 from services.auth.models import CaseOwner, CaseReviewer, Role
-from services.common.db import insert_skipping_taken
+from services.common.db import insert_skipping_taken, transaction_lock
 
 log = structlog.get_logger(__name__)
 
@@ -103,17 +101,11 @@ def settle_reviewer(
 
 @contextmanager
 def _pair_locked(session: Session, case_id: str, specialist_id: str) -> Iterator[None]:
-    if session.get_bind().dialect.name != "postgresql":
-        with _local_lock:
-            yield
+    if transaction_lock(session, REVIEWER_LOCKS, f"{case_id}\x1f{specialist_id}"):
+        yield  # released when the session's transaction ends
         return
-    digest = hashlib.blake2b(f"{case_id}\x1f{specialist_id}".encode(), digest_size=4).digest()
-    key = int.from_bytes(digest, "big", signed=True)
-    session.execute(
-        text("SELECT pg_advisory_xact_lock(CAST(:space AS integer), CAST(:key AS integer))"),
-        {"space": REVIEWER_LOCKS, "key": key},
-    )
-    yield  # released when the session's transaction ends
+    with _local_lock:
+        yield
 
 
 def owner_of(engine: Engine, case_id: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -148,6 +149,23 @@ def after_commit(session: Session, action: Callable[[], object]) -> None:
 
     event.listen(session, "after_commit", on_commit)
     event.listen(session, "after_transaction_end", on_end)
+
+
+def transaction_lock(session: Session, space: int, key: int | str, *, shared: bool = False) -> bool:
+    """Take a PostgreSQL advisory lock for the rest of the session's transaction: the two-key form, `space` a
+    service's key space and `key` a number, or a name hashed to one. Concurrent transactions that take the same
+    lock take turns (shared ones together). Returns False, having locked nothing, on another database
+    (SQLite: one process on a laptop), where the caller guards itself if it must."""
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    if isinstance(key, str):
+        key = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big", signed=True)
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    session.execute(
+        text(f"SELECT {function}(CAST(:space AS integer), CAST(:key AS integer))"),
+        {"space": space, "key": key},
+    )
+    return True
 
 
 def insert_skipping_taken(dialect: str, table: Any) -> Any:

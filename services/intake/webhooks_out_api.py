@@ -14,6 +14,7 @@ from services.auth import AuthEngine, Caller, Principal, Role
 from services.auth.deps import audit_caller
 from services.auth.problems import problem_response
 from services.common.config import get_settings
+from services.common.db import transaction_lock
 from services.intake.api import ERRORS, EngineDep, IdempotencyKey, idempotent
 from services.intake.models import (
     AttemptPublic,
@@ -25,6 +26,8 @@ from services.intake.models import (
     WebhookEndpoint,
 )
 from services.intake.webhooks_out import LEASE, EndpointRefused, check_url
+
+ENDPOINT_LOCKS = 0x5EC0_E4D0  # advisory lock key space: one partner's endpoint registrations take turns
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -114,7 +117,10 @@ async def register(
 
 def refuse_registered(session: Session, partner_id: str, url: str, but: str | None = None) -> None:
     """Each endpoint gets its own `webhook-id` for an event: a URL enabled twice would receive every event
-    twice under two ids, which no receiver can dedupe. (A disabled endpoint's URL may be registered anew.)"""
+    twice under two ids, which no receiver can dedupe. (A disabled endpoint's URL may be registered anew.)
+    Registrations and enables of one partner's endpoints take turns (a lock until the caller's commit), so two
+    at once cannot both find the URL free."""
+    transaction_lock(session, ENDPOINT_LOCKS, partner_id)  # on SQLite (one process on a laptop) not guarded
     enabled = session.exec(
         select(WebhookEndpoint).where(
             WebhookEndpoint.partner_id == partner_id, col(WebhookEndpoint.disabled_at).is_(None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pydicom
 import structlog
-from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from contracts.commands import CollectRecords, ReconcileIdentity, RemindRecords
@@ -13,7 +12,7 @@ from contracts.events import CaseCancelled, RecordsNeeded
 from services.auth import tenancy
 from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
-from services.common.db import after_commit, engine_of, get_engine, utcnow
+from services.common.db import after_commit, engine_of, get_engine, transaction_lock, utcnow
 from services.common.errors import PoisonMessage
 from services.records import report_return
 from services.records.adequacy import assess
@@ -190,10 +189,5 @@ def hold_content(session: Session, sha256: str) -> None:
 
 
 def _lock_content(session: Session, sha256: str, *, shared: bool) -> None:
-    if session.get_bind().dialect.name != "postgresql":
-        return  # SQLite runs one process on a laptop: not guarded
-    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-    session.execute(
-        text(f"SELECT {function}(CAST(:space AS integer), CAST(:key AS integer))"),
-        {"space": CONTENT_LOCKS, "key": int(sha256[0], 16)},
-    )
+    # SQLite runs one process on a laptop: not guarded there.
+    transaction_lock(session, CONTENT_LOCKS, int(sha256[0], 16), shared=shared)

@@ -9,7 +9,9 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,9 +24,11 @@ from sqlmodel import Session, col, select
 
 from contracts.models import CaseStatus
 from services.common.config import Settings
+from services.common.db import transaction_lock
 from services.intake import api, webhooks_out, webhooks_out_api
 from services.intake.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhooks_out import WebhookDispatcher
+from services.intake.webhooks_out_api import ENDPOINT_LOCKS
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_outbound_webhooks import Receiver, publish, setup_partner, status_changed
 from tests.pki import Authority
@@ -682,6 +686,28 @@ def test_the_same_url_registered_twice_is_refused_not_sent_every_event_twice(
     first = client.post(base, json={"url": receiver.url + "/other"}, headers=keyed)
     replay = client.post(base, json={"url": receiver.url + "/other"}, headers=keyed)
     assert (first.status_code, replay.status_code) == (201, 201) and replay.json() == first.json()
+
+
+def test_two_registrations_of_one_url_at_once_take_turns_and_the_second_is_refused(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver
+) -> None:
+    """The check that a URL is not enabled twice and the insert are one turn per partner: a registration
+    waits while another of the partner's is between them, then finds its URL taken (409), never both 201."""
+    partner, _, _ = setup_partner(client, engines[1], receiver)
+    headers = {"Authorization": partner["Authorization"]}
+    base = f"/v1/partners/{partner['partner_id']}/webhook-endpoints"
+    url = receiver.url + "/at-once"
+    with Session(engines[0]) as other, ThreadPoolExecutor(1) as pool:
+        # Another registration of the same URL, between its check and its commit: it holds the partner's turn.
+        transaction_lock(other, ENDPOINT_LOCKS, partner["partner_id"])
+        waiting = pool.submit(client.post, base, json={"url": url}, headers=headers)
+        time.sleep(0.5)
+        assert not waiting.done(), "the registration did not wait for the other one's turn"
+        other.add(WebhookEndpoint(id=str(uuid.uuid4()), partner_id=partner["partner_id"], url=url))
+        other.commit()
+        second = waiting.result(timeout=10)
+    assert second.status_code == 409, second.text
+    assert "already registered" in second.json()["detail"]
 
 
 def test_a_short_retry_after_does_not_use_up_three_days_of_retries_in_seconds(
