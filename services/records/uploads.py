@@ -237,7 +237,9 @@ def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile
     classified = [check(e) for e in listed]
     # Beside a DICOMDIR a CD carries viewers and readme files: of those only a PDF (a report) is kept,
     # whether the CD came as a ZIP or as a folder. Files the uploader added next to the CD folder are
-    # checked like any upload.
+    # checked like any upload. A DICOMDIR that lists no file at all (written by a burner that failed, or
+    # left from a blank disc) indexes nothing: then the media's DICOM files are kept as they are found.
+    index_empty = not listed and len(unlisted) < len(entries)
     roots = media_roots(entries)
     for entry in unlisted:
         if not (entry.from_archive or on_media(entry, roots)):
@@ -247,7 +249,7 @@ def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile
             candidate = check(entry)
         except RecordsRejected:
             continue
-        if candidate.content_type == PDF_TYPE:
+        if candidate.content_type == PDF_TYPE or (index_empty and candidate.kind == FileKind.DICOM):
             classified.append(candidate)
     return [c for c in classified if c.kind != FileKind.DICOMDIR]
 

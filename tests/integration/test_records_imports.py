@@ -148,6 +148,24 @@ def test_a_cd_as_zip_with_dicomdir_imports_the_listed_images_and_ignores_the_vie
     assert [w for w in assembled.warnings if "views cannot be checked" not in w] == []
 
 
+def test_a_cd_whose_dicomdir_lists_nothing_imports_its_images_and_still_ignores_the_viewer(
+    client: TestClient, engine: Engine, case_id: str, tmp_path: Path
+) -> None:
+    """A DICOMDIR with no directory record (a burner that failed) indexes nothing: the CD's images were
+    ignored and the upload answered 201 with only "an image is missing". They are read as found now."""
+    study = study_uid()
+    cd = tmp_path / "cd"
+    cd_folder(cd, [us(study), us(study, frames=2)], extras={"VIEWER/viewer.exe": b"MZ\x90\x00" + bytes(300)})
+    dicomdir = pydicom.dcmread(cd / "DICOMDIR")
+    dicomdir.DirectoryRecordSequence = pydicom.Sequence([])
+    dicomdir.save_as(cd / "DICOMDIR", enforce_file_format=True)
+    response = upload(client, case_id, REPORT, ("cd.zip", zip_folder(cd), ZIP))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["status"], body["new_files"]) == ("assembled", 3)
+    assert sorted(f["kind"] for f in body["files"]) == ["dicom", "dicom", "report"]
+
+
 def test_a_folder_upload_with_relative_paths_and_a_dicomdir(
     client: TestClient, engine: Engine, case_id: str, tmp_path: Path
 ) -> None:
