@@ -72,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from contracts.models import CaseInput, CaseStatus, DocumentedCommunication
     from contracts.triage import BUSINESS_DAYS_AFTER_RECORDS, add_business_days
+    from contracts.validation import problems_of
     from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, SUBSPECIALTY
     from workflows.activities import CaseActivities
     from workflows.models import (
@@ -150,14 +151,6 @@ def _review_documents_communication(submitted: ReviewSubmitted) -> bool:
     """Whether the specialist documented who was told. A review service from before it said so: a critical result
     could not be submitted without one, a major discrepancy could."""
     return submitted.communicated if submitted.communicated is not None else submitted.critical
-
-
-def _problems(invalid: ValidationError) -> str:
-    """What an input got wrong, field by field, without the values it carried."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'input'}: {error['msg']}"
-        for error in invalid.errors(include_url=False, include_context=False, include_input=False)
-    )
 
 
 def _require_decision(update: str, decision: object, model: type[Decision]) -> None:
@@ -956,7 +949,7 @@ class CaseWorkflow:
         try:
             data = model.model_validate(event.data)
         except ValidationError as invalid:
-            return f"{_problems(invalid)} (the same id may be sent again, corrected)"
+            return f"{problems_of(invalid)} (the same id may be sent again, corrected)"
         if data.case_id != event.subject:
             return f"its data is about case {data.case_id}, not this one"
         return None
@@ -968,7 +961,7 @@ class CaseWorkflow:
             try:
                 return model.model_validate(received[0])
             except ValidationError as invalid:
-                problem = _problems(invalid)
+                problem = problems_of(invalid)
         elif received:
             problem = "its input was null" if len(received) == 1 else f"it carried {len(received)} inputs"
         else:

@@ -37,6 +37,7 @@ from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
 from contracts.envelope import CloudEvent
+from contracts.validation import fields_of
 from services.common.config import Settings
 from services.common.crashpoints import crash_point
 from services.common.db import ADDED, Inbox, Outbox, insert_new, insert_skipping_taken
@@ -289,7 +290,7 @@ def contract_message(event: CloudEvent, models: Mapping[str, type[BaseModel]], h
     try:
         message = model.model_validate(event.data)
     except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) or "data" for e in exc.errors()[:10])
+        fields = fields_of(exc, most=10)
         raise PoisonMessage(f"{event.type} data is invalid ({exc.error_count()} error(s): {fields})") from exc
     if getattr(message, "case_id", None) != event.subject:
         raise PoisonMessage(f"{event.type} is about case {event.subject} but its data names another case")
@@ -307,7 +308,7 @@ def _envelope_problem(body: bytes, exc: ValidationError) -> str:
     if errors[0]["type"] == "model_type":
         kind = JSON_KINDS.get(body.lstrip()[:1].decode(errors="replace"), "number")
         return f"the body is a JSON {kind}, not an object"
-    return "bad fields: " + ", ".join(".".join(map(str, e["loc"])) for e in errors[:5])
+    return "bad fields: " + fields_of(exc, most=5)
 
 
 def refused_by_database(event: CloudEvent, exc: DataError) -> str:

@@ -9,6 +9,7 @@ from sqlmodel import Session
 
 from contracts import CloudEvent, VerifyInsurance
 from contracts.events import CaseCancelled
+from contracts.validation import problems_of
 from services.common.config import get_settings
 from services.common.errors import PoisonMessage
 from services.insurance import handlers
@@ -31,9 +32,7 @@ def _data(event: CloudEvent, model: type[M]) -> M:
         data = model.model_validate(event.data)
     except ValidationError as exc:
         # Field names and messages only: the values may be member ids.
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'data'}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        problems = problems_of(exc, whole="data", most=5)
         raise PoisonMessage(f"{event.type} data is invalid ({problems})") from exc
     case_id = getattr(data, "case_id", None)
     if case_id != event.subject:

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from contracts.validation import fields_of
+
 FHIR_TYPE = "application/fhir+json"
 MAX_FHIR_BYTES = 20 * 1024 * 1024
 SUPPORTED = ("DiagnosticReport", "Observation", "DocumentReference")
@@ -54,7 +56,7 @@ def read_fhir(path: Path, size: int) -> FhirRecord:
     try:
         resource = _model(resource_type).model_validate(data)
     except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors()[:5])
+        fields = fields_of(exc, most=5)
         raise InvalidFhir(f"is a FHIR {resource_type} that does not validate (fields: {fields})") from None
     return FhirRecord(resource_type, _record_date(resource))
 

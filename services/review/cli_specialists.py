@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from sqlmodel import Session, col, select
 
+from contracts.validation import problems_of
 from services.common import migrate
 from services.common.db import get_engine
 from services.review import directory
@@ -51,9 +52,7 @@ def _entry(model: type[M], source: str) -> M:
     try:
         return model.model_validate_json(text)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'the entry'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = problems_of(exc, whole="the entry")
         raise SystemExit(f"--file {source} is not a directory entry: {problems}") from exc
 
 
