@@ -11,11 +11,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from services.common.errors import RecordsRejected, human_size
 from services.records.limits import ImportLimits
 from services.records.store import FileTooLarge, ObjectStore, ReceivedFile
+
+if TYPE_CHECKING:
+    from services.records.classify import DicomHeader
 
 ZIP_MAGIC = b"PK\x03\x04"
 ARCHIVE_MAGICS = (ZIP_MAGIC, b"PK\x05\x06", b"\x1f\x8b", b"7z\xbc\xaf\x27\x1c", b"Rar!", b"BZh")
@@ -32,6 +35,7 @@ class Entry:
     label: str
     from_archive: bool = False
     declared_type: str | None = None  # what the client said it is (declared DICOM must be DICOM)
+    header: DicomHeader | None = None  # read already as it arrived (a retrieved instance): not read again
 
 
 def is_zip_head(head: bytes) -> bool:

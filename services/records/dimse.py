@@ -330,8 +330,14 @@ def _write_batch(fd: int, digest: Any, batch: list[bytes]) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def _finished(spooled: SpooledInstance, position: int) -> Entry:
-    return Entry(spooled.finish(), None, f"retrieved instance {position}", declared_type="application/dicom")
+def _finished(spooled: SpooledInstance, position: int, header: DicomHeader | None) -> Entry:
+    return Entry(
+        spooled.finish(),
+        None,
+        f"retrieved instance {position}",
+        declared_type="application/dicom",
+        header=header,
+    )
 
 
 @dataclass
@@ -467,9 +473,9 @@ class InstanceWriter:
         try:
             if not isinstance(spooled, SpooledInstance):
                 raise RuntimeError("an instance arrived on an association without a spool")
-            refusal = self._refusal(spooled, position, event.request)
-            if refusal is not None:
-                return refusal
+            checked = self._check(spooled, position, event.request)
+            if isinstance(checked, Dataset):
+                return checked
             spooled.take()
         except Exception as exc:
             failed: Future[Entry] = Future()
@@ -479,15 +485,16 @@ class InstanceWriter:
             return OUT_OF_RESOURCES
         self._slots.acquire()
         with self._lock:
-            future = _writers.submit(_finished, spooled, position)
+            future = _writers.submit(_finished, spooled, position, checked)
             self._writes.append(future)
         future.add_done_callback(lambda _: self._slots.release())
         return SUCCESS
 
-    def _refusal(self, spooled: SpooledInstance, position: int, request: Any) -> Dataset | None:
+    def _check(self, spooled: SpooledInstance, position: int, request: Any) -> Dataset | DicomHeader | None:
         """The C-STORE failure for an instance whose header the import would refuse, or whose SOP Class or
         Instance UID is not the one the C-STORE request names (read now, so the PACS learns which instance
-        and why, and the rest of the study is kept); None for a usable one."""
+        and why, and the rest of the study is kept); for a usable one its header, which the import takes as
+        read here instead of reading the file again; None when spooling failed (`take` says why)."""
         if spooled.failed:
             return None  # `take` says why
         spooled.make_readable()
@@ -499,7 +506,7 @@ class InstanceWriter:
         except Exception:
             problem, status = "is not a readable DICOM instance", CANNOT_UNDERSTAND
         if problem is None:
-            return None
+            return header
         spooled.discard()
         with self._lock:
             self.refused.append(f"retrieved instance {position} {problem}")

@@ -224,6 +224,7 @@ def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile
     read_header = header_reader(limits)
 
     def check(entry: Entry) -> ClassifiedFile:
+        known = entry.header
         return classify(
             entry.received,
             total=len(entries),
@@ -231,7 +232,7 @@ def _classify(entries: list[Entry], limits: ImportLimits) -> list[ClassifiedFile
             max_pixel_bytes=limits.max_pixel_bytes,
             max_header_bytes=limits.max_header_bytes,
             label=entry.label,
-            read_header=read_header,
+            read_header=read_header if known is None else lambda _: known,
         )
 
     classified = [check(e) for e in listed]

@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import pydicom
 import pytest
 
-from services.records import dimse
+from services.records import dimse, uploads
+from services.records.classify import DicomHeader, read_dicom_header
 from services.records.dimse import OUT_OF_RESOURCES, SUCCESS, InstanceWriter, PacsUnavailable, SpooledInstance
+from services.records.limits import get_limits
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
 
@@ -210,3 +212,29 @@ def test_a_pdu_is_read_whole_or_up_to_a_closed_connection() -> None:
         assert dimse._recv_whole(wrapped, 16) == bytearray()  # type: ignore[arg-type]
     finally:
         ours.close()
+
+
+def test_each_retrieved_header_is_read_once_as_it_arrives_and_the_import_takes_it_as_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header read to answer the C-STORE travels with the instance: the import's classification (which
+    reads headers in an isolated worker, a round trip each) does not read the file again."""
+    store = ObjectStore(tmp_path)
+    reads: list[Path] = []
+
+    def counting(path: Path) -> DicomHeader:
+        reads.append(path)
+        return read_dicom_header(path)
+
+    writer = InstanceWriter(store, read_header=counting)
+    for position, frames in enumerate((1, 3), start=1):
+        assert writer.write(c_store(spool(store.tmp_dir, ps310(frames), position=position))) == SUCCESS
+    entries = writer.entries()
+    assert len(reads) == 2 and [e.header.number_of_frames for e in entries if e.header] == [1, 3]
+
+    def read_again(path: Path) -> DicomHeader:
+        raise AssertionError(f"the import read {path} again")
+
+    monkeypatch.setattr(uploads, "header_reader", lambda limits: read_again)
+    classified = uploads._classify(entries, get_limits())
+    assert [c.dicom.number_of_frames for c in classified if c.dicom] == [1, 3]
