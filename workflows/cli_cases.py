@@ -85,7 +85,8 @@ def visibility_query(
             raise CaseCommandError(
                 f"no case status {', '.join(unknown)}; statuses are {', '.join(sorted(known))}"
             )
-        clauses.append(f"{CASE_STATUS.name} IN ({', '.join(f'{chr(34)}{s}{chr(34)}' for s in statuses)})")
+        quoted = ", ".join(f'"{status}"' for status in statuses)
+        clauses.append(f"{CASE_STATUS.name} IN ({quoted})")
     if urgency is not None:
         clauses.append(f'{CASE_URGENCY.name} = "{urgency}"')
     for key, value, flag in ((PARTNER_ID, partner, "--partner"), (ASSIGNED_REVIEWER, reviewer, "--reviewer")):
