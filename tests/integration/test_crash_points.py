@@ -113,9 +113,13 @@ class Watch:
         for exchange, key in bindings:
             self.channel.queue_bind(self.queue, exchange, routing_key=key)
 
-    def drain(self, seconds: float, subject: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    def drain(
+        self, seconds: float, subject: str | None = None, *, done: str | None = None, quiet: float = 3.0
+    ) -> list[tuple[str, dict[str, Any]]]:
         """What was published within `seconds`; with `subject`, only that case's messages (the service
-        also publishes rows other tests left in its outbox, in the database they share)."""
+        also publishes rows other tests left in its outbox, in the database they share). With `done` (a
+        message type), it stops `quiet` seconds after the first message of that type: time enough for a
+        duplicate, if any, to show."""
         seen = []
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -126,6 +130,8 @@ class Watch:
             message = json.loads(body)
             if subject is None or message.get("subject") == subject:
                 seen.append((props.message_id, message))
+                if done is not None and message.get("type") == done:
+                    deadline = min(deadline, time.monotonic() + quiet)
         return seen
 
     def close(self) -> None:
@@ -222,7 +228,7 @@ async def test_worker_killed_after_publishing_a_command_retries_it_under_the_sam
     try:
         assert await asyncio.to_thread(worker.wait_killed) == KILLED
         worker.start()  # Temporal retries the activity once its start-to-close timeout (30 s) has passed
-        published = await asyncio.to_thread(watch.drain, 45)
+        published = await asyncio.to_thread(lambda: watch.drain(45, case_id, done="records.collect"))
     finally:
         worker.stop()
         await handle.terminate("test done")
