@@ -9,6 +9,7 @@ import io
 import re
 from datetime import date, datetime
 
+import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
@@ -18,6 +19,13 @@ from services.review.report_pdf import TITLE
 DICOM = "application/dicom"
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 SERIES_NUMBER = 9001  # high, so viewers list the report after the images
+# PN (PS3.5 6.2): a component group (family^given) is at most 64 characters (characters, not bytes, in
+# UTF-8); the `^` between the two takes one. A name too long keeps the family name (what a PACS sorts and
+# searches by) and at least this much of the given name (a first given name).
+PN_GROUP_CHARS = 64
+GIVEN_NAME_AT_LEAST = 16
+
+log = structlog.get_logger(__name__)
 
 
 def encapsulated_pdf(
@@ -37,7 +45,7 @@ def encapsulated_pdf(
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names and the title may need it
     ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
     ds.SOPInstanceUID = sop_instance_uid
-    ds.PatientName = _person_name(patient.family_name, patient.given_name)
+    ds.PatientName = _person_name(patient.family_name, patient.given_name, report_id=report_id)
     ds.PatientID = patient.mrn
     ds.PatientBirthDate = _date(patient.birth_date)
     ds.PatientSex = {"female": "F", "male": "M", "other": "O"}.get(patient.sex.value, "")
@@ -79,10 +87,26 @@ def _date(value: date) -> str:
     return value.isoformat().replace("-", "")
 
 
-def _person_name(family: str, given: str) -> str:
-    """PN (PS3.5 6.2): `^` `=` `\\` are delimiters, not text, and a component group is at most 64 chars."""
+def _person_name(family: str, given: str, *, report_id: str) -> str:
+    """PN (PS3.5 6.2): `^` `=` `\\` are delimiters, not text, and a component group is at most 64 chars.
+
+    A name that does not fit is cut per component, never by dropping one: the given name keeps what the
+    family name leaves, and at least GIVEN_NAME_AT_LEAST characters (a family name of 64 or more used to
+    leave it out entirely). The full name is on the PDF it encapsulates."""
     family, given = (" ".join(re.sub(r"[\\^=]", " ", part).split()) for part in (family, given))
-    return f"{family[:64]}^{given}"[:64]
+    room = PN_GROUP_CHARS - 1
+    if len(family) + len(given) > room:
+        keep_given = min(len(given), max(room - len(family), GIVEN_NAME_AT_LEAST))
+        kept = family[: room - keep_given].rstrip(), given[:keep_given].rstrip()
+        log.warning(
+            "review.dicom_patient_name_shortened",
+            report_id=report_id,
+            family_chars=(len(family), len(kept[0])),
+            given_chars=(len(given), len(kept[1])),
+            limit=PN_GROUP_CHARS,
+        )
+        family, given = kept
+    return f"{family}^{given}"
 
 
 def _short_string(value: str | None) -> str:

@@ -5,8 +5,11 @@ Chinese, "β-hCG ≥ 5" came out as black boxes. The report is drawn in DejaVu S
 its licence, so every deployment draws and refuses the same characters: Latin, Greek, Cyrillic, Hebrew, Arabic,
 combining marks, symbols), with reportlab's built-in CID fonts for
 Chinese, Japanese and Korean. Text is NFC-normalized (`e` + U+0301 is `é`), invisible format characters
-(zero-width, bidi controls) are left out, and a character no font draws is written as `[U+1F642]` so the
-reader sees that something was there. Specialists are refused such characters up front (`unprintable`)."""
+(zero-width spaces, bidi controls; not the zero-width joiners) are left out, and a character no font draws
+is written as `[U+1F642]` so the reader sees that something was there. Specialists are refused such characters up front (`unprintable`).
+
+Hebrew and Arabic are joined and put in visual order (report_bidi.py) line by line: `markup` does it for a
+short value, report_paragraphs.py for a paragraph, which must be broken into lines first."""
 
 from __future__ import annotations
 
@@ -20,10 +23,14 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
 from reportlab.pdfbase.ttfonts import TTFont
 
+from services.review.report_bidi import arabic_joined, letter_of_form, right_to_left, visual
+
 FONT_DIR = Path(__file__).parent / "fonts"
 BODY, BOLD = "DejaVuSans", "DejaVuSans-Bold"
 # Not embedded (PDF viewers bring their own CJK fonts); each covers its script's characters.
 KOREAN, JAPANESE, CHINESE = "HYSMyeongJo-Medium", "HeiseiMin-W3", "STSong-Light"
+
+JOINERS = "\u200c\u200d"  # ZWNJ, ZWJ: how Persian (Arabic) letters join; the font draws them as nothing
 
 
 @cache
@@ -66,7 +73,7 @@ def _cjk_font(char: str) -> str | None:
     return None
 
 
-def _font_for(char: str) -> str | None:
+def font_for(char: str) -> str | None:
     """BODY, a CJK font, or None: no font of the report draws it."""
     # Beyond the BMP (DejaVu's few emoji) reportlab writes a ToUnicode entry PDF readers cannot parse, and the
     # whole line is lost to text extraction and search: those are not drawn.
@@ -77,14 +84,15 @@ def _font_for(char: str) -> str | None:
 
 
 def _printed(text: str) -> str:
-    """The text as the report prints it: NFC, without invisible format characters."""
+    """The text as the report prints it: NFC, without invisible format characters but the zero-width
+    (non-)joiners, which say how Persian (Arabic) letters join, and which the font draws as nothing."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    return "".join(c for c in text if unicodedata.category(c) != "Cf")
+    return "".join(c for c in text if unicodedata.category(c) != "Cf" or c in JOINERS)
 
 
 def unprintable(text: str) -> list[str]:
     """The characters of `text` no font of the report draws (emoji, control characters), each once."""
-    return list(dict.fromkeys(c for c in _printed(text) if _font_for(c) is None))
+    return list(dict.fromkeys(c for c in _printed(text) if font_for(c) is None))
 
 
 def describe_characters(chars: list[str]) -> str:
@@ -96,7 +104,7 @@ def describe_characters(chars: list[str]) -> str:
 def shown(text: str) -> str:
     """The text as the report shows it: NFC, without invisible format characters, `[U+XXXX]` for a character
     no font draws."""
-    return "".join(c if _font_for(c) is not None else f"[U+{ord(c):04X}]" for c in _printed(text))
+    return "".join(c if font_for(c) is not None else f"[U+{ord(c):04X}]" for c in _printed(text))
 
 
 def _name(char: str) -> str:
@@ -105,14 +113,30 @@ def _name(char: str) -> str:
     return unicodedata.name(char, "a private-use or unassigned character")
 
 
+def joined(text: str) -> str:
+    """Arabic letters in the form they take beside their neighbours (`arabic_joined`); a form the font
+    lacks is drawn as its letter (only letters DejaVu Sans lacks altogether have such)."""
+    if not right_to_left(text):
+        return text
+    glyphs = _body_glyphs()
+    return "".join(c if ord(c) in glyphs else letter_of_form(c) for c in arabic_joined(text))
+
+
 def markup(text: str) -> str:
     """Paragraph markup that draws `text` as shown (`shown`): escaped (`<b>` is text, not bold), each run in
-    a font that has its characters. Newlines stay newlines."""
+    a font that has its characters, each line in visual order (`visual`: right for a value on one line; a
+    paragraph that may be broken into lines is report_paragraphs.paragraph). Newlines stay newlines."""
+    lines = shown(text).split("\n")
+    return "\n".join(markup_drawn(visual(joined(line))) for line in lines)
+
+
+def markup_drawn(text: str) -> str:
+    """Paragraph markup for text already as it is drawn (shown, joined, in visual order)."""
     register()
     parts: list[str] = []
     run, run_font = "", BODY
-    for char in shown(text):
-        font = _font_for(char) or BODY
+    for char in text:
+        font = font_for(char) or BODY
         if font != run_font and run:
             parts.append(_run(run, run_font))
             run = ""

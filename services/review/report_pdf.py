@@ -13,7 +13,16 @@ from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.pdfgen.canvas import Canvas
-from reportlab.platypus import Flowable, ListFlowable, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+from reportlab.platypus import (
+    Flowable,
+    ListFlowable,
+    ListItem,
+    Paragraph,
+    SimpleDocTemplate,
+    Spacer,
+    Table,
+    TableStyle,
+)
 from reportlab.platypus.doctemplate import BaseDocTemplate
 
 from contracts.commands import MatchSpecialist
@@ -21,6 +30,7 @@ from contracts.models import DocumentedCommunication
 from services.review.models import ReviewFindings, RiskAssessment, Specialist
 from services.review.recommendations import describe
 from services.review.report_fonts import BODY, BOLD, markup, register, shown
+from services.review.report_paragraphs import paragraph, reads_right_to_left
 
 TITLE = "Second-opinion report — diagnostic ultrasound"
 
@@ -336,7 +346,7 @@ def _paragraphs(text: str, style: ParagraphStyle) -> list[Flowable]:
     paragraphs: list[Flowable] = []
     for block in blocks:
         for i, piece in enumerate(_pieces(block)):
-            paragraphs.append(Paragraph("<br/>".join(map(markup, piece)), style if i == 0 else continued))
+            paragraphs.append(paragraph(piece, style if i == 0 else continued))
     return paragraphs or [Paragraph("—", style)]
 
 
@@ -362,7 +372,8 @@ def _pieces(block: str) -> Iterator[list[str]]:
 
 def _facts(rows: list[tuple[str, str]], styles: dict[str, ParagraphStyle]) -> Table:
     data = [
-        [Paragraph(markup(k), styles["Label"]), Paragraph(markup(v), styles["BodyText"])] for k, v in rows
+        [Paragraph(markup(k), styles["Label"]), paragraph([shown(v).replace("\n", " ")], styles["BodyText"])]
+        for k, v in rows
     ]
     # splitInRow: a long value (a clinical question of emoji, each printed [U+1F642]) goes on on the next page.
     table = Table(data, colWidths=[45 * mm, None], splitInRow=1)
@@ -445,5 +456,13 @@ def _section(
     heading = Paragraph(markup(title), styles["Heading"])
     if not bullets:  # prose (technical notes, answers to the patient): its paragraphs and line breaks kept
         return [heading, *(p for item in items for p in _paragraphs(item, styles["BodyText"]))]
-    paragraphs = [Paragraph(markup(item).replace("\n", "<br/>"), styles["BodyText"]) for item in items]
+    paragraphs = [_list_item(shown(item).split("\n"), styles["BodyText"]) for item in items]
     return [heading, ListFlowable(paragraphs, bulletType="bullet", leftIndent=4 * mm, bulletFontSize=7)]
+
+
+def _list_item(lines: list[str], style: ParagraphStyle) -> Flowable:
+    """A bulleted item; one that reads right to left has its bullet on the right."""
+    item = paragraph(lines, style)
+    if not reads_right_to_left(lines):
+        return item
+    return ListItem(item, bulletDir="rtl", bulletAlign="right", leftIndent=0, rightIndent=4 * mm)

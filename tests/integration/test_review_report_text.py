@@ -22,6 +22,7 @@ from tests.integration.test_review_flow import FINDINGS, apply, assigned_review,
 from tests.integration.test_review_followup import question_command
 from tests.keys import specialist_headers
 from tests.unit.test_review_matching import request
+from tests.unit.test_review_report_scripts import drawn_lines
 
 engine, client, empty_tables = flow.engine, flow.client, flow.empty_tables
 
@@ -259,3 +260,37 @@ def test_a_clinical_question_that_prints_longer_than_a_page_goes_on_on_the_next(
     pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
     text = re.sub(r"Case \S+ · version 1 Page \d+ ", "", flow.pdf_text(pdf))  # without the page footers
     assert "".join(text.split()).count("[U+1F600]") == 2000
+
+
+def test_hebrew_and_arabic_findings_are_printed_right_to_left_and_kept_as_written_elsewhere(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """A specialist in Israel or Egypt wrote findings the PDF printed backwards (Arabic unjoined as well); the
+    FHIR conclusion and the DICOM copy carry the text as written, in reading order."""
+    base = request("pelvic", "CA")
+    patient = base.patient.model_copy(update={"family_name": "כהן", "given_name": "שרה"})
+    command, assigned = assigned_review(engine, settings, patient=patient)
+    case_id, review_id = command.subject, assigned["review_id"]
+    hebrew = "ציסטה של 12 mm, ללא זרימה (Doppler)."
+    arabic = "كيس بسيط، لا يوجد تدفق"  # simple cyst, no flow
+    body = FINDINGS | {"findings": hebrew, "impression": arabic}
+    submitted = client.post(f"/v1/reviews/{review_id}", json=body, headers=specialist_headers(settings))
+    assert submitted.status_code == 200, submitted.text
+    apply(engine, settings, compose_command(case_id, review_id))
+
+    pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    lines = drawn_lines(pdf)
+
+    assert "ןהכ הרש" in lines  # the patient, שרה כהן read from the right
+    assert ".(Doppler) המירז אלל ,mm 12 לש הטסיצ" in lines
+    # Left to right: تدفق يوجد لا ،بسيط كيس, each letter joined to its neighbours
+    assert (
+        "\ufed6\ufed3\ufeaa\ufe97 \ufeaa\ufe9f\ufeee\ufef3 \ufefb \u060c\ufec2\ufef4\ufeb4\ufe91 \ufeb2\ufef4\ufedb"
+        in lines
+    )
+    fhir = client.get(f"/v1/reports/{case_id}").json()
+    assert arabic in fhir["conclusion"] and fhir["subject"]["display"] == "שרה כהן"
+    issued = outbox_event(engine, f"document.encapsulated_report:{case_id}:1")
+    ds = pydicom.dcmread(io.BytesIO(base64.b64decode(issued.data["dicom_base64"])))
+    assert (ds.PatientName.family_name, ds.PatientName.given_name) == ("כהן", "שרה")
+    assert bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength] == pdf

@@ -278,3 +278,34 @@ def test_encapsulated_pdf_writes_only_valid_dicom_values() -> None:
     for keyword in ("PatientName", "PatientID", "AccessionNumber"):
         validate_value(ds[keyword].VR, ds[keyword].value, pydicom.config.RAISE)
     assert ds.PatientName.family_name == "Alexandropoulou-Papadimitriou Konstantinidou"
+
+
+def test_a_family_name_longer_than_the_dicom_limit_keeps_the_given_name() -> None:
+    """PN allows 64 characters per component group: a family name of 64 or more was cut with the given name
+    behind it, and the report's DICOM copy named the patient by a piece of the family name alone."""
+    from pydicom.valuerep import validate_value
+    from structlog.testing import capture_logs
+
+    from services.review.encapsulated_pdf import encapsulated_pdf
+
+    family = "Wolfeschlegelsteinhausenbergerdorff-Oppenheimer-Rothschild-Habsburg"  # 67
+    case = request("pelvic", "CA")
+    for given, kept_family, kept_given in (
+        ("Anna", family[:59], "Anna"),  # the given name whole, the family name cut to what is left
+        ("Maria Magdalena " * 5, family[:47], "Maria Magdalena"),  # the given name's first 16 characters
+    ):
+        patient = case.patient.model_copy(update={"family_name": family, "given_name": given})
+        with capture_logs() as logs:
+            dicom = encapsulated_pdf(
+                pdf=b"%PDF-1.4\n",
+                request=case.model_copy(update={"patient": patient}),
+                report_id="r-1",
+                version=1,
+                issued=datetime(2025, 3, 5, tzinfo=UTC),
+            )
+        ds = pydicom.dcmread(io.BytesIO(dicom))
+        validate_value("PN", ds.PatientName, pydicom.config.RAISE)
+        assert (ds.PatientName.family_name, ds.PatientName.given_name) == (kept_family, kept_given)
+        [warning] = [e for e in logs if e["event"] == "review.dicom_patient_name_shortened"]
+        assert warning["log_level"] == "warning" and warning["report_id"] == "r-1"
+        assert family not in repr(logs) and given.strip() not in repr(logs) and "Wolfe" not in repr(logs)
