@@ -221,10 +221,17 @@ async def upload_archive(
     # Refuse before a byte is read when the case takes no records.
     await run_in_threadpool(_check_open, session, case_id)
     store = ObjectStore.for_settings(settings)
+    left_out: list[str] = []
     try:
         entries = await feed_to_thread(
             request.stream(),
-            partial(zip_stream.expand_zip_stream, store=store, limits=limits, upload_limit=limit),
+            partial(
+                zip_stream.expand_zip_stream,
+                store=store,
+                limits=limits,
+                upload_limit=limit,
+                left_out=left_out,
+            ),
             drain_limit=limit,
         )
     except zip_stream.BodyTooLarge:
@@ -233,7 +240,7 @@ async def upload_archive(
         raise HTTPException(
             400, "the upload ended before the whole archive arrived; nothing was stored, send it again"
         ) from None
-    return await run_in_threadpool(_accept_entries, case_id, entries, session, settings, limits)
+    return await run_in_threadpool(_accept_entries, case_id, entries, session, settings, limits, left_out)
 
 
 def _check_open(session: Session, case_id: str) -> None:
@@ -242,11 +249,16 @@ def _check_open(session: Session, case_id: str) -> None:
 
 
 def _accept_entries(
-    case_id: str, entries: list[Entry], session: Session, settings: Settings, limits: ImportLimits
+    case_id: str,
+    entries: list[Entry],
+    session: Session,
+    settings: Settings,
+    limits: ImportLimits,
+    left_out: list[str],
 ) -> UploadPublic:
     with _upload_refusals():
         outcome = uploads.accept_entries(case_id, entries, session, settings, source="upload", limits=limits)
-    return _uploaded(case_id, outcome)
+    return _uploaded(case_id, uploads.with_left_out(outcome, left_out))
 
 
 def _too_large(limit: int) -> str:
@@ -284,6 +296,7 @@ def _uploaded(case_id: str, outcome: uploads.UploadOutcome) -> UploadPublic:
         new_files=outcome.new_files,
         duplicates=outcome.duplicates,
         files=[RecordFilePublic.of(f) for f in outcome.files],
+        warnings=outcome.warnings,
     )
 
 

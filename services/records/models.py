@@ -331,3 +331,6 @@ class UploadPublic(BaseModel):
     new_files: int
     duplicates: int
     files: list[RecordFilePublic]
+    # What of the upload was not imported and why, by position ("member 3 of 9 of file 1 of 1 is a symbolic
+    # link ..."), never by path or name: an archive entry that is not a regular file.
+    warnings: list[str] = []
