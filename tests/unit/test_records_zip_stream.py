@@ -144,6 +144,14 @@ def test_a_symbolic_link_is_left_out_however_the_body_is_cut(tmp_path: Path, pip
     assert sorted(store.tmp_dir.iterdir()) == sorted(e.received.path for e in entries)
 
 
+def test_a_member_its_directory_names_otherwise_is_refused(tmp_path: Path) -> None:
+    """Another unzip tool, reading the directory, would show another file (and what it is) than was read."""
+    data = bytearray(zip_of(MEMBERS))
+    at = data.rfind(b"DICOM/IM1")  # in the central directory
+    data[at : at + 9] = b"DICOM/IMX"
+    assert "has a member (1) its central directory does not list" in refusal(tmp_path, bytes(data))
+
+
 def test_a_body_past_the_upload_limit_stops_with_nothing_kept(tmp_path: Path) -> None:
     store = ObjectStore(tmp_path)
     with pytest.raises(BodyTooLarge):
