@@ -2,8 +2,12 @@
 Encapsulated PDF, in the study it reads) is C-STOREd to the partner's PACS, or STOW-RS'd to its DICOMweb
 service, when the partner's source says `return_reports`. So the radiologists who asked see it beside the
 images in their own viewer, as they see their own reports. What is sent is the copy records stores, placed
-into the study when it was stored (report_study.py): the same identity under the same SOP Instance UID as
-the copy records hands out, so a PACS that gets both (the send, and a radiologist's download) files one.
+into the study when it was stored (report_study.py), under the same SOP Instance UID as the copy records
+hands out, with the same patient and study. Its identifiers are the facility's (IHE IRWF: each copy carries
+those of the domain it goes to, reconcile.py): Patient ID, Issuer of Patient ID and Accession Number as the
+facility's images carry them, so its PACS files it with the study; the copy records hands out carries ours,
+with exactly these kept as its originals (Original Attributes Sequence), for a PACS importing that one to
+reconcile it back.
 
 The send is queued in the transaction that stores the report (`record_report_returns`), and a background loop
 of the records process sends it: claimed one at a time, retried with backoff while the PACS is down or busy,

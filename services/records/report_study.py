@@ -7,16 +7,21 @@ its Patient and General Study attributes are replaced by the values of the study
 when that is another study than the one the report named, it gets a Series and SOP Instance UID of its own
 there: the same UID in two studies would break a PACS).
 Released means their identity was reconciled (IHE IRWF: matched the case's patient, or a human accepted
-the difference), and Patient ID, Issuer and Accession Number are coerced to ours on the way out for the
-report exactly as for the images (reconcile.py), so the two agree there as well.
+the difference). So the stored report carries the facility's identifiers as its images do (Patient ID, Issuer
+of Patient ID and its qualifiers, Accession Number and its issuer): the copy sent back to the facility's PACS
+is this one (report_return.py). Handed out by records, Patient ID, Issuer and Accession Number are coerced to
+ours for the report exactly as for the images (reconcile.py), the facility's kept as the originals, so in
+each domain report and images agree.
 
 A report is placed once, when it is stored (or, come while the case's images wait for an identity decision,
 after that decision: second_opinion.py), and every copy records hands out or sends back is that stored one:
-one SOP Instance UID, one identity. `stored_report` finds it by the UID the review service issued it under.
+one SOP Instance UID, one patient and study; only the identifiers differ by domain, as IRWF coerces them.
+`stored_report` finds it by the UID the review service issued it under.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from collections import Counter
 
@@ -34,17 +39,26 @@ IDENTITY = (
     "PatientName",
     "PatientID",
     "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
     "PatientBirthDate",
     "PatientSex",
     "StudyInstanceUID",
     "StudyDate",
     "StudyTime",
     "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
     "ReferringPhysicianName",
     "StudyID",
     "StudyDescription",
 )
-OPTIONAL = {"IssuerOfPatientID", "StudyDescription"}  # Type 3: left out when the images have none
+# Type 3: left out when the images have none. The issuers' details go with their identifiers: the copy sent
+# back must say the facility's Patient ID and Accession Number are the facility's, as its images do.
+OPTIONAL = {
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+}
 SAMPLE = 8  # the study's first instances read for its identity (each value: the first one that has it)
 
 
@@ -67,7 +81,7 @@ def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectSt
     for keyword in IDENTITY:
         value = identity.get(keyword)
         if value not in (None, ""):
-            setattr(report, keyword, value)
+            setattr(report, keyword, copy.deepcopy(value))
         elif keyword in OPTIONAL:
             if keyword in report:
                 delattr(report, keyword)
@@ -152,7 +166,7 @@ def _identity(images: list[RecordFile], store: ObjectStore) -> dict[str, object]
             if keyword in found or keyword not in header:
                 continue
             value = header[keyword].value
-            if value not in (None, ""):
+            if value is not None and (len(value) > 0 if header[keyword].VR == "SQ" else value != ""):
                 # Person names as text: the report is UTF-8 whatever character set the image used.
                 found[keyword] = str(value) if header[keyword].VR == "PN" else value
     return found

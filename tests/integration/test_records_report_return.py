@@ -25,12 +25,13 @@ from services.common.amqp import Consumer, HandlerCommitted
 from services.common.config import Settings
 from services.common.db import Inbox
 from services.common.errors import PoisonMessage
-from services.records import consumer
+from services.records import consumer, uploads
 from services.records.models import RecordFile, ReportReturn
+from services.records.reconcile import our_identifiers as our_ids
 from services.records.report_return import ReturnSettings, run_due
 from services.records.store import ObjectStore
 from services.review.encapsulated_pdf import encapsulated_pdf
-from tests.dicom_factory import make_pdf_report
+from tests.dicom_factory import make_pdf_report, make_us_instance
 from tests.infra import free_port
 from tests.integration import test_records_retrieval as retrieval
 from tests.integration.test_records_second_opinion import store_images
@@ -426,3 +427,82 @@ def test_a_cancelled_case_sends_no_report_still_waiting(
     [gone] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert (gone["status"], gone["last_error"]) == ("cancelled", "the case was cancelled")
     assert run_due(engine, settings, OPTIONS) == 0
+
+
+def facility_image(study: str) -> bytes:
+    """An image as the facility's PACS holds it: its Patient ID and Accession Number with their issuers."""
+    dataset = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+    dataset.IssuerOfPatientID = "BAYVIEW"
+    dataset.IssuerOfPatientIDQualifiersSequence = [pydicom.Dataset()]
+    dataset.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID = "1.2.826.0.1.3680043.10.7777"
+    dataset.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityIDType = "ISO"
+    dataset.AccessionNumber = "RIS0042"
+    dataset.IssuerOfAccessionNumberSequence = [pydicom.Dataset()]
+    dataset.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID = "BAYVIEW-RIS"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+IDENTIFIERS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+)
+
+
+def identifiers(dataset: pydicom.Dataset) -> dict[str, object]:
+    return {k: dataset[k].to_json_dict(None, 0) if k in dataset else None for k in IDENTIFIERS}
+
+
+def test_the_report_goes_back_with_the_facilitys_identifiers_and_is_handed_out_with_ours(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    """IHE IRWF, each copy in its domain. The facility's PACS files the report by the facility's Patient ID
+    and Accession Number with their issuers, as on its images: the issuers' details were dropped from the copy
+    sent back. Handed out by records, report and images carry our identifiers, the facility's kept as the
+    originals: the facility's issuer details stayed on the images, so our Patient ID read as theirs."""
+    study = "1.2.826.0.1.3680043.10.7100.17"
+    case_id = returning_case(
+        client,
+        engine,
+        settings,
+        "clinic-irwf",
+        study,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+    )
+    image = facility_image(study)
+    with Session(engine, expire_on_commit=False) as session:
+        uploaded = uploads.accept_upload(
+            case_id, [uploads.IncomingFile(io.BytesIO(image), "application/dicom")], session, settings
+        )
+    event = report_for(case_id, study)[0]
+    deliver(engine, settings, event)
+    assert run_due(engine, settings, OPTIONS) == 1
+
+    found = one_instance(pacs, StudyInstanceUID=study, Modality="DOC")
+    in_facility = pydicom.dcmread(
+        io.BytesIO(httpx.get(f"{pacs.url}/instances/{found}/file", auth=pacs.auth, timeout=10).content)
+    )
+    facility = identifiers(pydicom.dcmread(io.BytesIO(image)))
+    assert identifiers(in_facility) == facility
+
+    handed_out = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/second-opinion/{event.sop_instance_uid}").content)
+    )
+    [image_row] = uploaded.files
+    image_out = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/files/{image_row.sha256}").content)
+    )
+    ours = pydicom.Dataset()
+    for keyword, value in our_ids(case_id, {}).items():  # no issuer details: none describe ours
+        setattr(ours, keyword, value)
+    assert identifiers(handed_out) == identifiers(image_out) == identifiers(ours)
+    assert handed_out.SOPInstanceUID == in_facility.SOPInstanceUID
+    for copy_out in (handed_out, image_out):  # the facility's values kept, exactly as sent back
+        [originals] = copy_out.OriginalAttributesSequence[-1].ModifiedAttributesSequence
+        assert identifiers(originals) == facility
