@@ -36,12 +36,13 @@ from services.records.archive_store import ArchiveUnavailable, stow_request
 from services.records.dicomweb_source import DicomwebSource
 from services.records.models import (
     RecordFile,
+    RecordImport,
     RecordSource,
     ReportReturn,
     RetrievalStatus,
 )
 from services.records.polled import PolledLoop
-from services.records.report_study import images_held
+from services.records.report_study import images_held, stored_unplaced_while_held
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -96,7 +97,7 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
     lease = timedelta(seconds=options.timeout_seconds * 4 + 60)
     attempted = 0
     due_by = utcnow()  # what falls due during this pass (a retry) waits for the next one
-    while (claimed := _claim(engine, lease, due_by, options)) is not None:
+    while (claimed := _claim(engine, settings, lease, due_by, options)) is not None:
         row, source, storage_path = claimed
         attempted += 1
         try:
@@ -132,10 +133,11 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
 
 
 def _claim(
-    engine: Engine, lease: timedelta, due_by: datetime, options: ReturnSettings
+    engine: Engine, settings: Settings, lease: timedelta, due_by: datetime, options: ReturnSettings
 ) -> tuple[ReportReturn, RecordSource, str] | None:
     """The next return due, leased to this process; returns whose partner stopped asking, or whose file left
-    the case's records while they waited, are cancelled with why on the way."""
+    the case's records while they waited, are cancelled with why on the way, and a report the version before
+    last queued unplaced is placed first (queued again as placed, sent on the next pass)."""
     while True:
         with Session(engine, expire_on_commit=False) as session:
             query = (
@@ -173,6 +175,19 @@ def _claim(
                 session.add(row)
                 session.commit()
                 continue
+            left_unplaced = stored is not None and stored_unplaced_while_held(
+                session, row.case_id, row.sha256
+            )
+            if left_unplaced:
+                row.status = RetrievalStatus.PENDING  # replaced by the return of the copy placed
+                session.add(row)
+                session.flush()
+                _place(left_unplaced, session, settings)
+                session.commit()
+                log.info(
+                    "records.report_return_placed_first", case_id=row.case_id, sop_instance_uid=row.return_id
+                )
+                continue
             if source is not None and source.return_reports and stored is not None:
                 row.status = RetrievalStatus.RUNNING
                 row.attempts += 1
@@ -188,6 +203,13 @@ def _claim(
             )
             session.add(row)
             session.commit()
+
+
+def _place(record_import: RecordImport, session: Session, settings: Settings) -> None:
+    # Imported here: second_opinion queues its returns through this module.
+    from services.records.second_opinion import place_report_left_unplaced
+
+    place_report_left_unplaced(record_import, session, settings)
 
 
 def _as_stored(settings: Settings, row: ReportReturn, storage_path: str) -> bytes:

@@ -132,6 +132,43 @@ def images_held(session: Session, case_id: str) -> bool:
     )
 
 
+def stored_unplaced_while_held(session: Session, case_id: str, sha256: str) -> RecordImport | None:
+    """The released import of the case's report with this content if it was stored while images of the case
+    waited for an identity decision and none was released, so with nothing to place it: how the version before
+    last stored such a report (it placed it at send time). This version keeps such a report aside until the
+    decision (`AWAITING_PLACEMENT`) and sends it as stored, so one queued then would go back unplaced."""
+    report = session.exec(
+        select(RecordImport)
+        .join(RecordFile, col(RecordFile.import_id) == col(RecordImport.import_id))
+        .where(
+            RecordFile.case_id == case_id,
+            RecordFile.sha256 == sha256,
+            RecordImport.source == REPORT_SOURCE,
+            RecordImport.status == ImportStatus.RELEASED,
+        )
+    ).first()
+    if report is None:
+        return None
+    stored_at = report.created_at
+    before = session.exec(
+        select(RecordImport).where(
+            RecordImport.case_id == case_id,
+            RecordImport.source != REPORT_SOURCE,
+            col(RecordImport.created_at) <= stored_at,
+        )
+    ).all()
+    # Held then: not decided yet, or decided after; released then: released at once, or decided before.
+    held = any(
+        i.status == ImportStatus.IDENTITY_MISMATCH or (i.decided_at is not None and i.decided_at > stored_at)
+        for i in before
+    )
+    released = any(
+        i.status == ImportStatus.RELEASED and (i.decided_at is None or i.decided_at <= stored_at)
+        for i in before
+    )
+    return report if held and not released else None
+
+
 def _study_images(session: Session, case_id: str, study_uid: str) -> list[RecordFile]:
     """The first released instances (not our own reports) of the report's study; of the study with most
     instances when the report names none that records holds (the study records summarised for review)."""

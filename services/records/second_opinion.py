@@ -110,6 +110,20 @@ def place_waiting_reports(case_id: str, session: Session, settings: Settings) ->
     session.flush()
 
 
+def place_report_left_unplaced(record_import: RecordImport, session: Session, settings: Settings) -> None:
+    """A report the version before last stored unplaced while the case's images were held
+    (`report_study.stored_unplaced_while_held`), the decision made since: kept aside as this version would
+    have kept it, then placed like the reports kept aside (its unsent return queued again, for the copy
+    placed), in the caller's transaction."""
+    record_import.status = ImportStatus.AWAITING_PLACEMENT
+    session.add(record_import)
+    for row in session.exec(select(RecordFile).where(RecordFile.import_id == record_import.import_id)).all():
+        row.released = False
+        session.add(row)
+    session.flush()
+    place_waiting_reports(record_import.case_id, session, settings)
+
+
 def _file_report(
     dicom: bytes, case_id: str, version: int, session: Session, settings: Settings
 ) -> tuple[RecordFile, bool]:

@@ -26,9 +26,11 @@ from services.common.config import Settings
 from services.common.db import Inbox
 from services.common.errors import PoisonMessage
 from services.records import consumer, uploads
+from services.records.archive import Entry
 from services.records.models import RecordFile, ReportReturn
 from services.records.reconcile import our_identifiers as our_ids
-from services.records.report_return import ReturnSettings, run_due
+from services.records.report_return import ReturnSettings, plan_return, run_due
+from services.records.report_study import REPORT_SOURCE
 from services.records.store import ObjectStore
 from services.review.encapsulated_pdf import encapsulated_pdf
 from tests.dicom_factory import make_pdf_report, make_us_instance
@@ -506,3 +508,70 @@ def test_the_report_goes_back_with_the_facilitys_identifiers_and_is_handed_out_w
     for copy_out in (handed_out, image_out):  # the facility's values kept, exactly as sent back
         [originals] = copy_out.OriginalAttributesSequence[-1].ModifiedAttributesSequence
         assert identifiers(originals) == facility
+
+
+def test_a_report_queued_unplaced_by_an_earlier_version_while_images_were_held_goes_back_placed(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    """The version before last stored a report that came while the case's images waited for an identity
+    decision as it came (released, intake's identity) and queued its return, to be placed at send time. This
+    version sends what is stored, as stored: after the upgrade and the decision the facility's PACS got that
+    report with intake's birth date, exam date and accession, beside the images' identity. Placed once now,
+    after the decision, and sent (and handed out) as placed."""
+    study = "1.2.826.0.1.3680043.10.7100.18"
+    case_id = returning_case(
+        client,
+        engine,
+        settings,
+        "clinic-upgraded",
+        study,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+    )
+    store_images(engine, settings, case_id, study, birth_date="19790101")
+    event = report_for(case_id, study)[0]
+    with Session(engine) as session:  # as the version before last stored it (records.second_opinion then)
+        received = ObjectStore.for_settings(settings).receive(
+            io.BytesIO(base64.b64decode(event.dicom_base64)), position=1, total=1, limit=10**7
+        )
+        entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
+        outcome = uploads.accept_entries(
+            case_id, [entry], session, settings, source=REPORT_SOURCE, in_transaction=True
+        )
+        [stored] = outcome.files
+        assert stored.released
+        plan_return(
+            session,
+            case_id=case_id,
+            partner_id="clinic-upgraded",
+            sop_instance_uid=event.sop_instance_uid,
+            sha256=stored.sha256,
+            version=1,
+        )
+        session.commit()
+    assert run_due(engine, settings, OPTIONS) == 0  # waits for the decision
+
+    accept_held(engine, settings, case_id, held_import(client, case_id))
+    assert (
+        run_due(engine, settings, OPTIONS) == 0
+    )  # placed first, its return queued again for the copy placed
+    assert run_due(engine, settings, OPTIONS) == 1
+
+    [sent] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (sent["status"], sent["sop_instance_uid"]) == ("done", event.sop_instance_uid)
+    found = one_instance(pacs, StudyInstanceUID=study, Modality="DOC")
+    tags = httpx.get(f"{pacs.url}/instances/{found}/simplified-tags", auth=pacs.auth, timeout=10).json()
+    assert (tags["PatientBirthDate"], tags["StudyDate"], tags["AccessionNumber"]) == (
+        "19790101",
+        "20261118",
+        "RIS0042",
+    )
+    handed_out = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/second-opinion/{event.sop_instance_uid}").content)
+    )
+    assert (handed_out.SOPInstanceUID, handed_out.PatientBirthDate, handed_out.StudyDate) == (
+        tags["SOPInstanceUID"],
+        "19790101",
+        "20261118",
+    )
