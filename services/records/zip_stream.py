@@ -108,39 +108,46 @@ class _CountedBody:
 
 
 def _check_end(body: _CountedBody, members: int) -> tuple[int, int] | None:
-    """The archive must end with its directory: an end of central directory record that counts the
-    members read and says where the directory lies. Refuses a ZIP cut short, or one whose directory lists
-    files its body does not hold (which another unzip tool would show differently). Where the central
-    directory lies (offset, size); None for a ZIP64 archive whose ZIP64 records cannot be read."""
+    """The archive must end with its directory: an end of central directory record (and, for ZIP64, the
+    ZIP64 end record it locates) that counts the members read and says where the directory lies. Refuses a
+    ZIP cut short, or one whose directory lists files its body does not hold (which another unzip tool would
+    show differently). Where the central directory lies (offset, size); None for a ZIP64 archive whose ZIP64
+    records cannot be found."""
     found = body.tail.rfind(EOCD_SIGNATURE)
     if found < 0 or len(body.tail) - found < EOCD.size:
         raise refuse("is truncated (its central directory is missing or cut short); create the ZIP again")
     _, _, _, _, entries, cd_size, cd_offset, comment_bytes = EOCD.unpack_from(body.tail, found)
-    eocd_at = body.received - (len(body.tail) - found)
+    directory_end = body.received - (len(body.tail) - found)
     if found + EOCD.size + comment_bytes != len(body.tail):
         raise refuse("has bytes after its end of central directory record; create the ZIP again")
-    zip64 = entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF
-    if not zip64 and (entries != members or cd_offset + cd_size != eocd_at):
+    zip64 = _zip64_end(body, found)
+    if zip64 is not None:  # written whenever the archiver chose to, its values saturated in the record or not
+        entries, cd_size, cd_offset, directory_end = zip64
+    elif entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
+        return None
+    if entries != members or cd_offset + cd_size != directory_end:
         raise refuse(
             f"lists {entries} files in its central directory but holds {members}; create the ZIP again"
         )
-    if not zip64:
-        return cd_offset, cd_size
-    return _zip64_directory(body, found)
-
-
-def _zip64_directory(body: _CountedBody, eocd_found: int) -> tuple[int, int] | None:
-    """Where a ZIP64 archive's central directory lies, by its ZIP64 end record (located just before the
-    end of central directory record)."""
-    at = eocd_found - ZIP64_LOCATOR.size
-    if at < 0 or body.tail[at : at + 4] != b"PK\x06\x07" or body.kept is None:
-        return None
-    _, _, record_offset, _ = ZIP64_LOCATOR.unpack_from(body.tail, at)
-    start = record_offset - body.kept_from
-    if start < 0 or start + ZIP64_EOCD.size > len(body.kept) or body.kept[start : start + 4] != b"PK\x06\x06":
-        return None
-    *_, cd_size, cd_offset = ZIP64_EOCD.unpack_from(body.kept, start)
     return cd_offset, cd_size
+
+
+def _zip64_end(body: _CountedBody, eocd_found: int) -> tuple[int, int, int, int] | None:
+    """A ZIP64 archive's entries, directory size and offset, and where its ZIP64 end record lies (right
+    after the directory), from that record (its locator stands just before the end of central directory
+    record); None without one."""
+    at = eocd_found - ZIP64_LOCATOR.size
+    if at < 0 or body.tail[at : at + 4] != b"PK\x06\x07":
+        return None
+    _, _, record_at, _ = ZIP64_LOCATOR.unpack_from(body.tail, at)
+    kept, kept_from = (
+        (body.kept, body.kept_from) if body.kept is not None else (body.tail, body.received - len(body.tail))
+    )
+    start = record_at - kept_from
+    if start < 0 or start + ZIP64_EOCD.size > len(kept) or kept[start : start + 4] != b"PK\x06\x06":
+        return None
+    *_, entries, cd_size, cd_offset = ZIP64_EOCD.unpack_from(kept, start)
+    return entries, cd_size, cd_offset, record_at
 
 
 def _directory(body: _CountedBody, where: tuple[int, int] | None) -> list[tuple[str, int, int]]:
