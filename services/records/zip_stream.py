@@ -72,8 +72,8 @@ class _CountedBody:
         self._recent: collections.deque[bytes] = collections.deque()
         self._recent_bytes = 0
         self._keep_limit = keep_limit
-        self.kept: bytearray | None = None
-        self.kept_from = 0  # the offset in the body of kept[0]
+        self._kept: list[bytes] | None = None  # chunks, joined once the directory is read (`kept`)
+        self.kept_from = 0  # the offset in the body of the first byte kept
         self._kept_beyond = 0
 
     def __iter__(self) -> Iterator[bytes]:
@@ -86,8 +86,8 @@ class _CountedBody:
             self._recent_bytes += len(chunk)
             while len(self._recent) > 2 and self._recent_bytes - len(self._recent[0]) >= TAIL_BYTES:
                 self._recent_bytes -= len(self._recent.popleft())
-            if self.kept is not None:
-                self.kept += chunk
+            if self._kept is not None:
+                self._kept.append(chunk)
                 self._kept_beyond += len(chunk)
                 if self._kept_beyond > self._keep_limit:
                     raise refuse(
@@ -98,13 +98,22 @@ class _CountedBody:
 
     def keep_from_here(self) -> None:
         """A member's data has been read: keep what follows it (from the last chunks read)."""
-        self.kept = bytearray().join(self._recent)
-        self.kept_from = self.received - len(self.kept)
+        self._kept = list(self._recent)
+        self.kept_from = self.received - self._recent_bytes
         self._kept_beyond = 0
 
     def stop_keeping(self) -> None:
         """A member starts: what follows is its data, not the directory."""
-        self.kept = None
+        self._kept = None
+
+    @property
+    def kept(self) -> bytes | None:
+        """The bytes kept since the last member's data ended (after the last member: the directory)."""
+        if self._kept is None:
+            return None
+        if len(self._kept) != 1:
+            self._kept = [b"".join(self._kept)]
+        return self._kept[0]
 
 
 def _check_end(body: _CountedBody, members: int) -> tuple[int, int] | None:
@@ -140,9 +149,9 @@ def _zip64_end(body: _CountedBody, eocd_found: int) -> tuple[int, int, int, int]
     if at < 0 or body.tail[at : at + 4] != b"PK\x06\x07":
         return None
     _, _, record_at, _ = ZIP64_LOCATOR.unpack_from(body.tail, at)
-    kept, kept_from = (
-        (body.kept, body.kept_from) if body.kept is not None else (body.tail, body.received - len(body.tail))
-    )
+    kept, kept_from = body.kept, body.kept_from
+    if kept is None:
+        kept, kept_from = body.tail, body.received - len(body.tail)
     start = record_at - kept_from
     if start < 0 or start + ZIP64_EOCD.size > len(kept) or kept[start : start + 4] != b"PK\x06\x06":
         return None
@@ -152,10 +161,11 @@ def _zip64_end(body: _CountedBody, eocd_found: int) -> tuple[int, int, int, int]
 
 def _directory(body: _CountedBody, where: tuple[int, int] | None) -> list[tuple[str, int, int]]:
     """The central directory's entries (name, external attributes, uncompressed size), in its order."""
-    start = -1 if where is None or body.kept is None else where[0] - body.kept_from
-    if where is None or body.kept is None or start < 0 or start + where[1] > len(body.kept):
+    kept = body.kept
+    start = -1 if where is None or kept is None else where[0] - body.kept_from
+    if where is None or kept is None or start < 0 or start + where[1] > len(kept):
         raise refuse("has a central directory that cannot be read; create the ZIP again")
-    directory, at, found = memoryview(body.kept)[start : start + where[1]], 0, []
+    directory, at, found = memoryview(kept)[start : start + where[1]], 0, []
     while at + CENTRAL_HEADER.size <= len(directory):
         fields = CENTRAL_HEADER.unpack_from(directory, at)
         if fields[0] != CENTRAL_SIGNATURE:
