@@ -175,18 +175,10 @@ def _claim(
                 session.add(row)
                 session.commit()
                 continue
-            left_unplaced = stored is not None and stored_unplaced_while_held(
-                session, row.case_id, row.sha256
-            )
+            asked = source is not None and source.return_reports and stored is not None
+            left_unplaced = asked and stored_unplaced_while_held(session, row.case_id, row.sha256)
             if left_unplaced:
-                row.status = RetrievalStatus.PENDING  # replaced by the return of the copy placed
-                session.add(row)
-                session.flush()
-                _place(left_unplaced, session, settings)
-                session.commit()
-                log.info(
-                    "records.report_return_placed_first", case_id=row.case_id, sop_instance_uid=row.return_id
-                )
+                _place_first(session, settings, options, row, left_unplaced)
                 continue
             if source is not None and source.return_reports and stored is not None:
                 row.status = RetrievalStatus.RUNNING
@@ -205,11 +197,35 @@ def _claim(
             session.commit()
 
 
-def _place(record_import: RecordImport, session: Session, settings: Settings) -> None:
+def _place_first(
+    session: Session, settings: Settings, options: ReturnSettings, row: ReportReturn, report: RecordImport
+) -> None:
+    """Place the report of `row` that an earlier version stored unplaced, and commit: `row` gives way to the
+    return of the copy placed. One that cannot be placed now is looked at again later, saying why."""
     # Imported here: second_opinion queues its returns through this module.
     from services.records.second_opinion import place_report_left_unplaced
 
-    place_report_left_unplaced(record_import, session, settings)
+    case_id, return_id = row.case_id, row.return_id
+    try:
+        row.status = RetrievalStatus.PENDING  # as place_report_left_unplaced replaces pending returns
+        session.add(row)
+        session.flush()
+        placed = place_report_left_unplaced(report, session, settings)
+        if not placed:
+            row.status, row.finished_at = RetrievalStatus.CANCELLED, utcnow()
+            row.last_error = "the case was cancelled"
+            session.add(row)
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        log.exception("records.report_return_placing_failed", case_id=case_id, sop_instance_uid=return_id)
+        row = session.get(ReportReturn, return_id, with_for_update=True) or row
+        row.next_attempt_at = utcnow() + timedelta(seconds=options.held_recheck_seconds)
+        row.last_error = f"the report could not be placed into its study yet ({type(exc).__name__})"
+        session.add(row)
+        session.commit()
+        return
+    log.info("records.report_return_placed_first", case_id=case_id, sop_instance_uid=return_id, placed=placed)
 
 
 def _as_stored(settings: Settings, row: ReportReturn, storage_path: str) -> bytes:

@@ -110,11 +110,14 @@ def place_waiting_reports(case_id: str, session: Session, settings: Settings) ->
     session.flush()
 
 
-def place_report_left_unplaced(record_import: RecordImport, session: Session, settings: Settings) -> None:
+def place_report_left_unplaced(record_import: RecordImport, session: Session, settings: Settings) -> bool:
     """A report the version before last stored unplaced while the case's images were held
     (`report_study.stored_unplaced_while_held`), the decision made since: kept aside as this version would
     have kept it, then placed like the reports kept aside (its unsent return queued again, for the copy
-    placed), in the caller's transaction."""
+    placed), in the caller's transaction. False (nothing done) once the case is cancelled."""
+    request = session.get(RecordRequest, record_import.case_id)
+    if request is None or request.cancelled_at is not None:
+        return False
     record_import.status = ImportStatus.AWAITING_PLACEMENT
     session.add(record_import)
     for row in session.exec(select(RecordFile).where(RecordFile.import_id == record_import.import_id)).all():
@@ -122,6 +125,7 @@ def place_report_left_unplaced(record_import: RecordImport, session: Session, se
         session.add(row)
     session.flush()
     place_waiting_reports(record_import.case_id, session, settings)
+    return True
 
 
 def _file_report(

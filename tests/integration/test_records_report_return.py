@@ -27,7 +27,7 @@ from services.common.db import Inbox
 from services.common.errors import PoisonMessage
 from services.records import consumer, uploads
 from services.records.archive import Entry
-from services.records.models import RecordFile, ReportReturn
+from services.records.models import RecordFile, RecordRequest, ReportReturn
 from services.records.reconcile import our_identifiers as our_ids
 from services.records.report_return import ReturnSettings, plan_return, run_due
 from services.records.report_study import REPORT_SOURCE
@@ -510,6 +510,35 @@ def test_the_report_goes_back_with_the_facilitys_identifiers_and_is_handed_out_w
         assert identifiers(originals) == facility
 
 
+def queued_unplaced_while_held(
+    engine: Engine, settings: Settings, case_id: str, study: str, partner: str
+) -> EncapsulatedReport:
+    """Images held for their identity, and a report stored and queued as the version before last did then
+    (records.second_opinion at 04dbb8f): released as it came, with intake's identity, to be placed at send."""
+    store_images(engine, settings, case_id, study, birth_date="19790101")
+    event = report_for(case_id, study)[0]
+    with Session(engine) as session:
+        received = ObjectStore.for_settings(settings).receive(
+            io.BytesIO(base64.b64decode(event.dicom_base64)), position=1, total=1, limit=10**7
+        )
+        entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
+        outcome = uploads.accept_entries(
+            case_id, [entry], session, settings, source=REPORT_SOURCE, in_transaction=True
+        )
+        [stored] = outcome.files
+        assert stored.released
+        plan_return(
+            session,
+            case_id=case_id,
+            partner_id=partner,
+            sop_instance_uid=event.sop_instance_uid,
+            sha256=stored.sha256,
+            version=1,
+        )
+        session.commit()
+    return event
+
+
 def test_a_report_queued_unplaced_by_an_earlier_version_while_images_were_held_goes_back_placed(
     client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
 ) -> None:
@@ -529,27 +558,7 @@ def test_a_report_queued_unplaced_by_an_earlier_version_while_images_were_held_g
         host="127.0.0.1",
         port=pacs.dicom_port,
     )
-    store_images(engine, settings, case_id, study, birth_date="19790101")
-    event = report_for(case_id, study)[0]
-    with Session(engine) as session:  # as the version before last stored it (records.second_opinion then)
-        received = ObjectStore.for_settings(settings).receive(
-            io.BytesIO(base64.b64decode(event.dicom_base64)), position=1, total=1, limit=10**7
-        )
-        entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
-        outcome = uploads.accept_entries(
-            case_id, [entry], session, settings, source=REPORT_SOURCE, in_transaction=True
-        )
-        [stored] = outcome.files
-        assert stored.released
-        plan_return(
-            session,
-            case_id=case_id,
-            partner_id="clinic-upgraded",
-            sop_instance_uid=event.sop_instance_uid,
-            sha256=stored.sha256,
-            version=1,
-        )
-        session.commit()
+    event = queued_unplaced_while_held(engine, settings, case_id, study, "clinic-upgraded")
     assert run_due(engine, settings, OPTIONS) == 0  # waits for the decision
 
     accept_held(engine, settings, case_id, held_import(client, case_id))
@@ -575,3 +584,32 @@ def test_a_report_queued_unplaced_by_an_earlier_version_while_images_were_held_g
         "19790101",
         "20261118",
     )
+
+
+def test_such_a_report_of_a_case_cancelled_before_the_upgrade_is_not_sent(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    """The version before last did not cancel a case's returns: one left pending is cancelled, not placed."""
+    study = "1.2.826.0.1.3680043.10.7100.19"
+    case_id = returning_case(
+        client,
+        engine,
+        settings,
+        "clinic-upgraded-cancelled",
+        study,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+    )
+    queued_unplaced_while_held(engine, settings, case_id, study, "clinic-upgraded-cancelled")
+    accept_held(engine, settings, case_id, held_import(client, case_id))
+    with Session(engine) as session:  # cancelled then: the request closed, its return left as it was
+        request = session.get(RecordRequest, case_id)
+        assert request is not None
+        request.cancelled_at = datetime.now(UTC)
+        session.add(request)
+        session.commit()
+    assert run_due(engine, settings, OPTIONS) == 0
+    [gone] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (gone["status"], gone["last_error"]) == ("cancelled", "the case was cancelled")
+    assert in_pacs(pacs, study) == []
