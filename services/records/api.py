@@ -380,8 +380,9 @@ def download_second_opinion(
 ) -> Response:
     """The second-opinion report instance the review service issued under `sop_instance_uid`, as records
     stores it, placed into the study it reads, and hands it out (WADO-RS the same bytes): the review
-    service's DICOM download serves this, so one SOP Instance UID never reaches a PACS with two identities.
-    Placed into another study than it named, it is another instance: `Content-Location` says which."""
+    service's DICOM download serves this, so one SOP Instance UID never reaches a PACS with two patients or
+    studies (with our identifiers, the facility's kept as the originals: reconcile.py). Placed into another
+    study than it named, it is another instance: `Content-Location` says which."""
     request = session.get(RecordRequest, case_id)
     found = report_study.stored_report(session, case_id, sop_instance_uid) if request else None
     if request is None or found is None:

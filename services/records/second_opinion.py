@@ -8,7 +8,8 @@ stored: with the study's identity as the facility's images have it.
 A report that comes while the case's images wait for a person's identity decision, and that no released image
 can place, is kept aside (`awaiting_placement`: not handed out, not sent) and placed once the decision is
 made (`place_waiting_reports`). So the one copy records stores is the one it hands out (WADO-RS, downloads,
-the review service's DICOM download) and sends back, under one SOP Instance UID with one identity."""
+the review service's DICOM download) and sends back, under one SOP Instance UID with one patient and
+study (its identifiers those of the domain each copy goes to, reconcile.py)."""
 
 from __future__ import annotations
 
