@@ -221,10 +221,17 @@ async def upload_archive(
     # Refuse before a byte is read when the case takes no records.
     await run_in_threadpool(_check_open, session, case_id)
     store = ObjectStore.for_settings(settings)
+    left_out: list[str] = []
     try:
         entries = await feed_to_thread(
             request.stream(),
-            partial(zip_stream.expand_zip_stream, store=store, limits=limits, upload_limit=limit),
+            partial(
+                zip_stream.expand_zip_stream,
+                store=store,
+                limits=limits,
+                upload_limit=limit,
+                left_out=left_out,
+            ),
             drain_limit=limit,
         )
     except zip_stream.BodyTooLarge:
@@ -233,7 +240,7 @@ async def upload_archive(
         raise HTTPException(
             400, "the upload ended before the whole archive arrived; nothing was stored, send it again"
         ) from None
-    return await run_in_threadpool(_accept_entries, case_id, entries, session, settings, limits)
+    return await run_in_threadpool(_accept_entries, case_id, entries, session, settings, limits, left_out)
 
 
 def _check_open(session: Session, case_id: str) -> None:
@@ -242,11 +249,16 @@ def _check_open(session: Session, case_id: str) -> None:
 
 
 def _accept_entries(
-    case_id: str, entries: list[Entry], session: Session, settings: Settings, limits: ImportLimits
+    case_id: str,
+    entries: list[Entry],
+    session: Session,
+    settings: Settings,
+    limits: ImportLimits,
+    left_out: list[str],
 ) -> UploadPublic:
     with _upload_refusals():
         outcome = uploads.accept_entries(case_id, entries, session, settings, source="upload", limits=limits)
-    return _uploaded(case_id, outcome)
+    return _uploaded(case_id, uploads.with_left_out(outcome, left_out))
 
 
 def _too_large(limit: int) -> str:
@@ -284,6 +296,7 @@ def _uploaded(case_id: str, outcome: uploads.UploadOutcome) -> UploadPublic:
         new_files=outcome.new_files,
         duplicates=outcome.duplicates,
         files=[RecordFilePublic.of(f) for f in outcome.files],
+        warnings=outcome.warnings,
     )
 
 
@@ -367,8 +380,9 @@ def download_second_opinion(
 ) -> Response:
     """The second-opinion report instance the review service issued under `sop_instance_uid`, as records
     stores it, placed into the study it reads, and hands it out (WADO-RS the same bytes): the review
-    service's DICOM download serves this, so one SOP Instance UID never reaches a PACS with two identities.
-    Placed into another study than it named, it is another instance: `Content-Location` says which."""
+    service's DICOM download serves this, so one SOP Instance UID never reaches a PACS with two patients or
+    studies (with our identifiers, the facility's kept as the originals: reconcile.py). Placed into another
+    study than it named, it is another instance: `Content-Location` says which."""
     request = session.get(RecordRequest, case_id)
     found = report_study.stored_report(session, case_id, sop_instance_uid) if request else None
     if request is None or found is None:

@@ -3,10 +3,17 @@
 Refused (typed, nothing kept): not a readable ZIP, too many members, a member path that leaves the
 archive root, declared or actual size beyond the total, a compression ratio that only a bomb has,
 an encrypted member, an archive inside the archive.
+
+Left out, the rest imported, and said in the upload's answer (`warnings`, by position, never by path: a
+path may name the patient): an entry that is not a regular file by its external attributes, such as a
+symbolic link (its data is the path it points to, never followed), a device file, a named pipe or a socket,
+and a folder entry that holds data. An empty folder entry is simply not a file. ZIP has no hard links:
+an archiver stores each linked name as a copy, which is imported like any file.
 """
 
 from __future__ import annotations
 
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -38,6 +45,35 @@ class Entry:
     header: DicomHeader | None = None  # read already as it arrived (a retrieved instance): not read again
 
 
+MSDOS_DIRECTORY = 0x10  # the low byte of the external attributes: MS-DOS attributes
+NOT_A_FILE = {
+    stat.S_IFLNK: "is a symbolic link (its data is the path it points to, never followed)",
+    stat.S_IFCHR: "is a device file",
+    stat.S_IFBLK: "is a device file",
+    stat.S_IFIFO: "is a named pipe",
+    stat.S_IFSOCK: "is a socket",
+}
+
+
+def not_a_file(name: str, external_attr: int, size: int) -> str | None:
+    """Why an archive entry is not a regular file to import (what it is), or None for a file. An empty
+    folder entry is "" (nothing to import, nothing to say). The upper 16 bits of the external attributes
+    are the Unix mode where the archiver recorded one (Info-ZIP, macOS, Python, 7-Zip), else 0."""
+    kind = stat.S_IFMT(external_attr >> 16)
+    if kind in NOT_A_FILE:
+        return NOT_A_FILE[kind]
+    if name.endswith("/") or kind == stat.S_IFDIR or external_attr & MSDOS_DIRECTORY:
+        return f"is a folder entry holding {size} bytes" if size else ""
+    return None
+
+
+def left_out_note(label: str, what: str) -> str:
+    """What the upload's answer says of an entry left out: its position and what it is, never its path."""
+    return (
+        f"{label} {what}: left out, the rest of the upload was imported; add the file itself if it is needed"
+    )
+
+
 def is_zip_head(head: bytes) -> bool:
     return head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06")
 
@@ -67,9 +103,11 @@ def expand_zip(
     store: ObjectStore,
     limits: ImportLimits,
     upload_limit: int,
+    left_out: list[str] | None = None,
 ) -> list[Entry]:
     """Stream every member of `archive` (a file, or a seekable stream such as the upload's own spool file,
-    which saves copying the archive once) into the temp area; on any refusal the caller discards all."""
+    which saves copying the archive once) into the temp area; on any refusal the caller discards all.
+    Entries that are not regular files are not read: why each was left out is added to `left_out`."""
     where = f"file {position} of {total}"
 
     def refuse(problem: str) -> RecordsRejected:
@@ -84,7 +122,8 @@ def expand_zip(
     entries: list[Entry] = []
     try:
         with zf:
-            members = [m for m in zf.infolist() if not m.is_dir()]
+            # Empty folder entries are no member; every other entry is numbered, imported or not.
+            members = [m for m in zf.infolist() if _what(m) != ""]
             if len(members) > limits.max_archive_members:
                 raise refuse(
                     f"has {len(members)} files, more than the {limits.max_archive_members} one upload may hold"
@@ -98,6 +137,11 @@ def expand_zip(
             expanded = 0
             for index, member in enumerate(members, start=1):
                 label = f"member {index} of {len(members)} of {where}"
+                what = _what(member)
+                if what:
+                    if left_out is not None:
+                        left_out.append(left_out_note(label, what))
+                    continue
                 relative = safe_relative_path(member.filename)
                 if relative is None:
                     raise refuse(
@@ -137,6 +181,10 @@ def expand_zip(
         _discard(store, entries)
         raise
     return entries
+
+
+def _what(member: zipfile.ZipInfo) -> str | None:
+    return not_a_file(member.filename, member.external_attr, member.file_size)
 
 
 def _discard(store: ObjectStore, entries: list[Entry]) -> None:

@@ -635,7 +635,9 @@ def retrieve_frames(
     settings: SettingsDep,
 ) -> StreamingResponse:
     """Frames as stored (PS3.18 10.4.1.1.4): native frames as application/octet-stream, compressed ones in
-    their own media type; what a viewer (OHIF, Cornerstone's wadors loader) fetches to show an image."""
+    their own media type; what a viewer (OHIF, Cornerstone's wadors loader) fetches to show an image. A
+    deflated instance (an older cart's) is inflated whole, as when it is handed out whole (rewrite.py), and
+    its native frames served as Explicit VR Little Endian."""
     _, params = _negotiate(
         request,
         "multipart/related;type=application/octet-stream",
@@ -649,8 +651,11 @@ def retrieve_frames(
         header = pydicom.dcmread(fp, stop_before_pixels=True)
         pixel_offset = fp.tell()
     syntax = header.file_meta.TransferSyntaxUID
-    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:  # no offsets into a deflated body
-        raise HTTPException(406, "this instance is stored deflated; retrieve the whole instance instead")
+    inflated: bytes | None = None
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:  # no offsets into a deflated body: read whole
+        header = pydicom.dcmread(path)
+        inflated = bytes(header.get("PixelData") or b"")
+        syntax = pydicom.uid.ExplicitVRLittleEndian
     count = int(header.get("NumberOfFrames") or 1)
     numbers = [int(n) for n in frames.split(",")]
     if "Rows" not in header or any(n > count for n in numbers):
@@ -672,7 +677,9 @@ def retrieve_frames(
     def body() -> Iterator[bytes]:
         with path.open("rb") as fp:
             for n in numbers:
-                if native:
+                if inflated is not None:
+                    data = inflated[(n - 1) * frame_bytes : n * frame_bytes]
+                elif native:
                     fp.seek(pixel_offset + element_header + (n - 1) * frame_bytes)
                     data = fp.read(frame_bytes)
                 else:

@@ -31,6 +31,8 @@ from pydicom.uid import (
     MPEG4HP41,
     MPEG4HP41BD,
     UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -102,6 +104,11 @@ RETRIEVED_CLASSES = (
     CTImageStorage,
 )
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+# The retired Explicit VR Big Endian and Deflated Explicit VR Little Endian, which older carts send (and some
+# archives keep): without them such a cart could not send at all, and a PACS that does not transcode failed
+# the sub-operation. Kept as received, in that syntax, as an upload keeps such a file; handed out the same
+# (rewrite.py). C-GET proposes each in a context of its own (a PACS accepts one syntax per context).
+OLD_UNCOMPRESSED = [ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
 COMPRESSED = [
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -614,6 +621,8 @@ def get_study(
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for sop_class in RETRIEVED_CLASSES:
         ae.add_requested_context(sop_class, UNCOMPRESSED)
+        for syntax in OLD_UNCOMPRESSED:
+            ae.add_requested_context(sop_class, syntax)
     for sop_class in IMAGE_CLASSES:  # one context per compressed syntax: the PACS accepts one per context
         for syntax in COMPRESSED:
             ae.add_requested_context(sop_class, syntax)
@@ -715,7 +724,7 @@ class StoreSCP:
         # its sub-operation at the PACS, and Orthanc ends a C-MOVE at the first failed one.
         storage = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
         for sop_class in dict.fromkeys([*RETRIEVED_CLASSES, *storage]):
-            ae.add_supported_context(sop_class, UNCOMPRESSED + COMPRESSED)
+            ae.add_supported_context(sop_class, UNCOMPRESSED + OLD_UNCOMPRESSED + COMPRESSED)
         self._server = ae.start_server(
             (self.host, self.port),
             block=False,

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 from pydantic import BaseModel, field_validator
+from pydantic import Field as PydanticField
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -331,3 +332,8 @@ class UploadPublic(BaseModel):
     new_files: int
     duplicates: int
     files: list[RecordFilePublic]
+    warnings: list[str] = PydanticField(
+        default_factory=list,
+        description="what of the upload was not imported and why, by position, never by path or name (an "
+        'archive entry that is not a regular file: "member 3 of 9 of file 1 of 1 is a symbolic link ...")',
+    )

@@ -84,7 +84,8 @@ def select_listed(entries: Sequence[Entry], max_dicomdir_bytes: int) -> tuple[li
     if absent:
         raise RecordsRejected(
             f"the DICOMDIR lists {len(absent)} file(s) that are not in the upload; "
-            "upload the whole CD (every folder); nothing from this upload was stored"
+            "upload the whole CD (every folder, and the files themselves: a symbolic link in a ZIP is left out); "
+            "nothing from this upload was stored"
         )
     listed = [e for e in entries if e.relative_path is not None and media_key(e.relative_path) in wanted]
     rest = [e for e in entries if e not in listed and e not in dicomdirs]

@@ -5,7 +5,17 @@ WADO-RS), so the stored bytes stay the evidence of what arrived and a re-upload 
 
 Matching compares family name, first given name, birth date and sex (each only where the instance
 carries it) and the facility's patient id (our `mrn`). Coercion sets Patient ID, Issuer of Patient ID
-and Accession Number to our values and keeps the originals in Original Attributes Sequence.
+and Accession Number to our values and keeps the originals in Original Attributes Sequence. An identifier
+and its issuer go together: the facility's Issuer of Patient ID Qualifiers Sequence and Issuer of Accession
+Number Sequence describe the facility's values, so they are removed with them (kept among the originals),
+or our Patient ID would read as issued by the facility's domain.
+
+Each copy carries the identifiers of the domain it goes to (IHE IRWF: an importer files under its own
+identifiers, the originals kept). What records hands out (downloads, WADO-RS, the review service's DICOM
+download of the report) is in our domain: our identifiers, images and our report alike. What goes back to
+the facility's PACS (report_return.py) is in the facility's: the report as stored, with the Patient ID,
+Issuer of Patient ID (and its qualifiers), Accession Number (and its issuer) of the facility's images, so
+its PACS files it with the study; exactly the values the handed-out copy keeps as the originals.
 """
 
 from __future__ import annotations
@@ -25,6 +35,11 @@ from services.records.classify import PatientIdentity
 from services.records.rewrite import rewritten_chunks
 
 OUR_ISSUER = "SECONDOPINION"
+# What describes the issuer of a coerced identifier (PS3.3 C.7.1.1, C.7.2.1): removed with its value.
+ISSUER_DETAILS = {
+    "IssuerOfPatientID": "IssuerOfPatientIDQualifiersSequence",
+    "AccessionNumber": "IssuerOfAccessionNumberSequence",
+}
 SEX_CODES = {"female": "F", "male": "M", "other": "O"}
 
 
@@ -80,6 +95,10 @@ def _coerce(dataset: Dataset, values: dict[str, str], modified_at: datetime) -> 
     original = Dataset()
     for keyword in values:
         setattr(original, keyword, dataset.get(keyword) or "")
+        details = ISSUER_DETAILS.get(keyword)
+        if details and details in dataset:
+            setattr(original, details, dataset[details].value)
+            delattr(dataset, details)
     item = Dataset()
     item.ModifiedAttributesSequence = Sequence([original])
     item.AttributeModificationDateTime = modified_at.astimezone(UTC).strftime("%Y%m%d%H%M%S")

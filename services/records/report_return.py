@@ -2,8 +2,12 @@
 Encapsulated PDF, in the study it reads) is C-STOREd to the partner's PACS, or STOW-RS'd to its DICOMweb
 service, when the partner's source says `return_reports`. So the radiologists who asked see it beside the
 images in their own viewer, as they see their own reports. What is sent is the copy records stores, placed
-into the study when it was stored (report_study.py): the same identity under the same SOP Instance UID as
-the copy records hands out, so a PACS that gets both (the send, and a radiologist's download) files one.
+into the study when it was stored (report_study.py), under the same SOP Instance UID as the copy records
+hands out, with the same patient and study. Its identifiers are the facility's (IHE IRWF: each copy carries
+those of the domain it goes to, reconcile.py): Patient ID, Issuer of Patient ID and Accession Number as the
+facility's images carry them, so its PACS files it with the study; the copy records hands out carries ours,
+with exactly these kept as its originals (Original Attributes Sequence), for a PACS importing that one to
+reconcile it back.
 
 The send is queued in the transaction that stores the report (`record_report_returns`), and a background loop
 of the records process sends it: claimed one at a time, retried with backoff while the PACS is down or busy,
@@ -32,12 +36,13 @@ from services.records.archive_store import ArchiveUnavailable, stow_request
 from services.records.dicomweb_source import DicomwebSource
 from services.records.models import (
     RecordFile,
+    RecordImport,
     RecordSource,
     ReportReturn,
     RetrievalStatus,
 )
 from services.records.polled import PolledLoop
-from services.records.report_study import images_held
+from services.records.report_study import images_held, stored_unplaced_while_held
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -92,7 +97,7 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
     lease = timedelta(seconds=options.timeout_seconds * 4 + 60)
     attempted = 0
     due_by = utcnow()  # what falls due during this pass (a retry) waits for the next one
-    while (claimed := _claim(engine, lease, due_by, options)) is not None:
+    while (claimed := _claim(engine, settings, lease, due_by, options)) is not None:
         row, source, storage_path = claimed
         attempted += 1
         try:
@@ -128,10 +133,11 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
 
 
 def _claim(
-    engine: Engine, lease: timedelta, due_by: datetime, options: ReturnSettings
+    engine: Engine, settings: Settings, lease: timedelta, due_by: datetime, options: ReturnSettings
 ) -> tuple[ReportReturn, RecordSource, str] | None:
     """The next return due, leased to this process; returns whose partner stopped asking, or whose file left
-    the case's records while they waited, are cancelled with why on the way."""
+    the case's records while they waited, are cancelled with why on the way, and a report the version before
+    last queued unplaced is placed first (queued again as placed, sent on the next pass)."""
     while True:
         with Session(engine, expire_on_commit=False) as session:
             query = (
@@ -169,6 +175,11 @@ def _claim(
                 session.add(row)
                 session.commit()
                 continue
+            asked = source is not None and source.return_reports and stored is not None
+            left_unplaced = asked and stored_unplaced_while_held(session, row.case_id, row.sha256)
+            if left_unplaced:
+                _place_first(session, settings, options, row, left_unplaced)
+                continue
             if source is not None and source.return_reports and stored is not None:
                 row.status = RetrievalStatus.RUNNING
                 row.attempts += 1
@@ -184,6 +195,37 @@ def _claim(
             )
             session.add(row)
             session.commit()
+
+
+def _place_first(
+    session: Session, settings: Settings, options: ReturnSettings, row: ReportReturn, report: RecordImport
+) -> None:
+    """Place the report of `row` that an earlier version stored unplaced, and commit: `row` gives way to the
+    return of the copy placed. One that cannot be placed now is looked at again later, saying why."""
+    # Imported here: second_opinion queues its returns through this module.
+    from services.records.second_opinion import place_report_left_unplaced
+
+    case_id, return_id = row.case_id, row.return_id
+    try:
+        row.status = RetrievalStatus.PENDING  # as place_report_left_unplaced replaces pending returns
+        session.add(row)
+        session.flush()
+        placed = place_report_left_unplaced(report, session, settings)
+        if not placed:
+            row.status, row.finished_at = RetrievalStatus.CANCELLED, utcnow()
+            row.last_error = "the case was cancelled"
+            session.add(row)
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        log.exception("records.report_return_placing_failed", case_id=case_id, sop_instance_uid=return_id)
+        row = session.get(ReportReturn, return_id, with_for_update=True) or row
+        row.next_attempt_at = utcnow() + timedelta(seconds=options.held_recheck_seconds)
+        row.last_error = f"the report could not be placed into its study yet ({type(exc).__name__})"
+        session.add(row)
+        session.commit()
+        return
+    log.info("records.report_return_placed_first", case_id=case_id, sop_instance_uid=return_id, placed=placed)
 
 
 def _as_stored(settings: Settings, row: ReportReturn, storage_path: str) -> bytes:

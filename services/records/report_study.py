@@ -7,16 +7,21 @@ its Patient and General Study attributes are replaced by the values of the study
 when that is another study than the one the report named, it gets a Series and SOP Instance UID of its own
 there: the same UID in two studies would break a PACS).
 Released means their identity was reconciled (IHE IRWF: matched the case's patient, or a human accepted
-the difference), and Patient ID, Issuer and Accession Number are coerced to ours on the way out for the
-report exactly as for the images (reconcile.py), so the two agree there as well.
+the difference). So the stored report carries the facility's identifiers as its images do (Patient ID, Issuer
+of Patient ID and its qualifiers, Accession Number and its issuer): the copy sent back to the facility's PACS
+is this one (report_return.py). Handed out by records, Patient ID, Issuer and Accession Number are coerced to
+ours for the report exactly as for the images (reconcile.py), the facility's kept as the originals, so in
+each domain report and images agree.
 
 A report is placed once, when it is stored (or, come while the case's images wait for an identity decision,
 after that decision: second_opinion.py), and every copy records hands out or sends back is that stored one:
-one SOP Instance UID, one identity. `stored_report` finds it by the UID the review service issued it under.
+one SOP Instance UID, one patient and study; only the identifiers differ by domain, as IRWF coerces them.
+`stored_report` finds it by the UID the review service issued it under.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from collections import Counter
 
@@ -34,17 +39,26 @@ IDENTITY = (
     "PatientName",
     "PatientID",
     "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
     "PatientBirthDate",
     "PatientSex",
     "StudyInstanceUID",
     "StudyDate",
     "StudyTime",
     "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
     "ReferringPhysicianName",
     "StudyID",
     "StudyDescription",
 )
-OPTIONAL = {"IssuerOfPatientID", "StudyDescription"}  # Type 3: left out when the images have none
+# Type 3: left out when the images have none. The issuers' details go with their identifiers: the copy sent
+# back must say the facility's Patient ID and Accession Number are the facility's, as its images do.
+OPTIONAL = {
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+}
 SAMPLE = 8  # the study's first instances read for its identity (each value: the first one that has it)
 
 
@@ -67,7 +81,7 @@ def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectSt
     for keyword in IDENTITY:
         value = identity.get(keyword)
         if value not in (None, ""):
-            setattr(report, keyword, value)
+            setattr(report, keyword, copy.deepcopy(value))
         elif keyword in OPTIONAL:
             if keyword in report:
                 delattr(report, keyword)
@@ -118,6 +132,43 @@ def images_held(session: Session, case_id: str) -> bool:
     )
 
 
+def stored_unplaced_while_held(session: Session, case_id: str, sha256: str) -> RecordImport | None:
+    """The released import of the case's report with this content if it was stored while images of the case
+    waited for an identity decision and none was released, so with nothing to place it: how the version before
+    last stored such a report (it placed it at send time). This version keeps such a report aside until the
+    decision (`AWAITING_PLACEMENT`) and sends it as stored, so one queued then would go back unplaced."""
+    report = session.exec(
+        select(RecordImport)
+        .join(RecordFile, col(RecordFile.import_id) == col(RecordImport.import_id))
+        .where(
+            RecordFile.case_id == case_id,
+            RecordFile.sha256 == sha256,
+            RecordImport.source == REPORT_SOURCE,
+            RecordImport.status == ImportStatus.RELEASED,
+        )
+    ).first()
+    if report is None:
+        return None
+    stored_at = report.created_at
+    before = session.exec(
+        select(RecordImport).where(
+            RecordImport.case_id == case_id,
+            RecordImport.source != REPORT_SOURCE,
+            col(RecordImport.created_at) <= stored_at,
+        )
+    ).all()
+    # Held then: not decided yet, or decided after; released then: released at once, or decided before.
+    held = any(
+        i.status == ImportStatus.IDENTITY_MISMATCH or (i.decided_at is not None and i.decided_at > stored_at)
+        for i in before
+    )
+    released = any(
+        i.status == ImportStatus.RELEASED and (i.decided_at is None or i.decided_at <= stored_at)
+        for i in before
+    )
+    return report if held and not released else None
+
+
 def _study_images(session: Session, case_id: str, study_uid: str) -> list[RecordFile]:
     """The first released instances (not our own reports) of the report's study; of the study with most
     instances when the report names none that records holds (the study records summarised for review)."""
@@ -152,7 +203,7 @@ def _identity(images: list[RecordFile], store: ObjectStore) -> dict[str, object]
             if keyword in found or keyword not in header:
                 continue
             value = header[keyword].value
-            if value not in (None, ""):
+            if value is not None and (len(value) > 0 if header[keyword].VR == "SQ" else value != ""):
                 # Person names as text: the report is UTF-8 whatever character set the image used.
                 found[keyword] = str(value) if header[keyword].VR == "PN" else value
     return found

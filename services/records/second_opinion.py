@@ -8,7 +8,8 @@ stored: with the study's identity as the facility's images have it.
 A report that comes while the case's images wait for a person's identity decision, and that no released image
 can place, is kept aside (`awaiting_placement`: not handed out, not sent) and placed once the decision is
 made (`place_waiting_reports`). So the one copy records stores is the one it hands out (WADO-RS, downloads,
-the review service's DICOM download) and sends back, under one SOP Instance UID with one identity."""
+the review service's DICOM download) and sends back, under one SOP Instance UID with one patient and
+study (its identifiers those of the domain each copy goes to, reconcile.py)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,24 @@ def place_waiting_reports(case_id: str, session: Session, settings: Settings) ->
             )
         session.delete(record_import)
     session.flush()
+
+
+def place_report_left_unplaced(record_import: RecordImport, session: Session, settings: Settings) -> bool:
+    """A report the version before last stored unplaced while the case's images were held
+    (`report_study.stored_unplaced_while_held`), the decision made since: kept aside as this version would
+    have kept it, then placed like the reports kept aside (its unsent return queued again, for the copy
+    placed), in the caller's transaction. False (nothing done) once the case is cancelled."""
+    request = session.get(RecordRequest, record_import.case_id)
+    if request is None or request.cancelled_at is not None:
+        return False
+    record_import.status = ImportStatus.AWAITING_PLACEMENT
+    session.add(record_import)
+    for row in session.exec(select(RecordFile).where(RecordFile.import_id == record_import.import_id)).all():
+        row.released = False
+        session.add(row)
+    session.flush()
+    place_waiting_reports(record_import.case_id, session, settings)
+    return True
 
 
 def _file_report(

@@ -3,10 +3,11 @@ DICOMDIR): validated as a whole, reconciled to the case's patient, then stored a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import structlog
@@ -60,6 +61,8 @@ class UploadOutcome:
     missing: list[str]
     assembled_now: bool
     record_import: RecordImport | None
+    # Entries of an archive left out (a symbolic link, a device file), each by its position and why.
+    warnings: list[str] = field(default_factory=list)
 
 
 def accept_upload(
@@ -75,8 +78,17 @@ def accept_upload(
     check_open(session, case_id)  # and hold no transaction open while the files stream in
     limits = limits or get_limits()
     store = ObjectStore.for_settings(settings)
-    entries = _receive(incoming, store, settings, limits)
-    return accept_entries(case_id, entries, session, settings, source=source, limits=limits)
+    left_out: list[str] = []
+    entries = _receive(incoming, store, settings, limits, left_out)
+    outcome = accept_entries(case_id, entries, session, settings, source=source, limits=limits)
+    return with_left_out(outcome, left_out)
+
+
+def with_left_out(outcome: UploadOutcome, left_out: list[str]) -> UploadOutcome:
+    """The outcome with the archive entries that were left out said (and logged by position only)."""
+    if left_out:
+        log.info("records.upload_entries_left_out", case_id=outcome.request.case_id, left_out=left_out)
+    return dataclasses.replace(outcome, warnings=[*outcome.warnings, *left_out])
 
 
 def accept_entries(
@@ -158,7 +170,11 @@ def _open_request(session: Session, case_id: str) -> RecordRequest:
 
 
 def _receive(
-    incoming: Sequence[IncomingFile], store: ObjectStore, settings: Settings, limits: ImportLimits
+    incoming: Sequence[IncomingFile],
+    store: ObjectStore,
+    settings: Settings,
+    limits: ImportLimits,
+    left_out: list[str],
 ) -> list[Entry]:
     total = len(incoming)
     entries: list[Entry] = []
@@ -191,6 +207,7 @@ def _receive(
                     store=store,
                     limits=limits,
                     upload_limit=settings.max_upload_bytes,
+                    left_out=left_out,
                 )
             finally:
                 if received is not None:

@@ -475,6 +475,28 @@ def test_what_a_viewer_and_a_dicomweb_client_need(base_url: str, engine: Engine,
     assert all("00200013" in i for i in client.search_for_instances(study))
 
 
+def test_a_deflated_clip_shows_in_a_viewer_frame_by_frame(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """Older carts send Deflated Explicit VR Little Endian (our SCP now takes it, kept as sent): its frames,
+    which a viewer fetches to show the clip, were a 406 "retrieve the whole instance instead"."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    clip = pydicom.dcmread(
+        io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1", frames=4))
+    )
+    clip.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    headers = operations_headers(settings)
+    client = DICOMwebClient(url=f"{base_url}/dicomweb/cases/{case_id}", headers=headers)
+    client.store_instances([clip])
+    series, sop = clip.SeriesInstanceUID, clip.SOPInstanceUID
+    size = len(clip.PixelData) // 4
+    frames = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1, 4])
+    assert frames == [clip.PixelData[:size], clip.PixelData[3 * size :]]
+    whole = client.retrieve_instance(study, series, sop)
+    assert whole.PixelData == clip.PixelData
+
+
 def test_qido_matches_series_and_instance_numbers_and_modality(
     base_url: str, engine: Engine, settings: Settings
 ) -> None:

@@ -3,6 +3,7 @@
 
 import hashlib
 import io
+import stat
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -304,6 +305,60 @@ def test_hostile_input_is_refused_with_nothing_written(
     assert case.problem in detail and "nothing from this upload was stored" in detail
     assert rows(engine, case_id) == []
     assert {p for p in settings.data_dir.rglob("*") if p.is_file()} == before
+    assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
+
+
+def zip_with_entries_that_are_not_files(image: bytes) -> bytes:
+    """A CD zipped with `zip -y` on a workstation: a symbolic link (named for the patient, pointing outside),
+    a device file and a named pipe stored by their Unix mode, and a folder entry that holds data."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("DICOM/", b"")  # an empty folder entry: simply not a file
+        zf.writestr("DICOM/IM1", image)
+        for name, mode, data in [
+            ("DOE_JANE_19800101/report.txt", stat.S_IFLNK | 0o777, b"/etc/passwd"),
+            ("DICOM/tty", stat.S_IFCHR | 0o600, b""),
+            ("DICOM/pipe", stat.S_IFIFO | 0o600, b""),
+            ("DOE_JANE/", stat.S_IFDIR | 0o755, b"IMPRESSION: hidden in a folder entry"),
+        ]:
+            info = zipfile.ZipInfo(name)
+            info.create_system, info.external_attr = 3, mode << 16
+            zf.writestr(info, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("route", ["files", "archive"])
+def test_archive_entries_that_are_not_files_are_left_out_and_named_by_position(
+    client: TestClient, engine: Engine, settings: Settings, case_id: str, route: str
+) -> None:
+    """A symbolic link in a ZIP was imported as a text file holding the path it points to (a "report"
+    reading /etc/passwd); a device file or pipe as an empty file. Each is left out now, the image imported,
+    and the answer says which member and why, by position: the paths here carry the patient's name."""
+    data = zip_with_entries_that_are_not_files(us(study_uid()))
+    response = (
+        upload(client, case_id, ("cd.zip", data, ZIP))
+        if route == "files"
+        else post_zip(client, case_id, data)
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["new_files"], [f["kind"] for f in body["files"]]) == (1, ["dicom"])
+    member = "member {} of 5 of file 1 of 1" if route == "files" else "member {} of the ZIP archive"
+    first = 2 if route == "files" else 3  # the streamed body numbers the empty folder entry too
+    what = [
+        "is a symbolic link (its data is the path it points to, never followed)",
+        "is a device file",
+        "is a named pipe",
+        "is a folder entry holding 36 bytes",
+    ]
+    assert body["warnings"] == [
+        f"{member.format(first + i)} {w}: left out, the rest of the upload was imported; add the file itself "
+        "if it is needed"
+        for i, w in enumerate(what)
+    ]
+    assert "DOE" not in response.text and "passwd" not in response.text
+    assert [r.kind for r in rows(engine, case_id)] == ["dicom"]
+    store = ObjectStore.for_settings(settings)
     assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
 
 

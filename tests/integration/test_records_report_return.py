@@ -25,12 +25,15 @@ from services.common.amqp import Consumer, HandlerCommitted
 from services.common.config import Settings
 from services.common.db import Inbox
 from services.common.errors import PoisonMessage
-from services.records import consumer
-from services.records.models import RecordFile, ReportReturn
-from services.records.report_return import ReturnSettings, run_due
+from services.records import consumer, uploads
+from services.records.archive import Entry
+from services.records.models import RecordFile, RecordRequest, ReportReturn
+from services.records.reconcile import our_identifiers as our_ids
+from services.records.report_return import ReturnSettings, plan_return, run_due
+from services.records.report_study import REPORT_SOURCE
 from services.records.store import ObjectStore
 from services.review.encapsulated_pdf import encapsulated_pdf
-from tests.dicom_factory import make_pdf_report
+from tests.dicom_factory import make_pdf_report, make_us_instance
 from tests.infra import free_port
 from tests.integration import test_records_retrieval as retrieval
 from tests.integration.test_records_second_opinion import store_images
@@ -426,3 +429,187 @@ def test_a_cancelled_case_sends_no_report_still_waiting(
     [gone] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert (gone["status"], gone["last_error"]) == ("cancelled", "the case was cancelled")
     assert run_due(engine, settings, OPTIONS) == 0
+
+
+def facility_image(study: str) -> bytes:
+    """An image as the facility's PACS holds it: its Patient ID and Accession Number with their issuers."""
+    dataset = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+    dataset.IssuerOfPatientID = "BAYVIEW"
+    dataset.IssuerOfPatientIDQualifiersSequence = [pydicom.Dataset()]
+    dataset.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID = "1.2.826.0.1.3680043.10.7777"
+    dataset.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityIDType = "ISO"
+    dataset.AccessionNumber = "RIS0042"
+    dataset.IssuerOfAccessionNumberSequence = [pydicom.Dataset()]
+    dataset.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID = "BAYVIEW-RIS"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+IDENTIFIERS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+)
+
+
+def identifiers(dataset: pydicom.Dataset) -> dict[str, object]:
+    return {k: dataset[k].to_json_dict(None, 0) if k in dataset else None for k in IDENTIFIERS}
+
+
+def test_the_report_goes_back_with_the_facilitys_identifiers_and_is_handed_out_with_ours(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    """IHE IRWF, each copy in its domain. The facility's PACS files the report by the facility's Patient ID
+    and Accession Number with their issuers, as on its images: the issuers' details were dropped from the copy
+    sent back. Handed out by records, report and images carry our identifiers, the facility's kept as the
+    originals: the facility's issuer details stayed on the images, so our Patient ID read as theirs."""
+    study = "1.2.826.0.1.3680043.10.7100.17"
+    case_id = returning_case(
+        client,
+        engine,
+        settings,
+        "clinic-irwf",
+        study,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+    )
+    image = facility_image(study)
+    with Session(engine, expire_on_commit=False) as session:
+        uploaded = uploads.accept_upload(
+            case_id, [uploads.IncomingFile(io.BytesIO(image), "application/dicom")], session, settings
+        )
+    event = report_for(case_id, study)[0]
+    deliver(engine, settings, event)
+    assert run_due(engine, settings, OPTIONS) == 1
+
+    found = one_instance(pacs, StudyInstanceUID=study, Modality="DOC")
+    in_facility = pydicom.dcmread(
+        io.BytesIO(httpx.get(f"{pacs.url}/instances/{found}/file", auth=pacs.auth, timeout=10).content)
+    )
+    facility = identifiers(pydicom.dcmread(io.BytesIO(image)))
+    assert identifiers(in_facility) == facility
+
+    handed_out = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/second-opinion/{event.sop_instance_uid}").content)
+    )
+    [image_row] = uploaded.files
+    image_out = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/files/{image_row.sha256}").content)
+    )
+    ours = pydicom.Dataset()
+    for keyword, value in our_ids(case_id, {}).items():  # no issuer details: none describe ours
+        setattr(ours, keyword, value)
+    assert identifiers(handed_out) == identifiers(image_out) == identifiers(ours)
+    assert handed_out.SOPInstanceUID == in_facility.SOPInstanceUID
+    for copy_out in (handed_out, image_out):  # the facility's values kept, exactly as sent back
+        [originals] = copy_out.OriginalAttributesSequence[-1].ModifiedAttributesSequence
+        assert identifiers(originals) == facility
+
+
+def queued_unplaced_while_held(
+    engine: Engine, settings: Settings, case_id: str, study: str, partner: str
+) -> EncapsulatedReport:
+    """Images held for their identity, and a report stored and queued as the version before last did then
+    (records.second_opinion at 04dbb8f): released as it came, with intake's identity, to be placed at send."""
+    store_images(engine, settings, case_id, study, birth_date="19790101")
+    event = report_for(case_id, study)[0]
+    with Session(engine) as session:
+        received = ObjectStore.for_settings(settings).receive(
+            io.BytesIO(base64.b64decode(event.dicom_base64)), position=1, total=1, limit=10**7
+        )
+        entry = Entry(received, None, "the second-opinion report", declared_type="application/dicom")
+        outcome = uploads.accept_entries(
+            case_id, [entry], session, settings, source=REPORT_SOURCE, in_transaction=True
+        )
+        [stored] = outcome.files
+        assert stored.released
+        plan_return(
+            session,
+            case_id=case_id,
+            partner_id=partner,
+            sop_instance_uid=event.sop_instance_uid,
+            sha256=stored.sha256,
+            version=1,
+        )
+        session.commit()
+    return event
+
+
+def test_a_report_queued_unplaced_by_an_earlier_version_while_images_were_held_goes_back_placed(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    """The version before last stored a report that came while the case's images waited for an identity
+    decision as it came (released, intake's identity) and queued its return, to be placed at send time. This
+    version sends what is stored, as stored: after the upgrade and the decision the facility's PACS got that
+    report with intake's birth date, exam date and accession, beside the images' identity. Placed once now,
+    after the decision, and sent (and handed out) as placed."""
+    study = "1.2.826.0.1.3680043.10.7100.18"
+    case_id = returning_case(
+        client,
+        engine,
+        settings,
+        "clinic-upgraded",
+        study,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+    )
+    event = queued_unplaced_while_held(engine, settings, case_id, study, "clinic-upgraded")
+    assert run_due(engine, settings, OPTIONS) == 0  # waits for the decision
+
+    accept_held(engine, settings, case_id, held_import(client, case_id))
+    assert (
+        run_due(engine, settings, OPTIONS) == 0
+    )  # placed first, its return queued again for the copy placed
+    assert run_due(engine, settings, OPTIONS) == 1
+
+    [sent] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (sent["status"], sent["sop_instance_uid"]) == ("done", event.sop_instance_uid)
+    found = one_instance(pacs, StudyInstanceUID=study, Modality="DOC")
+    tags = httpx.get(f"{pacs.url}/instances/{found}/simplified-tags", auth=pacs.auth, timeout=10).json()
+    assert (tags["PatientBirthDate"], tags["StudyDate"], tags["AccessionNumber"]) == (
+        "19790101",
+        "20261118",
+        "RIS0042",
+    )
+    handed_out = pydicom.dcmread(
+        io.BytesIO(client.get(f"/v1/records/{case_id}/second-opinion/{event.sop_instance_uid}").content)
+    )
+    assert (handed_out.SOPInstanceUID, handed_out.PatientBirthDate, handed_out.StudyDate) == (
+        tags["SOPInstanceUID"],
+        "19790101",
+        "20261118",
+    )
+
+
+def test_such_a_report_of_a_case_cancelled_before_the_upgrade_is_not_sent(
+    client: TestClient, engine: Engine, settings: Settings, pacs: Orthanc
+) -> None:
+    """The version before last did not cancel a case's returns: one left pending is cancelled, not placed."""
+    study = "1.2.826.0.1.3680043.10.7100.19"
+    case_id = returning_case(
+        client,
+        engine,
+        settings,
+        "clinic-upgraded-cancelled",
+        study,
+        ae_title=pacs.ae_title,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+    )
+    queued_unplaced_while_held(engine, settings, case_id, study, "clinic-upgraded-cancelled")
+    accept_held(engine, settings, case_id, held_import(client, case_id))
+    with Session(engine) as session:  # cancelled then: the request closed, its return left as it was
+        request = session.get(RecordRequest, case_id)
+        assert request is not None
+        request.cancelled_at = datetime.now(UTC)
+        session.add(request)
+        session.commit()
+    assert run_due(engine, settings, OPTIONS) == 0
+    [gone] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert (gone["status"], gone["last_error"]) == ("cancelled", "the case was cancelled")
+    assert in_pacs(pacs, study) == []

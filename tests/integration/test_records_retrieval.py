@@ -23,7 +23,7 @@ from services.common import migrate
 from services.common.config import Settings, get_settings
 from services.common.db import Outbox, make_engine
 from services.common.http import create_app
-from services.records import api, consumer
+from services.records import api, consumer, uploads
 from services.records.dimse import StoreSCP
 from services.records.models import RecordFile, RecordRetrieval, RecordSource, RetrievalStatus
 from services.records.retrieval import RetrievalLoop, RetrievalSettings, run_due
@@ -519,6 +519,54 @@ def test_dcmtk_storescu_learns_why_our_scp_refused_an_instance(
     store = ObjectStore.for_settings(settings)
     store.discard(kept.received)
     assert not [p for p in store.tmp_dir.iterdir() if p.name.startswith("dimse-")]
+
+
+@pytest.mark.parametrize(
+    ("option", "syntax"),
+    [("-xb", pydicom.uid.ExplicitVRBigEndian), ("-xd", pydicom.uid.DeflatedExplicitVRLittleEndian)],
+    ids=["big endian", "deflated"],
+)
+def test_an_old_cart_sending_big_endian_or_deflated_is_stored_as_sent_and_handed_out(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    scp: StoreSCP,
+    tmp_path: Path,
+    option: str,
+    syntax: pydicom.uid.UID,
+) -> None:
+    """Older carts keep and send Explicit VR Big Endian (retired) or Deflated Explicit VR Little Endian. Our
+    SCP accepted neither, so dcmtk converted on the way, and a cart that proposes nothing else could not send
+    at all. Kept as sent now, in its own syntax, as an upload keeps such a file, and handed out whole."""
+    import subprocess
+
+    study = f"{STUDY}.9{ord(option[-1])}"
+    path = tmp_path / "OLD.dcm"
+    dataset = pydicom.dcmread(
+        io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1", frames=2))
+    )
+    dataset.file_meta.TransferSyntaxUID = syntax  # as the cart keeps it
+    big = syntax == pydicom.uid.ExplicitVRBigEndian
+    pydicom.dcmwrite(path, dataset, implicit_vr=False, little_endian=not big, enforce_file_format=True)
+    with scp.expecting(study) as writer:
+        sent = subprocess.run(
+            ["storescu", "-v", option, "-aec", "SECONDOPINION", "127.0.0.1", str(scp.port), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        [kept] = writer.entries()
+    original, received = pydicom.dcmread(path), pydicom.dcmread(kept.received.path)
+    assert received.file_meta.TransferSyntaxUID == syntax
+    assert (received.SOPInstanceUID, received.PixelData) == (original.SOPInstanceUID, original.PixelData)
+
+    case_id = open_case(engine, settings, "clinic-old-cart")
+    with Session(engine, expire_on_commit=False) as session:
+        [stored] = uploads.accept_entries(case_id, [kept], session, settings, source="c-move").files
+    served = pydicom.dcmread(io.BytesIO(client.get(f"/v1/records/{case_id}/files/{stored.sha256}").content))
+    assert served.file_meta.TransferSyntaxUID == syntax
+    assert (served.PatientID, served.PixelData) == (f"SO-{case_id}", original.PixelData)
 
 
 @pytest.mark.parametrize("method", ["c-get", "c-move"])

@@ -1,6 +1,7 @@
 """A PACS that keeps its ultrasound compressed and does not transcode (Orthanc with TranscodeDicomProtocol
-off, as many archives are): our C-GET must offer and accept the compressed transfer syntaxes, and our
-C-MOVE destination accept them, or the PACS has no way to send the study at all. What arrives is kept as sent, byte for byte, in its own syntax."""
+off, as many archives are): our C-GET must offer and accept the compressed transfer syntaxes (and the retired
+Explicit VR Big Endian and Deflated Explicit VR Little Endian that old carts wrote), and our C-MOVE
+destination accept them, or the PACS has no way to send the study at all. What arrives is kept as sent, byte for byte, in its own syntax."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, RLELossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    RLELossless,
+)
 
 from services.common.config import Settings
 from services.records.dimse import StoreSCP
@@ -28,6 +35,9 @@ COMPRESSORS = {
     JPEGBaseline8Bit: ["dcmcjpeg", "+eb"],  # JPEG baseline (lossy 8 bit): the usual US and cine syntax
     JPEGLosslessSV1: ["dcmcjpeg", "+e1"],
     RLELossless: ["dcmcrle"],
+    # Not compressed, but as old carts write them and some archives keep them: sent as kept, too.
+    ExplicitVRBigEndian: ["dcmconv", "+tb"],
+    DeflatedExplicitVRLittleEndian: ["dcmconv", "+td"],
 }
 
 

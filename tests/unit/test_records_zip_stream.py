@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import io
+import stat
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -101,6 +102,64 @@ def test_a_directory_that_lists_other_files_than_the_body_holds_is_refused(tmp_p
     second_cd = two.find(b"PK\x01\x02", len(one) - 100)
     spliced = one[:first_cd] + two[second_cd:]
     assert "lists 2 files in its central directory but holds 1" in refusal(tmp_path, spliced)
+
+
+def zip_with_a_link(*, pipe: bool) -> bytes:
+    """MEMBERS with a symbolic link between them, written to a file or (sizes in data descriptors) a pipe."""
+    link = zipfile.ZipInfo("DICOM/LINK")
+    link.create_system, link.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+    link.compress_type = zipfile.ZIP_DEFLATED
+    written = io.BytesIO()
+    target: io.RawIOBase | io.BytesIO = written
+    if pipe:
+
+        class Pipe(io.RawIOBase):
+            def writable(self) -> bool:
+                return True
+
+            def write(self, b: bytes) -> int:  # type: ignore[override]
+                return written.write(b)
+
+        target = Pipe()
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+        for info, content in [(MEMBERS[0][0], MEMBERS[0][1]), (link, b"../../etc/passwd"), *MEMBERS[1:]]:
+            with zf.open(info, "w") as member:
+                member.write(content)
+    return written.getvalue()
+
+
+@pytest.mark.parametrize("pipe", [False, True], ids=["sizes-in-headers", "data-descriptors"])
+@pytest.mark.parametrize("size", [1, 977, 1 << 20], ids=["byte-by-byte", "odd-chunks", "one-chunk"])
+def test_a_symbolic_link_is_left_out_however_the_body_is_cut(tmp_path: Path, pipe: bool, size: int) -> None:
+    """Only the central directory, at the end, says a member is a link: it was imported as a file holding
+    its target's path. Kept out now, and named by position, whatever chunks the body came in."""
+    store, left_out = ObjectStore(tmp_path), []
+    chunks = pieces(zip_with_a_link(pipe=pipe), size)
+    entries = expand_zip_stream(chunks, store=store, limits=LIMITS, upload_limit=10**9, left_out=left_out)
+    assert [(e.relative_path, e.received.path.read_bytes()) for e in entries] == MEMBERS
+    assert left_out == [
+        "member 2 of the ZIP archive is a symbolic link (its data is the path it points to, never "
+        "followed): left out, the rest of the upload was imported; add the file itself if it is needed"
+    ]
+    assert sorted(store.tmp_dir.iterdir()) == sorted(e.received.path for e in entries)
+
+
+def test_a_member_its_directory_names_otherwise_is_refused(tmp_path: Path) -> None:
+    """Another unzip tool, reading the directory, would show another file (and what it is) than was read."""
+    data = bytearray(zip_of(MEMBERS))
+    at = data.rfind(b"DICOM/IM1")  # in the central directory
+    data[at : at + 9] = b"DICOM/IMX"
+    assert "has a member (1) its central directory does not list" in refusal(tmp_path, bytes(data))
+
+
+def test_a_zip_with_zip64_end_records_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Archivers write the ZIP64 end records when they choose (past 65535 members or 4 GiB, or always),
+    the classic record keeping real counts: its directory lies before them, not before that record. Such a
+    ZIP was refused as one that "lists 3 files in its central directory but holds 3"."""
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)  # Python's zipfile writes them past this count
+    data = zip_of(MEMBERS)
+    assert b"PK\x06\x06" in data
+    assert expand(ObjectStore(tmp_path), data) == MEMBERS
 
 
 def test_a_body_past_the_upload_limit_stops_with_nothing_kept(tmp_path: Path) -> None:
