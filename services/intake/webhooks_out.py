@@ -62,6 +62,7 @@ LANES = 8  # endpoints a pass sends to at the same time
 RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
 ENDPOINTS_READ = "webhooks.endpoints_read"  # session.info: (transaction, partner id -> endpoints)
 SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
+DNS_TIMEOUT = 5.0  # seconds a lookup of an endpoint's host may take (a resolver's usual per-try timeout)
 
 
 class EndpointRefused(ValueError):
@@ -72,6 +73,10 @@ REDIRECTED = (
     "the endpoint answered with a redirect, which is not followed (it could lead anywhere); "
     "register the URL it redirects to"
 )
+
+
+class LookupTimedOut(EndpointRefused):
+    """The DNS lookup of the endpoint's host did not answer in time (retried like any failed attempt)."""
 
 
 class AnswerTooSlow(Exception):
@@ -127,19 +132,61 @@ def embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipa
     return [a for a in carried if a is not None]
 
 
-def resolve_host(host: str) -> list[str]:
+def resolve_host(host: str, within: float | None = None) -> list[str]:
+    """The addresses `host` resolves to, looked up for at most `within` seconds (DNS_TIMEOUT): the system
+    resolver (which reads /etc/hosts as every other client here does) has no deadline of its own that we
+    set, and a name server that never answers would hold a lane, or a registration, as long as it liked."""
+    within = DNS_TIMEOUT if within is None else within
     try:
         return [str(ipaddress.ip_address(host))]
     except ValueError:
         pass
     try:
-        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+        infos = lookup_within(host, within)
     except socket.gaierror as exc:
         raise EndpointRefused("the endpoint's host name does not resolve") from exc
     except UnicodeError as exc:  # the IDNA codec's: an empty label, or one longer than 63 characters
         raise EndpointRefused(
             "the endpoint's host name is not a DNS name (labels of 1 to 63 characters between dots)"
         ) from exc
+    return sorted({str(info[4][0]) for info in infos})
+
+
+# Lookups still running (a thread each), answered in time or not: past this many unanswered at once, a new
+# one is refused at once rather than start yet another thread behind a resolver that does not answer.
+_LOOKUPS = threading.BoundedSemaphore(32)
+
+
+def lookup_within(host: str, within: float) -> list[Any]:
+    """socket.getaddrinfo(host) on a thread of its own, waited for `within` seconds. A lookup that does not
+    answer in time is left to end on its own (getaddrinfo cannot be cancelled); the caller goes on."""
+    if not _LOOKUPS.acquire(blocking=False):
+        raise LookupTimedOut(
+            "DNS lookups of endpoint hosts are not answering (too many are still waiting); the attempt is "
+            "retried, check that the endpoint's host name resolves"
+        )
+    answer: list[Any] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            answer.extend(socket.getaddrinfo(host, None))
+        except BaseException as exc:  # handed to the caller, who waited for it
+            failure.append(exc)
+        finally:
+            _LOOKUPS.release()
+            done.set()
+
+    threading.Thread(target=look_up, name="webhooks-dns", daemon=True).start()
+    if not done.wait(within):
+        raise LookupTimedOut(
+            f"the DNS lookup of the endpoint's host did not answer within {within:g} s; the attempt is "
+            "retried, check the name servers of the host's domain"
+        )
+    if failure:
+        raise failure[0]
+    return answer
 
 
 def what_failed(exc: httpx.HTTPError, timeout: float) -> str:
@@ -376,6 +423,7 @@ class WebhookDispatcher:
         base_delay: float = 5.0,
         max_delay: float = 86400.0,
         timeout: float = 20.0,  # Standard Webhooks: 15-30 s
+        dns_timeout: float = DNS_TIMEOUT,
         rng: random.Random | None = None,
     ) -> None:
         self.engine = engine
@@ -385,6 +433,7 @@ class WebhookDispatcher:
         self.max_delay = max_delay
         self.rng = rng or random.Random()
         self.timeout = timeout
+        self.dns_timeout = min(dns_timeout, timeout)
         # No kept-alive connections: each attempt opens its own, so the deadline below can always close it.
         self.http = httpx.Client(
             timeout=timeout, follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0)
@@ -504,13 +553,18 @@ class WebhookDispatcher:
         error = ""
         retry_hint: str | None = None
         try:
-            address = check_url(endpoint.url, self.env)[0]
+            address = check_url(endpoint.url, self.env, lambda host: resolve_host(host, self.dns_timeout))[0]
             secrets = self._secrets(endpoint.partner_id)
             if not secrets:
                 raise EndpointRefused("the partner no longer exists")
             headers = headers_for(secrets, delivery.id, int(time.time()), body)
+            # The lookup's time counts: an attempt ends within `timeout` in all, as the lease rule assumes.
             response = self._post(
-                endpoint.url, address, body, {**headers, "content-type": "application/json"}
+                endpoint.url,
+                address,
+                body,
+                {**headers, "content-type": "application/json"},
+                within=started + self.timeout - time.monotonic(),
             )
             status_code = response.status_code
             retry_hint = response.headers.get("retry-after")
@@ -528,36 +582,47 @@ class WebhookDispatcher:
         duration_ms = int((time.monotonic() - started) * 1000)
         return Attempt(delivery, endpoint, status_code, error, retry_hint, duration_ms, datetime.now(UTC))
 
-    def _post(self, url: str, address: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    def _post(
+        self, url: str, address: str, body: bytes, headers: dict[str, str], within: float
+    ) -> httpx.Response:
         """POST to `address`, the one `check_url` allowed (resolving the name again to connect would let a
         name server answer a public address to the check and a private one to the connection), with the
         URL's host as Host and as the TLS server name the certificate is checked against.
 
-        Only the status line and headers are read, within `timeout` in all, never the body (it would only
-        be dropped, and may be endless). httpx's timeout bounds each read, so an endpoint answering a byte
-        at a time could hold the sender as long as it liked: at the deadline its socket is shut."""
+        Only the status line and headers are read, within `within` seconds in all (what is left of the
+        attempt's `timeout`), never the body (it would only be dropped, and may be endless). httpx's timeout
+        bounds each read, so an endpoint answering a byte at a time could hold the sender as long as it
+        liked: at the deadline its socket is shut (and one connected after the deadline, at once)."""
+        within = max(within, 0.001)
         target = httpx.URL(url)
         pinned = target.copy_with(host=address)
         headers = {**headers, "host": target.netloc.decode("ascii")}
         sockets: list[socket.socket] = []
 
+        expired = threading.Event()
+
+        def shut(sock: socket.socket) -> None:
+            with contextlib.suppress(OSError):  # already closed, or the plain socket under TLS
+                sock.shutdown(socket.SHUT_RDWR)
+
         def trace(event: str, info: dict[str, Any]) -> None:
             if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
                 sockets.append(info["return_value"].get_extra_info("socket"))
-
-        expired = threading.Event()
+                if expired.is_set():
+                    shut(sockets[-1])
 
         def expire() -> None:
             expired.set()
             for sock in sockets:
-                with contextlib.suppress(OSError):  # already closed, or the plain socket under TLS
-                    sock.shutdown(socket.SHUT_RDWR)
+                shut(sock)
 
-        watchdog = threading.Timer(self.timeout, expire)
+        watchdog = threading.Timer(within, expire)
         watchdog.start()
         try:
             extensions = {"trace": trace, "sni_hostname": target.raw_host.decode("ascii")}
-            with self.http.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as r:
+            with self.http.stream(
+                "POST", pinned, content=body, headers=headers, extensions=extensions, timeout=within
+            ) as r:
                 return r
         except httpx.HTTPError as exc:
             if expired.is_set():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -98,7 +99,8 @@ async def register(
     HTTPS to a public address is required (plain HTTP to loopback only in development). Events are signed
     with the partner's webhook secret per Standard Webhooks."""
     try:
-        check_url(body.url, get_settings().env)
+        # On a thread: the host's DNS lookup (up to DNS_TIMEOUT) must not hold the event loop.
+        await asyncio.to_thread(check_url, body.url, get_settings().env)
     except EndpointRefused as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 

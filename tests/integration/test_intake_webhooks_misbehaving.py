@@ -799,3 +799,67 @@ def test_many_dead_endpoints_of_one_partner_do_not_keep_a_pass_past_the_lease(
     unsent = [d for d in rows if d.attempts == 0]
     assert unsent and all(d.status == "pending" for d in unsent)
     assert all(d.next_attempt_at.replace(tzinfo=UTC) <= datetime.now(UTC) for d in unsent)
+
+
+@pytest.fixture
+def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A host name whose DNS lookup never answers (until the test ends, or 6 s pass: a sender without a
+    deadline of its own fails its test rather than hang the suite)."""
+    host = "hangs.example"
+    answered = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(name: object, port: object, *args: object, **kwargs: object) -> object:
+        if name != host:
+            return real_getaddrinfo(name, port, *args, **kwargs)  # type: ignore[arg-type]
+        answered.wait(6)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield host
+    answered.set()
+
+
+def test_a_dns_lookup_that_never_answers_costs_the_attempt_its_timeout_and_says_so(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    hanging_resolver: str,
+) -> None:
+    # The lookup of the endpoint's host had no deadline: a name server that never answers held the lane,
+    # the pass and every other partner's deliveries behind it, with nothing in the delivery log.
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    point_endpoint_at(engines[0], partner["partner_id"], f"http://{hanging_resolver}:9/hook")
+    for n, status_ in enumerate([CaseStatus.AWAITING_RECORDS, CaseStatus.MATCHING]):
+        publish(engines[0], case_id, status_changed(case_id, status_), f"wf:{case_id}:dns{n}")
+
+    took = run_once_within(dispatcher, 3.0)
+
+    assert took < 2.0
+    first, second = sorted(deliveries_of(engines[0], case_id), key=lambda d: d.created_at)
+    [attempt] = attempts_of(engines[0], first.id)
+    assert attempt.error.startswith("the DNS lookup of the endpoint's host did not answer within 1 s")
+    assert (first.status, first.attempts, attempt.status_code) == ("pending", 1, None)
+    assert (second.status, second.attempts) == ("pending", 0)  # held back to the first one's retry
+    assert second.next_attempt_at == first.next_attempt_at
+
+
+def test_a_registration_whose_host_lookup_never_answers_is_refused_in_seconds(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    hanging_resolver: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(webhooks_out, "DNS_TIMEOUT", 0.5, raising=False)
+    partner, _, _ = setup_partner(client, engines[1], receiver)
+    started = time.monotonic()
+    refused = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+        json={"url": f"http://{hanging_resolver}/hook"},
+        headers={"Authorization": partner["Authorization"]},
+    )
+    assert time.monotonic() - started < 2.0
+    assert refused.status_code == 422, refused.text
+    assert "DNS lookup of the endpoint's host did not answer within 0.5 s" in refused.json()["detail"]
