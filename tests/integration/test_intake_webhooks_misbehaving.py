@@ -18,17 +18,18 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from contracts.models import CaseStatus
-from services.common.config import Settings
+from services.common.config import Settings, get_settings
 from services.common.db import transaction_lock
 from services.intake import api, webhooks_out, webhooks_out_api
 from services.intake.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhooks_out import WebhookDispatcher
 from services.intake.webhooks_out_api import ENDPOINT_LOCKS
+from tests.infra import wait_until
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_outbound_webhooks import Receiver, publish, setup_partner, status_changed
 from tests.pki import Authority
@@ -708,6 +709,72 @@ def test_two_registrations_of_one_url_at_once_take_turns_and_the_second_is_refus
         second = waiting.result(timeout=10)
     assert second.status_code == 409, second.text
     assert "already registered" in second.json()["detail"]
+
+
+def register(client: TestClient, partner: dict[str, str], url: str) -> httpx.Response:
+    return client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+        json={"url": url},
+        headers={"Authorization": partner["Authorization"]},
+    )
+
+
+def test_a_partner_has_at_most_the_limit_of_enabled_endpoints_and_is_told_what_to_do(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # There was no limit: a partner could register thousands of endpoints, each costing the sender a lane
+    # and an attempt per event.
+    monkeypatch.setattr(get_settings(), "webhook_endpoints_per_partner", 3)
+    partner, first_id, _ = setup_partner(client, engines[1], receiver)  # one enabled endpoint
+    base = f"/v1/partners/{partner['partner_id']}/webhook-endpoints"
+    headers = {"Authorization": partner["Authorization"]}
+    assert [register(client, partner, f"{receiver.url}/{n}").status_code for n in (1, 2)] == [201, 201]
+
+    refused = register(client, partner, f"{receiver.url}/3")
+
+    assert refused.status_code == 409, refused.text
+    assert "already has 3 enabled webhook endpoints" in refused.json()["detail"]
+    assert "DELETE one" in refused.json()["detail"]
+    assert client.delete(f"{base}/{first_id}", headers=headers).status_code == 204
+    assert register(client, partner, f"{receiver.url}/3").status_code == 201  # its place is free again
+    again = client.post(f"{base}/{first_id}/enable", headers=headers)  # and taken: no fourth one enabled
+    assert again.status_code == 409 and "already has 3" in again.json()["detail"], again.text
+    enabled = [e for e in client.get(base, headers=headers).json() if e["enabled"]]
+    assert len(enabled) == 3
+
+
+def test_a_registration_waiting_for_the_partners_turn_counts_the_endpoint_registered_meanwhile(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit is counted in the partner's turn: two registrations at once cannot both take the last place."""
+    monkeypatch.setattr(get_settings(), "webhook_endpoints_per_partner", 2)
+    partner, _, _ = setup_partner(client, engines[1], receiver)
+    with Session(engines[0]) as other, ThreadPoolExecutor(1) as pool:
+        # Another registration, between its count and its commit: it holds the partner's turn.
+        transaction_lock(other, ENDPOINT_LOCKS, partner["partner_id"])
+        waiting = pool.submit(register, client, partner, receiver.url + "/second")
+        wait_until(lambda: waiting_for_advisory_lock(engines[0]), "the registration waiting for its turn")
+        other.add(
+            WebhookEndpoint(id=str(uuid.uuid4()), partner_id=partner["partner_id"], url=receiver.url + "/x")
+        )
+        other.commit()
+        last = waiting.result(timeout=10)
+    assert last.status_code == 409 and "already has 2 enabled" in last.json()["detail"], last.text
+
+
+def waiting_for_advisory_lock(engine: Engine) -> bool:
+    """Whether a session of this test's database waits for one of ENDPOINT_LOCKS' advisory locks."""
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND classid = :space"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ),
+                {"space": ENDPOINT_LOCKS},
+            ).scalar()
+        )
 
 
 def test_a_short_retry_after_does_not_use_up_three_days_of_retries_in_seconds(
