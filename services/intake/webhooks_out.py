@@ -8,11 +8,13 @@
 - Retries follow Standard Webhooks' example schedule (RETRY_SCHEDULE: 5 s to 24 h, about three days in
   all, each wait shortened by up to a fifth at random); a longer `Retry-After` sets the next attempt; HTTP
   410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
-- An attempt gets the status line and headers within `timeout` (20 s) in all, however slowly they arrive;
-  the answer's body is never read (nothing of it reaches our logs).
-- A pass sends to its endpoints at the same time, each endpoint's deliveries in order; an endpoint that
-  gives no answer gets nothing more that pass (its later deliveries wait for its retry, uncounted), and a
-  slow one no more than ends within the lease (the rest is left for the next pass).
+- An attempt, the DNS lookup of the endpoint's host (DNS_TIMEOUT, 5 s) included, gets the status line and
+  headers within `timeout` (20 s) in all, however slowly they arrive; the answer's body is never read
+  (nothing of it reaches our logs).
+- Each endpoint has a lane of its own (up to LANES at once), its deliveries sent in order, one at a time; an
+  endpoint that gives no answer gets nothing more that lane (its later deliveries wait for its retry,
+  uncounted), and a slow one no more than ends within the lease (the rest is left for its next lane). A
+  lane's end is no other lane's business: new deliveries to the other endpoints go out while it runs.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import email.utils
 import hashlib
 import ipaddress
 import json
+import queue
 import random
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -354,6 +357,7 @@ _DUE = (
         _DELIVERY.c.status == "pending",
         _DELIVERY.c.next_attempt_at <= bindparam("now"),
         _ENDPOINT.c.disabled_at.is_(None),
+        _ENDPOINT.c.id.not_in(bindparam("busy", expanding=True)),  # endpoints this sender is sending to
     )
     .order_by(_DELIVERY.c.next_attempt_at)
     .limit(bindparam("batch"))
@@ -411,6 +415,14 @@ _GONE = (
 )
 
 
+def by_endpoint(due: list[tuple[Claimed, Target]]) -> dict[str, list[tuple[Claimed, Target]]]:
+    """Claimed deliveries as lanes: each endpoint's, in the order they were claimed (oldest first)."""
+    lanes: dict[str, list[tuple[Claimed, Target]]] = {}
+    for delivery, endpoint in due:
+        lanes.setdefault(endpoint.id, []).append((delivery, endpoint))
+    return lanes
+
+
 class WebhookDispatcher:
     """Sends due deliveries. `run_once` is one pass (tests call it); `run_forever` is the thread body."""
 
@@ -441,6 +453,12 @@ class WebhookDispatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._secrets_cache: dict[str, tuple[float, list[str]]] = {}
+        # run_forever's lanes: the endpoints being sent to (until their attempts are recorded), and the
+        # attempts of lanes that ended, for the sender's thread to record.
+        self._busy: set[str] = set()
+        self._ended: queue.SimpleQueue[tuple[str, list[Attempt]]] = queue.SimpleQueue()
+        self._passed_over: set[str] = set()  # busy endpoints a claim left out: claim again when they end
+        self._claim_wanted = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -448,33 +466,87 @@ class WebhookDispatcher:
 
     def wake(self) -> None:
         """New deliveries were committed: send them now, not at the next pass."""
+        self._claim_wanted.set()
         self._wake.set()
 
     def run_forever(self, interval: float = 1.0) -> None:
-        # Woken when the consumer commits deliveries; the pass every `interval` sends retries when due.
-        while not self._stop.is_set():
-            self._wake.clear()  # before the pass: a wake during it makes the next pass start at once
-            try:
-                # A full batch may have left more due: claim again. A shorter one took all that was due
-                # when it looked, and a commit since has set the wake-up (no empty claim after each pass).
-                while self.run_once(BATCH) >= BATCH and not self._stop.is_set():
-                    pass
-            except Exception as exc:
-                log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
-            self._wake.wait(interval)
+        """Each endpoint's lane runs on its own: a slow endpoint holds its own lane, not the deliveries of
+        the others, which are claimed and sent as soon as they are due (an ended lane wakes this loop, which
+        records what it sent and claims again). An endpoint whose lane runs is not claimed for meanwhile, so
+        its deliveries go one at a time and in order; the lease still keeps other replicas off them."""
+        next_claim = 0.0
+        with ThreadPoolExecutor(LANES, thread_name_prefix="webhooks-lane") as lanes:
+            # Woken when the consumer commits deliveries or a lane ends; every `interval` retries when due.
+            while not self._stop.is_set():
+                self._wake.clear()  # before the claim: a wake during it makes the next one start at once
+                try:
+                    self._record_ended()
+                    if self._claim_wanted.is_set() or time.monotonic() >= next_claim:
+                        self._claim_wanted.clear()
+                        next_claim = time.monotonic() + interval
+                        # A full batch may have left more due: claim again (for endpoints without a lane).
+                        # A shorter one took all that was due when it looked; a commit since woke us.
+                        while self._start_lanes(lanes) >= BATCH and not self._stop.is_set():
+                            self._record_ended()
+                except Exception as exc:
+                    log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
+                if not self._claim_wanted.is_set():  # a lane that ended meanwhile may want one at once
+                    self._wake.wait(max(next_claim - time.monotonic(), 0.0))
+        # The lanes have ended (each stops at its attempt under way and leaves its rest for the next start).
+        try:
+            self._record_ended()
+        except Exception as exc:
+            log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
         self.http.close()
 
+    def _start_lanes(self, lanes: ThreadPoolExecutor) -> int:
+        """Claim what is due for endpoints without a running lane, while a lane is free, and start a lane
+        for each endpoint claimed; the number of deliveries claimed."""
+        # What is due for the endpoints left out is claimed when their lanes end (no claim after every lane).
+        self._passed_over |= self._busy
+        if len(self._busy) >= LANES:
+            return 0
+        due = self._claim(BATCH, busy=self._busy)
+        started = time.monotonic()
+        for endpoint_id, lane in by_endpoint(due).items():
+            self._busy.add(endpoint_id)
+            lanes.submit(self._run_lane, endpoint_id, lane, started)
+        return len(due)
+
+    def _run_lane(self, endpoint_id: str, lane: list[tuple[Claimed, Target]], started: float) -> None:
+        attempts: list[Attempt] = []
+        try:
+            attempts = self._send_lane(lane, started)
+        except Exception as exc:  # what it sent unrecorded is sent again after the lease (same webhook-id)
+            log.warning("webhooks.lane_failed", endpoint_id=endpoint_id, error=type(exc).__name__)
+        finally:
+            self._ended.put((endpoint_id, attempts))
+            self._wake.set()
+
+    def _record_ended(self) -> None:
+        """Record the attempts of the lanes that ended since (one transaction), and free their endpoints."""
+        ended: list[tuple[str, list[Attempt]]] = []
+        while not self._ended.empty():
+            ended.append(self._ended.get_nowait())
+        try:
+            self._record([attempt for _, attempts in ended for attempt in attempts])
+        finally:
+            freed = {endpoint_id for endpoint_id, _ in ended}
+            self._busy -= freed
+            if freed & self._passed_over:
+                self._passed_over -= freed
+                self._claim_wanted.set()
+
     def run_once(self, batch: int = BATCH) -> int:
-        """Claim up to `batch` due deliveries and send them, a lane per endpoint: the lanes at the same time
+        """One pass, ended when its last lane ends (tests; `run_forever` waits for no lane to claim again).
+        Claim up to `batch` due deliveries and send them, a lane per endpoint: the lanes at the same time
         (up to LANES), each endpoint's deliveries in order. An endpoint that gives no answer costs one
         timeout a pass, so no other endpoint waits behind it and a pass ends well inside the lease.
         Outcomes are recorded together (one transaction); a lane still sending after RECORD_EVERY seconds
         records its own as it goes. A crash before the record re-sends those deliveries after the lease,
         with the same `webhook-id`, which receivers dedupe on."""
         due = self._claim(batch)
-        lanes: dict[str, list[tuple[Claimed, Target]]] = {}
-        for delivery, endpoint in due:
-            lanes.setdefault(endpoint.id, []).append((delivery, endpoint))
+        lanes = by_endpoint(due)
         started = time.monotonic()
         if len(lanes) <= 1:
             sent = [self._send_lane(lane, started) for lane in lanes.values()]
@@ -496,7 +568,11 @@ class WebhookDispatcher:
             # and send the rest beside this one (a slow endpoint's later deliveries, or a lane that waited
             # for a free one behind dead endpoints). The rest is due again at once, for the next pass. A
             # lane's first send before any could have timed out always starts (whatever the settings).
-            if elapsed + self.timeout > LEASE.total_seconds() * LEASE_USED and (n or elapsed >= self.timeout):
+            # On stop, the rest is left too, so the sender ends at its attempts under way.
+            late = elapsed + self.timeout > LEASE.total_seconds() * LEASE_USED and (
+                n or elapsed >= self.timeout
+            )
+            if late or self._stop.is_set():
                 rest = tuple(d.id for d, _ in lane[n:])
                 if attempts:
                     attempts[-1] = replace(attempts[-1], released=rest)
@@ -513,10 +589,11 @@ class WebhookDispatcher:
                 attempts, recorded = [], time.monotonic()
         return attempts
 
-    def _claim(self, batch: int) -> list[tuple[Claimed, Target]]:
-        """Lease due deliveries so another replica does not send them at the same time."""
+    def _claim(self, batch: int, busy: Collection[str] = ()) -> list[tuple[Claimed, Target]]:
+        """Lease due deliveries so another replica does not send them at the same time; none of the `busy`
+        endpoints'."""
         now = datetime.now(UTC)
-        params = {"now": now, "batch": batch, "until": now + LEASE}
+        params = {"now": now, "batch": batch, "until": now + LEASE, "busy": list(busy)}
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 rows = list(conn.execute(_CLAIM, params))

@@ -930,3 +930,41 @@ def test_a_registration_whose_host_lookup_never_answers_is_refused_in_seconds(
     assert time.monotonic() - started < 2.0
     assert refused.status_code == 422, refused.text
     assert "DNS lookup of the endpoint's host did not answer within 0.5 s" in refused.json()["detail"]
+
+
+def test_a_slow_endpoint_holds_only_its_own_lane_and_another_gets_new_deliveries_at_once(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    endpoints: Callable[..., RawEndpoint],
+) -> None:
+    # A pass ended when its slowest lane did: an endpoint answering in 19 s (inside the timeout, so never held
+    # back) kept every other endpoint's new deliveries waiting for the next pass, up to 45 s.
+    def slow_ok(conn: socket.socket) -> None:
+        time.sleep(2.5)
+        answer(b"200 OK")(conn)
+
+    slow = endpoints(slow_ok)
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    assert register(client, partner, slow.url).status_code == 201
+    sender = WebhookDispatcher(engine=engines[0], auth_engine=engines[1], env="dev", timeout=5.0)
+    running = threading.Thread(target=sender.run_forever, kwargs={"interval": 10.0}, daemon=True)
+    running.start()
+    try:
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:l1")
+        sender.wake()
+        wait_until(lambda: len(receiver.received) == 1 and slow.requests == 1, "the first event sent to both")
+        published = time.monotonic()
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"wf:{case_id}:l2")
+        sender.wake()
+        wait_until(lambda: len(receiver.received) == 2, "the second event sent to the fast endpoint", 5)
+        assert receiver.received[1][0] - published < 1.0
+        assert slow.requests == 1  # still answering the first: nothing more is sent to it meanwhile
+    finally:
+        sender.stop()
+        running.join(5)
+    assert not running.is_alive()
+    # Both events to the fast one and the first to the slow one recorded as delivered; the slow one's second
+    # is left, unsent, for the sender's next start.
+    rows = deliveries_of(engines[0], case_id)
+    assert sorted((d.status, d.attempts) for d in rows) == [("delivered", 1)] * 3 + [("pending", 0)]
