@@ -48,6 +48,7 @@ from sqlmodel import Session, col, select
 from contracts.envelope import CloudEvent
 from services.auth.models import Partner
 from services.common.db import insert_new
+from services.intake.host_lookup import DNS_TIMEOUT, EndpointRefused, resolve_host
 from services.intake.models import Case, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhook_signing import headers_for
 
@@ -65,21 +66,12 @@ LANES = 8  # endpoints a pass sends to at the same time
 RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
 ENDPOINTS_READ = "webhooks.endpoints_read"  # session.info: (transaction, partner id -> endpoints)
 SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
-DNS_TIMEOUT = 5.0  # seconds a lookup of an endpoint's host may take (a resolver's usual per-try timeout)
-
-
-class EndpointRefused(ValueError):
-    """The URL may not receive webhooks; the message says why."""
 
 
 REDIRECTED = (
     "the endpoint answered with a redirect, which is not followed (it could lead anywhere); "
     "register the URL it redirects to"
 )
-
-
-class LookupTimedOut(EndpointRefused):
-    """The DNS lookup of the endpoint's host did not answer in time (retried like any failed attempt)."""
 
 
 class AnswerTooSlow(Exception):
@@ -133,63 +125,6 @@ def embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipa
         return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
     carried = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
     return [a for a in carried if a is not None]
-
-
-def resolve_host(host: str, within: float | None = None) -> list[str]:
-    """The addresses `host` resolves to, looked up for at most `within` seconds (DNS_TIMEOUT): the system
-    resolver (which reads /etc/hosts as every other client here does) has no deadline of its own that we
-    set, and a name server that never answers would hold a lane, or a registration, as long as it liked."""
-    within = DNS_TIMEOUT if within is None else within
-    try:
-        return [str(ipaddress.ip_address(host))]
-    except ValueError:
-        pass
-    try:
-        infos = lookup_within(host, within)
-    except socket.gaierror as exc:
-        raise EndpointRefused("the endpoint's host name does not resolve") from exc
-    except UnicodeError as exc:  # the IDNA codec's: an empty label, or one longer than 63 characters
-        raise EndpointRefused(
-            "the endpoint's host name is not a DNS name (labels of 1 to 63 characters between dots)"
-        ) from exc
-    return sorted({str(info[4][0]) for info in infos})
-
-
-# Lookups still running (a thread each), answered in time or not: past this many unanswered at once, a new
-# one is refused at once rather than start yet another thread behind a resolver that does not answer.
-_LOOKUPS = threading.BoundedSemaphore(32)
-
-
-def lookup_within(host: str, within: float) -> list[Any]:
-    """socket.getaddrinfo(host) on a thread of its own, waited for `within` seconds. A lookup that does not
-    answer in time is left to end on its own (getaddrinfo cannot be cancelled); the caller goes on."""
-    if not _LOOKUPS.acquire(blocking=False):
-        raise LookupTimedOut(
-            "DNS lookups of endpoint hosts are not answering (too many are still waiting); the attempt is "
-            "retried, check that the endpoint's host name resolves"
-        )
-    answer: list[Any] = []
-    failure: list[BaseException] = []
-    done = threading.Event()
-
-    def look_up() -> None:
-        try:
-            answer.extend(socket.getaddrinfo(host, None))
-        except BaseException as exc:  # handed to the caller, who waited for it
-            failure.append(exc)
-        finally:
-            _LOOKUPS.release()
-            done.set()
-
-    threading.Thread(target=look_up, name="webhooks-dns", daemon=True).start()
-    if not done.wait(within):
-        raise LookupTimedOut(
-            f"the DNS lookup of the endpoint's host did not answer within {within:g} s; the attempt is "
-            "retried, check the name servers of the host's domain"
-        )
-    if failure:
-        raise failure[0]
-    return answer
 
 
 def what_failed(exc: httpx.HTTPError, timeout: float) -> str:

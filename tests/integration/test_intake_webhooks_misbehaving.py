@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import json
 import random
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +29,7 @@ from sqlmodel import Session, col, select
 from contracts.models import CaseStatus
 from services.common.config import Settings, get_settings
 from services.common.db import transaction_lock
-from services.intake import api, webhooks_out, webhooks_out_api
+from services.intake import api, host_lookup, webhooks_out, webhooks_out_api
 from services.intake.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhooks_out import WebhookDispatcher
 from services.intake.webhooks_out_api import ENDPOINT_LOCKS
@@ -912,6 +916,47 @@ def test_a_dns_lookup_that_never_answers_costs_the_attempt_its_timeout_and_says_
     assert second.next_attempt_at == first.next_attempt_at
 
 
+SILENT_NAME_SERVER = """
+import json, socket, time
+from services.intake.host_lookup import EndpointRefused, resolve_host
+silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+silent.bind(("127.0.0.1", 53))  # the name server resolv.conf names here: it reads nothing, answers nothing
+started = time.monotonic()
+try:
+    outcome = str(resolve_host("hooks.example", 0.5))
+except EndpointRefused as exc:
+    outcome = str(exc)
+took = time.monotonic() - started
+silent.setblocking(False)
+print(json.dumps({"outcome": outcome, "took": took, "asked": len(silent.recv(512)) > 0}))
+"""
+
+
+def test_a_real_name_server_that_never_answers_costs_the_lookup_its_deadline(tmp_path: Path) -> None:
+    """The system resolver asking a real name server (UDP on 127.0.0.1:53) that never answers: in a user,
+    mount and network namespace of its own, with its own resolv.conf, so nothing of the machine's changes."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        pytest.skip("unshare or ip is not installed")
+    if subprocess.run(["unshare", "-rmn", "true"], capture_output=True, check=False).returncode:
+        pytest.skip("user namespaces are not available here (the fixture hanging_resolver stands in)")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:3 attempts:1\n")
+    isolated = f'ip link set lo up && mount --bind {resolv} /etc/resolv.conf && exec {sys.executable} -c "$0"'
+    done = subprocess.run(
+        ["unshare", "-rmn", "sh", "-c", isolated, SILENT_NAME_SERVER],
+        cwd=Path(__file__).resolve().parents[2],  # this tree's services, not an installed copy's
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["asked"], "the resolver did not ask the silent name server"
+    assert found["outcome"].startswith("the DNS lookup of the endpoint's host did not answer within 0.5 s")
+    assert found["took"] < 1.5
+
+
 def test_a_registration_whose_host_lookup_never_answers_is_refused_in_seconds(
     client: TestClient,
     engines: tuple[Engine, Engine],
@@ -919,7 +964,7 @@ def test_a_registration_whose_host_lookup_never_answers_is_refused_in_seconds(
     hanging_resolver: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(webhooks_out, "DNS_TIMEOUT", 0.5, raising=False)
+    monkeypatch.setattr(host_lookup, "DNS_TIMEOUT", 0.5)
     partner, _, _ = setup_partner(client, engines[1], receiver)
     started = time.monotonic()
     refused = client.post(
