@@ -16,6 +16,7 @@ A pika connection belongs to one thread: each consumer, relay and publisher owns
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -263,18 +264,71 @@ JSON_KINDS = {"[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": 
 
 def decode_envelope(body: bytes, content_type: str | None = None) -> CloudEvent:
     """The message's CloudEvent, or `PoisonMessage` saying what is wrong with it (redelivery cannot mend it):
-    the bad fields, or what the body is when it is no JSON object. Never a value: it may be PHI."""
+    the bad fields, or what the body is when it is no JSON object. Never a value: it may be PHI.
+
+    CloudEvents' AMQP binding tells the modes apart by the content type: structured mode (the whole event,
+    JSON format, in the body) is `application/cloudevents+json`, which our publishers set; any other type
+    (`application/json`, a batch, XML) is another mode or format, which nothing here reads, and is refused
+    whatever the body. A message without one (an operator's hand-written publish) is read as structured
+    mode. The envelope's `datacontenttype` must say JSON: `data` is read as a JSON object."""
+    if content_type is not None and (refused := _content_type_problem(content_type)):
+        raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope ({refused})")
     try:
         event = CloudEvent.model_validate_json(body)
     except ValidationError as exc:
-        problem = _envelope_problem(body, exc)
-        if content_type and content_type != ENVELOPE_CONTENT_TYPE:
-            problem += f"; sent as content type {content_type[:100]!r}, not {ENVELOPE_CONTENT_TYPE}"
-        raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope ({problem})") from exc
+        raise PoisonMessage(f"not a CloudEvents 1.0 JSON envelope ({_envelope_problem(body, exc)})") from exc
     # CloudEvents requires `specversion`; the model defaults it only for the events this platform builds.
     if "specversion" not in event.model_fields_set:
         raise PoisonMessage("not a CloudEvents 1.0 JSON envelope (bad fields: specversion)")
+    if not _is_json(event.datacontenttype):
+        raise PoisonMessage(
+            f"{event.type} says its data is {_shown(event.datacontenttype)} (datacontenttype); data is read as "
+            "a JSON object: send it with datacontenttype application/json, or leave the attribute out"
+        )
     return event
+
+
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+
+
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    """`type/subtype` in lower case, and the parameters (names in lower case, quotes taken off)."""
+    kind, *parameters = value.split(";")
+    found = {}
+    for parameter in parameters:
+        name, _, setting = parameter.partition("=")
+        found[name.strip().lower()] = setting.strip().strip('"')
+    return kind.strip().lower(), found
+
+
+def _shown(value: str) -> str:
+    """A content type as the reason may quote it: a media type, never whatever else a header held."""
+    kind = _media_type(value)[0]
+    return repr(kind) if _MEDIA_TYPE.fullmatch(kind) else "no media type"
+
+
+def _content_type_problem(content_type: str) -> str | None:
+    kind, parameters = _media_type(content_type)
+    if kind != ENVELOPE_CONTENT_TYPE:
+        mode = (
+            "a batch of events, which is not taken"
+            if kind == "application/cloudevents-batch+json"
+            else "another event format, which is not taken"
+            if kind.startswith("application/cloudevents")
+            else "binary mode (the data alone, its attributes in headers), which is not taken"
+        )
+        return (
+            f"sent as content type {_shown(content_type)}, not {ENVELOPE_CONTENT_TYPE}: that is {mode}; "
+            f"publish the whole event as JSON with content type {ENVELOPE_CONTENT_TYPE}"
+        )
+    if parameters.get("charset", "utf-8").lower() not in ("utf-8", "utf8"):
+        return f"sent with a charset other than UTF-8; JSON is UTF-8: send {ENVELOPE_CONTENT_TYPE}"
+    return None
+
+
+def _is_json(datacontenttype: str) -> bool:
+    kind = _media_type(datacontenttype)[0]
+    return kind in ("application/json", "text/json") or kind.endswith("+json")
 
 
 def contract_message(event: CloudEvent, models: Mapping[str, type[BaseModel]], handler: str) -> BaseModel:
@@ -629,7 +683,7 @@ class Consumer(QueueConsumer):
     def _process_batch(self, channel: BlockingChannel, batch: list[Delivery]) -> list[Delivery]:
         """Apply the first messages of `batch` that fit in `batch_seconds`; returns the ones left over."""
         try:
-            events = [decode_envelope(body) for _, _, body in batch]
+            events = [decode_envelope(body, props.content_type) for _, props, body in batch]
             applied = self.apply_batch(events, [props.headers for _, props, _ in batch], self.batch_seconds)
         except Exception as exc:
             # Nothing of the batch was kept: apply its messages one at a time, as if they came alone.

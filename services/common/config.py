@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     insurance_url: str = "http://127.0.0.1:8003"
     review_url: str = "http://127.0.0.1:8004"
 
+    # Outbound webhooks: enabled endpoints a partner may have at once (each costs a lane and an attempt per
+    # event); one more is refused with 409 until one is deleted.
+    webhook_endpoints_per_partner: int = Field(default=10, ge=1)
+
     # Records: a file larger than this is refused before it is stored.
     max_upload_bytes: int = 512 * 1024 * 1024
 

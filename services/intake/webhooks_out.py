@@ -8,11 +8,13 @@
 - Retries follow Standard Webhooks' example schedule (RETRY_SCHEDULE: 5 s to 24 h, about three days in
   all, each wait shortened by up to a fifth at random); a longer `Retry-After` sets the next attempt; HTTP
   410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
-- An attempt gets the status line and headers within `timeout` (20 s) in all, however slowly they arrive;
-  the answer's body is never read (nothing of it reaches our logs).
-- A pass sends to its endpoints at the same time, each endpoint's deliveries in order; an endpoint that
-  gives no answer gets nothing more that pass (its later deliveries wait for its retry, uncounted), and a
-  slow one no more than ends within the lease (the rest is left for the next pass).
+- An attempt, the DNS lookup of the endpoint's host (DNS_TIMEOUT, 5 s) included, gets the status line and
+  headers within `timeout` (20 s) in all, however slowly they arrive; the answer's body is never read
+  (nothing of it reaches our logs).
+- Each endpoint has a lane of its own (up to LANES at once), its deliveries sent in order, one at a time; an
+  endpoint that gives no answer gets nothing more that lane (its later deliveries wait for its retry,
+  uncounted), and a slow one no more than ends within the lease (the rest is left for its next lane). A
+  lane's end is no other lane's business: new deliveries to the other endpoints go out while it runs.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import email.utils
 import hashlib
 import ipaddress
 import json
+import queue
 import random
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -45,6 +48,7 @@ from sqlmodel import Session, col, select
 from contracts.envelope import CloudEvent
 from services.auth.models import Partner
 from services.common.db import insert_new
+from services.intake.host_lookup import DNS_TIMEOUT, EndpointRefused, resolve_host
 from services.intake.models import Case, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhook_signing import headers_for
 
@@ -62,10 +66,6 @@ LANES = 8  # endpoints a pass sends to at the same time
 RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
 ENDPOINTS_READ = "webhooks.endpoints_read"  # session.info: (transaction, partner id -> endpoints)
 SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
-
-
-class EndpointRefused(ValueError):
-    """The URL may not receive webhooks; the message says why."""
 
 
 REDIRECTED = (
@@ -125,21 +125,6 @@ def embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipa
         return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
     carried = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
     return [a for a in carried if a is not None]
-
-
-def resolve_host(host: str) -> list[str]:
-    try:
-        return [str(ipaddress.ip_address(host))]
-    except ValueError:
-        pass
-    try:
-        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
-    except socket.gaierror as exc:
-        raise EndpointRefused("the endpoint's host name does not resolve") from exc
-    except UnicodeError as exc:  # the IDNA codec's: an empty label, or one longer than 63 characters
-        raise EndpointRefused(
-            "the endpoint's host name is not a DNS name (labels of 1 to 63 characters between dots)"
-        ) from exc
 
 
 def what_failed(exc: httpx.HTTPError, timeout: float) -> str:
@@ -307,6 +292,7 @@ _DUE = (
         _DELIVERY.c.status == "pending",
         _DELIVERY.c.next_attempt_at <= bindparam("now"),
         _ENDPOINT.c.disabled_at.is_(None),
+        _ENDPOINT.c.id.not_in(bindparam("busy", expanding=True)),  # endpoints this sender is sending to
     )
     .order_by(_DELIVERY.c.next_attempt_at)
     .limit(bindparam("batch"))
@@ -364,6 +350,14 @@ _GONE = (
 )
 
 
+def by_endpoint(due: list[tuple[Claimed, Target]]) -> dict[str, list[tuple[Claimed, Target]]]:
+    """Claimed deliveries as lanes: each endpoint's, in the order they were claimed (oldest first)."""
+    lanes: dict[str, list[tuple[Claimed, Target]]] = {}
+    for delivery, endpoint in due:
+        lanes.setdefault(endpoint.id, []).append((delivery, endpoint))
+    return lanes
+
+
 class WebhookDispatcher:
     """Sends due deliveries. `run_once` is one pass (tests call it); `run_forever` is the thread body."""
 
@@ -376,6 +370,7 @@ class WebhookDispatcher:
         base_delay: float = 5.0,
         max_delay: float = 86400.0,
         timeout: float = 20.0,  # Standard Webhooks: 15-30 s
+        dns_timeout: float = DNS_TIMEOUT,
         rng: random.Random | None = None,
     ) -> None:
         self.engine = engine
@@ -385,6 +380,7 @@ class WebhookDispatcher:
         self.max_delay = max_delay
         self.rng = rng or random.Random()
         self.timeout = timeout
+        self.dns_timeout = min(dns_timeout, timeout)
         # No kept-alive connections: each attempt opens its own, so the deadline below can always close it.
         self.http = httpx.Client(
             timeout=timeout, follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0)
@@ -392,6 +388,12 @@ class WebhookDispatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._secrets_cache: dict[str, tuple[float, list[str]]] = {}
+        # run_forever's lanes: the endpoints being sent to (until their attempts are recorded), and the
+        # attempts of lanes that ended, for the sender's thread to record.
+        self._busy: set[str] = set()
+        self._ended: queue.SimpleQueue[tuple[str, list[Attempt]]] = queue.SimpleQueue()
+        self._passed_over: set[str] = set()  # busy endpoints a claim left out: claim again when they end
+        self._claim_wanted = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -399,33 +401,87 @@ class WebhookDispatcher:
 
     def wake(self) -> None:
         """New deliveries were committed: send them now, not at the next pass."""
+        self._claim_wanted.set()
         self._wake.set()
 
     def run_forever(self, interval: float = 1.0) -> None:
-        # Woken when the consumer commits deliveries; the pass every `interval` sends retries when due.
-        while not self._stop.is_set():
-            self._wake.clear()  # before the pass: a wake during it makes the next pass start at once
-            try:
-                # A full batch may have left more due: claim again. A shorter one took all that was due
-                # when it looked, and a commit since has set the wake-up (no empty claim after each pass).
-                while self.run_once(BATCH) >= BATCH and not self._stop.is_set():
-                    pass
-            except Exception as exc:
-                log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
-            self._wake.wait(interval)
+        """Each endpoint's lane runs on its own: a slow endpoint holds its own lane, not the deliveries of
+        the others, which are claimed and sent as soon as they are due (an ended lane wakes this loop, which
+        records what it sent and claims again). An endpoint whose lane runs is not claimed for meanwhile, so
+        its deliveries go one at a time and in order; the lease still keeps other replicas off them."""
+        next_claim = 0.0
+        with ThreadPoolExecutor(LANES, thread_name_prefix="webhooks-lane") as lanes:
+            # Woken when the consumer commits deliveries or a lane ends; every `interval` retries when due.
+            while not self._stop.is_set():
+                self._wake.clear()  # before the claim: a wake during it makes the next one start at once
+                try:
+                    self._record_ended()
+                    if self._claim_wanted.is_set() or time.monotonic() >= next_claim:
+                        self._claim_wanted.clear()
+                        next_claim = time.monotonic() + interval
+                        # A full batch may have left more due: claim again (for endpoints without a lane).
+                        # A shorter one took all that was due when it looked; a commit since woke us.
+                        while self._start_lanes(lanes) >= BATCH and not self._stop.is_set():
+                            self._record_ended()
+                except Exception as exc:
+                    log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
+                if not self._claim_wanted.is_set():  # a lane that ended meanwhile may want one at once
+                    self._wake.wait(max(next_claim - time.monotonic(), 0.0))
+        # The lanes have ended (each stops at its attempt under way and leaves its rest for the next start).
+        try:
+            self._record_ended()
+        except Exception as exc:
+            log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
         self.http.close()
 
+    def _start_lanes(self, lanes: ThreadPoolExecutor) -> int:
+        """Claim what is due for endpoints without a running lane, while a lane is free, and start a lane
+        for each endpoint claimed; the number of deliveries claimed."""
+        # What is due for the endpoints left out is claimed when their lanes end (no claim after every lane).
+        self._passed_over |= self._busy
+        if len(self._busy) >= LANES:
+            return 0
+        due = self._claim(BATCH, busy=self._busy)
+        started = time.monotonic()
+        for endpoint_id, lane in by_endpoint(due).items():
+            self._busy.add(endpoint_id)
+            lanes.submit(self._run_lane, endpoint_id, lane, started)
+        return len(due)
+
+    def _run_lane(self, endpoint_id: str, lane: list[tuple[Claimed, Target]], started: float) -> None:
+        attempts: list[Attempt] = []
+        try:
+            attempts = self._send_lane(lane, started)
+        except Exception as exc:  # what it sent unrecorded is sent again after the lease (same webhook-id)
+            log.warning("webhooks.lane_failed", endpoint_id=endpoint_id, error=type(exc).__name__)
+        finally:
+            self._ended.put((endpoint_id, attempts))
+            self._wake.set()
+
+    def _record_ended(self) -> None:
+        """Record the attempts of the lanes that ended since (one transaction), and free their endpoints."""
+        ended: list[tuple[str, list[Attempt]]] = []
+        while not self._ended.empty():
+            ended.append(self._ended.get_nowait())
+        try:
+            self._record([attempt for _, attempts in ended for attempt in attempts])
+        finally:
+            freed = {endpoint_id for endpoint_id, _ in ended}
+            self._busy -= freed
+            if freed & self._passed_over:
+                self._passed_over -= freed
+                self._claim_wanted.set()
+
     def run_once(self, batch: int = BATCH) -> int:
-        """Claim up to `batch` due deliveries and send them, a lane per endpoint: the lanes at the same time
+        """One pass, ended when its last lane ends (tests; `run_forever` waits for no lane to claim again).
+        Claim up to `batch` due deliveries and send them, a lane per endpoint: the lanes at the same time
         (up to LANES), each endpoint's deliveries in order. An endpoint that gives no answer costs one
         timeout a pass, so no other endpoint waits behind it and a pass ends well inside the lease.
         Outcomes are recorded together (one transaction); a lane still sending after RECORD_EVERY seconds
         records its own as it goes. A crash before the record re-sends those deliveries after the lease,
         with the same `webhook-id`, which receivers dedupe on."""
         due = self._claim(batch)
-        lanes: dict[str, list[tuple[Claimed, Target]]] = {}
-        for delivery, endpoint in due:
-            lanes.setdefault(endpoint.id, []).append((delivery, endpoint))
+        lanes = by_endpoint(due)
         started = time.monotonic()
         if len(lanes) <= 1:
             sent = [self._send_lane(lane, started) for lane in lanes.values()]
@@ -447,7 +503,11 @@ class WebhookDispatcher:
             # and send the rest beside this one (a slow endpoint's later deliveries, or a lane that waited
             # for a free one behind dead endpoints). The rest is due again at once, for the next pass. A
             # lane's first send before any could have timed out always starts (whatever the settings).
-            if elapsed + self.timeout > LEASE.total_seconds() * LEASE_USED and (n or elapsed >= self.timeout):
+            # On stop, the rest is left too, so the sender ends at its attempts under way.
+            late = elapsed + self.timeout > LEASE.total_seconds() * LEASE_USED and (
+                n or elapsed >= self.timeout
+            )
+            if late or self._stop.is_set():
                 rest = tuple(d.id for d, _ in lane[n:])
                 if attempts:
                     attempts[-1] = replace(attempts[-1], released=rest)
@@ -464,10 +524,11 @@ class WebhookDispatcher:
                 attempts, recorded = [], time.monotonic()
         return attempts
 
-    def _claim(self, batch: int) -> list[tuple[Claimed, Target]]:
-        """Lease due deliveries so another replica does not send them at the same time."""
+    def _claim(self, batch: int, busy: Collection[str] = ()) -> list[tuple[Claimed, Target]]:
+        """Lease due deliveries so another replica does not send them at the same time; none of the `busy`
+        endpoints'."""
         now = datetime.now(UTC)
-        params = {"now": now, "batch": batch, "until": now + LEASE}
+        params = {"now": now, "batch": batch, "until": now + LEASE, "busy": list(busy)}
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 rows = list(conn.execute(_CLAIM, params))
@@ -504,13 +565,18 @@ class WebhookDispatcher:
         error = ""
         retry_hint: str | None = None
         try:
-            address = check_url(endpoint.url, self.env)[0]
+            address = check_url(endpoint.url, self.env, lambda host: resolve_host(host, self.dns_timeout))[0]
             secrets = self._secrets(endpoint.partner_id)
             if not secrets:
                 raise EndpointRefused("the partner no longer exists")
             headers = headers_for(secrets, delivery.id, int(time.time()), body)
+            # The lookup's time counts: an attempt ends within `timeout` in all, as the lease rule assumes.
             response = self._post(
-                endpoint.url, address, body, {**headers, "content-type": "application/json"}
+                endpoint.url,
+                address,
+                body,
+                {**headers, "content-type": "application/json"},
+                within=started + self.timeout - time.monotonic(),
             )
             status_code = response.status_code
             retry_hint = response.headers.get("retry-after")
@@ -528,36 +594,47 @@ class WebhookDispatcher:
         duration_ms = int((time.monotonic() - started) * 1000)
         return Attempt(delivery, endpoint, status_code, error, retry_hint, duration_ms, datetime.now(UTC))
 
-    def _post(self, url: str, address: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    def _post(
+        self, url: str, address: str, body: bytes, headers: dict[str, str], within: float
+    ) -> httpx.Response:
         """POST to `address`, the one `check_url` allowed (resolving the name again to connect would let a
         name server answer a public address to the check and a private one to the connection), with the
         URL's host as Host and as the TLS server name the certificate is checked against.
 
-        Only the status line and headers are read, within `timeout` in all, never the body (it would only
-        be dropped, and may be endless). httpx's timeout bounds each read, so an endpoint answering a byte
-        at a time could hold the sender as long as it liked: at the deadline its socket is shut."""
+        Only the status line and headers are read, within `within` seconds in all (what is left of the
+        attempt's `timeout`), never the body (it would only be dropped, and may be endless). httpx's timeout
+        bounds each read, so an endpoint answering a byte at a time could hold the sender as long as it
+        liked: at the deadline its socket is shut (and one connected after the deadline, at once)."""
+        within = max(within, 0.001)
         target = httpx.URL(url)
         pinned = target.copy_with(host=address)
         headers = {**headers, "host": target.netloc.decode("ascii")}
         sockets: list[socket.socket] = []
 
+        expired = threading.Event()
+
+        def shut(sock: socket.socket) -> None:
+            with contextlib.suppress(OSError):  # already closed, or the plain socket under TLS
+                sock.shutdown(socket.SHUT_RDWR)
+
         def trace(event: str, info: dict[str, Any]) -> None:
             if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
                 sockets.append(info["return_value"].get_extra_info("socket"))
-
-        expired = threading.Event()
+                if expired.is_set():
+                    shut(sockets[-1])
 
         def expire() -> None:
             expired.set()
             for sock in sockets:
-                with contextlib.suppress(OSError):  # already closed, or the plain socket under TLS
-                    sock.shutdown(socket.SHUT_RDWR)
+                shut(sock)
 
-        watchdog = threading.Timer(self.timeout, expire)
+        watchdog = threading.Timer(within, expire)
         watchdog.start()
         try:
             extensions = {"trace": trace, "sni_hostname": target.raw_host.decode("ascii")}
-            with self.http.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as r:
+            with self.http.stream(
+                "POST", pinned, content=body, headers=headers, extensions=extensions, timeout=within
+            ) as r:
                 return r
         except httpx.HTTPError as exc:
             if expired.is_set():

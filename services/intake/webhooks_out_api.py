@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +37,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     ),
     409: problem_response(
         409,
-        "The URL is already registered, or (replay) the endpoint is disabled",
+        "The URL is already registered, the partner has as many enabled endpoints as it may, "
+        "or (replay) the endpoint is disabled",
         "this URL is already registered as endpoint …; use it",
     ),
 }
@@ -96,9 +98,11 @@ async def register(
 ) -> Response:
     """Register an endpoint for `case.status_changed`, `records.needed`, `report.ready` and `report.amended`.
     HTTPS to a public address is required (plain HTTP to loopback only in development). Events are signed
-    with the partner's webhook secret per Standard Webhooks."""
+    with the partner's webhook secret per Standard Webhooks. A partner has at most 10 enabled endpoints
+    (WEBHOOK_ENDPOINTS_PER_PARTNER); one more is a 409 until one is deleted."""
     try:
-        check_url(body.url, get_settings().env)
+        # On a thread: the host's DNS lookup (up to DNS_TIMEOUT) must not hold the event loop.
+        await asyncio.to_thread(check_url, body.url, get_settings().env)
     except EndpointRefused as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
@@ -118,14 +122,15 @@ async def register(
 def refuse_registered(session: Session, partner_id: str, url: str, but: str | None = None) -> None:
     """Each endpoint gets its own `webhook-id` for an event: a URL enabled twice would receive every event
     twice under two ids, which no receiver can dedupe. (A disabled endpoint's URL may be registered anew.)
-    Registrations and enables of one partner's endpoints take turns (a lock until the caller's commit), so two
-    at once cannot both find the URL free."""
+    Each enabled endpoint costs the sender a lane and an attempt per event: a partner has at most
+    WEBHOOK_ENDPOINTS_PER_PARTNER of them enabled. Registrations and enables of one partner's endpoints take
+    turns (a lock until the caller's commit), so two at once cannot both find the URL free, or a place left."""
     transaction_lock(session, ENDPOINT_LOCKS, partner_id)  # on SQLite (one process on a laptop) not guarded
     enabled = session.exec(
         select(WebhookEndpoint).where(
             WebhookEndpoint.partner_id == partner_id, col(WebhookEndpoint.disabled_at).is_(None)
         )
-    )
+    ).all()
     for endpoint in enabled:
         if endpoint.id != but and same_url(endpoint.url, url):
             raise HTTPException(
@@ -133,6 +138,13 @@ def refuse_registered(session: Session, partner_id: str, url: str, but: str | No
                 f"this URL is already registered as endpoint {endpoint.id}, which is enabled; "
                 "use it, or DELETE it first",
             )
+    most = get_settings().webhook_endpoints_per_partner
+    if len([e for e in enabled if e.id != but]) >= most:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"the partner already has {most} enabled webhook endpoints, the most it may have; DELETE one it "
+            "no longer uses (GET the partner's webhook-endpoints lists them), then try again",
+        )
 
 
 def same_url(registered: str, url: str) -> bool:

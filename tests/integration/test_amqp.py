@@ -23,6 +23,7 @@ from contracts import CloudEvent, CollectRecords
 from contracts.envelope import new_event
 from services.common.amqp import (
     COMMANDS,
+    ENVELOPE_CONTENT_TYPE,
     EVENTS,
     Consumer,
     OutboxRelay,
@@ -470,6 +471,61 @@ def test_a_message_that_is_no_cloudevent_is_dead_lettered_at_once_saying_what_is
     assert "sent as content type 'application/xml'" in reasons["xml"]
     assert reasons["no-specversion"].endswith("(bad fields: specversion)")
     assert reasons["long-type"].endswith("(bad fields: type)")
+
+
+def test_a_cloudevent_sent_with_a_content_type_it_is_not_is_dead_lettered_at_once_saying_so(
+    settings: Settings, engine: Engine
+) -> None:
+    """A well-formed envelope was applied whatever content type it came with: `application/json` (binary
+    mode, whose body is the data alone), a batch, or an envelope whose `datacontenttype` says its data is not
+    JSON. Per CloudEvents' AMQP binding only `application/cloudevents+json` is structured mode, the one mode
+    read here; what our publishers send (that type, or none from an operator's hand) is still applied."""
+    purge(settings, "records", dead_letter_queue("records"))
+    xml_data = collect_command("case-content-type").model_copy(update={"datacontenttype": "application/xml"})
+    sent = {
+        "binary": ("application/json", None, "binary mode"),
+        "batch": ("application/cloudevents-batch+json", None, "a batch of events"),
+        "utf-16": ("application/cloudevents+json; charset=utf-16", None, "charset other than UTF-8"),
+        "xml-data": (ENVELOPE_CONTENT_TYPE, xml_data, "says its data is 'application/xml'"),
+        "ours": (ENVELOPE_CONTENT_TYPE, None, None),
+        "ours-charset": ("Application/CloudEvents+JSON; charset=UTF-8", None, None),
+        "no-type": (None, None, None),
+    }
+    ids = {name: f"ct-{name}-{uuid.uuid4()}" for name in sent}
+    applied: list[str] = []
+    reasons: dict[str, str] = {}
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = conn.channel()
+
+    def all_dead() -> bool:
+        method, props, _ = channel.basic_get(dead_letter_queue("records"), auto_ack=True)
+        if method is not None:
+            assert "x-death" not in props.headers, (
+                f"{props.message_id} was retried before it was dead-lettered"
+            )
+            reasons[props.message_id] = props.headers["x-poison-reason"]
+        return len(reasons) == 4
+
+    def handle(session: Session, event: CloudEvent) -> None:
+        applied.append(event.id)
+
+    for _ in run_consumer(settings, engine, "records", handle):
+        for name, (content_type, event, _) in sent.items():  # together: the batch path reads them
+            body = (event or collect_command("case-content-type")).model_copy(update={"id": ids[name]})
+            props = pika.BasicProperties(message_id=ids[name], content_type=content_type, delivery_mode=2)
+            channel.basic_publish(COMMANDS, "records.collect", body.to_bytes(), props)
+        wait_until(all_dead, "four messages dead-lettered")
+        wait_until(lambda: len(applied) == 3, "three messages applied")
+    conn.close()
+    assert sorted(applied) == sorted(ids[name] for name in ("ours", "ours-charset", "no-type"))
+    for name, (_, _, says) in sent.items():
+        if says:
+            assert says in reasons[ids[name]], reasons[ids[name]]
+    assert reasons[ids["binary"]].startswith(
+        "not a CloudEvents 1.0 JSON envelope (sent as content type 'application/json', "
+        "not application/cloudevents+json"
+    )
+    assert "content type application/cloudevents+json" in reasons[ids["binary"]]  # what to send instead
 
 
 @contextlib.contextmanager

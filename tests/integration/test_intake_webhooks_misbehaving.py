@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import json
 import random
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,17 +22,18 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from contracts.models import CaseStatus
-from services.common.config import Settings
+from services.common.config import Settings, get_settings
 from services.common.db import transaction_lock
-from services.intake import api, webhooks_out, webhooks_out_api
+from services.intake import api, host_lookup, webhooks_out, webhooks_out_api
 from services.intake.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhooks_out import WebhookDispatcher
 from services.intake.webhooks_out_api import ENDPOINT_LOCKS
+from tests.infra import wait_until
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_outbound_webhooks import Receiver, publish, setup_partner, status_changed
 from tests.pki import Authority
@@ -710,6 +715,72 @@ def test_two_registrations_of_one_url_at_once_take_turns_and_the_second_is_refus
     assert "already registered" in second.json()["detail"]
 
 
+def register(client: TestClient, partner: dict[str, str], url: str) -> httpx.Response:
+    return client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+        json={"url": url},
+        headers={"Authorization": partner["Authorization"]},
+    )
+
+
+def test_a_partner_has_at_most_the_limit_of_enabled_endpoints_and_is_told_what_to_do(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # There was no limit: a partner could register thousands of endpoints, each costing the sender a lane
+    # and an attempt per event.
+    monkeypatch.setattr(get_settings(), "webhook_endpoints_per_partner", 3)
+    partner, first_id, _ = setup_partner(client, engines[1], receiver)  # one enabled endpoint
+    base = f"/v1/partners/{partner['partner_id']}/webhook-endpoints"
+    headers = {"Authorization": partner["Authorization"]}
+    assert [register(client, partner, f"{receiver.url}/{n}").status_code for n in (1, 2)] == [201, 201]
+
+    refused = register(client, partner, f"{receiver.url}/3")
+
+    assert refused.status_code == 409, refused.text
+    assert "already has 3 enabled webhook endpoints" in refused.json()["detail"]
+    assert "DELETE one" in refused.json()["detail"]
+    assert client.delete(f"{base}/{first_id}", headers=headers).status_code == 204
+    assert register(client, partner, f"{receiver.url}/3").status_code == 201  # its place is free again
+    again = client.post(f"{base}/{first_id}/enable", headers=headers)  # and taken: no fourth one enabled
+    assert again.status_code == 409 and "already has 3" in again.json()["detail"], again.text
+    enabled = [e for e in client.get(base, headers=headers).json() if e["enabled"]]
+    assert len(enabled) == 3
+
+
+def test_a_registration_waiting_for_the_partners_turn_counts_the_endpoint_registered_meanwhile(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit is counted in the partner's turn: two registrations at once cannot both take the last place."""
+    monkeypatch.setattr(get_settings(), "webhook_endpoints_per_partner", 2)
+    partner, _, _ = setup_partner(client, engines[1], receiver)
+    with Session(engines[0]) as other, ThreadPoolExecutor(1) as pool:
+        # Another registration, between its count and its commit: it holds the partner's turn.
+        transaction_lock(other, ENDPOINT_LOCKS, partner["partner_id"])
+        waiting = pool.submit(register, client, partner, receiver.url + "/second")
+        wait_until(lambda: waiting_for_advisory_lock(engines[0]), "the registration waiting for its turn")
+        other.add(
+            WebhookEndpoint(id=str(uuid.uuid4()), partner_id=partner["partner_id"], url=receiver.url + "/x")
+        )
+        other.commit()
+        last = waiting.result(timeout=10)
+    assert last.status_code == 409 and "already has 2 enabled" in last.json()["detail"], last.text
+
+
+def waiting_for_advisory_lock(engine: Engine) -> bool:
+    """Whether a session of this test's database waits for one of ENDPOINT_LOCKS' advisory locks."""
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND classid = :space"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ),
+                {"space": ENDPOINT_LOCKS},
+            ).scalar()
+        )
+
+
 def test_a_short_retry_after_does_not_use_up_three_days_of_retries_in_seconds(
     client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver, dispatcher: WebhookDispatcher
 ) -> None:
@@ -799,3 +870,146 @@ def test_many_dead_endpoints_of_one_partner_do_not_keep_a_pass_past_the_lease(
     unsent = [d for d in rows if d.attempts == 0]
     assert unsent and all(d.status == "pending" for d in unsent)
     assert all(d.next_attempt_at.replace(tzinfo=UTC) <= datetime.now(UTC) for d in unsent)
+
+
+@pytest.fixture
+def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A host name whose DNS lookup never answers (until the test ends, or 6 s pass: a sender without a
+    deadline of its own fails its test rather than hang the suite)."""
+    host = "hangs.example"
+    answered = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(name: object, port: object, *args: object, **kwargs: object) -> object:
+        if name != host:
+            return real_getaddrinfo(name, port, *args, **kwargs)  # type: ignore[arg-type]
+        answered.wait(6)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield host
+    answered.set()
+
+
+def test_a_dns_lookup_that_never_answers_costs_the_attempt_its_timeout_and_says_so(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+    hanging_resolver: str,
+) -> None:
+    # The lookup of the endpoint's host had no deadline: a name server that never answers held the lane,
+    # the pass and every other partner's deliveries behind it, with nothing in the delivery log.
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    point_endpoint_at(engines[0], partner["partner_id"], f"http://{hanging_resolver}:9/hook")
+    for n, status_ in enumerate([CaseStatus.AWAITING_RECORDS, CaseStatus.MATCHING]):
+        publish(engines[0], case_id, status_changed(case_id, status_), f"wf:{case_id}:dns{n}")
+
+    took = run_once_within(dispatcher, 3.0)
+
+    assert took < 2.0
+    first, second = sorted(deliveries_of(engines[0], case_id), key=lambda d: d.created_at)
+    [attempt] = attempts_of(engines[0], first.id)
+    assert attempt.error.startswith("the DNS lookup of the endpoint's host did not answer within 1 s")
+    assert (first.status, first.attempts, attempt.status_code) == ("pending", 1, None)
+    assert (second.status, second.attempts) == ("pending", 0)  # held back to the first one's retry
+    assert second.next_attempt_at == first.next_attempt_at
+
+
+SILENT_NAME_SERVER = """
+import json, socket, time
+from services.intake.host_lookup import EndpointRefused, resolve_host
+silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+silent.bind(("127.0.0.1", 53))  # the name server resolv.conf names here: it reads nothing, answers nothing
+started = time.monotonic()
+try:
+    outcome = str(resolve_host("hooks.example", 0.5))
+except EndpointRefused as exc:
+    outcome = str(exc)
+took = time.monotonic() - started
+silent.setblocking(False)
+print(json.dumps({"outcome": outcome, "took": took, "asked": len(silent.recv(512)) > 0}))
+"""
+
+
+def test_a_real_name_server_that_never_answers_costs_the_lookup_its_deadline(tmp_path: Path) -> None:
+    """The system resolver asking a real name server (UDP on 127.0.0.1:53) that never answers: in a user,
+    mount and network namespace of its own, with its own resolv.conf, so nothing of the machine's changes."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        pytest.skip("unshare or ip is not installed")
+    if subprocess.run(["unshare", "-rmn", "true"], capture_output=True, check=False).returncode:
+        pytest.skip("user namespaces are not available here (the fixture hanging_resolver stands in)")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:3 attempts:1\n")
+    isolated = f'ip link set lo up && mount --bind {resolv} /etc/resolv.conf && exec {sys.executable} -c "$0"'
+    done = subprocess.run(
+        ["unshare", "-rmn", "sh", "-c", isolated, SILENT_NAME_SERVER],
+        cwd=Path(__file__).resolve().parents[2],  # this tree's services, not an installed copy's
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["asked"], "the resolver did not ask the silent name server"
+    assert found["outcome"].startswith("the DNS lookup of the endpoint's host did not answer within 0.5 s")
+    assert found["took"] < 1.5
+
+
+def test_a_registration_whose_host_lookup_never_answers_is_refused_in_seconds(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    hanging_resolver: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(host_lookup, "DNS_TIMEOUT", 0.5)
+    partner, _, _ = setup_partner(client, engines[1], receiver)
+    started = time.monotonic()
+    refused = client.post(
+        f"/v1/partners/{partner['partner_id']}/webhook-endpoints",
+        json={"url": f"http://{hanging_resolver}/hook"},
+        headers={"Authorization": partner["Authorization"]},
+    )
+    assert time.monotonic() - started < 2.0
+    assert refused.status_code == 422, refused.text
+    assert "DNS lookup of the endpoint's host did not answer within 0.5 s" in refused.json()["detail"]
+
+
+def test_a_slow_endpoint_holds_only_its_own_lane_and_another_gets_new_deliveries_at_once(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    receiver: Receiver,
+    endpoints: Callable[..., RawEndpoint],
+) -> None:
+    # A pass ended when its slowest lane did: an endpoint answering in 19 s (inside the timeout, so never held
+    # back) kept every other endpoint's new deliveries waiting for the next pass, up to 45 s.
+    def slow_ok(conn: socket.socket) -> None:
+        time.sleep(2.5)
+        answer(b"200 OK")(conn)
+
+    slow = endpoints(slow_ok)
+    partner, _, case_id = setup_partner(client, engines[1], receiver)
+    assert register(client, partner, slow.url).status_code == 201
+    sender = WebhookDispatcher(engine=engines[0], auth_engine=engines[1], env="dev", timeout=5.0)
+    running = threading.Thread(target=sender.run_forever, kwargs={"interval": 10.0}, daemon=True)
+    running.start()
+    try:
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:l1")
+        sender.wake()
+        wait_until(lambda: len(receiver.received) == 1 and slow.requests == 1, "the first event sent to both")
+        published = time.monotonic()
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"wf:{case_id}:l2")
+        sender.wake()
+        wait_until(lambda: len(receiver.received) == 2, "the second event sent to the fast endpoint", 5)
+        assert receiver.received[1][0] - published < 1.0
+        assert slow.requests == 1  # still answering the first: nothing more is sent to it meanwhile
+    finally:
+        sender.stop()
+        running.join(5)
+    assert not running.is_alive()
+    # Both events to the fast one and the first to the slow one recorded as delivered; the slow one's second
+    # is left, unsent, for the sender's next start.
+    rows = deliveries_of(engines[0], case_id)
+    assert sorted((d.status, d.attempts) for d in rows) == [("delivered", 1)] * 3 + [("pending", 0)]
