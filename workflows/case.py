@@ -88,6 +88,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 E = TypeVar("E", bound=BaseModel)
+D = TypeVar("D", bound=Decision)
 
 # Publishing is retried until the broker confirms: a case never loses a command to a broker restart.
 PUBLISH_TIMEOUT = timedelta(seconds=30)
@@ -153,20 +154,37 @@ def _review_documents_communication(submitted: ReviewSubmitted) -> bool:
     return submitted.communicated if submitted.communicated is not None else submitted.critical
 
 
-def _require_decision(update: str, decision: object, model: type[Decision]) -> None:
-    """Refuse an update whose input is null, before it is accepted. A null payload reaches the validator as None,
-    not as `model` (the SDK decodes it without the model); accepted, its handler would fail the workflow task on
-    every retry. And refuse a required text of only spaces (the length rules count them): the audit names who
-    decided and why, the partner is told why a case was cancelled, the specialist gets the question."""
-    if not isinstance(decision, model):
-        fields = ", ".join(model.model_fields)
+def _decision(update: str, model: type[D], received: tuple[Any, ...]) -> D:
+    """The one input of update `update` as `model`, or a refusal (raised from its validator, before the update is
+    accepted) naming the update and the input it takes. Updates take their input undecoded, as the signals do:
+    typed, one sent without input (the `temporal` CLI without --input) or with two reached the validator as the
+    SDK's TypeError about a missing or extra Python argument, and a null one as None; accepted, that handler
+    would fail the workflow task on every retry. A field that does not fit is said by field and rule, never by
+    value (it may be PHI). A required text of only spaces is refused too (the length rules count them): the
+    audit names who decided and why, the partner is told why a case was cancelled, the specialist gets the
+    question."""
+    fields = ", ".join(model.model_fields)
+    if len(received) != 1 or received[0] is None:
+        if not received:
+            problem = "it came with none (with the temporal CLI: --input '{...}')"
+        elif len(received) == 1:
+            problem = "not null"
+        else:
+            problem = f"not {len(received)} inputs"
         raise ValueError(
-            f"update {update} needs its input as one JSON object ({fields}), not null; nothing was changed"
+            f"update {update} needs its input as one JSON object ({fields}), {problem}; nothing was changed"
         )
+    try:
+        decision = model.model_validate(received[0])
+    except ValidationError as invalid:
+        raise ValueError(
+            f"update {update}: {problems_of(invalid)}; send one JSON object ({fields}); nothing was changed"
+        ) from None
     for name, what in REQUIRED_TEXTS.items():
         field = model.model_fields.get(name)
         if field is not None and field.is_required() and not getattr(decision, name).strip():
             raise ValueError(f"update {update}: `{name}` is blank; {what}")
+    return decision
 
 
 @workflow.defn(name="CaseWorkflow")
@@ -732,54 +750,58 @@ class CaseWorkflow:
         self._note(f"signal {name} ignored: this case takes the signals on_event, consent_received")
 
     @workflow.update
-    def cancel(self, request: CancelCase) -> str:
+    def cancel(self, *received: Any) -> str:
+        request = _decision("cancel", CancelCase, received)
         self._cancel = request
         self._audit("cancel", request)
         return f"case cancelled by {request.by}"
 
     @cancel.validator
-    def _validate_cancel(self, request: CancelCase) -> None:
-        _require_decision("cancel", request, CancelCase)
+    def _validate_cancel(self, *received: Any) -> None:
+        _decision("cancel", CancelCase, received)
         self._require_open("cancel")
         if self._standing() in (CaseStatus.DELIVERING, CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
             raise ValueError(f"the report is already {self._where()}; a delivered case cannot be cancelled")
 
     @workflow.update
-    def decide_cost(self, decision: CostDecision) -> str:
+    def decide_cost(self, *received: Any) -> str:
+        decision = _decision("decide_cost", CostDecision, received)
         self._cost = decision
         self._audit("decide_cost", decision, decision.choice.value)
         return f"cost decision recorded: {decision.choice.value}"
 
     @decide_cost.validator
-    def _validate_decide_cost(self, decision: CostDecision) -> None:
-        _require_decision("decide_cost", decision, CostDecision)
+    def _validate_decide_cost(self, *received: Any) -> None:
+        _decision("decide_cost", CostDecision, received)
         self._require_open("decide on the cost")
         if self._standing() != CaseStatus.AWAITING_PATIENT_DECISION or self._cost is not None:
             raise ValueError(f"no cost decision is pending (status {self._where()})")
 
     @workflow.update
-    def reconcile_identity(self, decision: IdentityDecision) -> str:
+    def reconcile_identity(self, *received: Any) -> str:
+        decision = _decision("reconcile_identity", IdentityDecision, received)
         self._identity[decision.import_id] = decision
         self._audit("reconcile_identity", decision, f"{decision.choice.value} import {decision.import_id}")
         return f"import {decision.import_id}: {decision.choice.value}"
 
     @reconcile_identity.validator
-    def _validate_reconcile_identity(self, decision: IdentityDecision) -> None:
-        _require_decision("reconcile_identity", decision, IdentityDecision)
+    def _validate_reconcile_identity(self, *received: Any) -> None:
+        decision = _decision("reconcile_identity", IdentityDecision, received)
         self._require_open("reconcile an identity")
         pending = self._pending_mismatch()
         if pending is None or pending.import_id != decision.import_id:
             raise ValueError(f"import {decision.import_id} is not waiting for an identity decision")
 
     @workflow.update
-    def reassign_reviewer(self, request: ReassignReviewer) -> str:
+    def reassign_reviewer(self, *received: Any) -> str:
+        request = _decision("reassign_reviewer", ReassignReviewer, received)
         self._reassign = request
         self._audit("reassign_reviewer", request, f"to {request.reviewer_id or 'next best match'}")
         return "the current reviewer will be withdrawn and the case matched again"
 
     @reassign_reviewer.validator
-    def _validate_reassign(self, request: ReassignReviewer) -> None:
-        _require_decision("reassign_reviewer", request, ReassignReviewer)
+    def _validate_reassign(self, *received: Any) -> None:
+        request = _decision("reassign_reviewer", ReassignReviewer, received)
         self._require_open("reassign")
         allowed = (CaseStatus.AWAITING_ACCEPTANCE, CaseStatus.IN_REVIEW, CaseStatus.UNMATCHED)
         if self._standing() not in allowed:
@@ -801,7 +823,8 @@ class CaseWorkflow:
             )
 
     @workflow.update
-    def document_communication(self, documented: DocumentCommunication) -> str:
+    def document_communication(self, *received: Any) -> str:
+        documented = _decision("document_communication", DocumentCommunication, received)
         told = documented.communication
         self._communication = DocumentedCommunication(
             **told.model_dump(), documented_by=documented.by, documented_at=workflow.now()
@@ -814,8 +837,8 @@ class CaseWorkflow:
         return "communication documented; the report is composed with it"
 
     @document_communication.validator
-    def _validate_document_communication(self, documented: DocumentCommunication) -> None:
-        _require_decision("document_communication", documented, DocumentCommunication)
+    def _validate_document_communication(self, *received: Any) -> None:
+        documented = _decision("document_communication", DocumentCommunication, received)
         self._require_open("document a communication")
         if self._communication is not None:
             raise ValueError(
@@ -840,7 +863,8 @@ class CaseWorkflow:
             )
 
     @workflow.update
-    async def hold(self, request: HoldCase) -> str:
+    async def hold(self, *received: Any) -> str:
+        request = _decision("hold", HoldCase, received)
         self._hold = request
         self._status_before_hold = self._status
         self._audit("hold", request)
@@ -848,14 +872,15 @@ class CaseWorkflow:
         return "case on hold; the due date keeps running"
 
     @hold.validator
-    def _validate_hold(self, request: HoldCase) -> None:
-        _require_decision("hold", request, HoldCase)
+    def _validate_hold(self, *received: Any) -> None:
+        _decision("hold", HoldCase, received)
         self._require_open("put on hold")
         if self._hold is not None:
             raise ValueError("the case is already on hold")
 
     @workflow.update
-    async def resume(self, request: ResumeCase) -> str:
+    async def resume(self, *received: Any) -> str:
+        request = _decision("resume", ResumeCase, received)
         previous = self._status_before_hold or CaseStatus.INTAKE
         self._hold = None
         self._status_before_hold = None
@@ -864,21 +889,22 @@ class CaseWorkflow:
         return f"resumed in {previous.value}"
 
     @resume.validator
-    def _validate_resume(self, request: ResumeCase) -> None:
-        _require_decision("resume", request, ResumeCase)
+    def _validate_resume(self, *received: Any) -> None:
+        _decision("resume", ResumeCase, received)
         self._require_open("resume")
         if self._hold is None:
             raise ValueError("the case is not on hold")
 
     @workflow.update
-    def ask_question(self, question: FollowUpQuestion) -> str:
+    def ask_question(self, *received: Any) -> str:
+        question = _decision("ask_question", FollowUpQuestion, received)
         self._questions.append(question)
         self._audit("ask_question", question, f"question {question.question_id}")
         return f"question {len(self._questions)} of {self._policy_max_questions()} sent to the specialist"
 
     @ask_question.validator
-    def _validate_question(self, question: FollowUpQuestion) -> None:
-        _require_decision("ask_question", question, FollowUpQuestion)
+    def _validate_question(self, *received: Any) -> None:
+        question = _decision("ask_question", FollowUpQuestion, received)
         if self._delivered_at is None:  # from then on, also while an addendum is being delivered
             raise ValueError(f"questions are taken after the report is delivered (status {self._where()})")
         if len(self._questions) >= self._policy_max_questions():
@@ -887,14 +913,15 @@ class CaseWorkflow:
             raise ValueError(f"question {question.question_id} was already asked")
 
     @workflow.update
-    def close(self, request: CloseCase) -> str:
+    def close(self, *received: Any) -> str:
+        request = _decision("close", CloseCase, received)
         self._close = request
         self._audit("close", request)
         return "the case closes once pending follow-up questions are answered"
 
     @close.validator
-    def _validate_close(self, request: CloseCase) -> None:
-        _require_decision("close", request, CloseCase)
+    def _validate_close(self, *received: Any) -> None:
+        _decision("close", CloseCase, received)
         if self._delivered_at is None:
             raise ValueError(f"a case closes after its report is delivered (status {self._where()})")
         if self._close is not None:

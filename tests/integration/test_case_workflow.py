@@ -5,11 +5,13 @@ workflow publishes and answers with events, and it plays operations staff sendin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -18,6 +20,7 @@ from typing import Any
 
 import pika
 import pytest
+import uvicorn
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
@@ -68,9 +71,11 @@ from contracts.events import (
 )
 from contracts.models import DirectCommunication
 from services.common.amqp import COMMANDS, EVENTS, Publisher, ensure_topology
+from services.common.codec_server import create_codec_app
 from services.common.config import Settings
 from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID
 from tests.conftest import temporal_binary
+from tests.infra import free_port
 from workflows.bridge import EventBridge
 from workflows.case import CaseWorkflow
 from workflows.worker import build_worker, workflow_runner
@@ -708,8 +713,9 @@ async def test_consent_identity_mismatch_hold_and_resume(client: Client, setting
     services.close()
 
 
-async def temporal_cli(client: Client, *args: str) -> str:
-    """Run the `temporal` CLI against the test server as operations staff would, typing JSON by hand."""
+async def temporal_cli(client: Client, *args: str, refused: bool = False) -> str:
+    """Run the `temporal` CLI against the test server as operations staff would, typing JSON by hand; it exits 0,
+    or with `refused` non-zero."""
     process = await asyncio.create_subprocess_exec(
         temporal_binary(),
         "--address",
@@ -721,8 +727,78 @@ async def temporal_cli(client: Client, *args: str) -> str:
         stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert process.returncode == 0, output
+    assert (process.returncode != 0) if refused else (process.returncode == 0), output
     return output.decode()
+
+
+@contextlib.contextmanager
+def codec_server(settings: Settings) -> Iterator[str]:
+    """The codec server (`make codec-server`) on a free loopback port, so the CLI reads the case's answers."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_codec_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "the codec server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+async def test_an_update_sent_without_input_by_the_cli_is_refused_naming_what_it_takes(
+    client: Client, settings: Settings
+) -> None:
+    """`temporal workflow update execute --name hold` without --input (or with two) reached the validator as the
+    SDK's TypeError about a missing Python argument: the operator read `_validate_hold() missing 1 required
+    positional argument: 'request'`, not what to send."""
+    handle, services = await start(client, settings)
+    await services.expect("records.collect")
+    await wait_status(handle, CaseStatus.AWAITING_RECORDS)
+    takes = {
+        "cancel": "by, reason",
+        "decide_cost": "by, reason, choice",
+        "reconcile_identity": "by, reason, import_id, choice",
+        "reassign_reviewer": "by, reason, reviewer_id",
+        "document_communication": "by, reason, communication",
+        "hold": "by, reason",
+        "resume": "by, reason",
+        "ask_question": "by, reason, question_id, text",
+        "close": "by, reason",
+    }
+    with codec_server(settings) as codec:
+        update = ("workflow", "update", "execute", "-w", handle.id, "--codec-endpoint", codec, "--name")
+        said = await asyncio.gather(*(temporal_cli(client, *update, name, refused=True) for name in takes))
+        two = await temporal_cli(
+            client, *update, "hold", "--input", '{"by": "ops-1"}', "--input", '{"reason": "x"}', refused=True
+        )
+        mistyped = await temporal_cli(
+            client, *update, "hold", "--input", '{"by": "ops-1", "reson": "call back"}', refused=True
+        )
+    for (name, fields), output in zip(takes.items(), said, strict=True):
+        assert f"update {name} needs its input as one JSON object ({fields}), it came with none" in output, (
+            output
+        )
+        assert "TypeError" not in output and "positional argument" not in output
+    assert "update hold needs its input as one JSON object (by, reason), not 2 inputs" in two, two
+    assert (
+        "update hold: reason: Field required; reson: Extra inputs are not permitted; send one JSON object "
+        "(by, reason)" in mistyped
+    ), mistyped
+    assert "call back" not in mistyped  # by field and rule, never the value sent
+    assert await workflow_task_failures(handle) == 0
+    assert await handle.query(CaseWorkflow.decisions) == []
+    assert await handle.query(CaseWorkflow.status) == CaseStatus.AWAITING_RECORDS
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="call back"))  # still steered
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await handle.terminate("test done")
+    services.close()
 
 
 async def test_a_signal_that_does_not_fit_is_noted_and_the_case_goes_on(
