@@ -105,6 +105,9 @@ COMMUNICATION_FIRST = "communication-before-report"
 CANCEL_ENDS_HOLD = (
     "cancel-ends-hold"  # workflow.patched id: a case cancelled on hold ends cancelled, not on_hold
 )
+# workflow.patched id: the case completes once its running decisions have finished (a resume announcing the status
+# it resumes in); cases from before completed at once, failing that update and leaving the SDK's warning.
+HANDLERS_FINISH_FIRST = "decisions-finish-before-the-case-ends"
 # The documenter's clock may run a few minutes ahead of the workflow's: a communication that far ahead is accepted.
 CLOCK_SKEW = timedelta(minutes=5)
 # While a report waits for the communication to be documented, operations is reminded this often (not on hold).
@@ -240,8 +243,14 @@ class CaseWorkflow:
             process.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await process
-            return await self._compensate(case)
-        return process.result()
+            outcome = await self._compensate(case)
+        else:
+            outcome = process.result()
+        if workflow.patched(HANDLERS_FINISH_FIRST):
+            # A decision still publishing (a resume that releases the closing step announces the status it
+            # resumes in) gets its answer to its caller and its message out before the case completes.
+            await workflow.wait_condition(workflow.all_handlers_finished)
+        return outcome
 
     async def _process(self, case: CaseInput) -> CaseOutcome:
         if not self._consent:
@@ -891,7 +900,7 @@ class CaseWorkflow:
     @resume.validator
     def _validate_resume(self, *received: Any) -> None:
         _decision("resume", ResumeCase, received)
-        self._require_open("resume")
+        self._require_open("resume", held_too=False)  # a case that ended on hold is resumed to let it end
         if self._hold is None:
             raise ValueError("the case is not on hold")
 
@@ -905,6 +914,7 @@ class CaseWorkflow:
     @ask_question.validator
     def _validate_question(self, *received: Any) -> None:
         question = _decision("ask_question", FollowUpQuestion, received)
+        self._require_open("ask a question")
         if self._delivered_at is None:  # from then on, also while an addendum is being delivered
             raise ValueError(f"questions are taken after the report is delivered (status {self._where()})")
         if len(self._questions) >= self._policy_max_questions():
@@ -922,6 +932,7 @@ class CaseWorkflow:
     @close.validator
     def _validate_close(self, *received: Any) -> None:
         _decision("close", CloseCase, received)
+        self._require_open("close")
         if self._delivered_at is None:
             raise ValueError(f"a case closes after its report is delivered (status {self._where()})")
         if self._close is not None:
@@ -1008,13 +1019,15 @@ class CaseWorkflow:
     def _where(self) -> str:
         return f"{self._standing().value} (on hold)" if self._hold else self._status.value
 
-    def _require_open(self, what: str) -> None:
+    def _require_open(self, what: str, held_too: bool = True) -> None:
+        """Refuse a decision once the case is being cancelled or has ended, with `held_too` also where it ended
+        on hold (what it sends waits for the resume, which only lets it end)."""
         if self._cancel is not None:
             raise ValueError(
                 f"cannot {what}: the case is being cancelled (by {self._cancel.by}); nothing was changed"
             )
-        if self._status in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
-            raise ValueError(f"cannot {what}: the case is {self._status.value}")
+        if (self._standing() if held_too else self._status) in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
+            raise ValueError(f"cannot {what}: the case is {self._where()}")
 
     def _audit(self, name: str, decision: Decision, detail: str = "") -> None:
         self._decisions.append(

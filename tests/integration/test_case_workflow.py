@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
@@ -21,11 +22,14 @@ from typing import Any
 import pika
 import pytest
 import uvicorn
+from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
+from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+from temporalio.workflow import UnfinishedUpdateHandlersWarning
 
 from contracts import (
     CaseInput,
@@ -76,8 +80,10 @@ from services.common.config import Settings
 from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID
 from tests.conftest import temporal_binary
 from tests.infra import free_port
+from workflows.activities import CaseActivities
 from workflows.bridge import EventBridge
 from workflows.case import CaseWorkflow
+from workflows.models import PublishEvent
 from workflows.worker import build_worker, workflow_runner
 
 TASK_QUEUE = "cases"
@@ -226,7 +232,9 @@ def case_input(case_id: str, **overrides: Any) -> CaseInput:
     return CaseInput(**fields)
 
 
-async def start(client: Client, settings: Settings, **overrides: Any) -> tuple[WorkflowHandle, Services]:
+async def start(
+    client: Client, settings: Settings, task_queue: str = TASK_QUEUE, **overrides: Any
+) -> tuple[WorkflowHandle, Services]:
     case_id = str(uuid.uuid4())
     services = Services(settings, case_id)
     case = case_input(case_id, **overrides)
@@ -234,7 +242,7 @@ async def start(client: Client, settings: Settings, **overrides: Any) -> tuple[W
         CaseWorkflow.run,
         case,
         id=f"case-{case_id}",
-        task_queue=TASK_QUEUE,
+        task_queue=task_queue,
         search_attributes=TypedSearchAttributes(
             [
                 SearchAttributePair(CASE_STATUS, "intake"),
@@ -638,22 +646,90 @@ async def test_a_held_case_is_steered_by_where_it_stands(client: Client, setting
     await handle.terminate("test done")
     services.close()
 
-    handle, services = await start(client, settings)
-    await to_follow_up(handle, services)
-    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="checking the recipient"))
-    await wait_status(handle, CaseStatus.ON_HOLD)
-    with pytest.raises(WorkflowUpdateFailedError) as delivered:
-        await handle.execute_update(CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew"))
-    assert "the report is already follow_up (on hold); a delivered case cannot be cancelled" in str(
-        delivered.value.cause
-    )
-    await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
-    assert await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2")) == "resumed in closed"
-    assert (await asyncio.wait_for(handle.result(), timeout=20)).status == CaseStatus.CLOSED
+    # The resume releases the closing step and announces `closed` itself: the case completed as soon as its
+    # closing step was out, with the resume still publishing (its caller got "Workflow Update failed because the
+    # Workflow completed before the Update completed", and the SDK warned of an unfinished handler). Here the
+    # resume's announcement is slow, so that it always comes after the closing step.
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        async with late_resume_worker(client, settings) as (queue, slowed):
+            handle, services = await start(client, settings, task_queue=queue)
+            await to_follow_up(handle, services)
+            await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="checking the recipient"))
+            await wait_status(handle, CaseStatus.ON_HOLD)
+            with pytest.raises(WorkflowUpdateFailedError) as delivered:
+                await handle.execute_update(
+                    CaseWorkflow.cancel, CancelCase(by="ops-1", reason="patient withdrew")
+                )
+            assert "the report is already follow_up (on hold); a delivered case cannot be cancelled" in str(
+                delivered.value.cause
+            )
+            await decide(handle, CaseWorkflow.close, CloseCase(by="dr-a", reason="no further questions"))
+            # Closed where it stands, on hold: a question now would never reach the specialist.
+            with pytest.raises(WorkflowUpdateFailedError) as too_late:
+                await handle.execute_update(
+                    CaseWorkflow.ask_question, FollowUpQuestion(by="dr-a", question_id="q9", text="one more?")
+                )
+            assert "cannot ask a question: the case is closed (on hold)" in str(too_late.value.cause)
+            assert await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2")) == "resumed in closed"
+            assert (await asyncio.wait_for(handle.result(), timeout=20)).status == CaseStatus.CLOSED
+            assert slowed.is_set()
+            await keep_history(handle, "closed_on_hold_resumed_late")
+            decisions = [d.name for d in await handle.query(CaseWorkflow.decisions)]
+    assert decisions == ["decide_cost", "hold", "close", "resume"]
+    assert [str(w.message) for w in warned if issubclass(w.category, UnfinishedUpdateHandlersWarning)] == []
     await services.expect("review.close")
     await services.expect("case.status_changed", status="closed")  # announced by the resume
     assert "case.cancelled" not in services.types()
     services.close()
+
+
+class ResumeAnnouncedLate(CaseActivities):
+    """The case's activities, with the status change a resume announces published late: it waits until the SDK
+    warns that the case finished while an update was still running, or for a second."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.warned = threading.Event()
+        self.slowed = threading.Event()
+
+    @activity.defn(name="publish_event")
+    def publish_event(self, event: PublishEvent) -> str:
+        if event.type == "case.status_changed" and event.data["detail"].startswith("resumed by"):
+            self.slowed.set()
+            self.warned.wait(1)
+        return super().publish_event(event)
+
+
+@contextlib.asynccontextmanager
+async def late_resume_worker(
+    client: Client, settings: Settings
+) -> AsyncIterator[tuple[str, threading.Event]]:
+    """A worker of the case workflow on a task queue of its own whose resume announcements are late; yields the
+    queue and an event set once a resume's announcement was held back."""
+    queue = f"cases-late-resume-{uuid.uuid4().hex[:8]}"
+    activities = ResumeAnnouncedLate(settings)
+    show = warnings.showwarning
+
+    def showing(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, UnfinishedUpdateHandlersWarning):
+            activities.warned.set()
+        show(message, category, *args, **kwargs)
+
+    with ThreadPoolExecutor(4) as executor:
+        async with Worker(
+            client,
+            task_queue=queue,
+            workflows=[CaseWorkflow],
+            workflow_runner=SandboxedWorkflowRunner(),
+            activities=[activities.publish_command, activities.publish_event, activities.publish_batch],
+            activity_executor=executor,
+        ):
+            warnings.showwarning = showing
+            try:
+                yield queue, activities.slowed
+            finally:
+                warnings.showwarning = show
 
 
 async def test_declining_the_cost_cancels_the_case(client: Client, settings: Settings) -> None:
@@ -1153,9 +1229,10 @@ async def test_an_untold_major_discrepancy_waits_for_operations_to_document_the_
     emailed["communication"]["method"] = "email"
     with pytest.raises(WorkflowUpdateFailedError) as indirect:
         await handle.execute_update("document_communication", emailed)
-    # Refused as it is decoded, before the validator: the reason names the field and what it takes.
-    assert "communication.method" in str(indirect.value.cause.cause)
-    assert "'telephone' or 'in_person'" in str(indirect.value.cause.cause)
+    # Refused by the validator: the reason names the field and what it takes, never the value sent.
+    assert "update document_communication: communication.method" in str(indirect.value.cause)
+    assert "'telephone' or 'in_person'" in str(indirect.value.cause)
+    assert "email" not in str(indirect.value.cause)
     assert len((await handle.fetch_history()).events) == history_before  # nothing was written
     assert await handle.query(CaseWorkflow.status) == CaseStatus.AWAITING_COMMUNICATION
 
