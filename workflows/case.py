@@ -200,6 +200,7 @@ class CaseWorkflow:
         self._answered: dict[str, int] = {}
         self._status = CaseStatus.INTAKE
         self._status_since: datetime | None = None
+        self._status_changes = 0  # the status changes announced so far: the `seq` of the last one
         self._timeline: list[TimelineItem] = []
         self._decisions: list[DecisionRecord] = []
         self._alerts: list[AlertRecord] = []
@@ -1166,8 +1167,16 @@ class CaseWorkflow:
         self._timeline.append(TimelineItem(status=status, at=now, detail=detail))
         workflow.upsert_search_attributes([CASE_STATUS.value_set(status.value)])
         self._show_details()
+        # Numbered as made: one workflow task may make two (a hold and a resume) at one `at`, whose messages can
+        # reach intake in either order. A number in the message, no new command: nothing to patch.
+        self._status_changes += 1
         changed = CaseStatusChanged(
-            case_id=self._case.case_id, status=status, previous=previous, at=now, detail=detail
+            case_id=self._case.case_id,
+            status=status,
+            previous=previous,
+            at=now,
+            detail=detail,
+            seq=self._status_changes,
         )
         if then and workflow.patched(BATCH_PUBLISH):
             # One local activity for the step: the status change and its commands, in this order.

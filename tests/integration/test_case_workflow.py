@@ -643,6 +643,14 @@ async def test_a_held_case_is_steered_by_where_it_stands(client: Client, setting
         await services.expect("review.match", timeout=1.5)  # nothing goes out while on hold
     await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
     await services.expect("review.match")
+    # Each status change is numbered as the case made it, so intake's mirror keeps the last one made even where
+    # two carry one time (a hold and a resume in one workflow task) and arrive the other way round.
+    changes = [
+        await services.expect("case.status_changed", status=status)
+        for status in ("awaiting_records", "awaiting_patient_decision", "on_hold", "matching")
+    ]
+    assert [change["data"]["seq"] for change in changes] == [1, 2, 3, 4]
+    assert changes[3]["data"]["detail"] == "resumed by ops-2"
     await handle.terminate("test done")
     services.close()
 
