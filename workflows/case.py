@@ -219,6 +219,7 @@ class CaseWorkflow:
         self._review_submitted = False
         self._delivered_at: datetime | None = None
         self._offer: ReviewOffered | None = None
+        self._withdrawn: WithdrawOffer | None = None  # the offer just withdrawn: the next match carries it
         self._reviewer: str | None = None
         self._reminders_sent = 0
         self._own_addenda = False  # the specialist's own addenda are delivered (patch OWN_ADDENDA)
@@ -481,9 +482,11 @@ class CaseWorkflow:
                     partner_case_ref_system=case.partner_case_ref_system,
                     procedure_scheduled_on=case.procedure_scheduled_on,
                     gestational_age_weeks=case.gestational_age_weeks,
+                    withdraw=self._withdrawn,
                 )
             ],
         )
+        self._withdrawn = None
         answer, mark = await self._answer(
             "match", mark, ReviewOffered.TYPE, ReviewAssigned.TYPE, ReviewUnmatched.TYPE
         )
@@ -604,7 +607,11 @@ class CaseWorkflow:
             raise Rematch(f"offer to {offer.reviewer_id} withdrawn: reassigned")
 
     async def _withdraw(self, case: CaseInput, offer: ReviewOffered, reason: str) -> None:
-        await self._send(WithdrawOffer(case_id=case.case_id, review_id=offer.review_id, reason=reason))
+        withdrawal = WithdrawOffer(case_id=case.case_id, review_id=offer.review_id, reason=reason)
+        await self._send(withdrawal)
+        # Another review replica may take the next match before this withdrawal: the match carries it too. A field
+        # of the message, no new command: nothing to patch.
+        self._withdrawn = withdrawal
 
     async def _deliver(self, case: CaseInput, report_id: str, pdf_url: str, fhir_url: str) -> None:
         mark = await self._transition(
