@@ -23,10 +23,13 @@ import pika
 import pytest
 import uvicorn
 from temporalio import activity
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType, UpdateWorkflowExecutionLifecycleStage
+from temporalio.api.update.v1 import UpdateRef, WaitPolicy
+from temporalio.api.workflowservice.v1 import PollWorkflowExecutionUpdateRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from temporalio.workflow import UnfinishedUpdateHandlersWarning
@@ -74,12 +77,15 @@ from contracts.events import (
     ReviewOffered,
 )
 from contracts.models import DirectCommunication
-from services.common.amqp import COMMANDS, EVENTS, Publisher, ensure_topology
+from services.common.amqp import COMMANDS, EVENTS, Consumer, Publisher, ensure_topology
 from services.common.codec_server import create_codec_app
 from services.common.config import Settings
 from services.common.temporal import ASSIGNED_REVIEWER, CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID
+from services.intake import consumer as intake_consumer
 from tests.conftest import temporal_binary
 from tests.infra import free_port
+from tests.integration.intake_app import intake_engines
+from tests.integration.test_intake_races import a_case, mirrored_status
 from workflows.activities import CaseActivities
 from workflows.bridge import EventBridge
 from workflows.case import CaseWorkflow
@@ -233,9 +239,13 @@ def case_input(case_id: str, **overrides: Any) -> CaseInput:
 
 
 async def start(
-    client: Client, settings: Settings, task_queue: str = TASK_QUEUE, **overrides: Any
+    client: Client,
+    settings: Settings,
+    task_queue: str = TASK_QUEUE,
+    case_id: str | None = None,
+    **overrides: Any,
 ) -> tuple[WorkflowHandle, Services]:
-    case_id = str(uuid.uuid4())
+    case_id = case_id or str(uuid.uuid4())
     services = Services(settings, case_id)
     case = case_input(case_id, **overrides)
     handle = await client.start_workflow(
@@ -712,20 +722,18 @@ class ResumeAnnouncedLate(CaseActivities):
 
 
 @contextlib.asynccontextmanager
-async def late_resume_worker(
-    client: Client, settings: Settings
-) -> AsyncIterator[tuple[str, threading.Event]]:
-    """A worker of the case workflow on a task queue of its own whose resume announcements are late; yields the
-    queue and an event set once a resume's announcement was held back."""
-    queue = f"cases-late-resume-{uuid.uuid4().hex[:8]}"
-    activities = ResumeAnnouncedLate(settings)
-    show = warnings.showwarning
+async def case_worker(client: Client, settings: Settings, activities: CaseActivities) -> AsyncIterator[str]:
+    """A worker of the case workflow with `activities`, on a task queue of its own (yielded): a test may stop it
+    and start another on the same queue."""
+    queue = f"cases-{uuid.uuid4().hex[:8]}"
+    async with worker_on(client, settings, queue, activities):
+        yield queue
 
-    def showing(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, UnfinishedUpdateHandlersWarning):
-            activities.warned.set()
-        show(message, category, *args, **kwargs)
 
+@contextlib.asynccontextmanager
+async def worker_on(
+    client: Client, settings: Settings, queue: str, activities: CaseActivities
+) -> AsyncIterator[None]:
     with ThreadPoolExecutor(4) as executor:
         async with Worker(
             client,
@@ -735,11 +743,87 @@ async def late_resume_worker(
             activities=[activities.publish_command, activities.publish_event, activities.publish_batch],
             activity_executor=executor,
         ):
-            warnings.showwarning = showing
-            try:
-                yield queue, activities.slowed
-            finally:
-                warnings.showwarning = show
+            yield
+
+
+@contextlib.asynccontextmanager
+async def late_resume_worker(
+    client: Client, settings: Settings
+) -> AsyncIterator[tuple[str, threading.Event]]:
+    """A worker of the case workflow on a task queue of its own whose resume announcements are late; yields the
+    queue and an event set once a resume's announcement was held back."""
+    activities = ResumeAnnouncedLate(settings)
+    show = warnings.showwarning
+
+    def showing(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, UnfinishedUpdateHandlersWarning):
+            activities.warned.set()
+        show(message, category, *args, **kwargs)
+
+    async with case_worker(client, settings, activities) as queue:
+        warnings.showwarning = showing
+        try:
+            yield queue, activities.slowed
+        finally:
+            warnings.showwarning = show
+
+
+async def admitted(client: Client, handle: WorkflowHandle, update_id: str) -> None:
+    """Once the server holds update `update_id` for the case (admitted), whether or not a worker took it yet."""
+    request = PollWorkflowExecutionUpdateRequest(
+        namespace=client.namespace,
+        update_ref=UpdateRef(
+            workflow_execution=WorkflowExecution(workflow_id=handle.id), update_id=update_id
+        ),
+        wait_policy=WaitPolicy(
+            lifecycle_stage=UpdateWorkflowExecutionLifecycleStage.UPDATE_WORKFLOW_EXECUTION_LIFECYCLE_STAGE_ADMITTED
+        ),
+    )
+    for _ in range(200):
+        try:
+            await client.workflow_service.poll_workflow_execution_update(request)
+            return
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:  # not sent yet
+                raise
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"update {update_id} never reached the server")
+
+
+async def test_a_hold_and_a_resume_in_one_workflow_task_leave_intakes_mirror_resumed(
+    client: Client, settings: Settings
+) -> None:
+    """Operations held a case and resumed it while its worker was away: both decisions reached the case in one
+    workflow task, and both status changes carry one `at`. Intake's mirror kept whichever it applied last, and
+    showed `on_hold` for a resumed case when the resume's message came first (two replicas, a redelivery)."""
+    intake = intake_engines(settings)[0]
+    case_id = a_case(intake)
+    activities = CaseActivities(settings)
+    async with case_worker(client, settings, activities) as queue:
+        handle, services = await start(client, settings, task_queue=queue, case_id=case_id)
+        await services.expect("records.collect")
+        await wait_status(handle, CaseStatus.AWAITING_RECORDS)
+    hold = asyncio.create_task(
+        handle.execute_update(CaseWorkflow.hold, HoldCase(by="ops-2", reason="call back"), id="hold")
+    )
+    await admitted(client, handle, "hold")
+    resume = asyncio.create_task(
+        handle.execute_update(CaseWorkflow.resume, ResumeCase(by="ops-2"), id="resume")
+    )
+    await admitted(client, handle, "resume")
+    async with worker_on(client, settings, queue, activities):
+        assert await hold == "case on hold; the due date keeps running"
+        assert await resume == "resumed in awaiting_records"
+        held = await services.expect("case.status_changed", status="on_hold")
+        resumed = await services.expect("case.status_changed", detail="resumed by ops-2")
+        await handle.terminate("test done")
+    services.close()
+    assert held["data"]["at"] == resumed["data"]["at"]  # one workflow task
+
+    mirror = Consumer(settings=settings, queue="intake", engine=intake, handle=intake_consumer.handle)
+    for message in (resumed, held):  # the other way round
+        assert mirror.apply(CloudEvent.model_validate(message))
+    assert mirrored_status(intake, case_id) == CaseStatus.AWAITING_RECORDS
 
 
 async def test_declining_the_cost_cancels_the_case(client: Client, settings: Settings) -> None:
