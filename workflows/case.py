@@ -2,9 +2,10 @@
 
 Signals: ``on_event(CloudEvent)`` (a service's event, from the event bridge; a seen event id is dropped),
 ``consent_received(ConsentReceived)``; one whose input does not fit, or of another name, is noted on the timeline.
-Updates (validated: a decision that makes no sense in the current state is rejected before it is written):
+Updates (validated: a decision that makes no sense in the current state is rejected before it is written, and so
+is one whose input is not one JSON object that fits, naming the update and what it takes):
 ``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``document_communication``,
-``hold``, ``resume``, ``ask_question``, ``close``.
+``hold``, ``resume``, ``ask_question``, ``close``. The case completes once every decision has finished.
 Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``, ``received``.
 """
 
