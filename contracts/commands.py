@@ -58,6 +58,14 @@ class VerifyInsurance(Command):
     patient: Patient | None = None
 
 
+class WithdrawOffer(Command):
+    """The offer expired, the reviewer was reassigned or the case was cancelled: the review leaves the worklist."""
+
+    TYPE: ClassVar[str] = "review.withdraw"
+    review_id: str
+    reason: str  # "expired" | "reassigned" | "cancelled"
+
+
 class MatchSpecialist(Command):
     TYPE: ClassVar[str] = "review.match"
     exam: Exam
@@ -81,14 +89,10 @@ class MatchSpecialist(Command):
         None  # an invasive procedure planned on the strength of the first scan
     )
     gestational_age_weeks: int | None = None  # obstetric and fetal cases (required at intake)
-
-
-class WithdrawOffer(Command):
-    """The offer expired, the reviewer was reassigned or the case was cancelled: the review leaves the worklist."""
-
-    TYPE: ClassVar[str] = "review.withdraw"
-    review_id: str
-    reason: str  # "expired" | "reassigned" | "cancelled"
+    # The offer or review the workflow withdrew just before this match (it lapsed, or was reassigned), also sent
+    # alone as review.withdraw ahead of it: another replica may apply this match first, and then it withdraws it
+    # too, in the match's transaction, so no second specialist is offered the case while the first holds it.
+    withdraw: WithdrawOffer | None = None
 
 
 class FollowUpQuestionForReviewer(Command):

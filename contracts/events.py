@@ -181,11 +181,16 @@ class CaseAlert(Event):
 
 
 class CaseStatusChanged(Event):
+    """The case entered `status`. `seq` numbers the case's status changes in the order the workflow made them
+    (1, 2, …): two made in one workflow task (a hold and a resume) carry one `at`, and they may be applied in
+    either order, so the one with the higher `seq` is the case's status. None from a worker before it."""
+
     TYPE: ClassVar[str] = "case.status_changed"
     status: CaseStatus
     previous: CaseStatus | None
     at: datetime
     detail: str = ""
+    seq: int | None = None
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

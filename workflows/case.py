@@ -2,9 +2,10 @@
 
 Signals: ``on_event(CloudEvent)`` (a service's event, from the event bridge; a seen event id is dropped),
 ``consent_received(ConsentReceived)``; one whose input does not fit, or of another name, is noted on the timeline.
-Updates (validated: a decision that makes no sense in the current state is rejected before it is written):
+Updates (validated: a decision that makes no sense in the current state is rejected before it is written, and so
+is one whose input is not one JSON object that fits, naming the update and what it takes):
 ``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``document_communication``,
-``hold``, ``resume``, ``ask_question``, ``close``.
+``hold``, ``resume``, ``ask_question``, ``close``. The case completes once every decision has finished.
 Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``, ``received``.
 """
 
@@ -88,6 +89,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 E = TypeVar("E", bound=BaseModel)
+D = TypeVar("D", bound=Decision)
 
 # Publishing is retried until the broker confirms: a case never loses a command to a broker restart.
 PUBLISH_TIMEOUT = timedelta(seconds=30)
@@ -104,6 +106,9 @@ COMMUNICATION_FIRST = "communication-before-report"
 CANCEL_ENDS_HOLD = (
     "cancel-ends-hold"  # workflow.patched id: a case cancelled on hold ends cancelled, not on_hold
 )
+# workflow.patched id: the case completes once its running decisions have finished (a resume announcing the status
+# it resumes in); cases from before completed at once, failing that update and leaving the SDK's warning.
+HANDLERS_FINISH_FIRST = "decisions-finish-before-the-case-ends"
 # The documenter's clock may run a few minutes ahead of the workflow's: a communication that far ahead is accepted.
 CLOCK_SKEW = timedelta(minutes=5)
 # While a report waits for the communication to be documented, operations is reminded this often (not on hold).
@@ -153,20 +158,37 @@ def _review_documents_communication(submitted: ReviewSubmitted) -> bool:
     return submitted.communicated if submitted.communicated is not None else submitted.critical
 
 
-def _require_decision(update: str, decision: object, model: type[Decision]) -> None:
-    """Refuse an update whose input is null, before it is accepted. A null payload reaches the validator as None,
-    not as `model` (the SDK decodes it without the model); accepted, its handler would fail the workflow task on
-    every retry. And refuse a required text of only spaces (the length rules count them): the audit names who
-    decided and why, the partner is told why a case was cancelled, the specialist gets the question."""
-    if not isinstance(decision, model):
-        fields = ", ".join(model.model_fields)
+def _decision(update: str, model: type[D], received: tuple[Any, ...]) -> D:
+    """The one input of update `update` as `model`, or a refusal (raised from its validator, before the update is
+    accepted) naming the update and the input it takes. Updates take their input undecoded, as the signals do:
+    typed, one sent without input (the `temporal` CLI without --input) or with two reached the validator as the
+    SDK's TypeError about a missing or extra Python argument, and a null one as None; accepted, that handler
+    would fail the workflow task on every retry. A field that does not fit is said by field and rule, never by
+    value (it may be PHI). A required text of only spaces is refused too (the length rules count them): the
+    audit names who decided and why, the partner is told why a case was cancelled, the specialist gets the
+    question."""
+    fields = ", ".join(model.model_fields)
+    if len(received) != 1 or received[0] is None:
+        if not received:
+            problem = "it came with none (with the temporal CLI: --input '{...}')"
+        elif len(received) == 1:
+            problem = "not null"
+        else:
+            problem = f"not {len(received)} inputs"
         raise ValueError(
-            f"update {update} needs its input as one JSON object ({fields}), not null; nothing was changed"
+            f"update {update} needs its input as one JSON object ({fields}), {problem}; nothing was changed"
         )
+    try:
+        decision = model.model_validate(received[0])
+    except ValidationError as invalid:
+        raise ValueError(
+            f"update {update}: {problems_of(invalid)}; send one JSON object ({fields}); nothing was changed"
+        ) from None
     for name, what in REQUIRED_TEXTS.items():
         field = model.model_fields.get(name)
         if field is not None and field.is_required() and not getattr(decision, name).strip():
             raise ValueError(f"update {update}: `{name}` is blank; {what}")
+    return decision
 
 
 @workflow.defn(name="CaseWorkflow")
@@ -179,6 +201,7 @@ class CaseWorkflow:
         self._answered: dict[str, int] = {}
         self._status = CaseStatus.INTAKE
         self._status_since: datetime | None = None
+        self._status_changes = 0  # the status changes announced so far: the `seq` of the last one
         self._timeline: list[TimelineItem] = []
         self._decisions: list[DecisionRecord] = []
         self._alerts: list[AlertRecord] = []
@@ -197,6 +220,7 @@ class CaseWorkflow:
         self._review_submitted = False
         self._delivered_at: datetime | None = None
         self._offer: ReviewOffered | None = None
+        self._withdrawn: WithdrawOffer | None = None  # the offer just withdrawn: the next match carries it
         self._reviewer: str | None = None
         self._reminders_sent = 0
         self._own_addenda = False  # the specialist's own addenda are delivered (patch OWN_ADDENDA)
@@ -222,8 +246,14 @@ class CaseWorkflow:
             process.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await process
-            return await self._compensate(case)
-        return process.result()
+            outcome = await self._compensate(case)
+        else:
+            outcome = process.result()
+        if workflow.patched(HANDLERS_FINISH_FIRST):
+            # A decision still publishing (a resume that releases the closing step announces the status it
+            # resumes in) gets its answer to its caller and its message out before the case completes.
+            await workflow.wait_condition(workflow.all_handlers_finished)
+        return outcome
 
     async def _process(self, case: CaseInput) -> CaseOutcome:
         if not self._consent:
@@ -453,9 +483,11 @@ class CaseWorkflow:
                     partner_case_ref_system=case.partner_case_ref_system,
                     procedure_scheduled_on=case.procedure_scheduled_on,
                     gestational_age_weeks=case.gestational_age_weeks,
+                    withdraw=self._withdrawn,
                 )
             ],
         )
+        self._withdrawn = None
         answer, mark = await self._answer(
             "match", mark, ReviewOffered.TYPE, ReviewAssigned.TYPE, ReviewUnmatched.TYPE
         )
@@ -576,7 +608,11 @@ class CaseWorkflow:
             raise Rematch(f"offer to {offer.reviewer_id} withdrawn: reassigned")
 
     async def _withdraw(self, case: CaseInput, offer: ReviewOffered, reason: str) -> None:
-        await self._send(WithdrawOffer(case_id=case.case_id, review_id=offer.review_id, reason=reason))
+        withdrawal = WithdrawOffer(case_id=case.case_id, review_id=offer.review_id, reason=reason)
+        await self._send(withdrawal)
+        # Another review replica may take the next match before this withdrawal: the match carries it too. A field
+        # of the message, no new command: nothing to patch.
+        self._withdrawn = withdrawal
 
     async def _deliver(self, case: CaseInput, report_id: str, pdf_url: str, fhir_url: str) -> None:
         mark = await self._transition(
@@ -732,54 +768,58 @@ class CaseWorkflow:
         self._note(f"signal {name} ignored: this case takes the signals on_event, consent_received")
 
     @workflow.update
-    def cancel(self, request: CancelCase) -> str:
+    def cancel(self, *received: Any) -> str:
+        request = _decision("cancel", CancelCase, received)
         self._cancel = request
         self._audit("cancel", request)
         return f"case cancelled by {request.by}"
 
     @cancel.validator
-    def _validate_cancel(self, request: CancelCase) -> None:
-        _require_decision("cancel", request, CancelCase)
+    def _validate_cancel(self, *received: Any) -> None:
+        _decision("cancel", CancelCase, received)
         self._require_open("cancel")
         if self._standing() in (CaseStatus.DELIVERING, CaseStatus.DELIVERED, CaseStatus.FOLLOW_UP):
             raise ValueError(f"the report is already {self._where()}; a delivered case cannot be cancelled")
 
     @workflow.update
-    def decide_cost(self, decision: CostDecision) -> str:
+    def decide_cost(self, *received: Any) -> str:
+        decision = _decision("decide_cost", CostDecision, received)
         self._cost = decision
         self._audit("decide_cost", decision, decision.choice.value)
         return f"cost decision recorded: {decision.choice.value}"
 
     @decide_cost.validator
-    def _validate_decide_cost(self, decision: CostDecision) -> None:
-        _require_decision("decide_cost", decision, CostDecision)
+    def _validate_decide_cost(self, *received: Any) -> None:
+        _decision("decide_cost", CostDecision, received)
         self._require_open("decide on the cost")
         if self._standing() != CaseStatus.AWAITING_PATIENT_DECISION or self._cost is not None:
             raise ValueError(f"no cost decision is pending (status {self._where()})")
 
     @workflow.update
-    def reconcile_identity(self, decision: IdentityDecision) -> str:
+    def reconcile_identity(self, *received: Any) -> str:
+        decision = _decision("reconcile_identity", IdentityDecision, received)
         self._identity[decision.import_id] = decision
         self._audit("reconcile_identity", decision, f"{decision.choice.value} import {decision.import_id}")
         return f"import {decision.import_id}: {decision.choice.value}"
 
     @reconcile_identity.validator
-    def _validate_reconcile_identity(self, decision: IdentityDecision) -> None:
-        _require_decision("reconcile_identity", decision, IdentityDecision)
+    def _validate_reconcile_identity(self, *received: Any) -> None:
+        decision = _decision("reconcile_identity", IdentityDecision, received)
         self._require_open("reconcile an identity")
         pending = self._pending_mismatch()
         if pending is None or pending.import_id != decision.import_id:
             raise ValueError(f"import {decision.import_id} is not waiting for an identity decision")
 
     @workflow.update
-    def reassign_reviewer(self, request: ReassignReviewer) -> str:
+    def reassign_reviewer(self, *received: Any) -> str:
+        request = _decision("reassign_reviewer", ReassignReviewer, received)
         self._reassign = request
         self._audit("reassign_reviewer", request, f"to {request.reviewer_id or 'next best match'}")
         return "the current reviewer will be withdrawn and the case matched again"
 
     @reassign_reviewer.validator
-    def _validate_reassign(self, request: ReassignReviewer) -> None:
-        _require_decision("reassign_reviewer", request, ReassignReviewer)
+    def _validate_reassign(self, *received: Any) -> None:
+        request = _decision("reassign_reviewer", ReassignReviewer, received)
         self._require_open("reassign")
         allowed = (CaseStatus.AWAITING_ACCEPTANCE, CaseStatus.IN_REVIEW, CaseStatus.UNMATCHED)
         if self._standing() not in allowed:
@@ -801,7 +841,8 @@ class CaseWorkflow:
             )
 
     @workflow.update
-    def document_communication(self, documented: DocumentCommunication) -> str:
+    def document_communication(self, *received: Any) -> str:
+        documented = _decision("document_communication", DocumentCommunication, received)
         told = documented.communication
         self._communication = DocumentedCommunication(
             **told.model_dump(), documented_by=documented.by, documented_at=workflow.now()
@@ -814,8 +855,8 @@ class CaseWorkflow:
         return "communication documented; the report is composed with it"
 
     @document_communication.validator
-    def _validate_document_communication(self, documented: DocumentCommunication) -> None:
-        _require_decision("document_communication", documented, DocumentCommunication)
+    def _validate_document_communication(self, *received: Any) -> None:
+        documented = _decision("document_communication", DocumentCommunication, received)
         self._require_open("document a communication")
         if self._communication is not None:
             raise ValueError(
@@ -840,7 +881,8 @@ class CaseWorkflow:
             )
 
     @workflow.update
-    async def hold(self, request: HoldCase) -> str:
+    async def hold(self, *received: Any) -> str:
+        request = _decision("hold", HoldCase, received)
         self._hold = request
         self._status_before_hold = self._status
         self._audit("hold", request)
@@ -848,14 +890,15 @@ class CaseWorkflow:
         return "case on hold; the due date keeps running"
 
     @hold.validator
-    def _validate_hold(self, request: HoldCase) -> None:
-        _require_decision("hold", request, HoldCase)
+    def _validate_hold(self, *received: Any) -> None:
+        _decision("hold", HoldCase, received)
         self._require_open("put on hold")
         if self._hold is not None:
             raise ValueError("the case is already on hold")
 
     @workflow.update
-    async def resume(self, request: ResumeCase) -> str:
+    async def resume(self, *received: Any) -> str:
+        request = _decision("resume", ResumeCase, received)
         previous = self._status_before_hold or CaseStatus.INTAKE
         self._hold = None
         self._status_before_hold = None
@@ -864,21 +907,23 @@ class CaseWorkflow:
         return f"resumed in {previous.value}"
 
     @resume.validator
-    def _validate_resume(self, request: ResumeCase) -> None:
-        _require_decision("resume", request, ResumeCase)
-        self._require_open("resume")
+    def _validate_resume(self, *received: Any) -> None:
+        _decision("resume", ResumeCase, received)
+        self._require_open("resume", held_too=False)  # a case that ended on hold is resumed to let it end
         if self._hold is None:
             raise ValueError("the case is not on hold")
 
     @workflow.update
-    def ask_question(self, question: FollowUpQuestion) -> str:
+    def ask_question(self, *received: Any) -> str:
+        question = _decision("ask_question", FollowUpQuestion, received)
         self._questions.append(question)
         self._audit("ask_question", question, f"question {question.question_id}")
         return f"question {len(self._questions)} of {self._policy_max_questions()} sent to the specialist"
 
     @ask_question.validator
-    def _validate_question(self, question: FollowUpQuestion) -> None:
-        _require_decision("ask_question", question, FollowUpQuestion)
+    def _validate_question(self, *received: Any) -> None:
+        question = _decision("ask_question", FollowUpQuestion, received)
+        self._require_open("ask a question")
         if self._delivered_at is None:  # from then on, also while an addendum is being delivered
             raise ValueError(f"questions are taken after the report is delivered (status {self._where()})")
         if len(self._questions) >= self._policy_max_questions():
@@ -887,14 +932,16 @@ class CaseWorkflow:
             raise ValueError(f"question {question.question_id} was already asked")
 
     @workflow.update
-    def close(self, request: CloseCase) -> str:
+    def close(self, *received: Any) -> str:
+        request = _decision("close", CloseCase, received)
         self._close = request
         self._audit("close", request)
         return "the case closes once pending follow-up questions are answered"
 
     @close.validator
-    def _validate_close(self, request: CloseCase) -> None:
-        _require_decision("close", request, CloseCase)
+    def _validate_close(self, *received: Any) -> None:
+        _decision("close", CloseCase, received)
+        self._require_open("close")
         if self._delivered_at is None:
             raise ValueError(f"a case closes after its report is delivered (status {self._where()})")
         if self._close is not None:
@@ -981,13 +1028,15 @@ class CaseWorkflow:
     def _where(self) -> str:
         return f"{self._standing().value} (on hold)" if self._hold else self._status.value
 
-    def _require_open(self, what: str) -> None:
+    def _require_open(self, what: str, held_too: bool = True) -> None:
+        """Refuse a decision once the case is being cancelled or has ended, with `held_too` also where it ended
+        on hold (what it sends waits for the resume, which only lets it end)."""
         if self._cancel is not None:
             raise ValueError(
                 f"cannot {what}: the case is being cancelled (by {self._cancel.by}); nothing was changed"
             )
-        if self._status in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
-            raise ValueError(f"cannot {what}: the case is {self._status.value}")
+        if (self._standing() if held_too else self._status) in (CaseStatus.CLOSED, CaseStatus.CANCELLED):
+            raise ValueError(f"cannot {what}: the case is {self._where()}")
 
     def _audit(self, name: str, decision: Decision, detail: str = "") -> None:
         self._decisions.append(
@@ -1126,8 +1175,16 @@ class CaseWorkflow:
         self._timeline.append(TimelineItem(status=status, at=now, detail=detail))
         workflow.upsert_search_attributes([CASE_STATUS.value_set(status.value)])
         self._show_details()
+        # Numbered as made: one workflow task may make two (a hold and a resume) at one `at`, whose messages can
+        # reach intake in either order. A number in the message, no new command: nothing to patch.
+        self._status_changes += 1
         changed = CaseStatusChanged(
-            case_id=self._case.case_id, status=status, previous=previous, at=now, detail=detail
+            case_id=self._case.case_id,
+            status=status,
+            previous=previous,
+            at=now,
+            detail=detail,
+            seq=self._status_changes,
         )
         if then and workflow.patched(BATCH_PUBLISH):
             # One local activity for the step: the status change and its commands, in this order.

@@ -214,10 +214,23 @@ def record_status(event: CloudEvent, change: CaseStatusChanged, session: Session
             case_id=case.id, event_id=event.id, status=change.status, detail=change.detail, at=change.at
         )
     )
-    if change.at >= _aware(case.updated_at) or case.status == CaseStatus.INTAKE:
+    if _later(change, case):
         case.status = change.status
+        case.status_seq = change.seq if change.seq is not None else case.status_seq
         case.updated_at = change.at
     session.add(case)
+
+
+def _later(change: CaseStatusChanged, case: Case) -> bool:
+    """Whether `change` is later than the status the case shows. The workflow numbers its status changes
+    (`seq`): two made in one workflow task (a hold and a resume) carry one `at`, and the broker or two replicas
+    may apply them in either order. Changes without a number (a worker from before, or queued at the upgrade)
+    are ordered by time, as they were. A cancelled case stays cancelled."""
+    if case.status == CaseStatus.CANCELLED:
+        return False
+    if change.seq is not None and case.status_seq is not None:
+        return change.seq > case.status_seq
+    return change.at >= _aware(case.updated_at) or case.status == CaseStatus.INTAKE
 
 
 def record_cancellation(event: CloudEvent, cancelled: CaseCancelled, session: Session) -> None:

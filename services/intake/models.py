@@ -129,6 +129,8 @@ class Case(SQLModel, table=True):
         default="", max_length=SYSTEM_MAX_LENGTH, sa_column_kwargs={"server_default": ""}
     )
     status: str = Field(default=CaseStatus.INTAKE, index=True, max_length=40)
+    # The `seq` of the workflow's status change `status` came from (migration 0007); None before the first.
+    status_seq: int | None = None
     urgency: str = Field(max_length=20)
     subspecialty: str = Field(max_length=60)
     due_at: datetime

@@ -35,6 +35,8 @@ def handle(session: Session, event: CloudEvent, settings: Settings | None = None
     settings = settings or get_settings()
     message = parse(event)
     if isinstance(message, MatchSpecialist):
+        if message.withdraw is not None:  # the previous offer first, in the same transaction
+            offers.withdraw(message.withdraw, session)
         handlers.match(message, session, settings, event_id=event.id)
     elif isinstance(message, WithdrawOffer):
         offers.withdraw(message, session)

@@ -16,9 +16,10 @@ from sqlmodel import Session, select
 from contracts import CaseStatus, CaseStatusChanged, new_event
 from contracts.envelope import CloudEvent
 from contracts.events import CaseCancelled
+from services.common.amqp import Consumer
 from services.common.config import Settings
 from services.intake import api, consumer, handlers, webhooks_out
-from services.intake.models import Case, CaseCreate, CaseDocument
+from services.intake.models import Case, CaseCreate, CaseDocument, CaseTimelineEntry
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 
@@ -38,8 +39,8 @@ def a_case(engine: Engine) -> str:
         return case.id
 
 
-def status_event(case_id: str, status: CaseStatus, at: datetime) -> CloudEvent:
-    data = CaseStatusChanged(case_id=case_id, status=status, previous=None, at=at)
+def status_event(case_id: str, status: CaseStatus, at: datetime, seq: int | None = None) -> CloudEvent:
+    data = CaseStatusChanged(case_id=case_id, status=status, previous=None, at=at, seq=seq)
     return new_event(id=str(uuid.uuid4()), source="/workflows/case", subject=case_id, data=data)
 
 
@@ -139,3 +140,48 @@ def test_a_document_sent_while_the_cancellation_is_applied_is_refused(
     assert answers[0].json()["detail"] == "the case is cancelled; documents are closed"
     with Session(intake) as session:
         assert session.exec(select(CaseDocument).where(CaseDocument.case_id == case_id)).all() == []
+
+
+def mirrored_status(engine: Engine, case_id: str) -> str:
+    with Session(engine) as session:
+        case = session.get(Case, case_id)
+        assert case is not None
+        return case.status
+
+
+def test_a_hold_and_a_resume_made_in_one_workflow_task_show_the_resume_whichever_is_applied_last(
+    engine: Engine, settings: Settings
+) -> None:
+    """One workflow task put the case on hold and resumed it: both status changes carry one `at`, and their
+    messages reach intake in either order. The mirror kept whichever was applied last, and could show `on_hold`
+    for a case that was resumed."""
+    case_id = a_case(engine)
+    now = datetime.now(UTC)
+    apply(engine, status_event(case_id, CaseStatus.AWAITING_RECORDS, now - timedelta(seconds=5), seq=1))
+    held = status_event(case_id, CaseStatus.ON_HOLD, now, seq=2)
+    resumed = status_event(case_id, CaseStatus.AWAITING_RECORDS, now, seq=3)
+    apply(engine, resumed)
+    apply(engine, held)
+    assert mirrored_status(engine, case_id) == CaseStatus.AWAITING_RECORDS
+
+    # Applied together by intake's consumer, in one batch and transaction, in the wrong order: the same.
+    matching = status_event(case_id, CaseStatus.MATCHING, now + timedelta(seconds=1), seq=5)
+    held_again = status_event(case_id, CaseStatus.ON_HOLD, now + timedelta(seconds=1), seq=4)
+    intake = Consumer(settings=settings, queue="intake", engine=engine, handle=consumer.handle)
+    assert intake.apply_batch([matching, held_again]) == [True, True]
+    assert mirrored_status(engine, case_id) == CaseStatus.MATCHING
+    with Session(engine) as session:  # the timeline keeps every change, in the order the workflow made them
+        timeline = session.exec(select(CaseTimelineEntry).where(CaseTimelineEntry.case_id == case_id)).all()
+        assert {entry.event_id for entry in timeline} >= {held.id, resumed.id, matching.id, held_again.id}
+
+    # A status change still queued from a worker before the numbering is ordered by time, as before.
+    apply(engine, status_event(case_id, CaseStatus.IN_REVIEW, now + timedelta(seconds=2)))
+    assert mirrored_status(engine, case_id) == CaseStatus.IN_REVIEW
+    apply(engine, status_event(case_id, CaseStatus.MATCHING, now - timedelta(seconds=9)))
+    assert mirrored_status(engine, case_id) == CaseStatus.IN_REVIEW
+
+    # A cancelled case stays cancelled, whatever arrives after the cancellation.
+    cancelled = CaseCancelled(case_id=case_id, reason="patient withdrew", cancelled_by="ops-1")
+    apply(engine, new_event(id=str(uuid.uuid4()), source="/workflows/case", subject=case_id, data=cancelled))
+    apply(engine, status_event(case_id, CaseStatus.COMPOSING_REPORT, now + timedelta(days=1), seq=9))
+    assert mirrored_status(engine, case_id) == CaseStatus.CANCELLED

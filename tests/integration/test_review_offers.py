@@ -238,6 +238,30 @@ def test_an_offer_accepted_just_before_it_lapsed_stays_with_its_specialist(
     assert outbox_event(engine, f"{again.id}>review.assigned").data["review_id"] == review_id
 
 
+def test_a_rematch_applied_before_the_lapsed_offers_withdrawal_withdraws_it_first(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """The workflow sends the lapsed offer's withdrawal, then the new match; with several review replicas the
+    match can be applied first. The first specialist still held the offer and could accept it: the withdrawal
+    then left their accepted review standing ("accepted before the lapse"), beside the second specialist's
+    offer: two readers of one case."""
+    command, offered = offered_review(engine, settings)
+    review_id = offered["review_id"]
+    withdraw = withdraw_command(command.subject, review_id, reason="expired")
+    again = rematch(command, 2, exclude=["spec-gyn-1"])
+    again = again.model_copy(update={"data": again.data | {"withdraw": withdraw.data}})
+    apply(engine, settings, again)  # this replica takes the match ...
+
+    late = client.post(f"/v1/reviews/{review_id}/accept")
+    assert late.status_code == 409, late.text  # the offer is gone as the match is made
+    assert "expired" in late.json()["detail"]
+    apply(engine, settings, withdraw)  # ... before another applies the withdrawal: nothing more changes
+    assert status(client, review_id) == "withdrawn"
+    with Session(engine) as session:
+        offers = session.exec(select(Outbox).where(Outbox.message_id == f"{again.id}>review.assigned")).all()
+    assert offers == []  # the lapsed offer did not stand in for the new match
+
+
 def test_the_worklist_puts_work_to_do_before_work_done(
     engine: Engine, settings: Settings, client: TestClient
 ) -> None:
