@@ -60,3 +60,20 @@ def test_an_implicit_instance_without_pixels_is_rewritten_whole(tmp_path: Path) 
     handed = pydicom.dcmread(io.BytesIO(b"".join(rewritten_chunks(path, mark))))
     assert handed.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert handed.StudyDescription == "handed out" and "PixelData" not in handed
+
+
+@pytest.mark.parametrize("encapsulated", [False, True], ids=["native", "encapsulated"])
+def test_the_export_stops_at_the_end_of_the_pixel_data(tmp_path: Path, encapsulated: bool) -> None:
+    """What follows Pixel Data (digital signatures, trailing padding: X in PS3.15 Table E.1-1) is not copied;
+    the pixels are, byte for byte, whether native or fragments."""
+    path, stored = stored_as(tmp_path, pydicom.uid.ExplicitVRLittleEndian)
+    if encapsulated:
+        stored.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+        stored.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8frame1\xff\xd9", b"\xff\xd8frame2\xff\xd9"])
+        stored["PixelData"].VR = "OB"
+    stored.DataSetTrailingPadding = b"MKRPAD01"
+    stored.save_as(path, enforce_file_format=True)
+
+    exported = b"".join(deidentified_chunks(path, UidMap()))
+    assert b"MKRPAD01" not in exported
+    assert pydicom.dcmread(io.BytesIO(exported)).PixelData == stored.PixelData
