@@ -23,6 +23,7 @@ from services.records.api import CaseId, SessionDep, SettingsDep
 from services.records.deidentify import (
     BASIC_PROFILE_CODE,
     METHOD,
+    TABLE_EDITION,
     UidMap,
     deidentified_chunks,
     deidentified_header,
@@ -113,6 +114,7 @@ def _write_zip(path: Path, rows: list[RecordFile], store: ObjectStore) -> tuple[
         archive.write(Path(staging) / "DICOMDIR", "DICOMDIR")
         manifest = {
             "profile": METHOD,
+            "attribute_table": f"DICOM PS3.15 Table E.1-1, edition {TABLE_EDITION}",
             "method_codes": [
                 dict(zip(("code_value", "coding_scheme", "code_meaning"), BASIC_PROFILE_CODE, strict=True))
             ],
