@@ -20,17 +20,26 @@ and so do the issuer sequences that qualify Patient ID and Accession Number (Iss
 Sequence, Issuer of Accession Number Sequence): the table removes Issuer of Patient ID and zeroes the
 identifiers they qualify, but names neither sequence, whose items name the issuing facility. A dummy stands
 where the export's DICOMDIR needs a Type 1 value (PS3.3 F.5). Pixel data is copied as bytes; anything after
-it (digital signatures, trailing padding, private groups; all X) is left out. An instance whose pixels may
-carry burned-in text (Burned In Annotation not "NO") is withheld: no pixel-cleaning rule exists for it.
+it (digital signatures, trailing padding, private groups; all X) is left out.
+
+Burned-in text (Burned In Annotation not "NO": most ultrasound, whose scanner writes the patient's name and
+the date at the top of the frame): the Clean Pixel Data Option (PS3.15 E.3.1, code 113101) blanks every
+pixel outside the bounding boxes of the Sequence of Ultrasound Regions, frame by frame as the clip streams,
+for native (uncompressed, little endian) pixels of 8 or 16 bits, unsigned, MONOCHROME1/2 or RGB; only then
+is Burned In Annotation set to NO. Anything else that may carry text is withheld (`Withheld` says why).
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pydicom
 import pydicom.uid
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
@@ -43,6 +52,8 @@ from pydicom.tag import BaseTag
 from services.records.rewrite import rewritten_chunks
 
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
+CLEAN_PIXEL_DATA_CODE = ("113101", "DCM", "Clean Pixel Data Option")
+CLEAN_PIXEL_DATA_METHOD = "PS3.15 E.3.1 Clean Pixel Data: outside US regions blanked"  # LO
 TABLE_EDITION = "2026c"
 METHOD = f"DICOM PS3.15 E.1 Basic Profile, Table E.1-1 of {TABLE_EDITION}"  # LO: 64 characters at most
 
@@ -130,7 +141,100 @@ class UidMap:
 
 
 def may_export(burned_in_annotation: str | None) -> bool:
+    """Whether the pixels are declared free of burned-in text (exported as they are)."""
     return (burned_in_annotation or "").upper() == "NO"
+
+
+class Withheld(enum.StrEnum):
+    """Why an instance that may carry burned-in text is left out of the export (its text: `.reason`)."""
+
+    COMPRESSED = "compressed"
+    NO_REGIONS = "no_ultrasound_regions"
+    UNSUPPORTED_PIXELS = "unsupported_pixel_layout"
+
+    @property
+    def reason(self) -> str:
+        return {
+            "compressed": "burned-in annotation not ruled out and the pixel data is compressed: it is not "
+            "decoded to be cleaned",
+            "no_ultrasound_regions": "burned-in annotation not ruled out and no Sequence of Ultrasound Regions "
+            "says where the image is, so nothing tells the text from the image",
+            "unsupported_pixel_layout": "burned-in annotation not ruled out and the pixel layout (photometric "
+            "interpretation, bits allocated, signed pixels or byte order) is not one the cleaning handles",
+        }[self.value]
+
+
+CLEANABLE_SYNTAXES = {
+    pydicom.uid.ExplicitVRLittleEndian,
+    pydicom.uid.ImplicitVRLittleEndian,
+    pydicom.uid.DeflatedExplicitVRLittleEndian,
+}
+
+
+@dataclass(frozen=True)
+class PixelCleaning:
+    """The Clean Pixel Data Option for one instance: a frame's pixels outside the ultrasound regions blanked."""
+
+    frame_bytes: int
+    shape: tuple[int, ...]
+    dtype: str
+    outside: npt.NDArray[np.bool_]
+    planar: bool
+    blank: int
+
+    def __call__(self, frame: bytes) -> bytes:
+        pixels = np.frombuffer(frame, dtype=self.dtype).reshape(self.shape).copy()
+        if self.planar:
+            pixels[:, self.outside] = self.blank
+        else:
+            pixels[self.outside] = self.blank
+        return pixels.tobytes()
+
+
+def pixel_cleaning(header: Dataset) -> PixelCleaning | Withheld:
+    """How the pixels of an instance that may carry burned-in text are cleaned, or why it is withheld."""
+    if header.file_meta.get("TransferSyntaxUID") not in CLEANABLE_SYNTAXES:
+        return Withheld.COMPRESSED
+    rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+    boxes = [
+        [region.get(f"RegionLocation{corner}") for corner in ("MinX0", "MinY0", "MaxX1", "MaxY1")]
+        for region in header.get("SequenceOfUltrasoundRegions") or []
+    ]
+    if not boxes or not rows or not columns or any(value is None for box in boxes for value in box):
+        return Withheld.NO_REGIONS
+    photometric = str(header.get("PhotometricInterpretation", ""))
+    samples, bits = int(header.get("SamplesPerPixel") or 1), int(header.get("BitsAllocated") or 0)
+    if (
+        bits not in (8, 16)
+        or int(header.get("PixelRepresentation") or 0) != 0
+        or (photometric, samples) not in (("MONOCHROME1", 1), ("MONOCHROME2", 1), ("RGB", 3))
+    ):
+        return Withheld.UNSUPPORTED_PIXELS
+    outside = np.ones((rows, columns), dtype=bool)
+    for min_x, min_y, max_x, max_y in boxes:
+        outside[int(min_y) : int(max_y) + 1, int(min_x) : int(max_x) + 1] = False
+    planar = samples > 1 and int(header.get("PlanarConfiguration") or 0) == 1
+    shape = (
+        (samples, rows, columns) if planar else (rows, columns, samples) if samples > 1 else (rows, columns)
+    )
+    stored = int(header.get("BitsStored") or bits)
+    return PixelCleaning(
+        frame_bytes=rows * columns * samples * bits // 8,
+        shape=shape,
+        dtype="u1" if bits == 8 else "<u2",
+        outside=outside,
+        planar=planar,
+        blank=(1 << stored) - 1 if photometric == "MONOCHROME1" else 0,  # black either way
+    )
+
+
+def record_pixel_cleaning(dataset: Dataset) -> None:
+    """Say in the instance that its pixels were cleaned (after `deidentify`)."""
+    dataset.BurnedInAnnotation = "NO"
+    dataset.DeidentificationMethod = [METHOD, CLEAN_PIXEL_DATA_METHOD]
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = CLEAN_PIXEL_DATA_CODE
+    dataset.DeidentificationMethodCodeSequence.append(code)
 
 
 def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
@@ -142,11 +246,18 @@ def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
     return dataset, pixel_offset
 
 
-def deidentified_chunks(source: Path, uids: UidMap) -> Iterator[bytes]:
-    """The de-identified instance as chunks: header rewritten, pixel data copied as bytes and nothing after
-    it (Explicit VR Little Endian, as PS3.11's general purpose media profiles want, where the file was
-    implicit)."""
-    return rewritten_chunks(source, lambda dataset: deidentify(dataset, uids), after_pixels=False)
+def deidentified_chunks(source: Path, uids: UidMap, cleaning: PixelCleaning | None = None) -> Iterator[bytes]:
+    """The de-identified instance as chunks: header rewritten, pixel data copied as bytes (each frame
+    cleaned, with `cleaning`) and nothing after it (Explicit VR Little Endian, as PS3.11's general purpose
+    media profiles want, where the file was implicit)."""
+
+    def edit(dataset: Dataset) -> None:
+        deidentify(dataset, uids)
+        if cleaning is not None:
+            record_pixel_cleaning(dataset)
+
+    frames = (cleaning.frame_bytes, cleaning) if cleaning is not None else None
+    return rewritten_chunks(source, edit, after_pixels=False, frames=frames)
 
 
 def deidentify(dataset: Dataset, uids: UidMap) -> None:

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pydicom
+import pydicom.encaps
 import pytest
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 from fastapi.testclient import TestClient
@@ -84,7 +86,9 @@ def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images
     clean = make_us_instance(
         None, study_uid=study, series_uid=study + ".1", frames=3, accession_number="ACC-EXPORT-1"
     )
-    burned = make_us_instance(None, study_uid=study, series_uid=study + ".1", burned_in_annotation="YES")
+    burned = make_us_instance(  # no ultrasound regions: nothing says where text may be
+        None, study_uid=study, series_uid=study + ".1", burned_in_annotation="YES", calibrated=False
+    )
     response = http.post(
         f"/v1/records/{case_id}/files",
         files=[
@@ -110,6 +114,7 @@ def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images
     with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
         data = archive.read(instance_name)
     assert (manifest["exported"], manifest["withheld"]) == (1, 1)
+    assert [(r["code"], r["count"]) for r in manifest["withheld_reasons"]] == [("no_ultrasound_regions", 1)]
     assert manifest["method_codes"][0]["code_value"] == "113100"
     assert not any(value in data for value in PHI)
     ds, original = pydicom.dcmread(io.BytesIO(data)), pydicom.dcmread(io.BytesIO(clean))
@@ -253,3 +258,66 @@ def test_no_value_the_profile_names_survives_the_export_and_dcmdump_reads_it(
     exported_instance, original = pydicom.dcmread(path), pydicom.dcmread(io.BytesIO(data))
     assert exported_instance.PixelData == original.PixelData  # copied as bytes
     assert exported_instance.ContributingEquipmentSequence[0].Manufacturer == "ACME"  # cleaned, not dropped
+
+
+def clip_with_text_above_its_region(study: str, frames: int = 3) -> tuple[bytes, Dataset]:
+    """An 8-bit clip whose scanner wrote text (255s) in the top rows of every frame, above the region."""
+    clip = pydicom.dcmread(
+        io.BytesIO(
+            make_us_instance(
+                None, study_uid=study, series_uid=study + ".1", frames=frames, burned_in_annotation="YES"
+            )
+        )
+    )
+    region = clip.SequenceOfUltrasoundRegions[0]
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = 8, 16
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 55, 63
+    pixels = np.frombuffer(clip.PixelData, dtype=np.uint8).reshape(frames, 64, 64).copy()
+    pixels[:, 2:12, 4:60] = 255  # "DOE^JANE 2026-11-20" burned in
+    clip.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    clip.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), clip
+
+
+def test_burned_in_text_outside_the_ultrasound_regions_is_blanked_frame_by_frame(
+    client: tuple[TestClient, Engine], settings: Settings
+) -> None:
+    http, engine = client
+    case_id = records_requested(engine, settings)
+    study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+    data, clip = clip_with_text_above_its_region(study)
+    compressed = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".2")))
+    compressed.BurnedInAnnotation = "YES"
+    compressed.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    compressed.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8\xff\xdbframe\xff\xd9"])
+    compressed["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    compressed.save_as(buffer, enforce_file_format=True)
+    response = http.post(
+        f"/v1/records/{case_id}/files",
+        files=[
+            ("files", ("clip.dcm", data, "application/dicom")),
+            ("files", ("jpeg.dcm", buffer.getvalue(), "application/dicom")),
+        ],
+    )
+    assert response.status_code == 201, response.text
+
+    exported = http.get(f"/v1/records/{case_id}/export/deidentified")
+    assert exported.status_code == 200, exported.text
+    with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
+        manifest = json.loads(archive.read("DEIDENTIFICATION.json"))
+        [name] = [n for n in archive.namelist() if n not in ("DICOMDIR", "DEIDENTIFICATION.json")]
+        ds = pydicom.dcmread(io.BytesIO(archive.read(name)))
+    assert (manifest["exported"], manifest["pixels_cleaned"], manifest["withheld"]) == (1, 1, 1)
+    assert [(r["code"], r["count"]) for r in manifest["withheld_reasons"]] == [("compressed", 1)]
+    assert [c["code_value"] for c in manifest["method_codes"]] == ["113100", "113101"]
+    assert ds.BurnedInAnnotation == "NO"
+    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == ["113100", "113101"]
+    before = np.frombuffer(clip.PixelData, dtype=np.uint8).reshape(3, 64, 64)
+    after = np.frombuffer(ds.PixelData, dtype=np.uint8).reshape(3, 64, 64)
+    inside = (slice(None), slice(16, 64), slice(8, 56))
+    assert (after[inside] == before[inside]).all()  # the image itself untouched, in every frame
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:64, 8:56] = False
+    assert (after[:, outside] == 0).all() and (before[:, outside] == 255).any()  # the text gone

@@ -77,3 +77,25 @@ def test_the_export_stops_at_the_end_of_the_pixel_data(tmp_path: Path, encapsula
     exported = b"".join(deidentified_chunks(path, UidMap()))
     assert b"MKRPAD01" not in exported
     assert pydicom.dcmread(io.BytesIO(exported)).PixelData == stored.PixelData
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian],
+    ids=["explicit", "implicit"],
+)
+def test_pixels_are_cleaned_one_frame_at_a_time(tmp_path: Path, syntax: pydicom.uid.UID) -> None:
+    """The cleaner sees each frame alone (a long clip is never in memory whole) and its output goes out."""
+    path, stored = stored_as(tmp_path, syntax)
+    frame_bytes = stored.Rows * stored.Columns
+    seen: list[int] = []
+
+    def blank(frame: bytes) -> bytes:
+        seen.append(len(frame))
+        return bytes(len(frame))
+
+    exported = b"".join(
+        rewritten_chunks(path, lambda _: None, after_pixels=False, frames=(frame_bytes, blank))
+    )
+    assert seen == [frame_bytes, frame_bytes]
+    assert pydicom.dcmread(io.BytesIO(exported)).PixelData == bytes(2 * frame_bytes)
