@@ -272,6 +272,8 @@ def deidentify(dataset: Dataset, uids: UidMap) -> None:
     if syntax:
         meta.TransferSyntaxUID = syntax
     dataset.file_meta = meta
+    if getattr(dataset, "preamble", None):
+        dataset.preamble = b"\x00" * 128  # an application's own 128 bytes (PS3.10 7.1) go too
     for keyword in _DICOMDIR_TYPE_1:
         if not dataset.get(keyword):
             setattr(dataset, keyword, DUMMIES[keyword])

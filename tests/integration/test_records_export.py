@@ -219,6 +219,8 @@ def instance_carrying_every_profile_attribute(study: str) -> tuple[bytes, dict[s
     original.ContributingEquipmentSequence = Sequence([contributor])
     markers.update({f"ContributingEquipmentSequence.{n}": (f"MKRN000{n}".encode(), "X") for n in (1, 2, 3)})
     markers["ContributingEquipmentSequence.ContributionDateTime"] = (b"18600101101010.987001", "X")
+    original.preamble = b"MKRPREAM".ljust(128, b"\0")  # a dual-personality file's own header
+    markers["preamble"] = (b"MKRPREAM", "X")
     buffer = io.BytesIO()
     original.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue(), markers
