@@ -330,7 +330,8 @@ def _dummy(element: DataElement, uids: UidMap, value: str | None = None) -> None
             for inner in list(item):
                 _dummy(inner, uids)
     elif element.VR == "UI":
-        _replace_uids(element, uids)
+        if not all(pydicom.uid.UID(str(uid)).name != str(uid) for uid in _values(element)):
+            _replace_uids(element, uids)  # a UID the standard defines (a SOP class, a scheme) names no one
     elif value is not None:
         element.value = value
     elif element.VR in _TEXT_VRS:
@@ -341,6 +342,10 @@ def _dummy(element: DataElement, uids: UidMap, value: str | None = None) -> None
         return  # a tag names an attribute, never a person
     else:  # OB, OW, OD, OF, OL, OV, UN
         element.value = b"\x00\x00"
+
+
+def _values(element: DataElement) -> list[Any]:
+    return list(element.value) if element.VM > 1 else [element.value] if element.value else []
 
 
 def _replace_uids(element: DataElement, uids: UidMap) -> None:
