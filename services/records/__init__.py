@@ -8,7 +8,8 @@ DICOMweb STOW-RS (`/dicomweb/...`, instance by instance: `stow`), and query/retr
 C-FIND + C-GET/C-MOVE, or DICOMweb QIDO/WADO). Consumes `records.collect`, `records.remind`,
 `records.reconcile` and `case.cancelled`; publishes `records.assembled`, `records.incomplete`,
 `records.needed` and `records.identity_mismatch`. `GET /v1/records/{case_id}/timeline` orders it all by
-date; `/v1/records/{case_id}/export/deidentified` gives the images de-identified (PS3.15 Annex E).
+date; `/v1/records/{case_id}/export/deidentified` gives the images de-identified (PS3.15 Annex E,
+Table E.1-1, burned-in text outside the ultrasound regions blanked: `deidentify`).
 Stores the second-opinion report (`document.encapsulated_report`) placed into the study it reads
 (`second_opinion`, `report_study`), hands it out by the UID the review service issued it under
 (`/v1/records/{case_id}/second-opinion/{uid}`) and sends it back to the facility's PACS (`report_return`).

@@ -1,106 +1,130 @@
-"""De-identified export for teaching and QA: DICOM PS3.15 Annex E Basic Application Confidentiality
+"""De-identified export for teaching and QA: DICOM PS3.15 Annex E Basic Application Level Confidentiality
 Profile (method code 113100 recorded in each instance), no options retained.
 
-Attributes the profile names are zeroed (Z), removed (X) or have their UIDs replaced (U, consistently
-within one export, from a random salt so they cannot be linked back); private tags and overlays go.
-Pixel data is copied as bytes: an instance whose pixels may carry burned-in text (Burned In Annotation
-not "NO") is withheld, because no pixel-cleaning rule exists for it (the Clean Pixel Data Option).
+The profile's attribute table (PS3.15 Table E.1-1, edition 2026c: some 650 attributes, each with its action)
+is read as data from `dicom-anonymizer` (KitwareMedical, BSD-3-Clause), the one package of the field that
+carries the whole table per edition and follows the standard's releases. Its engine is not used: it applies
+the table to the top level only (not inside sequences), draws UIDs from one process-wide random map and
+writes a date where the table says remove. `deid` (pydicom, MIT) and `dicognito` (MIT) carry heuristics of
+their own (keyword patterns, shifted dates), not the table. Here each action is applied per tag at every
+nesting level (a sequence the table does not name is kept and its items are cleaned the same way):
+
+    X  removed                 Z  zero length             D  a dummy value of the VR
+    U  a replacement UID, the same for the same original within one export (salted, cannot be linked back)
+    Z/D, X/Z        Z (always valid: Type 2 stays present, a Type 3 may be empty)
+    X/D, X/Z/D      X, or D for those Type 1 in an ultrasound IOD (Enhanced US Volume)
+    X/Z/U*          the sequence is kept, its items cleaned (their instance UIDs replaced)
+
+Beyond the table: private attributes, curves and overlays (groups 50xx, 60xx: text drawn over the image) go,
+and so do the issuer sequences that qualify Patient ID and Accession Number (Issuer of Patient ID Qualifiers
+Sequence, Issuer of Accession Number Sequence): the table removes Issuer of Patient ID and zeroes the
+identifiers they qualify, but names neither sequence, whose items name the issuing facility. A dummy stands
+where the export's DICOMDIR needs a Type 1 value (PS3.3 F.5). Pixel data is copied as bytes; anything after
+it (digital signatures, trailing padding, private groups; all X) is left out.
+
+Burned-in text (Burned In Annotation not "NO": most ultrasound, whose scanner writes the patient's name and
+the date at the top of the frame): the Clean Pixel Data Option (PS3.15 E.3.1, code 113101) blanks every
+pixel outside the bounding boxes of the Sequence of Ultrasound Regions, frame by frame as the clip streams,
+for native (uncompressed, little endian) pixels of 8 or 16 bits, unsigned, MONOCHROME1/2 or RGB; only then
+is Burned In Annotation set to NO. Anything else that may carry text is withheld (`Withheld` says why).
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pydicom
 import pydicom.uid
-from pydicom.dataset import Dataset
+from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
 from services.records.rewrite import rewritten_chunks
 
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
-METHOD = "DICOM PS3.15 E.1 Basic Application Confidentiality Profile"
+CLEAN_PIXEL_DATA_CODE = ("113101", "DCM", "Clean Pixel Data Option")
+CLEAN_PIXEL_DATA_METHOD = "PS3.15 E.3.1 Clean Pixel Data: outside US regions blanked"  # LO
+TABLE_EDITION = "2026c"
+METHOD = f"DICOM PS3.15 E.1 Basic Profile, Table E.1-1 of {TABLE_EDITION}"  # LO: 64 characters at most
 
-ZEROED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-    "StudyDate",
-    "StudyTime",
-    "ContentDate",
-    "ContentTime",
-)
-# Z allows "a non-zero length value that may be a dummy value" (PS3.15 E.1): these are Type 1 in the
-# PATIENT and STUDY records of the export's DICOMDIR (PS3.3 F.5), so they get one.
-DUMMIES = {"PatientID": "DEIDENTIFIED", "StudyID": "1", "StudyDate": "19000101", "StudyTime": "000000"}
-REMOVED = (
-    "IssuerOfPatientID",
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientBirthName",
-    "PatientBirthTime",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientMotherBirthName",
-    "PatientComments",
-    "PatientReligiousPreference",
-    "EthnicGroup",
-    "Occupation",
-    "MilitaryRank",
-    "MedicalRecordLocator",
-    "AdditionalPatientHistory",
-    "AdmittingDiagnosesDescription",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "ReferringPhysicianAddress",
-    "ReferringPhysicianTelephoneNumbers",
-    "PhysiciansOfRecord",
-    "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy",
-    "OperatorsName",
-    "RequestingPhysician",
-    "StationName",
-    "DeviceSerialNumber",
-    "StudyDescription",
-    "SeriesDescription",
-    "ImageComments",
-    "DerivationDescription",
-    "RequestAttributesSequence",
-    "OriginalAttributesSequence",
-    "SeriesDate",
-    "SeriesTime",
-    "AcquisitionDate",
-    "AcquisitionTime",
-    "AcquisitionDateTime",
-    "InstanceCreationDate",
-    "InstanceCreationTime",
-    "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepStartTime",
-    "PerformedProcedureStepID",
-    "ScheduledProcedureStepID",
-    "RequestedProcedureID",
-)
-REPLACED_UIDS = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "FrameOfReferenceUID",
-    "SynchronizationFrameOfReferenceUID",
-    "ReferencedSOPInstanceUID",
-    "ReferencedFrameOfReferenceUID",
-    "IrradiationEventUID",
-)
+_CATEGORIES = {
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z",
+    "X_D_TAGS": "X/D",
+    "X_Z_D_TAGS": "X/Z/D",
+    "X_Z_U_STAR_TAGS": "X/Z/U*",
+}
+
+
+def _profile_table() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
+    """Table E.1-1's Basic Profile column: actions by tag, and by (group, element, group mask, element
+    mask) for the repeating groups (curves, overlay data and comments)."""
+    database = dicom_anonymization_database_selector(f"dicomfields_{TABLE_EDITION}")
+    actions: dict[int, str] = {}
+    masked: list[tuple[int, int, int, int, str]] = []
+    for category, action in _CATEGORIES.items():
+        for tag in database[category]:
+            if len(tag) == 4:
+                masked.append((*tag, action))
+            else:
+                actions[(tag[0] << 16) | tag[1]] = action
+    return actions, masked
+
+
+ACTIONS, MASKED_ACTIONS = _profile_table()
+# Not rows of the table; they qualify identifiers the table zeroes (Patient ID, Accession Number) and name
+# the facility that issued them, as Issuer of Patient ID (X) does.
+ACTIONS[tag_for_keyword("IssuerOfPatientIDQualifiersSequence")] = "X"  # type: ignore[index]
+ACTIONS[tag_for_keyword("IssuerOfAccessionNumberSequence")] = "X"  # type: ignore[index]
+
+# Type 1 in an ultrasound IOD (Enhanced US Volume: Enhanced General Equipment, Enhanced US Image), so an
+# X/D or X/Z/D of these gets a dummy, and so do Z/D and Z where the DICOMDIR's records need a value.
+DUMMIES = {
+    "PatientID": "DEIDENTIFIED",
+    "StudyID": "1",
+    "StudyDate": "19000101",
+    "StudyTime": "000000",
+    "ContentDate": "19000101",
+    "ContentTime": "000000",
+    "AcquisitionDateTime": "19000101000000",
+    "DeviceSerialNumber": "DEIDENTIFIED",
+}
+_DUMMY_TAGS = {int(tag_for_keyword(keyword)): value for keyword, value in DUMMIES.items()}  # type: ignore[arg-type]
+# Z makes these empty; they are Type 1 in the export's DICOMDIR, so the instance carries the same dummy.
+_DICOMDIR_TYPE_1 = ("PatientID", "StudyID", "StudyDate", "StudyTime")
+
+_TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}
+_DUMMY_BY_VR: dict[str, Any] = {
+    "DA": "19000101",
+    "TM": "000000",
+    "DT": "19000101000000",
+    "AS": "000Y",
+    "DS": "0",
+    "IS": "0",
+    "UR": "urn:deidentified",
+    "US": 0,
+    "SS": 0,
+    "UL": 0,
+    "SL": 0,
+    "UV": 0,
+    "SV": 0,
+    "FL": 0.0,
+    "FD": 0.0,
+}
 
 
 class UidMap:
@@ -117,7 +141,100 @@ class UidMap:
 
 
 def may_export(burned_in_annotation: str | None) -> bool:
+    """Whether the pixels are declared free of burned-in text (exported as they are)."""
     return (burned_in_annotation or "").upper() == "NO"
+
+
+class Withheld(enum.StrEnum):
+    """Why an instance that may carry burned-in text is left out of the export (its text: `.reason`)."""
+
+    COMPRESSED = "compressed"
+    NO_REGIONS = "no_ultrasound_regions"
+    UNSUPPORTED_PIXELS = "unsupported_pixel_layout"
+
+    @property
+    def reason(self) -> str:
+        return {
+            "compressed": "burned-in annotation not ruled out and the pixel data is compressed: it is not "
+            "decoded to be cleaned",
+            "no_ultrasound_regions": "burned-in annotation not ruled out and no Sequence of Ultrasound Regions "
+            "says where the image is, so nothing tells the text from the image",
+            "unsupported_pixel_layout": "burned-in annotation not ruled out and the pixel layout (photometric "
+            "interpretation, bits allocated, signed pixels or byte order) is not one the cleaning handles",
+        }[self.value]
+
+
+CLEANABLE_SYNTAXES = {
+    pydicom.uid.ExplicitVRLittleEndian,
+    pydicom.uid.ImplicitVRLittleEndian,
+    pydicom.uid.DeflatedExplicitVRLittleEndian,
+}
+
+
+@dataclass(frozen=True)
+class PixelCleaning:
+    """The Clean Pixel Data Option for one instance: a frame's pixels outside the ultrasound regions blanked."""
+
+    frame_bytes: int
+    shape: tuple[int, ...]
+    dtype: str
+    outside: npt.NDArray[np.bool_]
+    planar: bool
+    blank: int
+
+    def __call__(self, frame: bytes) -> bytes:
+        pixels = np.frombuffer(frame, dtype=self.dtype).reshape(self.shape).copy()
+        if self.planar:
+            pixels[:, self.outside] = self.blank
+        else:
+            pixels[self.outside] = self.blank
+        return pixels.tobytes()
+
+
+def pixel_cleaning(header: Dataset) -> PixelCleaning | Withheld:
+    """How the pixels of an instance that may carry burned-in text are cleaned, or why it is withheld."""
+    if header.file_meta.get("TransferSyntaxUID") not in CLEANABLE_SYNTAXES:
+        return Withheld.COMPRESSED
+    rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+    boxes = [
+        [region.get(f"RegionLocation{corner}") for corner in ("MinX0", "MinY0", "MaxX1", "MaxY1")]
+        for region in header.get("SequenceOfUltrasoundRegions") or []
+    ]
+    if not boxes or not rows or not columns or any(value is None for box in boxes for value in box):
+        return Withheld.NO_REGIONS
+    photometric = str(header.get("PhotometricInterpretation", ""))
+    samples, bits = int(header.get("SamplesPerPixel") or 1), int(header.get("BitsAllocated") or 0)
+    if (
+        bits not in (8, 16)
+        or int(header.get("PixelRepresentation") or 0) != 0
+        or (photometric, samples) not in (("MONOCHROME1", 1), ("MONOCHROME2", 1), ("RGB", 3))
+    ):
+        return Withheld.UNSUPPORTED_PIXELS
+    outside = np.ones((rows, columns), dtype=bool)
+    for min_x, min_y, max_x, max_y in boxes:
+        outside[int(min_y) : int(max_y) + 1, int(min_x) : int(max_x) + 1] = False
+    planar = samples > 1 and int(header.get("PlanarConfiguration") or 0) == 1
+    shape = (
+        (samples, rows, columns) if planar else (rows, columns, samples) if samples > 1 else (rows, columns)
+    )
+    stored = int(header.get("BitsStored") or bits)
+    return PixelCleaning(
+        frame_bytes=rows * columns * samples * bits // 8,
+        shape=shape,
+        dtype="u1" if bits == 8 else "<u2",
+        outside=outside,
+        planar=planar,
+        blank=(1 << stored) - 1 if photometric == "MONOCHROME1" else 0,  # black either way
+    )
+
+
+def record_pixel_cleaning(dataset: Dataset) -> None:
+    """Say in the instance that its pixels were cleaned (after `deidentify`)."""
+    dataset.BurnedInAnnotation = "NO"
+    dataset.DeidentificationMethod = [METHOD, CLEAN_PIXEL_DATA_METHOD]
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = CLEAN_PIXEL_DATA_CODE
+    dataset.DeidentificationMethodCodeSequence.append(code)
 
 
 def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
@@ -129,22 +246,37 @@ def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
     return dataset, pixel_offset
 
 
-def deidentified_chunks(source: Path, uids: UidMap) -> Iterator[bytes]:
-    """The de-identified instance as chunks: header rewritten, pixel data copied as bytes (Explicit VR
-    Little Endian, as PS3.11's general purpose media profiles want, where the file was implicit)."""
-    return rewritten_chunks(source, lambda dataset: deidentify(dataset, uids))
+def deidentified_chunks(source: Path, uids: UidMap, cleaning: PixelCleaning | None = None) -> Iterator[bytes]:
+    """The de-identified instance as chunks: header rewritten, pixel data copied as bytes (each frame
+    cleaned, with `cleaning`) and nothing after it (Explicit VR Little Endian, as PS3.11's general purpose
+    media profiles want, where the file was implicit)."""
+
+    def edit(dataset: Dataset) -> None:
+        deidentify(dataset, uids)
+        if cleaning is not None:
+            record_pixel_cleaning(dataset)
+
+    frames = (cleaning.frame_bytes, cleaning) if cleaning is not None else None
+    return rewritten_chunks(source, edit, after_pixels=False, frames=frames)
 
 
 def deidentify(dataset: Dataset, uids: UidMap) -> None:
-    dataset.remove_private_tags()
     _clean(dataset, uids)
-    for tag in [element.tag for element in dataset if 0x6000 <= element.tag.group <= 0x60FF]:
-        del dataset[tag]  # overlays can carry text drawn over the image
-    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    if dataset.get("SOPInstanceUID") and dataset.get("StudyInstanceUID"):  # an instance, not a sequence item
-        for keyword, dummy in DUMMIES.items():
-            if not dataset.get(keyword):
-                setattr(dataset, keyword, dummy)
+    for tag in [element.tag for element in dataset if element.tag.group > 0x7FE0]:
+        del dataset[tag]  # after the pixel data: signatures, padding (X); left out of the bytes too
+    sop_class = dataset.file_meta.get("MediaStorageSOPClassUID") or dataset.get("SOPClassUID")
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    meta = FileMetaDataset()  # no source, sending or receiving AE titles, no private information
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    if syntax:
+        meta.TransferSyntaxUID = syntax
+    dataset.file_meta = meta
+    if getattr(dataset, "preamble", None):
+        dataset.preamble = b"\x00" * 128  # an application's own 128 bytes (PS3.10 7.1) go too
+    for keyword in _DICOMDIR_TYPE_1:
+        if not dataset.get(keyword):
+            setattr(dataset, keyword, DUMMIES[keyword])
     dataset.PatientIdentityRemoved = "YES"
     dataset.DeidentificationMethod = METHOD
     code = Dataset()
@@ -152,18 +284,76 @@ def deidentify(dataset: Dataset, uids: UidMap) -> None:
     dataset.DeidentificationMethodCodeSequence = Sequence([code])
 
 
+def action_for(tag: BaseTag) -> str | None:
+    """The Basic Profile's action for `tag`, None where the table names no action (kept)."""
+    if tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF:
+        return "X"  # private attributes; curves and overlays (any of their elements may carry text)
+    action = ACTIONS.get(int(tag))
+    if action is None:
+        for group, element, group_mask, element_mask, masked in MASKED_ACTIONS:
+            if tag.group & group_mask == group and tag.element & element_mask == element:
+                return masked
+    return action
+
+
 def _clean(dataset: Dataset, uids: UidMap) -> None:
-    for keyword in REMOVED:
-        if keyword in dataset:
-            delattr(dataset, keyword)
-    for keyword in ZEROED:
-        if keyword in dataset:
-            dataset.data_element(keyword).value = DUMMIES.get(keyword, "")  # type: ignore[union-attr]
-    for keyword in REPLACED_UIDS:
-        if keyword in dataset and dataset.data_element(keyword).value:  # type: ignore[union-attr]
-            setattr(dataset, keyword, uids(str(getattr(dataset, keyword))))
     for element in list(dataset):
-        if element.VR == "SQ":
-            for item in element.value or []:
-                if isinstance(item, Dataset):
+        action = action_for(element.tag)
+        if action is None or action == "X/Z/U*":
+            if element.VR == "SQ":
+                for item in element.value or []:
                     _clean(item, uids)
+            continue
+        if action in ("X/D", "X/Z/D"):
+            action = "D" if int(element.tag) in _DUMMY_TAGS else "X"
+        elif action == "Z/D":
+            action = "D" if int(element.tag) in _DUMMY_TAGS else "Z"
+        elif action == "X/Z":
+            action = "Z"
+        if action == "X":
+            del dataset[element.tag]
+        elif action == "Z":
+            _empty(element)
+        elif action == "D":
+            _dummy(element, uids, _DUMMY_TAGS.get(int(element.tag)))
+        elif action == "U":
+            _replace_uids(element, uids)
+
+
+def _empty(element: DataElement) -> None:
+    element.value = Sequence() if element.VR == "SQ" else None
+
+
+def _dummy(element: DataElement, uids: UidMap, value: str | None = None) -> None:
+    if element.VR == "SQ":  # a non-empty sequence: its items kept, every value in them replaced
+        for item in element.value or []:
+            for inner in list(item):
+                _dummy(inner, uids)
+    elif element.VR == "UI":
+        if not all(pydicom.uid.UID(str(uid)).name != str(uid) for uid in _values(element)):
+            _replace_uids(element, uids)  # a UID the standard defines (a SOP class, a scheme) names no one
+    elif value is not None:
+        element.value = value
+    elif element.VR in _TEXT_VRS:
+        element.value = "DEIDENTIFIED"
+    elif element.VR in _DUMMY_BY_VR:
+        element.value = _DUMMY_BY_VR[element.VR]
+    elif element.VR == "AT":
+        return  # a tag names an attribute, never a person
+    else:  # OB, OW, OD, OF, OL, OV, UN
+        element.value = b"\x00\x00"
+
+
+def _values(element: DataElement) -> list[Any]:
+    return list(element.value) if element.VM > 1 else [element.value] if element.value else []
+
+
+def _replace_uids(element: DataElement, uids: UidMap) -> None:
+    if element.VR != "UI":
+        _empty(element)
+    elif not element.value:
+        return
+    elif element.VM > 1:
+        element.value = [uids(str(uid)) for uid in element.value]
+    else:
+        element.value = uids(str(element.value))

@@ -1,5 +1,6 @@
 """`GET /v1/records/{case_id}/export/deidentified`: the case's released images, de-identified, as one ZIP
-with a DEIDENTIFICATION.json manifest (profile, method codes, what was withheld and why)."""
+with a DEIDENTIFICATION.json manifest (profile, method codes, how many had their pixels cleaned, how many were
+withheld and why)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,17 @@ from services.auth.routing import AuthRoute
 from services.records.api import CaseId, SessionDep, SettingsDep
 from services.records.deidentify import (
     BASIC_PROFILE_CODE,
+    CLEAN_PIXEL_DATA_CODE,
     METHOD,
+    TABLE_EDITION,
+    PixelCleaning,
     UidMap,
+    Withheld,
     deidentified_chunks,
     deidentified_header,
     may_export,
+    pixel_cleaning,
+    record_pixel_cleaning,
 )
 from services.records.models import FileKind, RecordFile, RecordRequest
 from services.records.store import ObjectStore
@@ -68,11 +75,17 @@ def export_deidentified(case_id: CaseId, session: SessionDep, settings: Settings
     os.close(fd)
     path = Path(name)
     try:
-        exported, withheld = _write_zip(path, rows, store)
+        exported, cleaned, withheld = _write_zip(path, rows, store)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    log.info("records.export_deidentified", case_id=case_id, exported=exported, withheld=withheld)
+    log.info(
+        "records.export_deidentified",
+        case_id=case_id,
+        exported=exported,
+        pixels_cleaned=cleaned,
+        withheld=sum(withheld.values()),
+    )
     return FileResponse(
         path,
         media_type="application/zip",
@@ -81,24 +94,32 @@ def export_deidentified(case_id: CaseId, session: SessionDep, settings: Settings
     )
 
 
-def _write_zip(path: Path, rows: list[RecordFile], store: ObjectStore) -> tuple[int, int]:
+def _write_zip(
+    path: Path, rows: list[RecordFile], store: ObjectStore
+) -> tuple[int, int, dict[Withheld, int]]:
     """An IHE PDI-style file-set: a DICOMDIR at the root, instances under PS3.10 file IDs (up to 8 upper-case
     letters, digits or underscores per component, no extension), so media importers and PACS read it."""
     uids = UidMap()
-    exported = withheld = 0
+    exported = 0
+    withheld: dict[Withheld, int] = {}
     fileset = FileSet()
     sources: dict[str, Path] = {}
+    cleanings: dict[str, PixelCleaning] = {}
     with (
         tempfile.TemporaryDirectory(dir=store.tmp_dir) as staging,
         zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive,
     ):
         for row in rows:
-            if not may_export(row.burned_in_annotation):
-                withheld += 1
-                continue
-            exported += 1
             source = store.local_path(row.storage_path, row.sha256)
             header, _ = deidentified_header(source, uids)  # the DICOMDIR's records come from headers only
+            if not may_export(row.burned_in_annotation):
+                cleaning = pixel_cleaning(header)
+                if isinstance(cleaning, Withheld):
+                    withheld[cleaning] = withheld.get(cleaning, 0) + 1
+                    continue
+                record_pixel_cleaning(header)
+                cleanings[str(header.SOPInstanceUID)] = cleaning
+            exported += 1
             # Type 1 in the SERIES and IMAGE records, Type 2 in the instance: invented for the record only.
             header.SeriesNumber = header.get("SeriesNumber") or 1
             header.InstanceNumber = header.get("InstanceNumber") or exported
@@ -108,18 +129,24 @@ def _write_zip(path: Path, rows: list[RecordFile], store: ObjectStore) -> tuple[
         for instance in fileset:
             name = "/".join(Path(instance.FileID).parts)
             with archive.open(name, "w", force_zip64=True) as out:
-                for chunk in deidentified_chunks(sources[str(instance.SOPInstanceUID)], uids):
+                uid = str(instance.SOPInstanceUID)
+                for chunk in deidentified_chunks(sources[uid], uids, cleanings.get(uid)):
                     out.write(chunk)
         archive.write(Path(staging) / "DICOMDIR", "DICOMDIR")
         manifest = {
             "profile": METHOD,
+            "attribute_table": f"DICOM PS3.15 Table E.1-1, edition {TABLE_EDITION}",
             "method_codes": [
-                dict(zip(("code_value", "coding_scheme", "code_meaning"), BASIC_PROFILE_CODE, strict=True))
+                dict(zip(("code_value", "coding_scheme", "code_meaning"), code, strict=True))
+                for code in [BASIC_PROFILE_CODE] + ([CLEAN_PIXEL_DATA_CODE] if cleanings else [])
             ],
             "exported": exported,
-            "withheld": withheld,
-            "withheld_reason": "burned-in annotation not ruled out (Burned In Annotation is not NO) "
-            "and no pixel-cleaning rule exists for these images",
+            "pixels_cleaned": len(cleanings),
+            "withheld": sum(withheld.values()),
+            "withheld_reasons": [
+                {"code": reason.value, "count": count, "reason": reason.reason}
+                for reason, count in sorted(withheld.items())
+            ],
         }
         archive.writestr("DEIDENTIFICATION.json", json.dumps(manifest, indent=2))
-    return exported, withheld
+    return exported, len(cleanings), withheld

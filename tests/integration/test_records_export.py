@@ -1,16 +1,25 @@
 """De-identified export of a case's released images (PS3.15 Annex E basic profile) through the API."""
 
+import datetime
 import io
 import json
 import re
+import subprocess
 import uuid
 import zipfile
 from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 
+import numpy as np
 import pydicom
+import pydicom.encaps
 import pytest
+from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 from fastapi.testclient import TestClient
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -45,10 +54,8 @@ def client(settings: Settings) -> Iterator[tuple[TestClient, Engine]]:
         yield c, engine
 
 
-def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images(
-    client: tuple[TestClient, Engine], settings: Settings
-) -> None:
-    http, engine = client
+def records_requested(engine: Engine, settings: Settings) -> str:
+    """A case whose records were requested for DOE^JANE, MRN1, born 1980-01-01; its id."""
     case_id = str(uuid.uuid4())
     command = CollectRecords(
         case_id=case_id,
@@ -67,11 +74,21 @@ def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images
             session, new_event(id=str(uuid.uuid4()), source="/t", data=command, subject=case_id), settings
         )
         session.commit()
+    return case_id
+
+
+def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images(
+    client: tuple[TestClient, Engine], settings: Settings
+) -> None:
+    http, engine = client
+    case_id = records_requested(engine, settings)
     study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
     clean = make_us_instance(
         None, study_uid=study, series_uid=study + ".1", frames=3, accession_number="ACC-EXPORT-1"
     )
-    burned = make_us_instance(None, study_uid=study, series_uid=study + ".1", burned_in_annotation="YES")
+    burned = make_us_instance(  # no ultrasound regions: nothing says where text may be
+        None, study_uid=study, series_uid=study + ".1", burned_in_annotation="YES", calibrated=False
+    )
     response = http.post(
         f"/v1/records/{case_id}/files",
         files=[
@@ -97,6 +114,7 @@ def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images
     with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
         data = archive.read(instance_name)
     assert (manifest["exported"], manifest["withheld"]) == (1, 1)
+    assert [(r["code"], r["count"]) for r in manifest["withheld_reasons"]] == [("no_ultrasound_regions", 1)]
     assert manifest["method_codes"][0]["code_value"] == "113100"
     assert not any(value in data for value in PHI)
     ds, original = pydicom.dcmread(io.BytesIO(data)), pydicom.dcmread(io.BytesIO(clean))
@@ -106,3 +124,202 @@ def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images
     assert ds.PixelData == original.PixelData and ds.NumberOfFrames == 3
     assert "SequenceOfUltrasoundRegions" in ds  # calibration is not identity: kept for teaching
     assert list(ObjectStore.for_settings(settings).tmp_dir.glob("export-*")) == []  # removed after sending
+
+
+def table_e_1_1() -> dict[int, str]:
+    """PS3.15 Table E.1-1's Basic Profile column (2026c), read here as the module reads it, not from it."""
+    database = dicom_anonymization_database_selector("dicomfields_2026c")
+    return {
+        (tag[0] << 16) | tag[1]: category.removesuffix("_TAGS").replace("_STAR", "*").replace("_", "/")
+        for category, tags in database.items()
+        if category != "ALL_TAGS"
+        for tag in tags
+        if len(tag) == 2
+    }
+
+
+def _marker(index: int, vr: str) -> tuple[object, bytes] | None:
+    """A value of `vr` recognisable in the file's bytes (unique per index), or None for a binary number."""
+    text: str
+    if vr in ("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"):
+        text = f"MKR{index:04d}"
+    elif vr == "DA":
+        text = (datetime.date(1850, 1, 1) + datetime.timedelta(days=index)).strftime("%Y%m%d")
+    elif vr == "TM":
+        text = f"{index // 60 % 24:02d}{index % 60:02d}07.987{index:03d}"
+    elif vr == "DT":
+        text = f"18500101{index // 60 % 24:02d}{index % 60:02d}07.987{index:03d}"
+    elif vr == "AS":
+        text = f"{index % 1000:03d}W"
+    elif vr == "DS":
+        text = f"-9{index:04d}.25"
+    elif vr == "IS":
+        text = f"-7{index:04d}"
+    elif vr == "UI":
+        text = f"1.2.999.{1000 + index}.777"
+    elif vr == "UR":
+        text = f"urn:mkr{index:04d}"
+    elif vr in ("OB", "UN"):
+        return f"MKRB{index:04d}".encode(), f"MKRB{index:04d}".encode()
+    elif vr == "SQ":
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+        item.ReferencedSOPInstanceUID = f"1.2.999.{1000 + index}.777"
+        item.CodeMeaning = f"MKR{index:04d}"
+        return Sequence([item]), f"1.2.999.{1000 + index}.777".encode()
+    else:
+        return None  # US, SS, ...: two bytes, not recognisable in a file
+    return text, text.encode()
+
+
+def instance_carrying_every_profile_attribute(study: str) -> tuple[bytes, dict[str, tuple[bytes, str]]]:
+    """An ultrasound clip with a marker value in each attribute Table E.1-1 names whose VR can carry one,
+    one curve and one overlay, an issuer of each identifier, and equipment that contributed to it (a
+    sequence the table does not name, whose items carry attributes it does); its markers by where they
+    were put, each with the profile's action there."""
+    original = pydicom.dcmread(
+        io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1", frames=2))
+    )
+    markers: dict[str, tuple[bytes, str]] = {}
+    identity = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "SOPInstanceUID"}
+    identity |= {"StudyInstanceUID", "SeriesInstanceUID", "MediaStorageSOPInstanceUID"}
+    other_iods = {"EncapsulatedDocument", "RTPlanLabel"}  # they make an instance a document or a plan
+    for index, (tag, action) in enumerate(sorted(table_e_1_1().items())):
+        keyword = keyword_for_tag(tag)
+        if tag >> 16 in (0x0000, 0x0002) or keyword in identity | other_iods:
+            continue  # commands and file meta are not in an instance; the case's identity is checked as PHI
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            continue  # newer than pydicom's dictionary
+        made = _marker(index, vr.split(" or ")[0])
+        if made is None:
+            continue
+        value, needle = made
+        original.add_new(tag, vr.split(" or ")[0], value)
+        markers[keyword or f"{tag:08X}"] = (needle, action)
+    original.add_new(0x50000030, "SH", "MKRC0001")  # Curve Description
+    original.add_new(0x60004000, "LT", "MKRO0001")  # Overlay Comments
+    markers.update({"CurveDescription": (b"MKRC0001", "X"), "OverlayComments": (b"MKRO0001", "X")})
+    original.private_block(0x0009, "ACME US", create=True).add_new(0x01, "LO", "MKRP0001")
+    markers["private"] = (b"MKRP0001", "X")
+    issuer = Dataset()
+    issuer.LocalNamespaceEntityID, issuer.UniversalEntityID = "MKRI0001", "1.2.999.9001.777"
+    original.IssuerOfPatientIDQualifiersSequence = Sequence([issuer])
+    accession_issuer = Dataset()
+    accession_issuer.LocalNamespaceEntityID = "MKRI0002"
+    original.IssuerOfAccessionNumberSequence = Sequence([accession_issuer])
+    markers["IssuerOfPatientIDQualifiersSequence"] = (b"MKRI0001", "X")
+    markers["IssuerOfPatientIDQualifiersSequence.UniversalEntityID"] = (b"1.2.999.9001.777", "X")
+    markers["IssuerOfAccessionNumberSequence"] = (b"MKRI0002", "X")
+    contributor = Dataset()
+    contributor.Manufacturer = "ACME"
+    contributor.InstitutionName, contributor.StationName = "MKRN0001", "MKRN0002"
+    contributor.OperatorsName, contributor.ContributionDateTime = "MKRN0003", "18600101101010.987001"
+    original.ContributingEquipmentSequence = Sequence([contributor])
+    markers.update({f"ContributingEquipmentSequence.{n}": (f"MKRN000{n}".encode(), "X") for n in (1, 2, 3)})
+    markers["ContributingEquipmentSequence.ContributionDateTime"] = (b"18600101101010.987001", "X")
+    original.preamble = b"MKRPREAM".ljust(128, b"\0")  # a dual-personality file's own header
+    markers["preamble"] = (b"MKRPREAM", "X")
+    buffer = io.BytesIO()
+    original.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), markers
+
+
+def test_no_value_the_profile_names_survives_the_export_and_dcmdump_reads_it(
+    client: tuple[TestClient, Engine], settings: Settings, tmp_path: Path
+) -> None:
+    http, engine = client
+    case_id = records_requested(engine, settings)
+    study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+    data, markers = instance_carrying_every_profile_attribute(study)
+    assert len(markers) > 500  # the table's attributes, not a hand-picked few
+    response = http.post(
+        f"/v1/records/{case_id}/files", files=[("files", ("a.dcm", data, "application/dicom"))]
+    )
+    assert response.status_code == 201, response.text
+
+    exported = http.get(f"/v1/records/{case_id}/export/deidentified")
+    assert exported.status_code == 200, exported.text
+    with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
+        [name] = [n for n in archive.namelist() if n not in ("DICOMDIR", "DEIDENTIFICATION.json")]
+        instance = archive.read(name)
+        dicomdir = archive.read("DICOMDIR")
+    survivors = {
+        where: action
+        for where, (needle, action) in markers.items()
+        if action != "K" and (needle in instance or needle in dicomdir)
+    }
+    assert survivors == {}
+    assert not any(value in instance or value in dicomdir for value in PHI)
+    path = tmp_path / "exported.dcm"
+    path.write_bytes(instance)
+    dump = subprocess.run(["dcmdump", "-q", str(path)], capture_output=True, text=True, timeout=30)
+    assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+    assert "(0012,0062) CS [YES]" in dump.stdout and "(0028,0008) IS [2]" in dump.stdout
+    exported_instance, original = pydicom.dcmread(path), pydicom.dcmread(io.BytesIO(data))
+    assert exported_instance.PixelData == original.PixelData  # copied as bytes
+    assert exported_instance.ContributingEquipmentSequence[0].Manufacturer == "ACME"  # cleaned, not dropped
+
+
+def clip_with_text_above_its_region(study: str, frames: int = 3) -> tuple[bytes, Dataset]:
+    """An 8-bit clip whose scanner wrote text (255s) in the top rows of every frame, above the region."""
+    clip = pydicom.dcmread(
+        io.BytesIO(
+            make_us_instance(
+                None, study_uid=study, series_uid=study + ".1", frames=frames, burned_in_annotation="YES"
+            )
+        )
+    )
+    region = clip.SequenceOfUltrasoundRegions[0]
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = 8, 16
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 55, 63
+    pixels = np.frombuffer(clip.PixelData, dtype=np.uint8).reshape(frames, 64, 64).copy()
+    pixels[:, 2:12, 4:60] = 255  # "DOE^JANE 2026-11-20" burned in
+    clip.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    clip.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), clip
+
+
+def test_burned_in_text_outside_the_ultrasound_regions_is_blanked_frame_by_frame(
+    client: tuple[TestClient, Engine], settings: Settings
+) -> None:
+    http, engine = client
+    case_id = records_requested(engine, settings)
+    study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+    data, clip = clip_with_text_above_its_region(study)
+    compressed = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".2")))
+    compressed.BurnedInAnnotation = "YES"
+    compressed.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    compressed.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8\xff\xdbframe\xff\xd9"])
+    compressed["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    compressed.save_as(buffer, enforce_file_format=True)
+    response = http.post(
+        f"/v1/records/{case_id}/files",
+        files=[
+            ("files", ("clip.dcm", data, "application/dicom")),
+            ("files", ("jpeg.dcm", buffer.getvalue(), "application/dicom")),
+        ],
+    )
+    assert response.status_code == 201, response.text
+
+    exported = http.get(f"/v1/records/{case_id}/export/deidentified")
+    assert exported.status_code == 200, exported.text
+    with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
+        manifest = json.loads(archive.read("DEIDENTIFICATION.json"))
+        [name] = [n for n in archive.namelist() if n not in ("DICOMDIR", "DEIDENTIFICATION.json")]
+        ds = pydicom.dcmread(io.BytesIO(archive.read(name)))
+    assert (manifest["exported"], manifest["pixels_cleaned"], manifest["withheld"]) == (1, 1, 1)
+    assert [(r["code"], r["count"]) for r in manifest["withheld_reasons"]] == [("compressed", 1)]
+    assert [c["code_value"] for c in manifest["method_codes"]] == ["113100", "113101"]
+    assert ds.BurnedInAnnotation == "NO"
+    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == ["113100", "113101"]
+    before = np.frombuffer(clip.PixelData, dtype=np.uint8).reshape(3, 64, 64)
+    after = np.frombuffer(ds.PixelData, dtype=np.uint8).reshape(3, 64, 64)
+    inside = (slice(None), slice(16, 64), slice(8, 56))
+    assert (after[inside] == before[inside]).all()  # the image itself untouched, in every frame
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:64, 8:56] = False
+    assert (after[:, outside] == 0).all() and (before[:, outside] == 255).any()  # the text gone

@@ -60,3 +60,42 @@ def test_an_implicit_instance_without_pixels_is_rewritten_whole(tmp_path: Path) 
     handed = pydicom.dcmread(io.BytesIO(b"".join(rewritten_chunks(path, mark))))
     assert handed.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert handed.StudyDescription == "handed out" and "PixelData" not in handed
+
+
+@pytest.mark.parametrize("encapsulated", [False, True], ids=["native", "encapsulated"])
+def test_the_export_stops_at_the_end_of_the_pixel_data(tmp_path: Path, encapsulated: bool) -> None:
+    """What follows Pixel Data (digital signatures, trailing padding: X in PS3.15 Table E.1-1) is not copied;
+    the pixels are, byte for byte, whether native or fragments."""
+    path, stored = stored_as(tmp_path, pydicom.uid.ExplicitVRLittleEndian)
+    if encapsulated:
+        stored.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+        stored.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8frame1\xff\xd9", b"\xff\xd8frame2\xff\xd9"])
+        stored["PixelData"].VR = "OB"
+    stored.DataSetTrailingPadding = b"MKRPAD01"
+    stored.save_as(path, enforce_file_format=True)
+
+    exported = b"".join(deidentified_chunks(path, UidMap()))
+    assert b"MKRPAD01" not in exported
+    assert pydicom.dcmread(io.BytesIO(exported)).PixelData == stored.PixelData
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian],
+    ids=["explicit", "implicit"],
+)
+def test_pixels_are_cleaned_one_frame_at_a_time(tmp_path: Path, syntax: pydicom.uid.UID) -> None:
+    """The cleaner sees each frame alone (a long clip is never in memory whole) and its output goes out."""
+    path, stored = stored_as(tmp_path, syntax)
+    frame_bytes = stored.Rows * stored.Columns
+    seen: list[int] = []
+
+    def blank(frame: bytes) -> bytes:
+        seen.append(len(frame))
+        return bytes(len(frame))
+
+    exported = b"".join(
+        rewritten_chunks(path, lambda _: None, after_pixels=False, frames=(frame_bytes, blank))
+    )
+    assert seen == [frame_bytes, frame_bytes]
+    assert pydicom.dcmread(io.BytesIO(exported)).PixelData == bytes(2 * frame_bytes)

@@ -1,0 +1,27 @@
+"""PS3.15 Table E.1-1 actions inside sequences: what a dummy leaves of a well-known UID."""
+
+from __future__ import annotations
+
+import pydicom.uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+
+from services.records.deidentify import UidMap, deidentify
+
+
+def test_a_dummied_sequence_keeps_the_uids_the_standard_defines_and_replaces_the_instances() -> None:
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.SOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.6.1")
+    dataset.SOPInstanceUID = dataset.StudyInstanceUID = "1.2.999.1"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+    reference.ReferencedSOPInstanceUID = "1.2.999.2"
+    reference.TextValue = "seen by Dr Kim"
+    dataset.ContentSequence = Sequence([reference])  # D in the table: kept, every value replaced
+
+    deidentify(dataset, UidMap())
+
+    [item] = dataset.ContentSequence
+    assert item.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
+    assert item.ReferencedSOPInstanceUID != "1.2.999.2" and item.TextValue == "DEIDENTIFIED"
