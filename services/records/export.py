@@ -147,6 +147,8 @@ def _write_zip(
                 {"code": reason.value, "count": count, "reason": reason.reason}
                 for reason, count in sorted(withheld.items())
             ],
+            # What the manifest said before `withheld_reasons`, kept for the readers written against it.
+            "withheld_reason": "; ".join(reason.reason for reason in sorted(withheld)) or None,
         }
         archive.writestr("DEIDENTIFICATION.json", json.dumps(manifest, indent=2))
     return exported, len(cleanings), withheld

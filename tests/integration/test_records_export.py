@@ -115,6 +115,7 @@ def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images
         data = archive.read(instance_name)
     assert (manifest["exported"], manifest["withheld"]) == (1, 1)
     assert [(r["code"], r["count"]) for r in manifest["withheld_reasons"]] == [("no_ultrasound_regions", 1)]
+    assert manifest["withheld_reason"] == manifest["withheld_reasons"][0]["reason"]  # the key readers had
     assert manifest["method_codes"][0]["code_value"] == "113100"
     assert not any(value in data for value in PHI)
     ds, original = pydicom.dcmread(io.BytesIO(data)), pydicom.dcmread(io.BytesIO(clean))
