@@ -306,13 +306,28 @@ async def create_from_fhir(
                 to_task(found), status_code=200, media_type=FHIR_JSON, headers={"Location": location}
             )
 
+    created = False
+
     async def create() -> dict[str, Any]:
-        case, _ = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
+        nonlocal created
+        case, timeline = await open_case(
+            parsed.case, parsed.documents, caller, audit, engine, temporal, settings
+        )
+        created = timeline is not None
         return to_task(case)
 
     try:
+        # FHIR: 201 only when a case was made; an order reference already used for this patient answers the
+        # existing case, 200 (a client counts a 201 as a new order).
         response = await idempotent(
-            request, caller, engine, idempotency_key, 201, create, media_type=FHIR_JSON
+            request,
+            caller,
+            engine,
+            idempotency_key,
+            201,
+            create,
+            media_type=FHIR_JSON,
+            answered=lambda: 201 if created else 200,
         )
     except IntakeRejected as exc:
         return outcome_response(422, "business-rule", [(None, str(exc))])
@@ -339,7 +354,7 @@ def transaction_response(
     returning: str | None = None,
 ) -> dict[str, Any]:
     """A `transaction-response` Bundle: one entry per request entry, in order; the ServiceRequest's entry
-    carries the case's Task, 201 when created, 200 when a conditional create found it (FHIR R4
+    carries the case's Task, 201 when created, 200 when a conditional create or its order reference found it (FHIR R4
     http.html#transaction-response); with `Prefer: return=minimal` without it, with `return=OperationOutcome`
     an outcome instead."""
     entries = []
@@ -436,7 +451,8 @@ def _entry_if_none_exist(bundle: Any) -> str | None:
 
 CONDITIONAL: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "conditional create (If-None-Exist): your case with that order reference, as a Task",
+        "description": "your case with that order reference, as a Task: found by If-None-Exist (conditional "
+        "create), or the order sent again for the same patient",
         "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
     },
     **CREATED,

@@ -263,3 +263,24 @@ def test_errors_reach_the_client_as_operation_outcomes_and_keep_to_the_partner(s
     with pytest.raises(OutcomeRaised) as xml:
         client.execute(f"Task/{task_id}", method="get", params={"_format": "xml"})
     assert "JSON" in (outcome_of(xml.value).issue[0].diagnostics or "")
+
+
+def test_an_order_sent_again_is_answered_200_not_created_again(served: Served) -> None:
+    """The same order reference for the same patient answers the existing case: it was a 201, so a client
+    (fhirpy's get_or_create reads the status) counted a second order that was never made."""
+    orders = served.client().resources("ServiceRequest")
+    first, created = orders.get_or_create(
+        served.client().resource("ServiceRequest", **contained_request("AGAIN-1"))
+    )
+    again, created_again = orders.get_or_create(
+        served.client().resource("ServiceRequest", **contained_request("AGAIN-1"))
+    )
+    assert (created, created_again) == (True, False)
+    assert again["id"] == first["id"]
+    bundle = order({"system": "urn:a:order", "value": "AGAIN-2"})
+    statuses = [
+        next(e.response.status for e in Bundle.model_validate(dict(served.client().execute("", data=bundle))).entry
+             if e.response.location)
+        for _ in range(2)
+    ]  # fmt: skip
+    assert statuses == ["201 Created", "200 OK"]
