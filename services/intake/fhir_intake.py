@@ -164,12 +164,14 @@ def from_bundle(bundle: Any) -> FhirRequest:
         path = f"Bundle.entry[{i}].resource"
         resource = validated(entry.get("resource") if isinstance(entry, dict) else None, path)
         resources.setdefault(resource["resourceType"], []).append(resource)
-        _entry_request(entry, f"Bundle.entry[{i}].request")
+        _entry_request(entry, f"Bundle.entry[{i}].request", resource["resourceType"])
     return read_case(resources)
 
 
-def _entry_request(entry: dict[str, Any], path: str) -> None:
-    """Only `ifNoneExist` of an entry's request is read (conditional create); what is there has its shape."""
+def _entry_request(entry: dict[str, Any], path: str, kind: str) -> None:
+    """An entry's request asks to store what it carries: POST (PUT too, but not for the order, which is only
+    created); `ifNoneExist` is read for a conditional create. A GET, DELETE, PATCH or HEAD entry asks for what
+    this transaction does not do, and was answered "200 OK" as if it had been done."""
     request = entry.get("request")
     if request is None:
         return
@@ -177,6 +179,12 @@ def _entry_request(entry: dict[str, Any], path: str) -> None:
         raise FhirInvalid(
             [Issue(path, "must be an object (method, url, and ifNoneExist for a conditional create)")]
         )
+    methods = ("POST",) if kind == "ServiceRequest" else ("POST", "PUT")
+    if request.get("method") not in methods:
+        raise FhirInvalid(
+            [Issue(f"{path}.method", f"this transaction takes {' or '.join(methods)} entries for a {kind}; "
+                                     "each entry carries a resource the case is read from")]
+        )  # fmt: skip
     if not isinstance(request.get("ifNoneExist", ""), str):
         raise FhirInvalid([Issue(f"{path}.ifNoneExist", "must be a string: identifier=[system|]value")])
 

@@ -254,6 +254,10 @@ def test_errors_reach_the_client_as_operation_outcomes_and_keep_to_the_partner(s
     with pytest.raises(ResourceNotFound) as raised:
         other.client().get("Task", task_id)
     assert outcome_of(raised.value).issue[0].code == "not-found" and "CLIENT-ERR" not in str(raised.value)
+    # Its conditional create on the first partner's order reference finds nothing of the first partner's.
+    condition = {"If-None-Exist": "identifier=urn:hospital-a:order|CLIENT-ERR"}
+    theirs = other.client(**condition).execute("ServiceRequest", data=contained_request("CLIENT-ERR"))
+    assert theirs["id"] != task_id
     # The R4B models take any code: a ServiceRequest of intent "wish", or a revoked order, made a case.
     for wrong, element in (({"intent": "wish"}, "intent"), ({"status": "revoked"}, "status")):
         with pytest.raises(OutcomeRaised) as refused:
@@ -284,3 +288,44 @@ def test_an_order_sent_again_is_answered_200_not_created_again(served: Served) -
         for _ in range(2)
     ]  # fmt: skip
     assert statuses == ["201 Created", "200 OK"]
+
+
+def test_a_fhir_version_other_than_r4_is_a_406_or_415(served: Served) -> None:
+    """FHIR R4 http.html#version-parameter: a client asking for (or sending) FHIR 5.0 was answered as if R4
+    were what it asked for."""
+    task_id = served.client().execute("ServiceRequest", data=contained_request("VERSION-1"))["id"]
+    with pytest.raises(OutcomeRaised) as asked:
+        served.client(Accept="application/fhir+json; fhirVersion=5.0").get("Task", task_id)
+    assert "fhirVersion=4.0" in (outcome_of(asked.value).issue[0].diagnostics or "")
+    r4 = served.client(Accept="application/fhir+json; fhirVersion=4.0").get("Task", task_id)
+    assert r4["id"] == task_id
+    sent_r5 = served.client(**{"Content-Type": "application/fhir+json; fhirVersion=5.0"})
+    with pytest.raises(OutcomeRaised) as sent:
+        sent_r5.execute("ServiceRequest", data=contained_request("VERSION-2"))
+    assert "fhirVersion=4.0" in (outcome_of(sent.value).issue[0].diagnostics or "")
+    answer = requests.post(f"{served.base}/ServiceRequest", json=contained_request("VERSION-2"), timeout=10,
+                           headers={"Authorization": served.authorization,
+                                    "Content-Type": "application/fhir+json; fhirVersion=5.0"})  # fmt: skip
+    assert answer.status_code == 415
+
+
+def test_a_transaction_entry_asking_to_delete_or_get_is_refused_not_answered_done(served: Served) -> None:
+    """Each entry was answered "200 OK" whatever its method: a DELETE of the Patient said done, and the
+    Patient it carried became the case's patient."""
+    client = served.client()
+    for method, at in (("DELETE", 0), ("GET", 0), ("PUT", 1)):
+        bundle = order({"system": "urn:a:order", "value": f"METHOD-{method}"})
+        bundle["entry"][at]["request"] = {
+            "method": method,
+            "url": f"{bundle['entry'][at]['resource']['resourceType']}/x",
+        }
+        with pytest.raises(OutcomeRaised) as refused:
+            client.execute("", data=bundle)
+        [issue] = outcome_of(refused.value).issue
+        assert issue.expression == [f"Bundle.entry[{at}].request.method"], method
+    kept = order({"system": "urn:a:order", "value": "METHOD-PUT-PATIENT"})
+    kept["entry"][0]["request"] = {
+        "method": "PUT",
+        "url": "Patient/pat",
+    }  # a Patient may be sent as an update
+    assert Bundle.model_validate(dict(client.execute("", data=kept))).type == "transaction-response"
