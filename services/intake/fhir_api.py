@@ -389,6 +389,9 @@ def fhir_body(example: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# `[base]/` too: a client library that builds "[base]/" + "" (fhirpy's execute("")) was redirected, from a URL
+# built from the Host header, and the ingress routes `/fhir/` here only by this exact path.
+@router.post("/", status_code=200, include_in_schema=False)
 @router.post("", status_code=200, responses=TRANSACTED, openapi_extra=fhir_body(BUNDLE_EXAMPLE))
 async def transaction(
     request: Request,

@@ -119,7 +119,7 @@ def public_fhir_routes() -> set[tuple[str, str, str]]:
 
 def interaction(method: str, path: str) -> tuple[str, str]:
     """(resource type or "system", FHIR interaction code) of a route (FHIR R4 http.html)."""
-    parts = path.removeprefix("/fhir").strip("/").split("/") if path != "/fhir" else []
+    parts = [part for part in path.removeprefix("/fhir").split("/") if part]
     if not parts:
         return ("system", {"POST": "transaction"}.get(method, method))
     if parts == ["metadata"]:
@@ -329,3 +329,13 @@ def test_a_transaction_entry_asking_to_delete_or_get_is_refused_not_answered_don
         "url": "Patient/pat",
     }  # a Patient may be sent as an update
     assert Bundle.model_validate(dict(client.execute("", data=kept))).type == "transaction-response"
+
+
+def test_the_transaction_is_taken_at_the_base_with_its_slash(served: Served) -> None:
+    """fhirpy posts a transaction to "[base]/": intake answered it with a redirect built from the Host header
+    (http behind a TLS proxy), and the ingress did not route `/fhir/` at all."""
+    bundle = order({"system": "urn:a:order", "value": "SLASH-1"})
+    answer = requests.post(f"{served.base}/", json=bundle, timeout=10, allow_redirects=False,
+                           headers={"Authorization": served.authorization})  # fmt: skip
+    assert answer.status_code == 200, answer.headers
+    assert Bundle.model_validate(answer.json()).type == "transaction-response"
