@@ -37,7 +37,7 @@ from services.intake.api import (
     visible_case,
 )
 from services.intake.fhir_examples import BUNDLE_EXAMPLE, SERVICE_REQUEST_EXAMPLE
-from services.intake.fhir_task import to_task
+from services.intake.fhir_task import etag, to_task, unchanged
 from services.intake.models import Case, CaseCreate
 from services.intake.order_reference import ReferenceSearch, SearchInvalid, parse_token
 
@@ -229,7 +229,7 @@ def as_preferred(response: JSONResponse, prefer: str | None) -> Response:
     response.headers["Preference-Applied"] = f"return={chosen}"
     if chosen == "representation":
         return response
-    kept = ("location", "idempotent-replayed", "preference-applied")
+    kept = ("location", "etag", "idempotent-replayed", "preference-applied")
     headers = {k: v for k, v in response.headers.items() if k.lower() in kept}
     if chosen == "minimal":
         return Response(status_code=response.status_code, headers=headers)
@@ -302,9 +302,9 @@ async def create_from_fhir(
         if found is not None:
             location = task_location(settings, found.id)
             audit("read", "case", found.id, "success")
-            return JSONResponse(
-                to_task(found), status_code=200, media_type=FHIR_JSON, headers={"Location": location}
-            )
+            task = to_task(found)
+            headers = {"Location": location, "ETag": etag(task)}
+            return JSONResponse(task, status_code=200, media_type=FHIR_JSON, headers=headers)
 
     created = False
 
@@ -333,10 +333,12 @@ async def create_from_fhir(
         return outcome_response(422, "business-rule", [(None, str(exc))])
     except StarletteHTTPException as exc:
         return outcome_response(exc.status_code, "processing", [(None, str(exc.detail))])
-    task_id = json.loads(bytes(response.body)).get("id")
-    if task_id:
+    answered = json.loads(bytes(response.body))
+    if answered.get("id"):
         # Absolute ([base]/Task/[id]): "Task/{id}" resolves against POST /fhir to /Task/{id}, which is no route.
-        response.headers["Location"] = task_location(settings, task_id)
+        response.headers["Location"] = task_location(settings, answered["id"])
+    if "meta" in answered:  # an answer stored before Tasks were versioned is replayed without
+        response.headers["ETag"] = etag(answered)
     return response
 
 
@@ -363,6 +365,8 @@ def transaction_response(
         kind = ((entry or {}).get("resource") or {}).get("resourceType")
         if kind == "ServiceRequest":
             answer: dict[str, Any] = {"status": status, "location": location}
+            if "meta" in task:
+                answer["etag"] = etag(task)
             if returning == "OperationOutcome":
                 answer["outcome"] = done_outcome(created, location)
             shown = {"resource": task} if returning in (None, "representation") else {}
@@ -520,10 +524,17 @@ CAPABILITY_STATEMENT: dict[str, Any] = {
                     "[base]/Task/{id}`); the ServiceRequest is not kept as a resource of its own, so read the "
                     "Task. Prefer: return=minimal | representation | OperationOutcome is honoured.",
                 },
-                {"type": "Task", "interaction": [{"code": "read"}]},
+                {
+                    "type": "Task",
+                    "interaction": [{"code": "read"}],
+                    "versioning": "versioned",
+                    "documentation": "The case: `status` follows it, `businessStatus` carries the case status. "
+                    "meta.versionId is the ETag: poll with If-None-Match (304 while unchanged).",
+                },
                 {
                     "type": "DiagnosticReport",
                     "interaction": [{"code": "read"}],
+                    "versioning": "versioned",
                     "documentation": "Served at this base by the review service: the delivered case's "
                     "Task.output names the report's URL.",
                 },
@@ -583,8 +594,15 @@ def metadata(settings: SettingsDep) -> JSONResponse:
         **RESPONSES,
     },
 )
-def get_task(task_id: str, session: SessionDep, caller: CaseCaller, audit: AuditDep) -> JSONResponse:
-    """The case as a Task: `status` follows the case, `businessStatus` carries the case status."""
+def get_task(
+    task_id: str,
+    session: SessionDep,
+    caller: CaseCaller,
+    audit: AuditDep,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=300)] = None,
+) -> Response:
+    """The case as a Task: `status` follows the case, `businessStatus` carries the case status. `ETag` is
+    `meta.versionId`; `If-None-Match` with it is answered 304 while the Task is unchanged."""
     try:
         case = visible_case(session, task_id, caller, audit, "read")
     except StarletteHTTPException:
@@ -592,7 +610,10 @@ def get_task(task_id: str, session: SessionDep, caller: CaseCaller, audit: Audit
             404, "not-found", [("Task.id", "no Task with this id is visible to this key")]
         )
     audit("read", "case", task_id, "success")
-    return JSONResponse(to_task(case), media_type=FHIR_JSON)
+    task = to_task(case)
+    if unchanged(if_none_match, task):
+        return Response(status_code=304, headers={"ETag": etag(task)})
+    return JSONResponse(task, media_type=FHIR_JSON, headers={"ETag": etag(task)})
 
 
 EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,12 @@ from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import OperationOutcome as OutcomeRaised
 from fhirpy.base.exceptions import ResourceNotFound
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
+from contracts import CaseStatusChanged, new_event
+from contracts.models import CaseStatus
 from services.common.config import Settings
-from services.intake import api, fhir_api
+from services.intake import api, consumer, fhir_api
 from tests.infra import free_port
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import new_partner
@@ -37,6 +41,7 @@ class Served:
     base: str  # the FHIR base, [base] of FHIR R4 http.html
     authorization: str
     auth: Engine  # to issue another partner's key
+    intake: Engine  # to move a case on, as the workflow's status events do
 
     def client(self, **headers: str) -> SyncFHIRClient:
         return SyncFHIRClient(self.base, authorization=self.authorization, extra_headers=headers or None)
@@ -59,7 +64,7 @@ def served(settings: Settings) -> Iterator[Served]:
         time.sleep(0.05)
     try:
         key = new_partner(engines[1], "FHIR client hospital")["Authorization"]
-        yield Served(f"{public.intake_url}/fhir", key, engines[1])
+        yield Served(f"{public.intake_url}/fhir", key, engines[1], engines[0])
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -250,7 +255,9 @@ def test_errors_reach_the_client_as_operation_outcomes_and_keep_to_the_partner(s
     raises, naming nothing of the patient."""
     client = served.client()
     task_id = client.execute("ServiceRequest", data=contained_request("CLIENT-ERR"))["id"]
-    other = Served(served.base, new_partner(served.auth, "Another hospital")["Authorization"], served.auth)
+    other = Served(
+        served.base, new_partner(served.auth, "Another hospital")["Authorization"], served.auth, served.intake
+    )
     with pytest.raises(ResourceNotFound) as raised:
         other.client().get("Task", task_id)
     assert outcome_of(raised.value).issue[0].code == "not-found" and "CLIENT-ERR" not in str(raised.value)
@@ -339,3 +346,26 @@ def test_the_transaction_is_taken_at_the_base_with_its_slash(served: Served) -> 
                            headers={"Authorization": served.authorization})  # fmt: skip
     assert answer.status_code == 200, answer.headers
     assert Bundle.model_validate(answer.json()).type == "transaction-response"
+
+
+def test_a_partner_polls_the_task_by_its_version(served: Served) -> None:
+    """The Task had no meta.versionId and no ETag: a client polling it (fhirpy's refresh() sends If-None-Match
+    with meta.versionId) read the whole Task every time, and refresh() failed on the missing meta."""
+    client = served.client()
+    task_id = client.execute("ServiceRequest", data=contained_request("POLL-1"))["id"]
+    task = client.reference("Task", task_id).to_resource()
+    version = Task.model_validate(dict(task)).meta.versionId
+    asked = requests.get(f"{served.base}/Task/{task_id}", timeout=10,
+                         headers={"Authorization": served.authorization, "If-None-Match": f'W/"{version}"'})  # fmt: skip
+    assert (asked.status_code, asked.content, asked.headers["ETag"]) == (304, b"", f'W/"{version}"')
+    task.refresh()  # 304: kept as it is
+    assert task["meta"]["versionId"] == version and task["status"] == "received"
+
+    event = new_event(id=f"wf:{task_id}:1", source="/workflows/case", subject=task_id,
+                      data=CaseStatusChanged(case_id=task_id, status=CaseStatus.IN_REVIEW, previous=None,
+                                             at=datetime.now(UTC) + timedelta(seconds=1)))  # fmt: skip
+    with Session(served.intake) as session:
+        consumer.handle(session, event)
+        session.commit()
+    task.refresh()
+    assert task["status"] == "in-progress" and task["meta"]["versionId"] != version
