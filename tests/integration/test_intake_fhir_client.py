@@ -26,7 +26,9 @@ from sqlmodel import Session
 
 from contracts import CaseStatusChanged, new_event
 from contracts.models import CaseStatus
-from services.common.config import Settings
+from services.auth import api as partners_api
+from services.auth import audit
+from services.common.config import Settings, get_settings
 from services.intake import api, consumer, fhir_api
 from tests.infra import free_port
 from tests.integration.intake_app import intake_app, intake_engines
@@ -42,6 +44,7 @@ class Served:
     authorization: str
     auth: Engine  # to issue another partner's key
     intake: Engine  # to move a case on, as the workflow's status events do
+    partner_id: str = ""
 
     def client(self, **headers: str) -> SyncFHIRClient:
         return SyncFHIRClient(self.base, authorization=self.authorization, extra_headers=headers or None)
@@ -53,8 +56,9 @@ def served(settings: Settings) -> Iterator[Served]:
     engines = intake_engines(settings)
     port = free_port()
     public = settings.model_copy(update={"intake_url": f"http://127.0.0.1:{port}"})
-    app = intake_app(engines, api.router, fhir_api.router)
+    app = intake_app(engines, api.router, fhir_api.router, partners_api.router)
     app.dependency_overrides[api.settings_dep] = lambda: public
+    app.dependency_overrides[get_settings] = lambda: public
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -63,8 +67,14 @@ def served(settings: Settings) -> Iterator[Served]:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
     try:
-        key = new_partner(engines[1], "FHIR client hospital")["Authorization"]
-        yield Served(f"{public.intake_url}/fhir", key, engines[1], engines[0])
+        partner = new_partner(engines[1], "FHIR client hospital")
+        yield Served(
+            f"{public.intake_url}/fhir",
+            partner["Authorization"],
+            engines[1],
+            engines[0],
+            partner["partner_id"],
+        )
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -369,3 +379,25 @@ def test_a_partner_polls_the_task_by_its_version(served: Served) -> None:
         session.commit()
     task.refresh()
     assert task["status"] == "in-progress" and task["meta"]["versionId"] != version
+
+
+def test_the_audit_export_pages_with_a_next_link_and_a_total_of_every_page(served: Served) -> None:
+    """The export's searchset Bundle said `total` = the entries on the page (500 by default) and had no
+    `link`: a partner with more than one page could not tell, nor read the rest."""
+    client = served.client()
+    for n in range(3):
+        client.get("Task", client.execute("ServiceRequest", data=contained_request(f"AUDIT-{n}"))["id"])
+    logged = [e.id for e in audit.entries(served.auth, partner_id=served.partner_id, limit=10_000)]
+    root = SyncFHIRClient(served.base.removesuffix("/fhir"), authorization=served.authorization)
+    page = Bundle.model_validate(dict(root.execute(f"v1/partners/{served.partner_id}/audit-events",
+                                                  method="get", params={"limit": 2})))  # fmt: skip
+    assert page.total == len(logged) and len(page.entry) == 2
+    read = []
+    while True:
+        read += [e.resource.id for e in page.entry or []]
+        links = {link.relation: link.url for link in page.link or []}
+        assert links["self"].startswith(served.base.removesuffix("/fhir") + "/v1/partners/")
+        if "next" not in links:
+            break
+        page = Bundle.model_validate(dict(root.execute(links["next"], method="get")))
+    assert [int(i) for i in read][: len(logged)] == logged  # each once, in order; later exports after them
