@@ -1,5 +1,6 @@
 """Intake's FHIR R4 API as a hospital's integration meets it: through a FHIR client library (fhirpy) against
-the service served over HTTP, checked against what its CapabilityStatement and docs/partners.md promise."""
+the service served over HTTP, checked against what its CapabilityStatement and docs/partners.md promise; and
+the audit export, the one FHIR searchset intake pages."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class Served:
     authorization: str
     auth: Engine  # to issue another partner's key
     intake: Engine  # to move a case on, as the workflow's status events do
-    partner_id: str = ""
+    partner_id: str
 
     def client(self, **headers: str) -> SyncFHIRClient:
         return SyncFHIRClient(self.base, authorization=self.authorization, extra_headers=headers or None)
@@ -89,6 +90,7 @@ def outcome_of(raised: OutcomeRaised | ResourceNotFound) -> OperationOutcome:
 
 
 def test_the_capability_statement_names_its_base_and_says_what_a_create_answers(served: Served) -> None:
+    """It named no base (implementation.url), and nothing said that a ServiceRequest create answers a Task."""
     statement = CapabilityStatement.model_validate(dict(served.client().execute("metadata", method="get")))
     assert statement.fhirVersion == "4.0.1" and statement.format == ["json"]
     # A client finds the base its requests go to (cpb-15: an instance's implementation), absolute.
@@ -265,9 +267,8 @@ def test_errors_reach_the_client_as_operation_outcomes_and_keep_to_the_partner(s
     raises, naming nothing of the patient."""
     client = served.client()
     task_id = client.execute("ServiceRequest", data=contained_request("CLIENT-ERR"))["id"]
-    other = Served(
-        served.base, new_partner(served.auth, "Another hospital")["Authorization"], served.auth, served.intake
-    )
+    another = new_partner(served.auth, "Another hospital")
+    other = Served(served.base, another["Authorization"], served.auth, served.intake, another["partner_id"])
     with pytest.raises(ResourceNotFound) as raised:
         other.client().get("Task", task_id)
     assert outcome_of(raised.value).issue[0].code == "not-found" and "CLIENT-ERR" not in str(raised.value)
