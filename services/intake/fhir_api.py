@@ -119,7 +119,8 @@ POSTED: dict[int | str, dict[str, Any]] = {
 }
 CREATED: dict[int | str, dict[str, Any]] = {
     201: {
-        "description": "the case as a FHIR Task; `Location: [base]/fhir/Task/{id}`",
+        "description": "the case as a FHIR Task; `Location: [base]/fhir/Task/{id}`, `ETag` its version. With "
+        "`Prefer: return=minimal` no body, with `return=OperationOutcome` an OperationOutcome saying what was done",
         "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
     },
     **POSTED,
