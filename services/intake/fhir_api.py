@@ -622,10 +622,14 @@ EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 @router.api_route("/{resource_type}", methods=EVERY_METHOD, include_in_schema=False)
 @router.api_route("/{resource_type}/{rest:path}", methods=EVERY_METHOD, include_in_schema=False)
-def undeclared(resource_type: str, rest: str | None = None) -> JSONResponse:
+def undeclared(request: Request, resource_type: str, rest: str | None = None) -> Response:
     """What the CapabilityStatement does not declare: a 405 naming what the resource type supports, or a 404
     naming the types served. Registered last, so only requests no route above takes arrive here. The type sent
-    is not echoed (it may be any text)."""
+    is not echoed (it may be any text). A path with a trailing slash is sent to the one without, as before this
+    route took every path (a relative Location: never built from the Host header)."""
+    if request.url.path.endswith("/"):
+        query = f"?{request.url.query}" if request.url.query else ""
+        return Response(status_code=307, headers={"Location": request.url.path.rstrip("/") + query})
     types = declared()
     summary = "; ".join(f"{kind} ({', '.join(codes)})" for kind, codes in types.items())
     if resource_type == "metadata":

@@ -402,3 +402,12 @@ def test_the_audit_export_pages_with_a_next_link_and_a_total_of_every_page(serve
             break
         page = Bundle.model_validate(dict(root.execute(links["next"], method="get")))
     assert [int(i) for i in read][: len(logged)] == logged  # each once, in order; later exports after them
+
+
+def test_a_path_with_a_trailing_slash_still_reaches_its_route(served: Served) -> None:
+    """`POST [base]/ServiceRequest/` was redirected to the route without the slash; the route answering what
+    is not declared must not take that away."""
+    created = requests.post(f"{served.base}/ServiceRequest/", json=contained_request("SLASH-2"), timeout=10,
+                            headers={"Authorization": served.authorization})  # fmt: skip
+    assert created.status_code == 201 and [r.status_code for r in created.history] == [307]
+    assert created.history[0].headers["Location"] == "/fhir/ServiceRequest"
