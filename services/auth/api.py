@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -24,6 +25,7 @@ from services.auth.partners import (
 )
 from services.auth.problems import AUTH_ERRORS, problem_response
 from services.auth.routing import AuthRoute
+from services.common.config import Settings, get_settings
 
 router = APIRouter(prefix="/v1/partners", tags=["partners"], route_class=AuthRoute)
 
@@ -187,15 +189,24 @@ def export_audit(
     request: Request,
     caller: Caller,
     engine: AuthEngine,
+    settings: Annotated[Settings, Depends(get_settings)],
     case_id: Annotated[str | None, Query(max_length=36)] = None,
     since: Annotated[
         UtcDatetime | None, Query(description="ISO 8601 (UTC if no offset); entries at or after")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+    after: Annotated[
+        int | None,
+        Query(ge=0, le=2**63 - 1, description="the page after this entry: follow the Bundle's `next` link"),
+    ] = None,
 ) -> JSONResponse:
-    """Who read or wrote this partner's cases, as FHIR AuditEvent (the oldest first)."""
+    """Who read or wrote this partner's cases, as FHIR AuditEvent (the oldest first), `limit` a page: `total`
+    counts them all, `link` `next` (absolute) reads the next page."""
     _own_partner(request, caller, engine, partner_id)
-    entries = audit.entries(engine, partner_id=partner_id, case_id=case_id, since=since, limit=limit)
+    entries = audit.entries(
+        engine, partner_id=partner_id, case_id=case_id, since=since, limit=limit, after=after
+    )
+    total = audit.count(engine, partner_id=partner_id, case_id=case_id, since=since)
     audit_caller(
         request,
         engine,
@@ -206,4 +217,11 @@ def export_audit(
         outcome="success",
         purpose="HOPERAT",
     )
-    return JSONResponse(fhir_audit.bundle(entries), media_type="application/fhir+json")
+    # Absolute, at our public base (never built from the Host header, which the client sets as it likes).
+    url = f"{settings.intake_url.rstrip('/')}/v1/partners/{partner_id}/audit-events"
+    asked = {"case_id": case_id, "since": since.isoformat() if since else None, "limit": limit}
+    page = {k: v for k, v in asked.items() if v is not None}
+    links = {"self": f"{url}?{urlencode(page | ({'after': after} if after is not None else {}))}"}
+    if len(entries) == limit:  # perhaps more: the next page starts after this one's last entry
+        links["next"] = f"{url}?{urlencode(page | {'after': entries[-1].id})}"
+    return JSONResponse(fhir_audit.bundle(entries, total, links), media_type="application/fhir+json")

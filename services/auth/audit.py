@@ -23,7 +23,7 @@ from typing import Any, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from services.auth.audit_chain import GENESIS, entry_hash
 from services.auth.models import AuditEvent
@@ -178,13 +178,36 @@ def entries(
     partner_id: str | None = None,
     since: datetime | None = None,
     limit: int = 500,
+    after: int | None = None,
 ) -> list[AuditEvent]:
-    query = select(AuditEvent).order_by(col(AuditEvent.id)).limit(limit)
+    """The entries matching, oldest first, `limit` of them from the one after entry `after` (a page)."""
+    query = (
+        _matching(select(AuditEvent), case_id, partner_id, since).order_by(col(AuditEvent.id)).limit(limit)
+    )
+    if after is not None:
+        query = query.where(col(AuditEvent.id) > after)
+    with Session(engine) as session:
+        return list(session.exec(query).all())
+
+
+def count(
+    engine: Engine,
+    *,
+    case_id: str | None = None,
+    partner_id: str | None = None,
+    since: datetime | None = None,
+) -> int:
+    """How many entries match, on every page."""
+    query = _matching(select(func.count()).select_from(AuditEvent), case_id, partner_id, since)
+    with Session(engine) as session:
+        return int(session.exec(query).one())
+
+
+def _matching(query: Any, case_id: str | None, partner_id: str | None, since: datetime | None) -> Any:
     if case_id is not None:
         query = query.where(AuditEvent.case_id == case_id)
     if partner_id is not None:
         query = query.where(AuditEvent.partner_id == partner_id)
     if since is not None:
         query = query.where(col(AuditEvent.at) >= since)
-    with Session(engine) as session:
-        return list(session.exec(query).all())
+    return query

@@ -65,11 +65,14 @@ def to_fhir(entry: AuditEvent) -> dict[str, Any]:
     return FhirAuditEvent.model_validate(resource).model_dump(mode="json", exclude_none=True)
 
 
-def bundle(entries: list[AuditEvent]) -> dict[str, Any]:
+def bundle(entries: list[AuditEvent], total: int, links: dict[str, str]) -> dict[str, Any]:
+    """A page of the export: `total` counts every page's entries, `links` (relation: absolute URL) are self
+    and, when more follow, next (FHIR R4 http.html#paging)."""
     document = {
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": len(entries),
+        "total": total,
+        "link": [{"relation": relation, "url": url} for relation, url in links.items()],
         "entry": [{"resource": to_fhir(e), "search": {"mode": "match"}} for e in entries],
     }
     return Bundle.model_validate(document).model_dump(mode="json", exclude_none=True)

@@ -55,19 +55,56 @@ def _media_types(header: str) -> list[str]:
     return [part.split(";")[0].strip().lower() for part in header.split(",") if part.strip()]
 
 
+FHIR_VERSION = "4.0"  # the fhirVersion mime-type parameter of FHIR R4 (4.0.1), major.minor
+
+
+def _fhir_versions(header: str) -> list[tuple[str, str | None]]:
+    """Each media type of an Accept or Content-Type header with its `fhirVersion` parameter, if any."""
+    found = []
+    for part in header.split(","):
+        if not part.strip():
+            continue
+        kind, *params = part.split(";")
+        version = next(
+            (
+                v.strip().strip('"')
+                for k, _, v in (p.partition("=") for p in params)
+                if k.strip().lower() == "fhirversion"
+            ),
+            None,
+        )
+        found.append((kind.strip().lower(), version))
+    return found
+
+
+def _speaks_r4(version: str | None) -> bool:
+    return version is None or version == FHIR_VERSION or version.startswith(FHIR_VERSION + ".")
+
+
 def fhir_json_only(request: Request) -> None:
-    """FHIR R4 http.html#mime-type: this server speaks JSON only. `_format` or an Accept that rules JSON out
-    is a 406, a body in another format a 415; either names what to send instead (RFC 9110 15.5.7, 15.5.16)."""
+    """FHIR R4 http.html#mime-type: this server speaks JSON only, and FHIR 4.0 only (#version-parameter).
+    `_format` or an Accept that rules JSON (or FHIR 4.0) out is a 406, a body in another format or FHIR version
+    a 415; either names what to send instead (RFC 9110 15.5.7, 15.5.16)."""
     wanted = request.query_params.get("_format")
     if wanted is not None and wanted.split(";")[0].strip().lower() not in JSON_FORMATS:
         raise StarletteHTTPException(406, f"only JSON is served: send _format=json or Accept: {FHIR_JSON}")
     accept = request.headers.get("accept")
-    if accept and not ACCEPTED & set(_media_types(accept)):
+    if accept and not any(kind in ACCEPTED and _speaks_r4(v) for kind, v in _fhir_versions(accept)):
+        if ACCEPTED & set(_media_types(accept)):
+            raise StarletteHTTPException(
+                406,
+                f"only FHIR R4 is served: send Accept: {FHIR_JSON}; fhirVersion={FHIR_VERSION}, or no fhirVersion",
+            )
         raise StarletteHTTPException(406, f"only JSON is served: send Accept: {FHIR_JSON}")
     if request.method == "POST":
-        sent = _media_types(request.headers.get("content-type") or "")
-        if sent and sent[0] not in (FHIR_JSON, "application/json"):
+        sent = _fhir_versions(request.headers.get("content-type") or "")
+        if sent and sent[0][0] not in (FHIR_JSON, "application/json"):
             raise StarletteHTTPException(415, f"send the resource as JSON, with Content-Type: {FHIR_JSON}")
+        if sent and not _speaks_r4(sent[0][1]):
+            raise StarletteHTTPException(
+                415,
+                f"only FHIR R4 is read: send Content-Type: {FHIR_JSON}; fhirVersion={FHIR_VERSION}, or no fhirVersion",
+            )
 
 
 def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:

@@ -217,10 +217,13 @@ async def idempotent(
     status_code: int,
     run: Callable[[], Awaitable[BaseModel | dict[str, Any]]],
     media_type: str = "application/json",
+    answered: Callable[[], int] | None = None,
 ) -> JSONResponse:
-    """Run `run` once per (caller, Idempotency-Key); replays get the first answer."""
+    """Run `run` once per (caller, Idempotency-Key); replays get the first answer. `answered`, when given, says
+    the status once `run` has run (`status_code` otherwise)."""
     if key is None:
-        return JSONResponse(_jsonable(await run()), status_code=status_code, media_type=media_type)
+        body = _jsonable(await run())
+        return JSONResponse(body, status_code=answered() if answered else status_code, media_type=media_type)
     owner = caller.partner_id or caller.actor
     print_ = idempotency.fingerprint(request.method, request.url.path, await request.body())
     try:
@@ -246,6 +249,7 @@ async def idempotent(
     except BaseException:
         await run_in_threadpool(idempotency.release, engine, owner, key)
         raise
+    status_code = answered() if answered else status_code
     await run_in_threadpool(idempotency.complete, engine, owner, key, status_code, body)
     return JSONResponse(body, status_code=status_code, media_type=media_type)
 

@@ -5,12 +5,13 @@ Errors here are OperationOutcome resources that name the element (FHIRPath), nev
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
@@ -36,7 +37,7 @@ from services.intake.api import (
     visible_case,
 )
 from services.intake.fhir_examples import BUNDLE_EXAMPLE, SERVICE_REQUEST_EXAMPLE
-from services.intake.fhir_task import to_task
+from services.intake.fhir_task import etag, to_task, unchanged
 from services.intake.models import Case, CaseCreate
 from services.intake.order_reference import ReferenceSearch, SearchInvalid, parse_token
 
@@ -118,7 +119,8 @@ POSTED: dict[int | str, dict[str, Any]] = {
 }
 CREATED: dict[int | str, dict[str, Any]] = {
     201: {
-        "description": "the case as a FHIR Task; `Location: [base]/fhir/Task/{id}`",
+        "description": "the case as a FHIR Task; `Location: [base]/fhir/Task/{id}`, `ETag` its version. With "
+        "`Prefer: return=minimal` no body, with `return=OperationOutcome` an OperationOutcome saying what was done",
         "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
     },
     **POSTED,
@@ -181,6 +183,59 @@ IfNoneExist = Annotated[
         "instead of creating one, two are a 412",
     ),
 ]
+
+
+RETURNS = ("minimal", "representation", "OperationOutcome")
+Prefer = Annotated[
+    str | None,
+    Header(
+        alias="Prefer",
+        max_length=200,
+        description="`return=minimal` (no body), `return=representation` (the Task; the default) or "
+        "`return=OperationOutcome` (an OperationOutcome saying what was done); FHIR R4 http.html#ops",
+    ),
+]
+
+
+def preferred_return(prefer: str | None) -> str | None:
+    """The `return` preference of a Prefer header (RFC 7240: preferences by comma, parameters after `;`), or
+    None when there is none we know (a preference the server does not know is ignored)."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";")[0].partition("=")
+        chosen = value.strip().strip('"')
+        if name.strip().lower() == "return" and chosen in RETURNS:
+            return chosen
+    return None
+
+
+def done_outcome(created: bool, location: str) -> dict[str, Any]:
+    what = "created the case" if created else "found your case with this order reference (conditional create)"
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "information",
+                "code": "informational",
+                "diagnostics": f"{what}: its Task is {location}",
+            }
+        ],
+    }
+
+
+def as_preferred(response: JSONResponse, prefer: str | None) -> Response:
+    """A create's answer in the form the client's `Prefer: return=` asks for, saying so in Preference-Applied."""
+    chosen = preferred_return(prefer)
+    if chosen is None or response.status_code not in (200, 201):
+        return response
+    response.headers["Preference-Applied"] = f"return={chosen}"
+    if chosen == "representation":
+        return response
+    kept = ("location", "etag", "idempotent-replayed", "preference-applied")
+    headers = {k: v for k, v in response.headers.items() if k.lower() in kept}
+    if chosen == "minimal":
+        return Response(status_code=response.status_code, headers=headers)
+    body = done_outcome(response.status_code == 201, headers["location"])
+    return JSONResponse(body, status_code=response.status_code, media_type=FHIR_JSON, headers=headers)
 
 
 def conditional_reference(query: str) -> ReferenceSearch:
@@ -248,26 +303,43 @@ async def create_from_fhir(
         if found is not None:
             location = task_location(settings, found.id)
             audit("read", "case", found.id, "success")
-            return JSONResponse(
-                to_task(found), status_code=200, media_type=FHIR_JSON, headers={"Location": location}
-            )
+            task = to_task(found)
+            headers = {"Location": location, "ETag": etag(task)}
+            return JSONResponse(task, status_code=200, media_type=FHIR_JSON, headers=headers)
+
+    created = False
 
     async def create() -> dict[str, Any]:
-        case, _ = await open_case(parsed.case, parsed.documents, caller, audit, engine, temporal, settings)
+        nonlocal created
+        case, timeline = await open_case(
+            parsed.case, parsed.documents, caller, audit, engine, temporal, settings
+        )
+        created = timeline is not None
         return to_task(case)
 
     try:
+        # FHIR: 201 only when a case was made; an order reference already used for this patient answers the
+        # existing case, 200 (a client counts a 201 as a new order).
         response = await idempotent(
-            request, caller, engine, idempotency_key, 201, create, media_type=FHIR_JSON
+            request,
+            caller,
+            engine,
+            idempotency_key,
+            201,
+            create,
+            media_type=FHIR_JSON,
+            answered=lambda: 201 if created else 200,
         )
     except IntakeRejected as exc:
         return outcome_response(422, "business-rule", [(None, str(exc))])
     except StarletteHTTPException as exc:
         return outcome_response(exc.status_code, "processing", [(None, str(exc.detail))])
-    task_id = json.loads(bytes(response.body)).get("id")
-    if task_id:
+    answered = json.loads(bytes(response.body))
+    if answered.get("id"):
         # Absolute ([base]/Task/[id]): "Task/{id}" resolves against POST /fhir to /Task/{id}, which is no route.
-        response.headers["Location"] = task_location(settings, task_id)
+        response.headers["Location"] = task_location(settings, answered["id"])
+    if "meta" in answered:  # an answer stored before Tasks were versioned is replayed without
+        response.headers["ETag"] = etag(answered)
     return response
 
 
@@ -278,17 +350,28 @@ def task_location(settings: Settings, task_id: str) -> str:
 
 
 def transaction_response(
-    request_bundle: dict[str, Any], task: dict[str, Any], location: str, created: bool = True
+    request_bundle: dict[str, Any],
+    task: dict[str, Any],
+    location: str,
+    created: bool = True,
+    returning: str | None = None,
 ) -> dict[str, Any]:
     """A `transaction-response` Bundle: one entry per request entry, in order; the ServiceRequest's entry
-    carries the case's Task, 201 when created, 200 when a conditional create found it (FHIR R4
-    http.html#transaction-response)."""
+    carries the case's Task, 201 when created, 200 when a conditional create or its order reference found it (FHIR R4
+    http.html#transaction-response); with `Prefer: return=minimal` without it, with `return=OperationOutcome`
+    an outcome instead."""
     entries = []
     status = "201 Created" if created else "200 OK"
     for entry in request_bundle.get("entry") or []:
         kind = ((entry or {}).get("resource") or {}).get("resourceType")
         if kind == "ServiceRequest":
-            entries.append({"resource": task, "response": {"status": status, "location": location}})
+            answer: dict[str, Any] = {"status": status, "location": location}
+            if "meta" in task:
+                answer["etag"] = etag(task)
+            if returning == "OperationOutcome":
+                answer["outcome"] = done_outcome(created, location)
+            shown = {"resource": task} if returning in (None, "representation") else {}
+            entries.append({**shown, "response": answer})
         else:
             entries.append({"response": {"status": "200 OK"}})
     return {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
@@ -311,6 +394,9 @@ def fhir_body(example: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# `[base]/` too: a client library that builds "[base]/" + "" (fhirpy's execute("")) was redirected, from a URL
+# built from the Host header, and the ingress routes `/fhir/` here only by this exact path.
+@router.post("/", status_code=200, include_in_schema=False)
 @router.post("", status_code=200, responses=TRANSACTED, openapi_extra=fhir_body(BUNDLE_EXAMPLE))
 async def transaction(
     request: Request,
@@ -320,6 +406,7 @@ async def transaction(
     temporal: TemporalDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
+    prefer: Prefer = None,
 ) -> JSONResponse:
     """A transaction Bundle carrying Patient, ServiceRequest, ImagingStudy (with its Endpoint) and optionally
     Coverage, Consent and DocumentReference. Answers a transaction-response Bundle whose ServiceRequest entry
@@ -346,10 +433,13 @@ async def transaction(
     if response.status_code not in (200, 201):
         return response
     location = response.headers["Location"]
+    returning = preferred_return(prefer)
     bundle = transaction_response(
-        sent, json.loads(bytes(response.body)), location, created=response.status_code == 201
+        sent, json.loads(bytes(response.body)), location, response.status_code == 201, returning
     )
     headers = {k: v for k, v in response.headers.items() if k.lower() in ("idempotent-replayed",)}
+    if returning is not None:
+        headers["Preference-Applied"] = f"return={returning}"
     return JSONResponse(bundle, status_code=200, media_type=FHIR_JSON, headers=headers)
 
 
@@ -369,7 +459,8 @@ def _entry_if_none_exist(bundle: Any) -> str | None:
 
 CONDITIONAL: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "conditional create (If-None-Exist): your case with that order reference, as a Task",
+        "description": "your case with that order reference, as a Task: found by If-None-Exist (conditional "
+        "create), or the order sent again for the same patient",
         "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
     },
     **CREATED,
@@ -392,11 +483,13 @@ async def service_request(
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
     if_none_exist: IfNoneExist = None,
-) -> JSONResponse:
+    prefer: Prefer = None,
+) -> Response:
     """A ServiceRequest whose Patient, ImagingStudy and optional Coverage/Consent are `contained`. With
     `If-None-Exist: identifier=[system|]value`, a case of yours with that order reference is answered (200)
-    instead of created (FHIR conditional create)."""
-    return await create_from_fhir(
+    instead of created (FHIR conditional create). `Prefer: return=minimal` answers without a body,
+    `return=OperationOutcome` with an OperationOutcome saying what was done."""
+    answer = await create_from_fhir(
         request,
         fhir_intake.from_service_request,
         caller,
@@ -407,12 +500,13 @@ async def service_request(
         idempotency_key,
         if_none_exist,
     )
+    return as_preferred(answer, prefer)
 
 
 CAPABILITY_STATEMENT: dict[str, Any] = {
     "resourceType": "CapabilityStatement",
     "status": "active",
-    "date": "2026-12-01",
+    "date": "2026-12-07",
     "kind": "instance",
     "software": {"name": "secondopinion intake"},
     "implementation": {"description": "Second opinions on diagnostic ultrasound"},
@@ -423,14 +517,58 @@ CAPABILITY_STATEMENT: dict[str, Any] = {
             "mode": "server",
             "security": {"description": "Authorization: Bearer <API key>"},
             "resource": [
-                {"type": "ServiceRequest", "interaction": [{"code": "create"}], "conditionalCreate": True},
-                {"type": "Task", "interaction": [{"code": "read"}]},
-                {"type": "DiagnosticReport", "interaction": [{"code": "read"}]},
+                {
+                    "type": "ServiceRequest",
+                    "interaction": [{"code": "create"}],
+                    "conditionalCreate": True,
+                    "documentation": "The order opens a case, answered as the case's Task (`Location: "
+                    "[base]/Task/{id}`); the ServiceRequest is not kept as a resource of its own, so read the "
+                    "Task. Prefer: return=minimal | representation | OperationOutcome is honoured.",
+                },
+                {
+                    "type": "Task",
+                    "interaction": [{"code": "read"}],
+                    "versioning": "versioned",
+                    "documentation": "The case: `status` follows it, `businessStatus` carries the case status. "
+                    "meta.versionId is the ETag: poll with If-None-Match (304 while unchanged).",
+                },
+                {
+                    "type": "DiagnosticReport",
+                    "interaction": [{"code": "read"}],
+                    "versioning": "versioned",
+                    "documentation": "Served at this base by the review service: the delivered case's "
+                    "Task.output names the report's URL.",
+                },
+                {
+                    "type": "CoverageEligibilityRequest",
+                    "interaction": [{"code": "create"}],
+                    "documentation": "Served at this base by the insurance service: answered at once (200) "
+                    "with a CoverageEligibilityResponse for the contained Coverage; nothing is kept, so there "
+                    "is no read.",
+                },
             ],
             "interaction": [{"code": "transaction"}],
         }
     ],
 }
+# Where each interaction this server declares is served (FHIR R4 http.html), to say what is served when a
+# request asks for something else.
+INTERACTIONS = {"create": ("POST", "[base]/{type}"), "read": ("GET", "[base]/{type}/{id}")}
+SERVED_ELSEWHERE = {"DiagnosticReport": "review", "CoverageEligibilityRequest": "insurance"}  # same base
+
+
+def capability_statement(settings: Settings) -> dict[str, Any]:
+    """The CapabilityStatement, naming the base a client sends its requests to (our public INTAKE_URL)."""
+    statement = copy.deepcopy(CAPABILITY_STATEMENT)
+    statement["implementation"]["url"] = f"{settings.intake_url.rstrip('/')}/fhir"
+    return statement
+
+
+def declared() -> dict[str, list[str]]:
+    """Each resource type of the CapabilityStatement with its interactions."""
+    return {
+        r["type"]: [i["code"] for i in r["interaction"]] for r in CAPABILITY_STATEMENT["rest"][0]["resource"]
+    }
 
 
 @router.get(
@@ -445,9 +583,9 @@ CAPABILITY_STATEMENT: dict[str, Any] = {
         406: outcome_doc("Only JSON is served", outcome("not-supported", [(None, "send _format=json")])),
     },
 )
-def metadata() -> JSONResponse:
+def metadata(settings: SettingsDep) -> JSONResponse:
     """The server's CapabilityStatement (FHIR R4 `capabilities` interaction); no API key needed."""
-    return JSONResponse(CAPABILITY_STATEMENT, media_type=FHIR_JSON)
+    return JSONResponse(capability_statement(settings), media_type=FHIR_JSON)
 
 
 @router.get(
@@ -457,8 +595,15 @@ def metadata() -> JSONResponse:
         **RESPONSES,
     },
 )
-def get_task(task_id: str, session: SessionDep, caller: CaseCaller, audit: AuditDep) -> JSONResponse:
-    """The case as a Task: `status` follows the case, `businessStatus` carries the case status."""
+def get_task(
+    task_id: str,
+    session: SessionDep,
+    caller: CaseCaller,
+    audit: AuditDep,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=300)] = None,
+) -> Response:
+    """The case as a Task: `status` follows the case, `businessStatus` carries the case status. `ETag` is
+    `meta.versionId`; `If-None-Match` with it is answered 304 while the Task is unchanged."""
     try:
         case = visible_case(session, task_id, caller, audit, "read")
     except StarletteHTTPException:
@@ -466,4 +611,57 @@ def get_task(task_id: str, session: SessionDep, caller: CaseCaller, audit: Audit
             404, "not-found", [("Task.id", "no Task with this id is visible to this key")]
         )
     audit("read", "case", task_id, "success")
-    return JSONResponse(to_task(case), media_type=FHIR_JSON)
+    task = to_task(case)
+    if unchanged(if_none_match, task):
+        return Response(status_code=304, headers={"ETag": etag(task)})
+    return JSONResponse(task, media_type=FHIR_JSON, headers={"ETag": etag(task)})
+
+
+EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@router.api_route("/{resource_type}", methods=EVERY_METHOD, include_in_schema=False)
+@router.api_route("/{resource_type}/{rest:path}", methods=EVERY_METHOD, include_in_schema=False)
+def undeclared(request: Request, resource_type: str, rest: str | None = None) -> Response:
+    """What the CapabilityStatement does not declare: a 405 naming what the resource type supports, or a 404
+    naming the types served. Registered last, so only requests no route above takes arrive here. The type sent
+    is not echoed (it may be any text). A path with a trailing slash is sent to the one without, as before this
+    route took every path (a relative Location: never built from the Host header)."""
+    if request.url.path.endswith("/"):
+        query = f"?{request.url.query}" if request.url.query else ""
+        return Response(status_code=307, headers={"Location": request.url.path.rstrip("/") + query})
+    types = declared()
+    summary = "; ".join(f"{kind} ({', '.join(codes)})" for kind, codes in types.items())
+    if resource_type == "metadata":
+        return _not_allowed("the CapabilityStatement is read with GET [base]/metadata", ["GET"])
+    if resource_type not in types:
+        return outcome_response(
+            404, "not-found", [(None, f"no resource type of this name is served here; served: {summary} "
+                                      "and the transaction (POST [base]); see GET [base]/metadata")]
+        )  # fmt: skip
+    if resource_type in SERVED_ELSEWHERE:
+        return outcome_response(
+            404,
+            "not-found",
+            [(None, f"{resource_type} is served by the {SERVED_ELSEWHERE[resource_type]} service at this "
+                    "base behind the ingress; see GET [base]/metadata")],
+        )  # fmt: skip
+    level = "[base]/{type}" if rest is None else "[base]/{type}/{id}" if "/" not in rest else None
+    allowed = [INTERACTIONS[c][0] for c in types[resource_type] if INTERACTIONS[c][1] == level]
+    served = ", ".join(f"{c} ({' '.join(INTERACTIONS[c])})" for c in types[resource_type])
+    hint = (
+        " (the order is answered as a Task: read [base]/Task/{id})"
+        if resource_type == "ServiceRequest"
+        else ""
+    )
+    return _not_allowed(
+        f"{resource_type} supports {served.replace('{type}', resource_type)} here{hint}, nothing else; "
+        "see GET [base]/metadata",
+        allowed,
+    )
+
+
+def _not_allowed(diagnostics: str, allowed: list[str]) -> JSONResponse:
+    response = outcome_response(405, "not-supported", [(None, diagnostics)])
+    response.headers["Allow"] = ", ".join(allowed)  # RFC 9110 10.2.1: empty when no method is allowed
+    return response

@@ -3,7 +3,8 @@
 Each resource is validated with the `fhir.resources` R4B models first; then the case is read from them:
 
 - Patient: name, birthDate, gender, identifier (MRN), address[0].state, managingOrganization (referrer's org)
-- ServiceRequest: identifier[0] (the partner's case reference: value and system), requester (display and
+- ServiceRequest: status `active` and an intent of request-intent (required bindings, which the R4B models do not
+  check), identifier[0] (the partner's case reference: value and system), requester (display and
   NPI identifier), reasonCode (a `contracts.triage.Reason` code), note[0] (the clinical question)
 - Coverage: subscriberId (member id), class of type `plan` (plan code); absent means self-pay
 - Consent (active) or a DocumentReference typed LOINC 59284-0: the records-release authorization
@@ -44,6 +45,12 @@ SUPPORTED = {
     "Observation",
     "Procedure",
 }
+
+# Required bindings of the ServiceRequest's codes (FHIR R4 valueset-request-status, -request-intent): the R4B
+# models take any code. Only an active order opens a case.
+REQUEST_STATUSES = {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+REQUEST_INTENTS = {"proposal", "plan", "directive", "order", "original-order", "reflex-order", "filler-order",
+                   "instance-order", "option"}  # fmt: skip
 
 # Where each CaseCreate field comes from, to name the FHIR element when the value is refused.
 SOURCES = {
@@ -157,12 +164,14 @@ def from_bundle(bundle: Any) -> FhirRequest:
         path = f"Bundle.entry[{i}].resource"
         resource = validated(entry.get("resource") if isinstance(entry, dict) else None, path)
         resources.setdefault(resource["resourceType"], []).append(resource)
-        _entry_request(entry, f"Bundle.entry[{i}].request")
+        _entry_request(entry, f"Bundle.entry[{i}].request", resource["resourceType"])
     return read_case(resources)
 
 
-def _entry_request(entry: dict[str, Any], path: str) -> None:
-    """Only `ifNoneExist` of an entry's request is read (conditional create); what is there has its shape."""
+def _entry_request(entry: dict[str, Any], path: str, kind: str) -> None:
+    """An entry's request asks to store what it carries: POST (PUT too, but not for the order, which is only
+    created); `ifNoneExist` is read for a conditional create. A GET, DELETE, PATCH or HEAD entry asks for what
+    this transaction does not do, and was answered "200 OK" as if it had been done."""
     request = entry.get("request")
     if request is None:
         return
@@ -170,6 +179,12 @@ def _entry_request(entry: dict[str, Any], path: str) -> None:
         raise FhirInvalid(
             [Issue(path, "must be an object (method, url, and ifNoneExist for a conditional create)")]
         )
+    methods = ("POST",) if kind == "ServiceRequest" else ("POST", "PUT")
+    if request.get("method") not in methods:
+        raise FhirInvalid(
+            [Issue(f"{path}.method", f"this transaction takes {' or '.join(methods)} entries for a {kind}; "
+                                     "each entry carries a resource the case is read from")]
+        )  # fmt: skip
     if not isinstance(request.get("ifNoneExist", ""), str):
         raise FhirInvalid([Issue(f"{path}.ifNoneExist", "must be a string: identifier=[system|]value")])
 
@@ -205,9 +220,26 @@ def _code(concept: dict[str, Any]) -> str | None:
     return coding.get("code") or concept.get("text")
 
 
+def order_codes(request: dict[str, Any]) -> list[Issue]:
+    """What is wrong with the ServiceRequest's status and intent (required bindings; an order not active)."""
+    issues = []
+    if request.get("intent") not in REQUEST_INTENTS:
+        issues.append(Issue("ServiceRequest.intent", "not a request-intent code; send order"))
+    status = request.get("status")
+    if status not in REQUEST_STATUSES:
+        issues.append(Issue("ServiceRequest.status", "not a request-status code; send active"))
+    elif status != "active":
+        issues.append(
+            Issue("ServiceRequest.status", "only an active order opens a case; send it once it is active")
+        )
+    return issues
+
+
 def read_case(resources: dict[str, list[dict[str, Any]]]) -> FhirRequest:
     patient = _one(resources, "Patient", True)
     request = _one(resources, "ServiceRequest", True)
+    if issues := order_codes(request):
+        raise FhirInvalid(issues)
     study = _one(resources, "ImagingStudy", True)
     coverage = _one(resources, "Coverage", False)
     name = _first(patient.get("name"))

@@ -1,7 +1,10 @@
-"""A case as a FHIR R4 Task whose status follows the case (no PHI: ids, status and report links only)."""
+"""A case as a FHIR R4 Task whose status follows the case (no PHI: ids, status and report links only), versioned
+by what it shows (meta.versionId, the ETag) so a partner polling it is answered 304 while nothing changed."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from fhir.resources.R4B.task import Task
@@ -69,4 +72,25 @@ def to_task(case: Case) -> dict[str, Any]:
             {"type": {"text": "report (PDF)"}, "valueUrl": case.report_pdf_url},
             {"type": {"text": "report (FHIR DiagnosticReport)"}, "valueUrl": case.report_fhir_url},
         ]
-    return Task.model_validate(resource).model_dump(mode="json", exclude_none=True)
+    task = Task.model_validate(resource).model_dump(mode="json", exclude_none=True)
+    return {**task, "meta": {"versionId": version_of(task)}}
+
+
+def version_of(task: dict[str, Any]) -> str:
+    """The Task's version: a digest of what it shows, so it changes whenever the case changes anything the
+    Task shows (its status, its due date moved by the workflow, the report delivered), and only then."""
+    shown = {k: v for k, v in task.items() if k != "meta"}
+    return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def etag(task: dict[str, Any]) -> str:
+    return f'W/"{task["meta"]["versionId"]}"'
+
+
+def unchanged(if_none_match: str | None, task: dict[str, Any]) -> bool:
+    """Whether an If-None-Match names this version (RFC 9110 13.1.2: weak comparison, `*` any)."""
+    if if_none_match is None:
+        return False
+    # A bare versionId is taken too: fhirpy's refresh() sends meta.versionId as it is.
+    tags = {t.strip().removeprefix("W/").strip('"') for t in if_none_match.split(",")}
+    return "*" in tags or task["meta"]["versionId"] in tags

@@ -70,6 +70,7 @@ def test_every_path_prefix_has_an_ingress_rule_to_its_owner(
         (p.rstrip("/"), "Prefix"): owner for owner, prefixes in PATH_PREFIXES.items() for p in prefixes
     }
     expected[("/fhir", "Exact")] = "intake"
+    expected[("/fhir/", "Exact")] = "intake"  # the same base as FHIR client libraries write it ("[base]/")
     expected[("/fhir/metadata", "Exact")] = "intake"  # the CapabilityStatement, beside POST /fhir
     assert routes == expected
     services = {s["metadata"]["name"] for s in of_kind(manifests[overlay], "Service")}
