@@ -34,7 +34,9 @@ from services.records.models import FileKind, ImportStatus, RecordFile, RecordIm
 from services.records.store import ObjectStore
 
 REPORT_SOURCE = "second-opinion"
-# PS3.3 C.7.1.1 Patient and C.7.2.1 General Study: what a viewer groups and labels a study by.
+# PS3.3 C.7.1.1 Patient and C.7.2.1 General Study: what a viewer groups and labels a study by; and of
+# C.7.2.2 Patient Study what an ultrasound cart writes (the patient at the time of the study): one instance of
+# the study without them is an inconsistent Study (dcentvfy), and a PACS shows the age of the instance it read.
 IDENTITY = (
     "PatientName",
     "PatientID",
@@ -50,6 +52,9 @@ IDENTITY = (
     "ReferringPhysicianName",
     "StudyID",
     "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
 )
 # Type 3: left out when the images have none. The issuers' details go with their identifiers: the copy sent
 # back must say the facility's Patient ID and Accession Number are the facility's, as its images do.
@@ -58,6 +63,9 @@ OPTIONAL = {
     "IssuerOfPatientIDQualifiersSequence",
     "IssuerOfAccessionNumberSequence",
     "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
 }
 SAMPLE = 8  # the study's first instances read for its identity (each value: the first one that has it)
 
