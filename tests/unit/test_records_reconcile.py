@@ -59,7 +59,9 @@ def test_an_accession_that_is_no_dicom_accession_number_is_not_written_into_one(
     with the requested value was invalid (dciodvfy: "Length invalid for this VR"), one a PACS may refuse."""
     case_id = "0f8e2a4c-1111-2222-3333-444455556666"
     for requested in ("BAYVIEW-RIS-2026-000042", "ACC\\9", "ACC\n9"):
-        assert our_identifiers(case_id, {"accession_number": requested})["AccessionNumber"] == "0F8E2A4C11112222"
+        assert (
+            our_identifiers(case_id, {"accession_number": requested})["AccessionNumber"] == "0F8E2A4C11112222"
+        )
     assert our_identifiers(case_id, {"accession_number": "A" * 16})["AccessionNumber"] == "A" * 16
 
 
