@@ -147,8 +147,14 @@ def make_sr_report(
         birth_date,
         sex,
     )
-    ds.StudyDate = "20261120"
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20261120", "101500", "1"
+    ds.AccessionNumber = ds.ReferringPhysicianName = ""  # Type 2: present, empty when unknown
+    ds.Manufacturer = "SYNTHETIC"
     ds.SeriesNumber = ds.InstanceNumber = 1
+    ds.ReferencedPerformedProcedureStepSequence = Sequence()
+    ds.ContentDate, ds.ContentTime = "20261120", "110000"
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    ds.PerformedProcedureCodeSequence = Sequence()
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
     ds.ConceptNameCodeSequence = Sequence([_code("18748-4", "Diagnostic imaging report", "LN")])
