@@ -69,7 +69,8 @@ OPTIONAL = {
     "PatientWeight",
 }
 SAMPLE = 8  # the study's first instances read for its identity (each value: the first one that has it)
-TEXT_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}  # what Specific Character Set applies to (PS3.5 6.1.2.3)
+# The VRs whose text Specific Character Set encodes (PS3.5 6.1.2.3).
+TEXT_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}
 
 
 def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectStore) -> bytes | None:
