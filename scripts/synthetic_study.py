@@ -9,6 +9,7 @@ import numpy as np
 import pydicom.uid
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 SOP_CLASSES = {
     ("US", False): pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.6.1"),  # Ultrasound Image Storage
@@ -72,13 +73,20 @@ def make_us_instance(
     ds.PatientBirthDate = birth_date
     ds.PatientSex = sex
     ds.StudyDate = "20261120"
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = accession_number or ""  # Type 2 attributes are present, empty when unknown
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.Manufacturer = "SYNTHETIC"
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    if modality == "US":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "PELVIC", "0001"]  # PS3.3 C.8.5.6.1.1: 2D imaging
+        ds.BodyPartExamined = "PELVIS"  # not a paired part: no Laterality (General Series, Type 2C)
     ds.BurnedInAnnotation = burned_in_annotation
     if view_label:
         ds.ImageComments = view_label
-    if accession_number is not None:
-        ds.AccessionNumber = accession_number
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = rows
@@ -94,6 +102,7 @@ def make_us_instance(
     if frames > 1:
         ds.NumberOfFrames = frames
         ds.FrameTime = 33.3
+        ds.FrameIncrementPointer = Tag("FrameTime")  # Multi-frame and Cine modules
     ds.PixelData = pixels.tobytes()
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -138,8 +147,14 @@ def make_sr_report(
         birth_date,
         sex,
     )
-    ds.StudyDate = "20261120"
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20261120", "101500", "1"
+    ds.AccessionNumber = ds.ReferringPhysicianName = ""  # Type 2: present, empty when unknown
+    ds.Manufacturer = "SYNTHETIC"
     ds.SeriesNumber = ds.InstanceNumber = 1
+    ds.ReferencedPerformedProcedureStepSequence = Sequence()
+    ds.ContentDate, ds.ContentTime = "20261120", "110000"
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    ds.PerformedProcedureCodeSequence = Sequence()
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
     ds.ConceptNameCodeSequence = Sequence([_code("18748-4", "Diagnostic imaging report", "LN")])

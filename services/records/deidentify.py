@@ -249,7 +249,7 @@ def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
 def deidentified_chunks(source: Path, uids: UidMap, cleaning: PixelCleaning | None = None) -> Iterator[bytes]:
     """The de-identified instance as chunks: header rewritten, pixel data copied as bytes (each frame
     cleaned, with `cleaning`) and nothing after it (Explicit VR Little Endian, as PS3.11's general purpose
-    media profiles want, where the file was implicit)."""
+    media profiles want, where the file was implicit or deflated)."""
 
     def edit(dataset: Dataset) -> None:
         deidentify(dataset, uids)
@@ -266,6 +266,10 @@ def deidentify(dataset: Dataset, uids: UidMap) -> None:
         del dataset[tag]  # after the pixel data: signatures, padding (X); left out of the bytes too
     sop_class = dataset.file_meta.get("MediaStorageSOPClassUID") or dataset.get("SOPClassUID")
     syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        # Inflated: no general purpose media profile (PS3.11) has Deflate, and media readers (dciodvfy among
+        # them) do not read it. The file is read whole (rewrite.py), so it is written whole in this syntax.
+        syntax = pydicom.uid.ExplicitVRLittleEndian
     meta = FileMetaDataset()  # no source, sending or receiving AE titles, no private information
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID

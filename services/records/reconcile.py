@@ -74,8 +74,18 @@ def differences(identities: Iterable[PatientIdentity], patient: dict[str, Any]) 
 
 
 def our_identifiers(case_id: str, exam: dict[str, Any]) -> dict[str, str]:
-    accession = exam.get("accession_number") or case_id.replace("-", "")[:16].upper()
+    """Patient ID, its issuer and Accession Number in our domain: the accession the request named where it
+    is a DICOM Accession Number (SH: at most 16 characters, no backslash or control character; the case API
+    takes 64), else one made from the case id, so every copy handed out stays valid."""
+    accession = str(exam.get("accession_number") or "")
+    if not _short_string(accession):
+        accession = case_id.replace("-", "")[:16].upper()
     return {"PatientID": f"SO-{case_id}"[:64], "IssuerOfPatientID": OUR_ISSUER, "AccessionNumber": accession}
+
+
+def _short_string(value: str) -> bool:
+    """Whether `value` fits DICOM's SH (PS3.5 6.2): 1 to 16 characters, none a backslash or control one."""
+    return 0 < len(value) <= 16 and not any(c == "\\" or unicodedata.category(c) == "Cc" for c in value)
 
 
 def coerced_chunks(source: Path, values: dict[str, str], modified_at: datetime) -> Iterator[bytes]:

@@ -26,6 +26,7 @@ import io
 from collections import Counter
 
 import pydicom
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlmodel import Session, col, select
@@ -34,7 +35,9 @@ from services.records.models import FileKind, ImportStatus, RecordFile, RecordIm
 from services.records.store import ObjectStore
 
 REPORT_SOURCE = "second-opinion"
-# PS3.3 C.7.1.1 Patient and C.7.2.1 General Study: what a viewer groups and labels a study by.
+# PS3.3 C.7.1.1 Patient and C.7.2.1 General Study: what a viewer groups and labels a study by; and of
+# C.7.2.2 Patient Study what an ultrasound cart writes (the patient at the time of the study): one instance of
+# the study without them is an inconsistent Study (dcentvfy), and a PACS shows the age of the instance it read.
 IDENTITY = (
     "PatientName",
     "PatientID",
@@ -50,6 +53,9 @@ IDENTITY = (
     "ReferringPhysicianName",
     "StudyID",
     "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
 )
 # Type 3: left out when the images have none. The issuers' details go with their identifiers: the copy sent
 # back must say the facility's Patient ID and Accession Number are the facility's, as its images do.
@@ -58,8 +64,13 @@ OPTIONAL = {
     "IssuerOfPatientIDQualifiersSequence",
     "IssuerOfAccessionNumberSequence",
     "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
 }
 SAMPLE = 8  # the study's first instances read for its identity (each value: the first one that has it)
+# The VRs whose text Specific Character Set encodes (PS3.5 6.1.2.3).
+TEXT_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}
 
 
 def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectStore) -> bytes | None:
@@ -71,6 +82,7 @@ def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectSt
     if not images:
         return None
     identity = _identity(images, store)
+    charset = _header(store, images[0]).get("SpecificCharacterSet")
     moved_to = str(identity.get("StudyInstanceUID") or named_study)
     if moved_to != named_study:
         # Into another study than the review named: a series and an instance belong to one study only, so
@@ -87,6 +99,7 @@ def place_in_study(dicom: bytes, case_id: str, session: Session, store: ObjectSt
                 delattr(report, keyword)
         else:
             setattr(report, keyword, "")  # Type 2: present and empty, as on the images
+    _in_character_set(report, charset)
     buffer = io.BytesIO()
     report.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -207,6 +220,27 @@ def _identity(images: list[RecordFile], store: ObjectStore) -> dict[str, object]
                 # Person names as text: the report is UTF-8 whatever character set the image used.
                 found[keyword] = str(value) if header[keyword].VR == "PN" else value
     return found
+
+
+def _in_character_set(report: Dataset, charset: object) -> None:
+    """The report written in the images' character set where every text in it fits, so the patient's name is
+    the images' byte for byte: a PACS that compares names as stored (dcentvfy does) would see another patient
+    in a Latin-1 study whose report spells the name in UTF-8. Kept UTF-8 (as issued) otherwise, and where
+    the images switch character sets within a value (code extensions, ISO 2022)."""
+    if not isinstance(charset, str) or charset in ("", "ISO_IR 192") or charset.startswith("ISO 2022"):
+        return
+    codec = python_encoding.get(charset)
+    if codec is None:
+        return
+    for element in report.iterall():
+        if element.VR not in TEXT_VRS or element.value is None:
+            continue
+        for value in element.value if element.VM > 1 else [element.value]:
+            try:
+                str(value).encode(codec)
+            except UnicodeEncodeError:
+                return
+    report.SpecificCharacterSet = charset
 
 
 def _header(store: ObjectStore, row: RecordFile) -> Dataset:

@@ -19,6 +19,9 @@ from services.review.report_pdf import TITLE
 DICOM = "application/dicom"
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 SERIES_NUMBER = 9001  # high, so viewers list the report after the images
+# The PDF's title in ASCII (no dash of its own): placed into a study, the instance takes the images' character
+# set (Latin-1 and the like) where all its text fits, so that the patient's name is theirs byte for byte.
+DOCUMENT_TITLE = TITLE.replace(" \u2014 ", " - ")
 # PN (PS3.5 6.2): a component group (family^given) is at most 64 characters (characters, not bytes, in
 # UTF-8); the `^` between the two takes one. A name too long keeps the family name (what a PACS sorts and
 # searches by) and at least this much of the given name (a first given name).
@@ -66,7 +69,7 @@ def encapsulated_pdf(
     ds.ContentTime = issued.strftime("%H%M%S")
     ds.AcquisitionDateTime = issued.strftime("%Y%m%d%H%M%S%z")
     ds.BurnedInAnnotation = "YES"
-    ds.DocumentTitle = TITLE if version == 1 else f"{TITLE} (addendum {version - 1})"
+    ds.DocumentTitle = DOCUMENT_TITLE if version == 1 else f"{DOCUMENT_TITLE} (addendum {version - 1})"
     ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic imaging study")]
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     # OB must have even length: pad with one NUL, as PS3.3 allows for the Encapsulated Document.

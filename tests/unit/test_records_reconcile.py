@@ -54,6 +54,17 @@ def test_our_identifiers_use_the_requested_accession_when_named() -> None:
     assert our_identifiers(case_id, {"accession_number": "ACC9"})["AccessionNumber"] == "ACC9"
 
 
+def test_an_accession_that_is_no_dicom_accession_number_is_not_written_into_one() -> None:
+    """The case API takes 64 characters; Accession Number (SH) holds 16 and no backslash: a copy handed out
+    with the requested value was invalid (dciodvfy: "Length invalid for this VR"), one a PACS may refuse."""
+    case_id = "0f8e2a4c-1111-2222-3333-444455556666"
+    for requested in ("BAYVIEW-RIS-2026-000042", "ACC\\9", "ACC\n9"):
+        assert (
+            our_identifiers(case_id, {"accession_number": requested})["AccessionNumber"] == "0F8E2A4C11112222"
+        )
+    assert our_identifiers(case_id, {"accession_number": "A" * 16})["AccessionNumber"] == "A" * 16
+
+
 def test_coercion_keeps_originals_and_copies_pixels_untouched(tmp_path: Path) -> None:
     source = tmp_path / "a.dcm"
     make_us_instance(source, study_uid="1.2.3", series_uid="1.2.3.1", frames=5, accession_number="OLD1")
