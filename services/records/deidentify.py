@@ -148,6 +148,7 @@ def may_export(burned_in_annotation: str | None) -> bool:
 class Withheld(enum.StrEnum):
     """Why an instance that may carry burned-in text is left out of the export (its text: `.reason`)."""
 
+    DOCUMENT = "document"
     COMPRESSED = "compressed"
     NO_REGIONS = "no_ultrasound_regions"
     UNSUPPORTED_PIXELS = "unsupported_pixel_layout"
@@ -155,6 +156,7 @@ class Withheld(enum.StrEnum):
     @property
     def reason(self) -> str:
         return {
+            "document": "a document, not an image (a report, a structured report): its text is not de-identified",
             "compressed": "burned-in annotation not ruled out and the pixel data is compressed: it is not "
             "decoded to be cleaned",
             "no_ultrasound_regions": "burned-in annotation not ruled out and no Sequence of Ultrasound Regions "
@@ -193,6 +195,8 @@ class PixelCleaning:
 
 def pixel_cleaning(header: Dataset) -> PixelCleaning | Withheld:
     """How the pixels of an instance that may carry burned-in text are cleaned, or why it is withheld."""
+    if "Rows" not in header:  # no pixels: a report or an SR, whose text the profile does not clean
+        return Withheld.DOCUMENT
     if header.file_meta.get("TransferSyntaxUID") not in CLEANABLE_SYNTAXES:
         return Withheld.COMPRESSED
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)

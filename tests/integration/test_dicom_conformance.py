@@ -21,6 +21,7 @@ import base64
 import email.parser
 import email.policy
 import io
+import json
 import shutil
 import subprocess
 import uuid
@@ -300,6 +301,9 @@ def written(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> dic
         assert exported.status_code == 200, exported.text
         with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
             assert len(archive.namelist()) == 5  # the three images, cleaned, DICOMDIR and the manifest
+            manifest = json.loads(archive.read("DEIDENTIFICATION.json"))
+            # The first reader's SR and our report are left out as what they are: documents, not images.
+            assert [(r["code"], r["count"]) for r in manifest["withheld_reasons"]] == [("document", 2)]
             for name in archive.namelist():
                 if name != "DEIDENTIFICATION.json":
                     objects[f"export {name}"] = archive.read(name)
