@@ -105,6 +105,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 POSTED: dict[int | str, dict[str, Any]] = {
     **RESPONSES,
+    413: outcome_doc(
+        "The request is larger than 30 MB",
+        outcome("too-costly", [(None, "send documents and images to records and refer to them")]),
+    ),
     400: outcome_doc(
         "The body cannot be parsed as JSON (not UTF-8, not JSON, nested too deeply, a number too long)",
         outcome("structure", [(None, "the body is not JSON: Expecting value at line 1 column 1")]),
@@ -161,7 +165,11 @@ async def read_json(request: Request) -> Any:
         return request.state.fhir_json
     body = await request.body()
     if len(body) > MAX_FHIR_BYTES:
-        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the request is larger than 30 MB")])
+        raise StarletteHTTPException(
+            413,
+            "the request is larger than the 30 MB intake's FHIR API takes; send documents and images to records "
+            "(uploads, STOW-RS) and refer to them; nothing was stored",
+        )
     # Off the event loop, like the validation below: a 30 MB body takes a while, every other request to intake
     # would wait behind it.
     request.state.fhir_json = await run_in_threadpool(parse_json, body)

@@ -308,3 +308,13 @@ def test_a_request_without_a_key_is_told_so_in_an_operation_outcome(
             ask(client)
         [issue] = OperationOutcome.model_validate_json(str(refused.value)).issue
         assert issue.code == "login", root
+
+
+def test_an_order_larger_than_intake_takes_is_a_413(served: Served) -> None:
+    """A body past intake's 30 MB for FHIR was a 422 "invalid", as if an element were wrong: it is too large."""
+    body = b'{"resourceType": "ServiceRequest", "note": [{"text": "' + b"x" * (30 * 1024 * 1024) + b'"}]}'
+    answer = requests.post(f"{served.base}/ServiceRequest", data=body, timeout=30,
+                           headers={"Authorization": served.authorization, "Content-Type": "application/fhir+json"})  # fmt: skip
+    assert answer.status_code == 413
+    [issue] = OperationOutcome.model_validate(answer.json()).issue
+    assert issue.code == "too-costly" and "30 MB" in (issue.diagnostics or "")
