@@ -182,10 +182,12 @@ def read_diagnostic_report(
     access.allow("report", report.case_id)
     resource = report.diagnostic_report
     meta = resource.get("meta", {})
-    headers = {"ETag": etag(resource)}
+    # A report composed before DiagnosticReports carried meta is versioned by its row.
+    version = {"meta": {"versionId": meta.get("versionId", str(report.version))}}
+    headers = {"ETag": etag(version)}
     if "lastUpdated" in meta:
         headers["Last-Modified"] = format_datetime(datetime.fromisoformat(meta["lastUpdated"]), usegmt=True)
-    if unchanged(if_none_match, resource):
+    if unchanged(if_none_match, version):
         return Response(status_code=304, headers=headers)
     return JSONResponse(resource, media_type=FHIR_JSON, headers=headers)
 
