@@ -14,7 +14,7 @@ from contracts.models import Coverage
 from services.auth import Role, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
-from services.common.fhir import as_preferred, undeclared_router, unparseable
+from services.common.fhir import as_preferred, outcome_response, undeclared_router, unparseable
 from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.insurance import fhir_resources, handlers
 from services.insurance.api import SessionDep
@@ -43,9 +43,8 @@ Prefer = Annotated[
 ]
 
 
-def _outcome(status: int, expression: str, message: str) -> JSONResponse:
-    body = fhir_resources.operation_outcome([(expression, message)])
-    return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
+def _outcome(status: int, expression: str, message: str, code: str = "invalid") -> JSONResponse:
+    return outcome_response(status, code, [(expression, message)])
 
 
 @router.post(
@@ -87,7 +86,9 @@ def _eligibility(raw: bytes, session: Session) -> JSONResponse:
     except FhirInvalid as exc:
         return _outcome(422, exc.expression, f"{exc}; fix the element named and send it again")
     if len(ask.plan_code) > 50 or len(ask.member_id) > 50:
-        return _outcome(422, "Coverage.subscriberId", "the plan code and member id are at most 50 characters")
+        return _outcome(
+            422, "Coverage.subscriberId", "the plan code and member id are at most 50 characters", "too-long"
+        )
     coverage = Coverage(plan_code=ask.plan_code, member_id=ask.member_id)
     cpt = f"{ask.cpt}-{ask.modifier}" if ask.modifier else ask.cpt
     try:
@@ -101,6 +102,7 @@ def _eligibility(raw: bytes, session: Session) -> JSONResponse:
             "CoverageEligibilityRequest.item[0].productOrService",
             "the CPT code (with its modifier) is not a service we price; ask for 76140 or the study's CPT "
             "with modifier 26",
+            "business-rule",
         )
     response = fhir_resources.eligibility_response(ask, estimate, rule, body.get("id"))
     return JSONResponse(response, media_type=FHIR_JSON)

@@ -19,8 +19,8 @@ from fhir.resources.R4B.coverageeligibilityresponse import CoverageEligibilityRe
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhirpy import SyncFHIRClient
-from fhirpy.base.exceptions import OperationOutcome as OutcomeRaised
 from fhirpy.base.exceptions import AuthorizationError, ResourceNotFound
+from fhirpy.base.exceptions import OperationOutcome as OutcomeRaised
 from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -318,3 +318,16 @@ def test_an_order_larger_than_intake_takes_is_a_413(served: Served) -> None:
     assert answer.status_code == 413
     [issue] = OperationOutcome.model_validate(answer.json()).issue
     assert issue.code == "too-costly" and "30 MB" in (issue.diagnostics or "")
+
+
+def test_an_eligibility_ask_breaking_a_rule_says_which_kind_of_rule(settings: Settings, insurance: str) -> None:
+    """Every 422 of insurance said "invalid": a CPT code it does not price (a business rule of ours, FHIR
+    `business-rule`) and a member id longer than it takes (`too-long`) read as a malformed resource."""
+    unpriced = eligibility_request()
+    unpriced["item"][0]["productOrService"]["coding"][0]["code"] = "99999"
+    too_long = eligibility_request(member="W" * 60)
+    for sent, code in ((unpriced, "business-rule"), (too_long, "too-long")):
+        with pytest.raises(OutcomeRaised) as refused:
+            fhir_client(insurance, settings).execute("CoverageEligibilityRequest", data=sent)
+        [issue] = outcome_of(refused.value).issue
+        assert issue.code == code and "W" * 60 not in (issue.diagnostics or "")
