@@ -81,5 +81,3 @@ def version_of(task: dict[str, Any]) -> str:
     Task shows (its status, its due date moved by the workflow, the report delivered), and only then."""
     shown = {k: v for k, v in task.items() if k != "meta"}
     return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
-
-

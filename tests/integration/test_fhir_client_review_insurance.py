@@ -320,7 +320,9 @@ def test_an_order_larger_than_intake_takes_is_a_413(served: Served) -> None:
     assert issue.code == "too-costly" and "30 MB" in (issue.diagnostics or "")
 
 
-def test_an_eligibility_ask_breaking_a_rule_says_which_kind_of_rule(settings: Settings, insurance: str) -> None:
+def test_an_eligibility_ask_breaking_a_rule_says_which_kind_of_rule(
+    settings: Settings, insurance: str
+) -> None:
     """Every 422 of insurance said "invalid": a CPT code it does not price (a business rule of ours, FHIR
     `business-rule`) and a member id longer than it takes (`too-long`) read as a malformed resource."""
     unpriced = eligibility_request()
