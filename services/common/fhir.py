@@ -145,8 +145,16 @@ def undeclared_answer(service: str, resource_type: str, rest: str | None,
     the public base. The type sent is not echoed (it may be any text)."""
     types = declared()
     summary = "; ".join(f"{kind} ({', '.join(codes)})" for kind, codes in types.items())
-    if resource_type == "metadata":
+    if resource_type == "metadata" and service == "intake":
         return not_allowed("the CapabilityStatement is read with GET [base]/metadata", ["GET"])
+    if (
+        resource_type == "metadata"
+    ):  # on another service's own port: the ingress routes [base]/metadata to intake
+        return outcome_response(
+            404,
+            "not-found",
+            [(None, "the CapabilityStatement is served by the intake service: GET [base]/metadata")],
+        )
     own = {**{t: c for t, c in types.items() if SERVED_BY[t] == service}, **(internal or {})}
     if resource_type not in own:
         if resource_type in types:
