@@ -336,3 +336,27 @@ def test_an_eligibility_ask_breaking_a_rule_says_which_kind_of_rule(
             fhir_client(insurance, settings).execute("CoverageEligibilityRequest", data=sent)
         [issue] = outcome_of(refused.value).issue
         assert issue.code == code and "W" * 60 not in (issue.diagnostics or "")
+
+
+def test_review_and_insurance_speak_fhir_r4_json_only_as_intake_does(
+    settings: Settings, review: str, insurance: str, report_id: tuple[str, str, str]
+) -> None:
+    """FHIR R4 http.html#mime-type and #version-parameter, as intake answers them: XML or FHIR 5.0 asked is a
+    406, sent a 415, each an OperationOutcome saying what to send."""
+    report = report_id[0]
+    r5 = fhir_client(review, settings, Accept="application/fhir+json; fhirVersion=5.0")
+    with pytest.raises(OutcomeRaised) as asked:
+        r5.get("DiagnosticReport", report)
+    assert "fhirVersion=4.0" in (outcome_of(asked.value).issue[0].diagnostics or "")
+    with pytest.raises(OutcomeRaised) as xml:
+        fhir_client(review, settings).execute(
+            f"DiagnosticReport/{report}", method="get", params={"_format": "xml"}
+        )
+    assert outcome_of(xml.value).issue[0].code == "not-supported"
+    r4 = fhir_client(review, settings, Accept="application/fhir+json; fhirVersion=4.0")
+    assert r4.get("DiagnosticReport", report)["id"] == report
+    sent_r5 = requests.post(f"{insurance}/fhir/CoverageEligibilityRequest", json=eligibility_request(), timeout=10,
+                            headers={**operations_headers(settings),
+                                     "Content-Type": "application/fhir+json; fhirVersion=5.0"})  # fmt: skip
+    assert sent_r5.status_code == 415
+    assert "fhirVersion=4.0" in (OperationOutcome.model_validate(sent_r5.json()).issue[0].diagnostics or "")
