@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated
 
@@ -70,9 +71,14 @@ async def request_eligibility(request: Request, session: SessionDep, prefer: Pre
 
 
 def _done(answer: JSONResponse) -> str:
+    """What an eligibility answer said, for `Prefer: return=OperationOutcome`: its outcome and whether the
+    coverage is in force (no member id, no amount)."""
+    response = json.loads(bytes(answer.body))
+    inforce = (response.get("insurance") or [{}])[0].get("inforce")
+    said = {True: "; the coverage is in force", False: "; the coverage is not in force"}.get(inforce, "")
     return (
-        "eligibility was answered with a CoverageEligibilityResponse, which is not kept: ask without "
-        "Prefer: return=OperationOutcome (or with return=representation) to receive it"
+        f"eligibility was asked: outcome {response.get('outcome')}{said}. The CoverageEligibilityResponse is "
+        "not kept: ask with Prefer: return=representation (the default) for its benefits"
     )
 
 

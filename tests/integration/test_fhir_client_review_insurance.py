@@ -240,6 +240,7 @@ def test_eligibility_is_asked_through_a_client_and_prefer_is_honoured(
     )
     [issue] = OperationOutcome.model_validate(dict(done)).issue
     assert (issue.severity, issue.code) == ("information", "informational")
+    assert "outcome complete; the coverage is in force" in (issue.diagnostics or "")
     assert "ACM100200300" not in (issue.diagnostics or "")
 
 
