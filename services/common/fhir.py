@@ -145,15 +145,11 @@ def undeclared_answer(service: str, resource_type: str, rest: str | None,
     the public base. The type sent is not echoed (it may be any text)."""
     types = declared()
     summary = "; ".join(f"{kind} ({', '.join(codes)})" for kind, codes in types.items())
-    if resource_type == "metadata" and service == "intake":
-        return not_allowed("the CapabilityStatement is read with GET [base]/metadata", ["GET"])
-    if (
-        resource_type == "metadata"
-    ):  # on another service's own port: the ingress routes [base]/metadata to intake
+    if resource_type == "metadata":  # the ingress routes [base]/metadata to intake
+        if service == "intake":
+            return not_allowed("the CapabilityStatement is read with GET [base]/metadata", ["GET"])
         return outcome_response(
-            404,
-            "not-found",
-            [(None, "the CapabilityStatement is served by the intake service: GET [base]/metadata")],
+            404, "not-found", [(None, "the CapabilityStatement is served by intake: GET [base]/metadata")]
         )
     own = {**{t: c for t, c in types.items() if SERVED_BY[t] == service}, **(internal or {})}
     if resource_type not in own:
@@ -189,8 +185,9 @@ def undeclared_answer(service: str, resource_type: str, rest: str | None,
 
 def undeclared_router(service: str, internal: dict[str, list[str]] | None = None) -> APIRouter:
     """The route answering, for `service`, what the CapabilityStatement does not declare (undeclared_answer).
-    Include it under /fhir after the service's own FHIR routes: only requests none of them takes arrive here. A path with a
-    trailing slash is sent to the one without (a relative Location: never built from the Host header)."""
+    Include it under /fhir after the service's own FHIR routes: only requests none of them takes arrive here.
+    A path with a trailing slash is sent to the one without (a relative Location: never built from the Host
+    header)."""
     router = APIRouter(tags=["fhir"])  # its paths are under the FHIR base: include it with prefix="/fhir"
 
     @router.api_route("/{resource_type}", methods=EVERY_METHOD, include_in_schema=False)

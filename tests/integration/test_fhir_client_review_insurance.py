@@ -218,7 +218,7 @@ def test_review_names_what_the_base_serves_and_that_practitioners_are_internal(
     assert client.get("Practitioner", "spec-gyn-1")["resourceType"] == "Practitioner"
     with pytest.raises(ResourceNotFound) as metadata:  # the ingress sends [base]/metadata to intake
         client.execute("metadata", method="get")
-    assert "served by the intake service" in (outcome_of(metadata.value).issue[0].diagnostics or "")
+    assert "served by intake" in (outcome_of(metadata.value).issue[0].diagnostics or "")
 
 
 def test_eligibility_is_asked_through_a_client_and_prefer_is_honoured(
