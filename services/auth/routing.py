@@ -1,5 +1,5 @@
 """A route class that keeps the headers an auth error carries (`Retry-After` on 429, `WWW-Authenticate`
-on 401) on the problem body every service returns."""
+on 401) on the error body every service returns: a problem, or under /fhir an OperationOutcome."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
-from services.common.http import problem
+from services.common.http import error_for
 
 
 class AuthRoute(APIRoute):
@@ -22,7 +22,8 @@ class AuthRoute(APIRoute):
             except HTTPException as exc:
                 if not exc.headers:
                     raise
-                response = problem(exc.status_code, "Error", str(exc.detail))
+                # Under /fhir an OperationOutcome: a FHIR client parses every error body as one.
+                response = error_for(request, exc.status_code, "Error", str(exc.detail))
                 response.headers.update(exc.headers)
                 return response
 

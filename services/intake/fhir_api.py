@@ -20,6 +20,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.auth.problems import AUTH_ERRORS
 from services.common.config import Settings
 from services.common.errors import IntakeRejected
+from services.common.fhir import (
+    PUBLIC_RESOURCES,
+    as_preferred,
+    etag,
+    outcome,
+    outcome_response,
+    preferred_return,
+    unchanged,
+    undeclared_router,
+    unparseable,
+)
 from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.intake import fhir_intake, handlers
 from services.intake.api import (
@@ -37,32 +48,13 @@ from services.intake.api import (
     visible_case,
 )
 from services.intake.fhir_examples import BUNDLE_EXAMPLE, SERVICE_REQUEST_EXAMPLE
-from services.intake.fhir_task import etag, to_task, unchanged
+from services.intake.fhir_task import to_task
 from services.intake.models import Case, CaseCreate
 from services.intake.order_reference import ReferenceSearch, SearchInvalid, parse_token
 
 FHIR_JSON = "application/fhir+json"
 MAX_FHIR_BYTES = 30 * 1024 * 1024
 router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(fhir_json_only)])
-
-
-def outcome(code: str, issues: list[tuple[str | None, str]]) -> dict[str, Any]:
-    return {
-        "resourceType": "OperationOutcome",
-        "issue": [
-            {
-                "severity": "error",
-                "code": code,
-                "diagnostics": text,
-                **({"expression": [where]} if where else {}),
-            }
-            for where, text in issues
-        ],
-    }
-
-
-def outcome_response(status: int, code: str, issues: list[tuple[str | None, str]]) -> JSONResponse:
-    return JSONResponse(outcome(code, issues), status_code=status, media_type=FHIR_JSON)
 
 
 class OutcomeIssue(BaseModel):
@@ -113,6 +105,14 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 POSTED: dict[int | str, dict[str, Any]] = {
     **RESPONSES,
+    413: outcome_doc(
+        "The request is larger than 30 MB",
+        outcome("too-costly", [(None, "send documents and images to records and refer to them")]),
+    ),
+    400: outcome_doc(
+        "The body cannot be parsed as JSON (not UTF-8, not JSON, nested too deeply, a number too long)",
+        outcome("structure", [(None, "the body is not JSON: Expecting value at line 1 column 1")]),
+    ),
     415: outcome_doc(
         "The body is not JSON", outcome("not-supported", [(None, f"Content-Type: {FHIR_JSON}")])
     ),
@@ -138,7 +138,8 @@ TRANSACTION_EXAMPLE = {
 }
 CONDITION_ERRORS: dict[int | str, dict[str, Any]] = {
     400: outcome_doc(
-        "If-None-Exist (ifNoneExist) searches something else than identifier, or is malformed",
+        "The body cannot be parsed as JSON; or If-None-Exist (ifNoneExist) searches something else than "
+        "identifier, or is malformed",
         outcome("invalid", [("If-None-Exist", "conditional create searches identifier=[system|]value only")]),
     ),
     412: outcome_doc(
@@ -158,18 +159,20 @@ TRANSACTED: dict[int | str, dict[str, Any]] = {
 
 
 async def read_json(request: Request) -> Any:
-    """The request's JSON, parsed once per request (a transaction reads it for its entries too)."""
+    """The request's JSON, parsed once per request (a transaction reads it for its entries too); UnreadableJson
+    when the body cannot be parsed as JSON (a 400, `unparseable`)."""
     if hasattr(request.state, "fhir_json"):
         return request.state.fhir_json
     body = await request.body()
     if len(body) > MAX_FHIR_BYTES:
-        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", "the request is larger than 30 MB")])
-    try:
-        # Off the event loop, like the validation below: a 30 MB body takes a while, every other request
-        # to intake would wait behind it.
-        request.state.fhir_json = await run_in_threadpool(parse_json, body)
-    except UnreadableJson as exc:
-        raise fhir_intake.FhirInvalid([fhir_intake.Issue("Bundle", str(exc))]) from exc
+        raise StarletteHTTPException(
+            413,
+            "the request is larger than the 30 MB intake's FHIR API takes; send documents and images to records "
+            "(uploads, STOW-RS) and refer to them; nothing was stored",
+        )
+    # Off the event loop, like the validation below: a 30 MB body takes a while, every other request to intake
+    # would wait behind it.
+    request.state.fhir_json = await run_in_threadpool(parse_json, body)
     return request.state.fhir_json
 
 
@@ -185,7 +188,6 @@ IfNoneExist = Annotated[
 ]
 
 
-RETURNS = ("minimal", "representation", "OperationOutcome")
 Prefer = Annotated[
     str | None,
     Header(
@@ -197,45 +199,13 @@ Prefer = Annotated[
 ]
 
 
-def preferred_return(prefer: str | None) -> str | None:
-    """The `return` preference of a Prefer header (RFC 7240: preferences by comma, parameters after `;`), or
-    None when there is none we know (a preference the server does not know is ignored)."""
-    for preference in (prefer or "").split(","):
-        name, _, value = preference.split(";")[0].partition("=")
-        chosen = value.strip().strip('"')
-        if name.strip().lower() == "return" and chosen in RETURNS:
-            return chosen
-    return None
+def done(created: bool, location: str) -> str:
+    what = "created the case" if created else "found your case with this order reference (conditional create)"
+    return f"{what}: its Task is {location}"
 
 
 def done_outcome(created: bool, location: str) -> dict[str, Any]:
-    what = "created the case" if created else "found your case with this order reference (conditional create)"
-    return {
-        "resourceType": "OperationOutcome",
-        "issue": [
-            {
-                "severity": "information",
-                "code": "informational",
-                "diagnostics": f"{what}: its Task is {location}",
-            }
-        ],
-    }
-
-
-def as_preferred(response: JSONResponse, prefer: str | None) -> Response:
-    """A create's answer in the form the client's `Prefer: return=` asks for, saying so in Preference-Applied."""
-    chosen = preferred_return(prefer)
-    if chosen is None or response.status_code not in (200, 201):
-        return response
-    response.headers["Preference-Applied"] = f"return={chosen}"
-    if chosen == "representation":
-        return response
-    kept = ("location", "etag", "idempotent-replayed", "preference-applied")
-    headers = {k: v for k, v in response.headers.items() if k.lower() in kept}
-    if chosen == "minimal":
-        return Response(status_code=response.status_code, headers=headers)
-    body = done_outcome(response.status_code == 201, headers["location"])
-    return JSONResponse(body, status_code=response.status_code, media_type=FHIR_JSON, headers=headers)
+    return outcome("informational", [(None, done(created, location))], severity="information")
 
 
 def conditional_reference(query: str) -> ReferenceSearch:
@@ -291,6 +261,8 @@ async def create_from_fhir(
         # request to intake that long (a /healthz waited 5 s behind a 28 MB Bundle).
         parsed: fhir_intake.FhirRequest = await run_in_threadpool(parse, document)
         reference = conditional_reference(if_none_exist) if if_none_exist is not None else None
+    except UnreadableJson as exc:
+        return unparseable(exc)
     except fhir_intake.FhirInvalid as exc:
         status = 400 if exc.issues and exc.issues[0].expression == "If-None-Exist" else 422
         return outcome_response(status, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
@@ -417,7 +389,7 @@ async def transaction(
         sent = await read_json(
             request
         )  # parsed once: create_from_fhir and the answer read it again from here
-    except fhir_intake.FhirInvalid:
+    except (fhir_intake.FhirInvalid, UnreadableJson):
         sent = None  # create_from_fhir answers what is wrong with the body
     response = await create_from_fhir(
         request,
@@ -500,7 +472,7 @@ async def service_request(
         idempotency_key,
         if_none_exist,
     )
-    return as_preferred(answer, prefer)
+    return as_preferred(answer, prefer, lambda r: done(r.status_code == 201, r.headers["location"]))
 
 
 CAPABILITY_STATEMENT: dict[str, Any] = {
@@ -516,45 +488,11 @@ CAPABILITY_STATEMENT: dict[str, Any] = {
         {
             "mode": "server",
             "security": {"description": "Authorization: Bearer <API key>"},
-            "resource": [
-                {
-                    "type": "ServiceRequest",
-                    "interaction": [{"code": "create"}],
-                    "conditionalCreate": True,
-                    "documentation": "The order opens a case, answered as the case's Task (`Location: "
-                    "[base]/Task/{id}`); the ServiceRequest is not kept as a resource of its own, so read the "
-                    "Task. Prefer: return=minimal | representation | OperationOutcome is honoured.",
-                },
-                {
-                    "type": "Task",
-                    "interaction": [{"code": "read"}],
-                    "versioning": "versioned",
-                    "documentation": "The case: `status` follows it, `businessStatus` carries the case status. "
-                    "meta.versionId is the ETag: poll with If-None-Match (304 while unchanged).",
-                },
-                {
-                    "type": "DiagnosticReport",
-                    "interaction": [{"code": "read"}],
-                    "versioning": "versioned",
-                    "documentation": "Served at this base by the review service: the delivered case's "
-                    "Task.output names the report's URL.",
-                },
-                {
-                    "type": "CoverageEligibilityRequest",
-                    "interaction": [{"code": "create"}],
-                    "documentation": "Served at this base by the insurance service: answered at once (200) "
-                    "with a CoverageEligibilityResponse for the contained Coverage; nothing is kept, so there "
-                    "is no read.",
-                },
-            ],
+            "resource": PUBLIC_RESOURCES,
             "interaction": [{"code": "transaction"}],
         }
     ],
 }
-# Where each interaction this server declares is served (FHIR R4 http.html), to say what is served when a
-# request asks for something else.
-INTERACTIONS = {"create": ("POST", "[base]/{type}"), "read": ("GET", "[base]/{type}/{id}")}
-SERVED_ELSEWHERE = {"DiagnosticReport": "review", "CoverageEligibilityRequest": "insurance"}  # same base
 
 
 def capability_statement(settings: Settings) -> dict[str, Any]:
@@ -562,13 +500,6 @@ def capability_statement(settings: Settings) -> dict[str, Any]:
     statement = copy.deepcopy(CAPABILITY_STATEMENT)
     statement["implementation"]["url"] = f"{settings.intake_url.rstrip('/')}/fhir"
     return statement
-
-
-def declared() -> dict[str, list[str]]:
-    """Each resource type of the CapabilityStatement with its interactions."""
-    return {
-        r["type"]: [i["code"] for i in r["interaction"]] for r in CAPABILITY_STATEMENT["rest"][0]["resource"]
-    }
 
 
 @router.get(
@@ -617,51 +548,6 @@ def get_task(
     return JSONResponse(task, media_type=FHIR_JSON, headers={"ETag": etag(task)})
 
 
-EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-
-
-@router.api_route("/{resource_type}", methods=EVERY_METHOD, include_in_schema=False)
-@router.api_route("/{resource_type}/{rest:path}", methods=EVERY_METHOD, include_in_schema=False)
-def undeclared(request: Request, resource_type: str, rest: str | None = None) -> Response:
-    """What the CapabilityStatement does not declare: a 405 naming what the resource type supports, or a 404
-    naming the types served. Registered last, so only requests no route above takes arrive here. The type sent
-    is not echoed (it may be any text). A path with a trailing slash is sent to the one without, as before this
-    route took every path (a relative Location: never built from the Host header)."""
-    if request.url.path.endswith("/"):
-        query = f"?{request.url.query}" if request.url.query else ""
-        return Response(status_code=307, headers={"Location": request.url.path.rstrip("/") + query})
-    types = declared()
-    summary = "; ".join(f"{kind} ({', '.join(codes)})" for kind, codes in types.items())
-    if resource_type == "metadata":
-        return _not_allowed("the CapabilityStatement is read with GET [base]/metadata", ["GET"])
-    if resource_type not in types:
-        return outcome_response(
-            404, "not-found", [(None, f"no resource type of this name is served here; served: {summary} "
-                                      "and the transaction (POST [base]); see GET [base]/metadata")]
-        )  # fmt: skip
-    if resource_type in SERVED_ELSEWHERE:
-        return outcome_response(
-            404,
-            "not-found",
-            [(None, f"{resource_type} is served by the {SERVED_ELSEWHERE[resource_type]} service at this "
-                    "base behind the ingress; see GET [base]/metadata")],
-        )  # fmt: skip
-    level = "[base]/{type}" if rest is None else "[base]/{type}/{id}" if "/" not in rest else None
-    allowed = [INTERACTIONS[c][0] for c in types[resource_type] if INTERACTIONS[c][1] == level]
-    served = ", ".join(f"{c} ({' '.join(INTERACTIONS[c])})" for c in types[resource_type])
-    hint = (
-        " (the order is answered as a Task: read [base]/Task/{id})"
-        if resource_type == "ServiceRequest"
-        else ""
-    )
-    return _not_allowed(
-        f"{resource_type} supports {served.replace('{type}', resource_type)} here{hint}, nothing else; "
-        "see GET [base]/metadata",
-        allowed,
-    )
-
-
-def _not_allowed(diagnostics: str, allowed: list[str]) -> JSONResponse:
-    response = outcome_response(405, "not-supported", [(None, diagnostics)])
-    response.headers["Allow"] = ", ".join(allowed)  # RFC 9110 10.2.1: empty when no method is allowed
-    return response
+# What the CapabilityStatement does not declare: a 405 naming what the type supports, or a 404 naming the types
+# served (services.common.fhir). Included last, so only requests no route above takes arrive there.
+router.include_router(undeclared_router("intake"))

@@ -81,16 +81,3 @@ def version_of(task: dict[str, Any]) -> str:
     Task shows (its status, its due date moved by the workflow, the report delivered), and only then."""
     shown = {k: v for k, v in task.items() if k != "meta"}
     return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def etag(task: dict[str, Any]) -> str:
-    return f'W/"{task["meta"]["versionId"]}"'
-
-
-def unchanged(if_none_match: str | None, task: dict[str, Any]) -> bool:
-    """Whether an If-None-Match names this version (RFC 9110 13.1.2: weak comparison, `*` any)."""
-    if if_none_match is None:
-        return False
-    # A bare versionId is taken too: fhirpy's refresh() sends meta.versionId as it is.
-    tags = {t.strip().removeprefix("W/").strip('"') for t in if_none_match.split(",")}
-    return "*" in tags or task["meta"]["versionId"] in tags

@@ -15,6 +15,8 @@ from services.auth import Caller, Role, authenticate, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.config import Settings
+from services.common.fhir import undeclared_router
+from services.common.http import fhir_json_only
 from services.review import addenda, followup, handlers, offers
 from services.review.api_directory import fhir_practitioners, specialists
 from services.review.api_reports import fhir, negotiate_report_format, reports
@@ -275,6 +277,14 @@ def add_addendum(
 router = APIRouter()
 for _router in (specialists, reviews, reports, fhir, fhir_practitioners):
     router.include_router(_router)
+# Under /fhir, what none of the routes above takes is answered as the CapabilityStatement at the public base
+# declares it (405 naming what DiagnosticReport supports, 404 naming the types served). Practitioner and
+# PractitionerRole are internal: read on this service's own port, never routed by the ingress.
+router.include_router(
+    undeclared_router("review", internal={"Practitioner": ["read"], "PractitionerRole": ["read"]}),
+    prefix="/fhir",
+    dependencies=[Depends(fhir_json_only)],
+)
 
 
 def _apply(action: Callable[[], T]) -> T:

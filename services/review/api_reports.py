@@ -15,6 +15,7 @@ from sqlmodel import Session, col, select
 from services.auth import authenticate
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
+from services.common.fhir import etag, unchanged
 from services.common.http import fhir_json_only
 from services.review import handlers
 from services.review.deps import Access, AccessDep, SessionDep, SettingsDep
@@ -152,8 +153,25 @@ def get_patient_summary(
     )
 
 
-@fhir.get("/{report_id}", responses={200: {"content": {FHIR_JSON: {}}}, 404: {"content": {FHIR_JSON: {}}}})
-def read_diagnostic_report(report_id: str, session: SessionDep, access: AccessDep) -> JSONResponse:
+@fhir.get(
+    "/{report_id}",
+    responses={
+        200: {
+            "content": {FHIR_JSON: {}},
+            "description": "the latest version of the report; `ETag` is its meta.versionId",
+        },
+        304: {"description": "If-None-Match names the latest version: unchanged since"},
+        404: {"content": {FHIR_JSON: {}}},
+    },
+)
+def read_diagnostic_report(
+    report_id: str,
+    session: SessionDep,
+    access: AccessDep,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=300)] = None,
+) -> Response:
+    """The integrated report's latest version (each addendum makes one: `appended`, or `corrected`).
+    `ETag` is `meta.versionId`; `If-None-Match` with it is answered 304 while no addendum was added."""
     report = session.get(Report, report_id)
     if report is not None and not access.sees_report(report.case_id, _reviewer_of(session, report)):
         access.deny("report", report.case_id, "not visible")
@@ -162,11 +180,16 @@ def read_diagnostic_report(report_id: str, session: SessionDep, access: AccessDe
         outcome = operation_outcome("not-found", "no DiagnosticReport with this id visible to your key")
         return JSONResponse(outcome, status_code=404, media_type=FHIR_JSON)
     access.allow("report", report.case_id)
-    meta = report.diagnostic_report.get("meta", {})
-    headers = {"ETag": f'W/"{meta.get("versionId", report.version)}"'}
+    resource = report.diagnostic_report
+    meta = resource.get("meta", {})
+    # A report composed before DiagnosticReports carried meta is versioned by its row.
+    version = {"meta": {"versionId": meta.get("versionId", str(report.version))}}
+    headers = {"ETag": etag(version)}
     if "lastUpdated" in meta:
         headers["Last-Modified"] = format_datetime(datetime.fromisoformat(meta["lastUpdated"]), usegmt=True)
-    return JSONResponse(report.diagnostic_report, media_type=FHIR_JSON, headers=headers)
+    if unchanged(if_none_match, version):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(resource, media_type=FHIR_JSON, headers=headers)
 
 
 def negotiate_report_format(accept: str | None) -> ReportFormat | None:

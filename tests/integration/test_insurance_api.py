@@ -334,7 +334,7 @@ def test_invalid_fhir_request_is_an_operation_outcome_naming_the_element(
 def test_fhir_request_that_is_not_json(client: TestClient) -> None:
     response = client.post("/fhir/CoverageEligibilityRequest", content=b"<xml/>")
     assert response.status_code == 400
-    assert OperationOutcome.model_validate(response.json()).issue[0].code == "invalid"
+    assert OperationOutcome.model_validate(response.json()).issue[0].code == "structure"
 
 
 def nested_extension(depth: int) -> dict[str, Any]:

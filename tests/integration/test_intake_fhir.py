@@ -278,12 +278,13 @@ def test_invalid_resource_is_an_operation_outcome_naming_the_element(
         assert len(session.exec(select(Case)).all()) == before
 
 
-def test_a_body_that_is_not_json_is_an_operation_outcome(client: TestClient) -> None:
+def test_a_body_that_is_not_json_is_a_400_operation_outcome(client: TestClient) -> None:
+    """FHIR R4 http.html: a body that cannot be parsed is a 400 (it was a 422, kept for a resource that breaks a rule)."""
     garbage = client.post(
         "/fhir", content=b"\xff\xfe not json", headers={"Content-Type": "application/fhir+json"}
     )
-    assert garbage.status_code == 422
-    assert garbage.json()["resourceType"] == "OperationOutcome"
+    assert garbage.status_code == 400
+    assert OperationOutcome.model_validate(garbage.json()).issue[0].code == "structure"
 
 
 def test_another_partners_task_is_404(client: TestClient, auth: Engine) -> None:
@@ -546,11 +547,11 @@ def test_an_if_none_exist_with_a_lone_surrogate_is_a_422_naming_the_element(clie
     assert issue.expression == ["Bundle.entry[1].request.ifNoneExist"] and "SUR-" not in response.text
 
 
-def test_json_nested_too_deep_is_a_422(client: TestClient) -> None:
+def test_json_nested_too_deep_is_a_400(client: TestClient) -> None:
     response = client.post(
         "/fhir", content="[" * 5000 + "]" * 5000, headers={"Content-Type": "application/fhir+json"}
     )
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
@@ -573,11 +574,11 @@ def test_resources_are_validated_off_the_event_loop(
 
 
 @pytest.mark.parametrize("path", ["/fhir", "/fhir/ServiceRequest"])
-def test_a_number_of_thousands_of_digits_is_a_422_saying_so(client: TestClient, path: str) -> None:
+def test_a_number_of_thousands_of_digits_is_a_400_saying_so(client: TestClient, path: str) -> None:
     """json.loads refuses an integer of more than 4300 digits with a ValueError that was not caught: a 500."""
     body = b'{"resourceType": "Bundle", "n": ' + b"9" * 5000 + b"}"
     response = client.post(path, content=body, headers={"Content-Type": "application/fhir+json"})
-    assert response.status_code == 422, response.text
+    assert response.status_code == 400, response.text
     [issue] = OperationOutcome.model_validate(response.json()).issue
     assert "a number with more digits than can be read" in (issue.diagnostics or "")
 

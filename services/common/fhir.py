@@ -1,0 +1,201 @@
+"""What the FHIR routes of every service share: the one public FHIR base behind the ingress (intake, review and
+insurance each serve some of its resource types), what its CapabilityStatement declares there, and how each
+service answers a FHIR client the same way: OperationOutcomes, the route answering what is not declared (405
+naming what the type supports, 404 naming the types served), versions (ETag, If-None-Match), `Prefer: return=`
+and a body that cannot be parsed (400; a parsed resource that breaks a rule is a 422)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from services.common.http import UnreadableJson
+
+FHIR_JSON = "application/fhir+json"
+
+# The resource types served at the public base, and what each supports there (CapabilityStatement.rest.resource).
+PUBLIC_RESOURCES: list[dict[str, Any]] = [
+    {
+        "type": "ServiceRequest",
+        "interaction": [{"code": "create"}],
+        "conditionalCreate": True,
+        "documentation": "The order opens a case, answered as the case's Task (`Location: "
+        "[base]/Task/{id}`); the ServiceRequest is not kept as a resource of its own, so read the "
+        "Task. Prefer: return=minimal | representation | OperationOutcome is honoured.",
+    },
+    {
+        "type": "Task",
+        "interaction": [{"code": "read"}],
+        "versioning": "versioned",
+        "documentation": "The case: `status` follows it, `businessStatus` carries the case status. "
+        "meta.versionId is the ETag: poll with If-None-Match (304 while unchanged).",
+    },
+    {
+        "type": "DiagnosticReport",
+        "interaction": [{"code": "read"}],
+        "versioning": "versioned",
+        "documentation": "Served at this base by the review service: the delivered case's Task.output names "
+        "the report's URL. Each addendum (an answer to a follow-up question, the specialist's own) is a new "
+        "version: meta.versionId is the ETag, If-None-Match answers 304 while unchanged; only the latest "
+        "version is served (no vread).",
+    },
+    {
+        "type": "CoverageEligibilityRequest",
+        "interaction": [{"code": "create"}],
+        "documentation": "Served at this base by the insurance service: answered at once (200) with a "
+        "CoverageEligibilityResponse for the contained Coverage; nothing is kept, so there is no read. "
+        "Prefer: return=minimal | representation | OperationOutcome is honoured.",
+    },
+]
+SERVED_BY = {"ServiceRequest": "intake", "Task": "intake", "DiagnosticReport": "review",
+             "CoverageEligibilityRequest": "insurance"}  # fmt: skip
+# Where each interaction is served (FHIR R4 http.html), to say what is served when a request asks for another.
+INTERACTIONS = {"create": ("POST", "[base]/{type}"), "read": ("GET", "[base]/{type}/{id}")}
+EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def outcome(code: str, issues: list[tuple[str | None, str]], severity: str = "error") -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": severity, "code": code, "diagnostics": text, **({"expression": [where]} if where else {})}
+            for where, text in issues
+        ],
+    }  # fmt: skip
+
+
+def outcome_response(status: int, code: str, issues: list[tuple[str | None, str]]) -> JSONResponse:
+    return JSONResponse(outcome(code, issues), status_code=status, media_type=FHIR_JSON)
+
+
+def declared() -> dict[str, list[str]]:
+    """Each resource type served at the public base with its interactions."""
+    return {r["type"]: [i["code"] for i in r["interaction"]] for r in PUBLIC_RESOURCES}
+
+
+def unparseable(exc: UnreadableJson) -> JSONResponse:
+    """400: a body that cannot be parsed as JSON (FHIR R4 http.html: 400 for a resource that could not be
+    parsed, 422 for one that breaks a rule); says why, never quoting the body."""
+    return outcome_response(
+        400, "structure", [(None, f"{exc}; send the resource as FHIR JSON; nothing was stored")]
+    )
+
+
+def etag(resource: dict[str, Any]) -> str:
+    return f'W/"{resource["meta"]["versionId"]}"'
+
+
+def unchanged(if_none_match: str | None, resource: dict[str, Any]) -> bool:
+    """Whether an If-None-Match names this version (RFC 9110 13.1.2: weak comparison, `*` any)."""
+    if if_none_match is None:
+        return False
+    # A bare versionId is taken too: fhirpy's refresh() sends meta.versionId as it is.
+    tags = {t.strip().removeprefix("W/").strip('"') for t in if_none_match.split(",")}
+    return "*" in tags or str(resource["meta"]["versionId"]) in tags
+
+
+RETURNS = ("minimal", "representation", "OperationOutcome")
+
+
+def preferred_return(prefer: str | None) -> str | None:
+    """The `return` preference of a Prefer header (RFC 7240: preferences by comma, parameters after `;`), or
+    None when there is none we know (a preference the server does not know is ignored)."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";")[0].partition("=")
+        chosen = value.strip().strip('"')
+        if name.strip().lower() == "return" and chosen in RETURNS:
+            return chosen
+    return None
+
+
+KEPT_HEADERS = ("location", "etag", "idempotent-replayed", "preference-applied")
+
+
+def as_preferred(response: JSONResponse, prefer: str | None, done: Callable[[JSONResponse], str]) -> Response:
+    """A create's answer in the form the client's `Prefer: return=` asks for (FHIR R4 http.html#ops), saying so
+    in Preference-Applied: `minimal` no body, `OperationOutcome` an outcome whose diagnostics are `done(response)`,
+    `representation` (the default) as it is."""
+    chosen = preferred_return(prefer)
+    if chosen is None or response.status_code not in (200, 201):
+        return response
+    response.headers["Preference-Applied"] = f"return={chosen}"
+    if chosen == "representation":
+        return response
+    headers = {k: v for k, v in response.headers.items() if k.lower() in KEPT_HEADERS}
+    if chosen == "minimal":
+        return Response(status_code=response.status_code, headers=headers)
+    body = outcome("informational", [(None, done(response))], severity="information")
+    return JSONResponse(body, status_code=response.status_code, media_type=FHIR_JSON, headers=headers)
+
+
+def not_allowed(diagnostics: str, allowed: list[str]) -> JSONResponse:
+    response = outcome_response(405, "not-supported", [(None, diagnostics)])
+    response.headers["Allow"] = ", ".join(allowed)  # RFC 9110 10.2.1: empty when no method is allowed
+    return response
+
+
+def undeclared_answer(service: str, resource_type: str, rest: str | None,
+                      internal: dict[str, list[str]] | None = None) -> JSONResponse:  # fmt: skip
+    """What `service` answers a request under /fhir that none of its routes takes: a 405 naming what the type
+    supports (`Allow` the methods at that level), a 404 naming the types served at the base, or, for a type
+    another service serves, a 404 saying so. `internal`: types the service serves on its own port only, not at
+    the public base. The type sent is not echoed (it may be any text)."""
+    types = declared()
+    summary = "; ".join(f"{kind} ({', '.join(codes)})" for kind, codes in types.items())
+    if resource_type == "metadata":  # the ingress routes [base]/metadata to intake
+        if service == "intake":
+            return not_allowed("the CapabilityStatement is read with GET [base]/metadata", ["GET"])
+        return outcome_response(
+            404, "not-found", [(None, "the CapabilityStatement is served by intake: GET [base]/metadata")]
+        )
+    own = {**{t: c for t, c in types.items() if SERVED_BY[t] == service}, **(internal or {})}
+    if resource_type not in own:
+        if resource_type in types:
+            return outcome_response(
+                404,
+                "not-found",
+                [(None, f"{resource_type} is served by the {SERVED_BY[resource_type]} service at this base "
+                        "behind the ingress; see GET [base]/metadata")],
+            )  # fmt: skip
+        return outcome_response(
+            404, "not-found", [(None, f"no resource type of this name is served here; served: {summary} "
+                                      "and the transaction (POST [base]); see GET [base]/metadata")]
+        )  # fmt: skip
+    level = "[base]/{type}" if rest is None else "[base]/{type}/{id}" if "/" not in rest else None
+    codes = own[resource_type]
+    allowed = [INTERACTIONS[c][0] for c in codes if INTERACTIONS[c][1] == level]
+    served = ", ".join(f"{c} ({' '.join(INTERACTIONS[c])})" for c in codes).replace("{type}", resource_type)
+    where = (
+        f"on the {service} service's own port only (internal: not at the public base)"
+        if resource_type in (internal or {})
+        else "here"
+    )
+    hint = (
+        " (the order is answered as a Task: read [base]/Task/{id})"
+        if resource_type == "ServiceRequest"
+        else ""
+    )
+    return not_allowed(
+        f"{resource_type} supports {served} {where}{hint}, nothing else; see GET [base]/metadata", allowed
+    )
+
+
+def undeclared_router(service: str, internal: dict[str, list[str]] | None = None) -> APIRouter:
+    """The route answering, for `service`, what the CapabilityStatement does not declare (undeclared_answer).
+    Include it under /fhir after the service's own FHIR routes: only requests none of them takes arrive here.
+    A path with a trailing slash is sent to the one without (a relative Location: never built from the Host
+    header)."""
+    router = APIRouter(tags=["fhir"])  # its paths are under the FHIR base: include it with prefix="/fhir"
+
+    @router.api_route("/{resource_type}", methods=EVERY_METHOD, include_in_schema=False)
+    @router.api_route("/{resource_type}/{rest:path}", methods=EVERY_METHOD, include_in_schema=False)
+    def undeclared(request: Request, resource_type: str, rest: str | None = None) -> Response:
+        if request.url.path.endswith("/"):
+            query = f"?{request.url.query}" if request.url.query else ""
+            return Response(status_code=307, headers={"Location": request.url.path.rstrip("/") + query})
+        return undeclared_answer(service, resource_type, rest, internal)
+
+    return router
