@@ -270,6 +270,13 @@ def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], b
 # --- QIDO-RS -------------------------------------------------------------------------------------
 
 
+def _value_list(value: str) -> list[str]:
+    """The values of a list matching key: separated by commas (PS3.18 8.3.4.1) or by backslashes, DICOM's own
+    value delimiter, which OHIF puts between the Study Instance UIDs of a viewer opened on several studies
+    (neither can be part of a UID or a code string). A viewer opened that way found no study at all."""
+    return [v for v in re.split(r"[,\\]", value) if v]
+
+
 def _released(session: Session, case_id: str, **where: str | None) -> list[RecordFile]:
     query = select(RecordFile).where(
         RecordFile.case_id == case_id,
@@ -278,7 +285,7 @@ def _released(session: Session, case_id: str, **where: str | None) -> list[Recor
     )
     for column, value in where.items():
         if value:
-            query = query.where(col(getattr(RecordFile, column)).in_(value.split(",")))
+            query = query.where(col(getattr(RecordFile, column)).in_(_value_list(value)))
     rows = session.exec(query.order_by(col(RecordFile.id))).all()
     # One instance per SOP Instance UID (the last stored): the same instance may arrive twice with other
     # bytes (a CD upload and a C-GET the PACS transcoded, a re-send with a corrected header).
@@ -393,7 +400,7 @@ def search_studies(
     studies: dict[str, list[RecordFile]] = {}
     for f in files:
         studies.setdefault(str(f.study_instance_uid), []).append(f)
-    wanted = set((ModalitiesInStudy or "").split(",")) - {""}
+    wanted = set(_value_list(ModalitiesInStudy or "")) - {""}
     results = []
     for uid, members in studies.items():
         modalities = sorted({str(m.modality) for m in members})
@@ -480,7 +487,7 @@ def search_instances(
     series_numbers = _integers("SeriesNumber", SeriesNumber)
     instance_numbers = _integers("InstanceNumber", InstanceNumber)
     _identifiers(session, case_id)
-    if series and SeriesInstanceUID and series not in SeriesInstanceUID.split(","):
+    if series and SeriesInstanceUID and series not in _value_list(SeriesInstanceUID):
         return _dicom_json([])  # the query key and the path name different series
     files = _released(
         session,
@@ -611,10 +618,49 @@ FRAME_TYPES = {
     pydicom.uid.JPEGExtended12Bit: "image/jpeg",
     pydicom.uid.JPEGLossless: "image/jpeg",
     pydicom.uid.JPEGLosslessSV1: "image/jpeg",
+    pydicom.uid.JPEGLSLossless: "image/jls",
+    pydicom.uid.JPEGLSNearLossless: "image/jls",
     pydicom.uid.JPEG2000Lossless: "image/jp2",
     pydicom.uid.JPEG2000: "image/jp2",
     pydicom.uid.RLELossless: "image/dicom-rle",
 }
+# Names clients still send for the same media types (dicomweb-client asks for image/x-dicom-rle).
+MEDIA_TYPE_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
+
+
+def _frame_part_type(accept: str | None, syntax: str, compressed: bool) -> str | None:
+    """The media type frames stored in `syntax` are served in, if the Accept header takes them as stored: its
+    first media range (by q, then order) that does (PS3.18 8.7.3.5, 8.7.5). Native frames are
+    application/octet-stream, compressed ones their own type (or application/octet-stream with
+    transfer-syntax=*, as a viewer asks: "send them as you have them"). None when no range takes them: there
+    is no transcoding here. A viewer lists the compressed forms it decodes and the native one last, so the
+    first range is often one these frames are not in; it was taken alone, and the answer was a 406."""
+    own = FRAME_TYPES.get(pydicom.uid.UID(syntax), "application/octet-stream") if compressed else None
+    ranges = []
+    for index, media_range in enumerate((accept or "*/*").split(",")):
+        kind, raw = parse_options_header(media_range.strip())
+        params = {k.decode("latin-1").lower(): v.decode("latin-1").strip('"') for k, v in raw.items()}
+        try:
+            quality = float(params.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        if quality > 0:
+            ranges.append((-quality, index, kind.decode("latin-1").lower(), params))
+    for _, _, kind, params in sorted(ranges, key=lambda r: (r[0], r[1])):
+        if kind in ("*/*", "multipart/*"):
+            return own or "application/octet-stream"
+        if kind != "multipart/related":
+            continue
+        asked = params.get("type", "application/octet-stream").lower()
+        asked = MEDIA_TYPE_ALIASES.get(asked, asked)
+        wanted = params.get("transfer-syntax")
+        if wanted not in (None, "*", syntax):
+            continue
+        if asked in ("*/*", "application/octet-stream", "application/*"):
+            return own or "application/octet-stream"
+        if own and (asked == own or asked == own.split("/")[0] + "/*"):
+            return own
+    return None
 
 
 def _served_syntax(path: FilePath) -> str:
@@ -638,12 +684,6 @@ def retrieve_frames(
     their own media type; what a viewer (OHIF, Cornerstone's wadors loader) fetches to show an image. A
     deflated instance (an older cart's) is inflated whole, as when it is handed out whole (rewrite.py), and
     its native frames served as Explicit VR Little Endian."""
-    _, params = _negotiate(
-        request,
-        "multipart/related;type=application/octet-stream",
-        *(f"multipart/related;type={t}" for t in sorted(set(FRAME_TYPES.values()))),
-    )
-    wanted = params.get("transfer-syntax")
     files, _ = _retrievable(session, case_id, study, series, sop)
     row = files[-1]
     path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
@@ -661,9 +701,14 @@ def retrieve_frames(
     if "Rows" not in header or any(n > count for n in numbers):
         raise HTTPException(404, f"this instance has {count} frame(s) of pixel data; ask for 1 to {count}")
     native = not syntax.is_compressed
-    if wanted not in (None, "*", str(syntax)):
-        raise HTTPException(406, f"the frames are stored as {syntax}; ask for transfer-syntax=* or {syntax}")
-    part_type = "application/octet-stream" if native else FRAME_TYPES.get(syntax, "application/octet-stream")
+    part_type = _frame_part_type(request.headers.get("accept"), str(syntax), compressed=not native)
+    if part_type is None:
+        stored_as = "application/octet-stream" if native else FRAME_TYPES.get(syntax, "application/octet-stream")
+        raise HTTPException(
+            406,
+            f'the frames are stored as {syntax} ({stored_as}); ask for multipart/related; type="{stored_as}" '
+            f"with transfer-syntax=* or {syntax}",
+        )
     frame_bytes = (
         int(header.Rows)
         * int(header.Columns)

@@ -1,0 +1,178 @@
+"""A subspecialist's browser viewer (OHIF Viewer v3) reading a case's ultrasound study over records' DICOMweb:
+the requests OHIF makes, made by the library it makes them with (`dicomweb-client` for JavaScript, run by
+Node from tests/viewer, `npm ci` there), with the specialist's own key."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.encaps
+import pydicom.uid
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from sqlalchemy.engine import Engine
+
+from services.auth import tenancy
+from services.common import migrate
+from services.common.config import Settings
+from services.common.db import get_engine, make_engine
+from tests.dicom_factory import make_us_instance
+from tests.integration.test_records_dicomweb import new_study, open_case, serving
+from tests.keys import operations_headers, specialist_headers
+
+VIEWER_CLIENT = Path(__file__).parents[1] / "viewer"
+SPECIALIST = "spec-mfm-viewer"
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Engine:
+    engine = make_engine("records", settings)
+    migrate.upgrade("records", engine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def base_url(engine: Engine, settings: Settings) -> Iterator[str]:
+    with serving(engine, settings) as url:
+        yield url
+
+
+def rgb_cine(study: str, series: str, frames: int) -> pydicom.Dataset:
+    """A B-mode clip as carts send it uncompressed: RGB, 30 frames a second, one calibrated region."""
+    clip = pydicom.dcmread(
+        io.BytesIO(
+            make_us_instance(None, study_uid=study, series_uid=series, frames=frames, rows=96, cols=128)
+        )
+    )
+    rng = np.random.default_rng(7)
+    clip.PixelData = rng.integers(0, 255, size=(frames, 96, 128, 3), dtype=np.uint8).tobytes()
+    clip.SamplesPerPixel, clip.PhotometricInterpretation, clip.PlanarConfiguration = 3, "RGB", 0
+    clip.FrameTime, clip.CineRate, clip.RecommendedDisplayFrameRate = 33.3, 30, 30
+    clip.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
+    clip.SeriesDescription = "B-mode cine"
+    return clip
+
+
+def jpeg_cine(study: str, series: str, frames: int) -> pydicom.Dataset:
+    """The same as most carts send it: JPEG Baseline, YBR_FULL_422, each frame its own fragment."""
+    clip = rgb_cine(study, series, frames)
+    pixels = np.frombuffer(clip.PixelData, dtype=np.uint8).reshape(frames, 96, 128, 3)
+    encoded = []
+    for frame in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=90, subsampling=1)  # 4:2:2
+        encoded.append(buffer.getvalue())
+    clip.PixelData = pydicom.encaps.encapsulate(encoded)
+    clip["PixelData"].VR = "OB"
+    clip.PhotometricInterpretation = "YBR_FULL_422"
+    clip.LossyImageCompression = "01"
+    clip.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    clip.SOPInstanceUID = clip.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    clip.SeriesNumber, clip.SeriesDescription = 2, "Doppler cine"
+    return clip
+
+
+def frames_of(dataset: pydicom.Dataset) -> list[bytes]:
+    count = int(dataset.get("NumberOfFrames") or 1)
+    if dataset.file_meta.TransferSyntaxUID.is_compressed:
+        return list(pydicom.encaps.generate_frames(dataset.PixelData, number_of_frames=count))
+    size = len(dataset.PixelData) // count
+    return [dataset.PixelData[i * size : (i + 1) * size] for i in range(count)]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def as_ohif(root: str, token: str, study: str) -> dict[str, Any]:
+    node = shutil.which("node")
+    if node is None or not (VIEWER_CLIENT / "node_modules" / "dicomweb-client").is_dir():
+        pytest.fail("Node.js and tests/viewer/node_modules are needed: make install runs npm ci there")
+    done = subprocess.run(
+        [node, str(VIEWER_CLIENT / "ohif_requests.mjs")],
+        input=json.dumps({"root": root, "token": token, "study": study}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def value(attrs: dict[str, Any], keyword: str) -> Any:
+    element = attrs.get(f"{pydicom.tag.Tag(keyword):08X}", {})
+    return (element.get("Value") or [None])[0]
+
+
+def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine, settings: Settings) -> None:
+    """OHIF's study list, series list, series metadata, each frame as Cornerstone loads it (the thumbnail is
+    frame 1), frames in the media types a configured acceptHeader asks for, and the pixel data's
+    BulkDataURI, all with the specialist's key: every request a 200 that parses, every frame the stored
+    bytes, the metadata what a cine needs."""
+    study = new_study()
+    case_id = open_case(engine, settings, study_uid=study)
+    image = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+    native, jpeg = rgb_cine(study, study + ".1", 12), jpeg_cine(study, study + ".2", 6)
+    image.InstanceNumber, native.InstanceNumber = 1, 2
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances([image, native, jpeg])
+    headers = specialist_headers(settings, SPECIALIST)
+    tenancy.settle_reviewer(
+        get_engine("auth"),
+        case_id,
+        SPECIALIST,
+        lambda: tenancy.ReviewerStanding(True, "the case is offered to them"),
+        service="review",
+    )
+
+    seen = as_ohif(root, headers["Authorization"].removeprefix("Bearer "), study)
+    steps, requests = seen["steps"], seen["requests"]
+
+    failed = [(r["method"], r["url"].removeprefix(root), r["accept"], r["status"]) for r in requests]
+    assert [f for f in failed if f[3] != 200] == []
+    assert all(r["authorization"] for r in requests)
+    [listed] = steps["studies"]
+    assert value(listed, "StudyInstanceUID") == study and value(listed, "NumberOfStudyRelatedInstances") == 3
+    assert [value(s, "StudyInstanceUID") for s in steps["studiesByUid"]] == [study]
+    assert [value(s, "StudyInstanceUID") for s in steps["studiesOfPatient"]] == [study]
+    assert sorted(value(s, "SeriesInstanceUID") for s in steps["series"]) == [study + ".1", study + ".2"]
+
+    metadata = {value(m, "SOPInstanceUID"): m for ms in steps["metadata"].values() for m in ms}
+    assert set(metadata) == {image.SOPInstanceUID, native.SOPInstanceUID, jpeg.SOPInstanceUID}
+    for sent in (native, jpeg):
+        shown = metadata[sent.SOPInstanceUID]
+        assert value(shown, "NumberOfFrames") == sent.NumberOfFrames
+        assert (value(shown, "FrameTime"), value(shown, "CineRate")) == (33.3, 30)
+        assert value(shown, "FrameIncrementPointer") == "00181063"
+        assert value(shown, "PhotometricInterpretation") == sent.PhotometricInterpretation
+        assert (value(shown, "Rows"), value(shown, "Columns"), value(shown, "SamplesPerPixel")) == (96, 128, 3)
+        region = value(shown, "SequenceOfUltrasoundRegions")
+        assert value(region, "PhysicalDeltaX") == 0.01 and value(region, "PhysicalUnitsXDirection") == 3
+
+        expected = [sha256(f) for f in frames_of(sent)]
+        loaded = steps["frames"][sent.SOPInstanceUID]
+        assert [f["sha256"] for f in loaded] == expected
+        assert steps["framesNegotiated"][sent.SOPInstanceUID] == [expected[0], expected[-1]]
+        for bulk in (steps["bulkData"][sent.SOPInstanceUID], steps["bulkDataMultipart"][sent.SOPInstanceUID]):
+            assert bulk["uri"].startswith(f"{root}/studies/{study}/series/")
+            assert bulk["parts"] == expected
+    assert {f["contentType"] for f in steps["frames"][native.SOPInstanceUID]} == {
+        "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+    }
+    assert {f["contentType"] for f in steps["frames"][jpeg.SOPInstanceUID]} == {
+        "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"
+    }
+    [still] = steps["frames"][image.SOPInstanceUID]
+    assert still["sha256"] == sha256(image.PixelData)
