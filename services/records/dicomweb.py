@@ -638,14 +638,14 @@ def _frame_part_type(accept: str | None, syntax: str, compressed: bool) -> str |
     own = FRAME_TYPES.get(pydicom.uid.UID(syntax), "application/octet-stream") if compressed else None
     ranges = []
     for index, media_range in enumerate((accept or "*/*").split(",")):
-        kind, raw = parse_options_header(media_range.strip())
+        raw_kind, raw = parse_options_header(media_range.strip())
         params = {k.decode("latin-1").lower(): v.decode("latin-1").strip('"') for k, v in raw.items()}
         try:
             quality = float(params.get("q", "1"))
         except ValueError:
             quality = 1.0
         if quality > 0:
-            ranges.append((-quality, index, kind.decode("latin-1").lower(), params))
+            ranges.append((-quality, index, raw_kind.decode("latin-1").lower(), params))
     for _, _, kind, params in sorted(ranges, key=lambda r: (r[0], r[1])):
         if kind in ("*/*", "multipart/*"):
             return own or "application/octet-stream"
@@ -703,7 +703,9 @@ def retrieve_frames(
     native = not syntax.is_compressed
     part_type = _frame_part_type(request.headers.get("accept"), str(syntax), compressed=not native)
     if part_type is None:
-        stored_as = "application/octet-stream" if native else FRAME_TYPES.get(syntax, "application/octet-stream")
+        stored_as = (
+            "application/octet-stream" if native else FRAME_TYPES.get(syntax, "application/octet-stream")
+        )
         raise HTTPException(
             406,
             f'the frames are stored as {syntax} ({stored_as}); ask for multipart/related; type="{stored_as}" '
