@@ -15,6 +15,7 @@ from services.records.limits import get_limits
 from services.records.models import RecordRetrieval, ReportReturn
 from services.records.report_return import ReturnLoop
 from services.records.retrieval import RetrievalLoop
+from services.records.viewer_cors import ViewerCors
 
 settings = get_settings()
 runtime = ServiceRuntime(service="records", engine=lambda: get_engine("records"), handle=consumer.handle)
@@ -49,6 +50,7 @@ app = create_app(
     lifespan=lifespan,
     max_body_bytes=None,  # uploads, STOW-RS and archives stream to disk and are bounded where they are read
 )
+app.add_middleware(ViewerCors, origins=settings.viewer_origins)  # outermost: preflights need no key
 
 
 def main() -> None:

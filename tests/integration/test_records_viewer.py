@@ -18,6 +18,7 @@ import pydicom
 import pydicom.encaps
 import pydicom.uid
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from sqlalchemy.engine import Engine
@@ -157,7 +158,11 @@ def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine
         assert (value(shown, "FrameTime"), value(shown, "CineRate")) == (33.3, 30)
         assert value(shown, "FrameIncrementPointer") == "00181063"
         assert value(shown, "PhotometricInterpretation") == sent.PhotometricInterpretation
-        assert (value(shown, "Rows"), value(shown, "Columns"), value(shown, "SamplesPerPixel")) == (96, 128, 3)
+        assert (value(shown, "Rows"), value(shown, "Columns"), value(shown, "SamplesPerPixel")) == (
+            96,
+            128,
+            3,
+        )
         region = value(shown, "SequenceOfUltrasoundRegions")
         assert value(region, "PhysicalDeltaX") == 0.01 and value(region, "PhysicalUnitsXDirection") == 3
 
@@ -176,3 +181,100 @@ def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine
     }
     [still] = steps["frames"][image.SOPInstanceUID]
     assert still["sha256"] == sha256(image.PixelData)
+
+
+VIEWER = "https://viewer.example.org"
+
+
+@pytest.fixture(scope="module")
+def viewer_url(engine: Engine, settings: Settings) -> Iterator[str]:
+    """The same routes where VIEWER_ORIGINS lists the viewer's origin."""
+    with serving(engine, settings.model_copy(update={"viewer_origins": [VIEWER]})) as url:
+        yield url
+
+
+def preflight(url: str, origin: str) -> requests.Response:
+    """What a browser sends before a GET that carries `Authorization` (it sends no key with it)."""
+    return requests.options(
+        url,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization,accept",
+        },
+        timeout=10,
+    )
+
+
+def test_a_viewer_on_a_listed_origin_reads_dicomweb_from_the_browser(
+    viewer_url: str, base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """A browser viewer on another origin could not read DICOMweb at all: the preflight was a 405 without
+    CORS headers, so the browser never sent the GET. A listed origin is answered (by name, never `*`, no
+    credentials) with the headers a viewer reads exposed, on an error too; another origin, another path and a
+    service without VIEWER_ORIGINS get no CORS headers."""
+    study = new_study()
+    case_id = open_case(engine, settings, study_uid=study)
+    image = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+    DICOMwebClient(
+        url=f"{viewer_url}/dicomweb/cases/{case_id}", headers=operations_headers(settings)
+    ).store_instances([image])
+    tenancy.settle_reviewer(
+        get_engine("auth"),
+        case_id,
+        SPECIALIST,
+        lambda: tenancy.ReviewerStanding(True, "offered"),
+        service="review",
+    )
+    frame = f"/dicomweb/cases/{case_id}/studies/{study}/series/{study}.1/instances/{image.SOPInstanceUID}/frames/1"
+
+    asked = preflight(viewer_url + frame, VIEWER)
+    assert asked.status_code == 200
+    assert asked.headers["access-control-allow-origin"] == VIEWER
+    assert "authorization" in asked.headers["access-control-allow-headers"].lower()
+    assert "GET" in asked.headers["access-control-allow-methods"]
+    assert "access-control-allow-credentials" not in asked.headers
+    assert "Origin" in asked.headers["vary"]
+
+    viewer = {
+        "Origin": VIEWER,
+        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*",
+    }
+    got = requests.get(
+        viewer_url + frame, headers={**viewer, **specialist_headers(settings, SPECIALIST)}, timeout=10
+    )
+    assert got.status_code == 200 and got.headers["access-control-allow-origin"] == VIEWER
+    exposed = {h.strip().lower() for h in got.headers["access-control-expose-headers"].split(",")}
+    assert {"content-type", "content-length", "etag", "warning"} <= exposed
+    assert "access-control-allow-credentials" not in got.headers
+    keyless = requests.get(viewer_url + frame, headers=viewer, timeout=10)
+    assert keyless.status_code == 401 and keyless.headers["access-control-allow-origin"] == VIEWER
+
+    elsewhere = "https://evil.example.com"
+    refused = preflight(viewer_url + frame, elsewhere)
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    read = requests.get(
+        viewer_url + frame,
+        headers={**viewer, "Origin": elsewhere, **specialist_headers(settings, SPECIALIST)},
+        timeout=10,
+    )
+    assert (
+        read.status_code == 200 and "access-control-allow-origin" not in read.headers
+    )  # the browser blocks it
+    assert (
+        "access-control-allow-origin" not in preflight(f"{viewer_url}/v1/records/{case_id}", VIEWER).headers
+    )
+    assert (
+        "access-control-allow-origin" not in preflight(base_url + frame, VIEWER).headers
+    )  # no VIEWER_ORIGINS
+
+
+@pytest.mark.parametrize("origin", ["*", "https://viewer.example.org/ohif", "viewer.example.org", "null"])
+def test_viewer_origins_are_origins_only(origin: str) -> None:
+    with pytest.raises(ValueError, match="scheme://host\\[:port\\] with no path and no wildcard"):
+        Settings(viewer_origins=[origin])
+
+
+def test_viewer_origins_are_read_as_a_list_separated_by_commas() -> None:
+    origins = Settings(viewer_origins="https://Viewer.example.org, http://localhost:3000").viewer_origins
+    assert origins == ["https://viewer.example.org", "http://localhost:3000"]
