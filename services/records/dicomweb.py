@@ -344,6 +344,15 @@ def _date_matches(value: str | None, wanted: str | None) -> bool:
     return bool(value) and (not low or low <= str(value)) and (not high or str(value) <= high)
 
 
+def _text_matches(value: str, wanted: str | None) -> bool:
+    """Single value matching, with wildcard matching when `wanted` holds `*` (any run of characters) or `?`
+    (one character) (PS3.4 C.2.2.2.1, C.2.2.2.4). A viewer's study list sends what is typed as `*typed*`."""
+    if not wanted:
+        return True
+    pattern = re.escape(wanted).replace(r"\*", ".*").replace(r"\?", ".")
+    return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
+
+
 INTEGER = re.compile(r"^[+-]?[0-9]{1,11}$")
 
 
@@ -392,8 +401,8 @@ def search_studies(
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
     ids = _identifiers(session, case_id)
-    if (PatientID and PatientID != ids["PatientID"]) or (
-        AccessionNumber and AccessionNumber != ids["AccessionNumber"]
+    if not (
+        _text_matches(ids["PatientID"], PatientID) and _text_matches(ids["AccessionNumber"], AccessionNumber)
     ):
         return _dicom_json([])  # every study of a case carries our identifiers
     files = _released(session, case_id, study_instance_uid=StudyInstanceUID)

@@ -28,6 +28,7 @@ from services.common.http import create_app
 from services.records import api, consumer, dicomweb
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordFile
+from services.records.qido_keys import QueryKeysByKeyword
 from services.records.store import ObjectStore
 from services.records.viewer_cors import ViewerCors
 from tests.dicom_factory import make_us_instance
@@ -56,6 +57,7 @@ def serving(engine: Engine, settings: Settings, limits: ImportLimits | None = No
     app = create_app(
         "records", routers=[api.router, dicomweb.router], engine=lambda: engine, max_body_bytes=None
     )
+    app.add_middleware(QueryKeysByKeyword)
     app.add_middleware(ViewerCors, origins=served.viewer_origins)  # as services.records.main does
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: served

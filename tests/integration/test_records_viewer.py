@@ -148,6 +148,8 @@ def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine
     assert value(listed, "StudyInstanceUID") == study and value(listed, "NumberOfStudyRelatedInstances") == 3
     assert [value(s, "StudyInstanceUID") for s in steps["studiesByUid"]] == [study]
     assert [value(s, "StudyInstanceUID") for s in steps["studiesOfPatient"]] == [study]
+    assert steps["studiesOfAnotherPatient"] == []  # a key named by its tag is matched too
+    assert [value(s, "StudyInstanceUID") for s in steps["studiesByAccession"]] == [study]
     assert sorted(value(s, "SeriesInstanceUID") for s in steps["series"]) == [study + ".1", study + ".2"]
 
     metadata = {value(m, "SOPInstanceUID"): m for ms in steps["metadata"].values() for m in ms}

@@ -110,6 +110,14 @@ const patientId = first(steps.studies?.[0]?.['00100020']);
 await step('studiesOfPatient', () => client.searchForStudies({
   queryParams: { ...studyListParams, '00100020': patientId },
 }));
+await step('studiesOfAnotherPatient', () => client.searchForStudies({
+  queryParams: { ...studyListParams, '00100020': 'SO-someone-else' },
+}));
+// A filter typed into the study list, wrapped in wildcards (mapParams with supportsWildcard: true).
+const accession = first(steps.studies?.[0]?.['00080050']) ?? '';
+await step('studiesByAccession', () => client.searchForStudies({
+  queryParams: { ...studyListParams, AccessionNumber: `*${accession.slice(2, 8)}*` },
+}));
 
 // Viewer: series of the study (seriesInStudy), then each series' metadata (retrieveMetadataLoaderAsync).
 await step('series', () => client.searchForSeries({
