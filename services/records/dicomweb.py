@@ -48,7 +48,7 @@ from services.records.multipart_related import (
     UnsupportedMediaType,
     receive_parts,
 )
-from services.records.reconcile import coerced_chunks, coerced_header, our_identifiers
+from services.records.reconcile import ISSUER_DETAILS, coerced_chunks, coerced_header, our_identifiers
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -317,6 +317,35 @@ SERIES_KEYS = ("SeriesNumber", "SeriesDescription")
 # An instance query of a whole study returns its series' number too (PS3.18 Table 10.6.3-4).
 INSTANCE_KEYS = ("InstanceNumber", "SeriesNumber", "Rows", "Columns", "BitsAllocated")
 ONLINE = {"00080056": _attr("CS", "ONLINE")}
+# What coercion replaces in every instance handed out (reconcile.py): a stored header's value is not ours.
+COERCED = {
+    "PatientID",
+    "IssuerOfPatientID",
+    "AccessionNumber",
+    "OriginalAttributesSequence",
+    *ISSUER_DETAILS.values(),
+}
+MAX_INCLUDED = 64
+TAG_NAME = re.compile(r"[0-9A-Fa-f]{8}")
+
+
+def _included(request: Request, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """`keys` and the attributes `includefield` asks for besides (PS3.18 8.3.4.3): keywords or tags, separated
+    by commas, the parameter repeated or not. `all`, names outside the dictionary, File Meta and pixel data add
+    nothing; what the route works out itself (counts, modalities, our identifiers) stands over a header's."""
+    extra: list[str] = []
+    for field in request.query_params.getlist("includefield"):
+        for name in field.split(","):
+            name = name.strip()
+            keyword = pydicom.datadict.keyword_for_tag(int(name, 16)) if TAG_NAME.fullmatch(name) else name
+            tag = pydicom.datadict.tag_for_keyword(keyword) if keyword else None
+            if tag is None or tag >> 16 in (0x0002, 0x7FE0) or keyword in COERCED:
+                continue
+            if " or " in pydicom.datadict.dictionary_VR(tag):  # an ambiguous VR (US or SS) no JSON can name
+                continue
+            if keyword not in keys and keyword not in extra and len(extra) < MAX_INCLUDED:
+                extra.append(keyword)
+    return keys + tuple(extra)
 
 
 def _header_attrs(settings: Settings, row: RecordFile, keywords: tuple[str, ...]) -> dict[str, Any]:
@@ -400,6 +429,7 @@ def search_studies(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    study_keys = _included(request, STUDY_KEYS)
     ids = _identifiers(session, case_id)
     if not (
         _text_matches(ids["PatientID"], PatientID) and _text_matches(ids["AccessionNumber"], AccessionNumber)
@@ -418,7 +448,7 @@ def search_studies(
             continue
         results.append(
             {
-                **_header_attrs(settings, members[0], STUDY_KEYS),
+                **_header_attrs(settings, members[0], study_keys),
                 **ONLINE,
                 "0020000D": _attr("UI", uid),
                 "00080020": _attr("DA", *([date] if date else [])),
@@ -447,6 +477,7 @@ def search_series(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    series_keys = _included(request, SERIES_KEYS)
     numbers = _integers("SeriesNumber", SeriesNumber)
     _identifiers(session, case_id)
     series: dict[str, list[RecordFile]] = {}
@@ -458,7 +489,7 @@ def search_series(
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
     results = []
     for uid, members in series.items():
-        attrs = _header_attrs(settings, members[0], SERIES_KEYS)
+        attrs = _header_attrs(settings, members[0], series_keys)
         if not _number_matches(attrs, "SeriesNumber", numbers):
             continue
         results.append(
@@ -493,6 +524,7 @@ def search_instances(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    instance_keys = _included(request, INSTANCE_KEYS)
     series_numbers = _integers("SeriesNumber", SeriesNumber)
     instance_numbers = _integers("InstanceNumber", InstanceNumber)
     _identifiers(session, case_id)
@@ -510,7 +542,7 @@ def search_instances(
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
     results = []
     for f in files:
-        attrs = _header_attrs(settings, f, INSTANCE_KEYS)
+        attrs = _header_attrs(settings, f, instance_keys)
         if not (
             _number_matches(attrs, "SeriesNumber", series_numbers)
             and _number_matches(attrs, "InstanceNumber", instance_numbers)

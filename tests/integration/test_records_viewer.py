@@ -79,7 +79,7 @@ def jpeg_cine(study: str, series: str, frames: int) -> pydicom.Dataset:
     clip.LossyImageCompression = "01"
     clip.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
     clip.SOPInstanceUID = clip.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    clip.SeriesNumber, clip.SeriesDescription = 2, "Doppler cine"
+    clip.SeriesNumber, clip.SeriesDescription, clip.SeriesDate = 2, "Doppler cine", "20261120"
     return clip
 
 
@@ -150,7 +150,13 @@ def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine
     assert [value(s, "StudyInstanceUID") for s in steps["studiesOfPatient"]] == [study]
     assert steps["studiesOfAnotherPatient"] == []  # a key named by its tag is matched too
     assert [value(s, "StudyInstanceUID") for s in steps["studiesByAccession"]] == [study]
-    assert sorted(value(s, "SeriesInstanceUID") for s in steps["series"]) == [study + ".1", study + ".2"]
+    series = {value(s, "SeriesInstanceUID"): s for s in steps["series"]}
+    assert sorted(series) == [study + ".1", study + ".2"]
+    assert all("00080021" in s for s in series.values())  # includefield: SeriesDate, present when empty
+    assert (value(series[study + ".2"], "SeriesDescription"), value(series[study + ".2"], "SeriesDate")) == (
+        "Doppler cine",
+        "20261120",
+    )
 
     metadata = {value(m, "SOPInstanceUID"): m for ms in steps["metadata"].values() for m in ms}
     assert set(metadata) == {image.SOPInstanceUID, native.SOPInstanceUID, jpeg.SOPInstanceUID}
