@@ -76,11 +76,15 @@ def _dicom_json(body: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
 
-def _negotiate(request: Request, *offered: str) -> tuple[str, dict[str, str]]:
+def _negotiate(
+    request: Request, *offered: str, takes: Callable[[dict[str, str]], bool] | None = None, refusal: str = ""
+) -> tuple[str, dict[str, str]]:
     """The offer and the parameters of the first Accept media range that one of `offered` satisfies (a
-    multipart offer is "multipart/related;type=X"); 406 when none does (PS3.18 8.7.5, 8.7.8). No Accept
-    header accepts all."""
+    multipart offer is "multipart/related;type=X") and, if given, `takes` accepts (its parameters, such as a
+    transfer syntax, fit what is stored); 406 when none does (PS3.18 8.7.5, 8.7.8), saying `refusal` when a
+    range of an offered type was turned down by `takes` alone. No Accept header accepts all."""
     header = request.headers.get("accept") or "*/*"
+    turned_down = False
     for media_range in header.split(","):
         media_type, raw = parse_options_header(media_range.strip())
         kind = media_type.decode("latin-1").lower()
@@ -91,7 +95,11 @@ def _negotiate(request: Request, *offered: str) -> tuple[str, dict[str, str]]:
             if kind in ("*/*", "multipart/*") or (
                 kind == main and (not part or asked in (part, "*/*", part.split("/")[0] + "/*"))
             ):
-                return offer, params
+                if takes is None or takes(params):
+                    return offer, params
+                turned_down = True
+    if turned_down and refusal:
+        raise HTTPException(406, refusal)
     raise HTTPException(406, f"this resource is available as {' or '.join(offered)}; see the Accept header")
 
 
@@ -602,13 +610,21 @@ def retrieve(
 ) -> StreamingResponse:
     # A single instance may also be asked for as one application/dicom body (PS3.18 10.4.4).
     offered = ["multipart/related;type=application/dicom", *(["application/dicom"] if sop else [])]
-    offer, params = _negotiate(request, *offered)
-    wanted = params.get("transfer-syntax", "*")
+    _negotiate(request, *offered)  # a media type never served is a 406 before anything is looked up
     files, ids = _retrievable(session, case_id, study, series, sop)
     store = ObjectStore.for_settings(settings)
     parts = [(store.local_path(f.storage_path, f.sha256), _modified_at(session, f)) for f in files]
-    if wanted != "*" and any(_served_syntax(path) != wanted for path, _ in parts):
-        raise HTTPException(406, "no transcoding here: ask for transfer-syntax=* (stored as received)")
+    served = {_served_syntax(path) for path, _ in parts}
+    # Each range in turn: a client lists the transfer syntaxes it prefers, then transfer-syntax=*; the
+    # first range alone was taken, and a preferred syntax other than the stored one was a 406.
+    offer, _ = _negotiate(
+        request,
+        *offered,
+        takes=lambda params: (
+            params.get("transfer-syntax", "*") in ("*", *(served if len(served) == 1 else ()))
+        ),
+        refusal="no transcoding here: ask for transfer-syntax=* (stored as received)",
+    )
     if offer == "application/dicom":
         path, modified_at = parts[-1]
         return StreamingResponse(coerced_chunks(path, ids, modified_at), media_type="application/dicom")

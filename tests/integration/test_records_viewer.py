@@ -286,3 +286,25 @@ def test_viewer_origins_are_origins_only(origin: str) -> None:
 def test_viewer_origins_are_read_as_a_list_separated_by_commas() -> None:
     origins = Settings(viewer_origins="https://Viewer.example.org, http://localhost:3000").viewer_origins
     assert origins == ["https://viewer.example.org", "http://localhost:3000"]
+
+
+def test_an_instance_is_sent_as_stored_when_a_later_accepted_syntax_allows_it(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """An Accept header lists the transfer syntax the client prefers first and transfer-syntax=* after it:
+    only the first media range was read, and an instance stored in another syntax was a 406."""
+    study = new_study()
+    case_id = open_case(engine, settings, study_uid=study)
+    clip = jpeg_cine(study, study + ".2", 2)
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances([clip])
+    url = f"{root}/studies/{study}/series/{clip.SeriesInstanceUID}/instances/{clip.SOPInstanceUID}"
+    explicit = "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
+    accept = f"{explicit}, application/dicom; transfer-syntax=*"
+    got = requests.get(url, headers={"Accept": accept, **operations_headers(settings)}, timeout=10)
+    assert got.status_code == 200 and got.headers["content-type"] == "application/dicom"
+    sent = pydicom.dcmread(io.BytesIO(got.content))
+    assert sent.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
+    assert frames_of(sent) == frames_of(clip)
+    refused = requests.get(url, headers={"Accept": explicit, **operations_headers(settings)}, timeout=10)
+    assert refused.status_code == 406 and "no transcoding here" in refused.json()["detail"]
