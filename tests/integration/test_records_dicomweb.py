@@ -7,7 +7,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 from typing import Any
 
@@ -45,8 +45,14 @@ def engine(settings: Settings) -> Engine:
 
 
 @contextlib.contextmanager
-def serving(engine: Engine, settings: Settings, limits: ImportLimits | None = None) -> Iterator[str]:
-    """The records API and DICOMweb routes served by uvicorn on a free loopback port."""
+def serving(
+    engine: Engine,
+    settings: Settings,
+    limits: ImportLimits | None = None,
+    overrides: dict[Callable[..., Any], Callable[..., Any]] | None = None,
+) -> Iterator[str]:
+    """The records API and DICOMweb routes served by uvicorn on a free loopback port (`overrides`: more
+    dependency overrides)."""
     port = free_port()
     served = settings.model_copy(update={"records_url": f"http://127.0.0.1:{port}"})
 
@@ -63,6 +69,7 @@ def serving(engine: Engine, settings: Settings, limits: ImportLimits | None = No
     app.dependency_overrides[get_settings] = lambda: served
     if limits is not None:
         app.dependency_overrides[get_limits] = lambda: limits
+    app.dependency_overrides.update(overrides or {})
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -24,6 +24,8 @@ from PIL import Image
 from sqlalchemy.engine import Engine
 
 from services.auth import tenancy
+from services.auth.deps import rate_limiter
+from services.auth.rate_limit import RateLimiter
 from services.common import migrate
 from services.common.config import Settings
 from services.common.db import get_engine, make_engine
@@ -127,8 +129,16 @@ def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine
     image = pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
     native, jpeg = rgb_cine(study, study + ".1", 12), jpeg_cine(study, study + ".2", 6)
     image.InstanceNumber, native.InstanceNumber = 1, 2
+    # Ten seconds at 30 frames a second, as a sweep through a fetal heart is kept: 300 frames, each a request.
+    sweep = pydicom.dcmread(
+        io.BytesIO(
+            make_us_instance(None, study_uid=study, series_uid=study + ".3", frames=300, rows=32, cols=32)
+        )
+    )
     root = f"{base_url}/dicomweb/cases/{case_id}"
-    DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances([image, native, jpeg])
+    DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances(
+        [image, native, jpeg, sweep]
+    )
     headers = specialist_headers(settings, SPECIALIST)
     tenancy.settle_reviewer(
         get_engine("auth"),
@@ -145,13 +155,13 @@ def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine
     assert [f for f in failed if f[3] != 200] == []
     assert all(r["authorization"] for r in requests)
     [listed] = steps["studies"]
-    assert value(listed, "StudyInstanceUID") == study and value(listed, "NumberOfStudyRelatedInstances") == 3
+    assert value(listed, "StudyInstanceUID") == study and value(listed, "NumberOfStudyRelatedInstances") == 4
     assert [value(s, "StudyInstanceUID") for s in steps["studiesByUid"]] == [study]
     assert [value(s, "StudyInstanceUID") for s in steps["studiesOfPatient"]] == [study]
     assert steps["studiesOfAnotherPatient"] == []  # a key named by its tag is matched too
     assert [value(s, "StudyInstanceUID") for s in steps["studiesByAccession"]] == [study]
     series = {value(s, "SeriesInstanceUID"): s for s in steps["series"]}
-    assert sorted(series) == [study + ".1", study + ".2"]
+    assert sorted(series) == [study + ".1", study + ".2", study + ".3"]
     assert all("00080021" in s for s in series.values())  # includefield: SeriesDate, present when empty
     assert (value(series[study + ".2"], "SeriesDescription"), value(series[study + ".2"], "SeriesDate")) == (
         "Doppler cine",
@@ -159,7 +169,15 @@ def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine
     )
 
     metadata = {value(m, "SOPInstanceUID"): m for ms in steps["metadata"].values() for m in ms}
-    assert set(metadata) == {image.SOPInstanceUID, native.SOPInstanceUID, jpeg.SOPInstanceUID}
+    assert set(metadata) == {
+        image.SOPInstanceUID,
+        native.SOPInstanceUID,
+        jpeg.SOPInstanceUID,
+        sweep.SOPInstanceUID,
+    }
+    assert [f.get("sha256") for f in steps["frames"][sweep.SOPInstanceUID]] == [
+        sha256(f) for f in frames_of(sweep)
+    ]
     for sent in (native, jpeg):
         shown = metadata[sent.SOPInstanceUID]
         assert value(shown, "NumberOfFrames") == sent.NumberOfFrames
@@ -308,3 +326,39 @@ def test_an_instance_is_sent_as_stored_when_a_later_accepted_syntax_allows_it(
     assert frames_of(sent) == frames_of(clip)
     refused = requests.get(url, headers={"Accept": explicit, **operations_headers(settings)}, timeout=10)
     assert refused.status_code == 406 and "no transcoding here" in refused.json()["detail"]
+
+
+def test_a_viewer_reads_a_cine_frame_by_frame_beyond_the_api_rate_limit(
+    engine: Engine, settings: Settings
+) -> None:
+    """Frames draw on their own bucket (AUTH_RATE_IMAGES_*): a viewer asks for each frame of a clip alone, and
+    on the API's bucket the frames past its burst were 429s. Here the API's bucket holds 3 requests."""
+    api_bucket = RateLimiter(per_second=0.5, burst=3)
+    with serving(engine, settings, overrides={rate_limiter: lambda: api_bucket}) as url:
+        study = new_study()
+        case_id = open_case(engine, settings, study_uid=study)
+        clip = pydicom.dcmread(
+            io.BytesIO(
+                make_us_instance(None, study_uid=study, series_uid=study + ".1", frames=8, rows=8, cols=8)
+            )
+        )
+        root = f"{url}/dicomweb/cases/{case_id}"
+        DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances([clip])
+        headers = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+        headers |= specialist_headers(settings, "spec-rate-viewer")
+        tenancy.settle_reviewer(
+            get_engine("auth"),
+            case_id,
+            "spec-rate-viewer",
+            lambda: tenancy.ReviewerStanding(True, "offered"),
+            service="review",
+        )
+        frames = f"{root}/studies/{study}/series/{study}.1/instances/{clip.SOPInstanceUID}/frames"
+        answers = [
+            requests.get(f"{frames}/{n}", headers=headers, timeout=10).status_code for n in range(1, 9)
+        ]
+        assert answers == [200] * 8
+        searches = [
+            requests.get(f"{root}/studies", headers=headers, timeout=10).status_code for _ in range(4)
+        ]
+        assert searches[-1] == 429  # the API's own bucket still bounds everything else

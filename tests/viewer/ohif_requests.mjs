@@ -142,15 +142,23 @@ for (const seriesUid of seriesUids) {
     const sop = first(instance['00080018']);
     const count = Number(first(instance['00280008']) || 1);
     const base = `${input.root}/studies/${input.study}/series/${seriesUid}/instances/${sop}`;
-    // Each frame as its own imageId (wadors:.../frames/n), frame 1 first: it is also the thumbnail.
-    const loaded = [];
-    for (let n = 1; n <= count; n += 1) {
-      try {
-        loaded.push(await loadFrame(`${base}/frames/${n}`));
-      } catch (error) {
-        loaded.push({ error: error.message, status: error.status ?? null });
+    // Each frame as its own imageId (wadors:.../frames/n), frame 1 first: it is also the thumbnail. The cine
+    // is prefetched as OHIF does, up to maxNumRequests.prefetch (25) requests at once.
+    const loaded = new Array(count);
+    let next = 1;
+    const worker = async () => {
+      while (next <= count) {
+        const n = next;
+        next += 1;
+        try {
+          loaded[n - 1] = await loadFrame(`${base}/frames/${n}`);
+        } catch (error) {
+          loaded[n - 1] = { error: error.message, status: error.status ?? null };
+        }
       }
-    }
+    };
+    await loadFrame(`${base}/frames/1`).catch(() => null);
+    await Promise.all(Array.from({ length: Math.min(25, count) }, worker));
     steps.frames[sop] = loaded;
     // The media types a data source configured with acceptHeader / requestTransferSyntaxUID for compressed
     // frames asks for, through dicomweb-client: JPEG-LS and JPEG first, anything as stored last.
