@@ -665,6 +665,8 @@ def retrieve_metadata(
         if "Rows" in item:  # the pixel data, left out of the header, is there as Bulkdata (PS3.18 10.4.3.3.2)
             url = f"{base}/studies/{f.study_instance_uid}/series/{f.series_instance_uid}/instances/{f.sop_instance_uid}"
             frames = ",".join(str(n) for n in range(1, (f.number_of_frames or 1) + 1))
+            if item.file_meta.get("TransferSyntaxUID") in VIDEO_TYPES:
+                frames = "1"  # a video's frames are one bitstream, answered whole
             body["7FE00010"] = {"vr": "OB", "BulkDataURI": f"{url}/frames/{frames}"}
         metadata.append(body)
     return _dicom_json(metadata)
@@ -681,6 +683,13 @@ FRAME_TYPES = {
     pydicom.uid.JPEG2000: "image/jp2",
     pydicom.uid.RLELossless: "image/dicom-rle",
 }
+# Video: the pixel data is one bitstream, not frames (PS3.5 8.2.5 to 8.2.8); media types of PS3.18 Table 8.7.3-5.
+VIDEO_TYPES = {
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[:4], "video/mpeg2"),
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[4:14], "video/mp4"),
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[14:], "video/H265"),
+}
+STORED_TYPES = {**FRAME_TYPES, **VIDEO_TYPES}
 # Names clients still send for the same media types (dicomweb-client asks for image/x-dicom-rle).
 MEDIA_TYPE_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 
@@ -692,7 +701,7 @@ def _frame_part_type(accept: str | None, syntax: str, compressed: bool) -> str |
     transfer-syntax=*, as a viewer asks: "send them as you have them"). None when no range takes them: there
     is no transcoding here. A viewer lists the compressed forms it decodes and the native one last, so the
     first range is often one these frames are not in; it was taken alone, and the answer was a 406."""
-    own = FRAME_TYPES.get(pydicom.uid.UID(syntax), "application/octet-stream") if compressed else None
+    own = STORED_TYPES.get(pydicom.uid.UID(syntax), "application/octet-stream") if compressed else None
     ranges = []
     for index, media_range in enumerate((accept or "*/*").split(",")):
         raw_kind, raw = parse_options_header(media_range.strip())
@@ -761,7 +770,7 @@ def retrieve_frames(
     part_type = _frame_part_type(request.headers.get("accept"), str(syntax), compressed=not native)
     if part_type is None:
         stored_as = (
-            "application/octet-stream" if native else FRAME_TYPES.get(syntax, "application/octet-stream")
+            "application/octet-stream" if native else STORED_TYPES.get(syntax, "application/octet-stream")
         )
         raise HTTPException(
             406,
@@ -777,23 +786,68 @@ def retrieve_frames(
     )
     element_header = 8 if syntax == pydicom.uid.ImplicitVRLittleEndian else 12
     boundary = uuid.uuid4().hex
+    part_head = f"--{boundary}\r\nContent-Type: {part_type}; transfer-syntax={syntax}\r\n\r\n".encode()
+    if syntax in VIDEO_TYPES:
+        body: Iterator[bytes] = _video_part(path, pixel_offset + element_header, part_head, boundary)
+    elif native:
+        body = _native_parts(
+            path, pixel_offset + element_header, inflated, frame_bytes, numbers, part_head, boundary
+        )
+    else:
+        body = iter(
+            _encapsulated_parts(path, pixel_offset + element_header, count, numbers, part_head, boundary)
+        )
+    return StreamingResponse(body, media_type=f'multipart/related; type="{part_type}"; boundary={boundary}')
 
-    def body() -> Iterator[bytes]:
-        with path.open("rb") as fp:
-            for n in numbers:
-                if inflated is not None:
-                    data = inflated[(n - 1) * frame_bytes : n * frame_bytes]
-                elif native:
-                    fp.seek(pixel_offset + element_header + (n - 1) * frame_bytes)
-                    data = fp.read(frame_bytes)
-                else:
-                    fp.seek(pixel_offset + element_header)
-                    data = pydicom.encaps.get_frame(fp, n - 1, number_of_frames=count)
-                yield (
-                    f"--{boundary}\r\nContent-Type: {part_type}; transfer-syntax={syntax}\r\n\r\n".encode()
-                )
-                yield data
-                yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
 
-    return StreamingResponse(body(), media_type=f'multipart/related; type="{part_type}"; boundary={boundary}')
+def _native_parts(
+    path: FilePath,
+    pixels_at: int,
+    inflated: bytes | None,
+    frame_bytes: int,
+    numbers: list[int],
+    part_head: bytes,
+    boundary: str,
+) -> Iterator[bytes]:
+    with path.open("rb") as fp:
+        for n in numbers:
+            if inflated is not None:
+                data = inflated[(n - 1) * frame_bytes : n * frame_bytes]
+            else:
+                fp.seek(pixels_at + (n - 1) * frame_bytes)
+                data = fp.read(frame_bytes)
+            yield from (part_head, data, b"\r\n")
+    yield f"--{boundary}--\r\n".encode()
+
+
+def _encapsulated_parts(
+    path: FilePath, pixels_at: int, count: int, numbers: list[int], part_head: bytes, boundary: str
+) -> list[bytes]:
+    """The frames asked for, each found before the answer starts: pixel data that cannot be split into its
+    frames was found only while streaming, and the connection was cut mid-answer."""
+    body = []
+    with path.open("rb") as fp:
+        for n in numbers:
+            fp.seek(pixels_at)
+            try:
+                data = pydicom.encaps.get_frame(fp, n - 1, number_of_frames=count)
+            except ValueError:
+                raise HTTPException(
+                    406,
+                    f"this instance's encapsulated pixel data cannot be split into its {count} frames; "
+                    "retrieve the whole instance instead",
+                ) from None
+            body += [part_head, data, b"\r\n"]
+    return [*body, f"--{boundary}--\r\n".encode()]
+
+
+def _video_part(path: FilePath, pixels_at: int, part_head: bytes, boundary: str) -> Iterator[bytes]:
+    """A video's whole bitstream as one part, whichever frames were asked for: its frames are not stored apart
+    (a frame of it was looked up as a fragment, and the answer broke off)."""
+    with path.open("rb") as fp:
+        fp.seek(pixels_at)
+        pydicom.encaps.parse_basic_offsets(fp)
+        yield part_head
+        yield from pydicom.encaps.generate_fragments(fp)
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()

@@ -362,3 +362,64 @@ def test_a_viewer_reads_a_cine_frame_by_frame_beyond_the_api_rate_limit(
             requests.get(f"{root}/studies", headers=headers, timeout=10).status_code for _ in range(4)
         ]
         assert searches[-1] == 429  # the API's own bucket still bounds everything else
+
+
+def test_a_video_clip_is_handed_out_as_its_whole_bitstream(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """An MPEG-4 clip's frames are one bitstream. Its BulkDataURI named 30 frames, and a frame of it was looked
+    up as a fragment: the answer broke off mid-stream. Now the URI names frame 1 and any frames of a video
+    are answered with the whole stream, once, as video/mp4."""
+    study = new_study()
+    case_id = open_case(engine, settings, study_uid=study)
+    clip = pydicom.dcmread(
+        io.BytesIO(
+            make_us_instance(None, study_uid=study, series_uid=study + ".1", frames=30, rows=8, cols=8)
+        )
+    )
+    stream = b"\x00\x00\x00\x01\x67\x42" + bytes(range(256)) * 12  # an H.264 byte stream, in two fragments
+    clip.PixelData = pydicom.encaps.encapsulate([stream[:1000], stream[1000:]])
+    clip["PixelData"].VR = "OB"
+    clip.file_meta.TransferSyntaxUID = pydicom.uid.MPEG4HP41
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    client = DICOMwebClient(url=root, headers=operations_headers(settings))
+    client.store_instances([clip])
+
+    metadata = client.retrieve_instance_metadata(study, clip.SeriesInstanceUID, clip.SOPInstanceUID)
+    uri = metadata["7FE00010"]["BulkDataURI"]
+    assert uri.endswith(f"/instances/{clip.SOPInstanceUID}/frames/1")
+    for url in (uri, uri.removesuffix("/1") + "/1,2,3"):
+        got = requests.get(
+            url, headers=operations_headers(settings), timeout=10
+        )  # OHIF's bulkdata: no Accept
+        assert got.status_code == 200 and got.headers["content-type"].startswith(
+            'multipart/related; type="video/mp4"'
+        )
+        [part] = [
+            p
+            for p in got.content.split(b"--" + got.headers["content-type"].split("boundary=")[1].encode())
+            if p.strip(b"-\r\n")
+        ]
+        head, _, data = part.partition(b"\r\n\r\n")
+        assert b"video/mp4; transfer-syntax=1.2.840.10008.1.2.4.102" in head
+        assert data.removesuffix(b"\r\n") == stream
+
+
+def test_frames_that_cannot_be_split_out_are_a_406_not_a_broken_answer(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """A clip whose encapsulated pixel data holds fewer fragments than frames, and no offsets: the frame was
+    looked up while the answer streamed, and the connection broke off after the 200."""
+    study = new_study()
+    case_id = open_case(engine, settings, study_uid=study)
+    clip = jpeg_cine(study, study + ".2", 3)
+    clip.PixelData = pydicom.encaps.encapsulate(frames_of(clip)[:2])  # three frames, two fragments
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances([clip])
+    url = f"{root}/studies/{study}/series/{clip.SeriesInstanceUID}/instances/{clip.SOPInstanceUID}/frames/3"
+    accept = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+    got = requests.get(url, headers={**accept, **operations_headers(settings)}, timeout=10)
+    assert got.status_code == 406
+    assert got.json()["detail"] == (
+        "this instance's encapsulated pixel data cannot be split into its 3 frames; retrieve the whole instance instead"
+    )
