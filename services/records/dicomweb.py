@@ -642,6 +642,34 @@ def retrieve(
     )
 
 
+NOT_RENDERED = (
+    "images are not rendered here (no /rendered, no /thumbnail): retrieve the frames and render them in the "
+    "viewer (OHIF: imageRendering and thumbnailRendering 'wadors')"
+)
+
+
+def not_rendered(case_id: CaseId, study: Uid) -> None:
+    """Rendered resources (PS3.18 10.4.1.1.3) are not served: a viewer configured for them is told what to ask
+    for instead, not left with a bare "Not Found"."""
+    raise HTTPException(404, NOT_RENDERED)
+
+
+for _resource in (
+    "/cases/{case_id}/studies/{study}",
+    "/cases/{case_id}/studies/{study}/series/{series}",
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}",
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+):
+    for _rendition in ("rendered", "thumbnail"):
+        router.add_api_route(
+            f"{_resource}/{_rendition}",
+            not_rendered,
+            methods=["GET"],
+            responses={404: {"description": NOT_RENDERED}},
+            include_in_schema=_rendition == "rendered" and _resource.endswith("{sop}"),
+        )
+
+
 @router.get("/cases/{case_id}/studies/{study}/metadata")
 @router.get("/cases/{case_id}/studies/{study}/series/{series}/metadata")
 @router.get("/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/metadata")
