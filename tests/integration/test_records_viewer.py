@@ -149,11 +149,11 @@ def test_ohif_shows_a_specialists_ultrasound_study(base_url: str, engine: Engine
     )
 
     seen = as_ohif(root, headers["Authorization"].removeprefix("Bearer "), study)
-    steps, requests = seen["steps"], seen["requests"]
+    steps, made = seen["steps"], seen["requests"]
 
-    failed = [(r["method"], r["url"].removeprefix(root), r["accept"], r["status"]) for r in requests]
+    failed = [(r["method"], r["url"].removeprefix(root), r["accept"], r["status"]) for r in made]
     assert [f for f in failed if f[3] != 200] == []
-    assert all(r["authorization"] for r in requests)
+    assert all(r["authorization"] for r in made)
     [listed] = steps["studies"]
     assert value(listed, "StudyInstanceUID") == study and value(listed, "NumberOfStudyRelatedInstances") == 4
     assert [value(s, "StudyInstanceUID") for s in steps["studiesByUid"]] == [study]
