@@ -6,13 +6,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install lock demo run down status codec-server replay-record chaos dlq bench test lint format unit integration e2e clean
 
-install: $(STAMP)
+VIEWER_CLIENT := tests/viewer/node_modules/.package-lock.json
+
+install: $(STAMP) $(VIEWER_CLIENT)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+
+## The JavaScript dicomweb-client OHIF Viewer uses, exactly as package-lock.json pins it (Node.js 20 and npm),
+## for the viewer test (tests/integration/test_records_viewer.py).
+$(VIEWER_CLIENT): tests/viewer/package.json tests/viewer/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --prefix tests/viewer --no-audit --no-fund --loglevel=error && touch $(VIEWER_CLIENT); \
+	else echo "npm not found: make test's viewer test needs Node.js 20 and npm (make demo does not)"; fi
 
 ## Take the newest releases pyproject.toml allows: install them into a scratch venv and write constraints.txt.
 ## Run the tests on the result (make test) before committing it.

@@ -21,7 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from services.auth import audit
 from services.auth.keys import key_id_of, matches
 from services.auth.models import ApiKey, Role
-from services.auth.rate_limit import RateLimiter, get_rate_limiter, retry_after
+from services.auth.rate_limit import (
+    RateLimiter,
+    get_image_rate_limiter,
+    get_rate_limiter,
+    reads_image_frames,
+    retry_after,
+)
 from services.common.db import get_engine
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` one in the thread pool, a hop
@@ -37,6 +43,10 @@ AuthEngine = Annotated[Engine, Depends(auth_engine)]
 
 async def rate_limiter() -> RateLimiter:
     return get_rate_limiter()
+
+
+async def image_rate_limiter() -> RateLimiter:
+    return get_image_rate_limiter()
 
 
 bearer = HTTPBearer(
@@ -119,6 +129,7 @@ def authenticate(
     engine: AuthEngine,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     limiter: Annotated[RateLimiter, Depends(rate_limiter)],
+    image_limiter: Annotated[RateLimiter, Depends(image_rate_limiter)],
 ) -> Principal:
     if credentials is None:
         raise _deny(
@@ -134,7 +145,8 @@ def authenticate(
         raise _deny(request, engine, "anonymous", "the API key is not valid; check it or ask for a new one")
     if key.revoked_at is not None:
         raise _deny(request, engine, f"key:{key.id}", "the API key was revoked; use its replacement")
-    wait = limiter.acquire(key.id)
+    bucket = image_limiter if reads_image_frames(request.method, request.url.path) else limiter
+    wait = bucket.acquire(key.id)
     if wait > 0:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,

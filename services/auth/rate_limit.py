@@ -3,6 +3,11 @@
 Each service process holds its own buckets, so a key may use the rate on each service, and a restart
 refills them; a shared store (Redis, PostgreSQL) would be needed for one limit across replicas.
 Settings: `AUTH_RATE_PER_SECOND` (refill rate) and `AUTH_RATE_BURST` (bucket size); 0 turns it off.
+
+Image frames read through DICOMweb (`/dicomweb/.../frames/...`, also what a BulkDataURI names) draw on a
+bucket of their own, `AUTH_RATE_IMAGES_PER_SECOND` and `AUTH_RATE_IMAGES_BURST`: a browser viewer asks for each
+frame of a cine alone, 25 at a time, and a 10 s clip is 300 frames, a study several such clips. On the API's
+bucket (200) a viewer got 429s part way through the first long clip, and the cine stalled on missing frames.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ class RateLimitSettings(BaseSettings):
 
     per_second: float = 50.0
     burst: int = 200
+    # A study's frames (20 clips of 300 frames) at once; cheap reads of a case the key may see.
+    images_per_second: float = 500.0
+    images_burst: int = 6000
 
 
 @dataclass
@@ -59,3 +67,14 @@ def retry_after(wait: float) -> str:
 def get_rate_limiter() -> RateLimiter:
     settings = RateLimitSettings()
     return RateLimiter(settings.per_second, settings.burst)
+
+
+@lru_cache
+def get_image_rate_limiter() -> RateLimiter:
+    settings = RateLimitSettings()
+    return RateLimiter(settings.images_per_second, settings.images_burst)
+
+
+def reads_image_frames(method: str, path: str) -> bool:
+    """Whether a request reads image frames through DICOMweb (the image bucket's requests)."""
+    return method in ("GET", "HEAD") and path.startswith("/dicomweb/") and "/frames/" in path

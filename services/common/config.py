@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# An origin as a browser sends it: scheme, host, optional port (RFC 6454).
+ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 # A development key, refused when ENV=prod. Base64 of 32 bytes.
 DEV_CODEC_KEY = "ZGV2LW9ubHkta2V5LW5vdC1mb3ItcGhpLTMyYnl0ZXM="
@@ -66,6 +72,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["http://127.0.0.1:8233", "http://localhost:8233"]
     )
 
+    # Browser viewers (OHIF Viewer) on other origins that may read records' DICOMweb with a specialist's key:
+    # each an origin ("https://viewer.example.org", scheme, host and port only), separated by commas (or a
+    # JSON list). Empty: no CORS at all.
+    viewer_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # The payer sandbox (tests/payer_sandbox) that make demo starts for the X12 path.
     payer_sandbox_port: int = 8090
 
@@ -89,6 +100,22 @@ class Settings(BaseSettings):
 
     # Records: a file larger than this is refused before it is stored.
     max_upload_bytes: int = 512 * 1024 * 1024
+
+    @field_validator("viewer_origins", mode="before")
+    @classmethod
+    def _origins_only(cls, given: Any) -> list[str]:
+        if isinstance(given, str):
+            text = given.strip()
+            given = json.loads(text) if text.startswith("[") else [o for o in text.split(",") if o.strip()]
+        origins = [str(origin).strip() for origin in given]
+        for origin in origins:
+            if not ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    "VIEWER_ORIGINS lists the origins a viewer is served from, each as scheme://host[:port] "
+                    "with no path and no wildcard, separated by commas (VIEWER_ORIGINS=https://viewer.example.org); "
+                    "one of them is not"
+                )
+        return [origin.lower() for origin in origins]
 
     def production_problems(self, uses_temporal: bool = True) -> list[str]:
         """What keeps these settings from being safe for PHI in production (empty when they are).

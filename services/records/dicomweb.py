@@ -48,7 +48,7 @@ from services.records.multipart_related import (
     UnsupportedMediaType,
     receive_parts,
 )
-from services.records.reconcile import coerced_chunks, coerced_header, our_identifiers
+from services.records.reconcile import ISSUER_DETAILS, coerced_chunks, coerced_header, our_identifiers
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -76,11 +76,15 @@ def _dicom_json(body: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
 
-def _negotiate(request: Request, *offered: str) -> tuple[str, dict[str, str]]:
+def _negotiate(
+    request: Request, *offered: str, takes: Callable[[dict[str, str]], bool] | None = None, refusal: str = ""
+) -> tuple[str, dict[str, str]]:
     """The offer and the parameters of the first Accept media range that one of `offered` satisfies (a
-    multipart offer is "multipart/related;type=X"); 406 when none does (PS3.18 8.7.5, 8.7.8). No Accept
-    header accepts all."""
+    multipart offer is "multipart/related;type=X") and, if given, `takes` accepts (its parameters, such as a
+    transfer syntax, fit what is stored); 406 when none does (PS3.18 8.7.5, 8.7.8), saying `refusal` when a
+    range of an offered type was turned down by `takes` alone. No Accept header accepts all."""
     header = request.headers.get("accept") or "*/*"
+    turned_down = False
     for media_range in header.split(","):
         media_type, raw = parse_options_header(media_range.strip())
         kind = media_type.decode("latin-1").lower()
@@ -91,7 +95,11 @@ def _negotiate(request: Request, *offered: str) -> tuple[str, dict[str, str]]:
             if kind in ("*/*", "multipart/*") or (
                 kind == main and (not part or asked in (part, "*/*", part.split("/")[0] + "/*"))
             ):
-                return offer, params
+                if takes is None or takes(params):
+                    return offer, params
+                turned_down = True
+    if turned_down and refusal:
+        raise HTTPException(406, refusal)
     raise HTTPException(406, f"this resource is available as {' or '.join(offered)}; see the Accept header")
 
 
@@ -270,6 +278,13 @@ def _case_for(entries: list[Entry], session: Session, visible: Callable[[str], b
 # --- QIDO-RS -------------------------------------------------------------------------------------
 
 
+def _value_list(value: str) -> list[str]:
+    """The values of a list matching key: separated by commas (PS3.18 8.3.4.1) or by backslashes, DICOM's own
+    value delimiter, which OHIF puts between the Study Instance UIDs of a viewer opened on several studies
+    (neither can be part of a UID or a code string). A viewer opened that way found no study at all."""
+    return [v for v in re.split(r"[,\\]", value) if v]
+
+
 def _released(session: Session, case_id: str, **where: str | None) -> list[RecordFile]:
     query = select(RecordFile).where(
         RecordFile.case_id == case_id,
@@ -278,7 +293,7 @@ def _released(session: Session, case_id: str, **where: str | None) -> list[Recor
     )
     for column, value in where.items():
         if value:
-            query = query.where(col(getattr(RecordFile, column)).in_(value.split(",")))
+            query = query.where(col(getattr(RecordFile, column)).in_(_value_list(value)))
     rows = session.exec(query.order_by(col(RecordFile.id))).all()
     # One instance per SOP Instance UID (the last stored): the same instance may arrive twice with other
     # bytes (a CD upload and a C-GET the PACS transcoded, a re-send with a corrected header).
@@ -310,6 +325,35 @@ SERIES_KEYS = ("SeriesNumber", "SeriesDescription")
 # An instance query of a whole study returns its series' number too (PS3.18 Table 10.6.3-4).
 INSTANCE_KEYS = ("InstanceNumber", "SeriesNumber", "Rows", "Columns", "BitsAllocated")
 ONLINE = {"00080056": _attr("CS", "ONLINE")}
+# What coercion replaces in every instance handed out (reconcile.py): a stored header's value is not ours.
+COERCED = {
+    "PatientID",
+    "IssuerOfPatientID",
+    "AccessionNumber",
+    "OriginalAttributesSequence",
+    *ISSUER_DETAILS.values(),
+}
+MAX_INCLUDED = 64
+TAG_NAME = re.compile(r"[0-9A-Fa-f]{8}")
+
+
+def _included(request: Request, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """`keys` and the attributes `includefield` asks for besides (PS3.18 8.3.4.3): keywords or tags, separated
+    by commas, the parameter repeated or not. `all`, names outside the dictionary, File Meta and pixel data add
+    nothing; what the route works out itself (counts, modalities, our identifiers) stands over a header's."""
+    extra: list[str] = []
+    for field in request.query_params.getlist("includefield"):
+        for name in field.split(","):
+            name = name.strip()
+            keyword = pydicom.datadict.keyword_for_tag(int(name, 16)) if TAG_NAME.fullmatch(name) else name
+            tag = pydicom.datadict.tag_for_keyword(keyword) if keyword else None
+            if tag is None or tag >> 16 in (0x0002, 0x7FE0) or keyword in COERCED:
+                continue
+            if " or " in pydicom.datadict.dictionary_VR(tag):  # an ambiguous VR (US or SS) no JSON can name
+                continue
+            if keyword not in keys and keyword not in extra and len(extra) < MAX_INCLUDED:
+                extra.append(keyword)
+    return keys + tuple(extra)
 
 
 def _header_attrs(settings: Settings, row: RecordFile, keywords: tuple[str, ...]) -> dict[str, Any]:
@@ -335,6 +379,15 @@ def _date_matches(value: str | None, wanted: str | None) -> bool:
     if not dash:
         return value == low
     return bool(value) and (not low or low <= str(value)) and (not high or str(value) <= high)
+
+
+def _text_matches(value: str, wanted: str | None) -> bool:
+    """Single value matching, with wildcard matching when `wanted` holds `*` (any run of characters) or `?`
+    (one character) (PS3.4 C.2.2.2.1, C.2.2.2.4). A viewer's study list sends what is typed as `*typed*`."""
+    if not wanted:
+        return True
+    pattern = re.escape(wanted).replace(r"\*", ".*").replace(r"\?", ".")
+    return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
 
 
 INTEGER = re.compile(r"^[+-]?[0-9]{1,11}$")
@@ -384,16 +437,17 @@ def search_studies(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    study_keys = _included(request, STUDY_KEYS)
     ids = _identifiers(session, case_id)
-    if (PatientID and PatientID != ids["PatientID"]) or (
-        AccessionNumber and AccessionNumber != ids["AccessionNumber"]
+    if not (
+        _text_matches(ids["PatientID"], PatientID) and _text_matches(ids["AccessionNumber"], AccessionNumber)
     ):
         return _dicom_json([])  # every study of a case carries our identifiers
     files = _released(session, case_id, study_instance_uid=StudyInstanceUID)
     studies: dict[str, list[RecordFile]] = {}
     for f in files:
         studies.setdefault(str(f.study_instance_uid), []).append(f)
-    wanted = set((ModalitiesInStudy or "").split(",")) - {""}
+    wanted = set(_value_list(ModalitiesInStudy or "")) - {""}
     results = []
     for uid, members in studies.items():
         modalities = sorted({str(m.modality) for m in members})
@@ -402,7 +456,7 @@ def search_studies(
             continue
         results.append(
             {
-                **_header_attrs(settings, members[0], STUDY_KEYS),
+                **_header_attrs(settings, members[0], study_keys),
                 **ONLINE,
                 "0020000D": _attr("UI", uid),
                 "00080020": _attr("DA", *([date] if date else [])),
@@ -431,6 +485,7 @@ def search_series(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    series_keys = _included(request, SERIES_KEYS)
     numbers = _integers("SeriesNumber", SeriesNumber)
     _identifiers(session, case_id)
     series: dict[str, list[RecordFile]] = {}
@@ -442,7 +497,7 @@ def search_series(
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
     results = []
     for uid, members in series.items():
-        attrs = _header_attrs(settings, members[0], SERIES_KEYS)
+        attrs = _header_attrs(settings, members[0], series_keys)
         if not _number_matches(attrs, "SeriesNumber", numbers):
             continue
         results.append(
@@ -477,10 +532,11 @@ def search_instances(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    instance_keys = _included(request, INSTANCE_KEYS)
     series_numbers = _integers("SeriesNumber", SeriesNumber)
     instance_numbers = _integers("InstanceNumber", InstanceNumber)
     _identifiers(session, case_id)
-    if series and SeriesInstanceUID and series not in SeriesInstanceUID.split(","):
+    if series and SeriesInstanceUID and series not in _value_list(SeriesInstanceUID):
         return _dicom_json([])  # the query key and the path name different series
     files = _released(
         session,
@@ -494,7 +550,7 @@ def search_instances(
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
     results = []
     for f in files:
-        attrs = _header_attrs(settings, f, INSTANCE_KEYS)
+        attrs = _header_attrs(settings, f, instance_keys)
         if not (
             _number_matches(attrs, "SeriesNumber", series_numbers)
             and _number_matches(attrs, "InstanceNumber", instance_numbers)
@@ -554,13 +610,21 @@ def retrieve(
 ) -> StreamingResponse:
     # A single instance may also be asked for as one application/dicom body (PS3.18 10.4.4).
     offered = ["multipart/related;type=application/dicom", *(["application/dicom"] if sop else [])]
-    offer, params = _negotiate(request, *offered)
-    wanted = params.get("transfer-syntax", "*")
+    _negotiate(request, *offered)  # a media type never served is a 406 before anything is looked up
     files, ids = _retrievable(session, case_id, study, series, sop)
     store = ObjectStore.for_settings(settings)
     parts = [(store.local_path(f.storage_path, f.sha256), _modified_at(session, f)) for f in files]
-    if wanted != "*" and any(_served_syntax(path) != wanted for path, _ in parts):
-        raise HTTPException(406, "no transcoding here: ask for transfer-syntax=* (stored as received)")
+    served = {_served_syntax(path) for path, _ in parts}
+    # Each range in turn: a client lists the transfer syntaxes it prefers, then transfer-syntax=*; the
+    # first range alone was taken, and a preferred syntax other than the stored one was a 406.
+    offer, _ = _negotiate(
+        request,
+        *offered,
+        takes=lambda params: (
+            params.get("transfer-syntax", "*") in ("*", *(served if len(served) == 1 else ()))
+        ),
+        refusal="no transcoding here: ask for transfer-syntax=* (stored as received)",
+    )
     if offer == "application/dicom":
         path, modified_at = parts[-1]
         return StreamingResponse(coerced_chunks(path, ids, modified_at), media_type="application/dicom")
@@ -576,6 +640,34 @@ def retrieve(
     return StreamingResponse(
         body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}'
     )
+
+
+NOT_RENDERED = (
+    "images are not rendered here (no /rendered, no /thumbnail): retrieve the frames and render them in the "
+    "viewer (OHIF: imageRendering and thumbnailRendering 'wadors')"
+)
+
+
+def not_rendered(case_id: CaseId, study: Uid) -> None:
+    """Rendered resources (PS3.18 10.4.1.1.3) are not served: a viewer configured for them is told what to ask
+    for instead, not left with a bare "Not Found"."""
+    raise HTTPException(404, NOT_RENDERED)
+
+
+for _resource in (
+    "/cases/{case_id}/studies/{study}",
+    "/cases/{case_id}/studies/{study}/series/{series}",
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}",
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+):
+    for _rendition in ("rendered", "thumbnail"):
+        router.add_api_route(
+            f"{_resource}/{_rendition}",
+            not_rendered,
+            methods=["GET"],
+            responses={404: {"description": NOT_RENDERED}},
+            include_in_schema=_rendition == "rendered" and _resource.endswith("{sop}"),
+        )
 
 
 @router.get("/cases/{case_id}/studies/{study}/metadata")
@@ -601,6 +693,8 @@ def retrieve_metadata(
         if "Rows" in item:  # the pixel data, left out of the header, is there as Bulkdata (PS3.18 10.4.3.3.2)
             url = f"{base}/studies/{f.study_instance_uid}/series/{f.series_instance_uid}/instances/{f.sop_instance_uid}"
             frames = ",".join(str(n) for n in range(1, (f.number_of_frames or 1) + 1))
+            if item.file_meta.get("TransferSyntaxUID") in VIDEO_TYPES:
+                frames = "1"  # a video's frames are one bitstream, answered whole
             body["7FE00010"] = {"vr": "OB", "BulkDataURI": f"{url}/frames/{frames}"}
         metadata.append(body)
     return _dicom_json(metadata)
@@ -611,10 +705,56 @@ FRAME_TYPES = {
     pydicom.uid.JPEGExtended12Bit: "image/jpeg",
     pydicom.uid.JPEGLossless: "image/jpeg",
     pydicom.uid.JPEGLosslessSV1: "image/jpeg",
+    pydicom.uid.JPEGLSLossless: "image/jls",
+    pydicom.uid.JPEGLSNearLossless: "image/jls",
     pydicom.uid.JPEG2000Lossless: "image/jp2",
     pydicom.uid.JPEG2000: "image/jp2",
     pydicom.uid.RLELossless: "image/dicom-rle",
 }
+# Video: the pixel data is one bitstream, not frames (PS3.5 8.2.5 to 8.2.8); media types of PS3.18 Table 8.7.3-5.
+VIDEO_TYPES = {
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[:4], "video/mpeg2"),
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[4:14], "video/mp4"),
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[14:], "video/H265"),
+}
+STORED_TYPES = {**FRAME_TYPES, **VIDEO_TYPES}
+# Names clients still send for the same media types (dicomweb-client asks for image/x-dicom-rle).
+MEDIA_TYPE_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
+
+
+def _frame_part_type(accept: str | None, syntax: str, compressed: bool) -> str | None:
+    """The media type frames stored in `syntax` are served in, if the Accept header takes them as stored: its
+    first media range (by q, then order) that does (PS3.18 8.7.3.5, 8.7.5). Native frames are
+    application/octet-stream, compressed ones their own type (or application/octet-stream with
+    transfer-syntax=*, as a viewer asks: "send them as you have them"). None when no range takes them: there
+    is no transcoding here. A viewer lists the compressed forms it decodes and the native one last, so the
+    first range is often one these frames are not in; it was taken alone, and the answer was a 406."""
+    own = STORED_TYPES.get(pydicom.uid.UID(syntax), "application/octet-stream") if compressed else None
+    ranges = []
+    for index, media_range in enumerate((accept or "*/*").split(",")):
+        raw_kind, raw = parse_options_header(media_range.strip())
+        params = {k.decode("latin-1").lower(): v.decode("latin-1").strip('"') for k, v in raw.items()}
+        try:
+            quality = float(params.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        if quality > 0:
+            ranges.append((-quality, index, raw_kind.decode("latin-1").lower(), params))
+    for _, _, kind, params in sorted(ranges, key=lambda r: (r[0], r[1])):
+        if kind in ("*/*", "multipart/*"):
+            return own or "application/octet-stream"
+        if kind != "multipart/related":
+            continue
+        asked = params.get("type", "application/octet-stream").lower()
+        asked = MEDIA_TYPE_ALIASES.get(asked, asked)
+        wanted = params.get("transfer-syntax")
+        if wanted not in (None, "*", syntax):
+            continue
+        if asked in ("*/*", "application/octet-stream", "application/*"):
+            return own or "application/octet-stream"
+        if own and (asked == own or asked == own.split("/")[0] + "/*"):
+            return own
+    return None
 
 
 def _served_syntax(path: FilePath) -> str:
@@ -638,12 +778,6 @@ def retrieve_frames(
     their own media type; what a viewer (OHIF, Cornerstone's wadors loader) fetches to show an image. A
     deflated instance (an older cart's) is inflated whole, as when it is handed out whole (rewrite.py), and
     its native frames served as Explicit VR Little Endian."""
-    _, params = _negotiate(
-        request,
-        "multipart/related;type=application/octet-stream",
-        *(f"multipart/related;type={t}" for t in sorted(set(FRAME_TYPES.values()))),
-    )
-    wanted = params.get("transfer-syntax")
     files, _ = _retrievable(session, case_id, study, series, sop)
     row = files[-1]
     path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
@@ -661,9 +795,16 @@ def retrieve_frames(
     if "Rows" not in header or any(n > count for n in numbers):
         raise HTTPException(404, f"this instance has {count} frame(s) of pixel data; ask for 1 to {count}")
     native = not syntax.is_compressed
-    if wanted not in (None, "*", str(syntax)):
-        raise HTTPException(406, f"the frames are stored as {syntax}; ask for transfer-syntax=* or {syntax}")
-    part_type = "application/octet-stream" if native else FRAME_TYPES.get(syntax, "application/octet-stream")
+    part_type = _frame_part_type(request.headers.get("accept"), str(syntax), compressed=not native)
+    if part_type is None:
+        stored_as = (
+            "application/octet-stream" if native else STORED_TYPES.get(syntax, "application/octet-stream")
+        )
+        raise HTTPException(
+            406,
+            f'the frames are stored as {syntax} ({stored_as}); ask for multipart/related; type="{stored_as}" '
+            f"with transfer-syntax=* or {syntax}",
+        )
     frame_bytes = (
         int(header.Rows)
         * int(header.Columns)
@@ -673,23 +814,68 @@ def retrieve_frames(
     )
     element_header = 8 if syntax == pydicom.uid.ImplicitVRLittleEndian else 12
     boundary = uuid.uuid4().hex
+    part_head = f"--{boundary}\r\nContent-Type: {part_type}; transfer-syntax={syntax}\r\n\r\n".encode()
+    if syntax in VIDEO_TYPES:
+        body: Iterator[bytes] = _video_part(path, pixel_offset + element_header, part_head, boundary)
+    elif native:
+        body = _native_parts(
+            path, pixel_offset + element_header, inflated, frame_bytes, numbers, part_head, boundary
+        )
+    else:
+        body = iter(
+            _encapsulated_parts(path, pixel_offset + element_header, count, numbers, part_head, boundary)
+        )
+    return StreamingResponse(body, media_type=f'multipart/related; type="{part_type}"; boundary={boundary}')
 
-    def body() -> Iterator[bytes]:
-        with path.open("rb") as fp:
-            for n in numbers:
-                if inflated is not None:
-                    data = inflated[(n - 1) * frame_bytes : n * frame_bytes]
-                elif native:
-                    fp.seek(pixel_offset + element_header + (n - 1) * frame_bytes)
-                    data = fp.read(frame_bytes)
-                else:
-                    fp.seek(pixel_offset + element_header)
-                    data = pydicom.encaps.get_frame(fp, n - 1, number_of_frames=count)
-                yield (
-                    f"--{boundary}\r\nContent-Type: {part_type}; transfer-syntax={syntax}\r\n\r\n".encode()
-                )
-                yield data
-                yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
 
-    return StreamingResponse(body(), media_type=f'multipart/related; type="{part_type}"; boundary={boundary}')
+def _native_parts(
+    path: FilePath,
+    pixels_at: int,
+    inflated: bytes | None,
+    frame_bytes: int,
+    numbers: list[int],
+    part_head: bytes,
+    boundary: str,
+) -> Iterator[bytes]:
+    with path.open("rb") as fp:
+        for n in numbers:
+            if inflated is not None:
+                data = inflated[(n - 1) * frame_bytes : n * frame_bytes]
+            else:
+                fp.seek(pixels_at + (n - 1) * frame_bytes)
+                data = fp.read(frame_bytes)
+            yield from (part_head, data, b"\r\n")
+    yield f"--{boundary}--\r\n".encode()
+
+
+def _encapsulated_parts(
+    path: FilePath, pixels_at: int, count: int, numbers: list[int], part_head: bytes, boundary: str
+) -> list[bytes]:
+    """The frames asked for, each found before the answer starts: pixel data that cannot be split into its
+    frames was found only while streaming, and the connection was cut mid-answer."""
+    body = []
+    with path.open("rb") as fp:
+        for n in numbers:
+            fp.seek(pixels_at)
+            try:
+                data = pydicom.encaps.get_frame(fp, n - 1, number_of_frames=count)
+            except ValueError:
+                raise HTTPException(
+                    406,
+                    f"this instance's encapsulated pixel data cannot be split into its {count} frames; "
+                    "retrieve the whole instance instead",
+                ) from None
+            body += [part_head, data, b"\r\n"]
+    return [*body, f"--{boundary}--\r\n".encode()]
+
+
+def _video_part(path: FilePath, pixels_at: int, part_head: bytes, boundary: str) -> Iterator[bytes]:
+    """A video's whole bitstream as one part, whichever frames were asked for: its frames are not stored apart
+    (a frame of it was looked up as a fragment, and the answer broke off)."""
+    with path.open("rb") as fp:
+        fp.seek(pixels_at)
+        pydicom.encaps.parse_basic_offsets(fp)
+        yield part_head
+        yield from pydicom.encaps.generate_fragments(fp)
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()

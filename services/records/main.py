@@ -13,8 +13,10 @@ from services.common.runner import ServiceRuntime, serve
 from services.records import api, consumer, dicomweb, export, header_probe, timeline
 from services.records.limits import get_limits
 from services.records.models import RecordRetrieval, ReportReturn
+from services.records.qido_keys import QueryKeysByKeyword
 from services.records.report_return import ReturnLoop
 from services.records.retrieval import RetrievalLoop
+from services.records.viewer_cors import ViewerCors
 
 settings = get_settings()
 runtime = ServiceRuntime(service="records", engine=lambda: get_engine("records"), handle=consumer.handle)
@@ -49,6 +51,8 @@ app = create_app(
     lifespan=lifespan,
     max_body_bytes=None,  # uploads, STOW-RS and archives stream to disk and are bounded where they are read
 )
+app.add_middleware(QueryKeysByKeyword)
+app.add_middleware(ViewerCors, origins=settings.viewer_origins)  # outermost: preflights need no key
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 from typing import Any
 
@@ -28,7 +28,9 @@ from services.common.http import create_app
 from services.records import api, consumer, dicomweb
 from services.records.limits import ImportLimits, get_limits
 from services.records.models import RecordFile
+from services.records.qido_keys import QueryKeysByKeyword
 from services.records.store import ObjectStore
+from services.records.viewer_cors import ViewerCors
 from tests.dicom_factory import make_us_instance
 from tests.hostile_corpus import with_uid
 from tests.infra import free_port
@@ -43,8 +45,14 @@ def engine(settings: Settings) -> Engine:
 
 
 @contextlib.contextmanager
-def serving(engine: Engine, settings: Settings, limits: ImportLimits | None = None) -> Iterator[str]:
-    """The records API and DICOMweb routes served by uvicorn on a free loopback port."""
+def serving(
+    engine: Engine,
+    settings: Settings,
+    limits: ImportLimits | None = None,
+    overrides: dict[Callable[..., Any], Callable[..., Any]] | None = None,
+) -> Iterator[str]:
+    """The records API and DICOMweb routes served by uvicorn on a free loopback port (`overrides`: more
+    dependency overrides)."""
     port = free_port()
     served = settings.model_copy(update={"records_url": f"http://127.0.0.1:{port}"})
 
@@ -55,10 +63,13 @@ def serving(engine: Engine, settings: Settings, limits: ImportLimits | None = No
     app = create_app(
         "records", routers=[api.router, dicomweb.router], engine=lambda: engine, max_body_bytes=None
     )
+    app.add_middleware(QueryKeysByKeyword)
+    app.add_middleware(ViewerCors, origins=served.viewer_origins)  # as services.records.main does
     app.dependency_overrides[api.get_session] = session
     app.dependency_overrides[get_settings] = lambda: served
     if limits is not None:
         app.dependency_overrides[get_limits] = lambda: limits
+    app.dependency_overrides.update(overrides or {})
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
