@@ -14,7 +14,11 @@ from services.records import api, consumer, dicomweb, export, header_probe, time
 from services.records.limits import get_limits
 from services.records.models import RecordRetrieval, ReportReturn
 from services.records.report_return import ReturnLoop
-from services.records.retrieval import RetrievalLoop
+from services.records.retrieval import (
+    RetrievalLoop,
+    get_retrieval_settings,
+    require_dimse_safe_for_production,
+)
 
 settings = get_settings()
 runtime = ServiceRuntime(service="records", engine=lambda: get_engine("records"), handle=consumer.handle)
@@ -23,6 +27,7 @@ api.on_outbox_written(runtime.wake_relay)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    require_dimse_safe_for_production(settings, get_retrieval_settings())
     async with runtime.lifespan()(app):  # migrations run here, before the retrieval loop reads its tables
         retrieval = RetrievalLoop(get_engine("records"), settings)
         retrieval.start()

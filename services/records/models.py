@@ -9,12 +9,13 @@ from enum import StrEnum
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, field_validator, model_validator
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from services.common.db import utcnow
+from services.records.dicom_tls import client_problems
 
 TABLES = (
     "record_requests",
@@ -153,6 +154,31 @@ class RecordSourceBase(SQLModel):
         description="send each version of the second-opinion report (DICOM Encapsulated PDF) back into this "
         "PACS, into the study it reads: C-STORE to the AE above, or STOW-RS to the DICOMweb URL",
     )
+    tls: bool = Field(
+        default=False,
+        description="speak DICOM over TLS to the AE above (PS3.15 Annex B, BCP 195; port 2762 by convention)",
+    )
+    tls_ca_path: str | None = Field(
+        default=None,
+        max_length=500,
+        description="PEM CA bundle on the records host that signed the PACS's certificate (required with tls)",
+    )
+    tls_cert_path: str | None = Field(
+        default=None,
+        max_length=500,
+        description="our client certificate (PEM), for a PACS requiring mutual TLS",
+    )
+    tls_key_path: str | None = Field(
+        default=None,
+        max_length=500,
+        description="the private key (PEM, unencrypted) of tls_cert_path: a path, the key itself is never stored",
+    )
+    tls_server_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="the name the PACS's certificate must carry; the host when not given",
+    )
 
 
 class RecordSource(RecordSourceBase, table=True):
@@ -182,6 +208,21 @@ class RecordSourceIn(RecordSourceBase):
                 if not HOST_NAME.fullmatch(host):
                     raise ValueError("is neither a host name nor an IP address") from None
         return host
+
+    @model_validator(mode="after")
+    def _usable_tls(self) -> RecordSourceIn:
+        """TLS files that exist, can be read and load, checked now: not at the first retrieval."""
+        paths = (self.tls_ca_path, self.tls_cert_path, self.tls_key_path, self.tls_server_name)
+        if not self.tls:
+            if any(paths):
+                raise ValueError("tls_* settings are given but tls is false; set tls: true to use them")
+            return self
+        if not (self.ae_title and self.host):
+            raise ValueError("tls applies to a DIMSE PACS: give ae_title, host and port with it")
+        problems = client_problems(self.tls_ca_path, self.tls_cert_path, self.tls_key_path)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("dicomweb_url")
     @classmethod
