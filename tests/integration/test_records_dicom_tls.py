@@ -5,6 +5,7 @@ handshake that fails is recorded saying which side refused and why."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from structlog.testing import capture_logs
 from services.common.config import Settings, get_settings
 from services.records import report_return
 from services.records.dimse import StoreSCP
-from services.records.retrieval import RetrievalSettings, get_retrieval_settings, run_due
+from services.records.retrieval import RetrievalLoop, RetrievalSettings, get_retrieval_settings, run_due
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
 from tests.infra import free_port
@@ -296,3 +297,47 @@ def test_in_production_plain_dimse_to_another_machine_is_refused_unless_a_vpn_is
     finally:
         client.app.dependency_overrides[get_settings] = lambda: settings  # type: ignore[attr-defined]
         get_retrieval_settings.cache_clear()
+
+
+def test_a_client_that_never_finishes_its_handshake_holds_up_no_other(pki: Pki, tls_scp: StoreSCP) -> None:
+    """The handshake runs on each association's own thread: a peer that connects and says nothing (a port
+    scanner, a half-open link) does not stop the next PACS from being served."""
+    silent = socket.create_connection(("127.0.0.1", int(tls_scp.tls_port or 0)))
+    try:
+        echo = subprocess.run(
+            ["echoscu", "+tls", str(pki.pacs.key), str(pki.pacs.cert), "+cf", str(pki.hospital.cert)]
+            + ["-to", "5", "-aec", "SECONDOPINION", "127.0.0.1", str(tls_scp.tls_port)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    finally:
+        silent.close()
+    assert echo.returncode == 0, echo.stderr
+
+
+def test_the_records_process_serves_its_scp_over_tls_from_its_settings(
+    engine: Engine, settings: Settings, pki: Pki
+) -> None:
+    options = OPTIONS.model_copy(
+        update={
+            "scp_port": free_port(),
+            "scp_plain": False,
+            "scp_tls_port": free_port(),
+            "scp_tls_cert_path": pki.ours.cert,
+            "scp_tls_key_path": pki.ours.key,
+        }
+    )
+    loop = RetrievalLoop(engine, settings, options)
+    loop.start()
+    try:
+        tls = ["+tls", str(pki.pacs.key), str(pki.pacs.cert), "+cf", str(pki.hospital.cert)]
+        for args, port, answered in ((tls, options.scp_tls_port, 0), ([], options.scp_port, 1)):
+            echo = subprocess.run(
+                ["echoscu", *args, "-aec", "SECONDOPINION", "127.0.0.1", str(port)],
+                capture_output=True,
+                timeout=10,
+            )
+            assert (echo.returncode != 0) == bool(answered), echo.stderr  # TLS answers, plain is off
+    finally:
+        loop.stop()
