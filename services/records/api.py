@@ -48,7 +48,7 @@ from services.records.models import (
     UploadPublic,
 )
 from services.records.reconcile import coerced_chunks, our_identifiers
-from services.records.retrieval import plain_dimse_refusal, plain_dimse_refused
+from services.records.retrieval import check_client_tls, plain_dimse_refusal, plain_dimse_refused
 from services.records.store import FileTooLarge, ObjectStore
 
 # Every route needs a key; a case's records are its partner's and operations' (uploads too), and readable
@@ -121,6 +121,8 @@ def put_source(
         )
     if dimse_complete and not source.tls and plain_dimse_refused(str(source.host), settings):
         raise HTTPException(422, plain_dimse_refusal())
+    if source.tls and (unusable := check_client_tls(source, settings)) is not None:
+        raise HTTPException(422, unusable)
     row = _store_source(session, partner_id, source)
     return RecordSourcePublic.model_validate(row, from_attributes=True)
 

@@ -45,20 +45,26 @@ class ClientTls:
         return context
 
 
-def client_problems(ca_path: str | None, cert_path: str | None, key_path: str | None) -> list[str]:
-    """What keeps these files from making a TLS client context (empty when they can)."""
+def missing_settings(ca_path: str | None, cert_path: str | None, key_path: str | None) -> list[str]:
+    """What a TLS source lacks before its files can even be looked at (empty when nothing)."""
     problems = []
     if not ca_path:
         problems.append("tls_ca_path is required with tls (the CA bundle that signed the PACS's certificate)")
     if bool(cert_path) != bool(key_path):
         problems.append("tls_cert_path and tls_key_path go together (our client certificate and its key)")
-    if problems:
-        return problems
-    try:
-        ClientTls(str(ca_path), cert_path, key_path).context()
-    except TlsFilesUnusable as exc:
-        problems.append(str(exc))
     return problems
+
+
+def within(directory: Path, field: str, path: str) -> str:
+    """`path` (relative to `directory`, or absolute inside it) as a file the records service may read: TLS
+    files are only read from the directory operations keep them in, so a source cannot name any other."""
+    resolved = (directory / path).resolve()
+    if not resolved.is_relative_to(directory.resolve()):
+        raise TlsFilesUnusable(
+            f"{field} must name a file in the records service's DICOM TLS directory (RECORDS_DICOM_TLS_DIR), "
+            "where operations place each PACS's CA bundle and our certificates; a relative path is read there"
+        )
+    return str(resolved)
 
 
 def server_context(cert_path: Path, key_path: Path, client_ca_path: Path | None) -> ssl.SSLContext:
@@ -94,9 +100,9 @@ def _load(load: Any, what: str, path: str) -> None:
 
 def _readable(what: str, path: str) -> None:
     if not os.path.isfile(path):
-        raise TlsFilesUnusable(f"{what} {path} does not exist (a PEM file on the records service's host)")
+        raise TlsFilesUnusable(f"{what} {path} does not exist (a PEM file in RECORDS_DICOM_TLS_DIR)")
     if not os.access(path, os.R_OK):
-        raise TlsFilesUnusable(f"{what} {path} cannot be read by the records service")
+        raise TlsFilesUnusable(f"{what} {path} cannot be read by the records service (check its permissions)")
 
 
 def is_loopback(host: str) -> bool:

@@ -15,7 +15,7 @@ from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from services.common.db import utcnow
-from services.records.dicom_tls import client_problems
+from services.records.dicom_tls import missing_settings
 
 TABLES = (
     "record_requests",
@@ -161,12 +161,13 @@ class RecordSourceBase(SQLModel):
     tls_ca_path: str | None = Field(
         default=None,
         max_length=500,
-        description="PEM CA bundle on the records host that signed the PACS's certificate (required with tls)",
+        description="PEM CA bundle that signed the PACS's certificate (required with tls), a file in the records "
+        "service's RECORDS_DICOM_TLS_DIR (a relative path is read there)",
     )
     tls_cert_path: str | None = Field(
         default=None,
         max_length=500,
-        description="our client certificate (PEM), for a PACS requiring mutual TLS",
+        description="our client certificate (PEM, in RECORDS_DICOM_TLS_DIR), for a PACS requiring mutual TLS",
     )
     tls_key_path: str | None = Field(
         default=None,
@@ -211,7 +212,8 @@ class RecordSourceIn(RecordSourceBase):
 
     @model_validator(mode="after")
     def _usable_tls(self) -> RecordSourceIn:
-        """TLS files that exist, can be read and load, checked now: not at the first retrieval."""
+        """A TLS source names its CA bundle, and its client certificate with its key (the files themselves are
+        checked by the route, which knows where they are kept)."""
         paths = (self.tls_ca_path, self.tls_cert_path, self.tls_key_path, self.tls_server_name)
         if not self.tls:
             if any(paths):
@@ -219,7 +221,7 @@ class RecordSourceIn(RecordSourceBase):
             return self
         if not (self.ae_title and self.host):
             raise ValueError("tls applies to a DIMSE PACS: give ae_title, host and port with it")
-        problems = client_problems(self.tls_ca_path, self.tls_cert_path, self.tls_key_path)
+        problems = missing_settings(self.tls_ca_path, self.tls_cert_path, self.tls_key_path)
         if problems:
             raise ValueError("; ".join(problems))
         return self

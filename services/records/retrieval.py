@@ -29,7 +29,13 @@ from services.records.archive_store import ArchiveUnavailable
 from services.records.assembly import SOURCE, case_files
 from services.records.classify import DicomHeader, HeaderReader, check_budget, read_dicom_header
 from services.records.limits import ImportLimits, get_limits
-from services.records.models import RecordRequest, RecordRetrieval, RecordSource, RetrievalStatus
+from services.records.models import (
+    RecordRequest,
+    RecordRetrieval,
+    RecordSource,
+    RecordSourceBase,
+    RetrievalStatus,
+)
 from services.records.polled import PolledLoop
 from services.records.store import ObjectStore
 
@@ -49,6 +55,9 @@ class RetrievalSettings(BaseSettings):
     scp_tls_cert_path: Path | None = None
     scp_tls_key_path: Path | None = None
     scp_tls_client_ca_path: Path | None = None
+    # Where the TLS files of image sources are kept (each PACS's CA bundle, our client certificates); a
+    # source's tls_* paths are read only from here. DATA_DIR/records/dicom-tls when not set.
+    dicom_tls_dir: Path | None = None
     # With ENV=prod, plain DIMSE to or from a peer not on this machine is refused unless this says the link
     # is protected another way (a VPN, a private line).
     dimse_plain_protected: bool = False
@@ -68,6 +77,9 @@ class RetrievalSettings(BaseSettings):
         return dicom_tls.server_context(
             self.scp_tls_cert_path, self.scp_tls_key_path, self.scp_tls_client_ca_path
         )
+
+    def tls_dir(self, settings: Settings) -> Path:
+        return self.dicom_tls_dir or settings.data_dir / "records" / "dicom-tls"
 
     def production_problems(self) -> list[str]:
         """What keeps our DIMSE links from being safe for PHI in production (empty when they are)."""
@@ -113,12 +125,37 @@ def dimse_source(
     host = str(source.host)
     tls = None
     if source.tls:
-        tls = dicom_tls.ClientTls(
-            str(source.tls_ca_path), source.tls_cert_path, source.tls_key_path, source.tls_server_name
-        )
+        try:
+            tls = client_tls(source, (options or get_retrieval_settings()).tls_dir(settings))
+        except dicom_tls.TlsFilesUnusable as exc:
+            raise dimse.PacsUnavailable(f"DICOM TLS to the PACS cannot start: {exc}") from None
     elif plain_dimse_refused(host, settings, options):
         raise PlainDimseRefused(plain_dimse_refusal())
     return dimse.DimseSource(str(source.ae_title), host, int(source.port or 104), timeout, tls)
+
+
+def client_tls(source: RecordSourceBase, directory: Path) -> dicom_tls.ClientTls:
+    """The source's TLS settings, its files read from `directory` (raises when one is not there)."""
+    files = {
+        field: dicom_tls.within(directory, field, path) if path else None
+        for field, path in (
+            ("tls_ca_path", source.tls_ca_path),
+            ("tls_cert_path", source.tls_cert_path),
+            ("tls_key_path", source.tls_key_path),
+        )
+    }
+    return dicom_tls.ClientTls(
+        str(files["tls_ca_path"]), files["tls_cert_path"], files["tls_key_path"], source.tls_server_name
+    )
+
+
+def check_client_tls(source: RecordSourceBase, settings: Settings) -> str | None:
+    """Why the source's TLS files cannot be used (missing, unreadable, not PEM, key not matching), or None."""
+    try:
+        client_tls(source, get_retrieval_settings().tls_dir(settings)).context()
+    except dicom_tls.TlsFilesUnusable as exc:
+        return str(exc)
+    return None
 
 
 def plain_dimse_refused(host: str, settings: Settings, options: RetrievalSettings | None = None) -> bool:

@@ -44,8 +44,10 @@ class Pki:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
+def pki(settings: Settings) -> Pki:
+    """Certificates where the records service reads TLS files from (RECORDS_DICOM_TLS_DIR's default)."""
+    folder = settings.data_dir / "records" / "dicom-tls" / "hospital-a"
+    folder.mkdir(parents=True, exist_ok=True)
     hospital, rogue = Authority(folder, "hospital"), Authority(folder, "rogue")
     return Pki(
         hospital,
@@ -97,14 +99,15 @@ def tls_pacs(tmp_path_factory: pytest.TempPathFactory, pki: Pki, tls_scp: StoreS
 
 
 def tls_source(pacs: Orthanc, pki: Pki, **overrides: object) -> dict[str, object]:
+    """The source as a partner gives it: paths relative to the records service's DICOM TLS directory."""
     return {
         "ae_title": pacs.ae_title,
         "host": "127.0.0.1",
         "port": pacs.dicom_port,
         "tls": True,
-        "tls_ca_path": str(pki.hospital.cert),
-        "tls_cert_path": str(pki.ours.cert),
-        "tls_key_path": str(pki.ours.key),
+        "tls_ca_path": f"hospital-a/{pki.hospital.cert.name}",
+        "tls_cert_path": f"hospital-a/{pki.ours.cert.name}",
+        "tls_key_path": f"hospital-a/{pki.ours.key.name}",
         **overrides,
     }
 
@@ -244,13 +247,27 @@ def test_a_plain_client_is_not_served_on_the_tls_port(pki: Pki, tls_scp: StoreSC
     ("source", "problem"),
     [
         ({"tls_ca_path": None}, "tls_ca_path is required with tls"),
-        ({"tls_ca_path": "/nonexistent/ca.pem"}, "the CA bundle /nonexistent/ca.pem does not exist"),
+        ({"tls_ca_path": "hospital-a/nonexistent.pem"}, "nonexistent.pem does not exist"),
+        (
+            {"tls_ca_path": "/etc/ssl/certs/ca-certificates.crt"},
+            "must name a file in the records service's DICOM",
+        ),
+        ({"tls_key_path": "../../../../../etc/shadow"}, "must name a file in the records service's DICOM"),
         ({"tls_key_path": None}, "tls_cert_path and tls_key_path go together"),
         ({"tls_ca_path": "KEY"}, "holds no PEM certificate"),
         ({"tls_key_path": "CA"}, "could not be loaded together"),
         ({"tls": False}, "tls_* settings are given but tls is false"),
     ],
-    ids=["no ca", "missing ca", "cert without key", "ca not a certificate", "key not a key", "tls off"],
+    ids=[
+        "no ca",
+        "missing ca",
+        "ca outside the directory",
+        "key outside the directory",
+        "cert without key",
+        "ca not a certificate",
+        "key not a key",
+        "tls off",
+    ],
 )
 def test_a_tls_source_whose_files_cannot_be_used_is_refused_at_configuration(
     client: TestClient, pki: Pki, source: dict[str, object], problem: str
