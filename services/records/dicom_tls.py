@@ -122,21 +122,21 @@ class _WatchedSocket(ssl.SSLSocket):
         try:
             super().connect(address)
         except ssl.SSLError as exc:
-            _note(self.context, exc)
+            _note(self, exc)
             raise
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
         try:
             return super().recv_into(buffer, nbytes, flags)
         except ssl.SSLError as exc:
-            _note(self.context, exc)
+            _note(self, exc)
             raise
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         try:
             return super().recv(buflen, flags)
         except ssl.SSLError as exc:
-            _note(self.context, exc)
+            _note(self, exc)
             raise
 
 
@@ -153,11 +153,15 @@ class _WatchedContext(ssl.SSLContext):
         return super().wrap_socket(sock, server_side=server_side, **kwargs)
 
 
-def _note(context: ssl.SSLContext, exc: ssl.SSLError) -> None:
+def _note(sock: ssl.SSLSocket, exc: ssl.SSLError) -> None:
+    context = sock.context
     if not isinstance(context, _WatchedContext):
         return
     if _is_server(context):  # one context for every association our SCP accepts: logged, not kept
-        log.warning("records.scp_tls_refused", reason=describe(exc, we_are_client=False))
+        if sock.version() is None:  # the handshake did not complete: a client refused, or refusing us
+            log.warning("records.scp_tls_refused", reason=describe(exc, we_are_client=False))
+        else:
+            log.warning("records.scp_tls_error", reason=exc.reason or type(exc).__name__)
         return
     if context.failure is None:
         context.failure = exc

@@ -197,7 +197,7 @@ HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 class RecordSourceIn(RecordSourceBase):
     model_config = {"extra": "forbid"}  # type: ignore[assignment]
 
-    @field_validator("host")
+    @field_validator("host", "tls_server_name")
     @classmethod
     def _host_name_or_address(cls, host: str | None) -> str | None:
         """A DNS name (labels of at most 63 letters, digits and hyphens) or an IP address: anything else never

@@ -157,12 +157,12 @@ def test_the_report_goes_back_into_the_pacs_over_tls(
             "the PACS refused us: it requires a client certificate",
         ),
         (
-            {"tls_ca_path": "rogue"},
+            {"tls_ca_path": "ROGUE_CA"},
             "we refused the PACS's certificate: not trusted by the CA bundle configured",
         ),
         ({"tls_server_name": "pacs.example.org"}, "we refused the PACS's certificate: it does not name"),
         (
-            {"tls_cert_path": "stranger", "tls_key_path": "stranger"},
+            {"tls_cert_path": "STRANGER_CERT", "tls_key_path": "STRANGER_KEY"},
             "the PACS refused our client certificate",
         ),
     ],
@@ -177,14 +177,9 @@ def test_a_refused_handshake_is_recorded_saying_which_side_refused_and_why(
     overrides: dict[str, str | None],
     why: str,
 ) -> None:
-    files = {"rogue": str(pki.rogue.cert)}
-    for field in ("tls_cert_path", "tls_key_path"):
-        if overrides.get(field) == "stranger":
-            files["stranger"] = str(pki.stranger.cert if field == "tls_cert_path" else pki.stranger.key)
-            overrides = {**overrides, field: files["stranger"]}
-    if overrides.get("tls_ca_path") == "rogue":
-        overrides = {**overrides, "tls_ca_path": files["rogue"]}
-    partner = f"clinic-tls-refused-{len(str(overrides))}"
+    named = {"ROGUE_CA": pki.rogue.cert, "STRANGER_CERT": pki.stranger.cert, "STRANGER_KEY": pki.stranger.key}
+    overrides = {k: str(named[v]) if v in named else v for k, v in overrides.items()}
+    partner = f"clinic-tls-refused-{len(why)}"
     retrieval.configure(client, partner, **tls_source(tls_pacs, pki, **overrides))
     case_id = retrieval.open_case(engine, settings, partner, study_instance_uid=STUDY)
 
@@ -257,6 +252,7 @@ def test_a_plain_client_is_not_served_on_the_tls_port(pki: Pki, tls_scp: StoreSC
         ({"tls_ca_path": "KEY"}, "holds no PEM certificate"),
         ({"tls_key_path": "CA"}, "could not be loaded together"),
         ({"tls": False}, "tls_* settings are given but tls is false"),
+        ({"tls_server_name": "pacs example"}, "is neither a host name nor an IP address"),
     ],
     ids=[
         "no ca",
@@ -267,6 +263,7 @@ def test_a_plain_client_is_not_served_on_the_tls_port(pki: Pki, tls_scp: StoreSC
         "ca not a certificate",
         "key not a key",
         "tls off",
+        "server name not a name",
     ],
 )
 def test_a_tls_source_whose_files_cannot_be_used_is_refused_at_configuration(
