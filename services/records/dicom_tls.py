@@ -148,7 +148,6 @@ class _WatchedContext(ssl.SSLContext):
         if server_side:
             # The handshake runs on the association's own thread at its first read, not in the accept loop
             # (pynetdicom wraps there), so a client that never finishes it holds up no one else.
-            sock.settimeout(None)
             kwargs["do_handshake_on_connect"] = False
         return super().wrap_socket(sock, server_side=server_side, **kwargs)
 
