@@ -25,10 +25,22 @@ USER, PASSWORD = "records-test", "not-a-secret"
 
 
 @dataclass(frozen=True)
+class OrthancTls:
+    """Orthanc's DICOM TLS (1.9+): its DICOM port speaks only TLS, with this certificate and key; peers'
+    certificates are checked against `trusted` (PEM bundle), and required when `client_required`."""
+
+    cert: Path
+    key: Path
+    trusted: Path
+    client_required: bool = True
+
+
+@dataclass(frozen=True)
 class Orthanc:
     http_port: int
     dicom_port: int
     ae_title: str = AE_TITLE
+    tls: bool = False
 
     @property
     def url(self) -> str:
@@ -43,7 +55,13 @@ class Orthanc:
         return (USER, PASSWORD)
 
     def store(self, *files: Path) -> None:
-        """Load instances as a modality would: dcmtk storescu over DIMSE."""
+        """Load instances as a modality would: dcmtk storescu over DIMSE (its REST API when its DICOM port
+        speaks TLS)."""
+        if self.tls:
+            for path in files:
+                posted = httpx.post(f"{self.url}/instances", content=path.read_bytes(), auth=self.auth)
+                posted.raise_for_status()
+            return
         subprocess.run(
             [
                 "storescu",
@@ -68,15 +86,21 @@ class Orthanc:
 
 @contextmanager
 def running_orthanc(
-    workdir: Path, *, scp_port: int, maximum_pdu_length: int = 16384, transcode: bool = True
+    workdir: Path,
+    *,
+    scp_port: int,
+    maximum_pdu_length: int = 16384,
+    transcode: bool = True,
+    tls: OrthancTls | None = None,
 ) -> Iterator[Orthanc]:
     """Start Orthanc with a config written into `workdir`; our AE SECONDOPINION is at 127.0.0.1:`scp_port`.
     `maximum_pdu_length` is the largest PDU it sends and accepts (Orthanc allows 4096 to 131072).
     `transcode=False`: Orthanc sends each instance in the transfer syntax it was stored in, as many PACS do,
-    instead of transcoding it to one the peer proposed (its `TranscodeDicomProtocol`)."""
+    instead of transcoding it to one the peer proposed (its `TranscodeDicomProtocol`). With `tls`, its DICOM
+    port speaks DICOM TLS, and it reaches our AE (`scp_port`, C-MOVE) over TLS too."""
     if not Path(ORTHANC).exists() or shutil.which("storescu") is None:
         raise RuntimeError("Orthanc (/usr/sbin/Orthanc) and dcmtk (storescu) are needed for these tests")
-    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port())
+    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port(), tls=tls is not None)
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = {
@@ -103,6 +127,22 @@ def running_orthanc(
         "StableAge": 1,
         "HttpTimeout": 10,
     }
+    if tls is not None:
+        config["DicomModalities"] = {
+            "secondopinion": {
+                "AET": "SECONDOPINION",
+                "Host": "127.0.0.1",
+                "Port": scp_port,
+                "UseDicomTls": True,
+            }
+        }
+        config |= {
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(tls.cert),
+            "DicomTlsPrivateKey": str(tls.key),
+            "DicomTlsTrustedCertificates": str(tls.trusted),
+            "DicomTlsRemoteCertificateRequired": tls.client_required,
+        }
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config))
     log = (workdir / "orthanc.log").open("wb")

@@ -35,10 +35,13 @@ class Authority:
         self.cert = folder / f"{name}-ca.pem"
         self.cert.write_bytes(self._certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool = False) -> Issued:
-        """A certificate for a TLS server on 127.0.0.1 (`server`) or a TLS client named `common_name`."""
+    def issue(self, common_name: str, *, server: bool = False, also_client: bool = False) -> Issued:
+        """A certificate for a TLS server on 127.0.0.1 (`server`) or a TLS client named `common_name`;
+        `also_client`: a server's that it also presents as a client (a PACS sending C-STOREs with it)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+        if also_client or not server:
+            usage.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         builder = (
             self._builder(
                 x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
@@ -46,7 +49,7 @@ class Authority:
                 key.public_key(),
             )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         )
         if server:
             builder = builder.add_extension(

@@ -48,6 +48,7 @@ from services.records.models import (
     UploadPublic,
 )
 from services.records.reconcile import coerced_chunks, our_identifiers
+from services.records.retrieval import check_client_tls, plain_dimse_refusal, plain_dimse_refused
 from services.records.store import FileTooLarge, ObjectStore
 
 # Every route needs a key; a case's records are its partner's and operations' (uploads too), and readable
@@ -107,15 +108,21 @@ def put_source(
     request: Request,
     caller: Caller,
     engine: AuthEngine,
+    settings: SettingsDep,
 ) -> RecordSourcePublic:
     """Configure where this partner's images are fetched from when a case names its study, and whether the
-    second-opinion report goes back into that PACS (`return_reports`)."""
+    second-opinion report goes back into that PACS (`return_reports`); `tls` for DICOM over TLS, whose
+    files are checked now."""
     own_source(request, caller, engine, partner_id)
     dimse_complete = source.ae_title and source.host and source.port
     if not dimse_complete and not source.dicomweb_url:
         raise HTTPException(
             422, "give either ae_title, host and port (a DIMSE PACS) or dicomweb_url (a DICOMweb service)"
         )
+    if dimse_complete and not source.tls and plain_dimse_refused(str(source.host), settings):
+        raise HTTPException(422, plain_dimse_refusal())
+    if source.tls and (unusable := check_client_tls(source, settings)) is not None:
+        raise HTTPException(422, unusable)
     row = _store_source(session, partner_id, source)
     return RecordSourcePublic.model_validate(row, from_attributes=True)
 

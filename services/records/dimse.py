@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import ssl
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -65,6 +66,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import AssociationSocket
 
+from services.records import dicom_tls
 from services.records.archive import Entry
 from services.records.classify import (
     DicomHeader,
@@ -143,6 +145,7 @@ class DimseSource:
     host: str
     port: int
     timeout: float = 30.0
+    tls: dicom_tls.ClientTls | None = None
 
 
 # The largest PDU we accept (pynetdicom's default is 16 KiB): each PDU costs Python work of its own, so a
@@ -169,15 +172,28 @@ def _ae(timeout: float) -> AE:
 
 def _associate(ae: AE, source: DimseSource, **kwargs: Any) -> Association:
     """Request an association with the PACS, asking it for PDUs of up to MAX_PDU_BYTES (every association
-    we request goes through here, so none falls back to pynetdicom's 16 KiB)."""
+    we request goes through here, so none falls back to pynetdicom's 16 KiB). Over TLS when the source says
+    so; a TLS handshake that failed is raised saying which side refused and why."""
     try:
-        return ae.associate(
+        context = source.tls.context() if source.tls is not None else None
+    except dicom_tls.TlsFilesUnusable as exc:
+        raise PacsUnavailable(f"DICOM TLS to the PACS cannot start: {exc}") from None
+    if context is not None and source.tls is not None:
+        kwargs["tls_args"] = (context, source.tls.server_name or source.host)
+    try:
+        assoc = ae.associate(
             source.host, source.port, ae_title=source.ae_title, max_pdu=MAX_PDU_BYTES, **kwargs
         )
     except (OSError, UnicodeError) as exc:
         # A host name that does not resolve (socket.gaierror) or cannot be encoded (idna): raised, not an
         # association refused, so it escaped every caller's handling and failed the retrieval loop instead.
         raise PacsUnavailable(f"the PACS host could not be found ({type(exc).__name__})") from None
+    refused = dicom_tls.failure(context)
+    if not assoc.is_established and refused is not None:
+        raise PacsUnavailable(
+            f"DICOM TLS to the PACS failed: {dicom_tls.describe(refused, we_are_client=True)}"
+        )
+    return assoc
 
 
 # The thread that receives the P-DATA only collects fragments; every this many bytes it hands them to a
@@ -704,16 +720,20 @@ def _discard(store: ObjectStore, entries: list[Entry]) -> None:
 
 @dataclass
 class StoreSCP:
-    """Our C-STORE SCP: accepts instances only for a study a C-MOVE of ours is waiting for."""
+    """Our C-STORE SCP: accepts instances only for a study a C-MOVE of ours is waiting for. It listens on
+    `port` in plain TCP (unless `plain` is False) and, given `ssl_context`, over DICOM TLS on `tls_port`."""
 
     store: ObjectStore
     port: int
     limit: int
     host: str = "127.0.0.1"
     read_header: HeaderReader = read_dicom_header
+    tls_port: int | None = None
+    ssl_context: ssl.SSLContext | None = None
+    plain: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _waiting: dict[str, InstanceWriter] = field(default_factory=dict)
-    _server: Any = None
+    _servers: list[Any] = field(default_factory=list)
 
     def start(self) -> None:
         _spool_received_datasets()
@@ -725,20 +745,28 @@ class StoreSCP:
         storage = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
         for sop_class in dict.fromkeys([*RETRIEVED_CLASSES, *storage]):
             ae.add_supported_context(sop_class, UNCOMPRESSED + OLD_UNCOMPRESSED + COMPRESSED)
-        self._server = ae.start_server(
-            (self.host, self.port),
-            block=False,
-            evt_handlers=[
-                (evt.EVT_CONN_OPEN, self._on_open),  # before the association's DUL thread starts
-                (evt.EVT_CONN_CLOSE, self._on_close),
-                (evt.EVT_C_STORE, self._on_store),
-            ],
-        )
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_open),  # before the association's DUL thread starts
+            (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        listeners: list[tuple[int, ssl.SSLContext | None]] = [(self.port, None)] if self.plain else []
+        if self.ssl_context is not None and self.tls_port is not None:
+            listeners.append((self.tls_port, self.ssl_context))
+        try:
+            for port, context in listeners:
+                self._servers.append(
+                    ae.start_server(
+                        (self.host, port), block=False, evt_handlers=handlers, ssl_context=context
+                    )
+                )
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        while self._servers:
+            self._servers.pop().shutdown()
 
     def expecting(self, study_uid: str) -> _Expectation:
         return _Expectation(self, study_uid)

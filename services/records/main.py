@@ -15,7 +15,11 @@ from services.records.limits import get_limits
 from services.records.models import RecordRetrieval, ReportReturn
 from services.records.qido_keys import QueryKeysByKeyword
 from services.records.report_return import ReturnLoop
-from services.records.retrieval import RetrievalLoop
+from services.records.retrieval import (
+    RetrievalLoop,
+    get_retrieval_settings,
+    require_dimse_safe_for_production,
+)
 from services.records.viewer_cors import ViewerCors
 
 settings = get_settings()
@@ -25,6 +29,7 @@ api.on_outbox_written(runtime.wake_relay)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    require_dimse_safe_for_production(settings, get_retrieval_settings())
     async with runtime.lifespan()(app):  # migrations run here, before the retrieval loop reads its tables
         retrieval = RetrievalLoop(get_engine("records"), settings)
         retrieval.start()

@@ -9,12 +9,13 @@ from enum import StrEnum
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, field_validator, model_validator
 from pydantic import Field as PydanticField
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from services.common.db import utcnow
+from services.records.dicom_tls import missing_settings
 
 TABLES = (
     "record_requests",
@@ -153,6 +154,32 @@ class RecordSourceBase(SQLModel):
         description="send each version of the second-opinion report (DICOM Encapsulated PDF) back into this "
         "PACS, into the study it reads: C-STORE to the AE above, or STOW-RS to the DICOMweb URL",
     )
+    tls: bool = Field(
+        default=False,
+        description="speak DICOM over TLS to the AE above (PS3.15 Annex B, BCP 195; port 2762 by convention)",
+    )
+    tls_ca_path: str | None = Field(
+        default=None,
+        max_length=500,
+        description="PEM CA bundle that signed the PACS's certificate (required with tls), a file in the records "
+        "service's RECORDS_DICOM_TLS_DIR (a relative path is read there)",
+    )
+    tls_cert_path: str | None = Field(
+        default=None,
+        max_length=500,
+        description="our client certificate (PEM, in RECORDS_DICOM_TLS_DIR), for a PACS requiring mutual TLS",
+    )
+    tls_key_path: str | None = Field(
+        default=None,
+        max_length=500,
+        description="the private key (PEM, unencrypted) of tls_cert_path: a path, the key itself is never stored",
+    )
+    tls_server_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="the name the PACS's certificate must carry; the host when not given",
+    )
 
 
 class RecordSource(RecordSourceBase, table=True):
@@ -170,7 +197,7 @@ HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 class RecordSourceIn(RecordSourceBase):
     model_config = {"extra": "forbid"}  # type: ignore[assignment]
 
-    @field_validator("host")
+    @field_validator("host", "tls_server_name")
     @classmethod
     def _host_name_or_address(cls, host: str | None) -> str | None:
         """A DNS name (labels of at most 63 letters, digits and hyphens) or an IP address: anything else never
@@ -182,6 +209,22 @@ class RecordSourceIn(RecordSourceBase):
                 if not HOST_NAME.fullmatch(host):
                     raise ValueError("is neither a host name nor an IP address") from None
         return host
+
+    @model_validator(mode="after")
+    def _usable_tls(self) -> RecordSourceIn:
+        """A TLS source names its CA bundle, and its client certificate with its key (the files themselves are
+        checked by the route, which knows where they are kept)."""
+        paths = (self.tls_ca_path, self.tls_cert_path, self.tls_key_path, self.tls_server_name)
+        if not self.tls:
+            if any(paths):
+                raise ValueError("tls_* settings are given but tls is false; set tls: true to use them")
+            return self
+        if not (self.ae_title and self.host):
+            raise ValueError("tls applies to a DIMSE PACS: give ae_title, host and port with it")
+        problems = missing_settings(self.tls_ca_path, self.tls_cert_path, self.tls_key_path)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("dicomweb_url")
     @classmethod

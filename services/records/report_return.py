@@ -43,6 +43,7 @@ from services.records.models import (
 )
 from services.records.polled import PolledLoop
 from services.records.report_study import images_held, stored_unplaced_while_held
+from services.records.retrieval import PlainDimseRefused, dimse_source
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -102,8 +103,8 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
         attempted += 1
         try:
             filed = _as_stored(settings, row, storage_path)
-            _send(source, filed, options.timeout_seconds)
-        except Refused as exc:
+            _send(source, filed, options.timeout_seconds, settings)
+        except (Refused, PlainDimseRefused) as exc:
             _finish(engine, row, RetrievalStatus.FAILED, str(exc))
             log.warning(
                 "records.report_return_refused",
@@ -236,11 +237,11 @@ def _as_stored(settings: Settings, row: ReportReturn, storage_path: str) -> byte
     return ObjectStore.for_settings(settings).local_path(storage_path, row.sha256).read_bytes()
 
 
-def _send(source: RecordSource, dicom: bytes, timeout: float) -> None:
+def _send(source: RecordSource, dicom: bytes, timeout: float, settings: Settings) -> None:
     if source.dicomweb_url:
         _stow(DicomwebSource(source.dicomweb_url, source.dicomweb_auth_env, timeout), dicom)
     elif source.ae_title and source.host:
-        _c_store(dimse.DimseSource(source.ae_title, source.host, int(source.port or 104), timeout), dicom)
+        _c_store(dimse_source(source, timeout, settings), dicom)
     else:
         raise Refused("the partner's source names neither a PACS (AE title, host) nor a DICOMweb URL")
 

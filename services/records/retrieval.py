@@ -4,6 +4,7 @@ of the records process: claimed one at a time, retried with backoff, then report
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
 from datetime import timedelta
@@ -21,14 +22,20 @@ from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.db import utcnow
 from services.common.errors import RecordsRejected
-from services.records import dicomweb_source, dimse
+from services.records import dicom_tls, dicomweb_source, dimse
 from services.records.adequacy import assess
 from services.records.archive import Entry
 from services.records.archive_store import ArchiveUnavailable
 from services.records.assembly import SOURCE, case_files
 from services.records.classify import DicomHeader, HeaderReader, check_budget, read_dicom_header
 from services.records.limits import ImportLimits, get_limits
-from services.records.models import RecordRequest, RecordRetrieval, RecordSource, RetrievalStatus
+from services.records.models import (
+    RecordRequest,
+    RecordRetrieval,
+    RecordSource,
+    RecordSourceBase,
+    RetrievalStatus,
+)
 from services.records.polled import PolledLoop
 from services.records.store import ObjectStore
 
@@ -40,15 +47,129 @@ class RetrievalSettings(BaseSettings):
 
     scp_port: int = 11112
     scp_host: str = "127.0.0.1"
+    # The plain listener on scp_port; off (false) leaves only the TLS one.
+    scp_plain: bool = True
+    # Our SCP over DICOM TLS (2762 by convention), beside or instead of the plain one: on when a port,
+    # a certificate and its key are given; with a client CA, a client must present a certificate it signed.
+    scp_tls_port: int | None = None
+    scp_tls_cert_path: Path | None = None
+    scp_tls_key_path: Path | None = None
+    scp_tls_client_ca_path: Path | None = None
+    # Where the TLS files of image sources are kept (each PACS's CA bundle, our client certificates); a
+    # source's tls_* paths are read only from here. DATA_DIR/records/dicom-tls when not set.
+    dicom_tls_dir: Path | None = None
+    # With ENV=prod, plain DIMSE to or from a peer not on this machine is refused unless this says the link
+    # is protected another way (a VPN, a private line).
+    dimse_plain_protected: bool = False
     retrieval_attempts: int = 3
     retrieval_timeout_seconds: float = 30.0
     retrieval_backoff_seconds: float = 30.0
     retrieval_poll_seconds: float = 2.0
 
+    def scp_tls_context(self) -> ssl.SSLContext | None:
+        """Our SCP's TLS context, when its TLS listener is configured (raises when its files are unusable)."""
+        if self.scp_tls_port is None:
+            return None
+        if self.scp_tls_cert_path is None or self.scp_tls_key_path is None:
+            raise dicom_tls.TlsFilesUnusable(
+                "RECORDS_SCP_TLS_PORT needs RECORDS_SCP_TLS_CERT_PATH and RECORDS_SCP_TLS_KEY_PATH"
+            )
+        return dicom_tls.server_context(
+            self.scp_tls_cert_path, self.scp_tls_key_path, self.scp_tls_client_ca_path
+        )
+
+    def tls_dir(self, settings: Settings) -> Path:
+        return self.dicom_tls_dir or settings.data_dir / "records" / "dicom-tls"
+
+    def production_problems(self) -> list[str]:
+        """What keeps our DIMSE links from being safe for PHI in production (empty when they are)."""
+        problems = []
+        if self.scp_plain and not dicom_tls.is_loopback(self.scp_host) and not self.dimse_plain_protected:
+            problems.append(
+                f"RECORDS_SCP_HOST {self.scp_host} takes plain DIMSE from the network: serve DICOM TLS "
+                "(RECORDS_SCP_TLS_PORT, _CERT_PATH, _KEY_PATH) with RECORDS_SCP_PLAIN=false, or set "
+                "RECORDS_DIMSE_PLAIN_PROTECTED=true if a VPN protects every DIMSE link"
+            )
+        try:
+            self.scp_tls_context()
+        except dicom_tls.TlsFilesUnusable as exc:
+            problems.append(f"our SCP's DICOM TLS: {exc}")
+        return problems
+
 
 @lru_cache
 def get_retrieval_settings() -> RetrievalSettings:
     return RetrievalSettings()
+
+
+def require_dimse_safe_for_production(settings: Settings, options: RetrievalSettings) -> None:
+    """Refuse to start with ENV=prod while our SCP takes plain DIMSE from the network unprotected (naming
+    every other unsafe setting too, as every process does)."""
+    if settings.env != "prod":
+        return
+    problems = settings.production_problems(uses_temporal=False) + options.production_problems()
+    if problems:
+        raise SystemExit("refusing to start with ENV=prod:\n- " + "\n- ".join(problems))
+
+
+class PlainDimseRefused(Exception):
+    """Plain DIMSE to a PACS off this machine, with ENV=prod and no VPN declared: not tried, not retried."""
+
+
+def dimse_source(
+    source: RecordSource, timeout: float, settings: Settings, options: RetrievalSettings | None = None
+) -> dimse.DimseSource:
+    """How we reach the source's PACS over DIMSE: over TLS when it says so. With ENV=prod a plain link to a
+    PACS not on this machine is refused (PHI would cross the network in clear) unless
+    RECORDS_DIMSE_PLAIN_PROTECTED says a VPN protects it."""
+    host = str(source.host)
+    tls = None
+    if source.tls:
+        try:
+            tls = client_tls(source, (options or get_retrieval_settings()).tls_dir(settings))
+        except dicom_tls.TlsFilesUnusable as exc:
+            raise dimse.PacsUnavailable(f"DICOM TLS to the PACS cannot start: {exc}") from None
+    elif plain_dimse_refused(host, settings, options):
+        raise PlainDimseRefused(plain_dimse_refusal())
+    return dimse.DimseSource(str(source.ae_title), host, int(source.port or 104), timeout, tls)
+
+
+def client_tls(source: RecordSourceBase, directory: Path) -> dicom_tls.ClientTls:
+    """The source's TLS settings, its files read from `directory` (raises when one is not there)."""
+    files = {
+        field: dicom_tls.within(directory, field, path) if path else None
+        for field, path in (
+            ("tls_ca_path", source.tls_ca_path),
+            ("tls_cert_path", source.tls_cert_path),
+            ("tls_key_path", source.tls_key_path),
+        )
+    }
+    return dicom_tls.ClientTls(
+        str(files["tls_ca_path"]), files["tls_cert_path"], files["tls_key_path"], source.tls_server_name
+    )
+
+
+def check_client_tls(source: RecordSourceBase, settings: Settings) -> str | None:
+    """Why the source's TLS files cannot be used (missing, unreadable, not PEM, key not matching), or None."""
+    try:
+        client_tls(source, get_retrieval_settings().tls_dir(settings)).context()
+    except dicom_tls.TlsFilesUnusable as exc:
+        return str(exc)
+    return None
+
+
+def plain_dimse_refused(host: str, settings: Settings, options: RetrievalSettings | None = None) -> bool:
+    """Plain DIMSE to `host` is refused: ENV=prod, a PACS off this machine, and no VPN declared."""
+    protected = (options or get_retrieval_settings()).dimse_plain_protected
+    return settings.env == "prod" and not dicom_tls.is_loopback(host) and not protected
+
+
+def plain_dimse_refusal() -> str:
+    return (
+        "plain DIMSE to a PACS on another machine is refused in production: set tls (with tls_ca_path, and "
+        "a client certificate if the PACS asks for one), or RECORDS_DIMSE_PLAIN_PROTECTED=true on the "
+        "records service if a VPN protects the link"
+    )
 
 
 def study_query(request: RecordRequest) -> dimse.StudyQuery | None:
@@ -156,6 +277,14 @@ def _attempt(
     except dimse.PacsUnavailable as exc:
         _failed_attempt(engine, options, retrieval, str(exc))
         return
+    except PlainDimseRefused as exc:
+        _finish(engine, retrieval, RetrievalStatus.FAILED, str(exc))
+        log.warning(
+            "records.retrieval_refused_plain_dimse",
+            case_id=request.case_id,
+            retrieval_id=retrieval.retrieval_id,
+        )
+        return
     if study_uid is None:
         _finish(
             engine,
@@ -235,7 +364,7 @@ def _fetch(
             web, found[0], store, limit=settings.max_upload_bytes, max_parts=limits.max_archive_members
         )
         return found[0], entries, []
-    pacs = dimse.DimseSource(str(source.ae_title), str(source.host), int(source.port or 104), timeout)
+    pacs = dimse_source(source, timeout, settings, options)
     found = dimse.find_studies(pacs, query)
     if not found:
         return None, [], []
@@ -346,19 +475,25 @@ class RetrievalLoop(PolledLoop):
         )
 
     def start(self) -> None:
-        scp = dimse.StoreSCP(
-            ObjectStore.for_settings(self._settings),
-            self._options.scp_port,
-            self._settings.max_upload_bytes,
-            host=self._options.scp_host,
-            read_header=_header_reader(get_limits()),
-        )
+        options = self._options
         try:
+            scp = dimse.StoreSCP(
+                ObjectStore.for_settings(self._settings),
+                options.scp_port,
+                self._settings.max_upload_bytes,
+                host=options.scp_host,
+                read_header=_header_reader(get_limits()),
+                tls_port=options.scp_tls_port,
+                ssl_context=options.scp_tls_context(),
+                plain=options.scp_plain,
+            )
             scp.start()
             self.scp = scp
+        except dicom_tls.TlsFilesUnusable as exc:
+            log.error("records.scp_not_started", port=options.scp_tls_port, error=str(exc))
         except OSError as exc:
             # Without the SCP, C-GET and DICOMweb still work; C-MOVE retrievals are retried then reported.
-            log.error("records.scp_not_started", port=self._options.scp_port, error=type(exc).__name__)
+            log.error("records.scp_not_started", port=options.scp_port, error=type(exc).__name__)
         super().start()
 
     def stop(self) -> None:

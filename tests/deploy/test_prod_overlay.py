@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from services.common.amqp import QUEUES
 from services.common.config import Settings
+from services.records.retrieval import RetrievalSettings
 from tests.deploy.conftest import Manifest, named, of_kind
 
 SERVICES = ("intake", "records", "insurance", "review")
@@ -95,3 +96,21 @@ def test_the_payer_login_comes_from_a_secret_only_for_insurance(manifests: dict[
                 assert mounts["payer-core-certs"]["readOnly"] is True
             else:
                 assert not any(n.startswith("INSURANCE_CORE_") for n in env)
+
+
+def test_records_serves_dicom_only_over_tls_and_so_starts_in_prod(
+    manifests: dict[str, list[Manifest]],
+) -> None:
+    docs = manifests["prod"]
+    (container,) = named(docs, "Deployment", "records")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    paths = ("RECORDS_SCP_TLS_CERT_PATH", "RECORDS_SCP_TLS_KEY_PATH", "RECORDS_SCP_TLS_CLIENT_CA_PATH")
+    assert (env["RECORDS_SCP_PLAIN"], env["RECORDS_SCP_TLS_PORT"]) == ("false", "2762")
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    assert all(any(env[p].startswith(m + "/") for m in mounted) for p in paths)
+    assert env["RECORDS_DICOM_TLS_DIR"] in mounted
+    # What records checks at start with ENV=prod (the files aside, which the cluster provides).
+    options = RetrievalSettings(scp_host=env["RECORDS_SCP_HOST"], scp_plain=env["RECORDS_SCP_PLAIN"])  # type: ignore[arg-type]
+    assert options.production_problems() == []
+    certificates = {c["spec"]["secretName"]: c for c in of_kind(docs, "Certificate")}
+    assert "server auth" in certificates["records-dicom-tls"]["spec"]["usages"]

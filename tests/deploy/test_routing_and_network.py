@@ -79,13 +79,14 @@ def test_every_path_prefix_has_an_ingress_rule_to_its_owner(
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_dicom_scp_has_its_own_service(manifests: dict[str, list[Manifest]], overlay: str) -> None:
+    port = {"dev": 11112, "prod": 2762}[overlay]  # plain DIMSE in dev, DICOM TLS's port in prod
     service = named(manifests[overlay], "Service", "records-dicom")
     assert service["spec"]["selector"] == {"app.kubernetes.io/name": "records"}
-    assert service["spec"]["ports"] == [{"name": "dicom", "port": 11112, "targetPort": "dicom"}]
+    assert service["spec"]["ports"] == [{"name": "dicom", "port": port, "targetPort": "dicom"}]
     (container,) = named(manifests[overlay], "Deployment", "records")["spec"]["template"]["spec"][
         "containers"
     ]
-    assert {"name": "dicom", "containerPort": 11112} in container["ports"]
+    assert {"name": "dicom", "containerPort": port} in container["ports"]
 
 
 def selects(selector: dict, labels: dict[str, str]) -> bool:

@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from services.common.config import Settings
+from services.records.retrieval import RetrievalSettings
+from tests.pki import Authority
 
 SAFE = {
     "ENV": "prod",
@@ -63,9 +65,26 @@ def test_every_process_refuses_to_start_in_prod_on_plain_connections(argv: list[
         "DATA_DIR": str(tmp_path),
         "DATABASE_URL": "",
         "AMQP_URL": "amqp://x@127.0.0.1:1/",
+        "RECORDS_SCP_HOST": "0.0.0.0",  # our C-STORE SCP taking plain DIMSE from the network
     }
     env.pop("CODEC_KEY", None)
     result = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "refusing to start with ENV=prod" in result.stderr + result.stdout
     assert "amqps://" in result.stderr + result.stdout
+    if argv[1] == "services.records.main":
+        assert "RECORDS_SCP_HOST 0.0.0.0 takes plain DIMSE" in result.stderr + result.stdout
+
+
+def test_our_scp_taking_plain_dimse_from_the_network_is_named_unless_tls_only_or_a_vpn(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ours = Authority(tmp_path, "hospital").issue("secondopinion", server=True)
+    tls = {"scp_tls_port": 2762, "scp_tls_cert_path": ours.cert, "scp_tls_key_path": ours.key}
+    [problem] = RetrievalSettings(scp_host="0.0.0.0").production_problems()
+    assert (
+        "RECORDS_SCP_HOST 0.0.0.0 takes plain DIMSE" in problem and "RECORDS_DIMSE_PLAIN_PROTECTED" in problem
+    )
+    assert RetrievalSettings(scp_host="127.0.0.1").production_problems() == []  # nothing from the network
+    assert RetrievalSettings(scp_host="0.0.0.0", scp_plain=False, **tls).production_problems() == []
+    assert RetrievalSettings(scp_host="0.0.0.0", dimse_plain_protected=True).production_problems() == []
+    [unusable] = RetrievalSettings(scp_tls_port=2762, scp_tls_cert_path=ours.cert).production_problems()
+    assert "RECORDS_SCP_TLS_KEY_PATH" in unusable
