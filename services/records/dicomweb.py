@@ -72,8 +72,8 @@ def _attr(vr: str, *values: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
 
 
-def _dicom_json(body: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+def _dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
 def _negotiate(
@@ -311,6 +311,50 @@ def _page(items: list[dict[str, Any]], limit: int | None, offset: int) -> list[d
     return items[offset : offset + limit if limit else None]
 
 
+# QIDO-RS parameters that are not matching keys (PS3.18 Table 8.3.4-1).
+QIDO_PARAMETERS = {"limit", "offset", "includefield", "fuzzymatching"}
+FUZZY_NOT_SUPPORTED = (
+    "The fuzzymatching parameter is not supported. Only literal matching has been performed."
+)
+# What of a key's name a Warning may repeat: a keyword or a tag, never the value (it may be a patient's name).
+NAMEABLE_KEY = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}|[0-9A-Fa-f]{8}")
+MAX_NAMED_KEYS = 10
+
+
+def _qido_answer(
+    request: Request, settings: Settings, case_id: str, results: list[dict[str, Any]]
+) -> JSONResponse:
+    """The results, with a Warning (RFC 7234 5.5, PS3.18 8.3.4.2) for each part of the query not honoured: a
+    matching key this resource does not match on (ignored: universal matching) and `fuzzymatching=true`
+    (literal matching only). They were ignored silently, and a client took an unfiltered list for a match."""
+    fuzzy = request.query_params.get("fuzzymatching")
+    if fuzzy is not None and fuzzy.lower() not in ("true", "false"):
+        raise HTTPException(
+            400, "fuzzymatching is true or false (PS3.18 8.3.4.2); the value given is neither"
+        )
+    route = request.scope.get("route")
+    matched = {p.alias for p in route.dependant.query_params} if route is not None else set()
+    # An empty value asks for universal matching, which ignoring the key gives.
+    ignored = sorted(
+        {k for k, v in request.query_params.multi_items() if v and k not in matched | QIDO_PARAMETERS}
+    )
+    service = f"{settings.records_url}/dicomweb/cases/{case_id}"
+    warnings = []
+    if fuzzy is not None and fuzzy.lower() == "true":
+        warnings.append(f'299 {service} "{FUZZY_NOT_SUPPORTED}"')
+    if ignored:
+        named = [key for key in ignored if NAMEABLE_KEY.fullmatch(key)][:MAX_NAMED_KEYS]
+        unnamed = len(ignored) - len(named)
+        listed = ", ".join(named + ([f"{unnamed} other parameter(s)"] if unnamed else []))
+        warnings.append(
+            f'299 {service} "The following attributes are not supported as query keys and were ignored '
+            f'(universal matching): {listed}"'
+        )
+    if warnings:
+        log.info("records.qido_not_honoured", case_id=case_id, fuzzy=bool(fuzzy), ignored_keys=len(ignored))
+    return _dicom_json(results, headers={"Warning": ", ".join(warnings)} if warnings else None)
+
+
 # Returned attributes PS3.18 Table 10.6.3-3 requires that the index does not keep, read from one header.
 STUDY_KEYS = (
     "PatientName",
@@ -442,7 +486,7 @@ def search_studies(
     if not (
         _text_matches(ids["PatientID"], PatientID) and _text_matches(ids["AccessionNumber"], AccessionNumber)
     ):
-        return _dicom_json([])  # every study of a case carries our identifiers
+        return _qido_answer(request, settings, case_id, [])  # every study of a case carries our identifiers
     files = _released(session, case_id, study_instance_uid=StudyInstanceUID)
     studies: dict[str, list[RecordFile]] = {}
     for f in files:
@@ -468,7 +512,7 @@ def search_studies(
                 "00081190": _attr("UR", f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{uid}"),
             }
         )
-    return _dicom_json(_page(results, limit, offset))
+    return _qido_answer(request, settings, case_id, _page(results, limit, offset))
 
 
 @router.get("/cases/{case_id}/studies/{study}/series")
@@ -510,7 +554,7 @@ def search_series(
                 "00081190": _attr("UR", f"{base}/{uid}"),
             }
         )
-    return _dicom_json(_page(results, limit, offset))
+    return _qido_answer(request, settings, case_id, _page(results, limit, offset))
 
 
 @router.get("/cases/{case_id}/studies/{study}/instances")
@@ -537,7 +581,7 @@ def search_instances(
     instance_numbers = _integers("InstanceNumber", InstanceNumber)
     _identifiers(session, case_id)
     if series and SeriesInstanceUID and series not in _value_list(SeriesInstanceUID):
-        return _dicom_json([])  # the query key and the path name different series
+        return _qido_answer(request, settings, case_id, [])  # the key and the path name different series
     files = _released(
         session,
         case_id,
@@ -569,7 +613,7 @@ def search_instances(
                 "00280008": _attr("IS", f.number_of_frames or 1),
             }
         )
-    return _dicom_json(_page(results, limit, offset))
+    return _qido_answer(request, settings, case_id, _page(results, limit, offset))
 
 
 # --- WADO-RS -------------------------------------------------------------------------------------

@@ -571,3 +571,44 @@ def test_a_stow_into_a_cancelled_case_is_409_with_every_instance_failed(
         (d.SOPInstanceUID, 0x0110) for d in sent
     ]
     assert "this case was cancelled" in answer.headers["warning"]
+
+
+def test_qido_warns_of_query_keys_and_fuzzy_matching_it_does_not_honour(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """PS3.18 8.3.4.2: fuzzymatching=true is answered with literal matching and a 299 Warning saying so; a
+    matching key a resource does not match on (PatientName, by keyword or by tag) is ignored with a 299 Warning
+    naming it, never its value. Both were ignored silently: the unfiltered list looked like a match."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    headers = operations_headers(settings)
+    DICOMwebClient(url=root, headers=headers).store_instances(instances(study)[:1])
+
+    fuzzy = requests.get(
+        f"{root}/studies",
+        params={"PatientName": "Smith^Jo*", "fuzzymatching": "true"},
+        headers=headers,
+        timeout=10,
+    )
+    assert fuzzy.status_code == 200 and len(fuzzy.json()) == 1
+    warning = fuzzy.headers["Warning"]
+    assert (
+        f'299 {root} "The fuzzymatching parameter is not supported. Only literal matching has been performed."'
+        in warning
+    )
+    assert "not supported as query keys" in warning and "PatientName" in warning and "Smith" not in warning
+
+    by_tag = requests.get(
+        f"{root}/studies/{study}/series", params={"0008103E": "Doppler"}, headers=headers, timeout=10
+    )
+    assert by_tag.status_code == 200 and "SeriesDescription" in by_tag.headers["Warning"]
+    honoured = requests.get(
+        f"{root}/studies",
+        params={"PatientID": f"SO-{case_id}", "fuzzymatching": "false", "PatientName": "", "limit": 5},
+        headers=headers,
+        timeout=10,
+    )
+    assert honoured.status_code == 200 and "Warning" not in honoured.headers
+    bad = requests.get(f"{root}/studies", params={"fuzzymatching": "yes"}, headers=headers, timeout=10)
+    assert bad.status_code == 400 and "true or false" in bad.json()["detail"]
