@@ -32,6 +32,7 @@ from services.auth.access import case_scope, check_case
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.config import Settings
+from services.common.http import is_head
 from services.records import stow, uploads
 from services.records.api import SessionDep, SettingsDep, notify_outbox
 from services.records.archive import Entry
@@ -57,7 +58,7 @@ log = structlog.get_logger(__name__)
 router = APIRouter(
     prefix="/dicomweb",
     tags=["dicomweb"],
-    dependencies=[Depends(case_scope("records.dicomweb", specialists=True))],
+    dependencies=[Depends(case_scope("records.dicomweb", specialists=True, dicom=True))],
     responses=AUTH_ERRORS,
     route_class=AuthRoute,
 )
@@ -671,7 +672,8 @@ def retrieve(
     )
     if offer == "application/dicom":
         path, modified_at = parts[-1]
-        return StreamingResponse(coerced_chunks(path, ids, modified_at), media_type="application/dicom")
+        chunks = iter(()) if is_head(request) else coerced_chunks(path, ids, modified_at)
+        return StreamingResponse(chunks, media_type="application/dicom")
     boundary = uuid.uuid4().hex
 
     def body() -> Iterator[bytes]:
@@ -682,7 +684,8 @@ def retrieve(
         yield f"--{boundary}--\r\n".encode()
 
     return StreamingResponse(
-        body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}'
+        iter(()) if is_head(request) else body(),  # HEAD: the headers alone, no instance read
+        media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
     )
 
 
@@ -859,8 +862,10 @@ def retrieve_frames(
     element_header = 8 if syntax == pydicom.uid.ImplicitVRLittleEndian else 12
     boundary = uuid.uuid4().hex
     part_head = f"--{boundary}\r\nContent-Type: {part_type}; transfer-syntax={syntax}\r\n\r\n".encode()
-    if syntax in VIDEO_TYPES:
-        body: Iterator[bytes] = _video_part(path, pixel_offset + element_header, part_head, boundary)
+    if is_head(request):
+        body: Iterator[bytes] = iter(())  # the headers alone, no frame read
+    elif syntax in VIDEO_TYPES:
+        body = _video_part(path, pixel_offset + element_header, part_head, boundary)
     elif native:
         body = _native_parts(
             path, pixel_offset + element_header, inflated, frame_bytes, numbers, part_head, boundary
