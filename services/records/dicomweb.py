@@ -322,12 +322,11 @@ NAMEABLE_KEY = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}|[0-9A-Fa-f]{8}")
 MAX_NAMED_KEYS = 10
 
 
-def _qido_answer(
-    request: Request, settings: Settings, case_id: str, results: list[dict[str, Any]]
-) -> JSONResponse:
-    """The results, with a Warning (RFC 7234 5.5, PS3.18 8.3.4.2) for each part of the query not honoured: a
-    matching key this resource does not match on (ignored: universal matching) and `fuzzymatching=true`
-    (literal matching only). They were ignored silently, and a client took an unfiltered list for a match."""
+def _not_honoured(request: Request, settings: Settings, case_id: str) -> dict[str, str] | None:
+    """The Warning header (RFC 7234 5.5, PS3.18 8.3.4.2) for each part of a query not honoured: a matching
+    key this resource does not match on (ignored: universal matching) and `fuzzymatching=true` (literal
+    matching only); None when all is. They were ignored silently, and a client took an unfiltered list for a
+    match. A fuzzymatching that is neither true nor false is a 400."""
     fuzzy = request.query_params.get("fuzzymatching")
     if fuzzy is not None and fuzzy.lower() not in ("true", "false"):
         raise HTTPException(
@@ -351,9 +350,10 @@ def _qido_answer(
             f'299 {service} "The following attributes are not supported as query keys and were ignored '
             f'(universal matching): {listed}"'
         )
-    if warnings:
-        log.info("records.qido_not_honoured", case_id=case_id, fuzzy=bool(fuzzy), ignored_keys=len(ignored))
-    return _dicom_json(results, headers={"Warning": ", ".join(warnings)} if warnings else None)
+    if not warnings:
+        return None
+    log.info("records.qido_not_honoured", case_id=case_id, fuzzy=bool(fuzzy), ignored_keys=len(ignored))
+    return {"Warning": ", ".join(warnings)}
 
 
 # Returned attributes PS3.18 Table 10.6.3-3 requires that the index does not keep, read from one header.
@@ -482,12 +482,13 @@ def search_studies(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    warned = _not_honoured(request, settings, case_id)
     study_keys = _included(request, STUDY_KEYS)
     ids = _identifiers(session, case_id)
     if not (
         _text_matches(ids["PatientID"], PatientID) and _text_matches(ids["AccessionNumber"], AccessionNumber)
     ):
-        return _qido_answer(request, settings, case_id, [])  # every study of a case carries our identifiers
+        return _dicom_json([], headers=warned)  # every study of a case carries our identifiers
     files = _released(session, case_id, study_instance_uid=StudyInstanceUID)
     studies: dict[str, list[RecordFile]] = {}
     for f in files:
@@ -513,7 +514,7 @@ def search_studies(
                 "00081190": _attr("UR", f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{uid}"),
             }
         )
-    return _qido_answer(request, settings, case_id, _page(results, limit, offset))
+    return _dicom_json(_page(results, limit, offset), headers=warned)
 
 
 @router.get("/cases/{case_id}/studies/{study}/series")
@@ -530,6 +531,7 @@ def search_series(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    warned = _not_honoured(request, settings, case_id)
     series_keys = _included(request, SERIES_KEYS)
     numbers = _integers("SeriesNumber", SeriesNumber)
     _identifiers(session, case_id)
@@ -555,7 +557,7 @@ def search_series(
                 "00081190": _attr("UR", f"{base}/{uid}"),
             }
         )
-    return _qido_answer(request, settings, case_id, _page(results, limit, offset))
+    return _dicom_json(_page(results, limit, offset), headers=warned)
 
 
 @router.get("/cases/{case_id}/studies/{study}/instances")
@@ -577,12 +579,13 @@ def search_instances(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    warned = _not_honoured(request, settings, case_id)
     instance_keys = _included(request, INSTANCE_KEYS)
     series_numbers = _integers("SeriesNumber", SeriesNumber)
     instance_numbers = _integers("InstanceNumber", InstanceNumber)
     _identifiers(session, case_id)
     if series and SeriesInstanceUID and series not in _value_list(SeriesInstanceUID):
-        return _qido_answer(request, settings, case_id, [])  # the key and the path name different series
+        return _dicom_json([], headers=warned)  # the key and the path name different series
     files = _released(
         session,
         case_id,
@@ -614,7 +617,7 @@ def search_instances(
                 "00280008": _attr("IS", f.number_of_frames or 1),
             }
         )
-    return _qido_answer(request, settings, case_id, _page(results, limit, offset))
+    return _dicom_json(_page(results, limit, offset), headers=warned)
 
 
 # --- WADO-RS -------------------------------------------------------------------------------------
