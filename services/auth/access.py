@@ -15,6 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from services.auth import tenancy
 from services.auth.deps import AuthEngine, Caller, Principal, audit_caller
 from services.auth.models import Role
+from services.auth.read_windows import get_read_windows
+from services.common.http import is_head
 
 READ_METHODS = {"GET", "HEAD"}
 
@@ -47,9 +49,18 @@ def not_found(resource: str, case_id: str) -> HTTPException:
 
 
 def check_case(
-    request: Request, engine: AuthEngine, caller: Principal, case_id: str, resource: str, *, specialists: bool
+    request: Request,
+    engine: AuthEngine,
+    caller: Principal,
+    case_id: str,
+    resource: str,
+    *,
+    specialists: bool,
+    dicom: bool = False,
 ) -> None:
-    """Raise 404 (and audit the attempt) unless the caller may see the case; audit the access otherwise."""
+    """Raise 404 (and audit the attempt) unless the caller may see the case; audit the access otherwise. A
+    HEAD hands out no content: only its refusal is audited. `dicom`: a read names the study, series and
+    instance of its URL, and a key's reads of one instance are one entry per window (read_windows)."""
     role_ok = caller.role != Role.SPECIALIST or (specialists and request.method in READ_METHODS)
     visible = role_ok and tenancy.may_see_case(
         engine, caller.role, caller.partner_id, caller.specialist_id, case_id
@@ -57,17 +68,47 @@ def check_case(
     if not visible:
         record(request, engine, caller, resource, case_id, "denied", "the case is not visible to this key")
         raise not_found(resource, case_id)
-    record(request, engine, caller, resource, case_id, "success")
+    if is_head(request):
+        return
+    detail = dicom_detail(request) if dicom else ""
+    sop = request.path_params.get("sop") if dicom and request.method in READ_METHODS else None
+    if sop is None:
+        record(request, engine, caller, resource, case_id, "success", detail)
+        return
+    windows = get_read_windows()
+    covered = f"; this key's further reads of the instance within {windows.seconds:g} s are this entry"
+    windows.enter(
+        (caller.key_id, case_id, str(sop)),
+        lambda: record(request, engine, caller, resource, case_id, "success", detail + covered),
+    )
 
 
-def case_scope(resource: str, *, specialists: bool = False) -> Callable[..., object]:
-    """A router dependency: authenticate every route, and scope those with `{case_id}` to the caller."""
+DICOM_LEVELS = (("study", "study"), ("series", "series"), ("sop", "instance"))
+
+
+def dicom_detail(request: Request) -> str:
+    """What a DICOMweb URL names (`study 1.2 series 1.2.3 instance 1.2.3.4`): UIDs, never patient data."""
+    return " ".join(
+        f"{name} {request.path_params[p]}" for p, name in DICOM_LEVELS if p in request.path_params
+    )
+
+
+def case_scope(resource: str, *, specialists: bool = False, dicom: bool = False) -> Callable[..., object]:
+    """A router dependency: authenticate every route, and scope those with `{case_id}` to the caller
+    (`dicom`: see check_case)."""
 
     async def scope(request: Request, caller: Caller, engine: AuthEngine) -> Principal:
         case_id = request.path_params.get("case_id")
         if case_id is not None:
             await run_in_threadpool(
-                check_case, request, engine, caller, str(case_id), resource, specialists=specialists
+                check_case,
+                request,
+                engine,
+                caller,
+                str(case_id),
+                resource,
+                specialists=specialists,
+                dicom=dicom,
             )
         return caller
 

@@ -29,6 +29,7 @@ from services.auth.rate_limit import (
     retry_after,
 )
 from services.common.db import get_engine
+from services.common.http import is_head
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` one in the thread pool, a hop
 # each, and a POST /v1/cases resolved seven of them before its own work began.
@@ -93,7 +94,10 @@ def audit_caller(
     purpose: str = "TREAT",
 ) -> None:
     """An audit entry for what `caller` did or tried in this request: who, their partner and role, and the
-    service come from the key and the request; `action` defaults to the HTTP method."""
+    service come from the key and the request; `action` defaults to the HTTP method. A HEAD that succeeded
+    handed nothing out (headers only): no entry; its refusal is one."""
+    if outcome == "success" and is_head(request):
+        return
     audit.record(
         engine,
         actor=caller.actor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
@@ -21,6 +22,28 @@ INTERACTIONS = {
 OUTCOMES = {"success": "0", "denied": "4", "failed": "8"}
 CASE_SYSTEM = "urn:secondopinion:case"
 ACTOR_SYSTEM = "urn:secondopinion:api-key"
+# What a DICOMweb read names (services.auth.access.dicom_detail): its study, as IHE ATNA's "DICOM Instances
+# Accessed" names the study (DCM 110180) with the series and instance read.
+DICOM_READ = re.compile(r"study ([0-9.]+)(?: series ([0-9.]+))?(?: instance ([0-9.]+))?")
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+
+
+def _study_entity(detail: str) -> dict[str, Any] | None:
+    found = DICOM_READ.match(detail)
+    if found is None:
+        return None
+    study, series, instance = found.groups()
+    parts = [("Series Instance UID", series), ("SOP Instance UID", instance)]
+    return {
+        "what": {"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{study}"}},
+        "type": {"system": DCM, "code": "110180", "display": "Study Instance UID"},
+        "role": {
+            "system": "http://terminology.hl7.org/CodeSystem/object-role",
+            "code": "3",
+            "display": "Report",
+        },
+        "detail": [{"type": name, "valueString": uid} for name, uid in parts if uid],
+    }
 
 
 def to_fhir(entry: AuditEvent) -> dict[str, Any]:
@@ -62,6 +85,9 @@ def to_fhir(entry: AuditEvent) -> dict[str, Any]:
     }
     if entry.case_id:
         resource["entity"][0]["what"] = {"identifier": {"system": CASE_SYSTEM, "value": entry.case_id}}
+    study = _study_entity(entry.detail) if entry.resource.startswith("records.dicomweb") else None
+    if study is not None:
+        resource["entity"].append(study)
     return FhirAuditEvent.model_validate(resource).model_dump(mode="json", exclude_none=True)
 
 

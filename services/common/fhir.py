@@ -133,6 +133,8 @@ def as_preferred(response: JSONResponse, prefer: str | None, done: Callable[[JSO
 
 def not_allowed(diagnostics: str, allowed: list[str]) -> JSONResponse:
     response = outcome_response(405, "not-supported", [(None, diagnostics)])
+    # HEAD wherever GET is: every service answers it as GET without the body (http.HeadAsGet).
+    allowed = [m for method in allowed for m in ([method, "HEAD"] if method == "GET" else [method])]
     response.headers["Allow"] = ", ".join(allowed)  # RFC 9110 10.2.1: empty when no method is allowed
     return response
 

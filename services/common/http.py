@@ -400,6 +400,46 @@ class RequestMetrics:
                 LATENCY.labels(self.service, route).observe(time.perf_counter() - started)
 
 
+HEAD_OF_GET = "secondopinion.head"  # scope key: this GET is a HEAD request's (is_head)
+
+
+def is_head(request: Request) -> bool:
+    """Whether the GET being answered was asked for as HEAD: an endpoint may then skip producing its body (a
+    stream of frames), and a read that hands out nothing is not audited as one."""
+    return bool(request.scope.get(HEAD_OF_GET))
+
+
+class HeadAsGet:
+    """HEAD answered as GET is, without the body (RFC 9110 9.3.2), for every GET route of the app. FastAPI's
+    routes take only the methods they declare, so a HEAD that viewers and proxies send to check a size or an
+    ETag was a 405 (under /fhir an OperationOutcome saying only GET is allowed).
+
+    The route sees a GET (`is_head` tells it otherwise); the server sees the HEAD it was sent, so it frames
+    the answer as one. Content-Length is what the GET's would be where the route knows it before the body
+    (JSON); a streamed body's length is not worked out (RFC 9110 9.3.2 allows leaving it out)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET", HEAD_OF_GET: True}
+
+        async def without_body(message: Message) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+            elif not message.get("more_body", False):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        try:
+            await self.app(as_get, receive, without_body)
+        finally:
+            if "route" in as_get:
+                scope["route"] = as_get["route"]  # for RequestMetrics' route label
+
+
 class UnreadableJson(ValueError):
     """A body that is not JSON json.loads can read; the message says why, never quoting the body."""
 
@@ -454,6 +494,7 @@ def create_app(
         # endpoint, serialization), and exception messages in span events, which could carry PHI.
         telemetry=NO_NATIVE_TELEMETRY,
     )
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyGuard, limit=max_body_bytes)
     app.add_middleware(RequestMetrics, service=service)
     checks = list(ready_checks)

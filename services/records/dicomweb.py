@@ -32,6 +32,7 @@ from services.auth.access import case_scope, check_case
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.config import Settings
+from services.common.http import is_head
 from services.records import stow, uploads
 from services.records.api import SessionDep, SettingsDep, notify_outbox
 from services.records.archive import Entry
@@ -57,7 +58,7 @@ log = structlog.get_logger(__name__)
 router = APIRouter(
     prefix="/dicomweb",
     tags=["dicomweb"],
-    dependencies=[Depends(case_scope("records.dicomweb", specialists=True))],
+    dependencies=[Depends(case_scope("records.dicomweb", specialists=True, dicom=True))],
     responses=AUTH_ERRORS,
     route_class=AuthRoute,
 )
@@ -72,8 +73,8 @@ def _attr(vr: str, *values: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
 
 
-def _dicom_json(body: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+def _dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
 def _negotiate(
@@ -311,6 +312,50 @@ def _page(items: list[dict[str, Any]], limit: int | None, offset: int) -> list[d
     return items[offset : offset + limit if limit else None]
 
 
+# QIDO-RS parameters that are not matching keys (PS3.18 Table 8.3.4-1).
+QIDO_PARAMETERS = {"limit", "offset", "includefield", "fuzzymatching"}
+FUZZY_NOT_SUPPORTED = (
+    "The fuzzymatching parameter is not supported. Only literal matching has been performed."
+)
+# What of a key's name a Warning may repeat: a keyword or a tag, never the value (it may be a patient's name).
+NAMEABLE_KEY = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}|[0-9A-Fa-f]{8}")
+MAX_NAMED_KEYS = 10
+
+
+def _not_honoured(request: Request, settings: Settings, case_id: str) -> dict[str, str] | None:
+    """The Warning header (RFC 7234 5.5, PS3.18 8.3.4.2) for each part of a query not honoured: a matching
+    key this resource does not match on (ignored: universal matching) and `fuzzymatching=true` (literal
+    matching only); None when all is. They were ignored silently, and a client took an unfiltered list for a
+    match. A fuzzymatching that is neither true nor false is a 400."""
+    fuzzy = request.query_params.get("fuzzymatching")
+    if fuzzy is not None and fuzzy.lower() not in ("true", "false"):
+        raise HTTPException(
+            400, "fuzzymatching is true or false (PS3.18 8.3.4.2); the value given is neither"
+        )
+    route = request.scope.get("route")
+    matched = {p.alias for p in route.dependant.query_params} if route is not None else set()
+    # An empty value asks for universal matching, which ignoring the key gives.
+    ignored = sorted(
+        {k for k, v in request.query_params.multi_items() if v and k not in matched | QIDO_PARAMETERS}
+    )
+    service = f"{settings.records_url}/dicomweb/cases/{case_id}"
+    warnings = []
+    if fuzzy is not None and fuzzy.lower() == "true":
+        warnings.append(f'299 {service} "{FUZZY_NOT_SUPPORTED}"')
+    if ignored:
+        named = [key for key in ignored if NAMEABLE_KEY.fullmatch(key)][:MAX_NAMED_KEYS]
+        unnamed = len(ignored) - len(named)
+        listed = ", ".join(named + ([f"{unnamed} other parameter(s)"] if unnamed else []))
+        warnings.append(
+            f'299 {service} "The following attributes are not supported as query keys and were ignored '
+            f'(universal matching): {listed}"'
+        )
+    if not warnings:
+        return None
+    log.info("records.qido_not_honoured", case_id=case_id, fuzzy=bool(fuzzy), ignored_keys=len(ignored))
+    return {"Warning": ", ".join(warnings)}
+
+
 # Returned attributes PS3.18 Table 10.6.3-3 requires that the index does not keep, read from one header.
 STUDY_KEYS = (
     "PatientName",
@@ -437,12 +482,13 @@ def search_studies(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    warned = _not_honoured(request, settings, case_id)
     study_keys = _included(request, STUDY_KEYS)
     ids = _identifiers(session, case_id)
     if not (
         _text_matches(ids["PatientID"], PatientID) and _text_matches(ids["AccessionNumber"], AccessionNumber)
     ):
-        return _dicom_json([])  # every study of a case carries our identifiers
+        return _dicom_json([], headers=warned)  # every study of a case carries our identifiers
     files = _released(session, case_id, study_instance_uid=StudyInstanceUID)
     studies: dict[str, list[RecordFile]] = {}
     for f in files:
@@ -468,7 +514,7 @@ def search_studies(
                 "00081190": _attr("UR", f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{uid}"),
             }
         )
-    return _dicom_json(_page(results, limit, offset))
+    return _dicom_json(_page(results, limit, offset), headers=warned)
 
 
 @router.get("/cases/{case_id}/studies/{study}/series")
@@ -485,6 +531,7 @@ def search_series(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    warned = _not_honoured(request, settings, case_id)
     series_keys = _included(request, SERIES_KEYS)
     numbers = _integers("SeriesNumber", SeriesNumber)
     _identifiers(session, case_id)
@@ -510,7 +557,7 @@ def search_series(
                 "00081190": _attr("UR", f"{base}/{uid}"),
             }
         )
-    return _dicom_json(_page(results, limit, offset))
+    return _dicom_json(_page(results, limit, offset), headers=warned)
 
 
 @router.get("/cases/{case_id}/studies/{study}/instances")
@@ -532,12 +579,13 @@ def search_instances(
     offset: Offset = 0,
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
+    warned = _not_honoured(request, settings, case_id)
     instance_keys = _included(request, INSTANCE_KEYS)
     series_numbers = _integers("SeriesNumber", SeriesNumber)
     instance_numbers = _integers("InstanceNumber", InstanceNumber)
     _identifiers(session, case_id)
     if series and SeriesInstanceUID and series not in _value_list(SeriesInstanceUID):
-        return _dicom_json([])  # the query key and the path name different series
+        return _dicom_json([], headers=warned)  # the key and the path name different series
     files = _released(
         session,
         case_id,
@@ -569,7 +617,7 @@ def search_instances(
                 "00280008": _attr("IS", f.number_of_frames or 1),
             }
         )
-    return _dicom_json(_page(results, limit, offset))
+    return _dicom_json(_page(results, limit, offset), headers=warned)
 
 
 # --- WADO-RS -------------------------------------------------------------------------------------
@@ -627,7 +675,8 @@ def retrieve(
     )
     if offer == "application/dicom":
         path, modified_at = parts[-1]
-        return StreamingResponse(coerced_chunks(path, ids, modified_at), media_type="application/dicom")
+        chunks = iter(()) if is_head(request) else coerced_chunks(path, ids, modified_at)
+        return StreamingResponse(chunks, media_type="application/dicom")
     boundary = uuid.uuid4().hex
 
     def body() -> Iterator[bytes]:
@@ -638,7 +687,8 @@ def retrieve(
         yield f"--{boundary}--\r\n".encode()
 
     return StreamingResponse(
-        body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}'
+        iter(()) if is_head(request) else body(),  # HEAD: the headers alone, no instance read
+        media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
     )
 
 
@@ -815,8 +865,10 @@ def retrieve_frames(
     element_header = 8 if syntax == pydicom.uid.ImplicitVRLittleEndian else 12
     boundary = uuid.uuid4().hex
     part_head = f"--{boundary}\r\nContent-Type: {part_type}; transfer-syntax={syntax}\r\n\r\n".encode()
-    if syntax in VIDEO_TYPES:
-        body: Iterator[bytes] = _video_part(path, pixel_offset + element_header, part_head, boundary)
+    if is_head(request):
+        body: Iterator[bytes] = iter(())  # the headers alone, no frame read
+    elif syntax in VIDEO_TYPES:
+        body = _video_part(path, pixel_offset + element_header, part_head, boundary)
     elif native:
         body = _native_parts(
             path, pixel_offset + element_header, inflated, frame_bytes, numbers, part_head, boundary

@@ -212,7 +212,25 @@ def test_an_undeclared_interaction_is_a_405_saying_what_is_served(served: Served
     assert issue.code == "not-supported" and "GET [base]/metadata" in (issue.diagnostics or "")
     answer = requests.request("PUT", f"{served.base}/Task/{task_id}", json={}, timeout=10,
                               headers={"Authorization": served.authorization})  # fmt: skip
-    assert (answer.status_code, answer.headers["Allow"]) == (405, "GET")
+    assert (answer.status_code, answer.headers["Allow"]) == (405, "GET, HEAD")
+
+
+def test_a_head_of_a_task_or_the_metadata_answers_what_a_get_would_without_the_body(served: Served) -> None:
+    """RFC 9110 9.3.2: a client or a proxy checks a Task's version with HEAD (its ETag); it was a 405
+    OperationOutcome saying only GET is allowed. A HEAD hands out no PHI: no audit entry."""
+    task_id = served.client().execute("ServiceRequest", data=contained_request("CLIENT-HEAD"))["id"]
+    headers = {"Authorization": served.authorization}
+    got = requests.get(f"{served.base}/Task/{task_id}", headers=headers, timeout=10)
+    logged = audit.count(served.auth, partner_id=served.partner_id)
+    head = requests.head(f"{served.base}/Task/{task_id}", headers=headers, timeout=10)
+    assert (head.status_code, head.content) == (200, b"")
+    assert audit.count(served.auth, partner_id=served.partner_id) == logged  # nothing was handed out
+    assert head.headers["ETag"] == got.headers["ETag"]
+    assert head.headers["Content-Type"] == got.headers["Content-Type"]
+    assert head.headers["Content-Length"] == got.headers["Content-Length"]
+    assert requests.head(f"{served.base}/metadata", timeout=10).status_code == 200
+    unknown = requests.head(f"{served.base}/Task/no-such-task", headers=headers, timeout=10)
+    assert (unknown.status_code, unknown.content) == (404, b"")
 
 
 def test_an_unknown_resource_type_is_a_404_naming_what_is_served(served: Served) -> None:

@@ -21,9 +21,12 @@ from sqlmodel import Session, select
 
 from contracts import CollectRecords, Exam, Patient, new_event
 from contracts.events import CaseCancelled
+from services.auth import access, audit, tenancy
+from services.auth.audit_chain import entry_hash
+from services.auth.read_windows import ReadWindows
 from services.common import migrate
 from services.common.config import Settings, get_settings
-from services.common.db import make_engine
+from services.common.db import get_engine, make_engine
 from services.common.http import create_app
 from services.records import api, consumer, dicomweb
 from services.records.limits import ImportLimits, get_limits
@@ -34,7 +37,7 @@ from services.records.viewer_cors import ViewerCors
 from tests.dicom_factory import make_us_instance
 from tests.hostile_corpus import with_uid
 from tests.infra import free_port
-from tests.keys import operations_headers
+from tests.keys import operations_headers, specialist_headers
 
 
 @pytest.fixture(scope="module")
@@ -571,3 +574,133 @@ def test_a_stow_into_a_cancelled_case_is_409_with_every_instance_failed(
         (d.SOPInstanceUID, 0x0110) for d in sent
     ]
     assert "this case was cancelled" in answer.headers["warning"]
+
+
+def test_qido_warns_of_query_keys_and_fuzzy_matching_it_does_not_honour(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """PS3.18 8.3.4.2: fuzzymatching=true is answered with literal matching and a 299 Warning saying so; a
+    matching key a resource does not match on (PatientName, by keyword or by tag) is ignored with a 299 Warning
+    naming it, never its value. Both were ignored silently: the unfiltered list looked like a match."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    headers = operations_headers(settings)
+    DICOMwebClient(url=root, headers=headers).store_instances(instances(study)[:1])
+
+    fuzzy = requests.get(
+        f"{root}/studies",
+        params={"PatientName": "Smith^Jo*", "fuzzymatching": "true"},
+        headers=headers,
+        timeout=10,
+    )
+    assert fuzzy.status_code == 200 and len(fuzzy.json()) == 1
+    warning = fuzzy.headers["Warning"]
+    assert (
+        f'299 {root} "The fuzzymatching parameter is not supported. Only literal matching has been performed."'
+        in warning
+    )
+    assert "not supported as query keys" in warning and "PatientName" in warning and "Smith" not in warning
+
+    by_tag = requests.get(
+        f"{root}/studies/{study}/series", params={"0008103E": "Doppler"}, headers=headers, timeout=10
+    )
+    assert by_tag.status_code == 200 and "SeriesDescription" in by_tag.headers["Warning"]
+    honoured = requests.get(
+        f"{root}/studies",
+        params={"PatientID": f"SO-{case_id}", "fuzzymatching": "false", "PatientName": "", "limit": 5},
+        headers=headers,
+        timeout=10,
+    )
+    assert honoured.status_code == 200 and "Warning" not in honoured.headers
+    bad = requests.get(f"{root}/studies", params={"fuzzymatching": "yes"}, headers=headers, timeout=10)
+    assert bad.status_code == 400 and "true or false" in bad.json()["detail"]
+
+
+def test_a_keys_reads_of_one_instance_are_one_audit_entry_per_window(
+    base_url: str, engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A viewer reads a cine frame by frame: each frame wrote its own audit entry, naming no image (300 rows
+    for one look at a 300-frame clip). Now the first read of an instance by a key writes one entry naming the
+    study, series and instance; that key's further reads of it within the window write none, another key's
+    read writes its own, a read after the window a new one. Each entry is chained (its hash holds)."""
+    clock = [1000.0]
+    windows = ReadWindows(600, clock=lambda: clock[0])
+    monkeypatch.setattr(access, "get_read_windows", lambda: windows)
+    case_id = open_case(engine, settings)
+    study = new_study()
+    clip = instances(study)[2]
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    operations = operations_headers(settings)
+    DICOMwebClient(url=root, headers=operations).store_instances([clip])
+    specialist = "spec-audit-window"
+    tenancy.settle_reviewer(
+        get_engine("auth"),
+        case_id,
+        specialist,
+        lambda: tenancy.ReviewerStanding(True, "offered"),
+        service="review",
+    )
+    instance = f"{root}/studies/{study}/series/{clip.SeriesInstanceUID}/instances/{clip.SOPInstanceUID}"
+    frames = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+
+    def read_cine(headers: dict[str, str]) -> None:
+        for n in range(1, 5):
+            assert requests.get(f"{instance}/frames/{n}", headers={**frames, **headers}, timeout=10).ok
+        assert requests.get(f"{instance}/metadata", headers=headers, timeout=10).ok
+
+    def entries() -> list[Any]:
+        return [
+            e
+            for e in audit.entries(get_engine("auth"), case_id=case_id, limit=10_000)
+            if clip.SOPInstanceUID in e.detail
+        ]
+
+    read_cine(operations)
+    [first] = entries()
+    assert first.action == "read" and first.outcome == "success" and first.resource == "records.dicomweb"
+    assert first.detail.startswith(
+        f"study {study} series {clip.SeriesInstanceUID} instance {clip.SOPInstanceUID}"
+    )
+    read_cine(specialist_headers(settings, specialist))
+    read_cine(operations)
+    assert [e.actor for e in entries()] == [first.actor, entries()[1].actor]
+    assert entries()[1].actor != first.actor
+    clock[0] += 601
+    read_cine(operations)
+    logged = entries()
+    assert [e.actor for e in logged] == [first.actor, logged[1].actor, first.actor]
+    assert all(e.row_hash == entry_hash(e) for e in logged)
+
+
+def test_head_answers_dicomweb_reads_with_the_headers_of_the_get_and_no_body(
+    base_url: str, engine: Engine, settings: Settings
+) -> None:
+    """RFC 9110 9.3.2: viewers and proxies check a resource with HEAD; every DICOMweb read was a 405. A HEAD
+    hands out no content, so it writes no audit entry; one without a key is refused (and audited) as a GET."""
+    case_id = open_case(engine, settings)
+    study = new_study()
+    clip = instances(study)[2]
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    headers = operations_headers(settings)
+    DICOMwebClient(url=root, headers=headers).store_instances([clip])
+    instance = f"{root}/studies/{study}/series/{clip.SeriesInstanceUID}/instances/{clip.SOPInstanceUID}"
+    frames = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+    logged = audit.count(get_engine("auth"), case_id=case_id)
+    for url, accept in [
+        (f"{root}/studies", {}),
+        (f"{instance}/metadata", {}),
+        (f"{instance}/frames/2", frames),
+        (instance, {"Accept": "application/dicom"}),
+        (f"{root}/studies/{study}", {}),
+    ]:
+        got = requests.get(url, headers={**headers, **accept}, timeout=10)
+        head = requests.head(url, headers={**headers, **accept}, timeout=10)
+        assert (head.status_code, head.content) == (200, b""), url
+        assert head.headers["Content-Type"].split(";")[0] == got.headers["Content-Type"].split(";")[0], url
+        if "json" in got.headers["Content-Type"]:
+            assert head.headers["Content-Length"] == got.headers["Content-Length"]
+    # The GETs' alone: the search, the study, and one for the instance's metadata, frames and whole.
+    assert audit.count(get_engine("auth"), case_id=case_id) == logged + 3
+    assert requests.head(f"{instance}/frames/9", headers={**headers, **frames}, timeout=10).status_code == 404
+    assert requests.head(f"{instance}/frames/1", headers=frames, timeout=10).status_code == 401
