@@ -16,6 +16,7 @@ nesting level (a sequence the table does not name is kept and its items are clea
     X/Z/U*          the sequence is kept, its items cleaned (their instance UIDs replaced)
 
 Beyond the table: private attributes, curves and overlays (groups 50xx, 60xx: text drawn over the image) go,
+at any depth (inside a sequence the table says to dummy too: the profile retains no private attributes),
 and so do the issuer sequences that qualify Patient ID and Accession Number (Issuer of Patient ID Qualifiers
 Sequence, Issuer of Accession Number Sequence): the table removes Issuer of Patient ID and zeroes the
 identifiers they qualify, but names neither sequence, whose items name the issuing facility. A dummy stands
@@ -294,14 +295,20 @@ def deidentify(dataset: Dataset, uids: UidMap) -> None:
 
 def action_for(tag: BaseTag) -> str | None:
     """The Basic Profile's action for `tag`, None where the table names no action (kept)."""
-    if tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF:
-        return "X"  # private attributes; curves and overlays (any of their elements may carry text)
+    if _removed_everywhere(tag):
+        return "X"
     action = ACTIONS.get(int(tag))
     if action is None:
         for group, element, group_mask, element_mask, masked in MASKED_ACTIONS:
             if tag.group & group_mask == group and tag.element & element_mask == element:
                 return masked
     return action
+
+
+def _removed_everywhere(tag: BaseTag) -> bool:
+    """Private attributes; curves and overlays (any of their elements may carry text): X at any depth, in a
+    sequence the table says to dummy too."""
+    return bool(tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF)
 
 
 def _clean(dataset: Dataset, uids: UidMap) -> None:
@@ -336,7 +343,10 @@ def _dummy(element: DataElement, uids: UidMap, value: str | None = None) -> None
     if element.VR == "SQ":  # a non-empty sequence: its items kept, every value in them replaced
         for item in element.value or []:
             for inner in list(item):
-                _dummy(inner, uids)
+                if _removed_everywhere(inner.tag):
+                    del item[inner.tag]  # "no private attributes retained": not even as a dummy
+                else:
+                    _dummy(inner, uids)
     elif element.VR == "UI":
         if not all(pydicom.uid.UID(str(uid)).name != str(uid) for uid in _values(element)):
             _replace_uids(element, uids)  # a UID the standard defines (a SOP class, a scheme) names no one
