@@ -33,6 +33,7 @@ is Burned In Annotation set to NO. Anything else that may carry text is withheld
 from __future__ import annotations
 
 import enum
+import io
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
-from services.records.rewrite import rewritten_chunks
+from services.records.rewrite import PIXEL_DATA_TAG, rewritten_chunks
 
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 CLEAN_PIXEL_DATA_CODE = ("113101", "DCM", "Clean Pixel Data Option")
@@ -153,6 +154,7 @@ class Withheld(enum.StrEnum):
     COMPRESSED = "compressed"
     NO_REGIONS = "no_ultrasound_regions"
     UNSUPPORTED_PIXELS = "unsupported_pixel_layout"
+    PIXEL_DATA_NOT_NATIVE = "pixel_data_not_native"
 
     @property
     def reason(self) -> str:
@@ -164,9 +166,13 @@ class Withheld(enum.StrEnum):
             "says where the image is, so nothing tells the text from the image",
             "unsupported_pixel_layout": "burned-in annotation not ruled out and the pixel layout (photometric "
             "interpretation, bits allocated, signed pixels or byte order) is not one the cleaning handles",
+            "pixel_data_not_native": "burned-in annotation not ruled out and the Pixel Data is not the "
+            "uncompressed frames its transfer syntax says (encapsulated in fragments, or a length other than "
+            "its rows, columns and frames need): it cannot be cleaned frame by frame",
         }[self.value]
 
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
 CLEANABLE_SYNTAXES = {
     pydicom.uid.ExplicitVRLittleEndian,
     pydicom.uid.ImplicitVRLittleEndian,
@@ -194,8 +200,9 @@ class PixelCleaning:
         return pixels.tobytes()
 
 
-def pixel_cleaning(header: Dataset) -> PixelCleaning | Withheld:
-    """How the pixels of an instance that may carry burned-in text are cleaned, or why it is withheld."""
+def pixel_cleaning(header: Dataset, pixel_length: int | None) -> PixelCleaning | Withheld:
+    """How the pixels of an instance that may carry burned-in text are cleaned, or why it is withheld;
+    `pixel_length` is its Pixel Data's value length as the file declares it (`pixel_data_length`)."""
     if "Rows" not in header:  # no pixels: a report or an SR, whose text the profile does not clean
         return Withheld.DOCUMENT
     if header.file_meta.get("TransferSyntaxUID") not in CLEANABLE_SYNTAXES:
@@ -223,8 +230,12 @@ def pixel_cleaning(header: Dataset) -> PixelCleaning | Withheld:
         (samples, rows, columns) if planar else (rows, columns, samples) if samples > 1 else (rows, columns)
     )
     stored = int(header.get("BitsStored") or bits)
+    frame_bytes = rows * columns * samples * bits // 8
+    native = frame_bytes * int(header.get("NumberOfFrames") or 1)
+    if pixel_length not in (native, native + native % 2):  # frames cut short or shifted: some left uncleaned
+        return Withheld.PIXEL_DATA_NOT_NATIVE
     return PixelCleaning(
-        frame_bytes=rows * columns * samples * bits // 8,
+        frame_bytes=frame_bytes,
         shape=shape,
         dtype="u1" if bits == 8 else "<u2",
         outside=outside,
@@ -242,13 +253,39 @@ def record_pixel_cleaning(dataset: Dataset) -> None:
     dataset.DeidentificationMethodCodeSequence.append(code)
 
 
-def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
-    """The de-identified header of `source` (no pixel data) and where its pixel data starts."""
+def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int | None]:
+    """The de-identified header of `source` (no pixel data) and its Pixel Data's declared value length."""
     with source.open("rb") as fp:
         dataset = pydicom.dcmread(fp, stop_before_pixels=True)
         pixel_offset = fp.tell()
+    pixel_length = pixel_data_length(source, pixel_offset, dataset.file_meta.get("TransferSyntaxUID"))
     deidentify(dataset, uids)
-    return dataset, pixel_offset
+    return dataset, pixel_length
+
+
+def pixel_data_length(source: Path, offset: int, syntax: str | None) -> int | None:
+    """The value length of the Pixel Data element at `offset` (where the header read stopped) as its own
+    header declares it, but no more than the file holds: UNDEFINED_LENGTH when encapsulated in fragments,
+    None when no native-looking Pixel Data element (OB or OW, little endian) stands there. Read from the
+    element's 8 or 12 header bytes, except in a deflated file (read whole: such files are rare and small)."""
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        element = pydicom.dcmread(source).get("PixelData")
+        if element is None:
+            return None
+        return UNDEFINED_LENGTH if element.is_undefined_length else len(element.value or b"")
+    with source.open("rb") as fp:
+        fp.seek(offset)
+        head = fp.read(12)
+        size = fp.seek(0, io.SEEK_END)
+    if head[:4] != PIXEL_DATA_TAG:
+        return None
+    if syntax == pydicom.uid.ImplicitVRLittleEndian:
+        length, value_at = int.from_bytes(head[4:8], "little"), offset + 8
+    elif len(head) == 12 and head[4:6] in (b"OB", b"OW"):
+        length, value_at = int.from_bytes(head[8:12], "little"), offset + 12
+    else:
+        return None
+    return length if length == UNDEFINED_LENGTH else min(length, size - value_at)
 
 
 def deidentified_chunks(source: Path, uids: UidMap, cleaning: PixelCleaning | None = None) -> Iterator[bytes]:

@@ -111,9 +111,9 @@ def _write_zip(
     ):
         for row in rows:
             source = store.local_path(row.storage_path, row.sha256)
-            header, _ = deidentified_header(source, uids)  # the DICOMDIR's records come from headers only
+            header, pixel_length = deidentified_header(source, uids)  # the DICOMDIR's records: headers only
             if not may_export(row.burned_in_annotation):
-                cleaning = pixel_cleaning(header)
+                cleaning = pixel_cleaning(header, pixel_length)
                 if isinstance(cleaning, Withheld):
                     withheld[cleaning] = withheld.get(cleaning, 0) + 1
                     continue
