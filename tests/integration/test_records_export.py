@@ -375,3 +375,38 @@ def test_pixel_data_in_fragments_under_an_uncompressed_syntax_is_withheld_from_i
     assert [(r["code"], r["count"]) for r in manifest["withheld_reasons"]] == [("pixel_data_not_native", 2)]
     assert "encapsulated in fragments" in manifest["withheld_reasons"][0]["reason"]
     assert len(names) == 1
+
+
+def test_an_image_failing_midway_gives_a_clear_error_before_any_byte_never_half_a_zip(
+    client: tuple[TestClient, Engine], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    http, engine = client
+    case_id = records_requested(engine, settings)
+    study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+    images = [make_us_instance(None, study_uid=study, series_uid=study + ".1") for _ in range(2)]
+    response = http.post(
+        f"/v1/records/{case_id}/files",
+        files=[("files", (f"{n}.dcm", image, "application/dicom")) for n, image in enumerate(images)],
+    )
+    assert response.status_code == 201, response.text
+    written = export.deidentified_chunks
+
+    def failing_on_the_second(source: Path, *args: object) -> Iterator[bytes]:
+        chunks = written(source, *args)  # type: ignore[arg-type]
+        yield next(chunks)
+        if failing_on_the_second.calls:  # type: ignore[attr-defined]
+            raise OSError("the stored file could not be read")
+        failing_on_the_second.calls += 1  # type: ignore[attr-defined]
+        yield from chunks
+
+    failing_on_the_second.calls = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(export, "deidentified_chunks", failing_on_the_second)
+
+    failed = http.get(f"/v1/records/{case_id}/export/deidentified")
+    assert failed.status_code == 500 and failed.headers["content-type"] != "application/zip"
+    detail = failed.json()["detail"]
+    assert re.match(r"released image [12] of 2 could not be read or de-identified \(OSError\)", detail), (
+        detail
+    )
+    assert "nothing was exported" in detail
+    assert list(ObjectStore.for_settings(settings).tmp_dir.glob("export-*")) == []
