@@ -269,9 +269,10 @@ def pixel_data_length(source: Path, offset: int, syntax: str | None) -> int | No
     None when no native-looking Pixel Data element (OB or OW, little endian) stands there. Read from the
     element's 8 or 12 header bytes, except in a deflated file (read whole: such files are rare and small)."""
     if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
-        element = pydicom.dcmread(source).get("PixelData")
-        if element is None:
+        whole = pydicom.dcmread(source)
+        if "PixelData" not in whole:
             return None
+        element = whole["PixelData"]
         return UNDEFINED_LENGTH if element.is_undefined_length else len(element.value or b"")
     with source.open("rb") as fp:
         fp.seek(offset)
