@@ -16,6 +16,7 @@ nesting level (a sequence the table does not name is kept and its items are clea
     X/Z/U*          the sequence is kept, its items cleaned (their instance UIDs replaced)
 
 Beyond the table: private attributes, curves and overlays (groups 50xx, 60xx: text drawn over the image) go,
+at any depth (inside a sequence the table says to dummy too: the profile retains no private attributes),
 and so do the issuer sequences that qualify Patient ID and Accession Number (Issuer of Patient ID Qualifiers
 Sequence, Issuer of Accession Number Sequence): the table removes Issuer of Patient ID and zeroes the
 identifiers they qualify, but names neither sequence, whose items name the issuing facility. A dummy stands
@@ -32,6 +33,7 @@ is Burned In Annotation set to NO. Anything else that may carry text is withheld
 from __future__ import annotations
 
 import enum
+import io
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
-from services.records.rewrite import rewritten_chunks
+from services.records.rewrite import PIXEL_DATA_TAG, rewritten_chunks
 
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 CLEAN_PIXEL_DATA_CODE = ("113101", "DCM", "Clean Pixel Data Option")
@@ -152,6 +154,7 @@ class Withheld(enum.StrEnum):
     COMPRESSED = "compressed"
     NO_REGIONS = "no_ultrasound_regions"
     UNSUPPORTED_PIXELS = "unsupported_pixel_layout"
+    PIXEL_DATA_NOT_NATIVE = "pixel_data_not_native"
 
     @property
     def reason(self) -> str:
@@ -163,9 +166,13 @@ class Withheld(enum.StrEnum):
             "says where the image is, so nothing tells the text from the image",
             "unsupported_pixel_layout": "burned-in annotation not ruled out and the pixel layout (photometric "
             "interpretation, bits allocated, signed pixels or byte order) is not one the cleaning handles",
+            "pixel_data_not_native": "burned-in annotation not ruled out and the Pixel Data is not the "
+            "uncompressed frames its transfer syntax says (encapsulated in fragments, or a length other than "
+            "its rows, columns and frames need): it cannot be cleaned frame by frame",
         }[self.value]
 
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
 CLEANABLE_SYNTAXES = {
     pydicom.uid.ExplicitVRLittleEndian,
     pydicom.uid.ImplicitVRLittleEndian,
@@ -193,8 +200,9 @@ class PixelCleaning:
         return pixels.tobytes()
 
 
-def pixel_cleaning(header: Dataset) -> PixelCleaning | Withheld:
-    """How the pixels of an instance that may carry burned-in text are cleaned, or why it is withheld."""
+def pixel_cleaning(header: Dataset, pixel_length: int | None) -> PixelCleaning | Withheld:
+    """How the pixels of an instance that may carry burned-in text are cleaned, or why it is withheld;
+    `pixel_length` is its Pixel Data's value length as the file declares it (`pixel_data_length`)."""
     if "Rows" not in header:  # no pixels: a report or an SR, whose text the profile does not clean
         return Withheld.DOCUMENT
     if header.file_meta.get("TransferSyntaxUID") not in CLEANABLE_SYNTAXES:
@@ -222,8 +230,12 @@ def pixel_cleaning(header: Dataset) -> PixelCleaning | Withheld:
         (samples, rows, columns) if planar else (rows, columns, samples) if samples > 1 else (rows, columns)
     )
     stored = int(header.get("BitsStored") or bits)
+    frame_bytes = rows * columns * samples * bits // 8
+    native = frame_bytes * int(header.get("NumberOfFrames") or 1)
+    if pixel_length not in (native, native + native % 2):  # frames cut short or shifted: some left uncleaned
+        return Withheld.PIXEL_DATA_NOT_NATIVE
     return PixelCleaning(
-        frame_bytes=rows * columns * samples * bits // 8,
+        frame_bytes=frame_bytes,
         shape=shape,
         dtype="u1" if bits == 8 else "<u2",
         outside=outside,
@@ -241,13 +253,40 @@ def record_pixel_cleaning(dataset: Dataset) -> None:
     dataset.DeidentificationMethodCodeSequence.append(code)
 
 
-def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int]:
-    """The de-identified header of `source` (no pixel data) and where its pixel data starts."""
+def deidentified_header(source: Path, uids: UidMap) -> tuple[Dataset, int | None]:
+    """The de-identified header of `source` (no pixel data) and its Pixel Data's declared value length."""
     with source.open("rb") as fp:
         dataset = pydicom.dcmread(fp, stop_before_pixels=True)
         pixel_offset = fp.tell()
+    pixel_length = pixel_data_length(source, pixel_offset, dataset.file_meta.get("TransferSyntaxUID"))
     deidentify(dataset, uids)
-    return dataset, pixel_offset
+    return dataset, pixel_length
+
+
+def pixel_data_length(source: Path, offset: int, syntax: str | None) -> int | None:
+    """The value length of the Pixel Data element at `offset` (where the header read stopped) as its own
+    header declares it, but no more than the file holds: UNDEFINED_LENGTH when encapsulated in fragments,
+    None when no native-looking Pixel Data element (OB or OW, little endian) stands there. Read from the
+    element's 8 or 12 header bytes, except in a deflated file (read whole: such files are rare and small)."""
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        whole = pydicom.dcmread(source)
+        if "PixelData" not in whole:
+            return None
+        element = whole["PixelData"]
+        return UNDEFINED_LENGTH if element.is_undefined_length else len(element.value or b"")
+    with source.open("rb") as fp:
+        fp.seek(offset)
+        head = fp.read(12)
+        size = fp.seek(0, io.SEEK_END)
+    if head[:4] != PIXEL_DATA_TAG:
+        return None
+    if syntax == pydicom.uid.ImplicitVRLittleEndian:
+        length, value_at = int.from_bytes(head[4:8], "little"), offset + 8
+    elif len(head) == 12 and head[4:6] in (b"OB", b"OW"):
+        length, value_at = int.from_bytes(head[8:12], "little"), offset + 12
+    else:
+        return None
+    return length if length == UNDEFINED_LENGTH else min(length, size - value_at)
 
 
 def deidentified_chunks(source: Path, uids: UidMap, cleaning: PixelCleaning | None = None) -> Iterator[bytes]:
@@ -294,14 +333,20 @@ def deidentify(dataset: Dataset, uids: UidMap) -> None:
 
 def action_for(tag: BaseTag) -> str | None:
     """The Basic Profile's action for `tag`, None where the table names no action (kept)."""
-    if tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF:
-        return "X"  # private attributes; curves and overlays (any of their elements may carry text)
+    if _removed_everywhere(tag):
+        return "X"
     action = ACTIONS.get(int(tag))
     if action is None:
         for group, element, group_mask, element_mask, masked in MASKED_ACTIONS:
             if tag.group & group_mask == group and tag.element & element_mask == element:
                 return masked
     return action
+
+
+def _removed_everywhere(tag: BaseTag) -> bool:
+    """Private attributes; curves and overlays (any of their elements may carry text): X at any depth, in a
+    sequence the table says to dummy too."""
+    return bool(tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF)
 
 
 def _clean(dataset: Dataset, uids: UidMap) -> None:
@@ -336,7 +381,10 @@ def _dummy(element: DataElement, uids: UidMap, value: str | None = None) -> None
     if element.VR == "SQ":  # a non-empty sequence: its items kept, every value in them replaced
         for item in element.value or []:
             for inner in list(item):
-                _dummy(inner, uids)
+                if _removed_everywhere(inner.tag):
+                    del item[inner.tag]  # "no private attributes retained": not even as a dummy
+                else:
+                    _dummy(inner, uids)
     elif element.VR == "UI":
         if not all(pydicom.uid.UID(str(uid)).name != str(uid) for uid in _values(element)):
             _replace_uids(element, uids)  # a UID the standard defines (a SOP class, a scheme) names no one

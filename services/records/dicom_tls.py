@@ -5,7 +5,9 @@ request an association, `ssl_context` for our C-STORE SCP).
 TLS 1.2 at least, the peer's certificate verified against a CA bundle we are given, its name checked
 (the source's `tls_server_name`, else its host), and our own certificate presented when we have one (most
 PACS require mutual TLS). A handshake that fails is described for a PACS administrator: which side refused,
-and why (`describe`); never with a key or a certificate's contents.
+and why (`describe`); never with a key or a certificate's contents. A port and a TLS setting that do not match
+are told apart from a refusal: TLS to a plain port ends in the peer closing the connection (or a record that is
+not TLS) during the handshake; plain DIMSE to a TLS-only port is confirmed by one ClientHello (`answers_tls`).
 """
 
 from __future__ import annotations
@@ -116,12 +118,20 @@ def is_loopback(host: str) -> bool:
 
 
 class _WatchedSocket(ssl.SSLSocket):
-    """An SSL socket that notes the first TLS error on its context (pynetdicom only logs it, and aborts)."""
+    """An SSL socket that notes the first TLS error on its context (pynetdicom only logs it, and aborts): an
+    SSL error, or the connection closed or reset during the handshake (a peer that does not speak TLS)."""
 
     def connect(self, address: Any) -> None:
         try:
             super().connect(address)
         except ssl.SSLError as exc:
+            _note(self, exc)
+            raise
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except OSError as exc:  # ssl.SSLError included
             _note(self, exc)
             raise
 
@@ -142,7 +152,7 @@ class _WatchedSocket(ssl.SSLSocket):
 
 class _WatchedContext(ssl.SSLContext):
     sslsocket_class = _WatchedSocket
-    failure: ssl.SSLError | None = None
+    failure: OSError | None = None
 
     def wrap_socket(self, sock: socket.socket, server_side: bool = False, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
         if server_side:
@@ -152,7 +162,7 @@ class _WatchedContext(ssl.SSLContext):
         return super().wrap_socket(sock, server_side=server_side, **kwargs)
 
 
-def _note(sock: ssl.SSLSocket, exc: ssl.SSLError) -> None:
+def _note(sock: ssl.SSLSocket, exc: OSError) -> None:
     context = sock.context
     if not isinstance(context, _WatchedContext):
         return
@@ -160,7 +170,7 @@ def _note(sock: ssl.SSLSocket, exc: ssl.SSLError) -> None:
         if sock.version() is None:  # the handshake did not complete: a client refused, or refusing us
             log.warning("records.scp_tls_refused", reason=describe(exc, we_are_client=False))
         else:
-            log.warning("records.scp_tls_error", reason=exc.reason or type(exc).__name__)
+            log.warning("records.scp_tls_error", reason=getattr(exc, "reason", None) or type(exc).__name__)
         return
     if context.failure is None:
         context.failure = exc
@@ -170,21 +180,47 @@ def _is_server(context: ssl.SSLContext) -> bool:
     return context.protocol == ssl.PROTOCOL_TLS_SERVER
 
 
-def failure(context: ssl.SSLContext | None) -> ssl.SSLError | None:
+def failure(context: ssl.SSLContext | None) -> OSError | None:
     """The TLS error that ended the last connection made with `context` (a client's, one per association)."""
     return context.failure if isinstance(context, _WatchedContext) else None
 
 
-def describe(exc: ssl.SSLError, *, we_are_client: bool) -> str:
+def answers_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether the peer at `host`:`port` answers a TLS ClientHello in TLS (a handshake, or a TLS alert):
+    asked when plain DIMSE got no association, to tell a port that speaks only TLS from a PACS that refused.
+    Nothing is verified and nothing is sent after the handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw):
+            return True
+    except ssl.SSLError as exc:
+        return "ALERT" in (exc.reason or "").upper()  # a TLS peer refusing us (a client certificate it wants)
+    except (OSError, ValueError):
+        return False
+
+
+def _not_tls(we_are_client: bool, why: str) -> str:
+    if we_are_client:
+        return f"the PACS does not speak TLS on this port: check the port or turn tls off ({why})"
+    return f"the client does not speak TLS on this port ({why}): it should turn TLS on or use our plain port"
+
+
+def describe(exc: OSError, *, we_are_client: bool) -> str:
     """Which side refused the TLS handshake and why, as a PACS administrator can act on it."""
+    if not isinstance(exc, ssl.SSLError) or isinstance(exc, ssl.SSLEOFError):
+        # Closed or reset during the handshake, no TLS alert: a DICOM peer on a plain port drops a ClientHello
+        # (not a PDU it knows).
+        return _not_tls(we_are_client, "it closed the connection during the TLS handshake")
     reason = (exc.reason or "").upper()
+    peer = "the PACS" if we_are_client else "the client"
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or "not verified"
         peer = "the PACS's" if we_are_client else "the client's"
         if "HOSTNAME" in detail.upper() or "IP ADDRESS MISMATCH" in detail.upper():
             return f"we refused {peer} certificate: it does not name the server name we checked ({detail})"
         return f"we refused {peer} certificate: not trusted by the CA bundle configured ({detail})"
-    peer = "the PACS" if we_are_client else "the client"
     if "CERTIFICATE_REQUIRED" in reason and we_are_client:
         return f"{peer} refused us: it requires a client certificate (set tls_cert_path and tls_key_path)"
     if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
@@ -194,7 +230,7 @@ def describe(exc: ssl.SSLError, *, we_are_client: bool) -> str:
             return f"{peer} refused our client certificate ({exc.reason}): it does not trust the CA that signed it"
         return f"the client refused our certificate ({exc.reason}): it does not trust the CA that signed it"
     if "WRONG_VERSION_NUMBER" in reason or "PACKET_LENGTH_TOO_LONG" in reason or "HTTP_REQUEST" in reason:
-        return f"{peer} does not speak TLS on this port ({exc.reason}); check the port and the TLS setting"
+        return _not_tls(we_are_client, str(exc.reason))
     if "UNSUPPORTED_PROTOCOL" in reason or "VERSION" in reason:
         return f"no TLS version both sides allow ({exc.reason}); at least TLS 1.2 is required"
     return f"the TLS handshake with {peer} failed ({exc.reason or type(exc).__name__})"

@@ -16,6 +16,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -180,6 +181,7 @@ def _associate(ae: AE, source: DimseSource, **kwargs: Any) -> Association:
         raise PacsUnavailable(f"DICOM TLS to the PACS cannot start: {exc}") from None
     if context is not None and source.tls is not None:
         kwargs["tls_args"] = (context, source.tls.server_name or source.host)
+    started = time.monotonic()
     try:
         assoc = ae.associate(
             source.host, source.port, ae_title=source.ae_title, max_pdu=MAX_PDU_BYTES, **kwargs
@@ -193,7 +195,21 @@ def _associate(ae: AE, source: DimseSource, **kwargs: Any) -> Association:
         raise PacsUnavailable(
             f"DICOM TLS to the PACS failed: {dicom_tls.describe(refused, we_are_client=True)}"
         )
+    if not assoc.is_established and context is None and _answers_tls(assoc, source, started):
+        raise PacsUnavailable(
+            "DICOM to the PACS failed: the PACS answered with TLS: set tls on the image source "
+            "(with tls_ca_path, and our client certificate if it wants one), or use its plain DICOM port"
+        )
     return assoc
+
+
+def _answers_tls(assoc: Association, source: DimseSource, started: float) -> bool:
+    """Whether a plain association that failed did so because the port speaks only TLS: asked of a PACS that
+    neither rejected it (A-ASSOCIATE-RJ: it speaks DICOM) nor stayed silent until our timeout (a hung PACS is
+    not asked again), with a TLS ClientHello of its own."""
+    if assoc.is_rejected or time.monotonic() - started >= source.timeout:
+        return False
+    return dicom_tls.answers_tls(source.host, source.port, min(source.timeout, 5.0))
 
 
 # The thread that receives the P-DATA only collects fragments; every this many bytes it hands them to a

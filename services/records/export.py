@@ -76,6 +76,10 @@ def export_deidentified(case_id: CaseId, session: SessionDep, settings: Settings
     path = Path(name)
     try:
         exported, cleaned, withheld = _write_zip(path, rows, store)
+    except ImageNotExported as exc:
+        path.unlink(missing_ok=True)
+        log.error("records.export_failed", case_id=case_id, position=exc.position, error=exc.error)
+        raise HTTPException(500, str(exc)) from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -94,6 +98,19 @@ def export_deidentified(case_id: CaseId, session: SessionDep, settings: Settings
     )
 
 
+class ImageNotExported(Exception):
+    """A released image that could not be read or de-identified: the export stops before its first byte is
+    sent (the ZIP is written whole before it is answered), so no half-written archive goes out."""
+
+    def __init__(self, position: int, total: int, exc: Exception) -> None:
+        self.position, self.error = position, type(exc).__name__
+        super().__init__(
+            f"released image {position} of {total} could not be read or de-identified ({self.error}); "
+            "nothing was exported. Check that image in the case's records, or report it to the records "
+            "service's operators"
+        )
+
+
 def _write_zip(
     path: Path, rows: list[RecordFile], store: ObjectStore
 ) -> tuple[int, int, dict[Withheld, int]]:
@@ -104,16 +121,20 @@ def _write_zip(
     withheld: dict[Withheld, int] = {}
     fileset = FileSet()
     sources: dict[str, Path] = {}
+    positions: dict[str, int] = {}  # each instance's place among the released images (named in an error)
     cleanings: dict[str, PixelCleaning] = {}
     with (
         tempfile.TemporaryDirectory(dir=store.tmp_dir) as staging,
         zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive,
     ):
-        for row in rows:
+        for position, row in enumerate(rows, start=1):
             source = store.local_path(row.storage_path, row.sha256)
-            header, _ = deidentified_header(source, uids)  # the DICOMDIR's records come from headers only
+            try:
+                header, pixel_length = deidentified_header(source, uids)  # the DICOMDIR's records: headers
+            except Exception as exc:
+                raise ImageNotExported(position, len(rows), exc) from exc
             if not may_export(row.burned_in_annotation):
-                cleaning = pixel_cleaning(header)
+                cleaning = pixel_cleaning(header, pixel_length)
                 if isinstance(cleaning, Withheld):
                     withheld[cleaning] = withheld.get(cleaning, 0) + 1
                     continue
@@ -125,13 +146,17 @@ def _write_zip(
             header.InstanceNumber = header.get("InstanceNumber") or exported
             fileset.add(header)
             sources[str(header.SOPInstanceUID)] = source
+            positions[str(header.SOPInstanceUID)] = position
         fileset.write(staging)
         for instance in fileset:
             name = "/".join(Path(instance.FileID).parts)
-            with archive.open(name, "w", force_zip64=True) as out:
-                uid = str(instance.SOPInstanceUID)
-                for chunk in deidentified_chunks(sources[uid], uids, cleanings.get(uid)):
-                    out.write(chunk)
+            uid = str(instance.SOPInstanceUID)
+            try:
+                with archive.open(name, "w", force_zip64=True) as out:
+                    for chunk in deidentified_chunks(sources[uid], uids, cleanings.get(uid)):
+                        out.write(chunk)
+            except Exception as exc:
+                raise ImageNotExported(positions[uid], len(rows), exc) from exc
         archive.write(Path(staging) / "DICOMDIR", "DICOMDIR")
         manifest = {
             "profile": METHOD,

@@ -98,6 +98,13 @@ def tls_pacs(tmp_path_factory: pytest.TempPathFactory, pki: Pki, tls_scp: StoreS
         yield orthanc
 
 
+@pytest.fixture(scope="module")
+def plain_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """A PACS that speaks plain DIMSE only (no study in it: the handshake is what is tried)."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc-plain"), scp_port=free_port()) as orthanc:
+        yield orthanc
+
+
 def tls_source(pacs: Orthanc, pki: Pki, **overrides: object) -> dict[str, object]:
     """The source as a partner gives it: paths relative to the records service's DICOM TLS directory."""
     return {
@@ -188,6 +195,52 @@ def test_a_refused_handshake_is_recorded_saying_which_side_refused_and_why(
     assert failed["status"] == "failed"
     assert failed["last_error"].startswith(f"DICOM TLS to the PACS failed: {why}"), failed["last_error"]
     assert "Doe" not in failed["last_error"] and "MRN1" not in failed["last_error"]
+
+
+@pytest.mark.parametrize("mismatch", ["plain to a tls pacs", "tls to a plain pacs"])
+def test_plain_dimse_to_a_tls_pacs_or_tls_to_a_plain_one_is_recorded_saying_what_to_set(
+    client: TestClient,
+    engine: Engine,
+    settings: Settings,
+    pki: Pki,
+    tls_pacs: Orthanc,
+    plain_pacs: Orthanc,
+    mismatch: str,
+) -> None:
+    if mismatch == "plain to a tls pacs":
+        source: dict[str, object] = {
+            "ae_title": tls_pacs.ae_title,
+            "host": "127.0.0.1",
+            "port": tls_pacs.dicom_port,
+        }
+        why = "the PACS answered with TLS: set tls on the image source"
+    else:
+        source, why = (
+            tls_source(plain_pacs, pki),
+            "the PACS does not speak TLS on this port: check the port or turn tls off",
+        )
+    partner = f"clinic-tls-mismatch-{len(why)}"
+    retrieval.configure(client, partner, **source)
+    case_id = retrieval.open_case(engine, settings, partner, study_instance_uid=STUDY)
+
+    run_due(engine, settings, retrieval_settings=OPTIONS)
+    [failed] = client.get(f"/v1/records/{case_id}").json()["retrievals"]
+    assert failed["status"] == "failed"
+    assert why in failed["last_error"], failed["last_error"]
+    assert "Doe" not in failed["last_error"] and "MRN1" not in failed["last_error"]
+
+
+def test_a_report_returned_in_plain_dimse_to_a_tls_pacs_records_that_tls_is_to_be_set(
+    client: TestClient, engine: Engine, settings: Settings, tls_pacs: Orthanc
+) -> None:
+    study = STUDY + ".6"
+    plain = {"ae_title": tls_pacs.ae_title, "host": "127.0.0.1", "port": tls_pacs.dicom_port}
+    case_id = returns.returning_case(client, engine, settings, "clinic-tls-return-plain", study, **plain)
+    returns.deliver(engine, settings, returns.report_for(case_id, study)[0])
+    assert report_return.run_due(engine, settings, returns.OPTIONS) == 1
+    [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert waiting["status"] == "pending"
+    assert "the PACS answered with TLS: set tls on the image source" in waiting["last_error"]
 
 
 def storescu(scp: StoreSCP, path: Path, *tls: str) -> subprocess.CompletedProcess[str]:

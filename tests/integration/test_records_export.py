@@ -324,3 +324,89 @@ def test_burned_in_text_outside_the_ultrasound_regions_is_blanked_frame_by_frame
     outside = np.ones((64, 64), dtype=bool)
     outside[16:64, 8:56] = False
     assert (after[:, outside] == 0).all() and (before[:, outside] == 255).any()  # the text gone
+
+
+def clip_in_fragments_said_uncompressed(study: str, *, undefined_length: bool) -> bytes:
+    """A clip with text burned in whose file says Explicit VR Little Endian (uncompressed) but whose Pixel
+    Data holds fragments, as some converters write it: of undefined length (items up to a sequence
+    delimiter), or of a defined length the fragments' item headers make longer than the frames."""
+    _, clip = clip_with_text_above_its_region(study)
+    fragments = pydicom.encaps.encapsulate([clip.PixelData])
+    clip.PixelData = fragments
+    clip["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    clip.save_as(buffer, enforce_file_format=True)
+    defined = buffer.getvalue()
+    if not undefined_length:
+        return defined
+    element = b"\xe0\x7f\x10\x00OB\x00\x00" + len(fragments).to_bytes(4, "little")
+    assert defined.endswith(element + fragments)
+    before = defined[: -len(element + fragments)]
+    return before + element[:8] + b"\xff\xff\xff\xff" + fragments + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def test_pixel_data_in_fragments_under_an_uncompressed_syntax_is_withheld_from_its_header(
+    client: tuple[TestClient, Engine], settings: Settings
+) -> None:
+    http, engine = client
+    case_id = records_requested(engine, settings)
+    study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+    data, _ = clip_with_text_above_its_region(study)
+    undefined = clip_in_fragments_said_uncompressed(study, undefined_length=True)
+    defined = clip_in_fragments_said_uncompressed(study, undefined_length=False)
+    response = http.post(
+        f"/v1/records/{case_id}/files",
+        files=[
+            ("files", ("clip.dcm", data, "application/dicom")),
+            ("files", ("undefined.dcm", undefined, "application/dicom")),
+            ("files", ("defined.dcm", defined, "application/dicom")),
+        ],
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["new_files"] == 3
+
+    exported = http.get(f"/v1/records/{case_id}/export/deidentified")
+    assert exported.status_code == 200, exported.text
+    with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
+        assert archive.testzip() is None
+        manifest = json.loads(archive.read("DEIDENTIFICATION.json"))
+        names = [n for n in archive.namelist() if n not in ("DICOMDIR", "DEIDENTIFICATION.json")]
+    assert (manifest["exported"], manifest["pixels_cleaned"], manifest["withheld"]) == (1, 1, 2)
+    assert [(r["code"], r["count"]) for r in manifest["withheld_reasons"]] == [("pixel_data_not_native", 2)]
+    assert "encapsulated in fragments" in manifest["withheld_reasons"][0]["reason"]
+    assert len(names) == 1
+
+
+def test_an_image_failing_midway_gives_a_clear_error_before_any_byte_never_half_a_zip(
+    client: tuple[TestClient, Engine], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    http, engine = client
+    case_id = records_requested(engine, settings)
+    study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+    images = [make_us_instance(None, study_uid=study, series_uid=study + ".1") for _ in range(2)]
+    response = http.post(
+        f"/v1/records/{case_id}/files",
+        files=[("files", (f"{n}.dcm", image, "application/dicom")) for n, image in enumerate(images)],
+    )
+    assert response.status_code == 201, response.text
+    written = export.deidentified_chunks
+
+    def failing_on_the_second(source: Path, *args: object) -> Iterator[bytes]:
+        chunks = written(source, *args)  # type: ignore[arg-type]
+        yield next(chunks)
+        if failing_on_the_second.calls:  # type: ignore[attr-defined]
+            raise OSError("the stored file could not be read")
+        failing_on_the_second.calls += 1  # type: ignore[attr-defined]
+        yield from chunks
+
+    failing_on_the_second.calls = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(export, "deidentified_chunks", failing_on_the_second)
+
+    failed = http.get(f"/v1/records/{case_id}/export/deidentified")
+    assert failed.status_code == 500 and failed.headers["content-type"] != "application/zip"
+    detail = failed.json()["detail"]
+    assert re.match(r"released image [12] of 2 could not be read or de-identified \(OSError\)", detail), (
+        detail
+    )
+    assert "nothing was exported" in detail
+    assert list(ObjectStore.for_settings(settings).tmp_dir.glob("export-*")) == []
