@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import IntakeRejected, RecordsRejected, human_size
+from services.common.openapi import conform_document
 from services.common.tracing import server_span
 
 log = structlog.get_logger(__name__)
@@ -532,4 +533,13 @@ def create_app(
 
     for router in routers:
         app.include_router(router)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = conform_document(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
