@@ -648,9 +648,10 @@ NOT_RENDERED = (
 )
 
 
-def not_rendered(case_id: CaseId, study: Uid) -> None:
+def not_rendered(case_id: CaseId, study: Uid, series: str | None = None, sop: str | None = None) -> None:
     """Rendered resources (PS3.18 10.4.1.1.3) are not served: a viewer configured for them is told what to ask
-    for instead, not left with a bare "Not Found"."""
+    for instead, not left with a bare "Not Found". `series` and `sop` are named so the document declares the
+    path parameters of the instance's route (a client generator refuses a route whose path names undeclared ones)."""
     raise HTTPException(404, NOT_RENDERED)
 
 
