@@ -63,6 +63,36 @@ router = APIRouter(
 )
 
 DICOM_JSON = "application/dicom+json"
+
+
+class DicomJsonResponse(JSONResponse):
+    """What QIDO-RS and the metadata answer (the document said application/json)."""
+
+    media_type = DICOM_JSON
+
+
+# PS3.18 F.2: an array of datasets, each an object keyed by tag, e.g. {"0020000D": {"vr": "UI", "Value": [...]}}.
+DICOM_DATASETS: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": {
+            "type": "object",
+            "properties": {
+                "vr": {"type": "string"},
+                "Value": {"type": "array"},
+                "BulkDataURI": {"type": "string"},
+            },
+            "required": ["vr"],
+        },
+    },
+}
+DICOM_JSON_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "DICOM JSON (PS3.18 F.2): one dataset per match",
+        "content": {DICOM_JSON: {"schema": DICOM_DATASETS}},
+    }
+}
 Uid = Annotated[str, Path(pattern=r"^[0-9.]{1,64}$")]
 CaseId = Annotated[str, Path(min_length=1, max_length=64)]
 LimitsDep = Annotated[ImportLimits, Depends(get_limits)]
@@ -422,7 +452,7 @@ Limit = Annotated[int | None, Query(ge=1, le=10000)]
 Offset = Annotated[int, Query(ge=0)]
 
 
-@router.get("/cases/{case_id}/studies")
+@router.get("/cases/{case_id}/studies", response_class=DicomJsonResponse, responses=DICOM_JSON_ANSWER)
 def search_studies(
     case_id: CaseId,
     request: Request,
@@ -471,7 +501,9 @@ def search_studies(
     return _dicom_json(_page(results, limit, offset))
 
 
-@router.get("/cases/{case_id}/studies/{study}/series")
+@router.get(
+    "/cases/{case_id}/studies/{study}/series", response_class=DicomJsonResponse, responses=DICOM_JSON_ANSWER
+)
 def search_series(
     case_id: CaseId,
     study: Uid,
@@ -513,8 +545,16 @@ def search_series(
     return _dicom_json(_page(results, limit, offset))
 
 
-@router.get("/cases/{case_id}/studies/{study}/instances")
-@router.get("/cases/{case_id}/studies/{study}/series/{series}/instances")
+@router.get(
+    "/cases/{case_id}/studies/{study}/instances",
+    response_class=DicomJsonResponse,
+    responses=DICOM_JSON_ANSWER,
+)
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/instances",
+    response_class=DicomJsonResponse,
+    responses=DICOM_JSON_ANSWER,
+)
 def search_instances(
     case_id: CaseId,
     study: Uid,
@@ -671,9 +711,19 @@ for _resource in (
         )
 
 
-@router.get("/cases/{case_id}/studies/{study}/metadata")
-@router.get("/cases/{case_id}/studies/{study}/series/{series}/metadata")
-@router.get("/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/metadata")
+@router.get(
+    "/cases/{case_id}/studies/{study}/metadata", response_class=DicomJsonResponse, responses=DICOM_JSON_ANSWER
+)
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/metadata",
+    response_class=DicomJsonResponse,
+    responses=DICOM_JSON_ANSWER,
+)
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/metadata",
+    response_class=DicomJsonResponse,
+    responses=DICOM_JSON_ANSWER,
+)
 def retrieve_metadata(
     case_id: CaseId,
     study: Uid,
