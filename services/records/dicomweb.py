@@ -93,6 +93,12 @@ DICOM_JSON_ANSWER: dict[int | str, dict[str, Any]] = {
         "content": {DICOM_JSON: {"schema": DICOM_DATASETS}},
     }
 }
+QIDO_ANSWER: dict[int | str, dict[str, Any]] = {
+    **DICOM_JSON_ANSWER,
+    400: {
+        "description": "a query key's value does not fit its VR (SeriesNumber=two): the detail names the key"
+    },
+}
 Uid = Annotated[str, Path(pattern=r"^[0-9.]{1,64}$")]
 CaseId = Annotated[str, Path(min_length=1, max_length=64)]
 LimitsDep = Annotated[ImportLimits, Depends(get_limits)]
@@ -452,7 +458,7 @@ Limit = Annotated[int | None, Query(ge=1, le=10000)]
 Offset = Annotated[int, Query(ge=0)]
 
 
-@router.get("/cases/{case_id}/studies", response_class=DicomJsonResponse, responses=DICOM_JSON_ANSWER)
+@router.get("/cases/{case_id}/studies", response_class=DicomJsonResponse, responses=QIDO_ANSWER)
 def search_studies(
     case_id: CaseId,
     request: Request,
@@ -502,7 +508,7 @@ def search_studies(
 
 
 @router.get(
-    "/cases/{case_id}/studies/{study}/series", response_class=DicomJsonResponse, responses=DICOM_JSON_ANSWER
+    "/cases/{case_id}/studies/{study}/series", response_class=DicomJsonResponse, responses=QIDO_ANSWER
 )
 def search_series(
     case_id: CaseId,
@@ -548,12 +554,12 @@ def search_series(
 @router.get(
     "/cases/{case_id}/studies/{study}/instances",
     response_class=DicomJsonResponse,
-    responses=DICOM_JSON_ANSWER,
+    responses=QIDO_ANSWER,
 )
 @router.get(
     "/cases/{case_id}/studies/{study}/series/{series}/instances",
     response_class=DicomJsonResponse,
-    responses=DICOM_JSON_ANSWER,
+    responses=QIDO_ANSWER,
 )
 def search_instances(
     case_id: CaseId,
