@@ -80,7 +80,7 @@ DICOM_DATASETS: dict[str, Any] = {
             "type": "object",
             "properties": {
                 "vr": {"type": "string"},
-                "Value": {"type": "array"},
+                "Value": {"type": "array", "items": {}},
                 "BulkDataURI": {"type": "string"},
             },
             "required": ["vr"],
