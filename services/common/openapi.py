@@ -130,10 +130,10 @@ def conform_document(document: dict[str, Any]) -> dict[str, Any]:
     docstring); changed in place."""
     ref = "#/components/schemas/{model}"
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    for model in (Problem, OperationOutcome):
-        found = model.model_json_schema(ref_template=ref)
+    for body in (Problem, OperationOutcome):
+        found = body.model_json_schema(ref_template=ref)
         schemas.update(found.pop("$defs", {}))
-        schemas[model.__name__] = found
+        schemas[body.__name__] = found
     for path, operations in document.get("paths", {}).items():
         fhir = _on_fhir_path(path)
         media_type, model = (FHIR_JSON, "OperationOutcome") if fhir else (PROBLEM_JSON, "Problem")
