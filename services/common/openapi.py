@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 PROBLEM_JSON = "application/problem+json"
 FHIR_JSON = "application/fhir+json"
+GENERIC = {"application/json", PROBLEM_JSON, FHIR_JSON}  # what FastAPI or the routes said for an error
 BODY_METHODS = {"post", "put", "patch"}
 NO_DATABASE = {"/healthz", "/metrics", "/readyz"}  # /readyz declares its own 503
 
@@ -150,8 +151,13 @@ def conform_document(document: dict[str, Any]) -> dict[str, Any]:
                 example = _example(response.get("content", {}), fhir) or _default_example(
                     status, default[1], default[2], fhir
                 )
+                # A body of its own a route declares (STOW-RS's 409 is a DICOM Store Instances Response) stays.
+                own = {
+                    kind: media for kind, media in response.get("content", {}).items() if kind not in GENERIC
+                }
                 response["content"] = {
-                    media_type: {"schema": {"$ref": f"#/components/schemas/{model}"}, "example": example}
+                    **own,
+                    media_type: {"schema": {"$ref": f"#/components/schemas/{model}"}, "example": example},
                 }
                 if status in ("429", "503"):
                     response.setdefault("headers", {}).update(RETRY_AFTER)

@@ -142,27 +142,32 @@ def _negotiate(
 # --- STOW-RS -------------------------------------------------------------------------------------
 
 _MODULE = "Store Instances Response Module (PS3.18 Annex I) as application/dicom+json"
+STORE_RESPONSE = {DICOM_JSON: {"schema": DICOM_DATASETS["items"]}}  # one dataset: the Response Module
 STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": f"every instance stored; {_MODULE}"},
-    202: {"description": f"some stored, others failed or stored with a warning; {_MODULE}"},
+    200: {"description": f"every instance stored; {_MODULE}", "content": STORE_RESPONSE},
+    202: {
+        "description": f"some stored, others failed or stored with a warning; {_MODULE}",
+        "content": STORE_RESPONSE,
+    },
     400: {"description": "a malformed multipart/related body; nothing stored"},
     409: {
         "description": f"no instance stored; {_MODULE} with each Failure Reason (an instance over the size "
-        "limit: A700, Out of Resources)"
+        "limit: A700, Out of Resources)",
+        "content": STORE_RESPONSE,
     },
     413: {"description": "more parts or more bytes than one request may hold; nothing stored"},
     415: {"description": 'not multipart/related; type="application/dicom"; nothing stored'},
 }
 
 
-@router.post("/cases/{case_id}/studies", response_class=JSONResponse, responses=STOW_RESPONSES)
+@router.post("/cases/{case_id}/studies", response_class=DicomJsonResponse, responses=STOW_RESPONSES)
 async def store_instances(
     case_id: CaseId, request: Request, session: SessionDep, settings: SettingsDep, limits: LimitsDep
 ) -> JSONResponse:
     return await _stow(request, session, settings, limits, case_id=case_id, study=None)
 
 
-@router.post("/cases/{case_id}/studies/{study}", response_class=JSONResponse, responses=STOW_RESPONSES)
+@router.post("/cases/{case_id}/studies/{study}", response_class=DicomJsonResponse, responses=STOW_RESPONSES)
 async def store_study_instances(
     case_id: CaseId,
     study: Uid,
@@ -174,7 +179,7 @@ async def store_study_instances(
     return await _stow(request, session, settings, limits, case_id=case_id, study=study)
 
 
-@router.post("/studies", response_class=JSONResponse, responses=STOW_RESPONSES)
+@router.post("/studies", response_class=DicomJsonResponse, responses=STOW_RESPONSES)
 async def store_instances_for_requested_study(
     request: Request,
     session: SessionDep,
