@@ -93,6 +93,14 @@ DICOM_JSON_ANSWER: dict[int | str, dict[str, Any]] = {
         "content": {DICOM_JSON: {"schema": DICOM_DATASETS}},
     }
 }
+MULTIPART = "multipart/related"
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+INSTANCES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the instances, one application/dicom part each (PS3.18 8.7.1)",
+        "content": {MULTIPART: BINARY},
+    }
+}
 QIDO_ANSWER: dict[int | str, dict[str, Any]] = {
     **DICOM_JSON_ANSWER,
     400: {
@@ -645,10 +653,14 @@ def _modified_at(session: Session, row: RecordFile) -> datetime:
     return (held.decided_at or held.created_at) if held else row.created_at
 
 
-@router.get("/cases/{case_id}/studies/{study}", response_class=StreamingResponse)
-@router.get("/cases/{case_id}/studies/{study}/series/{series}", response_class=StreamingResponse)
+@router.get("/cases/{case_id}/studies/{study}", response_class=StreamingResponse, responses=INSTANCES)
 @router.get(
-    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}", response_class=StreamingResponse
+    "/cases/{case_id}/studies/{study}/series/{series}", response_class=StreamingResponse, responses=INSTANCES
+)
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}",
+    response_class=StreamingResponse,
+    responses={200: {**INSTANCES[200], "content": {MULTIPART: BINARY, "application/dicom": BINARY}}},
 )
 def retrieve(
     case_id: CaseId,
@@ -825,7 +837,13 @@ def _served_syntax(path: FilePath) -> str:
     return str(pydicom.uid.ExplicitVRLittleEndian if syntax == pydicom.uid.ImplicitVRLittleEndian else syntax)
 
 
-@router.get("/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "the frames, one part each (PS3.18 8.7.3)", "content": {MULTIPART: BINARY}}
+    },
+)
 def retrieve_frames(
     case_id: CaseId,
     study: Uid,

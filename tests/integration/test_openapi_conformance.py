@@ -40,6 +40,7 @@ from schemathesis.checks import (
 from schemathesis.config import SchemathesisConfig
 from sqlalchemy.engine import Engine
 
+from scripts.synthetic_study import make_us_instance
 from services.auth import api as partners_api
 from services.auth import auth_engine
 from services.auth.deps import rate_limiter
@@ -68,6 +69,11 @@ CHECKS = [
 # The schemas are read at import (to parametrize the tests); the databases and keys only exist once `world` does.
 WORLD: list[World] = []
 SETTINGS: list[Settings] = []
+STUDY, SERIES, SOP = (
+    "1.2.826.0.1.3680043.10.777",
+    "1.2.826.0.1.3680043.10.777.1",
+    "1.2.826.0.1.3680043.10.777.1.1",
+)
 UNLIMITED = RateLimiter(per_second=0, burst=0)  # hundreds of calls on one key; the limit has its own tests
 
 
@@ -120,6 +126,15 @@ def known(world: World, settings: Settings) -> None:  # noqa: F811 - the importe
     migrate.upgrade("intake", get_engine("intake"))  # the world has the other services' schemas
     SETTINGS[:] = [settings]
     WORLD[:] = [world]
+    # One ultrasound image of case B's patient, so DICOMweb's retrieve, metadata and frames answer 200 too.
+    image = make_us_instance(study_uid=STUDY, series_uid=SERIES, sop_uid=SOP, patient_id="M1")
+    with TestClient(records) as client:
+        uploaded = client.post(
+            f"/v1/records/{world.case_b}/files",
+            files=[("files", ("IM0001.dcm", image, "application/dicom"))],
+            headers={"Authorization": f"Bearer {world.keys['b']}"},
+        )
+    assert uploaded.status_code == 201, uploaded.text
 
 
 def key_for(service: str, path: str) -> str:
@@ -138,7 +153,8 @@ def key_for(service: str, path: str) -> str:
 def call(service: str, case: Any) -> None:
     w = WORLD[0]
     known_ids = {"case_id": w.case_b, "review_id": w.review_b, "report_id": w.report_b, "sha256": w.file_b,
-                 "partner_id": w.partner_b, "specialist_id": w.reviewer}  # fmt: skip
+                 "partner_id": w.partner_b, "specialist_id": w.reviewer, "study": STUDY, "series": SERIES,
+                 "sop": SOP, "frames": "1"}  # fmt: skip
     for name, value in known_ids.items():
         if name in (case.path_parameters or {}):
             case.path_parameters[name] = value
@@ -179,6 +195,7 @@ content_type_overrides:
   application/x-zip-compressed: application/octet-stream
   application/dicom: application/octet-stream
   application/pdf: application/octet-stream
+  multipart/related: application/octet-stream
 """
 SERVICES = {"intake": intake, "records": records, "insurance": insurance, "review": review}
 
