@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
@@ -434,6 +435,11 @@ def _unreadable_body(exc: StarletteHTTPException) -> str | None:
     return f"{problem}; nothing was stored" if problem else None
 
 
+class Readiness(BaseModel):
+    status: str = Field(examples=["ready"])
+    service: str = Field(examples=["intake"])
+
+
 def create_app(
     service: str,
     *,
@@ -516,7 +522,11 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok", "service": service}
 
-    @app.get("/readyz", tags=["ops"], responses={503: {"description": "a dependency is not reachable"}})
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={200: {"model": Readiness}, 503: {"description": "a dependency is not reachable"}},
+    )
     def readyz() -> Response:
         try:
             with engine().connect() as conn:

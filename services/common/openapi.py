@@ -11,6 +11,9 @@ come from the shared app, whatever the route declares, and are added to every op
 - 404 where the path names an object (a case, a review, ...): none visible to the caller's key;
 - 503 (the database is unavailable, with `Retry-After`) wherever a route reads the database.
 
+A 2xx answer is declared as it is sent: a route that answers FHIR JSON itself no longer also declares FastAPI's
+`application/json` without a schema, and a FHIR answer declares at least a resource (`resourceType`).
+
 A path parameter is declared as it is taken: present and never null. A handler shared by routes at several
 depths (DICOMweb's study, series and instance) takes the deeper ids as optional, and FastAPI declared them
 `anyOf: [string, null]` in the path, which client generators refuse (the route was left out of the client).
@@ -126,6 +129,28 @@ def _path_parameters_present(operation: dict[str, Any]) -> None:
             schema.update(present[0])
 
 
+FHIR_RESOURCE = {
+    "type": "object",
+    "description": "a FHIR R4 resource (https://hl7.org/fhir/R4/resourcelist.html)",
+    "properties": {"resourceType": {"type": "string"}},
+    "required": ["resourceType"],
+}
+
+
+def _answers_declared(responses: dict[str, Any]) -> None:
+    """A route that answers FHIR JSON (or DICOM JSON) itself got FastAPI's `application/json` with no schema
+    beside it, a type it never sends; and a FHIR answer with no schema is at least a resource."""
+    for status, response in responses.items():
+        content = response.get("content") or {}
+        if not status.startswith("2"):
+            continue
+        bare_json = "application/json" in content and not (content["application/json"] or {}).get("schema")
+        if bare_json and any(kind.endswith("+json") for kind in content):
+            del content["application/json"]
+        if FHIR_JSON in content and not (content[FHIR_JSON] or {}).get("schema"):
+            content[FHIR_JSON] = {**(content[FHIR_JSON] or {}), "schema": FHIR_RESOURCE}
+
+
 def conform_document(document: dict[str, Any]) -> dict[str, Any]:
     """`document` with each operation's errors and path parameters declared as they are (see the module
     docstring); changed in place."""
@@ -141,6 +166,7 @@ def conform_document(document: dict[str, Any]) -> dict[str, Any]:
         for method, operation in operations.items():
             _path_parameters_present(operation)
             responses = operation.setdefault("responses", {})
+            _answers_declared(responses)
             for status in _statuses(path, method, operation):
                 description, detail, code = COMMON[status]
                 responses.setdefault(status, {"description": description, "content": {}})

@@ -729,6 +729,7 @@ for _resource in (
             f"{_resource}/{_rendition}",
             not_rendered,
             methods=["GET"],
+            status_code=404,  # its only answer: the document declares no 200
             responses={404: {"description": NOT_RENDERED}},
             include_in_schema=_rendition == "rendered" and _resource.endswith("{sop}"),
         )

@@ -324,3 +324,18 @@ def test_a_stow_that_stores_nothing_answers_as_the_document_declares() -> None:
     )  # fmt: skip
     answer = case.call_and_validate(checks=CHECKS, data=not_dicom)
     assert answer.status_code == 409, answer.text
+
+
+def test_every_json_answer_a_document_declares_has_a_schema() -> None:
+    """A generated client returns an untyped dict (or nothing) for an answer declared without a schema, and
+    FastAPI declared `application/json` with none beside the FHIR JSON that routes send themselves."""
+    bare = [
+        f"{service} {method.upper()} {path} {status} {kind}"
+        for service, app in SERVICES.items()
+        for path, operations in app.openapi()["paths"].items()
+        for method, operation in operations.items()
+        for status, response in operation["responses"].items()
+        for kind, media in (response.get("content") or {}).items()
+        if kind.endswith("json") and not (media or {}).get("schema")
+    ]
+    assert bare == []
