@@ -58,7 +58,12 @@ router = APIRouter(
     prefix="/dicomweb",
     tags=["dicomweb"],
     dependencies=[Depends(case_scope("records.dicomweb", specialists=True))],
-    responses=AUTH_ERRORS,
+    responses={
+        **AUTH_ERRORS,
+        406: {
+            "description": "the Accept header asks for a media type this resource is not served as; the detail names those it is"
+        },
+    },
     route_class=AuthRoute,
 )
 

@@ -339,3 +339,14 @@ def test_every_json_answer_a_document_declares_has_a_schema() -> None:
         if kind.endswith("json") and not (media or {}).get("schema")
     ]
     assert bare == []
+
+
+def test_dicomweb_refusing_an_accept_header_answers_as_the_document_declares() -> None:
+    """A viewer asking for a media type a resource is not served as gets a 406 naming those it is."""
+    w = WORLD[0]
+    metadata = _schema(records)["/dicomweb/cases/{case_id}/studies/{study}/metadata"]
+    case = metadata["GET"].Case(path_parameters={"case_id": w.case_b, "study": STUDY})
+    answer = case.call_and_validate(
+        headers={"Authorization": f"Bearer {w.keys['b']}", "Accept": "application/xml"}, checks=CHECKS
+    )
+    assert answer.status_code == 406, answer.text
