@@ -9,7 +9,8 @@ come from the shared app, whatever the route declares, and are added to every op
 - 413 (a body over the service's limit) and 400 (a body that cannot be decoded) where a body is taken;
 - 401, 403 and 429 (the key's rate limit, with `Retry-After`) where an API key is required;
 - 404 where the path names an object (a case, a review, ...): none visible to the caller's key;
-- 503 (the database is unavailable, with `Retry-After`) wherever a route reads the database.
+- 503 (the database is unavailable, with `Retry-After`) wherever a route reads the database;
+- 406, and 415 where a body is taken, under `/fhir` (FHIR R4 JSON only: services.common.http.fhir_json_only).
 
 A 2xx answer is declared as it is sent: a route that answers FHIR JSON itself no longer also declares FastAPI's
 `application/json` without a schema, and a FHIR answer declares at least a resource (`resourceType`).
@@ -68,10 +69,14 @@ COMMON: dict[str, tuple[str, str, str]] = {
     "403": ("The key's role may not do this", "this needs the role operations; your key has …", "forbidden"),
     "404": ("The path names nothing visible to your key (another partner's case is a 404 too)",
             "no case visible to your key; check the case id", "not-found"),
+    "406": ("Only FHIR R4 JSON is served: `_format` or `Accept` ruled it out",
+            "only JSON is served: send _format=json or Accept: application/fhir+json", "not-supported"),
     "413": ("The body is larger than this service takes", "the request body is larger than …", "too-costly"),
     "422": ("A parameter or the body does not match the schema (a NUL character in the URL included); "
             "`errors` names each field, never its value",
             "The request does not match the schema; fix the fields listed.", "invalid"),
+    "415": ("The body is not FHIR R4 JSON", "send the resource as JSON, with Content-Type: application/fhir+json",
+            "not-supported"),
     "429": ("The key's rate limit is spent; retry after `Retry-After` seconds",
             "too many requests for this key; retry after the seconds in Retry-After", "throttled"),
     "503": ("The database was unavailable; retry after `Retry-After` seconds with the same Idempotency-Key",
@@ -97,6 +102,8 @@ def _statuses(path: str, method: str, operation: dict[str, Any]) -> list[str]:
         found += ["400", "413"]
     if path not in NO_DATABASE:
         found += ["503"]
+    if _on_fhir_path(path):  # services.common.http.fhir_json_only guards every FHIR route
+        found += ["406", *(["415"] if method in BODY_METHODS else [])]
     return found
 
 

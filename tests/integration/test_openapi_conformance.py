@@ -350,3 +350,13 @@ def test_dicomweb_refusing_an_accept_header_answers_as_the_document_declares() -
         headers={"Authorization": f"Bearer {w.keys['b']}", "Accept": "application/xml"}, checks=CHECKS
     )
     assert answer.status_code == 406, answer.text
+
+
+def test_a_fhir_read_refusing_an_accept_header_answers_as_the_document_declares() -> None:
+    """Every FHIR route serves FHIR R4 JSON only: another format asked for is a 406 OperationOutcome."""
+    w = WORLD[0]
+    read = _schema(review)["/fhir/DiagnosticReport/{report_id}"]["GET"]
+    answer = read.Case(path_parameters={"report_id": w.report_b}).call_and_validate(
+        headers={"Authorization": f"Bearer {w.keys['b']}", "Accept": "application/fhir+xml"}, checks=CHECKS
+    )
+    assert answer.status_code == 406, answer.text
