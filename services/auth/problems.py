@@ -4,21 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from services.common.openapi import PROBLEM_JSON, FieldError, Problem
 
-
-class FieldError(BaseModel):
-    field: str = Field(examples=["patient.birth_date"])
-    message: str = Field(examples=["Field required"])
-
-
-class Problem(BaseModel):
-    """What went wrong and what to do; never echoes the values sent."""
-
-    title: str = Field(examples=["Invalid request"])
-    status: int = Field(examples=[422])
-    detail: str = Field(examples=["The request does not match the schema; fix the fields listed."])
-    errors: list[FieldError] | None = None
+__all__ = ["AUTH_ERRORS", "FieldError", "Problem", "problem_response"]
 
 
 def problem_response(status: int, description: str, detail: str) -> dict[str, Any]:
@@ -26,7 +14,7 @@ def problem_response(status: int, description: str, detail: str) -> dict[str, An
     return {
         "description": description,
         "model": Problem,
-        "content": {"application/json": {"example": {"title": "Error", "status": status, "detail": detail}}},
+        "content": {PROBLEM_JSON: {"example": {"title": "Error", "status": status, "detail": detail}}},
     }
 
 

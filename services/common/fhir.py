@@ -201,3 +201,20 @@ def undeclared_router(service: str, internal: dict[str, list[str]] | None = None
         return undeclared_answer(service, resource_type, rest, internal)
 
     return router
+
+
+class FhirJsonResponse(JSONResponse):
+    """A FHIR resource as JSON; a route's `response_class` so its document declares application/fhir+json."""
+
+    media_type = "application/fhir+json"
+
+
+def fhir_resource_answer(resource_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI `responses` entry for a 200 that is one FHIR resource of `resource_type`."""
+    schema = {
+        "type": "object",
+        "description": f"a FHIR R4 {resource_type} (https://hl7.org/fhir/R4/{resource_type.lower()}.html)",
+        "properties": {"resourceType": {"type": "string", "enum": [resource_type]}},
+        "required": ["resourceType"],
+    }
+    return {200: {"description": description, "content": {"application/fhir+json": {"schema": schema}}}}

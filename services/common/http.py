@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import IntakeRejected, RecordsRejected, human_size
+from services.common.openapi import conform_document
 from services.common.tracing import server_span
 
 log = structlog.get_logger(__name__)
@@ -473,6 +475,11 @@ def _unreadable_body(exc: StarletteHTTPException) -> str | None:
     return f"{problem}; nothing was stored" if problem else None
 
 
+class Readiness(BaseModel):
+    status: str = Field(examples=["ready"])
+    service: str = Field(examples=["intake"])
+
+
 def create_app(
     service: str,
     *,
@@ -556,7 +563,11 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok", "service": service}
 
-    @app.get("/readyz", tags=["ops"], responses={503: {"description": "a dependency is not reachable"}})
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={200: {"model": Readiness}, 503: {"description": "a dependency is not reachable"}},
+    )
     def readyz() -> Response:
         try:
             with engine().connect() as conn:
@@ -573,4 +584,13 @@ def create_app(
 
     for router in routers:
         app.include_router(router)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = conform_document(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -14,6 +14,7 @@ from services.auth.access import case_scope
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.db import get_engine, utcnow
+from services.common.fhir import FhirJsonResponse, fhir_resource_answer
 from services.insurance import fhir_resources, handlers
 from services.insurance.connectors import find_plan, network_status
 from services.insurance.models import (
@@ -46,6 +47,9 @@ SessionDep = Annotated[Session, Depends(get_session)]
 NOT_VERIFIED: dict[int | str, dict[str, Any]] = {
     404: {"description": "coverage for the case has not been verified (yet)"}
 }
+FHIR_COVERAGE = fhir_resource_answer(
+    "Coverage", "the case's coverage as a FHIR R4 Coverage (member id masked)"
+)
 
 
 @router.get("/plans", response_model=list[PlanPublic])
@@ -123,7 +127,9 @@ def record_authorization(
     return CoverageVerificationPublic.model_validate({**row.model_dump(), "withdrawn": False})
 
 
-@router.get("/{case_id}/Coverage", responses=NOT_VERIFIED)
+@router.get(
+    "/{case_id}/Coverage", response_class=FhirJsonResponse, responses={**FHIR_COVERAGE, **NOT_VERIFIED}
+)
 def get_fhir_coverage(case_id: str, session: SessionDep) -> JSONResponse:
     """The case's coverage as a FHIR R4 Coverage (the member id is masked)."""
     row = _verification(session, case_id)

@@ -12,7 +12,6 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +31,7 @@ from services.common.fhir import (
     unparseable,
 )
 from services.common.http import UnreadableJson, fhir_json_only, parse_json
+from services.common.openapi import OperationOutcome
 from services.intake import fhir_intake, handlers
 from services.intake.api import (
     AuditDep,
@@ -57,20 +57,6 @@ MAX_FHIR_BYTES = 30 * 1024 * 1024
 router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(fhir_json_only)])
 
 
-class OutcomeIssue(BaseModel):
-    severity: str = Field(examples=["error"])
-    code: str = Field(examples=["invalid"])
-    diagnostics: str
-    expression: list[str] | None = Field(default=None, examples=[["Bundle.entry[0].resource.birthDate"]])
-
-
-class OperationOutcome(BaseModel):
-    """A FHIR R4 OperationOutcome (the subset intake sends)."""
-
-    resourceType: str = Field(default="OperationOutcome", examples=["OperationOutcome"])  # noqa: N815 - FHIR name
-    issue: list[OutcomeIssue]
-
-
 def outcome_doc(description: str, example: dict[str, Any]) -> dict[str, Any]:
     schema = {"$ref": "#/components/schemas/OperationOutcome"}
     return {
@@ -78,7 +64,6 @@ def outcome_doc(description: str, example: dict[str, Any]) -> dict[str, Any]:
         "model": OperationOutcome,
         "content": {
             FHIR_JSON: {"schema": schema, "example": example},
-            "application/json": {"example": example},
         },
     }
 

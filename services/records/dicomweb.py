@@ -59,11 +59,60 @@ router = APIRouter(
     prefix="/dicomweb",
     tags=["dicomweb"],
     dependencies=[Depends(case_scope("records.dicomweb", specialists=True, dicom=True))],
-    responses=AUTH_ERRORS,
+    responses={
+        **AUTH_ERRORS,
+        406: {
+            "description": "the Accept header asks for a media type this resource is not served as; the detail names those it is"
+        },
+    },
     route_class=AuthRoute,
 )
 
 DICOM_JSON = "application/dicom+json"
+
+
+class DicomJsonResponse(JSONResponse):
+    """What QIDO-RS and the metadata answer (the document said application/json)."""
+
+    media_type = DICOM_JSON
+
+
+# PS3.18 F.2: an array of datasets, each an object keyed by tag, e.g. {"0020000D": {"vr": "UI", "Value": [...]}}.
+DICOM_DATASETS: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": {
+            "type": "object",
+            "properties": {
+                "vr": {"type": "string"},
+                "Value": {"type": "array", "items": {}},
+                "BulkDataURI": {"type": "string"},
+            },
+            "required": ["vr"],
+        },
+    },
+}
+DICOM_JSON_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "DICOM JSON (PS3.18 F.2): one dataset per match",
+        "content": {DICOM_JSON: {"schema": DICOM_DATASETS}},
+    }
+}
+MULTIPART = "multipart/related"
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+INSTANCES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the instances, one application/dicom part each (PS3.18 8.7.1)",
+        "content": {MULTIPART: BINARY},
+    }
+}
+QIDO_ANSWER: dict[int | str, dict[str, Any]] = {
+    **DICOM_JSON_ANSWER,
+    400: {
+        "description": "a query key's value does not fit its VR (SeriesNumber=two): the detail names the key"
+    },
+}
 Uid = Annotated[str, Path(pattern=r"^[0-9.]{1,64}$")]
 CaseId = Annotated[str, Path(min_length=1, max_length=64)]
 LimitsDep = Annotated[ImportLimits, Depends(get_limits)]
@@ -107,27 +156,32 @@ def _negotiate(
 # --- STOW-RS -------------------------------------------------------------------------------------
 
 _MODULE = "Store Instances Response Module (PS3.18 Annex I) as application/dicom+json"
+STORE_RESPONSE = {DICOM_JSON: {"schema": DICOM_DATASETS["items"]}}  # one dataset: the Response Module
 STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": f"every instance stored; {_MODULE}"},
-    202: {"description": f"some stored, others failed or stored with a warning; {_MODULE}"},
+    200: {"description": f"every instance stored; {_MODULE}", "content": STORE_RESPONSE},
+    202: {
+        "description": f"some stored, others failed or stored with a warning; {_MODULE}",
+        "content": STORE_RESPONSE,
+    },
     400: {"description": "a malformed multipart/related body; nothing stored"},
     409: {
         "description": f"no instance stored; {_MODULE} with each Failure Reason (an instance over the size "
-        "limit: A700, Out of Resources)"
+        "limit: A700, Out of Resources)",
+        "content": STORE_RESPONSE,
     },
     413: {"description": "more parts or more bytes than one request may hold; nothing stored"},
     415: {"description": 'not multipart/related; type="application/dicom"; nothing stored'},
 }
 
 
-@router.post("/cases/{case_id}/studies", response_class=JSONResponse, responses=STOW_RESPONSES)
+@router.post("/cases/{case_id}/studies", response_class=DicomJsonResponse, responses=STOW_RESPONSES)
 async def store_instances(
     case_id: CaseId, request: Request, session: SessionDep, settings: SettingsDep, limits: LimitsDep
 ) -> JSONResponse:
     return await _stow(request, session, settings, limits, case_id=case_id, study=None)
 
 
-@router.post("/cases/{case_id}/studies/{study}", response_class=JSONResponse, responses=STOW_RESPONSES)
+@router.post("/cases/{case_id}/studies/{study}", response_class=DicomJsonResponse, responses=STOW_RESPONSES)
 async def store_study_instances(
     case_id: CaseId,
     study: Uid,
@@ -139,7 +193,7 @@ async def store_study_instances(
     return await _stow(request, session, settings, limits, case_id=case_id, study=study)
 
 
-@router.post("/studies", response_class=JSONResponse, responses=STOW_RESPONSES)
+@router.post("/studies", response_class=DicomJsonResponse, responses=STOW_RESPONSES)
 async def store_instances_for_requested_study(
     request: Request,
     session: SessionDep,
@@ -467,7 +521,7 @@ Limit = Annotated[int | None, Query(ge=1, le=10000)]
 Offset = Annotated[int, Query(ge=0)]
 
 
-@router.get("/cases/{case_id}/studies")
+@router.get("/cases/{case_id}/studies", response_class=DicomJsonResponse, responses=QIDO_ANSWER)
 def search_studies(
     case_id: CaseId,
     request: Request,
@@ -517,7 +571,9 @@ def search_studies(
     return _dicom_json(_page(results, limit, offset), headers=warned)
 
 
-@router.get("/cases/{case_id}/studies/{study}/series")
+@router.get(
+    "/cases/{case_id}/studies/{study}/series", response_class=DicomJsonResponse, responses=QIDO_ANSWER
+)
 def search_series(
     case_id: CaseId,
     study: Uid,
@@ -560,8 +616,16 @@ def search_series(
     return _dicom_json(_page(results, limit, offset), headers=warned)
 
 
-@router.get("/cases/{case_id}/studies/{study}/instances")
-@router.get("/cases/{case_id}/studies/{study}/series/{series}/instances")
+@router.get(
+    "/cases/{case_id}/studies/{study}/instances",
+    response_class=DicomJsonResponse,
+    responses=QIDO_ANSWER,
+)
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/instances",
+    response_class=DicomJsonResponse,
+    responses=QIDO_ANSWER,
+)
 def search_instances(
     case_id: CaseId,
     study: Uid,
@@ -642,10 +706,14 @@ def _modified_at(session: Session, row: RecordFile) -> datetime:
     return (held.decided_at or held.created_at) if held else row.created_at
 
 
-@router.get("/cases/{case_id}/studies/{study}", response_class=StreamingResponse)
-@router.get("/cases/{case_id}/studies/{study}/series/{series}", response_class=StreamingResponse)
+@router.get("/cases/{case_id}/studies/{study}", response_class=StreamingResponse, responses=INSTANCES)
 @router.get(
-    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}", response_class=StreamingResponse
+    "/cases/{case_id}/studies/{study}/series/{series}", response_class=StreamingResponse, responses=INSTANCES
+)
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}",
+    response_class=StreamingResponse,
+    responses={200: {**INSTANCES[200], "content": {MULTIPART: BINARY, "application/dicom": BINARY}}},
 )
 def retrieve(
     case_id: CaseId,
@@ -698,9 +766,10 @@ NOT_RENDERED = (
 )
 
 
-def not_rendered(case_id: CaseId, study: Uid) -> None:
+def not_rendered(case_id: CaseId, study: Uid, series: str | None = None, sop: str | None = None) -> None:
     """Rendered resources (PS3.18 10.4.1.1.3) are not served: a viewer configured for them is told what to ask
-    for instead, not left with a bare "Not Found"."""
+    for instead, not left with a bare "Not Found". `series` and `sop` are named so the document declares the
+    path parameters of the instance's route (a client generator refuses a route whose path names undeclared ones)."""
     raise HTTPException(404, NOT_RENDERED)
 
 
@@ -715,14 +784,25 @@ for _resource in (
             f"{_resource}/{_rendition}",
             not_rendered,
             methods=["GET"],
+            status_code=404,  # its only answer: the document declares no 200
             responses={404: {"description": NOT_RENDERED}},
             include_in_schema=_rendition == "rendered" and _resource.endswith("{sop}"),
         )
 
 
-@router.get("/cases/{case_id}/studies/{study}/metadata")
-@router.get("/cases/{case_id}/studies/{study}/series/{series}/metadata")
-@router.get("/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/metadata")
+@router.get(
+    "/cases/{case_id}/studies/{study}/metadata", response_class=DicomJsonResponse, responses=DICOM_JSON_ANSWER
+)
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/metadata",
+    response_class=DicomJsonResponse,
+    responses=DICOM_JSON_ANSWER,
+)
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/metadata",
+    response_class=DicomJsonResponse,
+    responses=DICOM_JSON_ANSWER,
+)
 def retrieve_metadata(
     case_id: CaseId,
     study: Uid,
@@ -813,7 +893,13 @@ def _served_syntax(path: FilePath) -> str:
     return str(pydicom.uid.ExplicitVRLittleEndian if syntax == pydicom.uid.ImplicitVRLittleEndian else syntax)
 
 
-@router.get("/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+@router.get(
+    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "the frames, one part each (PS3.18 8.7.3)", "content": {MULTIPART: BINARY}}
+    },
+)
 def retrieve_frames(
     case_id: CaseId,
     study: Uid,

@@ -11,6 +11,7 @@ from sqlmodel import select
 from services.auth import Role, authenticate, require_role
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
+from services.common.fhir import FhirJsonResponse, fhir_resource_answer
 from services.common.http import fhir_json_only
 from services.review import directory
 from services.review.deps import SessionDep
@@ -81,12 +82,20 @@ def deactivate_specialist(specialist_id: str, session: SessionDep) -> Specialist
         raise _not_found() from exc
 
 
-@fhir_practitioners.get("/Practitioner/{specialist_id}", responses={200: {"content": {FHIR_JSON: {}}}})
+@fhir_practitioners.get(
+    "/Practitioner/{specialist_id}",
+    response_class=FhirJsonResponse,
+    responses=fhir_resource_answer("Practitioner", "the specialist as a FHIR R4 Practitioner"),
+)
 def read_practitioner(specialist_id: str, session: SessionDep) -> JSONResponse:
     return _fhir(session, specialist_id, "Practitioner", practitioner)
 
 
-@fhir_practitioners.get("/PractitionerRole/{specialist_id}", responses={200: {"content": {FHIR_JSON: {}}}})
+@fhir_practitioners.get(
+    "/PractitionerRole/{specialist_id}",
+    response_class=FhirJsonResponse,
+    responses=fhir_resource_answer("PractitionerRole", "the specialist as a FHIR R4 PractitionerRole"),
+)
 def read_practitioner_role(specialist_id: str, session: SessionDep) -> JSONResponse:
     return _fhir(session, specialist_id, "PractitionerRole", practitioner_role)
 

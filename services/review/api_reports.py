@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from services.auth import authenticate
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
-from services.common.fhir import etag, unchanged
+from services.common.fhir import FhirJsonResponse, etag, fhir_resource_answer, unchanged
 from services.common.http import fhir_json_only
 from services.review import handlers
 from services.review.deps import Access, AccessDep, SessionDep, SettingsDep
@@ -53,11 +53,16 @@ fhir = APIRouter(
 )
 
 
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+DIAGNOSTIC_REPORT = fhir_resource_answer("DiagnosticReport", "")[200]["content"][FHIR_JSON]
+
+
 @reports.get(
     "/{case_id}",
+    response_class=FhirJsonResponse,
     responses={
         200: {
-            "content": {FHIR_JSON: {}, PDF: {}, DICOM: {}},
+            "content": {FHIR_JSON: DIAGNOSTIC_REPORT, PDF: BINARY, DICOM: BINARY},
             "description": "the report in the format asked",
         },
         404: {"description": "no report for the case yet"},
@@ -110,7 +115,7 @@ def get_report(
     return Response(placed.dicom, media_type=DICOM, headers=headers)
 
 
-@reports.get("/{case_id}/pdf", responses={200: {"content": {PDF: {}}}, 404: {}})
+@reports.get("/{case_id}/pdf", response_class=Response, responses={200: {"content": {PDF: BINARY}}, 404: {}})
 def get_report_pdf(case_id: str, session: SessionDep, settings: SettingsDep, access: AccessDep) -> Response:
     """The PDF whatever the Accept header: DiagnosticReport.presentedForm.url points here."""
     report = _report_or_404(session, case_id, access)
@@ -155,9 +160,10 @@ def get_patient_summary(
 
 @fhir.get(
     "/{report_id}",
+    response_class=FhirJsonResponse,
     responses={
         200: {
-            "content": {FHIR_JSON: {}},
+            "content": {FHIR_JSON: DIAGNOSTIC_REPORT},
             "description": "the latest version of the report; `ETag` is its meta.versionId",
         },
         304: {"description": "If-None-Match names the latest version: unchanged since"},
