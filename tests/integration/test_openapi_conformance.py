@@ -39,6 +39,7 @@ from schemathesis.checks import (
 )
 from schemathesis.config import SchemathesisConfig
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
 
 from scripts.synthetic_study import make_us_instance
 from services.auth import api as partners_api
@@ -57,6 +58,7 @@ from services.records import api as records_api
 from services.records import dicomweb, export, timeline
 from services.review import api as review_api
 from services.review import deps as review_deps
+from services.review.models import Specialist
 from tests.integration.test_tenancy_matrix import World, world  # noqa: F401 - the module's fixture
 
 CHECKS = [
@@ -122,7 +124,25 @@ def _schema(app: FastAPI) -> Any:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def known(world: World, settings: Settings) -> None:  # noqa: F811 - the imported fixture
+def directory_as_it_was() -> Iterator[None]:
+    """The examples add, change and deactivate specialists (spec-gyn-1 among them): the directory is put back
+    as it was once the module is done, so that the review tests after it match as they expect."""
+    engine = get_engine("review")
+    migrate.upgrade("review", engine)
+    with Session(engine) as session:
+        before = [s.model_dump() for s in session.exec(select(Specialist)).all()]
+    yield
+    with Session(engine) as session:
+        kept = {row["id"] for row in before}
+        for added in session.exec(select(Specialist).where(col(Specialist.id).not_in(kept))).all():
+            session.delete(added)
+        for row in before:
+            session.merge(Specialist(**row))
+        session.commit()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def known(world: World, settings: Settings, directory_as_it_was: None) -> None:  # noqa: F811 - the imported fixture
     migrate.upgrade("intake", get_engine("intake"))  # the world has the other services' schemas
     SETTINGS[:] = [settings]
     WORLD[:] = [world]
