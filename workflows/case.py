@@ -114,6 +114,15 @@ CLOCK_SKEW = timedelta(minutes=5)
 # While a report waits for the communication to be documented, operations is reminded this often (not on hold).
 # A constant, not a CasePolicy field: a worker from before would refuse a case input carrying a new field.
 COMMUNICATION_REMINDER = timedelta(hours=1)
+# workflow.patched id: the communication reminders back off (hourly for 8 hours, every 4 hours to the 7th day, then
+# daily) and a hold waits without a timer; cases from before remind every hour (6 history events each: ~71 days to
+# Temporal's 10,240-event warning). Decided when the wait starts.
+COMMUNICATION_BACKOFF = "communication-reminders-back-off"
+# workflow.patched id: while no specialist is available the wait before matching again doubles from the policy's
+# rematch_after_hours up to REMATCH_CAP (reset by an offer); cases from before match again every
+# rematch_after_hours (~12 history events each: ~35 days to the warning at 1 hour).
+REMATCH_BACKOFF = "rematch-backs-off"
+REMATCH_CAP = timedelta(hours=6)
 
 # A decision's texts that may not be left blank where its model requires them, and what to put there.
 REQUIRED_TEXTS = {
@@ -142,6 +151,22 @@ WAITING_STATES = {
     CaseStatus.FOLLOW_UP: "follow-up questions from the referring physician or the patient",
     CaseStatus.ON_HOLD: "an operator to resume the case",
 }
+
+
+def communication_reminder_interval(sent: int) -> timedelta:
+    """The wait before the next communication reminder, `sent` reminders in: hourly for 8 hours (a shift), every 4
+    hours to the end of the 7th day, then daily (about 406 reminders a year, not 8,760)."""
+    if sent < 8:
+        return COMMUNICATION_REMINDER
+    if sent < 48:
+        return timedelta(hours=4)
+    return timedelta(days=1)
+
+
+def rematch_interval(every: timedelta, unmatched: int) -> timedelta:
+    """The wait before matching again after the `unmatched`-th answer in a row that no specialist is available:
+    `every` doubled each time, at most REMATCH_CAP (or `every`, if a policy sets it longer)."""
+    return min(every * 2 ** min(max(unmatched - 1, 0), 16), max(every, REMATCH_CAP))
 
 
 class Rematch(Exception):
@@ -227,6 +252,7 @@ class CaseWorkflow:
         self._own_delivered = 0  # how many of them were
         self._communication_awaited = False  # document_communication asked for (patch COMMUNICATION_FIRST)
         self._communication: DocumentedCommunication | None = None
+        self._unmatched_in_a_row = 0  # no specialist available, answered this often since the last offer
 
     # ---- the business process ------------------------------------------------------------------
 
@@ -493,13 +519,18 @@ class CaseWorkflow:
         )
         if answer.type == ReviewUnmatched.TYPE:
             unmatched = ReviewUnmatched.model_validate(answer.data)
+            self._unmatched_in_a_row += 1
+            every = timedelta(hours=case.policy.rematch_after_hours)
+            if workflow.patched(REMATCH_BACKOFF):
+                every = rematch_interval(every, self._unmatched_in_a_row)
             await self._transition(CaseStatus.UNMATCHED, f"no specialist available: {unmatched.reason}")
             await self._wait_or_timeout(
-                lambda: self._reassign is not None,
-                timedelta(hours=case.policy.rematch_after_hours),
-                "match again (no specialist was available)",
+                lambda: self._reassign is not None, every, "match again (no specialist was available)"
             )
-            raise Rematch("matching again after no specialist was available")
+            raise Rematch(
+                f"matching again after no specialist was available ({self._unmatched_in_a_row} in a row)"
+            )
+        self._unmatched_in_a_row = 0
         if answer.type == ReviewAssigned.TYPE:  # a directory that assigns without an offer
             assigned = ReviewAssigned.model_validate(answer.data)
             self._offer = ReviewOffered(**assigned.model_dump())
@@ -558,11 +589,20 @@ class CaseWorkflow:
                 "until operations documents that the referring physician was told",
             )
             waiting_since, reminders = workflow.now(), 0
-            while not await self._wait_or_timeout(
-                lambda: self._communication is not None,
-                COMMUNICATION_REMINDER,
-                f"communication reminder {reminders + 1}",
-            ):
+            backs_off = workflow.patched(COMMUNICATION_BACKOFF)
+            while True:
+                if backs_off and self._hold is not None:
+                    # On hold by operations' choice: no timer, no reminder until it is resumed.
+                    await workflow.wait_condition(
+                        lambda: self._communication is not None or self._hold is None
+                    )
+                    if self._communication is not None:
+                        break
+                every = communication_reminder_interval(reminders) if backs_off else COMMUNICATION_REMINDER
+                if await self._wait_or_timeout(
+                    lambda: self._communication is not None, every, f"communication reminder {reminders + 1}"
+                ):
+                    break
                 if self._hold is not None:
                     continue  # on hold by operations' choice: no reminder until it is resumed
                 reminders += 1
