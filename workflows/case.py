@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -89,6 +89,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 E = TypeVar("E", bound=BaseModel)
+T = TypeVar("T")
 D = TypeVar("D", bound=Decision)
 
 # Publishing is retried until the broker confirms: a case never loses a command to a broker restart.
@@ -123,6 +124,12 @@ COMMUNICATION_BACKOFF = "communication-reminders-back-off"
 # rematch_after_hours (~12 history events each: ~35 days to the warning at 1 hour).
 REMATCH_BACKOFF = "rematch-backs-off"
 REMATCH_CAP = timedelta(hours=6)
+
+# A query returns at most this many items of the timeline, alerts or received events: the first QUERY_HEAD (how the
+# case began) and the latest, with one item saying how many were left out between. A list the case keeps growing
+# (a reminder a day, a rematch every 6 hours, a signal noted) stays far below Temporal's query size limit.
+QUERY_ITEMS = 500
+QUERY_HEAD = 100
 
 # A decision's texts that may not be left blank where its model requires them, and what to put there.
 REQUIRED_TEXTS = {
@@ -167,6 +174,22 @@ def rematch_interval(every: timedelta, unmatched: int) -> timedelta:
     """The wait before matching again after the `unmatched`-th answer in a row that no specialist is available:
     `every` doubled each time, at most REMATCH_CAP (or `every`, if a policy sets it longer)."""
     return min(every * 2 ** min(max(unmatched - 1, 0), 16), max(every, REMATCH_CAP))
+
+
+def _first_and_latest(items: list[T], gap: Callable[[int, T], T]) -> list[T]:
+    """`items`, or if more than QUERY_ITEMS the first QUERY_HEAD, `gap(left_out, first left out)`, the latest."""
+    if len(items) <= QUERY_ITEMS:
+        return items
+    latest = QUERY_ITEMS - QUERY_HEAD - 1
+    left_out = len(items) - QUERY_HEAD - latest
+    return [*items[:QUERY_HEAD], gap(left_out, items[QUERY_HEAD]), *items[-latest:]]
+
+
+def _left_out(count: int) -> str:
+    return (
+        f"{count} items left out here (a query shows the first {QUERY_HEAD} and the latest "
+        f"{QUERY_ITEMS - QUERY_HEAD - 1}); the case's history in the Temporal UI holds them all"
+    )
 
 
 class Rematch(Exception):
@@ -993,7 +1016,12 @@ class CaseWorkflow:
 
     @workflow.query
     def timeline(self) -> list[TimelineItem]:
-        return self._timeline
+        return _first_and_latest(
+            self._timeline,
+            lambda count, first: TimelineItem(
+                status=first.status, at=first.at, detail=_left_out(count), kind="note"
+            ),
+        )
 
     @workflow.query
     def decisions(self) -> list[DecisionRecord]:
@@ -1001,7 +1029,10 @@ class CaseWorkflow:
 
     @workflow.query
     def alerts(self) -> list[AlertRecord]:
-        return self._alerts
+        return _first_and_latest(
+            self._alerts,
+            lambda count, first: AlertRecord(kind="left_out", at=first.at, detail=_left_out(count)),
+        )
 
     @workflow.query
     def due_at(self) -> datetime | None:
@@ -1010,7 +1041,9 @@ class CaseWorkflow:
     @workflow.query
     def received(self) -> list[str]:
         """The events the case has applied, as `type id`, in order (duplicates never appear)."""
-        return [f"{event.type} {event.id}" for event in self._received]
+        return _first_and_latest(
+            [f"{event.type} {event.id}" for event in self._received], lambda count, _: _left_out(count)
+        )
 
     @workflow.query
     def review(self) -> ReviewAssignment | None:
