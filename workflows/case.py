@@ -6,7 +6,20 @@ Updates (validated: a decision that makes no sense in the current state is rejec
 is one whose input is not one JSON object that fits, naming the update and what it takes):
 ``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``document_communication``,
 ``hold``, ``resume``, ``ask_question``, ``close``. The case completes once every decision has finished.
-Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``, ``received``.
+Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``, ``received`` (``timeline``,
+``alerts`` and ``received`` return at most QUERY_ITEMS items: the first and the latest).
+
+Temporal ends a history at 51,200 events (it warns from 10,240). The loops that run while nobody acts, measured
+on the dev server with the default CasePolicy (README, "How long a case can wait"):
+
+    loop                              one turn            how often                     warning      limit
+    communication reminder            6 events, 1.2 KB    1 h x8, 4 h to day 7, daily   ~4.5 years   ~23 years
+      (before communication-reminders-back-off: every hour, 71 days / 356 days; on hold a timer every hour)
+    unmatched, matching again         12 events, 3.0 KB   1, 2, 4 h, then 6 h           ~7 months    ~2.9 years
+      (before rematch-backs-off: every hour, 36 days / 178 days)
+    authorization reminder            6 events, 1.2 KB    48 h                          ~9 years     ~47 years
+    offer lapsed / declined           ~14 events, 3 KB    24 h                          bounded: each excludes one specialist
+    records reminders, due date, follow-up questions: a fixed number of turns.
 """
 
 from __future__ import annotations
