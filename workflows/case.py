@@ -6,14 +6,27 @@ Updates (validated: a decision that makes no sense in the current state is rejec
 is one whose input is not one JSON object that fits, naming the update and what it takes):
 ``cancel``, ``decide_cost``, ``reconcile_identity``, ``reassign_reviewer``, ``document_communication``,
 ``hold``, ``resume``, ``ask_question``, ``close``. The case completes once every decision has finished.
-Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``, ``received``.
+Queries: ``status``, ``timeline``, ``decisions``, ``alerts``, ``due_at``, ``review``, ``received`` (``timeline``,
+``alerts`` and ``received`` return at most QUERY_ITEMS items: the first and the latest).
+
+Temporal ends a history at 51,200 events (it warns from 10,240). The loops that run while nobody acts, measured
+on the dev server with the default CasePolicy (README, "How long a case can wait"):
+
+    loop                              one turn            how often                     warning      limit
+    communication reminder            6 events, 1.2 KB    1 h x8, 4 h to day 7, daily   ~4.5 years   ~23 years
+      (before communication-reminders-back-off: every hour, 71 days / 356 days; on hold a timer every hour)
+    unmatched, matching again         12 events, 3.0 KB   1, 2, 4 h, then 6 h           ~7 months    ~2.9 years
+      (before rematch-backs-off: every hour, 36 days / 178 days)
+    authorization reminder            6 events, 1.2 KB    48 h                          ~9 years     ~47 years
+    offer lapsed / declined           ~14 events, 3 KB    24 h                          bounded: each excludes one specialist
+    records reminders, due date, follow-up questions: a fixed number of turns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -89,6 +102,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 E = TypeVar("E", bound=BaseModel)
+T = TypeVar("T")
 D = TypeVar("D", bound=Decision)
 
 # Publishing is retried until the broker confirms: a case never loses a command to a broker restart.
@@ -114,6 +128,21 @@ CLOCK_SKEW = timedelta(minutes=5)
 # While a report waits for the communication to be documented, operations is reminded this often (not on hold).
 # A constant, not a CasePolicy field: a worker from before would refuse a case input carrying a new field.
 COMMUNICATION_REMINDER = timedelta(hours=1)
+# workflow.patched id: the communication reminders back off (hourly for 8 hours, every 4 hours to the 7th day, then
+# daily) and a hold waits without a timer; cases from before remind every hour (6 history events each: ~71 days to
+# Temporal's 10,240-event warning). Decided when the wait starts.
+COMMUNICATION_BACKOFF = "communication-reminders-back-off"
+# workflow.patched id: while no specialist is available the wait before matching again doubles from the policy's
+# rematch_after_hours up to REMATCH_CAP (reset by an offer); cases from before match again every
+# rematch_after_hours (~12 history events each: ~35 days to the warning at 1 hour).
+REMATCH_BACKOFF = "rematch-backs-off"
+REMATCH_CAP = timedelta(hours=6)
+
+# A query returns at most this many items of the timeline, alerts or received events: the first QUERY_HEAD (how the
+# case began) and the latest, with one item saying how many were left out between. A list the case keeps growing
+# (a reminder a day, a rematch every 6 hours, a signal noted) stays far below Temporal's query size limit.
+QUERY_ITEMS = 500
+QUERY_HEAD = 100
 
 # A decision's texts that may not be left blank where its model requires them, and what to put there.
 REQUIRED_TEXTS = {
@@ -142,6 +171,38 @@ WAITING_STATES = {
     CaseStatus.FOLLOW_UP: "follow-up questions from the referring physician or the patient",
     CaseStatus.ON_HOLD: "an operator to resume the case",
 }
+
+
+def communication_reminder_interval(sent: int) -> timedelta:
+    """The wait before the next communication reminder, `sent` reminders in: hourly for 8 hours (a shift), every 4
+    hours to the end of the 7th day, then daily (about 406 reminders a year, not 8,760)."""
+    if sent < 8:
+        return COMMUNICATION_REMINDER
+    if sent < 48:
+        return timedelta(hours=4)
+    return timedelta(days=1)
+
+
+def rematch_interval(every: timedelta, unmatched: int) -> timedelta:
+    """The wait before matching again after the `unmatched`-th answer in a row that no specialist is available:
+    `every` doubled each time, at most REMATCH_CAP (or `every`, if a policy sets it longer)."""
+    return min(every * 2 ** min(max(unmatched - 1, 0), 16), max(every, REMATCH_CAP))
+
+
+def _first_and_latest(items: list[T], gap: Callable[[int, T], T]) -> list[T]:
+    """`items`, or if more than QUERY_ITEMS the first QUERY_HEAD, `gap(left_out, first left out)`, the latest."""
+    if len(items) <= QUERY_ITEMS:
+        return items
+    latest = QUERY_ITEMS - QUERY_HEAD - 1
+    left_out = len(items) - QUERY_HEAD - latest
+    return [*items[:QUERY_HEAD], gap(left_out, items[QUERY_HEAD]), *items[-latest:]]
+
+
+def _left_out(count: int) -> str:
+    return (
+        f"{count} items left out here (a query shows the first {QUERY_HEAD} and the latest "
+        f"{QUERY_ITEMS - QUERY_HEAD - 1}); the case's history in the Temporal UI holds them all"
+    )
 
 
 class Rematch(Exception):
@@ -227,6 +288,7 @@ class CaseWorkflow:
         self._own_delivered = 0  # how many of them were
         self._communication_awaited = False  # document_communication asked for (patch COMMUNICATION_FIRST)
         self._communication: DocumentedCommunication | None = None
+        self._unmatched_in_a_row = 0  # no specialist available, answered this often since the last offer
 
     # ---- the business process ------------------------------------------------------------------
 
@@ -493,13 +555,18 @@ class CaseWorkflow:
         )
         if answer.type == ReviewUnmatched.TYPE:
             unmatched = ReviewUnmatched.model_validate(answer.data)
+            self._unmatched_in_a_row += 1
+            every = timedelta(hours=case.policy.rematch_after_hours)
+            if workflow.patched(REMATCH_BACKOFF):
+                every = rematch_interval(every, self._unmatched_in_a_row)
             await self._transition(CaseStatus.UNMATCHED, f"no specialist available: {unmatched.reason}")
             await self._wait_or_timeout(
-                lambda: self._reassign is not None,
-                timedelta(hours=case.policy.rematch_after_hours),
-                "match again (no specialist was available)",
+                lambda: self._reassign is not None, every, "match again (no specialist was available)"
             )
-            raise Rematch("matching again after no specialist was available")
+            raise Rematch(
+                f"matching again after no specialist was available ({self._unmatched_in_a_row} in a row)"
+            )
+        self._unmatched_in_a_row = 0
         if answer.type == ReviewAssigned.TYPE:  # a directory that assigns without an offer
             assigned = ReviewAssigned.model_validate(answer.data)
             self._offer = ReviewOffered(**assigned.model_dump())
@@ -558,11 +625,20 @@ class CaseWorkflow:
                 "until operations documents that the referring physician was told",
             )
             waiting_since, reminders = workflow.now(), 0
-            while not await self._wait_or_timeout(
-                lambda: self._communication is not None,
-                COMMUNICATION_REMINDER,
-                f"communication reminder {reminders + 1}",
-            ):
+            backs_off = workflow.patched(COMMUNICATION_BACKOFF)
+            while True:
+                if backs_off and self._hold is not None:
+                    # On hold by operations' choice: no timer, no reminder until it is resumed.
+                    await workflow.wait_condition(
+                        lambda: self._communication is not None or self._hold is None
+                    )
+                    if self._communication is not None:
+                        break
+                every = communication_reminder_interval(reminders) if backs_off else COMMUNICATION_REMINDER
+                if await self._wait_or_timeout(
+                    lambda: self._communication is not None, every, f"communication reminder {reminders + 1}"
+                ):
+                    break
                 if self._hold is not None:
                     continue  # on hold by operations' choice: no reminder until it is resumed
                 reminders += 1
@@ -953,7 +1029,12 @@ class CaseWorkflow:
 
     @workflow.query
     def timeline(self) -> list[TimelineItem]:
-        return self._timeline
+        return _first_and_latest(
+            self._timeline,
+            lambda count, first: TimelineItem(
+                status=first.status, at=first.at, detail=_left_out(count), kind="note"
+            ),
+        )
 
     @workflow.query
     def decisions(self) -> list[DecisionRecord]:
@@ -961,7 +1042,10 @@ class CaseWorkflow:
 
     @workflow.query
     def alerts(self) -> list[AlertRecord]:
-        return self._alerts
+        return _first_and_latest(
+            self._alerts,
+            lambda count, first: AlertRecord(kind="left_out", at=first.at, detail=_left_out(count)),
+        )
 
     @workflow.query
     def due_at(self) -> datetime | None:
@@ -970,7 +1054,9 @@ class CaseWorkflow:
     @workflow.query
     def received(self) -> list[str]:
         """The events the case has applied, as `type id`, in order (duplicates never appear)."""
-        return [f"{event.type} {event.id}" for event in self._received]
+        return _first_and_latest(
+            [f"{event.type} {event.id}" for event in self._received], lambda count, _: _left_out(count)
+        )
 
     @workflow.query
     def review(self) -> ReviewAssignment | None:

@@ -75,6 +75,7 @@ from contracts.events import (
     ReviewAccepted,
     ReviewDeclined,
     ReviewOffered,
+    ReviewUnmatched,
 )
 from contracts.models import DirectCommunication
 from services.common.amqp import COMMANDS, EVENTS, Consumer, Publisher, ensure_topology
@@ -1421,6 +1422,89 @@ async def test_a_case_waiting_for_the_communication_can_be_held_resumed_and_canc
     assert (await asyncio.wait_for(handle.result(), timeout=20)).status == CaseStatus.CANCELLED
     await keep_history(handle, "hold_and_cancel_awaiting_communication")
     assert "report.compose" not in services.types()
+    services.close()
+
+
+async def timers_and_events(
+    client: Client, handle: WorkflowHandle, prefix: str
+) -> tuple[list[timedelta], int]:
+    """The durations of the history's timers whose summary starts with `prefix`, in order, and how many events
+    the history holds from the first of them on (without those only time skipping writes)."""
+    durations, first = [], None
+    skipping = (
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIME_SKIPPING_TRANSITIONED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_OPTIONS_UPDATED,
+    )
+    events = [e for e in (await handle.fetch_history()).events if e.event_type not in skipping]
+    for index, event in enumerate(events):
+        if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED and event.user_metadata.HasField("summary"):
+            [summary] = await client.data_converter.decode([event.user_metadata.summary])
+            if summary.startswith(prefix):
+                first = index if first is None else first
+                durations.append(event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta())
+    return durations, len(events) - (first or len(events))
+
+
+async def test_communication_reminders_back_off_so_a_month_long_wait_stays_far_from_the_history_limit(
+    client: Client, settings: Settings, temporal_env
+) -> None:  # type: ignore[no-untyped-def]
+    """Temporal ends a case whose history passes 51,200 events (it warns from 10,240). Reminded every hour, and woken
+    every hour while on hold, a report waiting a month for the communication wrote 720 reminders; now hourly for 8
+    hours, every 4 hours to the 7th day, then daily, and a hold sets no timer."""
+    handle, services = await start(client, settings)
+    await to_untold_discrepancy(handle, services)
+    await temporal_env.fast_forward(handle, timedelta(hours=8, minutes=1))
+    for _ in range(8):
+        reminder = await services.expect("case.alert", kind="communication_reminder")
+    assert reminder["data"]["detail"].startswith("reminder 8: ")
+    await decide(handle, CaseWorkflow.hold, HoldCase(by="ops-2", reason="the physician calls back next week"))
+    await wait_status(handle, CaseStatus.ON_HOLD)
+    await temporal_env.fast_forward(handle, timedelta(days=2))
+    await decide(handle, CaseWorkflow.resume, ResumeCase(by="ops-2"))
+    await wait_status(handle, CaseStatus.AWAITING_COMMUNICATION)
+    durations, events = await timers_and_events(client, handle, "communication reminder")
+    hour = timedelta(hours=1)
+    # The 9th waited 4 hours (fired on hold: no reminder), the hold none, the next one after it 4 hours again.
+    assert durations == [hour] * 8 + [4 * hour] * 2
+    # Per reminder a timer, its firing, a workflow task (3 events) and the alert's local activity; hold and resume.
+    assert events <= 6 * 8 + 20
+    assert (
+        len([a for a in await handle.query(CaseWorkflow.alerts) if a.kind == "communication_reminder"]) == 8
+    )
+    await keep_history(handle, "communication_reminders_back_off")
+    await handle.terminate("test done")
+    services.close()
+
+
+async def test_a_case_no_specialist_is_available_for_matches_again_less_and_less_often(
+    client: Client, settings: Settings, temporal_env
+) -> None:  # type: ignore[no-untyped-def]
+    """Unmatched, the case matched again every `rematch_after_hours` (1 h) for ever, ~12 history events each: the
+    10,240-event warning in ~5 weeks. The wait doubles up to 6 hours; an offer starts it over."""
+    handle, services = await start(client, settings)
+    await to_match(services)
+    for round_ in range(4):
+        services.send(
+            ReviewUnmatched(case_id=services.case_id, subspecialty="gyn", reason="none licensed in CA")
+        )
+        await wait_status(handle, CaseStatus.UNMATCHED)
+        await temporal_env.fast_forward(handle, timedelta(hours=min(2**round_, 6), minutes=1))
+        await services.expect("review.match")
+    services.offered("r1", "spec-a")
+    await wait_status(handle, CaseStatus.AWAITING_ACCEPTANCE)
+    services.send(
+        ReviewDeclined(case_id=services.case_id, review_id="r1", reviewer_id="spec-a", reason="leave")
+    )
+    await services.expect("review.match")
+    services.send(ReviewUnmatched(case_id=services.case_id, subspecialty="gyn", reason="none licensed in CA"))
+    await wait_status(handle, CaseStatus.UNMATCHED)
+    durations, events = await timers_and_events(client, handle, "match again")
+    hour = timedelta(hours=1)
+    assert durations == [hour, 2 * hour, 4 * hour, 6 * hour, hour]
+    # Per round a timer, its firing, the match and its answer (a signal), the status changes and what they send.
+    assert events <= 16 * 5 + 30
+    await keep_history(handle, "unmatched_rematch_backs_off")
+    await handle.terminate("test done")
     services.close()
 
 

@@ -58,6 +58,14 @@ def test_representative_histories_are_stored() -> None:
         "closed_on_hold_resumed_late_before_decisions_finish_first",
         "decisions-finish-first-closed_on_hold_resumed_late",
     } <= names
+    # Recorded with "communication-reminders-back-off" (8 hourly reminders, then every 4 hours, a hold without a
+    # timer) and "rematch-backs-off" (1, 2, 4, 6 hours unmatched, then an offer, then 1 hour); and an unmatched
+    # case before them, matching again every hour.
+    assert {
+        "reminders-back-off-communication_reminders",
+        "reminders-back-off-unmatched_rematch",
+        "unmatched_rematch_before_backoff",
+    } <= names
 
 
 RUNNERS = {"sandboxed": SandboxedWorkflowRunner, "unsandboxed": UnsandboxedWorkflowRunner}
