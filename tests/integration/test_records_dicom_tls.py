@@ -241,6 +241,11 @@ def test_a_report_returned_in_plain_dimse_to_a_tls_pacs_records_that_tls_is_to_b
     [waiting] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
     assert waiting["status"] == "pending"
     assert "the PACS answered with TLS: set tls on the image source" in waiting["last_error"]
+    # Its last attempt fails it with the same advice (and leaves no return due for the modules after this one).
+    assert report_return.run_due(engine, settings, returns.OPTIONS) == 1
+    [failed] = client.get(f"/v1/records/{case_id}").json()["report_returns"]
+    assert failed["status"] == "failed"
+    assert "the PACS answered with TLS: set tls on the image source" in failed["last_error"]
 
 
 def storescu(scp: StoreSCP, path: Path, *tls: str) -> subprocess.CompletedProcess[str]:
