@@ -38,7 +38,7 @@ from pydicom.sequence import Sequence
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from contracts import CollectRecords, Exam, Patient, new_event
+from contracts import new_event
 from contracts.events import EncapsulatedReport
 from scripts.synthetic_study import make_sr_report
 from services.common import migrate
@@ -50,6 +50,7 @@ from services.records.report_study import stored_report
 from services.records.store import ObjectStore
 from services.review.encapsulated_pdf import encapsulated_pdf
 from tests.dicom_factory import make_pdf_report, make_us_instance
+from tests.integration.test_records_dicomweb import open_case
 from tests.keys import operations_headers
 from tests.unit.test_review_matching import request as match_request
 
@@ -151,34 +152,6 @@ def first_report(study: str) -> bytes:
     return encoded(dataset)
 
 
-def open_case(engine: Engine, settings: Settings, study: str) -> str:
-    case_id = str(uuid.uuid4())
-    command = CollectRecords(
-        case_id=case_id,
-        patient=Patient(
-            family_name="Doe",
-            given_name="Jane",
-            birth_date=date(1980, 1, 1),
-            sex="female",
-            mrn="MRN1",
-            state="CA",
-        ),
-        exam=Exam(
-            exam_type="pelvic",
-            performed_on=date(2026, 11, 20),
-            facility="Bayview",
-            accession_number=FACILITY_ACCESSION,
-            study_instance_uid=study,
-        ),
-    )
-    with Session(engine) as session:
-        consumer.handle(
-            session, new_event(id=str(uuid.uuid4()), source="/t", data=command, subject=case_id), settings
-        )
-        session.commit()
-    return case_id
-
-
 def issue_report(case_id: str, study: str) -> bytes:
     """The review service's Encapsulated PDF for the case, as it issues it."""
     base = match_request("pelvic", "CA")
@@ -258,7 +231,7 @@ def written(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> dic
     objects: dict[str, bytes] = {}
     study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
     with TestClient(app, headers=operations_headers(settings)) as http:
-        case_id = open_case(engine, settings, study)
+        case_id = open_case(engine, settings, study, FACILITY_ACCESSION)
         image = realistic_ultrasound(study, frames=1, syntax=pydicom.uid.ExplicitVRLittleEndian)
         clip = realistic_ultrasound(study, frames=3, syntax=pydicom.uid.ImplicitVRLittleEndian)
         # An older cart's deflated clip (dciodvfy reads no deflated file: the input is checked as the clip is).

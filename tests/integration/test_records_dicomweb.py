@@ -102,7 +102,9 @@ def small_parts_url(engine: Engine, settings: Settings) -> Iterator[str]:
         yield url
 
 
-def open_case(engine: Engine, settings: Settings, study_uid: str | None = None) -> str:
+def open_case(
+    engine: Engine, settings: Settings, study_uid: str | None = None, accession_number: str | None = None
+) -> str:
     case_id = str(uuid.uuid4())
     command = CollectRecords(
         case_id=case_id,
@@ -118,6 +120,7 @@ def open_case(engine: Engine, settings: Settings, study_uid: str | None = None) 
             exam_type="pelvic",
             performed_on=date(2026, 11, 20),
             facility="Bayview",
+            accession_number=accession_number,
             study_instance_uid=study_uid,
         ),
     )
