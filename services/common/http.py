@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 import structlog
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
@@ -411,6 +411,34 @@ def is_head(request: Request) -> bool:
     return bool(request.scope.get(HEAD_OF_GET))
 
 
+class HeadFileResponse(FileResponse):
+    """A stored file, sent as FileResponse sends it, but for a HEAD answered as GET (`is_head`) the headers
+    alone: Content-Length, Last-Modified and ETag from the file's metadata, the file not opened (HeadAsGet
+    would drop the body, but only after reading the whole file)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get(HEAD_OF_GET):
+            scope = {**scope, "method": "HEAD"}  # what FileResponse itself answers with headers only
+        await super().__call__(scope, receive, send)
+
+
+class HeadStreamingResponse(StreamingResponse):
+    """A streamed body that is not produced at all for a HEAD answered as GET (`is_head`): the headers, an
+    empty body, the stream closed unread, then any background task."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not scope.get(HEAD_OF_GET):
+            await super().__call__(scope, receive, send)
+            return
+        closing = getattr(self.body_iterator, "aclose", None)
+        if closing is not None:
+            await closing()
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.background is not None:
+            await self.background()
+
+
 class HeadAsGet:
     """HEAD answered as GET is, without the body (RFC 9110 9.3.2), for every GET route of the app. FastAPI's
     routes take only the methods they declare, so a HEAD that viewers and proxies send to check a size or an
@@ -418,7 +446,8 @@ class HeadAsGet:
 
     The route sees a GET (`is_head` tells it otherwise); the server sees the HEAD it was sent, so it frames
     the answer as one. Content-Length is what the GET's would be where the route knows it before the body
-    (JSON); a streamed body's length is not worked out (RFC 9110 9.3.2 allows leaving it out)."""
+    (JSON, a stored file); a streamed body's length is not worked out (RFC 9110 9.3.2 allows leaving it out).
+    A route whose body is costly answers with HeadFileResponse or HeadStreamingResponse, which skip it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -23,6 +23,7 @@ from services.common.body_feed import feed_to_thread
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine, utcnow
 from services.common.errors import human_size
+from services.common.http import HeadFileResponse, HeadStreamingResponse
 from services.records import report_study, uploads, zip_stream
 from services.records.adequacy import assess
 from services.records.archive import Entry
@@ -364,8 +365,8 @@ def download_file(case_id: CaseId, sha256: Sha256, session: SessionDep, settings
         )
     path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
     if row.content_type != DICOM_TYPE:
-        return FileResponse(path, media_type=row.content_type)
-    return StreamingResponse(_handed_out(session, settings, request, row), media_type=DICOM_TYPE)
+        return HeadFileResponse(path, media_type=row.content_type)
+    return HeadStreamingResponse(_handed_out(session, settings, request, row), media_type=DICOM_TYPE)
 
 
 # A person's identity decision can take hours: a client that polls asks again in minutes, not seconds.
@@ -417,7 +418,7 @@ def download_second_opinion(
         f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{row.study_instance_uid}"
         f"/series/{row.series_instance_uid}/instances/{row.sop_instance_uid}"
     )
-    return StreamingResponse(
+    return HeadStreamingResponse(
         _handed_out(session, settings, request, row),
         media_type=DICOM_TYPE,
         headers={"Content-Location": wado},

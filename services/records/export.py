@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 
 import structlog
-from fastapi import APIRouter, Depends, HTTPException
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, Response
 from pydicom.fileset import FileSet
 from sqlmodel import col, select
 from starlette.background import BackgroundTask
@@ -20,6 +20,7 @@ from starlette.background import BackgroundTask
 from services.auth.access import case_scope
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
+from services.common.http import is_head
 from services.records.api import CaseId, SessionDep, SettingsDep
 from services.records.deidentify import (
     BASIC_PROFILE_CODE,
@@ -39,6 +40,7 @@ from services.records.models import FileKind, RecordFile, RecordRequest
 from services.records.store import ObjectStore
 
 log = structlog.get_logger(__name__)
+ATTACHMENT = {"Content-Disposition": 'attachment; filename="deidentified.zip"'}
 router = APIRouter(
     prefix="/v1/records",
     tags=["records"],
@@ -53,7 +55,9 @@ router = APIRouter(
     response_class=FileResponse,
     responses={200: {"content": {"application/zip": {}}}, 404: {"description": "no released images"}},
 )
-def export_deidentified(case_id: CaseId, session: SessionDep, settings: SettingsDep) -> FileResponse:
+def export_deidentified(
+    case_id: CaseId, request: Request, session: SessionDep, settings: SettingsDep
+) -> Response:
     if session.get(RecordRequest, case_id) is None:
         raise HTTPException(404, "no records were requested for this case; check the case id")
     rows = list(
@@ -69,6 +73,8 @@ def export_deidentified(case_id: CaseId, session: SessionDep, settings: Settings
     )
     if not rows:
         raise HTTPException(404, "this case has no released images to export")
+    if is_head(request):  # the GET would answer 200 with a ZIP; its length is known only once written
+        return Response(media_type="application/zip", headers=ATTACHMENT)
     store = ObjectStore.for_settings(settings)
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="export-", suffix=".zip")

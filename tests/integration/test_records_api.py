@@ -5,7 +5,9 @@ import uuid
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
@@ -190,6 +192,56 @@ def test_a_pdf_report_is_sent_as_its_text(client: TestClient, engine: Engine, ca
     assert event.report.text == REPORT + f"\nCase {case_id}"
     download = client.get(f"/v1/records/{case_id}/files/{event.report.sha256}")
     assert (download.headers["content-type"], download.content) == ("application/pdf", pdf)
+
+
+def test_head_of_a_download_answers_its_headers_without_reading_the_file(
+    client: TestClient, engine: Engine, case_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy or viewer checking a file's size with HEAD gets the GET's headers; the stored file is neither
+    read (a PDF) nor coerced (an image): HeadAsGet alone answered HEAD by producing the whole GET and
+    dropping its body."""
+    pdf = make_pdf_report(REPORT)
+    study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+    response = upload(
+        client,
+        case_id,
+        ("report.pdf", pdf, "application/pdf"),
+        ("a.dcm", us(study, study + ".1", frames=4), "application/dicom"),
+    )
+    assert response.status_code == 201, response.text
+    report_sha, image_sha = (f["sha256"] for f in response.json()["files"])
+    opened: list[object] = []
+    open_file = anyio.open_file
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args[0])
+        return await open_file(*args, **kwargs)
+
+    handed_out = api._handed_out
+
+    def counting_handed_out(*args: Any) -> Iterator[bytes]:
+        opened.append("coerced")
+        yield from handed_out(*args)
+
+    monkeypatch.setattr(anyio, "open_file", counting)
+    monkeypatch.setattr(api, "_handed_out", counting_handed_out)
+
+    head = client.head(f"/v1/records/{case_id}/files/{report_sha}")
+    assert (head.status_code, head.content, head.headers["content-type"]) == (200, b"", "application/pdf")
+    assert head.headers["content-length"] == str(len(pdf))
+    image_head = client.head(f"/v1/records/{case_id}/files/{image_sha}")
+    assert (image_head.status_code, image_head.content) == (200, b"")
+    assert image_head.headers["content-type"] == "application/dicom"
+    assert opened == []
+    assert client.head(f"/v1/records/{case_id}/files/{'0' * 64}").status_code == 404  # as the GET
+    assert client.get(f"/v1/records/{case_id}/files/{report_sha}").content == pdf
+    assert (
+        pydicom.dcmread(
+            io.BytesIO(client.get(f"/v1/records/{case_id}/files/{image_sha}").content)
+        ).NumberOfFrames
+        == 4
+    )
+    assert len(opened) == 2  # the GETs read them
 
 
 def test_a_non_dicom_file_refuses_the_whole_upload(

@@ -410,3 +410,36 @@ def test_an_image_failing_midway_gives_a_clear_error_before_any_byte_never_half_
     )
     assert "nothing was exported" in detail
     assert list(ObjectStore.for_settings(settings).tmp_dir.glob("export-*")) == []
+
+
+def test_head_of_the_export_answers_as_the_get_would_without_writing_the_zip(
+    client: tuple[TestClient, Engine], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEAD answers what the GET would (200 and a ZIP attachment, or 404 with nothing to export) without
+    de-identifying every image into a ZIP only to drop it."""
+    http, engine = client
+    empty = records_requested(engine, settings)
+    assert http.head(f"/v1/records/{empty}/export/deidentified").status_code == 404  # as its GET
+    case_id = records_requested(engine, settings)
+    study = f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**12}"
+    image = make_us_instance(None, study_uid=study, series_uid=study + ".1", frames=2)
+    uploaded = http.post(
+        f"/v1/records/{case_id}/files", files=[("files", ("a.dcm", image, "application/dicom"))]
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    written: list[Path] = []
+    write_zip = export._write_zip
+
+    def counting(path: Path, *args: object) -> object:
+        written.append(path)
+        return write_zip(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(export, "_write_zip", counting)
+
+    head = http.head(f"/v1/records/{case_id}/export/deidentified")
+    assert (head.status_code, head.content, head.headers["content-type"]) == (200, b"", "application/zip")
+    assert written == []
+    got = http.get(f"/v1/records/{case_id}/export/deidentified")
+    assert got.headers["content-disposition"] == head.headers["content-disposition"]
+    assert zipfile.ZipFile(io.BytesIO(got.content)).testzip() is None and len(written) == 1
+    assert list(ObjectStore.for_settings(settings).tmp_dir.glob("export-*")) == []
