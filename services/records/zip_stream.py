@@ -2,7 +2,7 @@
 
 Read with stream-unzip (uktrade): it walks the local file headers in order, inflates deflated members and
 checks every member's CRC-32 and sizes. The same refusals as `archive.expand_zip` apply, checked as the
-bytes come: too many members, a path leaving the root, an encrypted member, an archive inside the
+bytes come: too many members, a path leaving the root (at the end, below), an encrypted member, an archive inside the
 archive, more bytes than one upload may hold, and a compression ratio that only a bomb has (measured on
 the bytes received so far, as a stream has no directory to read ahead). A ZIP that cannot be read from
 front to back (a stored member whose size only its data descriptor gives) is refused with a pointer to
@@ -11,7 +11,9 @@ the multipart route, which spools the archive and reads its central directory.
 What an entry is (a symbolic link, a device file: `archive.not_a_file`) only the central directory says,
 at the end: the bytes after each member are kept until the next one starts, so after the last member they
 are the directory, read then. Entries that are not files are then dropped from what was expanded and named
-(by position) in `left_out`; a member the directory does not list is refused.
+(by position) in `left_out`; a member the directory does not list is refused. A member whose path leaves the
+root is never written: it is refused once the directory says it is a regular file, and left out as the
+multipart route leaves it out if it is a link (whose data is only the path it points to).
 """
 
 from __future__ import annotations
@@ -218,6 +220,7 @@ def expand_zip_stream(
     # arrives, instead of the body waiting for the disk at every member's end.
     finishing: list[tuple[Future[ReceivedFile], str, str, int]] = []
     read: list[tuple[int, str, int]] = []  # every entry read: index, name, bytes
+    escaping: list[int] = []  # members whose path leaves the root: not kept, refused unless not files
     try:
         members = stream_unzip.stream_unzip(
             body,
@@ -239,8 +242,20 @@ def expand_zip_stream(
                 continue
             label = f"member {index} of {WHERE}"
             relative = safe_relative_path(name)
-            if relative is None:
-                raise refuse(f"has a member ({index}) whose path leaves the archive root")
+            if relative is None:  # refused at the end, unless the directory says it is no file (a link)
+                drained = 0
+                for chunk in data:
+                    drained += len(chunk)
+                    if expanded + drained > limits.max_archive_total_bytes:
+                        raise refuse(
+                            f"expands to more than {human_size(limits.max_archive_total_bytes)}, "
+                            "more than one upload may hold"
+                        )
+                read.append((index, name, drained))
+                escaping.append(index)
+                expanded += drained
+                body.keep_from_here()
+                continue
             remaining = limits.max_archive_total_bytes - expanded
             if declared_size is not None and declared_size > remaining:
                 raise refuse(
@@ -270,6 +285,9 @@ def expand_zip_stream(
                 raise refuse(f"holds another archive (member {index}); upload the files themselves")
         where = _check_end(body, index)
         not_files = _not_files(read, _directory(body, where)) if read else {}
+        for at in escaping:  # as the multipart route: a link is left out whatever its path says
+            if at not in not_files:
+                raise refuse(f"has a member ({at}) whose path leaves the archive root")
         entries = []
         for done, relative, label, at in finishing:
             if at in not_files:
