@@ -377,9 +377,8 @@ def frame_durations(header: Dataset, count: int) -> list[int]:
     if vector is not None and len(vector) == count and count > 1:
         steps = [float(v) for v in list(vector)[1:]]
         return [max(10, round(s)) for s in steps] + [max(10, round(sum(steps) / len(steps)))]
-    for keyword in ("FrameTime",):
-        if header.get(keyword):
-            return [max(10, round(float(header.get(keyword))))] * count
+    if header.get("FrameTime"):
+        return [max(10, round(float(header.FrameTime)))] * count
     for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
         if header.get(keyword):
             return [max(10, round(1000 / float(header.get(keyword))))] * count
