@@ -233,7 +233,8 @@ def display_frame(src: Source, number: int, rendering: Rendering) -> Image.Image
         ) from None
     photometric = str(decoded.get("PhotometricInterpretation") or src.header.get("PhotometricInterpretation"))
     if photometric == "PALETTE COLOR":
-        values = _eight_bit(pydicom.pixels.apply_color_lut(array, src.header))
+        descriptor = src.header.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
+        values = _eight_bit(pydicom.pixels.apply_color_lut(array, src.header), int(descriptor[2]))
     elif array.ndim == 3:  # RGB (YBR was converted by pydicom as it decoded)
         values = _eight_bit(array, int(src.header.get("BitsStored") or 8))
     else:

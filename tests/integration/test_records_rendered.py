@@ -547,3 +547,22 @@ def test_compressed_instances_render_as_their_native_form_does(
         study, ramp.SeriesInstanceUID, ramp.SOPInstanceUID, media_types=("image/png",)
     )
     assert (row_of(decoded(png)) == COLUMN_VALUES).all()
+
+
+def test_palette_colour_is_looked_up(engine: Engine, settings: Settings) -> None:
+    study = new_study()
+    palette = gradient(study, PhotometricInterpretation="PALETTE COLOR")
+    entries = np.arange(256, dtype=np.uint16)
+    for colour, table in (("Red", entries * 257), ("Green", entries * 0), ("Blue", (255 - entries) * 257)):
+        setattr(palette, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        palette[f"{colour}PaletteColorLookupTableDescriptor"].VR = "US"
+        setattr(palette, f"{colour}PaletteColorLookupTableData", table.astype("<u2").tobytes())
+    del palette.SequenceOfUltrasoundRegions
+    case_id, client = stored(engine, settings, palette)
+    png = decoded(
+        client.retrieve_instance_rendered(
+            study, palette.SeriesInstanceUID, palette.SOPInstanceUID, media_types=("image/png",)
+        )
+    )
+    assert (png[0, :, 0] == COLUMN_VALUES).all() and (png[..., 1] == 0).all()
+    assert (png[0, :, 2] == 255 - COLUMN_VALUES).all()
