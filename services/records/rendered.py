@@ -21,6 +21,7 @@ from services.records.dicomweb import CaseId, Uid, _retrievable
 from services.records.rendering import (
     GIF,
     JPEG,
+    NO_TEXT_FREE_BOX,
     RENDERED_TYPES,
     NotRendered,
     Rendering,
@@ -36,6 +37,7 @@ from services.records.rendering import (
     refuse_annotation,
     render,
     source,
+    text_free_box,
 )
 from services.records.store import ObjectStore
 
@@ -443,6 +445,8 @@ def _thumbnail(
     for row in files:
         try:
             src = source(store.local_path(row.storage_path, row.sha256), limits)
+            if text_free_box(src.header) is None:
+                raise NotRendered(406, NO_TEXT_FREE_BOX)
         except NotRendered as exc:
             if sop:
                 raise HTTPException(exc.status, exc.detail) from None

@@ -296,19 +296,39 @@ def _windowed(x: npt.NDArray[np.float64], w: Window) -> npt.NDArray[np.uint8]:
     return np.rint(y).astype(np.uint8)
 
 
+NO_TEXT_FREE_BOX = (
+    "no thumbnail without burned-in text: Burned In Annotation is not NO and no Sequence of Ultrasound Regions "
+    "says where the image is (a thumbnail carries no patient identification, PS3.18 10.4.3.3.4)"
+)
+
+
+def text_free_box(header: Dataset) -> tuple[int, int, int, int] | None:
+    """Where a frame holds no burned-in text: all of it when Burned In Annotation is NO, else the box around its
+    ultrasound regions (the scanner writes the patient's name and the date outside them); None when neither
+    says."""
+    columns, rows = int(header.Columns), int(header.Rows)
+    if str(header.get("BurnedInAnnotation") or "").upper() == "NO":
+        return (0, 0, columns, rows)
+    boxes = [
+        [r.get(f"RegionLocation{c}") for c in ("MinX0", "MinY0", "MaxX1", "MaxY1")]
+        for r in header.get("SequenceOfUltrasoundRegions") or []
+    ]
+    found = [[int(v) for v in b] for b in boxes if None not in b]
+    if not found:
+        return None
+    left, top = max(0, min(b[0] for b in found)), max(0, min(b[1] for b in found))
+    right, bottom = min(columns, max(b[2] for b in found) + 1), min(rows, max(b[3] for b in found) + 1)
+    return (left, top, right, bottom) if right > left and bottom > top else None
+
+
 def _region(image: Image.Image, header: Dataset, rendering: Rendering) -> Image.Image:
     """The source region: a thumbnail's ultrasound regions, WADO-URI's `region`, the viewport's sx,sy,sw,sh."""
-    if rendering.crop_to_regions and str(header.get("BurnedInAnnotation") or "").upper() != "NO":
-        boxes = [
-            [r.get(f"RegionLocation{c}") for c in ("MinX0", "MinY0", "MaxX1", "MaxY1")]
-            for r in header.get("SequenceOfUltrasoundRegions") or []
-        ]
-        boxes = [b for b in boxes if None not in b]
-        if boxes:
-            image = image.crop(
-                (min(b[0] for b in boxes), min(b[1] for b in boxes),
-                 max(b[2] for b in boxes) + 1, max(b[3] for b in boxes) + 1)
-            )  # fmt: skip
+    if rendering.crop_to_regions:
+        box = text_free_box(header)
+        if box is None:
+            raise NotRendered(406, NO_TEXT_FREE_BOX)
+        if box != (0, 0, *image.size):
+            image = image.crop(box)
     if rendering.fraction is not None:
         x1, y1, x2, y2 = rendering.fraction
         w, h = image.size

@@ -167,6 +167,10 @@ def wado_uri(
         viewport=_size(rows, columns, src.header),
     )
     if frameNumber is not None:
+        if "NumberOfFrames" not in src.header:  # PS3.18 9.5.2.1
+            raise HTTPException(
+                400, "frameNumber applies to a multi-frame instance; this one is a single image"
+            )
         if not re.fullmatch(r"[0-9]{1,6}", frameNumber) or not 1 <= int(frameNumber) <= src.frames:
             raise HTTPException(400, f"frameNumber is a frame of this instance: 1 to {src.frames}")
         numbers = [int(frameNumber)]

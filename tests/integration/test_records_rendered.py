@@ -298,6 +298,17 @@ def test_thumbnails_are_small_jpegs_of_a_representative_frame(engine: Engine, se
         thumbnail = Image.open(io.BytesIO(got.content))
         assert thumbnail.size == (128, 128), path  # the 64 x 64 region alone, scaled to 128
         assert abs(np.asarray(thumbnail)[:, :8].mean() - 64) < 8  # starts at the region's column 32
+    unbounded = gradient(study, BurnedInAnnotation="YES")  # text may be anywhere: no thumbnail of it
+    del unbounded.SequenceOfUltrasoundRegions
+    DICOMwebClient(url=root_of(case_id), headers=headers).store_instances([unbounded])
+    refused = requests.get(f"{url_of(case_id, unbounded)}/thumbnail", headers=headers, timeout=10)
+    assert refused.status_code == 406 and "no thumbnail without burned-in text" in refused.json()["detail"]
+    other_study = new_study()
+    first, second = gradient(other_study, BurnedInAnnotation="YES"), gradient(other_study)
+    del first.SequenceOfUltrasoundRegions
+    DICOMwebClient(url=root_of(case_id), headers=headers).store_instances([first, second])
+    skipped = requests.get(f"{root_of(case_id)}/studies/{other_study}/thumbnail", headers=headers, timeout=10)
+    assert skipped.ok and Image.open(io.BytesIO(skipped.content)).size == (128, 128)  # the second image's
     small = requests.get(
         f"{root}/thumbnail",
         params={"viewport": "32,32"},
@@ -475,6 +486,7 @@ def test_wado_uri_hands_out_the_instance_and_renders_it_for_the_cases_partner_on
             "frameNumber is a frame of this instance: 1 to 4",
         ),
         (wado_params(ramp, requestType="RS"), "requestType=WADO"),
+        (wado_params(ramp, frameNumber="1"), "frameNumber applies to a multi-frame instance"),
         ({**wado_params(ramp), "objectUID": "not-a-uid"}, "objectUID is required"),
         (wado_params(ramp, contentType="application/dicom", rows="32"), "rows apply to images"),
         (wado_params(ramp, windowCenter="64"), "windowCenter and windowWidth come together"),
