@@ -29,6 +29,7 @@ from services.auth.read_windows import ReadWindows
 from services.common import migrate
 from services.common.config import Settings
 from services.common.db import get_engine, make_engine
+from services.records.rendering import RenderLimits, get_render_limits
 from tests.dicom_factory import make_us_instance
 from tests.integration.test_records_dicomweb import instances, new_study, open_case, serving
 from tests.integration.test_records_viewer import jpeg_cine
@@ -578,3 +579,33 @@ def test_palette_colour_is_looked_up(engine: Engine, settings: Settings) -> None
     )
     assert (png[0, :, 0] == COLUMN_VALUES).all() and (png[..., 1] == 0).all()
     assert (png[0, :, 2] == 255 - COLUMN_VALUES).all()
+
+
+def test_renderings_over_the_limits_are_a_413_naming_the_setting(engine: Engine, settings: Settings) -> None:
+    small = RenderLimits(
+        max_frame_pixels=64 * 64, max_viewport_pixels=100 * 100, max_animation_pixels=3 * 32 * 32
+    )
+    with serving(engine, settings, overrides={get_render_limits: lambda: small}) as url:
+        BASE[:] = [url]
+        study = new_study()
+        clip = instances(study)[2]  # 4 frames of 64 x 64
+        big = gradient(study)
+        big.Rows = big.Columns = 128
+        big.PixelData = np.zeros((128, 128), dtype=np.uint8).tobytes()
+        del big.SequenceOfUltrasoundRegions
+        case_id, _ = stored(engine, settings, clip, big)
+        headers = {"Accept": "image/gif", **operations_headers(settings)}
+        for target, params, setting in [
+            (url_of(case_id, big), {}, "RECORDS_RENDER_MAX_FRAME_PIXELS"),
+            (url_of(case_id, clip), {"viewport": "200,200"}, "RECORDS_RENDER_MAX_VIEWPORT_PIXELS"),
+            (url_of(case_id, clip), {"viewport": "32,32"}, "RECORDS_RENDER_MAX_ANIMATION_PIXELS"),
+        ]:
+            got = requests.get(f"{target}/rendered", params=params, headers=headers, timeout=10)
+            assert got.status_code == 413 and setting in got.json()["detail"], setting
+        three = requests.get(
+            f"{url_of(case_id, clip)}/frames/1,2,3/rendered",
+            params={"viewport": "32,32"},
+            headers=headers,
+            timeout=10,
+        )
+        assert three.ok and Image.open(io.BytesIO(three.content)).n_frames == 3
