@@ -113,12 +113,9 @@ def wado_uri(
 ) -> Response:
     if requestType != "WADO":
         raise HTTPException(400, "requestType=WADO is required (PS3.18 9.1): this is the WADO-URI service")
-    for name, value in (("studyUID", studyUID), ("seriesUID", seriesUID), ("objectUID", objectUID)):
-        if not value or len(value) > 64 or not UID.fullmatch(value):
-            raise HTTPException(
-                400, f"{name} is required and is a UID (digits and dots, at most 64 characters)"
-            )
-    assert studyUID and seriesUID and objectUID  # noqa: S101 - checked above, for mypy
+    study, series, sop = (
+        _uid("studyUID", studyUID), _uid("seriesUID", seriesUID), _uid("objectUID", objectUID)
+    )  # fmt: skip
     media_type = _content_type(request, contentType)
     if presentationUID or presentationSeriesUID:
         raise HTTPException(400, "presentation states are not applied here: leave presentationUID out")
@@ -132,11 +129,21 @@ def wado_uri(
             raise HTTPException(400, "anonymize takes one value, yes (PS3.18 9.4.1.2)")
     elif anonymize is not None:
         raise HTTPException(400, "anonymize applies to contentType=application/dicom only")
+    try:  # every parameter checked before anything is looked up
+        refuse_annotation(annotation)
+        quality, windowed, fraction = (
+            parse_quality(imageQuality),
+            _window(windowCenter, windowWidth),
+            _region(region),
+        )
+    except NotRendered as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+    _check_size(rows, columns)
 
-    case_id, row = _visible_instance(request, session, caller, engine, studyUID, seriesUID, objectUID)
+    case_id, row = _visible_instance(session, caller, engine, study, series, sop)
     check_case(
         request, engine, caller, case_id, "records.dicomweb", specialists=True, dicom=True,
-        uids={"study": studyUID, "series": seriesUID, "sop": objectUID},
+        uids={"study": study, "series": series, "sop": sop},
     )  # fmt: skip
     path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
     if media_type is None:  # no contentType: JPEG for an image, the instance itself otherwise (PS3.18 9.5)
@@ -148,22 +155,12 @@ def wado_uri(
     if media_type == DICOM:
         return _instance(request, session, row, path, case_id, anonymize == "yes", transferSyntax)
 
-    try:
-        refuse_annotation(annotation)
-        rendering = Rendering(
-            media_type=media_type,
-            quality=parse_quality(imageQuality),
-            window=_window(windowCenter, windowWidth),
-            fraction=_region(region),
-        )
-    except NotRendered as exc:
-        raise HTTPException(exc.status, exc.detail) from None
     src = _source(path, limits)
     rendering = Rendering(
-        media_type=rendering.media_type,
-        quality=rendering.quality,
-        window=rendering.window,
-        fraction=rendering.fraction,
+        media_type=media_type,
+        quality=quality,
+        window=windowed,
+        fraction=fraction,
         viewport=_size(rows, columns, src.header),
     )
     if frameNumber is not None:
@@ -202,8 +199,14 @@ def _refuse() -> str:
     )
 
 
+def _uid(name: str, value: str | None) -> str:
+    if not value or len(value) > 64 or not UID.fullmatch(value):
+        raise HTTPException(400, f"{name} is required and is a UID (digits and dots, at most 64 characters)")
+    return value
+
+
 def _visible_instance(
-    request: Request, session: Any, caller: Any, engine: Any, study: str, series: str, sop: str
+    session: Any, caller: Any, engine: Any, study: str, series: str, sop: str
 ) -> tuple[str, RecordFile]:
     rows = session.exec(
         select(RecordFile)
@@ -283,13 +286,16 @@ def _region(value: str | None) -> tuple[float, float, float, float] | None:
     return (x1, y1, x2, y2)
 
 
+def _check_size(rows: str | None, columns: str | None) -> None:
+    for name, value in (("rows", rows), ("columns", columns)):
+        if value is not None and (not re.fullmatch(r"[0-9]{1,5}", value) or int(value) < 1):
+            raise HTTPException(400, f"{name} is a whole number of pixels above 0")
+
+
 def _size(rows: str | None, columns: str | None, header: Any) -> Viewport | None:
     """rows and columns bound the image's size, its aspect ratio kept (PS3.18 9.5.1.2.2)."""
     if rows is None and columns is None:
         return None
-    for name, value in (("rows", rows), ("columns", columns)):
-        if value is not None and (not re.fullmatch(r"[0-9]{1,5}", value) or int(value) < 1):
-            raise HTTPException(400, f"{name} is a whole number of pixels above 0")
     height, width = int(header.Rows), int(header.Columns)
     h = int(rows) if rows else max(1, round(int(columns or 1) * height / width))
     w = int(columns) if columns else max(1, round(int(rows or 1) * width / height))
