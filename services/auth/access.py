@@ -7,7 +7,7 @@ only) a specialist the case was offered to. Another partner's case answers exact
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fastapi import HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
@@ -57,10 +57,12 @@ def check_case(
     *,
     specialists: bool,
     dicom: bool = False,
+    uids: Mapping[str, str] | None = None,
 ) -> None:
     """Raise 404 (and audit the attempt) unless the caller may see the case; audit the access otherwise. A
     HEAD hands out no content: only its refusal is audited. `dicom`: a read names the study, series and
-    instance of its URL, and a key's reads of one instance are one entry per window (read_windows)."""
+    instance of its URL (or `uids`, keyed study, series and sop, where a query names them: WADO-URI), and a
+    key's reads of one instance are one entry per window (read_windows)."""
     role_ok = caller.role != Role.SPECIALIST or (specialists and request.method in READ_METHODS)
     visible = role_ok and tenancy.may_see_case(
         engine, caller.role, caller.partner_id, caller.specialist_id, case_id
@@ -70,8 +72,9 @@ def check_case(
         raise not_found(resource, case_id)
     if is_head(request):
         return
-    detail = dicom_detail(request) if dicom else ""
-    sop = request.path_params.get("sop") if dicom and request.method in READ_METHODS else None
+    named = request.path_params if uids is None else uids
+    detail = dicom_detail(named) if dicom else ""
+    sop = named.get("sop") if dicom and request.method in READ_METHODS else None
     if sop is None:
         record(request, engine, caller, resource, case_id, "success", detail)
         return
@@ -86,11 +89,9 @@ def check_case(
 DICOM_LEVELS = (("study", "study"), ("series", "series"), ("sop", "instance"))
 
 
-def dicom_detail(request: Request) -> str:
+def dicom_detail(uids: Mapping[str, str]) -> str:
     """What a DICOMweb URL names (`study 1.2 series 1.2.3 instance 1.2.3.4`): UIDs, never patient data."""
-    return " ".join(
-        f"{name} {request.path_params[p]}" for p, name in DICOM_LEVELS if p in request.path_params
-    )
+    return " ".join(f"{name} {uids[p]}" for p, name in DICOM_LEVELS if p in uids)
 
 
 def case_scope(resource: str, *, specialists: bool = False, dicom: bool = False) -> Callable[..., object]:

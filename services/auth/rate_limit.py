@@ -76,5 +76,10 @@ def get_image_rate_limiter() -> RateLimiter:
 
 
 def reads_image_frames(method: str, path: str) -> bool:
-    """Whether a request reads image frames through DICOMweb (the image bucket's requests)."""
-    return method in ("GET", "HEAD") and path.startswith("/dicomweb/") and "/frames/" in path
+    """Whether a request reads image frames through DICOMweb (the image bucket's requests): frames, rendered
+    images and thumbnails (a study list's thumbnails, a cine rendered frame by frame) and WADO-URI."""
+    return (
+        method in ("GET", "HEAD")
+        and path.startswith("/dicomweb/")
+        and ("/frames/" in path or path.endswith(("/rendered", "/thumbnail")) or path == "/dicomweb/wado")
+    )

@@ -55,7 +55,7 @@ from services.records.store import ObjectStore
 log = structlog.get_logger(__name__)
 
 # Every route needs a key and is scoped to the case like /v1/records (STOW: the partner and operations).
-router = APIRouter(
+router: APIRouter = APIRouter(
     prefix="/dicomweb",
     tags=["dicomweb"],
     dependencies=[Depends(case_scope("records.dicomweb", specialists=True, dicom=True))],
@@ -760,36 +760,6 @@ def retrieve(
     )
 
 
-NOT_RENDERED = (
-    "images are not rendered here (no /rendered, no /thumbnail): retrieve the frames and render them in the "
-    "viewer (OHIF: imageRendering and thumbnailRendering 'wadors')"
-)
-
-
-def not_rendered(case_id: CaseId, study: Uid, series: str | None = None, sop: str | None = None) -> None:
-    """Rendered resources (PS3.18 10.4.1.1.3) are not served: a viewer configured for them is told what to ask
-    for instead, not left with a bare "Not Found". `series` and `sop` are named so the document declares the
-    path parameters of the instance's route (a client generator refuses a route whose path names undeclared ones)."""
-    raise HTTPException(404, NOT_RENDERED)
-
-
-for _resource in (
-    "/cases/{case_id}/studies/{study}",
-    "/cases/{case_id}/studies/{study}/series/{series}",
-    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}",
-    "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
-):
-    for _rendition in ("rendered", "thumbnail"):
-        router.add_api_route(
-            f"{_resource}/{_rendition}",
-            not_rendered,
-            methods=["GET"],
-            status_code=404,  # its only answer: the document declares no 200
-            responses={404: {"description": NOT_RENDERED}},
-            include_in_schema=_rendition == "rendered" and _resource.endswith("{sop}"),
-        )
-
-
 @router.get(
     "/cases/{case_id}/studies/{study}/metadata", response_class=DicomJsonResponse, responses=DICOM_JSON_ANSWER
 )
@@ -1017,3 +987,10 @@ def _video_part(path: FilePath, pixels_at: int, part_head: bytes, boundary: str)
         yield from pydicom.encaps.generate_fragments(fp)
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
+
+
+# Rendered images, thumbnails and WADO-URI: on this router, so under the same scope, audit and rate bucket.
+from services.records import rendered, wado_uri  # noqa: E402 - they use this module's helpers
+
+router.include_router(rendered.router)
+router.include_router(wado_uri.router)

@@ -207,7 +207,7 @@ def test_review_answers_as_its_document_declares(case: Any) -> None:
 
 # A client generated from each document, as an integration team makes one (openapi-python-client), and one
 # documented call per service through it. The binary media types are read as bytes (the generator's own
-# setting; it does not parse a PDF, a ZIP or a DICOM file), and its formatter is not run.
+# setting; it does not parse a PDF, a ZIP, a DICOM file or an image), and its formatter is not run.
 GENERATOR_CONFIG = """\
 post_hooks: []
 content_type_overrides:
@@ -216,6 +216,9 @@ content_type_overrides:
   application/dicom: application/octet-stream
   application/pdf: application/octet-stream
   multipart/related: application/octet-stream
+  image/jpeg: application/octet-stream
+  image/png: application/octet-stream
+  image/gif: application/octet-stream
 """
 SERVICES = {"intake": intake, "records": records, "insurance": insurance, "review": review}
 

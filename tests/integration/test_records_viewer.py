@@ -423,17 +423,3 @@ def test_frames_that_cannot_be_split_out_are_a_406_not_a_broken_answer(
     assert got.json()["detail"] == (
         "this instance's encapsulated pixel data cannot be split into its 3 frames; retrieve the whole instance instead"
     )
-
-
-def test_a_viewer_asking_for_rendered_images_is_told_what_to_ask_for(
-    base_url: str, settings: Settings
-) -> None:
-    """OHIF configured with thumbnailRendering 'rendered' or 'thumbnail' got a bare "Not Found"."""
-    study = new_study()
-    root = f"{base_url}/dicomweb/cases/any-case/studies/{study}"
-    for path in ("/thumbnail", "/series/1.2/rendered", "/series/1.2/instances/1.2.3/frames/1/rendered"):
-        got = requests.get(
-            root + path, headers={"Accept": "image/jpeg", **operations_headers(settings)}, timeout=10
-        )
-        assert got.status_code == 404
-        assert "retrieve the frames and render them in the viewer" in got.json()["detail"], path
