@@ -1,18 +1,26 @@
 """The fonts the report is drawn in, and text turned into Paragraph markup they can draw.
 
 reportlab's standard fonts (Helvetica) draw only Latin-1: a patient named Łukasiewicz, an original report in
-Chinese, "β-hCG ≥ 5" came out as black boxes. The report is drawn in DejaVu Sans (2.37, shipped in `fonts/` with
-its licence, so every deployment draws and refuses the same characters: Latin, Greek, Cyrillic, Hebrew, Arabic,
-combining marks, symbols), with reportlab's built-in CID fonts for
-Chinese, Japanese and Korean. Text is NFC-normalized (`e` + U+0301 is `é`), invisible format characters
-(zero-width spaces, bidi controls; not the zero-width joiners) are left out, and a character no font draws
-is written as `[U+1F642]` so the reader sees that something was there. Specialists are refused such characters up front (`unprintable`).
+Chinese, "β-hCG ≥ 5" came out as black boxes. The report is drawn in fonts shipped in `fonts/` with their
+licences, so every deployment draws and refuses the same characters: DejaVu Sans 2.37 (Latin, Greek, Cyrillic,
+Hebrew, Arabic, combining marks, symbols, and its few characters beyond U+FFFF), Noto Sans Devanagari (Hindi,
+Marathi, Nepali), Noto Sans Thai, Noto Naskh Arabic (the Urdu and Persian letters and forms DejaVu Sans lacks:
+heh goal ہ, yeh barree ے; a word with one of them is drawn in Noto Naskh Arabic whole), and for Chinese,
+Japanese and Korean reportlab's built-in CID fonts (not embedded: PDF viewers bring their own CJK fonts) with a
+subset of Noto Sans CJK for the ideographs beyond U+FFFF (Extension B on, 𠮷; scripts/cjk_supplement_font.py).
+Each run of characters is drawn in the first of them that has its characters; Devanagari and Thai runs are
+shaped (report_shaping.py: conjuncts, vowel signs before their consonant, marks placed). Text is NFC-normalized
+(`e` + U+0301 is `é`), invisible format characters (zero-width spaces, bidi controls; not the zero-width joiners)
+are left out, and a character no font draws (most emoji, control characters, unassigned code points) is written
+as `[U+1F642]` so the reader sees that something was there. Specialists are refused such characters up front
+(`unprintable`). The Noto fonts have no bold face: a run of them in bold text is drawn regular.
 
 Hebrew and Arabic are joined and put in visual order (report_bidi.py) line by line: `markup` does it for a
 short value, report_paragraphs.py for a paragraph, which must be broken into lines first."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from functools import cache
 from pathlib import Path
@@ -21,26 +29,49 @@ from xml.sax.saxutils import escape
 from reportlab.lib.fonts import addMapping
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
-from reportlab.pdfbase.ttfonts import TTFont
 
 from services.review.report_bidi import arabic_joined, letter_of_form, right_to_left, visual
+from services.review.report_shaping import ShapedFont, shaped
 
 FONT_DIR = Path(__file__).parent / "fonts"
 BODY, BOLD = "DejaVuSans", "DejaVuSans-Bold"
+DEVANAGARI, THAI, NASKH = "NotoSansDevanagari", "NotoSansThai", "NotoNaskhArabic"
+CJK_SUPPLEMENT = "NotoSansCJKSupplement"
+FILES = {
+    BODY: "DejaVuSans.ttf",
+    BOLD: "DejaVuSans-Bold.ttf",
+    DEVANAGARI: "NotoSansDevanagari-Regular.ttf",
+    THAI: "NotoSansThai-Regular.ttf",
+    NASKH: "NotoNaskhArabic-Regular.ttf",
+    CJK_SUPPLEMENT: "NotoSansCJK-Supplement-Regular.ttf",
+}
+SHAPED = (DEVANAGARI, THAI)  # runs in these are shaped (report_shaping.shaped)
+# Tried in this order for a character neither its script's font (SCRIPTS) nor DejaVu Sans draws.
+FALLBACKS = (NASKH, DEVANAGARI, THAI, CJK_SUPPLEMENT)
 # Not embedded (PDF viewers bring their own CJK fonts); each covers its script's characters.
 KOREAN, JAPANESE, CHINESE = "HYSMyeongJo-Medium", "HeiseiMin-W3", "STSong-Light"
 
-JOINERS = "\u200c\u200d"  # ZWNJ, ZWJ: how Persian (Arabic) letters join; the font draws them as nothing
+JOINERS = (
+    "\u200c\u200d"  # ZWNJ, ZWJ: how Persian (Arabic) letters and Devanagari conjuncts join; drawn as nothing
+)
+# Devanagari (and its Extended and Vedic blocks), Thai: drawn in their own font even where DejaVu has a character.
+SCRIPTS = (
+    (re.compile("[\u0900-\u097f\ua8e0-\ua8ff\u1cd0-\u1cff]"), DEVANAGARI),
+    (re.compile("[\u0e00-\u0e7f]"), THAI),
+)
+ARABIC_LETTERS = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]+")
 
 
 @cache
 def register() -> None:
     """Register the report's fonts with reportlab (once per process)."""
-    for name, file in ((BODY, "DejaVuSans.ttf"), (BOLD, "DejaVuSans-Bold.ttf")):
-        pdfmetrics.registerFont(TTFont(name, str(FONT_DIR / file)))
+    for name, file in FILES.items():
+        pdfmetrics.registerFont(ShapedFont(name, str(FONT_DIR / file)))
     for bold in (0, 1):
         for italic in (0, 1):
             addMapping(BODY, bold, italic, BOLD if bold else BODY)
+            for regular_only in (*SHAPED, NASKH, CJK_SUPPLEMENT):  # no bold face: drawn regular
+                addMapping(regular_only, bold, italic, regular_only)
     for cid in (KOREAN, JAPANESE, CHINESE):
         pdfmetrics.registerFont(UnicodeCIDFont(cid))
         for bold in (0, 1):  # no bold face: a CJK run in bold text is drawn regular
@@ -49,10 +80,12 @@ def register() -> None:
 
 
 @cache
-def _body_glyphs() -> frozenset[int]:
+def _glyphs(font: str) -> frozenset[int]:
+    """The characters the font draws (not the private-use ones that stand for shaped glyphs)."""
     register()
-    font = pdfmetrics.getFont(BODY)
-    return frozenset(font.face.charToGlyph)  # type: ignore[attr-defined]
+    shaped_font = pdfmetrics.getFont(font)
+    assert isinstance(shaped_font, ShapedFont)
+    return shaped_font.cmap
 
 
 def _cjk_font(char: str) -> str | None:
@@ -74,13 +107,19 @@ def _cjk_font(char: str) -> str | None:
 
 
 def font_for(char: str) -> str | None:
-    """BODY, a CJK font, or None: no font of the report draws it."""
-    # Beyond the BMP (DejaVu's few emoji) reportlab writes a ToUnicode entry PDF readers cannot parse, and the
-    # whole line is lost to text extraction and search: those are not drawn.
-    code = ord(char)
-    if char in "\n\t" or (code <= 0xFFFF and code in _body_glyphs() and unicodedata.category(char) != "Cc"):
+    """The font a character is drawn in, or None: no font of the report draws it (a control character, an
+    unassigned code point, a surrogate, most emoji)."""
+    if char in "\n\t":
         return BODY
-    return _cjk_font(char)
+    if unicodedata.category(char) in ("Cc", "Cs", "Cn"):
+        return None
+    code = ord(char)
+    for script, font in SCRIPTS:
+        if script.match(char) and code in _glyphs(font):
+            return font
+    if code in _glyphs(BODY):
+        return BODY
+    return _cjk_font(char) or next((font for font in FALLBACKS if code in _glyphs(font)), None)
 
 
 def _printed(text: str) -> str:
@@ -114,12 +153,11 @@ def _name(char: str) -> str:
 
 
 def joined(text: str) -> str:
-    """Arabic letters in the form they take beside their neighbours (`arabic_joined`); a form the font
-    lacks is drawn as its letter (only letters DejaVu Sans lacks altogether have such)."""
+    """Arabic letters in the form they take beside their neighbours (`arabic_joined`); a form no font of the
+    report has is drawn as its letter."""
     if not right_to_left(text):
         return text
-    glyphs = _body_glyphs()
-    return "".join(c if ord(c) in glyphs else letter_of_form(c) for c in arabic_joined(text))
+    return "".join(c if font_for(c) is not None else letter_of_form(c) for c in arabic_joined(text))
 
 
 def markup(text: str) -> str:
@@ -133,19 +171,45 @@ def markup(text: str) -> str:
 def markup_drawn(text: str) -> str:
     """Paragraph markup for text already as it is drawn (shown, joined, in visual order)."""
     register()
+    fonts = _fonts(text)
     parts: list[str] = []
-    run, run_font = "", BODY
-    for char in text:
-        font = font_for(char) or BODY
-        if font != run_font and run:
-            parts.append(_run(run, run_font))
-            run = ""
-        run, run_font = run + char, font
-    if run:
-        parts.append(_run(run, run_font))
+    start = 0
+    for end in range(1, len(text) + 1):
+        if end == len(text) or fonts[end] != fonts[start]:
+            parts.append(_run(text[start:end], fonts[start]))
+            start = end
     return "".join(parts)
 
 
+def _fonts(text: str) -> list[str]:
+    """The font each character is drawn in: its own (`font_for`), but a mark or joiner after a letter of a
+    shaped script is shaped with it, and an Arabic word with a letter only Noto Naskh Arabic has is drawn in it
+    whole (its letters join in one design)."""
+    fonts = [font_for(c) or BODY for c in text]
+    for i in range(1, len(text)):
+        char, before = text[i], fonts[i - 1]
+        if before in SHAPED and (
+            char in JOINERS or (unicodedata.category(char) in ("Mn", "Mc") and ord(char) in _glyphs(before))
+        ):
+            fonts[i] = before
+    for word in ARABIC_LETTERS.finditer(text):
+        span = range(word.start(), word.end())
+        if any(fonts[i] == NASKH for i in span) and all(ord(c) in _glyphs(NASKH) for c in word.group()):
+            fonts[word.start() : word.end()] = [NASKH] * len(span)
+    return fonts
+
+
+def _risen(markup: str, rise: int) -> str:
+    """Markup drawn `rise` thousandths of the font size above the baseline (below if negative)."""
+    if not rise:
+        return markup
+    tag = "sup" if rise > 0 else "sub"  # reportlab reads a signed rise as relative to the one around it
+    return f'<{tag} rise="{abs(rise) / 10:g}%" size="100%">{markup}</{tag}>'
+
+
 def _run(text: str, font: str) -> str:
+    if font in SHAPED:  # a mark HarfBuzz moves up or down (Thai tone marks over vowels) is drawn risen
+        drawn = "".join(_risen(escape(chars), rise) for chars, rise in shaped(text, font))
+        return f'<font name="{font}">{drawn}</font>'
     escaped = escape(text).replace("\t", " ")
     return escaped if font == BODY else f'<font name="{font}">{escaped}</font>'
