@@ -5,7 +5,8 @@ Chinese, "β-hCG ≥ 5" came out as black boxes. The report is drawn in fonts sh
 licences, so every deployment draws and refuses the same characters: DejaVu Sans 2.37 (Latin, Greek, Cyrillic,
 Hebrew, Arabic, combining marks, symbols, and its few characters beyond U+FFFF), Noto Sans Devanagari (Hindi,
 Marathi, Nepali), Noto Sans Thai, Noto Naskh Arabic (the Urdu and Persian letters and forms DejaVu Sans lacks:
-heh goal ہ, yeh barree ے; a word with one of them is drawn in Noto Naskh Arabic whole), and for Chinese,
+heh goal ہ, yeh barree ے; the Arabic letters of a line with one of them are all drawn in it, shaped by
+HarfBuzz), and for Chinese,
 Japanese and Korean reportlab's built-in CID fonts (not embedded: PDF viewers bring their own CJK fonts) with a
 subset of Noto Sans CJK for the ideographs beyond U+FFFF (Extension B on, 𠮷; scripts/cjk_supplement_font.py).
 Each run of characters is drawn in the first of them that has its characters; Devanagari and Thai runs are
@@ -59,6 +60,12 @@ SCRIPTS = (
     (re.compile("[\u0900-\u097f\ua8e0-\ua8ff\u1cd0-\u1cff]"), DEVANAGARI),
     (re.compile("[\u0e00-\u0e7f]"), THAI),
 )
+PRESENTATION_FORMS = re.compile("[\ufb50-\ufdff\ufe70-\ufeff]")
+RTL_CLASSES = (
+    "AL",
+    "R",
+    "NSM",
+)  # Arabic letters, Hebrew letters, marks: reversed as a whole in a right-to-left run
 ARABIC_LETTERS = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]+")
 
 
@@ -183,8 +190,8 @@ def markup_drawn(text: str) -> str:
 
 def _fonts(text: str) -> list[str]:
     """The font each character is drawn in: its own (`font_for`), but a mark or joiner after a letter of a
-    shaped script is shaped with it, and an Arabic word with a letter only Noto Naskh Arabic has is drawn in it
-    whole (its letters join in one design)."""
+    shaped script is shaped with it, and the Arabic letters of a line with one only Noto Naskh Arabic has (Urdu's
+    ہ, ے) are all drawn in it, in one design."""
     fonts = [font_for(c) or BODY for c in text]
     for i in range(1, len(text)):
         char, before = text[i], fonts[i - 1]
@@ -192,11 +199,24 @@ def _fonts(text: str) -> list[str]:
             char in JOINERS or (unicodedata.category(char) in ("Mn", "Mc") and ord(char) in _glyphs(before))
         ):
             fonts[i] = before
-    for word in ARABIC_LETTERS.finditer(text):
-        span = range(word.start(), word.end())
-        if any(fonts[i] == NASKH for i in span) and all(ord(c) in _glyphs(NASKH) for c in word.group()):
-            fonts[word.start() : word.end()] = [NASKH] * len(span)
+    letters = [
+        i
+        for word in ARABIC_LETTERS.finditer(text)
+        for i in range(word.start(), word.end())
+        if unicodedata.bidirectional(text[i]) in RTL_CLASSES
+    ]
+    if any(fonts[i] == NASKH for i in letters) and all(ord(text[i]) in _glyphs(NASKH) for i in letters):
+        for i in letters:
+            fonts[i] = NASKH
     return fonts
+
+
+def _logical(drawn: str) -> str:
+    """A right-to-left run, as drawn (visual order, letters in their joined forms), as written: reversed, each
+    presentation form its letter (lam-alef its two), for HarfBuzz to join and place with the font's own rules."""
+    return "".join(
+        unicodedata.normalize("NFKC", c) if PRESENTATION_FORMS.match(c) else c for c in reversed(drawn)
+    )
 
 
 def _risen(markup: str, rise: int) -> str:
@@ -208,8 +228,9 @@ def _risen(markup: str, rise: int) -> str:
 
 
 def _run(text: str, font: str) -> str:
-    if font in SHAPED:  # a mark HarfBuzz moves up or down (Thai tone marks over vowels) is drawn risen
-        drawn = "".join(_risen(escape(chars), rise) for chars, rise in shaped(text, font))
+    if font in SHAPED or font == NASKH:  # a mark HarfBuzz moves up or down (a Thai tone mark) is drawn risen
+        pieces = shaped(text, font) if font != NASKH else shaped(_logical(text), font, rtl=True)
+        drawn = "".join(_risen(escape(chars), rise) for chars, rise in pieces)
         return f'<font name="{font}">{drawn}</font>'
     escaped = escape(text).replace("\t", " ")
     return escaped if font == BODY else f'<font name="{font}">{escaped}</font>'

@@ -130,18 +130,19 @@ def to_unicode_cmap(name: str, texts: list[str]) -> str:
 
 
 @lru_cache(maxsize=4096)
-def shaped(text: str, font_name: str) -> tuple[tuple[str, int], ...]:
-    """`text`, a run of one left-to-right script in one font, as the characters that draw its shaped glyphs, in
-    pieces drawn at one height: (characters, how far above the baseline in thousandths of the font size)."""
+def shaped(text: str, font_name: str, *, rtl: bool = False) -> tuple[tuple[str, int], ...]:
+    """`text`, a run of one script in one font in logical order, as the characters that draw its shaped glyphs
+    left to right (HarfBuzz puts a right-to-left run in visual order), in pieces drawn at one height:
+    (characters, how far above the baseline in thousandths of the font size)."""
     font = pdfmetrics.getFont(font_name)
     assert isinstance(font, ShapedFont), f"{font_name} is not a ShapedFont"
     buffer = hb.Buffer()
     buffer.add_str(text)
     buffer.guess_segment_properties()
-    buffer.direction = "ltr"
+    buffer.direction = "rtl" if rtl else "ltr"
     hb.shape(font.hb_font, buffer, {})
     infos, positions = buffer.glyph_infos, buffer.glyph_positions
-    # A cluster (a syllable) runs from its first character to the next cluster's; left to right they ascend.
+    # A cluster (a syllable, a letter with its marks) runs from its first character to the next cluster's.
     starts = sorted({info.cluster for info in infos})
     ends = dict(zip(starts, [*starts[1:], len(text)], strict=True))
     blank = font.face.charToGlyph.get(0x20, 0)

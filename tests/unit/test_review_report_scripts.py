@@ -213,12 +213,18 @@ def test_thai_is_drawn_with_its_marks_placed_over_the_consonant_not_beside_it() 
 
 def test_urdu_heh_goal_and_yeh_barree_are_drawn_joined() -> None:
     """DejaVu Sans has no heh goal (ہ) or yeh barree (ے): Urdu was printed as [U+06C1][U+06D2]."""
-    lines = drawn_glyphs(render_report_pdf(written(impression="یہ ہے")))
+    pdf = render_report_pdf(written(impression="یہ ہے ہ"))
 
-    line = line_with(lines, "\ufbaf\ufba8")  # ہے drawn left to right: yeh barree final, heh goal initial
-    drawn = "".join(g.text for g in line)
-    assert drawn == "\ufbaf\ufba8 \ufba7\ufbfe"  # یہ: heh goal final, yeh initial (read from the right)
-    assert {g.font for g in line if g.text != " "} == {"NotoNaskhArabic-Regular"}  # the words in one design
+    line = line_with(drawn_glyphs(pdf), "ے")
+
+    # Left to right as drawn, the words read from the right: ہ alone, ہے (ے, then ہ), یہ (ہ, then ی).
+    assert "".join(g.text for g in line) == "ہ ےہ ہی"
+    alone, initial, final = line[0], line[3], line[5]
+    assert (
+        len({alone.width, initial.width, final.width}) == 3
+    )  # heh goal alone, joined to what follows, to what precedes
+    assert {g.font for g in line if g.text != " "} == {"NotoNaskhArabic-Regular"}  # the line in one design
+    assert "ہے یہ" in pdf_text(pdf)  # pypdf puts the words in its own order, each as written
 
 
 def test_chinese_japanese_and_korean_are_drawn_in_their_own_fonts() -> None:
