@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -113,6 +113,7 @@ def _cjk_font(char: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=65_536)
 def font_for(char: str) -> str | None:
     """The font a character is drawn in, or None: no font of the report draws it (a control character, an
     unassigned code point, a surrogate, most emoji)."""
@@ -208,7 +209,19 @@ def _fonts(text: str) -> list[str]:
     if any(fonts[i] == NASKH for i in letters) and all(ord(text[i]) in _glyphs(NASKH) for i in letters):
         for i in letters:
             fonts[i] = NASKH
+    # A space between two words in one shaped font is drawn in it: one run, not three, for reportlab to lay out.
+    for i in range(1, len(text) - 1):
+        if text[i] == " " and fonts[i - 1] == fonts[i + 1] in (*SHAPED, NASKH):
+            fonts[i] = fonts[i - 1]
     return fonts
+
+
+def _shaped_word(word: str, font: str) -> str:
+    """Markup drawing a word shaped; a mark HarfBuzz moves up or down (a Thai tone mark) is drawn risen."""
+    if not word:
+        return ""
+    pieces = shaped(word, font) if font != NASKH else shaped(_logical(word), font, rtl=True)
+    return "".join(_risen(escape(chars), rise) for chars, rise in pieces)
 
 
 def _logical(drawn: str) -> str:
@@ -228,9 +241,7 @@ def _risen(markup: str, rise: int) -> str:
 
 
 def _run(text: str, font: str) -> str:
-    if font in SHAPED or font == NASKH:  # a mark HarfBuzz moves up or down (a Thai tone mark) is drawn risen
-        pieces = shaped(text, font) if font != NASKH else shaped(_logical(text), font, rtl=True)
-        drawn = "".join(_risen(escape(chars), rise) for chars, rise in pieces)
-        return f'<font name="{font}">{drawn}</font>'
+    if font in SHAPED or font == NASKH:  # each word shaped; the spaces stay spaces, where lines may break
+        return f'<font name="{font}">{" ".join(_shaped_word(word, font) for word in text.split(" "))}</font>'
     escaped = escape(text).replace("\t", " ")
     return escaped if font == BODY else f'<font name="{font}">{escaped}</font>'
