@@ -5,12 +5,12 @@ Chinese, "β-hCG ≥ 5" came out as black boxes. The report is drawn in fonts sh
 licences, so every deployment draws and refuses the same characters: DejaVu Sans 2.37 (Latin, Greek, Cyrillic,
 Hebrew, Arabic, combining marks, symbols, and its few characters beyond U+FFFF), Noto Sans Devanagari (Hindi,
 Marathi, Nepali), Noto Sans Thai, Noto Naskh Arabic (the Urdu and Persian letters and forms DejaVu Sans lacks:
-heh goal ہ, yeh barree ے; the Arabic letters of a line with one of them are all drawn in it, shaped by
-HarfBuzz), and for Chinese,
+heh goal ہ, yeh barree ے; the Arabic letters of a line with one of them are all drawn in it), and for Chinese,
 Japanese and Korean reportlab's built-in CID fonts (not embedded: PDF viewers bring their own CJK fonts) with a
 subset of Noto Sans CJK for the ideographs beyond U+FFFF (Extension B on, 𠮷; scripts/cjk_supplement_font.py).
-Each run of characters is drawn in the first of them that has its characters; Devanagari and Thai runs are
-shaped (report_shaping.py: conjuncts, vowel signs before their consonant, marks placed). Text is NFC-normalized
+Each run of characters is drawn in the first of them that has its characters; Devanagari, Thai and Noto Naskh
+Arabic runs are shaped by HarfBuzz (report_shaping.py: conjuncts, vowel signs before their consonant, letters
+joined, marks placed). Text is NFC-normalized
 (`e` + U+0301 is `é`), invisible format characters (zero-width spaces, bidi controls; not the zero-width joiners)
 are left out, and a character no font draws (most emoji, control characters, unassigned code points) is written
 as `[U+1F642]` so the reader sees that something was there. Specialists are refused such characters up front
@@ -46,26 +46,23 @@ FILES = {
     NASKH: "NotoNaskhArabic-Regular.ttf",
     CJK_SUPPLEMENT: "NotoSansCJK-Supplement-Regular.ttf",
 }
-SHAPED = (DEVANAGARI, THAI)  # runs in these are shaped (report_shaping.shaped)
+# Runs in these are shaped left to right (report_shaping.shaped); NASKH runs right to left.
+SHAPED = (DEVANAGARI, THAI)
 # Tried in this order for a character neither its script's font (SCRIPTS) nor DejaVu Sans draws.
 FALLBACKS = (NASKH, DEVANAGARI, THAI, CJK_SUPPLEMENT)
 # Not embedded (PDF viewers bring their own CJK fonts); each covers its script's characters.
 KOREAN, JAPANESE, CHINESE = "HYSMyeongJo-Medium", "HeiseiMin-W3", "STSong-Light"
 
-JOINERS = (
-    "\u200c\u200d"  # ZWNJ, ZWJ: how Persian (Arabic) letters and Devanagari conjuncts join; drawn as nothing
-)
+# ZWNJ, ZWJ: how Persian (Arabic) letters and Devanagari conjuncts join; drawn as nothing.
+JOINERS = "\u200c\u200d"
 # Devanagari (and its Extended and Vedic blocks), Thai: drawn in their own font even where DejaVu has a character.
 SCRIPTS = (
     (re.compile("[\u0900-\u097f\ua8e0-\ua8ff\u1cd0-\u1cff]"), DEVANAGARI),
     (re.compile("[\u0e00-\u0e7f]"), THAI),
 )
 PRESENTATION_FORMS = re.compile("[\ufb50-\ufdff\ufe70-\ufeff]")
-RTL_CLASSES = (
-    "AL",
-    "R",
-    "NSM",
-)  # Arabic letters, Hebrew letters, marks: reversed as a whole in a right-to-left run
+# Bidi classes of Arabic letters, Hebrew letters and marks: a run of them is reversed whole in a right-to-left line.
+RTL_CLASSES = ("AL", "R", "NSM")
 ARABIC_LETTERS = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]+")
 
 
@@ -232,12 +229,12 @@ def _logical(drawn: str) -> str:
     )
 
 
-def _risen(markup: str, rise: int) -> str:
+def _risen(drawn: str, rise: int) -> str:
     """Markup drawn `rise` thousandths of the font size above the baseline (below if negative)."""
     if not rise:
-        return markup
+        return drawn
     tag = "sup" if rise > 0 else "sub"  # reportlab reads a signed rise as relative to the one around it
-    return f'<{tag} rise="{abs(rise) / 10:g}%" size="100%">{markup}</{tag}>'
+    return f'<{tag} rise="{abs(rise) / 10:g}%" size="100%">{drawn}</{tag}>'
 
 
 def _run(text: str, font: str) -> str:
