@@ -10,7 +10,9 @@ given a character of its own in the font it is drawn in (`ShapedFont`), from the
 Areas: drawn as that glyph, as wide as HarfBuzz advances it, and written in the ToUnicode map as the text it
 stands for: the whole cluster (the syllable) for its first glyph, nothing for the others, so copying the text
 gives back the characters as they were written, in the order written. A glyph HarfBuzz moves aside (an x
-offset) is preceded by an empty one as wide as the move, and is itself narrower by as much.
+offset) is preceded by an empty one as wide as the move, and is itself narrower by as much; one it moves up or
+down (a y offset) is drawn risen (report_fonts). Urdu in Noto Naskh Arabic is shaped the same way, right to left:
+HarfBuzz joins its letters, places its marks and gives the glyphs in the order they are drawn.
 
 `ShapedFont` is also how characters beyond U+FFFF are drawn: reportlab writes them in its ToUnicode map as
 five hex digits, which PDF readers cannot parse, and text extraction lost the whole line; this map writes
@@ -26,7 +28,7 @@ import uharfbuzz as hb
 from reportlab.pdfbase import pdfdoc, pdfmetrics
 from reportlab.pdfbase.ttfonts import SUBSETN, TTFont
 
-# Supplementary Private Use Area-A and -B: no font of the report draws a character there (font_for refuses them).
+# Supplementary Private Use Area-A and -B: no font of the report draws a character there (font_for finds none).
 PRIVATE_A, PRIVATE_B, PRIVATE_SIZE = 0xF0000, 0x100000, 0xFFFE
 BFCHAR_ENTRIES = 100  # at most 100 entries per beginbfchar (PDF 32000-1, 9.10.3)
 
