@@ -30,6 +30,7 @@ from xml.sax.saxutils import escape
 from reportlab.lib.fonts import addMapping
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+from reportlab.pdfbase.pdfmetrics import stringWidth
 
 from services.review.report_bidi import arabic_joined, letter_of_form, right_to_left, visual
 from services.review.report_shaping import ShapedFont, shaped
@@ -173,10 +174,12 @@ def markup(text: str) -> str:
     return "\n".join(markup_drawn(visual(joined(line))) for line in lines)
 
 
-def markup_drawn(text: str) -> str:
-    """Paragraph markup for text already as it is drawn (shown, joined, in visual order)."""
+def markup_drawn(text: str, *, naskh: bool | None = None) -> str:
+    """Paragraph markup for text already as it is drawn (shown, joined, in visual order); `naskh` says whether
+    its Arabic letters are drawn in Noto Naskh Arabic (`needs_naskh` of the line it was broken from), by default
+    whether this text needs it."""
     register()
-    fonts = _fonts(text)
+    fonts = _fonts(text, naskh=naskh)
     parts: list[str] = []
     start = 0
     for end in range(1, len(text) + 1):
@@ -186,10 +189,37 @@ def markup_drawn(text: str) -> str:
     return "".join(parts)
 
 
-def _fonts(text: str) -> list[str]:
+def needs_naskh(line: str) -> bool:
+    """Whether the Arabic letters of a line are drawn in Noto Naskh Arabic: one of them only it has (Urdu's ہ,
+    ے), and it has them all (one design for the line)."""
+    letters = _arabic_letters(line)
+    return any(font_for(line[i]) == NASKH for i in letters) and all(
+        ord(line[i]) in _glyphs(NASKH) for i in letters
+    )
+
+
+@lru_cache(maxsize=16_384)
+def drawn_width(text: str, font: str, size: float, *, naskh: bool) -> float:
+    """The width of text as drawn (shown, joined) at `size`, each character in the font that draws it, those of
+    DejaVu Sans in `font` (the paragraph's, bold or not); shaped runs as the sum of their characters."""
+    register()
+    fonts = _fonts(text, naskh=naskh)
+    return sum(stringWidth(c, font if f == BODY else f, size) for c, f in zip(text, fonts, strict=True))
+
+
+def _arabic_letters(text: str) -> list[int]:
+    return [
+        i
+        for word in ARABIC_LETTERS.finditer(text)
+        for i in range(word.start(), word.end())
+        if unicodedata.bidirectional(text[i]) in RTL_CLASSES
+    ]
+
+
+def _fonts(text: str, *, naskh: bool | None = None) -> list[str]:
     """The font each character is drawn in: its own (`font_for`), but a mark or joiner after a letter of a
-    shaped script is shaped with it, and the Arabic letters of a line with one only Noto Naskh Arabic has (Urdu's
-    ہ, ے) are all drawn in it, in one design."""
+    shaped script is shaped with it, and the Arabic letters of a line that `needs_naskh` are all drawn in Noto
+    Naskh Arabic, in one design."""
     fonts = [font_for(c) or BODY for c in text]
     for i in range(1, len(text)):
         char, before = text[i], fonts[i - 1]
@@ -197,15 +227,10 @@ def _fonts(text: str) -> list[str]:
             char in JOINERS or (unicodedata.category(char) in ("Mn", "Mc") and ord(char) in _glyphs(before))
         ):
             fonts[i] = before
-    letters = [
-        i
-        for word in ARABIC_LETTERS.finditer(text)
-        for i in range(word.start(), word.end())
-        if unicodedata.bidirectional(text[i]) in RTL_CLASSES
-    ]
-    if any(fonts[i] == NASKH for i in letters) and all(ord(text[i]) in _glyphs(NASKH) for i in letters):
-        for i in letters:
-            fonts[i] = NASKH
+    if needs_naskh(text) if naskh is None else naskh:
+        for i in _arabic_letters(text):
+            if ord(text[i]) in _glyphs(NASKH):
+                fonts[i] = NASKH
     # A space between two words in one shaped font is drawn in it: one run, not three, for reportlab to lay out.
     for i in range(1, len(text) - 1):
         if text[i] == " " and fonts[i - 1] == fonts[i + 1] in (*SHAPED, NASKH):

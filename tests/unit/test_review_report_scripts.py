@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import re
 import time
 
@@ -15,7 +16,7 @@ from pypdf import PdfReader
 from pypdf.generic import ContentStream, DictionaryObject
 
 from services.review.report_fonts import describe_characters, unprintable
-from services.review.report_pdf import ReportContent, render_report_pdf
+from services.review.report_pdf import COLUMN_WIDTH, ReportContent, render_report_pdf
 from tests.unit.test_review_report import content, pdf_text
 
 
@@ -271,3 +272,23 @@ def test_a_long_report_in_devanagari_and_thai_is_composed_in_seconds() -> None:
 
     assert composed_in < 15, f"composed in {composed_in:.1f} s"
     assert f"{hindi} 17" in pdf_text(pdf)
+
+
+def test_an_urdu_paragraph_is_broken_into_lines_at_the_width_it_is_drawn_at() -> None:
+    """Urdu lines were measured in DejaVu Sans and drawn in the narrower Noto Naskh Arabic: each line of a long
+    paragraph ended a word or two short of the column, ragged on the left."""
+    sentence = "مریض کی بائیں بیضہ دانی میں سادہ سسٹ ہے، کوئی بہاؤ نہیں۔"
+    lines = drawn_glyphs(render_report_pdf(written(findings=" ".join([sentence] * 6))))
+
+    urdu = [line for line in lines if any(g.font == "NotoNaskhArabic-Regular" for g in line)]
+    size = 9.5  # the body text's
+
+    def width(glyphs: list[Glyph]) -> float:
+        return sum(g.width for g in glyphs) * size / 1000
+
+    assert len(urdu) > 3
+    for line, after in itertools.pairwise(urdu):
+        # Read from the right, the next line starts with its rightmost word: it did not fit on this line.
+        next_word = after[max(i for i, g in enumerate(after) if g.text == " ") + 1 :]
+        space = width([next(g for g in line if g.text == " ")])
+        assert width(line) <= COLUMN_WIDTH < width(line) + space + width(next_word)
