@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import unicodedata
 from datetime import date, datetime
 
 import structlog
@@ -26,6 +27,8 @@ DOCUMENT_TITLE = TITLE.replace(" \u2014 ", " - ")
 # UTF-8); the `^` between the two takes one. A name too long keeps the family name (what a PACS sorts and
 # searches by) and at least this much of the given name (a first given name).
 PN_GROUP_CHARS = 64
+VIRAMA = 9  # the canonical combining class of the viramas (Devanagari ्, ...): they join consonants
+JOINERS = "\u200c\u200d"
 GIVEN_NAME_AT_LEAST = 16
 
 log = structlog.get_logger(__name__)
@@ -100,7 +103,7 @@ def _person_name(family: str, given: str, *, report_id: str) -> str:
     room = PN_GROUP_CHARS - 1
     if len(family) + len(given) > room:
         keep_given = min(len(given), max(room - len(family), GIVEN_NAME_AT_LEAST))
-        kept = family[: room - keep_given].rstrip(), given[:keep_given].rstrip()
+        kept = _cut(family, room - keep_given), _cut(given, keep_given)
         log.warning(
             "review.dicom_patient_name_shortened",
             report_id=report_id,
@@ -110,6 +113,20 @@ def _person_name(family: str, given: str, *, report_id: str) -> str:
         )
         family, given = kept
     return f"{family}^{given}"
+
+
+def _cut(text: str, chars: int) -> str:
+    """The first `chars` characters of `text`, less the start of a syllable they would split: a letter is not
+    kept without its marks (Devanagari कि without ि), nor a consonant with the virama that joins it to one
+    left out (क्ष as क्)."""
+    while 0 < chars < len(text) and (
+        unicodedata.category(text[chars]).startswith("M")
+        or text[chars] in JOINERS
+        or unicodedata.combining(text[chars - 1]) == VIRAMA
+        or text[chars - 1] in JOINERS
+    ):
+        chars -= 1
+    return text[:chars].rstrip()
 
 
 def _short_string(value: str | None) -> str:

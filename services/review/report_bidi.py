@@ -6,7 +6,9 @@ needs `rlbidi`, which is not on PyPI, and its shaping (uharfbuzz) does not reord
 xhtml2pdf does: arabic-reshaper gives each Arabic (Persian) letter its joined form, the presentation forms
 DejaVu Sans draws, and python-bidi (the Unicode Bidirectional Algorithm) says each character's direction, by
 which a line is put into the order it is drawn in, numbers and Latin words in it left to right. A line is
-reordered once it is broken: report_paragraphs.py breaks paragraphs with right-to-left text itself.
+reordered once it is broken: report_paragraphs.py breaks paragraphs with right-to-left text itself. A line with
+a letter DejaVu Sans lacks (Urdu's ہ, ے) has its Arabic letters drawn in Noto Naskh Arabic instead, each run
+taken back to logical order and shaped by HarfBuzz (report_fonts.py), which also places its marks.
 """
 
 from __future__ import annotations

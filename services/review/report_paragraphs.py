@@ -9,13 +9,14 @@ right to left. Text without right-to-left letters is a plain Paragraph, as befor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from reportlab.lib.enums import TA_RIGHT
 from reportlab.lib.styles import ParagraphStyle
-from reportlab.pdfbase.pdfmetrics import stringWidth
 from reportlab.platypus import Flowable, Paragraph
 
 from services.review.report_bidi import base_right_to_left, right_to_left, visual
-from services.review.report_fonts import BODY, font_for, joined, markup, markup_drawn, shown
+from services.review.report_fonts import drawn_width, joined, markup, markup_drawn, needs_naskh, shown
 
 
 def paragraph(lines: list[str], style: ParagraphStyle) -> Flowable:
@@ -36,6 +37,7 @@ class RightToLeftParagraph(Flowable):
     def __init__(self, lines: list[str], style: ParagraphStyle) -> None:
         super().__init__()
         self.lines = [joined(shown(line)) for line in lines]
+        self.naskh = [needs_naskh(line) for line in self.lines]  # a line broken in two is drawn in one design
         self.style = style
         self._laid_out: tuple[float, Paragraph] | None = None
 
@@ -44,13 +46,13 @@ class RightToLeftParagraph(Flowable):
             style = self.style
             room = width - style.leftIndent - style.rightIndent
             drawn = [
-                visual_line
-                for line in self.lines
-                for visual_line in _visual_lines(line, room, style.fontName, style.fontSize)
+                markup_drawn(visual_line, naskh=naskh)
+                for line, naskh in zip(self.lines, self.naskh, strict=True)
+                for visual_line in _visual_lines(line, room, style.fontName, style.fontSize, naskh)
             ]
             if reads_right_to_left(self.lines):
                 style = ParagraphStyle(f"{style.name}RightToLeft", parent=style, alignment=TA_RIGHT)
-            self._laid_out = width, Paragraph("<br/>".join(map(markup_drawn, drawn)), style)
+            self._laid_out = width, Paragraph("<br/>".join(drawn), style)
         return self._laid_out[1]
 
     def wrap(self, availWidth: float, availHeight: float) -> tuple[float, float]:  # noqa: N803
@@ -72,19 +74,22 @@ class RightToLeftParagraph(Flowable):
         return float(self.style.spaceAfter)
 
 
-def _visual_lines(line: str, room: float, font: str, size: float) -> list[str]:
+def _visual_lines(line: str, room: float, font: str, size: float, naskh: bool) -> list[str]:
     """The line broken at spaces into lines of at most `room` points (a longer word is cut), each in visual
     order in the direction of the whole line."""
     rtl = base_right_to_left(line)
-    return [visual(broken, rtl=rtl) for broken in _broken(line, room, font, size)]
+    return [visual(broken, rtl=rtl) for broken in _broken(line, room, font, size, naskh)]
 
 
-def _broken(line: str, room: float, font: str, size: float) -> list[str]:
-    space = _width(" ", font, size)
+def _broken(line: str, room: float, font: str, size: float, naskh: bool) -> list[str]:
+    def _width(text: str) -> float:
+        return drawn_width(text, font, size, naskh=naskh)
+
+    space = _width(" ")
     lines: list[str] = []
     current, current_width = "", 0.0
     for word in line.split(" "):
-        width = _width(word, font, size)
+        width = _width(word)
         if current and current_width + space + width > room:
             lines.append(current)
             current, current_width = "", 0.0
@@ -92,23 +97,18 @@ def _broken(line: str, room: float, font: str, size: float) -> list[str]:
             current, current_width = f"{current} {word}", current_width + space + width
             continue
         while width > room and len(word) > 1:
-            cut = _fitting(word, room, font, size)
+            cut = _fitting(word, room, _width)
             lines.append(word[:cut])
             word = word[cut:]
-            width = _width(word, font, size)
+            width = _width(word)
         current, current_width = word, width
     lines.append(current)
     return lines
 
 
-def _fitting(word: str, room: float, font: str, size: float) -> int:
+def _fitting(word: str, room: float, width: Callable[[str], float]) -> int:
     """How many characters of `word` fit in `room` (at least one)."""
     for cut in range(1, len(word)):
-        if _width(word[: cut + 1], font, size) > room:
+        if width(word[: cut + 1]) > room:
             return cut
     return len(word)
-
-
-def _width(text: str, font: str, size: float) -> float:
-    """The width the text takes in the paragraph's font, a character no font of it has in its own."""
-    return sum(stringWidth(c, font if font_for(c) == BODY else font_for(c) or font, size) for c in text)

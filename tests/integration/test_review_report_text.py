@@ -95,7 +95,7 @@ def test_characters_the_report_cannot_print_are_refused_at_submission_naming_the
     what the specialist wrote, and nobody was told."""
     _, assigned = assigned_review(engine, settings)
     body = WRITTEN | {
-        "findings": "Smiles 😀",  # DejaVu draws it, but PDF readers could not extract the line it was on
+        "findings": "Unassigned \u0378",
         "impression": "Benign 🙂",
         "alternative_diagnoses": ["Endometrioma", "Dermoid\x07"],
         "recommendations": [
@@ -115,7 +115,43 @@ def test_characters_the_report_cannot_print_are_refused_at_submission_naming_the
         "write it in words (or leave it out) and send again"
     )
     assert errors["alternative_diagnoses.1"].startswith("has U+0007 a control character, which")
+    assert errors["findings"].startswith("has U+0378 a private-use or unassigned character, which")
     assert client.get(f"/v1/reviews/{assigned['review_id']}").json()["status"] == "accepted"
+
+
+NAMES = {"given_name": "क्षत्रिय 𠮷", "family_name": "สมชาย"}
+SCRIPTS = FINDINGS | {
+    "findings": "दाएँ अंडाशय में 6 सेमी की पुटी। ก้อนซีสต์ที่รังไข่ขวา. یہ سادہ سسٹ ہے۔",
+    "impression": "出血性囊肿 — 出血性嚢胞 — 출혈성 낭종; 𠮷野 😀",
+}
+
+
+def test_devanagari_thai_urdu_cjk_and_beyond_the_bmp_are_taken_and_printed(
+    engine: Engine, settings: Settings, client: TestClient
+) -> None:
+    """A Hindi, Thai or Urdu specialist was refused at submission (422 naming U+0915 ...), an emoji DejaVu Sans
+    draws too (its line was lost to text extraction), and the referring side's names and text in these
+    scripts were printed as [U+0915]: now they are printed, extracted as written, and in DICOM as UTF-8."""
+    base = request("pelvic", "CA")
+    patient = base.patient.model_copy(update=NAMES)
+    question = "क्या यह कैंसर है? นี่คือมะเร็งหรือไม่"
+    command, assigned = assigned_review(engine, settings, patient=patient, clinical_question=question)
+    case_id, review_id = command.subject, assigned["review_id"]
+
+    submitted = client.post(f"/v1/reviews/{review_id}", json=SCRIPTS, headers=specialist_headers(settings))
+
+    assert submitted.status_code == 200, submitted.text
+    apply(engine, settings, compose_command(case_id, review_id))
+    pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
+    text = flow.pdf_text(pdf)
+    for written in ("क्षत्रिय 𠮷 สมชาย", question, "दाएँ अंडाशय में 6 सेमी की पुटी।", "ก้อนซีสต์ที่รังไข่ขวา."):
+        assert written in text, written
+    assert SCRIPTS["impression"] in text
+    assert "[U+" not in text
+    issued = outbox_event(engine, f"document.encapsulated_report:{case_id}:1")
+    ds = pydicom.dcmread(io.BytesIO(base64.b64decode(issued.data["dicom_base64"])))
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert (ds.PatientName.family_name, ds.PatientName.given_name) == ("สมชาย", "क्षत्रिय 𠮷")
 
 
 def test_an_answer_or_addendum_the_report_cannot_print_is_refused(
@@ -247,10 +283,9 @@ def test_what_the_referring_side_wrote_that_no_font_draws_is_shown_by_its_code_p
 def test_a_clinical_question_that_prints_longer_than_a_page_goes_on_on_the_next(
     engine: Engine, settings: Settings, client: TestClient
 ) -> None:
-    """Intake takes a clinical question of 2,000 emoji; printed [U+1F600] each, its row of the patient table
-    was taller than a page and every composition failed (LayoutError): the case never got its report. An emoji
-    beyond the BMP was also drawn with a ToUnicode entry PDF readers reject, losing the line to extraction."""
-    command, assigned = assigned_review(engine, settings, clinical_question="😀" * 2000)
+    """Intake takes a clinical question of 2,000 emoji; printed [U+1F642] each, its row of the patient table
+    was taller than a page and every composition failed (LayoutError): the case never got its report."""
+    command, assigned = assigned_review(engine, settings, clinical_question="🙂" * 2000)
     case_id, review_id = command.subject, assigned["review_id"]
     submitted = client.post(f"/v1/reviews/{review_id}", json=FINDINGS, headers=specialist_headers(settings))
     assert submitted.status_code == 200, submitted.text
@@ -259,7 +294,7 @@ def test_a_clinical_question_that_prints_longer_than_a_page_goes_on_on_the_next(
 
     pdf = client.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
     text = re.sub(r"Case \S+ · version 1 Page \d+ ", "", flow.pdf_text(pdf))  # without the page footers
-    assert "".join(text.split()).count("[U+1F600]") == 2000
+    assert "".join(text.split()).count("[U+1F642]") == 2000
 
 
 def test_hebrew_and_arabic_findings_are_printed_right_to_left_and_kept_as_written_elsewhere(

@@ -293,6 +293,8 @@ def test_a_family_name_longer_than_the_dicom_limit_keeps_the_given_name() -> Non
     for given, kept_family, kept_given in (
         ("Anna", family[:59], "Anna"),  # the given name whole, the family name cut to what is left
         ("Maria Magdalena " * 5, family[:47], "Maria Magdalena"),  # the given name's first 16 characters
+        # Cut at 16 characters, the name ended in क्, the conjunct क्ष broken: a syllable is left out whole.
+        ("श्री " + "क्षत्रिय " * 2, family[:47], "श्री क्षत्रिय"),
     ):
         patient = case.patient.model_copy(update={"family_name": family, "given_name": given})
         with capture_logs() as logs:
