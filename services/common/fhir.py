@@ -12,48 +12,78 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from services.common.fhir_params import ORDER_PARAMS, REPORT_PARAMS, TASK_INCLUDES, TASK_PARAMS
+from services.common.fhir_params import declared as declared_params
 from services.common.http import UnreadableJson
 
 FHIR_JSON = "application/fhir+json"
 
+SEARCHED = (
+    "Search (GET [base]/{type}?… or POST [base]/{type}/_search with a form body) answers a searchset Bundle "
+    "of your own cases only (another partner's are not there: an empty Bundle, not a 404), newest first, with "
+    "`total` and absolute self/next links (`_count` 20 by default, at most 100; follow `next` to page). An "
+    "unknown parameter is ignored and left out of the self link, or with `Prefer: handling=strict` a 400 naming "
+    "it; a value that cannot be read is a 400 naming the parameter."
+)
 # The resource types served at the public base, and what each supports there (CapabilityStatement.rest.resource).
 PUBLIC_RESOURCES: list[dict[str, Any]] = [
     {
         "type": "ServiceRequest",
-        "interaction": [{"code": "create"}],
+        "interaction": [{"code": "create"}, {"code": "read"}, {"code": "vread"}, {"code": "search-type"}],
+        "versioning": "versioned",
         "conditionalCreate": True,
-        "documentation": "The order opens a case, answered as the case's Task (`Location: "
-        "[base]/Task/{id}`); the ServiceRequest is not kept as a resource of its own, so read the "
-        "Task. Prefer: return=minimal | representation | OperationOutcome is honoured.",
+        "searchParam": declared_params(ORDER_PARAMS),
+        "documentation": "The order opens a case. The create answers the order as kept (201, or 200 when your "
+        "order reference already made it: the same order sent again, or If-None-Exist), with `Location: "
+        "[base]/ServiceRequest/{id}/_history/1`, ETag and meta; Prefer: return=minimal | representation | "
+        "OperationOutcome is honoured. It is kept as received, one version; its id is the case's, and the case's "
+        "progress is the Task of the same id (Task.focus and Task.basedOn reference the order). " + SEARCHED,
     },
     {
         "type": "Task",
-        "interaction": [{"code": "read"}],
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
         "versioning": "versioned",
-        "documentation": "The case: `status` follows it, `businessStatus` carries the case status. "
-        "meta.versionId is the ETag: poll with If-None-Match (304 while unchanged).",
+        "searchParam": declared_params(TASK_PARAMS),
+        "searchInclude": TASK_INCLUDES,
+        "documentation": "The case: `status` follows it, `businessStatus` carries the case status, `focus` and "
+        "`basedOn` the order (ServiceRequest/{id}, the same id). meta.versionId is the ETag: poll with "
+        "If-None-Match (304 while unchanged). Find your order's Task with ?focus=ServiceRequest/{id}, or "
+        "?group-identifier=[system|]value (your order reference). " + SEARCHED,
     },
     {
         "type": "DiagnosticReport",
-        "interaction": [{"code": "read"}],
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
         "versioning": "versioned",
+        "searchParam": declared_params(REPORT_PARAMS),
         "documentation": "Served at this base by the review service: the delivered case's Task.output names "
-        "the report's URL. Each addendum (an answer to a follow-up question, the specialist's own) is a new "
-        "version: meta.versionId is the ETag, If-None-Match answers 304 while unchanged; only the latest "
-        "version is served (no vread).",
+        "the report's URL; find the report of your order with ?based-on=ServiceRequest/{id} or "
+        "?based-on:identifier=[system|]value (your order reference). Each addendum (an answer to a follow-up "
+        "question, the specialist's own) is a new version: meta.versionId is the ETag, If-None-Match answers 304 "
+        "while unchanged; only the latest version is served (no vread). " + SEARCHED,
     },
     {
         "type": "CoverageEligibilityRequest",
         "interaction": [{"code": "create"}],
-        "documentation": "Served at this base by the insurance service: answered at once (200) with a "
-        "CoverageEligibilityResponse for the contained Coverage; nothing is kept, so there is no read. "
-        "Prefer: return=minimal | representation | OperationOutcome is honoured.",
+        "documentation": "Served at this base by the insurance service: answered at once with the "
+        "CoverageEligibilityResponse for the contained Coverage, which is kept: 201 with `Location: "
+        "[base]/CoverageEligibilityResponse/{id}/_history/1` (the request itself is not kept). Prefer: "
+        "return=minimal | representation | OperationOutcome is honoured.",
+    },
+    {
+        "type": "CoverageEligibilityResponse",
+        "interaction": [{"code": "read"}],
+        "versioning": "versioned",
+        "documentation": "Served at this base by the insurance service: the answer to a "
+        "CoverageEligibilityRequest, read by the partner that asked (another partner's is a 404); it never "
+        "changes (version 1).",
     },
 ]
 SERVED_BY = {"ServiceRequest": "intake", "Task": "intake", "DiagnosticReport": "review",
-             "CoverageEligibilityRequest": "insurance"}  # fmt: skip
+             "CoverageEligibilityRequest": "insurance", "CoverageEligibilityResponse": "insurance"}  # fmt: skip
 # Where each interaction is served (FHIR R4 http.html), to say what is served when a request asks for another.
-INTERACTIONS = {"create": ("POST", "[base]/{type}"), "read": ("GET", "[base]/{type}/{id}")}
+INTERACTIONS = {"create": ("POST", "[base]/{type}"), "read": ("GET", "[base]/{type}/{id}"),
+                "vread": ("GET", "[base]/{type}/{id}/_history/{vid}"),
+                "search-type": ("GET", "[base]/{type}")}  # fmt: skip
 EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -166,22 +196,26 @@ def undeclared_answer(service: str, resource_type: str, rest: str | None,
             404, "not-found", [(None, f"no resource type of this name is served here; served: {summary} "
                                       "and the transaction (POST [base]); see GET [base]/metadata")]
         )  # fmt: skip
-    level = "[base]/{type}" if rest is None else "[base]/{type}/{id}" if "/" not in rest else None
+    level = (
+        "[base]/{type}" if rest is None
+        else "[base]/{type}/{id}" if "/" not in rest
+        else "[base]/{type}/{id}/_history/{vid}" if len(rest.split("/")) == 3 and rest.split("/")[1] == "_history"
+        else None
+    )  # fmt: skip
     codes = own[resource_type]
-    allowed = [INTERACTIONS[c][0] for c in codes if INTERACTIONS[c][1] == level]
+    allowed = sorted({INTERACTIONS[c][0] for c in codes if INTERACTIONS[c][1] == level})
+    if "search-type" in codes and rest == "_search":
+        allowed = ["POST"]
     served = ", ".join(f"{c} ({' '.join(INTERACTIONS[c])})" for c in codes).replace("{type}", resource_type)
     where = (
         f"on the {service} service's own port only (internal: not at the public base)"
         if resource_type in (internal or {})
         else "here"
     )
-    hint = (
-        " (the order is answered as a Task: read [base]/Task/{id})"
-        if resource_type == "ServiceRequest"
-        else ""
-    )
+    if "search-type" in codes:
+        served += f" and POST [base]/{resource_type}/_search"
     return not_allowed(
-        f"{resource_type} supports {served} {where}{hint}, nothing else; see GET [base]/metadata", allowed
+        f"{resource_type} supports {served} {where}, nothing else; see GET [base]/metadata", allowed
     )
 
 

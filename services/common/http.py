@@ -98,7 +98,7 @@ def fhir_json_only(request: Request) -> None:
                 f"only FHIR R4 is served: send Accept: {FHIR_JSON}; fhirVersion={FHIR_VERSION}, or no fhirVersion",
             )
         raise StarletteHTTPException(406, f"only JSON is served: send Accept: {FHIR_JSON}")
-    if request.method == "POST":
+    if request.method == "POST" and not request.url.path.endswith("/_search"):  # a search's form: fhir_search
         sent = _fhir_versions(request.headers.get("content-type") or "")
         if sent and sent[0][0] not in (FHIR_JSON, "application/json"):
             raise StarletteHTTPException(415, f"send the resource as JSON, with Content-Type: {FHIR_JSON}")

@@ -1,10 +1,18 @@
-"""/fhir/CoverageEligibilityRequest: eligibility and benefits asked in FHIR R4, answered as a response."""
+"""/fhir/CoverageEligibilityRequest: eligibility and benefits asked in FHIR R4, answered as a
+CoverageEligibilityResponse that is kept (FHIR create: 201, `Location` the response's version) and read at
+/fhir/CoverageEligibilityResponse/{id} by the partner that asked.
+
+Why a create and not `$eligibility`: R4 defines no such operation; the financial module's exchange is the POST of
+the request answered with the response (financial-module.html#eligibility), and a partner's client (fhirpy,
+HAPI) creates the request and reads the response back by the Location, as it does for any create."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from typing import Annotated
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
@@ -12,14 +20,24 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from contracts.models import Coverage
-from services.auth import Role, require_role
+from services.auth import AuthEngine, Principal, Role, require_role
+from services.auth.access import record
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
-from services.common.fhir import as_preferred, outcome_response, undeclared_router, unparseable
+from services.common.config import Settings, get_settings
+from services.common.fhir import (
+    as_preferred,
+    etag,
+    outcome_response,
+    unchanged,
+    undeclared_router,
+    unparseable,
+)
 from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.insurance import fhir_resources, handlers
 from services.insurance.api import SessionDep
 from services.insurance.fhir_resources import FhirInvalid
+from services.insurance.models import EligibilityResponse
 from services.insurance.x12_connector import Subscriber
 
 # Every FHIR route of this service speaks JSON and FHIR R4 only.
@@ -30,8 +48,10 @@ router = APIRouter(
     responses=AUTH_ERRORS,
     route_class=AuthRoute,
 )
-# Eligibility asks carry a member id: partners and operations only (nothing is stored).
-PARTNERS_AND_OPERATIONS = [Depends(require_role(Role.PARTNER, Role.OPERATIONS))]
+# Eligibility asks carry a member id: partners and operations only; the answer is kept for the partner that asked.
+Asker = Annotated[Principal, Depends(require_role(Role.PARTNER, Role.OPERATIONS))]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+VERSION = "1"
 FHIR_JSON = "application/fhir+json"
 Prefer = Annotated[
     str | None,
@@ -50,24 +70,81 @@ def _outcome(status: int, expression: str, message: str, code: str = "invalid") 
 
 @router.post(
     "/CoverageEligibilityRequest",
-    dependencies=PARTNERS_AND_OPERATIONS,
+    status_code=201,
     responses={
-        200: {
-            "description": "a CoverageEligibilityResponse (with `Prefer: return=minimal` no body, with "
-            "`return=OperationOutcome` an OperationOutcome saying what was done)",
+        201: {
+            "description": "the CoverageEligibilityResponse, kept: `Location: "
+            "[base]/CoverageEligibilityResponse/{id}/_history/1`, `ETag`, `Last-Modified` (with `Prefer: "
+            "return=minimal` no body, with `return=OperationOutcome` an OperationOutcome saying what was done)",
             "content": {FHIR_JSON: {}},
         },
         400: {"description": "a body that cannot be parsed as JSON: an OperationOutcome saying why"},
         422: {"description": "an invalid resource: an OperationOutcome naming the element"},
     },
 )
-async def request_eligibility(request: Request, session: SessionDep, prefer: Prefer = None) -> Response:
-    """Eligibility and benefits for the plan and member of the contained Coverage (nothing is stored)."""
+async def request_eligibility(
+    request: Request, session: SessionDep, caller: Asker, settings: SettingsDep, prefer: Prefer = None
+) -> Response:
+    """Eligibility and benefits for the plan and member of the contained Coverage, answered as a
+    CoverageEligibilityResponse that is kept (the request is not): read it again at the Location."""
     raw = await request.body()
     # Validating a large resource takes seconds, and the payer's connector waits on the payer: on the event
     # loop either held every other request to this service.
-    answer = await run_in_threadpool(_eligibility, raw, session)
+    answer = await run_in_threadpool(_eligibility, raw, session, caller, fhir_base(settings))
     return as_preferred(answer, prefer, _done)
+
+
+def fhir_base(settings: Settings) -> str:
+    """Our public FHIR base (INSURANCE_URL), never one built from the request's Host header."""
+    return f"{settings.insurance_url.rstrip('/')}/fhir"
+
+
+def _headers(resource: dict[str, Any], base: str | None) -> dict[str, str]:
+    modified = datetime.fromisoformat(resource["meta"]["lastUpdated"]).astimezone(UTC)
+    headers = {"ETag": etag(resource), "Last-Modified": format_datetime(modified, usegmt=True)}
+    if base is not None:
+        headers["Location"] = f"{base}/CoverageEligibilityResponse/{resource['id']}/_history/{VERSION}"
+    return headers
+
+
+@router.get(
+    "/CoverageEligibilityResponse/{response_id}",
+    responses={
+        200: {
+            "description": 'the CoverageEligibilityResponse as answered; `ETag` W/"1"',
+            "content": {FHIR_JSON: {}},
+        },
+        304: {"description": "If-None-Match names its version: it never changes"},
+        404: {"description": "no response with this id asked by your partner: an OperationOutcome"},
+    },
+)
+def read_eligibility_response(
+    response_id: str,
+    request: Request,
+    session: SessionDep,
+    caller: Asker,
+    auth: AuthEngine,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=300)] = None,
+) -> Response:
+    """The answer to a CoverageEligibilityRequest your partner sent (another partner's is a 404). It carries the
+    member's coverage: each read is audited."""
+    row = session.get(EligibilityResponse, response_id)
+    if row is not None and not caller.sees(row.partner_id):
+        record(request, auth, caller, "eligibility", None, "denied", "another partner's eligibility response")
+        row = None
+    if row is None:
+        return _outcome(
+            404,
+            "CoverageEligibilityResponse.id",
+            "no CoverageEligibilityResponse with this id was asked by your key's partner",
+            "not-found",
+        )
+    record(request, auth, caller, "eligibility", None, "success")
+    resource = json.loads(row.resource)
+    headers = _headers(resource, None)
+    if unchanged(if_none_match, resource):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(resource, media_type=FHIR_JSON, headers=headers)
 
 
 def _done(answer: JSONResponse) -> str:
@@ -78,11 +155,11 @@ def _done(answer: JSONResponse) -> str:
     said = {True: "; the coverage is in force", False: "; the coverage is not in force"}.get(inforce, "")
     return (
         f"eligibility was asked: outcome {response.get('outcome')}{said}. The CoverageEligibilityResponse is "
-        "not kept: ask with Prefer: return=representation (the default) for its benefits"
+        f"kept: read it at {answer.headers['location']} for its benefits"
     )
 
 
-def _eligibility(raw: bytes, session: Session) -> JSONResponse:
+def _eligibility(raw: bytes, session: Session, caller: Principal, base: str) -> JSONResponse:
     try:
         body = parse_json(raw)
     except UnreadableJson as exc:
@@ -111,7 +188,22 @@ def _eligibility(raw: bytes, session: Session) -> JSONResponse:
             "business-rule",
         )
     response = fhir_resources.eligibility_response(ask, estimate, rule, body.get("id"))
-    return JSONResponse(response, media_type=FHIR_JSON)
+    now = datetime.now(UTC)
+    response = {
+        **response,
+        "id": str(uuid.uuid4()),
+        "meta": {"versionId": VERSION, "lastUpdated": now.isoformat()},
+    }
+    session.add(
+        EligibilityResponse(
+            id=response["id"],
+            partner_id=caller.partner_id or "",
+            resource=json.dumps(response),
+            created_at=now,
+        )
+    )
+    session.commit()
+    return JSONResponse(response, status_code=201, media_type=FHIR_JSON, headers=_headers(response, base))
 
 
 # What no route above takes is answered as the CapabilityStatement at the public base declares it (405 naming

@@ -153,6 +153,19 @@ class CoverageVerification(SQLModel, table=True):
     cancelled_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
 
 
+class EligibilityResponse(SQLModel, table=True):
+    """A CoverageEligibilityResponse as answered to a FHIR CoverageEligibilityRequest (the request is not kept),
+    readable by the partner that asked (migration 0005). It never changes: version 1."""
+
+    __tablename__ = "eligibility_responses"
+
+    id: str = Field(primary_key=True, max_length=36)
+    # The asking key's partner; "" for an operations key (read by operations only).
+    partner_id: str = Field(max_length=64)
+    resource: str = Field(sa_type=sa.Text, description="the CoverageEligibilityResponse as JSON")
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+
+
 class CoverageVerificationPublic(BaseModel):
     case_id: str
     coverage_status: CoverageStatus
@@ -213,4 +226,5 @@ TABLES = (
     "insurance_member_accumulators",
     "insurance_network",
     "coverage_verifications",
+    "eligibility_responses",
 )

@@ -1,4 +1,6 @@
-"""FHIR R4 intake: `POST /fhir` (transaction Bundle), `POST /fhir/ServiceRequest`, `GET /fhir/Task/{id}`.
+"""FHIR R4 intake: `POST /fhir` (transaction Bundle), `POST /fhir/ServiceRequest` and its read
+`GET /fhir/ServiceRequest/{id}` (the order as kept), `GET /fhir/Task/{id}` (the case); the searches of both are in
+services.intake.fhir_search.
 
 Errors here are OperationOutcome resources that name the element (FHIRPath), never the value sent.
 """
@@ -7,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
@@ -32,7 +36,7 @@ from services.common.fhir import (
 )
 from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.common.openapi import OperationOutcome
-from services.intake import fhir_intake, handlers
+from services.intake import fhir_intake, fhir_search, handlers
 from services.intake.api import (
     AuditDep,
     CaseCaller,
@@ -48,6 +52,7 @@ from services.intake.api import (
     visible_case,
 )
 from services.intake.fhir_examples import BUNDLE_EXAMPLE, SERVICE_REQUEST_EXAMPLE
+from services.intake.fhir_service_request import VERSION, fhir_base, history_location, to_service_request
 from services.intake.fhir_task import to_task
 from services.intake.models import Case, CaseCreate
 from services.intake.order_reference import ReferenceSearch, SearchInvalid, parse_token
@@ -73,7 +78,16 @@ TASK_EXAMPLE = {
     "id": "3f6c…",
     "status": "received",
     "intent": "order",
+    "focus": {"reference": "ServiceRequest/3f6c…"},
     "businessStatus": {"coding": [{"system": "urn:secondopinion:case-status", "code": "intake"}]},
+}
+ORDER_EXAMPLE = {
+    "resourceType": "ServiceRequest",
+    "id": "3f6c…",
+    "meta": {"versionId": "1", "lastUpdated": "2026-12-07T10:00:00+00:00"},
+    "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.5.1", "value": "REF-1001"}],
+    "status": "active",
+    "intent": "order",
 }
 OUTCOME_EXAMPLE = outcome("invalid", [("Bundle.entry[0].resource.birthDate", "Date value does not match")])
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -104,9 +118,11 @@ POSTED: dict[int | str, dict[str, Any]] = {
 }
 CREATED: dict[int | str, dict[str, Any]] = {
     201: {
-        "description": "the case as a FHIR Task; `Location: [base]/fhir/Task/{id}`, `ETag` its version. With "
-        "`Prefer: return=minimal` no body, with `return=OperationOutcome` an OperationOutcome saying what was done",
-        "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
+        "description": "the order as kept, a FHIR ServiceRequest (its id is the case's: the case's progress is "
+        "the Task of the same id); `Location: [base]/ServiceRequest/{id}/_history/1`, `ETag` and `Last-Modified` "
+        "its version. With `Prefer: return=minimal` no body, with `return=OperationOutcome` an OperationOutcome "
+        "saying what was done",
+        "content": {FHIR_JSON: {"example": ORDER_EXAMPLE}},
     },
     **POSTED,
 }
@@ -116,8 +132,22 @@ TRANSACTION_EXAMPLE = {
     "entry": [
         {"response": {"status": "200 OK"}},
         {
-            "resource": TASK_EXAMPLE,
-            "response": {"status": "201 Created", "location": "https://…/fhir/Task/3f6c…"},
+            "resource": ORDER_EXAMPLE,
+            "response": {
+                "status": "201 Created",
+                "location": "https://…/fhir/ServiceRequest/3f6c…/_history/1",
+                "etag": 'W/"1"',
+                "outcome": outcome(
+                    "informational",
+                    [
+                        (
+                            None,
+                            "created the order and its case: …; its case's progress is the Task https://…/fhir/Task/3f6c…",
+                        )
+                    ],
+                    severity="information",
+                ),
+            },
         },
     ],
 }
@@ -135,7 +165,7 @@ CONDITION_ERRORS: dict[int | str, dict[str, Any]] = {
 TRANSACTED: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "a transaction-response Bundle: an entry per request entry, in order; the "
-        "ServiceRequest's carries the case as a Task and its location",
+        "ServiceRequest's carries the order as kept, its location and an outcome naming its case's Task",
         "content": {FHIR_JSON: {"example": TRANSACTION_EXAMPLE}},
     },
     **POSTED,
@@ -185,8 +215,15 @@ Prefer = Annotated[
 
 
 def done(created: bool, location: str) -> str:
-    what = "created the case" if created else "found your case with this order reference (conditional create)"
-    return f"{what}: its Task is {location}"
+    """What a create did, for `Prefer: return=OperationOutcome` and a transaction's entry: the order's
+    location, and where its case's progress is (the Task of the same id)."""
+    what = (
+        "created the order and its case"
+        if created
+        else ("found your order with this order reference (conditional create)")
+    )
+    task = location.split("/_history/")[0].replace("/ServiceRequest/", "/Task/")
+    return f"{what}: the ServiceRequest is {location}; its case's progress is the Task {task}"
 
 
 def done_outcome(created: bool, location: str) -> dict[str, Any]:
@@ -258,11 +295,11 @@ async def create_from_fhir(
             code = {409: "conflict", 412: "multiple-matches"}.get(exc.status_code, "processing")
             return outcome_response(exc.status_code, code, [(None, str(exc.detail))])
         if found is not None:
-            location = task_location(settings, found.id)
             audit("read", "case", found.id, "success")
-            task = to_task(found)
-            headers = {"Location": location, "ETag": etag(task)}
-            return JSONResponse(task, status_code=200, media_type=FHIR_JSON, headers=headers)
+            order = to_service_request(found)
+            return JSONResponse(
+                order, status_code=200, media_type=FHIR_JSON, headers=created_headers(settings, order)
+            )
 
     created = False
 
@@ -272,7 +309,7 @@ async def create_from_fhir(
             parsed.case, parsed.documents, caller, audit, engine, temporal, settings
         )
         created = timeline is not None
-        return to_task(case)
+        return to_service_request(case)
 
     try:
         # FHIR: 201 only when a case was made; an order reference already used for this patient answers the
@@ -292,42 +329,59 @@ async def create_from_fhir(
     except StarletteHTTPException as exc:
         return outcome_response(exc.status_code, "processing", [(None, str(exc.detail))])
     answered = json.loads(bytes(response.body))
+    if answered.get("resourceType") == "Task":
+        # An Idempotency-Key's answer stored before the order was kept as a ServiceRequest: the same case's.
+        answered = await run_in_threadpool(service_request_of, engine, answered["id"])
+        response = JSONResponse(answered, status_code=response.status_code, media_type=FHIR_JSON,
+                                headers={k: v for k, v in response.headers.items() if k.lower() == "idempotent-replayed"})  # fmt: skip
     if answered.get("id"):
-        # Absolute ([base]/Task/[id]): "Task/{id}" resolves against POST /fhir to /Task/{id}, which is no route.
-        response.headers["Location"] = task_location(settings, answered["id"])
-    if "meta" in answered:  # an answer stored before Tasks were versioned is replayed without
-        response.headers["ETag"] = etag(answered)
+        response.headers.update(created_headers(settings, answered))
     return response
 
 
-def task_location(settings: Settings, task_id: str) -> str:
-    """The Task's absolute URL at our public base (INTAKE_URL), never one built from the request's Host header,
-    which a client sets as it likes (a Location pointing elsewhere)."""
-    return f"{settings.intake_url.rstrip('/')}/fhir/Task/{task_id}"
+def service_request_of(engine: Any, case_id: str) -> dict[str, Any]:
+    with Session(engine) as session:
+        case = session.get(Case, case_id)
+    assert case is not None, "an Idempotency-Key's answer names a case that is kept"
+    return to_service_request(case)
+
+
+def created_headers(settings: Settings, order: dict[str, Any]) -> dict[str, str]:
+    """A create's headers (FHIR R4 http.html#create): Location the version made, absolute ("ServiceRequest/{id}"
+    resolves against POST /fhir to no route), ETag and Last-Modified."""
+    modified = datetime.fromisoformat(order["meta"]["lastUpdated"])
+    return {
+        "Location": history_location(fhir_base(settings), order["id"]),
+        "ETag": etag(order),
+        "Last-Modified": format_datetime(modified.astimezone(UTC), usegmt=True),
+    }
 
 
 def transaction_response(
     request_bundle: dict[str, Any],
-    task: dict[str, Any],
+    order: dict[str, Any],
     location: str,
     created: bool = True,
     returning: str | None = None,
 ) -> dict[str, Any]:
-    """A `transaction-response` Bundle: one entry per request entry, in order; the ServiceRequest's entry
-    carries the case's Task, 201 when created, 200 when a conditional create or its order reference found it (FHIR R4
-    http.html#transaction-response); with `Prefer: return=minimal` without it, with `return=OperationOutcome`
-    an outcome instead."""
+    """A `transaction-response` Bundle: one entry per request entry, in order (FHIR R4
+    http.html#transaction-response). The ServiceRequest's entry carries the order as kept, its location (the
+    version made), 201 when created, 200 when a conditional create or its order reference found it, and an
+    outcome naming its case's Task; with `Prefer: return=minimal` without the resource, with
+    `return=OperationOutcome` the outcome only. The other resources are read into the case, not kept: 200."""
     entries = []
     status = "201 Created" if created else "200 OK"
     for entry in request_bundle.get("entry") or []:
         kind = ((entry or {}).get("resource") or {}).get("resourceType")
         if kind == "ServiceRequest":
-            answer: dict[str, Any] = {"status": status, "location": location}
-            if "meta" in task:
-                answer["etag"] = etag(task)
-            if returning == "OperationOutcome":
-                answer["outcome"] = done_outcome(created, location)
-            shown = {"resource": task} if returning in (None, "representation") else {}
+            answer: dict[str, Any] = {
+                "status": status,
+                "location": location,
+                "etag": etag(order),
+                "lastModified": order["meta"]["lastUpdated"],
+                "outcome": done_outcome(created, location),
+            }
+            shown = {"resource": order} if returning in (None, "representation") else {}
             entries.append({**shown, "response": answer})
         else:
             entries.append({"response": {"status": "200 OK"}})
@@ -367,8 +421,8 @@ async def transaction(
 ) -> JSONResponse:
     """A transaction Bundle carrying Patient, ServiceRequest, ImagingStudy (with its Endpoint) and optionally
     Coverage, Consent and DocumentReference. Answers a transaction-response Bundle whose ServiceRequest entry
-    carries the case as a Task and where to read it (`request.ifNoneExist` on that entry: conditional
-    create). Without an active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in
+    carries the order as kept, where to read it and an outcome naming its case's Task (`request.ifNoneExist` on
+    that entry: conditional create). Without an active Consent or a signed-form DocumentReference (LOINC 59284-0) the case waits in
     `awaiting_consent`."""
     try:
         sent = await read_json(
@@ -416,9 +470,9 @@ def _entry_if_none_exist(bundle: Any) -> str | None:
 
 CONDITIONAL: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "your case with that order reference, as a Task: found by If-None-Exist (conditional "
+        "description": "your order with that order reference, as kept: found by If-None-Exist (conditional "
         "create), or the order sent again for the same patient",
-        "content": {FHIR_JSON: {"example": TASK_EXAMPLE}},
+        "content": {FHIR_JSON: {"example": ORDER_EXAMPLE}},
     },
     **CREATED,
     **CONDITION_ERRORS,
@@ -443,8 +497,9 @@ async def service_request(
     prefer: Prefer = None,
 ) -> Response:
     """A ServiceRequest whose Patient, ImagingStudy and optional Coverage/Consent are `contained`. With
-    `If-None-Exist: identifier=[system|]value`, a case of yours with that order reference is answered (200)
-    instead of created (FHIR conditional create). `Prefer: return=minimal` answers without a body,
+    `If-None-Exist: identifier=[system|]value`, an order of yours with that reference is answered (200)
+    instead of created (FHIR conditional create); so is the same order sent again. Answers the order as kept:
+    `Location: [base]/ServiceRequest/{id}/_history/1`; its case is the Task of the same id. `Prefer: return=minimal` answers without a body,
     `return=OperationOutcome` with an OperationOutcome saying what was done."""
     answer = await create_from_fhir(
         request,
@@ -494,7 +549,8 @@ def capability_statement(settings: Settings) -> dict[str, Any]:
             "content": {
                 FHIR_JSON: {"example": {"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1"}}
             },
-            "description": "what this server supports: ServiceRequest create, Task read, transaction; JSON",
+            "description": "what this server supports: ServiceRequest create, read and search, Task read and "
+            "search, transaction, and what the other services serve at this base; JSON",
         },
         406: outcome_doc("Only JSON is served", outcome("not-supported", [(None, "send _format=json")])),
     },
@@ -532,6 +588,69 @@ def get_task(
         return Response(status_code=304, headers={"ETag": etag(task)})
     return JSONResponse(task, media_type=FHIR_JSON, headers={"ETag": etag(task)})
 
+
+@router.get(
+    "/ServiceRequest/{order_id}",
+    responses={
+        200: {"content": {FHIR_JSON: {"example": ORDER_EXAMPLE}}, "description": "your order as kept"},
+        **RESPONSES,
+    },
+)
+def get_service_request(
+    order_id: str,
+    session: SessionDep,
+    caller: CaseCaller,
+    audit: AuditDep,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=300)] = None,
+) -> Response:
+    """Your order as kept (its id is its case's, the Task's): what was read from it, the patient by MRN only. It
+    never changes: `ETag` W/"1"; `If-None-Match` with it is answered 304."""
+    return read_order(order_id, None, session, caller, audit, if_none_match)
+
+
+@router.get(
+    "/ServiceRequest/{order_id}/_history/{version_id}",
+    responses={
+        200: {"content": {FHIR_JSON: {"example": ORDER_EXAMPLE}}, "description": "your order as kept"},
+        **RESPONSES,
+    },
+)
+def get_service_request_version(
+    order_id: str,
+    version_id: str,
+    session: SessionDep,
+    caller: CaseCaller,
+    audit: AuditDep,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=300)] = None,
+) -> Response:
+    """A version of your order (vread; the Location a create answers): an order is kept as received, so it
+    has one version, 1."""
+    return read_order(order_id, version_id, session, caller, audit, if_none_match)
+
+
+def read_order(order_id: str, version_id: str | None, session: Session, caller: Any, audit: Any,
+               if_none_match: str | None) -> Response:  # fmt: skip
+    try:
+        case = visible_case(session, order_id, caller, audit, "read")
+    except StarletteHTTPException:
+        return outcome_response(
+            404, "not-found", [("ServiceRequest.id", "no ServiceRequest with this id is visible to this key")]
+        )
+    if version_id is not None and version_id != VERSION:
+        return outcome_response(
+            404, "not-found", [("ServiceRequest.meta.versionId", f"an order has one version, {VERSION}")]
+        )
+    audit("read", "case", order_id, "success")
+    order = to_service_request(case)
+    if unchanged(if_none_match, order):
+        return Response(status_code=304, headers={"ETag": etag(order)})
+    modified = format_datetime(
+        datetime.fromisoformat(order["meta"]["lastUpdated"]).astimezone(UTC), usegmt=True
+    )
+    return JSONResponse(order, media_type=FHIR_JSON, headers={"ETag": etag(order), "Last-Modified": modified})
+
+
+fhir_search.add_routes(router)
 
 # What the CapabilityStatement does not declare: a 405 naming what the type supports, or a 404 naming the types
 # served (services.common.fhir). Included last, so only requests no route above takes arrive there.

@@ -57,6 +57,9 @@ def to_task(case: Case) -> dict[str, Any]:
         "status": task_status(case.status),
         "businessStatus": {"coding": [{"system": "urn:secondopinion:case-status", "code": case.status}]},
         "intent": "order",
+        # The order this Task fulfils (services.intake.fhir_service_request: the same id).
+        "focus": {"reference": f"ServiceRequest/{case.id}"},
+        "basedOn": [{"reference": f"ServiceRequest/{case.id}"}],
         "priority": {"standard": "routine", "priority": "urgent", "urgent": "asap"}.get(
             case.urgency, "routine"
         ),
@@ -73,7 +76,7 @@ def to_task(case: Case) -> dict[str, Any]:
             {"type": {"text": "report (FHIR DiagnosticReport)"}, "valueUrl": case.report_fhir_url},
         ]
     task = Task.model_validate(resource).model_dump(mode="json", exclude_none=True)
-    return {**task, "meta": {"versionId": version_of(task)}}
+    return {**task, "meta": {"versionId": version_of(task), "lastUpdated": case.updated_at.isoformat()}}
 
 
 def version_of(task: dict[str, Any]) -> str:

@@ -119,6 +119,9 @@ class Case(SQLModel, table=True):
         ),
         # The case list: one partner's cases in one status, newest first (migration 0005).
         Index("ix_cases_partner_status_created", "partner_id", "status", "created_at", "id"),
+        # FHIR search: a partner's cases newest first, and by their last change (migration 0008).
+        Index("ix_cases_partner_created", "partner_id", "created_at", "id"),
+        Index("ix_cases_partner_updated", "partner_id", "updated_at"),
     )
 
     id: str = Field(primary_key=True, max_length=36)

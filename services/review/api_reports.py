@@ -6,16 +6,32 @@ from __future__ import annotations
 
 from datetime import datetime
 from email.utils import format_datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy import false, func, tuple_
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
 
-from services.auth import authenticate
+from services.auth import Principal, Role, authenticate
 from services.auth.problems import AUTH_ERRORS
 from services.auth.routing import AuthRoute
 from services.common.fhir import FhirJsonResponse, etag, fhir_resource_answer, unchanged
+from services.common.fhir_params import CASE_SYSTEM, REPORT_PARAMS
+from services.common.fhir_search import (
+    Search,
+    SearchRefused,
+    Token,
+    all_of,
+    as_datetime,
+    date_condition,
+    encode_cursor,
+    read_search,
+    searchset,
+    sent_parameters,
+)
 from services.common.http import fhir_json_only
 from services.review import handlers
 from services.review.deps import Access, AccessDep, SessionDep, SettingsDep
@@ -33,6 +49,7 @@ from services.review.patient_summary import PatientSummary, patient_summary
 from services.review.records_copy import RecordsClient, RecordsCopyUnavailable, fetch_records_copy
 
 PDF = "application/pdf"
+PARTNER_SYSTEM = "urn:secondopinion:partner:"
 ReportFormat = Literal["pdf", "fhir", "dicom"]
 REPORT_MEDIA_TYPES: dict[str, ReportFormat] = {
     PDF: "pdf",
@@ -239,3 +256,118 @@ def _report_or_404(session: Session, case_id: str, access: Access) -> Report:
         raise HTTPException(404, missing)
     access.allow("report", case_id)
     return report
+
+
+# The FHIR search of DiagnosticReport (services.common.fhir_search): a partner finds the report of its order.
+def _order_named(token: Token) -> ColumnElement[bool]:
+    """The reports whose order (basedOn.identifier) the token names; one sent without a system is named under
+    the partner's namespace (diagnostic_report.based_on), so that system names it too."""
+    same_value = col(Report.order_value) == token.code
+    if token.system is None:
+        return same_value
+    if token.system == "":
+        return same_value & (col(Report.order_system) == "")
+    named = same_value & (col(Report.order_system) == token.system)
+    if token.system.startswith(PARTNER_SYSTEM):
+        partner = token.system[len(PARTNER_SYSTEM) :]
+        return named | (same_value & (col(Report.order_system) == "") & (col(Report.partner_id) == partner))
+    return named
+
+
+def _report_conditions(search: Search) -> list[ColumnElement[bool]]:
+    last_updated = func.coalesce(col(Report.updated_at), col(Report.created_at))
+    return [
+        *all_of(search, "_id", lambda t: col(Report.id) == t.code),
+        *all_of(search, "identifier", lambda t: col(Report.case_id) == t.code if t.system in (None, CASE_SYSTEM)
+                else false()),
+        *all_of(search, "based-on", lambda i: col(Report.case_id) == i if i is not None else false()),
+        *all_of(search, "based-on:identifier", _order_named),
+        *all_of(search, "_lastUpdated", lambda d: date_condition(last_updated, d)),
+    ]  # fmt: skip
+
+
+def _report_scope(caller: Principal) -> list[ColumnElement[bool]]:
+    """Operations every report; a partner its cases'; a specialist the reports of their own reviews."""
+    if caller.role == Role.OPERATIONS:
+        return []
+    if caller.role == Role.SPECIALIST:
+        theirs = select(Review.id).where(Review.reviewer_id == (caller.specialist_id or ""))
+        return [col(Report.review_id).in_(theirs)]
+    return [col(Report.partner_id) == (caller.partner_id or "")]
+
+
+def _search_reports(
+    session: Session, caller: Principal, search: Search
+) -> tuple[int, list[Report], str | None]:
+    where = [*_report_scope(caller), *_report_conditions(search)]
+    total = session.exec(select(func.count()).select_from(Report).where(*where)).one()
+    if search.count == 0:
+        return total, [], None
+    query = select(Report).where(*where)
+    if search.cursor is not None:
+        if len(search.cursor) != 2:
+            raise SearchRefused("_cursor", "is not one this server returned; follow the Bundle's next link")
+        after = (as_datetime(search.cursor[0]), search.cursor[1])
+        query = query.where(tuple_(col(Report.created_at), col(Report.id)) < tuple_(*after))
+    query = query.order_by(col(Report.created_at).desc(), col(Report.id).desc()).limit(search.count + 1)
+    rows = list(session.exec(query).all())
+    page = rows[: search.count]
+    more = len(rows) > search.count
+    return total, page, encode_cursor([page[-1].created_at.isoformat(), page[-1].id]) if more else None
+
+
+SEARCH_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "a `searchset` Bundle of the reports your key may read (`total` all matches; `link` self "
+        "and next, absolute)",
+        "content": {FHIR_JSON: {"example": {"resourceType": "Bundle", "type": "searchset", "total": 1}}},
+    },
+    400: {
+        "description": "a value that cannot be read, or with `Prefer: handling=strict` an unknown parameter: an "
+        "OperationOutcome naming the parameter",
+        "content": {FHIR_JSON: {}},
+    },
+}
+
+
+async def search_diagnostic_reports(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    access: AccessDep,
+    prefer: Annotated[str | None, Header(alias="Prefer", max_length=200)] = None,
+) -> Response:
+    """The reports of your orders, newest first: by your order (`based-on=ServiceRequest/{id}`,
+    `based-on:identifier=[system|]value`), the case (`identifier`) or the last change (`_lastUpdated`). Each
+    report handed out is audited as a read."""
+    try:
+        search = read_search(await sent_parameters(request), REPORT_PARAMS, prefer)
+        total, page, cursor = await run_in_threadpool(_search_reports, session, access.caller, search)
+    except SearchRefused as refused:
+        return refused.answer()
+    for report in page:
+        access.allow("report", report.case_id)
+    base = f"{settings.review_url.rstrip('/')}/fhir"
+    bundle = searchset(base, "DiagnosticReport", search, total, [r.diagnostic_report for r in page], cursor)
+    return JSONResponse(bundle, media_type=FHIR_JSON)
+
+
+fhir.add_api_route(
+    "",
+    search_diagnostic_reports,
+    methods=["GET"],
+    responses=SEARCH_ANSWERS,
+    openapi_extra={"parameters": [
+        {"name": p.name, "in": "query", "required": False, "description": p.documentation,
+         "schema": {"type": "string"}} for p in REPORT_PARAMS.values()
+    ]},
+)  # fmt: skip
+fhir.add_api_route(
+    "/_search",
+    search_diagnostic_reports,
+    methods=["POST"],
+    responses=SEARCH_ANSWERS,
+    openapi_extra={"requestBody": {"required": False, "content": {"application/x-www-form-urlencoded": {
+        "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+        "example": {"based-on:identifier": "urn:oid:2.16.840.1.113883.19.5.1|REF-1001"}}}}},
+)  # fmt: skip

@@ -91,16 +91,17 @@ def conclusion(content: ReportContent) -> str:
 
 
 def based_on(content: ReportContent) -> dict[str, Any]:
-    """The partner's order this report answers, named as intake's Task names it (groupIdentifier): under
-    its own identifier system, or the partner's namespace when it was sent without one."""
+    """The partner's order this report answers: intake keeps it as ServiceRequest/{case id}, and names it as its
+    Task does (groupIdentifier): under its own identifier system, or the partner's namespace when it was sent
+    without one."""
     request = content.request
-    if not (request.partner_case_ref and request.partner_id):
-        return {}
-    identifier = {
-        "system": request.partner_case_ref_system or f"urn:secondopinion:partner:{request.partner_id}",
-        "value": request.partner_case_ref,
-    }
-    return {"basedOn": [{"type": "ServiceRequest", "identifier": identifier}]}
+    order: dict[str, Any] = {"reference": f"ServiceRequest/{content.case_id}", "type": "ServiceRequest"}
+    if request.partner_case_ref and request.partner_id:
+        order["identifier"] = {
+            "system": request.partner_case_ref_system or f"urn:secondopinion:partner:{request.partner_id}",
+            "value": request.partner_case_ref,
+        }
+    return {"basedOn": [order]}
 
 
 def patient_reference(content: ReportContent) -> dict[str, Any]:

@@ -217,8 +217,17 @@ def _new_report(cmd: ComposeReport, session: Session, settings: Settings) -> Rep
         own_addenda_delivered=cmd.own_addenda_delivered,
         communication=cmd.communication.model_dump(mode="json") if cmd.communication else None,
     )
+    report.partner_id, report.order_value, report.order_system = order_of(review)
     render_report(report, review, session, settings)
     return report
+
+
+def order_of(review: Review) -> tuple[str | None, str | None, str | None]:
+    """The case's partner, its order's value and system ("" sent without one), as the match said: what the FHIR
+    search of DiagnosticReport reads."""
+    request = review.request or {}
+    value = request.get("partner_case_ref")
+    return request.get("partner_id"), value, (request.get("partner_case_ref_system") or "") if value else None
 
 
 def render_report(report: Report, review: Review, session: Session, settings: Settings) -> None:

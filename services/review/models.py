@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, model_validator
-from sqlalchemy import JSON, UniqueConstraint
+from sqlalchemy import JSON, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from contracts.models import Exam, Instant, OriginalReport, StudySummary
@@ -168,6 +168,11 @@ class Review(SQLModel, table=True):
 
 class Report(SQLModel, table=True):
     __tablename__ = "reports"
+    # FHIR search of a partner's reports, newest first, and by its order (migration 0011).
+    __table_args__ = (
+        Index("ix_reports_partner_created", "partner_id", "created_at", "id"),
+        Index("ix_reports_partner_order", "partner_id", "order_value"),
+    )
 
     id: str = Field(primary_key=True, max_length=36)
     case_id: str = Field(unique=True, max_length=100)
@@ -186,6 +191,11 @@ class Report(SQLModel, table=True):
         description="contracts.models.DocumentedCommunication: who was told of a critical result or major "
         "discrepancy the review did not document, as operations documented it on the case (its report.compose)",
     )
+    # The case's partner and its order (ServiceRequest.identifier: value, system "" when sent without one), as
+    # the match said (Review.request): what a FHIR search of DiagnosticReport reads (migration 0011).
+    partner_id: str | None = Field(default=None, max_length=64)
+    order_value: str | None = Field(default=None, max_length=100)
+    order_system: str | None = Field(default=None, max_length=255)
 
 
 class FollowUpQuestion(SQLModel, table=True):

@@ -258,7 +258,7 @@ def eligibility_request(plan: str = "ACME-PPO", member: str = "ACM100200300", **
 
 def test_fhir_eligibility_request_gets_a_valid_response(client: TestClient) -> None:
     response = client.post("/fhir/CoverageEligibilityRequest", json=eligibility_request())
-    assert response.status_code == 200
+    assert response.status_code == 201  # kept: read it again at the Location (FHIR create)
     assert response.headers["content-type"].startswith("application/fhir+json")
     resource = CoverageEligibilityResponse.model_validate(response.json())
     assert (resource.outcome, resource.insurance[0].inforce) == ("complete", True)
@@ -283,7 +283,7 @@ def test_eligibility_is_validated_and_asked_off_the_event_loop(
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, spy)
-    assert client.post("/fhir/CoverageEligibilityRequest", json=eligibility_request()).status_code == 200
+    assert client.post("/fhir/CoverageEligibilityRequest", json=eligibility_request()).status_code == 201
     assert where == [("read_request", False), ("estimate_for", False)]
 
 

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.task import Task
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -154,14 +155,17 @@ def post_fhir(client: TestClient, path: str, body: Any, headers: dict[str, str] 
 
 
 def case_task(response: Any) -> dict[str, Any]:
-    """The case's Task from a create (201, the Task) or a transaction (200, a transaction-response Bundle)."""
+    """The order as kept (a ServiceRequest, its id the case's and its Task's) from a create (201) or a transaction
+    (200, a transaction-response Bundle)."""
     body = response.json()
     if body.get("resourceType") != "Bundle":
         return body  # type: ignore[no-any-return]
-    (task,) = [
-        e["resource"] for e in body["entry"] if (e.get("resource") or {}).get("resourceType") == "Task"
+    (order_,) = [
+        e["resource"]
+        for e in body["entry"]
+        if (e.get("resource") or {}).get("resourceType") == "ServiceRequest"
     ]
-    return task  # type: ignore[no-any-return]
+    return order_  # type: ignore[no-any-return]
 
 
 def test_transaction_bundle_round_trip_to_a_task_that_follows_the_case(
@@ -169,7 +173,8 @@ def test_transaction_bundle_round_trip_to_a_task_that_follows_the_case(
 ) -> None:
     created = post_fhir(client, "/fhir", FULL)
     # A transaction is answered with a transaction-response Bundle: an entry per request entry, in order;
-    # the ServiceRequest's carries the case's Task and where to read it (FHIR R4 http.html#transaction).
+    # the ServiceRequest's carries the order as kept and where to read it (FHIR R4 http.html#transaction); its
+    # id is the case's, and the case's Task's.
     assert created.status_code == 200, created.text
     assert created.headers["content-type"].startswith("application/fhir+json")
     answer = Bundle.model_validate(created.json())
@@ -177,10 +182,11 @@ def test_transaction_bundle_round_trip_to_a_task_that_follows_the_case(
     assert len(answer.entry) == len(FULL["entry"])
     (done,) = [e for e in answer.entry if e.resource is not None]
     assert FULL["entry"][answer.entry.index(done)]["resource"]["resourceType"] == "ServiceRequest"
-    task = Task.model_validate(done.resource.model_dump(mode="json"))
+    kept = ServiceRequest.model_validate(done.resource.model_dump(mode="json"))
     assert done.response.status.startswith("201")
-    assert done.response.location == f"{get_settings().intake_url}/fhir/Task/{task.id}"
-    assert client.get(done.response.location).json()["id"] == task.id
+    assert done.response.location == f"{get_settings().intake_url}/fhir/ServiceRequest/{kept.id}/_history/1"
+    assert client.get(done.response.location).json()["id"] == kept.id
+    task = Task.model_validate(client.get(f"/fhir/Task/{kept.id}").json())
     assert task.status == "received"
     assert "Jane" not in created.text and "MRN-0042" not in created.text
 
@@ -245,7 +251,8 @@ def test_service_request_with_contained_resources(client: TestClient) -> None:
     request["contained"][1].pop("endpoint")
     created = post_fhir(client, "/fhir/ServiceRequest", request)
     assert created.status_code == 201, created.text
-    assert Task.model_validate(created.json()).status == "received"
+    assert ServiceRequest.model_validate(created.json()).status == "active"
+    assert client.get(f"/fhir/Task/{created.json()['id']}").json()["status"] == "received"
 
 
 @pytest.mark.parametrize(
@@ -404,15 +411,12 @@ def test_the_same_order_number_from_two_hospitals_is_two_cases_each_answered_wit
         assert created.status_code == 200, created.text
         tasks[system] = case_task(created)
     assert len({t["id"] for t in tasks.values()}) == 3
-    # The Task answers the order as it was sent; one sent without a system, in the partner's namespace.
-    assert tasks["urn:hospital-b:order"]["groupIdentifier"] == {
-        "system": "urn:hospital-b:order",
-        "value": "888",
-    }
-    assert tasks[None]["groupIdentifier"]["system"].startswith("urn:secondopinion:partner:")
+    # The order is answered as it was sent; one sent without a system, in the partner's namespace.
+    assert tasks["urn:hospital-b:order"]["identifier"] == [{"system": "urn:hospital-b:order", "value": "888"}]
+    assert tasks[None]["identifier"][0]["system"].startswith("urn:secondopinion:partner:")
     for system in systems:
         shown = client.get(f"/fhir/Task/{tasks[system]['id']}").json()
-        assert shown["groupIdentifier"] == tasks[system]["groupIdentifier"]
+        assert [shown["groupIdentifier"]] == tasks[system]["identifier"]
         assert client.get(f"/v1/cases/{tasks[system]['id']}").json()["partner_case_ref_system"] == system
         reference = {"value": "888"} | ({"system": system} if system else {})
         assert case_task(post_fhir(client, "/fhir", order(reference)))["id"] == tasks[system]["id"]
@@ -450,7 +454,7 @@ def test_an_order_stored_before_systems_were_kept_is_found_when_it_is_sent_again
     assert client.get(f"/v1/cases/{case_id}").json()["partner_case_ref_system"] is None
 
 
-def test_a_create_answers_where_the_task_is_read(client: TestClient) -> None:
+def test_a_create_answers_where_the_order_is_read(client: TestClient) -> None:
     request = dict(
         SERVICE_REQUEST,
         identifier=[{"value": "LOC-1"}],
@@ -463,8 +467,8 @@ def test_a_create_answers_where_the_task_is_read(client: TestClient) -> None:
     created = post_fhir(client, "/fhir/ServiceRequest", request, headers={"Host": "attacker.example"})
     assert created.status_code == 201, created.text
     location = created.headers["Location"]
-    # [base]/Task/[id] at our public base (INTAKE_URL), whatever Host the request said
-    assert location == f"{get_settings().intake_url}/fhir/Task/{created.json()['id']}"
+    # [base]/ServiceRequest/[id]/_history/1 at our public base (INTAKE_URL), whatever Host the request said
+    assert location == f"{get_settings().intake_url}/fhir/ServiceRequest/{created.json()['id']}/_history/1"
     assert client.get(location).status_code == 200
 
 
@@ -475,7 +479,8 @@ def test_the_capability_statement_is_public_r4(client: TestClient) -> None:
     statement = CapabilityStatement.model_validate(response.json())
     assert statement.fhirVersion == "4.0.1"
     served = {r.type: [i.code for i in r.interaction] for r in statement.rest[0].resource}
-    assert served["ServiceRequest"] == ["create"] and served["Task"] == ["read"]
+    assert served["ServiceRequest"] == ["create", "read", "vread", "search-type"]
+    assert served["Task"] == ["read", "search-type"]
     assert [i.code for i in statement.rest[0].interaction] == ["transaction"]
 
 
@@ -661,7 +666,7 @@ def test_a_conditional_create_answers_the_case_that_exists_instead_of_making_one
     again = client.post("/fhir/ServiceRequest", json=contained_request("COND-1"), headers=condition)
     assert again.status_code == 200, again.text  # FHIR conditional create: one match is answered, not made
     assert again.json()["id"] == first.json()["id"]
-    assert again.headers["Location"].endswith(f"/fhir/Task/{first.json()['id']}")
+    assert again.headers["Location"].endswith(f"/fhir/ServiceRequest/{first.json()['id']}/_history/1")
     with Session(engine) as session:
         assert len(session.exec(select(Case)).all()) == before
 
@@ -825,4 +830,5 @@ def test_a_nul_in_a_bundle_sent_without_a_content_type_is_a_422_not_a_case(clien
 def test_an_order_identifier_without_a_value_is_still_no_reference(client: TestClient) -> None:
     created = post_fhir(client, "/fhir", order({"system": "urn:hospital-a:order"}))
     assert created.status_code == 200, created.text
-    assert "groupIdentifier" not in case_task(created)
+    assert "identifier" not in case_task(created)
+    assert "groupIdentifier" not in client.get(f"/fhir/Task/{case_task(created)['id']}").json()

@@ -18,6 +18,7 @@ import uvicorn
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.task import Task
 from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import OperationOutcome as OutcomeRaised
@@ -142,6 +143,10 @@ def interaction(method: str, path: str) -> tuple[str, str]:
     if parts == ["metadata"]:
         return ("system", {"GET": "capabilities"}.get(method, method))
     kind, instance = parts[0], len(parts) == 2
+    if parts[1:] == ["_search"] and method == "POST":
+        return (kind, "search-type")  # search by a form body: the same interaction as its GET
+    if len(parts) == 4 and parts[2] == "_history" and method == "GET":
+        return (kind, "vread")
     codes = {("POST", False): "create", ("GET", False): "search-type", ("GET", True): "read",
              ("PUT", True): "update", ("PATCH", True): "patch", ("DELETE", True): "delete"}  # fmt: skip
     return (kind, codes.get((method, instance), f"{method} {path}"))
@@ -162,7 +167,8 @@ def test_every_interaction_served_at_the_base_is_declared_and_every_declared_one
 
 def test_a_client_creates_the_order_reads_its_task_and_follows_the_locations(served: Served) -> None:
     """The documented ways: POST ServiceRequest (resources contained) and the transaction Bundle; each answer
-    names where the Task is, as an absolute URL under the base that the client follows."""
+    names where the order is, as an absolute URL under the base that the client follows, and its case's Task
+    has the order's id."""
     client = served.client()
     created = requests.post(
         f"{served.base}/ServiceRequest",
@@ -171,38 +177,37 @@ def test_a_client_creates_the_order_reads_its_task_and_follows_the_locations(ser
         timeout=10,
     )
     assert created.status_code == 201, created.text
-    task = Task.model_validate(created.json())
-    assert created.headers["Location"] == f"{served.base}/Task/{task.id}"
-    read = client.get("Task", task.id)
-    assert Task.model_validate(dict(read)).id == task.id
-    assert dict(client.execute(created.headers["Location"], method="get"))["id"] == task.id
+    kept = ServiceRequest.model_validate(created.json())
+    assert created.headers["Location"] == f"{served.base}/ServiceRequest/{kept.id}/_history/1"
+    read = client.get("Task", kept.id)
+    assert Task.model_validate(dict(read)).focus.reference == f"ServiceRequest/{kept.id}"
+    assert dict(client.execute(created.headers["Location"], method="get"))["id"] == kept.id
 
     answer = Bundle.model_validate(
         dict(client.execute("", data=order({"system": "urn:a:order", "value": "C-2"})))
     )
     assert answer.type == "transaction-response"
     [entry] = [e for e in answer.entry if e.resource is not None]
-    assert entry.response.location.startswith(f"{served.base}/Task/")
-    assert (
-        Task.model_validate(dict(client.execute(entry.response.location, method="get"))).status == "received"
-    )
+    assert entry.response.location.startswith(f"{served.base}/ServiceRequest/")
+    order_id = dict(client.execute(entry.response.location, method="get"))["id"]
+    assert Task.model_validate(dict(client.get("Task", order_id))).status == "received"
     assert "Jane" not in answer.model_dump_json() and "MRN-0042" not in answer.model_dump_json()
 
 
 @pytest.mark.parametrize(
     "ask",
     [
-        lambda c, task_id: c.resources("Task").search(identifier="urn:a:order|C-3").fetch(),  # search
-        lambda c, task_id: c.get("ServiceRequest", task_id),  # read of what was created
+        lambda c, task_id: c.execute(f"ServiceRequest/{task_id}", method="put", data={}),  # update
+        lambda c, task_id: c.execute(f"ServiceRequest/{task_id}/_history", method="get"),  # history
         lambda c, task_id: c.delete("Task", task_id),
         lambda c, task_id: c.execute(f"Task/{task_id}/_history/1", method="get"),  # vread
         lambda c, task_id: c.execute("metadata", method="post", data={}),
     ],
-    ids=["search Task", "read ServiceRequest", "delete Task", "vread Task", "POST metadata"],
+    ids=["update ServiceRequest", "history ServiceRequest", "delete Task", "vread Task", "POST metadata"],
 )
 def test_an_undeclared_interaction_is_a_405_saying_what_is_served(served: Served, ask: Any) -> None:
-    """A search of Task or a read of the ServiceRequest was a 404 "Not Found": a client took it for "no such
-    resource" (fhirpy raises ResourceNotFound) when the interaction is simply not served."""
+    """A search of Task or a read of the ServiceRequest was a 404 "Not Found" (both served now): a client took it
+    for "no such resource" (fhirpy raises ResourceNotFound) when the interaction is simply not served."""
     client = served.client()
     task_id = client.execute("ServiceRequest", data=contained_request("CLIENT-405"))["id"]
     with pytest.raises(OutcomeRaised) as raised:
@@ -237,7 +242,9 @@ def test_an_unknown_resource_type_is_a_404_naming_what_is_served(served: Served)
     with pytest.raises(ResourceNotFound) as raised:
         served.client().resources("Patient").search(name="Jane Doe").fetch()
     [issue] = outcome_of(raised.value).issue
-    assert issue.code == "not-found" and "ServiceRequest (create)" in (issue.diagnostics or "")
+    assert issue.code == "not-found" and "ServiceRequest (create, read, vread, search-type)" in (
+        issue.diagnostics or ""
+    )
     assert "Patient" not in (issue.diagnostics or "") and "Jane" not in (issue.diagnostics or "")
 
 
@@ -249,7 +256,7 @@ def test_prefer_return_is_honoured_on_create(served: Served) -> None:
                             headers={**headers, "Prefer": "return=minimal"})  # fmt: skip
     assert (minimal.status_code, minimal.content) == (201, b""), minimal.text
     assert minimal.headers["Preference-Applied"] == "return=minimal"
-    task_id = minimal.headers["Location"].rsplit("/", 1)[1]
+    task_id = minimal.headers["Location"].split("/ServiceRequest/")[1].split("/")[0]
     assert served.client().get("Task", task_id)["id"] == task_id
 
     outcome = served.client(Prefer="return=OperationOutcome").execute(
@@ -273,11 +280,13 @@ def test_prefer_return_is_honoured_on_create(served: Served) -> None:
     )
     entries = Bundle.model_validate(dict(bundle)).entry
     assert all(e.resource is None for e in entries)
-    assert [e.response.location for e in entries if e.response.location][0].startswith(f"{served.base}/Task/")
+    assert [e.response.location for e in entries if e.response.location][0].startswith(
+        f"{served.base}/ServiceRequest/"
+    )
     representation = served.client(Prefer="return=representation").execute(
         "ServiceRequest", data=contained_request("PREFER-4")
     )
-    assert Task.model_validate(dict(representation)).status == "received"
+    assert ServiceRequest.model_validate(dict(representation)).status == "active"
 
 
 def test_errors_reach_the_client_as_operation_outcomes_and_keep_to_the_partner(served: Served) -> None:

@@ -242,7 +242,9 @@ def test_the_report_names_the_partners_order_it_answers() -> None:
     unordered = build_diagnostic_report(
         report_id="r-2", content=content(), pdf=pdf, pdf_url="http://x", issued=issued
     )
-    assert "basedOn" not in unordered  # a case sent without a reference
+    # A case sent without a reference: its order as intake keeps it (ServiceRequest/{case id}) only.
+    [order] = unordered["basedOn"]
+    assert order["reference"] == f"ServiceRequest/{content().case_id}" and "identifier" not in order
 
 
 def test_encapsulated_pdf_says_its_times_are_utc() -> None:
