@@ -47,6 +47,7 @@ class EntryFields(TypedDict):
     case_id: NotRequired[str | None]
     purpose: NotRequired[str]
     detail: NotRequired[str]
+    network_address: NotRequired[str | None]
 
 
 def _entry(fields: EntryFields) -> AuditEvent:
