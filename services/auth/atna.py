@@ -27,6 +27,7 @@ the repository correlates by the case id, which the partner holds for its order.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -174,7 +175,10 @@ def _participants(message: ElementTree.Element, entry: AuditEvent, kind: Kind, s
     if entry.partner_id:
         requestor["AlternativeUserID"] = entry.partner_id
     if entry.network_address:
-        requestor |= {"NetworkAccessPointID": entry.network_address, "NetworkAccessPointTypeCode": "2"}
+        requestor |= {
+            "NetworkAccessPointID": entry.network_address,
+            "NetworkAccessPointTypeCode": "2" if _is_ip(entry.network_address) else "1",
+        }
     service = {
         "UserID": f"{source.app_name}/{entry.service}",
         "UserIsRequestor": "false",
@@ -238,6 +242,14 @@ def _objects(message: ElementTree.Element, entry: AuditEvent, kind: Kind) -> Non
         if instance_uid:
             sop_class = ElementTree.SubElement(study, "SOPClass", {"NumberOfInstances": "1"})
             ElementTree.SubElement(sop_class, "Instance", {"UID": instance_uid})
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _b64(text: str) -> str:

@@ -1,0 +1,341 @@
+"""The audit log forwarded to a hospital's audit record repository: IHE ATNA Record Audit Event (ITI-20).
+
+Each entry of the chain, in order, becomes one DICOM audit message (services.auth.atna) in one RFC 5424 syslog
+message (facility authpriv, severity notice, MSGID `IHE+RFC-3881`, the XML after a BOM), sent over TLS with the
+RFC 5425 octet-counting framing (`LEN SP MSG`), with this platform's client certificate (mutual TLS).
+
+Delivery: at least once, in the chain's order. The feed's cursor (`audit_forward_cursors`: the id of the last
+entry the repository took) is in the database and moves only once the TLS write of every entry up to it has
+completed on a connection the repository has not closed (syslog has no acknowledgement: a connection found
+closed before or after the write is opened again and everything after the cursor is sent again). While the
+repository is down the forwarder retries with a growing pause (up to `AUDIT_ATNA_BACKOFF_MAX_SECONDS`) and the
+entries wait in the log, which is the queue: nothing is held in memory that the log does not hold. One
+forwarder sends at a time across replicas: each holds a PostgreSQL advisory lock on its own connection while
+it forwards, the others stand by. Their logs name counts and the cursor, never an entry's content.
+
+  ForwardingStopped       (never raised to the caller: `run` retries)
+    + RepositoryUnavailable   (connecting, the TLS handshake or a write failed; retried with backoff)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import select
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client import Counter, Gauge
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import func, text
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session, col
+from sqlmodel import select as sql_select
+
+from services.auth import audit
+from services.auth.atna import Source, to_dicom_audit
+from services.auth.models import AuditEvent, ForwardCursor
+from services.common.db import utcnow
+
+log = structlog.get_logger(__name__)
+
+# One forwarder per feed at a time: a session-level PostgreSQL advisory lock (the two-key form, this key space
+# and the feed's name hashed), held while forwarding.
+FORWARDER_LOCKS = 0x5EC0_A0D3
+# RFC 5424 PRI: facility 10 (security/authorization, authpriv) * 8 + severity 5 (notice), as IHE ITI-20 asks.
+PRI = 10 * 8 + 5
+MSGID = "IHE+RFC-3881"
+BOM = b"\xef\xbb\xbf"
+
+SENT = Counter("secondopinion_audit_forwarded_total", "audit entries the ATNA repository took", ["feed"])
+BACKLOG = Gauge("secondopinion_audit_forward_backlog", "audit entries not yet forwarded", ["feed"])
+
+
+class AtnaSettings(BaseSettings):
+    """IHE ATNA feed settings (`AUDIT_ATNA_*`); the feed is off while `AUDIT_ATNA_URL` is empty."""
+
+    model_config = SettingsConfigDict(env_prefix="AUDIT_ATNA_", env_file=".env", extra="ignore")
+
+    url: str = ""  # tls://host:6514 (RFC 5425); tcp://host:port only outside production
+    ca_file: str = ""  # the repository's CA (PEM); empty: the system's
+    cert_file: str = ""  # our client certificate (PEM) for mutual TLS
+    key_file: str = ""
+    app_name: str = "secondopinion"  # AuditSourceID and the syslog APP-NAME
+    site_id: str = ""  # AuditEnterpriseSiteID: the hospital's name for where this system runs
+    feed: str = "atna"  # the cursor's name: a second repository is a second feed
+    start: str = "oldest"  # where a new feed starts: oldest (the whole log) or now (entries after its start)
+    batch: int = 200
+    poll_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+    timeout_seconds: float = 10.0
+    metrics_port: int = 0  # serve /metrics (the backlog gauge) on this port; 0: none
+
+    def problems(self, env: str) -> list[str]:
+        """What keeps this feed from starting; in production (ENV=prod) only mutual TLS will do."""
+        scheme = urlsplit(self.url).scheme
+        found = []
+        if not self.url:
+            found.append("AUDIT_ATNA_URL is not set (tls://host:port of the audit record repository)")
+        elif scheme not in ("tls", "tcp") or not urlsplit(self.url).hostname or not urlsplit(self.url).port:
+            found.append(
+                f"AUDIT_ATNA_URL must be tls://host:port (or tcp://host:port outside production), not {scheme}://…"
+            )
+        if env == "prod" and scheme != "tls":
+            found.append("AUDIT_ATNA_URL must use tls:// in production (RFC 5425)")
+        if env == "prod" and not (self.cert_file and self.key_file):
+            found.append(
+                "AUDIT_ATNA_CERT_FILE and AUDIT_ATNA_KEY_FILE are required in production (mutual TLS)"
+            )
+        if self.start not in ("oldest", "now"):
+            found.append("AUDIT_ATNA_START must be oldest or now")
+        return found
+
+
+@lru_cache
+def get_atna_settings() -> AtnaSettings:
+    return AtnaSettings()
+
+
+class ForwardingStopped(Exception):
+    pass
+
+
+class RepositoryUnavailable(ForwardingStopped):
+    pass
+
+
+def syslog_frame(entry: AuditEvent, source: Source) -> bytes:
+    """One entry as an RFC 5425 frame: `MSG-LEN SP SYSLOG-MSG`, the message RFC 5424 with the XML as MSG."""
+    at = entry.at.replace(tzinfo=UTC) if entry.at.tzinfo is None else entry.at.astimezone(UTC)
+    stamp = at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    header = f"<{PRI}>1 {stamp} {source.host[:255]} {source.app_name[:48]} {entry.service[:128]} {MSGID} - "
+    message = header.encode("ascii", "replace") + BOM + to_dicom_audit(entry, source)
+    return f"{len(message)} ".encode() + message
+
+
+class SyslogTls:
+    """One connection to the repository (TLS unless the URL says tcp://)."""
+
+    def __init__(self, settings: AtnaSettings) -> None:
+        parts = urlsplit(settings.url)
+        self.host, self.port = parts.hostname or "", parts.port or 6514
+        self.timeout = settings.timeout_seconds
+        self.context: ssl.SSLContext | None = None
+        if parts.scheme == "tls":
+            self.context = ssl.create_default_context(cafile=settings.ca_file or None)
+            self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if settings.cert_file:
+                self.context.load_cert_chain(settings.cert_file, settings.key_file or None)
+        self._sock: socket.socket | None = None
+
+    def send(self, frames: list[bytes]) -> None:
+        """Write `frames`; returns once the write completed on a connection the repository had not closed."""
+        try:
+            if self._sock is not None and self._closed_by_peer():
+                self.close()
+            if self._sock is None:
+                self._sock = self._connect()
+            self._sock.sendall(b"".join(frames))
+            if self._closed_by_peer():
+                raise RepositoryUnavailable("the repository closed the connection")
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            raise RepositoryUnavailable(type(exc).__name__) from exc
+        except RepositoryUnavailable:
+            self.close()
+            raise
+
+    def _connect(self) -> socket.socket:
+        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        if self.context is None:
+            return raw
+        try:
+            return self.context.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+    def _closed_by_peer(self) -> bool:
+        """Whether the repository closed (or reset) the connection: a syslog receiver never writes, so
+        anything readable is its close_notify, its FIN or an error."""
+        assert self._sock is not None
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            self._sock.setblocking(False)
+            try:
+                return self._sock.recv(1) == b""
+            finally:
+                self._sock.setblocking(True)
+        except ssl.SSLWantReadError:
+            return False
+        except (OSError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+
+@dataclass
+class Forwarder:
+    """Forwards the audit log of `engine` to the repository of `settings`, from the feed's cursor on."""
+
+    engine: Engine
+    settings: AtnaSettings
+    source: Source = field(default_factory=Source)
+    stop: threading.Event = field(default_factory=threading.Event)
+    active: bool = False  # holds the lock: this is the one forwarder sending
+    _lock_connection: Connection | None = None
+
+    def __post_init__(self) -> None:
+        self.connection = SyslogTls(self.settings)
+
+    def run(self) -> None:
+        """Forward until `stop` is set: stand by while another forwarder holds the lock, back off while the
+        repository is unavailable."""
+        pause = 0.5
+        try:
+            while not self.stop.is_set():
+                if not self._hold_lock():
+                    self.stop.wait(self.settings.poll_seconds)
+                    continue
+                try:
+                    sent = self.forward_once()
+                except RepositoryUnavailable as exc:
+                    log.warning(
+                        "atna.repository_unavailable", feed=self.settings.feed, error=str(exc), retry_in=pause
+                    )
+                    self.stop.wait(pause)
+                    pause = min(pause * 2, self.settings.backoff_max_seconds)
+                    continue
+                pause = 0.5
+                if sent == 0:
+                    self.stop.wait(self.settings.poll_seconds)
+        finally:
+            self.connection.close()
+            self._release_lock()
+
+    def forward_once(self) -> int:
+        """Send the entries after the cursor (one batch) and move the cursor past them; how many were sent."""
+        cursor = self._cursor()
+        entries = audit.entries(self.engine, after=cursor, limit=self.settings.batch)
+        if entries:
+            self.connection.send([syslog_frame(entry, self.source) for entry in entries])
+            last = entries[-1].id
+            assert last is not None
+            self._move_cursor(last)
+            SENT.labels(self.settings.feed).inc(len(entries))
+            log.info("atna.forwarded", feed=self.settings.feed, entries=len(entries), through=last)
+        BACKLOG.labels(self.settings.feed).set(backlog(self.engine, self.settings)["backlog"])
+        return len(entries)
+
+    def _cursor(self) -> int:
+        with Session(self.engine) as session:
+            row = session.get(ForwardCursor, self.settings.feed)
+            if row is not None:
+                return row.forwarded_through
+            start = newest_id(session) if self.settings.start == "now" else 0
+            session.add(ForwardCursor(feed=self.settings.feed, forwarded_through=start))
+            session.commit()
+            log.info("atna.feed_started", feed=self.settings.feed, after=start)
+            return start
+
+    def _move_cursor(self, through: int) -> None:
+        with Session(self.engine) as session:
+            row = session.get(ForwardCursor, self.settings.feed)
+            assert row is not None
+            row.forwarded_through, row.updated_at = through, utcnow()
+            session.commit()
+
+    def _hold_lock(self) -> bool:
+        if self.engine.dialect.name != "postgresql":
+            self.active = True  # SQLite: one process on a laptop
+            return True
+        try:
+            if self._lock_connection is None:
+                self._lock_connection = self.engine.connect()
+                got = self._lock_connection.execute(
+                    text("SELECT pg_try_advisory_lock(CAST(:space AS integer), CAST(:key AS integer))"),
+                    {"space": FORWARDER_LOCKS, "key": _lock_key(self.settings.feed)},
+                ).scalar()
+                self._lock_connection.commit()
+                if not got:
+                    self._release_lock()
+                    if self.active:
+                        log.info("atna.standing_by", feed=self.settings.feed)
+                    self.active = False
+                    return False
+                log.info("atna.forwarding", feed=self.settings.feed)
+            else:
+                self._lock_connection.execute(text("SELECT 1"))  # still ours: the session holds the lock
+                self._lock_connection.commit()
+        except Exception as exc:  # noqa: BLE001 -- the database went away: the lock went with it
+            log.warning("atna.lock_lost", feed=self.settings.feed, error=type(exc).__name__)
+            self._release_lock()
+            self.active = False
+            return False
+        self.active = True
+        return True
+
+    def _release_lock(self) -> None:
+        if self._lock_connection is not None:
+            with contextlib.suppress(Exception):  # already gone
+                self._lock_connection.close()  # the session ends: PostgreSQL releases its advisory lock
+            self._lock_connection = None
+
+
+def _lock_key(feed: str) -> int:
+    return int.from_bytes(hashlib.blake2b(feed.encode(), digest_size=4).digest(), "big", signed=True)
+
+
+def newest_id(session: Session) -> int:
+    return int(session.exec(sql_select(func.max(AuditEvent.id))).one() or 0)
+
+
+def backlog(engine: Engine, settings: AtnaSettings) -> dict[str, Any]:
+    """The feed's state for operations: the cursor, the newest entry, how many wait, since when."""
+    with Session(engine) as session:
+        row = session.get(ForwardCursor, settings.feed)
+        through = row.forwarded_through if row else 0
+        waiting = session.exec(
+            sql_select(func.count()).select_from(AuditEvent).where(col(AuditEvent.id) > through)
+        ).one()
+        oldest = session.exec(sql_select(func.min(AuditEvent.at)).where(col(AuditEvent.id) > through)).one()
+        return {
+            "feed": settings.feed,
+            "enabled": bool(settings.url),
+            "forwarded_through": through,
+            "newest": newest_id(session),
+            "backlog": int(waiting),
+            "oldest_waiting_at": oldest.isoformat() if isinstance(oldest, datetime) else None,
+            "cursor_moved_at": row.updated_at.isoformat() if row else None,
+        }
+
+
+def run_forever(engine: Engine, settings: AtnaSettings, stop: threading.Event | None = None) -> None:
+    forwarder = Forwarder(engine, settings, Source(settings.app_name, settings.site_id))
+    if stop is not None:
+        forwarder.stop = stop
+    forwarder.run()
+
+
+__all__ = [
+    "AtnaSettings",
+    "Forwarder",
+    "RepositoryUnavailable",
+    "backlog",
+    "get_atna_settings",
+    "syslog_frame",
+]
