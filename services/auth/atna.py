@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -167,7 +168,18 @@ def to_dicom_audit(entry: AuditEvent, source: Source) -> bytes:
     )
     _coded(message[-1], "AuditSourceTypeCode", APPLICATION_SERVER)
     _objects(message, entry, kind)
+    for element in message.iter():  # text a client put in a URL may hold characters XML 1.0 cannot carry
+        element.attrib = {name: _xml_text(value) for name, value in element.attrib.items()}
+        element.text = _xml_text(element.text) if element.text is not None else None
     return ElementTree.tostring(message, encoding="utf-8", xml_declaration=False)
+
+
+# Characters XML 1.0 does not allow (C0 controls other than tab, newline, return; surrogates; U+FFFE, U+FFFF).
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(value: str) -> str:
+    return NOT_XML.sub("\ufffd", value)
 
 
 def _participants(message: ElementTree.Element, entry: AuditEvent, kind: Kind, source: Source) -> None:

@@ -136,3 +136,15 @@ def test_the_syslog_frame_is_rfc_5425_octet_counted_rfc_5424_with_the_xml_after_
     header, xml = message.split(b"\xef\xbb\xbf", 1)
     assert header == b"<85>1 2026-12-07T10:00:00.123456Z so-records-1 secondopinion intake IHE+RFC-3881 - "
     valid_audit_message(xml)
+
+
+def test_characters_xml_cannot_carry_are_replaced_and_the_message_stays_valid() -> None:
+    """A path a client sent (kept as the refused request's resource, named as the restricted function) may hold
+    control characters: written as they came, the repository got a message no XML parser accepts."""
+    refused = entry(
+        resource="/v1/partners/\x1b[2J\x07", case_id=None, outcome="denied", detail="role partner\x08"
+    )
+    message = valid_audit_message(to_dicom_audit(refused, SOURCE))
+    assert message.find("EventIdentification/EventID").get("csd-code") == "110113"
+    [function] = message.findall("ParticipantObjectIdentification")
+    assert function.get("ParticipantObjectID") == "/v1/partners/\ufffd[2J\ufffd"
