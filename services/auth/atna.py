@@ -20,8 +20,9 @@ Participants: the caller (UserIsRequestor true; UserID its API key `key:<id>`, A
 the network access point its IP address as our service saw it) and our service (a process, UserIsRequestor
 false, the network access point this host's name); the source (AuditSourceID the application name, the
 enterprise site). Objects: the case (its id, `urn:uuid:`, as a URI), a study by its Study Instance UID (110180)
-with the instance read. The entries carry no patient identifier or name, so the messages carry none either:
-the repository correlates by the case id, which the partner holds for its order.
+with the instance read, and the case's patient by the referring facility's patient id (Patient Number) where the
+forwarder knows it (services.auth.atna_forward.patients_of). The patient's name, birth date and anything else
+of the patient are never sent: the id is what the hospital's repository finds its patient's accesses by.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
 DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
 APPLICATION = Code("110150", "DCM", "Application")
 
+PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
 URI = Code("12", "RFC-3881", "URI")
 SEARCH_CRITERIA = Code("10", "RFC-3881", "Search Criteria")
 USER_IDENTIFIER = Code("11", "RFC-3881", "User Identifier")
@@ -138,8 +140,9 @@ def _coded(parent: ElementTree.Element, tag: str, code: Code) -> None:
     ElementTree.SubElement(parent, tag, code.attributes())
 
 
-def to_dicom_audit(entry: AuditEvent, source: Source) -> bytes:
-    """The entry as one DICOM audit message (UTF-8 XML, no declaration: RFC 5425 carries it after a BOM)."""
+def to_dicom_audit(entry: AuditEvent, source: Source, patient_id: str | None = None) -> bytes:
+    """The entry as one DICOM audit message (UTF-8 XML, no declaration: RFC 5425 carries it after a BOM);
+    `patient_id`: the referring facility's id of the case's patient, named as the Patient participant."""
     kind = kind_of(entry)
     message = ElementTree.Element("AuditMessage")
     event = ElementTree.SubElement(
@@ -167,6 +170,8 @@ def to_dicom_audit(entry: AuditEvent, source: Source) -> bytes:
         },
     )
     _coded(message[-1], "AuditSourceTypeCode", APPLICATION_SERVER)
+    if patient_id and entry.case_id:
+        _object(message, patient_id, PATIENT_NUMBER, "1", "1")
     _objects(message, entry, kind)
     for element in message.iter():  # text a client put in a URL may hold characters XML 1.0 cannot carry
         element.attrib = {name: _xml_text(value) for name, value in element.attrib.items()}

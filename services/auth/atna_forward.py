@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import select
 import socket
 import ssl
@@ -34,14 +35,14 @@ from urllib.parse import urlsplit
 import structlog
 from prometheus_client import Counter, Gauge
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import func, text
+from sqlalchemy import bindparam, func, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col
 from sqlmodel import select as sql_select
 
 from services.auth import audit
 from services.auth.atna import Source, to_dicom_audit
-from services.auth.models import AuditEvent, ForwardCursor
+from services.auth.models import AuditEvent, CaseOwner, ForwardCursor
 from services.common.db import utcnow
 
 log = structlog.get_logger(__name__)
@@ -111,12 +112,12 @@ class RepositoryUnavailable(ForwardingStopped):
     pass
 
 
-def syslog_frame(entry: AuditEvent, source: Source) -> bytes:
+def syslog_frame(entry: AuditEvent, source: Source, patient_id: str | None = None) -> bytes:
     """One entry as an RFC 5425 frame: `MSG-LEN SP SYSLOG-MSG`, the message RFC 5424 with the XML as MSG."""
     at = entry.at.replace(tzinfo=UTC) if entry.at.tzinfo is None else entry.at.astimezone(UTC)
     stamp = at.isoformat(timespec="microseconds").replace("+00:00", "Z")
     header = f"<{PRI}>1 {stamp} {source.host[:255]} {source.app_name[:48]} {entry.service[:128]} {MSGID} - "
-    message = header.encode("ascii", "replace") + BOM + to_dicom_audit(entry, source)
+    message = header.encode("ascii", "replace") + BOM + to_dicom_audit(entry, source, patient_id)
     return f"{len(message)} ".encode() + message
 
 
@@ -232,7 +233,9 @@ class Forwarder:
         cursor = self._cursor()
         entries = audit.entries(self.engine, after=cursor, limit=self.settings.batch)
         if entries:
-            self.connection.send([syslog_frame(entry, self.source) for entry in entries])
+            patients = patients_of(self.engine, [e.case_id for e in entries if e.case_id])
+            frames = [syslog_frame(e, self.source, patients.get(e.case_id or "")) for e in entries]
+            self.connection.send(frames)
             last = entries[-1].id
             assert last is not None
             self._move_cursor(last)
@@ -294,6 +297,41 @@ class Forwarder:
             with contextlib.suppress(Exception):  # already gone
                 self._lock_connection.close()  # the session ends: PostgreSQL releases its advisory lock
             self._lock_connection = None
+
+
+def patients_of(engine: Engine, case_ids: list[str]) -> dict[str, str]:
+    """The referring facility's patient id (MRN) of each case: as records, insurance and review registered it
+    with the case's owner from the case workflow's commands, or, for a case they have not seen yet (intake's
+    own entries, the first seconds of a case), from intake's copy of the request, where this PostgreSQL
+    database holds intake's schema (one database for every service; on Kubernetes, intake's own)."""
+    wanted = sorted(set(case_ids))
+    if not wanted:
+        return {}
+    with Session(engine) as session:
+        rows = session.exec(
+            sql_select(CaseOwner.case_id, CaseOwner.patient_id).where(
+                col(CaseOwner.case_id).in_(wanted), col(CaseOwner.patient_id).is_not(None)
+            )
+        ).all()
+    found = {case_id: patient_id for case_id, patient_id in rows if patient_id}
+    missing = [case_id for case_id in wanted if case_id not in found]
+    if missing and _holds_intake_cases(engine):
+        query = text("SELECT id, request_json FROM intake.cases WHERE id IN :ids").bindparams(
+            bindparam("ids", expanding=True)
+        )
+        with engine.connect() as conn:
+            for case_id, request_json in conn.execute(query, {"ids": missing}):
+                mrn = json.loads(request_json).get("patient", {}).get("mrn")
+                if isinstance(mrn, str) and mrn:
+                    found[case_id] = mrn
+    return found
+
+
+def _holds_intake_cases(engine: Engine) -> bool:
+    if engine.dialect.name != "postgresql":
+        return False
+    with engine.connect() as conn:
+        return bool(conn.execute(text("SELECT to_regclass('intake.cases') IS NOT NULL")).scalar())
 
 
 def _lock_key(feed: str) -> int:

@@ -102,6 +102,11 @@ class CaseOwner(SQLModel, table=True):
     case_id: str = Field(primary_key=True, max_length=64)
     partner_id: str = Field(max_length=64, index=True)
     registered_at: datetime = Field(default_factory=utcnow)
+    patient_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="the referring facility's patient id (MRN): the Patient of the case's ATNA audit messages",
+    )
 
 
 class CaseReviewer(SQLModel, table=True):

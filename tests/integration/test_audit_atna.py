@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from services.auth import audit
+from services.auth import audit, tenancy
 from services.auth.atna import Source
 from services.auth.atna_forward import AtnaSettings, Forwarder, RepositoryUnavailable, backlog
 from services.auth.models import ForwardCursor
@@ -171,17 +171,47 @@ def test_a_case_read_and_another_partners_refused_read_arrive_as_dicom_audit_mes
     )  # as the service saw the caller
     for document in documents:
         assert document.find("AuditSourceIdentification").get("AuditEnterpriseSiteID") == "Bayview"
-        [case] = document.findall("ParticipantObjectIdentification")
+        [case] = document.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='3']")
         assert case.get("ParticipantObjectID") == f"urn:uuid:{case_id}"
-    # The patient travels with none of them (the entries name the case, never the patient) ...
+    # The patient is named by the facility's patient id, as ATNA asks, and by nothing else ...
     patient = SAMPLE["patient"]
-    for message in messages:
-        for value in (patient["family_name"], patient["given_name"], patient["mrn"], patient["birth_date"]):
+    for document, message in zip(documents, messages, strict=True):
+        [named] = document.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
+        assert named.get("ParticipantObjectID") == patient["mrn"]
+        for value in (patient["family_name"], patient["given_name"], patient["birth_date"]):
             assert value.encode() not in message.xml
     # ... and the forwarder's logs name counts and the cursor, never a case, a key or a message.
     said = json.dumps([e for e in logged if e["event"].startswith("atna.")], default=str)
     assert "atna.forwarded" in said
     assert case_id not in said and "AuditMessage" not in said and owner not in said
+    assert patient["mrn"] not in said
+
+
+def test_a_case_the_services_registered_carries_its_patient_id_from_then_on(
+    engines: tuple[Engine, Engine], repository: Rsyslog, pki: Authority
+) -> None:
+    """Records, insurance and review register a case's owner from the workflow's commands, now with the
+    facility's patient id: their entries' messages name the patient (a registration without one, insurance's
+    for a self-pay case, neither hides nor changes it)."""
+    _, auth = engines
+    settings = feed_settings(repository, pki)
+    forwarder = Forwarder(auth, settings)
+    forwarder.forward_once()  # the feed starts at the head
+    case_id = str(uuid.uuid4())
+    tenancy.register_owner(auth, case_id, "clinic-a")
+    tenancy.register_owner(auth, case_id, "clinic-a", "MRN-7781")
+    tenancy.register_owner(auth, case_id, "clinic-b", None)
+    audit.record(
+        auth, actor="key:0123456789ab", partner_id="clinic-a", role="partner", service="records",
+        action="read", resource="records", case_id=case_id, outcome="success",
+    )  # fmt: skip
+    assert forwarder.forward_once() == 1
+    [message] = arrived(repository, 1, case_id)
+    document = valid_audit_message(message.xml)
+    assert document.find("EventIdentification/EventID").get("csd-code") == "110110"  # Patient Record
+    [patient] = document.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
+    assert patient.get("ParticipantObjectID") == "MRN-7781"
+    assert tenancy.owner_of(auth, case_id) == "clinic-a"
 
 
 def test_with_the_repository_down_entries_wait_and_then_arrive_once_in_order(

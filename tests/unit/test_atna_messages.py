@@ -148,3 +148,22 @@ def test_characters_xml_cannot_carry_are_replaced_and_the_message_stays_valid() 
     assert message.find("EventIdentification/EventID").get("csd-code") == "110113"
     [function] = message.findall("ParticipantObjectIdentification")
     assert function.get("ParticipantObjectID") == "/v1/partners/\ufffd[2J\ufffd"
+
+
+def test_the_cases_patient_is_named_by_the_facilitys_patient_id_and_nothing_else_of_the_patient() -> None:
+    message = valid_audit_message(to_dicom_audit(entry(), SOURCE, patient_id="MRN-0042"))
+    [patient] = [
+        o
+        for o in message.findall("ParticipantObjectIdentification")
+        if o.get("ParticipantObjectTypeCode") == "1"
+    ]
+    assert (patient.get("ParticipantObjectID"), patient.get("ParticipantObjectTypeCodeRole")) == (
+        "MRN-0042",
+        "1",
+    )
+    assert patient.find("ParticipantObjectIDTypeCode").attrib == {
+        "csd-code": "2",
+        "codeSystemName": "RFC-3881",
+        "originalText": "Patient Number",
+    }
+    assert patient.find("ParticipantObjectName") is None

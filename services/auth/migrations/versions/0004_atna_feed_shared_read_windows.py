@@ -1,4 +1,5 @@
-"""the caller's network address on audit entries, the ATNA feed's cursor, read windows shared by replicas
+"""the caller's network address on audit entries, a case's patient id beside its owner, the ATNA feed's cursor,
+read windows shared by replicas
 
 Revision ID: 0004
 Revises: 0003
@@ -22,6 +23,8 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("network_address", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True)
         )
+    with op.batch_alter_table("case_owners") as batch_op:
+        batch_op.add_column(sa.Column("patient_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
     op.create_table(
         "audit_read_windows",
         sa.Column("key_id", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
@@ -44,5 +47,7 @@ def downgrade() -> None:
     op.drop_table("audit_forward_cursors")
     op.drop_index("ix_audit_read_windows_window_start", table_name="audit_read_windows")
     op.drop_table("audit_read_windows")
+    with op.batch_alter_table("case_owners") as batch_op:
+        batch_op.drop_column("patient_id")
     with op.batch_alter_table("audit_events") as batch_op:
         batch_op.drop_column("network_address")
