@@ -37,6 +37,7 @@ from prometheus_client import Counter, Gauge
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import bindparam, func, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 from sqlmodel import select as sql_select
 
@@ -205,7 +206,7 @@ class Forwarder:
 
     def run(self) -> None:
         """Forward until `stop` is set: stand by while another forwarder holds the lock, back off while the
-        repository is unavailable."""
+        repository or the database is unavailable."""
         pause = 0.5
         try:
             while not self.stop.is_set():
@@ -214,9 +215,16 @@ class Forwarder:
                     continue
                 try:
                     sent = self.forward_once()
-                except RepositoryUnavailable as exc:
+                except (RepositoryUnavailable, SQLAlchemyError) as exc:
+                    if isinstance(exc, SQLAlchemyError):  # the lock may have gone with the database
+                        self._release_lock()
                     log.warning(
-                        "atna.repository_unavailable", feed=self.settings.feed, error=str(exc), retry_in=pause
+                        "atna.repository_unavailable"
+                        if isinstance(exc, RepositoryUnavailable)
+                        else "atna.database_unavailable",
+                        feed=self.settings.feed,
+                        error=str(exc) if isinstance(exc, RepositoryUnavailable) else type(exc).__name__,
+                        retry_in=pause,
                     )
                     self.stop.wait(pause)
                     pause = min(pause * 2, self.settings.backoff_max_seconds)
@@ -239,9 +247,12 @@ class Forwarder:
             last = entries[-1].id
             assert last is not None
             self._move_cursor(last)
+            cursor = last
             SENT.labels(self.settings.feed).inc(len(entries))
             log.info("atna.forwarded", feed=self.settings.feed, entries=len(entries), through=last)
-        BACKLOG.labels(self.settings.feed).set(backlog(self.engine, self.settings)["backlog"])
+        # At most this many wait (ids of rolled-back entries are never used): no count over the backlog per batch.
+        with Session(self.engine) as session:
+            BACKLOG.labels(self.settings.feed).set(newest_id(session) - cursor)
         return len(entries)
 
     def _cursor(self) -> int:
