@@ -4,7 +4,7 @@ Which message an entry becomes, from what it touched and how (DICOM PS3.15 A.5.3
 
 | entry | message (EventID) | action |
 |---|---|---|
-| a case (the second-opinion order): created, read, changed, cancelled | Order Record 110109 | C R U D |
+| a case (the second-opinion order): created, read, changed or cancelled | Order Record 110109 | C R U |
 | a case's records, documents, coverage, review, report | Patient Record 110110 | C R U D |
 | a DICOMweb read naming a study | DICOM Instances Accessed 110103 | R |
 | a DICOM upload (STOW-RS) into a case | DICOM Instances Transferred 110104 | C |
@@ -127,7 +127,7 @@ def kind_of(entry: AuditEvent) -> Kind:
             return Kind(QUERY, "E")
         return Kind(INSTANCES_ACCESSED, "R")
     if resource in ("case", "case.cancel"):
-        return Kind(ORDER_RECORD, "D" if resource == "case.cancel" else action if action != "E" else "R")
+        return Kind(ORDER_RECORD, action if action != "E" else "R")  # a cancelled order is updated, not deleted
     return Kind(PATIENT_RECORD, action if action != "E" else "R")
 
 

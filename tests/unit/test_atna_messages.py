@@ -44,7 +44,7 @@ KINDS = [
     ("a case read", entry(), "110109", "R", "0", None),
     ("a case created", entry(action="create"), "110109", "C", "0", None),
     ("another partner's case refused", entry(outcome="denied", detail="another partner's case"), "110109", "R", "4", None),
-    ("a case cancelled", entry(action="update", resource="case.cancel"), "110109", "D", "0", None),
+    ("a case cancelled", entry(action="update", resource="case.cancel"), "110109", "U", "0", None),
     ("a document added", entry(action="create", resource="case.document", detail="report"), "110110", "C", "0", None),
     ("coverage read", entry(service="insurance", resource="coverage"), "110110", "R", "0", None),
     ("cases listed", entry(action="list", case_id=None, detail="3 cases"), "110112", "E", "0", None),
