@@ -127,7 +127,9 @@ def kind_of(entry: AuditEvent) -> Kind:
             return Kind(QUERY, "E")
         return Kind(INSTANCES_ACCESSED, "R")
     if resource in ("case", "case.cancel"):
-        return Kind(ORDER_RECORD, action if action != "E" else "R")  # a cancelled order is updated, not deleted
+        return Kind(
+            ORDER_RECORD, action if action != "E" else "R"
+        )  # a cancelled order is updated, not deleted
     return Kind(PATIENT_RECORD, action if action != "E" else "R")
 
 

@@ -7,7 +7,9 @@ RFC 5425 octet-counting framing (`LEN SP MSG`), with this platform's client cert
 Delivery: at least once, in the chain's order. The feed's cursor (`audit_forward_cursors`: the id of the last
 entry the repository took) is in the database and moves only once the TLS write of every entry up to it has
 completed on a connection the repository has not closed (syslog has no acknowledgement: a connection found
-closed before or after the write is opened again and everything after the cursor is sent again). While the
+closed before or after the write is opened again and everything after the cursor is sent again; a new
+connection is watched for a moment before the first write, since under TLS 1.3 the repository refuses our
+certificate only after our side of the handshake is done). While the
 repository is down the forwarder retries with a growing pause (up to `AUDIT_ATNA_BACKOFF_MAX_SECONDS`) and the
 entries wait in the log, which is the queue: nothing is held in memory that the log does not hold. One
 forwarder sends at a time across replicas: each holds a PostgreSQL advisory lock on its own connection while
@@ -26,6 +28,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -54,6 +57,8 @@ FORWARDER_LOCKS = 0x5EC0_A0D3
 # RFC 5424 PRI: facility 10 (security/authorization, authpriv) * 8 + severity 5 (notice), as IHE ITI-20 asks.
 PRI = 10 * 8 + 5
 MSGID = "IHE+RFC-3881"
+# How long a new TLS connection is watched for a refusal before the first entry goes into it (once per connection).
+ACCEPTANCE_SECONDS = 0.3
 BOM = b"\xef\xbb\xbf"
 
 SENT = Counter("secondopinion_audit_forwarded_total", "audit entries the ATNA repository took", ["feed"])
@@ -159,10 +164,28 @@ class SyslogTls:
         if self.context is None:
             return raw
         try:
-            return self.context.wrap_socket(raw, server_hostname=self.host)
+            tls = self.context.wrap_socket(raw, server_hostname=self.host)
         except BaseException:
             raw.close()
             raise
+        self._sock = tls
+        if self._refused_within(ACCEPTANCE_SECONDS):
+            raise RepositoryUnavailable("the repository refused our certificate after the handshake")
+        return tls
+
+    def _refused_within(self, seconds: float) -> bool:
+        """Whether the repository closes the new connection within `seconds`. With TLS 1.3 the server judges
+        our certificate (and rsyslog its name) after our side of the handshake is done: entries written at once
+        went into a connection about to be refused. A session ticket read meanwhile is no refusal."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            assert self._sock is not None
+            readable, _, _ = select.select([self._sock], [], [], left)
+            if readable and self._closed_by_peer():
+                return True
+            if readable:
+                time.sleep(0.01)
+        return False
 
     def _closed_by_peer(self) -> bool:
         """Whether the repository closed (or reset) the connection: a syslog receiver never writes, so

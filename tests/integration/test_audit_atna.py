@@ -309,3 +309,27 @@ def test_a_repository_the_configured_ca_did_not_sign_gets_nothing_and_the_cursor
         cursor = session.get(ForwardCursor, settings.feed)
     assert cursor is not None and backlog(auth, settings)["backlog"] == 1
     assert repository.received() == []
+
+
+@pytest.mark.parametrize("who", ["a stranger's CA", "a name the repository does not permit"])
+def test_a_client_certificate_the_repository_refuses_sends_nothing_and_the_cursor_stays(
+    engines: tuple[Engine, Engine], repository: Rsyslog, pki: Authority, tmp_path: Path, who: str
+) -> None:
+    """With TLS 1.3 the repository judges our certificate after our side of the handshake is done: the entries
+    written at once went into a connection about to be refused, and the cursor moved past them (lost)."""
+    _, auth = engines
+    client = (
+        Authority(tmp_path, "stranger").issue(CLIENT) if who.startswith("a stranger") else pki.issue("other")
+    )
+    settings = feed_settings(repository, pki, cert_file=str(client.cert), key_file=str(client.key))
+    forwarder = Forwarder(auth, settings)
+    forwarder.forward_once()  # the feed starts at the head
+    audit.record(
+        auth, actor="key:0123456789ab", partner_id="clinic-a", role="partner", service="intake",
+        action="read", resource="case", case_id=str(uuid.uuid4()), outcome="success",
+    )  # fmt: skip
+    with pytest.raises(RepositoryUnavailable):
+        forwarder.forward_once()
+    assert backlog(auth, settings)["backlog"] == 1
+    time.sleep(0.3)
+    assert repository.received() == []
