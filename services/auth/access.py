@@ -12,7 +12,7 @@ from collections.abc import Callable
 from fastapi import HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from services.auth import audit, tenancy
+from services.auth import tenancy
 from services.auth.deps import AuthEngine, Caller, Principal, audit_caller, caller_entry
 from services.auth.models import Role
 from services.auth.read_windows import get_read_windows
@@ -88,9 +88,7 @@ def check_case(
         outcome="success",
         detail=detail + covered,
     )
-    windows.enter(
-        engine, (caller.key_id, case_id, str(sop)), lambda session: audit.record_in(session, **entry)
-    )
+    windows.enter(engine, (caller.key_id, case_id, str(sop)), entry)
 
 
 DICOM_LEVELS = (("study", "study"), ("series", "series"), ("sop", "instance"))

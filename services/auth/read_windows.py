@@ -11,9 +11,9 @@ agrees on which window a read falls in. Entries are never changed (the log is ap
 the entry says what it covers instead of counting.
 
 The windows are shared by every replica through the database: the first read in a window inserts the window's
-row (key, case, instance, window start; a unique key, insert-if-absent) and its entry in one transaction, so a
-window has exactly one entry whichever replica served its reads, and a window whose entry failed has no row
-(the next read writes both). Each process also remembers the windows it saw taken, so a cine's later frames
+row (key, case, instance, window start; a unique key, insert-if-absent) and its entry in one transaction (the
+audit log's group commit, `audit.record_once`, under the chain's lock), so a window has exactly one entry
+whichever replica served its reads, and a window whose entry failed has no row (the next read writes both). Each process also remembers the windows it saw taken, so a cine's later frames
 cost no round trip. A read waits for the entry that covers it to be committed. Expired windows' rows are
 deleted (they are not the log; the entries stay).
 """
@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import delete, literal_column
+from sqlalchemy import delete
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col
 
+from services.auth import audit
+from services.auth.audit import EntryFields
 from services.auth.models import ReadWindow
-from services.common.db import insert_skipping_taken
 
 
 class ReadWindowSettings(BaseSettings):
@@ -64,16 +65,12 @@ class ReadWindows:
     def window_start(self) -> int:
         return int(self.clock() // self.seconds * self.seconds)
 
-    def enter(
-        self, engine: Engine, reader: tuple[str, str, str], write_entry: Callable[[Session], None]
-    ) -> bool:
-        """Write the entry (`write_entry(session)`, in the window's transaction) unless the window of `reader`
-        (key, case, instance) already has one, here or on another replica; whether this call wrote it.
-        Concurrent reads of one instance by one key in this process wait for the one entry."""
+    def enter(self, engine: Engine, reader: tuple[str, str, str], entry: EntryFields) -> bool:
+        """Write `entry` unless the window of `reader` (key, case, instance) already has one, here or on another
+        replica; whether this call wrote it. Concurrent reads of one instance by one key in this process wait
+        for the one entry; the window's row and the entry are committed together (audit.record_once)."""
         if self.seconds <= 0:
-            with Session(engine) as session:
-                write_entry(session)
-                session.commit()
+            audit.record(engine, **entry)
             return True
         with self._lock:
             if len(self._windows) > PRUNE_ABOVE:
@@ -83,30 +80,28 @@ class ReadWindows:
             start = self.window_start()
             if window.start == start:
                 return False
-            wrote = self._take(engine, reader, start, write_entry)  # raises: nothing covers the read
+            key_id, case_id, instance_uid = reader
+            row = {
+                "key_id": key_id,
+                "case_id": case_id,
+                "instance_uid": instance_uid[:64],
+                "window_start": start,
+            }
+            wrote = audit.record_once(engine, row, **entry)  # raises: nothing covers the read
             window.start = start
-            return wrote
+        if wrote:
+            self._delete_expired(engine, start)
+        return wrote
 
-    def _take(
-        self,
-        engine: Engine,
-        reader: tuple[str, str, str],
-        start: int,
-        write_entry: Callable[[Session], None],
-    ) -> bool:
-        key_id, case_id, instance_uid = reader
-        row = {"key_id": key_id, "case_id": case_id, "instance_uid": instance_uid[:64], "window_start": start}
-        with Session(engine) as session:
-            insert = insert_skipping_taken(engine.dialect.name, ReadWindow).returning(literal_column("1"))
-            if session.connection().execute(insert, row).first() is None:
-                return False  # another replica's read opened this window: its entry covers this one
-            write_entry(session)
+    def _delete_expired(self, engine: Engine, start: int) -> None:
+        with self._lock:
             self._writes += 1
-            if self._writes % DELETE_EVERY == 0:
+            due = self._writes % DELETE_EVERY == 0
+        if due:
+            with Session(engine) as session:
                 expired = start - int(self.seconds)
-                session.execute(delete(ReadWindow).where(ReadWindow.window_start < expired))  # type: ignore[arg-type]
-            session.commit()
-        return True
+                session.execute(delete(ReadWindow).where(col(ReadWindow.window_start) < expired))
+                session.commit()
 
     def _prune(self) -> None:
         start = self.window_start()
