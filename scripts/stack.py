@@ -1,4 +1,5 @@
-"""Start and stop the whole system locally: Temporal dev server, four services, the worker.
+"""Start and stop the whole system locally: Temporal dev server, four services, the worker (and the ATNA
+audit feed when AUDIT_ATNA_URL is set).
 
     python -m scripts.stack up | down | status
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from services.auth.atna_forward import AtnaSettings
 from services.common.config import PROJECT_ROOT, Settings, get_settings
 from services.common.temporal import cache_flags, search_attribute_flags, sqlite_flags
 
@@ -39,7 +41,8 @@ def temporal_cli() -> str:
     return str(beside) if beside.exists() else "temporal"
 
 
-def processes(settings: Settings) -> list[Process]:
+def processes(settings: Settings, *, every: bool = False) -> list[Process]:
+    """What `up` starts; `every`: also what it starts only when configured (for `down`)."""
     host, port = settings.temporal_address.rsplit(":", 1)
     temporal = Process(
         "temporal",
@@ -74,7 +77,9 @@ def processes(settings: Settings) -> list[Process]:
         ready_port=settings.payer_sandbox_port,
     )
     worker = Process("worker", [sys.executable, "-m", "workflows.worker"])
-    return [temporal, codec, payer, *services, worker]
+    # The IHE ATNA feed, when a repository is configured (AUDIT_ATNA_URL): the audit log to the hospital.
+    forward = Process("audit-forward", [sys.executable, "-m", "services.common.cli", "audit", "forward"])
+    return [temporal, codec, payer, *services, worker, *([forward] if every or AtnaSettings().url else [])]
 
 
 def _pid_file(settings: Settings, name: str) -> Path:
@@ -159,7 +164,7 @@ def up(settings: Settings) -> None:
 
 
 def down(settings: Settings) -> None:
-    for process in reversed(processes(settings)):
+    for process in reversed(processes(settings, every=True)):
         pid = running_pid(settings, process.name)
         if pid is None:
             continue

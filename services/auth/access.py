@@ -13,7 +13,7 @@ from fastapi import HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
 
 from services.auth import tenancy
-from services.auth.deps import AuthEngine, Caller, Principal, audit_caller
+from services.auth.deps import AuthEngine, Caller, Principal, audit_caller, caller_entry
 from services.auth.models import Role
 from services.auth.read_windows import get_read_windows
 from services.common.http import is_head
@@ -79,11 +79,19 @@ def check_case(
         record(request, engine, caller, resource, case_id, "success", detail)
         return
     windows = get_read_windows()
-    covered = f"; this key's further reads of the instance within {windows.seconds:g} s are this entry"
-    windows.enter(
-        (caller.key_id, case_id, str(sop)),
-        lambda: record(request, engine, caller, resource, case_id, "success", detail + covered),
+    covered = (
+        f"; this key's further reads of the instance in this {windows.seconds:g} s window are this entry"
     )
+    entry = caller_entry(
+        request,
+        caller,
+        action="read",
+        resource=resource,
+        case_id=case_id,
+        outcome="success",
+        detail=detail + covered,
+    )
+    windows.enter(engine, (caller.key_id, case_id, str(sop)), entry)
 
 
 DICOM_LEVELS = (("study", "study"), ("series", "series"), ("sop", "instance"))

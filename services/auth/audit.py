@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NotRequired, TypedDict, Unpack
 
-from sqlalchemy import text
+from sqlalchemy import literal_column, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from services.auth.audit_chain import GENESIS, entry_hash
-from services.auth.models import AuditEvent
+from services.auth.models import AuditEvent, ReadWindow
+from services.common.db import insert_skipping_taken
 
 # One writer at a time extends the chain (a transaction-scoped PostgreSQL advisory lock).
 CHAIN_LOCK = 0x5EC0_A0D1
@@ -47,6 +48,7 @@ class EntryFields(TypedDict):
     case_id: NotRequired[str | None]
     purpose: NotRequired[str]
     detail: NotRequired[str]
+    network_address: NotRequired[str | None]
 
 
 def _entry(fields: EntryFields) -> AuditEvent:
@@ -67,6 +69,12 @@ def record(engine: Engine, **fields: Unpack[EntryFields]) -> None:
     _chain_of(engine).append(engine, _entry(fields))
 
 
+def record_once(engine: Engine, window: dict[str, Any], **fields: Unpack[EntryFields]) -> bool:
+    """Append the entry unless `window` (a read window's row, services.auth.read_windows) is already taken:
+    the row and the entry are committed together, in a batch as `record`'s. Whether the entry was written."""
+    return _chain_of(engine).append(engine, _entry(fields), window)
+
+
 # Entries written together at most (one INSERT each, one commit for all).
 MAX_BATCH = 200
 
@@ -74,6 +82,8 @@ MAX_BATCH = 200
 @dataclass(eq=False)
 class _Waiting:
     event: AuditEvent
+    window: dict[str, Any] | None = None  # written only if this read window's row is not taken
+    written: bool = True
     woken: threading.Event = field(default_factory=threading.Event)
     leads: bool = False  # this caller writes the next batch (its own entry first)
     error: BaseException | None = None
@@ -91,8 +101,8 @@ class _Chain:
         self._queue: list[_Waiting] = []
         self._writing = False
 
-    def append(self, engine: Engine, event: AuditEvent) -> None:
-        me = _Waiting(event)
+    def append(self, engine: Engine, event: AuditEvent, window: dict[str, Any] | None = None) -> bool:
+        me = _Waiting(event, window)
         with self._lock:
             self._queue.append(me)
             if not self._writing:
@@ -103,17 +113,19 @@ class _Chain:
             self._write_batch(engine)
         if me.error is not None:
             raise me.error
+        return me.written
 
     def _write_batch(self, engine: Engine) -> None:
         with self._lock:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         try:
-            _extend(engine, [waiting.event for waiting in batch])
+            _extend(engine, batch)
         except Exception:
             # One bad entry must not cost the others theirs: each is written on its own instead.
             for waiting in batch:
                 try:
-                    _extend(engine, [_unwritten(waiting.event)])
+                    waiting.event = _unwritten(waiting.event)
+                    _extend(engine, [waiting])
                 except BaseException as exc:
                     waiting.error = exc
         except BaseException as exc:
@@ -138,16 +150,36 @@ def record_in(session: Session, **fields: Unpack[EntryFields]) -> None:
     _append(session, [_entry(fields)])
 
 
-def _extend(engine: Engine, events: list[AuditEvent]) -> None:
-    """Append `events` to the chain, in order, in one transaction."""
+def _extend(engine: Engine, batch: list[_Waiting]) -> None:
+    """Append the entries of `batch` to the chain, in order, in one transaction; one with a read window whose
+    row is taken is not written (`written` False)."""
     with Session(engine) as session:
-        _append(session, events)
+        # Windows are taken under the chain's lock: no two batches insert window rows at once (no waits, no
+        # deadlock between two replicas' batches taking the same two windows in opposite orders).
+        _lock_chain(session)
+        for waiting in batch:
+            if waiting.window is not None:
+                waiting.written = _take_window(session, waiting.window)
+        _append(session, [waiting.event for waiting in batch if waiting.written], locked=True)
         session.commit()
 
 
-def _append(session: Session, events: list[AuditEvent]) -> None:
+def _take_window(session: Session, window: dict[str, Any]) -> bool:
+    insert = insert_skipping_taken(session.get_bind().dialect.name, ReadWindow)
+    return session.connection().execute(insert.returning(literal_column("1")), window).first() is not None
+
+
+def _lock_chain(session: Session) -> None:
+    """Take the chain's lock until the session's transaction ends."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK})
+
+
+def _append(session: Session, events: list[AuditEvent], *, locked: bool = False) -> None:
+    if not events:
+        return
+    if not locked:
+        _lock_chain(session)
     head = session.exec(select(AuditEvent.row_hash).order_by(col(AuditEvent.id).desc()).limit(1)).first()
     for event in events:
         event.prev_hash = head or GENESIS

@@ -40,6 +40,10 @@ def _instant(at: datetime) -> str:
 
 def entry_hash(event: AuditEvent) -> str:
     fields: dict[str, str | None] = {name: getattr(event, name) for name in HASHED_FIELDS}
+    if (
+        event.network_address is not None
+    ):  # hashed only where there is one: entries before it hash as they did
+        fields["network_address"] = event.network_address
     fields["at"] = _instant(event.at)
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -100,6 +100,32 @@ def audit_caller(
         return
     audit.record(
         engine,
+        **caller_entry(
+            request,
+            caller,
+            resource=resource,
+            outcome=outcome,
+            action=action,
+            case_id=case_id,
+            detail=detail,
+            purpose=purpose,
+        ),
+    )
+
+
+def caller_entry(
+    request: Request,
+    caller: Principal,
+    *,
+    resource: str,
+    outcome: str,
+    action: str | None = None,
+    case_id: str | None = None,
+    detail: str = "",
+    purpose: str = "TREAT",
+) -> audit.EntryFields:
+    """What an entry for `caller`'s request says (see audit_caller)."""
+    return audit.EntryFields(
         actor=caller.actor,
         partner_id=caller.partner_id,
         role=caller.role.value,
@@ -110,7 +136,13 @@ def audit_caller(
         outcome=outcome,
         purpose=purpose,
         detail=detail,
+        network_address=client_address(request),
     )
+
+
+def client_address(request: Request) -> str | None:
+    """The caller's IP address as this service saw it (behind the ingress: what uvicorn's proxy headers say)."""
+    return request.client.host[:64] if request.client else None
 
 
 def _deny(request: Request, engine: Engine, actor: str, detail: str) -> HTTPException:
@@ -124,6 +156,7 @@ def _deny(request: Request, engine: Engine, actor: str, detail: str) -> HTTPExce
         resource=request.url.path[:100],
         outcome="denied",
         detail=detail,
+        network_address=client_address(request),
     )
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import Column, Text
+from sqlalchemy import BigInteger, Column, Text
 from sqlmodel import Field, SQLModel
 
 from services.common.db import utcnow
 
-TABLES = ("partners", "api_keys", "audit_events", "case_owners", "case_reviewers")
+TABLES = (
+    "partners",
+    "api_keys",
+    "audit_events",
+    "case_owners",
+    "case_reviewers",
+    "audit_read_windows",
+    "audit_forward_cursors",
+)
 
 # After a webhook secret rotation the previous secret stays valid this long, in and out.
 SECRET_OVERLAP = timedelta(hours=24)
@@ -77,6 +85,9 @@ class AuditEvent(SQLModel, table=True):
     outcome: str = Field(max_length=20, description="success, denied, failed")
     purpose: str = Field(default="TREAT", max_length=20, description="HL7 PurposeOfUse code")
     detail: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    network_address: str | None = Field(
+        default=None, max_length=64, description="the caller's IP address as the service saw it"
+    )
     prev_hash: str | None = Field(default=None, max_length=64, description="row_hash of the entry before")
     row_hash: str | None = Field(
         default=None, max_length=64, description="SHA-256 over this entry and prev_hash"
@@ -91,6 +102,11 @@ class CaseOwner(SQLModel, table=True):
     case_id: str = Field(primary_key=True, max_length=64)
     partner_id: str = Field(max_length=64, index=True)
     registered_at: datetime = Field(default_factory=utcnow)
+    patient_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="the referring facility's patient id (MRN): the Patient of the case's ATNA audit messages",
+    )
 
 
 class CaseReviewer(SQLModel, table=True):
@@ -103,3 +119,28 @@ class CaseReviewer(SQLModel, table=True):
     case_id: str = Field(primary_key=True, max_length=64)
     specialist_id: str = Field(primary_key=True, max_length=50)
     registered_at: datetime = Field(default_factory=utcnow)
+
+
+class ReadWindow(SQLModel, table=True):
+    """A key's reads of one instance in one time window, written by whichever replica served the first of them:
+    its audit entry covers them all (services.auth.read_windows). Expired windows are deleted; the entries stay."""
+
+    __tablename__ = "audit_read_windows"
+
+    key_id: str = Field(primary_key=True, max_length=16)
+    case_id: str = Field(primary_key=True, max_length=64)
+    instance_uid: str = Field(primary_key=True, max_length=64)
+    window_start: int = Field(
+        primary_key=True, index=True, sa_type=BigInteger, description="the window's start, epoch seconds"
+    )
+
+
+class ForwardCursor(SQLModel, table=True):
+    """How far a feed of the audit log has been accepted by its receiver (the IHE ATNA audit record
+    repository): the id of the last entry it took. Moved only after the receiver took the entries up to it."""
+
+    __tablename__ = "audit_forward_cursors"
+
+    feed: str = Field(primary_key=True, max_length=40)
+    forwarded_through: int = Field(default=0, sa_type=BigInteger)
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -3,15 +3,19 @@
 A browser viewer asks for each frame of a cine alone (OHIF: a 10 s clip at 30 frames a second is 300 requests),
 and each request wrote its own entry, so one look at one clip was 300 rows that named no image. An auditor
 (HIPAA access log, IHE ATNA "DICOM Instances Accessed") asks who accessed which study and instance when: the
-first read of an instance by a key writes the entry, naming the study, series and instance; that key's further
-reads of it (frames, metadata, the instance) within the window (`AUDIT_READ_WINDOW_SECONDS`, 10 minutes) are
-that same access and write nothing. Another key's read, or a read after the window, is another access and
-writes its own entry. Entries are never changed (the log is append-only and hash-chained), so the entry says
-what it covers instead of counting.
+first read of an instance by a key in a window writes the entry, naming the study, series and instance; that
+key's further reads of it (frames, metadata, the instance) in the same window are that same access and write
+nothing. Another key's read, or a read in the next window, is another access and writes its own entry. Windows
+are fixed slices of time (`AUDIT_READ_WINDOW_SECONDS`, 10 minutes, counted from the epoch), so every replica
+agrees on which window a read falls in. Entries are never changed (the log is append-only and hash-chained), so
+the entry says what it covers instead of counting.
 
-The windows are kept in the process: replicas each write their own entry, so an access may show more than
-once, never not at all. A read waits for the entry that covers it to be committed; if writing it failed, the
-next read writes it.
+The windows are shared by every replica through the database: the first read in a window inserts the window's
+row (key, case, instance, window start; a unique key, insert-if-absent) and its entry in one transaction (the
+audit log's group commit, `audit.record_once`, under the chain's lock), so a window has exactly one entry
+whichever replica served its reads, and a window whose entry failed has no row (the next read writes both). Each process also remembers the windows it saw taken, so a cine's later frames
+cost no round trip. A read waits for the entry that covers it to be committed. Expired windows' rows are
+deleted (they are not the log; the entries stay).
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import delete
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col
+
+from services.auth import audit
+from services.auth.audit import EntryFields
+from services.auth.models import ReadWindow
 
 
 class ReadWindowSettings(BaseSettings):
@@ -31,47 +42,70 @@ class ReadWindowSettings(BaseSettings):
     read_window_seconds: float = 600.0  # 0: every read its own entry
 
 
-# Windows kept at most before expired ones are dropped (a key reading many studies for a day).
+# Windows remembered at most before expired ones are dropped (a key reading many studies for a day).
 PRUNE_ABOVE = 10_000
+# Expired rows are deleted by one write in this many (each a cheap indexed DELETE).
+DELETE_EVERY = 200
 
 
 @dataclass(eq=False)
 class _Window:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    opened_at: float | None = None  # when its entry was committed (monotonic)
+    start: int | None = None  # the window this process saw taken (its entry committed, here or elsewhere)
 
 
 class ReadWindows:
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.time) -> None:
         self.seconds = seconds
         self.clock = clock
-        self._windows: dict[tuple[str, ...], _Window] = {}
+        self._windows: dict[tuple[str, str, str], _Window] = {}
         self._lock = threading.Lock()
+        self._writes = 0
 
-    def enter(self, reader: tuple[str, ...], write_entry: Callable[[], None]) -> bool:
-        """Call `write_entry` unless an entry written for `reader` (key, case, instance) is still open; whether
-        it was called. Concurrent reads of one instance by one key wait for the one entry, not each its own."""
+    def window_start(self) -> int:
+        return int(self.clock() // self.seconds * self.seconds)
+
+    def enter(self, engine: Engine, reader: tuple[str, str, str], entry: EntryFields) -> bool:
+        """Write `entry` unless the window of `reader` (key, case, instance) already has one, here or on another
+        replica; whether this call wrote it. Concurrent reads of one instance by one key in this process wait
+        for the one entry; the window's row and the entry are committed together (audit.record_once)."""
         if self.seconds <= 0:
-            write_entry()
+            audit.record(engine, **entry)
             return True
         with self._lock:
             if len(self._windows) > PRUNE_ABOVE:
                 self._prune()
             window = self._windows.setdefault(reader, _Window())
         with window.lock:
-            if window.opened_at is not None and self.clock() - window.opened_at < self.seconds:
+            start = self.window_start()
+            if window.start == start:
                 return False
-            write_entry()  # raises (the read fails, nothing covers it) when the entry could not be written
-            window.opened_at = self.clock()
-            return True
+            key_id, case_id, instance_uid = reader
+            row = {
+                "key_id": key_id,
+                "case_id": case_id,
+                "instance_uid": instance_uid[:64],
+                "window_start": start,
+            }
+            wrote = audit.record_once(engine, row, **entry)  # raises: nothing covers the read
+            window.start = start
+        if wrote:
+            self._delete_expired(engine, start)
+        return wrote
+
+    def _delete_expired(self, engine: Engine, start: int) -> None:
+        with self._lock:
+            self._writes += 1
+            due = self._writes % DELETE_EVERY == 0
+        if due:
+            with Session(engine) as session:
+                expired = start - int(self.seconds)
+                session.execute(delete(ReadWindow).where(col(ReadWindow.window_start) < expired))
+                session.commit()
 
     def _prune(self) -> None:
-        now = self.clock()
-        self._windows = {
-            reader: window
-            for reader, window in self._windows.items()
-            if window.opened_at is None or now - window.opened_at < self.seconds
-        }
+        start = self.window_start()
+        self._windows = {reader: w for reader, w in self._windows.items() if w.start in (None, start)}
 
 
 @lru_cache

@@ -15,31 +15,43 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
+from sqlalchemy import and_, literal_column
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from services.auth import audit
 from services.auth.models import CaseOwner, CaseReviewer, Role
-from services.common.db import insert_skipping_taken, transaction_lock
+from services.common.db import transaction_lock
 
 log = structlog.get_logger(__name__)
 
 
-def _insert_once(engine: Engine, table: type[CaseOwner], **values: str) -> None:
-    statement = insert_skipping_taken(engine.dialect.name, table)
+def register_owner(
+    engine: Engine, case_id: str, partner_id: str | None, patient_id: str | None = None
+) -> None:
+    """Record the case's partner, and the referring facility's patient id (for the ATNA feed's messages); the
+    first partner stands (idempotent), a patient id fills one not yet known."""
+    if not partner_id:
+        return
+    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(CaseOwner).on_conflict_do_update(
+        index_elements=["case_id"],
+        set_={"patient_id": literal_column("excluded.patient_id")},
+        where=and_(col(CaseOwner.patient_id).is_(None), literal_column("excluded.patient_id").is_not(None)),
+    )
+    values = {
+        "case_id": case_id,
+        "partner_id": partner_id,
+        "patient_id": patient_id[:64] if patient_id else None,
+    }
     try:
         with engine.begin() as conn:
             conn.execute(statement, values)
     except (OperationalError, ProgrammingError) as exc:
         # Without the auth schema (a service tested alone) the case stays visible to operations only.
-        log.warning("tenancy.not_registered", case_id=values.get("case_id"), error=type(exc).__name__)
-
-
-def register_owner(engine: Engine, case_id: str, partner_id: str | None) -> None:
-    """Record the case's partner; the first registration stands (idempotent)."""
-    if partner_id:
-        _insert_once(engine, CaseOwner, case_id=case_id, partner_id=partner_id)
+        log.warning("tenancy.not_registered", case_id=case_id, error=type(exc).__name__)
 
 
 @dataclass(frozen=True)

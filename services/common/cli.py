@@ -6,6 +6,8 @@ secondopinion partner revoke-key KEY_ID
 secondopinion key create --role operations    a staff key (specialist or operations)
 secondopinion key create --role specialist --specialist-id spec-gyn-1   a key acting as that specialist
 secondopinion audit verify                    check the audit log's hash chain (exit 1 when broken)
+secondopinion audit forward                   the IHE ATNA feed to the hospital's audit repository (AUDIT_ATNA_*)
+secondopinion audit forward-status            the feed's cursor and backlog
 secondopinion dlq list QUEUE                  dead letters: id, type, reason, count, first seen
 secondopinion dlq show QUEUE ID               headers and the envelope without `data`
 secondopinion dlq replay QUEUE --id ID|--all  re-publish (confirmed) and then remove from the DLQ

@@ -87,7 +87,9 @@ def verify(
     insurance_settings: InsuranceSettings | None = None,
 ) -> None:
     """Decide coverage for the case and queue `insurance.verified`; the caller commits."""
-    tenancy.register_owner(get_engine("auth"), cmd.case_id, cmd.partner_id)
+    tenancy.register_owner(
+        get_engine("auth"), cmd.case_id, cmd.partner_id, cmd.patient.mrn if cmd.patient else None
+    )
     config = insurance_settings or get_insurance_settings()
     row = _row(session, cmd.case_id)
     if row is not None and row.cancelled_at is not None:

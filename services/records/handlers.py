@@ -48,7 +48,7 @@ def lock_request(session: Session, case_id: str) -> RecordRequest | None:
 
 def collect(cmd: CollectRecords, session: Session, settings: Settings) -> None:
     """Open (or refresh) the case's records request; uploads are accepted from now on."""
-    tenancy.register_owner(get_engine("auth"), cmd.case_id, cmd.partner_id)
+    tenancy.register_owner(get_engine("auth"), cmd.case_id, cmd.partner_id, cmd.patient.mrn)
     patient = cmd.patient.model_dump(mode="json")
     exam = cmd.exam.model_dump(mode="json")
     request = lock_request(session, cmd.case_id)

@@ -103,7 +103,7 @@ def match(cmd: MatchSpecialist, session: Session, settings: Settings, *, event_i
         due_at=as_utc(cmd.due_at),
     )
     session.add(review)
-    tenancy.register_owner(get_engine("auth"), cmd.case_id, cmd.partner_id)
+    tenancy.register_owner(get_engine("auth"), cmd.case_id, cmd.partner_id, cmd.patient.mrn)
     # The offered specialist may see the case once the offer stands: a match whose transaction rolls back
     # (and may offer someone else when applied again) must not leave them able to read its records.
     access.note_change(session, cmd.case_id, review.reviewer_id)

@@ -4,6 +4,7 @@ STOW-RS into the validated, reconciled import path, then QIDO-RS and WADO-RS ove
 import contextlib
 import hashlib
 import io
+import itertools
 import threading
 import time
 import uuid
@@ -674,6 +675,33 @@ def test_a_keys_reads_of_one_instance_are_one_audit_entry_per_window(
     logged = entries()
     assert [e.actor for e in logged] == [first.actor, logged[1].actor, first.actor]
     assert all(e.row_hash == entry_hash(e) for e in logged)
+
+
+def test_reads_of_one_instance_served_by_two_replicas_are_one_audit_entry(
+    base_url: str, engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a load balancer a viewer's frames go to every replica in turn. Each replica kept its own windows,
+    so each wrote an entry for one look at one clip; the window is now shared through the database (one row
+    per key, instance and window, inserted with the entry): one entry, whichever replica served which frame."""
+    replicas = [ReadWindows(600), ReadWindows(600)]
+    served = itertools.cycle(replicas)
+    monkeypatch.setattr(access, "get_read_windows", lambda: next(served))
+    case_id = open_case(engine, settings)
+    study = new_study()
+    clip = instances(study)[2]
+    root = f"{base_url}/dicomweb/cases/{case_id}"
+    headers = operations_headers(settings)
+    DICOMwebClient(url=root, headers=headers).store_instances([clip])
+    instance = f"{root}/studies/{study}/series/{clip.SeriesInstanceUID}/instances/{clip.SOPInstanceUID}"
+    frames = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+    for n in [1, 2, 3, 4, 1, 2]:
+        assert requests.get(f"{instance}/frames/{n}", headers={**frames, **headers}, timeout=10).ok
+    logged = [
+        e
+        for e in audit.entries(get_engine("auth"), case_id=case_id, limit=10_000)
+        if clip.SOPInstanceUID in e.detail
+    ]
+    assert len(logged) == 1 and logged[0].row_hash == entry_hash(logged[0])
 
 
 def test_head_answers_dicomweb_reads_with_the_headers_of_the_get_and_no_body(

@@ -1,0 +1,413 @@
+"""The audit log forwarded to a hospital's audit record repository: IHE ATNA Record Audit Event (ITI-20).
+
+Each entry of the chain, in order, becomes one DICOM audit message (services.auth.atna) in one RFC 5424 syslog
+message (facility authpriv, severity notice, MSGID `IHE+RFC-3881`, the XML after a BOM), sent over TLS with the
+RFC 5425 octet-counting framing (`LEN SP MSG`), with this platform's client certificate (mutual TLS).
+
+Delivery: at least once, in the chain's order. The feed's cursor (`audit_forward_cursors`: the id of the last
+entry the repository took) is in the database and moves only once the TLS write of every entry up to it has
+completed on a connection the repository has not closed (syslog has no acknowledgement: a connection found
+closed before or after the write is opened again and everything after the cursor is sent again; a new
+connection is watched for a moment before the first write, since under TLS 1.3 the repository refuses our
+certificate only after our side of the handshake is done). While the
+repository is down the forwarder retries with a growing pause (up to `AUDIT_ATNA_BACKOFF_MAX_SECONDS`) and the
+entries wait in the log, which is the queue: nothing is held in memory that the log does not hold. One
+forwarder sends at a time across replicas: each holds a PostgreSQL advisory lock on its own connection while
+it forwards, the others stand by. Their logs name counts and the cursor, never an entry's content.
+
+  ForwardingStopped       (never raised to the caller: `run` retries)
+    + RepositoryUnavailable   (connecting, the TLS handshake or a write failed; retried with backoff)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client import Counter, Gauge
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import bindparam, func, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, col
+from sqlmodel import select as sql_select
+
+from services.auth import audit
+from services.auth.atna import Source, to_dicom_audit
+from services.auth.models import AuditEvent, CaseOwner, ForwardCursor
+from services.common.db import utcnow
+
+log = structlog.get_logger(__name__)
+
+# One forwarder per feed at a time: a session-level PostgreSQL advisory lock (the two-key form, this key space
+# and the feed's name hashed), held while forwarding.
+FORWARDER_LOCKS = 0x5EC0_A0D3
+# RFC 5424 PRI: facility 10 (security/authorization, authpriv) * 8 + severity 5 (notice), as IHE ITI-20 asks.
+PRI = 10 * 8 + 5
+MSGID = "IHE+RFC-3881"
+# How long a new TLS connection is watched for a refusal before the first entry goes into it (once per connection).
+ACCEPTANCE_SECONDS = 0.3
+BOM = b"\xef\xbb\xbf"
+
+SENT = Counter("secondopinion_audit_forwarded_total", "audit entries the ATNA repository took", ["feed"])
+BACKLOG = Gauge("secondopinion_audit_forward_backlog", "audit entries not yet forwarded", ["feed"])
+
+
+class AtnaSettings(BaseSettings):
+    """IHE ATNA feed settings (`AUDIT_ATNA_*`); the feed is off while `AUDIT_ATNA_URL` is empty."""
+
+    model_config = SettingsConfigDict(env_prefix="AUDIT_ATNA_", env_file=".env", extra="ignore")
+
+    url: str = ""  # tls://host:6514 (RFC 5425); tcp://host:port only outside production
+    ca_file: str = ""  # the repository's CA (PEM); empty: the system's
+    cert_file: str = ""  # our client certificate (PEM) for mutual TLS
+    key_file: str = ""
+    app_name: str = "secondopinion"  # AuditSourceID and the syslog APP-NAME
+    site_id: str = ""  # AuditEnterpriseSiteID: the hospital's name for where this system runs
+    feed: str = "atna"  # the cursor's name: a second repository is a second feed
+    start: str = "oldest"  # where a new feed starts: oldest (the whole log) or now (entries after its start)
+    batch: int = 200
+    poll_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+    timeout_seconds: float = 10.0
+    metrics_port: int = 0  # serve /metrics (the backlog gauge) on this port; 0: none
+
+    def problems(self, env: str) -> list[str]:
+        """What keeps this feed from starting; in production (ENV=prod) only mutual TLS will do."""
+        scheme = urlsplit(self.url).scheme
+        found = []
+        if not self.url:
+            found.append("AUDIT_ATNA_URL is not set (tls://host:port of the audit record repository)")
+        elif scheme not in ("tls", "tcp") or not urlsplit(self.url).hostname or not urlsplit(self.url).port:
+            found.append(
+                f"AUDIT_ATNA_URL must be tls://host:port (or tcp://host:port outside production), not {scheme}://…"
+            )
+        if env == "prod" and scheme != "tls":
+            found.append("AUDIT_ATNA_URL must use tls:// in production (RFC 5425)")
+        if env == "prod" and not (self.cert_file and self.key_file):
+            found.append(
+                "AUDIT_ATNA_CERT_FILE and AUDIT_ATNA_KEY_FILE are required in production (mutual TLS)"
+            )
+        if self.start not in ("oldest", "now"):
+            found.append("AUDIT_ATNA_START must be oldest or now")
+        return found
+
+
+@lru_cache
+def get_atna_settings() -> AtnaSettings:
+    return AtnaSettings()
+
+
+class ForwardingStopped(Exception):
+    pass
+
+
+class RepositoryUnavailable(ForwardingStopped):
+    pass
+
+
+def syslog_frame(entry: AuditEvent, source: Source, patient_id: str | None = None) -> bytes:
+    """One entry as an RFC 5425 frame: `MSG-LEN SP SYSLOG-MSG`, the message RFC 5424 with the XML as MSG."""
+    at = entry.at.replace(tzinfo=UTC) if entry.at.tzinfo is None else entry.at.astimezone(UTC)
+    stamp = at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    header = f"<{PRI}>1 {stamp} {source.host[:255]} {source.app_name[:48]} {entry.service[:128]} {MSGID} - "
+    message = header.encode("ascii", "replace") + BOM + to_dicom_audit(entry, source, patient_id)
+    return f"{len(message)} ".encode() + message
+
+
+class SyslogTls:
+    """One connection to the repository (TLS unless the URL says tcp://)."""
+
+    def __init__(self, settings: AtnaSettings) -> None:
+        parts = urlsplit(settings.url)
+        self.host, self.port = parts.hostname or "", parts.port or 6514
+        self.timeout = settings.timeout_seconds
+        self.context: ssl.SSLContext | None = None
+        if parts.scheme == "tls":
+            self.context = ssl.create_default_context(cafile=settings.ca_file or None)
+            self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if settings.cert_file:
+                self.context.load_cert_chain(settings.cert_file, settings.key_file or None)
+        self._sock: socket.socket | None = None
+
+    def send(self, frames: list[bytes]) -> None:
+        """Write `frames`; returns once the write completed on a connection the repository had not closed."""
+        try:
+            if self._sock is not None and self._closed_by_peer():
+                self.close()
+            if self._sock is None:
+                self._sock = self._connect()
+            self._sock.sendall(b"".join(frames))
+            if self._closed_by_peer():
+                raise RepositoryUnavailable("the repository closed the connection")
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            raise RepositoryUnavailable(type(exc).__name__) from exc
+        except RepositoryUnavailable:
+            self.close()
+            raise
+
+    def _connect(self) -> socket.socket:
+        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        if self.context is None:
+            return raw
+        try:
+            tls = self.context.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+        self._sock = tls
+        if self._refused_within(ACCEPTANCE_SECONDS):
+            raise RepositoryUnavailable("the repository refused our certificate after the handshake")
+        return tls
+
+    def _refused_within(self, seconds: float) -> bool:
+        """Whether the repository closes the new connection within `seconds`. With TLS 1.3 the server judges
+        our certificate (and rsyslog its name) after our side of the handshake is done: entries written at once
+        went into a connection about to be refused. A session ticket read meanwhile is no refusal."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            assert self._sock is not None
+            readable, _, _ = select.select([self._sock], [], [], left)
+            if readable and self._closed_by_peer():
+                return True
+            if readable:
+                time.sleep(0.01)
+        return False
+
+    def _closed_by_peer(self) -> bool:
+        """Whether the repository closed (or reset) the connection: a syslog receiver never writes, so
+        anything readable is its close_notify, its FIN or an error."""
+        assert self._sock is not None
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            self._sock.setblocking(False)
+            try:
+                return self._sock.recv(1) == b""
+            finally:
+                self._sock.setblocking(True)
+        except ssl.SSLWantReadError:
+            return False
+        except (OSError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+
+@dataclass
+class Forwarder:
+    """Forwards the audit log of `engine` to the repository of `settings`, from the feed's cursor on."""
+
+    engine: Engine
+    settings: AtnaSettings
+    source: Source = field(default_factory=Source)
+    stop: threading.Event = field(default_factory=threading.Event)
+    active: bool = False  # holds the lock: this is the one forwarder sending
+    _lock_connection: Connection | None = None
+
+    def __post_init__(self) -> None:
+        self.connection = SyslogTls(self.settings)
+
+    def run(self) -> None:
+        """Forward until `stop` is set: stand by while another forwarder holds the lock, back off while the
+        repository or the database is unavailable."""
+        pause = 0.5
+        try:
+            while not self.stop.is_set():
+                if not self._hold_lock():
+                    self.stop.wait(self.settings.poll_seconds)
+                    continue
+                try:
+                    sent = self.forward_once()
+                except (RepositoryUnavailable, SQLAlchemyError) as exc:
+                    if isinstance(exc, SQLAlchemyError):  # the lock may have gone with the database
+                        self._release_lock()
+                    log.warning(
+                        "atna.repository_unavailable"
+                        if isinstance(exc, RepositoryUnavailable)
+                        else "atna.database_unavailable",
+                        feed=self.settings.feed,
+                        error=str(exc) if isinstance(exc, RepositoryUnavailable) else type(exc).__name__,
+                        retry_in=pause,
+                    )
+                    self.stop.wait(pause)
+                    pause = min(pause * 2, self.settings.backoff_max_seconds)
+                    continue
+                pause = 0.5
+                if sent == 0:
+                    self.stop.wait(self.settings.poll_seconds)
+        finally:
+            self.connection.close()
+            self._release_lock()
+
+    def forward_once(self) -> int:
+        """Send the entries after the cursor (one batch) and move the cursor past them; how many were sent."""
+        cursor = self._cursor()
+        entries = audit.entries(self.engine, after=cursor, limit=self.settings.batch)
+        if entries:
+            patients = patients_of(self.engine, [e.case_id for e in entries if e.case_id])
+            frames = [syslog_frame(e, self.source, patients.get(e.case_id or "")) for e in entries]
+            self.connection.send(frames)
+            last = entries[-1].id
+            assert last is not None
+            self._move_cursor(last)
+            cursor = last
+            SENT.labels(self.settings.feed).inc(len(entries))
+            log.info("atna.forwarded", feed=self.settings.feed, entries=len(entries), through=last)
+        # At most this many wait (ids of rolled-back entries are never used): no count over the backlog per batch.
+        with Session(self.engine) as session:
+            BACKLOG.labels(self.settings.feed).set(newest_id(session) - cursor)
+        return len(entries)
+
+    def _cursor(self) -> int:
+        with Session(self.engine) as session:
+            row = session.get(ForwardCursor, self.settings.feed)
+            if row is not None:
+                return row.forwarded_through
+            start = newest_id(session) if self.settings.start == "now" else 0
+            session.add(ForwardCursor(feed=self.settings.feed, forwarded_through=start))
+            session.commit()
+            log.info("atna.feed_started", feed=self.settings.feed, after=start)
+            return start
+
+    def _move_cursor(self, through: int) -> None:
+        with Session(self.engine) as session:
+            row = session.get(ForwardCursor, self.settings.feed)
+            assert row is not None
+            row.forwarded_through, row.updated_at = through, utcnow()
+            session.commit()
+
+    def _hold_lock(self) -> bool:
+        if self.engine.dialect.name != "postgresql":
+            self.active = True  # SQLite: one process on a laptop
+            return True
+        try:
+            if self._lock_connection is None:
+                self._lock_connection = self.engine.connect()
+                got = self._lock_connection.execute(
+                    text("SELECT pg_try_advisory_lock(CAST(:space AS integer), CAST(:key AS integer))"),
+                    {"space": FORWARDER_LOCKS, "key": _lock_key(self.settings.feed)},
+                ).scalar()
+                self._lock_connection.commit()
+                if not got:
+                    self._release_lock()
+                    if self.active:
+                        log.info("atna.standing_by", feed=self.settings.feed)
+                    self.active = False
+                    return False
+                log.info("atna.forwarding", feed=self.settings.feed)
+            else:
+                self._lock_connection.execute(text("SELECT 1"))  # still ours: the session holds the lock
+                self._lock_connection.commit()
+        except Exception as exc:  # noqa: BLE001 -- the database went away: the lock went with it
+            log.warning("atna.lock_lost", feed=self.settings.feed, error=type(exc).__name__)
+            self._release_lock()
+            self.active = False
+            return False
+        self.active = True
+        return True
+
+    def _release_lock(self) -> None:
+        if self._lock_connection is not None:
+            with contextlib.suppress(Exception):  # already gone
+                self._lock_connection.close()  # the session ends: PostgreSQL releases its advisory lock
+            self._lock_connection = None
+
+
+def patients_of(engine: Engine, case_ids: list[str]) -> dict[str, str]:
+    """The referring facility's patient id (MRN) of each case: as records, insurance and review registered it
+    with the case's owner from the case workflow's commands, or, for a case they have not seen yet (intake's
+    own entries, the first seconds of a case), from intake's copy of the request, where this PostgreSQL
+    database holds intake's schema (one database for every service; on Kubernetes, intake's own)."""
+    wanted = sorted(set(case_ids))
+    if not wanted:
+        return {}
+    with Session(engine) as session:
+        rows = session.exec(
+            sql_select(CaseOwner.case_id, CaseOwner.patient_id).where(
+                col(CaseOwner.case_id).in_(wanted), col(CaseOwner.patient_id).is_not(None)
+            )
+        ).all()
+    found = {case_id: patient_id for case_id, patient_id in rows if patient_id}
+    missing = [case_id for case_id in wanted if case_id not in found]
+    if missing and _holds_intake_cases(engine):
+        query = text("SELECT id, request_json FROM intake.cases WHERE id IN :ids").bindparams(
+            bindparam("ids", expanding=True)
+        )
+        with engine.connect() as conn:
+            for case_id, request_json in conn.execute(query, {"ids": missing}):
+                mrn = json.loads(request_json).get("patient", {}).get("mrn")
+                if isinstance(mrn, str) and mrn:
+                    found[case_id] = mrn
+    return found
+
+
+def _holds_intake_cases(engine: Engine) -> bool:
+    if engine.dialect.name != "postgresql":
+        return False
+    with engine.connect() as conn:
+        return bool(conn.execute(text("SELECT to_regclass('intake.cases') IS NOT NULL")).scalar())
+
+
+def _lock_key(feed: str) -> int:
+    return int.from_bytes(hashlib.blake2b(feed.encode(), digest_size=4).digest(), "big", signed=True)
+
+
+def newest_id(session: Session) -> int:
+    return int(session.exec(sql_select(func.max(AuditEvent.id))).one() or 0)
+
+
+def backlog(engine: Engine, settings: AtnaSettings) -> dict[str, Any]:
+    """The feed's state for operations: the cursor, the newest entry, how many wait, since when."""
+    with Session(engine) as session:
+        row = session.get(ForwardCursor, settings.feed)
+        through = row.forwarded_through if row else 0
+        waiting = session.exec(
+            sql_select(func.count()).select_from(AuditEvent).where(col(AuditEvent.id) > through)
+        ).one()
+        oldest = session.exec(sql_select(func.min(AuditEvent.at)).where(col(AuditEvent.id) > through)).one()
+        return {
+            "feed": settings.feed,
+            "enabled": bool(settings.url),
+            "forwarded_through": through,
+            "newest": newest_id(session),
+            "backlog": int(waiting),
+            "oldest_waiting_at": oldest.isoformat() if isinstance(oldest, datetime) else None,
+            "cursor_moved_at": row.updated_at.isoformat() if row else None,
+        }
+
+
+def run_forever(engine: Engine, settings: AtnaSettings, stop: threading.Event | None = None) -> None:
+    forwarder = Forwarder(engine, settings, Source(settings.app_name, settings.site_id))
+    if stop is not None:
+        forwarder.stop = stop
+    forwarder.run()
+
+
+__all__ = [
+    "AtnaSettings",
+    "Forwarder",
+    "RepositoryUnavailable",
+    "backlog",
+    "get_atna_settings",
+    "syslog_frame",
+]
