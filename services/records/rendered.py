@@ -80,6 +80,9 @@ INSTANCE_RENDERED: dict[int | str, dict[str, Any]] = {
         "content": {MP4: IMAGE},
     },
     416: {"description": "a Range past the end of the video clip"},
+    503: {
+        "description": "no room in the video cache to render the clip now (RECORDS_RENDER_VIDEO_CACHE_DIR)"
+    },
     **REFUSALS,
 }
 RENDERED_SET: dict[int | str, dict[str, Any]] = {

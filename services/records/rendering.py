@@ -47,7 +47,7 @@ class RenderLimits(BaseSettings):
     thumbnail_size: int = 128  # a thumbnail fits in this square unless a viewport is given
     # Video clips remuxed to MP4 (video.py) are kept on local disk, as long and as much as this allows.
     video_cache_dir: str = ""  # default: {tempdir}/records-rendered-video
-    video_cache_bytes: int = 2 * 1024**3
+    video_cache_bytes: int = 512 * 1024**2  # the k8s base mounts /tmp as a 1 GiB emptyDir
     video_cache_seconds: int = 24 * 3600
 
 

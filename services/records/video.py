@@ -14,7 +14,8 @@ VUI timing, the MPEG-2 sequence header) or, when it has none, by the instance's 
 Recommended Display Frame Rate). A stream with B-frames is decoded once (the pictures thrown away) to learn
 the order its frames are shown in, which the MP4 must state; nothing is encoded.
 
-What cannot be remuxed is a `NotRendered` (rendering.py): 406 when the bitstream cannot be read.
+What cannot be remuxed is a `NotRendered` (rendering.py): 406 when the bitstream cannot be read, 503 when the
+cache cannot be written.
 """
 
 from __future__ import annotations
@@ -187,6 +188,12 @@ def _remuxed(c: Clip, limits: RenderLimits) -> Path:
     try:
         packets = remux(c, Path(partial))
         os.replace(partial, target)
+    except OSError as exc:  # the cache's disk full or gone: the MP4 can be made once there is room
+        log.warning("records.video_cache_unwritable", error=type(exc).__name__)
+        raise NotRendered(
+            503,
+            "no room to render this clip now (RECORDS_RENDER_VIDEO_CACHE_DIR); retry later or retrieve it as stored",
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)

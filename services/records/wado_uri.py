@@ -81,6 +81,9 @@ WADO_URI: dict[int | str, dict[str, Any]] = {
         "or anonymize=yes for an instance whose burned-in text cannot be removed"
     },
     413: {"description": "a frame or an answer over the rendering limits (RECORDS_RENDER_*)"},
+    503: {
+        "description": "no room in the video cache to render the clip now (RECORDS_RENDER_VIDEO_CACHE_DIR)"
+    },
 }
 
 
