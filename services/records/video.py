@@ -67,10 +67,6 @@ class Clip:
     pixels_at: int
     cache_key: str
 
-    @property
-    def frames(self) -> int:
-        return int(self.header.get("NumberOfFrames") or 1)
-
 
 def clip(path: Path, cache_key: str) -> Clip | None:
     """The instance at `path` as a video clip, None when its transfer syntax is no video one."""
