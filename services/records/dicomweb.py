@@ -24,7 +24,7 @@ import structlog
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from python_multipart.multipart import parse_options_header
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 from starlette.concurrency import run_in_threadpool
 
 from services.auth import AuthEngine, Caller, tenancy
@@ -49,6 +49,7 @@ from services.records.multipart_related import (
     UnsupportedMediaType,
     receive_parts,
 )
+from services.records.qido_matching import Matching, matching
 from services.records.reconcile import ISSUER_DETAILS, coerced_chunks, coerced_header, our_identifiers
 from services.records.store import ObjectStore
 
@@ -340,7 +341,11 @@ def _value_list(value: str) -> list[str]:
     return [v for v in re.split(r"[,\\]", value) if v]
 
 
-def _released(session: Session, case_id: str, **where: str | None) -> list[RecordFile]:
+def _released(
+    session: Session, case_id: str, empty: tuple[str, ...] = (), **where: str | None
+) -> list[RecordFile]:
+    """The released instances of the case, those of each `where` column among its value list, and of each
+    `empty` column without a value (Empty Value Matching)."""
     query = select(RecordFile).where(
         RecordFile.case_id == case_id,
         col(RecordFile.released).is_(True),
@@ -349,6 +354,10 @@ def _released(session: Session, case_id: str, **where: str | None) -> list[Recor
     for column, value in where.items():
         if value:
             query = query.where(col(getattr(RecordFile, column)).in_(_value_list(value)))
+    for column in empty:
+        query = query.where(
+            or_(col(getattr(RecordFile, column)).is_(None), col(getattr(RecordFile, column)) == "")
+        )
     rows = session.exec(query.order_by(col(RecordFile.id))).all()
     # One instance per SOP Instance UID (the last stored): the same instance may arrive twice with other
     # bytes (a CD upload and a C-GET the PACS transcoded, a re-send with a corrected header).
@@ -367,7 +376,14 @@ def _page(items: list[dict[str, Any]], limit: int | None, offset: int) -> list[d
 
 
 # QIDO-RS parameters that are not matching keys (PS3.18 Table 8.3.4-1).
-QIDO_PARAMETERS = {"limit", "offset", "includefield", "fuzzymatching"}
+QIDO_PARAMETERS = {
+    "limit",
+    "offset",
+    "includefield",
+    "fuzzymatching",
+    "emptyvaluematching",  # qido_matching.py
+    "multiplevaluematching",
+}
 FUZZY_NOT_SUPPORTED = (
     "The fuzzymatching parameter is not supported. Only literal matching has been performed."
 )
@@ -480,6 +496,19 @@ def _date_matches(value: str | None, wanted: str | None) -> bool:
     return bool(value) and (not low or low <= str(value)) and (not high or str(value) <= high)
 
 
+def _text_key(value: str | None, wanted: str | None, m: Matching) -> bool:
+    """A text key: `""` for no value (Empty Value Matching), any of a list (Multiple Value Matching)."""
+    if m.wants_empty(wanted):
+        return not value
+    return not wanted or any(_text_matches(value or "", w) for w in m.values(wanted))
+
+
+def _date_key(value: str | None, wanted: str | None, m: Matching) -> bool:
+    if m.wants_empty(wanted):
+        return not value
+    return not wanted or any(_date_matches(value, w) for w in m.values(wanted))
+
+
 def _text_matches(value: str, wanted: str | None) -> bool:
     """Single value matching, with wildcard matching when `wanted` holds `*` (any run of characters) or `?`
     (one character) (PS3.4 C.2.2.2.1, C.2.2.2.4). A viewer's study list sends what is typed as `*typed*`."""
@@ -507,10 +536,14 @@ def _integers(keyword: str, value: str | None) -> set[int] | None:
     return {int(n) for n in numbers}
 
 
-def _number_matches(attrs: dict[str, Any], keyword: str, wanted: set[int] | None) -> bool:
+def _number_matches(
+    attrs: dict[str, Any], keyword: str, wanted: set[int] | None, empty: bool = False
+) -> bool:
+    values = attrs.get(f"{pydicom.tag.Tag(keyword):08X}", {}).get("Value") or []
+    if empty:
+        return not values  # Empty Value Matching: absent or empty
     if wanted is None:
         return True
-    values = attrs.get(f"{pydicom.tag.Tag(keyword):08X}", {}).get("Value") or []
     try:
         return bool(values) and int(values[0]) in wanted
     except (TypeError, ValueError):
@@ -537,10 +570,11 @@ def search_studies(
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
     warned = _not_honoured(request, settings, case_id)
+    m = matching(request)
     study_keys = _included(request, STUDY_KEYS)
     ids = _identifiers(session, case_id)
     if not (
-        _text_matches(ids["PatientID"], PatientID) and _text_matches(ids["AccessionNumber"], AccessionNumber)
+        _text_key(ids["PatientID"], PatientID, m) and _text_key(ids["AccessionNumber"], AccessionNumber, m)
     ):
         return _dicom_json([], headers=warned)  # every study of a case carries our identifiers
     files = _released(session, case_id, study_instance_uid=StudyInstanceUID)
@@ -552,7 +586,12 @@ def search_studies(
     for uid, members in studies.items():
         modalities = sorted({str(m.modality) for m in members})
         date = next((m.study_date for m in members if m.study_date), None)
-        if (wanted and not wanted & set(modalities)) or not _date_matches(date, StudyDate):
+        if m.wants_empty(ModalitiesInStudy):
+            if any(member.modality for member in members):
+                continue
+        elif wanted and not wanted & set(modalities):
+            continue
+        if not _date_key(date, StudyDate, m):
             continue
         results.append(
             {
@@ -588,12 +627,19 @@ def search_series(
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
     warned = _not_honoured(request, settings, case_id)
+    m = matching(request)
     series_keys = _included(request, SERIES_KEYS)
-    numbers = _integers("SeriesNumber", SeriesNumber)
+    numbers = None if m.wants_empty(SeriesNumber) else _integers("SeriesNumber", SeriesNumber)
     _identifiers(session, case_id)
     series: dict[str, list[RecordFile]] = {}
+    no_modality = m.wants_empty(Modality)
     found = _released(
-        session, case_id, study_instance_uid=study, modality=Modality, series_instance_uid=SeriesInstanceUID
+        session,
+        case_id,
+        empty=("modality",) if no_modality else (),
+        study_instance_uid=study,
+        modality=None if no_modality else Modality,
+        series_instance_uid=SeriesInstanceUID,
     )
     for f in found:
         series.setdefault(str(f.series_instance_uid), []).append(f)
@@ -601,7 +647,7 @@ def search_series(
     results = []
     for uid, members in series.items():
         attrs = _header_attrs(settings, members[0], series_keys)
-        if not _number_matches(attrs, "SeriesNumber", numbers):
+        if not _number_matches(attrs, "SeriesNumber", numbers, m.wants_empty(SeriesNumber)):
             continue
         results.append(
             {
@@ -644,9 +690,15 @@ def search_instances(
 ) -> JSONResponse:
     _negotiate(request, DICOM_JSON)
     warned = _not_honoured(request, settings, case_id)
+    m = matching(request)
     instance_keys = _included(request, INSTANCE_KEYS)
-    series_numbers = _integers("SeriesNumber", SeriesNumber)
-    instance_numbers = _integers("InstanceNumber", InstanceNumber)
+    series_numbers = None if m.wants_empty(SeriesNumber) else _integers("SeriesNumber", SeriesNumber)
+    instance_numbers = None if m.wants_empty(InstanceNumber) else _integers("InstanceNumber", InstanceNumber)
+    empty = tuple(
+        column
+        for column, value in (("modality", Modality), ("sop_class_uid", SOPClassUID))
+        if m.wants_empty(value)
+    )
     _identifiers(session, case_id)
     if series and SeriesInstanceUID and series not in _value_list(SeriesInstanceUID):
         return _dicom_json([], headers=warned)  # the key and the path name different series
@@ -654,18 +706,19 @@ def search_instances(
         session,
         case_id,
         study_instance_uid=study,
+        empty=empty,
         series_instance_uid=series or SeriesInstanceUID,
-        modality=Modality,
+        modality=None if "modality" in empty else Modality,
         sop_instance_uid=SOPInstanceUID,
-        sop_class_uid=SOPClassUID,
+        sop_class_uid=None if "sop_class_uid" in empty else SOPClassUID,
     )
     base = f"{settings.records_url}/dicomweb/cases/{case_id}/studies/{study}/series"
     results = []
     for f in files:
         attrs = _header_attrs(settings, f, instance_keys)
         if not (
-            _number_matches(attrs, "SeriesNumber", series_numbers)
-            and _number_matches(attrs, "InstanceNumber", instance_numbers)
+            _number_matches(attrs, "SeriesNumber", series_numbers, m.wants_empty(SeriesNumber))
+            and _number_matches(attrs, "InstanceNumber", instance_numbers, m.wants_empty(InstanceNumber))
         ):
             continue
         results.append(

@@ -1,7 +1,8 @@
 """Rendered resources and thumbnails of WADO-RS (PS3.18 10.4.1.1.3, 10.4.1.1.5: `.../rendered`,
 `.../thumbnail` on a study, series, instance or frames), for web viewers, EHR image links and reporting tools
-that show a JPEG, PNG or GIF instead of decoding DICOM. Same key, case scope, audit and image rate bucket as
-the frames they are drawn from (the routes live on `dicomweb.router`); a HEAD renders nothing.
+that show a JPEG, PNG or GIF instead of decoding DICOM, and a video clip as an MP4 a browser plays (video.py).
+Same key, case scope, audit and image rate bucket as the frames they are drawn from (the routes live on
+`dicomweb.router`); a HEAD renders nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from python_multipart.multipart import parse_options_header
 
 from services.auth.routing import AuthRoute
@@ -40,6 +41,7 @@ from services.records.rendering import (
     text_free_box,
 )
 from services.records.store import ObjectStore
+from services.records.video import MP4, VIDEO_RENDERED_TYPES, Clip, cached, clip, mp4
 
 router: APIRouter = APIRouter(route_class=AuthRoute)
 RenderLimitsDep = Annotated[RenderLimits, Depends(get_render_limits)]
@@ -52,8 +54,9 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     },
     404: {"description": "nothing released in this case has these UIDs, or the instance has no such frame"},
     406: {
-        "description": "not rendered: a media type other than image/jpeg, image/png or image/gif, an instance "
-        "that is no image (a report), a video clip (no video decoder here), pixel data no decoder here reads"
+        "description": "not rendered: a media type other than image/jpeg, image/png or image/gif (video/mp4 "
+        "for a video clip), an instance that is no image (a report), a video clip asked for as an image, pixel "
+        "data or a bitstream no decoder here reads"
     },
     413: {"description": "a frame, a viewport or an animation over the rendering limits (RECORDS_RENDER_*)"},
 }
@@ -62,6 +65,23 @@ RENDERED: dict[int | str, dict[str, Any]] = {
         "description": "the image rendered (PS3.18 8.7.4): JPEG by default; a multi-frame instance as image/gif "
         "is animated with its frame timing, as image/jpeg or image/png it is its first frame",
         "content": {JPEG: IMAGE, "image/png": IMAGE, GIF: IMAGE},
+    },
+    **REFUSALS,
+}
+INSTANCE_RENDERED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the image rendered (PS3.18 8.7.4): JPEG by default; a multi-frame instance as image/gif "
+        "is animated with its frame timing, as image/jpeg or image/png it is its first frame. A video clip "
+        "(MPEG-2, H.264, HEVC) is video/mp4 (its default): its bitstream remuxed, not re-encoded, index first",
+        "content": {JPEG: IMAGE, "image/png": IMAGE, GIF: IMAGE, MP4: IMAGE},
+    },
+    206: {
+        "description": "a video clip's byte range (the Range header), as a <video> element seeks",
+        "content": {MP4: IMAGE},
+    },
+    416: {"description": "a Range past the end of the video clip"},
+    503: {
+        "description": "no room in the video cache to render the clip now (RECORDS_RENDER_VIDEO_CACHE_DIR)"
     },
     **REFUSALS,
 }
@@ -87,7 +107,8 @@ THUMBNAIL: dict[int | str, dict[str, Any]] = {
 def rendered_type(request: Request, multipart: bool = False) -> str:
     """The Rendered Media Type asked for: the `accept` query parameter or the Accept header, its media ranges
     by q, then order (PS3.18 8.3.3.1, 8.7.5); `*/*` and `image/*` are JPEG. A study or series may be asked
-    for as `multipart/related; type="image/png"` too. No range fits: 406, naming those served."""
+    for as `multipart/related; type="image/png"` too. No range fits: 406, naming those served (a request for
+    video/mp4 is told that an uncompressed cine animates as image/gif: it is not encoded as video here)."""
     header = request.query_params.get("accept") or request.headers.get("accept") or "*/*"
     ranges = []
     for index, media_range in enumerate(header.split(",")):
@@ -110,8 +131,59 @@ def rendered_type(request: Request, multipart: bool = False) -> str:
         406,
         f"rendered images are served as {', '.join(RENDERED_TYPES)}"
         + (" (in multipart/related for a study or series)" if multipart else "")
-        + "; see the Accept header",
+        + "; see the Accept header"
+        + (
+            "; video/mp4 is served for video clips (MPEG-2, H.264, HEVC) only: a cine stored as frames "
+            "animates as image/gif"
+            if any(kind.startswith("video/") for _, _, kind, _ in ranges)
+            else ""
+        ),
     )
+
+
+def video_type(request: Request) -> str:
+    """The media type a video clip is rendered as: video/mp4 when the `accept` query parameter or the Accept
+    header takes it (`*/*`, `video/*`, `video/mp4`), else a 406 saying what the clip renders as."""
+    header = request.query_params.get("accept") or request.headers.get("accept") or "*/*"
+    for media_range in header.split(","):
+        raw_kind, raw = parse_options_header(media_range.strip())
+        try:
+            quality = float(raw.get(b"q", b"1").decode("latin-1"))
+        except ValueError:
+            quality = 1.0
+        if quality > 0 and raw_kind.decode("latin-1").lower() in ("*/*", "video/*", *VIDEO_RENDERED_TYPES):
+            return MP4
+    raise HTTPException(
+        406,
+        "this instance is a video clip: it renders as video/mp4 (its bitstream in an MP4, not as an image); "
+        "ask with Accept: video/mp4, or retrieve its bitstream as stored from .../frames/1",
+    )
+
+
+def video_answer(
+    request: Request, found: Clip, limits: RenderLimits, refused: dict[str, str | None]
+) -> Response:
+    """The clip as an MP4 file, with Range support (Starlette's FileResponse: 206 for one range, 416 past the
+    end). Parameters that change a picture (a viewport, a window) are a 400: the clip is not re-encoded. A
+    HEAD remuxes nothing (the length is known once the clip has been remuxed and cached)."""
+    given = [name for name, value in refused.items() if value is not None]
+    if given:
+        raise HTTPException(
+            400,
+            f"{', '.join(given)} apply to images; a video clip is rendered as stored (not re-encoded): leave "
+            f"{'it' if len(given) == 1 else 'them'} out",
+        )
+    try:
+        if is_head(request):
+            ready = cached(found, limits)
+            if ready is None:
+                response = Response(media_type=MP4, headers={"Accept-Ranges": "bytes"})
+                del response.headers["content-length"]  # not known before the clip is remuxed
+                return response
+            return FileResponse(ready, media_type=MP4)
+        return FileResponse(mp4(found, limits), media_type=MP4)
+    except NotRendered as exc:
+        raise HTTPException(exc.status, exc.detail) from None
 
 
 def _rendering(
@@ -173,7 +245,7 @@ Charset = Annotated[str | None, Query(description="accepted and ignored: images 
 @router.get(
     "/cases/{case_id}/studies/{study}/series/{series}/instances/{sop}/rendered",
     response_class=Response,
-    responses=RENDERED,
+    responses=INSTANCE_RENDERED,
 )
 def retrieve_instance_rendered(
     case_id: CaseId,
@@ -190,8 +262,21 @@ def retrieve_instance_rendered(
     annotation: Annotation = None,
     charset: Charset = None,
 ) -> Response:
+    """An image as JPEG (the default), PNG or GIF (a multi-frame one animated); a video clip as video/mp4."""
+    try:  # every parameter checked before anything is looked up
+        refuse_annotation(annotation)
+        parse_quality(quality), parse_viewport(viewport), parse_window(window)
+    except NotRendered as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+    files, _ = _retrievable(session, case_id, study, series, sop)
+    row = files[-1]
+    path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
+    found = clip(path, row.sha256)
+    if found is not None:
+        video_type(request)
+        return video_answer(request, found, limits, {"viewport": viewport, "window": window})
     rendering = _rendering(request, quality=quality, viewport=viewport, window=window, annotation=annotation)
-    src = _instance_source(session, settings, limits, case_id, study, series, sop)
+    src = _source(path, limits)
     numbers = list(range(1, src.frames + 1)) if rendering.media_type == GIF else [1]
     return _answer(src, numbers, rendering, limits, request)
 

@@ -45,6 +45,10 @@ class RenderLimits(BaseSettings):
     max_animation_pixels: int = 64 * 1024**2  # frames x width x height of an animated GIF
     default_quality: int = 90
     thumbnail_size: int = 128  # a thumbnail fits in this square unless a viewport is given
+    # Video clips remuxed to MP4 (video.py) are kept on local disk, as long and as much as this allows.
+    video_cache_dir: str = ""  # default: {tempdir}/records-rendered-video
+    video_cache_bytes: int = 512 * 1024**2  # the k8s base mounts /tmp as a 1 GiB emptyDir
+    video_cache_seconds: int = 24 * 3600
 
 
 @lru_cache
@@ -192,8 +196,8 @@ def source(path: Path, limits: RenderLimits) -> Source:
     if syntax in VIDEO_SYNTAXES:
         raise NotRendered(
             406,
-            f"this instance is a video clip ({syntax.name}): rendering it needs a video decoder (ffmpeg), which "
-            "this service does not have; retrieve its bitstream from .../frames/1 (video/mp4 or video/mpeg2)",
+            f"this instance is a video clip ({syntax.name}): it renders whole as video/mp4, not as an image; ask "
+            ".../instances/{uid}/rendered with Accept: video/mp4",
         )
     if syntax.is_compressed and not pydicom.pixels.get_decoder(syntax).is_available:
         raise NotRendered(

@@ -219,6 +219,7 @@ content_type_overrides:
   image/jpeg: application/octet-stream
   image/png: application/octet-stream
   image/gif: application/octet-stream
+  video/mp4: application/octet-stream
 """
 SERVICES = {"intake": intake, "records": records, "insurance": insurance, "review": review}
 

@@ -1,0 +1,315 @@
+"""Video clips rendered as MP4 (PS3.18 8.7.4, Table 8.7.4-1 "Video": video/mp4): an instance whose Pixel Data
+is an MPEG-2, MPEG-4 AVC/H.264 or HEVC/H.265 bitstream (PS3.5 8.2.5 to 8.2.8, transfer syntaxes
+1.2.840.10008.1.2.4.100 to .108) is *remuxed* into an MP4 a browser's <video> element plays: the stored
+bitstream is copied into the container, never re-encoded (same quality, little CPU).
+
+PyAV (FFmpeg's libavformat) does the muxing; no ffmpeg program is run. The bitstream is read from the stored
+file fragment by fragment as the demuxer asks, and the MP4 is written to a file in a local cache
+(`RECORDS_RENDER_VIDEO_CACHE_*`, keyed by the stored file's SHA-256, so by instance and transfer syntax), with
+its index (`moov`) first ("faststart") so that playback starts before the whole clip has arrived; the file is
+served with HTTP Range support (a <video> element seeks with Range requests).
+
+An elementary stream carries no timestamps: each frame is timed by the bitstream's own frame rate (H.264/HEVC
+VUI timing, the MPEG-2 sequence header) or, when it has none, by the instance's (Cine Rate, Frame Time,
+Recommended Display Frame Rate). A stream with B-frames is decoded once (the pictures thrown away) to learn
+the order its frames are shown in, which the MP4 must state; nothing is encoded.
+
+What cannot be remuxed is a `NotRendered` (rendering.py): 406 when the bitstream cannot be read, 503 when the
+cache cannot be written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import IO, Any
+
+import pydicom
+import pydicom.uid
+import structlog
+from pydicom.dataset import Dataset
+
+from services.records.rendering import VIDEO_SYNTAXES, NotRendered, RenderLimits
+
+log = structlog.get_logger(__name__)
+
+MP4 = "video/mp4"
+VIDEO_RENDERED_TYPES = (MP4,)
+# The FFmpeg demuxer of each bitstream: H.264 and HEVC are Annex B byte streams; MPEG-2 may be an elementary or
+# a program stream, which FFmpeg tells apart by probing.
+DEMUXERS: dict[str, str | None] = {
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[:4], None),
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[4:14], "h264"),
+    **dict.fromkeys(pydicom.uid.MPEGTransferSyntaxes[14:], "hevc"),
+}
+UNTIMED = {"h264", "hevc", "mpegvideo"}  # elementary streams: packets come without timestamps
+PIXEL_DATA = b"\xe0\x7f\x10\x00"
+ITEM, SEQUENCE_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000) and (FFFE,E0DD) read as little-endian words
+CHUNK = 1 << 20
+FORMAT_VERSION = 1  # in the cache's file names: a change to how clips are remuxed makes older files unused
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A stored video instance: its file, header and where its encapsulated Pixel Data starts."""
+
+    path: Path
+    header: Dataset
+    syntax: pydicom.uid.UID
+    pixels_at: int
+    cache_key: str
+
+
+def clip(path: Path, cache_key: str) -> Clip | None:
+    """The instance at `path` as a video clip, None when its transfer syntax is no video one."""
+    with path.open("rb") as fp:
+        header = pydicom.dcmread(fp, stop_before_pixels=True)
+        pixels_at = fp.tell()
+    syntax = pydicom.uid.UID(str(header.file_meta.get("TransferSyntaxUID") or ""))
+    if syntax not in VIDEO_SYNTAXES:
+        return None
+    return Clip(path, header, syntax, pixels_at, cache_key)
+
+
+class Bitstream:
+    """The clip's bitstream, read from its Pixel Data fragments as the demuxer asks (PS3.5 A.4): never the
+    whole clip in memory, however large its fragments are."""
+
+    def __init__(self, fp: IO[bytes], pixels_at: int) -> None:
+        self._fp = fp
+        fp.seek(pixels_at)
+        head = fp.read(12)
+        if len(head) < 12 or head[:4] != PIXEL_DATA or head[8:12] != b"\xff\xff\xff\xff":
+            raise NotRendered(
+                406, "this clip's Pixel Data is not encapsulated as PS3.5 A.4 requires: retrieve it as stored"
+            )
+        self._left = 0  # bytes of the current fragment not yet read
+        self._ended = False
+        self._next_item(skip=True)  # the Basic Offset Table: no use for one bitstream
+
+    def _next_item(self, skip: bool = False) -> None:
+        head = self._fp.read(8)
+        if len(head) < 8:
+            self._ended = True
+            return
+        tag, length = struct.unpack("<II", head)
+        if tag != ITEM:
+            self._ended = True  # the sequence delimiter (or anything else) ends the bitstream
+            return
+        if skip:
+            self._fp.seek(length, os.SEEK_CUR)
+            self._left = 0
+        else:
+            self._left = length
+
+    def read(self, size: int = -1) -> bytes:
+        size = CHUNK if size is None or size < 0 else size
+        while not self._ended:
+            if self._left:
+                data = self._fp.read(min(size, self._left))
+                if not data:
+                    self._ended = True
+                    break
+                self._left -= len(data)
+                return data
+            self._next_item()
+        return b""
+
+
+def frame_rate(stream_rate: Fraction | None, header: Dataset) -> Fraction:
+    """Frames a second: the bitstream's own, else the instance's (PS3.3 C.7.6.5 Cine Module), else 25."""
+    if stream_rate and 0 < stream_rate <= 1000:
+        return Fraction(stream_rate)
+    if header.get("CineRate"):
+        return Fraction(str(header.CineRate)).limit_denominator(1001)
+    if header.get("FrameTime") and float(header.FrameTime) > 0:
+        return (1000 / Fraction(str(header.FrameTime))).limit_denominator(1001)
+    if header.get("RecommendedDisplayFrameRate"):
+        return Fraction(str(header.RecommendedDisplayFrameRate)).limit_denominator(1001)
+    return Fraction(25)
+
+
+# --- the cache of remuxed clips ------------------------------------------------------------------
+
+
+def cache_dir(limits: RenderLimits) -> Path:
+    where = Path(limits.video_cache_dir or Path(tempfile.gettempdir()) / "records-rendered-video")
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)  # the clips show patients: this process's alone
+    return where
+
+
+def cached(c: Clip, limits: RenderLimits) -> Path | None:
+    """The clip's MP4 if it was remuxed already."""
+    path = cache_dir(limits) / f"{c.cache_key}-{FORMAT_VERSION}.mp4"
+    if not path.exists():
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(path)  # recently used: pruned last
+        return path
+    return None
+
+
+_remuxing: dict[str, threading.Lock] = {}
+_remuxing_guard = threading.Lock()
+
+
+def mp4(c: Clip, limits: RenderLimits) -> Path:
+    """The clip as an MP4 file (moov first), remuxed now unless the cache has it. A <video> element sends its
+    next Range requests before the first answer ends: they wait for the one remux rather than start their own."""
+    with _remuxing_guard:
+        lock = _remuxing.setdefault(c.cache_key, threading.Lock())
+    try:
+        with lock:
+            return cached(c, limits) or _remuxed(c, limits)
+    finally:
+        with _remuxing_guard:
+            if not lock.locked():
+                _remuxing.pop(c.cache_key, None)
+
+
+def _remuxed(c: Clip, limits: RenderLimits) -> Path:
+    where = cache_dir(limits)
+    target = where / f"{c.cache_key}-{FORMAT_VERSION}.mp4"
+    descriptor, partial = tempfile.mkstemp(dir=where, suffix=".part")  # 0600
+    os.close(descriptor)
+    started = time.monotonic()
+    try:
+        packets = remux(c, Path(partial))
+        os.replace(partial, target)
+    except OSError as exc:  # the cache's disk full or gone: the MP4 can be made once there is room
+        log.warning("records.video_cache_unwritable", error=type(exc).__name__)
+        raise NotRendered(
+            503,
+            "no room to render this clip now (RECORDS_RENDER_VIDEO_CACHE_DIR); retry later or retrieve it as stored",
+        ) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+    log.info(
+        "records.video_remuxed",
+        syntax=str(c.syntax),
+        packets=packets,
+        bytes=target.stat().st_size,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    prune(where, limits, keep=target)
+    return target
+
+
+def prune(where: Path, limits: RenderLimits, keep: Path) -> None:
+    """Remove the least recently used MP4s over RECORDS_RENDER_VIDEO_CACHE_BYTES, those older than
+    RECORDS_RENDER_VIDEO_CACHE_SECONDS, and partial files a crashed remux left behind."""
+    now = time.time()
+    entries = []
+    for path in where.iterdir():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.suffix == ".part":
+            if now - stat.st_mtime > 3600:
+                path.unlink(missing_ok=True)
+        elif path.suffix == ".mp4":
+            entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for mtime, size, path in sorted(entries):
+        if path == keep:
+            continue
+        if total > limits.video_cache_bytes or now - mtime > limits.video_cache_seconds:
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+# --- remuxing ------------------------------------------------------------------------------------
+
+
+def remux(c: Clip, out_path: Path) -> int:
+    """The clip's bitstream copied into an MP4 at `out_path`, packet by packet; the number of packets."""
+    import av  # FFmpeg's libraries are loaded when a clip is first rendered, not when the service starts
+
+    try:
+        order = _presentation_order(c)
+        with (
+            c.path.open("rb") as fp,
+            av.open(Bitstream(fp, c.pixels_at), "r", format=DEMUXERS[c.syntax]) as source,
+            av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as target,
+        ):
+            stream = source.streams.video[0]
+            rate = frame_rate(stream.codec_context.framerate, c.header)
+            out = target.add_stream_from_template(stream)
+            if stream.codec_context.name == "hevc":
+                out.codec_tag = "hvc1"  # the sample entry Safari plays HEVC from
+            untimed = source.format.name in UNTIMED
+            delay = max((k - shown for k, shown in enumerate(order)), default=0) if order else 0
+            count = 0
+            for packet in source.demux(stream):
+                if packet.size == 0:
+                    continue  # the demuxer's end of stream
+                if untimed:
+                    shown = order[count] if order and count < len(order) else count
+                    packet.time_base = 1 / rate
+                    packet.dts, packet.pts, packet.duration = count - delay, shown, 1
+                packet.stream = out
+                target.mux(packet)
+                count += 1
+        if not count:
+            raise NotRendered(406, _unreadable(c))
+        return count
+    except av.FFmpegError as exc:
+        log.info("records.video_not_remuxed", syntax=str(c.syntax), error=type(exc).__name__)
+        raise NotRendered(406, _unreadable(c)) from None
+
+
+def _presentation_order(c: Clip) -> list[int] | None:
+    """For each packet, in the order it is decoded, the place of its picture in the order pictures are shown;
+    None when they are shown as decoded (no B-frames) or the stream carries its own timestamps. Found by
+    decoding the clip once (the pictures are thrown away; the loop filter skipped)."""
+    import av
+
+    with (
+        c.path.open("rb") as fp,
+        av.open(Bitstream(fp, c.pixels_at), "r", format=DEMUXERS[c.syntax]) as source,
+    ):
+        stream = source.streams.video[0]
+        context = stream.codec_context
+        if source.format.name not in UNTIMED or not context.has_b_frames:
+            return None
+        context.options = {"skip_loop_filter": "all"}
+        shown: list[int] = []
+        count = 0
+        for packet in source.demux(stream):
+            if packet.size:
+                packet.pts = packet.dts = count
+                count += 1
+            shown += [int(frame.pts) for frame in _decoded(context, packet) if frame.pts is not None]
+    if sorted(shown) != list(range(count)):
+        log.info("records.video_order_unknown", packets=count, pictures=len(shown))
+        return None  # a picture that did not decode: shown as decoded rather than not at all
+    place = [0] * count
+    for position, k in enumerate(shown):
+        place[k] = position
+    return place
+
+
+def _decoded(context: Any, packet: Any) -> Iterator[Any]:
+    import av
+
+    try:
+        yield from context.decode(packet if packet.size else None)
+    except av.InvalidDataError:
+        return  # a damaged picture: found missing by the caller
+
+
+def _unreadable(c: Clip) -> str:
+    return (
+        f"this clip's bitstream could not be read as {c.syntax.name}: nothing was rendered; retrieve it as "
+        "stored (application/dicom, or its bitstream from .../frames/1)"
+    )

@@ -1,0 +1,40 @@
+"""The cache of clips remuxed to MP4 stays within RECORDS_RENDER_VIDEO_CACHE_BYTES and _SECONDS: least recently
+used first, the file just made kept, partial files of a crashed remux removed after an hour."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from services.records.rendering import RenderLimits
+from services.records.video import prune
+
+
+def entry(where: Path, name: str, size: int, age: float) -> Path:
+    path = where / name
+    path.write_bytes(b"\0" * size)
+    moment = time.time() - age
+    os.utime(path, (moment, moment))
+    return path
+
+
+def test_the_least_recently_used_clips_go_first_and_the_new_one_stays(tmp_path: Path) -> None:
+    old, used, new = (
+        entry(tmp_path, f"{n}.mp4", 400, a) for n, a in (("old", 300), ("used", 200), ("new", 0))
+    )
+    prune(tmp_path, RenderLimits(video_cache_bytes=1000), keep=new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.mp4", "used.mp4"]
+    prune(tmp_path, RenderLimits(video_cache_bytes=100), keep=new)  # over budget alone: still kept
+    assert [p.name for p in tmp_path.iterdir()] == ["new.mp4"]
+    assert not old.exists() and not used.exists()
+
+
+def test_stale_clips_and_abandoned_partial_files_are_removed(tmp_path: Path) -> None:
+    stale = entry(tmp_path, "stale.mp4", 10, 7200)
+    fresh = entry(tmp_path, "fresh.mp4", 10, 10)
+    abandoned = entry(tmp_path, "x.part", 10, 7200)
+    writing = entry(tmp_path, "y.part", 10, 5)
+    prune(tmp_path, RenderLimits(video_cache_seconds=3600), keep=fresh)
+    assert not stale.exists() and not abandoned.exists()
+    assert fresh.exists() and writing.exists()
