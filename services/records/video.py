@@ -233,8 +233,7 @@ def prune(where: Path, limits: RenderLimits, keep: Path) -> None:
 
 def remux(c: Clip, out_path: Path) -> int:
     """The clip's bitstream copied into an MP4 at `out_path`, packet by packet; the number of packets."""
-    import av  # FFmpeg's libraries are loaded when a clip is first rendered, not when the service starts
-
+    av = _pyav()  # FFmpeg's libraries are loaded when a clip is first rendered, not when the service starts
     try:
         order = _presentation_order(c)
         with (
@@ -272,7 +271,7 @@ def _presentation_order(c: Clip) -> list[int] | None:
     """For each packet, in the order it is decoded, the place of its picture in the order pictures are shown;
     None when they are shown as decoded (no B-frames) or the stream carries its own timestamps. Found by
     decoding the clip once (the pictures are thrown away; the loop filter skipped)."""
-    import av
+    av = _pyav()
 
     with (
         c.path.open("rb") as fp,
@@ -306,6 +305,21 @@ def _decoded(context: Any, packet: Any) -> Iterator[Any]:
         yield from context.decode(packet if packet.size else None)
     except av.InvalidDataError:
         return  # a damaged picture: found missing by the caller
+
+
+def _pyav() -> Any:
+    """PyAV, or a 406 saying this deployment does not remux clips: it is the optional `video` extra (its wheels
+    carry GPL code, so a deployment opts in)."""
+    try:
+        import av
+    except ImportError:
+        raise NotRendered(
+            406,
+            "this deployment does not render video clips as MP4 (PyAV, the records service's optional `video` "
+            "extra, is not installed); retrieve the clip as stored (application/dicom, or its bitstream from "
+            ".../frames/1), or ask operations to install it",
+        ) from None
+    return av
 
 
 def _unreadable(c: Clip) -> str:

@@ -5,6 +5,7 @@ STOW-RS, and the answer opened with PyAV as a browser's demuxer opens it."""
 from __future__ import annotations
 
 import io
+import sys
 
 import av
 import numpy as np
@@ -246,3 +247,29 @@ def test_an_hevc_clip_without_timing_in_its_bitstream_is_timed_by_the_instances_
     assert bars == [2 * i for i in range(FRAMES)]
     times = display_times(got.content)
     assert len(times) == FRAMES and all(abs(t - times[0] - i / 15) < 1e-3 for i, t in enumerate(times))
+
+
+def test_without_pyav_a_clip_is_a_clear_406_and_still_retrievable_as_stored(
+    engine: Engine,  # noqa: F811
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PyAV is the optional `video` extra (its wheels carry GPL code): a deployment without it says so, and the
+    clip is still handed out as stored."""
+    study = new_study()
+    clip = h264_instance(study, h264_stream())
+    case_id, _ = stored(engine, settings, clip)
+    headers = operations_headers(settings)
+    for path in cache_dir(get_render_limits()).glob("*"):
+        path.unlink()  # a clip remuxed before would be served from the cache
+    monkeypatch.setitem(sys.modules, "av", None)  # what `import av` meets where it is not installed
+
+    mp4 = requests.get(
+        f"{url_of(case_id, clip)}/rendered", headers={"Accept": "video/mp4", **headers}, timeout=10
+    )
+    assert mp4.status_code == 406, mp4.text
+    assert "optional `video` extra" in mp4.json()["detail"]
+    whole = requests.get(
+        url_of(case_id, clip), headers={"Accept": "application/dicom", **headers}, timeout=10
+    )
+    assert whole.status_code == 200
