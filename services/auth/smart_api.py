@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
+import structlog
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +27,8 @@ from services.auth.deps import AuthEngine, Caller
 from services.auth.models import SmartClient
 from services.auth.routing import AuthRoute
 from services.common.config import Settings, get_settings
+
+log = structlog.get_logger(__name__)
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 FORM = "application/x-www-form-urlencoded"
@@ -187,8 +190,11 @@ async def token(request: Request, engine: AuthEngine, settings: SettingsDep) -> 
         form = _form(await request.body())
         client, issued = await run_in_threadpool(_exchange, engine, form, token_endpoint(settings))
     except smart.TokenRefused as exc:
+        # Never the assertion or the token: what was refused and why, and the client if it was one of ours.
+        log.info("smart.token_refused", error=exc.error, client_id=exc.client.id if exc.client else None)
         await run_in_threadpool(_audit_token, engine, exc.client, "denied", f"{exc.error}: {exc.description}")
         return refused(exc.error, exc.description)
+    log.info("smart.token_issued", client_id=client.id, scope=issued.scope)
     await run_in_threadpool(_audit_token, engine, client, "success", f"scope {issued.scope}")
     return JSONResponse(
         {

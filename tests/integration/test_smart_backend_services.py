@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -169,8 +170,9 @@ def fhir_client(served: Served, token: str) -> SyncFHIRClient:
 
 @pytest.mark.parametrize("alg", ["RS384", "ES384"])
 def test_a_registered_client_gets_a_token_and_orders_and_reads_through_fhirpy(
-    served: Served, alg: str, capfd: pytest.CaptureFixture[str]
+    served: Served, alg: str, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     client = register(served, alg, scopes="system/ServiceRequest.write system/Task.read")
     signed = assertion(client, served.token_url)
     answer = ask_token(
@@ -213,8 +215,10 @@ def test_a_registered_client_gets_a_token_and_orders_and_reads_through_fhirpy(
     }
     assert all(e.partner_id == client.partner_id and e.role == "partner" for e in entries)
     said = capfd.readouterr()
+    logged = said.out + said.err + caplog.text
+    assert "smart.token_issued" in logged and client.client_id in logged  # what operations see
     for secret in (token, signed, signed.split(".")[2]):
-        assert secret not in said.out + said.err
+        assert secret not in logged
         assert all(secret not in e.detail for e in entries)
 
 
@@ -276,8 +280,9 @@ REFUSALS: dict[str, tuple[Any, str, str]] = {
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_each_bad_assertion_is_refused_with_the_rfc_6749_error_saying_what_to_fix(
-    served: Served, case: str, capfd: pytest.CaptureFixture[str]
+    served: Served, case: str, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     make, error, description = REFUSALS[case]
     client = register(served, "RS384" if "HS256" in case else "ES384")
     signed = make(served, client)
@@ -286,7 +291,8 @@ def test_each_bad_assertion_is_refused_with_the_rfc_6749_error_saying_what_to_fi
     assert answer.headers["Content-Type"] == "application/json"
     assert answer.json()["error"] == error
     assert description in answer.json()["error_description"]
-    assert signed not in answer.text and signed not in "".join(capfd.readouterr())
+    said = "".join(capfd.readouterr()) + caplog.text
+    assert "smart.token_refused" in said and signed not in answer.text and signed not in said
     with Session(served.auth) as session:
         denied = session.exec(
             select(AuditEvent).where(AuditEvent.resource == "auth.token", AuditEvent.outcome == "denied")
