@@ -2,6 +2,7 @@
 
 secondopinion partner register-client PARTNER_ID --jwks FILE --scope "system/ServiceRequest.write system/Task.read"
     prints {"client_id", "partner_id", "scopes", "key_ids", "token_endpoint"}
+secondopinion partner set-client-keys CLIENT_ID --jwks FILE   replace its keys (rotation)
 secondopinion partner revoke-client CLIENT_ID    its assertions are refused, its tokens stop working at once
 """
 
@@ -27,13 +28,17 @@ def _session() -> Session:
     return Session(engine)
 
 
-def register_client(args: argparse.Namespace) -> dict[str, Any]:
+def _jwks(path: str) -> Any:
     try:
-        jwks = json.loads(Path(args.jwks).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise SystemExit(
-            f"cannot read the JWKS from {args.jwks} ({type(exc).__name__}); give a JSON file"
+            f"cannot read the JWKS from {path} ({type(exc).__name__}); give a JSON file"
         ) from exc
+
+
+def register_client(args: argparse.Namespace) -> dict[str, Any]:
+    jwks = _jwks(args.jwks)
     with _session() as session:
         try:
             client = smart.register_client(
@@ -49,6 +54,19 @@ def register_client(args: argparse.Namespace) -> dict[str, Any]:
             "key_ids": [k["kid"] for k in json.loads(client.jwks)["keys"]],
             "token_endpoint": token_endpoint(get_settings()),
         }
+
+
+def set_client_keys(args: argparse.Namespace) -> dict[str, Any]:
+    jwks = _jwks(args.jwks)
+    with _session() as session:
+        try:
+            client = smart.replace_keys(session, args.client_id, jwks)
+        except smart.ClientInvalid as exc:
+            raise SystemExit(str(exc)) from exc
+        if client is None:
+            raise SystemExit(f"no client {args.client_id}")
+        session.commit()
+        return {"client_id": client.id, "key_ids": [k["kid"] for k in json.loads(client.jwks)["keys"]]}
 
 
 def revoke_client(args: argparse.Namespace) -> dict[str, str]:

@@ -128,6 +128,19 @@ def register_client(
     return client
 
 
+def replace_keys(
+    session: Session, client_id: str, jwks: Any, partner_id: str | None = None
+) -> SmartClient | None:
+    """Replace the client's JWKS (caller commits): to rotate, register the set with both keys, switch the
+    client to the new key, then register the set without the old one. None when there is no such client."""
+    client = session.get(SmartClient, client_id, with_for_update=True)
+    if client is None or (partner_id is not None and client.partner_id != partner_id):
+        return None
+    client.jwks = checked_jwks(jwks)
+    session.add(client)
+    return client
+
+
 def revoke_client(session: Session, client_id: str, partner_id: str | None = None) -> bool:
     """Revoke a client (idempotent): its assertions are refused and its access tokens stop working at once."""
     client = session.get(SmartClient, client_id)

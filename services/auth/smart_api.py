@@ -4,6 +4,7 @@ POST /auth/token                                       client_credentials with a
 GET  /fhir/.well-known/smart-configuration             what a client discovers (SMART App Launch 2.x)
 POST /v1/partners/{partner_id}/smart-clients           register a client with its JWKS (operations)
 GET  /v1/partners/{partner_id}/smart-clients           the partner's clients (no keys are secret here)
+PUT  /v1/partners/{partner_id}/smart-clients/{id}/jwks  replace its keys (rotation; operations)
 DELETE /v1/partners/{partner_id}/smart-clients/{id}    revoke one: its tokens stop working at once
 """
 
@@ -326,6 +327,36 @@ def list_clients(
             .order_by(col(SmartClient.created_at))
         ).all()
     return [_public(c, settings) for c in found]
+
+
+class Jwks(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [JWKS_EXAMPLE]})
+
+    keys: list[dict[str, Any]] = Field(description="public keys: RSA, or EC P-384, each with a kid")
+
+
+@clients_router.put(
+    "/{partner_id}/smart-clients/{client_id}/jwks", response_model=SmartClientPublic, responses=ERRORS
+)
+def replace_keys(
+    partner_id: str, client_id: str, body: Jwks, _: Operations, engine: AuthEngine, settings: SettingsDep
+) -> SmartClientPublic:
+    """Replace the client's public keys (operations only). To rotate without downtime: register the set
+    with the old and the new key, let the client sign with the new one, then register the set without the
+    old one. Assertions are checked against the keys registered when they arrive."""
+    with Session(engine) as session:
+        try:
+            client = smart.replace_keys(session, client_id, body.model_dump(), partner_id)
+        except smart.ClientInvalid as exc:
+            raise HTTPException(422, str(exc)) from exc
+        if client is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                "no such client of this partner; GET /v1/partners/{partner_id}/smart-clients lists them",
+            )
+        session.commit()
+        session.refresh(client)
+        return _public(client, settings)
 
 
 @clients_router.delete("/{partner_id}/smart-clients/{client_id}", status_code=204, responses=ERRORS)

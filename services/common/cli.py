@@ -4,6 +4,7 @@ secondopinion partner create --name NAME      prints {"partner_id", "api_key", "
 secondopinion partner rotate-key KEY_ID       prints {"key_id", "api_key"}; the old key stops working
 secondopinion partner revoke-key KEY_ID
 secondopinion partner register-client PARTNER_ID --jwks FILE --scope "system/…"   a SMART Backend Services client
+secondopinion partner set-client-keys CLIENT_ID --jwks FILE   replace its keys (rotation)
 secondopinion partner revoke-client CLIENT_ID
 secondopinion key create --role operations    a staff key (specialist or operations)
 secondopinion key create --role specialist --specialist-id spec-gyn-1   a key acting as that specialist

@@ -472,3 +472,25 @@ def test_the_console_registers_a_client_whose_assertions_get_tokens(served: Serv
     client = Registered(printed["client_id"], partner["partner_id"], key, {})
     answer = ask_token(served, assertion(client, served.token_url), scope="system/Task.read")
     assert answer.status_code == 200 and answer.json()["scope"] == "system/Task.read"
+
+
+def test_keys_rotate_without_downtime(served: Served) -> None:
+    client = register(served)
+    old, new = client.key, new_key("RS384")
+    url = f"{served.url}/v1/partners/{client.partner_id}/smart-clients/{client.client_id}/jwks"
+    both = requests.put(url, json={"keys": [old.jwk(), new.jwk()]}, headers=served.operations, timeout=10)
+    assert both.status_code == 200 and both.json()["key_ids"] == [old.kid, new.kid], both.text
+    assert ask_token(served, assertion(client, served.token_url)).status_code == 200
+    client.key = new
+    assert ask_token(served, assertion(client, served.token_url)).status_code == 200
+    only_new = requests.put(url, json={"keys": [new.jwk()]}, headers=served.operations, timeout=10)
+    assert only_new.status_code == 200
+    client.key = old
+    refused = ask_token(served, assertion(client, served.token_url))
+    assert refused.json()["error"] == "invalid_client" and "kid" in refused.json()["error_description"]
+    theirs = register(served)
+    elsewhere = f"{served.url}/v1/partners/{theirs.partner_id}/smart-clients/{client.client_id}/jwks"
+    assert (
+        requests.put(elsewhere, json={"keys": [new.jwk()]}, headers=served.operations, timeout=10).status_code
+        == 404
+    )
