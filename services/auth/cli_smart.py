@@ -1,6 +1,6 @@
 """`secondopinion partner register-client` and `revoke-client`: SMART Backend Services clients.
 
-secondopinion partner register-client PARTNER_ID --jwks FILE --scope "system/ServiceRequest.write system/Task.read"
+secondopinion partner register-client PARTNER_ID --jwks FILE|--jwks-uri URL --scope "system/ServiceRequest.write system/Task.read"
     prints {"client_id", "partner_id", "scopes", "key_ids", "token_endpoint"}
 secondopinion partner set-client-keys CLIENT_ID --jwks FILE   replace its keys (rotation)
 secondopinion partner revoke-client CLIENT_ID    its assertions are refused, its tokens stop working at once
@@ -17,6 +17,7 @@ from sqlmodel import Session
 
 from services.auth import smart
 from services.auth.smart_api import token_endpoint
+from services.auth.smart_jwks import fetch_jwks
 from services.common import migrate
 from services.common.config import get_settings
 from services.common.db import get_engine
@@ -38,11 +39,19 @@ def _jwks(path: str) -> Any:
 
 
 def register_client(args: argparse.Namespace) -> dict[str, Any]:
-    jwks = _jwks(args.jwks)
+    jwks = _jwks(args.jwks) if args.jwks else None
+    env = get_settings().env
     with _session() as session:
         try:
             client = smart.register_client(
-                session, args.partner_id, jwks, args.scope, label=args.label, client_id=args.client_id
+                session,
+                args.partner_id,
+                jwks,
+                args.scope,
+                label=args.label,
+                client_id=args.client_id,
+                jwks_uri=args.jwks_uri,
+                fetch=lambda url: fetch_jwks(url, env),
             )
         except smart.ClientInvalid as exc:
             raise SystemExit(str(exc)) from exc
@@ -82,9 +91,9 @@ def add_smart_commands(partner: argparse._SubParsersAction) -> None:  # type: ig
         "register-client", help="a SMART Backend Services client of the partner, with its public keys"
     )
     register.add_argument("partner_id")
-    register.add_argument(
-        "--jwks", required=True, help="a JSON file: the client's JSON Web Key Set (public keys)"
-    )
+    keys = register.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--jwks", help="a JSON file: the client's JSON Web Key Set (public keys)")
+    keys.add_argument("--jwks-uri", help="where the client publishes its JWKS (HTTPS, a public address)")
     register.add_argument(
         "--scope",
         required=True,

@@ -122,7 +122,12 @@ class SmartClient(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=64, description="the client_id (iss and sub of assertions)")
     partner_id: str = Field(foreign_key="partners.id", index=True, max_length=64)
-    jwks: str = Field(sa_column=Column(Text, nullable=False), description="the JSON Web Key Set, as JSON")
+    jwks: str = Field(
+        sa_column=Column(Text, nullable=False),
+        description="the JSON Web Key Set, as JSON: registered, or as last read from jwks_uri",
+    )
+    jwks_uri: str | None = Field(default=None, max_length=2000, description="where the client publishes it")
+    jwks_fetched_at: datetime | None = None
     scopes: str = Field(max_length=2000, description="allowed scopes, space separated")
     label: str = Field(default="", max_length=100)
     created_at: datetime = Field(default_factory=utcnow)

@@ -16,6 +16,7 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +29,9 @@ from sqlmodel import Session
 
 from services.auth import smart_scopes
 from services.auth.models import Partner, SmartAccessToken, SmartAssertionId, SmartClient
+from services.auth.smart_jwks import JWKS_TTL, REFETCH_AFTER, JwksUnavailable
+
+Fetch = Callable[[str], Any]  # a jwks_uri -> the JSON it answers (raises JwksUnavailable)
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ALGORITHMS = {"RS384": "RSA", "ES384": "EC"}  # alg -> the key type it needs
@@ -101,8 +105,20 @@ def register_client(
     scopes: str,
     label: str = "",
     client_id: str | None = None,
+    jwks_uri: str | None = None,
+    fetch: Fetch | None = None,
 ) -> SmartClient:
-    """A new client of `partner_id` (caller commits). Raises ClientInvalid naming what to fix."""
+    """A new client of `partner_id` (caller commits), with its keys inline (`jwks`) or at `jwks_uri`, read
+    now with `fetch` (services.auth.smart_jwks). Raises ClientInvalid naming what to fix."""
+    if (jwks is None) == (jwks_uri is None):
+        raise ClientInvalid("give the client's keys either inline (jwks) or as a jwks_uri, one of the two")
+    if jwks_uri is not None:
+        if fetch is None:
+            raise ClientInvalid("a jwks_uri cannot be read here; register the keys inline")
+        try:
+            jwks = fetch(jwks_uri)
+        except JwksUnavailable as exc:
+            raise ClientInvalid(str(exc)) from exc
     if session.get(Partner, partner_id) is None:
         raise PartnerMissing(f"no partner {partner_id}; create it first (secondopinion partner create)")
     try:
@@ -121,6 +137,8 @@ def register_client(
         id=client_id or f"{partner_id[:40]}-{secrets.token_hex(6)}",
         partner_id=partner_id,
         jwks=checked_jwks(jwks),
+        jwks_uri=jwks_uri,
+        jwks_fetched_at=datetime.now(UTC) if jwks_uri else None,
         scopes=" ".join(dict.fromkeys(scopes.split())),
         label=label,
     )
@@ -137,6 +155,7 @@ def replace_keys(
     if client is None or (partner_id is not None and client.partner_id != partner_id):
         return None
     client.jwks = checked_jwks(jwks)
+    client.jwks_uri = client.jwks_fetched_at = None  # the keys are inline from now on
     session.add(client)
     return client
 
@@ -166,9 +185,38 @@ def _claims_unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return header, claims
 
 
-def _key_for(client: SmartClient, kid: Any, alg: str) -> jwt.PyJWK:
-    keys = json.loads(client.jwks)["keys"]
-    key = next((k for k in keys if k.get("kid") == kid), None) if isinstance(kid, str) else None
+def _find(jwks: str, kid: Any) -> dict[str, Any] | None:
+    keys = json.loads(jwks)["keys"]
+    return next((k for k in keys if k.get("kid") == kid), None) if isinstance(kid, str) else None
+
+
+def _refreshed(engine: Engine, client: SmartClient, kid: Any, now: datetime, fetch: Fetch | None) -> str:
+    """The client's key set: the one kept, or read again from its jwks_uri when it is older than JWKS_TTL,
+    or lacks `kid` and was read more than REFETCH_AFTER ago. A failed read keeps the kept set."""
+    fetched = client.jwks_fetched_at
+    if client.jwks_uri is None or fetch is None or fetched is None:
+        return client.jwks
+    fetched = fetched if fetched.tzinfo else fetched.replace(tzinfo=UTC)
+    stale = now - fetched > JWKS_TTL or (_find(client.jwks, kid) is None and now - fetched > REFETCH_AFTER)
+    if not stale:
+        return client.jwks
+    try:
+        jwks = checked_jwks(fetch(client.jwks_uri))
+    except (JwksUnavailable, ClientInvalid) as exc:
+        if _find(client.jwks, kid) is not None and now - fetched < 24 * JWKS_TTL:
+            return client.jwks
+        raise TokenRefused("invalid_client", f"the client's keys could not be read: {exc}") from exc
+    with Session(engine) as session:
+        stored = session.get(SmartClient, client.id)
+        if stored is not None:
+            stored.jwks, stored.jwks_fetched_at = jwks, now
+            session.add(stored)
+            session.commit()
+    return jwks
+
+
+def _key_for(client: SmartClient, kid: Any, alg: str, jwks: str) -> jwt.PyJWK:
+    key = _find(jwks, kid)
     if key is None:
         raise TokenRefused(
             "invalid_client",
@@ -183,7 +231,9 @@ def _key_for(client: SmartClient, kid: Any, alg: str) -> jwt.PyJWK:
     return jwt.PyJWK(key, algorithm=alg)
 
 
-def verify_assertion(engine: Engine, assertion: str, token_url: str, now: datetime) -> SmartClient:
+def verify_assertion(
+    engine: Engine, assertion: str, token_url: str, now: datetime, fetch: Fetch | None = None
+) -> SmartClient:
     """The client that signed `assertion`, after checking it all; raises TokenRefused (invalid_client)."""
     header, unverified = _claims_unverified(assertion)
     alg = header.get("alg")
@@ -199,7 +249,7 @@ def verify_assertion(engine: Engine, assertion: str, token_url: str, now: dateti
     if client is None or client.id != client_id:
         raise TokenRefused("invalid_client", "no such client is registered; ask operations to register it")
     try:
-        _verify(engine, client, assertion, header, token_url, now)
+        _verify(engine, client, assertion, header, token_url, now, fetch)
     except TokenRefused as exc:
         exc.client = client
         raise
@@ -207,12 +257,18 @@ def verify_assertion(engine: Engine, assertion: str, token_url: str, now: dateti
 
 
 def _verify(
-    engine: Engine, client: SmartClient, assertion: str, header: dict[str, Any], token_url: str, now: datetime
+    engine: Engine,
+    client: SmartClient,
+    assertion: str,
+    header: dict[str, Any],
+    token_url: str,
+    now: datetime,
+    fetch: Fetch | None,
 ) -> None:
     alg = str(header["alg"])
     if client.revoked_at is not None:
         raise TokenRefused("invalid_client", f"client {client.id} was revoked; ask operations for a new one")
-    key = _key_for(client, header.get("kid"), alg)
+    key = _key_for(client, header.get("kid"), alg, _refreshed(engine, client, header.get("kid"), now, fetch))
     try:
         claims = jwt.decode(
             assertion,

@@ -27,6 +27,7 @@ from services.auth.api import ERRORS, Operations, _own_partner
 from services.auth.deps import AuthEngine, Caller
 from services.auth.models import SmartClient
 from services.auth.routing import AuthRoute
+from services.auth.smart_jwks import fetch_jwks
 from services.common.config import Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -147,7 +148,9 @@ def _form(body: bytes) -> dict[str, str]:
     return form
 
 
-def _exchange(engine: Any, form: dict[str, str], token_url: str) -> tuple[SmartClient, smart.IssuedToken]:
+def _exchange(
+    engine: Any, form: dict[str, str], token_url: str, env: str
+) -> tuple[SmartClient, smart.IssuedToken]:
     if form.get("grant_type") != GRANT_TYPE:
         raise smart.TokenRefused(
             "unsupported_grant_type", f"grant_type must be {GRANT_TYPE} (SMART Backend Services)"
@@ -158,7 +161,7 @@ def _exchange(engine: Any, form: dict[str, str], token_url: str) -> tuple[SmartC
     if not assertion:
         raise smart.TokenRefused("invalid_client", "client_assertion is missing: send the signed JWT")
     now = datetime.now(UTC)
-    client = smart.verify_assertion(engine, assertion, token_url, now)
+    client = smart.verify_assertion(engine, assertion, token_url, now, lambda url: fetch_jwks(url, env))
     try:
         return client, smart.issue_token(engine, client, form.get("scope", ""), now)
     except smart.TokenRefused as exc:
@@ -189,7 +192,9 @@ async def token(request: Request, engine: AuthEngine, settings: SettingsDep) -> 
         return refused("invalid_request", f"send the parameters as {FORM}")
     try:
         form = _form(await request.body())
-        client, issued = await run_in_threadpool(_exchange, engine, form, token_endpoint(settings))
+        client, issued = await run_in_threadpool(
+            _exchange, engine, form, token_endpoint(settings), settings.env
+        )
     except smart.TokenRefused as exc:
         # Never the assertion or the token: what was refused and why, and the client if it was one of ours.
         log.info("smart.token_refused", error=exc.error, client_id=exc.client.id if exc.client else None)
@@ -263,7 +268,15 @@ class SmartClientCreate(BaseModel):
         },
     )
 
-    jwks: dict[str, Any] = Field(description="the client's public keys, a JSON Web Key Set (RSA or EC P-384)")
+    jwks: dict[str, Any] | None = Field(
+        default=None, description="the client's public keys, a JSON Web Key Set (RSA or EC P-384)"
+    )
+    jwks_uri: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="instead of jwks: where the client publishes its key set (HTTPS, a public address); "
+        "read now and again when an assertion names a new kid",
+    )
     scopes: str = Field(
         min_length=1, max_length=2000, description="the scopes it may ask for, space separated (system/…)"
     )
@@ -275,6 +288,7 @@ class SmartClientPublic(BaseModel):
     partner_id: str
     scopes: str
     label: str
+    jwks_uri: str | None
     key_ids: list[str]
     token_endpoint: str
     created_at: datetime
@@ -287,6 +301,7 @@ def _public(client: SmartClient, settings: Settings) -> SmartClientPublic:
         partner_id=client.partner_id,
         scopes=client.scopes,
         label=client.label,
+        jwks_uri=client.jwks_uri,
         key_ids=[str(k.get("kid")) for k in json.loads(client.jwks)["keys"]],
         token_endpoint=token_endpoint(settings),
         created_at=client.created_at,
@@ -300,11 +315,19 @@ def _public(client: SmartClient, settings: Settings) -> SmartClientPublic:
 def register(
     partner_id: str, body: SmartClientCreate, _: Operations, engine: AuthEngine, settings: SettingsDep
 ) -> SmartClientPublic:
-    """Register a SMART Backend Services client of the partner (operations only), with its public keys and
-    the scopes it may ask for. The answer's client_id is the iss and sub of its assertions."""
+    """Register a SMART Backend Services client of the partner (operations only), with its public keys
+    (`jwks`, or a `jwks_uri` read now) and the scopes it may ask for. The answer's client_id is the iss and sub of its assertions."""
     with Session(engine) as session:
         try:
-            client = smart.register_client(session, partner_id, body.jwks, body.scopes, body.label)
+            client = smart.register_client(
+                session,
+                partner_id,
+                body.jwks,
+                body.scopes,
+                body.label,
+                jwks_uri=body.jwks_uri,
+                fetch=lambda url: fetch_jwks(url, settings.env),
+            )
         except smart.PartnerMissing as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
         except smart.ClientInvalid as exc:
@@ -341,7 +364,8 @@ class Jwks(BaseModel):
 def replace_keys(
     partner_id: str, client_id: str, body: Jwks, _: Operations, engine: AuthEngine, settings: SettingsDep
 ) -> SmartClientPublic:
-    """Replace the client's public keys (operations only). To rotate without downtime: register the set
+    """Replace the client's public keys (operations only; a client with a jwks_uri has inline keys from then
+    on). To rotate without downtime: register the set
     with the old and the new key, let the client sign with the new one, then register the set without the
     old one. Assertions are checked against the keys registered when they arrive."""
     with Session(engine) as session:

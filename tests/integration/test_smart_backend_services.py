@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -37,7 +38,7 @@ from sqlmodel import Session, select
 
 from services.auth import api as partners_api
 from services.auth import smart_api
-from services.auth.models import AuditEvent, SmartAccessToken
+from services.auth.models import AuditEvent, SmartAccessToken, SmartClient
 from services.common.config import PROJECT_ROOT, Settings, get_settings
 from services.intake import api, fhir_api
 from tests.infra import free_port
@@ -494,3 +495,117 @@ def test_keys_rotate_without_downtime(served: Served) -> None:
         requests.put(elsewhere, json={"keys": [new.jwk()]}, headers=served.operations, timeout=10).status_code
         == 404
     )
+
+
+@dataclass
+class JwksHost:
+    """A partner's key server on loopback (ENV=dev allows plain HTTP there, as for webhooks)."""
+
+    url: str
+    answers: dict[str, tuple[int, bytes, dict[str, str]]]  # path -> (status, body, headers)
+    hits: list[str]
+
+
+@pytest.fixture(scope="module")
+def jwks_host() -> Iterator[JwksHost]:
+    answers: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            status, body, headers = answers.get(self.path, (404, b"", {}))
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield JwksHost(f"http://127.0.0.1:{server.server_address[1]}", answers, hits)
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def publish(host: JwksHost, path: str, *keys: SigningKey) -> str:
+    host.answers[path] = (200, json.dumps({"keys": [k.jwk() for k in keys]}).encode(), {})
+    return f"{host.url}{path}"
+
+
+def test_a_client_publishing_its_keys_at_a_jwks_uri_gets_tokens_and_rotates_there(
+    served: Served, jwks_host: JwksHost
+) -> None:
+    partner = new_partner(served.auth, "SMART jwks_uri")
+    old, new = new_key("ES384"), new_key("RS384")
+    uri = publish(jwks_host, "/ehr/jwks.json", old)
+    answer = requests.post(
+        f"{served.url}/v1/partners/{partner['partner_id']}/smart-clients",
+        json={"jwks_uri": uri, "scopes": "system/Task.read"},
+        headers=served.operations,
+        timeout=10,
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["jwks_uri"] == uri and answer.json()["key_ids"] == [old.kid]
+    client = Registered(answer.json()["client_id"], partner["partner_id"], old, {})
+    assert ask_token(served, assertion(client, served.token_url), scope="system/Task.read").status_code == 200
+
+    publish(jwks_host, "/ehr/jwks.json", old, new)  # the EHR adds its next key
+    client.key = new
+    read = len(jwks_host.hits)
+    # Read moments ago: a kid it does not know is refused without asking again (made-up kids cost nothing).
+    early = ask_token(served, assertion(client, served.token_url), scope="system/Task.read")
+    assert early.json()["error"] == "invalid_client" and len(jwks_host.hits) == read
+    with Session(served.auth) as session:
+        session.execute(
+            update(SmartClient)
+            .where(SmartClient.id == client.client_id)  # type: ignore[arg-type]
+            .values(jwks_fetched_at=datetime.now(UTC) - timedelta(minutes=1))
+        )
+        session.commit()
+    later = ask_token(served, assertion(client, served.token_url), scope="system/Task.read")
+    assert later.status_code == 200, later.text
+    assert len(jwks_host.hits) == read + 1
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        ("http://10.20.30.40/jwks.json", "private, loopback or link-local"),
+        ("http://169.254.169.254/latest/meta-data", "private, loopback or link-local"),
+        ("file:///etc/passwd", "must use https"),
+        ("/redirect", "answered HTTP 302"),
+        ("/missing", "answered HTTP 404"),
+        ("/large", "more than 64 KiB"),
+        ("/not-json", "did not answer JSON"),
+        ("/private-key", "private key material"),
+    ],
+)
+def test_a_jwks_uri_is_read_under_the_webhooks_ssrf_rules(
+    served: Served, jwks_host: JwksHost, where: str, said: str
+) -> None:
+    jwks_host.answers["/redirect"] = (302, b"", {"Location": "http://10.20.30.40/jwks.json"})
+    jwks_host.answers["/large"] = (200, b"{" + b" " * (70 * 1024) + b"}", {})
+    jwks_host.answers["/not-json"] = (200, b"<html>", {})
+    key = new_key("ES384")
+    private = jwt.algorithms.ECAlgorithm.to_jwk(key.private, as_dict=True) | {"kid": "k1"}
+    jwks_host.answers["/private-key"] = (200, json.dumps({"keys": [private]}).encode(), {})
+    partner = new_partner(served.auth, "SMART jwks_uri refused")
+    answer = requests.post(
+        f"{served.url}/v1/partners/{partner['partner_id']}/smart-clients",
+        json={
+            "jwks_uri": where if "://" in where else f"{jwks_host.url}{where}",
+            "scopes": "system/Task.read",
+        },
+        headers=served.operations,
+        timeout=30,
+    )
+    assert answer.status_code == 422, answer.text
+    assert said in answer.json()["detail"]  # a redirect is refused, not followed to where it points

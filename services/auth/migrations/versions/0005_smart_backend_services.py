@@ -23,6 +23,8 @@ def upgrade() -> None:
         sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
         sa.Column("partner_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
         sa.Column("jwks", sa.Text(), nullable=False),
+        sa.Column("jwks_uri", sqlmodel.sql.sqltypes.AutoString(length=2000), nullable=True),
+        sa.Column("jwks_fetched_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("scopes", sqlmodel.sql.sqltypes.AutoString(length=2000), nullable=False),
         sa.Column("label", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
