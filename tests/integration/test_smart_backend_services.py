@@ -28,6 +28,7 @@ import requests
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fastapi.testclient import TestClient
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.task import Task
 from fhirpy import SyncFHIRClient
@@ -38,7 +39,9 @@ from sqlmodel import Session, select
 
 from services.auth import api as partners_api
 from services.auth import smart_api
+from services.auth.deps import rate_limiter
 from services.auth.models import AuditEvent, SmartAccessToken, SmartClient
+from services.auth.rate_limit import RateLimiter
 from services.common.config import PROJECT_ROOT, Settings, get_settings
 from services.intake import api, fhir_api
 from tests.infra import free_port
@@ -609,3 +612,21 @@ def test_a_jwks_uri_is_read_under_the_webhooks_ssrf_rules(
     )
     assert answer.status_code == 422, answer.text
     assert said in answer.json()["detail"]  # a redirect is refused, not followed to where it points
+
+
+def test_a_clients_tokens_share_one_rate_limit(served: Served, settings: Settings) -> None:
+    """Rate limited as a key is: a bucket per client, whichever of its tokens is sent (a new token every
+    5 minutes does not refill it); 429 with Retry-After."""
+    app = intake_app(intake_engines(settings), api.router)
+    bucket = RateLimiter(per_second=0.01, burst=2)
+    app.dependency_overrides[rate_limiter] = lambda: bucket
+    client = register(served)
+    first, second = token_for(served, client), token_for(served, client)
+    with TestClient(app) as limited:
+        codes = [limited.get("/v1/cases", headers={"Authorization": f"Bearer {first}"}) for _ in range(2)]
+        assert [c.status_code for c in codes] == [200, 200]
+        spent = limited.get("/v1/cases", headers={"Authorization": f"Bearer {second}"})
+        assert spent.status_code == 429 and int(spent.headers["Retry-After"]) >= 1
+        other = register(served)
+        fresh = limited.get("/v1/cases", headers={"Authorization": f"Bearer {token_for(served, other)}"})
+        assert fresh.status_code == 200
