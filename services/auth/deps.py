@@ -1,4 +1,9 @@
-"""FastAPI dependencies every service uses: `Caller` (Bearer API key) and `require_role(...)`.
+"""FastAPI dependencies every service uses: `Caller` (Bearer API key or SMART access token) and
+`require_role(...)`.
+
+A SMART access token (services.auth.smart) acts as its client's partner, with the role `partner`, and only
+within its scopes: a request its scopes do not cover is a 403 naming the scope it needs
+(services.auth.smart_scopes). An API key has no scopes: it keeps doing all its role may.
 
 @router.get("/v1/things/{id}")
 def get_thing(id: str, caller: Caller) -> ...: ...
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -18,7 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from services.auth import audit
+from services.auth import audit, smart, smart_scopes
 from services.auth.keys import key_id_of, matches
 from services.auth.models import ApiKey, Role
 from services.auth.rate_limit import (
@@ -53,7 +59,8 @@ async def image_rate_limiter() -> RateLimiter:
 bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiKey",
-    description="`Authorization: Bearer so_<key id>_<secret>`, from `secondopinion partner create`.",
+    description="`Authorization: Bearer so_<key id>_<secret>`, from `secondopinion partner create`; or "
+    "`Bearer sat_…`, an access token from `POST /auth/token` (SMART Backend Services).",
 )
 
 
@@ -66,6 +73,8 @@ class Principal:
     role: Role
     partner_id: str | None
     specialist_id: str | None = None
+    client_id: str | None = None  # a SMART client's access token
+    scopes: str | None = None  # its granted scopes; None for an API key (no scope limits)
 
     def sees(self, partner_id: str) -> bool:
         """Whether this key may see the partner's own data: operations all, a partner itself, a specialist
@@ -74,7 +83,7 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        return f"key:{self.key_id}"
+        return f"client:{self.client_id}" if self.client_id else f"key:{self.key_id}"
 
 
 def service_of(request: Request) -> str:
@@ -145,11 +154,19 @@ def client_address(request: Request) -> str | None:
     return request.client.host[:64] if request.client else None
 
 
-def _deny(request: Request, engine: Engine, actor: str, detail: str) -> HTTPException:
+def _deny(
+    request: Request,
+    engine: Engine,
+    actor: str,
+    detail: str,
+    *,
+    token: bool = False,
+    partner_id: str | None = None,
+) -> HTTPException:
     audit.record(
         engine,
         actor=actor,
-        partner_id=None,
+        partner_id=partner_id,
         role=None,
         service=service_of(request),
         action=request.method.lower(),
@@ -158,7 +175,11 @@ def _deny(request: Request, engine: Engine, actor: str, detail: str) -> HTTPExce
         detail=detail,
         network_address=client_address(request),
     )
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+    # RFC 6750 §3.1: a token that expired or was revoked is `invalid_token`; an API key keeps plain `Bearer`.
+    challenge = 'Bearer error="invalid_token", error_description="' + detail.replace('"', "'") + '"'
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": challenge if token else "Bearer"}
+    )
 
 
 def authenticate(
@@ -175,6 +196,8 @@ def authenticate(
             "anonymous",
             "an API key is required: send `Authorization: Bearer <key>` (see docs/partners.md)",
         )
+    if smart.is_access_token(credentials.credentials):
+        return _token_principal(request, engine, credentials.credentials, limiter, image_limiter)
     key_id = key_id_of(credentials.credentials)
     with Session(engine) as session:
         key = session.get(ApiKey, key_id) if key_id else None
@@ -182,17 +205,84 @@ def authenticate(
         raise _deny(request, engine, "anonymous", "the API key is not valid; check it or ask for a new one")
     if key.revoked_at is not None:
         raise _deny(request, engine, f"key:{key.id}", "the API key was revoked; use its replacement")
+    _rate_limit(request, key.id, limiter, image_limiter)
+    return Principal(
+        key_id=key.id, role=Role(key.role), partner_id=key.partner_id, specialist_id=key.specialist_id
+    )
+
+
+def _rate_limit(request: Request, bucket_id: str, limiter: RateLimiter, image_limiter: RateLimiter) -> None:
     bucket = image_limiter if reads_image_frames(request.method, request.url.path) else limiter
-    wait = bucket.acquire(key.id)
+    wait = bucket.acquire(bucket_id)
     if wait > 0:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             f"too many requests with this key; retry after {retry_after(wait)} s",
             headers={"Retry-After": retry_after(wait)},
         )
-    return Principal(
-        key_id=key.id, role=Role(key.role), partner_id=key.partner_id, specialist_id=key.specialist_id
+
+
+def _token_principal(
+    request: Request, engine: Engine, credential: str, limiter: RateLimiter, image_limiter: RateLimiter
+) -> Principal:
+    """The partner a SMART access token acts for, once it is known, unexpired, its client not revoked, and
+    its scopes cover this request."""
+    found = smart.find_token(engine, credential)
+    if found is None:
+        raise _deny(
+            request,
+            engine,
+            "anonymous",
+            "the access token is not valid; get a new one at POST /auth/token",
+            token=True,
+        )
+    token, client = found
+    actor = f"client:{client.id}"
+    expires = token.expires_at if token.expires_at.tzinfo else token.expires_at.replace(tzinfo=UTC)
+    if expires <= datetime.now(UTC):
+        raise _deny(
+            request,
+            engine,
+            actor,
+            "the access token has expired; get a new one at POST /auth/token",
+            token=True,
+            partner_id=client.partner_id,
+        )
+    if client.revoked_at is not None:
+        raise _deny(
+            request,
+            engine,
+            actor,
+            "the client of this access token was revoked; ask operations to register a new one",
+            token=True,
+            partner_id=client.partner_id,
+        )
+    _rate_limit(request, actor, limiter, image_limiter)
+    caller = Principal(
+        key_id=f"token:{token.id}",
+        role=Role.PARTNER,
+        partner_id=client.partner_id,
+        client_id=client.id,
+        scopes=token.scope,
     )
+    missing = smart_scopes.permits(token.scope, request.method, request.url.path)
+    if missing is not None:
+        wanted = smart_scopes.name(missing)
+        audit_caller(
+            request,
+            engine,
+            caller,
+            resource=request.url.path[:100],
+            outcome="denied",
+            detail=f"scope {wanted} not granted",
+        )
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this needs the scope {wanted}, which your access token does not carry (it has: {token.scope}); "
+            "ask for it at POST /auth/token, if your client is allowed it",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{wanted}"'},
+        )
+    return caller
 
 
 Caller = Annotated[Principal, Depends(authenticate)]

@@ -18,6 +18,9 @@ TABLES = (
     "case_reviewers",
     "audit_read_windows",
     "audit_forward_cursors",
+    "smart_clients",
+    "smart_access_tokens",
+    "smart_assertion_ids",
 )
 
 # After a webhook secret rotation the previous secret stays valid this long, in and out.
@@ -144,3 +147,46 @@ class ForwardCursor(SQLModel, table=True):
     feed: str = Field(primary_key=True, max_length=40)
     forwarded_through: int = Field(default=0, sa_type=BigInteger)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class SmartClient(SQLModel, table=True):
+    """A partner's system registered for SMART Backend Services: its public keys (a JWKS) sign the client
+    assertions it trades for access tokens at `POST /auth/token`; `scopes` bounds what a token may carry."""
+
+    __tablename__ = "smart_clients"
+
+    id: str = Field(primary_key=True, max_length=64, description="the client_id (iss and sub of assertions)")
+    partner_id: str = Field(foreign_key="partners.id", index=True, max_length=64)
+    jwks: str = Field(
+        sa_column=Column(Text, nullable=False),
+        description="the JSON Web Key Set, as JSON: registered, or as last read from jwks_uri",
+    )
+    jwks_uri: str | None = Field(default=None, max_length=2000, description="where the client publishes it")
+    jwks_fetched_at: datetime | None = None
+    scopes: str = Field(max_length=2000, description="allowed scopes, space separated")
+    label: str = Field(default="", max_length=100)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class SmartAccessToken(SQLModel, table=True):
+    """An access token issued at `POST /auth/token`: like an API key, only its SHA-256 is stored."""
+
+    __tablename__ = "smart_access_tokens"
+
+    id: str = Field(primary_key=True, max_length=16, description="the public part of the token")
+    client_id: str = Field(foreign_key="smart_clients.id", index=True, max_length=64)
+    token_hash: str = Field(max_length=64)
+    scope: str = Field(max_length=2000, description="the scopes granted, space separated")
+    expires_at: datetime = Field(index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SmartAssertionId(SQLModel, table=True):
+    """A client assertion's `jti`, kept until the assertion expires: a second use of it is a replay."""
+
+    __tablename__ = "smart_assertion_ids"
+
+    client_id: str = Field(primary_key=True, max_length=64)
+    jti: str = Field(primary_key=True, max_length=255)
+    expires_at: datetime = Field(index=True)

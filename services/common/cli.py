@@ -3,6 +3,9 @@
 secondopinion partner create --name NAME      prints {"partner_id", "api_key", "webhook_secret"}
 secondopinion partner rotate-key KEY_ID       prints {"key_id", "api_key"}; the old key stops working
 secondopinion partner revoke-key KEY_ID
+secondopinion partner register-client PARTNER_ID --jwks FILE --scope "system/…"   a SMART Backend Services client
+secondopinion partner set-client-keys CLIENT_ID --jwks FILE   replace its keys (rotation)
+secondopinion partner revoke-client CLIENT_ID
 secondopinion key create --role operations    a staff key (specialist or operations)
 secondopinion key create --role specialist --specialist-id spec-gyn-1   a key acting as that specialist
 secondopinion audit verify                    check the audit log's hash chain (exit 1 when broken)
@@ -32,6 +35,7 @@ from typing import Any
 from sqlmodel import Session
 
 from services.auth.cli_audit import add_audit_group
+from services.auth.cli_smart import add_smart_commands
 from services.auth.models import Role
 from services.auth.partners import create_partner, issue_key, revoke_key, rotate_key, rotate_webhook_secret
 from services.common import dlq, migrate
@@ -173,6 +177,7 @@ def parser() -> argparse.ArgumentParser:
     secret = partner.add_parser("rotate-webhook-secret", help="a new webhook secret; the old one works 24 h")
     secret.add_argument("partner_id")
     secret.set_defaults(run=partner_rotate_webhook_secret)
+    add_smart_commands(partner)
 
     key = groups.add_parser("key", help="staff keys").add_subparsers(dest="command", required=True)
     staff = key.add_parser("create", help="a key for a specialist or operations user")

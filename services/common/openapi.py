@@ -178,8 +178,8 @@ def conform_document(document: dict[str, Any]) -> dict[str, Any]:
                 description, detail, code = COMMON[status]
                 responses.setdefault(status, {"description": description, "content": {}})
             for status, response in responses.items():
-                if not status.isdigit() or int(status) < 400:
-                    continue
+                if not status.isdigit() or int(status) < 400 or response.get("x-own-body"):
+                    continue  # x-own-body: a body a standard fixes (RFC 6749 §5.2 at the token endpoint)
                 default = COMMON.get(status, ("", response.get("description", ""), "exception"))
                 example = _example(response.get("content", {}), fhir) or _default_example(
                     status, default[1], default[2], fhir

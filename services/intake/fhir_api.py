@@ -20,6 +20,7 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.auth import smart_api
 from services.auth.problems import AUTH_ERRORS
 from services.common.config import Settings
 from services.common.errors import IntakeRejected
@@ -527,7 +528,21 @@ CAPABILITY_STATEMENT: dict[str, Any] = {
     "rest": [
         {
             "mode": "server",
-            "security": {"description": "Authorization: Bearer <API key>"},
+            "security": {
+                "service": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                "code": "SMART-on-FHIR",
+                            }
+                        ],
+                        "text": "SMART Backend Services (client_credentials, private_key_jwt)",
+                    }
+                ],
+                "description": "Authorization: Bearer <access token from the SMART token endpoint> or "
+                "Bearer <API key>; see [base]/.well-known/smart-configuration",
+            },
             "resource": PUBLIC_RESOURCES,
             "interaction": [{"code": "transaction"}],
         }
@@ -539,6 +554,12 @@ def capability_statement(settings: Settings) -> dict[str, Any]:
     """The CapabilityStatement, naming the base a client sends its requests to (our public INTAKE_URL)."""
     statement = copy.deepcopy(CAPABILITY_STATEMENT)
     statement["implementation"]["url"] = f"{settings.intake_url.rstrip('/')}/fhir"
+    statement["rest"][0]["security"]["extension"] = [
+        {
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": "token", "valueUri": smart_api.token_endpoint(settings)}],
+        }
+    ]
     return statement
 
 
@@ -587,6 +608,15 @@ def get_task(
     if unchanged(if_none_match, task):
         return Response(status_code=304, headers={"ETag": etag(task)})
     return JSONResponse(task, media_type=FHIR_JSON, headers={"ETag": etag(task)})
+
+
+router.add_api_route(
+    "/.well-known/smart-configuration",
+    smart_api.well_known,
+    methods=["GET"],
+    responses=smart_api.SMART_CONFIGURATION_RESPONSES,
+    summary="SMART configuration",
+)
 
 
 @router.get(

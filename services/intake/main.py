@@ -14,6 +14,7 @@ import structlog
 from fastapi import FastAPI
 
 from services.auth import api as partners_api
+from services.auth import smart_api
 from services.common import migrate
 from services.common.config import get_settings
 from services.common.db import get_engine
@@ -93,7 +94,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = create_app(
     "intake",
-    routers=[api.router, fhir_api.router, webhooks_in.router, partners_api.router, webhooks_out_api.router],
+    routers=[
+        api.router,
+        fhir_api.router,
+        webhooks_in.router,
+        partners_api.router,
+        webhooks_out_api.router,
+        smart_api.token_router,
+        smart_api.clients_router,
+    ],
     engine=lambda: get_engine("intake"),
     ready_checks=[runtime.broker_ready],
     lifespan=lifespan,

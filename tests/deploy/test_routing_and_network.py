@@ -72,6 +72,9 @@ def test_every_path_prefix_has_an_ingress_rule_to_its_owner(
     expected[("/fhir", "Exact")] = "intake"
     expected[("/fhir/", "Exact")] = "intake"  # the same base as FHIR client libraries write it ("[base]/")
     expected[("/fhir/metadata", "Exact")] = "intake"  # the CapabilityStatement, beside POST /fhir
+    # SMART Backend Services: discovery under the FHIR base, and the token endpoint it names (intake's own).
+    expected[("/fhir/.well-known/smart-configuration", "Exact")] = "intake"
+    expected[("/auth/token", "Exact")] = "intake"
     assert routes == expected
     services = {s["metadata"]["name"] for s in of_kind(manifests[overlay], "Service")}
     assert set(routes.values()) <= services

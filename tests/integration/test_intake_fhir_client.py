@@ -130,6 +130,8 @@ def public_fhir_routes() -> set[tuple[str, str, str]]:
             for route in router.routes:
                 if not isinstance(route, Route) or "{resource_type}" in route.path:
                     continue  # the catch-all answering what is not declared
+                if "/.well-known/" in route.path:
+                    continue  # SMART discovery, not a FHIR interaction
                 if routed_to(route.path) == service:
                     found |= {(service, method, route.path) for method in route.methods or ()}
     return found

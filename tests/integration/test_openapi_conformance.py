@@ -43,7 +43,7 @@ from sqlmodel import Session, col, select
 
 from scripts.synthetic_study import make_us_instance
 from services.auth import api as partners_api
-from services.auth import auth_engine
+from services.auth import auth_engine, smart_api
 from services.auth.deps import rate_limiter
 from services.auth.rate_limit import RateLimiter
 from services.common import migrate
@@ -93,8 +93,9 @@ def _app(service: str, routers: list[Any]) -> FastAPI:
 
 intake = _app(
     "intake",
-    [intake_api.router, fhir_api.router, webhooks_in.router, partners_api.router, webhooks_out_api.router],
-)
+    [intake_api.router, fhir_api.router, webhooks_in.router, partners_api.router, webhooks_out_api.router,
+     smart_api.token_router, smart_api.clients_router],
+)  # fmt: skip
 intake.dependency_overrides[intake_api.intake_engine] = lambda: _engine("intake")
 intake.dependency_overrides[intake_api.temporal_client] = lambda: None
 records = _app("records", [records_api.router, export.router, timeline.router, dicomweb.router])

@@ -33,6 +33,9 @@ def test_every_route_of_the_issue_is_documented() -> None:
         "/v1/partners",
         "/v1/partners/{partner_id}/audit-events",
         "/v1/partners/{partner_id}/webhook-endpoints",
+        "/auth/token",
+        "/fhir/.well-known/smart-configuration",
+        "/v1/partners/{partner_id}/smart-clients",
     ):
         assert path in paths
 
@@ -47,7 +50,9 @@ def test_operation_documents_success_and_errors_with_examples(
     assert any(c.startswith("2") for c in codes), "no success response"
     errors = [c for c in codes if c.startswith("4")]
     assert errors, "no error response"
-    if path not in ("/webhooks/partners/{partner_id}", "/fhir/metadata"):  # signed, or public by FHIR
+    # Signed, public by FHIR, or SMART discovery and its token endpoint (the signed assertion authenticates).
+    if path not in ("/webhooks/partners/{partner_id}", "/fhir/metadata", "/fhir/.well-known/smart-configuration",
+                    "/auth/token"):  # fmt: skip
         assert "401" in codes, "authenticated routes document 401"
     for code in errors:
         content = op["responses"][code].get("content", {})
