@@ -633,8 +633,8 @@ def get_service_request(
     audit: AuditDep,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=300)] = None,
 ) -> Response:
-    """Your order as kept (its id is its case's, the Task's): what was read from it, the patient by MRN only. It
-    never changes: `ETag` W/"1"; `If-None-Match` with it is answered 304."""
+    """Your order as kept (its id is its case's, the Task's): what was read from it, the patient named as the
+    case's (never by name or MRN). It never changes: `ETag` W/"1"; `If-None-Match` with it is answered 304."""
     return read_order(order_id, None, session, caller, audit, if_none_match)
 
 
