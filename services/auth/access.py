@@ -91,7 +91,9 @@ def check_case(
         outcome="success",
         detail=detail + covered,
     )
-    windows.enter(engine, (caller.key_id, case_id, str(sop)), entry)
+    # Reads through a signed link are their own accesses (the entry says so), not folded into the key's own.
+    reader = f"{caller.key_id} via link" if caller.via_link else caller.key_id
+    windows.enter(engine, (reader, case_id, str(sop)), entry)
 
 
 DICOM_LEVELS = (("study", "study"), ("series", "series"), ("sop", "instance"))
