@@ -192,7 +192,7 @@ def authenticate(
     limiter: Annotated[RateLimiter, Depends(rate_limiter)],
     image_limiter: Annotated[RateLimiter, Depends(image_rate_limiter)],
 ) -> Principal:
-    if credentials is None and signed_links.carries_signature(request.url.query):
+    if credentials is None and signed_links.carries_link(request.url.query):
         return _link_principal(request, engine, limiter, image_limiter)
     if credentials is None:
         raise _deny(

@@ -93,8 +93,9 @@ class VerifiedLink:
         return max(0, self.expires - int(time.time() if now is None else now))
 
 
-def carries_signature(query: str) -> bool:
-    return any(name == SIGNED for name, _ in parse_qsl(query, keep_blank_values=True))
+def carries_link(query: str) -> bool:
+    """Whether a query is (or was cut from) a signed link's: it names a signature or a key."""
+    return any(name in (SIGNED, "kid") for name, _ in parse_qsl(query, keep_blank_values=True))
 
 
 def canonical_query(pairs: list[tuple[str, str]]) -> str:
