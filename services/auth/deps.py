@@ -231,7 +231,9 @@ def _link_principal(
             request.method, request.url.path, request.url.query, signed_links.get_link_settings()
         )
     except signed_links.LinkRefused as exc:
-        denied = _deny(request, engine, f"key:{exc.kid}" if exc.kid else "anonymous", exc.detail)
+        # An expired link's key is known (its signature held): an API key as `key:<id>`, a token as `token:<id>`.
+        actor = (exc.kid if exc.kid.startswith("token:") else f"key:{exc.kid}") if exc.kid else "anonymous"
+        denied = _deny(request, engine, actor, exc.detail)
         if exc.status == status.HTTP_403_FORBIDDEN:
             raise HTTPException(status.HTTP_403_FORBIDDEN, exc.detail) from None
         raise denied from None

@@ -40,6 +40,7 @@ from tests.integration.test_records_rendered import (  # noqa: F401 - the fixtur
     wado_params,
 )
 from tests.integration.test_records_rendered_video import h264_instance, h264_stream
+from tests.keys import specialist_headers
 
 BROWSER_IMG = {"Accept": "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"}
 
@@ -217,6 +218,36 @@ def test_expired_changed_and_revoked_links_are_refused_saying_why(
         session.commit()
     status, detail = refused(rendered)
     assert status == 401 and "revoked" in detail
+
+
+def test_a_specialist_mints_links_to_a_case_offered_to_them_and_they_stop_when_it_no_longer_is(
+    engine: Engine,  # noqa: F811
+    settings: Settings,
+) -> None:
+    study = new_study()
+    ramp = gradient(study)
+    case_id, _ = stored(engine, settings, ramp)
+    specialist = specialist_headers(settings, "spec-links-1")
+    assert mint(case_id, ramp, specialist).status_code == 404  # not offered to them yet
+
+    def standing(may_read: bool) -> Any:
+        return lambda: tenancy.ReviewerStanding(may_read, "offered" if may_read else "declined")
+
+    tenancy.settle_reviewer(get_engine("auth"), case_id, "spec-links-1", standing(True), service="review")
+    minted = mint(case_id, ramp, specialist)
+    assert minted.status_code == 200, minted.text
+    link = minted.json()["thumbnail"]
+    assert requests.get(link, timeout=10).status_code == 200
+    [issued] = [
+        e
+        for e in audit.entries(get_engine("auth"), case_id=case_id, limit=10_000)
+        if e.detail.endswith("signed links to it issued")
+    ]
+    assert issued.action == "read" and issued.actor == f"key:{key_id(specialist)}"
+
+    tenancy.settle_reviewer(get_engine("auth"), case_id, "spec-links-1", standing(False), service="review")
+    lost = requests.get(link, timeout=10)  # answered as the key's own read now is: the case is not visible
+    assert lost.status_code == 404 and lost.headers["content-type"] == "application/problem+json"
 
 
 def test_the_signature_is_not_in_logs_spans_or_audit_entries(
