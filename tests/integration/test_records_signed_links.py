@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -20,7 +21,7 @@ from PIL import Image
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from services.auth import access, audit, signed_links, tenancy
+from services.auth import access, audit, signed_links, smart, tenancy
 from services.auth.keys import key_id_of
 from services.auth.partners import revoke_key
 from services.auth.read_windows import ReadWindows
@@ -40,6 +41,7 @@ from tests.integration.test_records_rendered import (  # noqa: F401 - the fixtur
     wado_params,
 )
 from tests.integration.test_records_rendered_video import h264_instance, h264_stream
+from tests.integration.test_smart_backend_services import new_key
 from tests.keys import specialist_headers
 
 BROWSER_IMG = {"Accept": "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"}
@@ -248,6 +250,36 @@ def test_a_specialist_mints_links_to_a_case_offered_to_them_and_they_stop_when_i
     tenancy.settle_reviewer(get_engine("auth"), case_id, "spec-links-1", standing(False), service="review")
     lost = requests.get(link, timeout=10)  # answered as the key's own read now is: the case is not visible
     assert lost.status_code == 404 and lost.headers["content-type"] == "application/problem+json"
+
+
+def test_a_smart_token_with_read_scope_mints_links_that_stop_with_its_client(
+    engine: Engine,  # noqa: F811
+    settings: Settings,
+) -> None:
+    study = new_study()
+    ramp = gradient(study)
+    case_id, _ = stored(engine, settings, ramp)
+    partner, _ = new_partner()
+    tenancy.register_owner(get_engine("auth"), case_id, partner)
+    with Session(get_engine("auth"), expire_on_commit=False) as session:
+        client = smart.register_client(
+            session, partner, {"keys": [new_key("ES384").jwk()]}, "system/ImagingStudy.read"
+        )
+        session.commit()
+    issued = smart.issue_token(get_engine("auth"), client, "system/ImagingStudy.read", datetime.now(UTC))
+    token = {"Authorization": f"Bearer {issued.access_token}"}
+
+    minted = mint(case_id, ramp, token)  # a read scope mints: the links only read
+    assert minted.status_code == 200, minted.text
+    assert minted.json()["key_id"].startswith("token:")
+    link = minted.json()["thumbnail"]
+    assert requests.get(link, timeout=10).status_code == 200
+
+    with Session(get_engine("auth")) as session:
+        smart.revoke_client(session, client.id)
+        session.commit()
+    refused = requests.get(link, timeout=10)
+    assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
 
 
 def test_the_signature_is_not_in_logs_spans_or_audit_entries(
