@@ -110,6 +110,9 @@ def test_links_read_the_instance_without_a_key_as_the_key_does_and_are_audited_a
         ).content
     )
 
+    head = requests.head(links["thumbnail"], timeout=10)  # a HEAD is the GET's headers: the link serves it
+    assert (head.status_code, head.headers["content-type"], head.content) == (200, "image/png", b"")
+
     frames = requests.get(links["frames"], headers={"Accept": "multipart/related; type=*/*"}, timeout=10)
     assert frames.status_code == 200 and ramp.PixelData in frames.content
 
