@@ -24,9 +24,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from services.auth import audit, smart, smart_scopes
+from services.auth import audit, signed_links, smart, smart_scopes
 from services.auth.keys import key_id_of, matches
-from services.auth.models import ApiKey, Role
+from services.auth.models import ApiKey, Role, SmartAccessToken, SmartClient
 from services.auth.rate_limit import (
     RateLimiter,
     get_image_rate_limiter,
@@ -75,6 +75,7 @@ class Principal:
     specialist_id: str | None = None
     client_id: str | None = None  # a SMART client's access token
     scopes: str | None = None  # its granted scopes; None for an API key (no scope limits)
+    via_link: bool = False  # the request carried a link signed for this key, not the key (signed_links)
 
     def sees(self, partner_id: str) -> bool:
         """Whether this key may see the partner's own data: operations all, a partner itself, a specialist
@@ -133,7 +134,9 @@ def caller_entry(
     detail: str = "",
     purpose: str = "TREAT",
 ) -> audit.EntryFields:
-    """What an entry for `caller`'s request says (see audit_caller)."""
+    """What an entry for `caller`'s request says (see audit_caller); a read through a signed link says so."""
+    if caller.via_link:
+        detail = f"via signed link; {detail}" if detail else "via signed link"
     return audit.EntryFields(
         actor=caller.actor,
         partner_id=caller.partner_id,
@@ -189,6 +192,8 @@ def authenticate(
     limiter: Annotated[RateLimiter, Depends(rate_limiter)],
     image_limiter: Annotated[RateLimiter, Depends(image_rate_limiter)],
 ) -> Principal:
+    if credentials is None and signed_links.carries_link(request.url.query):
+        return _link_principal(request, engine, limiter, image_limiter)
     if credentials is None:
         raise _deny(
             request,
@@ -208,6 +213,83 @@ def authenticate(
     _rate_limit(request, key.id, limiter, image_limiter)
     return Principal(
         key_id=key.id, role=Role(key.role), partner_id=key.partner_id, specialist_id=key.specialist_id
+    )
+
+
+LINK_STATE = "signed_link"  # request.state: the VerifiedLink a request was let in by (services.auth.routing)
+
+
+def _link_principal(
+    request: Request, engine: Engine, limiter: RateLimiter, image_limiter: RateLimiter
+) -> Principal:
+    """The key a signed link was issued for, acting as if it had sent this request: the link checked
+    (signed_links), then the key as `authenticate` checks it (revoked: 401; its scopes; its rate buckets)."""
+    try:
+        if not request.url.path.startswith("/dicomweb/"):
+            raise signed_links.LinkUnusable("signed links read DICOMweb only; send an API key")
+        link = signed_links.verify(
+            request.method, request.url.path, request.url.query, signed_links.get_link_settings()
+        )
+    except signed_links.LinkRefused as exc:
+        # An expired link's key is known (its signature held): an API key as `key:<id>`, a token as `token:<id>`.
+        actor = (exc.kid if exc.kid.startswith("token:") else f"key:{exc.kid}") if exc.kid else "anonymous"
+        denied = _deny(request, engine, actor, exc.detail)
+        if exc.status == status.HTTP_403_FORBIDDEN:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, exc.detail) from None
+        raise denied from None
+    setattr(request.state, LINK_STATE, link)
+    if link.kid.startswith("token:"):
+        caller = _linked_token(request, engine, link.kid.removeprefix("token:"))
+    else:
+        with Session(engine) as session:
+            key = session.get(ApiKey, link.kid)
+        if key is None or key.revoked_at is not None:
+            raise _deny(
+                request,
+                engine,
+                f"key:{link.kid}",
+                "the key this signed link was issued for was revoked; ask for a new link",
+            )
+        caller = Principal(
+            key_id=key.id,
+            role=Role(key.role),
+            partner_id=key.partner_id,
+            specialist_id=key.specialist_id,
+            via_link=True,
+        )
+    _rate_limit(request, caller.actor if caller.client_id else caller.key_id, limiter, image_limiter)
+    return caller
+
+
+def _linked_token(request: Request, engine: Engine, token_id: str) -> Principal:
+    """The partner of the SMART access token a link was issued for, while the token is unexpired, its client
+    not revoked, and its scopes cover the request."""
+    with Session(engine) as session:
+        token = session.get(SmartAccessToken, token_id)
+        client = session.get(SmartClient, token.client_id) if token is not None else None
+    if token is None or client is None:
+        raise _deny(request, engine, "anonymous", "the access token this signed link was issued for is gone")
+    expires = token.expires_at if token.expires_at.tzinfo else token.expires_at.replace(tzinfo=UTC)
+    if expires <= datetime.now(UTC) or client.revoked_at is not None:
+        raise _deny(
+            request,
+            engine,
+            f"client:{client.id}",
+            "the access token this signed link was issued for has expired or its client was revoked; ask for "
+            "a new link",
+            partner_id=client.partner_id,
+        )
+    if smart_scopes.permits(token.scope, request.method, request.url.path) is not None:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "the access token this signed link was issued for may not read this"
+        )
+    return Principal(
+        key_id=f"token:{token.id}",
+        role=Role.PARTNER,
+        partner_id=client.partner_id,
+        client_id=client.id,
+        scopes=token.scope,
+        via_link=True,
     )
 
 

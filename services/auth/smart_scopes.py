@@ -16,7 +16,8 @@ What a request needs (README "SMART Backend Services"):
 | `/v1/partners/{id}/audit-events` | AuditEvent |
 | anything else | `*` (only a `system/*.…` scope covers it) |
 
-GET and HEAD need `r` (`read`); POST `c`, PUT and PATCH `u`, DELETE `d` (all three are `write`).
+GET and HEAD need `r` (`read`), and so does the POST that mints signed links to read an instance
+(`/dicomweb/…/instances/{sop}/links`); POST `c`, PUT and PATCH `u`, DELETE `d` (all three are `write`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ PREFIX_RESOURCE = (
 )
 READ_AS = {"/v1/cases": "Task"}
 AUDIT_EXPORT = re.compile(r"^/v1/partners/[^/]+/audit-events$")
+SIGNED_LINKS = re.compile(r"^/dicomweb/cases/[^/]+/studies/[^/]+/series/[^/]+/instances/[^/]+/links$")
 FHIR_TYPE = re.compile(r"^/fhir/([A-Z][A-Za-z]{0,63})(/|$)")
 
 
@@ -78,6 +80,8 @@ def grant(requested: str, allowed: str) -> str:
 def needed(method: str, path: str) -> Scope:
     """The scope a request needs: the resource its path names and the permission its method asks."""
     permission = METHOD_PERMISSION.get(method.upper(), "c")
+    if SIGNED_LINKS.match(path):
+        permission = "r"  # minting signed links hands out reads of one instance, nothing is written
     return Scope(resource_of(path, reading=permission == "r"), frozenset(permission))
 
 

@@ -5,12 +5,13 @@ function, never its message. Messages quote the values that caused them (SQL par
 violation's key, a pydantic `input_value`, a DICOM element), which may be PHI. The same outline replaces the
 traceback of every stdlib logger (uvicorn, temporalio, pynetdicom), and libraries that log the data they
 handle are quieted: pynetdicom's C-FIND identifiers (a patient's MRN, the study date) and pydicom's warnings,
-which quote the invalid value.
+which quote the invalid value. A signed link's `sig=` is redacted from any line that quotes a URL.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -80,6 +81,20 @@ class NoExceptionMessages(logging.Filter):
         return True
 
 
+SIGNATURE = re.compile(r"([?&]sig=)[^&\s\"']+")
+
+
+class NoLinkSignatures(logging.Filter):
+    """A signed link's signature is a credential while it lives (services.auth.signed_links): a line that
+    quotes a URL (uvicorn's access log, when turned on; an httpx request line) shows `sig=REDACTED`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "sig=" in message:
+            record.msg, record.args = SIGNATURE.sub(r"\1REDACTED", message), ()
+        return True
+
+
 class OutlineFormatter(logging.Formatter):
     """A stdlib formatter that writes the outline where the traceback would be."""
 
@@ -97,6 +112,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(OutlineFormatter("%(message)s"))
     handler.addFilter(NoExceptionMessages())
+    handler.addFilter(NoLinkSignatures())
     logging.basicConfig(level=level, handlers=[handler])
     for name, quiet in QUIET.items():
         logging.getLogger(name).setLevel(quiet)

@@ -1042,8 +1042,10 @@ def _video_part(path: FilePath, pixels_at: int, part_head: bytes, boundary: str)
     yield f"--{boundary}--\r\n".encode()
 
 
-# Rendered images, thumbnails and WADO-URI: on this router, so under the same scope, audit and rate bucket.
-from services.records import rendered, wado_uri  # noqa: E402 - they use this module's helpers
+# Rendered images, thumbnails, WADO-URI and signed links: on this router, so under the same scope, audit and
+# rate bucket.
+from services.records import links, rendered, wado_uri  # noqa: E402 - they use this module's helpers
 
 router.include_router(rendered.router)
 router.include_router(wado_uri.router)
+router.include_router(links.router)

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.auth.signed_links import get_link_settings
 from services.common.config import get_settings
 from services.common.db import get_engine
 from services.common.http import create_app
@@ -30,6 +31,8 @@ api.on_outbox_written(runtime.wake_relay)
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     require_dimse_safe_for_production(settings, get_retrieval_settings())
+    if settings.env == "prod" and (problems := get_link_settings().production_problems()):
+        raise SystemExit("refusing to start with ENV=prod:\n- " + "\n- ".join(problems))
     async with runtime.lifespan()(app):  # migrations run here, before the retrieval loop reads its tables
         retrieval = RetrievalLoop(get_engine("records"), settings)
         retrieval.start()
