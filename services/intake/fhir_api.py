@@ -37,7 +37,7 @@ from services.common.fhir import (
 )
 from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.common.openapi import OperationOutcome
-from services.intake import fhir_intake, fhir_search, handlers
+from services.intake import fhir_intake, fhir_search, fhir_subscription_api, handlers
 from services.intake.api import (
     AuditDep,
     CaseCaller,
@@ -681,6 +681,7 @@ def read_order(order_id: str, version_id: str | None, session: Session, caller: 
 
 
 fhir_search.add_routes(router)
+fhir_subscription_api.add_routes(router)
 
 # What the CapabilityStatement does not declare: a 405 naming what the type supports, or a 404 naming the types
 # served (services.common.fhir). Included last, so only requests no route above takes arrive there.
