@@ -260,8 +260,9 @@ def queue_heartbeats(engine: Engine, base: str, now: datetime | None = None) -> 
             last = last if last.tzinfo else last.replace(tzinfo=UTC)
             if now - last < timedelta(seconds=subscription.heartbeat_seconds or 0):
                 continue
-            bundle = notification(base, subscription, "heartbeat", now)
-            queue(session, subscription, f"heartbeat:{now.isoformat()}", "", bundle, now)
+            at = datetime.now(UTC)  # `now` decides what is due (tests look ahead); the queue is in real time
+            bundle = notification(base, subscription, "heartbeat", at)
+            queue(session, subscription, f"heartbeat:{at.isoformat()}", "", bundle, at)
             queued += 1
         session.commit()
     return queued
