@@ -377,3 +377,18 @@ def test_fhirpy_creates_and_reads_a_subscription(served: Served) -> None:  # noq
         served_other = served.client()
         served_other.authorization = new_partner(served.auth, "fhirpy other")["Authorization"]
         served_other.reference("Subscription", created["id"]).to_resource()
+
+
+def test_an_event_raised_while_an_earlier_one_waits_for_its_retry_waits_behind_it(
+    client: TestClient, engines: tuple[Engine, Engine], hook: Receiver, dispatcher: WebhookDispatcher
+) -> None:
+    _, _, case_id = setup(client, engines[1], subscription(hook.url))
+    dispatch_until(dispatcher, lambda: len(hook.received) == 1)  # the handshake
+    hook.script = [(503, {"Retry-After": "2"})]
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:w1")
+    dispatch_until(dispatcher, lambda: len(hook.received) == 2)  # event 1 refused: retried in 2 s
+    publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"wf:{case_id}:w2")
+    dispatcher.run_once()
+    assert len(hook.received) == 2  # event 2 is due, but waits for event 1
+    dispatch_until(dispatcher, lambda: len(hook.received) == 4)
+    assert [status_of(b)["event"]["event-number"] for b in bundles(hook)[1:]] == ["1", "1", "2"]
