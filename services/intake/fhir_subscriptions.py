@@ -55,6 +55,7 @@ RESERVED_HEADERS = {"host", "content-type", "content-length", "transfer-encoding
                     "webhook-timestamp", "webhook-signature"}  # fmt: skip
 HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}):[ \t]*([\x20-\x7e]{0,1000})")
 MAX_HEARTBEAT = 86400
+SUBSCRIBED_READ = "fhir_subscriptions.partners_read"  # session.info: (transaction, partner id -> any on)
 
 
 def topic_url(base: str, topic: str) -> str:
@@ -209,7 +210,7 @@ def notify(session: Session, event: CloudEvent, base: str) -> int:
     again queues nothing and numbers nothing."""
     topic = next((t for t, raised_by in TOPICS.items() if raised_by == event.type), None)
     case = session.get(Case, event.subject) if topic else None
-    if case is None:
+    if case is None or not subscribed(session, case.partner_id):
         return 0
     subscriptions = session.exec(
         select(FhirSubscription)
@@ -223,7 +224,7 @@ def notify(session: Session, event: CloudEvent, base: str) -> int:
         .order_by(col(FhirSubscription.id))
         .with_for_update(of=FhirSubscription)  # numbered one event at a time
     ).all()
-    task = to_task(case)
+    task = to_task(case) if subscriptions else {}
     queued = 0
     for subscription in subscriptions:
         wanted = [s for s in subscription.task_statuses.split(",") if s]
@@ -238,6 +239,26 @@ def notify(session: Session, event: CloudEvent, base: str) -> int:
         queue(session, subscription, event.id, case.id, bundle, now)
         queued += 1
     return queued
+
+
+def subscribed(session: Session, partner_id: str) -> bool:
+    """Whether the partner has a Subscription on, read once per transaction (a consumer batch applies many
+    events of the same partners, most of which have none)."""
+    transaction = session.get_transaction()
+    read = session.info.get(SUBSCRIBED_READ)
+    if read is None or read[0] is not transaction:
+        read = session.info[SUBSCRIBED_READ] = (transaction, {})
+    known: dict[str, bool] = read[1]
+    if partner_id not in known:
+        known[partner_id] = (
+            session.exec(
+                select(FhirSubscription.id)
+                .where(FhirSubscription.partner_id == partner_id, FhirSubscription.status != "off")
+                .limit(1)
+            ).first()
+            is not None
+        )
+    return known[partner_id]
 
 
 def queue_heartbeats(engine: Engine, base: str, now: datetime | None = None) -> int:
