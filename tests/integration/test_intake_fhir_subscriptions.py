@@ -392,3 +392,15 @@ def test_an_event_raised_while_an_earlier_one_waits_for_its_retry_waits_behind_i
     assert len(hook.received) == 2  # event 2 is due, but waits for event 1
     dispatch_until(dispatcher, lambda: len(hook.received) == 4)
     assert [status_of(b)["event"]["event-number"] for b in bundles(hook)[1:]] == ["1", "1", "2"]
+
+
+def test_an_interaction_not_served_is_a_405_naming_those_that_are(
+    client: TestClient, engines: tuple[Engine, Engine]
+) -> None:
+    headers = {"Authorization": new_partner(engines[1], "Updating Hospital")["Authorization"], **FHIR}
+    answered = client.put(
+        "/fhir/Subscription/some-id", json={"resourceType": "Subscription"}, headers=headers
+    )
+    assert answered.status_code == 405 and answered.json()["resourceType"] == "OperationOutcome"
+    assert set(answered.headers["allow"].split(", ")) == {"GET", "HEAD", "DELETE"}
+    assert "delete (DELETE [base]/Subscription/{id})" in answered.json()["issue"][0]["diagnostics"]
