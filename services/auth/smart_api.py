@@ -41,6 +41,8 @@ SCOPES_SUPPORTED = [
     "system/ServiceRequest.write",
     "system/ServiceRequest.read",
     "system/Task.read",
+    "system/Subscription.read",
+    "system/Subscription.write",
     "system/DiagnosticReport.read",
     "system/ImagingStudy.read",
     "system/ImagingStudy.write",

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     # Outbound webhooks: enabled endpoints a partner may have at once (each costs a lane and an attempt per
     # event); one more is refused with 409 until one is deleted.
     webhook_endpoints_per_partner: int = Field(default=10, ge=1)
+    # FHIR Subscriptions a partner may have on (not off) at once; one more is refused with 409.
+    fhir_subscriptions_per_partner: int = Field(default=10, ge=1)
 
     # Records: a file larger than this is refused before it is stored.
     max_upload_bytes: int = 512 * 1024 * 1024

@@ -51,6 +51,29 @@ PUBLIC_RESOURCES: list[dict[str, Any]] = [
         "?group-identifier=[system|]value (your order reference). " + SEARCHED,
     },
     {
+        "type": "Subscription",
+        "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}, {"code": "delete"}],
+        "searchParam": [
+            {"name": "status", "type": "token", "documentation": "requested | active | error | off"}
+        ],
+        "operation": [
+            {
+                "name": "status",
+                "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/"
+                "backport-subscription-status",
+            }
+        ],
+        "documentation": "Topic-based subscriptions per the Subscriptions R5 Backport IG on R4: `criteria` one of "
+        "the SubscriptionTopic canonicals declared here (case-status: the case's Task changed status, filtered with "
+        "the backport-filter-criteria extension `Task?status=code[,code]`; report-ready: the case's report is "
+        "ready), a rest-hook channel to an https URL at a public address, payload application/fhir+json with "
+        "backport-payload-content empty | id-only (default) | full-resource, channel.header sent with every "
+        "notification (and shown masked on read), backport-heartbeat-period honoured. Created `requested`; a "
+        "handshake answered 2xx makes it `active`; `error` (with `error`) while notifications fail. Notifications "
+        "are numbered per subscription and sent in order, at least once (webhook-id the same on a retry); DELETE "
+        "turns it off (still readable). Another partner's is a 404.",
+    },
+    {
         "type": "DiagnosticReport",
         "interaction": [{"code": "read"}, {"code": "search-type"}],
         "versioning": "versioned",
@@ -78,12 +101,12 @@ PUBLIC_RESOURCES: list[dict[str, Any]] = [
         "changes (version 1).",
     },
 ]
-SERVED_BY = {"ServiceRequest": "intake", "Task": "intake", "DiagnosticReport": "review",
+SERVED_BY = {"ServiceRequest": "intake", "Task": "intake", "Subscription": "intake", "DiagnosticReport": "review",
              "CoverageEligibilityRequest": "insurance", "CoverageEligibilityResponse": "insurance"}  # fmt: skip
 # Where each interaction is served (FHIR R4 http.html), to say what is served when a request asks for another.
 INTERACTIONS = {"create": ("POST", "[base]/{type}"), "read": ("GET", "[base]/{type}/{id}"),
                 "vread": ("GET", "[base]/{type}/{id}/_history/{vid}"),
-                "search-type": ("GET", "[base]/{type}")}  # fmt: skip
+                "search-type": ("GET", "[base]/{type}"), "delete": ("DELETE", "[base]/{type}/{id}")}  # fmt: skip
 EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 

@@ -9,8 +9,10 @@ from contracts.commands import DeliverReport
 from contracts.envelope import CloudEvent
 from contracts.events import CaseAlert, CaseCancelled, CaseStatusChanged, RecordsNeeded, ReportReady
 from services.common.amqp import contract_message
+from services.common.config import get_settings
 from services.common.errors import PoisonMessage
-from services.intake import handlers, webhooks_out
+from services.intake import fhir_subscriptions, handlers, webhooks_out
+from services.intake.fhir_service_request import fhir_base
 
 # Events intake receives only to tell the partner; the case status itself comes from case.status_changed.
 NOTIFY_PARTNER = {RecordsNeeded.TYPE, ReportReady.TYPE}
@@ -40,6 +42,7 @@ def _dispatch(session: Session, event: CloudEvent, message: BaseModel) -> None:
     if isinstance(message, CaseStatusChanged):
         handlers.record_status(event, message, session)
         webhooks_out.fan_out(session, event)
+        fhir_subscriptions.notify(session, event, fhir_base(get_settings()))
     elif isinstance(message, CaseCancelled):
         handlers.record_cancellation(event, message, session)
         webhooks_out.withdraw(session, event.subject)
@@ -49,3 +52,4 @@ def _dispatch(session: Session, event: CloudEvent, message: BaseModel) -> None:
         handlers.deliver_report(event, message, session)
     elif event.type in NOTIFY_PARTNER:
         webhooks_out.fan_out(session, event)
+        fhir_subscriptions.notify(session, event, fhir_base(get_settings()))

@@ -37,7 +37,7 @@ from services.common.fhir import (
 )
 from services.common.http import UnreadableJson, fhir_json_only, parse_json
 from services.common.openapi import OperationOutcome
-from services.intake import fhir_intake, fhir_search, handlers
+from services.intake import fhir_intake, fhir_search, fhir_subscription_api, handlers
 from services.intake.api import (
     AuditDep,
     CaseCaller,
@@ -54,6 +54,7 @@ from services.intake.api import (
 )
 from services.intake.fhir_examples import BUNDLE_EXAMPLE, SERVICE_REQUEST_EXAMPLE
 from services.intake.fhir_service_request import VERSION, fhir_base, history_location, to_service_request
+from services.intake.fhir_subscriptions import TOPIC_CANONICAL, TOPICS, topic_url
 from services.intake.fhir_task import to_task
 from services.intake.models import Case, CaseCreate
 from services.intake.order_reference import ReferenceSearch, SearchInvalid, parse_token
@@ -554,6 +555,12 @@ def capability_statement(settings: Settings) -> dict[str, Any]:
     """The CapabilityStatement, naming the base a client sends its requests to (our public INTAKE_URL)."""
     statement = copy.deepcopy(CAPABILITY_STATEMENT)
     statement["implementation"]["url"] = f"{settings.intake_url.rstrip('/')}/fhir"
+    base = fhir_base(settings)
+    for resource in statement["rest"][0]["resource"]:
+        if resource["type"] == "Subscription":  # the topics published (Subscriptions R5 Backport IG)
+            resource["extension"] = [
+                {"url": TOPIC_CANONICAL, "valueCanonical": topic_url(base, topic)} for topic in TOPICS
+            ]
     statement["rest"][0]["security"]["extension"] = [
         {
             "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
@@ -681,6 +688,7 @@ def read_order(order_id: str, version_id: str | None, session: Session, caller: 
 
 
 fhir_search.add_routes(router)
+fhir_subscription_api.add_routes(router)
 
 # What the CapabilityStatement does not declare: a 405 naming what the type supports, or a 404 naming the types
 # served (services.common.fhir). Included last, so only requests no route above takes arrive there.

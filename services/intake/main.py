@@ -25,12 +25,14 @@ from services.intake import (
     api,
     consumer,
     fhir_api,
+    fhir_subscriptions,
     handlers,
     idempotency,
     webhooks_in,
     webhooks_out,
     webhooks_out_api,
 )
+from services.intake.fhir_service_request import fhir_base
 from services.intake.models import WebhookDelivery
 
 log = structlog.get_logger(__name__)
@@ -46,7 +48,8 @@ PURGE_EVERY_SECONDS = 3600.0
 
 async def reconcile_workflow_starts(app: FastAPI) -> None:
     """Start the workflow of every stored case that has none yet (Temporal was down at creation), signal
-    consent documents the workflow has not been told about, and hourly forget week-old idempotency keys."""
+    consent documents the workflow has not been told about, queue FHIR Subscriptions' heartbeats, and hourly
+    forget week-old idempotency keys."""
     purged_at = float("-inf")
     while True:
         await asyncio.sleep(RECONCILE_EVERY_SECONDS)
@@ -54,6 +57,9 @@ async def reconcile_workflow_starts(app: FastAPI) -> None:
             if time.monotonic() - purged_at > PURGE_EVERY_SECONDS:
                 await asyncio.to_thread(idempotency.purge, get_engine("intake"))
                 purged_at = time.monotonic()
+            await asyncio.to_thread(
+                fhir_subscriptions.queue_heartbeats, get_engine("intake"), fhir_base(settings)
+            )
             cases = await asyncio.to_thread(api.unstarted_cases, get_engine("intake"))
             consents = await asyncio.to_thread(api.unsignalled_consents, get_engine("intake"))
             if not cases and not consents:

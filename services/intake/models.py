@@ -25,6 +25,7 @@ TABLES = (
     "webhook_endpoints",
     "webhook_deliveries",
     "webhook_attempts",
+    "fhir_subscriptions",
 )
 
 
@@ -311,7 +312,11 @@ class ReportAmended(BaseModel):
 
 
 class WebhookEndpoint(SQLModel, table=True):
-    """Where a partner receives signed events; disabled by the partner, or automatically on HTTP 410."""
+    """Where a partner receives signed events; disabled by the partner, or automatically on HTTP 410.
+
+    `kind` "webhook" is an endpoint registered under /v1/partners (Standard Webhooks JSON); "fhir-subscription"
+    is a FHIR Subscription's rest-hook channel (services.intake.fhir_subscriptions): the same sender sends it
+    FHIR notification Bundles, with the Subscription's `channel.header` values, in order."""
 
     __tablename__ = "webhook_endpoints"
 
@@ -322,13 +327,39 @@ class WebhookEndpoint(SQLModel, table=True):
     disabled_at: datetime | None = None
     disabled_reason: str = Field(default="", max_length=200)
     created_at: datetime = Field(default_factory=utcnow)
+    kind: str = Field(default="webhook", max_length=20)
+    channel_headers: str = Field(default="[]", sa_column=Column(Text, nullable=False, server_default="[]"))
+
+
+class FhirSubscription(SQLModel, table=True):
+    """A partner's FHIR Subscription (R5 Backport IG on R4): its rest-hook channel is the WebhookEndpoint of the
+    same id. `events_since_start` numbers its event notifications (1, 2, ...), in the transaction that queues
+    each; `status` is what the partner asked (requested, or off once deleted): active and error are read from
+    the channel's delivery log (services.intake.fhir_subscriptions.current_status)."""
+
+    __tablename__ = "fhir_subscriptions"
+
+    id: str = Field(primary_key=True, foreign_key="webhook_endpoints.id", max_length=36)
+    partner_id: str = Field(index=True, max_length=64)
+    topic: str = Field(max_length=40)  # case-status | report-ready (the canonical's last segment)
+    task_statuses: str = Field(default="", max_length=300)  # comma-separated; empty: every status
+    payload_content: str = Field(default="id-only", max_length=20)  # empty | id-only | full-resource
+    heartbeat_seconds: int | None = None
+    events_since_start: int = 0
+    status: str = Field(default="requested", max_length=20)
+    resource_json: str = Field(sa_column=Column(Text, nullable=False))
+    last_queued_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class WebhookDelivery(SQLModel, table=True):
     """One event for one endpoint. `id` is the `webhook-id`, the same on every attempt and replay."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (UniqueConstraint("endpoint_id", "source_event_id", name="uq_delivery_per_event"),)
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "source_event_id", name="uq_delivery_per_event"),
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     endpoint_id: str = Field(index=True, foreign_key="webhook_endpoints.id", max_length=36)

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, exists, func, insert, or_, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
@@ -66,6 +66,8 @@ LANES = 8  # endpoints a pass sends to at the same time
 RECORD_EVERY = 2.0  # seconds: how long a batch's sent deliveries may wait to be recorded
 ENDPOINTS_READ = "webhooks.endpoints_read"  # session.info: (transaction, partner id -> endpoints)
 SECRETS_TTL = 5.0  # seconds a partner's signing secrets are reused between reads
+WEBHOOK = "webhook"  # WebhookEndpoint.kind: Standard Webhooks JSON, each delivery on its own
+SUBSCRIPTION = "fhir-subscription"  # a FHIR Subscription's channel: notification Bundles, in order
 
 
 REDIRECTED = (
@@ -166,7 +168,9 @@ def enabled_endpoints(session: Session, partner_id: str) -> list[WebhookEndpoint
         known[partner_id] = list(
             session.exec(
                 select(WebhookEndpoint).where(
-                    WebhookEndpoint.partner_id == partner_id, col(WebhookEndpoint.disabled_at).is_(None)
+                    WebhookEndpoint.partner_id == partner_id,
+                    col(WebhookEndpoint.disabled_at).is_(None),
+                    WebhookEndpoint.kind == WEBHOOK,
                 )
             ).all()
         )
@@ -245,15 +249,20 @@ class Claimed:
     case_id: str
     source_event_id: str
     payload: str
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class Target:
-    """The endpoint a claimed delivery goes to."""
+    """The endpoint a claimed delivery goes to. A FHIR Subscription's channel (`ordered`) is sent FHIR JSON with
+    its own headers (`channel_headers`, JSON [[name, value], ...]) besides the signature, one delivery at a
+    time in the order they were queued: an attempt that fails holds the later ones back to its retry."""
 
     id: str
     partner_id: str
     url: str
+    ordered: bool = False
+    channel_headers: str = "[]"
 
 
 @dataclass(frozen=True)
@@ -275,6 +284,7 @@ class Attempt:
 # costs its round trips and little else. Every delivery of a case costs a claim, a send and a record.
 _DELIVERY = WebhookDelivery.__table__  # type: ignore[attr-defined]
 _ENDPOINT = WebhookEndpoint.__table__  # type: ignore[attr-defined]
+_EARLIER = _DELIVERY.alias("earlier")
 # What is due, oldest first, leased with FOR UPDATE SKIP LOCKED so that another replica skips it.
 _DUE = (
     core_select(
@@ -286,6 +296,9 @@ _DUE = (
         _ENDPOINT.c.id.label("endpoint_id"),
         _ENDPOINT.c.partner_id,
         _ENDPOINT.c.url,
+        _DELIVERY.c.created_at,
+        _ENDPOINT.c.kind,
+        _ENDPOINT.c.channel_headers,
     )
     .join(_ENDPOINT, _ENDPOINT.c.id == _DELIVERY.c.endpoint_id)
     .where(
@@ -293,8 +306,19 @@ _DUE = (
         _DELIVERY.c.next_attempt_at <= bindparam("now"),
         _ENDPOINT.c.disabled_at.is_(None),
         _ENDPOINT.c.id.not_in(bindparam("busy", expanding=True)),  # endpoints this sender is sending to
+        # A subscription's delivery waits while an earlier one of its channel is pending and not due (in its
+        # backoff, or leased to a sender): a subscription's notifications arrive in order.
+        or_(
+            _ENDPOINT.c.kind != SUBSCRIPTION,
+            ~exists().where(
+                _EARLIER.c.endpoint_id == _DELIVERY.c.endpoint_id,
+                _EARLIER.c.status == "pending",
+                _EARLIER.c.created_at < _DELIVERY.c.created_at,
+                _EARLIER.c.next_attempt_at > bindparam("now"),
+            ),
+        ),
     )
-    .order_by(_DELIVERY.c.next_attempt_at)
+    .order_by(_DELIVERY.c.next_attempt_at, _DELIVERY.c.created_at)
     .limit(bindparam("batch"))
     .with_for_update(skip_locked=True, of=_DELIVERY)
 )
@@ -355,6 +379,9 @@ def by_endpoint(due: list[tuple[Claimed, Target]]) -> dict[str, list[tuple[Claim
     lanes: dict[str, list[tuple[Claimed, Target]]] = {}
     for delivery, endpoint in due:
         lanes.setdefault(endpoint.id, []).append((delivery, endpoint))
+    for lane in lanes.values():
+        if lane[0][1].ordered:  # a subscription's: in the order queued (a retried one is due later)
+            lane.sort(key=lambda pair: (pair[0].created_at or datetime.min.replace(tzinfo=UTC), pair[0].id))
     return lanes
 
 
@@ -515,7 +542,10 @@ class WebhookDispatcher:
                     self._release(rest)
                 break
             attempt = self._send(delivery, endpoint)
-            if attempt.status_code is None and n + 1 < len(lane):
+            failed = attempt.status_code is None or (
+                endpoint.ordered and not 200 <= attempt.status_code < 300
+            )
+            if failed and n + 1 < len(lane):
                 attempts.append(replace(attempt, held_back=tuple(d.id for d, _ in lane[n + 1 :])))
                 break
             attempts.append(attempt)
@@ -537,13 +567,49 @@ class WebhookDispatcher:
                 rows = list(conn.execute(_DUE, params))
                 if rows:
                     conn.execute(_LEASE, {"ids": [row.id for row in rows], "until": params["until"]})
-        return [
+        claimed = [
             (
-                Claimed(row.id, row.case_id, row.source_event_id, row.payload),
-                Target(row.endpoint_id, row.partner_id, row.url),
+                Claimed(row.id, row.case_id, row.source_event_id, row.payload, row.created_at),
+                Target(
+                    row.endpoint_id, row.partner_id, row.url, row.kind == SUBSCRIPTION, row.channel_headers
+                ),
             )
             for row in rows
         ]
+        return self._in_order(claimed)
+
+    def _in_order(self, claimed: list[tuple[Claimed, Target]]) -> list[tuple[Claimed, Target]]:
+        """Leave out (release) a subscription's deliveries claimed while an earlier one of its channel was due
+        but not claimed (the batch ended before it): sent now, they would arrive before it."""
+        ordered = {endpoint.id for _, endpoint in claimed if endpoint.ordered}
+        if not ordered:
+            return claimed
+        ids = [delivery.id for delivery, _ in claimed]
+        with self.engine.begin() as conn:
+            earliest: dict[str, datetime] = dict(
+                conn.execute(
+                    core_select(_DELIVERY.c.endpoint_id, func.min(_DELIVERY.c.created_at))
+                    .where(
+                        _DELIVERY.c.endpoint_id.in_(ordered),
+                        _DELIVERY.c.status == "pending",
+                        _DELIVERY.c.id.not_in(ids),
+                    )
+                    .group_by(_DELIVERY.c.endpoint_id)
+                ).all()
+            )
+        kept: list[tuple[Claimed, Target]] = []
+        released: list[tuple[Claimed, Target]] = []
+        for delivery, endpoint in claimed:
+            first_left = earliest.get(endpoint.id)
+            later = (
+                first_left is not None
+                and delivery.created_at is not None
+                and delivery.created_at > first_left
+            )
+            (released if later else kept).append((delivery, endpoint))
+        if released:
+            self._release(tuple(delivery.id for delivery, _ in released))
+        return kept
 
     def _secrets(self, partner_id: str) -> list[str]:
         """The partner's signing secrets, read again after SECRETS_TTL (a rotation reaches the sender
@@ -570,12 +636,16 @@ class WebhookDispatcher:
             if not secrets:
                 raise EndpointRefused("the partner no longer exists")
             headers = headers_for(secrets, delivery.id, int(time.time()), body)
+            if endpoint.ordered:  # a FHIR Subscription's notification: its channel.header values, FHIR JSON
+                for name, value in json.loads(endpoint.channel_headers):
+                    headers[name.lower()] = value
+                headers["content-type"] = "application/fhir+json"
             # The lookup's time counts: an attempt ends within `timeout` in all, as the lease rule assumes.
             response = self._post(
                 endpoint.url,
                 address,
                 body,
-                {**headers, "content-type": "application/json"},
+                {"content-type": "application/json", **headers},
                 within=started + self.timeout - time.monotonic(),
             )
             status_code = response.status_code

@@ -26,7 +26,7 @@ from services.intake.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from services.intake.webhooks_out import LEASE, EndpointRefused, check_url
+from services.intake.webhooks_out import LEASE, WEBHOOK, EndpointRefused, check_url
 
 ENDPOINT_LOCKS = 0x5EC0_E4D0  # advisory lock key space: one partner's endpoint registrations take turns
 
@@ -80,7 +80,7 @@ router = APIRouter(
 
 def endpoint_of(session: Session, caller: Principal, partner_id: str, endpoint_id: str) -> WebhookEndpoint:
     endpoint = session.get(WebhookEndpoint, endpoint_id)
-    if endpoint is None or endpoint.partner_id != partner_id:
+    if endpoint is None or endpoint.partner_id != partner_id or endpoint.kind != WEBHOOK:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, "no webhook endpoint with this id; GET the partner's webhook-endpoints"
         )
@@ -128,7 +128,9 @@ def refuse_registered(session: Session, partner_id: str, url: str, but: str | No
     transaction_lock(session, ENDPOINT_LOCKS, partner_id)  # on SQLite (one process on a laptop) not guarded
     enabled = session.exec(
         select(WebhookEndpoint).where(
-            WebhookEndpoint.partner_id == partner_id, col(WebhookEndpoint.disabled_at).is_(None)
+            WebhookEndpoint.partner_id == partner_id,
+            col(WebhookEndpoint.disabled_at).is_(None),
+            WebhookEndpoint.kind == WEBHOOK,
         )
     ).all()
     for endpoint in enabled:
@@ -166,7 +168,7 @@ def list_endpoints(partner_id: str, caller: Caller, engine: EngineDep) -> list[E
     with Session(engine) as session:
         rows = session.exec(
             select(WebhookEndpoint)
-            .where(WebhookEndpoint.partner_id == partner_id)
+            .where(WebhookEndpoint.partner_id == partner_id, WebhookEndpoint.kind == WEBHOOK)
             .order_by(col(WebhookEndpoint.created_at))
         ).all()
     return [public(e) for e in rows]

@@ -13,7 +13,14 @@ from tests.deploy.conftest import OVERLAYS, ROOT, Manifest, named, of_kind
 # DESIGN.md, "Processes and the public contract" (kept here because DESIGN.md lives outside the repo;
 # when it is found next to the repo, the test below checks this copy against it).
 PATH_PREFIXES: dict[str, list[str]] = {
-    "intake": ["/v1/cases", "/v1/partners", "/webhooks/", "/fhir/ServiceRequest", "/fhir/Task"],
+    "intake": [
+        "/v1/cases",
+        "/v1/partners",
+        "/webhooks/",
+        "/fhir/ServiceRequest",
+        "/fhir/Task",
+        "/fhir/Subscription",
+    ],
     "records": ["/v1/records", "/dicomweb/"],
     "insurance": ["/v1/coverage", "/fhir/CoverageEligibilityRequest", "/fhir/CoverageEligibilityResponse"],
     "review": ["/v1/specialists", "/v1/reviews", "/v1/reports", "/fhir/DiagnosticReport"],

@@ -630,3 +630,32 @@ def test_a_clients_tokens_share_one_rate_limit(served: Served, settings: Setting
         other = register(served)
         fresh = limited.get("/v1/cases", headers={"Authorization": f"Bearer {token_for(served, other)}"})
         assert fresh.status_code == 200
+
+
+def test_a_token_with_subscription_scopes_subscribes_and_one_without_is_told_the_scope(
+    served: Served,
+) -> None:
+    client = register(served, scopes="system/Subscription.read system/Subscription.write system/Task.read")
+    subscription = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "follow our second opinions",
+        "criteria": f"{served.fhir}/SubscriptionTopic/case-status",
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": "http://127.0.0.1:9/notify",
+            "payload": "application/fhir+json",
+        },
+    }
+    subscriber = token_for(served, client, scope="system/Subscription.read system/Subscription.write")
+    created = fhir_client(served, subscriber).execute("Subscription", data=subscription)
+    assert created["status"] == "requested"
+    assert fhir_client(served, subscriber).get("Subscription", created["id"])["id"] == created["id"]
+    reader = token_for(served, client, scope="system/Task.read")
+    headers = {"Authorization": f"Bearer {reader}", "Content-Type": "application/fhir+json"}
+    posted = requests.post(f"{served.fhir}/Subscription", json=subscription, headers=headers, timeout=10)
+    assert posted.status_code == 403
+    assert (
+        posted.headers["WWW-Authenticate"]
+        == 'Bearer error="insufficient_scope", scope="system/Subscription.write"'
+    )
