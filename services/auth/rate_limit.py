@@ -3,6 +3,8 @@
 Each service process holds its own buckets, so a key may use the rate on each service, and a restart
 refills them; a shared store (Redis, PostgreSQL) would be needed for one limit across replicas.
 Settings: `AUTH_RATE_PER_SECOND` (refill rate) and `AUTH_RATE_BURST` (bucket size); 0 turns it off.
+`POST /auth/token` (SMART Backend Services) draws on a bucket per caller address before any key is known,
+`AUTH_RATE_TOKEN_PER_SECOND` (5) and `AUTH_RATE_TOKEN_BURST` (100).
 
 Image frames read through DICOMweb (`/dicomweb/.../frames/...`, also what a BulkDataURI names) draw on a
 bucket of their own, `AUTH_RATE_IMAGES_PER_SECOND` and `AUTH_RATE_IMAGES_BURST`: a browser viewer asks for each
@@ -29,6 +31,10 @@ class RateLimitSettings(BaseSettings):
     # A study's frames (20 clips of 300 frames) at once; cheap reads of a case the key may see.
     images_per_second: float = 500.0
     images_burst: int = 6000
+    # The SMART token endpoint, per caller address: a token lasts 300 s, so a client needs one every few minutes;
+    # each attempt costs a signature check, and an unauthenticated caller must not make it cost more.
+    token_per_second: float = 5.0
+    token_burst: int = 100
 
 
 @dataclass
@@ -73,6 +79,12 @@ def get_rate_limiter() -> RateLimiter:
 def get_image_rate_limiter() -> RateLimiter:
     settings = RateLimitSettings()
     return RateLimiter(settings.images_per_second, settings.images_burst)
+
+
+@lru_cache
+def get_token_rate_limiter() -> RateLimiter:
+    settings = RateLimitSettings()
+    return RateLimiter(settings.token_per_second, settings.token_burst)
 
 
 def reads_image_frames(method: str, path: str) -> bool:

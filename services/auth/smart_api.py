@@ -24,8 +24,9 @@ from starlette.concurrency import run_in_threadpool
 
 from services.auth import audit, smart
 from services.auth.api import ERRORS, Operations, _own_partner
-from services.auth.deps import AuthEngine, Caller
+from services.auth.deps import AuthEngine, Caller, client_address
 from services.auth.models import SmartClient
+from services.auth.rate_limit import RateLimiter, get_token_rate_limiter, retry_after
 from services.auth.routing import AuthRoute
 from services.auth.smart_jwks import fetch_jwks
 from services.common.config import Settings, get_settings
@@ -96,6 +97,19 @@ TOKEN_RESPONSES: dict[int | str, dict[str, Any]] = {
                 }
             }
         },
+    },
+}
+TOKEN_RESPONSES[429] = {
+    "model": OAuthError,
+    "description": "too many token requests from the caller's address (`Retry-After` says when to retry)",
+    "x-own-body": True,
+    "content": {
+        "application/json": {
+            "example": {
+                "error": "invalid_request",
+                "error_description": "too many token requests from this address: retry after …",
+            }
+        }
     },
 }
 TOKEN_BODY = {
@@ -187,9 +201,27 @@ def _audit_token(engine: Any, client: SmartClient | None, outcome: str, detail: 
 
 
 @token_router.post("/token", response_model=AccessToken, responses=TOKEN_RESPONSES, openapi_extra=TOKEN_BODY)
-async def token(request: Request, engine: AuthEngine, settings: SettingsDep) -> JSONResponse:
+async def token(
+    request: Request,
+    engine: AuthEngine,
+    settings: SettingsDep,
+    limiter: Annotated[RateLimiter, Depends(get_token_rate_limiter)],
+) -> JSONResponse:
     """SMART Backend Services: trade a signed client assertion (RFC 7523, `private_key_jwt`) for an access
     token of 300 s carrying the requested scopes the client is allowed. Errors are RFC 6749 §5.2 bodies."""
+    wait = limiter.acquire(f"token:{client_address(request) or 'unknown'}")
+    if wait:
+        log.info("smart.token_rate_limited")
+        return JSONResponse(
+            {
+                "error": "invalid_request",
+                "error_description": "too many token requests from this address: retry after the seconds "
+                "Retry-After gives, and reuse a token until it expires (300 s) instead of asking for one per "
+                "request",
+            },
+            status_code=429,
+            headers={**NO_STORE, "Retry-After": retry_after(wait)},
+        )
     if (request.headers.get("content-type") or "").split(";")[0].strip().lower() != FORM:
         return refused("invalid_request", f"send the parameters as {FORM}")
     try:

@@ -38,10 +38,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from services.auth import api as partners_api
-from services.auth import smart_api
+from services.auth import smart, smart_api
 from services.auth.deps import rate_limiter
 from services.auth.models import AuditEvent, SmartAccessToken, SmartClient
-from services.auth.rate_limit import RateLimiter
+from services.auth.rate_limit import RateLimiter, get_token_rate_limiter
 from services.common.config import PROJECT_ROOT, Settings, get_settings
 from services.intake import api, fhir_api
 from tests.infra import free_port
@@ -659,3 +659,38 @@ def test_a_token_with_subscription_scopes_subscribes_and_one_without_is_told_the
         posted.headers["WWW-Authenticate"]
         == 'Bearer error="insufficient_scope", scope="system/Subscription.write"'
     )
+
+
+def test_token_requests_from_one_address_are_rate_limited_before_any_assertion_is_checked(
+    served: Served, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token endpoint is open to anyone: each attempt costs a key look-up and a signature check, so an
+    address asking too often is told to wait (429, Retry-After, an RFC 6749 body) before either is done."""
+    app = intake_app(intake_engines(settings), smart_api.token_router)
+    bucket = RateLimiter(per_second=0.01, burst=2)
+    app.dependency_overrides[get_token_rate_limiter] = lambda: bucket
+    app.dependency_overrides[get_settings] = lambda: settings
+    checked: list[str] = []
+    verify = smart.verify_assertion
+    monkeypatch.setattr(smart, "verify_assertion", lambda *a, **k: checked.append("x") or verify(*a, **k))
+    client = register(served)
+    form = {
+        "grant_type": "client_credentials",
+        "scope": READ_WRITE,
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+    }
+    with TestClient(app) as limited:
+        answers = [
+            limited.post(
+                "/auth/token",
+                data={**form, "client_assertion": assertion(client, f"{settings.intake_url}/auth/token")},
+            )
+            for _ in range(3)
+        ]
+    assert [a.status_code for a in answers[:2]] == [200, 200], answers[0].text
+    refused = answers[2]
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"] == "invalid_request"
+    assert "reuse a token until it expires" in refused.json()["error_description"]
+    assert refused.headers["Cache-Control"] == "no-store"
+    assert len(checked) == 2  # the third assertion was never looked at
