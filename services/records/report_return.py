@@ -263,9 +263,9 @@ def record_commitment_result(
                 else "the PACS's storage commitment result does not name the report instance"
             )
             _not_committed(row, options, reason)
+        case_id, return_id, state = row.case_id, row.return_id, row.status
         session.add(row)
         session.commit()
-        case_id, return_id, state = row.case_id, row.return_id, row.status
     _wake_waiter(result.transaction_uid)
     log.info(
         "records.report_commitment_result",
@@ -326,7 +326,8 @@ def _claim(
                 )
             ).first()
             if row.commitment == Commitment.REQUESTED and row.status == RetrievalStatus.RUNNING:
-                # Claimed because the commitment deadline passed with no result from the PACS.
+                # Claimed because the commitment deadline passed with no result from the PACS: failed after
+                # the last attempt, else sent and asked again now (the deadline was the wait, no backoff more).
                 waited = f"the PACS sent no storage commitment result within {options.commitment_timeout_seconds:g} s"
                 _not_committed(row, options, waited)
                 if row.status == RetrievalStatus.FAILED:
