@@ -2,13 +2,15 @@
 to commit each report we send back, and answers on an association it opens to our SCP: the return is done
 only then; a PACS that lost the instance, or never answers, gets it again and then the return fails saying
 why. As the one who sent us a study, Orthanc asks us (its REST API, `POST /modalities/{id}/storage-commitment`)
-to commit instances: its report shows those we hold committed and one we do not hold failed (0x0112).
+to commit instances: its report shows those we hold committed and one we do not hold failed (0x0112). A PACS
+that answers on the requester's own association (no PACS here does: pynetdicom plays one) is heard there.
 
 No loop runs in the background here: each test runs the passes itself, and leaves no return or answer due.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,11 +21,15 @@ import httpx
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import EncapsulatedPDFStorage  # type: ignore[attr-defined]
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from services.common.config import Settings
 from services.records import commitment_scp, report_return
+from services.records import storage_commitment as stgcmt
 from services.records.commitment_scp import CommitmentLoop, CommitmentSettings
 from services.records.dimse import StoreSCP
 from services.records.models import CommitmentRequest, RecordFile
@@ -293,3 +299,75 @@ def test_a_pacs_no_image_source_names_is_refused_and_nothing_is_kept(
         ).all()
     assert asked == []
     assert commitment_scp.run_due(engine, settings, ANSWERS) == 0
+
+
+class SameAssociationPacs:
+    """A PACS that answers a commitment request on the requester's own association, as PS3.4 J.3.3 allows
+    (neither Orthanc nor dcmtk does; pynetdicom plays it): it stores what it is sent, and once its N-ACTION
+    response is out it sends the result on that association."""
+
+    def __init__(self) -> None:
+        self.stored: set[str] = set()
+        self.ae = AE(ae_title="SAMEASSOC")
+        self.ae.add_supported_context(EncapsulatedPDFStorage, ExplicitVRLittleEndian)
+        self.ae.add_supported_context(stgcmt.STORAGE_COMMITMENT)
+        self.port = free_port()
+        self.server: Any = None
+        self._pending: dict[int, Any] = {}
+
+    def __enter__(self) -> SameAssociationPacs:
+        handlers = [
+            (evt.EVT_C_STORE, self._store),
+            (evt.EVT_N_ACTION, self._action),
+            (evt.EVT_DIMSE_SENT, self._sent),
+        ]
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+
+    def _store(self, event: Any) -> int:
+        self.stored.add(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def _action(self, event: Any) -> tuple[int, None]:
+        transaction, references = stgcmt.read_request(event.action_information)
+        committed = [r for r in references if r.sop_instance_uid in self.stored]
+        self._pending[id(event.assoc)] = stgcmt.Result(transaction, committed, [])
+        return 0x0000, None
+
+    def _sent(self, event: Any) -> None:
+        result = self._pending.pop(id(event.assoc), None)
+        if result is None or type(event.message).__name__ != "N_ACTION_RSP":
+            if result is not None:
+                self._pending[id(event.assoc)] = result
+            return
+        assoc = event.assoc
+
+        def report() -> None:
+            event_type, information = stgcmt.result_dataset(result)
+            assoc.send_n_event_report(
+                information, event_type, stgcmt.STORAGE_COMMITMENT, stgcmt.WELL_KNOWN_INSTANCE
+            )
+
+        threading.Thread(target=report, daemon=True).start()
+
+
+def test_a_result_sent_on_our_own_association_is_taken_there(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    with SameAssociationPacs() as peer:
+        study = STUDY + ".14"
+        partner = f"clinic-stgcmt-{uuid.uuid4().hex[:8]}"
+        case_id = retrieval.open_case(engine, settings, partner, study_instance_uid=study)
+        source = {"ae_title": "SAMEASSOC", "host": "127.0.0.1", "port": peer.port}
+        retrieval.configure(client, partner, **source, return_reports=True, storage_commitment=True)
+        event, _ = report_for(case_id, study)
+        deliver(engine, settings, event)
+        started = time.monotonic()
+        assert report_return.run_due(engine, settings, OPTIONS) == 1
+        assert time.monotonic() - started < OPTIONS.commitment_linger_seconds  # released once it came
+    assert peer.stored == {event.sop_instance_uid}
+    [done] = returns_of(client, case_id)
+    assert (done["status"], done["commitment"]) == ("done", "committed")
