@@ -117,7 +117,7 @@ def requesting_source(session: Session, calling_ae: str, peer: str) -> RecordSou
     sources = [
         s
         for s in session.exec(select(RecordSource).where(RecordSource.ae_title == calling_ae)).all()
-        if s.host and s.port
+        if s.host
     ]
     if len(sources) > 1:
         sources = [s for s in sources if s.host == peer] or sources
@@ -181,8 +181,8 @@ def _claim(
                 return None
             source = session.get(RecordSource, row.partner_id)
             problem = None
-            if source is None or not (source.ae_title and source.host and source.port):
-                problem = "the image source of the PACS that asked no longer names its AE, host and port"
+            if source is None or not (source.ae_title and source.host):
+                problem = "the image source of the PACS that asked no longer names its AE title and host"
             elif row.attempts >= options.attempts:  # its last attempt's lease ran out mid-answer
                 problem = (
                     f"no answer was delivered in {row.attempts} attempts (the process stopped mid-answer)"
@@ -202,13 +202,8 @@ def _claim(
 
 def check(session: Session, row: CommitmentRequest, source: RecordSource) -> stgcmt.Result:
     """Which of the request's instances we hold for the partner(s) of this PACS, and why each other is not."""
-    same_pacs = session.exec(
-        select(RecordSource.partner_id).where(
-            RecordSource.ae_title == source.ae_title,
-            RecordSource.host == source.host,
-            RecordSource.port == source.port,
-        )
-    ).all()
+    same_ae = session.exec(select(RecordSource).where(RecordSource.ae_title == source.ae_title)).all()
+    same_pacs = [s.partner_id for s in same_ae if (s.host, s.port) == (source.host, source.port)]
     partners = sorted({source.partner_id, *same_pacs})
     references = [stgcmt.Reference(str(c), str(i)) for c, i in row.references]
     held: dict[str, list[RecordFile]] = {}

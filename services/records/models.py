@@ -236,7 +236,7 @@ class RecordSourceIn(RecordSourceBase):
     @model_validator(mode="after")
     def _commitment_over_dimse(self) -> RecordSourceIn:
         """Storage commitment is DIMSE (N-ACTION, N-EVENT-REPORT): it needs the PACS's AE, host and port."""
-        if self.storage_commitment and not (self.ae_title and self.host and self.port):
+        if self.storage_commitment and not (self.ae_title and self.host):
             raise ValueError(
                 "storage_commitment applies to a DIMSE PACS: give ae_title, host and port with it "
                 "(STOW-RS has no storage commitment)"

@@ -27,6 +27,7 @@ return is failed with why (`commitment: not_committed`), never done.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -39,6 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import evt
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -104,7 +106,13 @@ class CommitmentAsk:
     on_result: Any  # the association's EVT_N_EVENT_REPORT handler
     linger: float
 
+    def on_sent(self, event: Any) -> None:
+        """Our answer to a result that came on the association is going out: the send may end (release)."""
+        if isinstance(event.message, N_EVENT_REPORT_RSP):
+            _wake_waiter(self.transaction_uid)
 
+
+RESPONSE_GRACE_SECONDS = 0.2
 # Transactions whose send waits, association open, for a result: set when it is recorded, however it came.
 _awaited: dict[str, threading.Event] = {}
 _awaited_lock = threading.Lock()
@@ -193,7 +201,9 @@ def _commitment_ask(
         session.commit()
 
     def on_result(event: Any) -> tuple[int, None]:
-        return answer_commitment_result(engine, event, options), None
+        # The send is woken once our N-EVENT-REPORT response goes (`on_sent`), not here: a release requested
+        # before it would reach the PACS first, and a PACS awaiting release then aborts (PS3.8 Sta8, AA-8).
+        return answer_commitment_result(engine, event, options, wake=False), None
 
     return CommitmentAsk(transaction_uid, on_result, options.commitment_linger_seconds)
 
@@ -219,7 +229,9 @@ def _await_commitment(
     )
 
 
-def answer_commitment_result(engine: Engine, event: Any, options: ReturnSettings | None = None) -> int:
+def answer_commitment_result(
+    engine: Engine, event: Any, options: ReturnSettings | None = None, *, wake: bool = True
+) -> int:
     """Our EVT_N_EVENT_REPORT handler, on the association of a send or on our SCP: the DIMSE status to answer.
     A result for a transaction we no longer wait for (answered, superseded by a later attempt) is taken and
     ignored."""
@@ -231,15 +243,16 @@ def answer_commitment_result(engine: Engine, event: Any, options: ReturnSettings
     except Exception:
         log.exception("records.commitment_result_unreadable")
         return stgcmt.PROCESSING_FAILURE
-    record_commitment_result(engine, result, options)
+    record_commitment_result(engine, result, options, wake=wake)
     return stgcmt.SUCCESS
 
 
 def record_commitment_result(
-    engine: Engine, result: stgcmt.Result, options: ReturnSettings | None = None
+    engine: Engine, result: stgcmt.Result, options: ReturnSettings | None = None, *, wake: bool = True
 ) -> None:
     """The PACS's storage commitment result: the return is done once the instance is committed; listed as
-    failed (or not named), it is sent again while attempts remain, else failed, saying why."""
+    failed (or not named), it is sent again while attempts remain, else failed, saying why. `wake`: end the
+    send's wait for it now (it came on another association)."""
     options = options or get_return_settings()
     with Session(engine) as session:
         row = session.exec(
@@ -249,7 +262,8 @@ def record_commitment_result(
         ).first()
         if row is None or row.status != RetrievalStatus.RUNNING:
             log.info("records.commitment_result_ignored", transaction_uid=result.transaction_uid)
-            _wake_waiter(result.transaction_uid)
+            if wake:
+                _wake_waiter(result.transaction_uid)
             return
         ours = row.sent_sop_instance_uid or row.return_id
         failure = next((f for f in result.failed if f.reference.sop_instance_uid == ours), None)
@@ -266,7 +280,8 @@ def record_commitment_result(
         case_id, return_id, state = row.case_id, row.return_id, row.status
         session.add(row)
         session.commit()
-    _wake_waiter(result.transaction_uid)
+    if wake:
+        _wake_waiter(result.transaction_uid)
     log.info(
         "records.report_commitment_result",
         case_id=case_id,
@@ -431,7 +446,7 @@ def _c_store(source: dimse.DimseSource, dicom: bytes, ask: CommitmentAsk | None 
     handlers: list[Any] = []
     if ask is not None:
         ae.add_requested_context(stgcmt.STORAGE_COMMITMENT)
-        handlers = [(evt.EVT_N_EVENT_REPORT, ask.on_result)]
+        handlers = [(evt.EVT_N_EVENT_REPORT, ask.on_result), (evt.EVT_DIMSE_SENT, ask.on_sent)]
     assoc = dimse._associate(ae, source, evt_handlers=handlers)
     if not assoc.is_established:
         raise dimse.PacsUnavailable(f"the PACS {source.ae_title} refused or did not answer the association")
@@ -485,7 +500,10 @@ def _request_commitment(assoc: Any, ask: CommitmentAsk, dataset: Any) -> None:
             raise dimse.PacsUnavailable(
                 f"the PACS refused the storage commitment request (N-ACTION status 0x{code:04X})"
             )
-        waiter.wait(ask.linger)
+        if waiter.wait(ask.linger):
+            # Woken as our response to a result on this association is being queued (before its PDUs are):
+            # give the association's thread a moment to queue them, so the release follows them.
+            time.sleep(RESPONSE_GRACE_SECONDS)
     finally:
         with _awaited_lock:
             _awaited.pop(ask.transaction_uid, None)
