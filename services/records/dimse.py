@@ -748,7 +748,8 @@ class CommitmentHandlers:
 @dataclass
 class StoreSCP:
     """Our C-STORE SCP: accepts instances only for a study a C-MOVE of ours is waiting for. It listens on
-    `port` in plain TCP (unless `plain` is False) and, given `ssl_context`, over DICOM TLS on `tls_port`."""
+    `port` in plain TCP (unless `plain` is False) and, given `ssl_context`, over DICOM TLS on `tls_port`.
+    Given `commitment`, it also takes DICOM Storage Commitment (commitment_scp.py, report_return.py)."""
 
     store: ObjectStore
     port: int

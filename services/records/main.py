@@ -1,5 +1,6 @@
-"""The records process: its API and DICOMweb, its `records` queue consumer, its outbox relay, and the
-retrieval loop with our C-STORE SCP (AE SECONDOPINION)."""
+"""The records process: its API and DICOMweb, its `records` queue consumer, its outbox relay, the retrieval
+loop with our C-STORE SCP (AE SECONDOPINION), the report return loop, and the loop answering storage
+commitment requests."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
