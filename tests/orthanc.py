@@ -92,15 +92,18 @@ def running_orthanc(
     maximum_pdu_length: int = 16384,
     transcode: bool = True,
     tls: OrthancTls | None = None,
+    ae_title: str = AE_TITLE,
+    lua: str | None = None,
 ) -> Iterator[Orthanc]:
     """Start Orthanc with a config written into `workdir`; our AE SECONDOPINION is at 127.0.0.1:`scp_port`.
-    `maximum_pdu_length` is the largest PDU it sends and accepts (Orthanc allows 4096 to 131072).
-    `transcode=False`: Orthanc sends each instance in the transfer syntax it was stored in, as many PACS do,
-    instead of transcoding it to one the peer proposed (its `TranscodeDicomProtocol`). With `tls`, its DICOM
-    port speaks DICOM TLS, and it reaches our AE (`scp_port`, C-MOVE) over TLS too."""
+        `maximum_pdu_length` is the largest PDU it sends and accepts (Orthanc allows 4096 to 131072).
+        `transcode=False`: Orthanc sends each instance in the transfer syntax it was stored in, as many PACS do,
+        instead of transcoding it to one the peer proposed (its `TranscodeDicomProtocol`). With `tls`, its DICOM
+        port speaks DICOM TLS, and it reaches our AE (`scp_port`, C-MOVE) over TLS too. `ae_title`: its own AE title
+    (one no other test's image source names); `lua`: a Lua script it runs (its callbacks, e.g. filters)."""
     if not Path(ORTHANC).exists() or shutil.which("storescu") is None:
         raise RuntimeError("Orthanc (/usr/sbin/Orthanc) and dcmtk (storescu) are needed for these tests")
-    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port(), tls=tls is not None)
+    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port(), ae_title=ae_title, tls=tls is not None)
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = {
@@ -143,6 +146,10 @@ def running_orthanc(
             "DicomTlsTrustedCertificates": str(tls.trusted),
             "DicomTlsRemoteCertificateRequired": tls.client_required,
         }
+    if lua is not None:
+        script = workdir / "orthanc.lua"
+        script.write_text(lua)
+        config["LuaScripts"] = [str(script)]
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config))
     log = (workdir / "orthanc.log").open("wb")

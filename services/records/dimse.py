@@ -17,7 +17,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,6 +68,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 
 from services.records import dicom_tls
+from services.records import storage_commitment as stgcmt
 from services.records.archive import Entry
 from services.records.classify import (
     DicomHeader,
@@ -734,10 +735,21 @@ def _discard(store: ObjectStore, entries: list[Entry]) -> None:
         store.discard(entry.received)
 
 
+@dataclass(frozen=True)
+class CommitmentHandlers:
+    """What our SCP does with DICOM Storage Commitment: a facility's PACS asking us to commit what it sent
+    (N-ACTION), and a PACS's result for a report we asked it to commit (N-EVENT-REPORT); each returns the
+    DIMSE status and the reply dataset (None)."""
+
+    on_request: Callable[[Any], tuple[int, Dataset | None]]
+    on_result: Callable[[Any], tuple[int, Dataset | None]]
+
+
 @dataclass
 class StoreSCP:
     """Our C-STORE SCP: accepts instances only for a study a C-MOVE of ours is waiting for. It listens on
-    `port` in plain TCP (unless `plain` is False) and, given `ssl_context`, over DICOM TLS on `tls_port`."""
+    `port` in plain TCP (unless `plain` is False) and, given `ssl_context`, over DICOM TLS on `tls_port`.
+    Given `commitment`, it also takes DICOM Storage Commitment (commitment_scp.py, report_return.py)."""
 
     store: ObjectStore
     port: int
@@ -747,6 +759,7 @@ class StoreSCP:
     tls_port: int | None = None
     ssl_context: ssl.SSLContext | None = None
     plain: bool = True
+    commitment: CommitmentHandlers | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _waiting: dict[str, InstanceWriter] = field(default_factory=dict)
     _servers: list[Any] = field(default_factory=list)
@@ -766,6 +779,13 @@ class StoreSCP:
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        if self.commitment is not None:
+            # Either role: a PACS sending its result on an association it opens proposes the SCP role.
+            ae.add_supported_context(stgcmt.STORAGE_COMMITMENT, scu_role=True, scp_role=True)
+            handlers += [
+                (evt.EVT_N_ACTION, self.commitment.on_request),
+                (evt.EVT_N_EVENT_REPORT, self.commitment.on_result),
+            ]
         listeners: list[tuple[int, ssl.SSLContext | None]] = [(self.port, None)] if self.plain else []
         if self.ssl_context is not None and self.tls_port is not None:
             listeners.append((self.tls_port, self.ssl_context))

@@ -1,5 +1,6 @@
-"""The records process: its API and DICOMweb, its `records` queue consumer, its outbox relay, and the
-retrieval loop with our C-STORE SCP (AE SECONDOPINION)."""
+"""The records process: its API and DICOMweb, its `records` queue consumer, its outbox relay, the retrieval
+loop with our C-STORE SCP (AE SECONDOPINION), the report return loop, and the loop answering storage
+commitment requests."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,10 +13,11 @@ from services.common.db import get_engine
 from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
 from services.records import api, consumer, dicomweb, export, header_probe, timeline
+from services.records.commitment_scp import CommitmentLoop
 from services.records.limits import get_limits
 from services.records.models import RecordRetrieval, ReportReturn
 from services.records.qido_keys import QueryKeysByKeyword
-from services.records.report_return import ReturnLoop
+from services.records.report_return import ReturnLoop, answer_commitment_result
 from services.records.retrieval import (
     RetrievalLoop,
     get_retrieval_settings,
@@ -34,7 +36,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.env == "prod" and (problems := get_link_settings().production_problems()):
         raise SystemExit("refusing to start with ENV=prod:\n- " + "\n- ".join(problems))
     async with runtime.lifespan()(app):  # migrations run here, before the retrieval loop reads its tables
-        retrieval = RetrievalLoop(get_engine("records"), settings)
+        engine = get_engine("records")
+        commitments = CommitmentLoop(engine, settings)
+        commitments.start()
+        handlers = commitments.handlers(lambda event: answer_commitment_result(engine, event))
+        retrieval = RetrievalLoop(engine, settings, commitment=handlers)
         retrieval.start()
         runtime.on_commit(retrieval.wake, wrote=RecordRetrieval)
         returns = ReturnLoop(get_engine("records"), settings)
@@ -48,6 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         finally:
             retrieval.stop()
             returns.stop()
+            commitments.stop()
             header_probe.shutdown()
 
 

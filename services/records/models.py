@@ -24,6 +24,7 @@ TABLES = (
     "record_sources",
     "record_retrievals",
     "record_report_returns",
+    "record_commitment_requests",
 )
 
 
@@ -154,6 +155,12 @@ class RecordSourceBase(SQLModel):
         description="send each version of the second-opinion report (DICOM Encapsulated PDF) back into this "
         "PACS, into the study it reads: C-STORE to the AE above, or STOW-RS to the DICOMweb URL",
     )
+    storage_commitment: bool = Field(
+        default=False,
+        description="this PACS speaks DICOM Storage Commitment (Push Model, PS3.4 Annex J): each report sent back "
+        "by C-STORE is asked to be committed (N-ACTION), and counts as returned only once the PACS's N-EVENT-REPORT "
+        "says it took responsibility for it; without it a report C-STOREd is done when stored",
+    )
     tls: bool = Field(
         default=False,
         description="speak DICOM over TLS to the AE above (PS3.15 Annex B, BCP 195; port 2762 by convention)",
@@ -226,6 +233,16 @@ class RecordSourceIn(RecordSourceBase):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _commitment_over_dimse(self) -> RecordSourceIn:
+        """Storage commitment is DIMSE (N-ACTION, N-EVENT-REPORT): it needs the PACS's AE, host and port."""
+        if self.storage_commitment and not (self.ae_title and self.host):
+            raise ValueError(
+                "storage_commitment applies to a DIMSE PACS: give ae_title, host and port with it "
+                "(STOW-RS has no storage commitment)"
+            )
+        return self
+
     @field_validator("dicomweb_url")
     @classmethod
     def _callable_url(cls, url: str | None) -> str | None:
@@ -285,15 +302,36 @@ class ReportReturn(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
     sent_sop_instance_uid: str | None = Field(default=None, max_length=64)  # the instance the PACS got
+    # Storage commitment (when the source asks for it): the transaction of the current attempt, and its state.
+    transaction_uid: str | None = Field(default=None, max_length=64, unique=True)
+    commitment: str | None = Field(default=None, max_length=16)  # a Commitment
+    committed_at: datetime | None = None
+
+
+class Commitment(StrEnum):
+    """Where a report return's storage commitment stands (none when the PACS is not asked)."""
+
+    REQUESTED = "requested"  # the PACS accepted the N-ACTION; its N-EVENT-REPORT is awaited
+    COMMITTED = "committed"  # the PACS took responsibility for the instance: the return is done
+    NOT_COMMITTED = (
+        "not_committed"  # a failure or no answer in time (last_error says which): sent again or failed
+    )
 
 
 class ReportReturnPublic(BaseModel):
     sop_instance_uid: str
     version: int
-    status: RetrievalStatus
+    status: RetrievalStatus = PydanticField(
+        description="done: stored in the PACS, and committed by it when its source asks for storage commitment"
+    )
     attempts: int
     last_error: str | None
     finished_at: datetime | None
+    commitment: Commitment | None = PydanticField(
+        default=None, description="storage commitment of the instance, when the source asks for it"
+    )
+    commitment_transaction_uid: str | None = None
+    committed_at: datetime | None = None
 
     @classmethod
     def of(cls, row: ReportReturn) -> ReportReturnPublic:
@@ -304,7 +342,31 @@ class ReportReturnPublic(BaseModel):
             attempts=row.attempts,
             last_error=row.last_error,
             finished_at=row.finished_at,
+            commitment=Commitment(row.commitment) if row.commitment else None,
+            commitment_transaction_uid=row.transaction_uid if row.commitment else None,
+            committed_at=row.committed_at,
         )
+
+
+class CommitmentRequest(SQLModel, table=True):
+    """A facility's PACS asked us (N-ACTION) to commit instances it sent: answered by N-EVENT-REPORT from a
+    background loop, retried, so that a restart between the request and the answer loses nothing."""
+
+    __tablename__ = "record_commitment_requests"
+
+    transaction_uid: str = Field(primary_key=True, max_length=64)
+    calling_ae: str = Field(max_length=16)
+    partner_id: str = Field(max_length=100)  # the image source whose PACS asked, and is answered
+    # [[SOP Class UID, SOP Instance UID], ...] as the request listed them.
+    references: list[list[str]] = Field(sa_column=Column(JSON, nullable=False))
+    status: str = Field(max_length=16, index=True)  # a RetrievalStatus
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    last_error: str | None = Field(default=None, max_length=300)
+    committed: int | None = None  # how many were committed, and how many not, in the answer sent
+    failed: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
 
 
 class RetrievalPublic(BaseModel):

@@ -14,27 +14,44 @@ of the records process sends it: claimed one at a time, retried with backoff whi
 then marked failed with why (shown in `GET /v1/records/{case}`). A PACS that refuses the instance itself (a
 C-STORE failure status, STOW-RS 409 or another 4xx) is not retried: sending the same bytes again would be
 refused again. Nothing here logs PHI: the case id, the SOP Instance UID and the DIMSE status or HTTP code.
+
+A PACS whose source says `storage_commitment` is then asked, on the same association, to commit the instance
+(DICOM Storage Commitment, storage_commitment.py): an N-ACTION with a Transaction UID kept on the return (a new
+one per attempt). The return is done only when the PACS's N-EVENT-REPORT says the instance is committed; it
+may come on that association (we wait `commitment_linger_seconds` for it) or, as most PACS send it, on an
+association the PACS opens to our SCP (`record_commitment_result`). The instance listed as failed, or no result
+within `commitment_timeout_seconds`, is sent and asked again, counted as an attempt, and after the last one the
+return is failed with why (`commitment: not_committed`), never done.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 from io import BytesIO
+from typing import Any
 
 import httpx
 import structlog
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import evt
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from services.common.config import Settings
 from services.common.db import insert_new, utcnow
 from services.records import dimse
+from services.records import storage_commitment as stgcmt
 from services.records.archive_store import ArchiveUnavailable, stow_request
 from services.records.dicomweb_source import DicomwebSource
 from services.records.models import (
+    Commitment,
     RecordFile,
     RecordImport,
     RecordSource,
@@ -62,6 +79,10 @@ class ReturnSettings(BaseSettings):
     timeout_seconds: float = 30.0
     poll_seconds: float = 5.0
     held_recheck_seconds: float = 60.0  # a return whose case has images held for identity: looked at again
+    # Storage commitment (sources with storage_commitment): how long the PACS's result is awaited before the
+    # report is sent and asked again, and how long the association is kept open for a result sent on it.
+    commitment_timeout_seconds: float = 3600.0
+    commitment_linger_seconds: float = 5.0
 
 
 @lru_cache
@@ -71,6 +92,30 @@ def get_return_settings() -> ReturnSettings:
 
 class Refused(Exception):
     """The PACS refused this instance: sending it again would not help."""
+
+
+class _Cancelled(Exception):
+    """The return was cancelled while it was being sent: left as it is."""
+
+
+@dataclass(frozen=True)
+class CommitmentAsk:
+    """Ask the PACS to commit the instance sent, in this transaction; handle a result sent on the association."""
+
+    transaction_uid: str
+    on_result: Any  # the association's EVT_N_EVENT_REPORT handler
+    linger: float
+
+    def on_sent(self, event: Any) -> None:
+        """Our answer to a result that came on the association is going out: the send may end (release)."""
+        if isinstance(event.message, N_EVENT_REPORT_RSP):
+            _wake_waiter(self.transaction_uid)
+
+
+RESPONSE_GRACE_SECONDS = 0.2
+# Transactions whose send waits, association open, for a result: set when it is recorded, however it came.
+_awaited: dict[str, threading.Event] = {}
+_awaited_lock = threading.Lock()
 
 
 def plan_return(
@@ -103,7 +148,15 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
         attempted += 1
         try:
             filed = _as_stored(settings, row, storage_path)
-            _send(source, filed, options.timeout_seconds, settings)
+            sent_uid = str(
+                dcmread(
+                    BytesIO(filed), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+                ).SOPInstanceUID
+            )
+            ask = _commitment_ask(engine, options, source, row, sent_uid)
+            _send(source, filed, options.timeout_seconds, settings, ask)
+        except _Cancelled:
+            continue
         except (Refused, PlainDimseRefused) as exc:
             _finish(engine, row, RetrievalStatus.FAILED, str(exc))
             log.warning(
@@ -118,11 +171,9 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
             log.exception("records.report_return_error", case_id=row.case_id, sop_instance_uid=row.return_id)
             _failed_attempt(engine, options, row, f"the send failed unexpectedly ({type(exc).__name__})")
         else:
-            sent_uid = str(
-                dcmread(
-                    BytesIO(filed), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
-                ).SOPInstanceUID
-            )
+            if ask is not None:
+                _await_commitment(engine, options, row, ask.transaction_uid)
+                continue
             _finish(engine, row, RetrievalStatus.DONE, None, sent_uid)
             log.info(
                 "records.report_returned",
@@ -131,6 +182,135 @@ def run_due(engine: Engine, settings: Settings, options: ReturnSettings | None =
                 version=row.version,
             )
     return attempted
+
+
+def _commitment_ask(
+    engine: Engine, options: ReturnSettings, source: RecordSource, claimed: ReportReturn, sent_uid: str
+) -> CommitmentAsk | None:
+    """For a PACS asked for storage commitment: a new transaction for this attempt, kept on the return (with
+    the instance it names) before the N-ACTION goes, since the result may come on another association first."""
+    if not source.storage_commitment or source.dicomweb_url:
+        return None
+    transaction_uid = generate_uid()
+    with Session(engine) as session:
+        row = session.get(ReportReturn, claimed.return_id, with_for_update=True)
+        if row is None or row.status != RetrievalStatus.RUNNING:
+            raise _Cancelled
+        row.transaction_uid, row.sent_sop_instance_uid = transaction_uid, sent_uid
+        session.add(row)
+        session.commit()
+
+    def on_result(event: Any) -> tuple[int, None]:
+        # The send is woken once our N-EVENT-REPORT response goes (`on_sent`), not here: a release requested
+        # before it would reach the PACS first, and a PACS awaiting release then aborts (PS3.8 Sta8, AA-8).
+        return answer_commitment_result(engine, event, options, wake=False), None
+
+    return CommitmentAsk(transaction_uid, on_result, options.commitment_linger_seconds)
+
+
+def _await_commitment(
+    engine: Engine, options: ReturnSettings, claimed: ReportReturn, transaction_uid: str
+) -> None:
+    """The PACS stored the instance and accepted the commitment request: its result is awaited until the
+    deadline (unless it came already, on the association or on another)."""
+    with Session(engine) as session:
+        row = session.get(ReportReturn, claimed.return_id, with_for_update=True)
+        if row is None or row.status != RetrievalStatus.RUNNING or row.transaction_uid != transaction_uid:
+            return  # the result came first, or the case was cancelled meanwhile
+        row.commitment = Commitment.REQUESTED
+        row.next_attempt_at = utcnow() + timedelta(seconds=options.commitment_timeout_seconds)
+        session.add(row)
+        session.commit()
+    log.info(
+        "records.report_commitment_requested",
+        case_id=claimed.case_id,
+        sop_instance_uid=claimed.return_id,
+        transaction_uid=transaction_uid,
+    )
+
+
+def answer_commitment_result(
+    engine: Engine, event: Any, options: ReturnSettings | None = None, *, wake: bool = True
+) -> int:
+    """Our EVT_N_EVENT_REPORT handler, on the association of a send or on our SCP: the DIMSE status to answer.
+    A result for a transaction we no longer wait for (answered, superseded by a later attempt) is taken and
+    ignored."""
+    try:
+        result = stgcmt.read_result(event.event_type, event.event_information)
+    except stgcmt.Malformed as exc:
+        log.warning("records.commitment_result_malformed", error=str(exc))
+        return stgcmt.INVALID_ARGUMENT_VALUE
+    except Exception:
+        log.exception("records.commitment_result_unreadable")
+        return stgcmt.PROCESSING_FAILURE
+    record_commitment_result(engine, result, options, wake=wake)
+    return stgcmt.SUCCESS
+
+
+def record_commitment_result(
+    engine: Engine, result: stgcmt.Result, options: ReturnSettings | None = None, *, wake: bool = True
+) -> None:
+    """The PACS's storage commitment result: the return is done once the instance is committed; listed as
+    failed (or not named), it is sent again while attempts remain, else failed, saying why. `wake`: end the
+    send's wait for it now (it came on another association)."""
+    options = options or get_return_settings()
+    with Session(engine) as session:
+        row = session.exec(
+            select(ReportReturn)
+            .where(ReportReturn.transaction_uid == result.transaction_uid)
+            .with_for_update()
+        ).first()
+        if row is None or row.status != RetrievalStatus.RUNNING:
+            log.info("records.commitment_result_ignored", transaction_uid=result.transaction_uid)
+            if wake:
+                _wake_waiter(result.transaction_uid)
+            return
+        ours = row.sent_sop_instance_uid or row.return_id
+        failure = next((f for f in result.failed if f.reference.sop_instance_uid == ours), None)
+        if failure is None and any(r.sop_instance_uid == ours for r in result.committed):
+            row.status, row.commitment, row.last_error = RetrievalStatus.DONE, Commitment.COMMITTED, None
+            row.finished_at = row.committed_at = utcnow()
+        else:
+            reason = (
+                f"the PACS did not commit the report instance ({failure.describe()})"
+                if failure is not None
+                else "the PACS's storage commitment result does not name the report instance"
+            )
+            _not_committed(row, options, reason)
+        case_id, return_id, state = row.case_id, row.return_id, row.status
+        session.add(row)
+        session.commit()
+    if wake:
+        _wake_waiter(result.transaction_uid)
+    log.info(
+        "records.report_commitment_result",
+        case_id=case_id,
+        sop_instance_uid=return_id,
+        transaction_uid=result.transaction_uid,
+        status=state,
+    )
+
+
+def _not_committed(row: ReportReturn, options: ReturnSettings, reason: str) -> None:
+    """Not committed: sent and asked again after the backoff while attempts remain, else failed with why."""
+    row.commitment = Commitment.NOT_COMMITTED
+    if row.attempts < options.attempts:
+        row.status = RetrievalStatus.PENDING
+        row.last_error = f"{reason}; it is sent again"[:300]
+        row.next_attempt_at = utcnow() + timedelta(seconds=options.backoff_seconds * 2 ** (row.attempts - 1))
+    else:
+        row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
+        row.last_error = f"{reason}, after {row.attempts} attempts; the PACS may not hold it"[:300]
+    log.warning(
+        "records.report_not_committed", case_id=row.case_id, sop_instance_uid=row.return_id, reason=reason
+    )
+
+
+def _wake_waiter(transaction_uid: str) -> None:
+    with _awaited_lock:
+        waiter = _awaited.get(transaction_uid)
+    if waiter is not None:
+        waiter.set()
 
 
 def _claim(
@@ -160,6 +340,15 @@ def _claim(
                     RecordFile.case_id == row.case_id, RecordFile.sha256 == row.sha256
                 )
             ).first()
+            if row.commitment == Commitment.REQUESTED and row.status == RetrievalStatus.RUNNING:
+                # Claimed because the commitment deadline passed with no result from the PACS: failed after
+                # the last attempt, else sent and asked again now (the deadline was the wait, no backoff more).
+                waited = f"the PACS sent no storage commitment result within {options.commitment_timeout_seconds:g} s"
+                _not_committed(row, options, waited)
+                if row.status == RetrievalStatus.FAILED:
+                    session.add(row)
+                    session.commit()
+                    continue
             if (
                 row.attempts >= options.attempts
             ):  # its last attempt's lease ran out: the process died mid-send
@@ -237,28 +426,49 @@ def _as_stored(settings: Settings, row: ReportReturn, storage_path: str) -> byte
     return ObjectStore.for_settings(settings).local_path(storage_path, row.sha256).read_bytes()
 
 
-def _send(source: RecordSource, dicom: bytes, timeout: float, settings: Settings) -> None:
+def _send(
+    source: RecordSource, dicom: bytes, timeout: float, settings: Settings, ask: CommitmentAsk | None = None
+) -> None:
     if source.dicomweb_url:
         _stow(DicomwebSource(source.dicomweb_url, source.dicomweb_auth_env, timeout), dicom)
     elif source.ae_title and source.host:
-        _c_store(dimse_source(source, timeout, settings), dicom)
+        _c_store(dimse_source(source, timeout, settings), dicom, ask)
     else:
         raise Refused("the partner's source names neither a PACS (AE title, host) nor a DICOMweb URL")
 
 
-def _c_store(source: dimse.DimseSource, dicom: bytes) -> None:
+def _c_store(source: dimse.DimseSource, dicom: bytes, ask: CommitmentAsk | None = None) -> None:
+    """C-STORE the instance; with `ask`, then request its storage commitment on the same association, and keep
+    the association open a while for a result the PACS may send on it."""
     dataset = dcmread(BytesIO(dicom))
     ae = dimse._ae(source.timeout)
     ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID])
-    assoc = dimse._associate(ae, source)
+    handlers: list[Any] = []
+    if ask is not None:
+        ae.add_requested_context(stgcmt.STORAGE_COMMITMENT)
+        handlers = [(evt.EVT_N_EVENT_REPORT, ask.on_result), (evt.EVT_DIMSE_SENT, ask.on_sent)]
+    assoc = dimse._associate(ae, source, evt_handlers=handlers)
     if not assoc.is_established:
         raise dimse.PacsUnavailable(f"the PACS {source.ae_title} refused or did not answer the association")
     try:
-        if not assoc.accepted_contexts:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        if str(dataset.SOPClassUID) not in accepted:
             raise Refused("the PACS does not accept Encapsulated PDF Storage in this transfer syntax")
         status = assoc.send_c_store(dataset)
+        _check_stored(status)
+        if ask is not None:
+            if stgcmt.STORAGE_COMMITMENT not in accepted:
+                raise Refused(
+                    "the report was stored, but the PACS does not accept Storage Commitment (Push Model): "
+                    "turn storage_commitment off on its image source if it does not speak it"
+                )
+            _request_commitment(assoc, ask, dataset)
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+
+
+def _check_stored(status: Any) -> None:
     if not status or "Status" not in status:
         raise dimse.PacsUnavailable("the PACS did not answer the C-STORE")
     code = int(status.Status)
@@ -267,6 +477,36 @@ def _c_store(source: dimse.DimseSource, dicom: bytes) -> None:
     if code & 0xFF00 == BUSY_PREFIX:
         raise dimse.PacsUnavailable(f"the PACS is out of resources (C-STORE status 0x{code:04X})")
     raise Refused(f"the PACS refused the report instance (C-STORE status 0x{code:04X})")
+
+
+def _request_commitment(assoc: Any, ask: CommitmentAsk, dataset: Any) -> None:
+    """N-ACTION Request Storage Commitment for the instance just stored; a refusal is retried like a PACS
+    that is down. Then wait up to `ask.linger` for the result, on this association or another."""
+    reference = stgcmt.Reference(str(dataset.SOPClassUID), str(dataset.SOPInstanceUID))
+    waiter = threading.Event()
+    with _awaited_lock:
+        _awaited[ask.transaction_uid] = waiter
+    try:
+        status, _ = assoc.send_n_action(
+            stgcmt.request_dataset(ask.transaction_uid, [reference]),
+            stgcmt.REQUEST_COMMITMENT,
+            stgcmt.STORAGE_COMMITMENT,
+            stgcmt.WELL_KNOWN_INSTANCE,
+        )
+        if not status or "Status" not in status:
+            raise dimse.PacsUnavailable("the PACS did not answer the storage commitment request (N-ACTION)")
+        code = int(status.Status)
+        if code != stgcmt.SUCCESS:
+            raise dimse.PacsUnavailable(
+                f"the PACS refused the storage commitment request (N-ACTION status 0x{code:04X})"
+            )
+        if waiter.wait(ask.linger):
+            # Woken as our response to a result on this association is being queued (before its PDUs are):
+            # give the association's thread a moment to queue them, so the release follows them.
+            time.sleep(RESPONSE_GRACE_SECONDS)
+    finally:
+        with _awaited_lock:
+            _awaited.pop(ask.transaction_uid, None)
 
 
 def _stow(source: DicomwebSource, dicom: bytes) -> None:

@@ -460,10 +460,18 @@ def _finish(
 
 
 class RetrievalLoop(PolledLoop):
-    """The records process's background retriever (and its C-STORE SCP for C-MOVE)."""
+    """The records process's background retriever (and its C-STORE SCP for C-MOVE, which also takes storage
+    commitment requests and results when given `commitment`)."""
 
-    def __init__(self, engine: Engine, settings: Settings, options: RetrievalSettings | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        options: RetrievalSettings | None = None,
+        commitment: dimse.CommitmentHandlers | None = None,
+    ) -> None:
         self._settings = settings
+        self._commitment = commitment
         self._options = options = options or get_retrieval_settings()
         self.scp: dimse.StoreSCP | None = None
         # Woken when the consumer commits a planned retrieval; the poll finds retries when they fall due.
@@ -486,6 +494,7 @@ class RetrievalLoop(PolledLoop):
                 tls_port=options.scp_tls_port,
                 ssl_context=options.scp_tls_context(),
                 plain=options.scp_plain,
+                commitment=self._commitment,
             )
             scp.start()
             self.scp = scp
