@@ -40,6 +40,7 @@ from services.records.models import (
     RecordRequest,
     RecordSource,
     RetrievalStatus,
+    retry_or_fail,
 )
 from services.records.polled import PolledLoop
 from services.records.retrieval import PlainDimseRefused, dimse_source
@@ -276,13 +277,7 @@ def _failed_attempt(
         if row is None or row.status != RetrievalStatus.RUNNING:
             return
         row.last_error = error[:300]
-        if row.attempts < options.attempts:
-            row.status = RetrievalStatus.PENDING
-            row.next_attempt_at = utcnow() + timedelta(
-                seconds=options.backoff_seconds * 2 ** (row.attempts - 1)
-            )
-        else:
-            row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
+        retry_or_fail(row, options.attempts, options.backoff_seconds)
         session.add(row)
         session.commit()
     log.warning(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -124,6 +124,18 @@ class RetrievalStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+def retry_or_fail(row: Any, attempts: int, backoff_seconds: float) -> bool:
+    """After a failed attempt of a retrieval, a report return or a commitment answer: pending again after an
+    exponential backoff (a PACS down for maintenance gets time to come back) while attempts remain (True), else
+    failed (False)."""
+    if row.attempts < attempts:
+        row.status = RetrievalStatus.PENDING
+        row.next_attempt_at = utcnow() + timedelta(seconds=backoff_seconds * 2 ** (row.attempts - 1))
+        return True
+    row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
+    return False
 
 
 def _pattern(regex: str) -> dict[str, str]:

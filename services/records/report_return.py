@@ -57,6 +57,7 @@ from services.records.models import (
     RecordSource,
     ReportReturn,
     RetrievalStatus,
+    retry_or_fail,
 )
 from services.records.polled import PolledLoop
 from services.records.report_study import images_held, stored_unplaced_while_held
@@ -294,12 +295,9 @@ def record_commitment_result(
 def _not_committed(row: ReportReturn, options: ReturnSettings, reason: str) -> None:
     """Not committed: sent and asked again after the backoff while attempts remain, else failed with why."""
     row.commitment = Commitment.NOT_COMMITTED
-    if row.attempts < options.attempts:
-        row.status = RetrievalStatus.PENDING
+    if retry_or_fail(row, options.attempts, options.backoff_seconds):
         row.last_error = f"{reason}; it is sent again"[:300]
-        row.next_attempt_at = utcnow() + timedelta(seconds=options.backoff_seconds * 2 ** (row.attempts - 1))
     else:
-        row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
         row.last_error = f"{reason}, after {row.attempts} attempts; the PACS may not hold it"[:300]
     log.warning(
         "records.report_not_committed", case_id=row.case_id, sop_instance_uid=row.return_id, reason=reason
@@ -529,13 +527,7 @@ def _failed_attempt(engine: Engine, options: ReturnSettings, claimed: ReportRetu
         if row is None or row.status != RetrievalStatus.RUNNING:
             return
         row.last_error = error[:300]
-        if row.attempts < options.attempts:
-            row.status = RetrievalStatus.PENDING
-            row.next_attempt_at = utcnow() + timedelta(
-                seconds=options.backoff_seconds * 2 ** (row.attempts - 1)
-            )
-        else:
-            row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
+        retry_or_fail(row, options.attempts, options.backoff_seconds)
         session.add(row)
         session.commit()
     log.warning(

@@ -35,6 +35,7 @@ from services.records.models import (
     RecordSource,
     RecordSourceBase,
     RetrievalStatus,
+    retry_or_fail,
 )
 from services.records.polled import PolledLoop
 from services.records.store import ObjectStore
@@ -402,14 +403,7 @@ def _failed_attempt(
         if row is None or row.status != RetrievalStatus.RUNNING:
             return
         row.last_error = error[:300]
-        if row.attempts < options.retrieval_attempts:
-            row.status = RetrievalStatus.PENDING
-            # Exponential backoff: a PACS that is down for maintenance gets time to come back.
-            row.next_attempt_at = utcnow() + timedelta(
-                seconds=options.retrieval_backoff_seconds * 2 ** (row.attempts - 1)
-            )
-        else:
-            row.status, row.finished_at = RetrievalStatus.FAILED, utcnow()
+        if not retry_or_fail(row, options.retrieval_attempts, options.retrieval_backoff_seconds):
             _report_unreachable(session, row)
         session.add(row)
         session.commit()
