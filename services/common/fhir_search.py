@@ -21,8 +21,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import Request
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, func, or_, tuple_
 from sqlalchemy.sql.elements import ColumnElement
+from sqlmodel import col, select
 
 from services.common.fhir import outcome_response
 from services.common.fhir_params import SearchParam
@@ -282,6 +283,27 @@ def decode_cursor(cursor: str) -> list[Any]:
         raise SearchRefused(
             "_cursor", "is not one this server returned; follow the Bundle's next link"
         ) from exc
+
+
+def newest_first_page(
+    session: Any, model: Any, where: list[Any], search: Search
+) -> tuple[int, list[Any], str | None]:
+    """(total, the page of `model` rows matching `where`, newest first, the next page's cursor): keyset paging on
+    (created_at, id), so a page costs the same however deep the search has gone."""
+    total = session.exec(select(func.count()).select_from(model).where(*where)).one()
+    if search.count == 0:
+        return total, [], None
+    query = select(model).where(*where)
+    if search.cursor is not None:
+        if len(search.cursor) != 2:
+            raise SearchRefused("_cursor", "is not one this server returned; follow the Bundle's next link")
+        after = (as_datetime(search.cursor[0]), search.cursor[1])
+        query = query.where(tuple_(col(model.created_at), col(model.id)) < tuple_(*after))
+    query = query.order_by(col(model.created_at).desc(), col(model.id).desc()).limit(search.count + 1)
+    rows = list(session.exec(query).all())
+    page = rows[: search.count]
+    more = len(rows) > search.count
+    return total, page, encode_cursor([page[-1].created_at.isoformat(), page[-1].id]) if more else None
 
 
 def as_datetime(text: str) -> datetime:

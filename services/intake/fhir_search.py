@@ -14,9 +14,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import false, func, true, tuple_
+from sqlalchemy import false, true
 from sqlalchemy.sql.elements import ColumnElement
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 from starlette.concurrency import run_in_threadpool
 
 from services.auth import Principal, Role
@@ -27,9 +27,8 @@ from services.common.fhir_search import (
     SearchRefused,
     Token,
     all_of,
-    as_datetime,
     date_condition,
-    encode_cursor,
+    newest_first_page,
     read_search,
     searchset,
     sent_parameters,
@@ -121,21 +120,7 @@ def run_search(
     session: Session, caller: Principal, search: Search, kind: str
 ) -> tuple[int, list[Case], str | None]:
     """(total, the page's cases, the next page's cursor)."""
-    where = [*scope(caller), *conditions(search, kind)]
-    total = session.exec(select(func.count()).select_from(Case).where(*where)).one()
-    if search.count == 0:
-        return total, [], None
-    query = select(Case).where(*where)
-    if search.cursor is not None:
-        if len(search.cursor) != 2:
-            raise SearchRefused("_cursor", "is not one this server returned; follow the Bundle's next link")
-        after = (as_datetime(search.cursor[0]), search.cursor[1])
-        query = query.where(tuple_(col(Case.created_at), col(Case.id)) < tuple_(*after))
-    query = query.order_by(col(Case.created_at).desc(), col(Case.id).desc()).limit(search.count + 1)
-    rows = list(session.exec(query).all())
-    page = rows[: search.count]
-    more = len(rows) > search.count
-    return total, page, encode_cursor([page[-1].created_at.isoformat(), page[-1].id]) if more else None
+    return newest_first_page(session, Case, [*scope(caller), *conditions(search, kind)], search)
 
 
 async def answer_search(

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import false, func, tuple_
+from sqlalchemy import false, func
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
@@ -25,9 +25,8 @@ from services.common.fhir_search import (
     SearchRefused,
     Token,
     all_of,
-    as_datetime,
     date_condition,
-    encode_cursor,
+    newest_first_page,
     read_search,
     searchset,
     sent_parameters,
@@ -299,21 +298,7 @@ def _report_scope(caller: Principal) -> list[ColumnElement[bool]]:
 def _search_reports(
     session: Session, caller: Principal, search: Search
 ) -> tuple[int, list[Report], str | None]:
-    where = [*_report_scope(caller), *_report_conditions(search)]
-    total = session.exec(select(func.count()).select_from(Report).where(*where)).one()
-    if search.count == 0:
-        return total, [], None
-    query = select(Report).where(*where)
-    if search.cursor is not None:
-        if len(search.cursor) != 2:
-            raise SearchRefused("_cursor", "is not one this server returned; follow the Bundle's next link")
-        after = (as_datetime(search.cursor[0]), search.cursor[1])
-        query = query.where(tuple_(col(Report.created_at), col(Report.id)) < tuple_(*after))
-    query = query.order_by(col(Report.created_at).desc(), col(Report.id).desc()).limit(search.count + 1)
-    rows = list(session.exec(query).all())
-    page = rows[: search.count]
-    more = len(rows) > search.count
-    return total, page, encode_cursor([page[-1].created_at.isoformat(), page[-1].id]) if more else None
+    return newest_first_page(session, Report, [*_report_scope(caller), *_report_conditions(search)], search)
 
 
 SEARCH_ANSWERS: dict[int | str, dict[str, Any]] = {
