@@ -47,6 +47,7 @@ from services.review.models import (
     WorkItem,
 )
 from services.review.offers import ReviewStateError
+from services.review.report_signing import ReportSigningUnavailable
 from services.review.stats import ReviewStats, review_stats
 
 __all__ = ["negotiate_report_format", "review_engine", "router"]
@@ -292,6 +293,13 @@ def _apply(action: Callable[[], T]) -> T:
         return action()
     except ReviewStateError as exc:
         raise HTTPException(409, str(exc)) from exc
+    except ReportSigningUnavailable as exc:
+        # Nothing is committed: the addendum or answer is not recorded, no report goes out unsigned.
+        raise HTTPException(
+            503,
+            f"{exc}. Your text was not recorded; send it again in a few minutes (the service logged report.signing_failed for operations).",
+            headers={"Retry-After": "300"},
+        ) from exc
 
 
 def _only_the_reviewer_signs(access: Access, what: str) -> None:
