@@ -95,6 +95,21 @@ class Authority:
         )
         return self._write(common_name, certificate, key)
 
+    def issue_timestamping(self, common_name: str) -> Issued:
+        """A timestamp authority's certificate (RFC 3161 2.3: the critical extended key usage timeStamping)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = (
+            self._builder(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+                self._certificate.subject,
+                key.public_key(),
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        return self._write(common_name, certificate, key)
+
     def _write(
         self, common_name: str, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey
     ) -> Issued:

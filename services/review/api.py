@@ -68,6 +68,11 @@ NOT_YOURS: dict[int | str, dict[str, Any]] = {
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"description": "the review's state does not allow it; the detail says why"}
 }
+UNSIGNABLE: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "the new report version could not be signed; nothing was recorded, retry (Retry-After)"
+    }
+}
 
 
 @reviews.get(
@@ -192,7 +197,7 @@ def submit_review(
 @reviews.post(
     "/{review_id}/questions/{question_id}/answer",
     response_model=QuestionPublic,
-    responses=NOT_YOURS | CONFLICT,
+    responses=NOT_YOURS | CONFLICT | UNSIGNABLE,
 )
 def answer_question(
     review_id: str,
@@ -226,6 +231,7 @@ def answer_question(
     response_model=AddendumPublic,
     responses=NOT_YOURS
     | CONFLICT
+    | UNSIGNABLE
     | {
         200: {"description": "a repeated request: the addendum it signed before (Idempotent-Replayed: true)"},
         403: {"description": "only the reviewing specialist's own key signs"},

@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -32,11 +33,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
-from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
-from pyhanko.sign import fields, signers
-from pyhanko.sign.timestamps import HTTPTimeStamper
-from pyhanko_certvalidator.registry import SimpleCertificateStore
+
+with warnings.catch_warnings():  # pyHanko imports DSA types on import; we never sign with DSA
+    warnings.filterwarnings("ignore", "DSA is deprecated", CryptographyDeprecationWarning)
+    from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+    from pyhanko.sign import fields, signers
+    from pyhanko.sign.timestamps import HTTPTimeStamper
+    from pyhanko_certvalidator.registry import SimpleCertificateStore
 
 from services.common.config import Settings
 

@@ -2,7 +2,8 @@
 pyHanko's validator (the test CA as the only trust root) and poppler's pdfsig find it intact, valid and trusted
 in the PDF downloaded, the PDF the DiagnosticReport's presentedForm points at (its size and hash those of the
 signed bytes) and the PDF inside the DICOM Encapsulated PDF records places into the study; any changed byte
-breaks it; an addendum's re-issue is signed too; the signature names the reviewer, never the patient; and a
+breaks it; an addendum's re-issue is signed too; with a timestamp authority (OpenSSL's, on a loopback port)
+it is B-T; the signature names the reviewer, never the patient; and a
 signing identity that cannot sign issues nothing, unsigned or otherwise."""
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from services.common.db import Outbox
 from services.review import report_signing
 from services.review.models import Report, Review
 from services.review.report_signing import ReportSigningUnavailable
+from tests.infra import free_port
 from tests.integration import test_review_flow as flow
 from tests.integration.test_records_second_opinion import store_images
 from tests.integration.test_report_dicom_download import (
@@ -48,6 +50,7 @@ from tests.integration.test_report_dicom_download import (
 )
 from tests.keys import specialist_headers
 from tests.pki import Authority, Issued
+from tests.tsa import openssl_tsa
 
 __all__ = ["records_engine", "records_url"]  # the fixtures, as the DICOM download's tests have them
 
@@ -356,3 +359,42 @@ def small_pdf() -> bytes:
     canvas.drawString(100, 100, "report")
     canvas.save()
     return buffer.getvalue()
+
+
+def test_with_a_timestamp_authority_the_signature_is_pades_b_t(
+    engine: Engine,
+    records_engine: Engine,
+    signing: Settings,
+    records_url: str,
+    authority: Authority,
+    tmp_path: Path,
+) -> None:
+    with openssl_tsa(authority, tmp_path) as tsa_url:
+        stamped = signing.model_copy(update={"review_report_tsa_url": tsa_url})
+        with review_client(engine, stamped, records_url) as review:
+            case_id, _, review_id = reviewed_case(engine, records_engine, stamped, review)
+            compose(engine, stamped, case_id, review_id)
+            pdf = review.get(f"/v1/reports/{case_id}", headers=PDF).content
+
+    [embedded] = PdfFileReader(io.BytesIO(pdf)).embedded_signatures
+    context = ValidationContext(
+        trust_roots=[load_cert_from_pemder(str(authority.cert))], allow_fetching=False
+    )
+    status = validate_pdf_signature(embedded, context, ts_validation_context=context)
+
+    assert (status.intact, status.valid, status.trusted) == (True, True, True), status.pretty_print_details()
+    assert status.timestamp_validity is not None  # the signature-time-stamp of B-T, by our TSA
+    stamp = status.timestamp_validity
+    assert (stamp.intact, stamp.valid, stamp.trusted) == (True, True, True)
+    assert status.signer_reported_dt is not None and stamp.timestamp >= status.signer_reported_dt
+    assert "signature_time_stamp_token" in {a["type"].native for a in embedded.signer_info["unsigned_attrs"]}
+    assert len(pdf) % 2 == 0
+    assert "Signature Validation: Signature is Valid." in pdfsig(pdf, tmp_path)
+
+
+def test_a_timestamp_authority_that_does_not_answer_issues_nothing(signing: Settings) -> None:
+    unanswered = signing.model_copy(update={"review_report_tsa_url": f"http://127.0.0.1:{free_port()}/"})
+    who = report_signing.ReportSigner("Dr. A, MD", report_signing.REPORT_ISSUED, datetime.now(UTC))
+
+    with pytest.raises(ReportSigningUnavailable, match="REVIEW_REPORT_TSA_URL"):
+        report_signing.sign_report_pdf(small_pdf(), who, unanswered)
