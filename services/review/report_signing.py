@@ -267,6 +267,8 @@ def _load_pkcs12(
 
 def _certificates(path: Path, setting: str) -> list[x509.Certificate]:
     data = _read(path, setting)
+    if not data.strip():
+        return []  # a chain file left empty: the certificate is issued by the root itself
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
             return x509.load_pem_x509_certificates(data)
