@@ -62,7 +62,19 @@ class ReportSigningUnavailable(Exception):
 class SigningIdentity:
     signer: signers.SimpleSigner
     subject: str  # the certificate's subject, for logs and errors
+    not_before: datetime
     not_after: datetime
+
+    def validity_problem(self, at: datetime) -> str | None:
+        """Why a signature made at `at` would not be valid (the certificate is not valid then), or None."""
+        if at < self.not_before:
+            return f"the document-signing certificate {self.subject} is valid from {self.not_before.isoformat()} only"
+        if at >= self.not_after:
+            return (
+                f"the document-signing certificate {self.subject} expired at {self.not_after.isoformat()}; "
+                "install its renewal (REVIEW_REPORT_SIGNING_KEY_FILE / _CERT_FILE)"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,9 @@ def sign_report_pdf(pdf: bytes, who: ReportSigner, settings: Settings) -> bytes:
     a PACS hands out are the signed bytes, ByteRange covering the whole file. Runs its own event loop (the TSA
     is asked over aiohttp): call it from a thread, as the consumer and the sync routes do."""
     identity = signing_identity(settings)
+    if problem := identity.validity_problem(datetime.now(UTC)):
+        log.error("report.signing_certificate_not_valid", subject=identity.subject)
+        raise ReportSigningUnavailable(f"{problem}; nothing was issued")
     meta = signers.PdfSignatureMetadata(
         field_name=FIELD_NAME,
         md_algorithm="sha256",
@@ -169,10 +184,8 @@ def signing_problems(settings: Settings) -> list[str]:
         identity = signing_identity(settings)
     except ReportSigningUnavailable as exc:
         return [str(exc)]
-    if identity.not_after <= datetime.now(UTC):
-        return [
-            f"the document-signing certificate {identity.subject} expired at {identity.not_after.isoformat()}"
-        ]
+    if problem := identity.validity_problem(datetime.now(UTC)):
+        return [problem]
     return []
 
 
@@ -209,6 +222,15 @@ def _identity(
             f"the document-signing key is not the key of the certificate {cert.subject.rfc4514_string()} "
             "(REVIEW_REPORT_SIGNING_KEY_FILE and _CERT_FILE do not belong together); every signature would be invalid"
         )
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not (usage.digital_signature or usage.content_commitment):
+        raise ReportSigningUnavailable(
+            f"the certificate {cert.subject.rfc4514_string()} may not sign documents (its key usage has neither "
+            "digitalSignature nor nonRepudiation); REVIEW_REPORT_SIGNING_CERT_FILE must be a document-signing one"
+        )
     signing_cert = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
     signer = signers.SimpleSigner(
         signing_cert=signing_cert,
@@ -221,7 +243,9 @@ def _identity(
             [asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER)) for c in chain]
         ),
     )
-    return SigningIdentity(signer, cert.subject.rfc4514_string(), cert.not_valid_after_utc)
+    return SigningIdentity(
+        signer, cert.subject.rfc4514_string(), cert.not_valid_before_utc, cert.not_valid_after_utc
+    )
 
 
 def _load_pem(

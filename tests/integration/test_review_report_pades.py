@@ -340,6 +340,22 @@ def test_production_without_a_signing_identity_is_named() -> None:
     assert "REVIEW_REPORT_SIGNING_KEY_FILE" in problem
 
 
+def test_a_certificate_not_for_signing_documents_is_named_at_start(
+    signing: Settings, authority: Authority
+) -> None:
+    tls_only = authority.issue_document_signer("key encipherment only", key_usage=False)
+    settings = signing.model_copy(
+        update={
+            "review_report_signing_key_file": tls_only.key,
+            "review_report_signing_cert_file": tls_only.cert,
+        }
+    )
+
+    [problem] = report_signing.signing_problems(settings)
+
+    assert "may not sign documents" in problem and "REVIEW_REPORT_SIGNING_CERT_FILE" in problem
+
+
 def test_the_signed_file_has_an_even_length_whatever_the_rendered_one(
     signing: Settings, authority: Authority
 ) -> None:
