@@ -162,15 +162,29 @@ class _SignedAt(signers.PdfSigner):
 
 
 def signing_identity(settings: Settings) -> SigningIdentity:
-    """The configured identity (loaded once per configuration), or in development one made once."""
+    """The configured identity, or in development one made once. Loaded again when a file changes, so a
+    renewed certificate (a Secret updated in place) signs from the next report on, without a restart."""
     passphrase = settings.review_report_signing_passphrase
-    return _identity(
+    files = (
         settings.review_report_signing_key_file,
         settings.review_report_signing_cert_file,
         settings.review_report_signing_chain_file,
+    )
+    return _identity(
+        *files,
         passphrase.get_secret_value().encode() if passphrase else None,
         settings.service_dir("review") / DEV_IDENTITY if settings.env != "prod" else None,
+        changed=tuple(_modified(path) for path in files),
     )
+
+
+def _modified(path: Path | None) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or, as Kubernetes updates a Secret, swapped for another."""
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        return None  # unreadable: loading says why
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns) if stat is not None else None
 
 
 def signing_problems(settings: Settings) -> list[str]:
@@ -196,6 +210,8 @@ def _identity(
     chain_file: Path | None,
     passphrase: bytes | None,
     dev_identity: Path | None,
+    *,
+    changed: tuple[tuple[int, int, int] | None, ...],  # what _modified says of each file: the cache key only
 ) -> SigningIdentity:
     if key_file is None:
         if dev_identity is None:

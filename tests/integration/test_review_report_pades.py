@@ -414,3 +414,29 @@ def test_a_timestamp_authority_that_does_not_answer_issues_nothing(signing: Sett
 
     with pytest.raises(ReportSigningUnavailable, match="REVIEW_REPORT_TSA_URL"):
         report_signing.sign_report_pdf(small_pdf(), who, unanswered)
+
+
+def test_a_certificate_renewed_in_place_signs_the_next_report(
+    signing: Settings, authority: Authority, signer_cert: Issued, tmp_path: Path
+) -> None:
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    key.write_bytes(signer_cert.key.read_bytes())
+    cert.write_bytes(signer_cert.cert.read_bytes())
+    mounted = signing.model_copy(
+        update={"review_report_signing_key_file": key, "review_report_signing_cert_file": cert}
+    )
+    who = report_signing.ReportSigner("Dr. A, MD", report_signing.REPORT_ISSUED, datetime.now(UTC))
+    before = report_signing.sign_report_pdf(small_pdf(), who, mounted)
+
+    renewed = authority.issue_document_signer("secondopinion report signing 2027")
+    key.write_bytes(renewed.key.read_bytes())
+    cert.write_bytes(renewed.cert.read_bytes())
+    after = report_signing.sign_report_pdf(small_pdf(), who, mounted)
+
+    def signer(pdf: bytes) -> str:
+        return str(assert_signed(pdf, authority).signing_cert.subject.native["common_name"])
+
+    assert (signer(before), signer(after)) == (
+        "secondopinion report signing",
+        "secondopinion report signing 2027",
+    )
