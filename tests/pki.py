@@ -68,6 +68,62 @@ class Authority:
         )
         return issued
 
+    def issue_document_signer(self, common_name: str, *, key_usage: bool = True) -> Issued:
+        """A document-signing certificate (digitalSignature and nonRepudiation, as a PDF signer's is checked
+        for); `key_usage` False: one whose key usage says it may only encipher keys."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        usage = x509.KeyUsage(
+            digital_signature=key_usage,
+            content_commitment=key_usage,
+            key_encipherment=not key_usage,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=False,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        certificate = (
+            self._builder(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+                self._certificate.subject,
+                key.public_key(),
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        return self._write(common_name, certificate, key)
+
+    def issue_timestamping(self, common_name: str) -> Issued:
+        """A timestamp authority's certificate (RFC 3161 2.3: the critical extended key usage timeStamping)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = (
+            self._builder(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+                self._certificate.subject,
+                key.public_key(),
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        return self._write(common_name, certificate, key)
+
+    def _write(
+        self, common_name: str, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey
+    ) -> Issued:
+        issued = Issued(
+            self.folder / f"{self.name}-{common_name}.pem", self.folder / f"{self.name}-{common_name}.key"
+        )
+        issued.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        issued.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return issued
+
     @staticmethod
     def _builder(
         subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey

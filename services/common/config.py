@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +102,20 @@ class Settings(BaseSettings):
 
     # Records: a file larger than this is refused before it is stored.
     max_upload_bytes: int = 512 * 1024 * 1024
+
+    # The review service's document-signing identity: every report PDF it issues (and each addendum's re-issue)
+    # is a PAdES signature by it (services/review/report_signing.py). The key file is a PEM or DER private key
+    # with the certificate (and the chain up to the root, without it) in the other two, or a PKCS#12 file
+    # (.p12 / .pfx) holding all three. The passphrase opens an encrypted key or the PKCS#12 file. Required when
+    # ENV=prod; in development a key and certificate made once under DATA_DIR/review/signing are used.
+    review_report_signing_key_file: Path | None = None
+    review_report_signing_cert_file: Path | None = None
+    review_report_signing_chain_file: Path | None = None
+    review_report_signing_passphrase: SecretStr | None = None
+    # The signature's /Location: the programme that issues the report.
+    review_report_signing_location: str = "Second-opinion programme"
+    # An RFC 3161 timestamp authority: with it the signature is PAdES B-T (a trusted time), else B-B.
+    review_report_tsa_url: str | None = None
 
     @field_validator("viewer_origins", mode="before")
     @classmethod

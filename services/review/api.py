@@ -47,6 +47,7 @@ from services.review.models import (
     WorkItem,
 )
 from services.review.offers import ReviewStateError
+from services.review.report_signing import ReportSigningUnavailable
 from services.review.stats import ReviewStats, review_stats
 
 __all__ = ["negotiate_report_format", "review_engine", "router"]
@@ -66,6 +67,11 @@ NOT_YOURS: dict[int | str, dict[str, Any]] = {
 }
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"description": "the review's state does not allow it; the detail says why"}
+}
+UNSIGNABLE: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "the new report version could not be signed; nothing was recorded, retry (Retry-After)"
+    }
 }
 
 
@@ -191,7 +197,7 @@ def submit_review(
 @reviews.post(
     "/{review_id}/questions/{question_id}/answer",
     response_model=QuestionPublic,
-    responses=NOT_YOURS | CONFLICT,
+    responses=NOT_YOURS | CONFLICT | UNSIGNABLE,
 )
 def answer_question(
     review_id: str,
@@ -225,6 +231,7 @@ def answer_question(
     response_model=AddendumPublic,
     responses=NOT_YOURS
     | CONFLICT
+    | UNSIGNABLE
     | {
         200: {"description": "a repeated request: the addendum it signed before (Idempotent-Replayed: true)"},
         403: {"description": "only the reviewing specialist's own key signs"},
@@ -292,6 +299,13 @@ def _apply(action: Callable[[], T]) -> T:
         return action()
     except ReviewStateError as exc:
         raise HTTPException(409, str(exc)) from exc
+    except ReportSigningUnavailable as exc:
+        # Nothing is committed: the addendum or answer is not recorded, no report goes out unsigned.
+        raise HTTPException(
+            503,
+            f"{exc}. Your text was not recorded; send it again in a few minutes (the service logged report.signing_failed for operations).",
+            headers={"Retry-After": "300"},
+        ) from exc
 
 
 def _only_the_reviewer_signs(access: Access, what: str) -> None:

@@ -46,6 +46,7 @@ from services.review.models import (
     as_utc,
 )
 from services.review.report_pdf import Addendum, ReportContent, Signature, render_report_pdf
+from services.review.report_signing import ADDENDUM_ISSUED, REPORT_ISSUED, ReportSigner, sign_report_pdf
 
 SOURCE = "/services/review"
 
@@ -250,7 +251,7 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
         if report.communication
         else None,
     )
-    pdf = render_report_pdf(content)
+    pdf = sign_report_pdf(render_report_pdf(content), report_signer(content), settings)
     report.pdf_sha256, report.pdf_path = _store_pdf(settings, pdf)
     issued = utcnow()
     report.diagnostic_report = build_diagnostic_report(
@@ -265,6 +266,13 @@ def render_report(report: Report, review: Review, session: Session, settings: Se
     else:
         report.created_at = issued
     session.add(report)
+
+
+def report_signer(content: ReportContent) -> ReportSigner:
+    """The PAdES signature's /Name, /Reason and /M: the reviewer, what this version issues, when they signed it."""
+    if content.addenda:
+        return ReportSigner(content.reviewer_signature, ADDENDUM_ISSUED, content.addenda[-1].signed_at)
+    return ReportSigner(content.reviewer_signature, REPORT_ISSUED, content.signed_at)
 
 
 def reissue(report: Report, review: Review, session: Session, settings: Settings) -> None:

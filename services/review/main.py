@@ -10,7 +10,7 @@ from services.common.config import get_settings
 from services.common.db import get_engine
 from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
-from services.review import access, api, consumer, deps
+from services.review import access, api, consumer, deps, report_signing
 
 settings = get_settings()
 runtime = ServiceRuntime(service="review", engine=lambda: get_engine("review"), handle=consumer.handle)
@@ -19,6 +19,10 @@ deps.relay.wake = runtime.wake_relay
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if settings.env == "prod" and (signing := report_signing.signing_problems(settings)):
+        # Named with the connection problems, if any: one start tells everything to fix.
+        problems = settings.production_problems(uses_temporal=runtime.uses_temporal) + signing
+        raise SystemExit("refusing to start with ENV=prod:\n- " + "\n- ".join(problems))
     async with runtime.lifespan()(app):  # migrations run here, before the loop reads its table
         settling = access.SettlingLoop(get_engine("review"), get_engine("auth"))
         settling.start()

@@ -114,3 +114,26 @@ def test_records_serves_dicom_only_over_tls_and_so_starts_in_prod(
     assert options.production_problems() == []
     certificates = {c["spec"]["secretName"]: c for c in of_kind(docs, "Certificate")}
     assert "server auth" in certificates["records-dicom-tls"]["spec"]["usages"]
+
+
+def test_review_signs_reports_with_the_certificate_from_its_secret_and_so_starts_in_prod(
+    manifests: dict[str, list[Manifest]],
+) -> None:
+    for overlay in ("prod", "dev"):
+        for deployment in of_kind(manifests[overlay], "Deployment"):
+            (container,) = deployment["spec"]["template"]["spec"]["containers"]
+            env = {e["name"]: e for e in container["env"]}
+            signing = {n for n in env if n.startswith("REVIEW_REPORT_SIGNING_")}
+            if overlay == "dev" or deployment["metadata"]["name"] != "review":
+                assert not signing
+                continue
+            mounted = {m["mountPath"]: m for m in container["volumeMounts"]}
+            for setting in ("KEY_FILE", "CERT_FILE", "CHAIN_FILE"):
+                path = env[f"REVIEW_REPORT_SIGNING_{setting}"]["value"]
+                assert mounted["/etc/secondopinion/report-signing"]["readOnly"] and path.startswith(
+                    "/etc/secondopinion/report-signing/"
+                )
+            volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+            assert volumes["report-signing"]["secret"]["secretName"] == "report-signing"
+            passphrase = env["REVIEW_REPORT_SIGNING_PASSPHRASE"]["valueFrom"]["secretKeyRef"]
+            assert passphrase == {"name": "report-signing", "key": "passphrase", "optional": True}

@@ -76,6 +76,18 @@ def test_every_process_refuses_to_start_in_prod_on_plain_connections(argv: list[
         assert "RECORDS_SCP_HOST 0.0.0.0 takes plain DIMSE" in result.stderr + result.stdout
 
 
+def test_review_refuses_to_start_in_prod_without_a_report_signing_identity(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, **SAFE, "DATA_DIR": str(tmp_path)}
+    env.pop("REVIEW_REPORT_SIGNING_KEY_FILE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.review.main"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "refusing to start with ENV=prod" in result.stderr + result.stdout
+    assert "REVIEW_REPORT_SIGNING_KEY_FILE" in result.stderr + result.stdout
+    assert not (tmp_path / "review" / "signing").exists()  # no development key made in production
+
+
 def test_our_scp_taking_plain_dimse_from_the_network_is_named_unless_tls_only_or_a_vpn(tmp_path) -> None:  # type: ignore[no-untyped-def]
     ours = Authority(tmp_path, "hospital").issue("secondopinion", server=True)
     tls = {"scp_tls_port": 2762, "scp_tls_cert_path": ours.cert, "scp_tls_key_path": ours.key}
