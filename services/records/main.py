@@ -1,5 +1,5 @@
 """The records process: its API and DICOMweb, its `records` queue consumer, its outbox relay, the retrieval
-loop with our C-STORE SCP (AE SECONDOPINION), the report return loop, and the loop answering storage
+loop with our C-STORE SCP (AE SECONDOPINION, also the Query/Retrieve SCP of configured workstations), the report return loop, and the loop answering storage
 commitment requests."""
 
 from collections.abc import AsyncIterator
@@ -17,6 +17,7 @@ from services.records.commitment_scp import CommitmentLoop
 from services.records.limits import get_limits
 from services.records.models import RecordRetrieval, ReportReturn
 from services.records.qido_keys import QueryKeysByKeyword
+from services.records.qr_scp import QueryRetrieve, get_qr_settings
 from services.records.report_return import ReturnLoop, answer_commitment_result
 from services.records.retrieval import (
     RetrievalLoop,
@@ -40,7 +41,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         commitments = CommitmentLoop(engine, settings)
         commitments.start()
         handlers = commitments.handlers(lambda event: answer_commitment_result(engine, event))
-        retrieval = RetrievalLoop(engine, settings, commitment=handlers)
+        qr_options = get_qr_settings()
+        query_retrieve = (
+            QueryRetrieve(engine, get_engine("auth"), settings, qr_options)
+            if qr_options.workstations
+            else None
+        )
+        retrieval = RetrievalLoop(engine, settings, commitment=handlers, query_retrieve=query_retrieve)
         retrieval.start()
         runtime.on_commit(retrieval.wake, wrote=RecordRetrieval)
         returns = ReturnLoop(get_engine("records"), settings)

@@ -10,6 +10,7 @@ import uuid
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -469,9 +470,11 @@ class RetrievalLoop(PolledLoop):
         settings: Settings,
         options: RetrievalSettings | None = None,
         commitment: dimse.CommitmentHandlers | None = None,
+        query_retrieve: Any | None = None,
     ) -> None:
         self._settings = settings
         self._commitment = commitment
+        self._query_retrieve = query_retrieve
         self._options = options = options or get_retrieval_settings()
         self.scp: dimse.StoreSCP | None = None
         # Woken when the consumer commits a planned retrieval; the poll finds retries when they fall due.
@@ -495,6 +498,7 @@ class RetrievalLoop(PolledLoop):
                 ssl_context=options.scp_tls_context(),
                 plain=options.scp_plain,
                 commitment=self._commitment,
+                query_retrieve=self._query_retrieve,
             )
             scp.start()
             self.scp = scp
