@@ -282,7 +282,7 @@ class QueryRetrieve:
         matching key does not match. Computed values (counts, modalities, our identifiers) are checked
         first; the header (as we hand it out) is read only when they match."""
         computed = self._computed(match, level)
-        if not _matches(query, computed):
+        if not _matches(query, computed, complete=False):
             return None
         row = match.rows[0]
         header = self._handed_out_header(match.case_id, row)
@@ -357,7 +357,9 @@ class QueryRetrieve:
     def _on_move(self, event: Any) -> Iterator[Any]:
         try:
             station = self._workstation(event)
-            destination = self._workstations.get(str(event.move_destination, "ascii").strip())
+            named = event.move_destination
+            named = named.decode("ascii") if isinstance(named, bytes) else str(named)
+            destination = self._workstations.get(named.strip())
         except Exception:
             destination = None
         if destination is None or destination.port is None or destination.principal != station.principal:
@@ -435,7 +437,6 @@ class QueryRetrieve:
                 self._auth, (reader, case_id, uids["sop"]), self._entry(station, case_id, detail, event.assoc)
             )
             yield PENDING, self._handed_out(case_id, row)
-        yield SUCCESS, None
 
     def _handed_out(self, case_id: str, row: RecordFile) -> Dataset:
         """The instance as WADO-RS hands it out: the same coerced bytes, read back as a dataset to send."""
@@ -512,13 +513,18 @@ def _uid_list(query: Dataset, keyword: str) -> str | None:
     return "\\".join(uids) or None
 
 
-def _matches(query: Dataset, candidate: Dataset) -> bool:
+def _matches(query: Dataset, candidate: Dataset, *, complete: bool = True) -> bool:
     """Whether each matching key of `query` present in `candidate` matches it (PS3.4 C.2.2.2): single value
-    and wildcard (* ?), UID lists, date and time ranges, a list of values (any); an empty key is universal."""
+    and wildcard (* ?), UID lists, date and time ranges, a list of values (any); an empty key is universal. An
+    attribute the entity lacks matches no value, unless `candidate` is not `complete` (the computed part)."""
     for element in query:
         if element.tag in (0x00080005, 0x00080052) or element.VR in NOT_MATCHED_VRS:
             continue
-        if element.value in (None, "", b"") or element.tag not in candidate:
+        if element.value in (None, "", b""):
+            continue
+        if element.tag not in candidate:
+            if complete:
+                return False
             continue
         wanted = _values(element.value)
         have = _values(candidate[element.tag].value)

@@ -1,0 +1,280 @@
+"""Our SCP as a Query/Retrieve SCP for a specialist's workstation, exercised with dcmtk's findscu, getscu and
+movescu (a dcmtk storescp as the C-MOVE destination): scoped to the specialist's cases, with our identifiers
+coerced as WADO-RS hands them out, unknown AEs rejected, every query and retrieve audited."""
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+from sqlalchemy.engine import Engine
+
+from services.auth import audit, tenancy
+from services.common import migrate
+from services.common.config import Settings
+from services.common.db import make_engine
+from services.records import dimse
+from services.records.qr_scp import QueryRetrieve, QueryRetrieveSettings, Workstation
+from services.records.store import ObjectStore
+from tests.infra import free_ports
+from tests.integration.test_records_dicomweb import engine, instances, new_study, open_case, serving
+from tests.keys import operations_headers
+
+__all__ = ["engine"]  # the records engine fixture, shared with the DICOMweb tests
+
+SPECIALIST_A, SPECIALIST_B = "spec-qr-a", "spec-qr-b"
+
+
+@pytest.fixture(scope="module")
+def auth_engine(settings: Settings) -> Engine:
+    auth = make_engine("auth", settings)
+    migrate.upgrade("auth", auth)
+    return auth
+
+
+@pytest.fixture(scope="module")
+def world(engine: Engine, auth_engine: Engine, settings: Settings) -> Iterator[dict[str, object]]:
+    """Two cases, one offered to each specialist, each with a released study (two images and a clip); their
+    DICOMweb root; our SCP with Q/R for each specialist's workstation; a free port for a storescp."""
+    ports = free_ports(("scp", "dest"))
+    cases = {}
+    with serving(engine, settings) as base_url:
+        for specialist in (SPECIALIST_A, SPECIALIST_B):
+            case_id = open_case(engine, settings)
+            study = new_study()
+            root = f"{base_url}/dicomweb/cases/{case_id}"
+            DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances(instances(study))
+            tenancy.settle_reviewer(
+                auth_engine,
+                case_id,
+                specialist,
+                lambda: tenancy.ReviewerStanding(True, "offered"),
+                service="review",
+            )
+            cases[specialist] = (case_id, study, root)
+        options = QueryRetrieveSettings(
+            workstations=[
+                Workstation(
+                    ae_title="HOROS_A", host="127.0.0.1", role="specialist", specialist_id=SPECIALIST_A
+                ),
+                Workstation(
+                    ae_title="HOROS_A_STORE",
+                    host="127.0.0.1",
+                    port=ports["dest"],
+                    role="specialist",
+                    specialist_id=SPECIALIST_A,
+                ),
+                Workstation(
+                    ae_title="HOROS_B", host="127.0.0.1", role="specialist", specialist_id=SPECIALIST_B
+                ),
+            ],
+            max_find_matches=2,
+        )
+        scp = dimse.StoreSCP(
+            ObjectStore.for_settings(settings),
+            ports["scp"],
+            settings.max_upload_bytes,
+            query_retrieve=QueryRetrieve(engine, auth_engine, settings, options),
+        )
+        scp.start()
+        try:
+            yield {"cases": cases, "scp": ports["scp"], "dest": ports["dest"]}
+        finally:
+            scp.stop()
+
+
+def dcmtk(tool: str, aet: str, port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool, "-aet", aet, "-aec", "SECONDOPINION", "-S", *args, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def find(aet: str, port: int, out: Path, *keys: str) -> list[pydicom.Dataset]:
+    out.mkdir(exist_ok=True)
+    done = dcmtk("findscu", aet, port, "-X", "-od", str(out), *[a for k in keys for a in ("-k", k)])
+    assert done.returncode == 0, done.stderr
+    answers = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    for p in out.glob("rsp*.dcm"):
+        p.unlink()
+    return answers
+
+
+def qr_entries(auth_engine: Engine, case_id: str) -> list[audit.AuditEvent]:
+    return [e for e in audit.entries(auth_engine, case_id=case_id) if e.resource == "records.dicom-qr"]
+
+
+def test_a_workstation_finds_its_specialists_study_at_each_level_with_wildcards_and_ranges(
+    world: dict, auth_engine: Engine, tmp_path: Path
+) -> None:
+    port, (case_a, study_a, _), (case_b, study_b, _) = (
+        world["scp"],
+        world["cases"][SPECIALIST_A],
+        world["cases"][SPECIALIST_B],
+    )
+    [study] = find(
+        "HOROS_A",
+        port,
+        tmp_path,
+        "QueryRetrieveLevel=STUDY",
+        "PatientID=SO-*",
+        "StudyInstanceUID",
+        "PatientName",
+        "NumberOfStudyRelatedInstances",
+        "ModalitiesInStudy",
+    )
+    assert study.StudyInstanceUID == study_a  # specialist B's case stays unseen
+    assert study.PatientID == f"SO-{case_a}"  # our identifier, not the facility's MRN
+    assert study.NumberOfStudyRelatedInstances == 3 and study.ModalitiesInStudy == "US"
+    assert find("HOROS_B", port, tmp_path, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_a}") == []
+    assert find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", "PatientID=MRN1") == []
+    assert find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", "StudyDate=19000101-19010101") == []
+    [series] = find(
+        "HOROS_A",
+        port,
+        tmp_path,
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={study_a}",
+        "SeriesInstanceUID",
+        "Modality=U?",
+        "NumberOfSeriesRelatedInstances",
+    )
+    assert series.SeriesInstanceUID == study_a + ".1" and series.NumberOfSeriesRelatedInstances == 3
+    images = find(
+        "HOROS_A",
+        port,
+        tmp_path,
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={study_a}",
+        f"SeriesInstanceUID={study_a}.1",
+        "SOPInstanceUID",
+        "NumberOfFrames=4",
+    )
+    assert len(images) == 1 and images[0].NumberOfFrames == 4
+    [entry] = [e for e in qr_entries(auth_engine, case_a) if "C-FIND STUDY" in e.detail][:1]
+    assert entry.actor == "dicom-ae:HOROS_A" and entry.outcome == "success" and study_a in entry.detail
+    assert not [e for e in qr_entries(auth_engine, case_b) if e.actor == "dicom-ae:HOROS_A"]
+
+
+def test_more_matches_than_the_limit_end_with_out_of_resources(world: dict) -> None:
+    study_a = world["cases"][SPECIALIST_A][1]
+    ae = AE(ae_title="HOROS_A")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", world["scp"], ae_title="SECONDOPINION")
+    assert assoc.is_established
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study_a
+    query.SOPInstanceUID = ""
+    try:
+        statuses = [
+            int(s.Status) for s, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+        ]
+        query.QueryRetrieveLevel = "PATIENT"
+        [(bad, _)] = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    assert statuses == [0xFF00, 0xFF00, 0xA700]  # three instances, two allowed
+    assert bad.Status == 0xA900
+
+
+def test_getscu_receives_the_instances_as_wado_rs_hands_them_out(
+    world: dict, auth_engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    case_a, study_a, root = world["cases"][SPECIALIST_A]
+    done = dcmtk(
+        "getscu",
+        "HOROS_A",
+        world["scp"],
+        "-od",
+        str(tmp_path),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study_a}",
+    )
+    assert done.returncode == 0, done.stderr
+    received = {d.SOPInstanceUID: d for d in (pydicom.dcmread(p) for p in tmp_path.iterdir())}
+    assert len(received) == 3
+    client = DICOMwebClient(url=root, headers=operations_headers(settings))
+    for uid, got in received.items():
+        wado = client.retrieve_instance(study_a, study_a + ".1", uid)
+        assert got.PatientID == wado.PatientID == f"SO-{case_a}"
+        assert got.AccessionNumber == wado.AccessionNumber
+        assert got.PixelData == wado.PixelData
+        assert got.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].PatientID == "MRN1"
+    read = [e for e in qr_entries(auth_engine, case_a) if "C-GET" in e.detail]
+    assert {uid for uid in received if any(uid in e.detail for e in read)} == set(received)
+
+
+def test_getscu_of_another_specialists_study_receives_nothing(world: dict, tmp_path: Path) -> None:
+    study_b = world["cases"][SPECIALIST_B][1]
+    dcmtk(
+        "getscu",
+        "HOROS_A",
+        world["scp"],
+        "-od",
+        str(tmp_path),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study_b}",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@contextlib.contextmanager
+def storescp(port: int, out: Path) -> Iterator[None]:
+    process = subprocess.Popen(
+        ["storescp", "-aet", "HOROS_A_STORE", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["echoscu", "-aec", "HOROS_A_STORE", "127.0.0.1", str(port)], capture_output=True).returncode:
+            assert time.monotonic() < deadline, "storescp did not start"
+            time.sleep(0.1)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_movescu_sends_only_to_a_configured_destination_of_the_same_specialist(
+    world: dict, tmp_path: Path
+) -> None:
+    study_a = world["cases"][SPECIALIST_A][1]
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_a}"]
+    with storescp(world["dest"], tmp_path):
+        moved = dcmtk("movescu", "HOROS_A", world["scp"], "-aem", "HOROS_A_STORE", *keys)
+        assert moved.returncode == 0, moved.stderr
+        assert len(list(tmp_path.glob("*"))) == 3
+        # B's workstation may not send A's study anywhere, nor A's to an address it names.
+        other = dcmtk("movescu", "HOROS_B", world["scp"], "-aem", "HOROS_A_STORE", *keys)
+        unknown = dcmtk("movescu", "HOROS_A", world["scp"], "-aem", "ELSEWHERE", *keys)
+    assert "MoveDestinationUnknown" in other.stderr + other.stdout
+    assert "MoveDestinationUnknown" in unknown.stderr + unknown.stdout
+    assert len(list(tmp_path.glob("*"))) == 3
+
+
+def test_an_unknown_calling_ae_is_rejected_and_audited(
+    world: dict, auth_engine: Engine, tmp_path: Path
+) -> None:
+    done = dcmtk("findscu", "STRANGER", world["scp"], "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=*")
+    assert done.returncode != 0
+    assert "Rejected" in done.stderr + done.stdout
+    denied = [
+        e
+        for e in audit.entries(auth_engine, limit=100_000)
+        if e.actor == "dicom-ae:STRANGER" and e.resource == "records.dicom-qr"
+    ]
+    assert denied and denied[-1].outcome == "denied"
