@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -162,9 +163,14 @@ class QueryRetrieve:
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         log.warning("records.qr_association_rejected", calling_ae=calling[:16], why=refusal)
         self._audit(None, calling, None, "denied", f"association rejected: {refusal}", assoc)
-        assoc.acse.send_reject(
-            0x01, 0x01, 0x03
-        )  # rejected-permanent, service-user, calling AE not recognised
+        # Rejected (permanent), by the service user: calling AE title not recognised.
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        # pynetdicom closes the socket once this returns: wait for the DUL thread to take the A-ASSOCIATE-RJ
+        # (it leaves Sta3), and a moment for its write (without it the peer saw only the connection closed).
+        deadline = time.monotonic() + 5
+        while assoc.dul.state_machine.current_state == "Sta3" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
 
     def _refusal(self, assoc: Any) -> str | None:
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
