@@ -36,6 +36,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -58,15 +61,21 @@ log = structlog.get_logger(__name__)
 QR_FIND = StudyRootQueryRetrieveInformationModelFind
 QR_GET = StudyRootQueryRetrieveInformationModelGet
 QR_MOVE = StudyRootQueryRetrieveInformationModelMove
-QR_CLASSES = (QR_FIND, QR_GET, QR_MOVE)
+PATIENT_ROOT = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+)
+QR_CLASSES = (QR_FIND, QR_GET, QR_MOVE, *PATIENT_ROOT)
 RESOURCE = "records.dicom-qr"
 OUR_AE = "SECONDOPINION"
 
 SUCCESS, PENDING, CANCELLED = 0x0000, 0xFF00, 0xFE00
 OUT_OF_RESOURCES, DOES_NOT_MATCH_SOP_CLASS, UNABLE_TO_PROCESS = 0xA700, 0xA900, 0xC000
-LEVELS = ("STUDY", "SERIES", "IMAGE")
-# The unique key of each level, and the index column that holds it.
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")  # the Study Root model has no PATIENT level
+# The unique key of each level, and the index column that holds it (a patient is a case: our Patient ID).
 UNIQUE_KEYS = {
+    "PATIENT": ("PatientID", "case_id"),
     "STUDY": ("StudyInstanceUID", "study_instance_uid"),
     "SERIES": ("SeriesInstanceUID", "series_instance_uid"),
     "IMAGE": ("SOPInstanceUID", "sop_instance_uid"),
@@ -202,12 +211,12 @@ class QueryRetrieve:
         try:
             station = self._workstation(event)
             query = event.identifier
-            level = str(query.get("QueryRetrieveLevel", ""))
+            level = _level(event, query)
+        except Refused as exc:
+            yield failure(exc.status, str(exc)), None
+            return
         except Exception:
             yield failure(UNABLE_TO_PROCESS, "the query could not be read"), None
-            return
-        if level not in LEVELS:
-            yield failure(DOES_NOT_MATCH_SOP_CLASS, "QueryRetrieveLevel is STUDY, SERIES or IMAGE"), None
             return
         answered: dict[str, list[str]] = {}
         sent = 0
@@ -246,7 +255,7 @@ class QueryRetrieve:
         where = {
             column: _uid_list(query, keyword)
             for lvl, (keyword, column) in UNIQUE_KEYS.items()
-            if LEVELS.index(lvl) <= LEVELS.index(level)
+            if 0 < LEVELS.index(lvl) <= LEVELS.index(level)
         }
         for case_id in self._visible_cases(station):
             with Session(self._records) as session:
@@ -320,6 +329,11 @@ class QueryRetrieve:
         data = Dataset()
         data.PatientID = ids["PatientID"]
         data.IssuerOfPatientID = ids["IssuerOfPatientID"]
+        if level == "PATIENT":
+            data.NumberOfPatientRelatedStudies = len({r.study_instance_uid for r in rows})
+            data.NumberOfPatientRelatedSeries = len({r.series_instance_uid for r in rows})
+            data.NumberOfPatientRelatedInstances = len(rows)
+            return data
         data.AccessionNumber = ids["AccessionNumber"]
         data.StudyInstanceUID = rows[0].study_instance_uid
         date = next((r.study_date for r in rows if r.study_date), None)
@@ -352,7 +366,7 @@ class QueryRetrieve:
     def _on_get(self, event: Any) -> Iterator[Any]:
         try:
             station = self._workstation(event)
-            level, instances = self._retrieved(station, event.identifier)
+            level, instances = self._retrieved(event, station)
         except Refused as exc:
             yield 1
             yield failure(exc.status, str(exc)), None
@@ -368,13 +382,18 @@ class QueryRetrieve:
             destination = self._workstations.get(named.strip())
         except Exception:
             destination = None
-        if destination is None or destination.port is None or destination.principal != station.principal:
+        if (
+            destination is None
+            or destination.port is None
+            or destination.principal != station.principal
+            or destination.tls  # we send no C-MOVE over TLS yet: such a workstation retrieves with C-GET
+        ):
             # Never an address the request claims: only a workstation bound to the same principal.
             log.info("records.qr_move_destination_refused")
             yield None, None
             return
         try:
-            level, instances = self._retrieved(station, event.identifier)
+            level, instances = self._retrieved(event, station)
         except Refused as exc:
             yield destination.host, destination.port
             yield 1
@@ -391,20 +410,23 @@ class QueryRetrieve:
         yield len(instances)
         yield from self._send(event, station, level, instances, f"C-MOVE to {destination.ae_title}")
 
-    def _retrieved(
-        self, station: Workstation, identifier: Dataset
-    ) -> tuple[str, list[tuple[str, RecordFile]]]:
-        """The level and the (case, instance) pairs a C-GET or C-MOVE asks for, among those the station sees."""
+    def _retrieved(self, event: Any, station: Workstation) -> tuple[str, list[tuple[str, RecordFile]]]:
+        """The level and the (case, instance) pairs a C-GET or C-MOVE asks for, among those the station sees:
+        the unique key of its level given, each key given (such as the Patient ID) matching."""
         try:
-            level = str(identifier.get("QueryRetrieveLevel", ""))
+            identifier = event.identifier
+            level = _level(event, identifier)
+        except Refused:
+            raise
         except Exception:
             raise Refused(UNABLE_TO_PROCESS, "the identifier could not be read") from None
-        if level not in LEVELS:
-            raise Refused(DOES_NOT_MATCH_SOP_CLASS, "QueryRetrieveLevel is STUDY, SERIES or IMAGE")
         if not _uid_list(identifier, UNIQUE_KEYS[level][0]):
             raise Refused(DOES_NOT_MATCH_SOP_CLASS, f"a {level} retrieve names its {UNIQUE_KEYS[level][0]}")
         return level, [
-            (match.case_id, row) for match in self._matches(station, identifier, level) for row in match.rows
+            (match.case_id, row)
+            for match in self._matches(station, identifier, level)
+            if _matches(identifier, self._computed(match, level), complete=False)
+            for row in match.rows
         ]
 
     def _syntax(self, row: RecordFile) -> str | None:
@@ -499,6 +521,16 @@ class Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _level(event: Any, identifier: Dataset) -> str:
+    """The identifier's Query/Retrieve Level, one of its information model's (A900 otherwise)."""
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip()
+    patient_root = str(event.context.abstract_syntax) in PATIENT_ROOT
+    levels = LEVELS if patient_root else LEVELS[1:]
+    if level not in levels:
+        raise Refused(DOES_NOT_MATCH_SOP_CLASS, f"QueryRetrieveLevel is one of {', '.join(levels)}")
+    return level
 
 
 def failure(status: int, comment: str) -> Dataset:

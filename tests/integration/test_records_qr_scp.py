@@ -3,6 +3,7 @@ movescu (a dcmtk storescp as the C-MOVE destination): scoped to the specialist's
 coerced as WADO-RS hands them out, unknown AEs rejected, every query and retrieve audited."""
 
 import contextlib
+import io
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,7 +13,10 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 from sqlalchemy.engine import Engine
 
 from services.auth import audit, tenancy
@@ -22,13 +26,15 @@ from services.common.db import make_engine
 from services.records import dimse
 from services.records.qr_scp import QueryRetrieve, QueryRetrieveSettings, Workstation
 from services.records.store import ObjectStore
+from tests.dicom_factory import make_us_instance
 from tests.infra import free_ports
 from tests.integration.test_records_dicomweb import engine, instances, new_study, open_case, serving
 from tests.keys import operations_headers
 
 __all__ = ["engine"]  # the records engine fixture, shared with the DICOMweb tests
 
-SPECIALIST_A, SPECIALIST_B = "spec-qr-a", "spec-qr-b"
+SPECIALIST_A, SPECIALIST_B, SPECIALIST_C = "spec-qr-a", "spec-qr-b", "spec-qr-c"
+MANY = 100  # instances in specialist C's study: more than a C-FIND may answer
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +46,18 @@ def auth_engine(settings: Settings) -> Engine:
 
 @pytest.fixture(scope="module")
 def world(engine: Engine, auth_engine: Engine, settings: Settings) -> Iterator[dict[str, object]]:
-    """Two cases, one offered to each specialist, each with a released study (two images and a clip); their
+    """Three cases, one offered to each specialist, each with a released study (A's and B's: two images and a
+    clip; C's: MANY images); their
     DICOMweb root; our SCP with Q/R for each specialist's workstation; a free port for a storescp."""
     ports = free_ports(("scp", "dest"))
     cases = {}
     with serving(engine, settings) as base_url:
-        for specialist in (SPECIALIST_A, SPECIALIST_B):
+        for specialist in (SPECIALIST_A, SPECIALIST_B, SPECIALIST_C):
             case_id = open_case(engine, settings)
             study = new_study()
             root = f"{base_url}/dicomweb/cases/{case_id}"
-            DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances(instances(study))
+            sent = instances(study) if specialist != SPECIALIST_C else many(study)
+            DICOMwebClient(url=root, headers=operations_headers(settings)).store_instances(sent)
             tenancy.settle_reviewer(
                 auth_engine,
                 case_id,
@@ -73,8 +81,11 @@ def world(engine: Engine, auth_engine: Engine, settings: Settings) -> Iterator[d
                 Workstation(
                     ae_title="HOROS_B", host="127.0.0.1", role="specialist", specialist_id=SPECIALIST_B
                 ),
+                Workstation(
+                    ae_title="HOROS_C", host="127.0.0.1", role="specialist", specialist_id=SPECIALIST_C
+                ),
             ],
-            max_find_matches=2,
+            max_find_matches=MANY - 10,
         )
         scp = dimse.StoreSCP(
             ObjectStore.for_settings(settings),
@@ -87,6 +98,13 @@ def world(engine: Engine, auth_engine: Engine, settings: Settings) -> Iterator[d
             yield {"cases": cases, "scp": ports["scp"], "dest": ports["dest"]}
         finally:
             scp.stop()
+
+
+def many(study: str) -> list[pydicom.Dataset]:
+    return [
+        pydicom.dcmread(io.BytesIO(make_us_instance(None, study_uid=study, series_uid=study + ".1")))
+        for _ in range(MANY)
+    ]
 
 
 def dcmtk(tool: str, aet: str, port: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -165,14 +183,14 @@ def test_a_workstation_finds_its_specialists_study_at_each_level_with_wildcards_
 
 
 def test_more_matches_than_the_limit_end_with_out_of_resources(world: dict) -> None:
-    study_a = world["cases"][SPECIALIST_A][1]
-    ae = AE(ae_title="HOROS_A")
+    study_c = world["cases"][SPECIALIST_C][1]
+    ae = AE(ae_title="HOROS_C")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", world["scp"], ae_title="SECONDOPINION")
     assert assoc.is_established
     query = pydicom.Dataset()
     query.QueryRetrieveLevel = "IMAGE"
-    query.StudyInstanceUID = study_a
+    query.StudyInstanceUID = study_c
     query.SOPInstanceUID = ""
     try:
         statuses = [
@@ -182,7 +200,7 @@ def test_more_matches_than_the_limit_end_with_out_of_resources(world: dict) -> N
         [(bad, _)] = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
     finally:
         assoc.release()
-    assert statuses == [0xFF00, 0xFF00, 0xA700]  # three instances, two allowed
+    assert statuses == [0xFF00] * (MANY - 10) + [0xA700]  # no more than the limit, then refused
     assert bad.Status == 0xA900
 
 
@@ -283,3 +301,68 @@ def test_an_unknown_calling_ae_is_rejected_and_audited(
         if e.actor == "dicom-ae:STRANGER" and e.resource == "records.dicom-qr"
     ]
     assert denied and denied[-1].outcome == "denied"
+
+
+def test_patient_root_finds_the_case_as_a_patient_under_our_patient_id(world: dict, tmp_path: Path) -> None:
+    case_a, study_a, _ = world["cases"][SPECIALIST_A]
+    out = tmp_path / "find"
+    out.mkdir()
+    done = subprocess.run(
+        ["findscu", "-aet", "HOROS_A", "-aec", "SECONDOPINION", "-P", "-X", "-od", str(out)]
+        + ["-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=SO-*", "-k", "NumberOfPatientRelatedStudies"]
+        + ["127.0.0.1", str(world["scp"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    [patient] = [pydicom.dcmread(p) for p in out.glob("rsp*.dcm")]
+    assert patient.PatientID == f"SO-{case_a}" and patient.NumberOfPatientRelatedStudies == 1
+    got = subprocess.run(
+        ["getscu", "-aet", "HOROS_A", "-aec", "SECONDOPINION", "-P", "-od", str(tmp_path)]
+        + ["-k", "QueryRetrieveLevel=PATIENT", "-k", f"PatientID=SO-{case_a}"]
+        + ["127.0.0.1", str(world["scp"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert got.returncode == 0, got.stderr
+    assert {pydicom.dcmread(p).StudyInstanceUID for p in tmp_path.glob("*") if p.is_file()} == {study_a}
+
+
+def test_a_cancelled_find_stops_and_a_retrieve_without_its_unique_key_fails(
+    world: dict, tmp_path: Path
+) -> None:
+    study_c = world["cases"][SPECIALIST_C][1]
+    cancelled = dcmtk(
+        "findscu",
+        "HOROS_C",
+        world["scp"],
+        "--cancel",
+        "1",
+        "-v",
+        "-X",
+        "-od",
+        str(tmp_path),
+        "-k",
+        "QueryRetrieveLevel=IMAGE",
+        "-k",
+        f"StudyInstanceUID={study_c}",
+        "-k",
+        "SOPInstanceUID",
+    )
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in cancelled.stderr
+    assert len(list(tmp_path.glob("rsp*.dcm"))) < MANY - 10
+    study_a = world["cases"][SPECIALIST_A][1]
+    ae = AE(ae_title="HOROS_A")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    assoc = ae.associate("127.0.0.1", world["scp"], ae_title="SECONDOPINION")
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_a
+    try:
+        [(status, _)] = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
+    finally:
+        assoc.release()
+    assert status.Status == 0xA900 and "SeriesInstanceUID" in status.ErrorComment
