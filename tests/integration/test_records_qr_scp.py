@@ -25,11 +25,13 @@ from services.common.config import Settings
 from services.common.db import make_engine
 from services.records import dimse
 from services.records.qr_scp import QueryRetrieve, QueryRetrieveSettings, Workstation
+from services.records.retrieval import RetrievalSettings
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
 from tests.infra import free_ports
 from tests.integration.test_records_dicomweb import engine, instances, new_study, open_case, serving
 from tests.keys import operations_headers
+from tests.pki import Authority
 
 __all__ = ["engine"]  # the records engine fixture, shared with the DICOMweb tests
 
@@ -366,3 +368,57 @@ def test_a_cancelled_find_stops_and_a_retrieve_without_its_unique_key_fails(
     finally:
         assoc.release()
     assert status.Status == 0xA900 and "SeriesInstanceUID" in status.ErrorComment
+
+
+def test_a_tls_workstation_is_served_only_on_the_tls_port_with_its_own_certificate(
+    world: dict, engine: Engine, auth_engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    hospital = Authority(tmp_path, "hospital")
+    ours, horos, other = (
+        hospital.issue("secondopinion", server=True),
+        hospital.issue("horos-jdoe"),
+        hospital.issue("someone-else"),
+    )
+    tls = RetrievalSettings(
+        scp_tls_port=free_ports(("tls",))["tls"],
+        scp_tls_cert_path=ours.cert,
+        scp_tls_key_path=ours.key,
+        scp_tls_client_ca_path=hospital.cert,
+    )
+    station = Workstation(
+        ae_title="HOROS_TLS",
+        host="127.0.0.1",
+        tls=True,
+        certificate_cn="horos-jdoe",
+        role="specialist",
+        specialist_id=SPECIALIST_A,
+    )
+    scp = dimse.StoreSCP(
+        ObjectStore.for_settings(settings),
+        free_ports(("plain",))["plain"],
+        settings.max_upload_bytes,
+        tls_port=tls.scp_tls_port,
+        ssl_context=tls.scp_tls_context(),
+        query_retrieve=QueryRetrieve(
+            engine, auth_engine, settings, QueryRetrieveSettings(workstations=[station])
+        ),
+    )
+    scp.start()
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID"]
+    try:
+        plain = dcmtk("findscu", "HOROS_TLS", scp.port, *keys)
+        wrong = dcmtk(
+            "findscu", "HOROS_TLS", int(str(scp.tls_port)), "+tls", str(other.key), str(other.cert),
+            "+cf", str(hospital.cert), *keys,
+        )  # fmt: skip
+        right = dcmtk(
+            "findscu", "HOROS_TLS", int(str(scp.tls_port)), "+tls", str(horos.key), str(horos.cert),
+            "+cf", str(hospital.cert), "-X", "-od", str(tmp_path), *keys,
+        )  # fmt: skip
+    finally:
+        scp.stop()
+    assert "Calling AE Title Not Recognized" in plain.stderr
+    assert "Calling AE Title Not Recognized" in wrong.stderr
+    assert right.returncode == 0, right.stderr
+    [study] = [pydicom.dcmread(p) for p in tmp_path.glob("rsp*.dcm")]
+    assert study.StudyInstanceUID == world["cases"][SPECIALIST_A][1]
