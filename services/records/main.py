@@ -12,7 +12,7 @@ from services.common.config import get_settings
 from services.common.db import get_engine
 from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
-from services.records import api, consumer, dicomweb, export, header_probe, timeline
+from services.records import api, consumer, dicomweb, export, header_probe, timeline, workstations
 from services.records.commitment_scp import CommitmentLoop
 from services.records.limits import get_limits
 from services.records.models import RecordRetrieval, ReportReturn
@@ -41,12 +41,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         commitments = CommitmentLoop(engine, settings)
         commitments.start()
         handlers = commitments.handlers(lambda event: answer_commitment_result(engine, event))
-        qr_options = get_qr_settings()
-        query_retrieve = (
-            QueryRetrieve(engine, get_engine("auth"), settings, qr_options)
-            if qr_options.workstations
-            else None
-        )
+        query_retrieve = QueryRetrieve(engine, get_engine("auth"), settings, get_qr_settings())
         retrieval = RetrievalLoop(engine, settings, commitment=handlers, query_retrieve=query_retrieve)
         retrieval.start()
         runtime.on_commit(retrieval.wake, wrote=RecordRetrieval)
@@ -67,7 +62,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = create_app(
     "records",
-    routers=[api.router, export.router, timeline.router, dicomweb.router],
+    # Workstations first: `/v1/records/{case_id}` must not take `workstations` for a case id.
+    routers=[workstations.router, api.router, export.router, timeline.router, dicomweb.router],
     engine=lambda: get_engine("records"),
     ready_checks=[runtime.broker_ready],
     lifespan=lifespan,

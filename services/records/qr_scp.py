@@ -21,6 +21,7 @@ workstation bound to the same principal: A801; anything else that fails: C000 (U
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import ssl
 import tempfile
 import time
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import pydicom
 import structlog
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
@@ -52,7 +53,7 @@ from services.auth.models import CaseOwner, CaseReviewer, Role
 from services.auth.read_windows import get_read_windows
 from services.common.config import Settings
 from services.records.dicomweb import _date_matches, _modified_at, _released, _text_matches
-from services.records.models import RecordFile, RecordRequest
+from services.records.models import DicomWorkstation, RecordFile, RecordRequest
 from services.records.reconcile import coerced_chunks, coerced_header, our_identifiers
 from services.records.store import ObjectStore
 
@@ -86,27 +87,44 @@ NOT_MATCHED_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 AE_TITLE = r"^[ -\[\]-~]{1,16}$"  # printable ASCII but backslash (PS3.5 AE)
 
 
-class Workstation(BaseModel):
+class WorkstationBinding(BaseModel):
+    """Where a workstation associates from, and the principal whose cases it sees."""
+
+    host: str = Field(
+        max_length=253, description="the IP address it associates from; a C-MOVE to it sends there"
+    )
+    port: int | None = Field(default=None, ge=1, le=65535, description="its C-STORE SCP, for a C-MOVE to it")
+    tls: bool = Field(default=False, description="it may associate only on our DICOM TLS port")
+    certificate_cn: str | None = Field(
+        default=None, max_length=64, description="on the TLS port, the CN its client certificate must carry"
+    )
+    role: Literal["specialist", "partner", "operations"]
+    specialist_id: str | None = Field(default=None, max_length=100)
+    partner_id: str | None = Field(default=None, max_length=100)
+
+    @field_validator("host")
+    @classmethod
+    def _an_address(cls, host: str) -> str:
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            raise ValueError(
+                "host is the IP address the workstation associates from (such as 10.1.2.3), not a name"
+            ) from None
+
+    @model_validator(mode="after")
+    def _bound(self) -> WorkstationBinding:
+        if self.role == "specialist" and not self.specialist_id:
+            raise ValueError("a specialist's workstation needs specialist_id (whose cases it sees)")
+        if self.role == "partner" and not self.partner_id:
+            raise ValueError("a partner's workstation needs partner_id (whose cases it sees)")
+        return self
+
+
+class Workstation(WorkstationBinding):
     """A diagnostic workstation allowed to query and retrieve, bound to the principal whose cases it sees."""
 
     ae_title: str = Field(pattern=AE_TITLE)
-    host: str = Field(description="the address it associates from; C-MOVE to it sends here")
-    port: int | None = Field(default=None, description="its C-STORE SCP, for a C-MOVE to it")
-    tls: bool = Field(default=False, description="it may associate only on our DICOM TLS port")
-    certificate_cn: str | None = Field(
-        default=None, description="on the TLS port, the CN its client certificate must carry"
-    )
-    role: Literal["specialist", "partner", "operations"]
-    specialist_id: str | None = None
-    partner_id: str | None = None
-
-    @model_validator(mode="after")
-    def _bound(self) -> Workstation:
-        if self.role == "specialist" and not self.specialist_id:
-            raise ValueError(f"workstation {self.ae_title}: a specialist workstation needs specialist_id")
-        if self.role == "partner" and not self.partner_id:
-            raise ValueError(f"workstation {self.ae_title}: a partner workstation needs partner_id")
-        return self
 
     @property
     def principal(self) -> tuple[str, str | None, str | None]:
@@ -143,7 +161,7 @@ class QueryRetrieve:
     ) -> None:
         self._records, self._auth, self._options = records, auth, options
         self._store = ObjectStore.for_settings(settings)
-        self._workstations = {w.ae_title: w for w in options.workstations}
+        self._configured = {w.ae_title: w for w in options.workstations}
         self._spool = settings.data_dir / "records" / "tmp"
 
     def add_contexts(self, ae: AE) -> None:
@@ -183,7 +201,7 @@ class QueryRetrieve:
 
     def _refusal(self, assoc: Any) -> str | None:
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
-        station = self._workstations.get(calling)
+        station = self._station(calling)
         if station is None:
             return "the calling AE title is not a configured workstation"
         if assoc.requestor.address != station.host:
@@ -199,8 +217,16 @@ class QueryRetrieve:
                 return "the client certificate is not the workstation's"
         return None
 
+    def _station(self, ae_title: str) -> Workstation | None:
+        """The workstation of this AE title: in RECORDS_QR_WORKSTATIONS, or as operations configured it."""
+        if ae_title in self._configured:
+            return self._configured[ae_title]
+        with Session(self._records) as session:
+            row = session.get(DicomWorkstation, ae_title)
+            return Workstation.model_validate(row, from_attributes=True) if row is not None else None
+
     def _workstation(self, event: Any) -> Workstation:
-        station = self._workstations.get(str(event.assoc.requestor.ae_title).strip())
+        station = self._station(str(event.assoc.requestor.ae_title).strip())
         if station is None or self._refusal(event.assoc) is not None:
             raise PermissionError("not a configured workstation")  # rejected at association already
         return station
@@ -379,7 +405,7 @@ class QueryRetrieve:
             station = self._workstation(event)
             named = event.move_destination
             named = named.decode("ascii") if isinstance(named, bytes) else str(named)
-            destination = self._workstations.get(named.strip())
+            destination = self._station(named.strip())
         except Exception:
             destination = None
         if (

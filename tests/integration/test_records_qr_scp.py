@@ -12,25 +12,28 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from fastapi.testclient import TestClient
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from services.auth import audit, tenancy
 from services.common import migrate
 from services.common.config import Settings
 from services.common.db import make_engine
-from services.records import dimse
+from services.common.http import create_app
+from services.records import api, dimse, workstations
 from services.records.qr_scp import QueryRetrieve, QueryRetrieveSettings, Workstation
 from services.records.retrieval import RetrievalSettings
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
 from tests.infra import free_ports
 from tests.integration.test_records_dicomweb import engine, instances, new_study, open_case, serving
-from tests.keys import operations_headers
+from tests.keys import operations_headers, specialist_headers
 from tests.pki import Authority
 
 __all__ = ["engine"]  # the records engine fixture, shared with the DICOMweb tests
@@ -422,3 +425,35 @@ def test_a_tls_workstation_is_served_only_on_the_tls_port_with_its_own_certifica
     assert right.returncode == 0, right.stderr
     [study] = [pydicom.dcmread(p) for p in tmp_path.glob("rsp*.dcm")]
     assert study.StudyInstanceUID == world["cases"][SPECIALIST_A][1]
+
+
+def test_operations_configure_a_workstation_without_a_restart_and_remove_it(
+    world: dict, engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    def session() -> Iterator[Session]:
+        with Session(engine, expire_on_commit=False) as s:
+            yield s
+
+    app = create_app("records", routers=[workstations.router], engine=lambda: engine)
+    app.dependency_overrides[api.get_session] = session
+    binding = {"host": "127.0.0.1", "role": "specialist", "specialist_id": SPECIALIST_B}
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID"]
+    with TestClient(app, headers=operations_headers(settings)) as client:
+        url = "/v1/records/workstations/RADIANT_B"
+        assert client.get(url).status_code == 404
+        refused = dcmtk("findscu", "RADIANT_B", world["scp"], *keys)
+        assert "Calling AE Title Not Recognized" in refused.stderr
+        by_name = client.put(url, json={**binding, "host": "radiant.example.org"})
+        assert by_name.status_code == 422 and "IP address" in by_name.text
+        unbound = client.put(url, json={**binding, "specialist_id": None})
+        assert unbound.status_code == 422 and "specialist_id" in unbound.text
+        specialist = client.put(url, json=binding, headers=specialist_headers(settings, SPECIALIST_B))
+        assert specialist.status_code == 403
+        put = client.put(url, json=binding)
+        assert put.status_code == 200 and put.json()["ae_title"] == "RADIANT_B"
+        assert client.get(url).json()["specialist_id"] == SPECIALIST_B
+        [study] = find("RADIANT_B", world["scp"], tmp_path, *[k for k in keys if k != "-k"])
+        assert study.StudyInstanceUID == world["cases"][SPECIALIST_B][1]
+        assert client.delete(url).status_code == 204
+        gone = dcmtk("findscu", "RADIANT_B", world["scp"], *keys)
+    assert "Calling AE Title Not Recognized" in gone.stderr
