@@ -343,6 +343,11 @@ class QueryRetrieve:
                 answer[element.tag] = header[element.tag]
             else:
                 answer.add_new(element.tag, element.VR, None)
+        answer.QueryRetrieveLevel = level
+        # The unique keys of this level and those above it, asked for or not (PS3.4 C.4.1.2.3).
+        for keyword, _ in list(UNIQUE_KEYS.values())[: LEVELS.index(level) + 1]:
+            if keyword not in answer and keyword in header:
+                answer[keyword] = header[keyword]
         answer.RetrieveAETitle = OUR_AE
         return answer
 

@@ -149,16 +149,17 @@ def test_a_workstation_finds_its_specialists_study_at_each_level_with_wildcards_
         tmp_path,
         "QueryRetrieveLevel=STUDY",
         "PatientID=SO-*",
-        "StudyInstanceUID",
-        "PatientName",
+        "PatientName=DOE^J*",
         "NumberOfStudyRelatedInstances",
         "ModalitiesInStudy",
     )
-    assert study.StudyInstanceUID == study_a  # specialist B's case stays unseen
+    assert study.StudyInstanceUID == study_a  # specialist B's case stays unseen; returned though not asked
+    assert study.PatientName == "DOE^JANE"
     assert study.PatientID == f"SO-{case_a}"  # our identifier, not the facility's MRN
     assert study.NumberOfStudyRelatedInstances == 3 and study.ModalitiesInStudy == "US"
     assert find("HOROS_B", port, tmp_path, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_a}") == []
     assert find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", "PatientID=MRN1") == []
+    assert find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", "PatientName=ROE*") == []
     assert find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", "StudyDate=19000101-19010101") == []
     [series] = find(
         "HOROS_A",
