@@ -406,13 +406,10 @@ class QueryRetrieve:
         yield from self._send(event, station, level, instances, "C-GET")
 
     def _on_move(self, event: Any) -> Iterator[Any]:
-        try:
-            station = self._workstation(event)
-            named = event.move_destination
-            named = named.decode("ascii") if isinstance(named, bytes) else str(named)
-            destination = self._station(named.strip())
-        except Exception:
-            destination = None
+        station = self._workstation(event)
+        named = event.move_destination
+        named = (named.decode("ascii", "replace") if isinstance(named, bytes) else str(named)).strip()
+        destination = self._station(named)
         if (
             destination is None
             or destination.port is None
@@ -421,6 +418,8 @@ class QueryRetrieve:
         ):
             # Never an address the request claims: only a workstation bound to the same principal.
             log.info("records.qr_move_destination_refused")
+            detail = f"C-MOVE to {named[:16]!r} refused: not a workstation of this principal with a port"
+            self._audit(station, station.ae_title, None, "denied", detail, event.assoc)
             yield None, None
             return
         try:

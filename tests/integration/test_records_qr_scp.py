@@ -276,7 +276,7 @@ def storescp(port: int, out: Path) -> Iterator[None]:
 
 
 def test_movescu_sends_only_to_a_configured_destination_of_the_same_specialist(
-    world: dict, tmp_path: Path
+    world: dict, auth_engine: Engine, tmp_path: Path
 ) -> None:
     study_a = world["cases"][SPECIALIST_A][1]
     keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_a}"]
@@ -289,6 +289,12 @@ def test_movescu_sends_only_to_a_configured_destination_of_the_same_specialist(
         unknown = dcmtk("movescu", "HOROS_A", world["scp"], "-aem", "ELSEWHERE", *keys)
     assert "MoveDestinationUnknown" in other.stderr + other.stdout
     assert "MoveDestinationUnknown" in unknown.stderr + unknown.stdout
+    refusals = [
+        e.detail
+        for e in audit.entries(auth_engine, limit=100_000)
+        if e.resource == "records.dicom-qr" and e.outcome == "denied" and e.detail.startswith("C-MOVE")
+    ]
+    assert any("'ELSEWHERE'" in r for r in refusals) and any("'HOROS_A_STORE'" in r for r in refusals)
     assert len(list(tmp_path.glob("*"))) == 3
 
 
