@@ -1,7 +1,9 @@
 """Query/Retrieve SCP on our SCP (AE SECONDOPINION) for a specialist's diagnostic workstation (Horos, OsiriX,
-RadiAnt, a PACS viewer): Study Root C-FIND, C-GET and C-MOVE over the cases its principal may see.
+RadiAnt, a PACS viewer): Study Root and Patient Root C-FIND, C-GET and C-MOVE over the cases its principal
+may see (a case is a patient, under our Patient ID).
 
-Who may query is configured: each workstation's AE title is bound to one principal (a specialist, a partner or
+Who may query is configured (RECORDS_QR_WORKSTATIONS, or operations' `PUT /v1/records/workstations/{ae}`,
+workstations.py): each workstation's AE title is bound to one principal (a specialist, a partner or
 operations) with the address it associates from (and on our TLS port, the client certificate's CN). An
 association that proposes a Q/R context from any other calling AE or address is rejected (A-ASSOCIATE-RJ,
 calling AE title not recognised); a facility's PACS sending C-STORE or storage commitment is not affected.
@@ -12,10 +14,11 @@ by them), with our identifiers (Patient ID, Issuer, Accession Number) coerced ex
 (`reconcile.coerced_chunks`). Every C-FIND is one audit entry per case it answered from; every instance a C-GET
 or C-MOVE sends is audited per read window, as a WADO-RS read (`read_windows`).
 
-Statuses (PS3.4 C.4): a level other than STUDY, SERIES or IMAGE, or a retrieve naming no UID of its level:
+Statuses (PS3.4 C.4): a level the model does not have, or a retrieve naming no unique key of its level:
 A900 (Identifier does not match SOP Class); more matches than RECORDS_QR_MAX_FIND_MATCHES: the first that many,
 then A700 (Out of Resources) saying to narrow the query; C-CANCEL: FE00; a move destination that is not a
-workstation bound to the same principal: A801; anything else that fails: C000 (Unable to process).
+workstation bound to the same principal: A801; an identifier that cannot be read: C000 (Unable to process);
+an exception in a handler is answered by pynetdicom with a failure status, the SCP's threads go on.
 """
 
 from __future__ import annotations
