@@ -41,7 +41,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         commitments = CommitmentLoop(engine, settings)
         commitments.start()
         handlers = commitments.handlers(lambda event: answer_commitment_result(engine, event))
-        query_retrieve = QueryRetrieve(engine, get_engine("auth"), settings, get_qr_settings())
+        query_retrieve = QueryRetrieve(
+            engine, get_engine("auth"), settings, get_qr_settings(), get_retrieval_settings().scp_tls_client()
+        )
         retrieval = RetrievalLoop(engine, settings, commitment=handlers, query_retrieve=query_retrieve)
         retrieval.start()
         runtime.on_commit(retrieval.wake, wrote=RecordRetrieval)

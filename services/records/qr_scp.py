@@ -17,7 +17,7 @@ or C-MOVE sends is audited per read window, as a WADO-RS read (`read_windows`).
 Statuses (PS3.4 C.4): a level the model does not have, or a retrieve naming no unique key of its level:
 A900 (Identifier does not match SOP Class); more matches than RECORDS_QR_MAX_FIND_MATCHES: the first that many,
 then A700 (Out of Resources) saying to narrow the query; C-CANCEL: FE00; a move destination that is not a
-workstation bound to the same principal: A801; an identifier that cannot be read: C000 (Unable to process);
+workstation bound to the same principal (a `tls` one, without our TLS client settings): A801; an identifier that cannot be read: C000 (Unable to process);
 an exception in a handler is answered by pynetdicom with a failure status, the SCP's threads go on.
 """
 
@@ -55,6 +55,7 @@ from services.auth.access import dicom_detail
 from services.auth.models import CaseOwner, CaseReviewer, Role
 from services.auth.read_windows import get_read_windows
 from services.common.config import Settings
+from services.records import dicom_tls
 from services.records.dicomweb import _date_matches, _modified_at, _released, _text_matches
 from services.records.models import DicomWorkstation, RecordFile, RecordRequest
 from services.records.reconcile import coerced_chunks, coerced_header, our_identifiers
@@ -160,9 +161,16 @@ class QueryRetrieve:
     """The Q/R service of our SCP: contexts and handlers `StoreSCP` adds to its AE."""
 
     def __init__(
-        self, records: Engine, auth: Engine, settings: Settings, options: QueryRetrieveSettings
+        self,
+        records: Engine,
+        auth: Engine,
+        settings: Settings,
+        options: QueryRetrieveSettings,
+        move_tls: dicom_tls.ClientTls | None = None,
     ) -> None:
+        """`move_tls`: how a C-MOVE reaches a `tls` workstation (our certificate, the CA that signed its)."""
         self._records, self._auth, self._options = records, auth, options
+        self._move_tls = move_tls
         self._store = ObjectStore.for_settings(settings)
         self._configured = {w.ae_title: w for w in options.workstations}
         self._spool = settings.data_dir / "records" / "tmp"
@@ -417,7 +425,7 @@ class QueryRetrieve:
             destination is None
             or destination.port is None
             or destination.principal != station.principal
-            or destination.tls  # we send no C-MOVE over TLS yet: such a workstation retrieves with C-GET
+            or (destination.tls and self._move_tls is None)  # no TLS client: it retrieves with C-GET
         ):
             # Never an address the request claims: only a workstation bound to the same principal.
             log.info("records.qr_move_destination_refused")
@@ -439,7 +447,10 @@ class QueryRetrieve:
                 if (syntax := self._syntax(r)) is not None
             )
         )[:128]
-        yield destination.host, destination.port, {"contexts": [build_context(c, s) for c, s in contexts]}
+        sending: dict[str, Any] = {"contexts": [build_context(c, s) for c, s in contexts]}
+        if destination.tls and self._move_tls is not None:
+            sending["tls_args"] = (self._move_tls.context(), destination.host)
+        yield destination.host, destination.port, sending
         yield len(instances)
         yield from self._send(event, station, level, instances, f"C-MOVE to {destination.ae_title}")
 

@@ -79,6 +79,15 @@ class RetrievalSettings(BaseSettings):
             self.scp_tls_cert_path, self.scp_tls_key_path, self.scp_tls_client_ca_path
         )
 
+    def scp_tls_client(self) -> dicom_tls.ClientTls | None:
+        """How our SCP reaches a workstation's SCP over TLS for a C-MOVE (qr_scp.py): with its own certificate,
+        trusting the CA its clients' certificates are checked against; None without those."""
+        if not (self.scp_tls_client_ca_path and self.scp_tls_cert_path and self.scp_tls_key_path):
+            return None
+        return dicom_tls.ClientTls(
+            str(self.scp_tls_client_ca_path), str(self.scp_tls_cert_path), str(self.scp_tls_key_path)
+        )
+
     def tls_dir(self, settings: Settings) -> Path:
         return self.dicom_tls_dir or settings.data_dir / "records" / "dicom-tls"
 

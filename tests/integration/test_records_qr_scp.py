@@ -4,6 +4,7 @@ coerced as WADO-RS hands them out, unknown AEs rejected, every query and retriev
 
 import contextlib
 import io
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -34,7 +36,7 @@ from tests.dicom_factory import make_us_instance
 from tests.infra import free_ports
 from tests.integration.test_records_dicomweb import engine, instances, new_study, open_case, serving
 from tests.keys import operations_headers, specialist_headers
-from tests.pki import Authority
+from tests.pki import Authority, Issued
 
 __all__ = ["engine"]  # the records engine fixture, shared with the DICOMweb tests
 
@@ -256,16 +258,19 @@ def test_getscu_of_another_specialists_study_receives_nothing(world: dict, tmp_p
 
 
 @contextlib.contextmanager
-def storescp(port: int, out: Path) -> Iterator[None]:
+def storescp(
+    port: int, out: Path, ae_title: str = "HOROS_A_STORE", tls: tuple[str, ...] = ()
+) -> Iterator[None]:
+    """dcmtk's storescp as a workstation's C-STORE SCP (over TLS with `tls`: its +tls and +cf options)."""
     process = subprocess.Popen(
-        ["storescp", "-aet", "HOROS_A_STORE", "-od", str(out), str(port)],
+        ["storescp", "-aet", ae_title, *tls, "-od", str(out), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 10
         while subprocess.run(
-            ["echoscu", "-aec", "HOROS_A_STORE", "127.0.0.1", str(port)], capture_output=True
+            ["echoscu", "-aec", ae_title, *tls, "127.0.0.1", str(port)], capture_output=True
         ).returncode:
             assert time.monotonic() < deadline, "storescp did not start"
             time.sleep(0.1)
@@ -380,17 +385,38 @@ def test_a_cancelled_find_stops_and_a_retrieve_without_its_unique_key_fails(
     assert status.Status == 0xA900 and "SeriesInstanceUID" in status.ErrorComment
 
 
-def test_a_tls_workstation_is_served_only_on_the_tls_port_with_its_own_certificate(
+def move_over_tls(port: int, study: str, client: Issued, ca: Path) -> int:
+    """A C-MOVE of `study` to HOROS_TLS_STORE by HOROS_TLS over TLS (dcmtk's movescu has no TLS): its status."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(client.cert), str(client.key))
+    ae = AE(ae_title="HOROS_TLS")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SECONDOPINION", tls_args=(context, "127.0.0.1"))
+    assert assoc.is_established
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study
+    try:
+        responses = list(
+            assoc.send_c_move(query, "HOROS_TLS_STORE", StudyRootQueryRetrieveInformationModelMove)
+        )
+    finally:
+        assoc.release()
+    return int(responses[-1][0].Status)
+
+
+def test_a_tls_workstation_is_served_only_on_the_tls_port_with_its_own_certificate_and_moved_to_over_tls(
     world: dict, engine: Engine, auth_engine: Engine, settings: Settings, tmp_path: Path
 ) -> None:
     hospital = Authority(tmp_path, "hospital")
     ours, horos, other = (
-        hospital.issue("secondopinion", server=True),
-        hospital.issue("horos-jdoe"),
+        hospital.issue("secondopinion", server=True, also_client=True),  # a C-MOVE's client too
+        hospital.issue("horos-jdoe", server=True, also_client=True),  # its storescp is a TLS server
         hospital.issue("someone-else"),
     )
+    ports = free_ports(("tls", "plain", "dest"))
     tls = RetrievalSettings(
-        scp_tls_port=free_ports(("tls",))["tls"],
+        scp_tls_port=ports["tls"],
         scp_tls_cert_path=ours.cert,
         scp_tls_key_path=ours.key,
         scp_tls_client_ca_path=hospital.cert,
@@ -403,18 +429,27 @@ def test_a_tls_workstation_is_served_only_on_the_tls_port_with_its_own_certifica
         role="specialist",
         specialist_id=SPECIALIST_A,
     )
+    its_scp = station.model_copy(update={"ae_title": "HOROS_TLS_STORE", "port": ports["dest"]})
     scp = dimse.StoreSCP(
         ObjectStore.for_settings(settings),
-        free_ports(("plain",))["plain"],
+        ports["plain"],
         settings.max_upload_bytes,
         tls_port=tls.scp_tls_port,
         ssl_context=tls.scp_tls_context(),
         query_retrieve=QueryRetrieve(
-            engine, auth_engine, settings, QueryRetrieveSettings(workstations=[station])
+            engine,
+            auth_engine,
+            settings,
+            QueryRetrieveSettings(workstations=[station, its_scp]),
+            tls.scp_tls_client(),
         ),
     )
     scp.start()
     keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID"]
+    study_a = world["cases"][SPECIALIST_A][1]
+    horos_tls = ("+tls", str(horos.key), str(horos.cert), "+cf", str(hospital.cert))
+    moved_to = tmp_path / "moved"
+    moved_to.mkdir()
     try:
         plain = dcmtk("findscu", "HOROS_TLS", scp.port, *keys)
         wrong = dcmtk(
@@ -425,13 +460,17 @@ def test_a_tls_workstation_is_served_only_on_the_tls_port_with_its_own_certifica
             "findscu", "HOROS_TLS", int(str(scp.tls_port)), "+tls", str(horos.key), str(horos.cert),
             "+cf", str(hospital.cert), "-X", "-od", str(tmp_path), *keys,
         )  # fmt: skip
+        with storescp(ports["dest"], moved_to, "HOROS_TLS_STORE", horos_tls):
+            moved = move_over_tls(ports["tls"], study_a, horos, hospital.cert)
     finally:
         scp.stop()
+    assert moved == 0x0000
+    assert len(list(moved_to.iterdir())) == 3
     assert "Calling AE Title Not Recognized" in plain.stderr
     assert "Calling AE Title Not Recognized" in wrong.stderr
     assert right.returncode == 0, right.stderr
     [study] = [pydicom.dcmread(p) for p in tmp_path.glob("rsp*.dcm")]
-    assert study.StudyInstanceUID == world["cases"][SPECIALIST_A][1]
+    assert study.StudyInstanceUID == study_a
 
 
 def test_operations_configure_a_workstation_without_a_restart_and_remove_it(
