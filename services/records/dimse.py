@@ -760,6 +760,8 @@ class StoreSCP:
     ssl_context: ssl.SSLContext | None = None
     plain: bool = True
     commitment: CommitmentHandlers | None = None
+    # Query/Retrieve for configured workstations (qr_scp.QueryRetrieve): its contexts and handlers.
+    query_retrieve: Any | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _waiting: dict[str, InstanceWriter] = field(default_factory=dict)
     _servers: list[Any] = field(default_factory=list)
@@ -772,8 +774,11 @@ class StoreSCP:
         # Every storage class: an instance of one we did not list (a modality's private or raw data) failed
         # its sub-operation at the PACS, and Orthanc ends a C-MOVE at the first failed one.
         storage = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        # Either role: a workstation's C-GET proposes the SCP role for the classes it receives from us.
         for sop_class in dict.fromkeys([*RETRIEVED_CLASSES, *storage]):
-            ae.add_supported_context(sop_class, UNCOMPRESSED + OLD_UNCOMPRESSED + COMPRESSED)
+            ae.add_supported_context(
+                sop_class, UNCOMPRESSED + OLD_UNCOMPRESSED + COMPRESSED, scu_role=True, scp_role=True
+            )
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_open),  # before the association's DUL thread starts
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -786,6 +791,9 @@ class StoreSCP:
                 (evt.EVT_N_ACTION, self.commitment.on_request),
                 (evt.EVT_N_EVENT_REPORT, self.commitment.on_result),
             ]
+        if self.query_retrieve is not None:
+            self.query_retrieve.add_contexts(ae)
+            handlers += self.query_retrieve.handlers()
         listeners: list[tuple[int, ssl.SSLContext | None]] = [(self.port, None)] if self.plain else []
         if self.ssl_context is not None and self.tls_port is not None:
             listeners.append((self.tls_port, self.ssl_context))

@@ -1,5 +1,5 @@
 """The records process: its API and DICOMweb, its `records` queue consumer, its outbox relay, the retrieval
-loop with our C-STORE SCP (AE SECONDOPINION), the report return loop, and the loop answering storage
+loop with our C-STORE SCP (AE SECONDOPINION, also the Query/Retrieve SCP of configured workstations), the report return loop, and the loop answering storage
 commitment requests."""
 
 from collections.abc import AsyncIterator
@@ -12,11 +12,12 @@ from services.common.config import get_settings
 from services.common.db import get_engine
 from services.common.http import create_app
 from services.common.runner import ServiceRuntime, serve
-from services.records import api, consumer, dicomweb, export, header_probe, timeline
+from services.records import api, consumer, dicomweb, export, header_probe, timeline, workstations
 from services.records.commitment_scp import CommitmentLoop
 from services.records.limits import get_limits
 from services.records.models import RecordRetrieval, ReportReturn
 from services.records.qido_keys import QueryKeysByKeyword
+from services.records.qr_scp import QueryRetrieve, get_qr_settings
 from services.records.report_return import ReturnLoop, answer_commitment_result
 from services.records.retrieval import (
     RetrievalLoop,
@@ -40,7 +41,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         commitments = CommitmentLoop(engine, settings)
         commitments.start()
         handlers = commitments.handlers(lambda event: answer_commitment_result(engine, event))
-        retrieval = RetrievalLoop(engine, settings, commitment=handlers)
+        query_retrieve = QueryRetrieve(
+            engine, get_engine("auth"), settings, get_qr_settings(), get_retrieval_settings().scp_tls_client()
+        )
+        retrieval = RetrievalLoop(engine, settings, commitment=handlers, query_retrieve=query_retrieve)
         retrieval.start()
         runtime.on_commit(retrieval.wake, wrote=RecordRetrieval)
         returns = ReturnLoop(get_engine("records"), settings)
@@ -60,7 +64,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = create_app(
     "records",
-    routers=[api.router, export.router, timeline.router, dicomweb.router],
+    # Workstations first: `/v1/records/{case_id}` must not take `workstations` for a case id.
+    routers=[workstations.router, api.router, export.router, timeline.router, dicomweb.router],
     engine=lambda: get_engine("records"),
     ready_checks=[runtime.broker_ready],
     lifespan=lifespan,

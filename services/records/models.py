@@ -454,3 +454,20 @@ class UploadPublic(BaseModel):
         description="what of the upload was not imported and why, by position, never by path or name (an "
         'archive entry that is not a regular file: "member 3 of 9 of file 1 of 1 is a symbolic link ...")',
     )
+
+
+class DicomWorkstation(SQLModel, table=True):
+    """A diagnostic workstation allowed to query and retrieve over DIMSE (qr_scp.py), bound to one principal:
+    configured by operations (`PUT /v1/records/workstations/{ae_title}`), or in RECORDS_QR_WORKSTATIONS."""
+
+    __tablename__ = "record_dicom_workstations"
+
+    ae_title: str = Field(primary_key=True, max_length=16)
+    host: str = Field(max_length=253)
+    port: int | None = None
+    tls: bool = False
+    certificate_cn: str | None = Field(default=None, max_length=64)
+    role: str = Field(max_length=16)
+    specialist_id: str | None = Field(default=None, max_length=100)
+    partner_id: str | None = Field(default=None, max_length=100)
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -10,6 +10,7 @@ import uuid
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -77,6 +78,15 @@ class RetrievalSettings(BaseSettings):
             )
         return dicom_tls.server_context(
             self.scp_tls_cert_path, self.scp_tls_key_path, self.scp_tls_client_ca_path
+        )
+
+    def scp_tls_client(self) -> dicom_tls.ClientTls | None:
+        """How our SCP reaches a workstation's SCP over TLS for a C-MOVE (qr_scp.py): with its own certificate,
+        trusting the CA its clients' certificates are checked against; None without those."""
+        if not (self.scp_tls_client_ca_path and self.scp_tls_cert_path and self.scp_tls_key_path):
+            return None
+        return dicom_tls.ClientTls(
+            str(self.scp_tls_client_ca_path), str(self.scp_tls_cert_path), str(self.scp_tls_key_path)
         )
 
     def tls_dir(self, settings: Settings) -> Path:
@@ -463,9 +473,11 @@ class RetrievalLoop(PolledLoop):
         settings: Settings,
         options: RetrievalSettings | None = None,
         commitment: dimse.CommitmentHandlers | None = None,
+        query_retrieve: Any | None = None,
     ) -> None:
         self._settings = settings
         self._commitment = commitment
+        self._query_retrieve = query_retrieve
         self._options = options = options or get_retrieval_settings()
         self.scp: dimse.StoreSCP | None = None
         # Woken when the consumer commits a planned retrieval; the poll finds retries when they fall due.
@@ -489,6 +501,7 @@ class RetrievalLoop(PolledLoop):
                 ssl_context=options.scp_tls_context(),
                 plain=options.scp_plain,
                 commitment=self._commitment,
+                query_retrieve=self._query_retrieve,
             )
             scp.start()
             self.scp = scp
