@@ -140,7 +140,10 @@ async def answer_search(
         return refused.answer()
     shown = to_task if kind == "Task" else to_service_request
     included = [to_service_request(case) for case in page] if search.includes else []
-    audit("list", "case", None, "success", f"FHIR {kind} search: {len(page)} of {total}")
+    # The entry is committed before the answer goes (a group commit): off the event loop, as the search is.
+    await run_in_threadpool(
+        audit, "list", "case", None, "success", f"FHIR {kind} search: {len(page)} of {total}"
+    )
     bundle = searchset(base, kind, search, total, [shown(case) for case in page], cursor, included)
     return JSONResponse(bundle, media_type=FHIR_JSON)
 

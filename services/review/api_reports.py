@@ -330,8 +330,8 @@ async def search_diagnostic_reports(
         total, page, cursor = await run_in_threadpool(_search_reports, session, access.caller, search)
     except SearchRefused as refused:
         return refused.answer()
-    for report in page:
-        access.allow("report", report.case_id)
+    for report in page:  # each entry committed before the answer goes: off the event loop, as the search is
+        await run_in_threadpool(access.allow, "report", report.case_id)
     base = f"{settings.review_url.rstrip('/')}/fhir"
     bundle = searchset(base, "DiagnosticReport", search, total, [r.diagnostic_report for r in page], cursor)
     return JSONResponse(bundle, media_type=FHIR_JSON)
