@@ -11,8 +11,6 @@ TokenRefused          an RFC 6749 §5.2 error: `error` and `error_description`, 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 import secrets
@@ -28,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from services.auth import smart_scopes
+from services.auth.keys import hash_key, matches
 from services.auth.models import Partner, SmartAccessToken, SmartAssertionId, SmartClient
 from services.auth.smart_jwks import JWKS_TTL, REFETCH_AFTER, JwksUnavailable
 
@@ -341,7 +340,7 @@ def issue_token(engine: Engine, client: SmartClient, requested: str, now: dateti
             SmartAccessToken(
                 id=token_id,
                 client_id=client.id,
-                token_hash=_hash(token),
+                token_hash=hash_key(token),  # stored as API keys are: SHA-256 only
                 scope=granted,
                 expires_at=now + timedelta(seconds=ACCESS_TOKEN_SECONDS),
             )
@@ -366,10 +365,6 @@ def find_token(engine: Engine, credential: str) -> tuple[SmartAccessToken, Smart
     with Session(engine) as session:
         token = session.get(SmartAccessToken, match.group(1))
         client = session.get(SmartClient, token.client_id) if token is not None else None
-    if token is None or client is None or not hmac.compare_digest(_hash(credential), token.token_hash):
+    if token is None or client is None or not matches(credential, token.token_hash):
         return None
     return token, client
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
