@@ -127,6 +127,22 @@ def _dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = N
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
+def media_ranges(header: str | None) -> list[tuple[str, dict[str, str]]]:
+    """The media ranges of an Accept header (none: `*/*`), lower case with their parameters, most wanted first
+    (by q, then as listed; q=0 ranges, which refuse a type, left out) (RFC 9110 12.5.1)."""
+    ranges = []
+    for index, media_range in enumerate((header or "*/*").split(",")):
+        raw_kind, raw = parse_options_header(media_range.strip())
+        params = {k.decode("latin-1").lower(): v.decode("latin-1").strip('"') for k, v in raw.items()}
+        try:
+            quality = float(params.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        if quality > 0:
+            ranges.append((-quality, index, raw_kind.decode("latin-1").lower(), params))
+    return [(kind, params) for _, _, kind, params in sorted(ranges, key=lambda r: (r[0], r[1]))]
+
+
 def _negotiate(
     request: Request, *offered: str, takes: Callable[[dict[str, str]], bool] | None = None, refusal: str = ""
 ) -> tuple[str, dict[str, str]]:
@@ -134,12 +150,8 @@ def _negotiate(
     multipart offer is "multipart/related;type=X") and, if given, `takes` accepts (its parameters, such as a
     transfer syntax, fit what is stored); 406 when none does (PS3.18 8.7.5, 8.7.8), saying `refusal` when a
     range of an offered type was turned down by `takes` alone. No Accept header accepts all."""
-    header = request.headers.get("accept") or "*/*"
     turned_down = False
-    for media_range in header.split(","):
-        media_type, raw = parse_options_header(media_range.strip())
-        kind = media_type.decode("latin-1").lower()
-        params = {k.decode("latin-1").lower(): v.decode("latin-1").strip('"') for k, v in raw.items()}
+    for kind, params in media_ranges(request.headers.get("accept")):
         for offer in offered:
             main, _, part = offer.partition(";type=")
             asked = params.get("type", part).lower()
@@ -883,17 +895,7 @@ def _frame_part_type(accept: str | None, syntax: str, compressed: bool) -> str |
     is no transcoding here. A viewer lists the compressed forms it decodes and the native one last, so the
     first range is often one these frames are not in; it was taken alone, and the answer was a 406."""
     own = STORED_TYPES.get(pydicom.uid.UID(syntax), "application/octet-stream") if compressed else None
-    ranges = []
-    for index, media_range in enumerate((accept or "*/*").split(",")):
-        raw_kind, raw = parse_options_header(media_range.strip())
-        params = {k.decode("latin-1").lower(): v.decode("latin-1").strip('"') for k, v in raw.items()}
-        try:
-            quality = float(params.get("q", "1"))
-        except ValueError:
-            quality = 1.0
-        if quality > 0:
-            ranges.append((-quality, index, raw_kind.decode("latin-1").lower(), params))
-    for _, _, kind, params in sorted(ranges, key=lambda r: (r[0], r[1])):
+    for kind, params in media_ranges(accept):
         if kind in ("*/*", "multipart/*"):
             return own or "application/octet-stream"
         if kind != "multipart/related":

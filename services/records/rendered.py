@@ -13,12 +13,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
-from python_multipart.multipart import parse_options_header
 
 from services.auth.routing import AuthRoute
 from services.common.http import is_head
 from services.records.api import SessionDep, SettingsDep
-from services.records.dicomweb import CaseId, Uid, _retrievable
+from services.records.dicomweb import CaseId, Uid, _retrievable, media_ranges
 from services.records.rendering import (
     GIF,
     JPEG,
@@ -109,18 +108,8 @@ def rendered_type(request: Request, multipart: bool = False) -> str:
     by q, then order (PS3.18 8.3.3.1, 8.7.5); `*/*` and `image/*` are JPEG. A study or series may be asked
     for as `multipart/related; type="image/png"` too. No range fits: 406, naming those served (a request for
     video/mp4 is told that an uncompressed cine animates as image/gif: it is not encoded as video here)."""
-    header = request.query_params.get("accept") or request.headers.get("accept") or "*/*"
-    ranges = []
-    for index, media_range in enumerate(header.split(",")):
-        raw_kind, raw = parse_options_header(media_range.strip())
-        params = {k.decode("latin-1").lower(): v.decode("latin-1").strip('"') for k, v in raw.items()}
-        try:
-            quality = float(params.get("q", "1"))
-        except ValueError:
-            quality = 1.0
-        if quality > 0:
-            ranges.append((-quality, index, raw_kind.decode("latin-1").lower(), params))
-    for _, _, kind, params in sorted(ranges, key=lambda r: (r[0], r[1])):
+    ranges = media_ranges(request.query_params.get("accept") or request.headers.get("accept"))
+    for kind, params in ranges:
         if multipart and kind in ("multipart/related", "multipart/*"):
             kind = params.get("type", JPEG).lower()
         if kind in ("*/*", "image/*"):
@@ -135,7 +124,7 @@ def rendered_type(request: Request, multipart: bool = False) -> str:
         + (
             "; video/mp4 is served for video clips (MPEG-2, H.264, HEVC) only: a cine stored as frames "
             "animates as image/gif"
-            if any(kind.startswith("video/") for _, _, kind, _ in ranges)
+            if any(kind.startswith("video/") for kind, _ in ranges)
             else ""
         ),
     )
@@ -144,14 +133,8 @@ def rendered_type(request: Request, multipart: bool = False) -> str:
 def video_type(request: Request) -> str:
     """The media type a video clip is rendered as: video/mp4 when the `accept` query parameter or the Accept
     header takes it (`*/*`, `video/*`, `video/mp4`), else a 406 saying what the clip renders as."""
-    header = request.query_params.get("accept") or request.headers.get("accept") or "*/*"
-    for media_range in header.split(","):
-        raw_kind, raw = parse_options_header(media_range.strip())
-        try:
-            quality = float(raw.get(b"q", b"1").decode("latin-1"))
-        except ValueError:
-            quality = 1.0
-        if quality > 0 and raw_kind.decode("latin-1").lower() in ("*/*", "video/*", *VIDEO_RENDERED_TYPES):
+    for kind, _ in media_ranges(request.query_params.get("accept") or request.headers.get("accept")):
+        if kind in ("*/*", "video/*", *VIDEO_RENDERED_TYPES):
             return MP4
     raise HTTPException(
         406,
