@@ -65,9 +65,12 @@ dlq: install
 bench: install
 	$(PY) -m bench
 
-## Lint, type-check and run the whole suite (unit, integration on real PostgreSQL/RabbitMQ/Temporal, e2e).
+## Lint, type-check and run the whole suite (unit, integration on real PostgreSQL/RabbitMQ/Temporal, e2e), on
+## TEST_WORKERS pytest-xdist workers, a test file each at a time: the suite mostly waits on servers and
+## subprocesses, so two workers take about half the time one does on two cores. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install lint
-	$(PY) -m scripts.run_pytest -q
+	$(PY) -m scripts.run_pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 lint: install
 	$(VENV)/bin/ruff check .

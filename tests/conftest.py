@@ -73,6 +73,21 @@ async def temporal_env(settings: Settings):  # type: ignore[no-untyped-def]
         await env.shutdown()
 
 
+# The files that take minutes, mostly waiting on a whole stack of their own: run first, so that with several
+# workers (`make test`: pytest-xdist, a file at a time, in this order) the others fill the wait instead of one
+# of these starting last and running alone.
+LONGEST_FIRST = ("tests/bench/test_bench_smoke.py", "tests/chaos/test_chaos_short.py")
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    first = {path: rank for rank, path in enumerate(LONGEST_FIRST)}
+    items.sort(
+        key=lambda item: first.get(item.nodeid.split("::", 1)[0], len(first))
+    )  # stable: the rest as collected
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Stop the records header-parsing workers the tests started. `scripts.run_pytest` ends with
     `os._exit` (sdk-python #300), which skips the atexit handler that would join them, and a spawned

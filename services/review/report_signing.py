@@ -40,6 +40,7 @@ with warnings.catch_warnings():  # pyHanko imports DSA types on import; we never
     warnings.filterwarnings("ignore", "DSA is deprecated", CryptographyDeprecationWarning)
     from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
     from pyhanko.sign import fields, signers
+    from pyhanko.sign.signers.pdf_cms import PdfCMSSignedAttributes
     from pyhanko.sign.timestamps import HTTPTimeStamper
     from pyhanko_certvalidator.registry import SimpleCertificateStore
 
@@ -105,21 +106,17 @@ def sign_report_pdf(pdf: bytes, who: ReportSigner, settings: Settings) -> bytes:
         location=settings.review_report_signing_location,
     )
     tsa_url = settings.review_report_tsa_url
-    # PDF whitespace after %%EOF moves the update by a byte: of two lengths in a row one is even.
-    for padding in (b"", b"\n", b"\n\n"):
-        try:
-            signed = asyncio.run(_sign(pdf + padding, meta, identity, tsa_url, who.signed_at))
-        except Exception as exc:
-            log.error(
-                "report.signing_failed", subject=identity.subject, error=type(exc).__name__, tsa=bool(tsa_url)
-            )
-            raise ReportSigningUnavailable(
-                f"the report PDF could not be signed with the document-signing certificate {identity.subject} "
-                f"({type(exc).__name__}{', asking the timestamp authority REVIEW_REPORT_TSA_URL' if tsa_url else ''}); "
-                "nothing was issued unsigned"
-            ) from exc
-        if len(signed) % 2 == 0:
-            break
+    try:
+        signed = asyncio.run(_sign(pdf, meta, identity, tsa_url, who.signed_at))
+    except Exception as exc:
+        log.error(
+            "report.signing_failed", subject=identity.subject, error=type(exc).__name__, tsa=bool(tsa_url)
+        )
+        raise ReportSigningUnavailable(
+            f"the report PDF could not be signed with the document-signing certificate {identity.subject} "
+            f"({type(exc).__name__}{', asking the timestamp authority REVIEW_REPORT_TSA_URL' if tsa_url else ''}); "
+            "nothing was issued unsigned"
+        ) from exc
     return signed
 
 
@@ -130,16 +127,33 @@ async def _sign(
     tsa_url: str | None,
     signed_at: datetime,
 ) -> bytes:
-    writer = IncrementalPdfFileWriter(io.BytesIO(pdf), strict=False)
+    reserved = _reserved(identity, timestamped=bool(tsa_url))
     async with contextlib.AsyncExitStack() as stack:
         timestamper = None
         if tsa_url:  # a session of this event loop, closed with it
             session = await stack.enter_async_context(aiohttp.ClientSession())
             timestamper = HTTPTimeStamper(tsa_url, timeout=TSA_TIMEOUT_SECONDS, session=session)
         pdf_signer = _SignedAt(meta, signer=identity.signer, timestamper=timestamper, signed_at=signed_at)
-        output = await pdf_signer.async_sign_pdf(
-            writer, bytes_reserved=_reserved(identity, timestamped=bool(tsa_url)), output=io.BytesIO()
+        # The update is written with the signature's room reserved before anything is signed, so its length is
+        # known then: PDF whitespace after %%EOF moves it by a byte (two where `startxref` gains a digit), so of
+        # three layouts in a row one is even. Only that one is signed: building the signature is most of the work.
+        for padding in (b"", b"\n", b"\n\n"):
+            writer = IncrementalPdfFileWriter(io.BytesIO(pdf + padding), strict=False)
+            output = io.BytesIO()
+            digest, document, _ = await pdf_signer.async_digest_doc_for_signing(
+                writer, bytes_reserved=reserved, output=output
+            )
+            if len(output.getbuffer()) % 2 == 0:
+                break
+        else:  # pragma: no cover - cannot happen (above)
+            raise RuntimeError("no even-length layout of the signed update")
+        signed = await document.perform_signature(
+            document_digest=digest.document_digest,
+            pdf_cms_signed_attrs=PdfCMSSignedAttributes(
+                signing_time=pdf_signer.signed_at, cades_signed_attrs=meta.cades_signed_attr_spec
+            ),
         )
+        await signed.post_signature_processing(output)
     return bytes(output.getbuffer())
 
 
@@ -164,11 +178,11 @@ class _SignedAt(signers.PdfSigner):
         signed_at: datetime,
     ) -> None:
         super().__init__(meta, signer=signer, timestamper=timestamper)
-        self._signed_at = signed_at.astimezone(UTC)
+        self.signed_at = signed_at.astimezone(UTC)
 
     def init_signing_session(self, pdf_out, existing_fields_only=False):  # type: ignore[no-untyped-def]
         session = super().init_signing_session(pdf_out, existing_fields_only=existing_fields_only)
-        session.system_time = self._signed_at
+        session.system_time = self.signed_at
         return session
 
 
