@@ -161,3 +161,4 @@ def handshake_again(session: Session, base: str, subscription: FhirSubscription,
     endpoint.disabled_at, endpoint.disabled_reason = None, ""
     first = min(waiting, default=now)
     subs.handshake(session, base, subscription, min(first - timedelta(milliseconds=1), now))
+    subscription.last_queued_at = now  # the heartbeat period runs from now, not from the place it was put
