@@ -52,7 +52,15 @@ PUBLIC_RESOURCES: list[dict[str, Any]] = [
     },
     {
         "type": "Subscription",
-        "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}, {"code": "delete"}],
+        "interaction": [
+            {"code": "create"},
+            {"code": "read"},
+            {"code": "update"},
+            {"code": "search-type"},
+            {"code": "delete"},
+        ],
+        "versioning": "versioned-update",
+        "updateCreate": False,
         "searchParam": [
             {"name": "status", "type": "token", "documentation": "requested | active | error | off"}
         ],
@@ -71,7 +79,11 @@ PUBLIC_RESOURCES: list[dict[str, Any]] = [
         "notification (and shown masked on read), backport-heartbeat-period honoured. Created `requested`; a "
         "handshake answered 2xx makes it `active`; `error` (with `error`) while notifications fail. Notifications "
         "are numbered per subscription and sent in order, at least once (webhook-id the same on a retry); DELETE "
-        "turns it off (still readable). Another partner's is a 404.",
+        'turns it off (still readable). Update (PUT the whole resource, If-Match W/"n" honoured: another '
+        "version is a 412) changes the filter, endpoint, headers (sent back masked: kept), heartbeat, payload "
+        "content, and status (`off`; `requested` turns an off or error one back on); a new endpoint or headers, or "
+        "back on, sends a new handshake, and what was pending goes to the new endpoint after it. The topic cannot "
+        "change (422: create another); update does not create (404). Another partner's is a 404.",
     },
     {
         "type": "DiagnosticReport",
@@ -105,7 +117,7 @@ SERVED_BY = {"ServiceRequest": "intake", "Task": "intake", "Subscription": "inta
              "CoverageEligibilityRequest": "insurance", "CoverageEligibilityResponse": "insurance"}  # fmt: skip
 # Where each interaction is served (FHIR R4 http.html), to say what is served when a request asks for another.
 INTERACTIONS = {"create": ("POST", "[base]/{type}"), "read": ("GET", "[base]/{type}/{id}"),
-                "vread": ("GET", "[base]/{type}/{id}/_history/{vid}"),
+                "vread": ("GET", "[base]/{type}/{id}/_history/{vid}"), "update": ("PUT", "[base]/{type}/{id}"),
                 "search-type": ("GET", "[base]/{type}"), "delete": ("DELETE", "[base]/{type}/{id}")}  # fmt: skip
 EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 

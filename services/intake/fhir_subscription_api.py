@@ -1,26 +1,33 @@
-"""`[base]/Subscription`: a partner's FHIR Subscriptions (R5 Backport on R4): create, read, search by status,
-delete (turns it off), and `$status`. Another partner's subscription is a 404. Errors are OperationOutcomes."""
+"""`[base]/Subscription`: a partner's FHIR Subscriptions (R5 Backport on R4): create, read, update (version-aware
+with If-Match), search by status, delete (turns it off), and `$status`. Another partner's subscription is a 404.
+Errors are OperationOutcomes."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
 from services.auth import Principal, Role, require_role
 from services.common.db import transaction_lock
-from services.common.fhir import outcome, outcome_response, unparseable
+from services.common.fhir import etag, outcome, outcome_response, unparseable
 from services.common.http import UnreadableJson
 from services.intake import fhir_subscriptions as subs
 from services.intake.api import EngineDep, SettingsDep
 from services.intake.fhir_intake import FhirInvalid
 from services.intake.fhir_service_request import fhir_base
-from services.intake.models import FhirSubscription, WebhookDelivery, WebhookEndpoint
+from services.intake.fhir_subscription_update import (
+    UPDATE_STATUSES,
+    UpdateRefused,
+    apply_update,
+    pending_deliveries,
+    turn_off,
+)
+from services.intake.models import FhirSubscription, WebhookEndpoint
 from services.intake.webhooks_out import EndpointRefused, check_url
 
 FHIR_JSON = "application/fhir+json"
@@ -85,6 +92,32 @@ CREATE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+UPDATE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **CREATE_ERRORS,
+    400: _outcome_doc(
+        "The body is not JSON, its id is not the URL's, or If-Match is not an ETag",
+        outcome("invalid", [("Subscription.id", "the body's id must be the id in the URL")]),
+    ),
+    404: _outcome_doc(
+        "No such subscription of yours (update does not create one)",
+        outcome("not-found", [("Subscription.id", "no Subscription …; update does not create one")]),
+    ),
+    409: _outcome_doc(
+        "Turning it back on would pass the partner's limit of Subscriptions on",
+        outcome("conflict", [(None, "DELETE one you no longer use")]),
+    ),
+    412: _outcome_doc(
+        "If-Match names another version than the current one",
+        outcome("conflict", [(None, "the Subscription is at version 3, not 2 (If-Match) …")]),
+    ),
+    422: _outcome_doc(
+        "The Subscription is invalid, asks for what is not served, or changes what cannot change (the topic); "
+        "the OperationOutcome names each element",
+        outcome("invalid", [("Subscription.criteria", "the topic of a Subscription cannot change …")]),
+    ),
+}
+
+
 def not_found() -> JSONResponse:
     return outcome_response(
         404, "not-found", [("Subscription.id", "no Subscription with this id is visible to this key")]
@@ -92,10 +125,15 @@ def not_found() -> JSONResponse:
 
 
 def owned(
-    session: Session, caller: Principal, subscription_id: str
+    session: Session, caller: Principal, subscription_id: str, lock: bool = False
 ) -> tuple[FhirSubscription, WebhookEndpoint] | None:
-    subscription = session.get(FhirSubscription, subscription_id)
-    if subscription is None or subscription.partner_id != caller.partner_id:
+    """The caller's subscription and its channel, or None; `lock`: its row locked to the end of the transaction
+    (a change waits for another under way, and then sees it)."""
+    query = select(FhirSubscription).where(
+        FhirSubscription.id == subscription_id, FhirSubscription.partner_id == caller.partner_id
+    )
+    subscription = session.exec(query.with_for_update() if lock else query).first()
+    if subscription is None:
         return None
     endpoint = session.get(WebhookEndpoint, subscription_id)
     assert endpoint is not None, "a subscription's channel is kept with it"
@@ -171,7 +209,125 @@ def read_subscription(
         subscription, endpoint = found
         status, error = subs.current_status(session, subscription, endpoint)
         resource = subs.as_resource(fhir_base(settings), subscription, status, error)
-    return JSONResponse(resource, media_type=FHIR_JSON)
+    return JSONResponse(resource, media_type=FHIR_JSON, headers={"ETag": etag(resource)})
+
+
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        max_length=100,
+        description='version-aware update: the ETag a read answered (`W/"3"`); another version is a 412',
+    ),
+]
+
+
+def version_matched(if_match: str) -> int | None:
+    """The version an If-Match names (`W/"3"`, `"3"`, or fhirpy's bare `3`; `*` any: None); ValueError if none."""
+    tag = if_match.strip().removeprefix("W/").strip('"')
+    if tag == "*":
+        return None
+    if not tag.isdigit() or len(tag) > 9:
+        raise ValueError(tag)
+    return int(tag)
+
+
+async def update_subscription(
+    subscription_id: str,
+    request: Request,
+    caller: PartnerCaller,
+    engine: EngineDep,
+    settings: SettingsDep,
+    if_match: IfMatch = None,
+) -> Response:
+    """Update your Subscription with the whole resource (FHIR update; its `id` the URL's), validated as a create
+    is. May change: the filter, `channel.endpoint` and `channel.header` (a header sent back as a read shows it,
+    `Name: (not shown)`, keeps its value), the heartbeat period, the payload content, and `status`: `off` turns
+    it off as DELETE does, `requested` turns an `off` or `error` one back on (`active` or `error` as read leave
+    it as it is). A new endpoint or headers, or turning it back on, sends a new handshake, ahead of the
+    notifications still pending, which then go to the endpoint as it is now. The topic cannot change (422:
+    create a new Subscription). Answered 200 with the resource, `meta.versionId` one more (the same when
+    nothing changed), ETag and Location `…/_history/{version}`; `If-Match: W/"n"` naming another version than
+    the current is a 412. Update does not create: an id that is not yours is a 404."""
+    from services.intake.fhir_api import read_json  # the FHIR router's body reader (parsed once, size-capped)
+
+    base = fhir_base(settings)
+    try:
+        document = await read_json(request)
+        version = version_matched(if_match) if if_match is not None else None
+    except UnreadableJson as exc:
+        return unparseable(exc)
+    except ValueError:
+        return outcome_response(
+            400,
+            "invalid",
+            [("If-Match", 'If-Match is the ETag a read answered, as W/"3"; nothing was changed')],
+        )
+    subscription_sent = isinstance(document, dict) and document.get("resourceType") == "Subscription"
+    if subscription_sent and document.get("id") != subscription_id:
+        return outcome_response(
+            400,
+            "invalid",
+            [("Subscription.id", "the body's id must be the id in the URL (FHIR update sends the whole "
+                                 "resource, id included); nothing was changed")],
+        )  # fmt: skip
+    try:
+        wanted = subs.read_subscription(document, base, UPDATE_STATUSES)
+    except FhirInvalid as exc:
+        return outcome_response(422, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
+    try:
+        await asyncio.to_thread(check_url, wanted.url, settings.env)  # its DNS lookup off the event loop
+    except EndpointRefused as exc:
+        return outcome_response(422, "invalid", [("Subscription.channel.endpoint", str(exc))])
+    return await run_in_threadpool(
+        _update, engine, settings, caller, subscription_id, version, wanted, document
+    )
+
+
+def _update(engine: Any, settings: Any, caller: Principal, subscription_id: str, version: int | None,
+            wanted: subs.SubscriptionRequest, document: dict[str, Any]) -> Response:  # fmt: skip
+    base = fhir_base(settings)
+    with Session(engine, expire_on_commit=False) as session:
+        # The partner's lock first, as a create takes it: turning one back on counts against its limit.
+        transaction_lock(session, SUBSCRIPTION_LOCKS, str(caller.partner_id))
+        found = owned(session, caller, subscription_id, lock=True)
+        if found is None:
+            return outcome_response(
+                404,
+                "not-found",
+                [("Subscription.id", "no Subscription with this id is visible to this key, and update does not "
+                                     "create one: POST [base]/Subscription creates a Subscription (its id is "
+                                     "ours)")],
+            )  # fmt: skip
+        subscription, endpoint = found
+        if version is not None and version != subscription.version_id:
+            return outcome_response(
+                412,
+                "conflict",
+                [(None, f"the Subscription is at version {subscription.version_id}, not {version} (If-Match): it "
+                        "changed since you read it; read it again, make your change, and send it with the new "
+                        "ETag; nothing was changed")],
+            )  # fmt: skip
+        try:
+            apply_update(
+                session,
+                base,
+                subscription,
+                endpoint,
+                wanted,
+                document,
+                settings.fhir_subscriptions_per_partner,
+            )
+        except UpdateRefused as exc:
+            return outcome_response(exc.status, exc.code, exc.issues)
+        except FhirInvalid as exc:
+            return outcome_response(422, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
+        session.commit()
+        status, error = subs.current_status(session, subscription, endpoint)
+        resource = subs.as_resource(base, subscription, status, error)
+    headers = {"ETag": etag(resource), "Location": f"{base}/Subscription/{subscription_id}/_history/"
+                                                   f"{subscription.version_id}"}  # fmt: skip
+    return JSONResponse(resource, media_type=FHIR_JSON, headers=headers)
 
 
 def search_subscriptions(
@@ -222,24 +378,13 @@ def delete_subscription(subscription_id: str, caller: PartnerCaller, engine: Eng
     """Turn your Subscription off: nothing more is queued or sent (notifications not yet delivered are
     cancelled); it stays readable, `status` off, and its delivery log is kept."""
     with Session(engine) as session:
-        found = owned(session, caller, subscription_id)
+        found = owned(session, caller, subscription_id, lock=True)  # an update under way ends first
         if found is None:
             return not_found()
         subscription, endpoint = found
         if subscription.status != "off":
-            subscription.status = "off"
-            endpoint.disabled_at = endpoint.disabled_at or datetime.now(UTC)
-            endpoint.disabled_reason = "the Subscription was deleted"
-            pending = session.exec(
-                select(WebhookDelivery).where(
-                    WebhookDelivery.endpoint_id == subscription_id, WebhookDelivery.status == "pending"
-                )
-            ).all()
-            for delivery in pending:
-                delivery.status = "cancelled"
-                session.add(delivery)
-            session.add(subscription)
-            session.add(endpoint)
+            pending = pending_deliveries(session, subscription_id)
+            turn_off(session, subscription, endpoint, pending, "the Subscription was deleted")
             session.commit()
     said: list[tuple[str | None, str]] = [
         (None, "the Subscription is off; nothing more is sent to its endpoint")
@@ -319,7 +464,39 @@ def add_routes(router: APIRouter) -> None:
         "/Subscription/{subscription_id}",
         read_subscription,
         methods=["GET"],
-        responses={200: _doc("your Subscription, its status now", SUBSCRIPTION_EXAMPLE), **ERRORS},
+        responses={
+            200: {
+                **_doc("your Subscription, its status now", SUBSCRIPTION_EXAMPLE),
+                "headers": {"ETag": {"description": 'the version, W/"n"', "schema": {"type": "string"}}},
+            },
+            **ERRORS,
+        },
+    )
+    updated = {**SUBSCRIPTION_EXAMPLE, "id": "2f0c…", "meta": {"versionId": "2"}}
+    versioned = {
+        "ETag": {"description": 'the version, W/"n"', "schema": {"type": "string"}},
+        "Location": {"description": "[base]/Subscription/{id}/_history/{n}", "schema": {"type": "string"}},
+    }
+    router.add_api_route(
+        "/Subscription/{subscription_id}",
+        update_subscription,
+        methods=["PUT"],
+        responses={
+            200: {
+                **_doc(
+                    "the Subscription as updated, meta.versionId one more (the same if nothing changed)",
+                    updated,
+                ),
+                "headers": versioned,
+            },
+            **UPDATE_ERRORS,
+        },  # fmt: skip
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {FHIR_JSON: {"schema": {"type": "object"}, "example": updated}},
+            }
+        },
     )
     router.add_api_route(
         "/Subscription/{subscription_id}",

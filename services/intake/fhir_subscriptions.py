@@ -48,7 +48,7 @@ TOPICS = {"case-status": "case.status_changed", "report-ready": "report.ready"}
 PAYLOAD_CONTENTS = ("empty", "id-only", "full-resource")
 TASK_STATUSES = ("draft", "requested", "received", "accepted", "rejected", "ready", "cancelled", "in-progress",
                  "on-hold", "failed", "completed", "entered-in-error")  # fmt: skip
-HANDSHAKE = "handshake"  # the source event id of a subscription's handshake delivery
+HANDSHAKE = "handshake"  # the source event id of the first handshake (an update's: handshake:{version})
 ERROR_AFTER = 2  # failed attempts of one notification after which the subscription shows `error`
 # Headers the sender sets itself; a channel.header may not replace them.
 RESERVED_HEADERS = {"host", "content-type", "content-length", "transfer-encoding", "connection", "webhook-id",
@@ -56,6 +56,7 @@ RESERVED_HEADERS = {"host", "content-type", "content-length", "transfer-encoding
 HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}):[ \t]*([\x20-\x7e]{0,1000})")
 MAX_HEARTBEAT = 86400
 SUBSCRIBED_READ = "fhir_subscriptions.partners_read"  # session.info: (transaction, partner id -> any on)
+MASKED = "(not shown)"  # a channel.header value as read; sent back in an update, it keeps the value kept
 
 
 def topic_url(base: str, topic: str) -> str:
@@ -79,8 +80,11 @@ def _extensions(element: Any, url: str) -> list[dict[str, Any]]:
     return [e for e in found or [] if isinstance(e, dict) and e.get("url") == url]
 
 
-def read_subscription(document: Any, base: str) -> SubscriptionRequest:
-    """The Subscription as R4B validates it and as we can honour it; FhirInvalid naming each element otherwise."""
+def read_subscription(
+    document: Any, base: str, allowed_statuses: tuple[str, ...] = ("requested",)
+) -> SubscriptionRequest:
+    """The Subscription as R4B validates it and as we can honour it, its `status` one of `allowed_statuses` (a
+    create's is `requested`, an update's may be any); FhirInvalid naming each element otherwise."""
     if not isinstance(document, dict) or document.get("resourceType") != "Subscription":
         raise FhirInvalid([Issue("Subscription.resourceType", "send a FHIR R4 Subscription")])
     try:
@@ -96,8 +100,14 @@ def read_subscription(document: Any, base: str) -> SubscriptionRequest:
     topic = canonicals.get(document.get("criteria", ""))
     if topic is None:
         issues.append(Issue("Subscription.criteria", "name a topic we publish: " + " or ".join(canonicals)))
-    if document.get("status") != "requested":
-        issues.append(Issue("Subscription.status", "a new Subscription is sent with status `requested`"))
+    if document.get("status") not in allowed_statuses:
+        issues.append(
+            Issue("Subscription.status", "a new Subscription is sent with status `requested`")
+            if allowed_statuses == ("requested",)
+            else Issue(
+                "Subscription.status", "status is `requested` (on), `off`, or as read (`active`, `error`)"
+            )
+        )
     statuses: list[str] = []
     for n, criterion in enumerate(_extensions(document.get("_criteria"), FILTER_CRITERIA)):
         where = f"Subscription.criteria.extension[{n}]"
@@ -199,9 +209,14 @@ def bundle_type(bundle: dict[str, Any]) -> str:
     return next(p["valueCode"] for p in status["parameter"] if p["name"] == "type")
 
 
-def handshake(session: Session, base: str, subscription: FhirSubscription) -> None:
+def handshake(
+    session: Session, base: str, subscription: FhirSubscription, at: datetime | None = None
+) -> None:
+    """Queue the handshake `subscription.handshake_event` names, `at` in the channel's order (now unless
+    given: an update's is put before the notifications still pending)."""
     now = datetime.now(UTC)
-    queue(session, subscription, HANDSHAKE, "", notification(base, subscription, "handshake", now), now)
+    bundle = notification(base, subscription, "handshake", now)
+    queue(session, subscription, subscription.handshake_event, "", bundle, at or now)
 
 
 def notify(session: Session, event: CloudEvent, base: str) -> int:
@@ -368,7 +383,7 @@ def current_status(
         return "off", ""
     if endpoint.disabled_at is not None:
         return "error", endpoint.disabled_reason
-    shake = session.get(WebhookDelivery, webhook_id(subscription.id, HANDSHAKE))
+    shake = session.get(WebhookDelivery, webhook_id(subscription.id, subscription.handshake_event))
     if shake is None or (shake.status == "pending" and shake.attempts == 0):
         return "requested", ""
     if shake.status != "delivered":
@@ -402,14 +417,14 @@ def as_resource(base: str, subscription: FhirSubscription, status: str, error: s
     resource: dict[str, Any] = json.loads(subscription.resource_json)
     channel = resource.get("channel") or {}
     if channel.get("header"):
-        channel["header"] = [f"{line.split(':', 1)[0]}: (not shown)" for line in channel["header"]]
-    created = subscription.created_at
-    created = created if created.tzinfo else created.replace(tzinfo=UTC)
+        channel["header"] = [f"{line.split(':', 1)[0]}: {MASKED}" for line in channel["header"]]
+    changed = subscription.updated_at or subscription.created_at
+    changed = changed if changed.tzinfo else changed.replace(tzinfo=UTC)
     resource.update(
         {
             "resourceType": "Subscription",
             "id": subscription.id,
-            "meta": {"versionId": "1", "lastUpdated": created.isoformat()},
+            "meta": {"versionId": str(subscription.version_id), "lastUpdated": changed.isoformat()},
             "status": status,
         }
     )

@@ -334,8 +334,11 @@ class WebhookEndpoint(SQLModel, table=True):
 class FhirSubscription(SQLModel, table=True):
     """A partner's FHIR Subscription (R5 Backport IG on R4): its rest-hook channel is the WebhookEndpoint of the
     same id. `events_since_start` numbers its event notifications (1, 2, ...), in the transaction that queues
-    each; `status` is what the partner asked (requested, or off once deleted): active and error are read from
-    the channel's delivery log (services.intake.fhir_subscriptions.current_status)."""
+    each, across updates; `status` is what the partner asked (requested, or off once deleted or updated off):
+    active and error are read from the channel's delivery log (services.intake.fhir_subscriptions.current_status),
+    from the handshake `handshake_event` names (a new one is queued when an update changes the endpoint or turns
+    the subscription back on). `version_id` is meta.versionId: 1 when created, one more for each update that
+    changes something."""
 
     __tablename__ = "fhir_subscriptions"
 
@@ -350,6 +353,11 @@ class FhirSubscription(SQLModel, table=True):
     resource_json: str = Field(sa_column=Column(Text, nullable=False))
     last_queued_at: datetime = Field(default_factory=utcnow)
     created_at: datetime = Field(default_factory=utcnow)
+    version_id: int = 1
+    updated_at: datetime | None = None  # the last update that changed something (meta.lastUpdated)
+    handshake_event: str = Field(
+        default="handshake", max_length=40
+    )  # source event id of the current handshake
 
 
 class WebhookDelivery(SQLModel, table=True):

@@ -357,7 +357,14 @@ def test_heartbeats_go_out_when_nothing_else_did_within_the_period(
 def test_capability_statement_declares_subscription_and_its_topics(client: TestClient) -> None:
     statement = client.get("/fhir/metadata").json()
     [declared] = [r for r in statement["rest"][0]["resource"] if r["type"] == "Subscription"]
-    assert {i["code"] for i in declared["interaction"]} >= {"create", "read", "search-type", "delete"}
+    assert {i["code"] for i in declared["interaction"]} >= {
+        "create",
+        "read",
+        "update",
+        "search-type",
+        "delete",
+    }
+    assert declared["versioning"] == "versioned-update" and declared["updateCreate"] is False
     topics = {
         e["valueCanonical"] for e in declared["extension"] if e["url"] == fhir_subscriptions.TOPIC_CANONICAL
     }
@@ -398,9 +405,12 @@ def test_an_interaction_not_served_is_a_405_naming_those_that_are(
     client: TestClient, engines: tuple[Engine, Engine]
 ) -> None:
     headers = {"Authorization": new_partner(engines[1], "Updating Hospital")["Authorization"], **FHIR}
-    answered = client.put(
+    answered = client.patch(
         "/fhir/Subscription/some-id", json={"resourceType": "Subscription"}, headers=headers
     )
     assert answered.status_code == 405 and answered.json()["resourceType"] == "OperationOutcome"
-    assert set(answered.headers["allow"].split(", ")) == {"GET", "HEAD", "DELETE"}
-    assert "delete (DELETE [base]/Subscription/{id})" in answered.json()["issue"][0]["diagnostics"]
+    assert set(answered.headers["allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
+    said = answered.json()["issue"][0]["diagnostics"]
+    assert (
+        "delete (DELETE [base]/Subscription/{id})" in said and "update (PUT [base]/Subscription/{id})" in said
+    )
