@@ -267,6 +267,18 @@ def _verify(
     alg = str(header["alg"])
     if client.revoked_at is not None:
         raise TokenRefused("invalid_client", f"client {client.id} was revoked; ask operations for a new one")
+    jku = header.get("jku")
+    if jku is not None and jku != client.jwks_uri:
+        # SMART Backend Services: a jku SHALL match the JWKS URL given at registration. Never fetched: the keys
+        # are read only from the URL operations registered (the registered URL is not said to a caller whose
+        # assertion is not verified yet).
+        raise TokenRefused(
+            "invalid_client",
+            "the assertion's jku is not the JWKS URL registered for the client; leave jku out of the header or "
+            "set it to that URL"
+            if client.jwks_uri
+            else "the client's keys are registered inline, not at a URL; leave jku out of the assertion's header",
+        )
     key = _key_for(client, header.get("kid"), alg, _refreshed(engine, client, header.get("kid"), now, fetch))
     try:
         claims = jwt.decode(

@@ -279,6 +279,16 @@ REFUSALS: dict[str, tuple[Any, str, str]] = {
         "signature does not verify",
     ),
     "not a JWT": (lambda s, c: "not-a-jwt", "invalid_client", "not a signed JWT"),
+    "a jku where the keys are registered inline": (
+        lambda s, c: jwt.encode(
+            claims_of(c, s),
+            c.key.private,
+            algorithm=c.key.alg,
+            headers={"kid": c.key.kid, "jku": "https://ehr.example.org/jwks.json"},
+        ),
+        "invalid_client",
+        "leave jku out",
+    ),
 }
 
 
@@ -576,6 +586,20 @@ def test_a_client_publishing_its_keys_at_a_jwks_uri_gets_tokens_and_rotates_ther
     later = ask_token(served, assertion(client, served.token_url), scope="system/Task.read")
     assert later.status_code == 200, later.text
     assert len(jwks_host.hits) == read + 1
+
+    # A jku in the header must be the URL registered (SMART Backend Services); another is refused unread.
+    def with_jku(jku: str) -> str:
+        headers = {"kid": new.kid, "jku": jku}
+        return jwt.encode(claims_of(client, served), new.private, algorithm=new.alg, headers=headers)
+
+    same = ask_token(served, with_jku(uri), scope="system/Task.read")
+    assert same.status_code == 200, same.text
+    elsewhere = publish(jwks_host, "/attacker/jwks.json", new)
+    refused = ask_token(served, with_jku(elsewhere), scope="system/Task.read")
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_client"
+    assert "jku is not the JWKS URL registered" in refused.json()["error_description"]
+    assert elsewhere not in refused.text and uri not in refused.text
+    assert not any("/attacker/" in hit for hit in jwks_host.hits)
 
 
 @pytest.mark.parametrize(
