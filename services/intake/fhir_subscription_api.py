@@ -149,19 +149,30 @@ async def create_subscription(
     handshake is sent now, and a 2xx answer makes it `active`."""
     from services.intake.fhir_api import read_json  # the FHIR router's body reader (parsed once, size-capped)
 
-    base = fhir_base(settings)
     try:
         document = await read_json(request)
-        wanted = subs.read_subscription(document, base)
     except UnreadableJson as exc:
         return unparseable(exc)
+    wanted = await _checked(document, settings)
+    if isinstance(wanted, Response):
+        return wanted
+    return await run_in_threadpool(_create, engine, settings, caller, wanted, document)
+
+
+async def _checked(
+    document: Any, settings: Any, statuses: tuple[str, ...] = ("requested",)
+) -> subs.SubscriptionRequest | Response:
+    """The Subscription a create (`requested`) or an update (`statuses`) sent, read and its endpoint checked
+    (the DNS lookup off the event loop), or the 422 saying what is wrong."""
+    try:
+        wanted = subs.read_subscription(document, fhir_base(settings), statuses)
     except FhirInvalid as exc:
         return outcome_response(422, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
     try:
-        await asyncio.to_thread(check_url, wanted.url, settings.env)  # its DNS lookup off the event loop
+        await asyncio.to_thread(check_url, wanted.url, settings.env)
     except EndpointRefused as exc:
         return outcome_response(422, "invalid", [("Subscription.channel.endpoint", str(exc))])
-    return await run_in_threadpool(_create, engine, settings, caller, wanted, document)
+    return wanted
 
 
 def _create(engine: Any, settings: Any, caller: Principal, wanted: subs.SubscriptionRequest,
@@ -251,7 +262,6 @@ async def update_subscription(
     the current is a 412. Update does not create: an id that is not yours is a 404."""
     from services.intake.fhir_api import read_json  # the FHIR router's body reader (parsed once, size-capped)
 
-    base = fhir_base(settings)
     try:
         document = await read_json(request)
         version = version_matched(if_match) if if_match is not None else None
@@ -271,14 +281,9 @@ async def update_subscription(
             [("Subscription.id", "the body's id must be the id in the URL (FHIR update sends the whole "
                                  "resource, id included); nothing was changed")],
         )  # fmt: skip
-    try:
-        wanted = subs.read_subscription(document, base, UPDATE_STATUSES)
-    except FhirInvalid as exc:
-        return outcome_response(422, "invalid", [(i.expression, i.diagnostics) for i in exc.issues])
-    try:
-        await asyncio.to_thread(check_url, wanted.url, settings.env)  # its DNS lookup off the event loop
-    except EndpointRefused as exc:
-        return outcome_response(422, "invalid", [("Subscription.channel.endpoint", str(exc))])
+    wanted = await _checked(document, settings, UPDATE_STATUSES)
+    if isinstance(wanted, Response):
+        return wanted
     return await run_in_threadpool(
         _update, engine, settings, caller, subscription_id, version, wanted, document
     )
