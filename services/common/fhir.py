@@ -98,10 +98,12 @@ PUBLIC_RESOURCES: list[dict[str, Any]] = [
     },
     {
         "type": "CoverageEligibilityRequest",
-        "interaction": [{"code": "create"}],
+        "interaction": [{"code": "create"}, {"code": "read"}],
+        "versioning": "versioned",
         "documentation": "Served at this base by the insurance service: answered at once with the "
         "CoverageEligibilityResponse for the contained Coverage, which is kept: 201 with `Location: "
-        "[base]/CoverageEligibilityResponse/{id}/_history/1` (the request itself is not kept). Prefer: "
+        "[base]/CoverageEligibilityResponse/{id}/_history/1`. The request is kept with it under the same id (the "
+        "response's `request` names it), read by the partner that sent it; neither changes (version 1). Prefer: "
         "return=minimal | representation | OperationOutcome is honoured.",
     },
     {

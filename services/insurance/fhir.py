@@ -1,6 +1,7 @@
 """/fhir/CoverageEligibilityRequest: eligibility and benefits asked in FHIR R4, answered as a
 CoverageEligibilityResponse that is kept (FHIR create: 201, `Location` the response's version) and read at
-/fhir/CoverageEligibilityResponse/{id} by the partner that asked.
+/fhir/CoverageEligibilityResponse/{id} by the partner that asked; the request is kept with it, under the same id,
+and read at /fhir/CoverageEligibilityRequest/{id} (the response's `request` names it).
 
 Why a create and not `$eligibility`: R4 defines no such operation; the financial module's exchange is the POST of
 the request answered with the response (financial-module.html#eligibility), and a partner's client (fhirpy,
@@ -86,7 +87,9 @@ async def request_eligibility(
     request: Request, session: SessionDep, caller: Asker, settings: SettingsDep, prefer: Prefer = None
 ) -> Response:
     """Eligibility and benefits for the plan and member of the contained Coverage, answered as a
-    CoverageEligibilityResponse that is kept (the request is not): read it again at the Location."""
+    CoverageEligibilityResponse that is kept: read it again at the Location. The request is kept with it, under
+    the same id: the response's `request` names it (`CoverageEligibilityRequest/{id}`), readable by your
+    partner."""
     raw = await request.body()
     # Validating a large resource takes seconds, and the payer's connector waits on the payer: on the event
     # loop either held every other request to this service.
@@ -147,6 +150,48 @@ def read_eligibility_response(
     return JSONResponse(resource, media_type=FHIR_JSON, headers=headers)
 
 
+@router.get(
+    "/CoverageEligibilityRequest/{request_id}",
+    responses={
+        200: {
+            "description": 'the CoverageEligibilityRequest as sent, with the id the server gave it; `ETag` W/"1"',
+            "content": {FHIR_JSON: {}},
+        },
+        304: {"description": "If-None-Match names its version: it never changes"},
+        404: {"description": "no request with this id sent by your partner (or answered before requests were "
+                             "kept): an OperationOutcome"},
+    },
+)  # fmt: skip
+def read_eligibility_request(
+    request_id: str,
+    request: Request,
+    session: SessionDep,
+    caller: Asker,
+    auth: AuthEngine,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=300)] = None,
+) -> Response:
+    """The CoverageEligibilityRequest your partner sent, as sent, with the id the server gave it (the id of its
+    CoverageEligibilityResponse). It carries the patient and the member's coverage: each read is audited."""
+    row = session.get(EligibilityResponse, request_id)
+    if row is not None and not caller.sees(row.partner_id):
+        record(request, auth, caller, "eligibility", None, "denied", "another partner's eligibility request")
+        row = None
+    if row is None or row.request is None:
+        return _outcome(
+            404,
+            "CoverageEligibilityRequest.id",
+            "no CoverageEligibilityRequest with this id was sent by your key's partner"
+            + ("" if row is None else " and kept: it was answered before requests were kept"),
+            "not-found",
+        )
+    record(request, auth, caller, "eligibility", None, "success")
+    resource = json.loads(row.request)
+    headers = _headers(resource, None)
+    if unchanged(if_none_match, resource):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(resource, media_type=FHIR_JSON, headers=headers)
+
+
 def _done(answer: JSONResponse) -> str:
     """What an eligibility answer said, for `Prefer: return=OperationOutcome`: its outcome and whether the
     coverage is in force (no member id, no amount)."""
@@ -187,18 +232,20 @@ def _eligibility(raw: bytes, session: Session, caller: Principal, base: str) -> 
             "with modifier 26",
             "business-rule",
         )
-    response = fhir_resources.eligibility_response(ask, estimate, rule, body.get("id"))
-    now = datetime.now(UTC)
-    response = {
-        **response,
-        "id": str(uuid.uuid4()),
-        "meta": {"versionId": VERSION, "lastUpdated": now.isoformat()},
-    }
+    # Created as FHIR creates: the server gives the request its id (the one sent, if any, is not kept), the
+    # response's, so that the response's `request` names what was kept.
+    kept_id, now = str(uuid.uuid4()), datetime.now(UTC)
+    meta = {"versionId": VERSION, "lastUpdated": now.isoformat()}
+    response = fhir_resources.eligibility_response(ask, estimate, rule, kept_id)
+    response = {**response, "id": kept_id, "meta": meta}
+    kept_request = {"resourceType": body["resourceType"], "id": kept_id, "meta": meta}
+    kept_request |= {k: v for k, v in body.items() if k not in kept_request}
     session.add(
         EligibilityResponse(
-            id=response["id"],
+            id=kept_id,
             partner_id=caller.partner_id or "",
             resource=json.dumps(response),
+            request=json.dumps(kept_request),
             created_at=now,
         )
     )

@@ -171,7 +171,7 @@ def _money(amount: Decimal) -> dict[str, Any]:
 
 
 def eligibility_response(
-    ask: EligibilityAsk, estimate: CostEstimate, authorization_rule: str, request_id: str | None
+    ask: EligibilityAsk, estimate: CostEstimate, authorization_rule: str, request_id: str
 ) -> dict[str, Any]:
     covered = estimate.coverage_status == "covered"
     benefits = [
@@ -209,11 +209,7 @@ def eligibility_response(
         "purpose": ["benefits"],
         "patient": ask.patient,
         "created": datetime.now(UTC).isoformat(),
-        "request": {
-            "reference": f"CoverageEligibilityRequest/{request_id}"
-            if request_id
-            else "CoverageEligibilityRequest"
-        },
+        "request": {"reference": f"CoverageEligibilityRequest/{request_id}"},
         "outcome": "error" if failed else "complete",
         "disposition": estimate.explanation,
         "insurer": ask.insurer,

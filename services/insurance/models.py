@@ -154,8 +154,9 @@ class CoverageVerification(SQLModel, table=True):
 
 
 class EligibilityResponse(SQLModel, table=True):
-    """A CoverageEligibilityResponse as answered to a FHIR CoverageEligibilityRequest (the request is not kept),
-    readable by the partner that asked (migration 0005). It never changes: version 1."""
+    """A CoverageEligibilityResponse as answered to a FHIR CoverageEligibilityRequest, readable by the partner
+    that asked (migration 0005), and the request it answers, kept with it under the same id (migration 0006:
+    the response's `request` names it; answers given before kept no request). Neither changes: version 1."""
 
     __tablename__ = "eligibility_responses"
 
@@ -163,6 +164,9 @@ class EligibilityResponse(SQLModel, table=True):
     # The asking key's partner; "" for an operations key (read by operations only).
     partner_id: str = Field(max_length=64)
     resource: str = Field(sa_type=sa.Text, description="the CoverageEligibilityResponse as JSON")
+    request: str | None = Field(
+        default=None, sa_type=sa.Text, description="the CoverageEligibilityRequest it answers, as JSON"
+    )
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
 
 

@@ -329,3 +329,40 @@ def test_an_eligibility_answer_is_kept_and_read_back_by_the_partner_that_asked(
     operations = requests.get(f"{insurance}/fhir/CoverageEligibilityResponse/{response.id}", timeout=10,
                               headers=operations_headers(settings))  # fmt: skip
     assert operations.status_code == 200
+
+
+def test_the_request_an_eligibility_answer_names_is_kept_and_read_by_the_partner_that_sent_it(
+    settings: Settings, served: Served, insurance: str
+) -> None:
+    """The response's `request` named CoverageEligibilityRequest/{the id the client sent}, which nobody kept: a
+    FHIR client resolving it got a 404. The request is kept with the response, under the id the server gave."""
+    partner = another(served, "Eligibility request reader")
+    client = SyncFHIRClient(f"{insurance}/fhir", authorization=partner.authorization)
+    sent = {**eligibility_request(), "id": "client-side-1"}
+    response = client.execute("CoverageEligibilityRequest", data=sent)
+    reference = response["request"]["reference"]
+    assert reference == f"CoverageEligibilityRequest/{response['id']}"  # FHIR create: the server's id
+    assert client.reference(reference=reference).to_resource()["id"] == response["id"]  # a client resolves it
+    read = requests.get(
+        f"{insurance}/fhir/{reference}", headers={"Authorization": partner.authorization}, timeout=10
+    )
+    kept = read.json()
+    assert (kept["id"], kept["meta"]["versionId"], read.headers["ETag"]) == (response["id"], "1", 'W/"1"')
+    assert {k: v for k, v in kept.items() if k not in ("id", "meta")} == {
+        k: v for k, v in sent.items() if k != "id"
+    }  # as sent: the contained Coverage, the patient, the service asked about
+    again = requests.get(f"{insurance}/fhir/{reference}", timeout=10,
+                         headers={"Authorization": partner.authorization, "If-None-Match": 'W/"1"'})  # fmt: skip
+    assert again.status_code == 304
+
+    stranger = SyncFHIRClient(
+        f"{insurance}/fhir", authorization=another(served, "Other reader").authorization
+    )
+    with pytest.raises(ResourceNotFound) as raised:
+        stranger.get("CoverageEligibilityRequest", response["id"])
+    assert "ACM100200300" not in str(outcome_of(raised.value).issue[0].diagnostics)
+    with pytest.raises(ResourceNotFound):
+        client.get("CoverageEligibilityRequest", "client-side-1")  # the id sent is not the kept one's
+    logged = audit.count(served.auth, partner_id=partner.partner_id)
+    client.get("CoverageEligibilityRequest", response["id"])
+    assert audit.count(served.auth, partner_id=partner.partner_id) == logged + 1  # each read of the PHI

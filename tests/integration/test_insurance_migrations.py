@@ -52,3 +52,33 @@ def test_payers_keep_the_mime_envelope_and_may_be_set_to_soap(engine: Engine) ->
     command.upgrade(config, "head")
     with engine.begin() as db:
         assert set({payer: envelope for payer, envelope in db.execute(ENVELOPES)}.values()) == {"mime"}
+
+
+def test_answers_kept_before_0006_keep_no_request_and_new_ones_can(engine: Engine) -> None:
+    """0006 adds the request kept beside each eligibility answer; the answers kept before have none (a read of
+    their request is a 404 saying so), and a downgrade takes the column away again."""
+    config = migrate.alembic_config("insurance", engine)
+    command.upgrade(config, "0005")
+    with engine.begin() as db:
+        db.execute(
+            text(
+                "INSERT INTO eligibility_responses (id, partner_id, resource, created_at) "
+                "VALUES ('before', 'p', '{}', CURRENT_TIMESTAMP)"
+            )
+        )
+    command.upgrade(config, "head")
+    with engine.begin() as db:
+        assert (
+            db.execute(text("SELECT request FROM eligibility_responses WHERE id = 'before'")).scalar() is None
+        )
+        db.execute(
+            text(
+                "INSERT INTO eligibility_responses (id, partner_id, resource, request, created_at) "
+                "VALUES ('after', 'p', '{}', '{\"resourceType\": \"CoverageEligibilityRequest\"}', CURRENT_TIMESTAMP)"
+            )
+        )
+    command.downgrade(config, "0005")
+    with engine.begin() as db:
+        columns = list(db.execute(text("SELECT * FROM eligibility_responses")).keys())
+        assert "request" not in columns
+        assert db.execute(text("SELECT count(*) FROM eligibility_responses")).scalar() == 2

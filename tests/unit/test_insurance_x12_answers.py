@@ -254,7 +254,7 @@ def test_a_contained_patient_names_the_subscriber_of_a_fhir_eligibility_request(
 def test_references_by_identifier_or_display_are_answered_as_given() -> None:
     ask = _fhir_ask({"identifier": {"system": "urn:mrn", "value": "1"}})
     estimate = CostEstimate("self_pay", None, Decimal(1), Decimal(1), "self-pay", outcome="self_pay")
-    response = fhir_resources.eligibility_response(ask, estimate, "none", None)
+    response = fhir_resources.eligibility_response(ask, estimate, "none", "r1")
     assert response["patient"] == {"identifier": {"system": "urn:mrn", "value": "1"}}
     assert response["insurer"] == {"display": "Sandbox Health"}
 
