@@ -142,9 +142,13 @@ def _coded(parent: ElementTree.Element, tag: str, code: Code) -> None:
     ElementTree.SubElement(parent, tag, code.attributes())
 
 
-def to_dicom_audit(entry: AuditEvent, source: Source, patient_id: str | None = None) -> bytes:
+def to_dicom_audit(
+    entry: AuditEvent, source: Source, patient_id: str | None = None, free_text: int | None = None
+) -> bytes:
     """The entry as one DICOM audit message (UTF-8 XML, no declaration: RFC 5425 carries it after a BOM);
-    `patient_id`: the referring facility's id of the case's patient, named as the Patient participant."""
+    `patient_id`: the referring facility's id of the case's patient, named as the Patient participant;
+    `free_text`: cut the free text (EventOutcomeDescription, ParticipantObjectDescription, the query asked) to
+    this many characters and an ellipsis, for a message to fit a UDP datagram (identifiers are never cut)."""
     kind = kind_of(entry)
     message = ElementTree.Element("AuditMessage")
     event = ElementTree.SubElement(
@@ -160,7 +164,9 @@ def to_dicom_audit(entry: AuditEvent, source: Source, patient_id: str | None = N
     if kind.type_code is not None:
         _coded(event, "EventTypeCode", kind.type_code)
     if entry.outcome != "success" or entry.detail:
-        ElementTree.SubElement(event, "EventOutcomeDescription").text = entry.detail or entry.outcome
+        ElementTree.SubElement(event, "EventOutcomeDescription").text = _cut(
+            entry.detail or entry.outcome, free_text
+        )
     _coded(event, "PurposeOfUse", Code(entry.purpose, ACT_REASON, PURPOSES.get(entry.purpose, entry.purpose)))
     _participants(message, entry, kind, source)
     ElementTree.SubElement(
@@ -174,7 +180,7 @@ def to_dicom_audit(entry: AuditEvent, source: Source, patient_id: str | None = N
     _coded(message[-1], "AuditSourceTypeCode", APPLICATION_SERVER)
     if patient_id and entry.case_id:
         _object(message, patient_id, PATIENT_NUMBER, "1", "1")
-    _objects(message, entry, kind)
+    _objects(message, entry, kind, free_text)
     for element in message.iter():  # text a client put in a URL may hold characters XML 1.0 cannot carry
         element.attrib = {name: _xml_text(value) for name, value in element.attrib.items()}
         element.text = _xml_text(element.text) if element.text is not None else None
@@ -187,6 +193,10 @@ NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 def _xml_text(value: str) -> str:
     return NOT_XML.sub("\ufffd", value)
+
+
+def _cut(text: str, limit: int | None) -> str:
+    return text if limit is None or len(text) <= limit else text[:limit] + "\u2026"
 
 
 def _participants(message: ElementTree.Element, entry: AuditEvent, kind: Kind, source: Source) -> None:
@@ -235,10 +245,10 @@ def _object(
     return element
 
 
-def _objects(message: ElementTree.Element, entry: AuditEvent, kind: Kind) -> None:
+def _objects(message: ElementTree.Element, entry: AuditEvent, kind: Kind, free_text: int | None) -> None:
     if kind.event == QUERY:
         query = _object(message, entry.resource, SEARCH_CRITERIA, "2", "24")
-        asked = f"{entry.resource} {entry.detail}".strip()
+        asked = _cut(f"{entry.resource} {entry.detail}".strip(), free_text)
         ElementTree.SubElement(query, "ParticipantObjectQuery").text = base64.b64encode(
             asked.encode()
         ).decode()
@@ -246,7 +256,7 @@ def _objects(message: ElementTree.Element, entry: AuditEvent, kind: Kind) -> Non
         _object(message, entry.resource, URI, "2", "13")
     if entry.case_id:
         case = _object(message, f"urn:uuid:{entry.case_id}", URI, "2", "3")
-        ElementTree.SubElement(case, "ParticipantObjectDescription").text = entry.resource
+        ElementTree.SubElement(case, "ParticipantObjectDescription").text = _cut(entry.resource, free_text)
     if kind.type_code == OBJECT_SECURITY_CHANGED and entry.detail:
         granted = entry.detail.split(" ", 1)[0]
         _object(message, granted, USER_IDENTIFIER, "1", "11")

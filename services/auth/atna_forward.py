@@ -2,9 +2,10 @@
 
 Each entry of the chain, in order, becomes one DICOM audit message (services.auth.atna) in one RFC 5424 syslog
 message (facility authpriv, severity notice, MSGID `IHE+RFC-3881`, the XML after a BOM), sent over TLS with the
-RFC 5425 octet-counting framing (`LEN SP MSG`), with this platform's client certificate (mutual TLS).
+RFC 5425 octet-counting framing (`LEN SP MSG`), with this platform's client certificate (mutual TLS); or, to a
+repository that takes only UDP (`udp://`, RFC 5426), one message per datagram, unframed and unencrypted.
 
-Delivery: at least once, in the chain's order. The feed's cursor (`audit_forward_cursors`: the id of the last
+Delivery over TLS: at least once, in the chain's order. The feed's cursor (`audit_forward_cursors`: the id of the last
 entry the repository took) is in the database and moves only once the TLS write of every entry up to it has
 completed on a connection the repository has not closed (syslog has no acknowledgement: a connection found
 closed before or after the write is opened again and everything after the cursor is sent again; a new
@@ -15,8 +16,16 @@ entries wait in the log, which is the queue: nothing is held in memory that the 
 forwarder sends at a time across replicas: each holds a PostgreSQL advisory lock on its own connection while
 it forwards, the others stand by. Their logs name counts and the cursor, never an entry's content.
 
+Delivery over UDP: at most once, in order. A datagram has no acknowledgement: the cursor moves past an entry once
+its datagram was handed to the kernel without error. A refusal the kernel reports (the repository's ICMP port
+unreachable, as ConnectionRefusedError on our connected socket; no route) stops the batch there and keeps the
+cursor before the entry it was reported on, retried like TLS; a datagram lost on the way, or refused only after
+later ones were sent, is lost. A message longer than `AUDIT_ATNA_UDP_MAX_OCTETS` has its free text cut (with an
+ellipsis) until it fits; one too long even so is skipped, its entry id logged (`atna.entry_too_large`) and
+counted (`secondopinion_audit_forward_skipped_total`).
+
   ForwardingStopped       (never raised to the caller: `run` retries)
-    + RepositoryUnavailable   (connecting, the TLS handshake or a write failed; retried with backoff)
+    + RepositoryUnavailable   (connecting, the TLS handshake, a write or a datagram failed; retried with backoff)
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import select
 import socket
 import ssl
@@ -32,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import structlog
@@ -60,8 +70,18 @@ MSGID = "IHE+RFC-3881"
 # How long a new TLS connection is watched for a refusal before the first entry goes into it (once per connection).
 ACCEPTANCE_SECONDS = 0.3
 BOM = b"\xef\xbb\xbf"
+# RFC 5426 3.2: every IPv4 receiver must take datagrams of 480 octets (and should take 2048); the largest UDP
+# payload over IPv4 is 65,535 octets less the IP and UDP headers.
+UDP_SMALLEST, UDP_LARGEST = 480, 65_507
+# Free text is cut to these many characters, in turn, until a message fits its datagram.
+FREE_TEXT_CUTS = (1024, 256, 64, 0)
 
 SENT = Counter("secondopinion_audit_forwarded_total", "audit entries the ATNA repository took", ["feed"])
+SKIPPED = Counter(
+    "secondopinion_audit_forward_skipped_total",
+    "audit entries too large for a UDP datagram, not sent",
+    ["feed"],
+)
 BACKLOG = Gauge("secondopinion_audit_forward_backlog", "audit entries not yet forwarded", ["feed"])
 
 
@@ -70,7 +90,8 @@ class AtnaSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="AUDIT_ATNA_", env_file=".env", extra="ignore")
 
-    url: str = ""  # tls://host:6514 (RFC 5425); tcp://host:port only outside production
+    # tls://host:6514 (RFC 5425); udp://host:514 (RFC 5426); tcp://host:port only outside production
+    url: str = ""
     ca_file: str = ""  # the repository's CA (PEM); empty: the system's
     cert_file: str = ""  # our client certificate (PEM) for mutual TLS
     key_file: str = ""
@@ -83,20 +104,38 @@ class AtnaSettings(BaseSettings):
     backoff_max_seconds: float = 60.0
     timeout_seconds: float = 10.0
     metrics_port: int = 0  # serve /metrics (the backlog gauge) on this port; 0: none
+    # udp:// with ENV=prod: the hospital's repository takes only UDP, on a network trusted with the audit trail.
+    allow_udp: bool = False
+    # The largest datagram sent over udp://: a longer message's free text is cut, one too long even so skipped.
+    udp_max_octets: int = 8192
 
     def problems(self, env: str) -> list[str]:
-        """What keeps this feed from starting; in production (ENV=prod) only mutual TLS will do."""
-        scheme = urlsplit(self.url).scheme
+        """What keeps this feed from starting; in production (ENV=prod) only mutual TLS will do, or UDP where
+        the operator says so (`AUDIT_ATNA_ALLOW_UDP`)."""
+        parts = urlsplit(self.url)
+        scheme = parts.scheme
         found = []
         if not self.url:
             found.append("AUDIT_ATNA_URL is not set (tls://host:port of the audit record repository)")
-        elif scheme not in ("tls", "tcp") or not urlsplit(self.url).hostname or not urlsplit(self.url).port:
+        elif scheme not in ("tls", "udp", "tcp") or not parts.hostname or not parts.port:
             found.append(
-                f"AUDIT_ATNA_URL must be tls://host:port (or tcp://host:port outside production), not {scheme}://…"
+                "AUDIT_ATNA_URL must be tls://host:port or udp://host:port (or tcp://host:port outside production), "
+                f"not {scheme}://…"
             )
-        if env == "prod" and scheme != "tls":
+        if env == "prod" and scheme not in ("tls", "udp"):
             found.append("AUDIT_ATNA_URL must use tls:// in production (RFC 5425)")
-        if env == "prod" and not (self.cert_file and self.key_file):
+        if env == "prod" and scheme == "udp" and not self.allow_udp:
+            found.append(
+                "AUDIT_ATNA_URL udp:// sends the audit trail unencrypted and unacknowledged (RFC 5426): in "
+                "production use tls:// (RFC 5425), or set AUDIT_ATNA_ALLOW_UDP=true if the hospital's repository "
+                "takes only UDP on a network trusted with it"
+            )
+        if scheme == "udp" and not UDP_SMALLEST <= self.udp_max_octets <= UDP_LARGEST:
+            found.append(
+                f"AUDIT_ATNA_UDP_MAX_OCTETS must be from {UDP_SMALLEST} (what RFC 5426 has every IPv4 receiver "
+                f"take) to {UDP_LARGEST} (the largest UDP datagram over IPv4), not {self.udp_max_octets}"
+            )
+        if env == "prod" and scheme != "udp" and not (self.cert_file and self.key_file):
             found.append(
                 "AUDIT_ATNA_CERT_FILE and AUDIT_ATNA_KEY_FILE are required in production (mutual TLS)"
             )
@@ -115,16 +154,98 @@ class ForwardingStopped(Exception):
 
 
 class RepositoryUnavailable(ForwardingStopped):
-    pass
+    def __init__(self, reason: str, delivered: int = 0) -> None:
+        super().__init__(reason)
+        self.delivered = delivered  # messages of the batch handed over before it failed (UDP; TLS: none)
 
 
-def syslog_frame(entry: AuditEvent, source: Source, patient_id: str | None = None) -> bytes:
-    """One entry as an RFC 5425 frame: `MSG-LEN SP SYSLOG-MSG`, the message RFC 5424 with the XML as MSG."""
+def syslog_message(
+    entry: AuditEvent, source: Source, patient_id: str | None = None, free_text: int | None = None
+) -> bytes:
+    """One entry as an RFC 5424 message with the XML as MSG (`free_text`: see `to_dicom_audit`)."""
     at = entry.at.replace(tzinfo=UTC) if entry.at.tzinfo is None else entry.at.astimezone(UTC)
     stamp = at.isoformat(timespec="microseconds").replace("+00:00", "Z")
     header = f"<{PRI}>1 {stamp} {source.host[:255]} {source.app_name[:48]} {entry.service[:128]} {MSGID} - "
-    message = header.encode("ascii", "replace") + BOM + to_dicom_audit(entry, source, patient_id)
+    return header.encode("ascii", "replace") + BOM + to_dicom_audit(entry, source, patient_id, free_text)
+
+
+def syslog_frame(entry: AuditEvent, source: Source, patient_id: str | None = None) -> bytes:
+    """One entry as an RFC 5425 frame: `MSG-LEN SP SYSLOG-MSG`."""
+    message = syslog_message(entry, source, patient_id)
     return f"{len(message)} ".encode() + message
+
+
+class Transport(Protocol):
+    def encode(self, entry: AuditEvent, source: Source, patient_id: str | None) -> bytes | None: ...
+
+    def send(self, messages: list[bytes]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SyslogUdp:
+    """Datagrams to the repository (RFC 5426): one RFC 5424 message each, no framing, no acknowledgement."""
+
+    def __init__(self, settings: AtnaSettings) -> None:
+        parts = urlsplit(settings.url)
+        self.host, self.port = parts.hostname or "", parts.port or 514
+        self.feed, self.max_octets = settings.feed, settings.udp_max_octets
+        self._sock: socket.socket | None = None
+
+    def encode(self, entry: AuditEvent, source: Source, patient_id: str | None) -> bytes | None:
+        """The entry's message, its free text cut until it fits a datagram; None (logged) when it cannot."""
+        message = full = syslog_message(entry, source, patient_id)
+        cuts = iter(FREE_TEXT_CUTS)
+        while len(message) > self.max_octets and (cut := next(cuts, None)) is not None:
+            message = syslog_message(entry, source, patient_id, free_text=cut)
+        if len(message) > self.max_octets:
+            SKIPPED.labels(self.feed).inc()
+            log.error(
+                "atna.entry_too_large",
+                feed=self.feed,
+                entry_id=entry.id,
+                octets=len(message),
+                udp_max_octets=self.max_octets,
+            )
+            return None
+        if message is not full:
+            log.warning(
+                "atna.entry_shortened", feed=self.feed, entry_id=entry.id, octets=len(full), sent=len(message)
+            )
+        return message
+
+    def send(self, messages: list[bytes]) -> None:
+        """Hand each message to the kernel as one datagram, in order; RepositoryUnavailable, with how many were
+        handed over, at the first the kernel refuses or on which it reports the repository's refusal."""
+        for delivered, message in enumerate(messages):
+            try:
+                if self._sock is None:
+                    self._sock = self._connect()
+                self._sock.send(message)
+                # An ICMP port unreachable for this datagram (or one before) is reported on the socket; on a
+                # connected socket the next send would raise it, a datagram later than the one refused.
+                if refused := self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    raise OSError(refused, os.strerror(refused))
+            except OSError as exc:
+                self.close()
+                raise RepositoryUnavailable(type(exc).__name__, delivered) from exc
+
+    def _connect(self) -> socket.socket:
+        family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.connect(address)  # a connected socket hears of the repository's refusals
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
 
 
 class SyslogTls:
@@ -141,6 +262,9 @@ class SyslogTls:
             if settings.cert_file:
                 self.context.load_cert_chain(settings.cert_file, settings.key_file or None)
         self._sock: socket.socket | None = None
+
+    def encode(self, entry: AuditEvent, source: Source, patient_id: str | None) -> bytes | None:
+        return syslog_frame(entry, source, patient_id)
 
     def send(self, frames: list[bytes]) -> None:
         """Write `frames`; returns once the write completed on a connection the repository had not closed."""
@@ -225,7 +349,8 @@ class Forwarder:
     _lock_connection: Connection | None = None
 
     def __post_init__(self) -> None:
-        self.connection = SyslogTls(self.settings)
+        udp = urlsplit(self.settings.url).scheme == "udp"
+        self.connection: Transport = SyslogUdp(self.settings) if udp else SyslogTls(self.settings)
 
     def run(self) -> None:
         """Forward until `stop` is set: stand by while another forwarder holds the lock, back off while the
@@ -265,8 +390,19 @@ class Forwarder:
         entries = audit.entries(self.engine, after=cursor, limit=self.settings.batch)
         if entries:
             patients = patients_of(self.engine, [e.case_id for e in entries if e.case_id])
-            frames = [syslog_frame(e, self.source, patients.get(e.case_id or "")) for e in entries]
-            self.connection.send(frames)
+            encode = self.connection.encode
+            encoded = [(e, encode(e, self.source, patients.get(e.case_id or ""))) for e in entries]
+            ready = [(e, message) for e, message in encoded if message is not None]
+            try:
+                self.connection.send([message for _, message in ready])
+            except RepositoryUnavailable as exc:
+                # UDP: the datagrams handed over are gone; sent again, they would arrive twice.
+                if exc.delivered:
+                    through = ready[exc.delivered - 1][0].id
+                    assert through is not None
+                    self._move_cursor(through)
+                    SENT.labels(self.settings.feed).inc(exc.delivered)
+                raise
             last = entries[-1].id
             assert last is not None
             self._move_cursor(last)
@@ -376,6 +512,13 @@ def newest_id(session: Session) -> int:
     return int(session.exec(sql_select(func.max(AuditEvent.id))).one() or 0)
 
 
+DELIVERY = {
+    "tls": "at least once: the cursor moves once the repository's connection took the entries",
+    "tcp": "at least once: the cursor moves once the repository's connection took the entries",
+    "udp": "at most once: UDP has no acknowledgement, the cursor moves once each datagram is handed to the kernel",
+}
+
+
 def backlog(engine: Engine, settings: AtnaSettings) -> dict[str, Any]:
     """The feed's state for operations: the cursor, the newest entry, how many wait, since when."""
     with Session(engine) as session:
@@ -385,9 +528,12 @@ def backlog(engine: Engine, settings: AtnaSettings) -> dict[str, Any]:
             sql_select(func.count()).select_from(AuditEvent).where(col(AuditEvent.id) > through)
         ).one()
         oldest = session.exec(sql_select(func.min(AuditEvent.at)).where(col(AuditEvent.id) > through)).one()
+        scheme = urlsplit(settings.url).scheme
         return {
             "feed": settings.feed,
             "enabled": bool(settings.url),
+            "transport": scheme or None,
+            "delivery": DELIVERY.get(scheme),
             "forwarded_through": through,
             "newest": newest_id(session),
             "backlog": int(waiting),
@@ -410,4 +556,5 @@ __all__ = [
     "backlog",
     "get_atna_settings",
     "syslog_frame",
+    "syslog_message",
 ]

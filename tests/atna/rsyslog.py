@@ -1,6 +1,6 @@
 """A real syslog receiver for the ATNA feed: rsyslog (Debian's rsyslog and rsyslog-gnutls) started by the test
-with its own configuration, on a loopback port, TLS with client certificates required (RFC 5425), writing each
-message it receives as one line of a file. Never the system's rsyslog service."""
+with its own configuration, on a loopback port, TLS with client certificates required (RFC 5425) or UDP (imudp,
+RFC 5426), writing each message it receives as one line of a file. Never the system's rsyslog service."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ template(name="whole" type="string" string="%rawmsg%\\n")
 action(type="omfile" file="{out}" template="whole" flushOnTXEnd="on" asyncWriting="off")
 """
 
+UDP_CONFIG = """
+global(workDirectory="{work}" maxMessageSize="64k")
+module(load="imudp")
+input(type="imudp" port="{port}" address="127.0.0.1")
+template(name="whole" type="string" string="%rawmsg%\\n")
+action(type="omfile" file="{out}" template="whole" flushOnTXEnd="on" asyncWriting="off")
+"""
+
 # RFC 5424 header of what the feed sends: PRI, version, timestamp, host, app, procid, msgid, no structured data.
 HEADER = re.compile(rb"^<(\d+)>1 (\S+) (\S+) (\S+) (\S+) (\S+) - \xef\xbb\xbf")
 
@@ -44,20 +53,38 @@ class Received:
     xml: bytes
 
 
+def free_udp_port() -> int:
+    """A loopback port free for TCP (see tests.infra.free_port) and for UDP."""
+    while True:
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
 class Rsyslog:
     """rsyslogd in the foreground (-n) on `port`; `start`, `stop`, and `received` (every message so far)."""
 
-    def __init__(self, folder: Path, pki: Authority, client_name: str) -> None:
+    def __init__(self, folder: Path, pki: Authority | None, client_name: str = "", udp: bool = False) -> None:
         binary = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
         assert Path(binary).exists(), "rsyslogd is needed: apt-get install rsyslog rsyslog-gnutls"
         self.binary = binary
         self.folder = folder
-        self.port = free_port()
+        self.udp = udp
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = free_udp_port() if udp else free_port()
         self.out = folder / "received.log"
-        server = pki.issue("rsyslog", server=True)
         work = folder / "work"
         work.mkdir(parents=True, exist_ok=True)
         self.config = folder / "rsyslog.conf"
+        if udp:
+            self.config.write_text(UDP_CONFIG.format(work=work, port=self.port, out=self.out))
+            return
+        assert pki is not None
+        server = pki.issue("rsyslog", server=True)
         self.config.write_text(
             CONFIG.format(
                 work=work,
@@ -69,7 +96,6 @@ class Rsyslog:
                 out=self.out,
             )
         )
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -85,8 +111,10 @@ class Rsyslog:
             time.sleep(0.05)
 
     def listening(self) -> bool:
-        import socket
-
+        if self.udp:  # bound: a line of /proc/net/udp for 127.0.0.1:port
+            bound = f"0100007F:{self.port:04X}"
+            sockets = Path("/proc/net/udp").read_text().splitlines()[1:]
+            return any(line.split()[1] == bound for line in sockets)
         with socket.socket() as probe:
             return probe.connect_ex(("127.0.0.1", self.port)) == 0
 

@@ -4,7 +4,10 @@ the test, TLS with both sides' certificates (RFC 5425), on the real PostgreSQL.
 What the hospital's security officer checks: a case read and another partner's refused read arrive as valid
 DICOM audit messages naming who, from where, and which case; nothing of the patient goes with them and nothing
 of them goes to our logs; with the repository down nothing is lost or doubled and the order holds; of two
-forwarders one sends."""
+forwarders one sends. A repository that takes only UDP (RFC 5426, rsyslog's imudp) gets the same messages, one
+per datagram, in order; a refused datagram keeps the cursor; a message too large for the datagram limit has its
+free text cut or, when even that does not make it fit, is skipped and named in our log; ENV=prod refuses UDP
+unless AUDIT_ATNA_ALLOW_UDP says so."""
 
 from __future__ import annotations
 
@@ -22,12 +25,12 @@ import pytest
 import structlog
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from services.auth import audit, tenancy
 from services.auth.atna import Source
 from services.auth.atna_forward import AtnaSettings, Forwarder, RepositoryUnavailable, backlog
-from services.auth.models import ForwardCursor
+from services.auth.models import AuditEvent, ForwardCursor
 from services.auth.partners import create_partner
 from services.common.config import PROJECT_ROOT, Settings
 from services.intake import api
@@ -333,3 +336,140 @@ def test_a_client_certificate_the_repository_refuses_sends_nothing_and_the_curso
     assert backlog(auth, settings)["backlog"] == 1
     time.sleep(0.3)
     assert repository.received() == []
+
+
+@pytest.fixture
+def udp_repository(tmp_path: Path) -> Iterator[Rsyslog]:
+    receiver = Rsyslog(tmp_path, None, udp=True)
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+def udp_settings(repository: Rsyslog, **changes: object) -> AtnaSettings:
+    values: dict[str, object] = {
+        "url": f"udp://127.0.0.1:{repository.port}",
+        "site_id": "Bayview",
+        "feed": f"test-{uuid.uuid4().hex[:12]}",
+        "start": "now",
+        "poll_seconds": 0.05,
+        "backoff_max_seconds": 0.4,
+    }
+    return AtnaSettings(**(values | changes))  # type: ignore[arg-type]
+
+
+def case_read(auth: Engine, case_id: str, detail: str = "", resource: str = "case") -> None:
+    audit.record(
+        auth, actor="key:0123456789ab", partner_id="clinic-a", role="partner", service="records",
+        action="read", resource=resource, case_id=case_id, outcome="success", detail=detail,
+    )  # fmt: skip
+
+
+def ids_of(auth: Engine, case_id: str) -> list[int]:
+    with Session(auth) as session:
+        query = select(AuditEvent.id).where(AuditEvent.case_id == case_id).order_by(col(AuditEvent.id))
+        return [i for i in session.exec(query).all() if i is not None]
+
+
+def test_over_udp_entries_arrive_in_order_one_message_per_datagram_as_dicom_audit_messages(
+    engines: tuple[Engine, Engine], udp_repository: Rsyslog, feed: Callable[[AtnaSettings], Running]
+) -> None:
+    """What rsyslog's imudp logs is each datagram as one RFC 5424 message (an octet count before it, as over
+    TLS, would not parse), carrying the message the TLS feed carries."""
+    _, auth = engines
+    settings = udp_settings(udp_repository)
+    feed(settings).start()
+    case_id = str(uuid.uuid4())
+    for n in range(6):
+        case_read(auth, case_id, detail=f"#{n}")
+    messages = arrived(udp_repository, 6, case_id)
+    time.sleep(0.3)  # nothing more comes
+    assert len([m for m in udp_repository.received() if case_id.encode() in m.xml]) == 6
+    assert [(m.pri, m.app_name, m.msgid) for m in messages] == [(85, "secondopinion", "IHE+RFC-3881")] * 6
+    documents = [valid_audit_message(m.xml) for m in messages]
+    assert [d.findtext("EventIdentification/EventOutcomeDescription") for d in documents] == [
+        f"#{n}" for n in range(6)
+    ]
+    assert {d.find("EventIdentification/EventID").get("csd-code") for d in documents} == {"110109"}
+    assert backlog(auth, settings)["backlog"] == 0
+
+
+def test_over_udp_a_refused_datagram_keeps_the_cursor_and_is_sent_again(
+    engines: tuple[Engine, Engine], udp_repository: Rsyslog
+) -> None:
+    """With nothing listening the repository's host answers ICMP port unreachable: the entry stays after the
+    cursor and goes once the repository listens again; forward-status says delivery is at most once."""
+    _, auth = engines
+    settings = udp_settings(udp_repository)
+    forwarder = Forwarder(auth, settings)
+    forwarder.forward_once()  # the feed starts at the head
+    udp_repository.stop()
+    case_id = str(uuid.uuid4())
+    for n in range(3):
+        case_read(auth, case_id, detail=f"#{n}")
+    with pytest.raises(RepositoryUnavailable, match="ConnectionRefusedError"):
+        forwarder.forward_once()
+    assert backlog(auth, settings)["backlog"] == 3
+    status = subprocess.run(
+        [sys.executable, "-m", "services.common.cli", "audit", "forward-status"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "AUDIT_ATNA_FEED": settings.feed, "AUDIT_ATNA_URL": settings.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    shown = json.loads(status.stdout)
+    assert (shown["backlog"], shown["transport"]) == (3, "udp")
+    assert shown["delivery"].startswith("at most once")
+    udp_repository.start()
+    assert forwarder.forward_once() == 3
+    messages = arrived(udp_repository, 3, case_id)
+    assert [valid_audit_message(m.xml).findtext("EventIdentification/EventOutcomeDescription") for m in messages] == [
+        "#0", "#1", "#2"
+    ]  # fmt: skip
+    assert backlog(auth, settings)["backlog"] == 0
+
+
+def test_over_udp_a_message_over_the_limit_has_its_free_text_cut_or_is_skipped_and_named_in_the_log(
+    engines: tuple[Engine, Engine], udp_repository: Rsyslog
+) -> None:
+    """AUDIT_ATNA_UDP_MAX_OCTETS 1700: a read with the longest detail the log keeps (500 characters) arrives,
+    its description cut (still a valid DICOM audit message); a study read whose identifiers alone are over the
+    limit is skipped, its entry id logged, and the feed goes on."""
+    _, auth = engines
+    settings = udp_settings(udp_repository, udp_max_octets=1700)
+    forwarder = Forwarder(auth, settings)
+    forwarder.forward_once()  # the feed starts at the head
+    case_id = str(uuid.uuid4())
+    uid = "1.2.840.113619.2.55.3.604688119.868.1234567890.123456789012345."
+    case_read(auth, case_id, detail="long " * 1000)
+    case_read(auth, case_id, f"study {uid}1 series {uid}2 instance {uid}3", resource="records.dicomweb")
+    case_read(auth, case_id, detail="short")
+    cut, too_large, _ = ids_of(auth, case_id)
+    with structlog.testing.capture_logs() as logged:
+        assert forwarder.forward_once() == 3
+    messages = arrived(udp_repository, 2, case_id)
+    time.sleep(0.3)
+    assert len([m for m in udp_repository.received() if case_id.encode() in m.xml]) == 2
+    documents = [valid_audit_message(m.xml) for m in messages]
+    described = [d.findtext("EventIdentification/EventOutcomeDescription") for d in documents]
+    assert described[0].startswith("long long") and described[0].endswith("\u2026")
+    assert len(described[0]) < len("long " * 1000)
+    assert described[1] == "short"
+    [skipped] = [e for e in logged if e["event"] == "atna.entry_too_large"]
+    assert (skipped["entry_id"], skipped["udp_max_octets"]) == (too_large, 1700)
+    assert [e["entry_id"] for e in logged if e["event"] == "atna.entry_shortened"] == [cut]
+    assert uid not in json.dumps(logged, default=str)
+    assert all(len(m.xml) < 1700 for m in messages)
+    assert backlog(auth, settings)["backlog"] == 0
+
+
+def test_in_production_udp_is_refused_unless_the_operator_allows_it(tmp_path: Path) -> None:
+    env = {**os.environ, "ENV": "prod", "DATA_DIR": str(tmp_path), "AUDIT_ATNA_URL": "udp://127.0.0.1:9"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "services.common.cli", "audit", "forward"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "AUDIT_ATNA_ALLOW_UDP=true" in refused.stderr
+    assert AtnaSettings(url="udp://127.0.0.1:9", allow_udp=True).problems("prod") == []

@@ -1,5 +1,5 @@
-"""The ATNA feed is off unless configured, in production it starts only over mutual TLS, and it outlives an
-outage of its database."""
+"""The ATNA feed is off unless configured, in production it starts only over mutual TLS (or UDP where the operator
+allows it), and it outlives an outage of its database."""
 
 from __future__ import annotations
 
@@ -27,7 +27,33 @@ def test_in_production_only_mutual_tls_will_do() -> None:
     ]
     mutual = AtnaSettings(url="tls://repository.example.org:6514", cert_file="/c.pem", key_file="/k.pem")
     assert mutual.problems("prod") == []
-    assert "udp://" in AtnaSettings(url="udp://repository.example.org:514").problems("dev")[0]
+    assert "udp://" in AtnaSettings(url="syslog://repository.example.org:514").problems("dev")[0]
+
+
+def test_udp_is_taken_and_in_production_only_where_the_operator_allows_it() -> None:
+    """Many hospital repositories take only UDP (RFC 5426, which ITI-20 has every repository accept); it carries
+    the audit trail unencrypted and unacknowledged, so ENV=prod asks for AUDIT_ATNA_ALLOW_UDP=true."""
+    udp = AtnaSettings(url="udp://repository.example.org:514")
+    assert udp.problems("dev") == []
+    assert udp.problems("prod") == [
+        "AUDIT_ATNA_URL udp:// sends the audit trail unencrypted and unacknowledged (RFC 5426): in production "
+        "use tls:// (RFC 5425), or set AUDIT_ATNA_ALLOW_UDP=true if the hospital's repository takes only UDP on "
+        "a network trusted with it"
+    ]
+    assert AtnaSettings(url="udp://repository.example.org:514", allow_udp=True).problems("prod") == []
+    assert AtnaSettings(url="tcp://repository.example.org:514", allow_udp=True).problems("prod") == [
+        "AUDIT_ATNA_URL must use tls:// in production (RFC 5425)",
+        "AUDIT_ATNA_CERT_FILE and AUDIT_ATNA_KEY_FILE are required in production (mutual TLS)",
+    ]
+
+
+def test_the_datagram_limit_is_one_every_receiver_takes_at_least_and_udp_can_carry() -> None:
+    assert AtnaSettings(url="udp://repository.example.org:514", udp_max_octets=400).problems("dev") == [
+        "AUDIT_ATNA_UDP_MAX_OCTETS must be from 480 (what RFC 5426 has every IPv4 receiver take) to 65507 "
+        "(the largest UDP datagram over IPv4), not 400"
+    ]
+    assert AtnaSettings(url="udp://repository.example.org:514", udp_max_octets=70000).problems("dev") != []
+    assert AtnaSettings(url="udp://repository.example.org:514", udp_max_octets=2048).problems("dev") == []
 
 
 def test_a_database_that_cannot_be_read_is_waited_out_not_fatal(tmp_path: Path) -> None:
