@@ -3,7 +3,10 @@ pipeline of PS3.4 N.2 to 8-bit display values, cut to a source region and scaled
 as JPEG, PNG or GIF (several frames: an animated GIF timed by the instance's frame timing).
 
 One frame is decoded at a time (pydicom reads that frame alone from the file), and every size is bounded
-(`RenderLimits`). What cannot be rendered is a `NotRendered` carrying the HTTP status and what to do instead:
+(`RenderLimits`). pydicom's decoder plugins decode it: its own for native and RLE frames, Pillow for JPEG
+Baseline/Extended and JPEG 2000, pyjpegls for JPEG-LS, GDCM (python-gdcm) for JPEG Lossless (process 14, SV1 or
+any predictor: 1.2.840.10008.1.2.4.57 and .70), which nothing else installed here reads. What cannot be
+rendered is a `NotRendered` carrying the HTTP status and what to do instead:
 
     NotRendered
       + 400  a rendering parameter that does not parse (the detail names it and its form)
@@ -33,6 +36,30 @@ from pydicom.dataset import Dataset
 JPEG, PNG, GIF = "image/jpeg", "image/png", "image/gif"
 RENDERED_TYPES = (JPEG, PNG, GIF)  # the first is the default (PS3.18 Table 8.7.4-1)
 VIDEO_SYNTAXES = set(pydicom.uid.MPEGTransferSyntaxes)
+# pydicom tries GDCM first wherever it has it. It is here for JPEG Lossless alone: for these syntaxes it goes
+# last, so the decoders that read them before it came still do (GDCM only where they fail).
+DECODED_BEFORE_GDCM = (
+    pydicom.uid.JPEGBaseline8Bit,
+    pydicom.uid.JPEGExtended12Bit,
+    pydicom.uid.JPEGLSLossless,
+    pydicom.uid.JPEGLSNearLossless,
+    pydicom.uid.JPEG2000Lossless,
+    pydicom.uid.JPEG2000,
+)
+GDCM_PLUGIN = ("pydicom.pixels.decoders.gdcm", "_decode_frame")
+
+
+def put_gdcm_last() -> None:
+    """Move GDCM behind the other available plugins of `DECODED_BEFORE_GDCM` (run once, at import: pydicom's
+    plugin lists are not thread-safe)."""
+    for syntax in DECODED_BEFORE_GDCM:
+        decoder = pydicom.pixels.get_decoder(syntax)
+        if "gdcm" in decoder.available_plugins and len(decoder.available_plugins) > 1:
+            decoder.remove_plugin("gdcm")
+            decoder.add_plugin("gdcm", GDCM_PLUGIN)
+
+
+put_gdcm_last()
 
 
 class RenderLimits(BaseSettings):
@@ -199,11 +226,11 @@ def source(path: Path, limits: RenderLimits) -> Source:
             f"this instance is a video clip ({syntax.name}): it renders whole as video/mp4, not as an image; ask "
             ".../instances/{uid}/rendered with Accept: video/mp4",
         )
-    if syntax.is_compressed and not pydicom.pixels.get_decoder(syntax).is_available:
+    if not decodable(syntax):
         raise NotRendered(
             406,
-            f"no decoder here for {syntax.name} pixel data: retrieve the frames as stored and render them in "
-            "the viewer",
+            f"no decoder here for {syntax.name} pixel data: retrieve the frames as stored "
+            "(.../frames/{n}, or the instance as application/dicom) and render them in the viewer",
         )
     pixels = int(header.Rows) * int(header.Columns)
     if pixels > limits.max_frame_pixels:
@@ -214,6 +241,15 @@ def source(path: Path, limits: RenderLimits) -> Source:
             "frames as stored instead",
         )
     return Source(path, header, int(header.get("NumberOfFrames") or 1))
+
+
+def decodable(syntax: pydicom.uid.UID) -> bool:
+    """Whether a decoder installed here takes pixel data in `syntax`: false for a syntax pydicom has no decoder
+    for at all (JPEG XL, JPIP, encapsulated uncompressed, a private one) as for one whose plugins are missing."""
+    try:
+        return pydicom.pixels.get_decoder(syntax).is_available
+    except NotImplementedError:
+        return False
 
 
 def check_frames(src: Source, numbers: Iterable[int]) -> None:

@@ -73,8 +73,8 @@ WADO_URI: dict[int | str, dict[str, Any]] = {
     404: {"description": "no released instance of a case visible to this key has these UIDs"},
     406: {
         "description": "contentType or Accept asks for something not served; a transferSyntax other than the "
-        "stored one (no transcoding); an instance that does not render as an image (a report, a video clip) "
-        "or video/mp4 for one that is no video clip (a cine stored as frames: image/gif)"
+        "stored one (no transcoding); an instance that does not render as an image (a report, a video clip, "
+        "pixel data in a syntax no decoder here reads) or video/mp4 for one that is no video clip (a cine stored as frames: image/gif)"
     },
     409: {
         "description": "the instance is in more than one case this key may see (use the case's WADO-RS URL), "
