@@ -276,7 +276,7 @@ def _instance(
     header, pixel_length = deidentified_header(path, uids)
     cleaning = None
     if not may_export(row.burned_in_annotation):
-        found = pixel_cleaning(header, pixel_length)
+        found = pixel_cleaning(header, pixel_length, path)
         if isinstance(found, Withheld):
             raise HTTPException(
                 409, f"not handed out de-identified: {found.reason}; retrieve it without anonymize"
