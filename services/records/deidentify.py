@@ -200,7 +200,8 @@ class Withheld(enum.StrEnum):
             "syntax no decoder here reads (JPEG Baseline, Extended and Lossless, JPEG-LS, JPEG 2000 and RLE "
             "are decoded and cleaned): it cannot be cleaned",
             "pixel_data_not_decoded": "burned-in annotation not ruled out and the compressed pixel data could "
-            "not be decoded (a corrupt or truncated frame): it cannot be cleaned",
+            "not be decoded here (a corrupt or truncated frame, or a variant no decoder here reads, such as "
+            "12-bit JPEG Extended): it cannot be cleaned",
             "decoded_too_large": "burned-in annotation not ruled out and the compressed pixel data, decoded to "
             "be cleaned, would be larger than RECORDS_DEIDENTIFY_MAX_DECODED_BYTES allows (2 GiB unless set): "
             "raise that setting to export such instances",
