@@ -359,6 +359,7 @@ def _decoded_cleaning(
         attributes["LossyImageCompression"] = "01"
         if syntax in LOSSY_METHODS and not header.get("LossyImageCompressionMethod"):
             attributes["LossyImageCompressionMethod"] = LOSSY_METHODS[syntax]
+        if syntax in LOSSY_METHODS and not header.get("LossyImageCompressionRatio"):
             attributes["LossyImageCompressionRatio"] = _compression_ratio(source, frames * first.nbytes)
     return PixelCleaning(
         frame_bytes=first.nbytes,
