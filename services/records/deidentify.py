@@ -20,8 +20,8 @@ at any depth (inside a sequence the table says to dummy too: the profile retains
 and so do the issuer sequences that qualify Patient ID and Accession Number (Issuer of Patient ID Qualifiers
 Sequence, Issuer of Accession Number Sequence): the table removes Issuer of Patient ID and zeroes the
 identifiers they qualify, but names neither sequence, whose items name the issuing facility. A dummy stands
-where the export's DICOMDIR needs a Type 1 value (PS3.3 F.5). Pixel data is copied as bytes unless cleaned (below); anything after
-it (digital signatures, trailing padding, private groups; all X) is left out.
+where the export's DICOMDIR needs a Type 1 value (PS3.3 F.5). Pixel data is copied as bytes unless cleaned
+(below); anything after it (digital signatures, trailing padding, private groups; all X) is left out.
 
 Burned-in text (Burned In Annotation not "NO": most ultrasound, whose scanner writes the patient's name and
 the date at the top of the frame): the Clean Pixel Data Option (PS3.15 E.3.1, code 113101) blanks every
