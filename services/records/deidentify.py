@@ -20,14 +20,26 @@ at any depth (inside a sequence the table says to dummy too: the profile retains
 and so do the issuer sequences that qualify Patient ID and Accession Number (Issuer of Patient ID Qualifiers
 Sequence, Issuer of Accession Number Sequence): the table removes Issuer of Patient ID and zeroes the
 identifiers they qualify, but names neither sequence, whose items name the issuing facility. A dummy stands
-where the export's DICOMDIR needs a Type 1 value (PS3.3 F.5). Pixel data is copied as bytes; anything after
-it (digital signatures, trailing padding, private groups; all X) is left out.
+where the export's DICOMDIR needs a Type 1 value (PS3.3 F.5). Pixel data is copied as bytes unless cleaned
+(below); anything after it (digital signatures, trailing padding, private groups; all X) is left out.
 
 Burned-in text (Burned In Annotation not "NO": most ultrasound, whose scanner writes the patient's name and
 the date at the top of the frame): the Clean Pixel Data Option (PS3.15 E.3.1, code 113101) blanks every
 pixel outside the bounding boxes of the Sequence of Ultrasound Regions, frame by frame as the clip streams,
-for native (uncompressed, little endian) pixels of 8 or 16 bits, unsigned, MONOCHROME1/2 or RGB; only then
-is Burned In Annotation set to NO. Anything else that may carry text is withheld (`Withheld` says why).
+for pixels of 8 or 16 bits, unsigned, MONOCHROME1/2 or colour; only then is Burned In Annotation set to NO.
+Native (uncompressed, little endian) frames are read and cleaned one at a time. Compressed ones (JPEG Baseline
+and Extended, JPEG Lossless, JPEG-LS, JPEG 2000, RLE: what carts and PACS send) are decoded one frame at a
+time by pydicom's decoder plugins as rendering.py orders them (GDCM last), cleaned, and written as Explicit
+VR Little Endian native frames, the attributes saying so: Transfer Syntax UID; Photometric Interpretation RGB
+with Planar Configuration 0 for colour (YBR_FULL/YBR_FULL_422 JPEG decodes to RGB, YBR_ICT/YBR_RCT too);
+Bits Allocated, Stored and High Bit as decoded; Lossy Image Compression "01" with its Method and Ratio when
+the source syntax is lossy (PS3.3 C.7.6.1.1.5: once lossy, always flagged; Method named from the syntax and
+Ratio from the stored size where the source gave none). The decoded size (frames x rows x columns x samples
+x bytes) is bounded by `DeidentifyLimits` (RECORDS_DEIDENTIFY_MAX_DECODED_BYTES). Anything else that may
+carry text is withheld (`Withheld` says why): a document, a video clip (MPEG-2, MPEG-4, HEVC: its frames
+are not decoded), a syntax no decoder here reads, pixel data that does not decode, no ultrasound regions, a
+layout the cleaning does not handle, native pixel data that is not its frames, or a decoded size over the
+limit.
 """
 
 from __future__ import annotations
@@ -35,23 +47,27 @@ from __future__ import annotations
 import enum
 import io
 import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
+import pydicom.pixels
 import pydicom.uid
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
-from services.records.rewrite import PIXEL_DATA_TAG, rewritten_chunks
+from services.records.rendering import VIDEO_SYNTAXES, decodable  # importing it puts GDCM last
+from services.records.rewrite import PIXEL_DATA_TAG, explicit_pixel_data_end, rewritten_chunks
 
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 CLEAN_PIXEL_DATA_CODE = ("113101", "DCM", "Clean Pixel Data Option")
@@ -147,11 +163,29 @@ def may_export(burned_in_annotation: str | None) -> bool:
     return (burned_in_annotation or "").upper() == "NO"
 
 
+class DeidentifyLimits(BaseSettings):
+    """`RECORDS_DEIDENTIFY_*`: how much a compressed instance may decode to in the de-identified export."""
+
+    model_config = SettingsConfigDict(env_prefix="RECORDS_DEIDENTIFY_", extra="ignore")
+
+    # Frames x Rows x Columns x Samples x Bits Allocated / 8 once decoded: what the export writes for it (one
+    # frame at a time in memory; the whole into the ZIP on disk, or down the WADO-URI response).
+    max_decoded_bytes: int = 2 * 1024**3
+
+
+@lru_cache
+def get_deidentify_limits() -> DeidentifyLimits:
+    return DeidentifyLimits()
+
+
 class Withheld(enum.StrEnum):
     """Why an instance that may carry burned-in text is left out of the export (its text: `.reason`)."""
 
     DOCUMENT = "document"
+    VIDEO = "video"
     COMPRESSED = "compressed"
+    NOT_DECODED = "pixel_data_not_decoded"
+    TOO_LARGE = "decoded_too_large"
     NO_REGIONS = "no_ultrasound_regions"
     UNSUPPORTED_PIXELS = "unsupported_pixel_layout"
     PIXEL_DATA_NOT_NATIVE = "pixel_data_not_native"
@@ -160,8 +194,17 @@ class Withheld(enum.StrEnum):
     def reason(self) -> str:
         return {
             "document": "a document, not an image (a report, a structured report): its text is not de-identified",
-            "compressed": "burned-in annotation not ruled out and the pixel data is compressed: it is not "
-            "decoded to be cleaned",
+            "video": "burned-in annotation not ruled out and the instance is a video clip (MPEG-2, MPEG-4 or "
+            "HEVC): its frames are not decoded to be cleaned",
+            "compressed": "burned-in annotation not ruled out and the pixel data is compressed in a transfer "
+            "syntax no decoder here reads (JPEG Baseline, Extended and Lossless, JPEG-LS, JPEG 2000 and RLE "
+            "are decoded and cleaned): it cannot be cleaned",
+            "pixel_data_not_decoded": "burned-in annotation not ruled out and the compressed pixel data could "
+            "not be decoded here (a corrupt or truncated frame, or a variant no decoder here reads, such as "
+            "12-bit JPEG Extended): it cannot be cleaned",
+            "decoded_too_large": "burned-in annotation not ruled out and the compressed pixel data, decoded to "
+            "be cleaned, would be larger than RECORDS_DEIDENTIFY_MAX_DECODED_BYTES allows (2 GiB unless set): "
+            "raise that setting to export such instances",
             "no_ultrasound_regions": "burned-in annotation not ruled out and no Sequence of Ultrasound Regions "
             "says where the image is, so nothing tells the text from the image",
             "unsupported_pixel_layout": "burned-in annotation not ruled out and the pixel layout (photometric "
@@ -190,6 +233,15 @@ class PixelCleaning:
     outside: npt.NDArray[np.bool_]
     planar: bool
     blank: int
+    # Compressed pixel data: decoded frame by frame from `source` (`frames` of them) and written native, with
+    # these attributes set (by keyword; None removes one).
+    source: Path | None = None
+    frames: int = 1
+    decoded_attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decodes(self) -> bool:
+        return self.source is not None
 
     def __call__(self, frame: bytes) -> bytes:
         pixels = np.frombuffer(frame, dtype=self.dtype).reshape(self.shape).copy()
@@ -200,12 +252,24 @@ class PixelCleaning:
         return pixels.tobytes()
 
 
-def pixel_cleaning(header: Dataset, pixel_length: int | None) -> PixelCleaning | Withheld:
+def pixel_cleaning(
+    header: Dataset,
+    pixel_length: int | None,
+    source: Path | None = None,
+    limits: DeidentifyLimits | None = None,
+) -> PixelCleaning | Withheld:
     """How the pixels of an instance that may carry burned-in text are cleaned, or why it is withheld;
-    `pixel_length` is its Pixel Data's value length as the file declares it (`pixel_data_length`)."""
+    `pixel_length` is its Pixel Data's value length as the file declares it (`pixel_data_length`); `source`,
+    the file, is decoded (its first frame, to see what it decodes to) when its pixel data is compressed."""
     if "Rows" not in header:  # no pixels: a report or an SR, whose text the profile does not clean
         return Withheld.DOCUMENT
-    if header.file_meta.get("TransferSyntaxUID") not in CLEANABLE_SYNTAXES:
+    syntax = pydicom.uid.UID(
+        str(header.file_meta.get("TransferSyntaxUID") or pydicom.uid.ImplicitVRLittleEndian)
+    )
+    compressed = syntax not in CLEANABLE_SYNTAXES
+    if compressed and syntax in VIDEO_SYNTAXES:
+        return Withheld.VIDEO
+    if compressed and (source is None or not decodable(syntax)):
         return Withheld.COMPRESSED
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     boxes = [
@@ -216,22 +280,28 @@ def pixel_cleaning(header: Dataset, pixel_length: int | None) -> PixelCleaning |
         return Withheld.NO_REGIONS
     photometric = str(header.get("PhotometricInterpretation", ""))
     samples, bits = int(header.get("SamplesPerPixel") or 1), int(header.get("BitsAllocated") or 0)
+    frames = int(header.get("NumberOfFrames") or 1)
+    layouts = COLOUR_DECODED if compressed else (("RGB", 3),)
     if (
         bits not in (8, 16)
         or int(header.get("PixelRepresentation") or 0) != 0
-        or (photometric, samples) not in (("MONOCHROME1", 1), ("MONOCHROME2", 1), ("RGB", 3))
+        or (photometric, samples) not in (("MONOCHROME1", 1), ("MONOCHROME2", 1), *layouts)
     ):
         return Withheld.UNSUPPORTED_PIXELS
     outside = np.ones((rows, columns), dtype=bool)
     for min_x, min_y, max_x, max_y in boxes:
         outside[int(min_y) : int(max_y) + 1, int(min_x) : int(max_x) + 1] = False
+    stored = int(header.get("BitsStored") or bits)
+    blank = (1 << stored) - 1 if photometric == "MONOCHROME1" else 0  # black either way
+    if compressed:
+        assert source is not None
+        return _decoded_cleaning(header, source, syntax, outside, blank, limits or get_deidentify_limits())
     planar = samples > 1 and int(header.get("PlanarConfiguration") or 0) == 1
     shape = (
         (samples, rows, columns) if planar else (rows, columns, samples) if samples > 1 else (rows, columns)
     )
-    stored = int(header.get("BitsStored") or bits)
     frame_bytes = rows * columns * samples * bits // 8
-    native = frame_bytes * int(header.get("NumberOfFrames") or 1)
+    native = frame_bytes * frames
     if pixel_length not in (native, native + native % 2):  # frames cut short or shifted: some left uncleaned
         return Withheld.PIXEL_DATA_NOT_NATIVE
     return PixelCleaning(
@@ -240,12 +310,91 @@ def pixel_cleaning(header: Dataset, pixel_length: int | None) -> PixelCleaning |
         dtype="u1" if bits == 8 else "<u2",
         outside=outside,
         planar=planar,
-        blank=(1 << stored) - 1 if photometric == "MONOCHROME1" else 0,  # black either way
+        blank=blank,
     )
 
 
-def record_pixel_cleaning(dataset: Dataset) -> None:
-    """Say in the instance that its pixels were cleaned (after `deidentify`)."""
+# What a colour JPEG, JPEG-LS, JPEG 2000 or RLE frame may say it holds; pydicom decodes each to RGB.
+COLOUR_DECODED = tuple(
+    (photometric, 3) for photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+)
+LOSSY_METHODS = {
+    pydicom.uid.JPEGBaseline8Bit: "ISO_10918_1",
+    pydicom.uid.JPEGExtended12Bit: "ISO_10918_1",
+    pydicom.uid.JPEGLSNearLossless: "ISO_14495_1",
+    pydicom.uid.JPEG2000: "ISO_15444_1",
+}
+
+
+def _decoded_cleaning(
+    header: Dataset,
+    source: Path,
+    syntax: pydicom.uid.UID,
+    outside: npt.NDArray[np.bool_],
+    blank: int,
+    limits: DeidentifyLimits,
+) -> PixelCleaning | Withheld:
+    """The cleaning of compressed pixel data, from what its first frame decodes to."""
+    rows, columns = int(header.Rows), int(header.Columns)
+    samples, frames = int(header.get("SamplesPerPixel") or 1), int(header.get("NumberOfFrames") or 1)
+    if frames * rows * columns * samples * int(header.BitsAllocated) // 8 > limits.max_decoded_bytes:
+        return Withheld.TOO_LARGE
+    try:
+        first = pydicom.pixels.pixel_array(str(source), index=0)
+    except Exception:  # a decoder's own error types differ per plugin
+        return Withheld.NOT_DECODED
+    shape = (rows, columns, samples) if samples > 1 else (rows, columns)
+    if first.shape != shape or first.dtype not in (np.uint8, np.uint16):
+        return Withheld.UNSUPPORTED_PIXELS
+    bits = first.dtype.itemsize * 8
+    stored = min(int(header.get("BitsStored") or bits), bits)
+    attributes: dict[str, Any] = {
+        "PhotometricInterpretation": "RGB" if samples > 1 else str(header.PhotometricInterpretation),
+        "PlanarConfiguration": 0 if samples > 1 else None,
+        "BitsAllocated": bits,
+        "BitsStored": stored,
+        "HighBit": stored - 1,
+    }
+    if syntax in LOSSY_METHODS or header.get("LossyImageCompression") == "01":
+        attributes["LossyImageCompression"] = "01"
+        if syntax in LOSSY_METHODS and not header.get("LossyImageCompressionMethod"):
+            attributes["LossyImageCompressionMethod"] = LOSSY_METHODS[syntax]
+        if syntax in LOSSY_METHODS and not header.get("LossyImageCompressionRatio"):
+            attributes["LossyImageCompressionRatio"] = _compression_ratio(source, frames * first.nbytes)
+    return PixelCleaning(
+        frame_bytes=first.nbytes,
+        shape=shape,
+        dtype="u1" if bits == 8 else "<u2",
+        outside=outside,
+        planar=False,
+        blank=blank,
+        source=source,
+        frames=frames,
+        decoded_attributes=attributes,
+    )
+
+
+def _compression_ratio(source: Path, decoded_bytes: int) -> str:
+    """Decoded size over the encapsulated Pixel Data's, as a DS (PS3.3 C.7.6.1.1.5.2)."""
+    with source.open("rb") as fp:
+        pydicom.dcmread(fp, stop_before_pixels=True)
+        offset = fp.tell()
+        size = fp.seek(0, io.SEEK_END)
+    end = explicit_pixel_data_end(source, offset, size)
+    stored = end - offset if end > offset else size - offset
+    return f"{decoded_bytes / max(stored, 1):.4g}"
+
+
+def record_pixel_cleaning(dataset: Dataset, cleaning: PixelCleaning | None = None) -> None:
+    """Say in the instance that its pixels were cleaned (after `deidentify`), and, where they were decoded
+    to be, that they are native now (`cleaning.decoded_attributes`)."""
+    if cleaning is not None and cleaning.decodes:
+        dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        for keyword, value in cleaning.decoded_attributes.items():
+            if value is not None:
+                setattr(dataset, keyword, value)
+            elif keyword in dataset:
+                delattr(dataset, keyword)
     dataset.BurnedInAnnotation = "NO"
     dataset.DeidentificationMethod = [METHOD, CLEAN_PIXEL_DATA_METHOD]
     code = Dataset()
@@ -297,10 +446,37 @@ def deidentified_chunks(source: Path, uids: UidMap, cleaning: PixelCleaning | No
     def edit(dataset: Dataset) -> None:
         deidentify(dataset, uids)
         if cleaning is not None:
-            record_pixel_cleaning(dataset)
+            record_pixel_cleaning(dataset, cleaning)
 
+    if cleaning is not None and cleaning.decodes:
+        return _decoded_chunks(cleaning, edit)
     frames = (cleaning.frame_bytes, cleaning) if cleaning is not None else None
     return rewritten_chunks(source, edit, after_pixels=False, frames=frames)
+
+
+def _decoded_chunks(cleaning: PixelCleaning, edit: Callable[[Dataset], None]) -> Iterator[bytes]:
+    """A compressed instance written as Explicit VR Little Endian: its header, then its frames decoded one
+    at a time (pydicom reads each alone from the file), each cleaned; nothing after the Pixel Data."""
+    assert cleaning.source is not None
+    dataset = pydicom.dcmread(cleaning.source, stop_before_pixels=True)
+    edit(dataset)
+    header = io.BytesIO()
+    dataset.save_as(header, enforce_file_format=True)
+    length = cleaning.frame_bytes * cleaning.frames
+    vr = b"OB" if cleaning.dtype == "u1" else b"OW"
+    yield header.getvalue() + PIXEL_DATA_TAG + vr + b"\x00\x00" + (length + length % 2).to_bytes(4, "little")
+    count = 0
+    for array in pydicom.pixels.iter_pixels(str(cleaning.source)):
+        if count == cleaning.frames or array.shape != cleaning.shape:
+            raise ValueError(
+                "a decoded frame is not the size its first frame was; the instance was not written"
+            )
+        count += 1
+        yield cleaning(np.ascontiguousarray(array, dtype=cleaning.dtype).tobytes())
+    if count != cleaning.frames:
+        raise ValueError(f"{count} of {cleaning.frames} frames decoded; the instance was not written")
+    if length % 2:
+        yield b"\x00"
 
 
 def deidentify(dataset: Dataset, uids: UidMap) -> None:

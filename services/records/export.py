@@ -140,11 +140,11 @@ def _write_zip(
             except Exception as exc:
                 raise ImageNotExported(position, len(rows), exc) from exc
             if not may_export(row.burned_in_annotation):
-                cleaning = pixel_cleaning(header, pixel_length)
+                cleaning = pixel_cleaning(header, pixel_length, source)
                 if isinstance(cleaning, Withheld):
                     withheld[cleaning] = withheld.get(cleaning, 0) + 1
                     continue
-                record_pixel_cleaning(header)
+                record_pixel_cleaning(header, cleaning)
                 cleanings[str(header.SOPInstanceUID)] = cleaning
             exported += 1
             # Type 1 in the SERIES and IMAGE records, Type 2 in the instance: invented for the record only.

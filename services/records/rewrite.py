@@ -55,7 +55,7 @@ def rewritten_chunks(
             dataset = pydicom.dcmread(source)
         dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     elif not after_pixels and pixel_offset < size:
-        end = _explicit_pixel_data_end(source, pixel_offset, size)
+        end = explicit_pixel_data_end(source, pixel_offset, size)
         if end < 0:
             dataset, pixel_offset = pydicom.dcmread(source), -1
     edit(dataset)
@@ -108,7 +108,7 @@ def _native_value(fp: BinaryIO, offset: int, *, implicit: bool, size: int) -> tu
     return offset + 12, min(offset + 12 + length, size)
 
 
-def _explicit_pixel_data_end(source: Path, offset: int, size: int) -> int:
+def explicit_pixel_data_end(source: Path, offset: int, size: int) -> int:
     """Where the Explicit VR Little Endian Pixel Data element at `offset` ends (its items walked when
     encapsulated); -1 where it is something else (float pixel data, big endian, truncated): read it whole."""
     with source.open("rb") as fp:

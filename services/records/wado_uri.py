@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+import pydicom.uid
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
@@ -266,7 +267,7 @@ def _instance(
     anonymize: bool,
     syntax: str | None,
 ) -> Response:
-    if syntax is not None and syntax != _served_syntax(path):
+    if not anonymize and syntax is not None and syntax != _served_syntax(path):
         raise HTTPException(406, "no transcoding here: leave transferSyntax out, or give the stored one")
     if not anonymize:
         ids = _identifiers(session, case_id)
@@ -276,12 +277,19 @@ def _instance(
     header, pixel_length = deidentified_header(path, uids)
     cleaning = None
     if not may_export(row.burned_in_annotation):
-        found = pixel_cleaning(header, pixel_length)
+        found = pixel_cleaning(header, pixel_length, path)
         if isinstance(found, Withheld):
             raise HTTPException(
                 409, f"not handed out de-identified: {found.reason}; retrieve it without anonymize"
             )
         cleaning = found
+    # Compressed pixels are decoded to be cleaned: they go out native, in no other syntax.
+    served = pydicom.uid.ExplicitVRLittleEndian if cleaning and cleaning.decodes else _served_syntax(path)
+    if syntax is not None and syntax != served:
+        raise HTTPException(
+            406,
+            f"anonymized, this instance goes out as {served} only: leave transferSyntax out, or give that one",
+        )
     body = iter(()) if is_head(request) else deidentified_chunks(path, uids, cleaning)
     return StreamingResponse(body, media_type=DICOM)
 

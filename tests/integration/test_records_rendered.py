@@ -609,3 +609,44 @@ def test_renderings_over_the_limits_are_a_413_naming_the_setting(engine: Engine,
             timeout=10,
         )
         assert three.ok and Image.open(io.BytesIO(three.content)).n_frames == 3
+
+
+def test_wado_uri_anonymized_decodes_compressed_frames_to_clean_them(
+    engine: Engine, settings: Settings
+) -> None:
+    """anonymize=yes on an RLE instance with burned-in text: decoded, blanked outside its region, handed out
+    as Explicit VR Little Endian (and in no other syntax, so asking for the stored one is a 406)."""
+    study = new_study()
+    ramp = gradient(study, BurnedInAnnotation="YES")
+    [region] = ramp.SequenceOfUltrasoundRegions
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = 8, 16  # text may stand above and beside it
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 55, 63
+    ramp.compress(pydicom.uid.RLELossless)
+    case_id, _ = stored(engine, settings, ramp)
+    owner, ours = new_partner()
+    tenancy.register_owner(get_engine("auth"), case_id, owner)
+    wado = f"{BASE[0]}/dicomweb/wado"
+
+    got = requests.get(
+        wado,
+        params=wado_params(ramp, contentType="application/dicom", anonymize="yes"),
+        headers=ours,
+        timeout=10,
+    )
+    assert got.status_code == 200, got.text
+    anonymous = pydicom.dcmread(io.BytesIO(got.content))
+    assert anonymous.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert anonymous.BurnedInAnnotation == "NO"
+    inside = np.zeros((64, 64), dtype=bool)
+    inside[16:64, 8:56] = True
+    assert (anonymous.pixel_array[inside] == ramp.pixel_array[inside]).all()
+    assert (anonymous.pixel_array[~inside] == 0).all() and (ramp.pixel_array[~inside] != 0).any()
+    as_stored = requests.get(
+        wado,
+        params=wado_params(
+            ramp, contentType="application/dicom", anonymize="yes", transferSyntax=pydicom.uid.RLELossless
+        ),
+        headers=ours,
+        timeout=10,
+    )
+    assert as_stored.status_code == 406 and "1.2.840.10008.1.2.1" in as_stored.json()["detail"]
