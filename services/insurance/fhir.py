@@ -131,23 +131,9 @@ def read_eligibility_response(
 ) -> Response:
     """The answer to a CoverageEligibilityRequest your partner sent (another partner's is a 404). It carries the
     member's coverage: each read is audited."""
-    row = session.get(EligibilityResponse, response_id)
-    if row is not None and not caller.sees(row.partner_id):
-        record(request, auth, caller, "eligibility", None, "denied", "another partner's eligibility response")
-        row = None
-    if row is None:
-        return _outcome(
-            404,
-            "CoverageEligibilityResponse.id",
-            "no CoverageEligibilityResponse with this id was asked by your key's partner",
-            "not-found",
-        )
-    record(request, auth, caller, "eligibility", None, "success")
-    resource = json.loads(row.resource)
-    headers = _headers(resource, None)
-    if unchanged(if_none_match, resource):
-        return Response(status_code=304, headers=headers)
-    return JSONResponse(resource, media_type=FHIR_JSON, headers=headers)
+    return _read_kept(
+        "CoverageEligibilityResponse", response_id, request, session, caller, auth, if_none_match
+    )
 
 
 @router.get(
@@ -172,20 +158,32 @@ def read_eligibility_request(
 ) -> Response:
     """The CoverageEligibilityRequest your partner sent, as sent, with the id the server gave it (the id of its
     CoverageEligibilityResponse). It carries the patient and the member's coverage: each read is audited."""
-    row = session.get(EligibilityResponse, request_id)
+    return _read_kept("CoverageEligibilityRequest", request_id, request, session, caller, auth, if_none_match)
+
+
+def _read_kept(
+    kind: str,
+    kept_id: str,
+    request: Request,
+    session: Session,
+    caller: Principal,
+    auth: Any,
+    if_none_match: str | None,
+) -> Response:
+    """A kept CoverageEligibilityResponse or the CoverageEligibilityRequest it answers (the same row), for the
+    partner that asked: audited, 304 while the client holds its version."""
+    row = session.get(EligibilityResponse, kept_id)
     if row is not None and not caller.sees(row.partner_id):
-        record(request, auth, caller, "eligibility", None, "denied", "another partner's eligibility request")
+        record(request, auth, caller, "eligibility", None, "denied", f"another partner's {kind}")
         row = None
-    if row is None or row.request is None:
+    kept = None if row is None else row.resource if kind == "CoverageEligibilityResponse" else row.request
+    if kept is None:
+        before = " and kept: it was answered before requests were kept" if row is not None else ""
         return _outcome(
-            404,
-            "CoverageEligibilityRequest.id",
-            "no CoverageEligibilityRequest with this id was sent by your key's partner"
-            + ("" if row is None else " and kept: it was answered before requests were kept"),
-            "not-found",
+            404, f"{kind}.id", f"no {kind} with this id was asked by your key's partner{before}", "not-found"
         )
     record(request, auth, caller, "eligibility", None, "success")
-    resource = json.loads(row.request)
+    resource = json.loads(kept)
     headers = _headers(resource, None)
     if unchanged(if_none_match, resource):
         return Response(status_code=304, headers=headers)
