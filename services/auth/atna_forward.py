@@ -183,7 +183,20 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-class SyslogUdp:
+class _Socket:
+    """A transport's one socket, opened when first needed and closed on failure or at the end."""
+
+    _sock: socket.socket | None = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+
+class SyslogUdp(_Socket):
     """Datagrams to the repository (RFC 5426): one RFC 5424 message each, no framing, no acknowledgement."""
 
     def __init__(self, settings: AtnaSettings) -> None:
@@ -240,15 +253,8 @@ class SyslogUdp:
             raise
         return sock
 
-    def close(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            finally:
-                self._sock = None
 
-
-class SyslogTls:
+class SyslogTls(_Socket):
     """One connection to the repository (TLS unless the URL says tcp://)."""
 
     def __init__(self, settings: AtnaSettings) -> None:
@@ -328,13 +334,6 @@ class SyslogTls:
             return False
         except (OSError, ssl.SSLError):
             return True
-
-    def close(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            finally:
-                self._sock = None
 
 
 @dataclass
