@@ -108,6 +108,10 @@ class AtnaSettings(BaseSettings):
     allow_udp: bool = False
     # The largest datagram sent over udp://: a longer message's free text is cut, one too long even so skipped.
     udp_max_octets: int = 8192
+    # Datagrams a second at most over udp:// (0: unpaced). A batch sent at once (up to `batch`, 200 of about
+    # 2 KB) can overrun a repository's receive buffer (Linux's default holds about 200 KB), and each one dropped
+    # there is lost: nothing tells us.
+    udp_per_second: float = 500.0
 
     def problems(self, env: str) -> list[str]:
         """What keeps this feed from starting; in production (ENV=prod) only mutual TLS will do, or UDP where
@@ -134,6 +138,10 @@ class AtnaSettings(BaseSettings):
             found.append(
                 f"AUDIT_ATNA_UDP_MAX_OCTETS must be from {UDP_SMALLEST} (what RFC 5426 has every IPv4 receiver "
                 f"take) to {UDP_LARGEST} (the largest UDP datagram over IPv4), not {self.udp_max_octets}"
+            )
+        if scheme == "udp" and self.udp_per_second < 0:
+            found.append(
+                f"AUDIT_ATNA_UDP_PER_SECOND must be 0 (unpaced) or more datagrams a second, not {self.udp_per_second}"
             )
         if env == "prod" and scheme != "udp" and not (self.cert_file and self.key_file):
             found.append(
@@ -203,6 +211,8 @@ class SyslogUdp(_Socket):
         parts = urlsplit(settings.url)
         self.host, self.port = parts.hostname or "", parts.port or 514
         self.feed, self.max_octets = settings.feed, settings.udp_max_octets
+        self.spacing = 1 / settings.udp_per_second if settings.udp_per_second > 0 else 0.0
+        self._next_at = 0.0  # time.monotonic() at which the next datagram may go
         self._sock: socket.socket | None = None
 
     def encode(self, entry: AuditEvent, source: Source, patient_id: str | None) -> bytes | None:
@@ -234,6 +244,7 @@ class SyslogUdp(_Socket):
             try:
                 if self._sock is None:
                     self._sock = self._connect()
+                self._paced()
                 self._sock.send(message)
                 # An ICMP port unreachable for this datagram (or one before) is reported on the socket; on a
                 # connected socket the next send would raise it, a datagram later than the one refused.
@@ -242,6 +253,15 @@ class SyslogUdp(_Socket):
             except OSError as exc:
                 self.close()
                 raise RepositoryUnavailable(type(exc).__name__, delivered) from exc
+
+    def _paced(self) -> None:
+        """Wait until the next datagram may go (AUDIT_ATNA_UDP_PER_SECOND): an even stream, not a burst."""
+        if not self.spacing:
+            return
+        now = time.monotonic()
+        if now < self._next_at:
+            time.sleep(self._next_at - now)
+        self._next_at = max(now, self._next_at) + self.spacing
 
     def _connect(self) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)[0]

@@ -3,12 +3,14 @@ allows it), and it outlives an outage of its database."""
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import create_engine
 
-from services.auth.atna_forward import AtnaSettings, Forwarder
+from services.auth.atna_forward import AtnaSettings, Forwarder, SyslogUdp
 
 
 def test_the_feed_is_off_by_default_and_says_what_to_set() -> None:
@@ -64,3 +66,26 @@ def test_a_database_that_cannot_be_read_is_waited_out_not_fatal(tmp_path: Path) 
     threading.Timer(0.5, forwarder.stop.set).start()
     forwarder.run()  # returns once stopped, having retried
     assert forwarder.stop.is_set()
+
+
+def test_udp_datagrams_go_evenly_at_the_rate_set_not_as_one_burst() -> None:
+    """A batch (up to 200) went out at once: a repository's receive buffer could overflow, and UDP says nothing
+    of what it drops."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    port = receiver.getsockname()[1]
+    try:
+        paced = SyslogUdp(AtnaSettings(url=f"udp://127.0.0.1:{port}", udp_per_second=100))
+        messages = [f"<86>1 - - - - - - entry {n}".encode() for n in range(30)]
+        started = time.monotonic()
+        paced.send(messages)
+        elapsed = time.monotonic() - started
+        paced.close()
+        assert [receiver.recv(100) for _ in messages] == messages  # each one, in order
+        assert elapsed >= 29 / 100 * 0.95  # 30 datagrams at 100 a second: 29 spacings at the least
+        assert not AtnaSettings(url=f"udp://127.0.0.1:{port}", udp_per_second=0).problems("dev")  # 0: unpaced
+        [negative] = AtnaSettings(url=f"udp://127.0.0.1:{port}", udp_per_second=-1).problems("dev")
+        assert "AUDIT_ATNA_UDP_PER_SECOND" in negative
+    finally:
+        receiver.close()
