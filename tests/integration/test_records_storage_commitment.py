@@ -51,7 +51,10 @@ OPTIONS = ReturnSettings(
     commitment_linger_seconds=3,
 )
 ANSWERS = CommitmentSettings(attempts=2, backoff_seconds=0, timeout_seconds=5)
-PACS_AE = f"STGCMT{uuid.uuid4().hex[:6].upper()}"  # no other module's image source names it
+# No other module's image source names it. Its last character is a hex digit: the other PACS of this module end
+# in letters past F instead (one ending in "D", for "drops", was PACS_AE itself once in 16 runs, and the
+# commitment request found two sources of that AE at different ports).
+PACS_AE = f"STGCMT{uuid.uuid4().hex[:6].upper()}"
 STUDY = "1.2.826.0.1.3680043.10.7300"
 HELD_STUDY = STUDY + ".2"  # its patient's birth date differs from the case's: held for a person's decision
 PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -173,7 +176,7 @@ def test_a_pacs_that_did_not_keep_the_report_gets_it_again_then_the_return_fails
     tmp_path: Path,
 ) -> None:
     with running_orthanc(
-        tmp_path, scp_port=scp.port, ae_title=PACS_AE[:-1] + "D", lua=DROPS_PDFS
+        tmp_path, scp_port=scp.port, ae_title=PACS_AE[:-1] + "P", lua=DROPS_PDFS
     ) as dropping:
         study = STUDY + ".12"
         case_id = committing_case(client, engine, settings, dropping, study)
