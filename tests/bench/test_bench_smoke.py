@@ -65,7 +65,9 @@ def test_the_smoke_run_measures_every_benchmark_and_its_ceiling(tmp_path: Path) 
     assert pipeline["CPU ms/case"] > pipeline["ceiling CPU ms/case"] > 0
     assert results["intake"]["figures"]["CPU ms/req"] > 0
     [by_process] = [n for n in results["pipeline"]["notes"] if n.startswith("CPU ms per case by process")]
-    assert all(name in by_process for name in ("temporal", "worker", "intake", "records", "postgres"))
+    # The stack's own processes; PostgreSQL's figure is all its processes' on this machine, and another test
+    # worker's connections ending in the window take theirs with them (it came out negative, and left out).
+    assert all(name in by_process for name in ("temporal", "worker", "intake", "records"))
     # What Temporal itself did, from the server's own counters: a case announces each status with a
     # search-attribute upsert, so it writes the visibility store more often than a bare workflow does.
     [counters] = [n for n in results["pipeline"]["notes"] if n.startswith("Temporal's own counters")]
