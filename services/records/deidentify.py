@@ -244,12 +244,15 @@ class PixelCleaning:
         return self.source is not None
 
     def __call__(self, frame: bytes) -> bytes:
-        pixels = np.frombuffer(frame, dtype=self.dtype).reshape(self.shape).copy()
+        return self.blanked(np.frombuffer(frame, dtype=self.dtype).reshape(self.shape).copy()).tobytes()
+
+    def blanked(self, pixels: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """`pixels` (one frame, writable, in `shape`) with everything outside the regions blanked, in place."""
         if self.planar:
             pixels[:, self.outside] = self.blank
         else:
             pixels[self.outside] = self.blank
-        return pixels.tobytes()
+        return pixels
 
 
 def pixel_cleaning(
@@ -472,7 +475,8 @@ def _decoded_chunks(cleaning: PixelCleaning, edit: Callable[[Dataset], None]) ->
                 "a decoded frame is not the size its first frame was; the instance was not written"
             )
         count += 1
-        yield cleaning(np.ascontiguousarray(array, dtype=cleaning.dtype).tobytes())
+        # A decoder's array may be shared or read-only: one owned copy in the written dtype, blanked in place.
+        yield cleaning.blanked(np.array(array, dtype=cleaning.dtype)).tobytes()
     if count != cleaning.frames:
         raise ValueError(f"{count} of {cleaning.frames} frames decoded; the instance was not written")
     if length % 2:
