@@ -1,14 +1,14 @@
 """What a connection per webhook attempt costs, side by side with a kept-alive one (not part of `make bench`).
 
 `python -m bench.webhook_connections [--deliveries N] [--rtt-ms R]` sends N signed deliveries of a status
-webhook through the sender's own `_post` (the pinned address, the watchdog) to a TLS endpoint on loopback
-(HTTP/1.1 that keeps connections alive, as a partner's web server does), in another process so that the
-CPU counted is the sender's alone:
+webhook through the sender's own `_post` (the pinned address, the deadline's watchdog, the answer's body
+read to keep the connection) to a TLS endpoint on loopback (HTTP/1.1 that keeps connections alive, as a
+partner's web server does), in another process so that the CPU counted is the sender's alone:
 
-- `fresh`: the sender as it is, a TCP connection and a TLS handshake per attempt;
-- `kept alive`: a client that keeps its connections (what the sender would do with keep-alive), its
-  POST reading the (empty) body, as httpx needs to keep the connection, and without the watchdog;
-- `fresh, plain HTTP`: no TLS, to tell the handshake from the connection.
+- `kept alive`: the sender as it is, one connection for all the deliveries;
+- `fresh`: the sender with its kept connections closed after each delivery (as it was until 2026-12-07: a
+  TCP connection and a TLS handshake per attempt);
+- `fresh, plain HTTP`: the same without TLS, to tell the handshake from the connection.
 
 It prints per delivery the sender's wall time (median, p95) and CPU time. Loopback has no round trip, so
 the time a partner far away adds is computed, not measured: a fresh connection costs TCP's handshake and
@@ -26,8 +26,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from services.intake.webhook_signing import headers_for
 from services.intake.webhooks_out import WebhookDispatcher
@@ -64,20 +62,17 @@ def serve(cert: str, key: str, tls: bool, port: Any) -> None:
 
 
 def measure(sender: WebhookDispatcher, url: str, deliveries: int, keep: bool) -> tuple[list[float], float]:
-    """Wall seconds of each delivery, and the sender's CPU seconds for all of them. The sender's `_post`
-    never reads the answer's body, so httpx closes its connection after each answer, kept alive or not:
-    the kept-alive figures are a plain `httpx.Client.post` (which reads the empty body and keeps the
-    connection), without the sender's watchdog."""
+    """Wall seconds of each delivery, and the sender's CPU seconds for all of them; without `keep`, the
+    sender's kept connection is closed after each delivery."""
     walls: list[float] = []
     cpu = time.process_time()
     for n in range(deliveries):
         headers = {**headers_for([SECRET], f"msg_{n:032x}", int(time.time()), BODY)}
         headers["content-type"] = "application/json"
         started = time.perf_counter()
-        if keep:
-            response = sender.http.post(url, content=BODY, headers=headers)
-        else:
-            response = sender._post(url, "127.0.0.1", BODY, headers, within=20.0)
+        response = sender._post(url, "127.0.0.1", BODY, headers, within=20.0)
+        if not keep:
+            sender.connections.close()
         walls.append(time.perf_counter() - started)
         assert response.status_code == 204, response.status_code
     return walls, time.process_time() - cpu
@@ -120,24 +115,17 @@ def main() -> None:
     print(f"{'':<18} {'median':>7} {'p95':>7} {'CPU ms':>8} {'RTTs':>5} {'far (est.)':>10}")
     try:
         for name, keep, tls, round_trips in (
-            ("fresh (as is)", False, True, 3),
-            ("kept alive", True, True, 1),
+            ("kept alive (as is)", True, True, 1),
+            ("fresh", False, True, 3),
             ("fresh, plain HTTP", False, False, 2),
         ):
-            # `kept alive` has no watchdog: a Timer thread started and cancelled per attempt, 0.1 ms or less.
-            sender = WebhookDispatcher(engine=None, auth_engine=None, env="dev")  # type: ignore[arg-type]
-            sender.http.close()
-            sender.http = httpx.Client(
-                timeout=20.0,
-                verify=trusted,
-                follow_redirects=False,
-                limits=httpx.Limits() if keep else httpx.Limits(max_keepalive_connections=0),
-            )
+            sender = WebhookDispatcher(engine=None, auth_engine=None, env="dev", tls=trusted)  # type: ignore[arg-type]
             measure(sender, urls[tls], 20, keep)  # warm up: imports, the first handshake's key exchange
             walls, cpu = measure(sender, urls[tls], args.deliveries, keep)
-            kept = len(sender.http._transport._pool.connections)  # type: ignore[attr-defined]
-            assert kept == (1 if keep else 0), f"{kept} connections kept"
-            sender.http.close()
+            assert len(sender.connections) == (1 if keep else 0), (
+                f"{len(sender.connections)} connections kept"
+            )
+            sender.close()
             print(row(name, walls, cpu, round_trips, args.rtt_ms))
     finally:
         for server in servers:

@@ -35,9 +35,17 @@ class Authority:
         self.cert = folder / f"{name}-ca.pem"
         self.cert.write_bytes(self._certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool = False, also_client: bool = False) -> Issued:
-        """A certificate for a TLS server on 127.0.0.1 (`server`) or a TLS client named `common_name`;
-        `also_client`: a server's that it also presents as a client (a PACS sending C-STOREs with it)."""
+    def issue(
+        self,
+        common_name: str,
+        *,
+        server: bool = False,
+        also_client: bool = False,
+        dns_names: tuple[str, ...] = (),
+    ) -> Issued:
+        """A certificate for a TLS server on 127.0.0.1 (`server`, and named `dns_names` too) or a TLS client
+        named `common_name`; `also_client`: a server's that it also presents as a client (a PACS sending
+        C-STOREs with it)."""
         key = ec.generate_private_key(ec.SECP256R1())
         usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
         if also_client or not server:
@@ -53,7 +61,9 @@ class Authority:
         )
         if server:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), *map(x509.DNSName, dns_names)]
+                ),
                 critical=False,
             )
         certificate = builder.sign(self._key, hashes.SHA256())

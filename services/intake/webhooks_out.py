@@ -9,8 +9,9 @@
   all, each wait shortened by up to a fifth at random); a longer `Retry-After` sets the next attempt; HTTP
   410 disables the endpoint; after MAX_ATTEMPTS the delivery is `failed` (replayable by hand).
 - An attempt, the DNS lookup of the endpoint's host (DNS_TIMEOUT, 5 s) included, gets the status line and
-  headers within `timeout` (20 s) in all, however slowly they arrive; the answer's body is never read
-  (nothing of it reaches our logs).
+  headers within `timeout` (20 s) in all, however slowly they arrive; the answer's body is read (up to
+  64 KiB, within the same deadline) only to keep the connection, and dropped (nothing of it is stored or
+  logged). Connections are kept alive for the same address and TLS server name only (endpoint_connections).
 - Each endpoint has a lane of its own (up to LANES at once), its deliveries sent in order, one at a time; an
   endpoint that gives no answer gets nothing more that lane (its later deliveries wait for its retry,
   uncounted), and a slow one no more than ends within the lease (the rest is left for its next lane). A
@@ -19,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import hashlib
 import ipaddress
@@ -27,7 +27,6 @@ import json
 import queue
 import random
 import re
-import socket
 import ssl
 import threading
 import time
@@ -48,6 +47,13 @@ from sqlmodel import Session, col, select
 from contracts.envelope import CloudEvent
 from services.auth.models import Partner
 from services.common.db import insert_new
+from services.intake.endpoint_connections import (
+    ConnectionKey,
+    Deadline,
+    EndpointConnections,
+    may_keep,
+    read_whole,
+)
 from services.intake.host_lookup import DNS_TIMEOUT, EndpointRefused, resolve_host
 from services.intake.models import Case, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhook_signing import headers_for
@@ -399,6 +405,7 @@ class WebhookDispatcher:
         timeout: float = 20.0,  # Standard Webhooks: 15-30 s
         dns_timeout: float = DNS_TIMEOUT,
         rng: random.Random | None = None,
+        tls: ssl.SSLContext | None = None,  # the CAs endpoints' certificates are checked against (tests')
     ) -> None:
         self.engine = engine
         self.auth_engine = auth_engine
@@ -408,10 +415,7 @@ class WebhookDispatcher:
         self.rng = rng or random.Random()
         self.timeout = timeout
         self.dns_timeout = min(dns_timeout, timeout)
-        # No kept-alive connections: each attempt opens its own, so the deadline below can always close it.
-        self.http = httpx.Client(
-            timeout=timeout, follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0)
-        )
+        self.connections = EndpointConnections(tls or httpx.create_ssl_context())
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._secrets_cache: dict[str, tuple[float, list[str]]] = {}
@@ -425,6 +429,10 @@ class WebhookDispatcher:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    def close(self) -> None:
+        """Close the connections kept alive (a stopped `run_forever` has closed them)."""
+        self.connections.close()
 
     def wake(self) -> None:
         """New deliveries were committed: send them now, not at the next pass."""
@@ -452,6 +460,7 @@ class WebhookDispatcher:
                             self._record_ended()
                 except Exception as exc:
                     log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
+                self.connections.close_idle()
                 if not self._claim_wanted.is_set():  # a lane that ended meanwhile may want one at once
                     self._wake.wait(max(next_claim - time.monotonic(), 0.0))
         # The lanes have ended (each stops at its attempt under way and leaves its rest for the next start).
@@ -459,7 +468,7 @@ class WebhookDispatcher:
             self._record_ended()
         except Exception as exc:
             log.warning("webhooks.dispatch_failed", error=type(exc).__name__)
-        self.http.close()
+        self.connections.close()
 
     def _start_lanes(self, lanes: ThreadPoolExecutor) -> int:
         """Claim what is due for endpoints without a running lane, while a lane is free, and start a lane
@@ -671,47 +680,72 @@ class WebhookDispatcher:
         name server answer a public address to the check and a private one to the connection), with the
         URL's host as Host and as the TLS server name the certificate is checked against.
 
-        Only the status line and headers are read, within `within` seconds in all (what is left of the
-        attempt's `timeout`), never the body (it would only be dropped, and may be endless). httpx's timeout
-        bounds each read, so an endpoint answering a byte at a time could hold the sender as long as it
-        liked: at the deadline its socket is shut (and one connected after the deadline, at once)."""
+        The status line and headers must come within `within` seconds in all (what is left of the attempt's
+        `timeout`). httpx's timeout bounds each read, so an endpoint answering a byte at a time could hold the
+        sender as long as it liked: at the deadline the socket of the connection the attempt goes over is
+        shut (a kept one's is known before it sends; a new one's when it connects, at once if that is after
+        the deadline). The body is then read, within the same deadline, only to keep the connection: up to
+        MAX_ANSWER_BODY, dropped as it comes (never stored); a longer one, or one cut off, closes it, and
+        the answer stands. A connection is kept only for the same address and TLS server name; a kept one
+        the endpoint closed as the request went out is replaced once by a new one, within the deadline."""
         within = max(within, 0.001)
         target = httpx.URL(url)
         pinned = target.copy_with(host=address)
-        headers = {**headers, "host": target.netloc.decode("ascii")}
-        sockets: list[socket.socket] = []
-
-        expired = threading.Event()
-
-        def shut(sock: socket.socket) -> None:
-            with contextlib.suppress(OSError):  # already closed, or the plain socket under TLS
-                sock.shutdown(socket.SHUT_RDWR)
-
-        def trace(event: str, info: dict[str, Any]) -> None:
-            if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-                sockets.append(info["return_value"].get_extra_info("socket"))
-                if expired.is_set():
-                    shut(sockets[-1])
-
-        def expire() -> None:
-            expired.set()
-            for sock in sockets:
-                shut(sock)
-
-        watchdog = threading.Timer(within, expire)
-        watchdog.start()
+        server_name = target.raw_host.decode("ascii")
+        key = ConnectionKey(
+            target.scheme, address, pinned.port or (443 if target.scheme == "https" else 80), server_name
+        )
+        connection = self.connections.take(key)
+        deadline = Deadline(within)
+        keep = False
         try:
-            extensions = {"trace": trace, "sni_hostname": target.raw_host.decode("ascii")}
-            with self.http.stream(
-                "POST", pinned, content=body, headers=headers, extensions=extensions, timeout=within
-            ) as r:
-                return r
+            while True:
+                reused = connection.sock is not None
+                if connection.sock is not None:
+                    deadline.watch(connection.sock)
+                request = httpx.Request(
+                    "POST",
+                    pinned,
+                    content=body,
+                    headers={**headers, "host": target.netloc.decode("ascii")},
+                    extensions={
+                        "trace": deadline.trace,
+                        "sni_hostname": server_name,
+                        "timeout": httpx.Timeout(within).as_dict(),
+                    },
+                )
+                try:
+                    # A transport, not a client: no redirect followed, no proxy taken from the environment.
+                    response = connection.transport.handle_request(request)
+                except (httpx.RemoteProtocolError, httpx.ReadError):
+                    if not reused or deadline.expired:
+                        raise
+                    # A kept connection the endpoint closed as the request went out (its idle time ran out):
+                    # once more, on a new one (the webhook-id is the same, a receiver dedupes on it).
+                    connection.close()
+                    connection = self.connections.new()
+                    continue
+                response.request = request
+                whole = False
+                try:
+                    whole = read_whole(response)
+                except httpx.HTTPError:  # the deadline or a hang-up within the body: the answer stands
+                    pass
+                finally:
+                    response.close()  # httpcore closes the connection unless read whole and may be kept
+                keep = whole and may_keep(response)
+                if keep:
+                    connection.sock = response.extensions["network_stream"].get_extra_info("socket")
+                return response
         except httpx.HTTPError as exc:
-            if expired.is_set():
+            if deadline.expired:
                 raise AnswerTooSlow(f"the endpoint did not answer within {self.timeout:g} s") from exc
             raise
         finally:
-            watchdog.cancel()
+            if deadline.end() or not keep:
+                connection.close()
+            else:
+                self.connections.give_back(key, connection)
 
     def _record(self, attempts: list[Attempt]) -> None:
         """Write the attempts and each delivery's next state in one transaction."""

@@ -69,7 +69,7 @@ def dispatcher(engines: tuple[Engine, Engine]) -> Iterator[WebhookDispatcher]:
         rng=random.Random(5),
     )
     yield d
-    d.http.close()
+    d.close()
 
 
 def put(client: TestClient, partner: dict[str, str], sub_id: str, resource: dict[str, Any],

@@ -69,7 +69,7 @@ def dispatcher(engines: tuple[Engine, Engine]) -> Iterator[WebhookDispatcher]:
         rng=random.Random(3),
     )
     yield d
-    d.http.close()
+    d.close()
 
 
 def base() -> str:

@@ -93,7 +93,7 @@ def dispatcher(engines: tuple[Engine, Engine]) -> Iterator[WebhookDispatcher]:
         engine=engines[0], auth_engine=engines[1], env="dev", base_delay=0.05, rng=random.Random(7)
     )
     yield d
-    d.http.close()
+    d.close()
 
 
 def setup_partner(client: TestClient, auth: Engine, receiver: Receiver) -> tuple[dict[str, str], str, str]:
@@ -491,7 +491,7 @@ def test_the_sender_on_sqlite_sends_in_order_leases_retries_and_stops_at_410(
         "awaiting_acceptance": ("delivered", 1),
     }
     assert endpoint is not None and endpoint.disabled_at is not None and "410" in endpoint.disabled_reason
-    dispatcher.http.close()
+    dispatcher.close()
 
 
 def test_each_later_delivery_of_the_report_tells_the_partner_it_was_amended(

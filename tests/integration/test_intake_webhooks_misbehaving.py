@@ -30,6 +30,7 @@ from contracts.models import CaseStatus
 from services.common.config import Settings, get_settings
 from services.common.db import transaction_lock
 from services.intake import api, host_lookup, webhooks_out, webhooks_out_api
+from services.intake.endpoint_connections import EndpointConnections
 from services.intake.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhooks_out import WebhookDispatcher
 from services.intake.webhooks_out_api import ENDPOINT_LOCKS
@@ -126,7 +127,7 @@ def dispatcher(engines: tuple[Engine, Engine]) -> Iterator[WebhookDispatcher]:
         rng=random.Random(7),
     )
     yield d
-    d.http.close()
+    d.close()
 
 
 @pytest.fixture(autouse=True)
@@ -331,7 +332,7 @@ def test_a_host_name_that_turns_private_after_the_check_is_not_connected_to(
     try:
         run_once_within(sender, 5.0)
     finally:
-        sender.http.close()
+        sender.close()
 
     assert internal.accepted == 0 and connected_to == ["93.184.216.34"]  # the address that was checked
     [delivery] = deliveries_of(engines[0], case_id)
@@ -413,12 +414,8 @@ def test_an_endpoint_with_a_certificate_the_sender_trusts_is_delivered_to_over_t
     endpoint = endpoints(answer(b"204 No Content"), server)
     partner, _, case_id = setup_partner(client, engines[1], receiver)
     point_endpoint_at(engines[0], partner["partner_id"], endpoint.url)
-    dispatcher.http.close()
-    dispatcher.http = httpx.Client(
-        timeout=1.0,
-        verify=ssl.create_default_context(cafile=str(authority.cert)),
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
+    dispatcher.close()
+    dispatcher.connections = EndpointConnections(ssl.create_default_context(cafile=str(authority.cert)))
     publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:tls")
 
     run_once_within(dispatcher, 5.0)
@@ -461,7 +458,7 @@ def test_an_endpoint_that_does_not_answer_costs_one_timeout_a_pass_and_holds_up_
     try:
         took = run_once_within(sender, 10.0)
     finally:
-        sender.http.close()
+        sender.close()
 
     assert receiver.received and receiver.received[0][0] - started < 0.9  # not behind the dead endpoint
     assert took < 3.0  # inside the lease: nothing of the batch can be claimed again meanwhile
@@ -541,7 +538,7 @@ def test_a_replay_while_the_delivery_is_being_sent_does_not_send_it_twice_at_onc
         assert replayed.status_code == 200 and replayed.json()["status"] == "pending"
         assert case_id not in [d.case_id for d, _ in replica._claim(webhooks_out.BATCH)]
     finally:
-        replica.http.close()
+        replica.close()
 
 
 def test_a_replay_to_a_disabled_endpoint_says_to_enable_it_first(
@@ -601,7 +598,7 @@ def test_a_slow_but_answering_endpoint_is_sent_no_more_in_a_pass_than_fits_in_th
             pass
         assert slow.requests == 8
     finally:
-        sender.http.close()
+        sender.close()
 
 
 def test_an_ipv6_literal_endpoint_is_registered_and_delivered_to(
@@ -863,7 +860,7 @@ def test_many_dead_endpoints_of_one_partner_do_not_keep_a_pass_past_the_lease(
     try:
         took = run_once_within(sender, 10.0)
     finally:
-        sender.http.close()
+        sender.close()
     rows = deliveries_of(engines[0], case_id)
     assert took < 2.0  # inside the lease
     assert len(rows) == 7 and dead.requests <= 2
