@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Text
+from sqlalchemy import BigInteger, Column, Double, Text
 from sqlmodel import Field, SQLModel
 
 from services.common.db import utcnow
@@ -21,6 +21,7 @@ TABLES = (
     "smart_clients",
     "smart_access_tokens",
     "smart_assertion_ids",
+    "rate_buckets",
 )
 
 # After a webhook secret rotation the previous secret stays valid this long, in and out.
@@ -190,3 +191,18 @@ class SmartAssertionId(SQLModel, table=True):
     client_id: str = Field(primary_key=True, max_length=64)
     jti: str = Field(primary_key=True, max_length=255)
     expires_at: datetime = Field(index=True)
+
+
+class RateBucket(SQLModel, table=True):
+    """A rate limit's token bucket for one key, shared by every process (services.auth.rate_limit): what is
+    left and when it was last refilled, by the database's clock. A process takes a few tokens at a time."""
+
+    __tablename__ = "rate_buckets"
+
+    kind: str = Field(primary_key=True, max_length=16, description="api, images or token")
+    key: str = Field(
+        primary_key=True, max_length=100, description="an API key id, client:<id>, token:<address>"
+    )
+    tokens: float = Field(sa_type=Double)
+    granted: int = Field(description="what the last grant handed out (returned by the same statement)")
+    refilled_at: float = Field(sa_type=Double, description="epoch seconds, the database's clock")

@@ -209,7 +209,8 @@ async def token(
 ) -> JSONResponse:
     """SMART Backend Services: trade a signed client assertion (RFC 7523, `private_key_jwt`) for an access
     token of 300 s carrying the requested scopes the client is allowed. Errors are RFC 6749 §5.2 bodies."""
-    wait = limiter.acquire(f"token:{client_address(request) or 'unknown'}")
+    # A grant from the shared bucket is a database round trip: off the event loop.
+    wait = await run_in_threadpool(limiter.acquire, f"token:{client_address(request) or 'unknown'}")
     if wait:
         log.info("smart.token_rate_limited")
         return JSONResponse(
