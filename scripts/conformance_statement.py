@@ -259,7 +259,8 @@ def _scp() -> list[str]:
         "### 3.2 SOP classes accepted",
         "",
         "Each group below lists the abstract syntaxes accepted and the transfer syntaxes accepted for each of",
-        "them (the first of those proposed that we list is chosen).",
+        "them, in our order of preference: of those a presentation context proposes, the first in this order",
+        "is accepted.",
         "",
     ]
     for n, (syntaxes, roles, classes) in enumerate(_scp_groups(), start=1):
@@ -320,8 +321,9 @@ def _scp_services() -> list[str]:
         "### 3.6 Storage SCP",
         "",
         "Our SCP is the destination of our own C-MOVEs: it keeps an instance only when a C-MOVE of ours is "
-        "waiting for its study (by Study Instance UID). The association is accepted for any storage class, so "
-        "a PACS's sub-operation of a class we did not expect does not fail the whole C-MOVE. Each instance is "
+        "waiting for its study (by Study Instance UID). The association is accepted for every storage class of "
+        "3.2 (the standard ones; no private SOP class), so a PACS's sub-operation of a class we did not expect "
+        "does not fail the whole C-MOVE. Each instance is "
         "stored as received (same transfer syntax, same bytes), spooled to disk as it arrives.",
         "",
         *_table(
@@ -586,7 +588,9 @@ def _media() -> list[str]:
         "(found at any folder level, ISO 9660 names matched as a DICOMDIR's file IDs name them) only the "
         "instances it lists are imported; a DICOMDIR that lists a file missing from the upload, or a path "
         "leaving the upload root, refuses the whole upload saying why. The DICOMDIR itself is checked, never "
-        "stored; whatever else came on the CD (a viewer) is left out.",
+        "stored. Of the rest of the medium (viewer, autorun, readme) only a PDF (a report) is kept; a DICOMDIR "
+        "that lists nothing (a failed burn) leaves the medium's DICOM files imported as found; files uploaded "
+        "beside the CD's folder are checked like any upload.",
         "- **Writing (File-set Creator)**: the de-identified export (`GET /v1/records/{case_id}/export/"
         "deidentified`) is a ZIP holding a DICOMDIR at its root and the instances under PS3.10 file IDs, in "
         f"{_name(pydicom.uid.ExplicitVRLittleEndian)}. It is a download, not a PDI medium (no viewer, no "
