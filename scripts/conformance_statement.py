@@ -23,6 +23,7 @@ from fastapi.routing import APIRoute
 from pydicom.uid import UID
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from services.records import (
     commitment_scp,
@@ -160,7 +161,7 @@ def _front() -> list[str]:
 def _overview() -> list[str]:
     lines = ["## 1 Overview", "", "### 1.1 Network services", ""]
     storage = [c for _, _, classes in _scp_groups() for c in classes if c != stgcmt.STORAGE_COMMITMENT]
-    storage = [c for c in storage if c not in qr_scp.QR_CLASSES and c != "1.2.840.10008.1.1"]
+    storage = [c for c in storage if c not in qr_scp.QR_CLASSES and c != Verification]
     rows = [
         ("Verification", "No", "Yes"),
         (

@@ -82,7 +82,6 @@ def test_every_listed_sop_class_is_accepted_in_every_listed_transfer_syntax(
 ) -> None:
     port, _ = scp
     pairs = [(str(c.abstract_syntax), str(s)) for c in scp_contexts() for s in c.transfer_syntax]
-    assert len(pairs) > 2000  # every storage class, in 13 syntaxes
     accepted: set[tuple[str, str]] = set()
     for start in range(0, len(pairs), MAX_CONTEXTS):
         batch = pairs[start : start + MAX_CONTEXTS]
