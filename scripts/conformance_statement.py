@@ -197,7 +197,8 @@ def _overview() -> list[str]:
             ("Media Storage Application Profile", "File-set Reader (FSR)", "File-set Creator (FSC)"),
             [
                 (
-                    "General Purpose CD-R / DVD (STD-GEN-CD, STD-GEN-DVD-RAM...), uploaded as files or a ZIP",
+                    "A General Purpose profile's File-set (STD-GEN-CD, STD-GEN-DVD-*, STD-GEN-USB-*), its "
+                    "files uploaded as a folder or a ZIP",
                     "Yes (the DICOMDIR selects the instances)",
                     "No",
                 ),
@@ -295,7 +296,7 @@ def _scp() -> list[str]:
         "No SOP Class Extended Negotiation is answered: relational queries, combined date-time matching, fuzzy "
         "semantic matching of person names and timezone query adjustment are not supported (a requestor that "
         "asks gets no extended negotiation reply, which means not supported). SCP/SCU Role Selection is "
-        "accepted for the classes shown above.",
+        "accepted for the classes so marked in 3.2.",
         "",
     ]
     lines += _scp_services()
@@ -526,7 +527,8 @@ def _network() -> list[str]:
         "not start while its plain SCP listens on a network address.",
         "- **AE and address binding**: a workstation's AE title is bound to its IP address (and to a client "
         "certificate CN on TLS); a storage commitment request is answered only at the host and port configured "
-        "for the calling AE title's image source; a C-MOVE of ours is answered only for the study it asked for.",
+        "for the calling AE title's image source; our SCP keeps instances only of the study a C-MOVE of ours asked "
+        "for.",
         "- **Audit**: each Q/R query, each instance sent, and each rejected association or destination is an "
         "audit entry, forwarded to the hospital's audit repository by IHE ATNA (see the integration statement).",
         "",
