@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock demo run down status codec-server replay-record chaos dlq bench test lint format unit integration e2e clean
+.PHONY: install lock demo run down status codec-server replay-record chaos dlq bench conformance test lint format unit integration e2e clean
 
 VIEWER_CLIENT := tests/viewer/node_modules/.package-lock.json
 
@@ -71,6 +71,10 @@ bench: install
 TEST_WORKERS ?= 2
 test: install lint
 	$(PY) -m scripts.run_pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
+## The DICOM Conformance Statement (docs/dicom-conformance-statement.md), written from the code.
+conformance: install
+	$(PY) -m scripts.conformance_statement
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -23,6 +23,8 @@ from typing import Any
 import structlog
 
 log = structlog.get_logger(__name__)
+# BCP 195: nothing older, on every DIMSE link either way.
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 
 class TlsFilesUnusable(ValueError):
@@ -40,7 +42,7 @@ class ClientTls:
 
     def context(self) -> ssl.SSLContext:
         context = _WatchedContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195: nothing older
+        context.minimum_version = MINIMUM_VERSION
         _load(context.load_verify_locations, "the CA bundle", self.ca_path)
         if self.cert_path and self.key_path:
             _load_pair(context, self.cert_path, self.key_path)
@@ -72,7 +74,7 @@ def within(directory: Path, field: str, path: str) -> str:
 def server_context(cert_path: Path, key_path: Path, client_ca_path: Path | None) -> ssl.SSLContext:
     """Our SCP's TLS context; with `client_ca_path` a client must present a certificate that CA signed."""
     context = _WatchedContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_VERSION
     _load_pair(context, str(cert_path), str(key_path))
     if client_ca_path is not None:
         _load(context.load_verify_locations, "the client CA bundle", str(client_ca_path))

@@ -651,14 +651,7 @@ def get_study(
     to the store's temp area as it arrives; one whose header is not usable is refused on its own."""
     writer = InstanceWriter(store, read_header=read_header)
     ae = _ae(source.timeout)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    for sop_class in RETRIEVED_CLASSES:
-        ae.add_requested_context(sop_class, UNCOMPRESSED)
-        for syntax in OLD_UNCOMPRESSED:
-            ae.add_requested_context(sop_class, syntax)
-    for sop_class in IMAGE_CLASSES:  # one context per compressed syntax: the PACS accepts one per context
-        for syntax in COMPRESSED:
-            ae.add_requested_context(sop_class, syntax)
+    add_get_contexts(ae)
     roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in RETRIEVED_CLASSES]
     assoc = _associate(ae, source, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, writer.write)])
     if not assoc.is_established:
@@ -673,6 +666,19 @@ def get_study(
         finally:
             assoc.release()
     return Retrieved(writer.entries(), writer.refused)
+
+
+def add_get_contexts(ae: AE) -> None:
+    """What our C-GET proposes: the Q/R GET model, and each retrieved class in the syntaxes we keep (the
+    conformance statement renders these)."""
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for sop_class in RETRIEVED_CLASSES:
+        ae.add_requested_context(sop_class, UNCOMPRESSED)
+        for syntax in OLD_UNCOMPRESSED:
+            ae.add_requested_context(sop_class, syntax)
+    for sop_class in IMAGE_CLASSES:  # one context per compressed syntax: the PACS accepts one per context
+        for syntax in COMPRESSED:
+            ae.add_requested_context(sop_class, syntax)
 
 
 def move_study(source: DimseSource, study_uid: str, scp: StoreSCP) -> Retrieved:
@@ -768,31 +774,21 @@ class StoreSCP:
 
     def start(self) -> None:
         _spool_received_datasets()
-        ae = AE(ae_title=OUR_AE)
-        ae.maximum_pdu_size = MAX_PDU_BYTES
-        ae.add_supported_context(Verification)  # C-ECHO: how a PACS administrator tests a new destination
-        # Every storage class: an instance of one we did not list (a modality's private or raw data) failed
-        # its sub-operation at the PACS, and Orthanc ends a C-MOVE at the first failed one.
-        storage = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
-        # Either role: a workstation's C-GET proposes the SCP role for the classes it receives from us.
-        for sop_class in dict.fromkeys([*RETRIEVED_CLASSES, *storage]):
-            ae.add_supported_context(
-                sop_class, UNCOMPRESSED + OLD_UNCOMPRESSED + COMPRESSED, scu_role=True, scp_role=True
-            )
+        ae = scp_ae(
+            commitment=self.commitment is not None,
+            add_query_retrieve=self.query_retrieve.add_contexts if self.query_retrieve is not None else None,
+        )
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_open),  # before the association's DUL thread starts
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_C_STORE, self._on_store),
         ]
         if self.commitment is not None:
-            # Either role: a PACS sending its result on an association it opens proposes the SCP role.
-            ae.add_supported_context(stgcmt.STORAGE_COMMITMENT, scu_role=True, scp_role=True)
             handlers += [
                 (evt.EVT_N_ACTION, self.commitment.on_request),
                 (evt.EVT_N_EVENT_REPORT, self.commitment.on_result),
             ]
         if self.query_retrieve is not None:
-            self.query_retrieve.add_contexts(ae)
             handlers += self.query_retrieve.handlers()
         listeners: list[tuple[int, ssl.SSLContext | None]] = [(self.port, None)] if self.plain else []
         if self.ssl_context is not None and self.tls_port is not None:
@@ -834,6 +830,28 @@ class StoreSCP:
             return store_failure(CANNOT_UNDERSTAND, "Instance has no readable Study Instance UID")
         # Nobody asked for this study: we accept no unsolicited images.
         return store_failure(NOT_AUTHORIZED, "No retrieval by SECONDOPINION is waiting for this study")
+
+
+def scp_ae(*, commitment: bool, add_query_retrieve: Callable[[AE], None] | None = None) -> AE:
+    """Our SCP's AE and the presentation contexts it accepts: what `StoreSCP` serves, and what the
+    conformance statement (scripts/conformance_statement.py) renders."""
+    ae = AE(ae_title=OUR_AE)
+    ae.maximum_pdu_size = MAX_PDU_BYTES
+    ae.add_supported_context(Verification)  # C-ECHO: how a PACS administrator tests a new destination
+    # Every storage class: an instance of one we did not list (a modality's private or raw data) failed
+    # its sub-operation at the PACS, and Orthanc ends a C-MOVE at the first failed one.
+    storage = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    # Either role: a workstation's C-GET proposes the SCP role for the classes it receives from us.
+    for sop_class in dict.fromkeys([*RETRIEVED_CLASSES, *storage]):
+        ae.add_supported_context(
+            sop_class, UNCOMPRESSED + OLD_UNCOMPRESSED + COMPRESSED, scu_role=True, scp_role=True
+        )
+    if commitment:
+        # Either role: a PACS sending its result on an association it opens proposes the SCP role.
+        ae.add_supported_context(stgcmt.STORAGE_COMMITMENT, scu_role=True, scp_role=True)
+    if add_query_retrieve is not None:
+        add_query_retrieve(ae)
+    return ae
 
 
 def _study_uid(spooled: object) -> str:

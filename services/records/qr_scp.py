@@ -175,7 +175,9 @@ class QueryRetrieve:
         self._configured = {w.ae_title: w for w in options.workstations}
         self._spool = settings.data_dir / "records" / "tmp"
 
-    def add_contexts(self, ae: AE) -> None:
+    @staticmethod
+    def add_contexts(ae: AE) -> None:
+        """The Q/R models our SCP accepts, in pynetdicom's default transfer syntaxes."""
         for sop_class in QR_CLASSES:
             ae.add_supported_context(sop_class)
 

@@ -19,6 +19,7 @@ from services.review.report_pdf import TITLE
 
 DICOM = "application/dicom"
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+TRANSFER_SYNTAX = ExplicitVRLittleEndian  # what the report instance is written in, and sent to a PACS in
 SERIES_NUMBER = 9001  # high, so viewers list the report after the images
 # The PDF's title in ASCII (no dash of its own): placed into a study, the instance takes the images' character
 # set (Latin-1 and the like) where all its text fits, so that the patient's name is theirs byte for byte.
@@ -43,7 +44,7 @@ def encapsulated_pdf(
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(ENCAPSULATED_PDF_STORAGE)
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = TRANSFER_SYNTAX
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
 
     ds = Dataset()
