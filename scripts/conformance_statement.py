@@ -235,8 +235,10 @@ def _model() -> list[str]:
         "- **Media**: a CD's content uploaded as a folder or a ZIP is read through its DICOMDIR; the de-identified",
         "  export writes a File-set with a DICOMDIR into a ZIP.",
         "",
-        "Instances are stored as received, in the transfer syntax they came in (none is transcoded on the way",
-        "in or out); what is handed out carries our Patient ID, Issuer and Accession Number (IHE IRWF).",
+        "Instances are stored as received, in the transfer syntax they came in, and the network services send",
+        "them in that syntax (none is transcoded); only the de-identified export writes a compressed image it",
+        "cleaned uncompressed (Explicit VR Little Endian, a lossy source still flagged as lossy). What is handed",
+        "out carries our Patient ID, Issuer and Accession Number (IHE IRWF).",
         "",
     ]
 
