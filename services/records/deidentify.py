@@ -66,6 +66,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.records.rendering import VIDEO_SYNTAXES, decodable  # importing it puts GDCM last
 from services.records.rewrite import PIXEL_DATA_TAG, explicit_pixel_data_end, rewritten_chunks
 
@@ -498,6 +499,8 @@ def deidentify(dataset: Dataset, uids: UidMap) -> None:
     meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     if syntax:
         meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = pydicom.uid.UID(IMPLEMENTATION_CLASS_UID)  # we wrote it, not the source's
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     dataset.file_meta = meta
     if getattr(dataset, "preamble", None):
         dataset.preamble = b"\x00" * 128  # an application's own 128 bytes (PS3.10 7.1) go too

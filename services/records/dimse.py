@@ -67,6 +67,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import AssociationSocket
 
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.records import dicom_tls
 from services.records import storage_commitment as stgcmt
 from services.records.archive import Entry
@@ -163,9 +164,17 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
 
+def _our_ae() -> AE:
+    """An AE titled OUR_AE that names our implementation (not pynetdicom's) in what it requests and accepts."""
+    ae = AE(ae_title=OUR_AE)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return ae
+
+
 def _ae(timeout: float) -> AE:
     _spool_received_datasets()
-    ae = AE(ae_title=OUR_AE)
+    ae = _our_ae()
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.maximum_pdu_size = MAX_PDU_BYTES
@@ -835,7 +844,7 @@ class StoreSCP:
 def scp_ae(*, commitment: bool, add_query_retrieve: Callable[[AE], None] | None = None) -> AE:
     """Our SCP's AE and the presentation contexts it accepts: what `StoreSCP` serves, and what the
     conformance statement (scripts/conformance_statement.py) renders."""
-    ae = AE(ae_title=OUR_AE)
+    ae = _our_ae()
     ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.add_supported_context(Verification)  # C-ECHO: how a PACS administrator tests a new destination
     # Every storage class: an instance of one we did not list (a modality's private or raw data) failed

@@ -12,9 +12,10 @@ from datetime import date, datetime
 
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from contracts.commands import MatchSpecialist
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.review.report_pdf import TITLE
 
 DICOM = "application/dicom"
@@ -45,7 +46,8 @@ def encapsulated_pdf(
     meta.MediaStorageSOPClassUID = UID(ENCAPSULATED_PDF_STORAGE)
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
     meta.TransferSyntaxUID = TRANSFER_SYNTAX
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
 
     ds = Dataset()
     ds.file_meta = meta

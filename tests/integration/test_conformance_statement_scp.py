@@ -25,6 +25,7 @@ from scripts.conformance_statement import scp_contexts
 from services.common import migrate
 from services.common.config import Settings
 from services.common.db import make_engine
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.records import dimse
 from services.records.commitment_scp import CommitmentLoop
 from services.records.qr_scp import QueryRetrieve, QueryRetrieveSettings, Workstation
@@ -88,6 +89,11 @@ def test_every_listed_sop_class_is_accepted_in_every_listed_transfer_syntax(
         assoc = associate(port, [build_context(sop_class, syntax) for sop_class, syntax in batch])
         assert assoc.is_established, f"association for contexts {start} to {start + len(batch)} not accepted"
         try:
+            # The statement's section 10: the acceptor names our implementation, not pynetdicom's.
+            assert (assoc.acceptor.implementation_class_uid, assoc.acceptor.implementation_version_name) == (
+                IMPLEMENTATION_CLASS_UID,
+                IMPLEMENTATION_VERSION_NAME,
+            )
             accepted |= {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
             assert not assoc.rejected_contexts
         finally:

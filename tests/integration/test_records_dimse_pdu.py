@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from services.common.config import Settings
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.records import dimse
 from services.records.store import ObjectStore
 from tests.dicom_factory import make_us_instance
@@ -39,6 +40,7 @@ class Pacs:
     def __init__(self, clip: Path) -> None:
         self.clip = clip
         self.asked_for: list[int] = []
+        self.implementations: list[tuple[str, str | None]] = []  # each requestor's class UID and version name
         self.largest_sent = 0
         self.port = free_port()
         self.ae = AE(ae_title="TESTPACS")
@@ -61,6 +63,10 @@ class Pacs:
 
     def _requested(self, event: Any) -> None:
         self.asked_for.append(event.assoc.requestor.maximum_length)
+        requestor = event.assoc.requestor
+        self.implementations.append(
+            (requestor.implementation_class_uid, requestor.implementation_version_name)
+        )
 
     def _sent(self, event: Any) -> None:
         if isinstance(event.pdu, P_DATA_TF):
@@ -97,6 +103,8 @@ def test_c_find_and_c_get_ask_the_pacs_for_128_kib_pdus(pacs: Pacs, settings: Se
     [entry] = dimse.get_study(source, STUDY, store, limit=settings.max_upload_bytes).entries
 
     assert pacs.asked_for == [dimse.MAX_PDU_BYTES, dimse.MAX_PDU_BYTES]
+    # A PACS's association log names us, not the toolkit we are built with (the conformance statement's 10).
+    assert pacs.implementations == [(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)] * 2
     # The 2.6 MB clip came in PDUs of 128 KiB (and their 6-byte header), not 16 KiB ones.
     assert pacs.largest_sent == dimse.MAX_PDU_BYTES + 6
     sent = pydicom.dcmread(pacs.clip)

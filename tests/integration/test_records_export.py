@@ -28,6 +28,7 @@ from contracts import CollectRecords, Exam, Patient, new_event
 from services.common import migrate
 from services.common.config import Settings, get_settings
 from services.common.db import make_engine
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.common.http import create_app
 from services.records import api, consumer, deidentify, export
 from services.records.store import ObjectStore
@@ -137,6 +138,10 @@ def test_the_export_removes_identity_keeps_pixels_and_withholds_burned_in_images
     assert phi_found(data) == []
     ds, original = pydicom.dcmread(io.BytesIO(data)), pydicom.dcmread(io.BytesIO(clean))
     assert ds.PatientIdentityRemoved == "YES"
+    assert (ds.file_meta.ImplementationClassUID, ds.file_meta.ImplementationVersionName) == (
+        IMPLEMENTATION_CLASS_UID,
+        IMPLEMENTATION_VERSION_NAME,
+    )  # we wrote it, not the modality: its meta names our implementation
     assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
     assert ds.StudyInstanceUID != study and ds.SOPInstanceUID != original.SOPInstanceUID
     assert ds.PixelData == original.PixelData and ds.NumberOfFrames == 3

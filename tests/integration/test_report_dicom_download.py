@@ -25,6 +25,7 @@ from services.auth.partners import create_partner
 from services.common import migrate
 from services.common.config import Settings, get_settings
 from services.common.db import make_engine
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.common.http import create_app
 from services.records import consumer as records_consumer
 from services.review import api, deps
@@ -177,6 +178,12 @@ def test_the_download_from_review_is_records_copy_placed_in_the_study(
     for keyword in ("StudyDate", "StudyID", "ReferringPhysicianName"):
         assert str(reviewed[keyword].value) == IMAGE_STUDY[keyword], keyword
     assert reviewed.IssuerOfPatientID == "SECONDOPINION"  # our identifiers, as records hands out the images
+    # We wrote it: its file meta names our implementation, not pydicom's (the conformance statement's 10).
+    meta = reviewed.file_meta
+    assert (meta.ImplementationClassUID, meta.ImplementationVersionName) == (
+        IMPLEMENTATION_CLASS_UID,
+        IMPLEMENTATION_VERSION_NAME,
+    )
     pdf = bytes(reviewed.EncapsulatedDocument)[: reviewed.EncapsulatedDocumentLength]
     assert pdf == review.get(f"/v1/reports/{case_id}", headers={"Accept": "application/pdf"}).content
     location = downloaded.headers["content-location"]
