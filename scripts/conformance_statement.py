@@ -358,7 +358,8 @@ def _scp_services() -> list[str]:
         "",
         f"- Levels: {levels} (PATIENT only in Patient Root). Unique keys: {unique}.",
         "- Matching on any key of the identifier (PS3.4 C.2.2.2): single value, wildcard `*` and `?` "
-        "(case-sensitive, also on person names), UID list, range matching on "
+        "(case-sensitive, except on person names: PN keys match regardless of case, as PS3.4 C.2.2.2.1 and "
+        "C.2.2.2.4 allow; no fuzzy semantic matching is negotiated), UID list, range matching on "
         f"{', '.join(sorted(qr_scp.RANGE_VRS))}, several values separated by `\\` (any matches), universal "
         f"(empty) matching. Keys of VR {', '.join(sorted(qr_scp.NOT_MATCHED_VRS))} are not matched. Hierarchical "
         "queries only (no relational queries).",

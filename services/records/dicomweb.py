@@ -521,13 +521,16 @@ def _date_key(value: str | None, wanted: str | None, m: Matching) -> bool:
     return not wanted or any(_date_matches(value, w) for w in m.values(wanted))
 
 
-def _text_matches(value: str, wanted: str | None) -> bool:
+def _text_matches(value: str, wanted: str | None, *, ignore_case: bool = False) -> bool:
     """Single value matching, with wildcard matching when `wanted` holds `*` (any run of characters) or `?`
-    (one character) (PS3.4 C.2.2.2.1, C.2.2.2.4). A viewer's study list sends what is typed as `*typed*`."""
+    (one character) (PS3.4 C.2.2.2.1, C.2.2.2.4). A viewer's study list sends what is typed as `*typed*`.
+    `ignore_case` for person names, which PS3.4 leaves case-insensitive matching open to (stated in the
+    conformance statement): a specialist typing `doe*` finds DOE^JANE."""
     if not wanted:
         return True
     pattern = re.escape(wanted).replace(r"\*", ".*").replace(r"\?", ".")
-    return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
+    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+    return re.fullmatch(pattern, value, flags=flags) is not None
 
 
 INTEGER = re.compile(r"^[+-]?[0-9]{1,11}$")

@@ -599,7 +599,7 @@ def _uid_list(query: Dataset, keyword: str) -> str | None:
 
 def _matches(query: Dataset, candidate: Dataset, *, complete: bool = True) -> bool:
     """Whether each matching key of `query` present in `candidate` matches it (PS3.4 C.2.2.2): single value
-    and wildcard (* ?), UID lists, date and time ranges, a list of values (any); an empty key is universal. An
+    and wildcard (* ?; person names regardless of case), UID lists, date and time ranges, a list of values (any); an empty key is universal. An
     attribute the entity lacks matches no value, unless `candidate` is not `complete` (the computed part)."""
     for element in query:
         if element.tag in (0x00080005, 0x00080052) or element.VR in NOT_MATCHED_VRS:
@@ -616,6 +616,8 @@ def _matches(query: Dataset, candidate: Dataset, *, complete: bool = True) -> bo
             ok = bool(set(wanted) & set(have))
         elif element.VR in RANGE_VRS:
             ok = any(_date_matches(h, w) for w in wanted for h in have)
+        elif element.VR == "PN":  # case-insensitive, as PS3.4 C.2.2.2.1 and C.2.2.2.4 allow for names
+            ok = any(_text_matches(h, w, ignore_case=True) for w in wanted for h in have)
         else:
             ok = any(_text_matches(h, w) for w in wanted for h in have)
         if not ok:

@@ -162,6 +162,10 @@ def test_a_workstation_finds_its_specialists_study_at_each_level_with_wildcards_
     assert find("HOROS_B", port, tmp_path, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_a}") == []
     assert find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", "PatientID=MRN1") == []
     assert find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", "PatientName=ROE*") == []
+    # Names match regardless of case, as typed into a workstation's search (PS3.4 allows it for PN only).
+    for typed in ("doe^j*", "Doe^Jane"):
+        [found] = find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", f"PatientName={typed}")
+        assert found.StudyInstanceUID == study_a, typed
     assert find("HOROS_A", port, tmp_path, "QueryRetrieveLevel=STUDY", "StudyDate=19000101-19010101") == []
     [series] = find(
         "HOROS_A",
@@ -174,6 +178,8 @@ def test_a_workstation_finds_its_specialists_study_at_each_level_with_wildcards_
         "NumberOfSeriesRelatedInstances",
     )
     assert series.SeriesInstanceUID == study_a + ".1" and series.NumberOfSeriesRelatedInstances == 3
+    lower = ("QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study_a}", "Modality=us")
+    assert find("HOROS_A", port, tmp_path, *lower) == []  # other keys match case-sensitively
     images = find(
         "HOROS_A",
         port,
