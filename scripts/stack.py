@@ -110,15 +110,25 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
+def port_open(port: int) -> bool:
+    """Whether something listens on the loopback `port`. A connection that reached only itself is not a
+    listener: with nobody on a port of the ephemeral range, the kernel may pick that very port as the
+    connection's own and connect it to itself (a TCP self-connect). A chaos run took a killed Temporal
+    server's port for open that way, and the gRPC client then read its own HTTP/2 preface back
+    (FRAME_SIZE_ERROR)."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        return reaches_another(sock)
     return False
+
+
+def reaches_another(sock: socket.socket) -> bool:
+    """Whether a connected socket reached another socket, not itself (a TCP self-connect)."""
+    return bool(sock.getsockname() != sock.getpeername())
 
 
 def _ready(process: Process) -> bool:
     if process.ready_port is not None:
-        return _port_open(process.ready_port)
+        return port_open(process.ready_port)
     if process.ready_url is not None:
         with contextlib.suppress(httpx.HTTPError):
             return httpx.get(process.ready_url, timeout=1).status_code == 200

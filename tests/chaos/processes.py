@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,11 @@ from pathlib import Path
 
 import httpx
 
-from scripts.stack import SERVICES, temporal_cli
+from scripts.stack import SERVICES, port_open, temporal_cli
 from services.common.config import PROJECT_ROOT
 from services.common.temporal import cache_flags, search_attribute_flags, sqlite_flags
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
-
-
-def port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
-    return False
 
 
 @dataclass
