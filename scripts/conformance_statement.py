@@ -649,8 +649,11 @@ def _identification() -> list[str]:
         "## 10 Implementation identification",
         "",
         "Our own, not the toolkit's: a UUID-derived UID (PS3.5 B.2), in every association we request or accept",
-        "and in the file meta information of the instances we write (the report, the de-identified export's",
-        "images; the export's DICOMDIR, written by pydicom's File-set writer, names pydicom's).",
+        "and in the file meta information of the instances we write: the report, the de-identified export's",
+        "images, and every copy of an instance handed out as a file (WADO-RS, WADO-URI, downloads), whose",
+        "header carries our identifiers; such a copy's Source Application Entity Title is ours too, and the",
+        "Sending and Receiving AE Titles and Presentation Addresses of the transfer the original came by are",
+        "left out (the export's DICOMDIR, written by pydicom's File-set writer, names pydicom's).",
         "",
         *_table(
             ("", "Value"),

@@ -30,7 +30,9 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.records.classify import PatientIdentity
 from services.records.rewrite import rewritten_chunks
 
@@ -41,6 +43,13 @@ ISSUER_DETAILS = {
     "AccessionNumber": "IssuerOfAccessionNumberSequence",
 }
 SEX_CODES = {"female": "F", "male": "M", "other": "O"}
+# File meta (PS3.10 7.1) that names a transfer the source file came by, not the copy we write: left out of it.
+TRANSFER_META = (
+    "SendingApplicationEntityTitle",
+    "ReceivingApplicationEntityTitle",
+    "SendingPresentationAddress",
+    "ReceivingPresentationAddress",
+)
 
 
 def _letters(text: str) -> str:
@@ -119,3 +128,21 @@ def _coerce(dataset: Dataset, values: dict[str, str], modified_at: datetime) -> 
     dataset.OriginalAttributesSequence = Sequence([*history, item])
     for keyword, value in values.items():
         setattr(dataset, keyword, value)
+    _name_us_the_writer(dataset)
+
+
+def _name_us_the_writer(dataset: Dataset) -> None:
+    """The copy's file meta names us as the implementation and AE that wrote it (PS3.10 7.1: the Implementation
+    Class UID identifies "the implementation that wrote this file and its content", the Source AE Title the AE that
+    "wrote this file's content (or last updated it)"): we changed its identifiers, so a modality's or the facility's
+    PACS's would name a writer that never wrote these bytes. The Private Information, keyed by its creator's UID,
+    stays; what described the transfer the original came by goes."""
+    meta = getattr(dataset, "file_meta", None)
+    if meta is None:
+        return
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = OUR_ISSUER
+    for keyword in TRANSFER_META:
+        if keyword in meta:
+            delattr(meta, keyword)

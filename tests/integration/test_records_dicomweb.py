@@ -28,6 +28,7 @@ from services.auth.read_windows import ReadWindows
 from services.common import migrate
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine, make_engine
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID
 from services.common.http import create_app
 from services.records import api, consumer, dicomweb
 from services.records.limits import ImportLimits, get_limits
@@ -177,6 +178,9 @@ def test_stow_then_qido_and_wado_with_a_third_party_client(
     assert fetched.PixelData == clip.PixelData and fetched.NumberOfFrames == 4
     assert (fetched.PatientID, fetched.IssuerOfPatientID) == (f"SO-{case_id}", "SECONDOPINION")
     assert fetched.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].PatientID == "MRN1"
+    # We rewrote the header, so the copy's file meta names us as its writer (PS3.10 7.1), not the modality.
+    assert fetched.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert fetched.file_meta.SourceApplicationEntityTitle == "SECONDOPINION"
     metadata = client.retrieve_study_metadata(study)
     assert len(metadata) == 3 and all(m["00100020"]["Value"] == [f"SO-{case_id}"] for m in metadata)
     assert len(client.retrieve_study(study)) == 3

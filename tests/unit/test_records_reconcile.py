@@ -5,6 +5,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from services.common.dicom_identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from services.records.classify import PatientIdentity
 from services.records.reconcile import coerced_chunks, differences, our_identifiers
 from tests.dicom_factory import make_us_instance
@@ -78,6 +79,39 @@ def test_coercion_keeps_originals_and_copies_pixels_untouched(tmp_path: Path) ->
     assert (item.ModifyingSystem, item.AttributeModificationDateTime) == ("SECONDOPINION", "20261128040000")
     kept = item.ModifiedAttributesSequence[0]
     assert (kept.PatientID, kept.AccessionNumber, kept.IssuerOfPatientID) == ("MRN1", "OLD1", "")
+
+
+def test_the_copy_handed_out_names_us_as_its_writer_in_its_file_meta(tmp_path: Path) -> None:
+    # PS3.10 7.1: the Implementation Class UID and Source AE Title name who wrote the file's content; the copy we
+    # hand out has our identifiers in it, so the modality's would name a writer that never wrote these bytes.
+    source = tmp_path / "a.dcm"
+    make_us_instance(source, study_uid="1.2.3", series_uid="1.2.3.1", frames=2)
+    original = pydicom.dcmread(source)
+    original.file_meta.ImplementationClassUID = pydicom.uid.UID("1.2.826.0.1.3680043.9.9999")
+    original.file_meta.ImplementationVersionName = "MODALITY_7"
+    original.file_meta.SourceApplicationEntityTitle = "US_ROOM_3"
+    original.file_meta.SendingApplicationEntityTitle = "FACILITY_PACS"
+    original.file_meta.ReceivingApplicationEntityTitle = "MEDIA_READER"
+    original.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.9.9999.1"
+    original.file_meta.PrivateInformation = b"vendor"
+    original.save_as(source, enforce_file_format=True)
+    at = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
+    meta = pydicom.dcmread(io.BytesIO(b"".join(coerced_chunks(source, {"PatientID": "SO-x"}, at)))).file_meta
+    assert (meta.ImplementationClassUID, meta.ImplementationVersionName) == (
+        IMPLEMENTATION_CLASS_UID,
+        IMPLEMENTATION_VERSION_NAME,
+    )
+    assert meta.SourceApplicationEntityTitle == "SECONDOPINION"
+    assert "SendingApplicationEntityTitle" not in meta and "ReceivingApplicationEntityTitle" not in meta
+    # What identifies the instance and its encoding, and the creator's private information, are kept.
+    assert (meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (
+        original.SOPInstanceUID,
+        original.file_meta.TransferSyntaxUID,
+    )
+    assert (meta.PrivateInformationCreatorUID, meta.PrivateInformation) == (
+        "1.2.826.0.1.3680043.9.9999.1",
+        b"vendor",
+    )
 
 
 def test_an_implicit_vr_instance_is_handed_out_as_explicit_vr_little_endian(tmp_path: Path) -> None:
