@@ -22,9 +22,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from contracts import DeliverReport, new_event
+from services.auth.atna import NETWORK_CONFIGURATION, kind_of
+from services.auth.models import AuditEvent
 from services.common.config import Settings
 from services.intake import api, consumer, hl7_out, hl7_out_api
 from services.intake.hl7_out import Hl7Sender, check_endpoint
@@ -347,6 +349,11 @@ def test_plain_mllp_is_refused_outside_development_and_a_second_registration_is_
         headers={"Authorization": intruder["Authorization"]},
     )
     assert other.status_code == 404
+    with Session(engines[1]) as session:  # audited as a webhook endpoint's: an ATNA Security Alert
+        denied = session.exec(
+            select(AuditEvent).where(AuditEvent.resource == "hl7-endpoint", AuditEvent.outcome == "denied")
+        ).all()
+    assert denied and kind_of(denied[-1]).type_code == NETWORK_CONFIGURATION
 
 
 @pytest.mark.parametrize("trusted", [True, False])

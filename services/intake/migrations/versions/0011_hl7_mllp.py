@@ -83,6 +83,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("hl7_attempts")
-    op.drop_table("hl7_messages")
-    op.drop_table("hl7_endpoints")
+    # A downgrade that an earlier migration's refuses (SQLite keeps no DDL transaction) may run this twice.
+    inspector = sa.inspect(op.get_bind())
+    for table in ("hl7_attempts", "hl7_messages", "hl7_endpoints"):
+        if inspector.has_table(table):
+            op.drop_table(table)
