@@ -6,7 +6,9 @@
 - MSH-10 (the control id) is derived from the endpoint and the delivering command, so it is the same on every
   attempt and replay; a receiver dedupes on it. MSH-7 is when the row was queued.
 - `Hl7Sender` claims due rows with a lease (FOR UPDATE SKIP LOCKED, so replicas share the work), each
-  endpoint's in the order they were queued (a later version waits for the earlier one's retry), reads the
+  endpoint's in the order they were queued (a later version waits for the earlier one's retry), so at most one
+  of an endpoint's at a time, each sent on a lane of its own (up to LANES at once): an engine that never
+  answers holds its own lane until the timeout, not the other engines' messages. The sender reads the
   report from the review service as the case API links it (the FHIR DiagnosticReport for the conclusion and
   the interpreter, the signed PDF), builds the message (hl7_oru) and sends it over MLLP (python-hl7's asyncio
   client), to the address checked by the webhook sender's rules (webhooks_out.check_url: public addresses
@@ -32,6 +34,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -54,7 +57,8 @@ from services.intake.webhooks_out import MAX_ATTEMPTS, backoff, check_url
 log = structlog.get_logger(__name__)
 
 LEASE = timedelta(minutes=5)
-BATCH = 5  # messages claimed per pass: each costs up to a report read and an exchange, within the lease
+BATCH = 5  # messages claimed per pass of `run_once`: sent at the same time, each ends well within the lease
+LANES = 8  # messages (so endpoints: one of an endpoint's at a time) `run_forever` sends at the same time
 ACK_LIMIT = 64 * 1024  # bytes of an answer read for its ACK; a longer block is not an ACK
 ATTEMPTS = Counter("hl7_oru_attempts_total", "ORU^R01 sends by outcome", ["outcome"])
 
@@ -226,30 +230,38 @@ class Hl7Sender:
         self._wake.set()
 
     def run_forever(self, interval: float = 1.0) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                while self.run_once() >= BATCH and not self._stop.is_set():
-                    pass
-            except Exception as exc:
-                log.warning("hl7.dispatch_failed", error=type(exc).__name__)
-            self._wake.wait(interval)
+        """Each claimed message on a lane of its own: an ended lane wakes this loop, which claims for the free
+        lanes again, so one engine's timeout delays no other engine's message."""
+        running: set[Future[None]] = set()
+        with ThreadPoolExecutor(LANES, thread_name_prefix="hl7-lane") as lanes:
+            while not self._stop.is_set():
+                self._wake.clear()
+                running = {lane for lane in running if not lane.done()}
+                try:
+                    for item in self._claim(LANES - len(running)) if len(running) < LANES else []:
+                        lane = lanes.submit(self._send_and_record, item)
+                        lane.add_done_callback(lambda _: self._wake.set())
+                        running.add(lane)
+                except Exception as exc:
+                    log.warning("hl7.dispatch_failed", error=type(exc).__name__)
+                self._wake.wait(interval)
 
     def run_once(self, batch: int = BATCH) -> int:
-        """Claim up to `batch` due messages and send them one after the other, each recorded as it ends. A send
-        starts only if it ends, at worst, within the lease (a report read and an exchange): the rest is due
-        again at once. A crash before a record re-sends that message after the lease, with the same MSH-10."""
+        """Claim up to `batch` due messages (one per endpoint at most) and send them at the same time, each
+        recorded as it ends; returns once all have. A crash before a record re-sends that message after the
+        lease, with the same MSH-10."""
         claimed = self._claim(batch)
-        started = time.monotonic()
-        for n, item in enumerate(claimed):
-            if n and time.monotonic() - started + 3 * self.timeout > LEASE.total_seconds() * 0.75:
-                self._release([c.message.id for c in claimed[n:]])
-                break
-            if self._stop.is_set():
-                self._release([c.message.id for c in claimed[n:]])
-                break
-            self._record(self._send(item))
+        if claimed:
+            with ThreadPoolExecutor(len(claimed), thread_name_prefix="hl7-once") as lanes:
+                for lane in [lanes.submit(self._send_and_record, item) for item in claimed]:
+                    lane.result()
         return len(claimed)
+
+    def _send_and_record(self, claimed: Claimed) -> None:
+        try:
+            self._record(self._send(claimed))
+        except Exception as exc:  # not recorded: sent again after the lease, with the same MSH-10
+            log.warning("hl7.record_failed", message_id=claimed.message.id, error=type(exc).__name__)
 
     def _claim(self, batch: int) -> list[Claimed]:
         now = datetime.now(UTC)
@@ -281,15 +293,6 @@ class Hl7Sender:
             for i in ids
             if messages[i].case_id in cases
         ]
-
-    def _release(self, ids: list[str]) -> None:
-        now = datetime.now(UTC)
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(_MESSAGE)
-                .where(_MESSAGE.c.id.in_(ids), _MESSAGE.c.status == "pending")
-                .values(next_attempt_at=now)
-            )
 
     def _send(self, claimed: Claimed) -> Attempt:
         message, endpoint = claimed.message, claimed.endpoint

@@ -43,7 +43,8 @@ __all__ = ["review", "review_engine"]  # the review service over HTTP (its modul
 
 class Listener:
     """An interface engine's MLLP listener on loopback: answers each message as its script says ("AA", "AE",
-    "AR", "drop": close without an ACK, "foreign": an AA for another control id and nothing more)."""
+    "AR", "drop": close without an ACK, "silent": no answer, the connection left open, "foreign": an AA for
+    another control id and nothing more)."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.tls = tls
@@ -67,6 +68,8 @@ class Listener:
                 action = self.script.pop(0) if self.script else "AA"
                 if action == "drop":
                     return
+                if action == "silent":  # an engine that takes the message and never answers
+                    continue
                 if action == "foreign":
                     ours = str(message.segment("MSH")[10])
                     writer.writemessage(
@@ -131,14 +134,19 @@ def report(review_engine: Engine, settings: Settings, review: str) -> dict[str, 
 
 
 def registered(
-    client: TestClient, engines: tuple[Engine, Engine], listener: Listener, **fields: Any
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    listener: Listener,
+    *,
+    keep_others: bool = False,
+    **fields: Any,
 ) -> tuple[dict[str, str], str, str]:
     """A partner with an MLLP endpoint at `listener` and a case: (partner, endpoint id, case id). Earlier
-    tests' endpoints are disabled: their listeners are gone, and a port may be taken again."""
+    tests' endpoints are disabled unless `keep_others`: their listeners are gone, and a port may be taken again."""
     with Session(engines[0]) as session:
         session.execute(
             update(Hl7Endpoint)
-            .where(col(Hl7Endpoint.disabled_at).is_(None))
+            .where(col(Hl7Endpoint.disabled_at).is_(None), not keep_others)
             .values(disabled_at=datetime.now(UTC))
         )
         session.commit()
@@ -269,6 +277,46 @@ def test_an_ack_for_another_control_id_is_not_taken_for_ours(
     assert "another control id" in message["history"][0]["error"]
     send_until(sender, lambda: len(listener.received) == 2)  # retried, and this time acknowledged
     assert listener.control_ids()[0] == listener.control_ids()[1]
+
+
+def test_an_engine_that_never_answers_holds_its_own_lane_not_the_other_engines_messages(
+    client: TestClient, engines: tuple[Engine, Engine], settings: Settings, report: dict[str, str]
+) -> None:
+    """One hospital's engine takes the message and never acknowledges it: the sender waits for its ACK until
+    the timeout, and meanwhile another hospital's report goes out to its engine at once."""
+    silent, healthy = Listener(), Listener()
+    silent.script = ["silent"]
+    key = operations_headers(settings)["Authorization"].removeprefix("Bearer ")
+    sender = Hl7Sender(engine=engines[0], env="dev", report_key=key, timeout=8.0)
+    running = threading.Thread(target=sender.run_forever, kwargs={"interval": 0.05}, daemon=True)
+    try:
+        _, _, stuck_case = registered(client, engines, silent)
+        _, _, other_case = registered(client, engines, healthy, keep_others=True)
+        deliver(engines[0], stuck_case, report, f"wf:{stuck_case}:deliver-1")
+        deliver(engines[0], other_case, report, f"wf:{other_case}:deliver-1")
+        running.start()
+        deadline = time.monotonic() + 5  # well within the silent engine's 8 s
+        while not healthy.received:
+            assert time.monotonic() < deadline, (
+                "the other engine's message waited for the silent engine's ACK"
+            )
+            time.sleep(0.05)
+        assert len(silent.received) == 1  # sent first, and still waiting for its ACK
+        with Session(engines[0]) as session:
+            stuck = session.exec(select(Hl7Message).where(Hl7Message.case_id == stuck_case)).one()
+            assert stuck.attempts == 0 and stuck.status == "pending"
+        sender.stop()
+        running.join(timeout=20)
+        with Session(engines[0]) as session:
+            other = session.exec(select(Hl7Message).where(Hl7Message.case_id == other_case)).one()
+            stuck = session.exec(select(Hl7Message).where(Hl7Message.case_id == stuck_case)).one()
+        assert other.status == "delivered"
+        assert (stuck.status, stuck.attempts, stuck.last_ack_code) == ("pending", 1, None)
+        assert "no ACK" in (stuck.last_error or "")
+    finally:
+        sender.stop()
+        silent.close()
+        healthy.close()
 
 
 def test_a_sender_that_dies_after_claiming_still_delivers_through_another(
