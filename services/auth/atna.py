@@ -79,7 +79,11 @@ APPLICATION_SERVER = Code("4", "DCM", "Application Server Process or Thread")
 ACTIONS = {"create": "C", "post": "C", "read": "R", "get": "R", "update": "U", "put": "U", "patch": "U"}
 ACTIONS |= {"delete": "D", "write": "U", "list": "E", "export": "R"}
 OUTCOMES = {"success": "0", "denied": "4", "failed": "8"}
-SECURITY_RESOURCES = {"webhook-endpoint": NETWORK_CONFIGURATION, "partner": USER_SECURITY_CHANGED}
+SECURITY_RESOURCES = {
+    "webhook-endpoint": NETWORK_CONFIGURATION,
+    "hl7-endpoint": NETWORK_CONFIGURATION,
+    "partner": USER_SECURITY_CHANGED,
+}
 REVIEWER_ACCESS = "case.reviewer_access"
 ACT_REASON = "2.16.840.1.113883.5.8"  # HL7 v3 ActReason: the entry's purpose of use
 PURPOSES = {"TREAT": "treatment", "HOPERAT": "healthcare operations", "HPAYMT": "healthcare payment"}

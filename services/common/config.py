@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     webhook_endpoints_per_partner: int = Field(default=10, ge=1)
     # FHIR Subscriptions a partner may have on (not off) at once; one more is refused with 409.
     fhir_subscriptions_per_partner: int = Field(default=10, ge=1)
+    # HL7 v2 (ORU^R01 over MLLP): an operations API key intake's sender reads each report with from the review
+    # service (its DiagnosticReport and signed PDF, at the URLs the case API links). Unset, each attempt to send to a
+    # partner's MLLP endpoint fails saying so, and is retried on the webhook schedule.
+    intake_report_key: SecretStr | None = None
 
     # Records: a file larger than this is refused before it is stored.
     max_upload_bytes: int = 512 * 1024 * 1024

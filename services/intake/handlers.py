@@ -19,7 +19,7 @@ from services.common.amqp import EVENTS, enqueue
 from services.common.config import Settings
 from services.common.errors import PoisonMessage
 from services.common.temporal import CASE_DUE_AT, CASE_STATUS, CASE_URGENCY, PARTNER_ID, SUBSPECIALTY
-from services.intake import webhooks_out
+from services.intake import hl7_out, webhooks_out
 from services.intake.models import Case, CaseCreate, CaseTimelineEntry, ReportAmended
 from services.intake.order_reference import ReferenceSearch
 from services.intake.triage import triage
@@ -277,6 +277,7 @@ def deliver_report(event: CloudEvent, cmd: DeliverReport, session: Session) -> N
         # Intake stores a case before its workflow starts: a report for a case it lacks never will be.
         raise PoisonMessage(f"report.deliver names case {cmd.case_id}, which intake does not have")
     now = datetime.now(UTC)
+    amended: ReportAmended | None = None
     if case.delivered_at is None:
         case.report_pdf_url = cmd.pdf_url
         case.report_fhir_url = cmd.fhir_url
@@ -292,6 +293,16 @@ def deliver_report(event: CloudEvent, cmd: DeliverReport, session: Session) -> N
         webhooks_out.fan_out(
             session, new_event(id=f"{event.id}>report.amended", source=SOURCE, subject=case.id, data=amended)
         )
+    # The partner's HL7 interface engines get the report as an ORU^R01: F first, C for each later version.
+    hl7_out.queue(
+        session,
+        case,
+        event.id,
+        report_id=cmd.report_id,
+        pdf_url=cmd.pdf_url,
+        fhir_url=cmd.fhir_url,
+        amended=amended is not None,
+    )
     referring = CaseCreate.model_validate_json(case.request_json).referring
     enqueue(
         session,

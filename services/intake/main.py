@@ -1,5 +1,5 @@
 """The intake process: case, FHIR, partner and webhook APIs, its consumer, the outbox relay, the
-workflow-start reconciler and the outbound webhook sender."""
+workflow-start reconciler, the outbound webhook sender and the HL7 v2 (MLLP) sender."""
 
 from __future__ import annotations
 
@@ -27,13 +27,15 @@ from services.intake import (
     fhir_api,
     fhir_subscriptions,
     handlers,
+    hl7_out,
+    hl7_out_api,
     idempotency,
     webhooks_in,
     webhooks_out,
     webhooks_out_api,
 )
 from services.intake.fhir_service_request import fhir_base
-from services.intake.models import WebhookDelivery
+from services.intake.models import Hl7Message, WebhookDelivery
 
 log = structlog.get_logger(__name__)
 
@@ -88,11 +90,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.on_commit(dispatcher.wake, wrote=WebhookDelivery)
         sender = threading.Thread(target=dispatcher.run_forever, name="intake-webhooks", daemon=True)
         sender.start()
+        key = settings.intake_report_key
+        hl7_sender = hl7_out.Hl7Sender(
+            engine=get_engine("intake"), env=settings.env, report_key=key.get_secret_value() if key else None
+        )
+        runtime.on_commit(hl7_sender.wake, wrote=Hl7Message)
+        mllp = threading.Thread(target=hl7_sender.run_forever, name="intake-hl7", daemon=True)
+        mllp.start()
         try:
             yield
         finally:
             dispatcher.stop()
+            hl7_sender.stop()
             sender.join(timeout=15)
+            mllp.join(timeout=15)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -106,6 +117,7 @@ app = create_app(
         webhooks_in.router,
         partners_api.router,
         webhooks_out_api.router,
+        hl7_out_api.router,
         smart_api.token_router,
         smart_api.clients_router,
     ],

@@ -26,6 +26,9 @@ TABLES = (
     "webhook_deliveries",
     "webhook_attempts",
     "fhir_subscriptions",
+    "hl7_endpoints",
+    "hl7_messages",
+    "hl7_attempts",
 )
 
 
@@ -435,3 +438,128 @@ class DeliveryPublic(BaseModel):
     delivered_at: datetime | None
     created_at: datetime
     history: list[AttemptPublic]
+
+
+class Hl7Endpoint(SQLModel, table=True):
+    """A partner's HL7 v2 interface engine (Mirth, Rhapsody, Cloverleaf) listening for ORU^R01 over MLLP:
+    the integrated report is sent to it on delivery and on each later version (services.intake.hl7_out)."""
+
+    __tablename__ = "hl7_endpoints"
+
+    id: str = Field(primary_key=True, max_length=36)
+    partner_id: str = Field(index=True, max_length=64)
+    host: str = Field(max_length=253)
+    port: int
+    tls: bool = True
+    receiving_application: str = Field(max_length=180)  # MSH-5 (HD), as the engine expects it
+    receiving_facility: str = Field(max_length=180)  # MSH-6 (HD)
+    assigning_authority: str = Field(default="", max_length=180)  # PID-3.4; empty: MSH-6's
+    description: str = Field(default="", max_length=200)
+    disabled_at: datetime | None = None
+    disabled_reason: str = Field(default="", max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Hl7Message(SQLModel, table=True):
+    """One ORU^R01 for one endpoint, written in the transaction that delivers the report (the outbox row).
+    `id` is MSH-10, the message control id: the same on every attempt and replay."""
+
+    __tablename__ = "hl7_messages"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "source_event_id", name="uq_hl7_message_per_event"),
+        Index("ix_hl7_messages_endpoint_created", "endpoint_id", "created_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=20)
+    endpoint_id: str = Field(index=True, foreign_key="hl7_endpoints.id", max_length=36)
+    source_event_id: str = Field(max_length=300)
+    case_id: str = Field(index=True, max_length=36)
+    report_id: str = Field(max_length=64)
+    result_status: str = Field(max_length=1)  # OBR-25 / OBX-11: F the first final, C a later version
+    pdf_url: str = Field(max_length=2000)
+    fhir_url: str = Field(max_length=2000)
+    status: str = Field(default="pending", index=True, max_length=20)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, index=True)
+    last_ack_code: str | None = Field(default=None, max_length=2)
+    last_error: str = Field(default="", max_length=300)
+    delivered_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Hl7Attempt(SQLModel, table=True):
+    __tablename__ = "hl7_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: str = Field(index=True, foreign_key="hl7_messages.id", max_length=20)
+    at: datetime = Field(default_factory=utcnow)
+    ack_code: str | None = Field(default=None, max_length=2)  # MSA-1 of our ACK; None: none came
+    error: str = Field(default="", max_length=300)
+    duration_ms: int = 0
+
+
+HD_RULE = r"^[^|^~\\&\r\n]{1,180}$"  # an HD value: no HL7 delimiter, no line break
+
+
+class Hl7EndpointCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "host": "mllp.bayview.example",
+                    "port": 6661,
+                    "tls": True,
+                    "receiving_application": "RIS",
+                    "receiving_facility": "BAYVIEW",
+                    "assigning_authority": "BAYVIEW_MRN",
+                    "description": "Mirth, production channel",
+                }
+            ]
+        },
+    )
+
+    host: str = PField(min_length=1, max_length=253, description="a DNS name or an IP address (no scheme)")
+    port: int = PField(ge=1, le=65535, description="the MLLP listener's TCP port")
+    tls: bool = PField(default=True, description="MLLP over TLS (required outside development)")
+    receiving_application: str = PField(pattern=HD_RULE, description="MSH-5, as your engine expects it")
+    receiving_facility: str = PField(pattern=HD_RULE, description="MSH-6, as your engine expects it")
+    assigning_authority: str | None = PField(
+        default=None, pattern=HD_RULE, description="PID-3.4 of your MRNs; default: receiving_facility"
+    )
+    description: str = PField(default="", max_length=200)
+
+
+class Hl7EndpointPublic(BaseModel):
+    endpoint_id: str
+    partner_id: str
+    host: str
+    port: int
+    tls: bool
+    receiving_application: str
+    receiving_facility: str
+    assigning_authority: str
+    description: str
+    enabled: bool
+    disabled_reason: str
+    created_at: datetime
+
+
+class Hl7AttemptPublic(BaseModel):
+    at: datetime
+    ack_code: str | None = PField(description="MSA-1 of the ACK to this message; null: no ACK came")
+    error: str
+    duration_ms: int
+
+
+class Hl7MessagePublic(BaseModel):
+    control_id: str = PField(description="MSH-10, the same on every attempt")
+    case_id: str
+    result_status: str = PField(description="OBR-25: F (the first final) or C (a later version)")
+    status: str = PField(description="pending, delivered or failed")
+    attempts: int
+    next_attempt_at: datetime | None
+    last_ack_code: str | None
+    delivered_at: datetime | None
+    created_at: datetime
+    history: list[Hl7AttemptPublic]
