@@ -1,13 +1,15 @@
 """Video clips rendered as MP4 (PS3.18 8.7.4, Table 8.7.4-1 "Video": video/mp4): an instance whose Pixel Data
 is an MPEG-2, MPEG-4 AVC/H.264 or HEVC/H.265 bitstream (PS3.5 8.2.5 to 8.2.8, transfer syntaxes
-1.2.840.10008.1.2.4.100 to .108) is *remuxed* into an MP4 a browser's <video> element plays: the stored
-bitstream is copied into the container, never re-encoded (same quality, little CPU).
+1.2.840.10008.1.2.4.100 to .108) is *remuxed* into an MP4: the stored bitstream is copied into the container,
+never re-encoded (same quality, little CPU). H.264 and HEVC play so in a browser's <video>; MPEG-2 in an MP4
+plays in players only, so a browser is given a WebM of it (webm.py, which re-encodes through this module's
+`Bitstream` and cache).
 
 PyAV (FFmpeg's libavformat) does the muxing; no ffmpeg program is run. The bitstream is read from the stored
 file fragment by fragment as the demuxer asks, and the MP4 is written to a file in a local cache
-(`RECORDS_RENDER_VIDEO_CACHE_*`, keyed by the stored file's SHA-256, so by instance and transfer syntax), with
-its index (`moov`) first ("faststart") so that playback starts before the whole clip has arrived; the file is
-served with HTTP Range support (a <video> element seeks with Range requests).
+(`RECORDS_RENDER_VIDEO_CACHE_*`, keyed by the stored file's SHA-256, the format version and the media type; the
+WebMs are kept there too), with its index (`moov`) first ("faststart") so that playback starts before the whole
+clip has arrived; the file is served with HTTP Range support (a <video> element seeks with Range requests).
 
 An elementary stream carries no timestamps: each frame is timed by the bitstream's own frame rate (H.264/HEVC
 VUI timing, the MPEG-2 sequence header) or, when it has none, by the instance's (Cine Rate, Frame Time,
