@@ -7,6 +7,10 @@ compared with what the stored stream decodes to or what `.../frames/{n}/rendered
 from __future__ import annotations
 
 import io
+import json
+import re
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -381,3 +385,62 @@ def test_concurrent_requests_for_one_new_webm_encode_it_once(
     for thread in threads:
         thread.join()
     assert len(encodes) == 1 and len(answers) == 3 and len(set(answers)) == 1
+
+
+BROWSER_PAGE = """<!doctype html><html><body><pre id="out">{{}}</pre>
+<video id="webm" muted autoplay playsinline src="{webm}"></video>
+<video id="mp4" muted autoplay playsinline src="{mp4}"></video>
+<script>
+const out = document.getElementById("out"), seen = {{}};
+for (const v of document.querySelectorAll("video")) {{
+  const note = (state) => {{ seen[v.id] = state; out.textContent = JSON.stringify(seen); }};
+  v.addEventListener("error", () => note({{error: v.error && v.error.code}}));
+  v.addEventListener("timeupdate", () => note({{width: v.videoWidth, height: v.videoHeight, time: v.currentTime,
+                                               duration: v.duration}}));
+}}
+</script></body></html>"""
+
+
+def test_a_browser_plays_the_webm_of_an_mpeg2_clip_from_a_signed_link_and_not_its_mp4(
+    engine: Engine,  # noqa: F811
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """Headless Chromium loads the clip's default rendering (its signed `rendered` link, as a page puts in a
+    <video src>) and plays it: a picture of the clip's size, time advancing; the MPEG-2 MP4 it refuses, which is
+    why WebM is the MPEG-2 default."""
+    from tests.integration.test_records_signed_links import mint, owned_case
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is missing: apt-get install chromium (.ci/run installs it)")
+    frames, rate, width, height = 50, 25, 160, 120
+    study = new_study()
+    clip = mpeg2_instance(study, mpeg2_stream(frames, rate, width, height), frames, width, height)
+    case_id, key = owned_case(engine, settings, clip)
+    links = mint(case_id, clip, key).json()
+    page = tmp_path / "player.html"
+    page.write_text(BROWSER_PAGE.format(webm=links["rendered"], mp4=links["mp4"]))
+    run = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",  # as root in CI containers
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--autoplay-policy=no-user-gesture-required",
+            "--virtual-time-budget=8000",  # page time: the 2 s clip plays through without waiting 2 s
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    found = re.search(r'<pre id="out">(.*?)</pre>', run.stdout, re.S)
+    assert found, run.stderr[-2000:]
+    seen = json.loads(found.group(1))
+    played = seen.get("webm", {})
+    assert (played.get("width"), played.get("height")) == (width, height), seen
+    assert played["time"] > 0.5 and abs(played["duration"] - frames / rate) < 0.1, seen
+    assert seen.get("mp4") == {"error": 4}, seen  # MEDIA_ERR_SRC_NOT_SUPPORTED: MPEG-2 in an MP4
