@@ -38,7 +38,16 @@ import structlog
 from pydicom.dataset import Dataset
 
 from services.records.rendering import NotRendered, Rendering, RenderLimits, Source, display_frame
-from services.records.video import WEBM, Bitstream, Clip, _pyav, frame_rate, rendered_file
+from services.records.video import (
+    DEMUXERS,
+    WEBM,
+    Bitstream,
+    Clip,
+    _pyav,
+    _unreadable,
+    frame_rate,
+    rendered_file,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -153,8 +162,6 @@ def encoding_slot(limits: RenderLimits) -> Iterator[None]:
 def _encode_clip(c: Clip, out_path: Path, limits: RenderLimits) -> int:
     """Each picture of the clip, in the order shown, re-encoded; timed by the bitstream's own rate (else the
     instance's), one picture after the other as the remuxed MP4 times them."""
-    from services.records.video import DEMUXERS, _unreadable
-
     av = _pyav()
     with encoding_slot(limits):
         try:
@@ -249,7 +256,6 @@ def _even(picture: Any, width: int, height: int) -> Any:
     import av
 
     if (picture.width, picture.height) == (width, height):
-        picture.pts = None
         return picture
     rgb = picture.to_ndarray(format="rgb24")
     padded = np.zeros((height, width, 3), np.uint8)
