@@ -580,7 +580,9 @@ def _dicomweb() -> list[str]:
         + ", ".join(f"`{t}`" for t in video_types)
         + ".",
         f"- Rendered and thumbnail: {', '.join(f'`{t}`' for t in rendering.RENDERED_TYPES)} (the first the "
-        f"default); a video as `{video.MP4}`.",
+        f"default); an instance of several frames also as `{video.WEBM}` (VP9, each frame rendered); a video "
+        f"clip as `{video.MP4}` (remuxed; the default for H.264 and HEVC) or `{video.WEBM}` (re-encoded as VP9; "
+        "the default for MPEG-2).",
         f"- WADO-URI: `{wado_uri.DICOM}`, or rendered as above.",
         "",
     ]

@@ -1,6 +1,6 @@
 """Signed links to one instance (services.auth.signed_links): `POST …/instances/{sop}/links` with a key that may
-read the instance answers short-lived URLs of its rendered image, thumbnail, frames, MP4 (a video clip) and
-WADO-URI forms, each usable without an `Authorization` header (a browser `<img>` / `<video>`, an EHR link) and
+read the instance answers short-lived URLs of its rendered image, thumbnail, frames, MP4 (a video clip), WebM
+(a video clip or a cine stored as frames) and WADO-URI forms, each usable without an `Authorization` header (a browser `<img>` / `<video>`, an EHR link) and
 served as that key's own request would be. The route is on `dicomweb.router`: the case scope and audit of the
 key apply (another partner's case is a 404).
 """
@@ -29,11 +29,11 @@ from services.records.rendering import (
     parse_window,
 )
 from services.records.store import ObjectStore
-from services.records.video import MP4
+from services.records.video import MP4, WEBM
 
 router: APIRouter = APIRouter(route_class=AuthRoute)
 LinkSettingsDep = Annotated[SignedLinkSettings, Depends(get_link_settings)]
-WADO_CONTENT_TYPES = ("application/dicom", *RENDERED_TYPES, MP4)
+WADO_CONTENT_TYPES = ("application/dicom", *RENDERED_TYPES, MP4, WEBM)
 
 
 class LinkRequest(BaseModel):
@@ -58,7 +58,7 @@ class LinkRequest(BaseModel):
     wado_content_type: str | None = Field(
         default=None,
         description="contentType of the WADO-URI link: application/dicom, image/jpeg, image/png, image/gif or "
-        "video/mp4; left out, the server decides (an image renders as JPEG)",
+        "video/mp4 or video/webm; left out, the server decides (an image renders as JPEG)",
     )
 
 
@@ -72,6 +72,11 @@ class SignedLinks(BaseModel):
     thumbnail: str
     frames: str | None = Field(description="WADO-RS frames (multipart, every frame); null without pixel data")
     mp4: str | None = Field(description="the clip as video/mp4 (Range requests answered); null if no clip")
+    webm: str | None = Field(
+        default=None,
+        description="a video clip, or a cine stored as frames, as video/webm (VP9, Range requests answered); "
+        "null for a single image or no image",
+    )
     wado_uri: str
 
 
@@ -138,6 +143,7 @@ def issue_links(
         if "Rows" in header
         else None,
         mp4=link(f"{instance}/rendered", {"accept": MP4}) if video else None,
+        webm=link(f"{instance}/rendered", {"accept": WEBM}) if video or count > 1 else None,
         wado_uri=link("/dicomweb/wado", wado),
     )
 

@@ -1,6 +1,7 @@
 """Rendered resources and thumbnails of WADO-RS (PS3.18 10.4.1.1.3, 10.4.1.1.5: `.../rendered`,
 `.../thumbnail` on a study, series, instance or frames), for web viewers, EHR image links and reporting tools
-that show a JPEG, PNG or GIF instead of decoding DICOM, and a video clip as an MP4 a browser plays (video.py).
+that show a JPEG, PNG or GIF instead of decoding DICOM, and video a browser plays: a video clip as an MP4
+(remuxed, video.py) or a WebM (VP9, re-encoded: webm.py), a cine stored as frames as a WebM.
 Same key, case scope, audit and image rate bucket as the frames they are drawn from (the routes live on
 `dicomweb.router`); a HEAD renders nothing.
 """
@@ -8,7 +9,8 @@ Same key, case scope, audit and image rate bucket as the frames they are drawn f
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
@@ -40,7 +42,8 @@ from services.records.rendering import (
     text_free_box,
 )
 from services.records.store import ObjectStore
-from services.records.video import MP4, VIDEO_RENDERED_TYPES, Clip, cached, clip, mp4
+from services.records.video import MP4, VIDEO_RENDERED_TYPES, WEBM, Clip, cached, clip, mp4
+from services.records.webm import MPEG2_SYNTAXES, check_cine, check_clip, webm_of_cine, webm_of_clip
 
 router: APIRouter = APIRouter(route_class=AuthRoute)
 RenderLimitsDep = Annotated[RenderLimits, Depends(get_render_limits)]
@@ -53,11 +56,15 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     },
     404: {"description": "nothing released in this case has these UIDs, or the instance has no such frame"},
     406: {
-        "description": "not rendered: a media type other than image/jpeg, image/png or image/gif (video/mp4 "
-        "for a video clip), an instance that is no image (a report), a video clip asked for as an image, pixel "
-        "data or a bitstream no decoder here reads"
+        "description": "not rendered: a media type other than image/jpeg, image/png or image/gif (an "
+        "instance: video/webm for a video clip or a cine stored as frames, video/mp4 for a video clip), an "
+        "instance that is no image (a report), a video clip asked for as an image, a single image asked for as "
+        "video, pixel data or a bitstream no decoder here reads"
     },
-    413: {"description": "a frame, a viewport or an animation over the rendering limits (RECORDS_RENDER_*)"},
+    413: {
+        "description": "a frame, a viewport, an animation or a video to encode over the rendering limits "
+        "(RECORDS_RENDER_*)"
+    },
 }
 RENDERED: dict[int | str, dict[str, Any]] = {
     200: {
@@ -70,17 +77,21 @@ RENDERED: dict[int | str, dict[str, Any]] = {
 INSTANCE_RENDERED: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the image rendered (PS3.18 8.7.4): JPEG by default; a multi-frame instance as image/gif "
-        "is animated with its frame timing, as image/jpeg or image/png it is its first frame. A video clip "
-        "(MPEG-2, H.264, HEVC) is video/mp4 (its default): its bitstream remuxed, not re-encoded, index first",
-        "content": {JPEG: IMAGE, "image/png": IMAGE, GIF: IMAGE, MP4: IMAGE},
+        "is animated with its frame timing, as image/jpeg or image/png it is its first frame, as video/webm "
+        "(asked for: video/webm or video/*) each frame rendered as .../frames/{n}/rendered renders it, encoded "
+        "as VP9 with its frame timing. A video clip is video/mp4 (its bitstream remuxed, not re-encoded, index "
+        "first: the default for H.264 and HEVC) or video/webm (decoded and re-encoded as VP9: the default for "
+        "MPEG-2, which no browser plays from an MP4)",
+        "content": {JPEG: IMAGE, "image/png": IMAGE, GIF: IMAGE, MP4: IMAGE, WEBM: IMAGE},
     },
     206: {
-        "description": "a video clip's byte range (the Range header), as a <video> element seeks",
-        "content": {MP4: IMAGE},
+        "description": "a video's byte range (the Range header), as a <video> element seeks",
+        "content": {MP4: IMAGE, WEBM: IMAGE},
     },
-    416: {"description": "a Range past the end of the video clip"},
+    416: {"description": "a Range past the end of the video"},
     503: {
-        "description": "no room in the video cache to render the clip now (RECORDS_RENDER_VIDEO_CACHE_DIR)"
+        "description": "no room in the video cache to render the video now (RECORDS_RENDER_VIDEO_CACHE_DIR), "
+        "or every video encoder busy (RECORDS_RENDER_VIDEO_ENCODES): Retry-After says when to ask again"
     },
     **REFUSALS,
 }
@@ -103,11 +114,12 @@ THUMBNAIL: dict[int | str, dict[str, Any]] = {
 }
 
 
-def rendered_type(request: Request, multipart: bool = False) -> str:
+def rendered_type(request: Request, multipart: bool = False, cine: bool = False) -> str:
     """The Rendered Media Type asked for: the `accept` query parameter or the Accept header, its media ranges
     by q, then order (PS3.18 8.3.3.1, 8.7.5); `*/*` and `image/*` are JPEG. A study or series may be asked
-    for as `multipart/related; type="image/png"` too. No range fits: 406, naming those served (a request for
-    video/mp4 is told that an uncompressed cine animates as image/gif: it is not encoded as video here)."""
+    for as `multipart/related; type="image/png"` too; an instance (`cine`) as video/webm (or video/*). No
+    range fits: 406, naming those served (a request for video/mp4 is told that a cine stored as frames plays
+    as video/webm or animates as image/gif: only a video clip is remuxed into an MP4)."""
     ranges = media_ranges(request.query_params.get("accept") or request.headers.get("accept"))
     for kind, params in ranges:
         if multipart and kind in ("multipart/related", "multipart/*"):
@@ -116,69 +128,107 @@ def rendered_type(request: Request, multipart: bool = False) -> str:
             return JPEG
         if kind in RENDERED_TYPES:
             return kind
+        if cine and kind in (WEBM, "video/*"):
+            return WEBM
     raise HTTPException(
         406,
         f"rendered images are served as {', '.join(RENDERED_TYPES)}"
         + (" (in multipart/related for a study or series)" if multipart else "")
         + "; see the Accept header"
         + (
-            "; video/mp4 is served for video clips (MPEG-2, H.264, HEVC) only: a cine stored as frames "
-            "animates as image/gif"
+            "; video/mp4 is served for video clips (MPEG-2, H.264, HEVC) only; a cine stored as frames plays as "
+            "video/webm (VP9: .../instances/{uid}/rendered with Accept: video/webm) or animates as image/gif"
             if any(kind.startswith("video/") for kind, _ in ranges)
             else ""
         ),
     )
 
 
-def video_type(request: Request) -> str:
-    """The media type a video clip is rendered as: video/mp4 when the `accept` query parameter or the Accept
-    header takes it (`*/*`, `video/*`, `video/mp4`), else a 406 saying what the clip renders as."""
+def video_type(request: Request, found: Clip) -> str:
+    """The media type a video clip is rendered as, from the `accept` query parameter or the Accept header:
+    video/mp4 or video/webm as asked; for `*/*` and `video/*` WebM for MPEG-2 (no browser plays MPEG-2 from an
+    MP4) and MP4 for H.264 and HEVC (remuxed: the stored pictures, little CPU). Else a 406 saying what the clip
+    renders as."""
+    default = WEBM if found.syntax in MPEG2_SYNTAXES else MP4
     for kind, _ in media_ranges(request.query_params.get("accept") or request.headers.get("accept")):
-        if kind in ("*/*", "video/*", *VIDEO_RENDERED_TYPES):
-            return MP4
+        if kind in ("*/*", "video/*"):
+            return default
+        if kind in VIDEO_RENDERED_TYPES:
+            return kind
     raise HTTPException(
         406,
-        "this instance is a video clip: it renders as video/mp4 (its bitstream in an MP4, not as an image); "
-        "ask with Accept: video/mp4, or retrieve its bitstream as stored from .../frames/1",
+        "this instance is a video clip: it renders as video/mp4 (its bitstream remuxed) or video/webm (VP9, "
+        "re-encoded), not as an image; ask with Accept: video/webm or video/mp4, or retrieve its bitstream as "
+        "stored from .../frames/1",
     )
 
 
 def video_answer(
-    request: Request, found: Clip, limits: RenderLimits, refused: dict[str, str | None]
+    request: Request, found: Clip, kind: str, limits: RenderLimits, refused: dict[str, str | None]
 ) -> Response:
-    """The clip as an MP4 file, with Range support (Starlette's FileResponse: 206 for one range, 416 past the
-    end). Parameters that change a picture (a viewport, a window) are a 400: the clip is not re-encoded. A
-    HEAD remuxes nothing (the length is known once the clip has been remuxed and cached)."""
+    """The clip as an MP4 (remuxed) or a WebM (re-encoded) file. Parameters that change a picture (a
+    viewport, a window) are a 400: a clip is rendered whole, at its own size."""
+    _refuse_image_parameters(refused)
+    if kind == MP4:
+        return _video_file(request, found.cache_key, MP4, limits, lambda: mp4(found, limits))
+    try:
+        check_clip(found, limits)
+    except NotRendered as exc:
+        raise HTTPException(exc.status, exc.detail, headers=exc.headers) from None
+    return _video_file(request, found.cache_key, WEBM, limits, lambda: webm_of_clip(found, limits))
+
+
+def cine_answer(
+    request: Request, src: Source, cache_key: str, limits: RenderLimits, refused: dict[str, str | None]
+) -> Response:
+    """A cine stored as frames as a WebM, its frames rendered as `.../frames/{n}/rendered` renders them."""
+    _refuse_image_parameters(refused)
+    try:
+        check_cine(src, limits)
+    except NotRendered as exc:
+        raise HTTPException(exc.status, exc.detail, headers=exc.headers) from None
+    return _video_file(request, cache_key, WEBM, limits, lambda: webm_of_cine(src, cache_key, limits))
+
+
+def _refuse_image_parameters(refused: dict[str, str | None]) -> None:
     given = [name for name, value in refused.items() if value is not None]
     if given:
         raise HTTPException(
             400,
-            f"{', '.join(given)} apply to images; a video clip is rendered as stored (not re-encoded): leave "
-            f"{'it' if len(given) == 1 else 'them'} out",
+            f"{', '.join(given)} apply to images; video is rendered whole, at its stored size and with its "
+            f"own VOI: leave {'it' if len(given) == 1 else 'them'} out",
         )
+
+
+def _video_file(
+    request: Request, cache_key: str, kind: str, limits: RenderLimits, make: Callable[[], FilePath]
+) -> Response:
+    """The video file with Range support (Starlette's FileResponse: 206 for one range, 416 past the end). A
+    HEAD makes nothing (the length is known once the video has been made and cached)."""
     try:
         if is_head(request):
-            ready = cached(found, limits)
+            ready = cached(cache_key, kind, limits)
             if ready is None:
-                response = Response(media_type=MP4, headers={"Accept-Ranges": "bytes"})
-                del response.headers["content-length"]  # not known before the clip is remuxed
+                response = Response(media_type=kind, headers={"Accept-Ranges": "bytes"})
+                del response.headers["content-length"]  # not known before the video is made
                 return response
-            return FileResponse(ready, media_type=MP4)
-        return FileResponse(mp4(found, limits), media_type=MP4)
+            return FileResponse(ready, media_type=kind)
+        return FileResponse(make(), media_type=kind)
     except NotRendered as exc:
-        raise HTTPException(exc.status, exc.detail) from None
+        raise HTTPException(exc.status, exc.detail, headers=exc.headers) from None
 
 
 def _rendering(
     request: Request,
     *,
     multipart: bool = False,
+    cine: bool = False,
     quality: str | None = None,
     viewport: str | None = None,
     window: str | None = None,
     annotation: str | None = None,
 ) -> Rendering:
-    media_type = rendered_type(request, multipart)
+    media_type = rendered_type(request, multipart, cine)
     try:
         refuse_annotation(annotation)
         return Rendering(
@@ -245,7 +295,8 @@ def retrieve_instance_rendered(
     annotation: Annotation = None,
     charset: Charset = None,
 ) -> Response:
-    """An image as JPEG (the default), PNG or GIF (a multi-frame one animated); a video clip as video/mp4."""
+    """An image as JPEG (the default), PNG or GIF (a multi-frame one animated), a cine stored as frames as
+    video/webm too; a video clip as video/mp4 or video/webm."""
     try:  # every parameter checked before anything is looked up
         refuse_annotation(annotation)
         parse_quality(quality), parse_viewport(viewport), parse_window(window)
@@ -256,10 +307,15 @@ def retrieve_instance_rendered(
     path = ObjectStore.for_settings(settings).local_path(row.storage_path, row.sha256)
     found = clip(path, row.sha256)
     if found is not None:
-        video_type(request)
-        return video_answer(request, found, limits, {"viewport": viewport, "window": window})
-    rendering = _rendering(request, quality=quality, viewport=viewport, window=window, annotation=annotation)
+        return video_answer(
+            request, found, video_type(request, found), limits, {"viewport": viewport, "window": window}
+        )
+    rendering = _rendering(
+        request, cine=True, quality=quality, viewport=viewport, window=window, annotation=annotation
+    )
     src = _source(path, limits)
+    if rendering.media_type == WEBM:
+        return cine_answer(request, src, row.sha256, limits, {"viewport": viewport, "window": window})
     numbers = list(range(1, src.frames + 1)) if rendering.media_type == GIF else [1]
     return _answer(src, numbers, rendering, limits, request)
 

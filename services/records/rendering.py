@@ -11,7 +11,8 @@ rendered is a `NotRendered` carrying the HTTP status and what to do instead:
     NotRendered
       + 400  a rendering parameter that does not parse (the detail names it and its form)
       + 406  nothing to render as an image (a report, a video clip, a transfer syntax with no decoder here)
-      + 413  a frame, a viewport or an animation over the limits
+      + 413  a frame, a viewport, an animation or a video to encode over the limits
+      + 503  no room in the video cache, or every video encoder busy (with Retry-After)
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ class RenderLimits(BaseSettings):
     max_animation_pixels: int = 64 * 1024**2  # frames x width x height of an animated GIF
     default_quality: int = 90
     thumbnail_size: int = 128  # a thumbnail fits in this square unless a viewport is given
-    # Video clips remuxed to MP4 (video.py) are kept on local disk, as long and as much as this allows.
+    # Video encoded as WebM (webm.py): frames x width x height of one clip or cine at most, and how many are
+    # encoded at a time in this process (a request waits this long for its turn, then is a 503).
+    max_video_pixels: int = 1024**3  # about 100 s of 720x576; 640x480x100 frames take ~1 s of a core
+    video_encodes: int = 1
+    video_encode_wait_seconds: float = 30
+    # Video clips remuxed to MP4 (video.py) and encoded as WebM are kept on local disk, as long and as much as
+    # this allows.
     video_cache_dir: str = ""  # default: {tempdir}/records-rendered-video
     video_cache_bytes: int = 512 * 1024**2  # the k8s base mounts /tmp as a 1 GiB emptyDir
     video_cache_seconds: int = 24 * 3600
@@ -84,10 +91,11 @@ def get_render_limits() -> RenderLimits:
 
 
 class NotRendered(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers  # Retry-After of a 503
 
 
 @dataclass(frozen=True)
@@ -223,8 +231,8 @@ def source(path: Path, limits: RenderLimits) -> Source:
     if syntax in VIDEO_SYNTAXES:
         raise NotRendered(
             406,
-            f"this instance is a video clip ({syntax.name}): it renders whole as video/mp4, not as an image; ask "
-            ".../instances/{uid}/rendered with Accept: video/mp4",
+            f"this instance is a video clip ({syntax.name}): it renders whole as video (video/webm or "
+            "video/mp4), not as an image; ask .../instances/{uid}/rendered with Accept: video/webm or video/mp4",
         )
     if not decodable(syntax):
         raise NotRendered(

@@ -1,13 +1,15 @@
 """Video clips rendered as MP4 (PS3.18 8.7.4, Table 8.7.4-1 "Video": video/mp4): an instance whose Pixel Data
 is an MPEG-2, MPEG-4 AVC/H.264 or HEVC/H.265 bitstream (PS3.5 8.2.5 to 8.2.8, transfer syntaxes
-1.2.840.10008.1.2.4.100 to .108) is *remuxed* into an MP4 a browser's <video> element plays: the stored
-bitstream is copied into the container, never re-encoded (same quality, little CPU).
+1.2.840.10008.1.2.4.100 to .108) is *remuxed* into an MP4: the stored bitstream is copied into the container,
+never re-encoded (same quality, little CPU). H.264 and HEVC play so in a browser's <video>; MPEG-2 in an MP4
+plays in players only, so a browser is given a WebM of it (webm.py, which re-encodes through this module's
+`Bitstream` and cache).
 
 PyAV (FFmpeg's libavformat) does the muxing; no ffmpeg program is run. The bitstream is read from the stored
 file fragment by fragment as the demuxer asks, and the MP4 is written to a file in a local cache
-(`RECORDS_RENDER_VIDEO_CACHE_*`, keyed by the stored file's SHA-256, so by instance and transfer syntax), with
-its index (`moov`) first ("faststart") so that playback starts before the whole clip has arrived; the file is
-served with HTTP Range support (a <video> element seeks with Range requests).
+(`RECORDS_RENDER_VIDEO_CACHE_*`, keyed by the stored file's SHA-256, the format version and the media type; the
+WebMs are kept there too), with its index (`moov`) first ("faststart") so that playback starts before the whole
+clip has arrived; the file is served with HTTP Range support (a <video> element seeks with Range requests).
 
 An elementary stream carries no timestamps: each frame is timed by the bitstream's own frame rate (H.264/HEVC
 VUI timing, the MPEG-2 sequence header) or, when it has none, by the instance's (Cine Rate, Frame Time,
@@ -26,7 +28,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -41,8 +43,8 @@ from services.records.rendering import VIDEO_SYNTAXES, NotRendered, RenderLimits
 
 log = structlog.get_logger(__name__)
 
-MP4 = "video/mp4"
-VIDEO_RENDERED_TYPES = (MP4,)
+MP4, WEBM = "video/mp4", "video/webm"
+VIDEO_RENDERED_TYPES = (MP4, WEBM)
 # The FFmpeg demuxer of each bitstream: H.264 and HEVC are Annex B byte streams; MPEG-2 may be an elementary or
 # a program stream, which FFmpeg tells apart by probing.
 DEMUXERS: dict[str, str | None] = {
@@ -54,7 +56,8 @@ UNTIMED = {"h264", "hevc", "mpegvideo"}  # elementary streams: packets come with
 PIXEL_DATA = b"\xe0\x7f\x10\x00"
 ITEM, SEQUENCE_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000) and (FFFE,E0DD) read as little-endian words
 CHUNK = 1 << 20
-FORMAT_VERSION = 1  # in the cache's file names: a change to how clips are remuxed makes older files unused
+# In the cache's file names: a change to how clips are remuxed (MP4) or encoded (WebM) makes older files unused.
+FORMAT_VERSIONS = {MP4: 1, WEBM: 1}
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def frame_rate(stream_rate: Fraction | None, header: Dataset) -> Fraction:
     return Fraction(25)
 
 
-# --- the cache of remuxed clips ------------------------------------------------------------------
+# --- the cache of rendered clips (MP4 remuxed, WebM encoded) ------------------------------------------------------------------
 
 
 def cache_dir(limits: RenderLimits) -> Path:
@@ -146,9 +149,18 @@ def cache_dir(limits: RenderLimits) -> Path:
     return where
 
 
-def cached(c: Clip, limits: RenderLimits) -> Path | None:
-    """The clip's MP4 if it was remuxed already."""
-    path = cache_dir(limits) / f"{c.cache_key}-{FORMAT_VERSION}.mp4"
+SUFFIXES = {MP4: ".mp4", WEBM: ".webm"}
+
+
+def cache_path(cache_key: str, kind: str, limits: RenderLimits) -> Path:
+    """Where the rendering of the stored file whose SHA-256 is `cache_key` as `kind` is kept: the format version
+    and the media type are in the name, so a change to how clips are made leaves older files unused."""
+    return cache_dir(limits) / f"{cache_key}-{FORMAT_VERSIONS[kind]}{SUFFIXES[kind]}"
+
+
+def cached(cache_key: str, kind: str, limits: RenderLimits) -> Path | None:
+    """The rendering as `kind` if it was made already."""
+    path = cache_path(cache_key, kind, limits)
     if not path.exists():
         return None
     with contextlib.suppress(FileNotFoundError):
@@ -157,34 +169,41 @@ def cached(c: Clip, limits: RenderLimits) -> Path | None:
     return None
 
 
-_remuxing: dict[str, threading.Lock] = {}
-_remuxing_guard = threading.Lock()
+_making: dict[str, threading.Lock] = {}
+_making_guard = threading.Lock()
+
+
+def rendered_file(cache_key: str, kind: str, limits: RenderLimits, make: Callable[[Path], int]) -> Path:
+    """The rendering as `kind` from the cache, or made now by `make` (which writes the file it is given and
+    answers how many frames it holds). A <video> element sends its next Range requests before the first answer
+    ends: they wait for the one rendering rather than start their own."""
+    name = f"{cache_key}{SUFFIXES[kind]}"
+    with _making_guard:
+        lock = _making.setdefault(name, threading.Lock())
+    try:
+        with lock:
+            return cached(cache_key, kind, limits) or _made(cache_key, kind, limits, make)
+    finally:
+        with _making_guard:
+            if not lock.locked():
+                _making.pop(name, None)
 
 
 def mp4(c: Clip, limits: RenderLimits) -> Path:
-    """The clip as an MP4 file (moov first), remuxed now unless the cache has it. A <video> element sends its
-    next Range requests before the first answer ends: they wait for the one remux rather than start their own."""
-    with _remuxing_guard:
-        lock = _remuxing.setdefault(c.cache_key, threading.Lock())
-    try:
-        with lock:
-            return cached(c, limits) or _remuxed(c, limits)
-    finally:
-        with _remuxing_guard:
-            if not lock.locked():
-                _remuxing.pop(c.cache_key, None)
+    """The clip as an MP4 file (moov first), remuxed now unless the cache has it."""
+    return rendered_file(c.cache_key, MP4, limits, lambda out: remux(c, out))
 
 
-def _remuxed(c: Clip, limits: RenderLimits) -> Path:
+def _made(cache_key: str, kind: str, limits: RenderLimits, make: Callable[[Path], int]) -> Path:
     where = cache_dir(limits)
-    target = where / f"{c.cache_key}-{FORMAT_VERSION}.mp4"
+    target = cache_path(cache_key, kind, limits)
     descriptor, partial = tempfile.mkstemp(dir=where, suffix=".part")  # 0600
     os.close(descriptor)
     started = time.monotonic()
     try:
-        packets = remux(c, Path(partial))
+        frames = make(Path(partial))
         os.replace(partial, target)
-    except OSError as exc:  # the cache's disk full or gone: the MP4 can be made once there is room
+    except OSError as exc:  # the cache's disk full or gone: the file can be made once there is room
         log.warning("records.video_cache_unwritable", error=type(exc).__name__)
         raise NotRendered(
             503,
@@ -194,9 +213,9 @@ def _remuxed(c: Clip, limits: RenderLimits) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
     log.info(
-        "records.video_remuxed",
-        syntax=str(c.syntax),
-        packets=packets,
+        "records.video_rendered",
+        media_type=kind,
+        frames=frames,
         bytes=target.stat().st_size,
         seconds=round(time.monotonic() - started, 3),
     )
@@ -205,7 +224,7 @@ def _remuxed(c: Clip, limits: RenderLimits) -> Path:
 
 
 def prune(where: Path, limits: RenderLimits, keep: Path) -> None:
-    """Remove the least recently used MP4s over RECORDS_RENDER_VIDEO_CACHE_BYTES, those older than
+    """Remove the least recently used renderings (MP4, WebM) over RECORDS_RENDER_VIDEO_CACHE_BYTES, those older than
     RECORDS_RENDER_VIDEO_CACHE_SECONDS, and partial files a crashed remux left behind."""
     now = time.time()
     entries = []
@@ -217,7 +236,7 @@ def prune(where: Path, limits: RenderLimits, keep: Path) -> None:
         if path.suffix == ".part":
             if now - stat.st_mtime > 3600:
                 path.unlink(missing_ok=True)
-        elif path.suffix == ".mp4":
+        elif path.suffix in SUFFIXES.values():
             entries.append((stat.st_mtime, stat.st_size, path))
     total = sum(size for _, size, _ in entries)
     for mtime, size, path in sorted(entries):
@@ -315,9 +334,10 @@ def _pyav() -> Any:
     except ImportError:
         raise NotRendered(
             406,
-            "this deployment does not render video clips as MP4 (PyAV, the records service's optional `video` "
-            "extra, is not installed); retrieve the clip as stored (application/dicom, or its bitstream from "
-            ".../frames/1), or ask operations to install it",
+            "this deployment does not render video (MP4, WebM: PyAV, the records service's optional `video` "
+            "extra, is not installed); retrieve the clip as stored (application/dicom, or its bitstream or "
+            "frames from .../frames/{n}), ask for image/gif (a cine stored as frames), or ask operations to "
+            "install it",
         ) from None
     return av
 

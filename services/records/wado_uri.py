@@ -1,7 +1,8 @@
 """WADO-URI (PS3.18 9.1-9.5): `GET /dicomweb/wado?requestType=WADO&studyUID=…&seriesUID=…&objectUID=…`, the
 links EHRs, reporting tools and IHE XDS-I manifests carry. One instance, as application/dicom (as WADO-RS hands
 it out: our identifiers; `anonymize=yes`: de-identified as the export is) or rendered as image/jpeg, image/png
-or image/gif; a video clip as video/mp4 (its bitstream remuxed, video.py).
+or image/gif; a video clip as video/mp4 (its bitstream remuxed, video.py) or video/webm (re-encoded as VP9,
+webm.py), a cine stored as frames as video/webm.
 
 The URL names no case: the instance is looked up among the released images of the cases the key may see (the
 same scope, audit entry per read window and image rate bucket as WADO-RS). Held in two such cases, it is a 409
@@ -34,7 +35,7 @@ from services.records.deidentify import (
 from services.records.dicomweb import _identifiers, _modified_at, _served_syntax
 from services.records.models import RecordFile
 from services.records.reconcile import coerced_chunks
-from services.records.rendered import RenderLimitsDep, _answer, _source, video_answer
+from services.records.rendered import RenderLimitsDep, _answer, _source, cine_answer, video_answer
 from services.records.rendering import (
     GIF,
     RENDERED_TYPES,
@@ -47,7 +48,7 @@ from services.records.rendering import (
     window,
 )
 from services.records.store import ObjectStore
-from services.records.video import MP4, clip
+from services.records.video import MP4, WEBM, clip
 
 router: APIRouter = APIRouter(route_class=AuthRoute)
 
@@ -64,10 +65,11 @@ WADO_URI: dict[int | str, dict[str, Any]] = {
         "description": "the instance: application/dicom (our identifiers; anonymize=yes: de-identified), or "
         "rendered as image/jpeg (the default for an image), image/png or image/gif (a multi-frame instance "
         "without frameNumber: animated); a video clip as video/mp4 (contentType=video/mp4: its bitstream "
-        "remuxed, not re-encoded; Range requests answered)",
-        "content": {DICOM: IMAGE, **{kind: IMAGE for kind in (*RENDERED_TYPES, MP4)}},
+        "remuxed, not re-encoded) or video/webm (re-encoded as VP9); a cine stored as frames as video/webm "
+        "(each frame rendered, encoded as VP9); Range requests answered",
+        "content": {DICOM: IMAGE, **{kind: IMAGE for kind in (*RENDERED_TYPES, MP4, WEBM)}},
     },
-    206: {"description": "a video clip's byte range (the Range header)", "content": {MP4: IMAGE}},
+    206: {"description": "a video's byte range (the Range header)", "content": {MP4: IMAGE, WEBM: IMAGE}},
     400: {
         "description": "requestType is not WADO, a UID is missing or malformed, or a parameter does not fit"
     },
@@ -75,15 +77,19 @@ WADO_URI: dict[int | str, dict[str, Any]] = {
     406: {
         "description": "contentType or Accept asks for something not served; a transferSyntax other than the "
         "stored one (no transcoding); an instance that does not render as an image (a report, a video clip, "
-        "pixel data in a syntax no decoder here reads) or video/mp4 for one that is no video clip (a cine stored as frames: image/gif)"
+        "pixel data in a syntax no decoder here reads), video/mp4 for one that is no video clip (a cine stored "
+        "as frames: video/webm or image/gif), video/webm for a single image"
     },
     409: {
         "description": "the instance is in more than one case this key may see (use the case's WADO-RS URL), "
         "or anonymize=yes for an instance whose burned-in text cannot be removed"
     },
-    413: {"description": "a frame or an answer over the rendering limits (RECORDS_RENDER_*)"},
+    413: {
+        "description": "a frame, an answer or a video to encode over the rendering limits (RECORDS_RENDER_*)"
+    },
     503: {
-        "description": "no room in the video cache to render the clip now (RECORDS_RENDER_VIDEO_CACHE_DIR)"
+        "description": "no room in the video cache to render the video now (RECORDS_RENDER_VIDEO_CACHE_DIR), "
+        "or every video encoder busy (RECORDS_RENDER_VIDEO_ENCODES): Retry-After says when to ask again"
     },
 }
 
@@ -105,7 +111,7 @@ def wado_uri(
     seriesUID: Annotated[str | None, _text("Series Instance UID")] = None,  # noqa: N803
     objectUID: Annotated[str | None, _text("SOP Instance UID")] = None,  # noqa: N803
     contentType: Annotated[
-        str | None, _text("application/dicom, image/jpeg, image/png, image/gif or video/mp4")
+        str | None, _text("application/dicom, image/jpeg, image/png, image/gif, video/mp4 or video/webm")
     ] = None,  # noqa: N803
     charset: Annotated[str | None, _text("accepted and ignored")] = None,
     anonymize: Annotated[str | None, _text("yes: de-identified (application/dicom only)")] = None,
@@ -164,16 +170,19 @@ def wado_uri(
             media_type = DICOM
     if media_type == DICOM:
         return _instance(request, session, row, path, case_id, anonymize == "yes", transferSyntax)
-    if media_type == MP4:
+    if media_type in (MP4, WEBM):
+        refused = {name: request.query_params.get(name) for name in RENDERING_ONLY if name != "imageQuality"}
         found = clip(path, row.sha256)
-        if found is None:
+        if found is not None:
+            return video_answer(request, found, media_type, limits, refused)
+        if media_type == MP4:
             raise HTTPException(
                 406,
                 "video/mp4 is served for video clips (MPEG-2, H.264, HEVC) only; this instance renders as an "
-                "image: image/jpeg, image/png or image/gif (a cine stored as frames animates as image/gif)",
+                "image: image/jpeg, image/png or image/gif, and a cine stored as frames plays as video/webm "
+                "(contentType=video/webm) or animates as image/gif",
             )
-        refused = {name: request.query_params.get(name) for name in RENDERING_ONLY if name != "imageQuality"}
-        return video_answer(request, found, limits, refused)
+        return cine_answer(request, _source(path, limits), row.sha256, limits, refused)
 
     src = _source(path, limits)
     rendering = Rendering(
@@ -207,7 +216,7 @@ def _content_type(request: Request, asked: str | None) -> str | None:
     if asked is None:
         return None if accepted("image/jpeg") or accepted(DICOM) else _refuse()
     for kind in (k.split(";")[0].strip().lower() for k in asked.split(",")):
-        if kind in (DICOM, *RENDERED_TYPES, MP4) and accepted(kind):
+        if kind in (DICOM, *RENDERED_TYPES, MP4, WEBM) and accepted(kind):
             return kind
     return _refuse()
 
@@ -215,8 +224,8 @@ def _content_type(request: Request, asked: str | None) -> str | None:
 def _refuse() -> str:
     raise HTTPException(
         406,
-        f"WADO-URI serves contentType {DICOM}, {', '.join(RENDERED_TYPES)}, {MP4} (video clips); the Accept "
-        "header must allow it",
+        f"WADO-URI serves contentType {DICOM}, {', '.join(RENDERED_TYPES)}, {MP4} (video clips), {WEBM} (video "
+        "clips and cines stored as frames); the Accept header must allow it",
     )
 
 

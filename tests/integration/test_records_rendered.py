@@ -371,7 +371,10 @@ def test_an_h264_clip_that_does_not_parse_is_refused_saying_why(engine: Engine, 
         headers=headers,
         timeout=10,
     )
-    assert wado.status_code == 406 and "renders whole as video/mp4" in wado.json()["detail"]
+    assert (
+        wado.status_code == 406
+        and "renders whole as video (video/webm or video/mp4)" in wado.json()["detail"]
+    )
 
 
 def test_bad_rendering_parameters_are_a_400_naming_the_parameter(engine: Engine, settings: Settings) -> None:

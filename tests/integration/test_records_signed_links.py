@@ -165,6 +165,31 @@ def test_an_mp4_link_plays_and_seeks_with_range(
     assert part.status_code == 206 and part.content == whole.content[:100]
 
 
+def test_a_webm_link_plays_a_cine_stored_as_frames_in_a_video_element_without_a_key(
+    engine: Engine,  # noqa: F811
+    settings: Settings,
+) -> None:
+    """A <video src> sends `Accept: */*` and no key: the cine's `webm` link answers its WebM (its `rendered`
+    link, as for any image, its first frame); a single image has no WebM link."""
+    study = new_study()
+    image, cine = instances(study)[0], instances(study)[2]
+    case_id, key = owned_case(engine, settings, image, cine)
+    links = mint(case_id, cine, key).json()
+    assert links["mp4"] is None and mint(case_id, image, key).json()["webm"] is None
+
+    whole = requests.get(
+        f"{url_of(case_id, cine)}/rendered", headers={"Accept": "video/webm", **key}, timeout=30
+    )
+    assert whole.status_code == 200 and whole.headers["content-type"] == "video/webm"
+    played = requests.get(links["webm"], headers={"Accept": "*/*"}, timeout=30)
+    assert played.status_code == 200 and played.headers["content-type"] == "video/webm"
+    assert played.content == whole.content
+    seek = requests.get(links["webm"], headers={"Range": "bytes=10-99"}, timeout=10)
+    assert seek.status_code == 206 and seek.content == whole.content[10:100]
+    wado = mint(case_id, cine, key, wado_content_type="video/webm").json()["wado_uri"]
+    assert requests.get(wado, timeout=30).content == whole.content
+
+
 def test_expired_changed_and_revoked_links_are_refused_saying_why(
     engine: Engine,  # noqa: F811
     settings: Settings,

@@ -38,3 +38,12 @@ def test_stale_clips_and_abandoned_partial_files_are_removed(tmp_path: Path) -> 
     prune(tmp_path, RenderLimits(video_cache_seconds=3600), keep=fresh)
     assert not stale.exists() and not abandoned.exists()
     assert fresh.exists() and writing.exists()
+
+
+def test_webms_share_the_cache_budget_with_mp4s(tmp_path: Path) -> None:
+    """A WebM (encoded, webm.py) counts against the same bytes and is removed least recently used first."""
+    old = entry(tmp_path, "a-1.webm", 400, 300)
+    used = entry(tmp_path, "b-1.mp4", 400, 200)
+    new = entry(tmp_path, "c-1.webm", 400, 0)
+    prune(tmp_path, RenderLimits(video_cache_bytes=1000), keep=new)
+    assert not old.exists() and used.exists() and new.exists()
