@@ -2,24 +2,29 @@
 
     python -m scripts.demo        (make demo starts the stack first)
 
-Acts as the hospital (POST /v1/cases with the demo clinic's API key), the referring facility (uploads a
-synthetic ultrasound study and the first report), the patient (accepts the cost estimate), the specialist
-(accepts the offer and reviews through the API) and the referring physician (no further questions). Prints
-where the report is; the last line is `case_id=<id>`.
+Acts as the hospital (POST /v1/cases with the demo clinic's API key, and its HL7 interface engine: an MLLP
+listener on loopback, registered as the clinic's HL7 endpoint, that takes the report as ORU^R01), the referring
+facility (uploads a synthetic ultrasound study and the first report), the patient (accepts the cost estimate),
+the specialist (accepts the offer and reviews through the API) and the referring physician (no further
+questions). Prints where the report is; the last line is `case_id=<id>`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import hl7
+import hl7.mllp
 import httpx
 import pydicom.uid
 
@@ -91,6 +96,66 @@ def demo_partner(settings: Settings) -> dict[str, str]:
     path.write_text(created.stdout)
     path.chmod(0o600)
     return json.loads(created.stdout)  # type: ignore[no-any-return]
+
+
+class InterfaceEngine:
+    """The clinic's HL7 interface engine (what Mirth or Rhapsody is at a hospital): an MLLP listener on loopback
+    that keeps each message it is sent and acknowledges it with AA."""
+
+    def __init__(self) -> None:
+        self.received: list[hl7.Message] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="demo-mllp", daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            hl7.mllp.start_hl7_server(self._serve, "127.0.0.1", 0, encoding="utf-8", limit=64 * 1024 * 1024),
+            self._loop,
+        ).result(10)
+
+    async def _serve(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
+        try:
+            while True:
+                message = await reader.readmessage()
+                self.received.append(message)
+                writer.writemessage(message.create_ack("AA"))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        self._server.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+def register_engine(http: httpx.Client, settings: Settings, partner_id: str, engine: InterfaceEngine) -> str:
+    """The engine as the clinic's only HL7 endpoint (the listeners of earlier runs are gone: theirs disabled)."""
+    endpoints = f"{settings.intake_url}/v1/partners/{partner_id}/hl7-endpoints"
+    listed = http.get(endpoints)
+    listed.raise_for_status()
+    for stale in listed.json():
+        if stale["enabled"]:
+            http.delete(f"{endpoints}/{stale['endpoint_id']}").raise_for_status()
+    body = {"host": "127.0.0.1", "port": engine.port, "tls": False, "receiving_application": "RIS",
+            "receiving_facility": "BAYVIEW", "description": "demo: the clinic's interface engine"}  # fmt: skip
+    registered = http.post(endpoints, json=body)
+    if registered.status_code != 201:
+        raise SystemExit(
+            f"intake refused the clinic's HL7 endpoint: {registered.status_code} {registered.text}"
+        )
+    return str(registered.json()["endpoint_id"])
+
+
+def oru_pdf(message: hl7.Message) -> bytes:
+    """The signed PDF an ORU^R01 carries (its ED OBX: ^application^pdf^Base64^…)."""
+    [encapsulated] = [obx for obx in message.segments("OBX") if str(obx[2]) == "ED"]
+    return base64.b64decode(str(encapsulated[5][0][4]))
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
@@ -194,13 +259,27 @@ def review_as_specialist(partner: httpx.Client, settings: Settings, case_id: str
     return str(reviewer)
 
 
-def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:
-    """The sample case from request to closed, acting as hospital, facility, patient, specialist, referrer."""
+def run_case(
+    settings: Settings, *, echo: Callable[[str], None] = print, engine: InterfaceEngine | None = None
+) -> str:
+    """The sample case from request to closed, acting as hospital, facility, patient, specialist, referrer;
+    the clinic's interface engine is `engine` (one of its own, closed at the end, when not given)."""
+    own = engine is None
+    engine = engine or InterfaceEngine()
+    try:
+        return _run_case(settings, echo, engine)
+    finally:
+        if own:
+            engine.close()
+
+
+def _run_case(settings: Settings, echo: Callable[[str], None], engine: InterfaceEngine) -> str:
     partner = demo_partner(settings)
     request = dict(
         SAMPLE_CASE, partner_id=partner["partner_id"], partner_case_ref=f"ORDER-{secrets.token_hex(4)}"
     )
     with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {partner['api_key']}"}) as http:
+        endpoint_id = register_engine(http, settings, partner["partner_id"], engine)
         response = http.post(f"{settings.intake_url}/v1/cases", json=request)
         if response.status_code != 201:
             raise SystemExit(f"intake refused the sample case: {response.status_code} {response.text}")
@@ -242,6 +321,21 @@ def run_case(settings: Settings, *, echo: Callable[[str], None] = print) -> str:
         echo(f"timeline: {' -> '.join(transitions)}")
         echo(f"report (PDF):  {case['report']['pdf_url']}  saved to {out}")
         echo(f"report (FHIR): {case['report']['fhir_url']}")
+        ours = case["partner_case_ref"]
+        [oru] = wait_until(
+            "the report to reach the clinic's HL7 interface engine",
+            lambda: [m for m in engine.received if str(m.segment("OBR")[2]).startswith(f"{ours}^")],
+            timeout=60,
+        )
+        if oru_pdf(oru) != pdf.content:
+            raise SystemExit("the ORU^R01's PDF is not the report the case API serves")
+        http.delete(
+            f"{settings.intake_url}/v1/partners/{partner['partner_id']}/hl7-endpoints/{endpoint_id}"
+        ).raise_for_status()  # its listener goes with this run
+        echo(
+            f"report (HL7):  ORU^R01 {oru.segment('MSH')[10]} at the clinic's interface engine (MLLP, port "
+            f"{engine.port}), result status {oru.segment('OBR')[25]}, the signed PDF in OBX ED"
+        )
         echo(
             f"Temporal UI:   http://127.0.0.1:{settings.temporal_ui_port}/namespaces/"
             f"{settings.temporal_namespace}/workflows/case-{case_id}"

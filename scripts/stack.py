@@ -10,6 +10,7 @@ DATA_DIR/logs. Every setting comes from the environment (see services/common/con
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -20,9 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from sqlmodel import Session
 
 from services.auth.atna_forward import AtnaSettings
+from services.auth.models import ApiKey, Role
+from services.auth.partners import issue_key
+from services.common import migrate
 from services.common.config import PROJECT_ROOT, Settings, get_settings
+from services.common.db import get_engine
 from services.common.temporal import cache_flags, search_attribute_flags, sqlite_flags
 
 SERVICES = ("intake", "records", "insurance", "review")
@@ -136,12 +142,42 @@ def _ready(process: Process) -> bool:
     return True
 
 
+def local_report_key(settings: Settings) -> str:
+    """The operations key the local stack's intake reads reports with (INTAKE_REPORT_KEY: its HL7 v2 sender puts
+    the report in each ORU^R01): issued once, as an operator would with `secondopinion key create --role
+    operations`, and kept in DATA_DIR/run (mode 0600) with the database it is valid in; issued again when that
+    database no longer has it (reset, or the key revoked). A deployment sets INTAKE_REPORT_KEY itself."""
+    path = settings.data_dir / "run" / "intake-report-key.json"
+    engine = get_engine("auth")
+    migrate.upgrade("auth", engine)
+    with Session(engine) as session:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept = json.loads(path.read_text())
+            row = session.get(ApiKey, kept["key_id"])
+            if row is not None and row.revoked_at is None and row.role == Role.OPERATIONS:
+                return str(kept["api_key"])
+        issued = issue_key(session, Role.OPERATIONS, None, label="intake: the HL7 v2 sender reads reports")
+        session.commit()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps({"key_id": issued.key_id, "api_key": issued.api_key}))
+    return issued.api_key
+
+
 def start(process: Process, settings: Settings) -> int:
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if process.name == "intake" and not settings.intake_report_key:
+        env["INTAKE_REPORT_KEY"] = local_report_key(settings)
     with open(logs / f"{process.name}.log", "ab") as log:
         child = subprocess.Popen(
-            process.argv, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            process.argv,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     _pid_file(settings, process.name).write_text(str(child.pid))
     return child.pid

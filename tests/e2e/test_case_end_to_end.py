@@ -93,7 +93,11 @@ def started_input(command: list[str]) -> str:
 
 def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
     settings = system
-    case_id = demo.run_case(settings, echo=lambda _: None)
+    engine = demo.InterfaceEngine()  # the clinic's HL7 interface engine
+    try:
+        case_id = demo.run_case(settings, echo=lambda _: None, engine=engine)
+    finally:
+        engine.close()
 
     async def describe():  # type: ignore[no-untyped-def]
         client = await connect_temporal(settings)
@@ -140,6 +144,15 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
         assert attached.headers["content-type"].startswith("application/pdf")
         # (fhir.resources reads the base64Binary hash into its bytes: the SHA-1 digest itself)
         assert hashlib.sha1(attached.content, usedforsecurity=False).digest() == report.presentedForm[0].hash
+        # The clinic's interface engine got the report as one ORU^R01 (final), for its order and patient,
+        # with the very PDF the case API serves: intake read it from review with its own key (INTAKE_REPORT_KEY,
+        # which the local stack issues).
+        [oru] = engine.received
+        assert str(oru.segment("MSH")[9]) == "ORU^R01^ORU_R01" and str(oru.segment("MSH")[12]) == "2.5.1"
+        assert str(oru.segment("PID")[3]).startswith(f"{demo.SAMPLE_CASE['patient']['mrn']}^")
+        assert str(oru.segment("OBR")[2]) == f"{case['partner_case_ref']}^SECONDOPINION"
+        assert (str(oru.segment("OBR")[3]), str(oru.segment("OBR")[25])) == (f"{case_id}^SECONDOPINION", "F")
+        assert demo.oru_pdf(oru) == pdf.content
         # The report names the partner's order it answers, and the patient by the referring MRN.
         [order] = report.basedOn
         assert (order.type, order.identifier.value) == ("ServiceRequest", case["partner_case_ref"])
