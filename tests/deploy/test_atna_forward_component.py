@@ -15,6 +15,7 @@ import yaml
 from services.auth.atna_forward import AtnaSettings
 from tests.deploy.conftest import K8S, Manifest, named, of_kind
 from tests.deploy.test_k8s_schemas import KUBERNETES_VERSION
+from tests.deploy.test_routing_and_network import allowed_ports, namespace_policies, outside_rules
 
 SERVICES = ("intake", "records", "insurance", "review")
 
@@ -85,9 +86,15 @@ def test_forwarders_reach_their_database_and_the_repository_only(
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "audit-forward"}
     ports = sorted(port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"])
     assert ports == [5432, 6514]
+    policies = namespace_policies(with_feed[overlay])
     for service in SERVICES:
         labels = named(with_feed[overlay], "Deployment", f"audit-forward-{service}")["spec"]["template"]["metadata"]["labels"]  # fmt: skip
         assert labels["app.kubernetes.io/component"] == "audit-forward"
+        # No other policy (the services' egress to partners, PACS, payers) lets a forwarder out further.
+        assert allowed_ports(policies, labels, "Egress") == {53, 5432}
+        assert outside_rules(policies, labels) == {
+            ("0.0.0.0/0", frozenset(), frozenset({("TCP", 6514, None)}))
+        }
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])

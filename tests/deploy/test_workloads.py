@@ -142,3 +142,18 @@ def test_prod_is_highly_available(manifests: dict[str, list[Manifest]]) -> None:
         assert scaled["spec"]["minReplicaCount"] >= 3
     for deployment in of_kind(docs, "Deployment"):
         assert "replicas" not in deployment["spec"], "KEDA owns the replica count in prod"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_intake_reads_reports_for_hl7_with_the_key_from_its_optional_secret(
+    manifests: dict[str, list[Manifest]], overlay: str
+) -> None:
+    assert "intake_report_key" in Settings.model_fields  # INTAKE_REPORT_KEY, what the HL7 sender reads
+    for deployment in of_kind(manifests[overlay], "Deployment"):
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        if deployment["metadata"]["name"] != "intake":
+            assert "INTAKE_REPORT_KEY" not in env
+            continue
+        ref = env["INTAKE_REPORT_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "intake-report-key", "key": "key", "optional": True}
