@@ -159,14 +159,20 @@ def cache_path(cache_key: str, kind: str, limits: RenderLimits) -> Path:
 
 
 def cached(cache_key: str, kind: str, limits: RenderLimits) -> Path | None:
-    """The rendering as `kind` if it was made already."""
+    """The rendering as `kind` if it was made already, marked used now: its access time is the cache's clock
+    (pruned least recently used first). Its modification time stays when it was made, since the answer's
+    ETag and Last-Modified come from it: a <video> element resuming or seeking with `If-Range` gets its 206
+    only while they stay what they were (touched on every use, each read would answer the whole clip)."""
     path = cache_path(cache_key, kind, limits)
-    if not path.exists():
-        return None
     with contextlib.suppress(FileNotFoundError):
-        os.utime(path)  # recently used: pruned last
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
         return path
     return None
+
+
+def last_used(stat: os.stat_result) -> float:
+    """When a cached rendering was last used: its access time (`cached` sets it), else when it was made."""
+    return max(stat.st_atime, stat.st_mtime)
 
 
 _making: dict[str, threading.Lock] = {}
@@ -224,7 +230,7 @@ def _made(cache_key: str, kind: str, limits: RenderLimits, make: Callable[[Path]
 
 
 def prune(where: Path, limits: RenderLimits, keep: Path) -> None:
-    """Remove the least recently used renderings (MP4, WebM) over RECORDS_RENDER_VIDEO_CACHE_BYTES, those older than
+    """Remove the least recently used renderings (MP4, WebM) over RECORDS_RENDER_VIDEO_CACHE_BYTES, those unused for
     RECORDS_RENDER_VIDEO_CACHE_SECONDS, and partial files a crashed remux left behind."""
     now = time.time()
     entries = []
@@ -237,12 +243,12 @@ def prune(where: Path, limits: RenderLimits, keep: Path) -> None:
             if now - stat.st_mtime > 3600:
                 path.unlink(missing_ok=True)
         elif path.suffix in SUFFIXES.values():
-            entries.append((stat.st_mtime, stat.st_size, path))
+            entries.append((last_used(stat), stat.st_size, path))
     total = sum(size for _, size, _ in entries)
-    for mtime, size, path in sorted(entries):
+    for used, size, path in sorted(entries):
         if path == keep:
             continue
-        if total > limits.video_cache_bytes or now - mtime > limits.video_cache_seconds:
+        if total > limits.video_cache_bytes or now - used > limits.video_cache_seconds:
             path.unlink(missing_ok=True)
             total -= size
 

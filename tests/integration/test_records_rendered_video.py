@@ -147,6 +147,14 @@ def test_an_h264_clip_plays_as_an_mp4_remuxed_not_reencoded_and_seekable(
     assert tail.status_code == 206 and tail.content == mp4[-(len(mp4) // 3) :]
     beyond = requests.get(rendered, headers={"Range": f"bytes={len(mp4) + 10}-", **headers}, timeout=10)
     assert beyond.status_code == 416
+    # A <video> element resuming or seeking sends If-Range with what it was given: each use of the cached clip
+    # leaves its validators as they were, so the range comes back, not the whole clip again.
+    assert part.headers["etag"] == default.headers["etag"] == tail.headers["etag"]
+    for validator in (default.headers["etag"], default.headers["last-modified"]):
+        resumed = requests.get(
+            rendered, headers={"Range": "bytes=600-", "If-Range": validator, **headers}, timeout=10
+        )
+        assert resumed.status_code == 206 and resumed.content == mp4[600:]
 
     wado = requests.get(
         f"{BASE[0]}/dicomweb/wado",

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from services.records.rendering import RenderLimits
-from services.records.video import prune
+from services.records.video import MP4, cache_path, cached, prune
 
 
 def entry(where: Path, name: str, size: int, age: float) -> Path:
@@ -47,3 +47,18 @@ def test_webms_share_the_cache_budget_with_mp4s(tmp_path: Path) -> None:
     new = entry(tmp_path, "c-1.webm", 400, 0)
     prune(tmp_path, RenderLimits(video_cache_bytes=1000), keep=new)
     assert not old.exists() and used.exists() and new.exists()
+
+
+def test_a_use_marks_the_clip_used_without_changing_when_it_was_made(tmp_path: Path) -> None:
+    """Its modification time is what the answer's ETag and Last-Modified come from: a use that changed it
+    would turn every `If-Range` into a whole-clip answer. The use is the access time, which pruning reads."""
+    limits = RenderLimits(video_cache_dir=str(tmp_path), video_cache_bytes=1000)
+    made_long_ago = entry(tmp_path, cache_path("a" * 64, MP4, limits).name, 400, 300)
+    newer = entry(tmp_path, "b-1.mp4", 400, 200)
+    made = made_long_ago.stat().st_mtime_ns
+    assert cached("a" * 64, MP4, limits) == made_long_ago
+    assert made_long_ago.stat().st_mtime_ns == made
+    assert made_long_ago.stat().st_atime > time.time() - 60
+    new = entry(tmp_path, "c-1.mp4", 400, 0)
+    prune(tmp_path, limits, keep=new)  # the one used just now stays; the one unused for 200 s goes
+    assert made_long_ago.exists() and not newer.exists()
