@@ -217,6 +217,10 @@ def _write(
     if first is None:
         return 0
     width, height = first.width + first.width % 2, first.height + first.height % 2
+    if (width, height) != (first.width, first.height):
+        # Padded pictures go through RGB (`_even`), which the encoder converts as BT.601 limited range,
+        # whatever the source's own colour tags said (BT.709 for an HD clip): say what the pictures are.
+        colour = (BT601, BT601, BT601, LIMITED_RANGE)
     if times is not None:
         time_base = Fraction(1, 1000)
         span = times[-1] if len(times) > 1 else Fraction(1)
