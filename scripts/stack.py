@@ -28,7 +28,7 @@ from services.auth.models import ApiKey, Role
 from services.auth.partners import issue_key
 from services.common import migrate
 from services.common.config import PROJECT_ROOT, Settings, get_settings
-from services.common.db import get_engine
+from services.common.db import make_engine
 from services.common.temporal import cache_flags, search_attribute_flags, sqlite_flags
 
 SERVICES = ("intake", "records", "insurance", "review")
@@ -148,7 +148,7 @@ def local_report_key(settings: Settings) -> str:
     operations`, and kept in DATA_DIR/run (mode 0600) with the database it is valid in; issued again when that
     database no longer has it (reset, or the key revoked). A deployment sets INTAKE_REPORT_KEY itself."""
     path = settings.data_dir / "run" / "intake-report-key.json"
-    engine = get_engine("auth")
+    engine = make_engine("auth", settings)  # the stack's database, not whichever this process met first
     migrate.upgrade("auth", engine)
     with Session(engine) as session:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
