@@ -20,6 +20,7 @@ from sqlmodel import Session, col, func, select
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from services.auth.atna import NODE_AUTHENTICATION, SECURITY_ALERT, Kind, kind_of
 from services.auth.models import AuditEvent
 from services.common.config import Settings
 from services.intake import api, fhir_api, hl7_in, hl7_senders_api
@@ -351,6 +352,7 @@ async def test_an_unknown_sender_a_wrong_certificate_and_another_partners_msh4_a
         ).first()
     assert entry is not None and entry.partner_id == stack.partners["A"]["partner_id"]  # whose certificate
     assert entry.network_address == "127.0.0.1" and "Doe" not in entry.detail
+    assert kind_of(entry) == Kind(SECURITY_ALERT, "E", NODE_AUTHENTICATION)  # as a bad webhook signature
 
 
 async def test_no_client_certificate_gets_no_connection(stack: Stack) -> None:
