@@ -162,7 +162,11 @@ class OrderListener:
                 except (hl7.mllp.InvalidBlockError, ValueError):
                     log.info("hl7_in.unframed", error="not an MLLP block, or over 1 MB")
                     return
-                answer = await self.answer(block, peer)
+                try:
+                    answer = await self.answer(block, peer)
+                except Exception as exc:  # e.g. the audit log unreachable: no ACK, so the engine resends
+                    log.warning("hl7_in.unanswered", error=type(exc).__name__)
+                    return
                 writer.writeblock(answer.encode("utf-8"))
                 await writer.drain()
         except (ConnectionError, ssl.SSLError):

@@ -61,6 +61,7 @@ CODE_TEXT = {
     UNSUPPORTED_VERSION: "Unsupported version id",
     APPLICATION_ERROR: "Application internal error",
 }
+UNPARSEABLE = (hl7.ParseException, AssertionError, IndexError, KeyError, TypeError, ValueError)
 REASONS = frozenset(r.value for r in Reason)
 MESSAGE_TYPES = {("ORM", "O01"), ("OMG", "O19")}
 VERSIONS = {"2.3", "2.3.1", "2.4", "2.5", "2.5.1"}
@@ -279,7 +280,15 @@ def read_header(block: bytes) -> Header:
         )
     try:
         parsed = Hl7Text(text.replace("\n", "\r"))
-    except (hl7.ParseException, KeyError, IndexError, ValueError) as exc:
+        header = Header(
+            sending_application=parsed.value("MSH", 3),
+            sending_facility=parsed.value("MSH", 4),
+            control_id=parsed.value("MSH", 10)[:199],
+            message_type=parsed.value("MSH", 9).upper(),
+            trigger=parsed.value("MSH", 9, component=2).upper(),
+            version=parsed.value("MSH", 12),
+        )
+    except UNPARSEABLE as exc:
         raise OrderInvalid(
             [
                 ErrorItem(
@@ -288,14 +297,7 @@ def read_header(block: bytes) -> Header:
             ],
             reject=True,
         ) from exc
-    return Header(
-        sending_application=parsed.value("MSH", 3),
-        sending_facility=parsed.value("MSH", 4),
-        control_id=parsed.value("MSH", 10)[:199],
-        message_type=parsed.value("MSH", 9).upper(),
-        trigger=parsed.value("MSH", 9, component=2).upper(),
-        version=parsed.value("MSH", 12),
-    )
+    return header
 
 
 def fingerprint(block: bytes) -> str:
@@ -310,7 +312,23 @@ def fingerprint(block: bytes) -> str:
 
 
 def read_order(block: bytes, rules: SenderRules) -> Order:
-    """The order the message carries; OrderInvalid naming every field to fix."""
+    """The order the message carries; OrderInvalid naming every field to fix (AR for one that cannot be parsed)."""
+    try:
+        return _read_order(block, rules)
+    except (
+        UNPARSEABLE
+    ) as exc:  # python-hl7 asserts on odd encoding characters, raises these on broken segments
+        raise OrderInvalid(
+            [
+                ErrorItem(
+                    "MSH^1", APPLICATION_ERROR, "the message cannot be parsed as HL7 v2; check its delimiters"
+                )
+            ],
+            reject=True,
+        ) from exc
+
+
+def _read_order(block: bytes, rules: SenderRules) -> Order:
     text = decode(block).replace("\r\n", "\r").replace("\n", "\r")
     message = Hl7Text(text)
     header = read_header(block)

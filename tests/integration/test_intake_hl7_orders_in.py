@@ -509,3 +509,17 @@ async def test_sender_registration_is_partner_scoped_validated_and_disabled(stac
         orm(app=app, facility="BAYVIEW", control_id=unique("C"), placer="O"), stack.pki.mirth
     )
     assert msa(ack)[0] == "AR"
+
+
+async def test_a_message_that_cannot_be_parsed_is_answered_ar(stack: Stack) -> None:
+    app, _ = await stack.mirth()
+    message = orm(app=app, facility="BAYVIEW", control_id=unique("C"), placer=unique("O"))
+    broken = message.replace(
+        "MSH|^~\\&|", "MSH|^^08~\\&|", 1
+    )  # python-hl7 asserts on these encoding characters
+
+    ack = await stack.send(broken, stack.pki.mirth)
+
+    assert msa(ack)[0] == "AR", str(ack)
+    assert [location for location, _ in errs(ack)] == ["MSH^1"]
+    assert stack.cases("A") == []
