@@ -15,6 +15,7 @@ import hl7
 import hl7.mllp
 import httpx
 import pytest
+from fastapi import HTTPException
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 from temporalio.client import Client
@@ -24,7 +25,7 @@ from services.auth.atna import NODE_AUTHENTICATION, SECURITY_ALERT, Kind, kind_o
 from services.auth.models import AuditEvent
 from services.common.config import Settings
 from services.intake import api, fhir_api, hl7_in, hl7_senders_api
-from services.intake.models import Case, CaseCreate
+from services.intake.models import Case, CaseCreate, Hl7SenderCreate
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import new_partner
 from tests.integration.test_intake_decisions import StandInCaseWorkflow
@@ -497,6 +498,10 @@ async def test_sender_registration_is_partner_scoped_validated_and_disabled(stac
     assert bad.status_code == 422
     created = await stack.register("A", body)
     assert created.status_code == 201
+    plain = Hl7SenderCreate(sending_application=app, sending_facility="BAYVIEW")  # no certificate
+    with pytest.raises(HTTPException) as refused:
+        hl7_senders_api.certificate_fingerprint(plain, "prod")
+    assert refused.value.status_code == 422 and "certificate_sha256" in str(refused.value.detail)
     assert (await stack.register("B", body)).status_code == 409  # one sender per identity
 
     sender_id = created.json()["sender_id"]
