@@ -82,6 +82,7 @@ OUTCOMES = {"success": "0", "denied": "4", "failed": "8"}
 SECURITY_RESOURCES = {
     "webhook-endpoint": NETWORK_CONFIGURATION,
     "hl7-endpoint": NETWORK_CONFIGURATION,
+    "hl7-sender": NETWORK_CONFIGURATION,
     "partner": USER_SECURITY_CHANGED,
 }
 REVIEWER_ACCESS = "case.reviewer_access"
@@ -115,7 +116,7 @@ def kind_of(entry: AuditEvent) -> Kind:
         return Kind(SECURITY_ALERT, "E", OBJECT_SECURITY_CHANGED)
     if resource in SECURITY_RESOURCES:
         return Kind(SECURITY_ALERT, "E", SECURITY_RESOURCES[resource])
-    if resource == "webhook" and outcome != "success":
+    if resource in ("webhook", "hl7-order") and outcome != "success":  # a sender not recognised
         return Kind(SECURITY_ALERT, "E", NODE_AUTHENTICATION)
     if resource.startswith("/") or resource == "records.source":
         # Refused before any case was named: no valid key (401), or a role or partner refused (403).

@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     # service (its DiagnosticReport and signed PDF, at the URLs the case API links). Unset, each attempt to send to a
     # partner's MLLP endpoint fails saying so, and is retried on the webhook schedule.
     intake_report_key: SecretStr | None = None
+    # HL7 v2 orders in (ORM^O01, OMG^O19 over MLLP, services.intake.hl7_in): the listener's TCP port; unset, no
+    # listener. It binds HOST. Outside development it speaks TLS only and asks every interface engine for a client
+    # certificate issued by a CA in INTAKE_MLLP_CLIENT_CAS (a PEM bundle); the certificate and key it serves are
+    # INTAKE_MLLP_TLS_CERT and INTAKE_MLLP_TLS_KEY (PEM). In development, without them, plain MLLP from loopback.
+    intake_mllp_port: int | None = Field(default=None, ge=0, le=65535)
+    intake_mllp_tls_cert: Path | None = None
+    intake_mllp_tls_key: Path | None = None
+    intake_mllp_client_cas: Path | None = None
 
     # Records: a file larger than this is refused before it is stored.
     max_upload_bytes: int = 512 * 1024 * 1024
@@ -157,7 +165,29 @@ class Settings(BaseSettings):
             problems.append(
                 "CODEC_KEY and CODEC_KEY_ID must be set to a production key (not the development key)"
             )
-        return problems
+        return problems + self.mllp_problems()
+
+    def mllp_problems(self) -> list[str]:
+        """What keeps intake's MLLP listener (when INTAKE_MLLP_PORT is set) from taking orders outside
+        development: it needs its TLS certificate and key, and the CAs its partners' client certificates are
+        checked against."""
+        if self.intake_mllp_port is None or self.env == "dev":
+            return []
+        missing = [
+            name
+            for name, value in (
+                ("INTAKE_MLLP_TLS_CERT", self.intake_mllp_tls_cert),
+                ("INTAKE_MLLP_TLS_KEY", self.intake_mllp_tls_key),
+                ("INTAKE_MLLP_CLIENT_CAS", self.intake_mllp_client_cas),
+            )
+            if value is None
+        ]
+        if not missing:
+            return []
+        return [
+            f"INTAKE_MLLP_PORT is set, so intake listens for HL7 v2 orders: set {', '.join(missing)} (MLLP over "
+            "TLS with client certificates; plain MLLP is for development only), or unset INTAKE_MLLP_PORT"
+        ]
 
     def require_safe_for_production(self, uses_temporal: bool = True) -> None:
         """Refuse to start with ENV=prod unless every connection is encrypted and the codec key is real."""

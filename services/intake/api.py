@@ -11,7 +11,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import structlog
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
@@ -161,6 +161,14 @@ async def audit_dep(request: Request, caller: CaseCaller, engine: AuthEngine) ->
 
 
 AuditDep = Annotated[Audit, Depends(audit_dep)]
+
+
+class AuditLog(Protocol):
+    """What writes a request's audit entries: the API's `Audit`, or another entry point's (hl7_in)."""
+
+    def __call__(
+        self, action: str, resource: str, case_id: str | None, outcome: str, detail: str = ""
+    ) -> None: ...
 
 
 def to_public(case: Case, timeline: list[CaseTimelineEntry]) -> CasePublic:
@@ -329,7 +337,7 @@ async def open_case(
     body: CaseCreate,
     documents: list[DocumentCreate],
     caller: Principal,
-    audit: Audit,
+    audit: AuditLog,
     engine: Engine,
     temporal: Client | None,
     settings: Settings,

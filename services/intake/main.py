@@ -1,5 +1,6 @@
 """The intake process: case, FHIR, partner and webhook APIs, its consumer, the outbox relay, the
-workflow-start reconciler, the outbound webhook sender and the HL7 v2 (MLLP) sender."""
+workflow-start reconciler, the outbound webhook sender, the HL7 v2 (MLLP) sender and, when INTAKE_MLLP_PORT is set,
+the MLLP listener taking HL7 v2 orders."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
+from temporalio.client import Client
 
 from services.auth import api as partners_api
 from services.auth import smart_api
@@ -27,8 +29,10 @@ from services.intake import (
     fhir_api,
     fhir_subscriptions,
     handlers,
+    hl7_in,
     hl7_out,
     hl7_out_api,
+    hl7_senders_api,
     idempotency,
     webhooks_in,
     webhooks_out,
@@ -78,6 +82,33 @@ async def reconcile_workflow_starts(app: FastAPI) -> None:
             log.warning("reconciler.failed", error=type(exc).__name__)
 
 
+async def start_order_listener(app: FastAPI) -> hl7_in.OrderListener | None:
+    """The MLLP listener for HL7 v2 orders, when INTAKE_MLLP_PORT is set."""
+    if settings.intake_mllp_port is None:
+        return None
+
+    async def temporal() -> Client | None:
+        client = getattr(app.state, "temporal", None)
+        if client is None:
+            try:
+                client = app.state.temporal = await connect_temporal(settings)
+            except Exception as exc:
+                log.warning("temporal.unreachable", error=type(exc).__name__)
+        return client
+
+    listener = hl7_in.OrderListener(
+        get_engine("intake"),
+        get_engine("auth"),
+        settings,
+        temporal,
+        host=settings.host,
+        port=settings.intake_mllp_port,
+        tls=hl7_in.server_tls(settings),
+    )
+    await listener.start()
+    return listener
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(migrate.upgrade, "auth", get_engine("auth"))
@@ -97,9 +128,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.on_commit(hl7_sender.wake, wrote=Hl7Message)
         mllp = threading.Thread(target=hl7_sender.run_forever, name="intake-hl7", daemon=True)
         mllp.start()
+        orders = await start_order_listener(app)
         try:
             yield
         finally:
+            if orders is not None:
+                await orders.stop()
             dispatcher.stop()
             hl7_sender.stop()
             sender.join(timeout=15)
@@ -118,6 +152,7 @@ app = create_app(
         partners_api.router,
         webhooks_out_api.router,
         hl7_out_api.router,
+        hl7_senders_api.router,
         smart_api.token_router,
         smart_api.clients_router,
     ],

@@ -12,7 +12,7 @@ from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from contracts.models import CaseStatus, Coverage, Exam, Patient, ReferringPhysician, Urgency
-from contracts.triage import Reason
+from contracts.triage import EXAM_TYPES, Reason
 from services.common.db import utcnow
 from services.intake.order_reference import SYSTEM_MAX_LENGTH, SYSTEM_RULE, is_identifier_system
 
@@ -29,6 +29,8 @@ TABLES = (
     "hl7_endpoints",
     "hl7_messages",
     "hl7_attempts",
+    "hl7_senders",
+    "hl7_orders_in",
 )
 
 
@@ -563,3 +565,118 @@ class Hl7MessagePublic(BaseModel):
     delivered_at: datetime | None
     created_at: datetime
     history: list[Hl7AttemptPublic]
+
+
+class Hl7Sender(SQLModel, table=True):
+    """A partner's interface engine sending orders (ORM^O01, OMG^O19) over MLLP (services.intake.hl7_in): a message
+    is taken when its MSH-3 and MSH-4 and the client certificate the connection presented match one enabled
+    sender (outside development); the sender's partner owns the case. `certificate_sha256` is "" only for a
+    sender registered in development (plain MLLP from loopback). `default_reason` is the `reason` of an order
+    whose OBR-31 names none; `exam_codes` maps OBR-4 codes to exam types (JSON object)."""
+
+    __tablename__ = "hl7_senders"
+    __table_args__ = (
+        Index("ix_hl7_senders_identity", "sending_application", "sending_facility", "certificate_sha256"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    partner_id: str = Field(index=True, max_length=64)
+    sending_application: str = Field(max_length=180)  # MSH-3 (HD namespace id)
+    sending_facility: str = Field(max_length=180)  # MSH-4 (HD namespace id)
+    certificate_sha256: str = Field(default="", max_length=64)  # lowercase hex; "" in development only
+    default_reason: str = Field(default="", max_length=40)
+    exam_codes: str = Field(default="{}", sa_column=Column(Text, nullable=False, server_default="{}"))
+    description: str = Field(default="", max_length=200)
+    disabled_at: datetime | None = None
+    disabled_reason: str = Field(default="", max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Hl7OrderIn(SQLModel, table=True):
+    """One order message taken from a sender, by its MSH-10, with the ACK answered to it: a resend of the same
+    control id (after a lost ACK) is answered the same ACK and changes nothing. `ack` is None while the first is
+    being processed; `fingerprint` is the message's SHA-256 without MSH-7, so a reused control id on another
+    message is told apart from a resend."""
+
+    __tablename__ = "hl7_orders_in"
+
+    sender_id: str = Field(primary_key=True, foreign_key="hl7_senders.id", max_length=36)
+    control_id: str = Field(primary_key=True, max_length=199)
+    fingerprint: str = Field(max_length=64)
+    ack_code: str | None = Field(default=None, max_length=2)
+    ack: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    case_id: str | None = Field(default=None, index=True, max_length=36)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+SHA256_HEX = r"^(?:[0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2}$"
+
+
+class Hl7SenderCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "sending_application": "MIRTH",
+                    "sending_facility": "BAYVIEW",
+                    "certificate_sha256": "3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b9942dd4f1b",
+                    "default_reason": "unclear_report",
+                    "exam_codes": {"76856": "pelvic", "76805": "obstetric"},
+                    "description": "Mirth, production channel",
+                }
+            ]
+        },
+    )
+
+    sending_application: str = PField(
+        pattern=HD_RULE, description="MSH-3 (its namespace id), as your engine sends it"
+    )
+    sending_facility: str = PField(
+        pattern=HD_RULE, description="MSH-4 (its namespace id), as your engine sends it"
+    )
+    certificate_sha256: str | None = PField(
+        default=None,
+        pattern=SHA256_HEX,
+        description="the SHA-256 fingerprint of the client certificate your engine presents (hex, colons allowed)",
+    )
+    certificate_pem: str | None = PField(
+        default=None,
+        max_length=20_000,
+        description="or the client certificate itself (PEM); its fingerprint is computed and kept, not the PEM",
+    )
+    default_reason: Reason | None = PField(
+        default=None, description="the case's `reason` when OBR-31 carries none of the reason codes"
+    )
+    exam_codes: dict[str, str] = PField(
+        default_factory=dict,
+        max_length=200,
+        description='OBR-4 code (its identifier or alternate identifier) to exam type, e.g. {"76856": "pelvic"}',
+    )
+    description: str = PField(default="", max_length=200)
+
+    @field_validator("exam_codes")
+    @classmethod
+    def _exam_types(cls, codes: dict[str, str]) -> dict[str, str]:
+        for code, exam_type in codes.items():
+            if not 1 <= len(code) <= 50 or not 1 <= len(exam_type) <= 50:
+                raise ValueError("each code and exam type is 1 to 50 characters")
+            if exam_type not in EXAM_TYPES:
+                raise ValueError(f"an exam type must be one of: {', '.join(EXAM_TYPES)}")
+        return codes
+
+
+class Hl7SenderPublic(BaseModel):
+    sender_id: str
+    partner_id: str
+    sending_application: str
+    sending_facility: str
+    certificate_sha256: str | None = PField(
+        description="null: a development sender (plain MLLP from loopback)"
+    )
+    default_reason: Reason | None
+    exam_codes: dict[str, str]
+    description: str
+    enabled: bool
+    disabled_reason: str
+    created_at: datetime
