@@ -54,10 +54,8 @@ from services.intake.models import Case, Hl7OrderIn, Hl7Sender
 log = structlog.get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # an order is a few kB; its documents go to records
-WAIT_FOR_FIRST_SECONDS = 15.0
-STALE_AFTER = timedelta(
-    minutes=2
-)  # a claim without an ACK this old belongs to a process that died  # a resend while the first is still processed waits for its ACK this long
+WAIT_FOR_FIRST_SECONDS = 15.0  # a resend while the first is still processed waits for its ACK this long
+STALE_AFTER = timedelta(minutes=2)  # a claim without an ACK this old belongs to a process that died
 UNKNOWN = Header("", "", "", "", "", "")
 REGISTER = (
     "register your engine as an HL7 sender of your partner (POST /v1/partners/{partner_id}/hl7-senders with "

@@ -143,6 +143,37 @@ def test_every_path_prefix_has_an_ingress_rule_to_its_owner(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_hl7_order_listener_is_served_in_prod_over_tls_with_client_certificates_only(
+    manifests: dict[str, list[Manifest]], overlay: str
+) -> None:
+    """Intake refuses to listen for HL7 orders outside development without its TLS settings (all three), so prod
+    gives it the port, the certificate and key, and the CAs engines' client certificates are checked against;
+    dev, where plain MLLP is taken from loopback only, serves none."""
+    (container,) = named(manifests[overlay], "Deployment", "intake")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    services = {s["metadata"]["name"] for s in of_kind(manifests[overlay], "Service")}
+    if overlay == "dev":
+        assert "INTAKE_MLLP_PORT" not in env and "intake-mllp" not in services
+        return
+    assert {"name": "mllp", "containerPort": 2575} in container["ports"]
+    assert env["INTAKE_MLLP_PORT"] == "2575"
+    mounted = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {
+        v["name"]: v
+        for v in named(manifests[overlay], "Deployment", "intake")["spec"]["template"]["spec"]["volumes"]
+    }
+    sources = {s["secret"]["name"] for s in volumes["hl7-tls"]["projected"]["sources"]}
+    assert sources == {"intake-mllp-tls", "hl7-peers"}
+    for setting in ("INTAKE_MLLP_TLS_CERT", "INTAKE_MLLP_TLS_KEY", "INTAKE_MLLP_CLIENT_CAS"):
+        assert env[setting].startswith(mounted["hl7-tls"] + "/"), setting
+    service = named(manifests[overlay], "Service", "intake-mllp")
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "intake"}
+    assert service["spec"]["ports"] == [{"name": "mllp", "port": 2575, "targetPort": "mllp"}]
+    certificate = named(manifests[overlay], "Certificate", "intake-mllp-tls")["spec"]
+    assert certificate["secretName"] == "intake-mllp-tls" and "server auth" in certificate["usages"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_dicom_scp_has_its_own_service(manifests: dict[str, list[Manifest]], overlay: str) -> None:
     port = {"dev": 11112, "prod": 2762}[overlay]  # plain DIMSE in dev, DICOM TLS's port in prod
     service = named(manifests[overlay], "Service", "records-dicom")
@@ -259,7 +290,9 @@ def test_network_policies_deny_by_default_and_allow_exactly_what_each_needs(
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     for name, labels in workloads(docs).items():
         assert allowed_ports(policies, labels, "Egress") == EXPECTED_EGRESS[name], name
-        assert allowed_ports(policies, labels, "Ingress") == EXPECTED_INGRESS[name], name
+        # prod also takes hospitals' HL7 v2 orders on intake's MLLP listener (TLS only; none in dev)
+        mllp = {"mllp"} if overlay == "prod" and name == "intake" else set()
+        assert allowed_ports(policies, labels, "Ingress") == EXPECTED_INGRESS[name] | mllp, name
         assert outside_rules(policies, labels) == EXPECTED_OUTSIDE[overlay][name], name
 
 
