@@ -11,8 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from sqlmodel import Session, col, select
 
-from services.auth import AuthEngine, Caller, Role
-from services.auth.deps import audit_caller
+from services.auth import Caller
 from services.auth.problems import problem_response
 from services.common.config import get_settings
 from services.common.db import transaction_lock
@@ -28,6 +27,7 @@ from services.intake.models import (
     Hl7Message,
     Hl7MessagePublic,
 )
+from services.intake.partner_scope import partner_scope
 
 HL7_ENDPOINT_LOCKS = (
     0x5EC0_E4D1  # advisory lock key space: one partner's HL7 endpoint registrations take turns
@@ -64,25 +64,10 @@ def public(endpoint: Hl7Endpoint) -> Hl7EndpointPublic:
     )
 
 
-def partner_scope(partner_id: str, request: Request, caller: Caller, auth: AuthEngine) -> None:
-    """Every route here is about one partner: another partner's (or a specialist) gets 404, audited."""
-    if caller.sees(partner_id) and caller.role != Role.SPECIALIST:
-        return
-    audit_caller(
-        request,
-        auth,
-        caller,
-        resource="hl7-endpoint",
-        outcome="denied",
-        detail="another partner's HL7 endpoints",
-    )
-    raise HTTPException(status.HTTP_404_NOT_FOUND, "no partner with this id is visible to this key")
-
-
 router = APIRouter(
     prefix="/v1/partners/{partner_id}/hl7-endpoints",
     tags=["HL7 v2 endpoints"],
-    dependencies=[Depends(partner_scope)],
+    dependencies=[Depends(partner_scope("hl7-endpoint", "HL7 endpoints"))],
 )
 
 

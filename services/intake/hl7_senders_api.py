@@ -17,13 +17,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from sqlmodel import Session, col, select
 
 from contracts.triage import Reason
-from services.auth import AuthEngine, Caller, Role
-from services.auth.deps import audit_caller
+from services.auth import Caller
 from services.auth.problems import problem_response
 from services.common.config import get_settings
 from services.common.db import transaction_lock
 from services.intake.api import ERRORS, EngineDep, IdempotencyKey, idempotent
 from services.intake.models import Hl7Sender, Hl7SenderCreate, Hl7SenderPublic
+from services.intake.partner_scope import partner_scope
 
 HL7_SENDER_LOCKS = 0x5EC0_E4D2  # advisory lock key space: registrations of one sending identity take turns
 
@@ -55,20 +55,10 @@ def public(sender: Hl7Sender) -> Hl7SenderPublic:
     )
 
 
-def partner_scope(partner_id: str, request: Request, caller: Caller, auth: AuthEngine) -> None:
-    """Every route here is about one partner: another partner's (or a specialist) gets 404, audited."""
-    if caller.sees(partner_id) and caller.role != Role.SPECIALIST:
-        return
-    audit_caller(
-        request, auth, caller, resource="hl7-sender", outcome="denied", detail="another partner's HL7 senders"
-    )
-    raise HTTPException(status.HTTP_404_NOT_FOUND, "no partner with this id is visible to this key")
-
-
 router = APIRouter(
     prefix="/v1/partners/{partner_id}/hl7-senders",
     tags=["HL7 v2 senders"],
-    dependencies=[Depends(partner_scope)],
+    dependencies=[Depends(partner_scope("hl7-sender", "HL7 senders"))],
 )
 
 

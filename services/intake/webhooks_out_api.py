@@ -11,8 +11,7 @@ import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from sqlmodel import Session, col, select
 
-from services.auth import AuthEngine, Caller, Principal, Role
-from services.auth.deps import audit_caller
+from services.auth import Caller, Principal
 from services.auth.problems import problem_response
 from services.common.config import get_settings
 from services.common.db import transaction_lock
@@ -26,6 +25,7 @@ from services.intake.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
+from services.intake.partner_scope import partner_scope
 from services.intake.webhooks_out import LEASE, WEBHOOK, EndpointRefused, check_url
 
 ENDPOINT_LOCKS = 0x5EC0_E4D0  # advisory lock key space: one partner's endpoint registrations take turns
@@ -56,25 +56,10 @@ def public(endpoint: WebhookEndpoint) -> EndpointPublic:
     )
 
 
-def partner_scope(partner_id: str, request: Request, caller: Caller, auth: AuthEngine) -> None:
-    """Every route here is about one partner: another partner's (or a specialist) gets 404, audited."""
-    if caller.sees(partner_id) and caller.role != Role.SPECIALIST:
-        return
-    audit_caller(
-        request,
-        auth,
-        caller,
-        resource="webhook-endpoint",
-        outcome="denied",
-        detail="another partner's webhook endpoints",
-    )
-    raise HTTPException(status.HTTP_404_NOT_FOUND, "no partner with this id is visible to this key")
-
-
 router = APIRouter(
     prefix="/v1/partners/{partner_id}/webhook-endpoints",
     tags=["webhook endpoints"],
-    dependencies=[Depends(partner_scope)],
+    dependencies=[Depends(partner_scope("webhook-endpoint", "webhook endpoints"))],
 )
 
 
