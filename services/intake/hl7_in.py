@@ -54,6 +54,11 @@ from services.intake.models import Case, Hl7OrderIn, Hl7Sender
 log = structlog.get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # an order is a few kB; its documents go to records
+# The port faces the internet: a connection that sends nothing (before the TLS handshake ends, or between
+# messages) is closed, so idle or half-open sockets cannot pile up; an engine reconnects when it has a message.
+IDLE_SECONDS = 300.0
+HANDSHAKE_SECONDS = 15.0
+MAX_CONNECTIONS = 64  # at once; one more is closed at once (an engine keeps one or a few)
 WAIT_FOR_FIRST_SECONDS = 15.0  # a resend while the first is still processed waits for its ACK this long
 STALE_AFTER = timedelta(minutes=2)  # a claim without an ACK this old belongs to a process that died
 UNKNOWN = Header("", "", "", "", "", "")
@@ -114,6 +119,9 @@ class OrderListener:
         host: str,
         port: int,
         tls: ssl.SSLContext | None,
+        idle_seconds: float = IDLE_SECONDS,
+        handshake_seconds: float = HANDSHAKE_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if tls is None and settings.env != "dev":
             raise SystemExit("refusing to listen for HL7 orders:\n- " + "\n- ".join(settings.mllp_problems()))
@@ -124,12 +132,20 @@ class OrderListener:
         self.host = host
         self.wanted_port = port
         self.tls = tls
+        self.idle_seconds = idle_seconds
+        self.handshake_seconds = handshake_seconds
+        self.max_connections = max_connections
         self.server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.server = await hl7.mllp.start_hl7_server(
-            self._serve, self.host, self.wanted_port, limit=MAX_MESSAGE_BYTES, ssl=self.tls
+            self._serve,
+            self.host,
+            self.wanted_port,
+            limit=MAX_MESSAGE_BYTES,
+            ssl=self.tls,
+            ssl_handshake_timeout=self.handshake_seconds if self.tls is not None else None,
         )
         log.info("hl7_in.listening", port=self.port, tls=self.tls is not None)
 
@@ -152,9 +168,15 @@ class OrderListener:
             self._connections.add(task)
         try:
             peer = peer_of(writer)
+            if len(self._connections) > self.max_connections:
+                log.warning("hl7_in.too_many_connections", connections=len(self._connections))
+                return
             while True:
                 try:
-                    block = await reader.readblock()
+                    block = await asyncio.wait_for(reader.readblock(), self.idle_seconds)
+                except TimeoutError:
+                    log.info("hl7_in.idle_closed", seconds=self.idle_seconds)
+                    return
                 except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                     return  # the engine closed the connection
                 except (hl7.mllp.InvalidBlockError, ValueError):

@@ -467,6 +467,52 @@ async def test_plain_mllp_in_development_from_loopback_matches_msh3_msh4(
         await http.aclose()
 
 
+async def test_idle_and_surplus_connections_are_closed_so_sockets_cannot_pile_up(
+    engines: tuple[Engine, Engine], settings: Settings, pki: Pki
+) -> None:
+    """The port faces the internet: a connection that sends nothing is closed after the idle time, one past the
+    cap at once, and one that never finishes its TLS handshake after the handshake time; the others still work."""
+    listener = hl7_in.OrderListener(
+        engines[0], engines[1], settings, no_temporal, host="127.0.0.1", port=0, tls=None,
+        idle_seconds=1.0, max_connections=2,
+    )  # fmt: skip
+    await listener.start()
+    opened: list[asyncio.StreamWriter] = []
+    try:
+
+        async def connect() -> asyncio.StreamReader:
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            opened.append(writer)
+            return reader
+
+        first, second = await connect(), await connect()
+        await asyncio.sleep(0.2)  # both served
+        third = await connect()
+        assert await asyncio.wait_for(third.read(), 2) == b""  # past the cap: closed at once
+        assert not first.at_eof() and not second.at_eof()
+        assert await asyncio.wait_for(first.read(), 5) == b""  # idle for a second: closed
+        assert await asyncio.wait_for(second.read(), 5) == b""
+    finally:
+        for writer in opened:
+            writer.close()
+        await listener.stop()
+
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.authority.cert))
+    server.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    server.verify_mode = ssl.CERT_REQUIRED
+    tls = hl7_in.OrderListener(
+        engines[0], engines[1], settings, no_temporal, host="127.0.0.1", port=0, tls=server,
+        handshake_seconds=1.0,
+    )  # fmt: skip
+    await tls.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", tls.port)  # TCP only, no handshake
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        await tls.stop()
+
+
 def test_outside_development_the_listener_refuses_to_start_without_tls(
     engines: tuple[Engine, Engine], settings: Settings
 ) -> None:
