@@ -51,7 +51,14 @@ from sqlmodel import Session, col, select
 from services.common.db import insert_new
 from services.intake import hl7_oru
 from services.intake.host_lookup import DNS_TIMEOUT, EndpointRefused, resolve_host
-from services.intake.models import Case, CaseCreate, Hl7Attempt, Hl7Endpoint, Hl7Message
+from services.intake.models import (
+    Case,
+    CaseCreate,
+    CaseTimelineEntry,
+    Hl7Attempt,
+    Hl7Endpoint,
+    Hl7Message,
+)
 from services.intake.webhooks_out import MAX_ATTEMPTS, backoff, check_url
 
 log = structlog.get_logger(__name__)
@@ -469,6 +476,7 @@ class Hl7Sender:
                 wait = backoff(message.attempts, self.base_delay, self.max_delay, self.rng)
                 message.next_attempt_at = attempt.at + timedelta(seconds=wait)
             session.add(message)
+            _on_the_timeline(session, message, attempt, outcome)
             session.execute(
                 insert(Hl7Attempt.__table__),  # type: ignore[attr-defined]
                 {
@@ -496,6 +504,51 @@ class Hl7Sender:
             log.warning("hl7.message_failed", **fields)
         else:
             log.info("hl7.attempt", **fields)
+
+
+def _on_the_timeline(session: Session, message: Hl7Message, attempt: Attempt, outcome: str) -> None:
+    """What operations see on the case's timeline: the report filed by the hospital's engine (a `delivery`), or
+    an `alert` when the engine rejected it (the first AR or CR) or every attempt failed. Codes, names and ids
+    only, never the report's text."""
+    endpoint = session.get(Hl7Endpoint, message.endpoint_id)
+    engine = f"{endpoint.receiving_application}@{endpoint.receiving_facility}" if endpoint else "the engine"
+    version = "the report" if message.result_status == "F" else "a new version of the report"
+    if outcome == "delivered":
+        key, kind = "delivered", "delivery"
+        detail = (
+            f"{version} filed by the hospital's HL7 interface engine {engine} "
+            f"(ACK {attempt.ack_code}, ORU^R01 {message.id})"
+        )
+    elif outcome == "failed":
+        key, kind = "failed", "alert"
+        detail = (
+            f"hl7_delivery_failed: {version} did not reach the HL7 interface engine {engine} after "
+            f"{message.attempts} attempts (ORU^R01 {message.id}, last: {attempt.error[:120]}); the partner "
+            "can replay it once its engine takes it"
+        )
+    elif attempt.ack_code in hl7_oru.REJECTED:
+        key, kind = "rejected", "alert"
+        detail = (
+            f"hl7_rejected: the HL7 interface engine {engine} rejected {version} ({attempt.ack_code}, ORU^R01 "
+            f"{message.id}); it is retried: the partner checks its engine's log"
+        )
+    else:
+        return
+    event_id = f"hl7:{message.id}:{key}"
+    if session.exec(select(CaseTimelineEntry.id).where(CaseTimelineEntry.event_id == event_id)).first():
+        return  # one entry each: a replayed message's second delivery, a second rejection, add none
+    case = session.get(Case, message.case_id)
+    if case is not None:
+        session.add(
+            CaseTimelineEntry(
+                case_id=case.id,
+                event_id=event_id,
+                status=case.status,
+                detail=detail,
+                at=attempt.at,
+                kind=kind,
+            )
+        )
 
 
 def _interpreter(resource: dict[str, Any]) -> hl7_oru.Interpreter | None:

@@ -162,7 +162,7 @@ class CaseTimelineEntry(SQLModel, table=True):
     status: str = Field(max_length=40)
     detail: str = ""
     at: datetime
-    kind: str = Field(default="transition", max_length=20)  # "transition" or "alert"
+    kind: str = Field(default="transition", max_length=20)  # "transition", "alert" or "delivery"
 
 
 class TimelineEntry(BaseModel):
@@ -170,7 +170,9 @@ class TimelineEntry(BaseModel):
     detail: str
     at: datetime
     kind: str = Field(
-        default="transition", description="`transition` of status, or an `alert` (e.g. due date moved)"
+        default="transition",
+        description="`transition` of status, an `alert` (e.g. due date moved, a report a hospital's HL7 engine "
+        "rejected), or a `delivery` (the report filed by a hospital's HL7 interface engine)",
     )
 
 

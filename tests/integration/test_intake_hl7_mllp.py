@@ -235,6 +235,14 @@ def test_a_delivered_report_arrives_as_one_oru_r01_with_the_signed_pdf_and_an_am
         (first, "F", "delivered"),
         (second, "C", "delivered"),
     }
+    # Operations see on the case that the hospital's engine filed each version (nothing of the report's text).
+    case = client.get(f"/v1/cases/{case_id}", headers={"Authorization": partner["Authorization"]}).json()
+    filed = [t["detail"] for t in case["timeline"] if t["kind"] == "delivery"]
+    assert filed == [
+        f"the report filed by the hospital's HL7 interface engine RIS@BAYVIEW (ACK AA, ORU^R01 {first})",
+        f"a new version of the report filed by the hospital's HL7 interface engine RIS@BAYVIEW (ACK AA, "
+        f"ORU^R01 {second})",
+    ]
 
 
 @pytest.mark.parametrize("first_answer", ["AE", "drop", "AR"])
@@ -257,6 +265,34 @@ def test_an_error_or_no_ack_is_retried_with_the_same_control_id_then_delivered(
     assert message["status"] == "delivered"
     assert [a["ack_code"] for a in message["history"]] == [expected, "AA"]
     assert message["history"][0]["error"]  # what went wrong, for the partner to check
+    case = client.get(f"/v1/cases/{case_id}", headers={"Authorization": partner["Authorization"]}).json()
+    alerts = [t["detail"] for t in case["timeline"] if t["kind"] == "alert" and "hl7" in t["detail"]]
+    # A rejection is an alert on the case (a mapping the hospital fixes); an error or a lost ACK is retried quietly.
+    assert alerts == ([f"hl7_rejected: the HL7 interface engine RIS@BAYVIEW rejected the report (AR, ORU^R01 "
+                       f"{first}); it is retried: the partner checks its engine's log"]
+                      if first_answer == "AR" else [])  # fmt: skip
+    assert [t["kind"] for t in case["timeline"]].count("delivery") == 1
+
+
+def test_a_message_no_attempt_delivers_is_an_alert_on_the_case(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    listener: Listener,
+    sender: Hl7Sender,
+    report: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    partner, endpoint_id, case_id = registered(client, engines, listener)
+    monkeypatch.setattr(hl7_out, "MAX_ATTEMPTS", 2)
+    listener.script = ["AE", "AE"]
+    deliver(engines[0], case_id, report, f"wf:{case_id}:deliver-1")
+    send_until(sender, lambda: message_log(client, partner, endpoint_id)[0]["status"] == "failed")
+    case = client.get(f"/v1/cases/{case_id}", headers={"Authorization": partner["Authorization"]}).json()
+    [alert] = [t for t in case["timeline"] if t["kind"] == "alert" and "hl7" in t["detail"]]
+    assert alert["detail"].startswith(
+        "hl7_delivery_failed: the report did not reach the HL7 interface engine RIS@BAYVIEW after 2 attempts"
+    )
+    assert "Doe" not in alert["detail"] and "delivery" not in [t["kind"] for t in case["timeline"]]
 
 
 def test_an_ack_for_another_control_id_is_not_taken_for_ours(
