@@ -61,6 +61,7 @@ HANDSHAKE_SECONDS = 15.0
 MAX_CONNECTIONS = 64  # at once; one more is closed at once (an engine keeps one or a few)
 WAIT_FOR_FIRST_SECONDS = 15.0  # a resend while the first is still processed waits for its ACK this long
 STALE_AFTER = timedelta(minutes=2)  # a claim without an ACK this old belongs to a process that died
+KEEP_FOR = timedelta(days=7)  # a message's ACK is kept this long for resends (as the API's idempotency keys)
 UNKNOWN = Header("", "", "", "", "", "")
 REGISTER = (
     "register your engine as an HL7 sender of your partner (POST /v1/partners/{partner_id}/hl7-senders with "
@@ -468,6 +469,17 @@ def claim(engine: Engine, sender_id: str, control_id: str, print_: str) -> str |
         if time.monotonic() > deadline:
             raise Retry("the first message with this control id is still being processed")
         time.sleep(0.05)
+
+
+def purge(engine: Engine, now: datetime | None = None) -> int:
+    """Forget the ACKs of messages taken more than KEEP_FOR ago (an engine resends within hours of a lost ACK);
+    returns how many. A resend after that is taken again: an order finds its case by the placer number, and
+    answers AA naming it, creating nothing."""
+    cutoff = (now or datetime.now(UTC)) - KEEP_FOR
+    with Session(engine) as session:
+        result = session.execute(delete(Hl7OrderIn).where(col(Hl7OrderIn.created_at) < cutoff))
+        session.commit()
+        return int(getattr(result, "rowcount", 0) or 0)
 
 
 def complete(

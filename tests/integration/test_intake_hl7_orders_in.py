@@ -9,6 +9,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import hl7
@@ -25,7 +26,7 @@ from services.auth.atna import NODE_AUTHENTICATION, SECURITY_ALERT, Kind, kind_o
 from services.auth.models import AuditEvent
 from services.common.config import Settings
 from services.intake import api, fhir_api, hl7_in, hl7_senders_api
-from services.intake.models import Case, CaseCreate, Hl7SenderCreate
+from services.intake.models import Case, CaseCreate, Hl7OrderIn, Hl7Sender, Hl7SenderCreate
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import new_partner
 from tests.integration.test_intake_decisions import StandInCaseWorkflow
@@ -152,6 +153,13 @@ async def stack(engines: tuple[Engine, Engine], settings: Settings, pki: Pki) ->
         await http.aclose()
 
 
+def sender_of(stack: Stack, app: str) -> str:
+    """The id of the enabled sender registered under MSH-3 `app`."""
+    with Session(stack.engines[0]) as session:
+        sender = session.exec(select(Hl7Sender).where(Hl7Sender.sending_application == app)).one()
+    return sender.id
+
+
 def fingerprint(issued: Issued) -> str:
     import hashlib
 
@@ -272,6 +280,14 @@ async def test_an_orm_o01_creates_a_case_the_case_api_shows_and_a_resend_gets_th
     )
     assert msa(other)[0] == "AA" and case.id in msa(other)[2] and "already" in msa(other)[2]
     assert len(stack.cases("A")) == 1
+
+    # A week on, the kept ACKs are forgotten (hourly purge); a resend then still creates nothing: the placer
+    # number finds the case.
+    assert hl7_in.purge(stack.engines[0], datetime.now(UTC) + hl7_in.KEEP_FOR + timedelta(hours=1)) >= 2
+    with Session(stack.engines[0]) as session:
+        assert session.get(Hl7OrderIn, (sender_of(stack, app), control_id)) is None
+    late = await stack.send(message, stack.pki.mirth)
+    assert msa(late)[0] == "AA" and case.id in msa(late)[2] and len(stack.cases("A")) == 1
 
 
 async def test_an_omg_o19_maps_through_the_senders_code_map_and_default_reason(stack: Stack) -> None:
