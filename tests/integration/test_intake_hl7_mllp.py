@@ -332,15 +332,22 @@ def test_an_engine_that_never_answers_holds_its_own_lane_not_the_other_engines_m
         deliver(engines[0], other_case, report, f"wf:{other_case}:deliver-1")
         running.start()
         deadline = time.monotonic() + 5  # well within the silent engine's 8 s
-        while not healthy.received:
+
+        def state(case_id: str) -> Hl7Message:
+            with Session(engines[0]) as session:
+                return session.exec(select(Hl7Message).where(Hl7Message.case_id == case_id)).one()
+
+        while state(other_case).status != "delivered":
             assert time.monotonic() < deadline, (
                 "the other engine's message waited for the silent engine's ACK"
             )
             time.sleep(0.05)
-        assert len(silent.received) == 1  # sent first, and still waiting for its ACK
-        with Session(engines[0]) as session:
-            stuck = session.exec(select(Hl7Message).where(Hl7Message.case_id == stuck_case)).one()
-            assert stuck.attempts == 0 and stuck.status == "pending"
+        stuck = state(stuck_case)  # its attempt still waits for the ACK: nothing recorded yet
+        assert stuck.attempts == 0 and stuck.status == "pending"
+        while not silent.received:  # the lanes run side by side: it may have been sent after the other's
+            assert time.monotonic() < deadline, "the silent engine was sent nothing"
+            time.sleep(0.05)
+        assert len(healthy.received) == 1
         sender.stop()
         running.join(timeout=20)
         with Session(engines[0]) as session:
