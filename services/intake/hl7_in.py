@@ -7,8 +7,10 @@ SHA-256 fingerprint, MSH-3 and MSH-4 match one enabled `Hl7Sender`, whose partne
 without TLS settings, plain MLLP is taken from loopback only, matched on MSH-3 / MSH-4 alone. Anything else is an
 AR saying what to do, and an audit entry.
 
-Exactly once: the (sender, MSH-10) pair is claimed in `hl7_orders_in` before the order is processed and its ACK
-kept there, so a resend (after a lost ACK) is answered the same ACK and creates nothing. A new order goes through
+Exactly once: the (sender, MSH-10) pair is claimed as an idempotency key (`idempotency`, as the case API's
+`Idempotency-Key` and partner webhooks' ids are: owner `hl7-sender:{id}`) before the order is processed and its ACK
+kept there, so a resend (after a lost ACK) is answered the same ACK and creates nothing; the hourly purge forgets
+it after KEEP_FOR. A new order goes through
 the case API's own `open_case` (validation, the existing case for a placer order number, the workflow's start);
 a cancel through the workflow's `cancel` update, as the API's. A failure that a resend may cure (the database or
 Temporal unreachable) releases the claim and answers AE saying to resend.
@@ -24,18 +26,14 @@ import hashlib
 import ipaddress
 import json
 import ssl
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 import hl7.mllp
 import structlog
 from fastapi import HTTPException
-from sqlalchemy import delete
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from temporalio.client import Client
 
@@ -46,10 +44,10 @@ from services.auth.deps import Principal
 from services.auth.models import Role
 from services.common.config import Settings
 from services.common.errors import IntakeRejected
-from services.intake import decisions, handlers, hl7_orm
+from services.intake import decisions, handlers, hl7_orm, idempotency
 from services.intake.api import CLOSED, open_case
 from services.intake.hl7_orm import APPLICATION_ERROR, ErrorItem, Header, OrderInvalid
-from services.intake.models import Case, Hl7OrderIn, Hl7Sender
+from services.intake.models import Case, Hl7Sender
 
 log = structlog.get_logger(__name__)
 
@@ -59,9 +57,8 @@ MAX_MESSAGE_BYTES = 1024 * 1024  # an order is a few kB; its documents go to rec
 IDLE_SECONDS = 300.0
 HANDSHAKE_SECONDS = 15.0
 MAX_CONNECTIONS = 64  # at once; one more is closed at once (an engine keeps one or a few)
-WAIT_FOR_FIRST_SECONDS = 15.0  # a resend while the first is still processed waits for its ACK this long
-STALE_AFTER = timedelta(minutes=2)  # a claim without an ACK this old belongs to a process that died
-KEEP_FOR = timedelta(days=7)  # a message's ACK is kept this long for resends (as the API's idempotency keys)
+KEEP_FOR = idempotency.KEEP_FOR  # a message's ACK is kept this long for resends
+ACKNOWLEDGED = 200  # the stored answer's status: the body is the ACK itself
 UNKNOWN = Header("", "", "", "", "", "")
 REGISTER = (
     "register your engine as an HL7 sender of your partner (POST /v1/partners/{partner_id}/hl7-senders with "
@@ -219,31 +216,35 @@ class OrderListener:
         if not header.control_id:
             error = ErrorItem("MSH^1^10", hl7_orm.REQUIRED_MISSING, "MSH-10 (message control id) is required")
             return hl7_orm.ack(header, "AR", new_control_id(), "nothing was stored", [error])
-        print_ = hl7_orm.fingerprint(block)
+        owner, key = f"hl7-sender:{sender.id}", header.control_id
         try:
-            stored = await asyncio.to_thread(claim, self.engine, sender.id, header.control_id, print_)
-        except ControlIdReused:
+            stored = await asyncio.to_thread(
+                idempotency.claim, self.engine, owner, key, hl7_orm.fingerprint(block)
+            )
+        except idempotency.KeyReusedWithOtherBody:
             error = ErrorItem("MSH^1^10", APPLICATION_ERROR,
                               "this control id was already used for another message from your engine; give each "
                               "message its own MSH-10")  # fmt: skip
             return hl7_orm.ack(header, "AR", new_control_id(), "nothing was stored", [error])
+        except idempotency.StillRunning:
+            return retry_ack(header, "the first message with this control id is still being processed")
         except Exception as exc:
             log.warning("hl7_in.claim_failed", error=type(exc).__name__)
             return retry_ack(header, "the order could not be recorded now")
         if stored is not None:
             log.info("hl7_in.resend", sender_id=sender.id)
-            return stored
+            return str(stored.body)
         try:
             code, text, errors, case_id = await self._process(block, sender, peer)
         except Retry as exc:
-            await asyncio.to_thread(release, self.engine, sender.id, header.control_id)
+            await asyncio.to_thread(idempotency.release, self.engine, owner, key)
             return retry_ack(header, str(exc))
         except Exception as exc:
-            await asyncio.to_thread(release, self.engine, sender.id, header.control_id)
+            await asyncio.to_thread(idempotency.release, self.engine, owner, key)
             log.warning("hl7_in.failed", sender_id=sender.id, error=type(exc).__name__)
             return retry_ack(header, "the order could not be processed now")
         answer = hl7_orm.ack(header, code, new_control_id(), text, errors)
-        await asyncio.to_thread(complete, self.engine, sender.id, header.control_id, code, answer, case_id)
+        await asyncio.to_thread(idempotency.complete, self.engine, owner, key, ACKNOWLEDGED, answer)
         log.info("hl7_in.answered", sender_id=sender.id, ack=code, case_id=case_id)
         return answer
 
@@ -431,74 +432,6 @@ def new_control_id() -> str:
 def retry_ack(header: Header, why: str) -> str:
     error = ErrorItem("", APPLICATION_ERROR, f"{why}; nothing was stored: send the message again in a minute")
     return hl7_orm.ack(header, "AE", new_control_id(), "resend later", [error])
-
-
-class ControlIdReused(Exception):
-    pass
-
-
-def claim(engine: Engine, sender_id: str, control_id: str, print_: str) -> str | None:
-    """None when this message is the first with its control id (it is claimed); the stored ACK of a resend."""
-    deadline = time.monotonic() + WAIT_FOR_FIRST_SECONDS
-    while True:
-        with Session(engine) as session:
-            session.add(Hl7OrderIn(sender_id=sender_id, control_id=control_id, fingerprint=print_))
-            try:
-                session.commit()
-                return None
-            except IntegrityError:
-                session.rollback()
-            row = session.get(Hl7OrderIn, (sender_id, control_id))
-            if row is not None:
-                if row.fingerprint != print_:
-                    raise ControlIdReused
-                if row.ack is not None:
-                    return row.ack
-                created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
-                if datetime.now(UTC) - created > STALE_AFTER:  # the first died mid-way: take its claim over
-                    session.execute(
-                        delete(Hl7OrderIn).where(
-                            col(Hl7OrderIn.sender_id) == sender_id,
-                            col(Hl7OrderIn.control_id) == control_id,
-                            col(Hl7OrderIn.ack).is_(None),
-                            col(Hl7OrderIn.created_at) == row.created_at,
-                        )
-                    )
-                    session.commit()
-                    continue
-        if time.monotonic() > deadline:
-            raise Retry("the first message with this control id is still being processed")
-        time.sleep(0.05)
-
-
-def purge(engine: Engine, now: datetime | None = None) -> int:
-    """Forget the ACKs of messages taken more than KEEP_FOR ago (an engine resends within hours of a lost ACK);
-    returns how many. A resend after that is taken again: an order finds its case by the placer number, and
-    answers AA naming it, creating nothing."""
-    cutoff = (now or datetime.now(UTC)) - KEEP_FOR
-    with Session(engine) as session:
-        result = session.execute(delete(Hl7OrderIn).where(col(Hl7OrderIn.created_at) < cutoff))
-        session.commit()
-        return int(getattr(result, "rowcount", 0) or 0)
-
-
-def complete(
-    engine: Engine, sender_id: str, control_id: str, code: str, ack: str, case_id: str | None
-) -> None:
-    with Session(engine) as session:
-        row = session.get(Hl7OrderIn, (sender_id, control_id))
-        if row is not None:
-            row.ack_code, row.ack, row.case_id = code, ack, case_id
-            session.add(row)
-            session.commit()
-
-
-def release(engine: Engine, sender_id: str, control_id: str) -> None:
-    with Session(engine) as session:
-        row = session.get(Hl7OrderIn, (sender_id, control_id))
-        if row is not None and row.ack is None:
-            session.delete(row)
-            session.commit()
 
 
 def find_case(engine: Engine, placer: str, system: str | None, partner_id: str) -> Case | None:

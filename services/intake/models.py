@@ -30,7 +30,6 @@ TABLES = (
     "hl7_messages",
     "hl7_attempts",
     "hl7_senders",
-    "hl7_orders_in",
 )
 
 
@@ -591,23 +590,6 @@ class Hl7Sender(SQLModel, table=True):
     description: str = Field(default="", max_length=200)
     disabled_at: datetime | None = None
     disabled_reason: str = Field(default="", max_length=200)
-    created_at: datetime = Field(default_factory=utcnow)
-
-
-class Hl7OrderIn(SQLModel, table=True):
-    """One order message taken from a sender, by its MSH-10, with the ACK answered to it: a resend of the same
-    control id (after a lost ACK) is answered the same ACK and changes nothing. `ack` is None while the first is
-    being processed; `fingerprint` is the message's SHA-256 without MSH-7, so a reused control id on another
-    message is told apart from a resend."""
-
-    __tablename__ = "hl7_orders_in"
-
-    sender_id: str = Field(primary_key=True, foreign_key="hl7_senders.id", max_length=36)
-    control_id: str = Field(primary_key=True, max_length=199)
-    fingerprint: str = Field(max_length=64)
-    ack_code: str | None = Field(default=None, max_length=2)
-    ack: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    case_id: str | None = Field(default=None, index=True, max_length=36)
     created_at: datetime = Field(default_factory=utcnow)
 
 

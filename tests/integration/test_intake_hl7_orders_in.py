@@ -25,8 +25,8 @@ from temporalio.worker import Worker
 from services.auth.atna import NODE_AUTHENTICATION, SECURITY_ALERT, Kind, kind_of
 from services.auth.models import AuditEvent
 from services.common.config import Settings
-from services.intake import api, fhir_api, hl7_in, hl7_senders_api
-from services.intake.models import Case, CaseCreate, Hl7OrderIn, Hl7Sender, Hl7SenderCreate
+from services.intake import api, fhir_api, hl7_in, hl7_senders_api, idempotency
+from services.intake.models import Case, CaseCreate, Hl7Sender, Hl7SenderCreate, IdempotencyRecord
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import new_partner
 from tests.integration.test_intake_decisions import StandInCaseWorkflow
@@ -283,9 +283,12 @@ async def test_an_orm_o01_creates_a_case_the_case_api_shows_and_a_resend_gets_th
 
     # A week on, the kept ACKs are forgotten (hourly purge); a resend then still creates nothing: the placer
     # number finds the case.
-    assert hl7_in.purge(stack.engines[0], datetime.now(UTC) + hl7_in.KEEP_FOR + timedelta(hours=1)) >= 2
+    owner = f"hl7-sender:{sender_of(stack, app)}"
     with Session(stack.engines[0]) as session:
-        assert session.get(Hl7OrderIn, (sender_of(stack, app), control_id)) is None
+        assert session.get(IdempotencyRecord, (owner, control_id)) is not None  # the ACK kept for resends
+    assert idempotency.purge(stack.engines[0], datetime.now(UTC) + hl7_in.KEEP_FOR + timedelta(hours=1)) >= 2
+    with Session(stack.engines[0]) as session:
+        assert session.get(IdempotencyRecord, (owner, control_id)) is None
     late = await stack.send(message, stack.pki.mirth)
     assert msa(late)[0] == "AA" and case.id in msa(late)[2] and len(stack.cases("A")) == 1
 

@@ -1,4 +1,5 @@
-"""HL7 v2 orders in over MLLP: a partner's registered senders, and each order message taken with its ACK
+"""HL7 v2 orders in over MLLP: a partner's registered senders (each message's ACK is kept with the API's
+idempotency keys)
 
 Revision ID: 0012
 Revises: 0011
@@ -43,25 +44,9 @@ def upgrade() -> None:
             unique=False,
         )
 
-    op.create_table(
-        "hl7_orders_in",
-        sa.Column("sender_id", String(length=36), nullable=False),
-        sa.Column("control_id", String(length=199), nullable=False),
-        sa.Column("fingerprint", String(length=64), nullable=False),
-        sa.Column("ack_code", String(length=2), nullable=True),
-        sa.Column("ack", sa.Text(), nullable=True),
-        sa.Column("case_id", String(length=36), nullable=True),
-        sa.Column("created_at", Moment(), nullable=False),
-        sa.ForeignKeyConstraint(["sender_id"], ["hl7_senders.id"]),
-        sa.PrimaryKeyConstraint("sender_id", "control_id"),
-    )
-    with op.batch_alter_table("hl7_orders_in", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_hl7_orders_in_case_id"), ["case_id"], unique=False)
-
 
 def downgrade() -> None:
     # A downgrade that an earlier migration's refuses (SQLite keeps no DDL transaction) may run this twice.
     inspector = sa.inspect(op.get_bind())
-    for table in ("hl7_orders_in", "hl7_senders"):
-        if inspector.has_table(table):
-            op.drop_table(table)
+    if inspector.has_table("hl7_senders"):
+        op.drop_table("hl7_senders")
