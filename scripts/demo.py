@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import threading
@@ -100,15 +101,17 @@ def demo_partner(settings: Settings) -> dict[str, str]:
 
 class InterfaceEngine:
     """The clinic's HL7 interface engine (what Mirth or Rhapsody is at a hospital): an MLLP listener on loopback
-    that keeps each message it is sent and acknowledges it with AA."""
+    (over TLS with `tls`) that keeps each message it is sent and acknowledges it with AA."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[hl7.Message] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="demo-mllp", daemon=True)
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            hl7.mllp.start_hl7_server(self._serve, "127.0.0.1", 0, encoding="utf-8", limit=64 * 1024 * 1024),
+            hl7.mllp.start_hl7_server(
+                self._serve, "127.0.0.1", 0, encoding="utf-8", limit=64 * 1024 * 1024, ssl=tls
+            ),
             self._loop,
         ).result(10)
 

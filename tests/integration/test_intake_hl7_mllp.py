@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from contracts import DeliverReport, new_event
+from scripts.demo import InterfaceEngine
 from services.auth.atna import NETWORK_CONFIGURATION, kind_of
 from services.auth.models import AuditEvent
 from services.common.config import Settings
@@ -41,24 +42,14 @@ from tests.pki import Authority
 __all__ = ["review", "review_engine"]  # the review service over HTTP (its module's fixtures)
 
 
-class Listener:
-    """An interface engine's MLLP listener on loopback: answers each message as its script says ("AA", "AE",
+class Listener(InterfaceEngine):
+    """The demo's interface engine, scripted: answers each message as its script says ("AA", "AE",
     "AR", "drop": close without an ACK, "silent": no answer, the connection left open, "foreign": an AA for
     another control id and nothing more)."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.tls = tls
         self.script: list[str] = []
-        self.received: list[hl7.Message] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-
-    async def _start(self) -> asyncio.Server:
-        return await hl7.mllp.start_hl7_server(
-            self._serve, "127.0.0.1", 0, encoding="utf-8", limit=16 * 1024 * 1024, ssl=self.tls
-        )
+        super().__init__(tls)
 
     async def _serve(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
         try:
@@ -83,17 +74,8 @@ class Listener:
         finally:
             writer.close()
 
-    @property
-    def port(self) -> int:
-        return int(self.server.sockets[0].getsockname()[1])
-
     def control_ids(self) -> list[str]:
         return [str(m.segment("MSH")[10]) for m in self.received]
-
-    def close(self) -> None:
-        self.server.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture
