@@ -534,21 +534,15 @@ def _on_the_timeline(session: Session, message: Hl7Message, attempt: Attempt, ou
         )
     else:
         return
-    event_id = f"hl7:{message.id}:{key}"
-    if session.exec(select(CaseTimelineEntry.id).where(CaseTimelineEntry.event_id == event_id)).first():
-        return  # one entry each: a replayed message's second delivery, a second rejection, add none
     case = session.get(Case, message.case_id)
-    if case is not None:
-        session.add(
-            CaseTimelineEntry(
-                case_id=case.id,
-                event_id=event_id,
-                status=case.status,
-                detail=detail,
-                at=attempt.at,
-                kind=kind,
-            )
-        )
+    if (
+        case is not None
+    ):  # one entry each (event_id is unique): a replay's delivery, a second rejection add none
+        entry = CaseTimelineEntry(
+            case_id=case.id, event_id=f"hl7:{message.id}:{key}", status=case.status, detail=detail,
+            at=attempt.at, kind=kind,
+        )  # fmt: skip
+        insert_new(session, [entry])
 
 
 def _interpreter(resource: dict[str, Any]) -> hl7_oru.Interpreter | None:

@@ -257,8 +257,7 @@ def _write(
 
 def _even(picture: Any, width: int, height: int) -> Any:
     """The picture padded to `width` x `height` (one black column or row more when its size is odd)."""
-    import av
-
+    av = _pyav()
     if (picture.width, picture.height) == (width, height):
         return picture
     rgb = picture.to_ndarray(format="rgb24")
