@@ -10,7 +10,7 @@ AR saying what to do, and an audit entry.
 Exactly once: the (sender, MSH-10) pair is claimed as an idempotency key (`idempotency`, as the case API's
 `Idempotency-Key` and partner webhooks' ids are: owner `hl7-sender:{id}`) before the order is processed and its ACK
 kept there, so a resend (after a lost ACK) is answered the same ACK and creates nothing; the hourly purge forgets
-it after KEEP_FOR. A new order goes through
+it after idempotency.KEEP_FOR. A new order goes through
 the case API's own `open_case` (validation, the existing case for a placer order number, the workflow's start);
 a cancel through the workflow's `cancel` update, as the API's. A failure that a resend may cure (the database or
 Temporal unreachable) releases the claim and answers AE saying to resend.
@@ -57,7 +57,6 @@ MAX_MESSAGE_BYTES = 1024 * 1024  # an order is a few kB; its documents go to rec
 IDLE_SECONDS = 300.0
 HANDSHAKE_SECONDS = 15.0
 MAX_CONNECTIONS = 64  # at once; one more is closed at once (an engine keeps one or a few)
-KEEP_FOR = idempotency.KEEP_FOR  # a message's ACK is kept this long for resends
 ACKNOWLEDGED = 200  # the stored answer's status: the body is the ACK itself
 UNKNOWN = Header("", "", "", "", "", "")
 REGISTER = (
