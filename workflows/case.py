@@ -137,6 +137,30 @@ COMMUNICATION_BACKOFF = "communication-reminders-back-off"
 # rematch_after_hours (~12 history events each: ~35 days to the warning at 1 hour).
 REMATCH_BACKOFF = "rematch-backs-off"
 REMATCH_CAP = timedelta(hours=6)
+# workflow.patched id, asked first thing in a case's first workflow task: a case started with it takes every change
+# above as made and asks no patch mid-run. A patch asked mid-run could be answered wrongly on replay: under load a
+# publish (local activity) had its marker recorded by one task and its result reach the workflow in the next, so
+# live the workflow asked the patch (right after the result) in the next task, while a replay hands it the result
+# in the first and asks there, before the SDK has seen the marker. The patch then read False and the replay failed
+# (TMPRL1100, "Non-deprecated patch marker encountered") on every query of the closed case or worker restart.
+PATCHES_AT_START = "patches-decided-at-start"
+# The patches a case asks first thing, in this order, and keeps all its life. A later change adds its id here: cases
+# started before it keep the old path to the end (none takes a new path midway), and none asks a patch mid-run.
+ASKED_AT_START: tuple[str, ...] = (PATCHES_AT_START,)
+# The changes before PATCHES_AT_START: a case started with it takes them all; one from before asks each mid-run.
+EARLIER_PATCHES = (
+    LOCAL_PUBLISH,
+    BATCH_PUBLISH,
+    ANSWERS_IN_TURN,
+    OFFER_WITHIN_DUE,
+    CRITICAL_ALERT,
+    OWN_ADDENDA,
+    COMMUNICATION_FIRST,
+    CANCEL_ENDS_HOLD,
+    HANDLERS_FINISH_FIRST,
+    COMMUNICATION_BACKOFF,
+    REMATCH_BACKOFF,
+)
 
 # A query returns at most this many items of the timeline, alerts or received events: the first QUERY_HEAD (how the
 # case began) and the latest, with one item saying how many were left out between. A list the case keeps growing
@@ -289,11 +313,28 @@ class CaseWorkflow:
         self._communication_awaited = False  # document_communication asked for (patch COMMUNICATION_FIRST)
         self._communication: DocumentedCommunication | None = None
         self._unmatched_in_a_row = 0  # no specialist available, answered this often since the last offer
+        self._at_start: dict[str, bool] | None = None  # ASKED_AT_START: whether this case runs with each
+
+    def _ask_patches(self) -> dict[str, bool]:
+        """Asked in the case's first workflow task (by `run`, or a handler of that task if one asks first)."""
+        if self._at_start is None:
+            self._at_start = {patch_id: workflow.patched(patch_id) for patch_id in ASKED_AT_START}
+        return self._at_start
+
+    def _patched(self, patch_id: str) -> bool:
+        """Whether this case runs with the change `patch_id`: as it decided at its start; for a change before
+        PATCHES_AT_START, a case from before asks `workflow.patched` where it always has (its marker is there)."""
+        at_start = self._ask_patches()
+        if patch_id in at_start:
+            return at_start[patch_id]
+        assert patch_id in EARLIER_PATCHES, f"{patch_id} is neither in ASKED_AT_START nor in EARLIER_PATCHES"
+        return at_start[PATCHES_AT_START] or workflow.patched(patch_id)
 
     # ---- the business process ------------------------------------------------------------------
 
     @workflow.run
     async def run(self, case: CaseInput) -> CaseOutcome:
+        self._ask_patches()  # before anything else can wait
         self._case = case
         self._due_at = case.due_at
         self._started_at = workflow.now()
@@ -311,7 +352,7 @@ class CaseWorkflow:
             outcome = await self._compensate(case)
         else:
             outcome = process.result()
-        if workflow.patched(HANDLERS_FINISH_FIRST):
+        if self._patched(HANDLERS_FINISH_FIRST):
             # A decision still publishing (a resume that releases the closing step announces the status it
             # resumes in) gets its answer to its caller and its message out before the case completes.
             await workflow.wait_condition(workflow.all_handlers_finished)
@@ -557,7 +598,7 @@ class CaseWorkflow:
             unmatched = ReviewUnmatched.model_validate(answer.data)
             self._unmatched_in_a_row += 1
             every = timedelta(hours=case.policy.rematch_after_hours)
-            if workflow.patched(REMATCH_BACKOFF):
+            if self._patched(REMATCH_BACKOFF):
                 every = rematch_interval(every, self._unmatched_in_a_row)
             await self._transition(CaseStatus.UNMATCHED, f"no specialist available: {unmatched.reason}")
             await self._wait_or_timeout(
@@ -600,8 +641,8 @@ class CaseWorkflow:
         significant = submitted.critical or submitted.agreement == "major_discrepancy"
         told = _review_documents_communication(submitted)
         # Asked for from here on: operations may document it as soon as the alert reaches them.
-        self._communication_awaited = significant and not told and workflow.patched(COMMUNICATION_FIRST)
-        if significant and workflow.patched(CRITICAL_ALERT):
+        self._communication_awaited = significant and not told and self._patched(COMMUNICATION_FIRST)
+        if significant and self._patched(CRITICAL_ALERT):
             kind = "critical result" if submitted.critical else "major discrepancy"
             if self._communication_awaited:
                 detail = (
@@ -625,7 +666,7 @@ class CaseWorkflow:
                 "until operations documents that the referring physician was told",
             )
             waiting_since, reminders = workflow.now(), 0
-            backs_off = workflow.patched(COMMUNICATION_BACKOFF)
+            backs_off = self._patched(COMMUNICATION_BACKOFF)
             while True:
                 if backs_off and self._hold is not None:
                     # On hold by operations' choice: no timer, no reminder until it is resumed.
@@ -653,7 +694,7 @@ class CaseWorkflow:
     async def _await_acceptance(self, case: CaseInput, offer: ReviewOffered, mark: int) -> None:
         """Answers are looked up from `mark` (where the match's answer was) on: one may arrive at any moment."""
         expires = workflow.now() + timedelta(hours=case.policy.offer_timeout_hours)
-        if workflow.patched(OFFER_WITHIN_DUE):
+        if self._patched(OFFER_WITHIN_DUE):
             # One unanswered offer may take at most a quarter of the time left (an urgent case has 24 h).
             left = (self._due_at or case.due_at) - workflow.now()
             expires = min(expires, workflow.now() + max(left / 4, timedelta(minutes=30)))
@@ -713,7 +754,7 @@ class CaseWorkflow:
         )
         # Cases from before never woke for report.addended: a wait they left on a question or the close must
         # not end early on replay (its timer would be cancelled where the history has none cancelled).
-        own_addenda = self._own_addenda = workflow.patched(OWN_ADDENDA)
+        own_addenda = self._own_addenda = self._patched(OWN_ADDENDA)
         answered = 0
         own_delivered = 0
         while True:
@@ -773,7 +814,7 @@ class CaseWorkflow:
             case_id=case.case_id, reason=self._cancel.reason, cancelled_by=self._cancel.by
         )
         await self._publish(CaseCancelled.TYPE, cancelled)
-        if self._hold is not None and workflow.patched(CANCEL_ENDS_HOLD):
+        if self._hold is not None and self._patched(CANCEL_ENDS_HOLD):
             # Cancelling overrides operations' own hold; cases from before ended with status on_hold.
             self._hold = None
             self._status_before_hold = None
@@ -1161,7 +1202,7 @@ class CaseWorkflow:
         that dies after publishing a request, before Temporal recorded the step, has that step replayed
         later, and by then the answer may already stand in the history ahead of the replayed request. Looked
         up from the send, it was never found and the case waited at `matching` for ever."""
-        start = self._answered.get(turn, 0) if workflow.patched(ANSWERS_IN_TURN) else sent_at
+        start = self._answered.get(turn, 0) if self._patched(ANSWERS_IN_TURN) else sent_at
 
         def position() -> int | None:
             for index in range(start, len(self._received)):
@@ -1229,7 +1270,7 @@ class CaseWorkflow:
         server schedules, dispatches and records three times (with thousands of open cases the activity
         backlog moved at ~5 tasks/s). Cases started before that change replay their regular activities.
         `summary` says what goes out, for the Temporal UI's history (message types and statuses; no PHI)."""
-        if workflow.patched(LOCAL_PUBLISH):
+        if self._patched(LOCAL_PUBLISH):
             await workflow.execute_local_activity_method(
                 method,
                 argument,
@@ -1272,7 +1313,7 @@ class CaseWorkflow:
             detail=detail,
             seq=self._status_changes,
         )
-        if then and workflow.patched(BATCH_PUBLISH):
+        if then and self._patched(BATCH_PUBLISH):
             # One local activity for the step: the status change and its commands, in this order.
             mark = len(self._received)
             messages = [Outgoing(kind="event", type=changed.TYPE, data=changed.model_dump(mode="json"))]

@@ -87,9 +87,10 @@ from tests.conftest import temporal_binary
 from tests.infra import free_port
 from tests.integration.intake_app import intake_engines
 from tests.integration.test_intake_races import a_case, mirrored_status
+from tests.replay.markers import patches_by_task
 from workflows.activities import CaseActivities
 from workflows.bridge import EventBridge
-from workflows.case import CaseWorkflow
+from workflows.case import ASKED_AT_START, CaseWorkflow
 from workflows.models import PublishEvent
 from workflows.worker import build_worker, workflow_runner
 
@@ -98,10 +99,13 @@ HISTORIES = Path(__file__).resolve().parents[1] / "replay" / "histories"
 
 
 async def keep_history(handle: WorkflowHandle, name: str) -> None:
-    """With RECORD_HISTORIES=1 (make replay-record), store this case's history for the replay test."""
+    """Check that the case asked its patches in its first workflow task only (a patch asked later can be answered
+    wrongly on replay: see PATCHES_AT_START); with RECORD_HISTORIES=1 (make replay-record), store its history for
+    the replay test."""
+    history = await handle.fetch_history()
+    assert patches_by_task(history) == [(1, patch) for patch in ASKED_AT_START], name
     if os.environ.get("RECORD_HISTORIES") == "1":
         HISTORIES.mkdir(parents=True, exist_ok=True)
-        history = await handle.fetch_history()
         (HISTORIES / f"{name}.json").write_text(history.to_json())
 
 

@@ -13,11 +13,12 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
-from temporalio.workflow import UnfinishedUpdateHandlersWarning
+from temporalio.workflow import NondeterminismError, UnfinishedUpdateHandlersWarning
 
 from services.common.config import Settings
 from services.common.temporal import data_converter
-from workflows.case import CaseWorkflow
+from tests.replay.markers import late_local_activity_results, patches_by_task
+from workflows.case import ANSWERS_IN_TURN, ASKED_AT_START, CaseWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -66,6 +67,39 @@ def test_representative_histories_are_stored() -> None:
         "reminders-back-off-unmatched_rematch",
         "unmatched_rematch_before_backoff",
     } <= names
+    # Recorded with "patches-decided-at-start" (every earlier change taken, no patch asked mid-run), one per scenario
+    # of tests/integration/test_case_workflow.py; and the old code's history whose publish result came a task late.
+    assert {
+        "patches-at-start-closed_after_review",
+        "patches-at-start-own_addendum",
+        "patches-at-start-hold_and_cancel_awaiting_communication",
+        "patches-at-start-unmatched_rematch_backs_off",
+        "late_publish_result_before_patches_at_start",
+    } <= names
+    assert len([name for name in names if name.startswith("patches-at-start-")]) == 17
+
+
+def load(name: str) -> WorkflowHistory:
+    return WorkflowHistory.from_json(f"case-{name}", (HISTORIES[0].parent / f"{name}.json").read_text())
+
+
+def test_a_case_started_with_patches_at_start_asks_no_patch_after_its_first_task() -> None:
+    for path in HISTORIES:
+        if path.stem.startswith("patches-at-start-"):
+            assert patches_by_task(load(path.stem)) == [(1, patch) for patch in ASKED_AT_START], path.stem
+
+
+def test_the_old_history_is_one_whose_publish_result_reached_the_workflow_a_task_late() -> None:
+    """What made it fail: the match's publish recorded by one task, its result (and the patch the workflow asked
+    right after it) in the next."""
+    history = load("late_publish_result_before_patches_at_start")
+    [late] = late_local_activity_results(history)
+    completed_before = sum(
+        1
+        for e in history.events
+        if e.event_id < late and e.HasField("workflow_task_completed_event_attributes")
+    )
+    assert (completed_before + 1, ANSWERS_IN_TURN) in patches_by_task(history)
 
 
 RUNNERS = {"sandboxed": SandboxedWorkflowRunner, "unsandboxed": UnsandboxedWorkflowRunner}
@@ -81,6 +115,11 @@ async def test_history_replays_without_nondeterminism(path: Path, runner: str) -
         workflows=[CaseWorkflow], data_converter=data_converter(Settings()), workflow_runner=chosen
     )
     history = WorkflowHistory.from_json(f"case-{path.stem}", path.read_text())
+    if path.stem == "late_publish_result_before_patches_at_start":
+        # The replay failure PATCHES_AT_START ends for new cases: the old code asked the patch a task early.
+        with pytest.raises(NondeterminismError, match="patch marker encountered for change answers-in-turn"):
+            await replayer.replay_workflow(history)
+        return
     if path.stem.endswith("_before_decisions_finish_first"):
         # Replayed as it ran: the case completed with the resume still running.
         with pytest.warns(UnfinishedUpdateHandlersWarning):
