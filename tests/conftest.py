@@ -69,8 +69,46 @@ async def temporal_env(settings: Settings):  # type: ignore[no-untyped-def]
     )
     try:
         yield env
+        failed = await replay_every_case(env.client)
     finally:
         await env.shutdown()
+    if failed:
+        pytest.fail(
+            f"{len(failed)} case(s) the tests ran do not replay on today's workflow code (a query of the closed case, "
+            f"or the running case after a worker restart, would fail the same way): {'; '.join(failed[:5])}"
+        )
+
+
+async def replay_every_case(client):  # type: ignore[no-untyped-def]
+    """Replay the history of every case the tests ran on this server, as a worker restart or a query of a closed
+    case does, and return what failed (workflow id: error). The stored histories of tests/replay cover chosen
+    scenarios; this covers every case of the run, in whatever timing the machine's load gave it."""
+    from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
+
+    from workflows.case import CaseWorkflow
+
+    runs = [
+        run
+        async for run in client.list_workflows("WorkflowType = 'CaseWorkflow'")
+        if not run.task_queue.startswith(STAND_IN_QUEUE)
+    ]
+    replayer = Replayer(
+        workflows=[CaseWorkflow],
+        data_converter=client.data_converter,
+        workflow_runner=UnsandboxedWorkflowRunner(),  # production's runner
+    )
+    failed = []
+    for run in runs:
+        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        if result.replay_failure is not None:
+            failed.append(f"{run.id}: {str(result.replay_failure)[:300]}")
+    return failed
+
+
+STAND_IN_QUEUE = (
+    "intake-test-"  # tests/integration/test_intake_decisions.py's queue, for a workflow of its own
+)
 
 
 # The files that take minutes, mostly waiting on a whole stack of their own: run first, so that with several

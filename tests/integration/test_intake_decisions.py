@@ -34,6 +34,7 @@ from services.common.config import Settings
 from services.common.db import Inbox
 from services.intake import api, consumer, handlers
 from services.intake.models import Case, CaseCreate, CaseDocument
+from tests.conftest import STAND_IN_QUEUE
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import SAMPLE, new_partner
 
@@ -99,7 +100,7 @@ async def http(
     settings: Settings,  # type: ignore[no-untyped-def]
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Client]]:
     _, auth = engines
-    queue = f"intake-test-{uuid.uuid4().hex[:8]}"
+    queue = f"{STAND_IN_QUEUE}{uuid.uuid4().hex[:8]}"
     app = intake_app(engines, api.router, temporal=temporal_env.client)
     app.dependency_overrides[api.settings_dep] = lambda: settings.model_copy(
         update={"temporal_task_queue": queue}
