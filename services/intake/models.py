@@ -171,7 +171,8 @@ class TimelineEntry(BaseModel):
     kind: str = Field(
         default="transition",
         description="`transition` of status, an `alert` (e.g. due date moved, a report a hospital's HL7 engine "
-        "rejected), or a `delivery` (the report filed by a hospital's HL7 interface engine)",
+        "rejected, a webhook that failed for good), or a `delivery` (the report filed by a hospital's HL7 interface "
+        "engine, or its webhook taken by the partner's endpoint)",
     )
 
 

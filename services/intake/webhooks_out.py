@@ -46,7 +46,7 @@ from sqlmodel import Session, col, select
 
 from contracts.envelope import CloudEvent
 from services.auth.models import Partner
-from services.common.db import insert_new
+from services.common.db import insert_new, insert_skipping_taken
 from services.intake.endpoint_connections import (
     ConnectionKey,
     Deadline,
@@ -55,7 +55,7 @@ from services.intake.endpoint_connections import (
     read_whole,
 )
 from services.intake.host_lookup import DNS_TIMEOUT, EndpointRefused, resolve_host
-from services.intake.models import Case, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from services.intake.models import Case, CaseTimelineEntry, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from services.intake.webhook_signing import headers_for
 
 log = structlog.get_logger(__name__)
@@ -290,6 +290,8 @@ class Attempt:
 # costs its round trips and little else. Every delivery of a case costs a claim, a send and a record.
 _DELIVERY = WebhookDelivery.__table__  # type: ignore[attr-defined]
 _ENDPOINT = WebhookEndpoint.__table__  # type: ignore[attr-defined]
+_CASE = Case.__table__  # type: ignore[attr-defined]
+_TIMELINE = CaseTimelineEntry.__table__  # type: ignore[attr-defined]
 _EARLIER = _DELIVERY.alias("earlier")
 # What is due, oldest first, leased with FOR UPDATE SKIP LOCKED so that another replica skips it.
 _DUE = (
@@ -378,6 +380,74 @@ _GONE = (
     .where(_ENDPOINT.c.id == bindparam("endpoint_id"), _ENDPOINT.c.disabled_at.is_(None))
     .values(disabled_at=bindparam("at"), disabled_reason="the endpoint answered 410 Gone")
 )
+
+
+# The partner's webhooks that carry the report: their delivery is on the case's timeline, as an HL7 engine's is.
+REPORT_NOTICES = {"report.ready": "the report is ready", "report.amended": "a new version of the report"}
+
+
+def _on_the_timeline(conn: Connection, changed: list[tuple[Attempt, str]]) -> None:
+    """What operations see on the case's timeline, in the transaction that records the outcome: a `delivery` when
+    the partner's system took a report's webhook, an `alert` when a webhook (or FHIR Subscription notification)
+    ended failed. Event types, codes and ids only, never a payload's content."""
+    entries: list[dict[str, object]] = []
+    cases = {a.delivery.case_id for a, _ in changed}
+    if not cases:
+        return
+    selected = conn.execute(core_select(_CASE.c.id, _CASE.c.status).where(_CASE.c.id.in_(cases)))
+    statuses: dict[str, str] = {row.id: row.status for row in selected}
+    for attempt, outcome in changed:
+        delivery, endpoint = attempt.delivery, attempt.endpoint
+        status = statuses.get(delivery.case_id)
+        if status is None:  # a FHIR Subscription's handshake or heartbeat: no case
+            continue
+        event_type = _event_type(delivery.payload)
+        channel = (
+            f"FHIR Subscription {endpoint.id}" if endpoint.ordered else f"webhook endpoint {endpoint.id}"
+        )
+        if outcome == "delivered" and event_type in REPORT_NOTICES:
+            kind = "delivery"
+            detail = (
+                f"the partner's system told {REPORT_NOTICES[event_type]} ({event_type} to its {channel}, "
+                f"HTTP {attempt.status_code}, webhook-id {delivery.id})"
+            )
+        elif outcome == "failed":
+            kind = "alert"
+            why = (
+                "it answered 410 Gone and was disabled"
+                if attempt.status_code == 410
+                else f"after {MAX_ATTEMPTS} attempts, last: {attempt.error[:120] or f'HTTP {attempt.status_code}'}"
+            )
+            detail = (
+                f"webhook_delivery_failed: {event_type or 'a notification'} did not reach the partner's {channel} "
+                f"({why}; webhook-id {delivery.id}); the partner can replay it once the endpoint takes it"
+            )
+        else:
+            continue
+        entries.append(
+            {
+                "case_id": delivery.case_id,
+                "event_id": f"webhook:{delivery.id}:{outcome}",
+                "status": status,
+                "detail": detail,
+                "at": attempt.at,
+                "kind": kind,
+            }
+        )
+    if entries:  # one entry each (event_id is unique): a replayed delivery that fails again adds none
+        conn.execute(insert_skipping_taken(conn.dialect.name, _TIMELINE), entries)
+
+
+def _event_type(payload: str) -> str:
+    """The webhook's event type (`type` of our envelope), or the FHIR notification's (`subscription.<type>`)."""
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return ""
+    if isinstance(document, dict) and document.get("resourceType") == "Bundle":
+        return "a FHIR Subscription notification"
+    value = document.get("type") if isinstance(document, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 def by_endpoint(due: list[tuple[Claimed, Target]]) -> dict[str, list[tuple[Claimed, Target]]]:
@@ -785,6 +855,7 @@ class WebhookDispatcher:
                         for a, _ in outcomes
                     ],
                 )
+            _on_the_timeline(conn, [(a, o) for a, o in outcomes if current[a.delivery.id].status != o])
         for attempt, outcome in outcomes:
             log.info(
                 "webhooks.attempt",

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from contracts import CaseStatusChanged, DeliverReport, new_event
-from contracts.events import CaseCancelled, RecordsNeeded
+from contracts.events import CaseCancelled, RecordsNeeded, ReportReady
 from contracts.models import CaseStatus
 from services.auth.models import Partner
 from services.auth.partners import rotate_webhook_secret
@@ -186,6 +186,10 @@ def test_410_disables_the_endpoint_and_nothing_more_is_sent(
     publish(engines[0], case_id, status_changed(case_id, CaseStatus.MATCHING), f"wf:{case_id}:g2")
     dispatcher.run_once()
     assert len(receiver.received) == 1
+    case = client.get(f"/v1/cases/{case_id}", headers=headers).json()
+    [alert] = [t for t in case["timeline"] if t["kind"] == "alert"]
+    assert alert["detail"].startswith("webhook_delivery_failed: case.status_changed did not reach")
+    assert f"webhook endpoint {endpoint_id} (it answered 410 Gone and was disabled" in alert["detail"]
     enabled = client.post(
         f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}/enable", headers=headers
     )
@@ -511,3 +515,63 @@ def test_each_later_delivery_of_the_report_tells_the_partner_it_was_amended(
     assert [b["type"] for b in bodies] == ["report.amended", "report.amended"]  # versions 2 and 3, once each
     assert bodies[0]["data"] == {"case_id": case_id, **links}
     assert len({headers["webhook-id"] for _, headers, _ in receiver.received}) == 2
+
+
+def test_the_case_timeline_shows_the_report_webhook_taken_and_a_webhook_that_failed_for_good(
+    client: TestClient, engines: tuple[Engine, Engine], receiver: Receiver
+) -> None:
+    """What an operations nurse reads on the case: the partner's system has the report, or a notice never got
+    there (after every attempt), once, with what to do."""
+    partner, endpoint_id, case_id = setup_partner(client, engines[1], receiver)
+    headers = {"Authorization": partner["Authorization"]}
+    quick = WebhookDispatcher(
+        engine=engines[0],
+        auth_engine=engines[1],
+        env="dev",
+        base_delay=0.01,
+        max_delay=0.02,
+        rng=random.Random(7),
+    )
+    try:
+        receiver.script = [(500, {})] * webhooks_out.MAX_ATTEMPTS
+        publish(engines[0], case_id, status_changed(case_id, CaseStatus.AWAITING_RECORDS), f"wf:{case_id}:f1")
+        dispatch_until(quick, lambda: len(receiver.received) == webhooks_out.MAX_ATTEMPTS)
+        ready = ReportReady(case_id=case_id, report_id="rp1", pdf_url="http://r/pdf", fhir_url="http://r/fhir",
+                            sha256="0" * 64)  # fmt: skip
+        publish(engines[0], case_id, ready, f"wf:{case_id}:ready")
+        dispatch_until(quick, lambda: len(receiver.received) == webhooks_out.MAX_ATTEMPTS + 1)
+        quick.run_once()
+
+        timeline = client.get(f"/v1/cases/{case_id}", headers=headers).json()["timeline"]
+        [alert] = [t for t in timeline if t["kind"] == "alert"]
+        assert alert["detail"].startswith(
+            f"webhook_delivery_failed: case.status_changed did not reach the partner's webhook endpoint {endpoint_id} "
+            f"(after {webhooks_out.MAX_ATTEMPTS} attempts, last: "
+        )
+        assert "the partner can replay it" in alert["detail"]
+        [delivery] = [t for t in timeline if t["kind"] == "delivery"]
+        assert delivery["detail"].startswith(
+            f"the partner's system told the report is ready (report.ready to its webhook endpoint {endpoint_id}, "
+            "HTTP 200, webhook-id "
+        )
+        assert "Jane" not in json.dumps(timeline) and "http://r/pdf" not in json.dumps(timeline)
+
+        # Replayed by the partner and failed again: still one alert.
+        log = client.get(
+            f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}/deliveries",
+            headers=headers,
+        ).json()
+        [failed] = [d for d in log if d["status"] == "failed"]
+        receiver.script = [(500, {})] * webhooks_out.MAX_ATTEMPTS
+        replayed = client.post(
+            f"/v1/partners/{partner['partner_id']}/webhook-endpoints/{endpoint_id}/deliveries/"
+            f"{failed['webhook_id']}/replay",
+            headers=headers,
+        )
+        assert replayed.status_code == 200, replayed.text
+        sent = len(receiver.received)
+        dispatch_until(quick, lambda: len(receiver.received) > sent)
+        timeline = client.get(f"/v1/cases/{case_id}", headers=headers).json()["timeline"]
+        assert len([t for t in timeline if t["kind"] == "alert"]) == 1
+    finally:
+        quick.close()
