@@ -15,6 +15,8 @@ closes it. Unused for IDLE seconds, it is closed; at most MAX_KEPT are kept.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import socket
 import ssl
 import threading
@@ -115,22 +117,64 @@ class EndpointConnections:
         return closing
 
 
+class Watchdog:
+    """One thread that expires every attempt's `Deadline` when it is due, instead of a timer thread started (and
+    left to wait) per attempt. An ended deadline is dropped when it reaches the front."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: Deadline, at: float) -> None:
+        with self._changed:
+            heapq.heappush(self._due, (at, next(self._order), deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="webhook-deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._due)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    while self._due and self._due[0][2].ended:
+                        heapq.heappop(self._due)
+                    now = time.monotonic()
+                    if self._due and self._due[0][0] <= now:
+                        _, _, due = heapq.heappop(self._due)
+                        break
+                    self._changed.wait(self._due[0][0] - now if self._due else None)
+            due.expire()
+
+
+WATCHDOG = Watchdog()
+
+
 class Deadline:
     """An attempt's deadline: at it, the sockets of the connections the attempt goes over are shut, and a
     connection made after it at once. `trace` is the httpcore trace hook that names a new connection's
     socket (a kept one's is `watch`ed). Once `end`ed, it shuts nothing (the connection may be kept)."""
 
-    def __init__(self, within: float) -> None:
+    def __init__(self, within: float, watchdog: Watchdog = WATCHDOG) -> None:
         self._sockets: list[socket.socket] = []
         self._turn = threading.Lock()
         self._expired = False
         self._ended = False
-        self._timer = threading.Timer(within, self._expire)
-        self._timer.start()
+        watchdog.watch(self, time.monotonic() + within)
 
     @property
     def expired(self) -> bool:
         return self._expired
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
 
     def watch(self, sock: socket.socket) -> None:
         with self._turn:
@@ -144,12 +188,12 @@ class Deadline:
 
     def end(self) -> bool:
         """Stop watching; whether the deadline had passed (what it shut is not to be kept)."""
-        self._timer.cancel()
         with self._turn:
             self._ended = True
             return self._expired
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The watchdog's, at the deadline."""
         with self._turn:
             if self._ended:
                 return
