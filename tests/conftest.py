@@ -83,27 +83,17 @@ async def replay_every_case(client):  # type: ignore[no-untyped-def]
     """Replay the history of every case the tests ran on this server, as a worker restart or a query of a closed
     case does, and return what failed (workflow id: error). The stored histories of tests/replay cover chosen
     scenarios; this covers every case of the run, in whatever timing the machine's load gave it."""
-    from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
+    from temporalio.worker import UnsandboxedWorkflowRunner
 
-    from workflows.case import CaseWorkflow
+    from workflows.replay_check import replay_cases
 
-    runs = [
-        run
-        async for run in client.list_workflows("WorkflowType = 'CaseWorkflow'")
-        if not run.task_queue.startswith(STAND_IN_QUEUE)
-    ]
-    replayer = Replayer(
-        workflows=[CaseWorkflow],
-        data_converter=client.data_converter,
-        workflow_runner=UnsandboxedWorkflowRunner(),  # production's runner
+    check = await replay_cases(
+        client,
+        UnsandboxedWorkflowRunner(),  # production's runner
+        running_only=False,
+        keep=lambda run: not run.task_queue.startswith(STAND_IN_QUEUE),
     )
-    failed = []
-    for run in runs:
-        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
-        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
-        if result.replay_failure is not None:
-            failed.append(f"{run.id}: {str(result.replay_failure)[:300]}")
-    return failed
+    return [f"case-{failed['case_id']}: {failed['error']}" for failed in check.failed]
 
 
 STAND_IN_QUEUE = (

@@ -11,6 +11,8 @@ secondopinion case reassign CASE_ID --by ID --reason TEXT [--reviewer-id ID]
 secondopinion case document-communication CASE_ID --by ID --recipient NAME --recipient-role ROLE
         --method telephone|in_person --at 2026-12-06T14:05:00Z [--read-back]
 secondopinion case close CASE_ID --by ID [--reason TEXT]
+secondopinion case replay-check [--all] [--limit N]
+        replay the running cases (--all: every case the server still holds) on this install's workflow code
 
 Each decision is the case workflow's Temporal update of the same name (README, Operations): validated against
 the case's state by the workflow itself, recorded there with who and why; a rejected one changes nothing and
@@ -274,6 +276,24 @@ def case_decide(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def case_replay_check(args: argparse.Namespace) -> dict[str, Any]:
+    """Before a new worker version goes out, with that version installed: every running case must replay on it.
+    Exits 1 naming the cases that do not (a worker running this code would fail their workflow tasks)."""
+    from workflows.replay_check import replay_cases
+    from workflows.worker import workflow_runner
+
+    runner = workflow_runner(get_settings())
+    check = _run(lambda client: replay_cases(client, runner, running_only=not args.all, limit=args.limit))
+    if check.failed:
+        named = "; ".join(f"{f['case_id']} ({f['error']})" for f in check.failed[:10])
+        raise SystemExit(
+            f"{len(check.failed)} of {check.replayed} case(s) do not replay on this workflow code: a worker running "
+            f"it would fail their workflow tasks; keep the code they ran, or guard the change (README, 'Changing "
+            f"the workflow'): {named}"
+        )
+    return {"replayed": check.replayed, "failed": []}
+
+
 def add_case_group(groups: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     commands = groups.add_parser("case", help="find and steer cases (Temporal updates)").add_subparsers(
         dest="command", required=True
@@ -320,3 +340,10 @@ def add_case_group(groups: argparse._SubParsersAction) -> None:  # type: ignore[
     told.add_argument("--at", required=True, help="when, with its UTC offset: 2026-12-06T14:05:00Z")
     told.add_argument("--read-back", action="store_true", help="the recipient read the finding back")
     decision("close", "close after delivery: no further questions", "optional")
+    check = commands.add_parser(
+        "replay-check",
+        help="replay the running cases on this install's workflow code (before a worker upgrade)",
+    )
+    check.add_argument("--all", action="store_true", help="closed cases too (those the server still holds)")
+    check.add_argument("--limit", type=int, default=None, help="at most this many cases")
+    check.set_defaults(run=case_replay_check)

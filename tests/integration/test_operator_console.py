@@ -17,16 +17,20 @@ from typing import Any
 
 import pytest
 from sqlmodel import Session
+from temporalio import workflow
 from temporalio.client import Client
 
 from contracts import CaseStatus
+from contracts.models import CaseInput
 from services.common import cli, migrate
 from services.common.config import Settings, get_settings
 from services.common.db import get_engine
 from services.common.temporal import ENCODING
 from services.review.models import Review, Specialist
 from tests.integration.test_case_workflow import client, start, to_match, to_review, wait_status  # noqa: F401
+from workflows import replay_check
 from workflows.case import CaseWorkflow
+from workflows.models import CaseOutcome
 
 CONSOLE = Path(sys.executable).parent / "secondopinion"
 
@@ -156,6 +160,39 @@ async def test_an_ended_or_unknown_case_and_a_bad_filter_are_said_plainly(
     assert (await refused("case", "list", "--status", "waiting")).startswith("no case status waiting;")
     injected = await refused("case", "list", "--partner", 'a" OR PartnerId != "b')
     assert "is not an id" in injected
+
+
+@workflow.defn(name="CaseWorkflow", sandboxed=False)
+class ChangedCaseWorkflow(CaseWorkflow):
+    """A new version of the workflow with an unguarded change: a timer first, which no running case started."""
+
+    @workflow.run
+    async def run(self, case: CaseInput) -> CaseOutcome:
+        await workflow.sleep(timedelta(seconds=1))
+        return await super().run(case)
+
+
+async def test_before_a_worker_upgrade_operations_replay_the_running_cases_on_the_new_code(
+    client: Client,  # noqa: F811
+    settings: Settings,
+    console_env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handle, services = await start(client, settings)
+    await to_match(services)
+
+    checked = await console(capsys, "case", "replay-check", "--limit", "20")
+    assert checked["failed"] == [] and 1 <= checked["replayed"] <= 20
+
+    monkeypatch.setattr(replay_check, "CaseWorkflow", ChangedCaseWorkflow)  # the code about to be deployed
+    said = await refused("case", "replay-check", "--limit", "20")
+    n = checked["replayed"]  # every one: none started with the new code's timer
+    assert said.startswith(
+        f"{n} of {n} case(s) do not replay on this workflow code: a worker running it would fail"
+    )
+    assert f"{services.case_id} (Workflow activation completion failed" in said and "[TMPRL1100]" in said
+    assert "Canary" not in said  # ids and the SDK's reason only
 
 
 def test_the_console_command_exits_with_its_own_status_after_talking_to_temporal(
