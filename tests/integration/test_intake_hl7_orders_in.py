@@ -27,6 +27,7 @@ from services.auth.models import AuditEvent
 from services.common.config import Settings
 from services.intake import api, fhir_api, hl7_in, hl7_senders_api, idempotency
 from services.intake.models import Case, CaseCreate, Hl7Sender, Hl7SenderCreate, IdempotencyRecord
+from tests.conftest import STAND_IN_QUEUE
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_intake_api import new_partner
 from tests.integration.test_intake_decisions import StandInCaseWorkflow
@@ -439,7 +440,7 @@ async def test_cancel_by_order_control_ca_cancels_the_case_through_the_workflow(
     settings: Settings,
     pki: Pki,  # type: ignore[no-untyped-def]
 ) -> None:
-    queue = f"intake-test-{uuid.uuid4().hex[:8]}"
+    queue = f"{STAND_IN_QUEUE}{uuid.uuid4().hex[:8]}"
     queued = settings.model_copy(update={"temporal_task_queue": queue})
     http, listener, partners = await stack_of(engines, queued, pki, temporal=temporal_env.client)
     stack = Stack(http, partners, listener, pki, engines)
@@ -467,6 +468,62 @@ async def test_cancel_by_order_control_ca_cancels_the_case_through_the_workflow(
                 app=app, facility="BAYVIEW", control_id=unique("C"), placer=unique("O"), control="CA"
             )
             assert errs(await stack.send(unknown, pki.mirth)) == [("ORC^1^2", "207")]
+    finally:
+        await listener.stop()
+        await http.aclose()
+
+
+async def test_a_cancel_while_temporal_is_unreachable_is_answered_ae_and_its_resend_cancels(
+    temporal_env,
+    engines: tuple[Engine, Engine],
+    settings: Settings,
+    pki: Pki,  # type: ignore[no-untyped-def]
+) -> None:
+    """Nothing is lost and nothing half done: the AE says to resend, the case is not cancelled, and the same
+    message (same MSH-10) sent again once Temporal answers is taken, not answered from a stored AE."""
+    queue = f"{STAND_IN_QUEUE}{uuid.uuid4().hex[:8]}"
+    queued = settings.model_copy(update={"temporal_task_queue": queue})
+    reachable: list[Client | None] = [temporal_env.client]
+
+    async def temporal_of() -> Client | None:
+        return reachable[0]
+
+    http = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=intake_app(engines, api.router, hl7_senders_api.router)),
+        base_url="http://intake",
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.authority.cert))
+    context.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    listener = hl7_in.OrderListener(
+        engines[0], engines[1], queued, temporal_of, host="127.0.0.1", port=0, tls=context
+    )
+    await listener.start()
+    partners = {"A": new_partner(engines[1], "Bayview")}
+    stack = Stack(http, partners, listener, pki, engines)
+    try:
+        async with Worker(temporal_env.client, task_queue=queue, workflows=[StandInCaseWorkflow]):
+            app, _ = await stack.mirth()
+            placer = unique("O")
+            new = orm(app=app, facility="BAYVIEW", control_id=unique("C"), placer=placer)
+            assert msa(await stack.send(new, pki.mirth))[0] == "AA"
+            [case] = stack.cases("A")
+            handle = temporal_env.client.get_workflow_handle(f"case-{case.id}")
+
+            reachable[0] = None  # Temporal down
+            cancel = orm(app=app, facility="BAYVIEW", control_id=unique("C"), placer=placer, control="CA")
+            refused = await stack.send(cancel, pki.mirth)
+            assert msa(refused)[0] == "AE" and msa(refused)[2] == "resend later"
+            [(_, code)] = errs(refused)
+            assert code == "207" and "send the message again in a minute" in str(refused.segment("ERR"))
+            assert (await handle.query("received", result_type=dict)).get("cancelled_by") is None
+
+            reachable[0] = temporal_env.client  # back: the same message again
+            taken = await stack.send(cancel, pki.mirth)
+            assert msa(taken)[0] == "AA" and f"case {case.id} cancelled" in msa(taken)[2], str(taken)
+            assert (await handle.query("received", result_type=dict))["cancelled_by"].startswith(
+                "key:hl7-sender:"
+            )
     finally:
         await listener.stop()
         await http.aclose()
