@@ -10,8 +10,9 @@
   of an endpoint's at a time, each sent on a lane of its own (up to LANES at once): an engine that never
   answers holds its own lane until the timeout, not the other engines' messages. The sender reads the
   report from the review service as the case API links it (the FHIR DiagnosticReport for the conclusion and
-  the interpreter, the signed PDF), builds the message (hl7_oru) and sends it over MLLP (python-hl7's asyncio
-  client), to the address checked by the webhook sender's rules (webhooks_out.check_url: public addresses
+  the interpreter, the signed PDF), builds the message (hl7_oru) once, at its first attempt, keeps it on the row
+  (`payload`: every retry and replay sends the same bytes, however the report changed since), and sends it over
+  MLLP (python-hl7's asyncio client), to the address checked by the webhook sender's rules (webhooks_out.check_url: public addresses
   only, loopback in development), over TLS checked against the same CAs, with the host as server name.
 - The ACK decides (MSA-1, with MSA-2 our control id; an answer naming another control id is ignored): AA or CA
   is delivered; AE or CE, no ACK within `timeout`, a closed connection, a refused one, are retried on the
@@ -314,7 +315,7 @@ class Hl7Sender:
                 self.env,
                 lambda host: resolve_host(host, self.dns_timeout),
             )[0]
-            payload = hl7_oru.oru_r01(self._report(claimed))
+            payload = self._payload(claimed)
             ack_code, error = asyncio.run(self._exchange(endpoint, address, payload, message.id))
         except (EndpointRefused, ReportUnavailable) as exc:
             error = str(exc)
@@ -325,6 +326,26 @@ class Hl7Sender:
         return Attempt(
             message.id, message.case_id, endpoint.id, ack_code, error, duration_ms, datetime.now(UTC)
         )
+
+    def _payload(self, claimed: Claimed) -> bytes:
+        """The message as built at its first attempt: kept before it is first sent, and sent as it is on every
+        retry and replay (an HL7 retry is the same message). A report version issued after the first attempt
+        comes as its own C message, never into this one. Of two senders that built it at once, the first kept
+        is the one sent."""
+        if claimed.message.payload is not None:
+            return claimed.message.payload.encode("utf-8")
+        built = hl7_oru.oru_r01(self._report(claimed)).decode("utf-8")
+        with Session(self.engine) as session:
+            session.execute(
+                update(_MESSAGE)
+                .where(_MESSAGE.c.id == claimed.message.id, _MESSAGE.c.payload.is_(None))
+                .values(payload=built)
+            )
+            kept = session.execute(
+                core_select(_MESSAGE.c.payload).where(_MESSAGE.c.id == claimed.message.id)
+            ).scalar_one()
+            session.commit()
+        return str(kept or built).encode("utf-8")
 
     def _report(self, claimed: Claimed) -> hl7_oru.OruReport:
         """What the message says: the case as intake holds it, the report as the review service serves it."""

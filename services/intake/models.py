@@ -489,6 +489,9 @@ class Hl7Message(SQLModel, table=True):
     last_error: str = Field(default="", max_length=300)
     delivered_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    # The ORU^R01 as built at its first attempt (UTF-8 text, the PDF in base64): every retry and replay sends these
+    # very bytes, so a version issued meanwhile does not change a message already sent once (it has its own C).
+    payload: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class Hl7Attempt(SQLModel, table=True):

@@ -36,7 +36,9 @@ from services.intake.models import Hl7Endpoint, Hl7Message
 from tests.integration.intake_app import intake_app, intake_engines
 from tests.integration.test_fhir_client_review_insurance import composed, review, review_engine
 from tests.integration.test_intake_api import SAMPLE, new_partner
-from tests.keys import operations_headers
+from tests.integration.test_review_flow import apply
+from tests.integration.test_review_followup import question_command
+from tests.keys import operations_headers, specialist_headers
 from tests.pki import Authority
 
 __all__ = ["review", "review_engine"]  # the review service over HTTP (its module's fixtures)
@@ -460,3 +462,43 @@ def test_mllp_over_tls_is_checked_against_the_senders_cas_for_the_registered_hos
             assert "certificate was refused" in message["history"][0]["error"]
     finally:
         engine.close()
+
+
+def test_a_retry_sends_the_message_as_first_built_though_a_new_version_was_issued_meanwhile(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    settings: Settings,
+    listener: Listener,
+    sender: Hl7Sender,
+    review_engine: Engine,
+    review: str,
+) -> None:
+    """An HL7 retry is the same message: the F the engine first answered AE is sent again byte for byte, with the
+    report as it was, though an answer to a question made version 2 meanwhile; version 2 comes as its own C."""
+    report_id, review_case, review_id = composed(review_engine, settings, review)
+    links = {"report_id": report_id, "pdf_url": f"{review}/v1/reports/{review_case}/pdf",
+             "fhir_url": f"{review}/fhir/DiagnosticReport/{report_id}"}  # fmt: skip
+    ops = operations_headers(settings)
+    _, _, case_id = registered(client, engines, listener)
+    listener.script = ["AE", "AA", "AA"]
+    deliver(engines[0], case_id, links, f"wf:{case_id}:deliver-1")
+    send_until(sender, lambda: len(listener.received) == 1)
+    first_pdf = httpx.get(links["pdf_url"], headers=ops, timeout=10).content
+
+    apply(review_engine, settings, question_command(review_case, "q1", "Is a repeat scan needed?"))
+    answered = httpx.post(f"{review}/v1/reviews/{review_id}/questions/q1/answer", timeout=10,
+                          json={"answer": "Yes, in six weeks."}, headers=specialist_headers(settings))  # fmt: skip
+    assert answered.status_code == 200, answered.text
+    second_pdf = httpx.get(links["pdf_url"], headers=ops, timeout=10).content
+    assert second_pdf != first_pdf
+
+    send_until(sender, lambda: len(listener.received) == 2)
+    sent, again = listener.received
+    assert str(again) == str(sent)  # the same message, byte for byte
+    assert base64.b64decode(str(again.segments("OBX")[1][5][0][4])) == first_pdf
+
+    deliver(engines[0], case_id, links, f"wf:{case_id}:deliver-2")  # version 2, delivered by the workflow
+    send_until(sender, lambda: len(listener.received) == 3)
+    amended = listener.received[2]
+    assert str(amended.segment("OBR")[25]) == "C"
+    assert base64.b64decode(str(amended.segments("OBX")[1][5][0][4])) == second_pdf
