@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -123,7 +123,10 @@ async def stack_of(
     *,
     tls: bool = True,
     temporal: Client | None = None,
+    temporal_of: Callable[[], Awaitable[Client | None]] | None = None,
 ) -> tuple[httpx.AsyncClient, hl7_in.OrderListener, dict[str, dict[str, str]]]:
+    """The case API and the order listener; the listener reaches Temporal through `temporal_of` if given (a test
+    that takes Temporal away), else `temporal`."""
     app = intake_app(engines, api.router, fhir_api.router, hl7_senders_api.router, temporal=temporal)
     app.dependency_overrides[api.settings_dep] = lambda: settings
     context = None
@@ -132,11 +135,11 @@ async def stack_of(
         context.load_cert_chain(str(pki.server.cert), str(pki.server.key))
         context.verify_mode = ssl.CERT_REQUIRED
 
-    async def temporal_of() -> Client | None:
+    async def the_client() -> Client | None:
         return temporal
 
     listener = hl7_in.OrderListener(
-        engines[0], engines[1], settings, temporal_of, host="127.0.0.1", port=0, tls=context
+        engines[0], engines[1], settings, temporal_of or the_client, host="127.0.0.1", port=0, tls=context
     )
     await listener.start()
     partners = {"A": new_partner(engines[1], "Bayview"), "B": new_partner(engines[1], "Harbor")}
@@ -434,6 +437,16 @@ async def test_escaped_delimiters_and_utf8_names_map_back(stack: Stack) -> None:
     assert patient.given_name == "Zoë Renée"
 
 
+async def ordered(stack: Stack) -> tuple[str, str, str, Case]:
+    """Partner A's engine registered and its order taken (AA): (MSH-3, sender id, placer order number, the case)."""
+    app, sender_id = await stack.mirth()
+    placer = unique("O")
+    new = orm(app=app, facility="BAYVIEW", control_id=unique("C"), placer=placer)
+    assert msa(await stack.send(new, stack.pki.mirth))[0] == "AA"
+    [case] = stack.cases("A")
+    return app, sender_id, placer, case
+
+
 async def test_cancel_by_order_control_ca_cancels_the_case_through_the_workflow(
     temporal_env,
     engines: tuple[Engine, Engine],
@@ -446,11 +459,7 @@ async def test_cancel_by_order_control_ca_cancels_the_case_through_the_workflow(
     stack = Stack(http, partners, listener, pki, engines)
     try:
         async with Worker(temporal_env.client, task_queue=queue, workflows=[StandInCaseWorkflow]):
-            app, sender_id = await stack.mirth()
-            placer = unique("O")
-            new = orm(app=app, facility="BAYVIEW", control_id=unique("C"), placer=placer)
-            assert msa(await stack.send(new, pki.mirth))[0] == "AA"
-            [case] = stack.cases("A")
+            app, sender_id, placer, case = await ordered(stack)
 
             cancel = orm(app=app, facility="BAYVIEW", control_id=unique("C"), placer=placer, control="CA")
             ack = await stack.send(cancel, pki.mirth)
@@ -488,26 +497,11 @@ async def test_a_cancel_while_temporal_is_unreachable_is_answered_ae_and_its_res
     async def temporal_of() -> Client | None:
         return reachable[0]
 
-    http = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=intake_app(engines, api.router, hl7_senders_api.router)),
-        base_url="http://intake",
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.authority.cert))
-    context.load_cert_chain(str(pki.server.cert), str(pki.server.key))
-    context.verify_mode = ssl.CERT_REQUIRED
-    listener = hl7_in.OrderListener(
-        engines[0], engines[1], queued, temporal_of, host="127.0.0.1", port=0, tls=context
-    )
-    await listener.start()
-    partners = {"A": new_partner(engines[1], "Bayview")}
+    http, listener, partners = await stack_of(engines, queued, pki, temporal_of=temporal_of)
     stack = Stack(http, partners, listener, pki, engines)
     try:
         async with Worker(temporal_env.client, task_queue=queue, workflows=[StandInCaseWorkflow]):
-            app, _ = await stack.mirth()
-            placer = unique("O")
-            new = orm(app=app, facility="BAYVIEW", control_id=unique("C"), placer=placer)
-            assert msa(await stack.send(new, pki.mirth))[0] == "AA"
-            [case] = stack.cases("A")
+            app, _, placer, case = await ordered(stack)
             handle = temporal_env.client.get_workflow_handle(f"case-{case.id}")
 
             reachable[0] = None  # Temporal down
