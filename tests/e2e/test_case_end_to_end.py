@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -207,6 +208,15 @@ def test_sample_case_reaches_the_referring_physician(system: Settings) -> None:
         content = log.read_text(errors="replace")
         leaked = [value for value in phi if value in content]
         assert not leaked, f"{log.name} contains PHI {leaked}"
+
+    # Before a worker upgrade, operations replay the cases on the new code: here, on this code, every case passes.
+    check = subprocess.run(
+        [str(Path(sys.executable).parent / "secondopinion"), "case", "replay-check", "--all"],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    checked = json.loads(check.stdout)
+    assert checked["failed"] == [] and checked["replayed"] >= 1
 
 
 def test_unknown_case_and_bad_upload_are_clear_4xx(system: Settings) -> None:
