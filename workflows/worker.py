@@ -20,7 +20,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from services.common.amqp import ensure_topology
 from services.common.config import Settings, get_settings
 from services.common.logging import configure_logging
-from services.common.temporal import connect_temporal
+from services.common.temporal import connect_temporal, metrics_runtime
 from services.common.tracing import configure_tracing
 from workflows.activities import CaseActivities
 from workflows.bridge import EventBridge
@@ -69,7 +69,10 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     ensure_topology(settings)
-    client = await connect_temporal(settings)
+    address = settings.worker_metrics_address
+    client = await connect_temporal(settings, runtime=metrics_runtime(address) if address else None)
+    if address:
+        log.info("worker.metrics", address=address)
     bridge = EventBridge(settings=settings, client=client, loop=asyncio.get_running_loop())
     bridge_thread = threading.Thread(target=bridge.run_forever, name="event-bridge", daemon=True)
     with ThreadPoolExecutor(max_workers=16) as executor:

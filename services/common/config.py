@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     # with it on) and the replay test catch before a change ships; in production such a call would stall
     # the case either way. Off by default; WORKFLOW_SANDBOX=true turns it on.
     workflow_sandbox: bool = False
+    # The worker's Temporal SDK metrics for Prometheus (`host:port`, served at /metrics; unset: none), among them
+    # temporal_workflow_task_execution_failed: a case whose workflow task fails (a nondeterminism error after an
+    # unguarded change, a case input the worker cannot read) retries it for ever without it.
+    worker_metrics_address: str | None = Field(
+        default=None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$"
+    )
     temporal_ui_port: int = 8233
     # Prometheus metrics of the local dev server (`start-dev --metrics-port`); 0 lets the server pick a port.
     temporal_metrics_port: int = 0

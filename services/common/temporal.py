@@ -17,6 +17,7 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import TLSConfig
 
 from services.common.config import Settings, get_settings
@@ -125,7 +126,10 @@ def data_converter(settings: Settings | None = None) -> DataConverter:
     )
 
 
-async def connect_temporal(settings: Settings | None = None, *, interceptors: Iterable = ()) -> Client:
+async def connect_temporal(
+    settings: Settings | None = None, *, interceptors: Iterable = (), runtime: Runtime | None = None
+) -> Client:
+    """`runtime`: the SDK runtime the client (and a worker on it) runs in; None is the SDK's default."""
     from services.common.tracing import temporal_interceptors
 
     settings = settings or get_settings()
@@ -135,6 +139,19 @@ async def connect_temporal(settings: Settings | None = None, *, interceptors: It
         data_converter=data_converter(settings),
         interceptors=[*temporal_interceptors(), *interceptors],
         tls=tls_config(settings),
+        runtime=runtime,
+    )
+
+
+def metrics_runtime(address: str) -> Runtime:
+    """An SDK runtime whose metrics (workflow tasks, activities, pollers, the sticky cache) Prometheus scrapes at
+    http://{address}/metrics, counters named as Prometheus expects (`…_total`)."""
+    return Runtime(
+        telemetry=TelemetryConfig(
+            metrics=PrometheusConfig(
+                bind_address=address, counters_total_suffix=True, durations_as_seconds=True
+            )
+        )
     )
 
 

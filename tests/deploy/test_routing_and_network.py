@@ -82,7 +82,7 @@ EXPECTED_INGRESS: dict[str, set[int | str]] = {
     "records": {"http", "dicom"},
     "insurance": {"http"},
     "review": {"http"},
-    "worker": set(),
+    "worker": {"metrics"},  # Prometheus scrapes the SDK metrics
     "migrate": set(),
 }
 
