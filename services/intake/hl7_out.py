@@ -527,6 +527,29 @@ class Hl7Sender:
             log.info("hl7.attempt", **fields)
 
 
+# A delivered message's kept bytes (the patient's identity and the report) are forgotten this long after delivery:
+# a replay within it resends them as they were; a later one builds the message again from the report as it is.
+KEEP_SENT_FOR = timedelta(days=30)
+
+
+def forget_sent(engine: Engine, now: datetime | None = None) -> int:
+    """Drop the kept bytes of messages delivered more than KEEP_SENT_FOR ago (intake's hourly purge); returns how
+    many. A message not yet delivered keeps them: its retries must send the same message."""
+    cutoff = (now or datetime.now(UTC)) - KEEP_SENT_FOR
+    with Session(engine) as session:
+        forgotten = session.execute(
+            update(_MESSAGE)
+            .where(
+                _MESSAGE.c.status == "delivered",
+                _MESSAGE.c.delivered_at < cutoff,
+                _MESSAGE.c.payload.is_not(None),
+            )
+            .values(payload=None)
+        )
+        session.commit()
+        return int(getattr(forgotten, "rowcount", 0) or 0)
+
+
 def _on_the_timeline(session: Session, message: Hl7Message, attempt: Attempt, outcome: str) -> None:
     """What operations see on the case's timeline: the report filed by the hospital's engine (a `delivery`), or
     an `alert` when the engine rejected it (the first AR or CR) or every attempt failed. Codes, names and ids

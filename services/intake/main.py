@@ -55,13 +55,15 @@ PURGE_EVERY_SECONDS = 3600.0
 async def reconcile_workflow_starts(app: FastAPI) -> None:
     """Start the workflow of every stored case that has none yet (Temporal was down at creation), signal
     consent documents the workflow has not been told about, queue FHIR Subscriptions' heartbeats, and hourly
-    forget week-old idempotency keys (HL7 order ACKs among them)."""
+    forget week-old idempotency keys (HL7 order ACKs among them) and the bytes of HL7 messages delivered more than
+    30 days ago."""
     purged_at = float("-inf")
     while True:
         await asyncio.sleep(RECONCILE_EVERY_SECONDS)
         try:
             if time.monotonic() - purged_at > PURGE_EVERY_SECONDS:
                 await asyncio.to_thread(idempotency.purge, get_engine("intake"))
+                await asyncio.to_thread(hl7_out.forget_sent, get_engine("intake"))
                 purged_at = time.monotonic()
             await asyncio.to_thread(
                 fhir_subscriptions.queue_heartbeats, get_engine("intake"), fhir_base(settings)

@@ -11,7 +11,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -502,3 +502,43 @@ def test_a_retry_sends_the_message_as_first_built_though_a_new_version_was_issue
     amended = listener.received[2]
     assert str(amended.segment("OBR")[25]) == "C"
     assert base64.b64decode(str(amended.segments("OBX")[1][5][0][4])) == second_pdf
+
+
+def test_a_delivered_messages_bytes_are_forgotten_after_30_days_and_a_later_replay_builds_it_again(
+    client: TestClient,
+    engines: tuple[Engine, Engine],
+    listener: Listener,
+    sender: Hl7Sender,
+    report: dict[str, str],
+) -> None:
+    """The kept ORU holds the patient's identity and the report: kept while its retries and a replay need it."""
+    partner, endpoint_id, case_id = registered(client, engines, listener)
+    listener.script = ["AA"]
+    deliver(engines[0], case_id, report, f"wf:{case_id}:deliver-1")
+    send_until(sender, lambda: len(listener.received) == 1)
+    with Session(engines[0]) as session:
+        [message] = session.exec(select(Hl7Message).where(Hl7Message.case_id == case_id)).all()
+    assert message.status == "delivered" and message.delivered_at is not None
+    assert message.payload is not None and f"|{message.id}|" in message.payload  # the message as sent
+
+    def kept() -> str | None:
+        with Session(engines[0]) as session:
+            row = session.get(Hl7Message, message.id)
+            assert row is not None
+            return row.payload
+
+    hl7_out.forget_sent(engines[0], now=message.delivered_at + timedelta(days=29))
+    assert kept() is not None
+    hl7_out.forget_sent(engines[0], now=message.delivered_at + timedelta(days=31))
+    assert kept() is None
+
+    replayed = client.post(
+        f"/v1/partners/{partner['partner_id']}/hl7-endpoints/{endpoint_id}/messages/{message.id}/replay",
+        headers={"Authorization": partner["Authorization"]},
+    )
+    assert replayed.status_code == 200, replayed.text
+    send_until(sender, lambda: len(listener.received) == 2)
+    again = listener.received[1]
+    assert str(again.segment("MSH")[10]) == message.id  # built again, under its control id
+    assert str(again.segment("PID")[5]) == str(listener.received[0].segment("PID")[5])
+    assert kept() is not None  # kept again from this attempt
