@@ -283,7 +283,8 @@ def case_replay_check(args: argparse.Namespace) -> dict[str, Any]:
     from workflows.worker import workflow_runner
 
     runner = workflow_runner(get_settings())
-    check = _run(lambda client: replay_cases(client, runner, running_only=not args.all, limit=args.limit))
+    query = visibility_query([]) + ("" if args.all else ' AND ExecutionStatus = "Running"')
+    check = _run(lambda client: replay_cases(client, runner, query, limit=args.limit))
     if check.failed:
         named = "; ".join(f"{f['case_id']} ({f['error']})" for f in check.failed[:10])
         raise SystemExit(

@@ -15,7 +15,6 @@ from temporalio.worker import Replayer, WorkflowRunner
 
 from workflows.case import CaseWorkflow
 
-WORKFLOW_TYPE = "CaseWorkflow"
 ERROR_CHARS = 300  # of the SDK's reason (event ids and command types: no PHI), per case
 
 
@@ -28,13 +27,12 @@ class ReplayCheck:
 async def replay_cases(
     client: Client,
     runner: WorkflowRunner,
-    running_only: bool = True,
+    query: str,
     limit: int | None = None,
     keep: Callable[[WorkflowExecution], bool] = lambda _: True,
 ) -> ReplayCheck:
-    """Replay each case the query finds (the running ones, or all the server still holds) that `keep` keeps, with
-    `client`'s data converter (the worker's CODEC_KEY decrypts the histories) and `runner` (the worker's)."""
-    query = f'WorkflowType = "{WORKFLOW_TYPE}"' + (' AND ExecutionStatus = "Running"' if running_only else "")
+    """Replay each case the visibility `query` finds that `keep` keeps, with `client`'s data converter (the
+    worker's CODEC_KEY decrypts the histories) and `runner` (the worker's)."""
     replayer = Replayer(
         workflows=[CaseWorkflow], data_converter=client.data_converter, workflow_runner=runner
     )

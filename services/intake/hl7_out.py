@@ -345,7 +345,7 @@ class Hl7Sender:
                 core_select(_MESSAGE.c.payload).where(_MESSAGE.c.id == claimed.message.id)
             ).scalar_one()
             session.commit()
-        return str(kept or built).encode("utf-8")
+        return (kept or built).encode("utf-8")
 
     def _report(self, claimed: Claimed) -> hl7_oru.OruReport:
         """What the message says: the case as intake holds it, the report as the review service serves it."""
@@ -579,9 +579,8 @@ def _on_the_timeline(session: Session, message: Hl7Message, attempt: Attempt, ou
     else:
         return
     case = session.get(Case, message.case_id)
-    if (
-        case is not None
-    ):  # one entry each (event_id is unique): a replay's delivery, a second rejection add none
+    if case is not None:
+        # One entry each (event_id is unique): a replay's delivery, a second rejection add none.
         entry = CaseTimelineEntry(
             case_id=case.id, event_id=f"hl7:{message.id}:{key}", status=case.status, detail=detail,
             at=attempt.at, kind=kind,

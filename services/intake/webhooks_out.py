@@ -351,6 +351,7 @@ _CURRENT = (
         _DELIVERY.c.status,
         _DELIVERY.c.next_attempt_at,
         _DELIVERY.c.delivered_at,
+        _DELIVERY.c.event_type,
     )
     .where(_DELIVERY.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(_DELIVERY.c.id)  # locked in one order, as any other writer of several rows does
@@ -386,22 +387,22 @@ _GONE = (
 REPORT_NOTICES = {"report.ready": "the report is ready", "report.amended": "a new version of the report"}
 
 
-def _on_the_timeline(conn: Connection, changed: list[tuple[Attempt, str]]) -> None:
-    """What operations see on the case's timeline, in the transaction that records the outcome: a `delivery` when
-    the partner's system took a report's webhook, an `alert` when a webhook (or FHIR Subscription notification)
-    ended failed. Event types, codes and ids only, never a payload's content."""
+def _on_the_timeline(conn: Connection, changed: list[tuple[Attempt, str, str]]) -> None:
+    """What operations see on the case's timeline, in the transaction that records the outcome (each attempt that
+    changed its delivery's status, with the new status and the delivery's event type): a `delivery` when the
+    partner's system took a report's webhook, an `alert` when a webhook (or FHIR Subscription notification) ended
+    failed. Event types, codes and ids only, never a payload's content."""
     entries: list[dict[str, object]] = []
-    cases = {a.delivery.case_id for a, _ in changed}
+    cases = {a.delivery.case_id for a, _, _ in changed}
     if not cases:
         return
     selected = conn.execute(core_select(_CASE.c.id, _CASE.c.status).where(_CASE.c.id.in_(cases)))
     statuses: dict[str, str] = {row.id: row.status for row in selected}
-    for attempt, outcome in changed:
+    for attempt, outcome, event_type in changed:
         delivery, endpoint = attempt.delivery, attempt.endpoint
         status = statuses.get(delivery.case_id)
         if status is None:  # a FHIR Subscription's handshake or heartbeat: no case
             continue
-        event_type = _event_type(delivery.payload)
         channel = (
             f"FHIR Subscription {endpoint.id}" if endpoint.ordered else f"webhook endpoint {endpoint.id}"
         )
@@ -419,7 +420,7 @@ def _on_the_timeline(conn: Connection, changed: list[tuple[Attempt, str]]) -> No
                 else f"after {MAX_ATTEMPTS} attempts, last: {attempt.error[:120] or f'HTTP {attempt.status_code}'}"
             )
             detail = (
-                f"webhook_delivery_failed: {event_type or 'a notification'} did not reach the partner's {channel} "
+                f"webhook_delivery_failed: {event_type} did not reach the partner's {channel} "
                 f"({why}; webhook-id {delivery.id}); the partner can replay it once the endpoint takes it"
             )
         else:
@@ -436,18 +437,6 @@ def _on_the_timeline(conn: Connection, changed: list[tuple[Attempt, str]]) -> No
         )
     if entries:  # one entry each (event_id is unique): a replayed delivery that fails again adds none
         conn.execute(insert_skipping_taken(conn.dialect.name, _TIMELINE), entries)
-
-
-def _event_type(payload: str) -> str:
-    """The webhook's event type (`type` of our envelope), or the FHIR notification's (`subscription.<type>`)."""
-    try:
-        document = json.loads(payload)
-    except ValueError:
-        return ""
-    if isinstance(document, dict) and document.get("resourceType") == "Bundle":
-        return "a FHIR Subscription notification"
-    value = document.get("type") if isinstance(document, dict) else None
-    return value if isinstance(value, str) else ""
 
 
 def by_endpoint(due: list[tuple[Claimed, Target]]) -> dict[str, list[tuple[Claimed, Target]]]:
@@ -855,7 +844,14 @@ class WebhookDispatcher:
                         for a, _ in outcomes
                     ],
                 )
-            _on_the_timeline(conn, [(a, o) for a, o in outcomes if current[a.delivery.id].status != o])
+            _on_the_timeline(
+                conn,
+                [
+                    (a, o, current[a.delivery.id].event_type)
+                    for a, o in outcomes
+                    if current[a.delivery.id].status != o
+                ],
+            )
         for attempt, outcome in outcomes:
             log.info(
                 "webhooks.attempt",
